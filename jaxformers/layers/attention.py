@@ -1,0 +1,68 @@
+"""Multi-head / grouped-query self-attention with RoPE and an optional KV cache.
+
+q = x W_q, k = x W_k, v = x W_v   (W_q: [D, H, Dh], W_k/W_v: [D, Hkv, Dh])
+y = attention(rope(q), rope(k), v) W_o   (W_o: [H, Dh, D])
+
+With a cache (decoding), the new keys/values are written at ``cache_index`` in
+preallocated ``[B, S, Hkv, Dh]`` buffers and the queries attend to the whole
+buffer with ``q_offset = cache_index`` (unwritten slots are in the causal future).
+"""
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from ..ops.attention import attention
+from ..sharding import (ACT_HEADS, ACT_KV_HEADS, BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LENGTH,
+                        constrain, param_init)
+from .common import dtype_of, normal, output_std
+from .rotary import apply_rotary, rotary_angles
+
+
+def init_attention_cache(config, batch_size, max_len, dtype=None):
+    """Empty KV cache of one attention layer: {'k', 'v'} each ``[B, S, Hkv, Dh]``."""
+    dtype = dtype_of(dtype or config.dtype)
+    shape = (batch_size, max_len, config.kv_heads, config.dim_head)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+class Attention(nn.Module):
+    config: object
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids=None, kv_cache=None, cache_index=None):
+        """x ``[B, T, D]``, positions ``[B, T]`` -> (y ``[B, T, D]``, new kv_cache or None)."""
+        c = self.config
+        h, hkv, dh = c.n_head, c.kv_heads, c.dim_head
+
+        def proj(heads, axes, name):
+            return nn.DenseGeneral((heads, dh), axis=-1, use_bias=False, dtype=dtype_of(c.dtype),
+                                   param_dtype=dtype_of(c.param_dtype),
+                                   kernel_init=param_init(normal(c.init_std), axes), name=name)(x)
+
+        q = proj(h, (EMBED, HEADS, HEAD_DIM), "q")
+        k = proj(hkv, (EMBED, KV_HEADS, HEAD_DIM), "k")
+        v = proj(hkv, (EMBED, KV_HEADS, HEAD_DIM), "v")
+        cos, sin = rotary_angles(positions, dh, c.rope_theta)
+        q = constrain(apply_rotary(q, cos, sin), (BATCH, LENGTH, ACT_HEADS, None))
+        k = constrain(apply_rotary(k, cos, sin), (BATCH, LENGTH, ACT_KV_HEADS, None))
+        v = constrain(v, (BATCH, LENGTH, ACT_KV_HEADS, None))
+
+        new_cache = None
+        if kv_cache is None:
+            o = attention(q, k, v, causal=True, segment_ids=segment_ids, window=c.window,
+                          implementation=c.attention_impl)
+        else:
+            if segment_ids is not None:
+                raise ValueError("segment_ids are not supported together with a KV cache")
+            start = (0, cache_index, 0, 0)
+            k_all = jax.lax.dynamic_update_slice(kv_cache["k"], k.astype(kv_cache["k"].dtype), start)
+            v_all = jax.lax.dynamic_update_slice(kv_cache["v"], v.astype(kv_cache["v"].dtype), start)
+            new_cache = {"k": k_all, "v": v_all}
+            o = attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), causal=True, window=c.window,
+                          q_offset=cache_index, implementation="xla")
+        o = constrain(o, (BATCH, LENGTH, ACT_HEADS, None))
+        y = nn.DenseGeneral(c.d_model, axis=(-2, -1), use_bias=False, dtype=dtype_of(c.dtype),
+                            param_dtype=dtype_of(c.param_dtype),
+                            kernel_init=param_init(normal(output_std(c)), (HEADS, HEAD_DIM, EMBED)),
+                            name="o")(o)
+        return y, new_cache

@@ -1,0 +1,43 @@
+"""Feed-forward blocks.
+
+GeluMLP:  y = W_proj gelu(W_fc x)                  (GPT, 4x expansion)
+SwiGLU:   y = W_down (silu(W_gate x) * W_up x)      (Llama)
+"""
+import flax.linen as nn
+import jax
+
+from ..sharding import ACT_MLP, BATCH, EMBED, LENGTH, MLP, constrain, param_init
+from .common import dtype_of, normal, output_std
+
+
+def _dense(features, std, axes, config, name):
+    return nn.Dense(features, use_bias=False, dtype=dtype_of(config.dtype),
+                    param_dtype=dtype_of(config.param_dtype),
+                    kernel_init=param_init(normal(std), axes), name=name)
+
+
+class GeluMLP(nn.Module):
+    config: object
+
+    @nn.compact
+    def __call__(self, x):  # [B, T, D] -> [B, T, D]
+        c = self.config
+        h = _dense(c.ff_dim, c.init_std, (EMBED, MLP), c, "fc")(x)
+        h = constrain(jax.nn.gelu(h, approximate=True), (BATCH, LENGTH, ACT_MLP))
+        return _dense(c.d_model, output_std(c), (MLP, EMBED), c, "proj")(h)
+
+
+class SwiGLU(nn.Module):
+    config: object
+
+    @nn.compact
+    def __call__(self, x):  # [B, T, D] -> [B, T, D]
+        c = self.config
+        gate = _dense(c.ff_dim, c.init_std, (EMBED, MLP), c, "gate")(x)
+        up = _dense(c.ff_dim, c.init_std, (EMBED, MLP), c, "up")(x)
+        h = constrain(jax.nn.silu(gate) * up, (BATCH, LENGTH, ACT_MLP))
+        return _dense(c.d_model, output_std(c), (MLP, EMBED), c, "down")(h)
+
+
+def make_mlp(config, name=None):
+    return (SwiGLU if config.mlp == "swiglu" else GeluMLP)(config, name=name)

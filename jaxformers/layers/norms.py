@@ -1,0 +1,45 @@
+"""Normalisation layers (computed in float32, returned in the compute dtype).
+
+LayerNorm:  y = (x - mean(x)) / sqrt(var(x) + eps) * scale      (no bias, as llm-baselines)
+RMSNorm:    y = x / sqrt(mean(x^2) + eps) * scale                (Llama)
+"""
+import jax.numpy as jnp
+import flax.linen as nn
+
+from ..sharding import EMBED, param_init
+from .common import dtype_of
+
+
+class RMSNorm(nn.Module):
+    eps: float = 1e-6
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x):  # [..., D]
+        scale = self.param("scale", param_init(nn.initializers.ones, (EMBED,)), (x.shape[-1],),
+                           dtype_of(self.param_dtype))
+        x32 = x.astype(jnp.float32)
+        y = x32 * jnp.reciprocal(jnp.sqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps))
+        return (y * scale.astype(jnp.float32)).astype(dtype_of(self.dtype))
+
+
+class LayerNorm(nn.Module):
+    eps: float = 1e-5
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x):  # [..., D]
+        scale = self.param("scale", param_init(nn.initializers.ones, (EMBED,)), (x.shape[-1],),
+                           dtype_of(self.param_dtype))
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jnp.reciprocal(jnp.sqrt(var + self.eps))
+        return (y * scale.astype(jnp.float32)).astype(dtype_of(self.dtype))
+
+
+def make_norm(config, name=None):
+    cls = RMSNorm if config.norm == "rmsnorm" else LayerNorm
+    return cls(eps=config.norm_eps, dtype=config.dtype, param_dtype=config.param_dtype, name=name)

@@ -1,0 +1,167 @@
+"""One attention entry point for every model, dispatching to an implementation.
+
+    attention(q, k, v, *, causal, segment_ids, window, q_offset, sm_scale, implementation)
+
+q ``[B, Tq, Hq, D]``, k/v ``[B, Tk, Hkv, D]`` with ``Hq % Hkv == 0`` (GQA: query
+head h reads kv head ``h // (Hq // Hkv)``).  Query i sits at absolute position
+``q_offset + i`` (default ``Tk - Tq``: queries aligned with the last keys) and
+sees key j when
+
+    causal:      j <= q_offset + i
+    window w:    j >  q_offset + i - w        (|i - j| < w when not causal)
+    segments:    q_ids[i] == kv_ids[j]
+
+o = softmax(q k^T * sm_scale + mask) v, float32 accumulation; rows that see no
+key output zeros.
+
+Implementations: ``"xla"`` (the reference, any backend), ``"cudnn"``
+(``jax.nn.dot_product_attention`` on GPU), ``"pallas"``
+(``pallas_kernels.flash_attention``), ``"auto"`` (fastest eligible one).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
+_NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def _split_segments(segment_ids, tq, tk):
+    if segment_ids is None:
+        return None, None
+    if isinstance(segment_ids, (tuple, list)):
+        if len(segment_ids) != 2:
+            raise ValueError("segment_ids must be a [B, T] array or a (q_ids, kv_ids) pair")
+        q_ids, kv_ids = segment_ids
+    else:
+        if tq != tk:
+            raise ValueError(
+                f"segment_ids as one array needs Tq == Tk (got {tq} and {tk}); pass a (q_ids, kv_ids) pair")
+        q_ids = kv_ids = segment_ids
+    if q_ids.ndim != 2 or q_ids.shape[1] != tq or kv_ids.ndim != 2 or kv_ids.shape[1] != tk:
+        raise ValueError(
+            f"segment_ids must have shapes [B, Tq={tq}] and [B, Tk={tk}], got {q_ids.shape} and {kv_ids.shape}")
+    return q_ids, kv_ids
+
+
+def attention_mask(tq, tk, *, causal=True, window=None, q_offset=None, q_ids=None, kv_ids=None):
+    """Boolean visibility mask ``[B or 1, Tq, Tk]`` (True = key visible)."""
+    if q_offset is None:
+        q_offset = tk - tq
+    q_offset = jnp.asarray(q_offset, jnp.int32).reshape(-1, 1, 1)  # [B or 1, 1, 1]
+    qpos = q_offset + jnp.arange(tq, dtype=jnp.int32)[None, :, None]
+    kpos = jnp.arange(tk, dtype=jnp.int32)[None, None, :]
+    mask = jnp.ones((1, tq, tk), bool)
+    if causal:
+        mask = mask & (kpos <= qpos)
+        if window is not None:
+            mask = mask & (kpos > qpos - window)
+    elif window is not None:
+        mask = mask & (jnp.abs(qpos - kpos) < window)
+    if q_ids is not None:
+        mask = mask & (q_ids[:, :, None] == kv_ids[:, None, :])
+    return mask
+
+
+def xla_attention(q, k, v, *, causal=True, segment_ids=None, window=None, q_offset=None, sm_scale=None):
+    """Reference attention in plain XLA (float32 softmax). Shapes as :func:`attention`."""
+    b, tq, hq, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    g = hq // hkv
+    scale = d ** -0.5 if sm_scale is None else sm_scale
+    q_ids, kv_ids = _split_segments(segment_ids, tq, tk)
+    qg = q.reshape(b, tq, hkv, g, d)
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) * scale
+    mask = attention_mask(tq, tk, causal=causal, window=window, q_offset=q_offset,
+                          q_ids=q_ids, kv_ids=kv_ids)[:, None, None]  # [B|1, 1, 1, Tq, Tk]
+    s = jnp.where(mask, s, _NEG)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.where(mask, jnp.exp(s - m), 0.0)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / jnp.where(denom == 0.0, 1.0, denom)
+    o = jnp.einsum("bhgqk,bkhd->bqhgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return o.reshape(b, tq, hq, d).astype(q.dtype)
+
+
+def _cudnn_reason(q, k, segment_ids, window, q_offset):
+    """Why cuDNN cannot run this call (None when it can)."""
+    if jax.default_backend() != "gpu":
+        return f"cudnn needs a GPU backend (default backend is {jax.default_backend()!r})"
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        return f"cudnn needs bfloat16/float16 inputs, got {q.dtype}"
+    if segment_ids is not None:
+        return "cudnn path does not take segment_ids"
+    if q_offset is not None or q.shape[1] != k.shape[1]:
+        return "cudnn path needs Tq == Tk and no q_offset"
+    if q.shape[-1] > 128 or q.shape[-1] % 8:
+        return f"cudnn path needs head_dim <= 128 and a multiple of 8, got {q.shape[-1]}"
+    return None
+
+
+def _pallas_reason(q, k, q_offset):
+    if q_offset is not None:
+        return "pallas kernel aligns queries with the last keys; q_offset is not supported"
+    try:
+        import pallas_kernels.flash_attention  # noqa: F401
+    except ImportError as e:  # pragma: no cover - depends on the checkout
+        return f"pallas_kernels.flash_attention is not importable ({e})"
+    return None
+
+
+def select_implementation(q, k, *, segment_ids=None, window=None, q_offset=None, implementation="auto"):
+    """Resolve ``implementation`` ("auto" -> the fastest eligible) for these inputs."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation={implementation!r} is not allowed; choose one of {list(IMPLEMENTATIONS)}")
+    if implementation == "xla":
+        return "xla"
+    if implementation == "cudnn":
+        reason = _cudnn_reason(q, k, segment_ids, window, q_offset)
+        if reason:
+            raise ValueError(f"implementation='cudnn' cannot run here: {reason}")
+        return "cudnn"
+    if implementation == "pallas":
+        reason = _pallas_reason(q, k, q_offset)
+        if reason:
+            raise ValueError(f"implementation='pallas' cannot run here: {reason}")
+        return "pallas"
+    # auto: dense causal -> cuDNN on GPU; masks cuDNN cannot express -> Pallas on GPU;
+    # everything else (CPU, TPU, short decode queries) -> XLA.
+    if jax.default_backend() == "gpu":
+        if _cudnn_reason(q, k, segment_ids, window, q_offset) is None:
+            return "cudnn"
+        if q.shape[1] >= 128 and _pallas_reason(q, k, q_offset) is None:
+            return "pallas"
+    return "xla"
+
+
+def _check_shapes(q, k, v, window):
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"q, k, v must be [B, T, H, D]; got shapes {q.shape}, {k.shape}, {v.shape}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {k.shape} and {v.shape}")
+    if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q {q.shape} and k {k.shape} must agree on batch and head_dim")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of kv heads ({k.shape[2]})")
+    if window is not None and (not isinstance(window, int) or window <= 0):
+        raise ValueError(f"window must be a positive int or None, got {window!r}")
+
+
+def attention(q, k, v, *, causal: bool = True, segment_ids=None, window: Optional[int] = None,
+              q_offset=None, sm_scale: Optional[float] = None, implementation: str = "auto"):
+    """Scaled dot-product attention ``[B, Tq, Hq, D]`` (see module docstring)."""
+    _check_shapes(q, k, v, window)
+    impl = select_implementation(q, k, segment_ids=segment_ids, window=window, q_offset=q_offset,
+                                 implementation=implementation)
+    if impl == "xla":
+        return xla_attention(q, k, v, causal=causal, segment_ids=segment_ids, window=window,
+                             q_offset=q_offset, sm_scale=sm_scale)
+    if impl == "cudnn":
+        local = None if window is None else (window - 1, 0 if causal else window - 1)
+        return jax.nn.dot_product_attention(q, k, v, scale=sm_scale, is_causal=causal,
+                                            local_window_size=local, implementation="cudnn")
+    from pallas_kernels.flash_attention import flash_attention
+    return flash_attention(q, k, v, causal=causal, segment_ids=segment_ids, window=window, sm_scale=sm_scale)

@@ -1,0 +1,89 @@
+"""Registry of architectures by name: config class, module class and presets.
+
+Each architecture module calls :func:`register` at import time::
+
+    register("gpt", GPTConfig-ish class, Transformer, presets={"tiny": {...}, ...})
+
+``get_config(name, preset, **overrides)`` then validates everything.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Dict, Type
+
+from .config import ModelConfig, check_fields
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    config_cls: Type[ModelConfig]
+    module_cls: Callable
+    presets: Dict[str, dict]
+    description: str = ""
+
+
+_REGISTRY: Dict[str, ModelSpec] = {}
+
+
+def register(name, config_cls, module_cls, presets, description=""):
+    if "tiny" not in presets:
+        raise ValueError(f"model {name!r} must define a 'tiny' preset")
+    _REGISTRY[name] = ModelSpec(name, config_cls, module_cls, dict(presets), description)
+
+
+def _ensure_loaded():
+    # Importing the models package registers every built-in architecture.
+    from . import models  # noqa: F401
+
+
+def list_models():
+    """Names of every registered architecture, sorted."""
+    _ensure_loaded()
+    return sorted(_REGISTRY)
+
+
+def get_spec(name: str) -> ModelSpec:
+    _ensure_loaded()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model name={name!r}; choose one of {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def list_presets(name: str):
+    return list(get_spec(name).presets)
+
+
+def get_config(name: str, preset: str = "tiny", **overrides) -> ModelConfig:
+    """Frozen config for architecture ``name`` at ``preset``, with field overrides."""
+    spec = get_spec(name)
+    if preset not in spec.presets:
+        raise ValueError(
+            f"unknown preset={preset!r} for model {name!r}; choose one of {list(spec.presets)}"
+        )
+    values = dict(spec.presets[preset])
+    check_fields(spec.config_cls, overrides)
+    values.update(overrides)
+    values["model"] = name
+    return spec.config_cls(**values)
+
+
+def config_from_dict(values: dict) -> ModelConfig:
+    """Rebuild a config saved with ``config.to_dict()`` (e.g. a run's config.json)."""
+    values = dict(values)
+    spec = get_spec(values.get("model", "gpt"))
+    check_fields(spec.config_cls, values)
+    return spec.config_cls(**values)
+
+
+def build(config: ModelConfig):
+    """The ``flax.linen.Module`` for ``config`` (look-up by ``config.model``)."""
+    if not isinstance(config, ModelConfig):
+        raise ValueError(f"config must be a ModelConfig (from get_config), got {type(config).__name__}")
+    spec = get_spec(config.model)
+    if not isinstance(config, spec.config_cls):
+        raise ValueError(
+            f"config for model {config.model!r} must be a {spec.config_cls.__name__}, "
+            f"got {type(config).__name__}"
+        )
+    return spec.module_cls(config)
