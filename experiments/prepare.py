@@ -1,0 +1,45 @@
+"""Prepare a tokenized dataset; prints a JSON summary.
+
+    python -m experiments.prepare --data shakespeare --tokenizer byte
+    python -m experiments.prepare --data path/to/folder --tokenizer bpe:8192 --out /tmp/ds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from jaxformers.data.corpus import list_corpora
+from jaxformers.data.prepare import load_prepared, prepare
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m experiments.prepare", description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default="default",
+                    help=f"built-in corpus ({', '.join(list_corpora())}; 'default' = shakespeare), "
+                         "a folder of .txt/.jsonl files, a file, or hf:NAME[:SPLIT]")
+    ap.add_argument("--tokenizer", default="byte", help="byte | bpe | bpe:VOCAB (default: byte)")
+    ap.add_argument("--out", default=None, help="output folder (default: <cache>/datasets/<data>-<tokenizer>)")
+    ap.add_argument("--val-fraction", type=float, default=0.05)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--force", action="store_true", help="rebuild even if an up-to-date copy exists")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        out = prepare(args.data, args.tokenizer, out_dir=args.out, val_fraction=args.val_fraction,
+                      seed=args.seed, force=args.force)
+    except (ValueError, RuntimeError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    meta, _, _ = load_prepared(out)
+    summary = {"out_dir": str(out), "seconds": round(time.perf_counter() - t0, 2)}
+    summary.update({k: meta[k] for k in ("source", "tokenizer", "vocab_size", "dtype", "n_tokens",
+                                         "n_documents", "split_method")})
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

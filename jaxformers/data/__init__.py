@@ -1,0 +1,37 @@
+"""Data pipeline: corpora, tokenizers, on-disk token datasets, loaders, synthetic tasks.
+
+Typical use (what the trainer does)::
+
+    from jaxformers.data import ensure_dataset, load_prepared, TokenLoader
+    ds_dir = ensure_dataset("shakespeare", "byte")        # prepares once, then reuses
+    meta, train, val = load_prepared(ds_dir)              # uint16/uint32 memmaps
+    loader = TokenLoader(train, batch_size=32, seq_len=256, seed=0)
+    batch = loader.batch_at(step)                         # int32 [B_local, T + 1]
+"""
+
+from . import synthetic
+from .corpus import cache_dir, list_corpora, load_corpus, resolve_corpus
+from .loader import TokenLoader, eval_batches
+from .prepare import default_out_dir, ensure_dataset, load_prepared, prepare
+from .tokenizer import (BPETokenizer, ByteTokenizer, Tokenizer, get_tokenizer, load_tokenizer,
+                        parse_tokenizer_spec)
+
+__all__ = [
+    "BPETokenizer",
+    "ByteTokenizer",
+    "TokenLoader",
+    "Tokenizer",
+    "cache_dir",
+    "default_out_dir",
+    "ensure_dataset",
+    "eval_batches",
+    "get_tokenizer",
+    "list_corpora",
+    "load_corpus",
+    "load_prepared",
+    "load_tokenizer",
+    "parse_tokenizer_spec",
+    "prepare",
+    "resolve_corpus",
+    "synthetic",
+]

@@ -1,0 +1,220 @@
+"""Tokenize a corpus once into memory-mappable ``train.bin`` / ``val.bin``.
+
+Layout of a prepared dataset directory::
+
+    meta.json              # written last; see FORMAT_VERSION and prepare()
+    train.bin, val.bin     # flat token ids, dtype meta["dtype"] (uint16 or uint32)
+    tokenizer_config.json  # + tokenizer.json for BPE; load with load_tokenizer(dir)
+
+Every document is followed by the tokenizer's end-of-text id.  The split is
+made at document level (a seeded shuffle; documents are moved to val until it
+holds ``val_fraction`` of the characters, always leaving one train document),
+or, for a single-document corpus, by cutting the tail of the text at a line
+break.  The BPE tokenizer is trained on the train documents only.
+
+Output is staged in a sibling temporary directory and renamed into place, so
+a crash never leaves a directory that looks complete; re-running with the same
+arguments on the same corpus reuses the existing output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from .corpus import cache_dir, corpus_fingerprint, load_corpus, resolve_corpus
+from .tokenizer import get_tokenizer, load_tokenizer, parse_tokenizer_spec
+
+__all__ = [
+    "FORMAT_VERSION",
+    "default_out_dir",
+    "ensure_dataset",
+    "load_prepared",
+    "load_tokenizer",
+    "prepare",
+    "split_documents",
+]
+
+FORMAT_VERSION = 1
+META_FILE = "meta.json"
+_SPLITS = ("train", "val")
+
+
+def _canonical_tokenizer(tokenizer: str) -> str:
+    kind, vocab = parse_tokenizer_spec(tokenizer)
+    return kind if vocab is None else f"{kind}:{vocab}"
+
+
+def default_out_dir(data: str = "default", tokenizer: str = "byte") -> Path:
+    """``<cache>/datasets/<corpus name>-<tokenizer>``, e.g. ``.../shakespeare-bpe4096``."""
+    src = resolve_corpus(data)
+    tok = _canonical_tokenizer(tokenizer).replace(":", "")
+    return cache_dir() / "datasets" / f"{src.name}-{tok}"
+
+
+def split_documents(docs: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str], str]:
+    """Deterministic train/val split; returns (train_docs, val_docs, method)."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if not docs:
+        raise ValueError("cannot split an empty corpus")
+    if val_fraction == 0.0:
+        return list(docs), [], "none"
+    if len(docs) == 1:
+        text = docs[0]
+        cut = int(round(len(text) * (1.0 - val_fraction)))
+        cut = min(max(cut, 1), len(text) - 1) if len(text) > 1 else len(text)
+        nl = text.find("\n", cut, cut + 1000)  # end the train part at a line break if one is near
+        if 0 <= nl < len(text) - 1:
+            cut = nl + 1
+        return [text[:cut]], [text[cut:]] if text[cut:] else [], "tail"
+    target = val_fraction * sum(len(d) for d in docs)
+    order = np.random.default_rng([int(seed), 0x5EED]).permutation(len(docs))
+    val_idx, val_chars = [], 0
+    for i in order:
+        if val_chars >= target or len(val_idx) >= len(docs) - 1:
+            break
+        val_idx.append(int(i))
+        val_chars += len(docs[i])
+    val_set = set(val_idx)
+    train = [d for i, d in enumerate(docs) if i not in val_set]
+    val = [d for i, d in enumerate(docs) if i in val_set]
+    return train, val, "documents"
+
+
+def _dtype_for(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def _identity(src_spec: str, tok_spec: str, val_fraction: float, seed: int, fingerprint: str) -> dict:
+    return {"format_version": FORMAT_VERSION, "source": src_spec, "tokenizer": tok_spec,
+            "val_fraction": float(val_fraction), "seed": int(seed), "corpus_sha256": fingerprint}
+
+
+def _is_complete(out_dir: Path, identity: dict | None = None) -> bool:
+    try:
+        meta = json.loads((out_dir / META_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    if identity is not None and any(meta.get(k) != v for k, v in identity.items()):
+        return False
+    try:
+        item = np.dtype(meta["dtype"]).itemsize
+        return all((out_dir / meta["files"][s]).stat().st_size == meta["n_tokens"][s] * item
+                   for s in _SPLITS)
+    except (OSError, KeyError, TypeError):
+        return False
+
+
+def prepare(data: str = "default", tokenizer: str = "byte", out_dir: str | os.PathLike | None = None,
+            val_fraction: float = 0.05, seed: int = 0, *, force: bool = False) -> Path:
+    """Tokenize ``data`` (see :func:`jaxformers.data.corpus.load_corpus`) and write a dataset.
+
+    Returns the dataset directory.  If it already holds a dataset made from the
+    same corpus contents with the same tokenizer/val_fraction/seed (and
+    ``force`` is false), it is reused untouched.
+    """
+    src = resolve_corpus(data)
+    tok_spec = _canonical_tokenizer(tokenizer)
+    out = Path(out_dir).expanduser() if out_dir is not None else default_out_dir(data, tokenizer)
+    docs = load_corpus(data)
+    identity = _identity(src.spec, tok_spec, val_fraction, seed, corpus_fingerprint(docs))
+    if not force and _is_complete(out, identity):
+        return out
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / META_FILE).exists())):
+        raise FileExistsError(f"{out} exists and is not a jaxformers dataset directory; choose another out_dir")
+
+    train_docs, val_docs, method = split_documents(docs, val_fraction, seed)
+    tok = get_tokenizer(tok_spec).train(train_docs)
+    dtype = _dtype_for(tok.vocab_size)
+    eos = np.asarray([tok.eos_id], dtype=dtype)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the installed dataset should not be
+    try:
+        n_tokens = {}
+        for split, split_docs in (("train", train_docs), ("val", val_docs)):
+            n = 0
+            with open(tmp / f"{split}.bin", "wb") as f:
+                for start in range(0, len(split_docs), 64):
+                    for arr in tok.encode_arrays(split_docs[start:start + 64]):
+                        f.write(arr.astype(dtype, copy=False).tobytes())
+                        f.write(eos.tobytes())
+                        n += arr.size + 1
+                f.flush()
+                os.fsync(f.fileno())
+            n_tokens[split] = n
+        tok.save(tmp)
+        meta = dict(
+            identity,
+            source_name=src.name,
+            source_kind=src.kind,
+            tokenizer_vocab_requested=None if tok_spec == "byte" else int(tok_spec.split(":")[1]),
+            vocab_size=int(tok.vocab_size),
+            eos_id=int(tok.eos_id),
+            dtype=dtype.name,
+            n_tokens=n_tokens,
+            n_documents={"train": len(train_docs), "val": len(val_docs)},
+            n_chars={"train": sum(map(len, train_docs)), "val": sum(map(len, val_docs))},
+            split_method=method,
+            files={"train": "train.bin", "val": "val.bin"},
+        )
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+        _install(tmp, out, identity)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _install(tmp: Path, out: Path, identity: dict) -> None:
+    """Atomically move the staged dataset ``tmp`` to ``out`` (replacing a stale one)."""
+    if _is_complete(out, identity):
+        return  # a concurrent prepare() already installed the same dataset
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        try:
+            os.rename(out, old)
+        except FileNotFoundError:
+            old = None
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        # A concurrent prepare() won the race; accept its result if it is what we want.
+        if not _is_complete(out, identity):
+            raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_prepared(directory: str | os.PathLike) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Open a prepared dataset: ``(meta, train_tokens, val_tokens)`` as read-only memmaps."""
+    d = Path(directory)
+    if not _is_complete(d):
+        raise FileNotFoundError(f"{d} is not a complete prepared dataset (no valid {META_FILE})")
+    meta = json.loads((d / META_FILE).read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{d}: format_version {meta.get('format_version')} != {FORMAT_VERSION}; re-run prepare")
+    dtype = np.dtype(meta["dtype"])
+    arrays = []
+    for s in _SPLITS:
+        n = int(meta["n_tokens"][s])
+        if n == 0:
+            arrays.append(np.zeros(0, dtype=dtype))
+        else:
+            arrays.append(np.memmap(d / meta["files"][s], dtype=dtype, mode="r", shape=(n,)))
+    return meta, arrays[0], arrays[1]
+
+
+def ensure_dataset(data: str = "default", tokenizer: str = "byte", out_dir: str | os.PathLike | None = None,
+                   val_fraction: float = 0.05, seed: int = 0) -> Path:
+    """Return the directory of a prepared dataset, preparing it first if needed."""
+    return prepare(data, tokenizer, out_dir=out_dir, val_fraction=val_fraction, seed=seed)

@@ -1,0 +1,271 @@
+"""Small synthetic sequence tasks with exactly checkable answers.
+
+Every task is a pure function of its arguments (including ``seed``) and
+returns ``(tokens, loss_mask)``:
+
+* ``tokens``: ``int32 [N, T]``
+* ``loss_mask``: ``float32 [N, T]``, 1.0 at the positions the model has to
+  produce (the answer), 0.0 elsewhere.
+
+For next-token training use ``inputs = tokens[:, :-1]``,
+``targets = tokens[:, 1:]`` and ``weights = loss_mask[:, 1:]``; accuracy on
+the answer is the mean of ``argmax == target`` over the weighted positions.
+The first token of a sequence is never an answer token.
+
+Small-vocabulary tasks (:func:`copying`, :func:`associative_recall`,
+:func:`arithmetic`) share these special ids:
+
+=====  ====  ===================================================
+PAD    0     padding (only used to fill odd lengths in copying)
+BOS    1     start of every sequence
+SEP    2     separator (copying: before the copy; arithmetic: before the answer)
+QUERY  3     associative recall: "which value goes with the next key?"
+EOS    4     end of an arithmetic sequence
+=====  ====  ===================================================
+
+Ordinary symbols start at ``N_SPECIAL = 5``.  :func:`passkey` is byte-level
+instead (ids are the ASCII bytes of an English-like text, vocab 256).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "ARITH_CHARS",
+    "ARITH_VOCAB_SIZE",
+    "BOS",
+    "EOS",
+    "N_SPECIAL",
+    "PAD",
+    "PASSKEY_VOCAB_SIZE",
+    "QUERY",
+    "SEP",
+    "arithmetic",
+    "arithmetic_length",
+    "associative_recall",
+    "copying",
+    "decode_arithmetic",
+    "passkey",
+]
+
+PAD, BOS, SEP, QUERY, EOS = 0, 1, 2, 3, 4
+N_SPECIAL = 5
+
+
+def _rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng(int(seed))
+
+
+def _check_n(n: int) -> int:
+    if int(n) < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    return int(n)
+
+
+# ---------------------------------------------------------------------------
+# copying
+
+def copying(n: int, seq_len: int, vocab: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Copy a random segment: ``BOS x_1..x_L SEP x_1..x_L [PAD]``.
+
+    ``seq_len`` is the total length T; ``L = (T - 2) // 2`` symbols are drawn
+    uniformly from ``[N_SPECIAL, vocab)``; one PAD fills an odd T.  The mask
+    covers the second copy.
+    """
+    n = _check_n(n)
+    seq_len, vocab = int(seq_len), int(vocab)
+    if seq_len < 4:
+        raise ValueError(f"copying: seq_len must be >= 4, got {seq_len}")
+    if vocab <= N_SPECIAL:
+        raise ValueError(f"copying: vocab must be > {N_SPECIAL} (the special ids), got {vocab}")
+    length = (seq_len - 2) // 2
+    x = _rng(seed).integers(N_SPECIAL, vocab, size=(n, length), dtype=np.int32)
+    tokens = np.full((n, seq_len), PAD, dtype=np.int32)
+    mask = np.zeros((n, seq_len), dtype=np.float32)
+    tokens[:, 0] = BOS
+    tokens[:, 1:1 + length] = x
+    tokens[:, 1 + length] = SEP
+    tokens[:, 2 + length:2 + 2 * length] = x
+    mask[:, 2 + length:2 + 2 * length] = 1.0
+    return tokens, mask
+
+
+# ---------------------------------------------------------------------------
+# associative recall
+
+def associative_recall(n: int, n_pairs: int, vocab: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Key-value recall: ``BOS k_1 v_1 ... k_P v_P QUERY k_q v_q`` (T = 2P + 4).
+
+    The symbols ``[N_SPECIAL, vocab)`` are halved: keys come from the lower
+    half (distinct within a sequence), values from the upper half (repeats
+    allowed).  ``k_q`` is one of the keys, picked uniformly; the mask covers
+    only the final ``v_q``.
+    """
+    n = _check_n(n)
+    n_pairs, vocab = int(n_pairs), int(vocab)
+    n_keys = (vocab - N_SPECIAL) // 2
+    n_vals = vocab - N_SPECIAL - n_keys
+    if n_pairs < 1 or n_pairs > n_keys:
+        raise ValueError(f"associative_recall: need 1 <= n_pairs <= (vocab - {N_SPECIAL}) // 2 = {n_keys}, "
+                         f"got n_pairs={n_pairs}, vocab={vocab}")
+    rng = _rng(seed)
+    keys = np.argsort(rng.random((n, n_keys)), axis=1)[:, :n_pairs].astype(np.int32) + N_SPECIAL
+    vals = rng.integers(0, n_vals, size=(n, n_pairs), dtype=np.int32) + N_SPECIAL + n_keys
+    q = rng.integers(0, n_pairs, size=n)
+    seq_len = 2 * n_pairs + 4
+    tokens = np.empty((n, seq_len), dtype=np.int32)
+    tokens[:, 0] = BOS
+    tokens[:, 1:1 + 2 * n_pairs:2] = keys
+    tokens[:, 2:2 + 2 * n_pairs:2] = vals
+    rows = np.arange(n)
+    tokens[:, -3] = QUERY
+    tokens[:, -2] = keys[rows, q]
+    tokens[:, -1] = vals[rows, q]
+    mask = np.zeros((n, seq_len), dtype=np.float32)
+    mask[:, -1] = 1.0
+    return tokens, mask
+
+
+# ---------------------------------------------------------------------------
+# passkey retrieval (byte level)
+
+PASSKEY_VOCAB_SIZE = 256
+_FILLER = ("The tide comes in and the tide goes out. Birds cross the grey sky. "
+           "A cart rolls slowly down the long road. ")
+_QUESTION = " What is the pass key? The pass key is "
+
+
+def _needle(key: str) -> str:
+    return f" The pass key is {key}. Remember it. {key} is the pass key. "
+
+
+def passkey(n: int, length: int, n_digits: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Find a number hidden in filler text (byte-level, ASCII ids, vocab 256).
+
+    Each sequence is exactly ``length`` bytes::
+
+        <filler[:pos]> The pass key is K. Remember it. K is the pass key. <filler[pos:]>
+         What is the pass key? The pass key is K
+
+    with ``K`` a random ``n_digits``-digit number (no leading zero) and the
+    needle inserted at a uniform random character depth ``pos`` of the
+    filler.  The mask covers the final ``n_digits`` bytes (the answer).
+    """
+    n = _check_n(n)
+    length, n_digits = int(length), int(n_digits)
+    if not 1 <= n_digits <= 18:
+        raise ValueError(f"passkey: n_digits must be in [1, 18], got {n_digits}")
+    fixed = len(_needle("0" * n_digits)) + len(_QUESTION) + n_digits
+    if length < fixed:
+        raise ValueError(f"passkey: length must be >= {fixed} for n_digits={n_digits}, got {length}")
+    rng = _rng(seed)
+    n_fill = length - fixed
+    filler = (_FILLER * (n_fill // len(_FILLER) + 1))[:n_fill]
+    keys = rng.integers(10 ** (n_digits - 1), 10 ** n_digits, size=n, dtype=np.int64)
+    depth = rng.integers(0, n_fill + 1, size=n)
+    tokens = np.empty((n, length), dtype=np.int32)
+    for i in range(n):
+        key = str(int(keys[i]))
+        text = filler[:depth[i]] + _needle(key) + filler[depth[i]:] + _QUESTION + key
+        tokens[i] = np.frombuffer(text.encode("ascii"), dtype=np.uint8)
+    mask = np.zeros((n, length), dtype=np.float32)
+    mask[:, length - n_digits:] = 1.0
+    return tokens, mask
+
+
+# ---------------------------------------------------------------------------
+# multi-digit addition with worked carry steps
+
+ARITH_CHARS = "0123456789+=;"
+ARITH_VOCAB_SIZE = N_SPECIAL + len(ARITH_CHARS)  # 18
+_DIGIT0 = N_SPECIAL
+_PLUS, _EQ, _SEMI = (N_SPECIAL + ARITH_CHARS.index(c) for c in "+=;")
+_STEP_LEN = 9  # a_i + b_i + c_i = c_{i+1} s_i ;
+
+
+def arithmetic_length(n_digits: int, worked_steps: bool = True) -> int:
+    """Sequence length produced by :func:`arithmetic`."""
+    n_digits = int(n_digits)
+    return 3 * n_digits + 5 + ((_STEP_LEN * n_digits + 1) if worked_steps else 0)
+
+
+def arithmetic(n: int, n_digits: int, worked_steps: bool = True, seed: int = 0, *,
+               answer_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Addition of two ``n_digits``-digit numbers (leading zeros kept), vocab ``ARITH_VOCAB_SIZE``.
+
+    As text (see :func:`decode_arithmetic`; ``^`` = BOS, ``|`` = SEP, ``$`` = EOS)::
+
+        ^0472+0851=2+1+0=03;7+5+0=12;4+8+1=13;0+0+1=01;|01323$     (worked_steps)
+        ^0472+0851=01323$                                           (no steps)
+
+    Operands and the answer (``n_digits + 1`` digits) are written most
+    significant digit first; the worked steps go from the least significant
+    digit: ``a_i + b_i + carry_in = carry_out sum_digit ;``.  The mask covers
+    everything after the first ``=`` (steps, SEP, answer, EOS), or only the
+    answer digits with ``answer_only=True``.
+    """
+    n = _check_n(n)
+    n_digits = int(n_digits)
+    if n_digits < 1:
+        raise ValueError(f"arithmetic: n_digits must be >= 1, got {n_digits}")
+    rng = _rng(seed)
+    a = rng.integers(0, 10, size=(n, n_digits), dtype=np.int32)  # MSB first
+    b = rng.integers(0, 10, size=(n, n_digits), dtype=np.int32)
+    # column-wise addition, least significant first
+    carry = np.zeros(n, dtype=np.int32)
+    carries_in, sums = [], []
+    for i in range(n_digits - 1, -1, -1):
+        carries_in.append(carry)
+        total = a[:, i] + b[:, i] + carry
+        sums.append(total % 10)
+        carry = total // 10
+    answer = np.stack([carry] + sums[::-1], axis=1)  # MSB first, n_digits + 1 digits
+
+    seq_len = arithmetic_length(n_digits, worked_steps)
+    tokens = np.empty((n, seq_len), dtype=np.int32)
+    mask = np.zeros((n, seq_len), dtype=np.float32)
+    tokens[:, 0] = BOS
+    pos = 1
+    tokens[:, pos:pos + n_digits] = a + _DIGIT0
+    pos += n_digits
+    tokens[:, pos] = _PLUS
+    tokens[:, pos + 1:pos + 1 + n_digits] = b + _DIGIT0
+    pos += 1 + n_digits
+    tokens[:, pos] = _EQ
+    prompt_end = pos + 1
+    pos += 1
+    if worked_steps:
+        for k in range(n_digits):  # k-th least significant column
+            i = n_digits - 1 - k
+            c_out = (a[:, i] + b[:, i] + carries_in[k]) // 10
+            tokens[:, pos:pos + _STEP_LEN] = np.stack([
+                a[:, i] + _DIGIT0, np.full(n, _PLUS), b[:, i] + _DIGIT0, np.full(n, _PLUS),
+                carries_in[k] + _DIGIT0, np.full(n, _EQ), c_out + _DIGIT0, sums[k] + _DIGIT0,
+                np.full(n, _SEMI)], axis=1)
+            pos += _STEP_LEN
+        tokens[:, pos] = SEP
+        pos += 1
+    tokens[:, pos:pos + n_digits + 1] = answer + _DIGIT0
+    if answer_only:
+        mask[:, pos:pos + n_digits + 1] = 1.0
+    else:
+        mask[:, prompt_end:] = 1.0
+    pos += n_digits + 1
+    tokens[:, pos] = EOS
+    assert pos + 1 == seq_len
+    return tokens, mask
+
+
+def decode_arithmetic(row) -> str:
+    """Render one arithmetic sequence as text (PAD dropped, ``^``/``|``/``$`` for BOS/SEP/EOS)."""
+    names = {BOS: "^", SEP: "|", EOS: "$", QUERY: "?", PAD: ""}
+    out = []
+    for t in np.asarray(row).reshape(-1).tolist():
+        if t in names:
+            out.append(names[t])
+        elif N_SPECIAL <= t < ARITH_VOCAB_SIZE:
+            out.append(ARITH_CHARS[t - N_SPECIAL])
+        else:
+            raise ValueError(f"id {t} is not in the arithmetic vocabulary")
+    return "".join(out)

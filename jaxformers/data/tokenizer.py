@@ -1,0 +1,286 @@
+"""Tokenizers with one small interface: ``byte`` and locally trained byte-level ``bpe``.
+
+Specs accepted by :func:`get_tokenizer`:
+
+* ``"byte"``: ids 0..255 are the UTF-8 bytes, id 256 is the end-of-text
+  token; ``vocab_size == 257``.  Needs no training.
+* ``"bpe"`` / ``"bpe:VOCAB"``: byte-level BPE trained with the ``tokenizers``
+  library on the training documents (default ``VOCAB`` = 4096).  Id 0 is the
+  end-of-text token.  ``vocab_size`` may come out below ``VOCAB`` on a tiny
+  corpus (no merge is kept that occurs fewer than twice).
+
+End-of-text text inside a document is always encoded as ordinary text, so
+the only end-of-text ids in a token stream are the ones :mod:`prepare` puts
+between documents.  ``decode`` renders the end-of-text id as
+``"<|endoftext|>"`` unless ``skip_special=True``.
+
+``save(dir)`` writes ``tokenizer_config.json`` (and, for BPE, the trained
+``tokenizer.json`` in the ``tokenizers`` format); ``Tokenizer.load(dir)`` /
+:func:`load_tokenizer` read them back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+__all__ = [
+    "BPETokenizer",
+    "ByteTokenizer",
+    "DEFAULT_BPE_VOCAB",
+    "EOS_TEXT",
+    "Tokenizer",
+    "get_tokenizer",
+    "load_tokenizer",
+    "parse_tokenizer_spec",
+]
+
+EOS_TEXT = "<|endoftext|>"
+DEFAULT_BPE_VOCAB = 4096
+_MIN_BPE_VOCAB = 258          # 256 byte symbols + end-of-text + at least one merge
+_MAX_BPE_VOCAB = 1 << 22
+CONFIG_FILE = "tokenizer_config.json"
+BPE_FILE = "tokenizer.json"
+
+
+def parse_tokenizer_spec(spec: str) -> tuple[str, int | None]:
+    """``"byte"`` -> ("byte", None); ``"bpe"`` / ``"bpe:N"`` -> ("bpe", N)."""
+    allowed = "'byte', 'bpe' or 'bpe:VOCAB' (e.g. 'bpe:8192')"
+    if not isinstance(spec, str):
+        raise ValueError(f"tokenizer must be a string: {allowed}; got {spec!r}")
+    s = spec.strip().lower()
+    if s == "byte":
+        return "byte", None
+    if s == "bpe":
+        return "bpe", DEFAULT_BPE_VOCAB
+    if s.startswith("bpe:"):
+        try:
+            vocab = int(s[4:])
+        except ValueError:
+            raise ValueError(f"tokenizer={spec!r}: VOCAB must be an integer; allowed: {allowed}") from None
+        if not _MIN_BPE_VOCAB <= vocab <= _MAX_BPE_VOCAB:
+            raise ValueError(
+                f"tokenizer={spec!r}: VOCAB must be in [{_MIN_BPE_VOCAB}, {_MAX_BPE_VOCAB}]; allowed: {allowed}")
+        return "bpe", vocab
+    raise ValueError(f"unknown tokenizer={spec!r}; allowed: {allowed}")
+
+
+class Tokenizer(ABC):
+    """Common tokenizer interface."""
+
+    spec: str
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def eos_id(self) -> int: ...
+
+    @property
+    def is_trained(self) -> bool:
+        return True
+
+    def train(self, texts: Iterable[str]) -> "Tokenizer":
+        """Fit to ``texts`` (no-op for tokenizers that need no training). Returns self."""
+        return self
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]: ...
+
+    @abstractmethod
+    def decode(self, ids: Sequence[int] | np.ndarray, *, skip_special: bool = False) -> str: ...
+
+    def encode_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Encode many texts, one integer numpy array each (fast path for data prep)."""
+        return [np.asarray(self.encode(t), dtype=np.int64) for t in texts]
+
+    @abstractmethod
+    def _config(self) -> dict: ...
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        cfg = dict(self._config(), spec=self.spec, vocab_size=self.vocab_size, eos_id=self.eos_id)
+        (d / CONFIG_FILE).write_text(json.dumps(cfg, indent=1) + "\n")
+        return d
+
+    @staticmethod
+    def load(directory: str | os.PathLike) -> "Tokenizer":
+        d = Path(directory)
+        cfg_path = d / CONFIG_FILE
+        if cfg_path.is_file():
+            cfg = json.loads(cfg_path.read_text())
+            kind = cfg.get("type")
+        elif (d / BPE_FILE).is_file():
+            cfg, kind = {}, "bpe"
+        else:
+            raise FileNotFoundError(f"no {CONFIG_FILE} or {BPE_FILE} in {d}")
+        if kind == "byte":
+            return ByteTokenizer()
+        if kind == "bpe":
+            return BPETokenizer.from_file(d / BPE_FILE, requested_vocab=cfg.get("requested_vocab"))
+        raise ValueError(f"{cfg_path}: unknown tokenizer type {kind!r}")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(spec={self.spec!r}, vocab_size={self.vocab_size})"
+
+
+class ByteTokenizer(Tokenizer):
+    """UTF-8 bytes as ids (0..255) plus an end-of-text id 256."""
+
+    spec = "byte"
+
+    @property
+    def vocab_size(self) -> int:
+        return 257
+
+    @property
+    def eos_id(self) -> int:
+        return 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8", "surrogatepass"))
+
+    def encode_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
+        return [np.frombuffer(t.encode("utf-8", "surrogatepass"), dtype=np.uint8) for t in texts]
+
+    def decode(self, ids: Sequence[int] | np.ndarray, *, skip_special: bool = False) -> str:
+        out, buf = [], bytearray()
+        for i in np.asarray(ids, dtype=np.int64).reshape(-1).tolist():
+            if 0 <= i < 256:
+                buf.append(i)
+                continue
+            if buf:
+                out.append(buf.decode("utf-8", "replace"))
+                buf = bytearray()
+            if i == self.eos_id and not skip_special:
+                out.append(EOS_TEXT)
+            elif i != self.eos_id:
+                raise ValueError(f"byte tokenizer: id {i} out of range [0, {self.vocab_size})")
+        if buf:
+            out.append(buf.decode("utf-8", "replace"))
+        return "".join(out)
+
+    def _config(self) -> dict:
+        return {"type": "byte"}
+
+
+class BPETokenizer(Tokenizer):
+    """Byte-level BPE (``tokenizers`` library), trained locally."""
+
+    def __init__(self, vocab: int = DEFAULT_BPE_VOCAB):
+        self.requested_vocab = int(vocab)
+        self.spec = f"bpe:{self.requested_vocab}"
+        self._tok = None
+
+    # -- construction ---------------------------------------------------
+    @staticmethod
+    def _pipeline(tok):
+        from tokenizers import decoders, pre_tokenizers
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.decoder = decoders.ByteLevel()
+        return tok
+
+    def train(self, texts: Iterable[str]) -> "BPETokenizer":
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import models, pre_tokenizers, trainers
+        tok = self._pipeline(HFTokenizer(models.BPE()))
+        trainer = trainers.BpeTrainer(
+            vocab_size=self.requested_vocab,
+            min_frequency=2,
+            special_tokens=[EOS_TEXT],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tok.train_from_iterator(texts, trainer=trainer)
+        self._set(tok)
+        return self
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, requested_vocab: int | None = None) -> "BPETokenizer":
+        from tokenizers import Tokenizer as HFTokenizer
+        tok = HFTokenizer.from_file(str(path))
+        self = cls(requested_vocab or tok.get_vocab_size())
+        self._set(tok)
+        return self
+
+    def _set(self, tok) -> None:
+        eos = tok.token_to_id(EOS_TEXT)
+        if eos is None:
+            raise ValueError(f"BPE tokenizer has no {EOS_TEXT!r} token")
+        # Literal special-token text inside documents is plain text, never the eos id.
+        tok.encode_special_tokens = True
+        self._tok, self._eos = tok, int(eos)
+
+    # -- interface ---------------------------------------------------------
+    def _require(self):
+        if self._tok is None:
+            raise RuntimeError(f"{self.spec} tokenizer is not trained yet: call .train(texts) or load()")
+        return self._tok
+
+    @property
+    def is_trained(self) -> bool:
+        return self._tok is not None
+
+    @property
+    def vocab_size(self) -> int:
+        return self._require().get_vocab_size()
+
+    @property
+    def eos_id(self) -> int:
+        self._require()
+        return self._eos
+
+    def encode(self, text: str) -> list[int]:
+        return self._require().encode(text, add_special_tokens=False).ids
+
+    def encode_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
+        encs = self._require().encode_batch(list(texts), add_special_tokens=False)
+        return [np.asarray(e.ids, dtype=np.int64) for e in encs]
+
+    def decode(self, ids: Sequence[int] | np.ndarray, *, skip_special: bool = False) -> str:
+        tok = self._require()
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1).tolist()
+        if skip_special:
+            ids = [i for i in ids if i != self._eos]
+        # decode in runs so the end-of-text marker does not disturb byte merging
+        out, run = [], []
+        for i in ids:
+            if i == self._eos:
+                if run:
+                    out.append(tok.decode(run, skip_special_tokens=False))
+                    run = []
+                out.append(EOS_TEXT)
+            else:
+                run.append(i)
+        if run:
+            out.append(tok.decode(run, skip_special_tokens=False))
+        return "".join(out)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        d = super().save(directory)
+        self._require().save(str(d / BPE_FILE))
+        return d
+
+    def _config(self) -> dict:
+        return {"type": "bpe", "requested_vocab": self.requested_vocab, "file": BPE_FILE}
+
+
+def get_tokenizer(spec: str = "byte") -> Tokenizer:
+    """Make an (untrained, for BPE) tokenizer from a spec string; see module doc."""
+    kind, vocab = parse_tokenizer_spec(spec)
+    if kind == "byte":
+        return ByteTokenizer()
+    return BPETokenizer(vocab)
+
+
+def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
+    """Load the tokenizer saved beside a prepared dataset."""
+    return Tokenizer.load(directory)
