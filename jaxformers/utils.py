@@ -33,15 +33,17 @@ def abstract_param_count(module) -> int:
 
 
 def flops_per_token(config, seq_len: int, n_params: int = None) -> float:
-    """Training FLOPs per token (PaLM appendix B): 6 N + 12 L H Dh T  (non-embedding N).
+    """Training FLOPs per token (PaLM appendix B): 6 N' + 12 L H Dh T.
 
+    N' counts every matmul weight: all params minus the embedding lookup table,
+    plus the output head (which is the same table when embeddings are tied).
     Causal attention is counted in full (as PaLM/MaxText do) so MFU is comparable.
     """
     if n_params is None:
         from .registry import build
         n_params = abstract_param_count(build(config))
-    non_embed = n_params - config.vocab_size * config.d_model
-    if not config.tie_embeddings:  # the head matmul is real compute
-        non_embed += 0
+    matmul_params = n_params - config.vocab_size * config.d_model  # no FLOPs in the lookup
+    if config.tie_embeddings:
+        matmul_params += config.vocab_size * config.d_model  # ...but the tied head is a matmul
     attn = 12 * config.n_layer * config.n_head * config.dim_head * seq_len
-    return 6.0 * non_embed + attn + 6.0 * config.vocab_size * config.d_model
+    return 6.0 * matmul_params + attn

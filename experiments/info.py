@@ -1,0 +1,60 @@
+"""Presets of a model: parameters and training FLOPs per token.
+
+    python -m experiments.info --model llama [--seq-len 1024] [--json]
+"""
+import argparse
+import json
+import sys
+
+import jaxformers as jf
+from jaxformers.utils import abstract_param_count
+
+
+def preset_table(model: str, seq_len=None):
+    rows = []
+    for preset in jf.list_presets(model):
+        config = jf.get_config(model, preset)
+        t = seq_len or config.max_seq_len
+        n = abstract_param_count(jf.build(config))
+        rows.append(dict(model=model, preset=preset, params=n,
+                         non_embedding_params=n - config.vocab_size * config.d_model,
+                         d_model=config.d_model, n_layer=config.n_layer, n_head=config.n_head,
+                         n_kv_head=config.kv_heads, vocab_size=config.vocab_size, seq_len=t,
+                         flops_per_token=jf.flops_per_token(config, t, n)))
+    return rows
+
+
+def _human(n):
+    for unit, div in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.1f}{unit}"
+    return str(n)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help=f"one of {jf.list_models()} (default: all)")
+    p.add_argument("--seq-len", type=int, default=None, help="context length for FLOPs (default: preset's)")
+    p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    args = p.parse_args(argv)
+    models = [args.model] if args.model else jf.list_models()
+    try:
+        rows = [r for m in models for r in preset_table(m, args.seq_len)]
+    except ValueError as e:
+        p.exit(2, f"error: {e}\n")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return rows
+    header = f"{'model':<12} {'preset':<8} {'params':>8} {'non-emb':>8} {'layers':>6} {'d_model':>7} " \
+             f"{'heads':>7} {'seq':>6} {'FLOPs/token':>12}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['model']:<12} {r['preset']:<8} {_human(r['params']):>8} {_human(r['non_embedding_params']):>8} "
+              f"{r['n_layer']:>6} {r['d_model']:>7} {str(r['n_head']) + '/' + str(r['n_kv_head']):>7} "
+              f"{r['seq_len']:>6} {_human(r['flops_per_token']):>12}")
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(main() and 0)

@@ -1,0 +1,9 @@
+"""Checkpoint interop: Hugging Face Llama <-> jaxformers, and scanned/unscanned layer layouts.
+
+    config, params = jaxformers.convert.from_hf("path/to/llama")   # numpy + safetensors only
+    jaxformers.convert.to_hf(config, params, "out_dir")            # LlamaForCausalLM-loadable
+"""
+from .hf_llama import config_from_hf, config_to_hf, from_hf, to_hf
+from .layers import stack_layers, unstack_layers
+
+__all__ = ["from_hf", "to_hf", "stack_layers", "unstack_layers", "config_from_hf", "config_to_hf"]

@@ -1,0 +1,389 @@
+"""Hugging Face ``LlamaForCausalLM`` <-> jaxformers ``llama`` params.
+
+Loading needs numpy + safetensors only (no torch). ``safetensors.numpy`` cannot
+return bfloat16 tensors, so bf16 tensors are read straight from the file: the
+safetensors header (8-byte little-endian length + JSON) gives each tensor's byte
+range, and the raw uint16 words are widened to float32 exactly (``bits << 16``).
+
+Weight layout (torch ``nn.Linear.weight`` is ``[out, in]``)::
+
+    model.embed_tokens.weight            [V, D]      -> embed/embedding             [V, D]
+    layers.i.self_attn.q_proj.weight     [H*Dh, D]   -> blocks_i/attn/q/kernel      [D, H, Dh]
+    layers.i.self_attn.k_proj/v_proj     [Hkv*Dh, D] -> blocks_i/attn/k|v/kernel    [D, Hkv, Dh]
+    layers.i.self_attn.o_proj.weight     [D, H*Dh]   -> blocks_i/attn/o/kernel      [H, Dh, D]
+    layers.i.mlp.gate_proj/up_proj       [F, D]      -> blocks_i/mlp/gate|up/kernel [D, F]
+    layers.i.mlp.down_proj.weight        [D, F]      -> blocks_i/mlp/down/kernel    [F, D]
+    layers.i.input_layernorm.weight      [D]         -> blocks_i/attn_norm/scale
+    layers.i.post_attention_layernorm    [D]         -> blocks_i/mlp_norm/scale
+    model.norm.weight                    [D]         -> final_norm/scale
+    lm_head.weight (untied only)         [V, D]      -> lm_head/kernel              [D, V]
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Dict, Iterable, Tuple
+
+import numpy as np
+
+from ..config import DTYPES, ModelConfig
+from .layers import stack_layers, unstack_layers
+
+_PREFIX = "model."
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved
+_NP_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
+# --------------------------------------------------------------------------- safetensors I/O
+def _read_header(path: str) -> Tuple[dict, int]:
+    with open(path, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{path} is not a safetensors file (too short)")
+        (n,) = struct.unpack("<Q", raw)
+        header = json.loads(fh.read(n))
+    return header, 8 + n
+
+
+def _read_safetensors(path: str) -> Dict[str, np.ndarray]:
+    """All tensors of one safetensors file as numpy arrays (bf16 widened to float32)."""
+    from safetensors import safe_open
+
+    header, data_start = _read_header(path)
+    entries = {k: v for k, v in header.items() if k != "__metadata__"}
+    bf16 = [k for k, v in entries.items() if v["dtype"] == "BF16"]
+    out = {}
+    if len(bf16) < len(entries):
+        with safe_open(path, framework="np") as f:
+            for key in f.keys():
+                if entries[key]["dtype"] != "BF16":
+                    out[key] = f.get_tensor(key)
+    if bf16:
+        with open(path, "rb") as fh:
+            for key in bf16:
+                begin, end = entries[key]["data_offsets"]
+                fh.seek(data_start + begin)
+                words = np.frombuffer(fh.read(end - begin), dtype="<u2")
+                out[key] = (words.astype(np.uint32) << 16).view(np.float32).reshape(entries[key]["shape"])
+    return out
+
+
+def _weight_files(path: str) -> Tuple[str, list]:
+    """(directory holding config.json, safetensors files to read) for a dir or a file in it."""
+    if os.path.isdir(path):
+        directory = path
+        index = os.path.join(directory, "model.safetensors.index.json")
+        single = os.path.join(directory, "model.safetensors")
+        if os.path.exists(index):
+            return directory, _files_from_index(index)
+        if os.path.exists(single):
+            return directory, [single]
+        files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors weights in {directory}")
+        return directory, [os.path.join(directory, f) for f in files]
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist")
+    directory = os.path.dirname(os.path.abspath(path))
+    if path.endswith(".index.json"):
+        return directory, _files_from_index(path)
+    if path.endswith(".safetensors"):
+        return directory, [path]
+    if os.path.basename(path) == "config.json":
+        return _weight_files(directory)
+    raise ValueError(f"{path}: expected a model directory, config.json, *.safetensors or *.index.json")
+
+
+def _files_from_index(index_path: str):
+    with open(index_path) as fh:
+        weight_map = json.load(fh)["weight_map"]
+    directory = os.path.dirname(os.path.abspath(index_path))
+    return [os.path.join(directory, f) for f in sorted(set(weight_map.values()))]
+
+
+# --------------------------------------------------------------------------- config mapping
+def _rope_theta(hf: dict) -> float:
+    rope = hf.get("rope_parameters")
+    if not isinstance(rope, dict) or not rope:
+        rope = hf.get("rope_scaling")
+    rope = rope if isinstance(rope, dict) else {}
+    if rope and all(isinstance(v, dict) for v in rope.values()):
+        raise ValueError(f"rope_parameters nested per layer type ({sorted(rope)}) are not supported")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise ValueError(f"rope scaling rope_type={rope_type!r} is not supported (only 'default' RoPE)")
+    for name in ("partial_rotary_factor",):
+        value = rope.get(name, hf.get(name))
+        if value not in (None, 1, 1.0):
+            raise ValueError(f"{name}={value!r} is not supported (full rotary only)")
+    return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def config_from_hf(hf: dict, *, dtype: str = "float32", scan_layers: bool = False) -> ModelConfig:
+    """jaxformers ``llama`` config from a HF ``LlamaConfig`` dict (``config.json``)."""
+    from ..registry import get_config
+
+    model_type = hf.get("model_type", "llama")
+    if model_type != "llama":
+        raise ValueError(f"model_type={model_type!r} is not supported; expected 'llama'")
+    for name in ("attention_bias", "mlp_bias"):
+        if hf.get(name, False):
+            raise ValueError(f"{name}={hf[name]!r} is not supported (jaxformers llama has no biases)")
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"hidden_act={act!r} is not supported; expected 'silu' (SwiGLU)")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not allowed; choose one of {list(DTYPES)}")
+    d_model, n_head = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+    fields = dict(
+        vocab_size=int(hf["vocab_size"]),
+        d_model=d_model,
+        n_layer=int(hf["num_hidden_layers"]),
+        n_head=n_head,
+        n_kv_head=int(hf.get("num_key_value_heads") or n_head),
+        d_ff=int(hf["intermediate_size"]),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_theta=_rope_theta(hf),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        max_seq_len=int(hf.get("max_position_embeddings", 2048)),
+        init_std=float(hf.get("initializer_range", 0.02)),
+        norm="rmsnorm", mlp="swiglu", window=None,
+        dtype=dtype, param_dtype=dtype, scan_layers=scan_layers,
+    )
+    head_dim = hf.get("head_dim")
+    if head_dim is not None and (d_model % n_head or int(head_dim) != d_model // n_head):
+        fields["head_dim"] = int(head_dim)
+    return get_config("llama", "tiny", **fields)
+
+
+def config_to_hf(config: ModelConfig) -> dict:
+    """HF ``LlamaConfig`` dict (for ``config.json``) of a llama-compatible config."""
+    check_llama_compatible(config)
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.d_model,
+        "intermediate_size": config.ff_dim,
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.kv_heads,
+        "head_dim": config.dim_head,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.max_seq_len,
+        "initializer_range": config.init_std,
+        "rms_norm_eps": config.norm_eps,
+        "rope_theta": float(config.rope_theta),  # transformers < 5 reads this ...
+        "rope_parameters": {"rope_type": "default", "rope_theta": float(config.rope_theta)},  # ... >= 5 this
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "pretraining_tp": 1,
+        "tie_word_embeddings": bool(config.tie_embeddings),
+        "use_cache": True,
+        "torch_dtype": "float32",
+        "dtype": "float32",
+    }
+
+
+def check_llama_compatible(config: ModelConfig) -> None:
+    from ..models.transformer import Transformer
+    from ..registry import get_spec
+
+    if not isinstance(config, ModelConfig):
+        raise ValueError(f"config must be a ModelConfig, got {type(config).__name__}")
+    spec = get_spec(config.model)
+    if spec.module_cls is not Transformer or type(config) is not ModelConfig:
+        raise ValueError(f"model={config.model!r} changes the transformer ({spec.module_cls.__name__}); "
+                         "only plain llama-style transformers can be exported to HF Llama")
+    if config.norm != "rmsnorm":
+        raise ValueError(f"norm={config.norm!r} is not llama-compatible; HF Llama needs norm='rmsnorm'")
+    if config.mlp != "swiglu":
+        raise ValueError(f"mlp={config.mlp!r} is not llama-compatible; HF Llama needs mlp='swiglu'")
+    if config.window is not None:
+        raise ValueError(f"window={config.window!r} (sliding-window attention) is not llama-compatible; "
+                         "HF Llama needs window=None")
+
+
+# --------------------------------------------------------------------------- params mapping
+def _layer_names(i: int) -> Dict[str, Tuple[str, ...]]:
+    p = f"{_PREFIX}layers.{i}."
+    return {
+        p + "self_attn.q_proj.weight": ("attn", "q", "kernel"),
+        p + "self_attn.k_proj.weight": ("attn", "k", "kernel"),
+        p + "self_attn.v_proj.weight": ("attn", "v", "kernel"),
+        p + "self_attn.o_proj.weight": ("attn", "o", "kernel"),
+        p + "mlp.gate_proj.weight": ("mlp", "gate", "kernel"),
+        p + "mlp.up_proj.weight": ("mlp", "up", "kernel"),
+        p + "mlp.down_proj.weight": ("mlp", "down", "kernel"),
+        p + "input_layernorm.weight": ("attn_norm", "scale"),
+        p + "post_attention_layernorm.weight": ("mlp_norm", "scale"),
+    }
+
+
+def _to_jax_layout(path: Tuple[str, ...], w: np.ndarray, c: ModelConfig) -> np.ndarray:
+    d, h, hkv, dh = c.d_model, c.n_head, c.kv_heads, c.dim_head
+    leaf = path[-2] if path[-1] == "kernel" else None
+    if leaf == "q":
+        return w.T.reshape(d, h, dh)
+    if leaf in ("k", "v"):
+        return w.T.reshape(d, hkv, dh)
+    if leaf == "o":
+        return w.T.reshape(h, dh, d)
+    if leaf in ("gate", "up", "down"):
+        return w.T
+    return w
+
+
+def _to_hf_layout(path: Tuple[str, ...], w: np.ndarray, c: ModelConfig) -> np.ndarray:
+    d, h, hkv, dh = c.d_model, c.n_head, c.kv_heads, c.dim_head
+    leaf = path[-2] if path[-1] == "kernel" else None
+    if leaf == "q":
+        return w.reshape(d, h * dh).T
+    if leaf in ("k", "v"):
+        return w.reshape(d, hkv * dh).T
+    if leaf == "o":
+        return w.reshape(h * dh, d).T
+    if leaf in ("gate", "up", "down"):
+        return w.T
+    return w
+
+
+def _expected_shapes(c: ModelConfig) -> Dict[str, Tuple[int, ...]]:
+    """HF tensor name -> HF shape."""
+    d, f, v = c.d_model, c.ff_dim, c.vocab_size
+    q, kv = c.n_head * c.dim_head, c.kv_heads * c.dim_head
+    shapes = {f"{_PREFIX}embed_tokens.weight": (v, d), f"{_PREFIX}norm.weight": (d,)}
+    per_layer = {"q_proj": (q, d), "k_proj": (kv, d), "v_proj": (kv, d), "o_proj": (d, q),
+                 "gate_proj": (f, d), "up_proj": (f, d), "down_proj": (d, f),
+                 "input_layernorm": (d,), "post_attention_layernorm": (d,)}
+    for i in range(c.n_layer):
+        for name in _layer_names(i):
+            shapes[name] = per_layer[name.split(".")[-2]]
+    if not c.tie_embeddings:
+        shapes["lm_head.weight"] = (v, d)
+    return shapes
+
+
+def _set(tree: dict, path: Iterable[str], value) -> None:
+    *parents, last = path
+    for p in parents:
+        tree = tree.setdefault(p, {})
+    tree[last] = value
+
+
+def _get(tree, path: Iterable[str]):
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def from_hf(path_or_dir: str, *, dtype: str = "float32", scan_layers: bool = False):
+    """Load a HF ``LlamaForCausalLM`` checkpoint (``config.json`` + safetensors) -> (config, params).
+
+    ``path_or_dir``: the model directory (single ``model.safetensors``, a sharded
+    ``model.safetensors.index.json`` or any ``*.safetensors``), or a file inside it.
+    ``dtype`` is both the param and the compute dtype of the returned config; the
+    params are cast to it. ``scan_layers=True`` returns the stacked ``blocks`` layout.
+    """
+    directory, files = _weight_files(path_or_dir)
+    config_path = os.path.join(directory, "config.json")
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"no config.json next to the weights in {directory}")
+    with open(config_path) as fh:
+        config = config_from_hf(json.load(fh), dtype=dtype, scan_layers=scan_layers)
+
+    tensors = {}
+    for f in files:
+        for name, value in _read_safetensors(f).items():
+            if not name.startswith(_PREFIX) and name != "lm_head.weight":
+                name = _PREFIX + name  # a bare LlamaModel checkpoint
+            tensors[name] = value
+    expected = _expected_shapes(config)
+    if config.tie_embeddings:
+        tensors.pop("lm_head.weight", None)  # tied: the head is the embedding
+    unexpected = sorted(k for k in tensors if k not in expected and not k.endswith(_IGNORED_SUFFIXES))
+    missing = sorted(k for k in expected if k not in tensors)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match the config: missing {missing[:8]}"
+                         f"{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
+                         f"{'...' if len(unexpected) > 8 else ''}")
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(tensors[name].shape)}, config implies {shape}")
+
+    import jax.numpy as jnp
+    from ..layers.common import dtype_of
+
+    target = dtype_of(dtype)
+
+    def cast(x):
+        return jnp.asarray(np.asarray(x, np.float32), dtype=target)
+
+    params = {"embed": {"embedding": cast(tensors[f"{_PREFIX}embed_tokens.weight"])}}
+    for i in range(config.n_layer):
+        block = {}
+        for name, path in _layer_names(i).items():
+            _set(block, path, cast(_to_jax_layout(path, tensors[name], config)))
+        params[f"blocks_{i}"] = block
+    params["final_norm"] = {"scale": cast(tensors[f"{_PREFIX}norm.weight"])}
+    if not config.tie_embeddings:
+        params["lm_head"] = {"kernel": cast(tensors["lm_head.weight"].T)}
+    if scan_layers:
+        params = stack_layers(params, "blocks", n_layer=config.n_layer)
+    return config, params
+
+
+def to_hf(config: ModelConfig, params, out_dir: str) -> str:
+    """Write ``config.json`` + ``model.safetensors`` (float32) loadable by ``LlamaForCausalLM``.
+
+    ``params``: plain or boxed (from ``module.init``; a ``{"params": ...}`` variables
+    dict is accepted too), scanned (``blocks``) or per-layer (``blocks_{i}``).
+    Returns ``out_dir``.
+    """
+    import flax.linen as nn
+    from flax.core import unfreeze
+    from safetensors.numpy import save_file
+
+    check_llama_compatible(config)
+    params = unfreeze(nn.unbox(params))
+    if set(params) == {"params"}:
+        params = params["params"]
+    if "blocks" in params:
+        params = unstack_layers(params, "blocks", n_layer=config.n_layer)
+
+    expected_keys = {"embed", "final_norm", *(f"blocks_{i}" for i in range(config.n_layer))}
+    if not config.tie_embeddings:
+        expected_keys.add("lm_head")
+    if set(params) != expected_keys:
+        raise ValueError(f"params do not match config: missing {sorted(expected_keys - set(params))}, "
+                         f"unexpected {sorted(set(params) - expected_keys)}")
+
+    def f32(x):
+        return np.ascontiguousarray(np.asarray(x).astype(np.float32))
+
+    tensors = {f"{_PREFIX}embed_tokens.weight": f32(params["embed"]["embedding"]),
+               f"{_PREFIX}norm.weight": f32(params["final_norm"]["scale"])}
+    for i in range(config.n_layer):
+        block = params[f"blocks_{i}"]
+        for name, path in _layer_names(i).items():
+            try:
+                leaf = _get(block, path)
+            except (KeyError, TypeError):
+                raise ValueError(f"params blocks_{i} lack {'/'.join(path)}") from None
+            tensors[name] = f32(_to_hf_layout(path, np.asarray(leaf), config))
+    if not config.tie_embeddings:
+        tensors["lm_head.weight"] = f32(np.asarray(params["lm_head"]["kernel"]).T)
+    for name, shape in _expected_shapes(config).items():
+        if tensors[name].shape != shape:
+            raise ValueError(f"{name}: params give shape {tensors[name].shape}, config implies {shape}")
+
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "config.json"), "w") as fh:
+        json.dump(config_to_hf(config), fh, indent=2, sort_keys=True)
+    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    return out_dir

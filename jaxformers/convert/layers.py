@@ -1,0 +1,97 @@
+"""Convert between per-layer params (``blocks_0 ... blocks_{L-1}``) and the scanned layout.
+
+With ``scan_layers=True`` a model keeps one ``blocks`` subtree whose every leaf has
+a leading ``[L]`` axis; without it each layer is its own ``blocks_{i}`` subtree.
+These helpers only look at the keys of the mapping they are given (its top level),
+so any converter (Llama, Mamba, ...) can build per-layer trees and stack them.
+They take plain (unboxed) arrays: numpy leaves stay numpy, anything else goes
+through ``jax.numpy``.
+"""
+from __future__ import annotations
+
+import re
+from typing import Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _layer_indices(params: Mapping, prefix: str):
+    pattern = re.compile(rf"^{re.escape(prefix)}_(\d+)$")
+    found = {}
+    for key in params:
+        m = pattern.match(str(key))
+        if m:
+            found[int(m.group(1))] = key
+    return found
+
+
+def _xp(leaves):
+    return np if all(isinstance(x, np.ndarray) for x in leaves) else jnp
+
+
+def stack_layers(params: Mapping, prefix: str = "blocks", n_layer: Optional[int] = None) -> dict:
+    """``{prefix_0: t0, ..., prefix_{L-1}: t_{L-1}, **rest}`` -> ``{prefix: stacked, **rest}``.
+
+    Every layer subtree must have the same structure and leaf shapes; the layers
+    must be numbered ``0 .. L-1`` (``L == n_layer`` when given). The stacked
+    subtree takes the place of ``prefix_0`` in the key order.
+    """
+    if prefix in params:
+        raise ValueError(f"params already hold a stacked {prefix!r} subtree")
+    found = _layer_indices(params, prefix)
+    if not found:
+        raise ValueError(f"no '{prefix}_<i>' layers to stack (keys: {sorted(map(str, params))})")
+    count = max(found) + 1
+    if sorted(found) != list(range(count)):
+        missing = sorted(set(range(count)) - set(found))
+        raise ValueError(f"layers '{prefix}_<i>' are not numbered 0..{count - 1}: missing {missing}")
+    if n_layer is not None and count != n_layer:
+        raise ValueError(f"expected n_layer={n_layer} layers '{prefix}_<i>', found {count}")
+    layers = [params[found[i]] for i in range(count)]
+    structure = jax.tree.structure(layers[0])
+    for i, layer in enumerate(layers[1:], start=1):
+        if jax.tree.structure(layer) != structure:
+            raise ValueError(f"{prefix}_{i} has a different structure from {prefix}_0")
+        for a, b in zip(jax.tree.leaves(layers[0]), jax.tree.leaves(layer)):
+            if a.shape != b.shape or a.dtype != b.dtype:
+                raise ValueError(f"{prefix}_{i} has a leaf {b.shape}/{b.dtype} where {prefix}_0 "
+                                 f"has {a.shape}/{a.dtype}")
+
+    def stack(*xs):
+        return _xp(xs).stack(xs, axis=0)
+
+    stacked = jax.tree.map(stack, *layers)
+    out = {}
+    for key, value in params.items():
+        if key == found[0]:
+            out[prefix] = stacked
+        elif key not in found.values():
+            out[key] = value
+    return out
+
+
+def unstack_layers(params: Mapping, prefix: str = "blocks", n_layer: Optional[int] = None) -> dict:
+    """Inverse of :func:`stack_layers`: split the leading ``[L]`` axis of ``params[prefix]``."""
+    if prefix not in params:
+        raise ValueError(f"params hold no stacked {prefix!r} subtree (keys: {sorted(map(str, params))})")
+    if _layer_indices(params, prefix):
+        raise ValueError(f"params hold both {prefix!r} and '{prefix}_<i>' subtrees")
+    leaves = jax.tree.leaves(params[prefix])
+    if not leaves:
+        raise ValueError(f"stacked {prefix!r} subtree has no arrays")
+    lengths = {x.shape[0] if x.ndim else None for x in leaves}
+    if len(lengths) != 1 or None in lengths:
+        raise ValueError(f"leaves of {prefix!r} disagree on the leading layer axis: {sorted(map(str, lengths))}")
+    count = lengths.pop()
+    if n_layer is not None and count != n_layer:
+        raise ValueError(f"expected n_layer={n_layer}, the stacked {prefix!r} subtree has {count}")
+    out = {}
+    for key, value in params.items():
+        if key == prefix:
+            for i in range(count):
+                out[f"{prefix}_{i}"] = jax.tree.map(lambda x, i=i: x[i], value)
+        else:
+            out[key] = value
+    return out
