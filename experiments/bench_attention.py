@@ -1,0 +1,189 @@
+"""Benchmark causal attention implementations: forward and forward+backward.
+
+    python -m experiments.bench_attention [--out DIR] [--quick]
+
+GPU default sweep: bf16, causal, H=16, D in {128, 64}, T in {1k .. 32k} with
+B*T = 16k tokens, for this repo's Pallas kernel (``pallas``), cuDNN and XLA via
+``jax.nn.dot_product_attention`` (``cudnn``, ``xla``) and JAX's bundled Pallas
+kernel ``jax.experimental.pallas.ops.gpu.attention.mha`` (``jax_pallas``).
+Reports median milliseconds and TFLOP/s, with causal FLOPs
+``4*B*H*T*T*D/2`` (forward) and 2.5x that (forward+backward), and writes
+``DIR/results.json`` (device, date, jax version, one row per measurement).
+
+``--quick`` runs one tiny configuration (interpret mode on CPU) to prove the
+script works.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.flash_attention import flash_attention
+
+IMPLS = ("pallas", "cudnn", "xla", "jax_pallas")
+XLA_MAX_LOGITS_BYTES = 24 * 2**30  # skip the materialising XLA path past this
+
+
+def _jax_pallas_mha():
+    try:
+        from jax.experimental.pallas.ops.gpu import attention as jpa
+    except Exception:  # noqa: BLE001 - optional dependency of this jax build
+        return None
+    return jpa
+
+
+def make_attention(impl: str, *, on_gpu: bool, head_dim: int, seq_len: int, batch: int, heads: int):
+    """``(fn(q, k, v) -> o, None)`` or ``(None, reason)`` when ``impl`` cannot run here."""
+    if impl == "pallas":
+        return (lambda q, k, v: flash_attention(q, k, v, causal=True)), None
+    if impl == "cudnn":
+        if not on_gpu:
+            return None, "cudnn needs a GPU"
+        return (lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, implementation="cudnn")), None
+    if impl == "xla":
+        logits = batch * heads * seq_len * seq_len * 4
+        if logits > XLA_MAX_LOGITS_BYTES:
+            return None, f"xla materialises {logits / 2**30:.0f} GiB of logits"
+        return (lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, implementation="xla")), None
+    if impl == "jax_pallas":
+        jpa = _jax_pallas_mha()
+        if jpa is None:
+            return None, "jax.experimental.pallas.ops.gpu.attention not importable"
+        if not on_gpu:
+            return None, "only benchmarked on GPU"
+        bs = jpa.BlockSizes.get_default() if hasattr(jpa, "BlockSizes") else None
+        kw = {"block_sizes": bs} if bs is not None else {}
+        return (lambda q, k, v: jpa.mha(q, k, v, None, sm_scale=head_dim ** -0.5, causal=True,
+                                        **kw)), None
+    raise ValueError(f"unknown impl {impl!r}; choose from {IMPLS}")
+
+
+def _time(fn, args, warmup: int, iters: int) -> float:
+    """Median wall time in ms of ``fn(*args)`` (compiled; block_until_ready)."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def causal_flops(batch, heads, seq_len, head_dim, mode):
+    fwd = 4 * batch * heads * seq_len * seq_len * head_dim / 2
+    return fwd if mode == "fwd" else 2.5 * fwd
+
+
+def bench_one(impl, *, batch, seq_len, heads, head_dim, dtype, on_gpu, warmup, iters, seed=0):
+    fn, reason = make_attention(impl, on_gpu=on_gpu, head_dim=head_dim, seq_len=seq_len,
+                                batch=batch, heads=heads)
+    base = dict(impl=impl, batch=batch, seq_len=seq_len, heads=heads, head_dim=head_dim,
+                dtype=jnp.dtype(dtype).name)
+    if fn is None:
+        return [dict(base, mode=m, ms=None, tflops=None, skipped=reason) for m in ("fwd", "fwd+bwd")]
+    ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+    shape = (batch, seq_len, heads, head_dim)
+    q, k, v, do = (jax.random.normal(kk, shape, jnp.float32).astype(dtype) for kk in ks)
+    # Off GPU only the (interpreted) kernels' compile time matters: compile cheaply.
+    jit_kw = {} if on_gpu else {"compiler_options": {"xla_backend_optimization_level": 0}}
+    fwd = jax.jit(fn, **jit_kw)
+
+    def _fwd_bwd(q, k, v, do):
+        o, vjp = jax.vjp(fn, q, k, v)
+        return o, vjp(do)
+
+    fwd_bwd = jax.jit(_fwd_bwd, **jit_kw)
+
+    rows = []
+    for mode, f, args in (("fwd", fwd, (q, k, v)), ("fwd+bwd", fwd_bwd, (q, k, v, do))):
+        row = dict(base, mode=mode)
+        try:
+            ms = _time(f, args, warmup, iters)
+            row.update(ms=ms, tflops=causal_flops(batch, heads, seq_len, head_dim, mode) / (ms * 1e9))
+        except Exception as e:  # noqa: BLE001 - record OOM / unsupported and keep going
+            row.update(ms=None, tflops=None, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        rows.append(row)
+    return rows
+
+
+def _print_header():
+    print(f"{'impl':>11} {'D':>4} {'B':>3} {'T':>6} {'mode':>8} {'ms':>10} {'TFLOP/s':>8}  note")
+
+
+def _print_rows(rows):
+    for r in rows:
+        ms = f"{r['ms']:.3f}" if r.get("ms") else "-"
+        tf = f"{r['tflops']:.1f}" if r.get("tflops") else "-"
+        note = r.get("skipped") or r.get("error") or ""
+        print(f"{r['impl']:>11} {r['head_dim']:>4} {r['batch']:>3} {r['seq_len']:>6} {r['mode']:>8} "
+              f"{ms:>10} {tf:>8}  {note}", flush=True)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m experiments.bench_attention",
+                                 description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="runs/bench_attention", help="folder for results.json")
+    ap.add_argument("--quick", action="store_true", help="one tiny config (CPU/interpret friendly)")
+    ap.add_argument("--impls", default=",".join(IMPLS), help=f"comma list from {IMPLS}")
+    ap.add_argument("--head-dims", default="128,64")
+    ap.add_argument("--seq-lens", default="1024,2048,4096,8192,16384,32768")
+    ap.add_argument("--tokens", type=int, default=16384, help="B*T per config")
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=10)
+    args = ap.parse_args(argv)
+
+    on_gpu = jax.default_backend() == "gpu"
+    impls = [s for s in args.impls.split(",") if s]
+    for s in impls:
+        if s not in IMPLS:
+            ap.error(f"unknown impl {s!r}; choose from {IMPLS}")
+    if args.quick:
+        head_dims, seq_lens, tokens, heads = [32], [64], 128, 2
+        warmup, iters = 1, 2
+        dtype = jnp.bfloat16 if on_gpu else jnp.float32
+    else:
+        head_dims = [int(x) for x in args.head_dims.split(",")]
+        seq_lens = [int(x) for x in args.seq_lens.split(",")]
+        tokens, heads, warmup, iters = args.tokens, args.heads, args.warmup, args.iters
+        dtype = jnp.bfloat16
+
+    dev = jax.devices()[0]
+    print(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}", flush=True)
+    rows = []
+    _print_header()
+    for d in head_dims:
+        for t in seq_lens:
+            b = max(1, tokens // t)
+            for impl in impls:
+                new = bench_one(impl, batch=b, seq_len=t, heads=heads, head_dim=d, dtype=dtype,
+                                on_gpu=on_gpu, warmup=warmup, iters=iters)
+                _print_rows(new)
+                rows += new
+
+    os.makedirs(args.out, exist_ok=True)
+    result = dict(
+        device=dev.device_kind, backend=jax.default_backend(),
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        jax_version=jax.__version__, quick=args.quick,
+        flops_note="causal: fwd = 4*B*H*T*T*D/2, fwd+bwd = 2.5 * fwd",
+        rows=rows)
+    path = os.path.join(args.out, "results.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,629 @@
+"""FlashAttention-2 forward and backward as Pallas kernels (Triton lowering on GPU).
+
+Notation (FlashAttention-2, Dao 2023, arXiv:2307.08691): for one head,
+``S = sm_scale * Q K^T`` (masked entries -inf), ``P = softmax(S)``, ``O = P V``,
+``L = logsumexp(S)`` per row.
+
+* Forward (Alg. 1), one program per (q-block, batch, q-head); loop over the
+  visited kv blocks keeping the running max ``m``, sum ``l`` and unnormalised
+  ``acc``:  ``m' = max(m, rowmax(S_j))``, ``P_j = exp(S_j - m')``,
+  ``l' = e^{m - m'} l + rowsum(P_j)``, ``acc' = e^{m - m'} acc + P_j V_j``;
+  finally ``O = acc / l`` and ``L = m + log l``.  Exponentials are base 2 with
+  ``log2(e)`` folded into the scale; ``L`` is stored in the log2 domain.
+* Backward (Alg. 2, split into two kernels so nothing needs atomics):
+  ``D = rowsum(dO * O)`` (plain JAX), ``P = exp(S - L)``, ``dP = dO V^T``,
+  ``dS = P * (dP - D)``; the dQ kernel (one program per q-block) accumulates
+  ``dQ = sm_scale * dS K`` over kv blocks, the dK/dV kernel (one program per
+  kv-block and kv head) accumulates ``dV = P^T dO`` and
+  ``dK = sm_scale * dS^T Q`` over q blocks *and over the query heads of its GQA
+  group*, so dK/dV come out already summed per kv head.
+
+Layout: q/o ``[B, Tq, Hq, D]``, k/v ``[B, Tk, Hkv, D]`` are used in place (no
+transposes, no GQA repeat).  Forward and dQ grids are ``(n_q_blocks, B, Hq)``
+(q-blocks fastest so programs sharing one K/V stream are adjacent; heaviest
+causal blocks first); their K/V BlockSpec covers the whole (padded) sequence of
+kv head ``h // (Hq // Hkv)`` and the kernel slices ``block_k`` rows per loop
+step with ``pl.ds`` (on Triton that is just a pointer offset).  The dK/dV grid
+is ``(n_kv_blocks, B, Hkv)`` with the group's ``Hq // Hkv`` query heads in one
+BlockSpec.  Sequences are zero-padded to a multiple of the largest block and
+the head dim to a power of two >= 16; padded keys are masked, padded rows
+sliced off.
+
+Skipping: every kernel loops only over the blocks that :mod:`.masks` says are
+visible (closed-form ``[lo, hi)`` from causal/window), runs the interior
+``[full_lo, full_hi)`` without the elementwise position mask, and with segment
+ids wraps the block body in ``lax.cond`` on the per-block (min, max) id bounds.
+
+Rows that see no key get ``l = 0``: the output is 0 and ``L = +inf`` so that
+``P = exp(S - L) = 0`` in the backward (no NaN).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+from .masks import MaskSpec, block_id_bounds, blocks_may_interact
+from .reference import split_segment_ids
+
+LOG2E = math.log2(math.e)
+_SQ = getattr(pl, "squeezed", None)  # squeezed block dim (None on older jax)
+_MIN_BLOCK = 16  # smallest tile Triton's tl.dot accepts
+
+
+# --------------------------------------------------------------------------- config
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes and GPU (Triton) tuning knobs.
+
+    ``block_q``/``block_k`` tile the forward; the ``*_dq`` / ``*_dkv`` fields
+    tile the two backward kernels and default to the forward values.  Blocks are
+    powers of two; a block larger than the (padded) sequence shrinks to it.
+    ``num_warps`` / ``num_stages`` only matter for the compiled GPU kernel
+    (``None`` warps: 4 for head_dim <= 64 else 8).
+    """
+
+    block_q: int = 128
+    block_k: int = 128
+    block_q_dq: int | None = None
+    block_k_dq: int | None = None
+    block_q_dkv: int | None = None
+    block_k_dkv: int | None = None
+    num_warps: int | None = None
+    num_stages: int = 2
+    num_warps_bwd: int | None = None
+    num_stages_bwd: int = 2
+
+    @classmethod
+    def get_default(cls, head_dim: int = 128) -> "BlockSizes":
+        """GPU starting point by head dim (FlashAttention-2 Triton-style shapes:
+        wide-q tiles for fwd/dQ, wide-kv tiles for dK/dV).  Not yet tuned on
+        hardware in this repo: run ``experiments.bench_attention`` to tune."""
+        if head_dim <= 64:
+            return cls(128, 64, 128, 32, 32, 128, num_warps=4, num_stages=2,
+                       num_warps_bwd=4, num_stages_bwd=2)
+        if head_dim <= 128:
+            return cls(128, 64, 64, 32, 32, 64, num_warps=8, num_stages=2,
+                       num_warps_bwd=8, num_stages_bwd=2)
+        return cls(64, 32, 32, 32, 32, 32, num_warps=8, num_stages=2,
+                   num_warps_bwd=8, num_stages_bwd=2)
+
+    def resolved(self):
+        """``(block_q, block_k, block_q_dq, block_k_dq, block_q_dkv, block_k_dkv)``."""
+        bq, bk = self.block_q, self.block_k
+        return (bq, bk,
+                self.block_q_dq or bq, self.block_k_dq or bk,
+                self.block_q_dkv or bq, self.block_k_dkv or bk)
+
+
+def compiler_params(num_warps: int, num_stages: int) -> dict:
+    """``pallas_call`` kwargs selecting the Triton lowering with these knobs.
+
+    jax >= 0.5 spells it ``pallas.triton.CompilerParams`` (older:
+    ``TritonCompilerParams``, oldest: a ``{"triton": {...}}`` dict).  Naming the
+    Triton class explicitly also keeps newer jax from picking Mosaic GPU.
+    """
+    try:
+        from jax.experimental.pallas import triton as pltriton
+    except ImportError:  # pragma: no cover - very old / stripped jax
+        pltriton = None
+    cls = None
+    for mod, name in ((pltriton, "CompilerParams"), (pltriton, "TritonCompilerParams"),
+                      (pl, "TritonCompilerParams")):
+        cls = getattr(mod, name, None) if mod is not None else None
+        if cls is not None:
+            break
+    if cls is None:  # pragma: no cover
+        return {"compiler_params": {"triton": {"num_warps": num_warps, "num_stages": num_stages}}}
+    return {"compiler_params": cls(num_warps=num_warps, num_stages=num_stages)}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Everything static about one call (hashable: a jit/custom_vjp static arg)."""
+
+    b: int
+    tq: int
+    tk: int
+    hq: int
+    hkv: int
+    d: int
+    dp: int         # head dim padded to a power of two >= 16
+    tq_pad: int
+    tk_pad: int
+    blocks: tuple   # effective (bq, bk, bq_dq, bk_dq, bq_dkv, bk_dkv)
+    causal: bool
+    window: int | None
+    sm_scale: float
+    segments: bool
+    interpret: bool
+    num_warps: int
+    num_stages: int
+    num_warps_bwd: int
+    num_stages_bwd: int
+
+    @property
+    def group(self) -> int:
+        return self.hq // self.hkv
+
+    @property
+    def spec(self) -> MaskSpec:
+        return MaskSpec(self.causal, self.window, self.tq, self.tk)
+
+    @property
+    def kv_padded(self) -> bool:
+        return self.tk_pad != self.tk
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def _is_pow2(x) -> bool:
+    return isinstance(x, int) and x > 0 and (x & (x - 1)) == 0
+
+
+# ----------------------------------------------------------------------- validation
+def _validate(q, k, v, q_ids, kv_ids, window, sm_scale, block_sizes):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim != 4:
+            raise ValueError(f"{name} must have rank 4 [B, T, H, D], got shape {x.shape}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {k.shape} and v {v.shape}")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"q and k must have the same batch size, got q {q.shape} and k {k.shape}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k must have the same head dim D, got q {q.shape} and k {k.shape}")
+    hq, hkv = q.shape[2], k.shape[2]
+    if hq % hkv:
+        raise ValueError(f"number of query heads (q.shape[2]={hq}) must be a multiple of the "
+                         f"number of kv heads (k.shape[2]={hkv})")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not jnp.issubdtype(q.dtype, jnp.floating):
+        raise ValueError(f"q, k, v must be floating point, got {q.dtype}")
+    if q.shape[1] < 1 or k.shape[1] < 1:
+        raise ValueError(f"sequence lengths must be >= 1, got q {q.shape} and k {k.shape}")
+    if q_ids is not None:
+        for name, ids, t in (("q", q_ids, q.shape[1]), ("kv", kv_ids, k.shape[1])):
+            if ids.ndim != 2 or ids.shape != (q.shape[0], t):
+                raise ValueError(f"segment_ids ({name} ids) must have shape [B, T] = "
+                                 f"{(q.shape[0], t)}, got {ids.shape}")
+            if not jnp.issubdtype(ids.dtype, jnp.integer):
+                raise ValueError(f"segment_ids must be integers, got {ids.dtype}")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, (int, np.integer))
+                               or window <= 0):
+        raise ValueError(f"window must be a positive int or None, got {window!r}")
+    if sm_scale is not None and not isinstance(sm_scale, (int, float, np.floating)):
+        raise ValueError(f"sm_scale must be a Python float or None, got {type(sm_scale)}")
+    if not isinstance(block_sizes, BlockSizes):
+        raise ValueError(f"block_sizes must be a BlockSizes or None, got {type(block_sizes)}")
+    for f, val in zip(("block_q", "block_k", "block_q_dq", "block_k_dq", "block_q_dkv",
+                       "block_k_dkv"), block_sizes.resolved()):
+        if not _is_pow2(val):
+            raise ValueError(f"block_sizes.{f} must be a positive power of two, got {val!r}")
+
+
+def _make_plan(q, k, q_ids, causal, window, sm_scale, block_sizes, interpret) -> _Plan:
+    b, tq, hq, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    bs = block_sizes.resolved()
+
+    def eff(block, t):
+        return min(block, max(_MIN_BLOCK, _next_pow2(t)))
+
+    blocks = (eff(bs[0], tq), eff(bs[1], tk), eff(bs[2], tq), eff(bs[3], tk),
+              eff(bs[4], tq), eff(bs[5], tk))
+    tq_pad = _round_up(tq, max(blocks[0::2]))
+    tk_pad = _round_up(tk, max(blocks[1::2]))
+    dp = max(_MIN_BLOCK, _next_pow2(d))
+    warps = block_sizes.num_warps or (4 if dp <= 64 else 8)
+    warps_bwd = block_sizes.num_warps_bwd or warps
+    return _Plan(b=b, tq=tq, tk=tk, hq=hq, hkv=hkv, d=d, dp=dp, tq_pad=tq_pad, tk_pad=tk_pad,
+                 blocks=blocks, causal=bool(causal), window=None if window is None else int(window),
+                 sm_scale=float(d ** -0.5 if sm_scale is None else sm_scale),
+                 segments=q_ids is not None, interpret=bool(interpret),
+                 num_warps=warps, num_stages=block_sizes.num_stages,
+                 num_warps_bwd=warps_bwd, num_stages_bwd=block_sizes.num_stages_bwd)
+
+
+# --------------------------------------------------------------------------- helpers
+def _dot_nt(a, b):
+    """``a [m, k] @ b[n, k]^T -> [m, n]`` in float32."""
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _dot_nn(a, b):
+    """``a [m, k] @ b [k, n] -> [m, n]`` in float32."""
+    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _iota(n: int, axis: int):
+    shape = (n, 1) if axis == 0 else (1, n)
+    return lax.broadcasted_iota(jnp.int32, shape, axis)
+
+
+def _and(a, b):
+    return b if a is None else (a if b is None else a & b)
+
+
+def _pad_seq(x, t_pad, d_pad=None):
+    """Zero-pad ``[B, T, H, D]`` to ``[B, t_pad, H, d_pad]``."""
+    pt = t_pad - x.shape[1]
+    pd = 0 if d_pad is None else d_pad - x.shape[3]
+    if pt == 0 and pd == 0:
+        return x
+    return jnp.pad(x, ((0, 0), (0, pt), (0, 0), (0, pd)))
+
+
+def _pad_ids(ids, t_pad):
+    ids = ids.astype(jnp.int32)
+    if t_pad == ids.shape[1]:
+        return ids
+    return jnp.pad(ids, ((0, 0), (0, t_pad - ids.shape[1])), mode="edge")
+
+
+def _three_phase_loop(r, masked_needed: bool, body, carry):
+    """Run ``body(masked)`` over ``[lo, full_lo)`` masked, the interior unmasked, ``[full_hi, hi)`` masked."""
+    if not masked_needed:
+        return lax.fori_loop(r.lo, r.hi, body(False), carry)
+    carry = lax.fori_loop(r.lo, r.full_lo, body(True), carry)
+    carry = lax.fori_loop(r.full_lo, r.full_hi, body(False), carry)
+    return lax.fori_loop(r.full_hi, r.hi, body(True), carry)
+
+
+def _maybe_skip(enabled, pred_fn, step, carry):
+    """``step(carry)`` if the block pair can interact (segment bounds), else ``carry``."""
+    if not enabled:
+        return step(carry)
+    return lax.cond(pred_fn(), step, lambda c: c, carry)
+
+
+# ---------------------------------------------------------------------------- forward
+def _fwd_kernel(*refs, plan: _Plan, count_blocks: bool):
+    bq, bk = plan.blocks[0], plan.blocks[1]
+    nq = plan.tq_pad // bq
+    spec, seg = plan.spec, plan.segments
+    if seg:
+        q_ref, k_ref, v_ref, qid_ref, kvid_ref, qb_ref, kb_ref, *outs = refs
+    else:
+        q_ref, k_ref, v_ref, *outs = refs
+    o_ref, lse_ref = outs[0], outs[1]
+    i = nq - 1 - pl.program_id(0)  # heaviest (last, for causal) q-blocks launch first
+    q = q_ref[...]                  # [bq, Dp]
+    rows = i * bq + _iota(bq, 0)    # [bq, 1]
+    qid = qid_ref[...][:, None] if seg else None
+    scale2 = plan.sm_scale * LOG2E
+
+    def body(masked):
+        def step_j(j, carry):
+            def step(carry):
+                acc, m, l = carry[:3]
+                sl = pl.ds(j * bk, bk)
+                k = k_ref[sl, :]
+                v = v_ref[sl, :]
+                s = _dot_nt(q, k) * scale2                        # [bq, bk], log2 units
+                mask = spec.position_mask(rows, j * bk + _iota(bk, 1), plan.kv_padded) if masked else None
+                if seg:
+                    mask = _and(mask, qid == kvid_ref[sl][None, :])
+                if mask is not None:
+                    s = jnp.where(mask, s, -jnp.inf)
+                m_new = jnp.maximum(m, jnp.max(s, axis=1))
+                m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # fully-masked row so far
+                alpha = jnp.exp2(m - m_use)
+                p = jnp.exp2(s - m_use[:, None])
+                l = alpha * l + jnp.sum(p, axis=1)
+                acc = acc * alpha[:, None] + _dot_nn(p.astype(v.dtype), v)
+                return (acc, m_new, l) + ((carry[3] + 1,) if count_blocks else ())
+
+            return _maybe_skip(seg, lambda: blocks_may_interact(qb_ref, kb_ref, i, j), step, carry)
+        return step_j
+
+    carry = (jnp.zeros((bq, plan.dp), jnp.float32),
+             jnp.full((bq,), -jnp.inf, jnp.float32),
+             jnp.zeros((bq,), jnp.float32))
+    if count_blocks:
+        carry += (jnp.zeros((), jnp.int32),)
+    r = spec.kv_block_range(i, bq, bk)
+    carry = _three_phase_loop(r, spec.needs_position_mask(plan.kv_padded), body, carry)
+    acc, m, l = carry[:3]
+    seen = l > 0.0
+    o_ref[...] = (acc / jnp.where(seen, l, 1.0)[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(seen, m + jnp.log2(jnp.where(seen, l, 1.0)), jnp.inf)
+    if count_blocks:
+        outs[2][...] = jnp.full((1,), carry[3], jnp.int32)
+
+
+def _segment_inputs(plan: _Plan, q_ids, kv_ids, bq, bk):
+    return (_pad_ids(q_ids, plan.tq_pad), _pad_ids(kv_ids, plan.tk_pad),
+            block_id_bounds(q_ids, bq, plan.tq_pad), block_id_bounds(kv_ids, bk, plan.tk_pad))
+
+
+def _forward(q, k, v, q_ids, kv_ids, plan: _Plan, count_blocks: bool = False):
+    """Returns padded ``o [B, Tq_pad, Hq, Dp]``, ``lse [B, Hq, Tq_pad]`` (log2 units) [, counts]."""
+    bq, bk = plan.blocks[0], plan.blocks[1]
+    nq, nk = plan.tq_pad // bq, plan.tk_pad // bk
+    g, tk_pad, dp = plan.group, plan.tk_pad, plan.dp
+    qp = _pad_seq(q, plan.tq_pad, dp)
+    kp = _pad_seq(k, tk_pad, dp)
+    vp = _pad_seq(v, tk_pad, dp)
+
+    def qblk(i):
+        return nq - 1 - i
+
+    in_specs = [
+        pl.BlockSpec((_SQ, bq, _SQ, dp), lambda i, b, h: (b, qblk(i), h, 0)),
+        pl.BlockSpec((_SQ, tk_pad, _SQ, dp), lambda i, b, h: (b, 0, lax.div(h, g), 0)),
+        pl.BlockSpec((_SQ, tk_pad, _SQ, dp), lambda i, b, h: (b, 0, lax.div(h, g), 0)),
+    ]
+    args = [qp, kp, vp]
+    if plan.segments:
+        args += _segment_inputs(plan, q_ids, kv_ids, bq, bk)
+        in_specs += [
+            pl.BlockSpec((_SQ, bq), lambda i, b, h: (b, qblk(i))),
+            pl.BlockSpec((_SQ, tk_pad), lambda i, b, h: (b, 0)),
+            pl.BlockSpec((_SQ, 2, nq), lambda i, b, h: (b, 0, 0)),
+            pl.BlockSpec((_SQ, 2, nk), lambda i, b, h: (b, 0, 0)),
+        ]
+    out_shape = [jax.ShapeDtypeStruct((plan.b, plan.tq_pad, plan.hq, dp), q.dtype),
+                 jax.ShapeDtypeStruct((plan.b, plan.hq, plan.tq_pad), jnp.float32)]
+    out_specs = [pl.BlockSpec((_SQ, bq, _SQ, dp), lambda i, b, h: (b, qblk(i), h, 0)),
+                 pl.BlockSpec((_SQ, _SQ, bq), lambda i, b, h: (b, h, qblk(i)))]
+    if count_blocks:
+        out_shape.append(jax.ShapeDtypeStruct((plan.b, plan.hq, nq), jnp.int32))
+        out_specs.append(pl.BlockSpec((_SQ, _SQ, 1), lambda i, b, h: (b, h, qblk(i))))
+    return pl.pallas_call(
+        functools.partial(_fwd_kernel, plan=plan, count_blocks=count_blocks),
+        out_shape=out_shape,
+        grid=(nq, plan.b, plan.hq),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        interpret=plan.interpret,
+        name="flash_attention_fwd",
+        **compiler_params(plan.num_warps, plan.num_stages),
+    )(*args)
+
+
+# ---------------------------------------------------------------------------- backward
+def _dq_kernel(*refs, plan: _Plan):
+    bq, bk = plan.blocks[2], plan.blocks[3]
+    nq = plan.tq_pad // bq
+    spec, seg = plan.spec, plan.segments
+    if seg:
+        q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, qid_ref, kvid_ref, qb_ref, kb_ref, dq_ref = refs
+    else:
+        q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, dq_ref = refs
+    i = nq - 1 - pl.program_id(0)
+    q, do = q_ref[...], do_ref[...]
+    lse, delta = lse_ref[...][:, None], dl_ref[...][:, None]
+    rows = i * bq + _iota(bq, 0)
+    qid = qid_ref[...][:, None] if seg else None
+    scale2 = plan.sm_scale * LOG2E
+
+    def body(masked):
+        def step_j(j, dq):
+            def step(dq):
+                sl = pl.ds(j * bk, bk)
+                k = k_ref[sl, :]
+                v = v_ref[sl, :]
+                s = _dot_nt(q, k) * scale2
+                mask = spec.position_mask(rows, j * bk + _iota(bk, 1), plan.kv_padded) if masked else None
+                if seg:
+                    mask = _and(mask, qid == kvid_ref[sl][None, :])
+                if mask is not None:
+                    s = jnp.where(mask, s, -jnp.inf)
+                p = jnp.exp2(s - lse)                        # P = exp(S - L)
+                ds = p * (_dot_nt(do, v) - delta)            # dS = P * (dO V^T - D)
+                return dq + _dot_nn(ds.astype(k.dtype), k)   # dQ += dS K
+            return _maybe_skip(seg, lambda: blocks_may_interact(qb_ref, kb_ref, i, j), step, dq)
+        return step_j
+
+    r = spec.kv_block_range(i, bq, bk)
+    dq = _three_phase_loop(r, spec.needs_position_mask(plan.kv_padded), body,
+                           jnp.zeros((bq, plan.dp), jnp.float32))
+    dq_ref[...] = (dq * plan.sm_scale).astype(dq_ref.dtype)
+
+
+def _dkdv_kernel(*refs, plan: _Plan):
+    bq, bk = plan.blocks[4], plan.blocks[5]
+    spec, seg, group = plan.spec, plan.segments, plan.group
+    if seg:
+        (q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, qid_ref, kvid_ref, qb_ref, kb_ref,
+         dk_ref, dv_ref) = refs
+    else:
+        q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, dk_ref, dv_ref = refs
+    j = pl.program_id(0)
+    k, v = k_ref[...], v_ref[...]            # [bk, Dp]
+    cols = j * bk + _iota(bk, 0)             # keys index the rows of S^T [bk, bq]
+    kvid = kvid_ref[...][:, None] if seg else None
+    scale2 = plan.sm_scale * LOG2E
+
+    def body_for_head(h):
+        def body(masked):
+            def step_i(i, carry):
+                def step(carry):
+                    dk, dv = carry
+                    sl = pl.ds(i * bq, bq)
+                    q = q_ref[sl, h, :]
+                    do = do_ref[sl, h, :]
+                    lse = lse_ref[h, sl][None, :]
+                    delta = dl_ref[h, sl][None, :]
+                    st = _dot_nt(k, q) * scale2                 # S^T [bk, bq]
+                    mask = spec.position_mask(i * bq + _iota(bq, 1), cols, plan.kv_padded) if masked else None
+                    if seg:
+                        mask = _and(mask, kvid == qid_ref[sl][None, :])
+                    if mask is not None:
+                        st = jnp.where(mask, st, -jnp.inf)
+                    pt = jnp.exp2(st - lse)                     # P^T
+                    dv = dv + _dot_nn(pt.astype(do.dtype), do)  # dV += P^T dO
+                    dst = pt * (_dot_nt(v, do) - delta)         # dS^T = P^T * (V dO^T - D)
+                    dk = dk + _dot_nn(dst.astype(q.dtype), q)   # dK += dS^T Q
+                    return dk, dv
+                return _maybe_skip(seg, lambda: blocks_may_interact(qb_ref, kb_ref, i, j), step, carry)
+            return step_i
+        return body
+
+    r = spec.q_block_range(j, bq, bk)
+    masked_needed = spec.needs_position_mask(plan.kv_padded)
+    carry = (jnp.zeros((bk, plan.dp), jnp.float32), jnp.zeros((bk, plan.dp), jnp.float32))
+    if group == 1:
+        carry = _three_phase_loop(r, masked_needed, body_for_head(0), carry)
+    else:  # GQA: sum over the query heads that share this kv head, in-kernel
+        carry = lax.fori_loop(
+            0, group, lambda h, c: _three_phase_loop(r, masked_needed, body_for_head(h), c), carry)
+    dk, dv = carry
+    dk_ref[...] = (dk * plan.sm_scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _backward(plan: _Plan, res, do):
+    q, k, v, q_ids, kv_ids, o, lse = res
+    g, dp, tq_pad, tk_pad = plan.group, plan.dp, plan.tq_pad, plan.tk_pad
+    # D_i = rowsum(dO_i * O_i): an elementwise reduction XLA fuses; no kernel needed.
+    delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
+    delta = jnp.pad(delta, ((0, 0), (0, 0), (0, tq_pad - plan.tq)))
+    qp, dop = _pad_seq(q, tq_pad, dp), _pad_seq(do.astype(q.dtype), tq_pad, dp)
+    kp, vp = _pad_seq(k, tk_pad, dp), _pad_seq(v, tk_pad, dp)
+    params = compiler_params(plan.num_warps_bwd, plan.num_stages_bwd)
+
+    # dQ: grid (q-block, batch, q-head), loop over kv blocks.
+    bq, bk = plan.blocks[2], plan.blocks[3]
+    nq, nk = tq_pad // bq, tk_pad // bk
+
+    def qblk(i):
+        return nq - 1 - i
+
+    qspec = pl.BlockSpec((_SQ, bq, _SQ, dp), lambda i, b, h: (b, qblk(i), h, 0))
+    kvspec = pl.BlockSpec((_SQ, tk_pad, _SQ, dp), lambda i, b, h: (b, 0, lax.div(h, g), 0))
+    rowspec = pl.BlockSpec((_SQ, _SQ, bq), lambda i, b, h: (b, h, qblk(i)))
+    in_specs = [qspec, kvspec, kvspec, qspec, rowspec, rowspec]
+    args = [qp, kp, vp, dop, lse, delta]
+    if plan.segments:
+        args += _segment_inputs(plan, q_ids, kv_ids, bq, bk)
+        in_specs += [pl.BlockSpec((_SQ, bq), lambda i, b, h: (b, qblk(i))),
+                     pl.BlockSpec((_SQ, tk_pad), lambda i, b, h: (b, 0)),
+                     pl.BlockSpec((_SQ, 2, nq), lambda i, b, h: (b, 0, 0)),
+                     pl.BlockSpec((_SQ, 2, nk), lambda i, b, h: (b, 0, 0))]
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, plan=plan),
+        out_shape=jax.ShapeDtypeStruct(qp.shape, q.dtype),
+        grid=(nq, plan.b, plan.hq),
+        in_specs=in_specs,
+        out_specs=qspec,
+        interpret=plan.interpret,
+        name="flash_attention_bwd_dq",
+        **params,
+    )(*args)
+
+    # dK, dV: grid (kv-block, batch, kv-head), loop over (q-head in group, q-block).
+    bq, bk = plan.blocks[4], plan.blocks[5]
+    nq, nk = tq_pad // bq, tk_pad // bk
+    qgspec = pl.BlockSpec((_SQ, tq_pad, g, dp), lambda j, b, h: (b, 0, h, 0))
+    kspec = pl.BlockSpec((_SQ, bk, _SQ, dp), lambda j, b, h: (b, j, h, 0))
+    rowgspec = pl.BlockSpec((_SQ, g, tq_pad), lambda j, b, h: (b, h, 0))
+    in_specs = [qgspec, kspec, kspec, qgspec, rowgspec, rowgspec]
+    args = [qp, kp, vp, dop, lse, delta]
+    if plan.segments:
+        args += _segment_inputs(plan, q_ids, kv_ids, bq, bk)
+        in_specs += [pl.BlockSpec((_SQ, tq_pad), lambda j, b, h: (b, 0)),
+                     pl.BlockSpec((_SQ, bk), lambda j, b, h: (b, j)),
+                     pl.BlockSpec((_SQ, 2, nq), lambda j, b, h: (b, 0, 0)),
+                     pl.BlockSpec((_SQ, 2, nk), lambda j, b, h: (b, 0, 0))]
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkdv_kernel, plan=plan),
+        out_shape=[jax.ShapeDtypeStruct(kp.shape, k.dtype), jax.ShapeDtypeStruct(vp.shape, v.dtype)],
+        grid=(nk, plan.b, plan.hkv),
+        in_specs=in_specs,
+        out_specs=[kspec, kspec],
+        interpret=plan.interpret,
+        name="flash_attention_bwd_dkdv",
+        **params,
+    )(*args)
+    d = plan.d
+    return dq[:, :plan.tq, :, :d], dk[:, :plan.tk, :, :d], dv[:, :plan.tk, :, :d]
+
+
+# ------------------------------------------------------------------------- custom vjp
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash(q, k, v, q_ids, kv_ids, plan):
+    o, _ = _forward(q, k, v, q_ids, kv_ids, plan)
+    return o[:, :plan.tq, :, :plan.d]
+
+
+def _flash_fwd(q, k, v, q_ids, kv_ids, plan):
+    o, lse = _forward(q, k, v, q_ids, kv_ids, plan)
+    o = o[:, :plan.tq, :, :plan.d]
+    return o, (q, k, v, q_ids, kv_ids, o, lse)  # residuals: inputs, output, logsumexp
+
+
+def _flash_bwd(plan, res, do):
+    dq, dk, dv = _backward(plan, res, do)
+    return dq, dk, dv, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _prepare(q, k, v, causal, segment_ids, window, sm_scale, block_sizes, interpret):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if getattr(x, "ndim", None) != 4:
+            raise ValueError(f"{name} must have rank 4 [B, T, H, D], got shape {getattr(x, 'shape', None)}")
+    q_ids, kv_ids = split_segment_ids(segment_ids, q.shape[1], k.shape[1])
+    if block_sizes is None:
+        block_sizes = BlockSizes.get_default(q.shape[-1])
+    _validate(q, k, v, q_ids, kv_ids, window, sm_scale, block_sizes)
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    plan = _make_plan(q, k, q_ids, causal, window, sm_scale, block_sizes, interpret)
+    return q_ids, kv_ids, plan
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "window", "sm_scale", "block_sizes",
+                                             "interpret"))
+def flash_attention(q, k, v, *, causal=True, segment_ids=None, window=None, sm_scale=None,
+                    block_sizes=None, interpret=None):
+    """Fused attention ``softmax(q k^T * sm_scale + mask) v`` (FlashAttention-2).
+
+    Args:
+      q: ``[B, Tq, Hq, D]``.
+      k, v: ``[B, Tk, Hkv, D]`` with ``Hq % Hkv == 0`` (GQA: query head ``h``
+        reads kv head ``h // (Hq // Hkv)``; k/v are never repeated in memory).
+      causal: query ``i`` (absolute position ``Tk - Tq + i``) sees keys ``j <= pos``.
+      segment_ids: ``[B, T]`` int (needs ``Tq == Tk``) or a ``(q_ids [B, Tq],
+        kv_ids [B, Tk])`` pair; attention stays within equal ids.
+      window: sliding window ``w``: ``pos - w < j <= pos`` (non-causal: ``|pos - j| < w``).
+      sm_scale: logit scale, default ``D ** -0.5``.
+      block_sizes: :class:`BlockSizes` (default :meth:`BlockSizes.get_default`).
+      interpret: Pallas interpret mode; ``None`` = on when the default backend is CPU.
+
+    Returns:
+      ``[B, Tq, Hq, D]`` in q's dtype (float32 accumulation).  Rows that see no
+      key are 0.  Differentiable in q, k, v (Pallas backward kernels).
+    """
+    q_ids, kv_ids, plan = _prepare(q, k, v, causal, segment_ids, window, sm_scale,
+                                   block_sizes, interpret)
+    return _flash(q, k, v, q_ids, kv_ids, plan)
+
+
+def forward_with_stats(q, k, v, *, causal=True, segment_ids=None, window=None, sm_scale=None,
+                       block_sizes=None, interpret=None):
+    """Debug forward: ``(o_padded [B, Tq_pad, Hq, Dp], lse [B, Hq, Tq_pad], visited [B, Hq, nq])``.
+
+    ``visited`` counts the kv blocks whose body actually ran for each q-block
+    (after the analytic range and the segment-bounds test), so tests can check
+    that masked blocks are skipped.  ``lse`` is in log2 units (+inf for rows
+    that see no key).  Outputs are the raw, unsliced kernel buffers.
+    """
+    q_ids, kv_ids, plan = _prepare(q, k, v, causal, segment_ids, window, sm_scale,
+                                   block_sizes, interpret)
+    return jax.jit(functools.partial(_forward, plan=plan, count_blocks=True))(q, k, v, q_ids, kv_ids)

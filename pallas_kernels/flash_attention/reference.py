@@ -1,0 +1,78 @@
+"""Plain-JAX float32 attention: the oracle for the Pallas kernel.
+
+Shapes: q ``[B, Tq, Hq, D]``, k/v ``[B, Tk, Hkv, D]`` with ``Hq % Hkv == 0``
+(query head ``h`` reads kv head ``h // (Hq // Hkv)``).  Query ``i`` sits at
+absolute position ``Tk - Tq + i``.  Rows that see no key return zeros.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def attention_mask(tq: int, tk: int, causal: bool = True, window: int | None = None,
+                   q_ids: jax.Array | None = None, kv_ids: jax.Array | None = None) -> jax.Array:
+    """Boolean visibility mask ``[B or 1, Tq, Tk]`` (True = key visible).
+
+    Query ``i`` is at position ``Tk - Tq + i``.  causal: ``j <= pos``; with
+    ``window`` w: ``pos - w < j`` (non-causal: ``|pos - j| < w``); with segment
+    ids ``q_ids [B, Tq]`` / ``kv_ids [B, Tk]``: ``q_ids[i] == kv_ids[j]``.
+    """
+    pos = (tk - tq) + jnp.arange(tq, dtype=jnp.int32)[:, None]
+    j = jnp.arange(tk, dtype=jnp.int32)[None, :]
+    mask = jnp.ones((tq, tk), dtype=bool)
+    if causal:
+        mask &= j <= pos
+    if window is not None:
+        mask &= j > pos - window
+        if not causal:
+            mask &= j < pos + window
+    mask = mask[None]
+    if q_ids is not None:
+        if kv_ids is None:
+            kv_ids = q_ids
+        mask = mask & (q_ids[:, :, None] == kv_ids[:, None, :])
+    return mask
+
+
+def split_segment_ids(segment_ids, tq: int, tk: int):
+    """``None | [B, T] | (q_ids [B, Tq], kv_ids [B, Tk])`` -> ``(q_ids, kv_ids)`` or ``(None, None)``."""
+    if segment_ids is None:
+        return None, None
+    if isinstance(segment_ids, (tuple, list)):
+        if len(segment_ids) != 2:
+            raise ValueError("segment_ids must be a [B, T] array or a (q_ids, kv_ids) pair, "
+                             f"got a sequence of length {len(segment_ids)}")
+        return segment_ids[0], segment_ids[1]
+    if tq != tk:
+        raise ValueError(f"segment_ids given as one [B, T] array needs Tq == Tk (got Tq={tq}, "
+                         f"Tk={tk}); pass a (q_ids, kv_ids) pair instead")
+    return segment_ids, segment_ids
+
+
+def reference(q, k, v, *, causal=True, segment_ids=None, window=None, sm_scale=None,
+              block_sizes=None, interpret=None):
+    """``softmax(q k^T * sm_scale + mask) v`` in float32; returns ``[B, Tq, Hq, D]`` in q.dtype.
+
+    ``block_sizes`` and ``interpret`` are accepted (and ignored) so the oracle
+    is call-compatible with :func:`flash_attention`.
+    """
+    del block_sizes, interpret
+    b, tq, hq, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    g = hq // hkv
+    scale = d ** -0.5 if sm_scale is None else sm_scale
+    q_ids, kv_ids = split_segment_ids(segment_ids, tq, tk)
+    qf = q.astype(jnp.float32).reshape(b, tq, hkv, g, d)
+    kf, vf = k.astype(jnp.float32), v.astype(jnp.float32)
+    hi = jax.lax.Precision.HIGHEST
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", qf, kf, precision=hi) * scale
+    mask = attention_mask(tq, tk, causal, window, q_ids, kv_ids)[:, None, None]
+    s = jnp.where(mask, s, -jnp.inf)
+    m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.where(mask, jnp.exp(s - m), 0.0)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / jnp.where(denom == 0.0, 1.0, denom)
+    o = jnp.einsum("bhgqk,bkhd->bqhgd", p, vf, precision=hi)
+    return o.reshape(b, tq, hq, d).astype(q.dtype)
