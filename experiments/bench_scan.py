@@ -1,0 +1,277 @@
+"""Benchmark the Mamba scan kernels: forward and forward+backward.
+
+    python -m experiments.bench_scan [--quick] [--out DIR] [--impls pallas,assoc_scan,...]
+
+GPU defaults (bf16 activations, float32 A/D/biases):
+
+* ``selective_scan`` at B=4, L=4096, dim=2048, N=16 (softplus, D, z, delta_bias):
+  this repo's Pallas kernel (``pallas``), a ``lax.associative_scan`` over the
+  materialised ``[B, L, dim, N]`` decay/input tensors (``assoc_scan``) and the
+  sequential ``lax.scan`` oracle (``reference``).
+* ``ssd`` at B=4, L=4096, H=16, P=128, N=128, G=1, chunk 64: the Pallas kernel
+  (``pallas``), the sequential oracle (``reference``) and, when ``torch`` and
+  ``fla`` import and CUDA is available, ``fla.ops.simple_gla.chunk_simple_gla``
+  (``fla``: q=C, k=B, v=dt*x, g=dt*A, scale=1 — the same recurrence, no D/z).
+
+Prints median milliseconds and writes ``DIR/results.json`` (device, date, jax
+version, one row per measurement; skipped / failed runs carry a note).
+``--quick`` runs tiny shapes (interpret mode on CPU) to prove the script works.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.selective_scan import reference as ss_reference
+from pallas_kernels.selective_scan import selective_scan
+from pallas_kernels.ssd import reference as ssd_reference
+from pallas_kernels.ssd import ssd
+
+SS_IMPLS = ("pallas", "assoc_scan", "reference")
+SSD_IMPLS = ("pallas", "reference", "fla")
+
+
+def _time(fn, args, warmup: int, iters: int) -> float:
+    """Median wall time in ms of ``fn(*args)`` (compiled; block_until_ready)."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def assoc_scan_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=True):
+    """Baseline: ``lax.associative_scan`` over materialised ``exp(dt A)`` and ``dt u B``
+    (``[B, L, dim, N]`` float32; B, C without a group axis)."""
+    f32 = jnp.float32
+    dt = delta.astype(f32) + delta_bias
+    if delta_softplus:
+        dt = jax.nn.softplus(dt)
+    da = jnp.exp(dt[..., None] * A)                                        # [b, L, dim, N]
+    dbu = (dt * u.astype(f32))[..., None] * B.astype(f32)[:, :, None, :]
+
+    def combine(a, b):
+        return a[0] * b[0], b[0] * a[1] + b[1]
+
+    _, h = lax.associative_scan(combine, (da, dbu), axis=1)
+    y = jnp.einsum("bldn,bln->bld", h, C.astype(f32)) + D * u.astype(f32)
+    return (y * jax.nn.silu(z.astype(f32))).astype(u.dtype)
+
+
+# ----------------------------------------------------------------------------- selective scan
+def _ss_inputs(b, l, dim, n, dtype, seed=0):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 8)
+    return dict(
+        u=jax.random.normal(ks[0], (b, l, dim)).astype(dtype),
+        delta=(jax.random.normal(ks[1], (b, l, dim)) - 4.0).astype(dtype),
+        A=-jnp.exp(jax.random.normal(ks[2], (dim, n))),
+        B=jax.random.normal(ks[3], (b, l, n)).astype(dtype),
+        C=jax.random.normal(ks[4], (b, l, n)).astype(dtype),
+        D=jax.random.normal(ks[5], (dim,)),
+        z=jax.random.normal(ks[6], (b, l, dim)).astype(dtype),
+        delta_bias=0.1 * jax.random.normal(ks[7], (dim,)),
+    )
+
+
+def _ss_fn(impl):
+    if impl == "pallas":
+        return lambda **kw: selective_scan(**kw, delta_softplus=True)
+    if impl == "reference":
+        return lambda **kw: ss_reference(**kw, delta_softplus=True)
+    if impl == "assoc_scan":
+        return lambda **kw: assoc_scan_selective_scan(**kw)
+    raise ValueError(impl)
+
+
+# ----------------------------------------------------------------------------- ssd
+def _ssd_inputs(b, l, h, p, n, g, dtype, seed=0):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 6)
+    return dict(
+        x=jax.random.normal(ks[0], (b, l, h, p)).astype(dtype),
+        dt=(jax.random.normal(ks[1], (b, l, h)) - 4.0).astype(dtype),
+        A=-jnp.exp(jax.random.normal(ks[2], (h,))),
+        B=jax.random.normal(ks[3], (b, l, g, n)).astype(dtype),
+        C=jax.random.normal(ks[4], (b, l, g, n)).astype(dtype),
+        dt_bias=0.1 * jax.random.normal(ks[5], (h,)),
+    )
+
+
+def _ssd_fn(impl, chunk):
+    if impl == "pallas":
+        return lambda **kw: ssd(**kw, chunk_size=chunk, dt_softplus=True)
+    if impl == "reference":
+        return lambda **kw: ssd_reference(**kw, dt_softplus=True)
+    raise ValueError(impl)
+
+
+def _bench_fla(base, inputs, warmup, iters):
+    """``fla`` chunk_simple_gla through torch (CUDA only); rows or a skip note."""
+    try:
+        import numpy as np
+        import torch
+        from fla.ops.simple_gla import chunk_simple_gla
+    except Exception as e:  # noqa: BLE001 - optional
+        return [dict(base, mode=m, ms=None, skipped=f"fla/torch not importable: {type(e).__name__}")
+                for m in ("fwd", "fwd+bwd")]
+    if not torch.cuda.is_available():
+        return [dict(base, mode=m, ms=None, skipped="torch CUDA not available")
+                for m in ("fwd", "fwd+bwd")]
+    h = inputs["x"].shape[2]
+    f32 = jnp.float32
+    dt = jax.nn.softplus(inputs["dt"].astype(f32) + inputs["dt_bias"])
+    rep = lambda v: jnp.repeat(v, h // v.shape[2], axis=2)  # noqa: E731
+    arrs = dict(q=rep(inputs["C"]), k=rep(inputs["B"]),
+                v=(inputs["x"].astype(f32) * dt[..., None]).astype(inputs["x"].dtype),
+                g=dt * inputs["A"])
+    t = {k: torch.from_numpy(np.asarray(v.astype(f32))).cuda() for k, v in arrs.items()}
+    for k in ("q", "k", "v"):
+        t[k] = t[k].to(torch.bfloat16).requires_grad_()
+    t["g"].requires_grad_()
+    do = torch.randn_like(t["v"])
+
+    def fwd():
+        return chunk_simple_gla(t["q"], t["k"], t["v"], g=t["g"], scale=1.0)[0]
+
+    def fwd_bwd():
+        o = fwd()
+        o.backward(do)
+        return o
+
+    rows = []
+    for mode, f in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+        row = dict(base, mode=mode)
+        try:
+            for _ in range(warmup):
+                f()
+            torch.cuda.synchronize()
+            times = []
+            for _ in range(iters):
+                t0 = time.perf_counter()
+                f()
+                torch.cuda.synchronize()
+                times.append((time.perf_counter() - t0) * 1e3)
+            row.update(ms=statistics.median(times))
+        except Exception as e:  # noqa: BLE001
+            row.update(ms=None, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------- driver
+def _bench_jax(base, fn, inputs, diff_keys, on_gpu, warmup, iters):
+    jit_kw = {} if on_gpu else {"compiler_options": {"xla_backend_optimization_level": 0}}
+    fwd = jax.jit(lambda inp: fn(**inp), **jit_kw)
+
+    def _fwd_bwd(inp, dy):
+        diff = {k: inp[k] for k in diff_keys}
+        rest = {k: v for k, v in inp.items() if k not in diff_keys}
+        y, vjp = jax.vjp(lambda d: fn(**rest, **d), diff)
+        return y, vjp(dy)
+
+    fwd_bwd = jax.jit(_fwd_bwd, **jit_kw)
+    rows = []
+    for mode in ("fwd", "fwd+bwd"):
+        row = dict(base, mode=mode)
+        try:
+            if mode == "fwd":
+                ms = _time(fwd, (inputs,), warmup, iters)
+            else:
+                dy = jnp.ones(jax.eval_shape(fwd, inputs).shape, jax.eval_shape(fwd, inputs).dtype)
+                ms = _time(fwd_bwd, (inputs, dy), warmup, iters)
+            row.update(ms=ms)
+        except Exception as e:  # noqa: BLE001 - record OOM / unsupported and keep going
+            row.update(ms=None, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        rows.append(row)
+    return rows
+
+
+def _print_rows(rows):
+    for r in rows:
+        ms = f"{r['ms']:.3f}" if r.get("ms") else "-"
+        note = r.get("skipped") or r.get("error") or ""
+        print(f"{r['kernel']:>15} {r['impl']:>11} {r['shape']:>28} {r['mode']:>8} {ms:>10}  {note}",
+              flush=True)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m experiments.bench_scan",
+                                 description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="runs/bench_scan", help="folder for results.json")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes (CPU/interpret friendly)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--impls", default="pallas,assoc_scan,reference,fla",
+                    help="comma list of implementations to run (others are recorded as skipped)")
+    args = ap.parse_args(argv)
+    impls = {s for s in args.impls.split(",") if s}
+    for s in impls - set(SS_IMPLS) - set(SSD_IMPLS):
+        ap.error(f"unknown impl {s!r}; choose from {sorted(set(SS_IMPLS) | set(SSD_IMPLS))}")
+
+    on_gpu = jax.default_backend() == "gpu"
+    if args.quick:
+        ss_shape, ssd_shape, chunk = (1, 32, 16, 4), (1, 32, 2, 16, 16, 1), 16
+        warmup, iters = 1, 1
+        dtype = jnp.bfloat16 if on_gpu else jnp.float32
+    else:
+        ss_shape, ssd_shape, chunk = (4, 4096, 2048, 16), (4, 4096, 16, 128, 128, 1), 64
+        warmup, iters, dtype = args.warmup, args.iters, jnp.bfloat16
+
+    dev = jax.devices()[0]
+    print(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}", flush=True)
+    print(f"{'kernel':>15} {'impl':>11} {'shape':>28} {'mode':>8} {'ms':>10}  note")
+    rows = []
+    b, l, dim, n = ss_shape
+    ss_in = _ss_inputs(b, l, dim, n, dtype)
+    for impl in SS_IMPLS:
+        base = dict(kernel="selective_scan", impl=impl, shape=f"B{b} L{l} dim{dim} N{n}",
+                    dtype=jnp.dtype(dtype).name)
+        if impl not in impls:
+            new = [dict(base, mode=m, ms=None, skipped="not in --impls") for m in ("fwd", "fwd+bwd")]
+        else:
+            new = _bench_jax(base, _ss_fn(impl), ss_in, ("u", "delta", "A", "B", "C", "D", "z"),
+                             on_gpu, warmup, iters)
+        _print_rows(new)
+        rows += new
+
+    b, l, h, p, n, g = ssd_shape
+    ssd_in = _ssd_inputs(b, l, h, p, n, g, dtype)
+    for impl in SSD_IMPLS:
+        base = dict(kernel="ssd", impl=impl, shape=f"B{b} L{l} H{h} P{p} N{n} G{g}",
+                    dtype=jnp.dtype(dtype).name, chunk_size=chunk)
+        if impl not in impls:
+            new = [dict(base, mode=m, ms=None, skipped="not in --impls") for m in ("fwd", "fwd+bwd")]
+        elif impl == "fla":
+            new = (_bench_fla(base, ssd_in, warmup, iters) if on_gpu else
+                   [dict(base, mode=m, ms=None, skipped="fla only benchmarked on GPU")
+                    for m in ("fwd", "fwd+bwd")])
+        else:
+            new = _bench_jax(base, _ssd_fn(impl, chunk), ssd_in, ("x", "dt", "A", "B", "C"),
+                             on_gpu, warmup, iters)
+        _print_rows(new)
+        rows += new
+
+    os.makedirs(args.out, exist_ok=True)
+    result = dict(
+        device=dev.device_kind, backend=jax.default_backend(),
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        jax_version=jax.__version__, quick=args.quick, rows=rows)
+    path = os.path.join(args.out, "results.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

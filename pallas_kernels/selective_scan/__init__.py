@@ -1,0 +1,7 @@
+"""Mamba-1 selective scan: Pallas forward/backward kernels (see :mod:`.kernel`),
+the sequential float32 oracle :func:`reference` and the decode step
+:func:`selective_state_update`."""
+from .kernel import selective_scan
+from .reference import reference, selective_state_update
+
+__all__ = ["reference", "selective_scan", "selective_state_update"]

@@ -1,0 +1,130 @@
+"""Pallas chunked SSD (interpret mode on CPU) vs the sequential float32 oracle."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.ssd import reference, ssd, ssd_state_update
+
+
+def _inputs(seed, b, l, h, p, g, n, dtype=jnp.float32, D=None, z=True, bias=True, init=True):
+    # numpy RNG: eager jax.random calls would compile one program per shape.
+    rng = np.random.default_rng(seed)
+    r = lambda *shape: rng.standard_normal(shape, dtype=np.float32)  # noqa: E731
+    d_shape = {None: None, "h": (h,), "hp": (h, p)}[D]
+    return dict(
+        x=jnp.asarray(r(b, l, h, p), dtype),
+        dt=jnp.asarray(r(b, l, h), dtype),
+        A=jnp.asarray(-np.exp(0.5 * r(h))),
+        B=jnp.asarray(r(b, l, g, n), dtype),
+        C=jnp.asarray(r(b, l, g, n), dtype),
+        D=None if d_shape is None else jnp.asarray(r(*d_shape)),
+        z=jnp.asarray(r(b, l, h, p), dtype) if z else None,
+        dt_bias=jnp.asarray(0.3 * r(h)) if bias else None,
+        initial_states=jnp.asarray(r(b, h, p, n)) if init else None,
+    )
+
+
+def _rel(x, y):
+    x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+    return float(np.max(np.abs(x - y)) / (np.max(np.abs(y)) + 1e-6))
+
+
+def _value_and_grads(fn, inputs, static, seed=1):
+    """Outputs and the VJP of all present array inputs for fixed random cotangents."""
+    present = {k: v for k, v in inputs.items() if v is not None}
+    g = lambda p: fn(**{**inputs, **p}, **static)  # noqa: E731
+    out_shapes = jax.eval_shape(g, present)
+    rng = np.random.default_rng(seed)
+    cts = jax.tree_util.tree_map(
+        lambda s: jnp.asarray(rng.standard_normal(s.shape, dtype=np.float32), s.dtype), out_shapes)
+
+    @jax.jit
+    def run(present, cts):
+        out, vjp = jax.vjp(g, present)
+        return out, vjp(cts)[0]
+
+    return run(present, cts)
+
+
+def _compare(inputs, static, tol, grad_tol, **kernel_kw):
+    out_k, g_k = _value_and_grads(functools.partial(ssd, **kernel_kw), inputs, static)
+    out_r, g_r = _value_and_grads(reference, inputs, static)
+    for a, b in zip(jax.tree_util.tree_leaves(out_k), jax.tree_util.tree_leaves(out_r)):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert _rel(a, b) < tol, _rel(a, b)
+    assert set(g_k) == set(g_r)
+    for name in g_r:
+        assert g_k[name].dtype == inputs[name].dtype, name
+        assert _rel(g_k[name], g_r[name]) < grad_tol, (name, _rel(g_k[name], g_r[name]))
+
+
+def test_full_features_groups_ragged_length():
+    # L=37 with chunk 16 (3 chunks, padded); H=4 heads in G=2 groups; P=6, N=5 padded.
+    inputs = _inputs(0, 2, 37, 4, 6, 2, 5, D="hp")
+    _compare(inputs, dict(chunk_size=16, dt_softplus=True, return_final_states=True), 1e-4, 1e-4)
+
+
+def test_minimal_batch1():
+    # No z / bias / softplus / initial state; D per head; L=50 with chunk 32;
+    # P=20 -> padded to 32 and split into two P blocks of 16.
+    inputs = _inputs(1, 1, 50, 2, 20, 1, 16, D="h", z=False, bias=False, init=False)
+    inputs["dt"] = jnp.abs(inputs["dt"]) * 0.5
+    _compare(inputs, dict(chunk_size=32, return_final_states=True), 1e-4, 1e-4, block_p=16)
+
+
+def test_bf16_inputs():
+    inputs = _inputs(2, 2, 40, 4, 8, 4, 8, dtype=jnp.bfloat16, D="h", init=False)
+    _compare(inputs, dict(chunk_size=16, dt_softplus=True), 2e-2, 3e-2)
+
+
+def test_state_update_matches_scan():
+    inp = _inputs(3, 2, 21, 4, 4, 2, 8, D="h")
+    kw = dict(dt_softplus=True, return_final_states=True)
+    args = [inp[k] for k in ("x", "dt", "A", "B", "C")]
+    opt = dict(D=inp["D"], z=inp["z"], dt_bias=inp["dt_bias"], initial_states=inp["initial_states"])
+    y_ref, s_ref = reference(*args, **opt, **kw)
+
+    def step(state, t):
+        y, state = ssd_state_update(state, inp["x"][:, t], inp["dt"][:, t], inp["A"],
+                                    inp["B"][:, t], inp["C"][:, t], D=inp["D"], z=inp["z"][:, t],
+                                    dt_bias=inp["dt_bias"], dt_softplus=True)
+        return state, y
+
+    s_dec, ys = jax.lax.scan(step, inp["initial_states"], jnp.arange(21))
+    assert _rel(jnp.moveaxis(ys, 0, 1), y_ref) < 1e-5 and _rel(s_dec, s_ref) < 1e-5
+    # the chunked kernel's final state hands over to decoding
+    _, s_k = ssd(*[a[:, :20] for a in args[:2]], args[2], *[a[:, :20] for a in args[3:]],
+                 chunk_size=16, **{**opt, "z": inp["z"][:, :20]}, **kw)
+    y_next, _ = ssd_state_update(s_k, inp["x"][:, 20], inp["dt"][:, 20], inp["A"], inp["B"][:, 20],
+                                 inp["C"][:, 20], D=inp["D"], z=inp["z"][:, 20],
+                                 dt_bias=inp["dt_bias"], dt_softplus=True)
+    assert _rel(y_next, y_ref[:, 20]) < 1e-4
+
+
+@pytest.mark.parametrize("bad, msg", [
+    (dict(x=jnp.zeros((2, 8, 4))), "x must have rank 4"),
+    (dict(dt=jnp.zeros((2, 9, 4))), "dt must have shape"),
+    (dict(A=jnp.zeros((4, 2))), "A must have shape"),
+    (dict(B=jnp.zeros((2, 8, 3, 16)), C=jnp.zeros((2, 8, 3, 16))), "divisible"),
+    (dict(C=jnp.zeros((2, 7, 1, 16))), "C must have the same shape"),
+    (dict(D=jnp.zeros((3,))), "D must have shape"),
+    (dict(initial_states=jnp.zeros((2, 4, 8, 8))), "initial_states"),
+])
+def test_validation(bad, msg):
+    args = dict(x=jnp.zeros((2, 8, 4, 8)), dt=jnp.zeros((2, 8, 4)), A=jnp.zeros((4,)),
+                B=jnp.zeros((2, 8, 1, 16)), C=jnp.zeros((2, 8, 1, 16)))
+    args.update(bad)
+    pos = [args.pop(k) for k in ("x", "dt", "A", "B", "C")]
+    with pytest.raises(ValueError, match=msg):
+        ssd(*pos, **args)
+    with pytest.raises(ValueError, match=msg):
+        reference(*pos, **args)
+
+
+def test_bad_chunk_size():
+    z = jnp.zeros
+    with pytest.raises(ValueError, match="chunk_size"):
+        ssd(z((1, 8, 2, 4)), z((1, 8, 2)), z((2,)), z((1, 8, 1, 4)), z((1, 8, 1, 4)), chunk_size=24)
