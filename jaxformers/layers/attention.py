@@ -13,8 +13,9 @@ import flax.linen as nn
 
 from ..ops.attention import attention
 from ..sharding import (ACT_HEADS, ACT_KV_HEADS, BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LENGTH,
-                        constrain, param_init)
-from .common import dtype_of, normal, output_std
+                        constrain)
+from .common import dtype_of, output_std
+from .linear import Linear
 from .rotary import apply_rotary, rotary_angles
 
 
@@ -35,9 +36,8 @@ class Attention(nn.Module):
         h, hkv, dh = c.n_head, c.kv_heads, c.dim_head
 
         def proj(heads, axes, name):
-            return nn.DenseGeneral((heads, dh), axis=-1, use_bias=False, dtype=dtype_of(c.dtype),
-                                   param_dtype=dtype_of(c.param_dtype),
-                                   kernel_init=param_init(normal(c.init_std), axes), name=name)(x)
+            return Linear((heads, dh), axes, std=c.init_std, dtype=c.dtype, param_dtype=c.param_dtype,
+                          name=name)(x)
 
         q = proj(h, (EMBED, HEADS, HEAD_DIM), "q")
         k = proj(hkv, (EMBED, KV_HEADS, HEAD_DIM), "k")
@@ -61,8 +61,6 @@ class Attention(nn.Module):
             o = attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), causal=True, window=c.window,
                           q_offset=cache_index, implementation="xla")
         o = constrain(o, (BATCH, LENGTH, ACT_HEADS, None))
-        y = nn.DenseGeneral(c.d_model, axis=(-2, -1), use_bias=False, dtype=dtype_of(c.dtype),
-                            param_dtype=dtype_of(c.param_dtype),
-                            kernel_init=param_init(normal(output_std(c)), (HEADS, HEAD_DIM, EMBED)),
-                            name="o")(o)
+        y = Linear(c.d_model, (HEADS, HEAD_DIM, EMBED), in_axes=2, std=output_std(c), dtype=c.dtype,
+                   param_dtype=c.param_dtype, name="o")(o)
         return y, new_cache

@@ -6,14 +6,13 @@ SwiGLU:   y = W_down (silu(W_gate x) * W_up x)      (Llama)
 import flax.linen as nn
 import jax
 
-from ..sharding import ACT_MLP, BATCH, EMBED, LENGTH, MLP, constrain, param_init
-from .common import dtype_of, normal, output_std
+from ..sharding import ACT_MLP, BATCH, EMBED, LENGTH, MLP, constrain
+from .common import output_std
+from .linear import Linear
 
 
 def _dense(features, std, axes, config, name):
-    return nn.Dense(features, use_bias=False, dtype=dtype_of(config.dtype),
-                    param_dtype=dtype_of(config.param_dtype),
-                    kernel_init=param_init(normal(std), axes), name=name)
+    return Linear(features, axes, std=std, dtype=config.dtype, param_dtype=config.param_dtype, name=name)
 
 
 class GeluMLP(nn.Module):

@@ -1,0 +1,76 @@
+"""Sample text from a trained run with KV-cache decoding.
+
+    python -m experiments.generate --run runs/gpt-tiny --prompt "ROMEO:" --max-new-tokens 200
+    python -m experiments.generate --run runs/gpt-tiny --prompt "To be" --top-k 40 --num-samples 3
+
+An empty prompt starts from the end-of-text token (the start of a document).
+The prompt is cut from the left if prompt + new tokens exceed the model's
+``max_seq_len``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m experiments.generate", description=__doc__.splitlines()[0])
+    ap.add_argument("--run", required=True, help="run directory written by experiments.train")
+    ap.add_argument("--prompt", default="", help="text to continue")
+    ap.add_argument("--max-new-tokens", type=int, default=200)
+    ap.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    ap.add_argument("--top-k", type=int)
+    ap.add_argument("--top-p", type=float)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--num-samples", type=int, default=1)
+    ap.add_argument("--json", action="store_true", help="print JSON instead of plain text")
+    args = ap.parse_args(argv)
+
+    import jax
+    import numpy as np
+    import jaxformers as jf
+    from jaxformers.data import Tokenizer, load_tokenizer
+    from jaxformers.training import CheckpointError, load_run
+    from jaxformers.training.trainer import TOKENIZER_DIR, _open_dataset
+
+    try:
+        if args.num_samples < 1:
+            raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+        model_config, train_config, params = load_run(args.run)
+        tok_dir = Path(args.run) / TOKENIZER_DIR
+        if tok_dir.is_dir():
+            tok = Tokenizer.load(tok_dir)
+        else:  # older runs: the dataset's tokenizer
+            tok = load_tokenizer(_open_dataset(train_config.data, train_config.tokenizer)[0])
+        ids = tok.encode(args.prompt) if args.prompt else [tok.eos_id]
+        limit = model_config.max_seq_len
+        if args.max_new_tokens >= limit:
+            raise ValueError(f"--max-new-tokens must be < max_seq_len={limit}, got {args.max_new_tokens}")
+        ids = ids[-(limit - args.max_new_tokens):]
+        module = jf.build(model_config.replace(dtype="float32", param_dtype="float32"))
+        prompt = np.tile(np.asarray(ids, np.int32)[None], (args.num_samples, 1))
+        out = jf.generate(module, {"params": params}, prompt, args.max_new_tokens,
+                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          rng=jax.random.PRNGKey(args.seed))
+        out = np.asarray(out)
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        if os.environ.get("JAXFORMERS_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    texts = [tok.decode(row[len(ids):]) for row in out]
+    if args.json:
+        print(json.dumps({"prompt": args.prompt, "samples": texts}))
+    else:
+        for i, text in enumerate(texts):
+            if args.num_samples > 1:
+                print(f"--- sample {i}")
+            print(args.prompt + text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

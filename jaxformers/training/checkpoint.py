@@ -1,0 +1,259 @@
+"""Checkpoints of params + optimizer state + step + data position (orbax), verified.
+
+Layout: ``RUN_DIR/checkpoints/<step>/`` with the orbax items ``params``,
+``opt_state`` and ``meta`` (JSON: step, data position, seed, ...) plus our
+``jaxformers_manifest.json``.
+
+Safety:
+
+* orbax stages every save in a temporary directory and renames it into place,
+  so a crash never leaves a half-written ``<step>`` directory that orbax
+  considers finished;
+* after orbax has finished a save, process 0 writes ``jaxformers_manifest.json``
+  (itself via a temporary file + rename) listing every file's size and SHA-256
+  (files over 64 MiB: SHA-256 of their first and last 8 MiB, plus the size).  A
+  step directory is *complete* only once its manifest exists;
+* :meth:`Checkpointer.latest_step` ignores incomplete step directories (a save
+  cut short by a crash/kill); :meth:`Checkpointer.quarantine_incomplete` moves
+  them to ``RUN_DIR/checkpoints.incomplete/`` (nothing is ever deleted by us);
+* restoring verifies the manifest first; a missing file, a size or checksum
+  mismatch, an unreadable manifest, or an orbax error raises
+  :class:`CheckpointError` naming the directory, and nothing is modified --
+  move the bad directory away to fall back to an older checkpoint.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import jax
+from etils import epath
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "jaxformers_manifest.json"
+MANIFEST_FORMAT = 1
+_FULL_HASH_LIMIT = 64 << 20
+_END_BYTES = 8 << 20
+_CHUNK = 4 << 20
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or corrupt (the message says which and what to do)."""
+
+
+# ----------------------------------------------------------------------------- hashing
+def _file_digest(path: epath.Path, size: int) -> Tuple[str, str]:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        if size <= _FULL_HASH_LIMIT:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+            return "sha256", h.hexdigest()
+        h.update(f.read(_END_BYTES))
+        f.seek(size - _END_BYTES)
+        h.update(f.read(_END_BYTES))
+        return "sha256_ends", h.hexdigest()
+
+
+def _walk(root: epath.Path, prefix: str = ""):
+    for child in sorted(root.iterdir(), key=lambda p: p.name):
+        rel = f"{prefix}{child.name}"
+        if child.is_dir():
+            yield from _walk(child, rel + "/")
+        else:
+            yield rel, child
+
+
+def build_manifest(step_dir: epath.Path) -> Dict[str, Any]:
+    files = {}
+    for rel, path in _walk(step_dir):
+        if rel == MANIFEST or rel.startswith(MANIFEST + "."):
+            continue
+        size = int(path.stat().length)
+        kind, digest = _file_digest(path, size)
+        files[rel] = {"size": size, kind: digest}
+    return {"format": MANIFEST_FORMAT, "created": time.time(), "files": files}
+
+
+def _atomic_write_text(path: epath.Path, text: str) -> None:
+    tmp = path.parent / f"{path.name}.tmp-{jax.process_index()}-{time.time_ns()}"
+    tmp.write_text(text)
+    tmp.rename(path)
+
+
+def verify_step_dir(step_dir) -> Dict[str, Any]:
+    """Check a step directory against its manifest; returns the manifest or raises CheckpointError."""
+    step_dir = epath.Path(step_dir)
+    hint = ("Move or delete this directory to fall back to an older checkpoint, or start a new run "
+            "with a different output directory.")
+    if not step_dir.is_dir():
+        raise CheckpointError(f"checkpoint {step_dir} does not exist")
+    manifest_path = step_dir / MANIFEST
+    if not manifest_path.exists():
+        raise CheckpointError(
+            f"checkpoint {step_dir} is incomplete (no {MANIFEST}: the save was interrupted). {hint}")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+        if manifest.get("format") != MANIFEST_FORMAT or not isinstance(files, dict) or not files:
+            raise ValueError("unexpected content")
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        raise CheckpointError(f"checkpoint {step_dir} has an unreadable {MANIFEST} ({e}). {hint}") from None
+    problems = []
+    for rel, want in sorted(files.items()):
+        path = step_dir / rel
+        if not path.exists():
+            problems.append(f"missing file {rel}")
+            continue
+        size = int(path.stat().length)
+        if size != want.get("size"):
+            problems.append(f"{rel}: size {size} bytes, expected {want.get('size')}")
+            continue
+        kind = "sha256" if "sha256" in want else "sha256_ends"
+        got_kind, digest = _file_digest(path, size)
+        if got_kind != kind or digest != want.get(kind):
+            problems.append(f"{rel}: checksum mismatch")
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} problems)" if len(problems) > 5 else "")
+        raise CheckpointError(f"checkpoint {step_dir} is corrupt: {shown}. {hint}")
+    return manifest
+
+
+# ----------------------------------------------------------------------------- checkpointer
+class Checkpointer:
+    """Save / restore ``(params, opt_state, meta)`` under ``run_dir/checkpoints``.
+
+    Saves are asynchronous (orbax); the manifest of a save is written when the
+    next save starts or at :meth:`wait` / :meth:`close`.
+    """
+
+    def __init__(self, run_dir, keep: int = 2, async_save: bool = True):
+        run_dir = str(run_dir)
+        if "://" not in run_dir:  # orbax needs absolute local paths (gs://... stay as they are)
+            run_dir = os.path.abspath(os.path.expanduser(run_dir))
+        self.run_dir = epath.Path(run_dir)
+        self.directory = self.run_dir / "checkpoints"
+        self.keep = int(keep)
+        self.async_save = bool(async_save)
+        self._manager = None
+        self._pending: Optional[int] = None
+
+    # ---------------------------------------------------------------- inspection
+    def step_dirs(self) -> List[int]:
+        """Every integer-named step directory (complete or not), ascending."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit() and p.is_dir())
+
+    def is_complete(self, step: int) -> bool:
+        return (self.directory / str(step) / MANIFEST).exists()
+
+    def complete_steps(self) -> List[int]:
+        return [s for s in self.step_dirs() if self.is_complete(s)]
+
+    def incomplete_steps(self) -> List[int]:
+        return [s for s in self.step_dirs() if not self.is_complete(s)]
+
+    def latest_step(self) -> Optional[int]:
+        """Newest step whose save completed (manifest present), or ``None``."""
+        steps = self.complete_steps()
+        return steps[-1] if steps else None
+
+    def step_dir(self, step: int) -> epath.Path:
+        return self.directory / str(step)
+
+    def verify(self, step: int) -> Dict[str, Any]:
+        return verify_step_dir(self.step_dir(step))
+
+    def quarantine_incomplete(self) -> List[str]:
+        """Move incomplete step directories to ``run_dir/checkpoints.incomplete/`` (process 0)."""
+        moved = []
+        incomplete = self.incomplete_steps()
+        if not incomplete:
+            return moved
+        if jax.process_index() == 0:
+            target_root = self.run_dir / "checkpoints.incomplete"
+            target_root.mkdir(parents=True, exist_ok=True)
+            for step in incomplete:
+                target = target_root / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6}"
+                self.step_dir(step).rename(target)
+                moved.append(str(target))
+                log.warning("moved incomplete checkpoint %s to %s", self.step_dir(step), target)
+        _sync("jaxformers_quarantine")
+        return moved
+
+    # ---------------------------------------------------------------- orbax
+    @property
+    def manager(self):
+        if self._manager is None:
+            import orbax.checkpoint as ocp
+
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=self.keep, create=True, enable_async_checkpointing=self.async_save)
+            self._manager = ocp.CheckpointManager(self.directory, options=options)
+        return self._manager
+
+    def save(self, step: int, params, opt_state, meta: Dict[str, Any]) -> None:
+        import orbax.checkpoint as ocp
+
+        step = int(step)
+        self.wait()
+        if self.step_dir(step).exists():
+            raise CheckpointError(
+                f"refusing to overwrite existing checkpoint {self.step_dir(step)}; "
+                "use a new output directory or resume from it")
+        meta = dict(meta, step=step)
+        self.manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params),
+            opt_state=ocp.args.StandardSave(opt_state),
+            meta=ocp.args.JsonSave(meta)), force=True)
+        self._pending = step
+
+    def wait(self) -> None:
+        """Block until the pending save is on disk, then write its manifest (process 0)."""
+        if self._manager is None:
+            return
+        self._manager.wait_until_finished()
+        if self._pending is not None:
+            step, self._pending = self._pending, None
+            step_dir = self.step_dir(step)
+            if jax.process_index() == 0 and step_dir.exists():
+                _atomic_write_text(step_dir / MANIFEST, json.dumps(build_manifest(step_dir), indent=1))
+            _sync("jaxformers_manifest")
+
+    def close(self) -> None:
+        self.wait()
+        if self._manager is not None:
+            self._manager.close()
+            self._manager = None
+
+    def restore(self, step: int, abstract_params, abstract_opt_state=None, *, verify: bool = True):
+        """``(params, opt_state or None, meta)`` at ``step``; verified first (CheckpointError)."""
+        import orbax.checkpoint as ocp
+
+        if verify:
+            self.verify(step)
+        items = dict(params=ocp.args.StandardRestore(abstract_params), meta=ocp.args.JsonRestore())
+        if abstract_opt_state is not None:
+            items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds
+            raise CheckpointError(
+                f"could not restore checkpoint {self.step_dir(step)} ({type(e).__name__}: {e}). "
+                "Was it written for a different model config? Otherwise move it away to fall back "
+                "to an older checkpoint.") from e
+        opt_state = restored["opt_state"] if abstract_opt_state is not None else None
+        return restored["params"], opt_state, dict(restored["meta"])
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

@@ -1,0 +1,80 @@
+"""AdamW with global-norm clipping and warmup + cosine / WSD / constant schedules.
+
+Weight-decay rule: a parameter is decayed iff it has at least two axes other
+than the stacked ``layers`` axis (of ``scan_layers``) -- i.e. matmul kernels
+and embedding tables (as in GPT-2 / nanoGPT, where the tied embedding is also
+the output layer).  Norm scales, biases and scalar/vector mixing weights
+(e.g. DenseFormer's averaging weights) are not decayed.  Parameters without
+logical axis names fall back to ``ndim >= 2``.
+
+Schedules (``count`` = number of completed updates, so the first update uses
+``lr(0)``): linear warmup ``lr * (count + 1) / warmup_steps`` for
+``count < warmup_steps``, then
+
+* ``cosine``: cosine from ``lr`` down to ``lr * min_lr_ratio`` at ``steps``;
+* ``wsd`` (warmup-stable-decay): ``lr`` until the last ``decay_fraction`` of the
+  steps, then linear decay to ``lr * min_lr_ratio``;
+* ``constant``: ``lr``.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import PartitionSpec
+
+from ..sharding import LAYERS
+
+
+def make_schedule(tc):
+    """``count -> learning rate`` for a :class:`TrainConfig` (jit-friendly)."""
+    peak = float(tc.lr)
+    floor = peak * float(tc.min_lr_ratio)
+    warmup = int(tc.warmup_steps)
+    total = int(tc.steps)
+
+    def schedule(count):
+        count = jnp.asarray(count, jnp.float32)
+        warm = peak * jnp.minimum(1.0, (count + 1.0) / max(warmup, 1))
+        if tc.schedule == "constant":
+            after = jnp.asarray(peak, jnp.float32)
+        elif tc.schedule == "cosine":
+            span = max(total - warmup, 1)
+            frac = jnp.clip((count - warmup) / span, 0.0, 1.0)
+            after = floor + 0.5 * (peak - floor) * (1.0 + jnp.cos(jnp.pi * frac))
+        elif tc.schedule == "wsd":
+            decay_steps = max(int(round(total * float(tc.decay_fraction))), 1)
+            start = max(total - decay_steps, warmup)
+            frac = jnp.clip((count - start) / max(total - start, 1), 0.0, 1.0)
+            after = peak + (floor - peak) * frac
+        else:  # validated in TrainConfig
+            raise ValueError(f"unknown schedule {tc.schedule!r}")
+        lr = jnp.where(count < warmup, warm, after) if warmup > 0 else after
+        return lr.astype(jnp.float32)
+
+    return schedule
+
+
+def decay_mask(logical_specs, abstract_params):
+    """Boolean pytree: which parameters get weight decay (see module docstring)."""
+    def one(spec, leaf):
+        if isinstance(spec, PartitionSpec) and len(spec) == leaf.ndim:
+            return sum(1 for name in spec if name != LAYERS) >= 2
+        return leaf.ndim >= 2
+
+    return jax.tree.map(one, logical_specs, abstract_params,
+                        is_leaf=lambda x: x is None or isinstance(x, PartitionSpec))
+
+
+def make_optimizer(tc, mask=None):
+    """``(optax transformation, schedule)`` for a :class:`TrainConfig`.
+
+    ``mask`` is the weight-decay mask (:func:`decay_mask`); ``None`` decays everything.
+    """
+    schedule = make_schedule(tc)
+    parts = []
+    if tc.grad_clip > 0:
+        parts.append(optax.clip_by_global_norm(float(tc.grad_clip)))
+    parts.append(optax.adamw(schedule, b1=float(tc.beta1), b2=float(tc.beta2), eps=float(tc.eps),
+                             weight_decay=float(tc.weight_decay), mask=mask))
+    return optax.chain(*parts), schedule

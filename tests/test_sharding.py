@@ -1,0 +1,142 @@
+"""Mesh parsing, logical->mesh shardings, and loss equality across device meshes.
+
+The multi-device checks run in a subprocess with 8 fake CPU devices
+(``XLA_FLAGS=--xla_force_host_platform_device_count=8`` must be set before jax
+starts); the 1x1x1 reference runs in this process.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import jaxformers as jf
+from jaxformers.training import TrainConfig, read_metrics, train
+from jaxformers.training.mesh import make_mesh, mesh_shape, parse_mesh
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 6
+MESHES = ["data=8", "data=2,fsdp=2,tensor=2", "fsdp=2,tensor=4"]
+
+
+def test_parse_mesh():
+    assert parse_mesh(None) == {} and parse_mesh(" ") == {}
+    assert parse_mesh("data=2,fsdp=2,tensor=2") == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert parse_mesh("tensor=4, data=2") == {"data": 2, "fsdp": 1, "tensor": 4}
+    for bad, msg in [("model=2", "AXIS one of"), ("data=0", "positive int"), ("data=x", "positive int"),
+                     ("data", "AXIS=SIZE"), ("data=2,data=2", "given twice")]:
+        with pytest.raises(ValueError, match=msg):
+            parse_mesh(bad)
+    assert mesh_shape(None, 8) == {"data": 8, "fsdp": 1, "tensor": 1}
+    with pytest.raises(ValueError, match=r"has 4 devices .* but 8 are available"):
+        mesh_shape("data=2,tensor=2", 8)
+    with pytest.raises(ValueError, match="must equal the device count"):
+        make_mesh("data=2")  # this process has one CPU device
+    mesh = make_mesh("data=1")
+    assert mesh.axis_names == ("data", "fsdp", "tensor") and mesh.devices.size == 1
+
+
+def _corpus(root: Path) -> str:
+    corpus = root / "corpus"
+    corpus.mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    words = "the quick brown fox jumps over a lazy dog while seven small birds sing".split()
+    for i in range(4):
+        (corpus / f"doc{i}.txt").write_text(" ".join(rng.choice(words, size=1500)) + ".\n")
+    return str(corpus)
+
+
+def _configs(corpus, out, mesh=None):
+    """Tiny model; on the 1x2x4 mesh also 2 gradient-accumulation micro-batches of 4
+    (one compiled program less than testing accumulation separately)."""
+    model = jf.get_config("gpt", "tiny", vocab_size=257, d_model=32, n_layer=1, n_head=4, max_seq_len=32)
+    tc = TrainConfig(steps=STEPS, batch_size=8, seq_len=32, lr=3e-3, warmup_steps=2, data=corpus,
+                     out_dir=str(out), log_every=1, eval_every=0, eval_batches=0, checkpoint_every=3,
+                     keep_checkpoints=3, mesh=mesh, grad_accum=2 if mesh == "fsdp=2,tensor=4" else 1)
+    return model, tc
+
+
+SCRIPT = textwrap.dedent('''
+    import json, os, sys
+    sys.path.insert(0, {repo!r})
+    import jax
+    assert jax.device_count() == 8, jax.devices()
+    from jax.sharding import PartitionSpec as P
+    from jaxformers.training import load_run, make_mesh, read_metrics, train
+    from tests.test_sharding import MESHES, _configs
+
+    corpus, root = {corpus!r}, {root!r}
+    out = {{"losses": {{}}}}
+
+    def rows(run_dir):
+        return [[r["step"], r["loss"], r["grad_norm"], r["lr"]] for r in read_metrics(run_dir) if "loss" in r]
+
+    for mesh in MESHES:
+        run = os.path.join(root, mesh.replace(",", "_").replace("=", ""))
+        train(*_configs(corpus, run, mesh), progress=False)
+        out["losses"][mesh] = rows(run)
+
+    # stop on 2x2x2 after step 3, resume on 1x2x4 (orbax reshards on restore)
+    run = os.path.join(root, "switch")
+    train(*_configs(corpus, run, MESHES[1]), progress=False, stop_after=3)
+    summary = train(*_configs(corpus, run, MESHES[2]), resume=True, progress=False)
+    assert summary["resumed_from"] == 3, summary
+    out["losses"]["switch"] = rows(run)
+
+    # params of the 2x2x2 run, restored onto that mesh: really sharded
+    mesh = make_mesh(MESHES[1])
+    _, _, params = load_run(os.path.join(root, "data2_fsdp2_tensor2"), mesh=mesh)
+    specs = {{}}
+    for name, arr in [("fc", params["blocks_0"]["mlp"]["fc"]["kernel"]),
+                      ("q", params["blocks_0"]["attn"]["q"]["kernel"]),
+                      ("embedding", params["embed"]["embedding"]),
+                      ("scale", params["final_norm"]["scale"])]:
+        specs[name] = {{"spec": [None if a is None else (list(a) if isinstance(a, tuple) else a)
+                                for a in arr.sharding.spec],
+                       "shard_shape": list(arr.addressable_shards[0].data.shape),
+                       "shape": list(arr.shape)}}
+    out["specs"] = specs
+    print("RESULT" + json.dumps(out))
+''')
+
+
+def test_losses_match_across_meshes_and_params_are_sharded(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXFORMERS_CACHE", str(tmp_path / "cache"))
+    corpus = _corpus(tmp_path)
+    # 1x1x1 reference in this process (one CPU device)
+    ref_dir = tmp_path / "single"
+    train(*_configs(corpus, ref_dir, "data=1,fsdp=1,tensor=1"), progress=False)
+    ref = [[r["step"], r["loss"], r["grad_norm"], r["lr"]] for r in read_metrics(ref_dir) if "loss" in r]
+    assert [r[0] for r in ref] == list(range(1, STEPS + 1))
+
+    script = SCRIPT.format(repo=str(REPO), corpus=corpus, root=str(tmp_path / "multi"))
+    # -O0 codegen: half the (dominant) compile time; losses are compared with a tolerance anyway
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0",
+               JAXFORMERS_CACHE=str(tmp_path / "cache"), JAX_DEFAULT_MATMUL_PRECISION="highest")
+    res = subprocess.run([sys.executable, "-c", script], cwd=str(REPO), env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    out = json.loads(res.stdout.split("RESULT", 1)[1])
+
+    ref = np.asarray(ref)
+    for name, rows in out["losses"].items():
+        rows = np.asarray(rows)
+        assert rows.shape == ref.shape, name
+        np.testing.assert_array_equal(rows[:, 0], ref[:, 0])
+        np.testing.assert_allclose(rows[:, 1], ref[:, 1], rtol=1e-4, err_msg=f"loss {name}")
+        np.testing.assert_allclose(rows[:, 2], ref[:, 2], rtol=1e-3, err_msg=f"grad_norm {name}")
+        np.testing.assert_allclose(rows[:, 3], ref[:, 3], rtol=1e-6, err_msg=f"lr {name}")
+
+    specs = out["specs"]
+    # mlp kernel [embed, mlp] -> (fsdp, tensor): each of 8 devices holds a [16, 64] block
+    assert specs["fc"]["spec"] == ["fsdp", "tensor"] and specs["fc"]["shard_shape"] == [16, 64]
+    # q kernel [embed, heads, head_dim] -> (fsdp, tensor, None)
+    assert specs["q"]["spec"][:2] == ["fsdp", "tensor"] and specs["q"]["shard_shape"] == [16, 2, 8]
+    # vocab 257 is not divisible by tensor=2: that dimension stays whole, embed is still split
+    assert specs["embedding"]["spec"][0] is None and specs["embedding"]["shard_shape"] == [257, 16]
+    assert specs["scale"]["shard_shape"] == [16]
