@@ -19,7 +19,7 @@ def preset_table(model: str, seq_len=None):
         rows.append(dict(model=model, preset=preset, params=n,
                          non_embedding_params=n - config.vocab_size * config.d_model,
                          d_model=config.d_model, n_layer=config.n_layer, n_head=config.n_head,
-                         n_kv_head=config.kv_heads, vocab_size=config.vocab_size, seq_len=t,
+                         n_kv_head=config.kv_heads, attention_layers=config.n_attention_layers, vocab_size=config.vocab_size, seq_len=t,
                          flops_per_token=jf.flops_per_token(config, t, n)))
     return rows
 
@@ -45,13 +45,13 @@ def main(argv=None):
     if args.json:
         print(json.dumps(rows, indent=2))
         return rows
-    header = f"{'model':<12} {'preset':<8} {'params':>8} {'non-emb':>8} {'layers':>6} {'d_model':>7} " \
+    header = f"{'model':<12} {'preset':<13} {'params':>8} {'non-emb':>8} {'layers':>6} {'d_model':>7} " \
              f"{'heads':>7} {'seq':>6} {'FLOPs/token':>12}"
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['model']:<12} {r['preset']:<8} {_human(r['params']):>8} {_human(r['non_embedding_params']):>8} "
-              f"{r['n_layer']:>6} {r['d_model']:>7} {str(r['n_head']) + '/' + str(r['n_kv_head']):>7} "
+        print(f"{r['model']:<12} {r['preset']:<13} {_human(r['params']):>8} {_human(r['non_embedding_params']):>8} "
+              f"{r['n_layer']:>6} {r['d_model']:>7} {(str(r['n_head']) + '/' + str(r['n_kv_head'])) if r['attention_layers'] else '-':>7} "
               f"{r['seq_len']:>6} {_human(r['flops_per_token']):>12}")
     return rows
 

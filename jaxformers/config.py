@@ -59,6 +59,11 @@ class ModelConfig:
         return self.d_model // self.n_head if self.head_dim is None else self.head_dim
 
     @property
+    def n_attention_layers(self) -> int:
+        """Layers with self-attention (for FLOP counts; SSM/hybrid configs override)."""
+        return self.n_layer
+
+    @property
     def ff_dim(self) -> int:
         if self.d_ff is not None:
             return self.d_ff

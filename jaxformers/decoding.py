@@ -21,7 +21,7 @@ def init_cache(module, batch_size: int, max_len: int, dtype=None):
     c = module.config
     if max_len <= 0 or batch_size <= 0:
         raise ValueError(f"batch_size and max_len must be positive, got {batch_size}, {max_len}")
-    layers = [module.init_layer_cache(batch_size, max_len, dtype) for _ in range(c.n_layer)]
+    layers = module.init_layer_caches(batch_size, max_len, dtype)
     if c.scan_layers:
         layers = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
     return {"index": jnp.zeros((), jnp.int32), "layers": layers}

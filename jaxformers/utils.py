@@ -37,6 +37,8 @@ def flops_per_token(config, seq_len: int, n_params: int = None) -> float:
 
     N' counts every matmul weight: all params minus the embedding lookup table,
     plus the output head (which is the same table when embeddings are tied).
+    Only attention layers add the attention term (``config.n_attention_layers``);
+    the SSM scan of Mamba layers (O(d_inner * d_state) per token) is not counted.
     Causal attention is counted in full (as PaLM/MaxText do) so MFU is comparable.
     """
     if n_params is None:
@@ -45,5 +47,5 @@ def flops_per_token(config, seq_len: int, n_params: int = None) -> float:
     matmul_params = n_params - config.vocab_size * config.d_model  # no FLOPs in the lookup
     if config.tie_embeddings:
         matmul_params += config.vocab_size * config.d_model  # ...but the tied head is a matmul
-    attn = 12 * config.n_layer * config.n_head * config.dim_head * seq_len
+    attn = 12 * config.n_attention_layers * config.n_head * config.dim_head * seq_len
     return 6.0 * matmul_params + attn

@@ -4,6 +4,8 @@
     jaxformers.convert.to_hf(config, params, "out_dir")            # LlamaForCausalLM-loadable
 """
 from .hf_llama import config_from_hf, config_to_hf, from_hf, to_hf
+from .hf_mamba import config_from_hf_mamba, from_hf_mamba
 from .layers import stack_layers, unstack_layers
 
-__all__ = ["from_hf", "to_hf", "stack_layers", "unstack_layers", "config_from_hf", "config_to_hf"]
+__all__ = ["from_hf", "to_hf", "stack_layers", "unstack_layers", "config_from_hf", "config_to_hf",
+           "from_hf_mamba", "config_from_hf_mamba"]

@@ -295,7 +295,11 @@ def from_hf(path_or_dir: str, *, dtype: str = "float32", scan_layers: bool = Fal
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"no config.json next to the weights in {directory}")
     with open(config_path) as fh:
-        config = config_from_hf(json.load(fh), dtype=dtype, scan_layers=scan_layers)
+        hf = json.load(fh)
+    if hf.get("model_type") in ("mamba", "mamba2"):  # dispatch: Mamba checkpoints have their own converter
+        from .hf_mamba import from_hf_mamba
+        return from_hf_mamba(path_or_dir, dtype=dtype, scan_layers=scan_layers)
+    config = config_from_hf(hf, dtype=dtype, scan_layers=scan_layers)
 
     tensors = {}
     for f in files:

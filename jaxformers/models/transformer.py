@@ -113,3 +113,7 @@ class Transformer(nn.Module):
     def init_layer_cache(self, batch_size, max_len, dtype=None):
         """Cache of one layer (subclasses with other mixers override this)."""
         return init_attention_cache(self.config, batch_size, max_len, dtype)
+
+    def init_layer_caches(self, batch_size, max_len, dtype=None):
+        """One cache per layer (stacks whose layers differ, e.g. hybrids, override this)."""
+        return [self.init_layer_cache(batch_size, max_len, dtype) for _ in range(self.config.n_layer)]

@@ -1,0 +1,217 @@
+"""Hugging Face ``MambaForCausalLM`` / ``Mamba2ForCausalLM`` -> jaxformers ``mamba`` / ``mamba2``.
+
+Loading needs numpy + safetensors only (the safetensors reader is shared with the
+Llama converter).  Weight layout (torch ``nn.Linear.weight`` is ``[out, in]``;
+``p = backbone.layers.i.mixer.``, jaxformers ``m = blocks_i/mixer/``)::
+
+    backbone.embeddings.weight [V, D]          -> embed/embedding
+    backbone.layers.i.norm.weight [D]          -> blocks_i/norm/scale
+    backbone.norm_f.weight [D]                 -> final_norm/scale
+    lm_head.weight [V, D] (untied only)        -> lm_head/kernel [D, V]
+  Mamba-1 (I inner channels, N state, R dt rank):
+    p.in_proj.weight [2I, D] (+ bias [2I])     -> m.in_proj/kernel [D, 2, I] (x, z)
+    p.conv1d.weight [I, 1, K] (+ bias [I])     -> m.conv/kernel [K, I]
+    p.x_proj.weight [R + 2N, I]                -> m.x_proj/kernel [I, R + 2N]
+    p.dt_proj.weight [I, R], p.dt_proj.bias    -> m.dt_proj/kernel [R, I], m.dt_bias [I]
+    p.A_log [I, N], p.D [I]                    -> m.A_log, m.D
+    p.out_proj.weight [D, I] (+ bias [D])      -> m.out_proj/kernel [I, D]
+  Mamba-2 (H heads of P, G groups): in_proj rows are [z (I) | x (I) | B (GN) | C (GN) | dt (H)]
+    p.in_proj.weight (+ bias)                  -> m.in_z, m.in_x, m.in_bc, m.in_dt kernels (+ biases)
+    p.conv1d.weight [I + 2GN, 1, K]            -> m.conv_x/kernel [K, I], m.conv_bc/kernel [K, 2GN]
+    p.dt_bias, p.A_log, p.D [H]; p.norm.weight [I] -> m.dt_bias, m.A_log, m.D, m.norm/scale
+    p.out_proj.weight [D, I]                   -> m.out_proj/kernel [I, D]
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict
+
+import numpy as np
+
+from ..config import DTYPES
+from .hf_llama import _read_safetensors, _weight_files
+from .layers import stack_layers
+
+MODEL_TYPES = ("mamba", "mamba2")
+_PREFIX = "backbone."
+
+
+def _as_float(value) -> float:
+    """A config.json number; transformers writes inf as ``{"__float__": "Infinity"}``."""
+    if isinstance(value, dict) and "__float__" in value:
+        value = value["__float__"]
+    return float(value)
+
+
+def config_from_hf_mamba(hf: dict, *, dtype: str = "float32", scan_layers: bool = False,
+                         scan_impl: str = "auto"):
+    """jaxformers ``mamba`` / ``mamba2`` config from a HF ``MambaConfig`` / ``Mamba2Config`` dict."""
+    from ..registry import get_config
+
+    model_type = hf.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"model_type={model_type!r} is not supported; expected one of {list(MODEL_TYPES)}")
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"hidden_act={act!r} is not supported; expected 'silu'")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not allowed; choose one of {list(DTYPES)}")
+    d_model = int(hf["hidden_size"])
+    expand = hf.get("expand", 2)
+    inner = hf.get("intermediate_size", expand * d_model)
+    if int(inner) != int(expand) * d_model or int(expand) != expand:
+        raise ValueError(f"intermediate_size={inner} must equal an integer expand={expand} * "
+                         f"hidden_size={d_model}")
+    fields = dict(
+        vocab_size=int(hf["vocab_size"]), d_model=d_model, n_layer=int(hf["num_hidden_layers"]),
+        d_state=int(hf.get("state_size", 16)), d_conv=int(hf.get("conv_kernel", 4)), expand=int(expand),
+        conv_bias=bool(hf.get("use_conv_bias", True)), proj_bias=bool(hf.get("use_bias", False)),
+        norm="rmsnorm", norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", model_type == "mamba")),
+        init_std=float(hf.get("initializer_range", 0.02)),
+        dt_min=float(hf.get("time_step_min", 0.001)), dt_max=float(hf.get("time_step_max", 0.1)),
+        dt_init_floor=float(hf.get("time_step_floor", 1e-4)),
+        dtype=dtype, param_dtype=dtype, scan_layers=scan_layers, scan_impl=scan_impl,
+    )
+    if model_type == "mamba":
+        rank = hf.get("time_step_rank", "auto")
+        fields.update(dt_rank="auto" if rank == "auto" else int(rank),
+                      dt_scale=float(hf.get("time_step_scale", 1.0)),
+                      dt_init="constant" if hf.get("time_step_init_scheme") == "constant" else "random")
+    else:
+        limit = tuple(_as_float(v) for v in hf.get("time_step_limit", (0.0, float("inf"))))
+        if limit != (0.0, float("inf")):
+            raise ValueError(f"time_step_limit={limit} is not supported (dt is not clamped); "
+                             "expected (0.0, inf)")
+        heads, headdim = int(hf.get("num_heads", 0)), int(hf.get("head_dim", 64))
+        if heads * headdim != fields["expand"] * d_model:
+            raise ValueError(f"num_heads={heads} * head_dim={headdim} must equal expand * hidden_size = "
+                             f"{fields['expand'] * d_model}")
+        fields.update(headdim=headdim, n_groups=int(hf.get("n_groups", 1)),
+                      chunk_size=int(hf.get("chunk_size", 256)), a_init="uniform")
+    return get_config(model_type, "tiny", **fields)
+
+
+def _expected_shapes(c) -> Dict[str, tuple]:
+    d, v, i_dim, n, k = c.d_model, c.vocab_size, c.d_inner, c.d_state, c.d_conv
+    shapes = {f"{_PREFIX}embeddings.weight": (v, d), f"{_PREFIX}norm_f.weight": (d,)}
+    if c.model == "mamba":
+        r = c.resolved_dt_rank
+        layer = {"in_proj.weight": (2 * i_dim, d), "conv1d.weight": (i_dim, 1, k),
+                 "x_proj.weight": (r + 2 * n, i_dim), "dt_proj.weight": (i_dim, r), "dt_proj.bias": (i_dim,),
+                 "A_log": (i_dim, n), "D": (i_dim,), "out_proj.weight": (d, i_dim)}
+        if c.conv_bias:
+            layer["conv1d.bias"] = (i_dim,)
+        if c.proj_bias:
+            layer.update({"in_proj.bias": (2 * i_dim,), "out_proj.bias": (d,)})
+    else:
+        h, gn = c.ssm_heads, c.n_groups * n
+        proj = 2 * i_dim + 2 * gn + h
+        layer = {"in_proj.weight": (proj, d), "conv1d.weight": (i_dim + 2 * gn, 1, k), "dt_bias": (h,),
+                 "A_log": (h,), "D": (h,), "norm.weight": (i_dim,), "out_proj.weight": (d, i_dim)}
+        if c.conv_bias:
+            layer["conv1d.bias"] = (i_dim + 2 * gn,)
+        if c.proj_bias:
+            layer.update({"in_proj.bias": (proj,), "out_proj.bias": (d,)})
+    for li in range(c.n_layer):
+        shapes[f"{_PREFIX}layers.{li}.norm.weight"] = (d,)
+        for name, shape in layer.items():
+            shapes[f"{_PREFIX}layers.{li}.mixer.{name}"] = shape
+    if not c.tie_embeddings:
+        shapes["lm_head.weight"] = (v, d)
+    return shapes
+
+
+def _mixer_params(c, t: Dict[str, np.ndarray]) -> dict:
+    """One layer's mixer params (numpy, jaxformers layout) from its HF tensors ``t`` (short names)."""
+    i_dim = c.d_inner
+    out = {}
+    conv_w = t["conv1d.weight"][:, 0, :].T  # [K, channels]
+    conv_b = t.get("conv1d.bias")
+    if c.model == "mamba":
+        in_proj = {"kernel": t["in_proj.weight"].T.reshape(c.d_model, 2, i_dim)}
+        if c.proj_bias:
+            in_proj["bias"] = t["in_proj.bias"].reshape(2, i_dim)
+        out.update(in_proj=in_proj, conv={"kernel": conv_w}, x_proj={"kernel": t["x_proj.weight"].T},
+                   dt_proj={"kernel": t["dt_proj.weight"].T}, dt_bias=t["dt_proj.bias"],
+                   A_log=t["A_log"], D=t["D"])
+        if c.conv_bias:
+            out["conv"]["bias"] = conv_b
+    else:
+        gn = c.n_groups * c.d_state
+        cuts = np.cumsum([i_dim, i_dim, 2 * gn])
+        w = np.split(t["in_proj.weight"], cuts, axis=0)
+        b = np.split(t["in_proj.bias"], cuts) if c.proj_bias else [None] * 4
+        for name, wi, bi in zip(("in_z", "in_x", "in_bc", "in_dt"), w, b):
+            out[name] = {"kernel": wi.T} if bi is None else {"kernel": wi.T, "bias": bi}
+        out["conv_x"] = {"kernel": conv_w[:, :i_dim]}
+        out["conv_bc"] = {"kernel": conv_w[:, i_dim:]}
+        if c.conv_bias:
+            out["conv_x"]["bias"], out["conv_bc"]["bias"] = conv_b[:i_dim], conv_b[i_dim:]
+        out.update(dt_bias=t["dt_bias"], A_log=t["A_log"], D=t["D"], norm={"scale": t["norm.weight"]})
+    out["out_proj"] = {"kernel": t["out_proj.weight"].T}
+    if c.proj_bias:
+        out["out_proj"]["bias"] = t["out_proj.bias"]
+    return out
+
+
+def from_hf_mamba(path_or_dir: str, *, dtype: str = "float32", scan_layers: bool = False,
+                  scan_impl: str = "auto"):
+    """Load a HF ``MambaForCausalLM`` / ``Mamba2ForCausalLM`` checkpoint -> (config, params).
+
+    ``path_or_dir``: the model directory (or a file in it) with ``config.json`` and
+    safetensors weights.  ``dtype`` is the param and compute dtype of the returned
+    config; ``scan_layers=True`` returns the stacked ``blocks`` layout.
+    """
+    directory, files = _weight_files(path_or_dir)
+    config_path = os.path.join(directory, "config.json")
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"no config.json next to the weights in {directory}")
+    with open(config_path) as fh:
+        config = config_from_hf_mamba(json.load(fh), dtype=dtype, scan_layers=scan_layers,
+                                      scan_impl=scan_impl)
+
+    tensors = {}
+    for f in files:
+        for name, value in _read_safetensors(f).items():
+            if name.startswith("backbone.embedding."):  # very old checkpoints (HF's load_hook renames it)
+                name = name.replace("backbone.embedding.", "backbone.embeddings.")
+            if not name.startswith(_PREFIX) and name != "lm_head.weight":
+                name = _PREFIX + name  # a bare MambaModel checkpoint
+            tensors[name] = value
+    expected = _expected_shapes(config)
+    if config.tie_embeddings:
+        tensors.pop("lm_head.weight", None)
+    missing = sorted(k for k in expected if k not in tensors)
+    unexpected = sorted(k for k in tensors if k not in expected)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match the config: missing {missing[:8]}"
+                         f"{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
+                         f"{'...' if len(unexpected) > 8 else ''}")
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(tensors[name].shape)}, config implies {shape}")
+
+    import jax
+    import jax.numpy as jnp
+    from ..layers.common import dtype_of
+
+    target = dtype_of(dtype)
+    params = {"embed": {"embedding": tensors[f"{_PREFIX}embeddings.weight"]}}
+    for li in range(config.n_layer):
+        p = f"{_PREFIX}layers.{li}."
+        short = {k[len(p + "mixer."):]: v for k, v in tensors.items() if k.startswith(p + "mixer.")}
+        params[f"blocks_{li}"] = {"norm": {"scale": tensors[p + "norm.weight"]},
+                                  "mixer": _mixer_params(config, short)}
+    params["final_norm"] = {"scale": tensors[f"{_PREFIX}norm_f.weight"]}
+    if not config.tie_embeddings:
+        params["lm_head"] = {"kernel": tensors["lm_head.weight"].T}
+    params = jax.tree.map(lambda x: np.ascontiguousarray(np.asarray(x, np.float32)), params)
+    if scan_layers:
+        params = stack_layers(params, "blocks", n_layer=config.n_layer)
+    params = jax.tree.map(lambda x: jnp.asarray(x, dtype=target), params)
+    return config, params
+
+
+__all__ = ["config_from_hf_mamba", "from_hf_mamba"]

@@ -1,0 +1,247 @@
+"""Mamba-1 (Gu & Dao, 2023): the selective-SSM mixer and its pre-norm residual block.
+
+Mixer, with ``I = expand * d_model`` inner channels, state size ``N`` and
+``R = dt_rank``::
+
+    x, z   = in_proj(u)                       # [B, T, I] each
+    x      = silu(causal_depthwise_conv(x))   # kernel d_conv, per channel
+    dt, B, C = x_proj(x)                      # [B, T, R], [B, T, N], [B, T, N]
+    delta  = softplus(dt_proj(dt) + dt_bias)  # [B, T, I]
+    h_t    = exp(delta_t A) h_{t-1} + delta_t B_t x_t     (A = -exp(A_log) [I, N])
+    y_t    = C_t h_t + D x_t
+    out    = out_proj(y * silu(z))
+
+Block: ``x + Mixer(RMSNorm(x))`` (no MLP).  Decoding keeps a per-layer cache of
+constant size: the last ``d_conv - 1`` conv inputs ``[B, d_conv-1, I]`` and the
+SSM state ``[B, I, N]`` (float32).  A one-token step uses the recurrent update; a
+multi-token call with a cache (prefill, or a chunk after earlier tokens) runs the
+parallel scan and carries the incoming state through it exactly (the recurrence is
+linear in ``h``: ``h_t = h_t|_{h_0=0} + exp(A * sum_{s<=t} delta_s) h_0``).
+
+The scan implementation comes from ``config.scan_impl``: ``"reference"`` (plain
+JAX, any backend), ``"pallas"`` (``pallas_kernels``; interpret mode off GPU) or
+``"auto"`` (pallas on GPU when importable, reference elsewhere).  The shared
+pieces used by Mamba-2 too (causal conv, dt/A initialisers, impl dispatch) live here.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from ..sharding import ACT_EMBED, ACT_MLP, BATCH, EMBED, LENGTH, MLP, constrain, param_init
+from .common import dtype_of, normal
+from .norms import make_norm
+from .linear import Linear
+
+SCAN_IMPLS = ("auto", "reference", "pallas")
+_PACKAGES = {"selective_scan": "pallas_kernels.selective_scan", "ssd": "pallas_kernels.ssd"}
+
+
+# ----------------------------------------------------------------- dispatch
+def _kernel(family):
+    """The Pallas entry point of ``family`` ("selective_scan" | "ssd"), or raise ImportError."""
+    module = importlib.import_module(_PACKAGES[family] + ".kernel")
+    return getattr(module, family)
+
+
+def resolve_scan_impl(impl: str, family: str = "selective_scan") -> str:
+    """``"auto"`` -> ``"pallas"`` on GPU when the kernel imports, else ``"reference"``."""
+    if impl not in SCAN_IMPLS:
+        raise ValueError(f"scan_impl={impl!r} is not allowed; choose one of {list(SCAN_IMPLS)}")
+    if impl != "auto":
+        return impl
+    if jax.default_backend() != "gpu":
+        return "reference"
+    try:
+        _kernel(family)
+    except ImportError:
+        return "reference"
+    return "pallas"
+
+
+def scan_functions(family: str, impl: str):
+    """(parallel scan over a sequence, one-token recurrent update) for ``family``."""
+    package = importlib.import_module(_PACKAGES[family])
+    step = package.selective_state_update if family == "selective_scan" else package.ssd_state_update
+    impl = resolve_scan_impl(impl, family)
+    if impl == "reference":
+        return package.reference, step
+    try:
+        kernel = _kernel(family)
+    except ImportError as e:
+        raise ValueError(f"scan_impl='pallas' needs {_PACKAGES[family]}.kernel, which is not "
+                         f"importable ({e}); use scan_impl='reference' or 'auto'") from None
+    return kernel, step  # the kernels run in Pallas interpret mode off GPU (interpret=None)
+
+
+# ----------------------------------------------------------------- initialisers
+def dt_bias_init(config):
+    """``softplus^-1(dt)`` with ``dt`` log-uniform in ``[dt_min, dt_max]``, floored (mamba_ssm)."""
+    lo, hi, floor = math.log(config.dt_min), math.log(config.dt_max), config.dt_init_floor
+
+    def init(key, shape, dtype=jnp.float32):
+        dt = jnp.exp(jax.random.uniform(key, shape, jnp.float32) * (hi - lo) + lo)
+        dt = jnp.maximum(dt, floor)
+        return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
+
+    return init
+
+
+def a_log_init(config):
+    """``log(-A)``: ``"s4d_real"`` -> A_n = n + 1 along the last axis (S4D-real, Mamba-1);
+    ``"uniform"`` -> -A ~ U(a_init_range) i.i.d. (Mamba-2's per-head default)."""
+    lo, hi = config.a_init_range
+
+    def init(key, shape, dtype=jnp.float32):
+        if config.a_init == "s4d_real":
+            a = jnp.broadcast_to(jnp.arange(1, shape[-1] + 1, dtype=jnp.float32), shape)
+        else:
+            a = jax.random.uniform(key, shape, jnp.float32, lo, hi)
+        return jnp.log(a).astype(dtype)
+
+    return init
+
+
+def _uniform(bound):
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+    return init
+
+
+def mixer_out_std(config):
+    """Output-projection std: one residual branch per Mamba layer (mamba_ssm's prenorm rescale)."""
+    return config.init_std / math.sqrt(config.n_layer) if config.scale_residual_init else config.init_std
+
+
+def dense(config, features, axes, std, use_bias, name, kernel_init=None):
+    """Projection with logical axes ``axes`` on the kernel (bias: the output axes)."""
+    return Linear(features, axes, std=std, use_bias=use_bias, dtype=config.dtype,
+                  param_dtype=config.param_dtype, kernel_init=kernel_init, name=name)
+
+
+# ----------------------------------------------------------------- causal conv
+class CausalConv1d(nn.Module):
+    """Depthwise causal conv: ``y_t = bias + sum_k kernel[k] * x_{t - (K-1) + k}``.
+
+    ``kernel [K, C]`` (``kernel[k, c]`` = torch ``conv1d.weight[c, 0, k]``).  ``state``
+    ``[B, K-1, C]`` holds the inputs before ``x`` (zeros at the start); returns
+    ``(y [B, T, C], new state = the last K-1 inputs)``.  Computed in float32.
+    """
+    width: int
+    use_bias: bool
+    axis_name: object = MLP
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x, state=None):
+        k, ch = self.width, x.shape[-1]
+        kernel = self.param("kernel", param_init(_uniform(1.0 / math.sqrt(k)), (None, self.axis_name)),
+                            (k, ch), dtype_of(self.param_dtype))
+        if state is None:
+            state = jnp.zeros((x.shape[0], k - 1, ch), x.dtype)
+        xp = jnp.concatenate([state.astype(jnp.float32), x.astype(jnp.float32)], axis=1)
+        t = x.shape[1]
+        w = kernel.astype(jnp.float32)
+        y = sum(xp[:, i:i + t] * w[i] for i in range(k))
+        if self.use_bias:
+            bias = self.param("bias", param_init(nn.initializers.zeros, (self.axis_name,)), (ch,),
+                              dtype_of(self.param_dtype))
+            y = y + bias.astype(jnp.float32)
+        new_state = xp[:, xp.shape[1] - (k - 1):].astype(state.dtype)
+        return y.astype(dtype_of(self.dtype)), new_state
+
+
+def conv_module(config, name, axis_name=MLP):
+    return CausalConv1d(config.d_conv, config.conv_bias, axis_name, config.dtype, config.param_dtype,
+                        name=name)
+
+
+# ----------------------------------------------------------------- Mamba-1 mixer
+def init_mamba_cache(config, batch_size, dtype=None):
+    """Empty cache of one Mamba-1 layer: conv inputs ``[B, d_conv-1, I]`` + SSM state ``[B, I, N]`` f32."""
+    dtype = dtype_of(dtype or config.dtype)
+    return {"conv": jnp.zeros((batch_size, config.d_conv - 1, config.d_inner), dtype),
+            "ssm": jnp.zeros((batch_size, config.d_inner, config.d_state), jnp.float32)}
+
+
+def carry_initial_state(h0, dt, A, C):
+    """Contribution of the incoming state ``h0 [B, I, N]`` to the outputs ``[B, T, I]`` and
+    to the final state, for discretised steps ``dt [B, T, I]`` (float32 throughout)."""
+    decay = jnp.exp(jnp.cumsum(dt, axis=1)[..., None] * A)  # [B, T, I, N]: prod_{s<=t} exp(dt_s A)
+    y = jnp.einsum("btin,bin,btn->bti", decay, h0, C)
+    return y, decay[:, -1] * h0
+
+
+class MambaMixer(nn.Module):
+    config: object
+
+    @nn.compact
+    def __call__(self, u, cache=None):
+        """u ``[B, T, D]`` -> (y ``[B, T, D]``, new cache or None)."""
+        c = self.config
+        i_dim, n, r = c.d_inner, c.d_state, c.resolved_dt_rank
+        cdt = dtype_of(c.dtype)
+        xz = dense(c, (2, i_dim), (EMBED, None, MLP), c.init_std, c.proj_bias, "in_proj")(u)
+        x = constrain(xz[..., 0, :], (BATCH, LENGTH, ACT_MLP))
+        z = constrain(xz[..., 1, :], (BATCH, LENGTH, ACT_MLP))
+        x, conv_state = conv_module(c, "conv")(x, None if cache is None else cache["conv"])
+        x = jax.nn.silu(x)
+        dbc = dense(c, r + 2 * n, (MLP, None), c.init_std, False, "x_proj")(x)
+        dt_low, b_mat, c_mat = jnp.split(dbc, [r, r + n], axis=-1)
+        dt_std = r ** -0.5 * c.dt_scale
+        dt_kernel_init = (_uniform(dt_std) if c.dt_init == "random" else nn.initializers.constant(dt_std))
+        delta = dense(c, i_dim, (None, MLP), dt_std, False, "dt_proj", kernel_init=dt_kernel_init)(dt_low)
+        delta = constrain(delta, (BATCH, LENGTH, ACT_MLP))
+        dt_bias = self.param("dt_bias", param_init(dt_bias_init(c), (MLP,)), (i_dim,),
+                             dtype_of(c.param_dtype))
+        a_log = self.param("A_log", param_init(a_log_init(c), (MLP, None)), (i_dim, n),
+                           dtype_of(c.param_dtype))
+        d_skip = self.param("D", param_init(nn.initializers.ones, (MLP,)), (i_dim,), dtype_of(c.param_dtype))
+        a = -jnp.exp(a_log.astype(jnp.float32))
+        d_skip = d_skip.astype(jnp.float32)
+        dt_bias = dt_bias.astype(jnp.float32)
+
+        scan, step = scan_functions("selective_scan", c.scan_impl)
+        new_cache = None
+        if cache is None:
+            y = scan(x, delta, a, b_mat, c_mat, D=d_skip, z=z, delta_bias=dt_bias, delta_softplus=True)
+        elif u.shape[1] == 1:  # one decoding step: the recurrence
+            y, h = step(cache["ssm"], x[:, 0], delta[:, 0], a, b_mat[:, 0], c_mat[:, 0], D=d_skip,
+                        z=z[:, 0], dt_bias=dt_bias, dt_softplus=True)
+            y = y[:, None]
+            new_cache = {"conv": conv_state, "ssm": h.astype(cache["ssm"].dtype)}
+        else:  # several tokens with a cache: parallel scan from zero + the carried-in state
+            y0, h_zero = scan(x, delta, a, b_mat, c_mat, D=d_skip, delta_bias=dt_bias, delta_softplus=True,
+                              return_last_state=True)
+            dt = jax.nn.softplus(delta.astype(jnp.float32) + dt_bias)
+            h0 = cache["ssm"].astype(jnp.float32)
+            y_h0, h_h0 = carry_initial_state(h0, dt, a, c_mat.astype(jnp.float32))
+            y = ((y0.astype(jnp.float32) + y_h0) * jax.nn.silu(z.astype(jnp.float32))).astype(cdt)
+            h = h_zero.astype(jnp.float32) + h_h0
+            new_cache = {"conv": conv_state, "ssm": h.astype(cache["ssm"].dtype)}
+        y = constrain(y.astype(cdt), (BATCH, LENGTH, ACT_MLP))
+        out = dense(c, c.d_model, (MLP, EMBED), mixer_out_std(c), c.proj_bias, "out_proj")(y)
+        return out, new_cache
+
+
+# ----------------------------------------------------------------- block
+class MambaBlock(nn.Module):
+    """Pre-norm residual block ``x + Mixer(Norm(x))`` with the Block calling convention."""
+    config: object
+    mixer_class = MambaMixer  # class attribute (not a dataclass field): Mamba2Block swaps it
+
+    @nn.compact
+    def __call__(self, x, positions=None, segment_ids=None, cache=None, cache_index=None):
+        """x ``[B, T, D]`` -> (x ``[B, T, D]``, new layer cache or None)."""
+        del positions, cache_index  # recurrent: position-free, the cache carries the state
+        if segment_ids is not None:
+            raise ValueError("segment_ids (packed documents) are not supported by Mamba layers: the "
+                             "recurrent state would flow across document boundaries; pass segment_ids=None")
+        c = self.config
+        h, new_cache = self.mixer_class(c, name="mixer")(make_norm(c, "norm")(x), cache)
+        return constrain(x + h, (BATCH, LENGTH, ACT_EMBED)), new_cache

@@ -1,0 +1,109 @@
+"""Mamba-2 (Dao & Gu, 2024): the SSD mixer and its pre-norm residual block.
+
+With ``I = expand * d_model`` inner channels in ``H = I / headdim`` heads of size
+``P = headdim``, ``G = n_groups`` groups of ``B``/``C`` (state size ``N``)::
+
+    z, x, BC, dt = in_proj(u)          # all projections in parallel, at the start
+    x, BC   = silu(causal_conv(x)), silu(causal_conv(BC))     # depthwise, kernel d_conv
+    h_t     = exp(dt_t A_h) h_{t-1} + dt_t x_t B_t^T          # per head, scalar A_h = -exp(A_log_h)
+    y_t     = h_t C_t + D_h x_t                               # computed chunk-wise (SSD)
+    out     = out_proj(RMSNorm_grouped(y * silu(z)))          # gated norm, per group of I / G channels
+
+``dt = softplus(dt + dt_bias)``.  The fused ``in_proj`` of mamba_ssm (rows
+``[z | x | B | C | dt]``) is kept as separate projections ``in_z``, ``in_x``,
+``in_bc`` and ``in_dt`` (and the xBC conv as ``conv_x`` + ``conv_bc``, exact
+since the conv is depthwise) so that the inner dim carries the ``mlp`` logical axis
+and heads the ``heads`` axis (tensor-parallel friendly, as the paper intends).
+Decoding cache per layer: ``conv_x [B, d_conv-1, I]``, ``conv_bc [B, d_conv-1, 2GN]``
+and the SSM state ``[B, H, P, N]`` float32; multi-token calls pass it to the SSD as
+``initial_states`` and keep the final states.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from ..sharding import ACT_HEADS, ACT_MLP, BATCH, EMBED, HEADS, LENGTH, MLP, constrain, param_init
+from .common import dtype_of
+from .mamba import (MambaBlock, a_log_init, conv_module, dense, dt_bias_init, mixer_out_std,
+                    scan_functions)
+
+
+def init_mamba2_cache(config, batch_size, dtype=None):
+    """Empty cache of one Mamba-2 layer (conv inputs in ``dtype``, SSM state float32)."""
+    dtype = dtype_of(dtype or config.dtype)
+    k, gn = config.d_conv - 1, config.n_groups * config.d_state
+    return {"conv_x": jnp.zeros((batch_size, k, config.d_inner), dtype),
+            "conv_bc": jnp.zeros((batch_size, k, 2 * gn), dtype),
+            "ssm": jnp.zeros((batch_size, config.ssm_heads, config.headdim, config.d_state), jnp.float32)}
+
+
+class GatedRMSNorm(nn.Module):
+    """``RMSNorm(y * silu(z))`` over groups of ``group_size`` channels (float32 math)."""
+    group_size: int
+    eps: float = 1e-5
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, y, z):
+        ch = y.shape[-1]
+        scale = self.param("scale", param_init(nn.initializers.ones, (MLP,)), (ch,),
+                           dtype_of(self.param_dtype))
+        h = y.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
+        g = h.reshape(h.shape[:-1] + (ch // self.group_size, self.group_size))
+        g = g * jax.lax.rsqrt(jnp.mean(g * g, axis=-1, keepdims=True) + self.eps)
+        return (g.reshape(h.shape) * scale.astype(jnp.float32)).astype(dtype_of(self.dtype))
+
+
+class Mamba2Mixer(nn.Module):
+    config: object
+
+    @nn.compact
+    def __call__(self, u, cache=None):
+        """u ``[B, T, D]`` -> (y ``[B, T, D]``, new cache or None)."""
+        c = self.config
+        bsz, t = u.shape[:2]
+        i_dim, n, g, h, p = c.d_inner, c.d_state, c.n_groups, c.ssm_heads, c.headdim
+        cdt, pdt = dtype_of(c.dtype), dtype_of(c.param_dtype)
+        z = constrain(dense(c, i_dim, (EMBED, MLP), c.init_std, c.proj_bias, "in_z")(u),
+                      (BATCH, LENGTH, ACT_MLP))
+        x = constrain(dense(c, i_dim, (EMBED, MLP), c.init_std, c.proj_bias, "in_x")(u),
+                      (BATCH, LENGTH, ACT_MLP))
+        bc = dense(c, 2 * g * n, (EMBED, None), c.init_std, c.proj_bias, "in_bc")(u)
+        dt = dense(c, h, (EMBED, HEADS), c.init_std, c.proj_bias, "in_dt")(u)
+        x, conv_x = conv_module(c, "conv_x")(x, None if cache is None else cache["conv_x"])
+        bc, conv_bc = conv_module(c, "conv_bc", axis_name=None)(
+            bc, None if cache is None else cache["conv_bc"])
+        x, bc = jax.nn.silu(x), jax.nn.silu(bc)
+        b_mat, c_mat = (m.reshape(bsz, t, g, n) for m in jnp.split(bc, 2, axis=-1))
+        x = constrain(x.reshape(bsz, t, h, p), (BATCH, LENGTH, ACT_HEADS, None))
+
+        dt_bias = self.param("dt_bias", param_init(dt_bias_init(c), (HEADS,)), (h,), pdt)
+        a_log = self.param("A_log", param_init(a_log_init(c), (HEADS,)), (h,), pdt)
+        d_skip = self.param("D", param_init(nn.initializers.ones, (HEADS,)), (h,), pdt)
+        a = -jnp.exp(a_log.astype(jnp.float32))
+        kwargs = dict(D=d_skip.astype(jnp.float32), dt_bias=dt_bias.astype(jnp.float32), dt_softplus=True)
+
+        ssd, step = scan_functions("ssd", c.scan_impl)
+        new_cache = None
+        if cache is None:
+            y = ssd(x, dt, a, b_mat, c_mat, chunk_size=c.chunk_size, **kwargs)
+        elif t == 1:  # one decoding step: the recurrence
+            y, state = step(cache["ssm"], x[:, 0], dt[:, 0], a, b_mat[:, 0], c_mat[:, 0], **kwargs)
+            y = y[:, None]
+            new_cache = {"conv_x": conv_x, "conv_bc": conv_bc, "ssm": state.astype(cache["ssm"].dtype)}
+        else:  # several tokens with a cache: chunked SSD from the cached state
+            y, state = ssd(x, dt, a, b_mat, c_mat, chunk_size=c.chunk_size, initial_states=cache["ssm"],
+                           return_final_states=True, **kwargs)
+            new_cache = {"conv_x": conv_x, "conv_bc": conv_bc, "ssm": state.astype(cache["ssm"].dtype)}
+        y = constrain(y.reshape(bsz, t, i_dim).astype(cdt), (BATCH, LENGTH, ACT_MLP))
+        y = GatedRMSNorm(i_dim // g, c.norm_eps, c.dtype, c.param_dtype, name="norm")(y, z)
+        out = dense(c, c.d_model, (MLP, EMBED), mixer_out_std(c), c.proj_bias, "out_proj")(y)
+        return out, new_cache
+
+
+class Mamba2Block(MambaBlock):
+    """``x + Mamba2Mixer(Norm(x))``."""
+    mixer_class = Mamba2Mixer
