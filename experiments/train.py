@@ -164,6 +164,8 @@ def main(argv=None) -> int:
     import jax
     if jax.process_index() == 0:
         print(json.dumps(summary, indent=1))
+    if summary.get("stopped_by_signal"):  # preempted: checkpoint saved, not finished
+        return 128 + int(summary["stopped_by_signal"])
     return 0
 
 

@@ -338,3 +338,27 @@ def test_killed_process_resumes_on_the_same_curve(env):
     got, want = loss_rows(out), loss_rows(ref)
     assert [r["step"] for r in got] == list(range(1, steps + 1))  # no duplicates, no gaps
     assert got == want
+
+
+def test_sigterm_checkpoints_the_current_step_then_stops(env):
+    """Preemption (SIGTERM): the step in flight finishes, is checkpointed, and the run stops."""
+    out = env["root"] / "sigterm"
+    cmd = [sys.executable, "-m", "experiments.train"] + _cli_args(env, out, 400) + ["--checkpoint-every", "0"]
+    proc = subprocess.Popen(cmd, cwd=str(REPO), env=env["sub_env"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    try:
+        while not (out / "metrics.jsonl").exists() or not read_metrics(out):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.time() < deadline, "training did not start"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    summary = json.loads(stdout)
+    assert not summary["finished"] and summary["stopped_by_signal"] == signal.SIGTERM
+    saved = [int(p.parent.name) for p in (out / "checkpoints").glob(f"*/{MANIFEST}")]
+    assert saved == [summary["final_step"]] and 0 < saved[0] < 400
+    assert max(r["step"] for r in read_metrics(out)) == saved[0]

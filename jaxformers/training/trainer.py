@@ -37,7 +37,9 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
@@ -431,6 +433,37 @@ class _Progress:
 
 
 # ============================================================================ train
+class _StopRequest:
+    """Turns SIGTERM (preemption) and SIGINT (Ctrl-C) into "checkpoint after this step, then stop".
+
+    Only installed from the main thread (signal handlers cannot be set elsewhere);
+    a second signal falls through to the previous handler.
+    """
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except (ValueError, OSError):  # pragma: no cover - exotic embedders
+                pass
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # second signal: give up gracefully-stopping
+            self.restore()
+            signal.raise_signal(signum)
+            return
+        self.signum = signum
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
 def train(model_config: ModelConfig, train_config: TrainConfig, *, resume: bool = False,
           progress: Optional[bool] = None, stop_after: Optional[int] = None) -> Dict[str, Any]:
     """Train ``model_config`` with ``train_config``; returns the summary dict (also in summary.json).
@@ -573,6 +606,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, resume: bool 
         interval_t0, interval_step = now, done
         return (n * tc.tokens_per_step / dt) if dt > 0 and n > 0 else None
 
+    stop = _StopRequest()
     try:
         for step in range(start_step, end_step):
             batch = setup.put_batch(loader.batch_at(step), tc.batch_size)
@@ -582,7 +616,8 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, resume: bool 
             is_last = done == tc.steps
             do_log = done % tc.log_every == 0 or is_last
             do_eval = (tc.eval_every and done % tc.eval_every == 0) or is_last
-            do_ckpt = (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == end_step
+            stopping = stop.signum is not None  # read once: a signal may land mid-iteration
+            do_ckpt = (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == end_step or stopping
             if do_log:
                 m = jax.device_get(metrics)
                 tps = end_interval(done)
@@ -606,8 +641,14 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, resume: bool 
                         "data_step": done, "seed": tc.seed, "batch_size": tc.batch_size,
                         "seq_len": tc.seq_len, "tokens_seen": done * tc.tokens_per_step})
                 interval_t0 = time.perf_counter()
+            if stopping:
+                progress_.info(f"stopping on signal {stop.signum}: checkpoint saved at step {done}; "
+                               "continue with resume=True (--resume)")
+                end_step = done
+                break
         ckpt.wait()
     finally:
+        stop.restore()
         progress_.close()
         if metrics_file is not None:
             metrics_file.close()
@@ -633,6 +674,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, resume: bool 
         "steps": tc.steps,
         "final_step": max(start_step, end_step),
         "finished": finished,
+        "stopped_by_signal": stop.signum,
         "resumed_from": start_step if with_ckpt else None,
         "train_loss": None if last_train is None else last_train["loss"],
         "val_loss": None if last_eval is None else last_eval["val_loss"],
