@@ -19,13 +19,12 @@ import argparse
 import datetime
 import json
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels.flash_attention import flash_attention
+from experiments.common import median_ms
 
 IMPLS = ("pallas", "cudnn", "xla", "jax_pallas")
 XLA_MAX_LOGITS_BYTES = 24 * 2**30  # skip the materialising XLA path past this
@@ -67,18 +66,6 @@ def make_attention(impl: str, *, on_gpu: bool, head_dim: int, seq_len: int, batc
     raise ValueError(f"unknown impl {impl!r}; choose from {IMPLS}")
 
 
-def _time(fn, args, warmup: int, iters: int) -> float:
-    """Median wall time in ms of ``fn(*args)`` (compiled; block_until_ready)."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def causal_flops(batch, heads, seq_len, head_dim, mode):
     fwd = 4 * batch * heads * seq_len * seq_len * head_dim / 2
     return fwd if mode == "fwd" else 2.5 * fwd
@@ -108,7 +95,7 @@ def bench_one(impl, *, batch, seq_len, heads, head_dim, dtype, on_gpu, warmup, i
     for mode, f, args in (("fwd", fwd, (q, k, v)), ("fwd+bwd", fwd_bwd, (q, k, v, do))):
         row = dict(base, mode=mode)
         try:
-            ms = _time(f, args, warmup, iters)
+            ms = median_ms(f, args, warmup, iters)
             row.update(ms=ms, tflops=causal_flops(batch, heads, seq_len, head_dim, mode) / (ms * 1e9))
         except Exception as e:  # noqa: BLE001 - record OOM / unsupported and keep going
             row.update(ms=None, tflops=None, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")

@@ -34,21 +34,10 @@ from pallas_kernels.selective_scan import reference as ss_reference
 from pallas_kernels.selective_scan import selective_scan
 from pallas_kernels.ssd import reference as ssd_reference
 from pallas_kernels.ssd import ssd
+from experiments.common import median_ms
 
 SS_IMPLS = ("pallas", "assoc_scan", "reference")
 SSD_IMPLS = ("pallas", "reference", "fla")
-
-
-def _time(fn, args, warmup: int, iters: int) -> float:
-    """Median wall time in ms of ``fn(*args)`` (compiled; block_until_ready)."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def assoc_scan_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=True):
@@ -185,10 +174,10 @@ def _bench_jax(base, fn, inputs, diff_keys, on_gpu, warmup, iters):
         row = dict(base, mode=mode)
         try:
             if mode == "fwd":
-                ms = _time(fwd, (inputs,), warmup, iters)
+                ms = median_ms(fwd, (inputs,), warmup, iters)
             else:
                 dy = jnp.ones(jax.eval_shape(fwd, inputs).shape, jax.eval_shape(fwd, inputs).dtype)
-                ms = _time(fwd_bwd, (inputs, dy), warmup, iters)
+                ms = median_ms(fwd_bwd, (inputs, dy), warmup, iters)
             row.update(ms=ms)
         except Exception as e:  # noqa: BLE001 - record OOM / unsupported and keep going
             row.update(ms=None, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")

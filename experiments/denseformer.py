@@ -23,12 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import statistics
 import sys
 import time
 from pathlib import Path
+from experiments.common import enable_compile_cache
 
 PRESETS = {
     # L=4: 1x1 (a DWA after every block) and 2x2 (after blocks 2 and 4, over even/odd outputs);
@@ -64,18 +64,6 @@ def _parser():
     ap.add_argument("--data", default="default", help="corpus / prepared dataset (default: built-in)")
     ap.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent XLA cache")
     return ap
-
-
-def _enable_compile_cache():
-    import jax
-    from jaxformers.data import cache_dir
-
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        return
-    path = cache_dir() / "xla"
-    path.mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def model_grid(preset: dict, base: str, vocab_size: int):
@@ -326,7 +314,7 @@ def main(argv=None) -> dict:
     if args.steps is not None and args.steps < 1:
         raise SystemExit("--steps must be >= 1")
     if not args.no_compile_cache:
-        _enable_compile_cache()
+        enable_compile_cache()
     t0 = time.perf_counter()
     results = run(args)
     print(json.dumps({n: {k: r[k] for k in ("n_layer", "val_ppl", "n_params", "infer_tokens_per_s")}

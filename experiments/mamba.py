@@ -38,12 +38,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import statistics
 import sys
 import time
 from pathlib import Path
+from experiments.common import enable_compile_cache
 
 MODELS = ("base", "mamba", "mamba2", "hybrid")  # "base" = the --base attention model
 
@@ -85,18 +85,6 @@ def _parser():
     ap.add_argument("--data", default="default", help="corpus / prepared dataset (default: built-in)")
     ap.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent XLA cache")
     return ap
-
-
-def _enable_compile_cache():
-    import jax
-    from jaxformers.data import cache_dir
-
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        return
-    path = cache_dir() / "xla"
-    path.mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 # ============================================================================ model grid
@@ -377,7 +365,7 @@ def main(argv=None) -> dict:
     if args.steps is not None and args.steps < 1:
         raise SystemExit("--steps must be >= 1")
     if not args.no_compile_cache:
-        _enable_compile_cache()
+        enable_compile_cache()
     t0 = time.perf_counter()
     results = run(args)
     print(f"{'model':8s} {'layers':>6s} {'params':>10s} {'val_ppl':>8s} {'train tok/s':>11s}  "

@@ -19,6 +19,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from experiments.common import enable_compile_cache
 
 DEFAULTS = dict(model="gpt", preset="tiny", steps=300, batch_size=16, seq_len=128, grad_accum=1, lr=3e-3,
                 warmup_steps=30, schedule="cosine", data="default", tokenizer="byte", seed=0, dtype="auto",
@@ -75,18 +76,6 @@ def _pairs(items, flag):
             raise CLIError(f"{flag} expects FIELD=VALUE, got {item!r}")
         out.append((name.strip(), value.strip()))
     return out
-
-
-def _enable_compile_cache():
-    import jax
-    from jaxformers.data import cache_dir
-
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        return
-    path = cache_dir() / "xla"
-    path.mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def build_configs(args):
@@ -146,7 +135,7 @@ def main(argv=None) -> int:
     debug = os.environ.get("JAXFORMERS_DEBUG", "") not in ("", "0")
     try:
         if not args.no_compile_cache:
-            _enable_compile_cache()
+            enable_compile_cache()
         try:
             model_config, train_config = build_configs(args)
         except RuntimeError as e:  # e.g. the built-in corpus could not be downloaded
