@@ -22,89 +22,16 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from typing import Dict, Iterable, Tuple
 
 import numpy as np
 
 from ..config import DTYPES, ModelConfig
+from .hf_io import read_checkpoint, weight_files
 from .layers import stack_layers, unstack_layers
 
 _PREFIX = "model."
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved
-_NP_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
-}
-
-
-# --------------------------------------------------------------------------- safetensors I/O
-def _read_header(path: str) -> Tuple[dict, int]:
-    with open(path, "rb") as fh:
-        raw = fh.read(8)
-        if len(raw) != 8:
-            raise ValueError(f"{path} is not a safetensors file (too short)")
-        (n,) = struct.unpack("<Q", raw)
-        header = json.loads(fh.read(n))
-    return header, 8 + n
-
-
-def _read_safetensors(path: str) -> Dict[str, np.ndarray]:
-    """All tensors of one safetensors file as numpy arrays (bf16 widened to float32)."""
-    from safetensors import safe_open
-
-    header, data_start = _read_header(path)
-    entries = {k: v for k, v in header.items() if k != "__metadata__"}
-    bf16 = [k for k, v in entries.items() if v["dtype"] == "BF16"]
-    out = {}
-    if len(bf16) < len(entries):
-        with safe_open(path, framework="np") as f:
-            for key in f.keys():
-                if entries[key]["dtype"] != "BF16":
-                    out[key] = f.get_tensor(key)
-    if bf16:
-        with open(path, "rb") as fh:
-            for key in bf16:
-                begin, end = entries[key]["data_offsets"]
-                fh.seek(data_start + begin)
-                words = np.frombuffer(fh.read(end - begin), dtype="<u2")
-                out[key] = (words.astype(np.uint32) << 16).view(np.float32).reshape(entries[key]["shape"])
-    return out
-
-
-def _weight_files(path: str) -> Tuple[str, list]:
-    """(directory holding config.json, safetensors files to read) for a dir or a file in it."""
-    if os.path.isdir(path):
-        directory = path
-        index = os.path.join(directory, "model.safetensors.index.json")
-        single = os.path.join(directory, "model.safetensors")
-        if os.path.exists(index):
-            return directory, _files_from_index(index)
-        if os.path.exists(single):
-            return directory, [single]
-        files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
-        if not files:
-            raise FileNotFoundError(f"no *.safetensors weights in {directory}")
-        return directory, [os.path.join(directory, f) for f in files]
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist")
-    directory = os.path.dirname(os.path.abspath(path))
-    if path.endswith(".index.json"):
-        return directory, _files_from_index(path)
-    if path.endswith(".safetensors"):
-        return directory, [path]
-    if os.path.basename(path) == "config.json":
-        return _weight_files(directory)
-    raise ValueError(f"{path}: expected a model directory, config.json, *.safetensors or *.index.json")
-
-
-def _files_from_index(index_path: str):
-    with open(index_path) as fh:
-        weight_map = json.load(fh)["weight_map"]
-    directory = os.path.dirname(os.path.abspath(index_path))
-    return [os.path.join(directory, f) for f in sorted(set(weight_map.values()))]
-
-
 # --------------------------------------------------------------------------- config mapping
 def _rope_theta(hf: dict) -> float:
     rope = hf.get("rope_parameters")
@@ -290,7 +217,7 @@ def from_hf(path_or_dir: str, *, dtype: str = "float32", scan_layers: bool = Fal
     ``dtype`` is both the param and the compute dtype of the returned config; the
     params are cast to it. ``scan_layers=True`` returns the stacked ``blocks`` layout.
     """
-    directory, files = _weight_files(path_or_dir)
+    directory, _ = weight_files(path_or_dir)
     config_path = os.path.join(directory, "config.json")
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"no config.json next to the weights in {directory}")
@@ -301,24 +228,12 @@ def from_hf(path_or_dir: str, *, dtype: str = "float32", scan_layers: bool = Fal
         return from_hf_mamba(path_or_dir, dtype=dtype, scan_layers=scan_layers)
     config = config_from_hf(hf, dtype=dtype, scan_layers=scan_layers)
 
-    tensors = {}
-    for f in files:
-        for name, value in _read_safetensors(f).items():
-            if not name.startswith(_PREFIX) and name != "lm_head.weight":
-                name = _PREFIX + name  # a bare LlamaModel checkpoint
-            tensors[name] = value
-    expected = _expected_shapes(config)
-    if config.tie_embeddings:
-        tensors.pop("lm_head.weight", None)  # tied: the head is the embedding
-    unexpected = sorted(k for k in tensors if k not in expected and not k.endswith(_IGNORED_SUFFIXES))
-    missing = sorted(k for k in expected if k not in tensors)
-    if missing or unexpected:
-        raise ValueError(f"checkpoint does not match the config: missing {missing[:8]}"
-                         f"{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
-                         f"{'...' if len(unexpected) > 8 else ''}")
-    for name, shape in expected.items():
-        if tuple(tensors[name].shape) != shape:
-            raise ValueError(f"{name} has shape {tuple(tensors[name].shape)}, config implies {shape}")
+    def rename(name):  # a bare LlamaModel checkpoint has no "model." prefix
+        return name if name.startswith(_PREFIX) or name == "lm_head.weight" else _PREFIX + name
+
+    tensors = read_checkpoint(path_or_dir, _expected_shapes(config), rename=rename,
+                              drop=("lm_head.weight",) if config.tie_embeddings else (),
+                              ignored_suffixes=_IGNORED_SUFFIXES)
 
     import jax.numpy as jnp
     from ..layers.common import dtype_of

@@ -30,7 +30,7 @@ from typing import Dict
 import numpy as np
 
 from ..config import DTYPES
-from .hf_llama import _read_safetensors, _weight_files
+from .hf_io import read_checkpoint, weight_files
 from .layers import stack_layers
 
 MODEL_TYPES = ("mamba", "mamba2")
@@ -164,7 +164,7 @@ def from_hf_mamba(path_or_dir: str, *, dtype: str = "float32", scan_layers: bool
     safetensors weights.  ``dtype`` is the param and compute dtype of the returned
     config; ``scan_layers=True`` returns the stacked ``blocks`` layout.
     """
-    directory, files = _weight_files(path_or_dir)
+    directory, _ = weight_files(path_or_dir)
     config_path = os.path.join(directory, "config.json")
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"no config.json next to the weights in {directory}")
@@ -172,26 +172,15 @@ def from_hf_mamba(path_or_dir: str, *, dtype: str = "float32", scan_layers: bool
         config = config_from_hf_mamba(json.load(fh), dtype=dtype, scan_layers=scan_layers,
                                       scan_impl=scan_impl)
 
-    tensors = {}
-    for f in files:
-        for name, value in _read_safetensors(f).items():
-            if name.startswith("backbone.embedding."):  # very old checkpoints (HF's load_hook renames it)
-                name = name.replace("backbone.embedding.", "backbone.embeddings.")
-            if not name.startswith(_PREFIX) and name != "lm_head.weight":
-                name = _PREFIX + name  # a bare MambaModel checkpoint
-            tensors[name] = value
-    expected = _expected_shapes(config)
-    if config.tie_embeddings:
-        tensors.pop("lm_head.weight", None)
-    missing = sorted(k for k in expected if k not in tensors)
-    unexpected = sorted(k for k in tensors if k not in expected)
-    if missing or unexpected:
-        raise ValueError(f"checkpoint does not match the config: missing {missing[:8]}"
-                         f"{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
-                         f"{'...' if len(unexpected) > 8 else ''}")
-    for name, shape in expected.items():
-        if tuple(tensors[name].shape) != shape:
-            raise ValueError(f"{name} has shape {tuple(tensors[name].shape)}, config implies {shape}")
+    def rename(name):
+        if name.startswith("backbone.embedding."):  # very old checkpoints (HF's load_hook renames it)
+            name = name.replace("backbone.embedding.", "backbone.embeddings.")
+        if not name.startswith(_PREFIX) and name != "lm_head.weight":
+            name = _PREFIX + name  # a bare MambaModel checkpoint
+        return name
+
+    tensors = read_checkpoint(path_or_dir, _expected_shapes(config), rename=rename,
+                              drop=("lm_head.weight",) if config.tie_embeddings else ())
 
     import jax
     import jax.numpy as jnp

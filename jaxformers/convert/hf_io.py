@@ -1,0 +1,110 @@
+"""Reading Hugging Face checkpoints: config.json + safetensors (single, sharded, bf16).
+
+Only numpy and ``safetensors`` are needed (no torch): bf16 tensors, which
+safetensors' numpy backend cannot read, are widened to float32 from the raw bytes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Callable, Dict, Iterable, Optional, Tuple
+
+import numpy as np
+
+
+
+# --------------------------------------------------------------------------- safetensors I/O
+def read_header(path: str) -> Tuple[dict, int]:
+    with open(path, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{path} is not a safetensors file (too short)")
+        (n,) = struct.unpack("<Q", raw)
+        header = json.loads(fh.read(n))
+    return header, 8 + n
+
+
+def read_safetensors(path: str) -> Dict[str, np.ndarray]:
+    """All tensors of one safetensors file as numpy arrays (bf16 widened to float32)."""
+    from safetensors import safe_open
+
+    header, data_start = read_header(path)
+    entries = {k: v for k, v in header.items() if k != "__metadata__"}
+    bf16 = [k for k, v in entries.items() if v["dtype"] == "BF16"]
+    out = {}
+    if len(bf16) < len(entries):
+        with safe_open(path, framework="np") as f:
+            for key in f.keys():
+                if entries[key]["dtype"] != "BF16":
+                    out[key] = f.get_tensor(key)
+    if bf16:
+        with open(path, "rb") as fh:
+            for key in bf16:
+                begin, end = entries[key]["data_offsets"]
+                fh.seek(data_start + begin)
+                words = np.frombuffer(fh.read(end - begin), dtype="<u2")
+                out[key] = (words.astype(np.uint32) << 16).view(np.float32).reshape(entries[key]["shape"])
+    return out
+
+
+def weight_files(path: str) -> Tuple[str, list]:
+    """(directory holding config.json, safetensors files to read) for a dir or a file in it."""
+    if os.path.isdir(path):
+        directory = path
+        index = os.path.join(directory, "model.safetensors.index.json")
+        single = os.path.join(directory, "model.safetensors")
+        if os.path.exists(index):
+            return directory, files_from_index(index)
+        if os.path.exists(single):
+            return directory, [single]
+        files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors weights in {directory}")
+        return directory, [os.path.join(directory, f) for f in files]
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist")
+    directory = os.path.dirname(os.path.abspath(path))
+    if path.endswith(".index.json"):
+        return directory, files_from_index(path)
+    if path.endswith(".safetensors"):
+        return directory, [path]
+    if os.path.basename(path) == "config.json":
+        return weight_files(directory)
+    raise ValueError(f"{path}: expected a model directory, config.json, *.safetensors or *.index.json")
+
+
+def files_from_index(index_path: str):
+    with open(index_path) as fh:
+        weight_map = json.load(fh)["weight_map"]
+    directory = os.path.dirname(os.path.abspath(index_path))
+    return [os.path.join(directory, f) for f in sorted(set(weight_map.values()))]
+
+
+def read_checkpoint(path_or_dir: str, expected: Dict[str, Tuple[int, ...]], *,
+                    rename: Optional[Callable[[str], str]] = None, drop: Iterable[str] = (),
+                    ignored_suffixes: Tuple[str, ...] = ()) -> Dict[str, np.ndarray]:
+    """Every tensor of the checkpoint at ``path_or_dir``, checked against ``expected``.
+
+    ``rename`` maps stored names onto the expected ones (e.g. add a missing prefix);
+    names in ``drop`` are discarded (e.g. a tied ``lm_head.weight``); names ending in
+    ``ignored_suffixes`` are buffers that may be present.  Missing, unexpected or
+    wrongly shaped tensors raise a ``ValueError`` listing them.
+    """
+    _, files = weight_files(path_or_dir)
+    tensors = {}
+    for f in files:
+        for name, value in read_safetensors(f).items():
+            tensors[rename(name) if rename else name] = value
+    for name in drop:
+        tensors.pop(name, None)
+    unexpected = sorted(k for k in tensors if k not in expected and not k.endswith(tuple(ignored_suffixes)))
+    missing = sorted(k for k in expected if k not in tensors)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match the config: missing {missing[:8]}"
+                         f"{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
+                         f"{'...' if len(unexpected) > 8 else ''}")
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != tuple(shape):
+            raise ValueError(f"{name} has shape {tuple(tensors[name].shape)}, config implies {tuple(shape)}")
+    return tensors
