@@ -16,15 +16,12 @@ script works.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
 
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels.flash_attention import flash_attention
-from experiments.common import median_ms
+from experiments.common import median_ms, write_results
 
 IMPLS = ("pallas", "cudnn", "xla", "jax_pallas")
 XLA_MAX_LOGITS_BYTES = 24 * 2**30  # skip the materialising XLA path past this
@@ -158,17 +155,8 @@ def main(argv=None):
                 _print_rows(new)
                 rows += new
 
-    os.makedirs(args.out, exist_ok=True)
-    result = dict(
-        device=dev.device_kind, backend=jax.default_backend(),
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        jax_version=jax.__version__, quick=args.quick,
-        flops_note="causal: fwd = 4*B*H*T*T*D/2, fwd+bwd = 2.5 * fwd",
-        rows=rows)
-    path = os.path.join(args.out, "results.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {path}")
+    write_results(args.out, quick=args.quick,
+                  flops_note="causal: fwd = 4*B*H*T*T*D/2, fwd+bwd = 2.5 * fwd", rows=rows)
     return 0
 
 

@@ -20,9 +20,6 @@ version, one row per measurement; skipped / failed runs carry a note).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
 import statistics
 import time
 
@@ -34,7 +31,7 @@ from pallas_kernels.selective_scan import reference as ss_reference
 from pallas_kernels.selective_scan import selective_scan
 from pallas_kernels.ssd import reference as ssd_reference
 from pallas_kernels.ssd import ssd
-from experiments.common import median_ms
+from experiments.common import median_ms, write_results
 
 SS_IMPLS = ("pallas", "assoc_scan", "reference")
 SSD_IMPLS = ("pallas", "reference", "fla")
@@ -250,15 +247,7 @@ def main(argv=None):
         _print_rows(new)
         rows += new
 
-    os.makedirs(args.out, exist_ok=True)
-    result = dict(
-        device=dev.device_kind, backend=jax.default_backend(),
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        jax_version=jax.__version__, quick=args.quick, rows=rows)
-    path = os.path.join(args.out, "results.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {path}")
+    write_results(args.out, quick=args.quick, rows=rows)
     return 0
 
 

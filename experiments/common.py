@@ -29,3 +29,42 @@ def median_ms(fn, args, warmup: int, iters: int) -> float:
         jax.block_until_ready(fn(*args))
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def environment() -> dict:
+    """Where a number was measured: device kind, backend, device count, date, jax version."""
+    import datetime
+
+    import jax
+
+    return dict(device=jax.devices()[0].device_kind, backend=jax.default_backend(),
+                n_devices=jax.device_count(),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                jax_version=jax.__version__)
+
+
+def write_results(out_dir, **fields) -> str:
+    """``out_dir/results.json`` = :func:`environment` + ``fields``; returns the path."""
+    import json
+
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "results.json")
+    with open(path, "w") as f:
+        json.dump({**environment(), **fields}, f, indent=1)
+    print(f"wrote {path}")
+    return path
+
+
+def train_overrides(preset_train: dict, steps=None, eval_batches=None) -> dict:
+    """A preset's trainer settings with the ``--steps`` / ``--eval-batches`` overrides applied
+    (warmup shrinks to at most a tenth of a shortened run; evaluation only at the end if the
+    run is shorter than the eval interval)."""
+    kw = dict(preset_train)
+    if steps is not None:
+        kw["steps"] = steps
+        kw["warmup_steps"] = min(kw.get("warmup_steps", 0), steps // 10)
+        if kw.get("eval_every") and kw["eval_every"] >= steps:
+            kw["eval_every"] = 0
+    if eval_batches is not None:
+        kw["eval_batches"] = eval_batches
+    return kw

@@ -28,7 +28,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from experiments.common import enable_compile_cache
+from experiments.common import enable_compile_cache, train_overrides
 
 PRESETS = {
     # L=4: 1x1 (a DWA after every block) and 2x2 (after blocks 2 and 4, over even/odd outputs);
@@ -151,12 +151,7 @@ def run(args) -> dict:
     preset = PRESETS[args.preset]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    train_kw = dict(preset["train"])
-    if args.steps is not None:
-        train_kw["steps"] = args.steps
-        train_kw["warmup_steps"] = min(train_kw["warmup_steps"], max(args.steps // 10, 0))
-    if args.eval_batches is not None:
-        train_kw["eval_batches"] = args.eval_batches
+    train_kw = train_overrides(preset["train"], args.steps, args.eval_batches)
     _, meta, _, _ = _open_dataset(args.data, "byte")
     grid = model_grid(preset, args.base, int(meta["vocab_size"]))
     if args.only:

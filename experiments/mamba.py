@@ -43,7 +43,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from experiments.common import enable_compile_cache
+from experiments.common import enable_compile_cache, train_overrides
 
 MODELS = ("base", "mamba", "mamba2", "hybrid")  # "base" = the --base attention model
 
@@ -215,14 +215,7 @@ def run(args) -> dict:
     preset = PRESETS[args.preset]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    train_kw = dict(preset["train"])
-    if args.steps is not None:
-        train_kw["steps"] = args.steps
-        train_kw["warmup_steps"] = min(train_kw["warmup_steps"], args.steps // 10)
-        if train_kw["eval_every"] and train_kw["eval_every"] >= args.steps:
-            train_kw["eval_every"] = 0
-    if args.eval_batches is not None:
-        train_kw["eval_batches"] = args.eval_batches
+    train_kw = train_overrides(preset["train"], args.steps, args.eval_batches)
     contexts = preset["contexts"]
     if args.contexts:
         contexts = tuple(int(c) for c in args.contexts.split(",") if c.strip())
