@@ -145,14 +145,14 @@ def time_forwards(fns: dict, rounds: int = 3, min_time: float = 0.3) -> dict:
 def run(args) -> dict:
     import jax
     from jaxformers.training import TrainConfig, load_run, train
-    from jaxformers.training.trainer import _open_dataset, resolve_dtype
+    from jaxformers.training.trainer import open_dataset, resolve_dtype
     from jaxformers.models.denseformer import dwa_weights
 
     preset = PRESETS[args.preset]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     train_kw = train_overrides(preset["train"], args.steps, args.eval_batches)
-    _, meta, _, _ = _open_dataset(args.data, "byte")
+    _, meta, _, _ = open_dataset(args.data, "byte")
     grid = model_grid(preset, args.base, int(meta["vocab_size"]))
     if args.only:
         wanted = [s.strip() for s in args.only.split(",") if s.strip()]

@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     import jaxformers as jf
     from jaxformers.data import Tokenizer, load_tokenizer
     from jaxformers.training import CheckpointError, load_run
-    from jaxformers.training.trainer import TOKENIZER_DIR, _open_dataset
+    from jaxformers.training.trainer import TOKENIZER_DIR, open_dataset
 
     try:
         if args.num_samples < 1:
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
         if tok_dir.is_dir():
             tok = Tokenizer.load(tok_dir)
         else:  # older runs: the dataset's tokenizer
-            tok = load_tokenizer(_open_dataset(train_config.data, train_config.tokenizer)[0])
+            tok = load_tokenizer(open_dataset(train_config.data, train_config.tokenizer)[0])
         ids = tok.encode(args.prompt) if args.prompt else [tok.eos_id]
         limit = model_config.max_seq_len
         if args.max_new_tokens >= limit:

@@ -210,7 +210,7 @@ def decode_scaling(model_config, params, contexts, *, batch: int = 1, dtype: str
 def run(args) -> dict:
     import jax
     from jaxformers.training import TrainConfig, load_run, read_metrics, train
-    from jaxformers.training.trainer import _open_dataset, resolve_dtype
+    from jaxformers.training.trainer import open_dataset, resolve_dtype
 
     preset = PRESETS[args.preset]
     out = Path(args.out)
@@ -228,7 +228,7 @@ def run(args) -> dict:
         unknown = sorted(wanted - set(MODELS))
         if unknown:
             raise SystemExit(f"--models: unknown {unknown}; choose from {[args.base, *MODELS[1:]]}")
-    _, meta, _, val_tokens = _open_dataset(args.data, "byte")
+    _, meta, _, val_tokens = open_dataset(args.data, "byte")
     vocab = int(meta["vocab_size"])
     grid, target = model_grid(preset, args.base, vocab, train_kw["seq_len"], wanted)
 

@@ -84,7 +84,7 @@ def build_configs(args):
     from jaxformers.config import coerce_value
     from jaxformers.registry import config_from_dict, get_spec
     from jaxformers.training import TrainConfig
-    from jaxformers.training.trainer import CONFIG_FILE, _open_dataset
+    from jaxformers.training.trainer import CONFIG_FILE, open_dataset
 
     model_sets = _pairs(args.set, "--set")
     train_sets = _pairs(args.train_set, "--train-set")
@@ -113,7 +113,7 @@ def build_configs(args):
         for k, v in train_sets:
             base[k] = coerce_value(TrainConfig, k, v)
         tc = TrainConfig(**base)
-        _, meta, _, _ = _open_dataset(tc.data, tc.tokenizer)
+        _, meta, _, _ = open_dataset(tc.data, tc.tokenizer)
         overrides.setdefault("vocab_size", int(meta["vocab_size"]))
         if "max_seq_len" not in overrides:
             preset_len = get_config(model, preset).max_seq_len

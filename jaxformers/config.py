@@ -18,8 +18,22 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+class ConfigMixin:
+    """``replace`` (field-checked), ``to_dict`` and ``to_json`` for frozen config dataclasses."""
+
+    def replace(self, **overrides):
+        check_fields(type(self), overrides)
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(ConfigMixin):
     """Decoder-only transformer hyper-parameters (GPT / Llama families).
 
     ``n_kv_head`` < ``n_head`` gives grouped-query attention; ``d_ff`` is the
@@ -109,17 +123,6 @@ class ModelConfig:
             raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
         if self.norm_eps <= 0:
             raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
-
-    # ------------------------------------------------------------ conveniences
-    def replace(self, **overrides) -> "ModelConfig":
-        check_fields(type(self), overrides)
-        return dataclasses.replace(self, **overrides)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
 def _choice(name: str, value: Any, allowed: Tuple[Any, ...]) -> None:

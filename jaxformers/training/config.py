@@ -6,10 +6,9 @@ like :class:`jaxformers.config.ModelConfig`.
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Optional
 
-from ..config import check_fields
+from ..config import ConfigMixin, check_fields
 
 SCHEDULES = ("cosine", "wsd", "constant")
 
@@ -21,7 +20,7 @@ COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(ConfigMixin):
     """What to train on, for how long, and how.
 
     ``batch_size`` is the global batch (sequences per optimizer step, summed over
@@ -116,16 +115,6 @@ class TrainConfig:
     @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.seq_len
-
-    def replace(self, **overrides) -> "TrainConfig":
-        check_fields(type(self), overrides)
-        return dataclasses.replace(self, **overrides)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":

@@ -373,7 +373,9 @@ def _eval_loss(setup: _Setup, params, tokens: np.ndarray, batch_size: int, seq_l
 
 
 # ============================================================================ data
-def _open_dataset(data: str, tokenizer: str):
+def open_dataset(data: str, tokenizer: str):
+    """``(dataset dir, meta, train tokens, val tokens)`` for a built-in name, a path or a prepared dir
+    (prepared on first use)."""
     from ..data import ensure_dataset, load_prepared
 
     path = Path(str(data)).expanduser()
@@ -496,7 +498,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, resume: bool 
             "(--resume) to continue that run, or choose a new output directory (--out)")
 
     # ---------------------------------------------------------------- data + checks
-    ds_dir, meta, train_tokens, val_tokens = _open_dataset(tc.data, tc.tokenizer)
+    ds_dir, meta, train_tokens, val_tokens = open_dataset(tc.data, tc.tokenizer)
     if model_config.vocab_size < int(meta["vocab_size"]):
         raise ValueError(
             f"model vocab_size={model_config.vocab_size} is smaller than the dataset's vocab_size="
@@ -776,7 +778,7 @@ def evaluate(run: Union[str, os.PathLike, Tuple[ModelConfig, Any]], data=None, *
         tokens = np.asarray(data)
     else:
         tok = tokenizer or (tc.tokenizer if tc is not None else "byte")
-        _, _, train_tokens, val_tokens = _open_dataset(str(data), tok)
+        _, _, train_tokens, val_tokens = open_dataset(str(data), tok)
         tokens = val_tokens if split == "val" else train_tokens
     batch_size = batch_size or (tc.micro_batch_size if tc is not None else 8)
     seq_len = seq_len or (tc.seq_len if tc is not None else model_config.max_seq_len)
