@@ -128,3 +128,10 @@ def test_bad_chunk_size():
     z = jnp.zeros
     with pytest.raises(ValueError, match="chunk_size"):
         ssd(z((1, 8, 2, 4)), z((1, 8, 2)), z((2,)), z((1, 8, 1, 4)), z((1, 8, 1, 4)), chunk_size=24)
+
+
+def test_backward_uses_finer_p_blocks():
+    # P=40 -> padded 64: the forward runs one P block of 64, the backward two of 32
+    # (partial dt / dB / dC sums over P blocks).
+    inputs = _inputs(4, 1, 20, 2, 40, 1, 16, D="h")
+    _compare(inputs, dict(chunk_size=16, dt_softplus=True, return_final_states=True), 1e-4, 1e-4)

@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
 
 from ..config import DTYPES
+from ..models.mamba import MambaConfig
 from .hf_io import read_checkpoint, weight_files
 from .layers import stack_layers
 
@@ -45,8 +46,13 @@ def _as_float(value) -> float:
 
 
 def config_from_hf_mamba(hf: dict, *, dtype: str = "float32", scan_layers: bool = False,
-                         scan_impl: str = "auto"):
-    """jaxformers ``mamba`` / ``mamba2`` config from a HF ``MambaConfig`` / ``Mamba2Config`` dict."""
+                         scan_impl: str = "auto", chunk_size: Optional[int] = None):
+    """jaxformers ``mamba`` / ``mamba2`` config from a HF ``MambaConfig`` / ``Mamba2Config`` dict.
+
+    ``chunk_size`` (Mamba-2): the SSD kernel tile, ``None`` = ``MambaConfig``'s default.
+    HF's own ``chunk_size`` is its kernels' tile, not part of the model's function
+    (outputs agree up to float rounding for any tile), so it is not carried over.
+    """
     from ..registry import get_config
 
     model_type = hf.get("model_type")
@@ -88,8 +94,9 @@ def config_from_hf_mamba(hf: dict, *, dtype: str = "float32", scan_layers: bool 
         if heads * headdim != fields["expand"] * d_model:
             raise ValueError(f"num_heads={heads} * head_dim={headdim} must equal expand * hidden_size = "
                              f"{fields['expand'] * d_model}")
-        fields.update(headdim=headdim, n_groups=int(hf.get("n_groups", 1)),
-                      chunk_size=int(hf.get("chunk_size", 256)), a_init="uniform")
+        fields.update(headdim=headdim, n_groups=int(hf.get("n_groups", 1)), a_init="uniform")
+        fields.update(chunk_size=int(chunk_size) if chunk_size is not None else
+                      MambaConfig.chunk_size)
     return get_config(model_type, "tiny", **fields)
 
 
@@ -157,12 +164,13 @@ def _mixer_params(c, t: Dict[str, np.ndarray]) -> dict:
 
 
 def from_hf_mamba(path_or_dir: str, *, dtype: str = "float32", scan_layers: bool = False,
-                  scan_impl: str = "auto"):
+                  scan_impl: str = "auto", chunk_size: Optional[int] = None):
     """Load a HF ``MambaForCausalLM`` / ``Mamba2ForCausalLM`` checkpoint -> (config, params).
 
     ``path_or_dir``: the model directory (or a file in it) with ``config.json`` and
     safetensors weights.  ``dtype`` is the param and compute dtype of the returned
-    config; ``scan_layers=True`` returns the stacked ``blocks`` layout.
+    config; ``scan_layers=True`` returns the stacked ``blocks`` layout; ``chunk_size``:
+    see :func:`config_from_hf_mamba`.
     """
     directory, _ = weight_files(path_or_dir)
     config_path = os.path.join(directory, "config.json")
@@ -170,7 +178,7 @@ def from_hf_mamba(path_or_dir: str, *, dtype: str = "float32", scan_layers: bool
         raise FileNotFoundError(f"no config.json next to the weights in {directory}")
     with open(config_path) as fh:
         config = config_from_hf_mamba(json.load(fh), dtype=dtype, scan_layers=scan_layers,
-                                      scan_impl=scan_impl)
+                                      scan_impl=scan_impl, chunk_size=chunk_size)
 
     def rename(name):
         if name.startswith("backbone.embedding."):  # very old checkpoints (HF's load_hook renames it)

@@ -46,7 +46,10 @@ class MambaConfig(ModelConfig):
     A init (``a_init``: "s4d_real" A_n = n+1, or "uniform" in ``a_init_range``).
     Mamba-1: ``dt_rank`` ("auto" -> ceil(d_model / 16)), ``dt_init``/``dt_scale``
     (dt_proj kernel ~ U(+-dt_scale / sqrt(dt_rank)) or constant).
-    Mamba-2: ``headdim`` (P; heads = I / P), ``n_groups`` (B/C groups), ``chunk_size`` (SSD chunk).
+    Mamba-2: ``headdim`` (P; heads = I / P), ``n_groups`` (B/C groups), ``chunk_size`` (SSD chunk:
+    a kernel tile, the model's function does not depend on it; 64 is what the Pallas kernels
+    compile to for sm_90 without register spills, 256 spills and overflows shared memory in
+    the backward, see ``python -m experiments.kernel_report``).
     """
 
     model: str = "mamba"
@@ -57,7 +60,7 @@ class MambaConfig(ModelConfig):
     dt_rank: Union[str, int] = "auto"
     headdim: int = 64
     n_groups: int = 1
-    chunk_size: int = 256
+    chunk_size: int = 64
     scan_impl: str = "auto"
     conv_bias: bool = True
     proj_bias: bool = False
@@ -247,7 +250,7 @@ MAMBA2_PRESETS = {
                  headdim=32, n_groups=1, chunk_size=32),
     # mamba2-130m: d_model 768, 24 layers, N 128, headdim 64 (24 heads)
     "small": dict(vocab_size=50304, d_model=768, n_layer=24, max_seq_len=2048, d_state=128, d_conv=4,
-                  expand=2, headdim=64, n_groups=1, chunk_size=256),
+                  expand=2, headdim=64, n_groups=1, chunk_size=64),
 }
 HYBRID_PRESETS = {
     # 4 layers: mamba, attn, mamba, attn (attention + SwiGLU MLP in the attention blocks)

@@ -51,9 +51,9 @@ from jax.experimental import pallas as pl
 
 from .masks import MaskSpec, block_id_bounds, blocks_may_interact
 from .reference import split_segment_ids
+from .._common import SQ, compiler_params, next_pow2, resolve_interpret, round_up
 
 LOG2E = math.log2(math.e)
-_SQ = getattr(pl, "squeezed", None)  # squeezed block dim (None on older jax)
 _MIN_BLOCK = 16  # smallest tile Triton's tl.dot accepts
 
 
@@ -83,11 +83,13 @@ class BlockSizes:
     @classmethod
     def get_default(cls, head_dim: int = 128) -> "BlockSizes":
         """GPU starting point by head dim (FlashAttention-2 Triton-style shapes:
-        wide-q tiles for fwd/dQ, wide-kv tiles for dK/dV).  Not yet tuned on
-        hardware in this repo: run ``experiments.bench_attention`` to tune."""
+        wide-q tiles for fwd/dQ, wide-kv tiles for dK/dV).  Checked to compile for
+        sm_90 without register spills or shared-memory overflow
+        (``experiments.kernel_report``; D=64's backward needs 8 warps for that),
+        not yet timed on hardware: run ``experiments.bench_attention`` to tune."""
         if head_dim <= 64:
             return cls(128, 64, 128, 32, 32, 128, num_warps=4, num_stages=2,
-                       num_warps_bwd=4, num_stages_bwd=2)
+                       num_warps_bwd=8, num_stages_bwd=2)
         if head_dim <= 128:
             return cls(128, 64, 64, 32, 32, 64, num_warps=8, num_stages=2,
                        num_warps_bwd=8, num_stages_bwd=2)
@@ -100,28 +102,6 @@ class BlockSizes:
         return (bq, bk,
                 self.block_q_dq or bq, self.block_k_dq or bk,
                 self.block_q_dkv or bq, self.block_k_dkv or bk)
-
-
-def compiler_params(num_warps: int, num_stages: int) -> dict:
-    """``pallas_call`` kwargs selecting the Triton lowering with these knobs.
-
-    jax >= 0.5 spells it ``pallas.triton.CompilerParams`` (older:
-    ``TritonCompilerParams``, oldest: a ``{"triton": {...}}`` dict).  Naming the
-    Triton class explicitly also keeps newer jax from picking Mosaic GPU.
-    """
-    try:
-        from jax.experimental.pallas import triton as pltriton
-    except ImportError:  # pragma: no cover - very old / stripped jax
-        pltriton = None
-    cls = None
-    for mod, name in ((pltriton, "CompilerParams"), (pltriton, "TritonCompilerParams"),
-                      (pl, "TritonCompilerParams")):
-        cls = getattr(mod, name, None) if mod is not None else None
-        if cls is not None:
-            break
-    if cls is None:  # pragma: no cover
-        return {"compiler_params": {"triton": {"num_warps": num_warps, "num_stages": num_stages}}}
-    return {"compiler_params": cls(num_warps=num_warps, num_stages=num_stages)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,14 +139,6 @@ class _Plan:
     @property
     def kv_padded(self) -> bool:
         return self.tk_pad != self.tk
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
-
-
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
 
 
 def _is_pow2(x) -> bool:
@@ -220,13 +192,13 @@ def _make_plan(q, k, q_ids, causal, window, sm_scale, block_sizes, interpret) ->
     bs = block_sizes.resolved()
 
     def eff(block, t):
-        return min(block, max(_MIN_BLOCK, _next_pow2(t)))
+        return min(block, max(_MIN_BLOCK, next_pow2(t)))
 
     blocks = (eff(bs[0], tq), eff(bs[1], tk), eff(bs[2], tq), eff(bs[3], tk),
               eff(bs[4], tq), eff(bs[5], tk))
-    tq_pad = _round_up(tq, max(blocks[0::2]))
-    tk_pad = _round_up(tk, max(blocks[1::2]))
-    dp = max(_MIN_BLOCK, _next_pow2(d))
+    tq_pad = round_up(tq, max(blocks[0::2]))
+    tk_pad = round_up(tk, max(blocks[1::2]))
+    dp = max(_MIN_BLOCK, next_pow2(d))
     warps = block_sizes.num_warps or (4 if dp <= 64 else 8)
     warps_bwd = block_sizes.num_warps_bwd or warps
     return _Plan(b=b, tq=tq, tk=tk, hq=hq, hkv=hkv, d=d, dp=dp, tq_pad=tq_pad, tk_pad=tk_pad,
@@ -362,26 +334,26 @@ def _forward(q, k, v, q_ids, kv_ids, plan: _Plan, count_blocks: bool = False):
         return nq - 1 - i
 
     in_specs = [
-        pl.BlockSpec((_SQ, bq, _SQ, dp), lambda i, b, h: (b, qblk(i), h, 0)),
-        pl.BlockSpec((_SQ, tk_pad, _SQ, dp), lambda i, b, h: (b, 0, lax.div(h, g), 0)),
-        pl.BlockSpec((_SQ, tk_pad, _SQ, dp), lambda i, b, h: (b, 0, lax.div(h, g), 0)),
+        pl.BlockSpec((SQ, bq, SQ, dp), lambda i, b, h: (b, qblk(i), h, 0)),
+        pl.BlockSpec((SQ, tk_pad, SQ, dp), lambda i, b, h: (b, 0, lax.div(h, g), 0)),
+        pl.BlockSpec((SQ, tk_pad, SQ, dp), lambda i, b, h: (b, 0, lax.div(h, g), 0)),
     ]
     args = [qp, kp, vp]
     if plan.segments:
         args += _segment_inputs(plan, q_ids, kv_ids, bq, bk)
         in_specs += [
-            pl.BlockSpec((_SQ, bq), lambda i, b, h: (b, qblk(i))),
-            pl.BlockSpec((_SQ, tk_pad), lambda i, b, h: (b, 0)),
-            pl.BlockSpec((_SQ, 2, nq), lambda i, b, h: (b, 0, 0)),
-            pl.BlockSpec((_SQ, 2, nk), lambda i, b, h: (b, 0, 0)),
+            pl.BlockSpec((SQ, bq), lambda i, b, h: (b, qblk(i))),
+            pl.BlockSpec((SQ, tk_pad), lambda i, b, h: (b, 0)),
+            pl.BlockSpec((SQ, 2, nq), lambda i, b, h: (b, 0, 0)),
+            pl.BlockSpec((SQ, 2, nk), lambda i, b, h: (b, 0, 0)),
         ]
     out_shape = [jax.ShapeDtypeStruct((plan.b, plan.tq_pad, plan.hq, dp), q.dtype),
                  jax.ShapeDtypeStruct((plan.b, plan.hq, plan.tq_pad), jnp.float32)]
-    out_specs = [pl.BlockSpec((_SQ, bq, _SQ, dp), lambda i, b, h: (b, qblk(i), h, 0)),
-                 pl.BlockSpec((_SQ, _SQ, bq), lambda i, b, h: (b, h, qblk(i)))]
+    out_specs = [pl.BlockSpec((SQ, bq, SQ, dp), lambda i, b, h: (b, qblk(i), h, 0)),
+                 pl.BlockSpec((SQ, SQ, bq), lambda i, b, h: (b, h, qblk(i)))]
     if count_blocks:
         out_shape.append(jax.ShapeDtypeStruct((plan.b, plan.hq, nq), jnp.int32))
-        out_specs.append(pl.BlockSpec((_SQ, _SQ, 1), lambda i, b, h: (b, h, qblk(i))))
+        out_specs.append(pl.BlockSpec((SQ, SQ, 1), lambda i, b, h: (b, h, qblk(i))))
     return pl.pallas_call(
         functools.partial(_fwd_kernel, plan=plan, count_blocks=count_blocks),
         out_shape=out_shape,
@@ -503,17 +475,17 @@ def _backward(plan: _Plan, res, do):
     def qblk(i):
         return nq - 1 - i
 
-    qspec = pl.BlockSpec((_SQ, bq, _SQ, dp), lambda i, b, h: (b, qblk(i), h, 0))
-    kvspec = pl.BlockSpec((_SQ, tk_pad, _SQ, dp), lambda i, b, h: (b, 0, lax.div(h, g), 0))
-    rowspec = pl.BlockSpec((_SQ, _SQ, bq), lambda i, b, h: (b, h, qblk(i)))
+    qspec = pl.BlockSpec((SQ, bq, SQ, dp), lambda i, b, h: (b, qblk(i), h, 0))
+    kvspec = pl.BlockSpec((SQ, tk_pad, SQ, dp), lambda i, b, h: (b, 0, lax.div(h, g), 0))
+    rowspec = pl.BlockSpec((SQ, SQ, bq), lambda i, b, h: (b, h, qblk(i)))
     in_specs = [qspec, kvspec, kvspec, qspec, rowspec, rowspec]
     args = [qp, kp, vp, dop, lse, delta]
     if plan.segments:
         args += _segment_inputs(plan, q_ids, kv_ids, bq, bk)
-        in_specs += [pl.BlockSpec((_SQ, bq), lambda i, b, h: (b, qblk(i))),
-                     pl.BlockSpec((_SQ, tk_pad), lambda i, b, h: (b, 0)),
-                     pl.BlockSpec((_SQ, 2, nq), lambda i, b, h: (b, 0, 0)),
-                     pl.BlockSpec((_SQ, 2, nk), lambda i, b, h: (b, 0, 0))]
+        in_specs += [pl.BlockSpec((SQ, bq), lambda i, b, h: (b, qblk(i))),
+                     pl.BlockSpec((SQ, tk_pad), lambda i, b, h: (b, 0)),
+                     pl.BlockSpec((SQ, 2, nq), lambda i, b, h: (b, 0, 0)),
+                     pl.BlockSpec((SQ, 2, nk), lambda i, b, h: (b, 0, 0))]
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, plan=plan),
         out_shape=jax.ShapeDtypeStruct(qp.shape, q.dtype),
@@ -528,17 +500,17 @@ def _backward(plan: _Plan, res, do):
     # dK, dV: grid (kv-block, batch, kv-head), loop over (q-head in group, q-block).
     bq, bk = plan.blocks[4], plan.blocks[5]
     nq, nk = tq_pad // bq, tk_pad // bk
-    qgspec = pl.BlockSpec((_SQ, tq_pad, g, dp), lambda j, b, h: (b, 0, h, 0))
-    kspec = pl.BlockSpec((_SQ, bk, _SQ, dp), lambda j, b, h: (b, j, h, 0))
-    rowgspec = pl.BlockSpec((_SQ, g, tq_pad), lambda j, b, h: (b, h, 0))
+    qgspec = pl.BlockSpec((SQ, tq_pad, g, dp), lambda j, b, h: (b, 0, h, 0))
+    kspec = pl.BlockSpec((SQ, bk, SQ, dp), lambda j, b, h: (b, j, h, 0))
+    rowgspec = pl.BlockSpec((SQ, g, tq_pad), lambda j, b, h: (b, h, 0))
     in_specs = [qgspec, kspec, kspec, qgspec, rowgspec, rowgspec]
     args = [qp, kp, vp, dop, lse, delta]
     if plan.segments:
         args += _segment_inputs(plan, q_ids, kv_ids, bq, bk)
-        in_specs += [pl.BlockSpec((_SQ, tq_pad), lambda j, b, h: (b, 0)),
-                     pl.BlockSpec((_SQ, bk), lambda j, b, h: (b, j)),
-                     pl.BlockSpec((_SQ, 2, nq), lambda j, b, h: (b, 0, 0)),
-                     pl.BlockSpec((_SQ, 2, nk), lambda j, b, h: (b, 0, 0))]
+        in_specs += [pl.BlockSpec((SQ, tq_pad), lambda j, b, h: (b, 0)),
+                     pl.BlockSpec((SQ, bk), lambda j, b, h: (b, j)),
+                     pl.BlockSpec((SQ, 2, nq), lambda j, b, h: (b, 0, 0)),
+                     pl.BlockSpec((SQ, 2, nk), lambda j, b, h: (b, 0, 0))]
     dk, dv = pl.pallas_call(
         functools.partial(_dkdv_kernel, plan=plan),
         out_shape=[jax.ShapeDtypeStruct(kp.shape, k.dtype), jax.ShapeDtypeStruct(vp.shape, v.dtype)],
@@ -582,8 +554,7 @@ def _prepare(q, k, v, causal, segment_ids, window, sm_scale, block_sizes, interp
     if block_sizes is None:
         block_sizes = BlockSizes.get_default(q.shape[-1])
     _validate(q, k, v, q_ids, kv_ids, window, sm_scale, block_sizes)
-    if interpret is None:
-        interpret = jax.default_backend() == "cpu"
+    interpret = resolve_interpret(interpret)
     plan = _make_plan(q, k, q_ids, causal, window, sm_scale, block_sizes, interpret)
     return q_ids, kv_ids, plan
 

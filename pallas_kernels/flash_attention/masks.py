@@ -83,7 +83,10 @@ def _cdiv(a, b: int):
 def _select(c, a, b):
     if isinstance(c, (bool, np.bool_)) and _static(a, b):
         return int(a) if c else int(b)
-    return jnp.where(c, a, b)
+    # Python-int operands as int32 arrays: Pallas' Triton lowering mistypes a
+    # ``where`` between two weakly-typed literals (caught by tests/test_gpu_lowering.py).
+    as_i32 = lambda x: jnp.asarray(x, jnp.int32) if _static(x) else x  # noqa: E731
+    return jnp.where(c, as_i32(a), as_i32(b))
 
 
 class BlockRange(NamedTuple):

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from ._pallas_utils import SQ, compiler_params, next_pow2, resolve_interpret, round_up
+from .._common import SQ, compiler_params, next_pow2, resolve_interpret, round_up
 from .reference import validate
 
 f32 = jnp.float32

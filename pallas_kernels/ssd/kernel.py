@@ -41,10 +41,11 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from ..selective_scan._pallas_utils import SQ, compiler_params, next_pow2, resolve_interpret, round_up
+from .._common import SQ, compiler_params, next_pow2, resolve_interpret, round_up
 from .reference import _d_term, process_dt, validate
 
 f32 = jnp.float32
+BWD_BLOCK_P = 32  # P columns per backward program (the forward uses ``block_p``)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +64,7 @@ class _Plan:
     interpret: bool
     num_warps: int = 4
     num_stages: int = 2
+    mm: str = "float32"  # dot operand dtype (the inputs' dtype)
 
     @property
     def nc(self):
@@ -83,16 +85,21 @@ def _pad_to(x, sizes):
 
 
 # ----------------------------------------------------------------------------- kernel pieces
-def _dot(a, b):
-    return jnp.dot(a, b, preferred_element_type=f32)
+# Dot operands are cast to ``plan.mm`` (the inputs' dtype: bf16/f16 operands run the
+# tensor cores at full rate and take half the shared memory of f32 ones, as in
+# mamba_ssm's Triton kernels); accumulation is always float32.
+def _dot(a, b, mm):
+    return jnp.dot(a.astype(mm), b.astype(mm), preferred_element_type=f32)
 
 
-def _dot_tn(a, b):  # a^T b
-    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=f32)
+def _dot_tn(a, b, mm):  # a^T b
+    return lax.dot_general(a.astype(mm), b.astype(mm), (((0,), (0,)), ((), ())),
+                           preferred_element_type=f32)
 
 
-def _dot_nt(a, b):  # a b^T
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=f32)
+def _dot_nt(a, b, mm):  # a b^T
+    return lax.dot_general(a.astype(mm), b.astype(mm), (((1,), (1,)), ((), ())),
+                           preferred_element_type=f32)
 
 
 def _decay(acs_ref, q):
@@ -112,21 +119,21 @@ def _chunk_state_kernel(x_ref, dt_ref, acs_ref, b_ref, st_ref, *, plan):
     last = acs_ref[pl.ds(plan.q - 1, 1)].astype(f32)
     w = jnp.exp(last - acs) * dt_ref[...].astype(f32)                    # [Q]
     xw = x_ref[...].astype(f32) * w[:, None]
-    st_ref[...] = _dot_tn(xw, b_ref[...].astype(f32))                    # [P, N]
+    st_ref[...] = _dot_tn(xw, b_ref[...], plan.mm)                        # [P, N]
 
 
 def _chunk_scan_kernel(x_ref, dt_ref, acs_ref, b_ref, c_ref, s_ref, y_ref, *, plan):
     acs, _, lmat = _decay(acs_ref, plan.q)
-    Cm = c_ref[...].astype(f32)
+    Cm = c_ref[...]
     xdt = x_ref[...].astype(f32) * dt_ref[...].astype(f32)[:, None]
-    m = lmat * _dot_nt(Cm, b_ref[...].astype(f32))                       # [Q, Q]
-    y = _dot(m, xdt) + jnp.exp(acs)[:, None] * _dot_nt(Cm, s_ref[...])   # [Q, P]
+    m = lmat * _dot_nt(Cm, b_ref[...], plan.mm)                           # [Q, Q]
+    y = _dot(m, xdt, plan.mm) + jnp.exp(acs)[:, None] * _dot_nt(Cm, s_ref[...], plan.mm)  # [Q, P]
     y_ref[...] = y.astype(y_ref.dtype)
 
 
 def _chunk_state_grad_kernel(dy_ref, acs_ref, c_ref, ds_ref, *, plan):
     e = jnp.exp(acs_ref[...].astype(f32))
-    ds_ref[...] = _dot_tn(dy_ref[...].astype(f32) * e[:, None], c_ref[...].astype(f32))
+    ds_ref[...] = _dot_tn(dy_ref[...].astype(f32) * e[:, None], c_ref[...], plan.mm)
 
 
 def _chunk_bwd_kernel(x_ref, dt_ref, acs_ref, b_ref, c_ref, s_ref, dsn_ref, dy_ref,
@@ -135,8 +142,8 @@ def _chunk_bwd_kernel(x_ref, dt_ref, acs_ref, b_ref, c_ref, s_ref, dsn_ref, dy_r
     acs, last, lmat = _decay(acs_ref, q)
     X = x_ref[...].astype(f32)
     dt = dt_ref[...].astype(f32)
-    Bm = b_ref[...].astype(f32)
-    Cm = c_ref[...].astype(f32)
+    Bm = b_ref[...]                               # B, C only feed dots
+    Cm = c_ref[...]
     S = s_ref[...]
     dSn = dsn_ref[...]
     dY = dy_ref[...].astype(f32)
@@ -144,15 +151,16 @@ def _chunk_bwd_kernel(x_ref, dt_ref, acs_ref, b_ref, c_ref, s_ref, dsn_ref, dy_r
     w = jnp.exp(last - acs)
     xdt = X * dt[:, None]
 
-    gmat = _dot_nt(Cm, Bm)                        # C B^T      [Q, Q]
+    mm = plan.mm
+    gmat = _dot_nt(Cm, Bm, mm)                    # C B^T      [Q, Q]
     m = lmat * gmat
-    dm = _dot_nt(dY, xdt)                         # dY xdt^T   [Q, Q]
-    bds = _dot_nt(Bm, dSn)                        # B dSn^T    [Q, P]
-    dxdt = _dot_tn(m, dY) + w[:, None] * bds
+    dm = _dot_nt(dY, xdt, mm)                     # dY xdt^T   [Q, Q]
+    bds = _dot_nt(Bm, dSn, mm)                    # B dSn^T    [Q, P]
+    dxdt = _dot_tn(m, dY, mm) + w[:, None] * bds
     dg = dm * lmat
-    cs = _dot_nt(Cm, S)                           # C S^T      [Q, P]
-    dc_ref[...] = _dot(dg, Bm) + e[:, None] * _dot(dY, S)
-    db_ref[...] = _dot_tn(dg, Cm) + w[:, None] * _dot(xdt, dSn)
+    cs = _dot_nt(Cm, S, mm)                       # C S^T      [Q, P]
+    dc_ref[...] = _dot(dg, Bm, mm) + e[:, None] * _dot(dY, S, mm)
+    db_ref[...] = _dot_tn(dg, Cm, mm) + w[:, None] * _dot(xdt, dSn, mm)
 
     E = dm * m
     dw = jnp.sum(xdt * bds, axis=1) * w
@@ -291,6 +299,9 @@ def _ssd_core_fwd(plan, x, dt, A, B, C, s0):
 def _ssd_core_bwd(plan, res, cts):
     xp, dtp, A, Bp, Cp, dtt, acs, starts = res
     dy, dfinal = cts
+    # The backward holds ~4x the forward's tiles: half the P block keeps it in
+    # registers (sm_90 compile report: 255 regs + spills at 64, none at 32).
+    plan = dataclasses.replace(plan, bp=min(plan.bp, BWD_BLOCK_P))
     b, lp, h = plan.b, plan.lp, plan.h
     dy = _pad_to(dy.astype(f32), (b, lp, h, plan.pp))
     dfinal = _pad_to(dfinal.astype(f32), (b, h, plan.pp, plan.np_))
@@ -320,8 +331,10 @@ def ssd(x, dt, A, B, C, *, chunk_size=64, D=None, z=None, dt_bias=None, dt_softp
       dt_bias: ``[H]``; dt_softplus: ``dt = softplus(dt + dt_bias)``.
       initial_states / returned final states: ``[batch, H, P, N]`` float32.
       interpret: Pallas interpret mode; ``None`` = on when the default backend is CPU.
-      block_p: P columns per program (power of two >= 16, default 64; the grid is
-        ``(batch, chunks, H, P / block_p)``).
+      block_p: P columns per forward program (power of two >= 16, default 64; the
+        grid is ``(batch, chunks, H, P / block_p)``); the backward uses
+        ``min(block_p, 32)``.  ``chunk_size`` 64 with bf16 inputs is what compiles
+        for sm_90 without register spills (``experiments.kernel_report``).
 
     Returns ``y`` (``x.dtype``) or ``(y, final_states)``.  Differentiable in x,
     dt, A, B, C, D, z, dt_bias and initial_states.
@@ -337,9 +350,11 @@ def ssd(x, dt, A, B, C, *, chunk_size=64, D=None, z=None, dt_bias=None, dt_softp
     pp = max(16, next_pow2(p))
     bp = min(block_p, pp)
     np_ = max(16, next_pow2(n))
+    half = (jnp.bfloat16, jnp.float16)
+    mm = jnp.dtype(x.dtype).name if x.dtype in half and B.dtype == C.dtype == x.dtype else "float32"
     plan = _Plan(b=b, l=l, lp=round_up(l, q), q=q, h=h, g=g, p=p, pp=pp, n=n, np_=np_, bp=bp,
                  interpret=resolve_interpret(interpret),
-                 num_warps=4 if q * max(bp, np_) <= 64 * 64 else 8)
+                 num_warps=4 if q * max(bp, np_) <= 64 * 64 else 8, mm=mm)
     dtp = process_dt(dt, dt_bias, dt_softplus)
     s0 = jnp.zeros((b, h, p, n), f32) if initial_states is None else initial_states.astype(f32)
     y, final = _ssd_core(plan, x, dtp, A, B, C, s0)

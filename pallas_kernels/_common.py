@@ -1,4 +1,4 @@
-"""Small Pallas helpers shared by :mod:`selective_scan` and :mod:`ssd`.
+"""Small Pallas helpers shared by every kernel package.
 
 Everything that depends on the jax version lives here: the squeezed block
 dimension marker and the Triton compiler-params spelling.

@@ -1,0 +1,190 @@
+"""Compile every Pallas GPU kernel for Hopper (sm_90) on the CPU and report its resources.
+
+    python -m experiments.kernel_report [--preset quick|full] [--out DIR] [--arch 90]
+
+No GPU needed: each kernel is lowered for CUDA by this jaxlib (Pallas' Triton
+lowering) and compiled by the ``triton`` package (``pip install triton==3.6.0``,
+in the ``test`` extra).  For the issues' benchmark shapes and a sweep of tile
+configurations it reports, per kernel: registers per thread, spills (stack /
+local bytes), dynamic shared memory per block (sm_90 limit 227 KiB), tensor-core
+instructions (``wgmma`` = Hopper warpgroup MMA, ``mma.sync`` = the older warp
+MMA, neither = CUDA cores) and the occupancy bound (CTAs per SM).  This tells
+which configurations *can* run fast and which spill or cannot launch at all; it
+does not time anything (``bench_attention`` / ``bench_scan`` do, on a GPU).
+
+The pip Triton is not the Triton inside XLA that compiles these kernels on a
+GPU, so treat the numbers as a close proxy.  ``quick`` = the default tiles only;
+``full`` adds the sweep.  Writes ``DIR/results.json`` (one row per kernel and
+configuration) and ``DIR/kernel_report.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.flash_attention import BlockSizes, flash_attention
+from pallas_kernels.selective_scan import selective_scan
+from pallas_kernels.ssd import ssd
+from pallas_kernels.triton_inspect import compile_report, triton_calls
+from experiments.common import write_results
+
+S = jax.ShapeDtypeStruct
+bf16, f32 = jnp.bfloat16, jnp.float32
+PRESETS = ("quick", "full")
+
+
+def _grads(fn, n):
+    return jax.grad(lambda *a: fn(*a).astype(f32).sum(), argnums=tuple(range(n)))
+
+
+# --------------------------------------------------------------------------- cases
+def attention_case(d: int, bs: BlockSizes | None, t: int = 4096, heads: int = 16):
+    """bf16 causal attention, B*T = t, fwd + bwd kernels."""
+    q = S((1, t, heads, d), bf16)
+    fn = lambda q, k, v: flash_attention(q, k, v, causal=True, block_sizes=bs, interpret=False)  # noqa: E731
+    return _grads(fn, 3), (q, q, q)
+
+
+def attention_candidates(d: int, full: bool):
+    default = BlockSizes.get_default(d)
+    cands = {"default": default}
+    if full:
+        for bq, bk, w, st in ((128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 2),
+                              (64, 64, 4, 2), (64, 32, 4, 2)):
+            cands[f"fwd {bq}x{bk} w{w} s{st}"] = dataclasses.replace(
+                default, block_q=bq, block_k=bk, num_warps=w, num_stages=st)
+        for dq, dkv, w in (((64, 64), (64, 64), 8), ((128, 32), (32, 128), 8),
+                           ((64, 32), (32, 64), 4), ((64, 64), (64, 64), 4),
+                           ((128, 64), (64, 128), 8)):
+            cands[f"bwd dq{dq[0]}x{dq[1]} dkv{dkv[0]}x{dkv[1]} w{w}"] = dataclasses.replace(
+                default, block_q_dq=dq[0], block_k_dq=dq[1], block_q_dkv=dkv[0], block_k_dkv=dkv[1],
+                num_warps_bwd=w)
+    return cands
+
+
+def scan_case(block_d=None, chunk=None):
+    """selective_scan at B=4, L=4096, dim=2048, N=16 (bf16, softplus, D, z, bias)."""
+    b, l, dim, n = 4, 4096, 2048, 16
+    args = (S((b, l, dim), bf16), S((b, l, dim), bf16), S((dim, n), f32), S((b, l, n), bf16),
+            S((b, l, n), bf16), S((dim,), f32), S((dim,), f32), S((b, l, dim), bf16))
+
+    def fn(u, delta, A, B, C, D, bias, z):
+        return selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=bias, delta_softplus=True,
+                              interpret=False, block_d=block_d, chunk=chunk)
+    return _grads(fn, len(args)), args
+
+
+def ssd_case(chunk_size=64, block_p=None, dtype=bf16):
+    """ssd at B=4, L=4096, H=16, P=128, N=128, G=1."""
+    b, l, h, p, g, n = 4, 4096, 16, 128, 1, 128
+    args = (S((b, l, h, p), dtype), S((b, l, h), dtype), S((h,), f32), S((b, l, g, n), dtype),
+            S((b, l, g, n), dtype))
+
+    def fn(x, dt, A, B, C):
+        return ssd(x, dt, A, B, C, chunk_size=chunk_size, block_p=block_p, dt_softplus=True,
+                   interpret=False)
+    return _grads(fn, len(args)), args
+
+
+FAMILIES = ("attention", "selective_scan", "ssd")
+
+
+def cases(preset: str, families=FAMILIES):
+    """``(family, config label, thunk -> (fn, args))`` for the preset."""
+    full = preset == "full"
+    out = []
+    for d in (128, 64, 256):
+        for label, bs in attention_candidates(d, full).items():
+            out.append((f"attention D{d}", label, lambda d=d, bs=bs: attention_case(d, bs)))
+    out.append(("selective_scan", "default", scan_case))
+    if full:
+        for bd in (16, 64):
+            out.append(("selective_scan", f"block_d {bd}", lambda bd=bd: scan_case(block_d=bd)))
+    out.append(("ssd", "default (chunk 64)", ssd_case))
+    if full:
+        for q, bp in ((32, 64), (64, 128), (128, 64), (256, 64)):
+            out.append(("ssd", f"chunk {q} block_p {bp}",
+                        lambda q=q, bp=bp: ssd_case(chunk_size=q, block_p=bp)))
+        out.append(("ssd", "default, float32 inputs", lambda: ssd_case(dtype=f32)))
+    return [c for c in out if c[0].split()[0] in families]
+
+
+# --------------------------------------------------------------------------- report
+def run(preset: str, arch: int, families=FAMILIES):
+    rows = []
+    for family, label, thunk in cases(preset, families):
+        fn, args = thunk()
+        for call in triton_calls(fn, *args):
+            t0 = time.perf_counter()
+            r = compile_report(call, arch=arch)
+            r.update(family=family, config=label, compile_s=round(time.perf_counter() - t0, 2),
+                     spills=r["stack_bytes"] > 0 or r["local_bytes"] > 0)
+            rows.append(r)
+            print(f"{family:16s} {label:34s} {r['name']:26s} warps {r['num_warps']} "
+                  f"regs {r['registers']:3d} spill {r['stack_bytes'] + r['local_bytes']:5d}B "
+                  f"smem {r['shared_bytes'] // 1024:4d}KiB{'' if r['fits'] else ' (>227!)'} "
+                  f"wgmma {r['wgmma']:3d} mma.sync {r['mma_sync']:3d} ctas/SM {r['ctas_per_sm']}",
+                  flush=True)
+    return rows
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    default = [r for r in rows if r["config"].startswith("default")]
+    labels = [f"{r['family']}\n{r['name']}" + ("" if r["config"] == "default" else f"\n{r['config']}")
+              for r in default]
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 0.9 * len(default)), 5.5))
+    x = range(len(default))
+    colors = ["tab:red" if r["spills"] or not r["fits"] else "tab:blue" for r in default]
+    axes[0].bar(x, [r["registers"] for r in default], color=colors)
+    axes[0].axhline(255, color="k", ls="--", lw=0.8)
+    axes[0].set_ylabel("registers / thread (red: spills or no fit)")
+    axes[1].bar(x, [r["shared_bytes"] / 1024 for r in default], color=colors)
+    axes[1].axhline(227, color="k", ls="--", lw=0.8)
+    axes[1].set_ylabel("shared memory / block (KiB)")
+    for ax in axes:
+        ax.set_xticks(list(x))
+        ax.set_xticklabels(labels, rotation=90, fontsize=6)
+    fig.suptitle(f"Pallas kernels compiled for {rows[0]['arch']} (triton {rows[0]['triton_version']}), "
+                 "default tiles")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m experiments.kernel_report", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="quick", choices=PRESETS)
+    ap.add_argument("--out", default="runs/kernel_report")
+    ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (90 = H100)")
+    ap.add_argument("--families", default=",".join(FAMILIES),
+                    help=f"comma list from {list(FAMILIES)}")
+    args = ap.parse_args(argv)
+    families = tuple(f for f in args.families.split(",") if f)
+    bad = sorted(set(families) - set(FAMILIES))
+    if bad or not families:
+        ap.error(f"--families: unknown {bad}; choose from {list(FAMILIES)}")
+    import importlib.util
+    if importlib.util.find_spec("triton") is None:
+        ap.error("needs the `triton` package (no GPU needed): pip install triton==3.6.0")
+    rows = run(args.preset, args.arch, families)
+    os.makedirs(args.out, exist_ok=True)
+    plot(rows, os.path.join(args.out, "kernel_report.png"))
+    write_results(args.out, command="python -m experiments.kernel_report " + " ".join(
+                      argv if argv is not None else sys.argv[1:]),
+                  preset=args.preset, arch=f"sm_{args.arch}", families=list(families), rows=rows,
+                  note="compiled on the CPU with the pip triton; resources only, no timing")
+
+
+if __name__ == "__main__":
+    main()

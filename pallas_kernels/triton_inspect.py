@@ -1,0 +1,157 @@
+"""See what the Pallas kernels become on an NVIDIA GPU, without a GPU.
+
+Pallas' Triton lowering runs at MLIR-lowering time, so a CPU-only jaxlib can
+lower any jitted function *for CUDA* and hand back every kernel launch with its
+Triton IR (:func:`triton_calls`).  The ``triton`` package (pure wheel, no GPU
+needed: ``pip install triton==3.6.0``) can then compile that IR for Hopper
+(``sm_90``) and report what decides a kernel's speed and whether it runs at all
+(:func:`compile_report`): registers per thread, spills (local memory), shared
+memory per block, the tensor-core instruction its dots became (``wgmma`` on
+Hopper vs the older ``mma.sync``) and the resulting occupancy bound.
+
+Caveat: on a real GPU, XLA compiles the same IR with the Triton it was built
+with, not the pip one; the report is a close proxy (same IR, same passes
+upstream), not the binary that will run.  Speed still needs the GPU.
+
+    calls = triton_calls(lambda q, k, v: flash_attention(q, k, v), q, k, v)
+    [compile_report(c) for c in calls]
+
+Both use jax internals (the lowered module's custom-call attributes and jaxlib's
+Triton dialect bindings); a jax version that moved them raises a
+``RuntimeError`` saying so.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import subprocess
+import tempfile
+
+import jax
+
+TRITON_TARGET = "__gpu$xla.gpu.triton"
+H100_SHARED_PER_BLOCK = 227 * 1024  # opt-in maximum dynamic shared memory per block (sm_90)
+H100_SHARED_PER_SM = 228 * 1024
+H100_REGS_PER_SM = 65536
+_WARP = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonCall:
+    """One Pallas kernel launch as XLA would run it on the GPU."""
+
+    name: str
+    grid: tuple
+    num_warps: int
+    num_stages: int
+    ttir: str  # Triton IR (text)
+
+
+def _lower_for_cuda(fn, *args):
+    try:
+        traced = jax.jit(fn).trace(*args)
+        return traced.lower(lowering_platforms=("cuda",)).compiler_ir("stablehlo")
+    except TypeError as e:  # pragma: no cover - jax without cross-platform lowering
+        raise RuntimeError(f"this jax ({jax.__version__}) cannot lower for CUDA here: {e}") from e
+
+
+def _walk(op):
+    for region in op.regions:
+        for block in region.blocks:
+            for child in block.operations:
+                yield child.operation
+                yield from _walk(child.operation)
+
+
+def _ttir_text(ir_bytes: bytes) -> str:
+    """jaxlib's serialized Triton module (MLIR bytecode) -> textual IR."""
+    try:
+        from jax._src.interpreters import mlir as jax_mlir
+        from jax._src.lib import triton as jaxlib_triton
+        from jax._src.lib.mlir import ir
+    except ImportError as e:  # pragma: no cover - depends on jaxlib
+        raise RuntimeError(f"jaxlib has no Triton dialect bindings: {e}") from e
+    ctx = jax_mlir.make_ir_context()
+    jaxlib_triton.dialect.register_dialect(ctx)
+    with ctx:
+        module = ir.Module.parse(ir_bytes)
+        return module.operation.get_asm(enable_debug_info=False)
+
+
+def triton_calls(fn, *args) -> list:
+    """Every Pallas->Triton launch in ``jax.jit(fn)(*args)`` lowered for CUDA.
+
+    ``args`` may be arrays or ``jax.ShapeDtypeStruct``s.  Kernels must be built
+    with ``interpret=False`` (the default resolves to interpret mode on a CPU
+    backend, which lowers to plain XLA loops instead).
+    """
+    from jax._src.lib.mlir import ir
+
+    module = _lower_for_cuda(fn, *args)
+    calls = []
+    for op in _walk(module.operation):
+        if op.name != "stablehlo.custom_call":
+            continue
+        if ir.StringAttr(op.attributes["call_target_name"]).value != TRITON_TARGET:
+            continue
+        if "mhlo.backend_config" not in op.attributes:  # pragma: no cover - jax moved it
+            raise RuntimeError("Triton custom call without mhlo.backend_config; this jax moved it")
+        cfg = {a.name: a.attr for a in ir.DictAttr(op.attributes["mhlo.backend_config"])}
+        ival = lambda key: ir.IntegerAttr(cfg[key]).value  # noqa: E731
+        calls.append(TritonCall(
+            name=ir.StringAttr(cfg["name"]).value,
+            grid=(ival("grid_x"), ival("grid_y"), ival("grid_z")),
+            num_warps=ival("num_warps"), num_stages=ival("num_stages"),
+            ttir=_ttir_text(ir.StringAttr(cfg["ir"]).value_bytes)))
+    return calls
+
+
+def _resource_usage(cuobjdump: str, cubin: bytes) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True,
+                             check=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
+    if m is None:  # pragma: no cover - cuobjdump format changed
+        raise RuntimeError(f"cannot parse cuobjdump -res-usage output:\n{out}")
+    regs, stack, shared, local = map(int, m.groups())
+    return dict(registers=regs, stack_bytes=stack, static_shared_bytes=shared, local_bytes=local)
+
+
+def compile_report(call: TritonCall, arch: int = 90) -> dict:
+    """Compile ``call`` for ``sm_{arch}`` with the ``triton`` package; resources.
+
+    Returns a dict: ``registers`` (per thread), ``local_bytes`` / ``stack_bytes``
+    (non-zero = register spills), ``shared_bytes`` (dynamic shared memory per
+    block), ``fits`` (shared memory within the sm_90 per-block limit), ``wgmma`` /
+    ``mma_sync`` (tensor-core instruction counts in the PTX), ``ctas_per_sm``
+    (occupancy bound from registers and shared memory, approximate) plus the
+    launch parameters.
+    """
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget
+    except ImportError as e:
+        raise RuntimeError("compile_report needs the `triton` package: pip install triton==3.6.0") from e
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, f"{call.name}.ttir")
+        with open(path, "w") as f:
+            f.write(call.ttir)
+        kernel = triton.compile(path, target=GPUTarget("cuda", arch, _WARP),
+                                options=dict(num_warps=call.num_warps, num_stages=call.num_stages))
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    usage = _resource_usage(cuobjdump, kernel.asm["cubin"])
+    ptx = kernel.asm["ptx"]
+    shared = int(kernel.metadata.shared)
+    threads = call.num_warps * _WARP
+    regs_per_warp = -(-usage["registers"] * _WARP // 256) * 256  # allocation unit: 256 regs / warp
+    by_regs = H100_REGS_PER_SM // (regs_per_warp * call.num_warps)
+    by_smem = H100_SHARED_PER_SM // (shared + 1024) if shared else 32  # 1 KiB reserved per block
+    return dict(
+        name=call.name, grid=list(call.grid), num_warps=call.num_warps, num_stages=call.num_stages,
+        threads=threads, shared_bytes=shared, fits=shared <= H100_SHARED_PER_BLOCK,
+        wgmma=ptx.count("wgmma.mma_async"), mma_sync=ptx.count("mma.sync"),
+        ctas_per_sm=max(0, min(by_regs, by_smem, 32)), triton_version=triton.__version__,
+        arch=f"sm_{arch}", **usage)

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Every GPU measurement the open issues ask for, one stage per device call
+# (each stage fits the device's 10-minute command limit; results under $OUT/<stage>).
+#
+#   run(command="bash scripts/gpu_session.sh kernels attention", carry=["runs/wheels"])
+#
+# Stages:
+#   kernels      kernel tests on the GPU: compiled Pallas vs the float32 references
+#   attention    python -m experiments.bench_attention        (issue 4)
+#   scan         python -m experiments.bench_scan (+ fla)      (issue 6)
+#   models       python -m experiments.bench_models            (issue 6)
+#   denseformer  python -m experiments.denseformer --preset gpu (issue 5)
+#
+# The device has jax/flax/torch/triton but no network and no fla: carry the
+# wheels fetched here with
+#   pip download fla-core==0.6.0 einops --no-deps -d runs/wheels
+# (runs/ is git-ignored; nothing third-party is committed).
+set -uo pipefail
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+OUT="${OUT:-runs/gpu}"
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1 || true
+python -c "import jax; print(jax.__version__, jax.devices())" >> "$OUT/gpu.txt" 2>&1
+
+if compgen -G "runs/wheels/*.whl" > /dev/null; then
+    pip install -q --no-deps --target "$OUT/.site" runs/wheels/*.whl >/dev/null 2>&1 \
+        && export PYTHONPATH="$PYTHONPATH:$OUT/.site"
+fi
+
+stage() {  # stage NAME SECONDS COMMAND...
+    local name=$1 secs=$2; shift 2
+    mkdir -p "$OUT/$name"
+    echo "== $name: $*"
+    local t0=$SECONDS
+    timeout "$secs" "$@" > "$OUT/$name/log.txt" 2>&1
+    local rc=$?
+    echo "   rc=$rc in $((SECONDS - t0)) s; tail:"
+    tail -n 15 "$OUT/$name/log.txt"
+}
+
+for s in "$@"; do
+    case "$s" in
+        kernels)     stage kernels 300 python -m pytest -q -p no:cacheprovider -x \
+                         tests/test_flash_attention.py tests/test_selective_scan.py tests/test_ssd.py ;;
+        attention)   stage attention 560 python -m experiments.bench_attention --out "$OUT/attention" ;;
+        scan)        stage scan 560 python -m experiments.bench_scan --out "$OUT/scan" ;;
+        models)      stage models 560 python -m experiments.bench_models --out "$OUT/models" ;;
+        denseformer) stage denseformer 580 python -m experiments.denseformer --preset gpu \
+                         --out "$OUT/denseformer" ;;
+        *) echo "unknown stage $s (kernels|attention|scan|models|denseformer)"; exit 2 ;;
+    esac
+done
