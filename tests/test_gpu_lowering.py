@@ -101,15 +101,25 @@ def _scan_case(b, l, dim, n, groups=None, dtype=bf16, z=True, **kw):
 ])
 def test_selective_scan_lowers_to_triton(case):
     fn, args = _scan_case(**case)
-    assert _names(triton_calls(fn, *args)) == ["selective_scan_fwd"]
+    assert _names(triton_calls(fn, *args)) == ["selective_scan_chunk_states", "selective_scan_fwd"]
     calls = triton_calls(_grad_all(fn, len(args)), *args)
-    assert sorted(_names(calls)) == ["selective_scan_bwd", "selective_scan_fwd"]
+    assert sorted(_names(calls)) == ["selective_scan_bwd", "selective_scan_chunk_states",
+                                     "selective_scan_fwd"]
+
+
+def test_selective_scan_forward_is_time_parallel():
+    """Forward grids are (batch, channel blocks, time chunks); the backward's (batch, blocks)."""
+    fn, args = _scan_case(2, 300, 96, 16)  # chunk 64 -> 5 chunks; block_d 32 -> 3 blocks
+    grids = {c.name: c.grid for c in triton_calls(_grad_all(fn, len(args)), *args)}
+    assert grids["selective_scan_chunk_states"] == grids["selective_scan_fwd"] == (2, 3, 5)
+    assert grids["selective_scan_bwd"] == (2, 3, 1)
 
 
 def test_selective_scan_last_state_lowers():
     fn, args = _scan_case(1, 64, 32, 16, z=False)
     last = lambda *a: selective_scan(*a[:5], return_last_state=True, interpret=False)[1]  # noqa: E731
-    assert _names(triton_calls(last, *args[:5])) == ["selective_scan_fwd"]
+    assert _names(triton_calls(last, *args[:5])) == ["selective_scan_chunk_states",
+                                                     "selective_scan_fwd"]
 
 
 # --------------------------------------------------------------------------- SSD

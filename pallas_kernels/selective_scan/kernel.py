@@ -4,15 +4,23 @@ Semantics: :func:`.reference.reference` (mamba_ssm ``selective_scan_ref``,
 channels-last).  Per batch and channel block the state ``h [block_d, N]`` lives
 in registers (float32) and time is a sequential loop inside the kernel.
 
-Grid: ``(batch, dim // block_d)``, one program per (batch, channel block), for
-both kernels.  Channels are padded per B/C group to a multiple of ``block_d``
-(so a block never straddles two groups and reads one group's B/C rows), ``N``
-is padded to a power of two (zero A/B/C: padded states stay 0) and ``L`` to a
-multiple of ``chunk`` (padded steps get ``dt = 0``: the identity).
+Channels are padded per B/C group to a multiple of ``block_d`` (so a block
+never straddles two groups and reads one group's B/C rows), ``N`` is padded to a
+power of two (zero A/B/C: padded states stay 0) and ``L`` to a multiple of
+``chunk`` (padded steps get ``dt = 0``: the identity).
 
-Forward kernel: the time loop, split into ``n_chunks = L / chunk`` chunks; when
-a backward is needed it also stores the state at the *start* of every chunk,
-``states [batch, n_chunks, dim, N]`` float32 (never the ``[L, dim, N]`` states).
+Forward, time-parallel (grid ``(batch, dim // block_d, L / chunk)``): the
+recurrence is linear in ``h``, so each chunk first runs from ``h = 0`` (its own
+state and summed ``dt``, whose decay is ``exp(A sum dt)``), an associative scan
+over chunks in JAX turns those into every chunk's true start state
+``states [batch, n_chunks, dim, N]`` float32 (never the ``[L, dim, N]`` states),
+and each chunk reruns from its start state to write ``y``.  A sequential loop
+over all of ``L`` in one program per (batch, channel block) would leave an H100
+with a few warps per SM and every step's load latency exposed (no ``cp.async``
+pipelining of these loads: ``experiments.kernel_report``).
+
+Backward: one program per (batch, channel block), chunks in reverse, consuming
+the forward's chunk-start states.
 
 Backward kernel (``a_t = exp(dt_t A)``, ``x_t = dt_t u_t B_t``,
 ``c_t = C_t * dout_t`` with ``dout = dy * silu(z)``, adjoint
@@ -140,46 +148,56 @@ def _silu_parts(z):
     return z * s, s * (1.0 + z * (1.0 - s))       # silu, silu'
 
 
-def _load_dt(dt_ref, bias, t, plan: _Plan):
+def _load_dt(dt_ref, bias, t, plan: _Plan, t0=0):
+    """dt of row ``t`` of the block (absolute step ``t0 + t``)."""
     dt = dt_ref[t, :].astype(f32) + bias
     if plan.softplus:
         dt = jnp.where(dt > 20.0, dt, jnp.log1p(jnp.exp(jnp.minimum(dt, 20.0))))
     if plan.lp != plan.l:
-        dt = jnp.where(t < plan.l, dt, 0.0)      # padded steps are the identity
+        dt = jnp.where(t0 + t < plan.l, dt, 0.0)  # padded steps are the identity
     return dt
 
 
-def _fwd_kernel(*refs, plan: _Plan, save_states: bool):
+def _fwd_chunk_kernel(*refs, plan: _Plan, emit_y: bool):
+    """One (batch, channel block, time chunk) program.
+
+    ``emit_y=False`` (pass 1): run the chunk from ``h = 0``; write the chunk's own
+    state ``h_local [bd, np]`` and ``sum(dt) [bd]`` (its decay is ``exp(A sum(dt))``).
+    ``emit_y=True`` (pass 3): run it from the true chunk-start state; write ``y``.
+    """
     it = iter(refs)
     u_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, bias_ref = (next(it) for _ in range(7))
     z_ref = next(it) if plan.has_z else None
-    y_ref, last_ref = next(it), next(it)
-    st_ref = next(it) if save_states else None
+    if emit_y:
+        h0_ref, y_ref = next(it), next(it)
+    else:
+        hloc_ref, sdt_ref = next(it), next(it)
+    t0 = pl.program_id(2) * plan.chunk
 
     A = a_ref[...].astype(f32)                    # [bd, np]
     Dv = d_ref[...].astype(f32)                   # [bd]
     bias = bias_ref[...].astype(f32)
 
-    def step(t, h):
-        dt = _load_dt(dt_ref, bias, t, plan)
+    def step(t, carry):
+        h, sdt = carry
+        dt = _load_dt(dt_ref, bias, t, plan, t0)
         u = u_ref[t, :].astype(f32)
         Bt = b_ref[t, :].astype(f32)
-        Ct = c_ref[t, :].astype(f32)
         h = jnp.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
-        y = jnp.sum(h * Ct[None, :], axis=1) + Dv * u
-        if plan.has_z:
-            y = y * _silu_parts(z_ref[t, :].astype(f32))[0]
-        y_ref[t, :] = y.astype(y_ref.dtype)
-        return h
+        if emit_y:
+            Ct = c_ref[t, :].astype(f32)
+            y = jnp.sum(h * Ct[None, :], axis=1) + Dv * u
+            if plan.has_z:
+                y = y * _silu_parts(z_ref[t, :].astype(f32))[0]
+            y_ref[t, :] = y.astype(y_ref.dtype)
+            return h, sdt
+        return h, sdt + dt
 
-    def chunk_body(c, h):
-        if save_states:
-            st_ref[c] = h
-        t0 = c * plan.chunk
-        return lax.fori_loop(t0, t0 + plan.chunk, step, h)
-
-    h = lax.fori_loop(0, plan.nc, chunk_body, jnp.zeros(A.shape, f32))
-    last_ref[...] = h
+    h0 = h0_ref[...] if emit_y else jnp.zeros(A.shape, f32)
+    h, sdt = lax.fori_loop(0, plan.chunk, step, (h0, jnp.zeros(Dv.shape, f32)))
+    if not emit_y:
+        hloc_ref[...] = h
+        sdt_ref[...] = sdt
 
 
 def _bwd_kernel(*refs, plan: _Plan):
@@ -275,28 +293,59 @@ def _in_specs(plan: _Plan):
     return specs, seq
 
 
-def _forward(plan: _Plan, save_states: bool, u, delta, A, B, C, D, z, bias):
-    """Padded inputs -> ``(y [b, lp, dimp], last [b, dimp, np], states | None)``."""
-    specs, seq = _in_specs(plan)
-    state_spec = pl.BlockSpec((SQ, plan.bd, plan.np_), lambda i, j: (i, j, 0))
-    out_shape = [jax.ShapeDtypeStruct((plan.b, plan.lp, plan.dimp), u.dtype),
-                 jax.ShapeDtypeStruct((plan.b, plan.dimp, plan.np_), f32)]
-    out_specs = [seq, state_spec]
-    if save_states:
-        out_shape.append(jax.ShapeDtypeStruct((plan.b, plan.nc, plan.dimp, plan.np_), f32))
-        out_specs.append(pl.BlockSpec((SQ, plan.nc, plan.bd, plan.np_), lambda i, j: (i, 0, j, 0)))
+def _chunk_specs(plan: _Plan):
+    """Input specs over the forward grid ``(batch, channel block, time chunk)``."""
+    bpg, q = plan.bpg, plan.chunk
+    seq = pl.BlockSpec((SQ, q, plan.bd), lambda i, j, c: (i, c, j))
+    bc = pl.BlockSpec((SQ, q, SQ, plan.np_), lambda i, j, c: (i, c, lax.div(j, bpg), 0))
+    mat = pl.BlockSpec((plan.bd, plan.np_), lambda i, j, c: (j, 0))
+    vec = pl.BlockSpec((plan.bd,), lambda i, j, c: (j,))
+    specs = [seq, seq, mat, bc, bc, vec, vec]
+    if plan.has_z:
+        specs.append(seq)
+    state = pl.BlockSpec((SQ, SQ, plan.bd, plan.np_), lambda i, j, c: (i, c, j, 0))
+    return specs, seq, state
+
+
+def _forward(plan: _Plan, u, delta, A, B, C, D, z, bias):
+    """Padded inputs -> ``(y [b, lp, dimp], last [b, dimp, np], starts [b, nc, dimp, np])``.
+
+    Time-parallel in three passes (the recurrence is linear in ``h``):
+    1. Pallas, one program per (batch, channel block, chunk): each chunk's own
+       final state from ``h = 0`` and its summed ``dt``;
+    2. JAX: ``starts[c+1] = exp(A * sum dt_c) * starts[c] + h_local[c]`` as an
+       associative scan over chunks (``nc`` elements, log depth);
+    3. Pallas, same grid: rerun each chunk from its true start state and write y.
+    ``starts`` are also the backward's chunk-start states.
+    """
+    specs, seq, state = _chunk_specs(plan)
+    b, nc, dimp, np_ = plan.b, plan.nc, plan.dimp, plan.np_
+    grid = (b, plan.nblk, nc)
     args = [u, delta, A, B, C, D, bias] + ([z] if plan.has_z else [])
-    outs = pl.pallas_call(
-        functools.partial(_fwd_kernel, plan=plan, save_states=save_states),
-        out_shape=out_shape,
-        grid=(plan.b, plan.nblk),
-        in_specs=specs,
-        out_specs=out_specs,
-        interpret=plan.interpret,
-        name="selective_scan_fwd",
+    hloc, sdt = pl.pallas_call(
+        functools.partial(_fwd_chunk_kernel, plan=plan, emit_y=False),
+        out_shape=[jax.ShapeDtypeStruct((b, nc, dimp, np_), f32),
+                   jax.ShapeDtypeStruct((b, nc, dimp), f32)],
+        grid=grid, in_specs=specs,
+        out_specs=[state, pl.BlockSpec((SQ, SQ, plan.bd), lambda i, j, c: (i, c, j))],
+        interpret=plan.interpret, name="selective_scan_chunk_states",
         **compiler_params(plan.num_warps, plan.num_stages),
     )(*args)
-    return outs[0], outs[1], (outs[2] if save_states else None)
+    decay = jnp.exp(sdt[..., None] * A.astype(f32))                     # [b, nc, dimp, np]
+
+    def combine(x, y):  # (decay, state) pairs: apply x then y
+        return x[0] * y[0], y[0] * x[1] + y[1]
+
+    _, after = lax.associative_scan(combine, (decay, hloc), axis=1)      # state after chunk c
+    starts = jnp.concatenate([jnp.zeros_like(after[:, :1]), after[:, :-1]], axis=1)
+    y = pl.pallas_call(
+        functools.partial(_fwd_chunk_kernel, plan=plan, emit_y=True),
+        out_shape=jax.ShapeDtypeStruct((b, plan.lp, dimp), u.dtype),
+        grid=grid, in_specs=specs + [state], out_specs=seq,
+        interpret=plan.interpret, name="selective_scan_fwd",
+        **compiler_params(plan.num_warps, plan.num_stages),
+    )(*args, starts)
+    return y, after[:, -1], starts
 
 
 def _backward_call(plan: _Plan, u, delta, A, B, C, D, z, bias, dy, states, dlast):
@@ -349,13 +398,13 @@ def _unpad_out(plan, y, last):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _scan(plan, u, delta, A, B, C, D, z, bias):
-    y, last, _ = _forward(plan, False, *_pad_all(plan, u, delta, A, B, C, D, z, bias))
+    y, last, _ = _forward(plan, *_pad_all(plan, u, delta, A, B, C, D, z, bias))
     return _unpad_out(plan, y, last)
 
 
 def _scan_fwd(plan, u, delta, A, B, C, D, z, bias):
     padded = _pad_all(plan, u, delta, A, B, C, D, z, bias)
-    y, last, states = _forward(plan, True, *padded)
+    y, last, states = _forward(plan, *padded)
     return _unpad_out(plan, y, last), (padded, states)
 
 
