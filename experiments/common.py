@@ -68,3 +68,26 @@ def train_overrides(preset_train: dict, steps=None, eval_batches=None) -> dict:
     if eval_batches is not None:
         kw["eval_batches"] = eval_batches
     return kw
+
+
+def train_fresh(name: str, cfg, out, *, seed: int, data: str, train_kw: dict, log_points: int,
+                tag: str):
+    """Train ``cfg`` from scratch into ``out/runs/name`` (an old run there is removed) on
+    byte-level ``data``; returns ``(summary, params, compute_dtype, train_config)``."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    from jaxformers.training import TrainConfig, load_run, train
+    from jaxformers.training.trainer import resolve_dtype
+
+    run_dir = Path(out) / "runs" / name
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    tc = TrainConfig(seed=seed, data=data, tokenizer="byte", out_dir=str(run_dir),
+                     checkpoint_every=0, keep_checkpoints=1,
+                     log_every=max(1, train_kw["steps"] // log_points), **train_kw)
+    print(f"[{tag}] training {name} ({cfg.n_layer} layers)", file=sys.stderr, flush=True)
+    summary = train(cfg, tc, progress=False)
+    _, _, params = load_run(run_dir)
+    return summary, params, resolve_dtype(tc.dtype), tc

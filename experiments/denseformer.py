@@ -23,12 +23,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import statistics
 import sys
 import time
 from pathlib import Path
-from experiments.common import enable_compile_cache, train_overrides
+from experiments.common import enable_compile_cache, train_fresh, train_overrides
 
 PRESETS = {
     # L=4: 1x1 (a DWA after every block) and 2x2 (after blocks 2 and 4, over even/odd outputs);
@@ -144,8 +143,7 @@ def time_forwards(fns: dict, rounds: int = 3, min_time: float = 0.3) -> dict:
 
 def run(args) -> dict:
     import jax
-    from jaxformers.training import TrainConfig, load_run, train
-    from jaxformers.training.trainer import open_dataset, resolve_dtype
+    from jaxformers.training.trainer import open_dataset
     from jaxformers.models.denseformer import dwa_weights
 
     preset = PRESETS[args.preset]
@@ -166,16 +164,8 @@ def run(args) -> dict:
                "jax_version": jax.__version__, "data": args.data, "train": train_kw, "models": {}}
     alphas, forwards = {}, {}
     for name, cfg in grid:
-        run_dir = out / "runs" / name
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        tc = TrainConfig(seed=args.seed, data=args.data, tokenizer="byte", out_dir=str(run_dir),
-                         checkpoint_every=0, keep_checkpoints=1, log_every=max(1, train_kw["steps"] // 10),
-                         **train_kw)
-        print(f"[denseformer] training {name} ({cfg.n_layer} layers)", file=sys.stderr, flush=True)
-        summary = train(cfg, tc, progress=False)
-        _, _, params = load_run(run_dir)
-        dtype = resolve_dtype(tc.dtype)
+        summary, params, dtype, tc = train_fresh(name, cfg, out, seed=args.seed, data=args.data,
+                                                 train_kw=train_kw, log_points=10, tag="denseformer")
         row = {
             "model": cfg.model, "n_layer": cfg.n_layer,
             "dwa": ({"dilation": cfg.dwa_dilation, "period": cfg.dwa_period, "mode": cfg.dwa_mode}

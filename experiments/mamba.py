@@ -38,12 +38,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import statistics
 import sys
 import time
 from pathlib import Path
-from experiments.common import enable_compile_cache, train_overrides
+from experiments.common import enable_compile_cache, train_fresh, train_overrides
 
 MODELS = ("base", "mamba", "mamba2", "hybrid")  # "base" = the --base attention model
 
@@ -209,8 +208,8 @@ def decode_scaling(model_config, params, contexts, *, batch: int = 1, dtype: str
 # ============================================================================ run
 def run(args) -> dict:
     import jax
-    from jaxformers.training import TrainConfig, load_run, read_metrics, train
-    from jaxformers.training.trainer import open_dataset, resolve_dtype
+    from jaxformers.training import read_metrics
+    from jaxformers.training.trainer import open_dataset
 
     preset = PRESETS[args.preset]
     out = Path(args.out)
@@ -239,16 +238,9 @@ def run(args) -> dict:
                "target_params": target, "contexts": list(contexts), "decode_batch": preset["decode_batch"],
                "decode_prefilled": bool(args.prefill), "models": {}}
     for name, cfg in grid:
+        summary, params, dtype, tc = train_fresh(name, cfg, out, seed=args.seed, data=args.data,
+                                                 train_kw=train_kw, log_points=20, tag="mamba")
         run_dir = out / "runs" / name
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        tc = TrainConfig(seed=args.seed, data=args.data, tokenizer="byte", out_dir=str(run_dir),
-                         checkpoint_every=0, keep_checkpoints=1, log_every=max(1, train_kw["steps"] // 20),
-                         **train_kw)
-        print(f"[mamba] training {name} ({cfg.n_layer} layers)", file=sys.stderr, flush=True)
-        summary = train(cfg, tc, progress=False)
-        _, _, params = load_run(run_dir)
-        dtype = resolve_dtype(tc.dtype)
         print(f"[mamba] {name}: val_ppl={summary['val_ppl']:.3f}; timing decode at {list(contexts)}",
               file=sys.stderr, flush=True)
         decode = decode_scaling(cfg, params, contexts, batch=preset["decode_batch"], dtype=dtype,
