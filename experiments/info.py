@@ -15,12 +15,13 @@ def preset_table(model: str, seq_len=None):
     for preset in jf.list_presets(model):
         config = jf.get_config(model, preset)
         t = seq_len or config.max_seq_len
-        n = abstract_param_count(jf.build(config))
+        n = abstract_param_count(jf.build(config))  # (flops_per_token builds its own abstract tree)
         rows.append(dict(model=model, preset=preset, params=n,
                          non_embedding_params=n - config.vocab_size * config.d_model,
-                         d_model=config.d_model, n_layer=config.n_layer, n_head=config.n_head,
-                         n_kv_head=config.kv_heads, attention_layers=config.n_attention_layers, vocab_size=config.vocab_size, seq_len=t,
-                         flops_per_token=jf.flops_per_token(config, t, n)))
+                         d_model=config.d_model, n_layer=config.n_layer,
+                         n_head=getattr(config, "n_head", None), n_kv_head=getattr(config, "kv_heads", None),
+                         attention_layers=config.n_attention_layers, vocab_size=config.vocab_size, seq_len=t,
+                         flops_per_token=config.flops_per_token(t)))
     return rows
 
 

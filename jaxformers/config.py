@@ -1,9 +1,11 @@
-"""Model configuration: one frozen dataclass shared by every architecture.
+"""Model configuration: frozen dataclasses, one base and one per family.
 
-Architectures that change the model add their own fields by subclassing
-:class:`ModelConfig` (e.g. ``DenseFormerConfig``); everything a shared block
-needs lives here.  Validation errors are ``ValueError``s that name the field and
-the allowed values.
+:class:`ModelConfig` holds what every language model has; :class:`TransformerConfig`
+adds the attention/MLP fields (GPT, Llama, DenseFormer); the SSM family
+(``jaxformers.models.mamba.MambaConfig``) adds its own and has no attention fields.
+Architectures that change a model add their fields by subclassing their family's
+config (e.g. ``DenseFormerConfig``).  Validation errors are ``ValueError``s that name
+the field and the allowed values.
 """
 from __future__ import annotations
 
@@ -34,34 +36,114 @@ class ConfigMixin:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig(ConfigMixin):
-    """Decoder-only transformer hyper-parameters (GPT / Llama families).
+    """What every language model has: vocabulary, width, depth, norms, dtypes, layer scan/remat.
+
+    Families add their own fields by subclassing: :class:`TransformerConfig` (attention +
+    MLP blocks: GPT, Llama, DenseFormer), ``MambaConfig`` (SSM blocks, no attention fields),
+    ``HybridConfig`` (both).  ``skip_gains=True`` gives every block learned scalar gains
+    (init 1) on its skip connections (DenseFormer's ablation; any block supports it).
+
+    FLOPs: :meth:`flops_per_token` counts every matmul weight by how many times one token
+    uses it (:meth:`param_uses`: 0 for the embedding lookup unless the head is tied, the
+    repeat count for weights applied several times, the active fraction for sparsely
+    activated weights) plus the attention term (:meth:`attention_flops_per_token`).
+    """
+
+    model: str = ""
+    vocab_size: int = 256
+    d_model: int = 128
+    n_layer: int = 2
+    max_seq_len: int = 256
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    scale_residual_init: bool = True  # std / sqrt(2 * n_layer) on output projections
+    skip_gains: bool = False
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    scan_layers: bool = False
+    remat: str = "none"
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def n_attention_layers(self) -> int:
+        """Attention layers applied per token (for the FLOP count); 0 without attention."""
+        return 0
+
+    # --------------------------------------------------------------- validation
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layer", "max_seq_len"):
+            _positive(self, name)
+        _choice("norm", self.norm, NORMS)
+        _choice("remat", self.remat, REMAT_POLICIES)
+        _choice("dtype", self.dtype, DTYPES)
+        _choice("param_dtype", self.param_dtype, DTYPES)
+        for name in ("tie_embeddings", "scale_residual_init", "skip_gains", "scan_layers"):
+            _boolean(self, name)
+        if self.norm_eps <= 0:
+            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
+
+    # -------------------------------------------------------------------- FLOPs
+    def param_uses(self, path: Tuple[str, ...]) -> float:
+        """How many times one token's forward pass multiplies by the parameter at ``path``
+        (a tuple of keys into the params tree, e.g. ``("blocks_0", "attn", "q", "kernel")``).
+
+        Default: 1, except the embedding table, which is a lookup (0) unless it is also the
+        tied output head (1).  Models that apply a weight several times per token (repeated
+        or recursive blocks) return the repeat count; sparsely activated weights (MoE
+        experts) return the fraction of tokens routed to them (top_k / n_experts).
+        """
+        if path[-2:] == ("embed", "embedding"):
+            return 1.0 if self.tie_embeddings else 0.0
+        return 1.0
+
+    def attention_flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token of the attention scores and values (0 without attention)."""
+        return 0.0
+
+    def flops_per_token(self, seq_len: int, params=None) -> float:
+        """Training FLOPs per token (PaLM appendix B): ``6 * sum_w uses(w) * size(w) + attention``.
+
+        ``params``: the params tree (arrays or ``ShapeDtypeStruct``s); ``None`` builds the model
+        abstractly (``jax.eval_shape``, no FLOPs spent).
+        """
+        import jax
+
+        if params is None or isinstance(params, int):  # an int (old API: total count) is ignored
+            from .registry import build
+            from .utils import abstract_params
+            params = abstract_params(build(self))
+        matmul = 0.0
+        for keypath, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+            path = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in keypath)
+            size = 1
+            for dim in leaf.shape:
+                size *= int(dim)
+            matmul += self.param_uses(path) * size
+        return 6.0 * matmul + self.attention_flops_per_token(seq_len)
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig(ModelConfig):
+    """Attention family: decoder-only transformer hyper-parameters (GPT / Llama / DenseFormer).
 
     ``n_kv_head`` < ``n_head`` gives grouped-query attention; ``d_ff`` is the
     hidden width of the MLP (for SwiGLU, of each of the gate/up projections).
     """
 
     model: str = "gpt"
-    vocab_size: int = 256
-    d_model: int = 128
-    n_layer: int = 2
     n_head: int = 4
     n_kv_head: Optional[int] = None  # None -> n_head (multi-head attention)
     head_dim: Optional[int] = None  # None -> d_model // n_head
     d_ff: Optional[int] = None  # None -> 4 * d_model (gelu) / 8/3 d_model rounded (swiglu)
-    max_seq_len: int = 256
-    norm: str = "layernorm"
-    norm_eps: float = 1e-5
     mlp: str = "gelu"
     rope_theta: float = 10000.0
-    tie_embeddings: bool = True
-    init_std: float = 0.02
-    scale_residual_init: bool = True  # std / sqrt(2 * n_layer) on output projections
     attention_impl: str = "auto"
     window: Optional[int] = None  # sliding-window attention (all layers) when set
-    dtype: str = "float32"  # compute dtype
-    param_dtype: str = "float32"
-    scan_layers: bool = False
-    remat: str = "none"
 
     # ------------------------------------------------------------------ derived
     @property
@@ -74,7 +156,7 @@ class ModelConfig(ConfigMixin):
 
     @property
     def n_attention_layers(self) -> int:
-        """Layers with self-attention (for FLOP counts; SSM/hybrid configs override)."""
+        """Attention layers applied per token (hybrids and repeated-block models override)."""
         return self.n_layer
 
     @property
@@ -86,27 +168,20 @@ class ModelConfig(ConfigMixin):
             return 64 * ((hidden + 63) // 64)  # round up to a multiple of 64
         return 4 * self.d_model
 
+    def attention_flops_per_token(self, seq_len: int) -> float:
+        """``12 * L_attn * H * Dh * T``: QK^T and AV, forward + backward; causal attention is
+        counted in full (as PaLM/MaxText do) so MFU is comparable across codebases."""
+        return 12.0 * self.n_attention_layers * self.n_head * self.dim_head * seq_len
+
     # --------------------------------------------------------------- validation
-    def __post_init__(self):
-        self.validate()
-
     def validate(self) -> None:
-        def positive(name):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-        for name in ("vocab_size", "d_model", "n_layer", "n_head", "max_seq_len"):
-            positive(name)
+        super().validate()
+        _positive(self, "n_head")
         for name in ("n_kv_head", "head_dim", "d_ff", "window"):
             if getattr(self, name) is not None:
-                positive(name)
-        _choice("norm", self.norm, NORMS)
+                _positive(self, name)
         _choice("mlp", self.mlp, MLPS)
         _choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
-        _choice("remat", self.remat, REMAT_POLICIES)
-        _choice("dtype", self.dtype, DTYPES)
-        _choice("param_dtype", self.param_dtype, DTYPES)
         if self.head_dim is None and self.d_model % self.n_head:
             raise ValueError(
                 f"n_head={self.n_head} must divide d_model={self.d_model} "
@@ -121,8 +196,23 @@ class ModelConfig(ConfigMixin):
             raise ValueError(f"head_dim={self.dim_head} must be even for rotary embeddings")
         if self.rope_theta <= 0:
             raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
-        if self.norm_eps <= 0:
-            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
+
+
+#: Fields of :class:`TransformerConfig` that configs saved before the per-family split
+#: carried for every model (``config_from_dict`` drops them where the family has none).
+ATTENTION_FIELDS = tuple(f.name for f in dataclasses.fields(TransformerConfig)
+                         if f.name not in {g.name for g in dataclasses.fields(ModelConfig)})
+
+
+def _positive(config, name: str) -> None:
+    value = getattr(config, name)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _boolean(config, name: str) -> None:
+    if not isinstance(getattr(config, name), bool):
+        raise ValueError(f"{name} must be a bool (true/false), got {getattr(config, name)!r}")
 
 
 def _choice(name: str, value: Any, allowed: Tuple[Any, ...]) -> None:

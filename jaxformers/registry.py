@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Dict, Type
 
-from .config import ModelConfig, check_fields
+from .config import ATTENTION_FIELDS, ModelConfig, check_fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,9 +69,19 @@ def get_config(name: str, preset: str = "tiny", **overrides) -> ModelConfig:
 
 
 def config_from_dict(values: dict) -> ModelConfig:
-    """Rebuild a config saved with ``config.to_dict()`` (e.g. a run's config.json)."""
+    """Rebuild a config saved with ``config.to_dict()`` (e.g. a run's config.json).
+
+    Fields added since the config was saved take their defaults; attention fields saved
+    (before the per-family split) for a family that has none are dropped.
+    """
     values = dict(values)
     spec = get_spec(values.get("model", "gpt"))
+    # Configs saved before the per-family split carried the attention fields for every model;
+    # they never had an effect on a family without attention, so they are dropped there.
+    known = {f.name for f in dataclasses.fields(spec.config_cls)}
+    for name in ATTENTION_FIELDS:
+        if name not in known:
+            values.pop(name, None)
     check_fields(spec.config_cls, values)
     return spec.config_cls(**values)
 

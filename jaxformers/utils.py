@@ -26,26 +26,24 @@ def count_params(params) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
-def abstract_param_count(module) -> int:
+def abstract_params(module):
+    """The params tree of ``module`` as ``ShapeDtypeStruct``s (``jax.eval_shape``: no FLOPs)."""
     tokens = jnp.zeros((1, 8), jnp.int32)
-    shapes = jax.eval_shape(lambda r: nn.unbox(module.init(r, tokens)["params"]), jax.random.PRNGKey(0))
-    return count_params(shapes)
+    return jax.eval_shape(lambda r: nn.unbox(module.init(r, tokens)["params"]), jax.random.PRNGKey(0))
 
 
-def flops_per_token(config, seq_len: int, n_params: int = None) -> float:
-    """Training FLOPs per token (PaLM appendix B): 6 N' + 12 L H Dh T.
+def abstract_param_count(module) -> int:
+    return count_params(abstract_params(module))
 
-    N' counts every matmul weight: all params minus the embedding lookup table,
-    plus the output head (which is the same table when embeddings are tied).
-    Only attention layers add the attention term (``config.n_attention_layers``);
-    the SSM scan of Mamba layers (O(d_inner * d_state) per token) is not counted.
-    Causal attention is counted in full (as PaLM/MaxText do) so MFU is comparable.
+
+def flops_per_token(config, seq_len: int, params=None) -> float:
+    """Training FLOPs per token of ``config`` at context ``seq_len``: ``config.flops_per_token``.
+
+    ``6 * sum_w uses(w) * size(w) + 12 * L_attn * H * Dh * T`` (PaLM appendix B): every
+    matmul weight counted as often as one token uses it (repeated blocks count per
+    application, sparsely activated experts by their active fraction, the embedding
+    lookup not at all unless it is the tied head); only attention layers add the attention
+    term, the SSM scans of Mamba layers (O(d_inner * d_state) per token) are not counted.
+    ``params`` (a params tree, abstract or not) saves building the model.
     """
-    if n_params is None:
-        from .registry import build
-        n_params = abstract_param_count(build(config))
-    matmul_params = n_params - config.vocab_size * config.d_model  # no FLOPs in the lookup
-    if config.tie_embeddings:
-        matmul_params += config.vocab_size * config.d_model  # ...but the tied head is a matmul
-    attn = 12 * config.n_attention_layers * config.n_head * config.dim_head * seq_len
-    return 6.0 * matmul_params + attn
+    return config.flops_per_token(seq_len, params)

@@ -8,7 +8,7 @@ import pytest
 
 import jaxformers as jf
 from jaxformers.layers import Block
-from jaxformers.models.denseformer import DenseFormerConfig, DWAPlan, SkipGainBlock, dwa_weights
+from jaxformers.models.denseformer import DenseFormerConfig, DWAPlan, dwa_weights
 
 SMALL = dict(vocab_size=64, d_model=32, n_head=2, max_seq_len=32)
 
@@ -109,7 +109,7 @@ def test_init_equals_baseline_exactly(base, dwa):
 def _reference_forward(dc, params, tok):
     """Direct transcription of the paper's formula with the blocks applied one by one."""
     model = jf.build(dc)
-    block_cls = SkipGainBlock if dc.skip_gains else Block
+    block_cls = Block  # skip gains, if any, are an option of the shared block
     alpha, points = dwa_weights(dc, params)
     positions = jnp.broadcast_to(jnp.arange(tok.shape[1]), tok.shape)
     x = model.apply({"params": params}, tok, method=lambda m, t: m.embed(t))

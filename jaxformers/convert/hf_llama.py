@@ -26,7 +26,7 @@ from typing import Dict, Iterable, Tuple
 
 import numpy as np
 
-from ..config import DTYPES, ModelConfig
+from ..config import DTYPES, TransformerConfig
 from .hf_io import read_checkpoint, weight_files
 from .layers import stack_layers, unstack_layers
 
@@ -50,7 +50,7 @@ def _rope_theta(hf: dict) -> float:
     return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
 
 
-def config_from_hf(hf: dict, *, dtype: str = "float32", scan_layers: bool = False) -> ModelConfig:
+def config_from_hf(hf: dict, *, dtype: str = "float32", scan_layers: bool = False) -> TransformerConfig:
     """jaxformers ``llama`` config from a HF ``LlamaConfig`` dict (``config.json``)."""
     from ..registry import get_config
 
@@ -87,7 +87,7 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", scan_layers: bool = Fals
     return get_config("llama", "tiny", **fields)
 
 
-def config_to_hf(config: ModelConfig) -> dict:
+def config_to_hf(config: TransformerConfig) -> dict:
     """HF ``LlamaConfig`` dict (for ``config.json``) of a llama-compatible config."""
     check_llama_compatible(config)
     return {
@@ -117,16 +117,18 @@ def config_to_hf(config: ModelConfig) -> dict:
     }
 
 
-def check_llama_compatible(config: ModelConfig) -> None:
+def check_llama_compatible(config: TransformerConfig) -> None:
     from ..models.transformer import Transformer
     from ..registry import get_spec
 
-    if not isinstance(config, ModelConfig):
-        raise ValueError(f"config must be a ModelConfig, got {type(config).__name__}")
+    if not isinstance(config, TransformerConfig):
+        raise ValueError(f"config must be a TransformerConfig, got {type(config).__name__}")
     spec = get_spec(config.model)
-    if spec.module_cls is not Transformer or type(config) is not ModelConfig:
+    if spec.module_cls is not Transformer or type(config) is not TransformerConfig:
         raise ValueError(f"model={config.model!r} changes the transformer ({spec.module_cls.__name__}); "
                          "only plain llama-style transformers can be exported to HF Llama")
+    if config.skip_gains:
+        raise ValueError("skip_gains=True is not llama-compatible; HF Llama has no skip-connection gains")
     if config.norm != "rmsnorm":
         raise ValueError(f"norm={config.norm!r} is not llama-compatible; HF Llama needs norm='rmsnorm'")
     if config.mlp != "swiglu":
@@ -152,7 +154,7 @@ def _layer_names(i: int) -> Dict[str, Tuple[str, ...]]:
     }
 
 
-def _to_jax_layout(path: Tuple[str, ...], w: np.ndarray, c: ModelConfig) -> np.ndarray:
+def _to_jax_layout(path: Tuple[str, ...], w: np.ndarray, c: TransformerConfig) -> np.ndarray:
     d, h, hkv, dh = c.d_model, c.n_head, c.kv_heads, c.dim_head
     leaf = path[-2] if path[-1] == "kernel" else None
     if leaf == "q":
@@ -166,7 +168,7 @@ def _to_jax_layout(path: Tuple[str, ...], w: np.ndarray, c: ModelConfig) -> np.n
     return w
 
 
-def _to_hf_layout(path: Tuple[str, ...], w: np.ndarray, c: ModelConfig) -> np.ndarray:
+def _to_hf_layout(path: Tuple[str, ...], w: np.ndarray, c: TransformerConfig) -> np.ndarray:
     d, h, hkv, dh = c.d_model, c.n_head, c.kv_heads, c.dim_head
     leaf = path[-2] if path[-1] == "kernel" else None
     if leaf == "q":
@@ -180,7 +182,7 @@ def _to_hf_layout(path: Tuple[str, ...], w: np.ndarray, c: ModelConfig) -> np.nd
     return w
 
 
-def _expected_shapes(c: ModelConfig) -> Dict[str, Tuple[int, ...]]:
+def _expected_shapes(c: TransformerConfig) -> Dict[str, Tuple[int, ...]]:
     """HF tensor name -> HF shape."""
     d, f, v = c.d_model, c.ff_dim, c.vocab_size
     q, kv = c.n_head * c.dim_head, c.kv_heads * c.dim_head
@@ -257,7 +259,7 @@ def from_hf(path_or_dir: str, *, dtype: str = "float32", scan_layers: bool = Fal
     return config, params
 
 
-def to_hf(config: ModelConfig, params, out_dir: str) -> str:
+def to_hf(config: TransformerConfig, params, out_dir: str) -> str:
     """Write ``config.json`` + ``model.safetensors`` (float32) loadable by ``LlamaForCausalLM``.
 
     ``params``: plain or boxed (from ``module.init``; a ``{"params": ...}`` variables

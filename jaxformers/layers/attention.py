@@ -10,6 +10,7 @@ buffer with ``q_offset = cache_index`` (unwritten slots are in the causal future
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+from jax.ad_checkpoint import checkpoint_name
 
 from ..ops.attention import attention
 from ..sharding import (ACT_HEADS, ACT_KV_HEADS, BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LENGTH,
@@ -27,7 +28,10 @@ def init_attention_cache(config, batch_size, max_len, dtype=None):
 
 
 class Attention(nn.Module):
+    """The default token mixer of :class:`~jaxformers.layers.block.Block` (its mixer protocol)."""
     config: object
+
+    init_cache = staticmethod(init_attention_cache)
 
     @nn.compact
     def __call__(self, x, positions, segment_ids=None, kv_cache=None, cache_index=None):
@@ -60,7 +64,8 @@ class Attention(nn.Module):
             new_cache = {"k": k_all, "v": v_all}
             o = attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), causal=True, window=c.window,
                           q_offset=cache_index, implementation="xla")
-        o = constrain(o, (BATCH, LENGTH, ACT_HEADS, None))
+        # Named so that remat="save_attention_out" keeps it instead of recomputing attention.
+        o = checkpoint_name(constrain(o, (BATCH, LENGTH, ACT_HEADS, None)), "attention_out")
         y = Linear(c.d_model, (HEADS, HEAD_DIM, EMBED), in_axes=2, std=output_std(c), dtype=c.dtype,
                    param_dtype=c.param_dtype, name="o")(o)
         return y, new_cache

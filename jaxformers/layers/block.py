@@ -1,24 +1,76 @@
-"""The pre-norm transformer block shared by GPT and Llama.
+"""The pre-norm residual block every architecture shares, with its extension points.
 
-x = x + Attn(Norm(x));  x = x + MLP(Norm(x))
+    x = g_mix * x + Mixer(Norm(x))          (Mixer: attention, an SSM, any token mixer)
+    x = g_mlp * x + MLP(Norm(x))            (skipped when ``mlp_class`` is None)
+
+``g_mix``/``g_mlp`` are learned scalars (init 1) when ``config.skip_gains`` is set,
+else 1.  Hooks (class attributes, swapped by subclassing or with :meth:`Block.using`):
+
+* ``mixer_class``: a module ``Mixer(config, name=...)`` called as
+  ``mixer(x, positions, segment_ids, cache, cache_index) -> (y, new_cache)`` with
+  ``x``/``y`` ``[B, T, D]``; ``new_cache`` is None when ``cache`` is None.  Its
+  ``init_cache(config, batch_size, max_len, dtype)`` (static) makes an empty decoding cache.
+* ``mlp_class``: a module ``MLP(config, name=...)`` called as ``mlp(x) -> y``, or
+  None (no MLP sub-layer, as in Mamba blocks); default: the config's ``mlp``
+  (GELU or SwiGLU).  A module may ``self.sow("losses", name, scalar)`` an
+  auxiliary loss; the trainer adds it.
+* ``mixer_name`` / ``mixer_norm_name`` / ``mlp_norm_name``: parameter names, so that
+  checkpoints keep their layout (``attn``/``attn_norm``/``mlp_norm`` here).
 """
+from __future__ import annotations
+
+import functools
+
 import flax.linen as nn
 
-from ..sharding import ACT_EMBED, BATCH, LENGTH, constrain
+from ..sharding import ACT_EMBED, BATCH, LENGTH, constrain, param_init
 from .attention import Attention
+from .common import dtype_of
 from .mlp import make_mlp
 from .norms import make_norm
+
+DEFAULT_MLP = "config"  # mlp_class sentinel: the config's ``mlp`` field picks GELU or SwiGLU
 
 
 class Block(nn.Module):
     config: object
 
+    mixer_class = Attention
+    mlp_class = DEFAULT_MLP
+    mixer_name = "attn"
+    mixer_norm_name = "attn_norm"
+    mlp_norm_name = "mlp_norm"
+
+    @classmethod
+    def using(cls, *, mixer=None, mlp=DEFAULT_MLP, name=None):
+        """A subclass of ``cls`` with ``mixer_class``/``mlp_class`` swapped (None mixer keeps
+        ``cls``'s; ``mlp=None`` removes the MLP sub-layer).  Same arguments -> same class."""
+        return _derive(cls, mixer or cls.mixer_class, mlp if mlp != DEFAULT_MLP else cls.mlp_class, name)
+
+    def _skip(self, name, x, h):
+        """``x + h``, or ``g * x + h`` with a learned scalar ``g`` (init 1) under ``skip_gains``."""
+        if not self.config.skip_gains:
+            return x + h
+        g = self.param(name, param_init(nn.initializers.ones, ()), (), dtype_of(self.config.param_dtype))
+        return g.astype(x.dtype) * x + h
+
     @nn.compact
-    def __call__(self, x, positions, segment_ids=None, kv_cache=None, cache_index=None):
-        """x ``[B, T, D]`` -> (x ``[B, T, D]``, new kv_cache or None)."""
+    def __call__(self, x, positions=None, segment_ids=None, cache=None, cache_index=None):
+        """x ``[B, T, D]`` -> (x ``[B, T, D]``, new layer cache or None)."""
         c = self.config
-        h, new_cache = Attention(c, name="attn")(make_norm(c, "attn_norm")(x), positions, segment_ids,
-                                                 kv_cache, cache_index)
-        x = x + h
-        x = x + make_mlp(c, "mlp")(make_norm(c, "mlp_norm")(x))
+        h, new_cache = self.mixer_class(c, name=self.mixer_name)(
+            make_norm(c, self.mixer_norm_name)(x), positions, segment_ids, cache, cache_index)
+        x = self._skip(f"{self.mixer_name}_skip_gain", x, h)
+        if self.mlp_class is not None:
+            mlp = make_mlp(c, "mlp") if self.mlp_class == DEFAULT_MLP else self.mlp_class(c, name="mlp")
+            x = self._skip("mlp_skip_gain", x, mlp(make_norm(c, self.mlp_norm_name)(x)))
         return constrain(x, (BATCH, LENGTH, ACT_EMBED)), new_cache
+
+
+@functools.lru_cache(maxsize=None)
+def _derive(base, mixer, mlp, name):
+    if mixer is base.mixer_class and mlp is base.mlp_class and name is None:
+        return base
+    mlp_label = "NoMLP" if mlp is None else ("" if mlp == DEFAULT_MLP else mlp.__name__)
+    name = name or f"{base.__name__}_{mixer.__name__}{mlp_label}"
+    return type(name, (base,), {"mixer_class": mixer, "mlp_class": mlp, "__module__": base.__module__})

@@ -16,8 +16,9 @@ computes exactly the baseline.
 
 Other modes: ``dwa_mode="last_only"`` keeps a single DWA after the last block (the
 paper's "connect to last" ablation; dilation applies, period is ignored);
-``"none"`` has no DWA (for the skip-gains ablation alone).  ``skip_gains=True``
-adds learned scalar gains (init 1) on both skip connections of every block:
+``"none"`` has no DWA (for the skip-gains ablation alone).  ``skip_gains=True`` (a
+field every config has; the shared ``Block`` implements it) adds learned scalar gains
+(init 1) on both skip connections of every block:
 ``x = g_attn * x + Attn(Norm(x)); x = g_mlp * x + MLP(Norm(x))``.
 
 Parameters: ``dwa_alpha`` ``[R, n_layer + 1]`` (row r = the r-th DWA point, column
@@ -61,32 +62,27 @@ import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
-from ..config import ModelConfig, _choice
-from ..layers import Block
-from ..layers.attention import Attention
+from ..config import TransformerConfig, _choice
 from ..layers.common import dtype_of
-from ..layers.mlp import make_mlp
-from ..layers.norms import make_norm
 from ..registry import register
 from ..sharding import ACT_EMBED, BATCH, LAYERS, LENGTH, constrain, param_init
 from .gpt import GPT_PRESETS, _GPT_STYLE
 from .llama import LLAMA_PRESETS, _LLAMA_STYLE
-from .transformer import Transformer, _REMAT_POLICIES
+from .transformer import Transformer, remat_block, scan_blocks
 
 BASES = ("gpt", "llama")
 DWA_MODES = ("all", "last_only", "none")
 
 
 @dataclasses.dataclass(frozen=True)
-class DenseFormerConfig(ModelConfig):
-    """ModelConfig + DWA fields; ``base`` names the block style / presets it came from."""
+class DenseFormerConfig(TransformerConfig):
+    """TransformerConfig + DWA fields; ``base`` names the block style / presets it came from."""
 
     model: str = "denseformer"
     base: str = "gpt"
     dwa_dilation: int = 1  # k
     dwa_period: int = 1  # p
     dwa_mode: str = "all"
-    skip_gains: bool = False
 
     def validate(self) -> None:
         super().validate()
@@ -100,8 +96,6 @@ class DenseFormerConfig(ModelConfig):
             if not isinstance(value, int) or isinstance(value, bool) or value not in allowed:
                 raise ValueError(f"{name}={value!r} is not allowed for n_layer={self.n_layer}: choose "
                                  f"an int in [1, n_layer] = {allowed} ({why[name]})")
-        if not isinstance(self.skip_gains, bool):
-            raise ValueError(f"skip_gains must be a bool (true/false), got {self.skip_gains!r}")
 
     @classmethod
     def from_base(cls, base: str = "gpt", preset: str = "tiny", **overrides) -> "DenseFormerConfig":
@@ -170,22 +164,6 @@ class DWAPlan:
         return idx, valid
 
 
-class SkipGainBlock(Block):
-    """Pre-norm block with learned scalar gains (init 1) on both skip connections."""
-
-    @nn.compact
-    def __call__(self, x, positions, segment_ids=None, kv_cache=None, cache_index=None):
-        c = self.config
-        gain = lambda name: self.param(name, param_init(nn.initializers.ones, ()), (),  # noqa: E731
-                                       dtype_of(c.param_dtype)).astype(x.dtype)
-        g_attn, g_mlp = gain("attn_skip_gain"), gain("mlp_skip_gain")
-        h, new_cache = Attention(c, name="attn")(make_norm(c, "attn_norm")(x), positions, segment_ids,
-                                                 kv_cache, cache_index)
-        x = g_attn * x + h
-        x = g_mlp * x + make_mlp(c, "mlp")(make_norm(c, "mlp_norm")(x))
-        return constrain(x, (BATCH, LENGTH, ACT_EMBED)), new_cache
-
-
 _BUFFER_AXES = (None, None, BATCH, LENGTH, ACT_EMBED)
 
 
@@ -212,9 +190,6 @@ def _scan_body(block, carry, positions, segment_ids, layer_cache, cache_index, m
 class DenseFormer(Transformer):
     """Transformer whose blocks are chained through depth-weighted averages."""
 
-    def block_class(self):
-        return SkipGainBlock if self.config.skip_gains else Block
-
     def setup(self):
         super().setup()
         self.plan = DWAPlan.from_config(self.config)
@@ -228,10 +203,8 @@ class DenseFormer(Transformer):
         c = self.config
         if not c.scan_layers or not DWAPlan.from_config(c).n_rows:
             return super().make_blocks()
-        cls = self.block_class()
-        if c.remat != "none":  # remat the block only: the DWA buffer must not be saved per layer
-            cls = nn.remat(cls, policy=_REMAT_POLICIES[c.remat](), prevent_cse=False)
-        return cls(c)  # scanned in _run_scanned (function-form nn.scan keeps the base param layout)
+        # remat the block only: the DWA buffer must not be saved per layer
+        return remat_block(self.block_class(), c, scanned=True)(c)  # scanned in _run_scanned (function-form nn.scan keeps the base param layout)
 
     def masked_alpha(self):
         """``alpha * mask`` ``[R, L+1]`` float32."""
@@ -277,11 +250,8 @@ class DenseFormer(Transformer):
         slots, _ = plan.slots()
         for m, (_, pos) in zip(plan.points, slots):
             is_point[m], point_pos[m] = True, pos
-        scanned = nn.scan(
-            _scan_body, variable_axes={"params": 0}, split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, 0, nn.broadcast, nn.broadcast,
-                     nn.broadcast),
-            length=c.n_layer, metadata_params={nn.PARTITION_NAME: LAYERS})
+        scanned = scan_blocks(_scan_body, c, (nn.broadcast, nn.broadcast, 0, nn.broadcast, 0, nn.broadcast,
+                                              nn.broadcast, nn.broadcast))
         ms = jnp.arange(1, c.n_layer + 1, dtype=jnp.int32)
         (x, _), new_caches = scanned(self.blocks, (x, buf), positions, segment_ids, layer_caches,
                                      cache_index, ms, alpha_kc, jnp.asarray(is_point),

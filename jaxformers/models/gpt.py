@@ -1,6 +1,6 @@
 """GPT baseline (llm-baselines style): pre-LayerNorm, GELU 4x MLP, no biases, RoPE,
 tied embeddings, GPT-2 scaled init of the output projections."""
-from ..config import ModelConfig
+from ..config import TransformerConfig
 from ..registry import register
 from .transformer import Transformer
 
@@ -11,6 +11,6 @@ GPT_PRESETS = {
 }
 _GPT_STYLE = dict(norm="layernorm", norm_eps=1e-5, mlp="gelu", tie_embeddings=True)
 
-register("gpt", ModelConfig, Transformer,
+register("gpt", TransformerConfig, Transformer,
          {name: {**_GPT_STYLE, **values} for name, values in GPT_PRESETS.items()},
          description="GPT baseline: pre-LN, GELU MLP, RoPE, tied embeddings")

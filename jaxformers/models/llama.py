@@ -1,6 +1,6 @@
 """Llama baseline: RMSNorm, SwiGLU, RoPE (configurable theta), grouped-query attention,
 untied output head (optional)."""
-from ..config import ModelConfig
+from ..config import TransformerConfig
 from ..registry import register
 from .transformer import Transformer
 
@@ -14,6 +14,6 @@ LLAMA_PRESETS = {
 _LLAMA_STYLE = dict(norm="rmsnorm", norm_eps=1e-5, mlp="swiglu", tie_embeddings=False, rope_theta=10000.0,
                     scale_residual_init=True)
 
-register("llama", ModelConfig, Transformer,
+register("llama", TransformerConfig, Transformer,
          {name: {**_LLAMA_STYLE, **values} for name, values in LLAMA_PRESETS.items()},
          description="Llama baseline: RMSNorm, SwiGLU, RoPE, GQA")

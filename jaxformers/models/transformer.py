@@ -2,9 +2,18 @@
 
 tokens [B, T] -> Embed -> N x Block -> final Norm -> logits [B, T, V] (float32)
 
-Subclasses change only what their paper changes: ``block_class`` (the block),
-``run_blocks`` (how blocks are chained, e.g. DenseFormer's depth-weighted
-averages) and extra ``setup`` parameters.
+Subclasses change only what their paper changes, through these hooks:
+
+* ``block_class()``: the block of every layer (``Block.using(mixer=..., mlp=...)``
+  swaps the token mixer or the MLP without forking ``Block``);
+  ``layer_classes()``: one block class per layer (hybrids);
+* ``run_blocks(x, positions, segment_ids, layer_caches, cache_index)``: how blocks are
+  chained (DenseFormer's depth-weighted averages, repeated blocks, ...);
+* extra ``setup`` parameters.
+
+Remat (:func:`remat_block`) and the layer scan (:func:`scan_blocks`) are applied here,
+in one place, for every architecture.  Auxiliary losses that blocks ``sow`` into the
+``losses`` collection are stacked over layers under ``scan_layers`` like the params.
 
 Calling conventions
 -------------------
@@ -19,15 +28,34 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from ..layers import Block, Embed, LMHead, make_norm
-from ..layers.attention import init_attention_cache
 from ..sharding import LAYERS
 
 _REMAT_POLICIES = {
     "full": lambda: jax.checkpoint_policies.nothing_saveable,
     "dots": lambda: jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": lambda: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # the attention output before W_o (``checkpoint_name(..., "attention_out")`` in Attention)
     "save_attention_out": lambda: jax.checkpoint_policies.save_only_these_names("attention_out"),
 }
+
+#: Collections stacked on a leading ``[L]`` axis by the layer scan (params and sown aux losses).
+SCANNED_COLLECTIONS = ("params", "losses")
+
+
+def remat_block(cls, config, scanned: bool):
+    """``cls`` under ``config.remat`` (unchanged for ``"none"``).  CSE prevention is only
+    needed outside a scan (inside, the scan already stops XLA from merging recomputation)."""
+    if config.remat == "none":
+        return cls
+    return nn.remat(cls, policy=_REMAT_POLICIES[config.remat](), prevent_cse=not scanned)
+
+
+def scan_blocks(target, config, in_axes):
+    """``nn.scan`` of a block class (or of a function taking a block first) over
+    ``config.n_layer`` layers: params (and sown losses) stacked on the ``layers`` axis."""
+    return nn.scan(target, variable_axes={name: 0 for name in SCANNED_COLLECTIONS},
+                   split_rngs={"params": True}, in_axes=in_axes, length=config.n_layer,
+                   metadata_params={nn.PARTITION_NAME: LAYERS})
 
 
 def positions_from_segments(segment_ids):
@@ -51,7 +79,12 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------- structure
     def block_class(self):
+        """The block of every layer (override, e.g. ``return Block.using(mixer=MyAttention)``)."""
         return Block
+
+    def layer_classes(self):
+        """One block class per layer (``[block_class()] * n_layer``; hybrids override)."""
+        return [self.block_class()] * self.config.n_layer
 
     def setup(self):
         c = self.config
@@ -63,15 +96,15 @@ class Transformer(nn.Module):
 
     def make_blocks(self):
         c = self.config
-        cls = self.block_class()
-        if c.remat != "none":
-            cls = nn.remat(cls, policy=_REMAT_POLICIES[c.remat](), prevent_cse=not c.scan_layers)
+        classes = self.layer_classes()
         if c.scan_layers:
-            scanned = nn.scan(cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                              in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
-                              length=c.n_layer, metadata_params={nn.PARTITION_NAME: LAYERS})
-            return scanned(c)
-        return [cls(c) for _ in range(c.n_layer)]
+            if len(set(classes)) != 1:
+                raise ValueError(f"scan_layers=True needs the same block in every layer; model "
+                                 f"{c.model!r} has {sorted({k.__name__ for k in classes})}: use "
+                                 "scan_layers=False")
+            cls = remat_block(classes[0], c, scanned=True)
+            return scan_blocks(cls, c, (nn.broadcast, nn.broadcast, 0, nn.broadcast))(c)
+        return [remat_block(cls, c, scanned=False)(c) for cls in classes]
 
     # --------------------------------------------------------------- forward
     def __call__(self, tokens, *, positions=None, segment_ids=None, cache=None):
@@ -110,10 +143,7 @@ class Transformer(nn.Module):
         return self.lm_head(x)
 
     # ---------------------------------------------------------------- caches
-    def init_layer_cache(self, batch_size, max_len, dtype=None):
-        """Cache of one layer (subclasses with other mixers override this)."""
-        return init_attention_cache(self.config, batch_size, max_len, dtype)
-
     def init_layer_caches(self, batch_size, max_len, dtype=None):
-        """One cache per layer (stacks whose layers differ, e.g. hybrids, override this)."""
-        return [self.init_layer_cache(batch_size, max_len, dtype) for _ in range(self.config.n_layer)]
+        """One empty decoding cache per layer, from each layer's ``mixer_class.init_cache``."""
+        return [cls.mixer_class.init_cache(self.config, batch_size, max_len, dtype)
+                for cls in self.layer_classes()]
