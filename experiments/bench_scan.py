@@ -4,7 +4,7 @@
 
 GPU defaults (bf16 activations, float32 A/D/biases):
 
-* ``selective_scan`` at B=4, L=4096, dim=2048, N=16 (softplus, D, z, delta_bias):
+* ``selective_scan`` at B=4, L=4096, dim=2048, N=16 (softplus, D, z, dt_bias):
   this repo's Pallas kernel (``pallas``), a ``lax.associative_scan`` over the
   materialised ``[B, L, dim, N]`` decay/input tensors (``assoc_scan``) and the
   sequential ``lax.scan`` oracle (``reference``).
@@ -37,44 +37,44 @@ SS_IMPLS = ("pallas", "assoc_scan", "reference")
 SSD_IMPLS = ("pallas", "reference", "fla")
 
 
-def assoc_scan_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=True):
-    """Baseline: ``lax.associative_scan`` over materialised ``exp(dt A)`` and ``dt u B``
+def assoc_scan_selective_scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus=True):
+    """Baseline: ``lax.associative_scan`` over materialised ``exp(dt A)`` and ``dt x B``
     (``[B, L, dim, N]`` float32; B, C without a group axis)."""
     f32 = jnp.float32
-    dt = delta.astype(f32) + delta_bias
-    if delta_softplus:
+    dt = dt.astype(f32) + dt_bias
+    if dt_softplus:
         dt = jax.nn.softplus(dt)
     da = jnp.exp(dt[..., None] * A)                                        # [b, L, dim, N]
-    dbu = (dt * u.astype(f32))[..., None] * B.astype(f32)[:, :, None, :]
+    dbu = (dt * x.astype(f32))[..., None] * B.astype(f32)[:, :, None, :]
 
     def combine(a, b):
         return a[0] * b[0], b[0] * a[1] + b[1]
 
     _, h = lax.associative_scan(combine, (da, dbu), axis=1)
-    y = jnp.einsum("bldn,bln->bld", h, C.astype(f32)) + D * u.astype(f32)
-    return (y * jax.nn.silu(z.astype(f32))).astype(u.dtype)
+    y = jnp.einsum("bldn,bln->bld", h, C.astype(f32)) + D * x.astype(f32)
+    return (y * jax.nn.silu(z.astype(f32))).astype(x.dtype)
 
 
 # ----------------------------------------------------------------------------- selective scan
 def _ss_inputs(b, l, dim, n, dtype, seed=0):
     ks = jax.random.split(jax.random.PRNGKey(seed), 8)
     return dict(
-        u=jax.random.normal(ks[0], (b, l, dim)).astype(dtype),
-        delta=(jax.random.normal(ks[1], (b, l, dim)) - 4.0).astype(dtype),
+        x=jax.random.normal(ks[0], (b, l, dim)).astype(dtype),
+        dt=(jax.random.normal(ks[1], (b, l, dim)) - 4.0).astype(dtype),
         A=-jnp.exp(jax.random.normal(ks[2], (dim, n))),
         B=jax.random.normal(ks[3], (b, l, n)).astype(dtype),
         C=jax.random.normal(ks[4], (b, l, n)).astype(dtype),
         D=jax.random.normal(ks[5], (dim,)),
         z=jax.random.normal(ks[6], (b, l, dim)).astype(dtype),
-        delta_bias=0.1 * jax.random.normal(ks[7], (dim,)),
+        dt_bias=0.1 * jax.random.normal(ks[7], (dim,)),
     )
 
 
 def _ss_fn(impl):
     if impl == "pallas":
-        return lambda **kw: selective_scan(**kw, delta_softplus=True)
+        return lambda **kw: selective_scan(**kw, dt_softplus=True)
     if impl == "reference":
-        return lambda **kw: ss_reference(**kw, delta_softplus=True)
+        return lambda **kw: ss_reference(**kw, dt_softplus=True)
     if impl == "assoc_scan":
         return lambda **kw: assoc_scan_selective_scan(**kw)
     raise ValueError(impl)
@@ -225,7 +225,7 @@ def main(argv=None):
         if impl not in impls:
             new = [dict(base, mode=m, ms=None, skipped="not in --impls") for m in ("fwd", "fwd+bwd")]
         else:
-            new = _bench_jax(base, _ss_fn(impl), ss_in, ("u", "delta", "A", "B", "C", "D", "z"),
+            new = _bench_jax(base, _ss_fn(impl), ss_in, ("x", "dt", "A", "B", "C", "D", "z"),
                              on_gpu, warmup, iters)
         _print_rows(new)
         rows += new

@@ -71,15 +71,17 @@ def train_overrides(preset_train: dict, steps=None, eval_batches=None) -> dict:
 
 
 def train_fresh(name: str, cfg, out, *, seed: int, data: str, train_kw: dict, log_points: int,
-                tag: str):
+                tag: str, cache=None):
     """Train ``cfg`` from scratch into ``out/runs/name`` (an old run there is removed) on
-    byte-level ``data``; returns ``(summary, params, compute_dtype, train_config)``."""
+    byte-level ``data``; returns ``(summary, params, compute_dtype, train_config)``.
+    ``cache``: a ``jaxformers.training.CompileCache`` shared by the runs of one experiment
+    (a model trained twice with the same program is compiled once)."""
     import shutil
     import sys
     from pathlib import Path
 
     from jaxformers.training import TrainConfig, load_run, train
-    from jaxformers.training.trainer import resolve_dtype
+    from jaxformers.training.steps import resolve_dtype
 
     run_dir = Path(out) / "runs" / name
     if run_dir.exists():
@@ -88,6 +90,6 @@ def train_fresh(name: str, cfg, out, *, seed: int, data: str, train_kw: dict, lo
                      checkpoint_every=0, keep_checkpoints=1,
                      log_every=max(1, train_kw["steps"] // log_points), **train_kw)
     print(f"[{tag}] training {name} ({cfg.n_layer} layers)", file=sys.stderr, flush=True)
-    summary = train(cfg, tc, progress=False)
+    summary = train(cfg, tc, progress=False, cache=cache)
     _, _, params = load_run(run_dir)
     return summary, params, resolve_dtype(tc.dtype), tc

@@ -143,6 +143,7 @@ def time_forwards(fns: dict, rounds: int = 3, min_time: float = 0.3) -> dict:
 
 def run(args) -> dict:
     import jax
+    from jaxformers.training import CompileCache
     from jaxformers.training.trainer import open_dataset
     from jaxformers.models.denseformer import dwa_weights
 
@@ -163,9 +164,11 @@ def run(args) -> dict:
                "device_kind": jax.devices()[0].device_kind, "n_devices": jax.device_count(),
                "jax_version": jax.__version__, "data": args.data, "train": train_kw, "models": {}}
     alphas, forwards = {}, {}
+    cache = CompileCache()  # explicit and scoped to this experiment's runs
     for name, cfg in grid:
         summary, params, dtype, tc = train_fresh(name, cfg, out, seed=args.seed, data=args.data,
-                                                 train_kw=train_kw, log_points=10, tag="denseformer")
+                                                 train_kw=train_kw, log_points=10, tag="denseformer",
+                                                 cache=cache)
         row = {
             "model": cfg.model, "n_layer": cfg.n_layer,
             "dwa": ({"dilation": cfg.dwa_dilation, "period": cfg.dwa_period, "mode": cfg.dwa_mode}

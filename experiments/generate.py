@@ -34,7 +34,8 @@ def main(argv=None) -> int:
     import jaxformers as jf
     from jaxformers.data import Tokenizer, load_tokenizer
     from jaxformers.training import CheckpointError, load_run
-    from jaxformers.training.trainer import TOKENIZER_DIR, open_dataset
+    from jaxformers.data import open_data
+    from jaxformers.training.rundir import TOKENIZER_DIR
 
     try:
         if args.num_samples < 1:
@@ -44,7 +45,11 @@ def main(argv=None) -> int:
         if tok_dir.is_dir():
             tok = Tokenizer.load(tok_dir)
         else:  # older runs: the dataset's tokenizer
-            tok = load_tokenizer(open_dataset(train_config.data, train_config.tokenizer)[0])
+            source = open_data(train_config.data, train_config.tokenizer)
+            if source.ds_dir is None:
+                raise ValueError(f"{args.run} was trained on {train_config.data!r}, which has no tokenizer "
+                                 "to encode a prompt or decode samples")
+            tok = load_tokenizer(source.ds_dir)
         ids = tok.encode(args.prompt) if args.prompt else [tok.eos_id]
         limit = model_config.max_seq_len
         if args.max_new_tokens >= limit:

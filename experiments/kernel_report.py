@@ -68,15 +68,15 @@ def attention_candidates(d: int, full: bool):
     return cands
 
 
-def scan_case(block_d=None, chunk=None):
+def scan_case(block_d=None, chunk_size=None):
     """selective_scan at B=4, L=4096, dim=2048, N=16 (bf16, softplus, D, z, bias)."""
     b, l, dim, n = 4, 4096, 2048, 16
     args = (S((b, l, dim), bf16), S((b, l, dim), bf16), S((dim, n), f32), S((b, l, n), bf16),
             S((b, l, n), bf16), S((dim,), f32), S((dim,), f32), S((b, l, dim), bf16))
 
-    def fn(u, delta, A, B, C, D, bias, z):
-        return selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=bias, delta_softplus=True,
-                              interpret=False, block_d=block_d, chunk=chunk)
+    def fn(x, dt, A, B, C, D, bias, z):
+        return selective_scan(x, dt, A, B, C, D=D, z=z, dt_bias=bias, dt_softplus=True,
+                              interpret=False, block_d=block_d, chunk_size=chunk_size)
     return _grads(fn, len(args)), args
 
 

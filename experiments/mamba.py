@@ -209,6 +209,7 @@ def decode_scaling(model_config, params, contexts, *, batch: int = 1, dtype: str
 def run(args) -> dict:
     import jax
     from jaxformers.training import read_metrics
+    from jaxformers.training import CompileCache
     from jaxformers.training.trainer import open_dataset
 
     preset = PRESETS[args.preset]
@@ -237,9 +238,11 @@ def run(args) -> dict:
                "data": args.data, "vocab_size": vocab, "train": train_kw,
                "target_params": target, "contexts": list(contexts), "decode_batch": preset["decode_batch"],
                "decode_prefilled": bool(args.prefill), "models": {}}
+    cache = CompileCache()  # explicit and scoped to this experiment's runs
     for name, cfg in grid:
         summary, params, dtype, tc = train_fresh(name, cfg, out, seed=args.seed, data=args.data,
-                                                 train_kw=train_kw, log_points=20, tag="mamba")
+                                                 train_kw=train_kw, log_points=20, tag="mamba",
+                                                 cache=cache)
         run_dir = out / "runs" / name
         print(f"[mamba] {name}: val_ppl={summary['val_ppl']:.3f}; timing decode at {list(contexts)}",
               file=sys.stderr, flush=True)

@@ -4,11 +4,16 @@
     python -m experiments.train --model llama --preset tiny --steps 1000 --out runs/llama
     python -m experiments.train --model gpt --set n_layer=4 --set d_model=256 --mesh data=2,fsdp=2,tensor=2
     python -m experiments.train --out runs/llama --resume       # continue (configs come from the run dir)
+    python -m experiments.train --data synthetic:copying --seq-len 64 --steps 200 --out runs/copy
+    python -m experiments.train --mesh data=2,expert=2,tensor=2 --loss cross_entropy \
+        --train-set aux_loss_weights=load_balance=0.01
 
 ``--set field=value`` overrides model-config fields, ``--train-set field=value``
 train-config fields (see ``jaxformers.training.TrainConfig``).  The model's
 ``vocab_size`` comes from the dataset (override with ``--set vocab_size=N``,
 N >= the dataset's); ``max_seq_len`` is raised to ``--seq-len`` if needed.
+``--data synthetic:TASK[:k=v,...]`` trains on a synthetic task with its answer
+mask (see ``jaxformers.data.sources``); ``--loss`` picks a registered loss.
 Compiled programs are cached in ``<jaxformers cache>/xla`` (``$JAX_COMPILATION_CACHE_DIR``
 wins; ``--no-compile-cache`` disables).
 """
@@ -27,7 +32,7 @@ DEFAULTS = dict(model="gpt", preset="tiny", steps=300, batch_size=16, seq_len=12
 # CLI flag -> TrainConfig field (None = not a TrainConfig field)
 _TRAIN_FLAGS = ("steps", "batch_size", "seq_len", "grad_accum", "lr", "warmup_steps", "schedule", "data",
                 "tokenizer", "seed", "dtype", "eval_every", "eval_batches", "log_every", "checkpoint_every",
-                "keep_checkpoints", "mesh")
+                "keep_checkpoints", "mesh", "loss")
 
 
 class CLIError(Exception):
@@ -47,9 +52,12 @@ def _parser():
     ap.add_argument("--warmup-steps", type=int)
     ap.add_argument("--schedule", choices=["cosine", "wsd", "constant"])
     ap.add_argument("--data",
-                    help="built-in corpus name, folder/file of text, hf:NAME, or a prepared dataset dir")
+                    help="built-in corpus name, folder/file of text, hf:NAME, a prepared dataset dir, "
+                         "or synthetic:TASK[:k=v,...] (copying, recall, arithmetic, passkey)")
     ap.add_argument("--tokenizer", help="byte | bpe | bpe:VOCAB")
-    ap.add_argument("--mesh", help="e.g. data=2,fsdp=2,tensor=2 (default: all devices on data)")
+    ap.add_argument("--mesh", help="axes data, fsdp, expert, tensor, e.g. data=2,fsdp=2,tensor=2 or "
+                                   "data=2,expert=2,tensor=2 (default: all devices on data)")
+    ap.add_argument("--loss", help="registered loss function (default cross_entropy)")
     ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], help="compute dtype")
     ap.add_argument("--seed", type=int)
     ap.add_argument("--eval-every", type=int)
@@ -84,7 +92,8 @@ def build_configs(args):
     from jaxformers.config import coerce_value
     from jaxformers.registry import config_from_dict, get_spec
     from jaxformers.training import TrainConfig
-    from jaxformers.training.trainer import CONFIG_FILE, open_dataset
+    from jaxformers.data import open_data
+    from jaxformers.training.rundir import CONFIG_FILE
 
     model_sets = _pairs(args.set, "--set")
     train_sets = _pairs(args.train_set, "--train-set")
@@ -113,8 +122,7 @@ def build_configs(args):
         for k, v in train_sets:
             base[k] = coerce_value(TrainConfig, k, v)
         tc = TrainConfig(**base)
-        _, meta, _, _ = open_dataset(tc.data, tc.tokenizer)
-        overrides.setdefault("vocab_size", int(meta["vocab_size"]))
+        overrides.setdefault("vocab_size", open_data(tc.data, tc.tokenizer).vocab_size)
         if "max_seq_len" not in overrides:
             preset_len = get_config(model, preset).max_seq_len
             if tc.seq_len > preset_len:

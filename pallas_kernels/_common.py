@@ -1,11 +1,13 @@
 """Small Pallas helpers shared by every kernel package.
 
 Everything that depends on the jax version lives here: the squeezed block
-dimension marker and the Triton compiler-params spelling.
+dimension marker and the Triton compiler-params spelling.  Also the input checks
+and the packed-sequence reset flags shared by the two scans (selective_scan, ssd).
 """
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 SQ = getattr(pl, "squeezed", None)  # squeezed block dim (None on older jax)
@@ -44,3 +46,36 @@ def next_pow2(x: int) -> int:
 
 def round_up(x: int, m: int) -> int:
     return -(-x // m) * m
+
+
+# ----------------------------------------------------------------------------- scan validation
+LAYOUT_HINT = ("this library is length-major; mamba_ssm's [B, D, L] (channels-first) layout "
+               "must be transposed, e.g. x.transpose(0, 2, 1)")
+
+
+def shape_of(x) -> tuple:
+    return tuple(getattr(x, "shape", ()))
+
+
+def check_float(name: str, x, expected: str) -> None:
+    """``ValueError`` unless ``x`` is a real floating-point array (``expected``: its shape)."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"{name} must be a real floating-point array of shape {expected}, "
+                         f"got dtype {dtype} (shape {shape_of(x)})")
+
+
+def check_segment_ids(segment_ids, b: int, l: int) -> None:
+    """``segment_ids`` must be an integer ``[B, L]`` array."""
+    dtype = getattr(segment_ids, "dtype", None)
+    if shape_of(segment_ids) != (b, l):
+        raise ValueError(f"segment_ids must have shape [B, L] = {(b, l)}, got {shape_of(segment_ids)}")
+    if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(f"segment_ids must be an integer [B, L] array, got dtype {dtype}")
+
+
+def segment_resets(segment_ids):
+    """``[B, L]`` int -> ``[B, L]`` bool, True at every ``t > 0`` with ``ids[t] != ids[t-1]``
+    (where the scans' state restarts from zero)."""
+    first = jnp.zeros(segment_ids.shape[:1] + (1,), bool)
+    return jnp.concatenate([first, segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)

@@ -373,6 +373,70 @@ def test_eval_batches():
     assert all(np.array_equal(x, y) for x, y in zip(batches, again))
 
 
+# --------------------------------------------------------------------------- batch dicts
+
+def test_token_loader_batch_dicts_and_open_data(text_folder, tmp_path):
+    from jaxformers.data import TextSource, open_data
+
+    loader = TokenLoader(TOKENS, 4, 16, seed=1, process_index=0, process_count=1)
+    batch = loader.batch_dict_at(3)
+    assert set(batch) == {"tokens"} and np.array_equal(batch["tokens"], loader.batch_at(3))
+    folder, _ = text_folder
+    ds = prepare(str(folder), "byte", out_dir=tmp_path / "ds")
+    src = open_data(str(ds))
+    assert isinstance(src, TextSource) and src.vocab_size == 257 and src.ds_dir == ds
+    assert src.describe()["vocab_size"] == 257
+    evals = list(src.eval_batches(4, 32, 2, process_index=0, process_count=1))
+    assert len(evals) == 2 and set(evals[0]) == {"tokens"} and evals[0]["tokens"].shape == (4, 33)
+
+
+def test_synthetic_loader_is_pure_split_and_packed():
+    from jaxformers.data import SyntheticLoader, open_data, synthetic_rows
+
+    full = SyntheticLoader("copying", 8, 15, seed=3, process_index=0, process_count=1)
+    b = full.batch_dict_at(2)
+    assert set(b) == {"tokens", "loss_mask"} and b["tokens"].shape == b["loss_mask"].shape == (8, 16)
+    assert b["tokens"].dtype == np.int32 and b["loss_mask"].dtype == np.float32
+    # the mask is synthetic.copying's: the second copy, aligned with the tokens
+    assert np.array_equal(b["tokens"][:, 9:16], b["tokens"][:, 1:8]) and b["loss_mask"][:, 9:].all()
+    assert not b["loss_mask"][:, :9].any()
+    again = SyntheticLoader("copying", 8, 15, seed=3, process_index=0, process_count=1).batch_dict_at(2)
+    assert all(np.array_equal(b[k], again[k]) for k in b)  # a pure function of (seed, step)
+    assert not np.array_equal(b["tokens"], full.batch_dict_at(3)["tokens"])
+    assert not np.array_equal(b["tokens"], SyntheticLoader("copying", 8, 15, seed=4, process_index=0,
+                                                           process_count=1).batch_dict_at(2)["tokens"])
+    parts = [SyntheticLoader("copying", 8, 15, seed=3, process_index=p, process_count=2) for p in range(2)]
+    for k in b:
+        assert np.array_equal(np.concatenate([p.batch_dict_at(2)[k] for p in parts]), b[k])
+
+    # fixed-length examples are packed, one segment each, padding is segment 0 with mask 0
+    rows = synthetic_rows("arithmetic", 3, 32, seed=0, params={"n_digits": 2, "worked_steps": 0})
+    length = synthetic.arithmetic_length(2, worked_steps=False)  # 11
+    assert length == 11 and set(rows) == {"tokens", "loss_mask", "segment_ids"}
+    assert np.array_equal(rows["segment_ids"][0], [1] * 11 + [2] * 11 + [0] * 10)
+    assert rows["tokens"][:, 0].tolist() == rows["tokens"][:, 11].tolist() == [synthetic.BOS] * 3
+    assert not rows["loss_mask"][:, 22:].any() and (rows["tokens"][:, 22:] == synthetic.PAD).all()
+    toks, mask = synthetic.arithmetic(6, 2, worked_steps=False, seed=0)
+    assert np.array_equal(rows["tokens"][:, :22].reshape(6, 11), toks)
+    assert np.array_equal(rows["loss_mask"][:, :22].reshape(6, 11), mask)
+    unpacked = synthetic_rows("recall", 2, 32, seed=0, params={"n_pairs": 4, "pack": 0})
+    assert set(unpacked) == {"tokens", "loss_mask"} and unpacked["loss_mask"].sum() == 2  # one answer each
+
+    # data specs
+    src = open_data("synthetic:recall:n_pairs=4,vocab=20,val_rows=10")
+    assert (src.task, src.params["n_pairs"], src.vocab_size) == ("recall", 4, 20)
+    val = list(src.eval_batches(4, 31, None, process_index=0, process_count=1))
+    assert [len(v["tokens"]) for v in val] == [4, 4, 2] and "segment_ids" in val[0]  # 12-token examples
+    assert open_data("synthetic:passkey").vocab_size == 256
+    for spec, msg in [("synthetic:nope", "unknown synthetic task"), ("synthetic:copying:size=3", "no parameter"),
+                      ("synthetic:copying:vocab", "NAME=INT"), ("synthetic:copying:vocab=x", "NAME=INT")]:
+        with pytest.raises(ValueError, match=msg):
+            open_data(spec)
+    with pytest.raises(ValueError, match=r"need seq_len >= 10"):
+        SyntheticLoader("arithmetic", 2, 8, params={"n_digits": 2, "worked_steps": 0},
+                        process_index=0, process_count=1)
+
+
 # --------------------------------------------------------------------------- synthetic tasks
 
 def test_copying():

@@ -109,7 +109,7 @@ def test_using_is_cached_and_keeps_defaults():
     assert set(params) == {"attn", "attn_norm"}
 
 
-@pytest.mark.parametrize("name", ["gpt", "llama"])
+@pytest.mark.parametrize("name", ["gpt", "llama", "mamba"])
 def test_skip_gains_at_init_equal_baseline(name):
     base = jf.get_config(name, "tiny")
     gained = base.replace(skip_gains=True)

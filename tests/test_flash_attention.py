@@ -5,6 +5,8 @@ interpreted kernels are big programs whose CPU compile time dominates).
 """
 from __future__ import annotations
 
+import zlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,7 +82,7 @@ CASES = {
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_reference(name):
     b, tq, tk, hq, hkv, d, causal, window, seg, dtype, bs = CASES[name]
-    q, k, v, ct = _inputs(hash(name) % 1000, b, tq, tk, hq, hkv, d, dtype)
+    q, k, v, ct = _inputs(zlib.crc32(name.encode()) % 1000, b, tq, tk, hq, hkv, d, dtype)
     segment_ids = None
     if seg == "array":
         segment_ids = _packed_ids(1, b, tq, 3)
@@ -241,6 +243,14 @@ def test_sm_scale_and_interpret_default():
     q, k, v, _ = _inputs(3, 1, 20, 20, 2, 2, 32, jnp.float32)
     got = _jit(flash_attention, sm_scale=0.3, block_sizes=BlockSizes(16, 16))(q, k, v)
     _assert_close(got, reference(q, k, v, sm_scale=0.3), 1e-5, "sm_scale=0.3")
+    # a concrete numpy / jax scalar is converted to the static Python float
+    same = flash_attention(q, k, v, sm_scale=jnp.float32(0.3), block_sizes=BlockSizes(16, 16))
+    np.testing.assert_array_equal(same, got)
+    # a traced scale cannot be baked into the kernel: a clear error, not a hashing failure
+    with pytest.raises(ValueError, match="sm_scale"):
+        jax.jit(lambda s: flash_attention(q, k, v, sm_scale=s))(0.3)
+    with pytest.raises(ValueError, match="sm_scale"):
+        flash_attention(q, k, v, sm_scale=jnp.ones((2,)))
 
 
 def test_bench_script_quick(tmp_path):

@@ -82,22 +82,28 @@ def test_flash_attention_grid_and_knobs():
 
 
 # --------------------------------------------------------------------------- selective scan
-def _scan_case(b, l, dim, n, groups=None, dtype=bf16, z=True, **kw):
+def _scan_case(b, l, dim, n, groups=None, dtype=bf16, z=True, init=False, segments=False, **kw):
     bc = (b, l, n) if groups is None else (b, l, groups, n)
     args = [S((b, l, dim), dtype), S((b, l, dim), dtype), S((dim, n), f32), S(bc, dtype),
             S(bc, dtype), S((dim,), f32), S((dim,), f32)]
     if z:
         args.append(S((b, l, dim), dtype))
+    if init:
+        args.append(S((b, dim, n), f32))
+    seg = jnp.arange(b * l, dtype=jnp.int32).reshape(b, l) // 50 if segments else None
 
-    def fn(u, delta, A, B, C, D, bias, *zs):
-        return selective_scan(u, delta, A, B, C, D=D, z=zs[0] if zs else None, delta_bias=bias,
-                              delta_softplus=True, interpret=False, **kw)
+    def fn(x, dt, A, B, C, D, bias, *rest):
+        rest = list(rest)
+        return selective_scan(x, dt, A, B, C, D=D, z=rest.pop(0) if z else None, dt_bias=bias,
+                              initial_state=rest.pop(0) if init else None, segment_ids=seg,
+                              dt_softplus=True, interpret=False, **kw)
     return fn, args
 
 
 @pytest.mark.parametrize("case", [
     dict(b=2, l=300, dim=96, n=16),
     dict(b=1, l=130, dim=64, n=5, groups=2, z=False, dtype=f32),
+    dict(b=2, l=200, dim=64, n=16, init=True, segments=True),
 ])
 def test_selective_scan_lowers_to_triton(case):
     fn, args = _scan_case(**case)
@@ -117,19 +123,20 @@ def test_selective_scan_forward_is_time_parallel():
 
 def test_selective_scan_last_state_lowers():
     fn, args = _scan_case(1, 64, 32, 16, z=False)
-    last = lambda *a: selective_scan(*a[:5], return_last_state=True, interpret=False)[1]  # noqa: E731
+    last = lambda *a: selective_scan(*a[:5], return_final_state=True, interpret=False)[1]  # noqa: E731
     assert _names(triton_calls(last, *args[:5])) == ["selective_scan_chunk_states",
                                                      "selective_scan_fwd"]
 
 
 # --------------------------------------------------------------------------- SSD
-def _ssd_case(b, l, h, p, g, n, dtype=bf16, chunk_size=64, **kw):
+def _ssd_case(b, l, h, p, g, n, dtype=bf16, chunk_size=64, segments=False, **kw):
     args = [S((b, l, h, p), dtype), S((b, l, h), dtype), S((h,), f32), S((b, l, g, n), dtype),
             S((b, l, g, n), dtype), S((b, h, p, n), f32)]
+    seg = jnp.arange(b * l, dtype=jnp.int32).reshape(b, l) // 50 if segments else None
 
     def fn(x, dt, A, B, C, s0):
-        return ssd(x, dt, A, B, C, chunk_size=chunk_size, initial_states=s0, dt_softplus=True,
-                   interpret=False, **kw)
+        return ssd(x, dt, A, B, C, chunk_size=chunk_size, initial_state=s0, segment_ids=seg,
+                   dt_softplus=True, interpret=False, **kw)
     return fn, args
 
 
@@ -140,6 +147,7 @@ SSD_BWD_KERNELS = ["ssd_chunk_bwd", "ssd_chunk_state_grad"]
 @pytest.mark.parametrize("case", [
     dict(b=2, l=200, h=4, p=64, g=2, n=64),
     dict(b=1, l=37, h=2, p=20, g=1, n=5, dtype=f32, chunk_size=16, block_p=16),
+    dict(b=2, l=200, h=4, p=64, g=2, n=64, segments=True),
 ])
 def test_ssd_lowers_to_triton(case):
     fn, args = _ssd_case(**case)

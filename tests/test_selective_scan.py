@@ -8,24 +8,34 @@ import pytest
 
 from pallas_kernels.selective_scan import reference, selective_scan, selective_state_update
 
-NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state")
 
 
-def _inputs(seed, b, l, dim, n, g=None, dtype=jnp.float32, D=True, z=True, bias=True):
+def _inputs(seed, b, l, dim, n, g=None, dtype=jnp.float32, D=True, z=True, bias=True, init=False):
     # numpy RNG: eager jax.random calls would compile one program per shape.
     rng = np.random.default_rng(seed)
     r = lambda *shape: rng.standard_normal(shape, dtype=np.float32)  # noqa: E731
     bc_shape = (b, l, n) if g is None else (b, l, g, n)
     return dict(
-        u=jnp.asarray(r(b, l, dim), dtype),
-        delta=jnp.asarray(0.5 * r(b, l, dim), dtype),
+        x=jnp.asarray(r(b, l, dim), dtype),
+        dt=jnp.asarray(0.5 * r(b, l, dim), dtype),
         A=jnp.asarray(-np.exp(0.5 * r(dim, n))),
         B=jnp.asarray(r(*bc_shape), dtype),
         C=jnp.asarray(r(*bc_shape), dtype),
         D=jnp.asarray(r(dim)) if D else None,
         z=jnp.asarray(r(b, l, dim), dtype) if z else None,
-        delta_bias=jnp.asarray(0.3 * r(dim)) if bias else None,
+        dt_bias=jnp.asarray(0.3 * r(dim)) if bias else None,
+        initial_state=jnp.asarray(r(b, dim, n)) if init else None,
     )
+
+
+def _segments(b, l, starts):
+    """``[b, l]`` int32 ids from per-row lists of segment starts (ids may repeat non-adjacently)."""
+    ids = np.zeros((b, l), np.int32)
+    for row, row_starts in enumerate(starts):
+        for k, t in enumerate(row_starts):
+            ids[row, t:] = (k + 1) % 2 if row % 2 else k + 1  # odd rows reuse ids 0 / 1
+    return jnp.asarray(ids)
 
 
 def _rel(x, y):
@@ -34,8 +44,9 @@ def _rel(x, y):
 
 
 def _value_and_grads(fn, inputs, static, seed=1):
-    """Outputs and the VJP of all present array inputs for fixed random cotangents."""
-    present = {k: v for k, v in inputs.items() if v is not None}
+    """Outputs and the VJP of all present float inputs for fixed random cotangents."""
+    present = {k: v for k, v in inputs.items()
+               if v is not None and jnp.issubdtype(v.dtype, jnp.floating)}
     out_shapes = jax.eval_shape(lambda p: fn(**{**inputs, **p}, **static), present)
     rng = np.random.default_rng(seed)
     cts = jax.tree_util.tree_map(
@@ -55,6 +66,7 @@ def _compare(inputs, static, kernel_static, tol, grad_tol):
     for a, b in zip(jax.tree_util.tree_leaves(out_k), jax.tree_util.tree_leaves(out_r)):
         assert a.dtype == b.dtype and a.shape == b.shape
         assert _rel(a, b) < tol, _rel(a, b)
+    assert set(g_k) == set(g_r)
     for name in g_r:
         assert g_k[name].dtype == inputs[name].dtype, name
         assert _rel(g_k[name], g_r[name]) < grad_tol, (name, _rel(g_k[name], g_r[name]))
@@ -63,31 +75,31 @@ def _compare(inputs, static, kernel_static, tol, grad_tol):
 def test_full_features_groups_ragged_length():
     # L=37 not a multiple of chunk=16; G=3 groups of 8 channels, block_d=4 -> 2 blocks/group.
     inputs = _inputs(0, 2, 37, 24, 6, g=3)
-    _compare(inputs, dict(delta_softplus=True, return_last_state=True),
-             dict(block_d=4, chunk=16), 1e-4, 1e-4)
+    _compare(inputs, dict(dt_softplus=True, return_final_state=True),
+             dict(block_d=4, chunk_size=16), 1e-4, 1e-4)
 
 
 def test_minimal_batch1_no_group_axis():
     # No D / z / bias / softplus; default block and chunk; dim and N not powers of two.
     inputs = _inputs(1, 1, 50, 20, 5, D=False, z=False, bias=False)
-    _compare(inputs, dict(return_last_state=True), dict(chunk=32, block_d=8), 1e-4, 1e-4)
+    _compare(inputs, dict(return_final_state=True), dict(chunk_size=32, block_d=8), 1e-4, 1e-4)
 
 
 def test_bf16_inputs():
     inputs = _inputs(2, 2, 24, 16, 8, g=2, dtype=jnp.bfloat16)
-    _compare(inputs, dict(delta_softplus=True), dict(block_d=8, chunk=8), 2e-2, 3e-2)
+    _compare(inputs, dict(dt_softplus=True), dict(block_d=8, chunk_size=8), 2e-2, 3e-2)
 
 
 def test_state_update_matches_scan():
     inp = _inputs(3, 2, 20, 16, 4, g=2)
-    kw = dict(delta_softplus=True, return_last_state=True)
+    kw = dict(dt_softplus=True, return_final_state=True)
     y_ref, h_ref = reference(**inp, **kw)
-    y_k, h_k = selective_scan(**inp, **kw, block_d=8, chunk=8)
+    y_k, h_k = selective_scan(**inp, **kw, block_d=8, chunk_size=8)
 
     def step(state, t):
         y, state = selective_state_update(
-            state, inp["u"][:, t], inp["delta"][:, t], inp["A"], inp["B"][:, t], inp["C"][:, t],
-            D=inp["D"], z=inp["z"][:, t], dt_bias=inp["delta_bias"], dt_softplus=True)
+            state, inp["x"][:, t], inp["dt"][:, t], inp["A"], inp["B"][:, t], inp["C"][:, t],
+            D=inp["D"], z=inp["z"][:, t], dt_bias=inp["dt_bias"], dt_softplus=True)
         return state, y
 
     h_dec, ys = jax.lax.scan(step, jnp.zeros((2, 16, 4), jnp.float32), jnp.arange(20))
@@ -95,22 +107,36 @@ def test_state_update_matches_scan():
     assert _rel(y_dec, y_ref) < 1e-5 and _rel(h_dec, h_ref) < 1e-5
     assert _rel(y_k, y_dec) < 1e-4 and _rel(h_k, h_dec) < 1e-4
     # continuing from the scan's last state == scanning the longer sequence
-    y1, s1 = selective_state_update(h_ref, inp["u"][:, 0], inp["delta"][:, 0], inp["A"],
+    y1, s1 = selective_state_update(h_ref, inp["x"][:, 0], inp["dt"][:, 0], inp["A"],
                                     inp["B"][:, 0, 0], inp["C"][:, 0, 0])
     assert y1.shape == (2, 16) and s1.shape == (2, 16, 4)
 
 
 @pytest.mark.parametrize("bad, msg", [
-    (dict(u=jnp.zeros((2, 8))), "u must have rank 3"),
-    (dict(delta=jnp.zeros((2, 9, 12))), "delta"),
+    (dict(x=jnp.zeros((2, 8))), "x must have rank 3"),
+    (dict(x=jnp.zeros((2, 8, 12), jnp.int32)), "x must be a real floating-point array"),
+    (dict(dt=jnp.zeros((2, 9, 12))), "dt must have shape"),
+    (dict(dt=jnp.zeros((2, 8, 12), jnp.int32)), "dt must be a real floating-point"),
     (dict(A=jnp.zeros((12, 3))), "B must have shape"),
+    (dict(A=jnp.zeros((12, 4), jnp.int32)), "A must be a real floating-point"),
     (dict(B=jnp.zeros((2, 8, 5, 4)), C=jnp.zeros((2, 8, 5, 4))), "divisible"),
     (dict(C=jnp.zeros((2, 8, 2, 4))), "same group layout"),
     (dict(D=jnp.zeros((11,))), "D must have shape"),
     (dict(z=jnp.zeros((2, 8, 13))), "z must have shape"),
+    # L = 0
+    (dict(x=jnp.zeros((2, 0, 12)), dt=jnp.zeros((2, 0, 12)), B=jnp.zeros((2, 0, 4)),
+          C=jnp.zeros((2, 0, 4))), r"x must have at least one time step: expected \[B, L, D\]"),
+    # mamba_ssm's channels-first [B, D, L] layout passed as is
+    (dict(x=jnp.zeros((2, 12, 8)), dt=jnp.zeros((2, 12, 8)), B=jnp.zeros((2, 4, 8)),
+          C=jnp.zeros((2, 4, 8))), r"expected x as \[B, L, D\].*must be transposed"),
+    (dict(B=jnp.zeros((2, 4, 8))), r"B must have shape \[B, L, N\].*must be transposed"),
+    (dict(initial_state=jnp.zeros((2, 4, 12))), r"initial_state must have shape \[B, D, N\]"),
+    (dict(initial_state=jnp.zeros((2, 12, 4), jnp.int32)), "initial_state must be a real floating"),
+    (dict(segment_ids=jnp.zeros((2, 7), jnp.int32)), r"segment_ids must have shape \[B, L\]"),
+    (dict(segment_ids=jnp.zeros((2, 8))), "segment_ids must be an integer"),
 ])
 def test_validation(bad, msg):
-    args = dict(u=jnp.zeros((2, 8, 12)), delta=jnp.zeros((2, 8, 12)), A=jnp.zeros((12, 4)),
+    args = dict(x=jnp.zeros((2, 8, 12)), dt=jnp.zeros((2, 8, 12)), A=jnp.zeros((12, 4)),
                 B=jnp.zeros((2, 8, 4)), C=jnp.zeros((2, 8, 4)))
     args.update(bad)
     with pytest.raises(ValueError, match=msg):
@@ -126,6 +152,74 @@ def test_state_update_validation():
     with pytest.raises(ValueError, match="divisible"):
         selective_state_update(jnp.zeros((2, 8, 4)), jnp.zeros((2, 8)), jnp.zeros((2, 8)),
                                jnp.zeros((8, 4)), jnp.zeros((2, 3, 4)), jnp.zeros((2, 3, 4)))
+    with pytest.raises(ValueError, match="x must be a real floating-point"):
+        selective_state_update(jnp.zeros((2, 8, 4)), jnp.zeros((2, 8), jnp.int32), jnp.zeros((2, 8)),
+                               jnp.zeros((8, 4)), jnp.zeros((2, 4)), jnp.zeros((2, 4)))
+
+
+# ----------------------------------------------------------------- initial state / packed sequences
+def test_initial_state_kernel_vs_reference():
+    # B=2, L=50 with chunk 32 (padded), dim 20 / N 5 padded, no group axis; grads include
+    # d initial_state (the backward's adjoint left after step 0).
+    inputs = _inputs(5, 2, 50, 20, 5, init=True)
+    _compare(inputs, dict(dt_softplus=True, return_final_state=True),
+             dict(chunk_size=32, block_d=8), 1e-5, 1e-5)
+
+
+# L=37, chunk 16: row 0 has a start exactly at the chunk edge 16, a length-1 segment [16, 17),
+# several starts inside chunk 1 (17, 20, 22) and one in the padded last chunk (33); row 1
+# reuses ids (0 -> 1 -> 0): a start is wherever the id *changes*.
+PACKED_STARTS = [(16, 17, 20, 22, 33), (5, 30)]
+
+
+def test_packed_segments_kernel_vs_reference():
+    inputs = _inputs(6, 2, 37, 24, 6, g=3, init=True)
+    inputs["segment_ids"] = _segments(2, 37, PACKED_STARTS)
+    _compare(inputs, dict(dt_softplus=True, return_final_state=True),
+             dict(block_d=4, chunk_size=16), 1e-5, 1e-5)
+
+
+def test_packed_segments_batch1_no_initial_state():
+    # B=1, chunk 8: starts at the chunk edges 8 and 16, a length-1 segment [8, 9) and a
+    # length-1 last segment [19, 20); no initial state, no z.
+    inputs = _inputs(7, 1, 20, 8, 4, z=False)
+    inputs["segment_ids"] = _segments(1, 20, [(8, 9, 12, 16, 19)])
+    _compare(inputs, dict(dt_softplus=True, return_final_state=True),
+             dict(block_d=4, chunk_size=8), 1e-5, 1e-5)
+
+
+def test_reference_initial_state_is_a_continuation():
+    inp = _inputs(8, 2, 30, 12, 4, g=2, init=True)
+    kw = dict(dt_softplus=True, return_final_state=True)
+    ref = jax.jit(functools.partial(reference, **kw))
+    y, h = ref(**inp)
+    cut = lambda sl: {k: (v[:, sl] if k in ("x", "dt", "B", "C", "z") else v)  # noqa: E731
+                      for k, v in inp.items()}
+    y1, h1 = ref(**cut(slice(0, 13)))
+    y2, h2 = ref(**{**cut(slice(13, 30)), "initial_state": h1})
+    assert _rel(jnp.concatenate([y1, y2], axis=1), y) < 1e-6 and _rel(h2, h) < 1e-6
+
+
+def test_reference_segments_equal_separate_runs():
+    """The defining property: a packed row == each segment run alone (the initial state
+    only for the first), concatenated; the final state is the last segment's."""
+    b, l = 2, 37
+    inp = _inputs(9, b, l, 12, 4, g=2, init=True)
+    ids = _segments(b, l, PACKED_STARTS)
+    kw = dict(dt_softplus=True, return_final_state=True)
+    ref = jax.jit(functools.partial(reference, **kw))  # one small compile per segment length
+    y, h = ref(**inp, segment_ids=ids)
+    for row, starts in enumerate(PACKED_STARTS):
+        bounds = [0, *starts, l]
+        ys = []
+        for k, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+            part = {n: (v[row:row + 1, s:e] if n in ("x", "dt", "B", "C", "z") else v)
+                    for n, v in inp.items()}
+            part["initial_state"] = inp["initial_state"][row:row + 1] if k == 0 else None
+            y_seg, h_seg = ref(**part)
+            ys.append(y_seg)
+        assert _rel(jnp.concatenate(ys, axis=1), y[row:row + 1]) < 1e-6, row
+        assert _rel(h_seg, h[row:row + 1]) < 1e-6, row
 
 
 def test_bench_script_quick(tmp_path):

@@ -20,24 +20,46 @@ from jaxformers.training.mesh import make_mesh, mesh_shape, parse_mesh
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
-MESHES = ["data=8", "data=2,fsdp=2,tensor=2", "fsdp=2,tensor=4"]
+# expert=8: the batch split over the expert axis (no MoE params: pure data parallelism there);
+# data=2,expert=2,tensor=2: expert as a batch axis next to data, with tensor parallelism.
+MESHES = ["expert=8", "data=2,fsdp=2,tensor=2", "fsdp=2,tensor=4", "data=2,expert=2,tensor=2"]
 
 
 def test_parse_mesh():
     assert parse_mesh(None) == {} and parse_mesh(" ") == {}
-    assert parse_mesh("data=2,fsdp=2,tensor=2") == {"data": 2, "fsdp": 2, "tensor": 2}
-    assert parse_mesh("tensor=4, data=2") == {"data": 2, "fsdp": 1, "tensor": 4}
+    assert parse_mesh("data=2,fsdp=2,tensor=2") == {"data": 2, "fsdp": 2, "expert": 1, "tensor": 2}
+    assert parse_mesh("tensor=4, data=2") == {"data": 2, "fsdp": 1, "expert": 1, "tensor": 4}
+    assert parse_mesh("data=2,expert=2,tensor=2") == {"data": 2, "fsdp": 1, "expert": 2, "tensor": 2}
     for bad, msg in [("model=2", "AXIS one of"), ("data=0", "positive int"), ("data=x", "positive int"),
                      ("data", "AXIS=SIZE"), ("data=2,data=2", "given twice")]:
         with pytest.raises(ValueError, match=msg):
             parse_mesh(bad)
-    assert mesh_shape(None, 8) == {"data": 8, "fsdp": 1, "tensor": 1}
+    assert mesh_shape(None, 8) == {"data": 8, "fsdp": 1, "expert": 1, "tensor": 1}
     with pytest.raises(ValueError, match=r"has 4 devices .* but 8 are available"):
         mesh_shape("data=2,tensor=2", 8)
     with pytest.raises(ValueError, match="must equal the device count"):
         make_mesh("data=2")  # this process has one CPU device
     mesh = make_mesh("data=1")
-    assert mesh.axis_names == ("data", "fsdp", "tensor") and mesh.devices.size == 1
+    assert mesh.axis_names == ("data", "fsdp", "expert", "tensor") and mesh.devices.size == 1
+
+
+def test_expert_axis_rules():
+    """``expert`` shards expert-stacked params and (with data and fsdp) the batch; activations
+    dispatched to experts keep it on their expert dimension."""
+    from jax.sharding import PartitionSpec as P
+    import flax.linen as nn
+    from jaxformers.sharding import DEFAULT_RULES
+
+    def spec(*names):
+        return tuple(nn.logical_to_mesh_axes(names, DEFAULT_RULES))
+
+    assert spec("batch", "length", "act_embed") == (("data", "fsdp", "expert"), None, None)
+    assert spec("expert", "embed", "mlp") == ("expert", "fsdp", "tensor")  # MoE weights
+    assert spec("embed", "mlp") == ("fsdp", "tensor")  # dense weights: replicated over expert
+    assert spec("act_expert", "batch_no_expert", "act_embed") == ("expert", ("data", "fsdp"), None)
+    from jaxformers.training.mesh import BATCH_AXES, batch_sharding
+    assert BATCH_AXES == ("data", "fsdp", "expert")
+    assert batch_sharding(make_mesh(None), None).spec == P(BATCH_AXES)
 
 
 def _corpus(root: Path) -> str:
@@ -100,6 +122,11 @@ SCRIPT = textwrap.dedent('''
                        "shard_shape": list(arr.addressable_shards[0].data.shape),
                        "shape": list(arr.shape)}}
     out["specs"] = specs
+
+    # data=2,expert=2,tensor=2: every (data, expert) pair holds its own quarter of the batch
+    from jaxformers.training.mesh import batch_sharding
+    mesh = make_mesh(MESHES[3])
+    out["batch_shard"] = list(batch_sharding(mesh, 2).shard_shape((8, 33)))
     print("RESULT" + json.dumps(out))
 ''')
 
@@ -140,3 +167,4 @@ def test_losses_match_across_meshes_and_params_are_sharded(tmp_path, monkeypatch
     # vocab 257 is not divisible by tensor=2: that dimension stays whole, embed is still split
     assert specs["embedding"]["spec"][0] is None and specs["embedding"]["shard_shape"] == [257, 16]
     assert specs["scale"]["shard_shape"] == [16]
+    assert out["batch_shard"] == [2, 33]

@@ -23,8 +23,17 @@ def _inputs(seed, b, l, h, p, g, n, dtype=jnp.float32, D=None, z=True, bias=True
         D=None if d_shape is None else jnp.asarray(r(*d_shape)),
         z=jnp.asarray(r(b, l, h, p), dtype) if z else None,
         dt_bias=jnp.asarray(0.3 * r(h)) if bias else None,
-        initial_states=jnp.asarray(r(b, h, p, n)) if init else None,
+        initial_state=jnp.asarray(r(b, h, p, n)) if init else None,
     )
+
+
+def _segments(b, l, starts):
+    """``[b, l]`` int32 ids from per-row lists of segment starts (ids may repeat non-adjacently)."""
+    ids = np.zeros((b, l), np.int32)
+    for row, row_starts in enumerate(starts):
+        for k, t in enumerate(row_starts):
+            ids[row, t:] = (k + 1) % 2 if row % 2 else k + 1  # odd rows reuse ids 0 / 1
+    return jnp.asarray(ids)
 
 
 def _rel(x, y):
@@ -33,8 +42,9 @@ def _rel(x, y):
 
 
 def _value_and_grads(fn, inputs, static, seed=1):
-    """Outputs and the VJP of all present array inputs for fixed random cotangents."""
-    present = {k: v for k, v in inputs.items() if v is not None}
+    """Outputs and the VJP of all present float inputs for fixed random cotangents."""
+    present = {k: v for k, v in inputs.items()
+               if v is not None and jnp.issubdtype(v.dtype, jnp.floating)}
     g = lambda p: fn(**{**inputs, **p}, **static)  # noqa: E731
     out_shapes = jax.eval_shape(g, present)
     rng = np.random.default_rng(seed)
@@ -64,7 +74,7 @@ def _compare(inputs, static, tol, grad_tol, **kernel_kw):
 def test_full_features_groups_ragged_length():
     # L=37 with chunk 16 (3 chunks, padded); H=4 heads in G=2 groups; P=6, N=5 padded.
     inputs = _inputs(0, 2, 37, 4, 6, 2, 5, D="hp")
-    _compare(inputs, dict(chunk_size=16, dt_softplus=True, return_final_states=True), 1e-4, 1e-4)
+    _compare(inputs, dict(chunk_size=16, dt_softplus=True, return_final_state=True), 1e-4, 1e-4)
 
 
 def test_minimal_batch1():
@@ -72,7 +82,7 @@ def test_minimal_batch1():
     # P=20 -> padded to 32 and split into two P blocks of 16.
     inputs = _inputs(1, 1, 50, 2, 20, 1, 16, D="h", z=False, bias=False, init=False)
     inputs["dt"] = jnp.abs(inputs["dt"]) * 0.5
-    _compare(inputs, dict(chunk_size=32, return_final_states=True), 1e-4, 1e-4, block_p=16)
+    _compare(inputs, dict(chunk_size=32, return_final_state=True), 1e-4, 1e-4, block_p=16)
 
 
 def test_bf16_inputs():
@@ -82,9 +92,9 @@ def test_bf16_inputs():
 
 def test_state_update_matches_scan():
     inp = _inputs(3, 2, 21, 4, 4, 2, 8, D="h")
-    kw = dict(dt_softplus=True, return_final_states=True)
+    kw = dict(dt_softplus=True, return_final_state=True)
     args = [inp[k] for k in ("x", "dt", "A", "B", "C")]
-    opt = dict(D=inp["D"], z=inp["z"], dt_bias=inp["dt_bias"], initial_states=inp["initial_states"])
+    opt = dict(D=inp["D"], z=inp["z"], dt_bias=inp["dt_bias"], initial_state=inp["initial_state"])
     y_ref, s_ref = reference(*args, **opt, **kw)
 
     def step(state, t):
@@ -93,7 +103,7 @@ def test_state_update_matches_scan():
                                     dt_bias=inp["dt_bias"], dt_softplus=True)
         return state, y
 
-    s_dec, ys = jax.lax.scan(step, inp["initial_states"], jnp.arange(21))
+    s_dec, ys = jax.lax.scan(step, inp["initial_state"], jnp.arange(21))
     assert _rel(jnp.moveaxis(ys, 0, 1), y_ref) < 1e-5 and _rel(s_dec, s_ref) < 1e-5
     # the chunked kernel's final state hands over to decoding
     _, s_k = ssd(*[a[:, :20] for a in args[:2]], args[2], *[a[:, :20] for a in args[3:]],
@@ -106,12 +116,25 @@ def test_state_update_matches_scan():
 
 @pytest.mark.parametrize("bad, msg", [
     (dict(x=jnp.zeros((2, 8, 4))), "x must have rank 4"),
+    (dict(x=jnp.zeros((2, 8, 4, 8), jnp.int32)), "x must be a real floating-point array"),
     (dict(dt=jnp.zeros((2, 9, 4))), "dt must have shape"),
+    (dict(dt=jnp.zeros((2, 8, 4), jnp.int32)), "dt must be a real floating-point"),
     (dict(A=jnp.zeros((4, 2))), "A must have shape"),
+    (dict(A=jnp.zeros((4,), jnp.int32)), "A must be a real floating-point"),
     (dict(B=jnp.zeros((2, 8, 3, 16)), C=jnp.zeros((2, 8, 3, 16))), "divisible"),
     (dict(C=jnp.zeros((2, 7, 1, 16))), "C must have the same shape"),
+    (dict(B=jnp.zeros((2, 8, 1, 16), jnp.int32)), "B must be a real floating-point"),
     (dict(D=jnp.zeros((3,))), "D must have shape"),
-    (dict(initial_states=jnp.zeros((2, 4, 8, 8))), "initial_states"),
+    # L = 0
+    (dict(x=jnp.zeros((2, 0, 4, 8)), dt=jnp.zeros((2, 0, 4)), B=jnp.zeros((2, 0, 1, 16)),
+          C=jnp.zeros((2, 0, 1, 16))), r"x must have at least one time step: expected \[B, L, H, P\]"),
+    # channels-first layouts (mamba_ssm's selective-scan convention) passed as is
+    (dict(x=jnp.zeros((2, 4, 8, 8))), r"expected x as \[B, L, H, P\].*must be transposed"),
+    (dict(dt=jnp.zeros((2, 4, 8))), r"dt must have shape \[B, L, H\].*must be transposed"),
+    (dict(initial_state=jnp.zeros((2, 4, 8, 8))), r"initial_state must have shape \[B, H, P, N\]"),
+    (dict(initial_state=jnp.zeros((2, 4, 8, 16), jnp.int32)), "initial_state must be a real floating"),
+    (dict(segment_ids=jnp.zeros((1, 8), jnp.int32)), r"segment_ids must have shape \[B, L\]"),
+    (dict(segment_ids=jnp.zeros((2, 8), jnp.float32)), "segment_ids must be an integer"),
 ])
 def test_validation(bad, msg):
     args = dict(x=jnp.zeros((2, 8, 4, 8)), dt=jnp.zeros((2, 8, 4)), A=jnp.zeros((4,)),
@@ -134,4 +157,69 @@ def test_backward_uses_finer_p_blocks():
     # P=40 -> padded 64: the forward runs one P block of 64, the backward two of 32
     # (partial dt / dB / dC sums over P blocks).
     inputs = _inputs(4, 1, 20, 2, 40, 1, 16, D="h")
-    _compare(inputs, dict(chunk_size=16, dt_softplus=True, return_final_states=True), 1e-4, 1e-4)
+    _compare(inputs, dict(chunk_size=16, dt_softplus=True, return_final_state=True), 1e-4, 1e-4)
+
+
+def test_state_update_validation():
+    with pytest.raises(ValueError, match="x must have shape"):
+        ssd_state_update(jnp.zeros((2, 4, 8, 16)), jnp.zeros((2, 4, 7)), jnp.zeros((2, 4)),
+                         jnp.zeros((4,)), jnp.zeros((2, 1, 16)), jnp.zeros((2, 1, 16)))
+    with pytest.raises(ValueError, match="dt must be a real floating-point"):
+        ssd_state_update(jnp.zeros((2, 4, 8, 16)), jnp.zeros((2, 4, 8)), jnp.zeros((2, 4), jnp.int32),
+                         jnp.zeros((4,)), jnp.zeros((2, 1, 16)), jnp.zeros((2, 1, 16)))
+
+
+# ----------------------------------------------------------------- packed sequences
+# L=37, chunk 16: row 0 has a start exactly at the chunk edge 16, a length-1 segment [16, 17),
+# several starts inside chunk 1 (17, 20, 22) and one in the padded last chunk (33); row 1
+# reuses ids (0 -> 1 -> 0): a start is wherever the id *changes*.
+PACKED_STARTS = [(16, 17, 20, 22, 33), (5, 30)]
+
+
+def test_packed_segments_kernel_vs_reference():
+    # H=4 heads in G=2 groups, P=6 / N=5 padded, initial state (first segments only).
+    inputs = _inputs(5, 2, 37, 4, 6, 2, 5, D="hp")
+    inputs["segment_ids"] = _segments(2, 37, PACKED_STARTS)
+    _compare(inputs, dict(chunk_size=16, dt_softplus=True, return_final_state=True), 1e-5, 1e-5)
+
+
+def test_packed_segments_batch1_p_blocks():
+    # B=1, no initial state; P=40 -> forward one P block of 64, backward two of 32; starts at
+    # the chunk edges 16 and 32, a length-1 segment [32, 33) and a length-1 last one [39, 40).
+    inputs = _inputs(6, 1, 40, 2, 40, 1, 16, D="h", init=False, z=False)
+    inputs["segment_ids"] = _segments(1, 40, [(3, 16, 32, 33, 39)])
+    _compare(inputs, dict(chunk_size=16, dt_softplus=True, return_final_state=True), 1e-5, 1e-5)
+
+
+def test_reference_initial_state_is_a_continuation():
+    inp = _inputs(7, 2, 30, 4, 4, 2, 8, D="h")
+    kw = dict(dt_softplus=True, return_final_state=True)
+    ref = jax.jit(functools.partial(reference, **kw))
+    y, h = ref(**inp)
+    cut = lambda sl: {k: (v[:, sl] if k in ("x", "dt", "B", "C", "z") else v)  # noqa: E731
+                      for k, v in inp.items()}
+    y1, h1 = ref(**cut(slice(0, 13)))
+    y2, h2 = ref(**{**cut(slice(13, 30)), "initial_state": h1})
+    assert _rel(jnp.concatenate([y1, y2], axis=1), y) < 1e-6 and _rel(h2, h) < 1e-6
+
+
+def test_reference_segments_equal_separate_runs():
+    """The defining property: a packed row == each segment run alone (the initial state
+    only for the first), concatenated; the final state is the last segment's."""
+    b, l = 2, 37
+    inp = _inputs(8, b, l, 4, 4, 2, 8, D="h")
+    ids = _segments(b, l, PACKED_STARTS)
+    kw = dict(dt_softplus=True, return_final_state=True)
+    ref = jax.jit(functools.partial(reference, **kw))  # one small compile per segment length
+    y, h = ref(**inp, segment_ids=ids)
+    for row, starts in enumerate(PACKED_STARTS):
+        bounds = [0, *starts, l]
+        ys = []
+        for k, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+            part = {n: (v[row:row + 1, s:e] if n in ("x", "dt", "B", "C", "z") else v)
+                    for n, v in inp.items()}
+            part["initial_state"] = inp["initial_state"][row:row + 1] if k == 0 else None
+            y_seg, h_seg = ref(**part)
+            ys.append(y_seg)
+        assert _rel(jnp.concatenate(ys, axis=1), y[row:row + 1]) < 1e-6, row
+        assert _rel(h_seg, h[row:row + 1]) < 1e-6, row

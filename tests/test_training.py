@@ -1,4 +1,5 @@
 """Trainer, checkpoints and experiment CLIs on a tiny model and a tiny synthetic corpus."""
+import functools
 import hashlib
 import json
 import os
@@ -9,17 +10,33 @@ import sys
 import time
 from pathlib import Path
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import jaxformers as jf
-from jaxformers.training import CheckpointError, TrainConfig, evaluate, load_run, read_metrics, train
+from jaxformers.config import TransformerConfig
+from jaxformers.layers import Block
+from jaxformers.models.transformer import Transformer
+from jaxformers.registry import register
+from jaxformers.training import apply_model, next_token_targets
+from jaxformers.training import CheckpointError, CompileCache, TrainConfig, load_run, read_metrics
+from jaxformers.training import evaluate as _evaluate
+from jaxformers.training import train as _train
 from jaxformers.training.checkpoint import MANIFEST
 from jaxformers.training.mesh import parse_mesh
 from jaxformers.training.optim import decay_mask, make_schedule
 
 REPO = Path(__file__).resolve().parents[1]
 LOSS_KEYS = ("step", "loss", "lr", "grad_norm")
+# One explicit compile cache for the in-process runs of this module (runs of the same model
+# and optimizer share their compiled programs).
+CACHE = CompileCache(max_entries=8)
+train = functools.partial(_train, cache=CACHE)
+evaluate = functools.partial(_evaluate, cache=CACHE)
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -96,9 +113,10 @@ def test_train_config_validation():
         TrainConfig(min_lr_ratio=2.0)
     with pytest.raises(ValueError, match=r"unknown config field"):
         TrainConfig().replace(stepz=3)
-    with pytest.raises(ValueError, match=r"AXIS one of \['data', 'fsdp', 'tensor'\]"):
+    with pytest.raises(ValueError, match=r"AXIS one of \['data', 'fsdp', 'expert', 'tensor'\]"):
         TrainConfig(mesh="model=2")
-    assert parse_mesh("fsdp=2") == {"data": 1, "fsdp": 2, "tensor": 1}
+    assert parse_mesh("fsdp=2") == {"data": 1, "fsdp": 2, "expert": 1, "tensor": 1}
+    assert parse_mesh("expert=2") == {"data": 1, "fsdp": 1, "expert": 2, "tensor": 1}
     tc = TrainConfig(batch_size=8, grad_accum=2)
     assert TrainConfig.from_dict(json.loads(tc.to_json())) == tc
 
@@ -259,6 +277,107 @@ def test_evaluate_and_load_run(env, reference_run):
     assert result["val_loss"] == pytest.approx(summary["val_loss"], rel=1e-5)
     result2 = evaluate((model_config, {"params": params}), env["corpus"], max_batches=1)
     assert np.isfinite(result2["val_loss"]) and result2["val_tokens"] == 8 * 32
+
+
+# ----------------------------------------------------------------------------- losses, aux, data
+class _SowMLP(nn.Module):
+    """GELU MLP that also reports an auxiliary loss ``toy`` (mean squared hidden activation)."""
+    config: object
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.gelu(nn.Dense(4 * self.config.d_model, use_bias=False, name="fc")(x))
+        self.sow("losses", "toy", jnp.mean(h.astype(jnp.float32) ** 2))
+        return nn.Dense(self.config.d_model, use_bias=False, name="proj")(h)
+
+
+class _SowLM(Transformer):
+    def block_class(self):
+        return Block.using(mlp=_SowMLP)
+
+
+register("test-aux-sow", TransformerConfig, _SowLM,
+         {"tiny": dict(vocab_size=257, d_model=32, n_layer=2, n_head=4, max_seq_len=32)})
+
+
+def test_aux_loss_is_added_with_its_weight_and_logged(env, capsys):
+    """The sown ``toy`` loss is weighted into the optimised objective (``total_loss``) and logged
+    by name (that the weighted term is differentiated is checked in test_losses.py)."""
+    out = env["root"] / "aux"
+    tc = tiny_train(env, out, steps=4, grad_accum=2, eval_batches=0, checkpoint_every=0,
+                    aux_loss_weights={"toy": 0.5})
+    train(jf.get_config("test-aux-sow", "tiny"), tc, progress=None)  # lines on stderr (not a terminal)
+    assert json.loads((out / "config.json").read_text())["train"]["aux_loss_weights"] == {"toy": 0.5}
+    rows = [r for r in read_metrics(out) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for r in rows:
+        assert r["aux/toy"] > 0 and r["total_loss"] == pytest.approx(r["loss"] + 0.5 * r["aux/toy"], rel=1e-5)
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert "aux/toy=" in capsys.readouterr().err  # the progress lines name it too
+
+
+def _smoothed_ce(module, params, batch, rng):
+    """A custom loss from Python: cross-entropy with label smoothing."""
+    logits, _ = apply_model(module, params, batch, rng)
+    targets, w = next_token_targets(batch)
+    labels = optax.smooth_labels(jax.nn.one_hot(targets, logits.shape[-1]), 0.1)
+    per_token = optax.softmax_cross_entropy(logits, labels)
+    return jnp.sum(per_token * w) / jnp.sum(w), {"n_targets": jnp.sum(w)}
+
+
+def test_custom_loss_from_python_and_unknown_loss_name(env):
+    out = env["root"] / "custom_loss"
+    with pytest.raises(ValueError, match=r"unknown loss='nope'; choose one of \[.*'cross_entropy'"):
+        train(tiny_model(), tiny_train(env, out, loss="nope"), progress=False)
+    assert not out.exists()
+    summary = train(tiny_model(), tiny_train(env, out, eval_batches=1, checkpoint_every=0), progress=False,
+                    loss_fn=_smoothed_ce)
+    rows = loss_rows(out)
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.3, rows
+    assert summary["loss_fn"].endswith("test_training._smoothed_ce")
+    assert json.loads((out / "config.json").read_text())["loss_fn"] == summary["loss_fn"]
+
+
+def test_synthetic_task_with_loss_mask_and_segments(env):
+    from jaxformers.data import open_data
+    from jaxformers.training import cross_entropy
+
+    out = env["root"] / "arith"
+    data = "synthetic:arithmetic:n_digits=2,worked_steps=0"  # 11 tokens: 2 examples per row of 32
+    model = tiny_model(vocab_size=18)
+    tc = tiny_train(env, out, data=data, steps=10, lr=1e-2, eval_every=0, eval_batches=2, checkpoint_every=0)
+    summary = train(model, tc, progress=False)
+    rows = loss_rows(out)
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.5, rows
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["dataset"]["source"] == data and saved["dataset"]["vocab_size"] == 18
+    # the logged loss of step 1 is the masked, segment-aware loss of batch 0 at the initial params
+    batch = open_data(data).train_loader(tc.batch_size, tc.seq_len, tc.seed).batch_dict_at(0)
+    assert set(batch) == {"tokens", "loss_mask", "segment_ids"}
+    module = jf.build(model)
+    params = jax.jit(lambda r: nn.unbox(module.init(r, jnp.zeros((1, 8), jnp.int32)))["params"])(
+        jax.random.PRNGKey(tc.seed))
+    loss, metrics = jax.jit(lambda p, b: cross_entropy(module, p, b))(params, batch)
+    assert float(metrics["n_targets"]) == 2 * 8 * 6  # answer digits + EOS of 2 examples per row
+    assert rows[0]["loss"] == pytest.approx(float(loss), rel=1e-5)
+    assert summary["val_loss"] is not None and summary["val_loss"] < rows[0]["loss"]  # fixed val rows
+
+
+def test_resume_and_evaluate_an_old_format_run_dir(env, reference_run):
+    """A run directory written before the loss / aux-loss / expert-axis fields existed."""
+    ref, summary = reference_run
+    run = _copy_run(ref, env["root"] / "old_format")
+    saved = json.loads((run / "config.json").read_text())
+    for key in ("loss", "aux_loss_weights"):
+        del saved["train"][key]
+    saved.pop("loss_fn", None)
+    saved["mesh"] = "data=1,fsdp=1,tensor=1"
+    (run / "config.json").write_text(json.dumps(saved))
+    assert evaluate(run)["val_loss"] == pytest.approx(summary["val_loss"], rel=1e-5)
+    shutil.rmtree(run / "checkpoints" / "6")
+    resumed = train(tiny_model(), tiny_train(env, run), resume=True, progress=False)
+    assert resumed["resumed_from"] == 3 and resumed["finished"]
+    assert loss_rows(run) == loss_rows(ref)
 
 
 # ----------------------------------------------------------------------------- CLIs

@@ -1,4 +1,4 @@
-"""Stateless, resumable batches of token windows.
+"""Stateless, resumable batches of token windows (and of synthetic tasks), as arrays or batch dicts.
 
 :class:`TokenLoader` draws ``batch_size`` random windows of ``seq_len + 1``
 tokens (inputs are ``w[:, :-1]``, targets ``w[:, 1:]``).  The batch at a step
@@ -15,15 +15,24 @@ Multi-host: every process computes the same *global* batch of
 (windows overlap by the one token that is both the last target of a window
 and the first input of the next), so every token after the first is a
 target exactly once -- a deterministic, exhaustive evaluation.
+
+The trainer consumes *batch dicts* (see :mod:`jaxformers.training.losses`):
+:meth:`TokenLoader.batch_dict_at` is ``{"tokens": batch_at(step)}``, and
+:class:`SyntheticLoader` returns ``{"tokens", "loss_mask"[, "segment_ids"]}``
+rows of a task from :mod:`jaxformers.data.synthetic`, with the same
+``(seed, step)`` purity and per-process row split.
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Dict, Iterator, Mapping
 
 import numpy as np
 
-__all__ = ["TokenLoader", "eval_batches", "resolve_process"]
+from . import synthetic
+
+__all__ = ["SYNTHETIC_TASKS", "SyntheticLoader", "TokenLoader", "eval_batches", "iterate_rows",
+           "resolve_process", "synthetic_rows", "synthetic_vocab_size"]
 
 
 def resolve_process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -103,6 +112,10 @@ class TokenLoader:
         lo = self.process_index * self.local_batch_size
         return self._windows(self.offsets_at(step)[lo:lo + self.local_batch_size])
 
+    def batch_dict_at(self, step: int) -> Dict[str, np.ndarray]:
+        """This process's rows as a batch dict: ``{"tokens": int32 [local_batch_size, seq_len + 1]}``."""
+        return {"tokens": self.batch_at(step)}
+
     def iterate(self, start_step: int = 0) -> Iterator[np.ndarray]:
         """Endless batches ``batch_at(start_step), batch_at(start_step + 1), ...``."""
         step = int(start_step)
@@ -152,3 +165,161 @@ def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches:
             out[r] = tokens[w * seq_len:w * seq_len + seq_len + 1]
         yield out
         n_done += 1
+
+
+def iterate_rows(arrays: Mapping[str, np.ndarray], batch_size: int, max_batches: int | None = None, *,
+                 drop_last: bool = False, process_index: int | None = None,
+                 process_count: int | None = None) -> Iterator[Dict[str, np.ndarray]]:
+    """Batch dicts of consecutive rows of ``arrays`` (every array ``[N, ...]``), split across
+    processes like :func:`eval_batches` (each gets its contiguous share of a global batch of
+    ``batch_size`` rows; a short last batch is yielded unless ``drop_last`` or there is more
+    than one process)."""
+    batch_size = int(batch_size)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    p, n_proc = resolve_process(process_index, process_count)
+    if batch_size % n_proc:
+        raise ValueError(f"global batch_size {batch_size} is not divisible by process_count {n_proc}")
+    n_rows = min(len(v) for v in arrays.values())
+    local = batch_size // n_proc
+    n_done = 0
+    for first in range(0, n_rows, batch_size):
+        if max_batches is not None and n_done >= max_batches:
+            return
+        count = min(batch_size, n_rows - first)
+        if count < batch_size and (drop_last or n_proc > 1):
+            return
+        lo, hi = first + p * local, first + min((p + 1) * local, count)
+        yield {k: np.ascontiguousarray(v[lo:hi]) for k, v in arrays.items()}
+        n_done += 1
+
+
+# ----------------------------------------------------------------------------- synthetic tasks
+# task -> default parameters.  ``copying`` and ``passkey`` make sequences of exactly the row
+# length; ``recall`` and ``arithmetic`` have a length fixed by their parameters and are packed
+# (``pack=1``: as many whole examples per row as fit, one segment each) or padded (``pack=0``).
+SYNTHETIC_TASKS: Dict[str, Dict[str, int]] = {
+    "copying": {"vocab": 16},
+    "passkey": {"n_digits": 5},
+    "recall": {"n_pairs": 8, "vocab": 64, "pack": 1},
+    "arithmetic": {"n_digits": 3, "worked_steps": 1, "answer_only": 0, "pack": 1},
+}
+_TASK_ALIASES = {"associative_recall": "recall", "copy": "copying"}
+
+
+def _task_params(task: str, params: Mapping[str, int] | None) -> tuple[str, Dict[str, int]]:
+    task = _TASK_ALIASES.get(task, task)
+    if task not in SYNTHETIC_TASKS:
+        raise ValueError(f"unknown synthetic task {task!r}; choose one of {sorted(SYNTHETIC_TASKS)}")
+    out = dict(SYNTHETIC_TASKS[task])
+    for k, v in dict(params or {}).items():
+        if k not in out:
+            raise ValueError(f"synthetic task {task!r} has no parameter {k!r}; parameters: {sorted(out)}")
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise ValueError(f"synthetic {task} parameter {k} must be an int, got {v!r}")
+        out[k] = int(v)
+    return task, out
+
+
+def synthetic_vocab_size(task: str, params: Mapping[str, int] | None = None) -> int:
+    """Vocabulary size of a synthetic task's token ids."""
+    task, p = _task_params(task, params)
+    if task == "passkey":
+        return synthetic.PASSKEY_VOCAB_SIZE
+    if task == "arithmetic":
+        return synthetic.ARITH_VOCAB_SIZE
+    return p["vocab"]
+
+
+def _example_length(task: str, p: Mapping[str, int], row_len: int) -> int:
+    if task == "recall":
+        return 2 * p["n_pairs"] + 4
+    if task == "arithmetic":
+        return synthetic.arithmetic_length(p["n_digits"], bool(p["worked_steps"]))
+    return row_len
+
+
+def _examples(task: str, p: Mapping[str, int], n: int, length: int, seed: int):
+    if task == "copying":
+        return synthetic.copying(n, length, p["vocab"], seed)
+    if task == "passkey":
+        return synthetic.passkey(n, length, p["n_digits"], seed)
+    if task == "recall":
+        return synthetic.associative_recall(n, p["n_pairs"], p["vocab"], seed)
+    return synthetic.arithmetic(n, p["n_digits"], bool(p["worked_steps"]), seed,
+                                answer_only=bool(p["answer_only"]))
+
+
+def synthetic_rows(task: str, n_rows: int, row_len: int, seed: int,
+                   params: Mapping[str, int] | None = None) -> Dict[str, np.ndarray]:
+    """``n_rows`` rows of ``row_len`` tokens of a synthetic task, a pure function of the arguments.
+
+    Returns ``tokens`` int32 and ``loss_mask`` float32 ``[n_rows, row_len]`` (the task's
+    answer mask, aligned with the tokens), plus ``segment_ids`` int32 (1, 2, ... per packed
+    example, 0 on padding) when a row holds more than one example.  Padding is ``PAD`` with
+    mask 0.  ``ValueError`` if an example does not fit in a row.
+    """
+    task, p = _task_params(task, params)
+    n_rows, row_len = int(n_rows), int(row_len)
+    length = _example_length(task, p, row_len)
+    if length > row_len:
+        raise ValueError(f"synthetic {task} examples ({p}) are {length} tokens long: they need "
+                         f"seq_len >= {length - 1} (got seq_len={row_len - 1})")
+    per_row = row_len // length if p.get("pack", 0) else 1
+    tokens, mask = _examples(task, p, n_rows * per_row, length, seed)
+    out_tokens = np.full((n_rows, row_len), synthetic.PAD, np.int32)
+    out_mask = np.zeros((n_rows, row_len), np.float32)
+    used = per_row * length
+    out_tokens[:, :used] = tokens.reshape(n_rows, used)
+    out_mask[:, :used] = mask.reshape(n_rows, used)
+    out = {"tokens": out_tokens, "loss_mask": out_mask}
+    if per_row > 1:
+        seg = np.zeros((n_rows, row_len), np.int32)
+        seg[:, :used] = np.repeat(np.arange(1, per_row + 1, dtype=np.int32), length)[None]
+        out["segment_ids"] = seg
+    return out
+
+
+def _derived_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(x) for x in parts]).generate_state(1, np.uint64)[0])
+
+
+class SyntheticLoader:
+    """Batch dicts of a synthetic task, ``[local_batch_size, seq_len + 1]``, pure in (seed, step).
+
+    The global batch at ``step`` is ``synthetic_rows(task, batch_size, seq_len + 1,
+    seed=f(seed, step))``; each process keeps its contiguous share of rows, as
+    :class:`TokenLoader` does.
+    """
+
+    SPLIT_IDS = {"train": 0, "val": 1}
+
+    def __init__(self, task: str, batch_size: int, seq_len: int, seed: int = 0, params=None, *,
+                 process_index: int | None = None, process_count: int | None = None):
+        self.task, self.params = _task_params(task, params)
+        self.batch_size, self.seq_len, self.seed = int(batch_size), int(seq_len), int(seed)
+        if self.batch_size < 1 or self.seq_len < 1 or self.seed < 0:
+            raise ValueError(
+                f"need batch_size >= 1, seq_len >= 1, seed >= 0; got {batch_size}, {seq_len}, {seed}")
+        self.process_index, self.process_count = resolve_process(process_index, process_count)
+        if self.batch_size % self.process_count:
+            raise ValueError(
+                f"global batch_size {self.batch_size} is not divisible by process_count {self.process_count}")
+        self.local_batch_size = self.batch_size // self.process_count
+        synthetic_rows(self.task, 1, self.seq_len + 1, 0, self.params)  # fail early if it does not fit
+
+    def global_batch_dict_at(self, step: int) -> Dict[str, np.ndarray]:
+        if int(step) < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        seed = _derived_seed(self.seed, self.SPLIT_IDS["train"], step)
+        return synthetic_rows(self.task, self.batch_size, self.seq_len + 1, seed, self.params)
+
+    def batch_dict_at(self, step: int) -> Dict[str, np.ndarray]:
+        lo = self.process_index * self.local_batch_size
+        return {k: np.ascontiguousarray(v[lo:lo + self.local_batch_size])
+                for k, v in self.global_batch_dict_at(step).items()}
+
+    def __repr__(self) -> str:
+        return (f"SyntheticLoader({self.task}, {self.params}, batch_size={self.batch_size}, "
+                f"seq_len={self.seq_len}, seed={self.seed}, "
+                f"process={self.process_index}/{self.process_count})")

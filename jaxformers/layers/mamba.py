@@ -5,9 +5,9 @@ Mixer, with ``I = expand * d_model`` inner channels, state size ``N`` and
 
     x, z   = in_proj(u)                       # [B, T, I] each
     x      = silu(causal_depthwise_conv(x))   # kernel d_conv, per channel
-    dt, B, C = x_proj(x)                      # [B, T, R], [B, T, N], [B, T, N]
-    delta  = softplus(dt_proj(dt) + dt_bias)  # [B, T, I]
-    h_t    = exp(delta_t A) h_{t-1} + delta_t B_t x_t     (A = -exp(A_log) [I, N])
+    dt_r, B, C = x_proj(x)                    # [B, T, R], [B, T, N], [B, T, N]
+    dt     = softplus(dt_proj(dt_r) + dt_bias)  # [B, T, I]
+    h_t    = exp(dt_t A) h_{t-1} + dt_t B_t x_t     (A = -exp(A_log) [I, N])
     y_t    = C_t h_t + D x_t
     out    = out_proj(y * silu(z))
 
@@ -15,8 +15,12 @@ Block: ``x + Mixer(RMSNorm(x))`` (no MLP).  Decoding keeps a per-layer cache of
 constant size: the last ``d_conv - 1`` conv inputs ``[B, d_conv-1, I]`` and the
 SSM state ``[B, I, N]`` (float32).  A one-token step uses the recurrent update; a
 multi-token call with a cache (prefill, or a chunk after earlier tokens) runs the
-parallel scan and carries the incoming state through it exactly (the recurrence is
-linear in ``h``: ``h_t = h_t|_{h_0=0} + exp(A * sum_{s<=t} delta_s) h_0``).
+parallel scan from the cached state (the scan's ``initial_state``).
+
+Packed sequences (``segment_ids [B, T]``, training / scoring without a cache): a
+new segment starts wherever the id changes; the conv taps that would reach into
+an earlier segment read 0 and the scan's state restarts from zero, so each
+segment is computed exactly as if it were alone.
 
 The scan implementation comes from ``config.scan_impl``: ``"reference"`` (plain
 JAX, any backend), ``"pallas"`` (``pallas_kernels``; interpret mode off GPU) or
@@ -32,9 +36,9 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from ..sharding import ACT_EMBED, ACT_MLP, BATCH, EMBED, LENGTH, MLP, constrain, param_init
+from ..sharding import ACT_MLP, BATCH, EMBED, LENGTH, MLP, constrain, param_init
 from .common import dtype_of, normal
-from .norms import make_norm
+from .block import Block
 from .linear import Linear
 
 SCAN_IMPLS = ("auto", "reference", "pallas")
@@ -123,6 +127,28 @@ def dense(config, features, axes, std, use_bias, name, kernel_init=None):
                   param_dtype=config.param_dtype, kernel_init=kernel_init, name=name)
 
 
+# ----------------------------------------------------------------- packed segments
+def check_segment_ids(segment_ids, x, cache):
+    """``segment_ids`` must be ``[B, T]`` integers and cannot be combined with a decode cache."""
+    if segment_ids is None:
+        return
+    if cache is not None:
+        raise ValueError("segment_ids (packed sequences) are not supported together with a decode "
+                         "cache: the cache carries one sequence's state; pass segment_ids=None")
+    if tuple(segment_ids.shape) != tuple(x.shape[:2]) or not jnp.issubdtype(segment_ids.dtype,
+                                                                             jnp.integer):
+        raise ValueError(f"segment_ids must be an integer [B, T] = {tuple(x.shape[:2])} array, got "
+                         f"shape {tuple(segment_ids.shape)} and dtype {segment_ids.dtype}")
+
+
+def segment_index(segment_ids):
+    """``[B, T]`` int32: number of segment starts up to ``t`` (a start is where the id changes),
+    so two steps are in the same segment exactly when their indices are equal."""
+    starts = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return jnp.concatenate([jnp.zeros_like(segment_ids[:, :1], jnp.int32),
+                            jnp.cumsum(starts.astype(jnp.int32), axis=1)], axis=1)
+
+
 # ----------------------------------------------------------------- causal conv
 class CausalConv1d(nn.Module):
     """Depthwise causal conv: ``y_t = bias + sum_k kernel[k] * x_{t - (K-1) + k}``.
@@ -130,6 +156,8 @@ class CausalConv1d(nn.Module):
     ``kernel [K, C]`` (``kernel[k, c]`` = torch ``conv1d.weight[c, 0, k]``).  ``state``
     ``[B, K-1, C]`` holds the inputs before ``x`` (zeros at the start); returns
     ``(y [B, T, C], new state = the last K-1 inputs)``.  Computed in float32.
+    ``segment_ids [B, T]`` (packed sequences, no ``state``): a tap reading an input
+    of an earlier segment contributes 0.
     """
     width: int
     use_bias: bool
@@ -138,7 +166,7 @@ class CausalConv1d(nn.Module):
     param_dtype: str = "float32"
 
     @nn.compact
-    def __call__(self, x, state=None):
+    def __call__(self, x, state=None, segment_ids=None):
         k, ch = self.width, x.shape[-1]
         kernel = self.param("kernel", param_init(_uniform(1.0 / math.sqrt(k)), (None, self.axis_name)),
                             (k, ch), dtype_of(self.param_dtype))
@@ -147,7 +175,13 @@ class CausalConv1d(nn.Module):
         xp = jnp.concatenate([state.astype(jnp.float32), x.astype(jnp.float32)], axis=1)
         t = x.shape[1]
         w = kernel.astype(jnp.float32)
-        y = sum(xp[:, i:i + t] * w[i] for i in range(k))
+        taps = [xp[:, i:i + t] for i in range(k)]  # tap i reads x_{t - lag}, lag = K-1-i
+        if segment_ids is not None:  # ... only from the same segment
+            seg = segment_index(segment_ids)
+            for i in range(k - 1):
+                prev = jnp.pad(seg, ((0, 0), (k - 1 - i, 0)), constant_values=-1)[:, :t]  # seg of t - lag
+                taps[i] = jnp.where((prev == seg)[..., None], taps[i], 0.0)
+        y = sum(tap * w[i] for i, tap in enumerate(taps))
         if self.use_bias:
             bias = self.param("bias", param_init(nn.initializers.zeros, (self.axis_name,)), (ch,),
                               dtype_of(self.param_dtype))
@@ -157,6 +191,7 @@ class CausalConv1d(nn.Module):
 
 
 def conv_module(config, name, axis_name=MLP):
+    """The mixers' ``CausalConv1d``: call as ``(x, state=None, segment_ids=None)``."""
     return CausalConv1d(config.d_conv, config.conv_bias, axis_name, config.dtype, config.param_dtype,
                         name=name)
 
@@ -169,34 +204,39 @@ def init_mamba_cache(config, batch_size, dtype=None):
             "ssm": jnp.zeros((batch_size, config.d_inner, config.d_state), jnp.float32)}
 
 
-def carry_initial_state(h0, dt, A, C):
-    """Contribution of the incoming state ``h0 [B, I, N]`` to the outputs ``[B, T, I]`` and
-    to the final state, for discretised steps ``dt [B, T, I]`` (float32 throughout)."""
-    decay = jnp.exp(jnp.cumsum(dt, axis=1)[..., None] * A)  # [B, T, I, N]: prod_{s<=t} exp(dt_s A)
-    y = jnp.einsum("btin,bin,btn->bti", decay, h0, C)
-    return y, decay[:, -1] * h0
-
-
 class MambaMixer(nn.Module):
+    """Mamba-1 mixer with the attention mixer's calling convention (and ``init_cache`` hook)."""
     config: object
 
+    @staticmethod
+    def init_cache(config, batch_size, max_len=None, dtype=None):
+        """Empty decoding cache of one layer (constant size: ``max_len`` is not needed)."""
+        del max_len
+        return init_mamba_cache(config, batch_size, dtype)
+
     @nn.compact
-    def __call__(self, u, cache=None):
-        """u ``[B, T, D]`` -> (y ``[B, T, D]``, new cache or None)."""
+    def __call__(self, u, positions=None, segment_ids=None, cache=None, cache_index=None):
+        """u ``[B, T, D]`` -> (y ``[B, T, D]``, new cache or None).
+
+        ``segment_ids [B, T]``: packed sequences (no cache).  ``positions`` and
+        ``cache_index`` are unused (recurrent: the cache carries the state).
+        """
+        del positions, cache_index
+        check_segment_ids(segment_ids, u, cache)
         c = self.config
         i_dim, n, r = c.d_inner, c.d_state, c.resolved_dt_rank
         cdt = dtype_of(c.dtype)
         xz = dense(c, (2, i_dim), (EMBED, None, MLP), c.init_std, c.proj_bias, "in_proj")(u)
         x = constrain(xz[..., 0, :], (BATCH, LENGTH, ACT_MLP))
         z = constrain(xz[..., 1, :], (BATCH, LENGTH, ACT_MLP))
-        x, conv_state = conv_module(c, "conv")(x, None if cache is None else cache["conv"])
+        x, conv_state = conv_module(c, "conv")(x, None if cache is None else cache["conv"], segment_ids)
         x = jax.nn.silu(x)
         dbc = dense(c, r + 2 * n, (MLP, None), c.init_std, False, "x_proj")(x)
         dt_low, b_mat, c_mat = jnp.split(dbc, [r, r + n], axis=-1)
         dt_std = r ** -0.5 * c.dt_scale
         dt_kernel_init = (_uniform(dt_std) if c.dt_init == "random" else nn.initializers.constant(dt_std))
-        delta = dense(c, i_dim, (None, MLP), dt_std, False, "dt_proj", kernel_init=dt_kernel_init)(dt_low)
-        delta = constrain(delta, (BATCH, LENGTH, ACT_MLP))
+        dt = dense(c, i_dim, (None, MLP), dt_std, False, "dt_proj", kernel_init=dt_kernel_init)(dt_low)
+        dt = constrain(dt, (BATCH, LENGTH, ACT_MLP))
         dt_bias = self.param("dt_bias", param_init(dt_bias_init(c), (MLP,)), (i_dim,),
                              dtype_of(c.param_dtype))
         a_log = self.param("A_log", param_init(a_log_init(c), (MLP, None)), (i_dim, n),
@@ -207,22 +247,18 @@ class MambaMixer(nn.Module):
         dt_bias = dt_bias.astype(jnp.float32)
 
         scan, step = scan_functions("selective_scan", c.scan_impl)
+        kwargs = dict(D=d_skip, z=z, dt_bias=dt_bias, dt_softplus=True)
         new_cache = None
         if cache is None:
-            y = scan(x, delta, a, b_mat, c_mat, D=d_skip, z=z, delta_bias=dt_bias, delta_softplus=True)
+            y = scan(x, dt, a, b_mat, c_mat, segment_ids=segment_ids, **kwargs)
         elif u.shape[1] == 1:  # one decoding step: the recurrence
-            y, h = step(cache["ssm"], x[:, 0], delta[:, 0], a, b_mat[:, 0], c_mat[:, 0], D=d_skip,
+            y, h = step(cache["ssm"], x[:, 0], dt[:, 0], a, b_mat[:, 0], c_mat[:, 0], D=d_skip,
                         z=z[:, 0], dt_bias=dt_bias, dt_softplus=True)
             y = y[:, None]
             new_cache = {"conv": conv_state, "ssm": h.astype(cache["ssm"].dtype)}
-        else:  # several tokens with a cache: parallel scan from zero + the carried-in state
-            y0, h_zero = scan(x, delta, a, b_mat, c_mat, D=d_skip, delta_bias=dt_bias, delta_softplus=True,
-                              return_last_state=True)
-            dt = jax.nn.softplus(delta.astype(jnp.float32) + dt_bias)
-            h0 = cache["ssm"].astype(jnp.float32)
-            y_h0, h_h0 = carry_initial_state(h0, dt, a, c_mat.astype(jnp.float32))
-            y = ((y0.astype(jnp.float32) + y_h0) * jax.nn.silu(z.astype(jnp.float32))).astype(cdt)
-            h = h_zero.astype(jnp.float32) + h_h0
+        else:  # several tokens with a cache: the parallel scan from the cached state
+            y, h = scan(x, dt, a, b_mat, c_mat, initial_state=cache["ssm"], return_final_state=True,
+                        **kwargs)
             new_cache = {"conv": conv_state, "ssm": h.astype(cache["ssm"].dtype)}
         y = constrain(y.astype(cdt), (BATCH, LENGTH, ACT_MLP))
         out = dense(c, c.d_model, (MLP, EMBED), mixer_out_std(c), c.proj_bias, "out_proj")(y)
@@ -230,18 +266,15 @@ class MambaMixer(nn.Module):
 
 
 # ----------------------------------------------------------------- block
-class MambaBlock(nn.Module):
-    """Pre-norm residual block ``x + Mixer(Norm(x))`` with the Block calling convention."""
-    config: object
-    mixer_class = MambaMixer  # class attribute (not a dataclass field): Mamba2Block swaps it
+class MambaBlock(Block):
+    """Pre-norm residual block ``x + Mixer(Norm(x))``: the shared :class:`Block` with the
+    Mamba mixer and no MLP sub-layer (parameters ``norm``/``mixer``, as mamba_ssm names them).
 
-    @nn.compact
-    def __call__(self, x, positions=None, segment_ids=None, cache=None, cache_index=None):
-        """x ``[B, T, D]`` -> (x ``[B, T, D]``, new layer cache or None)."""
-        del positions, cache_index  # recurrent: position-free, the cache carries the state
-        if segment_ids is not None:
-            raise ValueError("segment_ids (packed documents) are not supported by Mamba layers: the "
-                             "recurrent state would flow across document boundaries; pass segment_ids=None")
-        c = self.config
-        h, new_cache = self.mixer_class(c, name="mixer")(make_norm(c, "norm")(x), cache)
-        return constrain(x + h, (BATCH, LENGTH, ACT_EMBED)), new_cache
+    ``segment_ids [B, T]``: packed sequences (exact: nothing crosses a boundary); not
+    together with a cache.  ``positions`` / ``cache_index`` are passed on (the mixers ignore
+    them: recurrent, the cache carries the state).
+    """
+    mixer_class = MambaMixer
+    mlp_class = None
+    mixer_name = "mixer"
+    mixer_norm_name = "norm"

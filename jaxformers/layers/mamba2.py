@@ -16,7 +16,8 @@ since the conv is depthwise) so that the inner dim carries the ``mlp`` logical a
 and heads the ``heads`` axis (tensor-parallel friendly, as the paper intends).
 Decoding cache per layer: ``conv_x [B, d_conv-1, I]``, ``conv_bc [B, d_conv-1, 2GN]``
 and the SSM state ``[B, H, P, N]`` float32; multi-token calls pass it to the SSD as
-``initial_states`` and keep the final states.
+``initial_state`` and keep the final state.  Packed sequences (``segment_ids``, no
+cache) are exact as in Mamba-1: masked conv taps, the SSD state restarts per segment.
 """
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ import flax.linen as nn
 
 from ..sharding import ACT_HEADS, ACT_MLP, BATCH, EMBED, HEADS, LENGTH, MLP, constrain, param_init
 from .common import dtype_of
-from .mamba import (MambaBlock, a_log_init, conv_module, dense, dt_bias_init, mixer_out_std,
-                    scan_functions)
+from .mamba import (MambaBlock, a_log_init, check_segment_ids, conv_module, dense, dt_bias_init,
+                    mixer_out_std, scan_functions)
 
 
 def init_mamba2_cache(config, batch_size, dtype=None):
@@ -58,11 +59,24 @@ class GatedRMSNorm(nn.Module):
 
 
 class Mamba2Mixer(nn.Module):
+    """Mamba-2 mixer with the attention mixer's calling convention (and ``init_cache`` hook)."""
     config: object
 
+    @staticmethod
+    def init_cache(config, batch_size, max_len=None, dtype=None):
+        """Empty decoding cache of one layer (constant size: ``max_len`` is not needed)."""
+        del max_len
+        return init_mamba2_cache(config, batch_size, dtype)
+
     @nn.compact
-    def __call__(self, u, cache=None):
-        """u ``[B, T, D]`` -> (y ``[B, T, D]``, new cache or None)."""
+    def __call__(self, u, positions=None, segment_ids=None, cache=None, cache_index=None):
+        """u ``[B, T, D]`` -> (y ``[B, T, D]``, new cache or None).
+
+        ``segment_ids [B, T]``: packed sequences (no cache).  ``positions`` and
+        ``cache_index`` are unused (recurrent: the cache carries the state).
+        """
+        del positions, cache_index
+        check_segment_ids(segment_ids, u, cache)
         c = self.config
         bsz, t = u.shape[:2]
         i_dim, n, g, h, p = c.d_inner, c.d_state, c.n_groups, c.ssm_heads, c.headdim
@@ -73,9 +87,9 @@ class Mamba2Mixer(nn.Module):
                       (BATCH, LENGTH, ACT_MLP))
         bc = dense(c, 2 * g * n, (EMBED, None), c.init_std, c.proj_bias, "in_bc")(u)
         dt = dense(c, h, (EMBED, HEADS), c.init_std, c.proj_bias, "in_dt")(u)
-        x, conv_x = conv_module(c, "conv_x")(x, None if cache is None else cache["conv_x"])
+        x, conv_x = conv_module(c, "conv_x")(x, None if cache is None else cache["conv_x"], segment_ids)
         bc, conv_bc = conv_module(c, "conv_bc", axis_name=None)(
-            bc, None if cache is None else cache["conv_bc"])
+            bc, None if cache is None else cache["conv_bc"], segment_ids)
         x, bc = jax.nn.silu(x), jax.nn.silu(bc)
         b_mat, c_mat = (m.reshape(bsz, t, g, n) for m in jnp.split(bc, 2, axis=-1))
         x = constrain(x.reshape(bsz, t, h, p), (BATCH, LENGTH, ACT_HEADS, None))
@@ -89,14 +103,14 @@ class Mamba2Mixer(nn.Module):
         ssd, step = scan_functions("ssd", c.scan_impl)
         new_cache = None
         if cache is None:
-            y = ssd(x, dt, a, b_mat, c_mat, chunk_size=c.chunk_size, **kwargs)
+            y = ssd(x, dt, a, b_mat, c_mat, chunk_size=c.chunk_size, segment_ids=segment_ids, **kwargs)
         elif t == 1:  # one decoding step: the recurrence
             y, state = step(cache["ssm"], x[:, 0], dt[:, 0], a, b_mat[:, 0], c_mat[:, 0], **kwargs)
             y = y[:, None]
             new_cache = {"conv_x": conv_x, "conv_bc": conv_bc, "ssm": state.astype(cache["ssm"].dtype)}
         else:  # several tokens with a cache: chunked SSD from the cached state
-            y, state = ssd(x, dt, a, b_mat, c_mat, chunk_size=c.chunk_size, initial_states=cache["ssm"],
-                           return_final_states=True, **kwargs)
+            y, state = ssd(x, dt, a, b_mat, c_mat, chunk_size=c.chunk_size, initial_state=cache["ssm"],
+                           return_final_state=True, **kwargs)
             new_cache = {"conv_x": conv_x, "conv_bc": conv_bc, "ssm": state.astype(cache["ssm"].dtype)}
         y = constrain(y.reshape(bsz, t, i_dim).astype(cdt), (BATCH, LENGTH, ACT_MLP))
         y = GatedRMSNorm(i_dim // g, c.norm_eps, c.dtype, c.param_dtype, name="norm")(y, z)

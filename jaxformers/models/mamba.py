@@ -17,15 +17,12 @@ import dataclasses
 import math
 from typing import Optional, Tuple, Union
 
-import flax.linen as nn
-
-from ..config import ModelConfig, _choice
+from ..config import ModelConfig, TransformerConfig, _choice
 from ..layers import Block
-from ..layers.attention import init_attention_cache
-from ..layers.mamba import SCAN_IMPLS, MambaBlock, init_mamba_cache
-from ..layers.mamba2 import Mamba2Block, init_mamba2_cache
+from ..layers.mamba import SCAN_IMPLS, MambaBlock
+from ..layers.mamba2 import Mamba2Block
 from ..registry import register
-from .transformer import Transformer, _REMAT_POLICIES
+from .transformer import Transformer
 
 MIXERS = ("mamba", "mamba2")
 A_INITS = ("s4d_real", "uniform")
@@ -38,7 +35,7 @@ def _is_int(v):
 
 @dataclasses.dataclass(frozen=True)
 class MambaConfig(ModelConfig):
-    """ModelConfig + selective-SSM fields (``mamba`` uses the Mamba-1 ones, ``mamba2`` the Mamba-2 ones).
+    """ModelConfig (no attention fields) + selective-SSM fields (``mamba`` uses the Mamba-1 ones, ``mamba2`` the Mamba-2 ones).
 
     Both: ``d_state`` (N), ``d_conv`` (causal conv width), ``expand`` (I = expand * d_model),
     ``conv_bias``, ``proj_bias`` (in/out projections), ``scan_impl``, dt init
@@ -145,8 +142,8 @@ def _divisors(n):
 
 
 @dataclasses.dataclass(frozen=True)
-class HybridConfig(MambaConfig):
-    """MambaConfig + the layer pattern: ``mixer`` for the SSM layers; attention (shared
+class HybridConfig(MambaConfig, TransformerConfig):
+    """MambaConfig + TransformerConfig (attention and MLP fields) + the layer pattern: ``mixer`` for the SSM layers; attention (shared
     ``Block``: attention + MLP) at ``attn_layers`` if given, else every ``attn_every``-th
     layer (i % attn_every == attn_every - 1), else nowhere.  ``attn_layers`` wins when both are set."""
 
@@ -198,39 +195,21 @@ class HybridConfig(MambaConfig):
 
 # --------------------------------------------------------------------- modules
 class MambaLM(Transformer):
-    """Pure Mamba-1 / Mamba-2 language model (``config.model`` picks the mixer)."""
+    """Pure Mamba-1 / Mamba-2 language model (``config.model`` picks the mixer).  Decoding
+    caches come from the mixers' ``init_cache``: constant-size conv + SSM states."""
 
     def block_class(self):
         return Mamba2Block if self.config.mixer_kind == "mamba2" else MambaBlock
 
-    def init_layer_cache(self, batch_size, max_len, dtype=None):
-        """Constant-size recurrent cache (``max_len`` is not needed)."""
-        del max_len
-        if self.config.mixer_kind == "mamba2":
-            return init_mamba2_cache(self.config, batch_size, dtype)
-        return init_mamba_cache(self.config, batch_size, dtype)
-
 
 class HybridLM(MambaLM):
-    """Attention ``Block`` at ``config.attention_layers``, Mamba/Mamba2 blocks elsewhere."""
+    """Attention ``Block`` at ``config.attention_layers``, Mamba/Mamba2 blocks elsewhere
+    (per-layer caches: KV buffers for attention layers, recurrent states for SSM layers)."""
 
     def layer_classes(self):
         attn = set(self.config.attention_layers)
         ssm = super().block_class()
         return [Block if i in attn else ssm for i in range(self.config.n_layer)]
-
-    def make_blocks(self):
-        c = self.config
-        classes = self.layer_classes()
-        if c.remat != "none":
-            classes = [nn.remat(cls, policy=_REMAT_POLICIES[c.remat]()) for cls in classes]
-        return [cls(c) for cls in classes]
-
-    def init_layer_caches(self, batch_size, max_len, dtype=None):
-        """Per-layer caches: KV buffers for attention layers, recurrent states for SSM layers."""
-        attn = set(self.config.attention_layers)
-        return [init_attention_cache(self.config, batch_size, max_len, dtype) if i in attn
-                else self.init_layer_cache(batch_size, max_len, dtype) for i in range(self.config.n_layer)]
 
 
 # --------------------------------------------------------------------- presets

@@ -24,6 +24,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -150,15 +151,36 @@ def _check_shapes(q, k, v, window):
         raise ValueError(f"window must be a positive int or None, got {window!r}")
 
 
+def _static_scale(sm_scale):
+    """``sm_scale`` as a Python float for the kernels that bake it in (cuDNN, Pallas)."""
+    if sm_scale is None or isinstance(sm_scale, float):
+        return sm_scale
+    try:
+        value = np.asarray(sm_scale)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        raise ValueError("sm_scale must be a concrete number for the cudnn / pallas attention "
+                         "implementations, got a traced value: pass a Python float (or use "
+                         "implementation='xla')") from None
+    if value.shape != () or value.dtype == bool or not (np.issubdtype(value.dtype, np.floating)
+                                                        or np.issubdtype(value.dtype, np.integer)):
+        raise ValueError(f"sm_scale must be a real scalar (Python float) or None, got {sm_scale!r}")
+    return float(value)
+
+
 def attention(q, k, v, *, causal: bool = True, segment_ids=None, window: Optional[int] = None,
               q_offset=None, sm_scale: Optional[float] = None, implementation: str = "auto"):
-    """Scaled dot-product attention ``[B, Tq, Hq, D]`` (see module docstring)."""
+    """Scaled dot-product attention ``[B, Tq, Hq, D]`` (see module docstring).
+
+    ``sm_scale`` may be any scalar for the XLA path; the cuDNN and Pallas paths
+    need a concrete one (converted to a Python float; traced -> ``ValueError``).
+    """
     _check_shapes(q, k, v, window)
     impl = select_implementation(q, k, segment_ids=segment_ids, window=window, q_offset=q_offset,
                                  implementation=implementation)
     if impl == "xla":
         return xla_attention(q, k, v, causal=causal, segment_ids=segment_ids, window=window,
                              q_offset=q_offset, sm_scale=sm_scale)
+    sm_scale = _static_scale(sm_scale)
     if impl == "cudnn":
         local = None if window is None else (window - 1, 0 if causal else window - 1)
         return jax.nn.dot_product_attention(q, k, v, scale=sm_scale, is_causal=causal,

@@ -6,7 +6,8 @@ like :class:`jaxformers.config.ModelConfig`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+import json
+from typing import Mapping, Optional, Tuple
 
 from ..config import ConfigMixin, check_fields
 
@@ -33,6 +34,14 @@ class TrainConfig(ConfigMixin):
     data parallelism over every device).  ``checkpoint_every=0`` saves only the
     final checkpoint (the final step is always saved).  ``eval_every=0`` evaluates
     only at the end; ``eval_batches=0`` never evaluates.
+
+    ``loss`` names a registered loss function (:mod:`jaxformers.training.losses`;
+    ``train(..., loss_fn=fn)`` overrides it).  ``aux_loss_weights`` weighs the
+    auxiliary losses that modules sow into the ``losses`` collection: a mapping
+    ``{name: weight}``, where names not listed weigh 1.0.  It is stored as a
+    sorted tuple of ``(name, weight)`` pairs (the config stays hashable) and
+    accepts a dict, a list of pairs, a JSON object string or ``"name=w,name=w"``
+    (what ``--train-set aux_loss_weights=...`` passes); ``to_dict`` writes a dict.
     """
 
     steps: int = 300
@@ -60,9 +69,21 @@ class TrainConfig(ConfigMixin):
     mesh: Optional[str] = None
     dtype: str = "auto"
     out_dir: str = "runs/default"
+    loss: str = "cross_entropy"
+    aux_loss_weights: Tuple[Tuple[str, float], ...] = ()
 
     def __post_init__(self):
+        object.__setattr__(self, "aux_loss_weights", _aux_weights(self.aux_loss_weights))
         self.validate()
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        out["aux_loss_weights"] = dict(self.aux_loss_weights)
+        return out
+
+    def aux_weight(self, name: str) -> float:
+        """Weight of the auxiliary loss ``name`` (1.0 when not listed)."""
+        return dict(self.aux_loss_weights).get(name, 1.0)
 
     def validate(self) -> None:
         def integer(name, minimum):
@@ -101,7 +122,7 @@ class TrainConfig(ConfigMixin):
             raise ValueError(
                 f"grad_accum={self.grad_accum} must divide batch_size={self.batch_size} "
                 f"(allowed grad_accum: {_divisors(self.batch_size)})")
-        for name in ("data", "tokenizer", "out_dir"):
+        for name in ("data", "tokenizer", "out_dir", "loss"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
         if self.mesh is not None:
@@ -118,5 +139,50 @@ class TrainConfig(ConfigMixin):
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
+        """Rebuild a config saved with ``to_dict`` (fields added since then take their defaults)."""
         check_fields(cls, values)
         return cls(**values)
+
+
+def _aux_weights(value) -> Tuple[Tuple[str, float], ...]:
+    """Normalise ``aux_loss_weights`` to a sorted tuple of ``(name, float weight)`` pairs."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return ()
+        if text.startswith("{"):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"aux_loss_weights: bad JSON {text!r}: {e}") from None
+        else:
+            pairs = []
+            for part in text.split(","):
+                name, sep, weight = part.partition("=")
+                if not sep or not name.strip():
+                    raise ValueError(f"aux_loss_weights: expected NAME=WEIGHT[,NAME=WEIGHT...], got {text!r}")
+                pairs.append((name.strip(), weight.strip()))
+            value = pairs
+    items = list(value.items()) if isinstance(value, Mapping) else list(value)
+    out = {}
+    for item in items:
+        try:
+            name, weight = item
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"aux_loss_weights: expected (name, weight) pairs or a mapping, got {value!r}") from None
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"aux_loss_weights: names must be non-empty strings, got {name!r}")
+        try:
+            weight = float(weight)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"aux_loss_weights: weight of {name!r} must be a number, got {weight!r}") from None
+        if isinstance(item[1], bool) or weight != weight or weight in (float("inf"), float("-inf")):
+            raise ValueError(f"aux_loss_weights: weight of {name!r} must be a finite number, got {item[1]!r}")
+        if name in out:
+            raise ValueError(f"aux_loss_weights: {name!r} given twice")
+        out[name] = weight
+    return tuple(sorted(out.items()))

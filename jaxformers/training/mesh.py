@@ -1,15 +1,19 @@
 """Device meshes, logical->mesh shardings and multi-host start-up.
 
-The mesh always has the three axes of :data:`jaxformers.sharding.MESH_AXES`:
+The mesh always has the four axes of :data:`jaxformers.sharding.MESH_AXES`:
 ``data`` (pure data parallelism), ``fsdp`` (data parallelism with parameters and
-optimizer state sharded over ``embed``) and ``tensor`` (Megatron-style model
-parallelism over heads / MLP / vocab).  ``--mesh "data=2,fsdp=2,tensor=2"``
-gives their sizes; a missing axis has size 1; ``None`` puts every device on
-``data``.  The product must equal the global device count.
+optimizer state sharded over ``embed``), ``expert`` (expert parallelism for
+mixture-of-experts parameters; data parallelism for everything else) and
+``tensor`` (Megatron-style model parallelism over heads / MLP / vocab).
+``--mesh "data=2,fsdp=2,tensor=2"`` gives their sizes; a missing axis has size 1;
+``None`` puts every device on ``data``.  The product must equal the global
+device count.
 
 Parameters carry logical axis names (``nn.LogicallyPartitioned``); the rules in
 :data:`jaxformers.sharding.DEFAULT_RULES` map them onto the mesh.  Batches are
-sharded on their leading axis over ``("data", "fsdp")``.
+sharded on their leading axis over :data:`BATCH_AXES` = ``("data", "fsdp",
+"expert")``, so the global batch (per micro-batch) must be divisible by
+``data * fsdp * expert`` (:func:`batch_parallelism`).
 
 Activation constraints inside the model (``nn.with_logical_constraint``) only
 take effect while a mesh *and* axis rules are active during tracing; use
@@ -28,15 +32,15 @@ import numpy as np
 import flax.linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ..sharding import DEFAULT_RULES, MESH_AXES
+from ..sharding import BATCH_MESH_AXES, DEFAULT_RULES, MESH_AXES
 
 log = logging.getLogger(__name__)
 
-BATCH_AXES = ("data", "fsdp")
+BATCH_AXES = BATCH_MESH_AXES  # ("data", "fsdp", "expert")
 
 
 def parse_mesh(spec: Optional[str]) -> Dict[str, int]:
-    """``"data=2,fsdp=2,tensor=2"`` -> ``{"data": 2, "fsdp": 2, "tensor": 2}`` (missing axes = 1).
+    """``"data=2,expert=2,tensor=2"`` -> ``{"data": 2, "fsdp": 1, "expert": 2, "tensor": 2}`` (missing axes = 1).
 
     ``None``/``""`` -> ``{}`` (meaning: everything on ``data``).  Raises
     ``ValueError`` for unknown axes, repeated axes, or sizes that are not
@@ -54,7 +58,7 @@ def parse_mesh(spec: Optional[str]) -> Dict[str, int]:
         if not sep or name not in MESH_AXES:
             raise ValueError(
                 f"mesh={spec!r}: bad entry {part!r}; expected AXIS=SIZE with AXIS one of {list(MESH_AXES)}, "
-                "e.g. 'data=2,fsdp=2,tensor=2'")
+                "e.g. 'data=2,fsdp=2,tensor=2' or 'data=2,expert=2,tensor=2'")
         if name in sizes:
             raise ValueError(f"mesh={spec!r}: axis {name!r} given twice")
         try:
@@ -71,17 +75,18 @@ def mesh_shape(spec: Optional[str], n_devices: int) -> Dict[str, int]:
     """Axis sizes for ``spec`` on ``n_devices`` devices (ValueError if the product differs)."""
     sizes = parse_mesh(spec)
     if not sizes:
-        return {"data": n_devices, "fsdp": 1, "tensor": 1}
+        return {axis: (n_devices if axis == "data" else 1) for axis in MESH_AXES}
     product = int(np.prod(list(sizes.values())))
     if product != n_devices:
         raise ValueError(
-            f"mesh={spec!r} has {product} devices (data*fsdp*tensor) but {n_devices} are available; "
+            f"mesh={spec!r} has {product} devices ({'*'.join(MESH_AXES)}) but {n_devices} are available; "
             f"the product of the axis sizes must equal the device count")
     return sizes
 
 
 def make_mesh(spec: Optional[str] = None, devices=None) -> jax.sharding.Mesh:
-    """A ``Mesh`` over (data, fsdp, tensor) with Auto axis types (GSPMD-style partitioning)."""
+    """A ``Mesh`` over :data:`MESH_AXES` (data, fsdp, expert, tensor) with Auto axis types
+    (GSPMD-style partitioning)."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = mesh_shape(spec, len(devices))
     shape = tuple(sizes[a] for a in MESH_AXES)
@@ -147,11 +152,16 @@ def replicated(mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh, ndim: int = 2) -> NamedSharding:
-    """Leading (batch) axis over ``("data", "fsdp")``, the rest replicated."""
+    """Leading (batch) axis over :data:`BATCH_AXES` (``data``, ``fsdp``, ``expert``), the rest
+    replicated.  ``ndim=None``: a spec of the leading axis only, valid for arrays of any rank
+    >= 1 (e.g. every array of a batch dict)."""
+    if ndim is None:
+        return NamedSharding(mesh, P(BATCH_AXES))
     return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 
 def batch_parallelism(mesh) -> int:
+    """How many ways a batch is split: ``data * fsdp * expert``."""
     return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
 
 

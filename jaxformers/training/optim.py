@@ -26,6 +26,17 @@ from jax.sharding import PartitionSpec
 from ..sharding import LAYERS
 
 
+# The TrainConfig fields that make_schedule / make_optimizer read: two configs that agree on
+# them (and on grad_accum) give the same compiled train step (see steps.program_key).
+OPTIMIZER_FIELDS = ("steps", "lr", "min_lr_ratio", "warmup_steps", "schedule", "decay_fraction",
+                    "weight_decay", "beta1", "beta2", "eps", "grad_clip")
+
+
+def optimizer_key(tc) -> tuple:
+    """``((field, value), ...)`` of :data:`OPTIMIZER_FIELDS`: everything the optimizer depends on."""
+    return tuple((name, getattr(tc, name)) for name in OPTIMIZER_FIELDS)
+
+
 def make_schedule(tc):
     """``count -> learning rate`` for a :class:`TrainConfig` (jit-friendly)."""
     peak = float(tc.lr)

@@ -559,8 +559,25 @@ def _prepare(q, k, v, causal, segment_ids, window, sm_scale, block_sizes, interp
     return q_ids, kv_ids, plan
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "window", "sm_scale", "block_sizes",
-                                             "interpret"))
+def static_sm_scale(sm_scale):
+    """``sm_scale`` as a Python float (it is static: baked into the kernels), or None.
+
+    Concrete scalars of any kind (``0.1``, ``np.float32(0.1)``, ``jnp.float32(0.1)``)
+    are converted; a traced value (computed inside ``jit``) raises ``ValueError``.
+    """
+    if sm_scale is None or (isinstance(sm_scale, float) and not isinstance(sm_scale, bool)):
+        return sm_scale
+    try:
+        value = np.asarray(sm_scale)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        raise ValueError("sm_scale must be a concrete number (a static argument of the kernels), "
+                         "got a traced value: pass a Python float, or compute it outside jit") from None
+    if value.shape != () or value.dtype == bool or not (np.issubdtype(value.dtype, np.floating)
+                                                        or np.issubdtype(value.dtype, np.integer)):
+        raise ValueError(f"sm_scale must be a real scalar (Python float) or None, got {sm_scale!r}")
+    return float(value)
+
+
 def flash_attention(q, k, v, *, causal=True, segment_ids=None, window=None, sm_scale=None,
                     block_sizes=None, interpret=None):
     """Fused attention ``softmax(q k^T * sm_scale + mask) v`` (FlashAttention-2).
@@ -573,7 +590,8 @@ def flash_attention(q, k, v, *, causal=True, segment_ids=None, window=None, sm_s
       segment_ids: ``[B, T]`` int (needs ``Tq == Tk``) or a ``(q_ids [B, Tq],
         kv_ids [B, Tk])`` pair; attention stays within equal ids.
       window: sliding window ``w``: ``pos - w < j <= pos`` (non-causal: ``|pos - j| < w``).
-      sm_scale: logit scale, default ``D ** -0.5``.
+      sm_scale: logit scale, default ``D ** -0.5``; a concrete scalar (Python or
+        numpy / jax 0-d value; a traced one raises ``ValueError``).
       block_sizes: :class:`BlockSizes` (default :meth:`BlockSizes.get_default`).
       interpret: Pallas interpret mode; ``None`` = on when the default backend is CPU.
 
@@ -581,6 +599,14 @@ def flash_attention(q, k, v, *, causal=True, segment_ids=None, window=None, sm_s
       ``[B, Tq, Hq, D]`` in q's dtype (float32 accumulation).  Rows that see no
       key are 0.  Differentiable in q, k, v (Pallas backward kernels).
     """
+    return _flash_attention(q, k, v, causal=causal, segment_ids=segment_ids, window=window,
+                            sm_scale=static_sm_scale(sm_scale), block_sizes=block_sizes,
+                            interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "window", "sm_scale", "block_sizes",
+                                             "interpret"))
+def _flash_attention(q, k, v, *, causal, segment_ids, window, sm_scale, block_sizes, interpret):
     q_ids, kv_ids, plan = _prepare(q, k, v, causal, segment_ids, window, sm_scale,
                                    block_sizes, interpret)
     return _flash(q, k, v, q_ids, kv_ids, plan)
@@ -595,6 +621,7 @@ def forward_with_stats(q, k, v, *, causal=True, segment_ids=None, window=None, s
     that masked blocks are skipped.  ``lse`` is in log2 units (+inf for rows
     that see no key).  Outputs are the raw, unsliced kernel buffers.
     """
+    sm_scale = static_sm_scale(sm_scale)
     q_ids, kv_ids, plan = _prepare(q, k, v, causal, segment_ids, window, sm_scale,
                                    block_sizes, interpret)
     return jax.jit(functools.partial(_forward, plan=plan, count_blocks=True))(q, k, v, q_ids, kv_ids)

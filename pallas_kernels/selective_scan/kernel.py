@@ -1,8 +1,10 @@
 """Mamba-1 selective scan as Pallas kernels (Triton lowering on GPU).
 
 Semantics: :func:`.reference.reference` (mamba_ssm ``selective_scan_ref``,
-channels-last).  Per batch and channel block the state ``h [block_d, N]`` lives
-in registers (float32) and time is a sequential loop inside the kernel.
+length-major ``[B, L, D]``), including ``initial_state`` and packed sequences
+(``segment_ids``: the state restarts from zero where a segment starts).  Per batch
+and channel block the state ``h [block_d, N]`` lives in registers (float32) and
+time is a sequential loop inside the kernel.
 
 Channels are padded per B/C group to a multiple of ``block_d`` (so a block
 never straddles two groups and reads one group's B/C rows), ``N`` is padded to a
@@ -14,7 +16,9 @@ recurrence is linear in ``h``, so each chunk first runs from ``h = 0`` (its own
 state and summed ``dt``, whose decay is ``exp(A sum dt)``), an associative scan
 over chunks in JAX turns those into every chunk's true start state
 ``states [batch, n_chunks, dim, N]`` float32 (never the ``[L, dim, N]`` states),
-and each chunk reruns from its start state to write ``y``.  A sequential loop
+and each chunk reruns from its start state to write ``y``.  ``initial_state``
+is the start state of the first chunk: chunk ``c`` starts from the scanned
+state plus ``prod_{c' < c} decay_c' * initial_state``.  A sequential loop
 over all of ``L`` in one program per (batch, channel block) would leave an H100
 with a few warps per SM and every step's load latency exposed (no ``cp.async``
 pipelining of these loads: ``experiments.kernel_report``).
@@ -41,11 +45,22 @@ total of ``c*h`` (loop 1) and ``GxS_t = sum_{t<=s<t1} g_s x_s`` (loop 2).  So
 ``dA = sum_t dt_t S_t`` is assembled from per-chunk register sums, and
 ``d dt_t = sum_n A S_t + u_t sum_n g_t B_t`` is written as two partial arrays
 (``-sum_n A ChP_t`` by loop 1, the rest by loop 2) that JAX adds.  Sums only
-span one chunk, so the cancellation is bounded by the chunk length.
+span one chunk, so the cancellation is bounded by the chunk length.  The adjoint
+left after the first step, ``a_0 g_0``, is the gradient of ``initial_state``.
+
+Packed sequences (``segment_ids``; a static branch, nothing changes without
+them): a float32 flag ``keep_t`` (0 where a segment starts, else 1) multiplies
+the step decay, ``a'_t = keep_t exp(dt_t A)``, in every sequential loop (chunk
+states, outputs, the backward's recompute of ``h`` and its adjoint ``g``).  A
+chunk containing a start has total decay 0 in the scan over chunks.  The
+backward identities above hold verbatim for ``a'`` (they only use ``h_t = a'_t
+h_{t-1} + x_t`` and ``g_t = c_t + a'_{t+1} g_{t+1}``); the ``dA`` / ``d dt``
+decay terms are additionally weighted by ``keep_t`` so that they are exactly 0
+at segment starts, where ``a'_t`` does not depend on ``dt_t`` or ``A``.
 
 Plain-JAX epilogue: summing the per-block partial ``dB``/``dC`` over channel
 blocks of a group, ``dA``/``dD`` over batch, the softplus chain rule for
-``delta`` and ``delta_bias``, unpadding and dtype casts.
+``dt`` and ``dt_bias``, unpadding and dtype casts.
 """
 from __future__ import annotations
 
@@ -57,7 +72,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from .._common import SQ, compiler_params, next_pow2, resolve_interpret, round_up
+from .._common import SQ, compiler_params, next_pow2, resolve_interpret, round_up, segment_resets
 from .reference import validate
 
 f32 = jnp.float32
@@ -84,6 +99,8 @@ class _Plan:
     num_warps: int
     num_warps_bwd: int
     num_stages: int = 1
+    has_h0: bool = False    # initial_state given
+    has_seg: bool = False   # segment_ids given (keep flags are an input)
 
     @property
     def nc(self):
@@ -158,6 +175,14 @@ def _load_dt(dt_ref, bias, t, plan: _Plan, t0=0):
     return dt
 
 
+def _decay(dt, A, keep_ref, t):
+    """``a'_t = keep_t * exp(dt_t A)`` ``[bd, np]`` (``keep_ref=None``: no segments)."""
+    a = jnp.exp(dt[:, None] * A)
+    if keep_ref is None:
+        return a
+    return a * keep_ref[pl.ds(t, 1)][:, None]
+
+
 def _fwd_chunk_kernel(*refs, plan: _Plan, emit_y: bool):
     """One (batch, channel block, time chunk) program.
 
@@ -168,6 +193,7 @@ def _fwd_chunk_kernel(*refs, plan: _Plan, emit_y: bool):
     it = iter(refs)
     u_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, bias_ref = (next(it) for _ in range(7))
     z_ref = next(it) if plan.has_z else None
+    keep_ref = next(it) if plan.has_seg else None
     if emit_y:
         h0_ref, y_ref = next(it), next(it)
     else:
@@ -183,7 +209,7 @@ def _fwd_chunk_kernel(*refs, plan: _Plan, emit_y: bool):
         dt = _load_dt(dt_ref, bias, t, plan, t0)
         u = u_ref[t, :].astype(f32)
         Bt = b_ref[t, :].astype(f32)
-        h = jnp.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
+        h = _decay(dt, A, keep_ref, t) * h + (dt * u)[:, None] * Bt[None, :]
         if emit_y:
             Ct = c_ref[t, :].astype(f32)
             y = jnp.sum(h * Ct[None, :], axis=1) + Dv * u
@@ -204,9 +230,11 @@ def _bwd_kernel(*refs, plan: _Plan):
     it = iter(refs)
     u_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, bias_ref = (next(it) for _ in range(7))
     z_ref = next(it) if plan.has_z else None
+    keep_ref = next(it) if plan.has_seg else None
     dy_ref, st_ref, dlast_ref = next(it), next(it), next(it)
     du_ref, ddth_ref, ddtg_ref, db_ref, dc_ref, da_ref, dd_ref = (next(it) for _ in range(7))
     dz_ref = next(it) if plan.has_z else None
+    dh0_ref = next(it) if plan.has_h0 else None
 
     A = a_ref[...].astype(f32)
     Dv = d_ref[...].astype(f32)
@@ -214,6 +242,13 @@ def _bwd_kernel(*refs, plan: _Plan):
     zeros = jnp.zeros(A.shape, f32)
     zrow = jnp.zeros(Dv.shape, f32)
     T = plan.chunk
+
+    def keep_of(t, dt):
+        """``(keep_t [1] or None, keep_t * dt_t)``: decay terms vanish at segment starts."""
+        if keep_ref is None:
+            return None, dt
+        k = keep_ref[pl.ds(t, 1)]
+        return k, dt * k
 
     def dout_of(t):
         dy = dy_ref[t, :].astype(f32)
@@ -234,14 +269,16 @@ def _bwd_kernel(*refs, plan: _Plan):
             u = u_ref[t, :].astype(f32)
             Bt = b_ref[t, :].astype(f32)
             Ct = c_ref[t, :].astype(f32)
-            h = jnp.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
+            h = _decay(dt, A, keep_ref, t) * h + (dt * u)[:, None] * Bt[None, :]
             dout, dy, silu, dsilu = dout_of(t)
             if plan.has_z:
                 ypre = jnp.sum(h * Ct[None, :], axis=1) + Dv * u
                 dz_ref[t, :] = (dy * ypre * dsilu).astype(dz_ref.dtype)
-            ddth_ref[t, :] = -jnp.sum(A * chp, axis=1)
-            sdt_chp = sdt_chp + dt[:, None] * chp
-            sdt = sdt + dt
+            k, dtk = keep_of(t, dt)
+            ddth = -jnp.sum(A * chp, axis=1)
+            ddth_ref[t, :] = ddth if k is None else ddth * k
+            sdt_chp = sdt_chp + dtk[:, None] * chp
+            sdt = sdt + dtk
             dc_ref[t, :] = jnp.sum(dout[:, None] * h, axis=0)
             chp = chp + (dout[:, None] * Ct[None, :]) * h
             return h, chp, sdt, sdt_chp
@@ -263,21 +300,25 @@ def _bwd_kernel(*refs, plan: _Plan):
             dtu = dt * u
             gxs = gxs + g * (dtu[:, None] * Bt[None, :])
             gB = jnp.sum(g * Bt[None, :], axis=1)
-            ddtg_ref[t, :] = jnp.sum(A * (base - gxs), axis=1) + u * gB
-            sdt_gxs = sdt_gxs + dt[:, None] * gxs
+            k, dtk = keep_of(t, dt)
+            ddt_decay = jnp.sum(A * (base - gxs), axis=1)
+            ddtg_ref[t, :] = (ddt_decay if k is None else ddt_decay * k) + u * gB
+            sdt_gxs = sdt_gxs + dtk[:, None] * gxs
             du_ref[t, :] = (dt * gB + Dv * dout).astype(du_ref.dtype)
             db_ref[t, :] = jnp.sum(g * dtu[:, None], axis=0)
             dD = dD + dout * u
-            return jnp.exp(dt[:, None] * A) * g, gxs, sdt_gxs, dD
+            return _decay(dt, A, keep_ref, t) * g, gxs, sdt_gxs, dD
 
         gnext, _, sdt_gxs, dD = lax.fori_loop(0, T, bstep, (gnext, zeros, zeros, dD))
         dA = dA + base * sdt[:, None] - sdt_gxs - sdt_chp
         return gnext, dA, dD
 
-    _, dA, dD = lax.fori_loop(0, plan.nc, chunk_body,
-                              (dlast_ref[...].astype(f32), zeros, zrow))
+    dh0, dA, dD = lax.fori_loop(0, plan.nc, chunk_body,
+                                (dlast_ref[...].astype(f32), zeros, zrow))
     da_ref[...] = dA
     dd_ref[...] = dD
+    if dh0_ref is not None:
+        dh0_ref[...] = dh0           # a'_0 g_0 = dL / d initial_state
 
 
 # ----------------------------------------------------------------------------- specs
@@ -290,6 +331,8 @@ def _in_specs(plan: _Plan):
     specs = [seq, seq, mat, bc, bc, vec, vec]
     if plan.has_z:
         specs.append(seq)
+    if plan.has_seg:
+        specs.append(pl.BlockSpec((SQ, plan.lp), lambda i, j: (i, 0)))
     return specs, seq
 
 
@@ -303,25 +346,28 @@ def _chunk_specs(plan: _Plan):
     specs = [seq, seq, mat, bc, bc, vec, vec]
     if plan.has_z:
         specs.append(seq)
+    if plan.has_seg:
+        specs.append(pl.BlockSpec((SQ, q), lambda i, j, c: (i, c)))
     state = pl.BlockSpec((SQ, SQ, plan.bd, plan.np_), lambda i, j, c: (i, c, j, 0))
     return specs, seq, state
 
 
-def _forward(plan: _Plan, u, delta, A, B, C, D, z, bias):
+def _forward(plan: _Plan, x, dt, A, B, C, D, z, bias, h0, keep):
     """Padded inputs -> ``(y [b, lp, dimp], last [b, dimp, np], starts [b, nc, dimp, np])``.
 
     Time-parallel in three passes (the recurrence is linear in ``h``):
     1. Pallas, one program per (batch, channel block, chunk): each chunk's own
        final state from ``h = 0`` and its summed ``dt``;
-    2. JAX: ``starts[c+1] = exp(A * sum dt_c) * starts[c] + h_local[c]`` as an
-       associative scan over chunks (``nc`` elements, log depth);
+    2. JAX: ``starts[c+1] = decay_c * starts[c] + h_local[c]`` with ``starts[0] =
+       h0`` (``decay_c = exp(A * sum dt_c)``, 0 if a segment starts in chunk
+       ``c``) as an associative scan over chunks (``nc`` elements, log depth);
     3. Pallas, same grid: rerun each chunk from its true start state and write y.
     ``starts`` are also the backward's chunk-start states.
     """
     specs, seq, state = _chunk_specs(plan)
     b, nc, dimp, np_ = plan.b, plan.nc, plan.dimp, plan.np_
     grid = (b, plan.nblk, nc)
-    args = [u, delta, A, B, C, D, bias] + ([z] if plan.has_z else [])
+    args = [x, dt, A, B, C, D, bias] + ([z] if plan.has_z else []) + ([keep] if plan.has_seg else [])
     hloc, sdt = pl.pallas_call(
         functools.partial(_fwd_chunk_kernel, plan=plan, emit_y=False),
         out_shape=[jax.ShapeDtypeStruct((b, nc, dimp, np_), f32),
@@ -332,15 +378,23 @@ def _forward(plan: _Plan, u, delta, A, B, C, D, z, bias):
         **compiler_params(plan.num_warps, plan.num_stages),
     )(*args)
     decay = jnp.exp(sdt[..., None] * A.astype(f32))                     # [b, nc, dimp, np]
+    if plan.has_seg:  # a segment start inside chunk c cuts the state flowing through it
+        chunk_keep = jnp.prod(keep.reshape(b, nc, plan.chunk), axis=-1)  # [b, nc] of 0/1
+        decay = decay * chunk_keep[:, :, None, None]
 
     def combine(x, y):  # (decay, state) pairs: apply x then y
         return x[0] * y[0], y[0] * x[1] + y[1]
 
-    _, after = lax.associative_scan(combine, (decay, hloc), axis=1)      # state after chunk c
-    starts = jnp.concatenate([jnp.zeros_like(after[:, :1]), after[:, :-1]], axis=1)
+    cum, after = lax.associative_scan(combine, (decay, hloc), axis=1)   # state after chunk c
+    if plan.has_h0:  # + what is left of the initial state after chunks 0..c
+        after = after + cum * h0[:, None]
+        first = h0[:, None]
+    else:
+        first = jnp.zeros_like(after[:, :1])
+    starts = jnp.concatenate([first, after[:, :-1]], axis=1)
     y = pl.pallas_call(
         functools.partial(_fwd_chunk_kernel, plan=plan, emit_y=True),
-        out_shape=jax.ShapeDtypeStruct((b, plan.lp, dimp), u.dtype),
+        out_shape=jax.ShapeDtypeStruct((b, plan.lp, dimp), x.dtype),
         grid=grid, in_specs=specs + [state], out_specs=seq,
         interpret=plan.interpret, name="selective_scan_fwd",
         **compiler_params(plan.num_warps, plan.num_stages),
@@ -348,27 +402,31 @@ def _forward(plan: _Plan, u, delta, A, B, C, D, z, bias):
     return y, after[:, -1], starts
 
 
-def _backward_call(plan: _Plan, u, delta, A, B, C, D, z, bias, dy, states, dlast):
+def _backward_call(plan: _Plan, x, dt, A, B, C, D, z, bias, keep, dy, states, dlast):
     specs, seq = _in_specs(plan)
     specs = specs + [seq,
                      pl.BlockSpec((SQ, plan.nc, plan.bd, plan.np_), lambda i, j: (i, 0, j, 0)),
                      pl.BlockSpec((SQ, plan.bd, plan.np_), lambda i, j: (i, j, 0))]
     part = pl.BlockSpec((SQ, SQ, plan.lp, plan.np_), lambda i, j: (i, j, 0, 0))
+    state = pl.BlockSpec((SQ, plan.bd, plan.np_), lambda i, j: (i, j, 0))
     b, lp, dimp, np_ = plan.b, plan.lp, plan.dimp, plan.np_
-    out_shape = [jax.ShapeDtypeStruct((b, lp, dimp), u.dtype),            # du
+    out_shape = [jax.ShapeDtypeStruct((b, lp, dimp), x.dtype),            # dx
                  jax.ShapeDtypeStruct((b, lp, dimp), f32),                # ddt (h part)
                  jax.ShapeDtypeStruct((b, lp, dimp), f32),                # ddt (g part)
                  jax.ShapeDtypeStruct((b, plan.nblk, lp, np_), f32),      # dB per block
                  jax.ShapeDtypeStruct((b, plan.nblk, lp, np_), f32),      # dC per block
                  jax.ShapeDtypeStruct((b, dimp, np_), f32),               # dA per batch
                  jax.ShapeDtypeStruct((b, dimp), f32)]                    # dD per batch
-    out_specs = [seq, seq, seq, part, part,
-                 pl.BlockSpec((SQ, plan.bd, np_), lambda i, j: (i, j, 0)),
+    out_specs = [seq, seq, seq, part, part, state,
                  pl.BlockSpec((SQ, plan.bd), lambda i, j: (i, j))]
     if plan.has_z:
         out_shape.append(jax.ShapeDtypeStruct((b, lp, dimp), z.dtype))
         out_specs.append(seq)
-    args = [u, delta, A, B, C, D, bias] + ([z] if plan.has_z else []) + [dy, states, dlast]
+    if plan.has_h0:
+        out_shape.append(jax.ShapeDtypeStruct((b, dimp, np_), f32))      # d initial_state
+        out_specs.append(state)
+    args = ([x, dt, A, B, C, D, bias] + ([z] if plan.has_z else [])
+            + ([keep] if plan.has_seg else []) + [dy, states, dlast])
     return pl.pallas_call(
         functools.partial(_bwd_kernel, plan=plan),
         out_shape=out_shape,
@@ -382,12 +440,20 @@ def _backward_call(plan: _Plan, u, delta, A, B, C, D, z, bias, dy, states, dlast
 
 
 # ----------------------------------------------------------------------------- custom vjp
-def _pad_all(plan, u, delta, A, B, C, D, z, bias):
-    return (_prep_seq(u, plan), _prep_seq(delta, plan),
+def _pad_state(h, plan):          # [b, dim, N] -> [b, dimp, np]
+    return _pad_axis(_pad_chan(h, plan, 1), 2, plan.np_)
+
+
+def _pad_all(plan, x, dt, A, B, C, D, z, bias, h0, keep):
+    return (_prep_seq(x, plan), _prep_seq(dt, plan),
             _pad_axis(_pad_chan(A, plan, 0), 1, plan.np_),
             _prep_bc(B, plan), _prep_bc(C, plan),
             _pad_chan(D, plan, 0), None if z is None else _prep_seq(z, plan),
-            _pad_chan(bias, plan, 0))
+            _pad_chan(bias, plan, 0),
+            None if h0 is None else _pad_state(h0, plan),
+            # padded steps (dt = 0) keep the state: the identity
+            None if keep is None else jnp.pad(keep, ((0, 0), (0, plan.lp - plan.l)),
+                                              constant_values=1.0))
 
 
 def _unpad_out(plan, y, last):
@@ -397,62 +463,66 @@ def _unpad_out(plan, y, last):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _scan(plan, u, delta, A, B, C, D, z, bias):
-    y, last, _ = _forward(plan, *_pad_all(plan, u, delta, A, B, C, D, z, bias))
+def _scan(plan, x, dt, A, B, C, D, z, bias, h0, keep):
+    y, last, _ = _forward(plan, *_pad_all(plan, x, dt, A, B, C, D, z, bias, h0, keep))
     return _unpad_out(plan, y, last)
 
 
-def _scan_fwd(plan, u, delta, A, B, C, D, z, bias):
-    padded = _pad_all(plan, u, delta, A, B, C, D, z, bias)
+def _scan_fwd(plan, x, dt, A, B, C, D, z, bias, h0, keep):
+    padded = _pad_all(plan, x, dt, A, B, C, D, z, bias, h0, keep)
     y, last, states = _forward(plan, *padded)
     return _unpad_out(plan, y, last), (padded, states)
 
 
 def _scan_bwd(plan, res, cts):
     padded, states = res
-    u, delta, A, B, C, D, z, bias = padded
+    x, dt, A, B, C, D, z, bias, _, keep = padded
     dy, dlast = cts
     dy = _prep_seq(dy, plan)
-    dlast = _pad_axis(_pad_chan(dlast.astype(f32), plan, 1), 2, plan.np_)
-    outs = _backward_call(plan, u, delta, A, B, C, D, z, bias, dy, states, dlast)
-    du, ddth, ddtg, dBp, dCp, dAp, dDp = outs[:7]
-    dz = outs[7] if plan.has_z else None
-    sl = lambda x: _unpad_chan(x[:, :plan.l], plan, -1)  # noqa: E731
+    dlast = _pad_state(dlast.astype(f32), plan)
+    outs = _backward_call(plan, x, dt, A, B, C, D, z, bias, keep, dy, states, dlast)
+    dx, ddth, ddtg, dBp, dCp, dAp, dDp = outs[:7]
+    rest = iter(outs[7:])
+    dz = next(rest) if plan.has_z else None
+    dh0 = next(rest) if plan.has_h0 else None
+    sl = lambda v: _unpad_chan(v[:, :plan.l], plan, -1)  # noqa: E731
     ddt = sl(ddth + ddtg)
     if plan.softplus:
-        pre = sl(delta).astype(f32) + _unpad_chan(bias, plan, 0).astype(f32)
+        pre = sl(dt).astype(f32) + _unpad_chan(bias, plan, 0).astype(f32)
         ddt = ddt * jax.nn.sigmoid(pre)
     dbias = jnp.sum(ddt, axis=(0, 1))
 
-    def group_sum(x):             # [b, nblk, lp, np] -> [b, L, G, N]
-        x = x.reshape(plan.b, plan.g, plan.bpg, plan.lp, plan.np_).sum(2)
-        return jnp.transpose(x, (0, 2, 1, 3))[:, :plan.l, :, :plan.n]
+    def group_sum(v):             # [b, nblk, lp, np] -> [b, L, G, N]
+        v = v.reshape(plan.b, plan.g, plan.bpg, plan.lp, plan.np_).sum(2)
+        return jnp.transpose(v, (0, 2, 1, 3))[:, :plan.l, :, :plan.n]
 
     dA = _unpad_chan(jnp.sum(dAp, 0)[:, :plan.n], plan, 0)
     dD = _unpad_chan(jnp.sum(dDp, 0), plan, 0)
-    tu, tdelta, tA, tB, tC, tD, tbias = (x.dtype for x in (u, delta, A, B, C, D, bias))
-    return (sl(du).astype(tu), ddt.astype(tdelta), dA.astype(tA),
+    if dh0 is not None:
+        dh0 = _unpad_chan(dh0[:, :, :plan.n], plan, 1)
+    tx, tdt, tA, tB, tC, tD, tbias = (v.dtype for v in (x, dt, A, B, C, D, bias))
+    return (sl(dx).astype(tx), ddt.astype(tdt), dA.astype(tA),
             group_sum(dBp).astype(tB), group_sum(dCp).astype(tC), dD.astype(tD),
-            None if dz is None else sl(dz), dbias.astype(tbias))
+            None if dz is None else sl(dz), dbias.astype(tbias), dh0, None)
 
 
 _scan.defvjp(_scan_fwd, _scan_bwd)
 
 
 # ----------------------------------------------------------------------------- public API
-def _make_plan(u, A, B, g, softplus, has_z, interpret, block_d, chunk):
-    b, l, dim = u.shape
+def _make_plan(x, A, g, softplus, has_z, has_h0, has_seg, interpret, block_d, chunk):
+    b, l, dim = x.shape
     n = A.shape[1]
     gg = 1 if g is None else g
     dg = dim // gg
     if block_d is None:
         block_d = 32
-    if block_d < 1 or block_d & (block_d - 1):
-        raise ValueError(f"block_d must be a positive power of two, got {block_d}")
+    if isinstance(block_d, bool) or not isinstance(block_d, int) or block_d < 1 or block_d & (block_d - 1):
+        raise ValueError(f"block_d must be a positive power of two, got {block_d!r}")
     if chunk is None:
         chunk = 64
-    if chunk < 1:
-        raise ValueError(f"chunk must be positive, got {chunk}")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk!r}")
     bd = min(block_d, next_pow2(dg))
     chunk = min(chunk, l)
     np_ = next_pow2(n)
@@ -460,33 +530,53 @@ def _make_plan(u, A, B, g, softplus, has_z, interpret, block_d, chunk):
                  dgp=round_up(dg, bd), bd=bd, n=n, np_=np_, softplus=bool(softplus),
                  has_z=has_z, interpret=resolve_interpret(interpret),
                  num_warps=4 if bd * np_ >= 2048 else 2,
-                 num_warps_bwd=4 if bd * np_ >= 1024 else 2)
+                 num_warps_bwd=4 if bd * np_ >= 1024 else 2,
+                 has_h0=has_h0, has_seg=has_seg)
 
 
-@functools.partial(jax.jit, static_argnames=("delta_softplus", "return_last_state", "interpret",
-                                             "block_d", "chunk"))
-def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False, interpret=None, block_d=None, chunk=None):
+@functools.partial(jax.jit, static_argnames=("dt_softplus", "return_final_state", "interpret",
+                                             "block_d", "chunk_size"))
+def selective_scan(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False,
+                   initial_state=None, segment_ids=None, return_final_state=False,
+                   chunk_size=64, interpret=None, block_d=None):
     """Mamba-1 selective scan (Pallas forward + backward).
 
+    Per batch, with ``dt <- softplus?(dt + dt_bias)`` and ``r_t = 1`` where a packed
+    segment starts (``t > 0`` and ``segment_ids[t] != segment_ids[t-1]``)::
+
+        h_{-1} = initial_state (or 0)
+        h_t = (1 - r_t) * exp(dt_t[:, None] * A) * h_{t-1} + (dt_t * x_t)[:, None] * B_t
+        y_t = h_t @ C_t + D * x_t ;  y *= silu(z) if z is given
+
     Args:
-      u, delta: ``[batch, L, dim]``; z (optional gate, ``y *= silu(z)``) likewise.
-      A: ``[dim, N]`` real.  B, C: ``[batch, L, N]`` or ``[batch, L, G, N]``
-        (channel ``d`` uses group ``d // (dim // G)``).  D, delta_bias: ``[dim]``.
-      delta_softplus: ``dt = softplus(delta + delta_bias)``.
-      return_last_state: also return the final state ``[batch, dim, N]`` float32.
+      x, dt: ``[B, L, D]`` (length-major: mamba_ssm's ``[B, D, L]`` must be
+        transposed); z (optional gate) likewise.
+      A: ``[D, N]`` real.  B, C: ``[B, L, N]`` or ``[B, L, G, N]`` (channel ``d``
+        uses group ``d // (D // G)``).  D, dt_bias: ``[D]``.
+      dt_softplus: ``dt = softplus(dt + dt_bias)``.
+      initial_state: ``[B, D, N]`` state before step 0 (the layout of
+        :func:`selective_state_update`'s ``state`` and the Mamba decode cache);
+        it only reaches the first segment when ``segment_ids`` are given.
+      segment_ids: ``[B, L]`` int, packed sequences: the state restarts from zero
+        at every ``t`` with ``segment_ids[t] != segment_ids[t-1]``.
+      return_final_state: also return the final state ``[B, D, N]`` float32.
+      chunk_size: time steps per chunk (default 64; shrunk to L for short inputs): the
+        forward's time-parallel unit and the spacing of the backward's stored states.
       interpret: Pallas interpret mode; ``None`` = on when the default backend is CPU.
       block_d: channels per program (power of two, default 32).
-      chunk: time steps per chunk of stored backward states (default 64).
 
-    Returns ``y`` (``u.dtype``) or ``(y, last_state)``.  Differentiable in all
-    array arguments (float32 math, Pallas backward kernel).
+    Returns ``y [B, L, D]`` (``x.dtype``) or ``(y, final_state)``.  Differentiable in
+    all float array arguments, ``initial_state`` included (float32 math, Pallas
+    backward kernel).
     """
-    _, _, dim, _, g = validate(u, delta, A, B, C, D, z, delta_bias)
-    plan = _make_plan(u, A, B, g, delta_softplus, z is not None, interpret, block_d, chunk)
+    _, _, dim, _, g = validate(x, dt, A, B, C, D, z, dt_bias, initial_state, segment_ids)
+    plan = _make_plan(x, A, g, dt_softplus, z is not None, initial_state is not None,
+                      segment_ids is not None, interpret, block_d, chunk_size)
     if g is None:
         B, C = B[:, :, None, :], C[:, :, None, :]
     D_ = jnp.zeros((dim,), f32) if D is None else D
-    bias_ = jnp.zeros((dim,), f32) if delta_bias is None else delta_bias
-    y, last = _scan(plan, u, delta, A, B, C, D_, z, bias_)
-    return (y, last) if return_last_state else y
+    bias_ = jnp.zeros((dim,), f32) if dt_bias is None else dt_bias
+    keep = None if segment_ids is None else 1.0 - segment_resets(segment_ids).astype(f32)
+    h0 = None if initial_state is None else initial_state.astype(f32)
+    y, last = _scan(plan, x, dt, A, B, C, D_, z, bias_, h0, keep)
+    return (y, last) if return_final_state else y

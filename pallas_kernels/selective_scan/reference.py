@@ -1,15 +1,19 @@
 """Pure-JAX oracle for the Mamba-1 selective scan (``selective_scan_ref`` semantics).
 
-Layout is channels-last: ``u, delta, z: [batch, L, dim]``, ``A: [dim, N]``,
-``B, C: [batch, L, N]`` or ``[batch, L, G, N]`` (channel ``d`` uses group
-``d // (dim // G)``), ``D, delta_bias: [dim]``.  Per batch the state is
-``h: [dim, N]`` and, with ``dt = softplus?(delta + delta_bias)``::
+Layout is length-major, channels-last (mamba_ssm's ``[B, D, L]`` inputs must be
+transposed): ``x, dt, z: [B, L, D]``, ``A: [D, N]``, ``B, C: [B, L, N]`` or
+``[B, L, G, N]`` (channel ``d`` uses group ``d // (D // G)``), ``D, dt_bias: [D]``,
+state ``h: [B, D, N]`` float32.  With ``dt = softplus?(dt + dt_bias)`` and
+``r_t = 1`` where a packed segment starts (``segment_ids[t] != segment_ids[t-1]``,
+``t > 0``; else 0)::
 
-    h_t = exp(dt_t[:, None] * A) * h_{t-1} + (dt_t * u_t)[:, None] * B_t[None, :]
-    y_t = h_t @ C_t + D * u_t            ;  y *= silu(z) if z is given
+    h_{-1} = initial_state (or 0)
+    h_t = (1 - r_t) * exp(dt_t[:, None] * A) * h_{t-1} + (dt_t * x_t)[:, None] * B_t[None, :]
+    y_t = h_t @ C_t + D * x_t            ;  y *= silu(z) if z is given
 
-Everything is computed in float32; ``y`` is returned in ``u.dtype`` and the last
-state (if asked) as float32 ``[batch, dim, N]``.
+so the state restarts from zero at every segment start and ``initial_state``
+only reaches the first segment.  Everything is computed in float32; ``y`` is
+returned in ``x.dtype`` and the final state (if asked) as float32 ``[B, D, N]``.
 """
 from __future__ import annotations
 
@@ -17,46 +21,73 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from .._common import LAYOUT_HINT, check_float, check_segment_ids, segment_resets, shape_of
 
-def _shape(x):
-    return tuple(getattr(x, "shape", ()))
+_shape = shape_of
 
 
-def validate(u, delta, A, B, C, D=None, z=None, delta_bias=None):
-    """Check shapes; return ``(batch, L, dim, N, G)`` (``G=None`` without group axis)."""
-    if getattr(u, "ndim", None) != 3:
-        raise ValueError(f"u must have rank 3 [batch, L, dim], got shape {_shape(u)}")
-    b, l, dim = u.shape
-    if _shape(delta) != (b, l, dim):
-        raise ValueError(f"delta must have shape {(b, l, dim)} like u, got {_shape(delta)}")
-    if getattr(A, "ndim", None) != 2 or A.shape[0] != dim:
-        raise ValueError(f"A must have shape [dim={dim}, N], got {_shape(A)}")
+def validate(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_state=None, segment_ids=None):
+    """Check shapes and dtypes; return ``(batch, L, dim, N, G)`` (``G=None`` without group axis)."""
+    if getattr(x, "ndim", None) != 3:
+        raise ValueError(f"x must have rank 3 [B, L, D], got shape {_shape(x)}")
+    check_float("x", x, "[B, L, D]")
+    if getattr(A, "ndim", None) != 2:
+        raise ValueError(f"A must have rank 2 [D, N], got shape {_shape(A)}")
     if jnp.iscomplexobj(A):
         raise ValueError("A must be real (complex A is not supported)")
+    check_float("A", A, "[D, N]")
+    b, l, dim = x.shape
+    if A.shape[0] != dim:
+        if x.shape[1] == A.shape[0]:
+            raise ValueError(f"x has shape {x.shape} but A {A.shape} says D={A.shape[0]}: expected "
+                             f"x as [B, L, D] = [{b}, {dim}, {A.shape[0]}] ({LAYOUT_HINT})")
+        raise ValueError(f"A must have shape [D={dim}, N] (D = x.shape[-1]), got {A.shape}")
+    if l < 1:
+        raise ValueError(f"x must have at least one time step: expected [B, L, D] with L >= 1, "
+                         f"got shape {x.shape}")
     n = A.shape[1]
+    if _shape(dt) != (b, l, dim):
+        hint = f" ({LAYOUT_HINT})" if _shape(dt) == (b, dim, l) else ""
+        raise ValueError(f"dt must have shape [B, L, D] = {(b, l, dim)} like x, got {_shape(dt)}{hint}")
+    check_float("dt", dt, "[B, L, D]")
     g = None
-    for name, x in (("B", B), ("C", C)):
-        if getattr(x, "ndim", None) == 3:
-            if x.shape != (b, l, n):
-                raise ValueError(f"{name} must have shape {(b, l, n)} or [batch, L, G, N], got {x.shape}")
-            xg = None
-        elif getattr(x, "ndim", None) == 4:
-            if x.shape[:2] != (b, l) or x.shape[3] != n:
-                raise ValueError(f"{name} must have shape [batch={b}, L={l}, G, N={n}], got {x.shape}")
-            xg = x.shape[2]
-            if xg < 1 or dim % xg:
-                raise ValueError(f"dim={dim} must be divisible by the number of groups G={xg} of {name}")
+    for name, v in (("B", B), ("C", C)):
+        if getattr(v, "ndim", None) == 3:
+            if v.shape != (b, l, n):
+                hint = f" ({LAYOUT_HINT})" if v.shape == (b, n, l) else ""
+                raise ValueError(f"{name} must have shape [B, L, N] = {(b, l, n)} or [B, L, G, N], "
+                                 f"got {v.shape}{hint}")
+            vg = None
+        elif getattr(v, "ndim", None) == 4:
+            if v.shape[:2] != (b, l) or v.shape[3] != n:
+                hint = f" ({LAYOUT_HINT})" if v.shape[0] == b and v.shape[2:] == (n, l) else ""
+                raise ValueError(f"{name} must have shape [B={b}, L={l}, G, N={n}], got {v.shape}{hint}")
+            vg = v.shape[2]
+            if vg < 1 or dim % vg:
+                raise ValueError(f"D={dim} must be divisible by the number of groups G={vg} of {name}")
         else:
-            raise ValueError(f"{name} must have rank 3 or 4, got shape {_shape(x)}")
+            raise ValueError(f"{name} must have rank 3 [B, L, N] or 4 [B, L, G, N], got shape {_shape(v)}")
+        check_float(name, v, "[B, L, N] or [B, L, G, N]")
         if name == "B":
-            g = xg
-        elif xg != g:
+            g = vg
+        elif vg != g:
             raise ValueError(f"B and C must have the same group layout, got {_shape(B)} and {_shape(C)}")
-    for name, x in (("D", D), ("delta_bias", delta_bias)):
-        if x is not None and _shape(x) != (dim,):
-            raise ValueError(f"{name} must have shape [dim={dim}], got {_shape(x)}")
-    if z is not None and _shape(z) != (b, l, dim):
-        raise ValueError(f"z must have shape {(b, l, dim)} like u, got {_shape(z)}")
+    for name, v in (("D", D), ("dt_bias", dt_bias)):
+        if v is not None:
+            if _shape(v) != (dim,):
+                raise ValueError(f"{name} must have shape [D={dim}], got {_shape(v)}")
+            check_float(name, v, f"[D={dim}]")
+    if z is not None:
+        if _shape(z) != (b, l, dim):
+            raise ValueError(f"z must have shape [B, L, D] = {(b, l, dim)} like x, got {_shape(z)}")
+        check_float("z", z, "[B, L, D]")
+    if initial_state is not None:
+        if _shape(initial_state) != (b, dim, n):
+            raise ValueError(f"initial_state must have shape [B, D, N] = {(b, dim, n)}, "
+                             f"got {_shape(initial_state)}")
+        check_float("initial_state", initial_state, "[B, D, N]")
+    if segment_ids is not None:
+        check_segment_ids(segment_ids, b, l)
     return b, l, dim, n, g
 
 
@@ -65,70 +96,83 @@ def expand_groups(x, dim):
     return jnp.repeat(x, dim // x.shape[-2], axis=-2)
 
 
-def _dt(delta, delta_bias, delta_softplus):
-    dt = delta.astype(jnp.float32)
-    if delta_bias is not None:
-        dt = dt + delta_bias.astype(jnp.float32)
-    if delta_softplus:
+def process_dt(dt, dt_bias, dt_softplus):
+    """``softplus?(dt + dt_bias)`` in float32."""
+    dt = dt.astype(jnp.float32)
+    if dt_bias is not None:
+        dt = dt + dt_bias.astype(jnp.float32)
+    if dt_softplus:
         dt = jax.nn.softplus(dt)
     return dt
 
 
-def reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-              return_last_state=False, interpret=None, block_d=None, chunk=None):
+def reference(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False,
+              initial_state=None, segment_ids=None, return_final_state=False,
+              chunk_size=64, interpret=None, block_d=None):
     """Sequential ``lax.scan`` selective scan in float32 (the test oracle).
 
-    ``interpret`` / ``block_d`` / ``chunk`` are accepted for signature parity with
-    :func:`selective_scan` and ignored.
+    Same arguments and results as :func:`pallas_kernels.selective_scan.selective_scan`
+    (recurrence in the module docstring); ``chunk_size`` / ``interpret`` /
+    ``block_d`` are accepted for signature parity and ignored.  Returns ``y
+    [B, L, D]`` (``x.dtype``) or ``(y, final_state [B, D, N] float32)``.
     """
-    del interpret, block_d, chunk
-    b, l, dim, n, g = validate(u, delta, A, B, C, D, z, delta_bias)
+    del chunk_size, interpret, block_d
+    b, l, dim, n, g = validate(x, dt, A, B, C, D, z, dt_bias, initial_state, segment_ids)
     f32 = jnp.float32
-    dt = _dt(delta, delta_bias, delta_softplus)                # [b, l, dim]
-    uf = u.astype(f32)
+    dtf = process_dt(dt, dt_bias, dt_softplus)                 # [b, l, dim]
+    xf = x.astype(f32)
     Af = A.astype(f32)
     Bf, Cf = B.astype(f32), C.astype(f32)
     if g is None:
         Bf, Cf = Bf[:, :, None, :], Cf[:, :, None, :]            # [b, l, 1, n]
     else:
         Bf, Cf = expand_groups(Bf, dim), expand_groups(Cf, dim)  # [b, l, dim, n]
+    keep = (jnp.ones((b, l), f32) if segment_ids is None
+            else 1.0 - segment_resets(segment_ids).astype(f32))  # 0 where a segment starts
 
     def step(h, xs):
-        dt_t, u_t, b_t, c_t = xs                                 # [b,dim] [b,dim] [b,dim|1,n]
-        h = jnp.exp(dt_t[..., None] * Af) * h + (dt_t * u_t)[..., None] * b_t
+        dt_t, x_t, b_t, c_t, k_t = xs                            # [b,dim] [b,dim] [b,dim|1,n] [b]
+        decay = jnp.exp(dt_t[..., None] * Af) * k_t[:, None, None]
+        h = decay * h + (dt_t * x_t)[..., None] * b_t
         y = jnp.sum(h * c_t, axis=-1)
         return h, y
 
-    xs = tuple(jnp.moveaxis(x, 1, 0) for x in (dt, uf, Bf, Cf))
-    h0 = jnp.zeros((b, dim, n), f32)
+    xs = tuple(jnp.moveaxis(v, 1, 0) for v in (dtf, xf, Bf, Cf, keep))
+    h0 = jnp.zeros((b, dim, n), f32) if initial_state is None else initial_state.astype(f32)
     h_last, y = lax.scan(step, h0, xs)
     y = jnp.moveaxis(y, 0, 1)                                    # [b, l, dim]
     if D is not None:
-        y = y + uf * D.astype(f32)
+        y = y + xf * D.astype(f32)
     if z is not None:
         y = y * jax.nn.silu(z.astype(f32))
-    y = y.astype(u.dtype)
-    return (y, h_last) if return_last_state else y
+    y = y.astype(x.dtype)
+    return (y, h_last) if return_final_state else y
 
 
-def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
-    """One decoding step.  ``state [batch, dim, N]``, ``x, dt, z [batch, dim]``,
-    ``B, C [batch, N]`` or ``[batch, G, N]``.  Returns ``(y [batch, dim] in x.dtype,
-    new_state)`` with ``new_state`` in ``state.dtype`` (math in float32)."""
+def selective_state_update(state, x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """One decoding step of the recurrence in the module docstring (no segment reset)::
+
+        new_state = exp(dt[:, :, None] * A) * state + (dt * x)[:, :, None] * B[:, None, :]
+        y = new_state @ C + D * x            ;  y *= silu(z) if z is given
+
+    ``state [B, D, N]``, ``x, dt, z [B, D]``, ``A [D, N]``, ``B, C [B, N]`` or
+    ``[B, G, N]``, ``D, dt_bias [D]``.  Returns ``(y [B, D] in x.dtype, new_state
+    [B, D, N] in state.dtype)``; math in float32.
+    """
     if getattr(state, "ndim", None) != 3:
-        raise ValueError(f"state must have rank 3 [batch, dim, N], got shape {_shape(state)}")
+        raise ValueError(f"state must have rank 3 [B, D, N], got shape {_shape(state)}")
     b, dim, n = state.shape
     if _shape(x) != (b, dim):
-        raise ValueError(f"x must have shape {(b, dim)}, got {_shape(x)}")
+        raise ValueError(f"x must have shape [B, D] = {(b, dim)}, got {_shape(x)}")
     if _shape(dt) != (b, dim):
-        raise ValueError(f"dt must have shape {(b, dim)}, got {_shape(dt)}")
+        raise ValueError(f"dt must have shape [B, D] = {(b, dim)}, got {_shape(dt)}")
     if _shape(A) != (dim, n):
-        raise ValueError(f"A must have shape {(dim, n)}, got {_shape(A)}")
+        raise ValueError(f"A must have shape [D, N] = {(dim, n)}, got {_shape(A)}")
     if z is not None and _shape(z) != (b, dim):
-        raise ValueError(f"z must have shape {(b, dim)}, got {_shape(z)}")
+        raise ValueError(f"z must have shape [B, D] = {(b, dim)}, got {_shape(z)}")
     for name, v in (("D", D), ("dt_bias", dt_bias)):
         if v is not None and _shape(v) != (dim,):
-            raise ValueError(f"{name} must have shape [dim={dim}], got {_shape(v)}")
+            raise ValueError(f"{name} must have shape [D={dim}], got {_shape(v)}")
     f32 = jnp.float32
     mats = []
     for name, v in (("B", B), ("C", C)):
@@ -136,13 +180,18 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
             mats.append(v.astype(f32)[:, None, :])
         elif getattr(v, "ndim", None) == 3 and v.shape[0] == b and v.shape[2] == n:
             if dim % v.shape[1]:
-                raise ValueError(f"dim={dim} must be divisible by the number of groups "
+                raise ValueError(f"D={dim} must be divisible by the number of groups "
                                  f"G={v.shape[1]} of {name}")
             mats.append(expand_groups(v.astype(f32), dim))
         else:
-            raise ValueError(f"{name} must have shape {(b, n)} or [batch, G, N={n}], got {_shape(v)}")
+            raise ValueError(f"{name} must have shape [B, N] = {(b, n)} or [B, G, N={n}], got {_shape(v)}")
+    for name, v, shp in (("state", state, "[B, D, N]"), ("x", x, "[B, D]"), ("dt", dt, "[B, D]"),
+                         ("A", A, "[D, N]"), ("B", B, "[B, N]"), ("C", C, "[B, N]"), ("D", D, "[D]"),
+                         ("z", z, "[B, D]"), ("dt_bias", dt_bias, "[D]")):
+        if v is not None:
+            check_float(name, v, shp)
     Bf, Cf = mats
-    dtf = _dt(dt, dt_bias, dt_softplus)
+    dtf = process_dt(dt, dt_bias, dt_softplus)
     xf = x.astype(f32)
     new = (jnp.exp(dtf[..., None] * A.astype(f32)) * state.astype(f32)
            + (dtf * xf)[..., None] * Bf)

@@ -1,0 +1,159 @@
+"""What the trainer trains on: a data spec -> a source of batch dicts.
+
+``open_data(spec, tokenizer)`` accepts
+
+* everything :func:`jaxformers.data.ensure_dataset` does (a built-in corpus name, a
+  folder/file of text, ``hf:NAME``) or a prepared dataset directory: a
+  :class:`TextSource` of random token windows (``{"tokens"}`` batches), evaluated on
+  sequential windows of the val split;
+* ``synthetic:TASK[:k=v,...]`` -- a :class:`SyntheticSource` of task sequences from
+  :mod:`jaxformers.data.synthetic` with their answer masks (``{"tokens",
+  "loss_mask"[, "segment_ids"]}`` batches: the loss only counts the answers), e.g.
+  ``synthetic:copying``, ``synthetic:copying:vocab=32``, ``synthetic:recall:n_pairs=4``,
+  ``synthetic:arithmetic:n_digits=2,pack=0``, ``synthetic:passkey``.  Tasks and
+  parameters: :data:`jaxformers.data.loader.SYNTHETIC_TASKS` (plus ``val_rows``, the
+  size of the fixed validation set, default 256).  The tokenizer is ignored.
+
+Both give ``vocab_size``, ``train_loader(batch_size, seq_len, seed)`` (``batch_dict_at(step)``:
+this process's rows, a pure function of ``(seed, step)``) and ``eval_batches(batch_size,
+seq_len, max_batches, split)`` (local rows; the last batch may be short).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Iterator, Optional
+
+import numpy as np
+
+from .loader import (SyntheticLoader, TokenLoader, _task_params, eval_batches, iterate_rows,
+                     synthetic_rows, synthetic_vocab_size)
+
+__all__ = ["SYNTHETIC_PREFIX", "SyntheticSource", "TextSource", "open_data", "open_dataset",
+           "parse_synthetic_spec"]
+
+SYNTHETIC_PREFIX = "synthetic:"
+
+
+def open_dataset(data: str, tokenizer: str):
+    """``(dataset dir, meta, train tokens, val tokens)`` for a built-in name, a path or a prepared
+    dir (prepared on first use)."""
+    from .prepare import ensure_dataset, load_prepared
+
+    path = Path(str(data)).expanduser()
+    if (path / "meta.json").is_file():  # already a prepared dataset directory
+        ds_dir = path
+    else:
+        ds_dir = ensure_dataset(data, tokenizer)
+    meta, train_tokens, val_tokens = load_prepared(ds_dir)
+    return Path(ds_dir), meta, train_tokens, val_tokens
+
+
+class TextSource:
+    """Token windows of a prepared dataset (or of a raw token array, ``ds_dir=None``)."""
+
+    kind = "text"
+
+    def __init__(self, spec: str, ds_dir: Optional[Path], meta: dict, train_tokens, val_tokens):
+        self.spec, self.ds_dir, self.meta = spec, ds_dir, meta
+        self.train_tokens, self.val_tokens = train_tokens, val_tokens
+        self.vocab_size = int(meta["vocab_size"])
+
+    @classmethod
+    def from_tokens(cls, tokens, vocab_size: Optional[int] = None) -> "TextSource":
+        """A source whose val (and train) split is ``tokens`` (1-D ids)."""
+        tokens = np.asarray(tokens)
+        vocab = int(vocab_size if vocab_size is not None else (int(tokens.max()) + 1 if tokens.size else 1))
+        return cls("<array>", None, {"vocab_size": vocab, "source": "array"}, tokens, tokens)
+
+    def describe(self) -> dict:
+        return {"dir": None if self.ds_dir is None else str(self.ds_dir), "vocab_size": self.vocab_size,
+                "source": self.meta.get("source"), "tokenizer": self.meta.get("tokenizer")}
+
+    def split_tokens(self, split: str):
+        return self.val_tokens if split == "val" else self.train_tokens
+
+    def train_loader(self, batch_size: int, seq_len: int, seed: int, **process) -> TokenLoader:
+        return TokenLoader(self.train_tokens, batch_size, seq_len, seed=seed, **process)
+
+    def has_eval_data(self, seq_len: int, split: str = "val") -> bool:
+        tokens = self.split_tokens(split)
+        return tokens is not None and len(tokens) >= seq_len + 1
+
+    def eval_batches(self, batch_size: int, seq_len: int, max_batches: Optional[int], split: str = "val",
+                     **process) -> Iterator[Dict[str, np.ndarray]]:
+        for rows in eval_batches(self.split_tokens(split), batch_size, seq_len, max_batches, **process):
+            yield {"tokens": rows}
+
+
+def parse_synthetic_spec(spec: str):
+    """``"synthetic:TASK[:k=v,...]"`` -> ``(task, params, val_rows)`` (ValueError if malformed)."""
+    body = spec[len(SYNTHETIC_PREFIX):] if spec.startswith(SYNTHETIC_PREFIX) else spec
+    task, _, rest = body.partition(":")
+    params, val_rows = {}, 256
+    for part in filter(None, (x.strip() for x in rest.split(","))):
+        name, sep, value = part.partition("=")
+        try:
+            number = int(value)
+        except ValueError:
+            number = None
+        if not sep or number is None:
+            raise ValueError(f"data={spec!r}: expected synthetic:TASK[:NAME=INT,...], bad entry {part!r}")
+        if name.strip() == "val_rows":
+            val_rows = number
+        else:
+            params[name.strip()] = number
+    task, params = _task_params(task.strip(), params)
+    if val_rows < 1:
+        raise ValueError(f"data={spec!r}: val_rows must be >= 1, got {val_rows}")
+    return task, params, val_rows
+
+
+class SyntheticSource:
+    """A synthetic task (:mod:`jaxformers.data.synthetic`) with loss masks; a fixed val set of
+    ``val_rows`` rows (the same for every seed), train rows drawn per ``(seed, step)``."""
+
+    kind = "synthetic"
+    VAL_SEED = 0x5A1
+
+    def __init__(self, spec: str):
+        self.spec = spec
+        self.task, self.params, self.val_rows = parse_synthetic_spec(spec)
+        self.vocab_size = synthetic_vocab_size(self.task, self.params)
+        self.ds_dir = None
+        self.meta = {"vocab_size": self.vocab_size, "source": spec, "tokenizer": None}
+        self._val = {}
+
+    def describe(self) -> dict:
+        return {"dir": None, "vocab_size": self.vocab_size, "source": self.spec, "tokenizer": None,
+                "task": self.task, "params": self.params, "val_rows": self.val_rows}
+
+    def train_loader(self, batch_size: int, seq_len: int, seed: int, **process) -> SyntheticLoader:
+        return SyntheticLoader(self.task, batch_size, seq_len, seed, self.params, **process)
+
+    def has_eval_data(self, seq_len: int, split: str = "val") -> bool:
+        return True
+
+    def split_rows(self, seq_len: int, split: str = "val") -> Dict[str, np.ndarray]:
+        """The fixed evaluation rows of ``split`` (``train``: another fixed set drawn like the train rows)."""
+        key = (seq_len, split)
+        if key not in self._val:
+            seed = int(np.random.SeedSequence([self.VAL_SEED, SyntheticLoader.SPLIT_IDS[split]])
+                       .generate_state(1, np.uint64)[0])
+            self._val[key] = synthetic_rows(self.task, self.val_rows, seq_len + 1, seed, self.params)
+        return self._val[key]
+
+    def eval_batches(self, batch_size: int, seq_len: int, max_batches: Optional[int], split: str = "val",
+                     **process) -> Iterator[Dict[str, np.ndarray]]:
+        return iterate_rows(self.split_rows(seq_len, split), batch_size, max_batches, **process)
+
+
+def open_data(data, tokenizer: str = "byte"):
+    """A :class:`TextSource` or :class:`SyntheticSource` for a data spec (see the module docstring);
+    a 1-D array of token ids gives a text source over that array."""
+    if isinstance(data, (np.ndarray, list, tuple)):
+        return TextSource.from_tokens(data)
+    data = str(data)
+    if data.startswith(SYNTHETIC_PREFIX):
+        return SyntheticSource(data)
+    ds_dir, meta, train_tokens, val_tokens = open_dataset(data, tokenizer)
+    return TextSource(data, ds_dir, meta, train_tokens, val_tokens)

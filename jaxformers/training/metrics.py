@@ -1,0 +1,196 @@
+"""Throughput, MFU, loss plots and the progress display of a training run.
+
+* :func:`peak_flops` -- dense bf16 peak FLOP/s of a device (``None`` if unknown, e.g. CPU);
+* :func:`model_flops_per_token` -- training FLOPs per token of a model config
+  (:func:`jaxformers.utils.flops_per_token`, or the config's ``flops_per_token`` method);
+* :func:`mfu` -- model FLOPs utilisation from tokens/s;
+* :class:`Throughput` -- tokens/s over the training intervals (evaluation and
+  checkpoint time excluded);
+* :func:`plot_losses` -- ``loss.png`` from ``metrics.jsonl``;
+* :class:`Progress` -- a tqdm bar, one line per logged row, or nothing.
+"""
+from __future__ import annotations
+
+import inspect
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import jax
+
+from .rundir import PLOT_FILE, read_metrics
+
+__all__ = ["PEAK_FLOPS", "Progress", "Throughput", "mfu", "model_flops_per_token", "peak_flops",
+           "plot_losses"]
+
+# Dense bf16 peak FLOP/s per device, keyed by a lower-case substring of ``device.device_kind``
+# (first match wins, so more specific names come first).
+PEAK_FLOPS = (
+    ("h100 pcie", 756e12),
+    ("h100", 989e12),
+    ("h200", 989e12),
+    ("gh200", 989e12),
+    ("a100", 312e12),
+    ("tpu v4", 275e12),
+    ("tpu v5 lite", 197e12),  # v5e
+    ("tpu v5e", 197e12),
+    ("tpu v5p", 459e12),
+    ("tpu v5", 459e12),
+    ("tpu v6 lite", 918e12),  # v6e (Trillium)
+    ("tpu v6e", 918e12),
+)
+
+
+def peak_flops(device=None) -> Optional[float]:
+    """Peak dense bf16 FLOP/s of one device (``None`` if unknown, e.g. CPU)."""
+    device = jax.devices()[0] if device is None else device
+    kind = str(getattr(device, "device_kind", "")).lower()
+    for key, value in PEAK_FLOPS:
+        if key in kind:
+            return value
+    return None
+
+
+def model_flops_per_token(config, seq_len: int, params=None) -> float:
+    """Training FLOPs per token of ``config`` at context ``seq_len``.
+
+    ``config.flops_per_token(seq_len, params)`` (``params``: a params tree, abstract or not,
+    saves building the model), through :func:`jaxformers.utils.flops_per_token` where that
+    exists; older versions of either take the parameter count instead.
+    """
+    from .. import utils
+
+    fn = getattr(utils, "flops_per_token", None)
+    if fn is None:
+        fn = lambda c, t, *a, **k: c.flops_per_token(t, *a, **k)  # noqa: E731
+        names = _parameter_names(config.flops_per_token)
+    else:
+        names = _parameter_names(fn)
+    if params is not None and "params" in names:
+        return float(fn(config, seq_len, params=params))
+    if params is not None and "n_params" in names:
+        from ..utils import count_params
+        return float(fn(config, seq_len, n_params=count_params(params)))
+    return float(fn(config, seq_len))
+
+
+def _parameter_names(fn) -> set:
+    try:
+        return set(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):  # pragma: no cover - builtins
+        return set()
+
+
+def mfu(flops_per_token: float, tokens_per_s: Optional[float], n_devices: Optional[int] = None,
+        device=None) -> Optional[float]:
+    """``flops_per_token * tokens_per_s / (peak * n_devices)``; ``None`` without a known peak."""
+    peak = peak_flops(device)
+    if not peak or not tokens_per_s:
+        return None
+    n_devices = jax.device_count() if n_devices is None else n_devices
+    return flops_per_token * tokens_per_s / (peak * n_devices)
+
+
+class Throughput:
+    """Training tokens/s measured over intervals that end at log steps (and before evaluations /
+    checkpoints, whose time is excluded by :meth:`restart`)."""
+
+    def __init__(self, start_step: int, tokens_per_step: int):
+        self.tokens_per_step = tokens_per_step
+        self.train_time = 0.0
+        self.train_tokens = 0
+        self._t0, self._step0 = time.perf_counter(), start_step
+
+    def end_interval(self, done: int, block_on=None) -> Optional[float]:
+        """Close the interval at step ``done`` (after ``block_until_ready(block_on)``);
+        returns its tokens/s (``None`` for an empty interval)."""
+        if block_on is not None:
+            jax.block_until_ready(block_on)
+        now = time.perf_counter()
+        dt, n = now - self._t0, done - self._step0
+        self.train_time += dt
+        self.train_tokens += n * self.tokens_per_step
+        self._t0, self._step0 = now, done
+        return (n * self.tokens_per_step / dt) if dt > 0 and n > 0 else None
+
+    def restart(self) -> None:
+        """Start the next interval now (time since the last :meth:`end_interval` is not training)."""
+        self._t0 = time.perf_counter()
+
+    @property
+    def tokens_per_s(self) -> Optional[float]:
+        return self.train_tokens / self.train_time if self.train_time > 0 else None
+
+
+def plot_losses(run_dir) -> Optional[Path]:
+    """Write ``loss.png`` (train and val loss vs step) from ``metrics.jsonl``."""
+    rows = read_metrics(run_dir)
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
+    if not train and not val:
+        return None
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if train:
+        ax.plot(*zip(*train), label="train", lw=1.2)
+    if val:
+        ax.plot(*zip(*val), "o-", label="val", lw=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/target)")
+    ax.set_title(Path(run_dir).name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(run_dir) / PLOT_FILE
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+class Progress:
+    """``mode``: ``None`` = a tqdm bar if stderr is a terminal, else one line per logged row;
+    ``True`` = bar; ``False`` = silent."""
+
+    BAR_KEYS = ("loss", "val_loss", "lr", "tokens_per_s")
+
+    def __init__(self, mode, total: int, initial: int):
+        self.bar = None
+        self.postfix = {}
+        if mode is None:
+            mode = "bar" if sys.stderr.isatty() else "lines"
+        elif mode is True:
+            mode = "bar"
+        elif mode is False:
+            mode = "off"
+        if mode == "bar":
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
+                            file=sys.stderr)
+        self.lines = mode == "lines"
+
+    def update(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def message(self, row: dict) -> None:
+        if self.bar is not None:
+            self.postfix.update({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items()
+                                 if (k in self.BAR_KEYS or k.startswith("aux/")) and v is not None})
+            self.bar.set_postfix(self.postfix, refresh=False)
+        elif self.lines:
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+                  file=sys.stderr, flush=True)
+
+    def info(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        elif self.lines:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,231 @@
+"""The run directory: its files, the resume / clobber policy, and loading a trained run.
+
+Layout (``train_config.out_dir``)::
+
+    config.json        {"model": ModelConfig dict, "train": TrainConfig dict, "compute_dtype", "dataset",
+                        "n_params", "mesh"[, "loss_fn": "module.qualname" of a Python loss function]}
+    metrics.jsonl      {"step", "loss", "lr", "grad_norm", "tokens_per_s", "tokens"[, "aux/<name>",
+                        "total_loss", other loss metrics]} every log_every steps,
+                       {"step", "val_loss", "val_ppl"} at every evaluation
+    summary.json       final losses, perplexity, n_params, throughput, MFU (GPU/TPU)
+    loss.png           train / val loss curves
+    tokenizer/         the dataset's tokenizer (for generation; absent for synthetic data)
+    checkpoints/<step> see :mod:`jaxformers.training.checkpoint`
+
+Policy: ``resume=False`` refuses (``FileExistsError``) to touch a run directory that
+already holds checkpoints; one without checkpoints (e.g. from a run killed before its
+first save) is reused and its metrics are reset.  ``resume=True`` requires the model
+config to equal the saved one (after normalising the saved dict through
+:func:`jaxformers.registry.config_from_dict`, so configs saved by older versions compare
+equal), reports train-config changes, and drops ``metrics.jsonl`` rows after the
+restored step.  Only process 0 writes files.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, List, Optional, Tuple
+
+import jax
+
+from ..registry import build, config_from_dict
+from . import mesh as mesh_lib
+from .checkpoint import Checkpointer, CheckpointError
+from .config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CONFIG_FILE", "METRICS_FILE", "PLOT_FILE", "SUMMARY_FILE", "TOKENIZER_DIR", "MetricsWriter",
+           "atomic_write", "check_resume", "config_diff", "copy_tokenizer", "load_run", "read_config",
+           "read_metrics", "refuse_clobber", "reset_metrics", "truncate_metrics", "write_config",
+           "write_summary"]
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+PLOT_FILE = "loss.png"
+TOKENIZER_DIR = "tokenizer"
+
+
+# ============================================================================ files
+def atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file + rename (never a torn file)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_metrics(run_dir) -> list:
+    """Rows of ``metrics.jsonl`` (a torn last line from a crash is ignored)."""
+    path = Path(run_dir) / METRICS_FILE
+    rows = []
+    if not path.exists():
+        return rows
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def truncate_metrics(run_dir, last_step: int) -> None:
+    """Drop the rows after ``last_step`` (they belong to steps that will be replayed)."""
+    rows = [r for r in read_metrics(run_dir) if r.get("step", 0) <= last_step]
+    atomic_write(Path(run_dir) / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def reset_metrics(run_dir, restored_step: Optional[int]) -> None:
+    """Start ``metrics.jsonl`` afresh, or keep its rows up to ``restored_step`` on resume."""
+    if restored_step is None:
+        atomic_write(Path(run_dir) / METRICS_FILE, "")
+    else:
+        truncate_metrics(run_dir, restored_step)
+
+
+class MetricsWriter:
+    """Appends rows to ``metrics.jsonl`` (flushed per row); a no-op where ``enabled`` is False
+    (processes other than 0)."""
+
+    def __init__(self, run_dir, enabled: bool = True):
+        self._file = open(Path(run_dir) / METRICS_FILE, "a") if enabled else None
+
+    def write(self, row: dict) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(row) + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def read_config(run_dir) -> Optional[dict]:
+    """The saved ``config.json`` (``None`` if there is none)."""
+    path = Path(run_dir) / CONFIG_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_config(run_dir, *, model_config, train_config: TrainConfig, compute_dtype: str, dataset: dict,
+                 n_params: int, mesh: str, loss_fn: Optional[str] = None) -> None:
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"model": model_config.to_dict(), "train": train_config.to_dict(),
+               "compute_dtype": compute_dtype, "dataset": dataset, "n_params": n_params, "mesh": mesh}
+    if loss_fn is not None:
+        payload["loss_fn"] = loss_fn
+    atomic_write(run_dir / CONFIG_FILE, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def write_summary(run_dir, summary: dict) -> None:
+    atomic_write(Path(run_dir) / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+
+
+def copy_tokenizer(run_dir, ds_dir) -> None:
+    """Save the dataset's tokenizer into ``run_dir/tokenizer`` (for generation); best effort."""
+    if ds_dir is None:
+        return
+    try:
+        from ..data import load_tokenizer
+        load_tokenizer(ds_dir).save(Path(run_dir) / TOKENIZER_DIR)
+    except Exception as e:  # noqa: BLE001 - generation is optional
+        log.warning("could not copy the tokenizer into %s: %s", run_dir, e)
+
+
+# ============================================================================ policy
+def config_diff(old: dict, new: dict, ignore=()) -> List[str]:
+    """``["field: old -> new", ...]`` for the fields that differ."""
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+            for k in keys if k not in ignore and old.get(k) != new.get(k)]
+
+
+def refuse_clobber(run_dir, ckpt: Checkpointer, resume: bool) -> None:
+    """``FileExistsError`` unless ``resume`` when ``run_dir`` already holds checkpoints."""
+    if not resume and ckpt.step_dirs():
+        raise FileExistsError(
+            f"{run_dir} already holds checkpoints (steps {ckpt.step_dirs()}); pass resume=True "
+            "(--resume) to continue that run, or choose a new output directory (--out)")
+
+
+def _json(d: dict) -> dict:
+    return json.loads(json.dumps(d, sort_keys=True))  # tuples vs lists etc. compare as saved
+
+
+def _normalised_model(saved_model: dict) -> dict:
+    """A saved model-config dict as the current code would write it (fields that moved or were
+    added since it was saved: dropped / defaulted by ``config_from_dict``)."""
+    return config_from_dict(saved_model).to_dict()
+
+
+def check_resume(run_dir, model_config) -> Optional[dict]:
+    """The saved config of ``run_dir`` (``None`` without one); ``ValueError`` if its model
+    config differs from ``model_config``."""
+    saved = read_config(run_dir)
+    if saved is None:
+        return None
+    try:
+        old = _normalised_model(saved.get("model", {}))
+    except ValueError as e:
+        raise ValueError(f"cannot resume {run_dir}: its saved model config is not valid here: {e}") from None
+    diff = config_diff(_json(old), _json(model_config.to_dict()))
+    if diff:
+        raise ValueError(f"cannot resume {run_dir}: the model config differs from the saved one: "
+                         + "; ".join(diff))
+    return saved
+
+
+def train_config_changes(saved: Optional[dict], train_config: TrainConfig) -> List[str]:
+    """Differences between the saved train config (normalised: new fields at their defaults)
+    and ``train_config``, ignoring ``out_dir``."""
+    if not saved or "train" not in saved:
+        return []
+    try:
+        old = TrainConfig.from_dict(saved["train"]).to_dict()
+    except ValueError:
+        old = dict(saved["train"])
+    return config_diff(_json(old), _json(train_config.to_dict()), ignore=("out_dir",))
+
+
+# ============================================================================ load
+def load_run(run_dir, *, step: Optional[int] = None, mesh=None) -> Tuple[Any, TrainConfig, Any]:
+    """``(model_config, train_config, params)`` of a run (newest complete checkpoint, or ``step``).
+
+    Params are float32, on the first local device unless ``mesh`` is given (then
+    sharded by the logical rules).  Raises ``FileNotFoundError`` / ``CheckpointError``.
+    Run directories written by older versions load too (new config fields take their
+    defaults).
+    """
+    from .steps import abstract_params, compute_config
+
+    run_dir = Path(run_dir).expanduser()
+    saved = read_config(run_dir)
+    if saved is None:
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no {CONFIG_FILE})")
+    model_config = config_from_dict(saved["model"])
+    train_config = TrainConfig.from_dict(saved["train"])
+    ckpt = Checkpointer(run_dir, keep=train_config.keep_checkpoints)
+    if step is None:
+        step = ckpt.latest_step()
+        if step is None:
+            raise CheckpointError(f"{run_dir} has no complete checkpoint under {ckpt.directory}")
+    abstract, specs = abstract_params(build(compute_config(model_config, "float32")))
+    if mesh is None:
+        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: sharding, abstract)
+    else:
+        shardings = mesh_lib.fit_shardings(mesh_lib.logical_to_sharding(specs, mesh), abstract)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+    try:
+        params, _, _ = ckpt.restore(step, target)
+    finally:
+        ckpt.close()
+    return model_config, train_config, params

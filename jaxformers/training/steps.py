@@ -1,0 +1,366 @@
+"""Train / eval step functions, and their jit-compiled, sharded form.
+
+The step functions are pure and need nothing from :func:`~jaxformers.training.train`::
+
+    import jax, optax, jaxformers as jf
+    from jaxformers.training import get_loss, train_step, eval_step
+
+    module = jf.build(jf.get_config("gpt", "tiny", vocab_size=257))
+    params = jf.init_params(module, jax.random.PRNGKey(0))
+    tx = optax.adamw(1e-3)
+    opt_state = tx.init(params)
+    batch = {"tokens": tokens}                       # int32 [B, T+1]; see losses.py for the keys
+    step = jax.jit(lambda p, o, b, s, r: train_step(module, tx, get_loss("cross_entropy"), p, o, b, s, r))
+    params, opt_state, metrics = step(params, opt_state, batch, 0, jax.random.PRNGKey(1))
+    total, n = eval_step(module, get_loss("cross_entropy"), params, batch)   # mean = total / n
+
+:class:`Program` is what the trainer runs: the same functions jitted with explicit
+parameter / optimizer-state / batch shardings for a mesh, compiled ahead of time
+(once per batch structure) under the logical axis rules.  :class:`CompileCache` is
+an explicit, caller-owned cache of programs for processes that train or evaluate
+many models (``train(..., cache=cache)``).
+"""
+from __future__ import annotations
+
+import collections
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import flax.linen as nn
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from . import mesh as mesh_lib
+from .losses import (LossFn, aux_weight, collect_aux_losses, cross_entropy, merge_aux,
+                     next_token_targets)
+
+__all__ = [
+    "CompileCache", "Program", "abstract_params", "compute_config", "eval_step", "loss_with_aux",
+    "program_key", "resolve_dtype", "split_micro_batches", "train_step",
+]
+
+
+# ============================================================================ small helpers
+def resolve_dtype(name: str) -> str:
+    """Compute dtype for ``"auto"``: float32 on CPU, bfloat16 on GPU/TPU."""
+    if name == "auto":
+        return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    return name
+
+
+def compute_config(model_config, dtype: str):
+    """The model config the trainer builds: compute in ``dtype``, float32 parameters."""
+    return model_config.replace(dtype=dtype, param_dtype="float32")
+
+
+def global_norm(tree) -> jax.Array:
+    tree_lib = getattr(optax, "tree", None)
+    if tree_lib is not None and hasattr(tree_lib, "norm"):
+        return tree_lib.norm(tree)
+    return optax.global_norm(tree)
+
+
+def _init_tokens(module, rows: int = 1, length: int = 8):
+    max_len = getattr(getattr(module, "config", None), "max_seq_len", length)
+    return jnp.zeros((rows, min(length, max_len)), jnp.int32)
+
+
+def abstract_params(module, rows: int = 1):
+    """``(abstract params, logical PartitionSpecs)`` of ``module`` (no FLOPs, no memory)."""
+    boxed = jax.eval_shape(module.init, jax.random.PRNGKey(0), _init_tokens(module, rows))
+    return nn.unbox(boxed)["params"], nn.get_partition_spec(boxed)["params"]
+
+
+# ============================================================================ pure step functions
+def loss_with_aux(module, loss_fn: LossFn, params, batch, rng, aux_weights=None):
+    """``(objective, metrics)``: the loss function's loss plus its weighted auxiliary losses.
+
+    Every ``aux_losses`` that :func:`~jaxformers.training.losses.apply_model` produced
+    inside ``loss_fn`` is summed by name and added as ``aux_weight(name) * value``
+    (``aux_weights``: mapping or ``(name, weight)`` pairs, 1.0 for names not listed).
+    ``metrics`` = the loss function's metrics + ``loss`` (its loss), ``aux/<name>``
+    (unweighted) and, if there are auxiliary losses, ``total_loss`` (the objective).
+    """
+    with collect_aux_losses() as sink:
+        loss, metrics = loss_fn(module, params, batch, rng)
+    loss = jnp.asarray(loss, jnp.float32)
+    metrics = {k: jnp.asarray(v, jnp.float32) for k, v in dict(metrics).items()}
+    aux = merge_aux(sink)
+    total = loss
+    for name in sorted(aux):
+        weight = aux_weight(aux_weights, name)
+        if not (isinstance(weight, (int, float)) and weight == 0):  # weight 0: logged only
+            total = total + weight * aux[name]
+        metrics[f"aux/{name}"] = aux[name]
+    metrics["loss"] = loss
+    if aux:
+        metrics["total_loss"] = total
+    return total, metrics
+
+
+def split_micro_batches(batch, n: int, sharding=None):
+    """``[B, ...]`` -> ``[n, B / n, ...]`` for every array of the batch dict.
+
+    Micro-batch ``a`` holds rows ``a, a + n, a + 2n, ...``: with the batch sharded on its
+    leading axis, every device keeps its own rows (no data movement) as long as each
+    device's share is divisible by ``n``.
+    """
+    def one(x):
+        if x.shape[0] % n:
+            raise ValueError(f"grad_accum={n} must divide the batch's leading axis, got shape {x.shape}")
+        micro = x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+        return micro if sharding is None else jax.lax.with_sharding_constraint(micro, sharding)
+
+    return jax.tree.map(one, batch)
+
+
+def train_step(module, tx, loss_fn: LossFn, params, opt_state, batch, step, rng, *, grad_accum: int = 1,
+               aux_weights=None, schedule: Optional[Callable] = None, micro_sharding=None):
+    """One optimizer update: ``(params, opt_state, metrics)``.  Pure; jit it (or use :class:`Program`).
+
+    ``batch``: a batch dict (every array ``[B, ...]``, see :mod:`.losses`); ``step``:
+    the int32 update count (the learning rate and the per-step rng derive from it);
+    ``rng``: a PRNG key (``fold_in(rng, step)`` is what the loss function sees, split per
+    micro-batch) or ``None``.  ``grad_accum=A`` splits the batch into ``A`` micro-batches
+    (:func:`split_micro_batches`) run one after another in a ``lax.scan``; their
+    gradients and metrics are averaged weighted by the loss's ``n_targets`` metric (equal
+    weights if it has none), so the update equals the one of the whole batch.
+    ``metrics``: scalars -- those of :func:`loss_with_aux`, ``grad_norm`` (before
+    clipping) and ``lr`` (``schedule(step)``, when a schedule is given).
+    """
+    step = jnp.asarray(step, jnp.int32)
+    rng = None if rng is None else jax.random.fold_in(rng, step)
+    grad_fn = jax.value_and_grad(
+        lambda p, b, r: loss_with_aux(module, loss_fn, p, b, r, aux_weights), has_aux=True)
+    if grad_accum == 1:
+        (_, metrics), grads = grad_fn(params, batch, rng)
+    else:
+        micro = split_micro_batches(batch, grad_accum, micro_sharding)
+        keys = None if rng is None else jax.random.split(rng, grad_accum)
+        first = jax.tree.map(lambda x: x[0], micro)
+        (_, metric_shapes), _ = jax.eval_shape(grad_fn, params, first, None if keys is None else keys[0])
+        weighted = "n_targets" in metric_shapes
+
+        def body(carry, xs):
+            g_sum, m_sum, w_sum = carry
+            mb, key = xs
+            (_, m), g = grad_fn(params, mb, key)
+            w = m["n_targets"] if weighted else jnp.ones((), jnp.float32)
+            g_sum = jax.tree.map(lambda s, x: s + (w * x if weighted else x), g_sum, g)
+            m_sum = {k: m_sum[k] + (m[k] if k == "n_targets" or not weighted else w * m[k]) for k in m_sum}
+            return (g_sum, m_sum, w_sum + w), None
+
+        zeros_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        zeros_m = {k: jnp.zeros(v.shape, jnp.float32) for k, v in metric_shapes.items()}
+        xs = (micro, keys) if keys is not None else (micro, None)
+        (g_sum, m_sum, w_sum), _ = jax.lax.scan(body, (zeros_g, zeros_m, jnp.zeros((), jnp.float32)), xs,
+                                                length=grad_accum)
+        denom = jnp.where(w_sum > 0, w_sum, 1.0)
+        grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), g_sum, params)
+        metrics = {k: (v if k == "n_targets" else v / denom) for k, v in m_sum.items()}
+    metrics = dict(metrics)
+    metrics["grad_norm"] = global_norm(grads)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    if schedule is not None:
+        metrics["lr"] = jnp.asarray(schedule(step), jnp.float32)
+    return params, opt_state, metrics
+
+
+def eval_step(module, loss_fn: LossFn, params, batch) -> Tuple[jax.Array, jax.Array]:
+    """``(sum of loss, n_targets)`` for one batch: ``loss * n_targets`` and ``n_targets`` (the
+    loss's metric, else the sum of the next-token weights), so that a dataset's mean loss is
+    ``sum(totals) / sum(counts)`` however its batches are masked or padded.  No auxiliary
+    losses; ``rng`` is ``None``."""
+    loss, metrics = loss_fn(module, params, batch, None)
+    n = metrics.get("n_targets") if isinstance(metrics, Mapping) else None
+    if n is None:
+        n = jnp.sum(next_token_targets(batch)[1])
+    n = jnp.asarray(n, jnp.float32)
+    return jnp.asarray(loss, jnp.float32) * n, n
+
+
+# ============================================================================ compiled program
+def _batch_signature(batch) -> tuple:
+    return tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in batch.items()))
+
+
+class Program:
+    """The step functions of one module on one mesh: shardings, init, compiled train/eval steps.
+
+    ``tx``/``schedule`` (from :func:`~jaxformers.training.make_optimizer`) are needed for
+    training only.  Parameters are sharded by their logical axis names
+    (:data:`jaxformers.sharding.DEFAULT_RULES`, indivisible dimensions kept whole), the
+    optimizer state like the parameters, and every batch array on its leading axis over
+    ``data x fsdp x expert``.  Steps are compiled ahead of time on first use for each batch
+    structure (keys, shapes, dtypes) -- :meth:`compile_train_step` compiles explicitly.
+    """
+
+    def __init__(self, module, mesh, *, loss_fn: LossFn = cross_entropy, tx=None, schedule=None,
+                 grad_accum: int = 1, aux_weights=None):
+        self.module, self.mesh, self.loss_fn = module, mesh, loss_fn
+        self.tx, self.schedule, self.grad_accum = tx, schedule, int(grad_accum)
+        self.aux_weights = tuple(sorted(dict(aux_weights or {}).items()))
+        # Parameter creation runs without logical rules: flax's DenseGeneral reshapes boxed
+        # kernels (unbox -> with_logical_constraint on the flat shape), which fails under rules.
+        # Parameter shardings come from the jit out_shardings instead.
+        self._tokens0 = _init_tokens(module, mesh_lib.batch_parallelism(mesh))
+        self.abstract_params, self.logical_specs = abstract_params(module, self._tokens0.shape[0])
+        self.param_shardings = mesh_lib.fit_shardings(
+            mesh_lib.logical_to_sharding(self.logical_specs, mesh), self.abstract_params)
+        self.replicated = mesh_lib.replicated(mesh)
+        self.batch_sharding = mesh_lib.batch_sharding(mesh, None)  # leading axis of every array
+        self.micro_sharding = NamedSharding(mesh, P(None, mesh_lib.BATCH_AXES))
+        self.abstract_opt = self.opt_shardings = None
+        if tx is not None:
+            self.abstract_opt = jax.eval_shape(tx.init, self.abstract_params)
+            self.opt_shardings = mesh_lib.fit_shardings(
+                mesh_lib.opt_state_shardings(tx, self.abstract_opt, self.param_shardings, mesh),
+                self.abstract_opt)
+        self._compiled: Dict[Any, Any] = {}
+
+    # ------------------------------------------------------------------ abstract trees
+    @staticmethod
+    def with_shardings(tree, shardings):
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+    def abstract_state(self):
+        """``(abstract params, abstract opt_state)`` with their shardings (restore targets)."""
+        opt = None if self.tx is None else self.with_shardings(self.abstract_opt, self.opt_shardings)
+        return self.with_shardings(self.abstract_params, self.param_shardings), opt
+
+    def abstract_batch(self, batch):
+        return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_sharding)
+                for k, v in batch.items()}
+
+    def compile(self, jitted, args):
+        """Lower + compile under the mesh and the logical axis rules (activation constraints on)."""
+        with mesh_lib.activate(self.mesh):
+            return jitted.lower(*args).compile()
+
+    # ------------------------------------------------------------------ init
+    def init(self, seed: int):
+        """Freshly initialised ``(params, opt_state)`` (``opt_state`` None without ``tx``),
+        created directly with their shardings."""
+        if "init" not in self._compiled:
+            module, tx, tokens0 = self.module, self.tx, self._tokens0
+
+            def init_fn(rng):
+                params = nn.unbox(module.init(rng, tokens0))["params"]
+                return params, (None if tx is None else tx.init(params))
+
+            fn = jax.jit(init_fn, out_shardings=(self.param_shardings, self.opt_shardings))
+            key = jax.random.PRNGKey(0)
+            with mesh_lib.use_mesh(self.mesh):  # no logical rules here: see __init__
+                self._compiled["init"] = fn.lower(jax.ShapeDtypeStruct(key.shape, key.dtype)).compile()
+        return self._compiled["init"](jax.random.PRNGKey(seed))
+
+    # ------------------------------------------------------------------ train step
+    def compile_train_step(self, batch):
+        """The compiled train step for batches shaped like ``batch`` (arrays or ShapeDtypeStructs)."""
+        if self.tx is None:
+            raise ValueError("this Program has no optimizer (tx=None): it can only evaluate")
+        key = ("train", _batch_signature(batch))
+        if key not in self._compiled:
+            module, tx, loss_fn = self.module, self.tx, self.loss_fn
+            kw = dict(grad_accum=self.grad_accum, aux_weights=self.aux_weights, schedule=self.schedule,
+                      micro_sharding=self.micro_sharding)
+
+            def step_fn(params, opt_state, batch, step, rng):
+                return train_step(module, tx, loss_fn, params, opt_state, batch, step, rng, **kw)
+
+            jitted = jax.jit(
+                step_fn,
+                in_shardings=(self.param_shardings, self.opt_shardings, self.batch_sharding,
+                              self.replicated, self.replicated),
+                out_shardings=(self.param_shardings, self.opt_shardings, self.replicated),
+                donate_argnums=(0, 1))
+            rng = jax.random.PRNGKey(0)
+            params, opt = self.abstract_state()
+            args = (params, opt, self.abstract_batch(batch),
+                    jax.ShapeDtypeStruct((), jnp.int32, sharding=self.replicated),
+                    jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=self.replicated))
+            self._compiled[key] = self.compile(jitted, args)
+        return self._compiled[key]
+
+    def train_step(self, params, opt_state, batch, step, rng):
+        """``(params, opt_state, metrics)``; ``batch`` as placed by :meth:`put_batch`; donates
+        ``params`` and ``opt_state``."""
+        fn = self.compile_train_step(batch)
+        return fn(params, opt_state, batch, jnp.asarray(step, jnp.int32), rng)
+
+    # ------------------------------------------------------------------ eval step
+    def eval_step(self, params, batch):
+        """``(sum of loss, n_targets)`` (replicated scalars), see :func:`eval_step`."""
+        key = ("eval", _batch_signature(batch))
+        if key not in self._compiled:
+            module, loss_fn = self.module, self.loss_fn
+            jitted = jax.jit(lambda p, b: eval_step(module, loss_fn, p, b),
+                             in_shardings=(self.param_shardings, self.batch_sharding),
+                             out_shardings=(self.replicated, self.replicated))
+            args = (self.with_shardings(self.abstract_params, self.param_shardings),
+                    self.abstract_batch(batch))
+            self._compiled[key] = self.compile(jitted, args)
+        return self._compiled[key](params, batch)
+
+    # ------------------------------------------------------------------ data placement
+    def put_batch(self, local: Mapping[str, np.ndarray], global_rows: int) -> Dict[str, jax.Array]:
+        """This process's rows of every batch array -> global arrays sharded on the leading axis."""
+        return {k: jax.make_array_from_process_local_data(
+                    self.batch_sharding, np.ascontiguousarray(v), (global_rows, *np.shape(v)[1:]))
+                for k, v in local.items()}
+
+
+# ============================================================================ explicit compile cache
+def program_key(model_config, mesh, train_config=None, loss_fn=None) -> tuple:
+    """What determines a :class:`Program` built by the trainer: the compute model config, the
+    mesh, the loss function, and for training the optimizer fields, ``grad_accum`` and the
+    auxiliary-loss weights (not paths, seeds, data or intervals)."""
+    from .optim import optimizer_key
+
+    train_part = None
+    if train_config is not None:
+        train_part = (optimizer_key(train_config), train_config.grad_accum, train_config.aux_loss_weights)
+    return (model_config, mesh, loss_fn, train_part)
+
+
+class CompileCache:
+    """A caller-owned cache of :class:`Program` s (with their compiled steps).
+
+    ``train(..., cache=cache)`` / ``evaluate(..., cache=cache)`` reuse the program of an
+    earlier call whose :func:`program_key` is equal, skipping the compilation.  Keeps the
+    ``max_entries`` most recently used programs.  Nothing is cached unless a cache is
+    passed.
+    """
+
+    def __init__(self, max_entries: int = 4):
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be >= 1, got {max_entries}")
+        self.max_entries = int(max_entries)
+        self._entries: "collections.OrderedDict[Any, Program]" = collections.OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, key, build: Callable[[], Program]) -> Program:
+        """The program stored under ``key``, or ``build()`` stored under it."""
+        if key in self._entries:
+            self.hits += 1
+            self._entries.move_to_end(key)
+            return self._entries[key]
+        self.misses += 1
+        program = build()
+        self._entries[key] = program
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+        return program
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return (f"CompileCache({len(self)}/{self.max_entries} programs, hits={self.hits}, "
+                f"misses={self.misses})")
