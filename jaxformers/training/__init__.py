@@ -15,7 +15,7 @@ files and policy), :mod:`.metrics` (MFU, plots, progress), :mod:`.trainer` (``tr
 from .config import COMPUTE_DTYPES, SCHEDULES, TrainConfig
 from .checkpoint import CheckpointError, Checkpointer
 from .losses import (apply_model, cross_entropy, get_loss, list_losses, next_token_targets,
-                     register_loss)
+                     register_loss, weighted_mean)
 from .mesh import (activate, batch_sharding, make_mesh, maybe_initialize_distributed, parse_mesh,
                    logical_to_sharding)
 from .metrics import peak_flops, plot_losses
@@ -29,6 +29,7 @@ __all__ = [
     "activate", "batch_sharding", "make_mesh", "maybe_initialize_distributed", "parse_mesh",
     "logical_to_sharding", "decay_mask", "make_optimizer", "make_schedule",
     "apply_model", "cross_entropy", "get_loss", "list_losses", "next_token_targets", "register_loss",
+    "weighted_mean",
     "CompileCache", "Program", "eval_step", "train_step",
     "evaluate", "load_run", "open_dataset", "peak_flops", "plot_losses", "read_metrics", "resolve_dtype",
     "train",
