@@ -13,6 +13,7 @@ from jaxformers.config import ModelConfig, TransformerConfig
 from jaxformers.layers import Block
 from jaxformers.models.transformer import Transformer
 from jaxformers.registry import config_from_dict, register
+from toy_models import SowMLP
 
 
 # --------------------------------------------------------------- toy hooks
@@ -39,20 +40,9 @@ class CumMeanMixer(nn.Module):
         return nn.Dense(d, use_bias=False, name="o")(y.astype(x.dtype)), new_cache
 
 
-class ToyMLP(nn.Module):
-    """Toy MLP that also sows an auxiliary loss (the trainer's aux channel)."""
-    config: object
-
-    @nn.compact
-    def __call__(self, x):
-        h = jnp.tanh(nn.Dense(2 * self.config.d_model, use_bias=False, name="up")(x))
-        self.sow("losses", "toy_l2", jnp.mean(h.astype(jnp.float32) ** 2))
-        return nn.Dense(self.config.d_model, use_bias=False, name="down")(h)
-
-
 class ToyLM(Transformer):
     def block_class(self):
-        return Block.using(mixer=CumMeanMixer, mlp=ToyMLP)
+        return Block.using(mixer=CumMeanMixer, mlp=SowMLP)
 
 
 register("test-toy-hooks", TransformerConfig, ToyLM,
@@ -84,7 +74,7 @@ def test_swapped_mixer_and_mlp(overrides):
     tok = _tokens()
     params = jf.init_params(m, jax.random.PRNGKey(1))
     blocks = params["blocks"] if c.scan_layers else params["blocks_0"]
-    assert set(blocks["attn"]) == {"v", "o"} and set(blocks["mlp"]) == {"up", "down"}
+    assert set(blocks["attn"]) == {"v", "o"} and set(blocks["mlp"]) == {"fc", "proj"}
     assert ("attn_skip_gain" in blocks) == c.skip_gains
     full = _decode_matches_forward(m, params, tok)
     # the toy mixer is causal: changing the last token leaves earlier logits alone

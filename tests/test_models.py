@@ -1,7 +1,6 @@
 """Foundation I: configs, registry, GPT/Llama forward, scan/remat, decoding."""
 import dataclasses
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np

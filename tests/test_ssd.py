@@ -5,6 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scan_testing import assert_continuation, assert_packed_equals_separate, rel as _rel, segments as _segments
+from scan_testing import value_and_grads as _value_and_grads
 
 from pallas_kernels.ssd import reference, ssd, ssd_state_update
 
@@ -27,36 +29,7 @@ def _inputs(seed, b, l, h, p, g, n, dtype=jnp.float32, D=None, z=True, bias=True
     )
 
 
-def _segments(b, l, starts):
-    """``[b, l]`` int32 ids from per-row lists of segment starts (ids may repeat non-adjacently)."""
-    ids = np.zeros((b, l), np.int32)
-    for row, row_starts in enumerate(starts):
-        for k, t in enumerate(row_starts):
-            ids[row, t:] = (k + 1) % 2 if row % 2 else k + 1  # odd rows reuse ids 0 / 1
-    return jnp.asarray(ids)
 
-
-def _rel(x, y):
-    x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
-    return float(np.max(np.abs(x - y)) / (np.max(np.abs(y)) + 1e-6))
-
-
-def _value_and_grads(fn, inputs, static, seed=1):
-    """Outputs and the VJP of all present float inputs for fixed random cotangents."""
-    present = {k: v for k, v in inputs.items()
-               if v is not None and jnp.issubdtype(v.dtype, jnp.floating)}
-    g = lambda p: fn(**{**inputs, **p}, **static)  # noqa: E731
-    out_shapes = jax.eval_shape(g, present)
-    rng = np.random.default_rng(seed)
-    cts = jax.tree_util.tree_map(
-        lambda s: jnp.asarray(rng.standard_normal(s.shape, dtype=np.float32), s.dtype), out_shapes)
-
-    @jax.jit
-    def run(present, cts):
-        out, vjp = jax.vjp(g, present)
-        return out, vjp(cts)[0]
-
-    return run(present, cts)
 
 
 def _compare(inputs, static, tol, grad_tol, **kernel_kw):
@@ -193,14 +166,8 @@ def test_packed_segments_batch1_p_blocks():
 
 def test_reference_initial_state_is_a_continuation():
     inp = _inputs(7, 2, 30, 4, 4, 2, 8, D="h")
-    kw = dict(dt_softplus=True, return_final_state=True)
-    ref = jax.jit(functools.partial(reference, **kw))
-    y, h = ref(**inp)
-    cut = lambda sl: {k: (v[:, sl] if k in ("x", "dt", "B", "C", "z") else v)  # noqa: E731
-                      for k, v in inp.items()}
-    y1, h1 = ref(**cut(slice(0, 13)))
-    y2, h2 = ref(**{**cut(slice(13, 30)), "initial_state": h1})
-    assert _rel(jnp.concatenate([y1, y2], axis=1), y) < 1e-6 and _rel(h2, h) < 1e-6
+    ref = jax.jit(functools.partial(reference, dt_softplus=True, return_final_state=True))
+    assert_continuation(ref, inp)
 
 
 def test_reference_segments_equal_separate_runs():
@@ -208,18 +175,5 @@ def test_reference_segments_equal_separate_runs():
     only for the first), concatenated; the final state is the last segment's."""
     b, l = 2, 37
     inp = _inputs(8, b, l, 4, 4, 2, 8, D="h")
-    ids = _segments(b, l, PACKED_STARTS)
-    kw = dict(dt_softplus=True, return_final_state=True)
-    ref = jax.jit(functools.partial(reference, **kw))  # one small compile per segment length
-    y, h = ref(**inp, segment_ids=ids)
-    for row, starts in enumerate(PACKED_STARTS):
-        bounds = [0, *starts, l]
-        ys = []
-        for k, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
-            part = {n: (v[row:row + 1, s:e] if n in ("x", "dt", "B", "C", "z") else v)
-                    for n, v in inp.items()}
-            part["initial_state"] = inp["initial_state"][row:row + 1] if k == 0 else None
-            y_seg, h_seg = ref(**part)
-            ys.append(y_seg)
-        assert _rel(jnp.concatenate(ys, axis=1), y[row:row + 1]) < 1e-6, row
-        assert _rel(h_seg, h[row:row + 1]) < 1e-6, row
+    ref = jax.jit(functools.partial(reference, dt_softplus=True, return_final_state=True))
+    assert_packed_equals_separate(ref, inp, PACKED_STARTS)

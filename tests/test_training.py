@@ -29,6 +29,7 @@ from jaxformers.training import train as _train
 from jaxformers.training.checkpoint import MANIFEST
 from jaxformers.training.mesh import parse_mesh
 from jaxformers.training.optim import decay_mask, make_schedule
+from toy_models import SowMLP as _SowMLP
 
 REPO = Path(__file__).resolve().parents[1]
 LOSS_KEYS = ("step", "loss", "lr", "grad_norm")
@@ -280,15 +281,6 @@ def test_evaluate_and_load_run(env, reference_run):
 
 
 # ----------------------------------------------------------------------------- losses, aux, data
-class _SowMLP(nn.Module):
-    """GELU MLP that also reports an auxiliary loss ``toy`` (mean squared hidden activation)."""
-    config: object
-
-    @nn.compact
-    def __call__(self, x):
-        h = nn.gelu(nn.Dense(4 * self.config.d_model, use_bias=False, name="fc")(x))
-        self.sow("losses", "toy", jnp.mean(h.astype(jnp.float32) ** 2))
-        return nn.Dense(self.config.d_model, use_bias=False, name="proj")(h)
 
 
 class _SowLM(Transformer):

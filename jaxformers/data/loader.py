@@ -147,24 +147,29 @@ def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches:
     batch_size, seq_len = int(batch_size), int(seq_len)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n_windows = (tokens.shape[0] - 1) // seq_len
+    for lo, hi in _local_row_ranges(n_windows, batch_size, max_batches, drop_last, process_index,
+                                    process_count):
+        out = np.empty((hi - lo, seq_len + 1), dtype=np.int32)
+        for r, w in enumerate(range(lo, hi)):
+            out[r] = tokens[w * seq_len:w * seq_len + seq_len + 1]
+        yield out
+
+
+def _local_row_ranges(n_rows, batch_size, max_batches, drop_last, process_index, process_count):
+    """``[lo, hi)`` of this process's rows in each consecutive global batch of ``batch_size`` rows
+    (a short last batch is kept unless ``drop_last`` or there is more than one process)."""
     p, n_proc = resolve_process(process_index, process_count)
     if batch_size % n_proc:
         raise ValueError(f"global batch_size {batch_size} is not divisible by process_count {n_proc}")
-    n_windows = (tokens.shape[0] - 1) // seq_len
     local = batch_size // n_proc
-    n_done = 0
-    for first in range(0, n_windows, batch_size):
+    for n_done, first in enumerate(range(0, n_rows, batch_size)):
         if max_batches is not None and n_done >= max_batches:
             return
-        count = min(batch_size, n_windows - first)
+        count = min(batch_size, n_rows - first)
         if count < batch_size and (drop_last or n_proc > 1):
             return
-        rows = range(first + p * local, first + min((p + 1) * local, count))
-        out = np.empty((len(rows), seq_len + 1), dtype=np.int32)
-        for r, w in enumerate(rows):
-            out[r] = tokens[w * seq_len:w * seq_len + seq_len + 1]
-        yield out
-        n_done += 1
+        yield first + p * local, first + min((p + 1) * local, count)
 
 
 def iterate_rows(arrays: Mapping[str, np.ndarray], batch_size: int, max_batches: int | None = None, *,
@@ -177,21 +182,10 @@ def iterate_rows(arrays: Mapping[str, np.ndarray], batch_size: int, max_batches:
     batch_size = int(batch_size)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    p, n_proc = resolve_process(process_index, process_count)
-    if batch_size % n_proc:
-        raise ValueError(f"global batch_size {batch_size} is not divisible by process_count {n_proc}")
     n_rows = min(len(v) for v in arrays.values())
-    local = batch_size // n_proc
-    n_done = 0
-    for first in range(0, n_rows, batch_size):
-        if max_batches is not None and n_done >= max_batches:
-            return
-        count = min(batch_size, n_rows - first)
-        if count < batch_size and (drop_last or n_proc > 1):
-            return
-        lo, hi = first + p * local, first + min((p + 1) * local, count)
+    for lo, hi in _local_row_ranges(n_rows, batch_size, max_batches, drop_last, process_index,
+                                    process_count):
         yield {k: np.ascontiguousarray(v[lo:hi]) for k, v in arrays.items()}
-        n_done += 1
 
 
 # ----------------------------------------------------------------------------- synthetic tasks
