@@ -54,7 +54,9 @@ than ``S^T`` with transposed-lhs matmuls; ``pltpu.CompilerParams`` with every
 grid axis ``"parallel"`` (each program owns its output block; the kv / q
 loops are in-kernel ``fori_loop``s).  The forward and dQ kernels keep the whole
 K/V sequence of one head in VMEM, dK/dV the whole Q/dO of one GQA group: see
-``experiments.kernel_report`` for the VMEM each implies.
+``experiments.kernel_report`` / :func:`tpu_vmem_bytes` for the VMEM each
+implies.  Known cost: ``[T, 1]`` columns occupy 128 lanes in VMEM, so in dK/dV
+the whole-sequence lse / D (and q ids) take more VMEM than Q itself.
 """
 from __future__ import annotations
 
@@ -496,6 +498,36 @@ def _forward_tpu(q, k, v, q_ids, kv_ids, plan: _Plan):
         **_params(plan, plan.num_warps, plan.num_stages),
     )(*args)
     return jnp.swapaxes(o, 1, 2), lse[..., 0]
+
+
+def _tile_bytes(shape, itemsize: int) -> int:
+    """VMEM bytes of one block: last two dims padded to the (8, 128) tile (16 rows for 16-bit)."""
+    *lead, r, c = shape
+    sub = 8 * max(1, 4 // itemsize)
+    return int(np.prod(lead, dtype=np.int64)) * round_up(r, sub) * round_up(c, 128) * itemsize
+
+
+def tpu_vmem_bytes(q_shape, k_shape, dtype, *, segments=False, block_sizes=None) -> dict:
+    """VMEM the TPU block specs imply per grid step, per kernel (inputs and outputs,
+    double-buffered by the Pallas pipeline; in-kernel temporaries such as the ``S`` tile
+    and the accumulators not counted).  ``{"flash_attention_fwd": bytes, ...}``."""
+    q = jax.ShapeDtypeStruct(q_shape, dtype)
+    k = jax.ShapeDtypeStruct(k_shape, dtype)
+    bs = block_sizes or BlockSizes.get_default(q_shape[-1])
+    plan = _make_plan(q, k, None, True, None, None, bs, False, platform="tpu")
+    isz = jnp.dtype(dtype).itemsize
+    dp, g, tq, tk = plan.dp, plan.group, plan.tq_pad, plan.tk_pad
+    bq, bk, bq1, bk1, bq2, bk2 = plan.blocks
+    row = lambda n: _tile_bytes((n, 1), 4)  # noqa: E731 - [n, 1] float32 column
+    seg = lambda nq_rows, kv: (_tile_bytes((nq_rows, 1), 4) + kv) if segments else 0  # noqa: E731
+    fwd = (2 * _tile_bytes((bq, dp), isz) + 2 * _tile_bytes((tk, dp), isz) + row(bq)
+           + seg(bq, (tk // bk) * _tile_bytes((1, bk), 4)))
+    dq = (3 * _tile_bytes((bq1, dp), isz) + 2 * _tile_bytes((tk, dp), isz) + 2 * row(bq1)
+          + seg(bq1, (tk // bk1) * _tile_bytes((1, bk1), 4)))
+    dkdv = (2 * g * _tile_bytes((tq, dp), isz) + 4 * _tile_bytes((bk2, dp), isz)
+            + 2 * g * row(tq) + seg(tq, _tile_bytes((1, bk2), 4)))
+    return {"flash_attention_fwd": 2 * fwd, "flash_attention_bwd_dq": 2 * dq,
+            "flash_attention_bwd_dkdv": 2 * dkdv}
 
 
 def _forward_sliced(q, k, v, q_ids, kv_ids, plan: _Plan):
