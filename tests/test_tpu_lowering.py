@@ -116,3 +116,24 @@ def test_tpu_interpret_race_detector_bf16(capfd):
     from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc
     races = getattr(ipc, "races", None)  # global state of this jax version; may be reset
     assert races is None or not races.races_found
+
+
+def test_gpt_train_step_lowers_for_tpu(monkeypatch):
+    """A bf16 training gradient of the tiny GPT with ``attention_impl="pallas"`` exports for TPU
+    (compiled mode forced, as on a TPU backend)."""
+    import functools
+
+    from jaxformers import registry
+    from jaxformers.utils import init_params
+
+    monkeypatch.setattr("pallas_kernels.flash_attention.kernel.resolve_interpret",
+                        lambda interpret: False)
+    cfg = registry.get_config("gpt", "tiny", attention_impl="pallas", dtype="bfloat16")
+    model = registry.build(cfg)
+    params = jax.eval_shape(functools.partial(init_params, model, jax.random.PRNGKey(0)))
+
+    def loss(params, tokens):
+        return model.apply({"params": params}, tokens).astype(jnp.float32).mean()
+
+    mod = _export_tpu(jax.grad(loss), params, jax.ShapeDtypeStruct((2, 128), jnp.int32))
+    assert "flash_attention_bwd_dkdv" in mod and "triton" not in mod
