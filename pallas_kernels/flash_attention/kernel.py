@@ -444,7 +444,7 @@ def _to_bhtd(x, t_pad, dp):
     return jnp.swapaxes(_pad_seq(x, t_pad, dp), 1, 2)
 
 
-def _tpu_segment_inputs(plan: _Plan, q_ids, kv_ids, bq, bk, *, kv_rows: bool):
+def _tpu_segment_inputs(plan: _Plan, q_ids, kv_ids, bq, bk):
     """Segment ids in Mosaic-friendly shapes: q ids as columns ``[B, Tq_pad, 1]``; kv ids as
     ``[B, nk, 1, bk]`` rows (one ``[1, bk]`` per kv block); id bounds flat in SMEM."""
     b = plan.b
@@ -482,7 +482,7 @@ def _forward_tpu(q, k, v, q_ids, kv_ids, plan: _Plan):
     in_specs = [qspec, kvspec, kvspec]
     args = [qp, kp, vp]
     if plan.segments:
-        args += _tpu_segment_inputs(plan, q_ids, kv_ids, bq, bk, kv_rows=True)
+        args += _tpu_segment_inputs(plan, q_ids, kv_ids, bq, bk)
         in_specs += [pl.BlockSpec((SQ, bq, 1), lambda i, b, h: (b, qblk(i), 0)),
                      pl.BlockSpec((SQ, nk, 1, bk), lambda i, b, h: (b, 0, 0, 0)),
                      _smem_spec(), _smem_spec()]
@@ -720,7 +720,7 @@ def _backward_tpu(plan: _Plan, res, do):
     in_specs = [qspec, kvspec, kvspec, qspec, rowspec, rowspec]
     args = [qp, kp, vp, dop, lse, delta]
     if plan.segments:
-        args += _tpu_segment_inputs(plan, q_ids, kv_ids, bq, bk, kv_rows=True)
+        args += _tpu_segment_inputs(plan, q_ids, kv_ids, bq, bk)
         in_specs += [pl.BlockSpec((SQ, bq, 1), lambda i, b, h: (b, qblk(i), 0)),
                      pl.BlockSpec((SQ, nk, 1, bk), lambda i, b, h: (b, 0, 0, 0)),
                      _smem_spec(), _smem_spec()]
@@ -743,7 +743,7 @@ def _backward_tpu(plan: _Plan, res, do):
     in_specs = [qgspec, kspec, kspec, qgspec, rowgspec, rowgspec]
     args = [qp, kp, vp, dop, lse, delta]
     if plan.segments:
-        args += _tpu_segment_inputs(plan, q_ids, kv_ids, bq, bk, kv_rows=True)
+        args += _tpu_segment_inputs(plan, q_ids, kv_ids, bq, bk)
         in_specs += [pl.BlockSpec((SQ, tq_pad, 1), lambda j, b, h: (b, 0, 0)),
                      pl.BlockSpec((SQ, SQ, 1, bk), lambda j, b, h: (b, j, 0, 0)),
                      _smem_spec(), _smem_spec()]
