@@ -137,3 +137,10 @@ def test_gpt_train_step_lowers_for_tpu(monkeypatch):
 
     mod = _export_tpu(jax.grad(loss), params, jax.ShapeDtypeStruct((2, 128), jnp.int32))
     assert "flash_attention_bwd_dkdv" in mod and "triton" not in mod
+
+
+def test_forward_with_stats_refuses_tpu_interpret():
+    from pallas_kernels.flash_attention import forward_with_stats
+    q, k, v, _ = _inputs(0, 1, 16, 16, 1, 1, 16)
+    with pytest.raises(ValueError, match="forward_with_stats"):
+        forward_with_stats(q, k, v, interpret=pltpu.InterpretParams())

@@ -929,4 +929,7 @@ def forward_with_stats(q, k, v, *, causal=True, segment_ids=None, window=None, s
     """
     q_ids, kv_ids, plan = _prepare(q, k, v, causal, segment_ids, window, sm_scale,
                                    block_sizes, interpret)
+    if plan.tpu:
+        raise ValueError("forward_with_stats runs the GPU-layout kernel only; use interpret=True "
+                         "(not pltpu.InterpretParams)")
     return jax.jit(functools.partial(_forward, plan=plan, count_blocks=True))(q, k, v, q_ids, kv_ids)
