@@ -12,6 +12,14 @@ MMA, neither = CUDA cores) and the occupancy bound (CTAs per SM).  This tells
 which configurations *can* run fast and which spill or cannot launch at all; it
 does not time anything (``bench_attention`` / ``bench_scan`` do, on a GPU).
 
+For the attention family two TPU columns sit beside the sm_90 ones:
+``tpu_lowers`` (the same gradient exported with ``jax.export(...,
+platforms=("tpu",))``: Pallas' Mosaic TPU lowering succeeds, ``tpu_error``
+otherwise) and ``tpu_vmem_bytes`` (VMEM per grid step that kernel's TPU block
+specs imply, double-buffered; from ``flash_attention.tpu_vmem_bytes``).  The
+TPU variant rounds every tile up to 128 rows, so its tiles can differ from the
+GPU configuration in the row's label.
+
 The pip Triton is not the Triton inside XLA that compiles these kernels on a
 GPU, so treat the numbers as a close proxy.  ``quick`` = the default tiles only;
 ``full`` adds the sweep.  Writes ``DIR/results.json`` (one row per kernel and
@@ -21,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import sys
 import time
@@ -28,7 +37,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.flash_attention import BlockSizes, flash_attention
+from pallas_kernels.flash_attention import BlockSizes, flash_attention, tpu_vmem_bytes
 from pallas_kernels.selective_scan import selective_scan
 from pallas_kernels.ssd import ssd
 from pallas_kernels.triton_inspect import compile_report, triton_calls
@@ -44,6 +53,19 @@ def _grads(fn, n):
 
 
 # --------------------------------------------------------------------------- cases
+def tpu_attention_columns(d: int, bs: BlockSizes | None, t: int = 4096, heads: int = 16) -> dict:
+    """``{kernel name: {"tpu_lowers", "tpu_error", "tpu_vmem_bytes"}}`` for :func:`attention_case`."""
+    fn, args = attention_case(d, bs, t, heads)
+    try:
+        jax.export.export(jax.jit(fn), platforms=("tpu",))(*args)
+        ok, err = True, None
+    except Exception as e:  # noqa: BLE001 - reported, not raised
+        ok, err = False, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    vmem = tpu_vmem_bytes(args[0].shape, args[1].shape, args[0].dtype, block_sizes=bs)
+    return {name: {"tpu_lowers": ok, "tpu_error": err, "tpu_vmem_bytes": int(b)}
+            for name, b in vmem.items()}
+
+
 def attention_case(d: int, bs: BlockSizes | None, t: int = 4096, heads: int = 16):
     """bf16 causal attention, B*T = t, fwd + bwd kernels."""
     q = S((1, t, heads, d), bf16)
@@ -101,7 +123,7 @@ def cases(preset: str, families=FAMILIES):
     out = []
     for d in (128, 64, 256):
         for label, bs in attention_candidates(d, full).items():
-            out.append((f"attention D{d}", label, lambda d=d, bs=bs: attention_case(d, bs)))
+            out.append((f"attention D{d}", label, functools.partial(attention_case, d, bs)))
     out.append(("selective_scan", "default", scan_case))
     if full:
         for bd in (16, 64):
@@ -120,16 +142,22 @@ def run(preset: str, arch: int, families=FAMILIES):
     rows = []
     for family, label, thunk in cases(preset, families):
         fn, args = thunk()
+        tpu = {}
+        if family.startswith("attention"):
+            tpu = tpu_attention_columns(*thunk.args)  # (d, block_sizes)
         for call in triton_calls(fn, *args):
             t0 = time.perf_counter()
             r = compile_report(call, arch=arch)
             r.update(family=family, config=label, compile_s=round(time.perf_counter() - t0, 2),
                      spills=r["stack_bytes"] > 0 or r["local_bytes"] > 0)
+            r.update(tpu.get(r["name"], {}))
             rows.append(r)
             print(f"{family:16s} {label:34s} {r['name']:26s} warps {r['num_warps']} "
                   f"regs {r['registers']:3d} spill {r['stack_bytes'] + r['local_bytes']:5d}B "
                   f"smem {r['shared_bytes'] // 1024:4d}KiB{'' if r['fits'] else ' (>227!)'} "
-                  f"wgmma {r['wgmma']:3d} mma.sync {r['mma_sync']:3d} ctas/SM {r['ctas_per_sm']}",
+                  f"wgmma {r['wgmma']:3d} mma.sync {r['mma_sync']:3d} ctas/SM {r['ctas_per_sm']}"
+                  + (f" | tpu {'lowers' if r['tpu_lowers'] else 'FAILS'} "
+                     f"vmem {r['tpu_vmem_bytes'] / 2**20:.1f}MiB" if "tpu_lowers" in r else ""),
                   flush=True)
     return rows
 

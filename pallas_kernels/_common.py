@@ -1,8 +1,8 @@
 """Small Pallas helpers shared by every kernel package.
 
 Everything that depends on the jax version lives here: the squeezed block
-dimension marker and the Triton compiler-params spelling.  Also the input checks
-and the packed-sequence reset flags shared by the two scans (selective_scan, ssd).
+dimension marker and the Triton / Mosaic TPU compiler-params spelling.  Also the
+input checks and the packed-sequence reset flags shared by the two scans (selective_scan, ssd).
 """
 from __future__ import annotations
 
@@ -13,20 +13,54 @@ from jax.experimental import pallas as pl
 SQ = getattr(pl, "squeezed", None)  # squeezed block dim (None on older jax)
 
 
-def resolve_interpret(interpret) -> bool:
-    """``None`` -> interpret mode exactly when the default backend is the CPU."""
+def resolve_interpret(interpret):
+    """``None`` -> interpret mode exactly when the default backend is the CPU.
+
+    A ``pltpu.InterpretParams`` (Pallas' TPU interpreter) is passed through
+    unchanged; anything else becomes a bool.
+    """
     if interpret is None:
         return jax.default_backend() == "cpu"
+    if is_tpu_interpret(interpret):
+        return interpret
     return bool(interpret)
 
 
-def compiler_params(num_warps: int, num_stages: int) -> dict:
+def is_tpu_interpret(interpret) -> bool:
+    """True for a ``pltpu.InterpretParams`` (run the TPU variant in TPU interpret mode)."""
+    try:
+        from jax.experimental.pallas import tpu as pltpu
+    except ImportError:  # pragma: no cover
+        return False
+    cls = getattr(pltpu, "InterpretParams", None)
+    return cls is not None and isinstance(interpret, cls)
+
+
+def tpu_compiler_params(dimension_semantics) -> dict:
+    """``pallas_call`` kwargs selecting the Mosaic TPU lowering.
+
+    ``dimension_semantics``: one of ``"parallel"`` / ``"arbitrary"`` per grid
+    axis (parallel axes may be split across TensorCores / megacore).
+    """
+    from jax.experimental.pallas import tpu as pltpu
+
+    return {"compiler_params": pltpu.CompilerParams(dimension_semantics=tuple(dimension_semantics))}
+
+
+def compiler_params(num_warps: int, num_stages: int, *, platform: str = "gpu",
+                    dimension_semantics=None) -> dict:
     """``pallas_call`` kwargs selecting the Triton lowering with these knobs.
 
     jax >= 0.5 spells it ``pallas.triton.CompilerParams`` (older:
     ``TritonCompilerParams``; oldest: a ``{"triton": {...}}`` dict).  Naming the
     Triton class explicitly keeps newer jax from picking Mosaic GPU.
+
+    ``platform="tpu"`` returns Mosaic TPU params instead (``num_warps`` /
+    ``num_stages`` are ignored; ``dimension_semantics`` defaults to all
+    ``"parallel"`` and must then be given the grid rank).
     """
+    if platform == "tpu":
+        return tpu_compiler_params(dimension_semantics)
     try:
         from jax.experimental.pallas import triton as pltriton
     except ImportError:  # pragma: no cover - very old / stripped jax

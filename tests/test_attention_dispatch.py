@@ -83,6 +83,18 @@ def test_auto_picks_xla_on_cpu_and_cudnn_refuses():
         attention(q, k, v, implementation="cudnn")
 
 
+def test_auto_picks_pallas_on_tpu_when_it_fits_vmem(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    S = jax.ShapeDtypeStruct
+    q, k = S((1, 1024, 8, 128), jnp.bfloat16), S((1, 1024, 2, 128), jnp.bfloat16)
+    assert select_implementation(q, k) == "pallas"
+    assert select_implementation(q, k, window=256, segment_ids=S((1, 1024), jnp.int32)) == "pallas"
+    assert select_implementation(S((1, 8, 8, 128), jnp.bfloat16), k) == "xla"  # decode query
+    assert select_implementation(q, k, q_offset=3) == "xla"
+    long_q, long_k = S((1, 65536, 8, 128), jnp.bfloat16), S((1, 65536, 8, 128), jnp.bfloat16)
+    assert select_implementation(long_q, long_k) == "xla"  # whole K/V of a head > VMEM budget
+
+
 def test_pallas_implementation_matches_xla_through_dispatch():
     """The model-facing entry reaches the Pallas kernel (interpret mode on CPU)."""
     q, k, v = _qkv(1, 40, 40, 4, 2, 16)

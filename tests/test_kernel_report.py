@@ -22,3 +22,16 @@ def test_kernel_report_quick_selective_scan(tmp_path):
 def test_kernel_report_rejects_unknown_family(tmp_path):
     with pytest.raises(SystemExit):
         kernel_report.main(["--families", "attn", "--out", str(tmp_path)])
+
+
+def test_tpu_attention_columns():
+    """The attention rows' TPU columns: Mosaic lowering succeeds, VMEM from the block specs."""
+    cols = kernel_report.tpu_attention_columns(64, None, t=512, heads=2)
+    assert sorted(cols) == ["flash_attention_bwd_dkdv", "flash_attention_bwd_dq",
+                            "flash_attention_fwd"]
+    for c in cols.values():
+        assert c["tpu_lowers"] and c["tpu_error"] is None
+        assert 0 < c["tpu_vmem_bytes"] < 16 * 2**20
+    # fwd: q + o tiles [128, 128] bf16, the head's whole K and V [512, 128], lse [128, 1] -> x2
+    assert cols["flash_attention_fwd"]["tpu_vmem_bytes"] == 2 * (
+        2 * 128 * 128 * 2 + 2 * 512 * 128 * 2 + 128 * 128 * 4)

@@ -17,6 +17,35 @@ key output zeros.
 Implementations: ``"xla"`` (the reference, any backend), ``"cudnn"``
 (``jax.nn.dot_product_attention`` on GPU), ``"pallas"``
 (``pallas_kernels.flash_attention``), ``"auto"`` (fastest eligible one).
+
+``"auto"`` by backend:
+
+* GPU: cuDNN for what it expresses (dense / causal / window), else the Pallas
+  (Triton) kernel for ``Tq >= 128``, else XLA.
+* TPU: the Pallas kernel (its Mosaic variant) for ``Tq >= 128`` when the VMEM
+  its block specs imply fits :data:`TPU_VMEM_BUDGET`; XLA for short decode
+  queries (the TPU variant pads Tq to a 128-row tile) and for sequences too
+  long for that budget.
+* CPU: XLA.
+
+On paper, against JAX's shipped TPU *splash attention*
+(``jax.experimental.pallas.ops.tpu.splash_attention``): both run causal,
+sliding-window and segment-id masks with block skipping and avoid repeating
+K/V for GQA (splash through its MQA kernel per kv head; ours reads kv head
+``h // group`` directly and sums dK/dV over the group in-kernel).  Splash
+takes arbitrary block-sparse masks (precomputed mask info, scalar-prefetched)
+and extras such as logit soft-capping; ours supports only the masks above
+plus decode alignment (queries aligned with the last keys).  Memory: splash
+streams K/V blocks through the grid with VMEM scratch accumulators, so its
+VMEM per step is independent of the sequence length; ours keeps one head's
+whole (padded) K/V sequence in VMEM in the forward and dQ kernels (and one GQA
+group's whole Q/dO in dK/dV), so its VMEM grows with T and it stops fitting at
+long sequences, where ``auto`` falls back to XLA.  HBM is O(T) for both (no
+T x T matrix).  ``auto`` picks ours, not splash, because it is the kernel this
+project tests against its reference on every mask and shape (TPU interpret
+mode, ``tests/test_tpu_lowering.py``) with the same semantics as the GPU path;
+it has not been timed on a TPU, and splash is very likely faster and scales
+to longer sequences.
 """
 from __future__ import annotations
 
@@ -27,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
+TPU_VMEM_BUDGET = 16 * 2**20  # the default scoped VMEM limit of the smallest current TPU (v5e)
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
@@ -129,11 +159,17 @@ def select_implementation(q, k, *, segment_ids=None, window=None, q_offset=None,
             raise ValueError(f"implementation='pallas' cannot run here: {reason}")
         return "pallas"
     # auto: dense causal -> cuDNN on GPU; masks cuDNN cannot express -> Pallas on GPU;
-    # everything else (CPU, TPU, short decode queries) -> XLA.
-    if jax.default_backend() == "gpu":
+    # TPU -> Pallas (Mosaic) when it fits VMEM; everything else (CPU, short decode queries) -> XLA.
+    backend = jax.default_backend()
+    if backend == "gpu":
         if _cudnn_reason(q, k, segment_ids, window, q_offset) is None:
             return "cudnn"
         if q.shape[1] >= 128 and _pallas_reason(q, k, q_offset) is None:
+            return "pallas"
+    if backend == "tpu" and q.shape[1] >= 128 and _pallas_reason(q, k, q_offset) is None:
+        from pallas_kernels.flash_attention import tpu_vmem_bytes
+        vmem = tpu_vmem_bytes(q.shape, k.shape, q.dtype, segments=segment_ids is not None)
+        if max(vmem.values()) <= TPU_VMEM_BUDGET:
             return "pallas"
     return "xla"
 

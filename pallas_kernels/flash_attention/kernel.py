@@ -1,4 +1,4 @@
-"""FlashAttention-2 forward and backward as Pallas kernels (Triton lowering on GPU).
+"""FlashAttention-2 forward and backward as Pallas kernels (Triton on GPU, Mosaic on TPU).
 
 Notation (FlashAttention-2, Dao 2023, arXiv:2307.08691): for one head,
 ``S = sm_scale * Q K^T`` (masked entries -inf), ``P = softmax(S)``, ``O = P V``,
@@ -36,6 +36,27 @@ ids wraps the block body in ``lax.cond`` on the per-block (min, max) id bounds.
 
 Rows that see no key get ``l = 0``: the output is 0 and ``L = +inf`` so that
 ``P = exp(S - L) = 0`` in the backward (no NaN).
+
+TPU variant (Mosaic).  Compiled calls carry both variants and
+``lax.platform_dependent`` picks one when lowering (``jax.export(...,
+platforms=("tpu",))`` or a TPU backend -> Mosaic, otherwise Triton);
+``interpret=pltpu.InterpretParams()`` runs the TPU variant in Pallas' TPU
+interpreter.  Same kernels, same math, same grids and block skipping; what
+differs is only what Mosaic needs: a ``[B, H, T, D]`` layout (transposed
+outside the kernel) so each block's last two dims are ``(rows, D)``; the head
+dim zero-padded to a multiple of 128 lanes (64 -> 128; D = 128 / 256 unpadded);
+every sequence tile a multiple of 128 (``max(128, block)``, sequences padded to
+it, decode queries included); row statistics (``m``, ``l``, ``lse``, ``D``)
+kept as ``[rows, 1]`` columns and the lse stored as ``[B, H, T, 1]``; segment
+ids as ``[T, 1]`` columns / ``[1, block_k]`` rows and the per-block id bounds
+flat in SMEM (Mosaic reads scalars only from SMEM); dK/dV works on ``S`` rather
+than ``S^T`` with transposed-lhs matmuls; ``pltpu.CompilerParams`` with every
+grid axis ``"parallel"`` (each program owns its output block; the kv / q
+loops are in-kernel ``fori_loop``s).  The forward and dQ kernels keep the whole
+K/V sequence of one head in VMEM, dK/dV the whole Q/dO of one GQA group: see
+``experiments.kernel_report`` / :func:`tpu_vmem_bytes` for the VMEM each
+implies.  Known cost: ``[T, 1]`` columns occupy 128 lanes in VMEM, so in dK/dV
+the whole-sequence lse / D (and q ids) take more VMEM than Q itself.
 """
 from __future__ import annotations
 
@@ -51,10 +72,12 @@ from jax.experimental import pallas as pl
 
 from .masks import MaskSpec, block_id_bounds, blocks_may_interact
 from .reference import split_segment_ids
-from .._common import SQ, compiler_params, next_pow2, resolve_interpret, round_up
+from .._common import (SQ, compiler_params, is_tpu_interpret, next_pow2, resolve_interpret,
+                       round_up)
 
 LOG2E = math.log2(math.e)
 _MIN_BLOCK = 16  # smallest tile Triton's tl.dot accepts
+_TPU_BLOCK = 128  # Mosaic TPU: sequence tiles and the head dim are whole 128-lane vregs
 
 
 # --------------------------------------------------------------------------- config
@@ -122,11 +145,17 @@ class _Plan:
     window: int | None
     sm_scale: float
     segments: bool
-    interpret: bool
+    interpret: object  # bool, or a pltpu.InterpretParams (TPU variant in TPU interpret mode)
     num_warps: int
     num_stages: int
     num_warps_bwd: int
     num_stages_bwd: int
+    platform: str = "gpu"           # which variant this plan builds: "gpu" (Triton) or "tpu" (Mosaic)
+    tpu_plan: "_Plan | None" = None  # compiled calls: the TPU variant, picked at lowering time
+
+    @property
+    def tpu(self) -> bool:
+        return self.platform == "tpu"
 
     @property
     def group(self) -> int:
@@ -186,19 +215,23 @@ def _validate(q, k, v, q_ids, kv_ids, window, sm_scale, block_sizes):
             raise ValueError(f"block_sizes.{f} must be a positive power of two, got {val!r}")
 
 
-def _make_plan(q, k, q_ids, causal, window, sm_scale, block_sizes, interpret) -> _Plan:
+def _make_plan(q, k, q_ids, causal, window, sm_scale, block_sizes, interpret,
+               platform="gpu") -> _Plan:
     b, tq, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     bs = block_sizes.resolved()
+    tpu = platform == "tpu"
 
     def eff(block, t):
+        if tpu:  # every tile a multiple of 128 rows: S's lane dim and the S^T transposes stay aligned
+            return max(_TPU_BLOCK, min(block, next_pow2(t)))
         return min(block, max(_MIN_BLOCK, next_pow2(t)))
 
     blocks = (eff(bs[0], tq), eff(bs[1], tk), eff(bs[2], tq), eff(bs[3], tk),
               eff(bs[4], tq), eff(bs[5], tk))
     tq_pad = round_up(tq, max(blocks[0::2]))
     tk_pad = round_up(tk, max(blocks[1::2]))
-    dp = max(_MIN_BLOCK, next_pow2(d))
+    dp = round_up(d, _TPU_BLOCK) if tpu else max(_MIN_BLOCK, next_pow2(d))
     warps = block_sizes.num_warps or (4 if dp <= 64 else 8)
     warps_bwd = block_sizes.num_warps_bwd or warps
     return _Plan(b=b, tq=tq, tk=tk, hq=hq, hkv=hkv, d=d, dp=dp, tq_pad=tq_pad, tk_pad=tk_pad,
@@ -206,7 +239,8 @@ def _make_plan(q, k, q_ids, causal, window, sm_scale, block_sizes, interpret) ->
                  sm_scale=float(d ** -0.5 if sm_scale is None else sm_scale),
                  segments=q_ids is not None, interpret=bool(interpret),
                  num_warps=warps, num_stages=block_sizes.num_stages,
-                 num_warps_bwd=warps_bwd, num_stages_bwd=block_sizes.num_stages_bwd)
+                 num_warps_bwd=warps_bwd, num_stages_bwd=block_sizes.num_stages_bwd,
+                 platform=platform)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -218,6 +252,11 @@ def _dot_nt(a, b):
 def _dot_nn(a, b):
     """``a [m, k] @ b [k, n] -> [m, n]`` in float32."""
     return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _dot_tn(a, b):
+    """``a [k, m]^T @ b [k, n] -> [m, n]`` in float32."""
+    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
 def _iota(n: int, axis: int):
@@ -262,58 +301,92 @@ def _maybe_skip(enabled, pred_fn, step, carry):
 
 
 # ---------------------------------------------------------------------------- forward
+class _FlatBounds:
+    """TPU view of one batch row of ``[B, 2, n]`` id bounds kept flat in SMEM.
+
+    Mosaic reads scalars from SMEM only, and SMEM arrays are best 1-D; this
+    gives :func:`.masks.blocks_may_interact` the ``ref[r, c]`` it expects.
+    """
+
+    def __init__(self, ref, b, n):
+        self.ref, self.base, self.n = ref, b * 2 * n, n
+
+    def __getitem__(self, idx):
+        r, c = idx
+        return self.ref[self.base + r * self.n + c]
+
+
+def _bounds(plan, qb_ref, kb_ref, nq, nk, b_axis):
+    if not plan.tpu:
+        return qb_ref, kb_ref
+    b = pl.program_id(b_axis)
+    return _FlatBounds(qb_ref, b, nq), _FlatBounds(kb_ref, b, nk)
+
+
+def _rows_slice(plan, start, size):
+    """``pl.ds`` along a sublane (row) axis; on TPU with the alignment hint Mosaic wants."""
+    if plan.tpu:
+        start = pl.multiple_of(start, size)
+    return pl.ds(start, size)
+
+
 def _fwd_kernel(*refs, plan: _Plan, count_blocks: bool):
     bq, bk = plan.blocks[0], plan.blocks[1]
-    nq = plan.tq_pad // bq
-    spec, seg = plan.spec, plan.segments
+    nq, nk = plan.tq_pad // bq, plan.tk_pad // bk
+    spec, seg, tpu = plan.spec, plan.segments, plan.tpu
     if seg:
         q_ref, k_ref, v_ref, qid_ref, kvid_ref, qb_ref, kb_ref, *outs = refs
+        qb_ref, kb_ref = _bounds(plan, qb_ref, kb_ref, nq, nk, 1)
     else:
         q_ref, k_ref, v_ref, *outs = refs
     o_ref, lse_ref = outs[0], outs[1]
     i = nq - 1 - pl.program_id(0)  # heaviest (last, for causal) q-blocks launch first
     q = q_ref[...]                  # [bq, Dp]
     rows = i * bq + _iota(bq, 0)    # [bq, 1]
-    qid = qid_ref[...][:, None] if seg else None
+    # Row statistics: [bq] vectors on GPU, [bq, 1] columns on TPU (rows on sublanes).
+    col = (lambda x: x) if tpu else (lambda x: x[:, None])  # noqa: E731
+    qid = (qid_ref[...] if tpu else qid_ref[...][:, None]) if seg else None
     scale2 = plan.sm_scale * LOG2E
 
     def body(masked):
         def step_j(j, carry):
             def step(carry):
                 acc, m, l = carry[:3]
-                sl = pl.ds(j * bk, bk)
+                sl = _rows_slice(plan, j * bk, bk)
                 k = k_ref[sl, :]
                 v = v_ref[sl, :]
                 s = _dot_nt(q, k) * scale2                        # [bq, bk], log2 units
                 mask = spec.position_mask(rows, j * bk + _iota(bk, 1), plan.kv_padded) if masked else None
                 if seg:
-                    mask = _and(mask, qid == kvid_ref[sl][None, :])
+                    kvid = kvid_ref[j] if tpu else kvid_ref[sl][None, :]  # [1, bk]
+                    mask = _and(mask, qid == kvid)
                 if mask is not None:
                     s = jnp.where(mask, s, -jnp.inf)
-                m_new = jnp.maximum(m, jnp.max(s, axis=1))
+                m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=tpu))
                 m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # fully-masked row so far
                 alpha = jnp.exp2(m - m_use)
-                p = jnp.exp2(s - m_use[:, None])
-                l = alpha * l + jnp.sum(p, axis=1)
-                acc = acc * alpha[:, None] + _dot_nn(p.astype(v.dtype), v)
+                p = jnp.exp2(s - col(m_use))
+                l = alpha * l + jnp.sum(p, axis=1, keepdims=tpu)
+                acc = acc * col(alpha) + _dot_nn(p.astype(v.dtype), v)
                 return (acc, m_new, l) + ((carry[3] + 1,) if count_blocks else ())
 
             return _maybe_skip(seg, lambda: blocks_may_interact(qb_ref, kb_ref, i, j), step, carry)
         return step_j
 
+    stat = (bq, 1) if tpu else (bq,)
     carry = (jnp.zeros((bq, plan.dp), jnp.float32),
-             jnp.full((bq,), -jnp.inf, jnp.float32),
-             jnp.zeros((bq,), jnp.float32))
+             jnp.full(stat, -jnp.inf, jnp.float32),
+             jnp.zeros(stat, jnp.float32))
     if count_blocks:
         carry += (jnp.zeros((), jnp.int32),)
     r = spec.kv_block_range(i, bq, bk)
     carry = _three_phase_loop(r, spec.needs_position_mask(plan.kv_padded), body, carry)
     acc, m, l = carry[:3]
     seen = l > 0.0
-    o_ref[...] = (acc / jnp.where(seen, l, 1.0)[:, None]).astype(o_ref.dtype)
+    o_ref[...] = (acc / col(jnp.where(seen, l, 1.0))).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(seen, m + jnp.log2(jnp.where(seen, l, 1.0)), jnp.inf)
     if count_blocks:
-        outs[2][...] = jnp.full((1,), carry[3], jnp.int32)
+        outs[2][...] = jnp.full(outs[2].shape, carry[3], jnp.int32)
 
 
 def _segment_inputs(plan: _Plan, q_ids, kv_ids, bq, bk):
@@ -366,32 +439,135 @@ def _forward(q, k, v, q_ids, kv_ids, plan: _Plan, count_blocks: bool = False):
     )(*args)
 
 
+def _to_bhtd(x, t_pad, dp):
+    """TPU layout: ``[B, T, H, D]`` -> zero-padded ``[B, H, T_pad, Dp]`` (T, D on sublanes, lanes)."""
+    return jnp.swapaxes(_pad_seq(x, t_pad, dp), 1, 2)
+
+
+def _tpu_segment_inputs(plan: _Plan, q_ids, kv_ids, bq, bk):
+    """Segment ids in Mosaic-friendly shapes: q ids as columns ``[B, Tq_pad, 1]``; kv ids as
+    ``[B, nk, 1, bk]`` rows (one ``[1, bk]`` per kv block); id bounds flat in SMEM."""
+    b = plan.b
+    qid = _pad_ids(q_ids, plan.tq_pad)[:, :, None]
+    kvid = _pad_ids(kv_ids, plan.tk_pad).reshape(b, plan.tk_pad // bk, 1, bk)
+    qb = block_id_bounds(q_ids, bq, plan.tq_pad).reshape(-1)
+    kb = block_id_bounds(kv_ids, bk, plan.tk_pad).reshape(-1)
+    return qid, kvid, qb, kb
+
+
+def _smem_spec():
+    from jax.experimental.pallas import tpu as pltpu
+    return pl.BlockSpec(memory_space=pltpu.SMEM)
+
+
+def _params(plan: _Plan, warps: int, stages: int, grid_rank: int = 3) -> dict:
+    if plan.tpu:  # every grid program owns its output block; the kv/q loops are in-kernel
+        return compiler_params(0, 0, platform="tpu", dimension_semantics=("parallel",) * grid_rank)
+    return compiler_params(warps, stages)
+
+
+def _forward_tpu(q, k, v, q_ids, kv_ids, plan: _Plan):
+    """TPU variant of :func:`_forward`: ``[B, H, T, D]`` layout, lse as ``[B, Hq, Tq_pad, 1]``."""
+    bq, bk = plan.blocks[0], plan.blocks[1]
+    nq, nk = plan.tq_pad // bq, plan.tk_pad // bk
+    g, tk_pad, dp = plan.group, plan.tk_pad, plan.dp
+    qp = _to_bhtd(q, plan.tq_pad, dp)
+    kp, vp = _to_bhtd(k, tk_pad, dp), _to_bhtd(v, tk_pad, dp)
+
+    def qblk(i):
+        return nq - 1 - i
+
+    qspec = pl.BlockSpec((SQ, SQ, bq, dp), lambda i, b, h: (b, h, qblk(i), 0))
+    kvspec = pl.BlockSpec((SQ, SQ, tk_pad, dp), lambda i, b, h: (b, lax.div(h, g), 0, 0))
+    in_specs = [qspec, kvspec, kvspec]
+    args = [qp, kp, vp]
+    if plan.segments:
+        args += _tpu_segment_inputs(plan, q_ids, kv_ids, bq, bk)
+        in_specs += [pl.BlockSpec((SQ, bq, 1), lambda i, b, h: (b, qblk(i), 0)),
+                     pl.BlockSpec((SQ, nk, 1, bk), lambda i, b, h: (b, 0, 0, 0)),
+                     _smem_spec(), _smem_spec()]
+    o, lse = pl.pallas_call(
+        functools.partial(_fwd_kernel, plan=plan, count_blocks=False),
+        out_shape=[jax.ShapeDtypeStruct(qp.shape, q.dtype),
+                   jax.ShapeDtypeStruct((plan.b, plan.hq, plan.tq_pad, 1), jnp.float32)],
+        grid=(nq, plan.b, plan.hq),
+        in_specs=in_specs,
+        out_specs=[qspec, pl.BlockSpec((SQ, SQ, bq, 1), lambda i, b, h: (b, h, qblk(i), 0))],
+        interpret=plan.interpret,
+        name="flash_attention_fwd",
+        **_params(plan, plan.num_warps, plan.num_stages),
+    )(*args)
+    return jnp.swapaxes(o, 1, 2), lse[..., 0]
+
+
+def _tile_bytes(shape, itemsize: int) -> int:
+    """VMEM bytes of one block: last two dims padded to the (8, 128) tile (16 rows for 16-bit)."""
+    *lead, r, c = shape
+    sub = 8 * max(1, 4 // itemsize)
+    return int(np.prod(lead, dtype=np.int64)) * round_up(r, sub) * round_up(c, 128) * itemsize
+
+
+def tpu_vmem_bytes(q_shape, k_shape, dtype, *, segments=False, block_sizes=None) -> dict:
+    """VMEM the TPU block specs imply per grid step, per kernel (inputs and outputs,
+    double-buffered by the Pallas pipeline; in-kernel temporaries such as the ``S`` tile
+    and the accumulators not counted).  ``{"flash_attention_fwd": bytes, ...}``."""
+    q = jax.ShapeDtypeStruct(q_shape, dtype)
+    k = jax.ShapeDtypeStruct(k_shape, dtype)
+    bs = block_sizes or BlockSizes.get_default(q_shape[-1])
+    plan = _make_plan(q, k, None, True, None, None, bs, False, platform="tpu")
+    isz = jnp.dtype(dtype).itemsize
+    dp, g, tq, tk = plan.dp, plan.group, plan.tq_pad, plan.tk_pad
+    bq, bk, bq1, bk1, bq2, bk2 = plan.blocks
+    row = lambda n: _tile_bytes((n, 1), 4)  # noqa: E731 - [n, 1] float32 column
+    seg = lambda nq_rows, kv: (_tile_bytes((nq_rows, 1), 4) + kv) if segments else 0  # noqa: E731
+    fwd = (2 * _tile_bytes((bq, dp), isz) + 2 * _tile_bytes((tk, dp), isz) + row(bq)
+           + seg(bq, (tk // bk) * _tile_bytes((1, bk), 4)))
+    dq = (3 * _tile_bytes((bq1, dp), isz) + 2 * _tile_bytes((tk, dp), isz) + 2 * row(bq1)
+          + seg(bq1, (tk // bk1) * _tile_bytes((1, bk1), 4)))
+    dkdv = (2 * g * _tile_bytes((tq, dp), isz) + 4 * _tile_bytes((bk2, dp), isz)
+            + 2 * g * row(tq) + seg(tq, _tile_bytes((1, bk2), 4)))
+    return {"flash_attention_fwd": 2 * fwd, "flash_attention_bwd_dq": 2 * dq,
+            "flash_attention_bwd_dkdv": 2 * dkdv}
+
+
+def _forward_sliced(q, k, v, q_ids, kv_ids, plan: _Plan):
+    """``o [B, Tq, Hq, D]`` and ``lse [B, Hq, Tq]`` (log2 units) from this plan's variant."""
+    fwd = _forward_tpu if plan.tpu else _forward
+    o, lse = fwd(q, k, v, q_ids, kv_ids, plan)
+    return o[:, :plan.tq, :, :plan.d], lse[:, :, :plan.tq]
+
+
 # ---------------------------------------------------------------------------- backward
 def _dq_kernel(*refs, plan: _Plan):
     bq, bk = plan.blocks[2], plan.blocks[3]
-    nq = plan.tq_pad // bq
-    spec, seg = plan.spec, plan.segments
+    nq, nk = plan.tq_pad // bq, plan.tk_pad // bk
+    spec, seg, tpu = plan.spec, plan.segments, plan.tpu
     if seg:
         q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, qid_ref, kvid_ref, qb_ref, kb_ref, dq_ref = refs
+        qb_ref, kb_ref = _bounds(plan, qb_ref, kb_ref, nq, nk, 1)
     else:
         q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, dq_ref = refs
     i = nq - 1 - pl.program_id(0)
     q, do = q_ref[...], do_ref[...]
-    lse, delta = lse_ref[...][:, None], dl_ref[...][:, None]
+    if tpu:  # already [bq, 1] columns
+        lse, delta = lse_ref[...], dl_ref[...]
+    else:
+        lse, delta = lse_ref[...][:, None], dl_ref[...][:, None]
     rows = i * bq + _iota(bq, 0)
-    qid = qid_ref[...][:, None] if seg else None
+    qid = (qid_ref[...] if tpu else qid_ref[...][:, None]) if seg else None
     scale2 = plan.sm_scale * LOG2E
 
     def body(masked):
         def step_j(j, dq):
             def step(dq):
-                sl = pl.ds(j * bk, bk)
+                sl = _rows_slice(plan, j * bk, bk)
                 k = k_ref[sl, :]
                 v = v_ref[sl, :]
                 s = _dot_nt(q, k) * scale2
                 mask = spec.position_mask(rows, j * bk + _iota(bk, 1), plan.kv_padded) if masked else None
                 if seg:
-                    mask = _and(mask, qid == kvid_ref[sl][None, :])
+                    kvid = kvid_ref[j] if tpu else kvid_ref[sl][None, :]
+                    mask = _and(mask, qid == kvid)
                 if mask is not None:
                     s = jnp.where(mask, s, -jnp.inf)
                 p = jnp.exp2(s - lse)                        # P = exp(S - L)
@@ -408,14 +584,78 @@ def _dq_kernel(*refs, plan: _Plan):
 
 def _dkdv_kernel(*refs, plan: _Plan):
     bq, bk = plan.blocks[4], plan.blocks[5]
+    nq, nk = plan.tq_pad // bq, plan.tk_pad // bk
     spec, seg, group = plan.spec, plan.segments, plan.group
     if seg:
         (q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, qid_ref, kvid_ref, qb_ref, kb_ref,
          dk_ref, dv_ref) = refs
+        qb_ref, kb_ref = _bounds(plan, qb_ref, kb_ref, nq, nk, 1)
     else:
         q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, dk_ref, dv_ref = refs
     j = pl.program_id(0)
     k, v = k_ref[...], v_ref[...]            # [bk, Dp]
+    if plan.tpu:
+        body_for_head = _dkdv_tpu_body(plan, j, k, v, q_ref, do_ref, lse_ref, dl_ref,
+                                       qid_ref if seg else None, kvid_ref if seg else None,
+                                       qb_ref if seg else None, kb_ref if seg else None)
+    else:
+        body_for_head = _dkdv_gpu_body(plan, j, k, v, q_ref, do_ref, lse_ref, dl_ref,
+                                       qid_ref if seg else None, kvid_ref if seg else None,
+                                       qb_ref if seg else None, kb_ref if seg else None)
+
+    r = spec.q_block_range(j, bq, bk)
+    masked_needed = spec.needs_position_mask(plan.kv_padded)
+    carry = (jnp.zeros((bk, plan.dp), jnp.float32), jnp.zeros((bk, plan.dp), jnp.float32))
+    if group == 1:
+        carry = _three_phase_loop(r, masked_needed, body_for_head(0), carry)
+    else:  # GQA: sum over the query heads that share this kv head, in-kernel
+        carry = lax.fori_loop(
+            0, group, lambda h, c: _three_phase_loop(r, masked_needed, body_for_head(h), c), carry)
+    dk, dv = carry
+    dk_ref[...] = (dk * plan.sm_scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _dkdv_tpu_body(plan, j, k, v, q_ref, do_ref, lse_ref, dl_ref, qid_ref, kvid_ref, qb_ref, kb_ref):
+    """dK/dV block step on TPU: ``S`` in its natural ``[bq, bk]`` orientation (row statistics
+    stay ``[bq, 1]`` columns, sliced along sublanes) and ``P^T dO`` / ``dS^T Q`` as
+    transposed-lhs matmuls, instead of the GPU's ``S^T`` with ``[1, bq]`` lane rows."""
+    bq, bk = plan.blocks[4], plan.blocks[5]
+    spec, seg = plan.spec, plan.segments
+    cols = j * bk + _iota(bk, 1)             # [1, bk]
+    kvid = kvid_ref[...] if seg else None    # [1, bk]
+    scale2 = plan.sm_scale * LOG2E
+
+    def body_for_head(h):
+        def body(masked):
+            def step_i(i, carry):
+                def step(carry):
+                    dk, dv = carry
+                    sl = _rows_slice(plan, i * bq, bq)
+                    q = q_ref[h, sl, :]
+                    do = do_ref[h, sl, :]
+                    lse = lse_ref[h, sl, :]                     # [bq, 1]
+                    delta = dl_ref[h, sl, :]
+                    s = _dot_nt(q, k) * scale2                  # S [bq, bk]
+                    mask = spec.position_mask(i * bq + _iota(bq, 0), cols, plan.kv_padded) if masked else None
+                    if seg:
+                        mask = _and(mask, qid_ref[sl, :] == kvid)
+                    if mask is not None:
+                        s = jnp.where(mask, s, -jnp.inf)
+                    p = jnp.exp2(s - lse)                       # P
+                    dv = dv + _dot_tn(p.astype(do.dtype), do)   # dV += P^T dO
+                    ds = p * (_dot_nt(do, v) - delta)           # dS = P * (dO V^T - D)
+                    dk = dk + _dot_tn(ds.astype(q.dtype), q)    # dK += dS^T Q
+                    return dk, dv
+                return _maybe_skip(seg, lambda: blocks_may_interact(qb_ref, kb_ref, i, j), step, carry)
+            return step_i
+        return body
+    return body_for_head
+
+
+def _dkdv_gpu_body(plan, j, k, v, q_ref, do_ref, lse_ref, dl_ref, qid_ref, kvid_ref, qb_ref, kb_ref):
+    bq, bk = plan.blocks[4], plan.blocks[5]
+    spec, seg = plan.spec, plan.segments
     cols = j * bk + _iota(bk, 0)             # keys index the rows of S^T [bk, bq]
     kvid = kvid_ref[...][:, None] if seg else None
     scale2 = plan.sm_scale * LOG2E
@@ -444,26 +684,88 @@ def _dkdv_kernel(*refs, plan: _Plan):
                 return _maybe_skip(seg, lambda: blocks_may_interact(qb_ref, kb_ref, i, j), step, carry)
             return step_i
         return body
+    return body_for_head
 
-    r = spec.q_block_range(j, bq, bk)
-    masked_needed = spec.needs_position_mask(plan.kv_padded)
-    carry = (jnp.zeros((bk, plan.dp), jnp.float32), jnp.zeros((bk, plan.dp), jnp.float32))
-    if group == 1:
-        carry = _three_phase_loop(r, masked_needed, body_for_head(0), carry)
-    else:  # GQA: sum over the query heads that share this kv head, in-kernel
-        carry = lax.fori_loop(
-            0, group, lambda h, c: _three_phase_loop(r, masked_needed, body_for_head(h), c), carry)
-    dk, dv = carry
-    dk_ref[...] = (dk * plan.sm_scale).astype(dk_ref.dtype)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+def _row_stats(plan: _Plan, o, lse, do):
+    """Padded ``lse`` and ``D = rowsum(dO * O)``, both ``[B, Hq, Tq_pad]`` float32.
+
+    Padded rows get ``lse = +inf`` (so ``P = 0`` there) and ``D = 0``.
+    """
+    # D_i = rowsum(dO_i * O_i): an elementwise reduction XLA fuses; no kernel needed.
+    delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
+    pad = ((0, 0), (0, 0), (0, plan.tq_pad - plan.tq))
+    return jnp.pad(lse, pad, constant_values=jnp.inf), jnp.pad(delta, pad)
+
+
+def _backward_tpu(plan: _Plan, res, do):
+    """TPU variant of :func:`_backward` (``[B, H, T, D]`` layout, row stats as columns)."""
+    q, k, v, q_ids, kv_ids, o, lse = res
+    g, dp, tq_pad, tk_pad = plan.group, plan.dp, plan.tq_pad, plan.tk_pad
+    lse, delta = _row_stats(plan, o, lse, do)
+    lse, delta = lse[..., None], delta[..., None]                       # [B, Hq, Tq_pad, 1]
+    qp, dop = _to_bhtd(q, tq_pad, dp), _to_bhtd(do.astype(q.dtype), tq_pad, dp)
+    kp, vp = _to_bhtd(k, tk_pad, dp), _to_bhtd(v, tk_pad, dp)
+    params = _params(plan, plan.num_warps_bwd, plan.num_stages_bwd)
+
+    bq, bk = plan.blocks[2], plan.blocks[3]
+    nq, nk = tq_pad // bq, tk_pad // bk
+
+    def qblk(i):
+        return nq - 1 - i
+
+    qspec = pl.BlockSpec((SQ, SQ, bq, dp), lambda i, b, h: (b, h, qblk(i), 0))
+    kvspec = pl.BlockSpec((SQ, SQ, tk_pad, dp), lambda i, b, h: (b, lax.div(h, g), 0, 0))
+    rowspec = pl.BlockSpec((SQ, SQ, bq, 1), lambda i, b, h: (b, h, qblk(i), 0))
+    in_specs = [qspec, kvspec, kvspec, qspec, rowspec, rowspec]
+    args = [qp, kp, vp, dop, lse, delta]
+    if plan.segments:
+        args += _tpu_segment_inputs(plan, q_ids, kv_ids, bq, bk)
+        in_specs += [pl.BlockSpec((SQ, bq, 1), lambda i, b, h: (b, qblk(i), 0)),
+                     pl.BlockSpec((SQ, nk, 1, bk), lambda i, b, h: (b, 0, 0, 0)),
+                     _smem_spec(), _smem_spec()]
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, plan=plan),
+        out_shape=jax.ShapeDtypeStruct(qp.shape, q.dtype),
+        grid=(nq, plan.b, plan.hq),
+        in_specs=in_specs,
+        out_specs=qspec,
+        interpret=plan.interpret,
+        name="flash_attention_bwd_dq",
+        **params,
+    )(*args)
+
+    bq, bk = plan.blocks[4], plan.blocks[5]
+    nq, nk = tq_pad // bq, tk_pad // bk
+    qgspec = pl.BlockSpec((SQ, g, tq_pad, dp), lambda j, b, h: (b, h, 0, 0))
+    kspec = pl.BlockSpec((SQ, SQ, bk, dp), lambda j, b, h: (b, h, j, 0))
+    rowgspec = pl.BlockSpec((SQ, g, tq_pad, 1), lambda j, b, h: (b, h, 0, 0))
+    in_specs = [qgspec, kspec, kspec, qgspec, rowgspec, rowgspec]
+    args = [qp, kp, vp, dop, lse, delta]
+    if plan.segments:
+        args += _tpu_segment_inputs(plan, q_ids, kv_ids, bq, bk)
+        in_specs += [pl.BlockSpec((SQ, tq_pad, 1), lambda j, b, h: (b, 0, 0)),
+                     pl.BlockSpec((SQ, SQ, 1, bk), lambda j, b, h: (b, j, 0, 0)),
+                     _smem_spec(), _smem_spec()]
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkdv_kernel, plan=plan),
+        out_shape=[jax.ShapeDtypeStruct(kp.shape, k.dtype), jax.ShapeDtypeStruct(vp.shape, v.dtype)],
+        grid=(nk, plan.b, plan.hkv),
+        in_specs=in_specs,
+        out_specs=[kspec, kspec],
+        interpret=plan.interpret,
+        name="flash_attention_bwd_dkdv",
+        **params,
+    )(*args)
+    d = plan.d
+    back = lambda x, t: jnp.swapaxes(x, 1, 2)[:, :t, :, :d]  # noqa: E731
+    return back(dq, plan.tq), back(dk, plan.tk), back(dv, plan.tk)
 
 
 def _backward(plan: _Plan, res, do):
     q, k, v, q_ids, kv_ids, o, lse = res
     g, dp, tq_pad, tk_pad = plan.group, plan.dp, plan.tq_pad, plan.tk_pad
-    # D_i = rowsum(dO_i * O_i): an elementwise reduction XLA fuses; no kernel needed.
-    delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
-    delta = jnp.pad(delta, ((0, 0), (0, 0), (0, tq_pad - plan.tq)))
+    lse, delta = _row_stats(plan, o, lse, do)
     qp, dop = _pad_seq(q, tq_pad, dp), _pad_seq(do.astype(q.dtype), tq_pad, dp)
     kp, vp = _pad_seq(k, tk_pad, dp), _pad_seq(v, tk_pad, dp)
     params = compiler_params(plan.num_warps_bwd, plan.num_stages_bwd)
@@ -526,20 +828,40 @@ def _backward(plan: _Plan, res, do):
 
 
 # ------------------------------------------------------------------------- custom vjp
+def _by_platform(plan: _Plan, fn, *args):
+    """``fn(variant_plan, *args)`` for the platform being lowered for.
+
+    Compiled calls (``plan.tpu_plan`` set) go through ``lax.platform_dependent``:
+    lowering for TPU (``jax.export(..., platforms=("tpu",))`` or a TPU backend)
+    emits the Mosaic variant, anything else the Triton one; only the branch of
+    the target platform is lowered.  Interpret-mode plans are single-variant.
+    """
+    if plan.tpu_plan is None:
+        return fn(plan, *args)
+    return lax.platform_dependent(
+        *args, tpu=functools.partial(fn, plan.tpu_plan), default=functools.partial(fn, plan))
+
+
+def _fwd_variant(plan, q, k, v, q_ids, kv_ids):
+    return _forward_sliced(q, k, v, q_ids, kv_ids, plan)
+
+
+def _bwd_variant(plan, res, do):
+    return (_backward_tpu if plan.tpu else _backward)(plan, res, do)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _flash(q, k, v, q_ids, kv_ids, plan):
-    o, _ = _forward(q, k, v, q_ids, kv_ids, plan)
-    return o[:, :plan.tq, :, :plan.d]
+    return _by_platform(plan, _fwd_variant, q, k, v, q_ids, kv_ids)[0]
 
 
 def _flash_fwd(q, k, v, q_ids, kv_ids, plan):
-    o, lse = _forward(q, k, v, q_ids, kv_ids, plan)
-    o = o[:, :plan.tq, :, :plan.d]
-    return o, (q, k, v, q_ids, kv_ids, o, lse)  # residuals: inputs, output, logsumexp
+    o, lse = _by_platform(plan, _fwd_variant, q, k, v, q_ids, kv_ids)
+    return o, (q, k, v, q_ids, kv_ids, o, lse)  # residuals: inputs, output, logsumexp [B, Hq, Tq]
 
 
 def _flash_bwd(plan, res, do):
-    dq, dk, dv = _backward(plan, res, do)
+    dq, dk, dv = _by_platform(plan, _bwd_variant, res, do)
     return dq, dk, dv, None, None
 
 
@@ -555,7 +877,14 @@ def _prepare(q, k, v, causal, segment_ids, window, sm_scale, block_sizes, interp
         block_sizes = BlockSizes.get_default(q.shape[-1])
     _validate(q, k, v, q_ids, kv_ids, window, sm_scale, block_sizes)
     interpret = resolve_interpret(interpret)
-    plan = _make_plan(q, k, q_ids, causal, window, sm_scale, block_sizes, interpret)
+    make = functools.partial(_make_plan, q, k, q_ids, causal, window, sm_scale, block_sizes,
+                             interpret)
+    if is_tpu_interpret(interpret):   # TPU interpret mode: the TPU variant only
+        plan = make(platform="tpu")
+    elif interpret:                   # plain interpret mode: the (Triton-shaped) GPU variant
+        plan = make()
+    else:                             # compiled: chosen when lowering (see _by_platform)
+        plan = dataclasses.replace(make(), tpu_plan=make(platform="tpu"))
     return q_ids, kv_ids, plan
 
 
@@ -594,6 +923,9 @@ def flash_attention(q, k, v, *, causal=True, segment_ids=None, window=None, sm_s
         numpy / jax 0-d value; a traced one raises ``ValueError``).
       block_sizes: :class:`BlockSizes` (default :meth:`BlockSizes.get_default`).
       interpret: Pallas interpret mode; ``None`` = on when the default backend is CPU.
+        ``False``: compiled, Triton kernels when lowered for GPU and Mosaic
+        kernels when lowered for TPU (chosen at lowering time).  A
+        ``pltpu.InterpretParams()`` runs the TPU variant in TPU interpret mode.
 
     Returns:
       ``[B, Tq, Hq, D]`` in q's dtype (float32 accumulation).  Rows that see no
@@ -624,4 +956,7 @@ def forward_with_stats(q, k, v, *, causal=True, segment_ids=None, window=None, s
     sm_scale = static_sm_scale(sm_scale)
     q_ids, kv_ids, plan = _prepare(q, k, v, causal, segment_ids, window, sm_scale,
                                    block_sizes, interpret)
+    if plan.tpu:
+        raise ValueError("forward_with_stats runs the GPU-layout kernel only; use interpret=True "
+                         "(not pltpu.InterpretParams)")
     return jax.jit(functools.partial(_forward, plan=plan, count_blocks=True))(q, k, v, q_ids, kv_ids)
