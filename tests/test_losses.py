@@ -17,7 +17,7 @@ from jaxformers.models.transformer import Transformer
 from jaxformers.training import (TrainConfig, apply_model, cross_entropy, eval_step, get_loss, list_losses,
                                  register_loss, train_step)
 from jaxformers.training.losses import aux_weight, next_token_targets
-from jaxformers.training.steps import loss_with_aux
+from jaxformers.training.steps import global_norm, loss_with_aux
 
 
 # ----------------------------------------------------------------------------- toy model
@@ -64,7 +64,7 @@ def model():
         (loss, metrics), grads = jax.value_and_grad(lambda p: cross_entropy(module, p, batch), has_aux=True)(
             params)
         logits, _ = apply_model(module, params, batch)
-        return logits, loss, metrics, optax.global_norm(grads)
+        return logits, loss, metrics, global_norm(grads)
 
     return module, init(module), tokens, probe
 
