@@ -113,7 +113,10 @@ class ModelConfig(ConfigMixin):
         """
         import jax
 
-        if params is None or isinstance(params, int):  # an int (old API: total count) is ignored
+        if isinstance(params, int):
+            raise ValueError("params must be a params tree (or None), not a parameter count: the "
+                             "FLOP count needs each weight's path to know how often it is used")
+        if params is None:
             from .registry import build
             from .utils import abstract_params
             params = abstract_params(build(self))

@@ -11,7 +11,6 @@
 """
 from __future__ import annotations
 
-import inspect
 import sys
 import time
 from pathlib import Path
@@ -53,33 +52,10 @@ def peak_flops(device=None) -> Optional[float]:
 
 
 def model_flops_per_token(config, seq_len: int, params=None) -> float:
-    """Training FLOPs per token of ``config`` at context ``seq_len``.
-
-    ``config.flops_per_token(seq_len, params)`` (``params``: a params tree, abstract or not,
-    saves building the model), through :func:`jaxformers.utils.flops_per_token` where that
-    exists; older versions of either take the parameter count instead.
-    """
-    from .. import utils
-
-    fn = getattr(utils, "flops_per_token", None)
-    if fn is None:
-        fn = lambda c, t, *a, **k: c.flops_per_token(t, *a, **k)  # noqa: E731
-        names = _parameter_names(config.flops_per_token)
-    else:
-        names = _parameter_names(fn)
-    if params is not None and "params" in names:
-        return float(fn(config, seq_len, params=params))
-    if params is not None and "n_params" in names:
-        from ..utils import count_params
-        return float(fn(config, seq_len, n_params=count_params(params)))
-    return float(fn(config, seq_len))
-
-
-def _parameter_names(fn) -> set:
-    try:
-        return set(inspect.signature(fn).parameters)
-    except (TypeError, ValueError):  # pragma: no cover - builtins
-        return set()
+    """Training FLOPs per token of ``config`` at context ``seq_len``: ``config.flops_per_token``
+    (each weight counted as often as a token uses it; ``params``, a params tree abstract or not,
+    saves building the model)."""
+    return float(config.flops_per_token(seq_len, params))
 
 
 def mfu(flops_per_token: float, tokens_per_s: Optional[float], n_devices: Optional[int] = None,

@@ -389,44 +389,113 @@ def _fwd_kernel(*refs, plan: _Plan, count_blocks: bool):
         outs[2][...] = jnp.full(outs[2].shape, carry[3], jnp.int32)
 
 
-def _segment_inputs(plan: _Plan, q_ids, kv_ids, bq, bk):
-    return (_pad_ids(q_ids, plan.tq_pad), _pad_ids(kv_ids, plan.tk_pad),
-            block_id_bounds(q_ids, bq, plan.tq_pad), block_id_bounds(kv_ids, bk, plan.tk_pad))
+class _Layout:
+    """Where each backend wants the axes; the one place the GPU and TPU variants differ
+    outside the kernel bodies.
+
+    GPU (Triton): q/k/v/o ``[B, T_pad, H, Dp]``, row statistics ``[B, H, T_pad]``, segment
+    ids ``[B, T_pad]`` with block id bounds ``[B, 2, n_blocks]``.
+    TPU (Mosaic): ``[B, H, T_pad, Dp]`` (T, D on sublanes, lanes), row statistics as columns
+    ``[B, H, T_pad, 1]``, q ids as columns ``[B, Tq_pad, 1]``, kv ids as one ``[1, bk]`` row per
+    kv block ``[B, nk, 1, bk]``, block id bounds flat in SMEM.
+
+    Block specs take ``idx(*grid) -> (batch, row block, head block)``; ``heads`` is ``SQ``
+    (one squeezed head) or a head count.
+    """
+
+    def __init__(self, plan: _Plan):
+        self.plan, self.tpu = plan, plan.tpu
+
+    def seq(self, x, t_pad):
+        x = _pad_seq(x, t_pad, self.plan.dp)
+        return jnp.swapaxes(x, 1, 2) if self.tpu else x
+
+    def unseq(self, x, t):
+        x = jnp.swapaxes(x, 1, 2) if self.tpu else x
+        return x[:, :t, :, :self.plan.d]
+
+    def block(self, rows, heads, idx):
+        dp = self.plan.dp
+        if self.tpu:
+            return pl.BlockSpec((SQ, heads, rows, dp), lambda *a: _pick(idx(*a), 0, 2, 1) + (0,))
+        return pl.BlockSpec((SQ, rows, heads, dp), lambda *a: tuple(idx(*a)) + (0,))
+
+    def stats(self, rows, heads, idx):
+        if self.tpu:
+            return pl.BlockSpec((SQ, heads, rows, 1), lambda *a: _pick(idx(*a), 0, 2, 1) + (0,))
+        return pl.BlockSpec((SQ, heads, rows), lambda *a: _pick(idx(*a), 0, 2, 1))
+
+    def stats_shape(self):
+        p = self.plan
+        return (p.b, p.hq, p.tq_pad) + ((1,) if self.tpu else ())
+
+    def to_stats(self, x):    # [B, H, T_pad] -> this layout's row statistics
+        return x[..., None] if self.tpu else x
+
+    def from_stats(self, x):  # this layout's row statistics -> [B, H, T_pad]
+        return x[..., 0] if self.tpu else x
+
+    def segments(self, q_ids, kv_ids, bq, bk, q_blk=None, kv_blk=None):
+        """Segment inputs and specs; ``q_blk`` / ``kv_blk``: ``grid -> (batch, block)`` for the
+        blocked side, ``None`` for the side each program reads whole."""
+        p = self.plan
+        nq, nk = p.tq_pad // bq, p.tk_pad // bk
+        whole = lambda *a: (a[1], 0)  # noqa: E731  (grid = (block, batch, head))
+        q_blk, kv_blk = q_blk or whole, kv_blk or whole
+        q_rows = bq if q_blk is not whole else p.tq_pad
+        if self.tpu:
+            from jax.experimental.pallas import tpu as pltpu
+            smem = pl.BlockSpec(memory_space=pltpu.SMEM)
+            args = (_pad_ids(q_ids, p.tq_pad)[:, :, None],
+                    _pad_ids(kv_ids, p.tk_pad).reshape(p.b, nk, 1, bk),
+                    block_id_bounds(q_ids, bq, p.tq_pad).reshape(-1),
+                    block_id_bounds(kv_ids, bk, p.tk_pad).reshape(-1))
+            kv_spec = (pl.BlockSpec((SQ, nk, 1, bk), lambda *a: (a[1], 0, 0, 0)) if kv_blk is whole else
+                       pl.BlockSpec((SQ, SQ, 1, bk), lambda *a: tuple(kv_blk(*a)) + (0, 0)))
+            return args, [pl.BlockSpec((SQ, q_rows, 1), lambda *a: tuple(q_blk(*a)) + (0,)), kv_spec,
+                          smem, smem]
+        args = (_pad_ids(q_ids, p.tq_pad), _pad_ids(kv_ids, p.tk_pad),
+                block_id_bounds(q_ids, bq, p.tq_pad), block_id_bounds(kv_ids, bk, p.tk_pad))
+        kv_rows = bk if kv_blk is not whole else p.tk_pad
+        return args, [pl.BlockSpec((SQ, q_rows), q_blk), pl.BlockSpec((SQ, kv_rows), kv_blk),
+                      pl.BlockSpec((SQ, 2, nq), lambda *a: (a[1], 0, 0)),
+                      pl.BlockSpec((SQ, 2, nk), lambda *a: (a[1], 0, 0))]
+
+    def params(self, warps: int, stages: int) -> dict:
+        if self.tpu:  # every grid program owns its output block; the kv/q loops are in-kernel
+            return compiler_params(0, 0, platform="tpu", dimension_semantics=("parallel",) * 3)
+        return compiler_params(warps, stages)
+
+
+def _pick(t, *order):
+    return tuple(t[i] for i in order)
 
 
 def _forward(q, k, v, q_ids, kv_ids, plan: _Plan, count_blocks: bool = False):
-    """Returns padded ``o [B, Tq_pad, Hq, Dp]``, ``lse [B, Hq, Tq_pad]`` (log2 units) [, counts]."""
+    """Padded ``o`` and ``lse`` (log2 units) in this plan's layout (:class:`_Layout`) [, block
+    counts ``[B, Hq, nq]``: GPU only, for the block-skipping tests]."""
+    lay = _Layout(plan)
     bq, bk = plan.blocks[0], plan.blocks[1]
-    nq, nk = plan.tq_pad // bq, plan.tk_pad // bk
-    g, tk_pad, dp = plan.group, plan.tk_pad, plan.dp
-    qp = _pad_seq(q, plan.tq_pad, dp)
-    kp = _pad_seq(k, tk_pad, dp)
-    vp = _pad_seq(v, tk_pad, dp)
+    nq = plan.tq_pad // bq
+    g = plan.group
+    qp = lay.seq(q, plan.tq_pad)
+    kp, vp = lay.seq(k, plan.tk_pad), lay.seq(v, plan.tk_pad)
 
-    def qblk(i):
-        return nq - 1 - i
+    def qrow(i, b, h):  # reversed: the longest causal rows start first
+        return b, nq - 1 - i, h
 
-    in_specs = [
-        pl.BlockSpec((SQ, bq, SQ, dp), lambda i, b, h: (b, qblk(i), h, 0)),
-        pl.BlockSpec((SQ, tk_pad, SQ, dp), lambda i, b, h: (b, 0, lax.div(h, g), 0)),
-        pl.BlockSpec((SQ, tk_pad, SQ, dp), lambda i, b, h: (b, 0, lax.div(h, g), 0)),
-    ]
-    args = [qp, kp, vp]
+    qspec = lay.block(bq, SQ, qrow)
+    kvspec = lay.block(plan.tk_pad, SQ, lambda i, b, h: (b, 0, lax.div(h, g)))
+    in_specs, args = [qspec, kvspec, kvspec], [qp, kp, vp]
     if plan.segments:
-        args += _segment_inputs(plan, q_ids, kv_ids, bq, bk)
-        in_specs += [
-            pl.BlockSpec((SQ, bq), lambda i, b, h: (b, qblk(i))),
-            pl.BlockSpec((SQ, tk_pad), lambda i, b, h: (b, 0)),
-            pl.BlockSpec((SQ, 2, nq), lambda i, b, h: (b, 0, 0)),
-            pl.BlockSpec((SQ, 2, nk), lambda i, b, h: (b, 0, 0)),
-        ]
-    out_shape = [jax.ShapeDtypeStruct((plan.b, plan.tq_pad, plan.hq, dp), q.dtype),
-                 jax.ShapeDtypeStruct((plan.b, plan.hq, plan.tq_pad), jnp.float32)]
-    out_specs = [pl.BlockSpec((SQ, bq, SQ, dp), lambda i, b, h: (b, qblk(i), h, 0)),
-                 pl.BlockSpec((SQ, SQ, bq), lambda i, b, h: (b, h, qblk(i)))]
+        seg_args, seg_specs = lay.segments(q_ids, kv_ids, bq, bk, q_blk=lambda i, b, h: qrow(i, b, h)[:2])
+        args += seg_args
+        in_specs += seg_specs
+    out_shape = [jax.ShapeDtypeStruct(qp.shape, q.dtype), jax.ShapeDtypeStruct(lay.stats_shape(), jnp.float32)]
+    out_specs = [qspec, lay.stats(bq, SQ, qrow)]
     if count_blocks:
         out_shape.append(jax.ShapeDtypeStruct((plan.b, plan.hq, nq), jnp.int32))
-        out_specs.append(pl.BlockSpec((SQ, SQ, 1), lambda i, b, h: (b, h, qblk(i))))
+        out_specs.append(pl.BlockSpec((SQ, SQ, 1), lambda i, b, h: (b, h, nq - 1 - i)))
     return pl.pallas_call(
         functools.partial(_fwd_kernel, plan=plan, count_blocks=count_blocks),
         out_shape=out_shape,
@@ -435,69 +504,8 @@ def _forward(q, k, v, q_ids, kv_ids, plan: _Plan, count_blocks: bool = False):
         out_specs=out_specs,
         interpret=plan.interpret,
         name="flash_attention_fwd",
-        **compiler_params(plan.num_warps, plan.num_stages),
+        **lay.params(plan.num_warps, plan.num_stages),
     )(*args)
-
-
-def _to_bhtd(x, t_pad, dp):
-    """TPU layout: ``[B, T, H, D]`` -> zero-padded ``[B, H, T_pad, Dp]`` (T, D on sublanes, lanes)."""
-    return jnp.swapaxes(_pad_seq(x, t_pad, dp), 1, 2)
-
-
-def _tpu_segment_inputs(plan: _Plan, q_ids, kv_ids, bq, bk):
-    """Segment ids in Mosaic-friendly shapes: q ids as columns ``[B, Tq_pad, 1]``; kv ids as
-    ``[B, nk, 1, bk]`` rows (one ``[1, bk]`` per kv block); id bounds flat in SMEM."""
-    b = plan.b
-    qid = _pad_ids(q_ids, plan.tq_pad)[:, :, None]
-    kvid = _pad_ids(kv_ids, plan.tk_pad).reshape(b, plan.tk_pad // bk, 1, bk)
-    qb = block_id_bounds(q_ids, bq, plan.tq_pad).reshape(-1)
-    kb = block_id_bounds(kv_ids, bk, plan.tk_pad).reshape(-1)
-    return qid, kvid, qb, kb
-
-
-def _smem_spec():
-    from jax.experimental.pallas import tpu as pltpu
-    return pl.BlockSpec(memory_space=pltpu.SMEM)
-
-
-def _params(plan: _Plan, warps: int, stages: int, grid_rank: int = 3) -> dict:
-    if plan.tpu:  # every grid program owns its output block; the kv/q loops are in-kernel
-        return compiler_params(0, 0, platform="tpu", dimension_semantics=("parallel",) * grid_rank)
-    return compiler_params(warps, stages)
-
-
-def _forward_tpu(q, k, v, q_ids, kv_ids, plan: _Plan):
-    """TPU variant of :func:`_forward`: ``[B, H, T, D]`` layout, lse as ``[B, Hq, Tq_pad, 1]``."""
-    bq, bk = plan.blocks[0], plan.blocks[1]
-    nq, nk = plan.tq_pad // bq, plan.tk_pad // bk
-    g, tk_pad, dp = plan.group, plan.tk_pad, plan.dp
-    qp = _to_bhtd(q, plan.tq_pad, dp)
-    kp, vp = _to_bhtd(k, tk_pad, dp), _to_bhtd(v, tk_pad, dp)
-
-    def qblk(i):
-        return nq - 1 - i
-
-    qspec = pl.BlockSpec((SQ, SQ, bq, dp), lambda i, b, h: (b, h, qblk(i), 0))
-    kvspec = pl.BlockSpec((SQ, SQ, tk_pad, dp), lambda i, b, h: (b, lax.div(h, g), 0, 0))
-    in_specs = [qspec, kvspec, kvspec]
-    args = [qp, kp, vp]
-    if plan.segments:
-        args += _tpu_segment_inputs(plan, q_ids, kv_ids, bq, bk)
-        in_specs += [pl.BlockSpec((SQ, bq, 1), lambda i, b, h: (b, qblk(i), 0)),
-                     pl.BlockSpec((SQ, nk, 1, bk), lambda i, b, h: (b, 0, 0, 0)),
-                     _smem_spec(), _smem_spec()]
-    o, lse = pl.pallas_call(
-        functools.partial(_fwd_kernel, plan=plan, count_blocks=False),
-        out_shape=[jax.ShapeDtypeStruct(qp.shape, q.dtype),
-                   jax.ShapeDtypeStruct((plan.b, plan.hq, plan.tq_pad, 1), jnp.float32)],
-        grid=(nq, plan.b, plan.hq),
-        in_specs=in_specs,
-        out_specs=[qspec, pl.BlockSpec((SQ, SQ, bq, 1), lambda i, b, h: (b, h, qblk(i), 0))],
-        interpret=plan.interpret,
-        name="flash_attention_fwd",
-        **_params(plan, plan.num_warps, plan.num_stages),
-    )(*args)
-    return jnp.swapaxes(o, 1, 2), lse[..., 0]
 
 
 def _tile_bytes(shape, itemsize: int) -> int:
@@ -532,9 +540,9 @@ def tpu_vmem_bytes(q_shape, k_shape, dtype, *, segments=False, block_sizes=None)
 
 def _forward_sliced(q, k, v, q_ids, kv_ids, plan: _Plan):
     """``o [B, Tq, Hq, D]`` and ``lse [B, Hq, Tq]`` (log2 units) from this plan's variant."""
-    fwd = _forward_tpu if plan.tpu else _forward
-    o, lse = fwd(q, k, v, q_ids, kv_ids, plan)
-    return o[:, :plan.tq, :, :plan.d], lse[:, :, :plan.tq]
+    lay = _Layout(plan)
+    o, lse = _forward(q, k, v, q_ids, kv_ids, plan)
+    return lay.unseq(o, plan.tq), lay.from_stats(lse)[:, :, :plan.tq]
 
 
 # ---------------------------------------------------------------------------- backward
@@ -698,96 +706,30 @@ def _row_stats(plan: _Plan, o, lse, do):
     return jnp.pad(lse, pad, constant_values=jnp.inf), jnp.pad(delta, pad)
 
 
-def _backward_tpu(plan: _Plan, res, do):
-    """TPU variant of :func:`_backward` (``[B, H, T, D]`` layout, row stats as columns)."""
-    q, k, v, q_ids, kv_ids, o, lse = res
-    g, dp, tq_pad, tk_pad = plan.group, plan.dp, plan.tq_pad, plan.tk_pad
-    lse, delta = _row_stats(plan, o, lse, do)
-    lse, delta = lse[..., None], delta[..., None]                       # [B, Hq, Tq_pad, 1]
-    qp, dop = _to_bhtd(q, tq_pad, dp), _to_bhtd(do.astype(q.dtype), tq_pad, dp)
-    kp, vp = _to_bhtd(k, tk_pad, dp), _to_bhtd(v, tk_pad, dp)
-    params = _params(plan, plan.num_warps_bwd, plan.num_stages_bwd)
-
-    bq, bk = plan.blocks[2], plan.blocks[3]
-    nq, nk = tq_pad // bq, tk_pad // bk
-
-    def qblk(i):
-        return nq - 1 - i
-
-    qspec = pl.BlockSpec((SQ, SQ, bq, dp), lambda i, b, h: (b, h, qblk(i), 0))
-    kvspec = pl.BlockSpec((SQ, SQ, tk_pad, dp), lambda i, b, h: (b, lax.div(h, g), 0, 0))
-    rowspec = pl.BlockSpec((SQ, SQ, bq, 1), lambda i, b, h: (b, h, qblk(i), 0))
-    in_specs = [qspec, kvspec, kvspec, qspec, rowspec, rowspec]
-    args = [qp, kp, vp, dop, lse, delta]
-    if plan.segments:
-        args += _tpu_segment_inputs(plan, q_ids, kv_ids, bq, bk)
-        in_specs += [pl.BlockSpec((SQ, bq, 1), lambda i, b, h: (b, qblk(i), 0)),
-                     pl.BlockSpec((SQ, nk, 1, bk), lambda i, b, h: (b, 0, 0, 0)),
-                     _smem_spec(), _smem_spec()]
-    dq = pl.pallas_call(
-        functools.partial(_dq_kernel, plan=plan),
-        out_shape=jax.ShapeDtypeStruct(qp.shape, q.dtype),
-        grid=(nq, plan.b, plan.hq),
-        in_specs=in_specs,
-        out_specs=qspec,
-        interpret=plan.interpret,
-        name="flash_attention_bwd_dq",
-        **params,
-    )(*args)
-
-    bq, bk = plan.blocks[4], plan.blocks[5]
-    nq, nk = tq_pad // bq, tk_pad // bk
-    qgspec = pl.BlockSpec((SQ, g, tq_pad, dp), lambda j, b, h: (b, h, 0, 0))
-    kspec = pl.BlockSpec((SQ, SQ, bk, dp), lambda j, b, h: (b, h, j, 0))
-    rowgspec = pl.BlockSpec((SQ, g, tq_pad, 1), lambda j, b, h: (b, h, 0, 0))
-    in_specs = [qgspec, kspec, kspec, qgspec, rowgspec, rowgspec]
-    args = [qp, kp, vp, dop, lse, delta]
-    if plan.segments:
-        args += _tpu_segment_inputs(plan, q_ids, kv_ids, bq, bk)
-        in_specs += [pl.BlockSpec((SQ, tq_pad, 1), lambda j, b, h: (b, 0, 0)),
-                     pl.BlockSpec((SQ, SQ, 1, bk), lambda j, b, h: (b, j, 0, 0)),
-                     _smem_spec(), _smem_spec()]
-    dk, dv = pl.pallas_call(
-        functools.partial(_dkdv_kernel, plan=plan),
-        out_shape=[jax.ShapeDtypeStruct(kp.shape, k.dtype), jax.ShapeDtypeStruct(vp.shape, v.dtype)],
-        grid=(nk, plan.b, plan.hkv),
-        in_specs=in_specs,
-        out_specs=[kspec, kspec],
-        interpret=plan.interpret,
-        name="flash_attention_bwd_dkdv",
-        **params,
-    )(*args)
-    d = plan.d
-    back = lambda x, t: jnp.swapaxes(x, 1, 2)[:, :t, :, :d]  # noqa: E731
-    return back(dq, plan.tq), back(dk, plan.tk), back(dv, plan.tk)
-
-
 def _backward(plan: _Plan, res, do):
     q, k, v, q_ids, kv_ids, o, lse = res
-    g, dp, tq_pad, tk_pad = plan.group, plan.dp, plan.tq_pad, plan.tk_pad
-    lse, delta = _row_stats(plan, o, lse, do)
-    qp, dop = _pad_seq(q, tq_pad, dp), _pad_seq(do.astype(q.dtype), tq_pad, dp)
-    kp, vp = _pad_seq(k, tk_pad, dp), _pad_seq(v, tk_pad, dp)
-    params = compiler_params(plan.num_warps_bwd, plan.num_stages_bwd)
+    lay = _Layout(plan)
+    g, tq_pad, tk_pad = plan.group, plan.tq_pad, plan.tk_pad
+    lse, delta = (lay.to_stats(x) for x in _row_stats(plan, o, lse, do))
+    qp, dop = lay.seq(q, tq_pad), lay.seq(do.astype(q.dtype), tq_pad)
+    kp, vp = lay.seq(k, tk_pad), lay.seq(v, tk_pad)
+    params = lay.params(plan.num_warps_bwd, plan.num_stages_bwd)
 
     # dQ: grid (q-block, batch, q-head), loop over kv blocks.
     bq, bk = plan.blocks[2], plan.blocks[3]
-    nq, nk = tq_pad // bq, tk_pad // bk
+    nq = tq_pad // bq
 
-    def qblk(i):
-        return nq - 1 - i
+    def qrow(i, b, h):
+        return b, nq - 1 - i, h
 
-    qspec = pl.BlockSpec((SQ, bq, SQ, dp), lambda i, b, h: (b, qblk(i), h, 0))
-    kvspec = pl.BlockSpec((SQ, tk_pad, SQ, dp), lambda i, b, h: (b, 0, lax.div(h, g), 0))
-    rowspec = pl.BlockSpec((SQ, SQ, bq), lambda i, b, h: (b, h, qblk(i)))
-    in_specs = [qspec, kvspec, kvspec, qspec, rowspec, rowspec]
-    args = [qp, kp, vp, dop, lse, delta]
+    qspec = lay.block(bq, SQ, qrow)
+    kvspec = lay.block(tk_pad, SQ, lambda i, b, h: (b, 0, lax.div(h, g)))
+    rowspec = lay.stats(bq, SQ, qrow)
+    in_specs, args = [qspec, kvspec, kvspec, qspec, rowspec, rowspec], [qp, kp, vp, dop, lse, delta]
     if plan.segments:
-        args += _segment_inputs(plan, q_ids, kv_ids, bq, bk)
-        in_specs += [pl.BlockSpec((SQ, bq), lambda i, b, h: (b, qblk(i))),
-                     pl.BlockSpec((SQ, tk_pad), lambda i, b, h: (b, 0)),
-                     pl.BlockSpec((SQ, 2, nq), lambda i, b, h: (b, 0, 0)),
-                     pl.BlockSpec((SQ, 2, nk), lambda i, b, h: (b, 0, 0))]
+        seg_args, seg_specs = lay.segments(q_ids, kv_ids, bq, bk, q_blk=lambda i, b, h: qrow(i, b, h)[:2])
+        args += seg_args
+        in_specs += seg_specs
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, plan=plan),
         out_shape=jax.ShapeDtypeStruct(qp.shape, q.dtype),
@@ -801,18 +743,15 @@ def _backward(plan: _Plan, res, do):
 
     # dK, dV: grid (kv-block, batch, kv-head), loop over (q-head in group, q-block).
     bq, bk = plan.blocks[4], plan.blocks[5]
-    nq, nk = tq_pad // bq, tk_pad // bk
-    qgspec = pl.BlockSpec((SQ, tq_pad, g, dp), lambda j, b, h: (b, 0, h, 0))
-    kspec = pl.BlockSpec((SQ, bk, SQ, dp), lambda j, b, h: (b, j, h, 0))
-    rowgspec = pl.BlockSpec((SQ, g, tq_pad), lambda j, b, h: (b, h, 0))
-    in_specs = [qgspec, kspec, kspec, qgspec, rowgspec, rowgspec]
-    args = [qp, kp, vp, dop, lse, delta]
+    nk = tk_pad // bk
+    qgspec = lay.block(tq_pad, g, lambda j, b, h: (b, 0, h))
+    kspec = lay.block(bk, SQ, lambda j, b, h: (b, j, h))
+    rowgspec = lay.stats(tq_pad, g, lambda j, b, h: (b, 0, h))
+    in_specs, args = [qgspec, kspec, kspec, qgspec, rowgspec, rowgspec], [qp, kp, vp, dop, lse, delta]
     if plan.segments:
-        args += _segment_inputs(plan, q_ids, kv_ids, bq, bk)
-        in_specs += [pl.BlockSpec((SQ, tq_pad), lambda j, b, h: (b, 0)),
-                     pl.BlockSpec((SQ, bk), lambda j, b, h: (b, j)),
-                     pl.BlockSpec((SQ, 2, nq), lambda j, b, h: (b, 0, 0)),
-                     pl.BlockSpec((SQ, 2, nk), lambda j, b, h: (b, 0, 0))]
+        seg_args, seg_specs = lay.segments(q_ids, kv_ids, bq, bk, kv_blk=lambda j, b, h: (b, j))
+        args += seg_args
+        in_specs += seg_specs
     dk, dv = pl.pallas_call(
         functools.partial(_dkdv_kernel, plan=plan),
         out_shape=[jax.ShapeDtypeStruct(kp.shape, k.dtype), jax.ShapeDtypeStruct(vp.shape, v.dtype)],
@@ -823,8 +762,7 @@ def _backward(plan: _Plan, res, do):
         name="flash_attention_bwd_dkdv",
         **params,
     )(*args)
-    d = plan.d
-    return dq[:, :plan.tq, :, :d], dk[:, :plan.tk, :, :d], dv[:, :plan.tk, :, :d]
+    return lay.unseq(dq, plan.tq), lay.unseq(dk, plan.tk), lay.unseq(dv, plan.tk)
 
 
 # ------------------------------------------------------------------------- custom vjp
@@ -847,7 +785,7 @@ def _fwd_variant(plan, q, k, v, q_ids, kv_ids):
 
 
 def _bwd_variant(plan, res, do):
-    return (_backward_tpu if plan.tpu else _backward)(plan, res, do)
+    return _backward(plan, res, do)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
