@@ -5,6 +5,8 @@
 #   run(command="bash scripts/gpu_session.sh kernels attention", carry=["runs/wheels"])
 #
 # Stages:
+#   gpu-quick    (also --gpu-quick) a few minutes: every kernel family compiled on the GPU vs its
+#                float32 reference, forward + grads, incl. packed segments / initial states / GQA
 #   kernels      kernel tests on the GPU: compiled Pallas vs the float32 references
 #   attention    python -m experiments.bench_attention        (issue 4)
 #   scan         python -m experiments.bench_scan (+ fla)      (issue 6)
@@ -42,6 +44,11 @@ for s in "$@"; do
     case "$s" in
         # float32 dots in Pallas' Triton lowering default to TF32 (as XLA's do on GPU);
         # "highest" makes the float32 tests compare IEEE float32 math.
+        gpu-quick|--gpu-quick)
+                     JAX_DEFAULT_MATMUL_PRECISION=highest stage gpu-quick 240 \
+                         python -m pytest -q -p no:cacheprovider \
+                         tests/test_flash_attention.py tests/test_selective_scan.py tests/test_ssd.py \
+                         -k "matches_reference or packed_segments or initial_state_kernel or full_features" ;;
         kernels)     JAX_DEFAULT_MATMUL_PRECISION=highest stage kernels 300 \
                          python -m pytest -q -p no:cacheprovider \
                          tests/test_flash_attention.py tests/test_selective_scan.py tests/test_ssd.py ;;
@@ -50,6 +57,6 @@ for s in "$@"; do
         models)      stage models 560 python -m experiments.bench_models --out "$OUT/models" ;;
         denseformer) stage denseformer 580 python -m experiments.denseformer --preset gpu \
                          --out "$OUT/denseformer" ;;
-        *) echo "unknown stage $s (kernels|attention|scan|models|denseformer)"; exit 2 ;;
+        *) echo "unknown stage $s (gpu-quick|kernels|attention|scan|models|denseformer)"; exit 2 ;;
     esac
 done
