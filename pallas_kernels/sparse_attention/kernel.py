@@ -648,16 +648,22 @@ def qk_sparse_attention(q, k, v, q_keep, k_keep, *, sm_scale=None, interpret=Non
 
 
 # ------------------------------------------------------------------------ tile counts
-def _tile_count(kind, q_lab, k_lab, block_q, block_k, platform):
+@functools.partial(jax.jit, static_argnames=("kind", "block_q", "block_k", "platform"))
+def _tile_count_jit(q_lab, k_lab, *, kind, block_q, block_k, platform):
     b, t, hq = q_lab.shape
     hkv = k_lab.shape[2]
-    shp = jax.ShapeDtypeStruct((b, t, hq, 1), jnp.float32)
-    plan = _make_plan(shp, jax.ShapeDtypeStruct((b, t, hkv, 1), jnp.float32), None, block_q,
-                      block_k, None, 2, True, platform=platform)
+    plan = _make_plan(jax.ShapeDtypeStruct((b, t, hq, 1), jnp.float32),
+                      jax.ShapeDtypeStruct((b, t, hkv, 1), jnp.float32), None, block_q, block_k,
+                      None, 2, True, platform=platform)
     _, _, meta = (_hash_meta if kind == "hash" else _qk_meta)(q_lab, k_lab)
     qg, qp, kg, kp = _pad_meta(plan, *meta)
     *_, pred = _tile_tables(plan.bq, plan.bk, plan.group, qg, qp, kg, kp)
-    return np.asarray(pred.sum((-1, -2)))
+    return pred.sum((-1, -2))
+
+
+def _tile_count(kind, q_lab, k_lab, block_q, block_k, platform):
+    return np.asarray(_tile_count_jit(q_lab, k_lab, kind=kind, block_q=block_q, block_k=block_k,
+                                      platform=platform))
 
 
 def hash_tile_count(q_buckets, k_buckets, *, block_q=64, block_k=64, platform="gpu"):
