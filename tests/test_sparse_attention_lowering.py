@@ -129,3 +129,19 @@ def test_return_tile_count_refuses_tpu_interpret():
     with pytest.raises(ValueError, match="return_tile_count"):
         hash_attention(q, q, q, ids, ids, interpret=pltpu.InterpretParams(),
                        return_tile_count=True)
+
+
+@pytest.mark.parametrize("d", [128, pytest.param(64, marks=pytest.mark.slow)])
+def test_kernels_compile_for_hopper(d):
+    """The benchmark shape (T=4096, 16 heads, bf16, default tiles) compiles for sm_90 with the
+    pip Triton: fits shared memory, no register spills, dots on ``wgmma``."""
+    pytest.importorskip("triton")
+    from pallas_kernels.triton_inspect import H100_SHARED_PER_BLOCK, compile_report
+    _, grad, args = _case("hash", 1, 4096, 16, 16, d)
+    calls = triton_calls(grad, *args)
+    assert sorted(c.name for c in calls) == KERNELS
+    for call in calls:
+        r = compile_report(call)
+        assert r["shared_bytes"] <= H100_SHARED_PER_BLOCK, r
+        assert r["local_bytes"] == 0 and r["stack_bytes"] == 0, f"register spills: {r}"
+        assert r["wgmma"] > 0 and r["ctas_per_sm"] >= 1, r

@@ -73,7 +73,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ..flash_attention.kernel import (LOG2E, _MIN_BLOCK, _TPU_BLOCK, _Layout, _by_platform,
-                                      _dot_nn, _dot_nt, _dot_tn, _is_pow2, _pad_seq,
+                                      _dot_nn, _dot_nt, _dot_tn, _is_pow2,
                                       _rows_slice, _tile_bytes, static_sm_scale)
 from .._common import SQ, compiler_params, is_tpu_interpret, next_pow2, resolve_interpret, round_up
 
