@@ -191,11 +191,17 @@ def _brute_force(q_keys, k_keys, kind, bq, bk):
     pred = np.zeros((nq, nk), bool)
     need = np.zeros((nq, nk), bool)
     for i in range(nq):
-        a, c = slice(i * bq, (i + 1) * bq), None
+        a = slice(i * bq, (i + 1) * bq)
         for j in range(nk):
             c = slice(j * bk, (j + 1) * bk)
-            pred[i, j] = (qg[a].min() <= kg[c].max() and kg[c].min() <= qg[a].max()
-                          and kp[c].min() <= qp[a].max())
+            shared = sorted(set(qg[a].tolist()) & set(kg[c].tolist()))
+            if len(shared) == 1:  # positions of the shared group's tokens when it is at an end
+                (g,) = shared
+                qsel = qg[a] == g if g in (qg[a].min(), qg[a].max()) else np.ones(bq, bool)
+                ksel = kg[c] == g if g in (kg[c].min(), kg[c].max()) else np.ones(bk, bool)
+                pred[i, j] = kp[c][ksel].min() <= qp[a][qsel].max()
+            elif shared:
+                pred[i, j] = kp[c].min() <= qp[a].max()
             vis = (qg[a][:, None] == kg[c][None, :]) & (kp[c][None, :] <= qp[a][:, None])
             need[i, j] = vis.any()
     return pred, need
@@ -238,7 +244,7 @@ def test_tile_count_is_a_small_fraction_at_4096():
     for platform, bl in (("gpu", 64), ("tpu", 128)):
         dense = causal_tile_count(t, block_q=bl, block_k=bl)
         frac = hash_tile_count(qb, kb, block_q=bl, block_k=bl, platform=platform) / dense
-        assert frac.max() < (0.2 if bl == 64 else 0.3), frac
+        assert frac.max() < (0.15 if bl == 64 else 0.2), frac
         qk, kk = _keep(22, (1, t, 2), 0.5), _keep(23, (1, t, 2), 0.5)
         frac_qk = qk_sparse_tile_count(qk, kk, block_q=bl, block_k=bl, platform=platform) / dense
         assert frac_qk.max() < 0.35, frac_qk

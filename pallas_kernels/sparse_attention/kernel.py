@@ -23,20 +23,22 @@ permutation).  Rows that see no key give 0 (``l = 0``; their ``lse`` is
 padded to the tile size with queries at position ``-1`` and keys at
 ``2**30`` (groups edge-repeated, so tile bounds never widen).
 
-Tile skipping.  Per tile (outside the kernel, plain JAX): q tiles keep
-``(min group, max group, max position)``, k tiles ``(min group, max group,
-min position)``; a (q tile, k tile) pair is computed iff
-
-    q_gmin <= k_gmax  and  k_gmin <= q_gmax  and  k_pmin <= q_pmax
-
-(:func:`_tile_tables`; it never drops a pair with a visible entry).  From the
-``[nq, nk]`` predicate each q tile gets the first/last interacting k tile
-``[lo, hi)`` (each k tile, per query head, the same over q tiles for dK/dV);
-the kernels loop ``fori_loop(lo, hi)`` and run a block body under
-``lax.cond(predicate)`` only, the same skip test as the flash kernel's segment
-bounds.  :func:`hash_tile_count` / :func:`qk_sparse_tile_count` count the
-computed pairs from the same tables (no kernel), and ``return_tile_count=True``
-makes the forward kernel itself count the bodies it ran.
+Tile skipping.  Per tile (outside the kernel, plain JAX, :func:`_tile_bounds`):
+the min and max group and a position bound (max for q tiles, min for k tiles)
+of the tokens of the first group, of the last group and of the whole tile.  As
+groups are sorted, a q tile and a k tile share the groups ``[max gmin, min
+gmax]``; the pair is computed iff that range is non-empty and, for a single
+shared group, ``k_pos bound <= q_pos bound`` of *that group's* tokens (the
+first/last-group bounds; the whole tile's when it is interior), for several
+shared groups of the whole tiles (:func:`_may_interact`; it never drops a pair
+with a visible entry).  From the ``[nq, nk]`` predicate each q tile gets the
+first/last interacting k tile ``[lo, hi)`` (each k tile, per query head, the
+same over q tiles for dK/dV); the kernels loop ``fori_loop(lo, hi)`` and run a
+block body under ``lax.cond(predicate)`` only (scalars from the tile tables),
+as the flash kernel's segment bounds.  :func:`hash_tile_count` /
+:func:`qk_sparse_tile_count` count the computed pairs from the same tables (no
+kernel), and ``return_tile_count=True`` makes the forward kernel itself count
+the bodies it ran.
 
 Kernels (FlashAttention-2 in base 2, as :mod:`pallas_kernels.flash_attention`,
 whose helpers and ``_Layout`` are reused): forward and dQ with grid
@@ -56,10 +58,11 @@ itself, Reformer-style shared-QK); here, as the issue asks, ``j <= i``.  Their
 QK-sparse compaction truncates the buffer to the largest kept count over
 heads; here sequences keep length ``T`` and dropped tokens are simply never
 visited (tile skipping makes the tail free).  The authors skip tiles by a
-contiguous range scan of their hash/index bounds; here the range is computed
-outside the kernel and each pair re-tested (strictly fewer or equal tiles).
+contiguous range scan of their per-tile hash/index (min, max); here the range
+is computed outside the kernel, each pair re-tested, and the causal test uses
+the positions of the shared bucket only (fewer or equal tiles).
 Known TPU cost: the tile tables of all (batch, head) pairs sit whole in SMEM
-(``~(5 * nq + 3 * nk + 2 * nk) * 4`` bytes per (batch, head)).
+(``(7 * nq + 5 * nk + 2 * nk) * 4`` bytes per (batch, query head)).
 """
 from __future__ import annotations
 
@@ -79,7 +82,8 @@ from .._common import SQ, compiler_params, is_tpu_interpret, next_pow2, resolve_
 
 POS_NEVER = 2 ** 30   # position of a key no query sees (dropped or padding)
 POS_BLIND = -1        # position of a query that sees no key (dropped or padding)
-_QT, _KT, _DT = 5, 3, 2  # rows of the q-tile / k-tile / dK-dV range tables
+_NB = 5                  # tile bounds: gmin, gmax, pos bound of the gmin tokens, of the gmax ones, of all
+_QT, _KT, _DT = _NB + 2, _NB, 2  # rows of the q-tile (bounds, lo, hi) / k-tile / dK-dV range tables
 
 
 # --------------------------------------------------------------------------- plan
@@ -182,23 +186,45 @@ def _pad_meta(plan, qg, qp, kg, kp):
             jnp.pad(kg, pad, mode="edge"), jnp.pad(kp, pad, constant_values=POS_NEVER))
 
 
+def _tile_bounds(g, p, block, reduce, fill):
+    """Per-tile ``(gmin, gmax, bound(p | g == gmin), bound(p | g == gmax), bound(p))`` with
+    ``bound`` = ``reduce`` (max for queries, min for keys); ``g, p`` ``[B, H, T_pad]``."""
+    b, h, t = g.shape
+    g, p = g.reshape(b, h, t // block, block), p.reshape(b, h, t // block, block)
+    gmin, gmax = g.min(-1), g.max(-1)
+    first = reduce(jnp.where(g == gmin[..., None], p, fill), axis=-1)
+    last = reduce(jnp.where(g == gmax[..., None], p, fill), axis=-1)
+    return gmin, gmax, first, last, reduce(p, axis=-1)
+
+
+def _may_interact(qb, kb):
+    """The tile skip predicate on ``_tile_bounds`` tuples (arrays or in-kernel scalars).
+
+    Tiles share the groups ``[lo, hi] = [max gmin, min gmax]`` (groups are sorted).  For a
+    single shared group the position bounds of exactly that group's tokens are used when it is
+    the tile's first or last group (the only partial ones); otherwise those of the whole tile.
+    Conservative: it never drops a pair with a visible entry.
+    """
+    qgmin, qgmax, qfirst, qlast, qall = qb
+    kgmin, kgmax, kfirst, klast, kall = kb
+    lo, hi = jnp.maximum(qgmin, kgmin), jnp.minimum(qgmax, kgmax)
+    qpos = jnp.where(lo == qgmin, qfirst, jnp.where(lo == qgmax, qlast, qall))
+    kpos = jnp.where(lo == kgmin, kfirst, jnp.where(lo == kgmax, klast, kall))
+    return (lo <= hi) & jnp.where(lo == hi, kpos <= qpos, kall <= qall)
+
+
 def _tile_tables(bq, bk, group, qg, qp, kg, kp):
     """Per-tile bounds and loop ranges from padded sorted ids.
 
-    Returns ``qtab [B, Hq, 5, nq]`` (gmin, gmax, pmax, lo, hi: the k tiles ``[lo, hi)``
-    that may interact), ``ktab [B, Hkv, 3, nk]`` (gmin, gmax, pmin), ``dtab [B, Hq, 2, nk]``
-    (the q tiles ``[lo, hi)`` of that query head that may interact with k tile ``j``) and the
-    predicate ``[B, Hq, nq, nk]``.
+    Returns ``qtab [B, Hq, 7, nq]`` (the 5 bounds of :func:`_tile_bounds`, then lo, hi: the
+    k tiles ``[lo, hi)`` that may interact), ``ktab [B, Hkv, 5, nk]`` (bounds), ``dtab
+    [B, Hq, 2, nk]`` (the q tiles ``[lo, hi)`` of that query head that may interact with k
+    tile ``j``) and the predicate ``[B, Hq, nq, nk]``.
     """
-    b, hq, t = qg.shape
-    hkv = kg.shape[1]
-    qgt, qpt = qg.reshape(b, hq, t // bq, bq), qp.reshape(b, hq, t // bq, bq)
-    kgt, kpt = kg.reshape(b, hkv, t // bk, bk), kp.reshape(b, hkv, t // bk, bk)
-    q_gmin, q_gmax, q_pmax = qgt.min(-1), qgt.max(-1), qpt.max(-1)
-    k_gmin, k_gmax, k_pmin = kgt.min(-1), kgt.max(-1), kpt.min(-1)
-    rep = lambda x: jnp.repeat(x, group, axis=1)[:, :, None, :]  # noqa: E731 [B, Hq, 1, nk]
-    pred = ((q_gmin[..., None] <= rep(k_gmax)) & (rep(k_gmin) <= q_gmax[..., None])
-            & (rep(k_pmin) <= q_pmax[..., None]))                  # [B, Hq, nq, nk]
+    qb = _tile_bounds(qg, qp, bq, jnp.max, POS_BLIND)
+    kb = _tile_bounds(kg, kp, bk, jnp.min, POS_NEVER)
+    pred = _may_interact([x[..., :, None] for x in qb],
+                         [jnp.repeat(x, group, axis=1)[..., None, :] for x in kb])
 
     def span(p):  # [..., n] bool -> first true, last true + 1 (0, 0 when none)
         n = p.shape[-1]
@@ -209,8 +235,8 @@ def _tile_tables(bq, bk, group, qg, qp, kg, kp):
 
     lo, hi = span(pred)
     dlo, dhi = span(jnp.swapaxes(pred, -1, -2))
-    qtab = jnp.stack([q_gmin, q_gmax, q_pmax, lo, hi], axis=2).astype(jnp.int32)
-    ktab = jnp.stack([k_gmin, k_gmax, k_pmin], axis=2).astype(jnp.int32)
+    qtab = jnp.stack(list(qb) + [lo, hi], axis=2).astype(jnp.int32)
+    ktab = jnp.stack(kb, axis=2).astype(jnp.int32)
     dtab = jnp.stack([dlo, dhi], axis=2)
     return qtab, ktab, dtab, pred
 
@@ -235,9 +261,8 @@ class _Tab:
 
 
 def _interact(qt, kt, h, i, j):
-    """The skip predicate (same as :func:`_tile_tables`) inside a kernel."""
-    return ((qt(h, 0, i) <= kt(0, 1, j)) & (kt(0, 0, j) <= qt(h, 1, i))
-            & (kt(0, 2, j) <= qt(h, 2, i)))
+    """The skip predicate (:func:`_may_interact`, as in :func:`_tile_tables`) inside a kernel."""
+    return _may_interact([qt(h, r, i) for r in range(_NB)], [kt(0, r, j) for r in range(_NB)])
 
 
 # --------------------------------------------------------------------------- layout
@@ -325,7 +350,7 @@ def _fwd_kernel(qg_ref, qp_ref, kg_ref, kp_ref, qtab_ref, ktab_ref, q_ref, k_ref
              jnp.zeros(stat, jnp.float32))
     if cnt:
         carry += (jnp.zeros((), jnp.int32),)
-    carry = lax.fori_loop(qt(0, 3, i), qt(0, 4, i), step_j, carry)
+    carry = lax.fori_loop(qt(0, _NB, i), qt(0, _NB + 1, i), step_j, carry)
     acc, m, l = carry[:3]
     seen = l > 0.0
     o_ref[...] = (acc / col(jnp.where(seen, l, 1.0))).astype(o_ref.dtype)
@@ -358,7 +383,8 @@ def _dq_kernel(qg_ref, qp_ref, kg_ref, kp_ref, qtab_ref, ktab_ref, q_ref, k_ref,
             return dq + _dot_nn(ds.astype(k.dtype), k)     # dQ += dS K
         return lax.cond(_interact(qt, kt, 0, i, j), step, lambda c: c, dq)
 
-    dq = lax.fori_loop(qt(0, 3, i), qt(0, 4, i), step_j, jnp.zeros((plan.bq, plan.dp), jnp.float32))
+    dq = lax.fori_loop(qt(0, _NB, i), qt(0, _NB + 1, i), step_j,
+                       jnp.zeros((plan.bq, plan.dp), jnp.float32))
     dq_ref[...] = (dq * plan.sm_scale).astype(dq_ref.dtype)
 
 
