@@ -145,3 +145,13 @@ def test_kernels_compile_for_hopper(d):
         assert r["shared_bytes"] <= H100_SHARED_PER_BLOCK, r
         assert r["local_bytes"] == 0 and r["stack_bytes"] == 0, f"register spills: {r}"
         assert r["wgmma"] > 0 and r["ctas_per_sm"] >= 1, r
+
+
+def test_tpu_vmem_bytes():
+    """The TPU block specs' VMEM per kernel: positive, growing with T, under a v5e's 128 MiB for
+    the benchmark shape."""
+    from pallas_kernels.sparse_attention import tpu_vmem_bytes
+    small = tpu_vmem_bytes((1, 1024, 16, 64), (1, 1024, 16, 64), bf16)
+    big = tpu_vmem_bytes((1, 4096, 16, 64), (1, 4096, 16, 64), bf16)
+    assert sorted(big) == KERNELS
+    assert all(0 < small[n] < big[n] < 128 * 2 ** 20 for n in KERNELS), (small, big)

@@ -61,8 +61,12 @@ visited (tile skipping makes the tail free).  The authors skip tiles by a
 contiguous range scan of their per-tile hash/index (min, max); here the range
 is computed outside the kernel, each pair re-tested, and the causal test uses
 the positions of the shared bucket only (fewer or equal tiles).
-Known TPU cost: the tile tables of all (batch, head) pairs sit whole in SMEM
-(``(7 * nq + 5 * nk + 2 * nk) * 4`` bytes per (batch, query head)).
+Known TPU costs: the tile tables of all (batch, head) pairs sit whole in SMEM
+(``(7 * nq + 5 * nk + 2 * nk) * 4`` bytes per (batch, query head)); as in the
+flash kernel, dK/dV holds the whole Q/dO of a GQA group in VMEM and its
+``[T, 1]`` columns (lse, D and here the query groups / positions) take 128
+lanes each (:func:`tpu_vmem_bytes`: ~20 MiB at T=4096, D=64, no GQA; ~80 MiB
+with 4 query heads per kv head at D=128).
 """
 from __future__ import annotations
 
