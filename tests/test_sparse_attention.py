@@ -244,7 +244,7 @@ def test_tile_count_is_a_small_fraction_at_4096():
     for platform, bl in (("gpu", 64), ("tpu", 128)):
         dense = causal_tile_count(t, block_q=bl, block_k=bl)
         frac = hash_tile_count(qb, kb, block_q=bl, block_k=bl, platform=platform) / dense
-        assert frac.max() < (0.15 if bl == 64 else 0.2), frac
+        assert frac.max() < (0.15 if bl == 64 else 0.25), frac
         qk, kk = _keep(22, (1, t, 2), 0.5), _keep(23, (1, t, 2), 0.5)
         frac_qk = qk_sparse_tile_count(qk, kk, block_q=bl, block_k=bl, platform=platform) / dense
         assert frac_qk.max() < 0.35, frac_qk
