@@ -261,3 +261,16 @@ def test_bench_script_quick(tmp_path):
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["jax_version"] == jax.__version__ and res["rows"]
     assert any(r["impl"] == "pallas" and r.get("ms") for r in res["rows"])
+
+
+def test_tpu_interpret_params_reach_the_pallas_call():
+    """``interpret=pltpu.InterpretParams()`` must run Pallas' TPU interpreter (TPU memory
+    spaces, race detector), not the generic interpreter: the plan keeps the params object."""
+    from jax.experimental.pallas import tpu as pltpu
+    from pallas_kernels.flash_attention.kernel import _prepare
+    q = jnp.zeros((1, 8, 2, 64), jnp.float32)
+    params = pltpu.InterpretParams()
+    _, _, plan = _prepare(q, q, q, True, None, None, None, None, params)
+    assert plan.tpu and plan.interpret is params
+    _, _, plan = _prepare(q, q, q, True, None, None, None, None, True)
+    assert not plan.tpu and plan.interpret is True

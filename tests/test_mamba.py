@@ -300,6 +300,18 @@ def test_auto_scan_impl_is_reference_on_cpu():
         resolve_scan_impl("cuda")
 
 
+@pytest.mark.parametrize("family", ["selective_scan", "ssd"])
+def test_auto_scan_impl_uses_the_kernels_on_tpu(monkeypatch, family):
+    """On TPU ``auto`` picks the Pallas kernel when its package has a TPU (Mosaic) variant."""
+    import importlib
+    from jaxformers.layers.mamba import _PACKAGES, resolve_scan_impl
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert hasattr(importlib.import_module(_PACKAGES[family]), "tpu_vmem_bytes")
+    assert resolve_scan_impl("auto", family) == "pallas"
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert resolve_scan_impl("auto", family) == "pallas"
+
+
 # ----------------------------------------------------------------- validation / errors
 @pytest.mark.parametrize("name, kwargs, field", [
     ("mamba", dict(d_state=0), "d_state"),

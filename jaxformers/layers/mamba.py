@@ -24,7 +24,9 @@ segment is computed exactly as if it were alone.
 
 The scan implementation comes from ``config.scan_impl``: ``"reference"`` (plain
 JAX, any backend), ``"pallas"`` (``pallas_kernels``; interpret mode off GPU) or
-``"auto"`` (pallas on GPU when importable, reference elsewhere).  The shared
+``"auto"`` (pallas on GPU, and on TPU when the kernel package has a TPU variant, i.e.
+exports ``tpu_vmem_bytes``; reference elsewhere, e.g. on CPU where the kernels would
+only run in the slow Pallas interpreter).  The shared
 pieces used by Mamba-2 too (causal conv, dt/A initialisers, impl dispatch) live here.
 """
 from __future__ import annotations
@@ -53,16 +55,21 @@ def _kernel(family):
 
 
 def resolve_scan_impl(impl: str, family: str = "selective_scan") -> str:
-    """``"auto"`` -> ``"pallas"`` on GPU when the kernel imports, else ``"reference"``."""
+    """``"auto"`` -> ``"pallas"`` on GPU (Triton) and on TPU (Mosaic, when the kernel package
+    has a TPU variant) if the kernel imports, else ``"reference"``."""
     if impl not in SCAN_IMPLS:
         raise ValueError(f"scan_impl={impl!r} is not allowed; choose one of {list(SCAN_IMPLS)}")
     if impl != "auto":
         return impl
-    if jax.default_backend() != "gpu":
+    backend = jax.default_backend()
+    if backend not in ("gpu", "tpu"):
         return "reference"
     try:
         _kernel(family)
+        package = importlib.import_module(_PACKAGES[family])
     except ImportError:
+        return "reference"
+    if backend == "tpu" and not hasattr(package, "tpu_vmem_bytes"):
         return "reference"
     return "pallas"
 
@@ -79,7 +86,7 @@ def scan_functions(family: str, impl: str):
     except ImportError as e:
         raise ValueError(f"scan_impl='pallas' needs {_PACKAGES[family]}.kernel, which is not "
                          f"importable ({e}); use scan_impl='reference' or 'auto'") from None
-    return kernel, step  # the kernels run in Pallas interpret mode off GPU (interpret=None)
+    return kernel, step  # the kernels run in Pallas interpret mode off GPU/TPU (interpret=None)
 
 
 # ----------------------------------------------------------------- initialisers
