@@ -1,4 +1,4 @@
-"""Mamba-2 state-space duality (SSD), chunked, with Pallas kernels (Triton on GPU).
+"""Mamba-2 state-space duality (SSD), chunked, with Pallas kernels (Triton on GPU, Mosaic on TPU).
 
 Semantics: :func:`.reference.reference`.  Per (batch, head) the sequence is cut
 into chunks of ``Q = chunk_size`` steps.  Inside chunk ``c`` (``a_t = dt_t A``,
@@ -45,6 +45,43 @@ Residuals kept for the backward: the (padded) inputs, the within-chunk cumsum
 and the chunk-start states ``[batch, n_chunks, H, P, N]`` float32 (not per step).
 Padding: ``L`` to a multiple of ``Q`` with ``dt = 0`` (identity steps), ``P``/``N``
 to powers of two >= 16 (Triton's ``dot`` minimum) with zeros.
+
+TPU variant (Mosaic).  Compiled calls (``interpret=False``) carry both variants and
+``lax.platform_dependent`` picks one when lowering (``jax.export(...,
+platforms=("tpu",))`` or a TPU backend -> Mosaic, otherwise Triton); it wraps the whole
+``custom_vjp`` because the variants' residuals differ in shape.  ``interpret=
+pltpu.InterpretParams()`` runs the TPU variant in Pallas' TPU interpreter.  Same four
+kernels, same grid ``(batch, chunk, head, P block)``, same math (the kernel bodies are
+shared; :class:`_Chunk` holds the per-step vectors as each backend wants them and
+:class:`_Layout` the array layouts and block specs).  What differs is only what Mosaic
+needs, namely that the last two dims of every block are whole ``(8, 128)`` tiles or full
+dims and that no kernel transposes or slices lanes:
+
+* tiles: chunk ``Q = max(128, chunk)`` (the ``[Q, Q]`` decay / ``C B^T`` tiles and the
+  ``[1, Q]`` rows are whole lane vregs; 128 by default), ``P`` and ``N`` zero-padded to
+  multiples of 128 lanes, P blocks of 128 columns (forward and backward; ``block_p`` is
+  GPU-only).  With ``P = 64`` (Mamba-2's head dim) half of each P tile is padding.
+* layout (transposed / reshaped in JAX, outside the kernels): ``x``, ``y``, ``dy``, ``dx``
+  ``[b, H, Lp, P]`` (blocks ``[Q, 128]``), ``B``/``C`` ``[b, G, Lp, N]`` (``[Q, N]``),
+  states ``[b, nc, H, P, N]`` (``[128, N]``, as on GPU); per-step vectors (``dt``, ``Acs``,
+  ``seg``) as ``[Q, 1]`` columns (steps on sublanes: they scale tile rows), plus ``[1, Q]``
+  rows of ``Acs`` and ``seg`` from their own ``[.., nc, 1, Q]`` inputs for the ``[Q, Q]``
+  masks; the last step's values by a masked sublane reduction (``[1, 1]``).
+* backward outputs: ``d dt`` and the row-sum part of ``dAcs`` as ``[Q, 1]`` columns, the
+  column-sum part of ``dAcs`` (``-sum_s E[s, t]``) as a separate ``[1, Q]`` row output
+  (added in JAX), per-head ``dB``/``dC`` ``[Q, N]``; all per-P-block partial sums as on GPU.
+* matmuls are 2-D ``dot_general`` s with float32 accumulation (``a^T b`` / ``a b^T`` by
+  dimension numbers), operands in the inputs' dtype; reductions keep dims (no 0-d values).
+* ``pltpu.CompilerParams`` with every grid axis ``"parallel"`` (each program owns its
+  output blocks; no scalars need SMEM: the decays are computed in-kernel from ``Acs``).
+* VMEM per grid step: :func:`tpu_vmem_bytes` (blocks double-buffered; ~1.7 MiB for the
+  backward at ``Q = 128``, f32), plus the ``[Q, Q]`` temporaries.
+
+What is checked without a TPU (``tests/test_tpu_lowering_ssd.py``): the Mosaic lowering
+under ``jax.export`` (block-shape rules, dtypes, op coverage; Mosaic's own layout
+passes and the VMEM limit are only checked by the TPU compiler), and the numerics of the
+TPU variant in TPU interpret mode (forward and every gradient, race detector).  Not
+checked: a real TPU compile or run, and speed.
 """
 from __future__ import annotations
 
