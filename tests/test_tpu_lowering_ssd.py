@@ -129,10 +129,15 @@ def _fwd_bwd(fn, inp, static, seed=1):
     return jax.jit(f, compiler_options=FAST_COMPILE)(inp, cts)
 
 
-def _compare(name, inp, static, interpret, tol, ids=None):
+def _run(inp, static, interpret, ids=None):
+    """``(kernel (outputs, grads), reference (outputs, grads))``."""
     kw = dict(static, segment_ids=ids)
-    got_out, got_g = _fwd_bwd(functools.partial(ssd, interpret=interpret), inp, kw)
-    want_out, want_g = _fwd_bwd(reference, inp, kw)
+    return (_fwd_bwd(functools.partial(ssd, interpret=interpret), inp, kw),
+            _fwd_bwd(reference, inp, kw))
+
+
+def _check(name, inp, got, want, tol):
+    (got_out, got_g), (want_out, want_g) = got, want
     for k, (a, b) in enumerate(zip(jax.tree_util.tree_leaves(got_out),
                                    jax.tree_util.tree_leaves(want_out))):
         assert a.shape == b.shape and a.dtype == b.dtype, (name, k)
@@ -168,7 +173,7 @@ def test_tpu_interpret_matches_reference(name):
     b, l, h, p, g, n, in_kw, static, starts = INTERPRET_CASES[name]
     inp = _inputs(0, b, l, h, p, g, n, **in_kw)
     ids = None if starts is None else segments(b, l, starts)
-    _compare(name, inp, static, pltpu.InterpretParams(), 1e-4, ids)
+    _check(name, inp, *_run(inp, static, pltpu.InterpretParams(), ids), 1e-4)
 
 
 def test_tpu_interpret_race_detector(capfd):
@@ -176,12 +181,13 @@ def test_tpu_interpret_race_detector(capfd):
     every program owns its output blocks, so no race is reported."""
     inp = _inputs(3, 1, 200, 2, 8, 1, 8, D="h", z=False)
     params = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2)
-    _compare("races", inp, dict(dt_softplus=True, return_final_state=True), params, 1e-4,
-             segments(1, 200, [(70,)]))
+    got, want = _run(inp, dict(dt_softplus=True, return_final_state=True), params,
+                     segments(1, 200, [(70,)]))
     assert "RACE DETECTED" not in capfd.readouterr().out
     from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc
     races = getattr(ipc, "races", None)  # global state of this jax version; may be reset
     assert races is None or not races.races_found
+    _check("races", inp, got, want, 1e-4)
 
 
 def test_tpu_interpret_validates_like_gpu():

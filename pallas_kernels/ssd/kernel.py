@@ -195,16 +195,16 @@ class _Chunk:
     def __init__(self, plan, acs_ref, seg_refs=(), acs_row_ref=None):
         self.tpu, self.q = plan.tpu, plan.q
         self.acs = acs_ref[...].astype(f32)
-        self.last = self._last(acs_ref).astype(f32)
+        self.last = self._last(acs_ref, self.acs).astype(f32)
         self.acs_row_ref = acs_row_ref
         self.seg = seg_refs[0][...] if seg_refs else None
-        self.seg_last = self._last(seg_refs[0]) if seg_refs else None
+        self.seg_last = self._last(seg_refs[0], self.seg) if seg_refs else None
         self.seg_row_ref = seg_refs[1] if seg_refs and self.tpu else None
 
-    def _last(self, ref):
+    def _last(self, ref, v):
+        """The last step's value of ``ref`` (loaded as ``v``)."""
         if not self.tpu:
             return ref[pl.ds(self.q - 1, 1)]
-        v = ref[...]
         return jnp.sum(jnp.where(self.steps() == self.q - 1, v, 0.0), axis=0, keepdims=True)
 
     def steps(self):
