@@ -39,12 +39,14 @@ def _kernels(module):
     return sorted(set(re.findall(r"ssd_chunk_[a-z_]+", module)))
 
 
-# The cases of tests/test_gpu_lowering.py::test_ssd_lowers_to_triton.
+# The cases of tests/test_gpu_lowering.py::test_ssd_lowers_to_triton, and its SSD benchmark shape.
 LOWERING_CASES = {
     "bf16_groups_ragged": dict(b=2, l=200, h=4, p=64, g=2, n=64),
     "fp32_tiny_chunk16": dict(b=1, l=37, h=2, p=20, g=1, n=5, dtype=f32, chunk_size=16,
                               block_p=16),
     "bf16_segments": dict(b=2, l=200, h=4, p=64, g=2, n=64, segments=True),
+    # test_kernels_compile_for_hopper's benchmark shape
+    "bf16_bench_shape": dict(b=4, l=4096, h=16, p=128, g=1, n=128),
 }
 
 
