@@ -1,4 +1,4 @@
-"""Mamba-2 state-space duality (SSD), chunked, with Pallas kernels (Triton on GPU).
+"""Mamba-2 state-space duality (SSD), chunked, with Pallas kernels (Triton on GPU, Mosaic on TPU).
 
 Semantics: :func:`.reference.reference`.  Per (batch, head) the sequence is cut
 into chunks of ``Q = chunk_size`` steps.  Inside chunk ``c`` (``a_t = dt_t A``,
@@ -45,6 +45,43 @@ Residuals kept for the backward: the (padded) inputs, the within-chunk cumsum
 and the chunk-start states ``[batch, n_chunks, H, P, N]`` float32 (not per step).
 Padding: ``L`` to a multiple of ``Q`` with ``dt = 0`` (identity steps), ``P``/``N``
 to powers of two >= 16 (Triton's ``dot`` minimum) with zeros.
+
+TPU variant (Mosaic).  Compiled calls (``interpret=False``) carry both variants and
+``lax.platform_dependent`` picks one when lowering (``jax.export(...,
+platforms=("tpu",))`` or a TPU backend -> Mosaic, otherwise Triton); it wraps the whole
+``custom_vjp`` because the variants' residuals differ in shape.  ``interpret=
+pltpu.InterpretParams()`` runs the TPU variant in Pallas' TPU interpreter.  Same four
+kernels, same grid ``(batch, chunk, head, P block)``, same math (the kernel bodies are
+shared; :class:`_Chunk` holds the per-step vectors as each backend wants them and
+:class:`_Layout` the array layouts and block specs).  What differs is only what Mosaic
+needs, namely that the last two dims of every block are whole ``(8, 128)`` tiles or full
+dims and that no kernel transposes or slices lanes:
+
+* tiles: chunk ``Q = max(128, chunk)`` (the ``[Q, Q]`` decay / ``C B^T`` tiles and the
+  ``[1, Q]`` rows are whole lane vregs; 128 by default), ``P`` and ``N`` zero-padded to
+  multiples of 128 lanes, P blocks of 128 columns (forward and backward; ``block_p`` is
+  GPU-only).  With ``P = 64`` (Mamba-2's head dim) half of each P tile is padding.
+* layout (transposed / reshaped in JAX, outside the kernels): ``x``, ``y``, ``dy``, ``dx``
+  ``[b, H, Lp, P]`` (blocks ``[Q, 128]``), ``B``/``C`` ``[b, G, Lp, N]`` (``[Q, N]``),
+  states ``[b, nc, H, P, N]`` (``[128, N]``, as on GPU); per-step vectors (``dt``, ``Acs``,
+  ``seg``) as ``[Q, 1]`` columns (steps on sublanes: they scale tile rows), plus ``[1, Q]``
+  rows of ``Acs`` and ``seg`` from their own ``[.., nc, 1, Q]`` inputs for the ``[Q, Q]``
+  masks; the last step's values by a masked sublane reduction (``[1, 1]``).
+* backward outputs: ``d dt`` and the row-sum part of ``dAcs`` as ``[Q, 1]`` columns, the
+  column-sum part of ``dAcs`` (``-sum_s E[s, t]``) as a separate ``[1, Q]`` row output
+  (added in JAX), per-head ``dB``/``dC`` ``[Q, N]``; all per-P-block partial sums as on GPU.
+* matmuls are 2-D ``dot_general`` s with float32 accumulation (``a^T b`` / ``a b^T`` by
+  dimension numbers), operands in the inputs' dtype; reductions keep dims (no 0-d values).
+* ``pltpu.CompilerParams`` with every grid axis ``"parallel"`` (each program owns its
+  output blocks; no scalars need SMEM: the decays are computed in-kernel from ``Acs``).
+* VMEM per grid step: :func:`tpu_vmem_bytes` (blocks double-buffered; ~1.7 MiB for the
+  backward at ``Q = 128``, f32), plus the ``[Q, Q]`` temporaries.
+
+What is checked without a TPU (``tests/test_tpu_lowering_ssd.py``): the Mosaic lowering
+under ``jax.export`` (block-shape rules, dtypes, op coverage; Mosaic's own layout
+passes and the VMEM limit are only checked by the TPU compiler), and the numerics of the
+TPU variant in TPU interpret mode (forward and every gradient, race detector).  Not
+checked: a real TPU compile or run, and speed.
 """
 from __future__ import annotations
 
@@ -53,14 +90,17 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from .._common import SQ, compiler_params, next_pow2, resolve_interpret, round_up, segment_resets
+from .._common import (SQ, compiler_params, is_tpu_interpret, next_pow2, resolve_interpret,
+                       round_up, segment_resets)
 from .reference import _d_term, process_dt, validate
 
 f32 = jnp.float32
 BWD_BLOCK_P = 32  # P columns per backward program (the forward uses ``block_p``)
+TPU_LANES = 128   # Mosaic TPU: P, N and the chunk length are whole 128-lane vregs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,11 +116,17 @@ class _Plan:
     n: int
     np_: int      # padded N
     bp: int       # P block (grid axis)
-    interpret: bool
+    interpret: object  # bool, or a pltpu.InterpretParams (TPU variant in TPU interpret mode)
     num_warps: int = 4
     num_stages: int = 2
     mm: str = "float32"  # dot operand dtype (the inputs' dtype)
     seg: bool = False     # segment_ids given (``seg`` is an extra input)
+    platform: str = "gpu"            # the variant this plan builds: "gpu" (Triton) or "tpu" (Mosaic)
+    tpu_plan: "_Plan | None" = None  # compiled calls: the TPU variant, picked at lowering time
+
+    @property
+    def tpu(self):
+        return self.platform == "tpu"
 
     @property
     def nc(self):
@@ -93,6 +139,24 @@ class _Plan:
     @property
     def npb(self):
         return self.pp // self.bp
+
+
+def _make_plan(b, l, h, p, g, n, *, chunk_size, block_p, mm, seg, interpret, platform="gpu"):
+    if platform == "tpu":
+        # Chunk: a multiple of 128 (the [Q, Q] decay / C B^T tiles and the [1, Q] rows are
+        # whole lane vregs), P / N padded to multiples of 128 lanes, 128-column P blocks.
+        q = max(TPU_LANES, min(chunk_size, next_pow2(l)))
+        pp = round_up(p, TPU_LANES)
+        return _Plan(b=b, l=l, lp=round_up(l, q), q=q, h=h, g=g, p=p, pp=pp, n=n,
+                     np_=round_up(n, TPU_LANES), bp=TPU_LANES, interpret=interpret, mm=mm,
+                     seg=seg, platform="tpu")
+    q = min(chunk_size, max(16, next_pow2(l)))
+    pp = max(16, next_pow2(p))
+    bp = min(block_p, pp)
+    np_ = max(16, next_pow2(n))
+    return _Plan(b=b, l=l, lp=round_up(l, q), q=q, h=h, g=g, p=p, pp=pp, n=n, np_=np_, bp=bp,
+                 interpret=interpret, num_warps=4 if q * max(bp, np_) <= 64 * 64 else 8, mm=mm,
+                 seg=seg)
 
 
 def _pad_to(x, sizes):
@@ -118,71 +182,127 @@ def _dot_nt(a, b, mm):  # a b^T
                            preferred_element_type=f32)
 
 
-def _decay(acs_ref, q, seg_ref=None):
-    """``(acs [Q], acs_last [1], Lmat [Q, Q])`` (``Lmat`` same-segment masked with ``seg_ref``)."""
-    acs = acs_ref[...].astype(f32)
-    last = acs_ref[pl.ds(q - 1, 1)].astype(f32)
-    row = lax.broadcasted_iota(jnp.int32, (q, q), 0)
-    col = lax.broadcasted_iota(jnp.int32, (q, q), 1)
-    causal = col <= row
-    if seg_ref is not None:
-        seg = seg_ref[...]
-        causal = causal & (seg[:, None] == seg[None, :])
-    diff = jnp.where(causal, acs[:, None] - acs[None, :], 0.0)
-    lmat = jnp.where(causal, jnp.exp(diff), 0.0)
-    return acs, last, lmat
+class _Chunk:
+    """The per-step vectors of one chunk as each backend holds them.
+
+    GPU: ``[Q]`` vectors (``acs``, ``seg``), the last step as ``[1]`` (a ``pl.ds`` load).
+    TPU: ``[Q, 1]`` columns (steps on sublanes), ``[1, Q]`` rows read from their own
+    inputs where a ``[Q, Q]`` mask needs them (no in-kernel transposes), the last step as
+    ``[1, 1]`` (a masked sublane reduction: no unaligned single-row loads).
+    Everything else in the kernels is the same code for both.
+    """
+
+    def __init__(self, plan, acs_ref, seg_refs=(), acs_row_ref=None):
+        self.tpu, self.q = plan.tpu, plan.q
+        self.acs = acs_ref[...].astype(f32)
+        self.last = self._last(acs_ref, self.acs).astype(f32)
+        self.acs_row_ref = acs_row_ref
+        self.seg = seg_refs[0][...] if seg_refs else None
+        self.seg_last = self._last(seg_refs[0], self.seg) if seg_refs else None
+        self.seg_row_ref = seg_refs[1] if seg_refs and self.tpu else None
+
+    def _last(self, ref, v):
+        """The last step's value of ``ref`` (loaded as ``v``)."""
+        if not self.tpu:
+            return ref[pl.ds(self.q - 1, 1)]
+        return jnp.sum(jnp.where(self.steps() == self.q - 1, v, 0.0), axis=0, keepdims=True)
+
+    def steps(self):
+        """Step index in the vector form (``[Q]`` / ``[Q, 1]``)."""
+        shape = (self.q, 1) if self.tpu else (self.q,)
+        return lax.broadcasted_iota(jnp.int32, shape, 0)
+
+    def col(self, v):
+        """A per-step vector as a ``[Q, 1]`` column (broadcasts over a tile's columns)."""
+        return v if self.tpu else v[:, None]
+
+    def rowsum(self, x):
+        return jnp.sum(x, axis=1, keepdims=self.tpu)
+
+    def total(self, v):
+        """Sum of a per-step vector (GPU: a scalar; TPU: ``[1, 1]``)."""
+        return jnp.sum(v, axis=0, keepdims=True) if self.tpu else jnp.sum(v)
+
+    def total2(self, x):
+        """Sum of a 2-D tile (GPU: a scalar; TPU: ``[1, 1]`` via two keepdims reductions)."""
+        if self.tpu:
+            return jnp.sum(jnp.sum(x, axis=1, keepdims=True), axis=0, keepdims=True)
+        return jnp.sum(x)
+
+    def lmat(self):
+        """``Lmat [Q, Q]``: ``exp(Acs_t - Acs_s)`` for ``s <= t`` (same segment with ids), else 0."""
+        q = self.q
+        row = lax.broadcasted_iota(jnp.int32, (q, q), 0)
+        col = lax.broadcasted_iota(jnp.int32, (q, q), 1)
+        causal = col <= row
+        if self.seg is not None:
+            seg_row = self.seg_row_ref[...] if self.tpu else self.seg[None, :]
+            causal = causal & (self.col(self.seg) == seg_row)
+        acs_row = self.acs_row_ref[...].astype(f32) if self.tpu else self.acs[None, :]
+        diff = jnp.where(causal, self.col(self.acs) - acs_row, 0.0)
+        return jnp.where(causal, jnp.exp(diff), 0.0)
+
+    def inflow(self, e):
+        """``exp(Acs_t)``, zeroed where a segment started since the chunk start."""
+        return e if self.seg is None else jnp.where(self.seg == 0.0, e, 0.0)
+
+    def outflow(self, w):
+        """``exp(Acs_{Q-1} - Acs_s)``, zeroed unless ``s`` is in the chunk's last segment."""
+        return w if self.seg is None else jnp.where(self.seg == self.seg_last, w, 0.0)
+
+    def passing(self):
+        """``exp(Acs_{Q-1})`` (0 when a segment starts in the chunk): ``S_{c+1} = . S_c + st_c``."""
+        decay = jnp.exp(self.last)
+        return decay if self.seg is None else jnp.where(self.seg_last == 0.0, decay, 0.0)
 
 
-def _inflow(e, seg_ref):
-    """``exp(Acs_t)``, zeroed where a segment started since the chunk start."""
-    return e if seg_ref is None else jnp.where(seg_ref[...] == 0.0, e, 0.0)
-
-
-def _outflow(w, seg_ref, q):
-    """``exp(Acs_{Q-1} - Acs_s)``, zeroed unless ``s`` is in the chunk's last segment."""
-    if seg_ref is None:
-        return w
-    return jnp.where(seg_ref[...] == seg_ref[pl.ds(q - 1, 1)], w, 0.0)
+def _split_refs(plan, refs, n_lead):
+    """``(lead refs, seg refs, acs row ref, rest)``: each kernel's inputs are its lead inputs,
+    the segment inputs (GPU ``[seg]``, TPU ``[seg col, seg row]``; none without ids), on TPU
+    the ``[1, Q]`` row of ``Acs`` (the kernels that build ``Lmat``), then the rest."""
+    k = n_lead
+    ns = (2 if plan.tpu else 1) if plan.seg else 0
+    seg = refs[k:k + ns]
+    k += ns
+    row = None
+    if plan.tpu:
+        row, k = refs[k], k + 1
+    return refs[:n_lead], seg, row, refs[k:]
 
 
 def _chunk_state_kernel(*refs, plan):
-    x_ref, dt_ref, acs_ref, b_ref = refs[:4]
-    seg_ref = refs[4] if plan.seg else None
-    st_ref = refs[-1]
-    acs = acs_ref[...].astype(f32)
-    last = acs_ref[pl.ds(plan.q - 1, 1)].astype(f32)
-    w = _outflow(jnp.exp(last - acs), seg_ref, plan.q) * dt_ref[...].astype(f32)   # [Q]
-    xw = x_ref[...].astype(f32) * w[:, None]
+    (x_ref, dt_ref, acs_ref, b_ref), seg, _, (st_ref,) = _split_refs(plan, refs, 4)
+    ch = _Chunk(plan, acs_ref, seg)
+    w = ch.outflow(jnp.exp(ch.last - ch.acs)) * dt_ref[...].astype(f32)    # [Q]
+    xw = x_ref[...].astype(f32) * ch.col(w)
     st_ref[...] = _dot_tn(xw, b_ref[...], plan.mm)                        # [P, N]
 
 
 def _chunk_scan_kernel(*refs, plan):
-    x_ref, dt_ref, acs_ref, b_ref, c_ref = refs[:5]
-    seg_ref = refs[5] if plan.seg else None
-    s_ref, y_ref = refs[-2:]
-    acs, _, lmat = _decay(acs_ref, plan.q, seg_ref)
+    (x_ref, dt_ref, acs_ref, b_ref, c_ref), seg, row, (s_ref, y_ref) = _split_refs(plan, refs, 5)
+    ch = _Chunk(plan, acs_ref, seg, row)
+    lmat = ch.lmat()
     Cm = c_ref[...]
-    xdt = x_ref[...].astype(f32) * dt_ref[...].astype(f32)[:, None]
+    xdt = x_ref[...].astype(f32) * ch.col(dt_ref[...].astype(f32))
     m = lmat * _dot_nt(Cm, b_ref[...], plan.mm)                           # [Q, Q]
-    e = _inflow(jnp.exp(acs), seg_ref)
-    y = _dot(m, xdt, plan.mm) + e[:, None] * _dot_nt(Cm, s_ref[...], plan.mm)  # [Q, P]
+    e = ch.inflow(jnp.exp(ch.acs))
+    y = _dot(m, xdt, plan.mm) + ch.col(e) * _dot_nt(Cm, s_ref[...], plan.mm)  # [Q, P]
     y_ref[...] = y.astype(y_ref.dtype)
 
 
 def _chunk_state_grad_kernel(*refs, plan):
-    dy_ref, acs_ref, c_ref = refs[:3]
-    seg_ref = refs[3] if plan.seg else None
-    ds_ref = refs[-1]
-    e = _inflow(jnp.exp(acs_ref[...].astype(f32)), seg_ref)
-    ds_ref[...] = _dot_tn(dy_ref[...].astype(f32) * e[:, None], c_ref[...], plan.mm)
+    (dy_ref, acs_ref, c_ref), seg, _, (ds_ref,) = _split_refs(plan, refs, 3)
+    ch = _Chunk(plan, acs_ref, seg)
+    e = ch.inflow(jnp.exp(ch.acs))
+    ds_ref[...] = _dot_tn(dy_ref[...].astype(f32) * ch.col(e), c_ref[...], plan.mm)
 
 
 def _chunk_bwd_kernel(*refs, plan):
-    x_ref, dt_ref, acs_ref, b_ref, c_ref = refs[:5]
-    seg_ref = refs[5] if plan.seg else None
-    s_ref, dsn_ref, dy_ref, dx_ref, ddt_ref, dacs_ref, db_ref, dc_ref = refs[-8:]
-    q = plan.q
-    acs, last, lmat = _decay(acs_ref, q, seg_ref)
+    (x_ref, dt_ref, acs_ref, b_ref, c_ref), seg, row, rest = _split_refs(plan, refs, 5)
+    s_ref, dsn_ref, dy_ref, dx_ref, ddt_ref, dacs_ref, db_ref, dc_ref = rest[:8]
+    ch = _Chunk(plan, acs_ref, seg, row)
+    lmat = ch.lmat()
+    col = ch.col
     X = x_ref[...].astype(f32)
     dt = dt_ref[...].astype(f32)
     Bm = b_ref[...]                               # B, C only feed dots
@@ -190,64 +310,170 @@ def _chunk_bwd_kernel(*refs, plan):
     S = s_ref[...]
     dSn = dsn_ref[...]
     dY = dy_ref[...].astype(f32)
-    e = _inflow(jnp.exp(acs), seg_ref)
-    w = _outflow(jnp.exp(last - acs), seg_ref, q)
-    xdt = X * dt[:, None]
+    e = ch.inflow(jnp.exp(ch.acs))
+    w = ch.outflow(jnp.exp(ch.last - ch.acs))
+    xdt = X * col(dt)
 
     mm = plan.mm
     gmat = _dot_nt(Cm, Bm, mm)                    # C B^T      [Q, Q]
     m = lmat * gmat
     dm = _dot_nt(dY, xdt, mm)                     # dY xdt^T   [Q, Q]
     bds = _dot_nt(Bm, dSn, mm)                    # B dSn^T    [Q, P]
-    dxdt = _dot_tn(m, dY, mm) + w[:, None] * bds
+    dxdt = _dot_tn(m, dY, mm) + col(w) * bds
     dg = dm * lmat
     cs = _dot_nt(Cm, S, mm)                       # C S^T      [Q, P]
-    dc_ref[...] = _dot(dg, Bm, mm) + e[:, None] * _dot(dY, S, mm)
-    db_ref[...] = _dot_tn(dg, Cm, mm) + w[:, None] * _dot(xdt, dSn, mm)
+    dc_ref[...] = _dot(dg, Bm, mm) + col(e) * _dot(dY, S, mm)
+    db_ref[...] = _dot_tn(dg, Cm, mm) + col(w) * _dot(xdt, dSn, mm)
 
     E = dm * m
-    dw = jnp.sum(xdt * bds, axis=1) * w
-    dacs = jnp.sum(E, axis=1) - jnp.sum(E, axis=0) + e * jnp.sum(dY * cs, axis=1) - dw
-    decay = jnp.exp(last)                          # [1]: S_{c+1} = decay * S_c + st_c
-    if seg_ref is not None:
-        decay = jnp.where(seg_ref[pl.ds(q - 1, 1)] == 0.0, decay, 0.0)
-    last_extra = jnp.sum(dw) + decay * jnp.sum(dSn * S)                  # [1]
-    is_last = lax.broadcasted_iota(jnp.int32, (q,), 0) == q - 1
-    dacs_ref[...] = dacs + jnp.where(is_last, last_extra, 0.0)
-    dx_ref[...] = (dxdt * dt[:, None]).astype(dx_ref.dtype)
-    ddt_ref[...] = jnp.sum(dxdt * X, axis=1)
+    dw = ch.rowsum(xdt * bds) * w
+    # dAcs_t = sum_s E[t, s] - sum_s E[s, t] + ...: the column sums of E are a [1, Q] row on
+    # TPU, written to their own output (``rest[8]``) and added in JAX (no in-kernel transpose).
+    if plan.tpu:
+        rest[8][...] = -jnp.sum(E, axis=0, keepdims=True)
+        dacs = ch.rowsum(E) + e * ch.rowsum(dY * cs) - dw
+    else:
+        dacs = jnp.sum(E, axis=1) - jnp.sum(E, axis=0) + e * jnp.sum(dY * cs, axis=1) - dw
+    last_extra = ch.total(dw) + ch.passing() * ch.total2(dSn * S)   # S_{c+1} = decay S_c + st_c
+    dacs_ref[...] = dacs + jnp.where(ch.steps() == plan.q - 1, last_extra, 0.0)
+    dx_ref[...] = (dxdt * col(dt)).astype(dx_ref.dtype)
+    ddt_ref[...] = ch.rowsum(dxdt * X)
 
 
 # ----------------------------------------------------------------------------- pallas_calls
-def _specs(plan: _Plan):
-    """Block specs over the grid ``(batch, chunk, head, P block)``."""
-    q, hpg, bp, np_ = plan.q, plan.hpg, plan.bp, plan.np_
-    xs = pl.BlockSpec((SQ, q, SQ, bp), lambda i, c, h, j: (i, c, h, j))              # [b, Lp, H, P]
-    ts = pl.BlockSpec((SQ, SQ, q), lambda i, c, h, j: (i, h, c))                    # [b, H, Lp]
-    bc = pl.BlockSpec((SQ, q, SQ, np_), lambda i, c, h, j: (i, c, lax.div(h, hpg), 0))
-    st = pl.BlockSpec((SQ, SQ, SQ, bp, np_), lambda i, c, h, j: (i, c, h, j, 0))  # [b, nc, H, P, N]
-    return xs, ts, bc, st
+class _Layout:
+    """Where each backend wants the axes: the one place the GPU and TPU variants differ
+    outside the kernel bodies (which differ only through :class:`_Chunk`).
+
+    GPU (Triton), the public layout used in place: ``x``/``y``/``dx``/``dy`` ``[b, Lp, H, P]``,
+    ``B``/``C`` ``[b, Lp, G, N]``, per-step vectors (``dt``, ``Acs``) ``[b, H, Lp]``, ``seg``
+    ``[b, Lp]``; per-P-block partial sums ``[b, nPb, H, Lp]`` and ``[b, nPb, Lp, H, N]``.
+    TPU (Mosaic), transposed outside the kernels so that the last two dims of every block
+    are ``(Q, P)`` / ``(Q, N)`` / ``(P, N)`` tiles or full dims: ``x``... ``[b, H, Lp, P]``,
+    ``B``/``C`` ``[b, G, Lp, N]``, per-step vectors as ``[b, H, Lp, 1]`` columns, ``Acs`` also
+    as ``[b, H, nc, 1, Q]`` rows, ``seg`` as a ``[b, Lp, 1]`` column and ``[b, nc, 1, Q]`` rows,
+    partial sums ``[b, nPb, H, Lp, 1]`` / ``[b, nPb, H, Lp, N]`` and the ``dAcs`` column-sum
+    part as rows ``[b, nPb, H, nc, 1, Q]``.  States ``[b, nc, H, P, N]`` in both.
+    """
+
+    def __init__(self, plan: _Plan):
+        self.plan, self.tpu = plan, plan.tpu
+
+    # -- arrays (JAX side)
+    def seq(self, x):                  # [b, Lp, H|G, K] <-> this layout (its own inverse)
+        return jnp.swapaxes(x, 1, 2) if self.tpu else x
+
+    def vec(self, v):                  # [b, H, Lp] -> per-step vectors
+        return v[..., None] if self.tpu else v
+
+    def rows(self, v):                 # [b, H, Lp] -> [b, H, nc, 1, Q] (TPU; GPU: none)
+        p = self.plan
+        return [v.reshape(p.b, p.h, p.nc, 1, p.q)] if self.tpu else []
+
+    def seg_args(self, seg):
+        if seg is None:
+            return []
+        p = self.plan
+        return [seg[..., None], seg.reshape(p.b, p.nc, 1, p.q)] if self.tpu else [seg]
+
+    def from_partial_vec(self, v):     # per-P-block partial sums -> [b, H, Lp]
+        v = v.sum(1)
+        return v[..., 0] if self.tpu else v
+
+    def group_sum(self, v):            # per-head partial dB/dC -> [b, Lp, G, N]
+        p = self.plan
+        if self.tpu:                   # [b, nPb, H, Lp, N]
+            v = v.reshape(p.b, p.npb, p.g, p.hpg, p.lp, p.np_).sum((1, 3))
+            return jnp.swapaxes(v, 1, 2)
+        return v.reshape(p.b, p.npb, p.lp, p.g, p.hpg, p.np_).sum((1, 4))
+
+    # -- block specs over the grid (batch, chunk, head, P block)
+    def specs(self):
+        """``(x-like, per-step vector, B/C, state)`` block specs."""
+        p = self.plan
+        q, hpg, bp, np_ = p.q, p.hpg, p.bp, p.np_
+        st = pl.BlockSpec((SQ, SQ, SQ, bp, np_), lambda i, c, h, j: (i, c, h, j, 0))  # [b, nc, H, P, N]
+        if self.tpu:
+            return (pl.BlockSpec((SQ, SQ, q, bp), lambda i, c, h, j: (i, h, c, j)),
+                    pl.BlockSpec((SQ, SQ, q, 1), lambda i, c, h, j: (i, h, c, 0)),
+                    pl.BlockSpec((SQ, SQ, q, np_), lambda i, c, h, j: (i, lax.div(h, hpg), c, 0)),
+                    st)
+        return (pl.BlockSpec((SQ, q, SQ, bp), lambda i, c, h, j: (i, c, h, j)),
+                pl.BlockSpec((SQ, SQ, q), lambda i, c, h, j: (i, h, c)),
+                pl.BlockSpec((SQ, q, SQ, np_), lambda i, c, h, j: (i, c, lax.div(h, hpg), 0)),
+                st)
+
+    def row_specs(self):
+        q = self.plan.q
+        return [pl.BlockSpec((SQ, SQ, SQ, 1, q), lambda i, c, h, j: (i, h, c, 0, 0))] if self.tpu else []
+
+    def seg_specs(self):
+        p = self.plan
+        if not p.seg:
+            return []
+        if self.tpu:
+            return [pl.BlockSpec((SQ, p.q, 1), lambda i, c, h, j: (i, c, 0)),
+                    pl.BlockSpec((SQ, SQ, 1, p.q), lambda i, c, h, j: (i, c, 0, 0))]
+        return [pl.BlockSpec((SQ, p.q), lambda i, c, h, j: (i, c))]
+
+    def partial_outputs(self):
+        """Backward outputs with one partial sum per P block (summed in JAX): ``(specs,
+        shapes)`` for ``d dt`` and ``dAcs`` (vectors), ``dB`` and ``dC`` (per head), and on TPU
+        the ``dAcs`` row part."""
+        p = self.plan
+        b, npb, h, lp, q, np_ = p.b, p.npb, p.h, p.lp, p.q, p.np_
+        if self.tpu:
+            vec = (pl.BlockSpec((SQ, SQ, SQ, q, 1), lambda i, c, hh, j: (i, j, hh, c, 0)),
+                   (b, npb, h, lp, 1))
+            bch = (pl.BlockSpec((SQ, SQ, SQ, q, np_), lambda i, c, hh, j: (i, j, hh, c, 0)),
+                   (b, npb, h, lp, np_))
+            row = (pl.BlockSpec((SQ, SQ, SQ, SQ, 1, q), lambda i, c, hh, j: (i, j, hh, c, 0, 0)),
+                   (b, npb, h, p.nc, 1, q))
+            parts = [vec, vec, bch, bch, row]
+        else:
+            vec = (pl.BlockSpec((SQ, SQ, SQ, q), lambda i, c, hh, j: (i, j, hh, c)), (b, npb, h, lp))
+            bch = (pl.BlockSpec((SQ, SQ, q, SQ, np_), lambda i, c, hh, j: (i, j, c, hh, 0)),
+                   (b, npb, lp, h, np_))
+            parts = [vec, vec, bch, bch]
+        return [s for s, _ in parts], [jax.ShapeDtypeStruct(shape, f32) for _, shape in parts]
+
+    def seq_shape(self):
+        p = self.plan
+        return (p.b, p.h, p.lp, p.pp) if self.tpu else (p.b, p.lp, p.h, p.pp)
+
+    def params(self) -> dict:
+        p = self.plan
+        if self.tpu:  # every program owns its output blocks: all grid axes parallel
+            return compiler_params(0, 0, platform="tpu", dimension_semantics=("parallel",) * 4)
+        return compiler_params(p.num_warps, p.num_stages)
 
 
-def _seg_specs(plan: _Plan):
-    """``[seg spec]`` (``seg [b, Lp]``) when segment_ids are given, else ``[]``."""
-    return [pl.BlockSpec((SQ, plan.q), lambda i, c, h, j: (i, c))] if plan.seg else []
+_VMEM_LOG = None  # a list while tpu_vmem_bytes traces the TPU variant: (name, bytes) per pallas_call
 
 
-def _partial_specs(plan: _Plan):
-    """Outputs with one partial sum per P block (summed in JAX)."""
-    q, np_ = plan.q, plan.np_
-    tsp = pl.BlockSpec((SQ, SQ, SQ, q), lambda i, c, h, j: (i, j, h, c))            # [b, nPb, H, Lp]
-    bchp = pl.BlockSpec((SQ, SQ, q, SQ, np_), lambda i, c, h, j: (i, j, c, h, 0))   # [b, nPb, Lp, H, N]
-    return tsp, bchp
+def _tile_bytes(shape, dtype) -> int:
+    """VMEM bytes of one block: squeezed dims 1, last two dims padded to the (8, 128) tile
+    (16 sublanes for 16-bit dtypes)."""
+    shape = [1 if (d is None or not isinstance(d, (int, np.integer))) else int(d) for d in shape]
+    shape = [1, 1] + shape
+    *lead, r, c = shape
+    isz = jnp.dtype(dtype).itemsize
+    sub = 8 * max(1, 4 // isz)
+    return int(np.prod(lead, dtype=np.int64)) * round_up(r, sub) * round_up(c, 128) * isz
 
 
 def _pallas(plan, kernel, in_specs, out_specs, out_shape, name, *args):
+    lay = _Layout(plan)
+    if _VMEM_LOG is not None:
+        outs = out_shape if isinstance(out_shape, (list, tuple)) else [out_shape]
+        ospecs = out_specs if isinstance(out_specs, (list, tuple)) else [out_specs]
+        blocks = [(s.block_shape, a.dtype) for s, a in zip(in_specs, args)]
+        blocks += [(s.block_shape, o.dtype) for s, o in zip(ospecs, outs)]
+        _VMEM_LOG.append((name, 2 * sum(_tile_bytes(bs, dt) for bs, dt in blocks)))
     return pl.pallas_call(
         functools.partial(kernel, plan=plan), out_shape=out_shape,
         grid=(plan.b, plan.nc, plan.h, plan.npb), in_specs=in_specs, out_specs=out_specs,
-        interpret=plan.interpret, name=name,
-        **compiler_params(plan.num_warps, plan.num_stages))(*args)
+        interpret=plan.interpret, name=name, **lay.params())(*args)
 
 
 def _state_shape(plan):
@@ -290,24 +516,31 @@ def _pass_states(plan, st, acs, s0, seg):
 
 
 def _core_forward(plan, x, dt, A, B, C, s0, seg):
-    xs, ts, bc, st = _specs(plan)
-    ss, sa = _seg_specs(plan), [seg] if plan.seg else []
+    """Padded inputs in the public layout -> ``(y [this layout], final, residuals)``."""
+    lay = _Layout(plan)
+    xs, ts, bc, st = lay.specs()
+    ss, sa = lay.seg_specs(), lay.seg_args(seg)
     dtt, acs = _chunk_cumsum(plan, dt, A)
-    chunk_st = _pallas(plan, _chunk_state_kernel, [xs, ts, ts, bc] + ss, st, _state_shape(plan),
-                       "ssd_chunk_state", x, dtt, acs, B, *sa)
+    rs, ra = lay.row_specs(), lay.rows(acs)
+    xk, Bk, Ck = lay.seq(x), lay.seq(B), lay.seq(C)
+    dtk, acsk = lay.vec(dtt), lay.vec(acs)
+    chunk_st = _pallas(plan, _chunk_state_kernel, [xs, ts, ts, bc] + ss + rs, st, _state_shape(plan),
+                       "ssd_chunk_state", xk, dtk, acsk, Bk, *sa, *ra)
     starts, final, _ = _pass_states(plan, chunk_st, acs, s0, seg)
-    y = _pallas(plan, _chunk_scan_kernel, [xs, ts, ts, bc, bc] + ss + [st], xs,
-                jax.ShapeDtypeStruct((plan.b, plan.lp, plan.h, plan.pp), f32),
-                "ssd_chunk_scan", x, dtt, acs, B, C, *sa, starts)
-    return y, final, (dtt, acs, starts)
+    y = _pallas(plan, _chunk_scan_kernel, [xs, ts, ts, bc, bc] + ss + rs + [st], xs,
+                jax.ShapeDtypeStruct(lay.seq_shape(), f32),
+                "ssd_chunk_scan", xk, dtk, acsk, Bk, Ck, *sa, *ra, starts)
+    return y, final, (xk, Bk, Ck, dtt, acs, starts)
 
 
-def _core_backward(plan, x, dt, A, B, C, seg, dtt, acs, starts, dy, dfinal):
-    xs, ts, bc, st = _specs(plan)
-    ss, sa = _seg_specs(plan), [seg] if plan.seg else []
-    tsp, bchp = _partial_specs(plan)
-    dsy = _pallas(plan, _chunk_state_grad_kernel, [xs, ts, bc] + ss, st, _state_shape(plan),
-                  "ssd_chunk_state_grad", dy, acs, C, *sa)
+def _core_backward(plan, A, seg, xk, Bk, Ck, dtt, acs, starts, dy, dfinal):
+    lay = _Layout(plan)
+    xs, ts, bc, st = lay.specs()
+    ss, sa = lay.seg_specs(), lay.seg_args(seg)
+    rs, ra = lay.row_specs(), lay.rows(acs)
+    dtk, acsk, dyk = lay.vec(dtt), lay.vec(acs), lay.seq(dy)
+    dsy = _pallas(plan, _chunk_state_grad_kernel, [xs, ts, bc] + ss + rs, st, _state_shape(plan),
+                  "ssd_chunk_state_grad", dyk, acsk, Ck, *sa, *ra)
     decay = _chunk_decay(plan, acs, seg)
 
     def rstep(dsn, inp):                     # dsn: grad wrt the state after chunk c
@@ -318,26 +551,23 @@ def _core_backward(plan, x, dt, A, B, C, seg, dtt, acs, starts, dy, dfinal):
                         reverse=True)
     dsn = jnp.moveaxis(dsn, 0, 1)            # [b, nc, H, P, N]
     b, lp, h = plan.b, plan.lp, plan.h
-    npb = plan.npb
-    out_shape = [jax.ShapeDtypeStruct((b, lp, h, plan.pp), f32),
-                 jax.ShapeDtypeStruct((b, npb, h, lp), f32),
-                 jax.ShapeDtypeStruct((b, npb, h, lp), f32),
-                 jax.ShapeDtypeStruct((b, npb, lp, h, plan.np_), f32),
-                 jax.ShapeDtypeStruct((b, npb, lp, h, plan.np_), f32)]
-    dx, ddt, dacs, dbh, dch = _pallas(
-        plan, _chunk_bwd_kernel, [xs, ts, ts, bc, bc] + ss + [st, st, xs], [xs, tsp, tsp, bchp, bchp],
-        out_shape, "ssd_chunk_bwd", x, dtt, acs, B, C, *sa, starts, dsn, dy)
-    ddt, dacs = ddt.sum(1), dacs.sum(1)     # every P block holds a partial sum over its P slice
+    part_specs, part_shapes = lay.partial_outputs()
+    outs = _pallas(
+        plan, _chunk_bwd_kernel, [xs, ts, ts, bc, bc] + ss + rs + [st, st, xs], [xs] + part_specs,
+        [jax.ShapeDtypeStruct(lay.seq_shape(), f32)] + part_shapes, "ssd_chunk_bwd",
+        xk, dtk, acsk, Bk, Ck, *sa, *ra, starts, dsn, dyk)
+    dx, ddt, dacs, dbh, dch = outs[:5]
+    # every P block holds a partial sum over its P slice
+    ddt, dacs = lay.from_partial_vec(ddt), lay.from_partial_vec(dacs)
+    if plan.tpu:                             # the column sums of E, written as rows
+        dacs = dacs + outs[5].sum(1).reshape(b, h, lp)
     # Acs = cumsum(dt * A) within a chunk -> da = reverse cumsum of dAcs.
     dacs = dacs.reshape(b, h, plan.nc, plan.q)
     da = jnp.flip(jnp.cumsum(jnp.flip(dacs, -1), axis=-1), -1).reshape(b, h, lp)
     ddt = ddt + da * A.astype(f32)[None, :, None]
     dA = jnp.sum(da * dtt, axis=(0, 2))
-
-    def group_sum(v):                        # [b, nPb, Lp, H, N] -> [b, Lp, G, N]
-        return v.reshape(b, npb, lp, plan.g, plan.hpg, plan.np_).sum((1, 4))
-
-    return dx, jnp.transpose(ddt, (0, 2, 1)), dA, group_sum(dbh), group_sum(dch), ds0
+    return (lay.seq(dx), jnp.transpose(ddt, (0, 2, 1)), dA, lay.group_sum(dbh), lay.group_sum(dch),
+            ds0)
 
 
 def _pad_inputs(plan, x, dt, B, C, s0):
@@ -348,6 +578,7 @@ def _pad_inputs(plan, x, dt, B, C, s0):
 
 
 def _unpad(plan, y, final):
+    y = _Layout(plan).seq(y)
     return y[:, :plan.l, :, :plan.p], final[:, :, :plan.p, :plan.n]
 
 
@@ -362,31 +593,69 @@ def _ssd_core(plan, x, dt, A, B, C, s0, seg):
 
 def _ssd_core_fwd(plan, x, dt, A, B, C, s0, seg):
     xp, dtp, Bp, Cp, s0p = _pad_inputs(plan, x, dt, B, C, s0)
-    y, final, (dtt, acs, starts) = _core_forward(plan, xp, dtp, A, Bp, Cp, s0p, seg)
-    return _unpad(plan, y, final), (xp, dtp, A, Bp, Cp, seg, dtt, acs, starts)
+    y, final, (xk, Bk, Ck, dtt, acs, starts) = _core_forward(plan, xp, dtp, A, Bp, Cp, s0p, seg)
+    return _unpad(plan, y, final), (xk, dtp, A, Bk, Ck, seg, dtt, acs, starts)
 
 
 def _ssd_core_bwd(plan, res, cts):
-    xp, dtp, A, Bp, Cp, seg, dtt, acs, starts = res
+    xk, dtp, A, Bk, Ck, seg, dtt, acs, starts = res
     dy, dfinal = cts
-    # The backward holds ~4x the forward's tiles: half the P block keeps it in
-    # registers (sm_90 compile report: 255 regs + spills at 64, none at 32).
-    plan = dataclasses.replace(plan, bp=min(plan.bp, BWD_BLOCK_P))
+    if not plan.tpu:
+        # The backward holds ~4x the forward's tiles: half the P block keeps it in
+        # registers (sm_90 compile report: 255 regs + spills at 64, none at 32).
+        plan = dataclasses.replace(plan, bp=min(plan.bp, BWD_BLOCK_P))
     b, lp, h = plan.b, plan.lp, plan.h
     dy = _pad_to(dy.astype(f32), (b, lp, h, plan.pp))
     dfinal = _pad_to(dfinal.astype(f32), (b, h, plan.pp, plan.np_))
-    dx, ddt, dA, dB, dC, ds0 = _core_backward(plan, xp, dtp, A, Bp, Cp, seg, dtt, acs, starts, dy,
+    dx, ddt, dA, dB, dC, ds0 = _core_backward(plan, A, seg, xk, Bk, Ck, dtt, acs, starts, dy,
                                               dfinal)
     l, p, n = plan.l, plan.p, plan.n
-    return (dx[:, :l, :, :p].astype(xp.dtype), ddt[:, :l].astype(dtp.dtype), dA.astype(A.dtype),
-            dB[:, :l, :, :n].astype(Bp.dtype), dC[:, :l, :, :n].astype(Cp.dtype),
+    return (dx[:, :l, :, :p].astype(xk.dtype), ddt[:, :l].astype(dtp.dtype), dA.astype(A.dtype),
+            dB[:, :l, :, :n].astype(Bk.dtype), dC[:, :l, :, :n].astype(Ck.dtype),
             ds0[:, :, :p, :n], None)
 
 
 _ssd_core.defvjp(_ssd_core_fwd, _ssd_core_bwd)
 
 
+def _ssd_variant(plan, x, dt, A, B, C, s0, segment_ids):
+    """One variant (``plan.platform``) of the whole differentiable core: ``(y_f32, final)``."""
+    seg = None if segment_ids is None else _segments(plan, segment_ids)
+    return _ssd_core(plan, x, dt, A, B, C, s0, seg)
+
+
+def _by_platform(plan: _Plan, fn, *args):
+    """``fn(variant_plan, *args)`` for the platform being lowered for.
+
+    Compiled calls (``plan.tpu_plan`` set) go through ``lax.platform_dependent`` around the
+    whole ``custom_vjp`` (the variants' residuals differ in shape: chunk length, padding):
+    lowering for TPU (``jax.export(..., platforms=("tpu",))`` or a TPU backend) emits the
+    Mosaic variant, anything else the Triton one; only the target's branch is lowered.
+    Interpret-mode plans are single-variant.
+    """
+    if plan.tpu_plan is None:
+        return fn(plan, *args)
+    return lax.platform_dependent(
+        *args, tpu=functools.partial(fn, plan.tpu_plan), default=functools.partial(fn, plan))
+
+
 # ----------------------------------------------------------------------------- public API
+def _check_sizes(chunk_size, block_p):
+    if (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 16
+            or chunk_size & (chunk_size - 1)):
+        raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size!r}")
+    if block_p is None:
+        block_p = 64
+    if isinstance(block_p, bool) or not isinstance(block_p, int) or block_p < 16 or block_p & (block_p - 1):
+        raise ValueError(f"block_p must be a power of two >= 16, got {block_p!r}")
+    return block_p
+
+
+def _mm_dtype(x, B, C):
+    half = (jnp.bfloat16, jnp.float16)
+    return jnp.dtype(x.dtype).name if x.dtype in half and B.dtype == C.dtype == x.dtype else "float32"
+
+
 @functools.partial(jax.jit, static_argnames=("dt_softplus", "return_final_state", "chunk_size",
                                              "interpret", "block_p"))
 def ssd(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False, initial_state=None,
@@ -412,40 +681,73 @@ def ssd(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False, init
         at every ``t`` with ``segment_ids[t] != segment_ids[t-1]``.
       return_final_state: also return the final state ``[B, H, P, N]`` float32.
       chunk_size: power of two >= 16 (shrunk to the padded length for short inputs).
+        The TPU variant uses ``max(128, chunk)`` (its chunk tiles are whole lane vregs).
       interpret: Pallas interpret mode; ``None`` = on when the default backend is CPU.
+        ``False``: compiled, Triton kernels when lowered for GPU and Mosaic kernels
+        when lowered for TPU (chosen at lowering time).  A ``pltpu.InterpretParams()``
+        runs the TPU variant in Pallas' TPU interpret mode.
       block_p: P columns per forward program (power of two >= 16, default 64; the
         grid is ``(batch, chunks, H, P / block_p)``); the backward uses
         ``min(block_p, 32)``.  ``chunk_size`` 64 with bf16 inputs is what compiles
-        for sm_90 without register spills (``experiments.kernel_report``).
+        for sm_90 without register spills (``experiments.kernel_report``).  GPU only:
+        the TPU variant always uses 128-column P blocks.
 
     Returns ``y [B, L, H, P]`` (``x.dtype``) or ``(y, final_state)``.  Differentiable
     in x, dt, A, B, C, D, z, dt_bias and initial_state.
     """
     b, l, h, p, g, n = validate(x, dt, A, B, C, D, z, dt_bias, initial_state, segment_ids)
-    if (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 16
-            or chunk_size & (chunk_size - 1)):
-        raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size!r}")
-    if block_p is None:
-        block_p = 64
-    if isinstance(block_p, bool) or not isinstance(block_p, int) or block_p < 16 or block_p & (block_p - 1):
-        raise ValueError(f"block_p must be a power of two >= 16, got {block_p!r}")
-    q = min(chunk_size, max(16, next_pow2(l)))
-    pp = max(16, next_pow2(p))
-    bp = min(block_p, pp)
-    np_ = max(16, next_pow2(n))
-    half = (jnp.bfloat16, jnp.float16)
-    mm = jnp.dtype(x.dtype).name if x.dtype in half and B.dtype == C.dtype == x.dtype else "float32"
-    plan = _Plan(b=b, l=l, lp=round_up(l, q), q=q, h=h, g=g, p=p, pp=pp, n=n, np_=np_, bp=bp,
-                 interpret=resolve_interpret(interpret),
-                 num_warps=4 if q * max(bp, np_) <= 64 * 64 else 8, mm=mm,
-                 seg=segment_ids is not None)
+    block_p = _check_sizes(chunk_size, block_p)
+    interpret = resolve_interpret(interpret)
+    make = functools.partial(_make_plan, b, l, h, p, g, n, chunk_size=chunk_size, block_p=block_p,
+                             mm=_mm_dtype(x, B, C), seg=segment_ids is not None,
+                             interpret=interpret)
+    if is_tpu_interpret(interpret):   # TPU interpret mode: the TPU variant only
+        plan = make(platform="tpu")
+    elif interpret:                   # plain interpret mode: the (Triton-shaped) GPU variant
+        plan = make()
+    else:                             # compiled: chosen when lowering (see _by_platform)
+        plan = dataclasses.replace(make(), tpu_plan=make(platform="tpu"))
     dtp = process_dt(dt, dt_bias, dt_softplus)
     s0 = jnp.zeros((b, h, p, n), f32) if initial_state is None else initial_state.astype(f32)
-    seg = None if segment_ids is None else _segments(plan, segment_ids)
-    y, final = _ssd_core(plan, x, dtp, A, B, C, s0, seg)
+    y, final = _by_platform(plan, _ssd_variant, x, dtp, A, B, C, s0, segment_ids)
     if D is not None:
         y = y + _d_term(D, x.astype(f32))
     if z is not None:
         y = y * jax.nn.silu(z.astype(f32))
     y = y.astype(x.dtype)
     return (y, final) if return_final_state else y
+
+
+def tpu_vmem_bytes(x_shape, bc_shape, dtype=jnp.float32, *, chunk_size=64,
+                   segments=False) -> dict:
+    """VMEM the TPU block specs imply per grid step, per kernel: every input and output
+    block (last two dims padded to the (8, 128) tile, 16 sublanes for 16-bit dtypes),
+    double-buffered by the Pallas pipeline; in-kernel temporaries (the ``[Q, Q]`` decay and
+    ``C B^T`` tiles, ~5 of them in the backward) are not counted.
+
+    ``x_shape = (B, L, H, P)``, ``bc_shape = (B, L, G, N)``; ``dtype`` of x/B/C.  Returns
+    ``{"ssd_chunk_state": bytes, "ssd_chunk_scan": ..., "ssd_chunk_state_grad": ...,
+    "ssd_chunk_bwd": ...}`` (read off the block specs while tracing the TPU variant).
+    """
+    global _VMEM_LOG
+    b, l, h, p = x_shape
+    g, n = bc_shape[2], bc_shape[3]
+    _check_sizes(chunk_size, None)
+    S = jax.ShapeDtypeStruct
+    x, B = S(tuple(x_shape), dtype), S(tuple(bc_shape), dtype)
+    plan = _make_plan(b, l, h, p, g, n, chunk_size=chunk_size, block_p=64,
+                      mm=_mm_dtype(x, B, B), seg=bool(segments), interpret=False, platform="tpu")
+    args = (x, S((b, l, h), f32), S((h,), f32), B, B, S((b, h, p, n), f32),
+            S((b, l), jnp.int32) if segments else None)
+
+    def fwd_bwd(*a):
+        out, vjp = jax.vjp(lambda *d: _ssd_variant(plan, *d, a[-1]), *a[:-1])
+        return vjp(out)
+
+    log, _VMEM_LOG = _VMEM_LOG, []
+    try:
+        jax.eval_shape(fwd_bwd, *args)
+        found = dict(_VMEM_LOG)
+    finally:
+        _VMEM_LOG = log
+    return found
