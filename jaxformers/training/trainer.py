@@ -272,10 +272,10 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, resume: bool 
     run_dir = Path(tc.out_dir).expanduser()
     is_main = jax.process_index() == 0
     if multi and jax.process_count() > 1:
-        log.warning("process %d of %d: if another process dies, this one stops once the JAX "
-                    "distributed service misses its heartbeats (JAXFORMERS_HEARTBEAT_TIMEOUT, default "
-                    "100 s); then restart every process with --resume", jax.process_index(),
-                    jax.process_count())
+        log.warning("process %d of %d: if another process dies, this one stops once the JAX distributed "
+                    "service has missed its heartbeats for %s s (JAXFORMERS_HEARTBEAT_TIMEOUT); then "
+                    "restart every process with --resume", jax.process_index(), jax.process_count(),
+                    os.environ.get("JAXFORMERS_HEARTBEAT_TIMEOUT", "").strip() or 100)
     ckpt = Checkpointer(run_dir, keep=tc.keep_checkpoints)
     rundir.refuse_clobber(run_dir, ckpt, resume)
 
