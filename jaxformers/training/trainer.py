@@ -27,6 +27,11 @@ run killed before its first save, is reused and its metrics are reset).  A corru
 error (:class:`CheckpointError`), never silently skipped; an incomplete one (a
 save cut short) is moved to ``checkpoints.incomplete/`` and the previous one is used.
 See :mod:`.rundir` for the files.
+
+Several processes (``jax.distributed``, see :func:`.mesh.maybe_initialize_distributed`): each
+process reads only the rows of the global batch its devices hold (:func:`train_loader`), process
+0 alone writes the run directory's files, and a stop signal received by any process is agreed on
+by all (:class:`_StopVote`), so they checkpoint the same step and stop together.
 """
 from __future__ import annotations
 
@@ -206,7 +211,7 @@ class _StopVote:
     same step (without a host round trip per step).  With one process it is the local signal.
     """
 
-    def __init__(self, mesh):
+    def __init__(self):
         self.multi = jax.process_count() > 1
         self._pending = None
         if self.multi:
@@ -358,7 +363,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, resume: bool 
     last_train, last_eval = None, None
     clock = Throughput(start_step, tc.tokens_per_step)
     stop = _StopRequest()
-    vote = _StopVote(mesh)
+    vote = _StopVote()
     stopped_by = None
     try:
         for step in range(start_step, end_step):
