@@ -40,7 +40,9 @@ def main(argv=None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({"run": args.run, "split": args.split, **result}))
+    import jax
+    if jax.process_index() == 0:  # several processes (a multi-host launch): one report
+        print(json.dumps({"run": args.run, "split": args.split, **result}))
     return 0
 
 

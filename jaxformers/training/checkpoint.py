@@ -174,9 +174,11 @@ class Checkpointer:
         """Move incomplete step directories to ``run_dir/checkpoints.incomplete/`` (process 0)."""
         moved = []
         incomplete = self.incomplete_steps()
-        if not incomplete:
+        if not incomplete and jax.process_count() == 1:
             return moved
-        if jax.process_index() == 0:
+        # every process reaches the barrier below: process 0 may already have moved what another
+        # process would list
+        if incomplete and jax.process_index() == 0:
             target_root = self.run_dir / "checkpoints.incomplete"
             target_root.mkdir(parents=True, exist_ok=True)
             for step in incomplete:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import jax
 import numpy as np
@@ -176,27 +176,139 @@ def opt_state_shardings(tx, abstract_opt_state, param_shardings, mesh):
 
 
 # ----------------------------------------------------------------------------- multi-host
-_MULTI_HOST_ENV = (
-    "JAX_COORDINATOR_ADDRESS",  # generic: set with JAX_NUM_PROCESSES / JAX_PROCESS_ID
-    "COORDINATOR_ADDRESS",
-)
+# Launches that start several processes, and what ``jax.distributed.initialize`` is given:
+#
+# * ``JAX_COORDINATOR_ADDRESS`` + ``JAX_NUM_PROCESSES`` + ``JAX_PROCESS_ID`` (jax itself reads
+#   only the address; we read all three and pass them explicitly);
+# * ``COORDINATOR_ADDRESS`` + ``NUM_PROCESSES`` + ``PROCESS_ID`` (this project's names; the
+#   ``JAX_`` names win where both are set);
+# * SLURM (``srun``): jax reads ``SLURM_JOB_ID``, ``SLURM_STEP_NODELIST``, ``SLURM_NTASKS``,
+#   ``SLURM_PROCID`` and ``SLURM_LOCALID`` (``JAX_COORDINATOR_PORT`` overrides the port it
+#   derives from the job id);
+# * Open MPI (``mpirun``): jax reads ``OMPI_MCA_orte_hnp_uri`` (the coordinator's host),
+#   ``OMPI_COMM_WORLD_SIZE``, ``OMPI_COMM_WORLD_RANK`` and ``OMPI_COMM_WORLD_LOCAL_RANK``;
+# * a multi-worker Cloud TPU slice: the TPU runtime's variables (``TPU_WORKER_HOSTNAMES``, ...).
+#
+# ``JAXFORMERS_HEARTBEAT_TIMEOUT`` (seconds, jax's default 100) bounds how long the surviving
+# processes wait after one died before they stop; ``JAXFORMERS_INIT_TIMEOUT`` (seconds, default
+# 300) how long a process waits for the others to connect.
+_SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+_OMPI_VARS = ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK")
+_OMPI_URI = "OMPI_MCA_orte_hnp_uri"
 
 
-def _multi_host_reason() -> Optional[str]:
-    env = os.environ
-    for name in _MULTI_HOST_ENV:
-        if env.get(name):
-            return name
-    if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and env.get("SLURM_JOB_ID"):
-        return "SLURM_NTASKS>1"
-    if int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
-        return "OMPI_COMM_WORLD_SIZE>1"
-    # Multi-host Cloud TPU slices: the TPU runtime lists every worker.
+def _env_int(env, name: str, minimum: int = 0) -> int:
+    value = env[name].strip()
+    try:
+        number = int(value)
+    except ValueError:
+        number = None
+    if number is None or number < minimum:
+        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
+    return number
+
+
+def _first_set(env, *names) -> Optional[str]:
+    return next((n for n in names if env.get(n, "").strip()), None)
+
+
+def _explicit_launch(env, coordinator: Optional[str]) -> Optional[Dict[str, object]]:
+    """``coordinator_address`` / ``num_processes`` / ``process_id`` from the ``JAX_`` or the project's
+    variables; ``None`` when neither names a process count or id.  ``ValueError`` (naming the
+    variable) when the launch is half-configured."""
+    num_var = _first_set(env, "JAX_NUM_PROCESSES", "NUM_PROCESSES")
+    pid_var = _first_set(env, "JAX_PROCESS_ID", "PROCESS_ID")
+    jax_style = coordinator == "JAX_COORDINATOR_ADDRESS" or (num_var or "").startswith("JAX_") or \
+        (pid_var or "").startswith("JAX_")
+    prefix = "JAX_" if jax_style else ""
+    if coordinator is None:
+        # the JAX_ names are unambiguous; the project's generic names only count together
+        if any(env.get(n, "").strip() for n in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID")):
+            raise ValueError(
+                f"{num_var or pid_var} is set but JAX_COORDINATOR_ADDRESS is not: set it to host:port of "
+                "process 0 (the same value on every process)")
+        return None
+    kwargs: Dict[str, object] = {"coordinator_address": env[coordinator].strip()}
+    if ":" not in str(kwargs["coordinator_address"]):
+        raise ValueError(f"{coordinator}={kwargs['coordinator_address']!r} must be host:port")
+    if num_var is None or pid_var is None:
+        if _cluster_launch(env) is not None:  # SLURM / Open MPI / TPU fill in the rest
+            return {**kwargs, **({"num_processes": _env_int(env, num_var, 1)} if num_var else {}),
+                    **({"process_id": _env_int(env, pid_var)} if pid_var else {})}
+        missing = [f"{prefix}NUM_PROCESSES" if num_var is None else None,
+                   f"{prefix}PROCESS_ID" if pid_var is None else None]
+        raise ValueError(f"{coordinator} is set but {' and '.join(m for m in missing if m)} "
+                         f"{'is' if None in missing else 'are'} not: every process needs the process "
+                         f"count ({prefix}NUM_PROCESSES, the same on all) and its own id "
+                         f"({prefix}PROCESS_ID, 0 .. count-1)")
+    kwargs["num_processes"] = _env_int(env, num_var, 1)
+    kwargs["process_id"] = _env_int(env, pid_var)
+    if not kwargs["process_id"] < kwargs["num_processes"]:
+        raise ValueError(f"{pid_var}={kwargs['process_id']} must be smaller than "
+                         f"{num_var}={kwargs['num_processes']}")
+    return kwargs
+
+
+def _cluster_launch(env) -> Optional[str]:
+    """The cluster launcher jax can read the layout from (``slurm``, ``ompi``, ``tpu``) or ``None``;
+    ``ValueError`` naming the missing variables of a half-visible SLURM / Open MPI launch."""
+    if env.get("SLURM_JOB_ID") and int(env.get("SLURM_NTASKS", "1").strip() or 1) > 1:
+        missing = [v for v in _SLURM_VARS if not env.get(v, "").strip()]
+        if missing:
+            raise ValueError(
+                f"SLURM job with SLURM_NTASKS={env['SLURM_NTASKS']} but {', '.join(missing)} "
+                f"{'is' if len(missing) == 1 else 'are'} not set: start one process per task with "
+                "`srun python -m experiments.train ...` (inside sbatch), or set JAX_COORDINATOR_ADDRESS, "
+                "JAX_NUM_PROCESSES and JAX_PROCESS_ID")
+        return "slurm"
+    if int(env.get("OMPI_COMM_WORLD_SIZE", "1").strip() or 1) > 1:
+        missing = [v for v in _OMPI_VARS if not env.get(v, "").strip()]
+        if not env.get(_OMPI_URI) and not env.get("JAX_COORDINATOR_ADDRESS") \
+                and not env.get("COORDINATOR_ADDRESS"):
+            missing.insert(0, f"{_OMPI_URI} (or JAX_COORDINATOR_ADDRESS)")
+        if missing:
+            raise ValueError(
+                f"Open MPI launch with OMPI_COMM_WORLD_SIZE={env['OMPI_COMM_WORLD_SIZE']} but "
+                f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set: start with "
+                "`mpirun -np N python -m experiments.train ...` (Open MPI 4 sets them; with Open MPI 5 "
+                "set JAX_COORDINATOR_ADDRESS=host-of-rank-0:port)")
+        return "ompi"
     hosts = env.get("TPU_WORKER_HOSTNAMES", "")
-    if hosts and len([h for h in hosts.split(",") if h.strip()]) > 1:
-        return "TPU_WORKER_HOSTNAMES"
-    if env.get("MEGASCALE_COORDINATOR_ADDRESS"):
-        return "MEGASCALE_COORDINATOR_ADDRESS"
+    if (hosts and len([h for h in hosts.split(",") if h.strip()]) > 1) or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+        return "tpu"
+    return None
+
+
+def distributed_settings(env=None) -> Optional[Tuple[str, Dict[str, object]]]:
+    """``(reason, kwargs for jax.distributed.initialize)`` when ``env`` (default ``os.environ``)
+    describes a multi-process launch, else ``None``.
+
+    Raises ``ValueError`` naming the variable when a launch is half-configured (a coordinator
+    without process count or id, an id without coordinator, a SLURM job outside ``srun``,
+    non-integers, ``id >= count``).  ``JAXFORMERS_DISTRIBUTED=0`` skips, ``=1`` forces
+    (then jax looks for the layout itself).
+    """
+    env = os.environ if env is None else env
+    flag = env.get("JAXFORMERS_DISTRIBUTED", "").strip().lower()
+    force = {"1": True, "true": True, "0": False, "false": False, "": None}.get(flag, "bad")
+    if force == "bad":
+        raise ValueError(f"JAXFORMERS_DISTRIBUTED={env['JAXFORMERS_DISTRIBUTED']!r} must be 0 or 1")
+    if force is False:
+        return None
+    kwargs: Dict[str, object] = {}
+    for var, key in (("JAXFORMERS_HEARTBEAT_TIMEOUT", "heartbeat_timeout_seconds"),
+                     ("JAXFORMERS_INIT_TIMEOUT", "initialization_timeout")):
+        if env.get(var, "").strip():
+            kwargs[key] = _env_int(env, var, 1)
+    coordinator = _first_set(env, "JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
+    explicit = _explicit_launch(env, coordinator)
+    if explicit is not None:
+        return coordinator, {**explicit, **kwargs}
+    cluster = _cluster_launch(env)
+    if cluster is not None:
+        return cluster, kwargs
+    if force:
+        return "JAXFORMERS_DISTRIBUTED=1", kwargs
     return None
 
 
@@ -204,37 +316,61 @@ _INITIALIZED = False
 
 
 def maybe_initialize_distributed(force: Optional[bool] = None) -> bool:
-    """Call ``jax.distributed.initialize()`` when the environment says multi-host.
+    """Call ``jax.distributed.initialize`` when the environment describes a multi-process launch.
 
-    Multi-host is detected from (any of): ``JAX_COORDINATOR_ADDRESS`` (with
-    ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``; jax reads them itself),
-    ``COORDINATOR_ADDRESS``, a SLURM job with ``SLURM_NTASKS > 1``, an Open MPI
-    launch with ``OMPI_COMM_WORLD_SIZE > 1``, or a multi-host Cloud TPU slice
-    (``TPU_WORKER_HOSTNAMES`` lists more than one worker).  On SLURM / TPU / MPI
-    ``jax.distributed.initialize()`` finds the coordinator and process ids by
-    itself.  Set ``JAXFORMERS_DISTRIBUTED=0`` to skip, ``=1`` to force.  Must run
-    before anything touches the devices; returns whether it initialized.
+    Launches (see :func:`distributed_settings`): ``JAX_COORDINATOR_ADDRESS`` +
+    ``JAX_NUM_PROCESSES`` + ``JAX_PROCESS_ID``; the same without the ``JAX_`` prefix; SLURM
+    (``srun``, more than one task); Open MPI (``mpirun``); a multi-worker Cloud TPU slice.
+    ``JAXFORMERS_DISTRIBUTED=0`` skips, ``=1`` forces (``force`` overrides it);
+    ``JAXFORMERS_HEARTBEAT_TIMEOUT`` / ``JAXFORMERS_INIT_TIMEOUT`` (seconds) bound how long a
+    process waits for a dead / a missing peer.  Must run before anything touches the devices;
+    returns whether jax runs distributed.  ``ValueError`` (naming the variable) for a
+    half-configured launch.
     """
     global _INITIALIZED
     if _INITIALIZED:
         return True
-    if force is None:
-        flag = os.environ.get("JAXFORMERS_DISTRIBUTED", "").strip().lower()
-        force = {"1": True, "true": True, "0": False, "false": False}.get(flag)
-    reason = "JAXFORMERS_DISTRIBUTED=1" if force else (None if force is False else _multi_host_reason())
-    if reason is None:
+    env = dict(os.environ)
+    if force is not None:
+        env["JAXFORMERS_DISTRIBUTED"] = "1" if force else "0"
+    settings = distributed_settings(env)
+    if settings is None:
         return False
-    kwargs = {}
-    if os.environ.get("COORDINATOR_ADDRESS") and not os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        kwargs["coordinator_address"] = os.environ["COORDINATOR_ADDRESS"]
-        if os.environ.get("NUM_PROCESSES"):
-            kwargs["num_processes"] = int(os.environ["NUM_PROCESSES"])
-        if os.environ.get("PROCESS_ID"):
-            kwargs["process_id"] = int(os.environ["PROCESS_ID"])
-    log.info("multi-host environment detected (%s): calling jax.distributed.initialize()", reason)
+    reason, kwargs = settings
+    if jax.distributed.is_initialized():  # the caller did it already
+        _INITIALIZED = True
+        return True
+    log.info("multi-process launch (%s): jax.distributed.initialize(%s)", reason,
+             ", ".join(f"{k}={v!r}" for k, v in kwargs.items()))
     jax.distributed.initialize(**kwargs)
     _INITIALIZED = True
+    log.info("process %d of %d (%d local devices, %d in all)", jax.process_index(), jax.process_count(),
+             jax.local_device_count(), jax.device_count())
     return True
+
+
+def process_rows(mesh, global_rows: int) -> Tuple[int, int]:
+    """``(block, n_blocks)``: this process holds rows ``[block * global_rows / n_blocks, (block + 1) *
+    global_rows / n_blocks)`` of a batch sharded by :func:`batch_sharding` over ``mesh``.
+
+    One process: ``(0, 1)``.  Processes whose devices hold the same rows (the batch axes do not
+    span processes, e.g. ``tensor`` across hosts) share a block.  ``ValueError`` if the rows of a
+    process are not one contiguous block (an unusual device order).
+    """
+    if jax.process_count() == 1:
+        return 0, 1
+    sharding = batch_sharding(mesh, ndim=1)
+    rows = set()
+    for index in sharding.addressable_devices_indices_map((global_rows,)).values():
+        rows.update(range(*index[0].indices(global_rows)))
+    lo, hi = min(rows), max(rows) + 1
+    size = hi - lo
+    if len(rows) != size or global_rows % size or lo % size:
+        raise ValueError(
+            f"mesh {describe(mesh)}: the devices of process {jax.process_index()} hold rows "
+            f"{sorted(rows)} of a batch of {global_rows}, not one contiguous block; choose a mesh whose "
+            "batch axes (data, fsdp, expert) split the processes evenly")
+    return lo // size, global_rows // size
 
 
 def fit_sharding(sharding: NamedSharding, shape) -> NamedSharding:

@@ -27,6 +27,11 @@ run killed before its first save, is reused and its metrics are reset).  A corru
 error (:class:`CheckpointError`), never silently skipped; an incomplete one (a
 save cut short) is moved to ``checkpoints.incomplete/`` and the previous one is used.
 See :mod:`.rundir` for the files.
+
+Several processes (``jax.distributed``, see :func:`.mesh.maybe_initialize_distributed`): each
+process reads only the rows of the global batch its devices hold (:func:`train_loader`), process
+0 alone writes the run directory's files, and a stop signal received by any process is agreed on
+by all (:class:`_StopVote`), so they checkpoint the same step and stop together.
 """
 from __future__ import annotations
 
@@ -128,9 +133,11 @@ def eval_loss(program: Program, params, source, batch_size: int, seq_len: int, m
         return empty
     n_par = mesh_lib.batch_parallelism(program.mesh)
     rows_global = -(-batch_size // n_par) * n_par  # round up: every batch shard gets rows
-    local_rows = rows_global // jax.process_count()
+    block, n_blocks = mesh_lib.process_rows(program.mesh, rows_global)
+    local_rows = rows_global // n_blocks
     total, count = 0.0, 0.0
-    for batch in source.eval_batches(rows_global, seq_len, max_batches, split):
+    for batch in source.eval_batches(rows_global, seq_len, max_batches, split, process_index=block,
+                                     process_count=n_blocks):
         s, c = program.eval_step(params, program.put_batch(_pad_rows(batch, local_rows), rows_global))
         total += float(s)
         count += float(c)
@@ -185,9 +192,47 @@ def _check_inputs(model_config, tc, source, mesh) -> None:
             f"batch_size / grad_accum = {tc.micro_batch_size} must be divisible by "
             f"data*fsdp*expert = {n_par} "
             f"(mesh {mesh_lib.describe(mesh)})")
-    if tc.batch_size % jax.process_count():
-        raise ValueError(
-            f"batch_size={tc.batch_size} must be divisible by the process count {jax.process_count()}")
+    mesh_lib.process_rows(mesh, tc.batch_size)  # ValueError unless each process holds one block
+
+
+def train_loader(source, tc: TrainConfig, mesh):
+    """The training batches of this process: its block of rows of every global batch (the rows
+    its devices hold under the batch sharding; see :func:`.mesh.process_rows`)."""
+    block, n_blocks = mesh_lib.process_rows(mesh, tc.batch_size)
+    return source.train_loader(tc.batch_size, tc.seq_len, tc.seed, process_index=block,
+                               process_count=n_blocks)
+
+
+class _StopVote:
+    """Agreement on "stop after this step" across processes.
+
+    Each process contributes the signal it received (0 = none); the maximum over processes is
+    computed by a tiny collective that is read one step later, so every process stops after the
+    same step (without a host round trip per step).  With one process it is the local signal.
+    """
+
+    def __init__(self):
+        self.multi = jax.process_count() > 1
+        self._pending = None
+        if self.multi:
+            import jax.numpy as jnp
+            from jax.sharding import NamedSharding, PartitionSpec as P
+
+            flat = jax.sharding.Mesh(np.asarray(jax.devices()), ("all",))
+            self._sharding = NamedSharding(flat, P("all"))
+            self._max = jax.jit(jnp.max, out_shardings=NamedSharding(flat, P()))
+
+    def agreed(self, signum: Optional[int]) -> Optional[int]:
+        """The agreed signal after the current step (``None``: go on); call once per step."""
+        if not self.multi:
+            return signum
+        local = np.full((jax.local_device_count(),), signum or 0, np.int32)
+        vote = self._max(jax.make_array_from_process_local_data(self._sharding, local,
+                                                                (jax.device_count(),)))
+        previous, self._pending = self._pending, vote
+        if previous is None:
+            return None
+        return int(previous) or None
 
 
 def _train_row(done: int, metrics: dict, tokens_per_s, tokens: int) -> dict:
@@ -227,10 +272,15 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, resume: bool 
         raise ValueError(f"stop_after must be a positive int or None, got {stop_after!r}")
     loss_fn, loss_fn_name = _resolve_loss(tc, loss_fn)
     end_step = tc.steps if stop_after is None else min(tc.steps, stop_after)
-    mesh_lib.maybe_initialize_distributed()
+    multi = mesh_lib.maybe_initialize_distributed()
     t_start = time.perf_counter()
     run_dir = Path(tc.out_dir).expanduser()
     is_main = jax.process_index() == 0
+    if multi and jax.process_count() > 1:
+        log.warning("process %d of %d: if another process dies, this one stops once the JAX distributed "
+                    "service has missed its heartbeats for %s s (JAXFORMERS_HEARTBEAT_TIMEOUT); then "
+                    "restart every process with --resume", jax.process_index(), jax.process_count(),
+                    os.environ.get("JAXFORMERS_HEARTBEAT_TIMEOUT", "").strip() or 100)
     ckpt = Checkpointer(run_dir, keep=tc.keep_checkpoints)
     rundir.refuse_clobber(run_dir, ckpt, resume)
 
@@ -238,7 +288,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, resume: bool 
     source = open_data(tc.data, tc.tokenizer)
     mesh = mesh_lib.make_mesh(tc.mesh)
     _check_inputs(model_config, tc, source, mesh)
-    loader = source.train_loader(tc.batch_size, tc.seq_len, tc.seed)
+    loader = train_loader(source, tc, mesh)
     dtype = resolve_dtype(tc.dtype)
 
     # ---------------------------------------------------------------- resume checks (read-only)
@@ -313,13 +363,16 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, resume: bool 
     last_train, last_eval = None, None
     clock = Throughput(start_step, tc.tokens_per_step)
     stop = _StopRequest()
+    vote = _StopVote()
+    stopped_by = None
     try:
         for step in range(start_step, end_step):
             batch = program.put_batch(loader.batch_dict_at(step), tc.batch_size)
             params, opt_state, metrics = program.train_step(params, opt_state, batch, step, rng)
             done = step + 1
             progress_.update(1)
-            stopping = stop.signum is not None  # read once: a signal may land mid-iteration
+            stopped_by = vote.agreed(stop.signum)  # read once: a signal may land mid-iteration
+            stopping = stopped_by is not None  # the same step on every process
             do_log = done % tc.log_every == 0 or done == tc.steps
             do_eval = (tc.eval_every and done % tc.eval_every == 0) or done == tc.steps
             do_ckpt = ((tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == end_step
@@ -341,7 +394,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, resume: bool 
                         "seq_len": tc.seq_len, "tokens_seen": done * tc.tokens_per_step})
                 clock.restart()
             if stopping:  # ---------------------------------------- signals
-                progress_.info(f"stopping on signal {stop.signum}: checkpoint saved at step {done}; "
+                progress_.info(f"stopping on signal {stopped_by}: checkpoint saved at step {done}; "
                                "continue with resume=True (--resume)")
                 end_step = done
                 break
@@ -370,7 +423,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, resume: bool 
         "steps": tc.steps,
         "final_step": max(start_step, end_step),
         "finished": finished,
-        "stopped_by_signal": stop.signum,
+        "stopped_by_signal": stopped_by,
         "resumed_from": start_step if with_ckpt else None,
         "loss_fn": loss_fn_name or tc.loss,
         "train_loss": None if last_train is None else last_train["loss"],
@@ -424,8 +477,10 @@ def evaluate(run: Union[str, os.PathLike, Tuple[ModelConfig, Any]], data=None, *
     run's ``loss`` by name, else cross-entropy.
     """
     tc = None
+    mesh_lib.maybe_initialize_distributed()
+    mesh_obj = mesh_lib.make_mesh(mesh)
     if isinstance(run, (str, os.PathLike)):
-        model_config, tc, params = load_run(run)
+        model_config, tc, params = load_run(run, mesh=mesh_obj)  # restored sharded (every process)
     else:
         model_config, params = run
         params = _normalize_params(params)
@@ -445,7 +500,6 @@ def evaluate(run: Union[str, os.PathLike, Tuple[ModelConfig, Any]], data=None, *
         raise ValueError(f"the {split} split has {n} tokens, fewer than seq_len + 1 = {seq_len + 1}")
     if loss_fn is None:
         loss_fn = get_loss(tc.loss if tc is not None else "cross_entropy")
-    mesh_obj = mesh_lib.make_mesh(mesh)
     if dtype is None:
         dtype = tc.dtype if tc is not None else "float32"
     program = eval_program(model_config, mesh_obj, resolve_dtype(dtype), loss_fn, cache)
