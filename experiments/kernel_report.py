@@ -12,13 +12,13 @@ MMA, neither = CUDA cores) and the occupancy bound (CTAs per SM).  This tells
 which configurations *can* run fast and which spill or cannot launch at all; it
 does not time anything (``bench_attention`` / ``bench_scan`` do, on a GPU).
 
-For the attention family two TPU columns sit beside the sm_90 ones:
-``tpu_lowers`` (the same gradient exported with ``jax.export(...,
-platforms=("tpu",))``: Pallas' Mosaic TPU lowering succeeds, ``tpu_error``
-otherwise) and ``tpu_vmem_bytes`` (VMEM per grid step that kernel's TPU block
-specs imply, double-buffered; from ``flash_attention.tpu_vmem_bytes``).  The
-TPU variant rounds every tile up to 128 rows, so its tiles can differ from the
-GPU configuration in the row's label.
+Every row has two TPU columns beside the sm_90 ones: ``tpu_lowers`` (the same
+gradient exported with ``jax.export(..., platforms=("tpu",))``: Pallas' Mosaic TPU
+lowering succeeds, ``tpu_error`` otherwise) and ``tpu_vmem_bytes`` (VMEM per grid
+step that kernel's TPU block specs imply, double-buffered; from the kernel
+package's ``tpu_vmem_bytes``).  The TPU variants round tiles up to what Mosaic
+wants (128-row sequence tiles, 128-lane head / state dims), so their tiles can
+differ from the GPU configuration in the row's label.
 
 The pip Triton is not the Triton inside XLA that compiles these kernels on a
 GPU, so treat the numbers as a close proxy.  ``quick`` = the default tiles only;
@@ -33,12 +33,15 @@ import functools
 import os
 import sys
 import time
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.flash_attention import BlockSizes, flash_attention, tpu_vmem_bytes
+from pallas_kernels import flash_attention as fa, selective_scan as ss, sparse_attention as sa, ssd as ssd_pkg
+from pallas_kernels.flash_attention import BlockSizes, flash_attention
 from pallas_kernels.selective_scan import selective_scan
+from pallas_kernels.sparse_attention import hash_attention, qk_sparse_attention
 from pallas_kernels.ssd import ssd
 from pallas_kernels.triton_inspect import compile_report, triton_calls
 from experiments.common import write_results
@@ -53,24 +56,38 @@ def _grads(fn, n):
 
 
 # --------------------------------------------------------------------------- cases
-def tpu_attention_columns(d: int, bs: BlockSizes | None, t: int = 4096, heads: int = 16) -> dict:
-    """``{kernel name: {"tpu_lowers", "tpu_error", "tpu_vmem_bytes"}}`` for :func:`attention_case`."""
-    fn, args = attention_case(d, bs, t, heads)
+class Case(NamedTuple):
+    """One kernel configuration: the gradient to lower, its abstract args, and the VMEM per
+    TPU kernel (``{kernel name: bytes}``) its TPU block specs imply."""
+
+    fn: Callable
+    args: tuple
+    tpu_vmem: Callable[[], dict]
+
+
+def tpu_columns(case: Case) -> dict:
+    """``{kernel name: {"tpu_lowers", "tpu_error", "tpu_vmem_bytes"}}``: the case's gradient
+    exported for TPU (Pallas' Mosaic lowering on this CPU) and the VMEM of each TPU kernel."""
     try:
-        jax.export.export(jax.jit(fn), platforms=("tpu",))(*args)
+        jax.export.export(jax.jit(case.fn), platforms=("tpu",))(*case.args)
         ok, err = True, None
     except Exception as e:  # noqa: BLE001 - reported, not raised
         ok, err = False, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-    vmem = tpu_vmem_bytes(args[0].shape, args[1].shape, args[0].dtype, block_sizes=bs)
     return {name: {"tpu_lowers": ok, "tpu_error": err, "tpu_vmem_bytes": int(b)}
-            for name, b in vmem.items()}
+            for name, b in case.tpu_vmem().items()}
+
+
+def tpu_attention_columns(d: int, bs: BlockSizes | None, t: int = 4096, heads: int = 16) -> dict:
+    """:func:`tpu_columns` of :func:`attention_case`."""
+    return tpu_columns(attention_case(d, bs, t, heads))
 
 
 def attention_case(d: int, bs: BlockSizes | None, t: int = 4096, heads: int = 16):
     """bf16 causal attention, B*T = t, fwd + bwd kernels."""
     q = S((1, t, heads, d), bf16)
     fn = lambda q, k, v: flash_attention(q, k, v, causal=True, block_sizes=bs, interpret=False)  # noqa: E731
-    return _grads(fn, 3), (q, q, q)
+    return Case(_grads(fn, 3), (q, q, q),
+                lambda: fa.tpu_vmem_bytes(q.shape, q.shape, q.dtype, block_sizes=bs))
 
 
 def attention_candidates(d: int, full: bool):
@@ -99,7 +116,9 @@ def scan_case(block_d=None, chunk_size=None):
     def fn(x, dt, A, B, C, D, bias, z):
         return selective_scan(x, dt, A, B, C, D=D, z=z, dt_bias=bias, dt_softplus=True,
                               interpret=False, block_d=block_d, chunk_size=chunk_size)
-    return _grads(fn, len(args)), args
+    # the TPU variant's channel block is 128 lanes whatever the GPU's block_d
+    return Case(_grads(fn, len(args)), args, lambda: ss.tpu_vmem_bytes(
+        b, l, dim, n, dtype=bf16, z=True, chunk_size=chunk_size or 64))
 
 
 def ssd_case(chunk_size=64, block_p=None, dtype=bf16):
@@ -111,14 +130,30 @@ def ssd_case(chunk_size=64, block_p=None, dtype=bf16):
     def fn(x, dt, A, B, C):
         return ssd(x, dt, A, B, C, chunk_size=chunk_size, block_p=block_p, dt_softplus=True,
                    interpret=False)
-    return _grads(fn, len(args)), args
+    return Case(_grads(fn, len(args)), args, lambda: ssd_pkg.tpu_vmem_bytes(
+        args[0].shape, args[3].shape, dtype, chunk_size=chunk_size))
 
 
-FAMILIES = ("attention", "selective_scan", "ssd")
+def sparse_case(kind: str, d: int = 64, t: int = 4096, heads: int = 16, buckets: int = 16,
+                keep: float = 0.5):
+    """Sparse causal flash attention (SCFA), bf16, fwd + bwd kernels: ``kind="hash"``
+    (``buckets`` uniform buckets) or ``"qk"`` (keep rate ``keep``; the masks are data, so
+    the compiled kernels do not depend on the rate)."""
+    q = S((1, t, heads, d), bf16)
+    ids = S((1, t, heads), jnp.int32 if kind == "hash" else jnp.bool_)
+    op = hash_attention if kind == "hash" else qk_sparse_attention
+
+    def fn(q, k, v, qi, ki):
+        return op(q, k, v, qi, ki, interpret=False)
+    grad = jax.grad(lambda q, k, v, qi, ki: fn(q, k, v, qi, ki).astype(f32).sum(), argnums=(0, 1, 2))
+    return Case(grad, (q, q, q, ids, ids), lambda: sa.tpu_vmem_bytes(q.shape, q.shape, bf16))
+
+
+FAMILIES = ("attention", "selective_scan", "ssd", "sparse_attention")
 
 
 def cases(preset: str, families=FAMILIES):
-    """``(family, config label, thunk -> (fn, args))`` for the preset."""
+    """``(family, config label, thunk -> Case)`` for the preset."""
     full = preset == "full"
     out = []
     for d in (128, 64, 256):
@@ -134,6 +169,9 @@ def cases(preset: str, families=FAMILIES):
             out.append(("ssd", f"chunk {q} block_p {bp}",
                         lambda q=q, bp=bp: ssd_case(chunk_size=q, block_p=bp)))
         out.append(("ssd", "default, float32 inputs", lambda: ssd_case(dtype=f32)))
+    for d in (64, 128):
+        out.append(("sparse_attention", f"hash 16 buckets D{d}", functools.partial(sparse_case, "hash", d)))
+        out.append(("sparse_attention", f"qk keep 0.5 D{d}", functools.partial(sparse_case, "qk", d)))
     return [c for c in out if c[0].split()[0] in families]
 
 
@@ -141,10 +179,9 @@ def cases(preset: str, families=FAMILIES):
 def run(preset: str, arch: int, families=FAMILIES):
     rows = []
     for family, label, thunk in cases(preset, families):
-        fn, args = thunk()
-        tpu = {}
-        if family.startswith("attention"):
-            tpu = tpu_attention_columns(*thunk.args)  # (d, block_sizes)
+        case = thunk()
+        fn, args = case.fn, case.args
+        tpu = tpu_columns(case)
         for call in triton_calls(fn, *args):
             t0 = time.perf_counter()
             r = compile_report(call, arch=arch)
