@@ -1,4 +1,4 @@
-"""Mamba-1 selective scan as Pallas kernels (Triton lowering on GPU).
+"""Mamba-1 selective scan as Pallas kernels (Triton on GPU, Mosaic on TPU).
 
 Semantics: :func:`.reference.reference` (mamba_ssm ``selective_scan_ref``,
 length-major ``[B, L, D]``), including ``initial_state`` and packed sequences
@@ -61,6 +61,52 @@ at segment starts, where ``a'_t`` does not depend on ``dt_t`` or ``A``.
 Plain-JAX epilogue: summing the per-block partial ``dB``/``dC`` over channel
 blocks of a group, ``dA``/``dD`` over batch, the softplus chain rule for
 ``dt`` and ``dt_bias``, unpadding and dtype casts.
+
+TPU variant (Mosaic).  Compiled calls carry both variants and
+``lax.platform_dependent`` picks one when lowering (``jax.export(...,
+platforms=("tpu",))`` or a TPU backend -> Mosaic, otherwise Triton); the choice
+wraps the whole differentiable scan, since each variant pads and lays out its
+arrays (and residuals) its own way.  ``interpret=pltpu.InterpretParams()`` runs
+the TPU variant in Pallas' TPU interpreter.  Same kernels, same math and the same
+three passes; :class:`_Layout` holds the differences, which are only what Mosaic
+needs:
+
+* State ``h [N, block_d]``: ``N`` on sublanes (padded to a multiple of 8, not a
+  power of two), ``block_d = 128`` channels on lanes (a smaller ``block_d`` is
+  raised to 128; channels are padded per group to a multiple of it).  ``A`` is
+  passed transposed ``[N, D]``; ``D`` / ``dt_bias`` as ``[1, D]`` rows; the
+  states between chunks as ``[b, nc, N, D]``, the chunk sums of ``dt`` as
+  ``[b, nc, 1, D]``.  Every block's last two dims are ``(multiple of 8, 128)``
+  or the full array dims.
+* Time: ``u, dt, z, dy`` (and ``y, du, dz`` and the two ``d dt`` parts) as
+  ``[chunk, 128]`` tiles.  Inside a kernel the steps run in groups of ``R``
+  (8; 16 when x / dt / z are 16-bit, so dynamic row offsets stay tile-aligned):
+  a ``fori_loop`` over groups loads ``[R, 128]`` tiles with
+  ``pl.ds(pl.multiple_of(start, R), R)`` on the sublane axis and unrolls the R
+  steps statically, taking static row slices ``[1, 128]``; outputs are
+  assembled into ``[R, 128]`` tiles by iota selects and stored once per group.
+  ``chunk`` is rounded up to a multiple of R.
+* ``B_t`` / ``C_t`` must be columns ``[N, 1]`` (dynamic lane slicing does not
+  lower): JAX passes them (as float32) re-tiled ``[b, G, L / R, N, R]``, one
+  ``[N, R]`` tile of columns per group of steps, read with a dynamic index on
+  a leading axis and sliced statically along lanes; ``dB`` / ``dC`` come back
+  the same way.  ``A``, ``D``, ``dt_bias`` are float32 too.
+* Reductions: over ``N`` along sublanes (``[1, 128]`` rows), over channels
+  along lanes (``[N, 1]`` columns); no matmuls, no transposes in-kernel.
+* Segment keep flags as a ``[L, 1]`` float32 column (``[R, 1]`` tiles).
+* Backward grid ``(batch, channel block, chunk)`` with chunks in reverse along
+  the last, ``"arbitrary"`` axis (the other axes and every forward axis are
+  ``"parallel"``): one chunk's tiles in VMEM per step instead of the whole
+  sequence; the adjoint ``g`` is carried in a VMEM scratch and ``dA`` / ``dD``
+  / ``d initial_state`` accumulate in output blocks that stay resident along
+  that axis.
+
+VMEM per grid step: :func:`tpu_vmem_bytes`.  Checked on CPU only: the export
+for TPU runs Pallas' Mosaic lowering (block shapes, dtypes, op coverage) but not
+Mosaic's own layout passes, which run in the TPU compiler (e.g. the ``[N, R]``
+column tiles, lane broadcasts of ``[N, 1]`` columns and lane reductions are
+believed supported, not verified on hardware); numerics are checked in the TPU
+interpreter.
 """
 from __future__ import annotations
 
@@ -78,7 +124,7 @@ from .reference import validate
 
 f32 = jnp.float32
 _LANES = 128   # TPU: channels per block (one vreg of lanes)
-_ROWS = 8      # TPU: time steps per statically unrolled group (one sublane tile)
+_ROWS = 8      # TPU: time steps per statically unrolled group, for 32-bit inputs (one sublane tile)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +150,7 @@ class _Plan:
     num_stages: int = 1
     has_h0: bool = False    # initial_state given
     has_seg: bool = False   # segment_ids given (keep flags are an input)
+    rows: int = _ROWS                # TPU: steps per unrolled group (8, or 16 for 16-bit inputs)
     platform: str = "gpu"            # which variant this plan builds: "gpu" (Triton) or "tpu" (Mosaic)
     tpu_plan: "_Plan | None" = None  # compiled calls: the TPU variant, picked at lowering time
 
@@ -230,13 +277,14 @@ class _Layout:
         if not self.tpu:
             return x
         b, lp, g, np_ = x.shape
-        return jnp.transpose(x.reshape(b, lp // _ROWS, _ROWS, g, np_), (0, 3, 1, 4, 2))
+        r = self.plan.rows
+        return jnp.transpose(x.astype(f32).reshape(b, lp // r, r, g, np_), (0, 3, 1, 4, 2))
 
     def from_parts(self, x):         # per-block dB / dC -> [b, nblk, lp, np]
         if not self.tpu:
             return x
         b, nblk, ng, np_, _ = x.shape
-        return jnp.swapaxes(x, -1, -2).reshape(b, nblk, ng * _ROWS, np_)
+        return jnp.swapaxes(x, -1, -2).reshape(b, nblk, ng * self.plan.rows, np_)
 
     def to_keep(self, keep):         # [b, lp]
         return keep[:, :, None] if self.tpu else keep
@@ -267,7 +315,7 @@ class _Layout:
     def bc(self, rows, tb):
         p, bpg = self.plan, self.plan.bpg
         if self.tpu:
-            return pl.BlockSpec((SQ, SQ, rows // _ROWS, p.np_, _ROWS),
+            return pl.BlockSpec((SQ, SQ, rows // p.rows, p.np_, p.rows),
                                 lambda i, j, *c: (i, lax.div(j, bpg), tb(*c), 0, 0))
         return pl.BlockSpec((SQ, rows, SQ, p.np_), lambda i, j, *c: (i, tb(*c), lax.div(j, bpg), 0))
 
@@ -304,9 +352,9 @@ class _Layout:
         """Per-block partial dB / dC: GPU ``[b, nblk, lp, np]``, TPU ``[b, nblk, lp/8, np, 8]``."""
         p = self.plan
         if self.tpu:
-            return (pl.BlockSpec((SQ, SQ, rows // _ROWS, p.np_, _ROWS),
+            return (pl.BlockSpec((SQ, SQ, rows // p.rows, p.np_, p.rows),
                                  lambda i, j, *c: (i, j, tb(*c), 0, 0)),
-                    (p.b, p.nblk, p.lp // _ROWS, p.np_, _ROWS))
+                    (p.b, p.nblk, p.lp // p.rows, p.np_, p.rows))
         return (pl.BlockSpec((SQ, SQ, rows, p.np_), lambda i, j, *c: (i, j, tb(*c), 0)),
                 (p.b, p.nblk, p.lp, p.np_))
 
@@ -391,14 +439,15 @@ def _time_loop(plan: _Plan, lay: _Layout, ins: dict, outs: dict, bias, body, car
             return carry
         return lax.fori_loop(0, n, step, carry)
 
-    assert n % _ROWS == 0 and lo % _ROWS == 0, (lo, n)
-    ng = n // _ROWS
+    R = plan.rows
+    assert n % R == 0 and lo % R == 0, (lo, n)
+    ng = n // R
     bd = plan.bd
 
     def group(k, carry):
-        gi = lo // _ROWS + (ng - 1 - k if reverse else k)
-        start = pl.multiple_of(gi * _ROWS, _ROWS)
-        sl = pl.ds(start, _ROWS)
+        gi = lo // R + (ng - 1 - k if reverse else k)
+        start = pl.multiple_of(gi * R, R)
+        sl = pl.ds(start, R)
         tiles = {}
 
         def tile(name):
@@ -411,7 +460,7 @@ def _time_loop(plan: _Plan, lay: _Layout, ins: dict, outs: dict, bias, body, car
                 elif name == "dt":
                     dt = _softplus_dt(ref[sl, :].astype(f32) + bias, plan)
                     if plan.lp != plan.l:
-                        rows = t0 + start + lax.broadcasted_iota(jnp.int32, (_ROWS, bd), 0)
+                        rows = t0 + start + lax.broadcasted_iota(jnp.int32, (R, bd), 0)
                         dt = jnp.where(rows < plan.l, dt, 0.0)
                     tiles[name] = dt
                 else:
@@ -419,16 +468,16 @@ def _time_loop(plan: _Plan, lay: _Layout, ins: dict, outs: dict, bias, body, car
             return tiles[name]
 
         acc = {}
-        for j in (range(_ROWS - 1, -1, -1) if reverse else range(_ROWS)):
+        for j in (range(R - 1, -1, -1) if reverse else range(R)):
             def read(name, j=j):
                 x = tile(name)
                 return x[:, j:j + 1] if name in _COLS else x[j:j + 1, :]
             carry, row_outs = body(_Rows(read), carry)
             for name, v in row_outs.items():
                 if name in _COLS:
-                    shape, axis = (plan.np_, _ROWS), 1
+                    shape, axis = (plan.np_, R), 1
                 else:
-                    shape, axis = (_ROWS, bd), 0
+                    shape, axis = (R, bd), 0
                 prev = acc.get(name, jnp.zeros(shape, f32))
                 sel = lax.broadcasted_iota(jnp.int32, shape, axis) == j
                 acc[name] = jnp.where(sel, jnp.broadcast_to(v.astype(f32), shape), prev)
@@ -748,6 +797,8 @@ def _pad_all(plan, x, dt, A, B, C, D, z, bias, h0, keep):
 def _to_kernel(plan, x, dt, A, B, C, D, z, bias, h0, keep):
     """Padded arrays (GPU orientation) -> this variant's kernel layout (:class:`_Layout`)."""
     lay = _Layout(plan)
+    if plan.tpu:  # the small parameters in float32 (B / C: in to_bc)
+        A, D, bias = A.astype(f32), D.astype(f32), bias.astype(f32)
     return (x, dt, lay.to_mat(A), lay.to_bc(B), lay.to_bc(C), lay.to_vec(D), z, lay.to_vec(bias),
             None if h0 is None else lay.to_state(h0), None if keep is None else lay.to_keep(keep))
 
@@ -829,7 +880,7 @@ def _scan_by_platform(plan, *args):
 
 # ----------------------------------------------------------------------------- public API
 def _make_plan(x, A, g, softplus, has_z, has_h0, has_seg, interpret, block_d, chunk,
-               platform="gpu"):
+               platform="gpu", seq_itemsize=4):
     b, l, dim = x.shape
     n = A.shape[1]
     gg = 1 if g is None else g
@@ -842,12 +893,14 @@ def _make_plan(x, A, g, softplus, has_z, has_h0, has_seg, interpret, block_d, ch
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk!r}")
     chunk = min(chunk, l)
+    rows = _ROWS
     if platform == "tpu":
         # Channels fill the 128 lanes (a smaller block_d is raised to 128), N the sublanes
         # (padded to a multiple of 8), chunks are whole 8-step sublane groups.
         bd = max(_LANES, min(block_d or _LANES, next_pow2(dg)))
         np_ = round_up(n, 8)
-        chunk = round_up(chunk, _ROWS)
+        rows = _ROWS * max(1, 4 // seq_itemsize)
+        chunk = round_up(chunk, rows)
     else:
         bd = min(block_d or 32, next_pow2(dg))
         np_ = next_pow2(n)
@@ -856,20 +909,21 @@ def _make_plan(x, A, g, softplus, has_z, has_h0, has_seg, interpret, block_d, ch
                  has_z=has_z, interpret=interpret,
                  num_warps=4 if bd * np_ >= 2048 else 2,
                  num_warps_bwd=4 if bd * np_ >= 1024 else 2,
-                 has_h0=has_h0, has_seg=has_seg, platform=platform)
+                 has_h0=has_h0, has_seg=has_seg, rows=rows, platform=platform)
 
 
-def _plan_for_call(x, A, g, softplus, has_z, has_h0, has_seg, interpret, block_d, chunk):
+def _plan_for_call(x, dt, z, A, g, softplus, has_h0, has_seg, interpret, block_d, chunk):
     """Interpret mode: one variant (``pltpu.InterpretParams`` -> TPU, else GPU); compiled:
     the GPU plan carrying the TPU one, picked when lowering (:func:`_scan_by_platform`)."""
     interpret = resolve_interpret(interpret)
-    make = functools.partial(_make_plan, x, A, g, softplus, has_z, has_h0, has_seg, interpret,
-                             block_d, chunk)
+    make = functools.partial(_make_plan, x, A, g, softplus, z is not None, has_h0, has_seg,
+                             interpret, block_d, chunk)
+    isz = min(jnp.dtype(v.dtype).itemsize for v in (x, dt, z) if v is not None)
     if is_tpu_interpret(interpret):
-        return make(platform="tpu")
+        return make(platform="tpu", seq_itemsize=isz)
     if interpret:
         return make()
-    return dataclasses.replace(make(), tpu_plan=make(platform="tpu"))
+    return dataclasses.replace(make(), tpu_plan=make(platform="tpu", seq_itemsize=isz))
 
 
 def tpu_vmem_bytes(batch, length, dim, n, *, groups=None, dtype=jnp.bfloat16, z=True,
@@ -878,22 +932,29 @@ def tpu_vmem_bytes(batch, length, dim, n, *, groups=None, dtype=jnp.bfloat16, z=
     double-buffered by the Pallas pipeline (and the backward's ``g`` scratch); in-kernel
     temporaries (the state, loop carries, 8-row tiles) not counted.
 
-    ``dtype`` is that of x / dt / z / B / C (and y, dx, dz); A, D, dt_bias are counted as
-    float32.  ``{"selective_scan_chunk_states": bytes, "selective_scan_fwd": bytes,
+    ``dtype`` is that of x / dt / z (and y, dx, dz, the cotangent dy); B, C, A, D and
+    dt_bias reach the TPU kernels as float32.  ``groups``: the B/C group count (``None``:
+    no group axis).  ``{"selective_scan_chunk_states": bytes, "selective_scan_fwd": bytes,
     "selective_scan_bwd": bytes}``.
     """
+    for name, v in (("batch", batch), ("length", length), ("dim", dim), ("n", n)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if groups is not None and (isinstance(groups, bool) or not isinstance(groups, int)
+                               or groups < 1 or dim % groups):
+        raise ValueError(f"groups must be None or a positive int dividing dim={dim}, got {groups!r}")
     x = jax.ShapeDtypeStruct((batch, length, dim), dtype)
     A = jax.ShapeDtypeStruct((dim, n), f32)
     plan = _make_plan(x, A, groups, True, z, initial_state, segments, False, block_d,
-                      chunk_size, platform="tpu")
+                      chunk_size, platform="tpu", seq_itemsize=jnp.dtype(dtype).itemsize)
     isz = jnp.dtype(dtype).itemsize
     q, bd, np_ = plan.chunk, plan.bd, plan.np_
     seq = tpu_tile_bytes((q, bd), isz)
     seq32 = tpu_tile_bytes((q, bd), 4)
     state = tpu_tile_bytes((np_, bd), 4)
     row = tpu_tile_bytes((1, bd), 4)
-    bc = lambda size: tpu_tile_bytes((q // _ROWS, np_, _ROWS), size)  # noqa: E731
-    ins = (2 + z) * seq + state + 2 * bc(isz) + 2 * row + (tpu_tile_bytes((q, 1), 4) if segments else 0)
+    bc = lambda size: tpu_tile_bytes((q // plan.rows, np_, plan.rows), size)  # noqa: E731
+    ins = (2 + z) * seq + state + 2 * bc(4) + 2 * row + (tpu_tile_bytes((q, 1), 4) if segments else 0)
     chunk_states = ins + state + row
     fwd = ins + state + seq
     bwd = (ins + seq + 2 * state                         # + dy, chunk-start state, d final state
@@ -944,7 +1005,7 @@ def selective_scan(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=
     backward kernel).
     """
     _, _, dim, _, g = validate(x, dt, A, B, C, D, z, dt_bias, initial_state, segment_ids)
-    plan = _plan_for_call(x, A, g, dt_softplus, z is not None, initial_state is not None,
+    plan = _plan_for_call(x, dt, z, A, g, dt_softplus, initial_state is not None,
                           segment_ids is not None, interpret, block_d, chunk_size)
     if g is None:
         B, C = B[:, :, None, :], C[:, :, None, :]
