@@ -347,13 +347,13 @@ def test_selective_scan_tpu_interpret_wide_minimal():
 
 
 def test_selective_scan_tpu_interpret_race_detector_bf16(capfd):
-    """bf16 (16-step groups), several chunks and two channel blocks, the grid split over two
-    simulated cores with ``detect_races=True``: no race is reported."""
-    inputs = _scan_inputs(2, 1, 40, 160, 4, D=True, z=True, init=True, dtype=jnp.bfloat16)
+    """bf16 (16-step groups), the "parallel" batch axis split over two simulated cores with
+    ``detect_races=True``: no race is reported (and the values still match).  Kept tiny: the
+    race detector's bookkeeping makes every access slow."""
+    inputs = _scan_inputs(2, 2, 16, 16, 4, z=False, dtype=jnp.bfloat16)
     params = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2)
-    _scan_check(inputs, _scan_segments(1, 40, [(19,)]), dict(dt_softplus=True),
-                dict(chunk_size=16, interpret=params), 3e-2)
+    _scan_check(inputs, None, dict(dt_softplus=True), dict(chunk_size=16, interpret=params), 3e-2)
     assert "RACE DETECTED" not in capfd.readouterr().out
     from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc
-    races = getattr(ipc, "races", None)  # global state of this jax version; may be reset
-    assert races is None or not races.races_found
+    races = getattr(ipc, "races", None)  # the detector's global state (this jax version)
+    assert races is not None and not races.races_found
