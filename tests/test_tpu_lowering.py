@@ -341,9 +341,28 @@ def test_selective_scan_tpu_interpret_all_features():
 
 def test_selective_scan_tpu_interpret_wide_minimal():
     """dim 136 = two 128-lane blocks (the second mostly padding), no group axis, N=5, no D /
-    z / bias / softplus / segments, L=21 (one chunk rounded up to 24 steps)."""
+    z / bias / softplus / segments; L=21 with chunk_size 6: the GPU's 4 chunks, each rounded
+    up to 8 steps on TPU, so the last chunk is all padding."""
     inputs = _scan_inputs(1, 1, 21, 136, 5, D=False, z=False, bias=False)
-    _scan_check(inputs, None, {}, dict(interpret=pltpu.InterpretParams()), 3e-5)
+    _scan_check(inputs, None, {}, dict(chunk_size=6, interpret=pltpu.InterpretParams()), 3e-5)
+
+
+def test_selective_scan_states_shared_between_variants():
+    """Compiled calls keep the chunk-start states in the GPU plan's layout between forward and
+    backward; the TPU branch converts to and from it without losing anything."""
+    from pallas_kernels.selective_scan import kernel as K
+
+    x, A = jax.ShapeDtypeStruct((2, 37, 24), jnp.float32), jax.ShapeDtypeStruct((24, 6), jnp.float32)
+    gpu = K._make_plan(x, A, 3, True, True, True, True, False, 4, 5)
+    tpu = K._make_plan(x, A, 3, True, True, True, True, False, 4, 5, platform="tpu")
+    assert gpu.nc == tpu.nc == 8 and (gpu.chunk, tpu.chunk, tpu.lp) == (5, 8, 64)
+    st = jnp.asarray(np.random.default_rng(0).standard_normal((2, 8, 3, 8, 6), np.float32))
+    canon = K._pad_axis(K._pad_chan(st.reshape(2, 8, 24, 6), gpu, 2), 3, gpu.np_)
+    as_tpu = K._convert_states(gpu, tpu, canon)
+    assert as_tpu.shape == (2, 8, 8, 3 * 128)
+    np.testing.assert_array_equal(K._convert_states(tpu, gpu, as_tpu), canon)
+    np.testing.assert_array_equal(as_tpu[:, :, :6].reshape(2, 8, 6, 3, 128)[..., :8],
+                                  jnp.moveaxis(st, -1, 2))
 
 
 def test_selective_scan_tpu_interpret_race_detector_bf16(capfd):

@@ -809,23 +809,60 @@ def _unpad_out(plan, y, last):
     return y, last
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _scan(plan, x, dt, A, B, C, D, z, bias, h0, keep):
-    padded = _pad_all(plan, x, dt, A, B, C, D, z, bias, h0, keep)
-    y, last, _ = _forward(plan, *_to_kernel(plan, *padded))
-    return _unpad_out(plan, y, _Layout(plan).from_state(last))
+def _convert_states(src: _Plan, dst: _Plan, st):
+    """Chunk-start states ``[b, nc, ...]`` from ``src``'s kernel layout to ``dst``'s (both
+    plans have the same ``nc``); the identity when they are the same plan."""
+    if src is dst:
+        return st
+    assert src.nc == dst.nc, (src.nc, dst.nc)
+    st = _Layout(src).from_state(st)                               # [b, nc, dimp, np]
+    st = _unpad_chan(st[..., :src.n], src, 2)                      # [b, nc, dim, N]
+    st = _pad_axis(_pad_chan(st, dst, 2), 3, dst.np_)
+    return _Layout(dst).to_state(st)
 
 
-def _scan_fwd(plan, x, dt, A, B, C, D, z, bias, h0, keep):
+def _fwd_variant(plan, canon, x, dt, A, B, C, D, z, bias, h0, keep):
+    """``(y, final state, chunk-start states)`` from one variant; the states in the canonical
+    plan's layout (``canon``: the plan whose residual layout both variants share)."""
     padded = _pad_all(plan, x, dt, A, B, C, D, z, bias, h0, keep)
     y, last, states = _forward(plan, *_to_kernel(plan, *padded))
-    return _unpad_out(plan, y, _Layout(plan).from_state(last)), (padded, states)
+    y, last = _unpad_out(plan, y, _Layout(plan).from_state(last))
+    return y, last, _convert_states(plan, canon, states)
 
 
-def _scan_bwd(plan, res, cts):
-    padded, states = res
+def _by_platform(plan: _Plan, fn, *args):
+    """``fn(variant_plan, canonical_plan, *args)`` for the platform being lowered for.
+
+    Compiled calls (``plan.tpu_plan`` set) go through ``lax.platform_dependent``:
+    lowering for TPU (``jax.export(..., platforms=("tpu",))`` or a TPU backend) emits
+    the Mosaic variant, anything else the Triton one; only the branch of the target
+    platform is lowered.  Both branches must return the same types, so the residuals
+    between forward and backward are the original arguments and the chunk-start
+    states in the GPU plan's layout (the TPU branch converts; both plans have the same
+    number of chunks).  Interpret-mode plans are single-variant.
+    """
+    if plan.tpu_plan is None:
+        return fn(plan, plan, *args)
+    return lax.platform_dependent(*args, tpu=functools.partial(fn, plan.tpu_plan, plan),
+                                  default=functools.partial(fn, plan, plan))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _scan(plan, *args):
+    y, last, _ = _by_platform(plan, _fwd_variant, *args)
+    return y, last
+
+
+def _scan_fwd(plan, *args):
+    y, last, states = _by_platform(plan, _fwd_variant, *args)
+    return (y, last), (args, states)
+
+
+def _bwd_variant(plan, canon, args, states, dy, dlast):
+    """Gradients of the original arguments from one variant (``states``: canonical)."""
+    padded = _pad_all(plan, *args)
+    states = _convert_states(canon, plan, states)
     x, dt, A, B, C, D, z, bias, _, keep = padded
-    dy, dlast = cts
     dy = _prep_seq(dy, plan)
     lay = _Layout(plan)
     dlast = lay.to_state(_pad_state(dlast.astype(f32), plan))
@@ -859,23 +896,12 @@ def _scan_bwd(plan, res, cts):
             None if dz is None else sl(dz), dbias.astype(tbias), dh0, None)
 
 
+def _scan_bwd(plan, res, cts):
+    args, states = res
+    return _by_platform(plan, _bwd_variant, args, states, *cts)
+
+
 _scan.defvjp(_scan_fwd, _scan_bwd)
-
-
-def _scan_by_platform(plan, *args):
-    """``_scan`` of the variant for the platform being lowered for.
-
-    Compiled calls (``plan.tpu_plan`` set) go through ``lax.platform_dependent``:
-    lowering for TPU (``jax.export(..., platforms=("tpu",))`` or a TPU backend)
-    emits the Mosaic variant, anything else the Triton one; only the branch of
-    the target platform is lowered.  The choice wraps the whole differentiable
-    scan (each variant has its own padding, layout and residuals).  Interpret-mode
-    plans are single-variant.
-    """
-    if plan.tpu_plan is None:
-        return _scan(plan, *args)
-    return lax.platform_dependent(*args, tpu=functools.partial(_scan, plan.tpu_plan),
-                                  default=functools.partial(_scan, plan))
 
 
 # ----------------------------------------------------------------------------- public API
@@ -893,10 +919,13 @@ def _make_plan(x, A, g, softplus, has_z, has_h0, has_seg, interpret, block_d, ch
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk!r}")
     chunk = min(chunk, l)
+    nc = -(-l // chunk)
     rows = _ROWS
     if platform == "tpu":
         # Channels fill the 128 lanes (a smaller block_d is raised to 128), N the sublanes
-        # (padded to a multiple of 8), chunks are whole 8-step sublane groups.
+        # (padded to a multiple of 8), chunks are whole groups of rows (8 or 16) steps; the
+        # number of chunks stays the GPU one (the residual states are shared), so with a
+        # chunk_size that is not a multiple of the group, whole chunks of padding may follow.
         bd = max(_LANES, min(block_d or _LANES, next_pow2(dg)))
         np_ = round_up(n, 8)
         rows = _ROWS * max(1, 4 // seq_itemsize)
@@ -904,7 +933,7 @@ def _make_plan(x, A, g, softplus, has_z, has_h0, has_seg, interpret, block_d, ch
     else:
         bd = min(block_d or 32, next_pow2(dg))
         np_ = next_pow2(n)
-    return _Plan(b=b, l=l, lp=round_up(l, chunk), chunk=chunk, dim=dim, g=gg, dg=dg,
+    return _Plan(b=b, l=l, lp=nc * chunk, chunk=chunk, dim=dim, g=gg, dg=dg,
                  dgp=round_up(dg, bd), bd=bd, n=n, np_=np_, softplus=bool(softplus),
                  has_z=has_z, interpret=interpret,
                  num_warps=4 if bd * np_ >= 2048 else 2,
@@ -914,7 +943,7 @@ def _make_plan(x, A, g, softplus, has_z, has_h0, has_seg, interpret, block_d, ch
 
 def _plan_for_call(x, dt, z, A, g, softplus, has_h0, has_seg, interpret, block_d, chunk):
     """Interpret mode: one variant (``pltpu.InterpretParams`` -> TPU, else GPU); compiled:
-    the GPU plan carrying the TPU one, picked when lowering (:func:`_scan_by_platform`)."""
+    the GPU plan carrying the TPU one, picked when lowering (:func:`_by_platform`)."""
     interpret = resolve_interpret(interpret)
     make = functools.partial(_make_plan, x, A, g, softplus, z is not None, has_h0, has_seg,
                              interpret, block_d, chunk)
@@ -1013,5 +1042,5 @@ def selective_scan(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=
     bias_ = jnp.zeros((dim,), f32) if dt_bias is None else dt_bias
     keep = None if segment_ids is None else 1.0 - segment_resets(segment_ids).astype(f32)
     h0 = None if initial_state is None else initial_state.astype(f32)
-    y, last = _scan_by_platform(plan, x, dt, A, B, C, D_, z, bias_, h0, keep)
+    y, last = _scan(plan, x, dt, A, B, C, D_, z, bias_, h0, keep)
     return (y, last) if return_final_state else y
