@@ -64,10 +64,13 @@ blocks of a group, ``dA``/``dD`` over batch, the softplus chain rule for
 
 TPU variant (Mosaic).  Compiled calls carry both variants and
 ``lax.platform_dependent`` picks one when lowering (``jax.export(...,
-platforms=("tpu",))`` or a TPU backend -> Mosaic, otherwise Triton); the choice
-wraps the whole differentiable scan, since each variant pads and lays out its
-arrays (and residuals) its own way.  ``interpret=pltpu.InterpretParams()`` runs
-the TPU variant in Pallas' TPU interpreter.  Same kernels, same math and the same
+platforms=("tpu",))`` or a TPU backend -> Mosaic, otherwise Triton), separately
+in the forward and the backward of the ``custom_vjp``; the residuals between
+them are the original arguments and the chunk-start states in the GPU plan's
+layout (both variants use the same number of chunks; the TPU branch converts),
+so neither program carries the other variant's residuals.
+``interpret=pltpu.InterpretParams()`` runs the TPU variant alone in Pallas' TPU
+interpreter.  Same kernels, same math and the same
 three passes; :class:`_Layout` holds the differences, which are only what Mosaic
 needs:
 
@@ -85,7 +88,8 @@ needs:
   ``pl.ds(pl.multiple_of(start, R), R)`` on the sublane axis and unrolls the R
   steps statically, taking static row slices ``[1, 128]``; outputs are
   assembled into ``[R, 128]`` tiles by iota selects and stored once per group.
-  ``chunk`` is rounded up to a multiple of R.
+  ``chunk`` is rounded up to a multiple of R (the number of chunks stays the
+  GPU one, so a few whole chunks of padding may follow).
 * ``B_t`` / ``C_t`` must be columns ``[N, 1]`` (dynamic lane slicing does not
   lower): JAX passes them (as float32) re-tiled ``[b, G, L / R, N, R]``, one
   ``[N, R]`` tile of columns per group of steps, read with a dynamic index on
@@ -233,9 +237,9 @@ class _Layout:
     Outside the kernels the padded arrays are in the GPU orientation (``A [dimp, np]``,
     ``B/C [b, lp, G, np]``, states ``[..., dimp, np]``); ``to_*`` / ``from_*`` convert
     (identities on GPU).  TPU: ``A^T [np, dimp]``; ``D``, ``dt_bias`` rows ``[1, dimp]``;
-    ``B``/``C`` as ``[b, G, lp / 8, np, 8]`` (one ``[np, 8]`` tile of columns per group
-    of 8 steps); keep flags as a column ``[b, lp, 1]``; states ``[..., np, dimp]``; the
-    chunk sums of ``dt`` ``[b, nc, 1, dimp]``.
+    ``B``/``C`` as float32 ``[b, G, lp / R, np, R]`` (one ``[np, R]`` tile of columns per
+    group of ``R = plan.rows`` steps); keep flags as a column ``[b, lp, 1]``; states
+    ``[..., np, dimp]``; the chunk sums of ``dt`` ``[b, nc, 1, dimp]``.
     """
 
     def __init__(self, plan: _Plan):
@@ -417,10 +421,11 @@ def _time_loop(plan: _Plan, lay: _Layout, ins: dict, outs: dict, bias, body, car
     step ``t0 + row``), in reverse if asked; ``row_outs[name]`` is written to ``outs[name]``.
 
     GPU: a ``fori_loop`` over steps reading and writing single rows.  TPU: a ``fori_loop``
-    over groups of 8 steps; each group loads aligned ``[8, bd]`` tiles (``pl.ds`` on the
-    sublane axis, at a multiple of 8) and ``[np, 8]`` B/C column tiles (dynamic index on a
-    leading axis), runs its 8 steps statically unrolled on static row / column slices, and
-    stores its ``[8, bd]`` / ``[np, 8]`` output tiles assembled with iota selects.
+    over groups of ``R = plan.rows`` steps; each group loads aligned ``[R, bd]`` tiles
+    (``pl.ds`` on the sublane axis, at a multiple of R) and ``[np, R]`` B/C column tiles
+    (dynamic index on a leading axis), runs its R steps statically unrolled on static row /
+    column slices, and stores its ``[R, bd]`` / ``[np, R]`` output tiles assembled with iota
+    selects.
     """
     if not lay.tpu:
         def step(k, carry):
