@@ -113,3 +113,18 @@ def segment_resets(segment_ids):
     (where the scans' state restarts from zero)."""
     first = jnp.zeros(segment_ids.shape[:1] + (1,), bool)
     return jnp.concatenate([first, segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+
+
+# ----------------------------------------------------------------------------- Mosaic TPU VMEM
+def tpu_tile_bytes(shape, itemsize: int) -> int:
+    """VMEM bytes of one block on TPU: the last two dims padded to the ``(8, 128)`` tile
+    (16 rows for 16-bit types, 32 for 8-bit); a 1-D block is one row."""
+    shape = tuple(shape)
+    if len(shape) < 2:
+        shape = (1,) * (2 - len(shape)) + shape
+    *lead, r, c = shape
+    sub = 8 * max(1, 4 // itemsize)
+    count = 1
+    for d in lead:
+        count *= int(d)
+    return count * round_up(r, sub) * round_up(c, 128) * itemsize
