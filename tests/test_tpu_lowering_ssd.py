@@ -187,8 +187,8 @@ def test_tpu_interpret_race_detector(capfd):
                      segments(1, 200, [(70,)]))
     assert "RACE DETECTED" not in capfd.readouterr().out
     from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc
-    races = getattr(ipc, "races", None)  # global state of this jax version; may be reset
-    assert races is None or not races.races_found
+    races = getattr(ipc, "races", None)  # the detector's global state (this jax version)
+    assert races is not None and not races.races_found
     _check("races", inp, got, want, 1e-4)
 
 
