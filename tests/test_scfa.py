@@ -36,8 +36,15 @@ def _cfg(name, **kw):
     return jf.get_config(name, "tiny", **{**SMALL, "sparse_impl": "reference", **kw})
 
 
-def _apply(cfg, tokens, **kw):
-    return jf.build(cfg).apply({"params": _params()}, tokens, **kw)
+@functools.lru_cache(maxsize=None)
+def _fwd(cfg):
+    m = jf.build(cfg)
+    return jax.jit(lambda p, t, seg: m.apply({"params": p}, t, segment_ids=seg))
+
+
+def _apply(cfg, tokens, segment_ids=None, params=None):
+    """Jitted forward (one compile beats op-by-op dispatch of the eager model)."""
+    return _fwd(cfg)(_params() if params is None else params, tokens, segment_ids)
 
 
 def test_params_are_the_baselines():
@@ -49,7 +56,7 @@ def test_params_are_the_baselines():
 
 def test_one_bucket_and_no_dropping_equal_the_baseline():
     tok = _tokens()
-    base = jf.build(jf.get_config("gpt", "tiny", **SMALL)).apply({"params": _params()}, tok)
+    base = _apply(jf.get_config("gpt", "tiny", **SMALL), tok)
     for cfg in (_cfg("hash_sparse", n_buckets=1), _cfg("qk_sparse", qk_drop_rate=0.0)):
         np.testing.assert_allclose(_apply(cfg, tok), base, atol=2e-5, rtol=2e-5)
     for cfg in (_cfg("hash_sparse", n_buckets=4), _cfg("qk_sparse", qk_drop_rate=0.5)):
@@ -70,8 +77,8 @@ def test_buckets_are_argmax_of_signed_projections():
     pos = jnp.broadcast_to(jnp.arange(32), (2, 32))
     kb = keep_bits(jax.random.PRNGKey(3), pos, 4, 32, 0.3)
     np.testing.assert_array_equal(keep_bits(jax.random.PRNGKey(3), pos[:1, 8:12], 4, 32, 0.3), kb[:1, 8:12])
-    big = keep_bits(jax.random.PRNGKey(4), jnp.broadcast_to(jnp.arange(1024), (4, 1024)), 8, 1024, 0.3)
-    assert abs(float(big.mean()) - 0.7) < 0.02
+    big = keep_bits(jax.random.PRNGKey(4), jnp.broadcast_to(jnp.arange(512), (2, 512)), 8, 512, 0.3)
+    assert abs(float(big.mean()) - 0.7) < 0.03
 
 
 @pytest.mark.parametrize("name", ["hash_sparse", "qk_sparse"])
@@ -82,7 +89,8 @@ def test_layer_matches_direct_masked_attention(name):
     pos = jnp.broadcast_to(jnp.arange(16), (2, 16))
     layer = SparseAttention(cfg)
     p = _params()["blocks_0"]["attn"]
-    (y, _), st = layer.apply({"params": p}, x, pos, mutable=["intermediates"])
+    (y, _), st = jax.jit(lambda p, x, pos: layer.apply({"params": p}, x, pos, mutable=["intermediates"]))(
+        p, x, pos)
     ql, kl = st["intermediates"]["q_labels"][0], st["intermediates"]["k_labels"][0]
     q = jnp.einsum("btd,dhk->bthk", x, p["q"]["kernel"])
     k = jnp.einsum("btd,dhk->bthk", x, p["k"]["kernel"])
@@ -118,8 +126,7 @@ def test_evaluation_is_deterministic_and_training_redraws():
     other = attention_labels(jf.build(cfg.replace(hash_seed=1)), _params(), tok)
     assert not np.array_equal(labels[0][1], other[0][1])
 
-    def train_logits(key):
-        return m.apply({"params": _params()}, tok, rngs={"dropout": key})
+    train_logits = jax.jit(lambda key: m.apply({"params": _params()}, tok, rngs={"dropout": key}))
 
     a1, a2, b1 = (train_logits(jax.random.PRNGKey(i)) for i in (7, 7, 8))
     np.testing.assert_array_equal(a1, a2)
@@ -145,7 +152,7 @@ def test_sparse_layers_selects_layers():
 def test_decoding_equals_forward(name):
     cfg = _cfg(name, n_buckets=4, qk_drop_rate=0.4)
     m, tok = jf.build(cfg), _tokens(t=12)
-    full = m.apply({"params": _params()}, tok)
+    full = _apply(cfg, tok)
     cache = jf.decoding.init_cache(m, 2, 16)
     step = jax.jit(lambda c, t: m.apply({"params": _params()}, t, cache=c))
     logits, cache = step(cache, tok[:, :5])  # prefill
@@ -159,12 +166,11 @@ def test_decoding_equals_forward(name):
 @pytest.mark.parametrize("name", ["hash_sparse", "qk_sparse"])
 def test_packed_segments_equal_separate_sequences(name):
     cfg = _cfg(name, n_buckets=4, qk_drop_rate=0.5)
-    m = jf.build(cfg)
     tok = _tokens(b=1, t=16)
     seg = jnp.asarray([[1] * 6 + [2] * 10])
-    packed = m.apply({"params": _params()}, tok, segment_ids=seg)
-    np.testing.assert_allclose(packed[:, :6], m.apply({"params": _params()}, tok[:, :6]), atol=2e-5)
-    np.testing.assert_allclose(packed[:, 6:], m.apply({"params": _params()}, tok[:, 6:]), atol=2e-5)
+    packed = _apply(cfg, tok, seg)
+    np.testing.assert_allclose(packed[:, :6], _apply(cfg, tok[:, :6]), atol=2e-5)
+    np.testing.assert_allclose(packed[:, 6:], _apply(cfg, tok[:, 6:]), atol=2e-5)
 
 
 @pytest.mark.parametrize("name", ["hash_sparse", "qk_sparse"])
@@ -173,8 +179,8 @@ def test_kernel_equals_reference_and_counts_tiles(name):
     kw = dict(n_buckets=4, qk_drop_rate=0.5, n_layer=1, block_q=16, block_k=16)
     tok = _tokens(b=1, t=32)
     params = {k: v for k, v in _params().items() if k != "blocks_1"}
-    ref = jf.build(_cfg(name, **kw)).apply({"params": params}, tok)
-    ker = jf.build(_cfg(name, sparse_impl="pallas", **kw)).apply({"params": params}, tok)
+    ref = _apply(_cfg(name, **kw), tok, params=params)
+    ker = _apply(_cfg(name, sparse_impl="pallas", **kw), tok, params=params)
     np.testing.assert_allclose(ker, ref, atol=1e-4, rtol=1e-4)
     (ql, kl), = attention_labels(jf.build(_cfg(name, **kw)), params, tok)
     count = (hash_tile_count if name == "hash_sparse" else qk_sparse_tile_count)(ql, kl, block_q=16,

@@ -293,7 +293,8 @@ class SCFATransformer(Transformer):
 def attention_labels(module, params, tokens):
     """``[(q_labels, k_labels)]`` of every sparse layer for ``tokens`` (evaluation draw),
     as the forward pass computes them (for tile counts)."""
-    _, state = module.apply({"params": params}, tokens, mutable=["intermediates"])
+    _, state = jax.jit(lambda p, t: module.apply({"params": p}, t, mutable=["intermediates"]))(
+        params, tokens)
     out = []
 
     def walk(tree):
