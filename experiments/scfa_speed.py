@@ -96,6 +96,11 @@ def bench(name, fn, q, k, v, do, *, on_gpu, warmup, iters):
     return out
 
 
+def _list(text, cast):
+    """``"a,b"`` -> [cast(a), cast(b)]; ``"none"`` / empty -> []."""
+    return [] if text.strip().lower() in ("", "none") else [cast(x) for x in text.split(",") if x.strip()]
+
+
 def run(args) -> list:
     on_gpu = jax.default_backend() == "gpu"
     if args.quick:
@@ -104,8 +109,8 @@ def run(args) -> list:
         dtype = jnp.bfloat16 if on_gpu else jnp.float32
     else:
         seq_lens = [int(x) for x in args.seq_lens.split(",")]
-        buckets = [int(x) for x in args.buckets.split(",")]
-        keeps = [float(x) for x in args.keep.split(",")]
+        buckets = _list(args.buckets, int)
+        keeps = _list(args.keep, float)
         tokens, heads, head_dim = args.tokens, args.heads, args.head_dim
         warmup, iters, block, dtype = args.warmup, args.iters, args.block, jnp.bfloat16
     settings = [("cudnn", None), ("flash", None)] + [("hash", n) for n in buckets] + [("qk", p) for p in keeps]
@@ -176,8 +181,8 @@ def main(argv=None):
     ap.add_argument("--out", default="runs/scfa_speed", help="folder for results.json and the plot")
     ap.add_argument("--quick", action="store_true", help="tiny shapes (CPU / interpret friendly)")
     ap.add_argument("--seq-lens", default="1024,2048,4096,8192,16384,32768")
-    ap.add_argument("--buckets", default="2,4,8,16,32,64")
-    ap.add_argument("--keep", default="0.2,0.4,0.6,0.8", help="keep rates of the QK-sparse kernel")
+    ap.add_argument("--buckets", default="2,4,8,16,32,64", help="hash buckets ('none': skip the hash kernel)")
+    ap.add_argument("--keep", default="0.2,0.4,0.6,0.8", help="keep rates of the QK-sparse kernel ('none': skip it)")
     ap.add_argument("--tokens", type=int, default=16384, help="B*T per config")
     ap.add_argument("--heads", type=int, default=12)
     ap.add_argument("--head-dim", type=int, default=64)
