@@ -67,17 +67,19 @@ def test_buckets_are_argmax_of_signed_projections():
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 3, 16))
     r = hash_matrices(jax.random.PRNGKey(2), 3, 16, 8)
     np.testing.assert_allclose(np.linalg.norm(np.asarray(r), axis=1), 1.0, rtol=1e-5)
-    b = np.asarray(hash_buckets(x, r))
+    buckets = jax.jit(hash_buckets)
+    keep = jax.jit(keep_bits, static_argnums=(2, 3, 4))
+    b = np.asarray(buckets(x, r))
     assert b.min() >= 0 and b.max() < 8
     xn = np.asarray(x) / np.linalg.norm(np.asarray(x), axis=-1, keepdims=True)
     proj = np.einsum("bthd,hdn->bthn", xn, np.asarray(r))
     np.testing.assert_array_equal(b, np.argmax(np.concatenate([proj, -proj], -1), -1))
-    np.testing.assert_array_equal(hash_buckets(3.0 * x, r), b)  # scale invariant
+    np.testing.assert_array_equal(buckets(3.0 * x, r), b)  # scale invariant
     # keep bits: a token's bit depends on (row, position, head) only, rate ~ 1 - drop
     pos = jnp.broadcast_to(jnp.arange(32), (2, 32))
-    kb = keep_bits(jax.random.PRNGKey(3), pos, 4, 32, 0.3)
-    np.testing.assert_array_equal(keep_bits(jax.random.PRNGKey(3), pos[:1, 8:12], 4, 32, 0.3), kb[:1, 8:12])
-    big = keep_bits(jax.random.PRNGKey(4), jnp.broadcast_to(jnp.arange(512), (2, 512)), 8, 512, 0.3)
+    kb = keep(jax.random.PRNGKey(3), pos, 4, 32, 0.3)
+    np.testing.assert_array_equal(keep(jax.random.PRNGKey(3), pos[:1, 8:12], 4, 32, 0.3), kb[:1, 8:12])
+    big = keep(jax.random.PRNGKey(4), jnp.broadcast_to(jnp.arange(512), (2, 512)), 8, 512, 0.3)
     assert abs(float(big.mean()) - 0.7) < 0.03
 
 

@@ -71,6 +71,7 @@ Deviations from the authors' code (``epfml/dynamic-sparse-flash-attention``,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import zlib
 from typing import Optional
 
@@ -293,8 +294,7 @@ class SCFATransformer(Transformer):
 def attention_labels(module, params, tokens):
     """``[(q_labels, k_labels)]`` of every sparse layer for ``tokens`` (evaluation draw),
     as the forward pass computes them (for tile counts)."""
-    _, state = jax.jit(lambda p, t: module.apply({"params": p}, t, mutable=["intermediates"]))(
-        params, tokens)
+    _, state = _labels_fn(type(module), module.config)(params, tokens)
     out = []
 
     def walk(tree):
@@ -307,6 +307,12 @@ def attention_labels(module, params, tokens):
 
     walk(state.get("intermediates", {}))
     return out
+
+
+@functools.lru_cache(maxsize=16)
+def _labels_fn(module_cls, config):
+    module = module_cls(config)
+    return jax.jit(lambda p, t: module.apply({"params": p}, t, mutable=["intermediates"]))
 
 
 _SCFA_PRESETS = {
