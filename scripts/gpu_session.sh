@@ -12,6 +12,10 @@
 #   scan         python -m experiments.bench_scan (+ fla)      (issue 6)
 #   models       python -m experiments.bench_models            (issue 6)
 #   denseformer  python -m experiments.denseformer --preset gpu (issue 5)
+#   scfa-speed-hash  python -m experiments.scfa_speed, hash-sparse kernel, nb 2..64   (issue 12)
+#   scfa-speed-qk    python -m experiments.scfa_speed, QK-sparse kernel, keep 0.2..0.8 (issue 12)
+#   scfa-lm-8k   python -m experiments.scfa_lm --preset gpu --seq-len 8192   (issue 12)
+#   scfa-lm-16k  python -m experiments.scfa_lm --preset gpu --seq-len 16384  (issue 12)
 #
 # The device has jax/flax/torch/triton but no network and no fla: carry the
 # wheels fetched here with
@@ -57,6 +61,15 @@ for s in "$@"; do
         models)      stage models 560 python -m experiments.bench_models --out "$OUT/models" ;;
         denseformer) stage denseformer 580 python -m experiments.denseformer --preset gpu \
                          --out "$OUT/denseformer" ;;
-        *) echo "unknown stage $s (gpu-quick|kernels|attention|scan|models|denseformer)"; exit 2 ;;
+        # SCFA (issue 12): kernels vs cuDNN / Pallas flash (anchors re-measured in each stage)
+        scfa-speed-hash) stage scfa-speed-hash 560 python -m experiments.scfa_speed --keep none \
+                         --out "$OUT/scfa_speed_hash" ;;
+        scfa-speed-qk)   stage scfa-speed-qk 560 python -m experiments.scfa_speed --buckets none \
+                         --out "$OUT/scfa_speed_qk" ;;
+        scfa-lm-8k)  stage scfa-lm-8k 580 python -m experiments.scfa_lm --preset gpu --seq-len 8192 \
+                         --out "$OUT/scfa_lm_8k" ;;
+        scfa-lm-16k) stage scfa-lm-16k 580 python -m experiments.scfa_lm --preset gpu --seq-len 16384 \
+                         --out "$OUT/scfa_lm_16k" ;;
+        *) echo "unknown stage $s (gpu-quick|kernels|attention|scan|models|denseformer|scfa-speed-hash|scfa-speed-qk|scfa-lm-8k|scfa-lm-16k)"; exit 2 ;;
     esac
 done

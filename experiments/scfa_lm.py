@@ -1,0 +1,223 @@
+"""SCFA language models: baseline vs hash-sparse vs QK-sparse at equal steps and tokens.
+
+    python -m experiments.scfa_lm --preset tiny --out runs/scfa-tiny             # CPU, a few minutes
+    python -m experiments.scfa_lm --preset gpu --out runs/scfa-gpu               # 12 layers, d=768, T=8k+16k
+    python -m experiments.scfa_lm --preset gpu --seq-len 8192 --out runs/scfa-8k # one length (one GPU stage)
+
+Every model (GPT-style baseline, ``hash_sparse`` with ``n_buckets`` = nb, ``qk_sparse`` with
+``qk_drop_rate`` = s) trains for the same steps on the same batches of the built-in corpus
+(Shakespeare, byte tokens; ``--data`` for a prepared one) with ``jaxformers.training.train``;
+runs go to ``OUT/runs/<name>``.  ``OUT/results.json`` holds per model and sequence length:
+validation loss / perplexity, training tokens/s and wall-clock per step (the trainer's clock,
+compilation excluded), and the attention tiles (64x64 (q, k) tile pairs of the Pallas kernels)
+one training step's forward computes: from the hash buckets / keep masks the model draws on a
+``[batch_size, seq_len]`` batch (evaluation draw of the trained model), counted with
+``pallas_kernels.sparse_attention.{hash,qk_sparse}_tile_count`` summed over layers, batch
+rows and heads, next to the dense causal flash kernel's count (``causal_tile_count``).
+On CPU the models train with the float32 reference (``sparse_impl="auto"``); ``kernel_check``
+runs the trained sparse models once through the Pallas kernels (interpret mode on CPU) and
+records the max |logits difference| vs the reference.  Plot: ``OUT/scfa_lm.png``.
+
+``--steps N`` / ``--eval-batches N`` / ``--only a,b`` / ``--seq-len T`` shrink a run (tests).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from experiments.common import enable_compile_cache, environment, train_fresh, train_overrides
+
+PRESETS = {
+    # 2 layers, d=64, T=128: a few minutes on 2 CPU cores (reference attention).
+    "tiny": dict(model=dict(d_model=64, n_head=4, n_layer=2, max_seq_len=128), seq_lens=(128,),
+                 hash_buckets=(4,), qk_drop_rates=(0.5,), tile=16, kernel_check=True,
+                 train=dict(steps=150, batch_size=8, lr=3e-3, warmup_steps=15, eval_every=0,
+                            eval_batches=8)),
+    # The paper's LM setting scaled to one device: 12 layers, d=768, 12 heads, T = 8k and 16k,
+    # nb = 16 buckets, s = 50% dropping (the authors' defaults); bf16 compute, remat.
+    "gpu": dict(model=dict(d_model=768, n_head=12, n_layer=12, max_seq_len=16384,
+                           remat="save_attention_out"),
+                seq_lens=(8192, 16384), hash_buckets=(16,), qk_drop_rates=(0.5,), tile=64,
+                kernel_check=False,
+                # 100 steps x 3 models fit one 10-minute GPU stage per length (scripts/gpu_session.sh)
+                train=dict(steps=100, batch_size=2, lr=1e-3, warmup_steps=10, eval_every=0,
+                           eval_batches=4, weight_decay=0.1)),
+}
+
+
+def _parser():
+    ap = argparse.ArgumentParser(prog="python -m experiments.scfa_lm", description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--steps", type=int, help="override the preset's training steps")
+    ap.add_argument("--eval-batches", type=int, help="override the number of validation batches")
+    ap.add_argument("--seq-len", type=int, help="run only this one of the preset's sequence lengths")
+    ap.add_argument("--only", help="comma-separated model names (baseline, hash_nb4, qk_s50, ...)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data", default="default", help="corpus / prepared dataset (default: built-in)")
+    ap.add_argument("--no-kernel-check", action="store_true", help="skip the Pallas-vs-reference check")
+    ap.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent XLA cache")
+    return ap
+
+
+def model_grid(preset: dict, vocab_size: int, seq_len: int):
+    """``[(name, config)]``: the GPT baseline, one hash_sparse per nb, one qk_sparse per s."""
+    from jaxformers import get_config
+
+    common = dict(preset["model"], vocab_size=vocab_size, max_seq_len=max(seq_len, preset["model"]["max_seq_len"]))
+    tile = dict(block_q=preset["tile"], block_k=preset["tile"])
+    grid = [("baseline", get_config("gpt", "tiny", **common))]
+    for nb in preset["hash_buckets"]:
+        grid.append((f"hash_nb{nb}", get_config("hash_sparse", "tiny", n_buckets=nb, **tile, **common)))
+    for s in preset["qk_drop_rates"]:
+        grid.append((f"qk_s{round(100 * s)}", get_config("qk_sparse", "tiny", qk_drop_rate=s, **tile,
+                                                          **common)))
+    return grid
+
+
+def tile_counts(cfg, params, batch, seq_len, seed, tile):
+    """Attention tiles one forward of a ``[batch, seq_len]`` batch computes: (sparse model's,
+    dense causal flash kernel's), summed over layers, batch rows and query heads."""
+    import jax
+    import numpy as np
+    from jaxformers import build
+    from jaxformers.models.scfa import attention_labels
+    from pallas_kernels.sparse_attention import causal_tile_count, hash_tile_count, qk_sparse_tile_count
+
+    dense_layer = causal_tile_count(seq_len, block_q=tile, block_k=tile) * batch * cfg.n_head
+    dense = dense_layer * cfg.n_layer
+    if cfg.model not in ("hash_sparse", "qk_sparse"):
+        return dense, dense, []
+    tokens = jax.random.randint(jax.random.PRNGKey(seed), (batch, seq_len), 0, cfg.vocab_size)
+    counter = hash_tile_count if cfg.model == "hash_sparse" else qk_sparse_tile_count
+    per_layer = [int(np.asarray(counter(ql, kl, block_q=tile, block_k=tile)).sum())
+                 for ql, kl in attention_labels(build(cfg), params, tokens)]
+    n_dense_layers = cfg.n_layer - len(per_layer)
+    return sum(per_layer) + n_dense_layers * dense_layer, dense, per_layer
+
+
+def kernel_check(cfg, params, seq_len, seed):
+    """Max |logits(sparse_impl=pallas) - logits(reference)| on one sequence (interpret on CPU)."""
+    import jax
+    import jax.numpy as jnp
+    from jaxformers import build
+
+    tokens = jax.random.randint(jax.random.PRNGKey(seed + 1), (1, seq_len), 0, cfg.vocab_size)
+    out = {}
+    for impl in ("pallas", "reference"):
+        m = build(cfg.replace(sparse_impl=impl))
+        out[impl] = jax.jit(lambda p, t: m.apply({"params": p}, t))(params, tokens)
+    return float(jnp.max(jnp.abs(out["pallas"] - out["reference"])))
+
+
+def run(args) -> dict:
+    from jaxformers.training import CompileCache
+    from jaxformers.training.trainer import open_dataset
+
+    preset = PRESETS[args.preset]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train_kw = train_overrides(preset["train"], args.steps, args.eval_batches)
+    _, meta, _, _ = open_dataset(args.data, "byte")
+    seq_lens = preset["seq_lens"]
+    if args.seq_len is not None:
+        if args.seq_len not in seq_lens:
+            raise SystemExit(f"--seq-len {args.seq_len}: choose one of {list(seq_lens)}")
+        seq_lens = (args.seq_len,)
+    wanted = None if not args.only else {s.strip() for s in args.only.split(",") if s.strip()}
+    results = {**environment(), "preset": args.preset, "seed": args.seed, "data": args.data,
+               "train": train_kw, "tile": preset["tile"], "models": {}}
+    cache = CompileCache()
+    for seq_len in seq_lens:
+        grid = model_grid(preset, int(meta["vocab_size"]), seq_len)
+        if wanted is not None:
+            unknown = sorted(wanted - {n for n, _ in grid})
+            if unknown:
+                raise SystemExit(f"--only: unknown model(s) {unknown}; choose from {[n for n, _ in grid]}")
+            grid = [(n, c) for n, c in grid if n in wanted]
+        for name, cfg in grid:
+            key = f"{name}_T{seq_len}"
+            kw = dict(train_kw, seq_len=seq_len)
+            summary, params, dtype, tc = train_fresh(key, cfg, out, seed=args.seed, data=args.data,
+                                                     train_kw=kw, log_points=10, tag="scfa_lm", cache=cache)
+            tps = summary["tokens_per_s"]
+            tiles, dense_tiles, per_layer = tile_counts(cfg, params, tc.batch_size, seq_len, args.seed,
+                                                        preset["tile"])
+            row = {
+                "model": cfg.model, "seq_len": seq_len,
+                "n_buckets": getattr(cfg, "n_buckets", None) if cfg.model == "hash_sparse" else None,
+                "qk_drop_rate": getattr(cfg, "qk_drop_rate", None) if cfg.model == "qk_sparse" else None,
+                "val_loss": summary["val_loss"], "val_ppl": summary["val_ppl"],
+                "train_loss": summary["train_loss"], "n_params": summary["n_params"],
+                "train_tokens": tc.steps * tc.tokens_per_step, "steps": tc.steps,
+                "train_tokens_per_s": tps,
+                "step_time_s": (tc.tokens_per_step / tps) if tps else None,
+                "attention_tiles_per_step": tiles, "dense_attention_tiles_per_step": dense_tiles,
+                "tile_fraction": tiles / dense_tiles, "tiles_per_sparse_layer": per_layer,
+                "train_wall_s": summary["wall_s"], "compile_s": summary.get("compile_s"),
+                "compute_dtype": dtype, "mfu_dense_equivalent": summary.get("mfu"),
+            }
+            if preset["kernel_check"] and not args.no_kernel_check and cfg.model != "gpt":
+                row["kernel_check_max_abs_diff"] = kernel_check(cfg, params, seq_len, args.seed)
+            results["models"][key] = row
+            print(f"[scfa_lm] {key}: val_ppl={row['val_ppl']:.3f} step={row['step_time_s'] or 0:.4f}s "
+                  f"tiles={tiles}/{dense_tiles}", file=sys.stderr, flush=True)
+    for key, row in results["models"].items():
+        base = results["models"].get(f"baseline_T{row['seq_len']}")
+        if base and base["step_time_s"] and row["step_time_s"]:
+            row["speedup_vs_baseline"] = base["step_time_s"] / row["step_time_s"]
+            row["val_ppl_delta_vs_baseline"] = row["val_ppl"] - base["val_ppl"]
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, out / "scfa_lm.png")
+    return results
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["models"]
+    names = list(rows)
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    panels = (("val_ppl", "validation perplexity"), ("step_time_s", "wall-clock per step (s)"),
+              ("tile_fraction", "attention tiles / dense causal"))
+    colors = ["tab:blue" if r["model"] == "gpt" else "tab:orange" if r["model"] == "hash_sparse"
+              else "tab:green" for r in rows.values()]
+    for ax, (key, label) in zip(axes, panels):
+        vals = [rows[n][key] or 0.0 for n in names]
+        ax.bar(range(len(names)), vals, color=colors)
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+        ax.set_title(label)
+        ax.grid(axis="y", alpha=0.3)
+        for i, v in enumerate(vals):
+            ax.text(i, v, f"{v:.3g}", ha="center", va="bottom", fontsize=7)
+    fig.suptitle(f"SCFA LMs ({results['preset']}, {results['train']['steps']} steps, "
+                 f"{results['device']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    args = _parser().parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        raise SystemExit("--steps must be >= 1")
+    if not args.no_compile_cache:
+        enable_compile_cache()
+    t0 = time.perf_counter()
+    results = run(args)
+    print(json.dumps({n: {k: r.get(k) for k in ("val_ppl", "step_time_s", "tile_fraction",
+                                                 "kernel_check_max_abs_diff")}
+                      for n, r in results["models"].items()}, indent=1))
+    print(f"total {time.perf_counter() - t0:.0f}s -> {args.out}/results.json", file=sys.stderr)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""SCFA kernel speed: hash-sparse and QK-sparse flash attention vs dense causal attention.
+
+    python -m experiments.scfa_speed [--out DIR]      # GPU sweep (bf16)
+    python -m experiments.scfa_speed --quick          # tiny shapes, interpret mode on CPU (tests)
+
+Forward and forward+backward median milliseconds of
+
+* ``hash_nb{n}``: :func:`pallas_kernels.sparse_attention.hash_attention` with random buckets
+  (uniform over ``n`` buckets per token and head, as random-projection hashes of random
+  vectors give), n in ``--buckets`` (default 2, 4, 8, 16, 32, 64);
+* ``qk_keep{p}``: :func:`~pallas_kernels.sparse_attention.qk_sparse_attention` with random keep
+  masks (each query / key kept with probability p), p in ``--keep`` (default 0.2 .. 0.8);
+* the dense causal anchors of the same run: cuDNN (``jax.nn.dot_product_attention``, GPU only)
+  and this repo's Pallas flash kernel (``flash``),
+
+for T in ``--seq-lens`` (default 1k .. 32k) with B*T = ``--tokens`` (16k), H=``--heads``
+(12), D=``--head-dim`` (64).  The sparse kernels' time includes the token sort and the
+tile tables (plain JAX around the kernel), as a model pays them.  Speedups are ratios to the
+anchors measured in the same run (``speedup_vs_flash`` / ``speedup_vs_cudnn``); rows also
+carry the computed tile fraction (``tiles / causal tiles`` of the forward).  Writes
+``DIR/results.json`` and ``DIR/speedup_vs_T.png`` (forward and forward+backward speedup over
+the Pallas flash kernel vs T, one line per sparse setting).
+"""
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.common import median_ms, write_results
+
+
+def _inputs(batch, seq_len, heads, head_dim, dtype, seed=0):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+    shape = (batch, seq_len, heads, head_dim)
+    return tuple(jax.random.normal(k, shape, jnp.float32).astype(dtype) for k in ks)
+
+
+def _labels(kind, param, shape, seed):
+    """Random buckets (uniform over ``param``) or keep masks (rate ``param``), ``shape [B, T, H]``."""
+    kq, kk = jax.random.split(jax.random.PRNGKey(seed))
+    if kind == "hash":
+        return (jax.random.randint(kq, shape, 0, param, jnp.int32),
+                jax.random.randint(kk, shape, 0, param, jnp.int32))
+    return jax.random.uniform(kq, shape) < param, jax.random.uniform(kk, shape) < param
+
+
+def make_fn(impl: str, param, *, on_gpu: bool, block: int, shape=None, seed: int = 1):
+    """``(fn(q, k, v) -> o, labels or None, None)`` or ``(None, None, reason)``."""
+    from pallas_kernels.flash_attention import flash_attention
+    from pallas_kernels import sparse_attention as sa
+
+    if impl == "cudnn":
+        if not on_gpu:
+            return None, None, "cudnn needs a GPU"
+        return (lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                             implementation="cudnn")), None, None
+    if impl == "flash":
+        return (lambda q, k, v: flash_attention(q, k, v, causal=True)), None, None
+    kw = dict(block_q=block, block_k=block)
+    if impl in ("hash", "qk"):
+        ql, kl = _labels(impl, param, shape, seed)  # drawn once, outside the timed function
+        op = sa.hash_attention if impl == "hash" else sa.qk_sparse_attention
+        return (lambda q, k, v: op(q, k, v, ql, kl, **kw)), (impl, param), None
+    raise ValueError(f"unknown impl {impl!r}")
+
+
+def tile_fraction(kind, param, batch, seq_len, heads, block, seed=1):
+    from pallas_kernels import sparse_attention as sa
+
+    ql, kl = _labels(kind, param, (batch, seq_len, heads), seed)
+    counter = sa.hash_tile_count if kind == "hash" else sa.qk_sparse_tile_count
+    n = counter(ql, kl, block_q=block, block_k=block)
+    dense = sa.causal_tile_count(seq_len, block_q=block, block_k=block) * batch * heads
+    return float(np.asarray(n).sum()) / dense
+
+
+def bench(name, fn, q, k, v, do, *, on_gpu, warmup, iters):
+    jit_kw = {} if on_gpu else {"compiler_options": {"xla_backend_optimization_level": 0}}
+    fwd = jax.jit(fn, **jit_kw)
+
+    def _fwd_bwd(q, k, v, do):
+        o, vjp = jax.vjp(fn, q, k, v)
+        return o, vjp(do)
+
+    fwd_bwd = jax.jit(_fwd_bwd, **jit_kw)
+    out = {}
+    for mode, f, args in (("fwd", fwd, (q, k, v)), ("fwd+bwd", fwd_bwd, (q, k, v, do))):
+        try:
+            out[mode] = median_ms(f, args, warmup, iters)
+        except Exception as e:  # noqa: BLE001 - record OOM / unsupported and keep going
+            out[mode] = None
+            out[f"{mode}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    return out
+
+
+def _list(text, cast):
+    """``"a,b"`` -> [cast(a), cast(b)]; ``"none"`` / empty -> []."""
+    return [] if text.strip().lower() in ("", "none") else [cast(x) for x in text.split(",") if x.strip()]
+
+
+def run(args) -> list:
+    on_gpu = jax.default_backend() == "gpu"
+    if args.quick:
+        seq_lens, tokens, heads, head_dim = [64], 128, 2, 32
+        buckets, keeps, warmup, iters, block = [2, 4], [0.5], 1, 2, 16
+        dtype = jnp.bfloat16 if on_gpu else jnp.float32
+    else:
+        seq_lens = [int(x) for x in args.seq_lens.split(",")]
+        buckets = _list(args.buckets, int)
+        keeps = _list(args.keep, float)
+        tokens, heads, head_dim = args.tokens, args.heads, args.head_dim
+        warmup, iters, block, dtype = args.warmup, args.iters, args.block, jnp.bfloat16
+    settings = [("cudnn", None), ("flash", None)] + [("hash", n) for n in buckets] + [("qk", p) for p in keeps]
+    rows = []
+    print(f"{'impl':>12} {'T':>6} {'B':>3} {'fwd ms':>9} {'f+b ms':>9} {'tiles':>6} {'x flash f/fb':>14}",
+          flush=True)
+    for t in seq_lens:
+        b = max(1, tokens // t)
+        q, k, v, do = _inputs(b, t, heads, head_dim, dtype)
+        anchors = {}
+        for impl, param in settings:
+            name = impl if param is None else (f"hash_nb{param}" if impl == "hash" else f"qk_keep{param:g}")
+            row = dict(impl=name, kind=impl, param=param, seq_len=t, batch=b, heads=heads,
+                       head_dim=head_dim, dtype=jnp.dtype(dtype).name, block=block)
+            fn, lab, reason = make_fn(impl, param, on_gpu=on_gpu, block=block, shape=(b, t, heads))
+            if fn is None:
+                rows.append(dict(row, fwd_ms=None, fwd_bwd_ms=None, skipped=reason))
+                continue
+            res = bench(name, fn, q, k, v, do, on_gpu=on_gpu, warmup=warmup, iters=iters)
+            row.update(fwd_ms=res["fwd"], fwd_bwd_ms=res["fwd+bwd"],
+                       **{k2: v2 for k2, v2 in res.items() if k2.endswith("_error")})
+            if lab is not None:
+                row["tile_fraction"] = tile_fraction(lab[0], lab[1], b, t, heads, block)
+            else:
+                anchors[impl] = row
+            for anchor in ("flash", "cudnn"):
+                a = anchors.get(anchor)
+                for mode, key in (("fwd", "fwd_ms"), ("fwd_bwd", "fwd_bwd_ms")):
+                    ok = a is not None and a.get(key) and row.get(key)
+                    row[f"speedup_vs_{anchor}_{mode}"] = a[key] / row[key] if ok else None
+            rows.append(row)
+            fmt = lambda x: f"{x:.3f}" if x else "-"  # noqa: E731
+            print(f"{name:>12} {t:>6} {b:>3} {fmt(row['fwd_ms']):>9} {fmt(row['fwd_bwd_ms']):>9} "
+                  f"{fmt(row.get('tile_fraction')):>6} {fmt(row.get('speedup_vs_flash_fwd')):>6}/"
+                  f"{fmt(row.get('speedup_vs_flash_fwd_bwd'))}", flush=True)
+    return rows
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    names = sorted({r["impl"] for r in rows if r["kind"] in ("hash", "qk")},
+                   key=lambda n: (n[:2], float(n.split("nb")[-1].split("keep")[-1])))
+    for ax, mode in zip(axes, ("fwd", "fwd_bwd")):
+        for n in names:
+            pts = [(r["seq_len"], r.get(f"speedup_vs_flash_{mode}")) for r in rows if r["impl"] == n]
+            pts = [(t, s) for t, s in pts if s]
+            if pts:
+                ax.plot(*zip(*pts), "o-" if n.startswith("hash") else "s--", label=n)
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length T")
+        ax.set_ylabel("speedup over Pallas flash (causal)")
+        ax.set_title(f"{'forward' if mode == 'fwd' else 'forward + backward'}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m experiments.scfa_speed", description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--out", default="runs/scfa_speed", help="folder for results.json and the plot")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes (CPU / interpret friendly)")
+    ap.add_argument("--seq-lens", default="1024,2048,4096,8192,16384,32768")
+    ap.add_argument("--buckets", default="2,4,8,16,32,64", help="hash buckets ('none': skip the hash kernel)")
+    ap.add_argument("--keep", default="0.2,0.4,0.6,0.8", help="keep rates of the QK-sparse kernel ('none': skip it)")
+    ap.add_argument("--tokens", type=int, default=16384, help="B*T per config")
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--block", type=int, default=64, help="sparse kernels' block_q = block_k")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=5)
+    args = ap.parse_args(argv)
+    rows = run(args)
+    import os
+    path = write_results(args.out, quick=args.quick, rows=rows,
+                         note="speedup_vs_X_mode = X's ms / this row's ms, same run; sparse ms include "
+                              "the token sort and tile tables")
+    plot(rows, os.path.join(args.out, "speedup_vs_T.png"))
+    return path
+
+
+if __name__ == "__main__":
+    main()

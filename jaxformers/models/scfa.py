@@ -1,0 +1,329 @@
+"""Sparse causal flash attention LMs (SCFA, Pagliardini et al. 2023): hash-sparse and QK-sparse.
+
+The GPT baseline with the attention op of (some of) its layers replaced; projections,
+rotary embeddings, the KV-cache layout and every parameter name stay the baseline's
+(``q``/``k``/``v``/``o``), so baseline checkpoints load as is.
+
+* ``hash_sparse``: per head, queries and keys (after rotary, L2-normalised) are hashed
+  with random projections ``R [Dh, n_buckets / 2]`` (unit-norm columns):
+  ``bucket(x) = argmax([x R, -x R])``.  Query ``i`` attends key ``j`` iff ``j <= i`` and
+  ``bucket(q_i) == bucket(k_j)``.  ``n_buckets=1`` is exactly causal attention.
+  Per-head hashes: one ``R`` per kv head (query heads of a GQA group share their kv
+  head's ``R``).
+* ``qk_sparse``: random keep masks, each (batch row, position, head) query and key kept
+  independently with probability ``1 - qk_drop_rate`` (the paper's "sparsity" ``s`` =
+  ``qk_drop_rate``); query ``i`` attends key ``j`` iff ``j <= i`` and both are kept;
+  dropped queries (and rows that see nothing) output 0.  ``qk_drop_rate=0`` is exactly
+  causal attention.
+
+``sparse_layers``: 0-based indices of the sparse layers (``None``: all, as in the paper);
+the others keep dense causal attention.  ``sparse_impl``: ``"pallas"`` (the kernels of
+:mod:`pallas_kernels.sparse_attention`), ``"reference"`` (their dense float32 oracles,
+masked softmax over ``[T, T]``: for CPU training), ``"auto"`` = the kernel on GPU/TPU,
+the reference elsewhere.  Both compute the same function.
+
+Randomness (deterministic under a seed).  The hash matrices and keep masks are redrawn
+at every training step from the trainer's per-step ``dropout`` rng
+(``fold_in(PRNGKey(train seed), step)``; Flax's ``make_rng`` makes them differ per
+layer).  Without a ``dropout`` rng (evaluation, ``init``, decoding, plain ``apply``) they
+come from a fixed key, ``fold_in(PRNGKey(hash_seed), crc32(module path))``: evaluation is
+deterministic and the same at every call.  Keep masks are drawn per batch row as
+``uniform(fold_in(key, row), [max_seq_len, H]) >= qk_drop_rate`` and indexed by the token
+*position* (mod ``max_seq_len``), so a token's keep bit depends only on (key, row,
+position, head), not on the batch size or the sequence length of the call; that is what
+makes decoding equal the full forward.  Under ``scan_layers`` the layers share one rng
+stream, so all scanned layers use the same R / masks (unrolled layers differ).
+
+Decoding (KV cache).  The cache is the baseline's ``{'k', 'v'}`` (post-rotary keys).
+A decoding step uses the fixed eval randomness: it hashes the new queries and every
+cached key with the same ``R`` (a key's bucket is recomputed from the cached key, so
+nothing extra is stored), or looks the keep bits of the query positions and of the cache
+slots up in the position-indexed table (cache slot ``s`` holds position ``s``, as the
+baseline's decoding assumes); then one dense masked softmax over the cache (float32, as
+the baseline decodes with the XLA path).  Prefill + decode equals the full forward.
+
+Packed sequences (``segment_ids``): hash labels become ``bucket + n_buckets * segment``;
+QK-sparse with segments runs the hash op with labels ``segment`` (kept) / ``-1``
+(dropped query) / ``-2`` (dropped key), the same visibility.  ``window`` is not supported.
+
+FLOPs / MFU: ``attention_flops_per_token`` is the baseline's dense-causal count (as if no
+tile were skipped), so the MFU of a sparse model is a dense-equivalent number;
+``experiments.scfa_lm`` reports the attention tiles actually computed separately.  The
+hash projection (``2 * T * Dh * n_buckets / 2`` per head) is not counted.
+
+Deviations from the authors' code (``epfml/dynamic-sparse-flash-attention``,
+``openwebtext2-experiments/src/models/{hashformer,dropformer}.py``):
+
+* Their LMs (baseline included) use shared-QK attention: there is no key projection,
+  ``k = normalize(q)``; hashing ``q`` and ``normalize(q)`` gives a token's query and key
+  the same bucket.  Here the baseline's separate ``W_k`` stays and the normalised
+  queries and keys are hashed separately (the paper's general formulation), so a query
+  may not share its own key's bucket.
+* Their hash kernel masks with strict ``j < i`` (no self-attention, Reformer-style, needed
+  with shared QK); here ``j <= i`` (the kernel's and the baseline's causal mask), for both
+  patterns (their QK-sparse kernel also uses ``j <= i``).
+* They redraw R and the masks at every forward call, evaluation included (``torch.randn``
+  / ``torch.rand`` inside ``attention_fn``); here training redraws per step and evaluation
+  uses the fixed draw above.
+* Their QK-sparse attention also L2-normalises the compacted keys; here keys are the
+  baseline's (only the attention pattern changes).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import zlib
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+from jax.ad_checkpoint import checkpoint_name
+
+from ..config import TransformerConfig, _choice
+from ..layers import Block
+from ..layers.attention import init_attention_cache
+from ..layers.common import output_std
+from ..layers.linear import Linear
+from ..layers.rotary import apply_rotary, rotary_angles
+from ..registry import register
+from ..sharding import (ACT_HEADS, ACT_KV_HEADS, BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LENGTH,
+                        constrain)
+from .gpt import GPT_PRESETS, _GPT_STYLE
+from .transformer import Transformer
+
+SPARSE_IMPLS = ("auto", "reference", "pallas")
+KINDS = {"hash_sparse": "hash", "qk_sparse": "qk"}
+
+
+@dataclasses.dataclass(frozen=True)
+class SCFAConfig(TransformerConfig):
+    """TransformerConfig + SCFA fields; ``model`` (``hash_sparse`` / ``qk_sparse``) picks the
+    pattern (:attr:`kind`)."""
+
+    model: str = "hash_sparse"
+    n_buckets: int = 16           # hash_sparse: buckets per head (1 or even)
+    qk_drop_rate: float = 0.5     # qk_sparse: probability to drop each query / key (paper's s)
+    sparse_layers: Optional[tuple] = None  # 0-based sparse layer indices; None = all
+    sparse_impl: str = "auto"
+    hash_seed: int = 0            # key of the fixed (evaluation / decoding) draw
+    block_q: int = 64             # kernel tiles (GPU; the TPU variant uses 128)
+    block_k: int = 64
+
+    def __post_init__(self):
+        if isinstance(self.sparse_layers, list):  # JSON round trip
+            object.__setattr__(self, "sparse_layers", tuple(self.sparse_layers))
+        super().__post_init__()
+
+    @property
+    def kind(self) -> str:
+        return KINDS[self.model]
+
+    def is_sparse_layer(self, i: int) -> bool:
+        return self.sparse_layers is None or i in self.sparse_layers
+
+    def validate(self) -> None:
+        super().validate()
+        _choice("model", self.model, tuple(KINDS))
+        _choice("sparse_impl", self.sparse_impl, SPARSE_IMPLS)
+        nb = self.n_buckets
+        if not isinstance(nb, int) or isinstance(nb, bool) or nb < 1 or (nb > 1 and nb % 2):
+            raise ValueError(f"n_buckets must be 1 or an even int >= 2 (argmax over [xR, -xR]), "
+                             f"got {nb!r}")
+        if not 0.0 <= float(self.qk_drop_rate) < 1.0:
+            raise ValueError(f"qk_drop_rate must be in [0, 1), got {self.qk_drop_rate!r}")
+        if self.sparse_layers is not None:
+            bad = [i for i in self.sparse_layers
+                   if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < self.n_layer]
+            if bad:
+                raise ValueError(f"sparse_layers must be 0-based layer indices in [0, {self.n_layer}), "
+                                 f"got {self.sparse_layers!r}")
+        if self.window is not None:
+            raise ValueError("window (sliding-window attention) is not supported by hash_sparse / "
+                             "qk_sparse; use window=None")
+        for name in ("block_q", "block_k"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 16 or v & (v - 1):
+                raise ValueError(f"{name} must be a power of two >= 16, got {v!r}")
+
+
+# ----------------------------------------------------------------------- randomness
+def hash_matrices(key, n_heads: int, dim: int, n_buckets: int):
+    """``[n_heads, dim, n_buckets // 2]`` float32 Gaussian, columns of unit L2 norm."""
+    r = jax.random.normal(key, (n_heads, dim, n_buckets // 2), jnp.float32)
+    return r / jnp.linalg.norm(r, axis=1, keepdims=True)
+
+
+def hash_buckets(x, r):
+    """Buckets ``[B, T, H]`` int32 of ``x [B, T, H, D]`` under ``r [H, D, nb/2]``:
+    ``argmax([x̂ r, -x̂ r])`` with ``x̂ = x / |x|`` (all 0 when ``nb / 2 == 0``)."""
+    if r.shape[-1] == 0:
+        return jnp.zeros(x.shape[:3], jnp.int32)
+    xf = x.astype(jnp.float32)
+    xf = xf / jnp.maximum(jnp.linalg.norm(xf, axis=-1, keepdims=True), 1e-6)
+    p = jnp.einsum("bthd,hdn->bthn", xf, r, precision=jax.lax.Precision.HIGHEST)
+    return jnp.argmax(jnp.concatenate([p, -p], axis=-1), axis=-1).astype(jnp.int32)
+
+
+def keep_bits(key, positions, n_heads: int, max_len: int, drop_rate: float):
+    """``[B, T, H]`` bool: token kept iff ``uniform(fold_in(key, row))[position % max_len, h]
+    >= drop_rate`` (depends on row, position and head only)."""
+    b = positions.shape[0]
+    table = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i), (max_len, n_heads)))(
+        jnp.arange(b, dtype=jnp.uint32))                                  # [B, max_len, H]
+    idx = jnp.mod(positions, max_len).astype(jnp.int32)
+    return jnp.take_along_axis(table, idx[:, :, None], axis=1) >= drop_rate
+
+
+def resolve_sparse_impl(impl: str) -> str:
+    if impl == "auto":
+        return "pallas" if jax.default_backend() in ("gpu", "tpu", "cuda", "rocm") else "reference"
+    return impl
+
+
+# ---------------------------------------------------------------------------- mixer
+class SparseAttention(nn.Module):
+    """The baseline Attention mixer (same params, rotary, cache) with a SCFA attention op."""
+    config: object
+
+    init_cache = staticmethod(init_attention_cache)
+
+    def draw_key(self):
+        """Per-step training key (the ``dropout`` rng) or the fixed evaluation key."""
+        if self.has_rng("dropout"):
+            return self.make_rng("dropout")
+        path = "/".join(str(p) for p in self.scope.path)
+        return jax.random.fold_in(jax.random.PRNGKey(self.config.hash_seed), zlib.crc32(path.encode()))
+
+    def labels(self, key, q, k, q_pos, k_pos):
+        """Per-token labels of the queries ``[B, Tq, Hq]`` and keys ``[B, Tk, Hkv]``: buckets
+        (hash) or keep bits (qk)."""
+        c = self.config
+        hq, hkv, dh = c.n_head, c.kv_heads, c.dim_head
+        if c.kind == "hash":
+            r = hash_matrices(key, hkv, dh, c.n_buckets)
+            return hash_buckets(q, jnp.repeat(r, hq // hkv, axis=0)), hash_buckets(k, r)
+        kq, kk = jax.random.split(key)
+        drop = float(c.qk_drop_rate)
+        return (keep_bits(kq, q_pos, hq, c.max_seq_len, drop),
+                keep_bits(kk, k_pos, hkv, c.max_seq_len, drop))
+
+    def sparse_op(self, q, k, v, q_lab, k_lab, segment_ids):
+        from pallas_kernels import sparse_attention as sa
+
+        c = self.config
+        kind = c.kind
+        if segment_ids is not None:
+            seg = segment_ids.astype(jnp.int32)[:, :, None]
+            if kind == "hash":
+                q_lab, k_lab = q_lab + c.n_buckets * seg, k_lab + c.n_buckets * seg
+            else:
+                q_lab = jnp.where(q_lab, seg, -1)
+                k_lab = jnp.where(k_lab, seg, -2)
+                kind = "hash"
+        if resolve_sparse_impl(c.sparse_impl) == "reference":
+            fn = sa.hash_reference if kind == "hash" else sa.qk_sparse_reference
+            return fn(q, k, v, q_lab, k_lab)
+        fn = sa.hash_attention if kind == "hash" else sa.qk_sparse_attention
+        return fn(q, k, v, q_lab, k_lab, block_q=c.block_q, block_k=c.block_k)
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids=None, kv_cache=None, cache_index=None):
+        """x ``[B, T, D]``, positions ``[B, T]`` -> (y ``[B, T, D]``, new kv_cache or None)."""
+        c = self.config
+        h, hkv, dh = c.n_head, c.kv_heads, c.dim_head
+
+        def proj(heads, axes, name):
+            return Linear((heads, dh), axes, std=c.init_std, dtype=c.dtype, param_dtype=c.param_dtype,
+                          name=name)(x)
+
+        q = proj(h, (EMBED, HEADS, HEAD_DIM), "q")
+        k = proj(hkv, (EMBED, KV_HEADS, HEAD_DIM), "k")
+        v = proj(hkv, (EMBED, KV_HEADS, HEAD_DIM), "v")
+        cos, sin = rotary_angles(positions, dh, c.rope_theta)
+        q = constrain(apply_rotary(q, cos, sin), (BATCH, LENGTH, ACT_HEADS, None))
+        k = constrain(apply_rotary(k, cos, sin), (BATCH, LENGTH, ACT_KV_HEADS, None))
+        v = constrain(v, (BATCH, LENGTH, ACT_KV_HEADS, None))
+        key = self.draw_key()
+
+        new_cache = None
+        if kv_cache is None:
+            q_lab, k_lab = self.labels(key, q, k, positions, positions)
+            self.sow("intermediates", "q_labels", q_lab)
+            self.sow("intermediates", "k_labels", k_lab)
+            o = self.sparse_op(q, k, v, q_lab, k_lab, segment_ids)
+        else:
+            if segment_ids is not None:
+                raise ValueError("segment_ids are not supported together with a KV cache")
+            from pallas_kernels.sparse_attention import masked_attention
+            start = (0, cache_index, 0, 0)
+            k_all = jax.lax.dynamic_update_slice(kv_cache["k"], k.astype(kv_cache["k"].dtype), start)
+            v_all = jax.lax.dynamic_update_slice(kv_cache["v"], v.astype(kv_cache["v"].dtype), start)
+            new_cache = {"k": k_all, "v": v_all}
+            b, t = q.shape[:2]
+            s = k_all.shape[1]
+            q_pos = cache_index + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            k_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+            q_lab, k_lab = self.labels(key, q, k_all.astype(q.dtype), q_pos, k_pos)
+            g = h // hkv
+            ql = jnp.swapaxes(q_lab, 1, 2)[..., :, None]                            # [B, Hq, T, 1]
+            kl = jnp.repeat(jnp.swapaxes(k_lab, 1, 2), g, axis=1)[..., None, :]     # [B, Hq, 1, S]
+            visible = (k_pos[:, None, None, :] <= q_pos[:, None, :, None])
+            visible = visible & ((ql == kl) if c.kind == "hash" else (ql & kl))
+            o = masked_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), visible)
+        o = checkpoint_name(constrain(o, (BATCH, LENGTH, ACT_HEADS, None)), "attention_out")
+        y = Linear(c.d_model, (HEADS, HEAD_DIM, EMBED), in_axes=2, std=output_std(c), dtype=c.dtype,
+                   param_dtype=c.param_dtype, name="o")(o)
+        return y, new_cache
+
+
+SparseBlock = Block.using(mixer=SparseAttention, name="SparseBlock")
+
+
+class SCFATransformer(Transformer):
+    """The baseline with :class:`SparseAttention` in the layers of ``sparse_layers``."""
+
+    def block_class(self):
+        return SparseBlock
+
+    def layer_classes(self):
+        c = self.config
+        return [SparseBlock if c.is_sparse_layer(i) else Block for i in range(c.n_layer)]
+
+
+def attention_labels(module, params, tokens):
+    """``[(q_labels, k_labels)]`` of every sparse layer for ``tokens`` (evaluation draw),
+    as the forward pass computes them (for tile counts)."""
+    _, state = _labels_fn(type(module), module.config)(params, tokens)
+    out = []
+
+    def walk(tree):
+        if isinstance(tree, dict):
+            if "q_labels" in tree and "k_labels" in tree:
+                out.append((tree["q_labels"][0], tree["k_labels"][0]))
+            for key in sorted(tree, key=str):
+                if key not in ("q_labels", "k_labels"):
+                    walk(tree[key])
+
+    walk(state.get("intermediates", {}))
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def _labels_fn(module_cls, config):
+    module = module_cls(config)
+    return jax.jit(lambda p, t: module.apply({"params": p}, t, mutable=["intermediates"]))
+
+
+_SCFA_PRESETS = {
+    "tiny": {**_GPT_STYLE, **GPT_PRESETS["tiny"]},
+    "small": {**_GPT_STYLE, **GPT_PRESETS["small"]},
+    # the paper's LM setting on one device: 12 layers, d=768, 12 heads, up to T=16k
+    "gpu": {**_GPT_STYLE, **GPT_PRESETS["small"], "max_seq_len": 16384},
+}
+register("hash_sparse", SCFAConfig, SCFATransformer,
+         {n: {**v, "n_buckets": 4 if n == "tiny" else 16} for n, v in _SCFA_PRESETS.items()},
+         description="SCFA hash-sparse attention: random-projection buckets, causal within bucket")
+register("qk_sparse", SCFAConfig, SCFATransformer,
+         {n: {**v, "qk_drop_rate": 0.5} for n, v in _SCFA_PRESETS.items()},
+         description="SCFA QK-sparse attention: random query/key dropping (keep masks)")
