@@ -22,7 +22,8 @@ VENV=.venv312
 LEG2_TESTS=(tests/test_flash_attention.py tests/test_selective_scan.py tests/test_ssd.py
             tests/test_gpu_lowering.py tests/test_tpu_lowering*.py)
 NEWEST=(jax jaxlib flax optax orbax-checkpoint chex)
-PIP=(-m pip install -q --disable-pip-version-check)
+# -qq: errors only (-q still prints a warning per package when an index location is missing)
+PIP=(-m pip install -qq --disable-pip-version-check)
 
 leg1() {
     pip install -q -e ".[test,hf]" && python -m pytest -q -n 2 --dist loadfile
