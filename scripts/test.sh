@@ -86,7 +86,6 @@ tiny_training() {
     rc=$?
     unset JAXFORMERS_CACHE
     rm -rf "$tmp"
-    [[ $rc -eq 0 ]] && echo "leg 2: tiny training run (train, resume, evaluate) passed"
     return $rc
 }
 
@@ -98,12 +97,18 @@ leg2() {
              "(pyenv install 3.12), put python3.12 on PATH, or set PYTHON312=/path/to/python3.12" >&2
         return 1
     fi
+    local t0=$SECONDS
     prepare_venv "$py" || { echo "leg 2: could not prepare $VENV with $py" >&2; return 1; }
+    echo "leg 2: $VENV ready ($((SECONDS - t0)) s)"
     $VENV/bin/python -c 'import sys, jax, flax, optax
 print(f"leg 2: Python {sys.version.split()[0]}, jax {jax.__version__}, flax {flax.__version__},"
       f" optax {optax.__version__}")' || return 1
-    JAX_PLATFORMS=cpu $VENV/bin/python -m pytest -q -n 2 --dist loadfile "${LEG2_TESTS[@]}" \
-        && tiny_training
+    t0=$SECONDS
+    JAX_PLATFORMS=cpu $VENV/bin/python -m pytest -q -n 2 --dist loadfile "${LEG2_TESTS[@]}" || return 1
+    echo "leg 2: tests passed ($((SECONDS - t0)) s)"
+    t0=$SECONDS
+    tiny_training || return 1
+    echo "leg 2: tiny training run passed ($((SECONDS - t0)) s)"
 }
 
 legs=("$@")
