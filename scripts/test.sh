@@ -9,7 +9,8 @@
 # leg 2  Python 3.12 (pyenv's newest 3.12.x, else python3.12 on PATH; PYTHON312=/path
 #        overrides) in .venv312/ with the newest jax / flax / optax from the registry
 #        and the [test] extra (no torch): the Pallas kernel tests, the GPU and TPU
-#        lowering tests (tests/test_tpu_lowering*.py), then a tiny training run from
+#        lowering tests (tests/test_tpu_lowering*.py) and the kernel report built on
+#        the GPU lowering, then a tiny training run from
 #        the CLI (train, resume, evaluate).  The venv is reused while its Python and
 #        pyproject.toml are unchanged; jax, jaxlib, flax, optax, orbax-checkpoint and
 #        chex are upgraded to their newest releases on every run.
@@ -20,7 +21,7 @@ cd "$(dirname "$0")/.."
 
 VENV=.venv312
 LEG2_TESTS=(tests/test_flash_attention.py tests/test_selective_scan.py tests/test_ssd.py
-            tests/test_gpu_lowering.py tests/test_tpu_lowering*.py)
+            tests/test_gpu_lowering.py tests/test_tpu_lowering*.py tests/test_kernel_report.py)
 NEWEST=(jax jaxlib flax optax orbax-checkpoint chex)
 # -qq: errors only (-q still prints a warning per package when an index location is missing)
 PIP=(-m pip install -qq --disable-pip-version-check)
