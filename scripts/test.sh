@@ -9,11 +9,11 @@
 # leg 2  Python 3.12 (pyenv's newest 3.12.x, else python3.12 on PATH; PYTHON312=/path
 #        overrides) in .venv312/ with the newest jax / flax / optax from the registry
 #        and the [test] extra (no torch): the Pallas kernel tests, the GPU and TPU
-#        lowering tests (tests/test_tpu_lowering*.py) and the kernel report built on
-#        the GPU lowering, then a tiny training run from
-#        the CLI (train, resume, evaluate).  The venv is reused while its Python and
-#        pyproject.toml are unchanged; jax, jaxlib, flax, optax, orbax-checkpoint and
-#        chex are upgraded to their newest releases on every run.
+#        lowering tests (tests/test_tpu_lowering*.py), the kernel report built on the
+#        GPU lowering, then a tiny training run from the CLI (train, resume, evaluate).
+#        The venv is reused while its Python and pyproject.toml are unchanged; jax,
+#        jaxlib, flax, optax, orbax-checkpoint and chex are upgraded to their newest
+#        releases on every run.
 #
 # Prints which leg failed; exits non-zero if any did.
 set -uo pipefail
