@@ -52,7 +52,9 @@ PRESETS = ("quick", "full")
 
 
 def _grads(fn, n):
-    return jax.grad(lambda *a: fn(*a).astype(f32).sum(), argnums=tuple(range(n)))
+    # value and gradients: the value keeps every forward kernel in the program (jax >= 0.12
+    # drops a kernel whose outputs only an unused primal needs, e.g. the scans' forward)
+    return jax.value_and_grad(lambda *a: fn(*a).astype(f32).sum(), argnums=tuple(range(n)))
 
 
 # --------------------------------------------------------------------------- cases

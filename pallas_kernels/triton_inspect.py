@@ -22,6 +22,7 @@ Triton dialect bindings); a jax version that moved them raises a
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -35,6 +36,9 @@ H100_SHARED_PER_BLOCK = 227 * 1024  # opt-in maximum dynamic shared memory per b
 H100_SHARED_PER_SM = 228 * 1024
 H100_REGS_PER_SM = 65536
 _WARP = 32
+# The GPU the kernels are lowered for (jax >= 0.12 needs one named when none is present).
+TARGET_DEVICE_KIND = "NVIDIA H100 80GB HBM3"
+TARGET_NUM_SMS = 132
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,10 +52,29 @@ class TritonCall:
     ttir: str  # Triton IR (text)
 
 
+def _target_gpu():
+    """A context naming the GPU we lower for, where this jax needs one.
+
+    Newer jax (0.12) asks the device for its compute capability while lowering
+    Pallas to Triton and, with no GPU present, needs an abstract GPU device in
+    the abstract-mesh context ("No supported GPU devices found, please specify
+    an abstract GPU device using AbstractDevice").  An empty mesh (no axes)
+    carries the device without changing how anything is sharded.  Older jax
+    (0.10) ignores the context; one without ``AbstractDevice`` gets none.
+    """
+    sharding = jax.sharding
+    if not hasattr(sharding, "AbstractDevice") or not hasattr(sharding, "use_abstract_mesh"):
+        return contextlib.nullcontext()  # pragma: no cover - jax < 0.10
+    device = sharding.AbstractDevice(device_kind=TARGET_DEVICE_KIND, num_cores=TARGET_NUM_SMS,
+                                     platform="gpu")
+    return sharding.use_abstract_mesh(sharding.AbstractMesh((), (), abstract_device=device))
+
+
 def _lower_for_cuda(fn, *args):
     try:
-        traced = jax.jit(fn).trace(*args)
-        return traced.lower(lowering_platforms=("cuda",)).compiler_ir("stablehlo")
+        with _target_gpu():
+            traced = jax.jit(fn).trace(*args)
+            return traced.lower(lowering_platforms=("cuda",)).compiler_ir("stablehlo")
     except TypeError as e:  # pragma: no cover - jax without cross-platform lowering
         raise RuntimeError(f"this jax ({jax.__version__}) cannot lower for CUDA here: {e}") from e
 
