@@ -147,8 +147,7 @@ def sparse_case(kind: str, d: int = 64, t: int = 4096, heads: int = 16, buckets:
 
     def fn(q, k, v, qi, ki):
         return op(q, k, v, qi, ki, interpret=False)
-    grad = jax.grad(lambda q, k, v, qi, ki: fn(q, k, v, qi, ki).astype(f32).sum(), argnums=(0, 1, 2))
-    return Case(grad, (q, q, q, ids, ids), lambda: sa.tpu_vmem_bytes(q.shape, q.shape, bf16))
+    return Case(_grads(fn, 3), (q, q, q, ids, ids), lambda: sa.tpu_vmem_bytes(q.shape, q.shape, bf16))
 
 
 FAMILIES = ("attention", "selective_scan", "ssd", "sparse_attention")
