@@ -45,8 +45,7 @@ PRESETS = {
 }
 
 #: inference budgets of the adaptive model (length factors f_2, f_3 of its 3 repeats)
-BUDGETS = ((0.0, 0.0), (0.25, 0.0), (0.5, 0.0), (0.5, 0.25), (0.75, 0.5), (1.0, 0.0), (1.0, 0.5),
-           (1.0, 1.0))
+BUDGETS = ((0.0, 0.0), (0.25, 0.0), (0.5, 0.25), (1.0, 0.0), (1.0, 0.5), (1.0, 1.0))
 
 
 def _parser():
