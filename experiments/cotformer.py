@@ -20,7 +20,8 @@ the sequence that runs repeats 2..R): perplexity, MACs/token, average depth.  Pl
 ``OUT/ppl_vs_macs.png`` (perplexity vs MACs/token, and vs inference tokens/s).
 
 ``--steps N`` / ``--eval-batches N`` / ``--only a,b`` / ``--budgets`` / ``--d-model`` /
-``--seq-len`` / ``--batch-size`` shrink a run (tests).
+``--seq-len`` / ``--batch-size`` shrink a run (tests); ``--reuse`` keeps the finished runs of an
+earlier invocation in ``OUT/runs`` (same configs) and trains only the missing ones.
 """
 from __future__ import annotations
 
@@ -62,6 +63,8 @@ def _parser():
     ap.add_argument("--seq-len", type=int, help="override the preset's sequence length")
     ap.add_argument("--batch-size", type=int, help="override the preset's batch size")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse finished runs in OUT/runs (same config) instead of retraining them")
     ap.add_argument("--data", default="default", help="corpus / prepared dataset (default: built-in)")
     ap.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent XLA cache")
     return ap
@@ -153,9 +156,19 @@ def run(args) -> dict:
     forwards = {}
     cache = CompileCache()
     for name, cfg in grid:
-        summary, params, dtype, tc = train_fresh(name, cfg, out, seed=args.seed, data=args.data,
-                                                 train_kw=train_kw, log_points=10, tag="cotformer",
-                                                 cache=cache)
+        done = out / "runs" / name / "summary.json"
+        if args.reuse and done.exists():  # a finished run of an earlier invocation
+            from jaxformers.training import load_run
+            from jaxformers.training.steps import resolve_dtype
+            saved_cfg, tc, params = load_run(done.parent)
+            if saved_cfg != cfg:
+                raise SystemExit(f"--reuse: {done.parent} was trained with another config")
+            summary, dtype = json.loads(done.read_text()), resolve_dtype(tc.dtype)
+            print(f"[cotformer] reusing {done.parent}", file=sys.stderr, flush=True)
+        else:
+            summary, params, dtype, tc = train_fresh(name, cfg, out, seed=args.seed, data=args.data,
+                                                     train_kw=train_kw, log_points=10, tag="cotformer",
+                                                     cache=cache)
         eval_cfg = cfg.replace(length_factors=(1.0,) * (cfg.n_repeat - 1)) if cfg.model == "adaptive_cotformer" else cfg
         row = {
             "model": cfg.model, "n_layer": cfg.n_layer, "n_repeat": getattr(cfg, "n_repeat", 1),

@@ -161,6 +161,7 @@ def test_router_at_full_capacity_equals_cotformer():
 def test_zero_capacity_costs_nothing_and_changes_nothing():
     ad = _adaptive(length_factors=(0.0, 0.0), depth_embedding=None)
     p = _params(ad)
+    assert {"routers_0", "routers_1"} <= set(p)  # the params do not depend on the budget
     one = jf.get_config("cotformer", "tiny", **{**SMALL, "n_layer": 3, "n_repeat": 1, "n_layer_begin": 1,
                                                  "n_layer_end": 1, "ln_mid": True})
     ref_p = {k: v for k, v in p.items() if not k.startswith("routers_")}

@@ -394,6 +394,9 @@ class CoTFormer(Transformer):
         b, t = x.shape[:2]
         factors = self._length_factors()
         static = isinstance(factors, tuple)
+        if c.adaptive and self.is_initializing():  # every router exists whatever the budget
+            for router in self.routers:
+                router(x.astype(jnp.float32))
         ctx = {i: ({"k": None, "v": None, "pos": None, "seg": None} if c.cross_repeat else None)
                for i in mid}
         state = x                                   # every token's current output [B, T, D]
