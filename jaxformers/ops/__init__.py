@@ -1,2 +1,3 @@
 """Functional ops used by the layers (attention dispatch)."""
-from .attention import IMPLEMENTATIONS, attention, select_implementation, xla_attention
+from .attention import (IMPLEMENTATIONS, attention, position_causal_attention, select_implementation,
+                        xla_attention)

@@ -223,3 +223,67 @@ def attention(q, k, v, *, causal: bool = True, segment_ids=None, window: Optiona
                                             local_window_size=local, implementation="cudnn")
     from pallas_kernels.flash_attention import flash_attention
     return flash_attention(q, k, v, causal=causal, segment_ids=segment_ids, window=window, sm_scale=sm_scale)
+
+
+def position_causal_attention(q, k, v, *, q_pos, kv_pos, q_key_index=None, segment_ids=None,
+                              sm_scale: Optional[float] = None, implementation: str = "auto"):
+    """Attention where query ``i`` sees key ``j`` iff ``kv_pos[j] <= q_pos[i]`` (and equal
+    segment ids): causality by *position*, for key sets that hold several keys per position
+    (CoTFormer's keys of earlier repeats) in any order.
+
+    q ``[B, Tq, Hq, D]``, k/v ``[B, Tk, Hkv, D]``, q_pos ``[B, Tq]``, kv_pos ``[B, Tk]`` int;
+    ``segment_ids``: ``(q_ids [B, Tq], kv_ids [B, Tk])`` or None.  Keys that no query may
+    see get a position larger than every query's (e.g. ``2**30``).
+
+    ``"xla"`` builds the ``[Tq, Tk]`` mask from the positions (fine for short sequences and
+    decoding).  Every other implementation goes through :func:`attention` with a plain
+    causal mask and no dense mask: keys are stably sorted by position, and each query is
+    placed at the sorted row of *its own key* -- ``q_key_index[b, i]`` is the index in
+    ``k`` of the key that query ``i``'s token wrote (it must have the query's position and
+    come after every other key of that position) -- in a ``[B, Tk, Hq, D]`` query buffer
+    (zeros elsewhere, their outputs are dropped).  Causal by sorted index then equals
+    causal by position.  The kernel computes ``Tk`` query rows, ``Tk / Tq`` times what the
+    real queries need (the price of not changing the kernel's mask).
+    """
+    b, tq = q.shape[:2]
+    tk = k.shape[1]
+    q_ids = kv_ids = None
+    if segment_ids is not None:
+        q_ids, kv_ids = segment_ids
+    impl = implementation
+    if impl == "auto" and jax.default_backend() == "cpu":
+        impl = "xla"
+    if impl == "xla":
+        _check_shapes(q, k, v, None)
+        hkv = k.shape[2]
+        g = q.shape[2] // hkv
+        d = q.shape[-1]
+        scale = d ** -0.5 if sm_scale is None else sm_scale
+        qg = q.reshape(b, tq, hkv, g, d)
+        s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) * scale
+        mask = kv_pos[:, None, :] <= q_pos[:, :, None]
+        if q_ids is not None:
+            mask = mask & (q_ids[:, :, None] == kv_ids[:, None, :])
+        mask = mask[:, None, None]
+        s = jnp.where(mask, s, _NEG)
+        m = jnp.max(s, axis=-1, keepdims=True)
+        p = jnp.where(mask, jnp.exp(s - m), 0.0)
+        denom = jnp.sum(p, axis=-1, keepdims=True)
+        p = p / jnp.where(denom == 0.0, 1.0, denom)
+        o = jnp.einsum("bhgqk,bkhd->bqhgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return o.reshape(q.shape).astype(q.dtype)
+    if q_key_index is None:
+        raise ValueError("position_causal_attention needs q_key_index for the kernel path")
+    order = jnp.argsort(kv_pos, axis=1, stable=True)                      # [B, Tk]
+    rank = jnp.argsort(order, axis=1)                                     # key index -> sorted row
+    take = lambda x, idx: jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)  # noqa: E731
+    ks, vs = take(k, order), take(v, order)
+    rows = jnp.take_along_axis(rank, q_key_index, axis=1)                 # [B, Tq]
+    qbuf = jnp.zeros((b, tk) + q.shape[2:], q.dtype)
+    qbuf = qbuf.at[jnp.arange(b)[:, None], rows].set(q)
+    seg = None
+    if q_ids is not None:
+        sorted_ids = jnp.take_along_axis(kv_ids, order, axis=1)
+        seg = sorted_ids
+    o = attention(qbuf, ks, vs, causal=True, segment_ids=seg, sm_scale=sm_scale, implementation=impl)
+    return take(o, rows)
