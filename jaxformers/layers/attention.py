@@ -27,6 +27,27 @@ def init_attention_cache(config, batch_size, max_len, dtype=None):
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
+def project_qkv(c, x, positions):
+    """The attention projections ``q``/``k``/``v`` of ``x [B, T, D]`` with rotary applied at
+    ``positions [B, T]``: ``[B, T, H, Dh]``, ``[B, T, Hkv, Dh]`` x 2.  Called inside a mixer's
+    ``nn.compact`` method, so the parameters ``q``/``k``/``v`` belong to that mixer (any mixer
+    that only changes the attention op keeps the baseline's parameter tree)."""
+    h, hkv, dh = c.n_head, c.kv_heads, c.dim_head
+
+    def proj(heads, axes, name):
+        return Linear((heads, dh), axes, std=c.init_std, dtype=c.dtype, param_dtype=c.param_dtype,
+                      name=name)(x)
+
+    q = proj(h, (EMBED, HEADS, HEAD_DIM), "q")
+    k = proj(hkv, (EMBED, KV_HEADS, HEAD_DIM), "k")
+    v = proj(hkv, (EMBED, KV_HEADS, HEAD_DIM), "v")
+    cos, sin = rotary_angles(positions, dh, c.rope_theta)
+    q = constrain(apply_rotary(q, cos, sin), (BATCH, LENGTH, ACT_HEADS, None))
+    k = constrain(apply_rotary(k, cos, sin), (BATCH, LENGTH, ACT_KV_HEADS, None))
+    v = constrain(v, (BATCH, LENGTH, ACT_KV_HEADS, None))
+    return q, k, v
+
+
 class Attention(nn.Module):
     """The default token mixer of :class:`~jaxformers.layers.block.Block` (its mixer protocol)."""
     config: object
@@ -37,19 +58,8 @@ class Attention(nn.Module):
     def __call__(self, x, positions, segment_ids=None, kv_cache=None, cache_index=None):
         """x ``[B, T, D]``, positions ``[B, T]`` -> (y ``[B, T, D]``, new kv_cache or None)."""
         c = self.config
-        h, hkv, dh = c.n_head, c.kv_heads, c.dim_head
 
-        def proj(heads, axes, name):
-            return Linear((heads, dh), axes, std=c.init_std, dtype=c.dtype, param_dtype=c.param_dtype,
-                          name=name)(x)
-
-        q = proj(h, (EMBED, HEADS, HEAD_DIM), "q")
-        k = proj(hkv, (EMBED, KV_HEADS, HEAD_DIM), "k")
-        v = proj(hkv, (EMBED, KV_HEADS, HEAD_DIM), "v")
-        cos, sin = rotary_angles(positions, dh, c.rope_theta)
-        q = constrain(apply_rotary(q, cos, sin), (BATCH, LENGTH, ACT_HEADS, None))
-        k = constrain(apply_rotary(k, cos, sin), (BATCH, LENGTH, ACT_KV_HEADS, None))
-        v = constrain(v, (BATCH, LENGTH, ACT_KV_HEADS, None))
+        q, k, v = project_qkv(c, x, positions)
 
         new_cache = None
         if kv_cache is None:

@@ -69,13 +69,12 @@ import numpy as np
 
 from ..config import TransformerConfig, _choice
 from ..layers import Block, make_norm
-from ..layers.attention import init_attention_cache
+from ..layers.attention import init_attention_cache, project_qkv
 from ..layers.common import dtype_of, output_std
 from ..layers.linear import Linear
-from ..layers.rotary import apply_rotary, rotary_angles
 from ..ops.attention import attention, position_causal_attention
 from ..registry import register
-from ..sharding import (ACT_HEADS, ACT_KV_HEADS, BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LENGTH,
+from ..sharding import (ACT_HEADS, BATCH, EMBED, HEAD_DIM, HEADS, LENGTH,
                         constrain, param_init)
 from .gpt import GPT_PRESETS, _GPT_STYLE
 from .transformer import Transformer
@@ -237,19 +236,8 @@ class RepeatAttention(nn.Module):
     @nn.compact
     def __call__(self, x, positions, segment_ids=None, cache=None, cache_index=None):
         c = self.config
-        h, hkv, dh = c.n_head, c.kv_heads, c.dim_head
 
-        def proj(heads, axes, name):
-            return Linear((heads, dh), axes, std=c.init_std, dtype=c.dtype, param_dtype=c.param_dtype,
-                          name=name)(x)
-
-        q = proj(h, (EMBED, HEADS, HEAD_DIM), "q")
-        k = proj(hkv, (EMBED, KV_HEADS, HEAD_DIM), "k")
-        v = proj(hkv, (EMBED, KV_HEADS, HEAD_DIM), "v")
-        cos, sin = rotary_angles(positions, dh, c.rope_theta)
-        q = constrain(apply_rotary(q, cos, sin), (BATCH, LENGTH, ACT_HEADS, None))
-        k = constrain(apply_rotary(k, cos, sin), (BATCH, LENGTH, ACT_KV_HEADS, None))
-        v = constrain(v, (BATCH, LENGTH, ACT_KV_HEADS, None))
+        q, k, v = project_qkv(c, x, positions)
         b, t = x.shape[:2]
         new = None
         if cache is None:

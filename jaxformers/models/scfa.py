@@ -82,12 +82,11 @@ from jax.ad_checkpoint import checkpoint_name
 
 from ..config import TransformerConfig, _choice
 from ..layers import Block
-from ..layers.attention import init_attention_cache
+from ..layers.attention import init_attention_cache, project_qkv
 from ..layers.common import output_std
 from ..layers.linear import Linear
-from ..layers.rotary import apply_rotary, rotary_angles
 from ..registry import register
-from ..sharding import (ACT_HEADS, ACT_KV_HEADS, BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LENGTH,
+from ..sharding import (ACT_HEADS, BATCH, EMBED, HEAD_DIM, HEADS, LENGTH,
                         constrain)
 from .gpt import GPT_PRESETS, _GPT_STYLE
 from .transformer import Transformer
@@ -231,19 +230,9 @@ class SparseAttention(nn.Module):
     def __call__(self, x, positions, segment_ids=None, kv_cache=None, cache_index=None):
         """x ``[B, T, D]``, positions ``[B, T]`` -> (y ``[B, T, D]``, new kv_cache or None)."""
         c = self.config
-        h, hkv, dh = c.n_head, c.kv_heads, c.dim_head
+        h, hkv = c.n_head, c.kv_heads
 
-        def proj(heads, axes, name):
-            return Linear((heads, dh), axes, std=c.init_std, dtype=c.dtype, param_dtype=c.param_dtype,
-                          name=name)(x)
-
-        q = proj(h, (EMBED, HEADS, HEAD_DIM), "q")
-        k = proj(hkv, (EMBED, KV_HEADS, HEAD_DIM), "k")
-        v = proj(hkv, (EMBED, KV_HEADS, HEAD_DIM), "v")
-        cos, sin = rotary_angles(positions, dh, c.rope_theta)
-        q = constrain(apply_rotary(q, cos, sin), (BATCH, LENGTH, ACT_HEADS, None))
-        k = constrain(apply_rotary(k, cos, sin), (BATCH, LENGTH, ACT_KV_HEADS, None))
-        v = constrain(v, (BATCH, LENGTH, ACT_KV_HEADS, None))
+        q, k, v = project_qkv(c, x, positions)
         key = self.draw_key()
 
         new_cache = None
