@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import flash_attention as fa, selective_scan as ss, sparse_attention as sa, ssd as ssd_pkg
+from pallas_kernels import landmark_attention as la
 from pallas_kernels.flash_attention import BlockSizes, flash_attention
 from pallas_kernels.selective_scan import selective_scan
 from pallas_kernels.sparse_attention import hash_attention, qk_sparse_attention
@@ -150,7 +151,18 @@ def sparse_case(kind: str, d: int = 64, t: int = 4096, heads: int = 16, buckets:
     return Case(_grads(fn, 3), (q, q, q, ids, ids), lambda: sa.tpu_vmem_bytes(q.shape, q.shape, bf16))
 
 
-FAMILIES = ("attention", "selective_scan", "ssd", "sparse_attention")
+def landmark_case(d: int = 64, t: int = 4096, heads: int = 16, block_size: int = 64):
+    """Landmark (grouped-softmax) attention, bf16, fwd + bwd kernels (``block_size`` tokens
+    per block incl. the landmark; 64 = the paper's 63 + 1 without padding)."""
+    q = S((1, t, heads, d), bf16)
+
+    def fn(q, k, v):
+        return la.landmark_attention(q, k, v, block_size=block_size, interpret=False)
+    return Case(_grads(fn, 3), (q, q, q),
+                lambda: la.tpu_vmem_bytes(q.shape, q.shape, bf16, block_size=block_size))
+
+
+FAMILIES = ("attention", "selective_scan", "ssd", "sparse_attention", "landmark_attention")
 
 
 def cases(preset: str, families=FAMILIES):
@@ -173,6 +185,10 @@ def cases(preset: str, families=FAMILIES):
     for d in (64, 128):
         out.append(("sparse_attention", f"hash 16 buckets D{d}", functools.partial(sparse_case, "hash", d)))
         out.append(("sparse_attention", f"qk keep 0.5 D{d}", functools.partial(sparse_case, "qk", d)))
+    for d in (64, 128):
+        out.append(("landmark_attention", f"block 64 D{d}", functools.partial(landmark_case, d)))
+    out.append(("landmark_attention", "block 51 (50 + landmark) D128",
+                functools.partial(landmark_case, 128, block_size=51)))
     return [c for c in out if c[0].split()[0] in families]
 
 

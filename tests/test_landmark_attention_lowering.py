@@ -97,3 +97,19 @@ def test_tpu_vmem_bytes():
     big = tpu_vmem_bytes((1, 4096, 16, 64), (1, 4096, 16, 64), bf16, block_size=64)
     assert sorted(big) == KERNELS
     assert all(0 < small[n] < big[n] < 128 * 2 ** 20 for n in KERNELS), (small, big)
+
+
+def test_kernels_compile_for_hopper():
+    """T=4096, 16 heads, D=64, L=64, bf16 compiles for sm_90 with the pip Triton: fits shared
+    memory, no register spills, dots on ``wgmma`` (D=128's dK/dV spills 8 bytes:
+    ``python -m experiments.kernel_report --families landmark_attention``)."""
+    pytest.importorskip("triton")
+    from pallas_kernels.triton_inspect import H100_SHARED_PER_BLOCK, compile_report
+    _, grad, args = _case(1, 4096, 16, 16, 64, 64, bf16)
+    calls = triton_calls(grad, *args)
+    assert sorted(c.name for c in calls) == KERNELS
+    for call in calls:
+        r = compile_report(call)
+        assert r["shared_bytes"] <= H100_SHARED_PER_BLOCK, r
+        assert r["local_bytes"] == 0 and r["stack_bytes"] == 0, f"register spills: {r}"
+        assert r["wgmma"] > 0 and r["ctas_per_sm"] >= 1, r
