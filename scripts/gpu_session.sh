@@ -16,6 +16,8 @@
 #   scfa-speed-qk    python -m experiments.scfa_speed, QK-sparse kernel, keep 0.2..0.8 (issue 12)
 #   scfa-lm-8k   python -m experiments.scfa_lm --preset gpu --seq-len 8192   (issue 12)
 #   scfa-lm-16k  python -m experiments.scfa_lm --preset gpu --seq-len 16384  (issue 12)
+#   landmark-passkey  python -m experiments.landmark_passkey --preset gpu   (issue 14)
+#   landmark-lm  python -m experiments.landmark_lm --preset gpu              (issue 14)
 #
 # The device has jax/flax/torch/triton but no network and no fla: carry the
 # wheels fetched here with
@@ -56,7 +58,8 @@ for s in "$@"; do
                          -k "matches_reference or packed_segments or initial_state_kernel or full_features" ;;
         kernels)     JAX_DEFAULT_MATMUL_PRECISION=highest stage kernels 300 \
                          python -m pytest -q -p no:cacheprovider \
-                         tests/test_flash_attention.py tests/test_selective_scan.py tests/test_ssd.py ;;
+                         tests/test_flash_attention.py tests/test_selective_scan.py tests/test_ssd.py \
+                         tests/test_landmark_attention.py ;;
         attention)   stage attention 560 python -m experiments.bench_attention --out "$OUT/attention" ;;
         scan)        stage scan 560 python -m experiments.bench_scan --out "$OUT/scan" ;;
         models)      stage models 560 python -m experiments.bench_models --out "$OUT/models" ;;
@@ -71,6 +74,11 @@ for s in "$@"; do
                          --out "$OUT/scfa_lm_8k" ;;
         scfa-lm-16k) stage scfa-lm-16k 580 python -m experiments.scfa_lm --preset gpu --seq-len 16384 \
                          --out "$OUT/scfa_lm_16k" ;;
-        *) echo "unknown stage $s (gpu-quick|kernels|attention|scan|models|denseformer|scfa-speed-hash|scfa-speed-qk|scfa-lm-8k|scfa-lm-16k)"; exit 2 ;;
+        # Landmark attention (issue 14): the gpu presets (kernel in the models via landmark_impl=auto)
+        landmark-passkey) stage landmark-passkey 580 python -m experiments.landmark_passkey --preset gpu \
+                         --out "$OUT/landmark_passkey" ;;
+        landmark-lm) stage landmark-lm 580 python -m experiments.landmark_lm --preset gpu \
+                         --out "$OUT/landmark_lm" ;;
+        *) echo "unknown stage $s (gpu-quick|kernels|attention|scan|models|denseformer|scfa-speed-hash|scfa-speed-qk|scfa-lm-8k|scfa-lm-16k|landmark-passkey|landmark-lm)"; exit 2 ;;
     esac
 done
