@@ -61,6 +61,7 @@ def _parser():
     ap.add_argument("--top-k", help="comma list of retrieved blocks (default: the preset's)")
     ap.add_argument("--eval-windows", type=int, help="validation windows per length")
     ap.add_argument("--d-model", type=int, help="override the width")
+    ap.add_argument("--n-layer", type=int, help="override the depth")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data", default="default")
     ap.add_argument("--no-compile-cache", action="store_true")
@@ -134,7 +135,7 @@ def cost_baseline(cfg, params, window, chunk):
     return _timed(run), nbytes
 
 
-def cost_landmark(cfg, params, window, chunk_len, top_k, offload=None):
+def cost_landmark(cfg, params, window, chunk_len, top_k, max_blocks, offload=None):
     import jax.numpy as jnp
     from jaxformers.models.landmark import insert_landmarks, memory_forward
 
@@ -143,7 +144,8 @@ def cost_landmark(cfg, params, window, chunk_len, top_k, offload=None):
 
     def run():
         logits, st = memory_forward(cfg, params, jnp.asarray(seq), chunk_len=chunk_len,
-                                    top_k=top_k, offload=offload, return_stats=True)
+                                    top_k=top_k, offload=offload, max_blocks=max_blocks,
+                                    return_stats=True)
         stats.update(st)
         return logits
     return _timed(run), stats
@@ -162,6 +164,8 @@ def run(args) -> dict:
         preset["eval_windows"] = args.eval_windows
     if args.d_model:
         preset["model"]["d_model"] = args.d_model
+    if args.n_layer:
+        preset["model"]["n_layer"] = args.n_layer
     factors = tuple(int(x) for x in args.factors.split(",")) if args.factors else tuple(preset["factors"])
     top_ks = tuple(int(x) for x in args.top_k.split(",")) if args.top_k else tuple(preset["top_k"])
     L, nb = preset["block"], preset["train_blocks"]
@@ -208,11 +212,12 @@ def run(args) -> dict:
         cost["baseline_kv_cache"] = {"s_per_token": sec / n, "memory_bytes": nbytes,
                                      "keys_per_token": (n + 1) / 2}
         for k in top_ks:
-            sec, st = cost_landmark(cfgs["landmark"], params["landmark"], windows[0], chunk, k)
+            sec, st = cost_landmark(cfgs["landmark"], params["landmark"], windows[0], chunk, k,
+                                    max_blocks)
             cost[f"landmark_top{k}"] = {"s_per_token": sec / n, "memory_bytes": st["memory_bytes"],
                                         "keys_per_token": (chunk + 1) / 2 + k * L}
         sec, st = cost_landmark(cfgs["landmark"], params["landmark"], windows[0], chunk,
-                                top_ks[-1], offload="host")
+                                top_ks[-1], max_blocks, offload="host")
         cost[f"landmark_top{top_ks[-1]}_host"] = {
             "s_per_token": sec / n, "memory_bytes": st["memory_bytes"],
             "device_memory_bytes": st["device_memory_bytes"],

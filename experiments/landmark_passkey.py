@@ -30,7 +30,7 @@ import numpy as np
 
 PRESETS = {
     "tiny": dict(model=dict(d_model=64, n_head=4, n_layer=2), block=16, train_blocks=6,
-                 digits=3, steps=500, batch=32, lr=3e-3, warmup=50, eval_samples=24,
+                 digits=2, steps=800, batch=32, lr=3e-3, warmup=50, eval_samples=24,
                  factors=(1, 2, 4, 8, 16), top_k=(1, 2, 4)),
     # the paper's block (50 tokens + landmark) and a wider model; T = 10 blocks = 500 tokens
     "gpu": dict(model=dict(d_model=256, n_head=8, n_layer=4), block=51, train_blocks=10,
@@ -71,7 +71,9 @@ def _parser():
     ap.add_argument("--factors", help="comma list of length factors (default: the preset's)")
     ap.add_argument("--top-k", help="comma list of retrieved blocks (default: the preset's)")
     ap.add_argument("--eval-samples", type=int, help="override the samples per length")
+    ap.add_argument("--digits", type=int, help="override the passkey digits")
     ap.add_argument("--d-model", type=int, help="override the width")
+    ap.add_argument("--n-layer", type=int, help="override the depth")
     ap.add_argument("--seed", type=int, default=0)
     return ap
 
@@ -158,8 +160,12 @@ def run(args) -> dict:
         preset["warmup"] = min(preset["warmup"], max(1, args.steps // 10))
     if args.eval_samples:
         preset["eval_samples"] = args.eval_samples
+    if args.digits:
+        preset["digits"] = args.digits
     if args.d_model:
         preset["model"] = dict(preset["model"], d_model=args.d_model)
+    if args.n_layer:
+        preset["model"] = dict(preset["model"], n_layer=args.n_layer)
     factors = tuple(int(x) for x in args.factors.split(",")) if args.factors else preset["factors"]
     top_ks = tuple(int(x) for x in args.top_k.split(",")) if args.top_k else preset["top_k"]
     out = Path(args.out)

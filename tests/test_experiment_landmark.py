@@ -19,22 +19,22 @@ def test_passkey_generator():
 def test_passkey_experiment_writes_results(tmp_path):
     out = tmp_path / "pk"
     res = landmark_passkey.main(["--preset", "tiny", "--out", str(out), "--steps", "2",
-                                 "--factors", "1,2", "--top-k", "1", "--eval-samples", "2",
-                                 "--d-model", "32"])
+                                 "--factors", "2", "--top-k", "1", "--eval-samples", "2",
+                                 "--d-model", "32", "--n-layer", "1"])
     saved = json.loads((out / "results.json").read_text())
-    assert saved["models"]["baseline"]["accuracy"].keys() == {"1", "2"}
-    assert saved["models"]["landmark"]["accuracy"]["top1"].keys() == {"1", "2"}
+    assert saved["models"]["baseline"]["accuracy"].keys() == {"2"}
+    assert saved["models"]["landmark"]["accuracy"]["top1"].keys() == {"2"}
     assert all(0 <= a <= 1 for a in res["models"]["landmark"]["accuracy"]["top1"].values())
     assert (out / "passkey.png").stat().st_size > 1000
 
 
 def test_lm_experiment_writes_results(tmp_path):
     out = tmp_path / "lm"
-    landmark_lm.main(["--preset", "tiny", "--out", str(out), "--steps", "2", "--factors", "1,2",
-                      "--top-k", "1", "--eval-windows", "1", "--d-model", "32",
+    landmark_lm.main(["--preset", "tiny", "--out", str(out), "--steps", "2", "--factors", "2",
+                      "--top-k", "1", "--eval-windows", "1", "--d-model", "32", "--n-layer", "1",
                       "--no-compile-cache"])
     saved = json.loads((out / "results.json").read_text())
-    assert saved["ppl"].keys() == {"1", "2"}
+    assert saved["ppl"].keys() == {"2"}
     for row in saved["ppl"].values():
         assert row.keys() == {"baseline_full", "landmark_top1", "landmark_all"}
         assert all(v > 1 for v in row.values())

@@ -165,7 +165,7 @@ class _Tile:
     """In-tile quantities of one (query tile, key block ``c``) pair; rows ``[bq, 1]`` columns."""
 
     def __init__(self, plan: _Plan, q, k, rows, c):
-        L, lp, tpu = plan.L, plan.lp, plan.tpu
+        L, lp = plan.L, plan.lp
         shift = lp.bit_length() - 1
         qblk = lax.shift_right_logical(rows, shift)
         qloc = lax.bitwise_and(rows, lp - 1)
@@ -187,7 +187,6 @@ class _Tile:
         self.s_in = s_in
         self.x = jnp.where(self.early & self.knon, s + (a - self.lse_in),
                            jnp.where(cur & self.knon & (cols <= qloc), s, -jnp.inf))
-        del tpu
 
     def ds(self, p, dp, delta):
         """``dS`` (natural-log logits) from ``P``, ``dP = dO V^T`` and ``D`` (``[bq, 1]``)."""
