@@ -6,6 +6,8 @@
 Task (synthetic, as the paper's passkey test): a repeated filler pattern, somewhere in it the
 passkey ``K d1 .. dn`` (marker token, ``n`` random digits), and at the end the question
 ``Q`` followed by the digits; the loss / score is on the answer digits only (``loss_mask``).
+A 20-token vocabulary rather than :func:`jaxformers.data.synthetic.passkey`'s byte-level
+English needle: a tiny CPU model does not learn the byte-level task in a few hundred steps.
 Both models (``landmark`` and the ``gpt`` baseline, same width / depth / rotary, seed
 ``--seed``) are trained on windows of ``T`` raw tokens (``T = train_blocks * (L - 1)``;
 with landmarks inserted exactly ``train_blocks`` blocks = one memory chunk), then evaluated
