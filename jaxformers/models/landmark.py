@@ -50,8 +50,9 @@ stored blocks, every block is retrieved, in order, at its true position, so
 
 Deviations from the authors' memory (``models/caches/mem_cache.py``,
 ``llama/llama_mem.py``): they carry the chunk's trailing incomplete block into the next chunk
-and give older landmark keys position 0 when scoring; here chunks are block-aligned and all
-landmark keys share one scoring position.  ``offload="host"``: the memory lives in host memory
+and, when scoring, rotate the ``top_k`` most recent landmark keys at their slot positions and
+all older ones at one fixed position; here chunks are block-aligned and all landmark keys
+share one scoring position.  ``offload="host"``: the memory lives in host memory
 between layers and chunks (numpy), only the landmark keys are sent to the device for scoring
 and only the retrieved blocks are gathered on the host and sent back, so device memory holds
 ``O(chunk_len * top_k * L)`` keys whatever the context; it costs one extra forward of the
