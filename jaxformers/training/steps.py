@@ -199,8 +199,15 @@ class Program:
     """
 
     def __init__(self, module, mesh, *, loss_fn: LossFn = cross_entropy, tx=None, schedule=None,
-                 grad_accum: int = 1, aux_weights=None):
+                 grad_accum: int = 1, aux_weights=None, step_fn: Optional[Callable] = None):
         self.module, self.mesh, self.loss_fn = module, mesh, loss_fn
+        # step_fn: a replacement for train_step (same signature and keywords); if it has a
+        # ``wrap_optimizer(tx)`` method, the optimizer it returns carries the step's own state
+        # (e.g. DoGE's domain weights) in ``opt_state``: sharded, checkpointed and restored
+        # with it.
+        self.step_fn = train_step if step_fn is None else step_fn
+        if tx is not None and hasattr(self.step_fn, "wrap_optimizer"):
+            tx = self.step_fn.wrap_optimizer(tx)
         self.tx, self.schedule, self.grad_accum = tx, schedule, int(grad_accum)
         self.aux_weights = tuple(sorted(dict(aux_weights or {}).items()))
         # Parameter creation runs without logical rules: flax's DenseGeneral reshapes boxed
@@ -264,12 +271,12 @@ class Program:
             raise ValueError("this Program has no optimizer (tx=None): it can only evaluate")
         key = ("train", _batch_signature(batch))
         if key not in self._compiled:
-            module, tx, loss_fn = self.module, self.tx, self.loss_fn
+            module, tx, loss_fn, update = self.module, self.tx, self.loss_fn, self.step_fn
             kw = dict(grad_accum=self.grad_accum, aux_weights=self.aux_weights, schedule=self.schedule,
                       micro_sharding=self.micro_sharding)
 
             def step_fn(params, opt_state, batch, step, rng):
-                return train_step(module, tx, loss_fn, params, opt_state, batch, step, rng, **kw)
+                return update(module, tx, loss_fn, params, opt_state, batch, step, rng, **kw)
 
             jitted = jax.jit(
                 step_fn,
@@ -314,15 +321,16 @@ class Program:
 
 
 # ============================================================================ explicit compile cache
-def program_key(model_config, mesh, train_config=None, loss_fn=None) -> tuple:
+def program_key(model_config, mesh, train_config=None, loss_fn=None, step_fn=None) -> tuple:
     """What determines a :class:`Program` built by the trainer: the compute model config, the
-    mesh, the loss function, and for training the optimizer fields, ``grad_accum`` and the
-    auxiliary-loss weights (not paths, seeds, data or intervals)."""
+    mesh, the loss function, and for training the optimizer fields, ``grad_accum``, the
+    auxiliary-loss weights and the step function (not paths, seeds, data or intervals)."""
     from .optim import optimizer_key
 
     train_part = None
     if train_config is not None:
-        train_part = (optimizer_key(train_config), train_config.grad_accum, train_config.aux_loss_weights)
+        train_part = (optimizer_key(train_config), train_config.grad_accum, train_config.aux_loss_weights,
+                      step_fn)
     return (model_config, mesh, loss_fn, train_part)
 
 

@@ -82,7 +82,7 @@ def _resolve_loss(tc: TrainConfig, loss_fn: Optional[LossFn]) -> Tuple[LossFn, O
 
 
 def train_program(model_config: ModelConfig, tc: TrainConfig, mesh, dtype: str, loss_fn: LossFn,
-                  cache: Optional[CompileCache] = None) -> Program:
+                  cache: Optional[CompileCache] = None, step_fn=None) -> Program:
     """The :class:`Program` ``train`` runs (from ``cache`` when it holds an equal one)."""
     config = compute_config(model_config, dtype)
 
@@ -91,11 +91,11 @@ def train_program(model_config: ModelConfig, tc: TrainConfig, mesh, dtype: str, 
         abstract, specs = abstract_params(module)
         tx, schedule = make_optimizer(tc, decay_mask(specs, abstract))
         return Program(module, mesh, loss_fn=loss_fn, tx=tx, schedule=schedule, grad_accum=tc.grad_accum,
-                       aux_weights=tc.aux_loss_weights)
+                       aux_weights=tc.aux_loss_weights, step_fn=step_fn)
 
     if cache is None:
         return build_program()
-    return cache.get(program_key(config, mesh, tc, loss_fn), build_program)
+    return cache.get(program_key(config, mesh, tc, loss_fn, step_fn), build_program)
 
 
 def eval_program(model_config: ModelConfig, mesh, dtype: str, loss_fn: LossFn,
@@ -145,6 +145,21 @@ def eval_loss(program: Program, params, source, batch_size: int, seq_len: int, m
         return empty
     loss = total / count
     return {"val_loss": loss, "val_ppl": float(math.exp(min(loss, 700.0))), "val_tokens": int(round(count))}
+
+
+def eval_group_losses(program: Program, params, source, batch_size: int, seq_len: int,
+                      max_batches: Optional[int], split: str = "val") -> Dict[str, float]:
+    """``{"val_loss/<group>": loss}`` for a source with named evaluation groups
+    (``source.eval_groups()``, e.g. the domains of a multi-domain source); ``{}`` otherwise."""
+    groups = getattr(source, "eval_groups", None)
+    if groups is None or max_batches == 0:
+        return {}
+    out = {}
+    for name, group in groups().items():
+        ev = eval_loss(program, params, group, batch_size, seq_len, max_batches, split)
+        if ev["val_loss"] is not None:
+            out[f"val_loss/{name}"] = ev["val_loss"]
+    return out
 
 
 class _StopRequest:
@@ -249,7 +264,8 @@ def _train_row(done: int, metrics: dict, tokens_per_s, tokens: int) -> dict:
 # ============================================================================ train
 def train(model_config: ModelConfig, train_config: TrainConfig, *, resume: bool = False,
           progress: Optional[bool] = None, stop_after: Optional[int] = None,
-          loss_fn: Optional[LossFn] = None, cache: Optional[CompileCache] = None) -> Dict[str, Any]:
+          loss_fn: Optional[LossFn] = None, cache: Optional[CompileCache] = None,
+          step_fn=None) -> Dict[str, Any]:
     """Train ``model_config`` with ``train_config``; returns the summary dict (also in summary.json).
 
     ``progress``: ``None`` = a tqdm bar if stderr is a terminal, else one line per
@@ -260,8 +276,10 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, resume: bool 
     ``(module, params, batch, rng) -> (loss, metrics)`` that overrides
     ``train_config.loss`` (its name is recorded in config.json; pass it again to
     resume).  ``cache``: a :class:`~jaxformers.training.steps.CompileCache` to reuse
-    compiled programs across calls.  See the module docstring for the run
-    directory, resume and reproducibility rules.
+    compiled programs across calls.  ``step_fn``: a replacement for
+    :func:`~jaxformers.training.steps.train_step` (see :class:`Program`), e.g.
+    :class:`jaxformers.training.doge.DogeStep`; pass it again to resume.  See the module
+    docstring for the run directory, resume and reproducibility rules.
     """
     if not isinstance(model_config, ModelConfig):
         raise ValueError(f"model_config must be a ModelConfig, got {type(model_config).__name__}")
@@ -288,6 +306,8 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, resume: bool 
     source = open_data(tc.data, tc.tokenizer)
     mesh = mesh_lib.make_mesh(tc.mesh)
     _check_inputs(model_config, tc, source, mesh)
+    if hasattr(step_fn, "check_source"):  # e.g. DogeStep: the batches it needs
+        step_fn.check_source(source, tc)
     loader = train_loader(source, tc, mesh)
     dtype = resolve_dtype(tc.dtype)
 
@@ -298,7 +318,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, resume: bool 
         log.warning("only incomplete checkpoints in %s", ckpt.directory)
 
     # ---------------------------------------------------------------- setup: the compiled program
-    program = train_program(model_config, tc, mesh, dtype, loss_fn, cache)
+    program = train_program(model_config, tc, mesh, dtype, loss_fn, cache, step_fn)
     n_params = count_params(program.abstract_params)
 
     # ---------------------------------------------------------------- restore or initialise
@@ -356,7 +376,8 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, resume: bool 
         ev = eval_loss(program, params, source, tc.micro_batch_size, tc.seq_len, tc.eval_batches)
         if ev["val_loss"] is None:
             return None
-        row = {"step": done, "val_loss": ev["val_loss"], "val_ppl": ev["val_ppl"]}
+        row = {"step": done, "val_loss": ev["val_loss"], "val_ppl": ev["val_ppl"],
+               **eval_group_losses(program, params, source, tc.micro_batch_size, tc.seq_len, tc.eval_batches)}
         write_row(row)
         return row
 
@@ -414,7 +435,8 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, resume: bool 
     if last_eval is None and finished:
         ev = eval_loss(program, params, source, tc.micro_batch_size, tc.seq_len, tc.eval_batches)
         if ev["val_loss"] is not None:
-            last_eval = {"step": max(start_step, tc.steps), **ev}
+            last_eval = {"step": max(start_step, tc.steps), **ev, **eval_group_losses(
+                program, params, source, tc.micro_batch_size, tc.seq_len, tc.eval_batches)}
     tokens_per_s = clock.tokens_per_s
     fpt = model_flops_per_token(program.module.config, tc.seq_len, program.abstract_params)
     summary = {
@@ -429,6 +451,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, resume: bool 
         "train_loss": None if last_train is None else last_train["loss"],
         "val_loss": None if last_eval is None else last_eval["val_loss"],
         "val_ppl": None if last_eval is None else last_eval["val_ppl"],
+        **({} if last_eval is None else {k: v for k, v in last_eval.items() if k.startswith("val_loss/")}),
         "n_params": n_params,
         "tokens_per_s": tokens_per_s,
         "flops_per_token": fpt,
