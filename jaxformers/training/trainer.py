@@ -265,7 +265,7 @@ def _train_row(done: int, metrics: dict, tokens_per_s, tokens: int) -> dict:
 def train(model_config: ModelConfig, train_config: TrainConfig, *, resume: bool = False,
           progress: Optional[bool] = None, stop_after: Optional[int] = None,
           loss_fn: Optional[LossFn] = None, cache: Optional[CompileCache] = None,
-          step_fn=None) -> Dict[str, Any]:
+          step_fn=None, init_params=None) -> Dict[str, Any]:
     """Train ``model_config`` with ``train_config``; returns the summary dict (also in summary.json).
 
     ``progress``: ``None`` = a tqdm bar if stderr is a terminal, else one line per
@@ -278,8 +278,10 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, resume: bool 
     resume).  ``cache``: a :class:`~jaxformers.training.steps.CompileCache` to reuse
     compiled programs across calls.  ``step_fn``: a replacement for
     :func:`~jaxformers.training.steps.train_step` (see :class:`Program`), e.g.
-    :class:`jaxformers.training.doge.DogeStep`; pass it again to resume.  See the module
-    docstring for the run directory, resume and reproducibility rules.
+    :class:`jaxformers.training.doge.DogeStep`; pass it again to resume.  ``init_params``:
+    start from these parameters (this model's tree, e.g. converted weights) with a fresh
+    optimizer instead of a random init (ignored when resuming from a checkpoint).  See the
+    module docstring for the run directory, resume and reproducibility rules.
     """
     if not isinstance(model_config, ModelConfig):
         raise ValueError(f"model_config must be a ModelConfig, got {type(model_config).__name__}")
@@ -345,7 +347,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, resume: bool 
                             "starting from scratch")
             log.warning(messages[-1])
             ckpt.quarantine_incomplete()
-        params, opt_state = program.init(tc.seed)
+        params, opt_state = program.init(tc.seed) if init_params is None else program.init_from(init_params)
 
     # ---------------------------------------------------------------- run directory files
     if is_main:
