@@ -16,6 +16,8 @@
 #   scfa-speed-qk    python -m experiments.scfa_speed, QK-sparse kernel, keep 0.2..0.8 (issue 12)
 #   scfa-lm-8k   python -m experiments.scfa_lm --preset gpu --seq-len 8192   (issue 12)
 #   scfa-lm-16k  python -m experiments.scfa_lm --preset gpu --seq-len 16384  (issue 12)
+#   distill      python -m experiments.distill --preset gpu: teacher, 3 students, throughput,
+#                coverage vs generation time                                         (issue 15)
 #   doge         python -m experiments.doge --preset gpu (proxy + base runs)    (issue 18)
 #
 # The device has jax/flax/torch/triton but no network and no fla: carry the
@@ -72,6 +74,7 @@ for s in "$@"; do
         scfa-lm-16k) stage scfa-lm-16k 580 python -m experiments.scfa_lm --preset gpu --seq-len 16384 \
                          --out "$OUT/scfa_lm_16k" ;;
         doge)        stage doge 590 python -m experiments.doge --preset gpu --out "$OUT/doge" ;;
-        *) echo "unknown stage $s (gpu-quick|kernels|attention|scan|models|denseformer|scfa-speed-hash|scfa-speed-qk|scfa-lm-8k|scfa-lm-16k|doge)"; exit 2 ;;
+        distill)     stage distill 590 python -m experiments.distill --preset gpu --out "$OUT/distill" ;;
+        *) echo "unknown stage $s (gpu-quick|kernels|attention|scan|models|denseformer|scfa-speed-hash|scfa-speed-qk|scfa-lm-8k|scfa-lm-16k|doge|distill)"; exit 2 ;;
     esac
 done

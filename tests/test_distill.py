@@ -139,3 +139,28 @@ def test_distillation_trains_a_run_directory(tmp_path, teacher):
     assert s_cfg == s and set(params) == set(sp)
     with pytest.raises(ValueError, match="parameter tree"):
         train(s, tc.replace(out_dir=str(tmp_path / "bad")), init_params=tp, progress=False)
+
+
+def test_hidden_states_and_layerwise_alignment(teacher, tokens):
+    from jaxformers.distill import align_loss, teacher_hidden_states
+
+    cfg, module, tp = teacher
+    hidden = teacher_hidden_states(module, tp, tokens[:, :-1])
+    assert hidden.shape == (4, 3, 16, 32)
+    # the last hidden state through the final norm and head gives the teacher's logits
+    logits = module.apply({"params": tp}, hidden[:, -1], method=lambda m, x: m.logits(m.final_norm(x)))
+    np.testing.assert_allclose(logits, module.apply({"params": tp}, tokens[:, :-1]), atol=1e-5)
+    s = student_config(cfg, "hybrid", (1,))
+    sp = init_student(cfg, tp, s, jax.random.PRNGKey(6))
+    batch = {"tokens": tokens, "teacher_hidden": hidden}
+    loss, _ = align_loss(jf.build(s), sp, batch)
+    grads = jax.grad(lambda p: align_loss(jf.build(s), p, batch)[0])(sp)
+    assert float(loss) > 0
+    assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(grads["blocks_1"]))  # kept attention
+    assert float(jnp.abs(grads["blocks_0"]["mixer"]["in_x"]["kernel"]).max()) > 0
+    # a student whose converted layer is the teacher's own block would align exactly: check the
+    # loss is the normalised error of block 0 alone
+    y, _ = jf.build(s).layer_classes()[0](s).apply({"params": sp["blocks_0"]}, hidden[:, 0],
+                                                    jnp.broadcast_to(jnp.arange(16), (4, 16)))
+    want = jnp.mean((y - hidden[:, 1]) ** 2) / (jnp.mean(hidden[:, 1] ** 2) + 1e-6)
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
