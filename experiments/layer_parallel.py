@@ -14,15 +14,16 @@ the model is transformed with ``jaxformers.transforms.pair_layers`` (fused form,
 and measured: validation perplexity and next-token accuracy (``--eval-batches`` batches of the
 validation split, compute dtype ``infer_dtype``), prefill tokens/s (batch ``infer_batch`` x
 ``seq_len``), decode tokens/s at batch 1 and at batch ``infer_batch`` (greedy, KV cache,
-``--decode-tokens`` steps after a ``prompt_len`` prompt, jitted ``fori_loop``; median of
-``--iters`` calls, best of 2 interleaved rounds).  Spans ending at layer ``L-2`` are also evaluated with the
+``--decode-tokens`` steps after a ``prompt_len`` prompt, jitted ``fori_loop``; the fastest of 3
+interleaved rounds of ``--iters`` calls).  Spans ending at layer ``L-2`` are also evaluated with the
 authors' shared MLP norm (``mlp_norm="mean"``, same speed).  Study: perplexity after deleting
 each layer, swapping each pair of adjacent layers, and shuffling windows of 3 layers
 (``--seed``).  ``OUT/results.json`` holds every number; ``OUT/layer_parallel.png`` plots
 perplexity increase and accuracy against the decode speed-up, and the study.
 
 ``--steps`` / ``--eval-batches`` / ``--n-layer`` / ``--d-model`` / ``--seq-len`` /
-``--batch-size`` / ``--decode-tokens`` / ``--max-pairs`` shrink a run (tests); ``--reuse`` keeps
+``--batch-size`` / ``--decode-tokens`` / ``--max-pairs`` / ``--positions`` / ``--pair-counts`` /
+``--no-study`` shrink a run (tests, GPU stages); ``--reuse`` keeps
 a finished ``OUT/runs/base``; ``--train-only`` stops after training (GPU stage split).
 """
 from __future__ import annotations
@@ -30,25 +31,25 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
 
 from experiments.common import enable_compile_cache, train_fresh, train_overrides
 
+POSITIONS = ("early", "middle", "late")
 PRESETS = {
     "tiny": dict(model=dict(d_model=64, n_layer=8, n_head=4, n_kv_head=2, d_ff=192, max_seq_len=128),
                  train=dict(steps=250, batch_size=16, seq_len=64, lr=3e-3, warmup_steps=25, eval_every=0,
                             eval_batches=16),
                  data="default", infer_dtype="float32", infer_batch=16, prompt_len=16, decode_tokens=32,
-                 iters=5),
+                 iters=5, positions=POSITIONS, pair_counts=None),
     # a few hundred M params (byte vocab: ~283M); the stdlib corpus needs no network on the device
     "gpu": dict(model=dict(d_model=1024, n_layer=24, n_head=16, n_kv_head=8, d_ff=2816, max_seq_len=1024),
-                train=dict(steps=1200, batch_size=32, seq_len=512, lr=6e-4, warmup_steps=120, eval_every=0,
+                train=dict(steps=2500, batch_size=32, seq_len=512, lr=6e-4, warmup_steps=250, eval_every=0,
                            eval_batches=40, dtype="bfloat16"),
                 data="python", infer_dtype="bfloat16", infer_batch=32, prompt_len=128, decode_tokens=128,
-                iters=5),
+                iters=5, positions=("late",), pair_counts=(1, 2, 3, 4, 6, 8)),
 }
 TARGET = dict(decode_speedup=1.15, rel_ppl_increase=0.05)
 
@@ -69,6 +70,9 @@ def _parser():
     ap.add_argument("--batch-size", type=int, help="override the training and inference batch size")
     ap.add_argument("--decode-tokens", type=int, help="override the number of timed decode steps")
     ap.add_argument("--max-pairs", type=int, help="at most this many pairs")
+    ap.add_argument("--positions", help="comma-separated span positions (early,middle,late; default: the preset's)")
+    ap.add_argument("--pair-counts", help="comma-separated numbers of pairs (default: the preset's)")
+    ap.add_argument("--no-study", action="store_true", help="skip the delete / swap / shuffle study")
     ap.add_argument("--iters", type=int, help="timed calls per measurement")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--reuse", action="store_true", help="reuse a finished OUT/runs/base")
@@ -116,17 +120,19 @@ def load_model(args, preset, out: Path):
     return cfg, jax.device_get(params), data, "byte", info
 
 
-def spans(n_layer: int, max_pairs=None):
-    """``[(position, start, end)]``: for k pairs, the span of 2k layers inside ``1 .. L-2``
-    at the early / middle / late position (duplicates dropped)."""
+def spans(n_layer: int, max_pairs=None, positions=POSITIONS, pair_counts=None):
+    """``[(position, start, end)]``: for k pairs (``pair_counts``, default ``1 .. max``), the
+    span of 2k layers inside ``1 .. L-2`` at the early / middle / late position (a span already
+    listed under an earlier position is not repeated)."""
     inner = n_layer - 2
     out = []
     kmax = inner // 2 if max_pairs is None else min(inner // 2, max_pairs)
-    for k in range(1, kmax + 1):
+    counts = range(1, kmax + 1) if pair_counts is None else [k for k in pair_counts if 1 <= k <= kmax]
+    for k in counts:
         w = 2 * k
         seen = set()
         for pos, start in (("early", 1), ("middle", 1 + (inner - w) // 2), ("late", n_layer - 1 - w)):
-            if start not in seen:
+            if pos in positions and start not in seen:
                 seen.add(start)
                 out.append((pos, start, start + w))
     return out
@@ -229,20 +235,19 @@ def speed_fns(cfg, params, *, batch, seq_len, prompt_len, decode_tokens, dtype):
     return fns
 
 
-def time_all(entries: dict, iters: int, rounds: int = 2) -> dict:
-    """``{key: {name: tokens/s}}``: median of ``iters`` calls, best of ``rounds`` interleaved rounds."""
+def time_all(entries: dict, iters: int, rounds: int = 3) -> dict:
+    """``{key: {name: tokens/s}}`` from the fastest of ``rounds x iters`` calls, the configs
+    interleaved round by round (the fastest call is the one least disturbed by other jobs)."""
     import jax
     best = {k: {n: 0.0 for n in fns} for k, fns in entries.items()}
     for _ in range(rounds):
         for key, fns in entries.items():
             for name, (fn, tokens) in fns.items():
                 jax.block_until_ready(fn())
-                times = []
                 for _ in range(iters):
                     t0 = time.perf_counter()
                     jax.block_until_ready(fn())
-                    times.append(time.perf_counter() - t0)
-                best[key][name] = max(best[key][name], tokens / statistics.median(times))
+                    best[key][name] = max(best[key][name], tokens / (time.perf_counter() - t0))
     return best
 
 
@@ -263,6 +268,13 @@ def run(args) -> dict:
     for key in ("decode_tokens", "iters"):
         if getattr(args, key):
             preset[key] = getattr(args, key)
+    if args.positions:
+        preset["positions"] = [p.strip() for p in args.positions.split(",") if p.strip()]
+        bad = sorted(set(preset["positions"]) - set(POSITIONS))
+        if bad:
+            raise SystemExit(f"--positions: unknown {bad}; choose from {list(POSITIONS)}")
+    if args.pair_counts:
+        preset["pair_counts"] = [int(k) for k in args.pair_counts.split(",") if k.strip()]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg, params, data, tokenizer, info = load_model(args, preset, out)
@@ -284,7 +296,7 @@ def run(args) -> dict:
     print(f"{tag} baseline: ppl {base['val_ppl']:.4f} acc {base['val_acc']:.4f}", file=sys.stderr, flush=True)
     speed = {"baseline": speed_fns(cfg, params, **speed_kw)}
     rows = []
-    for position, start, end in spans(cfg.n_layer, args.max_pairs):
+    for position, start, end in spans(cfg.n_layer, args.max_pairs, preset["positions"], preset["pair_counts"]):
         for mlp_norm in (("own", "mean") if end == cfg.n_layer - 1 else ("own",)):
             pcfg, pparams = pair_layers(cfg, params, start, end, mlp_norm=mlp_norm)
             row = {"position": position, "start": start, "end": end, "n_pairs": len(pcfg.pairs),
@@ -307,11 +319,11 @@ def run(args) -> dict:
 
     # ------------------------------------------------ preliminary study (no speed: quality only)
     study = {"delete": [], "swap": [], "shuffle": []}
-    for i in range(cfg.n_layer):
+    for i in range(0 if args.no_study else cfg.n_layer):
         study["delete"].append({"layer": i, **ev(*delete_layers(cfg, params, [i]))})
-    for i in range(cfg.n_layer - 1):
+    for i in range(0 if args.no_study else cfg.n_layer - 1):
         study["swap"].append({"layers": [i, i + 1], **ev(*swap_layers(cfg, params, i))})
-    for s in range(0, cfg.n_layer - 2):
+    for s in range(0, 0 if args.no_study else cfg.n_layer - 2):
         c2, p2, order = shuffle_layers(cfg, params, s, s + 3, seed=args.seed)
         study["shuffle"].append({"layers": [s, s + 3], "order": order, "seed": args.seed, **ev(c2, p2)})
     for kind, items in study.items():

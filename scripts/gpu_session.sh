@@ -16,6 +16,10 @@
 #   scfa-speed-qk    python -m experiments.scfa_speed, QK-sparse kernel, keep 0.2..0.8 (issue 12)
 #   scfa-lm-8k   python -m experiments.scfa_lm --preset gpu --seq-len 8192   (issue 12)
 #   scfa-lm-16k  python -m experiments.scfa_lm --preset gpu --seq-len 16384  (issue 12)
+#   layer-parallel-train  python -m experiments.layer_parallel --preset gpu --train-only (issue 16):
+#                trains the ~283M-param Llama (24 layers) into $OUT/layer_parallel/runs/base
+#   layer-parallel       the same run, late spans of 1..8 pairs + delete/swap/shuffle study
+#   layer-parallel-spans the same run, early/middle spans of 1..8 pairs (no study)
 #
 # The device has jax/flax/torch/triton but no network and no fla: carry the
 # wheels fetched here with
@@ -70,6 +74,14 @@ for s in "$@"; do
                          --out "$OUT/scfa_lm_8k" ;;
         scfa-lm-16k) stage scfa-lm-16k 580 python -m experiments.scfa_lm --preset gpu --seq-len 16384 \
                          --out "$OUT/scfa_lm_16k" ;;
-        *) echo "unknown stage $s (gpu-quick|kernels|attention|scan|models|denseformer|scfa-speed-hash|scfa-speed-qk|scfa-lm-8k|scfa-lm-16k)"; exit 2 ;;
+        # layer-parallel inference (issue 16): target >= 1.15x decode tokens/s at <= 5% more ppl
+        layer-parallel-train) stage layer-parallel-train 590 python -m experiments.layer_parallel --preset gpu \
+                         --train-only --out "$OUT/layer_parallel" ;;
+        layer-parallel) stage layer-parallel 580 python -m experiments.layer_parallel --preset gpu \
+                         --run "$OUT/layer_parallel/runs/base" --positions late --out "$OUT/layer_parallel/late" ;;
+        layer-parallel-spans) stage layer-parallel-spans 580 python -m experiments.layer_parallel --preset gpu \
+                         --run "$OUT/layer_parallel/runs/base" --positions early,middle --no-study \
+                         --out "$OUT/layer_parallel/early_middle" ;;
+        *) echo "unknown stage $s (gpu-quick|kernels|attention|scan|models|denseformer|scfa-speed-hash|scfa-speed-qk|scfa-lm-8k|scfa-lm-16k|layer-parallel-train|layer-parallel|layer-parallel-spans)"; exit 2 ;;
     esac
 done
