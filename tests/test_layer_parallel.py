@@ -119,6 +119,7 @@ def test_decode_with_cache_equals_full_forward(models, tokens):
 
 
 def test_scanned_params_and_hf_llama_are_accepted(models, tokens, tmp_path):
+    pytest.importorskip("safetensors")
     from jaxformers.convert import from_hf, to_hf
     from jaxformers.convert.layers import stack_layers
 
