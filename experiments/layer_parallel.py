@@ -49,7 +49,7 @@ PRESETS = {
                 train=dict(steps=2500, batch_size=32, seq_len=512, lr=6e-4, warmup_steps=250, eval_every=0,
                            eval_batches=40, dtype="bfloat16"),
                 data="python", infer_dtype="bfloat16", infer_batch=32, prompt_len=128, decode_tokens=128,
-                iters=5, positions=("late",), pair_counts=(1, 2, 3, 4, 6, 8)),
+                iters=5, positions=("late",), pair_counts=(1, 2, 4, 6, 8)),
 }
 TARGET = dict(decode_speedup=1.15, rel_ppl_increase=0.05)
 

@@ -18,8 +18,10 @@
 #   scfa-lm-16k  python -m experiments.scfa_lm --preset gpu --seq-len 16384  (issue 12)
 #   layer-parallel-train  python -m experiments.layer_parallel --preset gpu --train-only (issue 16):
 #                trains the ~283M-param Llama (24 layers) into $OUT/layer_parallel/runs/base
-#   layer-parallel       the same run, late spans of 1..8 pairs + delete/swap/shuffle study
-#   layer-parallel-spans the same run, early/middle spans of 1..8 pairs (no study)
+#   layer-parallel       the same run, late spans of 1, 2, 4, 6, 8 pairs + delete/swap/shuffle study
+#   layer-parallel-spans the same run, early/middle spans (no study)
+#                (the run, ~1.1 GB, lives in $OUT on the device: run the three stages on one
+#                machine, in this order; the later two fail with "not a run directory" otherwise)
 #
 # The device has jax/flax/torch/triton but no network and no fla: carry the
 # wheels fetched here with
