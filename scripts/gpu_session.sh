@@ -82,7 +82,7 @@ for s in "$@"; do
         layer-parallel) stage layer-parallel 580 python -m experiments.layer_parallel --preset gpu \
                          --run "$OUT/layer_parallel/runs/base" --positions late --out "$OUT/layer_parallel/late" ;;
         layer-parallel-spans) stage layer-parallel-spans 580 python -m experiments.layer_parallel --preset gpu \
-                         --run "$OUT/layer_parallel/runs/base" --positions early,middle --no-study \
+                         --run "$OUT/layer_parallel/runs/base" --positions early,middle --pair-counts 2,4,8 --no-study \
                          --out "$OUT/layer_parallel/early_middle" ;;
         *) echo "unknown stage $s (gpu-quick|kernels|attention|scan|models|denseformer|scfa-speed-hash|scfa-speed-qk|scfa-lm-8k|scfa-lm-16k|layer-parallel-train|layer-parallel|layer-parallel-spans)"; exit 2 ;;
     esac
