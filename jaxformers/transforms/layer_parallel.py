@@ -170,7 +170,8 @@ class ParallelPairBlock(nn.Module):
         for j in (0, 1):
             a, nc = Attention(c, name=f"attn_{j}")(make_norm(c, f"attn_norm_{j}")(x), positions,
                                                   segment_ids, caches[j], cache_index)
-            h, _ = h + a, new.append(nc)
+            h = h + a
+            new.append(nc)
         y = h
         for j in (0, 1):
             y = y + make_mlp(c, f"mlp_{j}")(make_norm(c, f"mlp_norm_{j}")(h))
@@ -251,7 +252,8 @@ def _fold(scale, kernel, axis_in: int = 0):
     """``diag(scale) @ kernel`` along the kernel's input axis (float32 math, kernel dtype)."""
     shape = [1] * kernel.ndim
     shape[axis_in] = -1
-    return (jnp.asarray(kernel, jnp.float32) * jnp.asarray(scale, jnp.float32).reshape(shape)).astype(kernel.dtype)
+    folded = jnp.asarray(kernel, jnp.float32) * jnp.asarray(scale, jnp.float32).reshape(shape)
+    return folded.astype(kernel.dtype)
 
 
 def fuse_pair(p0: dict, p1: dict) -> dict:
@@ -276,8 +278,7 @@ def fuse_pair(p0: dict, p1: dict) -> dict:
             mlp[name] = {"kernel": jnp.concatenate([p["mlp"][name]["kernel"] for p in ps], axis=0)}
         else:
             raise ValueError(f"unknown MLP parameter {name!r} (shape {k0.shape}); cannot fuse")
-    ones = jnp.ones_like(sa[0])
-    return {"attn_norm": {"scale": ones}, "attn": attn, "mlp_norm": {"scale": jnp.ones_like(sm[0])}, "mlp": mlp}
+    return {"attn_norm": {"scale": jnp.ones_like(sa[0])}, "attn": attn, "mlp_norm": {"scale": jnp.ones_like(sm[0])}, "mlp": mlp}
 
 
 def pair_layers(config, params, start: int, end: int, *, fused: bool = True, mlp_norm: str = "own"):
