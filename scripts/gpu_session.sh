@@ -17,6 +17,12 @@
 #   scfa-lm-8k   python -m experiments.scfa_lm --preset gpu --seq-len 8192   (issue 12)
 #   scfa-lm-16k  python -m experiments.scfa_lm --preset gpu --seq-len 16384  (issue 12)
 #   doge         python -m experiments.doge --preset gpu (proxy + base runs)    (issue 18)
+#   layer-parallel-train  python -m experiments.layer_parallel --preset gpu --train-only (issue 16):
+#                trains the ~283M-param Llama (24 layers) into $OUT/layer_parallel/runs/base
+#   layer-parallel       the same run, late spans of 1, 2, 4, 6, 8 pairs + delete/swap/shuffle study
+#   layer-parallel-spans the same run, early/middle spans (no study)
+#                (the run, ~1.1 GB, lives in $OUT on the device: run the three stages on one
+#                machine, in this order; the later two fail with "not a run directory" otherwise)
 #
 # The device has jax/flax/torch/triton but no network and no fla: carry the
 # wheels fetched here with
@@ -72,6 +78,14 @@ for s in "$@"; do
         scfa-lm-16k) stage scfa-lm-16k 580 python -m experiments.scfa_lm --preset gpu --seq-len 16384 \
                          --out "$OUT/scfa_lm_16k" ;;
         doge)        stage doge 590 python -m experiments.doge --preset gpu --out "$OUT/doge" ;;
-        *) echo "unknown stage $s (gpu-quick|kernels|attention|scan|models|denseformer|scfa-speed-hash|scfa-speed-qk|scfa-lm-8k|scfa-lm-16k|doge)"; exit 2 ;;
+        # layer-parallel inference (issue 16): target >= 1.15x decode tokens/s at <= 5% more ppl
+        layer-parallel-train) stage layer-parallel-train 590 python -m experiments.layer_parallel --preset gpu \
+                         --train-only --out "$OUT/layer_parallel" ;;
+        layer-parallel) stage layer-parallel 580 python -m experiments.layer_parallel --preset gpu \
+                         --run "$OUT/layer_parallel/runs/base" --positions late --out "$OUT/layer_parallel/late" ;;
+        layer-parallel-spans) stage layer-parallel-spans 580 python -m experiments.layer_parallel --preset gpu \
+                         --run "$OUT/layer_parallel/runs/base" --positions early,middle --pair-counts 2,4,8 --no-study \
+                         --out "$OUT/layer_parallel/early_middle" ;;
+        *) echo "unknown stage $s (gpu-quick|kernels|attention|scan|models|denseformer|scfa-speed-hash|scfa-speed-qk|scfa-lm-8k|scfa-lm-16k|doge|layer-parallel-train|layer-parallel|layer-parallel-spans)"; exit 2 ;;
     esac
 done
