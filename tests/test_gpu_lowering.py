@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import pytest
 
 from pallas_kernels.flash_attention import BlockSizes, flash_attention
+from pallas_kernels.hadamard import hadamard_transform
 from pallas_kernels.selective_scan import selective_scan
 from pallas_kernels.ssd import ssd
 from pallas_kernels.triton_inspect import H100_SHARED_PER_BLOCK, compile_report, triton_calls
@@ -164,6 +165,25 @@ def test_ssd_lowers_to_triton(case):
     assert sorted(_names(calls)) == sorted(SSD_KERNELS + SSD_BWD_KERNELS)
 
 
+# --------------------------------------------------------------------------- hadamard
+HADAMARD_CASES = {  # (leading shape, n, dtype): butterflies only, one dot, dots + butterflies, Paley
+    "n8_fp32": ((5, 3), 8, f32),
+    "n128_bf16": ((2, 100), 128, bf16),
+    "n4096_bf16": ((33,), 4096, bf16),
+    "n352_fp32": ((2, 7), 352, f32),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HADAMARD_CASES))
+def test_hadamard_lowers_to_triton(case):
+    lead, n, dtype = HADAMARD_CASES[case]
+    fn = lambda x: hadamard_transform(x, interpret=False)  # noqa: E731
+    x = S(lead + (n,), dtype)
+    (fwd,) = triton_calls(fn, x)
+    assert fwd.name == "hadamard_transform"
+    assert _names(triton_calls(_grad_all(fn, 1), x)) == ["hadamard_transform"] * 2
+
+
 # --------------------------------------------------------------------------- models
 @pytest.mark.parametrize("name, overrides, expect", [
     ("gpt", dict(attention_impl="pallas"), "flash_attention_bwd_dq"),
@@ -203,6 +223,7 @@ BENCH_CASES = {
     "attention_d64": lambda: _attention_case(1, 4096, 4096, 16, 16, 64),
     "selective_scan": lambda: _scan_case(4, 4096, 2048, 16, z=False),
     "ssd": lambda: _ssd_case(4, 4096, 16, 128, 1, 128),
+    "hadamard": lambda: (lambda x: hadamard_transform(x, interpret=False), [S((4096, 128), bf16)]),
 }
 
 
