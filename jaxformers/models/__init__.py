@@ -1,3 +1,4 @@
 """Built-in architectures; importing this package registers them all."""
 from . import gpt, llama, denseformer, mamba, scfa, cotformer  # noqa: F401
+from ..quant import model as _quarot  # noqa: F401,E402  (registers "quarot")
 from .transformer import Transformer
