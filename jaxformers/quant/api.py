@@ -88,10 +88,13 @@ def quant_config(config, spec: QuantSpec) -> QuaRotConfig:
                         kv_groupsize=spec.kv_groupsize, kv_sym=spec.kv_sym, kv_clip=spec.kv_clip)
 
 
-def _cast_like(tree, ref):
+def _cast_like(tree, ref, default=jnp.float32):
+    """``tree`` (numpy) as jax arrays with the dtypes of the matching leaves of ``ref``
+    (``default`` where ``ref`` has none, e.g. an untied head)."""
     if isinstance(tree, dict):
-        return {k: _cast_like(v, ref[k] if k in ref else ref["embed"]["embedding"].T) for k, v in tree.items()}
-    return jnp.asarray(tree, getattr(ref, "dtype", jnp.float32))
+        return {k: _cast_like(v, ref.get(k) if isinstance(ref, dict) else None, default)
+                for k, v in tree.items()}
+    return jnp.asarray(tree, getattr(ref, "dtype", default))
 
 
 def collect_stats(config, params, tokens, batch: int = 16):
@@ -159,4 +162,4 @@ def quantize(config, params, spec: QuantSpec, calibration=None):
                 else:
                     q = rtn_weight(w2, spec.w_bits, **kw)
                 blk[sub][name] = {"kernel": q.reshape(shape)}
-    return qcfg, _cast_like(p, params)
+    return qcfg, _cast_like(p, params, params["embed"]["embedding"].dtype)
