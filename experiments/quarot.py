@@ -22,7 +22,8 @@ packed bytes), max difference to fake quantization.
 
 Writes ``OUT/results.json`` and ``OUT/quarot_ppl.png`` (perplexity per scheme) and
 ``OUT/quarot_outliers.png`` (outlier ratio per linear input, channel max |x| profiles).
-``--steps`` / ``--eval-batches`` / ``--calib`` / ``--only`` shrink a run (tests).
+``--steps`` / ``--eval-batches`` / ``--calib`` / ``--only`` / ``--seq-len`` / ``--batch-size``
+shrink a run (tests).
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ PRESETS = {
                 train=dict(steps=2000, batch_size=32, seq_len=512, lr=1e-3, warmup_steps=200,
                            eval_every=0, eval_batches=40, dtype="bfloat16"), calib=256, calib_batch=32,
                 linear_shapes=((8192, 4096, 4096), (8192, 4096, 11008), (8192, 11008, 4096),
-                               (8192, 8192, 28672))),
+                               (8192, 8192, 8192))),
 }
 
 # name -> QuantSpec fields (a_clip / kv_clip set from the bit widths in _spec)
@@ -78,12 +79,15 @@ def _spec(fields: dict, seed: int, calib_batch: int):
 def _parser():
     ap = argparse.ArgumentParser(prog="python -m experiments.quarot", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    src = ap.add_mutually_exclusive_group()
-    src.add_argument("--preset", choices=sorted(PRESETS), default=None)
-    src.add_argument("--run", help="a trained llama run dir, or an HF Llama dir (then --data)")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                    help="model + training (without --run), calibration and int8 shapes (default: "
+                         "tiny; with --run: gpu on a GPU, else tiny)")
+    ap.add_argument("--run", help="a trained llama run dir, or an HF Llama dir (then --data)")
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--steps", type=int, help="override the preset's training steps")
     ap.add_argument("--eval-batches", type=int, help="validation batches per scheme")
+    ap.add_argument("--seq-len", type=int, help="override the preset's sequence length (training, eval, calibration)")
+    ap.add_argument("--batch-size", type=int, help="override the preset's batch size")
     ap.add_argument("--calib", type=int, help="calibration sequences (GPTQ, outlier statistics)")
     ap.add_argument("--only", help=f"comma list of schemes (default: all of {list(SCHEMES)})")
     ap.add_argument("--seed", type=int, default=0)
@@ -195,9 +199,13 @@ def run(args) -> dict:
     import jax
     from jaxformers.quant import quantize
     from jaxformers.training import evaluate
-    if args.run is None and args.preset is None:
-        args.preset = "tiny"
-    preset = json.loads(json.dumps(PRESETS[args.preset or "tiny"]))
+    if args.preset is None:
+        args.preset = "gpu" if args.run and jax.default_backend() == "gpu" else "tiny"
+    preset = json.loads(json.dumps(PRESETS[args.preset]))
+    if args.seq_len:
+        preset["train"]["seq_len"] = preset["model"]["max_seq_len"] = args.seq_len
+    if args.batch_size:
+        preset["train"]["batch_size"] = args.batch_size
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg, params, data, tok, ev_kw, dtype, summary = _load_source(args, preset, out)
@@ -279,7 +287,7 @@ def plot(results: dict, out: Path) -> None:
 
 def main(argv=None) -> dict:
     args = _parser().parse_args(argv)
-    for name in ("steps", "eval_batches", "calib"):
+    for name in ("steps", "eval_batches", "calib", "seq_len", "batch_size"):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")

@@ -16,6 +16,10 @@
 #   scfa-speed-qk    python -m experiments.scfa_speed, QK-sparse kernel, keep 0.2..0.8 (issue 12)
 #   scfa-lm-8k   python -m experiments.scfa_lm --preset gpu --seq-len 8192   (issue 12)
 #   scfa-lm-16k  python -m experiments.scfa_lm --preset gpu --seq-len 16384  (issue 12)
+#   hadamard     python -m experiments.bench_hadamard: Pallas FWHT vs dense x @ H   (issue 17)
+#   quarot       python -m experiments.quarot --preset gpu: trains the llama, RTN / W8A8 schemes,
+#                outliers, int8-vs-bf16 linear table                                 (issue 17)
+#   quarot-gptq  the GPTQ schemes on the run the quarot stage trained (run it after)  (issue 17)
 #
 # The device has jax/flax/torch/triton but no network and no fla: carry the
 # wheels fetched here with
@@ -52,10 +56,12 @@ for s in "$@"; do
                      JAX_DEFAULT_MATMUL_PRECISION=highest stage gpu-quick 240 \
                          python -m pytest -q -p no:cacheprovider \
                          tests/test_flash_attention.py tests/test_selective_scan.py tests/test_ssd.py \
+                         tests/test_hadamard.py \
                          -k "matches_reference or packed_segments or initial_state_kernel or full_features" ;;
         kernels)     JAX_DEFAULT_MATMUL_PRECISION=highest stage kernels 300 \
                          python -m pytest -q -p no:cacheprovider \
-                         tests/test_flash_attention.py tests/test_selective_scan.py tests/test_ssd.py ;;
+                         tests/test_flash_attention.py tests/test_selective_scan.py tests/test_ssd.py \
+                         tests/test_hadamard.py ;;
         attention)   stage attention 560 python -m experiments.bench_attention --out "$OUT/attention" ;;
         scan)        stage scan 560 python -m experiments.bench_scan --out "$OUT/scan" ;;
         models)      stage models 560 python -m experiments.bench_models --out "$OUT/models" ;;
@@ -70,6 +76,13 @@ for s in "$@"; do
                          --out "$OUT/scfa_lm_8k" ;;
         scfa-lm-16k) stage scfa-lm-16k 580 python -m experiments.scfa_lm --preset gpu --seq-len 16384 \
                          --out "$OUT/scfa_lm_16k" ;;
-        *) echo "unknown stage $s (gpu-quick|kernels|attention|scan|models|denseformer|scfa-speed-hash|scfa-speed-qk|scfa-lm-8k|scfa-lm-16k)"; exit 2 ;;
+        # QuaRot (issue 17)
+        hadamard)    stage hadamard 400 python -m experiments.bench_hadamard --out "$OUT/hadamard" ;;
+        quarot)      stage quarot 580 python -m experiments.quarot --preset gpu --out "$OUT/quarot" \
+                         --only fp,fp_rot,W4A16_RTN,W4A16_RTN_rot,W4A4KV4_RTN,W4A4KV4_RTN_rot,W8A8_RTN,W8A8_RTN_rot ;;
+        quarot-gptq) stage quarot-gptq 580 python -m experiments.quarot --preset gpu \
+                         --run "$OUT/quarot/runs/llama" --out "$OUT/quarot_gptq" \
+                         --only W4A16_GPTQ,W4A16_GPTQ_rot,W4A4KV4_GPTQ,W4A4KV4_GPTQ_rot,W4A4KV16_GPTQ_rot,W4A8_GPTQ_rot ;;
+        *) echo "unknown stage $s (gpu-quick|kernels|attention|scan|models|denseformer|scfa-speed-hash|scfa-speed-qk|scfa-lm-8k|scfa-lm-16k|hadamard|quarot|quarot-gptq)"; exit 2 ;;
     esac
 done

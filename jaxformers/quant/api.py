@@ -20,6 +20,7 @@ linears is :func:`jaxformers.quant.quantizers.int8_linear` (W8A8, int32 accumula
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional
 
 import jax
@@ -97,13 +98,18 @@ def _cast_like(tree, ref, default=jnp.float32):
     return jnp.asarray(tree, getattr(ref, "dtype", default))
 
 
+@functools.lru_cache(maxsize=8)
+def _stats_fn(config):
+    from ..registry import build
+    module = build(config)
+    return jax.jit(lambda p, t: module.apply({"params": p}, t, mutable=["quant_stats"])[1])
+
+
 def collect_stats(config, params, tokens, batch: int = 16):
     """Sum of the ``quant_stats`` of the model over ``tokens [N, T]`` (in batches):
     ``{layer: {stat name: {"xtx", "count", "absmax"}}}`` as numpy (xtx / count summed,
     absmax maxed)."""
-    from ..registry import build
-    module = build(config)
-    fn = jax.jit(lambda p, t: module.apply({"params": p}, t, mutable=["quant_stats"])[1])
+    fn = _stats_fn(config)
     total = None
     tokens = np.asarray(tokens)
     for i in range(0, len(tokens), batch):
