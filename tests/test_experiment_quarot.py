@@ -8,11 +8,12 @@ def test_quarot_experiment_writes_results(tmp_path):
     out = tmp_path / "quarot"
     results = exp.main(["--preset", "tiny", "--out", str(out), "--steps", "3", "--eval-batches", "1",
                         "--seq-len", "32", "--batch-size", "4", "--calib", "4",
-                        "--only", "fp,fp_rot,W4A4KV4_GPTQ_rot", "--no-compile-cache"])
+                        "--only", "fp_rot,W4A4KV4_GPTQ_rot", "--no-compile-cache"])
     saved = json.loads((out / "results.json").read_text())
-    assert list(saved["schemes"]) == list(results["schemes"]) == ["fp", "fp_rot", "W4A4KV4_GPTQ_rot"]
+    assert list(saved["schemes"]) == list(results["schemes"]) == ["fp_rot", "W4A4KV4_GPTQ_rot"]
     s = saved["schemes"]
-    assert abs(s["fp_rot"]["val_loss"] - s["fp"]["val_loss"]) < 1e-4  # rotation is exact
+    # the rotated model scores what the trained one did at the end of training (same batches)
+    assert abs(s["fp_rot"]["val_loss"] - saved["train_summary"]["val_loss"]) < 1e-4
     assert all(r["val_ppl"] > 1 for r in s.values())
     for label in ("original", "rotated"):
         rows = saved["outliers"][label]
