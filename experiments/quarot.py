@@ -5,6 +5,9 @@ without the rotations, and the activation outliers the rotations remove.
     python -m experiments.quarot --preset gpu --out runs/quarot-gpu      # llama "small" width (d 768, 12 layers)
     python -m experiments.quarot --run RUN_DIR --out DIR                 # a trained llama run, or an HF Llama dir (+ --data)
 
+An HF Llama dir needs ``--data``: a prepared dataset directory (``meta.json``) whose token ids
+come from that model's tokenizer (this library has no HF tokenizer; byte/BPE corpora only).
+
 Without ``--run`` the preset's ``llama`` is trained first (``jaxformers.training.train``,
 byte tokens of the built-in corpus, seed ``--seed``).  Each scheme of :data:`SCHEMES` goes
 through :func:`jaxformers.quant.quantize` and is evaluated on the validation split (the same
@@ -115,9 +118,15 @@ def _load_source(args, preset, out):
         from jaxformers.convert.hf_llama import from_hf
         if not args.data:
             raise SystemExit("--run with an HF Llama dir needs --data (text to evaluate on)")
+        from jaxformers.training.trainer import open_dataset
         cfg, params = from_hf(str(run))
+        tok = args.tokenizer or "byte"
+        _, meta, _, _ = open_dataset(args.data, tok)
+        if int(meta["vocab_size"]) > cfg.vocab_size:
+            raise SystemExit(f"--data has a vocabulary of {meta['vocab_size']} > the model's "
+                             f"{cfg.vocab_size}: pass a dataset prepared with the model's tokenizer")
         dtype = "bfloat16" if jax.default_backend() != "cpu" else "float32"
-        return cfg, params, args.data, args.tokenizer or str(run), dict(
+        return cfg, params, args.data, tok, dict(
             batch_size=8, seq_len=min(2048, cfg.max_seq_len), eval_batches=40), dtype, None
     from jaxformers.training.trainer import open_dataset
     data, tok = args.data or "default", "byte"
@@ -236,6 +245,8 @@ def run(args) -> dict:
                                     "quantize_s": round(t_quant, 2)}
         print(f"[quarot] {name}: val_ppl={ev['val_ppl']:.4f} (quantize {t_quant:.1f} s)",
               file=sys.stderr, flush=True)
+        # partial results after every scheme (a GPU stage cut by its time limit keeps them)
+        (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     results["outliers"] = outlier_stats(cfg, params, calib[: min(len(calib), 64)], preset["calib_batch"],
                                         args.seed)
     results["int8_linear"] = int8_table(preset["linear_shapes"], dtype)

@@ -13,6 +13,16 @@
 3. Activations (``a_bits``, per token) and the KV cache (``kv_bits``, per head) are
    quantized on the fly by the ``quarot`` model the returned config builds.
 
+Deviations from the authors' code (spcl/QuaRot, ``fake_quant/``), beyond those noted in
+:mod:`.rotation` and :mod:`pallas_kernels.hadamard.reference`: GPTQ's Hessians are
+recomputed once per layer, not after each group of linears in a layer; the real low-bit
+path is a separate function (their CUTLASS int4 kernels are not reproduced; the model
+evaluates fake quantization); the clipping search uses a 20-point grid down to 0.2 (theirs:
+100 points).  As in their code: the LM head and embeddings stay in high precision, q/k/v
+and gate/up share one quantized input, K is quantized after RoPE and the online Hadamard,
+V at the ``v`` output (per head), and the activation quantizer of ``o`` / ``down`` sees the
+online Hadamard's output.
+
 The returned params hold fake-quantized float weights (dequantized values, the original
 dtypes): evaluation everywhere with the normal model code.  The real low-bit path for the
 linears is :func:`jaxformers.quant.quantizers.int8_linear` (W8A8, int32 accumulation).

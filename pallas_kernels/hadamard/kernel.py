@@ -2,6 +2,9 @@
 
     y = scale * x @ H_n          x, y ``[..., n]``,  scale defaults to ``n ** -0.5``
 
+(the orthonormal transform QuaRot uses; Dao's ``fast_hadamard_transform`` defaults to
+``scale=1``, pass ``scale=1.0`` for that).
+
 ``H_n = H_m (x) H_{2^k}`` (see :mod:`.reference`).  The power-of-two part runs in the
 kernel; the factor ``H_m`` (m = 12, 20, 28, 44, ...) is a small dense ``[m, m]`` matmul
 over the ``m`` axis in XLA afterwards, as the authors' ``matmul_hadU`` does it
