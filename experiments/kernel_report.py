@@ -38,7 +38,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import flash_attention as fa, hadamard as hd, selective_scan as ss, sparse_attention as sa, ssd as ssd_pkg
+from pallas_kernels import flash_attention as fa, selective_scan as ss, sparse_attention as sa, ssd as ssd_pkg
+from pallas_kernels import hadamard as hd
 from pallas_kernels.flash_attention import BlockSizes, flash_attention
 from pallas_kernels.selective_scan import selective_scan
 from pallas_kernels.sparse_attention import hash_attention, qk_sparse_attention

@@ -1,9 +1,9 @@
 """QuaRot: perplexity of a Llama under weight / activation / KV-cache quantization, with and
 without the rotations, and the activation outliers the rotations remove.
 
-    python -m experiments.quarot --preset tiny --out runs/quarot-tiny    # trains a tiny llama, a few CPU minutes
-    python -m experiments.quarot --preset gpu --out runs/quarot-gpu      # llama "small" width (d 768, 12 layers)
-    python -m experiments.quarot --run RUN_DIR --out DIR                 # a trained llama run, or an HF Llama dir (+ --data)
+    python -m experiments.quarot --preset tiny --out runs/quarot-tiny  # trains a tiny llama, ~4 CPU min
+    python -m experiments.quarot --preset gpu --out runs/quarot-gpu    # llama "small" width, d 768, 12 layers
+    python -m experiments.quarot --run RUN_DIR --out DIR               # a llama run, or an HF Llama dir
 
 An HF Llama dir needs ``--data``: a prepared dataset directory (``meta.json``) whose token ids
 come from that model's tokenizer (this library has no HF tokenizer; byte/BPE corpora only).
@@ -89,7 +89,8 @@ def _parser():
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--steps", type=int, help="override the preset's training steps")
     ap.add_argument("--eval-batches", type=int, help="validation batches per scheme")
-    ap.add_argument("--seq-len", type=int, help="override the preset's sequence length (training, eval, calibration)")
+    ap.add_argument("--seq-len", type=int,
+                    help="override the preset's sequence length (training, eval, calibration)")
     ap.add_argument("--batch-size", type=int, help="override the preset's batch size")
     ap.add_argument("--calib", type=int, help="calibration sequences (GPTQ, outlier statistics)")
     ap.add_argument("--only", help=f"comma list of schemes (default: all of {list(SCHEMES)})")
