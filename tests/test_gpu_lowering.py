@@ -184,6 +184,27 @@ def test_hadamard_lowers_to_triton(case):
     assert _names(triton_calls(_grad_all(fn, 1), x)) == ["hadamard_transform"] * 2
 
 
+def quarot_forward_case():
+    """The rotated ``quarot`` tiny model's bf16 forward with the online Hadamards on the kernel:
+    q/k head dim 32, 4 heads (butterflies only), d_ff 352 = 44 x 8 (Paley factor)."""
+    from jaxformers import registry
+    from jaxformers.utils import abstract_params
+    cfg = registry.get_config("quarot", "tiny", rotated=True, hadamard_impl="pallas", a_bits=4,
+                              kv_bits=4, dtype="bfloat16")
+    model = registry.build(cfg)
+
+    def fwd(params, tokens):
+        return model.apply({"params": params}, tokens)
+    return fwd, abstract_params(model), S((2, 64), jnp.int32)
+
+
+def test_quarot_model_lowers_with_hadamard_kernel(monkeypatch):
+    monkeypatch.setattr("pallas_kernels.hadamard.kernel.resolve_interpret", lambda interpret: False)
+    fwd, params, tokens = quarot_forward_case()
+    # per layer: q, k, across heads, before down
+    assert _names(triton_calls(fwd, params, tokens)) == ["hadamard_transform"] * 8
+
+
 # --------------------------------------------------------------------------- models
 @pytest.mark.parametrize("name, overrides, expect", [
     ("gpt", dict(attention_impl="pallas"), "flash_attention_bwd_dq"),

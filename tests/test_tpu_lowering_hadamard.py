@@ -9,7 +9,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.hadamard import hadamard_reference, hadamard_transform, tpu_vmem_bytes
 
-from test_gpu_lowering import HADAMARD_CASES, _grad_all
+from test_gpu_lowering import HADAMARD_CASES, _grad_all, quarot_forward_case
 
 
 def _export_tpu(fn, *args):
@@ -35,3 +35,10 @@ def test_tpu_interpret_matches_reference(lead, n):
     want, vjp_ref = jax.vjp(hadamard_reference, x)
     np.testing.assert_allclose(y, want, atol=2e-5, rtol=2e-5)
     np.testing.assert_allclose(vjp(ct)[0], vjp_ref(ct)[0], atol=2e-5, rtol=2e-5)
+
+
+def test_quarot_model_exports_for_tpu(monkeypatch):
+    monkeypatch.setattr("pallas_kernels.hadamard.kernel.resolve_interpret", lambda interpret: False)
+    fwd, params, tokens = quarot_forward_case()
+    mod = _export_tpu(fwd, params, tokens)
+    assert mod.count("tpu_custom_call") == 8 and "triton" not in mod
