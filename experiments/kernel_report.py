@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import flash_attention as fa, selective_scan as ss, sparse_attention as sa, ssd as ssd_pkg
+from pallas_kernels import hadamard as hd
 from pallas_kernels.flash_attention import BlockSizes, flash_attention
 from pallas_kernels.selective_scan import selective_scan
 from pallas_kernels.sparse_attention import hash_attention, qk_sparse_attention
@@ -150,7 +151,15 @@ def sparse_case(kind: str, d: int = 64, t: int = 4096, heads: int = 16, buckets:
     return Case(_grads(fn, 3), (q, q, q, ids, ids), lambda: sa.tpu_vmem_bytes(q.shape, q.shape, bf16))
 
 
-FAMILIES = ("attention", "selective_scan", "ssd", "sparse_attention")
+def hadamard_case(n: int = 128, rows: int = 4096 * 8, dtype=bf16):
+    """Fast Walsh-Hadamard transform of ``rows`` vectors of size ``n`` (fwd + the VJP, which is
+    the same kernel); QuaRot's online transforms (head dim 128, MLP 2^k part)."""
+    x = S((rows, n), dtype)
+    fn = lambda x: hd.hadamard_transform(x, interpret=False)  # noqa: E731
+    return Case(_grads(fn, 1), (x,), lambda: hd.tpu_vmem_bytes(n, dtype, rows))
+
+
+FAMILIES = ("attention", "selective_scan", "ssd", "sparse_attention", "hadamard")
 
 
 def cases(preset: str, families=FAMILIES):
@@ -173,6 +182,9 @@ def cases(preset: str, families=FAMILIES):
     for d in (64, 128):
         out.append(("sparse_attention", f"hash 16 buckets D{d}", functools.partial(sparse_case, "hash", d)))
         out.append(("sparse_attention", f"qk keep 0.5 D{d}", functools.partial(sparse_case, "qk", d)))
+    for n in (128, 1024) if full else (128,):
+        label = f"default (n {n} bf16)" if n == 128 else f"n {n} bf16"
+        out.append(("hadamard", label, functools.partial(hadamard_case, n)))
     return [c for c in out if c[0].split()[0] in families]
 
 
