@@ -13,10 +13,12 @@ one ``a_i+b_i+c_i=c s;`` step per digit, then the answer), answers exactly check
    on them): ``mamba2`` (every layer an SSM) and ``hybrid`` (attention kept at
    ``--attn-layers``), attention-initialised (:func:`jaxformers.distill.init_student`) and
    distilled with a KL loss on the teacher's logits (:class:`jaxformers.distill.DistillStep`,
-   teacher in the same compiled step); plus ``mamba2_random`` (random SSM init, same
-   distillation) for the initialisation comparison.  Reported per student: KL to the teacher
-   on validation sequences before and after distillation, validation loss, greedy answer
-   accuracy, the distillation loss's first and last logged values.
+   teacher in the same compiled step), after ``--align-steps`` of layer-wise alignment
+   (``stage="align"``: each converted layer fed the teacher's hidden states, ``runs/<student>_align``);
+   plus ``mamba2_random`` (random SSM init, no alignment, same distillation) for the
+   initialisation comparison.  Reported per student: KL to the teacher on validation
+   sequences at initialisation, after alignment and after distillation, validation loss,
+   greedy answer accuracy, the distillation loss's first and last logged values.
 3. **Throughput**: tokens/s of batched sampling (``generate(num_samples=k)``: one prefill per
    prompt, k rows decoding) for every model, per batch size and generation length.
 4. **Fixed time budget**: ``k`` sampled chains of thought per problem (temperature
@@ -43,12 +45,12 @@ PRESETS = {
     # the teacher reaches ~87% greedy accuracy on 3-digit addition in 500 steps (seed 0)
     "tiny": dict(digits=3, teacher=dict(d_model=64, n_layer=4, n_head=4, n_kv_head=2, d_ff=176, max_seq_len=256),
                  teacher_train=dict(steps=500, batch_size=32, lr=3e-3, warmup_steps=30),
-                 distill_train=dict(steps=300, batch_size=32, lr=2e-3, warmup_steps=30),
+                 distill_train=dict(steps=300, batch_size=32, lr=2e-3, warmup_steps=30), align_steps=50,
                  attn_layers=(3,), problems=64, samples=(1, 2, 4, 8, 16), temperature=1.0,
                  speed_batches=(1, 16, 64), speed_lengths=(64, 256), eval_batches=4),
     "gpu": dict(digits=8, teacher=dict(d_model=512, n_layer=8, n_head=8, n_kv_head=4, d_ff=1408, max_seq_len=2048),
                 teacher_train=dict(steps=3000, batch_size=64, lr=1e-3, warmup_steps=200),
-                distill_train=dict(steps=1500, batch_size=64, lr=5e-4, warmup_steps=100),
+                distill_train=dict(steps=1500, batch_size=64, lr=5e-4, warmup_steps=100), align_steps=300,
                 attn_layers=(3, 7), problems=256, samples=(1, 2, 4, 8, 16, 32, 64), temperature=1.0,
                 speed_batches=(1, 16, 64, 256), speed_lengths=(256, 1024, 2048), eval_batches=16),
 }
@@ -66,6 +68,9 @@ def _parser():
     ap.add_argument("--attn-layers", help="hybrid: comma-separated teacher layers kept as attention "
                                           "(default: the preset's)")
     ap.add_argument("--steps", type=int, help="override the distillation steps")
+    ap.add_argument("--align-steps", type=int,
+                    help="layer-wise alignment steps before distillation, attention-initialised students "
+                         "only (default: the preset's; 0 skips the stage)")
     ap.add_argument("--teacher-steps", type=int, help="override the teacher's training steps")
     ap.add_argument("--problems", type=int, help="override the number of test problems")
     ap.add_argument("--samples", help="comma-separated samples per problem, e.g. 1,4,16")
@@ -229,6 +234,17 @@ def run(args) -> dict:
                                init="random" if name.endswith("random") else "attention")
         module = jf.build(cfg)
         kl0 = mean_kl(teacher, teacher_params, module, params0, val_tokens)
+        align_steps = preset["align_steps"] if args.align_steps is None else args.align_steps
+        kl_aligned = None
+        if align_steps and not name.endswith("random"):  # stage 1: layer-wise alignment
+            tc = _train_config(args.out, f"{name}_align", data, seq_len, preset["distill_train"], args.seed, 0,
+                               align_steps).replace(weight_decay=0.0)
+            _fresh(tc.out_dir)
+            print(f"[distill] aligning {name} layer by layer", file=sys.stderr, flush=True)
+            train(cfg, tc, progress=False, step_fn=DistillStep(teacher_cfg, teacher_params, stage="align"),
+                  init_params=params0)
+            _, _, params0 = load_run(tc.out_dir)
+            kl_aligned = mean_kl(teacher, teacher_params, module, params0, val_tokens)
         tc = _train_config(args.out, name, data, seq_len, preset["distill_train"], args.seed,
                            preset["eval_batches"], args.steps)
         _fresh(tc.out_dir)
@@ -239,7 +255,8 @@ def run(args) -> dict:
         losses = [r["loss"] for r in read_metrics(tc.out_dir) if "loss" in r]
         results["students"][name] = {
             "run_dir": tc.out_dir, "attn_layers": list(cfg.attention_layers), "n_params": summary["n_params"],
-            "kl_init": kl0, "kl_final": mean_kl(teacher, teacher_params, module, params, val_tokens),
+            "kl_init": kl0, "align_steps": 0 if kl_aligned is None else align_steps, "kl_aligned": kl_aligned,
+            "kl_final": mean_kl(teacher, teacher_params, module, params, val_tokens),
             "distill_loss_first": losses[0], "distill_loss_last": losses[-1],
             "val_loss": summary["val_loss"]}
         models[name] = (cfg, module, params)

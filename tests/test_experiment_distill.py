@@ -7,7 +7,7 @@ from experiments import distill as exp
 
 def test_distill_experiment_writes_results(tmp_path):
     out = tmp_path / "distill"
-    results = exp.main(["--preset", "tiny", "--out", str(out), "--teacher-steps", "20", "--steps", "3",
+    results = exp.main(["--preset", "tiny", "--out", str(out), "--teacher-steps", "20", "--steps", "3", "--align-steps", "2",
                         "--students", "hybrid,mamba2_random", "--problems", "4", "--samples", "1,2",
                         "--no-compile-cache"])
     saved = json.loads((out / "results.json").read_text())
@@ -20,4 +20,6 @@ def test_distill_experiment_writes_results(tmp_path):
         assert s["kl_init"] > 0 and s["kl_final"] >= 0 and s["val_loss"] > 0
         assert (tmp_path / "distill" / "runs" / name / "config.json").is_file()  # a normal run directory
     assert saved["students"]["hybrid"]["attn_layers"] == [3]
+    assert saved["students"]["hybrid"]["align_steps"] == 2 and saved["students"]["hybrid"]["kl_aligned"] > 0
+    assert saved["students"]["mamba2_random"]["kl_aligned"] is None
     assert (out / "coverage.png").stat().st_size > 1000
