@@ -26,7 +26,8 @@ one ``a_i+b_i+c_i=c s;`` step per digit, then the answer), answers exactly check
    majority-vote accuracy vs the measured generation time per problem -> ``coverage.png``.
 
 ``OUT/results.json`` holds every number (seed, settings, environment); ``--steps`` /
-``--teacher-steps`` / ``--problems`` / ``--samples`` / ``--students`` shrink a run (tests).
+``--teacher-steps`` / ``--align-steps`` / ``--problems`` / ``--samples`` / ``--students`` /
+``--speed-batches`` / ``--speed-lengths`` shrink a run (tests).
 Times are wall-clock on the machine that ran it (CPU numbers say little about a GPU, where
 the SSM students' constant-size state is what makes large-batch sampling fast).
 """
@@ -75,6 +76,8 @@ def _parser():
     ap.add_argument("--problems", type=int, help="override the number of test problems")
     ap.add_argument("--samples", help="comma-separated samples per problem, e.g. 1,4,16")
     ap.add_argument("--temperature", type=float, help="sampling temperature (default: the preset's)")
+    ap.add_argument("--speed-batches", help="comma-separated batch sizes of the throughput table")
+    ap.add_argument("--speed-lengths", help="comma-separated generation lengths of the throughput table")
     ap.add_argument("--kl-weight", type=float, default=1.0)
     ap.add_argument("--ce-weight", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=0)
@@ -204,6 +207,10 @@ def run(args) -> dict:
             raise ValueError(f"--students: unknown student {s!r} (mamba2, hybrid, mamba2_random)")
     samples = tuple(int(x) for x in args.samples.split(",")) if args.samples else preset["samples"]
     temperature = preset["temperature"] if args.temperature is None else args.temperature
+    speed_batches = (tuple(int(x) for x in args.speed_batches.split(",")) if args.speed_batches
+                     else preset["speed_batches"])
+    speed_lengths = (tuple(int(x) for x in args.speed_lengths.split(",")) if args.speed_lengths
+                     else preset["speed_lengths"])
     n_problems = preset["problems"] if args.problems is None else args.problems
     results = {"preset": args.preset, "seed": args.seed, "task": data, "seq_len": seq_len,
                "temperature": temperature, "samples": list(samples), "problems": n_problems,
@@ -270,8 +277,8 @@ def run(args) -> dict:
     results["models"] = {}
     for name, (cfg, module, params) in models.items():
         row = {"n_params": int(sum(np.size(x) for x in jax.tree.leaves(params))), "throughput": [], "budget": []}
-        for b in preset["speed_batches"]:
-            for length in preset["speed_lengths"]:
+        for b in speed_batches:
+            for length in speed_lengths:
                 if length <= cfg.max_seq_len:
                     row["throughput"].append({"batch": b, "length": length,
                                               "tokens_per_s": throughput(module, params, b, length)})

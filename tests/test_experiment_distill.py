@@ -9,6 +9,7 @@ def test_distill_experiment_writes_results(tmp_path):
     out = tmp_path / "distill"
     results = exp.main(["--preset", "tiny", "--out", str(out), "--teacher-steps", "20", "--steps", "3", "--align-steps", "2",
                         "--students", "hybrid,mamba2_random", "--problems", "4", "--samples", "1,2",
+                        "--speed-batches", "2", "--speed-lengths", "24",
                         "--no-compile-cache"])
     saved = json.loads((out / "results.json").read_text())
     assert set(saved["models"]) == set(results["models"]) == {"teacher", "hybrid", "mamba2_random"}
