@@ -564,6 +564,11 @@ def evaluate(run: Union[str, os.PathLike, Tuple[ModelConfig, Any]], data=None, *
     source = open_data(data, tokenizer or (tc.tokenizer if tc is not None else "byte"))
     batch_size = batch_size or (tc.micro_batch_size if tc is not None else 8)
     seq_len = seq_len or (tc.seq_len if tc is not None else model_config.max_seq_len)
+    trained_len = tc.seq_len if tc is not None else model_config.max_seq_len
+    if seq_len > trained_len:
+        log.warning("seq_len=%d is longer than the %s (%d): the loss measures length extrapolation",
+                    seq_len, "sequences the run was trained on" if tc is not None else "model's max_seq_len",
+                    trained_len)
     if max_batches == -1:
         max_batches = tc.eval_batches if tc is not None else None
     if not source.has_eval_data(seq_len, split):
