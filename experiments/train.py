@@ -5,6 +5,8 @@
     python -m experiments.train --data my.txt --out runs/mine       # your own text (file or folder)
     python -m experiments.train --config my_run.yaml --set n_layer=4   # a config file, flags on top
     python -m experiments.train --model gpt --set n_layer=4 --set d_model=256 --mesh data=2,fsdp=2,tensor=2
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m experiments.train --mesh data=2,fsdp=2,tensor=2
+                                                         # ... the same mesh on a CPU (8 fake devices)
     python -m experiments.train --out runs/llama --resume       # continue (configs come from the run dir)
     python -m experiments.train --out runs/llama --extend-steps 500   # train a finished run further
     python -m experiments.train --init-from runs/llama --data my.txt --out runs/ft   # fine-tune a run
@@ -89,7 +91,7 @@ def _parser():
                     help=f"warmup as a fraction of the steps (default {d['warmup_fraction']})")
     ap.add_argument("--schedule", choices=["cosine", "wsd", "constant"], help=f"LR schedule (default {d['schedule']})")
     ap.add_argument("--data",
-                    help="built-in corpus name, a text file or folder of your own (.txt/.md/.jsonl), hf:NAME, "
+                    help="built-in corpus name, a text file or folder of your own (.txt/.jsonl), hf:NAME, "
                          "a prepared dataset dir, or synthetic:TASK[:k=v,...] (copying, recall, arithmetic, "
                          f"passkey) (default {d['data']})")
     ap.add_argument("--tokenizer", help=f"byte | bpe | bpe:VOCAB | hf:DIR (a tokenizer.json) (default {d['tokenizer']}; "
