@@ -106,8 +106,13 @@ class MetricsWriter:
         self._file = open(Path(run_dir) / METRICS_FILE, "a") if enabled else None
         self._tb = None
         if enabled and tensorboard:
-            from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(logdir=str(run_dir), purge_step=purge_step, flush_secs=10)
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:  # a declared dependency; a run must not fail for want of it
+                log.warning("tensorboardX is not installed (pip install tensorboardX): no TensorBoard "
+                            "event files, metrics.jsonl only")
+            else:
+                self._tb = SummaryWriter(logdir=str(run_dir), purge_step=purge_step, flush_secs=10)
 
     def write(self, row: dict) -> None:
         if self._file is not None:
