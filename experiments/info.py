@@ -1,7 +1,7 @@
 """Presets of a model: parameters and training FLOPs per token; the fields you can set.
 
     python -m experiments.info --model llama [--seq-len 1024] [--json]
-    python -m experiments.info --fields llama     # every model-config field (--set) and train field (--train-set)
+    python -m experiments.info --fields llama     # model-config (--set) and train (--train-set) fields
 """
 import argparse
 import json

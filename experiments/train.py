@@ -5,12 +5,12 @@
     python -m experiments.train --data my.txt --out runs/mine       # your own text (file or folder)
     python -m experiments.train --config my_run.yaml --set n_layer=4   # a config file, flags on top
     python -m experiments.train --model gpt --set n_layer=4 --set d_model=256 --mesh data=2,fsdp=2,tensor=2
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m experiments.train --mesh data=2,fsdp=2,tensor=2
-                                                         # ... the same mesh on a CPU (8 fake devices)
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+        python -m experiments.train --mesh data=2,fsdp=2,tensor=2   # the same mesh on a CPU (8 fake devices)
     python -m experiments.train --out runs/llama --resume       # continue (configs come from the run dir)
     python -m experiments.train --out runs/llama --extend-steps 500   # train a finished run further
     python -m experiments.train --init-from runs/llama --data my.txt --out runs/ft   # fine-tune a run
-    python -m experiments.train --init-from path/to/hf_llama --data my.txt --out runs/ft  # ... or a HF checkpoint
+    python -m experiments.train --init-from path/to/hf_llama --data my.txt --out runs/ft  # or a HF checkpoint
     python -m experiments.train --data synthetic:copying --seq-len 64 --steps 200 --out runs/copy
     python -m experiments.train --mesh data=2,expert=2,tensor=2 --loss cross_entropy \\
         --train-set aux_loss_weights=load_balance=0.01
@@ -50,8 +50,9 @@ from pathlib import Path
 from experiments.common import enable_compile_cache
 
 DEFAULTS = dict(model="gpt", preset="tiny", steps=300, batch_size=16, seq_len=128, grad_accum=1, lr=3e-3,
-                warmup_fraction=0.1, schedule="cosine", data="default", tokenizer="byte", seed=0, dtype="auto",
-                eval_every=100, eval_batches=20, log_every=10, checkpoint_every=100, keep_checkpoints=2)
+                warmup_fraction=0.1, schedule="cosine", data="default", tokenizer="byte", seed=0,
+                dtype="auto", eval_every=100, eval_batches=20, log_every=10, checkpoint_every=100,
+                keep_checkpoints=2)
 # CLI flags that are TrainConfig fields of the same name
 _TRAIN_FLAGS = ("steps", "batch_size", "seq_len", "grad_accum", "lr", "warmup_steps", "warmup_fraction",
                 "schedule", "data", "tokenizer", "seed", "dtype", "eval_every", "eval_batches", "log_every",
@@ -78,51 +79,60 @@ def _parser():
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="\n".join(__doc__.splitlines()[1:]) + "\n" + _models_epilog())
     ap.add_argument("--config", metavar="FILE",
-                    help="YAML/JSON config file (model, preset, overrides, train, init_from); flags override it")
+                    help="YAML/JSON config file (model, preset, overrides, train, init_from); "
+                         "flags override it")
     ap.add_argument("--model", help=f"architecture name (default {d['model']}; list below)")
     ap.add_argument("--preset", help=f"model preset (default {d['preset']}; list below)")
     ap.add_argument("--steps", type=int, help=f"optimizer updates (default {d['steps']})")
-    ap.add_argument("--batch-size", type=int, help=f"global batch, sequences per step (default {d['batch_size']})")
+    ap.add_argument("--batch-size", type=int,
+                    help=f"global batch, sequences per step (default {d['batch_size']})")
     ap.add_argument("--seq-len", type=int, help=f"tokens per sequence (default {d['seq_len']})")
     ap.add_argument("--grad-accum", type=int, help=f"micro-batches per step (default {d['grad_accum']})")
     ap.add_argument("--lr", type=float, help=f"peak learning rate (default {d['lr']})")
-    ap.add_argument("--warmup-steps", type=int, help="warmup updates (default: --warmup-fraction of the steps)")
+    ap.add_argument("--warmup-steps", type=int,
+                    help="warmup updates (default: --warmup-fraction of the steps)")
     ap.add_argument("--warmup-fraction", type=float,
                     help=f"warmup as a fraction of the steps (default {d['warmup_fraction']})")
-    ap.add_argument("--schedule", choices=["cosine", "wsd", "constant"], help=f"LR schedule (default {d['schedule']})")
+    ap.add_argument("--schedule", choices=["cosine", "wsd", "constant"],
+                    help=f"LR schedule (default {d['schedule']})")
     ap.add_argument("--data",
                     help="built-in corpus name, a text file or folder of your own (.txt/.jsonl), hf:NAME, "
                          "a prepared dataset dir, or synthetic:TASK[:k=v,...] (copying, recall, arithmetic, "
                          f"passkey) (default {d['data']})")
-    ap.add_argument("--tokenizer", help=f"byte | bpe | bpe:VOCAB | hf:DIR (a tokenizer.json) (default {d['tokenizer']}; "
-                                        "with --init-from: the source's)")
+    ap.add_argument("--tokenizer", help="byte | bpe | bpe:VOCAB | hf:DIR (a tokenizer.json) "
+                                        f"(default {d['tokenizer']}; with --init-from: the source's)")
     ap.add_argument("--mesh", help="axes data, fsdp, expert, tensor, e.g. data=2,fsdp=2,tensor=2 or "
-                                   "data=2,expert=2,tensor=2 (default: all devices on data); the product must equal "
-                                   "the device count -- on a CPU, try meshes with "
+                                   "data=2,expert=2,tensor=2 (default: all devices on data); the "
+                                   "product must equal the device count -- on a CPU, try meshes with "
                                    "XLA_FLAGS=--xla_force_host_platform_device_count=8")
     ap.add_argument("--loss", help="registered loss function (default cross_entropy)")
     ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"],
                     help="compute dtype (default auto: bfloat16 on GPU/TPU, float32 on CPU)")
     ap.add_argument("--seed", type=int, help=f"parameter init, data order and dropout (default {d['seed']})")
-    ap.add_argument("--eval-every", type=int, help=f"steps between evaluations, 0 = at the end (default {d['eval_every']})")
+    ap.add_argument("--eval-every", type=int,
+                    help=f"steps between evaluations, 0 = at the end (default {d['eval_every']})")
     ap.add_argument("--eval-batches", type=int, help=f"batches per evaluation (default {d['eval_batches']})")
     ap.add_argument("--log-every", type=int, help=f"steps between log rows (default {d['log_every']})")
     ap.add_argument("--checkpoint-every", type=int,
                     help=f"steps between checkpoints, 0 = only the last (default {d['checkpoint_every']})")
-    ap.add_argument("--keep-checkpoints", type=int, help=f"checkpoints kept (default {d['keep_checkpoints']})")
+    ap.add_argument("--keep-checkpoints", type=int,
+                    help=f"checkpoints kept (default {d['keep_checkpoints']})")
     ap.add_argument("--out", help="run directory (default runs/<model>-<preset>)")
     ap.add_argument("--resume", action="store_true",
                     help="continue from the newest checkpoint in --out (starts fresh if there is none)")
     ap.add_argument("--extend-steps", type=int, metavar="N",
-                    help="resume the run in --out and train N more steps (the LR continues at its final value)")
+                    help="resume the run in --out and train N more steps (the LR continues at its "
+                         "final value)")
     ap.add_argument("--allow-lr-jump", action="store_true",
                     help="on resume, accept a schedule change that moves the learning rate")
     ap.add_argument("--init-from", metavar="RUN_DIR|HF_DIR",
-                    help="fine-tune: parameters (not optimizer state) of a run or a HF Llama/Mamba/Mamba-2 checkpoint")
+                    help="fine-tune: parameters (not optimizer state) of a run or of a HF "
+                         "Llama/Mamba/Mamba-2 checkpoint")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="model config override (fields: python -m experiments.info --fields MODEL)")
     ap.add_argument("--train-set", action="append", default=[], metavar="FIELD=VALUE",
-                    help="train config override, e.g. min_lr_ratio=0.05 (fields: python -m experiments.info --fields)")
+                    help="train config override, e.g. min_lr_ratio=0.05 "
+                         "(fields: python -m experiments.info --fields)")
     ap.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard event files")
     ap.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent XLA cache")
     ap.add_argument("--json", action="store_true",
@@ -262,7 +272,8 @@ def build_configs(args):
     else:
         overrides.setdefault("vocab_size", open_data(tc.data, tc.tokenizer).vocab_size)
         reference = get_config(model, preset)
-    if "max_seq_len" not in overrides or (source_config is not None and tc.seq_len > overrides["max_seq_len"]):
+    if "max_seq_len" not in overrides or (source_config is not None
+                                          and tc.seq_len > overrides["max_seq_len"]):
         preset_len = overrides.get("max_seq_len", reference.max_seq_len)
         if tc.seq_len > preset_len:
             print(f"note: raising max_seq_len {preset_len} -> {tc.seq_len} (= --seq-len)", file=sys.stderr)
@@ -280,8 +291,8 @@ def human_summary(summary: dict) -> str:
 
     run = Path(summary["run_dir"])
     if summary.get("trained_steps") == 0 and summary.get("finished"):
-        head = (f"no steps trained: the run had finished (step {summary['final_step']} of {summary['steps']}); "
-                "train further with --extend-steps N")
+        head = (f"no steps trained: the run had finished (step {summary['final_step']} of "
+                f"{summary['steps']}); train further with --extend-steps N")
     elif summary.get("finished"):
         head = f"trained {summary['model']} to step {summary['final_step']} in {summary['wall_s']:.0f} s"
     else:
@@ -290,10 +301,12 @@ def human_summary(summary: dict) -> str:
     tps = summary.get("tokens_per_s")
     mfu = summary.get("mfu")
     lines = [head,
-             f"  val loss {_fmt(summary.get('val_loss'), '.4f')}  (ppl {_fmt(summary.get('val_ppl'), '.2f')}),"
-             f"  train loss {_fmt(summary.get('train_loss'), '.4f')}",
+             f"  val loss {_fmt(summary.get('val_loss'), '.4f')}  "
+             f"(ppl {_fmt(summary.get('val_ppl'), '.2f')}),  "
+             f"train loss {_fmt(summary.get('train_loss'), '.4f')}",
              f"  {_fmt(tps, ',.0f')} tokens/s, MFU "
-             + (f"{100 * mfu:.1f}%" if mfu is not None else f"n/a (no peak FLOP/s known for {summary.get('device_kind')})"),
+             + (f"{100 * mfu:.1f}%" if mfu is not None
+                else f"n/a (no peak FLOP/s known for {summary.get('device_kind')})"),
              f"  run dir      {run}",
              f"  plot         {run / PLOT_FILE}",
              f"  TensorBoard  tensorboard --logdir {run}",

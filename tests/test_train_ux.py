@@ -22,7 +22,8 @@ from experiments import train as train_cli
 WORDS = "the quick brown fox jumps over a lazy dog while seven small birds sing".split()
 TINY = ["--model", "gpt", "--preset", "tiny", "--set", "d_model=32", "--set", "n_layer=1",
         "--set", "max_seq_len=32", "--batch-size", "8", "--seq-len", "32", "--log-every", "1",
-        "--eval-every", "0", "--eval-batches", "2", "--checkpoint-every", "0", "--no-compile-cache", "--quiet"]
+        "--eval-every", "0", "--eval-batches", "2", "--checkpoint-every", "0", "--no-compile-cache",
+        "--quiet"]
 
 
 def loss_rows(run):
@@ -182,14 +183,15 @@ def _tiny_hf_llama(directory):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([" ".join(WORDS)] * 20, trainers.BpeTrainer(vocab_size=60, special_tokens=["</s>"],
-                                                                         show_progress=False))
+    trainer = trainers.BpeTrainer(vocab_size=60, special_tokens=["</s>"], show_progress=False)
+    tok.train_from_iterator([" ".join(WORDS)] * 20, trainer)
     directory.mkdir()
     tok.save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                                      max_position_embeddings=64,
                                       tie_word_embeddings=False)
     transformers.LlamaForCausalLM(config).save_pretrained(str(directory))
     return tok.get_vocab_size()
@@ -220,3 +222,31 @@ def test_evaluate_warns_beyond_the_trained_length(env, base_run, caplog):
     with caplog.at_level(logging.WARNING):
         evaluate(str(base_run), seq_len=40, batch_size=8, max_batches=1)
     assert "longer than the sequences the run was trained on" in caplog.text
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("kind", ["mamba", "mamba2"])
+def test_init_from_hf_mamba_checkpoints_load_in_either_layer_layout(env, kind):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from jaxformers.training.init_from import load_params, source_config
+    from jaxformers.training.steps import abstract_params
+
+    torch.manual_seed(0)
+    hf_dir = env["root"] / f"hf_{kind}"
+    common = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, expand=2, conv_kernel=4)
+    if kind == "mamba":
+        model = transformers.MambaForCausalLM(transformers.MambaConfig(state_size=8, **common))
+    else:
+        model = transformers.Mamba2ForCausalLM(transformers.Mamba2Config(
+            state_size=16, head_dim=16, num_heads=4, n_groups=2, chunk_size=8, **common))
+    model.save_pretrained(str(hf_dir), safe_serialization=True)
+    config, tokenizer = source_config(hf_dir)
+    assert config.model == kind and tokenizer is None  # no tokenizer.json shipped
+    _, want = jf.convert.from_hf(str(hf_dir))
+    for scan in (False, True):
+        abstract = abstract_params(jf.build(config.replace(scan_layers=scan)))[0]
+        got = load_params(hf_dir, abstract)
+        if scan:
+            got = jf.convert.unstack_layers(got, "blocks")
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, want)

@@ -32,7 +32,8 @@ class TrainConfig(ConfigMixin):
     (the default) ``round(warmup_fraction * schedule length)``.  ``schedule_steps`` is
     the length the schedule is laid out over (``None`` = ``steps``): a run extended
     past its schedule (``--extend-steps``) keeps the original length, so the LR
-    continues at the value it had reached (continuous, never re-stretched).  ``dtype`` is the compute dtype (``auto``: bfloat16 on
+    continues at the value it had reached (continuous, never re-stretched).
+    ``dtype`` is the compute dtype (``auto``: bfloat16 on
     GPU/TPU, float32 on CPU); parameters and optimizer state stay float32.
     ``mesh`` is ``"data=D,fsdp=F,tensor=T"`` (missing axes are 1; ``None`` = pure
     data parallelism over every device).  ``checkpoint_every=0`` saves only the

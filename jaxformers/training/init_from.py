@@ -58,7 +58,8 @@ def source_config(path) -> Tuple[Any, Optional[str]]:
         from .rundir import TOKENIZER_DIR
         config = config_from_dict(data["model"])
         tok = data["train"].get("tokenizer", "byte")
-        if tok != "byte" and not str(tok).startswith("hf:") and (path / TOKENIZER_DIR / "tokenizer.json").is_file():
+        saved_tok = path / TOKENIZER_DIR / "tokenizer.json"
+        if tok != "byte" and not str(tok).startswith("hf:") and saved_tok.is_file():
             tok = f"hf:{path / TOKENIZER_DIR}"
         return config, tok
     from ..convert import config_from_hf, config_from_hf_mamba

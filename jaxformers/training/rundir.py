@@ -41,7 +41,8 @@ from .config import TrainConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CONFIG_FILE", "METRICS_FILE", "PLOT_FILE", "RUN_FILE", "SUMMARY_FILE", "TOKENIZER_DIR", "MetricsWriter",
+__all__ = ["CONFIG_FILE", "METRICS_FILE", "PLOT_FILE", "RUN_FILE", "SUMMARY_FILE", "TOKENIZER_DIR",
+           "MetricsWriter",
            "atomic_write", "check_resume", "config_diff", "copy_tokenizer", "load_run", "read_config",
            "read_metrics", "refuse_clobber", "reset_metrics", "truncate_metrics", "write_config",
            "write_run_file", "write_summary"]
