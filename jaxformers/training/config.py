@@ -79,7 +79,7 @@ class TrainConfig(ConfigMixin):
     loss: str = "cross_entropy"
     aux_loss_weights: Tuple[Tuple[str, float], ...] = ()
     tensorboard: bool = True  # TensorBoard event files in out_dir, beside metrics.jsonl
-    init_from: Optional[str] = None  # params came from this run / HF directory (recorded by train)
+    init_from: Optional[str] = None  # fine-tuning: initial params from this run / HF checkpoint dir
 
     def __post_init__(self):
         object.__setattr__(self, "aux_loss_weights", _aux_weights(self.aux_loss_weights))
