@@ -86,15 +86,8 @@ def test_help_lists_defaults_models_presets_and_fields(capsys):
 
 
 def test_tensorboard_events_hold_the_logged_scalars(base_run):
-    from tensorboardX.proto import event_pb2
-
-    files = sorted(base_run.glob("events.out.tfevents.*"))
-    assert files
-    scalars = {}
-    for path in files:
-        for event in _read_events(path, event_pb2):
-            for value in event.summary.value:
-                scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+    assert sorted(base_run.glob("events.out.tfevents.*"))
+    scalars = _read_scalars(base_run)
     rows = [r for r in read_metrics(base_run) if "loss" in r]
     assert scalars["train/loss"] == {r["step"]: pytest.approx(r["loss"], rel=1e-6) for r in rows}
     assert scalars["train/lr"] == {r["step"]: pytest.approx(r["lr"], rel=1e-6) for r in rows}
@@ -102,20 +95,29 @@ def test_tensorboard_events_hold_the_logged_scalars(base_run):
     assert scalars["val/loss"] == {r["step"]: pytest.approx(r["val_loss"], rel=1e-6) for r in val}
 
 
-def _read_events(path, event_pb2):
-    """Events of one event file: tensorboard's loader when installed, else the TFRecord framing
-    (u64 length, u32 crc, payload, u32 crc) parsed into tensorboardX's own Event proto."""
+def _read_scalars(run_dir):
+    """``{tag: {step: value}}`` of a run directory's event files: tensorboard's EventAccumulator
+    when tensorboard is installed, else the TFRecord framing (u64 length, u32 crc, payload, u32
+    crc) with each payload parsed by tensorboardX's own Event proto."""
+    out = {}
     try:
-        from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     except ImportError:
-        data = path.read_bytes()
-        pos, events = 0, []
-        while pos < len(data):
-            (n,) = struct.unpack("<Q", data[pos:pos + 8])
-            events.append(event_pb2.Event.FromString(data[pos + 12:pos + 12 + n]))
-            pos += 12 + n + 4
-        return events
-    return [event_pb2.Event.FromString(e.SerializeToString()) for e in EventFileLoader(str(path)).Load()]
+        from tensorboardX.proto import event_pb2
+        for path in sorted(run_dir.glob("events.out.tfevents.*")):
+            data, pos = path.read_bytes(), 0
+            while pos < len(data):
+                (n,) = struct.unpack("<Q", data[pos:pos + 8])
+                event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+                pos += 12 + n + 4
+                for value in event.summary.value:
+                    out.setdefault(value.tag, {})[event.step] = value.simple_value
+        return out
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    for tag in acc.Tags()["scalars"]:
+        out[tag] = {e.step: e.value for e in acc.Scalars(tag)}
+    return out
 
 
 def test_resume_of_a_finished_run_trains_nothing_and_extending_keeps_the_lr(env, base_run, capsys, caplog):
