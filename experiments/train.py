@@ -67,7 +67,8 @@ class CLIError(Exception):
 def _models_epilog() -> str:
     try:
         import jaxformers as jf
-        rows = [f"  {m:<12} presets: {', '.join(jf.list_presets(m))}" for m in jf.list_models()]
+        width = max(len(m) for m in jf.list_models())
+        rows = [f"  {m:<{width}}  presets: {', '.join(jf.list_presets(m))}" for m in jf.list_models()]
     except Exception as e:  # noqa: BLE001 - help must print even if a model fails to import
         return f"(could not list the models: {e})"
     return "models (--model) and their presets (--preset):\n" + "\n".join(rows)
