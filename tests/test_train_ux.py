@@ -165,10 +165,16 @@ def test_dropout_changes_training_losses_not_eval(env, base_run):
     assert float(loss(k1)) == float(loss(k1)) != float(loss(k2))
 
 
-def test_init_from_run_starts_at_its_loss(env, base_run):
+def test_init_from_run_starts_at_its_loss(env, base_run, capsys, caplog):
     run = env["root"] / "finetune"
-    assert train_cli.main(["--init-from", str(base_run), "--data", env["corpus"], "--steps", "2",
-                           "--out", str(run)] + TINY[TINY.index("--batch-size"):]) == 0
+    flags = [f for f in TINY[TINY.index("--batch-size"):] if f != "--quiet"]  # progress lines on stderr
+    capsys.readouterr()
+    with caplog.at_level(logging.WARNING):  # --resume of a run that does not exist yet: said once
+        assert train_cli.main(["--init-from", str(base_run), "--data", env["corpus"], "--steps", "2",
+                               "--resume", "--out", str(run)] + flags) == 0
+    said = capsys.readouterr().err + caplog.text
+    assert said.count("has no complete checkpoint") == 1 and "no steps trained" not in said
+    assert "val loss" in said and "run.yaml" in said  # the human summary
     start = [r for r in read_metrics(run) if r.get("val_loss") is not None and r["step"] == 0]
     source = evaluate(str(base_run), env["corpus"], batch_size=8, seq_len=32, max_batches=2)
     assert start and start[0]["val_loss"] == pytest.approx(source["val_loss"], rel=1e-5)
