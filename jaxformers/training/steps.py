@@ -264,6 +264,15 @@ class Program:
                 self._compiled["init"] = fn.lower(jax.ShapeDtypeStruct(key.shape, key.dtype)).compile()
         return self._compiled["init"](jax.random.PRNGKey(seed))
 
+    def init_opt_state(self, params):
+        """A fresh optimizer state for ``params`` (placed with :attr:`param_shardings`), sharded
+        like :meth:`init`'s (fine-tuning from given parameters)."""
+        if self.tx is None:
+            raise ValueError("this Program has no optimizer (tx=None): it can only evaluate")
+        fn = jax.jit(self.tx.init, in_shardings=(self.param_shardings,), out_shardings=self.opt_shardings)
+        with mesh_lib.use_mesh(self.mesh):
+            return fn(params)
+
     # ------------------------------------------------------------------ train step
     def compile_train_step(self, batch):
         """The compiled train step for batches shaped like ``batch`` (arrays or ShapeDtypeStructs)."""
