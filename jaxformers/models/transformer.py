@@ -56,7 +56,7 @@ def scan_blocks(target, config, in_axes):
     """``nn.scan`` of a block class (or of a function taking a block first) over
     ``config.n_layer`` layers: params (and sown losses) stacked on the ``layers`` axis."""
     return nn.scan(target, variable_axes={name: 0 for name in SCANNED_COLLECTIONS},
-                   split_rngs={"params": True}, in_axes=in_axes, length=config.n_layer,
+                   split_rngs={"params": True, "dropout": True}, in_axes=in_axes, length=config.n_layer,
                    metadata_params={nn.PARTITION_NAME: LAYERS})
 
 

@@ -272,6 +272,15 @@ class Program:
                 self._compiled["init"] = fn.lower(jax.ShapeDtypeStruct(key.shape, key.dtype)).compile()
         return self._compiled["init"](jax.random.PRNGKey(seed))
 
+    def init_opt_state(self, params):
+        """A fresh optimizer state for ``params`` (placed with :attr:`param_shardings`), sharded
+        like :meth:`init`'s (fine-tuning from given parameters)."""
+        if self.tx is None:
+            raise ValueError("this Program has no optimizer (tx=None): it can only evaluate")
+        fn = jax.jit(self.tx.init, in_shardings=(self.param_shardings,), out_shardings=self.opt_shardings)
+        with mesh_lib.use_mesh(self.mesh):
+            return fn(params)
+
     def init_from(self, params):
         """``(params, fresh opt_state)`` starting from given ``params`` (converted or pretrained
         weights of exactly this module's tree), placed with the parameter shardings."""
@@ -286,10 +295,7 @@ class Program:
             raise ValueError("init params have the wrong shapes: " + "; ".join(bad[:5]))
         params = jax.device_put(jax.tree.map(lambda a, p: jnp.asarray(p, a.dtype), self.abstract_params, params),
                                 self.param_shardings)
-        opt_state = None
-        if self.tx is not None:
-            opt_state = jax.jit(self.tx.init, out_shardings=self.opt_shardings)(params)
-        return params, opt_state
+        return params, (None if self.tx is None else self.init_opt_state(params))
 
     # ------------------------------------------------------------------ train step
     def compile_train_step(self, batch):
