@@ -16,6 +16,8 @@
 #   scfa-speed-qk    python -m experiments.scfa_speed, QK-sparse kernel, keep 0.2..0.8 (issue 12)
 #   scfa-lm-8k   python -m experiments.scfa_lm --preset gpu --seq-len 8192   (issue 12)
 #   scfa-lm-16k  python -m experiments.scfa_lm --preset gpu --seq-len 16384  (issue 12)
+#   distill      python -m experiments.distill --preset gpu: teacher, 3 students, throughput,
+#                coverage vs generation time                                         (issue 15)
 #   doge         python -m experiments.doge --preset gpu (proxy + base runs)    (issue 18)
 #   layer-parallel-train  python -m experiments.layer_parallel --preset gpu --train-only (issue 16):
 #                trains the ~283M-param Llama (24 layers) into $OUT/layer_parallel/runs/base
@@ -84,6 +86,7 @@ for s in "$@"; do
         scfa-lm-16k) stage scfa-lm-16k 580 python -m experiments.scfa_lm --preset gpu --seq-len 16384 \
                          --out "$OUT/scfa_lm_16k" ;;
         doge)        stage doge 590 python -m experiments.doge --preset gpu --out "$OUT/doge" ;;
+        distill)     stage distill 590 python -m experiments.distill --preset gpu --out "$OUT/distill" ;;
         # layer-parallel inference (issue 16): target >= 1.15x decode tokens/s at <= 5% more ppl
         layer-parallel-train) stage layer-parallel-train 590 python -m experiments.layer_parallel --preset gpu \
                          --train-only --out "$OUT/layer_parallel" ;;
@@ -99,6 +102,6 @@ for s in "$@"; do
         quarot-gptq) stage quarot-gptq 580 python -m experiments.quarot --preset gpu \
                          --run "$OUT/quarot/runs/llama" --out "$OUT/quarot_gptq" \
                          --only W4A16_GPTQ,W4A16_GPTQ_rot,W4A4KV4_GPTQ,W4A4KV4_GPTQ_rot,W4A4KV16_GPTQ_rot,W4A8_GPTQ_rot ;;
-        *) echo "unknown stage $s (gpu-quick|kernels|attention|scan|models|denseformer|scfa-speed-hash|scfa-speed-qk|scfa-lm-8k|scfa-lm-16k|doge|layer-parallel-train|layer-parallel|layer-parallel-spans|hadamard|quarot|quarot-gptq)"; exit 2 ;;
+        *) echo "unknown stage $s (gpu-quick|kernels|attention|scan|models|denseformer|scfa-speed-hash|scfa-speed-qk|scfa-lm-8k|scfa-lm-16k|doge|distill|layer-parallel-train|layer-parallel|layer-parallel-spans|hadamard|quarot|quarot-gptq)"; exit 2 ;;
     esac
 done

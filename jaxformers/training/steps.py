@@ -205,9 +205,13 @@ class Program:
         # ``wrap_optimizer(tx)`` method, the optimizer it returns carries the step's own state
         # (e.g. DoGE's domain weights) in ``opt_state``: sharded, checkpointed and restored
         # with it.
+        # If it has ``extra_inputs()`` -> ``(tree, logical PartitionSpecs)``, that tree (frozen
+        # arrays, e.g. a distillation teacher's params) is placed once, sharded by its logical
+        # axis names, and passed to every train step as ``extra=``.
         self.step_fn = train_step if step_fn is None else step_fn
         if tx is not None and hasattr(self.step_fn, "wrap_optimizer"):
             tx = self.step_fn.wrap_optimizer(tx)
+        self.extra = self.extra_shardings = None
         self.tx, self.schedule, self.grad_accum = tx, schedule, int(grad_accum)
         self.aux_weights = tuple(sorted(dict(aux_weights or {}).items()))
         # Parameter creation runs without logical rules: flax's DenseGeneral reshapes boxed
@@ -227,6 +231,10 @@ class Program:
                 mesh_lib.opt_state_shardings(tx, self.abstract_opt, self.param_shardings, mesh),
                 self.abstract_opt)
         self._compiled: Dict[Any, Any] = {}
+        if hasattr(self.step_fn, "extra_inputs"):
+            tree, specs = self.step_fn.extra_inputs()
+            self.extra_shardings = mesh_lib.fit_shardings(mesh_lib.logical_to_sharding(specs, mesh), tree)
+            self.extra = jax.device_put(tree, self.extra_shardings)
 
     # ------------------------------------------------------------------ abstract trees
     @staticmethod
@@ -273,6 +281,22 @@ class Program:
         with mesh_lib.use_mesh(self.mesh):
             return fn(params)
 
+    def init_from(self, params):
+        """``(params, fresh opt_state)`` starting from given ``params`` (converted or pretrained
+        weights of exactly this module's tree), placed with the parameter shardings."""
+        want = jax.tree_util.tree_structure(self.abstract_params)
+        got = jax.tree_util.tree_structure(params)
+        if want != got:
+            raise ValueError(f"init params do not match the model's parameter tree:\n  model: {want}\n  given: {got}")
+        bad = [f"{jax.tree_util.keystr(path)}: model {a.shape}, given {np.shape(p)}"
+               for (path, a), p in zip(jax.tree_util.tree_leaves_with_path(self.abstract_params),
+                                       jax.tree.leaves(params)) if tuple(a.shape) != tuple(np.shape(p))]
+        if bad:
+            raise ValueError("init params have the wrong shapes: " + "; ".join(bad[:5]))
+        params = jax.device_put(jax.tree.map(lambda a, p: jnp.asarray(p, a.dtype), self.abstract_params, params),
+                                self.param_shardings)
+        return params, (None if self.tx is None else self.init_opt_state(params))
+
     # ------------------------------------------------------------------ train step
     def compile_train_step(self, batch):
         """The compiled train step for batches shaped like ``batch`` (arrays or ShapeDtypeStructs)."""
@@ -284,20 +308,22 @@ class Program:
             kw = dict(grad_accum=self.grad_accum, aux_weights=self.aux_weights, schedule=self.schedule,
                       micro_sharding=self.micro_sharding)
 
-            def step_fn(params, opt_state, batch, step, rng):
-                return update(module, tx, loss_fn, params, opt_state, batch, step, rng, **kw)
+            def step_fn(params, opt_state, batch, step, rng, extra):
+                more = {} if extra is None else {"extra": extra}
+                return update(module, tx, loss_fn, params, opt_state, batch, step, rng, **kw, **more)
 
             jitted = jax.jit(
                 step_fn,
                 in_shardings=(self.param_shardings, self.opt_shardings, self.batch_sharding,
-                              self.replicated, self.replicated),
+                              self.replicated, self.replicated, self.extra_shardings),
                 out_shardings=(self.param_shardings, self.opt_shardings, self.replicated),
                 donate_argnums=(0, 1))
             rng = jax.random.PRNGKey(0)
             params, opt = self.abstract_state()
+            extra = None if self.extra is None else self.with_shardings(self.extra, self.extra_shardings)
             args = (params, opt, self.abstract_batch(batch),
                     jax.ShapeDtypeStruct((), jnp.int32, sharding=self.replicated),
-                    jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=self.replicated))
+                    jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=self.replicated), extra)
             self._compiled[key] = self.compile(jitted, args)
         return self._compiled[key]
 
@@ -305,7 +331,7 @@ class Program:
         """``(params, opt_state, metrics)``; ``batch`` as placed by :meth:`put_batch`; donates
         ``params`` and ``opt_state``."""
         fn = self.compile_train_step(batch)
-        return fn(params, opt_state, batch, jnp.asarray(step, jnp.int32), rng)
+        return fn(params, opt_state, batch, jnp.asarray(step, jnp.int32), rng, self.extra)
 
     # ------------------------------------------------------------------ eval step
     def eval_step(self, params, batch):

@@ -304,7 +304,7 @@ def resume_schedule(saved: Optional[dict], tc: TrainConfig, step: int,
 def train(model_config: ModelConfig, train_config: TrainConfig, *, resume: bool = False,
           progress: Optional[bool] = None, stop_after: Optional[int] = None,
           loss_fn: Optional[LossFn] = None, cache: Optional[CompileCache] = None,
-          step_fn=None, allow_lr_jump: bool = False) -> Dict[str, Any]:
+          step_fn=None, allow_lr_jump: bool = False, init_params=None) -> Dict[str, Any]:
     """Train ``model_config`` with ``train_config``; returns the summary dict (also in summary.json).
 
     ``progress``: ``None`` = a tqdm bar if stderr is a terminal, else one line per
@@ -323,13 +323,17 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, resume: bool 
     resume).  ``cache``: a :class:`~jaxformers.training.steps.CompileCache` to reuse
     compiled programs across calls.  ``step_fn``: a replacement for
     :func:`~jaxformers.training.steps.train_step` (see :class:`Program`), e.g.
-    :class:`jaxformers.training.doge.DogeStep`; pass it again to resume.  See the module
-    docstring for the run directory, resume and reproducibility rules.
+    :class:`jaxformers.training.doge.DogeStep`; pass it again to resume.  ``init_params``:
+    start from these parameters (this model's tree, e.g. converted weights) with a fresh
+    optimizer instead of a random init (ignored when resuming from a checkpoint).  See the
+    module docstring for the run directory, resume and reproducibility rules.
     """
     if not isinstance(model_config, ModelConfig):
         raise ValueError(f"model_config must be a ModelConfig, got {type(model_config).__name__}")
     if not isinstance(train_config, TrainConfig):
         raise ValueError(f"train_config must be a TrainConfig, got {type(train_config).__name__}")
+    if init_params is not None and train_config.init_from is not None:
+        raise ValueError("pass either init_params or train_config.init_from, not both")
     tc = train_config
     if stop_after is not None and (not isinstance(stop_after, int) or stop_after < 1):
         raise ValueError(f"stop_after must be a positive int or None, got {stop_after!r}")
@@ -403,6 +407,9 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, resume: bool 
             opt_state = program.init_opt_state(params)
             messages.append((f"initialised the parameters from {tc.init_from} (fresh optimizer state)",
                              False))
+        elif init_params is not None:  # given weights (converted, e.g. a distillation student)
+            params, opt_state = program.init_from(init_params)
+            messages.append(("initialised the parameters from init_params (fresh optimizer state)", False))
         else:
             params, opt_state = program.init(tc.seed)
 
