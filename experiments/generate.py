@@ -56,10 +56,10 @@ def main(argv=None) -> int:
             raise ValueError(f"--max-new-tokens must be < max_seq_len={limit}, got {args.max_new_tokens}")
         ids = ids[-(limit - args.max_new_tokens):]
         module = jf.build(model_config.replace(dtype="float32", param_dtype="float32"))
-        prompt = np.tile(np.asarray(ids, np.int32)[None], (args.num_samples, 1))
-        out = jf.generate(module, {"params": params}, prompt, args.max_new_tokens,
+        prompt = np.asarray(ids, np.int32)[None]
+        out = jf.generate(module, {"params": params}, prompt, args.max_new_tokens,  # one shared prefill
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                          rng=jax.random.PRNGKey(args.seed))
+                          rng=jax.random.PRNGKey(args.seed), num_samples=args.num_samples)
         out = np.asarray(out)
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         if os.environ.get("JAXFORMERS_DEBUG", "") not in ("", "0"):

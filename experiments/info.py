@@ -1,6 +1,7 @@
-"""Presets of a model: parameters and training FLOPs per token.
+"""Presets of a model: parameters and training FLOPs per token; the fields you can set.
 
     python -m experiments.info --model llama [--seq-len 1024] [--json]
+    python -m experiments.info --fields llama     # model-config (--set) and train (--train-set) fields
 """
 import argparse
 import json
@@ -25,6 +26,27 @@ def preset_table(model: str, seq_len=None):
     return rows
 
 
+def field_rows(model=None):
+    """``[{"config", "field", "type", "default"}]``: the model config class's fields (with the
+    ``tiny`` preset's values as defaults) when ``model`` is given, then :class:`TrainConfig`'s."""
+    import dataclasses
+    from jaxformers.registry import get_spec
+    from jaxformers.training import TrainConfig
+
+    rows = []
+    if model is not None:
+        spec = get_spec(model)
+        preset = jf.get_config(model, "tiny")
+        for f in dataclasses.fields(spec.config_cls):
+            if f.name != "model":
+                rows.append(dict(config=f"{spec.config_cls.__name__} (--set)", field=f.name,
+                                 type=str(f.type), default=getattr(preset, f.name)))
+    for f in dataclasses.fields(TrainConfig):
+        rows.append(dict(config="TrainConfig (--train-set)", field=f.name, type=str(f.type),
+                         default=f.default if f.default is not dataclasses.MISSING else None))
+    return rows
+
+
 def _human(n):
     for unit, div in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= div:
@@ -37,7 +59,27 @@ def main(argv=None):
     p.add_argument("--model", default=None, help=f"one of {jf.list_models()} (default: all)")
     p.add_argument("--seq-len", type=int, default=None, help="context length for FLOPs (default: preset's)")
     p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    p.add_argument("--fields", nargs="?", const="", metavar="MODEL",
+                   help="list the config fields of MODEL (--set; defaults = its tiny preset) and of the "
+                        "train config (--train-set); without MODEL only the train config")
     args = p.parse_args(argv)
+    if args.seq_len is not None and args.seq_len < 1:
+        p.exit(2, f"error: --seq-len must be a positive int, got {args.seq_len}\n")
+    if args.fields is not None:
+        try:
+            rows = field_rows(args.fields or None)
+        except ValueError as e:
+            p.exit(2, f"error: {e}\n")
+        if args.json:
+            print(json.dumps(rows, indent=2, default=str))
+            return rows
+        last = None
+        for r in rows:
+            if r["config"] != last:
+                print(("" if last is None else "\n") + r["config"])
+                last = r["config"]
+            print(f"  {r['field']:<22} {r['type']:<34} {r['default']!r}")
+        return rows
     models = [args.model] if args.model else jf.list_models()
     try:
         rows = [r for m in models for r in preset_table(m, args.seq_len)]

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import flash_attention as fa, selective_scan as ss, sparse_attention as sa, ssd as ssd_pkg
 from pallas_kernels import landmark_attention as la
+from pallas_kernels import hadamard as hd
 from pallas_kernels.flash_attention import BlockSizes, flash_attention
 from pallas_kernels.selective_scan import selective_scan
 from pallas_kernels.sparse_attention import hash_attention, qk_sparse_attention
@@ -162,7 +163,15 @@ def landmark_case(d: int = 64, t: int = 4096, heads: int = 16, block_size: int =
                 lambda: la.tpu_vmem_bytes(q.shape, q.shape, bf16, block_size=block_size))
 
 
-FAMILIES = ("attention", "selective_scan", "ssd", "sparse_attention", "landmark_attention")
+def hadamard_case(n: int = 128, rows: int = 4096 * 8, dtype=bf16):
+    """Fast Walsh-Hadamard transform of ``rows`` vectors of size ``n`` (fwd + the VJP, which is
+    the same kernel); QuaRot's online transforms (head dim 128, MLP 2^k part)."""
+    x = S((rows, n), dtype)
+    fn = lambda x: hd.hadamard_transform(x, interpret=False)  # noqa: E731
+    return Case(_grads(fn, 1), (x,), lambda: hd.tpu_vmem_bytes(n, dtype, rows))
+
+
+FAMILIES = ("attention", "selective_scan", "ssd", "sparse_attention", "landmark_attention", "hadamard")
 
 
 def cases(preset: str, families=FAMILIES):
@@ -189,6 +198,9 @@ def cases(preset: str, families=FAMILIES):
         out.append(("landmark_attention", f"block 64 D{d}", functools.partial(landmark_case, d)))
     out.append(("landmark_attention", "block 51 (50 + landmark) D128",
                 functools.partial(landmark_case, 128, block_size=51)))
+    for n in (128, 1024) if full else (128,):
+        label = f"default (n {n} bf16)" if n == 128 else f"n {n} bf16"
+        out.append(("hadamard", label, functools.partial(hadamard_case, n)))
     return [c for c in out if c[0].split()[0] in families]
 
 

@@ -2,6 +2,7 @@
 
     python -m experiments.prepare --data shakespeare --tokenizer byte
     python -m experiments.prepare --data path/to/folder --tokenizer bpe:8192 --out /tmp/ds
+    python -m experiments.prepare --data my.txt --tokenizer hf:path/to/hf_llama   # its tokenizer.json
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default="default",
                     help=f"built-in corpus ({', '.join(list_corpora())}; 'default' = shakespeare), "
                          "a folder of .txt/.jsonl files, a file, or hf:NAME[:SPLIT]")
-    ap.add_argument("--tokenizer", default="byte", help="byte | bpe | bpe:VOCAB (default: byte)")
+    ap.add_argument("--tokenizer", default="byte", help="byte | bpe | bpe:VOCAB | hf:DIR (default: byte)")
     ap.add_argument("--out", default=None, help="output folder (default: <cache>/datasets/<data>-<tokenizer>)")
     ap.add_argument("--val-fraction", type=float, default=0.05)
     ap.add_argument("--seed", type=int, default=0)

@@ -1,19 +1,42 @@
-"""Train a registered model on a text corpus; prints the run summary as JSON.
+"""Train a registered model on a text corpus; prints a short summary (the full one is summary.json).
 
     python -m experiments.train                          # gpt tiny, Shakespeare bytes: minutes on a CPU
     python -m experiments.train --model llama --preset tiny --steps 1000 --out runs/llama
+    python -m experiments.train --data my.txt --out runs/mine       # your own text (file or folder)
+    python -m experiments.train --config my_run.yaml --set n_layer=4   # a config file, flags on top
     python -m experiments.train --model gpt --set n_layer=4 --set d_model=256 --mesh data=2,fsdp=2,tensor=2
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+        python -m experiments.train --mesh data=2,fsdp=2,tensor=2   # the same mesh on a CPU (8 fake devices)
     python -m experiments.train --out runs/llama --resume       # continue (configs come from the run dir)
+    python -m experiments.train --out runs/llama --extend-steps 500   # train a finished run further
+    python -m experiments.train --init-from runs/llama --data my.txt --out runs/ft   # fine-tune a run
+    python -m experiments.train --init-from path/to/hf_llama --data my.txt --out runs/ft  # or a HF checkpoint
     python -m experiments.train --data synthetic:copying --seq-len 64 --steps 200 --out runs/copy
-    python -m experiments.train --mesh data=2,expert=2,tensor=2 --loss cross_entropy \
+    python -m experiments.train --mesh data=2,expert=2,tensor=2 --loss cross_entropy \\
         --train-set aux_loss_weights=load_balance=0.01
 
-``--set field=value`` overrides model-config fields, ``--train-set field=value``
-train-config fields (see ``jaxformers.training.TrainConfig``).  The model's
-``vocab_size`` comes from the dataset (override with ``--set vocab_size=N``,
-N >= the dataset's); ``max_seq_len`` is raised to ``--seq-len`` if needed.
-``--data synthetic:TASK[:k=v,...]`` trains on a synthetic task with its answer
-mask (see ``jaxformers.data.sources``); ``--loss`` picks a registered loss.
+Settings, lowest precedence first: the defaults below, the model's preset, ``--config FILE``
+(YAML or JSON: ``model``, ``preset``, ``overrides`` {model field: value}, ``train`` {train
+field: value}, ``init_from``), then the flags.  ``--set field=value`` overrides model-config
+fields, ``--train-set field=value`` train-config fields; every field, with its default, is
+listed by ``python -m experiments.info --fields MODEL``.  Each run directory gets ``run.yaml``:
+``--config RUN_DIR/run.yaml --out NEW_DIR`` reproduces the run.  The model's ``vocab_size``
+comes from the dataset (override with ``--set vocab_size=N``, N >= the dataset's);
+``max_seq_len`` is raised to ``--seq-len`` if needed.
+
+Fine-tuning: ``--init-from RUN_DIR|HF_DIR`` takes the model config and parameters (not the
+optimizer state) of a run or of a Hugging Face Llama / Mamba / Mamba-2 checkpoint and starts
+a new run; its tokenizer is the source's (``hf:HF_DIR`` when the checkpoint has a
+tokenizer.json; ``--tokenizer`` overrides).  Step 0 logs the source model's val loss.
+
+Resuming: ``--resume`` continues from the newest checkpoint; a finished run trains nothing.
+``--extend-steps N`` (or ``--resume --steps M`` with M larger) trains further, the LR schedule
+keeping its length, so the LR continues at the value it reached (no jump); another schedule
+change that would move the LR is refused unless ``--allow-lr-jump``.
+
+Logs: ``metrics.jsonl``, TensorBoard event files (``tensorboard --logdir runs``), ``loss.png``
+(losses + LR), ``summary.json``.  ``--data synthetic:TASK[:k=v,...]`` trains on a synthetic task
+with its answer mask (see ``jaxformers.data.sources``); ``--loss`` picks a registered loss.
 Compiled programs are cached in ``<jaxformers cache>/xla`` (``$JAX_COMPILATION_CACHE_DIR``
 wins; ``--no-compile-cache`` disables).
 """
@@ -27,52 +50,95 @@ from pathlib import Path
 from experiments.common import enable_compile_cache
 
 DEFAULTS = dict(model="gpt", preset="tiny", steps=300, batch_size=16, seq_len=128, grad_accum=1, lr=3e-3,
-                warmup_steps=30, schedule="cosine", data="default", tokenizer="byte", seed=0, dtype="auto",
-                eval_every=100, eval_batches=20, log_every=10, checkpoint_every=100, keep_checkpoints=2)
-# CLI flag -> TrainConfig field (None = not a TrainConfig field)
-_TRAIN_FLAGS = ("steps", "batch_size", "seq_len", "grad_accum", "lr", "warmup_steps", "schedule", "data",
-                "tokenizer", "seed", "dtype", "eval_every", "eval_batches", "log_every", "checkpoint_every",
-                "keep_checkpoints", "mesh", "loss")
+                warmup_fraction=0.1, schedule="cosine", data="default", tokenizer="byte", seed=0,
+                dtype="auto", eval_every=100, eval_batches=20, log_every=10, checkpoint_every=100,
+                keep_checkpoints=2)
+# CLI flags that are TrainConfig fields of the same name
+_TRAIN_FLAGS = ("steps", "batch_size", "seq_len", "grad_accum", "lr", "warmup_steps", "warmup_fraction",
+                "schedule", "data", "tokenizer", "seed", "dtype", "eval_every", "eval_batches", "log_every",
+                "checkpoint_every", "keep_checkpoints", "mesh", "loss", "init_from")
+CONFIG_KEYS = ("model", "preset", "overrides", "train", "init_from")
 
 
 class CLIError(Exception):
     pass
 
 
+def _models_epilog() -> str:
+    try:
+        import jaxformers as jf
+        width = max(len(m) for m in jf.list_models())
+        rows = [f"  {m:<{width}}  presets: {', '.join(jf.list_presets(m))}" for m in jf.list_models()]
+    except Exception as e:  # noqa: BLE001 - help must print even if a model fails to import
+        return f"(could not list the models: {e})"
+    return "models (--model) and their presets (--preset):\n" + "\n".join(rows)
+
+
 def _parser():
+    d = DEFAULTS
     ap = argparse.ArgumentParser(prog="python -m experiments.train", description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--model", help=f"architecture name (default {DEFAULTS['model']})")
-    ap.add_argument("--preset", help=f"model preset (default {DEFAULTS['preset']})")
-    ap.add_argument("--steps", type=int)
-    ap.add_argument("--batch-size", type=int, help="global batch (sequences per step)")
-    ap.add_argument("--seq-len", type=int)
-    ap.add_argument("--grad-accum", type=int, help="micro-batches per step")
-    ap.add_argument("--lr", type=float, help="peak learning rate")
-    ap.add_argument("--warmup-steps", type=int)
-    ap.add_argument("--schedule", choices=["cosine", "wsd", "constant"])
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n".join(__doc__.splitlines()[1:]) + "\n" + _models_epilog())
+    ap.add_argument("--config", metavar="FILE",
+                    help="YAML/JSON config file (model, preset, overrides, train, init_from); "
+                         "flags override it")
+    ap.add_argument("--model", help=f"architecture name (default {d['model']}; list below)")
+    ap.add_argument("--preset", help=f"model preset (default {d['preset']}; list below)")
+    ap.add_argument("--steps", type=int, help=f"optimizer updates (default {d['steps']})")
+    ap.add_argument("--batch-size", type=int,
+                    help=f"global batch, sequences per step (default {d['batch_size']})")
+    ap.add_argument("--seq-len", type=int, help=f"tokens per sequence (default {d['seq_len']})")
+    ap.add_argument("--grad-accum", type=int, help=f"micro-batches per step (default {d['grad_accum']})")
+    ap.add_argument("--lr", type=float, help=f"peak learning rate (default {d['lr']})")
+    ap.add_argument("--warmup-steps", type=int,
+                    help="warmup updates (default: --warmup-fraction of the steps)")
+    ap.add_argument("--warmup-fraction", type=float,
+                    help=f"warmup as a fraction of the steps (default {d['warmup_fraction']})")
+    ap.add_argument("--schedule", choices=["cosine", "wsd", "constant"],
+                    help=f"LR schedule (default {d['schedule']})")
     ap.add_argument("--data",
-                    help="built-in corpus name, folder/file of text, hf:NAME, a prepared dataset dir, "
-                         "or synthetic:TASK[:k=v,...] (copying, recall, arithmetic, passkey)")
-    ap.add_argument("--tokenizer", help="byte | bpe | bpe:VOCAB")
+                    help="built-in corpus name, a text file or folder of your own (.txt/.jsonl), hf:NAME, "
+                         "a prepared dataset dir, or synthetic:TASK[:k=v,...] (copying, recall, arithmetic, "
+                         f"passkey) (default {d['data']})")
+    ap.add_argument("--tokenizer", help="byte | bpe | bpe:VOCAB | hf:DIR (a tokenizer.json) "
+                                        f"(default {d['tokenizer']}; with --init-from: the source's)")
     ap.add_argument("--mesh", help="axes data, fsdp, expert, tensor, e.g. data=2,fsdp=2,tensor=2 or "
-                                   "data=2,expert=2,tensor=2 (default: all devices on data)")
+                                   "data=2,expert=2,tensor=2 (default: all devices on data); the "
+                                   "product must equal the device count -- on a CPU, try meshes with "
+                                   "XLA_FLAGS=--xla_force_host_platform_device_count=8")
     ap.add_argument("--loss", help="registered loss function (default cross_entropy)")
-    ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], help="compute dtype")
-    ap.add_argument("--seed", type=int)
-    ap.add_argument("--eval-every", type=int)
-    ap.add_argument("--eval-batches", type=int)
-    ap.add_argument("--log-every", type=int)
-    ap.add_argument("--checkpoint-every", type=int)
-    ap.add_argument("--keep-checkpoints", type=int)
+    ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"],
+                    help="compute dtype (default auto: bfloat16 on GPU/TPU, float32 on CPU)")
+    ap.add_argument("--seed", type=int, help=f"parameter init, data order and dropout (default {d['seed']})")
+    ap.add_argument("--eval-every", type=int,
+                    help=f"steps between evaluations, 0 = at the end (default {d['eval_every']})")
+    ap.add_argument("--eval-batches", type=int, help=f"batches per evaluation (default {d['eval_batches']})")
+    ap.add_argument("--log-every", type=int, help=f"steps between log rows (default {d['log_every']})")
+    ap.add_argument("--checkpoint-every", type=int,
+                    help=f"steps between checkpoints, 0 = only the last (default {d['checkpoint_every']})")
+    ap.add_argument("--keep-checkpoints", type=int,
+                    help=f"checkpoints kept (default {d['keep_checkpoints']})")
     ap.add_argument("--out", help="run directory (default runs/<model>-<preset>)")
     ap.add_argument("--resume", action="store_true",
                     help="continue from the newest checkpoint in --out (starts fresh if there is none)")
-    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="model config override")
+    ap.add_argument("--extend-steps", type=int, metavar="N",
+                    help="resume the run in --out and train N more steps (the LR continues at its "
+                         "final value)")
+    ap.add_argument("--allow-lr-jump", action="store_true",
+                    help="on resume, accept a schedule change that moves the learning rate")
+    ap.add_argument("--init-from", metavar="RUN_DIR|HF_DIR",
+                    help="fine-tune: parameters (not optimizer state) of a run or of a HF "
+                         "Llama/Mamba/Mamba-2 checkpoint")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="model config override (fields: python -m experiments.info --fields MODEL)")
     ap.add_argument("--train-set", action="append", default=[], metavar="FIELD=VALUE",
-                    help="train config override")
+                    help="train config override, e.g. min_lr_ratio=0.05 "
+                         "(fields: python -m experiments.info --fields)")
+    ap.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard event files")
     ap.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent XLA cache")
-    ap.add_argument("--quiet", action="store_true", help="no progress output")
+    ap.add_argument("--json", action="store_true",
+                    help="print the summary as JSON on stdout (the default when stdout is not a terminal)")
+    ap.add_argument("--quiet", action="store_true", help="no progress output and no human summary")
     return ap
 
 
@@ -84,6 +150,48 @@ def _pairs(items, flag):
             raise CLIError(f"{flag} expects FIELD=VALUE, got {item!r}")
         out.append((name.strip(), value.strip()))
     return out
+
+
+def read_config_file(path) -> dict:
+    """The ``--config`` file as a dict with keys from :data:`CONFIG_KEYS` (YAML via PyYAML, or
+    JSON for ``.json``); ``ValueError`` for unknown keys or a file that is not a mapping."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {str(path)!r}: no such file")
+    text = path.read_text()
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--config {str(path)!r}: bad JSON: {e}") from None
+    else:
+        import yaml
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"--config {str(path)!r}: bad YAML: {e}") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {str(path)!r} must hold a mapping with keys {list(CONFIG_KEYS)}")
+    unknown = sorted(set(data) - set(CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"--config {str(path)!r}: unknown key(s) {unknown}; allowed: {list(CONFIG_KEYS)}")
+    for key in ("overrides", "train"):
+        if not isinstance(data.get(key) or {}, dict):
+            raise ValueError(f"--config {str(path)!r}: {key} must be a mapping of field: value")
+    return data
+
+
+def _file_values(cls, values: dict) -> dict:
+    """Config-file values for dataclass ``cls``: unknown fields refused; strings for non-string
+    fields parsed like ``--set`` values (YAML reads ``3e-3`` as a string)."""
+    import dataclasses
+    from jaxformers.config import check_fields, coerce_value
+
+    check_fields(cls, values)
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    return {k: (coerce_value(cls, k, v) if isinstance(v, str) and not isinstance(defaults[k], str) else v)
+            for k, v in values.items()}
 
 
 def build_configs(args):
@@ -98,11 +206,25 @@ def build_configs(args):
     model_sets = _pairs(args.set, "--set")
     train_sets = _pairs(args.train_set, "--train-set")
     saved = None
+    if args.extend_steps is not None:
+        if args.extend_steps < 1:
+            raise CLIError(f"--extend-steps must be >= 1, got {args.extend_steps}")
+        if not args.out or not (Path(args.out) / CONFIG_FILE).is_file():
+            raise CLIError(f"--extend-steps needs --out pointing at an existing run (no {CONFIG_FILE} in "
+                           f"{args.out!r})")
+        if args.steps is not None:
+            raise CLIError("give either --steps (the new total) or --extend-steps (steps to add), not both")
+        args.resume = True
     if args.resume and args.model is None and args.out and (Path(args.out) / CONFIG_FILE).is_file():
         saved = json.loads((Path(args.out) / CONFIG_FILE).read_text())
 
-    flags = {name: getattr(args, name) for name in _TRAIN_FLAGS if getattr(args, name) is not None}
+    flags = {name: getattr(args, name) for name in _TRAIN_FLAGS if getattr(args, name, None) is not None}
+    if args.no_tensorboard:
+        flags["tensorboard"] = False
     if saved is not None:  # resume: the run's own configs, with explicitly given flags on top
+        if args.config or args.init_from:
+            raise CLIError("--resume / --extend-steps continue a run with its own config; --config and "
+                           "--init-from start a new run (choose a new --out)")
         model_config = config_from_dict(saved["model"])
         spec = get_spec(model_config.model)
         if model_sets:
@@ -110,30 +232,88 @@ def build_configs(args):
                 **{k: coerce_value(spec.config_cls, k, v) for k, v in model_sets})
         base = dict(saved["train"])
         base.update(flags)
+        if args.extend_steps is not None:
+            base["steps"] = int(saved["train"]["steps"]) + args.extend_steps
         base["out_dir"] = args.out
-    else:
-        model = args.model or DEFAULTS["model"]
-        preset = args.preset or DEFAULTS["preset"]
-        spec = get_spec(model)
-        overrides = {k: coerce_value(spec.config_cls, k, v) for k, v in model_sets}
-        base = {k: DEFAULTS[k] for k in _TRAIN_FLAGS if k in DEFAULTS}
-        base.update(flags)
-        base["out_dir"] = args.out or f"runs/{model}-{preset}"
         for k, v in train_sets:
             base[k] = coerce_value(TrainConfig, k, v)
-        tc = TrainConfig(**base)
-        overrides.setdefault("vocab_size", open_data(tc.data, tc.tokenizer).vocab_size)
-        if "max_seq_len" not in overrides:
-            preset_len = get_config(model, preset).max_seq_len
-            if tc.seq_len > preset_len:
-                print(f"note: raising max_seq_len {preset_len} -> {tc.seq_len} (= --seq-len)",
-                      file=sys.stderr)
-                overrides["max_seq_len"] = tc.seq_len
-        model_config = get_config(model, preset, **overrides)
-        return model_config, tc
+        return model_config, TrainConfig.from_dict(base)
+
+    file = read_config_file(args.config) if args.config else {}
+    file_train = dict(file.get("train") or {})
+    init_from = args.init_from or file.get("init_from") or file_train.get("init_from")
+    source_config = source_tok = None
+    if init_from:
+        from jaxformers.training.init_from import source_config as _source
+        source_config, source_tok = _source(init_from)
+    model = args.model or file.get("model") or (source_config.model if source_config else DEFAULTS["model"])
+    preset = args.preset or file.get("preset") or DEFAULTS["preset"]
+    if source_config is not None and model != source_config.model:
+        raise CLIError(f"--model {model!r} differs from the model of --init-from {init_from!r} "
+                       f"({source_config.model!r})")
+    spec = get_spec(model)
+    overrides = _file_values(spec.config_cls, dict(file.get("overrides") or {}))
+    overrides.pop("model", None)
+    overrides.update({k: coerce_value(spec.config_cls, k, v) for k, v in model_sets})
+
+    base = {k: DEFAULTS[k] for k in _TRAIN_FLAGS if k in DEFAULTS}
+    if source_tok is not None:
+        base["tokenizer"] = source_tok
+    base.update(_file_values(TrainConfig, file_train))
+    base.update(flags)
+    base["init_from"] = str(init_from) if init_from else None
+    base["out_dir"] = args.out or base.get("out_dir") or f"runs/{model}-{preset}"
     for k, v in train_sets:
         base[k] = coerce_value(TrainConfig, k, v)
-    return model_config, TrainConfig(**base)
+    tc = TrainConfig(**base)
+    if source_config is not None:  # the source's architecture; overrides such as dropout on top
+        reference = source_config
+        source_fields = {k: v for k, v in source_config.to_dict().items() if k != "model"}
+        overrides = {**source_fields, **overrides}
+    else:
+        overrides.setdefault("vocab_size", open_data(tc.data, tc.tokenizer).vocab_size)
+        reference = get_config(model, preset)
+    if "max_seq_len" not in overrides or (source_config is not None
+                                          and tc.seq_len > overrides["max_seq_len"]):
+        preset_len = overrides.get("max_seq_len", reference.max_seq_len)
+        if tc.seq_len > preset_len:
+            print(f"note: raising max_seq_len {preset_len} -> {tc.seq_len} (= --seq-len)", file=sys.stderr)
+            overrides["max_seq_len"] = tc.seq_len
+    return get_config(model, preset, **overrides), tc
+
+
+def _fmt(value, spec, missing="n/a"):
+    return missing if value is None else format(value, spec)
+
+
+def human_summary(summary: dict) -> str:
+    """A few lines for people: losses, throughput, and where the run's files are."""
+    from jaxformers.training.rundir import PLOT_FILE, RUN_FILE, SUMMARY_FILE
+
+    run = Path(summary["run_dir"])
+    if summary.get("trained_steps") == 0 and summary.get("finished"):
+        head = (f"no steps trained: the run had finished (step {summary['final_step']} of "
+                f"{summary['steps']}); train further with --extend-steps N")
+    elif summary.get("finished"):
+        head = f"trained {summary['model']} to step {summary['final_step']} in {summary['wall_s']:.0f} s"
+    else:
+        head = (f"stopped {summary['model']} at step {summary['final_step']} of {summary['steps']}; "
+                f"continue with --resume --out {run}")
+    tps = summary.get("tokens_per_s")
+    mfu = summary.get("mfu")
+    lines = [head,
+             f"  val loss {_fmt(summary.get('val_loss'), '.4f')}  "
+             f"(ppl {_fmt(summary.get('val_ppl'), '.2f')}),  "
+             f"train loss {_fmt(summary.get('train_loss'), '.4f')}",
+             f"  {_fmt(tps, ',.0f')} tokens/s, MFU "
+             + (f"{100 * mfu:.1f}%" if mfu is not None
+                else f"n/a (no peak FLOP/s known for {summary.get('device_kind')})"),
+             f"  run dir      {run}",
+             f"  plot         {run / PLOT_FILE}",
+             f"  TensorBoard  tensorboard --logdir {run}",
+             f"  summary      {run / SUMMARY_FILE}",
+             f"  reproduce    python -m experiments.train --config {run / RUN_FILE} --out NEW_DIR"]
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -149,7 +329,7 @@ def main(argv=None) -> int:
         except RuntimeError as e:  # e.g. the built-in corpus could not be downloaded
             raise CLIError(str(e)) from e
         summary = train(model_config, train_config, resume=args.resume,
-                        progress=False if args.quiet else None)
+                        progress=False if args.quiet else None, allow_lr_jump=args.allow_lr_jump)
     except (CLIError, CheckpointError, ValueError, FileExistsError, FileNotFoundError) as e:
         if debug:  # JAXFORMERS_DEBUG=1: full traceback
             raise
@@ -160,7 +340,12 @@ def main(argv=None) -> int:
         return 130
     import jax
     if jax.process_index() == 0:
-        print(json.dumps(summary, indent=1))
+        if not args.quiet:
+            print(human_summary(summary), file=sys.stderr, flush=True)
+        elif summary.get("trained_steps") == 0 and summary.get("finished"):
+            print(f"{summary['run_dir']} is already finished: nothing trained", file=sys.stderr)
+        if args.json or not sys.stdout.isatty():
+            print(json.dumps(summary, indent=1))
     if summary.get("stopped_by_signal"):  # preempted: checkpoint saved, not finished
         return 128 + int(summary["stopped_by_signal"])
     return 0

@@ -43,6 +43,12 @@ class ModelConfig(ConfigMixin):
     ``HybridConfig`` (both).  ``skip_gains=True`` gives every block learned scalar gains
     (init 1) on its skip connections (DenseFormer's ablation; any block supports it).
 
+    Dropout (off by default; active only in training, where the trainer passes a
+    ``dropout`` rng -- evaluation and generation are deterministic): ``embed_dropout`` on
+    the token embeddings, ``dropout`` on every residual branch (mixer and MLP outputs,
+    before the skip add), ``attn_dropout`` on the attention probabilities (the baseline
+    attention mixer; it runs on the XLA path while active).
+
     FLOPs: :meth:`flops_per_token` counts every matmul weight by how many times one token
     uses it (:meth:`param_uses`: 0 for the embedding lookup unless the head is tied, the
     repeat count for weights applied several times, the active fraction for sparsely
@@ -64,6 +70,9 @@ class ModelConfig(ConfigMixin):
     param_dtype: str = "float32"
     scan_layers: bool = False
     remat: str = "none"
+    dropout: float = 0.0  # residual branches
+    attn_dropout: float = 0.0  # attention probabilities
+    embed_dropout: float = 0.0  # token embeddings
 
     # ------------------------------------------------------------------ derived
     @property
@@ -86,6 +95,10 @@ class ModelConfig(ConfigMixin):
             _boolean(self, name)
         if self.norm_eps <= 0:
             raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
+        for name in ("dropout", "attn_dropout", "embed_dropout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
 
     # -------------------------------------------------------------------- FLOPs
     def param_uses(self, path: Tuple[str, ...]) -> float:

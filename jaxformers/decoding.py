@@ -59,14 +59,25 @@ def _validate(module, prompt_tokens, max_new_tokens, temperature, top_k, top_p):
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
+def _repeat_rows(tree, k: int, axis: int):
+    """Every array of a decoding cache (or logits) with its batch rows repeated ``k`` times."""
+    return jax.tree.map(lambda x: jnp.repeat(x, k, axis=axis) if x.ndim > axis else x, tree)
+
+
 @functools.lru_cache(maxsize=32)
-def _generate_fn(module_cls, config, max_new_tokens, temperature, top_k, top_p):
+def _generate_fn(module_cls, config, max_new_tokens, temperature, top_k, top_p, num_samples=1):
     module = module_cls(config)
 
     def run(params, prompt, rng):
         b, p = prompt.shape
         cache = init_cache(module, b, p + max_new_tokens)
         logits, cache = module.apply(params, prompt, cache=cache)
+        if num_samples > 1:  # prefill once per prompt, then k rows per prompt share it
+            logits = jnp.repeat(logits, num_samples, axis=0)
+            cache = {"index": cache["index"],
+                     "layers": _repeat_rows(cache["layers"], num_samples, 1 if config.scan_layers else 0)}
+            prompt = jnp.repeat(prompt, num_samples, axis=0)
+            b = b * num_samples
         out = jnp.zeros((b, max_new_tokens), jnp.int32)
 
         def step(i, state):
@@ -89,11 +100,15 @@ def _generate_fn(module_cls, config, max_new_tokens, temperature, top_k, top_p):
 
 
 def generate(module, params, prompt_tokens, max_new_tokens: int, *, temperature: float = 1.0,
-             top_k: Optional[int] = None, top_p: Optional[float] = None, rng=None):
-    """Sample ``max_new_tokens`` after ``prompt_tokens [B, P]``; returns ``[B, P + max_new_tokens]``."""
+             top_k: Optional[int] = None, top_p: Optional[float] = None, rng=None, num_samples: int = 1):
+    """Sample ``max_new_tokens`` after ``prompt_tokens [B, P]``; returns ``[B * k, P + max_new_tokens]``
+    for ``num_samples=k`` samples per prompt (rows ``b * k .. b * k + k - 1`` continue prompt
+    ``b``; the prompt is prefilled once and its cache shared by its k rows)."""
     prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
     _validate(module, prompt_tokens, max_new_tokens, temperature, top_k, top_p)
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
     rng = jax.random.PRNGKey(0) if rng is None else rng
     fn = _generate_fn(type(module), module.config, max_new_tokens, float(temperature), top_k,
-                      None if top_p is None else float(top_p))
+                      None if top_p is None else float(top_p), num_samples)
     return fn(params, prompt_tokens, rng)

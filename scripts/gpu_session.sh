@@ -18,6 +18,19 @@
 #   scfa-lm-16k  python -m experiments.scfa_lm --preset gpu --seq-len 16384  (issue 12)
 #   landmark-passkey  python -m experiments.landmark_passkey --preset gpu   (issue 14)
 #   landmark-lm  python -m experiments.landmark_lm --preset gpu              (issue 14)
+#   distill      python -m experiments.distill --preset gpu: teacher, 3 students, throughput,
+#                coverage vs generation time                                         (issue 15)
+#   doge         python -m experiments.doge --preset gpu (proxy + base runs)    (issue 18)
+#   layer-parallel-train  python -m experiments.layer_parallel --preset gpu --train-only (issue 16):
+#                trains the ~283M-param Llama (24 layers) into $OUT/layer_parallel/runs/base
+#   layer-parallel       the same run, late spans of 1, 2, 4, 6, 8 pairs + delete/swap/shuffle study
+#   layer-parallel-spans the same run, early/middle spans (no study)
+#                (the run, ~1.1 GB, lives in $OUT on the device: run the three stages on one
+#                machine, in this order; the later two fail with "not a run directory" otherwise)
+#   hadamard     python -m experiments.bench_hadamard: Pallas FWHT vs dense x @ H   (issue 17)
+#   quarot       python -m experiments.quarot --preset gpu: trains the llama, RTN / W8A8 schemes,
+#                outliers, int8-vs-bf16 linear table                                 (issue 17)
+#   quarot-gptq  the GPTQ schemes on the run the quarot stage trained (run it after)  (issue 17)
 #
 # The device has jax/flax/torch/triton but no network and no fla: carry the
 # wheels fetched here with
@@ -54,12 +67,12 @@ for s in "$@"; do
                      JAX_DEFAULT_MATMUL_PRECISION=highest stage gpu-quick 240 \
                          python -m pytest -q -p no:cacheprovider \
                          tests/test_flash_attention.py tests/test_selective_scan.py tests/test_ssd.py \
-                         tests/test_landmark_attention.py \
+                         tests/test_landmark_attention.py tests/test_hadamard.py \
                          -k "matches_reference or packed_segments or initial_state_kernel or full_features" ;;
         kernels)     JAX_DEFAULT_MATMUL_PRECISION=highest stage kernels 300 \
                          python -m pytest -q -p no:cacheprovider \
                          tests/test_flash_attention.py tests/test_selective_scan.py tests/test_ssd.py \
-                         tests/test_landmark_attention.py ;;
+                         tests/test_landmark_attention.py tests/test_hadamard.py ;;
         attention)   stage attention 560 python -m experiments.bench_attention --out "$OUT/attention" ;;
         scan)        stage scan 560 python -m experiments.bench_scan --out "$OUT/scan" ;;
         models)      stage models 560 python -m experiments.bench_models --out "$OUT/models" ;;
@@ -79,6 +92,23 @@ for s in "$@"; do
                          --out "$OUT/landmark_passkey" ;;
         landmark-lm) stage landmark-lm 580 python -m experiments.landmark_lm --preset gpu \
                          --out "$OUT/landmark_lm" ;;
-        *) echo "unknown stage $s (gpu-quick|kernels|attention|scan|models|denseformer|scfa-speed-hash|scfa-speed-qk|scfa-lm-8k|scfa-lm-16k|landmark-passkey|landmark-lm)"; exit 2 ;;
+        doge)        stage doge 590 python -m experiments.doge --preset gpu --out "$OUT/doge" ;;
+        distill)     stage distill 590 python -m experiments.distill --preset gpu --out "$OUT/distill" ;;
+        # layer-parallel inference (issue 16): target >= 1.15x decode tokens/s at <= 5% more ppl
+        layer-parallel-train) stage layer-parallel-train 590 python -m experiments.layer_parallel --preset gpu \
+                         --train-only --out "$OUT/layer_parallel" ;;
+        layer-parallel) stage layer-parallel 580 python -m experiments.layer_parallel --preset gpu \
+                         --run "$OUT/layer_parallel/runs/base" --positions late --out "$OUT/layer_parallel/late" ;;
+        layer-parallel-spans) stage layer-parallel-spans 580 python -m experiments.layer_parallel --preset gpu \
+                         --run "$OUT/layer_parallel/runs/base" --positions early,middle --pair-counts 2,4,8 --no-study \
+                         --out "$OUT/layer_parallel/early_middle" ;;
+        # QuaRot (issue 17)
+        hadamard)    stage hadamard 400 python -m experiments.bench_hadamard --out "$OUT/hadamard" ;;
+        quarot)      stage quarot 580 python -m experiments.quarot --preset gpu --out "$OUT/quarot" \
+                         --only fp,fp_rot,W4A16_RTN,W4A16_RTN_rot,W4A4KV4_RTN,W4A4KV4_RTN_rot,W8A8_RTN,W8A8_RTN_rot ;;
+        quarot-gptq) stage quarot-gptq 580 python -m experiments.quarot --preset gpu \
+                         --run "$OUT/quarot/runs/llama" --out "$OUT/quarot_gptq" \
+                         --only W4A16_GPTQ,W4A16_GPTQ_rot,W4A4KV4_GPTQ,W4A4KV4_GPTQ_rot,W4A4KV16_GPTQ_rot,W4A8_GPTQ_rot ;;
+        *) echo "unknown stage $s (gpu-quick|kernels|attention|scan|models|denseformer|scfa-speed-hash|scfa-speed-qk|scfa-lm-8k|scfa-lm-16k|landmark-passkey|landmark-lm|doge|distill|layer-parallel-train|layer-parallel|layer-parallel-spans|hadamard|quarot|quarot-gptq)"; exit 2 ;;
     esac
 done

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import pytest
 
 from pallas_kernels.flash_attention import BlockSizes, flash_attention
+from pallas_kernels.hadamard import hadamard_transform
 from pallas_kernels.selective_scan import selective_scan
 from pallas_kernels.ssd import ssd
 from pallas_kernels.triton_inspect import H100_SHARED_PER_BLOCK, compile_report, triton_calls
@@ -164,6 +165,46 @@ def test_ssd_lowers_to_triton(case):
     assert sorted(_names(calls)) == sorted(SSD_KERNELS + SSD_BWD_KERNELS)
 
 
+# --------------------------------------------------------------------------- hadamard
+HADAMARD_CASES = {  # (leading shape, n, dtype): butterflies only, one dot, dots + butterflies, Paley
+    "n8_fp32": ((5, 3), 8, f32),
+    "n128_bf16": ((2, 100), 128, bf16),
+    "n4096_bf16": ((33,), 4096, bf16),
+    "n352_fp32": ((2, 7), 352, f32),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HADAMARD_CASES))
+def test_hadamard_lowers_to_triton(case):
+    lead, n, dtype = HADAMARD_CASES[case]
+    fn = lambda x: hadamard_transform(x, interpret=False)  # noqa: E731
+    x = S(lead + (n,), dtype)
+    (fwd,) = triton_calls(fn, x)
+    assert fwd.name == "hadamard_transform"
+    assert _names(triton_calls(_grad_all(fn, 1), x)) == ["hadamard_transform"] * 2
+
+
+def quarot_forward_case():
+    """The rotated ``quarot`` tiny model's bf16 forward with the online Hadamards on the kernel:
+    q/k head dim 32, 4 heads (butterflies only), d_ff 352 = 44 x 8 (Paley factor)."""
+    from jaxformers import registry
+    from jaxformers.utils import abstract_params
+    cfg = registry.get_config("quarot", "tiny", rotated=True, hadamard_impl="pallas", a_bits=4,
+                              kv_bits=4, dtype="bfloat16")
+    model = registry.build(cfg)
+
+    def fwd(params, tokens):
+        return model.apply({"params": params}, tokens)
+    return fwd, abstract_params(model), S((2, 64), jnp.int32)
+
+
+def test_quarot_model_lowers_with_hadamard_kernel(monkeypatch):
+    monkeypatch.setattr("pallas_kernels.hadamard.kernel.resolve_interpret", lambda interpret: False)
+    fwd, params, tokens = quarot_forward_case()
+    # per layer: q, k, across heads, before down
+    assert _names(triton_calls(fwd, params, tokens)) == ["hadamard_transform"] * 8
+
+
 # --------------------------------------------------------------------------- models
 @pytest.mark.parametrize("name, overrides, expect", [
     ("gpt", dict(attention_impl="pallas"), "flash_attention_bwd_dq"),
@@ -203,6 +244,7 @@ BENCH_CASES = {
     "attention_d64": lambda: _attention_case(1, 4096, 4096, 16, 16, 64),
     "selective_scan": lambda: _scan_case(4, 4096, 2048, 16, z=False),
     "ssd": lambda: _ssd_case(4, 4096, 16, 128, 1, 128),
+    "hadamard": lambda: (lambda x: hadamard_transform(x, interpret=False), [S((4096, 128), bf16)]),
 }
 
 

@@ -19,12 +19,13 @@ from .corpus import cache_dir, list_corpora, load_corpus, resolve_corpus
 from .loader import SYNTHETIC_TASKS, SyntheticLoader, TokenLoader, eval_batches, iterate_rows, synthetic_rows
 from .prepare import default_out_dir, ensure_dataset, load_prepared, prepare
 from .sources import SyntheticSource, TextSource, open_data, open_dataset
-from .tokenizer import (BPETokenizer, ByteTokenizer, Tokenizer, get_tokenizer, load_tokenizer,
+from .tokenizer import (BPETokenizer, ByteTokenizer, HFTokenizer, Tokenizer, get_tokenizer, load_tokenizer,
                         parse_tokenizer_spec)
 
 __all__ = [
     "BPETokenizer",
     "ByteTokenizer",
+    "HFTokenizer",
     "SYNTHETIC_TASKS",
     "SyntheticLoader",
     "SyntheticSource",

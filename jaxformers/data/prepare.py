@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .corpus import cache_dir, corpus_fingerprint, load_corpus, resolve_corpus
-from .tokenizer import get_tokenizer, load_tokenizer, parse_tokenizer_spec
+from .tokenizer import get_tokenizer, hf_tokenizer_dir, load_tokenizer, parse_tokenizer_spec
 
 __all__ = [
     "FORMAT_VERSION",
@@ -48,11 +48,16 @@ _SPLITS = ("train", "val")
 
 def _canonical_tokenizer(tokenizer: str) -> str:
     kind, vocab = parse_tokenizer_spec(tokenizer)
+    if kind == "hf":  # the tokenizer file's content hash: another tokenizer.json is another dataset
+        import hashlib
+        digest = hashlib.sha256((hf_tokenizer_dir(tokenizer) / "tokenizer.json").read_bytes()).hexdigest()
+        return f"hf:{digest[:12]}"
     return kind if vocab is None else f"{kind}:{vocab}"
 
 
 def default_out_dir(data: str = "default", tokenizer: str = "byte") -> Path:
-    """``<cache>/datasets/<corpus name>-<tokenizer>``, e.g. ``.../shakespeare-bpe4096``."""
+    """``<cache>/datasets/<corpus name>-<tokenizer>``, e.g. ``.../shakespeare-bpe4096``
+    (``hf:DIR`` tokenizers: ``...-hf<hash of tokenizer.json>``)."""
     src = resolve_corpus(data)
     tok = _canonical_tokenizer(tokenizer).replace(":", "")
     return cache_dir() / "datasets" / f"{src.name}-{tok}"
@@ -131,7 +136,7 @@ def prepare(data: str = "default", tokenizer: str = "byte", out_dir: str | os.Pa
         raise FileExistsError(f"{out} exists and is not a jaxformers dataset directory; choose another out_dir")
 
     train_docs, val_docs, method = split_documents(docs, val_fraction, seed)
-    tok = get_tokenizer(tok_spec).train(train_docs)
+    tok = get_tokenizer(tokenizer if tok_spec.startswith("hf:") else tok_spec).train(train_docs)
     dtype = _dtype_for(tok.vocab_size)
     eos = np.asarray([tok.eos_id], dtype=dtype)
 
@@ -156,7 +161,7 @@ def prepare(data: str = "default", tokenizer: str = "byte", out_dir: str | os.Pa
             identity,
             source_name=src.name,
             source_kind=src.kind,
-            tokenizer_vocab_requested=None if tok_spec == "byte" else int(tok_spec.split(":")[1]),
+            tokenizer_vocab_requested=int(tok_spec.split(":")[1]) if tok_spec.startswith("bpe") else None,
             vocab_size=int(tok.vocab_size),
             eos_id=int(tok.eos_id),
             dtype=dtype.name,

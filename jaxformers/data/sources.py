@@ -13,6 +13,10 @@
   ``synthetic:arithmetic:n_digits=2,pack=0``, ``synthetic:passkey``.  Tasks and
   parameters: :data:`jaxformers.data.loader.SYNTHETIC_TASKS` (plus ``val_rows``, the
   size of the fixed validation set, default 256).  The tokenizer is ignored.
+* ``domains:NAME[=SOURCE][@W],...[:OPTIONS]`` -- a
+  :class:`~jaxformers.data.domains.DomainSource` of several named domains sampled by
+  weight, with per-domain validation (``{"tokens", "domain"}`` batches); see
+  :mod:`jaxformers.data.domains`.
 
 Both give ``vocab_size``, ``train_loader(batch_size, seq_len, seed)`` (``batch_dict_at(step)``:
 this process's rows, a pure function of ``(seed, step)``) and ``eval_batches(batch_size,
@@ -25,6 +29,7 @@ from typing import Dict, Iterator, Optional
 
 import numpy as np
 
+from .domains import DOMAINS_PREFIX, DomainSource
 from .loader import (SyntheticLoader, TokenLoader, _task_params, eval_batches, iterate_rows,
                      synthetic_rows, synthetic_vocab_size)
 
@@ -155,5 +160,7 @@ def open_data(data, tokenizer: str = "byte"):
     data = str(data)
     if data.startswith(SYNTHETIC_PREFIX):
         return SyntheticSource(data)
+    if data.startswith(DOMAINS_PREFIX):
+        return DomainSource(data, tokenizer)
     ds_dir, meta, train_tokens, val_tokens = open_dataset(data, tokenizer)
     return TextSource(data, ds_dir, meta, train_tokens, val_tokens)

@@ -8,6 +8,11 @@ Specs accepted by :func:`get_tokenizer`:
   library on the training documents (default ``VOCAB`` = 4096).  Id 0 is the
   end-of-text token.  ``vocab_size`` may come out below ``VOCAB`` on a tiny
   corpus (no merge is kept that occurs fewer than twice).
+* ``"hf:DIR"``: a pretrained ``tokenizer.json`` (``tokenizers`` library), e.g. the one
+  shipped with a Hugging Face checkpoint; needs no training.  The end-of-text id is
+  ``eos_token`` of ``DIR/tokenizer_config.json``, else the first of ``</s>``,
+  ``<|endoftext|>``, ``<|end_of_text|>``, ``<eos>`` the vocabulary holds.  No BOS
+  token is added (documents are separated by the end-of-text id, as for the others).
 
 End-of-text text inside a document is always encoded as ordinary text, so
 the only end-of-text ids in a token stream are the ones :mod:`prepare` puts
@@ -32,6 +37,7 @@ import numpy as np
 __all__ = [
     "BPETokenizer",
     "ByteTokenizer",
+    "HFTokenizer",
     "DEFAULT_BPE_VOCAB",
     "EOS_TEXT",
     "Tokenizer",
@@ -49,10 +55,14 @@ BPE_FILE = "tokenizer.json"
 
 
 def parse_tokenizer_spec(spec: str) -> tuple[str, int | None]:
-    """``"byte"`` -> ("byte", None); ``"bpe"`` / ``"bpe:N"`` -> ("bpe", N)."""
-    allowed = "'byte', 'bpe' or 'bpe:VOCAB' (e.g. 'bpe:8192')"
+    """``"byte"`` -> ("byte", None); ``"bpe"`` / ``"bpe:N"`` -> ("bpe", N); ``"hf:DIR"`` ->
+    ("hf", None) (the directory: :func:`hf_tokenizer_dir`)."""
+    allowed = "'byte', 'bpe', 'bpe:VOCAB' (e.g. 'bpe:8192') or 'hf:DIR' (a tokenizer.json)"
     if not isinstance(spec, str):
         raise ValueError(f"tokenizer must be a string: {allowed}; got {spec!r}")
+    if spec.strip().startswith("hf:"):
+        hf_tokenizer_dir(spec)
+        return "hf", None
     s = spec.strip().lower()
     if s == "byte":
         return "byte", None
@@ -68,6 +78,15 @@ def parse_tokenizer_spec(spec: str) -> tuple[str, int | None]:
                 f"tokenizer={spec!r}: VOCAB must be in [{_MIN_BPE_VOCAB}, {_MAX_BPE_VOCAB}]; allowed: {allowed}")
         return "bpe", vocab
     raise ValueError(f"unknown tokenizer={spec!r}; allowed: {allowed}")
+
+
+def hf_tokenizer_dir(spec: str) -> Path:
+    """The directory of an ``hf:DIR`` spec (``ValueError`` unless it holds a tokenizer.json)."""
+    d = Path(spec.strip()[3:]).expanduser()
+    if not (d / BPE_FILE).is_file():
+        raise ValueError(f"tokenizer={spec!r}: no {BPE_FILE} in {str(d)!r} (hf:DIR needs the directory of "
+                         "a Hugging Face tokenizer.json)")
+    return d.resolve()
 
 
 class Tokenizer(ABC):
@@ -124,6 +143,8 @@ class Tokenizer(ABC):
             raise FileNotFoundError(f"no {CONFIG_FILE} or {BPE_FILE} in {d}")
         if kind == "byte":
             return ByteTokenizer()
+        if kind == "hf" or (kind is None and (d / BPE_FILE).is_file()):  # a HF tokenizer directory
+            return HFTokenizer(d)
         if kind == "bpe":
             return BPETokenizer.from_file(d / BPE_FILE, requested_vocab=cfg.get("requested_vocab"))
         raise ValueError(f"{cfg_path}: unknown tokenizer type {kind!r}")
@@ -273,11 +294,72 @@ class BPETokenizer(Tokenizer):
         return {"type": "bpe", "requested_vocab": self.requested_vocab, "file": BPE_FILE}
 
 
+class HFTokenizer(Tokenizer):
+    """A pretrained ``tokenizer.json`` (``tokenizers`` library), e.g. a Hugging Face checkpoint's."""
+
+    EOS_CANDIDATES = ("</s>", EOS_TEXT, "<|end_of_text|>", "<eos>", "<|eos|>")
+
+    def __init__(self, directory: str | os.PathLike):
+        from tokenizers import Tokenizer as _HF
+
+        d = hf_tokenizer_dir(f"hf:{directory}")
+        self.directory = d
+        self.spec = f"hf:{d}"
+        self._tok = _HF.from_file(str(d / BPE_FILE))
+        self._tok.encode_special_tokens = True  # special-token text in documents stays text
+        self._eos = self._find_eos(d)
+
+    def _find_eos(self, d: Path) -> int:
+        cfg = {}
+        if (d / CONFIG_FILE).is_file():
+            cfg = json.loads((d / CONFIG_FILE).read_text())
+        if isinstance(cfg.get("eos_id"), int):  # saved by HFTokenizer.save
+            return cfg["eos_id"]
+        eos = cfg.get("eos_token")
+        if isinstance(eos, dict):
+            eos = eos.get("content")
+        for name in ([eos] if isinstance(eos, str) else []) + list(self.EOS_CANDIDATES):
+            i = self._tok.token_to_id(name)
+            if i is not None:
+                return int(i)
+        raise ValueError(f"{d / BPE_FILE}: no end-of-text token (set eos_token in {CONFIG_FILE}, or have one "
+                         f"of {list(self.EOS_CANDIDATES)} in the vocabulary)")
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def eos_id(self) -> int:
+        return self._eos
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
+        encs = self._tok.encode_batch(list(texts), add_special_tokens=False)
+        return [np.asarray(e.ids, dtype=np.int64) for e in encs]
+
+    def decode(self, ids: Sequence[int] | np.ndarray, *, skip_special: bool = False) -> str:
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1).tolist()
+        return self._tok.decode(ids, skip_special_tokens=skip_special)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        d = super().save(directory)
+        self._tok.save(str(d / BPE_FILE))
+        return d
+
+    def _config(self) -> dict:
+        return {"type": "hf", "source": str(self.directory), "file": BPE_FILE}
+
+
 def get_tokenizer(spec: str = "byte") -> Tokenizer:
     """Make an (untrained, for BPE) tokenizer from a spec string; see module doc."""
     kind, vocab = parse_tokenizer_spec(spec)
     if kind == "byte":
         return ByteTokenizer()
+    if kind == "hf":
+        return HFTokenizer(spec.strip()[3:])
     return BPETokenizer(vocab)
 
 

@@ -63,8 +63,13 @@ class Attention(nn.Module):
 
         new_cache = None
         if kv_cache is None:
-            o = attention(q, k, v, causal=True, segment_ids=segment_ids, window=c.window,
-                          implementation=c.attention_impl)
+            rate = getattr(c, "attn_dropout", 0.0)
+            if rate and self.has_rng("dropout"):  # training with attention dropout: the XLA path
+                o = attention(q, k, v, causal=True, segment_ids=segment_ids, window=c.window,
+                              implementation="xla", dropout_rate=rate, dropout_rng=self.make_rng("dropout"))
+            else:
+                o = attention(q, k, v, causal=True, segment_ids=segment_ids, window=c.window,
+                              implementation=c.attention_impl)
         else:
             if segment_ids is not None:
                 raise ValueError("segment_ids are not supported together with a KV cache")

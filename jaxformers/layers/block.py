@@ -3,6 +3,8 @@
     x = g_mix * x + Mixer(Norm(x))          (Mixer: attention, an SSM, any token mixer)
     x = g_mlp * x + MLP(Norm(x))            (skipped when ``mlp_class`` is None)
 
+(each branch output goes through residual dropout ``config.dropout`` in training)
+
 ``g_mix``/``g_mlp`` are learned scalars (init 1) when ``config.skip_gains`` is set,
 else 1.  Hooks (class attributes, swapped by subclassing or with :meth:`Block.using`):
 
@@ -25,7 +27,7 @@ import flax.linen as nn
 
 from ..sharding import ACT_EMBED, BATCH, LENGTH, constrain, param_init
 from .attention import Attention
-from .common import dtype_of
+from .common import dropout, dtype_of
 from .mlp import make_mlp
 from .norms import make_norm
 
@@ -48,7 +50,9 @@ class Block(nn.Module):
         return _derive(cls, mixer or cls.mixer_class, mlp if mlp != DEFAULT_MLP else cls.mlp_class, name)
 
     def _skip(self, name, x, h):
-        """``x + h``, or ``g * x + h`` with a learned scalar ``g`` (init 1) under ``skip_gains``."""
+        """``x + h``, or ``g * x + h`` with a learned scalar ``g`` (init 1) under ``skip_gains``;
+        ``h`` goes through residual dropout (``config.dropout``, training only)."""
+        h = dropout(self, h, getattr(self.config, "dropout", 0.0))
         if not self.config.skip_gains:
             return x + h
         g = self.param(name, param_init(nn.initializers.ones, ()), (), dtype_of(self.config.param_dtype))

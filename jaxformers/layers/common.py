@@ -1,4 +1,5 @@
 """Small helpers shared by the layers."""
+import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
@@ -8,6 +9,19 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 def dtype_of(name):
     """``"bfloat16"`` -> ``jnp.bfloat16`` (dtypes pass through)."""
     return _DTYPES[name] if isinstance(name, str) else name
+
+
+def dropout(module, x, rate: float):
+    """Inverted dropout of ``x`` at ``rate`` with ``module``'s ``dropout`` rng stream.
+
+    Active only when the module was applied with a ``dropout`` rng (the trainer passes one
+    to the training loss, ``jaxformers.training.losses.apply_model``); evaluation and
+    generation pass none, so they are deterministic.  ``rate=0`` is the identity.
+    """
+    if not rate or not module.has_rng("dropout"):
+        return x
+    keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
 
 
 def normal(std):

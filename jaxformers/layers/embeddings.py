@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from ..sharding import ACT_EMBED, ACT_VOCAB, BATCH, EMBED, LENGTH, VOCAB, constrain, param_init
-from .common import dtype_of, normal
+from .common import dropout, dtype_of, normal
 
 
 class Embed(nn.Module):
@@ -17,6 +17,7 @@ class Embed(nn.Module):
 
     def __call__(self, tokens):
         x = jnp.take(self.embedding, tokens, axis=0).astype(dtype_of(self.config.dtype))
+        x = dropout(self, x, getattr(self.config, "embed_dropout", 0.0))
         return constrain(x, (BATCH, LENGTH, ACT_EMBED))
 
     def attend(self, x):  # [B, T, D] -> [B, T, V] float32

@@ -14,11 +14,13 @@ exactly a pure model with the same params.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Optional, Tuple, Union
 
 from ..config import ModelConfig, TransformerConfig, _choice
 from ..layers import Block
+from ..layers.block import DEFAULT_MLP
 from ..layers.mamba import SCAN_IMPLS, MambaBlock
 from ..layers.mamba2 import Mamba2Block
 from ..registry import register
@@ -145,12 +147,16 @@ def _divisors(n):
 class HybridConfig(MambaConfig, TransformerConfig):
     """MambaConfig + TransformerConfig (attention and MLP fields) + the layer pattern: ``mixer`` for the SSM layers; attention (shared
     ``Block``: attention + MLP) at ``attn_layers`` if given, else every ``attn_every``-th
-    layer (i % attn_every == attn_every - 1), else nowhere.  ``attn_layers`` wins when both are set."""
+    layer (i % attn_every == attn_every - 1), else nowhere.  ``attn_layers`` wins when both are set.
+    ``ssm_mlp``: the SSM blocks also get the MLP sub-layer (``x + Mixer(norm(x))``, then
+    ``x + MLP(mlp_norm(x))``), the layout of students distilled from a transformer
+    (:mod:`jaxformers.distill`: the attention mixer replaced, the MLP kept)."""
 
     model: str = "hybrid"
     mixer: str = "mamba"
     attn_layers: Optional[Tuple[int, ...]] = None
     attn_every: Optional[int] = None
+    ssm_mlp: bool = False
 
     def __post_init__(self):
         if isinstance(self.attn_layers, list):  # from JSON / --set
@@ -188,6 +194,8 @@ class HybridConfig(MambaConfig, TransformerConfig):
         if self.attn_every is not None and (not _is_int(self.attn_every)
                                             or not 1 <= self.attn_every <= self.n_layer):
             raise ValueError(f"attn_every={self.attn_every!r} must be an int in [1, n_layer={self.n_layer}]")
+        if not isinstance(self.ssm_mlp, bool):
+            raise ValueError(f"ssm_mlp must be a bool (true/false), got {self.ssm_mlp!r}")
         if self.scan_layers:
             raise ValueError("scan_layers=True is not supported for model='hybrid' (its layers differ); "
                              "use scan_layers=False")
@@ -209,7 +217,16 @@ class HybridLM(MambaLM):
     def layer_classes(self):
         attn = set(self.config.attention_layers)
         ssm = super().block_class()
+        if self.config.ssm_mlp:
+            ssm = with_mlp(ssm)
         return [Block if i in attn else ssm for i in range(self.config.n_layer)]
+
+
+@functools.lru_cache(maxsize=None)
+def with_mlp(block_cls):
+    """``block_cls`` (an SSM block without MLP) with the config's MLP sub-layer added."""
+    return type(f"{block_cls.__name__}WithMLP", (block_cls,),
+                {"mlp_class": DEFAULT_MLP, "__module__": block_cls.__module__})
 
 
 # --------------------------------------------------------------------- presets

@@ -7,6 +7,8 @@ Subclasses change only what their paper changes, through these hooks:
 * ``block_class()``: the block of every layer (``Block.using(mixer=..., mlp=...)``
   swaps the token mixer or the MLP without forking ``Block``);
   ``layer_classes()``: one block class per layer (hybrids);
+  ``layer_configs()``: the config each of those blocks is built with (default: the model's;
+  layer-parallel pairs run as one block with a wider config, ``jaxformers.transforms``);
 * ``run_blocks(x, positions, segment_ids, layer_caches, cache_index)``: how blocks are
   chained (DenseFormer's depth-weighted averages, repeated blocks, ...);
 * extra ``setup`` parameters.
@@ -54,7 +56,7 @@ def scan_blocks(target, config, in_axes):
     """``nn.scan`` of a block class (or of a function taking a block first) over
     ``config.n_layer`` layers: params (and sown losses) stacked on the ``layers`` axis."""
     return nn.scan(target, variable_axes={name: 0 for name in SCANNED_COLLECTIONS},
-                   split_rngs={"params": True}, in_axes=in_axes, length=config.n_layer,
+                   split_rngs={"params": True, "dropout": True}, in_axes=in_axes, length=config.n_layer,
                    metadata_params={nn.PARTITION_NAME: LAYERS})
 
 
@@ -86,6 +88,10 @@ class Transformer(nn.Module):
         """One block class per layer (``[block_class()] * n_layer``; hybrids override)."""
         return [self.block_class()] * self.config.n_layer
 
+    def layer_configs(self):
+        """The config of each block of :meth:`layer_classes` (default: the model's for all)."""
+        return [self.config] * len(self.layer_classes())
+
     def setup(self):
         c = self.config
         self.embed = Embed(c)
@@ -104,7 +110,7 @@ class Transformer(nn.Module):
                                  "scan_layers=False")
             cls = remat_block(classes[0], c, scanned=True)
             return scan_blocks(cls, c, (nn.broadcast, nn.broadcast, 0, nn.broadcast))(c)
-        return [remat_block(cls, c, scanned=False)(c) for cls in classes]
+        return [remat_block(cls, c, scanned=False)(cfg) for cls, cfg in zip(classes, self.layer_configs())]
 
     # --------------------------------------------------------------- forward
     def __call__(self, tokens, *, positions=None, segment_ids=None, cache=None):
@@ -145,5 +151,5 @@ class Transformer(nn.Module):
     # ---------------------------------------------------------------- caches
     def init_layer_caches(self, batch_size, max_len, dtype=None):
         """One empty decoding cache per layer, from each layer's ``mixer_class.init_cache``."""
-        return [cls.mixer_class.init_cache(self.config, batch_size, max_len, dtype)
-                for cls in self.layer_classes()]
+        return [cls.mixer_class.init_cache(cfg, batch_size, max_len, dtype)
+                for cls, cfg in zip(self.layer_classes(), self.layer_configs())]

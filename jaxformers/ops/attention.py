@@ -97,8 +97,10 @@ def attention_mask(tq, tk, *, causal=True, window=None, q_offset=None, q_ids=Non
     return mask
 
 
-def xla_attention(q, k, v, *, causal=True, segment_ids=None, window=None, q_offset=None, sm_scale=None):
-    """Reference attention in plain XLA (float32 softmax). Shapes as :func:`attention`."""
+def xla_attention(q, k, v, *, causal=True, segment_ids=None, window=None, q_offset=None, sm_scale=None,
+                  dropout_rate: float = 0.0, dropout_rng=None):
+    """Reference attention in plain XLA (float32 softmax). Shapes as :func:`attention`.
+    ``dropout_rate`` > 0 with a ``dropout_rng``: inverted dropout on the probabilities."""
     b, tq, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     g = hq // hkv
@@ -113,6 +115,9 @@ def xla_attention(q, k, v, *, causal=True, segment_ids=None, window=None, q_offs
     p = jnp.where(mask, jnp.exp(s - m), 0.0)
     denom = jnp.sum(p, axis=-1, keepdims=True)
     p = p / jnp.where(denom == 0.0, 1.0, denom)
+    if dropout_rate and dropout_rng is not None:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, p.shape)
+        p = jnp.where(keep, p / (1.0 - dropout_rate), 0.0)
     o = jnp.einsum("bhgqk,bkhd->bqhgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return o.reshape(b, tq, hq, d).astype(q.dtype)
 
@@ -204,18 +209,27 @@ def _static_scale(sm_scale):
 
 
 def attention(q, k, v, *, causal: bool = True, segment_ids=None, window: Optional[int] = None,
-              q_offset=None, sm_scale: Optional[float] = None, implementation: str = "auto"):
+              q_offset=None, sm_scale: Optional[float] = None, implementation: str = "auto",
+              dropout_rate: float = 0.0, dropout_rng=None):
     """Scaled dot-product attention ``[B, Tq, Hq, D]`` (see module docstring).
+
+    ``dropout_rate`` > 0 with a ``dropout_rng`` drops attention probabilities (training);
+    only the XLA implementation has it (``ValueError`` for another explicit one).
 
     ``sm_scale`` may be any scalar for the XLA path; the cuDNN and Pallas paths
     need a concrete one (converted to a Python float; traced -> ``ValueError``).
     """
     _check_shapes(q, k, v, window)
+    if dropout_rate and dropout_rng is not None:
+        if implementation not in ("auto", "xla"):
+            raise ValueError(f"attention dropout runs on implementation='xla' only, got {implementation!r}")
+        implementation = "xla"
     impl = select_implementation(q, k, segment_ids=segment_ids, window=window, q_offset=q_offset,
                                  implementation=implementation)
     if impl == "xla":
         return xla_attention(q, k, v, causal=causal, segment_ids=segment_ids, window=window,
-                             q_offset=q_offset, sm_scale=sm_scale)
+                             q_offset=q_offset, sm_scale=sm_scale, dropout_rate=dropout_rate,
+                             dropout_rng=dropout_rng)
     sm_scale = _static_scale(sm_scale)
     if impl == "cudnn":
         local = None if window is None else (window - 1, 0 if causal else window - 1)

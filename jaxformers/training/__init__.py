@@ -10,8 +10,9 @@ and the training loop.
 Modules: :mod:`.losses` (batch dicts, loss registry, auxiliary losses), :mod:`.steps`
 (``train_step`` / ``eval_step`` and their compiled form), :mod:`.rundir` (run directory
 files and policy), :mod:`.metrics` (MFU, plots, progress), :mod:`.trainer` (``train``,
-``evaluate``).
+``evaluate``), :mod:`.doge` (DoGE domain reweighting: a ``step_fn`` for ``train``).
 """
+from .doge import DogeStep, doge_weights
 from .config import COMPUTE_DTYPES, SCHEDULES, TrainConfig
 from .checkpoint import CheckpointError, Checkpointer
 from .losses import (apply_model, cross_entropy, get_loss, list_losses, next_token_targets,
@@ -30,7 +31,7 @@ __all__ = [
     "logical_to_sharding", "decay_mask", "make_optimizer", "make_schedule",
     "apply_model", "cross_entropy", "get_loss", "list_losses", "next_token_targets", "register_loss",
     "weighted_mean",
-    "CompileCache", "Program", "eval_step", "train_step",
+    "CompileCache", "DogeStep", "doge_weights", "Program", "eval_step", "train_step",
     "evaluate", "load_run", "open_dataset", "peak_flops", "plot_losses", "read_metrics", "resolve_dtype",
     "train",
 ]

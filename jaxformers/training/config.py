@@ -28,7 +28,12 @@ class TrainConfig(ConfigMixin):
     every device and host); it is split into ``grad_accum`` micro-batches that
     run one after another.  ``seq_len`` is the number of input tokens per
     sequence.  ``lr`` is the peak learning rate; the schedule ends at
-    ``lr * min_lr_ratio``.  ``dtype`` is the compute dtype (``auto``: bfloat16 on
+    ``lr * min_lr_ratio``.  Warmup lasts ``warmup_steps`` updates, or when that is ``None``
+    (the default) ``round(warmup_fraction * schedule length)``.  ``schedule_steps`` is
+    the length the schedule is laid out over (``None`` = ``steps``): a run extended
+    past its schedule (``--extend-steps``) keeps the original length, so the LR
+    continues at the value it had reached (continuous, never re-stretched).
+    ``dtype`` is the compute dtype (``auto``: bfloat16 on
     GPU/TPU, float32 on CPU); parameters and optimizer state stay float32.
     ``mesh`` is ``"data=D,fsdp=F,tensor=T"`` (missing axes are 1; ``None`` = pure
     data parallelism over every device).  ``checkpoint_every=0`` saves only the
@@ -50,9 +55,11 @@ class TrainConfig(ConfigMixin):
     grad_accum: int = 1
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 30
+    warmup_steps: Optional[int] = None  # None: warmup_fraction of the schedule
+    warmup_fraction: float = 0.1
     schedule: str = "cosine"
     decay_fraction: float = 0.2  # wsd: fraction of the steps spent decaying
+    schedule_steps: Optional[int] = None  # None: steps (see the class docstring)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -71,6 +78,8 @@ class TrainConfig(ConfigMixin):
     out_dir: str = "runs/default"
     loss: str = "cross_entropy"
     aux_loss_weights: Tuple[Tuple[str, float], ...] = ()
+    tensorboard: bool = True  # TensorBoard event files in out_dir, beside metrics.jsonl
+    init_from: Optional[str] = None  # fine-tuning: initial params from this run / HF checkpoint dir
 
     def __post_init__(self):
         object.__setattr__(self, "aux_loss_weights", _aux_weights(self.aux_loss_weights))
@@ -103,8 +112,17 @@ class TrainConfig(ConfigMixin):
 
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "keep_checkpoints"):
             integer(name, 1)
-        for name in ("warmup_steps", "eval_every", "eval_batches", "checkpoint_every", "seed"):
+        for name in ("eval_every", "eval_batches", "checkpoint_every", "seed"):
             integer(name, 0)
+        if self.warmup_steps is not None:
+            integer("warmup_steps", 0)
+        if self.schedule_steps is not None:
+            integer("schedule_steps", 1)
+        number("warmup_fraction", 0.0, 1.0)
+        if not isinstance(self.tensorboard, bool):
+            raise ValueError(f"tensorboard must be a bool (true/false), got {self.tensorboard!r}")
+        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from):
+            raise ValueError(f"init_from must be a non-empty string or None, got {self.init_from!r}")
         inf = float("inf")
         number("lr", 0.0, inf, lo_open=True)
         number("min_lr_ratio", 0.0, 1.0)
@@ -132,6 +150,18 @@ class TrainConfig(ConfigMixin):
     @property
     def micro_batch_size(self) -> int:
         return self.batch_size // self.grad_accum
+
+    @property
+    def schedule_length(self) -> int:
+        """The number of updates the LR schedule is laid out over (``schedule_steps`` or ``steps``)."""
+        return self.steps if self.schedule_steps is None else self.schedule_steps
+
+    @property
+    def warmup(self) -> int:
+        """Warmup updates: ``warmup_steps``, else ``round(warmup_fraction * schedule_length)``."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return int(round(self.warmup_fraction * self.schedule_length))
 
     @property
     def tokens_per_step(self) -> int:

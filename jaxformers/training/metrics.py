@@ -6,7 +6,8 @@
 * :func:`mfu` -- model FLOPs utilisation from tokens/s;
 * :class:`Throughput` -- tokens/s over the training intervals (evaluation and
   checkpoint time excluded);
-* :func:`plot_losses` -- ``loss.png`` from ``metrics.jsonl``;
+* :func:`plot_losses` -- ``loss.png`` (losses, and the learning rate on a second axis) from
+  ``metrics.jsonl``;
 * :class:`Progress` -- a tqdm bar, one line per logged row, or nothing.
 """
 from __future__ import annotations
@@ -110,16 +111,23 @@ def plot_losses(run_dir) -> Optional[Path]:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
+    lrs = [(r["step"], r["lr"]) for r in rows if r.get("lr") is not None]
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    handles = []
     if train:
-        ax.plot(*zip(*train), label="train", lw=1.2)
+        handles += ax.plot(*zip(*train), label="train", lw=1.2)
     if val:
-        ax.plot(*zip(*val), "o-", label="val", lw=1.5)
+        handles += ax.plot(*zip(*val), "o-", label="val", lw=1.5)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/target)")
     ax.set_title(Path(run_dir).name)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if lrs:  # the learning rate on a second axis
+        ax_lr = ax.twinx()
+        handles += ax_lr.plot(*zip(*lrs), color="tab:gray", ls="--", lw=1.0, label="learning rate")
+        ax_lr.set_ylabel("learning rate")
+        ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    ax.legend(handles=handles, labels=[h.get_label() for h in handles])
     fig.tight_layout()
     out = Path(run_dir) / PLOT_FILE
     fig.savefig(out, dpi=110)
@@ -127,11 +135,20 @@ def plot_losses(run_dir) -> Optional[Path]:
     return out
 
 
+def _hms(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
 class Progress:
     """``mode``: ``None`` = a tqdm bar if stderr is a terminal, else one line per logged row;
     ``True`` = bar; ``False`` = silent."""
 
-    BAR_KEYS = ("loss", "val_loss", "lr", "tokens_per_s")
+    BAR_KEYS = ("loss", "val_loss", "lr", "tokens_per_s", "mfu")
 
     def __init__(self, mode, total: int, initial: int):
         self.bar = None
@@ -147,8 +164,23 @@ class Progress:
             self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
                             file=sys.stderr)
         self.lines = mode == "lines"
+        self.total, self.initial, self.current = total, initial, initial
+        self._t0 = time.perf_counter()
+
+    @property
+    def active(self) -> bool:
+        """Whether anything is shown (a bar or lines)."""
+        return self.bar is not None or self.lines
+
+    def timing(self) -> str:
+        """``"elapsed=12s eta=30s"`` from the steps done since the start (lines mode)."""
+        elapsed = time.perf_counter() - self._t0
+        done = self.current - self.initial
+        eta = (self.total - self.current) * elapsed / done if done > 0 else None
+        return f"elapsed={_hms(elapsed)}" + ("" if eta is None else f" eta={_hms(eta)}")
 
     def update(self, n: int = 1) -> None:
+        self.current += n
         if self.bar is not None:
             self.bar.update(n)
 
@@ -158,8 +190,10 @@ class Progress:
                                  if (k in self.BAR_KEYS or k.startswith("aux/")) and v is not None})
             self.bar.set_postfix(self.postfix, refresh=False)
         elif self.lines:
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
-                  file=sys.stderr, flush=True)
+            text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+            if "loss" in row:  # a training row: how long so far, how long to go (the bar shows its own)
+                text += " " + self.timing()
+            print(text, file=sys.stderr, flush=True)
 
     def info(self, text: str) -> None:
         if self.bar is not None:

@@ -8,13 +8,16 @@ the output layer).  Norm scales, biases and scalar/vector mixing weights
 logical axis names fall back to ``ndim >= 2``.
 
 Schedules (``count`` = number of completed updates, so the first update uses
-``lr(0)``): linear warmup ``lr * (count + 1) / warmup_steps`` for
-``count < warmup_steps``, then
+``lr(0)``): linear warmup ``lr * (count + 1) / warmup`` for ``count < warmup``
+(``TrainConfig.warmup``: ``warmup_steps``, or by default 10% of the schedule), then
 
 * ``cosine``: cosine from ``lr`` down to ``lr * min_lr_ratio`` at ``steps``;
 * ``wsd`` (warmup-stable-decay): ``lr`` until the last ``decay_fraction`` of the
   steps, then linear decay to ``lr * min_lr_ratio``;
 * ``constant``: ``lr``.
+
+``steps`` here is ``TrainConfig.schedule_length``; past it every schedule holds its
+final value (how an extended run continues, see :func:`lr_at`).
 """
 from __future__ import annotations
 
@@ -28,8 +31,11 @@ from ..sharding import LAYERS
 
 # The TrainConfig fields that make_schedule / make_optimizer read: two configs that agree on
 # them (and on grad_accum) give the same compiled train step (see steps.program_key).
-OPTIMIZER_FIELDS = ("steps", "lr", "min_lr_ratio", "warmup_steps", "schedule", "decay_fraction",
-                    "weight_decay", "beta1", "beta2", "eps", "grad_clip")
+OPTIMIZER_FIELDS = ("steps", "lr", "min_lr_ratio", "warmup_steps", "warmup_fraction", "schedule",
+                    "decay_fraction", "schedule_steps", "weight_decay", "beta1", "beta2", "eps", "grad_clip")
+#: The fields that decide the learning rate at a given step (a resume that changes them is checked).
+SCHEDULE_FIELDS = ("steps", "lr", "min_lr_ratio", "warmup_steps", "warmup_fraction", "schedule",
+                   "decay_fraction", "schedule_steps")
 
 
 def optimizer_key(tc) -> tuple:
@@ -41,8 +47,8 @@ def make_schedule(tc):
     """``count -> learning rate`` for a :class:`TrainConfig` (jit-friendly)."""
     peak = float(tc.lr)
     floor = peak * float(tc.min_lr_ratio)
-    warmup = int(tc.warmup_steps)
-    total = int(tc.steps)
+    warmup = int(tc.warmup)
+    total = int(tc.schedule_length)
 
     def schedule(count):
         count = jnp.asarray(count, jnp.float32)
@@ -64,6 +70,11 @@ def make_schedule(tc):
         return lr.astype(jnp.float32)
 
     return schedule
+
+
+def lr_at(tc, step: int) -> float:
+    """The learning rate ``tc``'s schedule gives update ``step`` (a Python float)."""
+    return float(make_schedule(tc)(step))
 
 
 def decay_mask(logical_specs, abstract_params):

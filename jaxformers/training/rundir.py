@@ -8,7 +8,11 @@ Layout (``train_config.out_dir``)::
                         "total_loss", other loss metrics]} every log_every steps,
                        {"step", "val_loss", "val_ppl"} at every evaluation
     summary.json       final losses, perplexity, n_params, throughput, MFU (GPU/TPU)
-    loss.png           train / val loss curves
+    run.yaml           model name + full model config + train config: ``experiments.train
+                       --config run.yaml`` reproduces the run (see :func:`write_run_file`)
+    events.out.tfevents.*  TensorBoard scalars (``train/<metric>``, ``val/loss``, ``val/ppl``);
+                       ``tensorboard --logdir runs``
+    loss.png           train / val loss curves and the learning rate
     tokenizer/         the dataset's tokenizer (for generation; absent for synthetic data)
     checkpoints/<step> see :mod:`jaxformers.training.checkpoint`
 
@@ -37,16 +41,18 @@ from .config import TrainConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CONFIG_FILE", "METRICS_FILE", "PLOT_FILE", "SUMMARY_FILE", "TOKENIZER_DIR", "MetricsWriter",
+__all__ = ["CONFIG_FILE", "METRICS_FILE", "PLOT_FILE", "RUN_FILE", "SUMMARY_FILE", "TOKENIZER_DIR",
+           "MetricsWriter",
            "atomic_write", "check_resume", "config_diff", "copy_tokenizer", "load_run", "read_config",
            "read_metrics", "refuse_clobber", "reset_metrics", "truncate_metrics", "write_config",
-           "write_summary"]
+           "write_run_file", "write_summary"]
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 PLOT_FILE = "loss.png"
 TOKENIZER_DIR = "tokenizer"
+RUN_FILE = "run.yaml"
 
 
 # ============================================================================ files
@@ -90,21 +96,44 @@ def reset_metrics(run_dir, restored_step: Optional[int]) -> None:
 
 
 class MetricsWriter:
-    """Appends rows to ``metrics.jsonl`` (flushed per row); a no-op where ``enabled`` is False
-    (processes other than 0)."""
+    """Appends rows to ``metrics.jsonl`` (flushed per row) and, with ``tensorboard``, writes
+    their numbers as TensorBoard scalars (``tensorboardX``) into the run directory: training
+    rows as ``train/<key>``, evaluation rows as ``val/loss`` / ``val/ppl``.  ``purge_step``
+    (on resume: the first replayed step) makes TensorBoard drop events from that step on.
+    A no-op where ``enabled`` is False (processes other than 0)."""
 
-    def __init__(self, run_dir, enabled: bool = True):
+    def __init__(self, run_dir, enabled: bool = True, tensorboard: bool = False,
+                 purge_step: Optional[int] = None):
         self._file = open(Path(run_dir) / METRICS_FILE, "a") if enabled else None
+        self._tb = None
+        if enabled and tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:  # a declared dependency; a run must not fail for want of it
+                log.warning("tensorboardX is not installed (pip install tensorboardX): no TensorBoard "
+                            "event files, metrics.jsonl only")
+            else:
+                self._tb = SummaryWriter(logdir=str(run_dir), purge_step=purge_step, flush_secs=10)
 
     def write(self, row: dict) -> None:
         if self._file is not None:
             self._file.write(json.dumps(row) + "\n")
             self._file.flush()
+        if self._tb is not None:
+            step = int(row["step"])
+            for key, value in row.items():
+                if key == "step" or isinstance(value, bool) or not isinstance(value, (int, float)):
+                    continue
+                tag = f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}"
+                self._tb.add_scalar(tag, value, step)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
 
 
 def read_config(run_dir) -> Optional[dict]:
@@ -122,6 +151,22 @@ def write_config(run_dir, *, model_config, train_config: TrainConfig, compute_dt
     if loss_fn is not None:
         payload["loss_fn"] = loss_fn
     atomic_write(run_dir / CONFIG_FILE, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def write_run_file(run_dir, model_config, train_config: TrainConfig) -> Path:
+    """``run.yaml``: ``model``, ``overrides`` (every model-config field) and ``train`` (every
+    train-config field) -- the ``--config`` file format of ``experiments.train``, so passing it
+    back reproduces the run (give a new ``--out``)."""
+    import yaml
+
+    model = model_config.to_dict()
+    name = model.pop("model")
+    payload = {"model": name, "overrides": _json(model), "train": _json(train_config.to_dict())}
+    text = ("# written by jaxformers: python -m experiments.train --config THIS_FILE --out NEW_DIR "
+            "reproduces the run\n" + yaml.safe_dump(payload, sort_keys=False))
+    path = Path(run_dir) / RUN_FILE
+    atomic_write(path, text)
+    return path
 
 
 def write_summary(run_dir, summary: dict) -> None:

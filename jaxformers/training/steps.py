@@ -199,8 +199,19 @@ class Program:
     """
 
     def __init__(self, module, mesh, *, loss_fn: LossFn = cross_entropy, tx=None, schedule=None,
-                 grad_accum: int = 1, aux_weights=None):
+                 grad_accum: int = 1, aux_weights=None, step_fn: Optional[Callable] = None):
         self.module, self.mesh, self.loss_fn = module, mesh, loss_fn
+        # step_fn: a replacement for train_step (same signature and keywords); if it has a
+        # ``wrap_optimizer(tx)`` method, the optimizer it returns carries the step's own state
+        # (e.g. DoGE's domain weights) in ``opt_state``: sharded, checkpointed and restored
+        # with it.
+        # If it has ``extra_inputs()`` -> ``(tree, logical PartitionSpecs)``, that tree (frozen
+        # arrays, e.g. a distillation teacher's params) is placed once, sharded by its logical
+        # axis names, and passed to every train step as ``extra=``.
+        self.step_fn = train_step if step_fn is None else step_fn
+        if tx is not None and hasattr(self.step_fn, "wrap_optimizer"):
+            tx = self.step_fn.wrap_optimizer(tx)
+        self.extra = self.extra_shardings = None
         self.tx, self.schedule, self.grad_accum = tx, schedule, int(grad_accum)
         self.aux_weights = tuple(sorted(dict(aux_weights or {}).items()))
         # Parameter creation runs without logical rules: flax's DenseGeneral reshapes boxed
@@ -220,6 +231,10 @@ class Program:
                 mesh_lib.opt_state_shardings(tx, self.abstract_opt, self.param_shardings, mesh),
                 self.abstract_opt)
         self._compiled: Dict[Any, Any] = {}
+        if hasattr(self.step_fn, "extra_inputs"):
+            tree, specs = self.step_fn.extra_inputs()
+            self.extra_shardings = mesh_lib.fit_shardings(mesh_lib.logical_to_sharding(specs, mesh), tree)
+            self.extra = jax.device_put(tree, self.extra_shardings)
 
     # ------------------------------------------------------------------ abstract trees
     @staticmethod
@@ -257,6 +272,31 @@ class Program:
                 self._compiled["init"] = fn.lower(jax.ShapeDtypeStruct(key.shape, key.dtype)).compile()
         return self._compiled["init"](jax.random.PRNGKey(seed))
 
+    def init_opt_state(self, params):
+        """A fresh optimizer state for ``params`` (placed with :attr:`param_shardings`), sharded
+        like :meth:`init`'s (fine-tuning from given parameters)."""
+        if self.tx is None:
+            raise ValueError("this Program has no optimizer (tx=None): it can only evaluate")
+        fn = jax.jit(self.tx.init, in_shardings=(self.param_shardings,), out_shardings=self.opt_shardings)
+        with mesh_lib.use_mesh(self.mesh):
+            return fn(params)
+
+    def init_from(self, params):
+        """``(params, fresh opt_state)`` starting from given ``params`` (converted or pretrained
+        weights of exactly this module's tree), placed with the parameter shardings."""
+        want = jax.tree_util.tree_structure(self.abstract_params)
+        got = jax.tree_util.tree_structure(params)
+        if want != got:
+            raise ValueError(f"init params do not match the model's parameter tree:\n  model: {want}\n  given: {got}")
+        bad = [f"{jax.tree_util.keystr(path)}: model {a.shape}, given {np.shape(p)}"
+               for (path, a), p in zip(jax.tree_util.tree_leaves_with_path(self.abstract_params),
+                                       jax.tree.leaves(params)) if tuple(a.shape) != tuple(np.shape(p))]
+        if bad:
+            raise ValueError("init params have the wrong shapes: " + "; ".join(bad[:5]))
+        params = jax.device_put(jax.tree.map(lambda a, p: jnp.asarray(p, a.dtype), self.abstract_params, params),
+                                self.param_shardings)
+        return params, (None if self.tx is None else self.init_opt_state(params))
+
     # ------------------------------------------------------------------ train step
     def compile_train_step(self, batch):
         """The compiled train step for batches shaped like ``batch`` (arrays or ShapeDtypeStructs)."""
@@ -264,24 +304,26 @@ class Program:
             raise ValueError("this Program has no optimizer (tx=None): it can only evaluate")
         key = ("train", _batch_signature(batch))
         if key not in self._compiled:
-            module, tx, loss_fn = self.module, self.tx, self.loss_fn
+            module, tx, loss_fn, update = self.module, self.tx, self.loss_fn, self.step_fn
             kw = dict(grad_accum=self.grad_accum, aux_weights=self.aux_weights, schedule=self.schedule,
                       micro_sharding=self.micro_sharding)
 
-            def step_fn(params, opt_state, batch, step, rng):
-                return train_step(module, tx, loss_fn, params, opt_state, batch, step, rng, **kw)
+            def step_fn(params, opt_state, batch, step, rng, extra):
+                more = {} if extra is None else {"extra": extra}
+                return update(module, tx, loss_fn, params, opt_state, batch, step, rng, **kw, **more)
 
             jitted = jax.jit(
                 step_fn,
                 in_shardings=(self.param_shardings, self.opt_shardings, self.batch_sharding,
-                              self.replicated, self.replicated),
+                              self.replicated, self.replicated, self.extra_shardings),
                 out_shardings=(self.param_shardings, self.opt_shardings, self.replicated),
                 donate_argnums=(0, 1))
             rng = jax.random.PRNGKey(0)
             params, opt = self.abstract_state()
+            extra = None if self.extra is None else self.with_shardings(self.extra, self.extra_shardings)
             args = (params, opt, self.abstract_batch(batch),
                     jax.ShapeDtypeStruct((), jnp.int32, sharding=self.replicated),
-                    jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=self.replicated))
+                    jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=self.replicated), extra)
             self._compiled[key] = self.compile(jitted, args)
         return self._compiled[key]
 
@@ -289,7 +331,7 @@ class Program:
         """``(params, opt_state, metrics)``; ``batch`` as placed by :meth:`put_batch`; donates
         ``params`` and ``opt_state``."""
         fn = self.compile_train_step(batch)
-        return fn(params, opt_state, batch, jnp.asarray(step, jnp.int32), rng)
+        return fn(params, opt_state, batch, jnp.asarray(step, jnp.int32), rng, self.extra)
 
     # ------------------------------------------------------------------ eval step
     def eval_step(self, params, batch):
@@ -314,15 +356,16 @@ class Program:
 
 
 # ============================================================================ explicit compile cache
-def program_key(model_config, mesh, train_config=None, loss_fn=None) -> tuple:
+def program_key(model_config, mesh, train_config=None, loss_fn=None, step_fn=None) -> tuple:
     """What determines a :class:`Program` built by the trainer: the compute model config, the
-    mesh, the loss function, and for training the optimizer fields, ``grad_accum`` and the
-    auxiliary-loss weights (not paths, seeds, data or intervals)."""
+    mesh, the loss function, and for training the optimizer fields, ``grad_accum``, the
+    auxiliary-loss weights and the step function (not paths, seeds, data or intervals)."""
     from .optim import optimizer_key
 
     train_part = None
     if train_config is not None:
-        train_part = (optimizer_key(train_config), train_config.grad_accum, train_config.aux_loss_weights)
+        train_part = (optimizer_key(train_config), train_config.grad_accum, train_config.aux_loss_weights,
+                      step_fn)
     return (model_config, mesh, loss_fn, train_part)
 
 

@@ -42,7 +42,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import jax
 import numpy as np
@@ -58,7 +58,7 @@ from .checkpoint import Checkpointer
 from .config import TrainConfig
 from .losses import LossFn, get_loss
 from .metrics import Progress, Throughput, mfu, model_flops_per_token, peak_flops, plot_losses
-from .optim import decay_mask, make_optimizer
+from .optim import SCHEDULE_FIELDS, decay_mask, lr_at, make_optimizer
 from .rundir import (CONFIG_FILE, METRICS_FILE, PLOT_FILE, SUMMARY_FILE, TOKENIZER_DIR, load_run,
                      read_metrics)
 from .steps import CompileCache, Program, abstract_params, compute_config, program_key, resolve_dtype
@@ -82,7 +82,7 @@ def _resolve_loss(tc: TrainConfig, loss_fn: Optional[LossFn]) -> Tuple[LossFn, O
 
 
 def train_program(model_config: ModelConfig, tc: TrainConfig, mesh, dtype: str, loss_fn: LossFn,
-                  cache: Optional[CompileCache] = None) -> Program:
+                  cache: Optional[CompileCache] = None, step_fn=None) -> Program:
     """The :class:`Program` ``train`` runs (from ``cache`` when it holds an equal one)."""
     config = compute_config(model_config, dtype)
 
@@ -91,11 +91,11 @@ def train_program(model_config: ModelConfig, tc: TrainConfig, mesh, dtype: str, 
         abstract, specs = abstract_params(module)
         tx, schedule = make_optimizer(tc, decay_mask(specs, abstract))
         return Program(module, mesh, loss_fn=loss_fn, tx=tx, schedule=schedule, grad_accum=tc.grad_accum,
-                       aux_weights=tc.aux_loss_weights)
+                       aux_weights=tc.aux_loss_weights, step_fn=step_fn)
 
     if cache is None:
         return build_program()
-    return cache.get(program_key(config, mesh, tc, loss_fn), build_program)
+    return cache.get(program_key(config, mesh, tc, loss_fn, step_fn), build_program)
 
 
 def eval_program(model_config: ModelConfig, mesh, dtype: str, loss_fn: LossFn,
@@ -145,6 +145,21 @@ def eval_loss(program: Program, params, source, batch_size: int, seq_len: int, m
         return empty
     loss = total / count
     return {"val_loss": loss, "val_ppl": float(math.exp(min(loss, 700.0))), "val_tokens": int(round(count))}
+
+
+def eval_group_losses(program: Program, params, source, batch_size: int, seq_len: int,
+                      max_batches: Optional[int], split: str = "val") -> Dict[str, float]:
+    """``{"val_loss/<group>": loss}`` for a source with named evaluation groups
+    (``source.eval_groups()``, e.g. the domains of a multi-domain source); ``{}`` otherwise."""
+    groups = getattr(source, "eval_groups", None)
+    if groups is None or max_batches == 0:
+        return {}
+    out = {}
+    for name, group in groups().items():
+        ev = eval_loss(program, params, group, batch_size, seq_len, max_batches, split)
+        if ev["val_loss"] is not None:
+            out[f"val_loss/{name}"] = ev["val_loss"]
+    return out
 
 
 class _StopRequest:
@@ -247,26 +262,78 @@ def _train_row(done: int, metrics: dict, tokens_per_s, tokens: int) -> dict:
 
 
 # ============================================================================ train
+def resume_schedule(saved: Optional[dict], tc: TrainConfig, step: int,
+                    allow_lr_jump: bool = False) -> Tuple[TrainConfig, List[str]]:
+    """``(train config to continue with, messages)`` for resuming at ``step`` a run whose saved
+    config is ``saved``.  The LR never jumps silently:
+
+    * only ``steps`` grew (an extension): the schedule keeps its old length
+      (``schedule_steps``), so the LR follows the old curve and then holds its final value;
+    * any other change that moves the LR at ``step``: ``ValueError`` unless ``allow_lr_jump``
+      (then a message names the jump).
+    """
+    if not saved or "train" not in saved:
+        return tc, []
+    try:
+        old = TrainConfig.from_dict(saved["train"])
+    except ValueError:
+        return tc, []
+    messages = []
+    if (tc.steps > old.steps and tc.schedule_steps in (None, old.schedule_steps)
+            and all(getattr(tc, f) == getattr(old, f) for f in SCHEDULE_FIELDS
+                    if f not in ("steps", "schedule_steps"))):
+        tc = tc.replace(schedule_steps=old.schedule_length)
+        messages.append(
+            f"extending the run from {old.steps} to {tc.steps} steps: the LR schedule keeps its length "
+            f"{old.schedule_length} (from step {old.schedule_length} on the LR stays at its final value "
+            f"{lr_at(old, old.schedule_length):.3g})")
+    before, after = lr_at(old, step), lr_at(tc, step)
+    if abs(after - before) > 1e-6 * max(abs(before), 1e-12):
+        changed = [f"{f}: {getattr(old, f)!r} -> {getattr(tc, f)!r}" for f in SCHEDULE_FIELDS
+                   if getattr(old, f) != getattr(tc, f)]
+        text = (f"the schedule change ({'; '.join(changed)}) moves the learning rate at step {step} from "
+                f"{before:.4g} to {after:.4g}")
+        if not allow_lr_jump:
+            raise ValueError(f"cannot resume: {text}. To train longer keep the schedule and raise only "
+                             "steps (--extend-steps N: the LR continues at its final value), or accept "
+                             "the jump with allow_lr_jump=True (--allow-lr-jump)")
+        messages.append(f"warning: {text} (allowed by allow_lr_jump)")
+    return tc, messages
+
+
 def train(model_config: ModelConfig, train_config: TrainConfig, *, resume: bool = False,
           progress: Optional[bool] = None, stop_after: Optional[int] = None,
-          loss_fn: Optional[LossFn] = None, cache: Optional[CompileCache] = None) -> Dict[str, Any]:
+          loss_fn: Optional[LossFn] = None, cache: Optional[CompileCache] = None,
+          step_fn=None, allow_lr_jump: bool = False, init_params=None) -> Dict[str, Any]:
     """Train ``model_config`` with ``train_config``; returns the summary dict (also in summary.json).
 
     ``progress``: ``None`` = a tqdm bar if stderr is a terminal, else one line per
     log step on stderr; ``True`` = bar; ``False`` = silent.  ``stop_after=k``
     stops once step ``k`` is done (checkpointing it), as if preempted -- for
     time-sliced jobs; continue with ``resume=True`` (the schedule still runs to
-    ``train_config.steps``).  ``loss_fn``: a loss function
+    ``train_config.steps``).  ``resume=True`` with a larger ``steps`` extends a run
+    (the LR continues at its final value, :func:`resume_schedule`); other schedule
+    changes that move the LR are refused unless ``allow_lr_jump``.
+    ``train_config.init_from`` (a run directory or a Hugging Face checkpoint
+    directory, :func:`jaxformers.training.init_from.load_params`) starts a fresh run from
+    those parameters (fresh optimizer state; ignored when resuming from a checkpoint).
+    ``loss_fn``: a loss function
     ``(module, params, batch, rng) -> (loss, metrics)`` that overrides
     ``train_config.loss`` (its name is recorded in config.json; pass it again to
     resume).  ``cache``: a :class:`~jaxformers.training.steps.CompileCache` to reuse
-    compiled programs across calls.  See the module docstring for the run
-    directory, resume and reproducibility rules.
+    compiled programs across calls.  ``step_fn``: a replacement for
+    :func:`~jaxformers.training.steps.train_step` (see :class:`Program`), e.g.
+    :class:`jaxformers.training.doge.DogeStep`; pass it again to resume.  ``init_params``:
+    start from these parameters (this model's tree, e.g. converted weights) with a fresh
+    optimizer instead of a random init (ignored when resuming from a checkpoint).  See the
+    module docstring for the run directory, resume and reproducibility rules.
     """
     if not isinstance(model_config, ModelConfig):
         raise ValueError(f"model_config must be a ModelConfig, got {type(model_config).__name__}")
     if not isinstance(train_config, TrainConfig):
         raise ValueError(f"train_config must be a TrainConfig, got {type(train_config).__name__}")
+    if init_params is not None and train_config.init_from is not None:
+        raise ValueError("pass either init_params or train_config.init_from, not both")
     tc = train_config
     if stop_after is not None and (not isinstance(stop_after, int) or stop_after < 1):
         raise ValueError(f"stop_after must be a positive int or None, got {stop_after!r}")
@@ -288,6 +355,8 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, resume: bool 
     source = open_data(tc.data, tc.tokenizer)
     mesh = mesh_lib.make_mesh(tc.mesh)
     _check_inputs(model_config, tc, source, mesh)
+    if hasattr(step_fn, "check_source"):  # e.g. DogeStep: the batches it needs
+        step_fn.check_source(source, tc)
     loader = train_loader(source, tc, mesh)
     dtype = resolve_dtype(tc.dtype)
 
@@ -296,36 +365,53 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, resume: bool 
     with_ckpt = resume and ckpt.latest_step() is not None
     if resume and not with_ckpt and ckpt.incomplete_steps() and not ckpt.complete_steps():
         log.warning("only incomplete checkpoints in %s", ckpt.directory)
+    messages = []  # (text, is_warning): shown by the progress display, else warnings are logged
+    if with_ckpt and ckpt.latest_step() < end_step:  # something to train: the LR must not jump
+        tc, notes = resume_schedule(saved, tc, ckpt.latest_step(), allow_lr_jump)
+        messages += [(m, m.startswith("warning")) for m in notes]
+    elif with_ckpt and ckpt.latest_step() >= tc.steps:
+        messages.append((f"{run_dir} is already finished (step {ckpt.latest_step()} of {tc.steps}): "
+                         "nothing to train; to train further pass --extend-steps N (or a larger steps)",
+                         True))
 
     # ---------------------------------------------------------------- setup: the compiled program
-    program = train_program(model_config, tc, mesh, dtype, loss_fn, cache)
+    program = train_program(model_config, tc, mesh, dtype, loss_fn, cache, step_fn)
     n_params = count_params(program.abstract_params)
 
     # ---------------------------------------------------------------- restore or initialise
-    messages, start_step = [], 0
+    start_step = 0
     if with_ckpt:
         step = ckpt.latest_step()
         ckpt.verify(step)  # raises CheckpointError before anything is modified
         moved = ckpt.quarantine_incomplete()  # before orbax lists the step directories
         if moved:
-            messages.append(f"moved incomplete checkpoint(s) aside: {moved}")
+            messages.append((f"moved incomplete checkpoint(s) aside: {moved}", True))
         params, opt_state, restored_meta = ckpt.restore(step, *program.abstract_state(), verify=False)
         start_step = int(restored_meta["data_step"])
         changes = rundir.train_config_changes(saved, tc)
         if changes:
-            messages.append("resuming with a changed train config: " + "; ".join(changes))
+            messages.append(("resuming with a changed train config: " + "; ".join(changes), False))
         if saved is not None and saved.get("loss_fn") != loss_fn_name:
-            messages.append(f"the run was trained with loss_fn={saved.get('loss_fn') or tc.loss!r}; "
-                            f"continuing with {loss_fn_name or tc.loss!r}")
-            log.warning(messages[-1])
-        messages.append(f"resumed from {ckpt.step_dir(step)} (step {start_step})")
+            messages.append((f"the run was trained with loss_fn={saved.get('loss_fn') or tc.loss!r}; "
+                             f"continuing with {loss_fn_name or tc.loss!r}", True))
+        messages.append((f"resumed from {ckpt.step_dir(step)} (step {start_step})", False))
     else:
         if resume:
-            messages.append(f"resume requested but {run_dir} has no complete checkpoint: "
-                            "starting from scratch")
-            log.warning(messages[-1])
+            messages.append((f"resume requested but {run_dir} has no complete checkpoint: "
+                             "starting from scratch", True))
             ckpt.quarantine_incomplete()
-        params, opt_state = program.init(tc.seed)
+        if tc.init_from is not None:  # fine-tuning: the source's parameters, a fresh optimizer
+            from .init_from import load_params
+            params = jax.device_put(load_params(tc.init_from, program.abstract_params),
+                                    program.param_shardings)
+            opt_state = program.init_opt_state(params)
+            messages.append((f"initialised the parameters from {tc.init_from} (fresh optimizer state)",
+                             False))
+        elif init_params is not None:  # given weights (converted, e.g. a distillation student)
+            params, opt_state = program.init_from(init_params)
+            messages.append(("initialised the parameters from init_params (fresh optimizer state)", False))
+        else:
+            params, opt_state = program.init(tc.seed)
 
     # ---------------------------------------------------------------- run directory files
     if is_main:
@@ -334,6 +420,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, resume: bool 
                             loss_fn=loss_fn_name)
         rundir.reset_metrics(run_dir, start_step if with_ckpt else None)
         rundir.copy_tokenizer(run_dir, source.ds_dir)
+        rundir.write_run_file(run_dir, model_config, tc)
 
     # ---------------------------------------------------------------- compile
     t_compile = time.perf_counter()
@@ -344,9 +431,14 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, resume: bool 
 
     # ---------------------------------------------------------------- loop
     progress_ = Progress(progress if is_main else False, tc.steps, start_step)
-    for msg in messages:
-        progress_.info(msg)
-    metrics_log = rundir.MetricsWriter(run_dir, enabled=is_main)
+    for msg, warning in messages:
+        if progress_.active:
+            progress_.info(msg)
+        elif warning:
+            log.warning(msg)
+    metrics_log = rundir.MetricsWriter(run_dir, enabled=is_main, tensorboard=tc.tensorboard,
+                                       purge_step=start_step + 1 if with_ckpt else None)
+    fpt = model_flops_per_token(program.module.config, tc.seq_len, program.abstract_params)
 
     def write_row(row):
         metrics_log.write(row)
@@ -356,11 +448,14 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, resume: bool 
         ev = eval_loss(program, params, source, tc.micro_batch_size, tc.seq_len, tc.eval_batches)
         if ev["val_loss"] is None:
             return None
-        row = {"step": done, "val_loss": ev["val_loss"], "val_ppl": ev["val_ppl"]}
+        row = {"step": done, "val_loss": ev["val_loss"], "val_ppl": ev["val_ppl"],
+               **eval_group_losses(program, params, source, tc.micro_batch_size, tc.seq_len, tc.eval_batches)}
         write_row(row)
         return row
 
     last_train, last_eval = None, None
+    if tc.init_from is not None and not with_ckpt and start_step < end_step:
+        evaluate_now(0)  # the source model's loss on this data: where fine-tuning starts
     clock = Throughput(start_step, tc.tokens_per_step)
     stop = _StopRequest()
     vote = _StopVote()
@@ -380,6 +475,8 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, resume: bool 
             if do_log:  # ------------------------------------------- log
                 tps = clock.end_interval(done, params)
                 last_train = _train_row(done, jax.device_get(metrics), tps, done * tc.tokens_per_step)
+                if tps is not None and mfu(fpt, tps) is not None:
+                    last_train["mfu"] = round(mfu(fpt, tps), 4)
                 if not math.isfinite(last_train["loss"]):
                     progress_.info(f"warning: non-finite loss {last_train['loss']} at step {done}")
                 write_row(last_train)
@@ -414,14 +511,15 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, resume: bool 
     if last_eval is None and finished:
         ev = eval_loss(program, params, source, tc.micro_batch_size, tc.seq_len, tc.eval_batches)
         if ev["val_loss"] is not None:
-            last_eval = {"step": max(start_step, tc.steps), **ev}
+            last_eval = {"step": max(start_step, tc.steps), **ev, **eval_group_losses(
+                program, params, source, tc.micro_batch_size, tc.seq_len, tc.eval_batches)}
     tokens_per_s = clock.tokens_per_s
-    fpt = model_flops_per_token(program.module.config, tc.seq_len, program.abstract_params)
     summary = {
         "model": model_config.model,
         "run_dir": str(run_dir),
         "steps": tc.steps,
         "final_step": max(start_step, end_step),
+        "trained_steps": max(0, end_step - start_step),
         "finished": finished,
         "stopped_by_signal": stopped_by,
         "resumed_from": start_step if with_ckpt else None,
@@ -429,6 +527,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, resume: bool 
         "train_loss": None if last_train is None else last_train["loss"],
         "val_loss": None if last_eval is None else last_eval["val_loss"],
         "val_ppl": None if last_eval is None else last_eval["val_ppl"],
+        **({} if last_eval is None else {k: v for k, v in last_eval.items() if k.startswith("val_loss/")}),
         "n_params": n_params,
         "tokens_per_s": tokens_per_s,
         "flops_per_token": fpt,
@@ -440,6 +539,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, resume: bool 
         "n_devices": jax.device_count(),
         "device_kind": jax.devices()[0].device_kind,
         "backend": jax.default_backend(),
+        "init_from": tc.init_from,
     }
     if is_main:
         rundir.write_summary(run_dir, summary)
@@ -493,6 +593,11 @@ def evaluate(run: Union[str, os.PathLike, Tuple[ModelConfig, Any]], data=None, *
     source = open_data(data, tokenizer or (tc.tokenizer if tc is not None else "byte"))
     batch_size = batch_size or (tc.micro_batch_size if tc is not None else 8)
     seq_len = seq_len or (tc.seq_len if tc is not None else model_config.max_seq_len)
+    trained_len = tc.seq_len if tc is not None else model_config.max_seq_len
+    if seq_len > trained_len:
+        log.warning("seq_len=%d is longer than the %s (%d): the loss measures length extrapolation",
+                    seq_len, "sequences the run was trained on" if tc is not None else "model's max_seq_len",
+                    trained_len)
     if max_batches == -1:
         max_batches = tc.eval_batches if tc is not None else None
     if not source.has_eval_data(seq_len, split):

@@ -1,0 +1,83 @@
+"""Benchmark the fast Walsh-Hadamard transform kernel against a dense matmul by ``H_n``.
+
+    python -m experiments.bench_hadamard [--quick] [--out DIR] [--rows R] [--sizes 128,1024]
+
+For each size ``n`` (default 64..8192 and 352 = 44 * 8, 768 = 12 * 64, QuaRot's Paley
+factored sizes) and ``R`` rows of bf16 (default 65536: e.g. 16 sequences x 4096 tokens),
+times forward and forward+backward of
+
+* ``pallas``: :func:`pallas_kernels.hadamard.hadamard_transform` (Pallas kernel for the
+  ``2^k`` part, a dense ``[m, m]`` matmul for the Paley factor),
+* ``dense``: ``x @ (H_n / sqrt(n))`` (XLA matmul, bf16 in, float32 accumulation).
+
+Prints median milliseconds and the effective bandwidth (read + write of x); writes
+``DIR/results.json``.  ``--quick``: tiny shapes to prove the script runs (interpret mode on
+CPU, so the CPU timings measure the Pallas interpreter, not a kernel).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.hadamard import hadamard_matrix, hadamard_transform
+from experiments.common import median_ms, write_results
+
+SIZES = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 352, 768)
+
+
+def dense_hadamard(x, h):
+    return jnp.matmul(x, h, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def bench(sizes, rows, dtype, warmup, iters):
+    out = []
+    for n in sizes:
+        x = jax.random.normal(jax.random.PRNGKey(n), (rows, n)).astype(dtype)
+        h = jnp.asarray(hadamard_matrix(n) * n ** -0.5, dtype)
+        fns = {"pallas": lambda x, h: hadamard_transform(x), "dense": dense_hadamard}
+        for impl, f in fns.items():
+            fwd = jax.jit(f)
+            def fb(x, h, f=f):  # forward + VJP of a data-dependent cotangent (x itself)
+                y, vjp = jax.vjp(lambda x: f(x, h), x)
+                return y, vjp(x)[0]
+            fb = jax.jit(fb)
+            for mode, fn in (("fwd", fwd), ("fwd+bwd", fb)):
+                try:
+                    ms = median_ms(fn, (x, h), warmup, iters)
+                    note = None
+                except Exception as e:  # noqa: BLE001 - recorded
+                    ms, note = None, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                gbs = None if ms is None else (2 * rows * n * x.dtype.itemsize) / (ms * 1e6)
+                row = dict(n=n, rows=rows, dtype=str(jnp.dtype(dtype)), impl=impl, mode=mode,
+                           ms=ms, fwd_gbs=gbs if mode == "fwd" else None, note=note)
+                out.append(row)
+                print(f"n {n:5d} {impl:6s} {mode:8s} "
+                      + (f"{ms:9.3f} ms" if ms is not None else f"FAILED {note}")
+                      + (f"  {gbs:7.1f} GB/s" if gbs and mode == "fwd" else ""), flush=True)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m experiments.bench_hadamard", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
+    ap.add_argument("--out", default="runs/bench_hadamard")
+    ap.add_argument("--rows", type=int, default=None)
+    ap.add_argument("--sizes", default=None, help="comma list of sizes")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    args = ap.parse_args(argv)
+    sizes = tuple(int(s) for s in args.sizes.split(",")) if args.sizes else (
+        (64, 352) if args.quick else SIZES)
+    rows = args.rows or (64 if args.quick else 65536)
+    warmup, iters = (1, 3) if args.quick else (3, 20)
+    rows_out = bench(sizes, rows, jnp.dtype(args.dtype), warmup, iters)
+    write_results(args.out, command="python -m experiments.bench_hadamard " + " ".join(
+        argv if argv is not None else sys.argv[1:]), rows=rows_out,
+        note="CPU runs time the Pallas interpreter (interpret mode), not a compiled kernel")
+
+
+if __name__ == "__main__":
+    main()

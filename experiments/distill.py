@@ -1,0 +1,343 @@
+"""Distilled Mamba reasoners: distil a transformer into pure / hybrid Mamba-2 students, then
+compare them at a fixed generation-time budget ("Thinking Slow, Fast").
+
+    python -m experiments.distill --preset tiny --out runs/distill-tiny        # a few CPU minutes
+    python -m experiments.distill --teacher RUN_DIR --student hybrid --attn-layers 3 --out DIR
+
+Task: multi-digit addition with worked steps (``synthetic:arithmetic``, a chain of thought:
+one ``a_i+b_i+c_i=c s;`` step per digit, then the answer), answers exactly checkable.
+
+1. **Teacher**: ``--teacher RUN_DIR`` (a ``llama`` / ``gpt`` run trained here), else a
+   ``llama`` trained on the task (``runs/teacher``).
+2. **Students** (``runs/<student>``, normal run directories: ``evaluate`` / ``generate`` work
+   on them): ``mamba2`` (every layer an SSM) and ``hybrid`` (attention kept at
+   ``--attn-layers``), attention-initialised (:func:`jaxformers.distill.init_student`) and
+   distilled with a KL loss on the teacher's logits (:class:`jaxformers.distill.DistillStep`,
+   teacher in the same compiled step), after ``--align-steps`` of layer-wise alignment
+   (``stage="align"``: each converted layer fed the teacher's hidden states, ``runs/<student>_align``);
+   plus ``mamba2_random`` (random SSM init, no alignment, same distillation) for the
+   initialisation comparison.  Reported per student: KL to the teacher on validation
+   sequences at initialisation, after alignment and after distillation, validation loss,
+   greedy answer accuracy, the distillation loss's first and last logged values.
+3. **Throughput**: tokens/s of batched sampling (``generate(num_samples=k)``: one prefill per
+   prompt, k rows decoding) for every model, per batch size and generation length.
+4. **Fixed time budget**: ``k`` sampled chains of thought per problem (temperature
+   ``--temperature``) for k in the preset's list: coverage (any of the k answers right) and
+   majority-vote accuracy vs the measured generation time per problem -> ``coverage.png``.
+
+``OUT/results.json`` holds every number (seed, settings, environment); ``--steps`` /
+``--teacher-steps`` / ``--align-steps`` / ``--problems`` / ``--samples`` / ``--students`` /
+``--speed-batches`` / ``--speed-lengths`` shrink a run (tests).
+Times are wall-clock on the machine that ran it (CPU numbers say little about a GPU, where
+the SSM students' constant-size state is what makes large-batch sampling fast).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import time
+from pathlib import Path
+
+from experiments.common import enable_compile_cache, write_results
+
+PRESETS = {
+    # the teacher reaches ~87% greedy accuracy on 3-digit addition in 500 steps (seed 0)
+    "tiny": dict(digits=3, teacher=dict(d_model=64, n_layer=4, n_head=4, n_kv_head=2, d_ff=176, max_seq_len=256),
+                 teacher_train=dict(steps=500, batch_size=32, lr=3e-3, warmup_steps=30),
+                 distill_train=dict(steps=300, batch_size=32, lr=2e-3, warmup_steps=30), align_steps=50,
+                 attn_layers=(3,), problems=64, samples=(1, 2, 4, 8, 16), temperature=1.0,
+                 speed_batches=(1, 16, 64), speed_lengths=(64, 256), eval_batches=4),
+    "gpu": dict(digits=8, teacher=dict(d_model=512, n_layer=8, n_head=8, n_kv_head=4, d_ff=1408, max_seq_len=2048),
+                teacher_train=dict(steps=3000, batch_size=64, lr=1e-3, warmup_steps=200),
+                distill_train=dict(steps=1500, batch_size=64, lr=5e-4, warmup_steps=100), align_steps=300,
+                attn_layers=(3, 7), problems=256, samples=(1, 2, 4, 8, 16, 32, 64), temperature=1.0,
+                speed_batches=(1, 16, 64, 256), speed_lengths=(256, 1024, 2048), eval_batches=16),
+}
+
+
+def _parser():
+    ap = argparse.ArgumentParser(prog="python -m experiments.distill", description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--teacher", help="a trained llama/gpt run directory (default: train one on the task)")
+    ap.add_argument("--students", default="mamba2,hybrid,mamba2_random",
+                    help="comma-separated students: mamba2, hybrid, mamba2_random (default: all)")
+    ap.add_argument("--student", choices=("mamba2", "hybrid"), help="distil only this student")
+    ap.add_argument("--attn-layers", help="hybrid: comma-separated teacher layers kept as attention "
+                                          "(default: the preset's)")
+    ap.add_argument("--steps", type=int, help="override the distillation steps")
+    ap.add_argument("--align-steps", type=int,
+                    help="layer-wise alignment steps before distillation, attention-initialised students "
+                         "only (default: the preset's; 0 skips the stage)")
+    ap.add_argument("--teacher-steps", type=int, help="override the teacher's training steps")
+    ap.add_argument("--problems", type=int, help="override the number of test problems")
+    ap.add_argument("--samples", help="comma-separated samples per problem, e.g. 1,4,16")
+    ap.add_argument("--temperature", type=float, help="sampling temperature (default: the preset's)")
+    ap.add_argument("--speed-batches", help="comma-separated batch sizes of the throughput table")
+    ap.add_argument("--speed-lengths", help="comma-separated generation lengths of the throughput table")
+    ap.add_argument("--kl-weight", type=float, default=1.0)
+    ap.add_argument("--ce-weight", type=float, default=0.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent XLA cache")
+    return ap
+
+
+# ----------------------------------------------------------------------------- pieces
+def _train_config(out, name, data, seq_len, train_kw, seed, eval_batches, steps=None):
+    from jaxformers.training import TrainConfig
+
+    kw = dict(train_kw)
+    if steps is not None:
+        kw.update(steps=steps, warmup_steps=min(kw["warmup_steps"], steps // 10))
+    return TrainConfig(seed=seed, data=data, out_dir=str(Path(out) / "runs" / name), seq_len=seq_len,
+                       checkpoint_every=0, keep_checkpoints=1, eval_every=0, eval_batches=eval_batches,
+                       log_every=max(1, kw["steps"] // 20), **kw)
+
+
+def _fresh(run_dir):
+    import shutil
+
+    if Path(run_dir).exists():
+        shutil.rmtree(run_dir)
+
+
+def mean_kl(teacher, teacher_params, student, student_params, rows) -> float:
+    """Mean per-token KL(teacher || student) over every input position of ``rows`` ``[N, T+1]``."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxformers.distill import kl_per_token
+
+    @jax.jit
+    def kl(tp, sp, tokens):
+        return kl_per_token(teacher.apply({"params": tp}, tokens), student.apply({"params": sp}, tokens)).mean()
+
+    return float(kl(teacher_params, student_params, jnp.asarray(rows[:, :-1])))
+
+
+def extract_answers(generated, digits: int):
+    """The ``digits + 1`` answer digits after SEP of each generated row (None if absent)."""
+    import numpy as np
+
+    from jaxformers.data.synthetic import SEP
+
+    out = []
+    for row in np.asarray(generated).tolist():
+        try:
+            i = row.index(SEP)
+        except ValueError:
+            out.append(None)
+            continue
+        ans = tuple(row[i + 1:i + 2 + digits])
+        out.append(ans if len(ans) == digits + 1 else None)
+    return out
+
+
+def sample_problems(module, params, prompts, answers, k: int, new_tokens: int, digits: int, temperature: float,
+                    seed: int):
+    """``(seconds, coverage, majority accuracy)`` of k samples per prompt (compiled, warm)."""
+    import jax
+
+    import jaxformers as jf
+
+    def run():
+        return jf.generate(module, {"params": params}, prompts, new_tokens, temperature=temperature,
+                           rng=jax.random.PRNGKey(seed), num_samples=k)
+
+    jax.block_until_ready(run())  # compile
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(run())
+    seconds = time.perf_counter() - t0
+    got = extract_answers(out[:, prompts.shape[1]:], digits)
+    covered = majority = 0
+    for p, truth in enumerate(answers):
+        mine = got[p * k:(p + 1) * k]
+        covered += any(a == truth for a in mine)
+        votes = collections.Counter(a for a in mine if a is not None)
+        majority += bool(votes) and votes.most_common(1)[0][0] == truth
+    n = len(answers)
+    return seconds, covered / n, majority / n
+
+
+def throughput(module, params, batch: int, length: int, prompt_len: int = 8) -> float:
+    """Generated tokens/s of ``generate`` for ``batch`` rows of ``length`` tokens (best of 2)."""
+    import jax
+    import jax.numpy as jnp
+
+    import jaxformers as jf
+
+    prompt = jnp.full((batch, prompt_len), 5, jnp.int32)
+    new = length - prompt_len
+
+    def run():
+        return jf.generate(module, {"params": params}, prompt, new, temperature=1.0, rng=jax.random.PRNGKey(0))
+
+    jax.block_until_ready(run())
+    best = float("inf")
+    for _ in range(2):
+        t0 = time.perf_counter()
+        jax.block_until_ready(run())
+        best = min(best, time.perf_counter() - t0)
+    return batch * new / best
+
+
+# ----------------------------------------------------------------------------- the experiment
+def run(args) -> dict:
+    import jax
+    import numpy as np
+
+    import jaxformers as jf
+    from jaxformers.data.synthetic import arithmetic, arithmetic_length
+    from jaxformers.distill import DistillStep, init_student, student_config
+    from jaxformers.training import load_run, train
+    from jaxformers.training.rundir import read_metrics
+
+    preset = PRESETS[args.preset]
+    digits = preset["digits"]
+    seq_len = arithmetic_length(digits) - 1
+    data = f"synthetic:arithmetic:n_digits={digits}"
+    attn_layers = (tuple(int(x) for x in args.attn_layers.split(",")) if args.attn_layers
+                   else preset["attn_layers"])
+    students = [args.student] if args.student else [s.strip() for s in args.students.split(",") if s.strip()]
+    for s in students:
+        if s not in ("mamba2", "hybrid", "mamba2_random"):
+            raise ValueError(f"--students: unknown student {s!r} (mamba2, hybrid, mamba2_random)")
+    samples = tuple(int(x) for x in args.samples.split(",")) if args.samples else preset["samples"]
+    temperature = preset["temperature"] if args.temperature is None else args.temperature
+    speed_batches = (tuple(int(x) for x in args.speed_batches.split(",")) if args.speed_batches
+                     else preset["speed_batches"])
+    speed_lengths = (tuple(int(x) for x in args.speed_lengths.split(",")) if args.speed_lengths
+                     else preset["speed_lengths"])
+    n_problems = preset["problems"] if args.problems is None else args.problems
+    results = {"preset": args.preset, "seed": args.seed, "task": data, "seq_len": seq_len,
+               "temperature": temperature, "samples": list(samples), "problems": n_problems,
+               "kl_weight": args.kl_weight, "ce_weight": args.ce_weight}
+
+    # 1. teacher
+    if args.teacher:
+        teacher_cfg, _, teacher_params = load_run(args.teacher)
+        results["teacher_run"] = str(args.teacher)
+    else:
+        teacher_cfg = jf.get_config("llama", "tiny", vocab_size=18, **preset["teacher"])
+        tc = _train_config(args.out, "teacher", data, seq_len, preset["teacher_train"], args.seed,
+                           preset["eval_batches"], args.teacher_steps)
+        _fresh(tc.out_dir)
+        print("[distill] training the teacher", file=sys.stderr, flush=True)
+        train(teacher_cfg, tc, progress=False)
+        _, _, teacher_params = load_run(tc.out_dir)
+        results["teacher_run"] = tc.out_dir
+    teacher = jf.build(teacher_cfg)
+    models = {"teacher": (teacher_cfg, teacher, teacher_params)}
+
+    val_tokens, _ = arithmetic(64, digits, seed=10_000 + args.seed)
+    results["students"] = {}
+    for name in students:
+        kind = "mamba2" if name.startswith("mamba2") else "hybrid"
+        cfg = student_config(teacher_cfg, kind, attn_layers if kind == "hybrid" else ())
+        params0 = init_student(teacher_cfg, teacher_params, cfg, jax.random.PRNGKey(args.seed),
+                               init="random" if name.endswith("random") else "attention")
+        module = jf.build(cfg)
+        kl0 = mean_kl(teacher, teacher_params, module, params0, val_tokens)
+        align_steps = preset["align_steps"] if args.align_steps is None else args.align_steps
+        kl_aligned = None
+        if align_steps and not name.endswith("random"):  # stage 1: layer-wise alignment
+            tc = _train_config(args.out, f"{name}_align", data, seq_len, preset["distill_train"], args.seed, 0,
+                               align_steps).replace(weight_decay=0.0)
+            _fresh(tc.out_dir)
+            print(f"[distill] aligning {name} layer by layer", file=sys.stderr, flush=True)
+            train(cfg, tc, progress=False, step_fn=DistillStep(teacher_cfg, teacher_params, stage="align"),
+                  init_params=params0)
+            _, _, params0 = load_run(tc.out_dir)
+            kl_aligned = mean_kl(teacher, teacher_params, module, params0, val_tokens)
+        tc = _train_config(args.out, name, data, seq_len, preset["distill_train"], args.seed,
+                           preset["eval_batches"], args.steps)
+        _fresh(tc.out_dir)
+        print(f"[distill] distilling {name}", file=sys.stderr, flush=True)
+        step = DistillStep(teacher_cfg, teacher_params, kl_weight=args.kl_weight, ce_weight=args.ce_weight)
+        summary = train(cfg, tc, progress=False, step_fn=step, init_params=params0)
+        _, _, params = load_run(tc.out_dir)
+        losses = [r["loss"] for r in read_metrics(tc.out_dir) if "loss" in r]
+        results["students"][name] = {
+            "run_dir": tc.out_dir, "attn_layers": list(cfg.attention_layers), "n_params": summary["n_params"],
+            "kl_init": kl0, "align_steps": 0 if kl_aligned is None else align_steps, "kl_aligned": kl_aligned,
+            "kl_final": mean_kl(teacher, teacher_params, module, params, val_tokens),
+            "distill_loss_first": losses[0], "distill_loss_last": losses[-1],
+            "val_loss": summary["val_loss"]}
+        models[name] = (cfg, module, params)
+
+    # 3-4. throughput and the fixed-time-budget curves
+    test_tokens, _ = arithmetic(n_problems, digits, seed=20_000 + args.seed)
+    prompt_len = 2 * digits + 3
+    prompts = test_tokens[:, :prompt_len]
+    answers = [tuple(r) for r in test_tokens[:, -(digits + 2):-1].tolist()]
+    new_tokens = test_tokens.shape[1] - prompt_len
+    results["models"] = {}
+    for name, (cfg, module, params) in models.items():
+        row = {"n_params": int(sum(np.size(x) for x in jax.tree.leaves(params))), "throughput": [], "budget": []}
+        for b in speed_batches:
+            for length in speed_lengths:
+                if length <= cfg.max_seq_len:
+                    row["throughput"].append({"batch": b, "length": length,
+                                              "tokens_per_s": throughput(module, params, b, length)})
+        _, greedy, _ = sample_problems(module, params, prompts, answers, 1, new_tokens, digits, 0.0, args.seed)
+        row["greedy_accuracy"] = greedy
+        for k in samples:
+            secs, cov, maj = sample_problems(module, params, prompts, answers, k, new_tokens, digits,
+                                             temperature, args.seed)
+            row["budget"].append({"k": k, "seconds_per_problem": secs / n_problems, "coverage": cov,
+                                  "majority_accuracy": maj})
+        results["models"][name] = row
+        print(f"[distill] {name}: greedy {greedy:.3f}, coverage@{samples[-1]} {row['budget'][-1]['coverage']:.3f}",
+              file=sys.stderr, flush=True)
+    return results
+
+
+def plot(results: dict, out: Path) -> list:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for name, row in results["models"].items():
+        b = row["budget"]
+        t = [p["seconds_per_problem"] * 1e3 for p in b]
+        axes[0].plot(t, [p["coverage"] for p in b], marker="o", label=name)
+        axes[1].plot(t, [p["majority_accuracy"] for p in b], marker="o", label=name)
+        tp = [p for p in row["throughput"] if p["length"] == max(q["length"] for q in row["throughput"])]
+        axes[2].plot([p["batch"] for p in tp], [p["tokens_per_s"] for p in tp], marker="o", label=name)
+    axes[0].set(xlabel="generation time per problem (ms)", ylabel="coverage (any of k right)", xscale="log",
+                title=f"{results['task']}, T={results['temperature']}")
+    axes[1].set(xlabel="generation time per problem (ms)", ylabel="majority-vote accuracy", xscale="log")
+    axes[2].set(xlabel="batch", ylabel="generated tokens/s", xscale="log", yscale="log",
+                title="sampling throughput (longest length)")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "coverage.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [str(path)]
+
+
+def main(argv=None) -> dict:
+    args = _parser().parse_args(argv)
+    if not args.no_compile_cache:
+        enable_compile_cache()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = run(args)
+    results["plots"] = plot(results, out)
+    write_results(out, **results)
+    print(json.dumps({name: {"greedy": round(r["greedy_accuracy"], 3),
+                             "coverage": [round(p["coverage"], 3) for p in r["budget"]],
+                             "ms_per_problem": [round(p["seconds_per_problem"] * 1e3, 2) for p in r["budget"]]}
+                      for name, r in results["models"].items()}, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,242 @@
+"""DoGE domain reweighting: learn domain weights with a proxy model, then train base models on
+uniform, DoGE and token-proportional mixtures; and the out-of-domain mode.
+
+    python -m experiments.doge --preset tiny --out runs/doge-tiny   # a few minutes, 2 CPU cores
+    python -m experiments.doge --preset gpu  --out runs/doge-gpu
+
+Domains (built in, :mod:`jaxformers.data.domains`): Shakespeare's ``comedies``,
+``histories``, ``tragedies`` and ``poems`` and the Python standard library (``python``),
+byte tokens, each capped at the preset's ``max_bytes``.
+
+1. **Proxy run** (``runs/proxy``): a small model trained with
+   :class:`jaxformers.training.DogeStep` (universal generalization: every domain is a
+   target) on one equal micro-batch per domain -> the averaged weights, and a plot of the
+   weights over the steps (``weights.png``).
+2. **Base runs** (``runs/base_<mixture>``), a larger model, equal steps and seed, on the
+   ``uniform``, ``doge`` and ``proportional`` (token-count) mixtures -> per-domain and
+   average validation perplexity (``ppl.png``).
+3. **Out-of-domain** (``--ood-target``, default ``poems``): a proxy run whose target is the
+   held-out domain (weight 0, only its gradient is used), then base runs on the other
+   domains with uniform vs the DoGE-OOD weights, evaluated on the held-out domain.
+
+``OUT/results.json``: every weight vector, every run's per-domain validation loss and
+perplexity, averages (``avg_ppl``: the mean of the training domains' perplexities, the
+paper's "average perplexity"), the seed and the settings.  ``--steps`` / ``--proxy-steps`` /
+``--eval-batches`` / ``--max-bytes`` / ``--no-ood`` shrink a run (tests).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from experiments.common import enable_compile_cache, write_results
+
+DOMAINS = ("comedies", "histories", "tragedies", "poems", "python")
+
+PRESETS = {
+    "tiny": dict(max_bytes=4_000_000,
+                 proxy_model=dict(d_model=64, n_layer=2, n_head=4, max_seq_len=64),
+                 base_model=dict(d_model=128, n_layer=2, n_head=4, max_seq_len=64),
+                 proxy=dict(steps=150, batch_size=20, seq_len=64, lr=3e-3, warmup_steps=15),
+                 base=dict(steps=300, batch_size=16, seq_len=64, lr=3e-3, warmup_steps=30),
+                 eval_batches=20, mu=0.01),
+    # paper: 82M proxy / 124M-684M base at T=512 on SlimPajama; here sized so that the two
+    # proxies and five base runs fit one 10-minute GPU stage (scripts/gpu_session.sh doge)
+    "gpu": dict(max_bytes=0,
+                proxy_model=dict(d_model=256, n_layer=4, n_head=4, max_seq_len=256),
+                base_model=dict(d_model=512, n_layer=8, n_head=8, max_seq_len=256),
+                proxy=dict(steps=1000, batch_size=40, seq_len=256, lr=1e-3, warmup_steps=50),
+                base=dict(steps=2000, batch_size=32, seq_len=256, lr=1e-3, warmup_steps=100),
+                eval_batches=50, mu=0.01),
+}
+
+
+def _parser():
+    ap = argparse.ArgumentParser(prog="python -m experiments.doge", description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, help="override the base runs' steps")
+    ap.add_argument("--proxy-steps", type=int, help="override the proxy runs' steps")
+    ap.add_argument("--eval-batches", type=int, help="override the validation batches per domain")
+    ap.add_argument("--max-bytes", type=int, help="override the per-domain text cap (0: none)")
+    ap.add_argument("--mu", type=float, help="DoGE step-size inverse (default: the preset's)")
+    ap.add_argument("--ood-target", default="poems", choices=DOMAINS,
+                    help="held-out target domain of the out-of-domain mode (default: poems)")
+    ap.add_argument("--no-ood", action="store_true", help="skip the out-of-domain mode")
+    ap.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent XLA cache")
+    return ap
+
+
+def _train(name, model_kw, train_kw, data, out, seed, eval_batches, step_fn=None, cache=None):
+    import shutil
+
+    import jaxformers as jf
+    from jaxformers.training import TrainConfig, train
+
+    run_dir = Path(out) / "runs" / name
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    cfg = jf.get_config("gpt", "tiny", vocab_size=257, **model_kw)
+    tc = TrainConfig(seed=seed, data=data, tokenizer="byte", out_dir=str(run_dir), checkpoint_every=0,
+                     keep_checkpoints=1, eval_every=0, eval_batches=eval_batches,
+                     log_every=max(1, train_kw["steps"] // 30), **train_kw)
+    print(f"[doge] training {name}", file=sys.stderr, flush=True)
+    summary = train(cfg, tc, progress=False, step_fn=step_fn, cache=cache)
+    return summary, run_dir
+
+
+def _domain_table(summary, names):
+    losses = {n: summary.get(f"val_loss/{n}") for n in names}
+    return {n: {"val_loss": v, "val_ppl": None if v is None else math.exp(v)} for n, v in losses.items()}
+
+
+def _averages(table, names):
+    ppl = [table[n]["val_ppl"] for n in names if table[n]["val_ppl"] is not None]
+    loss = [table[n]["val_loss"] for n in names if table[n]["val_loss"] is not None]
+    return {"avg_ppl": sum(ppl) / len(ppl) if ppl else None, "avg_loss": sum(loss) / len(loss) if loss else None}
+
+
+def run(args) -> dict:
+    import numpy as np
+
+    from jaxformers.data.domains import DomainSource, domain_spec
+    from jaxformers.training import CompileCache, DogeStep
+    from jaxformers.training.doge import doge_weight_history, doge_weights
+
+    preset = PRESETS[args.preset]
+    max_bytes = preset["max_bytes"] if args.max_bytes is None else args.max_bytes
+    proxy_kw = dict(preset["proxy"])
+    base_kw = dict(preset["base"])
+    if args.proxy_steps is not None:
+        proxy_kw.update(steps=args.proxy_steps, warmup_steps=min(proxy_kw["warmup_steps"], args.proxy_steps // 10))
+    if args.steps is not None:
+        base_kw.update(steps=args.steps, warmup_steps=min(base_kw["warmup_steps"], args.steps // 10))
+    eval_batches = preset["eval_batches"] if args.eval_batches is None else args.eval_batches
+    mu = preset["mu"] if args.mu is None else args.mu
+    k = len(DOMAINS)
+    # evaluation: eval_batches per domain (the trainer gives each domain max_batches // K)
+    ev = eval_batches * k
+    cache = CompileCache(max_entries=2)
+    results = {"preset": args.preset, "seed": args.seed, "domains": list(DOMAINS), "max_bytes": max_bytes,
+               "mu": mu, "proxy": proxy_kw, "base": base_kw, "proxy_model": preset["proxy_model"],
+               "base_model": preset["base_model"], "eval_batches_per_domain": eval_batches}
+
+    source = DomainSource(domain_spec(DOMAINS, max_bytes=max_bytes))
+    results["train_tokens"] = source.describe()["train_tokens"]
+    proportional = source.token_fractions()
+
+    # 1. proxy run: universal generalization
+    step = DogeStep(domains=DOMAINS, mu=mu)
+    _train("proxy", preset["proxy_model"], proxy_kw, step.data_spec(max_bytes=max_bytes), args.out, args.seed,
+           ev, step_fn=step)
+    weights = doge_weights(Path(args.out) / "runs" / "proxy")
+    hist_steps, history = doge_weight_history(Path(args.out) / "runs" / "proxy")
+    results["doge_weights"] = weights
+    results["weight_history"] = {"steps": hist_steps, "weights": history}
+
+    # 2. base runs on three mixtures
+    mixtures = {"uniform": [1.0] * k, "doge": [weights[d] for d in DOMAINS],
+                "proportional": proportional.tolist()}
+    results["mixtures"] = {m: dict(zip(DOMAINS, map(float, np.asarray(w) / np.sum(w)))) for m, w in mixtures.items()}
+    results["base_runs"] = {}
+    for name, w in mixtures.items():
+        summary, _ = _train(f"base_{name}", preset["base_model"], base_kw,
+                            domain_spec(DOMAINS, weights=w, max_bytes=max_bytes), args.out, args.seed, ev,
+                            cache=cache)
+        table = _domain_table(summary, DOMAINS)
+        results["base_runs"][name] = {"domains": table, **_averages(table, DOMAINS),
+                                      "train_loss": summary["train_loss"]}
+
+    # 3. out-of-domain: the held-out target's gradient steers the weights of the others
+    if not args.no_ood:
+        target = args.ood_target
+        train_domains = [d for d in DOMAINS if d != target]
+        ood = DogeStep(domains=DOMAINS, targets=(target,), mu=mu)
+        _train("proxy_ood", preset["proxy_model"], proxy_kw, ood.data_spec(max_bytes=max_bytes), args.out,
+               args.seed, ev, step_fn=ood)
+        ood_weights = doge_weights(Path(args.out) / "runs" / "proxy_ood")
+        ood_steps, ood_history = doge_weight_history(Path(args.out) / "runs" / "proxy_ood")
+        runs = {}
+        for name, w in {"uniform": [0.0 if d == target else 1.0 for d in DOMAINS],
+                        "doge_ood": [ood_weights[d] for d in DOMAINS]}.items():
+            summary, _ = _train(f"ood_{name}", preset["base_model"], base_kw,
+                                domain_spec(DOMAINS, weights=w, max_bytes=max_bytes), args.out, args.seed, ev,
+                                cache=cache)
+            table = _domain_table(summary, DOMAINS)
+            runs[name] = {"weights": dict(zip(DOMAINS, map(float, np.asarray(w) / np.sum(w)))),
+                          "target_val_loss": table[target]["val_loss"], "target_val_ppl": table[target]["val_ppl"],
+                          "domains": table, **_averages(table, train_domains)}
+        results["ood"] = {"target": target, "doge_weights": ood_weights, "runs": runs,
+                          "weight_history": {"steps": ood_steps, "weights": ood_history}}
+    return results
+
+
+def plot(results: dict, out: Path) -> list:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    paths = []
+    panels = [("universal", results["weight_history"])]
+    if "ood" in results:
+        panels.append((f"out-of-domain (target: {results['ood']['target']})", results["ood"]["weight_history"]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.6), squeeze=False)
+    for ax, (title, hist) in zip(axes[0], panels):
+        for name, values in hist["weights"].items():
+            ax.plot(hist["steps"], values, label=name)
+        ax.set_xlabel("proxy step")
+        ax.set_ylabel("domain weight")
+        ax.set_title(f"DoGE weights, {title}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out / "weights.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    names = results["domains"]
+    runs = results["base_runs"]
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    width = 0.8 / len(runs)
+    x = np.arange(len(names) + 1)
+    for i, (mix, r) in enumerate(runs.items()):
+        vals = [r["domains"][n]["val_ppl"] or 0 for n in names] + [r["avg_ppl"] or 0]
+        ax.bar(x + i * width, vals, width, label=mix)
+    ax.set_xticks(x + width * (len(runs) - 1) / 2)
+    ax.set_xticklabels(list(names) + ["average"], fontsize=8)
+    ax.set_ylabel("validation perplexity (bytes)")
+    ax.set_title(f"base model, {results['base']['steps']} steps, seed {results['seed']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out / "ppl.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return [str(p) for p in paths]
+
+
+def main(argv=None) -> dict:
+    args = _parser().parse_args(argv)
+    if not args.no_compile_cache:
+        enable_compile_cache()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = run(args)
+    results["plots"] = plot(results, out)
+    write_results(out, **results)
+    summary = {m: round(r["avg_ppl"], 3) for m, r in results["base_runs"].items()}
+    print(json.dumps({"doge_weights": {k: round(v, 3) for k, v in results["doge_weights"].items()},
+                      "avg_ppl": summary,
+                      **({"ood_target_ppl": {m: round(r["target_val_ppl"], 3)
+                                             for m, r in results["ood"]["runs"].items()}}
+                         if "ood" in results else {})}, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()

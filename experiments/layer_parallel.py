@@ -1,0 +1,432 @@
+"""Layer-parallel inference ("Leveraging the true depth of LLMs"): quality vs speed of a trained
+model whose consecutive layers run in parallel pairs, and the delete / swap / shuffle study.
+
+    python -m experiments.layer_parallel --preset tiny --out runs/lp-tiny     # a few minutes, 2 CPU cores
+    python -m experiments.layer_parallel --preset gpu --out runs/lp-gpu       # ~280M-param Llama, H100/H200
+    python -m experiments.layer_parallel --run runs/my-llama --out runs/lp    # a run trained here
+    python -m experiments.layer_parallel --run path/to/hf-llama --data DATASET_DIR --out runs/lp
+
+Without ``--run`` the preset's Llama (RMSNorm, SwiGLU, GQA, byte tokens) is trained from
+scratch (``jaxformers.training.train``, seed ``--seed``).  Then, for ``k = 1 .. max`` pairs and
+several positions of the paired span (``early``: from layer 1, ``middle``, ``late``: ending
+before the last layer; the first and last layers are never paired, as in the authors' runs)
+the model is transformed with ``jaxformers.transforms.pair_layers`` (fused form, no retraining)
+and measured: validation perplexity and next-token accuracy (``--eval-batches`` batches of the
+validation split, compute dtype ``infer_dtype``), prefill tokens/s (batch ``infer_batch`` x
+``seq_len``), decode tokens/s at batch 1 and at batch ``infer_batch`` (greedy, KV cache,
+``--decode-tokens`` steps after a ``prompt_len`` prompt, jitted ``fori_loop``; the fastest of 3
+interleaved rounds of ``--iters`` calls).  Spans ending at layer ``L-2`` are also evaluated with the
+authors' shared MLP norm (``mlp_norm="mean"``, same speed).  Study: perplexity after deleting
+each layer, swapping each pair of adjacent layers, and shuffling windows of 3 layers
+(``--seed``).  ``OUT/results.json`` holds every number; ``OUT/layer_parallel.png`` plots
+perplexity increase and accuracy against the decode speed-up, and the study.
+
+``--steps`` / ``--eval-batches`` / ``--n-layer`` / ``--d-model`` / ``--seq-len`` /
+``--batch-size`` / ``--decode-tokens`` / ``--max-pairs`` / ``--positions`` / ``--pair-counts`` /
+``--no-study`` shrink a run (tests, GPU stages); ``--reuse`` keeps
+a finished ``OUT/runs/base``; ``--train-only`` stops after training (GPU stage split).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from experiments.common import enable_compile_cache, train_fresh, train_overrides
+
+POSITIONS = ("early", "middle", "late")
+PRESETS = {
+    "tiny": dict(model=dict(d_model=64, n_layer=8, n_head=4, n_kv_head=2, d_ff=192, max_seq_len=128),
+                 train=dict(steps=250, batch_size=16, seq_len=64, lr=3e-3, warmup_steps=25, eval_every=0,
+                            eval_batches=16),
+                 data="default", infer_dtype="float32", infer_batch=16, prompt_len=16, decode_tokens=32,
+                 iters=5, positions=POSITIONS, pair_counts=None),
+    # a few hundred M params (byte vocab: ~283M); the stdlib corpus needs no network on the device
+    "gpu": dict(model=dict(d_model=1024, n_layer=24, n_head=16, n_kv_head=8, d_ff=2816, max_seq_len=1024),
+                train=dict(steps=2500, batch_size=32, seq_len=512, lr=6e-4, warmup_steps=250, eval_every=0,
+                           eval_batches=40, dtype="bfloat16"),
+                data="python", infer_dtype="bfloat16", infer_batch=32, prompt_len=128, decode_tokens=128,
+                iters=5, positions=("late",), pair_counts=(1, 2, 4, 6, 8)),
+}
+TARGET = dict(decode_speedup=1.15, rel_ppl_increase=0.05)
+
+
+def _parser():
+    ap = argparse.ArgumentParser(prog="python -m experiments.layer_parallel", description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    ap.add_argument("--run", help="a run directory trained here, or a HF Llama directory (then --data)")
+    ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--data", help="data spec for evaluation (default: the run's / the preset's)")
+    ap.add_argument("--tokenizer", default="byte", help="tokenizer of --data for a HF checkpoint")
+    ap.add_argument("--steps", type=int, help="override the preset's training steps")
+    ap.add_argument("--eval-batches", type=int, help="override the number of validation batches")
+    ap.add_argument("--n-layer", type=int, help="override the preset's depth")
+    ap.add_argument("--d-model", type=int, help="override the preset's width")
+    ap.add_argument("--seq-len", type=int, help="override the preset's sequence length")
+    ap.add_argument("--batch-size", type=int, help="override the training and inference batch size")
+    ap.add_argument("--decode-tokens", type=int, help="override the number of timed decode steps")
+    ap.add_argument("--max-pairs", type=int, help="at most this many pairs")
+    ap.add_argument("--positions", help="comma-separated span positions (early,middle,late; default: the preset's)")
+    ap.add_argument("--pair-counts", help="comma-separated numbers of pairs (default: the preset's)")
+    ap.add_argument("--no-study", action="store_true", help="skip the delete / swap / shuffle study")
+    ap.add_argument("--iters", type=int, help="timed calls per measurement")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reuse", action="store_true", help="reuse a finished OUT/runs/base")
+    ap.add_argument("--train-only", action="store_true", help="stop after training OUT/runs/base")
+    ap.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent XLA cache")
+    return ap
+
+
+# ============================================================================ model
+def load_model(args, preset, out: Path):
+    """``(config, float32 params, data, tokenizer, train info)`` of ``--run`` or a fresh preset run."""
+    import jax
+    from jaxformers import get_config
+    from jaxformers.training import load_run
+    from jaxformers.training.trainer import open_dataset
+
+    if args.run:
+        run = Path(args.run)
+        saved = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
+        if "model_type" in saved:  # a HF checkpoint directory
+            from jaxformers.convert import from_hf
+            if not args.data:
+                raise SystemExit("--run with a HF checkpoint needs --data (tokenized with its tokenizer)")
+            cfg, params = from_hf(str(run), dtype="float32")
+            return cfg, params, args.data, args.tokenizer, {"source": f"hf:{run}"}
+        cfg, tc, params = load_run(run)
+        return cfg, params, args.data or tc.data, tc.tokenizer, {"source": str(run), "train": tc.to_dict()}
+    data = args.data or preset["data"]
+    train_kw = train_overrides(preset["train"], args.steps, args.eval_batches)
+    done = out / "runs" / "base" / "summary.json"
+    _, meta, _, _ = open_dataset(data, "byte")
+    cfg = get_config("llama", "tiny", vocab_size=int(meta["vocab_size"]), **preset["model"])
+    if args.reuse and done.exists():
+        saved_cfg, tc, params = load_run(done.parent)
+        if saved_cfg != cfg:
+            raise SystemExit(f"--reuse: {done.parent} was trained with another config")
+        summary = json.loads(done.read_text())
+        print(f"[layer_parallel] reusing {done.parent}", file=sys.stderr, flush=True)
+    else:
+        summary, params, _, tc = train_fresh("base", cfg, out, seed=args.seed, data=data, train_kw=train_kw,
+                                             log_points=10, tag="layer_parallel")
+    info = {"source": "trained", "train": tc.to_dict(),
+            "summary": {k: summary.get(k) for k in ("val_loss", "val_ppl", "train_loss", "n_params",
+                                                    "tokens_per_s", "wall_s")}}
+    return cfg, jax.device_get(params), data, "byte", info
+
+
+def spans(n_layer: int, max_pairs=None, positions=POSITIONS, pair_counts=None):
+    """``[(position, start, end)]``: for k pairs (``pair_counts``, default ``1 .. max``), the
+    span of 2k layers inside ``1 .. L-2`` at the early / middle / late position (a span already
+    listed under an earlier position is not repeated)."""
+    inner = n_layer - 2
+    out = []
+    kmax = inner // 2 if max_pairs is None else min(inner // 2, max_pairs)
+    counts = range(1, kmax + 1) if pair_counts is None else [k for k in pair_counts if 1 <= k <= kmax]
+    for k in counts:
+        w = 2 * k
+        seen = set()
+        for pos, start in (("early", 1), ("middle", 1 + (inner - w) // 2), ("late", n_layer - 1 - w)):
+            if pos in positions and start not in seen:
+                seen.add(start)
+                out.append((pos, start, start + w))
+    return out
+
+
+# ============================================================================ measurements
+class Evaluator:
+    """Validation perplexity + next-token accuracy; one compiled program per config."""
+
+    def __init__(self, data, tokenizer, batch, seq_len, max_batches, dtype):
+        from jaxformers.data import open_data
+        source = open_data(data, tokenizer)
+        self.batches = [b["tokens"] for b in source.eval_batches(batch, seq_len, max_batches, drop_last=True)]
+        if not self.batches:
+            raise SystemExit(f"the validation split of {data!r} has no full batch of {batch} x {seq_len + 1}")
+        self.dtype, self._fns = dtype, {}
+
+    def _fn(self, cfg):
+        import jax
+        import jax.numpy as jnp
+        from jaxformers import build
+
+        if cfg not in self._fns:
+            module = build(cfg)
+
+            def stats(params, rows):
+                logits = module.apply({"params": params}, rows[:, :-1]).astype(jnp.float32)
+                targets = rows[:, 1:]
+                logp = jax.nn.log_softmax(logits, axis=-1)
+                nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+                return jnp.sum(nll), jnp.sum(jnp.argmax(logits, -1) == targets)
+
+            self._fns[cfg] = jax.jit(stats)
+        return self._fns[cfg]
+
+    def __call__(self, cfg, params) -> dict:
+        import numpy as np
+        cfg, params = cast(cfg, params, self.dtype)
+        fn = self._fn(cfg)
+        nll = correct = n = 0.0
+        for rows in self.batches:
+            a, b = fn(params, rows)
+            nll, correct, n = nll + float(a), correct + float(b), n + rows[:, 1:].size
+        return {"val_loss": nll / n, "val_ppl": math.exp(nll / n), "val_acc": correct / n,
+                "val_tokens": int(n)}
+
+
+def cast(cfg, params, dtype):
+    import jax
+    import jax.numpy as jnp
+    from jaxformers.layers.common import dtype_of
+    if cfg.dtype == dtype and cfg.param_dtype == dtype:
+        return cfg, params
+    return (cfg.replace(dtype=dtype, param_dtype=dtype),
+            jax.tree.map(lambda x: jnp.asarray(x, dtype_of(dtype)), params))
+
+
+def speed_fns(cfg, params, *, batch, seq_len, prompt_len, decode_tokens, dtype):
+    """``{name: (thunk, tokens per call)}``: prefill (batch x seq_len), decode at batch 1 and at
+    ``batch`` (greedy, ``decode_tokens`` steps from a prefilled cache)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jaxformers import build, init_cache
+
+    cfg, params = cast(cfg, params, dtype)
+    params = jax.device_put(params)
+    module = build(cfg)
+    rng = np.random.default_rng(0)
+    fns = {}
+
+    prompt = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, seq_len)), jnp.int32)
+    prefill = jax.jit(lambda p, t: module.apply({"params": p}, t)[:, -1])
+    fns["prefill"] = (lambda: prefill(params, prompt), batch * seq_len)
+
+    def decoder(b):
+        start = jnp.asarray(rng.integers(0, cfg.vocab_size, (b, prompt_len)), jnp.int32)
+
+        @jax.jit
+        def warm(p, t):
+            logits, cache = module.apply({"params": p}, t, cache=init_cache(module, b, prompt_len + decode_tokens))
+            return logits[:, -1], cache
+
+        @jax.jit
+        def decode(p, last, cache):
+            def step(_, state):
+                last, cache, acc = state
+                tok = jnp.argmax(last, axis=-1).astype(jnp.int32)
+                logits, cache = module.apply({"params": p}, tok[:, None], cache=cache)
+                return logits[:, -1], cache, acc + tok
+            return jax.lax.fori_loop(0, decode_tokens, step, (last, cache, jnp.zeros((b,), jnp.int32)))[2]
+
+        last, cache = jax.block_until_ready(warm(params, start))
+        return lambda: decode(params, last, cache)
+
+    fns["decode_b1"] = (decoder(1), decode_tokens)
+    fns[f"decode_b{batch}"] = (decoder(batch), batch * decode_tokens)
+    for fn, _ in fns.values():
+        jax.block_until_ready(fn())  # compile
+    return fns
+
+
+def time_all(entries: dict, iters: int, rounds: int = 3) -> dict:
+    """``{key: {name: tokens/s}}`` from the fastest of ``rounds x iters`` calls, the configs
+    interleaved round by round (the fastest call is the one least disturbed by other jobs)."""
+    import jax
+    best = {k: {n: 0.0 for n in fns} for k, fns in entries.items()}
+    for _ in range(rounds):
+        for key, fns in entries.items():
+            for name, (fn, tokens) in fns.items():
+                jax.block_until_ready(fn())
+                for _ in range(iters):
+                    t0 = time.perf_counter()
+                    jax.block_until_ready(fn())
+                    best[key][name] = max(best[key][name], tokens / (time.perf_counter() - t0))
+    return best
+
+
+# ============================================================================ run
+def run(args) -> dict:
+    import jax
+    from jaxformers.transforms import delete_layers, pair_layers, shuffle_layers, swap_layers
+
+    preset = json.loads(json.dumps(PRESETS[args.preset]))
+    for key, field in (("n_layer", "n_layer"), ("d_model", "d_model")):
+        if getattr(args, key):
+            preset["model"][field] = getattr(args, key)
+    if args.seq_len:
+        preset["train"]["seq_len"] = args.seq_len
+        preset["model"]["max_seq_len"] = max(preset["model"]["max_seq_len"], args.seq_len)
+    if args.batch_size:
+        preset["train"]["batch_size"] = preset["infer_batch"] = args.batch_size
+    for key in ("decode_tokens", "iters"):
+        if getattr(args, key):
+            preset[key] = getattr(args, key)
+    if args.positions:
+        preset["positions"] = [p.strip() for p in args.positions.split(",") if p.strip()]
+        bad = sorted(set(preset["positions"]) - set(POSITIONS))
+        if bad:
+            raise SystemExit(f"--positions: unknown {bad}; choose from {list(POSITIONS)}")
+    if args.pair_counts:
+        preset["pair_counts"] = [int(k) for k in args.pair_counts.split(",") if k.strip()]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg, params, data, tokenizer, info = load_model(args, preset, out)
+    if args.train_only:
+        return {"train_only": True, **info}
+    if cfg.n_layer < 4:
+        raise SystemExit(f"the model needs >= 4 layers to pair inner layers, has {cfg.n_layer}")
+    seq_len = min(preset["train"]["seq_len"], cfg.max_seq_len)
+    prompt_len = min(preset["prompt_len"], cfg.max_seq_len - preset["decode_tokens"])
+    if prompt_len < 1:
+        raise SystemExit(f"--decode-tokens must be < max_seq_len={cfg.max_seq_len}")
+    batch, dtype = preset["infer_batch"], preset["infer_dtype"]
+    ev = Evaluator(data, tokenizer, batch, seq_len, args.eval_batches or preset["train"]["eval_batches"], dtype)
+    speed_kw = dict(batch=batch, seq_len=seq_len, prompt_len=prompt_len,
+                    decode_tokens=preset["decode_tokens"], dtype=dtype)
+    tag = "[layer_parallel]"
+
+    base = ev(cfg, params)
+    print(f"{tag} baseline: ppl {base['val_ppl']:.4f} acc {base['val_acc']:.4f}", file=sys.stderr, flush=True)
+    rows, paired = [], {}
+    for position, start, end in spans(cfg.n_layer, args.max_pairs, preset["positions"], preset["pair_counts"]):
+        for mlp_norm in (("own", "mean") if end == cfg.n_layer - 1 else ("own",)):
+            pcfg, pparams = pair_layers(cfg, params, start, end, mlp_norm=mlp_norm)
+            row = {"position": position, "start": start, "end": end, "n_pairs": len(pcfg.pairs),
+                   "mlp_norm": mlp_norm, "effective_depth": pcfg.effective_depth, **ev(pcfg, pparams)}
+            row["rel_ppl_increase"] = row["val_ppl"] / base["val_ppl"] - 1
+            paired.setdefault(f"{start}:{end}", (start, end))  # speed: the same for both norms
+            rows.append(row)
+            print(f"{tag} pairs {start}:{end} ({position}, mlp_norm={mlp_norm}): ppl {row['val_ppl']:.4f} "
+                  f"(+{100 * row['rel_ppl_increase']:.2f}%) acc {row['val_acc']:.4f}", file=sys.stderr, flush=True)
+
+    # ------------------------------------------------ preliminary study (no speed: quality only)
+    study = {"delete": [], "swap": [], "shuffle": []}
+    for i in range(0 if args.no_study else cfg.n_layer):
+        study["delete"].append({"layer": i, **ev(*delete_layers(cfg, params, [i]))})
+    for i in range(0 if args.no_study else cfg.n_layer - 1):
+        study["swap"].append({"layers": [i, i + 1], **ev(*swap_layers(cfg, params, i))})
+    for s in range(0, 0 if args.no_study else cfg.n_layer - 2):
+        c2, p2, order = shuffle_layers(cfg, params, s, s + 3, seed=args.seed)
+        study["shuffle"].append({"layers": [s, s + 3], "order": order, "seed": args.seed, **ev(c2, p2)})
+    for kind, items in study.items():
+        for item in items:
+            item["rel_ppl_increase"] = item["val_ppl"] / base["val_ppl"] - 1
+
+    results = {
+        "preset": args.preset, "seed": args.seed, "backend": jax.default_backend(),
+        "device_kind": jax.devices()[0].device_kind, "jax_version": jax.__version__, "data": data,
+        "model": cfg.to_dict(), "n_params": int(sum(x.size for x in jax.tree.leaves(params))),
+        "source": info, "infer": {k: preset[k] for k in ("infer_dtype", "infer_batch", "decode_tokens", "iters",
+                                                          "positions", "pair_counts")}
+        | {"prompt_len": prompt_len, "seq_len": seq_len, "eval_batches": len(ev.batches)},
+        "baseline": base, "pairs": rows, "study": study, "complete": False,
+        "note": f"speeds measured on {jax.default_backend()} ({jax.devices()[0].device_kind})",
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")  # quality only, so far
+
+    # ------------------------------------------------ speed (compiled last: the costly part on a GPU)
+    speed = {"baseline": speed_fns(cfg, params, **speed_kw)}
+    for key, (start, end) in paired.items():
+        speed[key] = speed_fns(*pair_layers(cfg, params, start, end), **speed_kw)
+    tps = time_all(speed, preset["iters"])
+    names = list(tps["baseline"])
+    base.update({f"{n}_tokens_per_s": tps["baseline"][n] for n in names})
+    for row in rows:
+        t = tps[f"{row['start']}:{row['end']}"]
+        for n in names:
+            row[f"{n}_tokens_per_s"] = t[n]
+            row[f"{n}_speedup"] = t[n] / tps["baseline"][n]
+    dk = f"decode_b{batch}"
+    ok = [r for r in rows if r["rel_ppl_increase"] <= TARGET["rel_ppl_increase"]]
+    best = max(ok, key=lambda r: r["decode_b1_speedup"], default=None)
+    results["complete"] = True
+    results["target"] = {**TARGET, "decode_key": "decode_b1", "best_within_ppl": best and {
+        k: best[k] for k in ("start", "end", "mlp_norm", "rel_ppl_increase", "decode_b1_speedup",
+                             f"{dk}_speedup", "prefill_speedup")},
+        "met": bool(best and best["decode_b1_speedup"] >= TARGET["decode_speedup"])}
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, out / "layer_parallel.png")
+    return results
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["pairs"]
+    batch = results["infer"]["infer_batch"]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    colors = {"early": "tab:blue", "middle": "tab:green", "late": "tab:red"}
+    for ax, key, ylabel in ((axes[0], "rel_ppl_increase", "relative perplexity increase"),
+                            (axes[1], "val_acc", "next-token accuracy")):
+        for r in rows:
+            c = colors[r["position"]]
+            face = c if r["mlp_norm"] == "own" else "none"
+            for dk, marker in (("decode_b1", "o"), (f"decode_b{batch}", "s")):
+                ax.scatter(r[f"{dk}_speedup"], r[key], marker=marker, edgecolors=c, facecolors=face)
+            ax.annotate(f"{r['start']}:{r['end']}", (r["decode_b1_speedup"], r[key]), fontsize=7,
+                        textcoords="offset points", xytext=(3, 3))
+        base = 0.0 if key == "rel_ppl_increase" else results["baseline"]["val_acc"]
+        ax.scatter([1.0], [base], marker="*", s=120, color="k", label="unpaired")
+        for pos, c in colors.items():
+            ax.scatter([], [], color=c, label=pos)
+        ax.scatter([], [], marker="o", color="gray", label="decode batch 1")
+        ax.scatter([], [], marker="s", color="gray", label=f"decode batch {batch}")
+        ax.scatter([], [], marker="o", facecolors="none", edgecolors="gray", label="mlp_norm=mean (authors)")
+        ax.set_xlabel(f"decode speed-up vs unpaired ({results['device_kind']})")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if True:
+        ax = axes[0]
+        ax.axhline(TARGET["rel_ppl_increase"], ls=":", color="gray")
+        ax.axvline(TARGET["decode_speedup"], ls=":", color="gray")
+    ax = axes[2]
+    st = results["study"]
+    ax.plot([d["layer"] for d in st["delete"]], [d["val_ppl"] for d in st["delete"]], "o-", label="delete layer i")
+    ax.plot([s["layers"][0] + 0.5 for s in st["swap"]], [s["val_ppl"] for s in st["swap"]], "s-",
+            label="swap i, i+1 (at i+0.5)")
+    ax.plot([s["layers"][0] + 1 for s in st["shuffle"]], [s["val_ppl"] for s in st["shuffle"]], "^-",
+            label="shuffle i-1..i+1 (at i)")
+    ax.axhline(results["baseline"]["val_ppl"], color="k", ls=":", label="unmodified")
+    ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("validation perplexity")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.suptitle(f"layer-parallel pairs, {results['preset']} ({results['n_params'] / 1e6:.1f}M params, "
+                 f"{results['model']['n_layer']} layers, seed {results['seed']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    args = _parser().parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        raise SystemExit("--steps must be >= 1")
+    if not args.no_compile_cache:
+        enable_compile_cache()
+    t0 = time.perf_counter()
+    results = run(args)
+    if not results.get("train_only"):
+        b = results["baseline"]
+        print(f"baseline: ppl {b['val_ppl']:.4f} acc {b['val_acc']:.4f} decode b1 {b['decode_b1_tokens_per_s']:.0f} tok/s")
+        for r in results["pairs"]:
+            print(f"pairs {r['start']}:{r['end']} {r['position']:6s} {r['mlp_norm']:4s} ppl {r['val_ppl']:.4f} "
+                  f"(+{100 * r['rel_ppl_increase']:.2f}%) acc {r['val_acc']:.4f} speed-up prefill "
+                  f"{r['prefill_speedup']:.2f}x decode b1 {r['decode_b1_speedup']:.2f}x")
+        print(f"total {time.perf_counter() - t0:.0f}s -> {args.out}/results.json", file=sys.stderr)
+    return results
+
+
+if __name__ == "__main__":
+    main()

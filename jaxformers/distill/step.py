@@ -1,0 +1,162 @@
+"""Distillation: a KL loss on the teacher's logits, the teacher run inside the student's step.
+
+    loss = kl_weight * tau^2 * KL(softmax(t / tau) || softmax(s / tau)) + ce_weight * CE(s, y)
+
+per target token (``t`` / ``s``: teacher / student logits), averaged over the weighted
+targets like :func:`~jaxformers.training.cross_entropy` (``loss_mask``, segments).
+
+:class:`DistillStep` is a ``step_fn`` for :func:`~jaxformers.training.train`: the teacher's
+parameters are the step's ``extra`` inputs (placed once, sharded by their logical axis names
+like the student's), the teacher's logits are computed in the same compiled step (no
+gradient) and added to the batch as ``teacher_logits`` ``[B, T, V]``, then the ordinary
+:func:`~jaxformers.training.steps.train_step` runs with :func:`kd_loss` -- so gradient
+accumulation, auxiliary losses and the optimizer work unchanged.  Evaluation stays the
+student's next-token cross-entropy.
+
+Deviation from the authors' code (MambaInLlama ``train_hybrid.py``): their KL is
+``F.kl_div(..., reduction="batchmean")``, summed over the tokens of a sequence and
+averaged over sequences, mixed as ``0.1 * KL_sum + 1.0 * CE``; ours is per token (the
+same direction, normalised like the cross-entropy), default ``kl_weight=1, ce_weight=0``.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from ..training.losses import apply_model, model_inputs, next_token_targets, weighted_mean
+from ..training.steps import abstract_params, train_step
+
+__all__ = ["DistillStep", "align_loss", "kd_loss", "kl_per_token", "teacher_hidden_states"]
+
+
+def kl_per_token(teacher_logits, student_logits, temperature: float = 1.0) -> jax.Array:
+    """``tau^2 * KL(softmax(t / tau) || softmax(s / tau))`` over the last axis, float32 ``[B, T]``."""
+    t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
+    s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+    return temperature ** 2 * jnp.sum(jnp.exp(t) * (t - s), axis=-1)
+
+
+def kd_loss(module, params, batch, rng=None, *, temperature: float = 1.0, kl_weight: float = 1.0,
+            ce_weight: float = 0.0):
+    """The distillation loss of a batch dict with ``teacher_logits`` ``[B, T, V]``.
+    Metrics: ``kl``, ``ce`` (the student's next-token cross-entropy), ``n_targets``."""
+    if "teacher_logits" not in batch:
+        raise ValueError("kd_loss needs batch['teacher_logits'] [B, T, V] (DistillStep adds it)")
+    logits, _ = apply_model(module, params, batch, rng)
+    targets, weights = next_token_targets(batch)
+    kl, n = weighted_mean(kl_per_token(batch["teacher_logits"], logits, temperature), weights)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    ce, _ = weighted_mean(-jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0], weights)
+    return kl_weight * kl + ce_weight * ce, {"kl": kl, "ce": ce, "n_targets": n}
+
+
+def teacher_hidden_states(module, params, tokens, **kwargs) -> jax.Array:
+    """``[B, L + 1, T, D]``: the embedding output and every block's output of ``module``
+    (a model built from ``Transformer``, ``scan_layers=False``), via flax's
+    ``capture_intermediates``."""
+    from ..layers import Block, Embed
+
+    if module.config.scan_layers:
+        raise ValueError("layer-wise alignment needs a teacher with scan_layers=False")
+
+    def wanted(mdl, method_name):
+        return method_name == "__call__" and isinstance(mdl, (Block, Embed))
+
+    _, state = module.apply({"params": params}, tokens, capture_intermediates=wanted, mutable=["intermediates"],
+                            **kwargs)
+    inter = state["intermediates"]
+    hidden = [inter["embed"]["__call__"][0]]
+    hidden += [inter[f"blocks_{i}"]["__call__"][0][0] for i in range(module.config.n_layer)]
+    return jnp.stack(hidden, axis=1)
+
+
+def align_loss(module, params, batch, rng=None):
+    """Layer-wise alignment: every converted (SSM) layer ``i`` of the student, applied to the
+    teacher's input of layer ``i``, should give the teacher's output of layer ``i``:
+    ``mean_i |S_i(h_i) - h_{i+1}|^2 / |h_{i+1}|^2`` over the student's SSM layers, with
+    ``batch["teacher_hidden"]`` ``[B, L + 1, T, D]`` (:func:`teacher_hidden_states`).
+    Only the converted layers receive gradients.  Metrics: ``align``, ``n_targets``."""
+    if "teacher_hidden" not in batch:
+        raise ValueError("align_loss needs batch['teacher_hidden'] [B, L+1, T, D] (DistillStep(stage='align') adds it)")
+    hidden = batch["teacher_hidden"].astype(jnp.float32)
+    attn = set(getattr(module.config, "attention_layers", ()))
+    t = hidden.shape[2]
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), hidden.shape[:1] + (t,))
+    terms = []
+    for i, (cls, cfg) in enumerate(zip(module.layer_classes(), module.layer_configs())):
+        if i in attn:
+            continue
+        y, _ = cls(cfg).apply({"params": params[f"blocks_{i}"]}, hidden[:, i].astype(cfg.dtype), positions)
+        target = hidden[:, i + 1]
+        terms.append(jnp.mean((y.astype(jnp.float32) - target) ** 2) / (jnp.mean(target ** 2) + 1e-6))
+    if not terms:
+        raise ValueError("the student has no converted (SSM) layer to align")
+    loss = sum(terms) / len(terms)
+    _, weights = next_token_targets(batch)
+    return loss, {"align": loss, "n_targets": jnp.sum(weights)}
+
+
+class DistillStep:
+    """``train(student_config, tc, step_fn=DistillStep(teacher_config, teacher_params))``.
+
+    ``stage="kd"``: end-to-end distillation with :func:`kd_loss` (``temperature``,
+    ``kl_weight``, ``ce_weight``); ``stage="align"``: layer-wise alignment
+    (:func:`align_loss`, the teacher's hidden states in the batch).  The teacher runs in its
+    own compute dtype (``teacher_config.dtype``) under ``stop_gradient``.
+    """
+
+    STAGES = ("kd", "align")
+
+    def __init__(self, teacher_config, teacher_params, *, stage: str = "kd", temperature: float = 1.0,
+                 kl_weight: float = 1.0, ce_weight: float = 0.0):
+        from ..registry import build
+
+        if stage not in self.STAGES:
+            raise ValueError(f"stage must be one of {self.STAGES}, got {stage!r}")
+        self.stage = stage
+
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if kl_weight < 0 or ce_weight < 0 or kl_weight + ce_weight == 0:
+            raise ValueError(f"kl_weight and ce_weight must be >= 0 with a positive sum, got "
+                             f"{kl_weight}, {ce_weight}")
+        self.teacher_config = teacher_config
+        self.teacher = build(teacher_config)
+        self.teacher_params = teacher_params
+        self.loss = functools.partial(kd_loss, temperature=float(temperature), kl_weight=float(kl_weight),
+                                      ce_weight=float(ce_weight))
+        self.settings = dict(stage=stage, temperature=float(temperature), kl_weight=float(kl_weight),
+                             ce_weight=float(ce_weight))
+
+    def __repr__(self) -> str:
+        return f"DistillStep(teacher={self.teacher_config.model}, {self.settings})"
+
+    def check_source(self, source, train_config) -> None:
+        if source.vocab_size > self.teacher_config.vocab_size:
+            raise ValueError(f"the data's vocab_size={source.vocab_size} exceeds the teacher's "
+                             f"{self.teacher_config.vocab_size}")
+
+    def extra_inputs(self):
+        """``(teacher params, their logical PartitionSpecs)``: sharded like a model's params."""
+        _, specs = abstract_params(self.teacher)
+        return self.teacher_params, specs
+
+    def teacher_logits(self, teacher_params, batch) -> jax.Array:
+        tokens, kwargs = model_inputs(batch)
+        logits = self.teacher.apply({"params": teacher_params}, tokens, **kwargs)
+        return jax.lax.stop_gradient(logits.astype(jnp.float32))
+
+    def __call__(self, module, tx, loss_fn, params, opt_state, batch, step, rng, *, extra=None,
+                 **kw):
+        if extra is None:
+            raise ValueError("DistillStep needs the teacher params as extra inputs (Program passes them)")
+        if self.stage == "align":
+            tokens, kwargs = model_inputs(batch)
+            hidden = jax.lax.stop_gradient(teacher_hidden_states(self.teacher, extra, tokens, **kwargs))
+            return train_step(module, tx, align_loss, params, opt_state, dict(batch, teacher_hidden=hidden),
+                              step, rng, **kw)
+        batch = dict(batch, teacher_logits=self.teacher_logits(extra, batch))
+        return train_step(module, tx, self.loss, params, opt_state, batch, step, rng, **kw)

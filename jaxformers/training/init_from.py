@@ -1,0 +1,105 @@
+"""Fine-tuning sources: start a run from a trained run directory or a Hugging Face checkpoint.
+
+    model_config, tokenizer = source_config("runs/gpt-tiny")        # or a HF Llama / Mamba dir
+    train(model_config, TrainConfig(init_from="runs/gpt-tiny", ...))  # params only, fresh optimizer
+
+A source is
+
+* a run directory of :func:`jaxformers.training.train` (``config.json`` with ``model`` and
+  ``train``): its newest complete checkpoint;
+* a Hugging Face ``LlamaForCausalLM`` / ``MambaForCausalLM`` / ``Mamba2ForCausalLM``
+  directory (``config.json`` with ``model_type`` + safetensors), through
+  :mod:`jaxformers.convert`.
+
+Parameters are returned as float32 numpy-backed arrays in the layer layout (stacked
+``blocks`` under ``scan_layers`` or ``blocks_i``) of the model being trained.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional, Tuple
+
+import jax
+import numpy as np
+
+__all__ = ["load_params", "source_config", "source_kind"]
+
+
+def source_kind(path) -> str:
+    """``"run"`` or ``"hf"`` (``ValueError`` for anything else)."""
+    path = Path(path).expanduser()
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise ValueError(f"init_from={str(path)!r} is neither a run directory nor a Hugging Face "
+                         "checkpoint directory (no config.json)")
+    data = json.loads(cfg.read_text())
+    if isinstance(data, dict) and "model" in data and "train" in data:
+        return "run"
+    if isinstance(data, dict) and "model_type" in data:
+        return "hf"
+    raise ValueError(f"init_from={str(path)!r}: {cfg} is neither a jaxformers run config nor a "
+                     "Hugging Face config (no model_type)")
+
+
+def source_config(path) -> Tuple[Any, Optional[str]]:
+    """``(model config of the source, its tokenizer spec or None)``.
+
+    The tokenizer of a run is its ``tokenizer`` spec when byte-level, else its saved
+    ``tokenizer/`` directory (``hf:DIR``, so a fine-tuning corpus is encoded with the same
+    vocabulary); of a HF checkpoint ``hf:DIR`` when it ships a ``tokenizer.json``.
+    """
+    from ..registry import config_from_dict
+
+    path = Path(path).expanduser()
+    kind = source_kind(path)
+    data = json.loads((path / "config.json").read_text())
+    if kind == "run":
+        from .rundir import TOKENIZER_DIR
+        config = config_from_dict(data["model"])
+        tok = data["train"].get("tokenizer", "byte")
+        saved_tok = path / TOKENIZER_DIR / "tokenizer.json"
+        if tok != "byte" and not str(tok).startswith("hf:") and saved_tok.is_file():
+            tok = f"hf:{path / TOKENIZER_DIR}"
+        return config, tok
+    from ..convert import config_from_hf, config_from_hf_mamba
+    if data.get("model_type") in ("mamba", "mamba2"):
+        config = config_from_hf_mamba(data)
+    else:
+        config = config_from_hf(data)
+    return config, (f"hf:{path}" if (path / "tokenizer.json").is_file() else None)
+
+
+def _relayout(params, abstract):
+    """Stack / unstack the layers of ``params`` to match ``abstract`` (scan_layers or not)."""
+    from ..convert import stack_layers, unstack_layers
+
+    if "blocks" in abstract and "blocks" not in params and "blocks_0" in params:
+        return stack_layers(params, "blocks")
+    if "blocks_0" in abstract and "blocks_0" not in params and "blocks" in params:
+        return unstack_layers(params, "blocks")
+    return params
+
+
+def load_params(path, abstract_params) -> Any:
+    """The source's parameters (float32) laid out like ``abstract_params`` (the trained
+    model's abstract tree); ``ValueError`` naming the first mismatching leaf."""
+    path = Path(path).expanduser()
+    if source_kind(path) == "run":
+        from .rundir import load_run
+        _, _, params = load_run(path)
+    else:
+        from ..convert import from_hf
+        _, params = from_hf(str(path), dtype="float32")
+    params = _relayout(jax.tree.map(lambda x: np.asarray(x, np.float32), params), abstract_params)
+    want = jax.tree_util.tree_structure(abstract_params)
+    got = jax.tree_util.tree_structure(params)
+    if want != got:
+        raise ValueError(f"init_from={str(path)!r}: its parameter tree does not match the model's "
+                         f"(model {want}, source {got}); the model config must be the source's")
+    for (keypath, a), b in zip(jax.tree_util.tree_flatten_with_path(abstract_params)[0],
+                               jax.tree_util.tree_leaves(params)):
+        if tuple(a.shape) != tuple(b.shape):
+            raise ValueError(f"init_from={str(path)!r}: parameter {jax.tree_util.keystr(keypath)} has "
+                             f"shape {tuple(b.shape)}, the model expects {tuple(a.shape)}")
+    return params

@@ -1,0 +1,124 @@
+"""Dense Hadamard matrices and the float32 reference transform.
+
+``hadamard_matrix(n)`` is ``H_m (x) H_{2^k}`` for ``n = m * 2^k``: ``H_{2^k}`` the Sylvester
+matrix (``H_2 = [[1, 1], [1, -1]]``, ``H_{2a} = H_2 (x) H_a``, symmetric) and ``H_m`` (m > 1,
+not a power of two) a Paley matrix:
+
+* Paley I, ``m = q + 1`` for a prime ``q = 3 (mod 4)``:  ``H = I + [[0, 1^T], [-1, Q]]``,
+* Paley II, ``m = 2 (q + 1)`` for a prime ``q = 1 (mod 4)``: ``S = [[0, 1^T], [1, Q]]`` with
+  every 0 replaced by ``[[1, -1], [-1, -1]]`` and every +-1 by ``+-[[1, 1], [1, -1]]``,
+
+with ``Q[i, j] = chi(j - i)`` the Jacobsthal matrix (``chi`` the quadratic character mod q).
+Every entry is +-1 and ``H H^T = n I``.  ``H_m`` is not symmetric, so neither is ``H_n`` then.
+
+Deviation from the authors' code (spcl/QuaRot ``hadamard_utils.py``): they store fixed
+tables for 12, 20, 28, 36, 40, 52, 60, 108, 140, 156 and 172 (LLaMA-2's 11008 = 64 * 172)
+and pick the factor from the size; we *construct* the factor (Paley I/II: 12, 20, 24, 28,
+36, 44, 48, 60, 68, 72, 76, 84, ...; sizes with no Paley factor, 172 among them, raise a
+``ValueError``), so our matrices are Hadamard but not the same ones.  Any Hadamard matrix
+gives the same computational invariance; only the incoherence constants differ.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MAX_FACTOR = 256  # largest non-power-of-two factor m searched
+
+
+def _is_prime(q: int) -> bool:
+    return q >= 2 and all(q % d for d in range(2, int(q ** 0.5) + 1))
+
+
+def _jacobsthal(q: int) -> np.ndarray:
+    squares = {(i * i) % q for i in range(1, q)}
+    chi = np.array([0] + [1 if a in squares else -1 for a in range(1, q)])
+    idx = (np.arange(q)[None, :] - np.arange(q)[:, None]) % q
+    return chi[idx]
+
+
+def _paley_kind(m: int):
+    if m % 4 or m & (m - 1) == 0:
+        return None
+    if _is_prime(m - 1) and (m - 1) % 4 == 3:
+        return 1
+    if m % 2 == 0 and _is_prime(m // 2 - 1) and (m // 2 - 1) % 4 == 1:
+        return 2
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _paley(m: int) -> np.ndarray:
+    kind = _paley_kind(m)
+    if kind == 1:
+        q = m - 1
+        s = np.zeros((m, m), np.int64)
+        s[0, 1:] = 1
+        s[1:, 0] = -1
+        s[1:, 1:] = _jacobsthal(q)
+        h = np.eye(m, dtype=np.int64) + s
+    else:
+        q = m // 2 - 1
+        s = np.zeros((q + 1, q + 1), np.int64)
+        s[0, 1:] = 1
+        s[1:, 0] = 1
+        s[1:, 1:] = _jacobsthal(q)
+        zero = np.array([[1, -1], [-1, -1]])
+        one = np.array([[1, 1], [1, -1]])
+        h = np.block([[zero if v == 0 else v * one for v in row] for row in s])
+    assert np.array_equal(h @ h.T, m * np.eye(m, dtype=np.int64)), m
+    return h
+
+
+def factor_sizes():
+    """The non-power-of-two factors ``m`` (<= :data:`MAX_FACTOR`) we can build."""
+    return [m for m in range(4, MAX_FACTOR + 1, 4) if _paley_kind(m)]
+
+
+def split_size(n: int):
+    """``n -> (m, 2^k)`` with ``n = m * 2^k`` (``m = 1`` for powers of two); ``ValueError``
+    when ``n`` has no supported factorisation."""
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"the transformed size must be a positive int, got {n!r}")
+    n = int(n)
+    if n & (n - 1) == 0:
+        return 1, n
+    for m in factor_sizes():  # the smallest factor: most of the work in the fast 2^k part
+        p = n // m
+        if n % m == 0 and p & (p - 1) == 0:
+            return m, p
+    raise ValueError(
+        f"no Hadamard matrix of size {n}: the last axis must be m * 2^k with m = 1 or a Paley "
+        f"size m in {factor_sizes()[:12]}... (<= {MAX_FACTOR})")
+
+
+@functools.lru_cache(maxsize=None)
+def sylvester(n: int) -> np.ndarray:
+    """``H_n`` (n a power of two), +-1 entries, symmetric."""
+    h = np.ones((1, 1), np.int64)
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return h
+
+
+def factor_matrix(m: int) -> np.ndarray:
+    """``H_m`` for a supported non-power-of-two ``m`` (+-1 entries, int64)."""
+    return np.ones((1, 1), np.int64) if m == 1 else _paley(m)
+
+
+def hadamard_matrix(n: int) -> np.ndarray:
+    """Unnormalised ``H_n = H_m (x) H_{2^k}`` (int64 +-1, ``H H^T = n I``)."""
+    m, p = split_size(n)
+    return np.kron(factor_matrix(m), sylvester(p))
+
+
+def hadamard_reference(x, *, scale=None):
+    """``scale * x @ H_n`` over the last axis in float32 (``scale`` defaults to ``n ** -0.5``,
+    the orthonormal transform).  x ``[..., n]`` -> float32 ``[..., n]``."""
+    n = x.shape[-1]
+    h = jnp.asarray(hadamard_matrix(n), jnp.float32)
+    s = n ** -0.5 if scale is None else scale
+    return jnp.matmul(x.astype(jnp.float32), h, precision=jax.lax.Precision.HIGHEST) * s

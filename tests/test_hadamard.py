@@ -1,0 +1,67 @@
+"""Fast Walsh-Hadamard transform: Pallas kernel (interpret mode) vs the dense float32 reference."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.hadamard import (factor_sizes, hadamard_matrix, hadamard_reference,
+                                     hadamard_transform, split_size)
+
+
+@pytest.mark.parametrize("n", [2, 8, 12, 20, 28, 44, 64, 352, 768])
+def test_matrix_is_hadamard(n):
+    h = hadamard_matrix(n)
+    assert set(np.unique(h)) == {-1, 1}
+    np.testing.assert_array_equal(h @ h.T, n * np.eye(n, dtype=np.int64))
+
+
+def test_factorisation():
+    assert split_size(352) == (44, 8) and split_size(768) == (12, 64) and split_size(1024) == (1, 1024)
+    assert {12, 20, 28, 44} <= set(factor_sizes())
+    for bad in (11008, 6, 0, 2.0):
+        with pytest.raises(ValueError):
+            split_size(bad)
+
+
+# (leading shape, n, dtype, scale): rows not a multiple of the row block, tiny n (butterflies
+# only), several 128-chunks (dots + butterflies), Paley factors (12, 44)
+CASES = [
+    ((3, 5), 64, jnp.float32, None),
+    ((7,), 8, jnp.float32, 1.0),
+    ((2, 3), 352, jnp.float32, None),
+    ((37,), 512, jnp.float32, 0.5),
+    ((1,), 768, jnp.float32, None),
+    ((2, 1, 3), 12, jnp.float32, None),
+    ((19,), 256, jnp.bfloat16, None),
+]
+
+
+@pytest.mark.parametrize("lead, n, dtype, scale", CASES)
+def test_matches_reference_fwd_grad(lead, n, dtype, scale):
+    kx, kg = jax.random.split(jax.random.PRNGKey(n))
+    x = jax.random.normal(kx, lead + (n,), jnp.float32).astype(dtype)
+    ct = jax.random.normal(kg, lead + (n,), jnp.float32)
+    y, vjp = jax.vjp(lambda x: hadamard_transform(x, scale=scale), x)  # interpret mode on CPU
+    (dx,) = vjp(ct.astype(dtype))
+    want, vjp_ref = jax.vjp(lambda x: hadamard_reference(x, scale=scale), x.astype(jnp.float32))
+    (dx_ref,) = vjp_ref(ct.astype(dtype).astype(jnp.float32))
+    assert y.dtype == dtype and dx.dtype == dtype and y.shape == x.shape
+    tol = 2e-2 if dtype == jnp.bfloat16 else 2e-5
+    s = 1.0 if scale is None else scale * n ** 0.5  # outputs are O(s)
+    np.testing.assert_allclose(np.asarray(y, np.float32), want, atol=tol * s, rtol=tol)
+    np.testing.assert_allclose(np.asarray(dx, np.float32), dx_ref, atol=tol * s, rtol=tol)
+
+
+def test_orthonormal_round_trip_and_jit():
+    x = jax.random.normal(jax.random.PRNGKey(1), (4, 2, 128))
+    y = jax.jit(lambda x: hadamard_transform(hadamard_transform(x)))(x)
+    np.testing.assert_allclose(y, x, atol=1e-5)  # (H / sqrt n)^2 = I for symmetric Sylvester H
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="floating"):
+        hadamard_transform(jnp.ones((2, 8), jnp.int32))
+    with pytest.raises(ValueError, match="size 6"):
+        hadamard_transform(jnp.ones((2, 6), jnp.float32))
+    with pytest.raises(ValueError, match="scale"):
+        hadamard_transform(jnp.ones((2, 8)), scale="x")

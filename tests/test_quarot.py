@@ -1,0 +1,142 @@
+"""QuaRot (jaxformers.quant): computational invariance of the rotations, the quantizers,
+GPTQ, int4 packing, the int8 path and the quantize() entry point."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxformers as jf
+from jaxformers.quant import (QuantSpec, fake_quant, gptq_weight, int8_linear, pack_int4,
+                              quantize, quantize_rows_int8, rtn_weight, unpack_int4)
+
+
+def _model(**over):
+    """A llama config and random params (numpy, no init compile), with non-trivial norm scales
+    so that folding them is exercised."""
+    from jaxformers.utils import abstract_params
+    cfg = jf.get_config("llama", "tiny", **over)
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.asarray((1 + 0.5 * rng.standard_normal(x.shape)) if str(path[-1].key) == "scale"
+                                    else 0.05 * rng.standard_normal(x.shape), jnp.float32),
+        abstract_params(jf.build(cfg)))
+    return cfg, params
+
+
+def _apply(cfg, params, tokens):
+    return jax.jit(jf.build(cfg).apply)({"params": params}, tokens)
+
+
+TOKENS = jax.random.randint(jax.random.PRNGKey(1), (2, 24), 0, 256)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return _model()
+
+
+# (overrides): the tiny llama (GQA 4/2, d_ff 352 = 44 * 8: a Paley factor), and 12 heads /
+# 4 kv heads / head dim 16 (d 192 = 12 * 16, d_ff 384 = 12 * 32, the heads transform is H_12)
+@pytest.mark.parametrize("over", [{}, dict(d_model=192, n_head=12, n_kv_head=4, head_dim=16,
+                                           d_ff=384, tie_embeddings=True)])
+def test_rotation_is_invariant(over):
+    cfg, params = _model(**over)
+    ref = _apply(cfg, params, TOKENS)
+    qcfg, qparams = quantize(cfg, params, QuantSpec(rotate=True, seed=1))
+    assert qcfg.rotated and not qcfg.tie_embeddings
+    got = _apply(qcfg, qparams, TOKENS)
+    np.testing.assert_allclose(got, ref, atol=1e-5 * float(jnp.abs(ref).max()))
+    # the norms are folded and the weights actually changed
+    assert np.allclose(qparams["blocks_0"]["attn_norm"]["scale"], 1.0)
+    assert not np.allclose(qparams["blocks_0"]["attn"]["q"]["kernel"],
+                           params["blocks_0"]["attn"]["q"]["kernel"])
+
+
+def test_rotated_model_with_kernel_and_decoding(tiny):
+    """The online Hadamards through the Pallas kernel (interpret mode) and KV-cache decoding
+    match the dense path."""
+    from jaxformers.decoding import init_cache
+    cfg, params = tiny
+    qcfg, qparams = quantize(cfg, params, QuantSpec(rotate=True))
+    dense = _apply(qcfg, qparams, TOKENS[:1, :8])
+    kern = _apply(qcfg.replace(hadamard_impl="pallas"), qparams, TOKENS[:1, :8])
+    np.testing.assert_allclose(kern, dense, atol=1e-5)
+    model = jf.build(qcfg)
+    cache = init_cache(model, 1, 8)
+    fn = jax.jit(lambda p, t, c: model.apply({"params": p}, t, cache=c))
+    _, cache = fn(qparams, TOKENS[:1, :7], cache)
+    last, _ = fn(qparams, TOKENS[:1, 7:8], cache)
+    np.testing.assert_allclose(last[:, 0], dense[:, 7], atol=1e-5)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_fake_quant_grid(sym):
+    x = jax.random.normal(jax.random.PRNGKey(0), (6, 32)) * jnp.arange(1, 33)
+    y = fake_quant(x, 4, groupsize=8, sym=sym)
+    for row, xrow in zip(np.asarray(y).reshape(-1, 8), np.asarray(x).reshape(-1, 8)):
+        assert len(np.unique(row)) <= 16
+        assert np.max(np.abs(row - xrow)) <= (np.ptp(xrow) if not sym else 2 * np.abs(xrow).max()) / 14 + 1e-6
+    err = [float(jnp.abs(fake_quant(x, b, sym=sym) - x).mean()) for b in (3, 4, 8)]
+    assert err[0] > err[1] > err[2] > 0
+    assert fake_quant(x, 16) is x
+    with pytest.raises(ValueError, match="groupsize"):
+        fake_quant(x, 4, groupsize=5)
+    with pytest.raises(ValueError, match="bits"):
+        fake_quant(x, 1)
+
+
+def test_pack_int4_round_trip():
+    q = jax.random.randint(jax.random.PRNGKey(0), (3, 5, 16), -8, 8).astype(jnp.int8)
+    p = pack_int4(q)
+    assert p.dtype == jnp.uint8 and p.shape == (3, 5, 8)
+    np.testing.assert_array_equal(unpack_int4(p), q)
+    with pytest.raises(ValueError, match="even"):
+        pack_int4(q[..., :3])
+
+
+def test_int8_linear_equals_fake_quant():
+    kx, kw = jax.random.split(jax.random.PRNGKey(0))
+    x = jax.random.normal(kx, (2, 5, 64))
+    w = np.asarray(jax.random.normal(kw, (64, 48)))
+    deq, q, s, _ = rtn_weight(w, 8, clip_search=False, return_int=True)
+    y = int8_linear(x, jnp.asarray(q, jnp.int8), jnp.asarray(s[0], jnp.float32))
+    ref = jnp.matmul(fake_quant(x, 8), jnp.asarray(deq, jnp.float32), precision="highest")
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()))
+    qx, sx = quantize_rows_int8(x)
+    assert qx.dtype == jnp.int8 and sx.shape == (2, 5, 1)
+
+
+def test_clip_search_and_gptq_reduce_error():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 32))
+    w[3, :] *= 8  # an outlier input row
+    plain = rtn_weight(w, 3, clip_search=False)
+    clipped = rtn_weight(w, 3, clip_search=True)
+    assert np.sum(np.abs(clipped - w) ** 2.4) < np.sum(np.abs(plain - w) ** 2.4)
+    # correlated calibration inputs: GPTQ minimises the output error ||X W - X Q||
+    x = rng.standard_normal((512, 16)) @ rng.standard_normal((16, 64)) + 0.1 * rng.standard_normal((512, 64))
+    g = gptq_weight(w, x.T @ x, 3, groupsize=16)
+    r = rtn_weight(w, 3, groupsize=16)
+    assert np.linalg.norm(x @ (g - w)) < 0.7 * np.linalg.norm(x @ (r - w))
+
+
+def test_quantize_end_to_end(tiny):
+    cfg, params = tiny
+    ref = _apply(cfg, params, TOKENS)
+    # (GPTQ through quantize() with calibration runs in tests/test_experiment_quarot.py)
+    qcfg, qparams = quantize(cfg, params, QuantSpec(rotate=True, w_bits=8, a_bits=8, kv_bits=8))
+    got = _apply(qcfg, qparams, TOKENS)
+    scale = float(jnp.abs(ref).max())
+    assert float(jnp.abs(got - ref).max()) < 0.05 * scale   # W8A8KV8 (rotated): close to float
+    q4cfg, q4 = quantize(cfg, params, QuantSpec(rotate=False, w_bits=4, a_bits=4, kv_bits=4))
+    worse = _apply(q4cfg, q4, TOKENS)
+    assert float(jnp.abs(worse - ref).max()) > float(jnp.abs(got - ref).max())
+    # the quantized weights sit on a 4-bit grid per output channel
+    k = np.asarray(q4["blocks_0"]["mlp"]["up"]["kernel"])
+    assert max(len(np.unique(k[:, j])) for j in range(k.shape[1])) <= 16
+    with pytest.raises(ValueError, match="calibration"):
+        quantize(cfg, params, QuantSpec(w_bits=4, w_method="gptq"))
+    with pytest.raises(ValueError, match="w_method"):
+        QuantSpec(w_method="awq")
+    with pytest.raises(ValueError, match="llama"):
+        quantize(jf.get_config("gpt", "tiny"), params, QuantSpec())
