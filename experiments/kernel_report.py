@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import flash_attention as fa, selective_scan as ss, sparse_attention as sa, ssd as ssd_pkg
+from pallas_kernels import landmark_attention as la
 from pallas_kernels import hadamard as hd
 from pallas_kernels.flash_attention import BlockSizes, flash_attention
 from pallas_kernels.selective_scan import selective_scan
@@ -151,6 +152,17 @@ def sparse_case(kind: str, d: int = 64, t: int = 4096, heads: int = 16, buckets:
     return Case(_grads(fn, 3), (q, q, q, ids, ids), lambda: sa.tpu_vmem_bytes(q.shape, q.shape, bf16))
 
 
+def landmark_case(d: int = 64, t: int = 4096, heads: int = 16, block_size: int = 64):
+    """Landmark (grouped-softmax) attention, bf16, fwd + bwd kernels (``block_size`` tokens
+    per block incl. the landmark; 64 = the paper's 63 + 1 without padding)."""
+    q = S((1, t, heads, d), bf16)
+
+    def fn(q, k, v):
+        return la.landmark_attention(q, k, v, block_size=block_size, interpret=False)
+    return Case(_grads(fn, 3), (q, q, q),
+                lambda: la.tpu_vmem_bytes(q.shape, q.shape, bf16, block_size=block_size))
+
+
 def hadamard_case(n: int = 128, rows: int = 4096 * 8, dtype=bf16):
     """Fast Walsh-Hadamard transform of ``rows`` vectors of size ``n`` (fwd + the VJP, which is
     the same kernel); QuaRot's online transforms (head dim 128, MLP 2^k part)."""
@@ -159,7 +171,7 @@ def hadamard_case(n: int = 128, rows: int = 4096 * 8, dtype=bf16):
     return Case(_grads(fn, 1), (x,), lambda: hd.tpu_vmem_bytes(n, dtype, rows))
 
 
-FAMILIES = ("attention", "selective_scan", "ssd", "sparse_attention", "hadamard")
+FAMILIES = ("attention", "selective_scan", "ssd", "sparse_attention", "landmark_attention", "hadamard")
 
 
 def cases(preset: str, families=FAMILIES):
@@ -182,6 +194,10 @@ def cases(preset: str, families=FAMILIES):
     for d in (64, 128):
         out.append(("sparse_attention", f"hash 16 buckets D{d}", functools.partial(sparse_case, "hash", d)))
         out.append(("sparse_attention", f"qk keep 0.5 D{d}", functools.partial(sparse_case, "qk", d)))
+    for d in (64, 128):
+        out.append(("landmark_attention", f"block 64 D{d}", functools.partial(landmark_case, d)))
+    out.append(("landmark_attention", "block 51 (50 + landmark) D128",
+                functools.partial(landmark_case, 128, block_size=51)))
     for n in (128, 1024) if full else (128,):
         label = f"default (n {n} bf16)" if n == 128 else f"n {n} bf16"
         out.append(("hadamard", label, functools.partial(hadamard_case, n)))

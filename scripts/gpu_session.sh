@@ -16,6 +16,8 @@
 #   scfa-speed-qk    python -m experiments.scfa_speed, QK-sparse kernel, keep 0.2..0.8 (issue 12)
 #   scfa-lm-8k   python -m experiments.scfa_lm --preset gpu --seq-len 8192   (issue 12)
 #   scfa-lm-16k  python -m experiments.scfa_lm --preset gpu --seq-len 16384  (issue 12)
+#   landmark-passkey  python -m experiments.landmark_passkey --preset gpu   (issue 14)
+#   landmark-lm  python -m experiments.landmark_lm --preset gpu              (issue 14)
 #   distill      python -m experiments.distill --preset gpu: teacher, 3 students, throughput,
 #                coverage vs generation time                                         (issue 15)
 #   doge         python -m experiments.doge --preset gpu (proxy + base runs)    (issue 18)
@@ -65,12 +67,12 @@ for s in "$@"; do
                      JAX_DEFAULT_MATMUL_PRECISION=highest stage gpu-quick 240 \
                          python -m pytest -q -p no:cacheprovider \
                          tests/test_flash_attention.py tests/test_selective_scan.py tests/test_ssd.py \
-                         tests/test_hadamard.py \
+                         tests/test_landmark_attention.py tests/test_hadamard.py \
                          -k "matches_reference or packed_segments or initial_state_kernel or full_features" ;;
         kernels)     JAX_DEFAULT_MATMUL_PRECISION=highest stage kernels 300 \
                          python -m pytest -q -p no:cacheprovider \
                          tests/test_flash_attention.py tests/test_selective_scan.py tests/test_ssd.py \
-                         tests/test_hadamard.py ;;
+                         tests/test_landmark_attention.py tests/test_hadamard.py ;;
         attention)   stage attention 560 python -m experiments.bench_attention --out "$OUT/attention" ;;
         scan)        stage scan 560 python -m experiments.bench_scan --out "$OUT/scan" ;;
         models)      stage models 560 python -m experiments.bench_models --out "$OUT/models" ;;
@@ -85,6 +87,11 @@ for s in "$@"; do
                          --out "$OUT/scfa_lm_8k" ;;
         scfa-lm-16k) stage scfa-lm-16k 580 python -m experiments.scfa_lm --preset gpu --seq-len 16384 \
                          --out "$OUT/scfa_lm_16k" ;;
+        # Landmark attention (issue 14): the gpu presets (kernel in the models via landmark_impl=auto)
+        landmark-passkey) stage landmark-passkey 580 python -m experiments.landmark_passkey --preset gpu \
+                         --out "$OUT/landmark_passkey" ;;
+        landmark-lm) stage landmark-lm 580 python -m experiments.landmark_lm --preset gpu \
+                         --out "$OUT/landmark_lm" ;;
         doge)        stage doge 590 python -m experiments.doge --preset gpu --out "$OUT/doge" ;;
         distill)     stage distill 590 python -m experiments.distill --preset gpu --out "$OUT/distill" ;;
         # layer-parallel inference (issue 16): target >= 1.15x decode tokens/s at <= 5% more ppl
@@ -102,6 +109,6 @@ for s in "$@"; do
         quarot-gptq) stage quarot-gptq 580 python -m experiments.quarot --preset gpu \
                          --run "$OUT/quarot/runs/llama" --out "$OUT/quarot_gptq" \
                          --only W4A16_GPTQ,W4A16_GPTQ_rot,W4A4KV4_GPTQ,W4A4KV4_GPTQ_rot,W4A4KV16_GPTQ_rot,W4A8_GPTQ_rot ;;
-        *) echo "unknown stage $s (gpu-quick|kernels|attention|scan|models|denseformer|scfa-speed-hash|scfa-speed-qk|scfa-lm-8k|scfa-lm-16k|doge|distill|layer-parallel-train|layer-parallel|layer-parallel-spans|hadamard|quarot|quarot-gptq)"; exit 2 ;;
+        *) echo "unknown stage $s (gpu-quick|kernels|attention|scan|models|denseformer|scfa-speed-hash|scfa-speed-qk|scfa-lm-8k|scfa-lm-16k|landmark-passkey|landmark-lm|doge|distill|layer-parallel-train|layer-parallel|layer-parallel-spans|hadamard|quarot|quarot-gptq)"; exit 2 ;;
     esac
 done

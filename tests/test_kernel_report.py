@@ -37,12 +37,14 @@ def test_tpu_attention_columns():
         2 * 128 * 128 * 2 + 2 * 512 * 128 * 2 + 128 * 128 * 4)
 
 
-@pytest.mark.parametrize("family", ["selective_scan", "ssd", "sparse_attention", "hadamard"])
+@pytest.mark.parametrize("family", ["selective_scan", "ssd", "sparse_attention", "landmark_attention",
+                                    "hadamard"])
 def test_tpu_columns_of_every_family(family):
     """Every kernel family's rows get TPU columns: the Mosaic lowering of the same gradient
     succeeds and each TPU kernel has a VMEM figure (named like its Triton kernel)."""
     case = {"selective_scan": kernel_report.scan_case, "ssd": kernel_report.ssd_case,
             "sparse_attention": lambda: kernel_report.sparse_case("hash", 64, t=512, heads=2),
+            "landmark_attention": lambda: kernel_report.landmark_case(64, t=512, heads=2),
             "hadamard": lambda: kernel_report.hadamard_case(128, rows=256)}[family]()
     cols = kernel_report.tpu_columns(case)
     assert len(cols) >= (1 if family == "hadamard" else 3)

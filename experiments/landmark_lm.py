@@ -1,0 +1,275 @@
+"""Landmark-attention LM: perplexity beyond the training length vs retrieved blocks, and the
+memory / time per token of the retrieval memory vs a full-attention baseline with a KV cache.
+
+    python -m experiments.landmark_lm --preset tiny --out runs/landmark-lm-tiny   # a few CPU minutes
+    python -m experiments.landmark_lm --preset gpu --out runs/landmark-lm-gpu
+
+Two models on the built-in byte corpus (``jaxformers.training.train``, same raw batches,
+seed ``--seed``): ``landmark`` (``loss="landmark_cross_entropy"``: landmark after every
+``L - 1`` bytes, landmark targets masked) and the ``gpt`` baseline, same width / depth,
+trained on windows of ``T = train_blocks * (L - 1)`` raw tokens.  Evaluation on validation
+windows of ``f * T`` raw tokens, ``f`` in ``--factors`` (1x / 4x / 8x), the loss over the same
+raw targets for both:
+
+* baseline: full causal attention over the whole window (rotary positions past ``T`` for
+  ``f > 1``);
+* landmark: :func:`jaxformers.models.landmark.memory_forward`, chunks of the training
+  length, ``top_k`` in ``--top-k`` retrieved blocks (per head) and ``all`` (top-k = every
+  stored block: equals the full landmark forward).
+
+Cost at each length (second call timed; compile excluded): the baseline processing the
+window chunk by chunk into its KV cache (``cache=`` of the model; per-token attention over
+the whole context so far) and the landmark memory (per-token attention over ``chunk +
+top_k L`` keys): wall time per token, memory bytes (the baseline's cache; the landmark
+memory, and with ``offload="host"`` the bytes left on the device), attention keys per token.
+``OUT/results.json``; ``OUT/landmark_lm.png`` (perplexity vs length per top-k; time per
+token vs length).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from experiments.common import enable_compile_cache, train_fresh
+
+PRESETS = {
+    "tiny": dict(model=dict(d_model=64, n_head=4, n_layer=2), block=16, train_blocks=6,
+                 train=dict(steps=300, batch_size=16, lr=3e-3, warmup_steps=30, eval_every=0,
+                            eval_batches=4),
+                 factors=(1, 4, 8), top_k=(1, 2, 4), eval_windows=4),
+    # the paper's block (50 + landmark), GPT-small width; T = 10 blocks = 500 tokens
+    "gpu": dict(model=dict(d_model=768, n_head=12, n_layer=12), block=51, train_blocks=10,
+                train=dict(steps=2000, batch_size=32, lr=6e-4, warmup_steps=200, eval_every=1000,
+                           eval_batches=20),
+                factors=(1, 4, 8), top_k=(1, 2, 4), eval_windows=16),
+}
+
+
+def _parser():
+    ap = argparse.ArgumentParser(prog="python -m experiments.landmark_lm",
+                                 description=__doc__.splitlines()[0], epilog=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--steps", type=int, help="override the training steps")
+    ap.add_argument("--factors", help="comma list of length factors (default: the preset's)")
+    ap.add_argument("--top-k", help="comma list of retrieved blocks (default: the preset's)")
+    ap.add_argument("--eval-windows", type=int, help="validation windows per length")
+    ap.add_argument("--d-model", type=int, help="override the width")
+    ap.add_argument("--n-layer", type=int, help="override the depth")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data", default="default")
+    ap.add_argument("--no-compile-cache", action="store_true")
+    return ap
+
+
+def _ce(logits, targets):
+    import jax
+    import jax.numpy as jnp
+    lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(lp, targets[..., None], axis=-1)[..., 0]
+
+
+def eval_baseline(cfg, params, windows):
+    """Mean next-token loss over ``windows [n, f T]`` (full attention, one forward)."""
+    import jax
+    import jax.numpy as jnp
+    from jaxformers import build
+
+    model = build(cfg)
+    fwd = jax.jit(lambda p, t: _ce(model.apply({"params": p}, t[:, :-1]), t[:, 1:]).mean())
+    return float(np.mean([float(fwd(params, jnp.asarray(w[None]))) for w in windows]))
+
+
+def eval_landmark(cfg, params, windows, *, chunk_len, top_k, max_blocks):
+    """Mean loss over the same raw targets: the prediction of raw token ``p`` is read at the
+    with-landmark position just before it (the landmark, after a block boundary)."""
+    import jax.numpy as jnp
+    from jaxformers.models.landmark import insert_landmarks, memory_forward
+
+    L = cfg.landmark_block
+    seq, _ = insert_landmarks(windows, L, cfg.landmark_token)
+    p = np.arange(1, windows.shape[1])
+    where = p + p // (L - 1)
+    logits = memory_forward(cfg, params, seq, chunk_len=chunk_len, top_k=top_k,
+                            max_blocks=max_blocks)
+    return float(_ce(logits[:, where - 1], jnp.asarray(windows[:, 1:])).mean())
+
+
+def _timed(fn, repeats: int = 2):
+    import jax
+    jax.block_until_ready(fn())  # compile + warm up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def cost_baseline(cfg, params, window, chunk):
+    """Chunked prefill into the baseline's KV cache: (seconds, cache bytes)."""
+    import jax
+    import jax.numpy as jnp
+    from jaxformers import build
+    from jaxformers.decoding import init_cache
+
+    model = build(cfg)
+    n = len(window)
+    step = jax.jit(lambda p, t, c: model.apply({"params": p}, t, cache=c))
+    tok = jnp.asarray(window[None])
+
+    def run():
+        cache = init_cache(model, 1, n)
+        out = None
+        for s in range(0, n, chunk):
+            out, cache = step(params, tok[:, s:s + chunk], cache)
+        return out
+    cache = init_cache(model, 1, n)
+    nbytes = sum(int(x.nbytes) for x in jax.tree.leaves(cache["layers"]))
+    return _timed(run), nbytes
+
+
+def cost_landmark(cfg, params, window, chunk_len, top_k, max_blocks, offload=None):
+    import jax.numpy as jnp
+    from jaxformers.models.landmark import insert_landmarks, memory_forward
+
+    seq, _ = insert_landmarks(window[None], cfg.landmark_block, cfg.landmark_token)
+    stats = {}
+
+    def run():
+        logits, st = memory_forward(cfg, params, jnp.asarray(seq), chunk_len=chunk_len,
+                                    top_k=top_k, offload=offload, max_blocks=max_blocks,
+                                    return_stats=True)
+        stats.update(st)
+        return logits
+    return _timed(run), stats
+
+
+def run(args) -> dict:
+    import jax
+    from jaxformers import get_config
+    from jaxformers.training.trainer import open_dataset
+
+    preset = json.loads(json.dumps(PRESETS[args.preset]))
+    if args.steps:
+        preset["train"]["steps"] = args.steps
+        preset["train"]["warmup_steps"] = min(preset["train"]["warmup_steps"], max(1, args.steps // 10))
+    if args.eval_windows:
+        preset["eval_windows"] = args.eval_windows
+    if args.d_model:
+        preset["model"]["d_model"] = args.d_model
+    if args.n_layer:
+        preset["model"]["n_layer"] = args.n_layer
+    factors = tuple(int(x) for x in args.factors.split(",")) if args.factors else tuple(preset["factors"])
+    top_ks = tuple(int(x) for x in args.top_k.split(",")) if args.top_k else tuple(preset["top_k"])
+    L, nb = preset["block"], preset["train_blocks"]
+    raw = nb * (L - 1)                       # raw tokens per training window (T + 1)
+    chunk = nb * L                           # one training window with its landmarks
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _, meta, _, val_tokens = open_dataset(args.data, "byte")
+    vocab = int(meta["vocab_size"]) + 1      # + the landmark token
+    common = dict(preset["model"], vocab_size=vocab, max_seq_len=chunk)
+    cfgs = {"landmark": get_config("landmark", "tiny", landmark_block=L, **common),
+            "baseline": get_config("gpt", "tiny", **common)}
+    train_kw = dict(preset["train"], seq_len=raw - 1)
+    results = {"preset": args.preset, "seed": args.seed, "backend": jax.default_backend(),
+               "device_kind": jax.devices()[0].device_kind, "jax_version": jax.__version__,
+               "data": args.data, "train": train_kw, "model": preset["model"], "block": L,
+               "train_len_raw": raw, "chunk_len": chunk, "factors": factors, "top_k": top_ks,
+               "models": {}, "ppl": {}, "cost": {}}
+    params = {}
+    for name, cfg in cfgs.items():
+        kw = dict(train_kw, loss="landmark_cross_entropy") if name == "landmark" else train_kw
+        summary, p, _, _ = train_fresh(name, cfg, out, seed=args.seed, data=args.data,
+                                       train_kw=kw, log_points=10, tag="landmark_lm")
+        params[name] = p
+        results["models"][name] = {k: summary.get(k) for k in
+                                   ("val_loss", "val_ppl", "train_loss", "n_params",
+                                    "tokens_per_s", "wall_s")}
+    rng = np.random.default_rng([args.seed, 3])
+    max_blocks = max(factors) * nb
+    for f in factors:
+        n = f * raw
+        starts = rng.integers(0, len(val_tokens) - n, preset["eval_windows"])
+        windows = np.stack([np.asarray(val_tokens[s:s + n], np.int32) for s in starts])
+        row = {"baseline_full": float(np.exp(eval_baseline(cfgs["baseline"], params["baseline"],
+                                                           windows)))}
+        for k in top_ks + (max_blocks,):
+            key = "landmark_all" if k == max_blocks else f"landmark_top{k}"
+            loss = eval_landmark(cfgs["landmark"], params["landmark"], windows, chunk_len=chunk,
+                                 top_k=k, max_blocks=max_blocks)
+            row[key] = float(np.exp(loss))
+        results["ppl"][str(f)] = row
+        cost = {}
+        sec, nbytes = cost_baseline(cfgs["baseline"], params["baseline"], windows[0], raw)
+        cost["baseline_kv_cache"] = {"s_per_token": sec / n, "memory_bytes": nbytes,
+                                     "keys_per_token": (n + 1) / 2}
+        for k in top_ks:
+            sec, st = cost_landmark(cfgs["landmark"], params["landmark"], windows[0], chunk, k,
+                                    max_blocks)
+            cost[f"landmark_top{k}"] = {"s_per_token": sec / n, "memory_bytes": st["memory_bytes"],
+                                        "keys_per_token": (chunk + 1) / 2 + k * L}
+        sec, st = cost_landmark(cfgs["landmark"], params["landmark"], windows[0], chunk,
+                                top_ks[-1], max_blocks, offload="host")
+        cost[f"landmark_top{top_ks[-1]}_host"] = {
+            "s_per_token": sec / n, "memory_bytes": st["memory_bytes"],
+            "device_memory_bytes": st["device_memory_bytes"],
+            "keys_per_token": (chunk + 1) / 2 + top_ks[-1] * L}
+        results["cost"][str(f)] = cost
+        print(f"[landmark_lm] {f}x ({n} tokens): " + " ".join(f"{k} {v:.3f}" for k, v in row.items()),
+              file=sys.stderr, flush=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    plot(results, out / "landmark_lm.png")
+    return results
+
+
+def plot(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fs = sorted(int(f) for f in results["ppl"])
+    raw = results["train_len_raw"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    keys = list(results["ppl"][str(fs[0])])
+    for key in keys:
+        axes[0].plot([f * raw for f in fs], [results["ppl"][str(f)][key] for f in fs],
+                     "o-" if key.startswith("baseline") else "s--", label=key)
+    axes[0].set_ylabel("validation perplexity")
+    axes[0].set_yscale("log")
+    for key in results["cost"][str(fs[0])]:
+        axes[1].plot([f * raw for f in fs],
+                     [results["cost"][str(f)][key]["s_per_token"] * 1e3 for f in fs], "o-", label=key)
+    axes[1].set_ylabel(f"ms / token ({results['device_kind']})")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("input length (raw tokens)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_title(f"perplexity vs length ({results['preset']}, seed {results['seed']})", fontsize=9)
+    axes[1].set_title("time per token: KV cache vs retrieval memory", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    args = _parser().parse_args(argv)
+    if not args.no_compile_cache:
+        enable_compile_cache()
+    t0 = time.perf_counter()
+    results = run(args)
+    print(json.dumps(results["ppl"], indent=1))
+    print(f"total {time.perf_counter() - t0:.0f}s -> {args.out}/results.json", file=sys.stderr)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,497 @@
+"""Landmark attention LM (Mohtashami & Jaggi 2023, arXiv:2305.16300) and inference with a memory.
+
+The GPT baseline with the attention op swapped for landmark attention
+(:mod:`pallas_kernels.landmark_attention`: blocks of ``L = landmark_block`` tokens whose last
+token is a *landmark*; a grouped softmax makes each landmark's key stand for its block).
+Projections, rotary, parameter names (``q``/``k``/``v``/``o``) stay the baseline's.
+
+Data and loss.  :func:`insert_landmarks` inserts the landmark token (``landmark_id``, default
+``vocab_size - 1``; it must not occur in the data) after every ``L - 1`` tokens, so landmarks
+sit at positions ``t % L == L - 1`` of each training window (the kernel's rule).  The loss
+``landmark_cross_entropy`` (registered; ``TrainConfig(loss="landmark_cross_entropy")``) does
+this to every raw ``[B, T+1]`` window inside the step and gives landmark *targets* weight 0
+through the batch's ``loss_mask``: every real token of the window is predicted exactly once,
+the ones that follow a landmark from the landmark's position.  Deviation from the authors
+(``epfml/landmark-attention``): they insert landmarks into the token file and, at inference
+(``MemLMCache.get_final_logits``), read the prediction of the token after a landmark from the
+token *before* the landmark; here it is read at the landmark (no target re-wiring is needed,
+the existing ``loss_mask`` does it).  Training positions are the with-landmark positions
+``0..T'-1`` (as theirs).
+
+Decoding with the baseline KV cache (``generate``-style, teacher-forced landmarks) runs the
+float32 reference with ``q_offset = cache_index``.
+
+Inference with a memory (:func:`memory_forward`).  A long with-landmark input is processed
+in chunks of ``chunk_len`` tokens (a multiple of ``L``).  Each layer keeps a memory of the
+complete blocks of earlier chunks: unrotated keys and values ``[B, M, L, Hkv, Dh]`` (the
+landmark key is row ``L - 1`` of its block).  For each chunk and layer:
+
+1. retrieval: every query scores the landmark keys of all ``M`` stored blocks
+   (``q . k_lm``, both with rotary; every landmark key rotated at the same position, just
+   before the chunk, so the ranking is position-fair) and keeps the ``top_k`` best blocks:
+   ``selection="per_head"`` per (token, query head), or ``"shared"`` per token across heads
+   (max over heads of the per-head softmax over blocks: the authors' ``max_over_heads``);
+2. positions: the retrieved blocks, in chronological order, are placed at positions
+   ``[0, k L)`` (slot ``r`` at ``r L .. r L + L - 1``) and the chunk right after them at
+   ``k L + t`` with ``k = min(M, top_k)`` (the paper's "retrieved blocks just before the
+   current chunk");
+3. attention: the grouped softmax over the retrieved blocks *and* the chunk: the outer
+   softmax runs over the retrieved landmarks, the chunk's own earlier landmarks and the
+   current block; computed as the chunk's landmark attention (with its outer log-normaliser)
+   merged with the retrieved blocks' contribution by log-sum-exp;
+4. the chunk's complete blocks (unrotated keys, values) are appended to the memory.
+
+Per-token attention work is ``chunk_len + top_k * L`` keys whatever the context length;
+only the landmark scoring grows with it (one dot product per stored block and head, ``1/L``
+of full attention's, plus a top-k).  Invariant (tested): with ``top_k >=`` the number of
+stored blocks, every block is retrieved, in order, at its true position, so
+:func:`memory_forward` equals the full forward of the whole input (logits), for any
+``chunk_len``.
+
+Deviations from the authors' memory (``models/caches/mem_cache.py``,
+``llama/llama_mem.py``): they carry the chunk's trailing incomplete block into the next chunk
+and, when scoring, rotate the ``top_k`` most recent landmark keys at their slot positions and
+all older ones at one fixed position; here chunks are block-aligned and all landmark keys
+share one scoring position.  ``offload="host"``: the memory lives in host memory
+between layers and chunks (numpy), only the landmark keys are sent to the device for scoring
+and only the retrieved blocks are gathered on the host and sent back, so device memory holds
+``O(chunk_len * top_k * L)`` keys whatever the context; it costs one extra forward of the
+block per layer (the first pass only computes the selection) and host round trips.
+``jax.device_put`` to a ``pinned_host`` memory kind was not used: the CPU backend (where this
+is tested) has no separate host memory space.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import flax.linen as nn
+from jax.ad_checkpoint import checkpoint_name
+
+from ..config import TransformerConfig, _choice
+from ..layers import Block
+from ..layers.attention import init_attention_cache, project_qkv
+from ..layers.common import output_std
+from ..layers.linear import Linear
+from ..layers.rotary import apply_rotary, rotary_angles
+from ..registry import register
+from ..sharding import ACT_HEADS, BATCH, EMBED, HEAD_DIM, HEADS, LENGTH, constrain
+from ..training.losses import cross_entropy, register_loss
+from .gpt import GPT_PRESETS, _GPT_STYLE
+from .transformer import Transformer
+
+LANDMARK_IMPLS = ("auto", "reference", "pallas")
+SELECTIONS = ("per_head", "shared")
+
+
+@dataclasses.dataclass(frozen=True)
+class LandmarkConfig(TransformerConfig):
+    """TransformerConfig + landmark fields.
+
+    ``landmark_block``: ``L``, tokens per block including the landmark (paper: 50 + 1).
+    ``landmark_id``: the landmark token (``None``: ``vocab_size - 1``).
+    ``landmark_impl``: ``"pallas"`` kernel, ``"reference"`` (float32 dense oracle, CPU
+    training), ``"auto"`` = the kernel on GPU/TPU.  ``mem_top_k`` / ``mem_selection``: the
+    defaults of :func:`memory_forward`.
+    """
+
+    model: str = "landmark"
+    landmark_block: int = 16
+    landmark_id: Optional[int] = None
+    landmark_impl: str = "auto"
+    block_q: int = 64
+    mem_top_k: int = 2
+    mem_selection: str = "per_head"
+
+    @property
+    def landmark_token(self) -> int:
+        return self.vocab_size - 1 if self.landmark_id is None else self.landmark_id
+
+    def validate(self) -> None:
+        super().validate()
+        L = self.landmark_block
+        if not isinstance(L, int) or isinstance(L, bool) or L < 2:
+            raise ValueError(f"landmark_block must be an int >= 2 (tokens per block incl. the "
+                             f"landmark), got {L!r}")
+        if self.landmark_id is not None and not 0 <= self.landmark_id < self.vocab_size:
+            raise ValueError(f"landmark_id must be in [0, vocab_size={self.vocab_size}) or None, "
+                             f"got {self.landmark_id!r}")
+        _choice("landmark_impl", self.landmark_impl, LANDMARK_IMPLS)
+        _choice("mem_selection", self.mem_selection, SELECTIONS)
+        if not isinstance(self.mem_top_k, int) or self.mem_top_k < 1:
+            raise ValueError(f"mem_top_k must be a positive int, got {self.mem_top_k!r}")
+        if self.window is not None:
+            raise ValueError("window (sliding-window attention) is not supported by landmark "
+                             "attention; use window=None")
+        v = self.block_q
+        if not isinstance(v, int) or v < 16 or v & (v - 1):
+            raise ValueError(f"block_q must be a power of two >= 16, got {v!r}")
+
+
+# ------------------------------------------------------------------------- data + loss
+def insert_landmarks(tokens, block_size: int, landmark_id: int):
+    """Insert ``landmark_id`` after every ``block_size - 1`` tokens.
+
+    tokens ``[B, N]`` (numpy or jax) -> ``(with_landmarks [B, N'], is_landmark [B, N'])`` with
+    ``N' = N + N // (block_size - 1)``; landmarks at positions ``t % block_size ==
+    block_size - 1``.
+    """
+    xp = jnp if isinstance(tokens, jax.Array) else np
+    b, n = tokens.shape
+    per = block_size - 1
+    nb = -(-n // per)
+    padded = xp.zeros((b, nb * per), tokens.dtype)
+    padded = padded.at[:, :n].set(tokens) if xp is jnp else _np_set(padded, tokens)
+    lm = xp.full((b, nb, 1), landmark_id, tokens.dtype)
+    seq = xp.concatenate([padded.reshape(b, nb, per), lm], axis=2).reshape(b, nb * block_size)
+    n_out = n + n // per
+    is_lm = (np.arange(n_out) % block_size == block_size - 1)
+    return seq[:, :n_out], xp.broadcast_to(xp.asarray(is_lm), (b, n_out))
+
+
+def _np_set(padded, tokens):
+    padded[:, :tokens.shape[1]] = tokens
+    return padded
+
+
+def remove_landmarks(x, block_size: int, axis: int = 1):
+    """The entries of ``x`` at non-landmark positions along ``axis`` (inverse of the insertion)."""
+    n = x.shape[axis]
+    keep = np.nonzero(np.arange(n) % block_size != block_size - 1)[0]
+    return jnp.take(x, keep, axis=axis) if isinstance(x, jax.Array) else np.take(x, keep, axis=axis)
+
+
+def with_landmarks(batch, block_size: int, landmark_id: int):
+    """A batch dict of raw windows ``tokens [B, T+1]`` -> ``{"tokens": [B, T'+1],
+    "loss_mask": [B, T'+1]}`` with landmarks inserted and weight 0 on landmark targets
+    (an existing ``loss_mask`` is carried to the real tokens).  Packed ``segment_ids`` /
+    ``positions`` are not supported (``ValueError``)."""
+    for key in ("segment_ids", "positions"):
+        if batch.get(key) is not None:
+            raise ValueError(f"landmark batches do not support {key!r} (landmarks are placed by "
+                             "position in each window)")
+    seq, is_lm = insert_landmarks(batch["tokens"], block_size, landmark_id)
+    mask = (~is_lm).astype(jnp.float32)
+    if batch.get("loss_mask") is not None:
+        inner, _ = insert_landmarks(batch["loss_mask"].astype(jnp.float32), block_size, 0)
+        mask = mask * inner
+    return {"tokens": seq, "loss_mask": mask}
+
+
+@register_loss("landmark_cross_entropy")
+def landmark_cross_entropy(module, params, batch, rng=None):
+    """Next-token cross-entropy of a ``landmark`` model on raw windows: landmarks inserted
+    (:func:`with_landmarks`), landmark targets weigh 0.  Metrics as ``cross_entropy``."""
+    c = module.config
+    if not isinstance(c, LandmarkConfig):
+        raise ValueError(f"loss 'landmark_cross_entropy' needs a landmark model, got model "
+                         f"{c.model!r}; use loss='cross_entropy'")
+    return cross_entropy(module, params, with_landmarks(batch, c.landmark_block, c.landmark_token),
+                         rng)
+
+
+def landmark_seq_len(raw_len: int, block_size: int) -> int:
+    """Model sequence length for raw windows of ``raw_len + 1`` tokens (``max_seq_len`` needed)."""
+    return raw_len + 1 + (raw_len + 1) // (block_size - 1) - 1
+
+
+# -------------------------------------------------------------------------- attention op
+def resolve_impl(impl: str) -> str:
+    if impl == "auto":
+        return "pallas" if jax.default_backend() in ("gpu", "tpu", "cuda", "rocm") else "reference"
+    return impl
+
+
+def landmark_op(c, q, k, v):
+    """Training/prefill landmark attention ``[B, T, H, Dh]`` (kernel or reference)."""
+    from pallas_kernels import landmark_attention as la
+
+    if resolve_impl(c.landmark_impl) == "reference":
+        return la.landmark_attention_reference(q, k, v, block_size=c.landmark_block)
+    return la.landmark_attention(q, k, v, block_size=c.landmark_block, block_q=c.block_q)
+
+
+def _rope(x, positions, c):
+    cos, sin = rotary_angles(positions, c.dim_head, c.rope_theta)
+    return apply_rotary(x, cos, sin)
+
+
+def select_blocks(q, lm_keys, n_mem, top_k: int, selection: str):
+    """Top-k memory blocks per query.
+
+    q ``[B, C, Hq, Dh]`` (rotary applied); lm_keys ``[B, Mcap, Hkv, Dh]`` (rotary applied);
+    ``n_mem`` stored blocks (slots ``>= n_mem`` are empty).  Returns block indices
+    ``[B, Hq, C, k]`` in increasing (chronological) order; empty slots sort last.
+    """
+    b, cl, hq, d = q.shape
+    mcap, hkv = lm_keys.shape[1], lm_keys.shape[2]
+    kx = jnp.repeat(lm_keys, hq // hkv, axis=2).astype(jnp.float32)
+    s = jnp.einsum("bchd,bmhd->bhcm", q.astype(jnp.float32), kx) * d ** -0.5
+    s = jnp.where(jnp.arange(mcap) < n_mem, s, -jnp.inf)
+    k = min(top_k, mcap)
+    if selection == "shared":
+        p = jax.nn.softmax(jnp.where(jnp.isfinite(s), s, -1e30), axis=-1)
+        p = jnp.where(jnp.arange(mcap) < n_mem, p, -1.0)
+        s = jnp.broadcast_to(jnp.max(p, axis=1, keepdims=True), s.shape)
+    _, idx = jax.lax.top_k(s, k)
+    return jnp.sort(idx, axis=-1).astype(jnp.int32)
+
+
+def gather_blocks(mem, idx, hq: int):
+    """mem ``[B, Mcap, L, Hkv, Dh]``, idx ``[B, Hq, C, k]`` -> ``[B, Hq, C, k, L, Dh]``
+    (numpy in, numpy out: the host-offload path)."""
+    xp = np if isinstance(mem, np.ndarray) else jnp
+    b, mcap, L, hkv, d = mem.shape
+    g = hq // hkv
+    heads = np.arange(hq) // g
+    mh = xp.transpose(mem[:, :, :, heads], (0, 3, 1, 2, 4))               # [B, Hq, Mcap, L, D]
+    bq, _, cl, k = idx.shape
+    flat = idx.reshape(b, hq, cl * k)
+    out = xp.take_along_axis(mh, flat[:, :, :, None, None], axis=2)     # [B, Hq, C*k, L, D]
+    return out.reshape(b, hq, cl, k, L, d)
+
+
+def memory_attention(c, q, o_loc, lse_loc, mk, mv, idx, n_mem):
+    """Merge the retrieved blocks into the chunk's landmark attention.
+
+    q ``[B, C, Hq, Dh]`` (rotary at the chunk positions); o_loc ``[B, C, Hq, Dh]`` and
+    lse_loc ``[B, Hq, C]`` (natural log) from the chunk's own landmark attention; mk/mv
+    ``[B, Hq, C, k, L, Dh]`` gathered unrotated keys / values; idx ``[B, Hq, C, k]``.
+    Slot ``r`` keys get positions ``r L + l``.  Returns ``[B, C, Hq, Dh]``.
+    """
+    b, cl, hq, d = q.shape
+    k, L = mk.shape[3], mk.shape[4]
+    pos = jnp.arange(k * L, dtype=jnp.int32)[None, :]
+    kr = _rope(mk.reshape(b * hq * cl, k * L, 1, d), pos, c).reshape(mk.shape)
+    s = jnp.einsum("bchd,bhcrld->bhcrl", q.astype(jnp.float32), kr.astype(jnp.float32)) * d ** -0.5
+    valid = idx < n_mem                                                   # [B, Hq, C, k]
+    a = jnp.where(valid, s[..., L - 1], -jnp.inf)                        # landmark logits
+    inner = jax.nn.softmax(s[..., :L - 1], axis=-1)                      # within each block
+    u = jnp.einsum("bhcrl,bhcrld->bhcrd", inner, mv[..., :L - 1, :].astype(jnp.float32))
+    lse_mem = jax.nn.logsumexp(a, axis=-1)                                # [B, Hq, C]
+    w = jnp.exp(a - jnp.where(jnp.isfinite(lse_mem), lse_mem, 0.0)[..., None])
+    o_mem = jnp.einsum("bhcr,bhcrd->bchd", jnp.where(valid, w, 0.0), u)
+    lse = jnp.logaddexp(lse_loc, lse_mem)
+    f_loc = jnp.swapaxes(jnp.exp(lse_loc - lse), 1, 2)[..., None]
+    f_mem = jnp.swapaxes(jnp.exp(lse_mem - lse), 1, 2)[..., None]
+    return (f_loc * o_loc.astype(jnp.float32) + f_mem * o_mem).astype(q.dtype)
+
+
+# ----------------------------------------------------------------------------- mixer
+class LandmarkAttention(nn.Module):
+    """The baseline Attention mixer (same params, rotary) with landmark attention.
+
+    ``kv_cache``: None (training / prefill), the baseline's ``{'k', 'v'}`` decoding cache, or
+    a memory ``{'mem_k', 'mem_v' [B, Mcap, L, Hkv, Dh], 'n_mem' int32, 'top_k', 'selection'
+    (static), optionally 'retrieved': (mk, mv, idx) gathered on the host, or
+    'select_only'}`` (:func:`memory_forward`).
+    """
+    config: object
+
+    init_cache = staticmethod(init_attention_cache)
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids=None, kv_cache=None, cache_index=None):
+        c = self.config
+        if segment_ids is not None:
+            raise ValueError("landmark attention does not support segment_ids (packed "
+                             "sequences): landmarks are placed by position")
+        if kv_cache is not None and "mem_k" in kv_cache:
+            return self._with_memory(x, positions, kv_cache)
+        q, k, v = project_qkv(c, x, positions)
+        new_cache = None
+        if kv_cache is None:
+            o = landmark_op(c, q, k, v)
+        else:
+            from pallas_kernels.landmark_attention import landmark_attention_reference
+            start = (0, cache_index, 0, 0)
+            k_all = jax.lax.dynamic_update_slice(kv_cache["k"], k.astype(kv_cache["k"].dtype), start)
+            v_all = jax.lax.dynamic_update_slice(kv_cache["v"], v.astype(kv_cache["v"].dtype), start)
+            new_cache = {"k": k_all, "v": v_all}
+            o = landmark_attention_reference(q, k_all.astype(q.dtype), v_all.astype(q.dtype),
+                                             block_size=c.landmark_block, q_offset=cache_index)
+        return self._out(o), new_cache
+
+    def _out(self, o):
+        c = self.config
+        o = checkpoint_name(constrain(o, (BATCH, LENGTH, ACT_HEADS, None)), "attention_out")
+        return Linear(c.d_model, (HEADS, HEAD_DIM, EMBED), in_axes=2, std=output_std(c),
+                      dtype=c.dtype, param_dtype=c.param_dtype, name="o")(o)
+
+    def _with_memory(self, x, positions, mem):
+        from pallas_kernels.landmark_attention import landmark_attention_reference
+        c = self.config
+        L, hq = c.landmark_block, c.n_head
+        b, cl = x.shape[:2]
+        q, k, v = project_qkv(c, x, jnp.zeros_like(positions))  # rotary at 0 = unrotated
+        qr, kr = _rope(q, positions, c), _rope(k, positions, c)
+        n_mem = mem["n_mem"]
+        lm = mem["lm_k"] if "lm_k" in mem else mem["mem_k"][:, :, L - 1]
+        p0 = positions[:, :1]
+        lm_r = _rope(lm, jnp.broadcast_to(p0 - 1, lm.shape[:2]), c)
+        if "retrieved" in mem:
+            mk, mv, idx = mem["retrieved"]
+        else:
+            idx = select_blocks(qr, lm_r, n_mem, mem["top_k"], mem["selection"])
+            if mem.get("select_only"):
+                return jnp.zeros_like(x), {"idx": idx, "k": k, "v": v}
+            mk, mv = gather_blocks(mem["mem_k"], idx, hq), gather_blocks(mem["mem_v"], idx, hq)
+        o_loc, lse_loc = landmark_attention_reference(qr, kr, v, block_size=L, return_lse=True)
+        o = memory_attention(c, qr, o_loc, lse_loc, mk, mv, idx, n_mem)
+        new = {"k": k, "v": v}                    # the chunk's unrotated keys / values
+        return self._out(o), new
+
+
+LandmarkBlock = Block.using(mixer=LandmarkAttention, name="LandmarkBlock")
+
+
+class LandmarkTransformer(Transformer):
+    """The baseline with :class:`LandmarkAttention` in every layer."""
+
+    def block_class(self):
+        return LandmarkBlock
+
+
+# ------------------------------------------------------------------ memory inference
+def _append_blocks(mem_k, mem_v, n_mem, k, v, L):
+    """Write the chunk's complete blocks (``[B, C, Hkv, Dh]``) at block slot ``n_mem``."""
+    b, cl, hkv, d = k.shape
+    nb = cl // L
+    if nb == 0:
+        return mem_k, mem_v
+    kb = k[:, :nb * L].reshape(b, nb, L, hkv, d)
+    vb = v[:, :nb * L].reshape(b, nb, L, hkv, d)
+    if isinstance(mem_k, np.ndarray):
+        mem_k[:, n_mem:n_mem + nb] = np.asarray(kb, mem_k.dtype)
+        mem_v[:, n_mem:n_mem + nb] = np.asarray(vb, mem_v.dtype)
+        return mem_k, mem_v
+    start = (0, n_mem, 0, 0, 0)
+    return (jax.lax.dynamic_update_slice(mem_k, kb.astype(mem_k.dtype), start),
+            jax.lax.dynamic_update_slice(mem_v, vb.astype(mem_v.dtype), start))
+
+
+@functools.lru_cache(maxsize=8)
+def _chunk_fns(config, top_k: int, selection: str):
+    """Jitted per-chunk functions of one config: the whole model on device, and the per-layer
+    pieces of the host-offload path."""
+    model = LandmarkTransformer(config)
+    block = LandmarkBlock(config)
+    L = config.landmark_block
+
+    @jax.jit
+    def device_chunk(params, tokens, positions, mems, n_mem):
+        x = model.apply({"params": params}, tokens, method=lambda m, t: m.embed(t))
+        new_mems = []
+        for i in range(config.n_layer):
+            mk, mv = mems[i]
+            cache = {"mem_k": mk, "mem_v": mv, "n_mem": n_mem, "top_k": top_k,
+                     "selection": selection}
+            x, new = block.apply({"params": params[f"blocks_{i}"]}, x, positions, None, cache, None)
+            new_mems.append(_append_blocks(mk, mv, n_mem, new["k"], new["v"], L))
+        logits = model.apply({"params": params}, x,
+                             method=lambda m, h: m.logits(m.final_norm(h)))
+        return logits, new_mems
+
+    @jax.jit
+    def select(layer_params, x, positions, lm_k, n_mem):
+        cache = {"mem_k": None, "lm_k": lm_k, "n_mem": n_mem, "top_k": top_k,
+                 "selection": selection, "select_only": True}
+        _, out = block.apply({"params": layer_params}, x, positions, None, cache, None)
+        return out["idx"]
+
+    @jax.jit
+    def layer(layer_params, x, positions, lm_k, n_mem, mk, mv, idx):
+        cache = {"mem_k": None, "lm_k": lm_k, "n_mem": n_mem, "retrieved": (mk, mv, idx)}
+        return block.apply({"params": layer_params}, x, positions, None, cache, None)
+
+    embed = jax.jit(lambda p, t: model.apply({"params": p}, t, method=lambda m, t: m.embed(t)))
+    head = jax.jit(lambda p, h: model.apply({"params": p}, h,
+                                           method=lambda m, h: m.logits(m.final_norm(h))))
+    return device_chunk, select, layer, embed, head
+
+
+def memory_forward(config, params, tokens, *, chunk_len: int, top_k: Optional[int] = None,
+                   selection: Optional[str] = None, offload: Optional[str] = None,
+                   max_blocks: Optional[int] = None, return_stats: bool = False):
+    """Logits ``[B, N, V]`` of a with-landmark input ``tokens [B, N]`` processed chunk by chunk
+    with a retrieval memory (module docstring).
+
+    ``chunk_len``: a positive multiple of ``landmark_block``.  ``top_k`` / ``selection``:
+    default the config's ``mem_top_k`` / ``mem_selection``.  ``offload``: None (memory on the
+    device) or ``"host"`` (numpy memory on the host, per-layer retrieval).  ``max_blocks``:
+    memory capacity in blocks (default: enough for the input).  ``return_stats``: also return
+    ``{"chunks", "memory_bytes", "device_memory_bytes"}``.
+    """
+    c = config
+    if not isinstance(c, LandmarkConfig):
+        raise ValueError(f"memory_forward needs a landmark config, got {type(c).__name__}")
+    L = c.landmark_block
+    if not isinstance(chunk_len, int) or chunk_len < L or chunk_len % L:
+        raise ValueError(f"chunk_len must be a positive multiple of landmark_block={L}, got "
+                         f"{chunk_len!r}")
+    if c.scan_layers:
+        raise ValueError("memory_forward needs scan_layers=False (per-layer memories)")
+    top_k = c.mem_top_k if top_k is None else top_k
+    selection = c.mem_selection if selection is None else selection
+    _choice("selection", selection, SELECTIONS)
+    _choice("offload", offload, (None, "host"))
+    if not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be a positive int, got {top_k!r}")
+    tokens = jnp.asarray(tokens, jnp.int32)
+    b, n = tokens.shape
+    mcap = max_blocks if max_blocks is not None else max(1, n // L)
+    if mcap < (n - 1) // chunk_len * chunk_len // L:
+        raise ValueError(f"max_blocks={mcap} cannot hold the {n // L} blocks of this input")
+    dt = jnp.dtype(c.dtype)
+    shape = (b, mcap, L, c.kv_heads, c.dim_head)
+    device_chunk, select, layer, embed, head = _chunk_fns(c, top_k, selection)
+    if offload is None:
+        mems = [(jnp.zeros(shape, dt), jnp.zeros(shape, dt)) for _ in range(c.n_layer)]
+    else:
+        mems = [(np.zeros(shape, dt), np.zeros(shape, dt)) for _ in range(c.n_layer)]
+    out, n_mem = [], 0
+    for start in range(0, n, chunk_len):
+        chunk = tokens[:, start:start + chunk_len]
+        cl = chunk.shape[1]
+        p0 = min(n_mem, top_k) * L
+        positions = jnp.broadcast_to(p0 + jnp.arange(cl, dtype=jnp.int32), (b, cl))
+        nm = jnp.asarray(n_mem, jnp.int32)
+        if offload is None:
+            logits, mems = device_chunk(params, chunk, positions, mems, nm)
+        else:
+            x = embed(params, chunk)
+            for i in range(c.n_layer):
+                mk, mv = mems[i]
+                lp = params[f"blocks_{i}"]
+                lm_k = jnp.asarray(mk[:, :, L - 1])                      # landmark keys only
+                idx = select(lp, x, positions, lm_k, nm)
+                idx_h = np.asarray(idx)
+                gk = jnp.asarray(gather_blocks(mk, idx_h, c.n_head))
+                gv = jnp.asarray(gather_blocks(mv, idx_h, c.n_head))
+                x, new = layer(lp, x, positions, lm_k, nm, gk, gv, idx)
+                mems[i] = _append_blocks(mk, mv, n_mem, np.asarray(new["k"]),
+                                         np.asarray(new["v"]), L)
+            logits = head(params, x)
+        out.append(logits)
+        n_mem += cl // L
+    logits = jnp.concatenate(out, axis=1)
+    if not return_stats:
+        return logits
+    mem_bytes = sum(int(a.nbytes) + int(bb.nbytes) for a, bb in mems)
+    return logits, {"chunks": len(out), "memory_bytes": mem_bytes,
+                    "device_memory_bytes": 0 if offload else mem_bytes}
+
+
+_LANDMARK_PRESETS = {
+    "tiny": {**_GPT_STYLE, **GPT_PRESETS["tiny"], "landmark_block": 16},
+    "small": {**_GPT_STYLE, **GPT_PRESETS["small"], "landmark_block": 51},
+    # the paper's block (50 tokens + landmark) at GPT-small width, T=512 with landmarks
+    "gpu": {**_GPT_STYLE, **GPT_PRESETS["small"], "landmark_block": 51, "max_seq_len": 1024},
+}
+register("landmark", LandmarkConfig, LandmarkTransformer, _LANDMARK_PRESETS,
+         description="Landmark attention: grouped softmax over per-block landmark tokens, "
+                     "top-k block retrieval for long inputs")

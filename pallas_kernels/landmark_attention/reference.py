@@ -1,0 +1,89 @@
+"""Plain-JAX float32 oracle for landmark attention (Mohtashami & Jaggi 2023, arXiv:2305.16300).
+
+Blocks of ``block_size = L`` tokens; the last token of every *complete* block
+(``t % L == L - 1``) is its landmark.  For a query ``i`` in block ``b`` with
+scores ``s_ij = sm_scale * q_i . k_j``, the grouped softmax is
+
+    outer logits  {s_i,lm(c) : c < b}  U  {s_ij : j in block b, j <= i, j not a landmark}
+    P_outer       = softmax over that set
+    weight(j in earlier block c) = P_outer(lm(c)) * softmax_{j' in c, non-landmark}(s_ij')
+    weight(j in block b)         = P_outer(j)
+    weight(landmark keys)        = 0   (they carry no value mass)
+
+    o_i = sum_j weight_ij v_j
+
+Landmark *queries* use the same rule (the authors' code excludes the current
+block's landmark even when it is the query itself), so a landmark query
+attends like the other queries of its block with all ``L - 1`` of its
+non-landmark keys visible.  A trailing partial block has no landmark; it is
+only ever the current block of its own queries.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def _expand_kv(x, hq):
+    return jnp.repeat(x, hq // x.shape[2], axis=2)
+
+
+def landmark_masks(t: int, block_size: int, tq: int | None = None, q_offset=None):
+    """Index structure for keys ``0..T-1`` and queries at ``q_offset + i`` (default: the last
+    ``tq`` positions; ``tq = T``: self-attention).
+
+    Returns ``(blk_k [T], is_landmark [T], q_blk [Tq], early [Tq, T], current [Tq, T])``:
+    ``early[i, j]``: key ``j`` is a non-landmark key of a block before query ``i``'s;
+    ``current[i, j]``: key ``j <= pos_i`` is a non-landmark key of query ``i``'s block.
+    """
+    tq = t if tq is None else tq
+    q_offset = t - tq if q_offset is None else q_offset
+    pos = jnp.arange(t)
+    qpos = q_offset + jnp.arange(tq)
+    blk, qblk = pos // block_size, qpos // block_size
+    is_lm = pos % block_size == block_size - 1
+    early = (blk[None, :] < qblk[:, None]) & ~is_lm[None, :]
+    current = (blk[None, :] == qblk[:, None]) & (pos[None, :] <= qpos[:, None]) & ~is_lm[None, :]
+    return blk, is_lm, qblk, early, current
+
+
+def landmark_attention_reference(q, k, v, *, block_size: int, sm_scale=None, q_offset=None,
+                                 return_lse=False):
+    """Grouped-softmax landmark attention, written out literally, in float32.
+
+    Args:
+      q: ``[B, Tq, Hq, D]``; k, v: ``[B, T, Hkv, D]`` (``Hq % Hkv == 0``, GQA).
+      block_size: ``L >= 2``, tokens per block including its landmark.
+      q_offset: position of query 0 (scalar, may be traced; default ``T - Tq``): decoding
+        against a cache whose slots past the query positions are simply never visible.
+    Returns:
+      ``[B, Tq, Hq, D]`` in q's dtype; with ``return_lse`` also the natural-log
+      normaliser of the outer softmax ``[B, Hq, Tq]`` float32.
+    """
+    b, tq, hq, d = q.shape
+    t = k.shape[1]
+    L = int(block_size)
+    scale = d ** -0.5 if sm_scale is None else sm_scale
+    hi = jax.lax.Precision.HIGHEST
+    qf = q.astype(jnp.float32)
+    kf, vf = (_expand_kv(x, hq).astype(jnp.float32) for x in (k, v))
+    s = jnp.einsum("bqhd,bkhd->bhqk", qf, kf, precision=hi) * scale     # [B, H, Tq, T]
+    blk, is_lm, qblk, early, current = landmark_masks(t, L, tq, q_offset)
+    nb = -(-t // L)
+    # inner softmax per (query, block) over the block's non-landmark keys
+    s_in = jnp.where(is_lm, -jnp.inf, s)
+    s_pad = jnp.pad(s_in, ((0, 0), (0, 0), (0, 0), (0, nb * L - t)), constant_values=-jnp.inf)
+    lse_in = jax.nn.logsumexp(s_pad.reshape(b, hq, tq, nb, L), axis=-1)   # [B, H, Tq, nb]
+    inner = jnp.exp(s_in - lse_in[..., blk])                              # per key, within block
+    # outer logits: landmarks of earlier (complete) blocks + current-block keys
+    lm_idx = jnp.arange(nb) * L + L - 1
+    has_lm = lm_idx < t
+    a = jnp.where(has_lm, s[..., jnp.minimum(lm_idx, t - 1)], -jnp.inf)   # [B, H, Tq, nb]
+    a = jnp.where(jnp.arange(nb)[None, :] < qblk[:, None], a, -jnp.inf)
+    cur = jnp.where(current, s, -jnp.inf)
+    lse = jax.nn.logsumexp(jnp.concatenate([a, cur], axis=-1), axis=-1)   # [B, H, Tq]
+    p_lm = jnp.exp(a - lse[..., None])
+    p_cur = jnp.exp(cur - lse[..., None])
+    w = p_cur + jnp.where(early, p_lm[..., blk] * inner, 0.0)
+    o = jnp.einsum("bhqk,bkhd->bqhd", w, vf, precision=hi).astype(q.dtype)
+    return (o, lse) if return_lse else o
