@@ -251,7 +251,7 @@ def int_path(cfg, params, dtype_name, tokens, names, seed, warmup=2, iters=5):
     n = sum(_linear_bytes(params).values()) // jnp.dtype(params["blocks_0"]["mlp"]["up"]["kernel"].dtype).itemsize
     memory = {"float32": {"weights": 4 * n, "scales": 0}, "bfloat16": {"weights": 2 * n, "scales": 0}}
     stored = {}
-    for w_bits in sorted({INT_SCHEMES[k][0] for k in names} | {8, 4}, reverse=True):
+    for w_bits in (8, 4):
         icfg, ip = quantize(cfg, params, QuantSpec(storage="int", rotate=True, seed=seed, w_bits=w_bits,
                                                    w_clip=False))
         stored[w_bits] = (icfg, ip)

@@ -161,7 +161,7 @@ def test_int_storage_equals_fake_quant(tiny, w_bits, a_bits):
     """``storage="int"`` (int8 / packed int4 weights, int8 x int8 -> int32 matmuls) gives the
     fake-quant model's logits; the int4 weights take ~1/8 of the float32 bytes."""
     cfg, params = tiny
-    kw = dict(rotate=True, w_bits=w_bits, a_bits=a_bits, kv_bits=16)
+    kw = dict(rotate=True, w_bits=w_bits, a_bits=a_bits, kv_bits=16, w_clip=False)
     fcfg, fparams = quantize(cfg, params, QuantSpec(**kw))
     icfg, iparams = quantize(cfg, params, QuantSpec(storage="int", **kw))
     assert icfg.int_linears and icfg.w_bits == w_bits and not fcfg.int_linears
@@ -195,7 +195,7 @@ def test_int_storage_decoding_sharding_and_errors(tiny):
     from jaxformers.decoding import init_cache
     from jaxformers.utils import logical_axes
     cfg, params = tiny
-    qcfg, qparams = quantize(cfg, params, QuantSpec(storage="int", w_bits=4, a_bits=4))
+    qcfg, qparams = quantize(cfg, params, QuantSpec(storage="int", w_bits=4, a_bits=4, w_clip=False))
     model = jf.build(qcfg)
     full = _jit_apply(qcfg)({"params": qparams}, TOKENS[:1, :8])
     cache = init_cache(model, 1, 8)
