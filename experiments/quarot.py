@@ -27,7 +27,10 @@ Integer path (``int_path``, measured first): the model with integer weight stora
 (``QuantSpec(storage="int")``: int8 or packed-int4 block linears, per-token int8
 activations, int8 x int8 -> int32 matmuls; ``W4A16`` dequantizes: weight-only) vs the same
 quantized weights in the fake-quant float model: forward time of one eval batch in the
-compute dtype, the max logit difference, and the bytes of the block linears stored as
+compute dtype, the max logit difference (relative to max |logit|), the fraction of token
+positions off by more than 1e-4 of it (float rounding can flip an activation code at a
+rounding boundary, and a flip propagates to later tokens), both models' next-token loss on
+that batch, and the bytes of the block linears stored as
 float32 / bf16 / int8 / packed int4 (+ float32 scales).  Rotated, RTN without clipping
 search, KV16; ``--int-schemes`` picks the rows (``none``: skip).
 
@@ -277,13 +280,21 @@ def int_path(cfg, params, dtype_name, tokens, names, seed, warmup=2, iters=5):
         li = forward(icfg)({"params": ip}, tokens).astype(jnp.float32)
         lf = forward(fcfg)({"params": fake}, tokens).astype(jnp.float32)
         diff = float(jnp.max(jnp.abs(li - lf)) / jnp.max(jnp.abs(lf)))
+        pos_off = jnp.max(jnp.abs(li - lf), -1) > 1e-4 * jnp.max(jnp.abs(lf))
+
+        def nll(logits):  # next-token loss on the timing batch
+            lp = jax.nn.log_softmax(logits[:, :-1])
+            return float(-jnp.mean(jnp.take_along_axis(lp, tokens[:, 1:, None], -1)))
         rows.append(dict(scheme=name, w_bits=w_bits, a_bits=a_bits,
+                         frac_positions_off=float(jnp.mean(pos_off)),
+                         nll_int=nll(li), nll_fake_quant=nll(lf),
                          int_ms=median_ms(forward(icfg), ({"params": ip}, tokens), warmup, iters),
                          fake_quant_ms=median_ms(forward(fcfg), ({"params": fake}, tokens), warmup, iters),
                          max_rel_logit_diff=diff, linear_bytes=memory["int8" if w_bits == 8 else "int4_packed"]["total"]))
         r = rows[-1]
         print(f"[quarot] int path {name}: int {r['int_ms']:.2f} ms, fake-quant {r['fake_quant_ms']:.2f} ms, "
-              f"fp {fp_ms:.2f} ms, logit rel diff {diff:.1e}", file=sys.stderr, flush=True)
+              f"fp {fp_ms:.2f} ms, logit rel diff {diff:.1e} ({r['frac_positions_off']:.1%} positions), "
+              f"nll {r['nll_int']:.4f} vs {r['nll_fake_quant']:.4f}", file=sys.stderr, flush=True)
     return {"tokens": list(tokens.shape), "compute_dtype": dtype_name, "fp_ms": fp_ms,
             "weight_memory": memory, "schemes": rows, "weights": "rotated RTN, no clipping search"}
 

@@ -23,7 +23,8 @@ def test_quarot_experiment_writes_results(tmp_path):
     assert all(r["max_rel_diff_vs_fake_quant"] < 1e-4 for r in saved["int8_linear"])
     ip = saved["int_path"]
     assert [r["scheme"] for r in ip["schemes"]] == ["W4A4"] and ip["tokens"] == [4, 32]
-    assert ip["schemes"][0]["max_rel_logit_diff"] < 0.02  # float rounding (or one code flip)
+    row = ip["schemes"][0]  # equal up to float rounding (and rare activation-code flips)
+    assert row["max_rel_logit_diff"] < 0.05 and abs(row["nll_int"] - row["nll_fake_quant"]) < 1e-3
     mem = ip["weight_memory"]
     assert mem["bfloat16"]["total"] * 2 == mem["float32"]["total"]
     assert 0.125 < mem["int4_packed"]["ratio_to_float32"] < 0.16 < 0.25 < mem["int8"]["ratio_to_float32"] < 0.3
