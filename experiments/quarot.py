@@ -23,10 +23,22 @@ max / median over channels, before vs after rotation.  ``int8_linear``: the real
 (int8 x int8 -> int32) vs a dense matmul in the compute dtype: time, weight bytes (and int4
 packed bytes), max difference to fake quantization.
 
-Writes ``OUT/results.json`` and ``OUT/quarot_ppl.png`` (perplexity per scheme) and
-``OUT/quarot_outliers.png`` (outlier ratio per linear input, channel max |x| profiles).
+Integer path (``int_path``, measured first): the model with integer weight storage
+(``QuantSpec(storage="int")``: int8 or packed-int4 block linears, per-token int8
+activations, int8 x int8 -> int32 matmuls; ``W4A16`` dequantizes: weight-only) vs the same
+quantized weights in the fake-quant float model: forward time of one eval batch in the
+compute dtype, the max logit difference (relative to max |logit|), the fraction of token
+positions off by more than 1e-4 of it (float rounding can flip an activation code at a
+rounding boundary, and a flip propagates to later tokens), both models' next-token loss on
+that batch, and the bytes of the block linears stored as
+float32 / bf16 / int8 / packed int4 (+ float32 scales).  Rotated, RTN without clipping
+search, KV16; ``--int-schemes`` picks the rows (``none``: skip).
+
+Writes ``OUT/results.json`` and ``OUT/quarot_ppl.png`` (perplexity per scheme),
+``OUT/quarot_outliers.png`` (outlier ratio per linear input, channel max |x| profiles) and
+``OUT/quarot_int.png`` (weight bytes, integer vs fake-quant forward time).
 ``--steps`` / ``--eval-batches`` / ``--calib`` / ``--only`` / ``--seq-len`` / ``--batch-size``
-shrink a run (tests).
+/ ``--int-schemes`` shrink a run (tests).
 """
 from __future__ import annotations
 
@@ -51,6 +63,9 @@ PRESETS = {
                 linear_shapes=((8192, 4096, 4096), (8192, 4096, 11008), (8192, 11008, 4096),
                                (8192, 8192, 8192))),
 }
+
+# integer-path rows: name -> (w_bits, a_bits)
+INT_SCHEMES = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4), "W4A16": (4, 16)}
 
 # name -> QuantSpec fields (a_clip / kv_clip set from the bit widths in _spec)
 SCHEMES = {
@@ -94,6 +109,9 @@ def _parser():
     ap.add_argument("--batch-size", type=int, help="override the preset's batch size")
     ap.add_argument("--calib", type=int, help="calibration sequences (GPTQ, outlier statistics)")
     ap.add_argument("--only", help=f"comma list of schemes (default: all of {list(SCHEMES)})")
+    ap.add_argument("--int-schemes", default=None,
+                    help=f"comma list of integer-path rows (default: all of {list(INT_SCHEMES)}; "
+                         "'none': skip)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data", default=None, help="corpus / prepared dataset (default: the run's or built-in)")
     ap.add_argument("--tokenizer", default=None, help="tokenizer of --data (default: byte, or the HF dir)")
@@ -205,6 +223,82 @@ def int8_table(shapes, dtype_name, warmup=2, iters=10):
     return rows
 
 
+def _linear_bytes(params) -> dict:
+    """Bytes of the block linears' parameters: ``{"weights", "scales"}``."""
+    out = {"weights": 0, "scales": 0}
+    for key, blk in params.items():
+        if key.startswith("blocks_"):
+            for sub in ("attn", "mlp"):
+                for lin in blk[sub].values():
+                    for name, x in lin.items():
+                        out["scales" if name == "scale" else "weights"] += int(x.size) * x.dtype.itemsize
+    return out
+
+
+def int_path(cfg, params, dtype_name, tokens, names, seed, warmup=2, iters=5):
+    """Integer-storage model vs the fake-quant model with the same weights (see module doc):
+    weight memory per storage format and forward time / logit agreement per scheme."""
+    import jax
+    import jax.numpy as jnp
+    from jaxformers import build
+    from jaxformers.quant import QuantSpec, quantize, unpack_int4
+    fns = {}
+
+    def forward(c):  # one compile per config (fake W8A8 / W4A8 share one)
+        c = c.replace(dtype=dtype_name)
+        if c not in fns:
+            fns[c] = jax.jit(build(c).apply)
+        return fns[c]
+
+    tokens = jnp.asarray(tokens)
+    n = sum(_linear_bytes(params).values()) // jnp.dtype(params["blocks_0"]["mlp"]["up"]["kernel"].dtype).itemsize
+    memory = {"float32": {"weights": 4 * n, "scales": 0}, "bfloat16": {"weights": 2 * n, "scales": 0}}
+    stored = {}
+    for w_bits in (8, 4):
+        icfg, ip = quantize(cfg, params, QuantSpec(storage="int", rotate=True, seed=seed, w_bits=w_bits,
+                                                   w_clip=False))
+        stored[w_bits] = (icfg, ip)
+        memory["int8" if w_bits == 8 else "int4_packed"] = _linear_bytes(ip)
+    for row in memory.values():
+        row["total"] = row["weights"] + row["scales"]
+        row["ratio_to_float32"] = row["total"] / (4 * n)
+    fp_params = {"params": params}
+    fp_ms = median_ms(forward(cfg), (fp_params, tokens), warmup, iters)
+    rows = []
+    for name in names:
+        w_bits, a_bits = INT_SCHEMES[name]
+        icfg, ip = stored[w_bits]
+        icfg = icfg.replace(a_bits=a_bits, a_clip=0.9 if a_bits <= 4 else 1.0)
+        fake = jax.tree_util.tree_map(lambda x: x, ip)
+        for key, blk in fake.items():  # the same weights, dequantized to float32
+            if key.startswith("blocks_"):
+                for sub in ("attn", "mlp"):
+                    for lname, lin in blk[sub].items():
+                        q = unpack_int4(lin["qkernel"]) if w_bits <= 4 else lin["qkernel"]
+                        blk[sub][lname] = {"kernel": q.astype(jnp.float32) * lin["scale"]}
+        fcfg = icfg.replace(int_linears=False)
+        li = forward(icfg)({"params": ip}, tokens).astype(jnp.float32)
+        lf = forward(fcfg)({"params": fake}, tokens).astype(jnp.float32)
+        diff = float(jnp.max(jnp.abs(li - lf)) / jnp.max(jnp.abs(lf)))
+        pos_off = jnp.max(jnp.abs(li - lf), -1) > 1e-4 * jnp.max(jnp.abs(lf))
+
+        def nll(logits):  # next-token loss on the timing batch
+            lp = jax.nn.log_softmax(logits[:, :-1])
+            return float(-jnp.mean(jnp.take_along_axis(lp, tokens[:, 1:, None], -1)))
+        rows.append(dict(scheme=name, w_bits=w_bits, a_bits=a_bits,
+                         frac_positions_off=float(jnp.mean(pos_off)),
+                         nll_int=nll(li), nll_fake_quant=nll(lf),
+                         int_ms=median_ms(forward(icfg), ({"params": ip}, tokens), warmup, iters),
+                         fake_quant_ms=median_ms(forward(fcfg), ({"params": fake}, tokens), warmup, iters),
+                         max_rel_logit_diff=diff, linear_bytes=memory["int8" if w_bits == 8 else "int4_packed"]["total"]))
+        r = rows[-1]
+        print(f"[quarot] int path {name}: int {r['int_ms']:.2f} ms, fake-quant {r['fake_quant_ms']:.2f} ms, "
+              f"fp {fp_ms:.2f} ms, logit rel diff {diff:.1e} ({r['frac_positions_off']:.1%} positions), "
+              f"nll {r['nll_int']:.4f} vs {r['nll_fake_quant']:.4f}", file=sys.stderr, flush=True)
+    return {"tokens": list(tokens.shape), "compute_dtype": dtype_name, "fp_ms": fp_ms,
+            "weight_memory": memory, "schemes": rows, "weights": "rotated RTN, no clipping search"}
+
+
 def run(args) -> dict:
     import jax
     from jaxformers.quant import quantize
@@ -234,6 +328,14 @@ def run(args) -> dict:
                "jax_version": jax.__version__, "compute_dtype": dtype, "model": cfg.to_dict(),
                "calibration": {"sequences": n_calib, "seq_len": ev_kw["seq_len"]},
                "eval": ev_kw, "train_summary": summary, "schemes": {}}
+    int_names = list(INT_SCHEMES) if args.int_schemes is None else \
+        [x.strip() for x in args.int_schemes.split(",") if x.strip() and x.strip() != "none"]
+    unknown = sorted(set(int_names) - set(INT_SCHEMES))
+    if unknown:
+        raise SystemExit(f"--int-schemes: unknown row(s) {unknown}; choose from {list(INT_SCHEMES)} or none")
+    if int_names:  # first: a GPU stage cut by its time limit keeps it
+        results["int_path"] = int_path(cfg, params, dtype, calib[: ev_kw["batch_size"]], int_names, args.seed)
+        (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     for name in schemes:
         spec = _spec(SCHEMES[name], args.seed, preset["calib_batch"])
         t0 = time.perf_counter()
@@ -294,6 +396,27 @@ def plot(results: dict, out: Path) -> None:
     axes[1].legend()
     fig.tight_layout()
     fig.savefig(out / "quarot_outliers.png", dpi=120)
+    plt.close(fig)
+    ip = results.get("int_path")
+    if not ip:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    mem = ip["weight_memory"]
+    axes[0].bar(range(len(mem)), [m["total"] / 2 ** 20 for m in mem.values()], color="tab:blue")
+    axes[0].set_xticks(range(len(mem)))
+    axes[0].set_xticklabels(list(mem))
+    axes[0].set_ylabel("block-linear parameters (MiB)")
+    rows = ip["schemes"]
+    x = np.arange(len(rows))
+    axes[1].bar(x - 0.2, [r["fake_quant_ms"] for r in rows], 0.4, label="fake quant (float)")
+    axes[1].bar(x + 0.2, [r["int_ms"] for r in rows], 0.4, label="integer path")
+    axes[1].axhline(ip["fp_ms"], color="k", lw=0.8, ls="--", label="unquantized")
+    axes[1].set_xticks(x)
+    axes[1].set_xticklabels([r["scheme"] for r in rows])
+    axes[1].set_ylabel(f"forward ms, tokens {ip['tokens']} ({results['device_kind']})")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "quarot_int.png", dpi=120)
     plt.close(fig)
 
 

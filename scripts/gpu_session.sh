@@ -28,8 +28,10 @@
 #                (the run, ~1.1 GB, lives in $OUT on the device: run the three stages on one
 #                machine, in this order; the later two fail with "not a run directory" otherwise)
 #   hadamard     python -m experiments.bench_hadamard: Pallas FWHT vs dense x @ H   (issue 17)
-#   quarot       python -m experiments.quarot --preset gpu: trains the llama, RTN / W8A8 schemes,
-#                outliers, int8-vs-bf16 linear table                                 (issue 17)
+#   quarot       python -m experiments.quarot --preset gpu: trains the llama, integer-path table
+#                (int8 / packed-int4 weights, int8 x int8 -> int32 model forward vs fake quant,
+#                weight bytes fp32/bf16/int8/int4), RTN / W8A8 schemes, outliers,
+#                int8-vs-bf16 linear table                                           (issue 17)
 #   quarot-gptq  the GPTQ schemes on the run the quarot stage trained (run it after)  (issue 17)
 #
 # The device has jax/flax/torch/triton but no network and no fla: carry the
@@ -107,7 +109,7 @@ for s in "$@"; do
         quarot)      stage quarot 580 python -m experiments.quarot --preset gpu --out "$OUT/quarot" \
                          --only fp,fp_rot,W4A16_RTN,W4A16_RTN_rot,W4A4KV4_RTN,W4A4KV4_RTN_rot,W8A8_RTN,W8A8_RTN_rot ;;
         quarot-gptq) stage quarot-gptq 580 python -m experiments.quarot --preset gpu \
-                         --run "$OUT/quarot/runs/llama" --out "$OUT/quarot_gptq" \
+                         --run "$OUT/quarot/runs/llama" --out "$OUT/quarot_gptq" --int-schemes none \
                          --only W4A16_GPTQ,W4A16_GPTQ_rot,W4A4KV4_GPTQ,W4A4KV4_GPTQ_rot,W4A4KV16_GPTQ_rot,W4A8_GPTQ_rot ;;
         *) echo "unknown stage $s (gpu-quick|kernels|attention|scan|models|denseformer|scfa-speed-hash|scfa-speed-qk|scfa-lm-8k|scfa-lm-16k|landmark-passkey|landmark-lm|doge|distill|layer-parallel-train|layer-parallel|layer-parallel-spans|hadamard|quarot|quarot-gptq)"; exit 2 ;;
     esac

@@ -27,15 +27,16 @@ def init_attention_cache(config, batch_size, max_len, dtype=None):
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
-def project_qkv(c, x, positions):
+def project_qkv(c, x, positions, linear=Linear):
     """The attention projections ``q``/``k``/``v`` of ``x [B, T, D]`` with rotary applied at
     ``positions [B, T]``: ``[B, T, H, Dh]``, ``[B, T, Hkv, Dh]`` x 2.  Called inside a mixer's
     ``nn.compact`` method, so the parameters ``q``/``k``/``v`` belong to that mixer (any mixer
-    that only changes the attention op keeps the baseline's parameter tree)."""
+    that only changes the attention op keeps the baseline's parameter tree).  ``linear``: the
+    projection module class (``Linear``'s signature), e.g. an integer-weight one."""
     h, hkv, dh = c.n_head, c.kv_heads, c.dim_head
 
     def proj(heads, axes, name):
-        return Linear((heads, dh), axes, std=c.init_std, dtype=c.dtype, param_dtype=c.param_dtype,
+        return linear((heads, dh), axes, std=c.init_std, dtype=c.dtype, param_dtype=c.param_dtype,
                       name=name)(x)
 
     q = proj(h, (EMBED, HEADS, HEAD_DIM), "q")

@@ -16,16 +16,20 @@
 Deviations from the authors' code (spcl/QuaRot, ``fake_quant/``), beyond those noted in
 :mod:`.rotation` and :mod:`pallas_kernels.hadamard.reference`: GPTQ's Hessians are
 recomputed once per layer, not after each group of linears in a layer; the real low-bit
-path is a separate function (their CUTLASS int4 kernels are not reproduced; the model
-evaluates fake quantization); the clipping search uses a 20-point grid down to 0.2 (theirs:
+path (``storage="int"``) is XLA's int8 matmul with int4 weights unpacked to int8 (their
+CUTLASS int4 x int4 kernels are not reproduced: Hopper has no int4 MMA); the clipping search uses a 20-point grid down to 0.2 (theirs:
 100 points).  As in their code: the LM head and embeddings stay in high precision, q/k/v
 and gate/up share one quantized input, K is quantized after RoPE and the online Hadamard,
 V at the ``v`` output (per head), and the activation quantizer of ``o`` / ``down`` sees the
 online Hadamard's output.
 
-The returned params hold fake-quantized float weights (dequantized values, the original
-dtypes): evaluation everywhere with the normal model code.  The real low-bit path for the
-linears is :func:`jaxformers.quant.quantizers.int8_linear` (W8A8, int32 accumulation).
+``spec.storage="float"`` (default): the returned params hold fake-quantized float weights
+(dequantized values, the original dtypes): evaluation everywhere with the normal model
+code.  ``storage="int"``: every block linear holds ``{"qkernel", "scale"}`` (int8 weights, or
+int4 packed two per byte along the last output axis as uint8, and per-output-channel
+float32 scales), and the config sets ``int_linears``: the real low-bit path
+(:class:`jaxformers.quant.model.IntLinear`, int8 x int8 -> int32 ``dot_general``), with the
+same logits as the fake-quant model up to float32 rounding.
 """
 from __future__ import annotations
 
@@ -43,6 +47,7 @@ from .quantizers import gptq_weight, rtn_weight
 from .rotation import rotate_params
 
 W_METHODS = ("rtn", "gptq")
+STORAGES = ("float", "int")
 #: the block linears and the calibration statistic (linear input) each one uses
 LINEARS = {("attn", "q"): "attn_in", ("attn", "k"): "attn_in", ("attn", "v"): "attn_in",
            ("attn", "o"): "o_in", ("mlp", "gate"): "mlp_in", ("mlp", "up"): "mlp_in",
@@ -56,7 +61,9 @@ class QuantSpec:
 
     Defaults follow QuaRot's W4A4KV4 recipe except the bit widths: weights symmetric per
     channel with clipping search, activations symmetric per token (the paper clips at 0.9),
-    KV asymmetric per head (the paper clips at 0.95).
+    KV asymmetric per head (the paper clips at 0.95).  ``storage``: ``"float"`` (fake-quant
+    float weights) or ``"int"`` (integer weights + scales, the ``int_linears`` model; needs
+    ``w_bits <= 8`` symmetric per channel and symmetric per-token ``a_bits <= 8`` or 16).
     """
     rotate: bool = True
     seed: int = 0
@@ -75,16 +82,33 @@ class QuantSpec:
     kv_sym: bool = False
     kv_clip: float = 1.0
     calib_batch: int = 16
+    storage: str = "float"
 
     def __post_init__(self):
         if self.w_method not in W_METHODS:
             raise ValueError(f"w_method={self.w_method!r} is not allowed; choose one of {list(W_METHODS)}")
+        if self.storage not in STORAGES:
+            raise ValueError(f"storage={self.storage!r} is not allowed; choose one of {list(STORAGES)}")
         for name in ("w_bits", "a_bits", "kv_bits"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or not 2 <= v <= 16:
                 raise ValueError(f"{name} must be an int in [2, 16] (16 = no quantization), got {v!r}")
         if not 0 <= self.percdamp < 1:
             raise ValueError(f"percdamp must be in [0, 1), got {self.percdamp!r}")
+        if self.storage == "int":
+            bad = []
+            if self.w_bits > 8:
+                bad.append(f"w_bits={self.w_bits} (need <= 8)")
+            if self.w_groupsize is not None:
+                bad.append(f"w_groupsize={self.w_groupsize} (need None: per channel)")
+            if not self.w_sym:
+                bad.append("w_sym=False (need symmetric weights)")
+            if self.a_bits < 16 and (self.a_bits > 8 or not self.a_sym or self.a_groupsize is not None):
+                bad.append(f"a_bits={self.a_bits}, a_sym={self.a_sym}, a_groupsize={self.a_groupsize} "
+                           "(need symmetric per-token a_bits <= 8, or a_bits=16)")
+            if bad:
+                raise ValueError("storage='int' (integer weights, int8 matmul) does not support "
+                                 + "; ".join(bad))
 
 
 def quant_config(config, spec: QuantSpec) -> QuaRotConfig:
@@ -96,7 +120,9 @@ def quant_config(config, spec: QuantSpec) -> QuaRotConfig:
     base.update(model="quarot", tie_embeddings=False if spec.rotate else config.tie_embeddings)
     return QuaRotConfig(**base, rotated=spec.rotate, a_bits=spec.a_bits, a_groupsize=spec.a_groupsize,
                         a_sym=spec.a_sym, a_clip=spec.a_clip, kv_bits=spec.kv_bits,
-                        kv_groupsize=spec.kv_groupsize, kv_sym=spec.kv_sym, kv_clip=spec.kv_clip)
+                        kv_groupsize=spec.kv_groupsize, kv_sym=spec.kv_sym, kv_clip=spec.kv_clip,
+                        int_linears=spec.storage == "int",
+                        w_bits=spec.w_bits if spec.storage == "int" else 8)
 
 
 def _cast_like(tree, ref, default=jnp.float32):
@@ -147,7 +173,7 @@ def _kernel_2d(w, name):
 
 
 def quantize(config, params, spec: QuantSpec, calibration=None):
-    """QuaRot a ``llama`` model: ``(quarot config, fake-quantized params)`` (see module doc).
+    """QuaRot a ``llama`` model: ``(quarot config, quantized params)`` (see module doc).
 
     ``calibration``: int tokens ``[N, T]`` (needed for ``w_method="gptq"``; QuaRot uses 128
     sequences of 2048 tokens of WikiText-2)."""
@@ -159,11 +185,12 @@ def quantize(config, params, spec: QuantSpec, calibration=None):
             raise ValueError("scan_layers must be False for quantization (per-layer parameter trees)")
         p = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), params)
         p = {k: (dict(v) if isinstance(v, dict) else v) for k, v in p.items()}
+    ints = {}  # storage="int": (layer, sub, name) -> (q int [in, out], scale [out], kernel shape)
     if spec.w_bits < 16:
         gptq = spec.w_method == "gptq"
         if gptq and calibration is None:
             raise ValueError("w_method='gptq' needs calibration tokens [N, T] (calibration=...)")
-        fp_cfg = qcfg.replace(a_bits=16, kv_bits=16)
+        fp_cfg = qcfg.replace(a_bits=16, kv_bits=16, int_linears=False)
         for i in range(config.n_layer):
             stats = None
             if gptq:  # Hessians of layer i with layers < i already quantized
@@ -172,10 +199,22 @@ def quantize(config, params, spec: QuantSpec, calibration=None):
             blk = p[f"blocks_{i}"]
             for (sub, name), stat in LINEARS.items():
                 w2, shape = _kernel_2d(blk[sub][name]["kernel"], name)
-                kw = dict(groupsize=spec.w_groupsize, sym=spec.w_sym, clip_search=spec.w_clip)
+                kw = dict(groupsize=spec.w_groupsize, sym=spec.w_sym, clip_search=spec.w_clip,
+                          return_int=True)
                 if gptq:
-                    q = gptq_weight(w2, stats[stat]["xtx"], spec.w_bits, percdamp=spec.percdamp, **kw)
+                    q, qi, sc, _ = gptq_weight(w2, stats[stat]["xtx"], spec.w_bits,
+                                               percdamp=spec.percdamp, **kw)
                 else:
-                    q = rtn_weight(w2, spec.w_bits, **kw)
+                    q, qi, sc, _ = rtn_weight(w2, spec.w_bits, **kw)
                 blk[sub][name] = {"kernel": q.reshape(shape)}
-    return qcfg, _cast_like(p, params, params["embed"]["embedding"].dtype)
+                ints[(i, sub, name)] = (qi, sc[0], shape)
+    out = _cast_like(p, params, params["embed"]["embedding"].dtype)
+    if spec.storage == "int":
+        from .quantizers import pack_int4
+        for (i, sub, name), (qi, sc, shape) in ints.items():
+            n_in = _N_IN.get(name, 1)
+            q = jnp.asarray(qi.reshape(shape), jnp.int8)
+            out[f"blocks_{i}"][sub][name] = {
+                "qkernel": pack_int4(q) if spec.w_bits <= 4 else q,
+                "scale": jnp.asarray(sc.reshape(shape[n_in:]), jnp.float32)}
+    return qcfg, out

@@ -14,7 +14,13 @@ Same parameter tree as ``llama``; only the token mixer and the MLP differ (the
 
 ``Qa``: per-token activation fake quantization (``a_bits``), ``Qkv``: KV-cache fake
 quantization (``kv_bits``); the weights arrive already quantized (fake-quant values) from
-:func:`jaxformers.quant.quantize`, which also bakes the offline rotations into them.  The LM
+:func:`jaxformers.quant.quantize`, which also bakes the offline rotations into them.
+
+With ``int_linears`` (params from ``quantize(..., QuantSpec(storage="int"))``) every block
+linear is an :class:`IntLinear`: integer weights (int8, or int4 packed two per byte) with
+per-output-channel float32 scales; ``Qa`` then quantizes to int8 storage and the matmul is
+int8 x int8 -> int32 (``a_bits == 16``: the weights are dequantized, weight-only).  Same
+values as the fake-quant model up to float32 rounding.  The LM
 head stays in high precision (as in the authors' code).  ``H`` are orthonormal Hadamard
 transforms (:func:`pallas_kernels.hadamard.hadamard_transform` on GPU/TPU, a dense matmul
 by the same matrix on CPU: ``hadamard_impl``).
@@ -26,7 +32,9 @@ per-channel max |x| (outlier statistics), all before activation quantization.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+import functools
+import math
+from typing import Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -41,8 +49,8 @@ from ..models.llama import LLAMA_PRESETS, _LLAMA_STYLE
 from ..models.transformer import Transformer
 from ..ops.attention import attention
 from ..registry import register
-from ..sharding import EMBED, HEAD_DIM, HEADS, MLP
-from .quantizers import fake_quant
+from ..sharding import EMBED, HEAD_DIM, HEADS, MLP, param_init
+from .quantizers import fake_quant, int_matmul, unpack_int4
 
 HADAMARD_IMPLS = ("auto", "pallas", "dense")
 
@@ -54,6 +62,9 @@ class QuaRotConfig(TransformerConfig):
     ``rotated``: the params carry QuaRot's offline rotations, so the online Hadamards run.
     ``a_*``: per-token activation quantization before every linear (not the head);
     ``kv_*``: K/V quantization per head (``kv_groupsize`` None = the head dim).
+    ``int_linears``: the block linears hold integer weights (:class:`IntLinear`) of
+    ``w_bits`` bits (<= 4: packed two per byte in uint8, else int8); needs symmetric
+    per-token activations of ``a_bits <= 8`` (or 16: weight-only).
     """
     model: str = "quarot"
     rotated: bool = False
@@ -66,6 +77,8 @@ class QuaRotConfig(TransformerConfig):
     kv_sym: bool = False
     kv_clip: float = 1.0
     hadamard_impl: str = "auto"
+    int_linears: bool = False
+    w_bits: int = 8
 
     def validate(self) -> None:
         super().validate()
@@ -85,6 +98,14 @@ class QuaRotConfig(TransformerConfig):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v <= 0):
                 raise ValueError(f"{name} must be a positive int or None, got {v!r}")
+        _choice("int_linears", self.int_linears, (False, True))
+        if self.int_linears:
+            if not isinstance(self.w_bits, int) or not 2 <= self.w_bits <= 8:
+                raise ValueError(f"int_linears=True needs w_bits in [2, 8], got {self.w_bits!r}")
+            if self.a_bits < 16 and (self.a_bits > 8 or not self.a_sym or self.a_groupsize is not None):
+                raise ValueError("int_linears=True needs symmetric per-token activations with "
+                                 f"a_bits <= 8 or a_bits=16, got a_bits={self.a_bits}, "
+                                 f"a_sym={self.a_sym}, a_groupsize={self.a_groupsize}")
 
 
 def hadamard(c, x):
@@ -103,7 +124,62 @@ def hadamard(c, x):
 
 
 def act_quant(c, x):
+    """``Qa``: fake quantization; identity with ``int_linears`` (:class:`IntLinear` quantizes)."""
+    if c.int_linears:
+        return x
     return fake_quant(x, c.a_bits, groupsize=c.a_groupsize, sym=c.a_sym, clip=c.a_clip)
+
+
+class IntLinear(nn.Module):
+    """:class:`~jaxformers.layers.linear.Linear` with integer weights: params ``qkernel``
+    ``[*in, *out]`` int8 (``w_bits > 4``) or ``[*in, *out[:-1], out[-1] / 2]`` uint8 (two
+    int4 per byte along the last output axis, :func:`pack_int4`), and ``scale [*out]``
+    float32, with ``Linear``'s logical axis names.  ``x [..., *in]`` is quantized per token
+    (over all ``in`` axes) to ``a_bits`` symmetric integers in int8 and multiplied in int32
+    (:func:`int_matmul`); ``a_bits == 16``: ``x @ (scale * q)`` in ``dtype`` (weight-only).
+    int4 weights are unpacked to int8 for the matmul (Hopper has int8 but no int4 MMA)."""
+    features: Union[int, Tuple[int, ...]]
+    kernel_axes: Sequence[str]
+    in_axes: int = 1
+    w_bits: int = 8
+    a_bits: int = 8
+    a_clip: float = 1.0
+    dtype: str = "float32"
+    std: float = 0.02               # unused (Linear's signature)
+    param_dtype: str = "float32"    # unused: the storage dtypes are fixed
+
+    @nn.compact
+    def __call__(self, x):
+        out_shape = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        n = self.in_axes
+        in_shape = tuple(x.shape[-n:])
+        packed = self.w_bits <= 4
+        store = in_shape + out_shape
+        if packed:
+            if out_shape[-1] % 2:
+                raise ValueError(f"int4 packing needs an even last output axis, got {out_shape}")
+            store = store[:-1] + (out_shape[-1] // 2,)
+        qkernel = self.param("qkernel", param_init(nn.initializers.zeros, self.kernel_axes), store,
+                             jnp.uint8 if packed else jnp.int8)
+        scale = self.param("scale", param_init(nn.initializers.ones, self.kernel_axes[n:]),
+                           out_shape, jnp.float32)
+        q = unpack_int4(qkernel) if packed else qkernel
+        dtype = jnp.dtype(self.dtype)
+        if self.a_bits >= 16:
+            w = (q.astype(jnp.float32) * scale).astype(dtype)
+            contract = (tuple(range(x.ndim - n, x.ndim)), tuple(range(n)))
+            return jax.lax.dot_general(x.astype(dtype), w, (contract, ((), ())))
+        lead = x.shape[:-n]
+        k = math.prod(in_shape)
+        return int_matmul(x.reshape(lead + (k,)), q.reshape((k,) + out_shape), scale,
+                          a_bits=self.a_bits, clip=self.a_clip, out_dtype=dtype)
+
+
+def linear_class(c):
+    """The block linears' module: ``Linear``, or :class:`IntLinear` with ``int_linears``."""
+    if not c.int_linears:
+        return Linear
+    return functools.partial(IntLinear, w_bits=c.w_bits, a_bits=c.a_bits, a_clip=c.a_clip)
 
 
 def kv_quant(c, x):
@@ -133,7 +209,7 @@ class QuantAttention(nn.Module):
         """x ``[B, T, D]`` -> (y ``[B, T, D]``, new kv_cache or None)."""
         c = self.config
         record(self, "attn_in", x)
-        q, k, v = project_qkv(c, act_quant(c, x), positions)
+        q, k, v = project_qkv(c, act_quant(c, x), positions, linear=linear_class(c))
         if c.rotated:
             q, k = hadamard(c, q), hadamard(c, k)
         k, v = kv_quant(c, k), kv_quant(c, v)
@@ -156,7 +232,7 @@ class QuantAttention(nn.Module):
         flat = o.reshape(b, t, h * dh)
         record(self, "o_in", flat)
         o = act_quant(c, flat).reshape(b, t, h, dh)
-        y = Linear(c.d_model, (HEADS, HEAD_DIM, EMBED), in_axes=2, std=output_std(c), dtype=c.dtype,
+        y = linear_class(c)(c.d_model, (HEADS, HEAD_DIM, EMBED), in_axes=2, std=output_std(c), dtype=c.dtype,
                    param_dtype=c.param_dtype, name="o")(o)
         return y, new_cache
 
@@ -170,8 +246,8 @@ class QuantSwiGLU(nn.Module):
         c = self.config
 
         def dense(features, std, axes, name):
-            return Linear(features, axes, std=std, dtype=c.dtype, param_dtype=c.param_dtype,
-                          name=name)
+            return linear_class(c)(features, axes, std=std, dtype=c.dtype,
+                                   param_dtype=c.param_dtype, name=name)
         record(self, "mlp_in", x)
         xq = act_quant(c, x)
         h = jax.nn.silu(dense(c.ff_dim, c.init_std, (EMBED, MLP), "gate")(xq)) * \

@@ -110,7 +110,7 @@ def rtn_weight(w, bits: int, *, groupsize=None, sym=True, clip_search=True, retu
 
 
 def gptq_weight(w, hessian, bits: int, *, groupsize=None, sym=True, clip_search=True,
-                percdamp=0.01, blocksize=128):
+                percdamp=0.01, blocksize=128, return_int=False):
     """GPTQ (Frantar et al., 2023) of ``w [in, out]`` given ``hessian = X^T X [in, in]`` of the
     calibration inputs: columns (inputs) quantized in order, each one's error spread over the
     not-yet-quantized ones through the inverse Hessian's Cholesky factor, in blocks of
@@ -118,11 +118,12 @@ def gptq_weight(w, hessian, bits: int, *, groupsize=None, sym=True, clip_search=
 
     Group parameters come from the current (error-updated) weights when a group starts, as in
     the reference implementation; no act-order (the authors' default for QuaRot is
-    ``act_order=False`` too)."""
+    ``act_order=False`` too).  ``return_int``: also the integers, scales and zero points, as
+    :func:`rtn_weight` returns them."""
     _check_bits(bits)
     w = np.asarray(w, np.float64)
     if bits >= 16:
-        return w
+        return (w, None, None, None) if return_int else w
     h = np.array(hessian, np.float64)
     W = w.T.copy()                                                # [out, in]
     n = W.shape[1]
@@ -134,7 +135,7 @@ def gptq_weight(w, hessian, bits: int, *, groupsize=None, sym=True, clip_search=
     h[np.diag_indices(n)] += percdamp * np.mean(np.diag(h))
     hinv = np.linalg.cholesky(np.linalg.inv(h)).T                # upper Cholesky of H^-1
     params = None if groupsize is not None else _params_rows(W, bits, sym, clip_search)
-    Q = np.zeros_like(W)
+    Q, Qi, S, Z = np.zeros_like(W), np.zeros_like(W), np.zeros_like(W), np.zeros_like(W)
     for i1 in range(0, n, blocksize):
         i2 = min(i1 + blocksize, n)
         W1, Err = W[:, i1:i2].copy(), np.zeros((W.shape[0], i2 - i1))
@@ -145,12 +146,16 @@ def gptq_weight(w, hessian, bits: int, *, groupsize=None, sym=True, clip_search=
                                       bits, sym, clip_search)
             s, z, lo, hi = params
             x = W1[:, i:i + 1]
-            q = (quantize_int(x, s, z, lo, hi, xp=np) - z) * s
-            Q[:, col] = q[:, 0]
+            qi = quantize_int(x, s, z, lo, hi, xp=np)
+            q = (qi - z) * s
+            Q[:, col], Qi[:, col], S[:, col], Z[:, col] = q[:, 0], qi[:, 0], s[:, 0], z[:, 0]
             err = (x - q)[:, 0] / hinv[col, col]
             W1[:, i:] -= np.outer(err, hinv[col, col:i2])
             Err[:, i] = err
         W[:, i2:] -= Err @ hinv[i1:i2, i2:]
+    if return_int:
+        step = n if groupsize is None else groupsize
+        return Q.T, Qi.T.astype(np.int32), S[:, ::step].T, Z[:, ::step].T
     return Q.T
 
 
@@ -174,10 +179,29 @@ def unpack_int4(p):
 
 
 # --------------------------------------------------------------------------- real int8 path
-def quantize_rows_int8(x, *, clip=1.0):
-    """Per-row symmetric int8: ``x [..., n]`` -> ``(q int8 [..., n], scale float32 [..., 1])``."""
-    scale, _, qmin, qmax = quant_params(x.astype(jnp.float32), 8, sym=True, clip=clip)
+def quantize_rows_int8(x, *, bits: int = 8, clip=1.0):
+    """Per-row symmetric ``bits``-bit integers (``bits <= 8``) stored as int8: ``x [..., n]`` ->
+    ``(q int8 [..., n], scale float32 [..., 1])``; ``s q`` is :func:`fake_quant`'s value."""
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
+        raise ValueError(f"bits must be an int in [2, 8] (int8 storage), got {bits!r}")
+    scale, _, qmin, qmax = quant_params(x.astype(jnp.float32), bits, sym=True, clip=clip)
     return quantize_int(x.astype(jnp.float32), scale, 0.0, qmin, qmax).astype(jnp.int8), scale
+
+
+def int_matmul(x, w_int8, w_scale, *, a_bits: int = 8, clip=1.0, out_dtype=None):
+    """Integer linear ``x [..., K] @ w [K, *out]``: ``x`` quantized per row (token) to
+    ``a_bits`` symmetric integers in int8, int8 x int8 products accumulated in int32, then
+
+        y = s_x s_w (q_x @ q_w)        (s_w ``[*out]``: per output channel)
+
+    -> ``[..., *out]`` in ``out_dtype`` (default ``x.dtype``)."""
+    qx, sx = quantize_rows_int8(x, bits=a_bits, clip=clip)
+    n_out = w_int8.ndim - 1
+    acc = jax.lax.dot_general(qx, w_int8, (((qx.ndim - 1,), (0,)), ((), ())),
+                              preferred_element_type=jnp.int32)
+    sx = sx.reshape(sx.shape[:-1] + (1,) * n_out)
+    y = acc.astype(jnp.float32) * sx * jnp.asarray(w_scale, jnp.float32)
+    return y.astype(out_dtype or x.dtype)
 
 
 def int8_linear(x, w_int8, w_scale, *, clip=1.0, out_dtype=None):
@@ -191,9 +215,5 @@ def int8_linear(x, w_int8, w_scale, *, clip=1.0, out_dtype=None):
     int4 tensor-core MMA (its MMA types are fp64/tf32/bf16/fp16/fp8/int8), so W4A4 runs there
     as int4 storage unpacked to int8 (or fp8) for the matmul, as QuaRot's CUTLASS kernels do
     on Ampere (which does have int4 MMA).  Equal to the fake-quant computation up to float32
-    rounding (tested)."""
-    qx, sx = quantize_rows_int8(x, clip=clip)
-    acc = jax.lax.dot_general(qx, w_int8, (((qx.ndim - 1,), (0,)), ((), ())),
-                              preferred_element_type=jnp.int32)
-    y = acc.astype(jnp.float32) * sx * jnp.asarray(w_scale, jnp.float32)
-    return y.astype(out_dtype or x.dtype)
+    rounding (tested).  The model's version is :class:`jaxformers.quant.model.IntLinear`."""
+    return int_matmul(x, w_int8, w_scale, a_bits=8, clip=clip, out_dtype=out_dtype)
