@@ -27,6 +27,17 @@ def init_attention_cache(config, batch_size, max_len, dtype=None):
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
+def write_kv_cache(kv_cache, k, v, cache_index, segment_ids=None):
+    """The decoding cache with ``k``/``v`` ``[B, T, Hkv, Dh]`` written at ``cache_index``:
+    ``{"k", "v"}`` ``[B, S, Hkv, Dh]`` (every KV-cache mixer shares this; the caller attends to
+    the returned buffers with ``q_offset = cache_index``).  Packed ``segment_ids`` raise."""
+    if segment_ids is not None:
+        raise ValueError("segment_ids are not supported together with a KV cache")
+    start = (0, cache_index, 0, 0)
+    return {name: jax.lax.dynamic_update_slice(kv_cache[name], new.astype(kv_cache[name].dtype), start)
+            for name, new in (("k", k), ("v", v))}
+
+
 def project_qkv(c, x, positions, linear=Linear):
     """The attention projections ``q``/``k``/``v`` of ``x [B, T, D]`` with rotary applied at
     ``positions [B, T]``: ``[B, T, H, Dh]``, ``[B, T, Hkv, Dh]`` x 2.  Called inside a mixer's
@@ -72,12 +83,8 @@ class Attention(nn.Module):
                 o = attention(q, k, v, causal=True, segment_ids=segment_ids, window=c.window,
                               implementation=c.attention_impl)
         else:
-            if segment_ids is not None:
-                raise ValueError("segment_ids are not supported together with a KV cache")
-            start = (0, cache_index, 0, 0)
-            k_all = jax.lax.dynamic_update_slice(kv_cache["k"], k.astype(kv_cache["k"].dtype), start)
-            v_all = jax.lax.dynamic_update_slice(kv_cache["v"], v.astype(kv_cache["v"].dtype), start)
-            new_cache = {"k": k_all, "v": v_all}
+            new_cache = write_kv_cache(kv_cache, k, v, cache_index, segment_ids)
+            k_all, v_all = new_cache["k"], new_cache["v"]
             o = attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), causal=True, window=c.window,
                           q_offset=cache_index, implementation="xla")
         # Named so that remat="save_attention_out" keeps it instead of recomputing attention.

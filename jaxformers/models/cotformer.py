@@ -69,7 +69,7 @@ import numpy as np
 
 from ..config import TransformerConfig, _choice
 from ..layers import Block, make_norm
-from ..layers.attention import init_attention_cache, project_qkv
+from ..layers.attention import init_attention_cache, project_qkv, write_kv_cache
 from ..layers.common import dtype_of, output_std
 from ..layers.linear import Linear
 from ..ops.attention import attention, position_causal_attention
@@ -243,12 +243,8 @@ class RepeatAttention(nn.Module):
         if cache is None:
             o = attention(q, k, v, causal=True, segment_ids=segment_ids, implementation=c.attention_impl)
         elif cache_index is not None:  # decoding: write this repeat's keys, read repeats 1..r
-            if segment_ids is not None:
-                raise ValueError("segment_ids are not supported together with a KV cache")
-            start = (0, cache_index, 0, 0)
-            k_cur = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
-            v_cur = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
-            new = {"k": k_cur, "v": v_cur}
+            new = write_kv_cache(cache, k, v, cache_index, segment_ids)
+            k_cur, v_cur = new["k"], new["v"]
             s = k_cur.shape[1]
             k_all = jnp.concatenate([cache["k_prev"], k_cur], axis=1).astype(q.dtype)
             v_all = jnp.concatenate([cache["v_prev"], v_cur], axis=1).astype(q.dtype)

@@ -74,7 +74,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from ..config import TransformerConfig, _choice
 from ..layers import Block
-from ..layers.attention import init_attention_cache, project_qkv
+from ..layers.attention import init_attention_cache, project_qkv, write_kv_cache
 from ..layers.common import output_std
 from ..layers.linear import Linear
 from ..layers.rotary import apply_rotary, rotary_angles
@@ -308,10 +308,8 @@ class LandmarkAttention(nn.Module):
             o = landmark_op(c, q, k, v)
         else:
             from pallas_kernels.landmark_attention import landmark_attention_reference
-            start = (0, cache_index, 0, 0)
-            k_all = jax.lax.dynamic_update_slice(kv_cache["k"], k.astype(kv_cache["k"].dtype), start)
-            v_all = jax.lax.dynamic_update_slice(kv_cache["v"], v.astype(kv_cache["v"].dtype), start)
-            new_cache = {"k": k_all, "v": v_all}
+            new_cache = write_kv_cache(kv_cache, k, v, cache_index)
+            k_all, v_all = new_cache["k"], new_cache["v"]
             o = landmark_attention_reference(q, k_all.astype(q.dtype), v_all.astype(q.dtype),
                                              block_size=c.landmark_block, q_offset=cache_index)
         return self._out(o), new_cache

@@ -82,7 +82,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from ..config import TransformerConfig, _choice
 from ..layers import Block
-from ..layers.attention import init_attention_cache, project_qkv
+from ..layers.attention import init_attention_cache, project_qkv, write_kv_cache
 from ..layers.common import output_std
 from ..layers.linear import Linear
 from ..registry import register
@@ -242,13 +242,9 @@ class SparseAttention(nn.Module):
             self.sow("intermediates", "k_labels", k_lab)
             o = self.sparse_op(q, k, v, q_lab, k_lab, segment_ids)
         else:
-            if segment_ids is not None:
-                raise ValueError("segment_ids are not supported together with a KV cache")
             from pallas_kernels.sparse_attention import masked_attention
-            start = (0, cache_index, 0, 0)
-            k_all = jax.lax.dynamic_update_slice(kv_cache["k"], k.astype(kv_cache["k"].dtype), start)
-            v_all = jax.lax.dynamic_update_slice(kv_cache["v"], v.astype(kv_cache["v"].dtype), start)
-            new_cache = {"k": k_all, "v": v_all}
+            new_cache = write_kv_cache(kv_cache, k, v, cache_index, segment_ids)
+            k_all, v_all = new_cache["k"], new_cache["v"]
             b, t = q.shape[:2]
             s = k_all.shape[1]
             q_pos = cache_index + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))

@@ -42,7 +42,7 @@ import flax.linen as nn
 
 from ..config import TransformerConfig, _choice
 from ..layers import Block
-from ..layers.attention import init_attention_cache, project_qkv
+from ..layers.attention import init_attention_cache, project_qkv, write_kv_cache
 from ..layers.common import output_std
 from ..layers.linear import Linear
 from ..models.llama import LLAMA_PRESETS, _LLAMA_STYLE
@@ -218,12 +218,8 @@ class QuantAttention(nn.Module):
             o = attention(q, k, v, causal=True, segment_ids=segment_ids, window=c.window,
                           implementation=c.attention_impl)
         else:
-            if segment_ids is not None:
-                raise ValueError("segment_ids are not supported together with a KV cache")
-            start = (0, cache_index, 0, 0)
-            k_all = jax.lax.dynamic_update_slice(kv_cache["k"], k.astype(kv_cache["k"].dtype), start)
-            v_all = jax.lax.dynamic_update_slice(kv_cache["v"], v.astype(kv_cache["v"].dtype), start)
-            new_cache = {"k": k_all, "v": v_all}
+            new_cache = write_kv_cache(kv_cache, k, v, cache_index, segment_ids)
+            k_all, v_all = new_cache["k"], new_cache["v"]
             o = attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), causal=True,
                           window=c.window, q_offset=cache_index, implementation="xla")
         b, t, h, dh = o.shape
