@@ -127,10 +127,31 @@ def _pad_rows(batch: Dict[str, np.ndarray], rows: int) -> Dict[str, np.ndarray]:
 def eval_loss(program: Program, params, source, batch_size: int, seq_len: int, max_batches: Optional[int],
               split: str = "val") -> Dict[str, Any]:
     """``{"val_loss", "val_ppl", "val_tokens"}``: the loss function's mean over the evaluation
-    batches of ``source`` (weighted by ``n_targets``; ``None`` values without data)."""
+    batches of ``source`` (weighted by ``n_targets``; ``None`` values without data).
+
+    A source with named evaluation groups (``source.eval_groups()``, e.g. the domains of a
+    multi-domain source) is evaluated group by group, each with ``max_batches // n_groups``
+    batches (at least one), once: the result adds ``val_loss/<group>`` and the overall loss
+    is over all the groups' targets."""
     empty = {"val_loss": None, "val_ppl": None, "val_tokens": 0}
     if max_batches == 0 or not source.has_eval_data(seq_len, split):
         return empty
+    groups = getattr(source, "eval_groups", None)
+    if groups is not None:
+        groups = {n: g for n, g in groups().items() if g.has_eval_data(seq_len, split)}
+        per = None if max_batches is None else max(1, max_batches // max(1, len(groups)))
+        out, total, count = {}, 0.0, 0.0
+        for name, group in groups.items():
+            ev = eval_loss(program, params, group, batch_size, seq_len, per, split)
+            if ev["val_loss"] is not None:
+                out[f"val_loss/{name}"] = ev["val_loss"]
+                total += ev["val_loss"] * ev["val_tokens"]
+                count += ev["val_tokens"]
+        if count == 0:
+            return empty
+        loss = total / count
+        return {"val_loss": loss, "val_ppl": float(math.exp(min(loss, 700.0))), "val_tokens": int(round(count)),
+                **out}
     n_par = mesh_lib.batch_parallelism(program.mesh)
     rows_global = -(-batch_size // n_par) * n_par  # round up: every batch shard gets rows
     block, n_blocks = mesh_lib.process_rows(program.mesh, rows_global)
@@ -145,21 +166,6 @@ def eval_loss(program: Program, params, source, batch_size: int, seq_len: int, m
         return empty
     loss = total / count
     return {"val_loss": loss, "val_ppl": float(math.exp(min(loss, 700.0))), "val_tokens": int(round(count))}
-
-
-def eval_group_losses(program: Program, params, source, batch_size: int, seq_len: int,
-                      max_batches: Optional[int], split: str = "val") -> Dict[str, float]:
-    """``{"val_loss/<group>": loss}`` for a source with named evaluation groups
-    (``source.eval_groups()``, e.g. the domains of a multi-domain source); ``{}`` otherwise."""
-    groups = getattr(source, "eval_groups", None)
-    if groups is None or max_batches == 0:
-        return {}
-    out = {}
-    for name, group in groups().items():
-        ev = eval_loss(program, params, group, batch_size, seq_len, max_batches, split)
-        if ev["val_loss"] is not None:
-            out[f"val_loss/{name}"] = ev["val_loss"]
-    return out
 
 
 class _StopRequest:
@@ -448,8 +454,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, resume: bool 
         ev = eval_loss(program, params, source, tc.micro_batch_size, tc.seq_len, tc.eval_batches)
         if ev["val_loss"] is None:
             return None
-        row = {"step": done, "val_loss": ev["val_loss"], "val_ppl": ev["val_ppl"],
-               **eval_group_losses(program, params, source, tc.micro_batch_size, tc.seq_len, tc.eval_batches)}
+        row = {"step": done, **{k: v for k, v in ev.items() if k != "val_tokens"}}
         write_row(row)
         return row
 
@@ -511,8 +516,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, resume: bool 
     if last_eval is None and finished:
         ev = eval_loss(program, params, source, tc.micro_batch_size, tc.seq_len, tc.eval_batches)
         if ev["val_loss"] is not None:
-            last_eval = {"step": max(start_step, tc.steps), **ev, **eval_group_losses(
-                program, params, source, tc.micro_batch_size, tc.seq_len, tc.eval_batches)}
+            last_eval = {"step": max(start_step, tc.steps), **ev}
     tokens_per_s = clock.tokens_per_s
     summary = {
         "model": model_config.model,
