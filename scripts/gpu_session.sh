@@ -69,12 +69,12 @@ for s in "$@"; do
                      JAX_DEFAULT_MATMUL_PRECISION=highest stage gpu-quick 240 \
                          python -m pytest -q -p no:cacheprovider \
                          tests/test_flash_attention.py tests/test_selective_scan.py tests/test_ssd.py \
-                         tests/test_landmark_attention.py tests/test_hadamard.py \
+                         tests/test_landmark_attention.py tests/test_hadamard.py tests/test_sparse_attention.py \
                          -k "matches_reference or packed_segments or initial_state_kernel or full_features" ;;
         kernels)     JAX_DEFAULT_MATMUL_PRECISION=highest stage kernels 300 \
                          python -m pytest -q -p no:cacheprovider \
                          tests/test_flash_attention.py tests/test_selective_scan.py tests/test_ssd.py \
-                         tests/test_landmark_attention.py tests/test_hadamard.py ;;
+                         tests/test_landmark_attention.py tests/test_hadamard.py tests/test_sparse_attention.py ;;
         attention)   stage attention 560 python -m experiments.bench_attention --out "$OUT/attention" ;;
         scan)        stage scan 560 python -m experiments.bench_scan --out "$OUT/scan" ;;
         models)      stage models 560 python -m experiments.bench_models --out "$OUT/models" ;;
