@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Every GPU measurement the open issues ask for, one stage per device call
-# (each stage fits the device's 10-minute command limit; results under $OUT/<stage>).
+# The long GPU measurements of the paper issues (training at the gpu presets, full sweeps), one
+# stage per device call (each fits the device's 10-minute command limit; results under
+# $OUT/<stage>).  The GPU record itself -- every kernel family correct on the device and timed
+# against its anchors, the models' step time and MFU, in one command of under 8 minutes -- is
+# scripts/gpu_check.sh: run that first in a session with a device.
 #
 #   run(command="bash scripts/gpu_session.sh kernels attention", carry=["runs/wheels"])
 #
