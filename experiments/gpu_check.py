@@ -44,10 +44,11 @@ Follow-up parts (``followup`` = both): ``flash_tiles`` (the flash kernel's forwa
 backward tiles / warps / stages at T 16k, D 128 and 64, against cuDNN and ``mha`` measured
 in the same process) and ``scfa_tiles`` (the sparse kernels' tile sizes at T 16k).
 
-Timing: every case of a part is lowered in a background thread and compiled in a pool of
-threads while earlier cases are timed; a case is run once (warm-up), then timed as the median
-of 5 samples of back-to-back calls (each sample >= 20 ms, so launch gaps and the host's
-clock do not matter).  Ratios are against anchors measured in the same process.
+Timing: a part's cases are lowered on a background thread and compiled in a pool of threads,
+a group at a time (the most valuable group first); nothing is timed while anything compiles
+(compiling on a GPU runs XLA's autotuning kernels).  A case is run once (warm-up), then timed
+as the median of 5 samples of back-to-back calls (each sample >= 20 ms, so launch gaps and the
+host's clock do not matter).  Ratios are against anchors measured in the same process.
 
 Outputs under ``--out`` (the device returns at most 8 files): ``results.json`` (every row,
 the targets, each part's status and time), ``table.md`` (the tables for BENCHMARKS.md) and
@@ -141,54 +142,105 @@ def _err(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0][:300] if text else ''}"
 
 
+_STAGE = object()  # a stage boundary in the pipeline's queue
+
+
 class Pipeline:
-    """Lower cases in order on a background thread and compile them in a thread pool (XLA and
-    Triton compiles release the GIL), so the main thread times case i while later ones compile.
-    ``add(fn, args)`` returns a Future of ``(compiled, compile_s)``."""
+    """Lower cases in order on a background thread and compile them in a pool of threads (XLA and
+    Triton compiles release the GIL).  ``add(fn, args)`` returns a Future of ``(compiled,
+    compile_s)``; :meth:`result` waits for one.
+
+    Compiling on a GPU runs kernels (XLA's autotuning), so nothing is timed while anything
+    compiles: :meth:`wait_idle` (called before each timing) waits until no compile is in flight.
+    ``stage()`` marks a boundary: the cases after it are compiled only once the main thread asks
+    for one of them (so a part compiles and times its most valuable group first, and a part cut
+    short by its budget keeps those rows)."""
 
     def __init__(self, part: Part, workers: int = 8):
+        part.pipe = self
         self.part = part
         self.pool = ThreadPoolExecutor(workers)
         self.todo = []
-        self.lock = threading.Lock()
-        self.cv = threading.Condition(self.lock)
+        self.cv = threading.Condition()
+        self.pending = 0  # popped from the queue, not yet compiled (or failed)
+        self.at_stage = False  # the lowering thread waits at a stage boundary
+        self.released = self.reached = 0
         self.thread = threading.Thread(target=self._lower_all, daemon=True)
-        self.started = False
+        self.thread.start()
 
     def add(self, fn, args, **jit_kw) -> Future:
         fut = Future()
         with self.cv:
             self.todo.append((fn, args, jit_kw, fut))
-            self.cv.notify()
-        if not self.started:
-            self.started = True
-            self.thread.start()
+            self.cv.notify_all()
         return fut
+
+    def stage(self):
+        with self.cv:
+            self.todo.append(_STAGE)
+            self.cv.notify_all()
+
+    def result(self, fut: Future):
+        """``fut``'s result, releasing stage boundaries until its case has been compiled."""
+        with self.cv:
+            while not fut.done():
+                if self.at_stage and self.released != self.reached:
+                    self.released = self.reached  # idempotent until the lowering thread wakes
+                    self.cv.notify_all()
+                self.cv.wait(0.05)
+        return fut.result()
+
+    def wait_idle(self):
+        """Until the lowering thread is blocked at a stage boundary or out of work, and no compile
+        is in flight."""
+        with self.cv:
+            while self.pending or not (self.at_stage or not self.todo):
+                self.cv.wait(0.05)
+
+    def _done(self, fut, value=None, error=None):
+        if error is None:
+            fut.set_result(value)
+        else:
+            fut.set_exception(error)
+        with self.cv:
+            self.pending -= 1
+            self.cv.notify_all()
 
     def _lower_all(self):
         while True:
             with self.cv:
                 while not self.todo:
                     self.cv.wait()
-                fn, args, jit_kw, fut = self.todo.pop(0)
+                job = self.todo.pop(0)
+                if job is _STAGE:
+                    self.reached += 1
+                    self.at_stage = True
+                    self.cv.notify_all()
+                    while self.released < self.reached:
+                        self.cv.wait()
+                    self.at_stage = False
+                    continue
+                self.pending += 1
+            fn, args, jit_kw, fut = job
             try:
                 lowered = self.part.jit(fn, **jit_kw).lower(*args)
             except BaseException as e:  # noqa: BLE001 - recorded by the case
-                fut.set_exception(e)
+                self._done(fut, error=e)
                 continue
             try:
                 self.pool.submit(self._compile, lowered, fut)
             except RuntimeError as e:  # the interpreter is shutting down (the part ended)
-                fut.set_exception(e)
+                self._done(fut, error=e)
                 return
 
-    @staticmethod
-    def _compile(lowered, fut):
+    def _compile(self, lowered, fut):
         t0 = time.perf_counter()
         try:
-            fut.set_result((lowered.compile(), time.perf_counter() - t0))
+            compiled = lowered.compile()
         except BaseException as e:  # noqa: BLE001
-            fut.set_exception(e)
+            self._done(fut, error=e)
+            return
+        self._done(fut, value=(compiled, time.perf_counter() - t0))
 
 
 def time_ms(fn, args, *, smoke: bool, samples: int = 5, min_sample_ms: float = 20.0) -> float:
@@ -219,7 +271,8 @@ def run_timed(part: Part, fut: Future, args, **row):
     """Wait for ``fut``'s compiled function, time it on ``args``; write and return the row
     (``ms`` None and ``error`` set when it fails).  Also returns the compiled function."""
     try:
-        compiled, compile_s = fut.result()
+        compiled, compile_s = part.pipe.result(fut)
+        part.pipe.wait_idle()
         ms = time_ms(compiled, args, smoke=part.smoke)
         row.update(ms=ms, compile_s=compile_s)
     except Exception as e:  # noqa: BLE001 - OOM / unsupported: record, go on
@@ -361,8 +414,8 @@ def part_correct(part: Part):
     for name, kfut, rfut, call, n in jobs:
         row = dict(kind="correct", case=name)
         try:
-            kc, compile_s = kfut.result()
-            rc, _ = rfut.result()
+            kc, compile_s = pipe.result(kfut)
+            rc, _ = pipe.result(rfut)
             got, again, want = kc(*call), kc(*call), rc(*call)
             got, again, want = jax.device_get((got, again, want))
             flat = lambda x: [np.asarray(a) for a in jax.tree.leaves(x)]  # noqa: E731
@@ -496,11 +549,14 @@ def part_attention(part: Part):
                                                      16384, 16, jnp.bfloat16, 2048, 4096, 4)
     impls = ("pallas", "cudnn", "jax_pallas")
     thunks = []
-    for d, t in shapes:
+    for i, (d, t) in enumerate(shapes):
+        if i and t != shapes[i - 1][1]:
+            pipe.stage()  # the longest T (the targets) compiled and timed first
         b = max(1, tokens // t)
         thunks.append(attention_group(part, pipe, group="causal", impls=impls, b=b, t=t, h=h, d=d,
                                       dtype=dtype, pairs=b * causal_pairs(t)))
     d, t = shapes[0]
+    pipe.stage()
     thunks.append(attention_group(part, pipe, group=f"window {w}", impls=("pallas", "cudnn"), b=1, t=t, h=h,
                                   d=d, dtype=dtype, pairs=causal_pairs(t, window=w), window=w,
                                   extra=dict(window=w)))
@@ -546,6 +602,8 @@ def part_scan(part: Part):
                 y, vjp = jax.vjp(lambda d: fn(**rest, **d), d)
                 return y, vjp(dy)
             dy = jnp.ones(inputs["x"].shape, inputs["x"].dtype)
+            if kernel == "ssd" and impl == impls[0]:
+                pipe.stage()
             jobs.append((dict(kind="scan", kernel=kernel, impl=impl, shape=shape, dtype=jnp.dtype(dtype).name),
                          pipe.add(fwd, (inputs,)), pipe.add(fwd_bwd, (inputs, dy)), inputs, dy))
     outs = {}
@@ -610,11 +668,13 @@ def part_models(part: Part):
         jobs.append((dict(kind="model", model=name, task="train", batch=b, seq_len=t, n_params=mb.n_params,
                           attention=getattr(mb.config, "attention_impl", None), flops=fpt * b * t),
                      pipe.add(step, args), args))
+    pipe.stage()  # the train steps (the MFU target) first
     for name, mb in benches.items():
         b, t = prefill_bt
         args = (mb.params, mb.random_tokens((b, t)))
         jobs.append((dict(kind="model", model=name, task="prefill", batch=b, seq_len=t, tokens=b * t),
                      pipe.add(_unjit(mb.prefill()), args), args))
+    pipe.stage()
     for name, mb in benches.items():
         gen = _unjit(mb.generate(new))
         for b in gen_batches:
@@ -679,6 +739,7 @@ def part_kernels(part: Part):
                 run_timed(part, ff, (q, k, v, *labels), **base, mode="fwd")
                 run_timed(part, fb, (q, k, v, *labels, do), **base, mode="fwd+bwd")
         thunks.append(scfa)
+        pipe.stage()
     # landmark attention vs flash (same shape), T 4k B4 H16 D128, L=64
     lt, lb, ld, lbk = (64, 1, 32, 8) if smoke else (4096, 4, 128, 64)
     q, k, v, do = attention_inputs(lb, lt, h, ld, dtype, seed=7)
@@ -695,6 +756,7 @@ def part_kernels(part: Part):
             run_timed(part, ff, (q, k, v), **base, mode="fwd", flops=flops)
             run_timed(part, fb, (q, k, v, do), **base, mode="fwd+bwd", flops=2.5 * flops)
     thunks.append(landmark)
+    pipe.stage()
     # Hadamard transform vs dense x @ H
     rows = 64 if smoke else 65536
     hfuts = []
@@ -711,6 +773,7 @@ def part_kernels(part: Part):
             run_timed(part, fp, (x,), kind="hadamard", impl="pallas", n=n, rows=rows, bytes=nbytes)
             run_timed(part, fd, (x, hm), kind="hadamard", impl="dense x @ H", n=n, rows=rows, bytes=nbytes)
     thunks.append(hadamard)
+    pipe.stage()
     # int8 linear (per-token activation quantization included) vs bf16 matmul
     m, kdim, ndim = (64, 128, 96) if smoke else (8192, 4096, 11008)
     x = jax.random.normal(jax.random.PRNGKey(3), (m, kdim), dtype)
@@ -728,6 +791,7 @@ def part_kernels(part: Part):
         for name, fut, args in ifuts:
             run_timed(part, fut, args, kind="int8", impl=name, m=m, k=kdim, n=ndim, flops=2 * m * kdim * ndim)
     thunks.append(int8)
+    pipe.stage()
     thunks.append(lambda: layer_parallel_decode(part, pipe))
     for th in thunks:
         th()
@@ -798,6 +862,8 @@ def part_flash_tiles(part: Part):
                  BlockSizes(128, 32, 128, 32, 64, 64, 4, 4, 4, 2), BlockSizes(128, 64, 64, 64, 64, 64, 4, 2, 4, 2)]}
     thunks = []
     for d, t in shapes:
+        if thunks:
+            pipe.stage()
         b = max(1, (16384 if not part.smoke else 64) // t)
         thunks.append(attention_group(part, pipe, group="causal anchors", impls=("cudnn", "jax_pallas"), b=b, t=t,
                                       h=h, d=d, dtype=dtype, pairs=b * causal_pairs(t)))

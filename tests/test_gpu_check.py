@@ -122,3 +122,30 @@ def test_targets_are_ratios_of_the_same_run_and_the_worse_head_dim_counts():
     # one head dim missing at the longest T: not measured rather than judged on half the data
     t2 = {x["key"]: x for x in gc.evaluate_targets(rows[:3])}
     assert t2["flash_fwd_vs_cudnn"]["measured"] is None
+
+
+def test_pipeline_holds_later_stages_until_asked_and_reports_errors_per_case():
+    """Nothing compiles while something is timed: the cases after a stage boundary are lowered
+    and compiled only when the main thread asks for one of them."""
+    import time
+    import types
+
+    import jax
+    import jax.numpy as jnp
+
+    part = types.SimpleNamespace(jit=jax.jit)
+    pipe = gc.Pipeline(part)
+    assert part.pipe is pipe
+    first = pipe.add(lambda x: x + 1, (jnp.float32(1),))
+    pipe.stage()
+    second = pipe.add(lambda x: x * 2, (jnp.float32(1),))
+    bad = pipe.add(lambda x: x.reshape(7), (jnp.ones(3),))
+    compiled, compile_s = pipe.result(first)
+    assert float(compiled(jnp.float32(4))) == 5 and compile_s >= 0
+    pipe.wait_idle()
+    time.sleep(0.3)
+    assert not second.done() and not bad.done()  # held at the boundary, however long we wait
+    assert float(pipe.result(second)[0](jnp.float32(3))) == 6
+    with pytest.raises(TypeError):  # a case that cannot lower fails alone
+        pipe.result(bad)
+    pipe.wait_idle()
