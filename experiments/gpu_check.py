@@ -161,6 +161,7 @@ class Pipeline:
         self.part = part
         self.pool = ThreadPoolExecutor(workers)
         self.todo = []
+        self.queued = set()  # futures of the cases not yet taken from the queue
         self.cv = threading.Condition()
         self.pending = 0  # popped from the queue, not yet compiled (or failed)
         self.at_stage = False  # the lowering thread waits at a stage boundary
@@ -172,6 +173,7 @@ class Pipeline:
         fut = Future()
         with self.cv:
             self.todo.append((fn, args, jit_kw, fut))
+            self.queued.add(fut)
             self.cv.notify_all()
         return fut
 
@@ -184,7 +186,8 @@ class Pipeline:
         """``fut``'s result, releasing stage boundaries until its case has been compiled."""
         with self.cv:
             while not fut.done():
-                if self.at_stage and self.released != self.reached:
+                # release the boundary only for a case behind it (not one still compiling before it)
+                if self.at_stage and self.released != self.reached and fut in self.queued:
                     self.released = self.reached  # idempotent until the lowering thread wakes
                     self.cv.notify_all()
                 self.cv.wait(0.05)
@@ -220,6 +223,7 @@ class Pipeline:
                         self.cv.wait()
                     self.at_stage = False
                     continue
+                self.queued.discard(job[3])
                 self.pending += 1
             fn, args, jit_kw, fut = job
             try:
