@@ -321,8 +321,9 @@ def _segments(rng, b, t, n):
     return ids
 
 
-def correctness_cases(smoke: bool, seed: int):
-    """``[(name, kernel_fn, reference_fn, diff_args, static_args, tol)]`` on fresh inputs."""
+def correctness_cases(smoke: bool, seed: int, interpret=None):
+    """``[(name, kernel_fn, reference_fn, diff_args, static_args)]`` on fresh inputs (``interpret``
+    goes to every kernel: None = interpret mode on a CPU backend, compiled on a GPU)."""
     import jax.numpy as jnp
     import numpy as np
     from pallas_kernels import flash_attention as fa
@@ -334,6 +335,7 @@ def correctness_cases(smoke: bool, seed: int):
     from jaxformers.quant.quantizers import int8_linear, quantize_rows_int8
 
     rng = np.random.default_rng(seed)
+    ip = interpret
     f32 = jnp.float32
     b, t = (2, 40) if smoke else (2, 333)
     d, dim, n, p, lm_block, w = (32, 16, 8, 16, 8, 16) if smoke else (64, 64, 16, 64, 51, 100)
@@ -344,40 +346,41 @@ def correctness_cases(smoke: bool, seed: int):
 
     cases = []
     q, k, v = normal(b, t, 4, d), normal(b, t, 2, d), normal(b, t, 2, d)
-    cases.append(("flash causal GQA 4:2", lambda q, k, v: fa.flash_attention(q, k, v, causal=True),
+    cases.append(("flash causal GQA 4:2", lambda q, k, v: fa.flash_attention(q, k, v, causal=True, interpret=ip),
                   lambda q, k, v: fa.reference(q, k, v, causal=True), (q, k, v), ()))
     d2 = 2 * d
     seg = jnp.asarray(_segments(rng, b, t, 3))
     cases.append((f"flash window {w} + packed segments D{d2}",
-                  lambda q, k, v, s: fa.flash_attention(q, k, v, causal=True, window=w, segment_ids=s),
+                  lambda q, k, v, s: fa.flash_attention(q, k, v, causal=True, window=w, segment_ids=s, interpret=ip),
                   lambda q, k, v, s: fa.reference(q, k, v, causal=True, window=w, segment_ids=s),
                   (normal(b, t, 2, d2), normal(b, t, 2, d2), normal(b, t, 2, d2)), (seg,)))
     ss_args = (normal(b, t, dim), normal(b, t, dim) - 2.0, -jnp.exp(normal(dim, n)), normal(b, t, n),
                normal(b, t, n), normal(dim), normal(b, t, dim), normal(dim, scale=0.1), normal(b, dim, n))
     ss_kw = dict(dt_softplus=True, return_final_state=True)
 
-    def ss_call(op):
+    def ss_call(op, **kw):
         return lambda x, dt, A, B, C, D, z, bias, h0, s: op(x, dt, A, B, C, D=D, z=z, dt_bias=bias,
-                                                            initial_state=h0, segment_ids=s, **ss_kw)
+                                                            initial_state=h0, segment_ids=s, **ss_kw, **kw)
     cases.append(("selective scan (D, z, softplus, initial state, segments, final state)",
-                  ss_call(ss.selective_scan), ss_call(ss.reference), ss_args, (seg,)))
+                  ss_call(ss.selective_scan, interpret=ip), ss_call(ss.reference), ss_args, (seg,)))
     h, g, nn_ = 4, 2, (16 if smoke else 64)
     ssd_args = (normal(b, t, h, p), normal(b, t, h) - 2.0, -jnp.exp(normal(h)), normal(b, t, g, nn_),
                 normal(b, t, g, nn_), normal(h), normal(b, t, h, p), normal(h, scale=0.1),
                 normal(b, h, p, nn_))
     cases.append(("SSD (G=2, D, z, softplus, initial state, segments, final state)",
-                  ss_call(ssd_mod.ssd), ss_call(ssd_mod.reference), ssd_args, (seg,)))
+                  ss_call(ssd_mod.ssd, interpret=ip), ss_call(ssd_mod.reference), ssd_args, (seg,)))
     qb, kb = (jnp.asarray(rng.integers(0, 4, (b, t, hh)), jnp.int32) for hh in (4, 2))
-    cases.append(("hash-sparse 4 buckets GQA 4:2", lambda q, k, v, a, c: sa.hash_attention(q, k, v, a, c),
+    cases.append(("hash-sparse 4 buckets GQA 4:2", lambda q, k, v, a, c: sa.hash_attention(q, k, v, a, c, interpret=ip),
                   lambda q, k, v, a, c: sa.hash_reference(q, k, v, a, c), (q, k, v), (qb, kb)))
     qk_, kk_ = (jnp.asarray(rng.random((b, t, hh)) < 0.5) for hh in (4, 2))
-    cases.append(("QK-sparse keep 0.5 GQA 4:2", lambda q, k, v, a, c: sa.qk_sparse_attention(q, k, v, a, c),
+    cases.append(("QK-sparse keep 0.5 GQA 4:2",
+                  lambda q, k, v, a, c: sa.qk_sparse_attention(q, k, v, a, c, interpret=ip),
                   lambda q, k, v, a, c: sa.qk_sparse_reference(q, k, v, a, c), (q, k, v), (qk_, kk_)))
     cases.append((f"landmark L={lm_block} GQA 4:2",
-                  lambda q, k, v: lm.landmark_attention(q, k, v, block_size=lm_block),
+                  lambda q, k, v: lm.landmark_attention(q, k, v, block_size=lm_block, interpret=ip),
                   lambda q, k, v: lm.landmark_attention_reference(q, k, v, block_size=lm_block), (q, k, v), ()))
     for size in (had, 12 * had // 16):  # 2^k and a Kronecker-factored size (12 x 2^j)
-        cases.append((f"Hadamard n={size}", lambda x: hd.hadamard_transform(x),
+        cases.append((f"Hadamard n={size}", lambda x: hd.hadamard_transform(x, interpret=ip),
                       lambda x: hd.hadamard_reference(x), (normal(rows, size),), ()))
     w_q, w_s = quantize_rows_int8(normal(256, 128))  # per output channel: rows of W^T [out, in]
     w_int8, w_scale = w_q.T, w_s[:, 0]

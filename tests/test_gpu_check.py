@@ -149,3 +149,30 @@ def test_pipeline_holds_later_stages_until_asked_and_reports_errors_per_case():
     with pytest.raises(TypeError):  # a case that cannot lower fails alone
         pipe.result(bad)
     pipe.wait_idle()
+
+
+def test_every_correctness_case_lowers_to_triton_and_fits_sm90():
+    """The correctness part runs float32 kernels (more shared memory than the bf16 benchmark shapes
+    the kernel report checks): each case's forward + backward lowers to Triton for CUDA and
+    compiles for Hopper within the shared-memory limit, without register spills."""
+    pytest.importorskip("triton")
+    import jax
+    from pallas_kernels.triton_inspect import compile_report, triton_calls
+
+    def abstract(tree):
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+
+    seen = set()
+    for name, kfn, _, diff, static in gc.correctness_cases(False, 0, interpret=False):
+        if not diff:
+            continue  # the int8 linear is plain XLA
+        args = tuple(diff) + tuple(static)
+        _, fwd_bwd = gc.fwd_and_fwd_bwd(kfn, len(diff))
+        calls = triton_calls(fwd_bwd, *abstract(args), abstract(jax.eval_shape(kfn, *args)))
+        assert len(calls) >= 2, name  # forward and backward kernels
+        for call in calls:
+            r = compile_report(call)
+            assert r["fits"] and r["local_bytes"] == 0, (name, r)
+            seen.add(call.name)
+    assert {"flash_attention_fwd", "selective_scan_bwd", "ssd_chunk_bwd", "sparse_attention_bwd_dkdv",
+            "landmark_attention_fwd", "hadamard_transform"} <= seen
