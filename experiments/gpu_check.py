@@ -1069,6 +1069,8 @@ def markdown(results: dict) -> str:
                 bits = [f"{extra['tokens_per_s']:,.0f} tok/s"]
                 if extra.get("mfu") is not None:
                     bits.append(f"MFU {100 * extra['mfu']:.1f}%")
+                if extra.get("mfu_vs_measured") is not None:
+                    bits.append(f"{100 * extra['mfu_vs_measured']:.1f}% of the measured matmul rate")
                 if extra.get("speedup") is not None:
                     bits.append(f"{extra['speedup']:.2f}x")
                 rate = ", ".join(bits)
@@ -1127,7 +1129,7 @@ def orchestrate(parts, out: Path, work: Path, *, smoke: bool, budgets: dict, dea
         n_rows = len(read_rows(work, [name]))
         status.append(dict(part=name, status=state, wall_s=wall, rows=n_rows))
         print(f"   {state} in {wall:.0f} s, {n_rows} rows", flush=True)
-    rows = read_rows(work, parts)
+    rows = add_ceiling_mfu(read_rows(work, parts))
     env_rows = [r for r in rows if r.get("kind") == "env"]
     results = dict(command=command, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                    smoke=smoke, wall_s=time.perf_counter() - t_start, env=env_rows[0] if env_rows else {},
@@ -1137,6 +1139,18 @@ def orchestrate(parts, out: Path, work: Path, *, smoke: bool, budgets: dict, dea
     (out / "table.md").write_text(table)
     print(table, flush=True)
     return results
+
+
+def add_ceiling_mfu(rows: list) -> list:
+    """Training rows' MFU also against the matmul rate measured on this card in the same run
+    (``mfu_vs_measured``), when the attention part measured it."""
+    ceiling = next((r["tflops"] for r in rows if r.get("kind") == "ceiling" and r.get("case", "").startswith("matmul")
+                    and r.get("tflops")), None)
+    for r in rows:
+        if ceiling and r.get("kind") == "model_rate" and r.get("mfu") is not None and r.get("peak_tflops"):
+            r["mfu_vs_measured"] = r["mfu"] * r["peak_tflops"] / ceiling
+            r["measured_matmul_tflops"] = ceiling
+    return rows
 
 
 def _kill(proc):

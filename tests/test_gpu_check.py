@@ -176,3 +176,11 @@ def test_every_correctness_case_lowers_to_triton_and_fits_sm90():
             seen.add(call.name)
     assert {"flash_attention_fwd", "selective_scan_bwd", "ssd_chunk_bwd", "sparse_attention_bwd_dkdv",
             "landmark_attention_fwd", "hadamard_transform"} <= seen
+
+
+def test_mfu_against_the_measured_matmul_rate():
+    def train_row():
+        return dict(kind="model_rate", model="gpt", task="train", mfu=0.4, peak_tflops=1000.0)
+    rows = [dict(kind="ceiling", case="matmul bf16 8192^3", tflops=800.0), train_row()]
+    assert gc.add_ceiling_mfu(rows)[1]["mfu_vs_measured"] == pytest.approx(0.5)
+    assert "mfu_vs_measured" not in gc.add_ceiling_mfu([train_row()])[0]  # no ceiling measured: nothing claimed
