@@ -17,6 +17,8 @@ rows and heads, next to the dense causal flash kernel's count (``causal_tile_cou
 On CPU the models train with the float32 reference (``sparse_impl="auto"``); ``kernel_check``
 runs the trained sparse models once through the Pallas kernels (interpret mode on CPU) and
 records the max |logits difference| vs the reference.  Plot: ``OUT/scfa_lm.png``.
+``results.json`` is rewritten after every model (``complete`` false until the last), so a run
+cut short (a device stage's time limit) keeps the models it finished.
 
 ``--steps N`` / ``--eval-batches N`` / ``--only a,b`` / ``--seq-len T`` shrink a run (tests).
 """
@@ -130,7 +132,7 @@ def run(args) -> dict:
         seq_lens = (args.seq_len,)
     wanted = None if not args.only else {s.strip() for s in args.only.split(",") if s.strip()}
     results = {**environment(), "preset": args.preset, "seed": args.seed, "data": args.data,
-               "train": train_kw, "tile": preset["tile"], "models": {}}
+               "train": train_kw, "tile": preset["tile"], "models": {}, "complete": False}
     cache = CompileCache()
     for seq_len in seq_lens:
         grid = model_grid(preset, int(meta["vocab_size"]), seq_len)
@@ -166,14 +168,21 @@ def run(args) -> dict:
             results["models"][key] = row
             print(f"[scfa_lm] {key}: val_ppl={row['val_ppl']:.3f} step={row['step_time_s'] or 0:.4f}s "
                   f"tiles={tiles}/{dense_tiles}", file=sys.stderr, flush=True)
-    for key, row in results["models"].items():
+            _write(results, out)  # after every model: a run cut short keeps what it finished
+    results["complete"] = True
+    _write(results, out)
+    plot(results, out / "scfa_lm.png")
+    return results
+
+
+def _write(results: dict, out: Path) -> None:
+    """Ratios to the same length's baseline (where trained), then ``OUT/results.json``."""
+    for row in results["models"].values():
         base = results["models"].get(f"baseline_T{row['seq_len']}")
         if base and base["step_time_s"] and row["step_time_s"]:
             row["speedup_vs_baseline"] = base["step_time_s"] / row["step_time_s"]
             row["val_ppl_delta_vs_baseline"] = row["val_ppl"] - base["val_ppl"]
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    plot(results, out / "scfa_lm.png")
-    return results
 
 
 def plot(results: dict, path: Path) -> None:

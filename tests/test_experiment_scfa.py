@@ -11,6 +11,7 @@ def test_scfa_lm_experiment_writes_results(tmp_path):
                             "--no-compile-cache"])
     saved = json.loads((out / "results.json").read_text())
     assert saved["models"].keys() == results["models"].keys() == {"hash_nb4_T128"}  # one model: CI time
+    assert saved["complete"] is True  # written after every model with complete=False, then finished
     for row in saved["models"].values():
         for key in ("val_ppl", "step_time_s", "attention_tiles_per_step", "train_tokens"):
             assert row[key] is not None, key
