@@ -55,6 +55,18 @@ def write_results(out_dir, **fields) -> str:
     return path
 
 
+def save_progress(out_dir, results: dict) -> None:
+    """``out_dir/results.json`` with ``complete: false``: experiments call this after each finished
+    piece (a trained model, an evaluated length), so a run cut short (a GPU stage's time limit, a
+    kill) keeps every number it finished; the final write sets ``complete: true``."""
+    import json
+    from pathlib import Path
+
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / "results.json").write_text(json.dumps({**results, "complete": False}, indent=1,
+                                                           default=str) + "\n")
+
+
 def train_overrides(preset_train: dict, steps=None, eval_batches=None) -> dict:
     """A preset's trainer settings with the ``--steps`` / ``--eval-batches`` overrides applied
     (warmup shrinks to at most a tenth of a shortened run; evaluation only at the end if the

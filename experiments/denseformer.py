@@ -27,7 +27,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from experiments.common import enable_compile_cache, train_fresh, train_overrides
+from experiments.common import enable_compile_cache, save_progress, train_fresh, train_overrides
 
 PRESETS = {
     # L=4: 1x1 (a DWA after every block) and 2x2 (after blocks 2 and 4, over even/odd outputs);
@@ -189,6 +189,7 @@ def run(args) -> dict:
         results["models"][name] = row
         print(f"[denseformer] {name}: val_ppl={row['val_ppl']:.3f} params={row['n_params']}",
               file=sys.stderr, flush=True)
+        save_progress(out, results)
     for name, tps in time_forwards(forwards).items():
         results["models"][name]["infer_tokens_per_s"] = tps
 
@@ -209,6 +210,7 @@ def run(args) -> dict:
             "val_ppl_delta": row["val_ppl"] - ref["val_ppl"],
         }
     results["dwa_overhead"] = overhead
+    results["complete"] = True
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     plot_ppl_vs_depth(results, out / "ppl_vs_depth.png")
     plot_alpha(alphas, out / "alpha_heatmap.png")

@@ -40,7 +40,7 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.common import enable_compile_cache, write_results
+from experiments.common import enable_compile_cache, save_progress, write_results
 
 PRESETS = {
     # the teacher reaches ~87% greedy accuracy on 3-digit addition in 500 steps (seed 0)
@@ -267,6 +267,7 @@ def run(args) -> dict:
             "distill_loss_first": losses[0], "distill_loss_last": losses[-1],
             "val_loss": summary["val_loss"]}
         models[name] = (cfg, module, params)
+        save_progress(args.out, results)
 
     # 3-4. throughput and the fixed-time-budget curves
     test_tokens, _ = arithmetic(n_problems, digits, seed=20_000 + args.seed)
@@ -290,6 +291,7 @@ def run(args) -> dict:
             row["budget"].append({"k": k, "seconds_per_problem": secs / n_problems, "coverage": cov,
                                   "majority_accuracy": maj})
         results["models"][name] = row
+        save_progress(args.out, results)
         print(f"[distill] {name}: greedy {greedy:.3f}, coverage@{samples[-1]} {row['budget'][-1]['coverage']:.3f}",
               file=sys.stderr, flush=True)
     return results
@@ -331,7 +333,7 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     results = run(args)
     results["plots"] = plot(results, out)
-    write_results(out, **results)
+    write_results(out, **results, complete=True)
     print(json.dumps({name: {"greedy": round(r["greedy_accuracy"], 3),
                              "coverage": [round(p["coverage"], 3) for p in r["budget"]],
                              "ms_per_problem": [round(p["seconds_per_problem"] * 1e3, 2) for p in r["budget"]]}

@@ -32,7 +32,7 @@ import math
 import sys
 from pathlib import Path
 
-from experiments.common import enable_compile_cache, write_results
+from experiments.common import enable_compile_cache, save_progress, write_results
 
 DOMAINS = ("comedies", "histories", "tragedies", "poems", "python")
 
@@ -138,6 +138,7 @@ def run(args) -> dict:
     hist_steps, history = doge_weight_history(Path(args.out) / "runs" / "proxy")
     results["doge_weights"] = weights
     results["weight_history"] = {"steps": hist_steps, "weights": history}
+    save_progress(args.out, results)
 
     # 2. base runs on three mixtures
     mixtures = {"uniform": [1.0] * k, "doge": [weights[d] for d in DOMAINS],
@@ -151,6 +152,7 @@ def run(args) -> dict:
         table = _domain_table(summary, DOMAINS)
         results["base_runs"][name] = {"domains": table, **_averages(table, DOMAINS),
                                       "train_loss": summary["train_loss"]}
+        save_progress(args.out, results)
 
     # 3. out-of-domain: the held-out target's gradient steers the weights of the others
     if not args.no_ood:
@@ -228,7 +230,7 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     results = run(args)
     results["plots"] = plot(results, out)
-    write_results(out, **results)
+    write_results(out, **results, complete=True)
     summary = {m: round(r["avg_ppl"], 3) for m, r in results["base_runs"].items()}
     print(json.dumps({"doge_weights": {k: round(v, 3) for k, v in results["doge_weights"].items()},
                       "avg_ppl": summary,

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.common import enable_compile_cache, train_fresh
+from experiments.common import enable_compile_cache, save_progress, train_fresh
 
 PRESETS = {
     "tiny": dict(model=dict(d_model=64, n_head=4, n_layer=2), block=16, train_blocks=6,
@@ -193,6 +193,7 @@ def run(args) -> dict:
         results["models"][name] = {k: summary.get(k) for k in
                                    ("val_loss", "val_ppl", "train_loss", "n_params",
                                     "tokens_per_s", "wall_s")}
+        save_progress(out, results)
     rng = np.random.default_rng([args.seed, 3])
     max_blocks = max(factors) * nb
     for f in factors:
@@ -225,6 +226,8 @@ def run(args) -> dict:
         results["cost"][str(f)] = cost
         print(f"[landmark_lm] {f}x ({n} tokens): " + " ".join(f"{k} {v:.3f}" for k, v in row.items()),
               file=sys.stderr, flush=True)
+        save_progress(out, results)
+    results["complete"] = True
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     plot(results, out / "landmark_lm.png")
     return results

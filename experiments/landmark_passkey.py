@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments.common import save_progress
+
 PRESETS = {
     "tiny": dict(model=dict(d_model=64, n_head=4, n_layer=2), block=16, train_blocks=6,
                  digits=2, steps=800, batch=32, lr=3e-3, warmup=50, eval_samples=24,
@@ -188,6 +190,7 @@ def run(args) -> dict:
         results["models"][name] = {"model": cfg.model, "train_curve": curve,
                                    "final_train_loss": curve[-1][1],
                                    "train_s": round(time.perf_counter() - t0, 1), "accuracy": {}}
+        save_progress(out, results)
     rng = np.random.default_rng([args.seed, 2])
     max_blocks = max(factors) * nb
     for f in factors:
@@ -201,6 +204,8 @@ def run(args) -> dict:
         print(f"[passkey] {f}x ({f * raw} tokens): baseline {acc:.2f} landmark "
               + " ".join(f"top{k} {results['models']['landmark']['accuracy'][f'top{k}'][str(f)]:.2f}"
                          for k in top_ks), file=sys.stderr, flush=True)
+        save_progress(out, results)
+    results["complete"] = True
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     plot(results, out / "passkey.png")
     return results

@@ -9,6 +9,7 @@ def test_denseformer_experiment_writes_results(tmp_path):
     results = exp.main(["--preset", "tiny", "--out", str(out), "--steps", "2", "--eval-batches", "1",
                         "--only", "gpt_L4,denseformer_2x2_L4", "--no-compile-cache"])
     saved = json.loads((out / "results.json").read_text())
+    assert saved["complete"] is True  # rewritten as it went, finished at the end
     assert saved["models"].keys() == results["models"].keys() == {"gpt_L4", "denseformer_2x2_L4"}
     for row in saved["models"].values():
         for key in ("val_loss", "val_ppl", "n_params", "train_tokens_per_s", "infer_tokens_per_s",

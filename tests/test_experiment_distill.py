@@ -12,6 +12,7 @@ def test_distill_experiment_writes_results(tmp_path):
                         "--speed-batches", "2", "--speed-lengths", "24",
                         "--no-compile-cache"])
     saved = json.loads((out / "results.json").read_text())
+    assert saved["complete"] is True  # rewritten as it went, finished at the end
     assert set(saved["models"]) == set(results["models"]) == {"teacher", "hybrid", "mamba2_random"}
     for name, row in saved["models"].items():
         assert [p["k"] for p in row["budget"]] == [1, 2]

@@ -9,6 +9,7 @@ def test_doge_experiment_writes_results(tmp_path):
     results = exp.main(["--preset", "tiny", "--out", str(out), "--steps", "2", "--proxy-steps", "3",
                         "--eval-batches", "1", "--max-bytes", "30000", "--no-compile-cache"])
     saved = json.loads((out / "results.json").read_text())
+    assert saved["complete"] is True  # rewritten as it went, finished at the end
     assert saved["doge_weights"] == results["doge_weights"]
     assert set(saved["doge_weights"]) == set(exp.DOMAINS)
     assert abs(sum(saved["doge_weights"].values()) - 1) < 1e-5

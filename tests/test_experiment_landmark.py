@@ -22,6 +22,7 @@ def test_passkey_experiment_writes_results(tmp_path):
                                  "--factors", "2", "--top-k", "1", "--eval-samples", "2",
                                  "--d-model", "32", "--n-layer", "1"])
     saved = json.loads((out / "results.json").read_text())
+    assert saved["complete"] is True  # rewritten as it went, finished at the end
     assert saved["models"]["baseline"]["accuracy"].keys() == {"2"}
     assert saved["models"]["landmark"]["accuracy"]["top1"].keys() == {"2"}
     assert all(0 <= a <= 1 for a in res["models"]["landmark"]["accuracy"]["top1"].values())
@@ -34,6 +35,7 @@ def test_lm_experiment_writes_results(tmp_path):
                       "--top-k", "1", "--eval-windows", "1", "--d-model", "32", "--n-layer", "1",
                       "--no-compile-cache"])
     saved = json.loads((out / "results.json").read_text())
+    assert saved["complete"] is True  # rewritten as it went, finished at the end
     assert saved["ppl"].keys() == {"2"}
     for row in saved["ppl"].values():
         assert row.keys() == {"baseline_full", "landmark_top1", "landmark_all"}
