@@ -62,6 +62,7 @@ def project_qkv(c, x, positions, linear=Linear):
 
 class Attention(nn.Module):
     """The default token mixer of :class:`~jaxformers.layers.block.Block` (its mixer protocol)."""
+    applies_attn_dropout = True  # see models.transformer.check_attn_dropout
     config: object
 
     init_cache = staticmethod(init_attention_cache)

@@ -226,6 +226,7 @@ class RepeatAttention(nn.Module):
     * decoding: ``{"k", "v"}`` (``[B, S, Hkv, Dh]``, this repeat's cache) and ``"k_prev"``,
       ``"v_prev"``, ``"pos_prev"`` (earlier repeats' caches, flattened).  Returns ``{"k", "v"}``.
     """
+    applies_attn_dropout = False  # see models.transformer.check_attn_dropout
     config: object
 
     @staticmethod

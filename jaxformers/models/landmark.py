@@ -290,6 +290,7 @@ class LandmarkAttention(nn.Module):
     (static), optionally 'retrieved': (mk, mv, idx) gathered on the host, or
     'select_only'}`` (:func:`memory_forward`).
     """
+    applies_attn_dropout = False  # see models.transformer.check_attn_dropout
     config: object
 
     init_cache = staticmethod(init_attention_cache)

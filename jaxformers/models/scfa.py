@@ -183,6 +183,7 @@ def resolve_sparse_impl(impl: str) -> str:
 # ---------------------------------------------------------------------------- mixer
 class SparseAttention(nn.Module):
     """The baseline Attention mixer (same params, rotary, cache) with a SCFA attention op."""
+    applies_attn_dropout = False  # see models.transformer.check_attn_dropout
     config: object
 
     init_cache = staticmethod(init_attention_cache)

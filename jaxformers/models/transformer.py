@@ -76,6 +76,19 @@ def check_tokens(tokens, vocab_size=None):
         raise ValueError(f"tokens must have an integer dtype, got {tokens.dtype}")
 
 
+def check_attn_dropout(config, classes) -> None:
+    """Training (a ``dropout`` rng) with ``attn_dropout > 0`` on a model whose attention does not
+    apply it is an error, not a silent no-op (mixers say so with ``applies_attn_dropout``; SSM
+    mixers have no attention).  Evaluation and decoding never drop, so they are not checked."""
+    rate = getattr(config, "attn_dropout", 0.0)
+    ignoring = sorted({k.mixer_class.__name__ for k in classes
+                       if getattr(k.mixer_class, "applies_attn_dropout", None) is False})
+    if rate and ignoring:
+        raise ValueError(f"attn_dropout={rate}: the attention of model {config.model!r} "
+                         f"({', '.join(ignoring)}) does not implement attention dropout; set "
+                         "attn_dropout=0 (dropout / embed_dropout still apply)")
+
+
 class Transformer(nn.Module):
     config: object
 
@@ -115,6 +128,8 @@ class Transformer(nn.Module):
     # --------------------------------------------------------------- forward
     def __call__(self, tokens, *, positions=None, segment_ids=None, cache=None):
         check_tokens(tokens)
+        if self.has_rng("dropout"):
+            check_attn_dropout(self.config, self.layer_classes())
         t = tokens.shape[1]
         index = None if cache is None else cache["index"]
         if positions is None:

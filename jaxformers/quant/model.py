@@ -201,6 +201,7 @@ def record(module, name, x):
 
 class QuantAttention(nn.Module):
     """Grouped-query attention with QuaRot's online Hadamards and fake quantization."""
+    applies_attn_dropout = False  # see models.transformer.check_attn_dropout
     config: object
     init_cache = staticmethod(init_attention_cache)
 

@@ -148,6 +148,7 @@ def base_models() -> List[str]:
 # ============================================================================ modules
 class _AttentionPairCache:
     """``init_cache`` of :class:`ParallelPairBlock`: the two layers' own KV caches."""
+    applies_attn_dropout = True  # ParallelPairBlock's Attention layers apply it
 
     @staticmethod
     def init_cache(config, batch_size, max_len, dtype=None):
