@@ -984,7 +984,9 @@ def evaluate_targets(rows) -> list:
     for key, desc, goal, op in TARGETS:
         m = measured.get(key)
         met = None if m is None else (m >= goal if op == ">=" else m <= goal)
-        out.append(dict(key=key, target=desc, goal=f"{op} {goal:g}", measured=m, met=met))
+        # how far off: the factor the measured value must still improve by (1 or less: met)
+        gap = None if not m else (goal / m if op == ">=" else m / goal)
+        out.append(dict(key=key, target=desc, goal=f"{op} {goal:g}", measured=m, met=met, gap=gap))
     return out
 
 
@@ -1006,11 +1008,12 @@ def markdown(results: dict) -> str:
          "| part | status | seconds | rows |", "|---|---|---|---|"]
     for p in results["parts"]:
         L.append(f"| {p['part']} | {p['status']} | {p['wall_s']:.0f} | {p['rows']} |")
-    L += ["", "**Targets** (ratios measured in the same run)", "", "| target | goal | measured | met |",
-          "|---|---|---|---|"]
+    L += ["", "**Targets** (ratios measured in the same run; gap: the factor still missing)", "",
+          "| target | goal | measured | met | gap |", "|---|---|---|---|---|"]
     for t in results["targets"]:
         met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
-        L.append(f"| {t['target']} | {t['goal']} | {_f(t['measured'])} | {met} |")
+        gap = f"{t['gap']:.2f}x" if t.get("met") is False and t.get("gap") else ""
+        L.append(f"| {t['target']} | {t['goal']} | {_f(t['measured'])} | {met} | {gap} |")
     corr = [r for r in rows if r.get("kind") == "correct"]
     if corr:
         L += ["", "**Correctness on the device** (float32, fwd + every gradient vs the float32 reference; "

@@ -113,10 +113,12 @@ def test_targets_are_ratios_of_the_same_run_and_the_worse_head_dim_counts():
             dict(kind="layer_parallel_rate", impl="8 pairs", speedup=1.3)]
     t = {x["key"]: x for x in gc.evaluate_targets(rows)}
     assert t["flash_fwd_vs_cudnn"]["measured"] == pytest.approx(0.5) and t["flash_fwd_vs_cudnn"]["met"] is False
+    assert t["flash_fwd_vs_cudnn"]["gap"] == pytest.approx(1.5)  # 0.75 / 0.5: 1.5x still missing
     assert t["flash_fwdbwd_vs_mha"]["measured"] == pytest.approx(2.0) and t["flash_fwdbwd_vs_mha"]["met"] is True
     assert t["selective_scan_fwd_vs_assoc"]["measured"] == pytest.approx(25.0)
     assert t["selective_scan_fwdbwd_vs_assoc"]["met"] is None  # one side missing: not measured
     assert t["ssd_fwd_vs_fla"]["measured"] == pytest.approx(1.8) and t["ssd_fwd_vs_fla"]["met"] is False
+    assert t["ssd_fwd_vs_fla"]["gap"] == pytest.approx(1.2)  # a "<=" target: 1.8 / 1.5
     assert t["gpt_small_mfu"]["met"] is True
     assert t["layer_parallel_decode"]["measured"] == pytest.approx(1.3)
     # one head dim missing at the longest T: not measured rather than judged on half the data
