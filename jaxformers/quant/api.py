@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import TransformerConfig
-from .model import QuaRotConfig
+from .model import OnlineQuant, QuaRotConfig
 from .quantizers import gptq_weight, rtn_weight
 from .rotation import rotate_params
 
@@ -56,7 +56,7 @@ _N_IN = {"o": 2}  # input axes of each kernel (o: [H, Dh, D])
 
 
 @dataclasses.dataclass(frozen=True)
-class QuantSpec:
+class QuantSpec(OnlineQuant):
     """What to quantize and how (bits 16 = leave in high precision).
 
     Defaults follow QuaRot's W4A4KV4 recipe except the bit widths: weights symmetric per
@@ -73,14 +73,6 @@ class QuantSpec:
     w_sym: bool = True
     w_clip: bool = True
     percdamp: float = 0.01
-    a_bits: int = 16
-    a_groupsize: Optional[int] = None
-    a_sym: bool = True
-    a_clip: float = 1.0
-    kv_bits: int = 16
-    kv_groupsize: Optional[int] = None
-    kv_sym: bool = False
-    kv_clip: float = 1.0
     calib_batch: int = 16
     storage: str = "float"
 
@@ -89,10 +81,9 @@ class QuantSpec:
             raise ValueError(f"w_method={self.w_method!r} is not allowed; choose one of {list(W_METHODS)}")
         if self.storage not in STORAGES:
             raise ValueError(f"storage={self.storage!r} is not allowed; choose one of {list(STORAGES)}")
-        for name in ("w_bits", "a_bits", "kv_bits"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or not 2 <= v <= 16:
-                raise ValueError(f"{name} must be an int in [2, 16] (16 = no quantization), got {v!r}")
+        if not isinstance(self.w_bits, int) or isinstance(self.w_bits, bool) or not 2 <= self.w_bits <= 16:
+            raise ValueError(f"w_bits must be an int in [2, 16] (16 = no quantization), got {self.w_bits!r}")
+        self.check_online_quant()
         if not 0 <= self.percdamp < 1:
             raise ValueError(f"percdamp must be in [0, 1), got {self.percdamp!r}")
         if self.storage == "int":
@@ -118,10 +109,7 @@ def quant_config(config, spec: QuantSpec) -> QuaRotConfig:
                          f"{getattr(config, 'model', None)!r}")
     base = {f.name: getattr(config, f.name) for f in dataclasses.fields(TransformerConfig)}
     base.update(model="quarot", tie_embeddings=False if spec.rotate else config.tie_embeddings)
-    return QuaRotConfig(**base, rotated=spec.rotate, a_bits=spec.a_bits, a_groupsize=spec.a_groupsize,
-                        a_sym=spec.a_sym, a_clip=spec.a_clip, kv_bits=spec.kv_bits,
-                        kv_groupsize=spec.kv_groupsize, kv_sym=spec.kv_sym, kv_clip=spec.kv_clip,
-                        int_linears=spec.storage == "int",
+    return QuaRotConfig(**base, **spec.online_quant(), rotated=spec.rotate, int_linears=spec.storage == "int",
                         w_bits=spec.w_bits if spec.storage == "int" else 8)
 
 

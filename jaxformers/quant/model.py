@@ -56,18 +56,11 @@ HADAMARD_IMPLS = ("auto", "pallas", "dense")
 
 
 @dataclasses.dataclass(frozen=True)
-class QuaRotConfig(TransformerConfig):
-    """Llama + QuaRot quantization settings (see module docstring).
-
-    ``rotated``: the params carry QuaRot's offline rotations, so the online Hadamards run.
-    ``a_*``: per-token activation quantization before every linear (not the head);
-    ``kv_*``: K/V quantization per head (``kv_groupsize`` None = the head dim).
-    ``int_linears``: the block linears hold integer weights (:class:`IntLinear`) of
-    ``w_bits`` bits (<= 4: packed two per byte in uint8, else int8); needs symmetric
-    per-token activations of ``a_bits <= 8`` (or 16: weight-only).
-    """
-    model: str = "quarot"
-    rotated: bool = False
+class OnlineQuant:
+    """The quantizers that run with the model, shared by :class:`QuaRotConfig` and
+    :class:`~jaxformers.quant.api.QuantSpec` (bits 16 = off): ``a_*`` per-token activation
+    quantization before every linear (not the head); ``kv_*`` K/V quantization per head
+    (``kv_groupsize`` None = the head dim)."""
     a_bits: int = 16
     a_groupsize: Optional[int] = None
     a_sym: bool = True
@@ -76,17 +69,8 @@ class QuaRotConfig(TransformerConfig):
     kv_groupsize: Optional[int] = None
     kv_sym: bool = False
     kv_clip: float = 1.0
-    hadamard_impl: str = "auto"
-    int_linears: bool = False
-    w_bits: int = 8
 
-    def validate(self) -> None:
-        super().validate()
-        _choice("norm", self.norm, ("rmsnorm",))
-        _choice("mlp", self.mlp, ("swiglu",))
-        _choice("hadamard_impl", self.hadamard_impl, HADAMARD_IMPLS)
-        _choice("scan_layers", self.scan_layers, (False,))
-        _choice("skip_gains", self.skip_gains, (False,))
+    def check_online_quant(self) -> None:
         for name in ("a_bits", "kv_bits"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or not 2 <= v <= 16:
@@ -98,6 +82,36 @@ class QuaRotConfig(TransformerConfig):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v <= 0):
                 raise ValueError(f"{name} must be a positive int or None, got {v!r}")
+
+    def online_quant(self) -> dict:
+        """This object's :class:`OnlineQuant` fields by name."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(OnlineQuant)}
+
+
+@dataclasses.dataclass(frozen=True)
+class QuaRotConfig(TransformerConfig, OnlineQuant):
+    """Llama + QuaRot quantization settings (see module docstring).
+
+    ``rotated``: the params carry QuaRot's offline rotations, so the online Hadamards run.
+    ``a_*`` / ``kv_*``: the online quantizers (:class:`OnlineQuant`).
+    ``int_linears``: the block linears hold integer weights (:class:`IntLinear`) of
+    ``w_bits`` bits (<= 4: packed two per byte in uint8, else int8); needs symmetric
+    per-token activations of ``a_bits <= 8`` (or 16: weight-only).
+    """
+    model: str = "quarot"
+    rotated: bool = False
+    hadamard_impl: str = "auto"
+    int_linears: bool = False
+    w_bits: int = 8
+
+    def validate(self) -> None:
+        super().validate()
+        _choice("norm", self.norm, ("rmsnorm",))
+        _choice("mlp", self.mlp, ("swiglu",))
+        _choice("hadamard_impl", self.hadamard_impl, HADAMARD_IMPLS)
+        _choice("scan_layers", self.scan_layers, (False,))
+        _choice("skip_gains", self.skip_gains, (False,))
+        self.check_online_quant()
         _choice("int_linears", self.int_linears, (False, True))
         if self.int_linears:
             if not isinstance(self.w_bits, int) or not 2 <= self.w_bits <= 8:
