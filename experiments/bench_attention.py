@@ -35,6 +35,17 @@ def _jax_pallas_mha():
     return jpa
 
 
+def jax_pallas_attention(head_dim: int):
+    """``fn(q, k, v)``: JAX's bundled Pallas ``mha`` (causal, default blocks), or None if this jax
+    has none."""
+    jpa = _jax_pallas_mha()
+    if jpa is None:
+        return None
+    bs = jpa.BlockSizes.get_default() if hasattr(jpa, "BlockSizes") else None
+    kw = {"block_sizes": bs} if bs is not None else {}
+    return lambda q, k, v: jpa.mha(q, k, v, None, sm_scale=head_dim ** -0.5, causal=True, **kw)
+
+
 def make_attention(impl: str, *, on_gpu: bool, head_dim: int, seq_len: int, batch: int, heads: int):
     """``(fn(q, k, v) -> o, None)`` or ``(None, reason)`` when ``impl`` cannot run here."""
     if impl == "pallas":
@@ -51,15 +62,12 @@ def make_attention(impl: str, *, on_gpu: bool, head_dim: int, seq_len: int, batc
         return (lambda q, k, v: jax.nn.dot_product_attention(
             q, k, v, is_causal=True, implementation="xla")), None
     if impl == "jax_pallas":
-        jpa = _jax_pallas_mha()
-        if jpa is None:
+        fn = jax_pallas_attention(head_dim)
+        if fn is None:
             return None, "jax.experimental.pallas.ops.gpu.attention not importable"
         if not on_gpu:
             return None, "only benchmarked on GPU"
-        bs = jpa.BlockSizes.get_default() if hasattr(jpa, "BlockSizes") else None
-        kw = {"block_sizes": bs} if bs is not None else {}
-        return (lambda q, k, v: jpa.mha(q, k, v, None, sm_scale=head_dim ** -0.5, causal=True,
-                                        **kw)), None
+        return fn, None
     raise ValueError(f"unknown impl {impl!r}; choose from {IMPLS}")
 
 

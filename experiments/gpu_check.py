@@ -492,13 +492,9 @@ def attention_fns(impl, d, *, window=None, masked=False, segmented=False, block_
             return lambda q, k, v, aux: jax.nn.dot_product_attention(q, k, v, mask=aux, **kw)
         return lambda q, k, v, aux: jax.nn.dot_product_attention(q, k, v, is_causal=True, **kw)
     if impl == "jax_pallas":
-        from experiments.bench_attention import _jax_pallas_mha
-        jpa = _jax_pallas_mha()
-        if jpa is None:
-            return None
-        bs = jpa.BlockSizes.get_default() if hasattr(jpa, "BlockSizes") else None
-        kw = {"block_sizes": bs} if bs is not None else {}
-        return lambda q, k, v, aux: jpa.mha(q, k, v, None, sm_scale=d ** -0.5, causal=True, **kw)
+        from experiments.bench_attention import jax_pallas_attention
+        fn = jax_pallas_attention(d)
+        return None if fn is None else (lambda q, k, v, aux: fn(q, k, v))
     raise ValueError(impl)
 
 
