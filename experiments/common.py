@@ -1,4 +1,5 @@
 """Helpers shared by the experiment and benchmark entry points."""
+import argparse
 import os
 import statistics
 import time
@@ -17,6 +18,39 @@ def enable_compile_cache():
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
+def experiment_parser(name: str, doc: str, presets, *, default_preset="tiny", preset_help=None,
+                      steps_help="override the preset's training steps", data=True,
+                      data_default="default", data_help="corpus / prepared dataset (default: built-in)"):
+    """The ``argparse`` parser of ``python -m experiments.NAME`` with the options every paper
+    experiment takes: ``--preset`` (one of ``presets``), ``--out``, ``--steps``, ``--seed``,
+    ``--data`` (unless ``data=False``) and ``--no-compile-cache``; the experiment adds its own.
+    ``doc``: the module docstring (first line: description; whole: epilog)."""
+    ap = argparse.ArgumentParser(prog=f"python -m experiments.{name}", description=doc.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc)
+    ap.add_argument("--preset", choices=sorted(presets), default=default_preset, help=preset_help)
+    ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--steps", type=int, help=steps_help)
+    ap.add_argument("--seed", type=int, default=0)
+    if data:
+        ap.add_argument("--data", default=data_default, help=data_help)
+    ap.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent XLA cache")
+    return ap
+
+
+def parse_experiment_args(ap, argv=None, positive=("steps", "eval_batches")):
+    """``ap.parse_args(argv)``; every option named in ``positive`` that was given must be >= 1 (a
+    usage error naming it otherwise); then the persistent compile cache unless
+    ``--no-compile-cache``."""
+    args = ap.parse_args(argv)
+    for name in positive:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if not args.no_compile_cache:
+        enable_compile_cache()
+    return args
+
+
 def median_ms(fn, args, warmup: int, iters: int) -> float:
     """Median wall time in ms of ``fn(*args)`` (compiled; block_until_ready)."""
     import jax
@@ -29,6 +63,24 @@ def median_ms(fn, args, warmup: int, iters: int) -> float:
         jax.block_until_ready(fn(*args))
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def time_forwards(fns: dict, rounds: int = 3, min_time: float = 0.3) -> dict:
+    """Tokens/s per model from ``fns = {name: (fn, tokens per call)}`` (``fn()`` runs one compiled
+    forward): interleaved rounds (robust to load spikes), each the median of >= 3 calls lasting
+    >= ``min_time`` s; the best round counts."""
+    import jax
+
+    best = {name: 0.0 for name in fns}
+    for _ in range(rounds):
+        for name, (fn, tokens) in fns.items():
+            times, t_end = [], time.perf_counter() + min_time
+            while len(times) < 3 or (time.perf_counter() < t_end and len(times) < 200):
+                t0 = time.perf_counter()
+                jax.block_until_ready(fn())
+                times.append(time.perf_counter() - t0)
+            best[name] = max(best[name], tokens / statistics.median(times))
+    return best
 
 
 def environment() -> dict:

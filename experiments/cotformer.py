@@ -25,14 +25,13 @@ earlier invocation in ``OUT/runs`` (same configs) and trains only the missing on
 """
 from __future__ import annotations
 
-import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
 
-from experiments.common import enable_compile_cache, train_fresh, train_overrides
+from experiments.common import (experiment_parser, parse_experiment_args, time_forwards, train_fresh,
+                                train_overrides)
 
 PRESETS = {
     "tiny": dict(model=dict(d_model=64, n_head=4, max_seq_len=64), depth=2, ln_reserved=(0, 0),
@@ -50,11 +49,7 @@ BUDGETS = ((0.0, 0.0), (0.25, 0.0), (0.5, 0.25), (1.0, 0.0), (1.0, 0.5), (1.0, 1
 
 
 def _parser():
-    ap = argparse.ArgumentParser(prog="python -m experiments.cotformer", description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    ap.add_argument("--out", required=True, help="output directory")
-    ap.add_argument("--steps", type=int, help="override the preset's training steps")
+    ap = experiment_parser("cotformer", __doc__, PRESETS)
     ap.add_argument("--eval-batches", type=int, help="override the number of validation batches")
     ap.add_argument("--only", help="comma-separated model names to run (default: all of the preset)")
     ap.add_argument("--budgets", help="adaptive budgets, e.g. '0,0;1,1' (default: %s)" %
@@ -62,11 +57,8 @@ def _parser():
     ap.add_argument("--d-model", type=int, help="override the preset's width")
     ap.add_argument("--seq-len", type=int, help="override the preset's sequence length")
     ap.add_argument("--batch-size", type=int, help="override the preset's batch size")
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--reuse", action="store_true",
                     help="reuse finished runs in OUT/runs (same config) instead of retraining them")
-    ap.add_argument("--data", default="default", help="corpus / prepared dataset (default: built-in)")
-    ap.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent XLA cache")
     return ap
 
 
@@ -99,22 +91,6 @@ def forward_fn(cfg, params, batch: int, seq_len: int):
     compiled = jax.jit(lambda p, t: module.apply({"params": p}, t)).lower(params, tokens).compile()
     jax.block_until_ready(compiled(params, tokens))
     return (lambda: compiled(params, tokens)), batch * seq_len
-
-
-def time_forwards(fns: dict, rounds: int = 3, min_time: float = 0.3) -> dict:
-    """Inference tokens/s per model: interleaved rounds, best round's median."""
-    import jax
-
-    best = {name: 0.0 for name in fns}
-    for _ in range(rounds):
-        for name, (fn, tokens) in fns.items():
-            times, t_end = [], time.perf_counter() + min_time
-            while len(times) < 3 or (time.perf_counter() < t_end and len(times) < 200):
-                t0 = time.perf_counter()
-                jax.block_until_ready(fn())
-                times.append(time.perf_counter() - t0)
-            best[name] = max(best[name], tokens / statistics.median(times))
-    return best
 
 
 def _macs(cfg, seq_len: int) -> float:
@@ -253,11 +229,7 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main(argv=None) -> dict:
-    args = _parser().parse_args(argv)
-    if args.steps is not None and args.steps < 1:
-        raise SystemExit("--steps must be >= 1")
-    if not args.no_compile_cache:
-        enable_compile_cache()
+    args = parse_experiment_args(_parser(), argv)
     t0 = time.perf_counter()
     results = run(args)
     print(json.dumps({n: {k: r.get(k) for k in ("val_ppl", "n_params", "macs_per_token", "average_depth",

@@ -20,14 +20,13 @@ inference speed) and ``OUT/alpha_heatmap.png`` (the learned DWA weights).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
-from experiments.common import enable_compile_cache, save_progress, train_fresh, train_overrides
+from experiments.common import (experiment_parser, parse_experiment_args, save_progress, time_forwards,
+                                train_fresh, train_overrides)
 
 PRESETS = {
     # L=4: 1x1 (a DWA after every block) and 2x2 (after blocks 2 and 4, over even/odd outputs);
@@ -50,18 +49,10 @@ PRESETS = {
 
 
 def _parser():
-    ap = argparse.ArgumentParser(prog="python -m experiments.denseformer",
-                                 description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    ap.add_argument("--out", required=True, help="output directory")
+    ap = experiment_parser("denseformer", __doc__, PRESETS)
     ap.add_argument("--base", choices=("gpt", "llama"), default="gpt", help="block style (default gpt)")
-    ap.add_argument("--steps", type=int, help="override the preset's training steps")
     ap.add_argument("--eval-batches", type=int, help="override the number of validation batches")
     ap.add_argument("--only", help="comma-separated model names to run (default: all of the preset)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--data", default="default", help="corpus / prepared dataset (default: built-in)")
-    ap.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent XLA cache")
     return ap
 
 
@@ -123,22 +114,6 @@ def prepare_measurement(model_config, params, batch: int, seq_len: int, dtype: s
         out["train_peak_bytes"] = 16 * n_params + 16 * act * cfg.n_layer
         out["memory_method"] = f"estimate (params + activations; memory_analysis unavailable: {e})"
     return (lambda: compiled(params, tokens)), batch * seq_len, out
-
-
-def time_forwards(fns: dict, rounds: int = 3, min_time: float = 0.3) -> dict:
-    """Inference tokens/s per model: interleaved rounds (robust to load spikes), best round median."""
-    import jax
-
-    best = {name: 0.0 for name in fns}
-    for _ in range(rounds):
-        for name, (fn, tokens) in fns.items():
-            times, t_end = [], time.perf_counter() + min_time
-            while len(times) < 3 or (time.perf_counter() < t_end and len(times) < 200):
-                t0 = time.perf_counter()
-                jax.block_until_ready(fn())
-                times.append(time.perf_counter() - t0)
-            best[name] = max(best[name], tokens / statistics.median(times))
-    return best
 
 
 def run(args) -> dict:
@@ -300,11 +275,7 @@ def plot_alpha(alphas: dict, path: Path) -> None:
 
 
 def main(argv=None) -> dict:
-    args = _parser().parse_args(argv)
-    if args.steps is not None and args.steps < 1:
-        raise SystemExit("--steps must be >= 1")
-    if not args.no_compile_cache:
-        enable_compile_cache()
+    args = parse_experiment_args(_parser(), argv)
     t0 = time.perf_counter()
     results = run(args)
     print(json.dumps({n: {k: r[k] for k in ("n_layer", "val_ppl", "n_params", "infer_tokens_per_s")}

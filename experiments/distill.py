@@ -33,14 +33,13 @@ the SSM students' constant-size state is what makes large-batch sampling fast).
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import sys
 import time
 from pathlib import Path
 
-from experiments.common import enable_compile_cache, save_progress, write_results
+from experiments.common import experiment_parser, parse_experiment_args, save_progress, write_results
 
 PRESETS = {
     # the teacher reaches ~87% greedy accuracy on 3-digit addition in 500 steps (seed 0)
@@ -58,17 +57,14 @@ PRESETS = {
 
 
 def _parser():
-    ap = argparse.ArgumentParser(prog="python -m experiments.distill", description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    ap.add_argument("--out", required=True, help="output directory")
+    ap = experiment_parser("distill", __doc__, PRESETS, steps_help="override the distillation steps",
+                           data=False)
     ap.add_argument("--teacher", help="a trained llama/gpt run directory (default: train one on the task)")
     ap.add_argument("--students", default="mamba2,hybrid,mamba2_random",
                     help="comma-separated students: mamba2, hybrid, mamba2_random (default: all)")
     ap.add_argument("--student", choices=("mamba2", "hybrid"), help="distil only this student")
     ap.add_argument("--attn-layers", help="hybrid: comma-separated teacher layers kept as attention "
                                           "(default: the preset's)")
-    ap.add_argument("--steps", type=int, help="override the distillation steps")
     ap.add_argument("--align-steps", type=int,
                     help="layer-wise alignment steps before distillation, attention-initialised students "
                          "only (default: the preset's; 0 skips the stage)")
@@ -80,8 +76,6 @@ def _parser():
     ap.add_argument("--speed-lengths", help="comma-separated generation lengths of the throughput table")
     ap.add_argument("--kl-weight", type=float, default=1.0)
     ap.add_argument("--ce-weight", type=float, default=0.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent XLA cache")
     return ap
 
 
@@ -326,9 +320,7 @@ def plot(results: dict, out: Path) -> list:
 
 
 def main(argv=None) -> dict:
-    args = _parser().parse_args(argv)
-    if not args.no_compile_cache:
-        enable_compile_cache()
+    args = parse_experiment_args(_parser(), argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = run(args)

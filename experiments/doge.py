@@ -26,13 +26,12 @@ paper's "average perplexity"), the seed and the settings.  ``--steps`` / ``--pro
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
 from pathlib import Path
 
-from experiments.common import enable_compile_cache, save_progress, write_results
+from experiments.common import experiment_parser, parse_experiment_args, save_progress, write_results
 
 DOMAINS = ("comedies", "histories", "tragedies", "poems", "python")
 
@@ -55,12 +54,7 @@ PRESETS = {
 
 
 def _parser():
-    ap = argparse.ArgumentParser(prog="python -m experiments.doge", description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    ap.add_argument("--out", required=True, help="output directory")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, help="override the base runs' steps")
+    ap = experiment_parser("doge", __doc__, PRESETS, steps_help="override the base runs' steps", data=False)
     ap.add_argument("--proxy-steps", type=int, help="override the proxy runs' steps")
     ap.add_argument("--eval-batches", type=int, help="override the validation batches per domain")
     ap.add_argument("--max-bytes", type=int, help="override the per-domain text cap (0: none)")
@@ -68,7 +62,6 @@ def _parser():
     ap.add_argument("--ood-target", default="poems", choices=DOMAINS,
                     help="held-out target domain of the out-of-domain mode (default: poems)")
     ap.add_argument("--no-ood", action="store_true", help="skip the out-of-domain mode")
-    ap.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent XLA cache")
     return ap
 
 
@@ -223,9 +216,7 @@ def plot(results: dict, out: Path) -> list:
 
 
 def main(argv=None) -> dict:
-    args = _parser().parse_args(argv)
-    if not args.no_compile_cache:
-        enable_compile_cache()
+    args = parse_experiment_args(_parser(), argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = run(args)

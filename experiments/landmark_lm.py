@@ -27,7 +27,6 @@ token vs length).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -35,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.common import enable_compile_cache, save_progress, train_fresh
+from experiments.common import experiment_parser, parse_experiment_args, save_progress, train_fresh
 
 PRESETS = {
     "tiny": dict(model=dict(d_model=64, n_head=4, n_layer=2), block=16, train_blocks=6,
@@ -51,20 +50,12 @@ PRESETS = {
 
 
 def _parser():
-    ap = argparse.ArgumentParser(prog="python -m experiments.landmark_lm",
-                                 description=__doc__.splitlines()[0], epilog=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--steps", type=int, help="override the training steps")
+    ap = experiment_parser("landmark_lm", __doc__, PRESETS, steps_help="override the training steps")
     ap.add_argument("--factors", help="comma list of length factors (default: the preset's)")
     ap.add_argument("--top-k", help="comma list of retrieved blocks (default: the preset's)")
     ap.add_argument("--eval-windows", type=int, help="validation windows per length")
     ap.add_argument("--d-model", type=int, help="override the width")
     ap.add_argument("--n-layer", type=int, help="override the depth")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--data", default="default")
-    ap.add_argument("--no-compile-cache", action="store_true")
     return ap
 
 
@@ -264,9 +255,7 @@ def plot(results, path):
 
 
 def main(argv=None) -> dict:
-    args = _parser().parse_args(argv)
-    if not args.no_compile_cache:
-        enable_compile_cache()
+    args = parse_experiment_args(_parser(), argv)
     t0 = time.perf_counter()
     results = run(args)
     print(json.dumps(results["ppl"], indent=1))

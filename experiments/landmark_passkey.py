@@ -22,7 +22,6 @@ each answer position given the correct earlier digits, i.e. greedy decoding's ex
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.common import save_progress
+from experiments.common import experiment_parser, parse_experiment_args, save_progress
 
 PRESETS = {
     "tiny": dict(model=dict(d_model=64, n_head=4, n_layer=2), block=16, train_blocks=6,
@@ -66,19 +65,14 @@ def passkey_batch(rng, batch: int, length: int, digits: int):
 
 
 def _parser():
-    ap = argparse.ArgumentParser(prog="python -m experiments.landmark_passkey",
-                                 description=__doc__.splitlines()[0], epilog=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--steps", type=int, help="override the training steps")
+    ap = experiment_parser("landmark_passkey", __doc__, PRESETS, steps_help="override the training steps",
+                           data=False)
     ap.add_argument("--factors", help="comma list of length factors (default: the preset's)")
     ap.add_argument("--top-k", help="comma list of retrieved blocks (default: the preset's)")
     ap.add_argument("--eval-samples", type=int, help="override the samples per length")
     ap.add_argument("--digits", type=int, help="override the passkey digits")
     ap.add_argument("--d-model", type=int, help="override the width")
     ap.add_argument("--n-layer", type=int, help="override the depth")
-    ap.add_argument("--seed", type=int, default=0)
     return ap
 
 
@@ -239,7 +233,7 @@ def plot(results, path):
 
 
 def main(argv=None) -> dict:
-    args = _parser().parse_args(argv)
+    args = parse_experiment_args(_parser(), argv)
     t0 = time.perf_counter()
     results = run(args)
     print(json.dumps({n: r["accuracy"] for n, r in results["models"].items()}, indent=1))

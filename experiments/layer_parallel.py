@@ -28,14 +28,13 @@ a finished ``OUT/runs/base``; ``--train-only`` stops after training (GPU stage s
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
 import time
 from pathlib import Path
 
-from experiments.common import enable_compile_cache, train_fresh, train_overrides
+from experiments.common import experiment_parser, parse_experiment_args, train_fresh, train_overrides
 
 POSITIONS = ("early", "middle", "late")
 PRESETS = {
@@ -55,14 +54,10 @@ TARGET = dict(decode_speedup=1.15, rel_ppl_increase=0.05)
 
 
 def _parser():
-    ap = argparse.ArgumentParser(prog="python -m experiments.layer_parallel", description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    ap = experiment_parser("layer_parallel", __doc__, PRESETS, data_default=None,
+                           data_help="data spec for evaluation (default: the run's / the preset's)")
     ap.add_argument("--run", help="a run directory trained here, or a HF Llama directory (then --data)")
-    ap.add_argument("--out", required=True, help="output directory")
-    ap.add_argument("--data", help="data spec for evaluation (default: the run's / the preset's)")
     ap.add_argument("--tokenizer", default="byte", help="tokenizer of --data for a HF checkpoint")
-    ap.add_argument("--steps", type=int, help="override the preset's training steps")
     ap.add_argument("--eval-batches", type=int, help="override the number of validation batches")
     ap.add_argument("--n-layer", type=int, help="override the preset's depth")
     ap.add_argument("--d-model", type=int, help="override the preset's width")
@@ -74,10 +69,8 @@ def _parser():
     ap.add_argument("--pair-counts", help="comma-separated numbers of pairs (default: the preset's)")
     ap.add_argument("--no-study", action="store_true", help="skip the delete / swap / shuffle study")
     ap.add_argument("--iters", type=int, help="timed calls per measurement")
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--reuse", action="store_true", help="reuse a finished OUT/runs/base")
     ap.add_argument("--train-only", action="store_true", help="stop after training OUT/runs/base")
-    ap.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent XLA cache")
     return ap
 
 
@@ -169,7 +162,6 @@ class Evaluator:
         return self._fns[cfg]
 
     def __call__(self, cfg, params) -> dict:
-        import numpy as np
         cfg, params = cast(cfg, params, self.dtype)
         fn = self._fn(cfg)
         nll = correct = n = 0.0
@@ -410,11 +402,7 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main(argv=None) -> dict:
-    args = _parser().parse_args(argv)
-    if args.steps is not None and args.steps < 1:
-        raise SystemExit("--steps must be >= 1")
-    if not args.no_compile_cache:
-        enable_compile_cache()
+    args = parse_experiment_args(_parser(), argv)
     t0 = time.perf_counter()
     results = run(args)
     if not results.get("train_only"):

@@ -35,14 +35,13 @@ perplexity per model and training-loss curves), ``OUT/decode_scaling.png``
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
 import sys
 import time
 from pathlib import Path
-from experiments.common import enable_compile_cache, train_fresh, train_overrides
+from experiments.common import experiment_parser, parse_experiment_args, train_fresh, train_overrides
 
 MODELS = ("base", "mamba", "mamba2", "hybrid")  # "base" = the --base attention model
 
@@ -69,20 +68,13 @@ PRESETS = {
 
 
 def _parser():
-    ap = argparse.ArgumentParser(prog="python -m experiments.mamba", description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    ap.add_argument("--out", required=True, help="output directory")
+    ap = experiment_parser("mamba", __doc__, PRESETS)
     ap.add_argument("--base", choices=("gpt", "llama"), default="gpt", help="attention baseline (default gpt)")
-    ap.add_argument("--steps", type=int, help="override the preset's training steps")
     ap.add_argument("--eval-batches", type=int, help="override the number of validation batches")
     ap.add_argument("--contexts", help="comma-separated decode context lengths (default: the preset's)")
     ap.add_argument("--models", help=f"comma-separated subset of {','.join(MODELS)} "
                                      "(base may also be written gpt/llama; default: all)")
     ap.add_argument("--prefill", action="store_true", help="prefill each decode cache with L-1 real tokens")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--data", default="default", help="corpus / prepared dataset (default: built-in)")
-    ap.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent XLA cache")
     return ap
 
 
@@ -349,11 +341,7 @@ def plot_decode_scaling(results: dict, path: Path) -> None:
 
 
 def main(argv=None) -> dict:
-    args = _parser().parse_args(argv)
-    if args.steps is not None and args.steps < 1:
-        raise SystemExit("--steps must be >= 1")
-    if not args.no_compile_cache:
-        enable_compile_cache()
+    args = parse_experiment_args(_parser(), argv)
     t0 = time.perf_counter()
     results = run(args)
     print(f"{'model':8s} {'layers':>6s} {'params':>10s} {'val_ppl':>8s} {'train tok/s':>11s}  "

@@ -42,13 +42,13 @@ Writes ``OUT/results.json`` and ``OUT/quarot_ppl.png`` (perplexity per scheme),
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
-from experiments.common import enable_compile_cache, median_ms, train_fresh, train_overrides
+from experiments.common import (experiment_parser, median_ms, parse_experiment_args, train_fresh,
+                                train_overrides)
 
 PRESETS = {
     "tiny": dict(model=dict(preset="tiny", max_seq_len=128),
@@ -95,14 +95,12 @@ def _spec(fields: dict, seed: int, calib_batch: int):
 
 
 def _parser():
-    ap = argparse.ArgumentParser(prog="python -m experiments.quarot", description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                    help="model + training (without --run), calibration and int8 shapes (default: "
-                         "tiny; with --run: gpu on a GPU, else tiny)")
+    ap = experiment_parser("quarot", __doc__, PRESETS, default_preset=None,
+                           preset_help="model + training (without --run), calibration and int8 shapes "
+                                       "(default: tiny; with --run: gpu on a GPU, else tiny)",
+                           data_default=None,
+                           data_help="corpus / prepared dataset (default: the run's or built-in)")
     ap.add_argument("--run", help="a trained llama run dir, or an HF Llama dir (then --data)")
-    ap.add_argument("--out", required=True, help="output directory")
-    ap.add_argument("--steps", type=int, help="override the preset's training steps")
     ap.add_argument("--eval-batches", type=int, help="validation batches per scheme")
     ap.add_argument("--seq-len", type=int,
                     help="override the preset's sequence length (training, eval, calibration)")
@@ -112,10 +110,7 @@ def _parser():
     ap.add_argument("--int-schemes", default=None,
                     help=f"comma list of integer-path rows (default: all of {list(INT_SCHEMES)}; "
                          "'none': skip)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--data", default=None, help="corpus / prepared dataset (default: the run's or built-in)")
     ap.add_argument("--tokenizer", default=None, help="tokenizer of --data (default: byte, or the HF dir)")
-    ap.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent XLA cache")
     return ap
 
 
@@ -421,13 +416,8 @@ def plot(results: dict, out: Path) -> None:
 
 
 def main(argv=None) -> dict:
-    args = _parser().parse_args(argv)
-    for name in ("steps", "eval_batches", "calib", "seq_len", "batch_size"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
-    if not args.no_compile_cache:
-        enable_compile_cache()
+    args = parse_experiment_args(_parser(), argv, positive=("steps", "eval_batches", "calib", "seq_len",
+                                                            "batch_size"))
     return run(args)
 
 

@@ -24,13 +24,13 @@ cut short (a device stage's time limit) keeps the models it finished.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
-from experiments.common import enable_compile_cache, environment, train_fresh, train_overrides
+from experiments.common import (environment, experiment_parser, parse_experiment_args, train_fresh,
+                                train_overrides)
 
 PRESETS = {
     # 2 layers, d=64, T=128: a few minutes on 2 CPU cores (reference attention).
@@ -51,18 +51,11 @@ PRESETS = {
 
 
 def _parser():
-    ap = argparse.ArgumentParser(prog="python -m experiments.scfa_lm", description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    ap.add_argument("--out", required=True, help="output directory")
-    ap.add_argument("--steps", type=int, help="override the preset's training steps")
+    ap = experiment_parser("scfa_lm", __doc__, PRESETS)
     ap.add_argument("--eval-batches", type=int, help="override the number of validation batches")
     ap.add_argument("--seq-len", type=int, help="run only this one of the preset's sequence lengths")
     ap.add_argument("--only", help="comma-separated model names (baseline, hash_nb4, qk_s50, ...)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--data", default="default", help="corpus / prepared dataset (default: built-in)")
     ap.add_argument("--no-kernel-check", action="store_true", help="skip the Pallas-vs-reference check")
-    ap.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent XLA cache")
     return ap
 
 
@@ -214,11 +207,7 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main(argv=None) -> dict:
-    args = _parser().parse_args(argv)
-    if args.steps is not None and args.steps < 1:
-        raise SystemExit("--steps must be >= 1")
-    if not args.no_compile_cache:
-        enable_compile_cache()
+    args = parse_experiment_args(_parser(), argv)
     t0 = time.perf_counter()
     results = run(args)
     print(json.dumps({n: {k: r.get(k) for k in ("val_ppl", "step_time_s", "tile_fraction",

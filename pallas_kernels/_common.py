@@ -1,13 +1,21 @@
 """Small Pallas helpers shared by every kernel package.
 
 Everything that depends on the jax version lives here: the squeezed block
-dimension marker and the Triton / Mosaic TPU compiler-params spelling.  Also the
-input checks and the packed-sequence reset flags shared by the two scans (selective_scan, ssd).
+dimension marker and the Triton / Mosaic TPU compiler-params spelling.  The two-variant
+plan every kernel carries (:class:`KernelPlan`, :func:`select_plan`, :func:`by_platform`:
+interpret mode runs one variant, compiled calls carry the Triton and the Mosaic TPU plans
+and pick one when lowering).  Also the
+input checks shared by the attention kernels (:func:`check_qkv`) and by the two scans
+(selective_scan, ssd), and the scans' packed-sequence reset flags.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 
 SQ = getattr(pl, "squeezed", None)  # squeezed block dim (None on older jax)
@@ -34,6 +42,67 @@ def is_tpu_interpret(interpret) -> bool:
         return False
     cls = getattr(pltpu, "InterpretParams", None)
     return cls is not None and isinstance(interpret, cls)
+
+
+# --------------------------------------------------------------------------- plans
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KernelPlan:
+    """The static part every kernel's plan shares (plans are hashable: jit / custom_vjp static
+    args).  ``platform``: the variant this plan builds, ``"gpu"`` (Triton) or ``"tpu"`` (Mosaic);
+    ``tpu_plan``: on compiled calls, the TPU variant carried by the GPU plan (:func:`by_platform`)."""
+
+    interpret: object  # bool, or a pltpu.InterpretParams (TPU variant in TPU interpret mode)
+    platform: str = "gpu"
+    tpu_plan: "KernelPlan | None" = None
+
+    @property
+    def tpu(self) -> bool:
+        return self.platform == "tpu"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AttentionPlan(KernelPlan):
+    """What the attention kernels' plans share: q ``[B, T, Hq, D]``, k/v ``[B, T, Hkv, D]``, the
+    head dim padded to ``dp``, the softmax scale and the (forward) Triton knobs."""
+
+    b: int
+    hq: int
+    hkv: int
+    d: int
+    dp: int  # head dim padded (GPU: a power of two >= 16; TPU: a multiple of 128)
+    sm_scale: float
+    num_warps: int
+    num_stages: int
+
+    @property
+    def group(self) -> int:
+        """Query heads per kv head (GQA)."""
+        return self.hq // self.hkv
+
+
+def select_plan(make, interpret, **tpu_kw) -> KernelPlan:
+    """The plan of one call from ``make(**kw)`` (a kernel's plan builder, ``interpret`` resolved):
+    TPU interpret mode -> the TPU variant only; plain interpret mode -> the (Triton-shaped) GPU
+    variant; compiled -> the GPU plan carrying ``tpu_plan`` (built with ``tpu_kw`` too), chosen
+    when lowering (:func:`by_platform`)."""
+    if is_tpu_interpret(interpret):
+        return make(platform="tpu", **tpu_kw)
+    if interpret:
+        return make()
+    return dataclasses.replace(make(), tpu_plan=make(platform="tpu", **tpu_kw))
+
+
+def by_platform(plan: KernelPlan, fn, *args):
+    """``fn(variant_plan, *args)`` for the platform being lowered for.
+
+    Compiled calls (``plan.tpu_plan`` set) go through ``lax.platform_dependent``: lowering for
+    TPU (``jax.export(..., platforms=("tpu",))`` or a TPU backend) emits the Mosaic variant,
+    anything else the Triton one; only the target platform's branch is lowered, and both must
+    return the same types.  Interpret-mode plans are single-variant."""
+    if plan.tpu_plan is None:
+        return fn(plan, *args)
+    return lax.platform_dependent(*args, tpu=functools.partial(fn, plan.tpu_plan),
+                                  default=functools.partial(fn, plan))
 
 
 def tpu_compiler_params(dimension_semantics) -> dict:
@@ -80,6 +149,35 @@ def next_pow2(x: int) -> int:
 
 def round_up(x: int, m: int) -> int:
     return -(-x // m) * m
+
+
+# ------------------------------------------------------------------------ attention validation
+def check_qkv(q, k, v, *, self_attention: bool) -> None:
+    """``ValueError`` naming the argument unless q ``[B, Tq, Hq, D]``, k/v ``[B, Tk, Hkv, D]`` are
+    floating arrays of one dtype with ``Hq % Hkv == 0`` (GQA) and ``T >= 1``;
+    ``self_attention``: also ``Tq == Tk`` (the sparse and landmark kernels)."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if getattr(x, "ndim", None) != 4:
+            raise ValueError(f"{name} must have rank 4 [B, T, H, D], got shape {shape_of(x)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {k.shape} and v {v.shape}")
+    if self_attention and q.shape[:2] != k.shape[:2]:
+        raise ValueError(f"q and k must share batch and sequence length [B, T] (self-attention), "
+                         f"got q {q.shape} and k {k.shape}")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"q and k must have the same batch size, got q {q.shape} and k {k.shape}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k must have the same head dim D, got q {q.shape} and k {k.shape}")
+    hq, hkv = q.shape[2], k.shape[2]
+    if hkv < 1 or hq % hkv:
+        raise ValueError(f"number of query heads (q.shape[2]={hq}) must be a multiple of the "
+                         f"number of kv heads (k.shape[2]={hkv})")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not jnp.issubdtype(q.dtype, jnp.floating):
+        raise ValueError(f"q, k, v must be floating point, got {q.dtype}")
+    if q.shape[1] < 1 or k.shape[1] < 1:
+        raise ValueError(f"sequence lengths must be >= 1, got q {q.shape} and k {k.shape}")
 
 
 # ----------------------------------------------------------------------------- scan validation

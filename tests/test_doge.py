@@ -12,7 +12,7 @@ import jaxformers as jf
 from jaxformers.data.domains import (BUILTIN_DOMAINS, DomainLoader, DomainSource, domain_spec,
                                      parse_domains_spec)
 from jaxformers.training import TrainConfig, cross_entropy, train
-from jaxformers.training.doge import (DogeState, DogeStep, doge_scores, doge_weight_history, doge_weights,
+from jaxformers.training.doge import (DogeStep, doge_scores, doge_weight_history, doge_weights,
                                       update_weights)
 
 

@@ -99,6 +99,25 @@ def test_using_is_cached_and_keeps_defaults():
     assert set(params) == {"attn", "attn_norm"}
 
 
+class _WiderLastLayer(Transformer):
+    """A model whose last layer is built with another config (the ``layer_configs`` hook)."""
+
+    def layer_configs(self):
+        c = self.config
+        return [c] * (c.n_layer - 1) + [dataclasses.replace(c, d_ff=2 * c.ff_dim)]
+
+
+def test_scan_layers_refuses_per_layer_configs():
+    """The layer scan builds every layer from the model's config: a model that gives a layer another
+    config works unrolled, and is refused (not silently built with the wrong config) when scanned."""
+    c = jf.get_config("gpt", "tiny")
+    params = jf.init_params(_WiderLastLayer(c), jax.random.PRNGKey(0))
+    widths = [params[f"blocks_{i}"]["mlp"]["fc"]["kernel"].shape[-1] for i in range(c.n_layer)]
+    assert widths == [c.ff_dim] * (c.n_layer - 1) + [2 * c.ff_dim]
+    with pytest.raises(ValueError, match="layer_configs"):
+        jf.init_params(_WiderLastLayer(dataclasses.replace(c, scan_layers=True)), jax.random.PRNGKey(0))
+
+
 @pytest.mark.parametrize("name", ["gpt", "llama", "mamba"])
 def test_skip_gains_at_init_equal_baseline(name):
     base = jf.get_config(name, "tiny")

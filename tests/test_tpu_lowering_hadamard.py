@@ -2,7 +2,6 @@
 export for TPU (``interpret=False``), and the TPU variant runs in Pallas' TPU interpreter
 (``interpret=pltpu.InterpretParams()``) against the dense float32 reference."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu

@@ -21,7 +21,6 @@ same direction, normalised like the cross-entropy), default ``kl_weight=1, ce_we
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import jax
 import jax.numpy as jnp

@@ -9,7 +9,6 @@ rules (DenseGeneral initialises a flat 2-D kernel and reshapes it).
 from typing import Sequence, Tuple, Union
 
 import jax
-import jax.numpy as jnp
 import flax.linen as nn
 
 from ..sharding import param_init

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from ..sharding import ACT_MLP, BATCH, EMBED, LENGTH, MLP, constrain, param_init
-from .common import dtype_of, normal
+from .common import dtype_of
 from .block import Block
 from .linear import Linear
 

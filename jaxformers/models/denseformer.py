@@ -204,7 +204,7 @@ class DenseFormer(Transformer):
         if not c.scan_layers or not DWAPlan.from_config(c).n_rows:
             return super().make_blocks()
         # remat the block only: the DWA buffer must not be saved per layer
-        return remat_block(self.block_class(), c, scanned=True)(c)  # scanned in _run_scanned (function-form nn.scan keeps the base param layout)
+        return remat_block(self.scanned_block_class(), c, scanned=True)(c)  # scanned in _run_scanned (function-form nn.scan keeps the base param layout)
 
     def masked_alpha(self):
         """``alpha * mask`` ``[R, L+1]`` float32."""

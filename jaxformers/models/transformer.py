@@ -113,17 +113,28 @@ class Transformer(nn.Module):
         if not c.tie_embeddings:
             self.lm_head = LMHead(c)
 
-    def make_blocks(self):
+    def scanned_block_class(self):
+        """The one block class a layer scan repeats (``scan_layers=True``): every layer must have
+        the same class and the model's own config (the scan builds one block from it)."""
         c = self.config
         classes = self.layer_classes()
+        if len(set(classes)) != 1:
+            raise ValueError(f"scan_layers=True needs the same block in every layer; model "
+                             f"{c.model!r} has {sorted({k.__name__ for k in classes})}: use "
+                             "scan_layers=False")
+        if any(cfg != c for cfg in self.layer_configs()):
+            raise ValueError(f"scan_layers=True builds every layer from the model's config, but model "
+                             f"{c.model!r} gives some layers another config (layer_configs): use "
+                             "scan_layers=False")
+        return classes[0]
+
+    def make_blocks(self):
+        c = self.config
         if c.scan_layers:
-            if len(set(classes)) != 1:
-                raise ValueError(f"scan_layers=True needs the same block in every layer; model "
-                                 f"{c.model!r} has {sorted({k.__name__ for k in classes})}: use "
-                                 "scan_layers=False")
-            cls = remat_block(classes[0], c, scanned=True)
+            cls = remat_block(self.scanned_block_class(), c, scanned=True)
             return scan_blocks(cls, c, (nn.broadcast, nn.broadcast, 0, nn.broadcast))(c)
-        return [remat_block(cls, c, scanned=False)(cfg) for cls, cfg in zip(classes, self.layer_configs())]
+        return [remat_block(cls, c, scanned=False)(cfg)
+                for cls, cfg in zip(self.layer_classes(), self.layer_configs())]
 
     # --------------------------------------------------------------- forward
     def __call__(self, tokens, *, positions=None, segment_ids=None, cache=None):

@@ -54,7 +54,6 @@ import dataclasses
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 

@@ -72,8 +72,8 @@ from jax.experimental import pallas as pl
 
 from .masks import MaskSpec, block_id_bounds, blocks_may_interact
 from .reference import split_segment_ids
-from .._common import (SQ, compiler_params, is_tpu_interpret, next_pow2, resolve_interpret,
-                       round_up)
+from .._common import (SQ, AttentionPlan, by_platform, check_qkv, compiler_params, is_tpu_interpret,
+                       next_pow2, resolve_interpret, round_up, select_plan)
 
 LOG2E = math.log2(math.e)
 _MIN_BLOCK = 16  # smallest tile Triton's tl.dot accepts
@@ -127,39 +127,20 @@ class BlockSizes:
                 self.block_q_dkv or bq, self.block_k_dkv or bk)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Plan:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Plan(AttentionPlan):
     """Everything static about one call (hashable: a jit/custom_vjp static arg)."""
 
-    b: int
     tq: int
     tk: int
-    hq: int
-    hkv: int
-    d: int
-    dp: int         # head dim padded to a power of two >= 16
     tq_pad: int
     tk_pad: int
     blocks: tuple   # effective (bq, bk, bq_dq, bk_dq, bq_dkv, bk_dkv)
     causal: bool
     window: int | None
-    sm_scale: float
     segments: bool
-    interpret: object  # bool, or a pltpu.InterpretParams (TPU variant in TPU interpret mode)
-    num_warps: int
-    num_stages: int
     num_warps_bwd: int
     num_stages_bwd: int
-    platform: str = "gpu"           # which variant this plan builds: "gpu" (Triton) or "tpu" (Mosaic)
-    tpu_plan: "_Plan | None" = None  # compiled calls: the TPU variant, picked at lowering time
-
-    @property
-    def tpu(self) -> bool:
-        return self.platform == "tpu"
-
-    @property
-    def group(self) -> int:
-        return self.hq // self.hkv
 
     @property
     def spec(self) -> MaskSpec:
@@ -176,25 +157,7 @@ def _is_pow2(x) -> bool:
 
 # ----------------------------------------------------------------------- validation
 def _validate(q, k, v, q_ids, kv_ids, window, sm_scale, block_sizes):
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.ndim != 4:
-            raise ValueError(f"{name} must have rank 4 [B, T, H, D], got shape {x.shape}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got k {k.shape} and v {v.shape}")
-    if q.shape[0] != k.shape[0]:
-        raise ValueError(f"q and k must have the same batch size, got q {q.shape} and k {k.shape}")
-    if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q and k must have the same head dim D, got q {q.shape} and k {k.shape}")
-    hq, hkv = q.shape[2], k.shape[2]
-    if hq % hkv:
-        raise ValueError(f"number of query heads (q.shape[2]={hq}) must be a multiple of the "
-                         f"number of kv heads (k.shape[2]={hkv})")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not jnp.issubdtype(q.dtype, jnp.floating):
-        raise ValueError(f"q, k, v must be floating point, got {q.dtype}")
-    if q.shape[1] < 1 or k.shape[1] < 1:
-        raise ValueError(f"sequence lengths must be >= 1, got q {q.shape} and k {k.shape}")
+    """The arguments past q/k/v (:func:`check_qkv` has checked those)."""
     if q_ids is not None:
         for name, ids, t in (("q", q_ids, q.shape[1]), ("kv", kv_ids, k.shape[1])):
             if ids.ndim != 2 or ids.shape != (q.shape[0], t):
@@ -767,20 +730,6 @@ def _backward(plan: _Plan, res, do):
 
 
 # ------------------------------------------------------------------------- custom vjp
-def _by_platform(plan: _Plan, fn, *args):
-    """``fn(variant_plan, *args)`` for the platform being lowered for.
-
-    Compiled calls (``plan.tpu_plan`` set) go through ``lax.platform_dependent``:
-    lowering for TPU (``jax.export(..., platforms=("tpu",))`` or a TPU backend)
-    emits the Mosaic variant, anything else the Triton one; only the branch of
-    the target platform is lowered.  Interpret-mode plans are single-variant.
-    """
-    if plan.tpu_plan is None:
-        return fn(plan, *args)
-    return lax.platform_dependent(
-        *args, tpu=functools.partial(fn, plan.tpu_plan), default=functools.partial(fn, plan))
-
-
 def _fwd_variant(plan, q, k, v, q_ids, kv_ids):
     return _forward_sliced(q, k, v, q_ids, kv_ids, plan)
 
@@ -791,16 +740,16 @@ def _bwd_variant(plan, res, do):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _flash(q, k, v, q_ids, kv_ids, plan):
-    return _by_platform(plan, _fwd_variant, q, k, v, q_ids, kv_ids)[0]
+    return by_platform(plan, _fwd_variant, q, k, v, q_ids, kv_ids)[0]
 
 
 def _flash_fwd(q, k, v, q_ids, kv_ids, plan):
-    o, lse = _by_platform(plan, _fwd_variant, q, k, v, q_ids, kv_ids)
+    o, lse = by_platform(plan, _fwd_variant, q, k, v, q_ids, kv_ids)
     return o, (q, k, v, q_ids, kv_ids, o, lse)  # residuals: inputs, output, logsumexp [B, Hq, Tq]
 
 
 def _flash_bwd(plan, res, do):
-    dq, dk, dv = _by_platform(plan, _bwd_variant, res, do)
+    dq, dk, dv = by_platform(plan, _bwd_variant, res, do)
     return dq, dk, dv, None, None
 
 
@@ -808,22 +757,14 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def _prepare(q, k, v, causal, segment_ids, window, sm_scale, block_sizes, interpret):
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if getattr(x, "ndim", None) != 4:
-            raise ValueError(f"{name} must have rank 4 [B, T, H, D], got shape {getattr(x, 'shape', None)}")
+    check_qkv(q, k, v, self_attention=False)
     q_ids, kv_ids = split_segment_ids(segment_ids, q.shape[1], k.shape[1])
     if block_sizes is None:
         block_sizes = BlockSizes.get_default(q.shape[-1])
     _validate(q, k, v, q_ids, kv_ids, window, sm_scale, block_sizes)
     interpret = resolve_interpret(interpret)
-    make = functools.partial(_make_plan, q, k, q_ids, causal, window, sm_scale, block_sizes,
-                             interpret)
-    if is_tpu_interpret(interpret):   # TPU interpret mode: the TPU variant only
-        plan = make(platform="tpu")
-    elif interpret:                   # plain interpret mode: the (Triton-shaped) GPU variant
-        plan = make()
-    else:                             # compiled: chosen when lowering (see _by_platform)
-        plan = dataclasses.replace(make(), tpu_plan=make(platform="tpu"))
+    plan = select_plan(functools.partial(_make_plan, q, k, q_ids, causal, window, sm_scale,
+                                         block_sizes, interpret), interpret)
     return q_ids, kv_ids, plan
 
 

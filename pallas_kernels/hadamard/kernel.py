@@ -37,23 +37,21 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from .._common import compiler_params, is_tpu_interpret, resolve_interpret, round_up, tpu_tile_bytes
+from .._common import (KernelPlan, by_platform, compiler_params, resolve_interpret, round_up, select_plan,
+                       tpu_tile_bytes)
 from .reference import factor_matrix, split_size, sylvester
 
 _CHUNK = 128      # dense chunk of the power-of-two part (one MXU tile / a wgmma-friendly width)
 _MIN_DOT = 16     # Triton's smallest dot dimension
 
 
-@dataclasses.dataclass(frozen=True)
-class _Plan:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Plan(KernelPlan):
     n: int            # power-of-two size transformed in the kernel
     rows: int         # rows (flattened leading dims)
     bm: int           # rows per grid step
     chunk: int        # dense chunk c (1: butterflies only)
     scale: float
-    interpret: object
-    platform: str = "gpu"
-    tpu_plan: "_Plan | None" = None
 
     @property
     def rows_pad(self) -> int:
@@ -117,11 +115,7 @@ def _variant(plan: _Plan, x2):
 def _run(plan: _Plan, x2):
     pad = plan.rows_pad - x2.shape[0]
     xp = jnp.pad(x2, ((0, pad), (0, 0))) if pad else x2
-    if plan.tpu_plan is None:
-        y = _variant(plan, xp)
-    else:
-        y = lax.platform_dependent(xp, tpu=functools.partial(_variant, plan.tpu_plan),
-                                   default=functools.partial(_variant, plan))
+    y = by_platform(plan, _variant, xp)
     return y[:x2.shape[0]] if pad else y
 
 
@@ -143,12 +137,7 @@ _fwht.defvjp(_fwht_fwd, _fwht_bwd)
 
 def _plans(n, rows, dtype, scale, interpret):
     interpret = resolve_interpret(interpret)
-    make = functools.partial(_make_plan, n, rows, dtype, scale, interpret)
-    if is_tpu_interpret(interpret):
-        return make(platform="tpu")
-    if interpret:
-        return make()
-    return dataclasses.replace(make(), tpu_plan=make(platform="tpu"))
+    return select_plan(functools.partial(_make_plan, n, rows, dtype, scale, interpret), interpret)
 
 
 def hadamard_transform(x, *, scale=None, interpret=None):

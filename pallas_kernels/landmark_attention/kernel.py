@@ -53,42 +53,24 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from ..flash_attention.kernel import (LOG2E, _by_platform, _dot_nn, _dot_nt, _dot_tn, _iota,
+from ..flash_attention.kernel import (LOG2E, _dot_nn, _dot_nt, _dot_tn, _iota,
                                       _is_pow2, _rows_slice, _tile_bytes, static_sm_scale)
-from .._common import SQ, compiler_params, is_tpu_interpret, next_pow2, resolve_interpret, round_up
+from .._common import (SQ, AttentionPlan, by_platform, check_qkv, compiler_params, next_pow2,
+                       resolve_interpret, round_up, select_plan)
 
 _MIN_LP_GPU = 16   # tl.dot's smallest tile
 _TPU_TILE = 128
 
 
 # --------------------------------------------------------------------------- plan
-@dataclasses.dataclass(frozen=True)
-class _Plan:
-    b: int
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Plan(AttentionPlan):
     t: int
-    hq: int
-    hkv: int
-    d: int
-    dp: int
     L: int          # block size (tokens per block incl. the landmark)
     lp: int         # padded block rows (power of two)
     nb: int         # blocks, ceil(T / L)
     bq: int         # query tile rows (multiple of lp)
     t_pad: int      # padded rows (multiple of bq)
-    sm_scale: float
-    interpret: object
-    num_warps: int
-    num_stages: int
-    platform: str = "gpu"
-    tpu_plan: "_Plan | None" = None
-
-    @property
-    def tpu(self) -> bool:
-        return self.platform == "tpu"
-
-    @property
-    def group(self) -> int:
-        return self.hq // self.hkv
 
     @property
     def nq(self) -> int:
@@ -371,16 +353,16 @@ def _bwd_variant(plan, res, do):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _landmark(q, k, v, plan):
-    return _by_platform(plan, _fwd_variant, q, k, v)[0]
+    return by_platform(plan, _fwd_variant, q, k, v)[0]
 
 
 def _landmark_fwd(q, k, v, plan):
-    o, lse = _by_platform(plan, _fwd_variant, q, k, v)
+    o, lse = by_platform(plan, _fwd_variant, q, k, v)
     return o, (q, k, v, o, lse)  # lse: [B, Hq, T] log2 outer normaliser
 
 
 def _landmark_bwd(plan, res, do):
-    return _by_platform(plan, _bwd_variant, res, do)
+    return by_platform(plan, _bwd_variant, res, do)
 
 
 _landmark.defvjp(_landmark_fwd, _landmark_bwd)
@@ -388,21 +370,7 @@ _landmark.defvjp(_landmark_fwd, _landmark_bwd)
 
 # ------------------------------------------------------------------------- public API
 def _validate(q, k, v, block_size, block_q):
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if getattr(x, "ndim", None) != 4:
-            raise ValueError(f"{name} must have rank 4 [B, T, H, D], got shape "
-                             f"{getattr(x, 'shape', None)}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got k {k.shape} and v {v.shape}")
-    if q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q and k must share [B, T] and D (self-attention), got q {q.shape} "
-                         f"and k {k.shape}")
-    if q.shape[2] % k.shape[2]:
-        raise ValueError(f"number of query heads (q.shape[2]={q.shape[2]}) must be a multiple "
-                         f"of the number of kv heads (k.shape[2]={k.shape[2]})")
-    if not (q.dtype == k.dtype == v.dtype) or not jnp.issubdtype(q.dtype, jnp.floating):
-        raise ValueError(f"q, k, v must share a floating dtype, got {q.dtype}, {k.dtype}, "
-                         f"{v.dtype}")
+    check_qkv(q, k, v, self_attention=True)
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
         raise ValueError(f"block_size must be an int >= 2 (tokens per block incl. the "
                          f"landmark), got {block_size!r}")
@@ -415,14 +383,8 @@ def _validate(q, k, v, block_size, block_q):
 def _landmark_attention(q, k, v, *, block_size, sm_scale, block_q, num_warps, num_stages,
                         interpret):
     interpret = resolve_interpret(interpret)
-    make = functools.partial(_make_plan, q, k, block_size, sm_scale, block_q, num_warps,
-                             num_stages, interpret)
-    if is_tpu_interpret(interpret):
-        plan = make(platform="tpu")
-    elif interpret:
-        plan = make()
-    else:
-        plan = dataclasses.replace(make(), tpu_plan=make(platform="tpu"))
+    plan = select_plan(functools.partial(_make_plan, q, k, block_size, sm_scale, block_q, num_warps,
+                                         num_stages, interpret), interpret)
     return _landmark(q, k, v, plan)
 
 

@@ -122,8 +122,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from .._common import (SQ, compiler_params, is_tpu_interpret, next_pow2, resolve_interpret,
-                       round_up, segment_resets, tpu_tile_bytes)
+from .._common import (SQ, KernelPlan, by_platform, compiler_params, next_pow2, resolve_interpret,
+                       round_up, segment_resets, select_plan, tpu_tile_bytes)
 from .reference import validate
 
 f32 = jnp.float32
@@ -131,8 +131,8 @@ _LANES = 128   # TPU: channels per block (one vreg of lanes)
 _ROWS = 8      # TPU: time steps per statically unrolled group, for 32-bit inputs (one sublane tile)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Plan:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Plan(KernelPlan):
     """Static description of one call (hashable)."""
 
     b: int
@@ -148,19 +148,12 @@ class _Plan:
     np_: int        # N padded (GPU: a power of two; TPU: a multiple of 8)
     softplus: bool
     has_z: bool
-    interpret: object  # bool, or a pltpu.InterpretParams (TPU variant in TPU interpret mode)
     num_warps: int
     num_warps_bwd: int
     num_stages: int = 1
     has_h0: bool = False    # initial_state given
     has_seg: bool = False   # segment_ids given (keep flags are an input)
     rows: int = _ROWS                # TPU: steps per unrolled group (8, or 16 for 16-bit inputs)
-    platform: str = "gpu"            # which variant this plan builds: "gpu" (Triton) or "tpu" (Mosaic)
-    tpu_plan: "_Plan | None" = None  # compiled calls: the TPU variant, picked at lowering time
-
-    @property
-    def tpu(self) -> bool:
-        return self.platform == "tpu"
 
     @property
     def nc(self):
@@ -846,10 +839,7 @@ def _by_platform(plan: _Plan, fn, *args):
     states in the GPU plan's layout (the TPU branch converts; both plans have the same
     number of chunks).  Interpret-mode plans are single-variant.
     """
-    if plan.tpu_plan is None:
-        return fn(plan, plan, *args)
-    return lax.platform_dependent(*args, tpu=functools.partial(fn, plan.tpu_plan, plan),
-                                  default=functools.partial(fn, plan, plan))
+    return by_platform(plan, lambda variant, *a: fn(variant, plan, *a), *args)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -953,11 +943,7 @@ def _plan_for_call(x, dt, z, A, g, softplus, has_h0, has_seg, interpret, block_d
     make = functools.partial(_make_plan, x, A, g, softplus, z is not None, has_h0, has_seg,
                              interpret, block_d, chunk)
     isz = min(jnp.dtype(v.dtype).itemsize for v in (x, dt, z) if v is not None)
-    if is_tpu_interpret(interpret):
-        return make(platform="tpu", seq_itemsize=isz)
-    if interpret:
-        return make()
-    return dataclasses.replace(make(), tpu_plan=make(platform="tpu", seq_itemsize=isz))
+    return select_plan(make, interpret, seq_itemsize=isz)
 
 
 def tpu_vmem_bytes(batch, length, dim, n, *, groups=None, dtype=jnp.bfloat16, z=True,

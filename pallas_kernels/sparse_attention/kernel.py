@@ -79,10 +79,11 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from ..flash_attention.kernel import (LOG2E, _MIN_BLOCK, _TPU_BLOCK, _Layout, _by_platform,
+from ..flash_attention.kernel import (LOG2E, _MIN_BLOCK, _TPU_BLOCK, _Layout,
                                       _dot_nn, _dot_nt, _dot_tn, _is_pow2,
                                       _rows_slice, _tile_bytes, static_sm_scale)
-from .._common import SQ, compiler_params, is_tpu_interpret, next_pow2, resolve_interpret, round_up
+from .._common import (SQ, AttentionPlan, by_platform, check_qkv, compiler_params, next_pow2,
+                       resolve_interpret, round_up, select_plan)
 
 POS_NEVER = 2 ** 30   # position of a key no query sees (dropped or padding)
 POS_BLIND = -1        # position of a query that sees no key (dropped or padding)
@@ -91,34 +92,15 @@ _QT, _KT, _DT = _NB + 2, _NB, 2  # rows of the q-tile (bounds, lo, hi) / k-tile 
 
 
 # --------------------------------------------------------------------------- plan
-@dataclasses.dataclass(frozen=True)
-class _Plan:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Plan(AttentionPlan):
     """Everything static about one call (hashable).  Field names shared with the flash
     ``_Plan`` (``b``, ``hq``, ``tq_pad``, ``d``, ``dp``, ``tpu``) let ``_Layout`` serve both."""
 
-    b: int
     t: int
-    hq: int
-    hkv: int
-    d: int
-    dp: int
     t_pad: int
     bq: int
     bk: int
-    sm_scale: float
-    interpret: object
-    num_warps: int
-    num_stages: int
-    platform: str = "gpu"
-    tpu_plan: "_Plan | None" = None
-
-    @property
-    def tpu(self) -> bool:
-        return self.platform == "tpu"
-
-    @property
-    def group(self) -> int:
-        return self.hq // self.hkv
 
     @property
     def tq_pad(self) -> int:  # _Layout's name
@@ -544,16 +526,16 @@ def _bwd_variant(plan, res, do):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _sorted_attention(qs, ks, vs, meta, plan):
-    return _by_platform(plan, _fwd_variant, qs, ks, vs, meta)[0]
+    return by_platform(plan, _fwd_variant, qs, ks, vs, meta)[0]
 
 
 def _sorted_fwd(qs, ks, vs, meta, plan):
-    o, lse = _by_platform(plan, _fwd_variant, qs, ks, vs, meta)
+    o, lse = by_platform(plan, _fwd_variant, qs, ks, vs, meta)
     return o, (qs, ks, vs, meta, o, lse)
 
 
 def _sorted_bwd(plan, res, do):
-    dq, dk, dv = _by_platform(plan, _bwd_variant, res, do)
+    dq, dk, dv = by_platform(plan, _bwd_variant, res, do)
     return dq, dk, dv, (None,) * 4
 
 
@@ -562,28 +544,8 @@ _sorted_attention.defvjp(_sorted_fwd, _sorted_bwd)
 
 # ------------------------------------------------------------------------- validation
 def _validate(q, k, v, q_lab, k_lab, names, label_kind, block_q, block_k):
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if getattr(x, "ndim", None) != 4:
-            raise ValueError(f"{name} must have rank 4 [B, T, H, D], got shape "
-                             f"{getattr(x, 'shape', None)}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got k {k.shape} and v {v.shape}")
-    if q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1]:
-        raise ValueError(f"q and k must share batch and sequence length [B, T] (self-attention), "
-                         f"got q {q.shape} and k {k.shape}")
-    if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q and k must have the same head dim D, got q {q.shape} and k {k.shape}")
-    hq, hkv = q.shape[2], k.shape[2]
-    if hq % hkv:
-        raise ValueError(f"number of query heads (q.shape[2]={hq}) must be a multiple of the "
-                         f"number of kv heads (k.shape[2]={hkv})")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not jnp.issubdtype(q.dtype, jnp.floating):
-        raise ValueError(f"q, k, v must be floating point, got {q.dtype}")
-    if q.shape[1] < 1:
-        raise ValueError(f"sequence length must be >= 1, got q {q.shape}")
-    b, t = q.shape[:2]
+    check_qkv(q, k, v, self_attention=True)
+    (b, t, hq), hkv = q.shape[:3], k.shape[2]
     for name, lab, h, which in ((names[0], q_lab, hq, "q"), (names[1], k_lab, hkv, "k/v")):
         shape = tuple(getattr(lab, "shape", ()))
         if shape != (b, t, h):
@@ -602,13 +564,8 @@ def _validate(q, k, v, q_lab, k_lab, names, label_kind, block_q, block_k):
 
 def _plans(q, k, sm_scale, block_q, block_k, num_warps, num_stages, interpret):
     interpret = resolve_interpret(interpret)
-    make = functools.partial(_make_plan, q, k, sm_scale, block_q, block_k, num_warps, num_stages,
-                             interpret)
-    if is_tpu_interpret(interpret):
-        return make(platform="tpu")
-    if interpret:
-        return make()
-    return dataclasses.replace(make(), tpu_plan=make(platform="tpu"))
+    return select_plan(functools.partial(_make_plan, q, k, sm_scale, block_q, block_k, num_warps,
+                                         num_stages, interpret), interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("kind", "sm_scale", "block_q", "block_k",

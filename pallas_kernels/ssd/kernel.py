@@ -94,8 +94,8 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from .._common import (SQ, compiler_params, is_tpu_interpret, next_pow2, resolve_interpret,
-                       round_up, segment_resets)
+from .._common import (SQ, KernelPlan, by_platform, compiler_params, next_pow2, resolve_interpret,
+                       round_up, segment_resets, select_plan)
 from .reference import _d_term, process_dt, validate
 
 f32 = jnp.float32
@@ -103,8 +103,8 @@ BWD_BLOCK_P = 32  # P columns per backward program (the forward uses ``block_p``
 TPU_LANES = 128   # Mosaic TPU: P, N and the chunk length are whole 128-lane vregs
 
 
-@dataclasses.dataclass(frozen=True)
-class _Plan:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Plan(KernelPlan):
     b: int
     l: int
     lp: int
@@ -116,17 +116,10 @@ class _Plan:
     n: int
     np_: int      # padded N
     bp: int       # P block (grid axis)
-    interpret: object  # bool, or a pltpu.InterpretParams (TPU variant in TPU interpret mode)
     num_warps: int = 4
     num_stages: int = 2
     mm: str = "float32"  # dot operand dtype (the inputs' dtype)
     seg: bool = False     # segment_ids given (``seg`` is an extra input)
-    platform: str = "gpu"            # the variant this plan builds: "gpu" (Triton) or "tpu" (Mosaic)
-    tpu_plan: "_Plan | None" = None  # compiled calls: the TPU variant, picked at lowering time
-
-    @property
-    def tpu(self):
-        return self.platform == "tpu"
 
     @property
     def nc(self):
@@ -624,21 +617,6 @@ def _ssd_variant(plan, x, dt, A, B, C, s0, segment_ids):
     return _ssd_core(plan, x, dt, A, B, C, s0, seg)
 
 
-def _by_platform(plan: _Plan, fn, *args):
-    """``fn(variant_plan, *args)`` for the platform being lowered for.
-
-    Compiled calls (``plan.tpu_plan`` set) go through ``lax.platform_dependent`` around the
-    whole ``custom_vjp`` (the variants' residuals differ in shape: chunk length, padding):
-    lowering for TPU (``jax.export(..., platforms=("tpu",))`` or a TPU backend) emits the
-    Mosaic variant, anything else the Triton one; only the target's branch is lowered.
-    Interpret-mode plans are single-variant.
-    """
-    if plan.tpu_plan is None:
-        return fn(plan, *args)
-    return lax.platform_dependent(
-        *args, tpu=functools.partial(fn, plan.tpu_plan), default=functools.partial(fn, plan))
-
-
 # ----------------------------------------------------------------------------- public API
 def _check_sizes(chunk_size, block_p):
     if (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 16
@@ -701,15 +679,12 @@ def ssd(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False, init
     make = functools.partial(_make_plan, b, l, h, p, g, n, chunk_size=chunk_size, block_p=block_p,
                              mm=_mm_dtype(x, B, C), seg=segment_ids is not None,
                              interpret=interpret)
-    if is_tpu_interpret(interpret):   # TPU interpret mode: the TPU variant only
-        plan = make(platform="tpu")
-    elif interpret:                   # plain interpret mode: the (Triton-shaped) GPU variant
-        plan = make()
-    else:                             # compiled: chosen when lowering (see _by_platform)
-        plan = dataclasses.replace(make(), tpu_plan=make(platform="tpu"))
+    plan = select_plan(make, interpret)
     dtp = process_dt(dt, dt_bias, dt_softplus)
     s0 = jnp.zeros((b, h, p, n), f32) if initial_state is None else initial_state.astype(f32)
-    y, final = _by_platform(plan, _ssd_variant, x, dtp, A, B, C, s0, segment_ids)
+    # the platform is picked around the whole custom_vjp: the variants' residuals differ in shape
+    # (chunk length, padding)
+    y, final = by_platform(plan, _ssd_variant, x, dtp, A, B, C, s0, segment_ids)
     if D is not None:
         y = y + _d_term(D, x.astype(f32))
     if z is not None:
