@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any, Optional, Tuple
 
 NORMS = ("layernorm", "rmsnorm")
@@ -94,8 +95,8 @@ class ModelConfig(ConfigMixin):
         _choice("param_dtype", self.param_dtype, DTYPES)
         for name in ("tie_embeddings", "scale_residual_init", "skip_gains", "scan_layers"):
             _boolean(self, name)
-        if self.norm_eps <= 0:
-            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
+        _finite(self, "norm_eps", lo=0.0, lo_open=True)
+        _finite(self, "init_std", lo=0.0)
         for name in ("dropout", "attn_dropout", "embed_dropout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
@@ -211,8 +212,7 @@ class TransformerConfig(ModelConfig):
             )
         if self.dim_head % 2:
             raise ValueError(f"head_dim={self.dim_head} must be even for rotary embeddings")
-        if self.rope_theta <= 0:
-            raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
+        _finite(self, "rope_theta", lo=0.0, lo_open=True)
 
 
 #: Fields of :class:`TransformerConfig` that configs saved before the per-family split
@@ -225,6 +225,14 @@ def _positive(config, name: str) -> None:
     value = getattr(config, name)
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _finite(config, name: str, lo: float, lo_open: bool = False) -> None:
+    """``ValueError`` unless field ``name`` is a finite real number ``> lo`` (``lo_open``) or ``>= lo``."""
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or (value <= lo if lo_open else value < lo):
+        raise ValueError(f"{name} must be a finite number {'>' if lo_open else '>='} {lo}, got {value!r}")
 
 
 def _boolean(config, name: str) -> None:

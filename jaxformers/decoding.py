@@ -7,10 +7,14 @@ step inside ``lax.fori_loop``, all under ``jit``.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from .utils import concrete
 
 
 def init_cache(module, batch_size: int, max_len: int, dtype=None):
@@ -27,13 +31,34 @@ def init_cache(module, batch_size: int, max_len: int, dtype=None):
     return {"index": jnp.zeros((), jnp.int32), "layers": layers}
 
 
+def check_sampling(temperature, top_k, top_p, vocab_size=None) -> None:
+    """``ValueError`` naming the argument unless ``temperature`` is a finite number >= 0, ``top_k``
+    None or an int in ``[1, vocab_size]`` and ``top_p`` None or a number in ``(0, 1]``."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None:
+        hi = "vocab_size" if vocab_size is None else f"vocab_size={vocab_size}"
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1 \
+                or (vocab_size is not None and top_k > vocab_size):
+            raise ValueError(f"top_k must be None or an int in [1, {hi}], got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float, np.floating))
+                              or not 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+
+
 def sample_logits(logits, rng, *, temperature=1.0, top_k=None, top_p=None):
-    """Sample token ids ``[B]`` from logits ``[B, V]`` (temperature 0 = greedy)."""
+    """Sample token ids ``[B]`` from logits ``[B, V]`` (temperature 0 = greedy); ``top_k`` keeps
+    the k largest logits, ``top_p`` the smallest prefix of the sorted distribution whose mass
+    reaches ``top_p`` (nucleus; always at least one token)."""
+    if getattr(logits, "ndim", None) != 2:
+        raise ValueError(f"logits must be [B, V], got shape {getattr(logits, 'shape', None)}")
+    check_sampling(temperature, top_k, top_p, logits.shape[-1])
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits.astype(jnp.float32) / temperature
     if top_k is not None:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        kth = jax.lax.top_k(logits, int(top_k))[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if top_p is not None:
         sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
@@ -49,14 +74,11 @@ def sample_logits(logits, rng, *, temperature=1.0, top_k=None, top_p=None):
 def _validate(module, prompt_tokens, max_new_tokens, temperature, top_k, top_p):
     if prompt_tokens.ndim != 2 or prompt_tokens.shape[1] == 0:
         raise ValueError(f"prompt_tokens must be [B, P] with P >= 1, got shape {prompt_tokens.shape}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if not jnp.issubdtype(prompt_tokens.dtype, jnp.integer):
+        raise ValueError(f"prompt_tokens must be integer token ids, got dtype {prompt_tokens.dtype}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and not (1 <= top_k <= module.config.vocab_size):
-        raise ValueError(f"top_k must be in [1, vocab_size={module.config.vocab_size}], got {top_k}")
-    if top_p is not None and not (0.0 < top_p <= 1.0):
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    check_sampling(temperature, top_k, top_p, module.config.vocab_size)
 
 
 def _repeat_rows(tree, k: int, axis: int):
@@ -104,11 +126,18 @@ def generate(module, params, prompt_tokens, max_new_tokens: int, *, temperature:
     """Sample ``max_new_tokens`` after ``prompt_tokens [B, P]``; returns ``[B * k, P + max_new_tokens]``
     for ``num_samples=k`` samples per prompt (rows ``b * k .. b * k + k - 1`` continue prompt
     ``b``; the prompt is prefilled once and its cache shared by its k rows)."""
-    prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
+    prompt_tokens = jnp.asarray(prompt_tokens)
     _validate(module, prompt_tokens, max_new_tokens, temperature, top_k, top_p)
+    prompt_tokens = prompt_tokens.astype(jnp.int32)
+    vocab = module.config.vocab_size
+    ids = concrete(prompt_tokens)
+    if ids is not None and (ids.min() < 0 or ids.max() >= vocab):
+        raise ValueError(f"prompt_tokens must be ids in [0, vocab_size={vocab}), got ids from {ids.min()} "
+                         f"to {ids.max()}")
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
     rng = jax.random.PRNGKey(0) if rng is None else rng
-    fn = _generate_fn(type(module), module.config, max_new_tokens, float(temperature), top_k,
+    fn = _generate_fn(type(module), module.config, max_new_tokens, float(temperature),
+                      None if top_k is None else int(top_k),
                       None if top_p is None else float(top_p), num_samples)
     return fn(params, prompt_tokens, rng)

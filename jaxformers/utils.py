@@ -7,6 +7,18 @@ import flax.linen as nn
 import numpy as np
 
 
+def concrete(x):
+    """``x`` as a numpy array when its value is known now (a Python / numpy value or a committed
+    jax array), ``None`` when it is traced (inside ``jit`` / ``grad``): value checks that can
+    only run outside a trace use this."""
+    if isinstance(x, jax.core.Tracer):
+        return None
+    try:
+        return np.asarray(x)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return None
+
+
 def init_params(module, rng, tokens=None, **kwargs):
     """``module.init`` then unbox: a plain pytree of arrays (no partitioning boxes)."""
     if tokens is None:

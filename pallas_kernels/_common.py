@@ -15,6 +15,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
@@ -31,7 +32,18 @@ def resolve_interpret(interpret):
         return jax.default_backend() == "cpu"
     if is_tpu_interpret(interpret):
         return interpret
+    if not isinstance(interpret, (bool, np.bool_)):
+        raise ValueError(f"interpret must be None (interpret mode exactly on the CPU), a bool or a "
+                         f"pltpu.InterpretParams, got {interpret!r}")
     return bool(interpret)
+
+
+def check_flag(name: str, value) -> bool:
+    """``value`` as a bool, or a ``ValueError`` naming ``name`` (a string such as ``"no"`` must not
+    be read by truthiness)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be a bool (True/False), got {value!r}")
+    return bool(value)
 
 
 def is_tpu_interpret(interpret) -> bool:
@@ -154,7 +166,7 @@ def round_up(x: int, m: int) -> int:
 # ------------------------------------------------------------------------ attention validation
 def check_qkv(q, k, v, *, self_attention: bool) -> None:
     """``ValueError`` naming the argument unless q ``[B, Tq, Hq, D]``, k/v ``[B, Tk, Hkv, D]`` are
-    floating arrays of one dtype with ``Hq % Hkv == 0`` (GQA) and ``T >= 1``;
+    non-empty floating arrays of one dtype with ``Hq % Hkv == 0`` (GQA);
     ``self_attention``: also ``Tq == Tk`` (the sparse and landmark kernels)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if getattr(x, "ndim", None) != 4:
@@ -168,16 +180,16 @@ def check_qkv(q, k, v, *, self_attention: bool) -> None:
         raise ValueError(f"q and k must have the same batch size, got q {q.shape} and k {k.shape}")
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q and k must have the same head dim D, got q {q.shape} and k {k.shape}")
+    if min(q.shape) < 1 or min(k.shape) < 1:
+        raise ValueError(f"q, k, v must be non-empty (B, T, H, D >= 1), got q {q.shape} and k {k.shape}")
     hq, hkv = q.shape[2], k.shape[2]
-    if hkv < 1 or hq % hkv:
+    if hq % hkv:
         raise ValueError(f"number of query heads (q.shape[2]={hq}) must be a multiple of the "
                          f"number of kv heads (k.shape[2]={hkv})")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not jnp.issubdtype(q.dtype, jnp.floating):
         raise ValueError(f"q, k, v must be floating point, got {q.dtype}")
-    if q.shape[1] < 1 or k.shape[1] < 1:
-        raise ValueError(f"sequence lengths must be >= 1, got q {q.shape} and k {k.shape}")
 
 
 # ----------------------------------------------------------------------------- scan validation
@@ -204,6 +216,16 @@ def check_segment_ids(segment_ids, b: int, l: int) -> None:
         raise ValueError(f"segment_ids must have shape [B, L] = {(b, l)}, got {shape_of(segment_ids)}")
     if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
         raise ValueError(f"segment_ids must be an integer [B, L] array, got dtype {dtype}")
+
+
+def process_dt(dt, dt_bias, dt_softplus):
+    """The scans' step sizes: ``softplus?(dt + dt_bias)`` in float32 (``dt_softplus`` a bool)."""
+    dt = dt.astype(jnp.float32)
+    if dt_bias is not None:
+        dt = dt + dt_bias.astype(jnp.float32)
+    if check_flag("dt_softplus", dt_softplus):
+        dt = jax.nn.softplus(dt)
+    return dt
 
 
 def segment_resets(segment_ids):

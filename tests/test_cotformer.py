@@ -232,6 +232,9 @@ def test_flops_count_every_repeat():
     (dict(scan_layers=True), "scan_layers"),
     (dict(n_repeat=3, length_factors=(0.5, 0.6)), "length_factors"),
     (dict(n_repeat=0), "n_repeat"),
+    (dict(ln_mid="no"), "ln_mid"),  # a string flag is not read by truthiness
+    (dict(router_mix=0), "router_mix"),
+    (dict(n_repeat=3, length_factors=(0.0, 0.0)), "adaptive_cotformer"),  # not silently ignored
 ])
 def test_config_validation(bad, match):
     with pytest.raises(ValueError, match=match):

@@ -236,6 +236,16 @@ def test_bad_inputs_raise_value_error():
             flash_attention(q, k, v, window=w)
     with pytest.raises(ValueError, match="block_q"):
         flash_attention(q, k, v, block_sizes=BlockSizes(24, 16))
+    # flags are bools, not read by truthiness ("no" would mean causal)
+    with pytest.raises(ValueError, match="causal must be a bool"):
+        flash_attention(q, k, v, causal="no")
+    with pytest.raises(ValueError, match="interpret must be None"):
+        flash_attention(q, k, v, interpret="yes")
+    # empty axes: a clear error, not a division by zero or a slice error inside the kernel
+    for shape in ((0, 8, 4, 16), (1, 8, 4, 0)):
+        e = np.zeros(shape[:2] + (2, shape[3]), np.float32)
+        with pytest.raises(ValueError, match="non-empty"):
+            flash_attention(np.zeros(shape, np.float32), e, e)
 
 
 def test_sm_scale_and_interpret_default():

@@ -99,7 +99,11 @@ def test_state_update_matches_scan():
     (dict(z=jnp.zeros((2, 8, 13))), "z must have shape"),
     # L = 0
     (dict(x=jnp.zeros((2, 0, 12)), dt=jnp.zeros((2, 0, 12)), B=jnp.zeros((2, 0, 4)),
-          C=jnp.zeros((2, 0, 4))), r"x must have at least one time step: expected \[B, L, D\]"),
+          C=jnp.zeros((2, 0, 4))), r"x must be non-empty: expected \[B, L, D\] with B, L, D >= 1"),
+    # B = 0, D = 0: a clear error, not a slice error inside the kernel
+    (dict(x=jnp.zeros((0, 8, 12)), dt=jnp.zeros((0, 8, 12)), B=jnp.zeros((0, 8, 4)),
+          C=jnp.zeros((0, 8, 4))), r"x must be non-empty"),
+    (dict(x=jnp.zeros((2, 8, 0)), dt=jnp.zeros((2, 8, 0)), A=jnp.zeros((0, 4))), r"x must be non-empty"),
     # mamba_ssm's channels-first [B, D, L] layout passed as is
     (dict(x=jnp.zeros((2, 12, 8)), dt=jnp.zeros((2, 12, 8)), B=jnp.zeros((2, 4, 8)),
           C=jnp.zeros((2, 4, 8))), r"expected x as \[B, L, D\].*must be transposed"),
@@ -108,6 +112,7 @@ def test_state_update_matches_scan():
     (dict(initial_state=jnp.zeros((2, 12, 4), jnp.int32)), "initial_state must be a real floating"),
     (dict(segment_ids=jnp.zeros((2, 7), jnp.int32)), r"segment_ids must have shape \[B, L\]"),
     (dict(segment_ids=jnp.zeros((2, 8))), "segment_ids must be an integer"),
+    (dict(dt_softplus="no"), "dt_softplus must be a bool"),  # not read by truthiness
 ])
 def test_validation(bad, msg):
     args = dict(x=jnp.zeros((2, 8, 12)), dt=jnp.zeros((2, 8, 12)), A=jnp.zeros((12, 4)),

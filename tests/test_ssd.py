@@ -100,7 +100,11 @@ def test_state_update_matches_scan():
     (dict(D=jnp.zeros((3,))), "D must have shape"),
     # L = 0
     (dict(x=jnp.zeros((2, 0, 4, 8)), dt=jnp.zeros((2, 0, 4)), B=jnp.zeros((2, 0, 1, 16)),
-          C=jnp.zeros((2, 0, 1, 16))), r"x must have at least one time step: expected \[B, L, H, P\]"),
+          C=jnp.zeros((2, 0, 1, 16))), r"x must be non-empty: expected \[B, L, H, P\] with B, L, H >= 1"),
+    # B = 0, H = 0: a clear error, not a slice error inside the kernel
+    (dict(x=jnp.zeros((0, 8, 4, 8)), dt=jnp.zeros((0, 8, 4)), B=jnp.zeros((0, 8, 1, 16)),
+          C=jnp.zeros((0, 8, 1, 16))), r"x must be non-empty"),
+    (dict(x=jnp.zeros((2, 8, 0, 8)), dt=jnp.zeros((2, 8, 0)), A=jnp.zeros((0,))), r"x must be non-empty"),
     # channels-first layouts (mamba_ssm's selective-scan convention) passed as is
     (dict(x=jnp.zeros((2, 4, 8, 8))), r"expected x as \[B, L, H, P\].*must be transposed"),
     (dict(dt=jnp.zeros((2, 4, 8))), r"dt must have shape \[B, L, H\].*must be transposed"),
@@ -108,6 +112,7 @@ def test_state_update_matches_scan():
     (dict(initial_state=jnp.zeros((2, 4, 8, 16), jnp.int32)), "initial_state must be a real floating"),
     (dict(segment_ids=jnp.zeros((1, 8), jnp.int32)), r"segment_ids must have shape \[B, L\]"),
     (dict(segment_ids=jnp.zeros((2, 8), jnp.float32)), "segment_ids must be an integer"),
+    (dict(dt_softplus="no"), "dt_softplus must be a bool"),  # not read by truthiness
 ])
 def test_validation(bad, msg):
     args = dict(x=jnp.zeros((2, 8, 4, 8)), dt=jnp.zeros((2, 8, 4)), A=jnp.zeros((4,)),

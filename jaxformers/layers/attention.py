@@ -15,6 +15,7 @@ from jax.ad_checkpoint import checkpoint_name
 from ..ops.attention import attention
 from ..sharding import (ACT_HEADS, ACT_KV_HEADS, BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LENGTH,
                         constrain)
+from ..utils import concrete
 from .common import dtype_of, output_std
 from .linear import Linear
 from .rotary import apply_rotary, rotary_angles
@@ -30,12 +31,36 @@ def init_attention_cache(config, batch_size, max_len, dtype=None):
 def write_kv_cache(kv_cache, k, v, cache_index, segment_ids=None):
     """The decoding cache with ``k``/``v`` ``[B, T, Hkv, Dh]`` written at ``cache_index``:
     ``{"k", "v"}`` ``[B, S, Hkv, Dh]`` (every KV-cache mixer shares this; the caller attends to
-    the returned buffers with ``q_offset = cache_index``).  Packed ``segment_ids`` raise."""
+    the returned buffers with ``q_offset = cache_index``).  Packed ``segment_ids`` raise.
+
+    A chunk that does not fit (``cache_index + T > S``) would be clamped by XLA onto the last
+    slots, a silently wrong answer: it raises a ``ValueError`` when the index is known (eager
+    calls), and under ``jit`` (traced index) the written keys/values become NaN, so every output
+    that depends on them is NaN instead of wrong.  Size the cache with ``init_cache(..., max_len)``
+    >= prompt + generated tokens."""
     if segment_ids is not None:
         raise ValueError("segment_ids are not supported together with a KV cache")
-    start = (0, cache_index, 0, 0)
-    return {name: jax.lax.dynamic_update_slice(kv_cache[name], new.astype(kv_cache[name].dtype), start)
-            for name, new in (("k", k), ("v", v))}
+    (b, s), (bn, t) = kv_cache["k"].shape[:2], k.shape[:2]
+    if bn != b or kv_cache["k"].shape[2:] != k.shape[2:]:
+        raise ValueError(f"the KV cache holds [B, S, Hkv, Dh] = {kv_cache['k'].shape}, the new keys are "
+                         f"{k.shape}: build the cache with init_cache(module, batch_size={bn}, max_len)")
+    if t > s:
+        raise ValueError(f"{t} new tokens do not fit a KV cache of max_len={s}: build the cache with "
+                         f"init_cache(module, batch_size, max_len >= {t})")
+    index = concrete(cache_index)
+    if index is not None and int(index) + t > s:
+        raise ValueError(f"the KV cache is full: {t} new tokens at cache index {int(index)} exceed its "
+                         f"max_len={s}: build the cache with init_cache(module, batch_size, max_len >= "
+                         f"{int(index) + t})")
+    fits = cache_index + t <= s
+
+    def write(buf, new):
+        new = new.astype(buf.dtype)
+        if index is None and jnp.issubdtype(buf.dtype, jnp.floating):
+            new = jnp.where(fits, new, jnp.nan)  # traced overflow: NaN, never a clamped overwrite
+        return jax.lax.dynamic_update_slice(buf, new, (0, cache_index, 0, 0))
+
+    return {"k": write(kv_cache["k"], k), "v": write(kv_cache["v"], v)}
 
 
 def project_qkv(c, x, positions, linear=Linear):

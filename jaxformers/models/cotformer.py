@@ -67,7 +67,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
-from ..config import TransformerConfig, _choice
+from ..config import TransformerConfig, _boolean, _choice
 from ..layers import Block, make_norm
 from ..layers.attention import init_attention_cache, project_qkv, write_kv_cache
 from ..layers.common import dtype_of, output_std
@@ -128,6 +128,11 @@ class CoTFormerConfig(TransformerConfig):
             raise ValueError(f"n_layer_begin + n_layer_end ({self.n_layer_begin} + {self.n_layer_end}) "
                              f"must leave at least one mid layer of n_layer={self.n_layer}")
         _choice("depth_embedding", self.depth_embedding, DEPTH_EMBEDDINGS)
+        for name in ("ln_mid", "random_capacity", "router_mix"):
+            _boolean(self, name)
+        if self.length_factors is not None and not self.adaptive:
+            raise ValueError(f"length_factors (the inference compute budget) applies to "
+                             f"model='adaptive_cotformer' only, got model={self.model!r}: leave it None")
         if self.scan_layers:
             raise ValueError("scan_layers=True is not supported by the CoTFormer family (the mid "
                              "group is applied several times): use scan_layers=False")

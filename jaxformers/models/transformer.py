@@ -31,6 +31,7 @@ import flax.linen as nn
 
 from ..layers import Block, Embed, LMHead, make_norm
 from ..sharding import LAYERS
+from ..utils import concrete
 
 _REMAT_POLICIES = {
     "full": lambda: jax.checkpoint_policies.nothing_saveable,
@@ -70,10 +71,17 @@ def positions_from_segments(segment_ids):
 
 
 def check_tokens(tokens, vocab_size=None):
+    """``tokens`` must be ``[B, T]`` integers; with ``vocab_size``, ids in ``[0, vocab_size)`` when
+    their values are known (eager calls; under ``jit`` an out-of-range id gives NaN logits, and
+    a negative one would index from the end)."""
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [B, T] integers, got shape {tokens.shape}")
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise ValueError(f"tokens must have an integer dtype, got {tokens.dtype}")
+    values = None if vocab_size is None else concrete(tokens)
+    if values is not None and values.size and (values.min() < 0 or values.max() >= vocab_size):
+        raise ValueError(f"token ids must be in [0, vocab_size={vocab_size}), got ids from "
+                         f"{values.min()} to {values.max()}")
 
 
 def check_attn_dropout(config, classes) -> None:
@@ -138,7 +146,7 @@ class Transformer(nn.Module):
 
     # --------------------------------------------------------------- forward
     def __call__(self, tokens, *, positions=None, segment_ids=None, cache=None):
-        check_tokens(tokens)
+        check_tokens(tokens, self.config.vocab_size)
         if self.has_rng("dropout"):
             check_attn_dropout(self.config, self.layer_classes())
         t = tokens.shape[1]

@@ -37,6 +37,7 @@ import dataclasses
 import functools
 from typing import Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -84,7 +85,18 @@ class QuantSpec(OnlineQuant):
         if not isinstance(self.w_bits, int) or isinstance(self.w_bits, bool) or not 2 <= self.w_bits <= 16:
             raise ValueError(f"w_bits must be an int in [2, 16] (16 = no quantization), got {self.w_bits!r}")
         self.check_online_quant()
-        if not 0 <= self.percdamp < 1:
+        for name in ("rotate", "w_sym", "w_clip"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool (true/false), got {getattr(self, name)!r}")
+        for name, lo in (("seed", 0), ("calib_batch", 1)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+        if self.w_groupsize is not None and (not isinstance(self.w_groupsize, int)
+                                             or isinstance(self.w_groupsize, bool) or self.w_groupsize < 1):
+            raise ValueError(f"w_groupsize must be a positive int or None (per channel), got {self.w_groupsize!r}")
+        if isinstance(self.percdamp, bool) or not isinstance(self.percdamp, (int, float)) \
+                or not 0 <= self.percdamp < 1:
             raise ValueError(f"percdamp must be in [0, 1), got {self.percdamp!r}")
         if self.storage == "int":
             bad = []
@@ -160,12 +172,37 @@ def _kernel_2d(w, name):
     return w.reshape(int(np.prod(shape[:n_in])), -1), shape
 
 
+def _check_quantize_inputs(config, spec: QuantSpec, calibration) -> None:
+    """What ``quantize`` would otherwise find out deep inside (or never: out-of-vocabulary
+    calibration ids give NaN Hessians and NaN weights)."""
+    if spec.w_bits < 16 and spec.w_groupsize is not None:
+        ins = {"d_model": config.d_model, "n_head * head_dim": config.n_head * config.dim_head,
+               "d_ff": config.ff_dim}
+        bad = {k: v for k, v in ins.items() if v % spec.w_groupsize}
+        if bad:
+            raise ValueError(f"w_groupsize={spec.w_groupsize} must divide every linear's input size, "
+                             f"not {bad}")
+    if calibration is None:
+        return
+    cal = np.asarray(calibration)
+    if cal.ndim != 2 or cal.size == 0 or not np.issubdtype(cal.dtype, np.integer):
+        raise ValueError(f"calibration must be int tokens [N, T] (N, T >= 1), got shape {cal.shape} "
+                         f"dtype {cal.dtype}")
+    if cal.min() < 0 or cal.max() >= config.vocab_size:
+        raise ValueError(f"calibration tokens must be ids in [0, vocab_size={config.vocab_size}), got "
+                         f"ids from {cal.min()} to {cal.max()}")
+
+
 def quantize(config, params, spec: QuantSpec, calibration=None):
     """QuaRot a ``llama`` model: ``(quarot config, quantized params)`` (see module doc).
 
     ``calibration``: int tokens ``[N, T]`` (needed for ``w_method="gptq"``; QuaRot uses 128
     sequences of 2048 tokens of WikiText-2)."""
     qcfg = quant_config(config, spec)
+    params = nn.unbox(params)
+    if isinstance(params, dict) and set(params) == {"params"}:  # module.init's variables
+        params = params["params"]
+    _check_quantize_inputs(config, spec, calibration)
     if spec.rotate:
         p, _ = rotate_params(config, params, spec.seed)
     else:

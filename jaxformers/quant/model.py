@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from ..config import TransformerConfig, _choice
+from ..config import TransformerConfig, _boolean, _choice
 from ..layers import Block
 from ..layers.attention import init_attention_cache, project_qkv, write_kv_cache
 from ..layers.common import output_std
@@ -76,11 +76,15 @@ class OnlineQuant:
             if not isinstance(v, int) or isinstance(v, bool) or not 2 <= v <= 16:
                 raise ValueError(f"{name} must be an int in [2, 16] (16 = off), got {v!r}")
         for name in ("a_clip", "kv_clip"):
-            if not 0 < getattr(self, name) <= 1:
-                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)!r}")
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
+                raise ValueError(f"{name} must be in (0, 1], got {v!r}")
+        for name in ("a_sym", "kv_sym"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool (true/false), got {getattr(self, name)!r}")
         for name in ("a_groupsize", "kv_groupsize"):
             v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v <= 0):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
                 raise ValueError(f"{name} must be a positive int or None, got {v!r}")
 
     def online_quant(self) -> dict:
@@ -112,7 +116,8 @@ class QuaRotConfig(TransformerConfig, OnlineQuant):
         _choice("scan_layers", self.scan_layers, (False,))
         _choice("skip_gains", self.skip_gains, (False,))
         self.check_online_quant()
-        _choice("int_linears", self.int_linears, (False, True))
+        for name in ("rotated", "int_linears"):
+            _boolean(self, name)
         if self.int_linears:
             if not isinstance(self.w_bits, int) or not 2 <= self.w_bits <= 8:
                 raise ValueError(f"int_linears=True needs w_bits in [2, 8], got {self.w_bits!r}")

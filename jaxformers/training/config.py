@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Mapping, Optional, Tuple
 
 from ..config import ConfigMixin, check_fields
@@ -102,8 +103,8 @@ class TrainConfig(ConfigMixin):
 
         def number(name, lo, hi, lo_open=False, hi_open=False):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise ValueError(f"{name} must be a number, got {value!r}")
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
             bad_lo = value <= lo if lo_open else value < lo
             bad_hi = value >= hi if hi_open else value > hi
             if bad_lo or bad_hi:
@@ -118,6 +119,10 @@ class TrainConfig(ConfigMixin):
             integer("warmup_steps", 0)
         if self.schedule_steps is not None:
             integer("schedule_steps", 1)
+        if self.warmup_steps is not None and self.warmup_steps > self.schedule_length:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be in [0, {self.schedule_length}] (the "
+                             f"schedule's length, {'schedule_steps' if self.schedule_steps else 'steps'}): a "
+                             "longer warmup never reaches lr")
         number("warmup_fraction", 0.0, 1.0)
         if not isinstance(self.tensorboard, bool):
             raise ValueError(f"tensorboard must be a bool (true/false), got {self.tensorboard!r}")

@@ -72,8 +72,8 @@ from jax.experimental import pallas as pl
 
 from .masks import MaskSpec, block_id_bounds, blocks_may_interact
 from .reference import split_segment_ids
-from .._common import (SQ, AttentionPlan, by_platform, check_qkv, compiler_params, is_tpu_interpret,
-                       next_pow2, resolve_interpret, round_up, select_plan)
+from .._common import (SQ, AttentionPlan, by_platform, check_flag, check_qkv, compiler_params,
+                       is_tpu_interpret, next_pow2, resolve_interpret, round_up, select_plan)
 
 LOG2E = math.log2(math.e)
 _MIN_BLOCK = 16  # smallest tile Triton's tl.dot accepts
@@ -758,6 +758,7 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 def _prepare(q, k, v, causal, segment_ids, window, sm_scale, block_sizes, interpret):
     check_qkv(q, k, v, self_attention=False)
+    causal = check_flag("causal", causal)
     q_ids, kv_ids = split_segment_ids(segment_ids, q.shape[1], k.shape[1])
     if block_sizes is None:
         block_sizes = BlockSizes.get_default(q.shape[-1])

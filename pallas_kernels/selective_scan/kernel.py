@@ -122,7 +122,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from .._common import (SQ, KernelPlan, by_platform, compiler_params, next_pow2, resolve_interpret,
+from .._common import (SQ, check_flag, KernelPlan, by_platform, compiler_params, next_pow2, resolve_interpret,
                        round_up, segment_resets, select_plan, tpu_tile_bytes)
 from .reference import validate
 
@@ -1025,6 +1025,8 @@ def selective_scan(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=
     backward kernel).
     """
     _, _, dim, _, g = validate(x, dt, A, B, C, D, z, dt_bias, initial_state, segment_ids)
+    dt_softplus = check_flag("dt_softplus", dt_softplus)
+    return_final_state = check_flag("return_final_state", return_final_state)
     plan = _plan_for_call(x, dt, z, A, g, dt_softplus, initial_state is not None,
                           segment_ids is not None, interpret, block_d, chunk_size)
     if g is None:

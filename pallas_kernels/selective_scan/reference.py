@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .._common import LAYOUT_HINT, check_float, check_segment_ids, segment_resets, shape_of
+from .._common import LAYOUT_HINT, check_float, check_segment_ids, process_dt, segment_resets, shape_of
 
 _shape = shape_of
 
@@ -42,9 +42,9 @@ def validate(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_state=None, s
             raise ValueError(f"x has shape {x.shape} but A {A.shape} says D={A.shape[0]}: expected "
                              f"x as [B, L, D] = [{b}, {dim}, {A.shape[0]}] ({LAYOUT_HINT})")
         raise ValueError(f"A must have shape [D={dim}, N] (D = x.shape[-1]), got {A.shape}")
-    if l < 1:
-        raise ValueError(f"x must have at least one time step: expected [B, L, D] with L >= 1, "
-                         f"got shape {x.shape}")
+    if min(b, l, dim) < 1:
+        raise ValueError(f"x must be non-empty: expected [B, L, D] with B, L, D >= 1 (at least one "
+                         f"time step), got shape {x.shape}")
     n = A.shape[1]
     if _shape(dt) != (b, l, dim):
         hint = f" ({LAYOUT_HINT})" if _shape(dt) == (b, dim, l) else ""
@@ -94,16 +94,6 @@ def validate(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_state=None, s
 def expand_groups(x, dim):
     """``[..., G, N]`` -> ``[..., dim, N]`` (channel d takes group d // (dim // G))."""
     return jnp.repeat(x, dim // x.shape[-2], axis=-2)
-
-
-def process_dt(dt, dt_bias, dt_softplus):
-    """``softplus?(dt + dt_bias)`` in float32."""
-    dt = dt.astype(jnp.float32)
-    if dt_bias is not None:
-        dt = dt + dt_bias.astype(jnp.float32)
-    if dt_softplus:
-        dt = jax.nn.softplus(dt)
-    return dt
 
 
 def reference(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False,

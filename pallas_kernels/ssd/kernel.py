@@ -94,7 +94,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from .._common import (SQ, KernelPlan, by_platform, compiler_params, next_pow2, resolve_interpret,
+from .._common import (SQ, check_flag, KernelPlan, by_platform, compiler_params, next_pow2, resolve_interpret,
                        round_up, segment_resets, select_plan)
 from .reference import _d_term, process_dt, validate
 
@@ -674,6 +674,8 @@ def ssd(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False, init
     in x, dt, A, B, C, D, z, dt_bias and initial_state.
     """
     b, l, h, p, g, n = validate(x, dt, A, B, C, D, z, dt_bias, initial_state, segment_ids)
+    dt_softplus = check_flag("dt_softplus", dt_softplus)
+    return_final_state = check_flag("return_final_state", return_final_state)
     block_p = _check_sizes(chunk_size, block_p)
     interpret = resolve_interpret(interpret)
     make = functools.partial(_make_plan, b, l, h, p, g, n, chunk_size=chunk_size, block_p=block_p,

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .._common import LAYOUT_HINT, check_float, check_segment_ids, segment_resets, shape_of
+from .._common import LAYOUT_HINT, check_float, check_segment_ids, process_dt, segment_resets, shape_of
 
 _shape = shape_of
 
@@ -40,9 +40,9 @@ def validate(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_state=None, s
             raise ValueError(f"x has shape {x.shape} but A {A.shape} says H={A.shape[0]}: expected "
                              f"x as [B, L, H, P] ({LAYOUT_HINT})")
         raise ValueError(f"A must have shape [H={h}] (one scalar per head), got {_shape(A)}")
-    if l < 1:
-        raise ValueError(f"x must have at least one time step: expected [B, L, H, P] with L >= 1, "
-                         f"got shape {x.shape}")
+    if min(b, l, h) < 1:
+        raise ValueError(f"x must be non-empty: expected [B, L, H, P] with B, L, H >= 1 (at least one "
+                         f"time step), got shape {x.shape}")
     if _shape(dt) != (b, l, h):
         hint = f" ({LAYOUT_HINT})" if _shape(dt) == (b, h, l) else ""
         raise ValueError(f"dt must have shape [B, L, H] = {(b, l, h)}, got {_shape(dt)}{hint}")
@@ -77,15 +77,6 @@ def validate(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_state=None, s
     if segment_ids is not None:
         check_segment_ids(segment_ids, b, l)
     return b, l, h, p, g, n
-
-
-def process_dt(dt, dt_bias, dt_softplus):
-    dt = dt.astype(jnp.float32)
-    if dt_bias is not None:
-        dt = dt + dt_bias.astype(jnp.float32)
-    if dt_softplus:
-        dt = jax.nn.softplus(dt)
-    return dt
 
 
 def _d_term(D, x):
