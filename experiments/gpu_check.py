@@ -14,7 +14,7 @@ cut short keeps what it measured):
 
 1. ``correct``: each kernel family (flash attention causal + GQA, sliding window + packed
    segments; selective scan and SSD with initial state, packed segments and final state;
-   hash- and QK-sparse attention (GQA); landmark attention (L=51, GQA); Hadamard transform
+   hash- and QK-sparse attention (GQA); landmark attention (L=51, GQA, o and lse); Hadamard transform
    (2^k and a factored size); the int8 linear) against its float32 reference at one awkward
    shape (T=333), forward and every gradient, float32 inputs with
    ``JAX_DEFAULT_MATMUL_PRECISION=highest``; fresh random inputs each run (the seed is in the
@@ -376,9 +376,10 @@ def correctness_cases(smoke: bool, seed: int, interpret=None):
     cases.append(("QK-sparse keep 0.5 GQA 4:2",
                   lambda q, k, v, a, c: sa.qk_sparse_attention(q, k, v, a, c, interpret=ip),
                   lambda q, k, v, a, c: sa.qk_sparse_reference(q, k, v, a, c), (q, k, v), (qk_, kk_)))
-    cases.append((f"landmark L={lm_block} GQA 4:2",
-                  lambda q, k, v: lm.landmark_attention(q, k, v, block_size=lm_block, interpret=ip),
-                  lambda q, k, v: lm.landmark_attention_reference(q, k, v, block_size=lm_block), (q, k, v), ()))
+    cases.append((f"landmark L={lm_block} GQA 4:2 (o, lse)",
+                  lambda q, k, v: lm.landmark_attention(q, k, v, block_size=lm_block, interpret=ip, return_lse=True),
+                  lambda q, k, v: lm.landmark_attention_reference(q, k, v, block_size=lm_block, return_lse=True),
+                  (q, k, v), ()))
     for size in (had, 12 * had // 16):  # 2^k and a Kronecker-factored size (12 x 2^j)
         cases.append((f"Hadamard n={size}", lambda x: hd.hadamard_transform(x, interpret=ip),
                       lambda x: hd.hadamard_reference(x), (normal(rows, size),), ()))

@@ -45,10 +45,12 @@ def test_insert_landmarks_and_loss_mask():
         with_landmarks({"tokens": jnp.asarray(raw), "segment_ids": jnp.asarray(raw)}, L, 99)
 
 
-def test_memory_forward_equals_full_forward(tiny):
-    """top_k >= stored blocks: every block retrieved, in order, at its true position."""
+@pytest.mark.parametrize("impl", ["reference", "pallas"])
+def test_memory_forward_equals_full_forward(tiny, impl):
+    """top_k >= stored blocks: every block retrieved, in order, at its true position (the chunk's
+    own attention by the float32 reference, or by the kernel's ``return_lse``, interpret mode)."""
     cfg, _, params, seq, full = tiny
-    got = memory_forward(cfg, params, seq, chunk_len=16, top_k=12)
+    got = memory_forward(cfg.replace(landmark_impl=impl), params, seq, chunk_len=16, top_k=12)
     np.testing.assert_allclose(np.asarray(got), np.asarray(full), atol=2e-5)
 
 

@@ -61,6 +61,30 @@ def test_matches_reference(case):
         _assert_close(g, w, TOL[dtype], f"{case} {what}")
 
 
+@pytest.mark.parametrize("case", ["gqa_L5_partial_block", "b2_L16_peaked"])
+def test_return_lse_and_its_gradient(case):
+    """``return_lse``: the outer normaliser equals the reference's, and a loss through both ``o``
+    and ``lse`` differentiates like the reference (the lse cotangent enters the backward)."""
+    b, t, hq, hkv, d, L, bq, dtype, scale = CASES[case]
+    q, k, v, ct = _inputs(1, b, t, hq, hkv, d, dtype, scale)
+    w = jnp.asarray(np.random.default_rng(2).standard_normal((b, hq, t), np.float32))
+
+    def loss(fn, **kw):
+        def f(q, k, v):
+            o, lse = fn(q, k, v, block_size=L, return_lse=True, **kw)
+            return jnp.sum(o * ct) + jnp.sum(lse * w), lse
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True),
+                       compiler_options=FAST_COMPILE)(q, k, v)
+
+    (val, lse), grads = loss(landmark_attention, block_q=bq)
+    (val_ref, lse_ref), grads_ref = loss(landmark_attention_reference)
+    assert lse.shape == (b, hq, t) and lse.dtype == jnp.float32
+    _assert_close(lse, lse_ref, 1e-5, f"{case} lse")
+    _assert_close(val, val_ref, 1e-5, f"{case} loss")
+    for what, g, r in zip(("dq", "dk", "dv"), grads, grads_ref):
+        _assert_close(g, r, 1e-5, f"{case} {what} (o and lse)")
+
+
 def _literal(q, k, v, L):
     """The issue's definition, one query at a time in float64 numpy (one head)."""
     t, d = q.shape

@@ -71,21 +71,25 @@ def test_lowers_for_tpu(case):
 
 def test_tpu_interpret_matches_reference():
     """GQA, T=150 with L=40 (3 full blocks + a partial one; blocks padded to 128 rows, two
-    128-row q tiles... one 256-row q tile), D=32 (padded to 128 lanes)."""
+    128-row q tiles... one 256-row q tile), D=32 (padded to 128 lanes); o and lse with
+    cotangents on both."""
     b, t, hq, hkv, d, L = 1, 150, 2, 1, 32, 40
     rng = np.random.default_rng(0)
     q, k, v, ct = (jnp.asarray(rng.standard_normal(s, np.float32)) for s in
                    ((b, t, hq, d), (b, t, hkv, d), (b, t, hkv, d), (b, t, hq, d)))
 
+    ct_lse = jnp.asarray(rng.standard_normal((b, hq, t), np.float32))  # the lse output's cotangent
+
     def fwd_bwd(fn, **kw):
         def f(q, k, v, ct):
-            o, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, block_size=L, **kw), q, k, v)
-            return (o,) + vjp(ct)
+            (o, lse), vjp = jax.vjp(lambda q, k, v: fn(q, k, v, block_size=L, return_lse=True, **kw),
+                                    q, k, v)
+            return (o, lse) + vjp((ct, ct_lse))
         return jax.jit(f, compiler_options=FAST_COMPILE)(q, k, v, ct)
 
     got = fwd_bwd(landmark_attention, interpret=pltpu.InterpretParams())
     want = fwd_bwd(landmark_attention_reference)
-    for what, g, w in zip(("o", "dq", "dk", "dv"), got, want):
+    for what, g, w in zip(("o", "lse", "dq", "dk", "dv"), got, want):
         g, w = np.asarray(g), np.asarray(w)
         assert np.all(np.isfinite(g)), what
         err = np.max(np.abs(g - w)) / max(1.0, float(np.max(np.abs(w))))

@@ -37,8 +37,9 @@ landmark key is row ``L - 1`` of its block).  For each chunk and layer:
    current chunk");
 3. attention: the grouped softmax over the retrieved blocks *and* the chunk: the outer
    softmax runs over the retrieved landmarks, the chunk's own earlier landmarks and the
-   current block; computed as the chunk's landmark attention (with its outer log-normaliser)
-   merged with the retrieved blocks' contribution by log-sum-exp;
+   current block; computed as the chunk's landmark attention (with its outer log-normaliser:
+   the kernel's ``return_lse``, or the reference's) merged with the retrieved blocks'
+   contribution by log-sum-exp;
 4. the chunk's complete blocks (unrotated keys, values) are appended to the memory.
 
 Per-token attention work is ``chunk_len + top_k * L`` keys whatever the context length;
@@ -206,13 +207,15 @@ def resolve_impl(impl: str) -> str:
     return impl
 
 
-def landmark_op(c, q, k, v):
-    """Training/prefill landmark attention ``[B, T, H, Dh]`` (kernel or reference)."""
+def landmark_op(c, q, k, v, return_lse=False):
+    """Training/prefill landmark attention ``[B, T, H, Dh]`` (kernel or reference); with
+    ``return_lse`` also the outer natural-log normaliser ``[B, H, T]`` (memory chunks)."""
     from pallas_kernels import landmark_attention as la
 
     if resolve_impl(c.landmark_impl) == "reference":
-        return la.landmark_attention_reference(q, k, v, block_size=c.landmark_block)
-    return la.landmark_attention(q, k, v, block_size=c.landmark_block, block_q=c.block_q)
+        return la.landmark_attention_reference(q, k, v, block_size=c.landmark_block, return_lse=return_lse)
+    return la.landmark_attention(q, k, v, block_size=c.landmark_block, block_q=c.block_q,
+                                 return_lse=return_lse)
 
 
 def _rope(x, positions, c):
@@ -322,7 +325,6 @@ class LandmarkAttention(nn.Module):
                       dtype=c.dtype, param_dtype=c.param_dtype, name="o")(o)
 
     def _with_memory(self, x, positions, mem):
-        from pallas_kernels.landmark_attention import landmark_attention_reference
         c = self.config
         L, hq = c.landmark_block, c.n_head
         b, cl = x.shape[:2]
@@ -339,7 +341,7 @@ class LandmarkAttention(nn.Module):
             if mem.get("select_only"):
                 return jnp.zeros_like(x), {"idx": idx, "k": k, "v": v}
             mk, mv = gather_blocks(mem["mem_k"], idx, hq), gather_blocks(mem["mem_v"], idx, hq)
-        o_loc, lse_loc = landmark_attention_reference(qr, kr, v, block_size=L, return_lse=True)
+        o_loc, lse_loc = landmark_op(c, qr, kr, v, return_lse=True)
         o = memory_attention(c, qr, o_loc, lse_loc, mk, mv, idx, n_mem)
         new = {"k": k, "v": v}                    # the chunk's unrotated keys / values
         return self._out(o), new

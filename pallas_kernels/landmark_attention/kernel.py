@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -55,10 +56,11 @@ from jax.experimental import pallas as pl
 
 from ..flash_attention.kernel import (LOG2E, _dot_nn, _dot_nt, _dot_tn, _iota,
                                       _is_pow2, _rows_slice, _tile_bytes, static_sm_scale)
-from .._common import (SQ, AttentionPlan, by_platform, check_qkv, compiler_params, next_pow2,
+from .._common import (SQ, AttentionPlan, by_platform, check_flag, check_qkv, compiler_params, next_pow2,
                        resolve_interpret, round_up, select_plan)
 
 _MIN_LP_GPU = 16   # tl.dot's smallest tile
+_LN2 = math.log(2.0)
 _TPU_TILE = 128
 
 
@@ -299,10 +301,15 @@ def _forward(plan, qb, kb, vb):
     )(qb, kb, vb)
 
 
-def _backward(plan, res, do_b):
+def _backward(plan, res, do_b, dlse_b=None):
+    """``dlse_b``: the cotangent of the natural-log ``lse`` (padded-block layout ``[B, H, T_pad]``)
+    or None.  ``lse = logsumexp(X)`` adds ``P * dlse`` to ``dX = P * (dO V^T - D)``, so it enters
+    as ``D - dlse``."""
     qb, kb, vb, ob, lse = res
     g = plan.group
     delta = jnp.sum(ob.astype(jnp.float32) * do_b.astype(jnp.float32), axis=-1)  # [B, H, T_pad]
+    if dlse_b is not None:
+        delta = delta - dlse_b
     if plan.tpu:
         delta = delta[..., None]
     do_b = do_b.astype(qb.dtype)
@@ -343,26 +350,30 @@ def _fwd_variant(plan, q, k, v):
     return _from_blocks(plan, ob), _lse_from_blocks(plan, lse)
 
 
-def _bwd_variant(plan, res, do):
+def _bwd_variant(plan, res, do, dlse):
     q, k, v, o, lse = res
     qb, kb, vb, ob = (_to_blocks(plan, x) for x in (q, k, v, o))
+    dlse_b = _to_blocks(plan, jnp.swapaxes(dlse.astype(jnp.float32), 1, 2)[..., None], dp=1)[..., 0]
     dq, dk, dv = _backward(plan, (qb, kb, vb, ob, _lse_to_blocks(plan, lse)),
-                           _to_blocks(plan, do))
+                           _to_blocks(plan, do), dlse_b)
     return tuple(_from_blocks(plan, x) for x in (dq, dk, dv))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _landmark(q, k, v, plan):
-    return by_platform(plan, _fwd_variant, q, k, v)[0]
+    """``(o [B, T, Hq, D], lse [B, Hq, T])``: lse the outer softmax's natural-log normaliser."""
+    o, lse = by_platform(plan, _fwd_variant, q, k, v)
+    return o, lse * _LN2
 
 
 def _landmark_fwd(q, k, v, plan):
     o, lse = by_platform(plan, _fwd_variant, q, k, v)
-    return o, (q, k, v, o, lse)  # lse: [B, Hq, T] log2 outer normaliser
+    return (o, lse * _LN2), (q, k, v, o, lse)  # residual lse: [B, Hq, T] log2 outer normaliser
 
 
-def _landmark_bwd(plan, res, do):
-    return by_platform(plan, _bwd_variant, res, do)
+def _landmark_bwd(plan, res, cts):
+    do, dlse = cts
+    return by_platform(plan, _bwd_variant, res, do, dlse)
 
 
 _landmark.defvjp(_landmark_fwd, _landmark_bwd)
@@ -379,17 +390,18 @@ def _validate(q, k, v, block_size, block_q):
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "sm_scale", "block_q", "num_warps",
-                                             "num_stages", "interpret"))
+                                             "num_stages", "interpret", "return_lse"))
 def _landmark_attention(q, k, v, *, block_size, sm_scale, block_q, num_warps, num_stages,
-                        interpret):
+                        interpret, return_lse):
     interpret = resolve_interpret(interpret)
     plan = select_plan(functools.partial(_make_plan, q, k, block_size, sm_scale, block_q, num_warps,
                                          num_stages, interpret), interpret)
-    return _landmark(q, k, v, plan)
+    o, lse = _landmark(q, k, v, plan)
+    return (o, lse) if return_lse else o
 
 
 def landmark_attention(q, k, v, *, block_size, sm_scale=None, interpret=None, block_q=64,
-                       num_warps=None, num_stages=2):
+                       num_warps=None, num_stages=2, return_lse=False):
     """Landmark (grouped-softmax) causal attention; semantics in :mod:`.reference`.
 
     Args:
@@ -401,14 +413,21 @@ def landmark_attention(q, k, v, *, block_size, sm_scale=None, interpret=None, bl
         GPU, Mosaic for TPU, chosen at lowering); ``pltpu.InterpretParams()`` the TPU variant.
       block_q: GPU query tile rows (a power of two; raised to the padded block ``Lp``).
 
+      return_lse: also return the outer softmax's natural-log normaliser ``[B, Hq, T]``
+        float32 (as :func:`.reference.landmark_attention_reference`; what merging with other
+        keys, e.g. retrieved memory blocks, needs).
+
     Returns:
-      ``[B, T, Hq, D]`` in q's dtype.  Landmark queries output the same rule as the other
-      queries of their block (their own key excluded).  Differentiable (Pallas backward).
+      ``[B, T, Hq, D]`` in q's dtype (and ``lse`` with ``return_lse``).  Landmark queries
+      output the same rule as the other queries of their block (their own key excluded).
+      Differentiable in q, k, v through ``o`` and ``lse`` (Pallas backward; the ``lse``
+      cotangent enters as ``D - dlse``).
     """
     _validate(q, k, v, block_size, block_q)
     return _landmark_attention(q, k, v, block_size=block_size,
                                sm_scale=static_sm_scale(sm_scale), block_q=block_q,
-                               num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+                               num_warps=num_warps, num_stages=num_stages, interpret=interpret,
+                               return_lse=check_flag("return_lse", return_lse))
 
 
 def tpu_vmem_bytes(q_shape, k_shape, dtype, *, block_size: int) -> dict:
