@@ -215,8 +215,17 @@ def build_configs(args):
         if args.steps is not None:
             raise CLIError("give either --steps (the new total) or --extend-steps (steps to add), not both")
         args.resume = True
-    if args.resume and args.model is None and args.out and (Path(args.out) / CONFIG_FILE).is_file():
+    if args.resume and not args.out and not args.config:  # the default run directory of --model/--preset
+        args.out = f"runs/{args.model or DEFAULTS['model']}-{args.preset or DEFAULTS['preset']}"
+    if args.resume and args.out and (Path(args.out) / CONFIG_FILE).is_file():
         saved = json.loads((Path(args.out) / CONFIG_FILE).read_text())
+        saved_model = saved.get("model", {}).get("model")
+        if args.model is not None and args.model != saved_model:
+            raise CLIError(f"--model {args.model!r} differs from the run's model {saved_model!r} in {args.out}: "
+                           "--resume continues that run (choose a new --out for a new one)")
+        if args.preset is not None:
+            print("note: --resume continues the run with its own config: --preset is not applied "
+                  "(change fields with --set)", file=sys.stderr)
 
     flags = {name: getattr(args, name) for name in _TRAIN_FLAGS if getattr(args, name, None) is not None}
     if args.no_tensorboard:
@@ -319,6 +328,7 @@ def human_summary(summary: dict) -> str:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     from jaxformers.training import CheckpointError, train
+    from jaxformers.training.rundir import RunDirBusy
 
     debug = os.environ.get("JAXFORMERS_DEBUG", "") not in ("", "0")
     try:
@@ -330,7 +340,7 @@ def main(argv=None) -> int:
             raise CLIError(str(e)) from e
         summary = train(model_config, train_config, resume=args.resume,
                         progress=False if args.quiet else None, allow_lr_jump=args.allow_lr_jump)
-    except (CLIError, CheckpointError, ValueError, FileExistsError, FileNotFoundError) as e:
+    except (CLIError, CheckpointError, RunDirBusy, ValueError, FileExistsError, FileNotFoundError) as e:
         if debug:  # JAXFORMERS_DEBUG=1: full traceback
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -200,6 +200,16 @@ def _edit_config(src, dst, **changes):
     (dict(hidden_act="gelu"), "hidden_act"),
     (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}), "rope_type"),
     (dict(rope_parameters=None, rope_scaling={"type": "linear", "factor": 2.0}), "rope_type"),
+    # mixed-version config: a default rope_parameters must not hide a llama3 rope_scaling
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": 5e5},
+          rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                        "original_max_position_embeddings": 32}), "rope_scaling rope_type='llama3'"),
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": 5e5},
+          rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling rope_type='linear'"),
+    (dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 5e5, "factor": 2.0},
+          rope_scaling={"rope_type": "default"}), "rope_parameters rope_type='dynamic'"),
+    (dict(rope_scaling={"rope_type": "default", "partial_rotary_factor": 0.5}), "partial_rotary_factor"),
+    (dict(rope_scaling="llama3"), "rope_scaling"),
 ])
 def test_unsupported_config_raises(untied, tmp_path, changes, field):
     _, path = untied
@@ -213,6 +223,8 @@ def test_legacy_rope_theta_field(untied, tmp_path):
     legacy = _edit_config(path, str(tmp_path / "legacy"), rope_parameters=None, rope_scaling=None, rope_theta=5e5)
     config, _ = from_hf(legacy)
     assert config.rope_theta == 5e5
+    both = _edit_config(path, str(tmp_path / "both"), rope_scaling={"rope_type": "default"})
+    assert from_hf(both)[0].rope_theta == 5e5  # default in both dicts: plain RoPE
 
 
 def test_attention_bias_model_raises(tmp_path):

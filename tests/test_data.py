@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import warnings
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -131,6 +132,35 @@ def test_corpus_errors(tmp_path):
         load_corpus(bad)
 
 
+def test_non_utf8_bytes_become_replacement_chars_with_a_warning(tmp_path):
+    # One stray byte must not garble the file's real UTF-8 text (no whole-file Latin-1 fallback).
+    mixed = tmp_path / "mixed.txt"
+    mixed.write_bytes("héllo wörld ".encode() + b"\xff\xfe" + "naïve café".encode())
+    with pytest.warns(UnicodeWarning, match=r"mixed\.txt: 2 byte\(s\) are not valid UTF-8 \(first at byte offset 14\)"):
+        assert load_corpus(mixed) == ["héllo wörld \ufffd\ufffdnaïve café"]
+    latin1 = tmp_path / "latin1.txt"  # legacy Latin-1: only its non-ASCII bytes are lost, loudly
+    latin1.write_bytes("café crème".encode("latin-1"))
+    with pytest.warns(UnicodeWarning, match="latin1.txt: 2 byte"):
+        assert load_corpus(latin1) == ["caf\ufffd cr\ufffdme"]
+    good = tmp_path / "good.txt"
+    good.write_bytes(b"\xef\xbb\xbf" + SAMPLE.encode())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_corpus(good) == [SAMPLE]  # valid UTF-8 unchanged, BOM dropped
+
+
+def test_jsonl_errors_name_the_line(tmp_path):
+    bad = tmp_path / "enc.jsonl"
+    bad.write_bytes(b'{"text": "ok"}\n\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"enc\.jsonl:3: not valid UTF-8 \(byte 0xe9"):
+        load_corpus(bad)
+    bad.write_bytes(b'{"text": "ok"}\r\n{"text": "no end"\n')
+    with pytest.raises(ValueError, match=r"enc\.jsonl:2: invalid JSON"):
+        load_corpus(bad)
+    bad.write_bytes('{"text": "ok"}\r\n{"text": "naïve"}\n'.encode())
+    assert load_corpus(bad) == ["ok", "naïve"]
+
+
 def test_list_corpora_and_aliases():
     names = list_corpora()
     assert names[0] == "shakespeare" and "python" in names
@@ -217,6 +247,18 @@ def test_prepare_bpe_and_single_doc(tmp_path):
     assert text == doc
     assert tok.decode(val).startswith("line ")  # cut at a line break
     assert 0.08 < len(val) / (len(train) + len(val)) < 0.12
+
+
+def test_split_never_hands_one_large_document_to_val():
+    """A document that would take val past twice its target stays in train (the rule used to
+    take the first document of the seeded order whatever its size: 99% of the corpus in val)."""
+    for seed in range(10):
+        train, val, method = split_documents(["A" * 100_000, "B" * 1_000, "C" * 1_000], 0.05, seed)
+        assert method == "documents" and sum(map(len, val)) <= 2 * 0.05 * 102_000
+        assert "A" * 100_000 in train
+    # every document is too large: the tail of the largest one, cut at the target size
+    train, val, method = split_documents(["x" * 50_000, "y" * 60_000], 0.05, 0)
+    assert method == "tail" and val == ["y" * 5_500] and train == ["x" * 50_000, "y" * 54_500]
 
 
 def test_prepare_failure_leaves_no_partial_output(text_folder, tmp_path, monkeypatch):

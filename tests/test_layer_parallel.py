@@ -171,6 +171,39 @@ def test_delete_swap_shuffle(models, tokens):
     np.testing.assert_allclose(_logits(shc, shp, tokens), _reference_order(cfg, params, tokens, order), atol=1e-5)
 
 
+def test_layer_indices_must_be_ints_in_range(models):
+    # floats were truncated (delete [1.7] deleted layer 1); non-sequences gave bare TypeErrors
+    cfg, params = models["gpt"]
+    for call, msg in [
+        (lambda: reorder_layers(cfg, params, [0.9, 1.2]),
+         r"order\[0\] must be a layer index \(an int in \[0, 5\)\), got 0.9"),
+        (lambda: reorder_layers(cfg, params, [0, True]), r"order\[1\] .* got True"),
+        (lambda: reorder_layers(cfg, params, 3), r"order must be a sequence of layer indices"),
+        (lambda: delete_layers(cfg, params, [1.7]),
+         r"layers\[0\] must be a layer index \(an int in \[0, 5\)\), got 1.7"),
+        (lambda: delete_layers(cfg, params, [5]), r"layers\[0\] .* got 5"),
+        (lambda: delete_layers(cfg, params, 1),
+         r"layers must be a sequence of layer indices \(ints in \[0, 5\)\), got 1"),
+        (lambda: delete_layers(cfg, params, "01"), r"layers must be a sequence"),
+        (lambda: delete_layers(cfg, params, range(L)), r"layers must leave at least one"),
+        (lambda: swap_layers(cfg, params, 1, 1.5), r"j must be a layer index \(an int in \[0, 5\)\), got 1.5"),
+        (lambda: swap_layers(cfg, params, 2.0), r"i must be a layer index .* got 2.0"),
+        (lambda: swap_layers(cfg, params, -1, 0), r"i must be .* got -1"),
+        (lambda: swap_layers(cfg, params, L - 1), r"j \(default i \+ 1\) must be .* got 5"),
+        (lambda: shuffle_layers(cfg, params, 0.5, 3), r"start must be an int, got 0.5"),
+        (lambda: shuffle_layers(cfg, params, 0, np.float32(3)), r"end must be an int"),
+        (lambda: shuffle_layers(cfg, params, 2, 2), r"start=2, end=2"),
+        (lambda: pair_layers(cfg, params, 0, 2.0), r"end must be an int"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            call()
+    # numpy integers are ints
+    assert delete_layers(cfg, params, np.array([1, 3]))[0].n_layer == 3
+    assert swap_layers(cfg, params, np.int64(2), np.int32(3))[0] == cfg
+    order = shuffle_layers(cfg, params, np.int64(1), np.int64(4), seed=3)[2]
+    assert order == shuffle_layers(cfg, params, 1, 4, seed=3)[2]
+
+
 def _reference_order(cfg, params, tokens, order):
     pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     x = jf.build(cfg).apply({"params": params}, tokens, method=lambda m, t: m.embed(t))

@@ -285,7 +285,8 @@ def test_half_configured_cli_launch_fails_fast_with_the_variable(env, monkeypatc
             monkeypatch.delenv(k)
     monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1")
     monkeypatch.setenv("JAX_PROCESS_ID", "0")
-    code = train_cli.main(train_args(env, env["root"] / "half", steps=2)[2:] + ["--no-compile-cache"])
+    code = train_cli.main(train_args(env, env["root"] / "half", steps=2)[2:] + ["--warmup-steps", "1",
+                                                                                  "--no-compile-cache"])
     assert code == 2
     assert "JAX_NUM_PROCESSES" in capsys.readouterr().err
     assert not (env["root"] / "half").exists()

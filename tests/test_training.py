@@ -211,6 +211,42 @@ def test_existing_run_is_not_clobbered_and_resume_without_checkpoint(env, refere
     assert loss_rows(fresh) == loss_rows(ref)[:2]
 
 
+def test_one_run_per_directory_and_no_shortening(env, reference_run, caplog):
+    """A second training process into a busy run directory is refused (it would mix config.json /
+    metrics.jsonl and clash on checkpoints); resuming with steps below the checkpointed step is
+    refused before anything is rewritten; a resume on another data path is a logged warning."""
+    from jaxformers.training.rundir import RunDirBusy, run_lock
+    ref, _ = reference_run
+    busy = env["root"] / "busy"
+    with run_lock(busy):  # as if another process were training there
+        with pytest.raises(RunDirBusy, match=f"in use by another training process \\(pid {os.getpid()}\\)"):
+            train(tiny_model(), tiny_train(env, busy), progress=False)
+    run = _copy_run(ref, env["root"] / "shorten")
+    before = tree_digest(run)
+    with pytest.raises(ValueError, match="steps=4 is below the step 6 checkpointed"):
+        train(tiny_model(), tiny_train(env, run, steps=4), resume=True, progress=False)
+    assert tree_digest(run) == before
+    with caplog.at_level("WARNING", logger="jaxformers"):
+        train(tiny_model(), tiny_train(env, run, steps=7, seed=5), resume=True, progress=False)
+    assert "another data path" in caplog.text and "seed: 0 -> 5" in caplog.text
+
+
+def test_evaluate_argument_checks(env, reference_run):
+    ref, _ = reference_run
+    for kw, match in ((dict(max_batches=-5), "max_batches"), (dict(max_batches=0), "max_batches"),
+                      (dict(batch_size=0), "batch_size"), (dict(seq_len=0), "seq_len")):
+        with pytest.raises(ValueError, match=match):
+            evaluate(ref, **kw)
+
+
+def test_prepared_dataset_tokenizer_must_match(env, tmp_path):
+    from jaxformers.data import open_data, prepare
+    ds = prepare(env["corpus"], "byte", out_dir=tmp_path / "ds")
+    assert open_data(str(ds), "byte").vocab_size == 257  # "byte": the dataset's own tokenizer
+    with pytest.raises(ValueError, match="differs from the tokenizer 'byte'"):
+        open_data(str(ds), "bpe:300")
+
+
 def _copy_run(src, dst):
     shutil.copytree(src, dst)
     return dst
@@ -389,6 +425,21 @@ def test_cli_bad_arguments_give_clean_errors(env, capsys):
     code = train_cli.main(["--data", env["corpus"], "--mesh", "data=3", "--out", bad_out])
     assert code == 2 and "must equal the device count" in capsys.readouterr().err
     assert not (env["root"] / "cli_bad" / "checkpoints").exists()
+
+
+def test_cli_resume_continues_the_runs_own_config(env, reference_run, capsys):
+    """--resume reads the run's config even when --model is given (it used to fall back to the
+    CLI defaults: another batch size and length); another model is an error."""
+    from experiments import train as train_cli
+    ref, _ = reference_run
+    run = str(_copy_run(ref, env["root"] / "cli_resume"))
+    code = train_cli.main(["--model", "llama", "--resume", "--out", run, "--quiet", "--no-compile-cache"])
+    assert code == 2 and "differs from the run's model 'gpt'" in capsys.readouterr().err
+    code = train_cli.main(["--model", "gpt", "--resume", "--extend-steps", "1", "--out", run, "--quiet",
+                           "--no-compile-cache"])
+    assert code == 0
+    saved = json.loads((Path(run) / "config.json").read_text())["train"]
+    assert (saved["steps"], saved["batch_size"], saved["seq_len"]) == (7, 8, 32)
 
 
 def test_cli_evaluate_and_generate(env, reference_run, capsys):

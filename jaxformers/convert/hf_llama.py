@@ -34,19 +34,27 @@ _PREFIX = "model."
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved
 # --------------------------------------------------------------------------- config mapping
 def _rope_theta(hf: dict) -> float:
-    rope = hf.get("rope_parameters")
-    if not isinstance(rope, dict) or not rope:
-        rope = hf.get("rope_scaling")
-    rope = rope if isinstance(rope, dict) else {}
-    if rope and all(isinstance(v, dict) for v in rope.values()):
-        raise ValueError(f"rope_parameters nested per layer type ({sorted(rope)}) are not supported")
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise ValueError(f"rope scaling rope_type={rope_type!r} is not supported (only 'default' RoPE)")
+    """RoPE base of a HF config; refuses a non-default rope type in ``rope_parameters``
+    (transformers >= 5) or ``rope_scaling`` (older), both checked when both are present."""
+    ropes = {}
+    for key in ("rope_parameters", "rope_scaling"):
+        rope = hf.get(key)
+        if rope is None or rope == {}:
+            continue
+        if not isinstance(rope, dict):
+            raise ValueError(f"{key}={rope!r} is not supported; expected a dict or null")
+        if all(isinstance(v, dict) for v in rope.values()):
+            raise ValueError(f"{key} nested per layer type ({sorted(rope)}) are not supported")
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ValueError(f"{key} rope_type={rope_type!r} is not supported (only 'default' RoPE)")
+        ropes[key] = rope
     for name in ("partial_rotary_factor",):
-        value = rope.get(name, hf.get(name))
-        if value not in (None, 1, 1.0):
-            raise ValueError(f"{name}={value!r} is not supported (full rotary only)")
+        for where, src in (*ropes.items(), ("config", hf)):
+            value = src.get(name)
+            if value not in (None, 1, 1.0):
+                raise ValueError(f"{name}={value!r} (in {where}) is not supported (full rotary only)")
+    rope = ropes.get("rope_parameters", ropes.get("rope_scaling", {}))
     return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
 
 

@@ -41,6 +41,7 @@ import sys
 import sysconfig
 import tarfile
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,19 +174,37 @@ def corpus_fingerprint(docs: list[str]) -> str:
 # --------------------------------------------------------------------------
 # local files
 
+_BAD_BYTE = re.compile("[\udc80-\udcff]")  # a byte that is not UTF-8, after errors="surrogateescape"
+
+
 def _read_text(path: Path) -> str:
+    """A file's text as UTF-8 (a leading BOM dropped).
+
+    Bytes that are not valid UTF-8 become U+FFFD with a warning naming the file
+    and their count; the rest of the file keeps its characters (no guessing of
+    another encoding: re-encode legacy Latin-1/cp1252 files as UTF-8 first).
+    """
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        text = raw.decode("latin-1")
+    except UnicodeDecodeError as e:
+        # surrogateescape maps each undecodable byte to one lone surrogate: count them.
+        n_bad = len(_BAD_BYTE.findall(raw.decode("utf-8", "surrogateescape")))
+        warnings.warn(f"{path}: {n_bad} byte(s) are not valid UTF-8 (first at byte offset {e.start}); "
+                      "they were replaced by U+FFFD", UnicodeWarning, stacklevel=2)
+        text = raw.decode("utf-8", errors="replace")
     return text.removeprefix("\ufeff")
 
 
 def _read_jsonl(path: Path) -> list[str]:
     docs = []
-    with open(path, encoding="utf-8") as f:
+    # surrogateescape turns each byte that is not UTF-8 into a lone surrogate, found per line.
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for lineno, line in enumerate(f, 1):
+            bad = _BAD_BYTE.search(line)
+            if bad:
+                raise ValueError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{ord(bad.group()) - 0xdc00:02x} "
+                                 f"at character {bad.start()} of the line); the file must be UTF-8")
             line = line.strip()
             if not line:
                 continue

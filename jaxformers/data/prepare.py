@@ -42,6 +42,8 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
+#: Version of :func:`split_documents`' rule, part of a cached dataset's identity (a change rebuilds).
+SPLIT_RULE = 2
 META_FILE = "meta.json"
 _SPLITS = ("train", "val")
 
@@ -64,7 +66,14 @@ def default_out_dir(data: str = "default", tokenizer: str = "byte") -> Path:
 
 
 def split_documents(docs: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str], str]:
-    """Deterministic train/val split; returns (train_docs, val_docs, method)."""
+    """Deterministic train/val split; returns (train_docs, val_docs, method).
+
+    One document: its tail (``"tail"``).  Several: whole documents, in a seeded order, go to val
+    until it holds ``val_fraction`` of the characters (``"documents"``); a document that would
+    take val past twice that is skipped, so one large document cannot take most of the corpus.
+    When every document is that large, the tail of the largest one is cut off instead
+    (``"tail"``).  (Rule 2, :data:`SPLIT_RULE`: datasets prepared by rule 1, which took the
+    first document whatever its size, are rebuilt.)"""
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if not docs:
@@ -85,8 +94,19 @@ def split_documents(docs: list[str], val_fraction: float, seed: int) -> tuple[li
     for i in order:
         if val_chars >= target or len(val_idx) >= len(docs) - 1:
             break
+        if val_chars + len(docs[i]) > max(2.0 * target, 1.0):  # would overshoot: leave it in train
+            continue
         val_idx.append(int(i))
         val_chars += len(docs[i])
+    if not val_idx:  # every document alone is more than twice the target: the largest one's tail
+        big = max(range(len(docs)), key=lambda i: len(docs[i]))
+        cut = len(docs[big]) - max(1, int(round(target)))
+        nl = docs[big].find("\n", cut, cut + 1000)
+        if 0 <= nl < len(docs[big]) - 1:
+            cut = nl + 1
+        head, tail = docs[big][:cut], docs[big][cut:]
+        train = [head if i == big else d for i, d in enumerate(docs) if i != big or head]
+        return train, [tail], "tail"
     val_set = set(val_idx)
     train = [d for i, d in enumerate(docs) if i not in val_set]
     val = [d for i, d in enumerate(docs) if i in val_set]
@@ -99,7 +119,8 @@ def _dtype_for(vocab_size: int) -> np.dtype:
 
 def _identity(src_spec: str, tok_spec: str, val_fraction: float, seed: int, fingerprint: str) -> dict:
     return {"format_version": FORMAT_VERSION, "source": src_spec, "tokenizer": tok_spec,
-            "val_fraction": float(val_fraction), "seed": int(seed), "corpus_sha256": fingerprint}
+            "val_fraction": float(val_fraction), "seed": int(seed), "corpus_sha256": fingerprint,
+            "split_rule": SPLIT_RULE}
 
 
 def _is_complete(out_dir: Path, identity: dict | None = None) -> bool:

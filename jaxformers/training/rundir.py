@@ -15,8 +15,10 @@ Layout (``train_config.out_dir``)::
     loss.png           train / val loss curves and the learning rate
     tokenizer/         the dataset's tokenizer (for generation; absent for synthetic data)
     checkpoints/<step> see :mod:`jaxformers.training.checkpoint`
+    .lock              held (``flock``) by the process training into the directory
 
-Policy: ``resume=False`` refuses (``FileExistsError``) to touch a run directory that
+Policy: one training run at a time per directory (:func:`run_lock`; a second one raises
+:class:`RunDirBusy`).  ``resume=False`` refuses (``FileExistsError``) to touch a run directory that
 already holds checkpoints; one without checkpoints (e.g. from a run killed before its
 first save) is reused and its metrics are reset.  ``resume=True`` requires the model
 config to equal the saved one (after normalising the saved dict through
@@ -26,6 +28,7 @@ restored step.  Only process 0 writes files.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -53,6 +56,7 @@ SUMMARY_FILE = "summary.json"
 PLOT_FILE = "loss.png"
 TOKENIZER_DIR = "tokenizer"
 RUN_FILE = "run.yaml"
+LOCK_FILE = ".lock"  # held by the training process (run_lock)
 
 
 # ============================================================================ files
@@ -190,6 +194,44 @@ def config_diff(old: dict, new: dict, ignore=()) -> List[str]:
     keys = sorted(set(old) | set(new))
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
             for k in keys if k not in ignore and old.get(k) != new.get(k)]
+
+
+class RunDirBusy(RuntimeError):
+    """Another process is training into the run directory."""
+
+
+@contextlib.contextmanager
+def run_lock(run_dir, enabled: bool = True):
+    """Hold an exclusive lock on ``run_dir/.lock`` (``fcntl.flock``, released when the block
+    ends or the process dies) while training: a second run started into the same directory
+    would otherwise rewrite config.json / metrics.jsonl under the first and clash with its
+    checkpoints.  ``RunDirBusy`` names the holder's pid.  A no-op where ``fcntl`` is missing
+    (Windows) or ``enabled`` is False (processes other than the first of a multi-host run)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        fcntl = None
+    if not enabled or fcntl is None:
+        yield
+        return
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise RunDirBusy(f"{run_dir} is in use by another training process (pid {holder}): wait "
+                             "for it to finish, or choose a new output directory (--out)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def refuse_clobber(run_dir, ckpt: Checkpointer, resume: bool) -> None:

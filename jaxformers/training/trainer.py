@@ -199,6 +199,10 @@ class _StopRequest:
         self._previous = {}
 
 
+#: Train-config fields that decide which tokens each step sees: changing one on resume is a warning.
+_DATA_PATH_FIELDS = ("data", "tokenizer", "seed", "batch_size", "seq_len")
+
+
 def _check_inputs(model_config, tc, source, mesh) -> None:
     if model_config.vocab_size < source.vocab_size:
         where = source.ds_dir or source.spec
@@ -214,6 +218,10 @@ def _check_inputs(model_config, tc, source, mesh) -> None:
             f"data*fsdp*expert = {n_par} "
             f"(mesh {mesh_lib.describe(mesh)})")
     mesh_lib.process_rows(mesh, tc.batch_size)  # ValueError unless each process holds one block
+    if tc.eval_batches and not source.has_eval_data(tc.seq_len):
+        log.warning("%s has no validation window of seq_len + 1 = %d tokens: no evaluation will run "
+                    "(val_loss stays null); use a larger validation split or a shorter seq_len",
+                    source.ds_dir or source.spec, tc.seq_len + 1)
 
 
 def train_loader(source, tc: TrainConfig, mesh):
@@ -344,11 +352,21 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, resume: bool 
     if stop_after is not None and (not isinstance(stop_after, int) or stop_after < 1):
         raise ValueError(f"stop_after must be a positive int or None, got {stop_after!r}")
     loss_fn, loss_fn_name = _resolve_loss(tc, loss_fn)
-    end_step = tc.steps if stop_after is None else min(tc.steps, stop_after)
     multi = mesh_lib.maybe_initialize_distributed()
-    t_start = time.perf_counter()
     run_dir = Path(tc.out_dir).expanduser()
     is_main = jax.process_index() == 0
+    # one training process (group) per run directory: a second run into it would mix the files
+    with rundir.run_lock(run_dir, enabled=is_main):
+        return _train(model_config, tc, run_dir=run_dir, is_main=is_main, multi=multi, resume=resume,
+                      progress=progress, stop_after=stop_after, loss_fn=loss_fn, loss_fn_name=loss_fn_name,
+                      cache=cache, step_fn=step_fn, allow_lr_jump=allow_lr_jump, init_params=init_params)
+
+
+def _train(model_config, tc, *, run_dir, is_main, multi, resume, progress, stop_after, loss_fn, loss_fn_name,
+           cache, step_fn, allow_lr_jump, init_params):
+    """:func:`train` once its arguments are checked and the run directory is locked."""
+    end_step = tc.steps if stop_after is None else min(tc.steps, stop_after)
+    t_start = time.perf_counter()
     if multi and jax.process_count() > 1:
         log.warning("process %d of %d: if another process dies, this one stops once the JAX distributed "
                     "service has missed its heartbeats for %s s (JAXFORMERS_HEARTBEAT_TIMEOUT); then "
@@ -375,7 +393,11 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, resume: bool 
     if with_ckpt and ckpt.latest_step() < end_step:  # something to train: the LR must not jump
         tc, notes = resume_schedule(saved, tc, ckpt.latest_step(), allow_lr_jump)
         messages += [(m, m.startswith("warning")) for m in notes]
-    elif with_ckpt and ckpt.latest_step() >= tc.steps:
+    elif with_ckpt and ckpt.latest_step() > tc.steps:  # before anything is written
+        raise ValueError(f"steps={tc.steps} is below the step {ckpt.latest_step()} checkpointed in {run_dir}: "
+                         f"a run cannot be shortened; resume with steps >= {ckpt.latest_step()} (or "
+                         "--extend-steps N to train N more)")
+    elif with_ckpt and ckpt.latest_step() == tc.steps:
         messages.append((f"{run_dir} is already finished (step {ckpt.latest_step()} of {tc.steps}): "
                          "nothing to train; to train further pass --extend-steps N (or a larger steps)",
                          True))
@@ -395,8 +417,11 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, resume: bool 
         params, opt_state, restored_meta = ckpt.restore(step, *program.abstract_state(), verify=False)
         start_step = int(restored_meta["data_step"])
         changes = rundir.train_config_changes(saved, tc)
-        if changes:
-            messages.append(("resuming with a changed train config: " + "; ".join(changes), False))
+        if changes:  # a changed seed / batch / data continues on another data path: a warning
+            path = [c for c in changes if c.split(":")[0] in _DATA_PATH_FIELDS]
+            messages.append(((f"warning: resuming on another data path than the run's ({'; '.join(path)}); "
+                              if path else "") + "resuming with a changed train config: " + "; ".join(changes),
+                             bool(path)))
         if saved is not None and saved.get("loss_fn") != loss_fn_name:
             messages.append((f"the run was trained with loss_fn={saved.get('loss_fn') or tc.loss!r}; "
                              f"continuing with {loss_fn_name or tc.loss!r}", True))
@@ -580,6 +605,13 @@ def evaluate(run: Union[str, os.PathLike, Tuple[ModelConfig, Any]], data=None, *
     ``max_batches=None`` evaluates the whole split.  The loss is ``loss_fn``, else the
     run's ``loss`` by name, else cross-entropy.
     """
+    for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive int or None (the run's), got {value!r}")
+    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
+                                    or max_batches < -1 or max_batches == 0):
+        raise ValueError(f"max_batches must be None (the whole split), -1 (the run's eval_batches) or an "
+                         f"int >= 1, got {max_batches!r}")
     tc = None
     mesh_lib.maybe_initialize_distributed()
     mesh_obj = mesh_lib.make_mesh(mesh)
@@ -595,8 +627,10 @@ def evaluate(run: Union[str, os.PathLike, Tuple[ModelConfig, Any]], data=None, *
     if split not in ("val", "train"):
         raise ValueError(f"split={split!r} is not allowed; choose one of ['val', 'train']")
     source = open_data(data, tokenizer or (tc.tokenizer if tc is not None else "byte"))
-    batch_size = batch_size or (tc.micro_batch_size if tc is not None else 8)
-    seq_len = seq_len or (tc.seq_len if tc is not None else model_config.max_seq_len)
+    if batch_size is None:
+        batch_size = tc.micro_batch_size if tc is not None else 8
+    if seq_len is None:
+        seq_len = tc.seq_len if tc is not None else model_config.max_seq_len
     trained_len = tc.seq_len if tc is not None else model_config.max_seq_len
     if seq_len > trained_len:
         log.warning("seq_len=%d is longer than the %s (%d): the loss measures length extrapolation",

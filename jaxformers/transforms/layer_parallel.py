@@ -238,6 +238,35 @@ def _check_base(config) -> None:
                          f"got model {name!r}")
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _int(name: str, v) -> int:
+    """``v`` as an int; ``ValueError`` naming ``name`` unless it is an int (numpy ints too, not bool)."""
+    if not _is_int(v):
+        raise ValueError(f"{name} must be an int, got {v!r}")
+    return int(v)
+
+
+def _layer_index(name: str, v, n_layer: int) -> int:
+    """``v`` as a layer index; ``ValueError`` unless it is an int in ``[0, n_layer)``."""
+    if not _is_int(v) or not 0 <= v < n_layer:
+        raise ValueError(f"{name} must be a layer index (an int in [0, {n_layer})), got {v!r}")
+    return int(v)
+
+
+def _layer_indices(name: str, values, n_layer: int) -> List[int]:
+    """``values`` as a list of layer indices (ints in ``[0, n_layer)``); ``ValueError`` otherwise."""
+    try:
+        items = None if isinstance(values, (str, bytes, dict)) else list(values)
+    except TypeError:
+        items = None
+    if items is None:
+        raise ValueError(f"{name} must be a sequence of layer indices (ints in [0, {n_layer})), got {values!r}")
+    return [_layer_index(f"{name}[{k}]", v, n_layer) for k, v in enumerate(items)]
+
+
 def _check_block(i: int, block: dict) -> None:
     if sorted(block) != sorted(BLOCK_KEYS):
         raise ValueError(f"layer {i}: expected a standard block with {list(BLOCK_KEYS)}, got {sorted(block)} "
@@ -295,10 +324,7 @@ def pair_layers(config, params, start: int, end: int, *, fused: bool = True, mlp
     _choice("mlp_norm", mlp_norm, MLP_NORMS)
     if not isinstance(fused, bool):
         raise ValueError(f"fused must be a bool, got {fused!r}")
-    for name, v in (("start", start), ("end", end)):
-        if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
-            raise ValueError(f"{name} must be an int, got {v!r}")
-    start, end = int(start), int(end)
+    start, end = _int("start", start), _int("end", end)
     if not 0 <= start <= end <= config.n_layer or (end - start) % 2:
         raise ValueError(f"start={start}, end={end}: need 0 <= start <= end <= n_layer={config.n_layer} "
                          "and an even end - start (layers pair as (i, i+1) for i in range(start, end, 2))")
@@ -333,11 +359,10 @@ def reorder_layers(config, params, order: Sequence[int]):
     once; omitted layers are deleted).  Returns ``(config with n_layer=len(order), params)``
     in the input's layout (scanned or not)."""
     _check_base(config)
-    order = [int(i) for i in order]
+    order = _layer_indices("order", order, config.n_layer)
     if not order:
         raise ValueError("order must keep at least one layer")
-    bad = [i for i in order if not 0 <= i < config.n_layer]
-    if bad or len(set(order)) != len(order):
+    if len(set(order)) != len(order):
         raise ValueError(f"order must hold distinct layer indices in [0, {config.n_layer}), got {order}")
     rest, layers = _layers(config, params)
     new = config.replace(n_layer=len(order))
@@ -346,18 +371,18 @@ def reorder_layers(config, params, order: Sequence[int]):
 
 def delete_layers(config, params, layers: Iterable[int]):
     """The model without ``layers`` (the paper's "delete" intervention)."""
-    drop = {int(i) for i in layers}
-    bad = sorted(i for i in drop if not 0 <= i < config.n_layer)
-    if bad:
-        raise ValueError(f"layers must be in [0, {config.n_layer}), got {bad}")
+    _check_base(config)
+    drop = set(_layer_indices("layers", layers, config.n_layer))
+    if len(drop) == config.n_layer:
+        raise ValueError(f"layers must leave at least one of the {config.n_layer} layers, got {sorted(drop)}")
     return reorder_layers(config, params, [i for i in range(config.n_layer) if i not in drop])
 
 
 def swap_layers(config, params, i: int, j: Optional[int] = None):
     """Layers ``i`` and ``j`` (default ``i + 1``) exchanged ("swap")."""
-    j = i + 1 if j is None else j
-    if not (0 <= i < config.n_layer and 0 <= j < config.n_layer):
-        raise ValueError(f"i={i}, j={j} must be layer indices in [0, {config.n_layer})")
+    _check_base(config)
+    i = _layer_index("i", i, config.n_layer)
+    j = _layer_index("j" if j is not None else "j (default i + 1)", i + 1 if j is None else j, config.n_layer)
     order = list(range(config.n_layer))
     order[i], order[j] = order[j], order[i]
     return reorder_layers(config, params, order)
@@ -366,6 +391,8 @@ def swap_layers(config, params, i: int, j: Optional[int] = None):
 def shuffle_layers(config, params, start: int, end: int, seed: int = 0):
     """Layers ``start .. end-1`` in a random order (``numpy`` ``default_rng(seed)``; "shuffle").
     Returns ``(config, params, order)``."""
+    _check_base(config)
+    start, end = _int("start", start), _int("end", end)
     if not 0 <= start < end <= config.n_layer:
         raise ValueError(f"start={start}, end={end}: need 0 <= start < end <= n_layer={config.n_layer}")
     span = list(np.random.default_rng(seed).permutation(np.arange(start, end)))
