@@ -11,7 +11,7 @@ Reports median milliseconds and TFLOP/s, with causal FLOPs
 ``DIR/results.json`` (device, date, jax version, one row per measurement).
 
 ``--quick`` runs one tiny configuration (interpret mode on CPU) to prove the
-script works.
+script works; options given with it (``--seq-lens``, ``--iters``, ...) override its values.
 """
 from __future__ import annotations
 
@@ -21,10 +21,16 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.flash_attention import flash_attention
-from experiments.common import median_ms, write_results
+from experiments.common import check_counts, median_ms, parse_list, write_results
 
 IMPLS = ("pallas", "cudnn", "xla", "jax_pallas")
 XLA_MAX_LOGITS_BYTES = 24 * 2**30  # skip the materialising XLA path past this
+
+#: the GPU sweep and ``--quick``'s tiny configuration; an option given on the command line
+#: replaces the value of either
+FULL = dict(head_dims=(128, 64), seq_lens=(1024, 2048, 4096, 8192, 16384, 32768), tokens=16384, heads=16,
+            warmup=3, iters=10)
+QUICK = dict(head_dims=(32,), seq_lens=(64,), tokens=128, heads=2, warmup=1, iters=2)
 
 
 def _jax_pallas_mha():
@@ -125,30 +131,34 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m experiments.bench_attention",
                                  description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/bench_attention", help="folder for results.json")
-    ap.add_argument("--quick", action="store_true", help="one tiny config (CPU/interpret friendly)")
+    ap.add_argument("--quick", action="store_true",
+                    help="one tiny config (CPU/interpret friendly); options given with it override "
+                         "its values")
     ap.add_argument("--impls", default=",".join(IMPLS), help=f"comma list from {IMPLS}")
-    ap.add_argument("--head-dims", default="128,64")
-    ap.add_argument("--seq-lens", default="1024,2048,4096,8192,16384,32768")
-    ap.add_argument("--tokens", type=int, default=16384, help="B*T per config")
-    ap.add_argument("--heads", type=int, default=16)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--head-dims", help="comma list (default %s)" % ",".join(map(str, FULL["head_dims"])))
+    ap.add_argument("--seq-lens", help="comma list (default %s)" % ",".join(map(str, FULL["seq_lens"])))
+    ap.add_argument("--tokens", type=int,
+                    help=f"B*T per config: B = max(1, tokens // T) (default {FULL['tokens']})")
+    ap.add_argument("--heads", type=int, help=f"default {FULL['heads']}")
+    ap.add_argument("--warmup", type=int, help=f"default {FULL['warmup']}")
+    ap.add_argument("--iters", type=int, help=f"default {FULL['iters']}")
     args = ap.parse_args(argv)
+    check_counts(ap, args)
+    impls = parse_list(ap, "--impls", args.impls, allowed=IMPLS, unique=True)
+    cfg = dict(QUICK if args.quick else FULL)
+    for name in ("head_dims", "seq_lens"):
+        flag = "--" + name.replace("_", "-")
+        values = parse_list(ap, flag, getattr(args, name), cast=int, lo=1, unique=True)
+        if values is not None:
+            cfg[name] = tuple(values)
+    for name in ("tokens", "heads", "warmup", "iters"):
+        if getattr(args, name) is not None:
+            cfg[name] = getattr(args, name)
 
     on_gpu = jax.default_backend() == "gpu"
-    impls = [s for s in args.impls.split(",") if s]
-    for s in impls:
-        if s not in IMPLS:
-            ap.error(f"unknown impl {s!r}; choose from {IMPLS}")
-    if args.quick:
-        head_dims, seq_lens, tokens, heads = [32], [64], 128, 2
-        warmup, iters = 1, 2
-        dtype = jnp.bfloat16 if on_gpu else jnp.float32
-    else:
-        head_dims = [int(x) for x in args.head_dims.split(",")]
-        seq_lens = [int(x) for x in args.seq_lens.split(",")]
-        tokens, heads, warmup, iters = args.tokens, args.heads, args.warmup, args.iters
-        dtype = jnp.bfloat16
+    head_dims, seq_lens, tokens, heads = cfg["head_dims"], cfg["seq_lens"], cfg["tokens"], cfg["heads"]
+    warmup, iters = cfg["warmup"], cfg["iters"]
+    dtype = jnp.bfloat16 if on_gpu or not args.quick else jnp.float32
 
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}", flush=True)
@@ -163,7 +173,7 @@ def main(argv=None):
                 _print_rows(new)
                 rows += new
 
-    write_results(args.out, quick=args.quick,
+    write_results(args.out, quick=args.quick, config=cfg,
                   flops_note="causal: fwd = 4*B*H*T*T*D/2, fwd+bwd = 2.5 * fwd", rows=rows)
     return 0
 

@@ -22,8 +22,8 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.hadamard import hadamard_matrix, hadamard_transform
-from experiments.common import median_ms, write_results
+from pallas_kernels.hadamard import hadamard_matrix, hadamard_transform, split_size
+from experiments.common import check_counts, median_ms, parse_list, write_results
 
 SIZES = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 352, 768)
 
@@ -65,13 +65,20 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
     ap.add_argument("--out", default="runs/bench_hadamard")
-    ap.add_argument("--rows", type=int, default=None)
-    ap.add_argument("--sizes", default=None, help="comma list of sizes")
+    ap.add_argument("--rows", type=int, default=None, help="rows of x (default 65536; --quick: 64)")
+    ap.add_argument("--sizes", default=None, help="comma list of sizes m * 2^k (m = 1 or a Paley size; "
+                                                  "default: the list above; --quick: 64,352)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     args = ap.parse_args(argv)
-    sizes = tuple(int(s) for s in args.sizes.split(",")) if args.sizes else (
-        (64, 352) if args.quick else SIZES)
-    rows = args.rows or (64 if args.quick else 65536)
+    check_counts(ap, args)
+    sizes = parse_list(ap, "--sizes", args.sizes, cast=int, lo=1, unique=True)
+    for n in sizes or ():
+        try:
+            split_size(n)
+        except ValueError as e:
+            ap.error(f"--sizes: {e}")
+    sizes = tuple(sizes) if sizes is not None else (64, 352) if args.quick else SIZES
+    rows = args.rows if args.rows is not None else 64 if args.quick else 65536
     warmup, iters = (1, 3) if args.quick else (3, 20)
     rows_out = bench(sizes, rows, jnp.dtype(args.dtype), warmup, iters)
     write_results(args.out, command="python -m experiments.bench_hadamard " + " ".join(

@@ -35,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 
+from experiments.common import check_counts, parse_list
+
 FULL = dict(preset="small", seq_lens=(2048, 8192, 32768), tokens=32768, gen_batches=(1, 8, 32, 128),
             gen_prompt=1024, gen_tokens=128, warmup=2, iters=10)
 QUICK = dict(preset="tiny", seq_lens=(64, 128), tokens=512, gen_batches=(1, 4), gen_prompt=32,
@@ -55,13 +57,9 @@ def _parser():
     ap.add_argument("--gen-tokens", type=int, help="generation: decode steps timed")
     ap.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                     help="compute dtype (auto: bfloat16 on GPU/TPU, float32 on CPU)")
-    ap.add_argument("--warmup", type=int)
-    ap.add_argument("--iters", type=int)
+    ap.add_argument("--warmup", type=int, help="untimed calls per row (>= 0)")
+    ap.add_argument("--iters", type=int, help="timed calls per row (>= 1)")
     return ap
-
-
-def _ints(text):
-    return tuple(int(x) for x in text.split(",") if x.strip())
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -245,7 +243,7 @@ def bench_model(name: str, cfg: dict, dtype: str) -> list:
         rows.append(_run_row(_row("generate", name, batch=b, prompt=prompt, new_tokens=n_new,
                                   seq_len=prompt + n_new, **info), gen_row))
         print(_fmt(rows[-1]), file=sys.stderr, flush=True)
-    del mb
+    mb = None  # frees the model before the next one (the row closures share this variable)
     gc.collect()
     return rows
 
@@ -258,25 +256,40 @@ def _fmt(r: dict) -> str:
             f"  (compile {r['compile_s']:.1f}s)")
 
 
+def sweep_config(ap, args):
+    """``(models, cfg)``: the ``--models`` list and ``QUICK`` / ``FULL`` with the options given
+    on the command line applied -- each checked first (a usage error names the option), so a
+    typo cannot end a sweep after the first models ran."""
+    from jaxformers import list_models, list_presets
+
+    check_counts(ap, args)
+    models = parse_list(ap, "--models", args.models, allowed=list_models(), unique=True)
+    cfg = dict(QUICK if args.quick else FULL)
+    if args.preset is not None:
+        cfg["preset"] = args.preset
+    missing = [m for m in models if cfg["preset"] not in list_presets(m)]
+    if missing:
+        ap.error(f"--preset {cfg['preset']!r}: not a preset of {', '.join(missing)} "
+                 f"(presets: {'; '.join(f'{m}: {list_presets(m)}' for m in missing)})")
+    for name in ("seq_lens", "gen_batches"):
+        flag = "--" + name.replace("_", "-")
+        values = parse_list(ap, flag, getattr(args, name), cast=int, lo=1, unique=True)
+        if values is not None:
+            cfg[name] = tuple(values)
+    for name in ("tokens", "gen_prompt", "gen_tokens", "warmup", "iters"):
+        if getattr(args, name) is not None:
+            cfg[name] = getattr(args, name)
+    return models, cfg
+
+
 def main(argv=None) -> dict:
-    args = _parser().parse_args(argv)
+    ap = _parser()
+    args = ap.parse_args(argv)
+    models, cfg = sweep_config(ap, args)
     import flax
     import jax
     from jaxformers.training.trainer import resolve_dtype
 
-    cfg = dict(QUICK if args.quick else FULL)
-    if args.preset:
-        cfg["preset"] = args.preset
-    if args.seq_lens:
-        cfg["seq_lens"] = _ints(args.seq_lens)
-    if args.gen_batches:
-        cfg["gen_batches"] = _ints(args.gen_batches)
-    for name in ("tokens", "gen_prompt", "gen_tokens", "warmup", "iters"):
-        if getattr(args, name) is not None:
-            cfg[name] = getattr(args, name)
-    if cfg["iters"] < 1 or cfg["tokens"] < 1 or cfg["gen_tokens"] < 1 or cfg["gen_prompt"] < 0:
-        raise SystemExit("--iters, --tokens and --gen-tokens must be >= 1, --gen-prompt >= 0")
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
     dtype = resolve_dtype(args.dtype)
     dev = jax.devices()[0]
     results = {

@@ -31,7 +31,7 @@ from pallas_kernels.selective_scan import reference as ss_reference
 from pallas_kernels.selective_scan import selective_scan
 from pallas_kernels.ssd import reference as ssd_reference
 from pallas_kernels.ssd import ssd
-from experiments.common import median_ms, write_results
+from experiments.common import check_counts, median_ms, parse_list, write_results
 
 SS_IMPLS = ("pallas", "assoc_scan", "reference")
 SSD_IMPLS = ("pallas", "reference", "fla")
@@ -194,15 +194,17 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m experiments.bench_scan",
                                  description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/bench_scan", help="folder for results.json")
-    ap.add_argument("--quick", action="store_true", help="tiny shapes (CPU/interpret friendly)")
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--quick", action="store_true",
+                    help="tiny shapes (CPU/interpret friendly), warmup 1, iters 1 (--warmup / --iters "
+                         "override them)")
+    ap.add_argument("--warmup", type=int, help="untimed calls (default 3; --quick: 1)")
+    ap.add_argument("--iters", type=int, help="timed calls (default 10; --quick: 1)")
     ap.add_argument("--impls", default="pallas,assoc_scan,reference,fla",
                     help="comma list of implementations to run (others are recorded as skipped)")
     args = ap.parse_args(argv)
-    impls = {s for s in args.impls.split(",") if s}
-    for s in impls - set(SS_IMPLS) - set(SSD_IMPLS):
-        ap.error(f"unknown impl {s!r}; choose from {sorted(set(SS_IMPLS) | set(SSD_IMPLS))}")
+    check_counts(ap, args)
+    all_impls = sorted(set(SS_IMPLS) | set(SSD_IMPLS))
+    impls = set(parse_list(ap, "--impls", args.impls, allowed=all_impls, unique=True))
 
     on_gpu = jax.default_backend() == "gpu"
     if args.quick:
@@ -211,7 +213,9 @@ def main(argv=None):
         dtype = jnp.bfloat16 if on_gpu else jnp.float32
     else:
         ss_shape, ssd_shape, chunk = (4, 4096, 2048, 16), (4, 4096, 16, 128, 128, 1), 64
-        warmup, iters, dtype = args.warmup, args.iters, jnp.bfloat16
+        warmup, iters, dtype = 3, 10, jnp.bfloat16
+    warmup = warmup if args.warmup is None else args.warmup  # given options override either
+    iters = iters if args.iters is None else args.iters
 
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}", flush=True)
@@ -247,7 +251,7 @@ def main(argv=None):
         _print_rows(new)
         rows += new
 
-    write_results(args.out, quick=args.quick, rows=rows)
+    write_results(args.out, quick=args.quick, warmup=warmup, iters=iters, rows=rows)
     return 0
 
 

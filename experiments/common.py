@@ -37,15 +37,122 @@ def experiment_parser(name: str, doc: str, presets, *, default_preset="tiny", pr
     return ap
 
 
-def parse_experiment_args(ap, argv=None, positive=("steps", "eval_batches")):
-    """``ap.parse_args(argv)``; every option named in ``positive`` that was given must be >= 1 (a
-    usage error naming it otherwise); then the persistent compile cache unless
-    ``--no-compile-cache``."""
+#: count / size options that must be >= 1 when given (only the options a parser has are checked)
+POSITIVE = ("steps", "eval_batches", "seq_len", "d_model", "batch_size", "n_layer", "eval_samples", "digits",
+            "iters", "decode_tokens", "eval_windows", "problems", "calib", "proxy_steps", "teacher_steps",
+            "max_pairs", "tokens", "heads", "head_dim", "rows", "block", "gen_tokens")
+#: options where 0 is meaningful ("skip", "no cap") but a negative value is not
+NONNEGATIVE = ("align_steps", "max_bytes", "warmup", "gen_prompt")
+
+
+def check_counts(ap, args, positive=POSITIVE, nonnegative=NONNEGATIVE) -> None:
+    """A usage error (``ap.error``: exit 2) naming the option unless every option of ``args``
+    listed in ``positive`` that was given is >= 1 and every one in ``nonnegative`` is >= 0
+    (options ``args`` does not have, or left at ``None``, are skipped)."""
+    for names, low in ((positive, 1), (nonnegative, 0)):
+        for name in names:
+            value = getattr(args, name, None)
+            if value is not None and not value >= low:
+                ap.error(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+
+
+def check_data(ap, data, *, specs=False) -> None:
+    """A usage error naming ``--data`` unless ``data`` is ``None``, a prepared dataset directory,
+    a built-in corpus, an existing file / folder or ``hf:NAME`` (``specs``: also a
+    ``synthetic:TASK[:k=v,...]`` or ``domains:...`` spec) -- checked without loading anything."""
+    from pathlib import Path
+
+    if data is None or (Path(str(data)).expanduser() / "meta.json").is_file():
+        return
+    from jaxformers.data.corpus import resolve_corpus
+
+    try:
+        if specs and str(data).startswith("synthetic:"):
+            from jaxformers.data.sources import parse_synthetic_spec
+            parse_synthetic_spec(str(data))
+        elif not (specs and str(data).startswith("domains:")):
+            resolve_corpus(data)
+    except ValueError as e:
+        ap.error(f"--data: {e}")
+
+
+_KIND = {int: "an integer", float: "a number"}
+
+
+def parse_list(ap, flag: str, text, *, cast=str, allowed=None, lo=None, hi=None, unique=False, sep=",",
+               none=False):
+    """The ``sep``-separated list ``text`` given to option ``flag`` as a list of ``cast`` values
+    (``None`` if ``text`` is ``None``: the option was not given).  A usage error (``ap.error``:
+    exit 2, the message names ``flag`` and what is allowed) for an empty list or entry, an entry
+    ``cast`` cannot parse (a float must be finite), a name not in ``allowed``, a number below
+    ``lo`` / above ``hi``, or (``unique``) an entry given twice.  ``none=True``: the single
+    word ``none`` means the empty list (the option's "skip")."""
+    import math
+
+    if text is None:
+        return None
+    choices = f"; choose from {list(allowed)}" if allowed is not None else ""
+    if none:
+        choices += " or 'none' (alone: skip)"
+        if text.strip().lower() == "none":
+            return []
+    parts = [s.strip() for s in text.split(sep)]
+    if none and "none" in (p.lower() for p in parts):
+        ap.error(f"{flag}: 'none' (skip) stands alone, not in a list ({text!r})")
+    if not any(parts):
+        ap.error(f"{flag}: empty list {text!r} (expected a '{sep}'-separated list{choices})")
+    if not all(parts):
+        ap.error(f"{flag}: empty entry in {text!r} (expected a '{sep}'-separated list{choices})")
+    values = []
+    for part in parts:
+        try:
+            value = cast(part)
+        except (TypeError, ValueError):
+            ap.error(f"{flag}: {part!r} is not {_KIND.get(cast, cast.__name__)} (in {text!r})")
+        if isinstance(value, float) and not math.isfinite(value):
+            ap.error(f"{flag}: {part!r} is not a finite number (in {text!r})")
+        values.append(value)
+    if allowed is not None:
+        bad = [v for v in values if v not in allowed]
+        if bad:
+            ap.error(f"{flag}: unknown {', '.join(map(repr, bad))}{choices}")
+    if lo is not None or hi is not None:
+        for v in values:
+            if (lo is not None and v < lo) or (hi is not None and v > hi):
+                bound = (f"in [{lo}, {hi}]" if lo is not None and hi is not None else
+                         f">= {lo}" if lo is not None else f"<= {hi}")
+                ap.error(f"{flag}: {v!r} is out of range (each entry must be {bound})")
+    if unique:
+        seen = set()
+        for v in values:
+            if v in seen:
+                ap.error(f"{flag}: {v!r} is given twice in {text!r}")
+            seen.add(v)
+    return values
+
+
+def usage_error(ap, message: str):
+    """``ap.error(message)`` (usage, exit 2) -- for a check that needs a loaded model (``--run``);
+    ``SystemExit(message)`` when called without a parser (``ap=None``)."""
+    if ap is None:
+        raise SystemExit(message)
+    ap.error(message)
+
+
+def parse_experiment_args(ap, argv=None, positive=POSITIVE, nonnegative=NONNEGATIVE, check=None,
+                          data_specs=False):
+    """``ap.parse_args(argv)``, then the checks, each a usage error (``ap.error``: exit 2)
+    naming the option, all before anything is loaded or trained: every option named in
+    ``positive`` that was given must be >= 1 and every one in ``nonnegative`` >= 0
+    (:func:`check_counts`; only the options ``ap`` has), ``--data`` must name a dataset
+    (:func:`check_data`; ``data_specs``: synthetic / domains specs too), and ``check(ap, args)``
+    runs the experiment's own checks (its lists: :func:`parse_list`).  Then the persistent
+    compile cache unless ``--no-compile-cache``."""
     args = ap.parse_args(argv)
-    for name in positive:
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    check_counts(ap, args, positive, nonnegative)
+    check_data(ap, getattr(args, "data", None), specs=data_specs)
+    if check is not None:
+        check(ap, args)
     if not args.no_compile_cache:
         enable_compile_cache()
     return args

@@ -30,8 +30,8 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.common import (experiment_parser, parse_experiment_args, time_forwards, train_fresh,
-                                train_overrides)
+from experiments.common import (experiment_parser, parse_experiment_args, parse_list, time_forwards,
+                                train_fresh, train_overrides)
 
 PRESETS = {
     "tiny": dict(model=dict(d_model=64, n_head=4, max_seq_len=64), depth=2, ln_reserved=(0, 0),
@@ -62,22 +62,67 @@ def _parser():
     return ap
 
 
+def model_specs(preset: dict):
+    """``[(name, registered model, config fields)]`` of the preset (no vocabulary needed)."""
+    common = dict(preset["model"])
+    L = preset["depth"]
+    b, e = preset["ln_reserved"]
+    specs = [(f"gpt_L{d}", "gpt", dict(n_layer=d, **common)) for d in (L, 2 * L, 3 * L)]
+    for name in ("but", "cotformer"):
+        for r in (2, 3):
+            specs.append((f"{name}_L{L}x{r}", name, dict(n_layer=L, n_repeat=r, **common)))
+    ln = dict(n_layer=L, n_repeat=3, n_layer_begin=b, n_layer_end=e, ln_mid=True,
+              depth_embedding="linear_learned", **common)
+    specs.append((f"ln_cotformer_L{L}x3", "cotformer", ln))
+    specs.append((f"adaptive_L{L}x3", "adaptive_cotformer", ln))
+    return specs
+
+
 def model_grid(preset: dict, vocab_size: int):
     """``[(name, model_config)]`` of the preset."""
     from jaxformers import get_config
 
-    common = dict(preset["model"], vocab_size=vocab_size)
-    L = preset["depth"]
-    b, e = preset["ln_reserved"]
-    grid = [(f"gpt_L{d}", get_config("gpt", "tiny", n_layer=d, **common)) for d in (L, 2 * L, 3 * L)]
-    for name in ("but", "cotformer"):
-        for r in (2, 3):
-            grid.append((f"{name}_L{L}x{r}", get_config(name, "tiny", n_layer=L, n_repeat=r, **common)))
-    ln = dict(n_layer=L, n_repeat=3, n_layer_begin=b, n_layer_end=e, ln_mid=True,
-              depth_embedding="linear_learned", **common)
-    grid.append((f"ln_cotformer_L{L}x3", get_config("cotformer", "tiny", **ln)))
-    grid.append((f"adaptive_L{L}x3", get_config("adaptive_cotformer", "tiny", **ln)))
-    return grid
+    return [(name, get_config(model, "tiny", vocab_size=vocab_size, **fields))
+            for name, model, fields in model_specs(preset)]
+
+
+def _preset(args) -> dict:
+    """A copy of the preset with the ``--d-model`` / ``--seq-len`` / ``--batch-size`` overrides."""
+    preset = json.loads(json.dumps(PRESETS[args.preset]))
+    if args.d_model is not None:
+        preset["model"]["d_model"] = args.d_model
+    if args.seq_len is not None:
+        preset["model"]["max_seq_len"] = preset["train"]["seq_len"] = args.seq_len
+    if args.batch_size is not None:
+        preset["train"]["batch_size"] = preset["infer_batch"] = args.batch_size
+    return preset
+
+
+def _check_args(ap, args) -> None:
+    """Usage errors before anything is loaded or trained; ``--only`` / ``--budgets`` become lists."""
+    specs = model_specs(_preset(args))
+    names = [n for n, _, _ in specs]
+    args.only = parse_list(ap, "--only", args.only, allowed=names, unique=True)
+    wanted = names if args.only is None else args.only
+    n_head = PRESETS[args.preset]["model"]["n_head"]
+    if args.d_model is not None and args.d_model % n_head:
+        ap.error(f"--d-model must be a multiple of the preset's {n_head} heads, got {args.d_model}")
+    if args.budgets is not None:
+        adaptive = [(n, f) for n, m, f in specs if m == "adaptive_cotformer" and n in wanted]
+        if not adaptive:
+            ap.error(f"--budgets applies to the adaptive model, which --only leaves out "
+                     f"({[n for n, m, _ in specs if m == 'adaptive_cotformer']})")
+        n_factors = adaptive[0][1]["n_repeat"] - 1
+        budgets = []
+        for text in parse_list(ap, "--budgets", args.budgets, sep=";"):
+            b = tuple(parse_list(ap, "--budgets", text, cast=float, lo=0.0, hi=1.0))
+            if len(b) != n_factors or any(y > x for x, y in zip(b, b[1:])):
+                ap.error(f"--budgets: {text!r} must be {n_factors} non-increasing length factors in [0, 1] "
+                         f"(one per repeat after the first), e.g. '1,0.5'")
+            if b in budgets:
+                ap.error(f"--budgets: {text!r} is given twice in {args.budgets!r}")
+            budgets.append(b)
+        args.budgets = tuple(budgets)
 
 
 def forward_fn(cfg, params, batch: int, seq_len: int):
@@ -103,26 +148,15 @@ def run(args) -> dict:
     from jaxformers.training import CompileCache, evaluate
     from jaxformers.training.trainer import open_dataset
 
-    preset = json.loads(json.dumps(PRESETS[args.preset]))  # a copy
-    if args.d_model:
-        preset["model"]["d_model"] = args.d_model
-    if args.seq_len:
-        preset["model"]["max_seq_len"] = preset["train"]["seq_len"] = args.seq_len
-    if args.batch_size:
-        preset["train"]["batch_size"] = preset["infer_batch"] = args.batch_size
+    preset = _preset(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     train_kw = train_overrides(preset["train"], args.steps, args.eval_batches)
     _, meta, _, _ = open_dataset(args.data, "byte")
     grid = model_grid(preset, int(meta["vocab_size"]))
-    if args.only:
-        wanted = [s.strip() for s in args.only.split(",") if s.strip()]
-        unknown = sorted(set(wanted) - {n for n, _ in grid})
-        if unknown:
-            raise SystemExit(f"--only: unknown model(s) {unknown}; choose from {[n for n, _ in grid]}")
-        grid = [(n, c) for n, c in grid if n in wanted]
-    budgets = BUDGETS if not args.budgets else tuple(
-        tuple(float(x) for x in b.split(",")) for b in args.budgets.split(";"))
+    if args.only is not None:  # checked names (_check_args)
+        grid = [(n, c) for n, c in grid if n in args.only]
+    budgets = BUDGETS if args.budgets is None else args.budgets
     seq_len = train_kw["seq_len"]
 
     results = {"preset": args.preset, "seed": args.seed, "backend": jax.default_backend(),
@@ -229,7 +263,7 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main(argv=None) -> dict:
-    args = parse_experiment_args(_parser(), argv)
+    args = parse_experiment_args(_parser(), argv, check=_check_args)
     t0 = time.perf_counter()
     results = run(args)
     print(json.dumps({n: {k: r.get(k) for k in ("val_ppl", "n_params", "macs_per_token", "average_depth",

@@ -25,8 +25,8 @@ import math
 import sys
 import time
 from pathlib import Path
-from experiments.common import (experiment_parser, parse_experiment_args, save_progress, time_forwards,
-                                train_fresh, train_overrides)
+from experiments.common import (experiment_parser, parse_experiment_args, parse_list, save_progress,
+                                time_forwards, train_fresh, train_overrides)
 
 PRESETS = {
     # L=4: 1x1 (a DWA after every block) and 2x2 (after blocks 2 and 4, over even/odd outputs);
@@ -56,6 +56,13 @@ def _parser():
     return ap
 
 
+def model_names(preset: dict, base: str) -> list:
+    """Names of :func:`model_grid`'s models, in its order (no vocabulary needed)."""
+    depth = preset["depth"]
+    return ([f"{base}_L{depth}"] + [f"denseformer_{k}x{p}_L{depth}" for k, p in preset["variants"]]
+            + [f"{base}_L{d}" for d in preset["deeper"]])
+
+
 def model_grid(preset: dict, base: str, vocab_size: int):
     """``[(name, model_config)]``: baseline L, DenseFormers at L, deeper baselines."""
     from jaxformers import get_config
@@ -63,14 +70,19 @@ def model_grid(preset: dict, base: str, vocab_size: int):
 
     common = dict(preset["model"], vocab_size=vocab_size)
     depth = preset["depth"]
-    grid = [(f"{base}_L{depth}", get_config(base, "tiny", n_layer=depth, **common))]
+    configs = [get_config(base, "tiny", n_layer=depth, **common)]
     for k, p in preset["variants"]:
-        grid.append((f"denseformer_{k}x{p}_L{depth}",
-                     DenseFormerConfig.from_base(base, "tiny", n_layer=depth, dwa_dilation=k, dwa_period=p,
-                                                 **common)))
+        configs.append(DenseFormerConfig.from_base(base, "tiny", n_layer=depth, dwa_dilation=k, dwa_period=p,
+                                                   **common))
     for d in preset["deeper"]:
-        grid.append((f"{base}_L{d}", get_config(base, "tiny", n_layer=d, **common)))
-    return grid
+        configs.append(get_config(base, "tiny", n_layer=d, **common))
+    return list(zip(model_names(preset, base), configs))
+
+
+def _check_args(ap, args) -> None:
+    """Usage errors before anything is loaded or trained; ``--only`` becomes a list."""
+    args.only = parse_list(ap, "--only", args.only, allowed=model_names(PRESETS[args.preset], args.base),
+                           unique=True)
 
 
 def _peak(ma):
@@ -128,12 +140,8 @@ def run(args) -> dict:
     train_kw = train_overrides(preset["train"], args.steps, args.eval_batches)
     _, meta, _, _ = open_dataset(args.data, "byte")
     grid = model_grid(preset, args.base, int(meta["vocab_size"]))
-    if args.only:
-        wanted = [s.strip() for s in args.only.split(",") if s.strip()]
-        unknown = sorted(set(wanted) - {n for n, _ in grid})
-        if unknown:
-            raise SystemExit(f"--only: unknown model(s) {unknown}; choose from {[n for n, _ in grid]}")
-        grid = [(n, c) for n, c in grid if n in wanted]
+    if args.only is not None:  # checked names (_check_args)
+        grid = [(n, c) for n, c in grid if n in args.only]
 
     results = {"preset": args.preset, "base": args.base, "backend": jax.default_backend(),
                "device_kind": jax.devices()[0].device_kind, "n_devices": jax.device_count(),
@@ -275,7 +283,7 @@ def plot_alpha(alphas: dict, path: Path) -> None:
 
 
 def main(argv=None) -> dict:
-    args = parse_experiment_args(_parser(), argv)
+    args = parse_experiment_args(_parser(), argv, check=_check_args)
     t0 = time.perf_counter()
     results = run(args)
     print(json.dumps({n: {k: r[k] for k in ("n_layer", "val_ppl", "n_params", "infer_tokens_per_s")}

@@ -39,7 +39,8 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.common import experiment_parser, parse_experiment_args, save_progress, write_results
+from experiments.common import (experiment_parser, parse_experiment_args, parse_list, save_progress,
+                                usage_error, write_results)
 
 PRESETS = {
     # the teacher reaches ~87% greedy accuracy on 3-digit addition in 500 steps (seed 0)
@@ -56,13 +57,17 @@ PRESETS = {
 }
 
 
+STUDENTS = ("mamba2", "hybrid", "mamba2_random")
+SPEED_PROMPT = 8  # prompt tokens of the throughput table's generations
+
+
 def _parser():
     ap = experiment_parser("distill", __doc__, PRESETS, steps_help="override the distillation steps",
                            data=False)
     ap.add_argument("--teacher", help="a trained llama/gpt run directory (default: train one on the task)")
-    ap.add_argument("--students", default="mamba2,hybrid,mamba2_random",
-                    help="comma-separated students: mamba2, hybrid, mamba2_random (default: all)")
-    ap.add_argument("--student", choices=("mamba2", "hybrid"), help="distil only this student")
+    which = ap.add_mutually_exclusive_group()
+    which.add_argument("--students", help=f"comma-separated students: {', '.join(STUDENTS)} (default: all)")
+    which.add_argument("--student", choices=("mamba2", "hybrid"), help="distil only this student")
     ap.add_argument("--attn-layers", help="hybrid: comma-separated teacher layers kept as attention "
                                           "(default: the preset's)")
     ap.add_argument("--align-steps", type=int,
@@ -73,7 +78,8 @@ def _parser():
     ap.add_argument("--samples", help="comma-separated samples per problem, e.g. 1,4,16")
     ap.add_argument("--temperature", type=float, help="sampling temperature (default: the preset's)")
     ap.add_argument("--speed-batches", help="comma-separated batch sizes of the throughput table")
-    ap.add_argument("--speed-lengths", help="comma-separated generation lengths of the throughput table")
+    ap.add_argument("--speed-lengths", help="comma-separated generation lengths of the throughput table "
+                    f"(> the {SPEED_PROMPT}-token prompt, <= the teacher's max_seq_len)")
     ap.add_argument("--kl-weight", type=float, default=1.0)
     ap.add_argument("--ce-weight", type=float, default=0.0)
     return ap
@@ -156,7 +162,7 @@ def sample_problems(module, params, prompts, answers, k: int, new_tokens: int, d
     return seconds, covered / n, majority / n
 
 
-def throughput(module, params, batch: int, length: int, prompt_len: int = 8) -> float:
+def throughput(module, params, batch: int, length: int, prompt_len: int = SPEED_PROMPT) -> float:
     """Generated tokens/s of ``generate`` for ``batch`` rows of ``length`` tokens (best of 2)."""
     import jax
     import jax.numpy as jnp
@@ -179,7 +185,57 @@ def throughput(module, params, batch: int, length: int, prompt_len: int = 8) -> 
 
 
 # ----------------------------------------------------------------------------- the experiment
-def run(args) -> dict:
+def _check_args(ap, args) -> None:
+    """Usage errors before anything is loaded or trained (with ``--teacher``, the checks that
+    need its depth and length follow in :func:`check_teacher`); the list options become lists."""
+    import math
+
+    preset = PRESETS[args.preset]
+    if args.teacher is not None:
+        if not (Path(args.teacher) / "config.json").is_file():
+            ap.error(f"--teacher {args.teacher!r}: not a run directory (no config.json)")
+        if args.teacher_steps is not None:
+            ap.error("--teacher-steps trains the preset's teacher; --teacher gives a trained one "
+                     "(drop one of them)")
+    students = parse_list(ap, "--students", args.students, allowed=STUDENTS, unique=True)
+    args.students = [args.student] if args.student else list(STUDENTS) if students is None else students
+    args.attn_layers = parse_list(ap, "--attn-layers", args.attn_layers, cast=int, lo=0, unique=True)
+    if args.attn_layers is not None and "hybrid" not in args.students:
+        ap.error("--attn-layers applies to the hybrid student, which is not among the students")
+    args.samples = parse_list(ap, "--samples", args.samples, cast=int, lo=1, unique=True)
+    args.speed_batches = parse_list(ap, "--speed-batches", args.speed_batches, cast=int, lo=1, unique=True)
+    args.speed_lengths = parse_list(ap, "--speed-lengths", args.speed_lengths, cast=int, lo=SPEED_PROMPT + 1,
+                                    unique=True)
+    for flag, value in (("--temperature", args.temperature), ("--kl-weight", args.kl_weight),
+                        ("--ce-weight", args.ce_weight)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            ap.error(f"{flag} must be a finite number >= 0, got {value}")
+    if args.teacher is None:
+        check_teacher(ap, args, preset["teacher"]["n_layer"], preset["teacher"]["max_seq_len"])
+
+
+def check_teacher(ap, args, n_layer: int, max_seq_len: int) -> None:
+    """Usage errors for settings (given, or the preset's) that the teacher (``n_layer`` layers,
+    ``max_seq_len`` positions) rules out."""
+    preset = PRESETS[args.preset]
+    if "hybrid" in args.students:
+        layers = preset["attn_layers"] if args.attn_layers is None else args.attn_layers
+        bad = [i for i in layers if i >= n_layer]
+        if bad:
+            flag = "--attn-layers" if args.attn_layers is not None else \
+                f"the {args.preset} preset's attention layers {list(layers)} (set --attn-layers)"
+            usage_error(ap, f"{flag}: {bad} not a layer of the {n_layer}-layer teacher (0 .. {n_layer - 1})")
+    lengths = preset["speed_lengths"] if args.speed_lengths is None else args.speed_lengths
+    long = [n for n in lengths if n > max_seq_len]
+    if long:
+        flag = "--speed-lengths" if args.speed_lengths is not None else \
+            f"the {args.preset} preset's speed lengths {list(lengths)} (set --speed-lengths)"
+        usage_error(ap, f"{flag}: {long} longer than the teacher's max_seq_len={max_seq_len}")
+
+
+def run(args, ap=None) -> dict:
+    """The experiment (``args`` checked by :func:`_check_args`; ``ap``: the parser, for the usage
+    errors that need a ``--teacher`` run)."""
     import jax
     import numpy as np
 
@@ -193,18 +249,13 @@ def run(args) -> dict:
     digits = preset["digits"]
     seq_len = arithmetic_length(digits) - 1
     data = f"synthetic:arithmetic:n_digits={digits}"
-    attn_layers = (tuple(int(x) for x in args.attn_layers.split(",")) if args.attn_layers
-                   else preset["attn_layers"])
-    students = [args.student] if args.student else [s.strip() for s in args.students.split(",") if s.strip()]
-    for s in students:
-        if s not in ("mamba2", "hybrid", "mamba2_random"):
-            raise ValueError(f"--students: unknown student {s!r} (mamba2, hybrid, mamba2_random)")
-    samples = tuple(int(x) for x in args.samples.split(",")) if args.samples else preset["samples"]
+    # the list options: checked lists (_check_args), None where not given
+    attn_layers = preset["attn_layers"] if args.attn_layers is None else tuple(args.attn_layers)
+    students = args.students
+    samples = preset["samples"] if args.samples is None else tuple(args.samples)
     temperature = preset["temperature"] if args.temperature is None else args.temperature
-    speed_batches = (tuple(int(x) for x in args.speed_batches.split(",")) if args.speed_batches
-                     else preset["speed_batches"])
-    speed_lengths = (tuple(int(x) for x in args.speed_lengths.split(",")) if args.speed_lengths
-                     else preset["speed_lengths"])
+    speed_batches = preset["speed_batches"] if args.speed_batches is None else tuple(args.speed_batches)
+    speed_lengths = preset["speed_lengths"] if args.speed_lengths is None else tuple(args.speed_lengths)
     n_problems = preset["problems"] if args.problems is None else args.problems
     results = {"preset": args.preset, "seed": args.seed, "task": data, "seq_len": seq_len,
                "temperature": temperature, "samples": list(samples), "problems": n_problems,
@@ -213,6 +264,7 @@ def run(args) -> dict:
     # 1. teacher
     if args.teacher:
         teacher_cfg, _, teacher_params = load_run(args.teacher)
+        check_teacher(ap, args, teacher_cfg.n_layer, teacher_cfg.max_seq_len)  # before any training
         results["teacher_run"] = str(args.teacher)
     else:
         teacher_cfg = jf.get_config("llama", "tiny", vocab_size=18, **preset["teacher"])
@@ -320,10 +372,11 @@ def plot(results: dict, out: Path) -> list:
 
 
 def main(argv=None) -> dict:
-    args = parse_experiment_args(_parser(), argv)
+    ap = _parser()
+    args = parse_experiment_args(ap, argv, check=_check_args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = run(args)
+    results = run(args, ap)
     results["plots"] = plot(results, out)
     write_results(out, **results, complete=True)
     print(json.dumps({name: {"greedy": round(r["greedy_accuracy"], 3),

@@ -34,6 +34,7 @@ from pathlib import Path
 from experiments.common import experiment_parser, parse_experiment_args, save_progress, write_results
 
 DOMAINS = ("comedies", "histories", "tragedies", "poems", "python")
+OOD_TARGET = "poems"  # default held-out domain of the out-of-domain mode
 
 PRESETS = {
     "tiny": dict(max_bytes=4_000_000,
@@ -59,10 +60,20 @@ def _parser():
     ap.add_argument("--eval-batches", type=int, help="override the validation batches per domain")
     ap.add_argument("--max-bytes", type=int, help="override the per-domain text cap (0: none)")
     ap.add_argument("--mu", type=float, help="DoGE step-size inverse (default: the preset's)")
-    ap.add_argument("--ood-target", default="poems", choices=DOMAINS,
-                    help="held-out target domain of the out-of-domain mode (default: poems)")
+    ap.add_argument("--ood-target", choices=DOMAINS,
+                    help=f"held-out target domain of the out-of-domain mode (default: {OOD_TARGET})")
     ap.add_argument("--no-ood", action="store_true", help="skip the out-of-domain mode")
     return ap
+
+
+def _check_args(ap, args) -> None:
+    """Usage errors before any corpus is loaded or anything trained."""
+    import math
+
+    if args.no_ood and args.ood_target is not None:
+        ap.error("--ood-target sets the out-of-domain mode's target, which --no-ood skips (drop one of them)")
+    if args.mu is not None and not (math.isfinite(args.mu) and args.mu > 0):
+        ap.error(f"--mu must be a finite number > 0, got {args.mu}")
 
 
 def _train(name, model_kw, train_kw, data, out, seed, eval_batches, step_fn=None, cache=None):
@@ -149,7 +160,7 @@ def run(args) -> dict:
 
     # 3. out-of-domain: the held-out target's gradient steers the weights of the others
     if not args.no_ood:
-        target = args.ood_target
+        target = OOD_TARGET if args.ood_target is None else args.ood_target
         train_domains = [d for d in DOMAINS if d != target]
         ood = DogeStep(domains=DOMAINS, targets=(target,), mu=mu)
         _train("proxy_ood", preset["proxy_model"], proxy_kw, ood.data_spec(max_bytes=max_bytes), args.out,
@@ -216,7 +227,7 @@ def plot(results: dict, out: Path) -> list:
 
 
 def main(argv=None) -> dict:
-    args = parse_experiment_args(_parser(), argv)
+    args = parse_experiment_args(_parser(), argv, check=_check_args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = run(args)

@@ -79,6 +79,7 @@ DEADLINE_S = 465  # the whole check, so that it ends under 8 minutes with the sc
 # the follow-up alone: the check (8 min) + a follow-up + the machine's start fit 15 minutes of device time
 FOLLOWUP_DEADLINE_S = 270
 SMOKE_BUDGET_S = 400  # per part on a CPU (interpret mode)
+MIN_BUDGET_S = 5  # a part given less time is skipped ("out of time"); --budget must give at least this
 # per-part environment: IEEE float32 dots for the correctness part; no preallocation where torch
 # (fla) shares the GPU with jax
 PART_ENV = dict(correct={"JAX_DEFAULT_MATMUL_PRECISION": "highest"},
@@ -1106,7 +1107,7 @@ def orchestrate(parts, out: Path, work: Path, *, smoke: bool, budgets: dict, dea
     for name in parts:
         left = deadline - (time.perf_counter() - t_start)
         budget = min(budgets.get(name, SMOKE_BUDGET_S if smoke else BUDGET[name]), left)
-        if budget < 5:
+        if budget < MIN_BUDGET_S:
             status.append(dict(part=name, status="skipped: out of time", wall_s=0.0, rows=0))
             continue
         env = dict(os.environ, PYTHONUNBUFFERED="1", **PART_ENV.get(name, {}))
@@ -1162,13 +1163,27 @@ def _kill(proc):
     proc.wait()
 
 
-def _budgets(items) -> dict:
+def _budgets(items, ap=None) -> dict:
+    """``--budget PART=SECONDS`` items -> ``{part: seconds}``; a bad item is a usage error
+    (``ap.error``), or ``SystemExit(message)`` without a parser."""
+    def fail(message):
+        if ap is None:
+            raise SystemExit(message)
+        ap.error(message)
+
     out = {}
     for item in items or []:
         name, _, sec = item.partition("=")
-        if name not in ALL_PARTS or not sec:
-            raise SystemExit(f"--budget: expected PART=SECONDS with PART in {list(ALL_PARTS)}, got {item!r}")
-        out[name] = float(sec)
+        try:
+            seconds = float(sec)
+        except ValueError:
+            seconds = None
+        if name not in ALL_PARTS or seconds is None:
+            fail(f"--budget: expected PART=SECONDS with PART in {list(ALL_PARTS)} and SECONDS a number, "
+                 f"got {item!r}")
+        if not seconds >= MIN_BUDGET_S:  # also NaN
+            fail(f"--budget {item}: a part needs at least {MIN_BUDGET_S} s (PART=SECONDS)")
+        out[name] = seconds
     return out
 
 
@@ -1183,12 +1198,17 @@ def main(argv=None):
     ap.add_argument("--gpu-quick", action="store_true", help="run the 'correct' part (every kernel family "
                     "against its reference on the device, about a minute)")
     ap.add_argument("--smoke", action="store_true", help="CPU: tiny shapes, interpret mode (for the tests)")
-    ap.add_argument("--budget", action="append", metavar="PART=SECONDS", help="override a part's time budget")
-    ap.add_argument("--deadline", type=float, help=f"seconds for the whole run (default {DEADLINE_S}; smoke: none)")
+    ap.add_argument("--budget", action="append", metavar="PART=SECONDS",
+                    help=f"override a part's time budget (SECONDS >= {MIN_BUDGET_S})")
+    ap.add_argument("--deadline", type=float,
+                    help=f"seconds (> 0) for the whole run (default {DEADLINE_S}; smoke: none)")
     ap.add_argument("--part", choices=ALL_PARTS, help=argparse.SUPPRESS)  # one part, in this process
     args = ap.parse_args(argv)
     if args.part:
         return run_part(args.part, Path(args.work), args.smoke)
+    if args.deadline is not None and not args.deadline > 0:  # also NaN; inf: no limit
+        ap.error(f"--deadline must be > 0 seconds, got {args.deadline}")
+    budgets = _budgets(args.budget, ap)
     parts = []
     for p in (args.parts or ([] if args.gpu_quick else ["check"])) + (["correct"] if args.gpu_quick else []):
         p = ALIASES.get(p, p)
@@ -1200,9 +1220,9 @@ def main(argv=None):
     out = Path(args.out)
     work = Path(args.work) if args.work else out.parent / f".{out.name}.parts"
     default = FOLLOWUP_DEADLINE_S if set(parts) <= set(FOLLOWUP_PARTS) else DEADLINE_S
-    deadline = args.deadline or (math.inf if args.smoke else default)
+    deadline = args.deadline if args.deadline is not None else math.inf if args.smoke else default
     command = "python -m experiments.gpu_check " + " ".join(sys.argv[1:] if argv is None else argv)
-    results = orchestrate(parts, out, work, smoke=args.smoke, budgets=_budgets(args.budget), deadline=deadline,
+    results = orchestrate(parts, out, work, smoke=args.smoke, budgets=budgets, deadline=deadline,
                           command=command)
     return 0 if all(p["status"] == "ok" for p in results["parts"]) else 1
 

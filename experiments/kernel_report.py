@@ -46,7 +46,7 @@ from pallas_kernels.selective_scan import selective_scan
 from pallas_kernels.sparse_attention import hash_attention, qk_sparse_attention
 from pallas_kernels.ssd import ssd
 from pallas_kernels.triton_inspect import compile_report, triton_calls
-from experiments.common import write_results
+from experiments.common import parse_list, write_results
 
 S = jax.ShapeDtypeStruct
 bf16, f32 = jnp.bfloat16, jnp.float32
@@ -264,10 +264,9 @@ def main(argv=None):
     ap.add_argument("--families", default=",".join(FAMILIES),
                     help=f"comma list from {list(FAMILIES)}")
     args = ap.parse_args(argv)
-    families = tuple(f for f in args.families.split(",") if f)
-    bad = sorted(set(families) - set(FAMILIES))
-    if bad or not families:
-        ap.error(f"--families: unknown {bad}; choose from {list(FAMILIES)}")
+    families = tuple(parse_list(ap, "--families", args.families, allowed=list(FAMILIES), unique=True))
+    if args.arch < 1:
+        ap.error(f"--arch must be a CUDA compute capability x10 (e.g. 90), got {args.arch}")
     import importlib.util
     if importlib.util.find_spec("triton") is None:
         ap.error("needs the `triton` package (no GPU needed): pip install triton==3.6.0")

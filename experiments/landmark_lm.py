@@ -34,7 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.common import experiment_parser, parse_experiment_args, save_progress, train_fresh
+from experiments.common import (experiment_parser, parse_experiment_args, parse_list, save_progress,
+                                train_fresh, usage_error)
 
 PRESETS = {
     "tiny": dict(model=dict(d_model=64, n_head=4, n_layer=2), block=16, train_blocks=6,
@@ -57,6 +58,30 @@ def _parser():
     ap.add_argument("--d-model", type=int, help="override the width")
     ap.add_argument("--n-layer", type=int, help="override the depth")
     return ap
+
+
+def _preset(args) -> dict:
+    """A copy of the preset with the overrides of the command line applied."""
+    preset = json.loads(json.dumps(PRESETS[args.preset]))
+    if args.steps is not None:
+        preset["train"]["steps"] = args.steps
+        preset["train"]["warmup_steps"] = min(preset["train"]["warmup_steps"], max(1, args.steps // 10))
+    if args.eval_windows is not None:
+        preset["eval_windows"] = args.eval_windows
+    for key in ("d_model", "n_layer"):
+        if getattr(args, key) is not None:
+            preset["model"][key] = getattr(args, key)
+    return preset
+
+
+def _check_args(ap, args) -> None:
+    """Usage errors before anything is loaded or trained; ``--factors`` / ``--top-k`` become lists."""
+    args.factors = parse_list(ap, "--factors", args.factors, cast=int, lo=1, unique=True)
+    args.top_k = parse_list(ap, "--top-k", args.top_k, cast=int, lo=1, unique=True)
+    model = _preset(args)["model"]
+    if model["d_model"] % model["n_head"]:
+        ap.error(f"--d-model must be a multiple of the preset's {model['n_head']} heads, "
+                 f"got {model['d_model']}")
 
 
 def _ce(logits, targets):
@@ -142,29 +167,28 @@ def cost_landmark(cfg, params, window, chunk_len, top_k, max_blocks, offload=Non
     return _timed(run), stats
 
 
-def run(args) -> dict:
+def run(args, ap=None) -> dict:
+    """The experiment (``args`` checked by :func:`_check_args`; ``ap``: the parser, for the usage
+    error that needs the dataset)."""
     import jax
     from jaxformers import get_config
     from jaxformers.training.trainer import open_dataset
 
-    preset = json.loads(json.dumps(PRESETS[args.preset]))
-    if args.steps:
-        preset["train"]["steps"] = args.steps
-        preset["train"]["warmup_steps"] = min(preset["train"]["warmup_steps"], max(1, args.steps // 10))
-    if args.eval_windows:
-        preset["eval_windows"] = args.eval_windows
-    if args.d_model:
-        preset["model"]["d_model"] = args.d_model
-    if args.n_layer:
-        preset["model"]["n_layer"] = args.n_layer
-    factors = tuple(int(x) for x in args.factors.split(",")) if args.factors else tuple(preset["factors"])
-    top_ks = tuple(int(x) for x in args.top_k.split(",")) if args.top_k else tuple(preset["top_k"])
+    preset = _preset(args)
+    # --factors / --top-k: checked lists (_check_args)
+    factors = tuple(preset["factors"]) if args.factors is None else tuple(args.factors)
+    top_ks = tuple(preset["top_k"]) if args.top_k is None else tuple(args.top_k)
     L, nb = preset["block"], preset["train_blocks"]
     raw = nb * (L - 1)                       # raw tokens per training window (T + 1)
     chunk = nb * L                           # one training window with its landmarks
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     _, meta, _, val_tokens = open_dataset(args.data, "byte")
+    if max(factors) * raw >= len(val_tokens):  # before training: every window must fit the split
+        flag = ("--factors" if args.factors is not None
+                else f"the {args.preset} preset's factors (set --factors)")
+        usage_error(ap, f"{flag}: {max(factors)} x {raw} tokens do not fit in the {len(val_tokens)}-token "
+                        f"validation split of {args.data!r}")
     vocab = int(meta["vocab_size"]) + 1      # + the landmark token
     common = dict(preset["model"], vocab_size=vocab, max_seq_len=chunk)
     cfgs = {"landmark": get_config("landmark", "tiny", landmark_block=L, **common),
@@ -255,9 +279,10 @@ def plot(results, path):
 
 
 def main(argv=None) -> dict:
-    args = parse_experiment_args(_parser(), argv)
+    ap = _parser()
+    args = parse_experiment_args(ap, argv, check=_check_args)
     t0 = time.perf_counter()
-    results = run(args)
+    results = run(args, ap)
     print(json.dumps(results["ppl"], indent=1))
     print(f"total {time.perf_counter() - t0:.0f}s -> {args.out}/results.json", file=sys.stderr)
     return results

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.common import experiment_parser, parse_experiment_args, save_progress
+from experiments.common import experiment_parser, parse_experiment_args, parse_list, save_progress
 
 PRESETS = {
     "tiny": dict(model=dict(d_model=64, n_head=4, n_layer=2), block=16, train_blocks=6,
@@ -74,6 +74,36 @@ def _parser():
     ap.add_argument("--d-model", type=int, help="override the width")
     ap.add_argument("--n-layer", type=int, help="override the depth")
     return ap
+
+
+def _preset(args) -> dict:
+    """A copy of the preset with the overrides of the command line applied."""
+    preset = dict(PRESETS[args.preset])
+    if args.steps is not None:
+        preset["steps"] = args.steps
+        preset["warmup"] = min(preset["warmup"], max(1, args.steps // 10))
+    for key in ("eval_samples", "digits"):
+        if getattr(args, key) is not None:
+            preset[key] = getattr(args, key)
+    for key in ("d_model", "n_layer"):
+        if getattr(args, key) is not None:
+            preset["model"] = dict(preset["model"], **{key: getattr(args, key)})
+    return preset
+
+
+def _check_args(ap, args) -> None:
+    """Usage errors before anything is trained; ``--factors`` / ``--top-k`` become lists."""
+    preset = _preset(args)
+    args.factors = parse_list(ap, "--factors", args.factors, cast=int, lo=1, unique=True)
+    args.top_k = parse_list(ap, "--top-k", args.top_k, cast=int, lo=1, unique=True)
+    raw = preset["train_blocks"] * (preset["block"] - 1)
+    if 2 * (preset["digits"] + 1) >= raw:  # KEY d1..dn somewhere before QUERY d1..dn
+        ap.error(f"--digits {preset['digits']}: two copies of the passkey (2 x (1 + digits) tokens) "
+                 f"must fit in the {raw}-token training window: at most {(raw - 1) // 2 - 1} digits")
+    n_head = preset["model"]["n_head"]
+    if preset["model"]["d_model"] % n_head:
+        ap.error(f"--d-model must be a multiple of the preset's {n_head} heads, "
+                 f"got {preset['model']['d_model']}")
 
 
 def make_configs(preset):
@@ -152,20 +182,10 @@ def eval_landmark(cfg, params, tokens, answer, *, chunk_len, top_k, max_blocks, 
 def run(args) -> dict:
     import jax
 
-    preset = dict(PRESETS[args.preset])
-    if args.steps:
-        preset["steps"] = args.steps
-        preset["warmup"] = min(preset["warmup"], max(1, args.steps // 10))
-    if args.eval_samples:
-        preset["eval_samples"] = args.eval_samples
-    if args.digits:
-        preset["digits"] = args.digits
-    if args.d_model:
-        preset["model"] = dict(preset["model"], d_model=args.d_model)
-    if args.n_layer:
-        preset["model"] = dict(preset["model"], n_layer=args.n_layer)
-    factors = tuple(int(x) for x in args.factors.split(",")) if args.factors else preset["factors"]
-    top_ks = tuple(int(x) for x in args.top_k.split(",")) if args.top_k else preset["top_k"]
+    preset = _preset(args)
+    # --factors / --top-k: checked lists (_check_args)
+    factors = preset["factors"] if args.factors is None else tuple(args.factors)
+    top_ks = preset["top_k"] if args.top_k is None else tuple(args.top_k)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lm_cfg, base_cfg, raw = make_configs(preset)
@@ -233,7 +253,7 @@ def plot(results, path):
 
 
 def main(argv=None) -> dict:
-    args = parse_experiment_args(_parser(), argv)
+    args = parse_experiment_args(_parser(), argv, check=_check_args)
     t0 = time.perf_counter()
     results = run(args)
     print(json.dumps({n: r["accuracy"] for n, r in results["models"].items()}, indent=1))

@@ -34,7 +34,8 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.common import experiment_parser, parse_experiment_args, train_fresh, train_overrides
+from experiments.common import (experiment_parser, parse_experiment_args, parse_list, train_fresh,
+                                train_overrides, usage_error)
 
 POSITIONS = ("early", "middle", "late")
 PRESETS = {
@@ -72,6 +73,90 @@ def _parser():
     ap.add_argument("--reuse", action="store_true", help="reuse a finished OUT/runs/base")
     ap.add_argument("--train-only", action="store_true", help="stop after training OUT/runs/base")
     return ap
+
+
+#: options that only shape training the preset's model: refused with --run (a run is not retrained)
+TRAIN_ONLY_FLAGS = ("n_layer", "d_model", "steps", "reuse", "train_only")
+
+
+def max_pairs_of(n_layer: int) -> int:
+    """The most pairs a model of ``n_layer`` layers has (the first and last layers never pair)."""
+    return (n_layer - 2) // 2
+
+
+def _preset(args) -> dict:
+    """A copy of the preset with the overrides of the command line applied."""
+    preset = json.loads(json.dumps(PRESETS[args.preset]))
+    for key in ("n_layer", "d_model"):
+        if getattr(args, key) is not None:
+            preset["model"][key] = getattr(args, key)
+    if args.seq_len is not None:
+        preset["train"]["seq_len"] = args.seq_len
+        preset["model"]["max_seq_len"] = max(preset["model"]["max_seq_len"], args.seq_len)
+    if args.batch_size is not None:
+        preset["train"]["batch_size"] = preset["infer_batch"] = args.batch_size
+    for key in ("decode_tokens", "iters"):
+        if getattr(args, key) is not None:
+            preset[key] = getattr(args, key)
+    if args.positions is not None:
+        preset["positions"] = args.positions
+    if args.pair_counts is not None:
+        preset["pair_counts"] = args.pair_counts
+    return preset
+
+
+def _check_args(ap, args) -> None:
+    """Usage errors before anything is loaded or trained (with ``--run``, the checks that need
+    the model's depth and length follow in :func:`check_model`); ``--positions`` /
+    ``--pair-counts`` become lists."""
+    if args.run == "":
+        ap.error("--run: empty path")
+    if args.run:
+        run = Path(args.run)
+        if not run.is_dir():
+            ap.error(f"--run {args.run!r}: no such directory")
+        saved = run / "config.json"
+        try:
+            hf = saved.is_file() and "model_type" in json.loads(saved.read_text())
+        except (OSError, ValueError) as e:
+            ap.error(f"--run: cannot read {saved}: {e}")
+        if hf and not args.data:
+            ap.error("--run with a HF checkpoint needs --data (tokenized with its tokenizer)")
+        given = ["--" + f.replace("_", "-") for f in TRAIN_ONLY_FLAGS
+                 if getattr(args, f) not in (None, False)]
+        if given:
+            ap.error(f"--run: {', '.join(given)} only shape(s) the preset's training; a --run model is not "
+                     "retrained (drop them, or drop --run)")
+    elif args.data is not None and args.data.startswith(("synthetic:", "domains:")):
+        ap.error(f"--data {args.data!r}: a synthetic / domains spec needs --run (the preset's model is "
+                 "trained on a corpus or prepared dataset)")
+    if args.n_layer is not None and args.n_layer < 4:
+        ap.error(f"--n-layer must be >= 4 (pairs are taken inside layers 1 .. L-2), got {args.n_layer}")
+    args.positions = parse_list(ap, "--positions", args.positions, allowed=POSITIONS, unique=True)
+    args.pair_counts = parse_list(ap, "--pair-counts", args.pair_counts, cast=int, lo=1, unique=True)
+    if args.pair_counts is not None and args.max_pairs is not None and max(args.pair_counts) > args.max_pairs:
+        ap.error(f"--pair-counts {max(args.pair_counts)} is more than --max-pairs {args.max_pairs}")
+    if not args.run:
+        preset = _preset(args)
+        check_model(ap, args, preset, preset["model"]["n_layer"], preset["model"]["max_seq_len"])
+
+
+def check_model(ap, args, preset: dict, n_layer: int, max_seq_len: int) -> None:
+    """Usage errors for settings the model (``n_layer`` layers, ``max_seq_len`` positions) cannot run."""
+    if n_layer < 4:
+        usage_error(ap, f"the model needs >= 4 layers to pair inner layers, has {n_layer}")
+    kmax = max_pairs_of(n_layer)
+    counts = preset["pair_counts"]
+    too_many = [k for k in counts or () if k > kmax]
+    if too_many:
+        flag = ("--pair-counts" if args.pair_counts is not None
+                else f"the {args.preset} preset's pair counts {list(counts)} (set --pair-counts)")
+        usage_error(ap, f"{flag}: {too_many} pair(s) do not fit in the {n_layer}-layer model "
+                        f"(at most {kmax}: the first and last layers are never paired)")
+    if args.seq_len is not None and args.seq_len > max_seq_len:
+        usage_error(ap, f"--seq-len {args.seq_len} is longer than the model's max_seq_len={max_seq_len}")
+    if preset["decode_tokens"] >= max_seq_len:
+        usage_error(ap, f"--decode-tokens must be < max_seq_len={max_seq_len}, got {preset['decode_tokens']}")
 
 
 # ============================================================================ model
@@ -244,42 +329,24 @@ def time_all(entries: dict, iters: int, rounds: int = 3) -> dict:
 
 
 # ============================================================================ run
-def run(args) -> dict:
+def run(args, ap=None) -> dict:
+    """The experiment (``args`` checked by :func:`_check_args`; ``ap``: the parser, for the usage
+    errors that need the loaded model)."""
     import jax
     from jaxformers.transforms import delete_layers, pair_layers, shuffle_layers, swap_layers
 
-    preset = json.loads(json.dumps(PRESETS[args.preset]))
-    for key, field in (("n_layer", "n_layer"), ("d_model", "d_model")):
-        if getattr(args, key):
-            preset["model"][field] = getattr(args, key)
-    if args.seq_len:
-        preset["train"]["seq_len"] = args.seq_len
-        preset["model"]["max_seq_len"] = max(preset["model"]["max_seq_len"], args.seq_len)
-    if args.batch_size:
-        preset["train"]["batch_size"] = preset["infer_batch"] = args.batch_size
-    for key in ("decode_tokens", "iters"):
-        if getattr(args, key):
-            preset[key] = getattr(args, key)
-    if args.positions:
-        preset["positions"] = [p.strip() for p in args.positions.split(",") if p.strip()]
-        bad = sorted(set(preset["positions"]) - set(POSITIONS))
-        if bad:
-            raise SystemExit(f"--positions: unknown {bad}; choose from {list(POSITIONS)}")
-    if args.pair_counts:
-        preset["pair_counts"] = [int(k) for k in args.pair_counts.split(",") if k.strip()]
+    preset = _preset(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg, params, data, tokenizer, info = load_model(args, preset, out)
     if args.train_only:
         return {"train_only": True, **info}
-    if cfg.n_layer < 4:
-        raise SystemExit(f"the model needs >= 4 layers to pair inner layers, has {cfg.n_layer}")
+    check_model(ap, args, preset, cfg.n_layer, cfg.max_seq_len)  # before any evaluation or timing
     seq_len = min(preset["train"]["seq_len"], cfg.max_seq_len)
-    prompt_len = min(preset["prompt_len"], cfg.max_seq_len - preset["decode_tokens"])
-    if prompt_len < 1:
-        raise SystemExit(f"--decode-tokens must be < max_seq_len={cfg.max_seq_len}")
+    prompt_len = min(preset["prompt_len"], cfg.max_seq_len - preset["decode_tokens"])  # >= 1 (check_model)
     batch, dtype = preset["infer_batch"], preset["infer_dtype"]
-    ev = Evaluator(data, tokenizer, batch, seq_len, args.eval_batches or preset["train"]["eval_batches"], dtype)
+    ev = Evaluator(data, tokenizer, batch, seq_len,
+                   preset["train"]["eval_batches"] if args.eval_batches is None else args.eval_batches, dtype)
     speed_kw = dict(batch=batch, seq_len=seq_len, prompt_len=prompt_len,
                     decode_tokens=preset["decode_tokens"], dtype=dtype)
     tag = "[layer_parallel]"
@@ -402,9 +469,10 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main(argv=None) -> dict:
-    args = parse_experiment_args(_parser(), argv)
+    ap = _parser()
+    args = parse_experiment_args(ap, argv, check=_check_args, data_specs=True)
     t0 = time.perf_counter()
-    results = run(args)
+    results = run(args, ap)
     if not results.get("train_only"):
         b = results["baseline"]
         print(f"baseline: ppl {b['val_ppl']:.4f} acc {b['val_acc']:.4f} decode b1 {b['decode_b1_tokens_per_s']:.0f} tok/s")

@@ -41,7 +41,8 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from experiments.common import experiment_parser, parse_experiment_args, train_fresh, train_overrides
+from experiments.common import (experiment_parser, parse_experiment_args, parse_list, train_fresh,
+                                train_overrides)
 
 MODELS = ("base", "mamba", "mamba2", "hybrid")  # "base" = the --base attention model
 
@@ -71,11 +72,26 @@ def _parser():
     ap = experiment_parser("mamba", __doc__, PRESETS)
     ap.add_argument("--base", choices=("gpt", "llama"), default="gpt", help="attention baseline (default gpt)")
     ap.add_argument("--eval-batches", type=int, help="override the number of validation batches")
-    ap.add_argument("--contexts", help="comma-separated decode context lengths (default: the preset's)")
+    ap.add_argument("--contexts",
+                    help="comma-separated increasing decode context lengths (default: the preset's)")
     ap.add_argument("--models", help=f"comma-separated subset of {','.join(MODELS)} "
                                      "(base may also be written gpt/llama; default: all)")
     ap.add_argument("--prefill", action="store_true", help="prefill each decode cache with L-1 real tokens")
     return ap
+
+
+def _check_args(ap, args) -> None:
+    """Usage errors before anything is loaded or trained; ``--contexts`` and ``--models``
+    become lists (``--models``: the --base model's name written ``base``)."""
+    args.contexts = parse_list(ap, "--contexts", args.contexts, cast=int, lo=1, unique=True)
+    if args.contexts is not None and args.contexts != sorted(args.contexts):
+        # the ratios (context, cache bytes, decode latency) are last / first
+        ap.error(f"--contexts must be increasing, got {','.join(map(str, args.contexts))}")
+    models = parse_list(ap, "--models", args.models, allowed=("base", args.base, *MODELS[1:]), unique=True)
+    if models is not None:
+        args.models = ["base" if m in ("base", args.base) else m for m in models]
+        if len(set(args.models)) < len(args.models):
+            ap.error(f"--models: 'base' and {args.base!r} name the same model")
 
 
 # ============================================================================ model grid
@@ -208,18 +224,9 @@ def run(args) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     train_kw = train_overrides(preset["train"], args.steps, args.eval_batches)
-    contexts = preset["contexts"]
-    if args.contexts:
-        contexts = tuple(int(c) for c in args.contexts.split(",") if c.strip())
-        if not contexts or min(contexts) < 1:
-            raise SystemExit("--contexts must be positive integers")
-    wanted = None
-    if args.models:
-        wanted = {"base" if m.strip() in ("base", args.base) else m.strip()
-                  for m in args.models.split(",") if m.strip()}
-        unknown = sorted(wanted - set(MODELS))
-        if unknown:
-            raise SystemExit(f"--models: unknown {unknown}; choose from {[args.base, *MODELS[1:]]}")
+    # --contexts / --models: checked lists (_check_args)
+    contexts = preset["contexts"] if args.contexts is None else tuple(args.contexts)
+    wanted = None if args.models is None else set(args.models)
     _, meta, _, val_tokens = open_dataset(args.data, "byte")
     vocab = int(meta["vocab_size"])
     grid, target = model_grid(preset, args.base, vocab, train_kw["seq_len"], wanted)
@@ -341,7 +348,7 @@ def plot_decode_scaling(results: dict, path: Path) -> None:
 
 
 def main(argv=None) -> dict:
-    args = parse_experiment_args(_parser(), argv)
+    args = parse_experiment_args(_parser(), argv, check=_check_args)
     t0 = time.perf_counter()
     results = run(args)
     print(f"{'model':8s} {'layers':>6s} {'params':>10s} {'val_ppl':>8s} {'train tok/s':>11s}  "

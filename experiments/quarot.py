@@ -47,8 +47,8 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.common import (experiment_parser, median_ms, parse_experiment_args, train_fresh,
-                                train_overrides)
+from experiments.common import (experiment_parser, median_ms, parse_experiment_args, parse_list, train_fresh,
+                                train_overrides, usage_error)
 
 PRESETS = {
     "tiny": dict(model=dict(preset="tiny", max_seq_len=128),
@@ -103,15 +103,31 @@ def _parser():
     ap.add_argument("--run", help="a trained llama run dir, or an HF Llama dir (then --data)")
     ap.add_argument("--eval-batches", type=int, help="validation batches per scheme")
     ap.add_argument("--seq-len", type=int,
-                    help="override the preset's sequence length (training, eval, calibration)")
-    ap.add_argument("--batch-size", type=int, help="override the preset's batch size")
+                    help="override the sequence length (training, eval, calibration; with --run: eval and "
+                         "calibration, at most the model's max_seq_len)")
+    ap.add_argument("--batch-size", type=int,
+                    help="override the batch size (training and eval; with --run: eval)")
     ap.add_argument("--calib", type=int, help="calibration sequences (GPTQ, outlier statistics)")
     ap.add_argument("--only", help=f"comma list of schemes (default: all of {list(SCHEMES)})")
     ap.add_argument("--int-schemes", default=None,
                     help=f"comma list of integer-path rows (default: all of {list(INT_SCHEMES)}; "
-                         "'none': skip)")
+                         "'none' alone: skip)")
     ap.add_argument("--tokenizer", default=None, help="tokenizer of --data (default: byte, or the HF dir)")
     return ap
+
+
+def _check_args(ap, args) -> None:
+    """Usage errors before anything is loaded or trained; ``--only`` / ``--int-schemes`` become
+    lists (``--int-schemes none``: ``[]``)."""
+    if args.run == "":
+        ap.error("--run: empty path")
+    if args.run and args.steps is not None:
+        ap.error("--run: --steps only shapes the preset's training; a --run model is not retrained")
+    if args.run and not Path(args.run).is_dir():
+        ap.error(f"--run {args.run!r}: no such directory")
+    args.only = parse_list(ap, "--only", args.only, allowed=list(SCHEMES), unique=True)
+    args.int_schemes = parse_list(ap, "--int-schemes", args.int_schemes, allowed=list(INT_SCHEMES),
+                                  unique=True, none=True)
 
 
 def _load_source(args, preset, out):
@@ -294,40 +310,41 @@ def int_path(cfg, params, dtype_name, tokens, names, seed, warmup=2, iters=5):
             "weight_memory": memory, "schemes": rows, "weights": "rotated RTN, no clipping search"}
 
 
-def run(args) -> dict:
+def run(args, ap=None) -> dict:
+    """The experiment (``args`` checked by :func:`_check_args`; ``ap``: the parser, for the usage
+    errors that need the loaded model)."""
     import jax
     from jaxformers.quant import quantize
     from jaxformers.training import evaluate
     if args.preset is None:
         args.preset = "gpu" if args.run and jax.default_backend() == "gpu" else "tiny"
     preset = json.loads(json.dumps(PRESETS[args.preset]))
-    if args.seq_len:
+    if args.seq_len is not None:
         preset["train"]["seq_len"] = preset["model"]["max_seq_len"] = args.seq_len
-    if args.batch_size:
+    if args.batch_size is not None:
         preset["train"]["batch_size"] = args.batch_size
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg, params, data, tok, ev_kw, dtype, summary = _load_source(args, preset, out)
-    if args.eval_batches:
+    if args.run:  # the run's (or the HF default's) eval shape, unless given
+        if args.seq_len is not None:
+            if args.seq_len > cfg.max_seq_len:
+                usage_error(ap, f"--seq-len {args.seq_len} is longer than the model's "
+                                f"max_seq_len={cfg.max_seq_len}")
+            ev_kw["seq_len"] = args.seq_len
+        if args.batch_size is not None:
+            ev_kw["batch_size"] = args.batch_size
+    if args.eval_batches is not None:
         ev_kw["eval_batches"] = args.eval_batches
-    schemes = list(SCHEMES)
-    if args.only:
-        schemes = [s.strip() for s in args.only.split(",") if s.strip()]
-        unknown = sorted(set(schemes) - set(SCHEMES))
-        if unknown:
-            raise SystemExit(f"--only: unknown scheme(s) {unknown}; choose from {list(SCHEMES)}")
-    n_calib = args.calib or preset["calib"]
+    schemes = list(SCHEMES) if args.only is None else args.only  # checked names (_check_args)
+    n_calib = preset["calib"] if args.calib is None else args.calib
     calib = calibration_tokens(data, tok, n_calib, ev_kw["seq_len"], args.seed + 1)
     results = {"preset": args.preset, "run": args.run, "seed": args.seed, "data": data,
                "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
                "jax_version": jax.__version__, "compute_dtype": dtype, "model": cfg.to_dict(),
                "calibration": {"sequences": n_calib, "seq_len": ev_kw["seq_len"]},
                "eval": ev_kw, "train_summary": summary, "schemes": {}}
-    int_names = list(INT_SCHEMES) if args.int_schemes is None else \
-        [x.strip() for x in args.int_schemes.split(",") if x.strip() and x.strip() != "none"]
-    unknown = sorted(set(int_names) - set(INT_SCHEMES))
-    if unknown:
-        raise SystemExit(f"--int-schemes: unknown row(s) {unknown}; choose from {list(INT_SCHEMES)} or none")
+    int_names = list(INT_SCHEMES) if args.int_schemes is None else args.int_schemes  # checked (_check_args)
     if int_names:  # first: a GPU stage cut by its time limit keeps it
         results["int_path"] = int_path(cfg, params, dtype, calib[: ev_kw["batch_size"]], int_names, args.seed)
         (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
@@ -416,9 +433,9 @@ def plot(results: dict, out: Path) -> None:
 
 
 def main(argv=None) -> dict:
-    args = parse_experiment_args(_parser(), argv, positive=("steps", "eval_batches", "calib", "seq_len",
-                                                            "batch_size"))
-    return run(args)
+    ap = _parser()
+    args = parse_experiment_args(ap, argv, check=_check_args)
+    return run(args, ap)
 
 
 if __name__ == "__main__":

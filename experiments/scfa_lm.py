@@ -29,8 +29,8 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.common import (environment, experiment_parser, parse_experiment_args, train_fresh,
-                                train_overrides)
+from experiments.common import (environment, experiment_parser, parse_experiment_args, parse_list,
+                                train_fresh, train_overrides)
 
 PRESETS = {
     # 2 layers, d=64, T=128: a few minutes on 2 CPU cores (reference attention).
@@ -59,19 +59,33 @@ def _parser():
     return ap
 
 
+def model_names(preset: dict) -> list:
+    """Names of :func:`model_grid`'s models, in its order."""
+    return (["baseline"] + [f"hash_nb{nb}" for nb in preset["hash_buckets"]]
+            + [f"qk_s{round(100 * s)}" for s in preset["qk_drop_rates"]])
+
+
 def model_grid(preset: dict, vocab_size: int, seq_len: int):
     """``[(name, config)]``: the GPT baseline, one hash_sparse per nb, one qk_sparse per s."""
     from jaxformers import get_config
 
     common = dict(preset["model"], vocab_size=vocab_size, max_seq_len=max(seq_len, preset["model"]["max_seq_len"]))
     tile = dict(block_q=preset["tile"], block_k=preset["tile"])
-    grid = [("baseline", get_config("gpt", "tiny", **common))]
+    configs = [get_config("gpt", "tiny", **common)]
     for nb in preset["hash_buckets"]:
-        grid.append((f"hash_nb{nb}", get_config("hash_sparse", "tiny", n_buckets=nb, **tile, **common)))
+        configs.append(get_config("hash_sparse", "tiny", n_buckets=nb, **tile, **common))
     for s in preset["qk_drop_rates"]:
-        grid.append((f"qk_s{round(100 * s)}", get_config("qk_sparse", "tiny", qk_drop_rate=s, **tile,
-                                                          **common)))
-    return grid
+        configs.append(get_config("qk_sparse", "tiny", qk_drop_rate=s, **tile, **common))
+    return list(zip(model_names(preset), configs))
+
+
+def _check_args(ap, args) -> None:
+    """Usage errors before anything is loaded or trained; ``--only`` becomes a list."""
+    preset = PRESETS[args.preset]
+    if args.seq_len is not None and args.seq_len not in preset["seq_lens"]:
+        ap.error(f"--seq-len {args.seq_len}: choose one of the {args.preset} preset's "
+                 f"{list(preset['seq_lens'])}")
+    args.only = parse_list(ap, "--only", args.only, allowed=model_names(preset), unique=True)
 
 
 def tile_counts(cfg, params, batch, seq_len, seed, tile):
@@ -118,22 +132,14 @@ def run(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     train_kw = train_overrides(preset["train"], args.steps, args.eval_batches)
     _, meta, _, _ = open_dataset(args.data, "byte")
-    seq_lens = preset["seq_lens"]
-    if args.seq_len is not None:
-        if args.seq_len not in seq_lens:
-            raise SystemExit(f"--seq-len {args.seq_len}: choose one of {list(seq_lens)}")
-        seq_lens = (args.seq_len,)
-    wanted = None if not args.only else {s.strip() for s in args.only.split(",") if s.strip()}
+    seq_lens = preset["seq_lens"] if args.seq_len is None else (args.seq_len,)  # checked (_check_args)
     results = {**environment(), "preset": args.preset, "seed": args.seed, "data": args.data,
                "train": train_kw, "tile": preset["tile"], "models": {}, "complete": False}
     cache = CompileCache()
     for seq_len in seq_lens:
         grid = model_grid(preset, int(meta["vocab_size"]), seq_len)
-        if wanted is not None:
-            unknown = sorted(wanted - {n for n, _ in grid})
-            if unknown:
-                raise SystemExit(f"--only: unknown model(s) {unknown}; choose from {[n for n, _ in grid]}")
-            grid = [(n, c) for n, c in grid if n in wanted]
+        if args.only is not None:  # checked names (_check_args)
+            grid = [(n, c) for n, c in grid if n in args.only]
         for name, cfg in grid:
             key = f"{name}_T{seq_len}"
             kw = dict(train_kw, seq_len=seq_len)
@@ -207,7 +213,7 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main(argv=None) -> dict:
-    args = parse_experiment_args(_parser(), argv)
+    args = parse_experiment_args(_parser(), argv, check=_check_args)
     t0 = time.perf_counter()
     results = run(args)
     print(json.dumps({n: {k: r.get(k) for k in ("val_ppl", "step_time_s", "tile_fraction",

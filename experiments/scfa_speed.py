@@ -13,8 +13,9 @@ Forward and forward+backward median milliseconds of
 * the dense causal anchors of the same run: cuDNN (``jax.nn.dot_product_attention``, GPU only)
   and this repo's Pallas flash kernel (``flash``),
 
-for T in ``--seq-lens`` (default 1k .. 32k) with B*T = ``--tokens`` (16k), H=``--heads``
-(12), D=``--head-dim`` (64).  The sparse kernels' time includes the token sort and the
+for T in ``--seq-lens`` (default 1k .. 32k) with B*T = ``--tokens`` (16k; B at least 1),
+H=``--heads`` (12), D=``--head-dim`` (64); ``--quick``: tiny shapes, the options given with it
+override its values.  The sparse kernels' time includes the token sort and the
 tile tables (plain JAX around the kernel), as a model pays them.  Speedups are ratios to the
 anchors measured in the same run (``speedup_vs_flash`` / ``speedup_vs_cudnn``); rows also
 carry the computed tile fraction (``tiles / causal tiles`` of the forward).  Writes
@@ -29,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.common import median_ms, write_results
+from experiments.common import check_counts, median_ms, parse_list, write_results
 
 
 def _inputs(batch, seq_len, heads, head_dim, dtype, seed=0):
@@ -96,23 +97,41 @@ def bench(name, fn, q, k, v, do, *, on_gpu, warmup, iters):
     return out
 
 
-def _list(text, cast):
-    """``"a,b"`` -> [cast(a), cast(b)]; ``"none"`` / empty -> []."""
-    return [] if text.strip().lower() in ("", "none") else [cast(x) for x in text.split(",") if x.strip()]
+#: the GPU sweep and ``--quick``'s tiny shapes; an option given on the command line replaces
+#: the value of either
+FULL = dict(seq_lens=(1024, 2048, 4096, 8192, 16384, 32768), buckets=(2, 4, 8, 16, 32, 64),
+            keep=(0.2, 0.4, 0.6, 0.8), tokens=16384, heads=12, head_dim=64, block=64, warmup=2, iters=5)
+QUICK = dict(seq_lens=(64,), buckets=(2, 4), keep=(0.5,), tokens=128, heads=2, head_dim=32, block=16,
+             warmup=1, iters=2)
 
 
-def run(args) -> list:
+def sweep_config(ap, args) -> dict:
+    """``FULL`` or ``QUICK`` with the options given on the command line applied (each checked:
+    a usage error names the option)."""
+    check_counts(ap, args)
+    cfg = dict(QUICK if args.quick else FULL)
+    lists = dict(seq_lens=parse_list(ap, "--seq-lens", args.seq_lens, cast=int, lo=1, unique=True),
+                 buckets=parse_list(ap, "--buckets", args.buckets, cast=int, lo=1, unique=True, none=True),
+                 keep=parse_list(ap, "--keep", args.keep, cast=float, lo=0.0, hi=1.0, unique=True, none=True))
+    if lists["keep"] and min(lists["keep"]) <= 0:
+        ap.error(f"--keep: keep rates must be in (0, 1], got {args.keep!r}")
+    for name, value in lists.items():
+        if value is not None:
+            cfg[name] = tuple(value)
+    for name in ("tokens", "heads", "head_dim", "block", "warmup", "iters"):
+        if getattr(args, name) is not None:
+            cfg[name] = getattr(args, name)
+    return cfg
+
+
+def run(args, cfg=None) -> list:
+    """The sweep of ``cfg`` (:func:`sweep_config`; default: ``QUICK`` / ``FULL`` as ``args.quick`` says)."""
     on_gpu = jax.default_backend() == "gpu"
-    if args.quick:
-        seq_lens, tokens, heads, head_dim = [64], 128, 2, 32
-        buckets, keeps, warmup, iters, block = [2, 4], [0.5], 1, 2, 16
-        dtype = jnp.bfloat16 if on_gpu else jnp.float32
-    else:
-        seq_lens = [int(x) for x in args.seq_lens.split(",")]
-        buckets = _list(args.buckets, int)
-        keeps = _list(args.keep, float)
-        tokens, heads, head_dim = args.tokens, args.heads, args.head_dim
-        warmup, iters, block, dtype = args.warmup, args.iters, args.block, jnp.bfloat16
+    cfg = dict(QUICK if args.quick else FULL) if cfg is None else cfg
+    seq_lens, buckets, keeps = cfg["seq_lens"], cfg["buckets"], cfg["keep"]
+    tokens, heads, head_dim, block = cfg["tokens"], cfg["heads"], cfg["head_dim"], cfg["block"]
+    warmup, iters = cfg["warmup"], cfg["iters"]
+    dtype = jnp.bfloat16 if on_gpu or not args.quick else jnp.float32
     settings = [("cudnn", None), ("flash", None)] + [("hash", n) for n in buckets] + [("qk", p) for p in keeps]
     rows = []
     print(f"{'impl':>12} {'T':>6} {'B':>3} {'fwd ms':>9} {'f+b ms':>9} {'tiles':>6} {'x flash f/fb':>14}",
@@ -179,20 +198,25 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m experiments.scfa_speed", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--out", default="runs/scfa_speed", help="folder for results.json and the plot")
-    ap.add_argument("--quick", action="store_true", help="tiny shapes (CPU / interpret friendly)")
-    ap.add_argument("--seq-lens", default="1024,2048,4096,8192,16384,32768")
-    ap.add_argument("--buckets", default="2,4,8,16,32,64", help="hash buckets ('none': skip the hash kernel)")
-    ap.add_argument("--keep", default="0.2,0.4,0.6,0.8", help="keep rates of the QK-sparse kernel ('none': skip it)")
-    ap.add_argument("--tokens", type=int, default=16384, help="B*T per config")
-    ap.add_argument("--heads", type=int, default=12)
-    ap.add_argument("--head-dim", type=int, default=64)
-    ap.add_argument("--block", type=int, default=64, help="sparse kernels' block_q = block_k")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--quick", action="store_true",
+                    help="tiny shapes (CPU / interpret friendly); options given with it override its values")
+    ap.add_argument("--seq-lens", help="comma list (default %s)" % ",".join(map(str, FULL["seq_lens"])))
+    ap.add_argument("--buckets", help="hash buckets ('none': skip the hash kernel; default %s)"
+                    % ",".join(map(str, FULL["buckets"])))
+    ap.add_argument("--keep", help="keep rates in (0, 1] of the QK-sparse kernel ('none': skip it; "
+                                   "default %s)" % ",".join(map(str, FULL["keep"])))
+    ap.add_argument("--tokens", type=int,
+                    help=f"B*T per config: B = max(1, tokens // T) (default {FULL['tokens']})")
+    ap.add_argument("--heads", type=int, help=f"default {FULL['heads']}")
+    ap.add_argument("--head-dim", type=int, help=f"default {FULL['head_dim']}")
+    ap.add_argument("--block", type=int, help=f"sparse kernels' block_q = block_k (default {FULL['block']})")
+    ap.add_argument("--warmup", type=int, help=f"default {FULL['warmup']}")
+    ap.add_argument("--iters", type=int, help=f"default {FULL['iters']}")
     args = ap.parse_args(argv)
-    rows = run(args)
+    cfg = sweep_config(ap, args)
+    rows = run(args, cfg)
     import os
-    path = write_results(args.out, quick=args.quick, rows=rows,
+    path = write_results(args.out, quick=args.quick, config=cfg, rows=rows,
                          note="speedup_vs_X_mode = X's ms / this row's ms, same run; sparse ms include "
                               "the token sort and tile tables")
     plot(rows, os.path.join(args.out, "speedup_vs_T.png"))
