@@ -237,6 +237,12 @@ def test_evaluate_argument_checks(env, reference_run):
                       (dict(batch_size=0), "batch_size"), (dict(seq_len=0), "seq_len")):
         with pytest.raises(ValueError, match=match):
             evaluate(ref, **kw)
+    # a run trained without evaluation (eval_batches=0): -1 means the whole split, not nothing
+    run = _copy_run(ref, env["root"] / "no_eval")
+    saved = json.loads((run / "config.json").read_text())
+    saved["train"]["eval_batches"] = 0
+    (run / "config.json").write_text(json.dumps(saved))
+    assert evaluate(run)["val_tokens"] == evaluate(ref, max_batches=None)["val_tokens"] > 0
 
 
 def test_prepared_dataset_tokenizer_must_match(env, tmp_path):

@@ -602,7 +602,8 @@ def evaluate(run: Union[str, os.PathLike, Tuple[ModelConfig, Any]], data=None, *
     ``split``: ``val`` or ``train``.  Defaults for ``batch_size`` / ``seq_len`` /
     ``max_batches`` come from the run's train config, and ``dtype`` (compute dtype)
     from the run or float32 (so a run's final ``val_loss`` is reproduced);
-    ``max_batches=None`` evaluates the whole split.  The loss is ``loss_fn``, else the
+    ``max_batches=None`` evaluates the whole split (as ``-1`` does for a run trained with
+    ``eval_batches=0``).  The loss is ``loss_fn``, else the
     run's ``loss`` by name, else cross-entropy.
     """
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
@@ -636,8 +637,8 @@ def evaluate(run: Union[str, os.PathLike, Tuple[ModelConfig, Any]], data=None, *
         log.warning("seq_len=%d is longer than the %s (%d): the loss measures length extrapolation",
                     seq_len, "sequences the run was trained on" if tc is not None else "model's max_seq_len",
                     trained_len)
-    if max_batches == -1:
-        max_batches = tc.eval_batches if tc is not None else None
+    if max_batches == -1:  # the run's eval_batches; the whole split for a run trained without evaluation
+        max_batches = (tc.eval_batches or None) if tc is not None else None
     if not source.has_eval_data(seq_len, split):
         n = len(source.split_tokens(split))
         raise ValueError(f"the {split} split has {n} tokens, fewer than seq_len + 1 = {seq_len + 1}")
