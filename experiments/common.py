@@ -131,6 +131,13 @@ def parse_list(ap, flag: str, text, *, cast=str, allowed=None, lo=None, hi=None,
     return values
 
 
+def check_heads(ap, model: dict) -> None:
+    """A usage error naming ``--d-model`` unless the preset's ``model`` fields (after the overrides)
+    have ``n_head`` dividing ``d_model``."""
+    if model["d_model"] % model["n_head"]:
+        ap.error(f"--d-model must be a multiple of the preset's {model['n_head']} heads, got {model['d_model']}")
+
+
 def usage_error(ap, message: str):
     """``ap.error(message)`` (usage, exit 2) -- for a check that needs a loaded model (``--run``);
     ``SystemExit(message)`` when called without a parser (``ap=None``)."""

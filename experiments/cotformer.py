@@ -30,8 +30,8 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.common import (experiment_parser, parse_experiment_args, parse_list, time_forwards,
-                                train_fresh, train_overrides)
+from experiments.common import (check_heads, experiment_parser, parse_experiment_args, parse_list,
+                                time_forwards, train_fresh, train_overrides)
 
 PRESETS = {
     "tiny": dict(model=dict(d_model=64, n_head=4, max_seq_len=64), depth=2, ln_reserved=(0, 0),
@@ -104,9 +104,7 @@ def _check_args(ap, args) -> None:
     names = [n for n, _, _ in specs]
     args.only = parse_list(ap, "--only", args.only, allowed=names, unique=True)
     wanted = names if args.only is None else args.only
-    n_head = PRESETS[args.preset]["model"]["n_head"]
-    if args.d_model is not None and args.d_model % n_head:
-        ap.error(f"--d-model must be a multiple of the preset's {n_head} heads, got {args.d_model}")
+    check_heads(ap, _preset(args)["model"])
     if args.budgets is not None:
         adaptive = [(n, f) for n, m, f in specs if m == "adaptive_cotformer" and n in wanted]
         if not adaptive:

@@ -34,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.common import (experiment_parser, parse_experiment_args, parse_list, save_progress,
-                                train_fresh, usage_error)
+from experiments.common import (check_heads, experiment_parser, parse_experiment_args, parse_list,
+                                save_progress, train_fresh, usage_error)
 
 PRESETS = {
     "tiny": dict(model=dict(d_model=64, n_head=4, n_layer=2), block=16, train_blocks=6,
@@ -78,10 +78,7 @@ def _check_args(ap, args) -> None:
     """Usage errors before anything is loaded or trained; ``--factors`` / ``--top-k`` become lists."""
     args.factors = parse_list(ap, "--factors", args.factors, cast=int, lo=1, unique=True)
     args.top_k = parse_list(ap, "--top-k", args.top_k, cast=int, lo=1, unique=True)
-    model = _preset(args)["model"]
-    if model["d_model"] % model["n_head"]:
-        ap.error(f"--d-model must be a multiple of the preset's {model['n_head']} heads, "
-                 f"got {model['d_model']}")
+    check_heads(ap, _preset(args)["model"])
 
 
 def _ce(logits, targets):

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.common import experiment_parser, parse_experiment_args, parse_list, save_progress
+from experiments.common import (check_heads, experiment_parser, parse_experiment_args, parse_list,
+                                save_progress)
 
 PRESETS = {
     "tiny": dict(model=dict(d_model=64, n_head=4, n_layer=2), block=16, train_blocks=6,
@@ -100,10 +101,7 @@ def _check_args(ap, args) -> None:
     if 2 * (preset["digits"] + 1) >= raw:  # KEY d1..dn somewhere before QUERY d1..dn
         ap.error(f"--digits {preset['digits']}: two copies of the passkey (2 x (1 + digits) tokens) "
                  f"must fit in the {raw}-token training window: at most {(raw - 1) // 2 - 1} digits")
-    n_head = preset["model"]["n_head"]
-    if preset["model"]["d_model"] % n_head:
-        ap.error(f"--d-model must be a multiple of the preset's {n_head} heads, "
-                 f"got {preset['model']['d_model']}")
+    check_heads(ap, preset["model"])
 
 
 def make_configs(preset):

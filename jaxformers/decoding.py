@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .utils import concrete
+from .utils import check_token_ids
 
 
 def init_cache(module, batch_size: int, max_len: int, dtype=None):
@@ -129,11 +129,7 @@ def generate(module, params, prompt_tokens, max_new_tokens: int, *, temperature:
     prompt_tokens = jnp.asarray(prompt_tokens)
     _validate(module, prompt_tokens, max_new_tokens, temperature, top_k, top_p)
     prompt_tokens = prompt_tokens.astype(jnp.int32)
-    vocab = module.config.vocab_size
-    ids = concrete(prompt_tokens)
-    if ids is not None and (ids.min() < 0 or ids.max() >= vocab):
-        raise ValueError(f"prompt_tokens must be ids in [0, vocab_size={vocab}), got ids from {ids.min()} "
-                         f"to {ids.max()}")
+    check_token_ids(prompt_tokens, module.config.vocab_size, "prompt_tokens must be ids")
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
     rng = jax.random.PRNGKey(0) if rng is None else rng

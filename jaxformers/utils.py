@@ -19,6 +19,16 @@ def concrete(x):
         return None
 
 
+def check_token_ids(tokens, vocab_size: int, subject: str = "token ids must be") -> None:
+    """``ValueError`` ("<subject> in [0, vocab_size=V), got ids from a to b") unless every id of
+    ``tokens`` is in ``[0, vocab_size)``; checked when the values are known (:func:`concrete`),
+    skipped under a trace (there an out-of-range id gives NaN logits)."""
+    values = concrete(tokens)
+    if values is not None and values.size and (values.min() < 0 or values.max() >= vocab_size):
+        raise ValueError(f"{subject} in [0, vocab_size={vocab_size}), got ids from {values.min()} to "
+                         f"{values.max()}")
+
+
 def init_params(module, rng, tokens=None, **kwargs):
     """``module.init`` then unbox: a plain pytree of arrays (no partitioning boxes)."""
     if tokens is None:

@@ -24,7 +24,6 @@ seq_len, max_batches, split)`` (local rows; the last batch may be short).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Dict, Iterator, Optional
 
@@ -47,17 +46,15 @@ def open_dataset(data: str, tokenizer: str):
     from .prepare import _canonical_tokenizer, ensure_dataset, load_prepared
 
     path = Path(str(data)).expanduser()
-    if (path / "meta.json").is_file():  # already a prepared dataset directory
-        ds_dir = path
-        prepared_with = json.loads((path / "meta.json").read_text()).get("tokenizer")
-        if tokenizer not in (None, "byte") and prepared_with is not None \
-                and _canonical_tokenizer(tokenizer) != prepared_with:
-            raise ValueError(f"tokenizer={tokenizer!r} differs from the tokenizer {prepared_with!r} that the "
-                             f"prepared dataset {path} was made with: omit --tokenizer to use the dataset's, or "
-                             "prepare the corpus again with the tokenizer you want")
-    else:
-        ds_dir = ensure_dataset(data, tokenizer)
+    prepared = (path / "meta.json").is_file()  # already a prepared dataset directory
+    ds_dir = path if prepared else ensure_dataset(data, tokenizer)
     meta, train_tokens, val_tokens = load_prepared(ds_dir)
+    made_with = meta.get("tokenizer")
+    if prepared and tokenizer not in (None, "byte") and made_with is not None \
+            and _canonical_tokenizer(tokenizer) != made_with:
+        raise ValueError(f"tokenizer={tokenizer!r} differs from the tokenizer {made_with!r} that the "
+                         f"prepared dataset {path} was made with: omit --tokenizer to use the dataset's, or "
+                         "prepare the corpus again with the tokenizer you want")
     return Path(ds_dir), meta, train_tokens, val_tokens
 
 

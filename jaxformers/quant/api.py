@@ -42,7 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..config import TransformerConfig
+from ..config import TransformerConfig, _boolean
+from ..utils import check_token_ids
 from .model import OnlineQuant, QuaRotConfig
 from .quantizers import gptq_weight, rtn_weight
 from .rotation import rotate_params
@@ -86,8 +87,7 @@ class QuantSpec(OnlineQuant):
             raise ValueError(f"w_bits must be an int in [2, 16] (16 = no quantization), got {self.w_bits!r}")
         self.check_online_quant()
         for name in ("rotate", "w_sym", "w_clip"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool (true/false), got {getattr(self, name)!r}")
+            _boolean(self, name)
         for name, lo in (("seed", 0), ("calib_batch", 1)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
@@ -188,9 +188,7 @@ def _check_quantize_inputs(config, spec: QuantSpec, calibration) -> None:
     if cal.ndim != 2 or cal.size == 0 or not np.issubdtype(cal.dtype, np.integer):
         raise ValueError(f"calibration must be int tokens [N, T] (N, T >= 1), got shape {cal.shape} "
                          f"dtype {cal.dtype}")
-    if cal.min() < 0 or cal.max() >= config.vocab_size:
-        raise ValueError(f"calibration tokens must be ids in [0, vocab_size={config.vocab_size}), got "
-                         f"ids from {cal.min()} to {cal.max()}")
+    check_token_ids(cal, config.vocab_size, "calibration tokens must be ids")
 
 
 def quantize(config, params, spec: QuantSpec, calibration=None):

@@ -80,8 +80,7 @@ class OnlineQuant:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {v!r}")
         for name in ("a_sym", "kv_sym"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool (true/false), got {getattr(self, name)!r}")
+            _boolean(self, name)
         for name in ("a_groupsize", "kv_groupsize"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
