@@ -2,12 +2,12 @@
 
     python -m experiments.bench_hadamard [--quick] [--out DIR] [--rows R] [--sizes 128,1024]
 
-For each size ``n`` (default 64..8192 and 352 = 44 * 8, 768 = 12 * 64, QuaRot's Paley
-factored sizes) and ``R`` rows of bf16 (default 65536: e.g. 16 sequences x 4096 tokens),
+For each size ``n`` (default 64..8192 and 352 = 44 * 8, 768 = 12 * 64, 11008 = 172 * 64:
+Kronecker-factored sizes, the last LLaMA-2-7B's d_ff) and ``R`` rows of bf16 (default 65536: e.g. 16 sequences x 4096 tokens),
 times forward and forward+backward of
 
 * ``pallas``: :func:`pallas_kernels.hadamard.hadamard_transform` (Pallas kernel for the
-  ``2^k`` part, a dense ``[m, m]`` matmul for the Paley factor),
+  ``2^k`` part, a dense ``[m, m]`` matmul for the factor ``m``),
 * ``dense``: ``x @ (H_n / sqrt(n))`` (XLA matmul, bf16 in, float32 accumulation).
 
 Prints median milliseconds and the effective bandwidth (read + write of x); writes
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from pallas_kernels.hadamard import hadamard_matrix, hadamard_transform, split_size
 from experiments.common import check_counts, median_ms, parse_list, write_results
 
-SIZES = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 352, 768)
+SIZES = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 352, 768, 11008)
 
 
 def dense_hadamard(x, h):
@@ -66,8 +66,9 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
     ap.add_argument("--out", default="runs/bench_hadamard")
     ap.add_argument("--rows", type=int, default=None, help="rows of x (default 65536; --quick: 64)")
-    ap.add_argument("--sizes", default=None, help="comma list of sizes m * 2^k (m = 1 or a Paley size; "
-                                                  "default: the list above; --quick: 64,352)")
+    ap.add_argument("--sizes", default=None,
+                    help="comma list of sizes m * 2^k (m = 1 or a supported factor: 12, 20, ..., 172, ...; "
+                         "default: the list above; --quick: 64,352)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     args = ap.parse_args(argv)
     check_counts(ap, args)

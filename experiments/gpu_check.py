@@ -765,7 +765,7 @@ def part_kernels(part: Part):
     # Hadamard transform vs dense x @ H
     rows = 64 if smoke else 65536
     hfuts = []
-    for n in ((64, 48) if smoke else (128, 1024, 4096, 768)):
+    for n in ((64, 48) if smoke else (128, 1024, 4096, 11008)):  # 11008 = 172 x 64 (LLaMA-2-7B d_ff)
         x = jax.random.normal(jax.random.PRNGKey(n), (rows, n), dtype)
         hm = jnp.asarray(hadamard_matrix(n) * n ** -0.5, dtype)
         hfuts.append((n, x, hm, pipe.add(lambda x: hadamard_transform(x), (x,)),

@@ -8,7 +8,7 @@ from pallas_kernels.hadamard import (factor_sizes, hadamard_matrix, hadamard_ref
                                      hadamard_transform, split_size)
 
 
-@pytest.mark.parametrize("n", [2, 8, 12, 20, 28, 44, 64, 352, 768])
+@pytest.mark.parametrize("n", [2, 8, 12, 20, 28, 44, 64, 352, 768, 52, 92, 100, 116, 156, 172, 244, 688])
 def test_matrix_is_hadamard(n):
     h = hadamard_matrix(n)
     assert set(np.unique(h)) == {-1, 1}
@@ -18,13 +18,34 @@ def test_matrix_is_hadamard(n):
 def test_factorisation():
     assert split_size(352) == (44, 8) and split_size(768) == (12, 64) and split_size(1024) == (1, 1024)
     assert {12, 20, 28, 44} <= set(factor_sizes())
-    for bad in (11008, 6, 0, 2.0):
+    # the Goethals-Seidel table: LLaMA-2-7B's d_ff 11008 = 172 * 64 (and LLaMA-2-13B's 13824 =
+    # 108 * 128, a Paley factor); every multiple of 4 up to 256 but 188 and 236 is reachable
+    assert split_size(11008) == (172, 64) and split_size(13824) == (108, 128)
+    assert split_size(156 * 32) == (156, 32) and split_size(184) == (92, 2)
+    reachable = {m * 2 ** k for m in [1] + factor_sizes() for k in range(9)}
+    assert [m for m in range(4, 257, 4) if m not in reachable] == [188, 236]
+    for bad in (188, 236 * 4, 6, 0, 2.0):
         with pytest.raises(ValueError):
             split_size(bad)
 
 
+def test_goethals_seidel_table_is_reproduced_by_the_search():
+    """The stored first rows are what our own search finds (fast entries; all of them:
+    ``python -m pallas_kernels.hadamard.goethals_seidel``), and a broken row is refused."""
+    from pallas_kernels.hadamard import goethals_seidel as gs
+    for n in (13, 43):
+        found = gs.find_sequences(n)
+        assert gs._format(found) == gs.SEQUENCES[n]
+    a, b, c, d = (np.array([1 if ch == "+" else -1 for ch in r]) for r in gs.SEQUENCES[43])
+    a[5] = -a[5]
+    with pytest.raises(ValueError, match="4 n I"):
+        gs.array(a, b, c, d)
+    with pytest.raises(ValueError, match="order 188"):
+        gs.matrix(188)
+
+
 # (leading shape, n, dtype, scale): rows not a multiple of the row block, tiny n (butterflies
-# only), several 128-chunks (dots + butterflies), Paley factors (12, 44)
+# only), several 128-chunks (dots + butterflies), Paley factors (12, 44), Goethals-Seidel (172)
 CASES = [
     ((3, 5), 64, jnp.float32, None),
     ((7,), 8, jnp.float32, 1.0),
@@ -33,6 +54,7 @@ CASES = [
     ((1,), 768, jnp.float32, None),
     ((2, 1, 3), 12, jnp.float32, None),
     ((19,), 256, jnp.bfloat16, None),
+    ((3,), 688, jnp.float32, None),        # 172 * 4: a Goethals-Seidel factor
 ]
 
 

@@ -38,9 +38,12 @@ def tiny():
 
 
 # (overrides): the tiny llama (GQA 4/2, d_ff 352 = 44 * 8: a Paley factor), and 12 heads /
-# 4 kv heads / head dim 16 (d 192 = 12 * 16, d_ff 384 = 12 * 32, the heads transform is H_12)
+# 4 kv heads / head dim 16 (d 192 = 12 * 16, d_ff 384 = 12 * 32, the heads transform is H_12),
+# and Goethals-Seidel factors everywhere (d 208 = 52 * 4, head dim 52, d_ff 688 = 172 * 4:
+# LLaMA-2-7B's 11008 = 172 * 64 uses the same H_172)
 @pytest.mark.parametrize("over", [{}, dict(d_model=192, n_head=12, n_kv_head=4, head_dim=16,
-                                           d_ff=384, tie_embeddings=True)])
+                                           d_ff=384, tie_embeddings=True),
+                                  dict(d_model=208, n_head=4, n_kv_head=2, head_dim=52, d_ff=688)])
 def test_rotation_is_invariant(over):
     cfg, params = _model(**over)
     ref = _apply(cfg, params, TOKENS)

@@ -6,7 +6,7 @@
 ``scale=1``, pass ``scale=1.0`` for that).
 
 ``H_n = H_m (x) H_{2^k}`` (see :mod:`.reference`).  The power-of-two part runs in the
-kernel; the factor ``H_m`` (m = 12, 20, 28, 44, ...) is a small dense ``[m, m]`` matmul
+kernel; the factor ``H_m`` (m = 12, 20, 28, 44, ..., 172) is a small dense ``[m, m]`` matmul
 over the ``m`` axis in XLA afterwards, as the authors' ``matmul_hadU`` does it
 (spcl/QuaRot: their CUDA ``fast_hadamard_transform`` for ``2^k``, then ``hadK``).
 
@@ -143,8 +143,9 @@ def _plans(n, rows, dtype, scale, interpret):
 def hadamard_transform(x, *, scale=None, interpret=None):
     """``scale * x @ H_n`` over the last axis; x ``[..., n]`` floating, any leading shape.
 
-    ``n`` a power of two or ``m * 2^k`` with a Paley factor ``m`` (12, 20, 24, 28, 36, 44,
-    ...; see :func:`pallas_kernels.hadamard.reference.split_size`).  ``scale``: a Python
+    ``n`` a power of two or ``m * 2^k`` with a Paley or Goethals-Seidel factor ``m`` (12, 20,
+    24, 28, 36, 44, ..., 172 for LLaMA-2-7B's 11008; every multiple of 4 up to 256 but 188
+    and 236; see :func:`pallas_kernels.hadamard.reference.split_size`).  ``scale``: a Python
     number (default ``n ** -0.5``: orthonormal; ``1.0``: the unnormalised +-1 transform).
     ``interpret``: None (interpret mode on CPU), a bool, or ``pltpu.InterpretParams()`` (the
     TPU variant in Pallas' TPU interpreter).  Differentiable (custom VJP through the kernel).

@@ -8,15 +8,19 @@ not a power of two) a Paley matrix:
 * Paley II, ``m = 2 (q + 1)`` for a prime ``q = 1 (mod 4)``: ``S = [[0, 1^T], [1, Q]]`` with
   every 0 replaced by ``[[1, -1], [-1, -1]]`` and every +-1 by ``+-[[1, 1], [1, -1]]``,
 
-with ``Q[i, j] = chi(j - i)`` the Jacobsthal matrix (``chi`` the quadratic character mod q).
-Every entry is +-1 and ``H H^T = n I``.  ``H_m`` is not symmetric, so neither is ``H_n`` then.
+with ``Q[i, j] = chi(j - i)`` the Jacobsthal matrix (``chi`` the quadratic character mod q),
+or, for the orders no Paley construction reaches (52, 92, 100, 116, 156, 172, 244), a
+Goethals-Seidel array of four circulants (:mod:`.goethals_seidel`; 172 gives LLaMA-2-7B's
+``11008 = 172 * 64``).  Every entry is +-1 and ``H H^T = n I``.  ``H_m`` is not symmetric, so
+neither is ``H_n`` then.  Factors up to 256 except 188 and 236 (and their multiples by
+powers of two) are covered.
 
 Deviation from the authors' code (spcl/QuaRot ``hadamard_utils.py``): they store fixed
-tables for 12, 20, 28, 36, 40, 52, 60, 108, 140, 156 and 172 (LLaMA-2's 11008 = 64 * 172)
-and pick the factor from the size; we *construct* the factor (Paley I/II: 12, 20, 24, 28,
-36, 44, 48, 60, 68, 72, 76, 84, ...; sizes with no Paley factor, 172 among them, raise a
-``ValueError``), so our matrices are Hadamard but not the same ones.  Any Hadamard matrix
-gives the same computational invariance; only the incoherence constants differ.
+tables for 12, 20, 28, 36, 40, 52, 60, 108, 140, 156 and 172 and pick the factor from the
+size; we *construct* the Paley factors and store only the four first rows of each
+Goethals-Seidel factor, found by our own search (:func:`.goethals_seidel.find_sequences`),
+so our matrices are Hadamard but not the same ones.  Any Hadamard matrix gives the same
+computational invariance; only the incoherence constants differ.
 """
 from __future__ import annotations
 
@@ -25,6 +29,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from . import goethals_seidel
 
 MAX_FACTOR = 256  # largest non-power-of-two factor m searched
 
@@ -75,7 +81,8 @@ def _paley(m: int) -> np.ndarray:
 
 def factor_sizes():
     """The non-power-of-two factors ``m`` (<= :data:`MAX_FACTOR`) we can build."""
-    return [m for m in range(4, MAX_FACTOR + 1, 4) if _paley_kind(m)]
+    tabled = set(goethals_seidel.sizes())
+    return [m for m in range(4, MAX_FACTOR + 1, 4) if _paley_kind(m) or m in tabled]
 
 
 def split_size(n: int):
@@ -91,8 +98,8 @@ def split_size(n: int):
         if n % m == 0 and p & (p - 1) == 0:
             return m, p
     raise ValueError(
-        f"no Hadamard matrix of size {n}: the last axis must be m * 2^k with m = 1 or a Paley "
-        f"size m in {factor_sizes()[:12]}... (<= {MAX_FACTOR})")
+        f"no Hadamard matrix of size {n}: the last axis must be m * 2^k with m = 1 or a "
+        f"supported factor m in {factor_sizes()[:12]}... (<= {MAX_FACTOR}; not 188 or 236)")
 
 
 @functools.lru_cache(maxsize=None)
@@ -105,8 +112,11 @@ def sylvester(n: int) -> np.ndarray:
 
 
 def factor_matrix(m: int) -> np.ndarray:
-    """``H_m`` for a supported non-power-of-two ``m`` (+-1 entries, int64)."""
-    return np.ones((1, 1), np.int64) if m == 1 else _paley(m)
+    """``H_m`` for a supported non-power-of-two ``m`` (+-1 entries, int64): Paley where a
+    Paley construction exists, else the Goethals-Seidel table."""
+    if m == 1:
+        return np.ones((1, 1), np.int64)
+    return _paley(m) if _paley_kind(m) else goethals_seidel.matrix(m)
 
 
 def hadamard_matrix(n: int) -> np.ndarray:
