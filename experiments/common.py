@@ -248,6 +248,17 @@ def train_overrides(preset_train: dict, steps=None, eval_batches=None) -> dict:
     return kw
 
 
+def fresh_train_config(name: str, out, *, seed: int, data: str, train_kw: dict, log_points: int):
+    """The ``TrainConfig`` :func:`train_fresh` trains ``out/runs/name`` with."""
+    from pathlib import Path
+
+    from jaxformers.training import TrainConfig
+
+    return TrainConfig(seed=seed, data=data, tokenizer="byte", out_dir=str(Path(out) / "runs" / name),
+                       checkpoint_every=0, keep_checkpoints=1,
+                       log_every=max(1, train_kw["steps"] // log_points), **train_kw)
+
+
 def train_fresh(name: str, cfg, out, *, seed: int, data: str, train_kw: dict, log_points: int,
                 tag: str, cache=None):
     """Train ``cfg`` from scratch into ``out/runs/name`` (an old run there is removed) on
@@ -258,16 +269,45 @@ def train_fresh(name: str, cfg, out, *, seed: int, data: str, train_kw: dict, lo
     import sys
     from pathlib import Path
 
-    from jaxformers.training import TrainConfig, load_run, train
+    from jaxformers.training import load_run, train
     from jaxformers.training.steps import resolve_dtype
 
     run_dir = Path(out) / "runs" / name
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    tc = TrainConfig(seed=seed, data=data, tokenizer="byte", out_dir=str(run_dir),
-                     checkpoint_every=0, keep_checkpoints=1,
-                     log_every=max(1, train_kw["steps"] // log_points), **train_kw)
+    tc = fresh_train_config(name, out, seed=seed, data=data, train_kw=train_kw, log_points=log_points)
     print(f"[{tag}] training {name} ({cfg.n_layer} layers)", file=sys.stderr, flush=True)
     summary = train(cfg, tc, progress=False, cache=cache)
     _, _, params = load_run(run_dir)
     return summary, params, resolve_dtype(tc.dtype), tc
+
+
+def check_reuse(out, runs, *, seed: int, data: str, train_kw: dict, log_points: int) -> list:
+    """``--reuse``, checked before anything trains: the names in ``runs`` (``[(name, cfg)]``)
+    whose finished run ``out/runs/name`` can be reused.  ``SystemExit`` naming the run and
+    the fields when a finished run was trained with another model config or other training
+    settings (steps, seed, data, batch, ...): reusing it would report numbers of another
+    experiment; rerun without ``--reuse`` (or with another ``--out``)."""
+    from pathlib import Path
+
+    from jaxformers.training.rundir import check_resume, train_config_changes
+
+    reusable, bad = [], []
+    for name, cfg in runs:
+        run_dir = Path(out) / "runs" / name
+        if not (run_dir / "summary.json").is_file():
+            continue
+        try:
+            saved = check_resume(run_dir, cfg)
+        except ValueError as e:
+            bad.append(str(e).replace("cannot resume", "cannot reuse"))
+            continue
+        tc = fresh_train_config(name, out, seed=seed, data=data, train_kw=train_kw, log_points=log_points)
+        changes = [c for c in train_config_changes(saved, tc) if not c.startswith("log_every:")]
+        if changes:
+            bad.append(f"cannot reuse {run_dir}: it was trained with other settings: " + "; ".join(changes))
+        else:
+            reusable.append(name)
+    if bad:
+        raise SystemExit("--reuse: " + "\n".join(bad) + "\n(rerun without --reuse to retrain, or use another --out)")
+    return reusable

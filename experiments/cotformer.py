@@ -21,7 +21,9 @@ the sequence that runs repeats 2..R): perplexity, MACs/token, average depth.  Pl
 
 ``--steps N`` / ``--eval-batches N`` / ``--only a,b`` / ``--budgets`` / ``--d-model`` /
 ``--seq-len`` / ``--batch-size`` shrink a run (tests); ``--reuse`` keeps the finished runs of an
-earlier invocation in ``OUT/runs`` (same configs) and trains only the missing ones.
+earlier invocation in ``OUT/runs`` and trains only the missing ones; every finished run is checked
+first (same model config and training settings, else exit 1 naming the fields), so a mismatch
+costs no training.
 """
 from __future__ import annotations
 
@@ -30,8 +32,8 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.common import (check_heads, experiment_parser, parse_experiment_args, parse_list,
-                                time_forwards, train_fresh, train_overrides)
+from experiments.common import (check_heads, check_reuse, experiment_parser, parse_experiment_args,
+                                parse_list, time_forwards, train_fresh, train_overrides)
 
 PRESETS = {
     "tiny": dict(model=dict(d_model=64, n_head=4, max_seq_len=64), depth=2, ln_reserved=(0, 0),
@@ -58,7 +60,8 @@ def _parser():
     ap.add_argument("--seq-len", type=int, help="override the preset's sequence length")
     ap.add_argument("--batch-size", type=int, help="override the preset's batch size")
     ap.add_argument("--reuse", action="store_true",
-                    help="reuse finished runs in OUT/runs (same config) instead of retraining them")
+                    help="reuse finished runs in OUT/runs instead of retraining them (all checked first: "
+                         "same model config and training settings, else exit)")
     return ap
 
 
@@ -163,14 +166,15 @@ def run(args) -> dict:
                "adaptive_curve": []}
     forwards = {}
     cache = CompileCache()
+    # --reuse: every finished run checked (model config and training settings) before any training
+    reusable = (check_reuse(out, grid, seed=args.seed, data=args.data, train_kw=train_kw, log_points=10)
+                if args.reuse else [])
     for name, cfg in grid:
         done = out / "runs" / name / "summary.json"
-        if args.reuse and done.exists():  # a finished run of an earlier invocation
+        if name in reusable:  # a finished run of an earlier invocation, same config and settings
             from jaxformers.training import load_run
             from jaxformers.training.steps import resolve_dtype
-            saved_cfg, tc, params = load_run(done.parent)
-            if saved_cfg != cfg:
-                raise SystemExit(f"--reuse: {done.parent} was trained with another config")
+            _, tc, params = load_run(done.parent)
             summary, dtype = json.loads(done.read_text()), resolve_dtype(tc.dtype)
             print(f"[cotformer] reusing {done.parent}", file=sys.stderr, flush=True)
         else:

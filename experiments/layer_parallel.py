@@ -24,7 +24,8 @@ perplexity increase and accuracy against the decode speed-up, and the study.
 ``--steps`` / ``--eval-batches`` / ``--n-layer`` / ``--d-model`` / ``--seq-len`` /
 ``--batch-size`` / ``--decode-tokens`` / ``--max-pairs`` / ``--positions`` / ``--pair-counts`` /
 ``--no-study`` shrink a run (tests, GPU stages); ``--reuse`` keeps
-a finished ``OUT/runs/base``; ``--train-only`` stops after training (GPU stage split).
+a finished ``OUT/runs/base`` trained with the same model config and training settings (else exit
+naming the fields); ``--train-only`` stops after training (GPU stage split).
 """
 from __future__ import annotations
 
@@ -34,8 +35,8 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.common import (experiment_parser, parse_experiment_args, parse_list, train_fresh,
-                                train_overrides, usage_error)
+from experiments.common import (check_reuse, experiment_parser, parse_experiment_args, parse_list,
+                                train_fresh, train_overrides, usage_error)
 
 POSITIONS = ("early", "middle", "late")
 PRESETS = {
@@ -70,7 +71,8 @@ def _parser():
     ap.add_argument("--pair-counts", help="comma-separated numbers of pairs (default: the preset's)")
     ap.add_argument("--no-study", action="store_true", help="skip the delete / swap / shuffle study")
     ap.add_argument("--iters", type=int, help="timed calls per measurement")
-    ap.add_argument("--reuse", action="store_true", help="reuse a finished OUT/runs/base")
+    ap.add_argument("--reuse", action="store_true", help="reuse a finished OUT/runs/base (same model config and "
+                                                            "training settings, else exit)")
     ap.add_argument("--train-only", action="store_true", help="stop after training OUT/runs/base")
     return ap
 
@@ -183,10 +185,9 @@ def load_model(args, preset, out: Path):
     done = out / "runs" / "base" / "summary.json"
     _, meta, _, _ = open_dataset(data, "byte")
     cfg = get_config("llama", "tiny", vocab_size=int(meta["vocab_size"]), **preset["model"])
-    if args.reuse and done.exists():
-        saved_cfg, tc, params = load_run(done.parent)
-        if saved_cfg != cfg:
-            raise SystemExit(f"--reuse: {done.parent} was trained with another config")
+    if args.reuse and check_reuse(out, [("base", cfg)], seed=args.seed, data=data, train_kw=train_kw,
+                                  log_points=10):
+        _, tc, params = load_run(done.parent)
         summary = json.loads(done.read_text())
         print(f"[layer_parallel] reusing {done.parent}", file=sys.stderr, flush=True)
     else:

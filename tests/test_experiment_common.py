@@ -260,3 +260,23 @@ def test_checks_that_need_the_loaded_model(capsys):
     distill.check_teacher(ap, args, 4, 256)
     assert "--attn-layers: [3]" in _usage_error(capsys, distill.check_teacher, ap, args, 3, 256)
     assert "speed lengths" in _usage_error(capsys, distill.check_teacher, ap, args, 4, 128)
+
+
+def test_reuse_is_checked_against_the_finished_runs_config_and_settings(tmp_path):
+    """``--reuse`` (cotformer, layer_parallel): a finished run is reused only with the same model
+    config and training settings; otherwise SystemExit naming the field, before any training."""
+    import jaxformers as jf
+    from experiments.common import check_reuse, train_fresh
+
+    cfg = jf.get_config("gpt", "tiny", vocab_size=257, n_layer=1, d_model=32, n_head=2, max_seq_len=32)
+    train_kw = dict(steps=2, batch_size=2, seq_len=16, lr=1e-3, warmup_steps=1, eval_every=0,
+                    eval_batches=1)
+    kw = dict(seed=0, data="default", train_kw=train_kw, log_points=10)
+    train_fresh("a", cfg, tmp_path, tag="test", **kw)
+    assert check_reuse(tmp_path, [("a", cfg), ("b", cfg)], **kw) == ["a"]  # b: not trained yet
+    with pytest.raises(SystemExit, match="steps: 2 -> 3"):
+        check_reuse(tmp_path, [("a", cfg)], **dict(kw, train_kw=dict(train_kw, steps=3)))
+    with pytest.raises(SystemExit, match="seed: 0 -> 1"):
+        check_reuse(tmp_path, [("a", cfg)], **dict(kw, seed=1))
+    with pytest.raises(SystemExit, match="d_model: 32 -> 64"):
+        check_reuse(tmp_path, [("a", cfg.replace(d_model=64))], **kw)
