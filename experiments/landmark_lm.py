@@ -179,13 +179,13 @@ def run(args, ap=None) -> dict:
     raw = nb * (L - 1)                       # raw tokens per training window (T + 1)
     chunk = nb * L                           # one training window with its landmarks
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     _, meta, _, val_tokens = open_dataset(args.data, "byte")
     if max(factors) * raw >= len(val_tokens):  # before training: every window must fit the split
         flag = ("--factors" if args.factors is not None
                 else f"the {args.preset} preset's factors (set --factors)")
         usage_error(ap, f"{flag}: {max(factors)} x {raw} tokens do not fit in the {len(val_tokens)}-token "
                         f"validation split of {args.data!r}")
+    out.mkdir(parents=True, exist_ok=True)
     vocab = int(meta["vocab_size"]) + 1      # + the landmark token
     common = dict(preset["model"], vocab_size=vocab, max_seq_len=chunk)
     cfgs = {"landmark": get_config("landmark", "tiny", landmark_block=L, **common),

@@ -280,3 +280,12 @@ def test_reuse_is_checked_against_the_finished_runs_config_and_settings(tmp_path
         check_reuse(tmp_path, [("a", cfg)], **dict(kw, seed=1))
     with pytest.raises(SystemExit, match="d_model: 32 -> 64"):
         check_reuse(tmp_path, [("a", cfg.replace(d_model=64))], **kw)
+
+
+def test_landmark_lm_refuses_windows_longer_than_the_split_before_writing(capsys, monkeypatch, tmp_path):
+    mod = importlib.import_module("experiments.landmark_lm")
+    monkeypatch.setattr(mod, "train_fresh", lambda *a, **k: pytest.fail("trained past the split check"))
+    out = tmp_path / "out"
+    err = _usage_error(capsys, mod.main, ["--factors", "100000", "--out", str(out), "--no-compile-cache"])
+    assert "--factors" in err.splitlines()[-1] and "validation split" in err
+    assert not out.exists()
