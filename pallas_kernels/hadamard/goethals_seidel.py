@@ -97,6 +97,8 @@ def _decode(row: str) -> np.ndarray:
 @functools.lru_cache(maxsize=None)
 def matrix(m: int) -> np.ndarray:
     """``H_m`` (int64 +-1) for ``m`` in :func:`sizes`."""
+    if not isinstance(m, (int, np.integer)) or isinstance(m, bool):
+        raise ValueError(f"the order must be an int, got {m!r}")
     if m % 4 or m // 4 not in SEQUENCES:
         raise ValueError(f"no Goethals-Seidel table for order {m}; available: {sizes()}")
     return array(*(_decode(s) for s in SEQUENCES[m // 4]))
