@@ -7,7 +7,7 @@
     bash scripts/gpu_check.sh --gpu-quick           # only part 1 (every kernel family correct on the GPU)
     python -m experiments.gpu_check --smoke --out DIR   # CPU: tiny shapes, interpret mode (tests)
 
-Parts, in order of value (``--parts``; each runs in its own process under its own time budget,
+Parts, in order of value (positional ``PART`` names; each runs in its own process under its own time budget,
 ``--budget PART=SECONDS``, and the whole run stops at ``--deadline``, so a hang or a crash
 costs one part; rows are appended to ``<work>/<part>.jsonl`` as they are measured, so a part
 cut short keeps what it measured):
