@@ -214,7 +214,7 @@ def run(args, ap=None) -> dict:
         windows = np.stack([np.asarray(val_tokens[s:s + n], np.int32) for s in starts])
         row = {"baseline_full": float(np.exp(eval_baseline(cfgs["baseline"], params["baseline"],
                                                            windows)))}
-        for k in top_ks + (max_blocks,):
+        for k in dict.fromkeys(top_ks + (max_blocks,)):  # a --top-k equal to max_blocks is 'all'
             key = "landmark_all" if k == max_blocks else f"landmark_top{k}"
             loss = eval_landmark(cfgs["landmark"], params["landmark"], windows, chunk_len=chunk,
                                  top_k=k, max_blocks=max_blocks)
