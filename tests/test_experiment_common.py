@@ -110,7 +110,7 @@ def test_check_counts_and_check_data(capsys, tmp_path):
 TRIPWIRES = {"cotformer": "run", "denseformer": "run", "scfa_lm": "run", "mamba": "run",
              "layer_parallel": "run", "quarot": "run", "distill": "run", "landmark_passkey": "run",
              "landmark_lm": "run", "doge": "run", "bench_attention": "bench_one",
-             "bench_models": "bench_model", "bench_hadamard": "bench", "bench_scan": "_bench_jax",
+             "bench_models": "bench_model", "bench_hadamard": "bench", "bench_scan": "_bench_jax", "bench_quantize": "bench",
              "scfa_speed": "run", "gpu_check": "orchestrate", "kernel_report": "run"}
 EXPERIMENTS = {"cotformer", "denseformer", "scfa_lm", "mamba", "layer_parallel", "quarot", "distill",
                "landmark_passkey", "landmark_lm", "doge"}  # experiment_parser: --no-compile-cache
@@ -164,6 +164,9 @@ EXPERIMENTS = {"cotformer", "denseformer", "scfa_lm", "mamba", "layer_parallel",
     ("bench_hadamard", ["--quick", "--sizes", "64,188"], "--sizes"),
     ("bench_hadamard", ["--quick", "--rows", "0"], "--rows"),
     ("bench_scan", ["--quick", "--impls", "pallas,nope"], "--impls"),
+    ("bench_quantize", ["--quick", "--specs", "rtn4,rtn9"], "--specs"),
+    ("bench_quantize", ["--quick", "--layers", "0"], "--layers"),
+    ("bench_quantize", ["--quick", "--calib", "0"], "--calib"),
     ("scfa_speed", ["--quick", "--keep", "0"], "--keep"),
     ("scfa_speed", ["--quick", "--seq-lens", ","], "--seq-lens"),
     ("gpu_check", ["--smoke", "--deadline", "-1"], "--deadline"),

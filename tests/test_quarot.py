@@ -147,6 +147,83 @@ def test_quantize_end_to_end(tiny):
         quantize(jf.get_config("gpt", "tiny"), params, QuantSpec())
 
 
+def _quantize_whole_model(cfg, params, spec, calibration):
+    """The oracle of ``quantize``'s block-by-block pass: the whole tree rotated in float64 at
+    once, and GPTQ's Hessians of layer ``i`` from a forward pass of the whole model whose
+    layers ``< i`` are already quantized (what ``quantize`` did before it streamed)."""
+    from jaxformers.quant import LINEARS, collect_stats, quant_config, rotate_params
+    qcfg = quant_config(cfg, spec)
+    fp_cfg = qcfg.replace(a_bits=16, kv_bits=16)
+    if spec.rotate:
+        p, _ = rotate_params(cfg, params, spec.seed)
+    else:
+        p = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), params)
+
+    def cast(tree):
+        return jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), tree)
+    for i in range(cfg.n_layer):
+        stats = collect_stats(fp_cfg, cast(p), calibration, spec.calib_batch)[f"blocks_{i}"]
+        for (sub, name), stat in LINEARS.items():
+            w = p[f"blocks_{i}"][sub][name]["kernel"]
+            w2 = w.reshape(int(np.prod(w.shape[:2 if name == "o" else 1])), -1)  # [in, out]
+            q = gptq_weight(w2, stats[stat]["xtx"], spec.w_bits, groupsize=spec.w_groupsize)
+            p[f"blocks_{i}"][sub][name]["kernel"] = q.reshape(w.shape)
+    return qcfg, cast(p)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(rotate=True, w_bits=4, w_method="gptq", calib_batch=4),
+                                  QuantSpec(rotate=False, w_bits=3, w_method="gptq", w_groupsize=32)])
+def test_quantize_block_by_block_equals_the_whole_model_algorithm(spec):
+    """``quantize`` rotates, quantizes and casts one block at a time and pushes GPTQ's
+    calibration hidden states through each quantized block; in float32 that gives the same
+    weights as rotating the whole tree and re-running the whole model per layer."""
+    cfg, params = _model(n_layer=3, tie_embeddings=True)
+    cal = np.random.default_rng(3).integers(0, cfg.vocab_size, (6, 32))
+    qcfg, got = quantize(cfg, params, spec, calibration=cal)
+    rcfg, want = _quantize_whole_model(cfg, params, spec, cal)
+    assert qcfg == rcfg
+    flat = dict(jax.tree_util.tree_leaves_with_path(want))
+    assert set(flat) == {path for path, _ in jax.tree_util.tree_leaves_with_path(got)}
+    for path, x in jax.tree_util.tree_leaves_with_path(got):
+        np.testing.assert_allclose(x, flat[path], rtol=0, atol=1e-6 * float(np.abs(flat[path]).max()),
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+def test_quantize_memory_does_not_grow_with_depth():
+    """No whole-model float64 copy: the peak of the numpy memory ``quantize`` allocates is the
+    same for 2 and 8 layers (it grew by ~3 float64 blocks a layer when the whole tree was
+    rotated and re-cast at once)."""
+    import tracemalloc
+    cal = np.random.default_rng(3).integers(0, 256, (4, 16))
+    peaks = {}
+    for n_layer in (2, 8):
+        cfg, params = _model(n_layer=n_layer)
+        block = 8 * sum(x.size for x in jax.tree_util.tree_leaves(params["blocks_0"]))
+        for spec in (QuantSpec(rotate=True), QuantSpec(rotate=True, w_bits=4, w_method="gptq")):
+            quantize(cfg, params, spec, calibration=cal)  # compile outside the measurement
+            tracemalloc.start()
+            try:
+                quantize(cfg, params, spec, calibration=cal)
+                peaks[n_layer, spec.w_bits] = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+    for w_bits in (16, 4):
+        assert peaks[8, w_bits] - peaks[2, w_bits] < 0.5 * block, (peaks, block)
+
+
+def test_bench_quantize_quick(tmp_path):
+    """``python -m experiments.bench_quantize --quick``: each (spec, layers) measured in its own
+    process; results.json has every row and the Markdown table."""
+    import json
+    from experiments import bench_quantize
+    assert bench_quantize.main(["--quick", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["spec"], r["layers"]) for r in res["rows"]] == [("rotate", 1), ("rotate", 2),
+                                                               ("gptq4", 1), ("gptq4", 2)]
+    assert all(r["seconds"] > 0 and r["peak_rss_gb"] >= r["rss_before_gb"] > 0 for r in res["rows"])
+    assert "| gptq4 |" in res["table"]
+
+
 # --------------------------------------------------------------------------- integer storage
 @functools.lru_cache(maxsize=None)
 def _jit_apply(cfg):

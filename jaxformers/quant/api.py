@@ -7,8 +7,11 @@
    as in the authors' code): RTN or GPTQ to ``w_bits`` (per output channel, or per group of
    ``w_groupsize`` inputs), symmetric by default, clipping ratio searched per channel.  GPTQ
    calibrates on ``calibration`` tokens ``[N, T]`` layer by layer: layer ``i``'s Hessians
-   ``X^T X`` come from a forward pass whose layers ``< i`` are already quantized (the
-   authors also re-run within a layer after each group of linears; we do not).  The
+   ``X^T X`` come from the calibration hidden states after the already quantized layers
+   ``< i`` (kept between blocks in the compute dtype and pushed through each block once it is
+   quantized, as the authors' code; in float32 this equals a whole-model forward pass per
+   layer, in bf16 it differs at rounding level).  The authors also re-run within a layer
+   after each group of linears; we do not.  The
    calibration activations are not activation-quantized (as in the authors' GPTQ pass).
 3. Activations (``a_bits``, per token) and the KV cache (``kv_bits``, per head) are
    quantized on the fly by the ``quarot`` model the returned config builds.
@@ -35,8 +38,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Mapping
 from typing import Optional
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -45,8 +50,8 @@ import numpy as np
 from ..config import TransformerConfig, _boolean
 from ..utils import check_token_ids
 from .model import OnlineQuant, QuaRotConfig
-from .quantizers import gptq_weight, rtn_weight
-from .rotation import rotate_params
+from .quantizers import gptq_weight, pack_int4, rtn_weight
+from .rotation import Rotation
 
 W_METHODS = ("rtn", "gptq")
 STORAGES = ("float", "int")
@@ -191,53 +196,117 @@ def _check_quantize_inputs(config, spec: QuantSpec, calibration) -> None:
     check_token_ids(cal, config.vocab_size, "calibration tokens must be ids")
 
 
+@functools.lru_cache(maxsize=8)
+def _layer_fns(config):
+    """Jitted ``embed(params, tokens) -> x`` and ``block(params, x) -> (y, quant_stats)`` of the
+    model ``config`` builds (every layer has the same block: layer ``i``'s params are passed as
+    ``blocks_0``)."""
+    from ..registry import build
+    module = build(config)
+
+    def embed(p, tokens):
+        return module.apply({"params": {"embed": p}}, tokens, method=lambda m, t: m.embed(t))
+
+    def block(p, x):
+        pos = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
+        (y, _), stats = module.apply({"params": {"blocks_0": p}}, x, pos, mutable=["quant_stats"],
+                                     method=lambda m, x, pos: m.blocks[0](x, pos))
+        return y, stats["quant_stats"]["blocks_0"]
+    return jax.jit(embed), jax.jit(block)
+
+
+def _block_stats(block_fn, p, xs):
+    """Run one block over the calibration hidden states ``xs`` (a list of ``[b, T, D]``
+    batches): (outputs, ``{stat name: {"xtx", "count"}}`` summed in float64)."""
+    ys, total = [], {}
+    for x in xs:
+        y, stats = block_fn(p, x)
+        ys.append(y)
+        for mod in jax.device_get(stats).values():
+            for name, st in mod.items():
+                prev = total.get(name)
+                cur = {k: np.asarray(st[k], np.float64) for k in ("xtx", "count")}
+                total[name] = cur if prev is None else {k: prev[k] + cur[k] for k in cur}
+    return ys, total
+
+
 def quantize(config, params, spec: QuantSpec, calibration=None):
     """QuaRot a ``llama`` model: ``(quarot config, quantized params)`` (see module doc).
 
     ``calibration``: int tokens ``[N, T]`` (needed for ``w_method="gptq"``; QuaRot uses 128
-    sequences of 2048 tokens of WikiText-2)."""
+    sequences of 2048 tokens of WikiText-2).
+
+    Goes block by block, as the authors' code: each block is rotated (float64), quantized and
+    cast back to its dtypes before the next one, so the peak memory is the input and output
+    trees plus one block in float64.  GPTQ keeps the calibration hidden states ``[N, T, D]``
+    (in the model's compute dtype) and pushes them through each block once quantized, so
+    layer ``i``'s Hessians see layers ``< i`` quantized at the cost of one forward pass."""
     qcfg = quant_config(config, spec)
     params = nn.unbox(params)
-    if isinstance(params, dict) and set(params) == {"params"}:  # module.init's variables
+    if isinstance(params, Mapping) and set(params) == {"params"}:  # module.init's variables
         params = params["params"]
+    params = flax.core.unfreeze(params) if isinstance(params, flax.core.FrozenDict) else params
     _check_quantize_inputs(config, spec, calibration)
+    gptq = spec.w_bits < 16 and spec.w_method == "gptq"
+    if gptq and calibration is None:
+        raise ValueError("w_method='gptq' needs calibration tokens [N, T] (calibration=...)")
     if spec.rotate:
-        p, _ = rotate_params(config, params, spec.seed)
+        rot = Rotation(config, spec.seed)   # checks the model
     else:
+        rot = None
         if config.scan_layers:
             raise ValueError("scan_layers must be False for quantization (per-layer parameter trees)")
-        p = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), params)
-        p = {k: (dict(v) if isinstance(v, dict) else v) for k, v in p.items()}
-    ints = {}  # storage="int": (layer, sub, name) -> (q int [in, out], scale [out], kernel shape)
-    if spec.w_bits < 16:
-        gptq = spec.w_method == "gptq"
-        if gptq and calibration is None:
-            raise ValueError("w_method='gptq' needs calibration tokens [N, T] (calibration=...)")
-        fp_cfg = qcfg.replace(a_bits=16, kv_bits=16, int_linears=False)
-        for i in range(config.n_layer):
-            stats = None
-            if gptq:  # Hessians of layer i with layers < i already quantized
-                cur = _cast_like(p, params)
-                stats = collect_stats(fp_cfg, cur, calibration, spec.calib_batch)[f"blocks_{i}"]
-            blk = p[f"blocks_{i}"]
-            for (sub, name), stat in LINEARS.items():
-                w2, shape = _kernel_2d(blk[sub][name]["kernel"], name)
-                kw = dict(groupsize=spec.w_groupsize, sym=spec.w_sym, clip_search=spec.w_clip,
-                          return_int=True)
-                if gptq:
-                    q, qi, sc, _ = gptq_weight(w2, stats[stat]["xtx"], spec.w_bits,
-                                               percdamp=spec.percdamp, **kw)
-                else:
-                    q, qi, sc, _ = rtn_weight(w2, spec.w_bits, **kw)
-                blk[sub][name] = {"kernel": q.reshape(shape)}
-                ints[(i, sub, name)] = (qi, sc[0], shape)
-    out = _cast_like(p, params, params["embed"]["embedding"].dtype)
-    if spec.storage == "int":
-        from .quantizers import pack_int4
-        for (i, sub, name), (qi, sc, shape) in ints.items():
-            n_in = _N_IN.get(name, 1)
-            q = jnp.asarray(qi.reshape(shape), jnp.int8)
-            out[f"blocks_{i}"][sub][name] = {
-                "qkernel": pack_int4(q) if spec.w_bits <= 4 else q,
-                "scale": jnp.asarray(sc.reshape(shape[n_in:]), jnp.float32)}
+    dtype = params["embed"]["embedding"].dtype
+    out = {k: jax.tree_util.tree_map(jnp.asarray, v) for k, v in params.items()
+           if not k.startswith("blocks_")}
+    if rot is not None:
+        out["embed"] = _cast_like(rot.embed(params), params["embed"])
+        head = rot.head(params)
+        out["lm_head"] = _cast_like(head["lm_head"], params.get("lm_head"), dtype)
+        out["final_norm"] = _cast_like(head["final_norm"], params["final_norm"])
+    fp_cfg = qcfg.replace(a_bits=16, kv_bits=16, int_linears=False)
+    xs = None
+    if gptq:  # the calibration hidden states entering block 0
+        embed_fn, block_fn = _layer_fns(fp_cfg)
+        cal = np.asarray(calibration)
+        xs = [embed_fn(out["embed"], jnp.asarray(cal[i:i + spec.calib_batch]))
+              for i in range(0, len(cal), spec.calib_batch)]
+    for i in range(config.n_layer):
+        ref = params[f"blocks_{i}"]
+        if spec.w_bits >= 16:
+            out[f"blocks_{i}"] = (_cast_like(rot.block(ref), ref) if rot is not None
+                                  else jax.tree_util.tree_map(jnp.asarray, ref))
+            continue
+        blk = rot.block(ref) if rot is not None else _np_tree(ref)
+        stats = None
+        if gptq:  # Hessians of layer i, its inputs coming from the quantized layers < i
+            _, stats = _block_stats(block_fn, _cast_like(blk, ref), xs)
+        ints = {}
+        for (sub, name), stat in LINEARS.items():
+            w2, shape = _kernel_2d(blk[sub][name]["kernel"], name)
+            kw = dict(groupsize=spec.w_groupsize, sym=spec.w_sym, clip_search=spec.w_clip,
+                      return_int=True)
+            if gptq:
+                q, qi, sc, _ = gptq_weight(w2, stats[stat]["xtx"], spec.w_bits,
+                                           percdamp=spec.percdamp, **kw)
+            else:
+                q, qi, sc, _ = rtn_weight(w2, spec.w_bits, **kw)
+            blk[sub][name] = {"kernel": q.reshape(shape)}
+            ints[(sub, name)] = (qi, sc[0], shape)
+        out[f"blocks_{i}"] = qblk = _cast_like(blk, ref)
+        if gptq and i + 1 < config.n_layer:
+            xs, _ = _block_stats(block_fn, qblk, xs)
+        if spec.storage == "int":
+            for (sub, name), (qi, sc, shape) in ints.items():
+                n_in = _N_IN.get(name, 1)
+                q = jnp.asarray(qi.reshape(shape), jnp.int8)
+                qblk[sub][name] = {"qkernel": pack_int4(q) if spec.w_bits <= 4 else q,
+                                   "scale": jnp.asarray(sc.reshape(shape[n_in:]), jnp.float32)}
     return qcfg, out
+
+
+def _np_tree(tree):
+    """A float64 numpy copy of a (nested dict) params tree."""
+    if isinstance(tree, Mapping):
+        return {k: _np_tree(v) for k, v in tree.items()}
+    return np.asarray(tree, np.float64)

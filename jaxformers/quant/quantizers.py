@@ -16,6 +16,7 @@ no quantization.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import jax
@@ -73,17 +74,29 @@ def fake_quant(x, bits: int, *, groupsize: Optional[int] = None, sym: bool = Tru
 
 # --------------------------------------------------------------------------- weights
 def _clip_search(w, bits, sym, grid=20, max_shrink=0.8, norm=2.4):
-    """Per-row clipping ratio of ``w [..., g]`` (numpy) minimising ``sum |w - Q_c(w)|^norm``."""
-    best = np.full(w.shape[:-1] + (1,), np.inf)
-    ratio = np.ones_like(best)
-    for i in range(int(max_shrink * grid) + 1):
-        c = 1.0 - i / grid
-        s, z, lo, hi = quant_params(w, bits, sym=sym, clip=c, xp=np)
-        err = np.sum(np.abs((quantize_int(w, s, z, lo, hi, xp=np) - z) * s - w) ** norm, -1,
-                     keepdims=True)
+    """Per-row clipping ratio of ``w [..., g]`` (numpy) minimising ``sum |w - Q_c(w)|^norm``
+    over ``c = 1, 1 - 1/grid, ..., 1 - max_shrink``: ``[..., 1]`` float64.  The errors are
+    computed in float32 by one jitted XLA computation (on the accelerator when there is one;
+    ~6x faster than numpy float64 on 2 CPU cores, whose choices it reproduces up to near-ties)."""
+    idx = np.asarray(_clip_search_index(jnp.asarray(w, jnp.float32), bits, sym, grid, max_shrink, norm))
+    return 1.0 - idx.astype(np.float64) / grid
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
+def _clip_search_index(w, bits, sym, grid, max_shrink, norm):
+    """The grid index ``i`` of the best ratio ``1 - i / grid`` per row of ``w [..., g]`` (a
+    loop, not unrolled: an unrolled search keeps every candidate's temporaries alive, 3.4 GB
+    more at ``[11008, 4096]``)."""
+    clips = jnp.asarray([1.0 - i / grid for i in range(int(max_shrink * grid) + 1)], w.dtype)
+
+    def body(i, carry):
+        best, index = carry
+        s, z, lo, hi = quant_params(w, bits, sym=sym, clip=clips[i])
+        err = jnp.sum(jnp.abs((quantize_int(w, s, z, lo, hi) - z) * s - w) ** norm, -1, keepdims=True)
         better = err < best
-        best, ratio = np.where(better, err, best), np.where(better, c, ratio)
-    return ratio
+        return jnp.where(better, err, best), jnp.where(better, i, index)
+    init = (jnp.full(w.shape[:-1] + (1,), jnp.inf, w.dtype), jnp.zeros(w.shape[:-1] + (1,), jnp.int32))
+    return jax.lax.fori_loop(0, len(clips), body, init)[1]
 
 
 def _params_rows(w, bits, sym, clip_search):

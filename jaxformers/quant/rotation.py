@@ -17,8 +17,8 @@ random orthogonal matrix (their ``rotate_mode="random"``).  ``H_n`` are the norm
 matrices of :func:`pallas_kernels.hadamard.hadamard_matrix` (``x -> x H_n`` is what the
 online :func:`hadamard_transform` computes).  q/k get an online ``H_dh`` after RoPE and need
 no weight change (``q H (k H)^T = q k^T``).  A tied embedding is untied first (the head
-gets its own rotated copy).  All in float64 numpy; the result is cast back to each
-parameter's dtype.
+gets its own rotated copy).  All in float64 numpy, one block at a time (:class:`Rotation`);
+the result is cast back to each parameter's dtype.
 
 Every Hadamard product is applied through the Kronecker factors of the matrix
 (``H_n = H_m (x) H_64 (x) ... (x) H_{2^r}``), ``O(n (m + 64 log n) d)`` instead of the dense
@@ -89,55 +89,91 @@ def _np(tree):
     return np.asarray(tree, np.float64)
 
 
-def rotate_params(config, params, seed: int = 0):
-    """Rotated, norm-folded copy of a ``llama`` params tree (numpy float64) and the residual
-    rotation ``Q``.  ``config``: the llama ``TransformerConfig`` the params belong to."""
-    if config.norm != "rmsnorm" or config.mlp != "swiglu":
-        raise ValueError(f"QuaRot rotation needs a llama-style model (norm='rmsnorm', "
-                         f"mlp='swiglu'), got norm={config.norm!r}, mlp={config.mlp!r}")
-    if config.scan_layers:
-        raise ValueError("scan_layers must be False for quantization (per-layer parameter trees)")
-    if config.skip_gains:
-        raise ValueError("skip_gains must be False for QuaRot (the gains break the invariance "
-                         "of the folded norms)")
-    p = _np(params)
-    d, h, dh, f = config.d_model, config.n_head, config.dim_head, config.ff_dim
-    Q = random_hadamard(d, seed)
-    try:        # Q = diag(signs) H_d / sqrt(d): applied through the factors of H_d
-        q_mats, signs = hadamard_factors(d), _signs(d, seed)
-    except ValueError:
-        q_mats = signs = None  # no Hadamard of size d: Q is a dense random orthogonal matrix
+class Rotation:
+    """QuaRot's offline rotation of a ``llama`` params tree, one part at a time: each method
+    takes the original (any dtype) part and returns the rotated, norm-folded part in float64
+    numpy, so that no more than one block is ever held in float64 (a LLaMA-2-7B block is
+    1.6 GB in float64, the whole model 54 GB).  ``config``: the llama ``TransformerConfig``
+    the params belong to; ``seed``: the random signs of ``Q``."""
 
-    def q_left(w):   # Q^T w,  w [d, ...]
-        if q_mats is None:
-            return np.tensordot(Q, w, axes=([0], [0]))
-        return kron_left(q_mats, signs.reshape(-1, *([1] * (w.ndim - 1))) * w)
+    def __init__(self, config, seed: int = 0):
+        if config.norm != "rmsnorm" or config.mlp != "swiglu":
+            raise ValueError(f"QuaRot rotation needs a llama-style model (norm='rmsnorm', "
+                             f"mlp='swiglu'), got norm={config.norm!r}, mlp={config.mlp!r}")
+        if config.scan_layers:
+            raise ValueError("scan_layers must be False for quantization (per-layer parameter trees)")
+        if config.skip_gains:
+            raise ValueError("skip_gains must be False for QuaRot (the gains break the invariance "
+                             "of the folded norms)")
+        self.config, self.seed = config, seed
+        d, h, dh, f = config.d_model, config.n_head, config.dim_head, config.ff_dim
+        try:        # Q = diag(signs) H_d / sqrt(d): applied through the factors of H_d
+            self._q_mats, self._signs, self._dense = hadamard_factors(d), _signs(d, seed), None
+        except ValueError:  # no Hadamard of size d: Q is a dense random orthogonal matrix
+            self._q_mats = self._signs = None
+            self._dense = random_hadamard(d, seed)
+        self._dh_mats, self._ff_mats = hadamard_factors(dh), hadamard_factors(f)
+        self._o_mats = hadamard_factors(h) + self._dh_mats          # H_heads (x) H_dh
 
-    def q_right(w):  # w Q,  w [..., d]
-        return w @ Q if q_mats is None else kron_right(w * signs, q_mats)
+    def q_matrix(self) -> np.ndarray:
+        """``Q [D, D]`` (dense float64, for inspection; the methods never form it)."""
+        return random_hadamard(self.config.d_model, self.seed)
 
-    if config.tie_embeddings:
-        p["lm_head"] = {"kernel": p["embed"]["embedding"].T.copy()}
-    p["embed"]["embedding"] = q_right(p["embed"]["embedding"])
-    dh_mats, ff_mats = hadamard_factors(dh), hadamard_factors(f)
-    o_mats = hadamard_factors(h) + dh_mats                       # H_heads (x) H_dh
-    for i in range(config.n_layer):
-        blk = p[f"blocks_{i}"]
+    def _q_left(self, w):   # Q^T w,  w [d, ...]
+        if self._q_mats is None:
+            return np.tensordot(self._dense, w, axes=([0], [0]))
+        return kron_left(self._q_mats, self._signs.reshape(-1, *([1] * (w.ndim - 1))) * w)
+
+    def _q_right(self, w):  # w Q,  w [..., d]
+        return w @ self._dense if self._q_mats is None else kron_right(w * self._signs, self._q_mats)
+
+    def embed(self, params) -> dict:
+        """``{"embedding": E Q}`` from the whole tree's ``embed``."""
+        e = _np(params["embed"])
+        e["embedding"] = self._q_right(e["embedding"])
+        return e
+
+    def head(self, params) -> dict:
+        """``{"lm_head": {"kernel": Q^T diag(s) W_head}, "final_norm": {"scale": 1}}``; a tied
+        embedding is untied (the head gets its own rotated copy of ``E^T``)."""
+        if self.config.tie_embeddings:
+            w = np.asarray(params["embed"]["embedding"], np.float64).T
+        else:
+            w = np.asarray(params["lm_head"]["kernel"], np.float64)
+        s = np.asarray(params["final_norm"]["scale"], np.float64)
+        return {"lm_head": {"kernel": self._q_left(s[:, None] * w)},
+                "final_norm": {"scale": np.ones_like(s)}}
+
+    def block(self, blk) -> dict:
+        """One block's params (``params["blocks_i"]``), rotated and norm-folded."""
+        c = self.config
+        d, h, dh = c.d_model, c.n_head, c.dim_head
+        blk = _np(blk)
         att, mlp = blk["attn"], blk["mlp"]
         s = blk["attn_norm"]["scale"]
         for name in ("q", "k", "v"):
             w = att[name]["kernel"]
-            att[name]["kernel"] = q_left(s[:, None] * w.reshape(d, -1)).reshape(w.shape)
-        att["v"]["kernel"] = kron_right(att["v"]["kernel"], dh_mats)
+            att[name]["kernel"] = self._q_left(s[:, None] * w.reshape(d, -1)).reshape(w.shape)
+        att["v"]["kernel"] = kron_right(att["v"]["kernel"], self._dh_mats)
         wo = att["o"]["kernel"]
-        att["o"]["kernel"] = q_right(kron_left(o_mats, wo.reshape(h * dh, d))).reshape(wo.shape)
+        att["o"]["kernel"] = self._q_right(kron_left(self._o_mats, wo.reshape(h * dh, d))).reshape(wo.shape)
         blk["attn_norm"]["scale"] = np.ones_like(s)
         s = blk["mlp_norm"]["scale"]
         for name in ("gate", "up"):
-            mlp[name]["kernel"] = q_left(s[:, None] * mlp[name]["kernel"])
-        mlp["down"]["kernel"] = q_right(kron_left(ff_mats, mlp["down"]["kernel"]))
+            mlp[name]["kernel"] = self._q_left(s[:, None] * mlp[name]["kernel"])
+        mlp["down"]["kernel"] = self._q_right(kron_left(self._ff_mats, mlp["down"]["kernel"]))
         blk["mlp_norm"]["scale"] = np.ones_like(s)
-    s = p["final_norm"]["scale"]
-    p["lm_head"]["kernel"] = q_left(s[:, None] * p["lm_head"]["kernel"])
-    p["final_norm"]["scale"] = np.ones_like(s)
-    return p, Q
+        return blk
+
+
+def rotate_params(config, params, seed: int = 0):
+    """Rotated, norm-folded copy of a whole ``llama`` params tree (numpy float64) and the
+    residual rotation ``Q``.  ``config``: the llama ``TransformerConfig`` the params belong to.
+    (:func:`jaxformers.quant.quantize` goes block by block through :class:`Rotation` instead.)"""
+    rot = Rotation(config, seed)
+    p = {k: v for k, v in _np(params).items() if k != "lm_head"}
+    p["embed"] = rot.embed(params)
+    p.update(rot.head(params))
+    for i in range(config.n_layer):
+        p[f"blocks_{i}"] = rot.block(params[f"blocks_{i}"])
+    return p, rot.q_matrix()
