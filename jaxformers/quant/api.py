@@ -51,7 +51,7 @@ from ..config import TransformerConfig, _boolean
 from ..utils import check_token_ids
 from .model import OnlineQuant, QuaRotConfig
 from .quantizers import gptq_weight, pack_int4, rtn_weight
-from .rotation import Rotation
+from .rotation import Rotation, float64_tree
 
 W_METHODS = ("rtn", "gptq")
 STORAGES = ("float", "int")
@@ -154,21 +154,23 @@ def collect_stats(config, params, tokens, batch: int = 16):
     total = None
     tokens = np.asarray(tokens)
     for i in range(0, len(tokens), batch):
-        stats = jax.device_get(fn(params, jnp.asarray(tokens[i:i + batch])))["quant_stats"]
-        stats = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), stats)
-        if total is None:
-            total = stats
-        else:
-            total = jax.tree_util.tree_map_with_path(
-                lambda path, a, b: np.maximum(a, b) if str(path[-1].key) == "absmax" else a + b,
-                total, stats)
-    out = {}
-    for layer, mods in total.items():
-        out[layer] = {}
-        for mod in mods.values():
-            for name, st in mod.items():
-                out[layer][name] = st
-    return out
+        total = _add_stats(total, fn(params, jnp.asarray(tokens[i:i + batch]))["quant_stats"])
+    return {layer: _by_stat_name(mods) for layer, mods in total.items()}
+
+
+def _add_stats(total, stats):
+    """``total`` (None or an earlier result) plus one batch's ``quant_stats`` tree, as numpy
+    float64: ``xtx`` / ``count`` summed, ``absmax`` maxed."""
+    stats = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), jax.device_get(stats))
+    if total is None:
+        return stats
+    return jax.tree_util.tree_map_with_path(
+        lambda path, a, b: np.maximum(a, b) if str(path[-1].key) == "absmax" else a + b, total, stats)
+
+
+def _by_stat_name(mods):
+    """One layer's ``{module: {stat name: st}}`` -> ``{stat name: st}``."""
+    return {name: st for mod in mods.values() for name, st in mod.items()}
 
 
 def _kernel_2d(w, name):
@@ -217,17 +219,13 @@ def _layer_fns(config):
 
 def _block_stats(block_fn, p, xs):
     """Run one block over the calibration hidden states ``xs`` (a list of ``[b, T, D]``
-    batches): (outputs, ``{stat name: {"xtx", "count"}}`` summed in float64)."""
-    ys, total = [], {}
+    batches): (outputs, ``{stat name: {"xtx", "count", "absmax"}}`` as :func:`collect_stats`)."""
+    ys, total = [], None
     for x in xs:
         y, stats = block_fn(p, x)
         ys.append(y)
-        for mod in jax.device_get(stats).values():
-            for name, st in mod.items():
-                prev = total.get(name)
-                cur = {k: np.asarray(st[k], np.float64) for k in ("xtx", "count")}
-                total[name] = cur if prev is None else {k: prev[k] + cur[k] for k in cur}
-    return ys, total
+        total = _add_stats(total, stats)
+    return ys, _by_stat_name(total)
 
 
 def quantize(config, params, spec: QuantSpec, calibration=None):
@@ -277,7 +275,7 @@ def quantize(config, params, spec: QuantSpec, calibration=None):
             out[f"blocks_{i}"] = (_cast_like(rot.block(ref), ref) if rot is not None
                                   else jax.tree_util.tree_map(jnp.asarray, ref))
             continue
-        blk = rot.block(ref) if rot is not None else _np_tree(ref)
+        blk = rot.block(ref) if rot is not None else float64_tree(ref)
         stats = None
         if gptq:  # Hessians of layer i, its inputs coming from the quantized layers < i
             _, stats = _block_stats(block_fn, _cast_like(blk, ref), xs)
@@ -303,10 +301,3 @@ def quantize(config, params, spec: QuantSpec, calibration=None):
                 qblk[sub][name] = {"qkernel": pack_int4(q) if spec.w_bits <= 4 else q,
                                    "scale": jnp.asarray(sc.reshape(shape[n_in:]), jnp.float32)}
     return qcfg, out
-
-
-def _np_tree(tree):
-    """A float64 numpy copy of a (nested dict) params tree."""
-    if isinstance(tree, Mapping):
-        return {k: _np_tree(v) for k, v in tree.items()}
-    return np.asarray(tree, np.float64)

@@ -28,6 +28,8 @@ matrix (0.97 GB) is formed.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 from pallas_kernels.hadamard import hadamard_matrix, split_size
@@ -83,9 +85,10 @@ def _signs(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).choice([-1.0, 1.0], size=n)
 
 
-def _np(tree):
-    if isinstance(tree, dict):
-        return {k: _np(v) for k, v in tree.items()}
+def float64_tree(tree):
+    """A float64 numpy copy of a (nested mapping) params tree, as plain dicts."""
+    if isinstance(tree, Mapping):
+        return {k: float64_tree(v) for k, v in tree.items()}
     return np.asarray(tree, np.float64)
 
 
@@ -129,7 +132,7 @@ class Rotation:
 
     def embed(self, params) -> dict:
         """``{"embedding": E Q}`` from the whole tree's ``embed``."""
-        e = _np(params["embed"])
+        e = float64_tree(params["embed"])
         e["embedding"] = self._q_right(e["embedding"])
         return e
 
@@ -148,7 +151,7 @@ class Rotation:
         """One block's params (``params["blocks_i"]``), rotated and norm-folded."""
         c = self.config
         d, h, dh = c.d_model, c.n_head, c.dim_head
-        blk = _np(blk)
+        blk = float64_tree(blk)
         att, mlp = blk["attn"], blk["mlp"]
         s = blk["attn_norm"]["scale"]
         for name in ("q", "k", "v"):
@@ -171,7 +174,8 @@ def rotate_params(config, params, seed: int = 0):
     residual rotation ``Q``.  ``config``: the llama ``TransformerConfig`` the params belong to.
     (:func:`jaxformers.quant.quantize` goes block by block through :class:`Rotation` instead.)"""
     rot = Rotation(config, seed)
-    p = {k: v for k, v in _np(params).items() if k != "lm_head"}
+    p = {k: float64_tree(v) for k, v in params.items()   # any other top-level entry (unrotated)
+         if k not in ("embed", "lm_head", "final_norm") and not k.startswith("blocks_")}
     p["embed"] = rot.embed(params)
     p.update(rot.head(params))
     for i in range(config.n_layer):
