@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import jaxformers as jf
-from jaxformers.quant import (QuantSpec, fake_quant, gptq_weight, int8_linear, pack_int4,
-                              quantize, quantize_rows_int8, rtn_weight, unpack_int4)
+from jaxformers.quant import (QuantSpec, fake_quant, gptq_weight, gptq_weight_reference, int8_linear,
+                              pack_int4, quantize, quantize_rows_int8, rtn_weight, unpack_int4)
 
 
 def _model(**over):
@@ -123,6 +123,66 @@ def test_clip_search_and_gptq_reduce_error():
     g = gptq_weight(w, x.T @ x, 3, groupsize=16)
     r = rtn_weight(w, 3, groupsize=16)
     assert np.linalg.norm(x @ (g - w)) < 0.7 * np.linalg.norm(x @ (r - w))
+
+
+def _gptq_problem(n, out, seed=0):
+    """A weight ``[n, out]`` with an outlier input, correlated calibration inputs ``x`` and
+    their Hessian ``x^T x``, input 3 never active (dead)."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((n, out))
+    w[5] *= 6
+    x = rng.standard_normal((3 * n, 16)) @ rng.standard_normal((16, n))
+    x += 0.1 * rng.standard_normal((3 * n, n))
+    x[:, 3] = 0
+    return w, x, x.T @ x
+
+
+@pytest.mark.parametrize("n, out, groupsize, sym, clip, blocksize", [
+    (64, 32, None, True, True, 128),    # one block wider than the matrix
+    (200, 1, None, False, True, 64),    # in not a multiple of the block; one output channel
+    (96, 16, 32, True, True, 64),       # groups inside blocks; the last block padded
+    (256, 8, 128, False, True, 48),     # groups spanning blocks (blocks of 32 | 128)
+    (150, 5, 30, True, False, 64),      # odd sizes: groups of 30 in blocks of 60
+    (2048, 3, 256, False, True, 128),   # 2 chunks of blocks; groups wider than a block
+    (2304, 2, None, True, True, 128)])  # 2 chunks; per-channel parameters from chunk 0
+def test_gptq_equals_the_one_column_reference(n, out, groupsize, sym, clip, blocksize):
+    """The jitted blocked GPTQ (lazy batches, padding, groups) is the one-column-at-a-time
+    numpy algorithm: in float64 the same integers, scales and zeros; in float32 (default)
+    the same output error up to rounding."""
+    w, x, h = _gptq_problem(n, out, seed=n + out)
+    kw = dict(groupsize=groupsize, sym=sym, clip_search=clip)
+    ref = gptq_weight_reference(w, h, 4, **kw)
+    with jax.enable_x64(True):
+        got = gptq_weight(w, h, 4, blocksize=blocksize, return_int=True, dtype=jnp.float64, **kw)
+    np.testing.assert_array_equal(got[1], ref[1])
+    for a, b in zip(got[::2] + got[3:], ref[::2] + ref[3:]):       # deq, scale, zero
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-12 * np.abs(b).max())
+    assert np.all(ref[0][3] == 0)                                     # the dead input
+    g32 = gptq_weight(w, h, 4, blocksize=blocksize, return_int=True, **kw)
+    assert g32[0].dtype == np.float32 and (g32[1] != ref[1]).mean() < 0.01
+
+    def err(d):
+        return np.linalg.norm(x @ (d - w))
+    assert abs(err(g32[0]) - err(ref[0])) < 1e-3 * err(ref[0])
+    assert err(ref[0]) < 0.7 * err(rtn_weight(w, 4, **kw))
+
+
+def test_gptq_rows_are_independent_and_bad_arguments_fail():
+    """Linears sharing an input quantized as one matrix (as ``quantize`` does with q/k/v and
+    gate/up) give each one's own result; bad arguments are ValueErrors naming them."""
+    w, _, h = _gptq_problem(96, 24)
+    with jax.enable_x64(True):
+        whole = gptq_weight(w, h, 4, groupsize=32, dtype=jnp.float64)
+        parts = [gptq_weight(w[:, a:b], h, 4, groupsize=32, dtype=jnp.float64) for a, b in ((0, 7), (7, 24))]
+    np.testing.assert_allclose(np.concatenate(parts, 1), whole, rtol=0, atol=1e-12 * np.abs(whole).max())
+    for kw, match in ((dict(hessian=h[:-1]), "hessian"), (dict(blocksize=0), "blocksize"),
+                      (dict(dtype=jnp.float16), "dtype"), (dict(percdamp=-1.0), "percdamp"),
+                      (dict(groupsize=40), "groupsize"), (dict(hessian=-np.eye(96)), "positive definite")):
+        with pytest.raises(ValueError, match=match):
+            gptq_weight(w, kw.pop("hessian", h), 4, **kw)
+    with pytest.raises(ValueError, match="w must be"):
+        gptq_weight(w[0], h, 4)
 
 
 def test_quantize_end_to_end(tiny):
@@ -306,5 +366,5 @@ def test_int_storage_decoding_sharding_and_errors(tiny):
     rng = np.random.default_rng(0)
     w, x = rng.standard_normal((32, 8)), rng.standard_normal((64, 32))
     deq, q, s, z = gptq_weight(w, x.T @ x, 4, return_int=True)
-    np.testing.assert_allclose(deq, (q - z) * s, atol=1e-12)
+    np.testing.assert_allclose(deq, (q - z) * s, rtol=1e-6, atol=0)   # float32
     assert q.dtype == np.int32 and q.min() >= -8 and q.max() <= 7 and s.shape == (1, 8)

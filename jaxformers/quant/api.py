@@ -13,6 +13,10 @@
    layer, in bf16 it differs at rounding level).  The authors also re-run within a layer
    after each group of linears; we do not.  The
    calibration activations are not activation-quantized (as in the authors' GPTQ pass).
+   GPTQ runs as one jitted float32 XLA computation (:func:`.quantizers.gptq_weight`, on the
+   accelerator when there is one) per calibration statistic: q/k/v and gate/up, which share
+   their input and Hessian, are quantized as one ``[in, sum(out)]`` matrix (output channels
+   are independent in GPTQ, so this is each one quantized alone, with one Hessian inversion).
 3. Activations (``a_bits``, per token) and the KV cache (``kv_bits``, per head) are
    quantized on the fly by the ``quarot`` model the returned config builds.
 
@@ -60,6 +64,9 @@ LINEARS = {("attn", "q"): "attn_in", ("attn", "k"): "attn_in", ("attn", "v"): "a
            ("attn", "o"): "o_in", ("mlp", "gate"): "mlp_in", ("mlp", "up"): "mlp_in",
            ("mlp", "down"): "down_in"}
 _N_IN = {"o": 2}  # input axes of each kernel (o: [H, Dh, D])
+#: the linears of each calibration statistic (q/k/v and gate/up are quantized together)
+_BY_STAT = {stat: [lin for lin, s in LINEARS.items() if s == stat]
+            for stat in dict.fromkeys(LINEARS.values())}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,8 +287,9 @@ def quantize(config, params, spec: QuantSpec, calibration=None):
         if gptq:  # Hessians of layer i, its inputs coming from the quantized layers < i
             _, stats = _block_stats(block_fn, _cast_like(blk, ref), xs)
         ints = {}
-        for (sub, name), stat in LINEARS.items():
-            w2, shape = _kernel_2d(blk[sub][name]["kernel"], name)
+        for stat, members in _BY_STAT.items():  # linears sharing an input: one matrix
+            ws = [_kernel_2d(blk[sub][name]["kernel"], name) for sub, name in members]
+            w2 = np.concatenate([w for w, _ in ws], axis=1) if len(ws) > 1 else ws[0][0]
             kw = dict(groupsize=spec.w_groupsize, sym=spec.w_sym, clip_search=spec.w_clip,
                       return_int=True)
             if gptq:
@@ -289,8 +297,11 @@ def quantize(config, params, spec: QuantSpec, calibration=None):
                                            percdamp=spec.percdamp, **kw)
             else:
                 q, qi, sc, _ = rtn_weight(w2, spec.w_bits, **kw)
-            blk[sub][name] = {"kernel": q.reshape(shape)}
-            ints[(sub, name)] = (qi, sc[0], shape)
+            ends = np.cumsum([w.shape[1] for w, _ in ws])[:-1]
+            for (sub, name), (_, shape), qk, qik, sck in zip(
+                    members, ws, np.split(q, ends, 1), np.split(qi, ends, 1), np.split(sc, ends, 1)):
+                blk[sub][name] = {"kernel": qk.reshape(shape)}
+                ints[(sub, name)] = (qik, sck[0], shape)
         out[f"blocks_{i}"] = qblk = _cast_like(blk, ref)
         if gptq and i + 1 < config.n_layer:
             xs, _ = _block_stats(block_fn, qblk, xs)

@@ -73,7 +73,10 @@ def fake_quant(x, bits: int, *, groupsize: Optional[int] = None, sym: bool = Tru
 
 
 # --------------------------------------------------------------------------- weights
-def _clip_search(w, bits, sym, grid=20, max_shrink=0.8, norm=2.4):
+_CLIP = dict(grid=20, max_shrink=0.8, norm=2.4)  # the clipping search's grid and error norm
+
+
+def _clip_search(w, bits, sym, grid=_CLIP["grid"], max_shrink=_CLIP["max_shrink"], norm=_CLIP["norm"]):
     """Per-row clipping ratio of ``w [..., g]`` (numpy) minimising ``sum |w - Q_c(w)|^norm``
     over ``c = 1, 1 - 1/grid, ..., 1 - max_shrink``: ``[..., 1]`` float64.  The errors are
     computed in float32 by one jitted XLA computation (on the accelerator when there is one;
@@ -123,53 +126,242 @@ def rtn_weight(w, bits: int, *, groupsize=None, sym=True, clip_search=True, retu
 
 
 def gptq_weight(w, hessian, bits: int, *, groupsize=None, sym=True, clip_search=True,
-                percdamp=0.01, blocksize=128, return_int=False):
+                percdamp=0.01, blocksize=128, return_int=False, dtype=jnp.float32):
     """GPTQ (Frantar et al., 2023) of ``w [in, out]`` given ``hessian = X^T X [in, in]`` of the
     calibration inputs: columns (inputs) quantized in order, each one's error spread over the
-    not-yet-quantized ones through the inverse Hessian's Cholesky factor, in blocks of
-    ``blocksize``; damping ``percdamp * mean(diag H)``.  Numpy float64; returns ``[in, out]``.
+    not-yet-quantized ones through the upper Cholesky factor ``U`` of the damped inverse
+    Hessian (:func:`gptq_hinv`)::
 
-    Group parameters come from the current (error-updated) weights when a group starts, as in
-    the reference implementation; no act-order (the authors' default for QuaRot is
-    ``act_order=False`` too).  ``return_int``: also the integers, scales and zero points, as
-    :func:`rtn_weight` returns them."""
+        q_j = Q(w_j),   e_j = (w_j - q_j) / U_jj,   w_k -= e_j U_jk   (k > j)
+
+    with the updates of a block of ``blocksize`` columns applied to the later columns at
+    once (lazy batching).  One jitted XLA computation in ``dtype`` (float32, as the authors'
+    code; float64 needs ``jax_enable_x64``), on the accelerator when there is one.  Rows
+    (output channels) are independent, so linears sharing an input can be quantized as one
+    ``[in, sum(out)]`` matrix with one Hessian inversion (``quantize`` does).
+
+    Group parameters (scale, zero, clipping ratio) come from the current, error-updated
+    weights of the group when it starts (blocks are aligned with groups so those are always
+    up to date; the original GPTQ code reads weights that miss the current block's updates
+    when groups and blocks are not aligned, which they are at its defaults); no act-order
+    (the authors' default for QuaRot).  Returns the dequantized ``[in, out]``
+    (numpy, ``dtype``), with ``return_int`` also ``(q [in, out] int32, scale [in / g, out],
+    zero [in / g, out])`` as :func:`rtn_weight`.  :func:`gptq_weight_reference` is the
+    readable one-column-at-a-time float64 algorithm it is tested against."""
     _check_bits(bits)
-    w = np.asarray(w, np.float64)
     if bits >= 16:
+        w = np.asarray(w, np.float64)
         return (w, None, None, None) if return_int else w
+    w, n, g = _check_gptq_inputs(w, hessian, groupsize)
+    if not isinstance(blocksize, int) or isinstance(blocksize, bool) or blocksize < 1:
+        raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
+        raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
+    if jnp.dtype(dtype) == jnp.float64 and not jax.config.jax_enable_x64:
+        raise ValueError("dtype=float64 needs jax_enable_x64 (e.g. `with jax.enable_x64(True):`)")
+    u, dead = gptq_hinv(jnp.asarray(hessian, dtype), percdamp)
+    W = jnp.where(dead[None, :], 0, jnp.asarray(w, dtype).T)       # [out, in]
+    bs = _gptq_block_size(n, groupsize, blocksize)
+    pad = -n % bs  # zero columns with U = I: quantized exactly, their error is 0
+    if pad:
+        W = jnp.pad(W, ((0, 0), (0, pad)))
+        u = jnp.pad(u, ((0, pad), (0, pad))) + jnp.diag(jnp.arange(n + pad) >= n).astype(u.dtype)
+    qi, S, Z = _gptq_columns(W, u, bits, groupsize, sym, clip_search, bs)
+    qi, S, Z = np.asarray(qi[:, :n]), np.asarray(S[:, :n // g]), np.asarray(Z[:, :n // g])
+    out = qi.shape[0]
+    deq = ((qi.reshape(out, -1, g) - Z[..., None]) * S[..., None]).astype(S.dtype).reshape(out, n).T
+    if return_int:
+        return deq, qi.T, S.T, Z.T
+    return deq
+
+
+def _check_gptq_inputs(w, hessian, groupsize):
+    w = np.asarray(w)
+    if w.ndim != 2:
+        raise ValueError(f"w must be a [in, out] matrix, got shape {w.shape}")
+    n = w.shape[0]
+    if np.shape(hessian) != (n, n):
+        raise ValueError(f"hessian must be [in, in] = [{n}, {n}] for w of shape {w.shape}, got "
+                         f"shape {np.shape(hessian)}")
+    g = _grouped(np.empty((0, n)), groupsize).shape[-1]   # validates groupsize
+    return w, n, g
+
+
+def _check_percdamp(percdamp):
+    if isinstance(percdamp, bool) or not isinstance(percdamp, (int, float)) or not percdamp >= 0:
+        raise ValueError(f"percdamp must be a number >= 0, got {percdamp!r}")
+
+
+def gptq_hinv(hessian, percdamp=0.01):
+    """GPTQ's preconditioner of ``hessian = X^T X [in, in]``: ``(U [in, in], dead [in] bool)``,
+    ``U`` the upper Cholesky factor of ``(H + percdamp mean(diag H) I)^-1`` after the
+    ``dead`` inputs (``H_jj = 0``: never active in the calibration data) get ``H_jj = 1``.
+    In ``hessian``'s float dtype; raises when the damped Hessian is not positive definite in
+    that precision (a larger ``percdamp`` helps)."""
+    _check_percdamp(percdamp)
+    h = jnp.asarray(hessian)
+    h = h if jnp.issubdtype(h.dtype, jnp.floating) else h.astype(jnp.float32)
+    u, dead = _gptq_hinv(h, float(percdamp))
+    if not bool(jnp.all(jnp.isfinite(u))):
+        raise ValueError(f"GPTQ: the damped Hessian is not positive definite in {h.dtype} "
+                         f"(percdamp={percdamp}); raise percdamp")
+    return u, dead
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _gptq_hinv(h, percdamp):
+    """``U`` without forming ``H^-1``: with ``P`` the reversal permutation and
+    ``P H P = L L^T``, ``H^-1 = V^T V`` for the upper triangular ``V = P L^-1 P``: one
+    Cholesky and one triangular inverse (half the flops of inverse-then-Cholesky, and no
+    explicit inverse to lose precision in)."""
+    n = h.shape[0]
+    eye = jnp.eye(n, dtype=h.dtype)
+    dead = jnp.diagonal(h) == 0
+    h = jnp.where(dead[:, None] & (eye > 0), 1.0, h)
+    h = h + percdamp * jnp.mean(jnp.diagonal(h)) * eye
+    lower = jnp.linalg.cholesky(h[::-1, ::-1])
+    return jax.scipy.linalg.solve_triangular(lower, eye, lower=True)[::-1, ::-1], dead
+
+
+def _gptq_block_size(n, groupsize, blocksize):
+    """The lazy-batch width: ``blocksize``, or for groups the nearest width such that a group
+    never starts inside a block it does not fit in (a multiple of ``g <= blocksize``, or a
+    divisor of ``g > blocksize``), so a group's weights are all current when it starts."""
+    if groupsize is None:
+        return min(blocksize, n)
+    if groupsize <= blocksize:
+        return groupsize * max(1, min(blocksize, n) // groupsize)
+    return _largest_divisor(groupsize, blocksize)
+
+
+def _largest_divisor(n, at_most, also=lambda d: True):
+    return max(d for d in range(1, at_most + 1) if n % d == 0 and also(d))
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6))
+def _gptq_columns(W, u, bits, groupsize, sym, clip_search, bs):
+    """GPTQ's column loop: ``W [out, n]`` (``n`` a multiple of ``bs``), ``u [n, n]`` upper ->
+    ``(q int32 [out, n], scale [out, G], zero [out, G])``.
+
+    Lazy batching on two levels: blocks of ``bs`` columns, each in sub-blocks of ``sub <= 32``
+    columns, each a loop over its columns.  A column's error updates only its sub-block; a
+    sub-block's errors ``E [out, sub]`` update the rest of its block in one matmul, a
+    block's ``E [out, bs]`` the later columns.  Static shapes: the later-column updates run
+    over all the columns from the start of a chunk of blocks (``U``'s rows masked to the
+    later columns); the ``n / 1024`` (at most 8) chunks, unrolled, bring the flops near the
+    triangle's.  A group's parameters are computed from the level its width fits in (the
+    sub-block, the block, or the columns from the block's start), whose weights are all
+    current when the group starts (groups and the two levels are aligned)."""
+    out, n = W.shape
+    g = n if groupsize is None else groupsize
+    sub = _largest_divisor(bs, 32, lambda d: g % d == 0 or d % g == 0)
+    qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if sym else (0, 2 ** bits - 1)
+    hp = jax.lax.Precision.HIGHEST
+    dyn = jax.lax.dynamic_slice
+
+    def group_params(x):                                     # x [out, g] -> scale, zero [out]
+        clip = 1.0
+        if clip_search:  # in float32 whatever the dtype (as rtn_weight / the reference)
+            idx = _clip_search_index(x.astype(jnp.float32), bits, sym, _CLIP["grid"],
+                                     _CLIP["max_shrink"], _CLIP["norm"])
+            clip = 1.0 - idx.astype(x.dtype) / _CLIP["grid"]
+        s, z, _, _ = quant_params(x, bits, sym=sym, clip=clip)
+        return s[:, 0], z[:, 0]
+
+    def later(E, rows, start, first_later):
+        """``E [out, k] @ rows [k, m]`` with the columns before ``first_later`` masked
+        (``rows``' columns are ``start, start + 1, ...``)."""
+        cols = start + jnp.arange(rows.shape[1])
+        return jnp.dot(E, jnp.where(cols[None, :] >= first_later, rows, 0), precision=hp)
+
+    def run_block(a, Wt, i1, S, Z, s, z):
+        """Block at column ``i1`` of the tail ``Wt = W[:, a:]`` (current up to the block)
+        -> (errors ``E [out, bs]``, integers ``[out, bs]``, S, Z, s, z)."""
+        W1 = dyn(Wt, (0, i1 - a), (out, bs))
+        U1 = dyn(u, (i1, i1), (bs, bs))
+
+        def run_sub(m, c):
+            W1, E, Q1, S, Z, s, z = c
+            j = m * sub
+            W2, U2 = dyn(W1, (0, j), (out, sub)), dyn(U1, (j, j), (sub, sub))
+
+            def column(i, c):
+                W2, E2, Q2, S, Z, s, z = c
+                col = i1 + j + i
+
+                def start_group(args):
+                    S, Z, _, _ = args
+                    x = (dyn(W2, (0, i), (out, g)) if g <= sub else dyn(W1, (0, j), (out, g))
+                         if g <= bs else dyn(Wt, (0, i1 - a), (out, g)))
+                    s, z = group_params(x)
+                    return S.at[:, col // g].set(s), Z.at[:, col // g].set(z), s, z
+                if g <= n - a:  # (a group wider than the tail cannot start in it)
+                    S, Z, s, z = jax.lax.cond(col % g == 0, start_group, lambda x: x, (S, Z, s, z))
+                x = jax.lax.dynamic_index_in_dim(W2, i, 1, keepdims=False)
+                qi = quantize_int(x, s, z, qmin, qmax)
+                e = (x - (qi - z) * s) / U2[i, i]
+                W2 = W2 - e[:, None] * U2[i][None, :]         # U2[i, :i] = 0
+                return W2, E2.at[:, i].set(e), Q2.at[:, i].set(qi.astype(jnp.int32)), S, Z, s, z
+            zeros = (jnp.zeros((out, sub), W.dtype), jnp.zeros((out, sub), jnp.int32))
+            _, E2, Q2, S, Z, s, z = jax.lax.fori_loop(0, sub, column, (W2, *zeros, S, Z, s, z))
+            W1 = W1 - later(E2, dyn(U1, (j, 0), (sub, bs)), 0, j + sub)
+            return (W1, jax.lax.dynamic_update_slice(E, E2, (0, j)),
+                    jax.lax.dynamic_update_slice(Q1, Q2, (0, j)), S, Z, s, z)
+        zeros = (jnp.zeros((out, bs), W.dtype), jnp.zeros((out, bs), jnp.int32))
+        _, E, Q1, S, Z, s, z = jax.lax.fori_loop(0, bs // sub, run_sub, (W1, *zeros, S, Z, s, z))
+        return E, Q1, S, Z, s, z
+
+    nb = n // bs
+    n_chunks = max(1, min(nb, n // 1024, 8))
+    edges = [bs * (nb * c // n_chunks) for c in range(n_chunks + 1)]
+    Q = jnp.zeros((out, n), jnp.int32)
+    S = Z = jnp.zeros((out, n // g), W.dtype)
+    s = z = jnp.zeros((out,), W.dtype)
+    for a, b in zip(edges[:-1], edges[1:]):        # unrolled: W holds the columns from a on
+        def block(k, c, a=a):
+            Wt, Q, S, Z, s, z = c
+            i1 = a + k * bs
+            E, Q1, S, Z, s, z = run_block(a, Wt, i1, S, Z, s, z)
+            Wt = Wt - later(E, dyn(u, (i1, a), (bs, n - a)), a, i1 + bs)
+            return Wt, jax.lax.dynamic_update_slice(Q, Q1, (0, i1)), S, Z, s, z
+        W, Q, S, Z, s, z = jax.lax.fori_loop(0, (b - a) // bs, block, (W, Q, S, Z, s, z))
+        W = W[:, b - a:]
+    return Q, S, Z
+
+
+def gptq_weight_reference(w, hessian, bits: int, *, groupsize=None, sym=True, clip_search=True,
+                          percdamp=0.01):
+    """GPTQ one column at a time in numpy float64: the readable algorithm and the oracle of
+    :func:`gptq_weight` (same arguments and return value as its ``return_int=True``)::
+
+        U = chol((H + damp I)^-1)^T
+        for j in 0 .. in - 1:
+            (group start) scale, zero <- the current w[:, j : j + g]
+            q_j = Q(w_j);  w[:, j:] -= ((w_j - q_j) / U_jj) U[j, j:]
+    """
+    _check_bits(bits)
+    _check_percdamp(percdamp)
+    w, n, g = _check_gptq_inputs(w, hessian, groupsize)
     h = np.array(hessian, np.float64)
-    W = w.T.copy()                                                # [out, in]
-    n = W.shape[1]
-    if groupsize is not None:
-        _grouped(W, groupsize)  # validates
+    W = np.asarray(w, np.float64).T.copy()                        # [out, in]
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
     W[:, dead] = 0.0
     h[np.diag_indices(n)] += percdamp * np.mean(np.diag(h))
-    hinv = np.linalg.cholesky(np.linalg.inv(h)).T                # upper Cholesky of H^-1
-    params = None if groupsize is not None else _params_rows(W, bits, sym, clip_search)
-    Q, Qi, S, Z = np.zeros_like(W), np.zeros_like(W), np.zeros_like(W), np.zeros_like(W)
-    for i1 in range(0, n, blocksize):
-        i2 = min(i1 + blocksize, n)
-        W1, Err = W[:, i1:i2].copy(), np.zeros((W.shape[0], i2 - i1))
-        for i in range(i2 - i1):
-            col = i1 + i
-            if groupsize is not None and col % groupsize == 0:
-                params = _params_rows(np.concatenate([W1[:, i:], W[:, i2:]], 1)[:, :groupsize],
-                                      bits, sym, clip_search)
-            s, z, lo, hi = params
-            x = W1[:, i:i + 1]
-            qi = quantize_int(x, s, z, lo, hi, xp=np)
-            q = (qi - z) * s
-            Q[:, col], Qi[:, col], S[:, col], Z[:, col] = q[:, 0], qi[:, 0], s[:, 0], z[:, 0]
-            err = (x - q)[:, 0] / hinv[col, col]
-            W1[:, i:] -= np.outer(err, hinv[col, col:i2])
-            Err[:, i] = err
-        W[:, i2:] -= Err @ hinv[i1:i2, i2:]
-    if return_int:
-        step = n if groupsize is None else groupsize
-        return Q.T, Qi.T.astype(np.int32), S[:, ::step].T, Z[:, ::step].T
-    return Q.T
+    U = np.linalg.cholesky(np.linalg.inv(h)).T
+    Q, S, Z = np.zeros(W.shape, np.int32), [], []
+    for j in range(n):
+        if j % g == 0:
+            s, z, lo, hi = _params_rows(W[:, j:j + g], bits, sym, clip_search)
+            S.append(s[:, 0])
+            Z.append(z[:, 0])
+        qi = quantize_int(W[:, j:j + 1], s, z, lo, hi, xp=np)
+        err = (W[:, j] - ((qi - z) * s)[:, 0]) / U[j, j]
+        W[:, j:] -= np.outer(err, U[j, j:])
+        Q[:, j] = qi[:, 0]
+    S, Z = np.stack(S, 1), np.stack(Z, 1)                         # [out, G]
+    deq = ((Q.reshape(Q.shape[0], -1, g) - Z[..., None]) * S[..., None]).reshape(Q.shape).T
+    return deq, Q.T, S.T, Z.T
 
 
 # --------------------------------------------------------------------------- int4 packing
