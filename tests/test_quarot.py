@@ -178,11 +178,15 @@ def test_gptq_rows_are_independent_and_bad_arguments_fail():
     np.testing.assert_allclose(np.concatenate(parts, 1), whole, rtol=0, atol=1e-12 * np.abs(whole).max())
     for kw, match in ((dict(hessian=h[:-1]), "hessian"), (dict(blocksize=0), "blocksize"),
                       (dict(dtype=jnp.float16), "dtype"), (dict(percdamp=-1.0), "percdamp"),
-                      (dict(groupsize=40), "groupsize"), (dict(hessian=-np.eye(96)), "positive definite")):
+                      (dict(percdamp=float("nan")), "percdamp"), (dict(groupsize=40), "groupsize"),
+                      (dict(hessian=-np.eye(96)), "positive definite")):
         with pytest.raises(ValueError, match=match):
             gptq_weight(w, kw.pop("hessian", h), 4, **kw)
     with pytest.raises(ValueError, match="w must be"):
         gptq_weight(w[0], h, 4)
+    if not jax.config.jax_enable_x64:
+        with pytest.raises(ValueError, match="jax_enable_x64"):
+            gptq_weight(w, h, 4, dtype=jnp.float64)
 
 
 def test_quantize_end_to_end(tiny):

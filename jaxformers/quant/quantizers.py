@@ -176,20 +176,20 @@ def gptq_weight(w, hessian, bits: int, *, groupsize=None, sym=True, clip_search=
 
 
 def _check_gptq_inputs(w, hessian, groupsize):
-    w = np.asarray(w)
-    if w.ndim != 2:
-        raise ValueError(f"w must be a [in, out] matrix, got shape {w.shape}")
-    n = w.shape[0]
+    if np.ndim(w) != 2:
+        raise ValueError(f"w must be a [in, out] matrix, got shape {np.shape(w)}")
+    n = np.shape(w)[0]
     if np.shape(hessian) != (n, n):
-        raise ValueError(f"hessian must be [in, in] = [{n}, {n}] for w of shape {w.shape}, got "
-                         f"shape {np.shape(hessian)}")
+        raise ValueError(f"hessian must be [in, in] = [{n}, {n}] for w of shape {np.shape(w)}, "
+                         f"got shape {np.shape(hessian)}")
     g = _grouped(np.empty((0, n)), groupsize).shape[-1]   # validates groupsize
     return w, n, g
 
 
 def _check_percdamp(percdamp):
-    if isinstance(percdamp, bool) or not isinstance(percdamp, (int, float)) or not percdamp >= 0:
-        raise ValueError(f"percdamp must be a number >= 0, got {percdamp!r}")
+    if (isinstance(percdamp, bool) or not isinstance(percdamp, (int, float))
+            or not 0 <= percdamp < float("inf")):
+        raise ValueError(f"percdamp must be a finite number >= 0, got {percdamp!r}")
 
 
 def gptq_hinv(hessian, percdamp=0.01):
