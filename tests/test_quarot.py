@@ -168,6 +168,35 @@ def test_gptq_equals_the_one_column_reference(n, out, groupsize, sym, clip, bloc
     assert err(ref[0]) < 0.7 * err(rtn_weight(w, 4, **kw))
 
 
+@pytest.mark.parametrize("groupsize", [None, 32])
+def test_gptq_act_order(groupsize):
+    """``act_order``: inputs quantized by decreasing ``H_jj`` = GPTQ on the permuted problem,
+    put back in input order; the same integers as the reference's act order (float64)."""
+    w, x, h = _gptq_problem(96, 6, seed=7)
+    x *= np.random.default_rng(8).uniform(0.1, 3.0, 96)        # spread the Hessian diagonal
+    h = x.T @ x
+    perm = np.argsort(-np.diag(h), kind="stable")
+    assert not np.array_equal(perm, np.arange(96))
+    with jax.enable_x64(True):
+        got = gptq_weight(w, h, 3, groupsize=groupsize, act_order=True, dtype=jnp.float64)
+        plain = gptq_weight(w[perm], h[np.ix_(perm, perm)], 3, groupsize=groupsize, dtype=jnp.float64)
+    np.testing.assert_array_equal(got[perm], plain)
+    ref = gptq_weight_reference(w, h, 3, groupsize=groupsize, act_order=True)
+    np.testing.assert_allclose(got, ref[0], rtol=0, atol=1e-12 * np.abs(ref[0]).max())
+    if groupsize is None:
+        with jax.enable_x64(True):
+            deq, q, s, z = gptq_weight(w, h, 3, act_order=True, return_int=True, dtype=jnp.float64)
+        np.testing.assert_array_equal(q, ref[1])
+        np.testing.assert_allclose(deq, (q - z) * s, rtol=1e-12)
+    else:
+        with pytest.raises(ValueError, match="act_order"):
+            gptq_weight(w, h, 3, groupsize=groupsize, act_order=True, return_int=True)
+    with pytest.raises(ValueError, match="act_order"):
+        gptq_weight(w, h, 3, act_order="yes")
+    with pytest.raises(ValueError, match="w_act_order"):
+        QuantSpec(w_bits=4, w_act_order=True)                      # RTN has no column order
+
+
 def test_gptq_rows_are_independent_and_bad_arguments_fail():
     """Linears sharing an input quantized as one matrix (as ``quantize`` does with q/k/v and
     gate/up) give each one's own result; bad arguments are ValueErrors naming them."""
@@ -230,13 +259,16 @@ def _quantize_whole_model(cfg, params, spec, calibration):
         for (sub, name), stat in LINEARS.items():
             w = p[f"blocks_{i}"][sub][name]["kernel"]
             w2 = w.reshape(int(np.prod(w.shape[:2 if name == "o" else 1])), -1)  # [in, out]
-            q = gptq_weight(w2, stats[stat]["xtx"], spec.w_bits, groupsize=spec.w_groupsize)
+            q = gptq_weight(w2, stats[stat]["xtx"], spec.w_bits, groupsize=spec.w_groupsize,
+                            act_order=spec.w_act_order)
             p[f"blocks_{i}"][sub][name]["kernel"] = q.reshape(w.shape)
     return qcfg, cast(p)
 
 
 @pytest.mark.parametrize("spec", [QuantSpec(rotate=True, w_bits=4, w_method="gptq", calib_batch=4),
-                                  QuantSpec(rotate=False, w_bits=3, w_method="gptq", w_groupsize=32)])
+                                  QuantSpec(rotate=False, w_bits=3, w_method="gptq", w_groupsize=32),
+                                  QuantSpec(rotate=True, w_bits=4, w_method="gptq", w_groupsize=32,
+                                            w_act_order=True)])
 def test_quantize_block_by_block_equals_the_whole_model_algorithm(spec):
     """``quantize`` rotates, quantizes and casts one block at a time and pushes GPTQ's
     calibration hidden states through each quantized block; in float32 that gives the same

@@ -78,6 +78,8 @@ class QuantSpec(OnlineQuant):
     KV asymmetric per head (the paper clips at 0.95).  ``storage``: ``"float"`` (fake-quant
     float weights) or ``"int"`` (integer weights + scales, the ``int_linears`` model; needs
     ``w_bits <= 8`` symmetric per channel and symmetric per-token ``a_bits <= 8`` or 16).
+    ``w_act_order``: GPTQ quantizes each linear's inputs in order of decreasing Hessian
+    diagonal (``act_order`` in the authors' scripts; default off, as theirs).
     """
     rotate: bool = True
     seed: int = 0
@@ -86,6 +88,7 @@ class QuantSpec(OnlineQuant):
     w_groupsize: Optional[int] = None
     w_sym: bool = True
     w_clip: bool = True
+    w_act_order: bool = False
     percdamp: float = 0.01
     calib_batch: int = 16
     storage: str = "float"
@@ -98,8 +101,11 @@ class QuantSpec(OnlineQuant):
         if not isinstance(self.w_bits, int) or isinstance(self.w_bits, bool) or not 2 <= self.w_bits <= 16:
             raise ValueError(f"w_bits must be an int in [2, 16] (16 = no quantization), got {self.w_bits!r}")
         self.check_online_quant()
-        for name in ("rotate", "w_sym", "w_clip"):
+        for name in ("rotate", "w_sym", "w_clip", "w_act_order"):
             _boolean(self, name)
+        if self.w_act_order and self.w_method != "gptq":
+            raise ValueError(f"w_act_order=True is GPTQ's column order; it needs w_method='gptq', "
+                             f"not {self.w_method!r}")
         for name, lo in (("seed", 0), ("calib_batch", 1)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
@@ -270,6 +276,7 @@ def quantize(config, params, spec: QuantSpec, calibration=None):
         out["lm_head"] = _cast_like(head["lm_head"], params.get("lm_head"), dtype)
         out["final_norm"] = _cast_like(head["final_norm"], params["final_norm"])
     fp_cfg = qcfg.replace(a_bits=16, kv_bits=16, int_linears=False)
+    int_storage = spec.storage == "int"
     xs = None
     if gptq:  # the calibration hidden states entering block 0
         embed_fn, block_fn = _layer_fns(fp_cfg)
@@ -291,21 +298,22 @@ def quantize(config, params, spec: QuantSpec, calibration=None):
             ws = [_kernel_2d(blk[sub][name]["kernel"], name) for sub, name in members]
             w2 = np.concatenate([w for w, _ in ws], axis=1) if len(ws) > 1 else ws[0][0]
             kw = dict(groupsize=spec.w_groupsize, sym=spec.w_sym, clip_search=spec.w_clip,
-                      return_int=True)
+                      return_int=int_storage)
             if gptq:
-                q, qi, sc, _ = gptq_weight(w2, stats[stat]["xtx"], spec.w_bits,
-                                           percdamp=spec.percdamp, **kw)
+                res = gptq_weight(w2, stats[stat]["xtx"], spec.w_bits, percdamp=spec.percdamp,
+                                  act_order=spec.w_act_order, **kw)
             else:
-                q, qi, sc, _ = rtn_weight(w2, spec.w_bits, **kw)
-            ends = np.cumsum([w.shape[1] for w, _ in ws])[:-1]
-            for (sub, name), (_, shape), qk, qik, sck in zip(
-                    members, ws, np.split(q, ends, 1), np.split(qi, ends, 1), np.split(sc, ends, 1)):
-                blk[sub][name] = {"kernel": qk.reshape(shape)}
-                ints[(sub, name)] = (qik, sck[0], shape)
+                res = rtn_weight(w2, spec.w_bits, **kw)
+            q, qi, sc, _ = res if int_storage else (res, None, None, None)
+            edges = [0, *np.cumsum([w.shape[1] for w, _ in ws])]
+            for (sub, name), (_, shape), lo, hi in zip(members, ws, edges[:-1], edges[1:]):
+                blk[sub][name] = {"kernel": q[:, lo:hi].reshape(shape)}
+                if int_storage:
+                    ints[(sub, name)] = (qi[:, lo:hi], sc[0, lo:hi], shape)
         out[f"blocks_{i}"] = qblk = _cast_like(blk, ref)
         if gptq and i + 1 < config.n_layer:
             xs, _ = _block_stats(block_fn, qblk, xs)
-        if spec.storage == "int":
+        if int_storage:
             for (sub, name), (qi, sc, shape) in ints.items():
                 n_in = _N_IN.get(name, 1)
                 q = jnp.asarray(qi.reshape(shape), jnp.int8)

@@ -126,7 +126,7 @@ def rtn_weight(w, bits: int, *, groupsize=None, sym=True, clip_search=True, retu
 
 
 def gptq_weight(w, hessian, bits: int, *, groupsize=None, sym=True, clip_search=True,
-                percdamp=0.01, blocksize=128, return_int=False, dtype=jnp.float32):
+                percdamp=0.01, blocksize=128, return_int=False, dtype=jnp.float32, act_order=False):
     """GPTQ (Frantar et al., 2023) of ``w [in, out]`` given ``hessian = X^T X [in, in]`` of the
     calibration inputs: columns (inputs) quantized in order, each one's error spread over the
     not-yet-quantized ones through the upper Cholesky factor ``U`` of the damped inverse
@@ -144,7 +144,10 @@ def gptq_weight(w, hessian, bits: int, *, groupsize=None, sym=True, clip_search=
     weights of the group when it starts (blocks are aligned with groups so those are always
     up to date; the original GPTQ code reads weights that miss the current block's updates
     when groups and blocks are not aligned, which they are at its defaults); no act-order
-    (the authors' default for QuaRot).  Returns the dequantized ``[in, out]``
+    by default (the authors' default for QuaRot); ``act_order=True`` quantizes the inputs in
+    order of decreasing ``H_jj`` (GPTQ's ``act_order`` / ``desc_act``; groups are then
+    consecutive in that order, so ``return_int`` with groups is refused: their parameters
+    would not follow the input order).  Returns the dequantized ``[in, out]``
     (numpy, ``dtype``), with ``return_int`` also ``(q [in, out] int32, scale [in / g, out],
     zero [in / g, out])`` as :func:`rtn_weight`.  :func:`gptq_weight_reference` is the
     readable one-column-at-a-time float64 algorithm it is tested against."""
@@ -153,6 +156,11 @@ def gptq_weight(w, hessian, bits: int, *, groupsize=None, sym=True, clip_search=
         w = np.asarray(w, np.float64)
         return (w, None, None, None) if return_int else w
     w, n, g = _check_gptq_inputs(w, hessian, groupsize)
+    if _act_order_requested(act_order, groupsize, return_int):
+        kw = dict(groupsize=groupsize, sym=sym, clip_search=clip_search, percdamp=percdamp,
+                  blocksize=blocksize, dtype=dtype, return_int=True)
+        out = _in_act_order(lambda w, h: gptq_weight(w, h, bits, **kw), w, hessian)
+        return out if return_int else out[0]
     if not isinstance(blocksize, int) or isinstance(blocksize, bool) or blocksize < 1:
         raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
@@ -184,6 +192,25 @@ def _check_gptq_inputs(w, hessian, groupsize):
                          f"got shape {np.shape(hessian)}")
     g = _grouped(np.empty((0, n)), groupsize).shape[-1]   # validates groupsize
     return w, n, g
+
+
+def _act_order_requested(act_order, groupsize, return_int):
+    if not isinstance(act_order, bool):
+        raise ValueError(f"act_order must be a bool, got {act_order!r}")
+    if act_order and groupsize is not None and return_int:
+        raise ValueError("act_order=True with groupsize: the groups follow the act-order "
+                         "permutation, not the input order, so return_int is not available")
+    return act_order
+
+
+def _in_act_order(run, w, hessian):
+    """GPTQ's act-order: ``run(w, hessian) -> (deq, q, scale, zero)`` on the inputs sorted by
+    decreasing ``H_jj`` (stable among ties), ``deq`` and ``q`` put back in input order."""
+    h = np.asarray(hessian)
+    perm = np.argsort(-np.diagonal(h), kind="stable")
+    inv = np.argsort(perm)
+    deq, q, scale, zero = run(np.asarray(w)[perm], h[np.ix_(perm, perm)])
+    return deq[inv], q[inv], scale, zero
 
 
 def _check_percdamp(percdamp):
@@ -330,7 +357,7 @@ def _gptq_columns(W, u, bits, groupsize, sym, clip_search, bs):
 
 
 def gptq_weight_reference(w, hessian, bits: int, *, groupsize=None, sym=True, clip_search=True,
-                          percdamp=0.01):
+                          percdamp=0.01, act_order=False):
     """GPTQ one column at a time in numpy float64: the readable algorithm and the oracle of
     :func:`gptq_weight` (same arguments and return value as its ``return_int=True``)::
 
@@ -342,6 +369,9 @@ def gptq_weight_reference(w, hessian, bits: int, *, groupsize=None, sym=True, cl
     _check_bits(bits)
     _check_percdamp(percdamp)
     w, n, g = _check_gptq_inputs(w, hessian, groupsize)
+    if _act_order_requested(act_order, None, True):  # (with groups: scale / zero in act order)
+        kw = dict(groupsize=groupsize, sym=sym, clip_search=clip_search, percdamp=percdamp)
+        return _in_act_order(lambda w, h: gptq_weight_reference(w, h, bits, **kw), w, hessian)
     h = np.array(hessian, np.float64)
     W = np.asarray(w, np.float64).T.copy()                        # [out, in]
     dead = np.diag(h) == 0
