@@ -17,6 +17,13 @@ without the clipping search), ``rtn4_clip`` (with it), ``gptq4`` (rotated GPTQ W
 
 Prints a Markdown table and writes ``DIR/results.json``.  ``--quick``: tiny widths, layers
 1,2, specs rotate,gptq4 (seconds; the CI smoke test).
+
+``--platform cpu`` (default) runs each child with ``JAX_PLATFORMS=cpu``; ``--platform
+default`` lets JAX pick the accelerator, where GPTQ, the clipping search and the calibration
+forward run (the rotation and RTN rounding stay numpy on the host); the rows then also give
+the device's peak memory (``peak_device_gb``, from ``memory_stats()`` where the backend has
+it).  The stage ``quantize-7b`` of ``scripts/gpu_session.sh`` runs it on the GPU with
+QuaRot's calibration size (128 x 2048 tokens).
 """
 from __future__ import annotations
 
@@ -58,7 +65,8 @@ def child(job: dict) -> dict:
     from jaxformers.quant import QuantSpec, quantize
     from jaxformers.utils import abstract_params
 
-    cfg = jf.get_config("llama", "tiny", n_layer=job["layers"], **WIDTHS[job["widths"]])
+    cfg = jf.get_config("llama", "tiny", n_layer=job["layers"],
+                        max_seq_len=max(256, job["calib_len"]), **WIDTHS[job["widths"]])
     rng = np.random.default_rng(0)
     params = jax.tree_util.tree_map_with_path(
         lambda path, x: jnp.asarray(1 + 0.5 * rng.standard_normal(x.shape, np.float32)
@@ -75,16 +83,21 @@ def child(job: dict) -> dict:
     jax.block_until_ready(qp)
     seconds = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KB on Linux
-    return dict(job, seconds=seconds, peak_rss_gb=peak, rss_before_gb=before,
-                layer_f32_gb=layer_gb)
+    dev = jax.devices()[0]
+    device_peak = (getattr(dev, "memory_stats", lambda: None)() or {}).get("peak_bytes_in_use")
+    return dict(job, seconds=seconds, peak_rss_gb=peak, rss_before_gb=before, layer_f32_gb=layer_gb,
+                device=dev.device_kind,
+                peak_device_gb=None if device_peak is None else device_peak / 1e9)
 
 
-def bench(jobs):
-    """Run each job in a fresh process; the rows in order."""
+def bench(jobs, platform="cpu"):
+    """Run each job in a fresh process (on the CPU, or with ``platform="default"`` where JAX
+    puts it); the rows in order."""
     rows = []
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"} if platform == "cpu" else None
     for job in jobs:
-        proc = subprocess.run([sys.executable, "-m", "experiments.bench_quantize", "--child", json.dumps(job)],
-                              capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        cmd = [sys.executable, "-m", "experiments.bench_quantize", "--child", json.dumps(job)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
         if proc.returncode or not lines:
             row = dict(job, note=f"failed (exit {proc.returncode}): {proc.stderr.strip()[-300:]}")
@@ -98,15 +111,16 @@ def bench(jobs):
 
 
 def table(rows) -> str:
-    """Markdown: time and peak RSS per layer count, and the growth of the peak a layer between
-    the two largest layer counts, per spec."""
+    """Markdown: time and peak RSS (and the device's peak, where reported) per layer count,
+    and the growth of the peak RSS a layer between the two largest layer counts, per spec."""
     layers = sorted({r["layers"] for r in rows})
     lines = ["| spec | " + " | ".join(f"{n} layers: s / peak GB" for n in layers) + " | growth a layer (GB) |",
              "|---" * (len(layers) + 2) + "|"]
     for spec in dict.fromkeys(r["spec"] for r in rows):
         got = {r["layers"]: r for r in rows if r["spec"] == spec and "seconds" in r}
-        cells = [f"{got[n]['seconds']:.1f} / {got[n]['peak_rss_gb']:.2f}" if n in got else "failed"
-                 for n in layers]
+        cells = [f"{got[n]['seconds']:.1f} / {got[n]['peak_rss_gb']:.2f}"
+                 + (f" (device {got[n]['peak_device_gb']:.2f})" if got[n].get("peak_device_gb") else "")
+                 if n in got else "failed" for n in layers]
         lo, hi = layers[-2:] if len(layers) > 1 else (None, None)
         growth = (f"{(got[hi]['peak_rss_gb'] - got[lo]['peak_rss_gb']) / (hi - lo):.2f}"
                   if lo in got and hi in got else "")
@@ -124,6 +138,8 @@ def main(argv=None):
     ap.add_argument("--widths", default=None, choices=list(WIDTHS), help="default llama7b (--quick: tiny)")
     ap.add_argument("--calib", type=int, default=16, help="GPTQ calibration sequences")
     ap.add_argument("--calib-len", type=int, default=128, help="tokens per calibration sequence")
+    ap.add_argument("--platform", default="cpu", choices=["cpu", "default"],
+                    help="cpu (JAX_PLATFORMS=cpu in each child) or default (the accelerator if any)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child is not None:
@@ -139,12 +155,14 @@ def main(argv=None):
     widths = args.widths or ("tiny" if args.quick else "llama7b")
     jobs = [dict(spec=s, layers=n, widths=widths, calib=args.calib, calib_len=args.calib_len)
             for s in specs for n in sorted(layers)]
-    rows = bench(jobs)
+    rows = bench(jobs, args.platform)
     md = table(rows)
     print(md)
     write_results(args.out, command="python -m experiments.bench_quantize " + " ".join(
         argv if argv is not None else sys.argv[1:]), rows=rows, table=md,
-        note="peak RSS per process (ru_maxrss); CPU only (the child runs with JAX_PLATFORMS=cpu)")
+        platform=args.platform,
+        note="peak RSS per process (ru_maxrss); --platform cpu: each child runs with JAX_PLATFORMS=cpu; "
+             "peak_device_gb: the device's peak_bytes_in_use where the backend reports it")
     return 0 if all("seconds" in r for r in rows) else 1
 
 

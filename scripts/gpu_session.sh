@@ -43,6 +43,9 @@
 #                weight bytes fp32/bf16/int8/int4), RTN / W8A8 schemes, outliers,
 #                int8-vs-bf16 linear table                                           (issue 17)
 #   quarot-gptq  trains the same llama (same seed), then the GPTQ schemes           (issue 17)
+#   quantize-7b  python -m experiments.bench_quantize --platform default: quantize at LLaMA-2-7B
+#                widths, 1 and 2 layers, rotation / RTN W4 / GPTQ W4 on 128 x 2048 calibration
+#                tokens (GPTQ and the calibration forward on the GPU)             (issue 17)
 #
 # The device has jax/flax/torch/triton but no network and no fla: carry the
 # wheels fetched here with
@@ -119,7 +122,10 @@ for s in "$@"; do
         quarot-gptq) stage quarot-gptq 565 python -m experiments.quarot --preset gpu --out "$WORK/quarot-gptq" \
                          --int-schemes none \
                          --only fp,W4A16_GPTQ,W4A16_GPTQ_rot,W4A4KV4_GPTQ,W4A4KV4_GPTQ_rot,W4A4KV16_GPTQ_rot,W4A8_GPTQ_rot ;;
+        quantize-7b) stage quantize-7b 560 python -m experiments.bench_quantize --platform default \
+                         --specs rotate,rtn4_clip,gptq4 --layers 1,2 --calib 128 --calib-len 2048 \
+                         --out "$WORK/quantize-7b" ;;
         gpu-quick|--gpu-quick) echo "gpu-quick moved: bash scripts/gpu_check.sh --gpu-quick"; exit 2 ;;
-        *) echo "unknown stage $s (kernels|attention|scan|models|denseformer|scfa-speed-hash|scfa-speed-qk|scfa-lm-8k|scfa-lm-16k|landmark-passkey|landmark-lm|doge|distill|layer-parallel|layer-parallel-spans|hadamard|quarot|quarot-gptq)"; exit 2 ;;
+        *) echo "unknown stage $s (kernels|attention|scan|models|denseformer|scfa-speed-hash|scfa-speed-qk|scfa-lm-8k|scfa-lm-16k|landmark-passkey|landmark-lm|doge|distill|layer-parallel|layer-parallel-spans|hadamard|quarot|quarot-gptq|quantize-7b)"; exit 2 ;;
     esac
 done
