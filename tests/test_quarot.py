@@ -404,3 +404,18 @@ def test_int_storage_decoding_sharding_and_errors(tiny):
     deq, q, s, z = gptq_weight(w, x.T @ x, 4, return_int=True)
     np.testing.assert_allclose(deq, (q - z) * s, rtol=1e-6, atol=0)   # float32
     assert q.dtype == np.int32 and q.min() >= -8 and q.max() <= 7 and s.shape == (1, 8)
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_gptq_lowers_for_gpu_and_tpu(platform):
+    """GPTQ's jitted parts (the preconditioner and the column loop, with groups and the
+    clipping search) lower for the accelerators from this CPU (``jax.export``)."""
+    from jax import export
+
+    from jaxformers.quant import quantizers as Q
+    W = jax.ShapeDtypeStruct((64, 256), jnp.float32)
+    u = jax.ShapeDtypeStruct((256, 256), jnp.float32)
+    for fn, args in ((lambda W, u: Q._gptq_columns(W, u, 4, 32, True, True, 64), (W, u)),
+                     (lambda h: Q._gptq_hinv(h, 0.01), (u,))):
+        exp = export.export(jax.jit(fn), platforms=(platform,))(*args)
+        assert exp.platforms == (platform,)
