@@ -64,9 +64,8 @@ LINEARS = {("attn", "q"): "attn_in", ("attn", "k"): "attn_in", ("attn", "v"): "a
            ("attn", "o"): "o_in", ("mlp", "gate"): "mlp_in", ("mlp", "up"): "mlp_in",
            ("mlp", "down"): "down_in"}
 _N_IN = {"o": 2}  # input axes of each kernel (o: [H, Dh, D])
-#: the linears of each calibration statistic (q/k/v and gate/up are quantized together)
-_BY_STAT = {stat: [lin for lin, s in LINEARS.items() if s == stat]
-            for stat in dict.fromkeys(LINEARS.values())}
+#: the linears of each calibration statistic (GPTQ quantizes q/k/v and gate/up together)
+_BY_STAT = [[lin for lin, s in LINEARS.items() if s == stat] for stat in dict.fromkeys(LINEARS.values())]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,13 +293,14 @@ def quantize(config, params, spec: QuantSpec, calibration=None):
         if gptq:  # Hessians of layer i, its inputs coming from the quantized layers < i
             _, stats = _block_stats(block_fn, _cast_like(blk, ref), xs)
         ints = {}
-        for stat, members in _BY_STAT.items():  # linears sharing an input: one matrix
+        # GPTQ: the linears sharing an input (and Hessian) as one matrix; RTN: one at a time
+        for members in _BY_STAT if gptq else [[lin] for lin in LINEARS]:
             ws = [_kernel_2d(blk[sub][name]["kernel"], name) for sub, name in members]
             w2 = np.concatenate([w for w, _ in ws], axis=1) if len(ws) > 1 else ws[0][0]
             kw = dict(groupsize=spec.w_groupsize, sym=spec.w_sym, clip_search=spec.w_clip,
                       return_int=int_storage)
             if gptq:
-                res = gptq_weight(w2, stats[stat]["xtx"], spec.w_bits, percdamp=spec.percdamp,
+                res = gptq_weight(w2, stats[LINEARS[members[0]]]["xtx"], spec.w_bits, percdamp=spec.percdamp,
                                   act_order=spec.w_act_order, **kw)
             else:
                 res = rtn_weight(w2, spec.w_bits, **kw)

@@ -176,11 +176,18 @@ def gptq_weight(w, hessian, bits: int, *, groupsize=None, sym=True, clip_search=
         u = jnp.pad(u, ((0, pad), (0, pad))) + jnp.diag(jnp.arange(n + pad) >= n).astype(u.dtype)
     qi, S, Z = _gptq_columns(W, u, bits, groupsize, sym, clip_search, bs)
     qi, S, Z = np.asarray(qi[:, :n]), np.asarray(S[:, :n // g]), np.asarray(Z[:, :n // g])
-    out = qi.shape[0]
-    deq = ((qi.reshape(out, -1, g) - Z[..., None]) * S[..., None]).astype(S.dtype).reshape(out, n).T
+    deq = _dequantize_groups(qi, S, Z).astype(S.dtype).T
     if return_int:
         return deq, qi.T, S.T, Z.T
     return deq
+
+
+def _dequantize_groups(q, scale, zero):
+    """``(q - zero) * scale`` for ``q [out, n]`` with one ``scale, zero [out, G]`` per group of
+    ``n / G`` consecutive inputs -> ``[out, n]``."""
+    out, n = q.shape
+    g = n // scale.shape[1]
+    return ((q.reshape(out, -1, g) - zero[..., None]) * scale[..., None]).reshape(out, n)
 
 
 def _check_gptq_inputs(w, hessian, groupsize):
@@ -390,7 +397,7 @@ def gptq_weight_reference(w, hessian, bits: int, *, groupsize=None, sym=True, cl
         W[:, j:] -= np.outer(err, U[j, j:])
         Q[:, j] = qi[:, 0]
     S, Z = np.stack(S, 1), np.stack(Z, 1)                         # [out, G]
-    deq = ((Q.reshape(Q.shape[0], -1, g) - Z[..., None]) * S[..., None]).reshape(Q.shape).T
+    deq = _dequantize_groups(Q, S, Z).T
     return deq, Q.T, S.T, Z.T
 
 
