@@ -57,6 +57,49 @@ def test_rotation_is_invariant(over):
                            params["blocks_0"]["attn"]["q"]["kernel"])
 
 
+@pytest.mark.parametrize("over", [dict(tie_embeddings=True),
+                                  dict(d_model=208, n_head=4, n_kv_head=2, head_dim=52, d_ff=688),
+                                  dict(d_model=90, n_head=4, n_kv_head=2, head_dim=16)])
+def test_rotation_equals_the_dense_formulas(over):
+    """The jitted, Kronecker-factored float64 rotation == the module doc's formulas written with
+    dense numpy float64 matrices: ``Q`` (``q_matrix``), ``H_dh``, ``H_heads (x) H_dh``,
+    ``H_ff``; checks where each rotation goes and the factor order.  Cases: a tied embedding
+    (untied into the head), Goethals-Seidel factors (52, 172), and d = 90, which has no
+    Hadamard matrix (``Q`` is then a dense random orthogonal matrix)."""
+    from jaxformers.quant.rotation import Rotation, normalized_hadamard, rotate_params
+    cfg, params = _model(**over)
+    d, h, dh = cfg.d_model, cfg.n_head, cfg.dim_head
+    got, q = rotate_params(cfg, params, seed=3)
+    np.testing.assert_allclose(q @ q.T, np.eye(d), atol=1e-12)
+    p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
+    h_dh, h_ff = normalized_hadamard(dh), normalized_hadamard(cfg.ff_dim)
+    h_o = np.kron(normalized_hadamard(h), h_dh)
+    e = p["embed"]["embedding"]
+    want = {"embed": {"embedding": e @ q},
+            "lm_head": {"kernel": q.T @ (p["final_norm"]["scale"][:, None]
+                                         * (e.T if cfg.tie_embeddings else p["lm_head"]["kernel"]))},
+            "final_norm": {"scale": np.ones(d)}}
+    for i in range(cfg.n_layer):
+        b = p[f"blocks_{i}"]
+        sa, sm = b["attn_norm"]["scale"][:, None], b["mlp_norm"]["scale"][:, None]
+        att = {n: {"kernel": (q.T @ (sa * b["attn"][n]["kernel"].reshape(d, -1))).reshape(
+            b["attn"][n]["kernel"].shape)} for n in "qkv"}
+        att["v"]["kernel"] = att["v"]["kernel"] @ h_dh
+        att["o"] = {"kernel": (h_o.T @ b["attn"]["o"]["kernel"].reshape(h * dh, d) @ q).reshape(h, dh, d)}
+        mlp = {n: {"kernel": q.T @ (sm * b["mlp"][n]["kernel"])} for n in ("gate", "up")}
+        mlp["down"] = {"kernel": h_ff.T @ b["mlp"]["down"]["kernel"] @ q}
+        want[f"blocks_{i}"] = {"attn_norm": {"scale": np.ones(d)}, "mlp_norm": {"scale": np.ones(d)},
+                               "attn": att, "mlp": mlp}
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+    for path, a in jax.tree_util.tree_leaves_with_path(got):
+        b = functools.reduce(lambda t, k: t[k.key], path, want)
+        assert a.dtype == np.float64 and a.shape == b.shape, path
+        np.testing.assert_allclose(a, b, atol=1e-12 * np.abs(b).max(), err_msg=str(path))
+    # the user's x64 setting is left as it was
+    assert jnp.asarray(1.0).dtype == (jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
+    assert Rotation(cfg).device.platform == jax.devices()[0].platform
+
+
 def test_rotated_model_with_kernel_and_decoding(tiny):
     """The online Hadamards through the Pallas kernel (interpret mode) and KV-cache decoding
     match the dense path."""
@@ -419,3 +462,17 @@ def test_gptq_lowers_for_gpu_and_tpu(platform):
                      (lambda h: Q._gptq_hinv(h, 0.01), (u,))):
         exp = export.export(jax.jit(fn), platforms=(platform,))(*args)
         assert exp.platforms == (platform,)
+
+
+def test_rotation_lowers_in_float64_for_gpu():
+    """The rotation's jitted float64 products lower for CUDA from this CPU (on a TPU they run
+    on the host CPU: :func:`jaxformers.quant.rotation.rotation_device`)."""
+    from jax import export
+
+    from jaxformers.quant.rotation import Rotation, _rotate_block
+    cfg, params = _model(d_model=208, n_head=4, n_kv_head=2, head_dim=52, d_ff=688)
+    rot = Rotation(cfg)
+    with jax.enable_x64(True):
+        exp = export.export(_rotate_block, platforms=("cuda",))(rot._q, rot._mats, params["blocks_0"])
+    assert exp.platforms == ("cuda",)
+    assert "f64" in exp.mlir_module()

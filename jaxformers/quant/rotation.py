@@ -17,19 +17,26 @@ random orthogonal matrix (their ``rotate_mode="random"``).  ``H_n`` are the norm
 matrices of :func:`pallas_kernels.hadamard.hadamard_matrix` (``x -> x H_n`` is what the
 online :func:`hadamard_transform` computes).  q/k get an online ``H_dh`` after RoPE and need
 no weight change (``q H (k H)^T = q k^T``).  A tied embedding is untied first (the head
-gets its own rotated copy).  All in float64 numpy, one block at a time (:class:`Rotation`);
-the result is cast back to each parameter's dtype.
+gets its own rotated copy).  All in float64 (the authors' precision), one block at a time
+(:class:`Rotation`), as jitted XLA computations on the default device (the accelerator when
+there is one; the host CPU where the default backend has no float64, i.e. TPU), under a
+scoped ``jax.enable_x64``: the user's x64 setting is left alone.  The caller casts the
+result back to each parameter's dtype.
 
 Every Hadamard product is applied through the Kronecker factors of the matrix
 (``H_n = H_m (x) H_64 (x) ... (x) H_{2^r}``), ``O(n (m + 64 log n) d)`` instead of the dense
 ``O(n^2 d)``: LLaMA-2-7B's ``H_11008`` (= ``H_172 (x) H_64``) takes ~47x fewer flops than the
 dense product (7x less time measured, BENCHMARKS.md), and no dense ``[11008, 11008]`` float64
-matrix (0.97 GB) is formed.
+matrix (0.97 GB) is formed.  Jitted, a LLaMA-2-7B block takes half the time the same
+products took in numpy float64 on 2 CPU cores (a third without the copies in and out;
+BENCHMARKS.md).
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.hadamard import hadamard_matrix, split_size
@@ -53,17 +60,17 @@ def hadamard_factors(n: int) -> list:
     return [a.astype(np.float64) / np.sqrt(a.shape[0]) for a in mats] or [np.ones((1, 1))]
 
 
-def kron_left(mats, w: np.ndarray) -> np.ndarray:
+def kron_left(mats, w):
     """``(M_1 (x) M_2 (x) ...)^T @ w`` for ``w [n, ...]`` (n = the product of the sizes)
-    without forming the Kronecker product."""
+    without forming the Kronecker product (jax.numpy: traceable)."""
     sizes = [a.shape[0] for a in mats]
     x = w.reshape(*sizes, -1)
     for axis, a in enumerate(mats):  # contract axis i with M_i[i, a] -> output index a
-        x = np.moveaxis(np.tensordot(a, x, axes=([0], [axis])), 0, axis)
+        x = jnp.moveaxis(jnp.tensordot(a, x, axes=([0], [axis])), 0, axis)
     return x.reshape(w.shape)
 
 
-def kron_right(w: np.ndarray, mats) -> np.ndarray:
+def kron_right(w, mats):
     """``w @ (M_1 (x) M_2 (x) ...)`` for ``w [..., n]``."""
     lead = w.shape[:-1]
     flat = w.reshape(-1, w.shape[-1])
@@ -92,12 +99,75 @@ def float64_tree(tree):
     return np.asarray(tree, np.float64)
 
 
+def _dicts(tree):
+    """A (nested mapping) params tree as plain dicts (FrozenDict in, dict out; leaves kept)."""
+    return {k: _dicts(v) for k, v in tree.items()} if isinstance(tree, Mapping) else tree
+
+
+# ----------------------------------------------------------------------------- jitted parts
+# ``q``: the residual rotation, {"mats": Kronecker factors of H_d / sqrt(d), "signs": [d]}
+# or {"dense": Q [d, d]} (no Hadamard of size d).  Everything float64 (called under x64).
+def _q_left(q, w):    # Q^T w,  w [d, ...]
+    if "dense" in q:
+        return jnp.tensordot(q["dense"], w, axes=([0], [0]))
+    return kron_left(q["mats"], q["signs"].reshape(-1, *([1] * (w.ndim - 1))) * w)
+
+
+def _q_right(q, w):   # w Q,  w [..., d]
+    return w @ q["dense"] if "dense" in q else kron_right(w * q["signs"], q["mats"])
+
+
+def _f64(tree):
+    return jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), tree)
+
+
+@jax.jit
+def _rotate_embed(q, e):
+    return _q_right(q, _f64(e))
+
+
+@jax.jit
+def _rotate_head(q, w, s):
+    w, s = _f64(w), _f64(s)
+    return _q_left(q, s[:, None] * w), jnp.ones_like(s)
+
+
+@jax.jit
+def _rotate_block(q, mats, blk):
+    """One block's params rotated and norm-folded (float64; see the module doc)."""
+    blk = _f64(blk)
+    att, mlp = blk["attn"], blk["mlp"]
+    d = blk["attn_norm"]["scale"].shape[0]
+    s = blk["attn_norm"]["scale"]
+    for name in ("q", "k", "v"):
+        w = att[name]["kernel"]
+        att[name]["kernel"] = _q_left(q, s[:, None] * w.reshape(d, -1)).reshape(w.shape)
+    att["v"]["kernel"] = kron_right(att["v"]["kernel"], mats["dh"])
+    wo = att["o"]["kernel"]
+    att["o"]["kernel"] = _q_right(q, kron_left(mats["o"], wo.reshape(-1, d))).reshape(wo.shape)
+    blk["attn_norm"]["scale"] = jnp.ones_like(s)
+    s = blk["mlp_norm"]["scale"]
+    for name in ("gate", "up"):
+        mlp[name]["kernel"] = _q_left(q, s[:, None] * mlp[name]["kernel"])
+    mlp["down"]["kernel"] = _q_right(q, kron_left(mats["ff"], mlp["down"]["kernel"]))
+    blk["mlp_norm"]["scale"] = jnp.ones_like(s)
+    return blk
+
+
+def rotation_device():
+    """Where :class:`Rotation` computes: the default device, or the host CPU where the default
+    backend has no float64 (TPU)."""
+    dev = jax.devices()[0]
+    return jax.devices("cpu")[0] if dev.platform == "tpu" else dev
+
+
 class Rotation:
     """QuaRot's offline rotation of a ``llama`` params tree, one part at a time: each method
-    takes the original (any dtype) part and returns the rotated, norm-folded part in float64
-    numpy, so that no more than one block is ever held in float64 (a LLaMA-2-7B block is
-    1.6 GB in float64, the whole model 54 GB).  ``config``: the llama ``TransformerConfig``
-    the params belong to; ``seed``: the random signs of ``Q``."""
+    takes the original (any dtype) part and returns the rotated, norm-folded part as float64
+    numpy arrays, so that no more than one block is ever held in float64 (a LLaMA-2-7B block
+    is 1.6 GB in float64, the whole model 54 GB).  ``config``: the llama ``TransformerConfig``
+    the params belong to; ``seed``: the random signs of ``Q``.  The products run jitted in
+    float64 on :func:`rotation_device` (the parts are copied there and the results back)."""
 
     def __init__(self, config, seed: int = 0):
         if config.norm != "rmsnorm" or config.mlp != "swiglu":
@@ -111,62 +181,44 @@ class Rotation:
         self.config, self.seed = config, seed
         d, h, dh, f = config.d_model, config.n_head, config.dim_head, config.ff_dim
         try:        # Q = diag(signs) H_d / sqrt(d): applied through the factors of H_d
-            self._q_mats, self._signs, self._dense = hadamard_factors(d), _signs(d, seed), None
+            self._q = {"mats": hadamard_factors(d), "signs": _signs(d, seed)}
         except ValueError:  # no Hadamard of size d: Q is a dense random orthogonal matrix
-            self._q_mats = self._signs = None
-            self._dense = random_hadamard(d, seed)
-        self._dh_mats, self._ff_mats = hadamard_factors(dh), hadamard_factors(f)
-        self._o_mats = hadamard_factors(h) + self._dh_mats          # H_heads (x) H_dh
+            self._q = {"dense": random_hadamard(d, seed)}
+        dh_mats = hadamard_factors(dh)
+        self._mats = {"dh": dh_mats, "o": hadamard_factors(h) + dh_mats,   # H_heads (x) H_dh
+                      "ff": hadamard_factors(f)}
+        self.device = rotation_device()
 
     def q_matrix(self) -> np.ndarray:
         """``Q [D, D]`` (dense float64, for inspection; the methods never form it)."""
         return random_hadamard(self.config.d_model, self.seed)
 
-    def _q_left(self, w):   # Q^T w,  w [d, ...]
-        if self._q_mats is None:
-            return np.tensordot(self._dense, w, axes=([0], [0]))
-        return kron_left(self._q_mats, self._signs.reshape(-1, *([1] * (w.ndim - 1))) * w)
-
-    def _q_right(self, w):  # w Q,  w [..., d]
-        return w @ self._dense if self._q_mats is None else kron_right(w * self._signs, self._q_mats)
+    def _run(self, fn, *args):
+        """``fn(q, *args)`` jitted in float64 on ``self.device``, as numpy (scoped x64)."""
+        with jax.enable_x64(True):
+            q, args = jax.device_put((self._q, args), self.device)
+            return jax.tree_util.tree_map(np.asarray, fn(q, *args))
 
     def embed(self, params) -> dict:
-        """``{"embedding": E Q}`` from the whole tree's ``embed``."""
-        e = float64_tree(params["embed"])
-        e["embedding"] = self._q_right(e["embedding"])
+        """``{"embedding": E Q}`` and the other entries of the whole tree's ``embed``
+        (float64)."""
+        e = float64_tree({k: v for k, v in params["embed"].items() if k != "embedding"})
+        e["embedding"] = self._run(_rotate_embed, params["embed"]["embedding"])
         return e
 
     def head(self, params) -> dict:
         """``{"lm_head": {"kernel": Q^T diag(s) W_head}, "final_norm": {"scale": 1}}``; a tied
         embedding is untied (the head gets its own rotated copy of ``E^T``)."""
         if self.config.tie_embeddings:
-            w = np.asarray(params["embed"]["embedding"], np.float64).T
+            w = jnp.asarray(params["embed"]["embedding"]).T
         else:
-            w = np.asarray(params["lm_head"]["kernel"], np.float64)
-        s = np.asarray(params["final_norm"]["scale"], np.float64)
-        return {"lm_head": {"kernel": self._q_left(s[:, None] * w)},
-                "final_norm": {"scale": np.ones_like(s)}}
+            w = params["lm_head"]["kernel"]
+        kernel, ones = self._run(_rotate_head, w, params["final_norm"]["scale"])
+        return {"lm_head": {"kernel": kernel}, "final_norm": {"scale": ones}}
 
     def block(self, blk) -> dict:
-        """One block's params (``params["blocks_i"]``), rotated and norm-folded."""
-        c = self.config
-        d, h, dh = c.d_model, c.n_head, c.dim_head
-        blk = float64_tree(blk)
-        att, mlp = blk["attn"], blk["mlp"]
-        s = blk["attn_norm"]["scale"]
-        for name in ("q", "k", "v"):
-            w = att[name]["kernel"]
-            att[name]["kernel"] = self._q_left(s[:, None] * w.reshape(d, -1)).reshape(w.shape)
-        att["v"]["kernel"] = kron_right(att["v"]["kernel"], self._dh_mats)
-        wo = att["o"]["kernel"]
-        att["o"]["kernel"] = self._q_right(kron_left(self._o_mats, wo.reshape(h * dh, d))).reshape(wo.shape)
-        blk["attn_norm"]["scale"] = np.ones_like(s)
-        s = blk["mlp_norm"]["scale"]
-        for name in ("gate", "up"):
-            mlp[name]["kernel"] = self._q_left(s[:, None] * mlp[name]["kernel"])
-        mlp["down"]["kernel"] = self._q_right(kron_left(self._ff_mats, mlp["down"]["kernel"]))
-        blk["mlp_norm"]["scale"] = np.ones_like(s)
-        return blk
+        """One block's params (``params["blocks_i"]``), rotated and norm-folded (float64)."""
+        return self._run(_rotate_block, self._mats, _dicts(blk))
 
 
 def rotate_params(config, params, seed: int = 0):
