@@ -170,6 +170,7 @@ HADAMARD_CASES = {  # (leading shape, n, dtype): butterflies only, one dot, dots
     "n8_fp32": ((5, 3), 8, f32),
     "n128_bf16": ((2, 100), 128, bf16),
     "n4096_bf16": ((33,), 4096, bf16),
+    "n8192_bf16": ((3,), 8192, bf16),  # split: H_4 (x) H_2048
     "n352_fp32": ((2, 7), 352, f32),
 }
 
@@ -245,6 +246,8 @@ BENCH_CASES = {
     "selective_scan": lambda: _scan_case(4, 4096, 2048, 16, z=False),
     "ssd": lambda: _ssd_case(4, 4096, 16, 128, 1, 128),
     "hadamard": lambda: (lambda x: hadamard_transform(x, interpret=False), [S((4096, 128), bf16)]),
+    # wider than the kernel's 2048 columns: split, so no spills (8192 in one pass spilled 22 KB)
+    "hadamard_n8192": lambda: (lambda x: hadamard_transform(x, interpret=False), [S((64, 8192), bf16)]),
 }
 
 

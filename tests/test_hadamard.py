@@ -55,6 +55,8 @@ CASES = [
     ((2, 1, 3), 12, jnp.float32, None),
     ((19,), 256, jnp.bfloat16, None),
     ((3,), 688, jnp.float32, None),        # 172 * 4: a Goethals-Seidel factor
+    ((5,), 4096, jnp.float32, None),       # GPU-shaped plan: H_2 (x) H_2048 (kernel + XLA matmul)
+    ((2, 3), 8192, jnp.bfloat16, 2.0),     # H_4 (x) H_2048, bf16
 ]
 
 
@@ -72,6 +74,28 @@ def test_matches_reference_fwd_grad(lead, n, dtype, scale):
     s = 1.0 if scale is None else scale * n ** 0.5  # outputs are O(s)
     np.testing.assert_allclose(np.asarray(y, np.float32), want, atol=tol * s, rtol=tol)
     np.testing.assert_allclose(np.asarray(dx, np.float32), dx_ref, atol=tol * s, rtol=tol)
+
+
+def test_factor_and_split_together():
+    """n = 12 * 4096: the Paley factor ``H_12`` and the GPU split ``H_2 (x) H_2048`` in one call,
+    against ``H_12^T X H_4096`` in float64 (the dense ``[n, n]`` reference would be 9.7 GB)."""
+    from pallas_kernels.hadamard.reference import factor_matrix, hadamard_matrix
+    x = jax.random.normal(jax.random.PRNGKey(2), (3, 12 * 4096), jnp.float32)
+    y = hadamard_transform(x)
+    xs = np.asarray(x, np.float64).reshape(3, 12, 4096)
+    want = np.einsum("rij,ia,jb->rab", xs, factor_matrix(12).astype(np.float64),
+                     hadamard_matrix(4096).astype(np.float64)).reshape(3, -1) / np.sqrt(x.shape[-1])
+    np.testing.assert_allclose(np.asarray(y), want, atol=2e-5, rtol=2e-5)
+
+
+def test_gpu_plan_splits_wide_transforms():
+    """On GPU the kernel transforms at most 2048 columns (wider ones spill registers on sm_90):
+    the plan splits ``2^k`` into ``H_s (x) H_2048``; the TPU plan does not split."""
+    from pallas_kernels.hadamard.kernel import _make_plan
+    for n, split in ((128, 1), (2048, 1), (4096, 2), (16384, 8)):
+        gpu = _make_plan(n, 64, jnp.bfloat16, 1.0, False)
+        assert (gpu.split, gpu.width) == (split, n // split)
+        assert _make_plan(n, 64, jnp.bfloat16, 1.0, False, platform="tpu").split == 1
 
 
 def test_orthonormal_round_trip_and_jit():
