@@ -13,7 +13,9 @@ block); the ``growth a layer`` column is the slope between the two largest layer
 
 Specs (:data:`SPECS`): ``rotate`` (QuaRot's rotations only), ``rtn4`` (rotated, RTN W4
 without the clipping search), ``rtn4_clip`` (with it), ``gptq4`` (rotated GPTQ W4 on
-``--calib`` random sequences of ``--calib-len`` tokens; slow at llama7b widths on a CPU).
+``--calib`` random sequences of ``--calib-len`` tokens; slow at llama7b widths on a CPU;
+the authors' sequential groups: 5 block passes over the calibration tokens a layer),
+``gptq4_onepass`` (``gptq_sequential=False``: all Hessians from one pass, 2 passes a layer).
 
 Prints a Markdown table and writes ``DIR/results.json``.  ``--quick``: tiny widths, layers
 1,2, specs rotate,gptq4 (seconds; the CI smoke test).
@@ -40,7 +42,8 @@ from experiments.common import parse_list, write_results
 SPECS = {"rotate": dict(rotate=True),
          "rtn4": dict(rotate=True, w_bits=4, w_clip=False),
          "rtn4_clip": dict(rotate=True, w_bits=4),
-         "gptq4": dict(rotate=True, w_bits=4, w_method="gptq")}
+         "gptq4": dict(rotate=True, w_bits=4, w_method="gptq"),
+         "gptq4_onepass": dict(rotate=True, w_bits=4, w_method="gptq", gptq_sequential=False)}
 WIDTHS = {"llama7b": dict(d_model=4096, n_head=32, n_kv_head=32, head_dim=128, d_ff=11008,
                           vocab_size=512),
           "tiny": {}}

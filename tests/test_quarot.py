@@ -286,7 +286,9 @@ def test_quantize_end_to_end(tiny):
 def _quantize_whole_model(cfg, params, spec, calibration):
     """The oracle of ``quantize``'s block-by-block pass: the whole tree rotated in float64 at
     once, and GPTQ's Hessians of layer ``i`` from a forward pass of the whole model whose
-    layers ``< i`` are already quantized (what ``quantize`` did before it streamed)."""
+    layers ``< i`` are already quantized (what ``quantize`` did before it streamed), with
+    ``gptq_sequential`` a new pass for each group of linears (q/k/v, o, gate/up, down) whose
+    earlier groups of layer ``i`` are quantized too."""
     from jaxformers.quant import LINEARS, collect_stats, quant_config, rotate_params
     qcfg = quant_config(cfg, spec)
     fp_cfg = qcfg.replace(a_bits=16, kv_bits=16)
@@ -298,8 +300,11 @@ def _quantize_whole_model(cfg, params, spec, calibration):
     def cast(tree):
         return jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), tree)
     for i in range(cfg.n_layer):
-        stats = collect_stats(fp_cfg, cast(p), calibration, spec.calib_batch)[f"blocks_{i}"]
+        stats, last = None, None
         for (sub, name), stat in LINEARS.items():
+            if stats is None or (spec.gptq_sequential and stat != last):
+                stats = collect_stats(fp_cfg, cast(p), calibration, spec.calib_batch)[f"blocks_{i}"]
+            last = stat
             w = p[f"blocks_{i}"][sub][name]["kernel"]
             w2 = w.reshape(int(np.prod(w.shape[:2 if name == "o" else 1])), -1)  # [in, out]
             q = gptq_weight(w2, stats[stat]["xtx"], spec.w_bits, groupsize=spec.w_groupsize,
@@ -311,7 +316,8 @@ def _quantize_whole_model(cfg, params, spec, calibration):
 @pytest.mark.parametrize("spec", [QuantSpec(rotate=True, w_bits=4, w_method="gptq", calib_batch=4),
                                   QuantSpec(rotate=False, w_bits=3, w_method="gptq", w_groupsize=32),
                                   QuantSpec(rotate=True, w_bits=4, w_method="gptq", w_groupsize=32,
-                                            w_act_order=True)])
+                                            w_act_order=True),
+                                  QuantSpec(rotate=True, w_bits=4, w_method="gptq", gptq_sequential=False)])
 def test_quantize_block_by_block_equals_the_whole_model_algorithm(spec):
     """``quantize`` rotates, quantizes and casts one block at a time and pushes GPTQ's
     calibration hidden states through each quantized block; in float32 that gives the same
@@ -326,6 +332,21 @@ def test_quantize_block_by_block_equals_the_whole_model_algorithm(spec):
     for path, x in jax.tree_util.tree_leaves_with_path(got):
         np.testing.assert_allclose(x, flat[path], rtol=0, atol=1e-6 * float(np.abs(flat[path]).max()),
                                    err_msg=jax.tree_util.keystr(path))
+
+
+def test_gptq_sequential_groups():
+    """``gptq_sequential`` (the authors' order): q/k/v come first, so they are the same either
+    way; o, gate/up and down see the layer's earlier groups quantized, so they change."""
+    cfg, params = _model(n_layer=1)
+    cal = np.random.default_rng(4).integers(0, cfg.vocab_size, (4, 32))
+    got = {seq: quantize(cfg, params, QuantSpec(w_bits=3, w_method="gptq", gptq_sequential=seq),
+                         calibration=cal)[1]["blocks_0"] for seq in (True, False)}
+    for sub, name in (("attn", "q"), ("attn", "k"), ("attn", "v"), ("attn", "o"), ("mlp", "gate"),
+                      ("mlp", "up"), ("mlp", "down")):
+        same = np.array_equal(got[True][sub][name]["kernel"], got[False][sub][name]["kernel"])
+        assert same == (name in "qkv"), (sub, name)
+    with pytest.raises(ValueError, match="gptq_sequential"):
+        QuantSpec(gptq_sequential="no")
 
 
 def test_quantize_memory_does_not_grow_with_depth():

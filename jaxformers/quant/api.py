@@ -10,8 +10,11 @@
    ``X^T X`` come from the calibration hidden states after the already quantized layers
    ``< i`` (kept between blocks in the compute dtype and pushed through each block once it is
    quantized, as the authors' code; in float32 this equals a whole-model forward pass per
-   layer, in bf16 it differs at rounding level).  The authors also re-run within a layer
-   after each group of linears; we do not.  The
+   layer, in bf16 it differs at rounding level).  Within a layer the linears go in the
+   authors' groups, q/k/v, o, gate/up, down, and each group's Hessian comes from a forward
+   pass of the block whose earlier groups are already quantized (``gptq_sequential``,
+   default; ``False``: every Hessian from one pass of the unquantized block, 2 block
+   passes a layer instead of 5).  The
    calibration activations are not activation-quantized (as in the authors' GPTQ pass).
    GPTQ runs as one jitted float32 XLA computation (:func:`.quantizers.gptq_weight`, on the
    accelerator when there is one) per calibration statistic: q/k/v and gate/up, which share
@@ -21,8 +24,7 @@
    quantized on the fly by the ``quarot`` model the returned config builds.
 
 Deviations from the authors' code (spcl/QuaRot, ``fake_quant/``), beyond those noted in
-:mod:`.rotation` and :mod:`pallas_kernels.hadamard.reference`: GPTQ's Hessians are
-recomputed once per layer, not after each group of linears in a layer; the real low-bit
+:mod:`.rotation` and :mod:`pallas_kernels.hadamard.reference`: the real low-bit
 path (``storage="int"``) is XLA's int8 matmul with int4 weights unpacked to int8 (their
 CUTLASS int4 x int4 kernels are not reproduced: Hopper has no int4 MMA); the clipping search uses a 20-point grid down to 0.2 (theirs:
 100 points).  As in their code: the LM head and embeddings stay in high precision, q/k/v
@@ -79,6 +81,9 @@ class QuantSpec(OnlineQuant):
     ``w_bits <= 8`` symmetric per channel and symmetric per-token ``a_bits <= 8`` or 16).
     ``w_act_order``: GPTQ quantizes each linear's inputs in order of decreasing Hessian
     diagonal (``act_order`` in the authors' scripts; default off, as theirs).
+    ``gptq_sequential``: GPTQ's groups of linears in a layer (q/k/v, o, gate/up, down) each
+    get their Hessian from a block forward with the earlier groups quantized (the authors'
+    ``sequential`` lists; default); ``False``: all from one forward of the unquantized block.
     """
     rotate: bool = True
     seed: int = 0
@@ -88,6 +93,7 @@ class QuantSpec(OnlineQuant):
     w_sym: bool = True
     w_clip: bool = True
     w_act_order: bool = False
+    gptq_sequential: bool = True
     percdamp: float = 0.01
     calib_batch: int = 16
     storage: str = "float"
@@ -100,7 +106,7 @@ class QuantSpec(OnlineQuant):
         if not isinstance(self.w_bits, int) or isinstance(self.w_bits, bool) or not 2 <= self.w_bits <= 16:
             raise ValueError(f"w_bits must be an int in [2, 16] (16 = no quantization), got {self.w_bits!r}")
         self.check_online_quant()
-        for name in ("rotate", "w_sym", "w_clip", "w_act_order"):
+        for name in ("rotate", "w_sym", "w_clip", "w_act_order", "gptq_sequential"):
             _boolean(self, name)
         if self.w_act_order and self.w_method != "gptq":
             raise ValueError(f"w_act_order=True is GPTQ's column order; it needs w_method='gptq', "
@@ -250,7 +256,9 @@ def quantize(config, params, spec: QuantSpec, calibration=None):
     cast back to its dtypes before the next one, so the peak memory is the input and output
     trees plus one block in float64.  GPTQ keeps the calibration hidden states ``[N, T, D]``
     (in the model's compute dtype) and pushes them through each block once quantized, so
-    layer ``i``'s Hessians see layers ``< i`` quantized at the cost of one forward pass."""
+    layer ``i``'s Hessians see layers ``< i`` quantized at the cost of one forward pass (and,
+    with ``spec.gptq_sequential``, layer ``i``'s earlier groups of linears: one block pass per
+    group)."""
     qcfg = quant_config(config, spec)
     params = nn.unbox(params)
     if isinstance(params, Mapping) and set(params) == {"params"}:  # module.init's variables
@@ -290,11 +298,13 @@ def quantize(config, params, spec: QuantSpec, calibration=None):
             continue
         blk = rot.block(ref) if rot is not None else float64_tree(ref)
         stats = None
-        if gptq:  # Hessians of layer i, its inputs coming from the quantized layers < i
-            _, stats = _block_stats(block_fn, _cast_like(blk, ref), xs)
         ints = {}
         # GPTQ: the linears sharing an input (and Hessian) as one matrix; RTN: one at a time
         for members in _BY_STAT if gptq else [[lin] for lin in LINEARS]:
+            if gptq and (stats is None or spec.gptq_sequential):
+                # Hessians of layer i: inputs from the quantized layers < i (and, sequential,
+                # from this layer's groups quantized so far)
+                _, stats = _block_stats(block_fn, _cast_like(blk, ref), xs)
             ws = [_kernel_2d(blk[sub][name]["kernel"], name) for sub, name in members]
             w2 = np.concatenate([w for w, _ in ws], axis=1) if len(ws) > 1 else ws[0][0]
             kw = dict(groupsize=spec.w_groupsize, sym=spec.w_sym, clip_search=spec.w_clip,
