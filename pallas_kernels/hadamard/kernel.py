@@ -20,8 +20,8 @@ All chunks of a row block stay live in registers, so on GPU the kernel transform
 ``2^11`` columns: compiled for sm_90, ``N = 2048`` takes 252 registers a thread without
 spilling, ``4096`` spills 504 bytes and ``8192`` 22 KB (``experiments.kernel_report``).  A
 larger ``N = s * 2048`` is split as ``H_N = H_s (x) H_2048``: the kernel transforms the
-2048-column blocks (float32 out), and ``H_s`` (dense Sylvester, ``s <= 2^k / 2048``) is one
-XLA matmul over the block axis, like ``H_m`` below.  The TPU variant (VMEM, not registers)
+2048-column blocks (float32 out), and ``H_s`` (dense Sylvester, ``s = N / 2048``) is one
+XLA matmul over the block axis, as ``H_m`` below is.  The TPU variant (VMEM, not registers)
 transforms any ``N`` in one pass.  QuaRot's online transforms are small (head dim, number of
 heads, the ``2^k`` of the MLP width: 64 for LLaMA-2-7B, 512-1024 for LLaMA-3).
 
