@@ -21,8 +21,8 @@ Prints a Markdown table and writes ``DIR/results.json``.  ``--quick``: tiny widt
 1,2, specs rotate,gptq4 (seconds; the CI smoke test).
 
 ``--platform cpu`` (default) runs each child with ``JAX_PLATFORMS=cpu``; ``--platform
-default`` lets JAX pick the accelerator, where the rotation (float64), GPTQ, the clipping
-search and the calibration forward run (RTN's rounding stays numpy on the host); the rows then also give
+default`` lets JAX pick the accelerator, where the rotation (float64), RTN, GPTQ, the
+clipping search and the calibration forward run; the rows then also give
 the device's peak memory (``peak_device_gb``, from ``memory_stats()`` where the backend has
 it).  The stage ``quantize-7b`` of ``scripts/gpu_session.sh`` runs it on the GPU with
 QuaRot's calibration size (128 x 2048 tokens).

@@ -168,6 +168,38 @@ def test_clip_search_and_gptq_reduce_error():
     assert np.linalg.norm(x @ (g - w)) < 0.7 * np.linalg.norm(x @ (r - w))
 
 
+@pytest.mark.parametrize("shape, groupsize, sym, clip", [((64, 32), None, True, True),
+                                                          ((96, 5), 32, False, True),
+                                                          ((48, 7), 16, True, False),
+                                                          ((200, 3), None, False, False)])
+def test_rtn_equals_the_numpy_reference(shape, groupsize, sym, clip):
+    """The jitted RTN == the numpy float64 version: in float64 the same integers, scales and
+    zeros; in float32 (default) the same up to near-ties."""
+    from jaxformers.quant import rtn_weight_reference
+    w = np.random.default_rng(shape[0]).standard_normal(shape)
+    w[3] *= 8                                                          # an outlier input
+    kw = dict(groupsize=groupsize, sym=sym, clip_search=clip, return_int=True)
+    ref = rtn_weight_reference(w, 4, **kw)
+    with jax.enable_x64(True):
+        got = rtn_weight(w, 4, dtype=jnp.float64, **kw)
+    np.testing.assert_array_equal(got[1], ref[1])
+    for a, b in zip(got[::2] + got[3:], ref[::2] + ref[3:]):           # deq, scale, zero
+        assert a.shape == b.shape and a.dtype == np.float64
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-12 * np.abs(b).max())
+    g32 = rtn_weight(w, 4, **kw)
+    assert g32[0].dtype == np.float32 and g32[1].dtype == np.int32
+    assert (g32[1] != ref[1]).mean() < 0.01
+    same = g32[1] == ref[1]
+    np.testing.assert_allclose(g32[0][same], ref[0][same], rtol=1e-5, atol=1e-6 * np.abs(ref[0]).max())
+    assert np.all(np.abs(g32[0] - ref[0]) <= 1.01 * np.abs(ref[2]).max())  # a flip: one step
+    with pytest.raises(ValueError, match="groupsize"):
+        rtn_weight(w, 4, groupsize=7)
+    with pytest.raises(ValueError, match="dtype"):
+        rtn_weight(w, 4, dtype=jnp.int8)
+    with pytest.raises(ValueError, match="2-D"):
+        rtn_weight(w[0], 4)
+
+
 def _gptq_problem(n, out, seed=0):
     """A weight ``[n, out]`` with an outlier input, correlated calibration inputs ``x`` and
     their Hessian ``x^T x``, input 3 never active (dead)."""

@@ -108,10 +108,46 @@ def _params_rows(w, bits, sym, clip_search):
     return quant_params(w, bits, sym=sym, clip=clip, xp=np)
 
 
-def rtn_weight(w, bits: int, *, groupsize=None, sym=True, clip_search=True, return_int=False):
-    """Round-to-nearest weight quantization of ``w [in, out]`` (numpy), per output channel
-    (or per group of ``groupsize`` inputs).  Returns the dequantized ``[in, out]`` float64, or
-    with ``return_int`` also ``(q [in, out] int, scale [in / g, out], zero [in / g, out])``."""
+def rtn_weight(w, bits: int, *, groupsize=None, sym=True, clip_search=True, return_int=False,
+               dtype=jnp.float32):
+    """Round-to-nearest weight quantization of ``w [in, out]`` per output channel (or per group
+    of ``groupsize`` inputs), as one jitted XLA computation in ``dtype`` (float32, as the
+    authors' code; float64 needs ``jax_enable_x64``), on the accelerator when there is one.
+    Returns the dequantized ``[in, out]`` (numpy, ``dtype``), or with ``return_int`` also
+    ``(q [in, out] int32, scale [in / g, out], zero [in / g, out])``.
+    :func:`rtn_weight_reference` is the numpy float64 version it is tested against."""
+    _check_bits(bits)
+    if bits >= 16:
+        w = np.asarray(w, np.float64)
+        return (w, None, None, None) if return_int else w
+    w = np.asarray(w)
+    if w.ndim != 2:
+        raise ValueError(f"w must be a 2-D weight [in, out], got shape {w.shape}")
+    _check_dtype(dtype)
+    _grouped(np.empty((0, w.shape[0])), groupsize)  # a bad groupsize: ValueError naming it
+    out = _rtn_columns(jnp.asarray(w, dtype), bits, groupsize, bool(sym), bool(clip_search))
+    deq, q, scale, zero = (np.asarray(a) for a in out)
+    return (deq, q, scale, zero) if return_int else deq
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _rtn_columns(w, bits, groupsize, sym, clip_search):
+    """``w [in, out]`` -> dequantized ``[in, out]``, ints ``[in, out]`` and scale / zero
+    ``[in / g, out]`` (the clipping ratio searched in float32, as everywhere)."""
+    wg = _grouped(w.T, groupsize)                                 # [out, G, g]
+    clip = 1.0
+    if clip_search:
+        idx = _clip_search_index(wg.astype(jnp.float32), bits, sym, _CLIP["grid"], _CLIP["max_shrink"],
+                                 _CLIP["norm"])
+        clip = 1.0 - idx.astype(w.dtype) / _CLIP["grid"]
+    s, z, lo, hi = quant_params(wg, bits, sym=sym, clip=clip)
+    q = quantize_int(wg, s, z, lo, hi)
+    deq = ((q - z) * s).reshape(w.shape[1], w.shape[0]).T
+    return deq, q.reshape(w.shape[1], -1).T.astype(jnp.int32), s[..., 0].T, z[..., 0].T
+
+
+def rtn_weight_reference(w, bits: int, *, groupsize=None, sym=True, clip_search=True, return_int=False):
+    """:func:`rtn_weight` in numpy float64 (the clipping search in float32 XLA, as there)."""
     _check_bits(bits)
     w = np.asarray(w, np.float64)
     if bits >= 16:
@@ -163,10 +199,7 @@ def gptq_weight(w, hessian, bits: int, *, groupsize=None, sym=True, clip_search=
         return out if return_int else out[0]
     if not isinstance(blocksize, int) or isinstance(blocksize, bool) or blocksize < 1:
         raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
-    if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
-        raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
-    if jnp.dtype(dtype) == jnp.float64 and not jax.config.jax_enable_x64:
-        raise ValueError("dtype=float64 needs jax_enable_x64 (e.g. `with jax.enable_x64(True):`)")
+    _check_dtype(dtype)
     u, dead = gptq_hinv(jnp.asarray(hessian, dtype), percdamp)
     W = jnp.where(dead[None, :], 0, jnp.asarray(w, dtype).T)       # [out, in]
     bs = _gptq_block_size(n, groupsize, blocksize)
@@ -188,6 +221,18 @@ def _dequantize_groups(q, scale, zero):
     out, n = q.shape
     g = n // scale.shape[1]
     return ((q.reshape(out, -1, g) - zero[..., None]) * scale[..., None]).reshape(out, n)
+
+
+def _check_dtype(dtype):
+    """The compute dtype of the jitted weight quantizers: float32, or float64 under x64."""
+    try:
+        ok = jnp.dtype(dtype) in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
+    if jnp.dtype(dtype) == jnp.float64 and not jax.config.jax_enable_x64:
+        raise ValueError("dtype=float64 needs jax_enable_x64 (e.g. `with jax.enable_x64(True):`)")
 
 
 def _check_gptq_inputs(w, hessian, groupsize):
