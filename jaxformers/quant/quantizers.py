@@ -120,11 +120,10 @@ def rtn_weight(w, bits: int, *, groupsize=None, sym=True, clip_search=True, retu
     if bits >= 16:
         w = np.asarray(w, np.float64)
         return (w, None, None, None) if return_int else w
-    w = np.asarray(w)
-    if w.ndim != 2:
-        raise ValueError(f"w must be a 2-D weight [in, out], got shape {w.shape}")
+    if np.ndim(w) != 2:
+        raise ValueError(f"w must be a 2-D weight [in, out], got shape {np.shape(w)}")
     _check_dtype(dtype)
-    _grouped(np.empty((0, w.shape[0])), groupsize)  # a bad groupsize: ValueError naming it
+    _grouped(np.empty((0, np.shape(w)[0])), groupsize)  # before jit: a ValueError naming it
     out = _rtn_columns(jnp.asarray(w, dtype), bits, groupsize, bool(sym), bool(clip_search))
     deq, q, scale, zero = (np.asarray(a) for a in out)
     return (deq, q, scale, zero) if return_int else deq
