@@ -15,7 +15,7 @@ cut short keeps what it measured):
 1. ``correct``: each kernel family (flash attention causal + GQA, sliding window + packed
    segments; selective scan and SSD with initial state, packed segments and final state;
    hash- and QK-sparse attention (GQA); landmark attention (L=51, GQA, o and lse); Hadamard
-   transform (2^k, two factored sizes: 12 x 2^j, 172 x 2^j, and 8192, split on GPU as
+   transform (2^k, two factored sizes: 12 x 2^j, 172 x 2^j, and 8192, split as
    H_4 (x) H_2048); the int8 linear) against its
    float32 reference at one awkward shape (T=333), forward and every gradient, float32 inputs with
    ``JAX_DEFAULT_MATMUL_PRECISION=highest``; fresh random inputs each run (the seed is in the
@@ -383,7 +383,7 @@ def correctness_cases(smoke: bool, seed: int, interpret=None):
                   lambda q, k, v: lm.landmark_attention_reference(q, k, v, block_size=lm_block, return_lse=True),
                   (q, k, v), ()))
     # 2^k, and Kronecker-factored sizes: 12 x 2^j (Paley) and 172 x 2^j (Goethals-Seidel,
-    # LLaMA-2-7B's d_ff 11008 = 172 x 64); wider than 2048: the GPU split H_s (x) H_2048
+    # LLaMA-2-7B's d_ff 11008 = 172 x 64); wider than 2048: split as H_s (x) H_2048
     for size in (had, 12 * had // 16, 172 * had // 64, 4096 if smoke else 8192):
         cases.append((f"Hadamard n={size}", lambda x: hd.hadamard_transform(x, interpret=ip),
                       lambda x: hd.hadamard_reference(x), (normal(rows, size),), ()))

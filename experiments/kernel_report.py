@@ -198,7 +198,7 @@ def cases(preset: str, families=FAMILIES):
         out.append(("landmark_attention", f"block 64 D{d}", functools.partial(landmark_case, d)))
     out.append(("landmark_attention", "block 51 (50 + landmark) D128",
                 functools.partial(landmark_case, 128, block_size=51)))
-    for n in (128, 1024, 8192) if full else (128,):  # 8192: split into H_4 (x) H_2048 on GPU
+    for n in (128, 1024, 8192) if full else (128,):  # 8192: split into H_4 (x) H_2048
         label = f"default (n {n} bf16)" if n == 128 else f"n {n} bf16"
         out.append(("hadamard", label, functools.partial(hadamard_case, n)))
     return [c for c in out if c[0].split()[0] in families]

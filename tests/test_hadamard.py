@@ -55,7 +55,7 @@ CASES = [
     ((2, 1, 3), 12, jnp.float32, None),
     ((19,), 256, jnp.bfloat16, None),
     ((3,), 688, jnp.float32, None),        # 172 * 4: a Goethals-Seidel factor
-    ((5,), 4096, jnp.float32, None),       # GPU-shaped plan: H_2 (x) H_2048 (kernel + XLA matmul)
+    ((5,), 4096, jnp.float32, None),       # split: H_2 (x) H_2048 (kernel + the dense factor)
     ((2, 3), 8192, jnp.bfloat16, 2.0),     # H_4 (x) H_2048, bf16
 ]
 
@@ -77,7 +77,7 @@ def test_matches_reference_fwd_grad(lead, n, dtype, scale):
 
 
 def test_factor_and_split_together():
-    """n = 12 * 4096: the Paley factor ``H_12`` and the GPU split ``H_2 (x) H_2048`` in one call,
+    """n = 12 * 4096: the Paley factor ``H_12`` and the split ``H_2 (x) H_2048`` in one call,
     against ``H_12^T X H_4096`` in float64 (the dense ``[n, n]`` reference would be 9.7 GB)."""
     from pallas_kernels.hadamard.reference import factor_matrix, hadamard_matrix
     x = jax.random.normal(jax.random.PRNGKey(2), (3, 12 * 4096), jnp.float32)
@@ -88,14 +88,15 @@ def test_factor_and_split_together():
     np.testing.assert_allclose(np.asarray(y), want, atol=2e-5, rtol=2e-5)
 
 
-def test_gpu_plan_splits_wide_transforms():
-    """On GPU the kernel transforms at most 2048 columns (wider ones spill registers on sm_90):
-    the plan splits ``2^k`` into ``H_s (x) H_2048``; the TPU plan does not split."""
-    from pallas_kernels.hadamard.kernel import _make_plan
-    for n, split in ((128, 1), (2048, 1), (4096, 2), (16384, 8)):
-        gpu = _make_plan(n, 64, jnp.bfloat16, 1.0, False)
-        assert (gpu.split, gpu.width) == (split, n // split)
-        assert _make_plan(n, 64, jnp.bfloat16, 1.0, False, platform="tpu").split == 1
+def test_wide_transforms_are_split():
+    """The kernel transforms at most 2048 columns (wider rows spill registers on sm_90): a
+    wider ``2^k`` becomes ``H_s (x) H_2048`` with ``H_s`` in the dense factor."""
+    from pallas_kernels.hadamard.kernel import _outer_factor, kernel_split
+    for n, (m, p) in ((128, (1, 128)), (2048, (1, 2048)), (4096, (2, 2048)), (16384, (8, 2048)),
+                      (11008, (172, 64)), (12 * 4096, (24, 2048))):
+        assert kernel_split(n) == (m, p)
+        f = _outer_factor(n)
+        assert f.shape == (m, m) and np.array_equal(f @ f.T, m * np.eye(m))
 
 
 def test_orthonormal_round_trip_and_jit():

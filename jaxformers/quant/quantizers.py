@@ -85,6 +85,14 @@ def _clip_search(w, bits, sym, grid=_CLIP["grid"], max_shrink=_CLIP["max_shrink"
     return 1.0 - idx.astype(np.float64) / grid
 
 
+def _clip_ratio(x, bits, sym):
+    """The searched clipping ratio of each row of ``x [..., g]`` (traceable; ``[..., 1]`` in
+    ``x``'s dtype, the search itself in float32 as in :func:`_clip_search`)."""
+    idx = _clip_search_index(x.astype(jnp.float32), bits, sym, _CLIP["grid"], _CLIP["max_shrink"],
+                             _CLIP["norm"])
+    return 1.0 - idx.astype(x.dtype) / _CLIP["grid"]
+
+
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
 def _clip_search_index(w, bits, sym, grid, max_shrink, norm):
     """The grid index ``i`` of the best ratio ``1 - i / grid`` per row of ``w [..., g]`` (a
@@ -134,11 +142,7 @@ def _rtn_columns(w, bits, groupsize, sym, clip_search):
     """``w [in, out]`` -> dequantized ``[in, out]``, ints ``[in, out]`` and scale / zero
     ``[in / g, out]`` (the clipping ratio searched in float32, as everywhere)."""
     wg = _grouped(w.T, groupsize)                                 # [out, G, g]
-    clip = 1.0
-    if clip_search:
-        idx = _clip_search_index(wg.astype(jnp.float32), bits, sym, _CLIP["grid"], _CLIP["max_shrink"],
-                                 _CLIP["norm"])
-        clip = 1.0 - idx.astype(w.dtype) / _CLIP["grid"]
+    clip = _clip_ratio(wg, bits, sym) if clip_search else 1.0
     s, z, lo, hi = quant_params(wg, bits, sym=sym, clip=clip)
     q = quantize_int(wg, s, z, lo, hi)
     deq = ((q - z) * s).reshape(w.shape[1], w.shape[0]).T
@@ -338,11 +342,7 @@ def _gptq_columns(W, u, bits, groupsize, sym, clip_search, bs):
     dyn = jax.lax.dynamic_slice
 
     def group_params(x):                                     # x [out, g] -> scale, zero [out]
-        clip = 1.0
-        if clip_search:  # in float32 whatever the dtype (as rtn_weight / the reference)
-            idx = _clip_search_index(x.astype(jnp.float32), bits, sym, _CLIP["grid"],
-                                     _CLIP["max_shrink"], _CLIP["norm"])
-            clip = 1.0 - idx.astype(x.dtype) / _CLIP["grid"]
+        clip = _clip_ratio(x, bits, sym) if clip_search else 1.0  # searched in float32
         s, z, _, _ = quant_params(x, bits, sym=sym, clip=clip)
         return s[:, 0], z[:, 0]
 

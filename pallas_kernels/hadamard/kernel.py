@@ -16,14 +16,14 @@ multiplied by the dense ``H_c`` (tensor cores / MXU), then the chunks are combin
 ``log2(N / c)`` butterfly stages of adds (``(a, b) -> (a + b, a - b)``), i.e.
 ``O(N (c + log N))`` work per row instead of the dense ``O(N^2)``.  For ``N < 16`` (below
 Triton's smallest dot) the chunk is one column and the whole transform is butterflies.
-All chunks of a row block stay live in registers, so on GPU the kernel transforms at most
+All chunks of a row block stay live in registers, so the kernel transforms at most
 ``2^11`` columns: compiled for sm_90, ``N = 2048`` takes 252 registers a thread without
-spilling, ``4096`` spills 504 bytes and ``8192`` 22 KB (``experiments.kernel_report``).  A
-larger ``N = s * 2048`` is split as ``H_N = H_s (x) H_2048``: the kernel transforms the
-2048-column blocks (float32 out), and ``H_s`` (dense Sylvester, ``s = N / 2048``) is one
-XLA matmul over the block axis, as ``H_m`` below is.  The TPU variant (VMEM, not registers)
-transforms any ``N`` in one pass.  QuaRot's online transforms are small (head dim, number of
-heads, the ``2^k`` of the MLP width: 64 for LLaMA-2-7B, 512-1024 for LLaMA-3).
+spilling, ``4096`` spilled 504 bytes and ``8192`` 22 KB (``experiments.kernel_report``).  A
+wider ``2^k = s * 2048`` is split as ``H_s (x) H_2048`` and ``H_s`` joins the small dense
+factor below (one XLA matmul by ``H_m (x) H_s``).  On every platform, for one code path
+(the TPU variant, in VMEM, could take wider rows).  QuaRot's online transforms are small
+(head dim, number of heads, the ``2^k`` of the MLP width: 64 for LLaMA-2-7B, 512-1024 for
+LLaMA-3), so they never split.
 
 ``H`` is symmetric for powers of two, so the VJP is the same kernel applied to the
 cotangent (``jax.custom_vjp``); the ``H_m`` matmul is differentiated by JAX.
@@ -49,7 +49,7 @@ from .reference import factor_matrix, split_size, sylvester
 
 _CHUNK = 128      # dense chunk of the power-of-two part (one MXU tile / a wgmma-friendly width)
 _MIN_DOT = 16     # Triton's smallest dot dimension
-_GPU_MAX_N = 2048  # widest power of two the GPU kernel transforms in registers (no spills)
+_MAX_N = 2048     # widest power of two the kernel transforms (wider spills registers on sm_90)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -59,12 +59,6 @@ class _Plan(KernelPlan):
     bm: int           # rows per grid step
     chunk: int        # dense chunk c (1: butterflies only)
     scale: float
-    split: int = 1    # GPU, n > _GPU_MAX_N: H_n = H_split (x) H_{n / split}, the kernel does the latter
-
-    @property
-    def width(self) -> int:
-        """Columns the kernel transforms (``n / split``)."""
-        return self.n // self.split
 
     @property
     def rows_pad(self) -> int:
@@ -78,18 +72,15 @@ def _make_plan(n, rows, dtype, scale, interpret, platform="gpu") -> _Plan:
         sub = 8 * max(1, 4 // jnp.dtype(dtype).itemsize)
         bm = int(min(256, max(sub, 1 << max(0, (65536 // n).bit_length() - 1))))
         bm = min(bm, round_up(max(rows, 1), sub))
-        split = 1
     else:
-        split = max(1, n // _GPU_MAX_N)
-        w = n // split
-        chunk = min(w, _CHUNK) if w >= _MIN_DOT else 1
-        bm = int(min(64, max(16, 1 << max(0, (8192 // w).bit_length() - 1))))
+        chunk = min(n, _CHUNK) if n >= _MIN_DOT else 1
+        bm = int(min(64, max(16, 1 << max(0, (8192 // n).bit_length() - 1))))
     return _Plan(n=n, rows=rows, bm=bm, chunk=chunk, scale=float(scale), interpret=interpret,
-                 platform=platform, split=split)
+                 platform=platform)
 
 
 def _kernel(x_ref, h_ref, o_ref, *, plan: _Plan):
-    c, nc = plan.chunk, plan.width // plan.chunk
+    c, nc = plan.chunk, plan.n // plan.chunk
     if c > 1:
         h = h_ref[...]
         parts = [jnp.dot(x_ref[:, pl.ds(j * c, c)], h, preferred_element_type=jnp.float32)
@@ -108,31 +99,24 @@ def _kernel(x_ref, h_ref, o_ref, *, plan: _Plan):
 
 
 def _variant(plan: _Plan, x2):
-    """x2 ``[rows_pad, n]`` -> ``[rows_pad, n]``: one ``pallas_call`` (and, with ``plan.split``,
-    the ``H_split`` matmul over the column blocks)."""
-    c, w, k = plan.chunk, plan.width, plan.split
+    """x2 ``[rows_pad, n]`` -> ``[rows_pad, n]`` through one ``pallas_call``."""
+    c = plan.chunk
     h = jnp.asarray(sylvester(max(c, 1)), x2.dtype)
     if plan.platform == "tpu":
         params = compiler_params(0, 0, platform="tpu", dimension_semantics=("parallel",))
     else:
-        params = compiler_params(4 if plan.bm * w <= 8192 else 8, 1)
-    xk = x2.reshape(-1, w)                     # [rows_pad * k, w]: row r's block j is row r * k + j
-    y = pl.pallas_call(
+        params = compiler_params(4 if plan.bm * plan.n <= 8192 else 8, 1)
+    return pl.pallas_call(
         functools.partial(_kernel, plan=plan),
-        out_shape=jax.ShapeDtypeStruct(xk.shape, jnp.float32 if k > 1 else x2.dtype),
-        grid=(xk.shape[0] // plan.bm,),
-        in_specs=[pl.BlockSpec((plan.bm, w), lambda i: (i, 0)),
+        out_shape=jax.ShapeDtypeStruct(x2.shape, x2.dtype),
+        grid=(plan.rows_pad // plan.bm,),
+        in_specs=[pl.BlockSpec((plan.bm, plan.n), lambda i: (i, 0)),
                   pl.BlockSpec((c, c), lambda i: (0, 0))],
-        out_specs=pl.BlockSpec((plan.bm, w), lambda i: (i, 0)),
+        out_specs=pl.BlockSpec((plan.bm, plan.n), lambda i: (i, 0)),
         interpret=plan.interpret,
         name="hadamard_transform",
         **params,
-    )(xk, h)
-    if k == 1:
-        return y
-    hs = jnp.asarray(sylvester(k), jnp.float32)  # y[r, a, :] = sum_j H_k[j, a] z[r, j, :]
-    y = jnp.einsum("rjw,ja->raw", y.reshape(-1, k, w), hs, precision=lax.Precision.HIGHEST)
-    return y.reshape(x2.shape).astype(x2.dtype)
+    )(x2, h)
 
 
 def _run(plan: _Plan, x2):
@@ -178,7 +162,7 @@ def hadamard_transform(x, *, scale=None, interpret=None):
         raise ValueError(f"x must be a floating-point array [..., n], got dtype {dtype} and "
                          f"shape {getattr(x, 'shape', None)}")
     n = x.shape[-1]
-    m, p = split_size(n)
+    m, p = kernel_split(n)
     if scale is None:
         scale = n ** -0.5
     try:
@@ -192,16 +176,32 @@ def hadamard_transform(x, *, scale=None, interpret=None):
     plan = _plans(p, rows, dtype, scale, interpret)
     y = _fwht(x.reshape(rows, p), plan)
     if m > 1:  # the small dense factor: y[a, :] = sum_i H_m[i, a] z[i, :]
-        hm = jnp.asarray(factor_matrix(m), jnp.float32)
+        hm = jnp.asarray(_outer_factor(n), jnp.float32)
         y = jnp.einsum("rip,ia->rap", y.reshape(-1, m, p).astype(jnp.float32), hm,
                        precision=lax.Precision.HIGHEST).astype(dtype)
     return y.reshape(x.shape)
 
 
+def kernel_split(n: int):
+    """``(m, p)`` with ``n = m p``: the kernel transforms ``p`` (a power of two, at most
+    ``_MAX_N``), a dense ``[m, m]`` matmul the rest (``H_m (x) H_s`` with ``s`` the part of
+    ``2^k`` above ``_MAX_N``)."""
+    m, p = split_size(n)
+    s = max(1, p // _MAX_N)
+    return m * s, p // s
+
+
+def _outer_factor(n: int) -> np.ndarray:
+    """The ``[m, m]`` +-1 matrix of :func:`kernel_split` (``H_n = outer (x) H_p``)."""
+    m0, p0 = split_size(n)
+    s = kernel_split(n)[0] // m0
+    return sylvester(s) if m0 == 1 else np.kron(factor_matrix(m0), sylvester(s))
+
+
 def tpu_vmem_bytes(n, dtype, rows=4096) -> dict:
     """VMEM the TPU block specs imply per grid step (double-buffered input, output and the
     ``H_c`` block; in-kernel float32 temporaries not counted)."""
-    m, p = split_size(n)
+    m, p = kernel_split(n)
     plan = _make_plan(p, rows * m, dtype, 1.0, False, platform="tpu")
     isz = jnp.dtype(dtype).itemsize
     c = max(plan.chunk, 1)
