@@ -168,6 +168,38 @@ def test_clip_search_and_gptq_reduce_error():
     assert np.linalg.norm(x @ (g - w)) < 0.7 * np.linalg.norm(x @ (r - w))
 
 
+@pytest.mark.parametrize("sym, grid", [(True, 100), (False, 100), (True, 20)])
+def test_clip_search_is_the_authors_grid(sym, grid):
+    """The weights' clipping search tries the authors' ratios ``1 - i / grid``, ``i < 0.8 grid``
+    (``WeightQuantizer(grid=100, maxshrink=0.8)``: 80 ratios, 1.0 .. 0.21) and keeps the first
+    of equal errors: each row's scale == a brute-force numpy search over those ratios."""
+    from jaxformers.quant.quantizers import clip_ratios, quant_params, quantize_int
+    ratios = clip_ratios(grid)
+    assert len(ratios) == int(0.8 * grid) and ratios[0] == 1.0
+    assert ratios[-1] == pytest.approx(1 - (int(0.8 * grid) - 1) / grid)   # grid 100: 0.21
+    w = np.random.default_rng(grid).standard_normal((48, 24))
+    w[3] *= 8                                                          # an outlier input
+    _, _, scale, zero = rtn_weight(w, 3, sym=sym, clip_grid=grid, return_int=True, dtype=jnp.float32)
+    x = w.T.astype(np.float32)                                         # rows = output channels
+    errs = []
+    for c in ratios:
+        s, z, lo, hi = quant_params(x, 3, sym=sym, clip=np.float32(c), xp=np)
+        errs.append(np.sum(np.abs((quantize_int(x, s, z, lo, hi, xp=np) - z) * s - x) ** 2.4, -1))
+    errs = np.stack(errs, -1)                                          # [out, ratios]
+    decisive = np.sort(errs, -1)[:, 1] > errs.min(-1) * (1 + 1e-4)      # no float32 near-tie
+    best = np.asarray(ratios)[np.argmin(errs, -1)]
+    want = quant_params(x, 3, sym=sym, clip=best[:, None], xp=np)[0][:, 0]
+    assert decisive.mean() > 0.8
+    np.testing.assert_allclose(scale[0][decisive], want[decisive], rtol=1e-5)
+    for bad in (1, 0, 2.5, True):
+        with pytest.raises(ValueError, match="clip_grid"):
+            rtn_weight(w, 3, clip_grid=bad)
+        with pytest.raises(ValueError, match="clip_grid"):
+            gptq_weight(w, w @ w.T, 3, clip_grid=bad)
+        with pytest.raises(ValueError, match="w_clip_grid"):
+            QuantSpec(w_bits=4, w_clip_grid=bad)
+
+
 @pytest.mark.parametrize("shape, groupsize, sym, clip", [((64, 32), None, True, True),
                                                           ((96, 5), 32, False, True),
                                                           ((48, 7), 16, True, False),
@@ -178,7 +210,8 @@ def test_rtn_equals_the_numpy_reference(shape, groupsize, sym, clip):
     from jaxformers.quant import rtn_weight_reference
     w = np.random.default_rng(shape[0]).standard_normal(shape)
     w[3] *= 8                                                          # an outlier input
-    kw = dict(groupsize=groupsize, sym=sym, clip_search=clip, return_int=True)
+    kw = dict(groupsize=groupsize, sym=sym, clip_search=clip, return_int=True,
+              clip_grid=20 if shape[1] == 5 else 100)
     ref = rtn_weight_reference(w, 4, **kw)
     with jax.enable_x64(True):
         got = rtn_weight(w, 4, dtype=jnp.float64, **kw)
@@ -239,8 +272,10 @@ def test_gptq_equals_the_one_column_reference(n, out, groupsize, sym, clip, bloc
 
     def err(d):
         return np.linalg.norm(x @ (d - w))
-    assert abs(err(g32[0]) - err(ref[0])) < 1e-2 * err(ref[0])
-    assert err(ref[0]) < 0.7 * err(rtn_weight(w, 4, **kw))
+    # float32 rounding flips a few codes near .5 and GPTQ carries each flip into the later
+    # columns: the output error moves by a few percent (3.6% at 2304 inputs, grid 100)
+    assert abs(err(g32[0]) - err(ref[0])) < 0.05 * err(ref[0])
+    assert max(err(ref[0]), err(g32[0])) < 0.7 * err(rtn_weight(w, 4, **kw))
 
 
 @pytest.mark.parametrize("groupsize", [None, 32])
@@ -343,6 +378,53 @@ def _quantize_whole_model(cfg, params, spec, calibration):
                             act_order=spec.w_act_order)
             p[f"blocks_{i}"][sub][name]["kernel"] = q.reshape(w.shape)
     return qcfg, cast(p)
+
+
+def test_quantize_inputs_it_used_to_get_wrong(tiny):
+    """Cases that gave garbage or failed late: re-quantizing an already rotated quarot model
+    (its config lost ``rotated``: logits off by 160%), a scanned llama (refused), activation /
+    KV groups that do not divide what they split (accepted, then failed at the first forward),
+    sizes without a Hadamard (the error did not name the setting), odd int4 output axes
+    (failed after the block's quantization)."""
+    from jaxformers.convert.layers import stack_layers
+    cfg, params = tiny
+    ref = _apply(cfg, params, TOKENS)
+    rcfg, rparams = quantize(cfg, params, QuantSpec(rotate=True))
+    for spec in (QuantSpec(rotate=False, w_bits=8), QuantSpec(rotate=True, seed=1)):
+        with pytest.raises(ValueError, match="already quantized quarot model"):
+            quantize(rcfg, rparams, spec)
+    # an unrotated float quarot config is a llama: quantized the same, its hadamard_impl kept
+    ucfg = jf.get_config("quarot", "tiny", hadamard_impl="dense")
+    got_cfg, got = quantize(ucfg, params, QuantSpec(rotate=True, w_bits=8))
+    want_cfg, want = quantize(cfg, params, QuantSpec(rotate=True, w_bits=8))
+    assert got_cfg.hadamard_impl == "dense" and got_cfg.replace(hadamard_impl="auto") == want_cfg
+    np.testing.assert_array_equal(_apply(got_cfg, got, TOKENS), _apply(want_cfg, want, TOKENS))
+    # a scanned llama: its layers are unstacked (the quarot model is per layer)
+    scfg = cfg.replace(scan_layers=True)
+    sq_cfg, sq = quantize(scfg, stack_layers(params, "blocks"), QuantSpec(rotate=True, w_bits=4, a_bits=4))
+    q_cfg, q = quantize(cfg, params, QuantSpec(rotate=True, w_bits=4, a_bits=4))
+    assert sq_cfg == q_cfg and not sq_cfg.scan_layers
+    np.testing.assert_array_equal(_apply(sq_cfg, sq, TOKENS), _apply(q_cfg, q, TOKENS))
+    assert float(jnp.abs(_apply(rcfg, rparams, TOKENS) - ref).max()) < 1e-4 * float(jnp.abs(ref).max())
+    # groups that do not divide what they split (head dim 32, d 128, d_ff 352)
+    for kw, msg in ((dict(kv_bits=4, kv_groupsize=12), r"kv_groupsize=12 must divide head_dim=32"),
+                    (dict(a_bits=4, a_groupsize=64), r"a_groupsize=64 must divide .*'d_ff': 352"),
+                    (dict(a_bits=4, a_groupsize=48), r"a_groupsize=48 must divide .*'d_model': 128")):
+        with pytest.raises(ValueError, match=msg):
+            quantize(cfg, params, QuantSpec(**kw))
+        with pytest.raises(ValueError, match=msg):
+            jf.get_config("quarot", "tiny", **kw)
+    assert jf.get_config("quarot", "tiny", kv_groupsize=12).kv_groupsize == 12   # kv_bits 16: unused
+    # sizes with no Hadamard name the setting; odd int4 output axes fail before any work
+    for over, msg in ((dict(d_ff=1000), r"d_ff=1000: QuaRot's exact Hadamard"),
+                      (dict(n_head=6, n_kv_head=2, head_dim=32), r"n_head=6"),
+                      (dict(head_dim=10), r"head_dim=10")):
+        c2, p2 = _model(**over)
+        with pytest.raises(ValueError, match=msg):
+            quantize(c2, p2, QuantSpec(rotate=True))
+    c3, p3 = _model(d_ff=353)
+    with pytest.raises(ValueError, match=r"must be even, not \{'d_ff': 353\}"):
+        quantize(c3, p3, QuantSpec(rotate=False, w_bits=4, storage="int"))
 
 
 @pytest.mark.parametrize("spec", [QuantSpec(rotate=True, w_bits=4, w_method="gptq", calib_batch=4),
@@ -511,7 +593,7 @@ def test_gptq_lowers_for_gpu_and_tpu(platform):
     from jaxformers.quant import quantizers as Q
     W = jax.ShapeDtypeStruct((64, 256), jnp.float32)
     u = jax.ShapeDtypeStruct((256, 256), jnp.float32)
-    for fn, args in ((lambda W, u: Q._gptq_columns(W, u, 4, 32, True, True, 64), (W, u)),
+    for fn, args in ((lambda W, u: Q._gptq_columns(W, u, 4, 32, True, 100, 64), (W, u)),
                      (lambda h: Q._gptq_hinv(h, 0.01), (u,))):
         exp = export.export(jax.jit(fn), platforms=(platform,))(*args)
         assert exp.platforms == (platform,)

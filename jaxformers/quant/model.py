@@ -20,7 +20,8 @@ With ``int_linears`` (params from ``quantize(..., QuantSpec(storage="int"))``) e
 linear is an :class:`IntLinear`: integer weights (int8, or int4 packed two per byte) with
 per-output-channel float32 scales; ``Qa`` then quantizes to int8 storage and the matmul is
 int8 x int8 -> int32 (``a_bits == 16``: the weights are dequantized, weight-only).  Same
-values as the fake-quant model up to float32 rounding.  The LM
+values as the fake-quant model up to float32 rounding in float32 compute (in bf16 the fake
+path rounds ``s q`` to bf16 and 4-bit activation codes flip: :mod:`.api`).  The LM
 head stays in high precision (as in the authors' code).  ``H`` are orthonormal Hadamard
 transforms (:func:`pallas_kernels.hadamard.hadamard_transform` on GPU/TPU, a dense matmul
 by the same matrix on CPU: ``hadamard_impl``).
@@ -117,6 +118,15 @@ class QuaRotConfig(TransformerConfig, OnlineQuant):
         self.check_online_quant()
         for name in ("rotated", "int_linears"):
             _boolean(self, name)
+        if self.a_bits < 16 and self.a_groupsize is not None:  # every linear's input is split
+            sizes = {"d_model": self.d_model, "n_head * head_dim": self.n_head * self.dim_head,
+                     "d_ff": self.ff_dim}
+            bad = {k: v for k, v in sizes.items() if v % self.a_groupsize}
+            if bad:
+                raise ValueError(f"a_groupsize={self.a_groupsize} must divide every linear's input size, "
+                                 f"not {bad}")
+        if self.kv_bits < 16 and self.kv_groupsize is not None and self.dim_head % self.kv_groupsize:
+            raise ValueError(f"kv_groupsize={self.kv_groupsize} must divide head_dim={self.dim_head}")
         if self.int_linears:
             if not isinstance(self.w_bits, int) or not 2 <= self.w_bits <= 8:
                 raise ValueError(f"int_linears=True needs w_bits in [2, 8], got {self.w_bits!r}")

@@ -9,10 +9,10 @@ Uniform quantization of a group of values ``x`` (one output channel, one group o
                  q = clamp(round(x / s) + z, 0, 2^b - 1),   x^ = s (q - z)
 
 ``c`` is the clipping ratio (1 = no clipping).  Weights: per output channel (or per group of
-input channels), ``c`` searched per channel on a grid to minimise ``sum |w - w^|^2.4`` (the
-GPTQ/QuaRot ``mse`` search); activations: per token (QuaRot: symmetric, ``c = 0.9``); KV
-cache: per head (group = head dim; QuaRot: asymmetric, ``c = 0.95``).  ``bits >= 16`` means
-no quantization.
+input channels), ``c`` searched per channel on the grid ``1 - i / 100``, ``i < 80``, to
+minimise ``sum |w - w^|^2.4`` (the GPTQ/QuaRot ``mse`` search, their grid); activations: per
+token (QuaRot: symmetric, ``c = 0.9``); KV cache: per head (group = head dim; QuaRot:
+asymmetric, ``c = 0.95``).  ``bits >= 16`` means no quantization.
 """
 from __future__ import annotations
 
@@ -73,32 +73,43 @@ def fake_quant(x, bits: int, *, groupsize: Optional[int] = None, sym: bool = Tru
 
 
 # --------------------------------------------------------------------------- weights
-_CLIP = dict(grid=20, max_shrink=0.8, norm=2.4)  # the clipping search's grid and error norm
+_CLIP = dict(grid=100, max_shrink=0.8, norm=2.4)  # the authors' clipping search: grid and error norm
+
+
+def _check_clip_grid(grid):
+    if not isinstance(grid, int) or isinstance(grid, bool) or grid < 2:
+        raise ValueError(f"clip_grid must be an int >= 2 (the search tries 1 - i / clip_grid for i < "
+                         f"0.8 clip_grid), got {grid!r}")
+
+
+def clip_ratios(grid=_CLIP["grid"], max_shrink=_CLIP["max_shrink"]):
+    """The clipping ratios the search tries, as the authors' ``WeightQuantizer``:
+    ``1 - i / grid`` for ``i < int(max_shrink * grid)`` (grid 100: 80 ratios, 1.0 .. 0.21)."""
+    return [1.0 - i / grid for i in range(int(max_shrink * grid))]
 
 
 def _clip_search(w, bits, sym, grid=_CLIP["grid"], max_shrink=_CLIP["max_shrink"], norm=_CLIP["norm"]):
     """Per-row clipping ratio of ``w [..., g]`` (numpy) minimising ``sum |w - Q_c(w)|^norm``
-    over ``c = 1, 1 - 1/grid, ..., 1 - max_shrink``: ``[..., 1]`` float64.  The errors are
+    over the ratios ``c`` of :func:`clip_ratios`: ``[..., 1]`` float64.  The errors are
     computed in float32 by one jitted XLA computation (on the accelerator when there is one;
     ~6x faster than numpy float64 on 2 CPU cores, whose choices it reproduces up to near-ties)."""
     idx = np.asarray(_clip_search_index(jnp.asarray(w, jnp.float32), bits, sym, grid, max_shrink, norm))
     return 1.0 - idx.astype(np.float64) / grid
 
 
-def _clip_ratio(x, bits, sym):
+def _clip_ratio(x, bits, sym, grid=_CLIP["grid"]):
     """The searched clipping ratio of each row of ``x [..., g]`` (traceable; ``[..., 1]`` in
     ``x``'s dtype, the search itself in float32 as in :func:`_clip_search`)."""
-    idx = _clip_search_index(x.astype(jnp.float32), bits, sym, _CLIP["grid"], _CLIP["max_shrink"],
-                             _CLIP["norm"])
-    return 1.0 - idx.astype(x.dtype) / _CLIP["grid"]
+    idx = _clip_search_index(x.astype(jnp.float32), bits, sym, grid, _CLIP["max_shrink"], _CLIP["norm"])
+    return 1.0 - idx.astype(x.dtype) / grid
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
 def _clip_search_index(w, bits, sym, grid, max_shrink, norm):
-    """The grid index ``i`` of the best ratio ``1 - i / grid`` per row of ``w [..., g]`` (a
-    loop, not unrolled: an unrolled search keeps every candidate's temporaries alive, 3.4 GB
-    more at ``[11008, 4096]``)."""
-    clips = jnp.asarray([1.0 - i / grid for i in range(int(max_shrink * grid) + 1)], w.dtype)
+    """The grid index ``i`` of the best ratio ``1 - i / grid`` per row of ``w [..., g]`` (the
+    first of equal errors, as the authors' strict ``err < best``; a loop, not unrolled: an
+    unrolled search keeps every candidate's temporaries alive, 3.4 GB more at ``[11008, 4096]``)."""
+    clips = jnp.asarray(clip_ratios(grid, max_shrink), w.dtype)
 
     def body(i, carry):
         best, index = carry
@@ -110,17 +121,19 @@ def _clip_search_index(w, bits, sym, grid, max_shrink, norm):
     return jax.lax.fori_loop(0, len(clips), body, init)[1]
 
 
-def _params_rows(w, bits, sym, clip_search):
+def _params_rows(w, bits, sym, clip_search, clip_grid=_CLIP["grid"]):
     """Quantization parameters for the rows of ``w [..., g]`` (numpy float64)."""
-    clip = _clip_search(w, bits, sym) if clip_search else 1.0
+    clip = _clip_search(w, bits, sym, clip_grid) if clip_search else 1.0
     return quant_params(w, bits, sym=sym, clip=clip, xp=np)
 
 
 def rtn_weight(w, bits: int, *, groupsize=None, sym=True, clip_search=True, return_int=False,
-               dtype=jnp.float32):
+               dtype=jnp.float32, clip_grid=_CLIP["grid"]):
     """Round-to-nearest weight quantization of ``w [in, out]`` per output channel (or per group
     of ``groupsize`` inputs), as one jitted XLA computation in ``dtype`` (float32, as the
     authors' code; float64 needs ``jax_enable_x64``), on the accelerator when there is one.
+    ``clip_search``: each channel's (group's) clipping ratio minimises ``sum |w - w^|^2.4`` over
+    the ratios of :func:`clip_ratios` (``clip_grid`` 100: the authors' 80 ratios).
     Returns the dequantized ``[in, out]`` (numpy, ``dtype``), or with ``return_int`` also
     ``(q [in, out] int32, scale [in / g, out], zero [in / g, out])``.
     :func:`rtn_weight_reference` is the numpy float64 version it is tested against."""
@@ -132,31 +145,34 @@ def rtn_weight(w, bits: int, *, groupsize=None, sym=True, clip_search=True, retu
         raise ValueError(f"w must be a 2-D weight [in, out], got shape {np.shape(w)}")
     _check_dtype(dtype)
     _grouped(np.empty((0, np.shape(w)[0])), groupsize)  # before jit: a ValueError naming it
-    out = _rtn_columns(jnp.asarray(w, dtype), bits, groupsize, bool(sym), bool(clip_search))
+    _check_clip_grid(clip_grid)
+    out = _rtn_columns(jnp.asarray(w, dtype), bits, groupsize, bool(sym), clip_grid if clip_search else 0)
     deq, q, scale, zero = (np.asarray(a) for a in out)
     return (deq, q, scale, zero) if return_int else deq
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
-def _rtn_columns(w, bits, groupsize, sym, clip_search):
+def _rtn_columns(w, bits, groupsize, sym, clip_grid):
     """``w [in, out]`` -> dequantized ``[in, out]``, ints ``[in, out]`` and scale / zero
     ``[in / g, out]`` (the clipping ratio searched in float32, as everywhere)."""
     wg = _grouped(w.T, groupsize)                                 # [out, G, g]
-    clip = _clip_ratio(wg, bits, sym) if clip_search else 1.0
+    clip = _clip_ratio(wg, bits, sym, clip_grid) if clip_grid else 1.0
     s, z, lo, hi = quant_params(wg, bits, sym=sym, clip=clip)
     q = quantize_int(wg, s, z, lo, hi)
     deq = ((q - z) * s).reshape(w.shape[1], w.shape[0]).T
     return deq, q.reshape(w.shape[1], -1).T.astype(jnp.int32), s[..., 0].T, z[..., 0].T
 
 
-def rtn_weight_reference(w, bits: int, *, groupsize=None, sym=True, clip_search=True, return_int=False):
+def rtn_weight_reference(w, bits: int, *, groupsize=None, sym=True, clip_search=True, return_int=False,
+                         clip_grid=_CLIP["grid"]):
     """:func:`rtn_weight` in numpy float64 (the clipping search in float32 XLA, as there)."""
     _check_bits(bits)
     w = np.asarray(w, np.float64)
     if bits >= 16:
         return (w, None, None, None) if return_int else w
     wg = _grouped(w.T, groupsize)                                 # [out, G, g]
-    s, z, lo, hi = _params_rows(wg, bits, sym, clip_search)
+    _check_clip_grid(clip_grid)
+    s, z, lo, hi = _params_rows(wg, bits, sym, clip_search, clip_grid)
     q = quantize_int(wg, s, z, lo, hi, xp=np)
     deq = ((q - z) * s).reshape(w.shape[1], w.shape[0]).T
     if return_int:
@@ -165,7 +181,8 @@ def rtn_weight_reference(w, bits: int, *, groupsize=None, sym=True, clip_search=
 
 
 def gptq_weight(w, hessian, bits: int, *, groupsize=None, sym=True, clip_search=True,
-                percdamp=0.01, blocksize=128, return_int=False, dtype=jnp.float32, act_order=False):
+                percdamp=0.01, blocksize=128, return_int=False, dtype=jnp.float32, act_order=False,
+                clip_grid=_CLIP["grid"]):
     """GPTQ (Frantar et al., 2023) of ``w [in, out]`` given ``hessian = X^T X [in, in]`` of the
     calibration inputs: columns (inputs) quantized in order, each one's error spread over the
     not-yet-quantized ones through the upper Cholesky factor ``U`` of the damped inverse
@@ -188,16 +205,18 @@ def gptq_weight(w, hessian, bits: int, *, groupsize=None, sym=True, clip_search=
     consecutive in that order, so ``return_int`` with groups is refused: their parameters
     would not follow the input order).  Returns the dequantized ``[in, out]``
     (numpy, ``dtype``), with ``return_int`` also ``(q [in, out] int32, scale [in / g, out],
-    zero [in / g, out])`` as :func:`rtn_weight`.  :func:`gptq_weight_reference` is the
+    zero [in / g, out])`` as :func:`rtn_weight` (``clip_search``, ``clip_grid`` as there).
+    :func:`gptq_weight_reference` is the
     readable one-column-at-a-time float64 algorithm it is tested against."""
     _check_bits(bits)
     if bits >= 16:
         w = np.asarray(w, np.float64)
         return (w, None, None, None) if return_int else w
     w, n, g = _check_gptq_inputs(w, hessian, groupsize)
+    _check_clip_grid(clip_grid)
     if _act_order_requested(act_order, groupsize, return_int):
         kw = dict(groupsize=groupsize, sym=sym, clip_search=clip_search, percdamp=percdamp,
-                  blocksize=blocksize, dtype=dtype, return_int=True)
+                  blocksize=blocksize, dtype=dtype, return_int=True, clip_grid=clip_grid)
         out = _in_act_order(lambda w, h: gptq_weight(w, h, bits, **kw), w, hessian)
         return out if return_int else out[0]
     if not isinstance(blocksize, int) or isinstance(blocksize, bool) or blocksize < 1:
@@ -210,7 +229,7 @@ def gptq_weight(w, hessian, bits: int, *, groupsize=None, sym=True, clip_search=
     if pad:
         W = jnp.pad(W, ((0, 0), (0, pad)))
         u = jnp.pad(u, ((0, pad), (0, pad))) + jnp.diag(jnp.arange(n + pad) >= n).astype(u.dtype)
-    qi, S, Z = _gptq_columns(W, u, bits, groupsize, sym, clip_search, bs)
+    qi, S, Z = _gptq_columns(W, u, bits, groupsize, sym, clip_grid if clip_search else 0, bs)
     qi, S, Z = np.asarray(qi[:, :n]), np.asarray(S[:, :n // g]), np.asarray(Z[:, :n // g])
     deq = _dequantize_groups(qi, S, Z).astype(S.dtype).T
     if return_int:
@@ -321,7 +340,7 @@ def _largest_divisor(n, at_most, also=lambda d: True):
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6))
-def _gptq_columns(W, u, bits, groupsize, sym, clip_search, bs):
+def _gptq_columns(W, u, bits, groupsize, sym, clip_grid, bs):
     """GPTQ's column loop: ``W [out, n]`` (``n`` a multiple of ``bs``), ``u [n, n]`` upper ->
     ``(q int32 [out, n], scale [out, G], zero [out, G])``.
 
@@ -342,7 +361,7 @@ def _gptq_columns(W, u, bits, groupsize, sym, clip_search, bs):
     dyn = jax.lax.dynamic_slice
 
     def group_params(x):                                     # x [out, g] -> scale, zero [out]
-        clip = _clip_ratio(x, bits, sym) if clip_search else 1.0  # searched in float32
+        clip = _clip_ratio(x, bits, sym, clip_grid) if clip_grid else 1.0  # searched in float32
         s, z, _, _ = quant_params(x, bits, sym=sym, clip=clip)
         return s[:, 0], z[:, 0]
 
@@ -408,7 +427,7 @@ def _gptq_columns(W, u, bits, groupsize, sym, clip_search, bs):
 
 
 def gptq_weight_reference(w, hessian, bits: int, *, groupsize=None, sym=True, clip_search=True,
-                          percdamp=0.01, act_order=False):
+                          percdamp=0.01, act_order=False, clip_grid=_CLIP["grid"]):
     """GPTQ one column at a time in numpy float64: the readable algorithm and the oracle of
     :func:`gptq_weight` (same arguments and return value as its ``return_int=True``)::
 
@@ -420,8 +439,9 @@ def gptq_weight_reference(w, hessian, bits: int, *, groupsize=None, sym=True, cl
     _check_bits(bits)
     _check_percdamp(percdamp)
     w, n, g = _check_gptq_inputs(w, hessian, groupsize)
+    _check_clip_grid(clip_grid)
     if _act_order_requested(act_order, None, True):  # (with groups: scale / zero in act order)
-        kw = dict(groupsize=groupsize, sym=sym, clip_search=clip_search, percdamp=percdamp)
+        kw = dict(groupsize=groupsize, sym=sym, clip_search=clip_search, percdamp=percdamp, clip_grid=clip_grid)
         return _in_act_order(lambda w, h: gptq_weight_reference(w, h, bits, **kw), w, hessian)
     h = np.array(hessian, np.float64)
     W = np.asarray(w, np.float64).T.copy()                        # [out, in]
@@ -433,7 +453,7 @@ def gptq_weight_reference(w, hessian, bits: int, *, groupsize=None, sym=True, cl
     Q, S, Z = np.zeros(W.shape, np.int32), [], []
     for j in range(n):
         if j % g == 0:
-            s, z, lo, hi = _params_rows(W[:, j:j + g], bits, sym, clip_search)
+            s, z, lo, hi = _params_rows(W[:, j:j + g], bits, sym, clip_search, clip_grid)
             S.append(s[:, 0])
             Z.append(z[:, 0])
         qi = quantize_int(W[:, j:j + 1], s, z, lo, hi, xp=np)

@@ -184,9 +184,14 @@ class Rotation:
             self._q = {"mats": hadamard_factors(d), "signs": _signs(d, seed)}
         except ValueError:  # no Hadamard of size d: Q is a dense random orthogonal matrix
             self._q = {"dense": random_hadamard(d, seed)}
-        dh_mats = hadamard_factors(dh)
-        self._mats = {"dh": dh_mats, "o": hadamard_factors(h) + dh_mats,   # H_heads (x) H_dh
-                      "ff": hadamard_factors(f)}
+        mats = {}
+        for name, n in (("head_dim", dh), ("n_head", h), ("d_ff", f)):  # exact Hadamards: no fallback
+            try:
+                mats[name] = hadamard_factors(n)
+            except ValueError as e:
+                raise ValueError(f"{name}={n}: QuaRot's exact Hadamard on it does not exist here ({e})") from None
+        self._mats = {"dh": mats["head_dim"], "o": mats["n_head"] + mats["head_dim"],   # H_heads (x) H_dh
+                      "ff": mats["d_ff"]}
         self.device = rotation_device()
 
     def q_matrix(self) -> np.ndarray:
