@@ -171,6 +171,53 @@ def test_delete_swap_shuffle(models, tokens):
     np.testing.assert_allclose(_logits(shc, shp, tokens), _reference_order(cfg, params, tokens, order), atol=1e-5)
 
 
+def test_shuffle_is_never_the_identity_and_differs_per_window(models):
+    # every window drew from default_rng(seed): the same relative order in each window, and
+    # the identity (a no-op "shuffle") for seeds 1, 4, 6, ...
+    cfg, params = models["gpt"]
+    for seed in range(8):
+        orders = [shuffle_layers(cfg, params, s, s + 3, seed=seed)[2][s:s + 3] for s in range(L - 2)]
+        assert all(o != list(range(s, s + 3)) for s, o in enumerate(orders)), (seed, orders)
+    rel = {tuple(np.argsort(shuffle_layers(cfg, params, s, s + 3, seed=0)[2][s:s + 3])) for s in range(L - 2)}
+    assert len(rel) > 1                                   # not the same permutation in every window
+    assert shuffle_layers(cfg, params, 0, 2, seed=5)[2][:2] == [1, 0]
+    for bad, msg in ((dict(start=1, end=2), "at least 2 layers"), (dict(start=0, end=3, seed=-1), "seed"),
+                     (dict(start=0, end=3, seed=1.5), "seed")):
+        with pytest.raises(ValueError, match=msg):
+            shuffle_layers(cfg, params, **bad)
+
+
+def test_unfused_pair_applies_residual_dropout_as_the_fused_one(tokens):
+    # the unfused ParallelPairBlock added its branches without config.dropout: in training it
+    # was another model than the fused form
+    cfg, params = _model("llama", dropout=0.5)
+    rngs = {"dropout": jax.random.PRNGKey(7)}
+    for fused in (True, False):
+        pc, pp = pair_layers(cfg, params, 1, 3, fused=fused)
+        model = jf.build(pc)
+        ev = model.apply({"params": pp}, tokens)
+        tr = model.apply({"params": pp}, tokens, rngs=rngs)
+        assert float(jnp.max(jnp.abs(tr - ev))) > 1e-2, fused
+    # the pair alone (layers 1 and 2 through it) differs from evaluation only through dropout
+    pc, pp = pair_layers(cfg.replace(n_layer=L), params, 1, 3, fused=False)
+    x = jax.random.normal(jax.random.PRNGKey(2), (2, 11, 32))
+    from jaxformers.transforms.layer_parallel import ParallelPairBlock
+    blk = ParallelPairBlock(pc.base_config())
+    pos = jnp.broadcast_to(jnp.arange(11), (2, 11))
+    y_ev = blk.apply({"params": pp["blocks_1"]}, x, pos)[0]
+    y_tr = blk.apply({"params": pp["blocks_1"]}, x, pos, rngs=rngs)[0]
+    assert float(jnp.max(jnp.abs(y_tr - y_ev))) > 1e-2
+    np.testing.assert_allclose(blk.apply({"params": pp["blocks_1"]}, x, pos)[0], y_ev)  # eval: deterministic
+
+
+def test_fuse_pair_refuses_blocks_it_cannot_fuse():
+    from jaxformers.transforms.layer_parallel import fuse_pair
+    sc = jf.get_config("gpt", "tiny", n_layer=2, d_model=32, n_head=4, vocab_size=V, skip_gains=True)
+    p = jf.init_params(jf.build(sc), jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="skip gains"):
+        fuse_pair(p["blocks_0"], p["blocks_1"])
+
+
 def test_layer_indices_must_be_ints_in_range(models):
     # floats were truncated (delete [1.7] deleted layer 1); non-sequences gave bare TypeErrors
     cfg, params = models["gpt"]

@@ -61,6 +61,7 @@ from ..config import TransformerConfig, _choice
 from ..convert.layers import stack_layers, unstack_layers
 from ..layers import Block, make_norm
 from ..layers.attention import Attention, init_attention_cache
+from ..layers.common import dropout
 from ..layers.mlp import make_mlp
 from ..registry import get_spec, register
 from ..sharding import ACT_EMBED, BATCH, LENGTH, constrain
@@ -157,7 +158,9 @@ class _AttentionPairCache:
 class ParallelPairBlock(nn.Module):
     """Two pre-norm layers run from the same input, each with its own modules (unfused form):
     ``h = x + sum_j Attn_j(norm^a_j(x))``, ``y = h + sum_j MLP_j(norm^m_j(h))``, j in {0, 1}.
-    x ``[B, T, D]``; cache ``[cache_0, cache_1]`` (each ``{'k','v'}: [B, S, Hkv, Dh]``) or None."""
+    x ``[B, T, D]``; cache ``[cache_0, cache_1]`` (each ``{'k','v'}: [B, S, Hkv, Dh]``) or None.
+    Residual dropout (``config.dropout``, training only) on each summed branch, as the fused
+    ``Block`` applies it to its one (summed) attention and MLP output."""
 
     config: object
     mixer_class = _AttentionPairCache
@@ -166,15 +169,15 @@ class ParallelPairBlock(nn.Module):
     def __call__(self, x, positions=None, segment_ids=None, cache=None, cache_index=None):
         c = self.config
         caches = [None, None] if cache is None else cache
-        h, new = x, []
+        a, new = 0, []
         for j in (0, 1):
-            a, nc = Attention(c, name=f"attn_{j}")(make_norm(c, f"attn_norm_{j}")(x), positions,
-                                                  segment_ids, caches[j], cache_index)
-            h = h + a
+            aj, nc = Attention(c, name=f"attn_{j}")(make_norm(c, f"attn_norm_{j}")(x), positions,
+                                                    segment_ids, caches[j], cache_index)
+            a = a + aj
             new.append(nc)
-        y = h
-        for j in (0, 1):
-            y = y + make_mlp(c, f"mlp_{j}")(make_norm(c, f"mlp_norm_{j}")(h))
+        h = x + dropout(self, a, c.dropout)
+        m = sum(make_mlp(c, f"mlp_{j}")(make_norm(c, f"mlp_norm_{j}")(h)) for j in (0, 1))
+        y = h + dropout(self, m, c.dropout)
         return constrain(y, (BATCH, LENGTH, ACT_EMBED)), (None if cache is None else new)
 
 
@@ -288,7 +291,10 @@ def _fold(scale, kernel, axis_in: int = 0):
 def fuse_pair(p0: dict, p1: dict) -> dict:
     """Params of a fused pair ``Block`` from the two layers' block params (see the module
     docstring): ``q/k/v [D, 2H|2Hkv, Dh]``, ``o [2H, Dh, D]``, MLP in ``[D, 2F]`` and out
-    ``[2F, D]``, norm scales folded in (the pair's norms get scale 1)."""
+    ``[2F, D]``, norm scales folded in (the pair's norms get scale 1).  ``ValueError`` unless
+    both are standard pre-norm blocks (no skip gains, bias-free norms)."""
+    _check_block(0, p0)
+    _check_block(1, p1)
     sa = (p0["attn_norm"]["scale"], p1["attn_norm"]["scale"])
     sm = (p0["mlp_norm"]["scale"], p1["mlp_norm"]["scale"])
     ps = (p0, p1)
@@ -389,13 +395,22 @@ def swap_layers(config, params, i: int, j: Optional[int] = None):
 
 
 def shuffle_layers(config, params, start: int, end: int, seed: int = 0):
-    """Layers ``start .. end-1`` in a random order (``numpy`` ``default_rng(seed)``; "shuffle").
-    Returns ``(config, params, order)``."""
+    """Layers ``start .. end-1`` in a random order other than the original one ("shuffle"),
+    drawn from ``numpy.random.default_rng((seed, start, end))``: each window of a study gets
+    its own draw.  Returns ``(config, params, order)``."""
     _check_base(config)
     start, end = _int("start", start), _int("end", end)
     if not 0 <= start < end <= config.n_layer:
         raise ValueError(f"start={start}, end={end}: need 0 <= start < end <= n_layer={config.n_layer}")
-    span = list(np.random.default_rng(seed).permutation(np.arange(start, end)))
-    order = list(range(start)) + [int(i) for i in span] + list(range(end, config.n_layer))
+    seed = _int("seed", seed)
+    if seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed}")
+    if end - start < 2:
+        raise ValueError(f"start={start}, end={end}: a shuffle needs at least 2 layers")
+    rng = np.random.default_rng((seed, start, end))
+    span = list(range(start, end))
+    while span == list(range(start, end)):  # never the identity (a no-op "shuffle")
+        span = [int(i) for i in rng.permutation(np.arange(start, end))]
+    order = list(range(start)) + span + list(range(end, config.n_layer))
     new, p = reorder_layers(config, params, order)
     return new, p, order
