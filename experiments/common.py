@@ -146,6 +146,68 @@ def usage_error(ap, message: str):
     ap.error(message)
 
 
+def run_kind(ap, run) -> str:
+    """``"run"`` (a run directory trained here) or ``"hf"`` (a Hugging Face checkpoint directory)
+    for ``--run``, told apart by its ``config.json`` (both have one); a usage error otherwise."""
+    import json
+    from pathlib import Path
+
+    path = Path(run).expanduser()
+    if not path.is_dir():
+        usage_error(ap, f"--run {str(run)!r}: no such directory")
+    try:
+        saved = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        usage_error(ap, f"--run {str(run)!r}: cannot read its config.json ({e})")
+    if isinstance(saved, dict) and "model" in saved and "train" in saved:
+        return "run"
+    if isinstance(saved, dict) and "model_type" in saved:
+        return "hf"
+    usage_error(ap, f"--run {str(run)!r}: its config.json is neither a run trained here (model, train) nor a "
+                    "Hugging Face config (model_type)")
+
+
+def run_tokenizer(ap, run, kind: str, tokenizer):
+    """The tokenizer of ``--data`` for a ``--run`` of ``kind``: a run trained here uses its own
+    (``None``: ``--tokenizer`` is refused), a HF checkpoint ``--tokenizer`` or else its
+    ``tokenizer.json`` (``hf:RUN``; a usage error when it has none)."""
+    from pathlib import Path
+
+    if kind == "run":
+        if tokenizer is not None:
+            usage_error(ap, "--tokenizer is for a --run Hugging Face checkpoint; a run trained here "
+                            "evaluates with its own tokenizer (drop --tokenizer)")
+        return None
+    if tokenizer is not None:
+        return tokenizer
+    if (Path(run).expanduser() / "tokenizer.json").is_file():
+        return f"hf:{run}"
+    usage_error(ap, f"--run {str(run)!r} has no tokenizer.json: pass --tokenizer (hf:DIR of the model's "
+                    "tokenizer, or byte for a byte-level model)")
+
+
+def check_data_vocab(ap, data, tokenizer, vocab_size: int) -> None:
+    """A usage error naming ``--data`` / ``--tokenizer`` when ``data`` tokenized with
+    ``tokenizer`` has ids the model (``vocab_size``) has no embedding for (they give NaN
+    logits under jit)."""
+    from jaxformers.data import open_data
+
+    n = int(open_data(data, tokenizer or "byte").vocab_size)
+    if n > vocab_size:
+        usage_error(ap, f"--data {str(data)!r} (tokenizer {tokenizer or 'byte'!r}) has a vocabulary of {n} > the "
+                        f"model's vocab_size={vocab_size}: pass data tokenized with the model's tokenizer "
+                        "(--tokenizer / a dataset prepared with it)")
+
+
+def unrolled(config, params):
+    """``(config, params)`` of a model trained with ``scan_layers=True`` as the same model with
+    per-layer parameter trees (``blocks_0 ..``; unchanged when not scanned)."""
+    if not getattr(config, "scan_layers", False):
+        return config, params
+    from jaxformers.convert.layers import unstack_layers
+    return config.replace(scan_layers=False), unstack_layers(params, "blocks", n_layer=config.n_layer)
+
+
 def parse_experiment_args(ap, argv=None, positive=POSITIVE, nonnegative=NONNEGATIVE, check=None,
                           data_specs=False):
     """``ap.parse_args(argv)``, then the checks, each a usage error (``ap.error``: exit 2)

@@ -6,6 +6,10 @@ model whose consecutive layers run in parallel pairs, and the delete / swap / sh
     python -m experiments.layer_parallel --run runs/my-llama --out runs/lp    # a run trained here
     python -m experiments.layer_parallel --run path/to/hf-llama --data DATASET_DIR --out runs/lp
 
+``--run``: a run trained here (a ``gpt``/``llama``, evaluated with its own tokenizer; a
+scanned run is unrolled first, so the baseline is timed in the pairs' per-layer form) or a
+HF Llama directory (``--data`` needed; tokenized with ``--tokenizer``, default its
+``tokenizer.json``); data whose vocabulary exceeds the model's is a usage error.
 Without ``--run`` the preset's Llama (RMSNorm, SwiGLU, GQA, byte tokens) is trained from
 scratch (``jaxformers.training.train``, seed ``--seed``).  Then, for ``k = 1 .. max`` pairs and
 several positions of the paired span (``early``: from layer 1, ``middle``, ``late``: ending
@@ -35,8 +39,9 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.common import (check_reuse, experiment_parser, parse_experiment_args, parse_list,
-                                train_fresh, train_overrides, usage_error)
+from experiments.common import (check_data_vocab, check_reuse, experiment_parser, parse_experiment_args,
+                                parse_list, run_kind, run_tokenizer, train_fresh, train_overrides, unrolled,
+                                usage_error)
 
 POSITIONS = ("early", "middle", "late")
 PRESETS = {
@@ -59,7 +64,8 @@ def _parser():
     ap = experiment_parser("layer_parallel", __doc__, PRESETS, data_default=None,
                            data_help="data spec for evaluation (default: the run's / the preset's)")
     ap.add_argument("--run", help="a run directory trained here, or a HF Llama directory (then --data)")
-    ap.add_argument("--tokenizer", default="byte", help="tokenizer of --data for a HF checkpoint")
+    ap.add_argument("--tokenizer", help="tokenizer of --data for a --run HF checkpoint (default: its "
+                                        "tokenizer.json); a run trained here uses its own")
     ap.add_argument("--eval-batches", type=int, help="override the number of validation batches")
     ap.add_argument("--n-layer", type=int, help="override the preset's depth")
     ap.add_argument("--d-model", type=int, help="override the preset's width")
@@ -114,21 +120,17 @@ def _check_args(ap, args) -> None:
     if args.run == "":
         ap.error("--run: empty path")
     if args.run:
-        run = Path(args.run)
-        if not run.is_dir():
-            ap.error(f"--run {args.run!r}: no such directory")
-        saved = run / "config.json"
-        try:
-            hf = saved.is_file() and "model_type" in json.loads(saved.read_text())
-        except (OSError, ValueError) as e:
-            ap.error(f"--run: cannot read {saved}: {e}")
-        if hf and not args.data:
-            ap.error("--run with a HF checkpoint needs --data (tokenized with its tokenizer)")
         given = ["--" + f.replace("_", "-") for f in TRAIN_ONLY_FLAGS
                  if getattr(args, f) not in (None, False)]
         if given:
             ap.error(f"--run: {', '.join(given)} only shape(s) the preset's training; a --run model is not "
                      "retrained (drop them, or drop --run)")
+        kind = run_kind(ap, args.run)
+        if kind == "hf" and not args.data:
+            ap.error("--run with a HF checkpoint needs --data (tokenized with its tokenizer)")
+        args.tokenizer = run_tokenizer(ap, args.run, kind, args.tokenizer)
+    elif args.tokenizer is not None:
+        ap.error("--tokenizer is for a --run HF checkpoint; the preset's model trains on byte tokens")
     elif args.data is not None and args.data.startswith(("synthetic:", "domains:")):
         ap.error(f"--data {args.data!r}: a synthetic / domains spec needs --run (the preset's model is "
                  "trained on a corpus or prepared dataset)")
@@ -171,11 +173,8 @@ def load_model(args, preset, out: Path):
 
     if args.run:
         run = Path(args.run)
-        saved = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
-        if "model_type" in saved:  # a HF checkpoint directory
+        if run_kind(None, run) == "hf":  # (--data and the tokenizer checked by _check_args)
             from jaxformers.convert import from_hf
-            if not args.data:
-                raise SystemExit("--run with a HF checkpoint needs --data (tokenized with its tokenizer)")
             cfg, params = from_hf(str(run), dtype="float32")
             return cfg, params, args.data, args.tokenizer, {"source": f"hf:{run}"}
         cfg, tc, params = load_run(run)
@@ -335,6 +334,7 @@ def run(args, ap=None) -> dict:
     errors that need the loaded model)."""
     import jax
     from jaxformers.transforms import delete_layers, pair_layers, shuffle_layers, swap_layers
+    from jaxformers.transforms.layer_parallel import base_models
 
     preset = _preset(args)
     out = Path(args.out)
@@ -342,7 +342,15 @@ def run(args, ap=None) -> dict:
     cfg, params, data, tokenizer, info = load_model(args, preset, out)
     if args.train_only:
         return {"train_only": True, **info}
-    check_model(ap, args, preset, cfg.n_layer, cfg.max_seq_len)  # before any evaluation or timing
+    # before any evaluation or timing
+    if cfg.model not in base_models():
+        usage_error(ap, f"--run: layer pairs need a plain transformer ({base_models()}), got model {cfg.model!r}")
+    check_model(ap, args, preset, cfg.n_layer, cfg.max_seq_len)
+    check_data_vocab(ap, data, tokenizer, cfg.vocab_size)
+    # pairs are per-layer trees: a scanned run is timed unrolled too, so that the speed-ups
+    # compare pairing, not the layer loop's form
+    info["unrolled_from_scan"] = bool(cfg.scan_layers)
+    cfg, params = unrolled(cfg, params)
     seq_len = min(preset["train"]["seq_len"], cfg.max_seq_len)
     prompt_len = min(preset["prompt_len"], cfg.max_seq_len - preset["decode_tokens"])  # >= 1 (check_model)
     batch, dtype = preset["infer_batch"], preset["infer_dtype"]

@@ -5,8 +5,10 @@ without the rotations, and the activation outliers the rotations remove.
     python -m experiments.quarot --preset gpu --out runs/quarot-gpu    # llama "small" width, d 768, 12 layers
     python -m experiments.quarot --run RUN_DIR --out DIR               # a llama run, or an HF Llama dir
 
-An HF Llama dir needs ``--data``: a prepared dataset directory (``meta.json``) whose token ids
-come from that model's tokenizer (this library has no HF tokenizer; byte/BPE corpora only).
+A run trained here is evaluated on its own data and tokenizer (``--data`` overrides the data; a
+scanned run is unrolled).  An HF Llama dir needs ``--data`` (a corpus, tokenized with
+``--tokenizer``, default the checkpoint's ``tokenizer.json``, or a dataset directory prepared
+with that tokenizer); data whose vocabulary exceeds the model's is a usage error.
 
 Without ``--run`` the preset's ``llama`` is trained first (``jaxformers.training.train``,
 byte tokens of the built-in corpus, seed ``--seed``).  Each scheme of :data:`SCHEMES` goes
@@ -47,8 +49,9 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.common import (experiment_parser, median_ms, parse_experiment_args, parse_list, train_fresh,
-                                train_overrides, usage_error)
+from experiments.common import (check_data_vocab, experiment_parser, median_ms, parse_experiment_args,
+                                parse_list, run_kind, run_tokenizer, train_fresh, train_overrides, unrolled,
+                                usage_error)
 
 PRESETS = {
     "tiny": dict(model=dict(preset="tiny", max_seq_len=128),
@@ -112,7 +115,8 @@ def _parser():
     ap.add_argument("--int-schemes", default=None,
                     help=f"comma list of integer-path rows (default: all of {list(INT_SCHEMES)}; "
                          "'none' alone: skip)")
-    ap.add_argument("--tokenizer", default=None, help="tokenizer of --data (default: byte, or the HF dir)")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer of --data for a --run HF checkpoint (default: "
+                                                      "its tokenizer.json); a run trained here uses its own")
     return ap
 
 
@@ -123,8 +127,13 @@ def _check_args(ap, args) -> None:
         ap.error("--run: empty path")
     if args.run and args.steps is not None:
         ap.error("--run: --steps only shapes the preset's training; a --run model is not retrained")
-    if args.run and not Path(args.run).is_dir():
-        ap.error(f"--run {args.run!r}: no such directory")
+    if args.run:
+        kind = run_kind(ap, args.run)
+        if kind == "hf" and not args.data:
+            ap.error("--run with an HF Llama dir needs --data (text to evaluate on)")
+        args.tokenizer = run_tokenizer(ap, args.run, kind, args.tokenizer)
+    elif args.tokenizer is not None:
+        ap.error("--tokenizer is for a --run HF checkpoint; the preset's model trains on byte tokens")
     args.only = parse_list(ap, "--only", args.only, allowed=list(SCHEMES), unique=True)
     args.int_schemes = parse_list(ap, "--int-schemes", args.int_schemes, allowed=list(INT_SCHEMES),
                                   unique=True, none=True)
@@ -135,26 +144,17 @@ def _load_source(args, preset, out):
     import jax
     from jaxformers import get_config
     from jaxformers.training import load_run
-    from jaxformers.training.rundir import CONFIG_FILE
     from jaxformers.training.steps import resolve_dtype
     if args.run:
         run = Path(args.run)
-        if (run / CONFIG_FILE).exists():
+        if run_kind(None, run) == "run":
             cfg, tc, params = load_run(run)
             data = args.data or tc.data
-            tok = args.tokenizer or tc.tokenizer
-            return cfg, params, data, tok, dict(batch_size=tc.batch_size, seq_len=tc.seq_len,
-                                                eval_batches=tc.eval_batches), resolve_dtype(tc.dtype), None
-        from jaxformers.convert.hf_llama import from_hf
-        if not args.data:
-            raise SystemExit("--run with an HF Llama dir needs --data (text to evaluate on)")
-        from jaxformers.training.trainer import open_dataset
+            return cfg, params, data, tc.tokenizer, dict(batch_size=tc.batch_size, seq_len=tc.seq_len,
+                                                         eval_batches=tc.eval_batches), resolve_dtype(tc.dtype), None
+        from jaxformers.convert.hf_llama import from_hf  # (--data, the tokenizer: _check_args)
         cfg, params = from_hf(str(run))
-        tok = args.tokenizer or "byte"
-        _, meta, _, _ = open_dataset(args.data, tok)
-        if int(meta["vocab_size"]) > cfg.vocab_size:
-            raise SystemExit(f"--data has a vocabulary of {meta['vocab_size']} > the model's "
-                             f"{cfg.vocab_size}: pass a dataset prepared with the model's tokenizer")
+        tok = args.tokenizer
         dtype = "bfloat16" if jax.default_backend() != "cpu" else "float32"
         return cfg, params, args.data, tok, dict(
             batch_size=8, seq_len=min(2048, cfg.max_seq_len), eval_batches=40), dtype, None
@@ -326,6 +326,10 @@ def run(args, ap=None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg, params, data, tok, ev_kw, dtype, summary = _load_source(args, preset, out)
+    if cfg.model != "llama":
+        usage_error(ap, f"--run: QuaRot needs a llama model (RMSNorm, SwiGLU), got model {cfg.model!r}")
+    check_data_vocab(ap, data, tok, cfg.vocab_size)  # before anything is evaluated
+    cfg, params = unrolled(cfg, params)
     if args.run:  # the run's (or the HF default's) eval shape, unless given
         if args.seq_len is not None:
             if args.seq_len > cfg.max_seq_len:

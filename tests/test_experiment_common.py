@@ -138,6 +138,17 @@ EXPERIMENTS = {"cotformer", "denseformer", "scfa_lm", "mamba", "layer_parallel",
     ("layer_parallel", ["--n-layer", "0", "--iters", "0"], "--n-layer"),
     ("layer_parallel", ["--decode-tokens", "128"], "--decode-tokens"),
     ("layer_parallel", ["--run", "{tmp}", "--steps", "3"], "--steps"),
+    ("layer_parallel", ["--tokenizer", "bpe"], "--tokenizer"),  # the preset trains on bytes
+    ("layer_parallel", ["--run", "{tmp}"], "--run"),            # no config.json
+    ("layer_parallel", ["--run", "{tmp}/run", "--tokenizer", "bpe"], "--tokenizer"),  # its own
+    ("layer_parallel", ["--run", "{tmp}/hf", "--data", "default"], "--tokenizer"),  # no tokenizer.json
+    ("layer_parallel", ["--run", "{tmp}/hf"], "--data"),
+    ("layer_parallel", ["--run", "{tmp}/neither"], "--run"),
+    ("quarot", ["--tokenizer", "bpe"], "--tokenizer"),
+    ("quarot", ["--run", "{tmp}"], "--run"),
+    ("quarot", ["--run", "{tmp}/run", "--tokenizer", "bpe"], "--tokenizer"),
+    ("quarot", ["--run", "{tmp}/hf", "--data", "default"], "--tokenizer"),
+    ("quarot", ["--run", "{tmp}/hf"], "--data"),
     ("quarot", ["--only", "W4A16_RTN,W4A16_TYPO"], "--only"),
     ("quarot", ["--int-schemes", "W9A9"], "--int-schemes"),
     ("quarot", ["--calib", "0"], "--calib"),
@@ -183,6 +194,11 @@ def test_bad_arguments_are_usage_errors_before_anything_runs(capsys, monkeypatch
         raise AssertionError(f"experiments.{module} got past its argument checks")
 
     monkeypatch.setattr(mod, TRIPWIRES[module], tripwire)
+    # --run directories told apart by their config.json: a run trained here, a HF checkpoint
+    # (without tokenizer.json), and neither
+    for name, saved in (("run", {"model": {}, "train": {}}), ("hf", {"model_type": "llama"}), ("neither", {})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(saved))
     out = tmp_path / "out"
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv] + ["--out", str(out)]
     err = _usage_error(capsys, mod.main, argv + (["--no-compile-cache"] if module in EXPERIMENTS else []))

@@ -31,3 +31,40 @@ def test_layer_parallel_experiment_writes_results(tmp_path):
     assert [s["layers"] for s in st["swap"]] == [[0, 1], [1, 2], [2, 3]]
     assert len(st["shuffle"]) == 2 and all(sorted(s["order"]) == [0, 1, 2, 3] for s in st["shuffle"])
     assert (out / "layer_parallel.png").stat().st_size > 1000
+
+
+def test_layer_parallel_run_checks(tmp_path, capsys):
+    """A scanned ``--run`` is unrolled before the baseline is timed (its speed-ups compared the
+    scanned layer loop with unrolled pairs); a non-gpt/llama run and data whose vocabulary
+    exceeds the model's are usage errors before any evaluation."""
+    import jax
+    import pytest
+
+    import jaxformers as jf
+    from jaxformers.convert import to_hf
+    from jaxformers.training import TrainConfig, train
+
+    kw = dict(vocab_size=257, d_model=32, n_layer=4, n_head=4, max_seq_len=64)
+
+    def mk(name, cfg):
+        train(cfg, TrainConfig(seed=0, data="default", out_dir=str(tmp_path / name), steps=2, batch_size=2,
+                               seq_len=16, warmup_steps=0, eval_every=0, eval_batches=1, checkpoint_every=0),
+              progress=False)
+        return str(tmp_path / name)
+    common = ["--eval-batches", "1", "--seq-len", "16", "--batch-size", "2", "--decode-tokens", "3",
+              "--iters", "1", "--no-study", "--no-compile-cache"]
+    scanned = mk("scanned", jf.get_config("llama", "tiny", n_kv_head=2, d_ff=64, scan_layers=True, **kw))
+    res = exp.main(["--run", scanned, "--out", str(tmp_path / "o1"), *common])
+    assert res["source"]["unrolled_from_scan"] is True and res["baseline"]["decode_b1_tokens_per_s"] > 0
+    assert [(r["start"], r["end"]) for r in res["pairs"]] == [(1, 3), (1, 3)]
+    dense = mk("dense", jf.get_config("denseformer", "tiny", **kw))
+    with pytest.raises(SystemExit):
+        exp.main(["--run", dense, "--out", str(tmp_path / "o2"), *common])
+    assert "got model 'denseformer'" in capsys.readouterr().err
+    small = jf.get_config("llama", "tiny", **dict(kw, vocab_size=100))
+    to_hf(small, jf.init_params(jf.build(small), jax.random.PRNGKey(0)), str(tmp_path / "hf100"))
+    with pytest.raises(SystemExit):
+        exp.main(["--run", str(tmp_path / "hf100"), "--data", "default", "--tokenizer", "byte",
+                  "--out", str(tmp_path / "o3"), *common])
+    assert "vocabulary of 257 > the model's vocab_size=100" in capsys.readouterr().err
+    assert not any((tmp_path / o / "results.json").exists() for o in ("o2", "o3"))

@@ -30,3 +30,36 @@ def test_quarot_experiment_writes_results(tmp_path):
     assert 0.125 < mem["int4_packed"]["ratio_to_float32"] < 0.16 < 0.25 < mem["int8"]["ratio_to_float32"] < 0.3
     for png in ("quarot_ppl.png", "quarot_outliers.png", "quarot_int.png"):
         assert (out / png).stat().st_size > 1000
+
+
+def test_quarot_on_hf_and_scanned_runs(tmp_path, capsys):
+    """``--run`` a HF Llama dir (every HF dir was taken for a run trained here: KeyError
+    'model'), a run trained with ``scan_layers`` (failed in ``quantize``), and data whose
+    vocabulary exceeds the model's (NaN perplexities, then a crash in the plot): a usage
+    error before anything is evaluated."""
+    import jax
+    import pytest
+
+    import jaxformers as jf
+    from jaxformers.convert import to_hf
+    from jaxformers.training import TrainConfig, train
+
+    kw = dict(d_model=32, n_layer=2, n_head=4, n_kv_head=2, d_ff=64, max_seq_len=64)
+    run = tmp_path / "scanned"
+    train(jf.get_config("llama", "tiny", vocab_size=257, scan_layers=True, **kw),
+          TrainConfig(seed=0, data="default", out_dir=str(run), steps=2, batch_size=2, seq_len=16,
+                      warmup_steps=0, eval_every=0, eval_batches=1, checkpoint_every=0), progress=False)
+    small = jf.get_config("llama", "tiny", vocab_size=100, **kw)
+    to_hf(small, jf.init_params(jf.build(small), jax.random.PRNGKey(0)), str(tmp_path / "hf100"))
+    cfg = jf.get_config("llama", "tiny", vocab_size=257, **kw)
+    to_hf(cfg, jf.init_params(jf.build(cfg), jax.random.PRNGKey(0)), str(tmp_path / "hf"))
+    common = ["--eval-batches", "1", "--seq-len", "16", "--batch-size", "2", "--calib", "2",
+              "--only", "fp,W4A4KV4_RTN_rot", "--int-schemes", "none", "--no-compile-cache"]
+    for src, extra in ((run, []), (tmp_path / "hf", ["--data", "default", "--tokenizer", "byte"])):
+        res = exp.main(["--run", str(src), "--out", str(tmp_path / f"out_{src.name}"), *extra, *common])
+        assert all(1 < r["val_ppl"] < 1e4 for r in res["schemes"].values()), res["schemes"]
+    with pytest.raises(SystemExit):
+        exp.main(["--run", str(tmp_path / "hf100"), "--data", "default", "--tokenizer", "byte",
+                  "--out", str(tmp_path / "o100"), *common])
+    assert "vocabulary of 257 > the model's vocab_size=100" in capsys.readouterr().err
+    assert not (tmp_path / "o100" / "results.json").exists()
