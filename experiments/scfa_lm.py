@@ -13,7 +13,8 @@ compilation excluded), and the attention tiles (64x64 (q, k) tile pairs of the P
 one training step's forward computes: from the hash buckets / keep masks the model draws on a
 ``[batch_size, seq_len]`` batch (evaluation draw of the trained model), counted with
 ``pallas_kernels.sparse_attention.{hash,qk_sparse}_tile_count`` summed over layers, batch
-rows and heads, next to the dense causal flash kernel's count (``causal_tile_count``).
+rows and heads, next to the dense causal flash kernel's count (``causal_tile_count``);
+``tiles_per_sparse_layer`` lists the sparse layers' counts in model order (layer 0 first).
 On CPU the models train with the float32 reference (``sparse_impl="auto"``); ``kernel_check``
 runs the trained sparse models once through the Pallas kernels (interpret mode on CPU) and
 records the max |logits difference| vs the reference.  Plot: ``OUT/scfa_lm.png``.
@@ -90,7 +91,10 @@ def _check_args(ap, args) -> None:
 
 def tile_counts(cfg, params, batch, seq_len, seed, tile):
     """Attention tiles one forward of a ``[batch, seq_len]`` batch computes: (sparse model's,
-    dense causal flash kernel's), summed over layers, batch rows and query heads."""
+    dense causal flash kernel's, per sparse layer in model order), summed over layers, batch
+    rows and query heads.  Dense layers (``sparse_layers``) count as the causal kernel's tiles;
+    ``scan_layers`` models are counted per layer too (``attention_labels`` raises rather than
+    miss a sparse layer)."""
     import jax
     import numpy as np
     from jaxformers import build
@@ -105,7 +109,7 @@ def tile_counts(cfg, params, batch, seq_len, seed, tile):
     counter = hash_tile_count if cfg.model == "hash_sparse" else qk_sparse_tile_count
     per_layer = [int(np.asarray(counter(ql, kl, block_q=tile, block_k=tile)).sum())
                  for ql, kl in attention_labels(build(cfg), params, tokens)]
-    n_dense_layers = cfg.n_layer - len(per_layer)
+    n_dense_layers = sum(not cfg.is_sparse_layer(i) for i in range(cfg.n_layer))
     return sum(per_layer) + n_dense_layers * dense_layer, dense, per_layer
 
 

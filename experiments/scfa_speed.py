@@ -101,6 +101,7 @@ def bench(name, fn, q, k, v, do, *, on_gpu, warmup, iters):
 #: the value of either
 FULL = dict(seq_lens=(1024, 2048, 4096, 8192, 16384, 32768), buckets=(2, 4, 8, 16, 32, 64),
             keep=(0.2, 0.4, 0.6, 0.8), tokens=16384, heads=12, head_dim=64, block=64, warmup=2, iters=5)
+MIN_BLOCK = 16  # smallest tile of the GPU kernels (Triton's tl.dot)
 QUICK = dict(seq_lens=(64,), buckets=(2, 4), keep=(0.5,), tokens=128, heads=2, head_dim=32, block=16,
              warmup=1, iters=2)
 
@@ -121,6 +122,10 @@ def sweep_config(ap, args) -> dict:
     for name in ("tokens", "heads", "head_dim", "block", "warmup", "iters"):
         if getattr(args, name) is not None:
             cfg[name] = getattr(args, name)
+    block = cfg["block"]
+    if block < MIN_BLOCK or block & (block - 1):
+        # the kernels' block_q / block_k: a power of two (Triton's tl.dot: >= 16)
+        ap.error(f"--block must be a power of two >= {MIN_BLOCK}, got {block}")
     return cfg
 
 
@@ -209,7 +214,8 @@ def main(argv=None):
                     help=f"B*T per config: B = max(1, tokens // T) (default {FULL['tokens']})")
     ap.add_argument("--heads", type=int, help=f"default {FULL['heads']}")
     ap.add_argument("--head-dim", type=int, help=f"default {FULL['head_dim']}")
-    ap.add_argument("--block", type=int, help=f"sparse kernels' block_q = block_k (default {FULL['block']})")
+    ap.add_argument("--block", type=int, help=f"sparse kernels' block_q = block_k, a power of two "
+                    f">= {MIN_BLOCK} (default {FULL['block']})")
     ap.add_argument("--warmup", type=int, help=f"default {FULL['warmup']}")
     ap.add_argument("--iters", type=int, help=f"default {FULL['iters']}")
     args = ap.parse_args(argv)

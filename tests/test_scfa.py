@@ -10,7 +10,7 @@ import pytest
 
 import jaxformers as jf
 from jaxformers.models.scfa import (SCFAConfig, SparseAttention, attention_labels, hash_buckets,
-                                    hash_matrices, keep_bits)
+                                    hash_matrices, keep_bits, packed_labels, segment_ranks)
 from pallas_kernels.sparse_attention import causal_tile_count, hash_tile_count, qk_sparse_tile_count
 
 SMALL = dict(vocab_size=64, d_model=32, n_head=2, n_layer=2, max_seq_len=32)
@@ -176,6 +176,82 @@ def test_packed_segments_equal_separate_sequences(name):
     packed = _apply(cfg, tok, seg)
     np.testing.assert_allclose(packed[:, :6], _apply(cfg, tok[:, :6]), atol=2e-5)
     np.testing.assert_allclose(packed[:, 6:], _apply(cfg, tok[:, 6:]), atol=2e-5)
+
+
+@pytest.mark.parametrize("name", ["hash_sparse", "qk_sparse"])
+def test_packed_segments_with_any_integer_ids(name):
+    """Packed == separate for ids the old label encodings collided on: hash ``b + 4 * 2**30``
+    wrapped to segment 0's labels; QK's -1 / -2 were also the dropped-query / -key markers."""
+    cfg = _cfg(name)
+    tok = _tokens(b=1, t=16)
+    first, second = _apply(cfg, tok[:, :6]), _apply(cfg, tok[:, 6:])
+    for ids in ((0, 2 ** 30), (-1, 5), (-2, 5), (5, -1), (2 ** 31 - 1, -2 ** 31)):
+        packed = _apply(cfg, tok, jnp.asarray([[ids[0]] * 6 + [ids[1]] * 10], jnp.int32))
+        np.testing.assert_allclose(packed[:, :6], first, atol=2e-5, err_msg=str(ids))
+        np.testing.assert_allclose(packed[:, 6:], second, atol=2e-5, err_msg=str(ids))
+
+
+def test_segments_are_id_equality_as_in_the_baseline():
+    """Non-adjacent runs of one id form one segment (the baseline masks by id equality): one
+    bucket / no dropping with such ids == the baseline with the same ids."""
+    seg = jnp.asarray([[7, 7, 7, -3, -3, 7, 7, 2 ** 30, 2 ** 30, -3, -3, -3, 7, 0, 0, 0],
+                       [-1, -1, -2, -2, -1, -1, -1, -2, 3, 3, 3, 3, -1, -1, -2, -2]], jnp.int32)
+    np.testing.assert_array_equal(segment_ranks(seg), [[2, 2, 2, 0, 0, 2, 2, 3, 3, 0, 0, 0, 2, 1, 1, 1],
+                                                       [1, 1, 0, 0, 1, 1, 1, 0, 2, 2, 2, 2, 1, 1, 0, 0]])
+    tok = _tokens()
+    base = _apply(jf.get_config("gpt", "tiny", **SMALL), tok, seg)
+    for cfg in (_cfg("hash_sparse", n_buckets=1), _cfg("qk_sparse", qk_drop_rate=0.0)):
+        np.testing.assert_allclose(_apply(cfg, tok, seg), base, atol=2e-5, rtol=2e-5)
+    # the int32 label range: n_buckets * T must fit
+    lab = jnp.zeros((1, 16, 1), jnp.int32)
+    packed_labels("hash", lab, lab, seg[:1], 2 ** 27)  # 2**27 * 16 = 2**31: fits
+    with pytest.raises(ValueError, match="n_buckets"):
+        packed_labels("hash", lab, lab, seg[:1], 2 ** 28)
+
+
+def test_attention_labels_in_layer_order():
+    """Entry i is the i-th sparse layer's labels (string order put blocks_10 before blocks_2)."""
+    cfg = _cfg("hash_sparse", d_model=16, n_layer=11, sparse_layers=(2, 5, 10))
+    m, tok = jf.build(cfg), _tokens(b=1)
+    params = jf.init_params(m, jax.random.PRNGKey(1), tok)
+    labels = attention_labels(m, params, tok)
+    inter = m.apply({"params": params}, tok, mutable=["intermediates"])[1]["intermediates"]
+    assert sorted(inter) == ["blocks_10", "blocks_2", "blocks_5"]
+    assert len(labels) == 3
+    for (ql, kl), layer in zip(labels, ("blocks_2", "blocks_5", "blocks_10")):
+        np.testing.assert_array_equal(ql, inter[layer]["attn"]["q_labels"][0])
+        np.testing.assert_array_equal(kl, inter[layer]["attn"]["k_labels"][0])
+
+
+@pytest.mark.parametrize("name", ["hash_sparse", "qk_sparse"])
+def test_attention_labels_under_scan_layers(name):
+    """``scan_layers``: one entry per layer (not ``[]``), entry i the i-th layer's.  The scanned
+    layers share one draw and a scan's first layers do not depend on its length, so entry i must
+    be the last entry of the same model cut to i + 1 layers."""
+    cfg = _cfg(name, d_model=16, n_layer=3, scan_layers=True)
+    tok = _tokens(b=1)
+    params = jf.init_params(jf.build(cfg), jax.random.PRNGKey(1), tok)
+    labels = attention_labels(jf.build(cfg), params, tok)
+    assert len(labels) == 3
+    assert labels[0][0].shape == (1, 16, 2) and labels[0][1].shape == (1, 16, 2)
+    for i in range(2):
+        cut = cfg.replace(n_layer=i + 1)
+        p = {**params, "blocks": jax.tree.map(lambda x: x[:i + 1], params["blocks"])}
+        ql, kl = attention_labels(jf.build(cut), p, tok)[-1]
+        np.testing.assert_array_equal(labels[i][0], ql)
+        np.testing.assert_array_equal(labels[i][1], kl)
+    if name == "hash_sparse":  # one R, but each layer hashes its own q / k
+        assert not np.array_equal(labels[0][1], labels[2][1])
+    else:  # keep bits depend on the (shared) key and positions only
+        np.testing.assert_array_equal(labels[0][1], labels[2][1])
+        assert 0.3 < float(labels[0][0].mean()) < 0.7
+
+
+@pytest.mark.parametrize("seed", [1.5, "7", None, True, -1, 2 ** 32])
+def test_hash_seed_must_be_an_int(seed):
+    with pytest.raises(ValueError, match="hash_seed"):
+        _cfg("hash_sparse", hash_seed=seed)
+    assert _cfg("hash_sparse", hash_seed=2 ** 32 - 1).hash_seed == 2 ** 32 - 1
 
 
 @pytest.mark.parametrize("name", ["hash_sparse", "qk_sparse"])

@@ -253,3 +253,70 @@ def test_tile_count_is_a_small_fraction_at_4096():
     assert int(hash_tile_count(one, one)[0, 0]) == causal_tile_count(t)
     keep = jnp.ones((1, t, 1), bool)
     assert int(qk_sparse_tile_count(keep, keep)[0, 0]) == causal_tile_count(t)
+
+
+_I = jnp.zeros((1, 64, 2), jnp.int32)
+_B = jnp.ones((1, 64, 2), bool)
+
+
+@pytest.mark.parametrize("count, args, kw, match", [
+    # an int 0/1 keep mask counted 0 tiles (bitwise ~), as the kernel it must be refused
+    (qk_sparse_tile_count, (_B.astype(jnp.int32), _B), {}, "q_keep must be a bool"),
+    (qk_sparse_tile_count, (_B, _B.astype(jnp.int32)), {}, "k_keep must be a bool"),
+    # float buckets were truncated (0.3 and 0.7 -> one bucket); bool buckets are refused
+    (hash_tile_count, (_I + 0.3, _I + 0.7), {}, "q_buckets must be an integer"),
+    (hash_tile_count, (_I, _I > 0), {}, "k_buckets must be an integer"),
+    (hash_tile_count, (_I, jnp.zeros((1, 64, 3), jnp.int32)), {}, "k_buckets"),  # Hq % Hkv
+    (hash_tile_count, (_I, jnp.zeros((1, 32, 2), jnp.int32)), {}, "k_buckets"),
+    (hash_tile_count, (_I[0], _I[0]), {}, "q_buckets"),
+    (qk_sparse_tile_count, (_B, _B[:, :, :1]), {"block_q": 48}, "block_q"),
+    (hash_tile_count, (_I, _I), {"block_k": 48}, "block_k"),
+    (hash_tile_count, (_I, _I), {"block_q": True}, "block_q"),
+    (hash_tile_count, (_I, _I), {"platform": "cuda"}, "platform"),
+    (causal_tile_count, (64,), {"block_q": 48}, "block_q"),
+    (causal_tile_count, (64,), {"platform": "cuda"}, "platform"),
+    (causal_tile_count, (0,), {}, "t must be"),
+])
+def test_tile_count_validation(count, args, kw, match):
+    """The tile counters check their inputs as the kernels do (they silently miscounted)."""
+    with pytest.raises(ValueError, match=match):
+        count(*args, **kw)
+
+
+def test_tile_count_accepts_what_the_kernels_accept():
+    """numpy inputs, any integer bucket dtype, GQA labels, TPU tiles."""
+    qb = np.arange(64 * 2, dtype=np.int64).reshape(1, 64, 2) % 3
+    kb = np.arange(64, dtype=np.uint8).reshape(1, 64, 1) % 3
+    n = hash_tile_count(qb, kb, block_q=16, block_k=16)
+    assert n.shape == (1, 2) and 0 < n.max() < causal_tile_count(64, block_q=16, block_k=16)
+    assert qk_sparse_tile_count(np.ones((1, 64, 2), bool), np.ones((1, 64, 1), bool),
+                                platform="tpu").tolist() == [[1, 1]]
+
+
+def test_return_tile_count_flag_and_refusals():
+    """``return_tile_count``: a bool (a string like "no" was read as true); differentiating the
+    counted forward gives a ValueError naming it (not a bare AssertionError from Pallas)."""
+    q, k, v, _ = _inputs(0, 1, 40, 1, 1, 16)
+    ql = _buckets(1, (1, 40, 1), range(2))
+    kw = dict(interpret=True, block_q=16, block_k=16)
+    with pytest.raises(ValueError, match="return_tile_count must be a bool"):
+        hash_attention(q, k, v, ql, ql, return_tile_count="no", **kw)
+    with pytest.raises(ValueError, match="return_tile_count"):
+        qk_sparse_attention(q, k, v, ql > 0, ql > 0, return_tile_count=1, **kw)
+
+    def loss(q):
+        return hash_attention(q, k, v, ql, ql, return_tile_count=True, **kw)[0].sum()
+    with pytest.raises(ValueError, match="return_tile_count=True: the counted forward is not "
+                                         "differentiable"):
+        jax.eval_shape(jax.grad(loss), q)  # traced only: the VJP raises while tracing
+    o, cnt = jax.eval_shape(lambda q: hash_attention(q, k, v, ql, ql, return_tile_count=True, **kw), q)
+    assert o.shape == q.shape and cnt.shape == (1, 1) and cnt.dtype == jnp.int32
+
+    S = jax.ShapeDtypeStruct
+    args = [S((1, 256, 2, 64), jnp.bfloat16)] * 3 + [S((1, 256, 2), jnp.int32)] * 2
+
+    def counted(*a):
+        return hash_attention(*a, interpret=False, return_tile_count=True)
+    # lowered for CUDA (Pallas' Triton lowering, CPU-only jaxlib): the counting forward kernel
+    from pallas_kernels.triton_inspect import triton_calls
+    assert [c.name for c in triton_calls(counted, *args)] == ["sparse_attention_fwd"]

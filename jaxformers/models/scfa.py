@@ -32,7 +32,9 @@ deterministic and the same at every call.  Keep masks are drawn per batch row as
 *position* (mod ``max_seq_len``), so a token's keep bit depends only on (key, row,
 position, head), not on the batch size or the sequence length of the call; that is what
 makes decoding equal the full forward.  Under ``scan_layers`` the layers share one rng
-stream, so all scanned layers use the same R / masks (unrolled layers differ).
+stream, so all scanned layers use the same R / masks (unrolled layers differ).  The layer
+scan also stacks the sown ``intermediates`` (the labels) on the layer axis, so
+:func:`attention_labels` returns one entry per layer, in model order, with or without it.
 
 Decoding (KV cache).  The cache is the baseline's ``{'k', 'v'}`` (post-rotary keys).
 A decoding step uses the fixed eval randomness: it hashes the new queries and every
@@ -42,9 +44,12 @@ slots up in the position-indexed table (cache slot ``s`` holds position ``s``, a
 baseline's decoding assumes); then one dense masked softmax over the cache (float32, as
 the baseline decodes with the XLA path).  Prefill + decode equals the full forward.
 
-Packed sequences (``segment_ids``): hash labels become ``bucket + n_buckets * segment``;
-QK-sparse with segments runs the hash op with labels ``segment`` (kept) / ``-1``
-(dropped query) / ``-2`` (dropped key), the same visibility.  ``window`` is not supported.
+Packed sequences (``segment_ids``, any integer ids; tokens see only keys of an equal id, as
+in the baseline): the ids are first mapped to dense per-row ranks in ``[0, T)``
+(:func:`segment_ranks`), then hash labels become ``bucket + n_buckets * rank`` (needs
+``n_buckets * T <= 2**31``) and QK-sparse with segments runs the hash op with labels
+``rank`` (kept) / ``-1`` (dropped query) / ``-2`` (dropped key), the same visibility
+(:func:`packed_labels`).  ``window`` is not supported.
 
 FLOPs / MFU: ``attention_flops_per_token`` is the baseline's dense-causal count (as if no
 tile were skipped), so the MFU of a sparse model is a dense-equivalent number;
@@ -129,6 +134,10 @@ class SCFAConfig(TransformerConfig):
         if not isinstance(nb, int) or isinstance(nb, bool) or nb < 1 or (nb > 1 and nb % 2):
             raise ValueError(f"n_buckets must be 1 or an even int >= 2 (argmax over [xR, -xR]), "
                              f"got {nb!r}")
+        hs = self.hash_seed
+        if not isinstance(hs, int) or isinstance(hs, bool) or not 0 <= hs < 2 ** 32:
+            raise ValueError(f"hash_seed must be an int in [0, 2**32) (the PRNGKey seed of the fixed "
+                             f"evaluation / decoding draw), got {hs!r}")
         if not 0.0 <= float(self.qk_drop_rate) < 1.0:
             raise ValueError(f"qk_drop_rate must be in [0, 1), got {self.qk_drop_rate!r}")
         if self.sparse_layers is not None:
@@ -174,6 +183,40 @@ def keep_bits(key, positions, n_heads: int, max_len: int, drop_rate: float):
     return jnp.take_along_axis(table, idx[:, :, None], axis=1) >= drop_rate
 
 
+def segment_ranks(segment_ids):
+    """``[B, T]`` segment ids (any values) -> ``[B, T]`` int32 dense ranks per row: the index of
+    each id among its row's distinct ids in increasing order, so ranks are in ``[0, T)`` and
+    equal exactly where the ids are equal (the baseline's segment mask is id equality, so two
+    runs with the same id, adjacent or not, stay one segment)."""
+    order = jnp.argsort(segment_ids, axis=1, stable=True)
+    srt = jnp.take_along_axis(segment_ids, order, axis=1)
+    new = jnp.concatenate([jnp.zeros_like(srt[:, :1], jnp.int32),
+                           (srt[:, 1:] != srt[:, :-1]).astype(jnp.int32)], axis=1)
+    ranks = jnp.cumsum(new, axis=1, dtype=jnp.int32)                  # ranks in sorted order
+    return jnp.take_along_axis(ranks, jnp.argsort(order, axis=1), axis=1)
+
+
+def packed_labels(kind: str, q_lab, k_lab, segment_ids, n_buckets: int):
+    """Hash-op labels for packed sequences: query ``i`` sees key ``j`` (``j <= i``) iff the labels
+    match, i.e. same segment and same bucket (``kind="hash"``) / same segment and both kept
+    (``kind="qk"``).  Segment ids are first mapped to their dense per-row ranks
+    (:func:`segment_ranks`), so any integer ids work (large, negative, non-contiguous):
+
+    * hash: ``bucket + n_buckets * rank`` (needs ``n_buckets * T <= 2**31``: int32 labels;
+      a ``ValueError`` otherwise);
+    * qk: ``rank`` for kept tokens (``>= 0``), ``-1`` for dropped queries and ``-2`` for
+      dropped keys (never equal to a rank or to each other).
+    """
+    t = segment_ids.shape[1]
+    rank = segment_ranks(segment_ids)[:, :, None]
+    if kind == "hash":
+        if n_buckets * t > 2 ** 31:
+            raise ValueError(f"packed segment_ids with n_buckets={n_buckets} need n_buckets * T <= 2**31 "
+                             f"(int32 labels bucket + n_buckets * segment rank), got T={t}")
+        return q_lab + n_buckets * rank, k_lab + n_buckets * rank
+    return jnp.where(q_lab, rank, -1), jnp.where(k_lab, rank, -2)
+
+
 def resolve_sparse_impl(impl: str) -> str:
     if impl == "auto":
         return "pallas" if jax.default_backend() in ("gpu", "tpu", "cuda", "rocm") else "reference"
@@ -214,13 +257,8 @@ class SparseAttention(nn.Module):
         c = self.config
         kind = c.kind
         if segment_ids is not None:
-            seg = segment_ids.astype(jnp.int32)[:, :, None]
-            if kind == "hash":
-                q_lab, k_lab = q_lab + c.n_buckets * seg, k_lab + c.n_buckets * seg
-            else:
-                q_lab = jnp.where(q_lab, seg, -1)
-                k_lab = jnp.where(k_lab, seg, -2)
-                kind = "hash"
+            q_lab, k_lab = packed_labels(kind, q_lab, k_lab, segment_ids, c.n_buckets)
+            kind = "hash"
         if resolve_sparse_impl(c.sparse_impl) == "reference":
             fn = sa.hash_reference if kind == "hash" else sa.qk_sparse_reference
             return fn(q, k, v, q_lab, k_lab)
@@ -276,22 +314,37 @@ class SCFATransformer(Transformer):
         c = self.config
         return [SparseBlock if c.is_sparse_layer(i) else Block for i in range(c.n_layer)]
 
+    #: the layer scan also stacks the sown labels (``intermediates``) per layer
+    scanned_collections = ("intermediates",)
+
 
 def attention_labels(module, params, tokens):
-    """``[(q_labels, k_labels)]`` of every sparse layer for ``tokens`` (evaluation draw),
-    as the forward pass computes them (for tile counts)."""
-    _, state = _labels_fn(type(module), module.config)(params, tokens)
-    out = []
+    """``[(q_labels, k_labels)]`` of every sparse layer for ``tokens`` (evaluation draw), in
+    model order (layer 0 first; dense layers of ``sparse_layers`` skipped), as the forward pass
+    computes them (for tile counts).  Works with ``scan_layers`` (the scanned labels are split
+    per layer).  A ``ValueError`` if the count found differs from the model's sparse layers."""
+    c = module.config
+    _, state = _labels_fn(type(module), c)(params, tokens)
+    inter = state.get("intermediates", {})
 
-    def walk(tree):
-        if isinstance(tree, dict):
-            if "q_labels" in tree and "k_labels" in tree:
-                out.append((tree["q_labels"][0], tree["k_labels"][0]))
-            for key in sorted(tree, key=str):
-                if key not in ("q_labels", "k_labels"):
-                    walk(tree[key])
+    def find(tree):  # the (q_labels, k_labels) sown somewhere inside one block, or None
+        if not isinstance(tree, dict):
+            return None
+        if "q_labels" in tree and "k_labels" in tree:
+            return tree["q_labels"][0], tree["k_labels"][0]
+        hits = [h for h in (find(v) for v in tree.values()) if h is not None]
+        return hits[0] if len(hits) == 1 else None
 
-    walk(state.get("intermediates", {}))
+    if c.scan_layers:
+        found = find(inter.get("blocks", {}))
+        out = [] if found is None else [(q[i], k[i]) for q, k in [found] for i in range(q.shape[0])]
+    else:
+        out = [h for h in (find(inter.get(f"blocks_{i}", {})) for i in range(c.n_layer)) if h is not None]
+    want = sum(c.is_sparse_layer(i) for i in range(c.n_layer))
+    if len(out) != want:
+        raise ValueError(f"attention_labels found the labels of {len(out)} layers, but model "
+                         f"{c.model!r} has {want} sparse layers (n_layer={c.n_layer}, "
+                         f"sparse_layers={c.sparse_layers}, scan_layers={c.scan_layers})")
     return out
 
 

@@ -53,10 +53,11 @@ def remat_block(cls, config, scanned: bool):
     return nn.remat(cls, policy=_REMAT_POLICIES[config.remat](), prevent_cse=not scanned)
 
 
-def scan_blocks(target, config, in_axes):
+def scan_blocks(target, config, in_axes, extra_collections=()):
     """``nn.scan`` of a block class (or of a function taking a block first) over
-    ``config.n_layer`` layers: params (and sown losses) stacked on the ``layers`` axis."""
-    return nn.scan(target, variable_axes={name: 0 for name in SCANNED_COLLECTIONS},
+    ``config.n_layer`` layers: params (and sown losses, and any ``extra_collections``, e.g. a
+    model's sown ``intermediates``) stacked on the ``layers`` axis."""
+    return nn.scan(target, variable_axes={name: 0 for name in SCANNED_COLLECTIONS + tuple(extra_collections)},
                    split_rngs={"params": True, "dropout": True}, in_axes=in_axes, length=config.n_layer,
                    metadata_params={nn.PARTITION_NAME: LAYERS})
 
@@ -134,11 +135,15 @@ class Transformer(nn.Module):
                              "scan_layers=False")
         return classes[0]
 
+    #: collections besides params and losses that the layer scan stacks per layer (hook)
+    scanned_collections = ()
+
     def make_blocks(self):
         c = self.config
         if c.scan_layers:
             cls = remat_block(self.scanned_block_class(), c, scanned=True)
-            return scan_blocks(cls, c, (nn.broadcast, nn.broadcast, 0, nn.broadcast))(c)
+            return scan_blocks(cls, c, (nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                               self.scanned_collections)(c)
         return [remat_block(cls, c, scanned=False)(cfg)
                 for cls, cfg in zip(self.layer_classes(), self.layer_configs())]
 

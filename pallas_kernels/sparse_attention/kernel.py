@@ -37,8 +37,9 @@ same over q tiles for dK/dV); the kernels loop ``fori_loop(lo, hi)`` and run a
 block body under ``lax.cond(predicate)`` only (scalars from the tile tables),
 as the flash kernel's segment bounds.  :func:`hash_tile_count` /
 :func:`qk_sparse_tile_count` count the computed pairs from the same tables (no
-kernel), and ``return_tile_count=True`` makes the forward kernel itself count
-the bodies it ran.
+kernel; inputs checked as the kernels check them), and ``return_tile_count=True``
+makes the forward kernel itself count the bodies it ran (GPU layout only: refused
+under TPU interpret mode and on a TPU backend; not differentiable, its VJP raises).
 
 Kernels (FlashAttention-2 in base 2, as :mod:`pallas_kernels.flash_attention`,
 whose helpers and ``_Layout`` are reused): forward and dQ with grid
@@ -82,8 +83,8 @@ from jax.experimental import pallas as pl
 from ..flash_attention.kernel import (LOG2E, _MIN_BLOCK, _TPU_BLOCK, _Layout,
                                       _dot_nn, _dot_nt, _dot_tn, _is_pow2,
                                       _rows_slice, _tile_bytes, static_sm_scale)
-from .._common import (SQ, AttentionPlan, by_platform, check_qkv, compiler_params, next_pow2,
-                       resolve_interpret, round_up, select_plan)
+from .._common import (SQ, AttentionPlan, by_platform, check_flag, check_qkv, compiler_params,
+                       next_pow2, resolve_interpret, round_up, select_plan)
 
 POS_NEVER = 2 ** 30   # position of a key no query sees (dropped or padding)
 POS_BLIND = -1        # position of a query that sees no key (dropped or padding)
@@ -542,10 +543,40 @@ def _sorted_bwd(plan, res, do):
 _sorted_attention.defvjp(_sorted_fwd, _sorted_bwd)
 
 
+# ------------------------------------------------------------- counted forward (GPU only)
+_COUNT_TPU = ("return_tile_count=True runs the GPU-layout (Triton) forward kernel only and cannot "
+              "be {}; call without return_tile_count (or count the tiles with "
+              "hash_tile_count / qk_sparse_tile_count, platform='tpu')")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _counted_attention(qs, ks, vs, meta, plan):
+    """Sorted-space forward with the kernel's own tile count: ``(o, counts [B, Hq])``.  GPU layout
+    only; not differentiable (its VJP raises a ``ValueError``)."""
+    o, _, cnt = _forward(plan, qs, ks, vs, meta, count=True)
+    return _Layout(plan).unseq(o, plan.t), cnt.sum(-1)
+
+
+def _counted_fwd(qs, ks, vs, meta, plan):
+    return _counted_attention(qs, ks, vs, meta, plan), None
+
+
+def _counted_bwd(plan, res, ct):
+    raise ValueError("return_tile_count=True: the counted forward is not differentiable; "
+                     "differentiate a call without return_tile_count (same output)")
+
+
+_counted_attention.defvjp(_counted_fwd, _counted_bwd)
+
+
 # ------------------------------------------------------------------------- validation
-def _validate(q, k, v, q_lab, k_lab, names, label_kind, block_q, block_k):
-    check_qkv(q, k, v, self_attention=True)
-    (b, t, hq), hkv = q.shape[:3], k.shape[2]
+_PLATFORMS = ("gpu", "tpu")
+
+
+def _check_labels(q_lab, k_lab, names, label_kind, b, t, hq, hkv):
+    """``ValueError`` naming the argument unless ``q_lab [B, T, Hq]`` / ``k_lab [B, T, Hkv]``
+    have these shapes and the dtype of ``label_kind`` (``"bool"`` keep masks or ``"int"``
+    buckets: any integer dtype but bool)."""
     for name, lab, h, which in ((names[0], q_lab, hq, "q"), (names[1], k_lab, hkv, "k/v")):
         shape = tuple(getattr(lab, "shape", ()))
         if shape != (b, t, h):
@@ -555,11 +586,44 @@ def _validate(q, k, v, q_lab, k_lab, names, label_kind, block_q, block_k):
         ok = (dtype == jnp.bool_) if label_kind == "bool" else (
             dtype is not None and jnp.issubdtype(dtype, jnp.integer) and dtype != jnp.bool_)
         if not ok:
-            raise ValueError(f"{name} must be a {'bool' if label_kind == 'bool' else 'integer'} "
+            raise ValueError(f"{name} must be {'a bool' if label_kind == 'bool' else 'an integer'} "
                              f"[B, T, H] array, got dtype {dtype}")
+
+
+def _check_blocks(block_q, block_k):
     for name, val in (("block_q", block_q), ("block_k", block_k)):
-        if not _is_pow2(val):
+        if isinstance(val, (bool, np.bool_)) or not _is_pow2(val):
             raise ValueError(f"{name} must be a positive power of two, got {val!r}")
+
+
+def _check_platform(platform):
+    if not isinstance(platform, str) or platform not in _PLATFORMS:
+        raise ValueError(f"platform must be one of {_PLATFORMS} (the kernel variant whose tiles are "
+                         f"counted), got {platform!r}")
+
+
+def _validate(q, k, v, q_lab, k_lab, names, label_kind, block_q, block_k):
+    """The kernels' input checks (a ``ValueError`` naming the argument)."""
+    check_qkv(q, k, v, self_attention=True)
+    (b, t, hq), hkv = q.shape[:3], k.shape[2]
+    _check_labels(q_lab, k_lab, names, label_kind, b, t, hq, hkv)
+    _check_blocks(block_q, block_k)
+
+
+def _validate_counts(q_lab, k_lab, names, label_kind, block_q, block_k, platform):
+    """The tile counters' checks: the kernels' label, shape and block checks, with the shapes taken
+    from the labels (``q_lab [B, T, Hq]``, ``k_lab [B, T, Hkv]``, ``Hq % Hkv == 0``), and
+    ``platform`` in ``("gpu", "tpu")``."""
+    qshape, kshape = tuple(getattr(q_lab, "shape", ())), tuple(getattr(k_lab, "shape", ()))
+    if len(qshape) != 3 or min(qshape) < 1:
+        raise ValueError(f"{names[0]} must be a non-empty [B, T, Hq] array, got shape {qshape}")
+    b, t, hq = qshape
+    if len(kshape) != 3 or kshape[:2] != (b, t) or kshape[2] < 1 or hq % kshape[2]:
+        raise ValueError(f"{names[1]} must have shape [B, T, Hkv] = {(b, t)} + (Hkv,) with Hq = {hq} "
+                         f"a multiple of Hkv, got {kshape}")
+    _check_labels(q_lab, k_lab, names, label_kind, b, t, hq, kshape[2])
+    _check_blocks(block_q, block_k)
+    _check_platform(platform)
 
 
 def _plans(q, k, sm_scale, block_q, block_k, num_warps, num_stages, interpret):
@@ -579,11 +643,12 @@ def _sparse_attention(q, k, v, q_lab, k_lab, *, kind, sm_scale, block_q, block_k
     inv = jnp.argsort(qo, axis=-1).astype(jnp.int32)  # sorted slot of each original token
     if return_tile_count:
         if plan.tpu:
-            raise ValueError("return_tile_count runs the GPU-layout kernel only; use "
-                             "interpret=True or a GPU (not pltpu.InterpretParams)")
-        plan = dataclasses.replace(plan, tpu_plan=None)
-        o, _, cnt = _forward(plan, qs, ks, vs, meta, count=True)
-        return _gather_tokens(_Layout(plan).unseq(o, plan.t), inv), cnt.sum(-1)
+            raise ValueError(_COUNT_TPU.format("run in TPU interpret mode (pltpu.InterpretParams); "
+                                               "use interpret=True or a GPU"))
+        if not plan.interpret and jax.default_backend() == "tpu":
+            raise ValueError(_COUNT_TPU.format("compiled on a TPU"))
+        o, cnt = _counted_attention(qs, ks, vs, meta, dataclasses.replace(plan, tpu_plan=None))
+        return _gather_tokens(o, inv), cnt
     return _gather_tokens(_sorted_attention(qs, ks, vs, meta, plan), inv)
 
 
@@ -603,8 +668,11 @@ def hash_attention(q, k, v, q_buckets, k_buckets, *, sm_scale=None, interpret=No
         Pallas' TPU interpreter.
       block_q, block_k: GPU tile sizes (powers of two; shrunk for short sequences).  The TPU
         variant always uses 128-row tiles.
-      return_tile_count: also return ``[B, Hq]`` int32, the (q tile, k tile) bodies the
-        forward kernel ran (GPU layout only; not differentiable).
+      return_tile_count: a bool; ``True`` also returns ``[B, Hq]`` int32, the (q tile, k tile)
+        bodies the forward kernel ran.  GPU layout only: a ``ValueError`` under
+        ``pltpu.InterpretParams`` or on a TPU backend.  Not
+        differentiable: the forward runs, but its VJP (``jax.grad``, calling ``jax.vjp``'s
+        function) raises a ``ValueError``.
 
     Returns:
       ``[B, T, Hq, D]`` in q's dtype, in the original token order; rows with no visible key
@@ -614,7 +682,8 @@ def hash_attention(q, k, v, q_buckets, k_buckets, *, sm_scale=None, interpret=No
     return _sparse_attention(q, k, v, q_buckets, k_buckets, kind="hash",
                              sm_scale=static_sm_scale(sm_scale), block_q=block_q,
                              block_k=block_k, num_warps=num_warps, num_stages=num_stages,
-                             interpret=interpret, return_tile_count=return_tile_count)
+                             interpret=interpret,
+                             return_tile_count=check_flag("return_tile_count", return_tile_count))
 
 
 def qk_sparse_attention(q, k, v, q_keep, k_keep, *, sm_scale=None, interpret=None,
@@ -631,7 +700,8 @@ def qk_sparse_attention(q, k, v, q_keep, k_keep, *, sm_scale=None, interpret=Non
     return _sparse_attention(q, k, v, q_keep, k_keep, kind="qk",
                              sm_scale=static_sm_scale(sm_scale), block_q=block_q,
                              block_k=block_k, num_warps=num_warps, num_stages=num_stages,
-                             interpret=interpret, return_tile_count=return_tile_count)
+                             interpret=interpret,
+                             return_tile_count=check_flag("return_tile_count", return_tile_count))
 
 
 # ------------------------------------------------------------------------ tile counts
@@ -648,25 +718,41 @@ def _tile_count_jit(q_lab, k_lab, *, kind, block_q, block_k, platform):
     return pred.sum((-1, -2))
 
 
-def _tile_count(kind, q_lab, k_lab, block_q, block_k, platform):
+def _tile_count(kind, q_lab, k_lab, names, block_q, block_k, platform):
+    q_lab, k_lab = jnp.asarray(q_lab), jnp.asarray(k_lab)
+    _validate_counts(q_lab, k_lab, names, "int" if kind == "hash" else "bool", block_q, block_k,
+                     platform)
     return np.asarray(_tile_count_jit(q_lab, k_lab, kind=kind, block_q=block_q, block_k=block_k,
                                       platform=platform))
 
 
 def hash_tile_count(q_buckets, k_buckets, *, block_q=64, block_k=64, platform="gpu"):
     """``[B, Hq]``: the (q tile, k tile) pairs :func:`hash_attention`'s forward computes, from
-    the same tables the kernels skip by (``platform="tpu"``: the TPU variant's 128 tiles)."""
-    return _tile_count("hash", jnp.asarray(q_buckets), jnp.asarray(k_buckets), block_q, block_k,
+    the same tables the kernels skip by (``platform="tpu"``: the TPU variant's 128 tiles).
+
+    Inputs are checked as the kernel checks them (a ``ValueError`` naming the argument):
+    ``q_buckets [B, T, Hq]`` / ``k_buckets [B, T, Hkv]`` integer (not bool) arrays with
+    ``Hq % Hkv == 0``, ``block_q`` / ``block_k`` powers of two, ``platform`` ``"gpu"`` or
+    ``"tpu"``."""
+    return _tile_count("hash", q_buckets, k_buckets, ("q_buckets", "k_buckets"), block_q, block_k,
                        platform)
 
 
 def qk_sparse_tile_count(q_keep, k_keep, *, block_q=64, block_k=64, platform="gpu"):
-    """``[B, Hq]``: the (q tile, k tile) pairs :func:`qk_sparse_attention` computes."""
-    return _tile_count("qk", jnp.asarray(q_keep), jnp.asarray(k_keep), block_q, block_k, platform)
+    """``[B, Hq]``: the (q tile, k tile) pairs :func:`qk_sparse_attention` computes.  Checks as
+    :func:`hash_tile_count`, with bool ``q_keep [B, T, Hq]`` / ``k_keep [B, T, Hkv]`` (an
+    integer 0/1 mask is rejected, as by the kernel)."""
+    return _tile_count("qk", q_keep, k_keep, ("q_keep", "k_keep"), block_q, block_k, platform)
 
 
 def causal_tile_count(t, *, block_q=64, block_k=64, platform="gpu"):
-    """(q tile, k tile) pairs a dense causal flash kernel with the same tiles computes."""
+    """(q tile, k tile) pairs a dense causal flash kernel with the same tiles computes
+    (``t`` a positive int; blocks and ``platform`` checked as :func:`hash_tile_count`)."""
+    if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)) or t < 1:
+        raise ValueError(f"t must be a positive int (the sequence length), got {t!r}")
+    _check_blocks(block_q, block_k)
+    _check_platform(platform)
+    t = int(t)
     shp = jax.ShapeDtypeStruct((1, t, 1, 1), jnp.float32)
     plan = _make_plan(shp, shp, None, block_q, block_k, None, 2, True, platform=platform)
     return sum(min(plan.nk, -(-min((i + 1) * plan.bq, t) // plan.bk)) for i in range(-(-t // plan.bq)))
