@@ -155,6 +155,15 @@ def compiler_params(num_warps: int, num_stages: int, *, platform: str = "gpu",
     return {"compiler_params": {"triton": {"num_warps": num_warps, "num_stages": num_stages}}}
 
 
+def idiv(a, b: int):
+    """``a // b`` of a traced int index (a grid index in an index map, ``a >= 0``) by a static
+    Python int, in ``a``'s dtype: ``lax.div`` wants equal dtypes, and under ``jax_enable_x64``
+    a bare Python int is int64 while grid indices are int32."""
+    if isinstance(a, (int, np.integer)):
+        return int(a) // b
+    return lax.div(a, jnp.asarray(b, a.dtype))
+
+
 def next_pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
 

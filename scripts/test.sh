@@ -24,7 +24,7 @@ cd "$(dirname "$0")/.."
 VENV=.venv312
 LEG2_TESTS=(tests/test_flash_attention.py tests/test_selective_scan.py tests/test_ssd.py tests/test_sparse_attention*.py
             tests/test_landmark_attention*.py
-            tests/test_hadamard.py tests/test_gpu_check.py
+            tests/test_hadamard.py tests/test_gpu_check.py tests/test_kernels_x64.py
             tests/test_gpu_lowering.py tests/test_tpu_lowering*.py tests/test_kernel_report.py)
 NEWEST=(jax jaxlib flax optax orbax-checkpoint chex)
 # -qq: errors only (-q still prints a warning per package when an index location is missing)

@@ -72,7 +72,7 @@ from jax.experimental import pallas as pl
 
 from .masks import MaskSpec, block_id_bounds, blocks_may_interact
 from .reference import split_segment_ids
-from .._common import (SQ, AttentionPlan, by_platform, check_flag, check_qkv, compiler_params,
+from .._common import (SQ, AttentionPlan, by_platform, check_flag, check_qkv, compiler_params, idiv,
                        is_tpu_interpret, next_pow2, resolve_interpret, round_up, select_plan)
 
 LOG2E = math.log2(math.e)
@@ -449,7 +449,7 @@ def _forward(q, k, v, q_ids, kv_ids, plan: _Plan, count_blocks: bool = False):
         return b, nq - 1 - i, h
 
     qspec = lay.block(bq, SQ, qrow)
-    kvspec = lay.block(plan.tk_pad, SQ, lambda i, b, h: (b, 0, lax.div(h, g)))
+    kvspec = lay.block(plan.tk_pad, SQ, lambda i, b, h: (b, 0, idiv(h, g)))
     in_specs, args = [qspec, kvspec, kvspec], [qp, kp, vp]
     if plan.segments:
         seg_args, seg_specs = lay.segments(q_ids, kv_ids, bq, bk, q_blk=lambda i, b, h: qrow(i, b, h)[:2])
@@ -687,7 +687,7 @@ def _backward(plan: _Plan, res, do):
         return b, nq - 1 - i, h
 
     qspec = lay.block(bq, SQ, qrow)
-    kvspec = lay.block(tk_pad, SQ, lambda i, b, h: (b, 0, lax.div(h, g)))
+    kvspec = lay.block(tk_pad, SQ, lambda i, b, h: (b, 0, idiv(h, g)))
     rowspec = lay.stats(bq, SQ, qrow)
     in_specs, args = [qspec, kvspec, kvspec, qspec, rowspec, rowspec], [qp, kp, vp, dop, lse, delta]
     if plan.segments:

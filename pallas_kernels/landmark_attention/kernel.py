@@ -56,7 +56,7 @@ from jax.experimental import pallas as pl
 
 from ..flash_attention.kernel import (LOG2E, _dot_nn, _dot_nt, _dot_tn, _iota,
                                       _is_pow2, _rows_slice, _tile_bytes, static_sm_scale)
-from .._common import (SQ, AttentionPlan, by_platform, check_flag, check_qkv, compiler_params, next_pow2,
+from .._common import (SQ, AttentionPlan, by_platform, check_flag, check_qkv, compiler_params, idiv, next_pow2,
                        resolve_interpret, round_up, select_plan)
 
 _MIN_LP_GPU = 16   # tl.dot's smallest tile
@@ -151,8 +151,8 @@ class _Tile:
     def __init__(self, plan: _Plan, q, k, rows, c):
         L, lp = plan.L, plan.lp
         shift = lp.bit_length() - 1
-        qblk = lax.shift_right_logical(rows, shift)
-        qloc = lax.bitwise_and(rows, lp - 1)
+        qblk = lax.shift_right_logical(rows, jnp.asarray(shift, rows.dtype))
+        qloc = lax.bitwise_and(rows, jnp.asarray(lp - 1, rows.dtype))
         qvalid = (qloc < L) & (qblk * L + qloc < plan.t)
         cols = _iota(lp, 1)
         kvalid = (cols < L) & (c * L + cols < plan.t)
@@ -250,7 +250,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, dk_ref, dv_ref, *
     c = pl.program_id(0)
     k, v = k_ref[...], v_ref[...]                       # [lp, Dp]
     bq = plan.bq
-    i_lo = lax.div(c * plan.lp, bq)
+    i_lo = idiv(c * plan.lp, bq)
 
     def head(h, carry):
         def body(i, carry):
@@ -287,7 +287,7 @@ def _stats_shape(plan):
 def _forward(plan, qb, kb, vb):
     g = plan.group
     qspec = _q_spec(plan, plan.bq, SQ, lambda i, b, h: (b, h, i))
-    kvspec = _q_spec(plan, plan.t_pad, SQ, lambda i, b, h: (b, lax.div(h, g), 0))
+    kvspec = _q_spec(plan, plan.t_pad, SQ, lambda i, b, h: (b, idiv(h, g), 0))
     return pl.pallas_call(
         functools.partial(_fwd_kernel, plan=plan),
         out_shape=[jax.ShapeDtypeStruct(qb.shape, qb.dtype),
@@ -314,7 +314,7 @@ def _backward(plan, res, do_b, dlse_b=None):
         delta = delta[..., None]
     do_b = do_b.astype(qb.dtype)
     qspec = _q_spec(plan, plan.bq, SQ, lambda i, b, h: (b, h, i))
-    kvspec = _q_spec(plan, plan.t_pad, SQ, lambda i, b, h: (b, lax.div(h, g), 0))
+    kvspec = _q_spec(plan, plan.t_pad, SQ, lambda i, b, h: (b, idiv(h, g), 0))
     rowspec = _stats_spec(plan, plan.bq, SQ, lambda i, b, h: (b, h, i))
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, plan=plan),

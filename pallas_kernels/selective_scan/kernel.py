@@ -122,7 +122,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from .._common import (SQ, check_flag, KernelPlan, by_platform, compiler_params, next_pow2, resolve_interpret,
+from .._common import (SQ, check_flag, KernelPlan, by_platform, compiler_params, idiv, next_pow2, resolve_interpret,
                        round_up, segment_resets, select_plan, tpu_tile_bytes)
 from .reference import validate
 
@@ -313,8 +313,8 @@ class _Layout:
         p, bpg = self.plan, self.plan.bpg
         if self.tpu:
             return pl.BlockSpec((SQ, SQ, rows // p.rows, p.np_, p.rows),
-                                lambda i, j, *c: (i, lax.div(j, bpg), tb(*c), 0, 0))
-        return pl.BlockSpec((SQ, rows, SQ, p.np_), lambda i, j, *c: (i, tb(*c), lax.div(j, bpg), 0))
+                                lambda i, j, *c: (i, idiv(j, bpg), tb(*c), 0, 0))
+        return pl.BlockSpec((SQ, rows, SQ, p.np_), lambda i, j, *c: (i, tb(*c), idiv(j, bpg), 0))
 
     def keep(self, rows, tb):
         if self.tpu:

@@ -83,7 +83,7 @@ from jax.experimental import pallas as pl
 from ..flash_attention.kernel import (LOG2E, _MIN_BLOCK, _TPU_BLOCK, _Layout,
                                       _dot_nn, _dot_nt, _dot_tn, _is_pow2,
                                       _rows_slice, _tile_bytes, static_sm_scale)
-from .._common import (SQ, AttentionPlan, by_platform, check_flag, check_qkv, compiler_params,
+from .._common import (SQ, AttentionPlan, by_platform, check_flag, check_qkv, compiler_params, idiv,
                        next_pow2, resolve_interpret, round_up, select_plan)
 
 POS_NEVER = 2 ** 30   # position of a key no query sees (dropped or padding)
@@ -308,7 +308,7 @@ def _fwd_kernel(qg_ref, qp_ref, kg_ref, kp_ref, qtab_ref, ktab_ref, q_ref, k_ref
     bq, bk, tpu = plan.bq, plan.bk, plan.tpu
     i, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     qt = _Tab(plan, qtab_ref, _QT, plan.nq, plan.hq, b, h, False)
-    kt = _Tab(plan, ktab_ref, _KT, plan.nk, plan.hkv, b, lax.div(h, plan.group), False)
+    kt = _Tab(plan, ktab_ref, _KT, plan.nk, plan.hkv, b, idiv(h, plan.group), False)
     q = q_ref[...]
     qg, qp = _col(plan, qg_ref[...]), _col(plan, qp_ref[...])   # [bq, 1]
     col = (lambda x: x) if tpu else (lambda x: x[:, None])  # noqa: E731
@@ -351,7 +351,7 @@ def _dq_kernel(qg_ref, qp_ref, kg_ref, kp_ref, qtab_ref, ktab_ref, q_ref, k_ref,
     bk, tpu = plan.bk, plan.tpu
     i, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     qt = _Tab(plan, qtab_ref, _QT, plan.nq, plan.hq, b, h, False)
-    kt = _Tab(plan, ktab_ref, _KT, plan.nk, plan.hkv, b, lax.div(h, plan.group), False)
+    kt = _Tab(plan, ktab_ref, _KT, plan.nk, plan.hkv, b, idiv(h, plan.group), False)
     q, do = q_ref[...], do_ref[...]
     lse, delta = _col(plan, lse_ref[...]), _col(plan, dl_ref[...])
     qg, qp = _col(plan, qg_ref[...]), _col(plan, qp_ref[...])
@@ -438,11 +438,11 @@ def _forward(plan: _Plan, qs, ks, vs, meta, count=False):
     qp_, kp_ = lay.seq(qs, plan.t_pad), lay.seq(ks, plan.t_pad)
     vp_ = lay.seq(vs, plan.t_pad)
     qspec = lay.block(plan.bq, SQ, lambda i, b, h: (b, i, h))
-    kvspec = lay.block(plan.t_pad, SQ, lambda i, b, h: (b, 0, lax.div(h, g)))
+    kvspec = lay.block(plan.t_pad, SQ, lambda i, b, h: (b, 0, idiv(h, g)))
     qmeta = ml.q_block(plan.bq, SQ, lambda i, b, h: (b, h, i))
-    kmeta = ml.k_whole(lambda i, b, h: (b, lax.div(h, g)))
+    kmeta = ml.k_whole(lambda i, b, h: (b, idiv(h, g)))
     qtab_a, qtab_s = ml.table(qtab, _QT, SQ, lambda i, b, h: (b, h))
-    ktab_a, ktab_s = ml.table(ktab, _KT, SQ, lambda i, b, h: (b, lax.div(h, g)))
+    ktab_a, ktab_s = ml.table(ktab, _KT, SQ, lambda i, b, h: (b, idiv(h, g)))
     out_shape = [jax.ShapeDtypeStruct(qp_.shape, qs.dtype),
                  jax.ShapeDtypeStruct(lay.stats_shape(), jnp.float32)]
     out_specs = [qspec, lay.stats(plan.bq, SQ, lambda i, b, h: (b, i, h))]
@@ -483,12 +483,12 @@ def _bwd_variant(plan, res, do):
 
     # dQ: grid (q tile, batch, q head), loop over the interacting k tiles.
     qspec = lay.block(plan.bq, SQ, lambda i, b, h: (b, i, h))
-    kvspec = lay.block(tp, SQ, lambda i, b, h: (b, 0, lax.div(h, g)))
+    kvspec = lay.block(tp, SQ, lambda i, b, h: (b, 0, idiv(h, g)))
     rowspec = lay.stats(plan.bq, SQ, lambda i, b, h: (b, i, h))
     qmeta = ml.q_block(plan.bq, SQ, lambda i, b, h: (b, h, i))
-    kmeta = ml.k_whole(lambda i, b, h: (b, lax.div(h, g)))
+    kmeta = ml.k_whole(lambda i, b, h: (b, idiv(h, g)))
     qtab_a, qtab_s = ml.table(qtab, _QT, SQ, lambda i, b, h: (b, h))
-    ktab_a, ktab_s = ml.table(ktab, _KT, SQ, lambda i, b, h: (b, lax.div(h, g)))
+    ktab_a, ktab_s = ml.table(ktab, _KT, SQ, lambda i, b, h: (b, idiv(h, g)))
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, plan=plan),
         out_shape=jax.ShapeDtypeStruct(qp_.shape, qs.dtype),

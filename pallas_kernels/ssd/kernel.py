@@ -94,7 +94,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from .._common import (SQ, check_flag, KernelPlan, by_platform, compiler_params, next_pow2, resolve_interpret,
+from .._common import (SQ, check_flag, KernelPlan, by_platform, compiler_params, idiv, next_pow2, resolve_interpret,
                        round_up, segment_resets, select_plan)
 from .reference import _d_term, process_dt, validate
 
@@ -389,11 +389,11 @@ class _Layout:
         if self.tpu:
             return (pl.BlockSpec((SQ, SQ, q, bp), lambda i, c, h, j: (i, h, c, j)),
                     pl.BlockSpec((SQ, SQ, q, 1), lambda i, c, h, j: (i, h, c, 0)),
-                    pl.BlockSpec((SQ, SQ, q, np_), lambda i, c, h, j: (i, lax.div(h, hpg), c, 0)),
+                    pl.BlockSpec((SQ, SQ, q, np_), lambda i, c, h, j: (i, idiv(h, hpg), c, 0)),
                     st)
         return (pl.BlockSpec((SQ, q, SQ, bp), lambda i, c, h, j: (i, c, h, j)),
                 pl.BlockSpec((SQ, SQ, q), lambda i, c, h, j: (i, h, c)),
-                pl.BlockSpec((SQ, q, SQ, np_), lambda i, c, h, j: (i, c, lax.div(h, hpg), 0)),
+                pl.BlockSpec((SQ, q, SQ, np_), lambda i, c, h, j: (i, c, idiv(h, hpg), 0)),
                 st)
 
     def row_specs(self):
