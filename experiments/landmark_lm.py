@@ -21,7 +21,10 @@ Cost at each length (second call timed; compile excluded): the baseline processi
 window chunk by chunk into its KV cache (``cache=`` of the model; per-token attention over
 the whole context so far) and the landmark memory (per-token attention over ``chunk +
 top_k L`` keys): wall time per token, memory bytes (the baseline's cache; the landmark
-memory, and with ``offload="host"`` the bytes left on the device), attention keys per token.
+memory, and with ``offload="host"`` ``device_memory_bytes``: the stored memory kept on the
+device between chunks, 0, and ``device_transfer_bytes``: the peak bytes of one layer's
+host-to-device transfer, landmark keys plus the retrieved keys and values gathered per query
+token and head), attention keys per token.
 ``OUT/results.json``; ``OUT/landmark_lm.png`` (perplexity vs length per top-k; time per
 token vs length).
 """
@@ -234,6 +237,7 @@ def run(args, ap=None) -> dict:
         cost[f"landmark_top{top_ks[-1]}_host"] = {
             "s_per_token": sec / n, "memory_bytes": st["memory_bytes"],
             "device_memory_bytes": st["device_memory_bytes"],
+            "device_transfer_bytes": st["device_transfer_bytes"],
             "keys_per_token": (chunk + 1) / 2 + top_ks[-1] * L}
         results["cost"][str(f)] = cost
         print(f"[landmark_lm] {f}x ({n} tokens): " + " ".join(f"{k} {v:.3f}" for k, v in row.items()),

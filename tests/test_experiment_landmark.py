@@ -42,5 +42,6 @@ def test_lm_experiment_writes_results(tmp_path):
         assert all(v > 1 for v in row.values())
     cost = saved["cost"]["2"]
     assert cost["landmark_top1_host"]["device_memory_bytes"] == 0
+    assert cost["landmark_top1_host"]["device_transfer_bytes"] > 0  # per-layer gathered blocks
     assert cost["baseline_kv_cache"]["memory_bytes"] > 0 and cost["landmark_top1"]["memory_bytes"] > 0
     assert (out / "landmark_lm.png").stat().st_size > 1000

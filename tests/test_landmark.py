@@ -3,6 +3,8 @@ with a retrieval memory (its defining invariant: with top-k >= the stored blocks
 memory forward equals the full forward)."""
 from __future__ import annotations
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,6 +65,15 @@ def test_host_offload_matches_device(tiny):
                                  offload="host", return_stats=True)
     np.testing.assert_allclose(np.asarray(host), np.asarray(dev), atol=2e-5)
     assert stats["device_memory_bytes"] == 0 and stats["memory_bytes"] > 0
+    # ... but each layer sends the landmark keys and the gathered blocks [B, Hq, C, k, L, Dh]
+    # (keys and values) to the device: reported as the peak per-layer transfer
+    item, mcap = jnp.dtype(cfg.dtype).itemsize, 12
+    gathered = 1 * cfg.n_head * 16 * 1 * L * cfg.dim_head * item
+    lm_keys = 1 * mcap * cfg.kv_heads * cfg.dim_head * item
+    assert stats["device_transfer_bytes"] == 2 * gathered + lm_keys
+    _, dev_stats = memory_forward(cfg, params, seq, chunk_len=16, top_k=1, return_stats=True)
+    assert dev_stats["device_transfer_bytes"] == 0
+    assert dev_stats["device_memory_bytes"] == dev_stats["memory_bytes"] == stats["memory_bytes"]
     assert float(jnp.max(jnp.abs(dev - full))) > 1e-4        # retrieval did drop blocks
 
 
@@ -104,6 +115,8 @@ def test_training_reduces_loss(tiny):
     (dict(landmark_impl="flash"), "landmark_impl"),
     (dict(mem_selection="all"), "mem_selection"),
     (dict(window=8), "window"),
+    (dict(mem_top_k=True), "mem_top_k"),
+    (dict(mem_top_k=0), "mem_top_k"),
 ])
 def test_config_validation(kw, field):
     with pytest.raises(ValueError, match=field):
@@ -118,3 +131,64 @@ def test_memory_forward_arguments(tiny):
         memory_forward(cfg, params, seq, chunk_len=8, offload="disk")
     with pytest.raises(ValueError, match="landmark_cross_entropy|landmark model"):
         landmark_cross_entropy(jf.build(jf.get_config("gpt", "tiny")), None, {"tokens": seq})
+
+
+@pytest.mark.parametrize("block_size", [1, 0, 2.0, True])
+def test_insert_landmarks_checks_block_size(block_size):
+    with pytest.raises(ValueError, match="block_size"):
+        insert_landmarks(np.zeros((1, 6), np.int32), block_size, 9)
+
+
+def test_memory_forward_max_blocks(tiny):
+    """max_blocks must hold every appended block (n // L, the last chunk's included): smaller
+    values used to be accepted and then crash in numpy / XLA or silently overwrite slots."""
+    cfg, _, params, seq, full = tiny                          # 48 tokens = 12 blocks
+    for bad in (8, 11, 0, -1, 2.5, True, "12"):
+        with pytest.raises(ValueError, match=r"max_blocks must be a positive int >= 12.*got"):
+            memory_forward(cfg, params, seq, chunk_len=16, top_k=12, max_blocks=bad)
+    with pytest.raises(ValueError, match="max_blocks"):      # one chunk holding 4 blocks
+        memory_forward(cfg, params, seq[:, :16], chunk_len=16, max_blocks=2, offload="host")
+    got = memory_forward(cfg, params, seq, chunk_len=16, top_k=12, max_blocks=np.int64(12),
+                         offload="host")
+    np.testing.assert_allclose(np.asarray(got), np.asarray(full), atol=2e-5)
+
+
+def test_memory_forward_checks_tokens(tiny):
+    """The token checks of ``model.apply`` (out-of-range ids gave NaN, -1 wrapped to the
+    landmark id, floats were truncated, 1-D input crashed) and the landmark layout."""
+    cfg, _, params, seq, _ = tiny
+    run = lambda t: memory_forward(cfg, params, t, chunk_len=16)  # noqa: E731
+    for bad in (np.where(seq == 5, 64, seq), np.where(seq == 5, -1, seq)):
+        with pytest.raises(ValueError, match="vocab_size=64"):
+            run(bad)
+    with pytest.raises(ValueError, match="integer dtype"):
+        run(seq.astype(np.float32))
+    with pytest.raises(ValueError, match=r"\[B, T\]"):
+        run(seq[0])
+    with pytest.raises(ValueError, match="landmark_token=63.*position 7"):
+        run(np.where(np.arange(48) == 7, 1, seq))            # a landmark position without one
+    with pytest.raises(ValueError, match="landmark_token=63"):
+        run(remove_landmarks(seq, L)[:, :12])                 # raw tokens, no landmarks
+
+
+def test_memory_forward_top_k_is_int(tiny):
+    cfg, _, params, seq, _ = tiny
+    for bad in (True, 0, 1.0):
+        with pytest.raises(ValueError, match="top_k"):
+            memory_forward(cfg, params, seq, chunk_len=16, top_k=bad)
+
+
+def test_landmark_model_refuses_generic_generate(tiny):
+    """Generic sampling would put ordinary tokens at the landmark positions t % L == L - 1
+    (which the model then treats as landmarks): the model refuses, naming the right procedure."""
+    _, model, _, _, _ = tiny
+    with pytest.raises(ValueError, match=r"landmark.*t % 4 == 3.*landmark_token=63"):
+        model.check_generate()
+
+
+@pytest.mark.xfail("check_generate" not in inspect.getsource(jf.decoding), strict=True,
+                   reason="jaxformers.decoding.generate does not call module.check_generate yet")
+def test_generate_refuses_landmark_model(tiny):
+    _, model, params, seq, _ = tiny
+    with pytest.raises(ValueError, match="landmark"):
+        jf.generate(model, {"params": params}, seq[:, :6], 4, temperature=0.0)

@@ -139,3 +139,19 @@ def test_bad_arguments(kw, match):
         landmark_attention(q, q, q, **kw)
     with pytest.raises(ValueError, match="rank 4"):
         landmark_attention(q[0], q, q, block_size=4)
+
+
+@pytest.mark.parametrize("shapes, kw, match", [
+    ((1, 1), dict(block_size=1), "block_size"),               # used to return NaN
+    ((1, 1), dict(block_size=0), "block_size"),               # used to divide by zero
+    ((1, 1), dict(block_size=4.0), "block_size"),
+    ((1, 1), dict(block_size=True), "block_size"),
+    ((3, 2), dict(block_size=4), r"Hq % Hkv"),                # used to fail inside einsum
+])
+def test_reference_bad_arguments(shapes, kw, match):
+    hq, hkv = shapes
+    q, k = jnp.zeros((1, 8, hq, 8)), jnp.zeros((1, 8, hkv, 8))
+    with pytest.raises(ValueError, match=match):
+        landmark_attention_reference(q, k, k, **kw)
+    with pytest.raises(ValueError, match="rank 4"):
+        landmark_attention_reference(q[0], k, k, block_size=4)

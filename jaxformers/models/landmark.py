@@ -18,8 +18,12 @@ token *before* the landmark; here it is read at the landmark (no target re-wirin
 the existing ``loss_mask`` does it).  Training positions are the with-landmark positions
 ``0..T'-1`` (as theirs).
 
-Decoding with the baseline KV cache (``generate``-style, teacher-forced landmarks) runs the
-float32 reference with ``q_offset = cache_index``.
+Decoding with the baseline KV cache (``model.apply(..., cache=...)``) runs the float32
+reference with ``q_offset = cache_index``.  Landmarks are placed by *position*, so the caller
+must feed ``landmark_token`` at every position ``t % L == L - 1`` (teacher-forced landmarks)
+and sample only at the other positions.  The generic :func:`jaxformers.generate` does not know
+this (it would sample ordinary tokens into landmark positions, which the model then treats as
+landmarks): :meth:`LandmarkTransformer.check_generate` raises a ``ValueError`` for it.
 
 Inference with a memory (:func:`memory_forward`).  A long with-landmark input is processed
 in chunks of ``chunk_len`` tokens (a multiple of ``L``).  Each layer keeps a memory of the
@@ -55,9 +59,17 @@ and, when scoring, rotate the ``top_k`` most recent landmark keys at their slot 
 all older ones at one fixed position; here chunks are block-aligned and all landmark keys
 share one scoring position.  ``offload="host"``: the memory lives in host memory
 between layers and chunks (numpy), only the landmark keys are sent to the device for scoring
-and only the retrieved blocks are gathered on the host and sent back, so device memory holds
-``O(chunk_len * top_k * L)`` keys whatever the context; it costs one extra forward of the
-block per layer (the first pass only computes the selection) and host round trips.
+and only the retrieved blocks are gathered on the host and sent back, so the stored memory
+never stays on the device; each layer's transfer holds ``B * Hq * chunk_len * top_k * L``
+keys and as many values (one gathered copy per query token and head: more than the whole
+memory when that is small) plus the landmark keys, whatever the context; it costs one extra
+forward of the block per layer (the first pass only computes the selection) and host round
+trips.
+With ``return_stats``, ``device_memory_bytes`` counts only the stored memory
+(``mem_k``/``mem_v`` of all layers) kept on the device between chunks (0 with
+``offload="host"``); ``device_transfer_bytes`` is the peak size of one layer's host-to-device
+transfer (landmark keys plus the gathered keys and values ``[B, Hq, C, k, L, Dh]``, one
+entry per query token and head), which can exceed the whole memory.
 ``jax.device_put`` to a ``pinned_host`` memory kind was not used: the CPU backend (where this
 is tested) has no separate host memory space.
 """
@@ -83,7 +95,7 @@ from ..registry import register
 from ..sharding import ACT_HEADS, BATCH, EMBED, HEAD_DIM, HEADS, LENGTH, constrain
 from ..training.losses import cross_entropy, register_loss
 from .gpt import GPT_PRESETS, _GPT_STYLE
-from .transformer import Transformer
+from .transformer import Transformer, check_tokens
 
 LANDMARK_IMPLS = ("auto", "reference", "pallas")
 SELECTIONS = ("per_head", "shared")
@@ -123,8 +135,9 @@ class LandmarkConfig(TransformerConfig):
                              f"got {self.landmark_id!r}")
         _choice("landmark_impl", self.landmark_impl, LANDMARK_IMPLS)
         _choice("mem_selection", self.mem_selection, SELECTIONS)
-        if not isinstance(self.mem_top_k, int) or self.mem_top_k < 1:
-            raise ValueError(f"mem_top_k must be a positive int, got {self.mem_top_k!r}")
+        if not _is_int(self.mem_top_k) or self.mem_top_k < 1:
+            raise ValueError(f"mem_top_k must be a positive int (not a bool), got "
+                             f"{self.mem_top_k!r}")
         if self.window is not None:
             raise ValueError("window (sliding-window attention) is not supported by landmark "
                              "attention; use window=None")
@@ -133,14 +146,28 @@ class LandmarkConfig(TransformerConfig):
             raise ValueError(f"block_q must be a power of two >= 16, got {v!r}")
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _check_block_size(block_size, name: str = "block_size") -> None:
+    if not _is_int(block_size) or block_size < 2:
+        raise ValueError(f"{name} must be an int >= 2 (tokens per block incl. the landmark), "
+                         f"got {block_size!r}")
+
+
 # ------------------------------------------------------------------------- data + loss
 def insert_landmarks(tokens, block_size: int, landmark_id: int):
     """Insert ``landmark_id`` after every ``block_size - 1`` tokens.
 
     tokens ``[B, N]`` (numpy or jax) -> ``(with_landmarks [B, N'], is_landmark [B, N'])`` with
     ``N' = N + N // (block_size - 1)``; landmarks at positions ``t % block_size ==
-    block_size - 1``.
+    block_size - 1``.  ``ValueError`` unless ``block_size`` is an int >= 2 and tokens is 2-D.
     """
+    _check_block_size(block_size)
+    if getattr(tokens, "ndim", None) != 2:
+        raise ValueError(f"tokens must be [B, N], got shape {getattr(tokens, 'shape', None)}")
+    block_size = int(block_size)
     xp = jnp if isinstance(tokens, jax.Array) else np
     b, n = tokens.shape
     per = block_size - 1
@@ -356,6 +383,20 @@ class LandmarkTransformer(Transformer):
     def block_class(self):
         return LandmarkBlock
 
+    def check_generate(self):
+        """Called by generic sampling loops (:func:`jaxformers.generate`): always a
+        ``ValueError``.  They would sample ordinary tokens into the landmark positions
+        ``t % L == L - 1`` (landmarks are placed by position), silently breaking the layout."""
+        c = self.config
+        L = c.landmark_block
+        raise ValueError(
+            f"jaxformers.generate does not support landmark models: it would sample ordinary "
+            f"tokens into the landmark positions t % {L} == {L - 1} (landmark_block={L}). "
+            f"Decode with the KV cache yourself (jaxformers.init_cache, "
+            f"model.apply(..., cache=cache)), feeding landmark_token={c.landmark_token} at every "
+            f"position t % {L} == {L - 1} and sampling only at the other positions; for long "
+            f"inputs use jaxformers.models.landmark.memory_forward")
+
 
 # ------------------------------------------------------------------ memory inference
 def _append_blocks(mem_k, mem_v, n_mem, k, v, L):
@@ -421,11 +462,20 @@ def memory_forward(config, params, tokens, *, chunk_len: int, top_k: Optional[in
     """Logits ``[B, N, V]`` of a with-landmark input ``tokens [B, N]`` processed chunk by chunk
     with a retrieval memory (module docstring).
 
-    ``chunk_len``: a positive multiple of ``landmark_block``.  ``top_k`` / ``selection``:
-    default the config's ``mem_top_k`` / ``mem_selection``.  ``offload``: None (memory on the
-    device) or ``"host"`` (numpy memory on the host, per-layer retrieval).  ``max_blocks``:
-    memory capacity in blocks (default: enough for the input).  ``return_stats``: also return
-    ``{"chunks", "memory_bytes", "device_memory_bytes"}``.
+    ``tokens``: integer ids in ``[0, vocab_size)``, shape ``[B, N]``, with ``landmark_token``
+    at every position ``t % L == L - 1`` (:func:`insert_landmarks`); otherwise ``ValueError``.
+    ``chunk_len``: a positive multiple of ``landmark_block``.  ``top_k`` (a positive int) /
+    ``selection``: default the config's ``mem_top_k`` / ``mem_selection``.  ``offload``: None
+    (memory on the device) or ``"host"`` (numpy memory on the host, per-layer retrieval).
+    ``max_blocks``: memory capacity in blocks, a positive int ``>= N // L`` (every complete
+    block of the input is appended, the last chunk's included; default ``max(1, N // L)``).
+    ``return_stats``: also return a dict with ``"chunks"``; ``"memory_bytes"``: the stored
+    memory (keys and values of all layers); ``"device_memory_bytes"``: the part of the stored
+    memory resident on the device between chunks (``memory_bytes``, or 0 with
+    ``offload="host"``: transient per-layer copies are not counted here);
+    ``"device_transfer_bytes"``: with ``offload="host"``, the peak bytes sent to the device for
+    one layer of one chunk (the landmark keys ``[B, M, Hkv, Dh]`` plus the gathered keys and
+    values ``[B, Hq, C, k, L, Dh]`` each; this can exceed ``memory_bytes``), 0 without offload.
     """
     c = config
     if not isinstance(c, LandmarkConfig):
@@ -440,13 +490,28 @@ def memory_forward(config, params, tokens, *, chunk_len: int, top_k: Optional[in
     selection = c.mem_selection if selection is None else selection
     _choice("selection", selection, SELECTIONS)
     _choice("offload", offload, (None, "host"))
-    if not isinstance(top_k, int) or top_k < 1:
-        raise ValueError(f"top_k must be a positive int, got {top_k!r}")
-    tokens = jnp.asarray(tokens, jnp.int32)
+    if not _is_int(top_k) or top_k < 1:
+        raise ValueError(f"top_k must be a positive int (not a bool), got {top_k!r}")
+    top_k = int(top_k)
+    tokens = jnp.asarray(tokens)
+    check_tokens(tokens, c.vocab_size)                     # [B, N] integers in range
+    lm_pos = np.asarray(tokens[:, L - 1::L])
+    if lm_pos.size and not np.all(lm_pos == c.landmark_token):
+        bad = int(np.nonzero(np.any(lm_pos != c.landmark_token, axis=0))[0][0]) * L + L - 1
+        raise ValueError(f"tokens must hold landmark_token={c.landmark_token} at every position "
+                         f"t % {L} == {L - 1} (a with-landmark input, see insert_landmarks); "
+                         f"position {bad} does not")
+    tokens = tokens.astype(jnp.int32)
     b, n = tokens.shape
-    mcap = max_blocks if max_blocks is not None else max(1, n // L)
-    if mcap < (n - 1) // chunk_len * chunk_len // L:
-        raise ValueError(f"max_blocks={mcap} cannot hold the {n // L} blocks of this input")
+    need = n // L                                          # blocks appended, last chunk included
+    if max_blocks is None:
+        mcap = max(1, need)
+    elif not _is_int(max_blocks) or max_blocks < max(1, need):
+        raise ValueError(f"max_blocks must be a positive int >= {max(1, need)} (this input of "
+                         f"{n} tokens appends {need} blocks of landmark_block={L}), got "
+                         f"{max_blocks!r}")
+    else:
+        mcap = int(max_blocks)
     dt = jnp.dtype(c.dtype)
     shape = (b, mcap, L, c.kv_heads, c.dim_head)
     device_chunk, select, layer, embed, head = _chunk_fns(c, top_k, selection)
@@ -454,7 +519,7 @@ def memory_forward(config, params, tokens, *, chunk_len: int, top_k: Optional[in
         mems = [(jnp.zeros(shape, dt), jnp.zeros(shape, dt)) for _ in range(c.n_layer)]
     else:
         mems = [(np.zeros(shape, dt), np.zeros(shape, dt)) for _ in range(c.n_layer)]
-    out, n_mem = [], 0
+    out, n_mem, transfer = [], 0, 0
     for start in range(0, n, chunk_len):
         chunk = tokens[:, start:start + chunk_len]
         cl = chunk.shape[1]
@@ -473,6 +538,7 @@ def memory_forward(config, params, tokens, *, chunk_len: int, top_k: Optional[in
                 idx_h = np.asarray(idx)
                 gk = jnp.asarray(gather_blocks(mk, idx_h, c.n_head))
                 gv = jnp.asarray(gather_blocks(mv, idx_h, c.n_head))
+                transfer = max(transfer, int(lm_k.nbytes) + int(gk.nbytes) + int(gv.nbytes))
                 x, new = layer(lp, x, positions, lm_k, nm, gk, gv, idx)
                 mems[i] = _append_blocks(mk, mv, n_mem, np.asarray(new["k"]),
                                          np.asarray(new["v"]), L)
@@ -484,7 +550,8 @@ def memory_forward(config, params, tokens, *, chunk_len: int, top_k: Optional[in
         return logits
     mem_bytes = sum(int(a.nbytes) + int(bb.nbytes) for a, bb in mems)
     return logits, {"chunks": len(out), "memory_bytes": mem_bytes,
-                    "device_memory_bytes": 0 if offload else mem_bytes}
+                    "device_memory_bytes": 0 if offload else mem_bytes,
+                    "device_transfer_bytes": transfer}
 
 
 _LANDMARK_PRESETS = {

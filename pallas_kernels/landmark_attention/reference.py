@@ -22,6 +22,26 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+
+def _validate(q, k, v, block_size) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if getattr(x, "ndim", None) != 4:
+            raise ValueError(f"{name} must have rank 4 [B, T, H, D], got shape "
+                             f"{getattr(x, 'shape', None)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {k.shape} and v {v.shape}")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q and k must have the same batch size and head dim D, got q {q.shape} "
+                         f"and k {k.shape}")
+    if k.shape[2] < 1 or q.shape[2] % k.shape[2]:
+        raise ValueError(f"number of query heads (q.shape[2]={q.shape[2]}) must be a multiple of "
+                         f"the number of kv heads (k.shape[2]={k.shape[2]}): Hq % Hkv == 0")
+    if isinstance(block_size, (bool, np.bool_)) or not isinstance(block_size, (int, np.integer)) \
+            or block_size < 2:
+        raise ValueError(f"block_size must be an int >= 2 (tokens per block incl. the "
+                         f"landmark), got {block_size!r}")
 
 
 def _expand_kv(x, hq):
@@ -59,7 +79,11 @@ def landmark_attention_reference(q, k, v, *, block_size: int, sm_scale=None, q_o
     Returns:
       ``[B, Tq, Hq, D]`` in q's dtype; with ``return_lse`` also the natural-log
       normaliser of the outer softmax ``[B, Hq, Tq]`` float32.
+    Raises:
+      ValueError naming the argument unless q, k, v have rank 4, k and v one shape, q and k
+      one batch size and head dim, ``Hq % Hkv == 0`` and ``block_size`` is an int >= 2.
     """
+    _validate(q, k, v, block_size)
     b, tq, hq, d = q.shape
     t = k.shape[1]
     L = int(block_size)
