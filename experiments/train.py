@@ -206,6 +206,9 @@ def build_configs(args):
     model_sets = _pairs(args.set, "--set")
     train_sets = _pairs(args.train_set, "--train-set")
     saved = None
+    if (args.resume or args.extend_steps is not None) and not args.out and not args.config:
+        # the default run directory of --model/--preset (as for a new run), before the checks below
+        args.out = f"runs/{args.model or DEFAULTS['model']}-{args.preset or DEFAULTS['preset']}"
     if args.extend_steps is not None:
         if args.extend_steps < 1:
             raise CLIError(f"--extend-steps must be >= 1, got {args.extend_steps}")
@@ -215,8 +218,6 @@ def build_configs(args):
         if args.steps is not None:
             raise CLIError("give either --steps (the new total) or --extend-steps (steps to add), not both")
         args.resume = True
-    if args.resume and not args.out and not args.config:  # the default run directory of --model/--preset
-        args.out = f"runs/{args.model or DEFAULTS['model']}-{args.preset or DEFAULTS['preset']}"
     if args.resume and args.out and (Path(args.out) / CONFIG_FILE).is_file():
         saved = json.loads((Path(args.out) / CONFIG_FILE).read_text())
         saved_model = saved.get("model", {}).get("model")

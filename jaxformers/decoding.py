@@ -50,13 +50,18 @@ def check_sampling(temperature, top_k, top_p, vocab_size=None) -> None:
 def sample_logits(logits, rng, *, temperature=1.0, top_k=None, top_p=None):
     """Sample token ids ``[B]`` from logits ``[B, V]`` (temperature 0 = greedy); ``top_k`` keeps
     the k largest logits, ``top_p`` the smallest prefix of the sorted distribution whose mass
-    reaches ``top_p`` (nucleus; always at least one token)."""
+    reaches ``top_p`` (nucleus; always at least one token).  A positive temperature so small that
+    the scaled logits overflow float32 (or below float32's smallest normal number) samples greedily,
+    the limit of sampling as the temperature goes to 0."""
     if getattr(logits, "ndim", None) != 2:
         raise ValueError(f"logits must be [B, V], got shape {getattr(logits, 'shape', None)}")
     check_sampling(temperature, top_k, top_p, logits.shape[-1])
-    if temperature == 0.0:
+    if temperature < np.finfo(np.float32).tiny:  # 0, or 1 / temperature overflows float32
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits.astype(jnp.float32) / temperature
+    raw = logits.astype(jnp.float32)
+    logits = raw / temperature
+    # rows where a finite logit overflowed to +-inf: categorical would pick the first inf; greedy
+    overflow = jnp.any(jnp.isinf(logits) & jnp.isfinite(raw), axis=-1)
     if top_k is not None:
         kth = jax.lax.top_k(logits, int(top_k))[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
@@ -68,7 +73,8 @@ def sample_logits(logits, rng, *, temperature=1.0, top_k=None, top_p=None):
         cutoff_idx = jnp.sum(cum - probs < top_p, axis=-1, keepdims=True) - 1
         cutoff = jnp.take_along_axis(sorted_logits, cutoff_idx, axis=-1)
         logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+    sampled = jax.random.categorical(rng, logits, axis=-1)
+    return jnp.where(overflow, jnp.argmax(raw, axis=-1), sampled).astype(jnp.int32)
 
 
 def _validate(module, prompt_tokens, max_new_tokens, temperature, top_k, top_p):
@@ -126,6 +132,9 @@ def generate(module, params, prompt_tokens, max_new_tokens: int, *, temperature:
     """Sample ``max_new_tokens`` after ``prompt_tokens [B, P]``; returns ``[B * k, P + max_new_tokens]``
     for ``num_samples=k`` samples per prompt (rows ``b * k .. b * k + k - 1`` continue prompt
     ``b``; the prompt is prefilled once and its cache shared by its k rows)."""
+    check = getattr(module, "check_generate", None)  # hook: a model generic sampling cannot serve
+    if check is not None:                             # (e.g. landmark tokens placed by position)
+        check()
     prompt_tokens = jnp.asarray(prompt_tokens)
     _validate(module, prompt_tokens, max_new_tokens, temperature, top_k, top_p)
     prompt_tokens = prompt_tokens.astype(jnp.int32)

@@ -3,7 +3,6 @@ with a retrieval memory (its defining invariant: with top-k >= the stored blocks
 memory forward equals the full forward)."""
 from __future__ import annotations
 
-import inspect
 
 import jax
 import jax.numpy as jnp
@@ -186,8 +185,6 @@ def test_landmark_model_refuses_generic_generate(tiny):
         model.check_generate()
 
 
-@pytest.mark.xfail("check_generate" not in inspect.getsource(jf.decoding), strict=True,
-                   reason="jaxformers.decoding.generate does not call module.check_generate yet")
 def test_generate_refuses_landmark_model(tiny):
     _, model, params, seq, _ = tiny
     with pytest.raises(ValueError, match="landmark"):

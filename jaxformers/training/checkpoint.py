@@ -9,13 +9,20 @@ Safety:
 * orbax stages every save in a temporary directory and renames it into place,
   so a crash never leaves a half-written ``<step>`` directory that orbax
   considers finished;
-* after orbax has finished a save, process 0 writes ``jaxformers_manifest.json``
+* as soon as orbax has finished a save, process 0 writes ``jaxformers_manifest.json``
   (itself via a temporary file + rename) listing every file's size and SHA-256
-  (files over 64 MiB: SHA-256 of their first and last 8 MiB, plus the size).  A
-  step directory is *complete* only once its manifest exists;
+  (files over 64 MiB: SHA-256 of their first and last 8 MiB, plus the size) --
+  from a background thread for asynchronous saves, so the newest finished save is
+  marked complete without waiting for the next save.  A step directory is
+  *complete* only once its manifest exists;
+* old checkpoints are deleted by us (not by orbax's ``max_to_keep``), and only
+  after a newer one is complete: process 0 keeps the ``keep`` newest complete
+  step directories, so a kill at any moment leaves the newest complete checkpoint
+  on disk (a deletion cut short leaves an incomplete directory: its manifest is
+  removed first);
 * :meth:`Checkpointer.latest_step` ignores incomplete step directories (a save
   cut short by a crash/kill); :meth:`Checkpointer.quarantine_incomplete` moves
-  them to ``RUN_DIR/checkpoints.incomplete/`` (nothing is ever deleted by us);
+  them to ``RUN_DIR/checkpoints.incomplete/``;
 * restoring verifies the manifest first; a missing file, a size or checksum
   mismatch, an unreadable manifest, or an orbax error raises
   :class:`CheckpointError` naming the directory, and nothing is modified --
@@ -27,6 +34,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -110,14 +118,21 @@ def verify_step_dir(step_dir) -> Dict[str, Any]:
         if not path.exists():
             problems.append(f"missing file {rel}")
             continue
-        size = int(path.stat().length)
-        if size != want.get("size"):
-            problems.append(f"{rel}: size {size} bytes, expected {want.get('size')}")
+        try:
+            size = int(path.stat().length)
+            if size != want.get("size"):
+                problems.append(f"{rel}: size {size} bytes, expected {want.get('size')}")
+                continue
+            kind = "sha256" if "sha256" in want else "sha256_ends"
+            got_kind, digest = _file_digest(path, size)
+        except OSError as e:  # e.g. deleted meanwhile (by the process training into the run)
+            problems.append(f"{rel}: unreadable ({e})")
             continue
-        kind = "sha256" if "sha256" in want else "sha256_ends"
-        got_kind, digest = _file_digest(path, size)
         if got_kind != kind or digest != want.get(kind):
             problems.append(f"{rel}: checksum mismatch")
+    if problems and not (step_dir / MANIFEST).exists():
+        raise CheckpointError(f"checkpoint {step_dir} was deleted while it was being read (by the process "
+                              "training into the run, which keeps only its newest checkpoints)")
     if problems:
         shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} problems)" if len(problems) > 5 else "")
         raise CheckpointError(f"checkpoint {step_dir} is corrupt: {shown}. {hint}")
@@ -128,8 +143,10 @@ def verify_step_dir(step_dir) -> Dict[str, Any]:
 class Checkpointer:
     """Save / restore ``(params, opt_state, meta)`` under ``run_dir/checkpoints``.
 
-    Saves are asynchronous (orbax); the manifest of a save is written when the
-    next save starts or at :meth:`wait` / :meth:`close`.
+    Saves are asynchronous (orbax); the manifest of a save is written by a background
+    thread as soon as orbax has finished it (at the latest at the next :meth:`save`,
+    :meth:`wait` or :meth:`close`), then the complete step directories beyond the
+    ``keep`` newest are deleted (process 0).
     """
 
     def __init__(self, run_dir, keep: int = 2, async_save: bool = True):
@@ -142,6 +159,8 @@ class Checkpointer:
         self.async_save = bool(async_save)
         self._manager = None
         self._pending: Optional[int] = None
+        self._finalizer: Optional[threading.Thread] = None
+        self._finalize_error: Optional[BaseException] = None
 
     # ---------------------------------------------------------------- inspection
     def step_dirs(self) -> List[int]:
@@ -195,8 +214,10 @@ class Checkpointer:
         if self._manager is None:
             import orbax.checkpoint as ocp
 
+            # max_to_keep=None: orbax would delete the older checkpoint when the newer one is
+            # committed, before the newer one has its manifest; _remove_old does it after
             options = ocp.CheckpointManagerOptions(
-                max_to_keep=self.keep, create=True, enable_async_checkpointing=self.async_save)
+                max_to_keep=None, create=True, enable_async_checkpointing=self.async_save)
             self._manager = ocp.CheckpointManager(self.directory, options=options)
         return self._manager
 
@@ -215,18 +236,55 @@ class Checkpointer:
             opt_state=ocp.args.StandardSave(opt_state),
             meta=ocp.args.JsonSave(meta)), force=True)
         self._pending = step
+        if self.async_save and jax.process_index() == 0:
+            # mark the save complete as soon as orbax has finished it (not at the next save)
+            self._finalizer = threading.Thread(target=self._finalize_in_background, args=(step,),
+                                               name=f"jaxformers-checkpoint-{step}", daemon=True)
+            self._finalizer.start()
+
+    def _finalize(self, step: int) -> None:
+        """Wait for orbax to finish ``step``, write its manifest, delete old checkpoints (process 0)."""
+        self._manager.wait_until_finished()
+        step_dir = self.step_dir(step)
+        if jax.process_index() == 0 and step_dir.exists():
+            _atomic_write_text(step_dir / MANIFEST, json.dumps(build_manifest(step_dir), indent=1))
+            self._remove_old()
+
+    def _finalize_in_background(self, step: int) -> None:
+        try:
+            self._finalize(step)
+        except BaseException as e:  # noqa: BLE001 - re-raised by wait()
+            self._finalize_error = e
+
+    def _remove_old(self) -> None:
+        """Delete the complete step directories older than the ``keep`` newest complete ones
+        (the manifest first, so a deletion cut short leaves an incomplete directory)."""
+        if self.keep < 1:
+            return
+        for step in self.complete_steps()[:-self.keep]:
+            step_dir = self.step_dir(step)
+            try:
+                (step_dir / MANIFEST).unlink()
+                step_dir.rmtree()
+            except OSError as e:  # e.g. removed by someone else meanwhile
+                log.warning("could not delete old checkpoint %s: %s", step_dir, e)
 
     def wait(self) -> None:
-        """Block until the pending save is on disk, then write its manifest (process 0)."""
+        """Block until the pending save is on disk and its manifest is written (process 0)."""
         if self._manager is None:
             return
+        finalizer, self._finalizer = self._finalizer, None
+        if finalizer is not None:
+            finalizer.join()
         self._manager.wait_until_finished()
         if self._pending is not None:
             step, self._pending = self._pending, None
-            step_dir = self.step_dir(step)
-            if jax.process_index() == 0 and step_dir.exists():
-                _atomic_write_text(step_dir / MANIFEST, json.dumps(build_manifest(step_dir), indent=1))
+            if finalizer is None:
+                self._finalize(step)
+            error, self._finalize_error = self._finalize_error, None
             _sync("jaxformers_manifest")
+            if error is not None:
+                raise error
 
     def close(self) -> None:
         self.wait()
@@ -246,6 +304,10 @@ class Checkpointer:
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds
+            if not self.is_complete(step):
+                raise CheckpointError(
+                    f"checkpoint {self.step_dir(step)} was deleted while it was being restored (by the "
+                    "process training into the run, which keeps only its newest checkpoints)") from e
             raise CheckpointError(
                 f"could not restore checkpoint {self.step_dir(step)} ({type(e).__name__}: {e}). "
                 "Was it written for a different model config? Otherwise move it away to fall back "

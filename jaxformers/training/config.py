@@ -39,7 +39,11 @@ class TrainConfig(ConfigMixin):
     ``mesh`` is ``"data=D,fsdp=F,tensor=T"`` (missing axes are 1; ``None`` = pure
     data parallelism over every device).  ``checkpoint_every=0`` saves only the
     final checkpoint (the final step is always saved).  ``eval_every=0`` evaluates
-    only at the end; ``eval_batches=0`` never evaluates.
+    only at the end; ``eval_batches=0`` never evaluates.  An evaluation covers
+    ``eval_batches`` full batches (``eval_batches * batch_size`` sequences, run as
+    ``eval_batches * grad_accum`` micro-batches of ``batch_size / grad_accum`` rows:
+    :attr:`eval_micro_batches`), so ``val_loss`` is over the same tokens whatever
+    ``grad_accum`` is.
 
     ``loss`` names a registered loss function (:mod:`jaxformers.training.losses`;
     ``train(..., loss_fn=fn)`` overrides it).  ``aux_loss_weights`` weighs the
@@ -155,6 +159,12 @@ class TrainConfig(ConfigMixin):
     @property
     def micro_batch_size(self) -> int:
         return self.batch_size // self.grad_accum
+
+    @property
+    def eval_micro_batches(self) -> int:
+        """Micro-batches (``micro_batch_size`` rows) per evaluation: ``eval_batches * grad_accum``,
+        i.e. ``eval_batches`` full batches whatever ``grad_accum`` is."""
+        return self.eval_batches * self.grad_accum
 
     @property
     def schedule_length(self) -> int:

@@ -24,7 +24,10 @@ first save) is reused and its metrics are reset.  ``resume=True`` requires the m
 config to equal the saved one (after normalising the saved dict through
 :func:`jaxformers.registry.config_from_dict`, so configs saved by older versions compare
 equal), reports train-config changes, and drops ``metrics.jsonl`` rows after the
-restored step.  Only process 0 writes files.
+restored step; it writes its (possibly changed) config to ``config.json`` / ``run.yaml`` only
+with the first checkpoint it saves, so a resume that trains nothing (a finished run, or
+``steps`` equal to the checkpointed step) or is stopped before its first save leaves them
+describing the run's checkpoints.  Only process 0 writes files.
 """
 from __future__ import annotations
 
@@ -282,10 +285,16 @@ def train_config_changes(saved: Optional[dict], train_config: TrainConfig) -> Li
 
 
 # ============================================================================ load
+#: How many checkpoints :func:`load_run` tries when the one it loads is deleted meanwhile.
+LOAD_ATTEMPTS = 3
+
+
 def load_run(run_dir, *, step: Optional[int] = None, mesh=None) -> Tuple[Any, TrainConfig, Any]:
     """``(model_config, train_config, params)`` of a run (newest complete checkpoint, or ``step``).
 
-    Params are float32, on the first local device unless ``mesh`` is given (then
+    A run that is still training deletes its old checkpoints: when the checkpoint being loaded
+    is deleted meanwhile, the newest complete one is tried next (``LOAD_ATTEMPTS`` in all), then
+    :class:`CheckpointError` says so.  Params are float32, on the first local device unless ``mesh`` is given (then
     sharded by the logical rules).  Raises ``FileNotFoundError`` / ``CheckpointError``.
     Run directories written by older versions load too (new config fields take their
     defaults).
@@ -299,6 +308,7 @@ def load_run(run_dir, *, step: Optional[int] = None, mesh=None) -> Tuple[Any, Tr
     model_config = config_from_dict(saved["model"])
     train_config = TrainConfig.from_dict(saved["train"])
     ckpt = Checkpointer(run_dir, keep=train_config.keep_checkpoints)
+    explicit = step is not None
     if step is None:
         step = ckpt.latest_step()
         if step is None:
@@ -311,8 +321,24 @@ def load_run(run_dir, *, step: Optional[int] = None, mesh=None) -> Tuple[Any, Tr
         shardings = mesh_lib.fit_shardings(mesh_lib.logical_to_sharding(specs, mesh), abstract)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
+    deleted = []
     try:
-        params, _, _ = ckpt.restore(step, target)
+        for _ in range(LOAD_ATTEMPTS):
+            try:
+                params, _, _ = ckpt.restore(step, target)
+                return model_config, train_config, params
+            except CheckpointError:
+                if explicit or ckpt.is_complete(step):  # corrupt / another config: a real error
+                    raise
+                deleted.append(step)
+                log.warning("checkpoint %s was deleted while loading it (the run is still training): "
+                            "trying the newest complete one", ckpt.step_dir(step))
+            newer = [s for s in ckpt.complete_steps() if s not in deleted]
+            if not newer:
+                break
+            step = newer[-1]
     finally:
         ckpt.close()
-    return model_config, train_config, params
+    raise CheckpointError(
+        f"could not load {run_dir}: checkpoint(s) {deleted} were deleted while being loaded (the run is "
+        f"still training and keeps only its newest checkpoints); try again, or load a finished run")

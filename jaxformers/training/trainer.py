@@ -408,6 +408,7 @@ def _train(model_config, tc, *, run_dir, is_main, multi, resume, progress, stop_
 
     # ---------------------------------------------------------------- restore or initialise
     start_step = 0
+    tokens_base = 0
     if with_ckpt:
         step = ckpt.latest_step()
         ckpt.verify(step)  # raises CheckpointError before anything is modified
@@ -416,6 +417,8 @@ def _train(model_config, tc, *, run_dir, is_main, multi, resume, progress, stop_
             messages.append((f"moved incomplete checkpoint(s) aside: {moved}", True))
         params, opt_state, restored_meta = ckpt.restore(step, *program.abstract_state(), verify=False)
         start_step = int(restored_meta["data_step"])
+        # tokens trained so far (counted with the batch shape of each step, which a resume may change)
+        tokens_base = int(restored_meta.get("tokens_seen", start_step * tc.tokens_per_step))
         changes = rundir.train_config_changes(saved, tc)
         if changes:  # a changed seed / batch / data continues on another data path: a warning
             path = [c for c in changes if c.split(":")[0] in _DATA_PATH_FIELDS]
@@ -445,13 +448,21 @@ def _train(model_config, tc, *, run_dir, is_main, multi, resume, progress, stop_
             params, opt_state = program.init(tc.seed)
 
     # ---------------------------------------------------------------- run directory files
-    if is_main:
+    def write_run_config():
         rundir.write_config(run_dir, model_config=model_config, train_config=tc, compute_dtype=dtype,
                             dataset=source.describe(), n_params=n_params, mesh=mesh_lib.describe(mesh),
                             loss_fn=loss_fn_name)
+        rundir.write_run_file(run_dir, model_config, tc)
+
+    # a resume records its (possibly changed) config only with the first checkpoint it trains
+    # under it: a resume that trains nothing, or is stopped before its first save, leaves the
+    # run's config.json / run.yaml as they were (they describe the run's checkpoints)
+    config_pending = is_main and with_ckpt
+    if is_main:
+        if not with_ckpt:
+            write_run_config()
         rundir.reset_metrics(run_dir, start_step if with_ckpt else None)
         rundir.copy_tokenizer(run_dir, source.ds_dir)
-        rundir.write_run_file(run_dir, model_config, tc)
 
     # ---------------------------------------------------------------- compile
     t_compile = time.perf_counter()
@@ -476,12 +487,15 @@ def _train(model_config, tc, *, run_dir, is_main, multi, resume, progress, stop_
         progress_.message(row)
 
     def evaluate_now(done):
-        ev = eval_loss(program, params, source, tc.micro_batch_size, tc.seq_len, tc.eval_batches)
+        ev = eval_loss(program, params, source, tc.micro_batch_size, tc.seq_len, tc.eval_micro_batches)
         if ev["val_loss"] is None:
             return None
         row = {"step": done, **{k: v for k, v in ev.items() if k != "val_tokens"}}
         write_row(row)
         return row
+
+    def tokens_at(done):
+        return tokens_base + (done - start_step) * tc.tokens_per_step
 
     last_train, last_eval = None, None
     if tc.init_from is not None and not with_ckpt and start_step < end_step:
@@ -504,7 +518,7 @@ def _train(model_config, tc, *, run_dir, is_main, multi, resume, progress, stop_
                        or stopping)
             if do_log:  # ------------------------------------------- log
                 tps = clock.end_interval(done, params)
-                last_train = _train_row(done, jax.device_get(metrics), tps, done * tc.tokens_per_step)
+                last_train = _train_row(done, jax.device_get(metrics), tps, tokens_at(done))
                 if tps is not None and mfu(fpt, tps) is not None:
                     last_train["mfu"] = round(mfu(fpt, tps), 4)
                 if not math.isfinite(last_train["loss"]):
@@ -516,9 +530,12 @@ def _train(model_config, tc, *, run_dir, is_main, multi, resume, progress, stop_
                 if do_eval:  # ------------------------------------- eval
                     last_eval = evaluate_now(done) or last_eval
                 if do_ckpt:  # ------------------------------------- checkpoint
+                    if config_pending:  # the first checkpoint trained with this config
+                        write_run_config()
+                        config_pending = False
                     ckpt.save(done, params, opt_state, {
                         "data_step": done, "seed": tc.seed, "batch_size": tc.batch_size,
-                        "seq_len": tc.seq_len, "tokens_seen": done * tc.tokens_per_step})
+                        "seq_len": tc.seq_len, "tokens_seen": tokens_at(done)})
                 clock.restart()
             if stopping:  # ---------------------------------------- signals
                 progress_.info(f"stopping on signal {stopped_by}: checkpoint saved at step {done}; "
@@ -539,7 +556,7 @@ def _train(model_config, tc, *, run_dir, is_main, multi, resume, progress, stop_
         last_eval = next((r for r in reversed(rows) if r.get("val_loss") is not None), None)
     finished = max(start_step, end_step) >= tc.steps
     if last_eval is None and finished:
-        ev = eval_loss(program, params, source, tc.micro_batch_size, tc.seq_len, tc.eval_batches)
+        ev = eval_loss(program, params, source, tc.micro_batch_size, tc.seq_len, tc.eval_micro_batches)
         if ev["val_loss"] is not None:
             last_eval = {"step": max(start_step, tc.steps), **ev}
     tokens_per_s = clock.tokens_per_s
@@ -600,7 +617,10 @@ def evaluate(run: Union[str, os.PathLike, Tuple[ModelConfig, Any]], data=None, *
     (corpus / folder prepared with ``tokenizer``, prepared dataset directory,
     ``synthetic:TASK``) or a 1-D array of token ids; default: the run's data.
     ``split``: ``val`` or ``train``.  Defaults for ``batch_size`` / ``seq_len`` /
-    ``max_batches`` come from the run's train config, and ``dtype`` (compute dtype)
+    ``max_batches`` come from the run's train config (``max_batches=-1``: the run's
+    ``eval_batches`` full batches, i.e. ``eval_batches * batch_size`` sequences, counted in
+    batches of ``batch_size`` rows -- the validation set of the run's ``val_loss`` whatever its
+    ``grad_accum``), and ``dtype`` (compute dtype)
     from the run or float32 (so a run's final ``val_loss`` is reproduced);
     ``max_batches=None`` evaluates the whole split (as ``-1`` does for a run trained with
     ``eval_batches=0``).  The loss is ``loss_fn``, else the
@@ -638,7 +658,10 @@ def evaluate(run: Union[str, os.PathLike, Tuple[ModelConfig, Any]], data=None, *
                     seq_len, "sequences the run was trained on" if tc is not None else "model's max_seq_len",
                     trained_len)
     if max_batches == -1:  # the run's eval_batches; the whole split for a run trained without evaluation
-        max_batches = (tc.eval_batches or None) if tc is not None else None
+        if tc is not None and tc.eval_batches:  # the rows of eval_batches full batches
+            max_batches = -(-tc.eval_batches * tc.batch_size // batch_size)
+        else:
+            max_batches = None
     if not source.has_eval_data(seq_len, split):
         n = len(source.split_tokens(split))
         raise ValueError(f"the {split} split has {n} tokens, fewer than seq_len + 1 = {seq_len + 1}")
