@@ -186,6 +186,21 @@ def run_tokenizer(ap, run, kind: str, tokenizer):
                     "tokenizer, or byte for a byte-level model)")
 
 
+def check_run_args(ap, args) -> None:
+    """The ``--run`` / ``--data`` / ``--tokenizer`` usage errors of an experiment that evaluates a
+    run trained here or a HF checkpoint (``args.tokenizer`` becomes the tokenizer to use, None
+    for a run trained here); without ``--run``, ``--tokenizer`` is refused (presets train on
+    byte tokens)."""
+    if args.run:
+        kind = run_kind(ap, args.run)
+        if kind == "hf" and not args.data:
+            usage_error(ap, "--run with a HF checkpoint needs --data (text to evaluate on, tokenized with "
+                            "its tokenizer)")
+        args.tokenizer = run_tokenizer(ap, args.run, kind, args.tokenizer)
+    elif args.tokenizer is not None:
+        usage_error(ap, "--tokenizer is for a --run HF checkpoint; the preset's model trains on byte tokens")
+
+
 def check_data_vocab(ap, data, tokenizer, vocab_size: int) -> None:
     """A usage error naming ``--data`` / ``--tokenizer`` when ``data`` tokenized with
     ``tokenizer`` has ids the model (``vocab_size``) has no embedding for (they give NaN

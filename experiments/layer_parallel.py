@@ -39,9 +39,9 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.common import (check_data_vocab, check_reuse, experiment_parser, parse_experiment_args,
-                                parse_list, run_kind, run_tokenizer, train_fresh, train_overrides, unrolled,
-                                usage_error)
+from experiments.common import (check_data_vocab, check_reuse, check_run_args, experiment_parser,
+                                parse_experiment_args, parse_list, run_kind, train_fresh, train_overrides,
+                                unrolled, usage_error)
 
 POSITIONS = ("early", "middle", "late")
 PRESETS = {
@@ -125,13 +125,8 @@ def _check_args(ap, args) -> None:
         if given:
             ap.error(f"--run: {', '.join(given)} only shape(s) the preset's training; a --run model is not "
                      "retrained (drop them, or drop --run)")
-        kind = run_kind(ap, args.run)
-        if kind == "hf" and not args.data:
-            ap.error("--run with a HF checkpoint needs --data (tokenized with its tokenizer)")
-        args.tokenizer = run_tokenizer(ap, args.run, kind, args.tokenizer)
-    elif args.tokenizer is not None:
-        ap.error("--tokenizer is for a --run HF checkpoint; the preset's model trains on byte tokens")
-    elif args.data is not None and args.data.startswith(("synthetic:", "domains:")):
+    check_run_args(ap, args)
+    if not args.run and args.data is not None and args.data.startswith(("synthetic:", "domains:")):
         ap.error(f"--data {args.data!r}: a synthetic / domains spec needs --run (the preset's model is "
                  "trained on a corpus or prepared dataset)")
     if args.n_layer is not None and args.n_layer < 4:

@@ -49,9 +49,9 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.common import (check_data_vocab, experiment_parser, median_ms, parse_experiment_args,
-                                parse_list, run_kind, run_tokenizer, train_fresh, train_overrides, unrolled,
-                                usage_error)
+from experiments.common import (check_data_vocab, check_run_args, experiment_parser, median_ms,
+                                parse_experiment_args, parse_list, run_kind, train_fresh, train_overrides,
+                                unrolled, usage_error)
 
 PRESETS = {
     "tiny": dict(model=dict(preset="tiny", max_seq_len=128),
@@ -127,13 +127,7 @@ def _check_args(ap, args) -> None:
         ap.error("--run: empty path")
     if args.run and args.steps is not None:
         ap.error("--run: --steps only shapes the preset's training; a --run model is not retrained")
-    if args.run:
-        kind = run_kind(ap, args.run)
-        if kind == "hf" and not args.data:
-            ap.error("--run with an HF Llama dir needs --data (text to evaluate on)")
-        args.tokenizer = run_tokenizer(ap, args.run, kind, args.tokenizer)
-    elif args.tokenizer is not None:
-        ap.error("--tokenizer is for a --run HF checkpoint; the preset's model trains on byte tokens")
+    check_run_args(ap, args)
     args.only = parse_list(ap, "--only", args.only, allowed=list(SCHEMES), unique=True)
     args.int_schemes = parse_list(ap, "--int-schemes", args.int_schemes, allowed=list(INT_SCHEMES),
                                   unique=True, none=True)

@@ -1,9 +1,8 @@
-"""Regression tests for the training audit (/tmp/audit_tr): checkpoints marked complete as soon as
+"""Regression tests of the training loop's edge cases: checkpoints marked complete as soon as
 they are written and old ones deleted only after, resumes that train nothing leave the run's config
 alone, validation independent of grad_accum, ``--extend-steps`` with the default run dir, loading
 from a run that is still training, ``tokens`` across a batch-size change, tiny temperatures."""
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -16,35 +15,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jaxformers as jf
 from jaxformers.decoding import sample_logits
-from jaxformers.training import CompileCache, TrainConfig, evaluate, load_run, read_metrics, train
+from jaxformers.training import CompileCache, evaluate, load_run, read_metrics, train
 from jaxformers.training.checkpoint import MANIFEST, Checkpointer
 
 from experiments import evaluate as evaluate_cli
 from experiments import train as train_cli
 
+from test_training import env, tiny_model  # noqa: F401 - env: the module's corpus fixture
+from test_training import tiny_train as _tiny_train
+
 REPO = Path(__file__).resolve().parents[1]
-WORDS = "the quick brown fox jumps over a lazy dog while seven small birds sing".split()
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("training_fixes")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        (corpus / f"doc{i}.txt").write_text(" ".join(rng.choice(WORDS, size=1500)) + ".\n")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("JAXFORMERS_CACHE", str(root / "cache"))
-        yield {"root": root, "corpus": str(corpus),
-               "sub_env": dict(os.environ, JAXFORMERS_CACHE=str(root / "cache"),
-                               JAX_COMPILATION_CACHE_DIR=str(root / "xla"),
-                               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                               JAX_DEFAULT_MATMUL_PRECISION="highest",
-                               XLA_FLAGS="--xla_backend_optimization_level=0",
-                               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))}
 
 
 def _tree(seed):
@@ -123,17 +104,9 @@ def test_sigkill_right_after_a_checkpoint_commits_resumes_from_it(env):
 CACHE = CompileCache(max_entries=8)
 
 
-def tiny_model(**kw):
-    return jf.get_config("gpt", "tiny", **{**dict(vocab_size=257, d_model=32, n_layer=1, n_head=4,
-                                                   max_seq_len=32), **kw})
-
-
 def tiny_train(env, out, **kw):
-    base = dict(steps=4, batch_size=8, seq_len=32, lr=3e-3, warmup_steps=2, data=env["corpus"],
-                out_dir=str(out), log_every=1, eval_every=2, eval_batches=2, checkpoint_every=2,
-                keep_checkpoints=3)
-    base.update(kw)
-    return TrainConfig(**base)
+    """``test_training.tiny_train`` with 4 steps, evaluations and checkpoints every 2."""
+    return _tiny_train(env, out, **{**dict(steps=4, eval_every=2, checkpoint_every=2), **kw})
 
 
 @pytest.fixture(scope="module")

@@ -59,7 +59,7 @@ import numpy as np
 from ..config import TransformerConfig, _boolean
 from ..convert.layers import unstack_layers
 from ..utils import check_token_ids
-from .model import OnlineQuant, QuaRotConfig
+from .model import OnlineQuant, QuaRotConfig, check_divides_linear_inputs
 from .quantizers import gptq_weight, pack_int4, rtn_weight
 from .rotation import Rotation, float64_tree
 
@@ -221,12 +221,7 @@ def _check_quantize_inputs(config, spec: QuantSpec, calibration) -> None:
     """What ``quantize`` would otherwise find out deep inside (or never: out-of-vocabulary
     calibration ids give NaN Hessians and NaN weights)."""
     if spec.w_bits < 16 and spec.w_groupsize is not None:
-        ins = {"d_model": config.d_model, "n_head * head_dim": config.n_head * config.dim_head,
-               "d_ff": config.ff_dim}
-        bad = {k: v for k, v in ins.items() if v % spec.w_groupsize}
-        if bad:
-            raise ValueError(f"w_groupsize={spec.w_groupsize} must divide every linear's input size, "
-                             f"not {bad}")
+        check_divides_linear_inputs(config, "w_groupsize", spec.w_groupsize)
     if spec.storage == "int" and spec.w_bits <= 4:  # int4 packs pairs along each output axis
         outs = {"head_dim": config.dim_head, "d_model": config.d_model, "d_ff": config.ff_dim}
         odd = {k: v for k, v in outs.items() if v % 2}

@@ -92,6 +92,16 @@ class OnlineQuant:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(OnlineQuant)}
 
 
+def check_divides_linear_inputs(config, name: str, groupsize: int) -> None:
+    """``ValueError`` naming ``name`` unless ``groupsize`` divides the input size of every block
+    linear of ``config`` (``d_model``, ``n_head * head_dim``, ``d_ff``)."""
+    sizes = {"d_model": config.d_model, "n_head * head_dim": config.n_head * config.dim_head,
+             "d_ff": config.ff_dim}
+    bad = {k: v for k, v in sizes.items() if v % groupsize}
+    if bad:
+        raise ValueError(f"{name}={groupsize} must divide every linear's input size, not {bad}")
+
+
 @dataclasses.dataclass(frozen=True)
 class QuaRotConfig(TransformerConfig, OnlineQuant):
     """Llama + QuaRot quantization settings (see module docstring).
@@ -119,12 +129,7 @@ class QuaRotConfig(TransformerConfig, OnlineQuant):
         for name in ("rotated", "int_linears"):
             _boolean(self, name)
         if self.a_bits < 16 and self.a_groupsize is not None:  # every linear's input is split
-            sizes = {"d_model": self.d_model, "n_head * head_dim": self.n_head * self.dim_head,
-                     "d_ff": self.ff_dim}
-            bad = {k: v for k, v in sizes.items() if v % self.a_groupsize}
-            if bad:
-                raise ValueError(f"a_groupsize={self.a_groupsize} must divide every linear's input size, "
-                                 f"not {bad}")
+            check_divides_linear_inputs(self, "a_groupsize", self.a_groupsize)
         if self.kv_bits < 16 and self.kv_groupsize is not None and self.dim_head % self.kv_groupsize:
             raise ValueError(f"kv_groupsize={self.kv_groupsize} must divide head_dim={self.dim_head}")
         if self.int_linears:
