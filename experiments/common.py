@@ -149,22 +149,16 @@ def usage_error(ap, message: str):
 def run_kind(ap, run) -> str:
     """``"run"`` (a run directory trained here) or ``"hf"`` (a Hugging Face checkpoint directory)
     for ``--run``, told apart by its ``config.json`` (both have one); a usage error otherwise."""
-    import json
     from pathlib import Path
 
-    path = Path(run).expanduser()
-    if not path.is_dir():
+    from jaxformers.training.init_from import source_kind
+
+    if not Path(run).expanduser().is_dir():
         usage_error(ap, f"--run {str(run)!r}: no such directory")
     try:
-        saved = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        usage_error(ap, f"--run {str(run)!r}: cannot read its config.json ({e})")
-    if isinstance(saved, dict) and "model" in saved and "train" in saved:
-        return "run"
-    if isinstance(saved, dict) and "model_type" in saved:
-        return "hf"
-    usage_error(ap, f"--run {str(run)!r}: its config.json is neither a run trained here (model, train) nor a "
-                    "Hugging Face config (model_type)")
+        return source_kind(run, name="--run")
+    except ValueError as e:
+        usage_error(ap, str(e))
 
 
 def run_tokenizer(ap, run, kind: str, tokenizer):

@@ -19,6 +19,11 @@ def concrete(x):
         return None
 
 
+def is_int(v) -> bool:
+    """An integer (Python or numpy), not a bool."""
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
 def check_token_ids(tokens, vocab_size: int, subject: str = "token ids must be") -> None:
     """``ValueError`` ("<subject> in [0, vocab_size=V), got ids from a to b") unless every id of
     ``tokens`` is in ``[0, vocab_size)``; checked when the values are known (:func:`concrete`),

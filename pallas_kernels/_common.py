@@ -194,7 +194,7 @@ def check_qkv(q, k, v, *, self_attention: bool) -> None:
     hq, hkv = q.shape[2], k.shape[2]
     if hq % hkv:
         raise ValueError(f"number of query heads (q.shape[2]={hq}) must be a multiple of the "
-                         f"number of kv heads (k.shape[2]={hkv})")
+                         f"number of kv heads (k.shape[2]={hkv}): Hq % Hkv == 0")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not jnp.issubdtype(q.dtype, jnp.floating):

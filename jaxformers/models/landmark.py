@@ -96,6 +96,8 @@ from ..sharding import ACT_HEADS, BATCH, EMBED, HEAD_DIM, HEADS, LENGTH, constra
 from ..training.losses import cross_entropy, register_loss
 from .gpt import GPT_PRESETS, _GPT_STYLE
 from .transformer import Transformer, check_tokens
+from ..utils import is_int as _is_int
+from pallas_kernels.landmark_attention.reference import check_block_size
 
 LANDMARK_IMPLS = ("auto", "reference", "pallas")
 SELECTIONS = ("per_head", "shared")
@@ -146,16 +148,6 @@ class LandmarkConfig(TransformerConfig):
             raise ValueError(f"block_q must be a power of two >= 16, got {v!r}")
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
-
-
-def _check_block_size(block_size, name: str = "block_size") -> None:
-    if not _is_int(block_size) or block_size < 2:
-        raise ValueError(f"{name} must be an int >= 2 (tokens per block incl. the landmark), "
-                         f"got {block_size!r}")
-
-
 # ------------------------------------------------------------------------- data + loss
 def insert_landmarks(tokens, block_size: int, landmark_id: int):
     """Insert ``landmark_id`` after every ``block_size - 1`` tokens.
@@ -164,7 +156,7 @@ def insert_landmarks(tokens, block_size: int, landmark_id: int):
     ``N' = N + N // (block_size - 1)``; landmarks at positions ``t % block_size ==
     block_size - 1``.  ``ValueError`` unless ``block_size`` is an int >= 2 and tokens is 2-D.
     """
-    _check_block_size(block_size)
+    check_block_size(block_size)
     if getattr(tokens, "ndim", None) != 2:
         raise ValueError(f"tokens must be [B, N], got shape {getattr(tokens, 'shape', None)}")
     block_size = int(block_size)

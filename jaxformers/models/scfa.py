@@ -193,7 +193,8 @@ def segment_ranks(segment_ids):
     new = jnp.concatenate([jnp.zeros_like(srt[:, :1], jnp.int32),
                            (srt[:, 1:] != srt[:, :-1]).astype(jnp.int32)], axis=1)
     ranks = jnp.cumsum(new, axis=1, dtype=jnp.int32)                  # ranks in sorted order
-    return jnp.take_along_axis(ranks, jnp.argsort(order, axis=1), axis=1)
+    rows = jnp.arange(segment_ids.shape[0])[:, None]
+    return jnp.zeros_like(ranks).at[rows, order].set(ranks)            # back to token order
 
 
 def packed_labels(kind: str, q_lab, k_lab, segment_ids, n_buckets: int):

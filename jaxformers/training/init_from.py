@@ -26,19 +26,24 @@ import numpy as np
 __all__ = ["load_params", "source_config", "source_kind"]
 
 
-def source_kind(path) -> str:
-    """``"run"`` or ``"hf"`` (``ValueError`` for anything else)."""
+def source_kind(path, name: str = "init_from") -> str:
+    """``"run"`` (a run directory trained here) or ``"hf"`` (a Hugging Face checkpoint
+    directory), told apart by the content of their ``config.json``; ``ValueError`` naming
+    ``name`` for anything else."""
     path = Path(path).expanduser()
     cfg = path / "config.json"
     if not cfg.is_file():
-        raise ValueError(f"init_from={str(path)!r} is neither a run directory nor a Hugging Face "
+        raise ValueError(f"{name}={str(path)!r} is neither a run directory nor a Hugging Face "
                          "checkpoint directory (no config.json)")
-    data = json.loads(cfg.read_text())
+    try:
+        data = json.loads(cfg.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{name}={str(path)!r}: cannot read {cfg} ({e})") from None
     if isinstance(data, dict) and "model" in data and "train" in data:
         return "run"
     if isinstance(data, dict) and "model_type" in data:
         return "hf"
-    raise ValueError(f"init_from={str(path)!r}: {cfg} is neither a jaxformers run config nor a "
+    raise ValueError(f"{name}={str(path)!r}: {cfg} is neither a jaxformers run config nor a "
                      "Hugging Face config (no model_type)")
 
 

@@ -65,6 +65,7 @@ from ..layers.common import dropout
 from ..layers.mlp import make_mlp
 from ..registry import get_spec, register
 from ..sharding import ACT_EMBED, BATCH, LENGTH, constrain
+from ..utils import is_int as _is_int
 from ..models.transformer import Transformer
 
 MLP_NORMS = ("own", "mean")
@@ -239,10 +240,6 @@ def _check_base(config) -> None:
         name = getattr(config, "model", type(config).__name__)
         raise ValueError(f"config must be the config of one of {base_models()} (a plain transformer), "
                          f"got model {name!r}")
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
 def _int(name: str, v) -> int:

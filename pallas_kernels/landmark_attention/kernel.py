@@ -58,6 +58,7 @@ from ..flash_attention.kernel import (LOG2E, _dot_nn, _dot_nt, _dot_tn, _iota,
                                       _is_pow2, _rows_slice, _tile_bytes, static_sm_scale)
 from .._common import (SQ, AttentionPlan, by_platform, check_flag, check_qkv, compiler_params, idiv, next_pow2,
                        resolve_interpret, round_up, select_plan)
+from .reference import check_block_size
 
 _MIN_LP_GPU = 16   # tl.dot's smallest tile
 _LN2 = math.log(2.0)
@@ -382,9 +383,7 @@ _landmark.defvjp(_landmark_fwd, _landmark_bwd)
 # ------------------------------------------------------------------------- public API
 def _validate(q, k, v, block_size, block_q):
     check_qkv(q, k, v, self_attention=True)
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
-        raise ValueError(f"block_size must be an int >= 2 (tokens per block incl. the "
-                         f"landmark), got {block_size!r}")
+    check_block_size(block_size)
     if not _is_pow2(block_q):
         raise ValueError(f"block_q must be a positive power of two, got {block_q!r}")
 

@@ -24,24 +24,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._common import check_qkv
 
-def _validate(q, k, v, block_size) -> None:
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if getattr(x, "ndim", None) != 4:
-            raise ValueError(f"{name} must have rank 4 [B, T, H, D], got shape "
-                             f"{getattr(x, 'shape', None)}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got k {k.shape} and v {v.shape}")
-    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"q and k must have the same batch size and head dim D, got q {q.shape} "
-                         f"and k {k.shape}")
-    if k.shape[2] < 1 or q.shape[2] % k.shape[2]:
-        raise ValueError(f"number of query heads (q.shape[2]={q.shape[2]}) must be a multiple of "
-                         f"the number of kv heads (k.shape[2]={k.shape[2]}): Hq % Hkv == 0")
+
+def check_block_size(block_size, name: str = "block_size") -> None:
+    """``ValueError`` naming ``name`` unless ``block_size`` (tokens per block, landmark
+    included) is an int >= 2 (numpy ints too, not bool)."""
     if isinstance(block_size, (bool, np.bool_)) or not isinstance(block_size, (int, np.integer)) \
             or block_size < 2:
-        raise ValueError(f"block_size must be an int >= 2 (tokens per block incl. the "
-                         f"landmark), got {block_size!r}")
+        raise ValueError(f"{name} must be an int >= 2 (tokens per block incl. the landmark), "
+                         f"got {block_size!r}")
+
+
+def _validate(q, k, v, block_size) -> None:
+    check_qkv(q, k, v, self_attention=False)   # (decoding: fewer queries than keys)
+    check_block_size(block_size)
 
 
 def _expand_kv(x, hq):
