@@ -23,7 +23,8 @@ def main(argv=None) -> int:
     ap.add_argument("--split", default="val", choices=["val", "train"])
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--seq-len", type=int)
-    ap.add_argument("--max-batches", type=int, default=-1, help="-1: the run's validation set (its eval_batches full batches, whatever its "
+    ap.add_argument("--max-batches", type=int, default=-1,
+                    help="-1: the run's validation set (its eval_batches full batches, whatever its "
                          "grad_accum); 0: all")
     ap.add_argument("--mesh", help="e.g. data=2 (default: all devices on data)")
     ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"],
