@@ -353,6 +353,28 @@ def train_fresh(name: str, cfg, out, *, seed: int, data: str, train_kw: dict, lo
     return summary, params, resolve_dtype(tc.dtype), tc
 
 
+def reuse_or_train(name: str, cfg, out, reusable, *, seed: int, data: str, train_kw: dict,
+                   log_points: int, tag: str, cache=None):
+    """``(summary, params, compute_dtype, train_config)`` of run ``out/runs/name``: loaded when
+    ``name`` is in ``reusable`` (:func:`check_reuse`, a finished run of an earlier invocation
+    with the same config and settings), else trained from scratch (:func:`train_fresh`)."""
+    import json
+    import sys
+    from pathlib import Path
+
+    if name not in reusable:
+        return train_fresh(name, cfg, out, seed=seed, data=data, train_kw=train_kw, log_points=log_points,
+                           tag=tag, cache=cache)
+    from jaxformers.training import load_run
+    from jaxformers.training.steps import resolve_dtype
+
+    run_dir = Path(out) / "runs" / name
+    _, tc, params = load_run(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    print(f"[{tag}] reusing {run_dir}", file=sys.stderr, flush=True)
+    return summary, params, resolve_dtype(tc.dtype), tc
+
+
 def check_reuse(out, runs, *, seed: int, data: str, train_kw: dict, log_points: int) -> list:
     """``--reuse``, checked before anything trains: the names in ``runs`` (``[(name, cfg)]``)
     whose finished run ``out/runs/name`` can be reused.  ``SystemExit`` naming the run and

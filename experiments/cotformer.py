@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from experiments.common import (check_heads, check_reuse, experiment_parser, parse_experiment_args,
-                                parse_list, time_forwards, train_fresh, train_overrides)
+                                parse_list, reuse_or_train, time_forwards, train_overrides)
 
 PRESETS = {
     "tiny": dict(model=dict(d_model=64, n_head=4, max_seq_len=64), depth=2, ln_reserved=(0, 0),
@@ -170,15 +170,7 @@ def run(args) -> dict:
     reusable = (check_reuse(out, grid, seed=args.seed, data=args.data, train_kw=train_kw, log_points=10)
                 if args.reuse else [])
     for name, cfg in grid:
-        done = out / "runs" / name / "summary.json"
-        if name in reusable:  # a finished run of an earlier invocation, same config and settings
-            from jaxformers.training import load_run
-            from jaxformers.training.steps import resolve_dtype
-            _, tc, params = load_run(done.parent)
-            summary, dtype = json.loads(done.read_text()), resolve_dtype(tc.dtype)
-            print(f"[cotformer] reusing {done.parent}", file=sys.stderr, flush=True)
-        else:
-            summary, params, dtype, tc = train_fresh(name, cfg, out, seed=args.seed, data=args.data,
+        summary, params, dtype, tc = reuse_or_train(name, cfg, out, reusable, seed=args.seed, data=args.data,
                                                      train_kw=train_kw, log_points=10, tag="cotformer",
                                                      cache=cache)
         eval_cfg = cfg.replace(length_factors=(1.0,) * (cfg.n_repeat - 1)) if cfg.model == "adaptive_cotformer" else cfg

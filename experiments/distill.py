@@ -210,6 +210,8 @@ def _check_args(ap, args) -> None:
                         ("--ce-weight", args.ce_weight)):
         if value is not None and not (math.isfinite(value) and value >= 0):
             ap.error(f"{flag} must be a finite number >= 0, got {value}")
+    if args.kl_weight == 0 and args.ce_weight == 0:
+        ap.error("--kl-weight and --ce-weight are both 0: the distillation loss would be 0 (set one > 0)")
     if args.teacher is None:
         check_teacher(ap, args, preset["teacher"]["n_layer"], preset["teacher"]["max_seq_len"])
 

@@ -131,6 +131,13 @@ def run(args) -> dict:
                "base_model": preset["base_model"], "eval_batches_per_domain": eval_batches}
 
     source = DomainSource(domain_spec(DOMAINS, max_bytes=max_bytes))
+    # every domain needs one validation window, else no run reports a loss for it (checked before training)
+    need = max(proxy_kw["seq_len"], base_kw["seq_len"]) + 1
+    short = {d.name: int(d.val_tokens.size) for d in source.domains if d.val_tokens.size < need}
+    if short:
+        raise SystemExit(f"error: --max-bytes={max_bytes} leaves too little validation text: {short} tokens, "
+                         f"need >= seq_len + 1 = {need} per domain (5% of each document is validation); "
+                         "raise --max-bytes")
     results["train_tokens"] = source.describe()["train_tokens"]
     proportional = source.token_fractions()
 
@@ -233,10 +240,13 @@ def main(argv=None) -> dict:
     results = run(args)
     results["plots"] = plot(results, out)
     write_results(out, **results, complete=True)
-    summary = {m: round(r["avg_ppl"], 3) for m, r in results["base_runs"].items()}
-    print(json.dumps({"doge_weights": {k: round(v, 3) for k, v in results["doge_weights"].items()},
+    def r3(v):
+        return None if v is None else round(v, 3)
+
+    summary = {m: r3(r["avg_ppl"]) for m, r in results["base_runs"].items()}
+    print(json.dumps({"doge_weights": {k: r3(v) for k, v in results["doge_weights"].items()},
                       "avg_ppl": summary,
-                      **({"ood_target_ppl": {m: round(r["target_val_ppl"], 3)
+                      **({"ood_target_ppl": {m: r3(r["target_val_ppl"])
                                              for m, r in results["ood"]["runs"].items()}}
                          if "ood" in results else {})}, indent=1))
     return results

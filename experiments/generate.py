@@ -57,16 +57,19 @@ def main(argv=None) -> int:
         ids = ids[-(limit - args.max_new_tokens):]
         module = jf.build(model_config.replace(dtype="float32", param_dtype="float32"))
         prompt = np.asarray(ids, np.int32)[None]
+        # a model vocab padded above the tokenizer's: never sample the padding ids (they have no text)
+        vocab_limit = tok.vocab_size if tok.vocab_size < model_config.vocab_size else None
         out = jf.generate(module, {"params": params}, prompt, args.max_new_tokens,  # one shared prefill
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                          rng=jax.random.PRNGKey(args.seed), num_samples=args.num_samples)
+                          rng=jax.random.PRNGKey(args.seed), num_samples=args.num_samples,
+                          vocab_limit=vocab_limit)
         out = np.asarray(out)
+        texts = [tok.decode(row[len(ids):]) for row in out]
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         if os.environ.get("JAXFORMERS_DEBUG", "") not in ("", "0"):
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    texts = [tok.decode(row[len(ids):]) for row in out]
     if args.json:
         print(json.dumps({"prompt": args.prompt, "samples": texts}))
     else:

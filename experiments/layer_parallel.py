@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 from experiments.common import (check_data_vocab, check_reuse, check_run_args, experiment_parser,
-                                parse_experiment_args, parse_list, run_kind, train_fresh, train_overrides,
+                                parse_experiment_args, parse_list, reuse_or_train, run_kind, train_overrides,
                                 unrolled, usage_error)
 
 POSITIONS = ("early", "middle", "late")
@@ -176,17 +176,12 @@ def load_model(args, preset, out: Path):
         return cfg, params, args.data or tc.data, tc.tokenizer, {"source": str(run), "train": tc.to_dict()}
     data = args.data or preset["data"]
     train_kw = train_overrides(preset["train"], args.steps, args.eval_batches)
-    done = out / "runs" / "base" / "summary.json"
     _, meta, _, _ = open_dataset(data, "byte")
     cfg = get_config("llama", "tiny", vocab_size=int(meta["vocab_size"]), **preset["model"])
-    if args.reuse and check_reuse(out, [("base", cfg)], seed=args.seed, data=data, train_kw=train_kw,
-                                  log_points=10):
-        _, tc, params = load_run(done.parent)
-        summary = json.loads(done.read_text())
-        print(f"[layer_parallel] reusing {done.parent}", file=sys.stderr, flush=True)
-    else:
-        summary, params, _, tc = train_fresh("base", cfg, out, seed=args.seed, data=data, train_kw=train_kw,
-                                             log_points=10, tag="layer_parallel")
+    reusable = (check_reuse(out, [("base", cfg)], seed=args.seed, data=data, train_kw=train_kw, log_points=10)
+                if args.reuse else [])
+    summary, params, _, tc = reuse_or_train("base", cfg, out, reusable, seed=args.seed, data=data,
+                                            train_kw=train_kw, log_points=10, tag="layer_parallel")
     info = {"source": "trained", "train": tc.to_dict(),
             "summary": {k: summary.get(k) for k in ("val_loss", "val_ppl", "train_loss", "n_params",
                                                     "tokens_per_s", "wall_s")}}

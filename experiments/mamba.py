@@ -32,6 +32,9 @@ Outputs: ``OUT/results.json`` (every number), ``OUT/val_ppl.png`` (validation
 perplexity per model and training-loss curves), ``OUT/decode_scaling.png``
 (decode-step latency and cache bytes vs context, per model).
 ``--steps`` / ``--eval-batches`` / ``--contexts`` / ``--models`` shrink a run (tests).
+Interruption: ``results.json`` is rewritten after every model (``"complete": false`` until
+the last one), and ``--reuse`` keeps the finished runs in ``OUT/runs`` of an earlier
+invocation (checked first: same model config and training settings) instead of retraining.
 """
 from __future__ import annotations
 
@@ -41,8 +44,8 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from experiments.common import (experiment_parser, parse_experiment_args, parse_list, train_fresh,
-                                train_overrides)
+from experiments.common import (check_reuse, experiment_parser, parse_experiment_args, parse_list,
+                                reuse_or_train, train_overrides)
 
 MODELS = ("base", "mamba", "mamba2", "hybrid")  # "base" = the --base attention model
 
@@ -59,9 +62,10 @@ PRESETS = {
                              eval_every=500, eval_batches=40),
                   contexts=(128, 512, 2048, 8192), decode_batch=1),
     # GPT-2-small / mamba-130m width (byte vocab: ~85M params, i.e. the 130M models minus their
-    # 50k-token embedding); hybrid 1 attention : 3 Mamba layers.
+    # 50k-token embedding); hybrid 1 attention : 3 Mamba layers.  SSD chunk 64: the chunk the
+    # Pallas kernels fit sm_90 with (256 needs 280 KiB of shared memory in the backward).
     "gpu": dict(source="small", d_model=768, n_layer=12, n_head=12, attn_every=4,
-                ssm=dict(mamba=dict(d_state=16), mamba2=dict(d_state=128, headdim=64, chunk_size=256)),
+                ssm=dict(mamba=dict(d_state=16), mamba2=dict(d_state=128, headdim=64, chunk_size=64)),
                 train=dict(steps=5000, batch_size=32, seq_len=1024, lr=1e-3, warmup_steps=200,
                            eval_every=1000, eval_batches=50),
                 contexts=(512, 2048, 8192, 32768), decode_batch=1),
@@ -77,6 +81,9 @@ def _parser():
     ap.add_argument("--models", help=f"comma-separated subset of {','.join(MODELS)} "
                                      "(base may also be written gpt/llama; default: all)")
     ap.add_argument("--prefill", action="store_true", help="prefill each decode cache with L-1 real tokens")
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse finished runs in OUT/runs instead of retraining them (all checked first: "
+                         "same model config and training settings, else exit)")
     return ap
 
 
@@ -236,13 +243,16 @@ def run(args) -> dict:
                "jax_version": jax.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                "data": args.data, "vocab_size": vocab, "train": train_kw,
                "target_params": target, "contexts": list(contexts), "decode_batch": preset["decode_batch"],
-               "decode_prefilled": bool(args.prefill), "models": {}}
+               "decode_prefilled": bool(args.prefill), "complete": False, "models": {}}
     cache = CompileCache()  # explicit and scoped to this experiment's runs
+    # --reuse: every finished run checked (model config and training settings) before any training
+    reusable = (check_reuse(out, grid, seed=args.seed, data=args.data, train_kw=train_kw, log_points=20)
+                if args.reuse else [])
     for name, cfg in grid:
-        summary, params, dtype, tc = train_fresh(name, cfg, out, seed=args.seed, data=args.data,
-                                                 train_kw=train_kw, log_points=20, tag="mamba",
-                                                 cache=cache)
         run_dir = out / "runs" / name
+        summary, params, dtype, tc = reuse_or_train(name, cfg, out, reusable, seed=args.seed, data=args.data,
+                                                     train_kw=train_kw, log_points=20, tag="mamba",
+                                                     cache=cache)
         print(f"[mamba] {name}: val_ppl={summary['val_ppl']:.3f}; timing decode at {list(contexts)}",
               file=sys.stderr, flush=True)
         decode = decode_scaling(cfg, params, contexts, batch=preset["decode_batch"], dtype=dtype,
@@ -269,7 +279,10 @@ def run(args) -> dict:
               f"train_tok/s={row['train_tokens_per_s'] or 0:.0f} decode_ms="
               f"{[round(d['decode_step_ms'], 3) for d in decode]} cache_bytes="
               f"{[d['cache_bytes'] for d in decode]}", file=sys.stderr, flush=True)
+        # after every model: an interrupted run keeps what is done (rerun with --reuse)
+        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     results["context_ratio"] = contexts[-1] / contexts[0]
+    results["complete"] = True
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     plot_val_ppl(results, out / "val_ppl.png")
     plot_decode_scaling(results, out / "decode_scaling.png")

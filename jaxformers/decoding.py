@@ -50,9 +50,9 @@ def check_sampling(temperature, top_k, top_p, vocab_size=None) -> None:
 def sample_logits(logits, rng, *, temperature=1.0, top_k=None, top_p=None):
     """Sample token ids ``[B]`` from logits ``[B, V]`` (temperature 0 = greedy); ``top_k`` keeps
     the k largest logits, ``top_p`` the smallest prefix of the sorted distribution whose mass
-    reaches ``top_p`` (nucleus; always at least one token).  A positive temperature so small that
-    the scaled logits overflow float32 (or below float32's smallest normal number) samples greedily,
-    the limit of sampling as the temperature goes to 0."""
+    reaches ``top_p`` (nucleus; always at least one token; ``top_p=1`` keeps every token).  A
+    positive temperature so small that the scaled logits overflow float32 (or below float32's
+    smallest normal number) samples greedily, the limit of sampling as the temperature goes to 0."""
     if getattr(logits, "ndim", None) != 2:
         raise ValueError(f"logits must be [B, V], got shape {getattr(logits, 'shape', None)}")
     check_sampling(temperature, top_k, top_p, logits.shape[-1])
@@ -65,7 +65,7 @@ def sample_logits(logits, rng, *, temperature=1.0, top_k=None, top_p=None):
     if top_k is not None:
         kth = jax.lax.top_k(logits, int(top_k))[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if top_p is not None:
+    if top_p is not None and top_p < 1.0:  # top_p=1 keeps everything (float32 cumsums can pass 1)
         sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
         probs = jax.nn.softmax(sorted_logits, axis=-1)
         cum = jnp.cumsum(probs, axis=-1)
@@ -77,14 +77,27 @@ def sample_logits(logits, rng, *, temperature=1.0, top_k=None, top_p=None):
     return jnp.where(overflow, jnp.argmax(raw, axis=-1), sampled).astype(jnp.int32)
 
 
-def _validate(module, prompt_tokens, max_new_tokens, temperature, top_k, top_p):
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _validate(module, prompt_tokens, max_new_tokens, temperature, top_k, top_p, vocab_limit):
     if prompt_tokens.ndim != 2 or prompt_tokens.shape[1] == 0:
         raise ValueError(f"prompt_tokens must be [B, P] with P >= 1, got shape {prompt_tokens.shape}")
     if not jnp.issubdtype(prompt_tokens.dtype, jnp.integer):
         raise ValueError(f"prompt_tokens must be integer token ids, got dtype {prompt_tokens.dtype}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    check_sampling(temperature, top_k, top_p, module.config.vocab_size)
+    max_new_tokens = _positive_int(max_new_tokens, "max_new_tokens")
+    vocab = module.config.vocab_size
+    if vocab_limit is not None:
+        if isinstance(vocab_limit, bool) or not isinstance(vocab_limit, (int, np.integer)) \
+                or not 1 <= vocab_limit <= vocab:
+            raise ValueError(f"vocab_limit must be None or an int in [1, vocab_size={vocab}], got {vocab_limit!r}")
+    check_sampling(temperature, top_k, top_p, vocab)
+    if vocab_limit is not None and top_k is not None and top_k > vocab_limit:
+        raise ValueError(f"top_k must be None or an int in [1, vocab_limit={vocab_limit}], got {top_k!r}")
+    return max_new_tokens, None if vocab_limit is None else int(vocab_limit)
 
 
 def _repeat_rows(tree, k: int, axis: int):
@@ -93,8 +106,14 @@ def _repeat_rows(tree, k: int, axis: int):
 
 
 @functools.lru_cache(maxsize=32)
-def _generate_fn(module_cls, config, max_new_tokens, temperature, top_k, top_p, num_samples=1):
+def _generate_fn(module_cls, config, max_new_tokens, temperature, top_k, top_p, num_samples=1,
+                 vocab_limit=None):
     module = module_cls(config)
+
+    def sample(last_logits, key):
+        if vocab_limit is not None:  # ids >= vocab_limit (padding of the model's vocab) are never drawn
+            last_logits = last_logits[:, :vocab_limit]
+        return sample_logits(last_logits, key, temperature=temperature, top_k=top_k, top_p=top_p)
 
     def run(params, prompt, rng):
         b, p = prompt.shape
@@ -111,7 +130,7 @@ def _generate_fn(module_cls, config, max_new_tokens, temperature, top_k, top_p, 
         def step(i, state):
             last_logits, cache, out, rng = state
             rng, sub = jax.random.split(rng)
-            tok = sample_logits(last_logits, sub, temperature=temperature, top_k=top_k, top_p=top_p)
+            tok = sample(last_logits, sub)
             out = out.at[:, i].set(tok)
             logits, cache = module.apply(params, tok[:, None], cache=cache)
             return logits[:, -1], cache, out, rng
@@ -120,7 +139,7 @@ def _generate_fn(module_cls, config, max_new_tokens, temperature, top_k, top_p, 
         state = jax.lax.fori_loop(0, max_new_tokens - 1, step, (logits[:, -1], cache, out, rng))
         last_logits, _, out, rng = state
         rng, sub = jax.random.split(rng)
-        tok = sample_logits(last_logits, sub, temperature=temperature, top_k=top_k, top_p=top_p)
+        tok = sample(last_logits, sub)
         out = out.at[:, max_new_tokens - 1].set(tok)
         return jnp.concatenate([prompt, out], axis=1)
 
@@ -128,21 +147,29 @@ def _generate_fn(module_cls, config, max_new_tokens, temperature, top_k, top_p, 
 
 
 def generate(module, params, prompt_tokens, max_new_tokens: int, *, temperature: float = 1.0,
-             top_k: Optional[int] = None, top_p: Optional[float] = None, rng=None, num_samples: int = 1):
+             top_k: Optional[int] = None, top_p: Optional[float] = None, rng=None, num_samples: int = 1,
+             vocab_limit: Optional[int] = None):
     """Sample ``max_new_tokens`` after ``prompt_tokens [B, P]``; returns ``[B * k, P + max_new_tokens]``
     for ``num_samples=k`` samples per prompt (rows ``b * k .. b * k + k - 1`` continue prompt
-    ``b``; the prompt is prefilled once and its cache shared by its k rows)."""
+    ``b``; the prompt is prefilled once and its cache shared by its k rows).
+
+    Every row's prompt is ``P`` real tokens: there is no padding mask, so prompts of different
+    lengths must be generated separately (a padded row would attend to its padding).  Sampling
+    does not stop at an end-of-text token, and ``P + max_new_tokens`` is not checked against
+    ``config.max_seq_len`` (positions past it are extrapolated, as in a full forward pass).
+    ``vocab_limit``: sample only ids ``< vocab_limit`` (a model whose ``vocab_size`` is padded
+    above its tokenizer's: the padding ids have no text); ``top_k`` is checked against it."""
     check = getattr(module, "check_generate", None)  # hook: a model generic sampling cannot serve
     if check is not None:                             # (e.g. landmark tokens placed by position)
         check()
     prompt_tokens = jnp.asarray(prompt_tokens)
-    _validate(module, prompt_tokens, max_new_tokens, temperature, top_k, top_p)
+    max_new_tokens, vocab_limit = _validate(module, prompt_tokens, max_new_tokens, temperature, top_k, top_p,
+                                            vocab_limit)
     prompt_tokens = prompt_tokens.astype(jnp.int32)
     check_token_ids(prompt_tokens, module.config.vocab_size, "prompt_tokens must be ids")
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    num_samples = _positive_int(num_samples, "num_samples")
     rng = jax.random.PRNGKey(0) if rng is None else rng
     fn = _generate_fn(type(module), module.config, max_new_tokens, float(temperature),
                       None if top_k is None else int(top_k),
-                      None if top_p is None else float(top_p), num_samples)
+                      None if top_p is None else float(top_p), num_samples, vocab_limit)
     return fn(params, prompt_tokens, rng)

@@ -36,6 +36,18 @@ from .layers import stack_layers
 
 MODEL_TYPES = ("mamba", "mamba2")
 _PREFIX = "backbone."
+# transformers' MambaConfig / Mamba2Config defaults: what HF reads for a key a config.json omits
+_COMMON_DEFAULTS = dict(expand=2, conv_kernel=4, use_bias=False, use_conv_bias=True, hidden_act="silu",
+                        layer_norm_epsilon=1e-5, initializer_range=0.1, time_step_min=0.001,
+                        time_step_max=0.1, time_step_floor=1e-4)
+HF_DEFAULTS = {
+    "mamba": dict(_COMMON_DEFAULTS, vocab_size=50280, hidden_size=768, num_hidden_layers=32, state_size=16,
+                  tie_word_embeddings=True, time_step_rank="auto", time_step_scale=1.0,
+                  time_step_init_scheme="random"),
+    "mamba2": dict(_COMMON_DEFAULTS, vocab_size=32768, hidden_size=4096, num_hidden_layers=64,
+                   state_size=128, num_heads=128, head_dim=64, n_groups=8, tie_word_embeddings=False,
+                   time_step_limit=(0.0, float("inf"))),
+}
 
 
 def _as_float(value) -> float:
@@ -49,6 +61,9 @@ def config_from_hf_mamba(hf: dict, *, dtype: str = "float32", scan_layers: bool 
                          scan_impl: str = "auto", chunk_size: Optional[int] = None):
     """jaxformers ``mamba`` / ``mamba2`` config from a HF ``MambaConfig`` / ``Mamba2Config`` dict.
 
+    A key the dict omits (or sets to null) takes transformers' default (:data:`HF_DEFAULTS`),
+    as ``from_pretrained`` would read it (e.g. Mamba-2 ``state_size=128``, ``n_groups=8``).
+
     ``chunk_size`` (Mamba-2): the SSD kernel tile, ``None`` = ``MambaConfig``'s default.
     HF's own ``chunk_size`` is its kernels' tile, not part of the model's function
     (outputs agree up to float rounding for any tile), so it is not carried over.
@@ -58,6 +73,7 @@ def config_from_hf_mamba(hf: dict, *, dtype: str = "float32", scan_layers: bool 
     model_type = hf.get("model_type")
     if model_type not in MODEL_TYPES:
         raise ValueError(f"model_type={model_type!r} is not supported; expected one of {list(MODEL_TYPES)}")
+    hf = {**HF_DEFAULTS[model_type], **{k: v for k, v in hf.items() if v is not None}}
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise ValueError(f"hidden_act={act!r} is not supported; expected 'silu'")
@@ -71,11 +87,11 @@ def config_from_hf_mamba(hf: dict, *, dtype: str = "float32", scan_layers: bool 
                          f"hidden_size={d_model}")
     fields = dict(
         vocab_size=int(hf["vocab_size"]), d_model=d_model, n_layer=int(hf["num_hidden_layers"]),
-        d_state=int(hf.get("state_size", 16)), d_conv=int(hf.get("conv_kernel", 4)), expand=int(expand),
+        d_state=int(hf["state_size"]), d_conv=int(hf.get("conv_kernel", 4)), expand=int(expand),
         conv_bias=bool(hf.get("use_conv_bias", True)), proj_bias=bool(hf.get("use_bias", False)),
         norm="rmsnorm", norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", model_type == "mamba")),
-        init_std=float(hf.get("initializer_range", 0.02)),
+        tie_embeddings=bool(hf["tie_word_embeddings"]),
+        init_std=float(hf["initializer_range"]),
         dt_min=float(hf.get("time_step_min", 0.001)), dt_max=float(hf.get("time_step_max", 0.1)),
         dt_init_floor=float(hf.get("time_step_floor", 1e-4)),
         dtype=dtype, param_dtype=dtype, scan_layers=scan_layers, scan_impl=scan_impl,
@@ -90,11 +106,11 @@ def config_from_hf_mamba(hf: dict, *, dtype: str = "float32", scan_layers: bool 
         if limit != (0.0, float("inf")):
             raise ValueError(f"time_step_limit={limit} is not supported (dt is not clamped); "
                              "expected (0.0, inf)")
-        heads, headdim = int(hf.get("num_heads", 0)), int(hf.get("head_dim", 64))
+        heads, headdim = int(hf["num_heads"]), int(hf.get("head_dim", 64))
         if heads * headdim != fields["expand"] * d_model:
             raise ValueError(f"num_heads={heads} * head_dim={headdim} must equal expand * hidden_size = "
                              f"{fields['expand'] * d_model}")
-        fields.update(headdim=headdim, n_groups=int(hf.get("n_groups", 1)), a_init="uniform")
+        fields.update(headdim=headdim, n_groups=int(hf["n_groups"]), a_init="uniform")
         fields.update(chunk_size=int(chunk_size) if chunk_size is not None else
                       MambaConfig.chunk_size)
     return get_config(model_type, "tiny", **fields)

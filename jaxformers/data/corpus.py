@@ -196,10 +196,16 @@ def _read_text(path: Path) -> str:
     return text.removeprefix("\ufeff")
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # left by a JSON escape such as "\\ud83d" without its pair
+
+
 def _read_jsonl(path: Path) -> list[str]:
-    docs = []
+    """The ``"text"`` of every record; a lone surrogate escape in a string (valid JSON, not
+    encodable text: a truncated emoji) becomes U+FFFD with a warning naming the file."""
+    docs, n_lone, first_line = [], 0, None
     # surrogateescape turns each byte that is not UTF-8 into a lone surrogate, found per line.
-    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+    # utf-8-sig: a leading byte-order mark is dropped, as for .txt files
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
         for lineno, line in enumerate(f, 1):
             bad = _BAD_BYTE.search(line)
             if bad:
@@ -214,8 +220,17 @@ def _read_jsonl(path: Path) -> list[str]:
                 raise ValueError(f"{path}:{lineno}: invalid JSON ({e})") from None
             if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
                 raise ValueError(f"{path}:{lineno}: expected an object with a string 'text' field")
-            if rec["text"]:
-                docs.append(rec["text"])
+            text = rec["text"]
+            lone = len(_LONE_SURROGATE.findall(text))
+            if lone:
+                n_lone += lone
+                first_line = first_line or lineno
+                text = _LONE_SURROGATE.sub("\ufffd", text)
+            if text:
+                docs.append(text)
+    if n_lone:
+        warnings.warn(f"{path}: {n_lone} lone UTF-16 surrogate escape(s) in 'text' (first on line {first_line}) "
+                      "are not text; they were replaced by U+FFFD", UnicodeWarning, stacklevel=3)
     return docs
 
 

@@ -9,7 +9,10 @@ A *domain spec* (the trainer's ``data`` string) is::
                                  (a folder / file of text, ``hf:NAME``, a built-in corpus name)
            | NAME=noise          uniformly random bytes (a sanity-check domain)
            each optionally followed by ``@WEIGHT`` (sampling weight >= 0, default 1;
-           normalised; a domain of weight 0 is never sampled but still evaluated)
+           normalised; a domain of weight 0 is never sampled but still evaluated).
+           A SOURCE may hold ':' and '@' (``wiki=hf:wikitext@wikitext-2-raw-v1:train@0.5``):
+           the options are what follows the last ':' only when all its items are KEY=VALUE,
+           and ``@X`` ends the source only when X is a number
 
     OPTION = max_bytes=N         cap on each domain's text (default 2_000_000; 0 = no cap)
            | val_fraction=F      tail of every document kept for validation (default 0.05)
@@ -139,17 +142,24 @@ def parse_domains_spec(spec: str) -> DomainsSpec:
     if not spec.startswith(DOMAINS_PREFIX):
         raise ValueError(f"data={spec!r}: a domain spec starts with {DOMAINS_PREFIX!r}")
     body = spec[len(DOMAINS_PREFIX):]
-    entries, _, options = body.partition(":")
+    # Sources may hold ':' and '@' themselves (``hf:NAME@CONFIG:SPLIT``, paths): the options are
+    # the text after the last ':' when each of its comma-separated items is KEY=VALUE, and
+    # '@WEIGHT' is a weight when WEIGHT is a number or the entry has no source.
+    entries, sep, options = body.rpartition(":")
+    if not sep or not all("=" in p for p in options.split(",") if p.strip()):
+        entries, options = body, ""
     names, sources, weights = [], [], []
     for raw in filter(None, (e.strip() for e in entries.split(","))):
         entry, at, w = raw.rpartition("@") if "@" in raw else (raw, "", "")
         weight = 1.0
         if at:
             try:
-                weight = float(w)
+                weight, number = float(w), True
             except ValueError:
-                weight = -1.0
-            if not weight >= 0 or not np.isfinite(weight):
+                weight, number = -1.0, False
+            if not number and "=" in entry:  # '@' inside the source
+                entry, weight = raw, 1.0
+            elif not weight >= 0 or not np.isfinite(weight):
                 raise ValueError(f"data={spec!r}: domain weight must be a number >= 0, got {raw!r}")
         name, eq, source = entry.partition("=")
         name = name.strip()

@@ -17,7 +17,8 @@ Specs accepted by :func:`get_tokenizer`:
 End-of-text text inside a document is always encoded as ordinary text, so
 the only end-of-text ids in a token stream are the ones :mod:`prepare` puts
 between documents.  ``decode`` renders the end-of-text id as
-``"<|endoftext|>"`` unless ``skip_special=True``.
+``"<|endoftext|>"`` (``hf:DIR``: as the vocabulary spells it) unless ``skip_special=True``,
+and raises ``ValueError`` on an id outside ``[0, vocab_size)``.
 
 ``save(dir)`` writes ``tokenizer_config.json`` (and, for BPE, the trained
 ``tokenizer.json`` in the ``tokenizers`` format); ``Tokenizer.load(dir)`` /
@@ -87,6 +88,16 @@ def hf_tokenizer_dir(spec: str) -> Path:
         raise ValueError(f"tokenizer={spec!r}: no {BPE_FILE} in {str(d)!r} (hf:DIR needs the directory of "
                          "a Hugging Face tokenizer.json)")
     return d.resolve()
+
+
+def _checked_ids(ids, vocab_size: int, what: str) -> list[int]:
+    """``ids`` as a flat list of ints; ``ValueError`` unless each is in ``[0, vocab_size)``."""
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        bad = ids[(ids < 0) | (ids >= vocab_size)]
+        raise ValueError(f"{what}: id {int(bad[0])} out of range [0, {vocab_size}) (ids must be the "
+                         "tokenizer's; a model vocab padded above it can sample ids with no text)")
+    return ids.tolist()
 
 
 class Tokenizer(ABC):
@@ -268,7 +279,7 @@ class BPETokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int] | np.ndarray, *, skip_special: bool = False) -> str:
         tok = self._require()
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1).tolist()
+        ids = _checked_ids(ids, tok.get_vocab_size(), f"{self.spec} tokenizer")
         if skip_special:
             ids = [i for i in ids if i != self._eos]
         # decode in runs so the end-of-text marker does not disturb byte merging
@@ -341,7 +352,7 @@ class HFTokenizer(Tokenizer):
         return [np.asarray(e.ids, dtype=np.int64) for e in encs]
 
     def decode(self, ids: Sequence[int] | np.ndarray, *, skip_special: bool = False) -> str:
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1).tolist()
+        ids = _checked_ids(ids, self.vocab_size, "hf tokenizer")
         return self._tok.decode(ids, skip_special_tokens=skip_special)
 
     def save(self, directory: str | os.PathLike) -> Path:

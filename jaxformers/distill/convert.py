@@ -23,6 +23,10 @@ Deviation: for a grouped-query teacher (``n_kv_head < n_head``) the authors keep
 here ``in_x`` / the B rows of ``in_bc`` are full width with the K/V rows repeated per
 head (the same function at initialisation; the repeated copies then train independently,
 and the convolutions act on the repeated channels).
+
+A teacher with ``skip_gains`` gives a student with ``skip_gains`` (the SSM blocks take the
+attention skip gain as their mixer skip gain); a teacher trained with ``scan_layers=True``
+(stacked ``blocks``) is unstacked first (the hybrid student is never scanned).
 """
 from __future__ import annotations
 
@@ -40,7 +44,7 @@ __all__ = ["STUDENTS", "init_student", "student_config"]
 STUDENTS = ("mamba2", "hybrid")
 _COPIED = ("vocab_size", "d_model", "n_layer", "max_seq_len", "norm", "norm_eps", "tie_embeddings", "init_std",
            "scale_residual_init", "dtype", "param_dtype", "n_head", "n_kv_head", "head_dim", "d_ff", "mlp",
-           "rope_theta", "attention_impl", "window")
+           "rope_theta", "attention_impl", "window", "skip_gains")
 
 
 def student_config(teacher, student: str = "mamba2", attn_layers: Sequence[int] = (), **overrides):
@@ -53,6 +57,13 @@ def student_config(teacher, student: str = "mamba2", attn_layers: Sequence[int] 
                          f"{getattr(teacher, 'model', type(teacher).__name__)!r}")
     if student not in STUDENTS:
         raise ValueError(f"student must be one of {STUDENTS}, got {student!r}")
+    if isinstance(attn_layers, (str, bytes)) or not hasattr(attn_layers, "__iter__"):
+        raise ValueError(f"attn_layers must be a sequence of layer indices, got {attn_layers!r}")
+    attn_layers = tuple(attn_layers)
+    bad = [i for i in attn_layers if isinstance(i, bool) or not isinstance(i, (int, np.integer))]
+    if bad:
+        raise ValueError(f"attn_layers must hold int layer indices in [0, n_layer={teacher.n_layer}), "
+                         f"got {attn_layers!r}")
     attn_layers = tuple(int(i) for i in attn_layers)
     if student == "mamba2" and attn_layers:
         raise ValueError(f"student='mamba2' has no attention layers; got attn_layers={attn_layers} "
@@ -88,12 +99,19 @@ def init_student(teacher_config, teacher_params, config, rng, *, init: str = "at
     """
     if init not in ("attention", "random"):
         raise ValueError(f"init must be 'attention' or 'random', got {init!r}")
+    if getattr(config, "model", None) != "hybrid" or getattr(config, "mixer", None) != "mamba2":
+        raise ValueError(f"config must be a hybrid Mamba-2 student from student_config(teacher_config, ...), "
+                         f"got model={getattr(config, 'model', type(config).__name__)!r}")
     if config.n_layer != teacher_config.n_layer or config.d_model != teacher_config.d_model:
         raise ValueError("config must come from student_config(teacher_config, ...) "
                          f"(n_layer/d_model {config.n_layer}/{config.d_model} vs "
                          f"{teacher_config.n_layer}/{teacher_config.d_model})")
     params = _numpy_tree(build(config).init(rng, jnp.zeros((1, 8), jnp.int32))["params"])
+    expected = jax.tree.map(lambda x: x.shape, params)
     teacher = _numpy_tree(teacher_params)
+    if getattr(teacher_config, "scan_layers", False) and "blocks" in teacher:
+        from ..convert.layers import unstack_layers
+        teacher = unstack_layers(teacher, n_layer=teacher_config.n_layer)
     for name in teacher:
         if not name.startswith("blocks_"):
             params[name] = teacher[name]  # embed, final_norm, lm_head
@@ -106,6 +124,8 @@ def init_student(teacher_config, teacher_params, config, rng, *, init: str = "at
             continue
         s["norm"] = t["attn_norm"]
         s["mlp_norm"], s["mlp"] = t["mlp_norm"], t["mlp"]
+        if config.skip_gains:
+            s["mixer_skip_gain"], s["mlp_skip_gain"] = t["attn_skip_gain"], t["mlp_skip_gain"]
         if init == "attention":
             a, m = t["attn"], s["mixer"]
             m["in_x"]["kernel"] = np.asarray(_heads_repeated(a["v"]["kernel"], h))
@@ -117,7 +137,21 @@ def init_student(teacher_config, teacher_params, config, rng, *, init: str = "at
                 if "bias" in a[proj]:
                     raise ValueError("attention projections with biases are not supported by the "
                                      "attention initialisation (llama / gpt have none)")
+    got = jax.tree.map(lambda x: x.shape, params)
+    if got != expected:
+        raise ValueError("teacher_params do not fit teacher_config / config (the student built from "
+                         f"student_config(teacher_config, ...) expects {_diff(expected, got)})")
     return params
+
+
+def _diff(expected, got) -> str:
+    """The first leaf (path: expected vs got shape) where two shape trees differ."""
+    flat_e = dict(jax.tree_util.tree_flatten_with_path(expected, is_leaf=lambda x: isinstance(x, tuple))[0])
+    flat_g = dict(jax.tree_util.tree_flatten_with_path(got, is_leaf=lambda x: isinstance(x, tuple))[0])
+    for path in sorted(set(flat_e) | set(flat_g), key=str):
+        if flat_e.get(path) != flat_g.get(path):
+            return f"{jax.tree_util.keystr(path)}: {flat_e.get(path)} vs {flat_g.get(path)} from the teacher"
+    return "the same tree"
 
 
 def _numpy_tree(tree) -> dict:

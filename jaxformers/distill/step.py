@@ -21,6 +21,8 @@ same direction, normalised like the cross-entropy), default ``kl_weight=1, ce_we
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -54,12 +56,15 @@ def kd_loss(module, params, batch, rng=None, *, temperature: float = 1.0, kl_wei
 
 def teacher_hidden_states(module, params, tokens, **kwargs) -> jax.Array:
     """``[B, L + 1, T, D]``: the embedding output and every block's output of ``module``
-    (a model built from ``Transformer``, ``scan_layers=False``), via flax's
-    ``capture_intermediates``."""
+    (a model built from ``Transformer``), via flax's ``capture_intermediates``.  A teacher with
+    ``scan_layers=True`` is run unrolled (its stacked ``blocks`` split per layer)."""
+    from ..convert.layers import unstack_layers
     from ..layers import Block, Embed
+    from ..registry import build
 
     if module.config.scan_layers:
-        raise ValueError("layer-wise alignment needs a teacher with scan_layers=False")
+        module = build(module.config.replace(scan_layers=False))
+        params = unstack_layers(dict(params), n_layer=module.config.n_layer)
 
     def wanted(mdl, method_name):
         return method_name == "__call__" and isinstance(mdl, (Block, Embed))
@@ -75,20 +80,36 @@ def teacher_hidden_states(module, params, tokens, **kwargs) -> jax.Array:
 def align_loss(module, params, batch, rng=None):
     """Layer-wise alignment: every converted (SSM) layer ``i`` of the student, applied to the
     teacher's input of layer ``i``, should give the teacher's output of layer ``i``:
-    ``mean_i |S_i(h_i) - h_{i+1}|^2 / |h_{i+1}|^2`` over the student's SSM layers, with
+    ``mean_i |S_i(h_i) - h_{i+1}|^2 / |h_{i+1}|^2`` over the student's SSM layers (squared
+    norms over the batch's every input position), with
     ``batch["teacher_hidden"]`` ``[B, L + 1, T, D]`` (:func:`teacher_hidden_states`).
+    The layers see the batch's ``segment_ids`` / ``positions`` (packed sequences stay
+    separate, as in the teacher's run).  The normalisation is per batch: with
+    ``grad_accum > 1`` the update is close to, not equal to, the whole batch's.
     Only the converted layers receive gradients.  Metrics: ``align``, ``n_targets``."""
     if "teacher_hidden" not in batch:
         raise ValueError("align_loss needs batch['teacher_hidden'] [B, L+1, T, D] (DistillStep(stage='align') adds it)")
     hidden = batch["teacher_hidden"].astype(jnp.float32)
     attn = set(getattr(module.config, "attention_layers", ()))
-    t = hidden.shape[2]
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), hidden.shape[:1] + (t,))
+    _, inputs = model_inputs(batch)
+    segment_ids = inputs.get("segment_ids")
+    if segment_ids is not None:  # runs of equal ids, as the model itself sees them
+        from ..layers.common import segment_index
+        segment_ids = segment_index(segment_ids)
+    positions = inputs.get("positions")
+    if positions is None:
+        t = hidden.shape[2]
+        if segment_ids is not None:
+            from ..models.transformer import positions_from_segments
+            positions = positions_from_segments(segment_ids)
+        else:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), hidden.shape[:1] + (t,))
     terms = []
     for i, (cls, cfg) in enumerate(zip(module.layer_classes(), module.layer_configs())):
         if i in attn:
             continue
-        y, _ = cls(cfg).apply({"params": params[f"blocks_{i}"]}, hidden[:, i].astype(cfg.dtype), positions)
+        y, _ = cls(cfg).apply({"params": params[f"blocks_{i}"]}, hidden[:, i].astype(cfg.dtype), positions,
+                              segment_ids)
         target = hidden[:, i + 1]
         terms.append(jnp.mean((y.astype(jnp.float32) - target) ** 2) / (jnp.mean(target ** 2) + 1e-6))
     if not terms:
@@ -117,6 +138,9 @@ class DistillStep:
             raise ValueError(f"stage must be one of {self.STAGES}, got {stage!r}")
         self.stage = stage
 
+        for name, value in (("temperature", temperature), ("kl_weight", kl_weight), ("ce_weight", ce_weight)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if kl_weight < 0 or ce_weight < 0 or kl_weight + ce_weight == 0:

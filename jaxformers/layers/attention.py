@@ -6,6 +6,10 @@ y = attention(rope(q), rope(k), v) W_o   (W_o: [H, Dh, D])
 With a cache (decoding), the new keys/values are written at ``cache_index`` in
 preallocated ``[B, S, Hkv, Dh]`` buffers and the queries attend to the whole
 buffer with ``q_offset = cache_index`` (unwritten slots are in the causal future).
+Decoding (and prefill through a cache) always runs the XLA path, whatever
+``config.attention_impl`` says: the fused kernels need ``Tq == Tk`` and no ``q_offset``
+(cuDNN) or a 128-row query tile (Pallas), and a decode step is one query per row.
+Training with ``attn_dropout`` also runs XLA (the kernels have no dropout).
 """
 import jax
 import jax.numpy as jnp

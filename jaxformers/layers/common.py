@@ -33,3 +33,17 @@ def output_std(config):
     if config.scale_residual_init:
         return config.init_std / (2 * config.n_layer) ** 0.5
     return config.init_std
+
+
+def segment_index(segment_ids):
+    """``[B, T]`` int32: number of segment starts up to ``t`` (a start is where the id changes),
+    so two steps are in the same segment exactly when their indices are equal.
+
+    The models' meaning of packed ``segment_ids``: a segment is a *run* of equal ids, so an
+    id that comes back later in a row starts a new segment (positions restart there too).
+    :class:`jaxformers.models.transformer.Transformer` maps its ``segment_ids`` through this
+    once, so attention (whose ops join equal ids wherever they are), SSM layers and
+    positions all agree."""
+    starts = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return jnp.concatenate([jnp.zeros_like(segment_ids[:, :1], jnp.int32),
+                            jnp.cumsum(starts.astype(jnp.int32), axis=1)], axis=1)

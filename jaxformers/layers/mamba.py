@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from ..sharding import ACT_MLP, BATCH, EMBED, LENGTH, MLP, constrain, param_init
-from .common import dtype_of
+from .common import dtype_of, segment_index  # noqa: F401  (segment_index: re-exported)
 from .block import Block
 from .linear import Linear
 
@@ -148,12 +148,23 @@ def check_segment_ids(segment_ids, x, cache):
                          f"shape {tuple(segment_ids.shape)} and dtype {segment_ids.dtype}")
 
 
-def segment_index(segment_ids):
-    """``[B, T]`` int32: number of segment starts up to ``t`` (a start is where the id changes),
-    so two steps are in the same segment exactly when their indices are equal."""
-    starts = segment_ids[:, 1:] != segment_ids[:, :-1]
-    return jnp.concatenate([jnp.zeros_like(segment_ids[:, :1], jnp.int32),
-                            jnp.cumsum(starts.astype(jnp.int32), axis=1)], axis=1)
+def check_cache(cache, expected):
+    """``cache`` must be a dict holding exactly ``expected`` (``{name: (shape, layout)}``) shaped
+    arrays: the layer's ``init_cache`` for this batch; else a ``ValueError`` naming the entry."""
+    if cache is None:
+        return
+    if not isinstance(cache, dict) or set(cache) != set(expected):
+        got = sorted(cache) if isinstance(cache, dict) else type(cache).__name__
+        raise ValueError(f"cache must be this layer's decoding cache, a dict with keys "
+                         f"{sorted(expected)} (from init_cache), got {got}")
+    for name, (shape, layout) in expected.items():
+        if tuple(getattr(cache[name], "shape", ())) != tuple(shape):
+            raise ValueError(f"cache[{name!r}] must have shape {layout} = {tuple(shape)} for this input "
+                             f"of batch {shape[0]} (build it with init_cache(model, batch_size="
+                             f"{shape[0]})), got {tuple(getattr(cache[name], 'shape', ()))}")
+
+
+# segment_index: shared with the models (jaxformers.layers.common)
 
 
 # ----------------------------------------------------------------- causal conv
@@ -232,6 +243,8 @@ class MambaMixer(nn.Module):
         check_segment_ids(segment_ids, u, cache)
         c = self.config
         i_dim, n, r = c.d_inner, c.d_state, c.resolved_dt_rank
+        check_cache(cache, {"conv": ((u.shape[0], c.d_conv - 1, i_dim), "[B, d_conv-1, d_inner]"),
+                            "ssm": ((u.shape[0], i_dim, n), "[B, d_inner, d_state]")})
         cdt = dtype_of(c.dtype)
         xz = dense(c, (2, i_dim), (EMBED, None, MLP), c.init_std, c.proj_bias, "in_proj")(u)
         x = constrain(xz[..., 0, :], (BATCH, LENGTH, ACT_MLP))

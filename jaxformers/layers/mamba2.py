@@ -27,8 +27,8 @@ import flax.linen as nn
 
 from ..sharding import ACT_HEADS, ACT_MLP, BATCH, EMBED, HEADS, LENGTH, MLP, constrain, param_init
 from .common import dtype_of
-from .mamba import (MambaBlock, a_log_init, check_segment_ids, conv_module, dense, dt_bias_init,
-                    mixer_out_std, scan_functions)
+from .mamba import (MambaBlock, a_log_init, check_cache, check_segment_ids, conv_module, dense,
+                    dt_bias_init, mixer_out_std, scan_functions)
 
 
 def init_mamba2_cache(config, batch_size, dtype=None):
@@ -81,6 +81,10 @@ class Mamba2Mixer(nn.Module):
         bsz, t = u.shape[:2]
         i_dim, n, g, h, p = c.d_inner, c.d_state, c.n_groups, c.ssm_heads, c.headdim
         cdt, pdt = dtype_of(c.dtype), dtype_of(c.param_dtype)
+        k = c.d_conv - 1
+        check_cache(cache, {"conv_x": ((bsz, k, i_dim), "[B, d_conv-1, d_inner]"),
+                            "conv_bc": ((bsz, k, 2 * g * n), "[B, d_conv-1, 2 n_groups d_state]"),
+                            "ssm": ((bsz, h, p, n), "[B, heads, headdim, d_state]")})
         z = constrain(dense(c, i_dim, (EMBED, MLP), c.init_std, c.proj_bias, "in_z")(u),
                       (BATCH, LENGTH, ACT_MLP))
         x = constrain(dense(c, i_dim, (EMBED, MLP), c.init_std, c.proj_bias, "in_x")(u),

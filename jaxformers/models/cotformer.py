@@ -118,8 +118,9 @@ class CoTFormerConfig(TransformerConfig):
     def validate(self) -> None:
         super().validate()
         for name in ("n_repeat",):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
         for name in ("n_layer_begin", "n_layer_end"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
@@ -139,7 +140,13 @@ class CoTFormerConfig(TransformerConfig):
         if self.window is not None:
             raise ValueError("window is not supported by the CoTFormer family")
         if self.length_factors is not None:
-            f = tuple(float(x) for x in self.length_factors)
+            lf = self.length_factors
+            if isinstance(lf, (str, bytes)) or not hasattr(lf, "__iter__") or any(
+                    isinstance(x, (bool, str, bytes)) or not isinstance(x, (int, float, np.integer, np.floating))
+                    for x in lf):
+                raise ValueError(f"length_factors must be n_repeat - 1 = {self.n_repeat - 1} numbers in [0, 1] "
+                                 f"(a list or tuple), got {lf!r}")
+            f = tuple(float(x) for x in lf)
             object.__setattr__(self, "length_factors", f)
             if len(f) != self.n_repeat - 1 or any(not 0.0 <= x <= 1.0 for x in f) or \
                     any(b > a for a, b in zip(f, f[1:])):
@@ -347,14 +354,16 @@ class CoTFormer(Transformer):
         if layer_caches is None:
             x = self._mid_forward(x, positions, segment_ids, mid)
         else:
-            x = self._mid_decode(x, positions, layer_caches, cache_index, mid, new_caches)
+            x = self._mid_decode(x, positions, segment_ids, layer_caches, cache_index, mid, new_caches)
         for i in end:
             x, new_caches[i] = self.blocks[i](x, positions, segment_ids,
                                               None if layer_caches is None else layer_caches[i], cache_index)
         return x, (None if layer_caches is None else new_caches)
 
-    def _mid_decode(self, x, positions, layer_caches, cache_index, mid, new_caches):
+    def _mid_decode(self, x, positions, segment_ids, layer_caches, cache_index, mid, new_caches):
         c = self.config
+        if segment_ids is not None:  # as every KV-cache mixer (write_kv_cache): never silently dropped
+            raise ValueError("segment_ids are not supported together with a KV cache")
         if c.adaptive:
             raise NotImplementedError("adaptive_cotformer has no KV-cache decoding: its router picks the "
                                       "top tokens of the whole sequence (not causal)")

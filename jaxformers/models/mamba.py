@@ -18,7 +18,7 @@ import functools
 import math
 from typing import Optional, Tuple, Union
 
-from ..config import ModelConfig, TransformerConfig, _choice
+from ..config import ModelConfig, TransformerConfig, _choice, _finite
 from ..layers import Block
 from ..layers.block import DEFAULT_MLP
 from ..layers.mamba import SCAN_IMPLS, MambaBlock
@@ -33,6 +33,10 @@ DT_INITS = ("random", "constant")
 
 def _is_int(v):
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,16 +116,17 @@ class MambaConfig(ModelConfig):
         for name in ("conv_bias", "proj_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool (true/false), got {getattr(self, name)!r}")
-        if not (0 < self.dt_min <= self.dt_max):
+        # finite real numbers: a NaN / inf / string here would give NaN parameters (or a TypeError)
+        for name in ("dt_min", "dt_max", "dt_scale"):
+            _finite(self, name, 0.0, lo_open=True)
+        _finite(self, "dt_init_floor", 0.0)
+        if not self.dt_min <= self.dt_max:
             raise ValueError(f"dt_min={self.dt_min} and dt_max={self.dt_max} must satisfy "
                              "0 < dt_min <= dt_max")
-        if self.dt_init_floor < 0:
-            raise ValueError(f"dt_init_floor must be >= 0, got {self.dt_init_floor}")
-        if self.dt_scale <= 0:
-            raise ValueError(f"dt_scale must be > 0, got {self.dt_scale}")
         r = self.a_init_range
-        if not (isinstance(r, tuple) and len(r) == 2 and 0 < r[0] <= r[1]):
-            raise ValueError(f"a_init_range must be a pair (lo, hi) with 0 < lo <= hi, got {r!r}")
+        if not (isinstance(r, tuple) and len(r) == 2 and all(_is_real(v) for v in r) and 0 < r[0] <= r[1]):
+            raise ValueError(f"a_init_range must be a pair (lo, hi) of finite numbers with "
+                             f"0 < lo <= hi, got {r!r}")
         if self.uses_mixer("mamba2"):
             if self.d_inner % self.headdim:
                 raise ValueError(f"headdim={self.headdim} must divide d_inner = expand * d_model = "
@@ -212,7 +217,11 @@ class MambaLM(Transformer):
 
 class HybridLM(MambaLM):
     """Attention ``Block`` at ``config.attention_layers``, Mamba/Mamba2 blocks elsewhere
-    (per-layer caches: KV buffers for attention layers, recurrent states for SSM layers)."""
+    (per-layer caches: KV buffers for attention layers, recurrent states for SSM layers).
+
+    Packed ``segment_ids``: a new segment starts wherever the id changes, for the SSM layers,
+    the attention layers and the positions alike (the model maps ids to runs before any
+    block, see :mod:`jaxformers.models.transformer`), so ``[1, 1, 2, 1]`` is three sequences."""
 
     def layer_classes(self):
         attn = set(self.config.attention_layers)

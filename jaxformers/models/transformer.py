@@ -22,6 +22,12 @@ Calling conventions
 ``apply(params, tokens)`` -> logits.
 ``apply(params, tokens, cache=cache)`` -> (logits, new_cache) for decoding, with
 ``cache`` from :func:`jaxformers.decoding.init_cache`.
+``apply(params, tokens, segment_ids=ids)`` ([B, T] integers, packed documents): a segment
+is a *run* of equal ids -- an id that comes back later in a row starts a new segment --
+and positions restart at each one.  The model maps the ids to run indices once
+(:func:`jaxformers.layers.common.segment_index`) before any block sees them, so every
+mixer (attention, which joins equal ids wherever they are, SSM layers, sparse variants)
+agrees on where a document starts.
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from ..layers import Block, Embed, LMHead, make_norm
+from ..layers.common import segment_index
 from ..sharding import LAYERS
 from ..utils import check_token_ids
 
@@ -154,6 +161,12 @@ class Transformer(nn.Module):
             check_attn_dropout(self.config, self.layer_classes())
         t = tokens.shape[1]
         index = None if cache is None else cache["index"]
+        if segment_ids is not None:
+            segment_ids = jnp.asarray(segment_ids)
+            if segment_ids.shape != tokens.shape or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+                raise ValueError(f"segment_ids must be [B, T] = {tuple(tokens.shape)} integers, got "
+                                 f"{segment_ids.dtype} {tuple(segment_ids.shape)}")
+            segment_ids = segment_index(segment_ids)  # runs of equal ids (module docstring)
         if positions is None:
             if cache is not None:
                 positions = index + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), tokens.shape)

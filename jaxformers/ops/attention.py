@@ -20,8 +20,9 @@ Implementations: ``"xla"`` (the reference, any backend), ``"cudnn"``
 
 ``"auto"`` by backend:
 
-* GPU: cuDNN for what it expresses (dense / causal / window), else the Pallas
-  (Triton) kernel for ``Tq >= 128``, else XLA.
+* GPU: cuDNN for what it expresses (dense / causal / causal window: cuDNN has no
+  right-hand window, so a non-causal window is not its), else the Pallas (Triton)
+  kernel for ``Tq >= 128``, else XLA.
 * TPU: the Pallas kernel (its Mosaic variant) for ``Tq >= 128`` when the VMEM
   its block specs imply fits :data:`TPU_VMEM_BUDGET`; XLA for short decode
   queries (the TPU variant pads Tq to a 128-row tile) and for sequences too
@@ -60,7 +61,7 @@ TPU_VMEM_BUDGET = 16 * 2**20  # the default scoped VMEM limit of the smallest cu
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
-def _split_segments(segment_ids, tq, tk):
+def _split_segments(segment_ids, tq, tk, batch=None):
     if segment_ids is None:
         return None, None
     if isinstance(segment_ids, (tuple, list)):
@@ -72,9 +73,13 @@ def _split_segments(segment_ids, tq, tk):
             raise ValueError(
                 f"segment_ids as one array needs Tq == Tk (got {tq} and {tk}); pass a (q_ids, kv_ids) pair")
         q_ids = kv_ids = segment_ids
-    if q_ids.ndim != 2 or q_ids.shape[1] != tq or kv_ids.ndim != 2 or kv_ids.shape[1] != tk:
-        raise ValueError(
-            f"segment_ids must have shapes [B, Tq={tq}] and [B, Tk={tk}], got {q_ids.shape} and {kv_ids.shape}")
+    b = q_ids.shape[0] if batch is None and q_ids.ndim == 2 else batch
+    if q_ids.ndim != 2 or q_ids.shape != (b, tq) or kv_ids.ndim != 2 or kv_ids.shape != (b, tk):
+        raise ValueError(f"segment_ids must have shapes [B, Tq] = {(b, tq)} and [B, Tk] = {(b, tk)}, "
+                         f"got {q_ids.shape} and {kv_ids.shape}")
+    for ids in (q_ids, kv_ids):
+        if not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise ValueError(f"segment_ids must be integers, got {ids.dtype}")
     return q_ids, kv_ids
 
 
@@ -101,11 +106,12 @@ def xla_attention(q, k, v, *, causal=True, segment_ids=None, window=None, q_offs
                   dropout_rate: float = 0.0, dropout_rng=None):
     """Reference attention in plain XLA (float32 softmax). Shapes as :func:`attention`.
     ``dropout_rate`` > 0 with a ``dropout_rng``: inverted dropout on the probabilities."""
+    _check_dropout(dropout_rate)
     b, tq, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     g = hq // hkv
     scale = d ** -0.5 if sm_scale is None else sm_scale
-    q_ids, kv_ids = _split_segments(segment_ids, tq, tk)
+    q_ids, kv_ids = _split_segments(segment_ids, tq, tk, b)
     qg = q.reshape(b, tq, hkv, g, d)
     s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) * scale
     mask = attention_mask(tq, tk, causal=causal, window=window, q_offset=q_offset,
@@ -122,7 +128,7 @@ def xla_attention(q, k, v, *, causal=True, segment_ids=None, window=None, q_offs
     return o.reshape(b, tq, hq, d).astype(q.dtype)
 
 
-def _cudnn_reason(q, k, segment_ids, window, q_offset):
+def _cudnn_reason(q, k, segment_ids, window, q_offset, causal=True):
     """Why cuDNN cannot run this call (None when it can)."""
     if jax.default_backend() != "gpu":
         return f"cudnn needs a GPU backend (default backend is {jax.default_backend()!r})"
@@ -134,6 +140,8 @@ def _cudnn_reason(q, k, segment_ids, window, q_offset):
         return "cudnn path needs Tq == Tk and no q_offset"
     if q.shape[-1] > 128 or q.shape[-1] % 8:
         return f"cudnn path needs head_dim <= 128 and a multiple of 8, got {q.shape[-1]}"
+    if window is not None and not causal:
+        return "cudnn has no right-hand window: a sliding window needs causal=True there"
     return None
 
 
@@ -147,14 +155,15 @@ def _pallas_reason(q, k, q_offset):
     return None
 
 
-def select_implementation(q, k, *, segment_ids=None, window=None, q_offset=None, implementation="auto"):
+def select_implementation(q, k, *, segment_ids=None, window=None, q_offset=None, implementation="auto",
+                          causal=True):
     """Resolve ``implementation`` ("auto" -> the fastest eligible) for these inputs."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation={implementation!r} is not allowed; choose one of {list(IMPLEMENTATIONS)}")
     if implementation == "xla":
         return "xla"
     if implementation == "cudnn":
-        reason = _cudnn_reason(q, k, segment_ids, window, q_offset)
+        reason = _cudnn_reason(q, k, segment_ids, window, q_offset, causal)
         if reason:
             raise ValueError(f"implementation='cudnn' cannot run here: {reason}")
         return "cudnn"
@@ -167,7 +176,7 @@ def select_implementation(q, k, *, segment_ids=None, window=None, q_offset=None,
     # TPU -> Pallas (Mosaic) when it fits VMEM; everything else (CPU, short decode queries) -> XLA.
     backend = jax.default_backend()
     if backend == "gpu":
-        if _cudnn_reason(q, k, segment_ids, window, q_offset) is None:
+        if _cudnn_reason(q, k, segment_ids, window, q_offset, causal) is None:
             return "cudnn"
         if q.shape[1] >= 128 and _pallas_reason(q, k, q_offset) is None:
             return "pallas"
@@ -179,6 +188,22 @@ def select_implementation(q, k, *, segment_ids=None, window=None, q_offset=None,
     return "xla"
 
 
+def _check_dropout(dropout_rate):
+    if isinstance(dropout_rate, bool) or not isinstance(dropout_rate, (int, float, np.integer, np.floating)) \
+            or not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(f"dropout_rate must be a number in [0, 1), got {dropout_rate!r}")
+
+
+def _check_args(q, causal, q_offset):
+    """``causal`` a bool (a string such as ``"no"`` must not be read by truthiness) and
+    ``q_offset`` None, a scalar or ``[B]``."""
+    if not isinstance(causal, (bool, np.bool_)):
+        raise ValueError(f"causal must be a bool (True/False), got {causal!r}")
+    if q_offset is not None and jnp.shape(q_offset) not in ((), (1,), (q.shape[0],)):
+        raise ValueError(f"q_offset must be None, a scalar or a [B] = [{q.shape[0]}] array, "
+                         f"got shape {jnp.shape(q_offset)}")
+
+
 def _check_shapes(q, k, v, window):
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"q, k, v must be [B, T, H, D]; got shapes {q.shape}, {k.shape}, {v.shape}")
@@ -188,7 +213,8 @@ def _check_shapes(q, k, v, window):
         raise ValueError(f"q {q.shape} and k {k.shape} must agree on batch and head_dim")
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of kv heads ({k.shape[2]})")
-    if window is not None and (not isinstance(window, int) or window <= 0):
+    if window is not None and (isinstance(window, (bool, np.bool_))
+                               or not isinstance(window, (int, np.integer)) or window <= 0):
         raise ValueError(f"window must be a positive int or None, got {window!r}")
 
 
@@ -220,12 +246,15 @@ def attention(q, k, v, *, causal: bool = True, segment_ids=None, window: Optiona
     need a concrete one (converted to a Python float; traced -> ``ValueError``).
     """
     _check_shapes(q, k, v, window)
+    _check_args(q, causal, q_offset)
+    _check_dropout(dropout_rate)
+    window = None if window is None else int(window)
     if dropout_rate and dropout_rng is not None:
         if implementation not in ("auto", "xla"):
             raise ValueError(f"attention dropout runs on implementation='xla' only, got {implementation!r}")
         implementation = "xla"
     impl = select_implementation(q, k, segment_ids=segment_ids, window=window, q_offset=q_offset,
-                                 implementation=implementation)
+                                 implementation=implementation, causal=causal)
     if impl == "xla":
         return xla_attention(q, k, v, causal=causal, segment_ids=segment_ids, window=window,
                              q_offset=q_offset, sm_scale=sm_scale, dropout_rate=dropout_rate,

@@ -707,8 +707,17 @@ def tpu_vmem_bytes(x_shape, bc_shape, dtype=jnp.float32, *, chunk_size=64,
     "ssd_chunk_bwd": ...}`` (read off the block specs while tracing the TPU variant).
     """
     global _VMEM_LOG
+    for name, shp, layout in (("x_shape", x_shape, "(B, L, H, P)"), ("bc_shape", bc_shape, "(B, L, G, N)")):
+        if not (isinstance(shp, (tuple, list)) and len(shp) == 4
+                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in shp)):
+            raise ValueError(f"{name} must be 4 positive ints {layout}, got {shp!r}")
     b, l, h, p = x_shape
     g, n = bc_shape[2], bc_shape[3]
+    if tuple(bc_shape[:2]) != (b, l) or h % g:
+        raise ValueError(f"bc_shape must be (B={b}, L={l}, G, N) with G dividing H={h} (x_shape "
+                         f"{tuple(x_shape)}), got {tuple(bc_shape)}")
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"dtype must be a floating dtype (that of x / B / C), got {dtype!r}")
     _check_sizes(chunk_size, None)
     S = jax.ShapeDtypeStruct
     x, B = S(tuple(x_shape), dtype), S(tuple(bc_shape), dtype)
