@@ -7,7 +7,9 @@ B*T = 16k tokens, for this repo's Pallas kernel (``pallas``), cuDNN and XLA via
 ``jax.nn.dot_product_attention`` (``cudnn``, ``xla``) and JAX's bundled Pallas
 kernel ``jax.experimental.pallas.ops.gpu.attention.mha`` (``jax_pallas``).
 Reports median milliseconds and TFLOP/s, with causal FLOPs
-``4*B*H*T*T*D/2`` (forward) and 2.5x that (forward+backward), and writes
+``4*B*H*T*T*D/2`` (forward) and 3.5x that (forward+backward: the backward's five matmuls,
+``QK^T`` recomputed, ``dV``, ``dP``, ``dQ``, ``dK``, are 2.5x the forward's two; FlashAttention-2's
+benchmark convention), and writes
 ``DIR/results.json`` (device, date, jax version, one row per measurement).
 
 ``--quick`` runs one tiny configuration (interpret mode on CPU) to prove the
@@ -77,9 +79,19 @@ def make_attention(impl: str, *, on_gpu: bool, head_dim: int, seq_len: int, batc
     raise ValueError(f"unknown impl {impl!r}; choose from {IMPLS}")
 
 
+#: forward+backward FLOPs / forward FLOPs of attention: forward 2 matmuls (``QK^T``, ``PV``), backward
+#: 5 (``QK^T`` recomputed, ``dV``, ``dP``, ``dQ``, ``dK``) = 2.5x the forward (FlashAttention-2's
+#: benchmark: ``bwd = 2.5 * fwd``, ``fwd_bwd = 3.5 * fwd``)
+FWD_BWD_FLOPS = 3.5
+
+
 def causal_flops(batch, heads, seq_len, head_dim, mode):
+    """Causal attention FLOPs: ``4*B*H*T*T*D/2`` for ``mode`` "fwd", :data:`FWD_BWD_FLOPS` x that
+    for "fwd+bwd"."""
+    if mode not in ("fwd", "fwd+bwd"):
+        raise ValueError(f"mode must be 'fwd' or 'fwd+bwd', got {mode!r}")
     fwd = 4 * batch * heads * seq_len * seq_len * head_dim / 2
-    return fwd if mode == "fwd" else 2.5 * fwd
+    return fwd if mode == "fwd" else FWD_BWD_FLOPS * fwd
 
 
 def bench_one(impl, *, batch, seq_len, heads, head_dim, dtype, on_gpu, warmup, iters, seed=0):
@@ -174,7 +186,7 @@ def main(argv=None):
                 rows += new
 
     write_results(args.out, quick=args.quick, config=cfg,
-                  flops_note="causal: fwd = 4*B*H*T*T*D/2, fwd+bwd = 2.5 * fwd", rows=rows)
+                  flops_note=f"causal: fwd = 4*B*H*T*T*D/2, fwd+bwd = {FWD_BWD_FLOPS:g} * fwd", rows=rows)
     return 0
 
 

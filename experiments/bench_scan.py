@@ -20,6 +20,7 @@ version, one row per measurement; skipped / failed runs carry a note).
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 
@@ -101,18 +102,47 @@ def _ssd_fn(impl, chunk):
     raise ValueError(impl)
 
 
-def _bench_fla(base, inputs, warmup, iters):
-    """``fla`` chunk_simple_gla through torch (CUDA only); rows or a skip note."""
+def torch_median_ms(f, sync, *, warmup: int, iters: int, min_sample_ms=None) -> float:
+    """Median ms of one ``f()`` on a device ``sync`` waits for: ``warmup`` untimed calls, then
+    ``iters`` samples.  ``min_sample_ms`` None: a sample is one call followed by ``sync()`` (as
+    :func:`experiments.common.median_ms` times JAX); a number: back-to-back calls, enough that a
+    sample lasts that long, then one ``sync()`` (as ``experiments.gpu_check.time_ms`` times JAX:
+    the host's launch overhead overlaps the device's work for both sides alike)."""
+    for _ in range(warmup):
+        f()
+    sync()
+    reps = 1
+    if min_sample_ms is not None:
+        t0 = time.perf_counter()
+        f()
+        sync()
+        one = (time.perf_counter() - t0) * 1e3
+        reps = max(1, min(200, math.ceil(min_sample_ms / max(one, 1e-3))))
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            f()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3 / reps)
+    return statistics.median(times)
+
+
+def _bench_fla(base, inputs, warmup, iters, min_sample_ms=None):
+    """``fla`` chunk_simple_gla through torch (CUDA only): yields the fwd row, then the fwd+bwd
+    row, each as soon as it is measured (or a skip note); timing: :func:`torch_median_ms`."""
     try:
         import numpy as np
         import torch
         from fla.ops.simple_gla import chunk_simple_gla
     except Exception as e:  # noqa: BLE001 - optional
-        return [dict(base, mode=m, ms=None, skipped=f"fla/torch not importable: {type(e).__name__}")
-                for m in ("fwd", "fwd+bwd")]
+        yield from [dict(base, mode=m, ms=None, skipped=f"fla/torch not importable: {type(e).__name__}")
+                    for m in ("fwd", "fwd+bwd")]
+        return
     if not torch.cuda.is_available():
-        return [dict(base, mode=m, ms=None, skipped="torch CUDA not available")
-                for m in ("fwd", "fwd+bwd")]
+        yield from [dict(base, mode=m, ms=None, skipped="torch CUDA not available")
+                    for m in ("fwd", "fwd+bwd")]
+        return
     h = inputs["x"].shape[2]
     f32 = jnp.float32
     dt = jax.nn.softplus(inputs["dt"].astype(f32) + inputs["dt_bias"])
@@ -120,7 +150,7 @@ def _bench_fla(base, inputs, warmup, iters):
     arrs = dict(q=rep(inputs["C"]), k=rep(inputs["B"]),
                 v=(inputs["x"].astype(f32) * dt[..., None]).astype(inputs["x"].dtype),
                 g=dt * inputs["A"])
-    t = {k: torch.from_numpy(np.asarray(v.astype(f32))).cuda() for k, v in arrs.items()}
+    t = {k: torch.from_numpy(np.array(v.astype(f32))).cuda() for k, v in arrs.items()}
     for k in ("q", "k", "v"):
         t[k] = t[k].to(torch.bfloat16).requires_grad_()
     t["g"].requires_grad_()
@@ -134,24 +164,14 @@ def _bench_fla(base, inputs, warmup, iters):
         o.backward(do)
         return o
 
-    rows = []
     for mode, f in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
         row = dict(base, mode=mode)
         try:
-            for _ in range(warmup):
-                f()
-            torch.cuda.synchronize()
-            times = []
-            for _ in range(iters):
-                t0 = time.perf_counter()
-                f()
-                torch.cuda.synchronize()
-                times.append((time.perf_counter() - t0) * 1e3)
-            row.update(ms=statistics.median(times))
+            row.update(ms=torch_median_ms(f, torch.cuda.synchronize, warmup=warmup, iters=iters,
+                                          min_sample_ms=min_sample_ms))
         except Exception as e:  # noqa: BLE001
             row.update(ms=None, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
-        rows.append(row)
-    return rows
+        yield row
 
 
 # ----------------------------------------------------------------------------- driver
@@ -242,7 +262,7 @@ def main(argv=None):
         if impl not in impls:
             new = [dict(base, mode=m, ms=None, skipped="not in --impls") for m in ("fwd", "fwd+bwd")]
         elif impl == "fla":
-            new = (_bench_fla(base, ssd_in, warmup, iters) if on_gpu else
+            new = (list(_bench_fla(base, ssd_in, warmup, iters)) if on_gpu else
                    [dict(base, mode=m, ms=None, skipped="fla only benchmarked on GPU")
                     for m in ("fwd", "fwd+bwd")])
         else:

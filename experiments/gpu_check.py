@@ -49,11 +49,15 @@ Timing: a part's cases are lowered on a background thread and compiled in a pool
 a group at a time (the most valuable group first); nothing is timed while anything compiles
 (compiling on a GPU runs XLA's autotuning kernels).  A case is run once (warm-up), then timed
 as the median of 5 samples of back-to-back calls (each sample >= 20 ms, so launch gaps and the
-host's clock do not matter).  Ratios are against anchors measured in the same process.
+host's clock do not matter); fla (torch) is timed the same way (``bench_scan.torch_median_ms``).
+Ratios are against anchors measured in the same process.  Attention FLOPs: causal pairs only,
+fwd+bwd = 3.5x fwd (FlashAttention-2's convention: the backward's five matmuls).
 
 Outputs under ``--out`` (the device returns at most 8 files): ``results.json`` (every row,
 the targets, each part's status and time), ``table.md`` (the tables for BENCHMARKS.md) and
-``log.txt`` (every part's log); the table is printed last.
+``log.txt`` (every part's log); the table is printed last.  ``results.json`` and ``table.md`` are
+rewritten after every part and every 15 s while one runs, so a run killed from outside keeps
+what was measured.
 """
 from __future__ import annotations
 
@@ -69,6 +73,10 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+# fwd+bwd / fwd attention FLOPs (FlashAttention-2's convention: the backward is 2.5x the forward;
+# experiments.bench_attention.FWD_BWD_FLOPS, not imported: this driver does not import jax)
+FWD_BWD_FLOPS = 3.5
+
 CHECK_PARTS = ("correct", "attention", "scan", "models", "kernels")
 FOLLOWUP_PARTS = ("flash_tiles", "scfa_tiles")
 ALL_PARTS = CHECK_PARTS + FOLLOWUP_PARTS
@@ -80,6 +88,7 @@ DEADLINE_S = 465  # the whole check, so that it ends under 8 minutes with the sc
 # the follow-up alone: the check (8 min) + a follow-up + the machine's start fit 15 minutes of device time
 FOLLOWUP_DEADLINE_S = 270
 SMOKE_BUDGET_S = 400  # per part on a CPU (interpret mode)
+REFRESH_S = 15.0  # results.json / table.md rewritten this often while a part runs
 MIN_BUDGET_S = 5  # a part given less time is skipped ("out of time"); --budget must give at least this
 # per-part environment: IEEE float32 dots for the correctness part; no preallocation where torch
 # (fla) shares the GPU with jax
@@ -538,7 +547,7 @@ def attention_group(part, pipe, *, group, impls, b, t, h, d, dtype, pairs, extra
             r, compiled = run_timed(part, futs[0], (q, k, v, aux), **base, mode="fwd", flops=flops)
             if compiled is not None:
                 outs[impl] = compiled(q, k, v, aux)
-            run_timed(part, futs[1], (q, k, v, aux, do), **base, mode="fwd+bwd", flops=2.5 * flops)
+            run_timed(part, futs[1], (q, k, v, aux, do), **base, mode="fwd+bwd", flops=FWD_BWD_FLOPS * flops)
         if "pallas" in outs and compare_to in outs:
             part.row(kind="attention_diff", group=group, seq_len=t, head_dim=d, vs=compare_to,
                      rel_diff=rel_err(outs["pallas"].astype("float32"), outs[compare_to].astype("float32")))
@@ -614,24 +623,37 @@ def part_scan(part: Part):
                 pipe.stage()
             jobs.append((dict(kind="scan", kernel=kernel, impl=impl, shape=shape, dtype=jnp.dtype(dtype).name),
                          pipe.add(fwd, (inputs,)), pipe.add(fwd_bwd, (inputs, dy)), inputs, dy))
+    base = dict(kind="scan", kernel="ssd", impl="fla", shape=f"B{bh} L{lh} H{hh} P{ph} N{nh} G{gh}",
+                dtype=jnp.dtype(dtype).name)
+
+    def fla():
+        if not part.on_gpu:
+            for mode in ("fwd", "fwd+bwd"):
+                part.row(**base, mode=mode, ms=None, skipped="fla only on a GPU")
+            return
+        part.pipe.wait_idle()
+        # timed as time_ms times JAX (back-to-back calls, >= 20 ms a sample); each row written as
+        # soon as it is measured (fla's first calls autotune its Triton kernels)
+        for r in bs._bench_fla(base, ssd_in, warmup=2, iters=5, min_sample_ms=20.0):
+            part.row(**r)
+    # timing order, by value: the targets' rows (ours, associative_scan, fla), then the sequential
+    # references (only for the kernels' difference from them)
+    order = ([j for j in jobs if j[0]["impl"] != "reference"] + [None]
+             + [j for j in jobs if j[0]["impl"] == "reference"])
     outs = {}
-    for base, ff, fb, inputs, dy in jobs:
-        _, compiled = run_timed(part, ff, (inputs,), **base, mode="fwd")
+    for job in order:
+        if job is None:
+            fla()
+            continue
+        base_row, ff, fb, inputs, dy = job
+        _, compiled = run_timed(part, ff, (inputs,), **base_row, mode="fwd")
         if compiled is not None:
-            outs[(base["kernel"], base["impl"])] = compiled(inputs)
-        run_timed(part, fb, (inputs, dy), **base, mode="fwd+bwd")
+            outs[(base_row["kernel"], base_row["impl"])] = compiled(inputs)
+        run_timed(part, fb, (inputs, dy), **base_row, mode="fwd+bwd")
     for kernel in ("selective_scan", "ssd"):  # the kernels at the benchmark shapes vs the sequential oracle
         if (kernel, "pallas") in outs and (kernel, "reference") in outs:
             part.row(kind="scan_diff", kernel=kernel, vs="reference", rel_diff=rel_err(
                 outs[(kernel, "pallas")].astype("float32"), outs[(kernel, "reference")].astype("float32")))
-    base = dict(kind="scan", kernel="ssd", impl="fla", shape=f"B{bh} L{lh} H{hh} P{ph} N{nh} G{gh}",
-                dtype=jnp.dtype(dtype).name)
-    if not part.on_gpu:
-        for mode in ("fwd", "fwd+bwd"):
-            part.row(**base, mode=mode, ms=None, skipped="fla only on a GPU")
-        return
-    for r in bs._bench_fla(base, ssd_in, warmup=3, iters=10):
-        part.row(**r)
 
 
 # ============================================================================ 4. models
@@ -762,7 +784,7 @@ def part_kernels(part: Part):
         for name, ff, fb in lfuts:
             base = dict(kind="landmark", impl=name, batch=lb, seq_len=lt, heads=h, head_dim=ld)
             run_timed(part, ff, (q, k, v), **base, mode="fwd", flops=flops)
-            run_timed(part, fb, (q, k, v, do), **base, mode="fwd+bwd", flops=2.5 * flops)
+            run_timed(part, fb, (q, k, v, do), **base, mode="fwd+bwd", flops=FWD_BWD_FLOPS * flops)
     thunks.append(landmark)
     pipe.stage()
     # Hadamard transform vs dense x @ H
@@ -840,14 +862,15 @@ def layer_parallel_decode(part: Part, pipe: Pipeline):
                 return jnp.argmax(logits[:, -1], -1).astype(jnp.int32)[:, None], cache
             return jax.lax.fori_loop(0, new, body, (tok, cache))[0]
         futs.append((name, pipe.add(decode, (p, tok, cache)), (p, tok, cache)))
-    base_ms = None
+    base_ms = None  # the unpaired model's time: no speed-up is claimed without it
     for name, fut, args in futs:
         row, _ = run_timed(part, fut, args, kind="layer_parallel", impl=name, n_layer=cfg.n_layer,
                            d_model=cfg.d_model, batch=1, new_tokens=new)
+        if name == "unpaired":
+            base_ms = row.get("ms")
         if row.get("ms"):
-            base_ms = base_ms or row["ms"]
             part.row(kind="layer_parallel_rate", impl=name, tokens_per_s=new / (row["ms"] * 1e-3),
-                     speedup=base_ms / row["ms"])
+                     speedup=base_ms / row["ms"] if base_ms else None)
 
 
 # ============================================================================ follow-ups
@@ -979,7 +1002,8 @@ def evaluate_targets(rows) -> list:
         vals = [_ratio(_ms(sc, impl="cudnn", head_dim=d, mode="fwd+bwd"),
                        _ms(sc, impl=impl, head_dim=d, mode="fwd+bwd")) for d in sdims]
         measured[key] = min(vals) if sdims and all(v is not None for v in vals) else None
-    lp = [r["speedup"] for r in rows if r.get("kind") == "layer_parallel_rate" and r.get("impl") != "unpaired"]
+    lp = [r["speedup"] for r in rows if r.get("kind") == "layer_parallel_rate" and r.get("impl") != "unpaired"
+          and r.get("speedup") is not None]
     measured["layer_parallel_decode"] = max(lp) if lp else None
     out = []
     for key, desc, goal, op in TARGETS:
@@ -1031,7 +1055,8 @@ def markdown(results: dict) -> str:
             for r in ceil if r.get("ms"))]
     att = [r for r in rows if r.get("kind") == "attention"]
     if att:
-        L += ["", "**Attention** (bf16, H16; TFLOP/s over the visible pairs; fwd+bwd = 2.5x fwd FLOPs)", "",
+        L += ["", f"**Attention** (bf16, H16; TFLOP/s over the visible pairs; fwd+bwd = {FWD_BWD_FLOPS:g}x fwd "
+              "FLOPs)", "",
               "| group | D | B x T | impl | fwd ms | fwd TF/s | fwd+bwd ms | fwd+bwd TF/s | note |",
               "|---|---|---|---|---|---|---|---|---|"]
         keys = []
@@ -1100,13 +1125,20 @@ def run_part(name: str, work: Path, smoke: bool) -> int:
 
 
 def orchestrate(parts, out: Path, work: Path, *, smoke: bool, budgets: dict, deadline: float, command: str) -> dict:
-    import datetime
+    """Run ``parts`` one process each, under their budgets and ``deadline``; returns the results.
+    ``results.json`` and ``table.md`` are rewritten after each part and every ``REFRESH_S`` while a
+    part runs (its status then says ``running``), so a run killed from outside (the device's
+    command timeout) still returns everything measured until then."""
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     status = []
     log = out / "log.txt"
     log.write_text("")
+
+    def write(extra=()):
+        return write_results(out, work, parts, status + list(extra), command=command, smoke=smoke,
+                             wall_s=time.perf_counter() - t_start)
     for name in parts:
         left = deadline - (time.perf_counter() - t_start)
         budget = min(budgets.get(name, SMOKE_BUDGET_S if smoke else BUDGET[name]), left)
@@ -1123,25 +1155,46 @@ def orchestrate(parts, out: Path, work: Path, *, smoke: bool, budgets: dict, dea
             f.write(f"\n===== part {name} (budget {budget:.0f} s)\n")
             f.flush()
             proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-            try:
-                rc = proc.wait(timeout=budget)
-                state = "ok" if rc == 0 else f"failed (exit {rc})"
-            except subprocess.TimeoutExpired:
-                _kill(proc)
-                state = f"timed out after {budget:.0f} s"
+            while True:
+                waited = time.perf_counter() - t0
+                try:
+                    rc = proc.wait(timeout=max(0.0, min(REFRESH_S, budget - waited)))
+                    state = "ok" if rc == 0 else f"failed (exit {rc})"
+                    break
+                except subprocess.TimeoutExpired:
+                    if time.perf_counter() - t0 >= budget:
+                        _kill(proc)
+                        state = f"timed out after {budget:.0f} s"
+                        break
+                    try:
+                        write([dict(part=name, status="running (the run ended during this part)",
+                                    wall_s=time.perf_counter() - t0, rows=len(read_rows(work, [name])))])
+                    except Exception as e:  # noqa: BLE001 - an interim copy must never stop the run
+                        print(f"   (results not refreshed: {_err(e)})", flush=True)
         wall = time.perf_counter() - t0
         n_rows = len(read_rows(work, [name]))
         status.append(dict(part=name, status=state, wall_s=wall, rows=n_rows))
         print(f"   {state} in {wall:.0f} s, {n_rows} rows", flush=True)
+        write()
+    results = write()
+    print(markdown(results), flush=True)
+    return results
+
+
+def write_results(out: Path, work: Path, parts, status, *, command: str, smoke: bool, wall_s: float) -> dict:
+    """``out/results.json`` and ``out/table.md`` from the parts' row files and ``status``
+    (each file replaced whole: a reader never sees half of one)."""
+    import datetime
     rows = add_ceiling_mfu(read_rows(work, parts))
     env_rows = [r for r in rows if r.get("kind") == "env"]
     results = dict(command=command, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                   smoke=smoke, wall_s=time.perf_counter() - t_start, env=env_rows[0] if env_rows else {},
-                   parts=status, targets=evaluate_targets(rows), rows=rows)
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=_jsonable) + "\n")
-    table = markdown(results)
-    (out / "table.md").write_text(table)
-    print(table, flush=True)
+                   smoke=smoke, wall_s=wall_s, env=env_rows[0] if env_rows else {},
+                   parts=list(status), targets=evaluate_targets(rows), rows=rows)
+    for name, text in (("results.json", json.dumps(results, indent=1, default=_jsonable) + "\n"),
+                       ("table.md", markdown(results))):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
     return results
 
 

@@ -88,12 +88,14 @@ def main(argv=None):
     if args.json:
         print(json.dumps(rows, indent=2))
         return rows
-    header = f"{'model':<12} {'preset':<13} {'params':>8} {'non-emb':>8} {'layers':>6} {'d_model':>7} " \
+    wm = max([12] + [len(r["model"]) for r in rows])
+    wp = max([13] + [len(r["preset"]) for r in rows])
+    header = f"{'model':<{wm}} {'preset':<{wp}} {'params':>8} {'non-emb':>8} {'layers':>6} {'d_model':>7} " \
              f"{'heads':>7} {'seq':>6} {'FLOPs/token':>12}"
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['model']:<12} {r['preset']:<13} {_human(r['params']):>8} {_human(r['non_embedding_params']):>8} "
+        print(f"{r['model']:<{wm}} {r['preset']:<{wp}} {_human(r['params']):>8} {_human(r['non_embedding_params']):>8} "
               f"{r['n_layer']:>6} {r['d_model']:>7} {(str(r['n_head']) + '/' + str(r['n_kv_head'])) if r['attention_layers'] else '-':>7} "
               f"{r['seq_len']:>6} {_human(r['flops_per_token']):>12}")
     return rows

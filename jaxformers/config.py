@@ -123,11 +123,16 @@ class ModelConfig(ConfigMixin):
     def flops_per_token(self, seq_len: int, params=None) -> float:
         """Training FLOPs per token (PaLM appendix B): ``6 * sum_w uses(w) * size(w) + attention``.
 
+        Every parameter counts (norm scales and SSM vectors too: they are tiny); the element-wise
+        work of the SSM scans (``O(d_inner * d_state)`` per token and layer) is not counted.
         ``params``: the params tree (arrays or ``ShapeDtypeStruct``s); ``None`` builds the model
         abstractly (``jax.eval_shape``, no FLOPs spent).
         """
         import jax
+        import numpy as np
 
+        if isinstance(seq_len, (bool, np.bool_)) or not isinstance(seq_len, (int, np.integer)) or seq_len < 1:
+            raise ValueError(f"seq_len must be a positive int (the context length), got {seq_len!r}")
         if isinstance(params, int):
             raise ValueError("params must be a params tree (or None), not a parameter count: the "
                              "FLOP count needs each weight's path to know how often it is used")
@@ -187,9 +192,12 @@ class TransformerConfig(ModelConfig):
         return 4 * self.d_model
 
     def attention_flops_per_token(self, seq_len: int) -> float:
-        """``12 * L_attn * H * Dh * T``: QK^T and AV, forward + backward; causal attention is
-        counted in full (as PaLM/MaxText do) so MFU is comparable across codebases."""
-        return 12.0 * self.n_attention_layers * self.n_head * self.dim_head * seq_len
+        """``12 * L_attn * H * Dh * K``: QK^T and AV, forward + backward, over the ``K`` key
+        positions a query's mask spans: ``K = T`` for causal attention, counted in full (PaLM
+        appendix B, nanoGPT's ``estimate_mfu``; MaxText / Megatron halve it for the causal
+        mask), ``K = min(window, T)`` with a sliding ``window`` (the keys it can reach)."""
+        keys = seq_len if self.window is None else min(int(self.window), seq_len)
+        return 12.0 * self.n_attention_layers * self.n_head * self.dim_head * keys
 
     # --------------------------------------------------------------- validation
     def validate(self) -> None:
@@ -260,19 +268,44 @@ def check_fields(cls, overrides: dict) -> None:
 
 
 def coerce_value(cls, name: str, text: str):
-    """Parse ``text`` (from a ``--set field=value`` flag) into the type of field ``name``."""
+    """Parse ``text`` (from a ``--set field=value`` flag) into the type of field ``name``.
+
+    ``none`` / ``null``: ``None``.  Bool fields: ``true/false/yes/no/1/0``.  String fields: the
+    text as given (``data=2024`` stays a string).  Int fields: a JSON number, where an integral
+    float (``1.0``, ``1e3``) becomes an int.  Tuples of numbers: a JSON list, ``(1, 3)`` or
+    ``1,3``.  Other fields: JSON, else the text (the config's validation names a bad value).
+    """
     check_fields(cls, {name: None})
     field = {f.name: f for f in dataclasses.fields(cls)}[name]
     default = field.default
-    if text.lower() in ("none", "null"):
+    kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
+    kind = kind.replace("typing.", "").replace(" ", "")
+    inner = kind[len("Optional["):-1] if kind.startswith("Optional[") else kind
+    if text.strip().lower() in ("none", "null"):
         return None
-    if isinstance(default, bool) or field.type in ("bool", bool):
+    if isinstance(default, bool) or inner == "bool":
         if text.lower() in ("1", "true", "yes"):
             return True
         if text.lower() in ("0", "false", "no"):
             return False
         raise ValueError(f"{name} expects a bool (true/false), got {text!r}")
+    if inner == "str":
+        return text
+    if inner == "tuple" or inner.startswith(("Tuple[int", "Tuple[float", "tuple[int", "tuple[float")):
+        body = text.strip()
+        if body[:1] in "([" and body[-1:] in ")]":
+            body = body[1:-1]
+        body = body.strip().rstrip(",")
+        try:
+            value = json.loads(f"[{body}]")
+        except json.JSONDecodeError:
+            raise ValueError(f"{name} expects a tuple of numbers such as [1, 3], (1, 3) or 1,3; "
+                             f"got {text!r}") from None
+        return tuple(value)
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError:
         return text
+    if inner == "int" and isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    return value

@@ -63,6 +63,9 @@ def get_config(name: str, preset: str = "tiny", **overrides) -> ModelConfig:
         )
     values = dict(spec.presets[preset])
     check_fields(spec.config_cls, overrides)
+    if overrides.get("model", name) != name:
+        raise ValueError(f"model={overrides['model']!r} contradicts name={name!r}: the architecture is "
+                         f"the name (get_config({overrides['model']!r}, ...) builds that one)")
     values.update(overrides)
     values["model"] = name
     return spec.config_cls(**values)

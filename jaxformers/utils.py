@@ -66,7 +66,8 @@ def abstract_param_count(module) -> int:
 def flops_per_token(config, seq_len: int, params=None) -> float:
     """Training FLOPs per token of ``config`` at context ``seq_len``: ``config.flops_per_token``.
 
-    ``6 * sum_w uses(w) * size(w) + 12 * L_attn * H * Dh * T`` (PaLM appendix B): every
+    ``6 * sum_w uses(w) * size(w) + 12 * L_attn * H * Dh * K`` (PaLM appendix B; ``K = T``, or
+    ``min(window, T)`` with sliding-window attention): every
     matmul weight counted as often as one token uses it (repeated blocks count per
     application, sparsely activated experts by their active fraction, the embedding
     lookup not at all unless it is the tied head); only attention layers add the attention

@@ -132,8 +132,9 @@ class LandmarkConfig(TransformerConfig):
         if not isinstance(L, int) or isinstance(L, bool) or L < 2:
             raise ValueError(f"landmark_block must be an int >= 2 (tokens per block incl. the "
                              f"landmark), got {L!r}")
-        if self.landmark_id is not None and not 0 <= self.landmark_id < self.vocab_size:
-            raise ValueError(f"landmark_id must be in [0, vocab_size={self.vocab_size}) or None, "
+        if self.landmark_id is not None and (not _is_int(self.landmark_id)
+                                             or not 0 <= self.landmark_id < self.vocab_size):
+            raise ValueError(f"landmark_id must be an int in [0, vocab_size={self.vocab_size}) or None, "
                              f"got {self.landmark_id!r}")
         _choice("landmark_impl", self.landmark_impl, LANDMARK_IMPLS)
         _choice("mem_selection", self.mem_selection, SELECTIONS)

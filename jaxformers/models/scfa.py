@@ -138,7 +138,8 @@ class SCFAConfig(TransformerConfig):
         if not isinstance(hs, int) or isinstance(hs, bool) or not 0 <= hs < 2 ** 32:
             raise ValueError(f"hash_seed must be an int in [0, 2**32) (the PRNGKey seed of the fixed "
                              f"evaluation / decoding draw), got {hs!r}")
-        if not 0.0 <= float(self.qk_drop_rate) < 1.0:
+        r = self.qk_drop_rate
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= r < 1.0:
             raise ValueError(f"qk_drop_rate must be in [0, 1), got {self.qk_drop_rate!r}")
         if self.sparse_layers is not None:
             bad = [i for i in self.sparse_layers

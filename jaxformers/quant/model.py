@@ -118,6 +118,13 @@ class QuaRotConfig(TransformerConfig, OnlineQuant):
     int_linears: bool = False
     w_bits: int = 8
 
+    def param_uses(self, path):
+        """As the float model: a packed int4 ``qkernel`` stores two weights per byte, so each
+        stored element counts twice (FLOPs count weights, not bytes)."""
+        if self.int_linears and self.w_bits <= 4 and path and path[-1] == "qkernel":
+            return 2.0 * super().param_uses(path)
+        return super().param_uses(path)
+
     def validate(self) -> None:
         super().validate()
         _choice("norm", self.norm, ("rmsnorm",))
@@ -132,9 +139,10 @@ class QuaRotConfig(TransformerConfig, OnlineQuant):
             check_divides_linear_inputs(self, "a_groupsize", self.a_groupsize)
         if self.kv_bits < 16 and self.kv_groupsize is not None and self.dim_head % self.kv_groupsize:
             raise ValueError(f"kv_groupsize={self.kv_groupsize} must divide head_dim={self.dim_head}")
+        if isinstance(self.w_bits, bool) or not isinstance(self.w_bits, int) or not 2 <= self.w_bits <= 8:
+            raise ValueError(f"w_bits must be an int in [2, 8] (the integer weights of int_linears), "
+                             f"got {self.w_bits!r}")
         if self.int_linears:
-            if not isinstance(self.w_bits, int) or not 2 <= self.w_bits <= 8:
-                raise ValueError(f"int_linears=True needs w_bits in [2, 8], got {self.w_bits!r}")
             if self.a_bits < 16 and (self.a_bits > 8 or not self.a_sym or self.a_groupsize is not None):
                 raise ValueError("int_linears=True needs symmetric per-token activations with "
                                  f"a_bits <= 8 or a_bits=16, got a_bits={self.a_bits}, "

@@ -210,7 +210,11 @@ def _aux_weights(value) -> Tuple[Tuple[str, float], ...]:
                     raise ValueError(f"aux_loss_weights: expected NAME=WEIGHT[,NAME=WEIGHT...], got {text!r}")
                 pairs.append((name.strip(), weight.strip()))
             value = pairs
-    items = list(value.items()) if isinstance(value, Mapping) else list(value)
+    try:
+        items = list(value.items()) if isinstance(value, Mapping) else list(value)
+    except TypeError:
+        raise ValueError(f"aux_loss_weights must be a mapping {{name: weight}}, (name, weight) pairs or "
+                         f"a 'name=w,name=w' string, got {value!r}") from None
     out = {}
     for item in items:
         try:

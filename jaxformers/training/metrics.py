@@ -28,9 +28,11 @@ __all__ = ["PEAK_FLOPS", "Progress", "Throughput", "mfu", "model_flops_per_token
 # (first match wins, so more specific names come first).
 PEAK_FLOPS = (
     ("h100 pcie", 756e12),
+    ("h100 nvl", 835e12),  # NVL cards: 1671 TFLOP/s with sparsity, half of it dense
+    ("h200 nvl", 835e12),
     ("h100", 989e12),
-    ("h200", 989e12),
     ("gh200", 989e12),
+    ("h200", 989e12),
     ("a100", 312e12),
     ("tpu v4", 275e12),
     ("tpu v5 lite", 197e12),  # v5e
@@ -43,7 +45,9 @@ PEAK_FLOPS = (
 
 
 def peak_flops(device=None) -> Optional[float]:
-    """Peak dense bf16 FLOP/s of one device (``None`` if unknown, e.g. CPU)."""
+    """Peak dense bf16 FLOP/s of one device (``None`` if unknown, e.g. CPU), from its
+    ``device_kind`` (:data:`PEAK_FLOPS`).  MFU is measured against this peak whatever the
+    compute dtype (a float32 run is compared with the bf16 peak)."""
     device = jax.devices()[0] if device is None else device
     kind = str(getattr(device, "device_kind", "")).lower()
     for key, value in PEAK_FLOPS:

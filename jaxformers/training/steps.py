@@ -51,7 +51,8 @@ def resolve_dtype(name: str) -> str:
 
 
 def compute_config(model_config, dtype: str):
-    """The model config the trainer builds: compute in ``dtype``, float32 parameters."""
+    """The model config the trainer builds: compute in ``dtype``, float32 parameters (the model
+    config's own ``dtype`` / ``param_dtype`` are replaced: ``TrainConfig.dtype`` decides)."""
     return model_config.replace(dtype=dtype, param_dtype="float32")
 
 
@@ -126,7 +127,9 @@ def train_step(module, tx, loss_fn: LossFn, params, opt_state, batch, step, rng,
     micro-batch) or ``None``.  ``grad_accum=A`` splits the batch into ``A`` micro-batches
     (:func:`split_micro_batches`) run one after another in a ``lax.scan``; their
     gradients and metrics are averaged weighted by the loss's ``n_targets`` metric (equal
-    weights if it has none), so the update equals the one of the whole batch.
+    weights if it has none), so the update equals the one of the whole batch; a micro-batch
+    with ``n_targets == 0`` contributes nothing (even if its loss is NaN).  Clipping (in ``tx``)
+    sees the accumulated gradient.
     ``metrics``: scalars -- those of :func:`loss_with_aux`, ``grad_norm`` (before
     clipping) and ``lr`` (``schedule(step)``, when a schedule is given).
     """
@@ -148,8 +151,10 @@ def train_step(module, tx, loss_fn: LossFn, params, opt_state, batch, step, rng,
             mb, key = xs
             (_, m), g = grad_fn(params, mb, key)
             w = m["n_targets"] if weighted else jnp.ones((), jnp.float32)
-            g_sum = jax.tree.map(lambda s, x: s + (w * x if weighted else x), g_sum, g)
-            m_sum = {k: m_sum[k] + (m[k] if k == "n_targets" or not weighted else w * m[k]) for k in m_sum}
+            # a micro-batch without targets adds nothing (not 0 * NaN from a 0/0 mean)
+            scaled = (lambda x: jnp.where(w > 0, w * x, 0.0)) if weighted else (lambda x: x)
+            g_sum = jax.tree.map(lambda s, x: s + scaled(x), g_sum, g)
+            m_sum = {k: m_sum[k] + (m[k] if k == "n_targets" else scaled(m[k])) for k in m_sum}
             return (g_sum, m_sum, w_sum + w), None
 
         zeros_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
