@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .utils import check_token_ids
+from .utils import check_token_ids, is_int
 
 
 def init_cache(module, batch_size: int, max_len: int, dtype=None):
@@ -78,7 +78,7 @@ def sample_logits(logits, rng, *, temperature=1.0, top_k=None, top_p=None):
 
 
 def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    if not is_int(value) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return int(value)
 
@@ -91,8 +91,7 @@ def _validate(module, prompt_tokens, max_new_tokens, temperature, top_k, top_p, 
     max_new_tokens = _positive_int(max_new_tokens, "max_new_tokens")
     vocab = module.config.vocab_size
     if vocab_limit is not None:
-        if isinstance(vocab_limit, bool) or not isinstance(vocab_limit, (int, np.integer)) \
-                or not 1 <= vocab_limit <= vocab:
+        if not is_int(vocab_limit) or not 1 <= vocab_limit <= vocab:
             raise ValueError(f"vocab_limit must be None or an int in [1, vocab_size={vocab}], got {vocab_limit!r}")
     check_sampling(temperature, top_k, top_p, vocab)
     if vocab_limit is not None and top_k is not None and top_k > vocab_limit:

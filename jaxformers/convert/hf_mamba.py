@@ -74,39 +74,39 @@ def config_from_hf_mamba(hf: dict, *, dtype: str = "float32", scan_layers: bool 
     if model_type not in MODEL_TYPES:
         raise ValueError(f"model_type={model_type!r} is not supported; expected one of {list(MODEL_TYPES)}")
     hf = {**HF_DEFAULTS[model_type], **{k: v for k, v in hf.items() if v is not None}}
-    act = hf.get("hidden_act", "silu")
+    act = hf["hidden_act"]
     if act != "silu":
         raise ValueError(f"hidden_act={act!r} is not supported; expected 'silu'")
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not allowed; choose one of {list(DTYPES)}")
     d_model = int(hf["hidden_size"])
-    expand = hf.get("expand", 2)
+    expand = hf["expand"]
     inner = hf.get("intermediate_size", expand * d_model)
     if int(inner) != int(expand) * d_model or int(expand) != expand:
         raise ValueError(f"intermediate_size={inner} must equal an integer expand={expand} * "
                          f"hidden_size={d_model}")
     fields = dict(
         vocab_size=int(hf["vocab_size"]), d_model=d_model, n_layer=int(hf["num_hidden_layers"]),
-        d_state=int(hf["state_size"]), d_conv=int(hf.get("conv_kernel", 4)), expand=int(expand),
-        conv_bias=bool(hf.get("use_conv_bias", True)), proj_bias=bool(hf.get("use_bias", False)),
-        norm="rmsnorm", norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+        d_state=int(hf["state_size"]), d_conv=int(hf["conv_kernel"]), expand=int(expand),
+        conv_bias=bool(hf["use_conv_bias"]), proj_bias=bool(hf["use_bias"]),
+        norm="rmsnorm", norm_eps=float(hf["layer_norm_epsilon"]),
         tie_embeddings=bool(hf["tie_word_embeddings"]),
         init_std=float(hf["initializer_range"]),
-        dt_min=float(hf.get("time_step_min", 0.001)), dt_max=float(hf.get("time_step_max", 0.1)),
-        dt_init_floor=float(hf.get("time_step_floor", 1e-4)),
+        dt_min=float(hf["time_step_min"]), dt_max=float(hf["time_step_max"]),
+        dt_init_floor=float(hf["time_step_floor"]),
         dtype=dtype, param_dtype=dtype, scan_layers=scan_layers, scan_impl=scan_impl,
     )
     if model_type == "mamba":
-        rank = hf.get("time_step_rank", "auto")
+        rank = hf["time_step_rank"]
         fields.update(dt_rank="auto" if rank == "auto" else int(rank),
-                      dt_scale=float(hf.get("time_step_scale", 1.0)),
+                      dt_scale=float(hf["time_step_scale"]),
                       dt_init="constant" if hf.get("time_step_init_scheme") == "constant" else "random")
     else:
-        limit = tuple(_as_float(v) for v in hf.get("time_step_limit", (0.0, float("inf"))))
+        limit = tuple(_as_float(v) for v in hf["time_step_limit"])
         if limit != (0.0, float("inf")):
             raise ValueError(f"time_step_limit={limit} is not supported (dt is not clamped); "
                              "expected (0.0, inf)")
-        heads, headdim = int(hf["num_heads"]), int(hf.get("head_dim", 64))
+        heads, headdim = int(hf["num_heads"]), int(hf["head_dim"])
         if heads * headdim != fields["expand"] * d_model:
             raise ValueError(f"num_heads={heads} * head_dim={headdim} must equal expand * hidden_size = "
                              f"{fields['expand'] * d_model}")

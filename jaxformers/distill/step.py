@@ -27,6 +27,7 @@ import numbers
 import jax
 import jax.numpy as jnp
 
+from ..models.transformer import block_inputs
 from ..training.losses import apply_model, model_inputs, next_token_targets, weighted_mean
 from ..training.steps import abstract_params, train_step
 
@@ -91,19 +92,8 @@ def align_loss(module, params, batch, rng=None):
         raise ValueError("align_loss needs batch['teacher_hidden'] [B, L+1, T, D] (DistillStep(stage='align') adds it)")
     hidden = batch["teacher_hidden"].astype(jnp.float32)
     attn = set(getattr(module.config, "attention_layers", ()))
-    _, inputs = model_inputs(batch)
-    segment_ids = inputs.get("segment_ids")
-    if segment_ids is not None:  # runs of equal ids, as the model itself sees them
-        from ..layers.common import segment_index
-        segment_ids = segment_index(segment_ids)
-    positions = inputs.get("positions")
-    if positions is None:
-        t = hidden.shape[2]
-        if segment_ids is not None:
-            from ..models.transformer import positions_from_segments
-            positions = positions_from_segments(segment_ids)
-        else:
-            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), hidden.shape[:1] + (t,))
+    tokens, inputs = model_inputs(batch)
+    segment_ids, positions = block_inputs(tokens.shape, inputs.get("positions"), inputs.get("segment_ids"))
     terms = []
     for i, (cls, cfg) in enumerate(zip(module.layer_classes(), module.layer_configs())):
         if i in attn:

@@ -78,6 +78,27 @@ def positions_from_segments(segment_ids):
     return t - start_pos
 
 
+def block_inputs(shape, positions=None, segment_ids=None, cache_index=None):
+    """``(segment_ids, positions)`` as every block sees them, for tokens of ``shape`` [B, T]:
+    ``segment_ids`` (checked [B, T] integers) mapped to runs of equal ids
+    (:func:`jaxformers.layers.common.segment_index`); ``positions`` as given, else
+    ``cache_index + t`` when decoding, the position inside each segment with packed ids, or
+    ``t``."""
+    if segment_ids is not None:
+        segment_ids = jnp.asarray(segment_ids)
+        if segment_ids.shape != tuple(shape) or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+            raise ValueError(f"segment_ids must be [B, T] = {tuple(shape)} integers, got "
+                             f"{segment_ids.dtype} {tuple(segment_ids.shape)}")
+        segment_ids = segment_index(segment_ids)  # runs of equal ids (module docstring)
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(shape[1], dtype=jnp.int32), tuple(shape))
+        if cache_index is not None:
+            positions = cache_index + positions
+        elif segment_ids is not None:
+            positions = positions_from_segments(segment_ids)
+    return segment_ids, positions
+
+
 def check_tokens(tokens, vocab_size=None):
     """``tokens`` must be ``[B, T]`` integers; with ``vocab_size``, ids in ``[0, vocab_size)`` when
     their values are known (eager calls; under ``jit`` an out-of-range id gives NaN logits, and
@@ -161,19 +182,7 @@ class Transformer(nn.Module):
             check_attn_dropout(self.config, self.layer_classes())
         t = tokens.shape[1]
         index = None if cache is None else cache["index"]
-        if segment_ids is not None:
-            segment_ids = jnp.asarray(segment_ids)
-            if segment_ids.shape != tokens.shape or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
-                raise ValueError(f"segment_ids must be [B, T] = {tuple(tokens.shape)} integers, got "
-                                 f"{segment_ids.dtype} {tuple(segment_ids.shape)}")
-            segment_ids = segment_index(segment_ids)  # runs of equal ids (module docstring)
-        if positions is None:
-            if cache is not None:
-                positions = index + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), tokens.shape)
-            elif segment_ids is not None:
-                positions = positions_from_segments(segment_ids)
-            else:
-                positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), tokens.shape)
+        segment_ids, positions = block_inputs(tokens.shape, positions, segment_ids, index)
         x = self.embed(tokens)
         layer_caches = None if cache is None else cache["layers"]
         x, new_layer_caches = self.run_blocks(x, positions, segment_ids, layer_caches, index)
