@@ -11,8 +11,9 @@ times forward and forward+backward of
 * ``dense``: ``x @ (H_n / sqrt(n))`` (XLA matmul, bf16 in, float32 accumulation).
 
 Prints median milliseconds and the effective bandwidth (read + write of x); writes
-``DIR/results.json``.  ``--quick``: tiny shapes to prove the script runs (interpret mode on
-CPU, so the CPU timings measure the Pallas interpreter, not a kernel).
+``DIR/results.json`` after every size (``complete: false`` until the last one, so a run cut
+short keeps the sizes it finished).  ``--quick``: tiny shapes to prove the script runs
+(interpret mode on CPU, so the CPU timings measure the Pallas interpreter, not a kernel).
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ def dense_hadamard(x, h):
     return jnp.matmul(x, h, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
-def bench(sizes, rows, dtype, warmup, iters):
+def bench(sizes, rows, dtype, warmup, iters, progress=None):
+    """The rows (one per size, impl and mode); ``progress(rows so far)`` after every size."""
     out = []
     for n in sizes:
         x = jax.random.normal(jax.random.PRNGKey(n), (rows, n)).astype(dtype)
@@ -57,6 +59,8 @@ def bench(sizes, rows, dtype, warmup, iters):
                 print(f"n {n:5d} {impl:6s} {mode:8s} "
                       + (f"{ms:9.3f} ms" if ms is not None else f"FAILED {note}")
                       + (f"  {gbs:7.1f} GB/s" if gbs and mode == "fwd" else ""), flush=True)
+        if progress is not None:
+            progress(out)
     return out
 
 
@@ -81,10 +85,13 @@ def main(argv=None):
     sizes = tuple(sizes) if sizes is not None else (64, 352) if args.quick else SIZES
     rows = args.rows if args.rows is not None else 64 if args.quick else 65536
     warmup, iters = (1, 3) if args.quick else (3, 20)
-    rows_out = bench(sizes, rows, jnp.dtype(args.dtype), warmup, iters)
-    write_results(args.out, command="python -m experiments.bench_hadamard " + " ".join(
-        argv if argv is not None else sys.argv[1:]), rows=rows_out,
-        note="CPU runs time the Pallas interpreter (interpret mode), not a compiled kernel")
+    command = "python -m experiments.bench_hadamard " + " ".join(argv if argv is not None else sys.argv[1:])
+
+    def save(rows_out, complete=False):
+        write_results(args.out, command=command, rows=list(rows_out), complete=complete,
+                      note="CPU runs time the Pallas interpreter (interpret mode), not a compiled kernel")
+
+    save(bench(sizes, rows, jnp.dtype(args.dtype), warmup, iters, progress=save), complete=True)
 
 
 if __name__ == "__main__":

@@ -29,13 +29,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from experiments.common import check_counts, parse_list
+from experiments.common import check_counts, parse_list, write_json
 
 FULL = dict(preset="small", seq_lens=(2048, 8192, 32768), tokens=32768, gen_batches=(1, 8, 32, 128),
             gen_prompt=1024, gen_tokens=128, warmup=2, iters=10)
@@ -306,7 +305,7 @@ def main(argv=None) -> dict:
     results["wall_s"] = time.perf_counter() - t0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json(out / "results.json", results, indent=2)
     print(f"# {results['device_kind']} ({results['platform']}), jax {results['jax_version']}, "
           f"{dtype}, {results['date']}")
     for r in results["rows"]:

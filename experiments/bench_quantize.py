@@ -17,8 +17,9 @@ without the clipping search), ``rtn4_clip`` (with it), ``gptq4`` (rotated GPTQ W
 the authors' sequential groups: 5 block passes over the calibration tokens a layer),
 ``gptq4_onepass`` (``gptq_sequential=False``: all Hessians from one pass, 2 passes a layer).
 
-Prints a Markdown table and writes ``DIR/results.json``.  ``--quick``: tiny widths, layers
-1,2, specs rotate,gptq4 (seconds; the CI smoke test).
+Prints a Markdown table and writes ``DIR/results.json`` after every measurement
+(``complete: false`` until the last one, so a run cut short keeps what it finished).
+``--quick``: tiny widths, layers 1,2, specs rotate,gptq4 (seconds; the CI smoke test).
 
 ``--platform cpu`` (default) runs each child with ``JAX_PLATFORMS=cpu``; ``--platform
 default`` lets JAX pick the accelerator, where the rotation (float64), RTN, GPTQ, the
@@ -93,9 +94,9 @@ def child(job: dict) -> dict:
                 peak_device_gb=None if device_peak is None else device_peak / 1e9)
 
 
-def bench(jobs, platform="cpu"):
+def bench(jobs, platform="cpu", progress=None):
     """Run each job in a fresh process (on the CPU, or with ``platform="default"`` where JAX
-    puts it); the rows in order."""
+    puts it); the rows in order.  ``progress(rows so far)`` after every job."""
     rows = []
     env = {**os.environ, "JAX_PLATFORMS": "cpu"} if platform == "cpu" else None
     for job in jobs:
@@ -110,6 +111,8 @@ def bench(jobs, platform="cpu"):
         print(f"{job['spec']:10s} {job['layers']:3d} layers: "
               + (f"{row['seconds']:8.1f} s, peak RSS {row['peak_rss_gb']:.2f} GB"
                  if "seconds" in row else row["note"]), flush=True)
+        if progress is not None:
+            progress(rows)
     return rows
 
 
@@ -158,14 +161,18 @@ def main(argv=None):
     widths = args.widths or ("tiny" if args.quick else "llama7b")
     jobs = [dict(spec=s, layers=n, widths=widths, calib=args.calib, calib_len=args.calib_len)
             for s in specs for n in sorted(layers)]
-    rows = bench(jobs, args.platform)
-    md = table(rows)
-    print(md)
-    write_results(args.out, command="python -m experiments.bench_quantize " + " ".join(
-        argv if argv is not None else sys.argv[1:]), rows=rows, table=md,
-        platform=args.platform,
-        note="peak RSS per process (ru_maxrss); --platform cpu: each child runs with JAX_PLATFORMS=cpu; "
-             "peak_device_gb: the device's peak_bytes_in_use where the backend reports it")
+    command = "python -m experiments.bench_quantize " + " ".join(argv if argv is not None else sys.argv[1:])
+
+    def save(rows, complete=False):
+        write_results(args.out, command=command, rows=list(rows), table=table(rows),
+                      platform=args.platform, complete=complete,
+                      note="peak RSS per process (ru_maxrss); --platform cpu: each child runs with "
+                           "JAX_PLATFORMS=cpu; peak_device_gb: the device's peak_bytes_in_use where the "
+                           "backend reports it")
+
+    rows = bench(jobs, args.platform, progress=save)
+    print(table(rows))
+    save(rows, complete=True)
     return 0 if all("seconds" in r for r in rows) else 1
 
 

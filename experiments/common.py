@@ -222,12 +222,15 @@ def parse_experiment_args(ap, argv=None, positive=POSITIVE, nonnegative=NONNEGAT
     """``ap.parse_args(argv)``, then the checks, each a usage error (``ap.error``: exit 2)
     naming the option, all before anything is loaded or trained: every option named in
     ``positive`` that was given must be >= 1 and every one in ``nonnegative`` >= 0
-    (:func:`check_counts`; only the options ``ap`` has), ``--data`` must name a dataset
+    (:func:`check_counts`; only the options ``ap`` has), ``--seed`` in ``[0, 2**32)``, ``--data`` must name a dataset
     (:func:`check_data`; ``data_specs``: synthetic / domains specs too), and ``check(ap, args)``
     runs the experiment's own checks (its lists: :func:`parse_list`).  Then the persistent
     compile cache unless ``--no-compile-cache``."""
     args = ap.parse_args(argv)
     check_counts(ap, args, positive, nonnegative)
+    seed = getattr(args, "seed", None)
+    if seed is not None and not 0 <= seed < 2**32:  # TrainConfig's range (numpy refuses negatives)
+        ap.error(f"--seed must be in [0, 2**32), got {seed}")
     check_data(ap, getattr(args, "data", None), specs=data_specs)
     if check is not None:
         check(ap, args)
@@ -280,28 +283,43 @@ def environment() -> dict:
                 jax_version=jax.__version__)
 
 
-def write_results(out_dir, **fields) -> str:
-    """``out_dir/results.json`` = :func:`environment` + ``fields``; returns the path."""
+def write_json(path, obj, *, indent=1, default=None) -> str:
+    """``obj`` as JSON to ``path`` atomically (a temporary file in the same folder, then
+    ``os.replace``): an interruption or a value JSON cannot encode leaves the previous file
+    whole (never a torn or truncated one).  Returns the path."""
     import json
+    import tempfile
 
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "results.json")
-    with open(path, "w") as f:
-        json.dump({**environment(), **fields}, f, indent=1)
+    path = os.fspath(path)
+    text = json.dumps(obj, indent=indent, default=default) + "\n"  # encode first: a TypeError writes nothing
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_results(out_dir, **fields) -> str:
+    """``out_dir/results.json`` = :func:`environment` + ``fields`` (written atomically:
+    :func:`write_json`); returns the path."""
+    path = write_json(os.path.join(out_dir, "results.json"), {**environment(), **fields})
     print(f"wrote {path}")
     return path
 
 
 def save_progress(out_dir, results: dict) -> None:
-    """``out_dir/results.json`` with ``complete: false``: experiments call this after each finished
-    piece (a trained model, an evaluated length), so a run cut short (a GPU stage's time limit, a
-    kill) keeps every number it finished; the final write sets ``complete: true``."""
-    import json
-    from pathlib import Path
-
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    (Path(out_dir) / "results.json").write_text(json.dumps({**results, "complete": False}, indent=1,
-                                                           default=str) + "\n")
+    """``out_dir/results.json`` with ``complete: false`` (written atomically: :func:`write_json`):
+    experiments call this after each finished piece (a trained model, an evaluated length), so a
+    run cut short (a GPU stage's time limit, a kill) keeps every number it finished; the final
+    write sets ``complete: true``."""
+    write_json(os.path.join(out_dir, "results.json"), {**results, "complete": False}, default=str)
 
 
 def train_overrides(preset_train: dict, steps=None, eval_batches=None) -> dict:
@@ -330,6 +348,19 @@ def fresh_train_config(name: str, out, *, seed: int, data: str, train_kw: dict, 
                        log_every=max(1, train_kw["steps"] // log_points), **train_kw)
 
 
+def check_finished(summary: dict, name: str, tag: str) -> None:
+    """``SystemExit`` unless the trainer's ``summary`` says the run finished: a stop signal
+    (SIGTERM from a GPU stage's time limit, Ctrl-C) makes ``train`` save a checkpoint and return
+    early, and an experiment must not go on to report the partly trained model as its result
+    (the runs finished before it stay in ``OUT/runs``, their numbers in ``OUT/results.json``
+    where the experiment saves its progress)."""
+    if summary.get("finished", True):
+        return
+    raise SystemExit(f"[{tag}] training of {name} stopped at step {summary.get('final_step')} of "
+                     f"{summary.get('steps')} (signal {summary.get('stopped_by_signal')}): not reported "
+                     "(the runs finished before it stay in OUT/runs)")
+
+
 def train_fresh(name: str, cfg, out, *, seed: int, data: str, train_kw: dict, log_points: int,
                 tag: str, cache=None):
     """Train ``cfg`` from scratch into ``out/runs/name`` (an old run there is removed) on
@@ -349,15 +380,17 @@ def train_fresh(name: str, cfg, out, *, seed: int, data: str, train_kw: dict, lo
     tc = fresh_train_config(name, out, seed=seed, data=data, train_kw=train_kw, log_points=log_points)
     print(f"[{tag}] training {name} ({cfg.n_layer} layers)", file=sys.stderr, flush=True)
     summary = train(cfg, tc, progress=False, cache=cache)
+    check_finished(summary, name, tag)
     _, _, params = load_run(run_dir)
     return summary, params, resolve_dtype(tc.dtype), tc
 
 
 def reuse_or_train(name: str, cfg, out, reusable, *, seed: int, data: str, train_kw: dict,
                    log_points: int, tag: str, cache=None):
-    """``(summary, params, compute_dtype, train_config)`` of run ``out/runs/name``: loaded when
-    ``name`` is in ``reusable`` (:func:`check_reuse`, a finished run of an earlier invocation
-    with the same config and settings), else trained from scratch (:func:`train_fresh`)."""
+    """``(summary, params, compute_dtype, train_config)`` of run ``out/runs/name``: when ``name``
+    is in ``reusable`` (:func:`check_reuse`: a run of an earlier invocation with the same config
+    and settings), loaded if it finished, or continued from its checkpoint if a signal stopped
+    it; else trained from scratch (:func:`train_fresh`)."""
     import json
     import sys
     from pathlib import Path
@@ -365,38 +398,53 @@ def reuse_or_train(name: str, cfg, out, reusable, *, seed: int, data: str, train
     if name not in reusable:
         return train_fresh(name, cfg, out, seed=seed, data=data, train_kw=train_kw, log_points=log_points,
                            tag=tag, cache=cache)
-    from jaxformers.training import load_run
+    from jaxformers.training import load_run, train
     from jaxformers.training.steps import resolve_dtype
 
     run_dir = Path(out) / "runs" / name
-    _, tc, params = load_run(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
-    print(f"[{tag}] reusing {run_dir}", file=sys.stderr, flush=True)
+    if not summary.get("finished", True):  # stopped by a signal with these settings: continue it
+        tc = fresh_train_config(name, out, seed=seed, data=data, train_kw=train_kw, log_points=log_points)
+        print(f"[{tag}] resuming {name} from its checkpoint (step {summary.get('final_step')})",
+              file=sys.stderr, flush=True)
+        summary = train(cfg, tc, progress=False, cache=cache, resume=True)
+        check_finished(summary, name, tag)
+    else:
+        print(f"[{tag}] reusing {run_dir}", file=sys.stderr, flush=True)
+    _, tc, params = load_run(run_dir)
     return summary, params, resolve_dtype(tc.dtype), tc
 
 
 def check_reuse(out, runs, *, seed: int, data: str, train_kw: dict, log_points: int) -> list:
     """``--reuse``, checked before anything trains: the names in ``runs`` (``[(name, cfg)]``)
-    whose finished run ``out/runs/name`` can be reused.  ``SystemExit`` naming the run and
-    the fields when a finished run was trained with another model config or other training
-    settings (steps, seed, data, batch, ...): reusing it would report numbers of another
-    experiment; rerun without ``--reuse`` (or with another ``--out``)."""
+    whose run ``out/runs/name`` can be reused: a finished run, or one a signal stopped before its
+    last step (:func:`reuse_or_train` continues it from its checkpoint; with other settings it
+    is trained again from scratch).  ``SystemExit`` naming the run and the fields when a
+    finished run was trained with another model config or other training settings (steps,
+    seed, data, batch, ...): reusing it would report numbers of another experiment; rerun
+    without ``--reuse`` (or with another ``--out``)."""
     from pathlib import Path
 
     from jaxformers.training.rundir import check_resume, train_config_changes
+
+    import json
 
     reusable, bad = [], []
     for name, cfg in runs:
         run_dir = Path(out) / "runs" / name
         if not (run_dir / "summary.json").is_file():
             continue
+        stopped = not json.loads((run_dir / "summary.json").read_text()).get("finished", True)
         try:
             saved = check_resume(run_dir, cfg)
         except ValueError as e:
-            bad.append(str(e).replace("cannot resume", "cannot reuse"))
+            if not stopped:
+                bad.append(str(e).replace("cannot resume", "cannot reuse"))
             continue
         tc = fresh_train_config(name, out, seed=seed, data=data, train_kw=train_kw, log_points=log_points)
         changes = [c for c in train_config_changes(saved, tc) if not c.startswith("log_every:")]
+        if changes and stopped:
+            continue  # stopped by a signal, with other settings: trained again from scratch
         if changes:
             bad.append(f"cannot reuse {run_dir}: it was trained with other settings: " + "; ".join(changes))
         else:

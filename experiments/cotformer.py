@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from experiments.common import (check_heads, check_reuse, experiment_parser, parse_experiment_args,
-                                parse_list, reuse_or_train, time_forwards, train_overrides)
+                                parse_list, reuse_or_train, time_forwards, train_overrides, write_json)
 
 PRESETS = {
     "tiny": dict(model=dict(d_model=64, n_head=4, max_seq_len=64), depth=2, ln_reserved=(0, 0),
@@ -214,7 +214,7 @@ def run(args) -> dict:
                     p["infer_tokens_per_s"] = tps
         else:
             results["models"][name]["infer_tokens_per_s"] = tps
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json(out / "results.json", results, indent=2)
     plot(results, out / "ppl_vs_macs.png")
     return results
 

@@ -6,8 +6,9 @@
 
 Every model trains for the same steps on the same batches of the built-in corpus
 (Shakespeare, byte tokens) with ``jaxformers.training.train``; runs go to
-``OUT/runs/<name>`` (replaced if present).  ``OUT/results.json`` holds, per model:
-validation loss / perplexity, parameter count, training tokens/s (the trainer's),
+``OUT/runs/<name>`` (replaced if present; ``--reuse``: a finished run of an earlier invocation
+with the same model config and training settings is loaded instead).  ``OUT/results.json``
+(rewritten after every model, ``complete`` false until the end) holds, per model: validation loss / perplexity, parameter count, training tokens/s (the trainer's),
 inference tokens/s (jitted full forward on a fixed ``[batch, seq_len]``, timed
 after all training in 3 interleaved rounds, best round's median), and memory:
 XLA's compiled ``memory_analysis()`` of that forward and of a loss+gradient step,
@@ -25,8 +26,8 @@ import math
 import sys
 import time
 from pathlib import Path
-from experiments.common import (experiment_parser, parse_experiment_args, parse_list, save_progress,
-                                time_forwards, train_fresh, train_overrides)
+from experiments.common import (check_reuse, experiment_parser, parse_experiment_args, parse_list, reuse_or_train,
+                                save_progress, time_forwards, train_overrides, write_json)
 
 PRESETS = {
     # L=4: 1x1 (a DWA after every block) and 2x2 (after blocks 2 and 4, over even/odd outputs);
@@ -53,6 +54,9 @@ def _parser():
     ap.add_argument("--base", choices=("gpt", "llama"), default="gpt", help="block style (default gpt)")
     ap.add_argument("--eval-batches", type=int, help="override the number of validation batches")
     ap.add_argument("--only", help="comma-separated model names to run (default: all of the preset)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse finished runs in OUT/runs instead of retraining them (all checked first: "
+                         "same model config and training settings)")
     return ap
 
 
@@ -143,15 +147,18 @@ def run(args) -> dict:
     if args.only is not None:  # checked names (_check_args)
         grid = [(n, c) for n, c in grid if n in args.only]
 
-    results = {"preset": args.preset, "base": args.base, "backend": jax.default_backend(),
+    results = {"preset": args.preset, "seed": args.seed, "base": args.base, "backend": jax.default_backend(),
                "device_kind": jax.devices()[0].device_kind, "n_devices": jax.device_count(),
                "jax_version": jax.__version__, "data": args.data, "train": train_kw, "models": {}}
     alphas, forwards = {}, {}
     cache = CompileCache()  # explicit and scoped to this experiment's runs
+    # --reuse: every finished run checked (model config and training settings) before any training
+    reusable = (check_reuse(out, grid, seed=args.seed, data=args.data, train_kw=train_kw, log_points=10)
+                if args.reuse else [])
     for name, cfg in grid:
-        summary, params, dtype, tc = train_fresh(name, cfg, out, seed=args.seed, data=args.data,
-                                                 train_kw=train_kw, log_points=10, tag="denseformer",
-                                                 cache=cache)
+        summary, params, dtype, tc = reuse_or_train(name, cfg, out, reusable, seed=args.seed, data=args.data,
+                                                    train_kw=train_kw, log_points=10, tag="denseformer",
+                                                    cache=cache)
         row = {
             "model": cfg.model, "n_layer": cfg.n_layer,
             "dwa": ({"dilation": cfg.dwa_dilation, "period": cfg.dwa_period, "mode": cfg.dwa_mode}
@@ -194,7 +201,7 @@ def run(args) -> dict:
         }
     results["dwa_overhead"] = overhead
     results["complete"] = True
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json(out / "results.json", results, indent=2)
     plot_ppl_vs_depth(results, out / "ppl_vs_depth.png")
     plot_alpha(alphas, out / "alpha_heatmap.png")
     return results

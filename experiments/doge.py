@@ -19,6 +19,16 @@ byte tokens, each capped at the preset's ``max_bytes``.
    held-out domain (weight 0, only its gradient is used), then base runs on the other
    domains with uniform vs the DoGE-OOD weights, evaluated on the held-out domain.
 
+A signal (a GPU stage's time limit, Ctrl-C) stops the experiment after a checkpoint of the
+run in progress (it never reports a partly trained model).  ``--reuse`` keeps the finished
+runs in ``OUT/runs`` of an earlier invocation (e.g. one cut short by a time limit) instead of
+retraining them, and continues a run stopped by a signal from its checkpoint: only when its
+model config, training settings (steps, batch, seed, data spec with its mixture weights, ...)
+and, for a proxy, its DoGE settings (``doge.json``) equal this invocation's.  A finished run
+with other settings is an error (checked before training for every run whose settings are
+known then); a base run on DoGE weights is reused only together with its proxy (after a
+retrained or continued proxy, the DoGE-weighted base runs are retrained).
+
 ``OUT/results.json``: every weight vector, every run's per-domain validation loss and
 perplexity, averages (``avg_ppl``: the mean of the training domains' perplexities, the
 paper's "average perplexity"), the seed and the settings.  ``--steps`` / ``--proxy-steps`` /
@@ -63,6 +73,9 @@ def _parser():
     ap.add_argument("--ood-target", choices=DOMAINS,
                     help=f"held-out target domain of the out-of-domain mode (default: {OOD_TARGET})")
     ap.add_argument("--no-ood", action="store_true", help="skip the out-of-domain mode")
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse the finished runs in OUT/runs trained with the same settings instead of "
+                         "retraining them (a finished run with other settings is an error)")
     return ap
 
 
@@ -76,22 +89,74 @@ def _check_args(ap, args) -> None:
         ap.error(f"--mu must be a finite number > 0, got {args.mu}")
 
 
-def _train(name, model_kw, train_kw, data, out, seed, eval_batches, step_fn=None, cache=None):
-    import shutil
-
+def _configs(name, model_kw, train_kw, data, out, seed, eval_batches):
+    """``(run_dir, model config, train config)`` of run ``name``."""
     import jaxformers as jf
-    from jaxformers.training import TrainConfig, train
+    from jaxformers.training import TrainConfig
 
     run_dir = Path(out) / "runs" / name
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
     cfg = jf.get_config("gpt", "tiny", vocab_size=257, **model_kw)
     tc = TrainConfig(seed=seed, data=data, tokenizer="byte", out_dir=str(run_dir), checkpoint_every=0,
                      keep_checkpoints=1, eval_every=0, eval_batches=eval_batches,
                      log_every=max(1, train_kw["steps"] // 30), **train_kw)
-    print(f"[doge] training {name}", file=sys.stderr, flush=True)
-    summary = train(cfg, tc, progress=False, step_fn=step_fn, cache=cache)
-    return summary, run_dir
+    return run_dir, cfg, tc
+
+
+def _reusable(run_dir, cfg, tc, step_fn=None):
+    """The summary of the run in ``run_dir`` (finished, or stopped by a signal) when it was trained
+    with ``cfg``, ``tc`` and ``step_fn``'s DoGE settings; ``None`` when there is no such run (a
+    stopped run with other settings is retrained); ``SystemExit`` naming the differences when a
+    finished run was trained with other settings."""
+    from jaxformers.training.doge import DOGE_FILE
+    from jaxformers.training.rundir import check_resume, train_config_changes
+
+    path = Path(run_dir) / "summary.json"
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    try:
+        saved = check_resume(run_dir, cfg)
+        changes = [] if saved is not None else ["no config.json"]
+    except ValueError as e:
+        saved, changes = None, [str(e)]
+    changes += [c for c in train_config_changes(saved, tc) if not c.startswith("log_every:")]
+    if step_fn is not None:
+        doge = Path(run_dir) / DOGE_FILE
+        old = json.loads(doge.read_text()) if doge.is_file() else {}
+        changes += [f"doge {k}: {old.get(k)!r} -> {v!r}" for k, v in step_fn.settings().items() if old.get(k) != v]
+    if not changes:
+        return summary
+    if not summary.get("finished"):
+        return None
+    raise SystemExit(f"--reuse: cannot reuse {run_dir}: it was trained with other settings: "
+                     + "; ".join(changes) + "\n(rerun without --reuse to retrain, or use another --out)")
+
+
+def _train(name, model_kw, train_kw, data, out, seed, eval_batches, step_fn=None, cache=None, reuse=False):
+    """``(summary, run_dir, reused)``: run ``name`` trained from scratch, or with ``reuse`` the
+    finished run of an earlier invocation with the same settings (:func:`_reusable`), or that
+    run continued from its checkpoint when a signal stopped it.  ``SystemExit`` when a signal
+    stops this run: the experiment never reports a partly trained model."""
+    import shutil
+
+    from jaxformers.training import train
+
+    run_dir, cfg, tc = _configs(name, model_kw, train_kw, data, out, seed, eval_batches)
+    summary = _reusable(run_dir, cfg, tc, step_fn) if reuse else None
+    if summary is not None and summary.get("finished"):
+        print(f"[doge] reusing {run_dir}", file=sys.stderr, flush=True)
+        return summary, run_dir, True
+    resume = summary is not None  # stopped by a signal, with these settings: continue it
+    if run_dir.exists() and not resume:
+        shutil.rmtree(run_dir)
+    print(f"[doge] {'resuming' if resume else 'training'} {name}", file=sys.stderr, flush=True)
+    summary = train(cfg, tc, progress=False, step_fn=step_fn, cache=cache, resume=resume)
+    if not summary.get("finished", True):
+        raise SystemExit(f"[doge] {name} stopped at step {summary.get('final_step')} of {tc.steps} "
+                         f"(signal {summary.get('stopped_by_signal')}): not reporting a partly trained model; "
+                         f"the finished runs' numbers are in {out}/results.json; rerun with --reuse to keep "
+                         "the finished runs and continue this one from its checkpoint")
+    return summary, run_dir, False
 
 
 def _domain_table(summary, names):
@@ -140,11 +205,25 @@ def run(args) -> dict:
                          "raise --max-bytes")
     results["train_tokens"] = source.describe()["train_tokens"]
     proportional = source.token_fractions()
+    step = DogeStep(domains=DOMAINS, mu=mu)
+    target = OOD_TARGET if args.ood_target is None else args.ood_target
+    ood = DogeStep(domains=DOMAINS, targets=(target,), mu=mu)
+    ood_uniform = [0.0 if d == target else 1.0 for d in DOMAINS]
+    if args.reuse:  # every run whose settings are known now: checked before anything trains
+        known = [("proxy", preset["proxy_model"], proxy_kw, step.data_spec(max_bytes=max_bytes), step)]
+        known += [(f"base_{m}", preset["base_model"], base_kw, domain_spec(DOMAINS, weights=w, max_bytes=max_bytes),
+                   None) for m, w in (("uniform", [1.0] * k), ("proportional", proportional.tolist()))]
+        if not args.no_ood:
+            known += [("proxy_ood", preset["proxy_model"], proxy_kw, ood.data_spec(max_bytes=max_bytes), ood),
+                      ("ood_uniform", preset["base_model"], base_kw,
+                       domain_spec(DOMAINS, weights=ood_uniform, max_bytes=max_bytes), None)]
+        for name, model_kw, train_kw, data, fn in known:
+            _reusable(*_configs(name, model_kw, train_kw, data, args.out, args.seed, ev), fn)
 
     # 1. proxy run: universal generalization
-    step = DogeStep(domains=DOMAINS, mu=mu)
-    _train("proxy", preset["proxy_model"], proxy_kw, step.data_spec(max_bytes=max_bytes), args.out, args.seed,
-           ev, step_fn=step)
+    # a base run on DoGE weights is reused only with its reused proxy (a retrained proxy's weights may differ)
+    _, _, proxy_reused = _train("proxy", preset["proxy_model"], proxy_kw, step.data_spec(max_bytes=max_bytes),
+                                args.out, args.seed, ev, step_fn=step, reuse=args.reuse)
     weights = doge_weights(Path(args.out) / "runs" / "proxy")
     hist_steps, history = doge_weight_history(Path(args.out) / "runs" / "proxy")
     results["doge_weights"] = weights
@@ -157,9 +236,9 @@ def run(args) -> dict:
     results["mixtures"] = {m: dict(zip(DOMAINS, map(float, np.asarray(w) / np.sum(w)))) for m, w in mixtures.items()}
     results["base_runs"] = {}
     for name, w in mixtures.items():
-        summary, _ = _train(f"base_{name}", preset["base_model"], base_kw,
-                            domain_spec(DOMAINS, weights=w, max_bytes=max_bytes), args.out, args.seed, ev,
-                            cache=cache)
+        summary, _, _ = _train(f"base_{name}", preset["base_model"], base_kw,
+                               domain_spec(DOMAINS, weights=w, max_bytes=max_bytes), args.out, args.seed, ev,
+                               cache=cache, reuse=args.reuse and (name != "doge" or proxy_reused))
         table = _domain_table(summary, DOMAINS)
         results["base_runs"][name] = {"domains": table, **_averages(table, DOMAINS),
                                       "train_loss": summary["train_loss"]}
@@ -167,25 +246,24 @@ def run(args) -> dict:
 
     # 3. out-of-domain: the held-out target's gradient steers the weights of the others
     if not args.no_ood:
-        target = OOD_TARGET if args.ood_target is None else args.ood_target
         train_domains = [d for d in DOMAINS if d != target]
-        ood = DogeStep(domains=DOMAINS, targets=(target,), mu=mu)
-        _train("proxy_ood", preset["proxy_model"], proxy_kw, ood.data_spec(max_bytes=max_bytes), args.out,
-               args.seed, ev, step_fn=ood)
+        _, _, ood_reused = _train("proxy_ood", preset["proxy_model"], proxy_kw, ood.data_spec(max_bytes=max_bytes),
+                                  args.out, args.seed, ev, step_fn=ood, reuse=args.reuse)
         ood_weights = doge_weights(Path(args.out) / "runs" / "proxy_ood")
         ood_steps, ood_history = doge_weight_history(Path(args.out) / "runs" / "proxy_ood")
         runs = {}
-        for name, w in {"uniform": [0.0 if d == target else 1.0 for d in DOMAINS],
-                        "doge_ood": [ood_weights[d] for d in DOMAINS]}.items():
-            summary, _ = _train(f"ood_{name}", preset["base_model"], base_kw,
-                                domain_spec(DOMAINS, weights=w, max_bytes=max_bytes), args.out, args.seed, ev,
-                                cache=cache)
+        results["ood"] = {"target": target, "doge_weights": ood_weights, "runs": runs,
+                          "weight_history": {"steps": ood_steps, "weights": ood_history}}
+        save_progress(args.out, results)  # the OOD weights, then each base run as it finishes
+        for name, w in {"uniform": ood_uniform, "doge_ood": [ood_weights[d] for d in DOMAINS]}.items():
+            summary, _, _ = _train(f"ood_{name}", preset["base_model"], base_kw,
+                                   domain_spec(DOMAINS, weights=w, max_bytes=max_bytes), args.out, args.seed, ev,
+                                   cache=cache, reuse=args.reuse and (name != "doge_ood" or ood_reused))
             table = _domain_table(summary, DOMAINS)
             runs[name] = {"weights": dict(zip(DOMAINS, map(float, np.asarray(w) / np.sum(w)))),
                           "target_val_loss": table[target]["val_loss"], "target_val_ppl": table[target]["val_ppl"],
                           "domains": table, **_averages(table, train_domains)}
-        results["ood"] = {"target": target, "doge_weights": ood_weights, "runs": runs,
-                          "weight_history": {"steps": ood_steps, "weights": ood_history}}
+            save_progress(args.out, results)
     return results
 
 

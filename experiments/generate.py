@@ -2,8 +2,11 @@
 
     python -m experiments.generate --run runs/gpt-tiny --prompt "ROMEO:" --max-new-tokens 200
     python -m experiments.generate --run runs/gpt-tiny --prompt "To be" --top-k 40 --num-samples 3
+    python -m experiments.generate --run runs/gpt-tiny --prompt "ROMEO:" --stop-at-eos
 
 An empty prompt starts from the end-of-text token (the start of a document).
+``--stop-at-eos`` ends each sample at the tokenizer's end-of-text token (not printed);
+decoding stops once every sample has reached it.
 The prompt is cut from the left if prompt + new tokens exceed the model's
 ``max_seq_len``.
 """
@@ -26,6 +29,8 @@ def main(argv=None) -> int:
     ap.add_argument("--top-p", type=float)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--num-samples", type=int, default=1)
+    ap.add_argument("--stop-at-eos", action="store_true",
+                    help="end each sample at the end-of-text token (the end of a document)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of plain text")
     args = ap.parse_args(argv)
 
@@ -55,6 +60,11 @@ def main(argv=None) -> int:
         if args.max_new_tokens >= limit:
             raise ValueError(f"--max-new-tokens must be < max_seq_len={limit}, got {args.max_new_tokens}")
         ids = ids[-(limit - args.max_new_tokens):]
+        eos_id = None
+        if args.stop_at_eos:
+            eos_id = getattr(tok, "eos_id", None)
+            if eos_id is None:
+                raise ValueError(f"--stop-at-eos: the tokenizer of {args.run} has no end-of-text token")
         module = jf.build(model_config.replace(dtype="float32", param_dtype="float32"))
         prompt = np.asarray(ids, np.int32)[None]
         # a model vocab padded above the tokenizer's: never sample the padding ids (they have no text)
@@ -62,9 +72,12 @@ def main(argv=None) -> int:
         out = jf.generate(module, {"params": params}, prompt, args.max_new_tokens,  # one shared prefill
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                           rng=jax.random.PRNGKey(args.seed), num_samples=args.num_samples,
-                          vocab_limit=vocab_limit)
+                          vocab_limit=vocab_limit, eos_id=eos_id)
         out = np.asarray(out)
-        texts = [tok.decode(row[len(ids):]) for row in out]
+        rows = [row[len(ids):] for row in out]
+        if eos_id is not None:  # each sample ends before its first end-of-text token
+            rows = [row[:int(np.argmax(row == eos_id))] if (row == eos_id).any() else row for row in rows]
+        texts = [tok.decode(row) for row in rows]
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         if os.environ.get("JAXFORMERS_DEBUG", "") not in ("", "0"):
             raise

@@ -24,9 +24,13 @@ top_k L`` keys): wall time per token, memory bytes (the baseline's cache; the la
 memory, and with ``offload="host"`` ``device_memory_bytes``: the stored memory kept on the
 device between chunks, 0, and ``device_transfer_bytes``: the peak bytes of one layer's
 host-to-device transfer, landmark keys plus the retrieved keys and values gathered per query
-token and head), attention keys per token.
-``OUT/results.json``; ``OUT/landmark_lm.png`` (perplexity vs length per top-k; time per
-token vs length).
+token and head), attention keys per token (mean over the input: the baseline's causal
+context; the memory's chunk-causal keys plus ``min(stored blocks, top_k) L`` retrieved ones,
+none in the first chunk).
+``OUT/results.json`` (rewritten after each model and length, ``complete`` false until the
+end); ``OUT/landmark_lm.png`` (perplexity vs length per top-k; time per token vs length).
+``--reuse`` keeps the finished runs in ``OUT/runs`` of an earlier invocation (checked first:
+same model config and training settings).
 """
 from __future__ import annotations
 
@@ -37,8 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.common import (check_heads, experiment_parser, parse_experiment_args, parse_list,
-                                save_progress, train_fresh, usage_error)
+from experiments.common import (check_heads, check_reuse, experiment_parser, parse_experiment_args, parse_list,
+                                reuse_or_train, save_progress, usage_error, write_json)
 
 PRESETS = {
     "tiny": dict(model=dict(d_model=64, n_head=4, n_layer=2), block=16, train_blocks=6,
@@ -60,6 +64,9 @@ def _parser():
     ap.add_argument("--eval-windows", type=int, help="validation windows per length")
     ap.add_argument("--d-model", type=int, help="override the width")
     ap.add_argument("--n-layer", type=int, help="override the depth")
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse finished runs in OUT/runs instead of retraining them (all checked first: "
+                         "same model config and training settings)")
     return ap
 
 
@@ -68,7 +75,7 @@ def _preset(args) -> dict:
     preset = json.loads(json.dumps(PRESETS[args.preset]))
     if args.steps is not None:
         preset["train"]["steps"] = args.steps
-        preset["train"]["warmup_steps"] = min(preset["train"]["warmup_steps"], max(1, args.steps // 10))
+        preset["train"]["warmup_steps"] = min(preset["train"]["warmup_steps"], args.steps // 10)
     if args.eval_windows is not None:
         preset["eval_windows"] = args.eval_windows
     for key in ("d_model", "n_layer"):
@@ -115,6 +122,17 @@ def eval_landmark(cfg, params, windows, *, chunk_len, top_k, max_blocks):
     logits = memory_forward(cfg, params, seq, chunk_len=chunk_len, top_k=top_k,
                             max_blocks=max_blocks)
     return float(_ce(logits[:, where - 1], jnp.asarray(windows[:, 1:])).mean())
+
+
+def memory_keys_per_token(n: int, chunk_len: int, block: int, top_k: int) -> float:
+    """Mean attention keys per token of :func:`memory_forward` over a with-landmark input of
+    ``n`` tokens: causal keys of its own chunk plus ``min(stored blocks, top_k) * block``
+    retrieved keys (no memory yet in the first chunk)."""
+    total = 0
+    for start in range(0, n, chunk_len):
+        cl = min(chunk_len, n - start)
+        total += cl * (cl + 1) / 2 + cl * min(start // block, top_k) * block
+    return total / n
 
 
 def _timed(fn, repeats: int = 2):
@@ -200,10 +218,15 @@ def run(args, ap=None) -> dict:
                "train_len_raw": raw, "chunk_len": chunk, "factors": factors, "top_k": top_ks,
                "models": {}, "ppl": {}, "cost": {}}
     params = {}
+    kws = {name: dict(train_kw, loss="landmark_cross_entropy") if name == "landmark" else train_kw
+           for name in cfgs}
+    # --reuse: every finished run checked (model config and training settings) before any training
+    reusable = ([n for n, c in cfgs.items()
+                 if check_reuse(out, [(n, c)], seed=args.seed, data=args.data, train_kw=kws[n], log_points=10)]
+                if args.reuse else [])
     for name, cfg in cfgs.items():
-        kw = dict(train_kw, loss="landmark_cross_entropy") if name == "landmark" else train_kw
-        summary, p, _, _ = train_fresh(name, cfg, out, seed=args.seed, data=args.data,
-                                       train_kw=kw, log_points=10, tag="landmark_lm")
+        summary, p, _, _ = reuse_or_train(name, cfg, out, reusable, seed=args.seed, data=args.data,
+                                          train_kw=kws[name], log_points=10, tag="landmark_lm")
         params[name] = p
         results["models"][name] = {k: summary.get(k) for k in
                                    ("val_loss", "val_ppl", "train_loss", "n_params",
@@ -231,20 +254,20 @@ def run(args, ap=None) -> dict:
             sec, st = cost_landmark(cfgs["landmark"], params["landmark"], windows[0], chunk, k,
                                     max_blocks)
             cost[f"landmark_top{k}"] = {"s_per_token": sec / n, "memory_bytes": st["memory_bytes"],
-                                        "keys_per_token": (chunk + 1) / 2 + k * L}
+                                        "keys_per_token": memory_keys_per_token(f * chunk, chunk, L, k)}
         sec, st = cost_landmark(cfgs["landmark"], params["landmark"], windows[0], chunk,
                                 top_ks[-1], max_blocks, offload="host")
         cost[f"landmark_top{top_ks[-1]}_host"] = {
             "s_per_token": sec / n, "memory_bytes": st["memory_bytes"],
             "device_memory_bytes": st["device_memory_bytes"],
             "device_transfer_bytes": st["device_transfer_bytes"],
-            "keys_per_token": (chunk + 1) / 2 + top_ks[-1] * L}
+            "keys_per_token": memory_keys_per_token(f * chunk, chunk, L, top_ks[-1])}
         results["cost"][str(f)] = cost
         print(f"[landmark_lm] {f}x ({n} tokens): " + " ".join(f"{k} {v:.3f}" for k, v in row.items()),
               file=sys.stderr, flush=True)
         save_progress(out, results)
     results["complete"] = True
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    write_json(out / "results.json", results)
     plot(results, out / "landmark_lm.png")
     return results
 

@@ -17,8 +17,12 @@ landmark model chunk by chunk with its retrieval memory
 (:func:`jaxformers.models.landmark.memory_forward`, ``chunk_len`` = the training length,
 top-k in ``--top-k``, per-head selection).  Accuracy = all answer digits right (argmax at
 each answer position given the correct earlier digits, i.e. greedy decoding's exact match).
-``OUT/results.json``: accuracies per (model, top-k, factor), training losses, settings;
-``OUT/passkey.png``: accuracy vs input length.
+``OUT/results.json``: accuracies per (model, top-k, factor), training losses, settings
+(rewritten after each model and length, ``complete`` false until the end);
+``OUT/passkey.png``: accuracy vs input length.  Trained parameters go to
+``OUT/models/<name>.msgpack`` (+ ``.json``: settings, seed, config, loss curve); ``--reuse``
+loads them instead of training again when the settings, seed and config are the same
+(``SystemExit`` naming the model when they differ).
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments.common import (check_heads, experiment_parser, parse_experiment_args, parse_list,
-                                save_progress)
+                                save_progress, write_json)
 
 PRESETS = {
     "tiny": dict(model=dict(d_model=64, n_head=4, n_layer=2), block=16, train_blocks=6,
@@ -74,6 +78,9 @@ def _parser():
     ap.add_argument("--digits", type=int, help="override the passkey digits")
     ap.add_argument("--d-model", type=int, help="override the width")
     ap.add_argument("--n-layer", type=int, help="override the depth")
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse the models trained into OUT/models by an earlier invocation with the same "
+                         "settings instead of retraining them")
     return ap
 
 
@@ -82,7 +89,7 @@ def _preset(args) -> dict:
     preset = dict(PRESETS[args.preset])
     if args.steps is not None:
         preset["steps"] = args.steps
-        preset["warmup"] = min(preset["warmup"], max(1, args.steps // 10))
+        preset["warmup"] = min(preset["warmup"], args.steps // 10)  # < steps (optax's cosine needs one)
     for key in ("eval_samples", "digits"):
         if getattr(args, key) is not None:
             preset[key] = getattr(args, key)
@@ -150,6 +157,66 @@ def train_model(cfg, preset, raw_len: int, seed: int, landmark: bool):
     return params, curve
 
 
+_TRAIN_KEYS = ("model", "block", "train_blocks", "digits", "steps", "batch", "lr", "warmup")
+
+
+def _model_record(cfg, preset, seed: int) -> dict:
+    """What a trained model depends on (compared by ``--reuse``), JSON-normalised."""
+    return json.loads(json.dumps({"seed": seed, "settings": {k: preset[k] for k in _TRAIN_KEYS},
+                                  "config": cfg.to_dict()}))
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """A nested dict as ``{"a.b": value}``."""
+    flat = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            flat.update(_flat(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def save_model(out: Path, name: str, params, record: dict) -> None:
+    """``out/models/name.msgpack`` (parameters) then ``name.json`` (``record``), each atomically;
+    the ``.json`` is written last: it marks a finished model."""
+    import os
+
+    from flax import serialization
+
+    from experiments.common import write_json
+
+    folder = out / "models"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").unlink(missing_ok=True)  # an older model's record: not this one's
+    tmp = folder / f".{name}.msgpack.tmp-{os.getpid()}"
+    tmp.write_bytes(serialization.to_bytes(params))
+    os.replace(tmp, folder / f"{name}.msgpack")
+    write_json(folder / f"{name}.json", record)
+
+
+def load_model(out: Path, name: str, cfg, record: dict, seed: int):
+    """``(params, saved record)`` of a model saved by :func:`save_model` with the same record
+    (settings, seed, config), ``None`` when none was saved; ``SystemExit`` naming the model and
+    the differing fields when one was saved with others."""
+    import jax
+    from flax import serialization
+    from jaxformers import build, init_params
+
+    meta = out / "models" / f"{name}.json"
+    if not meta.is_file() or not (out / "models" / f"{name}.msgpack").is_file():
+        return None
+    saved = json.loads(meta.read_text())
+    wanted, have = _flat({k: record[k] for k in ("seed", "settings", "config")}), _flat(saved)
+    diff = [f"{k}: {have.get(k)!r} -> {v!r}" for k, v in wanted.items() if have.get(k) != v]
+    if diff:
+        raise SystemExit(f"--reuse: cannot reuse {meta.with_suffix('.msgpack')}: it was trained with other "
+                         f"settings: {'; '.join(diff)}\n(rerun without --reuse to retrain, or use another --out)")
+    template = jax.eval_shape(lambda r: init_params(build(cfg), r), jax.random.PRNGKey(seed))
+    params = serialization.from_bytes(template, (out / "models" / f"{name}.msgpack").read_bytes())
+    return params, saved
+
+
 def eval_baseline(cfg, params, tokens, answer, batch: int = 4):
     import jax
     import jax.numpy as jnp
@@ -194,14 +261,26 @@ def run(args) -> dict:
                "train_len_raw": raw, "train_len_with_landmarks": nb * L, "chunk_len": nb * L,
                "models": {}}
     trained = {}
-    for name, cfg, is_lm in (("landmark", lm_cfg, True), ("baseline", base_cfg, False)):
-        t0 = time.perf_counter()
-        print(f"[passkey] training {name}", file=sys.stderr, flush=True)
-        params, curve = train_model(cfg, preset, raw, args.seed, is_lm)
+    models = (("landmark", lm_cfg, True), ("baseline", base_cfg, False))
+    records = {name: _model_record(cfg, preset, args.seed) for name, cfg, _ in models}
+    # --reuse: every saved model checked before any training
+    reused = ({name: load_model(out, name, cfg, records[name], args.seed) for name, cfg, _ in models}
+              if getattr(args, "reuse", False) else {})
+    for name, cfg, is_lm in models:
+        if reused.get(name) is not None:
+            params, saved = reused[name]
+            curve, train_s = [tuple(c) for c in saved["train_curve"]], saved["train_s"]
+            print(f"[passkey] reusing {out / 'models' / name}.msgpack", file=sys.stderr, flush=True)
+        else:
+            t0 = time.perf_counter()
+            print(f"[passkey] training {name}", file=sys.stderr, flush=True)
+            params, curve = train_model(cfg, preset, raw, args.seed, is_lm)
+            train_s = round(time.perf_counter() - t0, 1)
+            save_model(out, name, params, {**records[name], "train_curve": curve, "train_s": train_s})
         trained[name] = params
         results["models"][name] = {"model": cfg.model, "train_curve": curve,
                                    "final_train_loss": curve[-1][1],
-                                   "train_s": round(time.perf_counter() - t0, 1), "accuracy": {}}
+                                   "train_s": train_s, "accuracy": {}}
         save_progress(out, results)
     rng = np.random.default_rng([args.seed, 2])
     max_blocks = max(factors) * nb
@@ -218,7 +297,7 @@ def run(args) -> dict:
                          for k in top_ks), file=sys.stderr, flush=True)
         save_progress(out, results)
     results["complete"] = True
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    write_json(out / "results.json", results)
     plot(results, out / "passkey.png")
     return results
 

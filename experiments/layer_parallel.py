@@ -41,7 +41,7 @@ from pathlib import Path
 
 from experiments.common import (check_data_vocab, check_reuse, check_run_args, experiment_parser,
                                 parse_experiment_args, parse_list, reuse_or_train, run_kind, train_overrides,
-                                unrolled, usage_error)
+                                unrolled, usage_error, write_json)
 
 POSITIONS = ("early", "middle", "late")
 PRESETS = {
@@ -387,7 +387,7 @@ def run(args, ap=None) -> dict:
         "baseline": base, "pairs": rows, "study": study, "complete": False,
         "note": f"speeds measured on {jax.default_backend()} ({jax.devices()[0].device_kind})",
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")  # quality only, so far
+    write_json(out / "results.json", results, indent=2)  # quality only, so far
 
     # ------------------------------------------------ speed (compiled last: the costly part on a GPU)
     speed = {"baseline": speed_fns(cfg, params, **speed_kw)}
@@ -409,7 +409,7 @@ def run(args, ap=None) -> dict:
         k: best[k] for k in ("start", "end", "mlp_norm", "rel_ppl_increase", "decode_b1_speedup",
                              f"{dk}_speedup", "prefill_speedup")},
         "met": bool(best and best["decode_b1_speedup"] >= TARGET["decode_speedup"])}
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json(out / "results.json", results, indent=2)
     plot(results, out / "layer_parallel.png")
     return results
 

@@ -38,14 +38,13 @@ invocation (checked first: same model config and training settings) instead of r
 """
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import sys
 import time
 from pathlib import Path
 from experiments.common import (check_reuse, experiment_parser, parse_experiment_args, parse_list,
-                                reuse_or_train, train_overrides)
+                                reuse_or_train, train_overrides, write_json)
 
 MODELS = ("base", "mamba", "mamba2", "hybrid")  # "base" = the --base attention model
 
@@ -280,10 +279,10 @@ def run(args) -> dict:
               f"{[round(d['decode_step_ms'], 3) for d in decode]} cache_bytes="
               f"{[d['cache_bytes'] for d in decode]}", file=sys.stderr, flush=True)
         # after every model: an interrupted run keeps what is done (rerun with --reuse)
-        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_json(out / "results.json", results, indent=2)
     results["context_ratio"] = contexts[-1] / contexts[0]
     results["complete"] = True
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json(out / "results.json", results, indent=2)
     plot_val_ppl(results, out / "val_ppl.png")
     plot_decode_scaling(results, out / "decode_scaling.png")
     return results

@@ -51,7 +51,7 @@ from pathlib import Path
 
 from experiments.common import (check_data_vocab, check_run_args, experiment_parser, median_ms,
                                 parse_experiment_args, parse_list, run_kind, train_fresh, train_overrides,
-                                unrolled, usage_error)
+                                unrolled, usage_error, write_json)
 
 PRESETS = {
     "tiny": dict(model=dict(preset="tiny", max_seq_len=128),
@@ -345,7 +345,7 @@ def run(args, ap=None) -> dict:
     int_names = list(INT_SCHEMES) if args.int_schemes is None else args.int_schemes  # checked (_check_args)
     if int_names:  # first: a GPU stage cut by its time limit keeps it
         results["int_path"] = int_path(cfg, params, dtype, calib[: ev_kw["batch_size"]], int_names, args.seed)
-        (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+        write_json(out / "results.json", results, indent=1)
     for name in schemes:
         spec = _spec(SCHEMES[name], args.seed, preset["calib_batch"])
         t0 = time.perf_counter()
@@ -359,11 +359,11 @@ def run(args, ap=None) -> dict:
         print(f"[quarot] {name}: val_ppl={ev['val_ppl']:.4f} (quantize {t_quant:.1f} s)",
               file=sys.stderr, flush=True)
         # partial results after every scheme (a GPU stage cut by its time limit keeps them)
-        (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+        write_json(out / "results.json", results, indent=1)
     results["outliers"] = outlier_stats(cfg, params, calib[: min(len(calib), 64)], preset["calib_batch"],
                                         args.seed)
     results["int8_linear"] = int8_table(preset["linear_shapes"], dtype)
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    write_json(out / "results.json", results, indent=1)
     plot(results, out)
     return results
 

@@ -9,9 +9,10 @@ Every model (GPT-style baseline, ``hash_sparse`` with ``n_buckets`` = nb, ``qk_s
 (Shakespeare, byte tokens; ``--data`` for a prepared one) with ``jaxformers.training.train``;
 runs go to ``OUT/runs/<name>``.  ``OUT/results.json`` holds per model and sequence length:
 validation loss / perplexity, training tokens/s and wall-clock per step (the trainer's clock,
-compilation excluded), and the attention tiles (64x64 (q, k) tile pairs of the Pallas kernels)
-one training step's forward computes: from the hash buckets / keep masks the model draws on a
-``[batch_size, seq_len]`` batch (evaluation draw of the trained model), counted with
+compilation excluded), and the attention tiles (``tile`` x ``tile`` (q, k) tile pairs of the
+Pallas kernels: 16 in the tiny preset, 64 in the gpu one) one training step's forward computes:
+from the hash buckets / keep masks the trained model draws (its evaluation draw) on a
+``[batch_size, seq_len]`` batch of validation text (``--seed`` picks the windows), counted with
 ``pallas_kernels.sparse_attention.{hash,qk_sparse}_tile_count`` summed over layers, batch
 rows and heads, next to the dense causal flash kernel's count (``causal_tile_count``);
 ``tiles_per_sparse_layer`` lists the sparse layers' counts in model order (layer 0 first).
@@ -19,7 +20,9 @@ On CPU the models train with the float32 reference (``sparse_impl="auto"``); ``k
 runs the trained sparse models once through the Pallas kernels (interpret mode on CPU) and
 records the max |logits difference| vs the reference.  Plot: ``OUT/scfa_lm.png``.
 ``results.json`` is rewritten after every model (``complete`` false until the last), so a run
-cut short (a device stage's time limit) keeps the models it finished.
+cut short (a device stage's time limit) keeps the models it finished; ``--reuse`` keeps the
+finished runs in ``OUT/runs`` of an earlier invocation (checked first: same model config and
+training settings) instead of retraining them.
 
 ``--steps N`` / ``--eval-batches N`` / ``--only a,b`` / ``--seq-len T`` shrink a run (tests).
 """
@@ -30,8 +33,8 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.common import (environment, experiment_parser, parse_experiment_args, parse_list,
-                                train_fresh, train_overrides)
+from experiments.common import (check_reuse, environment, experiment_parser, parse_experiment_args, parse_list,
+                                reuse_or_train, train_overrides, write_json)
 
 PRESETS = {
     # 2 layers, d=64, T=128: a few minutes on 2 CPU cores (reference attention).
@@ -57,6 +60,9 @@ def _parser():
     ap.add_argument("--seq-len", type=int, help="run only this one of the preset's sequence lengths")
     ap.add_argument("--only", help="comma-separated model names (baseline, hash_nb4, qk_s50, ...)")
     ap.add_argument("--no-kernel-check", action="store_true", help="skip the Pallas-vs-reference check")
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse finished runs in OUT/runs instead of retraining them (all checked first: "
+                         "same model config and training settings)")
     return ap
 
 
@@ -89,12 +95,13 @@ def _check_args(ap, args) -> None:
     args.only = parse_list(ap, "--only", args.only, allowed=model_names(preset), unique=True)
 
 
-def tile_counts(cfg, params, batch, seq_len, seed, tile):
+def tile_counts(cfg, params, batch, seq_len, seed, tile, tokens=None):
     """Attention tiles one forward of a ``[batch, seq_len]`` batch computes: (sparse model's,
     dense causal flash kernel's, per sparse layer in model order), summed over layers, batch
-    rows and query heads.  Dense layers (``sparse_layers``) count as the causal kernel's tiles;
-    ``scan_layers`` models are counted per layer too (``attention_labels`` raises rather than
-    miss a sparse layer)."""
+    rows and query heads.  ``tokens``: that batch (the experiment passes validation text; the
+    hash buckets depend on it); ``None``: uniformly random ids drawn with ``seed``.  Dense
+    layers (``sparse_layers``) count as the causal kernel's tiles; ``scan_layers`` models are
+    counted per layer too (``attention_labels`` raises rather than miss a sparse layer)."""
     import jax
     import numpy as np
     from jaxformers import build
@@ -105,7 +112,11 @@ def tile_counts(cfg, params, batch, seq_len, seed, tile):
     dense = dense_layer * cfg.n_layer
     if cfg.model not in ("hash_sparse", "qk_sparse"):
         return dense, dense, []
-    tokens = jax.random.randint(jax.random.PRNGKey(seed), (batch, seq_len), 0, cfg.vocab_size)
+    if tokens is None:
+        tokens = jax.random.randint(jax.random.PRNGKey(seed), (batch, seq_len), 0, cfg.vocab_size)
+    elif tuple(tokens.shape) != (batch, seq_len):
+        raise ValueError(f"tokens must be [batch={batch}, seq_len={seq_len}], got {tuple(tokens.shape)}")
+    tokens = jax.numpy.asarray(tokens)
     counter = hash_tile_count if cfg.model == "hash_sparse" else qk_sparse_tile_count
     per_layer = [int(np.asarray(counter(ql, kl, block_q=tile, block_k=tile)).sum())
                  for ql, kl in attention_labels(build(cfg), params, tokens)]
@@ -127,6 +138,16 @@ def kernel_check(cfg, params, seq_len, seed):
     return float(jnp.max(jnp.abs(out["pallas"] - out["reference"])))
 
 
+def validation_batch(val_tokens, batch: int, seq_len: int, seed: int):
+    """``[batch, seq_len]`` int32 windows of the validation split at random starts (``seed``)."""
+    import numpy as np
+
+    if len(val_tokens) < seq_len:
+        raise SystemExit(f"the validation split ({len(val_tokens)} tokens) is shorter than seq_len={seq_len}")
+    starts = np.random.default_rng([seed, 4]).integers(0, len(val_tokens) - seq_len + 1, batch)
+    return np.stack([np.asarray(val_tokens[s:s + seq_len], np.int32) for s in starts])
+
+
 def run(args) -> dict:
     from jaxformers.training import CompileCache
     from jaxformers.training.trainer import open_dataset
@@ -135,23 +156,30 @@ def run(args) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     train_kw = train_overrides(preset["train"], args.steps, args.eval_batches)
-    _, meta, _, _ = open_dataset(args.data, "byte")
+    _, meta, _, val_tokens = open_dataset(args.data, "byte")
     seq_lens = preset["seq_lens"] if args.seq_len is None else (args.seq_len,)  # checked (_check_args)
     results = {**environment(), "preset": args.preset, "seed": args.seed, "data": args.data,
                "train": train_kw, "tile": preset["tile"], "models": {}, "complete": False}
     cache = CompileCache()
+    grids = {}
     for seq_len in seq_lens:
         grid = model_grid(preset, int(meta["vocab_size"]), seq_len)
         if args.only is not None:  # checked names (_check_args)
             grid = [(n, c) for n, c in grid if n in args.only]
-        for name, cfg in grid:
-            key = f"{name}_T{seq_len}"
+        grids[seq_len] = [(f"{name}_T{seq_len}", cfg) for name, cfg in grid]
+    # --reuse: every finished run checked (model config and training settings) before any training
+    reusable = ([key for seq_len, grid in grids.items() for key in
+                 check_reuse(out, grid, seed=args.seed, data=args.data, train_kw=dict(train_kw, seq_len=seq_len),
+                             log_points=10)] if args.reuse else [])
+    for seq_len, grid in grids.items():
+        for key, cfg in grid:
             kw = dict(train_kw, seq_len=seq_len)
-            summary, params, dtype, tc = train_fresh(key, cfg, out, seed=args.seed, data=args.data,
-                                                     train_kw=kw, log_points=10, tag="scfa_lm", cache=cache)
+            summary, params, dtype, tc = reuse_or_train(key, cfg, out, reusable, seed=args.seed, data=args.data,
+                                                        train_kw=kw, log_points=10, tag="scfa_lm", cache=cache)
             tps = summary["tokens_per_s"]
-            tiles, dense_tiles, per_layer = tile_counts(cfg, params, tc.batch_size, seq_len, args.seed,
-                                                        preset["tile"])
+            tiles, dense_tiles, per_layer = tile_counts(
+                cfg, params, tc.batch_size, seq_len, args.seed, preset["tile"],
+                tokens=validation_batch(val_tokens, tc.batch_size, seq_len, args.seed))
             row = {
                 "model": cfg.model, "seq_len": seq_len,
                 "n_buckets": getattr(cfg, "n_buckets", None) if cfg.model == "hash_sparse" else None,
@@ -185,7 +213,7 @@ def _write(results: dict, out: Path) -> None:
         if base and base["step_time_s"] and row["step_time_s"]:
             row["speedup_vs_baseline"] = base["step_time_s"] / row["step_time_s"]
             row["val_ppl_delta_vs_baseline"] = row["val_ppl"] - base["val_ppl"]
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json(out / "results.json", results, indent=2)
 
 
 def plot(results: dict, path: Path) -> None:

@@ -19,8 +19,10 @@ override its values.  The sparse kernels' time includes the token sort and the
 tile tables (plain JAX around the kernel), as a model pays them.  Speedups are ratios to the
 anchors measured in the same run (``speedup_vs_flash`` / ``speedup_vs_cudnn``); rows also
 carry the computed tile fraction (``tiles / causal tiles`` of the forward).  Writes
-``DIR/results.json`` and ``DIR/speedup_vs_T.png`` (forward and forward+backward speedup over
-the Pallas flash kernel vs T, one line per sparse setting).
+``DIR/results.json`` (rewritten after every T with ``complete: false``, so a sweep cut short
+by a device stage's time limit keeps the lengths it finished; ``complete: true`` at the end)
+and ``DIR/speedup_vs_T.png`` (forward and forward+backward speedup over the Pallas flash
+kernel vs T, one line per sparse setting).
 """
 from __future__ import annotations
 
@@ -129,8 +131,9 @@ def sweep_config(ap, args) -> dict:
     return cfg
 
 
-def run(args, cfg=None) -> list:
-    """The sweep of ``cfg`` (:func:`sweep_config`; default: ``QUICK`` / ``FULL`` as ``args.quick`` says)."""
+def run(args, cfg=None, progress=None) -> list:
+    """The sweep of ``cfg`` (:func:`sweep_config`; default: ``QUICK`` / ``FULL`` as ``args.quick`` says).
+    ``progress(rows)``: called with the rows so far after every sequence length."""
     on_gpu = jax.default_backend() == "gpu"
     cfg = dict(QUICK if args.quick else FULL) if cfg is None else cfg
     seq_lens, buckets, keeps = cfg["seq_lens"], cfg["buckets"], cfg["keep"]
@@ -170,6 +173,8 @@ def run(args, cfg=None) -> list:
             print(f"{name:>12} {t:>6} {b:>3} {fmt(row['fwd_ms']):>9} {fmt(row['fwd_bwd_ms']):>9} "
                   f"{fmt(row.get('tile_fraction')):>6} {fmt(row.get('speedup_vs_flash_fwd')):>6}/"
                   f"{fmt(row.get('speedup_vs_flash_fwd_bwd'))}", flush=True)
+        if progress is not None:
+            progress(rows)
     return rows
 
 
@@ -220,11 +225,12 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, help=f"default {FULL['iters']}")
     args = ap.parse_args(argv)
     cfg = sweep_config(ap, args)
-    rows = run(args, cfg)
+    note = ("speedup_vs_X_mode = X's ms / this row's ms, same run; sparse ms include "
+            "the token sort and tile tables")
+    rows = run(args, cfg, progress=lambda rows: write_results(args.out, quick=args.quick, config=cfg, rows=rows,
+                                                              note=note, complete=False))
     import os
-    path = write_results(args.out, quick=args.quick, config=cfg, rows=rows,
-                         note="speedup_vs_X_mode = X's ms / this row's ms, same run; sparse ms include "
-                              "the token sort and tile tables")
+    path = write_results(args.out, quick=args.quick, config=cfg, rows=rows, note=note, complete=True)
     plot(rows, os.path.join(args.out, "speedup_vs_T.png"))
     return path
 

@@ -2,7 +2,8 @@
 
 ``init_cache(module, batch, max_len)`` preallocates every layer's cache;
 ``generate`` prefills the prompt in one forward pass, then samples one token per
-step inside ``lax.fori_loop``, all under ``jit``.
+step inside ``lax.while_loop`` (which stops early once every row has sampled ``eos_id``),
+all under ``jit``.
 """
 from __future__ import annotations
 
@@ -106,13 +107,20 @@ def _repeat_rows(tree, k: int, axis: int):
 
 @functools.lru_cache(maxsize=32)
 def _generate_fn(module_cls, config, max_new_tokens, temperature, top_k, top_p, num_samples=1,
-                 vocab_limit=None):
+                 vocab_limit=None, eos_id=None, pad_id=None):
     module = module_cls(config)
 
     def sample(last_logits, key):
         if vocab_limit is not None:  # ids >= vocab_limit (padding of the model's vocab) are never drawn
             last_logits = last_logits[:, :vocab_limit]
         return sample_logits(last_logits, key, temperature=temperature, top_k=top_k, top_p=top_p)
+
+    def emit(out, done, i, tok):
+        """Write step ``i``'s tokens (``pad_id`` in finished rows); mark rows that sampled eos."""
+        if eos_id is None:
+            return out.at[:, i].set(tok), done
+        out = out.at[:, i].set(jnp.where(done, pad_id, tok))
+        return out, done | (tok == eos_id)
 
     def run(params, prompt, rng):
         b, p = prompt.shape
@@ -124,22 +132,24 @@ def _generate_fn(module_cls, config, max_new_tokens, temperature, top_k, top_p, 
                      "layers": _repeat_rows(cache["layers"], num_samples, 1 if config.scan_layers else 0)}
             prompt = jnp.repeat(prompt, num_samples, axis=0)
             b = b * num_samples
-        out = jnp.zeros((b, max_new_tokens), jnp.int32)
+        out = jnp.full((b, max_new_tokens), 0 if pad_id is None else pad_id, jnp.int32)
+        done = jnp.zeros((b,), bool)
 
-        def step(i, state):
-            last_logits, cache, out, rng = state
+        def step(state):
+            i, last_logits, cache, out, done, rng = state
             rng, sub = jax.random.split(rng)
             tok = sample(last_logits, sub)
-            out = out.at[:, i].set(tok)
+            out, done = emit(out, done, i, tok)
             logits, cache = module.apply(params, tok[:, None], cache=cache)
-            return logits[:, -1], cache, out, rng
+            return i + 1, logits[:, -1], cache, out, done, rng
 
-        # The last sampled token needs no forward pass: run max_new_tokens - 1 steps, then sample.
-        state = jax.lax.fori_loop(0, max_new_tokens - 1, step, (logits[:, -1], cache, out, rng))
-        last_logits, _, out, rng = state
-        rng, sub = jax.random.split(rng)
-        tok = sample(last_logits, sub)
-        out = out.at[:, max_new_tokens - 1].set(tok)
+        def more(state):  # the last sampled token needs no forward pass: max_new_tokens - 1 steps
+            return (state[0] < max_new_tokens - 1) & ~jnp.all(state[4])
+
+        state = jax.lax.while_loop(more, step, (jnp.zeros((), jnp.int32), logits[:, -1], cache, out, done, rng))
+        _, last_logits, _, out, done, rng = state
+        rng, sub = jax.random.split(rng)  # after an early stop every row is done: this writes pad_id
+        out, _ = emit(out, done, max_new_tokens - 1, sample(last_logits, sub))
         return jnp.concatenate([prompt, out], axis=1)
 
     return jax.jit(run)
@@ -147,17 +157,21 @@ def _generate_fn(module_cls, config, max_new_tokens, temperature, top_k, top_p, 
 
 def generate(module, params, prompt_tokens, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None, rng=None, num_samples: int = 1,
-             vocab_limit: Optional[int] = None):
+             vocab_limit: Optional[int] = None, eos_id: Optional[int] = None,
+             pad_id: Optional[int] = None):
     """Sample ``max_new_tokens`` after ``prompt_tokens [B, P]``; returns ``[B * k, P + max_new_tokens]``
     for ``num_samples=k`` samples per prompt (rows ``b * k .. b * k + k - 1`` continue prompt
     ``b``; the prompt is prefilled once and its cache shared by its k rows).
 
     Every row's prompt is ``P`` real tokens: there is no padding mask, so prompts of different
-    lengths must be generated separately (a padded row would attend to its padding).  Sampling
-    does not stop at an end-of-text token, and ``P + max_new_tokens`` is not checked against
-    ``config.max_seq_len`` (positions past it are extrapolated, as in a full forward pass).
+    lengths must be generated separately (a padded row would attend to its padding).
+    ``P + max_new_tokens`` is not checked against ``config.max_seq_len`` (positions past it are
+    extrapolated, as in a full forward pass).
     ``vocab_limit``: sample only ids ``< vocab_limit`` (a model whose ``vocab_size`` is padded
-    above its tokenizer's: the padding ids have no text); ``top_k`` is checked against it."""
+    above its tokenizer's: the padding ids have no text); ``top_k`` is checked against it.
+    ``eos_id``: a row that samples it is finished: its later positions hold ``pad_id`` (default
+    ``eos_id``), and decoding stops as soon as every row is finished.  The tokens up to and
+    including each row's first ``eos_id`` are those sampled without ``eos_id`` (same rng stream)."""
     check = getattr(module, "check_generate", None)  # hook: a model generic sampling cannot serve
     if check is not None:                             # (e.g. landmark tokens placed by position)
         check()
@@ -167,8 +181,16 @@ def generate(module, params, prompt_tokens, max_new_tokens: int, *, temperature:
     prompt_tokens = prompt_tokens.astype(jnp.int32)
     check_token_ids(prompt_tokens, module.config.vocab_size, "prompt_tokens must be ids")
     num_samples = _positive_int(num_samples, "num_samples")
+    vocab = module.config.vocab_size
+    for name, value in (("eos_id", eos_id), ("pad_id", pad_id)):
+        if value is not None and (not is_int(value) or not 0 <= value < vocab):
+            raise ValueError(f"{name} must be None or a token id in [0, vocab_size={vocab}), got {value!r}")
+    if pad_id is not None and eos_id is None:
+        raise ValueError("pad_id needs eos_id (it fills the positions after a row's eos_id)")
+    eos_id = None if eos_id is None else int(eos_id)
+    pad_id = eos_id if pad_id is None else int(pad_id)
     rng = jax.random.PRNGKey(0) if rng is None else rng
     fn = _generate_fn(type(module), module.config, max_new_tokens, float(temperature),
                       None if top_k is None else int(top_k),
-                      None if top_p is None else float(top_p), num_samples, vocab_limit)
+                      None if top_p is None else float(top_p), num_samples, vocab_limit, eos_id, pad_id)
     return fn(params, prompt_tokens, rng)

@@ -137,10 +137,15 @@ def compiler_params(num_warps: int, num_stages: int, *, platform: str = "gpu",
     Triton class explicitly keeps newer jax from picking Mosaic GPU.
 
     ``platform="tpu"`` returns Mosaic TPU params instead (``num_warps`` /
-    ``num_stages`` are ignored; ``dimension_semantics`` defaults to all
-    ``"parallel"`` and must then be given the grid rank).
+    ``num_stages`` are ignored; ``dimension_semantics`` is then required: one
+    ``"parallel"`` / ``"arbitrary"`` per grid axis).
     """
+    if platform not in ("gpu", "tpu"):
+        raise ValueError(f"platform must be 'gpu' or 'tpu', got {platform!r}")
     if platform == "tpu":
+        if dimension_semantics is None:
+            raise ValueError("dimension_semantics is required for platform='tpu': one of "
+                             "'parallel' / 'arbitrary' per grid axis")
         return tpu_compiler_params(dimension_semantics)
     try:
         from jax.experimental.pallas import triton as pltriton

@@ -17,6 +17,8 @@
 # session (machine start included), that is one long stage per session after scripts/gpu_check.sh,
 # or two when the check has already been recorded.  Long stages stop at 565 s, so that copying
 # their files into $OUT still happens inside a 600 s call (run(..., timeout_s=600)).
+# The training stages pass --reuse: run again on a machine still warm (same $WORK), a stage keeps
+# its finished runs and continues the one its time limit stopped from its checkpoint.
 #
 # Stages:
 #   kernels      kernel tests on the GPU: compiled Pallas vs the float32 references (every test)
@@ -90,30 +92,30 @@ for s in "$@"; do
         attention)   stage attention 560 python -m experiments.bench_attention --out "$WORK/attention" ;;
         scan)        stage scan 560 python -m experiments.bench_scan --out "$WORK/scan" ;;
         models)      stage models 560 python -m experiments.bench_models --out "$WORK/models" ;;
-        denseformer) stage denseformer 565 python -m experiments.denseformer --preset gpu \
+        denseformer) stage denseformer 565 python -m experiments.denseformer --preset gpu --reuse \
                          --out "$WORK/denseformer" ;;
         # SCFA (issue 12): kernels vs cuDNN / Pallas flash (anchors re-measured in each stage)
         scfa-speed-hash) stage scfa-speed-hash 560 python -m experiments.scfa_speed --keep none \
                          --out "$WORK/scfa-speed-hash" ;;
         scfa-speed-qk)   stage scfa-speed-qk 560 python -m experiments.scfa_speed --buckets none \
                          --out "$WORK/scfa-speed-qk" ;;
-        scfa-lm-8k)  stage scfa-lm-8k 565 python -m experiments.scfa_lm --preset gpu --seq-len 8192 \
+        scfa-lm-8k)  stage scfa-lm-8k 565 python -m experiments.scfa_lm --preset gpu --seq-len 8192 --reuse \
                          --out "$WORK/scfa-lm-8k" ;;
-        scfa-lm-16k) stage scfa-lm-16k 565 python -m experiments.scfa_lm --preset gpu --seq-len 16384 \
+        scfa-lm-16k) stage scfa-lm-16k 565 python -m experiments.scfa_lm --preset gpu --seq-len 16384 --reuse \
                          --out "$WORK/scfa-lm-16k" ;;
         # Landmark attention (issue 14): the gpu presets (kernel in the models via landmark_impl=auto)
-        landmark-passkey) stage landmark-passkey 565 python -m experiments.landmark_passkey --preset gpu \
+        landmark-passkey) stage landmark-passkey 565 python -m experiments.landmark_passkey --preset gpu --reuse \
                          --out "$WORK/landmark-passkey" ;;
-        landmark-lm) stage landmark-lm 565 python -m experiments.landmark_lm --preset gpu \
+        landmark-lm) stage landmark-lm 565 python -m experiments.landmark_lm --preset gpu --reuse \
                          --out "$WORK/landmark-lm" ;;
-        doge)        stage doge 565 python -m experiments.doge --preset gpu --out "$WORK/doge" ;;
+        doge)        stage doge 565 python -m experiments.doge --preset gpu --reuse --out "$WORK/doge" ;;
         distill)     stage distill 565 python -m experiments.distill --preset gpu --out "$WORK/distill" ;;
         # layer-parallel inference (issue 16): target >= 1.15x decode tokens/s at <= 5% more ppl
         layer-parallel) stage layer-parallel 565 python -m experiments.layer_parallel --preset gpu \
-                         --steps 1500 --positions late --pair-counts 2,4,6 --no-study \
+                         --steps 1500 --positions late --pair-counts 2,4,6 --no-study --reuse \
                          --out "$WORK/layer-parallel" ;;
         layer-parallel-spans) stage layer-parallel-spans 565 python -m experiments.layer_parallel --preset gpu \
-                         --steps 1500 --positions early,middle --pair-counts 2,4,8 --no-study \
+                         --steps 1500 --positions early,middle --pair-counts 2,4,8 --no-study --reuse \
                          --out "$WORK/layer-parallel-spans" ;;
         # QuaRot (issue 17)
         hadamard)    stage hadamard 400 python -m experiments.bench_hadamard --out "$WORK/hadamard" ;;

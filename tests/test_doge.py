@@ -135,7 +135,8 @@ def test_update_is_the_weighted_sum_of_domain_gradients(tiny_module):
 
 def test_identical_domains_keep_uniform_weights(tiny_module):
     module, params = tiny_module
-    step = DogeStep(domains=("a", "b"), mu=0.01)
+    with pytest.warns(UserWarning, match="stay uniform"):  # 2 domains: uniform whatever the data
+        step = DogeStep(domains=("a", "b"), mu=0.01)
     tx = step.wrap_optimizer(optax.adam(1e-2))
     state = tx.init(params)
     run = jax.jit(lambda p, st, b, s: step(module, tx, cross_entropy, p, st, b, s, None,
@@ -150,7 +151,7 @@ def test_step_validation(texts):
         DogeStep(domains=("a", "b"), targets=("c",))
     with pytest.raises(ValueError, match="mu"):
         DogeStep(domains=("a", "b"), mu=0)
-    step = DogeStep(domains=("a", "b"))
+    step = DogeStep(domains=("a", "b"), targets=("b",))
     weighted = DomainSource(domain_spec(["a", "b"], [texts["prose"], texts["code"]]))
     with pytest.raises(ValueError, match="stratified"):
         step.check_source(weighted, TrainConfig(batch_size=4))

@@ -304,7 +304,7 @@ def test_reuse_is_checked_against_the_finished_runs_config_and_settings(tmp_path
 
 def test_landmark_lm_refuses_windows_longer_than_the_split_before_writing(capsys, monkeypatch, tmp_path):
     mod = importlib.import_module("experiments.landmark_lm")
-    monkeypatch.setattr(mod, "train_fresh", lambda *a, **k: pytest.fail("trained past the split check"))
+    monkeypatch.setattr(mod, "reuse_or_train", lambda *a, **k: pytest.fail("trained past the split check"))
     out = tmp_path / "out"
     err = _usage_error(capsys, mod.main, ["--factors", "100000", "--out", str(out), "--no-compile-cache"])
     assert "--factors" in err.splitlines()[-1] and "validation split" in err

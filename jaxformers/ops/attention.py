@@ -134,6 +134,8 @@ def _cudnn_reason(q, k, segment_ids, window, q_offset, causal=True):
         return f"cudnn needs a GPU backend (default backend is {jax.default_backend()!r})"
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         return f"cudnn needs bfloat16/float16 inputs, got {q.dtype}"
+    if k.dtype != q.dtype:
+        return f"cudnn needs q and k/v of one dtype, got q {q.dtype} and k {k.dtype}"
     if segment_ids is not None:
         return "cudnn path does not take segment_ids"
     if q_offset is not None or q.shape[1] != k.shape[1]:
@@ -268,6 +270,16 @@ def attention(q, k, v, *, causal: bool = True, segment_ids=None, window: Optiona
     return flash_attention(q, k, v, causal=causal, segment_ids=segment_ids, window=window, sm_scale=sm_scale)
 
 
+def _check_index(name, x, shape):
+    """An integer array of exactly ``shape`` (positions, key indices, segment ids)."""
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise ValueError(f"{name} must be an integer array of shape {shape}, got {type(x).__name__}")
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}")
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+        raise ValueError(f"{name} must be integers, got {x.dtype}")
+
+
 def position_causal_attention(q, k, v, *, q_pos, kv_pos, q_key_index=None, segment_ids=None,
                               sm_scale: Optional[float] = None, implementation: str = "auto"):
     """Attention where query ``i`` sees key ``j`` iff ``kv_pos[j] <= q_pos[i]`` (and equal
@@ -288,16 +300,26 @@ def position_causal_attention(q, k, v, *, q_pos, kv_pos, q_key_index=None, segme
     causal by position.  The kernel computes ``Tk`` query rows, ``Tk / Tq`` times what the
     real queries need (the price of not changing the kernel's mask).
     """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation={implementation!r} is not allowed; choose one of {list(IMPLEMENTATIONS)}")
+    _check_shapes(q, k, v, None)
     b, tq = q.shape[:2]
     tk = k.shape[1]
+    _check_index("q_pos", q_pos, (b, tq))
+    _check_index("kv_pos", kv_pos, (b, tk))
+    if q_key_index is not None:
+        _check_index("q_key_index", q_key_index, (b, tq))
     q_ids = kv_ids = None
     if segment_ids is not None:
+        if not isinstance(segment_ids, (tuple, list)) or len(segment_ids) != 2:
+            raise ValueError("segment_ids must be a (q_ids [B, Tq], kv_ids [B, Tk]) pair or None")
         q_ids, kv_ids = segment_ids
+        _check_index("segment_ids[0] (q_ids)", q_ids, (b, tq))
+        _check_index("segment_ids[1] (kv_ids)", kv_ids, (b, tk))
     impl = implementation
     if impl == "auto" and jax.default_backend() == "cpu":
         impl = "xla"
     if impl == "xla":
-        _check_shapes(q, k, v, None)
         hkv = k.shape[2]
         g = q.shape[2] // hkv
         d = q.shape[-1]

@@ -8,7 +8,8 @@ Safety:
 
 * orbax stages every save in a temporary directory and renames it into place,
   so a crash never leaves a half-written ``<step>`` directory that orbax
-  considers finished;
+  considers finished (a save killed before that leaves ``<step>.orbax-checkpoint-tmp-*``,
+  moved aside by :meth:`Checkpointer.quarantine_incomplete` with the incomplete step directories);
 * as soon as orbax has finished a save, process 0 writes ``jaxformers_manifest.json``
   (itself via a temporary file + rename) listing every file's size and SHA-256
   (files over 64 MiB: SHA-256 of their first and last 8 MiB, plus the size) --
@@ -34,6 +35,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
@@ -45,6 +47,8 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "jaxformers_manifest.json"
 MANIFEST_FORMAT = 1
+# orbax stages the save of step N in N.orbax-checkpoint-tmp-<timestamp>
+_ORBAX_TMP = re.compile(r"^\d+\.orbax-checkpoint-tmp")
 _FULL_HASH_LIMIT = 64 << 20
 _END_BYTES = 8 << 20
 _CHUNK = 4 << 20
@@ -178,6 +182,14 @@ class Checkpointer:
     def incomplete_steps(self) -> List[int]:
         return [s for s in self.step_dirs() if not self.is_complete(s)]
 
+    def unfinished_saves(self) -> List[str]:
+        """Names of orbax's staging directories (``<step>.orbax-checkpoint-tmp-*``) left behind by a
+        save killed before orbax renamed it into place (never restored from; only disk space)."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(p.name for p in self.directory.iterdir()
+                      if _ORBAX_TMP.match(p.name) and p.is_dir())
+
     def latest_step(self) -> Optional[int]:
         """Newest step whose save completed (manifest present), or ``None``."""
         steps = self.complete_steps()
@@ -190,9 +202,11 @@ class Checkpointer:
         return verify_step_dir(self.step_dir(step))
 
     def quarantine_incomplete(self) -> List[str]:
-        """Move incomplete step directories to ``run_dir/checkpoints.incomplete/`` (process 0)."""
+        """Move incomplete step directories, and orbax staging directories of unfinished saves
+        (:meth:`unfinished_saves`), to ``run_dir/checkpoints.incomplete/`` (process 0).  Call it
+        only while no save of this run is in flight."""
         moved = []
-        incomplete = self.incomplete_steps()
+        incomplete = [str(s) for s in self.incomplete_steps()] + self.unfinished_saves()
         if not incomplete and jax.process_count() == 1:
             return moved
         # every process reaches the barrier below: process 0 may already have moved what another
@@ -200,11 +214,12 @@ class Checkpointer:
         if incomplete and jax.process_index() == 0:
             target_root = self.run_dir / "checkpoints.incomplete"
             target_root.mkdir(parents=True, exist_ok=True)
-            for step in incomplete:
-                target = target_root / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6}"
-                self.step_dir(step).rename(target)
+            for name in incomplete:
+                source = self.directory / name
+                target = target_root / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6}"
+                source.rename(target)
                 moved.append(str(target))
-                log.warning("moved incomplete checkpoint %s to %s", self.step_dir(step), target)
+                log.warning("moved incomplete checkpoint %s to %s", source, target)
         _sync("jaxformers_quarantine")
         return moved
 

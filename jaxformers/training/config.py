@@ -119,6 +119,8 @@ class TrainConfig(ConfigMixin):
             integer(name, 1)
         for name in ("eval_every", "eval_batches", "checkpoint_every", "seed"):
             integer(name, 0)
+        if self.seed >= 2**32:  # PRNGKey keeps the low 32 bits: seed 2**32 would silently equal seed 0
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
         if self.warmup_steps is not None:
             integer("warmup_steps", 0)
         if self.schedule_steps is not None:

@@ -33,8 +33,11 @@ Use::
 (:class:`~jaxformers.training.steps.Program`): its state (current weights, their running sum,
 the update count) lives in the optimizer state (:meth:`DogeStep.wrap_optimizer`), so it is
 sharded, checkpointed and restored with it -- a killed and resumed proxy run reproduces the
-weights of an uninterrupted one.  Logged per step: ``doge/weight/<d>``,
-``doge/avg_weight/<d>``, ``doge/score/<d>`` and ``loss/<d>`` (each domain's micro-batch loss).
+weights of an uninterrupted one.  The step's settings (domains, targets, ``mu``, clip,
+smoothing) are recorded in the run directory's ``doge.json``; resuming with other settings is a
+``ValueError``.  Logged every ``log_every`` steps (and at the last): ``doge/weight/<d>``,
+``doge/avg_weight/<d>``, ``doge/score/<d>``, ``doge/grad_norm/<d>`` and ``loss/<d>`` (each
+domain's micro-batch loss).
 
 Deviations from the authors' code (Olivia-fsm/DoGE, ``src/trainer.py``):
 
@@ -45,6 +48,10 @@ Deviations from the authors' code (Olivia-fsm/DoGE, ``src/trainer.py``):
 * The proxy batch holds exactly one micro-batch per domain (``sample=stratified``), where
   theirs samples domains at random per row (uniform weights) and skips domains absent from a
   batch.
+* A domain whose micro-batch has no targets (its ``n_targets`` is 0: only with masks that a
+  custom loss or batch brings) has gradient 0 that step -- it adds nothing to the update or to
+  the others' scores, is left out of the mean norm, and logs ``loss/<d>`` 0 -- where theirs
+  leaves it out of the update but scores it with its last seen gradient.
 * ``loss`` in the metrics is the reweighted objective ``sum_i alpha_i L_i`` (the loss whose
   gradient is applied); the uniform average is ``sum_d loss/<d> / K``.
 """
@@ -52,6 +59,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple
 
@@ -61,6 +69,8 @@ import numpy as np
 import optax
 
 from .steps import global_norm, loss_with_aux, split_micro_batches
+
+DOGE_FILE = "doge.json"  # the DogeStep settings of a proxy run, in its run directory
 
 __all__ = ["DogeState", "DogeStep", "doge_scores", "doge_weights", "doge_weight_history",
            "update_weights"]
@@ -76,13 +86,16 @@ class DogeState(NamedTuple):
     n_updates: jax.Array
 
 
-def doge_scores(gram: jax.Array, lr, train_mask, target_mask, dw_min: float, dw_max: float) -> jax.Array:
+def doge_scores(gram: jax.Array, lr, train_mask, target_mask, dw_min: float, dw_max: float,
+                present=None) -> jax.Array:
     """The generalization-estimation scores ``W`` (``[K]``; 0 outside the training domains).
 
     ``gram``: ``[K, K]`` gradient inner products; ``train_mask`` / ``target_mask``: ``[K]``
     bools.  Universal mode (the targets are the training domains): ``W_i = lr * sum_{j != i,
     j in train} G_ij``; out-of-domain: ``W_i = lr * sum_{o in targets} G_io``; both divided by
     the mean norm of the training domains' gradients and clipped to ``lr * [dw_min, dw_max]``.
+    ``present``: optional ``[K]`` bools (may be traced), the domains that had targets this step:
+    the mean norm is over the present training domains only (absent ones have gradient 0).
     """
     train = jnp.asarray(train_mask, jnp.float32)
     target = jnp.asarray(target_mask, jnp.float32)
@@ -91,7 +104,8 @@ def doge_scores(gram: jax.Array, lr, train_mask, target_mask, dw_min: float, dw_
     if universal:
         cross = cross - jnp.diagonal(gram) * target
     norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
-    mean_norm = jnp.sum(norms * train) / jnp.maximum(jnp.sum(train), 1.0)
+    counted = train if present is None else train * jnp.asarray(present, jnp.float32)
+    mean_norm = jnp.sum(norms * counted) / jnp.maximum(jnp.sum(counted), 1.0)
     scores = lr * cross / (mean_norm + 1e-6)
     scores = jnp.clip(scores, lr * dw_min, lr * dw_max)
     return scores * train
@@ -132,6 +146,8 @@ class DogeStep:
     inverse (the authors' default 0.01; 0.05 in their out-of-domain configs).  ``dw_min`` /
     ``dw_max``: the score clip, in units of the learning rate (authors: 0 and 5).
     ``smoothing``: mixing of the new weights with uniform (authors' ``reweight_eps``, 0).
+    Universal mode needs >= 3 domains: with 2, both scores are ``lr <g_1, g_2> / norm`` (the
+    Gram matrix is symmetric), so the weights stay uniform whatever the data (a warning).
     """
 
     domains: Tuple[str, ...]
@@ -157,6 +173,10 @@ class DogeStep:
             raise ValueError(f"need dw_min <= dw_max, got dw_min={self.dw_min}, dw_max={self.dw_max}")
         if not 0.0 <= self.smoothing < 1.0:
             raise ValueError(f"smoothing must be in [0, 1), got {self.smoothing}")
+        if not self.targets and len(self.domains) == 2:
+            warnings.warn(f"DogeStep(domains={self.domains}) in universal mode: with 2 domains both scores are "
+                          "<g_1, g_2>, so the weights stay uniform whatever the data; use >= 3 domains or "
+                          "an out-of-domain target", stacklevel=3)
 
     # ------------------------------------------------------------------ domains
     @property
@@ -188,7 +208,9 @@ class DogeStep:
         return domain_spec(self.domains, sources, sample="stratified", **options)
 
     def check_source(self, source, train_config) -> None:
-        """``ValueError`` unless ``source`` gives one micro-batch per domain in this order."""
+        """``ValueError`` unless ``source`` gives one micro-batch per domain in this order, and
+        (a resume) unless ``train_config.out_dir`` was trained with these settings (``doge.json``,
+        written here for a new run)."""
         names = tuple(getattr(source, "names", ()))
         parsed = getattr(source, "parsed", None)
         if names != self.domains or parsed is None or parsed.sample != "stratified":
@@ -200,6 +222,33 @@ class DogeStep:
                              f"{self.n_domains} domains (one equal micro-batch per domain)")
         if train_config.grad_accum != 1:
             raise ValueError(f"DogeStep supports grad_accum=1 only, got {train_config.grad_accum}")
+        self._check_run_dir(train_config.out_dir)
+
+    def settings(self) -> Dict[str, Any]:
+        """What determines the weights' trajectory (recorded in the run directory's ``doge.json``)."""
+        return {"domains": list(self.domains), "targets": list(self.targets), "mu": float(self.mu),
+                "dw_min": float(self.dw_min), "dw_max": float(self.dw_max), "smoothing": float(self.smoothing)}
+
+    def _check_run_dir(self, out_dir) -> None:
+        """A run directory holding checkpoints (a resume) must have been trained with these
+        settings (``ValueError`` naming the changed ones); otherwise ``doge.json`` records them."""
+        from .checkpoint import Checkpointer
+        from .rundir import atomic_write
+
+        run_dir = Path(out_dir).expanduser()
+        path = run_dir / DOGE_FILE
+        if path.is_file() and Checkpointer(run_dir).complete_steps():
+            saved = json.loads(path.read_text())
+            changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in self.settings().items() if saved.get(k) != v]
+            if changed:
+                raise ValueError(
+                    f"cannot resume {run_dir} with another DogeStep ({'; '.join(changed)}): its checkpointed "
+                    "weights were learnt with the settings in its doge.json; resume with the same DogeStep, "
+                    "or train into a new out_dir")
+            return
+        if jax.process_index() == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, json.dumps(self.settings(), indent=1) + "\n")
 
     # ------------------------------------------------------------------ optimizer state
     def wrap_optimizer(self, tx: optax.GradientTransformation) -> optax.GradientTransformation:
@@ -236,10 +285,15 @@ class DogeStep:
         keys = None if rng is None else jax.random.split(rng, k)
         (_, metrics), grads = jax.vmap(grad_fn, in_axes=(None, 0, None if keys is None else 0))(
             params, micro, keys)
+        present = None
+        if "n_targets" in metrics:  # a domain without targets adds nothing (not NaN from a 0/0 mean)
+            present = metrics["n_targets"] > 0
+            grads = jax.tree.map(lambda g: jnp.where(present.reshape((k,) + (1,) * (g.ndim - 1)), g, 0), grads)
+            metrics = {key: v if key == "n_targets" else jnp.where(present, v, 0.0) for key, v in metrics.items()}
 
         lr = jnp.asarray(schedule(step), jnp.float32)
         gram = _gram(grads)
-        scores = doge_scores(gram, lr, self.train_mask, self.target_mask, self.dw_min, self.dw_max)
+        scores = doge_scores(gram, lr, self.train_mask, self.target_mask, self.dw_min, self.dw_max, present)
         weights = update_weights(opt_state.weights, scores, self.train_mask, self.mu, self.smoothing)
         update = _weighted_sum(weights, grads)
         update = jax.tree.map(lambda u, p: u.astype(p.dtype), update, params)
@@ -285,8 +339,19 @@ def doge_weight_history(run_dir, kind: str = "weight") -> Tuple[list, Dict[str, 
     return [r["step"] for r in rows], {n: [r.get(prefix + n) for r in rows] for n in names}
 
 
-def doge_weights(run_dir) -> Dict[str, float]:
+def doge_weights(run_dir, *, allow_unfinished: bool = False) -> Dict[str, float]:
     """The DoGE output of a proxy run: the average weights over the run (its last logged
-    ``doge/avg_weight/<domain>``; the last step is always logged)."""
-    _, history = doge_weight_history(run_dir, "avg_weight")
+    ``doge/avg_weight/<domain>``; the last step of a run is always logged).
+
+    ``ValueError`` when the run is not finished (stopped or killed before its ``steps``: its
+    last logged average is of an earlier step, not the run's output) unless
+    ``allow_unfinished`` (then: the average up to the last logged step)."""
+    steps, history = doge_weight_history(run_dir, "avg_weight")
+    from .rundir import read_config
+
+    total = ((read_config(run_dir) or {}).get("train") or {}).get("steps")
+    if not allow_unfinished and total is not None and steps[-1] < total:
+        raise ValueError(f"{run_dir} is not finished: its last logged DoGE weights are of step {steps[-1]} "
+                         f"of {total}; resume it (train(..., resume=True) with the same DogeStep) or pass "
+                         "allow_unfinished=True")
     return {name: float(values[-1]) for name, values in history.items()}

@@ -86,6 +86,24 @@ def _relayout(params, abstract):
     return params
 
 
+def _tree_difference(model, source, shown: int = 5) -> str:
+    """The parameter paths only the model / only the source has (the first ``shown`` of each)."""
+    def paths(tree):
+        return [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+    want, got = paths(model), paths(source)
+    want_set, got_set = set(want), set(got)
+    missing = [p for p in want if p not in got_set]
+    extra = [p for p in got if p not in want_set]
+    parts = []
+    for what, names in (("missing from the source", missing), ("not in the model", extra)):
+        if names:
+            more = f" ... ({len(names)} in all)" if len(names) > shown else ""
+            parts.append(f"{what}: {', '.join(names[:shown])}{more}")
+    return "; ".join(parts) or f"model {jax.tree_util.tree_structure(model)}, source " \
+                                f"{jax.tree_util.tree_structure(source)}"
+
+
 def load_params(path, abstract_params) -> Any:
     """The source's parameters (float32) laid out like ``abstract_params`` (the trained
     model's abstract tree); ``ValueError`` naming the first mismatching leaf."""
@@ -101,7 +119,8 @@ def load_params(path, abstract_params) -> Any:
     got = jax.tree_util.tree_structure(params)
     if want != got:
         raise ValueError(f"init_from={str(path)!r}: its parameter tree does not match the model's "
-                         f"(model {want}, source {got}); the model config must be the source's")
+                         f"({_tree_difference(abstract_params, params)}); the model config must be "
+                         "the source's")
     for (keypath, a), b in zip(jax.tree_util.tree_flatten_with_path(abstract_params)[0],
                                jax.tree_util.tree_leaves(params)):
         if tuple(a.shape) != tuple(b.shape):

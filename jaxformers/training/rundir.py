@@ -2,7 +2,8 @@
 
 Layout (``train_config.out_dir``)::
 
-    config.json        {"model": ModelConfig dict, "train": TrainConfig dict, "compute_dtype", "dataset",
+    config.json        {"model": ModelConfig dict, "train": TrainConfig dict, "compute_dtype", "dataset"
+                        (the source's description + corpus_sha256 / n_tokens of a prepared dataset),
                         "n_params", "mesh"[, "loss_fn": "module.qualname" of a Python loss function]}
     metrics.jsonl      {"step", "loss", "lr", "grad_norm", "tokens_per_s", "tokens"[, "aux/<name>",
                         "total_loss", other loss metrics]} every log_every steps,
@@ -23,8 +24,10 @@ already holds checkpoints; one without checkpoints (e.g. from a run killed befor
 first save) is reused and its metrics are reset.  ``resume=True`` requires the model
 config to equal the saved one (after normalising the saved dict through
 :func:`jaxformers.registry.config_from_dict`, so configs saved by older versions compare
-equal), reports train-config changes, and drops ``metrics.jsonl`` rows after the
-restored step; it writes its (possibly changed) config to ``config.json`` / ``run.yaml`` only
+equal), reports train-config changes and a changed dataset (:func:`dataset_changes`: e.g. the
+same corpus path with other content), and drops ``metrics.jsonl`` rows after the restored step
+(and the restored step's evaluation rows when its checkpoint says the evaluation was due: the
+resume evaluates it again); it writes its (possibly changed) config to ``config.json`` / ``run.yaml`` only
 with the first checkpoint it saves, so a resume that trains nothing (a finished run, or
 ``steps`` equal to the checkpointed step) or is stopped before its first save leaves them
 describing the run's checkpoints.  Only process 0 writes files.
@@ -49,7 +52,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["CONFIG_FILE", "METRICS_FILE", "PLOT_FILE", "RUN_FILE", "SUMMARY_FILE", "TOKENIZER_DIR",
            "MetricsWriter",
-           "atomic_write", "check_resume", "config_diff", "copy_tokenizer", "load_run", "read_config",
+           "atomic_write", "check_resume", "config_diff", "copy_tokenizer", "dataset_changes", "load_run",
+           "read_config",
            "read_metrics", "refuse_clobber", "reset_metrics", "truncate_metrics", "write_config",
            "write_run_file", "write_summary"]
 
@@ -88,18 +92,21 @@ def read_metrics(run_dir) -> list:
     return rows
 
 
-def truncate_metrics(run_dir, last_step: int) -> None:
-    """Drop the rows after ``last_step`` (they belong to steps that will be replayed)."""
-    rows = [r for r in read_metrics(run_dir) if r.get("step", 0) <= last_step]
+def truncate_metrics(run_dir, last_step: int, drop_eval: bool = False) -> None:
+    """Drop the rows after ``last_step`` (they belong to steps that will be replayed), and with
+    ``drop_eval`` the evaluation rows (``val_loss``) of ``last_step`` too (it is evaluated again)."""
+    rows = [r for r in read_metrics(run_dir) if r.get("step", 0) < last_step
+            or (r.get("step", 0) == last_step and not (drop_eval and "val_loss" in r))]
     atomic_write(Path(run_dir) / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
 
 
-def reset_metrics(run_dir, restored_step: Optional[int]) -> None:
-    """Start ``metrics.jsonl`` afresh, or keep its rows up to ``restored_step`` on resume."""
+def reset_metrics(run_dir, restored_step: Optional[int], drop_eval: bool = False) -> None:
+    """Start ``metrics.jsonl`` afresh, or keep its rows up to ``restored_step`` on resume
+    (``drop_eval``: but not the evaluation rows of ``restored_step``, see :func:`truncate_metrics`)."""
     if restored_step is None:
         atomic_write(Path(run_dir) / METRICS_FILE, "")
     else:
-        truncate_metrics(run_dir, restored_step)
+        truncate_metrics(run_dir, restored_step, drop_eval)
 
 
 class MetricsWriter:
@@ -150,13 +157,17 @@ def read_config(run_dir) -> Optional[dict]:
 
 
 def write_config(run_dir, *, model_config, train_config: TrainConfig, compute_dtype: str, dataset: dict,
-                 n_params: int, mesh: str, loss_fn: Optional[str] = None) -> None:
+                 n_params: int, mesh: str, loss_fn: Optional[str] = None, step_fn: Optional[str] = "") -> None:
+    """``config.json``; ``step_fn``: the class name of ``train``'s ``step_fn`` (None: ``train_step``;
+    "" leaves it out, as configs written before it was recorded)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     payload = {"model": model_config.to_dict(), "train": train_config.to_dict(),
                "compute_dtype": compute_dtype, "dataset": dataset, "n_params": n_params, "mesh": mesh}
     if loss_fn is not None:
         payload["loss_fn"] = loss_fn
+    if step_fn != "":
+        payload["step_fn"] = step_fn
     atomic_write(run_dir / CONFIG_FILE, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
@@ -282,6 +293,16 @@ def train_config_changes(saved: Optional[dict], train_config: TrainConfig) -> Li
     except ValueError:
         old = dict(saved["train"])
     return config_diff(_json(old), _json(train_config.to_dict()), ignore=("out_dir",))
+
+
+def dataset_changes(saved: Optional[dict], dataset: dict) -> List[str]:
+    """Differences between the saved ``dataset`` record and ``dataset`` (the fields both have,
+    except ``dir``, the cache location): a changed corpus behind the same data spec."""
+    old = (saved or {}).get("dataset")
+    if not isinstance(old, dict):
+        return []
+    common = (set(old) & set(dataset)) - {"dir"}
+    return config_diff(_json({k: old[k] for k in common}), _json({k: dataset[k] for k in common}))
 
 
 # ============================================================================ load

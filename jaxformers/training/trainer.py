@@ -17,7 +17,10 @@ Reproducibility: parameters come from ``PRNGKey(seed)`` and the batch of update
 :class:`jaxformers.data.SyntheticLoader`), as is the rng the loss function sees,
 so the same config gives the same losses, and ``resume=True`` continues from
 the newest complete checkpoint on exactly the curve of an uninterrupted run
-(rows of ``metrics.jsonl`` after the restored step are dropped first).
+(rows of ``metrics.jsonl`` after the restored step are dropped first).  At a step that both
+evaluates and checkpoints, the checkpoint is saved first (an evaluation cut short never costs
+it) and records that the evaluation is due; a resume from it evaluates that step again when
+``metrics.jsonl`` has no evaluation row of it.
 
 Resume policy: ``resume=True`` with no complete checkpoint starts from scratch
 (with a message) -- so a job script can always pass ``--resume`` after
@@ -169,7 +172,8 @@ def eval_loss(program: Program, params, source, batch_size: int, seq_len: int, m
 
 
 class _StopRequest:
-    """Turns SIGTERM (preemption) and SIGINT (Ctrl-C) into "checkpoint after this step, then stop".
+    """Turns SIGTERM (preemption) and SIGINT (Ctrl-C) into "checkpoint after this step, then stop"
+    (an evaluation due at that step is left to the resume, which runs it first).
 
     Only installed from the main thread (signal handlers cannot be set elsewhere);
     a second signal falls through to the previous handler.
@@ -201,6 +205,17 @@ class _StopRequest:
 
 #: Train-config fields that decide which tokens each step sees: changing one on resume is a warning.
 _DATA_PATH_FIELDS = ("data", "tokenizer", "seed", "batch_size", "seq_len")
+
+
+def _dataset_record(source) -> dict:
+    """``source.describe()`` plus what identifies a prepared dataset's content (its corpus'
+    SHA-256 and token counts): config.json's ``dataset``, compared on resume."""
+    record = dict(source.describe())
+    meta = getattr(source, "meta", None) or {}
+    for key in ("corpus_sha256", "n_tokens"):
+        if meta.get(key) is not None:
+            record[key] = meta[key]
+    return record
 
 
 def _check_inputs(model_config, tc, source, mesh) -> None:
@@ -387,6 +402,12 @@ def _train(model_config, tc, *, run_dir, is_main, multi, resume, progress, stop_
     # ---------------------------------------------------------------- resume checks (read-only)
     saved = rundir.check_resume(run_dir, model_config) if resume else None
     with_ckpt = resume and ckpt.latest_step() is not None
+    step_fn_name = None if step_fn is None else type(step_fn).__name__
+    if with_ckpt and saved is not None and "step_fn" in saved and saved["step_fn"] != step_fn_name:
+        # another step function has another optimizer state (DogeStep's weights) or objective (DistillStep)
+        raise ValueError(f"cannot resume {run_dir}: it was trained with step_fn={saved['step_fn'] or 'None'} "
+                         f"(train_step when None), this call passes step_fn={step_fn_name or 'None'}; resume "
+                         "with the same step function, or train into a new out_dir")
     if resume and not with_ckpt and ckpt.incomplete_steps() and not ckpt.complete_steps():
         log.warning("only incomplete checkpoints in %s", ckpt.directory)
     messages = []  # (text, is_warning): shown by the progress display, else warnings are logged
@@ -409,6 +430,7 @@ def _train(model_config, tc, *, run_dir, is_main, multi, resume, progress, stop_
     # ---------------------------------------------------------------- restore or initialise
     start_step = 0
     tokens_base = 0
+    eval_due = False
     if with_ckpt:
         step = ckpt.latest_step()
         ckpt.verify(step)  # raises CheckpointError before anything is modified
@@ -417,13 +439,22 @@ def _train(model_config, tc, *, run_dir, is_main, multi, resume, progress, stop_
             messages.append((f"moved incomplete checkpoint(s) aside: {moved}", True))
         params, opt_state, restored_meta = ckpt.restore(step, *program.abstract_state(), verify=False)
         start_step = int(restored_meta["data_step"])
+        # the evaluation of the restored step may have been cut short after its checkpoint was saved
+        eval_due = bool(restored_meta.get("eval_due", False))
+        if eval_due and any(r.get("step") == start_step and "val_loss" in r for r in rundir.read_metrics(run_dir)):
+            eval_due = False  # it finished before the stop: its row stands (a finished run resumes to nothing)
         # tokens trained so far (counted with the batch shape of each step, which a resume may change)
         tokens_base = int(restored_meta.get("tokens_seen", start_step * tc.tokens_per_step))
         changes = rundir.train_config_changes(saved, tc)
-        if changes:  # a changed seed / batch / data continues on another data path: a warning
-            path = [c for c in changes if c.split(":")[0] in _DATA_PATH_FIELDS]
-            messages.append(((f"warning: resuming on another data path than the run's ({'; '.join(path)}); "
-                              if path else "") + "resuming with a changed train config: " + "; ".join(changes),
+        # the same data spec over a changed corpus (same path, other content) is another data path too
+        data_changes = [f"dataset {c}" for c in rundir.dataset_changes(saved, _dataset_record(source))]
+        if changes or data_changes:  # a changed seed / batch / data / corpus: another data path, a warning
+            path = [c for c in changes if c.split(":")[0] in _DATA_PATH_FIELDS] + data_changes
+            messages.append(((f"warning: resuming on another data path than the run's ({'; '.join(path)})"
+                              if path else "")
+                             + ("; " if path and changes else "")
+                             + ("resuming with a changed train config: " + "; ".join(changes)
+                                if changes else ""),
                              bool(path)))
         if saved is not None and saved.get("loss_fn") != loss_fn_name:
             messages.append((f"the run was trained with loss_fn={saved.get('loss_fn') or tc.loss!r}; "
@@ -433,7 +464,7 @@ def _train(model_config, tc, *, run_dir, is_main, multi, resume, progress, stop_
         if resume:
             messages.append((f"resume requested but {run_dir} has no complete checkpoint: "
                              "starting from scratch", True))
-            ckpt.quarantine_incomplete()
+        ckpt.quarantine_incomplete()  # incomplete saves of an earlier start (orbax staging dirs)
         if tc.init_from is not None:  # fine-tuning: the source's parameters, a fresh optimizer
             from .init_from import load_params
             params = jax.device_put(load_params(tc.init_from, program.abstract_params),
@@ -450,8 +481,8 @@ def _train(model_config, tc, *, run_dir, is_main, multi, resume, progress, stop_
     # ---------------------------------------------------------------- run directory files
     def write_run_config():
         rundir.write_config(run_dir, model_config=model_config, train_config=tc, compute_dtype=dtype,
-                            dataset=source.describe(), n_params=n_params, mesh=mesh_lib.describe(mesh),
-                            loss_fn=loss_fn_name)
+                            dataset=_dataset_record(source), n_params=n_params, mesh=mesh_lib.describe(mesh),
+                            loss_fn=loss_fn_name, step_fn=step_fn_name)
         rundir.write_run_file(run_dir, model_config, tc)
 
     # a resume records its (possibly changed) config only with the first checkpoint it trains
@@ -461,7 +492,7 @@ def _train(model_config, tc, *, run_dir, is_main, multi, resume, progress, stop_
     if is_main:
         if not with_ckpt:
             write_run_config()
-        rundir.reset_metrics(run_dir, start_step if with_ckpt else None)
+        rundir.reset_metrics(run_dir, start_step if with_ckpt else None, drop_eval=eval_due)
         rundir.copy_tokenizer(run_dir, source.ds_dir)
 
     # ---------------------------------------------------------------- compile
@@ -479,7 +510,8 @@ def _train(model_config, tc, *, run_dir, is_main, multi, resume, progress, stop_
         elif warning:
             log.warning(msg)
     metrics_log = rundir.MetricsWriter(run_dir, enabled=is_main, tensorboard=tc.tensorboard,
-                                       purge_step=start_step + 1 if with_ckpt else None)
+                                       # a fresh start drops the events of an earlier start
+                                       purge_step=start_step + 1 if with_ckpt else 0)
     fpt = model_flops_per_token(program.module.config, tc.seq_len, program.abstract_params)
 
     def write_row(row):
@@ -500,6 +532,8 @@ def _train(model_config, tc, *, run_dir, is_main, multi, resume, progress, stop_
     last_train, last_eval = None, None
     if tc.init_from is not None and not with_ckpt and start_step < end_step:
         evaluate_now(0)  # the source model's loss on this data: where fine-tuning starts
+    if eval_due:  # the restored step's evaluation (its row was dropped: it may be missing)
+        last_eval = evaluate_now(start_step)
     clock = Throughput(start_step, tc.tokens_per_step)
     stop = _StopRequest()
     vote = _StopVote()
@@ -527,15 +561,19 @@ def _train(model_config, tc, *, run_dir, is_main, multi, resume, progress, stop_
             if do_eval or do_ckpt:
                 if not do_log:
                     clock.end_interval(done, params)
-                if do_eval:  # ------------------------------------- eval
-                    last_eval = evaluate_now(done) or last_eval
+                # the checkpoint first: an evaluation that fails or is cut short (Ctrl-C, OOM, a
+                # preemption deadline) must not cost the step's checkpoint; a checkpoint whose
+                # evaluation is due records it (``eval_due``) and a resume from it evaluates
+                # again (rewriting the row), so the curve stays the uninterrupted run's
                 if do_ckpt:  # ------------------------------------- checkpoint
                     if config_pending:  # the first checkpoint trained with this config
                         write_run_config()
                         config_pending = False
                     ckpt.save(done, params, opt_state, {
                         "data_step": done, "seed": tc.seed, "batch_size": tc.batch_size,
-                        "seq_len": tc.seq_len, "tokens_seen": tokens_at(done)})
+                        "seq_len": tc.seq_len, "tokens_seen": tokens_at(done), "eval_due": bool(do_eval)})
+                if do_eval and not (stopping and done < end_step):  # eval (on a stop: at the resume)
+                    last_eval = evaluate_now(done) or last_eval
                 clock.restart()
             if stopping:  # ---------------------------------------- signals
                 progress_.info(f"stopping on signal {stopped_by}: checkpoint saved at step {done}; "

@@ -30,7 +30,10 @@ cotangent (``jax.custom_vjp``); the ``H_m`` matmul is differentiated by JAX.
 
 float32 dots follow the default matmul precision of the backend (TF32 on GPU unless
 ``JAX_DEFAULT_MATMUL_PRECISION=highest``); bf16/fp16 inputs accumulate in float32 and the
-butterflies run in float32; the output has the input dtype.
+butterflies run in float32 (float64 inputs, under ``jax_enable_x64``, in float64; TPUs have no
+float64); the output has the input dtype.  For ``n = m 2^k`` the kernel's ``2^k`` part is
+rounded to the input dtype before the ``H_m`` matmul (which accumulates as above), as the authors'
+``matmul_hadU_cuda`` rounds between ``fast_hadamard_transform`` and ``hadK``.
 """
 from __future__ import annotations
 
@@ -59,6 +62,7 @@ class _Plan(KernelPlan):
     bm: int           # rows per grid step
     chunk: int        # dense chunk c (1: butterflies only)
     scale: float
+    acc: str = "float32"  # accumulation dtype: float64 for float64 inputs, else float32
 
     @property
     def rows_pad(self) -> int:
@@ -75,18 +79,24 @@ def _make_plan(n, rows, dtype, scale, interpret, platform="gpu") -> _Plan:
     else:
         chunk = min(n, _CHUNK) if n >= _MIN_DOT else 1
         bm = int(min(64, max(16, 1 << max(0, (8192 // n).bit_length() - 1))))
-    return _Plan(n=n, rows=rows, bm=bm, chunk=chunk, scale=float(scale), interpret=interpret,
-                 platform=platform)
+    return _Plan(n=n, rows=rows, bm=bm, chunk=chunk, scale=float(scale), acc=_acc_dtype(dtype).name,
+                 interpret=interpret, platform=platform)
+
+
+def _acc_dtype(dtype):
+    """float64 inputs (``jax_enable_x64``) accumulate in float64, every other dtype in float32."""
+    wide = jax.dtypes.canonicalize_dtype(dtype) == jnp.float64  # not without x64 (numpy input)
+    return jnp.dtype(jnp.float64 if wide else jnp.float32)
 
 
 def _kernel(x_ref, h_ref, o_ref, *, plan: _Plan):
-    c, nc = plan.chunk, plan.n // plan.chunk
+    c, nc, acc = plan.chunk, plan.n // plan.chunk, jnp.dtype(plan.acc)
     if c > 1:
         h = h_ref[...]
-        parts = [jnp.dot(x_ref[:, pl.ds(j * c, c)], h, preferred_element_type=jnp.float32)
+        parts = [jnp.dot(x_ref[:, pl.ds(j * c, c)], h, preferred_element_type=acc)
                  for j in range(nc)]
     else:
-        parts = [x_ref[:, pl.ds(j, 1)].astype(jnp.float32) for j in range(nc)]
+        parts = [x_ref[:, pl.ds(j, 1)].astype(acc) for j in range(nc)]
     span = 1
     while span < nc:  # Sylvester butterflies over the chunks: H_{2s} = [[H_s, H_s], [H_s, -H_s]]
         for start in range(0, nc, 2 * span):
@@ -162,7 +172,10 @@ def hadamard_transform(x, *, scale=None, interpret=None):
         raise ValueError(f"x must be a floating-point array [..., n], got dtype {dtype} and "
                          f"shape {getattr(x, 'shape', None)}")
     n = x.shape[-1]
-    m, p = kernel_split(n)
+    try:
+        m, p = kernel_split(n)
+    except ValueError as e:
+        raise ValueError(f"x: shape {tuple(x.shape)}, the transformed last axis: {e}") from None
     if scale is None:
         scale = n ** -0.5
     try:
@@ -176,8 +189,9 @@ def hadamard_transform(x, *, scale=None, interpret=None):
     plan = _plans(p, rows, dtype, scale, interpret)
     y = _fwht(x.reshape(rows, p), plan)
     if m > 1:  # the small dense factor: y[a, :] = sum_i H_m[i, a] z[i, :]
-        hm = jnp.asarray(_outer_factor(n), jnp.float32)
-        y = jnp.einsum("rip,ia->rap", y.reshape(-1, m, p).astype(jnp.float32), hm,
+        acc = _acc_dtype(dtype)
+        hm = jnp.asarray(_outer_factor(n), acc)
+        y = jnp.einsum("rip,ia->rap", y.reshape(-1, m, p).astype(acc), hm,
                        precision=lax.Precision.HIGHEST).astype(dtype)
     return y.reshape(x.shape)
 

@@ -98,8 +98,9 @@ def split_size(n: int):
         if n % m == 0 and p & (p - 1) == 0:
             return m, p
     raise ValueError(
-        f"no Hadamard matrix of size {n}: the last axis must be m * 2^k with m = 1 or a "
-        f"supported factor m in {factor_sizes()[:12]}... (<= {MAX_FACTOR}; not 188 or 236)")
+        f"no Hadamard matrix of size {n}: the size must be m * 2^k with m = 1 or a supported "
+        f"factor m in {factor_sizes()} (with the powers of two: every multiple of 4 up to "
+        f"{MAX_FACTOR} except 188 and 236)")
 
 
 @functools.lru_cache(maxsize=None)
