@@ -8,7 +8,8 @@
 #        (python -m pytest -q -n 2 --dist loadfile), as before this script existed.
 # leg 2  Python 3.12 (pyenv's newest 3.12.x, else python3.12 on PATH; PYTHON312=/path
 #        overrides) in .venv312/ with the newest jax / flax / optax from the registry
-#        and the [test] extra (no torch): the Pallas kernel tests, the GPU and TPU
+#        and the [test] extra (no torch): the Pallas kernel tests (with their audit and
+#        mutation-audit regression tests), the GPU and TPU
 #        lowering tests (tests/test_tpu_lowering*.py), the kernel report built on the
 #        GPU lowering, then a tiny training run from the CLI (train, resume, evaluate).
 #        The venv is reused while its Python and pyproject.toml are unchanged; jax,
@@ -25,7 +26,8 @@ VENV=.venv312
 LEG2_TESTS=(tests/test_flash_attention.py tests/test_selective_scan.py tests/test_ssd.py tests/test_sparse_attention*.py
             tests/test_landmark_attention*.py
             tests/test_hadamard.py tests/test_gpu_check.py tests/test_kernels_x64.py
-            tests/test_gpu_lowering.py tests/test_tpu_lowering*.py tests/test_kernel_report.py)
+            tests/test_gpu_lowering.py tests/test_tpu_lowering*.py tests/test_kernel_report.py
+            tests/test_audit_hadamard.py tests/test_audit_mutation_attention.py tests/test_audit_mutation_scan.py)
 NEWEST=(jax jaxlib flax optax orbax-checkpoint chex)
 # -qq: errors only (-q still prints a warning per package when an index location is missing)
 PIP=(-m pip install -qq --disable-pip-version-check)

@@ -185,3 +185,30 @@ def test_generate_cli_stop_at_eos(tmp_path, monkeypatch, capsys):
         hits = np.nonzero(row == tok.eos_id)[0]
         assert c == (tok.decode(row[:hits[0]]) if len(hits) else p)
         assert c == p or len(c) < len(p)
+
+
+def test_rotary_matches_its_formula_without_torch():
+    """RoPE, rotate-half layout (GPT-NeoX / Llama): pair (i, i + D/2) rotated by p * theta^(-2i/D).
+    Written with numpy loops, so the layout and the frequencies are pinned without the HF parity
+    tests (which need torch); the relative-position property is checked too."""
+    import numpy as np
+
+    from jaxformers.layers.rotary import apply_rotary, rotary_angles
+
+    d, theta = 8, 500.0
+    x = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (1, 3, 2, d)), np.float64)
+    pos = np.array([[0, 5, 17]])
+    got = np.asarray(apply_rotary(jnp.asarray(x, jnp.float32), *rotary_angles(jnp.asarray(pos), d, theta)))
+    want = np.empty_like(x)
+    for t in range(3):
+        for i in range(d // 2):
+            a = pos[0, t] * theta ** (-2 * i / d)
+            x1, x2 = x[0, t, :, i], x[0, t, :, i + d // 2]
+            want[0, t, :, i] = x1 * np.cos(a) - x2 * np.sin(a)
+            want[0, t, :, i + d // 2] = x2 * np.cos(a) + x1 * np.sin(a)
+    np.testing.assert_allclose(got, want, atol=2e-5)   # float32 angles up to 17 rad
+    # <rope(q, m), rope(k, n)> depends on m - n only
+    q, k = jnp.asarray(x[:, :1], jnp.float32), jnp.asarray(x[:, 1:2], jnp.float32)
+    dot = lambda m, n: float(jnp.sum(apply_rotary(q, *rotary_angles(jnp.array([[m]]), d, theta))  # noqa: E731
+                                     * apply_rotary(k, *rotary_angles(jnp.array([[n]]), d, theta))))
+    assert abs(dot(7, 3) - dot(14, 10)) < 1e-4
