@@ -16,6 +16,7 @@ from jaxformers.training.steps import abstract_params
 
 from test_training import env, tiny_model  # noqa: F401 - env: the module's corpus fixture
 from test_training import tiny_train as _tiny_train
+from test_train_ux import tfevents
 
 CACHE = CompileCache(max_entries=8)
 
@@ -132,21 +133,14 @@ def _tensorboard_scalars(run_dir):
     """``{tag: {step: value}}`` as TensorBoard reads the event files of a run directory (in file
     order; a ``SessionLog.START`` event at step ``s`` -- tensorboardX's ``purge_step`` -- drops
     every event at steps >= ``s`` read before it)."""
-    import struct
-
     from tensorboardX.proto import event_pb2
 
     out = {}
-    for path in sorted(run_dir.glob("events.out.tfevents.*")):
-        data, pos = path.read_bytes(), 0
-        while pos < len(data):
-            (n,) = struct.unpack("<Q", data[pos:pos + 8])
-            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
-            pos += 12 + n + 4
-            if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
-                out = {tag: {s: v for s, v in vals.items() if s < event.step} for tag, vals in out.items()}
-            for value in event.summary.value:
-                out.setdefault(value.tag, {})[event.step] = value.simple_value
+    for event in tfevents(run_dir):
+        if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+            out = {tag: {s: v for s, v in vals.items() if s < event.step} for tag, vals in out.items()}
+        for value in event.summary.value:
+            out.setdefault(value.tag, {})[event.step] = value.simple_value
     return out
 
 

@@ -95,23 +95,29 @@ def test_tensorboard_events_hold_the_logged_scalars(base_run):
     assert scalars["val/loss"] == {r["step"]: pytest.approx(r["val_loss"], rel=1e-6) for r in val}
 
 
+def tfevents(run_dir):
+    """Every event of a run directory's event files, in file order: the TFRecord framing (u64
+    length, u32 crc, payload, u32 crc), each payload parsed by tensorboardX's own Event proto."""
+    from tensorboardX.proto import event_pb2
+
+    for path in sorted(run_dir.glob("events.out.tfevents.*")):
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):
+            (n,) = struct.unpack("<Q", data[pos:pos + 8])
+            yield event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+            pos += 12 + n + 4
+
+
 def _read_scalars(run_dir):
     """``{tag: {step: value}}`` of a run directory's event files: tensorboard's EventAccumulator
-    when tensorboard is installed, else the TFRecord framing (u64 length, u32 crc, payload, u32
-    crc) with each payload parsed by tensorboardX's own Event proto."""
+    when tensorboard is installed, else :func:`tfevents`."""
     out = {}
     try:
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     except ImportError:
-        from tensorboardX.proto import event_pb2
-        for path in sorted(run_dir.glob("events.out.tfevents.*")):
-            data, pos = path.read_bytes(), 0
-            while pos < len(data):
-                (n,) = struct.unpack("<Q", data[pos:pos + 8])
-                event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
-                pos += 12 + n + 4
-                for value in event.summary.value:
-                    out.setdefault(value.tag, {})[event.step] = value.simple_value
+        for event in tfevents(run_dir):
+            for value in event.summary.value:
+                out.setdefault(value.tag, {})[event.step] = value.simple_value
         return out
     acc = EventAccumulator(str(run_dir))
     acc.Reload()
