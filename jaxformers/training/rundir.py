@@ -4,7 +4,8 @@ Layout (``train_config.out_dir``)::
 
     config.json        {"model": ModelConfig dict, "train": TrainConfig dict, "compute_dtype", "dataset"
                         (the source's description + corpus_sha256 / n_tokens of a prepared dataset),
-                        "n_params", "mesh"[, "loss_fn": "module.qualname" of a Python loss function]}
+                        "n_params", "mesh"[, "loss_fn": "module.qualname" of a Python loss function],
+                        "step_fn": the class name of train's step_fn (null: train_step; checked on resume)}
     metrics.jsonl      {"step", "loss", "lr", "grad_norm", "tokens_per_s", "tokens"[, "aux/<name>",
                         "total_loss", other loss metrics]} every log_every steps,
                        {"step", "val_loss", "val_ppl"} at every evaluation
@@ -26,8 +27,8 @@ config to equal the saved one (after normalising the saved dict through
 :func:`jaxformers.registry.config_from_dict`, so configs saved by older versions compare
 equal), reports train-config changes and a changed dataset (:func:`dataset_changes`: e.g. the
 same corpus path with other content), and drops ``metrics.jsonl`` rows after the restored step
-(and the restored step's evaluation rows when its checkpoint says the evaluation was due: the
-resume evaluates it again); it writes its (possibly changed) config to ``config.json`` / ``run.yaml`` only
+(a restored step whose checkpoint says its evaluation was due and whose evaluation row is missing
+is evaluated again); it writes its (possibly changed) config to ``config.json`` / ``run.yaml`` only
 with the first checkpoint it saves, so a resume that trains nothing (a finished run, or
 ``steps`` equal to the checkpointed step) or is stopped before its first save leaves them
 describing the run's checkpoints.  Only process 0 writes files.
