@@ -358,15 +358,16 @@ def check_finished(summary: dict, name: str, tag: str) -> None:
         return
     raise SystemExit(f"[{tag}] training of {name} stopped at step {summary.get('final_step')} of "
                      f"{summary.get('steps')} (signal {summary.get('stopped_by_signal')}): not reported "
-                     "(the runs finished before it stay in OUT/runs)")
+                     "(the runs finished before it stay in OUT/runs; with --reuse a rerun keeps them and "
+                     "continues this one from its checkpoint)")
 
 
 def train_fresh(name: str, cfg, out, *, seed: int, data: str, train_kw: dict, log_points: int,
-                tag: str, cache=None):
+                tag: str, cache=None, step_fn=None):
     """Train ``cfg`` from scratch into ``out/runs/name`` (an old run there is removed) on
     byte-level ``data``; returns ``(summary, params, compute_dtype, train_config)``.
     ``cache``: a ``jaxformers.training.CompileCache`` shared by the runs of one experiment
-    (a model trained twice with the same program is compiled once)."""
+    (a model trained twice with the same program is compiled once); ``step_fn``: ``train``'s."""
     import shutil
     import sys
     from pathlib import Path
@@ -379,14 +380,14 @@ def train_fresh(name: str, cfg, out, *, seed: int, data: str, train_kw: dict, lo
         shutil.rmtree(run_dir)
     tc = fresh_train_config(name, out, seed=seed, data=data, train_kw=train_kw, log_points=log_points)
     print(f"[{tag}] training {name} ({cfg.n_layer} layers)", file=sys.stderr, flush=True)
-    summary = train(cfg, tc, progress=False, cache=cache)
+    summary = train(cfg, tc, progress=False, cache=cache, step_fn=step_fn)
     check_finished(summary, name, tag)
     _, _, params = load_run(run_dir)
     return summary, params, resolve_dtype(tc.dtype), tc
 
 
 def reuse_or_train(name: str, cfg, out, reusable, *, seed: int, data: str, train_kw: dict,
-                   log_points: int, tag: str, cache=None):
+                   log_points: int, tag: str, cache=None, step_fn=None):
     """``(summary, params, compute_dtype, train_config)`` of run ``out/runs/name``: when ``name``
     is in ``reusable`` (:func:`check_reuse`: a run of an earlier invocation with the same config
     and settings), loaded if it finished, or continued from its checkpoint if a signal stopped
@@ -397,7 +398,7 @@ def reuse_or_train(name: str, cfg, out, reusable, *, seed: int, data: str, train
 
     if name not in reusable:
         return train_fresh(name, cfg, out, seed=seed, data=data, train_kw=train_kw, log_points=log_points,
-                           tag=tag, cache=cache)
+                           tag=tag, cache=cache, step_fn=step_fn)
     from jaxformers.training import load_run, train
     from jaxformers.training.steps import resolve_dtype
 
@@ -407,7 +408,7 @@ def reuse_or_train(name: str, cfg, out, reusable, *, seed: int, data: str, train
         tc = fresh_train_config(name, out, seed=seed, data=data, train_kw=train_kw, log_points=log_points)
         print(f"[{tag}] resuming {name} from its checkpoint (step {summary.get('final_step')})",
               file=sys.stderr, flush=True)
-        summary = train(cfg, tc, progress=False, cache=cache, resume=True)
+        summary = train(cfg, tc, progress=False, cache=cache, resume=True, step_fn=step_fn)
         check_finished(summary, name, tag)
     else:
         print(f"[{tag}] reusing {run_dir}", file=sys.stderr, flush=True)
@@ -415,13 +416,14 @@ def reuse_or_train(name: str, cfg, out, reusable, *, seed: int, data: str, train
     return summary, params, resolve_dtype(tc.dtype), tc
 
 
-def check_reuse(out, runs, *, seed: int, data: str, train_kw: dict, log_points: int) -> list:
+def check_reuse(out, runs, *, seed: int, data: str, train_kw: dict, log_points: int, step_fn=None) -> list:
     """``--reuse``, checked before anything trains: the names in ``runs`` (``[(name, cfg)]``)
     whose run ``out/runs/name`` can be reused: a finished run, or one a signal stopped before its
     last step (:func:`reuse_or_train` continues it from its checkpoint; with other settings it
     is trained again from scratch).  ``SystemExit`` naming the run and the fields when a
     finished run was trained with another model config or other training settings (steps,
-    seed, data, batch, ...): reusing it would report numbers of another experiment; rerun
+    seed, data, batch, ...) or, for a ``step_fn`` with a ``run_changes(run_dir)`` hook (DoGE's
+    settings), other step settings: reusing it would report numbers of another experiment; rerun
     without ``--reuse`` (or with another ``--out``)."""
     from pathlib import Path
 
@@ -443,6 +445,8 @@ def check_reuse(out, runs, *, seed: int, data: str, train_kw: dict, log_points: 
             continue
         tc = fresh_train_config(name, out, seed=seed, data=data, train_kw=train_kw, log_points=log_points)
         changes = [c for c in train_config_changes(saved, tc) if not c.startswith("log_every:")]
+        if hasattr(step_fn, "run_changes"):
+            changes += [f"{type(step_fn).__name__} {c}" for c in step_fn.run_changes(run_dir)]
         if changes and stopped:
             continue  # stopped by a signal, with other settings: trained again from scratch
         if changes:

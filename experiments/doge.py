@@ -38,10 +38,10 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
-from experiments.common import experiment_parser, parse_experiment_args, save_progress, write_results
+from experiments.common import (check_reuse, experiment_parser, parse_experiment_args, reuse_or_train,
+                                save_progress, write_results)
 
 DOMAINS = ("comedies", "histories", "tragedies", "poems", "python")
 OOD_TARGET = "poems"  # default held-out domain of the out-of-domain mode
@@ -89,74 +89,37 @@ def _check_args(ap, args) -> None:
         ap.error(f"--mu must be a finite number > 0, got {args.mu}")
 
 
-def _configs(name, model_kw, train_kw, data, out, seed, eval_batches):
-    """``(run_dir, model config, train config)`` of run ``name``."""
+def _reusable(name, model_kw, train_kw, data, out, seed, eval_batches, step_fn=None) -> list:
+    """``[name]`` when ``OUT/runs/name`` can be reused (:func:`experiments.common.check_reuse`:
+    finished, or stopped by a signal, with the same model config, training settings and, for a
+    proxy, DoGE settings), else ``[]``; ``SystemExit`` naming the differences when a finished
+    run was trained with others."""
+    return check_reuse(out, [(name, _model_config(model_kw))], seed=seed, data=data,
+                       train_kw=_train_kw(train_kw, eval_batches), log_points=30, step_fn=step_fn)
+
+
+def _model_config(model_kw):
     import jaxformers as jf
-    from jaxformers.training import TrainConfig
-
-    run_dir = Path(out) / "runs" / name
-    cfg = jf.get_config("gpt", "tiny", vocab_size=257, **model_kw)
-    tc = TrainConfig(seed=seed, data=data, tokenizer="byte", out_dir=str(run_dir), checkpoint_every=0,
-                     keep_checkpoints=1, eval_every=0, eval_batches=eval_batches,
-                     log_every=max(1, train_kw["steps"] // 30), **train_kw)
-    return run_dir, cfg, tc
+    return jf.get_config("gpt", "tiny", vocab_size=257, **model_kw)
 
 
-def _reusable(run_dir, cfg, tc, step_fn=None):
-    """The summary of the run in ``run_dir`` (finished, or stopped by a signal) when it was trained
-    with ``cfg``, ``tc`` and ``step_fn``'s DoGE settings; ``None`` when there is no such run (a
-    stopped run with other settings is retrained); ``SystemExit`` naming the differences when a
-    finished run was trained with other settings."""
-    from jaxformers.training.doge import DOGE_FILE
-    from jaxformers.training.rundir import check_resume, train_config_changes
-
-    path = Path(run_dir) / "summary.json"
-    if not path.is_file():
-        return None
-    summary = json.loads(path.read_text())
-    try:
-        saved = check_resume(run_dir, cfg)
-        changes = [] if saved is not None else ["no config.json"]
-    except ValueError as e:
-        saved, changes = None, [str(e)]
-    changes += [c for c in train_config_changes(saved, tc) if not c.startswith("log_every:")]
-    if step_fn is not None:
-        doge = Path(run_dir) / DOGE_FILE
-        old = json.loads(doge.read_text()) if doge.is_file() else {}
-        changes += [f"doge {k}: {old.get(k)!r} -> {v!r}" for k, v in step_fn.settings().items() if old.get(k) != v]
-    if not changes:
-        return summary
-    if not summary.get("finished"):
-        return None
-    raise SystemExit(f"--reuse: cannot reuse {run_dir}: it was trained with other settings: "
-                     + "; ".join(changes) + "\n(rerun without --reuse to retrain, or use another --out)")
+def _train_kw(train_kw, eval_batches) -> dict:
+    return dict(train_kw, eval_every=0, eval_batches=eval_batches)
 
 
 def _train(name, model_kw, train_kw, data, out, seed, eval_batches, step_fn=None, cache=None, reuse=False):
     """``(summary, run_dir, reused)``: run ``name`` trained from scratch, or with ``reuse`` the
-    finished run of an earlier invocation with the same settings (:func:`_reusable`), or that
-    run continued from its checkpoint when a signal stopped it.  ``SystemExit`` when a signal
-    stops this run: the experiment never reports a partly trained model."""
-    import shutil
-
-    from jaxformers.training import train
-
-    run_dir, cfg, tc = _configs(name, model_kw, train_kw, data, out, seed, eval_batches)
-    summary = _reusable(run_dir, cfg, tc, step_fn) if reuse else None
-    if summary is not None and summary.get("finished"):
-        print(f"[doge] reusing {run_dir}", file=sys.stderr, flush=True)
-        return summary, run_dir, True
-    resume = summary is not None  # stopped by a signal, with these settings: continue it
-    if run_dir.exists() and not resume:
-        shutil.rmtree(run_dir)
-    print(f"[doge] {'resuming' if resume else 'training'} {name}", file=sys.stderr, flush=True)
-    summary = train(cfg, tc, progress=False, step_fn=step_fn, cache=cache, resume=resume)
-    if not summary.get("finished", True):
-        raise SystemExit(f"[doge] {name} stopped at step {summary.get('final_step')} of {tc.steps} "
-                         f"(signal {summary.get('stopped_by_signal')}): not reporting a partly trained model; "
-                         f"the finished runs' numbers are in {out}/results.json; rerun with --reuse to keep "
-                         "the finished runs and continue this one from its checkpoint")
-    return summary, run_dir, False
+    finished run of an earlier invocation with the same settings (:func:`_reusable`, then
+    ``reused``), or that run continued from its checkpoint when a signal stopped it.
+    ``SystemExit`` when a signal stops this run: the experiment never reports a partly
+    trained model (rerun with ``--reuse`` to continue it)."""
+    run_dir = Path(out) / "runs" / name
+    reusable = _reusable(name, model_kw, train_kw, data, out, seed, eval_batches, step_fn) if reuse else []
+    reused = bool(reusable) and json.loads((run_dir / "summary.json").read_text()).get("finished", True)
+    summary, _, _, _ = reuse_or_train(name, _model_config(model_kw), out, reusable, seed=seed, data=data,
+                                      train_kw=_train_kw(train_kw, eval_batches), log_points=30, tag="doge",
+                                      cache=cache, step_fn=step_fn)
+    return summary, run_dir, reused
 
 
 def _domain_table(summary, names):
@@ -218,7 +181,7 @@ def run(args) -> dict:
                       ("ood_uniform", preset["base_model"], base_kw,
                        domain_spec(DOMAINS, weights=ood_uniform, max_bytes=max_bytes), None)]
         for name, model_kw, train_kw, data, fn in known:
-            _reusable(*_configs(name, model_kw, train_kw, data, args.out, args.seed, ev), fn)
+            _reusable(name, model_kw, train_kw, data, args.out, args.seed, ev, fn)
 
     # 1. proxy run: universal generalization
     # a base run on DoGE weights is reused only with its reused proxy (a retrained proxy's weights may differ)

@@ -202,13 +202,14 @@ def load_model(out: Path, name: str, cfg, record: dict, seed: int):
     import jax
     from flax import serialization
     from jaxformers import build, init_params
+    from jaxformers.training.rundir import config_diff
 
     meta = out / "models" / f"{name}.json"
     if not meta.is_file() or not (out / "models" / f"{name}.msgpack").is_file():
         return None
     saved = json.loads(meta.read_text())
-    wanted, have = _flat({k: record[k] for k in ("seed", "settings", "config")}), _flat(saved)
-    diff = [f"{k}: {have.get(k)!r} -> {v!r}" for k, v in wanted.items() if have.get(k) != v]
+    sections = ("seed", "settings", "config")
+    diff = config_diff(_flat({k: saved.get(k) for k in sections}), _flat({k: record[k] for k in sections}))
     if diff:
         raise SystemExit(f"--reuse: cannot reuse {meta.with_suffix('.msgpack')}: it was trained with other "
                          f"settings: {'; '.join(diff)}\n(rerun without --reuse to retrain, or use another --out)")

@@ -229,6 +229,14 @@ class DogeStep:
         return {"domains": list(self.domains), "targets": list(self.targets), "mu": float(self.mu),
                 "dw_min": float(self.dw_min), "dw_max": float(self.dw_max), "smoothing": float(self.smoothing)}
 
+    def run_changes(self, run_dir) -> list:
+        """How the settings ``run_dir`` was trained with (its ``doge.json``; all of them when it has
+        none) differ from these: ``["mu: 0.01 -> 0.05", ...]``, empty when equal.  A ``step_fn``
+        hook: ``experiments.common.check_reuse`` compares finished runs with it."""
+        path = Path(run_dir).expanduser() / DOGE_FILE
+        saved = json.loads(path.read_text()) if path.is_file() else {}
+        return [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in self.settings().items() if saved.get(k) != v]
+
     def _check_run_dir(self, out_dir) -> None:
         """A run directory holding checkpoints (a resume) must have been trained with these
         settings (``ValueError`` naming the changed ones); otherwise ``doge.json`` records them."""
@@ -236,10 +244,8 @@ class DogeStep:
         from .rundir import atomic_write
 
         run_dir = Path(out_dir).expanduser()
-        path = run_dir / DOGE_FILE
-        if path.is_file() and Checkpointer(run_dir).complete_steps():
-            saved = json.loads(path.read_text())
-            changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in self.settings().items() if saved.get(k) != v]
+        if (run_dir / DOGE_FILE).is_file() and Checkpointer(run_dir).complete_steps():
+            changed = self.run_changes(run_dir)
             if changed:
                 raise ValueError(
                     f"cannot resume {run_dir} with another DogeStep ({'; '.join(changed)}): its checkpointed "
@@ -248,7 +254,7 @@ class DogeStep:
             return
         if jax.process_index() == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, json.dumps(self.settings(), indent=1) + "\n")
+            atomic_write(run_dir / DOGE_FILE, json.dumps(self.settings(), indent=1) + "\n")
 
     # ------------------------------------------------------------------ optimizer state
     def wrap_optimizer(self, tx: optax.GradientTransformation) -> optax.GradientTransformation:

@@ -93,21 +93,18 @@ def read_metrics(run_dir) -> list:
     return rows
 
 
-def truncate_metrics(run_dir, last_step: int, drop_eval: bool = False) -> None:
-    """Drop the rows after ``last_step`` (they belong to steps that will be replayed), and with
-    ``drop_eval`` the evaluation rows (``val_loss``) of ``last_step`` too (it is evaluated again)."""
-    rows = [r for r in read_metrics(run_dir) if r.get("step", 0) < last_step
-            or (r.get("step", 0) == last_step and not (drop_eval and "val_loss" in r))]
+def truncate_metrics(run_dir, last_step: int) -> None:
+    """Drop the rows after ``last_step`` (they belong to steps that will be replayed)."""
+    rows = [r for r in read_metrics(run_dir) if r.get("step", 0) <= last_step]
     atomic_write(Path(run_dir) / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
 
 
-def reset_metrics(run_dir, restored_step: Optional[int], drop_eval: bool = False) -> None:
-    """Start ``metrics.jsonl`` afresh, or keep its rows up to ``restored_step`` on resume
-    (``drop_eval``: but not the evaluation rows of ``restored_step``, see :func:`truncate_metrics`)."""
+def reset_metrics(run_dir, restored_step: Optional[int]) -> None:
+    """Start ``metrics.jsonl`` afresh, or keep its rows up to ``restored_step`` on resume."""
     if restored_step is None:
         atomic_write(Path(run_dir) / METRICS_FILE, "")
     else:
-        truncate_metrics(run_dir, restored_step, drop_eval)
+        truncate_metrics(run_dir, restored_step)
 
 
 class MetricsWriter:

@@ -492,7 +492,7 @@ def _train(model_config, tc, *, run_dir, is_main, multi, resume, progress, stop_
     if is_main:
         if not with_ckpt:
             write_run_config()
-        rundir.reset_metrics(run_dir, start_step if with_ckpt else None, drop_eval=eval_due)
+        rundir.reset_metrics(run_dir, start_step if with_ckpt else None)
         rundir.copy_tokenizer(run_dir, source.ds_dir)
 
     # ---------------------------------------------------------------- compile
@@ -532,7 +532,7 @@ def _train(model_config, tc, *, run_dir, is_main, multi, resume, progress, stop_
     last_train, last_eval = None, None
     if tc.init_from is not None and not with_ckpt and start_step < end_step:
         evaluate_now(0)  # the source model's loss on this data: where fine-tuning starts
-    if eval_due:  # the restored step's evaluation (its row was dropped: it may be missing)
+    if eval_due:  # the restored step's evaluation, cut short before it wrote its row
         last_eval = evaluate_now(start_step)
     clock = Throughput(start_step, tc.tokens_per_step)
     stop = _StopRequest()
