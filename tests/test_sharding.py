@@ -123,6 +123,14 @@ SCRIPT = textwrap.dedent('''
                        "shape": list(arr.shape)}}
     out["specs"] = specs
 
+    # the dimensions the rules would split but the mesh does not divide are named (the trainer
+    # reports this line when it starts)
+    from jaxformers import build
+    from jaxformers.training.mesh import logical_to_sharding, unfit_report
+    from jaxformers.training.steps import abstract_params
+    abstract, logical = abstract_params(build(_configs(corpus, root, MESHES[2])[0]), 2)
+    out["unfit"] = unfit_report(logical_to_sharding(logical, make_mesh(MESHES[2])), abstract)
+
     # data=2,expert=2,tensor=2: every (data, expert) pair holds its own quarter of the batch
     from jaxformers.training.mesh import batch_sharding
     mesh = make_mesh(MESHES[3])
@@ -168,3 +176,6 @@ def test_losses_match_across_meshes_and_params_are_sharded(tmp_path, monkeypatch
     assert specs["embedding"]["spec"][0] is None and specs["embedding"]["shard_shape"] == [257, 16]
     assert specs["scale"]["shard_shape"] == [16]
     assert out["batch_shard"] == [2, 33]
+    line, share = out["unfit"]
+    assert line.startswith("1 dimension(s) not split") and "embed/embedding dim 0 (257) over tensor=4" in line, line
+    assert 0.05 < share < 0.9

@@ -403,3 +403,38 @@ def fit_shardings(shardings, abstract):
     """:func:`fit_sharding` over matching pytrees of shardings and arrays/ShapeDtypeStructs."""
     return jax.tree.map(lambda s, a: fit_sharding(s, a.shape), shardings, abstract,
                         is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+
+
+def unfit_report(shardings, abstract, max_items: int = 4) -> Optional[Tuple[str, float]]:
+    """``(line, share)`` on the arrays of ``abstract`` that ``shardings`` (from the logical
+    rules, before :func:`fit_sharding`) would split over mesh axes not dividing a dimension.
+
+    ``line`` names them (e.g. ``embed/embedding dim 0 (257) over tensor=2``) and their bytes;
+    ``share`` is their fraction of all the bytes of ``abstract``; ``None`` when every rule
+    fits.  Such dimensions are kept whole on every device (more memory per device than the
+    mesh suggests), which the trainer reports when it starts."""
+    flat_s = jax.tree_util.tree_leaves_with_path(
+        shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    flat_a = jax.tree.leaves(abstract)
+    items, n_bytes, all_bytes = [], 0, 0
+    for (path, sharding), a in zip(flat_s, flat_a):
+        size = int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
+        all_bytes += size
+        fitted = fit_sharding(sharding, a.shape)
+        if fitted is sharding:
+            continue
+        n_bytes += size
+        name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        for dim, (want, got) in enumerate(zip(sharding.spec, fitted.spec)):
+            if want != got:
+                want_t = want if isinstance(want, tuple) else (want,)
+                axes = "x".join(f"{n}={sharding.mesh.shape[n]}" for n in want_t)
+                items.append(f"{name} dim {dim} ({a.shape[dim]}) over {axes}")
+    if not items:
+        return None
+    shown = "; ".join(items[:max_items]) + (f"; and {len(items) - max_items} more" if len(items) > max_items
+                                            else "")
+    share = n_bytes / max(all_bytes, 1)
+    return (f"{len(items)} dimension(s) not split over mesh axes that do not divide them (kept whole on "
+            f"every device, {n_bytes / 2**20:.2f} MiB = {100 * share:.1f}% of the "
+            f"parameter bytes): {shown}", share)

@@ -224,8 +224,10 @@ class Program:
         # Parameter shardings come from the jit out_shardings instead.
         self._tokens0 = _init_tokens(module, mesh_lib.batch_parallelism(mesh))
         self.abstract_params, self.logical_specs = abstract_params(module, self._tokens0.shape[0])
-        self.param_shardings = mesh_lib.fit_shardings(
-            mesh_lib.logical_to_sharding(self.logical_specs, mesh), self.abstract_params)
+        wanted = mesh_lib.logical_to_sharding(self.logical_specs, mesh)
+        self.param_shardings = mesh_lib.fit_shardings(wanted, self.abstract_params)
+        # the parameter dimensions the rules would split but the mesh axes do not divide
+        self.unfit_params = mesh_lib.unfit_report(wanted, self.abstract_params)
         self.replicated = mesh_lib.replicated(mesh)
         self.batch_sharding = mesh_lib.batch_sharding(mesh, None)  # leading axis of every array
         self.micro_sharding = NamedSharding(mesh, P(None, mesh_lib.BATCH_AXES))

@@ -426,6 +426,9 @@ def _train(model_config, tc, *, run_dir, is_main, multi, resume, progress, stop_
     # ---------------------------------------------------------------- setup: the compiled program
     program = train_program(model_config, tc, mesh, dtype, loss_fn, cache, step_fn)
     n_params = count_params(program.abstract_params)
+    if program.unfit_params:  # a warning when it costs much memory per device
+        line, share = program.unfit_params
+        messages.append((f"mesh {mesh_lib.describe(mesh)}: {line}", share > 0.1))
 
     # ---------------------------------------------------------------- restore or initialise
     start_step = 0
