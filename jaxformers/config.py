@@ -43,6 +43,9 @@ class ModelConfig(ConfigMixin):
     MLP blocks: GPT, Llama, DenseFormer), ``MambaConfig`` (SSM blocks, no attention fields),
     ``HybridConfig`` (both).  ``skip_gains=True`` gives every block learned scalar gains
     (init 1) on its skip connections (DenseFormer's ablation; any block supports it).
+    ``residual_fp32=True`` keeps the residual stream in float32 when ``dtype`` is lower
+    (bfloat16): the embedding output and every block's ``x + branch`` are float32, the norms
+    read it in float32 and hand the branches ``dtype`` (mamba_ssm's ``residual_in_fp32``).
 
     Dropout (off by default; active only in training, where the trainer passes a
     ``dropout`` rng -- evaluation and generation are deterministic): ``embed_dropout`` on
@@ -70,6 +73,10 @@ class ModelConfig(ConfigMixin):
     skip_gains: bool = False
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
+    # keep the residual stream (embedding output, every block's output) in float32 under a
+    # lower compute dtype; the branches (norm -> mixer / MLP) still compute in ``dtype``
+    # (mamba_ssm's / HF Mamba's ``residual_in_fp32``)
+    residual_fp32: bool = False
     scan_layers: bool = False
     remat: str = "none"
     dropout: float = 0.0  # residual branches
@@ -93,7 +100,7 @@ class ModelConfig(ConfigMixin):
         _choice("remat", self.remat, REMAT_POLICIES)
         _choice("dtype", self.dtype, DTYPES)
         _choice("param_dtype", self.param_dtype, DTYPES)
-        for name in ("tie_embeddings", "scale_residual_init", "skip_gains", "scan_layers"):
+        for name in ("tie_embeddings", "scale_residual_init", "skip_gains", "scan_layers", "residual_fp32"):
             _boolean(self, name)
         _finite(self, "norm_eps", lo=0.0, lo_open=True)
         _finite(self, "init_std", lo=0.0)

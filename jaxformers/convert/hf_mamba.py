@@ -39,7 +39,7 @@ _PREFIX = "backbone."
 # transformers' MambaConfig / Mamba2Config defaults: what HF reads for a key a config.json omits
 _COMMON_DEFAULTS = dict(expand=2, conv_kernel=4, use_bias=False, use_conv_bias=True, hidden_act="silu",
                         layer_norm_epsilon=1e-5, initializer_range=0.1, time_step_min=0.001,
-                        time_step_max=0.1, time_step_floor=1e-4)
+                        time_step_max=0.1, time_step_floor=1e-4, residual_in_fp32=True)
 HF_DEFAULTS = {
     "mamba": dict(_COMMON_DEFAULTS, vocab_size=50280, hidden_size=768, num_hidden_layers=32, state_size=16,
                   tie_word_embeddings=True, time_step_rank="auto", time_step_scale=1.0,
@@ -65,6 +65,9 @@ def config_from_hf_mamba(hf: dict, *, dtype: str = "float32", scan_layers: bool 
     as ``from_pretrained`` would read it (e.g. Mamba-2 ``state_size=128``, ``n_groups=8``).
 
     ``chunk_size`` (Mamba-2): the SSD kernel tile, ``None`` = ``MambaConfig``'s default.
+    ``residual_in_fp32`` (HF default True) becomes ``residual_fp32``: under a bfloat16
+    ``dtype`` the residual stream stays float32, as in transformers and mamba_ssm (our norms
+    read it in float32; transformers casts it to the norm weight's dtype first).
     HF's own ``chunk_size`` is its kernels' tile, not part of the model's function
     (outputs agree up to float rounding for any tile), so it is not carried over.
     """
@@ -95,6 +98,7 @@ def config_from_hf_mamba(hf: dict, *, dtype: str = "float32", scan_layers: bool 
         dt_min=float(hf["time_step_min"]), dt_max=float(hf["time_step_max"]),
         dt_init_floor=float(hf["time_step_floor"]),
         dtype=dtype, param_dtype=dtype, scan_layers=scan_layers, scan_impl=scan_impl,
+        residual_fp32=bool(hf["residual_in_fp32"]),  # a float32 residual stream under bfloat16
     )
     if model_type == "mamba":
         rank = hf["time_step_rank"]

@@ -16,7 +16,10 @@ class Embed(nn.Module):
                                     (c.vocab_size, c.d_model), dtype_of(c.param_dtype))
 
     def __call__(self, tokens):
-        x = jnp.take(self.embedding, tokens, axis=0).astype(dtype_of(self.config.dtype))
+        """The residual stream's start: ``dtype``, or float32 under ``residual_fp32``."""
+        c = self.config
+        x = jnp.take(self.embedding, tokens, axis=0).astype(
+            jnp.float32 if getattr(c, "residual_fp32", False) else dtype_of(c.dtype))
         x = dropout(self, x, getattr(self.config, "embed_dropout", 0.0))
         return constrain(x, (BATCH, LENGTH, ACT_EMBED))
 

@@ -383,7 +383,7 @@ class CoTFormer(Transformer):
                 x, upd = self.blocks[i](x, positions, None, ctx, cache_index)
                 caches[i] = {n: full[n].at[:, r - 1].set(upd[n]) for n in ("k", "v")}
             if c.ln_mid:
-                x = self.mid_norm(x)
+                x = self.mid_norm(x).astype(x.dtype)  # the stream keeps its dtype
         for i in mid:
             new_caches[i] = caches[i]
         return x
@@ -414,7 +414,7 @@ class CoTFormer(Transformer):
                 if c.cross_repeat:
                     ctx[i] = new
             if c.ln_mid:
-                h = self.mid_norm(h)
+                h = self.mid_norm(h).astype(h.dtype)  # the stream keeps its dtype (residual_fp32)
             if weight is not None and c.router_mix:
                 h = (x_in.astype(jnp.float32) * (1 - weight) + h.astype(jnp.float32) * weight).astype(h.dtype)
             if valid is not None:
