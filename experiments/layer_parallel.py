@@ -16,7 +16,8 @@ several positions of the paired span (``early``: from layer 1, ``middle``, ``lat
 before the last layer; the first and last layers are never paired, as in the authors' runs)
 the model is transformed with ``jaxformers.transforms.pair_layers`` (fused form, no retraining)
 and measured: validation perplexity and next-token accuracy (``--eval-batches`` batches of the
-validation split, compute dtype ``infer_dtype``), prefill tokens/s (batch ``infer_batch`` x
+validation split, compute dtype ``infer_dtype``; over the targets the trainer's validation counts:
+a synthetic task's ``loss_mask`` weights them), prefill tokens/s (batch ``infer_batch`` x
 ``seq_len``), decode tokens/s at batch 1 and at batch ``infer_batch`` (greedy, KV cache,
 ``--decode-tokens`` steps after a ``prompt_len`` prompt, jitted ``fori_loop``; the fastest of 3
 interleaved rounds of ``--iters`` calls).  Spans ending at layer ``L-2`` are also evaluated with the
@@ -208,12 +209,16 @@ def spans(n_layer: int, max_pairs=None, positions=POSITIONS, pair_counts=None):
 
 # ============================================================================ measurements
 class Evaluator:
-    """Validation perplexity + next-token accuracy; one compiled program per config."""
+    """Validation perplexity + next-token accuracy over the targets the trainer's validation
+    counts (weighted by the batch's ``loss_mask``, e.g. a synthetic task's answer tokens, and
+    kept inside packed ``segment_ids``); one compiled program per config."""
 
     def __init__(self, data, tokenizer, batch, seq_len, max_batches, dtype):
         from jaxformers.data import open_data
         source = open_data(data, tokenizer)
-        self.batches = [b["tokens"] for b in source.eval_batches(batch, seq_len, max_batches, drop_last=True)]
+        keys = ("tokens", "loss_mask", "segment_ids", "positions")  # what the trainer's loss reads
+        self.batches = [{k: b[k] for k in keys if b.get(k) is not None}
+                        for b in source.eval_batches(batch, seq_len, max_batches, drop_last=True)]
         if not self.batches:
             raise SystemExit(f"the validation split of {data!r} has no full batch of {batch} x {seq_len + 1}")
         self.dtype, self._fns = dtype, {}
@@ -222,16 +227,18 @@ class Evaluator:
         import jax
         import jax.numpy as jnp
         from jaxformers import build
+        from jaxformers.training.losses import model_inputs, next_token_targets
 
         if cfg not in self._fns:
             module = build(cfg)
 
-            def stats(params, rows):
-                logits = module.apply({"params": params}, rows[:, :-1]).astype(jnp.float32)
-                targets = rows[:, 1:]
+            def stats(params, batch):
+                tokens, inputs = model_inputs(batch)
+                logits = module.apply({"params": params}, tokens, **inputs).astype(jnp.float32)
+                targets, w = next_token_targets(batch)       # loss_mask / segment weights
                 logp = jax.nn.log_softmax(logits, axis=-1)
                 nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-                return jnp.sum(nll), jnp.sum(jnp.argmax(logits, -1) == targets)
+                return jnp.sum(w * nll), jnp.sum(w * (jnp.argmax(logits, -1) == targets)), jnp.sum(w)
 
             self._fns[cfg] = jax.jit(stats)
         return self._fns[cfg]
@@ -240,9 +247,11 @@ class Evaluator:
         cfg, params = cast(cfg, params, self.dtype)
         fn = self._fn(cfg)
         nll = correct = n = 0.0
-        for rows in self.batches:
-            a, b = fn(params, rows)
-            nll, correct, n = nll + float(a), correct + float(b), n + rows[:, 1:].size
+        for batch in self.batches:
+            a, b, w = fn(params, batch)
+            nll, correct, n = nll + float(a), correct + float(b), n + float(w)
+        if n <= 0:
+            raise SystemExit("the validation batches have no target token of weight > 0 (loss_mask)")
         return {"val_loss": nll / n, "val_ppl": math.exp(nll / n), "val_acc": correct / n,
                 "val_tokens": int(n)}
 
@@ -353,30 +362,7 @@ def run(args, ap=None) -> dict:
     base = ev(cfg, params)
     print(f"{tag} baseline: ppl {base['val_ppl']:.4f} acc {base['val_acc']:.4f}", file=sys.stderr, flush=True)
     rows, paired = [], {}
-    for position, start, end in spans(cfg.n_layer, args.max_pairs, preset["positions"], preset["pair_counts"]):
-        for mlp_norm in (("own", "mean") if end == cfg.n_layer - 1 else ("own",)):
-            pcfg, pparams = pair_layers(cfg, params, start, end, mlp_norm=mlp_norm)
-            row = {"position": position, "start": start, "end": end, "n_pairs": len(pcfg.pairs),
-                   "mlp_norm": mlp_norm, "effective_depth": pcfg.effective_depth, **ev(pcfg, pparams)}
-            row["rel_ppl_increase"] = row["val_ppl"] / base["val_ppl"] - 1
-            paired.setdefault(f"{start}:{end}", (start, end))  # speed: the same for both norms
-            rows.append(row)
-            print(f"{tag} pairs {start}:{end} ({position}, mlp_norm={mlp_norm}): ppl {row['val_ppl']:.4f} "
-                  f"(+{100 * row['rel_ppl_increase']:.2f}%) acc {row['val_acc']:.4f}", file=sys.stderr, flush=True)
-
-    # ------------------------------------------------ preliminary study (no speed: quality only)
     study = {"delete": [], "swap": [], "shuffle": []}
-    for i in range(0 if args.no_study else cfg.n_layer):
-        study["delete"].append({"layer": i, **ev(*delete_layers(cfg, params, [i]))})
-    for i in range(0 if args.no_study else cfg.n_layer - 1):
-        study["swap"].append({"layers": [i, i + 1], **ev(*swap_layers(cfg, params, i))})
-    for s in range(0, 0 if args.no_study else cfg.n_layer - 2):
-        c2, p2, order = shuffle_layers(cfg, params, s, s + 3, seed=args.seed)
-        study["shuffle"].append({"layers": [s, s + 3], "order": order, "seed": args.seed, **ev(c2, p2)})
-    for kind, items in study.items():
-        for item in items:
-            item["rel_ppl_increase"] = item["val_ppl"] / base["val_ppl"] - 1
-
     results = {
         "preset": args.preset, "seed": args.seed, "backend": jax.default_backend(),
         "device_kind": jax.devices()[0].device_kind, "jax_version": jax.__version__, "data": data,
@@ -387,7 +373,37 @@ def run(args, ap=None) -> dict:
         "baseline": base, "pairs": rows, "study": study, "complete": False,
         "note": f"speeds measured on {jax.default_backend()} ({jax.devices()[0].device_kind})",
     }
-    write_json(out / "results.json", results, indent=2)  # quality only, so far
+
+    def save():  # quality so far (complete: false): an interrupted run keeps every row it measured
+        write_json(out / "results.json", results, indent=2)
+
+    save()
+    for position, start, end in spans(cfg.n_layer, args.max_pairs, preset["positions"], preset["pair_counts"]):
+        for mlp_norm in (("own", "mean") if end == cfg.n_layer - 1 else ("own",)):
+            pcfg, pparams = pair_layers(cfg, params, start, end, mlp_norm=mlp_norm)
+            row = {"position": position, "start": start, "end": end, "n_pairs": len(pcfg.pairs),
+                   "mlp_norm": mlp_norm, "effective_depth": pcfg.effective_depth, **ev(pcfg, pparams)}
+            row["rel_ppl_increase"] = row["val_ppl"] / base["val_ppl"] - 1
+            paired.setdefault(f"{start}:{end}", (start, end))  # speed: the same for both norms
+            rows.append(row)
+            save()
+            print(f"{tag} pairs {start}:{end} ({position}, mlp_norm={mlp_norm}): ppl {row['val_ppl']:.4f} "
+                  f"(+{100 * row['rel_ppl_increase']:.2f}%) acc {row['val_acc']:.4f}", file=sys.stderr, flush=True)
+
+    # ------------------------------------------------ preliminary study (no speed: quality only)
+    def study_item(kind, item, model):
+        item.update(ev(*model))
+        item["rel_ppl_increase"] = item["val_ppl"] / base["val_ppl"] - 1
+        study[kind].append(item)
+        save()
+
+    for i in range(0 if args.no_study else cfg.n_layer):
+        study_item("delete", {"layer": i}, delete_layers(cfg, params, [i]))
+    for i in range(0 if args.no_study else cfg.n_layer - 1):
+        study_item("swap", {"layers": [i, i + 1]}, swap_layers(cfg, params, i))
+    for s in range(0, 0 if args.no_study else cfg.n_layer - 2):
+        c2, p2, order = shuffle_layers(cfg, params, s, s + 3, seed=args.seed)
+        study_item("shuffle", {"layers": [s, s + 3], "order": order, "seed": args.seed}, (c2, p2))
 
     # ------------------------------------------------ speed (compiled last: the costly part on a GPU)
     speed = {"baseline": speed_fns(cfg, params, **speed_kw)}

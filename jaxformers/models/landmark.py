@@ -15,8 +15,11 @@ the ones that follow a landmark from the landmark's position.  Deviation from th
 (``epfml/landmark-attention``): they insert landmarks into the token file and, at inference
 (``MemLMCache.get_final_logits``), read the prediction of the token after a landmark from the
 token *before* the landmark; here it is read at the landmark (no target re-wiring is needed,
-the existing ``loss_mask`` does it).  Training positions are the with-landmark positions
-``0..T'-1`` (as theirs).
+the existing ``loss_mask`` does it).  Their training loss (``lm_benchmark``: cross-entropy over the
+token file) also counts the landmark targets, which are trivially predictable; here they weigh 0,
+so losses and perplexities are over the real tokens only (theirs, averaging in the near-zero
+landmark losses, read lower at equal quality).  Training positions are the with-landmark
+positions ``0..T'-1`` (as theirs).
 
 Decoding with the baseline KV cache (``model.apply(..., cache=...)``) runs the float32
 reference with ``q_offset = cache_index``.  Landmarks are placed by *position*, so the caller

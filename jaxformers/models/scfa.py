@@ -31,8 +31,11 @@ deterministic and the same at every call.  Keep masks are drawn per batch row as
 ``uniform(fold_in(key, row), [max_seq_len, H]) >= qk_drop_rate`` and indexed by the token
 *position* (mod ``max_seq_len``), so a token's keep bit depends only on (key, row,
 position, head), not on the batch size or the sequence length of the call; that is what
-makes decoding equal the full forward.  Under ``scan_layers`` the layers share one rng
-stream, so all scanned layers use the same R / masks (unrolled layers differ).  The layer
+makes decoding equal the full forward.  Under ``scan_layers`` training still draws per layer
+(the layer scan splits the ``dropout`` rng), but the fixed evaluation key comes from the one
+scanned module path, so in evaluation / decoding every scanned layer uses the same R / masks
+(unrolled layers differ): a scanned and an unrolled model with the same params evaluate
+differently.  The layer
 scan also stacks the sown ``intermediates`` (the labels) on the layer axis, so
 :func:`attention_labels` returns one entry per layer, in model order, with or without it.
 
@@ -44,8 +47,10 @@ slots up in the position-indexed table (cache slot ``s`` holds position ``s``, a
 baseline's decoding assumes); then one dense masked softmax over the cache (float32, as
 the baseline decodes with the XLA path).  Prefill + decode equals the full forward.
 
-Packed sequences (``segment_ids``, any integer ids; tokens see only keys of an equal id, as
-in the baseline): the ids are first mapped to dense per-row ranks in ``[0, T)``
+Packed sequences (``segment_ids``, any integer ids; as in the baseline a segment is a *run* of
+equal ids: the ``Transformer`` maps the ids through ``segment_index`` first, so an id that comes
+back later in a row starts a new segment, and tokens see only keys of their own run): the
+(run) ids are then mapped to dense per-row ranks in ``[0, T)``
 (:func:`segment_ranks`), then hash labels become ``bucket + n_buckets * rank`` (needs
 ``n_buckets * T <= 2**31``) and QK-sparse with segments runs the hash op with labels
 ``rank`` (kept) / ``-1`` (dropped query) / ``-2`` (dropped key), the same visibility
@@ -142,6 +147,9 @@ class SCFAConfig(TransformerConfig):
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= r < 1.0:
             raise ValueError(f"qk_drop_rate must be in [0, 1), got {self.qk_drop_rate!r}")
         if self.sparse_layers is not None:
+            if not isinstance(self.sparse_layers, tuple):
+                raise ValueError(f"sparse_layers must be None or a list / tuple of 0-based layer indices "
+                                 f"in [0, {self.n_layer}), got {self.sparse_layers!r}")
             bad = [i for i in self.sparse_layers
                    if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < self.n_layer]
             if bad:
@@ -187,8 +195,8 @@ def keep_bits(key, positions, n_heads: int, max_len: int, drop_rate: float):
 def segment_ranks(segment_ids):
     """``[B, T]`` segment ids (any values) -> ``[B, T]`` int32 dense ranks per row: the index of
     each id among its row's distinct ids in increasing order, so ranks are in ``[0, T)`` and
-    equal exactly where the ids are equal (the baseline's segment mask is id equality, so two
-    runs with the same id, adjacent or not, stay one segment)."""
+    equal exactly where the ids are equal (id equality: two runs of one id get one rank; the
+    model passes the run indices of ``segment_index``, so there every run is its own segment)."""
     order = jnp.argsort(segment_ids, axis=1, stable=True)
     srt = jnp.take_along_axis(segment_ids, order, axis=1)
     new = jnp.concatenate([jnp.zeros_like(srt[:, :1], jnp.int32),

@@ -382,10 +382,13 @@ def delete_layers(config, params, layers: Iterable[int]):
 
 
 def swap_layers(config, params, i: int, j: Optional[int] = None):
-    """Layers ``i`` and ``j`` (default ``i + 1``) exchanged ("swap")."""
+    """Layers ``i`` and ``j`` (default ``i + 1``) exchanged ("swap"); ``ValueError`` unless they
+    are two different layer indices (``j == i`` would be a no-op "swap")."""
     _check_base(config)
     i = _layer_index("i", i, config.n_layer)
     j = _layer_index("j" if j is not None else "j (default i + 1)", i + 1 if j is None else j, config.n_layer)
+    if i == j:
+        raise ValueError(f"i={i}, j={j}: a swap needs two different layers")
     order = list(range(config.n_layer))
     order[i], order[j] = order[j], order[i]
     return reorder_layers(config, params, order)
