@@ -191,9 +191,10 @@ def test_packed_segments_with_any_integer_ids(name):
         np.testing.assert_allclose(packed[:, 6:], second, atol=2e-5, err_msg=str(ids))
 
 
-def test_segments_are_id_equality_as_in_the_baseline():
-    """Non-adjacent runs of one id form one segment (the baseline masks by id equality): one
-    bucket / no dropping with such ids == the baseline with the same ids."""
+def test_segments_are_the_baselines_with_any_ids():
+    """``segment_ranks`` is id equality (two runs of one id get one rank); the models first map
+    ids to runs (``segment_index``: an id that comes back starts a new segment), so one bucket /
+    no dropping with such ids == the baseline with the same ids."""
     seg = jnp.asarray([[7, 7, 7, -3, -3, 7, 7, 2 ** 30, 2 ** 30, -3, -3, -3, 7, 0, 0, 0],
                        [-1, -1, -2, -2, -1, -1, -1, -2, 3, 3, 3, 3, -1, -1, -2, -2]], jnp.int32)
     np.testing.assert_array_equal(segment_ranks(seg), [[2, 2, 2, 0, 0, 2, 2, 3, 3, 0, 0, 0, 2, 1, 1, 1],
