@@ -28,17 +28,19 @@ packed bytes), max difference to fake quantization.
 Integer path (``int_path``, measured first): the model with integer weight storage
 (``QuantSpec(storage="int")``: int8 or packed-int4 block linears, per-token int8
 activations, int8 x int8 -> int32 matmuls; ``W4A16`` dequantizes: weight-only) vs the same
-quantized weights in the fake-quant float model: forward time of one eval batch in the
-compute dtype, the max logit difference (relative to max |logit|), the fraction of token
-positions off by more than 1e-4 of it (float rounding can flip an activation code at a
-rounding boundary, and a flip propagates to later tokens), both models' next-token loss on
-that batch, and the bytes of the block linears stored as
-float32 / bf16 / int8 / packed int4 (+ float32 scales).  Rotated, RTN without clipping
-search, KV16; ``--int-schemes`` picks the rows (``none``: skip).
+quantized weights in the fake-quant float model: forward time of one batch of the eval shape
+(the first calibration windows, from the training split) in the compute dtype, the max logit
+difference (relative to max |logit|), the fraction of token positions off by more than 1e-4
+of it (float rounding can flip an activation code at a rounding boundary, and a flip
+propagates to later tokens), both models' next-token loss on that batch, and the bytes of
+the block linears stored as float32 / bf16 / int8 / packed int4 (+ float32 scales).
+Rotated, RTN without clipping search, KV16; ``--int-schemes`` picks the rows (``none``: skip).
 
-Writes ``OUT/results.json`` and ``OUT/quarot_ppl.png`` (perplexity per scheme),
-``OUT/quarot_outliers.png`` (outlier ratio per linear input, channel max |x| profiles) and
-``OUT/quarot_int.png`` (weight bytes, integer vs fake-quant forward time).
+Writes ``OUT/results.json`` (rewritten after the integer path and after every scheme with
+``"complete": false``; ``true`` once the outliers and the int8 table are in),
+``OUT/quarot_ppl.png`` (perplexity per scheme), ``OUT/quarot_outliers.png`` (outlier ratio per
+linear input, channel max |x| profiles) and ``OUT/quarot_int.png`` (weight bytes, integer vs
+fake-quant forward time).
 ``--steps`` / ``--eval-batches`` / ``--calib`` / ``--only`` / ``--seq-len`` / ``--batch-size``
 / ``--int-schemes`` shrink a run (tests).
 """
@@ -50,8 +52,8 @@ import time
 from pathlib import Path
 
 from experiments.common import (check_data_vocab, check_run_args, experiment_parser, median_ms,
-                                parse_experiment_args, parse_list, run_kind, train_fresh, train_overrides,
-                                unrolled, usage_error, write_json)
+                                parse_experiment_args, parse_list, run_kind, save_progress, train_fresh,
+                                train_overrides, unrolled, usage_error, write_json)
 
 PRESETS = {
     "tiny": dict(model=dict(preset="tiny", max_seq_len=128),
@@ -345,7 +347,7 @@ def run(args, ap=None) -> dict:
     int_names = list(INT_SCHEMES) if args.int_schemes is None else args.int_schemes  # checked (_check_args)
     if int_names:  # first: a GPU stage cut by its time limit keeps it
         results["int_path"] = int_path(cfg, params, dtype, calib[: ev_kw["batch_size"]], int_names, args.seed)
-        write_json(out / "results.json", results, indent=1)
+        save_progress(out, results)
     for name in schemes:
         spec = _spec(SCHEMES[name], args.seed, preset["calib_batch"])
         t0 = time.perf_counter()
@@ -358,11 +360,13 @@ def run(args, ap=None) -> dict:
                                     "quantize_s": round(t_quant, 2)}
         print(f"[quarot] {name}: val_ppl={ev['val_ppl']:.4f} (quantize {t_quant:.1f} s)",
               file=sys.stderr, flush=True)
-        # partial results after every scheme (a GPU stage cut by its time limit keeps them)
-        write_json(out / "results.json", results, indent=1)
+        # partial results after every scheme, "complete": false (a GPU stage cut by its time
+        # limit keeps them, and they are not mistaken for a finished run)
+        save_progress(out, results)
     results["outliers"] = outlier_stats(cfg, params, calib[: min(len(calib), 64)], preset["calib_batch"],
                                         args.seed)
     results["int8_linear"] = int8_table(preset["linear_shapes"], dtype)
+    results["complete"] = True
     write_json(out / "results.json", results, indent=1)
     plot(results, out)
     return results

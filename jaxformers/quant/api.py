@@ -188,6 +188,8 @@ def collect_stats(config, params, tokens, batch: int = 16):
     """Sum of the ``quant_stats`` of the model over ``tokens [N, T]`` (in batches):
     ``{layer: {stat name: {"xtx", "count", "absmax"}}}`` as numpy (xtx / count summed,
     absmax maxed)."""
+    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+        raise ValueError(f"batch must be an int >= 1, got {batch!r}")
     fn = _stats_fn(config)
     total = None
     tokens = np.asarray(tokens)
@@ -215,6 +217,30 @@ def _kernel_2d(w, name):
     n_in = _N_IN.get(name, 1)
     shape = w.shape
     return w.reshape(int(np.prod(shape[:n_in])), -1), shape
+
+
+def _check_params(config, params) -> None:
+    """``ValueError`` naming the first parameter that ``config``'s model does not have with that
+    shape (a missing block was a ``KeyError``, another width a broadcasting error in the
+    rotation).  Every block is checked against a one-layer model's ``blocks_0`` (tracing the
+    whole model would cost memory that grows with depth)."""
+    from ..registry import build
+    from ..utils import abstract_params
+    one = abstract_params(build(config.replace(n_layer=1)))
+    for top, want in one.items():
+        for name in ([f"blocks_{i}" for i in range(config.n_layer)] if top == "blocks_0" else [top]):
+            have = params.get(name) if isinstance(params, Mapping) else None
+            have = {} if have is None else {jax.tree_util.keystr(p): np.shape(x)
+                                            for p, x in jax.tree_util.tree_leaves_with_path(have)}
+            for path, x in jax.tree_util.tree_leaves_with_path(want):
+                key = jax.tree_util.keystr(path)
+                if key not in have:
+                    raise ValueError(f"params do not match config: no [{name!r}]{key} (config: "
+                                     f"{config.model}, n_layer={config.n_layer}, "
+                                     f"tie_embeddings={config.tie_embeddings})")
+                if have[key] != x.shape:
+                    raise ValueError(f"params do not match config: [{name!r}]{key} has shape {have[key]}, "
+                                     f"config's model has {x.shape}")
 
 
 def _check_quantize_inputs(config, spec: QuantSpec, calibration) -> None:
@@ -280,6 +306,8 @@ def quantize(config, params, spec: QuantSpec, calibration=None):
     layer ``i``'s Hessians see layers ``< i`` quantized at the cost of one forward pass (and,
     with ``spec.gptq_sequential``, layer ``i``'s earlier groups of linears: one block pass per
     group)."""
+    if not isinstance(spec, QuantSpec):
+        raise ValueError(f"spec must be a QuantSpec, got {type(spec).__name__}")
     qcfg = quant_config(config, spec)
     params = nn.unbox(params)
     if isinstance(params, Mapping) and set(params) == {"params"}:  # module.init's variables
@@ -288,6 +316,7 @@ def quantize(config, params, spec: QuantSpec, calibration=None):
     if config.scan_layers:  # a scanned model: per-layer trees (the quarot model is not scanned)
         params = unstack_layers(params, "blocks", n_layer=config.n_layer)
         config = config.replace(scan_layers=False)
+    _check_params(config, params)
     _check_quantize_inputs(config, spec, calibration)
     gptq = spec.w_bits < 16 and spec.w_method == "gptq"
     if gptq and calibration is None:

@@ -102,6 +102,17 @@ def check_divides_linear_inputs(config, name: str, groupsize: int) -> None:
         raise ValueError(f"{name}={groupsize} must divide every linear's input size, not {bad}")
 
 
+def check_hadamard_sizes(config) -> None:
+    """``ValueError`` naming the setting unless ``head_dim``, ``n_head`` and ``d_ff`` of
+    ``config`` all have an exact Hadamard matrix (the online transforms of a rotated model)."""
+    from pallas_kernels.hadamard import split_size
+    for name, n in (("head_dim", config.dim_head), ("n_head", config.n_head), ("d_ff", config.ff_dim)):
+        try:
+            split_size(n)
+        except ValueError as e:
+            raise ValueError(f"{name}={n}: QuaRot's exact Hadamard on it does not exist here ({e})") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class QuaRotConfig(TransformerConfig, OnlineQuant):
     """Llama + QuaRot quantization settings (see module docstring).
@@ -135,6 +146,8 @@ class QuaRotConfig(TransformerConfig, OnlineQuant):
         self.check_online_quant()
         for name in ("rotated", "int_linears"):
             _boolean(self, name)
+        if self.rotated:  # the online Hadamards: exact, of these sizes (else: an error at the first forward)
+            check_hadamard_sizes(self)
         if self.a_bits < 16 and self.a_groupsize is not None:  # every linear's input is split
             check_divides_linear_inputs(self, "a_groupsize", self.a_groupsize)
         if self.kv_bits < 16 and self.kv_groupsize is not None and self.dim_head % self.kv_groupsize:

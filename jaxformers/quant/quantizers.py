@@ -29,6 +29,17 @@ def _check_bits(bits):
         raise ValueError(f"bits must be an int in [2, 16] (16 = no quantization), got {bits!r}")
 
 
+def _check_clip(clip):
+    """A clipping ratio in (0, 1] (a number, or an array of them; not checked when traced):
+    ``clip <= 0`` made every scale fall back to 1, silently rounding to integers."""
+    from ..utils import concrete
+    c = concrete(clip)
+    if c is None:
+        return
+    if c.dtype == bool or not np.issubdtype(c.dtype, np.number) or not np.all((c > 0) & (c <= 1)):
+        raise ValueError(f"clip must be a clipping ratio in (0, 1] (1 = no clipping), got {clip!r}")
+
+
 def _grouped(x, groupsize):
     """``[..., n] -> [..., n / g, g]`` (``g = n`` when ``groupsize`` is None)."""
     n = x.shape[-1]
@@ -64,6 +75,7 @@ def fake_quant(x, bits: int, *, groupsize: Optional[int] = None, sym: bool = Tru
     """Quantize-dequantize ``x`` over its last axis (one scale per row, or per ``groupsize``
     block of the last axis); computed in float32, returned in ``x``'s dtype."""
     _check_bits(bits)
+    _check_clip(clip)
     if bits >= 16:
         return x
     xg = _grouped(x.astype(jnp.float32), groupsize)
@@ -490,6 +502,7 @@ def quantize_rows_int8(x, *, bits: int = 8, clip=1.0):
     ``(q int8 [..., n], scale float32 [..., 1])``; ``s q`` is :func:`fake_quant`'s value."""
     if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
         raise ValueError(f"bits must be an int in [2, 8] (int8 storage), got {bits!r}")
+    _check_clip(clip)
     scale, _, qmin, qmax = quant_params(x.astype(jnp.float32), bits, sym=True, clip=clip)
     return quantize_int(x.astype(jnp.float32), scale, 0.0, qmin, qmax).astype(jnp.int8), scale
 
