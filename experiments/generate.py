@@ -8,15 +8,47 @@ An empty prompt starts from the end-of-text token (the start of a document).
 ``--stop-at-eos`` ends each sample at the tokenizer's end-of-text token (not printed);
 decoding stops once every sample has reached it.
 The prompt is cut from the left if prompt + new tokens exceed the model's
-``max_seq_len``.
+``max_seq_len``.  Samples are decoded together with the prompt's ids (then cut after the
+prompt's text), so SentencePiece-style ``hf:`` tokenizers keep the space after the prompt;
+prompt bytes that are not UTF-8 become U+FFFD.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
+
+
+def _continuation(tok, prompt_ids, new_ids, has_prompt: bool) -> str:
+    """The text of ``new_ids`` as it reads after the prompt: decoded together with the prompt ids
+    and cut after the prompt's text, since some tokenizers decode a token differently at the start
+    of a text (SentencePiece-style ``hf:`` tokenizers drop the space of a leading ``▁``, so
+    "hello" + "▁world" alone would read "helloworld").  With no prompt the samples start a
+    document, decoded on their own."""
+    new_ids = [int(i) for i in new_ids]
+    if not has_prompt:
+        return tok.decode(new_ids)
+    head = tok.decode(list(prompt_ids))
+    full = tok.decode(list(prompt_ids) + new_ids)
+    return full[len(head):] if full.startswith(head) else tok.decode(new_ids)
+
+
+def _prompt_text(prompt: str) -> str:
+    """``--prompt`` as valid text: bytes that are not UTF-8 (which Python keeps as lone surrogates
+    in ``sys.argv``) become U+FFFD, with a warning, as in ``.txt`` corpora."""
+    try:
+        prompt.encode("utf-8")
+        return prompt
+    except UnicodeEncodeError:
+        try:
+            fixed = prompt.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        except UnicodeEncodeError:  # lone surrogates that are not escaped bytes
+            fixed = re.sub("[\ud800-\udfff]", "\ufffd", prompt)
+        print("warning: --prompt is not valid UTF-8; invalid bytes were replaced by U+FFFD", file=sys.stderr)
+        return fixed
 
 
 def main(argv=None) -> int:
@@ -33,6 +65,7 @@ def main(argv=None) -> int:
                     help="end each sample at the end-of-text token (the end of a document)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of plain text")
     args = ap.parse_args(argv)
+    args.prompt = _prompt_text(args.prompt)
 
     import jax
     import numpy as np
@@ -77,7 +110,7 @@ def main(argv=None) -> int:
         rows = [row[len(ids):] for row in out]
         if eos_id is not None:  # each sample ends before its first end-of-text token
             rows = [row[:int(np.argmax(row == eos_id))] if (row == eos_id).any() else row for row in rows]
-        texts = [tok.decode(row) for row in rows]
+        texts = [_continuation(tok, ids, row, bool(args.prompt)) for row in rows]
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         if os.environ.get("JAXFORMERS_DEBUG", "") not in ("", "0"):
             raise

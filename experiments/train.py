@@ -22,7 +22,7 @@ fields, ``--train-set field=value`` train-config fields; every field, with its d
 listed by ``python -m experiments.info --fields MODEL``.  Each run directory gets ``run.yaml``:
 ``--config RUN_DIR/run.yaml --out NEW_DIR`` reproduces the run.  The model's ``vocab_size``
 comes from the dataset (override with ``--set vocab_size=N``, N >= the dataset's);
-``max_seq_len`` is raised to ``--seq-len`` if needed.
+``max_seq_len`` is raised to ``--seq-len`` if needed (unless ``--set max_seq_len=N`` gives it).
 
 Fine-tuning: ``--init-from RUN_DIR|HF_DIR`` takes the model config and parameters (not the
 optimizer state) of a run or of a Hugging Face Llama / Mamba / Mamba-2 checkpoint and starts
@@ -179,19 +179,32 @@ def read_config_file(path) -> dict:
     for key in ("overrides", "train"):
         if not isinstance(data.get(key) or {}, dict):
             raise ValueError(f"--config {str(path)!r}: {key} must be a mapping of field: value")
+    for key in ("model", "preset", "init_from"):
+        if key in data and data[key] is not None and (not isinstance(data[key], str) or not data[key].strip()):
+            raise ValueError(f"--config {str(path)!r}: {key} must be a non-empty string, got {data[key]!r}")
     return data
 
 
 def _file_values(cls, values: dict) -> dict:
-    """Config-file values for dataclass ``cls``: unknown fields refused; strings for non-string
-    fields parsed like ``--set`` values (YAML reads ``3e-3`` as a string)."""
+    """Config-file values for dataclass ``cls``: unknown fields refused; strings and floats for
+    non-string fields parsed like ``--set`` values (YAML reads ``3e-3`` as a string; an integral
+    float such as ``steps: 1000.0`` is an int, as ``--train-set steps=1000.0`` is)."""
     import dataclasses
     from jaxformers.config import check_fields, coerce_value
 
     check_fields(cls, values)
     defaults = {f.name: f.default for f in dataclasses.fields(cls)}
-    return {k: (coerce_value(cls, k, v) if isinstance(v, str) and not isinstance(defaults[k], str) else v)
-            for k, v in values.items()}
+
+    def parse(k, v):
+        if isinstance(defaults[k], str):
+            return v
+        if isinstance(v, str):
+            return coerce_value(cls, k, v)
+        if isinstance(v, float):
+            return coerce_value(cls, k, repr(v))
+        return v
+
+    return {k: parse(k, v) for k, v in values.items()}
 
 
 def build_configs(args):
@@ -252,6 +265,8 @@ def build_configs(args):
     file = read_config_file(args.config) if args.config else {}
     file_train = dict(file.get("train") or {})
     init_from = args.init_from or file.get("init_from") or file_train.get("init_from")
+    if init_from is not None and not isinstance(init_from, str):
+        raise ValueError(f"init_from must be a run or Hugging Face checkpoint directory, got {init_from!r}")
     source_config = source_tok = None
     if init_from:
         from jaxformers.training.init_from import source_config as _source
@@ -263,6 +278,9 @@ def build_configs(args):
                        f"({source_config.model!r})")
     spec = get_spec(model)
     overrides = _file_values(spec.config_cls, dict(file.get("overrides") or {}))
+    if overrides.get("model", model) != model:
+        raise ValueError(f"--config {args.config!r}: overrides.model={overrides['model']!r} differs from the model "
+                         f"{model!r}; choose the architecture with the top-level 'model' key (or --model)")
     overrides.pop("model", None)
     overrides.update({k: coerce_value(spec.config_cls, k, v) for k, v in model_sets})
 
@@ -283,8 +301,8 @@ def build_configs(args):
     else:
         overrides.setdefault("vocab_size", open_data(tc.data, tc.tokenizer).vocab_size)
         reference = get_config(model, preset)
-    if "max_seq_len" not in overrides or (source_config is not None
-                                          and tc.seq_len > overrides["max_seq_len"]):
+    # raised unless --set gave it (a config file's, e.g. every run.yaml's, or the source's is raised)
+    if "max_seq_len" not in dict(model_sets):
         preset_len = overrides.get("max_seq_len", reference.max_seq_len)
         if tc.seq_len > preset_len:
             print(f"note: raising max_seq_len {preset_len} -> {tc.seq_len} (= --seq-len)", file=sys.stderr)

@@ -15,18 +15,55 @@ import numpy as np
 
 
 # --------------------------------------------------------------------------- safetensors I/O
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8,
+             "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
+
+
 def read_header(path: str) -> Tuple[dict, int]:
+    """``(header, data_start)`` of a safetensors file; ``ValueError`` naming the file when it is not
+    one (a Git LFS pointer, a truncated download, a tensor with an unsupported dtype or with byte
+    offsets that do not fit its shape or the file)."""
+    size = os.path.getsize(path)
     with open(path, "rb") as fh:
         raw = fh.read(8)
         if len(raw) != 8:
             raise ValueError(f"{path} is not a safetensors file (too short)")
+        if raw.startswith(b"version"):
+            raise ValueError(f"{path} is a Git LFS pointer, not the weights: fetch them (git lfs pull) "
+                             "or download the checkpoint with huggingface_hub")
         (n,) = struct.unpack("<Q", raw)
-        header = json.loads(fh.read(n))
+        if n > size - 8:
+            raise ValueError(f"{path} is not a safetensors file, or is truncated: its header claims {n} "
+                             f"bytes, the file has {size}")
+        try:
+            header = json.loads(fh.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path} is not a safetensors file (unreadable header: {e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is not a safetensors file (the header is not a JSON object)")
+    data_size = size - 8 - n
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], [int(d) for d in entry["shape"]], entry["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise ValueError(f"{path}: tensor {name!r} has a malformed header entry {entry!r}") from None
+        if dtype not in _ITEMSIZE:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {dtype}, which cannot be read (supported: "
+                             f"{sorted(_ITEMSIZE)}; quantized checkpoints need dequantizing first)")
+        if end - begin != _ITEMSIZE[dtype] * int(np.prod(shape, dtype=np.int64)) or not 0 <= begin <= end:
+            raise ValueError(f"{path}: tensor {name!r} ({dtype}, shape {shape}) has data_offsets "
+                             f"{[begin, end]} that do not match its size")
+        if end > data_size:
+            raise ValueError(f"{path} is truncated: tensor {name!r} ends at byte {end} of the data, "
+                             f"which holds {data_size} bytes (download it again)")
     return header, 8 + n
 
 
 def read_safetensors(path: str) -> Dict[str, np.ndarray]:
-    """All tensors of one safetensors file as numpy arrays (bf16 widened to float32)."""
+    """All tensors of one safetensors file as numpy arrays (bf16 widened to float32).
+    ``ValueError`` naming the file when it is not a complete safetensors file (:func:`read_header`)."""
     from safetensors import safe_open
 
     header, data_start = read_header(path)
@@ -75,10 +112,22 @@ def weight_files(path: str) -> Tuple[str, list]:
 
 
 def files_from_index(index_path: str):
+    """The shard files named by a ``*.safetensors.index.json`` (``ValueError`` without a
+    ``weight_map``, ``FileNotFoundError`` naming the index for a missing shard)."""
     with open(index_path) as fh:
-        weight_map = json.load(fh)["weight_map"]
+        try:
+            index = json.load(fh)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{index_path}: bad JSON: {e}") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index_path} has no 'weight_map' {{tensor name: shard file}}")
     directory = os.path.dirname(os.path.abspath(index_path))
-    return [os.path.join(directory, f) for f in sorted(set(weight_map.values()))]
+    files = [os.path.join(directory, f) for f in sorted(set(weight_map.values()))]
+    missing = [os.path.basename(f) for f in files if not os.path.isfile(f)]
+    if missing:
+        raise FileNotFoundError(f"{index_path} lists shard(s) {missing} that are not in {directory}")
+    return files
 
 
 def read_checkpoint(path_or_dir: str, expected: Dict[str, Tuple[int, ...]], *,
@@ -88,14 +137,18 @@ def read_checkpoint(path_or_dir: str, expected: Dict[str, Tuple[int, ...]], *,
 
     ``rename`` maps stored names onto the expected ones (e.g. add a missing prefix);
     names in ``drop`` are discarded (e.g. a tied ``lm_head.weight``); names ending in
-    ``ignored_suffixes`` are buffers that may be present.  Missing, unexpected or
-    wrongly shaped tensors raise a ``ValueError`` listing them.
+    ``ignored_suffixes`` are buffers that may be present.  Missing, unexpected,
+    duplicated (in two files) or wrongly shaped tensors raise a ``ValueError`` listing them.
     """
     _, files = weight_files(path_or_dir)
-    tensors = {}
+    tensors, origin = {}, {}
     for f in files:
         for name, value in read_safetensors(f).items():
-            tensors[rename(name) if rename else name] = value
+            name = rename(name) if rename else name
+            if name in tensors:
+                raise ValueError(f"tensor {name!r} is in both {origin[name]} and {f}: a directory without an "
+                                 "index must hold one checkpoint (pass the file or the index to read)")
+            tensors[name], origin[name] = value, f
     for name in drop:
         tensors.pop(name, None)
     unexpected = sorted(k for k in tensors if k not in expected and not k.endswith(tuple(ignored_suffixes)))

@@ -144,20 +144,25 @@ def prepare(data: str = "default", tokenizer: str = "byte", out_dir: str | os.Pa
 
     Returns the dataset directory.  If it already holds a dataset made from the
     same corpus contents with the same tokenizer/val_fraction/seed (and
-    ``force`` is false), it is reused untouched.
+    ``force`` is false), it is reused untouched (``hf:DIR``: the same tokenizer.json
+    and the same end-of-text id).
     """
     src = resolve_corpus(data)
     tok_spec = _canonical_tokenizer(tokenizer)
     out = Path(out_dir).expanduser() if out_dir is not None else default_out_dir(data, tokenizer)
     docs = load_corpus(data)
     identity = _identity(src.spec, tok_spec, val_fraction, seed, corpus_fingerprint(docs))
+    hf_tok = None
+    if tok_spec.startswith("hf:"):  # its end-of-text id comes from tokenizer_config.json, not the hash
+        hf_tok = get_tokenizer(tokenizer)
+        identity["eos_id"] = int(hf_tok.eos_id)
     if not force and _is_complete(out, identity):
         return out
     if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / META_FILE).exists())):
         raise FileExistsError(f"{out} exists and is not a jaxformers dataset directory; choose another out_dir")
 
     train_docs, val_docs, method = split_documents(docs, val_fraction, seed)
-    tok = get_tokenizer(tokenizer if tok_spec.startswith("hf:") else tok_spec).train(train_docs)
+    tok = hf_tok if hf_tok is not None else get_tokenizer(tok_spec).train(train_docs)
     dtype = _dtype_for(tok.vocab_size)
     eos = np.asarray([tok.eos_id], dtype=dtype)
 

@@ -18,7 +18,9 @@ End-of-text text inside a document is always encoded as ordinary text, so
 the only end-of-text ids in a token stream are the ones :mod:`prepare` puts
 between documents.  ``decode`` renders the end-of-text id as
 ``"<|endoftext|>"`` (``hf:DIR``: as the vocabulary spells it) unless ``skip_special=True``,
-and raises ``ValueError`` on an id outside ``[0, vocab_size)``.
+and raises ``ValueError`` on an id outside ``[0, vocab_size)``.  ``bpe`` and ``hf:DIR`` encode a
+lone surrogate (a Python string that is not valid UTF-8) as U+FFFD; ``byte`` keeps its
+``surrogatepass`` bytes.
 
 ``save(dir)`` writes ``tokenizer_config.json`` (and, for BPE, the trained
 ``tokenizer.json`` in the ``tokenizers`` format); ``Tokenizer.load(dir)`` /
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -88,6 +91,17 @@ def hf_tokenizer_dir(spec: str) -> Path:
         raise ValueError(f"tokenizer={spec!r}: no {BPE_FILE} in {str(d)!r} (hf:DIR needs the directory of "
                          "a Hugging Face tokenizer.json)")
     return d.resolve()
+
+
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def _valid_text(text: str) -> str:
+    """``text`` with lone surrogates (valid in Python strings and JSON escapes, not in UTF-8) replaced
+    by U+FFFD, as :mod:`.corpus` does for ``.jsonl``; the ``tokenizers`` library refuses them."""
+    if not isinstance(text, str):
+        raise ValueError(f"encode expects a str, got {type(text).__name__}")
+    return _SURROGATES.sub("\ufffd", text)
 
 
 def _checked_ids(ids, vocab_size: int, what: str) -> list[int]:
@@ -231,7 +245,7 @@ class BPETokenizer(Tokenizer):
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
-        tok.train_from_iterator(texts, trainer=trainer)
+        tok.train_from_iterator((_valid_text(t) for t in texts), trainer=trainer)
         self._set(tok)
         return self
 
@@ -271,10 +285,10 @@ class BPETokenizer(Tokenizer):
         return self._eos
 
     def encode(self, text: str) -> list[int]:
-        return self._require().encode(text, add_special_tokens=False).ids
+        return self._require().encode(_valid_text(text), add_special_tokens=False).ids
 
     def encode_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
-        encs = self._require().encode_batch(list(texts), add_special_tokens=False)
+        encs = self._require().encode_batch([_valid_text(t) for t in texts], add_special_tokens=False)
         return [np.asarray(e.ids, dtype=np.int64) for e in encs]
 
     def decode(self, ids: Sequence[int] | np.ndarray, *, skip_special: bool = False) -> str:
@@ -316,7 +330,11 @@ class HFTokenizer(Tokenizer):
         d = hf_tokenizer_dir(f"hf:{directory}")
         self.directory = d
         self.spec = f"hf:{d}"
-        self._tok = _HF.from_file(str(d / BPE_FILE))
+        try:
+            self._tok = _HF.from_file(str(d / BPE_FILE))
+        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for a bad file
+            raise ValueError(f"{d / BPE_FILE} is not a tokenizer.json the tokenizers library can read "
+                             f"(a Git LFS pointer or a truncated download?): {e}") from None
         self._tok.encode_special_tokens = True  # special-token text in documents stays text
         self._eos = self._find_eos(d)
 
@@ -345,10 +363,10 @@ class HFTokenizer(Tokenizer):
         return self._eos
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+        return self._tok.encode(_valid_text(text), add_special_tokens=False).ids
 
     def encode_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
-        encs = self._tok.encode_batch(list(texts), add_special_tokens=False)
+        encs = self._tok.encode_batch([_valid_text(t) for t in texts], add_special_tokens=False)
         return [np.asarray(e.ids, dtype=np.int64) for e in encs]
 
     def decode(self, ids: Sequence[int] | np.ndarray, *, skip_special: bool = False) -> str:

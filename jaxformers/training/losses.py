@@ -109,11 +109,15 @@ def next_token_targets(batch: Mapping[str, jax.Array]) -> Tuple[jax.Array, jax.A
 
 
 def weighted_mean(values: jax.Array, weights: jax.Array) -> Tuple[jax.Array, jax.Array]:
-    """``(sum(w * v) / sum(w), sum(w))`` in float32; the mean is 0 where ``sum(w) == 0``."""
+    """``(sum(w * v) / sum(w), sum(w))`` in float32; the mean is 0 where ``sum(w) == 0``.
+
+    Entries with ``w == 0`` add exactly nothing, even where ``v`` is NaN or inf (e.g. the
+    cross-entropy of a masked target id outside the vocabulary), and get a zero gradient."""
     values = values.astype(jnp.float32)
     weights = weights.astype(jnp.float32)
     total = jnp.sum(weights)
-    mean = jnp.where(total > 0, jnp.sum(values * weights) / jnp.where(total > 0, total, 1.0), 0.0)
+    weighted = jnp.where(weights != 0, values * weights, 0.0)
+    mean = jnp.where(total > 0, jnp.sum(weighted) / jnp.where(total > 0, total, 1.0), 0.0)
     return mean, total
 
 
