@@ -11,7 +11,8 @@ scanned run is unrolled).  An HF Llama dir needs ``--data`` (a corpus, tokenized
 with that tokenizer); data whose vocabulary exceeds the model's is a usage error.
 
 Without ``--run`` the preset's ``llama`` is trained first (``jaxformers.training.train``,
-byte tokens of the built-in corpus, seed ``--seed``).  Each scheme of :data:`SCHEMES` goes
+byte tokens of the built-in corpus, seed ``--seed``; ``--reuse`` keeps the one an earlier
+invocation trained into ``OUT/runs/llama`` when its settings match).  Each scheme of :data:`SCHEMES` goes
 through :func:`jaxformers.quant.quantize` and is evaluated on the validation split (the same
 batches for all): ``W{w}A{a}KV{kv}``, RTN or GPTQ (calibrated on ``--calib`` sequences of the
 training split), ``rot`` = with QuaRot's rotations.  Activations: symmetric per token, clip
@@ -51,8 +52,8 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.common import (check_data_vocab, check_run_args, experiment_parser, median_ms,
-                                parse_experiment_args, parse_list, run_kind, save_progress, train_fresh,
+from experiments.common import (check_data_vocab, check_reuse, check_run_args, experiment_parser, median_ms,
+                                parse_experiment_args, parse_list, reuse_or_train, run_kind, save_progress,
                                 train_overrides, unrolled, usage_error, write_json)
 
 PRESETS = {
@@ -119,6 +120,10 @@ def _parser():
                          "'none' alone: skip)")
     ap.add_argument("--tokenizer", default=None, help="tokenizer of --data for a --run HF checkpoint (default: "
                                                       "its tokenizer.json); a run trained here uses its own")
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse the llama trained in OUT/runs/llama by an earlier invocation (checked first: "
+                         "same model config and training settings, else exit; a run stopped by a signal is "
+                         "continued from its checkpoint) instead of retraining it")
     return ap
 
 
@@ -129,6 +134,8 @@ def _check_args(ap, args) -> None:
         ap.error("--run: empty path")
     if args.run and args.steps is not None:
         ap.error("--run: --steps only shapes the preset's training; a --run model is not retrained")
+    if args.run and args.reuse:
+        ap.error("--reuse keeps the llama this experiment trains in OUT/runs; with --run nothing is trained")
     check_run_args(ap, args)
     args.only = parse_list(ap, "--only", args.only, allowed=list(SCHEMES), unique=True)
     args.int_schemes = parse_list(ap, "--int-schemes", args.int_schemes, allowed=list(INT_SCHEMES),
@@ -160,8 +167,10 @@ def _load_source(args, preset, out):
     m = dict(preset["model"])
     cfg = get_config("llama", m.pop("preset"), vocab_size=int(meta["vocab_size"]), **m)
     train_kw = train_overrides(preset["train"], args.steps, args.eval_batches)
-    summary, params, dtype, tc = train_fresh("llama", cfg, out, seed=args.seed, data=data,
-                                             train_kw=train_kw, log_points=10, tag="quarot")
+    reusable = (check_reuse(out, [("llama", cfg)], seed=args.seed, data=data, train_kw=train_kw, log_points=10)
+                if args.reuse else [])
+    summary, params, dtype, tc = reuse_or_train("llama", cfg, out, reusable, seed=args.seed, data=data,
+                                                train_kw=train_kw, log_points=10, tag="quarot")
     return cfg, params, data, tok, dict(batch_size=tc.batch_size, seq_len=tc.seq_len,
                                         eval_batches=tc.eval_batches), dtype, summary
 

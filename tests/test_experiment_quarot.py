@@ -4,7 +4,7 @@ import json
 from experiments import quarot as exp
 
 
-def test_quarot_experiment_writes_results(tmp_path):
+def test_quarot_experiment_writes_results(tmp_path, capsys):
     out = tmp_path / "quarot"
     results = exp.main(["--preset", "tiny", "--out", str(out), "--steps", "3", "--eval-batches", "1",
                         "--seq-len", "32", "--batch-size", "4", "--calib", "4",
@@ -30,6 +30,15 @@ def test_quarot_experiment_writes_results(tmp_path):
     assert 0.125 < mem["int4_packed"]["ratio_to_float32"] < 0.16 < 0.25 < mem["int8"]["ratio_to_float32"] < 0.3
     for png in ("quarot_ppl.png", "quarot_outliers.png", "quarot_int.png"):
         assert (out / png).stat().st_size > 1000
+    assert saved["complete"] is True
+
+    # --reuse keeps the trained llama (same settings): not trained again, same numbers
+    capsys.readouterr()
+    again = exp.main(["--preset", "tiny", "--out", str(out), "--steps", "3", "--eval-batches", "1",
+                      "--seq-len", "32", "--batch-size", "4", "--calib", "4", "--only", "fp_rot",
+                      "--int-schemes", "none", "--no-compile-cache", "--reuse"])
+    assert "reusing" in capsys.readouterr().err
+    assert again["schemes"]["fp_rot"]["val_loss"] == s["fp_rot"]["val_loss"]
 
 
 def test_quarot_on_hf_and_scanned_runs(tmp_path, capsys):
