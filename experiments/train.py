@@ -30,7 +30,8 @@ a new run; its tokenizer is the source's (``hf:HF_DIR`` when the checkpoint has 
 tokenizer.json; ``--tokenizer`` overrides).  Step 0 logs the source model's val loss.
 
 Resuming: ``--resume`` continues from the newest checkpoint; a finished run trains nothing.
-``--extend-steps N`` (or ``--resume --steps M`` with M larger) trains further, the LR schedule
+``--extend-steps N`` (the run's total ``steps`` + N; a run stopped before its total also
+finishes it) or ``--resume --steps M`` (M larger) trains further, the LR schedule
 keeping its length, so the LR continues at the value it reached (no jump); another schedule
 change that would move the LR is refused unless ``--allow-lr-jump``.
 
@@ -122,8 +123,8 @@ def _parser():
     ap.add_argument("--resume", action="store_true",
                     help="continue from the newest checkpoint in --out (starts fresh if there is none)")
     ap.add_argument("--extend-steps", type=int, metavar="N",
-                    help="resume the run in --out and train N more steps (the LR continues at its "
-                         "final value)")
+                    help="resume the run in --out with its total steps raised by N (a run stopped "
+                         "early also finishes its own steps; the LR continues at its final value)")
     ap.add_argument("--allow-lr-jump", action="store_true",
                     help="on resume, accept a schedule change that moves the learning rate")
     ap.add_argument("--init-from", metavar="RUN_DIR|HF_DIR",
