@@ -22,7 +22,8 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"built-in corpus ({', '.join(list_corpora())}; 'default' = shakespeare), "
                          "a folder of .txt/.jsonl files, a file, or hf:NAME[:SPLIT]")
     ap.add_argument("--tokenizer", default="byte", help="byte | bpe | bpe:VOCAB | hf:DIR (default: byte)")
-    ap.add_argument("--out", default=None, help="output folder (default: <cache>/datasets/<data>-<tokenizer>)")
+    ap.add_argument("--out", default=None, help="output folder (default: <cache>/datasets/<data>-<tokenizer>, plus -val<F>-seed<S> for a split "
+                                             "other than the default 0.05 / 0)")
     ap.add_argument("--val-fraction", type=float, default=0.05)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="rebuild even if an up-to-date copy exists")

@@ -318,6 +318,10 @@ def test_ensure_dataset_default_dir_and_cli(text_folder, tmp_cache):
     assert d.parent == tmp_cache / "datasets" and d.name.endswith("-byte")
     assert ensure_dataset(str(folder), "byte") == d
     assert default_out_dir("default", "bpe").name == "shakespeare-bpe4096"
+    # another split gets its own directory: it never replaces the default split training prepares
+    other = prepare(str(folder), "byte", val_fraction=0.2, seed=3)
+    assert other.name == d.name + "-val0.2-seed3" and ensure_dataset(str(folder), "byte") == d
+    assert load_prepared(other)[0]["val_fraction"] == 0.2 and load_prepared(d)[0]["val_fraction"] == 0.05
 
     from experiments.prepare import main
     buf = io.StringIO()

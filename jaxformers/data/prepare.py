@@ -57,12 +57,16 @@ def _canonical_tokenizer(tokenizer: str) -> str:
     return kind if vocab is None else f"{kind}:{vocab}"
 
 
-def default_out_dir(data: str = "default", tokenizer: str = "byte") -> Path:
+def default_out_dir(data: str = "default", tokenizer: str = "byte", val_fraction: float = 0.05,
+                    seed: int = 0) -> Path:
     """``<cache>/datasets/<corpus name>-<tokenizer>``, e.g. ``.../shakespeare-bpe4096``
-    (``hf:DIR`` tokenizers: ``...-hf<hash of tokenizer.json>``)."""
+    (``hf:DIR`` tokenizers: ``...-hf<hash of tokenizer.json>``); a split other than the default
+    adds ``-val<fraction>-seed<seed>``, so it never overwrites (nor is overwritten by) the
+    default split that training on ``--data`` prepares."""
     src = resolve_corpus(data)
     tok = _canonical_tokenizer(tokenizer).replace(":", "")
-    return cache_dir() / "datasets" / f"{src.name}-{tok}"
+    split = "" if (val_fraction, seed) == (0.05, 0) else f"-val{val_fraction}-seed{seed}"
+    return cache_dir() / "datasets" / f"{src.name}-{tok}{split}"
 
 
 def split_documents(docs: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str], str]:
@@ -149,7 +153,8 @@ def prepare(data: str = "default", tokenizer: str = "byte", out_dir: str | os.Pa
     """
     src = resolve_corpus(data)
     tok_spec = _canonical_tokenizer(tokenizer)
-    out = Path(out_dir).expanduser() if out_dir is not None else default_out_dir(data, tokenizer)
+    out = (Path(out_dir).expanduser() if out_dir is not None
+           else default_out_dir(data, tokenizer, val_fraction, seed))
     docs = load_corpus(data)
     identity = _identity(src.spec, tok_spec, val_fraction, seed, corpus_fingerprint(docs))
     hf_tok = None
