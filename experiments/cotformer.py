@@ -19,6 +19,10 @@ trained adaptive model evaluated at each inference budget (``length_factors``: t
 the sequence that runs repeats 2..R): perplexity, MACs/token, average depth.  Plot:
 ``OUT/ppl_vs_macs.png`` (perplexity vs MACs/token, and vs inference tokens/s).
 
+Interruption: ``results.json`` is rewritten (atomically) after every model and every adaptive
+budget, ``"complete": false`` until the end (the inference tokens/s are measured last, for all
+models together, so they appear only in the complete file).
+
 ``--steps N`` / ``--eval-batches N`` / ``--only a,b`` / ``--budgets`` / ``--d-model`` /
 ``--seq-len`` / ``--batch-size`` shrink a run (tests); ``--reuse`` keeps the finished runs of an
 earlier invocation in ``OUT/runs`` and trains only the missing ones; every finished run is checked
@@ -33,7 +37,8 @@ import time
 from pathlib import Path
 
 from experiments.common import (check_heads, check_reuse, experiment_parser, parse_experiment_args,
-                                parse_list, reuse_or_train, time_forwards, train_overrides, write_json)
+                                parse_list, reuse_or_train, save_progress, time_forwards, train_overrides,
+                                write_json)
 
 PRESETS = {
     "tiny": dict(model=dict(d_model=64, n_head=4, max_seq_len=64), depth=2, ln_reserved=(0, 0),
@@ -163,7 +168,7 @@ def run(args) -> dict:
     results = {"preset": args.preset, "seed": args.seed, "backend": jax.default_backend(),
                "device_kind": jax.devices()[0].device_kind, "jax_version": jax.__version__,
                "data": args.data, "train": train_kw, "model": preset["model"], "models": {},
-               "adaptive_curve": []}
+               "adaptive_curve": [], "complete": False}
     forwards = {}
     cache = CompileCache()
     # --reuse: every finished run checked (model config and training settings) before any training
@@ -198,11 +203,13 @@ def run(args) -> dict:
                 fn, n_tok = forward_fn(bc, params, preset["infer_batch"], seq_len)
                 forwards[f"{name}@{','.join(str(x) for x in b)}"] = (fn, n_tok)
                 results["adaptive_curve"].append(point)
+                save_progress(out, results)
                 print(f"[cotformer] {name} budget {b}: val_ppl={ev['val_ppl']:.3f} "
                       f"MACs/token={point['macs_per_token']:.3g}", file=sys.stderr, flush=True)
         fn, n_tok = forward_fn(eval_cfg, params, preset["infer_batch"], seq_len)
         forwards[name] = (fn, n_tok)
         results["models"][name] = row
+        save_progress(out, results)
         print(f"[cotformer] {name}: val_ppl={row['val_ppl']:.3f} params={row['n_params']} "
               f"MACs/token={row['macs_per_token']:.3g}", file=sys.stderr, flush=True)
     speeds = time_forwards(forwards)
@@ -214,6 +221,7 @@ def run(args) -> dict:
                     p["infer_tokens_per_s"] = tps
         else:
             results["models"][name]["infer_tokens_per_s"] = tps
+    results["complete"] = True
     write_json(out / "results.json", results, indent=2)
     plot(results, out / "ppl_vs_macs.png")
     return results

@@ -1,6 +1,6 @@
 """Compile every Pallas GPU kernel for Hopper (sm_90) on the CPU and report its resources.
 
-    python -m experiments.kernel_report [--preset quick|full] [--out DIR] [--arch 90]
+    python -m experiments.kernel_report [--preset quick|full] [--out DIR]
 
 No GPU needed: each kernel is lowered for CUDA by this jaxlib (Pallas' Triton
 lowering) and compiled by the ``triton`` package (``pip install triton==3.6.0``,
@@ -23,7 +23,10 @@ differ from the GPU configuration in the row's label.
 The pip Triton is not the Triton inside XLA that compiles these kernels on a
 GPU, so treat the numbers as a close proxy.  ``quick`` = the default tiles only;
 ``full`` adds the sweep.  Writes ``DIR/results.json`` (one row per kernel and
-configuration) and ``DIR/kernel_report.png``.
+configuration; rewritten atomically after every configuration with ``"complete": false``,
+so an interrupted sweep keeps its rows) and ``DIR/kernel_report.png``.  ``--arch`` is 90
+only: jaxlib lowers the kernels for an H100 and the ``fits`` / ``ctas_per_sm`` columns use
+sm_90's limits (227 KiB shared memory per block; an A100's is 163 KiB).
 """
 from __future__ import annotations
 
@@ -46,7 +49,7 @@ from pallas_kernels.selective_scan import selective_scan
 from pallas_kernels.sparse_attention import hash_attention, qk_sparse_attention
 from pallas_kernels.ssd import ssd
 from pallas_kernels.triton_inspect import compile_report, triton_calls
-from experiments.common import parse_list, write_results
+from experiments.common import environment, parse_list, write_json, write_results
 
 S = jax.ShapeDtypeStruct
 bf16, f32 = jnp.bfloat16, jnp.float32
@@ -205,7 +208,8 @@ def cases(preset: str, families=FAMILIES):
 
 
 # --------------------------------------------------------------------------- report
-def run(preset: str, arch: int, families=FAMILIES):
+def run(preset: str, arch: int, families=FAMILIES, progress=None):
+    """The report's rows; ``progress(rows)`` is called after every configuration."""
     rows = []
     for family, label, thunk in cases(preset, families):
         case = thunk()
@@ -225,6 +229,8 @@ def run(preset: str, arch: int, families=FAMILIES):
                   + (f" | tpu {'lowers' if r['tpu_lowers'] else 'FAILS'} "
                      f"vmem {r['tpu_vmem_bytes'] / 2**20:.1f}MiB" if "tpu_lowers" in r else ""),
                   flush=True)
+        if progress is not None:
+            progress(rows)
     return rows
 
 
@@ -260,23 +266,30 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="quick", choices=PRESETS)
     ap.add_argument("--out", default="runs/kernel_report")
-    ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (90 = H100)")
+    ap.add_argument("--arch", type=int, default=90,
+                    help="CUDA compute capability x10; only 90 (H100: the lowering target and the "
+                         "limits of the fits / ctas_per_sm columns)")
     ap.add_argument("--families", default=",".join(FAMILIES),
                     help=f"comma list from {list(FAMILIES)}")
     args = ap.parse_args(argv)
     families = tuple(parse_list(ap, "--families", args.families, allowed=list(FAMILIES), unique=True))
-    if args.arch < 1:
-        ap.error(f"--arch must be a CUDA compute capability x10 (e.g. 90), got {args.arch}")
+    if args.arch != 90:
+        ap.error(f"--arch must be 90, got {args.arch}: jaxlib lowers the kernels for an H100 and the "
+                 "fits / ctas_per_sm columns use sm_90's shared-memory and register limits")
     import importlib.util
     if importlib.util.find_spec("triton") is None:
         ap.error("needs the `triton` package (no GPU needed): pip install triton==3.6.0")
-    rows = run(args.preset, args.arch, families)
-    os.makedirs(args.out, exist_ok=True)
-    plot(rows, os.path.join(args.out, "kernel_report.png"))
-    write_results(args.out, command="python -m experiments.kernel_report " + " ".join(
+    fields = dict(command="python -m experiments.kernel_report " + " ".join(
                       argv if argv is not None else sys.argv[1:]),
-                  preset=args.preset, arch=f"sm_{args.arch}", families=list(families), rows=rows,
+                  preset=args.preset, arch=f"sm_{args.arch}", families=list(families),
                   note="compiled on the CPU with the pip triton; resources only, no timing")
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "results.json")
+    env = environment()
+    rows = run(args.preset, args.arch, families,
+               progress=lambda rows: write_json(path, {**env, **fields, "rows": rows, "complete": False}))
+    plot(rows, os.path.join(args.out, "kernel_report.png"))
+    write_results(args.out, **fields, rows=rows, complete=True)
 
 
 if __name__ == "__main__":

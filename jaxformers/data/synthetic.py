@@ -53,14 +53,29 @@ PAD, BOS, SEP, QUERY, EOS = 0, 1, 2, 3, 4
 N_SPECIAL = 5
 
 
-def _rng(seed: int) -> np.random.Generator:
-    return np.random.default_rng(int(seed))
+def _int(task: str, name: str, value, lo: int | None = None) -> int:
+    """``value`` as a Python int; ``ValueError`` naming ``name`` for a bool, a float, a string
+    (never truncated: ``12.5`` is refused, not read as 12) or a value below ``lo``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{task}: {name} must be an int, got {value!r}")
+    if lo is not None and int(value) < lo:
+        raise ValueError(f"{task}: {name} must be >= {lo}, got {value}")
+    return int(value)
 
 
-def _check_n(n: int) -> int:
-    if int(n) < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    return int(n)
+def _flag(task: str, name: str, value) -> bool:
+    """A bool argument: ``True`` / ``False`` (or 1 / 0); a string such as ``"no"`` is refused."""
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1)):
+        return bool(value)
+    raise ValueError(f"{task}: {name} must be a bool, got {value!r}")
+
+
+def _rng(task: str, seed) -> np.random.Generator:
+    return np.random.default_rng(_int(task, "seed", seed, lo=0))
+
+
+def _check_n(task: str, n) -> int:
+    return _int(task, "n", n, lo=1)
 
 
 # ---------------------------------------------------------------------------
@@ -73,14 +88,16 @@ def copying(n: int, seq_len: int, vocab: int, seed: int = 0) -> tuple[np.ndarray
     uniformly from ``[N_SPECIAL, vocab)``; one PAD fills an odd T.  The mask
     covers the second copy.
     """
-    n = _check_n(n)
-    seq_len, vocab = int(seq_len), int(vocab)
+    n = _check_n("copying", n)
+    seq_len, vocab = _int("copying", "seq_len", seq_len), _int("copying", "vocab", vocab)
     if seq_len < 4:
         raise ValueError(f"copying: seq_len must be >= 4, got {seq_len}")
     if vocab <= N_SPECIAL:
         raise ValueError(f"copying: vocab must be > {N_SPECIAL} (the special ids), got {vocab}")
+    if vocab > 2 ** 31:
+        raise ValueError(f"copying: vocab must be <= 2**31 (int32 token ids), got {vocab}")
     length = (seq_len - 2) // 2
-    x = _rng(seed).integers(N_SPECIAL, vocab, size=(n, length), dtype=np.int32)
+    x = _rng("copying", seed).integers(N_SPECIAL, vocab, size=(n, length), dtype=np.int32)
     tokens = np.full((n, seq_len), PAD, dtype=np.int32)
     mask = np.zeros((n, seq_len), dtype=np.float32)
     tokens[:, 0] = BOS
@@ -102,14 +119,16 @@ def associative_recall(n: int, n_pairs: int, vocab: int, seed: int = 0) -> tuple
     allowed).  ``k_q`` is one of the keys, picked uniformly; the mask covers
     only the final ``v_q``.
     """
-    n = _check_n(n)
-    n_pairs, vocab = int(n_pairs), int(vocab)
+    n = _check_n("associative_recall", n)
+    n_pairs, vocab = _int("associative_recall", "n_pairs", n_pairs), _int("associative_recall", "vocab", vocab)
     n_keys = (vocab - N_SPECIAL) // 2
     n_vals = vocab - N_SPECIAL - n_keys
     if n_pairs < 1 or n_pairs > n_keys:
         raise ValueError(f"associative_recall: need 1 <= n_pairs <= (vocab - {N_SPECIAL}) // 2 = {n_keys}, "
                          f"got n_pairs={n_pairs}, vocab={vocab}")
-    rng = _rng(seed)
+    if vocab > 2 ** 31:
+        raise ValueError(f"associative_recall: vocab must be <= 2**31 (int32 token ids), got {vocab}")
+    rng = _rng("associative_recall", seed)
     keys = np.argsort(rng.random((n, n_keys)), axis=1)[:, :n_pairs].astype(np.int32) + N_SPECIAL
     vals = rng.integers(0, n_vals, size=(n, n_pairs), dtype=np.int32) + N_SPECIAL + n_keys
     q = rng.integers(0, n_pairs, size=n)
@@ -152,14 +171,14 @@ def passkey(n: int, length: int, n_digits: int = 5, seed: int = 0) -> tuple[np.n
     needle inserted at a uniform random character depth ``pos`` of the
     filler.  The mask covers the final ``n_digits`` bytes (the answer).
     """
-    n = _check_n(n)
-    length, n_digits = int(length), int(n_digits)
+    n = _check_n("passkey", n)
+    length, n_digits = _int("passkey", "length", length), _int("passkey", "n_digits", n_digits)
     if not 1 <= n_digits <= 18:
         raise ValueError(f"passkey: n_digits must be in [1, 18], got {n_digits}")
     fixed = len(_needle("0" * n_digits)) + len(_QUESTION) + n_digits
     if length < fixed:
         raise ValueError(f"passkey: length must be >= {fixed} for n_digits={n_digits}, got {length}")
-    rng = _rng(seed)
+    rng = _rng("passkey", seed)
     n_fill = length - fixed
     filler = (_FILLER * (n_fill // len(_FILLER) + 1))[:n_fill]
     keys = rng.integers(10 ** (n_digits - 1), 10 ** n_digits, size=n, dtype=np.int64)
@@ -186,7 +205,8 @@ _STEP_LEN = 9  # a_i + b_i + c_i = c_{i+1} s_i ;
 
 def arithmetic_length(n_digits: int, worked_steps: bool = True) -> int:
     """Sequence length produced by :func:`arithmetic`."""
-    n_digits = int(n_digits)
+    n_digits = _int("arithmetic_length", "n_digits", n_digits, lo=1)
+    worked_steps = _flag("arithmetic_length", "worked_steps", worked_steps)
     return 3 * n_digits + 5 + ((_STEP_LEN * n_digits + 1) if worked_steps else 0)
 
 
@@ -205,11 +225,11 @@ def arithmetic(n: int, n_digits: int, worked_steps: bool = True, seed: int = 0, 
     everything after the first ``=`` (steps, SEP, answer, EOS), or only the
     answer digits with ``answer_only=True``.
     """
-    n = _check_n(n)
-    n_digits = int(n_digits)
-    if n_digits < 1:
-        raise ValueError(f"arithmetic: n_digits must be >= 1, got {n_digits}")
-    rng = _rng(seed)
+    n = _check_n("arithmetic", n)
+    n_digits = _int("arithmetic", "n_digits", n_digits, lo=1)
+    worked_steps = _flag("arithmetic", "worked_steps", worked_steps)
+    answer_only = _flag("arithmetic", "answer_only", answer_only)
+    rng = _rng("arithmetic", seed)
     a = rng.integers(0, 10, size=(n, n_digits), dtype=np.int32)  # MSB first
     b = rng.integers(0, 10, size=(n, n_digits), dtype=np.int32)
     # column-wise addition, least significant first
