@@ -119,9 +119,9 @@ for s in "$@"; do
                          --out "$WORK/layer-parallel-spans" ;;
         # QuaRot (issue 17)
         hadamard)    stage hadamard 400 python -m experiments.bench_hadamard --out "$WORK/hadamard" ;;
-        quarot)      stage quarot 565 python -m experiments.quarot --preset gpu --out "$WORK/quarot" \
+        quarot)      stage quarot 565 python -m experiments.quarot --preset gpu --reuse --out "$WORK/quarot" \
                          --only fp,fp_rot,W4A16_RTN,W4A16_RTN_rot,W4A4KV4_RTN,W4A4KV4_RTN_rot,W8A8_RTN,W8A8_RTN_rot ;;
-        quarot-gptq) stage quarot-gptq 565 python -m experiments.quarot --preset gpu --out "$WORK/quarot-gptq" \
+        quarot-gptq) stage quarot-gptq 565 python -m experiments.quarot --preset gpu --reuse --out "$WORK/quarot-gptq" \
                          --int-schemes none \
                          --only fp,W4A16_GPTQ,W4A16_GPTQ_rot,W4A4KV4_GPTQ,W4A4KV4_GPTQ_rot,W4A4KV16_GPTQ_rot,W4A8_GPTQ_rot ;;
         quantize-7b) stage quantize-7b 560 python -m experiments.bench_quantize --platform default \

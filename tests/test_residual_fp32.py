@@ -38,7 +38,7 @@ def _stream_dtypes(module, params, tokens):
     return (out[0] if isinstance(out, tuple) else out), blocks, norms
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", [n for n in list_models() if not n.startswith("test-")])  # not tests' toys
 def test_every_architecture_keeps_a_float32_stream_and_bfloat16_branches(name):
     config = get_config(name, "tiny", dtype="bfloat16", residual_fp32=True)
     module = build(config)
