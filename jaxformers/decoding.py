@@ -122,11 +122,17 @@ def _generate_fn(module_cls, config, max_new_tokens, temperature, top_k, top_p, 
         out = out.at[:, i].set(jnp.where(done, pad_id, tok))
         return out, done | (tok == eos_id)
 
+    # hook: a model whose computation depends on the batch row (e.g. qk_sparse's keep masks,
+    # drawn per row) must prefill every sample's row itself instead of sharing its prompt's
+    share = num_samples > 1 and getattr(module, "rows_share_prefill", True)
+
     def run(params, prompt, rng):
+        if num_samples > 1 and not share:
+            prompt = jnp.repeat(prompt, num_samples, axis=0)
         b, p = prompt.shape
         cache = init_cache(module, b, p + max_new_tokens)
         logits, cache = module.apply(params, prompt, cache=cache)
-        if num_samples > 1:  # prefill once per prompt, then k rows per prompt share it
+        if share:  # prefill once per prompt, then k rows per prompt share it
             logits = jnp.repeat(logits, num_samples, axis=0)
             cache = {"index": cache["index"],
                      "layers": _repeat_rows(cache["layers"], num_samples, 1 if config.scan_layers else 0)}
@@ -161,7 +167,8 @@ def generate(module, params, prompt_tokens, max_new_tokens: int, *, temperature:
              pad_id: Optional[int] = None):
     """Sample ``max_new_tokens`` after ``prompt_tokens [B, P]``; returns ``[B * k, P + max_new_tokens]``
     for ``num_samples=k`` samples per prompt (rows ``b * k .. b * k + k - 1`` continue prompt
-    ``b``; the prompt is prefilled once and its cache shared by its k rows).
+    ``b``; the prompt is prefilled once and its cache shared by its k rows, unless the model's
+    ``rows_share_prefill`` is False: its output depends on the batch row, so each row prefills).
 
     Every row's prompt is ``P`` real tokens: there is no padding mask, so prompts of different
     lengths must be generated separately (a padded row would attend to its padding).

@@ -268,3 +268,19 @@ def test_kernel_equals_reference_and_counts_tiles(name):
     count = (hash_tile_count if name == "hash_sparse" else qk_sparse_tile_count)(ql, kl, block_q=16,
                                                                                 block_k=16)
     assert count.shape == (1, 2) and 0 < count.max() <= causal_tile_count(32, block_q=16, block_k=16)
+
+
+def test_qk_sparse_num_samples_equals_repeated_prompts():
+    """qk_sparse's keep masks are drawn per batch row, so ``generate(num_samples=k)`` prefills
+    every sample's row (``rows_share_prefill`` False): the same as repeating the prompt, and
+    greedy tokens are the argmax of the model's own full forward of the rows."""
+    cfg = jf.get_config("qk_sparse", "tiny", vocab_size=64, d_model=32, n_head=2, n_layer=2, max_seq_len=32,
+                        sparse_impl="reference")
+    m = jf.build(cfg)
+    assert not m.rows_share_prefill and jf.build(cfg.replace(model="hash_sparse")).rows_share_prefill
+    p = {"params": jax.tree.map(lambda x: x * 10 if x.ndim > 1 else x,  # sharp attention: masks matter
+                                jf.init_params(m, jax.random.PRNGKey(0)))}
+    prompt = jnp.asarray([[1, 2, 3, 4, 5, 6, 7, 8]], jnp.int32)
+    many = jf.generate(m, p, prompt, 6, temperature=0.0, num_samples=3)
+    np.testing.assert_array_equal(many, jf.generate(m, p, jnp.repeat(prompt, 3, axis=0), 6, temperature=0.0))
+    np.testing.assert_array_equal(jnp.argmax(m.apply(p, many[:, :-1])[:, 7:], -1), many[:, 8:])

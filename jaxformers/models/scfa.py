@@ -327,6 +327,13 @@ class SCFATransformer(Transformer):
     #: the layer scan also stacks the sown labels (``intermediates``) per layer
     scanned_collections = ("intermediates",)
 
+    @property
+    def rows_share_prefill(self) -> bool:
+        """``generate(num_samples=k)`` may share one prompt's prefill among its k rows only when
+        the output does not depend on the batch row: qk_sparse's keep masks are drawn per row,
+        so there every sample row prefills (the same as ``generate`` on repeated prompts)."""
+        return self.config.kind != "qk" or self.config.qk_drop_rate == 0.0
+
 
 def attention_labels(module, params, tokens):
     """``[(q_labels, k_labels)]`` of every sparse layer for ``tokens`` (evaluation draw), in
