@@ -58,8 +58,8 @@ def test_without_the_flag_the_stream_is_bfloat16():
 
 def test_a_float32_stream_is_closer_to_the_float32_model():
     """8 layers, bf16 compute: the float32 residual removes the stream's own rounding
-    (2^-9 relative per add), so the logits are nearer the float32 model's (measured on
-    this seed: max error 0.019 vs 0.011; the check asks only for a clear gain)."""
+    (2^-9 relative per add), so the logits are nearer the float32 model's (measured on this
+    seed: mean |error| 0.00093 -> 0.00038, max 0.0054 -> 0.0020; the check asks for a clear gain)."""
     config = get_config("llama", "tiny", n_layer=8, d_model=64, n_head=4, n_kv_head=2)
     params = jf.init_params(build(config), jax.random.PRNGKey(0))
     want = np.asarray(build(config).apply({"params": params}, TOKENS), np.float64)
