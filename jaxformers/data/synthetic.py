@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..utils import is_int
+
 __all__ = [
     "ARITH_CHARS",
     "ARITH_VOCAB_SIZE",
@@ -56,7 +58,7 @@ N_SPECIAL = 5
 def _int(task: str, name: str, value, lo: int | None = None) -> int:
     """``value`` as a Python int; ``ValueError`` naming ``name`` for a bool, a float, a string
     (never truncated: ``12.5`` is refused, not read as 12) or a value below ``lo``."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+    if not is_int(value):
         raise ValueError(f"{task}: {name} must be an int, got {value!r}")
     if lo is not None and int(value) < lo:
         raise ValueError(f"{task}: {name} must be >= {lo}, got {value}")
@@ -65,7 +67,7 @@ def _int(task: str, name: str, value, lo: int | None = None) -> int:
 
 def _flag(task: str, name: str, value) -> bool:
     """A bool argument: ``True`` / ``False`` (or 1 / 0); a string such as ``"no"`` is refused."""
-    if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1)):
+    if isinstance(value, (bool, np.bool_)) or (is_int(value) and value in (0, 1)):
         return bool(value)
     raise ValueError(f"{task}: {name} must be a bool, got {value!r}")
 
