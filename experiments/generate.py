@@ -3,6 +3,11 @@
     python -m experiments.generate --run runs/gpt-tiny --prompt "ROMEO:" --max-new-tokens 200
     python -m experiments.generate --run runs/gpt-tiny --prompt "To be" --top-k 40 --num-samples 3
     python -m experiments.generate --run runs/gpt-tiny --prompt "ROMEO:" --stop-at-eos
+    python -m experiments.generate --run runs/gpt-tiny --prompt-file prompts.txt --json
+
+``--prompt-file``: one prompt per line (blank lines skipped), all sampled in one batch
+(``generate(prompt_lengths=...)``: prompts of different lengths, each row decoded as if alone);
+the JSON output then has ``prompts`` and ``samples`` (a list of ``--num-samples`` texts per prompt).
 
 An empty prompt starts from the end-of-text token (the start of a document).
 ``--stop-at-eos`` ends each sample at the tokenizer's end-of-text token (not printed);
@@ -55,6 +60,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.generate", description=__doc__.splitlines()[0])
     ap.add_argument("--run", required=True, help="run directory written by experiments.train")
     ap.add_argument("--prompt", default="", help="text to continue")
+    ap.add_argument("--prompt-file", help="a text file with one prompt per line (blank lines skipped), "
+                                          "sampled together in one batch; excludes --prompt")
     ap.add_argument("--max-new-tokens", type=int, default=200)
     ap.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     ap.add_argument("--top-k", type=int)
@@ -65,7 +72,20 @@ def main(argv=None) -> int:
                     help="end each sample at the end-of-text token (the end of a document)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of plain text")
     args = ap.parse_args(argv)
-    args.prompt = _prompt_text(args.prompt)
+    if args.prompt_file is not None:
+        if args.prompt:
+            ap.error("--prompt and --prompt-file exclude each other")
+        try:
+            raw = Path(args.prompt_file).read_bytes().decode("utf-8", "surrogateescape")
+        except OSError as e:
+            print(f"error: --prompt-file: {e}", file=sys.stderr)
+            return 2
+        prompts = [_prompt_text(line) for line in raw.splitlines() if line.strip()]
+        if not prompts:
+            print(f"error: --prompt-file {args.prompt_file} has no prompt (every line is blank)", file=sys.stderr)
+            return 2
+    else:
+        prompts = [_prompt_text(args.prompt)]
 
     import jax
     import numpy as np
@@ -88,41 +108,56 @@ def main(argv=None) -> int:
                 raise ValueError(f"{args.run} was trained on {train_config.data!r}, which has no tokenizer "
                                  "to encode a prompt or decode samples")
             tok = load_tokenizer(source.ds_dir)
-        ids = tok.encode(args.prompt) if args.prompt else [tok.eos_id]
         limit = model_config.max_seq_len
         if args.max_new_tokens >= limit:
             raise ValueError(f"--max-new-tokens must be < max_seq_len={limit}, got {args.max_new_tokens}")
-        ids = ids[-(limit - args.max_new_tokens):]
+        # each prompt cut from the left so that it and the new tokens fit max_seq_len
+        ids = [(tok.encode(text) if text else [tok.eos_id])[-(limit - args.max_new_tokens):] for text in prompts]
         eos_id = None
         if args.stop_at_eos:
             eos_id = getattr(tok, "eos_id", None)
             if eos_id is None:
                 raise ValueError(f"--stop-at-eos: the tokenizer of {args.run} has no end-of-text token")
         module = jf.build(model_config.replace(dtype="float32", param_dtype="float32"))
-        prompt = np.asarray(ids, np.int32)[None]
+        lengths = np.asarray([len(i) for i in ids], np.int32)
+        prompt = np.zeros((len(ids), int(lengths.max())), np.int32)  # right-padded; the padding is never read
+        for row, prompt_ids in zip(prompt, ids):
+            row[:len(prompt_ids)] = prompt_ids
         # a model vocab padded above the tokenizer's: never sample the padding ids (they have no text)
         vocab_limit = tok.vocab_size if tok.vocab_size < model_config.vocab_size else None
         out = jf.generate(module, {"params": params}, prompt, args.max_new_tokens,  # one shared prefill
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                           rng=jax.random.PRNGKey(args.seed), num_samples=args.num_samples,
-                          vocab_limit=vocab_limit, eos_id=eos_id)
+                          vocab_limit=vocab_limit, eos_id=eos_id,
+                          prompt_lengths=None if len(ids) == 1 else lengths)
         out = np.asarray(out)
-        rows = [row[len(ids):] for row in out]
-        if eos_id is not None:  # each sample ends before its first end-of-text token
-            rows = [row[:int(np.argmax(row == eos_id))] if (row == eos_id).any() else row for row in rows]
-        texts = [_continuation(tok, ids, row, bool(args.prompt)) for row in rows]
+        k = args.num_samples
+        texts = []
+        for r, row in enumerate(out):  # rows r // k continue prompt r // k
+            n = len(ids[r // k])
+            row = row[n:n + args.max_new_tokens]
+            if eos_id is not None and (row == eos_id).any():  # each sample ends before its first end-of-text
+                row = row[:int(np.argmax(row == eos_id))]
+            texts.append(_continuation(tok, ids[r // k], row, bool(prompts[r // k])))
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         if os.environ.get("JAXFORMERS_DEBUG", "") not in ("", "0"):
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.json:
-        print(json.dumps({"prompt": args.prompt, "samples": texts}))
+    if args.prompt_file is None:
+        if args.json:
+            print(json.dumps({"prompt": prompts[0], "samples": texts}))
+        else:
+            for i, text in enumerate(texts):
+                if k > 1:
+                    print(f"--- sample {i}")
+                print(prompts[0] + text)
+    elif args.json:
+        print(json.dumps({"prompts": prompts, "samples": [texts[i * k:(i + 1) * k] for i in range(len(prompts))]}))
     else:
-        for i, text in enumerate(texts):
-            if args.num_samples > 1:
-                print(f"--- sample {i}")
-            print(args.prompt + text)
+        for r, text in enumerate(texts):
+            print(f"--- prompt {r // k}" + (f" sample {r % k}" if k > 1 else ""))
+            print(prompts[r // k] + text)
     return 0
 
 

@@ -1,7 +1,8 @@
 """KV-cache decoding and sampling.
 
 ``init_cache(module, batch, max_len)`` preallocates every layer's cache;
-``generate`` prefills the prompt in one forward pass, then samples one token per
+``generate`` prefills the prompt in one forward pass (prompts of different lengths: the
+shortest, then each row's own tokens), then samples one token per
 step inside ``lax.while_loop`` (which stops early once every row has sampled ``eos_id``),
 all under ``jit``.
 """
@@ -15,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .utils import check_token_ids, is_int
+from .utils import check_token_ids, concrete, is_int
 
 
 def init_cache(module, batch_size: int, max_len: int, dtype=None):
@@ -107,71 +108,106 @@ def _repeat_rows(tree, k: int, axis: int):
 
 @functools.lru_cache(maxsize=32)
 def _generate_fn(module_cls, config, max_new_tokens, temperature, top_k, top_p, num_samples=1,
-                 vocab_limit=None, eos_id=None, pad_id=None):
+                 vocab_limit=None, eos_id=None, pad_id=None, min_len=None):
+    """The jitted sampler.  ``min_len``: the shortest prompt, prefilled in one pass for every row
+    (``None``: every prompt is the whole ``[B, P]``); a longer prompt's remaining tokens are fed
+    one per step in place of the sampled token (forced), so every row sees only its own tokens."""
     module = module_cls(config)
+    fill = 0 if pad_id is None else pad_id  # positions no row wrote: after eos, after a short row
 
     def sample(last_logits, key):
         if vocab_limit is not None:  # ids >= vocab_limit (padding of the model's vocab) are never drawn
             last_logits = last_logits[:, :vocab_limit]
         return sample_logits(last_logits, key, temperature=temperature, top_k=top_k, top_p=top_p)
 
-    def emit(out, done, i, tok):
-        """Write step ``i``'s tokens (``pad_id`` in finished rows); mark rows that sampled eos."""
-        if eos_id is None:
-            return out.at[:, i].set(tok), done
-        out = out.at[:, i].set(jnp.where(done, pad_id, tok))
-        return out, done | (tok == eos_id)
+    def emit(seq, done, pos, tok, lengths):
+        """Choose the token at position ``pos``: the prompt's where the row's prompt is longer
+        (forced), else the sampled ``tok`` (``fill`` in finished rows).  Returns the tokens to feed
+        the model, the sequences and which rows are finished: they sampled ``eos_id`` or have their
+        ``max_new_tokens``."""
+        forced = pos < lengths
+        prompt_tok = seq[:, pos]
+        feed = jnp.where(forced, prompt_tok, tok)
+        seq = seq.at[:, pos].set(jnp.where(forced, prompt_tok, jnp.where(done, fill, tok)))
+        if eos_id is not None:
+            done = done | (~forced & (tok == eos_id))
+        return feed, seq, done | (pos + 1 - lengths >= max_new_tokens)
 
     # hook: a model whose computation depends on the batch row (e.g. qk_sparse's keep masks,
     # drawn per row) must prefill every sample's row itself instead of sharing its prompt's
     share = num_samples > 1 and getattr(module, "rows_share_prefill", True)
 
-    def run(params, prompt, rng):
+    def run(params, prompt, lengths, rng):
         if num_samples > 1 and not share:
-            prompt = jnp.repeat(prompt, num_samples, axis=0)
+            prompt, lengths = jnp.repeat(prompt, num_samples, axis=0), jnp.repeat(lengths, num_samples)
         b, p = prompt.shape
+        p0 = p if min_len is None else min_len
         cache = init_cache(module, b, p + max_new_tokens)
-        logits, cache = module.apply(params, prompt, cache=cache)
+        logits, cache = module.apply(params, prompt[:, :p0], cache=cache)
         if share:  # prefill once per prompt, then k rows per prompt share it
             logits = jnp.repeat(logits, num_samples, axis=0)
             cache = {"index": cache["index"],
                      "layers": _repeat_rows(cache["layers"], num_samples, 1 if config.scan_layers else 0)}
-            prompt = jnp.repeat(prompt, num_samples, axis=0)
+            prompt, lengths = jnp.repeat(prompt, num_samples, axis=0), jnp.repeat(lengths, num_samples)
             b = b * num_samples
-        out = jnp.full((b, max_new_tokens), 0 if pad_id is None else pad_id, jnp.int32)
+        steps = p + max_new_tokens - p0  # positions to choose, one per step
+        cols = jnp.arange(p + max_new_tokens)
+        seq = jnp.pad(prompt, ((0, 0), (0, max_new_tokens)))
+        seq = jnp.where(cols[None] < lengths[:, None], seq, fill)
         done = jnp.zeros((b,), bool)
 
         def step(state):
-            i, last_logits, cache, out, done, rng = state
+            i, last_logits, cache, seq, done, rng = state
             rng, sub = jax.random.split(rng)
-            tok = sample(last_logits, sub)
-            out, done = emit(out, done, i, tok)
-            logits, cache = module.apply(params, tok[:, None], cache=cache)
-            return i + 1, logits[:, -1], cache, out, done, rng
+            feed, seq, done = emit(seq, done, p0 + i, sample(last_logits, sub), lengths)
+            logits, cache = module.apply(params, feed[:, None], cache=cache)
+            return i + 1, logits[:, -1], cache, seq, done, rng
 
-        def more(state):  # the last sampled token needs no forward pass: max_new_tokens - 1 steps
-            return (state[0] < max_new_tokens - 1) & ~jnp.all(state[4])
+        def more(state):  # the last chosen token needs no forward pass: steps - 1 steps
+            return (state[0] < steps - 1) & ~jnp.all(state[4])
 
-        state = jax.lax.while_loop(more, step, (jnp.zeros((), jnp.int32), logits[:, -1], cache, out, done, rng))
-        _, last_logits, _, out, done, rng = state
-        rng, sub = jax.random.split(rng)  # after an early stop every row is done: this writes pad_id
-        out, _ = emit(out, done, max_new_tokens - 1, sample(last_logits, sub))
-        return jnp.concatenate([prompt, out], axis=1)
+        state = jax.lax.while_loop(more, step, (jnp.zeros((), jnp.int32), logits[:, -1], cache, seq, done, rng))
+        _, last_logits, _, seq, done, rng = state
+        rng, sub = jax.random.split(rng)  # after an early stop every row is done: this writes fill
+        _, seq, _ = emit(seq, done, p + max_new_tokens - 1, sample(last_logits, sub), lengths)
+        return seq
 
     return jax.jit(run)
+
+
+def _prompt_lengths(prompt_lengths, prompt_tokens):
+    """``prompt_lengths`` as a concrete int32 ``[B]`` array with values in ``[1, P]``."""
+    b, p = prompt_tokens.shape
+    values = concrete(prompt_lengths)
+    if values is None:
+        raise ValueError("prompt_lengths must be known outside jit (it sets the prefill length), got a traced value")
+    if values.shape != (b,) or not (np.issubdtype(values.dtype, np.integer) or values.dtype == object
+                                      and all(is_int(v) for v in values)):
+        raise ValueError(f"prompt_lengths must be {b} ints (one per row of prompt_tokens [B={b}, P={p}]), "
+                         f"got {prompt_lengths!r}")
+    values = values.astype(np.int64)
+    if values.min() < 1 or values.max() > p:
+        raise ValueError(f"prompt_lengths must be in [1, P={p}], got values from {values.min()} to {values.max()}")
+    return values.astype(np.int32)
 
 
 def generate(module, params, prompt_tokens, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None, rng=None, num_samples: int = 1,
              vocab_limit: Optional[int] = None, eos_id: Optional[int] = None,
-             pad_id: Optional[int] = None):
+             pad_id: Optional[int] = None, prompt_lengths=None):
     """Sample ``max_new_tokens`` after ``prompt_tokens [B, P]``; returns ``[B * k, P + max_new_tokens]``
     for ``num_samples=k`` samples per prompt (rows ``b * k .. b * k + k - 1`` continue prompt
     ``b``; the prompt is prefilled once and its cache shared by its k rows, unless the model's
     ``rows_share_prefill`` is False: its output depends on the batch row, so each row prefills).
 
-    Every row's prompt is ``P`` real tokens: there is no padding mask, so prompts of different
-    lengths must be generated separately (a padded row would attend to its padding).
+    ``prompt_lengths [B]`` (ints in ``[1, P]``, known outside ``jit``): prompts of different lengths,
+    right-padded to ``P`` (the values past a row's length are ignored).  The shortest prompt's
+    length is prefilled for every row in one pass; then each longer row is fed its own remaining
+    prompt tokens one per step while the others sample, so no row ever sees padding and every
+    architecture (attention, SSM, hybrids) decodes each row exactly as it would alone.  Row ``b``
+    of the result is its prompt, then its ``max_new_tokens`` new tokens, then ``pad_id`` (default
+    ``eos_id``, else 0) up to ``P + max_new_tokens``.  Without it every row's prompt is all ``P``
+    tokens.
     ``P + max_new_tokens`` is not checked against ``config.max_seq_len`` (positions past it are
     extrapolated, as in a full forward pass).
     ``vocab_limit``: sample only ids ``< vocab_limit`` (a model whose ``vocab_size`` is padded
@@ -186,18 +222,28 @@ def generate(module, params, prompt_tokens, max_new_tokens: int, *, temperature:
     max_new_tokens, vocab_limit = _validate(module, prompt_tokens, max_new_tokens, temperature, top_k, top_p,
                                             vocab_limit)
     prompt_tokens = prompt_tokens.astype(jnp.int32)
+    b, p = prompt_tokens.shape
+    min_len = None
+    if prompt_lengths is None:
+        lengths = np.full((b,), p, np.int32)
+    else:
+        lengths = _prompt_lengths(prompt_lengths, prompt_tokens)
+        min_len = int(lengths.min())
+        # the values past each row's length are never read: any filler is fine there
+        prompt_tokens = jnp.where(jnp.arange(p)[None] < jnp.asarray(lengths)[:, None], prompt_tokens, 0)
     check_token_ids(prompt_tokens, module.config.vocab_size, "prompt_tokens must be ids")
     num_samples = _positive_int(num_samples, "num_samples")
     vocab = module.config.vocab_size
     for name, value in (("eos_id", eos_id), ("pad_id", pad_id)):
         if value is not None and (not is_int(value) or not 0 <= value < vocab):
             raise ValueError(f"{name} must be None or a token id in [0, vocab_size={vocab}), got {value!r}")
-    if pad_id is not None and eos_id is None:
-        raise ValueError("pad_id needs eos_id (it fills the positions after a row's eos_id)")
+    if pad_id is not None and eos_id is None and prompt_lengths is None:
+        raise ValueError("pad_id needs eos_id or prompt_lengths (it fills the positions after a row's eos_id "
+                         "or after a shorter row's new tokens)")
     eos_id = None if eos_id is None else int(eos_id)
     pad_id = eos_id if pad_id is None else int(pad_id)
     rng = jax.random.PRNGKey(0) if rng is None else rng
     fn = _generate_fn(type(module), module.config, max_new_tokens, float(temperature),
                       None if top_k is None else int(top_k),
-                      None if top_p is None else float(top_p), num_samples, vocab_limit, eos_id, pad_id)
-    return fn(params, prompt_tokens, rng)
+                      None if top_p is None else float(top_p), num_samples, vocab_limit, eos_id, pad_id, min_len)
+    return fn(params, prompt_tokens, jnp.asarray(lengths), rng)
