@@ -1,6 +1,6 @@
-"""Compile every Pallas GPU kernel for Hopper (sm_90) on the CPU and report its resources.
+"""Compile every Pallas GPU kernel for an NVIDIA GPU (default Hopper sm_90) on the CPU and report its resources.
 
-    python -m experiments.kernel_report [--preset quick|full] [--out DIR]
+    python -m experiments.kernel_report [--preset quick|full] [--arch 80|86|89|90] [--out DIR]
 
 No GPU needed: each kernel is lowered for CUDA by this jaxlib (Pallas' Triton
 lowering) and compiled by the ``triton`` package (``pip install triton==3.6.0``,
@@ -24,9 +24,12 @@ The pip Triton is not the Triton inside XLA that compiles these kernels on a
 GPU, so treat the numbers as a close proxy.  ``quick`` = the default tiles only;
 ``full`` adds the sweep.  Writes ``DIR/results.json`` (one row per kernel and
 configuration; rewritten atomically after every configuration with ``"complete": false``,
-so an interrupted sweep keeps its rows) and ``DIR/kernel_report.png``.  ``--arch`` is 90
-only: jaxlib lowers the kernels for an H100 and the ``fits`` / ``ctas_per_sm`` columns use
-sm_90's limits (227 KiB shared memory per block; an A100's is 163 KiB).
+so an interrupted sweep keeps its rows) and ``DIR/kernel_report.png``.  ``--arch`` (default
+90: H100 / H200) is one of 80 (A100), 86 (A10 / RTX 30xx), 89 (L4 / L40 / RTX 40xx), 90: the
+kernels are lowered for a device of that compute capability and compiled for it, and the
+``fits`` / ``ctas_per_sm`` columns use its limits (``triton_inspect.GPU_LIMITS``: shared memory
+per block 163 KiB on sm_80, 99 KiB on sm_86 / sm_89, 227 KiB on sm_90).  The kernels' default
+tiles are chosen for sm_90; on the smaller parts a ``fits: false`` row names a tile to shrink.
 """
 from __future__ import annotations
 
@@ -48,7 +51,7 @@ from pallas_kernels.flash_attention import BlockSizes, flash_attention
 from pallas_kernels.selective_scan import selective_scan
 from pallas_kernels.sparse_attention import hash_attention, qk_sparse_attention
 from pallas_kernels.ssd import ssd
-from pallas_kernels.triton_inspect import compile_report, triton_calls
+from pallas_kernels.triton_inspect import GPU_LIMITS, compile_report, gpu_limits, triton_calls
 from experiments.common import environment, parse_list, write_json, write_results
 
 S = jax.ShapeDtypeStruct
@@ -215,7 +218,8 @@ def run(preset: str, arch: int, families=FAMILIES, progress=None):
         case = thunk()
         fn, args = case.fn, case.args
         tpu = tpu_columns(case)
-        for call in triton_calls(fn, *args):
+        limit_kib = gpu_limits(arch).shared_per_block // 1024
+        for call in triton_calls(fn, *args, arch=arch):
             t0 = time.perf_counter()
             r = compile_report(call, arch=arch)
             r.update(family=family, config=label, compile_s=round(time.perf_counter() - t0, 2),
@@ -224,7 +228,7 @@ def run(preset: str, arch: int, families=FAMILIES, progress=None):
             rows.append(r)
             print(f"{family:16s} {label:34s} {r['name']:26s} warps {r['num_warps']} "
                   f"regs {r['registers']:3d} spill {r['stack_bytes'] + r['local_bytes']:5d}B "
-                  f"smem {r['shared_bytes'] // 1024:4d}KiB{'' if r['fits'] else ' (>227!)'} "
+                  f"smem {r['shared_bytes'] // 1024:4d}KiB{'' if r['fits'] else f' (>{limit_kib}!)'} "
                   f"wgmma {r['wgmma']:3d} mma.sync {r['mma_sync']:3d} ctas/SM {r['ctas_per_sm']}"
                   + (f" | tpu {'lowers' if r['tpu_lowers'] else 'FAILS'} "
                      f"vmem {r['tpu_vmem_bytes'] / 2**20:.1f}MiB" if "tpu_lowers" in r else ""),
@@ -249,7 +253,7 @@ def plot(rows, path):
     axes[0].axhline(255, color="k", ls="--", lw=0.8)
     axes[0].set_ylabel("registers / thread (red: spills or no fit)")
     axes[1].bar(x, [r["shared_bytes"] / 1024 for r in default], color=colors)
-    axes[1].axhline(227, color="k", ls="--", lw=0.8)
+    axes[1].axhline(gpu_limits(int(rows[0]["arch"][3:])).shared_per_block / 1024, color="k", ls="--", lw=0.8)
     axes[1].set_ylabel("shared memory / block (KiB)")
     for ax in axes:
         ax.set_xticks(list(x))
@@ -266,16 +270,13 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="quick", choices=PRESETS)
     ap.add_argument("--out", default="runs/kernel_report")
-    ap.add_argument("--arch", type=int, default=90,
-                    help="CUDA compute capability x10; only 90 (H100: the lowering target and the "
-                         "limits of the fits / ctas_per_sm columns)")
+    ap.add_argument("--arch", type=int, default=90, choices=sorted(GPU_LIMITS),
+                    help="CUDA compute capability x10 (80 A100, 86 A10, 89 L4, 90 H100/H200): the "
+                         "lowering and compile target and the limits of the fits / ctas_per_sm columns")
     ap.add_argument("--families", default=",".join(FAMILIES),
                     help=f"comma list from {list(FAMILIES)}")
     args = ap.parse_args(argv)
     families = tuple(parse_list(ap, "--families", args.families, allowed=list(FAMILIES), unique=True))
-    if args.arch != 90:
-        ap.error(f"--arch must be 90, got {args.arch}: jaxlib lowers the kernels for an H100 and the "
-                 "fits / ctas_per_sm columns use sm_90's shared-memory and register limits")
     import importlib.util
     if importlib.util.find_spec("triton") is None:
         ap.error("needs the `triton` package (no GPU needed): pip install triton==3.6.0")

@@ -4,7 +4,8 @@ Pallas' Triton lowering runs at MLIR-lowering time, so a CPU-only jaxlib can
 lower any jitted function *for CUDA* and hand back every kernel launch with its
 Triton IR (:func:`triton_calls`).  The ``triton`` package (pure wheel, no GPU
 needed: ``pip install triton==3.6.0``) can then compile that IR for Hopper
-(``sm_90``) and report what decides a kernel's speed and whether it runs at all
+(``sm_90``; also Ampere ``sm_80`` and Ada / GA10x ``sm_89`` / ``sm_86``: :data:`GPU_LIMITS`) and
+report what decides a kernel's speed and whether it runs at all
 (:func:`compile_report`): registers per thread, spills (local memory), shared
 memory per block, the tensor-core instruction its dots became (``wgmma`` on
 Hopper vs the older ``mma.sync``) and the resulting occupancy bound.
@@ -32,13 +33,56 @@ import tempfile
 import jax
 
 TRITON_TARGET = "__gpu$xla.gpu.triton"
-H100_SHARED_PER_BLOCK = 227 * 1024  # opt-in maximum dynamic shared memory per block (sm_90)
-H100_SHARED_PER_SM = 228 * 1024
-H100_REGS_PER_SM = 65536
 _WARP = 32
-# The GPU the kernels are lowered for (jax >= 0.12 needs one named when none is present).
-TARGET_DEVICE_KIND = "NVIDIA H100 80GB HBM3"
-TARGET_NUM_SMS = 132
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuLimits:
+    """Per-SM limits of one CUDA compute capability (CUDA C Programming Guide, "Technical
+    Specifications per Compute Capability") and a device of it to lower the kernels for."""
+
+    device_kind: str        # what jax's Pallas lowering reads the compute capability from
+    num_sms: int
+    shared_per_block: int   # opt-in maximum dynamic shared memory per block
+    shared_per_sm: int
+    max_warps_per_sm: int
+    max_ctas_per_sm: int
+    regs_per_sm: int = 65536
+    reserved_shared_per_block: int = 1024  # the system's share of each block (sm_80 and later)
+
+
+GPU_LIMITS = {
+    80: GpuLimits("NVIDIA A100-SXM4-80GB", 108, 163 * 1024, 164 * 1024, 64, 32),
+    86: GpuLimits("NVIDIA A10", 72, 99 * 1024, 100 * 1024, 48, 16),
+    89: GpuLimits("NVIDIA L4", 58, 99 * 1024, 100 * 1024, 48, 24),
+    90: GpuLimits("NVIDIA H100 80GB HBM3", 132, 227 * 1024, 228 * 1024, 64, 32),  # also H200
+}
+H100_SHARED_PER_BLOCK = GPU_LIMITS[90].shared_per_block
+H100_SHARED_PER_SM = GPU_LIMITS[90].shared_per_sm
+H100_REGS_PER_SM = GPU_LIMITS[90].regs_per_sm
+# The GPU the kernels are lowered for by default (jax >= 0.12 needs one named when none is present).
+TARGET_DEVICE_KIND = GPU_LIMITS[90].device_kind
+TARGET_NUM_SMS = GPU_LIMITS[90].num_sms
+
+
+def gpu_limits(arch: int) -> GpuLimits:
+    """The limits of ``sm_{arch}``; ``ValueError`` naming the supported ones otherwise."""
+    if isinstance(arch, bool) or arch not in GPU_LIMITS:
+        raise ValueError(f"arch must be one of {sorted(GPU_LIMITS)} (CUDA compute capability x10), got {arch!r}")
+    return GPU_LIMITS[arch]
+
+
+def occupancy(registers: int, shared_bytes: int, num_warps: int, arch: int = 90) -> int:
+    """Resident CTAs per SM of a kernel (an upper bound): the least of what its registers
+    (allocated per warp in units of 256), its shared memory (plus the reserved 1 KiB per block),
+    its warps and the CTA limit allow."""
+    lim = gpu_limits(arch)
+    regs_per_warp = -(-registers * _WARP // 256) * 256
+    by_regs = lim.regs_per_sm // (regs_per_warp * num_warps) if registers else lim.max_ctas_per_sm
+    by_smem = lim.shared_per_sm // (shared_bytes + lim.reserved_shared_per_block) if shared_bytes \
+        else lim.max_ctas_per_sm
+    by_warps = lim.max_warps_per_sm // num_warps
+    return max(0, min(by_regs, by_smem, by_warps, lim.max_ctas_per_sm))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,8 +96,8 @@ class TritonCall:
     ttir: str  # Triton IR (text)
 
 
-def _target_gpu():
-    """A context naming the GPU we lower for, where this jax needs one.
+def _target_gpu(arch: int = 90):
+    """A context naming the GPU we lower for (a device of ``sm_{arch}``), where this jax needs one.
 
     Newer jax (0.12) asks the device for its compute capability while lowering
     Pallas to Triton and, with no GPU present, needs an abstract GPU device in
@@ -65,14 +109,14 @@ def _target_gpu():
     sharding = jax.sharding
     if not hasattr(sharding, "AbstractDevice") or not hasattr(sharding, "use_abstract_mesh"):
         return contextlib.nullcontext()  # pragma: no cover - jax < 0.10
-    device = sharding.AbstractDevice(device_kind=TARGET_DEVICE_KIND, num_cores=TARGET_NUM_SMS,
-                                     platform="gpu")
+    lim = gpu_limits(arch)
+    device = sharding.AbstractDevice(device_kind=lim.device_kind, num_cores=lim.num_sms, platform="gpu")
     return sharding.use_abstract_mesh(sharding.AbstractMesh((), (), abstract_device=device))
 
 
-def _lower_for_cuda(fn, *args):
+def _lower_for_cuda(fn, *args, arch: int = 90):
     try:
-        with _target_gpu():
+        with _target_gpu(arch):
             traced = jax.jit(fn).trace(*args)
             return traced.lower(lowering_platforms=("cuda",)).compiler_ir("stablehlo")
     except TypeError as e:  # pragma: no cover - jax without cross-platform lowering
@@ -102,8 +146,9 @@ def _ttir_text(ir_bytes: bytes) -> str:
         return module.operation.get_asm(enable_debug_info=False)
 
 
-def triton_calls(fn, *args) -> list:
-    """Every Pallas->Triton launch in ``jax.jit(fn)(*args)`` lowered for CUDA.
+def triton_calls(fn, *args, arch: int = 90) -> list:
+    """Every Pallas->Triton launch in ``jax.jit(fn)(*args)`` lowered for CUDA (for a device of
+    ``sm_{arch}`` where this jax asks for one; jax 0.10 lowers the same IR for every arch).
 
     ``args`` may be arrays or ``jax.ShapeDtypeStruct``s.  Kernels must be built
     with ``interpret=False`` (the default resolves to interpret mode on a CPU
@@ -111,7 +156,7 @@ def triton_calls(fn, *args) -> list:
     """
     from jax._src.lib.mlir import ir
 
-    module = _lower_for_cuda(fn, *args)
+    module = _lower_for_cuda(fn, *args, arch=arch)
     calls = []
     for op in _walk(module.operation):
         if op.name != "stablehlo.custom_call":
@@ -148,11 +193,12 @@ def compile_report(call: TritonCall, arch: int = 90) -> dict:
 
     Returns a dict: ``registers`` (per thread), ``local_bytes`` / ``stack_bytes``
     (non-zero = register spills), ``shared_bytes`` (dynamic shared memory per
-    block), ``fits`` (shared memory within the sm_90 per-block limit), ``wgmma`` /
-    ``mma_sync`` (tensor-core instruction counts in the PTX), ``ctas_per_sm``
-    (occupancy bound from registers and shared memory, approximate) plus the
-    launch parameters.
+    block), ``fits`` (shared memory within the arch's per-block limit, :data:`GPU_LIMITS`),
+    ``wgmma`` / ``mma_sync`` (tensor-core instruction counts in the PTX; ``wgmma`` exists on
+    sm_90 only), ``ctas_per_sm`` (:func:`occupancy`: the bound from registers, shared memory
+    and warps) plus the launch parameters.
     """
+    lim = gpu_limits(arch)
     try:
         import triton
         from triton.backends.compiler import GPUTarget
@@ -169,12 +215,10 @@ def compile_report(call: TritonCall, arch: int = 90) -> dict:
     ptx = kernel.asm["ptx"]
     shared = int(kernel.metadata.shared)
     threads = call.num_warps * _WARP
-    regs_per_warp = -(-usage["registers"] * _WARP // 256) * 256  # allocation unit: 256 regs / warp
-    by_regs = H100_REGS_PER_SM // (regs_per_warp * call.num_warps)
-    by_smem = H100_SHARED_PER_SM // (shared + 1024) if shared else 32  # 1 KiB reserved per block
     return dict(
         name=call.name, grid=list(call.grid), num_warps=call.num_warps, num_stages=call.num_stages,
-        threads=threads, shared_bytes=shared, fits=shared <= H100_SHARED_PER_BLOCK,
+        threads=threads, shared_bytes=shared, fits=shared <= lim.shared_per_block,
         wgmma=ptx.count("wgmma.mma_async"), mma_sync=ptx.count("mma.sync"),
-        ctas_per_sm=max(0, min(by_regs, by_smem, 32)), triton_version=triton.__version__,
+        ctas_per_sm=occupancy(usage["registers"], shared, call.num_warps, arch),
+        triton_version=triton.__version__,
         arch=f"sm_{arch}", **usage)

@@ -52,3 +52,42 @@ def test_tpu_columns_of_every_family(family):
     for c in cols.values():
         assert c["tpu_lowers"] and c["tpu_error"] is None, c
         assert 0 < c["tpu_vmem_bytes"] < 32 * 2**20
+
+
+def test_occupancy_bounds_by_registers_shared_memory_warps_and_ctas():
+    from pallas_kernels.triton_inspect import occupancy
+    # 24 regs x 4 warps: registers allow 21 CTAs, but sm_90 holds 64 warps = 16 such CTAs
+    assert occupancy(24, 0, 4, 90) == 16
+    assert occupancy(24, 0, 4, 86) == 12  # 48 warps on sm_86
+    assert occupancy(16, 0, 2, 90) == 32 and occupancy(16, 0, 2, 86) == 16  # the CTA limit
+    assert occupancy(253, 96 * 1024, 8, 90) == 1  # the flash D128 forward's row in BENCHMARKS.md
+    assert occupancy(48, 0, 2, 90) == 21  # the selective-scan forward's
+    # shared memory: 48 KiB + 1 KiB reserved per block: 228 KiB -> 4, 164 KiB (A100) -> 3
+    assert occupancy(32, 48 * 1024, 4, 90) == 4 and occupancy(32, 48 * 1024, 4, 80) == 3
+    with pytest.raises(ValueError, match="arch must be one of"):
+        occupancy(32, 0, 4, 70)
+
+
+def test_kernel_report_for_an_a100_uses_its_limits(tmp_path):
+    """``--arch 80``: compiled for sm_80 (no wgmma there: the dots become mma.sync), ``fits``
+    against the A100's 163 KiB per block: the D256 forward at 64x64 with 3 stages needs 168 KiB
+    compiled for sm_80 (224 KiB for sm_90, where it fits) and does not fit an A100."""
+    pytest.importorskip("triton")
+    from pallas_kernels.triton_inspect import compile_report, triton_calls
+    kernel_report.main(["--preset", "quick", "--families", "hadamard", "--arch", "80", "--out", str(tmp_path)])
+    res = json.load(open(tmp_path / "results.json"))
+    assert res["arch"] == "sm_80" and res["rows"]
+    for r in res["rows"]:
+        assert r["arch"] == "sm_80" and r["wgmma"] == 0 and r["mma_sync"] > 0 and r["fits"], r
+    import jax
+    import jax.numpy as jnp
+    from pallas_kernels.flash_attention import BlockSizes, flash_attention
+    q = jax.ShapeDtypeStruct((1, 256, 1, 256), jnp.bfloat16)
+    blocks = BlockSizes(block_q=64, block_k=64, num_warps=8, num_stages=3)
+    calls = triton_calls(lambda q, k, v: flash_attention(q, k, v, causal=True, block_sizes=blocks,
+                                                         interpret=False), q, q, q, arch=80)
+    fwd = [c for c in calls if c.name.endswith("fwd")]
+    assert len(fwd) == 1
+    on_a100, on_h100 = compile_report(fwd[0], arch=80), compile_report(fwd[0], arch=90)
+    assert 163 * 1024 < on_a100["shared_bytes"] and on_h100["shared_bytes"] <= 227 * 1024
+    assert on_h100["fits"] and not on_a100["fits"] and on_a100["wgmma"] == 0 < on_h100["wgmma"]
