@@ -85,3 +85,17 @@ def test_quarot_results_are_marked_incomplete_until_the_end(tmp_path, monkeypatc
     monkeypatch.setattr(exp, "plot", lambda results, out: None)
     exp.main(argv)
     assert json.loads((tmp_path / "results.json").read_text())["complete"] is True
+
+
+def test_pack_int4_refuses_values_it_would_wrap():
+    """8 used to pack as -8 (and 1.5 as 1): a silent wrong weight after unpacking."""
+    from jaxformers.quant.quantizers import pack_int4, unpack_int4
+    ok = np.arange(-8, 8, dtype=np.int8)
+    np.testing.assert_array_equal(np.asarray(unpack_int4(pack_int4(ok))), ok)
+    for bad in (np.array([7, 8], np.int32), np.array([-9, 0], np.int32)):
+        with pytest.raises(ValueError, match=r"pack_int4 needs values in \[-8, 7\]"):
+            pack_int4(bad)
+    with pytest.raises(ValueError, match="non-integral"):
+        pack_int4(np.array([1.5, 0.0], np.float32))
+    with pytest.raises(ValueError, match="even last axis"):
+        pack_int4(np.int8(3))

@@ -480,10 +480,19 @@ def gptq_weight_reference(w, hessian, bits: int, *, groupsize=None, sym=True, cl
 # --------------------------------------------------------------------------- int4 packing
 def pack_int4(q):
     """Signed 4-bit values ``q [..., 2k]`` (ints in [-8, 7]) -> ``uint8 [..., k]``, two per
-    byte: element ``2i`` in the low nibble, ``2i + 1`` in the high one."""
+    byte: element ``2i`` in the low nibble, ``2i + 1`` in the high one.  Values outside
+    [-8, 7] or not integral are a ``ValueError`` when they are known (outside ``jit``); under a
+    trace they would wrap modulo 16."""
+    from ..utils import concrete
     q = jnp.asarray(q)
-    if q.shape[-1] % 2:
+    if q.ndim == 0 or q.shape[-1] % 2:
         raise ValueError(f"pack_int4 needs an even last axis, got shape {q.shape}")
+    values = concrete(q)
+    if values is not None and values.size:
+        if not (np.issubdtype(values.dtype, np.integer) or np.all(np.mod(values, 1) == 0)):
+            raise ValueError("pack_int4 needs integer values in [-8, 7], got non-integral values")
+        if values.min() < -8 or values.max() > 7:
+            raise ValueError(f"pack_int4 needs values in [-8, 7], got values from {values.min()} to {values.max()}")
     u = (q.astype(jnp.int32) & 0xF).astype(jnp.uint8)
     return u[..., 0::2] | (u[..., 1::2] << 4)
 
