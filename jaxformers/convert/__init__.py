@@ -2,10 +2,11 @@
 
     config, params = jaxformers.convert.from_hf("path/to/llama")   # numpy + safetensors only
     jaxformers.convert.to_hf(config, params, "out_dir")            # LlamaForCausalLM-loadable
+    # mamba / mamba2 configs: MambaForCausalLM / Mamba2ForCausalLM both ways (from_hf / to_hf dispatch)
 """
 from .hf_llama import config_from_hf, config_to_hf, from_hf, to_hf
-from .hf_mamba import config_from_hf_mamba, from_hf_mamba
+from .hf_mamba import config_from_hf_mamba, config_to_hf_mamba, from_hf_mamba, to_hf_mamba
 from .layers import stack_layers, unstack_layers
 
 __all__ = ["from_hf", "to_hf", "stack_layers", "unstack_layers", "config_from_hf", "config_to_hf",
-           "from_hf_mamba", "config_from_hf_mamba"]
+           "from_hf_mamba", "config_from_hf_mamba", "to_hf_mamba", "config_to_hf_mamba"]

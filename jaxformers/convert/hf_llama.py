@@ -272,12 +272,16 @@ def to_hf(config: TransformerConfig, params, out_dir: str) -> str:
 
     ``params``: plain or boxed (from ``module.init``; a ``{"params": ...}`` variables
     dict is accepted too), scanned (``blocks``) or per-layer (``blocks_{i}``).
-    Returns ``out_dir``.
+    Returns ``out_dir``.  A ``mamba`` / ``mamba2`` config dispatches to
+    :func:`~jaxformers.convert.hf_mamba.to_hf_mamba` (``MambaForCausalLM`` / ``Mamba2ForCausalLM``).
     """
     import flax.linen as nn
     from flax.core import unfreeze
     from safetensors.numpy import save_file
 
+    if getattr(config, "model", None) in ("mamba", "mamba2"):  # as from_hf dispatches on model_type
+        from .hf_mamba import to_hf_mamba
+        return to_hf_mamba(config, params, out_dir)
     check_llama_compatible(config)
     params = unfreeze(nn.unbox(params))
     if set(params) == {"params"}:

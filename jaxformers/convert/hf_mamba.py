@@ -1,4 +1,7 @@
-"""Hugging Face ``MambaForCausalLM`` / ``Mamba2ForCausalLM`` -> jaxformers ``mamba`` / ``mamba2``.
+"""Hugging Face ``MambaForCausalLM`` / ``Mamba2ForCausalLM`` <-> jaxformers ``mamba`` / ``mamba2``.
+
+``from_hf_mamba(dir) -> (config, params)``; ``to_hf_mamba(config, params, dir)`` writes the
+inverse (``config.json`` + ``model.safetensors``, float32) for a model HF can express.
 
 Loading needs numpy + safetensors only (the safetensors reader is shared with the
 Llama converter).  Weight layout (torch ``nn.Linear.weight`` is ``[out, in]``;
@@ -23,6 +26,7 @@ Llama converter).  Weight layout (torch ``nn.Linear.weight`` is ``[out, in]``;
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Dict, Optional
@@ -32,7 +36,7 @@ import numpy as np
 from ..config import DTYPES
 from ..models.mamba import MambaConfig
 from .hf_io import read_checkpoint, weight_files
-from .layers import stack_layers
+from .layers import stack_layers, unstack_layers
 
 MODEL_TYPES = ("mamba", "mamba2")
 _PREFIX = "backbone."
@@ -231,4 +235,126 @@ def from_hf_mamba(path_or_dir: str, *, dtype: str = "float32", scan_layers: bool
     return config, params
 
 
-__all__ = ["config_from_hf_mamba", "from_hf_mamba"]
+# ----------------------------------------------------------------------------- export
+# Fields that do not change what a trained model computes (compute / storage dtypes, layer scan,
+# kernels and their tiles, rematerialisation, training-only dropout, initialisation) or that HF
+# has no field for but nothing depends on (max_seq_len: no position embedding).
+_NOT_FUNCTIONAL = frozenset({
+    "dtype", "param_dtype", "scan_layers", "scan_impl", "chunk_size", "remat", "max_seq_len",
+    "dropout", "attn_dropout", "embed_dropout", "init_std", "scale_residual_init", "dt_min", "dt_max",
+    "dt_init_floor", "dt_init", "dt_scale", "a_init", "a_init_range", "dt_rank"})
+
+
+def config_to_hf_mamba(config) -> dict:
+    """The HF ``MambaConfig`` / ``Mamba2Config`` dict of a ``mamba`` / ``mamba2`` config; a
+    ``ValueError`` naming every field whose value HF cannot express (the config read back from
+    the dict, :func:`config_from_hf_mamba`, must compute the same function)."""
+    if getattr(config, "model", None) not in MODEL_TYPES:
+        raise ValueError(f"config.model must be one of {list(MODEL_TYPES)} to export as HF Mamba, "
+                         f"got {getattr(config, 'model', None)!r}")
+    c = config
+    hf = dict(model_type=c.model, vocab_size=c.vocab_size, hidden_size=c.d_model,
+              num_hidden_layers=c.n_layer, state_size=c.d_state, expand=c.expand,
+              intermediate_size=c.d_inner, conv_kernel=c.d_conv, use_bias=c.proj_bias,
+              use_conv_bias=c.conv_bias, hidden_act="silu", layer_norm_epsilon=c.norm_eps,
+              initializer_range=c.init_std, residual_in_fp32=c.residual_fp32,
+              time_step_min=c.dt_min, time_step_max=c.dt_max, time_step_floor=c.dt_init_floor,
+              tie_word_embeddings=c.tie_embeddings, rescale_prenorm_residual=False, use_cache=True)
+    if c.model == "mamba":
+        hf.update(architectures=["MambaForCausalLM"], time_step_rank=c.resolved_dt_rank,
+                  time_step_scale=c.dt_scale,
+                  time_step_init_scheme="constant" if c.dt_init == "constant" else "random")
+    else:
+        hf.update(architectures=["Mamba2ForCausalLM"], num_heads=c.ssm_heads, head_dim=c.headdim,
+                  n_groups=c.n_groups, chunk_size=c.chunk_size)  # time_step_limit: HF's (0, inf)
+    back = config_from_hf_mamba(hf)
+    names = [f.name for f in dataclasses.fields(c)]
+    bad = [f"{n}={getattr(c, n)!r} (HF Mamba: {getattr(back, n)!r})" for n in names
+           if n not in _NOT_FUNCTIONAL and getattr(c, n) != getattr(back, n)]
+    if c.model == "mamba" and c.resolved_dt_rank != back.resolved_dt_rank:
+        bad.append(f"dt_rank={c.dt_rank!r}")
+    if bad:
+        raise ValueError("this config cannot be exported as HF " + c.model + ": " + "; ".join(bad))
+    return hf
+
+
+def _mixer_tensors(c, m: dict) -> Dict[str, np.ndarray]:
+    """Inverse of :func:`_mixer_params`: one layer's HF tensors (short names) from its mixer params."""
+    def a(x):
+        return np.asarray(x, np.float32)
+
+    t = {}
+    if c.model == "mamba":
+        t["in_proj.weight"] = a(m["in_proj"]["kernel"]).reshape(c.d_model, 2 * c.d_inner).T
+        if c.proj_bias:
+            t["in_proj.bias"] = a(m["in_proj"]["bias"]).reshape(2 * c.d_inner)
+        conv_w = a(m["conv"]["kernel"])
+        conv_b = a(m["conv"]["bias"]) if c.conv_bias else None
+        t.update({"x_proj.weight": a(m["x_proj"]["kernel"]).T, "dt_proj.weight": a(m["dt_proj"]["kernel"]).T,
+                  "dt_proj.bias": a(m["dt_bias"]), "A_log": a(m["A_log"]), "D": a(m["D"])})
+    else:
+        names = ("in_z", "in_x", "in_bc", "in_dt")
+        t["in_proj.weight"] = np.concatenate([a(m[n]["kernel"]).T for n in names], axis=0)
+        if c.proj_bias:
+            t["in_proj.bias"] = np.concatenate([a(m[n]["bias"]) for n in names])
+        conv_w = np.concatenate([a(m["conv_x"]["kernel"]), a(m["conv_bc"]["kernel"])], axis=1)
+        conv_b = np.concatenate([a(m["conv_x"]["bias"]), a(m["conv_bc"]["bias"])]) if c.conv_bias else None
+        t.update({"dt_bias": a(m["dt_bias"]), "A_log": a(m["A_log"]), "D": a(m["D"]),
+                  "norm.weight": a(m["norm"]["scale"])})
+    t["conv1d.weight"] = conv_w.T[:, None, :]  # [K, channels] -> [channels, 1, K]
+    if conv_b is not None:
+        t["conv1d.bias"] = conv_b
+    t["out_proj.weight"] = a(m["out_proj"]["kernel"]).T
+    if c.proj_bias:
+        t["out_proj.bias"] = a(m["out_proj"]["bias"])
+    return t
+
+
+def to_hf_mamba(config, params, out_dir: str) -> str:
+    """Write ``config.json`` + ``model.safetensors`` (float32) loadable by transformers'
+    ``MambaForCausalLM`` (``mamba``) / ``Mamba2ForCausalLM`` (``mamba2``); the inverse of
+    :func:`from_hf_mamba`.  ``params``: plain or boxed, ``{"params": ...}`` accepted, scanned
+    (``blocks``) or per-layer (``blocks_{i}``).  A config HF cannot express (e.g. ``skip_gains``,
+    a LayerNorm) is a ``ValueError`` naming the fields (:func:`config_to_hf_mamba`).
+    Returns ``out_dir``."""
+    import flax.linen as nn
+    from flax.core import unfreeze
+    from safetensors.numpy import save_file
+
+    hf = config_to_hf_mamba(config)
+    params = unfreeze(nn.unbox(params))
+    if set(params) == {"params"}:
+        params = params["params"]
+    if "blocks" in params:
+        params = unstack_layers(params, "blocks", n_layer=config.n_layer)
+    expected = {"embed", "final_norm", *(f"blocks_{i}" for i in range(config.n_layer))}
+    if not config.tie_embeddings:
+        expected.add("lm_head")
+    if set(params) != expected:
+        raise ValueError(f"params do not match config: missing {sorted(expected - set(params))}, "
+                         f"unexpected {sorted(set(params) - expected)}")
+    tensors = {f"{_PREFIX}embeddings.weight": np.asarray(params["embed"]["embedding"], np.float32),
+               f"{_PREFIX}norm_f.weight": np.asarray(params["final_norm"]["scale"], np.float32)}
+    for li in range(config.n_layer):
+        block, p = params[f"blocks_{li}"], f"{_PREFIX}layers.{li}."
+        try:
+            tensors[p + "norm.weight"] = np.asarray(block["norm"]["scale"], np.float32)
+            for name, value in _mixer_tensors(config, block["mixer"]).items():
+                tensors[p + "mixer." + name] = value
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"params blocks_{li} lack {e}: not a {config.model} layer of this config") from None
+    if not config.tie_embeddings:
+        tensors["lm_head.weight"] = np.asarray(params["lm_head"]["kernel"], np.float32).T
+    shapes = _expected_shapes(config)
+    for name, shape in shapes.items():
+        if tensors[name].shape != shape:
+            raise ValueError(f"{name}: params give shape {tensors[name].shape}, config implies {shape}")
+    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items() if k in shapes}
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "config.json"), "w") as fh:
+        json.dump(hf, fh, indent=2, sort_keys=True)
+    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    return out_dir
+
+
+__all__ = ["config_from_hf_mamba", "config_to_hf_mamba", "from_hf_mamba", "to_hf_mamba"]

@@ -1,0 +1,71 @@
+"""Export a trained run as a Hugging Face checkpoint (transformers loads it with ``AutoModelForCausalLM``).
+
+    python -m experiments.export --run runs/llama-tiny --out hf/llama-tiny
+    python -m experiments.export --run runs/mamba2-tiny --out hf/mamba2-tiny --step 200
+
+Llama-style transformers (``llama``, or a ``gpt`` configured with RMSNorm, SwiGLU and RoPE)
+become ``LlamaForCausalLM``, ``mamba`` / ``mamba2`` become
+``MambaForCausalLM`` / ``Mamba2ForCausalLM`` (``jaxformers.convert.to_hf``; a model HF cannot
+express, e.g. ``gpt``'s LayerNorm + GELU MLP or DenseFormer's weights, is refused naming why).
+Weights are float32 ``model.safetensors``.  The run's tokenizer is written beside them
+(``tokenizer.json`` + ``tokenizer_config.json``, ``AutoTokenizer``-loadable; the byte
+tokenizer becomes an equivalent byte-level BPE) and ``config.json`` gets its end-of-text id
+as ``eos_token_id`` / ``bos_token_id`` / ``pad_token_id``.  ``--step``: a checkpoint other than
+the newest complete one.  Prints a JSON summary.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m experiments.export", description=__doc__.splitlines()[0])
+    ap.add_argument("--run", required=True, help="run directory written by experiments.train")
+    ap.add_argument("--out", required=True, help="directory to write the HF checkpoint into")
+    ap.add_argument("--step", type=int, help="checkpoint step (default: the newest complete one)")
+    ap.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    args = ap.parse_args(argv)
+
+    from jaxformers.convert import to_hf
+    from jaxformers.convert.hf_tokenizer import save_hf_tokenizer
+    from jaxformers.data import Tokenizer, load_tokenizer, open_data
+    from jaxformers.training import CheckpointError, load_run
+    from jaxformers.training.rundir import TOKENIZER_DIR
+
+    try:
+        out = Path(args.out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
+            raise ValueError(f"--out {out} exists and is not an empty directory (--force writes into it)")
+        if args.step is not None and args.step < 0:
+            raise ValueError(f"--step must be >= 0, got {args.step}")
+        model_config, train_config, params = load_run(args.run, step=args.step)
+        tok_dir = Path(args.run) / TOKENIZER_DIR
+        if tok_dir.is_dir():
+            tok = Tokenizer.load(tok_dir)
+        else:  # older runs: the dataset's tokenizer
+            source = open_data(train_config.data, train_config.tokenizer)
+            tok = None if source.ds_dir is None else load_tokenizer(source.ds_dir)
+        to_hf(model_config, params, str(out))  # checks the config before writing anything
+        summary = {"run": args.run, "out": str(out), "model": model_config.model, "tokenizer": None}
+        if tok is not None:
+            save_hf_tokenizer(tok, str(out), model_max_length=model_config.max_seq_len)
+            cfg_path = out / "config.json"
+            cfg = json.loads(cfg_path.read_text())
+            cfg.update(eos_token_id=tok.eos_id, bos_token_id=tok.eos_id, pad_token_id=tok.eos_id)
+            cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+            summary["tokenizer"] = tok.spec
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        if os.environ.get("JAXFORMERS_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""``python -m experiments.export``: a run becomes a directory transformers loads with
+``AutoModelForCausalLM`` / ``AutoTokenizer``: same logits, same token ids, eos ids in config.json."""
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import jaxformers as jf  # noqa: E402
+from jaxformers.data.tokenizer import get_tokenizer  # noqa: E402
+
+pytestmark = pytest.mark.hf
+
+TEXT = "Héllo wörld,\n  the end — ünïcode ✓ and\ttabs."
+
+
+def _export(tmp_path, monkeypatch, capsys, config, tok, argv=()):
+    """experiments.export on a fake run (``load_run`` patched) holding ``tok``; returns
+    (rc, out dir, params, stdout / stderr)."""
+    import jaxformers.training as training
+    from experiments import export
+    from jaxformers.training.rundir import TOKENIZER_DIR
+
+    run = tmp_path / "run"
+    tok.save(run / TOKENIZER_DIR)
+    params = jf.init_params(jf.build(config), jax.random.PRNGKey(0))
+    monkeypatch.setattr(training, "load_run", lambda r, step=None, **kw: (config, None, params))
+    out = tmp_path / "hf"
+    capsys.readouterr()
+    rc = export.main(["--run", str(run), "--out", str(out), *argv])
+    return rc, out, params, capsys.readouterr()
+
+
+def test_llama_run_with_the_byte_tokenizer_loads_in_transformers(tmp_path, monkeypatch, capsys):
+    tok = get_tokenizer("byte")
+    config = jf.get_config("llama", "tiny", vocab_size=tok.vocab_size, n_head=4, n_kv_head=2)
+    rc, out, params, io = _export(tmp_path, monkeypatch, capsys, config, tok)
+    assert rc == 0, io.err
+    assert json.loads(io.out)["tokenizer"] == "byte"
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    ids = tok.encode(TEXT)
+    assert hf_tok.encode(TEXT, add_special_tokens=False) == ids
+    assert hf_tok.decode(ids) == TEXT and hf_tok.eos_token_id == tok.eos_id == 256
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["eos_token_id"] == cfg["bos_token_id"] == cfg["pad_token_id"] == 256
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(out)).float().eval()
+    toks = np.asarray([ids[:24]], np.int32)
+    with torch.no_grad():
+        theirs = model(torch.from_numpy(toks.astype(np.int64))).logits.numpy()
+    ours = np.asarray(jf.build(config).apply({"params": params}, jnp.asarray(toks)))
+    np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=1e-4)
+
+
+def test_mamba2_run_with_a_bpe_tokenizer(tmp_path, monkeypatch, capsys):
+    tok = get_tokenizer("bpe:300").train([TEXT * 3, "the quick brown fox jumps over the lazy dog"] * 20)
+    config = jf.get_config("mamba2", "tiny", vocab_size=320)  # padded above the tokenizer's vocab
+    rc, out, params, io = _export(tmp_path, monkeypatch, capsys, config, tok)
+    assert rc == 0, io.err
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    for text in (TEXT, "the lazy fox", " leading space"):
+        assert hf_tok.encode(text, add_special_tokens=False) == tok.encode(text), text
+    assert hf_tok.eos_token_id == tok.eos_id
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(out)).float().eval()
+    assert type(model).__name__ == "Mamba2ForCausalLM"
+
+
+def test_export_refuses_what_hf_cannot_express_and_a_used_out_dir(tmp_path, monkeypatch, capsys):
+    tok = get_tokenizer("byte")
+    rc, out, _, io = _export(tmp_path, monkeypatch, capsys, jf.get_config("gpt", "tiny", vocab_size=257), tok)
+    assert rc == 2 and "not llama-compatible" in io.err and not (out / "model.safetensors").exists()
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "x").write_text("keep me")
+    from experiments import export
+    rc = export.main(["--run", str(tmp_path / "run"), "--out", str(tmp_path / "used")])
+    assert rc == 2 and "--force" in capsys.readouterr().err
+    assert (tmp_path / "used" / "x").read_text() == "keep me"
