@@ -161,6 +161,20 @@ def run_kind(ap, run) -> str:
         usage_error(ap, str(e))
 
 
+def is_hf_checkpoint(path) -> bool:
+    """Whether ``path`` is a Hugging Face checkpoint directory (its ``config.json`` has a
+    ``model_type``) rather than a run trained here; False for anything else (the caller's own
+    loading then says what is wrong)."""
+    from pathlib import Path
+
+    from jaxformers.training.init_from import source_kind
+
+    try:
+        return Path(path).expanduser().is_dir() and source_kind(path) == "hf"
+    except ValueError:
+        return False
+
+
 def run_tokenizer(ap, run, kind: str, tokenizer):
     """The tokenizer of ``--data`` for a ``--run`` of ``kind``: a run trained here uses its own
     (``None``: ``--tokenizer`` is refused), a HF checkpoint ``--tokenizer`` or else its

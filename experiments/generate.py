@@ -4,6 +4,10 @@
     python -m experiments.generate --run runs/gpt-tiny --prompt "To be" --top-k 40 --num-samples 3
     python -m experiments.generate --run runs/gpt-tiny --prompt "ROMEO:" --stop-at-eos
     python -m experiments.generate --run runs/gpt-tiny --prompt-file prompts.txt --json
+    python -m experiments.generate --run hf/llama-tiny --prompt "ROMEO:"   # a HF checkpoint directory
+
+``--run`` may be a run directory or a Hugging Face Llama / Mamba / Mamba-2 checkpoint directory
+with a ``tokenizer.json`` (e.g. one written by ``experiments.export``).
 
 ``--prompt-file``: one prompt per line (blank lines skipped), all sampled in one batch
 (``generate(prompt_lengths=...)``: prompts of different lengths, each row decoded as if alone);
@@ -94,20 +98,30 @@ def main(argv=None) -> int:
     from jaxformers.training import CheckpointError, load_run
     from jaxformers.data import open_data
     from jaxformers.training.rundir import TOKENIZER_DIR
+    from experiments.common import is_hf_checkpoint
 
     try:
         if args.num_samples < 1:
             raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
-        model_config, train_config, params = load_run(args.run)
-        tok_dir = Path(args.run) / TOKENIZER_DIR
-        if tok_dir.is_dir():
-            tok = Tokenizer.load(tok_dir)
-        else:  # older runs: the dataset's tokenizer
-            source = open_data(train_config.data, train_config.tokenizer)
-            if source.ds_dir is None:
-                raise ValueError(f"{args.run} was trained on {train_config.data!r}, which has no tokenizer "
-                                 "to encode a prompt or decode samples")
-            tok = load_tokenizer(source.ds_dir)
+        if is_hf_checkpoint(args.run):  # a HF checkpoint directory (e.g. from experiments.export)
+            from jaxformers.convert import from_hf
+            from jaxformers.data.tokenizer import HFTokenizer
+            if not (Path(args.run) / "tokenizer.json").is_file():
+                raise ValueError(f"--run {args.run} is a Hugging Face checkpoint without a tokenizer.json "
+                                 "to encode the prompt")
+            model_config, params = from_hf(args.run)
+            tok = HFTokenizer(args.run)
+        else:
+            model_config, train_config, params = load_run(args.run)
+            tok_dir = Path(args.run) / TOKENIZER_DIR
+            if tok_dir.is_dir():
+                tok = Tokenizer.load(tok_dir)
+            else:  # older runs: the dataset's tokenizer
+                source = open_data(train_config.data, train_config.tokenizer)
+                if source.ds_dir is None:
+                    raise ValueError(f"{args.run} was trained on {train_config.data!r}, which has no "
+                                     "tokenizer to encode a prompt or decode samples")
+                tok = load_tokenizer(source.ds_dir)
         limit = model_config.max_seq_len
         if args.max_new_tokens >= limit:
             raise ValueError(f"--max-new-tokens must be < max_seq_len={limit}, got {args.max_new_tokens}")

@@ -79,3 +79,42 @@ def test_export_refuses_what_hf_cannot_express_and_a_used_out_dir(tmp_path, monk
     rc = export.main(["--run", str(tmp_path / "run"), "--out", str(tmp_path / "used")])
     assert rc == 2 and "--force" in capsys.readouterr().err
     assert (tmp_path / "used" / "x").read_text() == "keep me"
+
+
+def test_evaluate_and_generate_read_an_exported_directory(tmp_path, monkeypatch, capsys):
+    """``--run HF_DIR``: the same val loss as the (config, params) it came from on the same data,
+    tokenizer and windows, and the same greedy samples."""
+    from experiments import evaluate as eval_cli
+    from experiments import generate as gen_cli
+    from jaxformers.training import evaluate
+
+    monkeypatch.setenv("JAXFORMERS_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rng = np.random.default_rng(0)
+    words = "the quick brown fox jumps over a lazy dog while birds sing".split()
+    for i in range(3):
+        (corpus / f"doc{i}.txt").write_text(" ".join(rng.choice(words, size=800)) + ".\n")
+    tok = get_tokenizer("byte")
+    config = jf.get_config("llama", "tiny", vocab_size=tok.vocab_size, max_seq_len=64)
+    rc, out, params, io = _export(tmp_path, monkeypatch, capsys, config, tok)
+    assert rc == 0, io.err
+    want = evaluate((config, params), str(corpus), tokenizer="byte", batch_size=4, seq_len=32, max_batches=None)
+    assert eval_cli.main(["--run", str(out), "--data", str(corpus), "--batch-size", "4", "--seq-len", "32"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["val_tokens"] == want["val_tokens"]
+    assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-6)
+    with pytest.raises(SystemExit) as e:
+        eval_cli.main(["--run", str(out)])
+    assert e.value.code == 2 and "needs --data" in capsys.readouterr().err
+
+    assert gen_cli.main(["--run", str(out), "--prompt", "the quick", "--temperature", "0",
+                         "--max-new-tokens", "6", "--json"]) == 0
+    sample = json.loads(capsys.readouterr().out)["samples"][0]
+    ids = tok.encode("the quick")
+    greedy = np.asarray(jf.generate(jf.build(config), {"params": params}, np.asarray([ids], np.int32), 6,
+                                    temperature=0.0))[0, len(ids):]
+    assert sample == tok.decode(greedy)
+    (out / "tokenizer.json").unlink()
+    assert gen_cli.main(["--run", str(out), "--prompt", "x"]) == 2
+    assert "without a tokenizer.json" in capsys.readouterr().err
