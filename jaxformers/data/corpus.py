@@ -154,7 +154,10 @@ def load_corpus(name_or_path: str | os.PathLike = "default") -> list[str]:
             return _load_python_stdlib()
         raise AssertionError(src)  # pragma: no cover
     if src.kind == "hf":
-        return _load_hf(src.spec[3:])
+        docs = _load_hf(src.spec[3:])
+        if not docs:
+            raise ValueError(f"data={src.spec!r}: the dataset holds no non-empty text")
+        return docs
     docs = _load_path(src.path)
     if not docs:
         raise ValueError(f"data={src.spec!r} holds no non-empty .txt/.jsonl documents")

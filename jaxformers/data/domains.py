@@ -9,12 +9,14 @@ A *domain spec* (the trainer's ``data`` string) is::
                                  (a folder / file of text, ``hf:NAME``, a built-in corpus name)
            | NAME=noise          uniformly random bytes (a sanity-check domain)
            each optionally followed by ``@WEIGHT`` (sampling weight >= 0, default 1;
-           normalised; a domain of weight 0 is never sampled but still evaluated).
+           normalised; a domain of weight 0 is never sampled but still evaluated;
+           ``sample=stratified`` takes every domain equally and refuses unequal weights).
            A SOURCE may hold ':' and '@' (``wiki=hf:wikitext@wikitext-2-raw-v1:train@0.5``):
            the options are what follows the last ':' only when all its items are KEY=VALUE,
            and ``@X`` ends the source only when X is a number
 
-    OPTION = max_bytes=N         cap on each domain's text (default 2_000_000; 0 = no cap)
+    OPTION = max_bytes=N         cap on each domain's text, in characters (default 2_000_000;
+                                 0 = no cap)
            | val_fraction=F      tail of every document kept for validation (default 0.05)
            | sample=weighted     each row's domain drawn from the weights (default)
            | sample=stratified   row r of every batch comes from domain r % K (DoGE's proxy
@@ -45,7 +47,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 
-from .loader import _check_tokens, eval_batches, resolve_process
+from .loader import _check_tokens, eval_batches, int_arg, resolve_process
 
 __all__ = ["BUILTIN_DOMAINS", "DOMAINS_PREFIX", "Domain", "DomainLoader", "DomainSource",
            "build_domains", "domain_spec", "parse_domains_spec"]
@@ -179,6 +181,8 @@ def parse_domains_spec(spec: str) -> DomainsSpec:
     for part in filter(None, (p.strip() for p in options.split(","))):
         key, eq, value = part.partition("=")
         key = key.strip()
+        if key in kw:
+            raise ValueError(f"data={spec!r}: option {key!r} is given twice")
         try:
             if key == "max_bytes":
                 kw[key] = int(value)
@@ -199,9 +203,12 @@ def parse_domains_spec(spec: str) -> DomainsSpec:
         if not eq or not ok:
             raise ValueError(f"data={spec!r}: bad option {part!r} (max_bytes=INT>=0, "
                              f"val_fraction=FLOAT in (0, 1), sample={'|'.join(SAMPLING)})")
-    total = sum(weights)
-    if not total > 0:
+    top = max(weights)
+    if not top > 0:
         raise ValueError(f"data={spec!r}: the domain weights sum to 0 (at least one must be > 0)")
+    if not np.isfinite(sum(weights)):  # huge weights: scale by the largest first (no overflow)
+        weights = [w / top for w in weights]
+    total = sum(weights)
     return DomainsSpec(tuple(names), tuple(sources), tuple(w / total for w in weights), **kw)
 
 
@@ -233,23 +240,28 @@ _BUILT: Dict[tuple, tuple] = {}
 def build_domains(spec: DomainsSpec, tokenizer: str = "byte", seed: int = 0):
     """``(domains, tokenizer)``: every domain's documents split and encoded (documents joined
     by the end-of-text token).  A trained tokenizer (``bpe``) is trained on all domains'
-    training text.  Memoised per process on everything but the weights and the sampling (an
-    experiment trains several mixtures of the same domains)."""
-    key = (spec.names, spec.sources, spec.max_bytes, spec.val_fraction, tokenizer, seed)
+    training text.  Memoised per process on the documents' contents and the tokenizer (an
+    ``hf:DIR`` one by its tokenizer.json's hash), not on the weights and the sampling (an
+    experiment trains several mixtures of the same domains): a domain whose files changed is
+    encoded again."""
+    from .corpus import corpus_fingerprint
+    from .prepare import _canonical_tokenizer
+
+    docs = [load_domain_docs(name, source, spec.max_bytes, seed)
+            for name, source in zip(spec.names, spec.sources)]
+    key = (spec.names, tuple(corpus_fingerprint(d) for d in docs), spec.val_fraction,
+           _canonical_tokenizer(tokenizer))
     if key not in _BUILT:
         if len(_BUILT) >= 4:
             _BUILT.pop(next(iter(_BUILT)))
-        _BUILT[key] = _build_domains(spec, tokenizer, seed)
+        _BUILT[key] = _build_domains(spec, tokenizer, docs)
     return _BUILT[key]
 
 
-def _build_domains(spec: DomainsSpec, tokenizer: str, seed: int):
+def _build_domains(spec: DomainsSpec, tokenizer: str, domain_docs):
     from .tokenizer import get_tokenizer
 
-    splits = []
-    for name, source in zip(spec.names, spec.sources):
-        docs = load_domain_docs(name, source, spec.max_bytes, seed)
-        splits.append(_tail_split(docs, spec.val_fraction))
+    splits = [_tail_split(docs, spec.val_fraction) for docs in domain_docs]
     tok = get_tokenizer(tokenizer)
     if not tok.is_trained:
         tok.train([d for train, _ in splits for d in train])
@@ -269,25 +281,38 @@ class DomainLoader:
 
     ``weights`` (``[K]``, normalised) pick each row's domain (``sample="weighted"``), or
     rows cycle through the domains (``sample="stratified"``: row ``r`` from domain ``r % K``,
-    ``batch_size`` a multiple of ``K``).  A pure function of ``(seed, step)``.
+    ``batch_size`` a multiple of ``K``, equal weights).  A pure function of ``(seed, step)``.
+    A domain of weight 0 is never sampled and needs no training window.
     """
 
     def __init__(self, domains: Sequence[Domain], weights, batch_size: int, seq_len: int, seed: int = 0, *,
                  sample: str = "weighted", process_index: Optional[int] = None,
                  process_count: Optional[int] = None):
-        self.tokens = [_check_tokens(d.train_tokens, seq_len, f"domain {d.name!r} train tokens")
-                       for d in domains]
         self.names = tuple(d.name for d in domains)
         self.weights = np.asarray(weights, np.float64)
-        if self.weights.shape != (len(domains),) or (self.weights < 0).any() or not self.weights.sum() > 0:
-            raise ValueError(f"weights must be {len(domains)} non-negative numbers with a positive sum, "
-                             f"got {weights!r}")
+        if (self.weights.shape != (len(domains),) or not np.isfinite(self.weights).all()
+                or (self.weights < 0).any() or not self.weights.max(initial=0.0) > 0):
+            raise ValueError(f"weights must be {len(domains)} finite non-negative numbers with a positive "
+                             f"sum, got {weights!r}")
+        # a domain of weight 0 is never sampled: it needs no training window (an evaluation-only domain)
+        self.tokens = [_check_tokens(d.train_tokens, seq_len, f"domain {d.name!r} train tokens") if w > 0
+                       else np.asarray(d.train_tokens) for d, w in zip(domains, self.weights)]
+        with np.errstate(over="ignore"):
+            total = self.weights.sum()
+        if not np.isfinite(total):  # huge weights: scale by the largest first (no overflow)
+            self.weights = self.weights / self.weights.max()
         self.weights = self.weights / self.weights.sum()
         if sample not in SAMPLING:
             raise ValueError(f"sample must be one of {SAMPLING}, got {sample!r}")
-        self.sample, self.batch_size, self.seq_len, self.seed = sample, int(batch_size), int(seq_len), int(seed)
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if sample == "stratified" and not np.allclose(self.weights, 1.0 / len(domains), rtol=1e-6, atol=0):
+            # stratified rows cycle through every domain: unequal weights (a weight of 0) would be ignored
+            raise ValueError(f"sample='stratified' takes one equal share of rows from every domain, so its "
+                             f"weights must be equal; got weights {np.round(self.weights, 6).tolist()} for "
+                             f"{self.names} (use sample='weighted', or leave the weights out)")
+        self.sample = sample
+        self.batch_size = int_arg("batch_size", batch_size, lo=1)
+        self.seq_len = int(seq_len)
+        self.seed = int_arg("seed", seed, lo=0)
         if sample == "stratified" and self.batch_size % len(domains):
             raise ValueError(f"sample='stratified' needs batch_size divisible by the {len(domains)} domains, "
                              f"got batch_size={batch_size}")
@@ -303,8 +328,7 @@ class DomainLoader:
 
     def domains_at(self, step: int) -> np.ndarray:
         """The domain of every row of the global batch at ``step``: int32 ``[batch_size]``."""
-        if int(step) < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
+        step = int_arg("step", step, lo=0)
         k = len(self.tokens)
         if self.sample == "stratified":
             return (np.arange(self.batch_size) % k).astype(np.int32)
@@ -312,6 +336,7 @@ class DomainLoader:
         return rng.choice(k, size=self.batch_size, p=self.weights).astype(np.int32)
 
     def global_batch_dict_at(self, step: int) -> Dict[str, np.ndarray]:
+        """The full batch dict (identical on every process)."""
         dom = self.domains_at(step)
         u = np.random.default_rng([self.seed, int(step), 1]).random(self.batch_size)
         out = np.empty((self.batch_size, self.seq_len + 1), np.int32)
@@ -335,6 +360,12 @@ class DomainLoader:
                 f"seed={self.seed})")
 
 
+def _check_split(split: str) -> str:
+    if split not in ("val", "train"):
+        raise ValueError(f"split={split!r} is not allowed; choose one of ['val', 'train']")
+    return split
+
+
 class _DomainEvalSource:
     """One domain's validation split, as the trainer's eval code expects a source."""
 
@@ -343,12 +374,14 @@ class _DomainEvalSource:
     def __init__(self, domain: Domain):
         self.domain = domain
 
+    def split_tokens(self, split: str):
+        return self.domain.val_tokens if _check_split(split) == "val" else self.domain.train_tokens
+
     def has_eval_data(self, seq_len: int, split: str = "val") -> bool:
-        toks = self.domain.val_tokens if split == "val" else self.domain.train_tokens
-        return len(toks) >= seq_len + 1
+        return len(self.split_tokens(split)) >= seq_len + 1
 
     def eval_batches(self, batch_size, seq_len, max_batches, split="val", **process):
-        toks = self.domain.val_tokens if split == "val" else self.domain.train_tokens
+        toks = self.split_tokens(split)
         for rows in eval_batches(toks, batch_size, seq_len, max_batches, **process):
             yield {"tokens": rows}
 
@@ -393,12 +426,19 @@ class DomainSource:
     def eval_groups(self) -> Dict[str, _DomainEvalSource]:
         return {d.name: _DomainEvalSource(d) for d in self.domains}
 
+    def split_tokens(self, split: str = "val") -> np.ndarray:
+        """The longest domain's tokens of ``split``: windows never cross domains, so this is what
+        decides whether there is any evaluation window (:meth:`has_eval_data`)."""
+        return max((g.split_tokens(split) for g in self.eval_groups().values()), key=len)
+
     def has_eval_data(self, seq_len: int, split: str = "val") -> bool:
         return any(g.has_eval_data(seq_len, split) for g in self.eval_groups().values())
 
     def eval_batches(self, batch_size: int, seq_len: int, max_batches: Optional[int], split: str = "val",
                      **process) -> Iterator[Dict[str, np.ndarray]]:
         groups = [g for g in self.eval_groups().values() if g.has_eval_data(seq_len, split)]
+        if max_batches is not None and int_arg("max_batches", max_batches) <= 0:
+            return
         per = None if max_batches is None else max(1, max_batches // max(1, len(groups)))
         for g in groups:
             yield from g.eval_batches(batch_size, seq_len, per, split, **process)

@@ -4,7 +4,10 @@
 tokens (inputs are ``w[:, :-1]``, targets ``w[:, 1:]``).  The batch at a step
 is a pure function of ``(seed, step)`` -- the window starts come from
 ``np.random.default_rng([seed, step])`` -- so resuming from a checkpoint at
-step ``s`` is ``loader.iterate(s)``, with nothing else to save.
+step ``s`` is ``loader.iterate(s)``, with nothing else to save.  Windows are
+drawn with replacement (no epochs) and may span documents: the model attends
+across the end-of-text token between them (no ``segment_ids``), as in GPT-2 /
+nanoGPT training on a flat token stream.
 
 Multi-host: every process computes the same *global* batch of
 ``batch_size`` rows and keeps rows ``[p * B / P, (p + 1) * B / P)``, where
@@ -14,7 +17,10 @@ Multi-host: every process computes the same *global* batch of
 :func:`eval_batches` walks a split sequentially with stride ``seq_len``
 (windows overlap by the one token that is both the last target of a window
 and the first input of the next), so every token after the first is a
-target exactly once -- a deterministic, exhaustive evaluation.
+target at most once -- a deterministic evaluation.  It is exhaustive up to
+the tail: the last ``(n - 1) % seq_len`` tokens (too few for a window) are
+never targets, nor (with several processes, or ``drop_last``) the windows of
+a short last batch, nor what lies past ``max_batches``.
 
 The trainer consumes *batch dicts* (see :mod:`jaxformers.training.losses`):
 :meth:`TokenLoader.batch_dict_at` is ``{"tokens": batch_at(step)}``, and
@@ -29,6 +35,7 @@ from typing import Dict, Iterator, Mapping
 
 import numpy as np
 
+from ..utils import is_int
 from . import synthetic
 
 __all__ = ["SYNTHETIC_TASKS", "SyntheticLoader", "TokenLoader", "eval_batches", "iterate_rows",
@@ -43,10 +50,23 @@ def resolve_process(process_index: int | None, process_count: int | None) -> tup
             process_count = jax.process_count()
         if process_index is None:
             process_index = jax.process_index()
+    for name, value in (("process_index", process_index), ("process_count", process_count)):
+        if not is_int(value):
+            raise ValueError(f"{name} must be an int, got {value!r}")
     process_index, process_count = int(process_index), int(process_count)
     if process_count < 1 or not 0 <= process_index < process_count:
         raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, {process_count}")
     return process_index, process_count
+
+
+def int_arg(name: str, value, lo: int | None = None) -> int:
+    """``value`` as a Python int; ``ValueError`` naming ``name`` for a bool, a float or a string
+    (never truncated: ``2.5`` is refused, not read as 2) or a value below ``lo``."""
+    if not is_int(value):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    if lo is not None and int(value) < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {value}")
+    return int(value)
 
 
 def _check_tokens(tokens, seq_len: int, what: str = "tokens") -> np.ndarray:
@@ -56,8 +76,13 @@ def _check_tokens(tokens, seq_len: int, what: str = "tokens") -> np.ndarray:
         raise ValueError(f"{what} must be a 1-D array of token ids, got shape {tokens.shape}")
     if not np.issubdtype(tokens.dtype, np.integer):
         raise ValueError(f"{what} must hold integers, got dtype {tokens.dtype}")
-    if int(seq_len) < 1:
-        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    seq_len = int_arg("seq_len", seq_len, lo=1)
+    # Windows are int32: a negative id or one past int32 would wrap silently.  (Prepared datasets
+    # are uint16 / uint32 memmaps and are not scanned; a signed or 64-bit array is.)
+    if tokens.size and (np.issubdtype(tokens.dtype, np.signedinteger) or tokens.dtype.itemsize > 4):
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi > np.iinfo(np.int32).max:
+            raise ValueError(f"{what} must be token ids in [0, 2**31), got ids from {lo} to {hi}")
     if tokens.shape[0] < seq_len + 1:
         raise ValueError(
             f"{what} has {tokens.shape[0]} tokens, fewer than seq_len + 1 = {seq_len + 1}; "
@@ -71,13 +96,9 @@ class TokenLoader:
     def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int = 0, *,
                  process_index: int | None = None, process_count: int | None = None):
         self.tokens = _check_tokens(tokens, seq_len)
-        self.batch_size = int(batch_size)
+        self.batch_size = int_arg("batch_size", batch_size, lo=1)
         self.seq_len = int(seq_len)
-        self.seed = int(seed)
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {seed}")
+        self.seed = int_arg("seed", seed, lo=0)
         self.process_index, self.process_count = resolve_process(process_index, process_count)
         if self.batch_size % self.process_count:
             raise ValueError(
@@ -90,9 +111,7 @@ class TokenLoader:
 
     def offsets_at(self, step: int) -> np.ndarray:
         """Start offsets of the global batch's windows at ``step`` (shape ``[batch_size]``)."""
-        step = int(step)
-        if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
+        step = int_arg("step", step, lo=0)
         n_starts = self.tokens.shape[0] - self.seq_len  # starts 0 .. n - (T + 1)
         rng = np.random.default_rng([self.seed, step])
         return rng.integers(0, n_starts, size=self.batch_size, dtype=np.int64)
@@ -118,7 +137,7 @@ class TokenLoader:
 
     def iterate(self, start_step: int = 0) -> Iterator[np.ndarray]:
         """Endless batches ``batch_at(start_step), batch_at(start_step + 1), ...``."""
-        step = int(start_step)
+        step = int_arg("start_step", start_step, lo=0)
         while True:
             yield self.batch_at(step)
             step += 1
@@ -144,9 +163,7 @@ def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches:
     the shares must line up).  At most ``max_batches`` batches are yielded.
     """
     tokens = _check_tokens(tokens, seq_len)
-    batch_size, seq_len = int(batch_size), int(seq_len)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batch_size, seq_len = int_arg("batch_size", batch_size, lo=1), int(seq_len)
     n_windows = (tokens.shape[0] - 1) // seq_len
     for lo, hi in _local_row_ranges(n_windows, batch_size, max_batches, drop_last, process_index,
                                     process_count):
@@ -160,6 +177,8 @@ def _local_row_ranges(n_rows, batch_size, max_batches, drop_last, process_index,
     """``[lo, hi)`` of this process's rows in each consecutive global batch of ``batch_size`` rows
     (a short last batch is kept unless ``drop_last`` or there is more than one process)."""
     p, n_proc = resolve_process(process_index, process_count)
+    if max_batches is not None:
+        max_batches = int_arg("max_batches", max_batches)
     if batch_size % n_proc:
         raise ValueError(f"global batch_size {batch_size} is not divisible by process_count {n_proc}")
     local = batch_size // n_proc
@@ -179,10 +198,11 @@ def iterate_rows(arrays: Mapping[str, np.ndarray], batch_size: int, max_batches:
     processes like :func:`eval_batches` (each gets its contiguous share of a global batch of
     ``batch_size`` rows; a short last batch is yielded unless ``drop_last`` or there is more
     than one process)."""
-    batch_size = int(batch_size)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    n_rows = min(len(v) for v in arrays.values())
+    batch_size = int_arg("batch_size", batch_size, lo=1)
+    lengths = {k: len(v) for k, v in arrays.items()}
+    if not lengths or len(set(lengths.values())) != 1:
+        raise ValueError(f"arrays must be one or more arrays with the same number of rows, got lengths {lengths}")
+    n_rows = next(iter(lengths.values()))
     for lo, hi in _local_row_ranges(n_rows, batch_size, max_batches, drop_last, process_index,
                                     process_count):
         yield {k: np.ascontiguousarray(v[lo:hi]) for k, v in arrays.items()}
@@ -254,7 +274,7 @@ def synthetic_rows(task: str, n_rows: int, row_len: int, seed: int,
     mask 0.  ``ValueError`` if an example does not fit in a row.
     """
     task, p = _task_params(task, params)
-    n_rows, row_len = int(n_rows), int(row_len)
+    n_rows, row_len = int_arg("n_rows", n_rows, lo=1), int_arg("row_len", row_len, lo=2)
     length = _example_length(task, p, row_len)
     if length > row_len:
         raise ValueError(f"synthetic {task} examples ({p}) are {length} tokens long: they need "
@@ -291,10 +311,9 @@ class SyntheticLoader:
     def __init__(self, task: str, batch_size: int, seq_len: int, seed: int = 0, params=None, *,
                  process_index: int | None = None, process_count: int | None = None):
         self.task, self.params = _task_params(task, params)
-        self.batch_size, self.seq_len, self.seed = int(batch_size), int(seq_len), int(seed)
-        if self.batch_size < 1 or self.seq_len < 1 or self.seed < 0:
-            raise ValueError(
-                f"need batch_size >= 1, seq_len >= 1, seed >= 0; got {batch_size}, {seq_len}, {seed}")
+        self.batch_size = int_arg("batch_size", batch_size, lo=1)
+        self.seq_len = int_arg("seq_len", seq_len, lo=1)
+        self.seed = int_arg("seed", seed, lo=0)
         self.process_index, self.process_count = resolve_process(process_index, process_count)
         if self.batch_size % self.process_count:
             raise ValueError(
@@ -303,8 +322,7 @@ class SyntheticLoader:
         synthetic_rows(self.task, 1, self.seq_len + 1, 0, self.params)  # fail early if it does not fit
 
     def global_batch_dict_at(self, step: int) -> Dict[str, np.ndarray]:
-        if int(step) < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
+        step = int_arg("step", step, lo=0)
         seed = _derived_seed(self.seed, self.SPLIT_IDS["train"], step)
         return synthetic_rows(self.task, self.batch_size, self.seq_len + 1, seed, self.params)
 

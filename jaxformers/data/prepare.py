@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .corpus import cache_dir, corpus_fingerprint, load_corpus, resolve_corpus
+from .loader import int_arg
 from .tokenizer import get_tokenizer, hf_tokenizer_dir, load_tokenizer, parse_tokenizer_spec
 
 __all__ = [
@@ -48,6 +49,16 @@ META_FILE = "meta.json"
 _SPLITS = ("train", "val")
 
 
+def _check_split_args(val_fraction, seed) -> tuple[float, int]:
+    """``(val_fraction, seed)`` validated: a number in [0, 1) and an int >= 0 (``ValueError``
+    naming the argument; a float seed is refused, not truncated)."""
+    if isinstance(val_fraction, (bool, np.bool_)) or not isinstance(val_fraction, (int, float, np.integer,
+                                                                                   np.floating)) \
+            or not 0.0 <= float(val_fraction) < 1.0:
+        raise ValueError(f"val_fraction must be a number in [0, 1), got {val_fraction!r}")
+    return float(val_fraction), int_arg("seed", seed, lo=0)
+
+
 def _canonical_tokenizer(tokenizer: str) -> str:
     kind, vocab = parse_tokenizer_spec(tokenizer)
     if kind == "hf":  # the tokenizer file's content hash: another tokenizer.json is another dataset
@@ -64,6 +75,7 @@ def default_out_dir(data: str = "default", tokenizer: str = "byte", val_fraction
     adds ``-val<fraction>-seed<seed>``, so it never overwrites (nor is overwritten by) the
     default split that training on ``--data`` prepares."""
     src = resolve_corpus(data)
+    _check_split_args(val_fraction, seed)
     tok = _canonical_tokenizer(tokenizer).replace(":", "")
     split = "" if (val_fraction, seed) == (0.05, 0) else f"-val{val_fraction}-seed{seed}"
     return cache_dir() / "datasets" / f"{src.name}-{tok}{split}"
@@ -78,8 +90,7 @@ def split_documents(docs: list[str], val_fraction: float, seed: int) -> tuple[li
     When every document is that large, the tail of the largest one is cut off instead
     (``"tail"``).  (Rule 2, :data:`SPLIT_RULE`: datasets prepared by rule 1, which took the
     first document whatever its size, are rebuilt.)"""
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    val_fraction, seed = _check_split_args(val_fraction, seed)
     if not docs:
         raise ValueError("cannot split an empty corpus")
     if val_fraction == 0.0:
@@ -152,6 +163,7 @@ def prepare(data: str = "default", tokenizer: str = "byte", out_dir: str | os.Pa
     and the same end-of-text id).
     """
     src = resolve_corpus(data)
+    _check_split_args(val_fraction, seed)
     tok_spec = _canonical_tokenizer(tokenizer)
     out = (Path(out_dir).expanduser() if out_dir is not None
            else default_out_dir(data, tokenizer, val_fraction, seed))

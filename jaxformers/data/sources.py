@@ -29,7 +29,7 @@ from typing import Dict, Iterator, Optional
 
 import numpy as np
 
-from .domains import DOMAINS_PREFIX, DomainSource
+from .domains import DOMAINS_PREFIX, DomainSource, _check_split
 from .loader import (SyntheticLoader, TokenLoader, _task_params, eval_batches, iterate_rows,
                      synthetic_rows, synthetic_vocab_size)
 
@@ -80,7 +80,8 @@ class TextSource:
                 "source": self.meta.get("source"), "tokenizer": self.meta.get("tokenizer")}
 
     def split_tokens(self, split: str):
-        return self.val_tokens if split == "val" else self.train_tokens
+        """The tokens of ``split`` (``"val"`` or ``"train"``; ``ValueError`` otherwise)."""
+        return self.val_tokens if _check_split(split) == "val" else self.train_tokens
 
     def train_loader(self, batch_size: int, seq_len: int, seed: int, **process) -> TokenLoader:
         return TokenLoader(self.train_tokens, batch_size, seq_len, seed=seed, **process)
@@ -145,7 +146,7 @@ class SyntheticSource:
 
     def split_rows(self, seq_len: int, split: str = "val") -> Dict[str, np.ndarray]:
         """The fixed evaluation rows of ``split`` (``train``: another fixed set drawn like the train rows)."""
-        key = (seq_len, split)
+        key = (seq_len, _check_split(split))
         if key not in self._val:
             seed = int(np.random.SeedSequence([self.VAL_SEED, SyntheticLoader.SPLIT_IDS[split]])
                        .generate_state(1, np.uint64)[0])
