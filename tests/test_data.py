@@ -411,9 +411,13 @@ def test_eval_batches():
     assert len(list(eval_batches(toks, 4, 10, max_batches=2, process_index=0, process_count=1))) == 2
     assert len(list(eval_batches(toks, 4, 10, drop_last=True, process_index=0, process_count=1))) == 2
     halves = [list(eval_batches(toks, 4, 10, process_index=p, process_count=2)) for p in range(2)]
-    assert [len(h) for h in halves] == [2, 2]  # short last batch dropped with several processes
-    for i in range(2):
+    assert [len(h) for h in halves] == [3, 3]  # the short last batch too: process 1's share is empty
+    assert halves[0][2].shape == (2, 11) and halves[1][2].shape == (0, 11)
+    for i in range(3):
         assert np.array_equal(np.concatenate([halves[0][i], halves[1][i]]), batches[i])
+    quarters = [list(eval_batches(toks, 4, 10, process_index=p, process_count=4)) for p in range(4)]
+    assert [[len(b) for b in q] for q in quarters] == [[1, 1, 1], [1, 1, 1], [1, 1, 0], [1, 1, 0]]
+    assert len(list(eval_batches(toks, 4, 10, drop_last=True, process_index=1, process_count=2))) == 2
     # deterministic
     again = list(eval_batches(toks, 4, 10, process_index=0, process_count=1))
     assert all(np.array_equal(x, y) for x, y in zip(batches, again))

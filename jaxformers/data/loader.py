@@ -17,10 +17,12 @@ Multi-host: every process computes the same *global* batch of
 :func:`eval_batches` walks a split sequentially with stride ``seq_len``
 (windows overlap by the one token that is both the last target of a window
 and the first input of the next), so every token after the first is a
-target at most once -- a deterministic evaluation.  It is exhaustive up to
-the tail: the last ``(n - 1) % seq_len`` tokens (too few for a window) are
-never targets, nor (with several processes, or ``drop_last``) the windows of
-a short last batch, nor what lies past ``max_batches``.
+target at most once -- a deterministic evaluation, the same for any number of
+processes (each gets its share of every global batch, the short last one
+included: possibly 0 rows, which the trainer pads with rows of weight 0).  It is
+exhaustive up to the tail: the last ``(n - 1) % seq_len`` tokens (too few for a
+window) are never targets, nor (with ``drop_last``) the windows of a short last
+batch, nor what lies past ``max_batches``.
 
 The trainer consumes *batch dicts* (see :mod:`jaxformers.training.losses`):
 :meth:`TokenLoader.batch_dict_at` is ``{"tokens": batch_at(step)}``, and
@@ -159,8 +161,9 @@ def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches:
     skipped.  Batches hold ``batch_size`` windows globally; with several
     processes each gets its contiguous share of rows, as in
     :class:`TokenLoader`.  The last batch may be smaller unless ``drop_last``
-    (with more than one process a short last batch is always dropped, since
-    the shares must line up).  At most ``max_batches`` batches are yielded.
+    (with several processes each still gets its share of it, possibly 0 rows:
+    every process yields the same number of batches, and together they are the
+    batches of one process).  At most ``max_batches`` batches are yielded.
     """
     tokens = _check_tokens(tokens, seq_len)
     batch_size, seq_len = int_arg("batch_size", batch_size, lo=1), int(seq_len)
@@ -175,7 +178,9 @@ def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches:
 
 def _local_row_ranges(n_rows, batch_size, max_batches, drop_last, process_index, process_count):
     """``[lo, hi)`` of this process's rows in each consecutive global batch of ``batch_size`` rows
-    (a short last batch is kept unless ``drop_last`` or there is more than one process)."""
+    (a short last batch is kept unless ``drop_last``; with several processes every process gets
+    its share of it, possibly empty (``lo == hi``), so every process runs the same number of
+    batches and the evaluation does not depend on the process count)."""
     p, n_proc = resolve_process(process_index, process_count)
     if max_batches is not None:
         max_batches = int_arg("max_batches", max_batches)
@@ -186,9 +191,9 @@ def _local_row_ranges(n_rows, batch_size, max_batches, drop_last, process_index,
         if max_batches is not None and n_done >= max_batches:
             return
         count = min(batch_size, n_rows - first)
-        if count < batch_size and (drop_last or n_proc > 1):
+        if count < batch_size and drop_last:
             return
-        yield first + p * local, first + min((p + 1) * local, count)
+        yield first + min(p * local, count), first + min((p + 1) * local, count)
 
 
 def iterate_rows(arrays: Mapping[str, np.ndarray], batch_size: int, max_batches: int | None = None, *,
@@ -196,8 +201,8 @@ def iterate_rows(arrays: Mapping[str, np.ndarray], batch_size: int, max_batches:
                  process_count: int | None = None) -> Iterator[Dict[str, np.ndarray]]:
     """Batch dicts of consecutive rows of ``arrays`` (every array ``[N, ...]``), split across
     processes like :func:`eval_batches` (each gets its contiguous share of a global batch of
-    ``batch_size`` rows; a short last batch is yielded unless ``drop_last`` or there is more
-    than one process)."""
+    ``batch_size`` rows; a short last batch is yielded unless ``drop_last``, with several
+    processes as every process's share of it, possibly 0 rows)."""
     batch_size = int_arg("batch_size", batch_size, lo=1)
     lengths = {k: len(v) for k, v in arrays.items()}
     if not lengths or len(set(lengths.values())) != 1:
