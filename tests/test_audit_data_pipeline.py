@@ -233,7 +233,7 @@ def test_evaluate_domains_without_a_validation_window_is_a_value_error(tmp_path)
                        val_fraction=0.05)
     cfg = jf.get_config("gpt", "tiny", d_model=32, n_layer=1, vocab_size=257, max_seq_len=256)
     params = jf.init_params(jf.build(cfg), jax.random.PRNGKey(0))
-    with pytest.raises(ValueError, match="fewer than seq_len \\+ 1 = 201"):
+    with pytest.raises(ValueError, match=r"no val group has seq_len \+ 1 = 201 tokens \(tokens per group: a: \d+, b: \d+\)"):
         evaluate((cfg, params), spec, seq_len=200)
     assert len(DomainSource(spec).split_tokens("val")) == max(
         len(d.val_tokens) for d in DomainSource(spec).domains)

@@ -704,6 +704,11 @@ def evaluate(run: Union[str, os.PathLike, Tuple[ModelConfig, Any]], data=None, *
         else:
             max_batches = None
     if not source.has_eval_data(seq_len, split):
+        groups = getattr(source, "eval_groups", None)
+        if groups is not None:  # e.g. domains: windows never cross groups, name each one's size
+            sizes = ", ".join(f"{name}: {len(g.split_tokens(split))}" for name, g in groups().items())
+            raise ValueError(f"no {split} group has seq_len + 1 = {seq_len + 1} tokens (tokens per group: "
+                             f"{sizes})")
         n = len(source.split_tokens(split))
         raise ValueError(f"the {split} split has {n} tokens, fewer than seq_len + 1 = {seq_len + 1}")
     if loss_fn is None:
