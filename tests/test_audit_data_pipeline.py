@@ -237,3 +237,17 @@ def test_evaluate_domains_without_a_validation_window_is_a_value_error(tmp_path)
         evaluate((cfg, params), spec, seq_len=200)
     assert len(DomainSource(spec).split_tokens("val")) == max(
         len(d.val_tokens) for d in DomainSource(spec).domains)
+
+
+def test_prepare_into_an_explicit_dir_warns_when_it_replaces_another_dataset(tmp_path, caplog):
+    import logging
+    from jaxformers.data.prepare import prepare
+
+    corpus = _folder(tmp_path, "c", ("some words here\n" * 40))
+    out = tmp_path / "ds"
+    prepare(str(corpus), "byte", out_dir=out)
+    with caplog.at_level(logging.WARNING, logger="jaxformers.data.prepare"):
+        prepare(str(corpus), "byte", out_dir=out)  # the same settings: reused, no warning
+        assert "replacing" not in caplog.text
+        prepare(str(corpus), "byte", out_dir=out, val_fraction=0.2)
+    assert "replacing the dataset in" in caplog.text and "val_fraction: 0.05 -> 0.2" in caplog.text

@@ -20,6 +20,7 @@ arguments on the same corpus reuses the existing output.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -47,6 +48,7 @@ FORMAT_VERSION = 1
 SPLIT_RULE = 2
 META_FILE = "meta.json"
 _SPLITS = ("train", "val")
+log = logging.getLogger(__name__)
 
 
 def _check_split_args(val_fraction, seed) -> tuple[float, int]:
@@ -177,6 +179,14 @@ def prepare(data: str = "default", tokenizer: str = "byte", out_dir: str | os.Pa
         return out
     if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / META_FILE).exists())):
         raise FileExistsError(f"{out} exists and is not a jaxformers dataset directory; choose another out_dir")
+    if out_dir is not None and _is_complete(out):  # an explicit directory holding another dataset
+        try:
+            old = json.loads((out / META_FILE).read_text())
+        except (OSError, ValueError):
+            old = {}
+        changed = {k: (old.get(k), v) for k, v in identity.items() if old.get(k) != v}
+        log.warning("prepare: replacing the dataset in %s, which was prepared with other settings (%s)", out,
+                    ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()) or "force=True")
 
     train_docs, val_docs, method = split_documents(docs, val_fraction, seed)
     tok = hf_tok if hf_tok is not None else get_tokenizer(tok_spec).train(train_docs)
