@@ -74,9 +74,28 @@ DEFAULT_RULES: Tuple[Tuple[str, object], ...] = (
 )
 
 
+def unknown_names(axes, rules) -> Tuple[str, ...]:
+    """The logical names in ``axes`` that no rule of ``rules`` covers (flax would leave those
+    dimensions unsharded without a word; replication is asked for with a ``(name, None)`` rule)."""
+    known = {name for name, _ in rules}
+    return tuple(n for n in axes if isinstance(n, str) and n not in known)
+
+
 def constrain(x, axes: Sequence[str]):
-    """Annotate activation ``x`` with logical axes (no-op without rules/mesh)."""
-    return nn.with_logical_constraint(x, tuple(axes))
+    """Annotate activation ``x`` ``[d0, ..., dn]`` with one logical axis name (or ``None``) per
+    dimension (no-op without rules/mesh).  ``ValueError`` if the number of names is not
+    ``x.ndim``, or (while rules are active) for a name the rules do not cover."""
+    axes = tuple(axes)
+    if hasattr(x, "ndim") and len(axes) != x.ndim:
+        raise ValueError(f"constrain: axes={axes} names {len(axes)} dimensions, the array has shape "
+                         f"{tuple(x.shape)}")
+    rules = nn.get_logical_axis_rules()
+    if rules:
+        unknown = unknown_names(axes, rules)
+        if unknown:
+            raise ValueError(f"constrain: logical axis name(s) {list(unknown)} have no rule; known: "
+                             f"{sorted({name for name, _ in rules})}")
+    return nn.with_logical_constraint(x, axes)
 
 
 def param_init(init, axes: Sequence[str]):

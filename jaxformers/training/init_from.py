@@ -17,13 +17,16 @@ Parameters are returned as float32 numpy-backed arrays in the layer layout (stac
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, Optional, Tuple
 
 import jax
 import numpy as np
 
-__all__ = ["load_params", "source_config", "source_kind"]
+__all__ = ["RUNTIME_FIELDS", "config_changes", "load_params", "source_config", "source_kind"]
+
+log = logging.getLogger(__name__)
 
 
 def source_kind(path, name: str = "init_from") -> str:
@@ -104,10 +107,37 @@ def _tree_difference(model, source, shown: int = 5) -> str:
                                 f"{jax.tree_util.tree_structure(source)}"
 
 
-def load_params(path, abstract_params) -> Any:
+#: Model-config fields that do not change what loaded parameters compute (precision, layout,
+#: memory, dropout, initialisation, the length limit): not reported by :func:`config_changes`.
+RUNTIME_FIELDS = frozenset({"dtype", "param_dtype", "scan_layers", "remat", "attention_impl", "dropout",
+                            "attn_dropout", "embed_dropout", "init_std", "scale_residual_init",
+                            "max_seq_len"})
+
+
+def config_changes(path, model_config) -> list:
+    """``["field: source -> model", ...]``: the architecture fields of ``model_config`` that differ
+    from the source's config (:func:`source_config`) although the parameter tree matches (e.g.
+    ``rope_theta``, ``window``, ``norm_eps``: the loaded weights then compute something else than
+    they were trained for); fields in :data:`RUNTIME_FIELDS` are left out."""
+    from .rundir import _json, config_diff
+
+    source, _ = source_config(path)
+    return config_diff(_json(source.to_dict()), _json(model_config.to_dict()), ignore=RUNTIME_FIELDS)
+
+
+def load_params(path, abstract_params, model_config=None) -> Any:
     """The source's parameters (float32) laid out like ``abstract_params`` (the trained
-    model's abstract tree); ``ValueError`` naming the first mismatching leaf."""
+    model's abstract tree); ``ValueError`` naming the first mismatching leaf.  With
+    ``model_config`` (the trained model's config), a warning names the architecture fields
+    that differ from the source's (:func:`config_changes`; a deliberate change such as a new
+    ``rope_theta`` is allowed)."""
     path = Path(path).expanduser()
+    if model_config is not None:
+        changes = config_changes(path, model_config)
+        if changes:
+            log.warning("init_from=%r: the model config differs from the source's in fields that keep the "
+                        "parameter tree, so the loaded weights compute something else than they were "
+                        "trained for: %s", str(path), "; ".join(changes))
     if source_kind(path) == "run":
         from .rundir import load_run
         _, _, params = load_run(path)

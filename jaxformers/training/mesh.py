@@ -32,7 +32,7 @@ import numpy as np
 import flax.linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ..sharding import BATCH_MESH_AXES, DEFAULT_RULES, MESH_AXES
+from ..sharding import BATCH_MESH_AXES, DEFAULT_RULES, MESH_AXES, unknown_names
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,8 @@ def parse_mesh(spec: Optional[str]) -> Dict[str, int]:
     """``"data=2,expert=2,tensor=2"`` -> ``{"data": 2, "fsdp": 1, "expert": 2, "tensor": 2}`` (missing axes = 1).
 
     ``None``/``""`` -> ``{}`` (meaning: everything on ``data``).  Raises
-    ``ValueError`` for unknown axes, repeated axes, or sizes that are not
-    positive integers.
+    ``ValueError`` for unknown axes, repeated axes, sizes that are not
+    positive integers, or a spec of separators only (``","``).
     """
     if spec is None or not str(spec).strip():
         return {}
@@ -68,6 +68,9 @@ def parse_mesh(spec: Optional[str]) -> Dict[str, int]:
         if size < 1:
             raise ValueError(f"mesh={spec!r}: size of {name!r} must be a positive int, got {value.strip()!r}")
         sizes[name] = size
+    if not sizes:  # e.g. "," -- not the same as None (every device on data)
+        raise ValueError(f"mesh={spec!r} names no axis; expected AXIS=SIZE entries, e.g. 'data=2,fsdp=2,tensor=2' "
+                         "(or no mesh: every device on data)")
     return {axis: sizes.get(axis, 1) for axis in MESH_AXES}
 
 
@@ -137,14 +140,21 @@ def activate(mesh: jax.sharding.Mesh, rules=DEFAULT_RULES):
 def logical_to_sharding(logical_specs, mesh, rules=DEFAULT_RULES):
     """Pytree of logical ``PartitionSpec``s -> pytree of ``NamedSharding``s.
 
-    Leaves without logical names (``None`` or an empty spec) are replicated.
+    Leaves without logical names (``None`` or an empty spec) are replicated.  ``ValueError``
+    naming the leaf for a logical name that no rule covers (flax would replicate that dimension
+    silently; a ``(name, None)`` rule asks for replication).
     """
-    def one(spec):
+    def one(path, spec):
         if spec is None:
             return NamedSharding(mesh, P())
+        unknown = unknown_names(spec, rules)
+        if unknown:
+            raise ValueError(f"{jax.tree_util.keystr(path) or 'spec'} {spec}: logical axis name(s) "
+                             f"{list(unknown)} have no rule; known: {sorted({n for n, _ in rules})}")
         return nn.logical_to_mesh_sharding(spec, mesh, rules)
 
-    return jax.tree.map(one, logical_specs, is_leaf=lambda x: x is None or isinstance(x, P))
+    return jax.tree_util.tree_map_with_path(one, logical_specs,
+                                            is_leaf=lambda x: x is None or isinstance(x, P))
 
 
 def replicated(mesh) -> NamedSharding:

@@ -149,9 +149,18 @@ class MetricsWriter:
 
 
 def read_config(run_dir) -> Optional[dict]:
-    """The saved ``config.json`` (``None`` if there is none)."""
+    """The saved ``config.json`` (``None`` if there is none); ``ValueError`` naming the file when
+    it is not a JSON object (hand-edited, or truncated by a crash of the file system)."""
     path = Path(run_dir) / CONFIG_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is unreadable ({e}): repair it, or move the run directory aside") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 def write_config(run_dir, *, model_config, train_config: TrainConfig, compute_dtype: str, dataset: dict,
@@ -324,6 +333,9 @@ def load_run(run_dir, *, step: Optional[int] = None, mesh=None) -> Tuple[Any, Tr
     saved = read_config(run_dir)
     if saved is None:
         raise FileNotFoundError(f"{run_dir} is not a run directory (no {CONFIG_FILE})")
+    missing = [k for k in ("model", "train") if not isinstance(saved.get(k), dict)]
+    if missing:
+        raise ValueError(f"{run_dir / CONFIG_FILE} is not a run config: no {' / '.join(missing)} section")
     model_config = config_from_dict(saved["model"])
     train_config = TrainConfig.from_dict(saved["train"])
     ckpt = Checkpointer(run_dir, keep=train_config.keep_checkpoints)

@@ -470,7 +470,7 @@ def _train(model_config, tc, *, run_dir, is_main, multi, resume, progress, stop_
         ckpt.quarantine_incomplete()  # incomplete saves of an earlier start (orbax staging dirs)
         if tc.init_from is not None:  # fine-tuning: the source's parameters, a fresh optimizer
             from .init_from import load_params
-            params = jax.device_put(load_params(tc.init_from, program.abstract_params),
+            params = jax.device_put(load_params(tc.init_from, program.abstract_params, model_config=model_config),
                                     program.param_shardings)
             opt_state = program.init_opt_state(params)
             messages.append((f"initialised the parameters from {tc.init_from} (fresh optimizer state)",
