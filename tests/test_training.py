@@ -194,6 +194,27 @@ def test_resume_matches_uninterrupted_run(env, reference_run):
     assert loss_rows(out) == loss_rows(ref)
 
 
+def test_resume_may_change_how_not_what_the_model_computes(env, reference_run, caplog):
+    """``remat`` (and the kernel choices, ``rundir.IMPLEMENTATION_FIELDS``) may change on a resume,
+    e.g. after running out of memory: the curve continues, the message names the change, and
+    config.json records it; any other model field still refuses the resume."""
+    import json
+    ref, _ = reference_run
+    out = env["root"] / "remat_resumed"
+    tc = tiny_train(env, out)
+    train(tiny_model(), tc, progress=False, stop_after=3)
+    with caplog.at_level("INFO"):
+        summary = train(tiny_model(remat="full"), tc, resume=True, progress=False)
+    assert summary["resumed_from"] == 3 and summary["finished"]
+    assert "resuming with other implementation settings: remat: 'none' -> 'full'" in caplog.text
+    got, want = loss_rows(out), loss_rows(ref)
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in want], rtol=1e-5)
+    assert json.loads((out / "config.json").read_text())["model"]["remat"] == "full"
+    with pytest.raises(ValueError, match="only remat, attention_impl"):
+        train(tiny_model(remat="full", norm_eps=1e-3), tc, resume=True, progress=False)
+
+
 def test_existing_run_is_not_clobbered_and_resume_without_checkpoint(env, reference_run):
     ref, _ = reference_run
     before = tree_digest(ref)

@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["CONFIG_FILE", "METRICS_FILE", "PLOT_FILE", "RUN_FILE", "SUMMARY_FILE", "TOKENIZER_DIR",
            "MetricsWriter",
-           "atomic_write", "check_resume", "config_diff", "copy_tokenizer", "dataset_changes", "load_run",
+           "IMPLEMENTATION_FIELDS", "atomic_write", "check_resume", "config_diff", "copy_tokenizer", "dataset_changes", "load_run",
            "read_config",
            "read_metrics", "refuse_clobber", "reset_metrics", "truncate_metrics", "write_config",
            "write_run_file", "write_summary"]
@@ -273,9 +273,15 @@ def _normalised_model(saved_model: dict) -> dict:
     return config_from_dict(saved_model).to_dict()
 
 
+#: Model-config fields that choose how the same parameters are computed (rematerialisation, the
+#: attention / scan / sparse-attention / landmark kernel), not what: a resume may change them
+#: (e.g. ``--set remat=full`` after running out of memory); :func:`implementation_changes` names them.
+IMPLEMENTATION_FIELDS = ("remat", "attention_impl", "scan_impl", "sparse_impl", "landmark_impl")
+
+
 def check_resume(run_dir, model_config) -> Optional[dict]:
     """The saved config of ``run_dir`` (``None`` without one); ``ValueError`` if its model
-    config differs from ``model_config``."""
+    config differs from ``model_config`` in anything but :data:`IMPLEMENTATION_FIELDS`."""
     saved = read_config(run_dir)
     if saved is None:
         return None
@@ -283,11 +289,21 @@ def check_resume(run_dir, model_config) -> Optional[dict]:
         old = _normalised_model(saved.get("model", {}))
     except ValueError as e:
         raise ValueError(f"cannot resume {run_dir}: its saved model config is not valid here: {e}") from None
-    diff = config_diff(_json(old), _json(model_config.to_dict()))
+    diff = config_diff(_json(old), _json(model_config.to_dict()), ignore=IMPLEMENTATION_FIELDS)
     if diff:
         raise ValueError(f"cannot resume {run_dir}: the model config differs from the saved one: "
-                         + "; ".join(diff))
+                         + "; ".join(diff) + f" (only {', '.join(IMPLEMENTATION_FIELDS)} may change on a resume)")
     return saved
+
+
+def implementation_changes(saved: Optional[dict], model_config) -> List[str]:
+    """``["remat: none -> full", ...]``: the :data:`IMPLEMENTATION_FIELDS` a resume changes."""
+    if not saved or "model" not in saved:
+        return []
+    old = _json(_normalised_model(saved["model"]))
+    new = _json(model_config.to_dict())
+    return config_diff({k: old[k] for k in IMPLEMENTATION_FIELDS if k in old},
+                       {k: new[k] for k in IMPLEMENTATION_FIELDS if k in new})
 
 
 def train_config_changes(saved: Optional[dict], train_config: TrainConfig) -> List[str]:

@@ -410,7 +410,10 @@ def _train(model_config, tc, *, run_dir, is_main, multi, resume, progress, stop_
                          "with the same step function, or train into a new out_dir")
     if resume and not with_ckpt and ckpt.incomplete_steps() and not ckpt.complete_steps():
         log.warning("only incomplete checkpoints in %s", ckpt.directory)
-    messages = []  # (text, is_warning): shown by the progress display, else warnings are logged
+    messages = []  # (text, is_warning): shown by the progress display, else logged (warning / info)
+    changed = rundir.implementation_changes(saved, model_config) if with_ckpt else []
+    if changed:  # how the same parameters are computed (remat, kernels): allowed on a resume
+        messages.append(("resuming with other implementation settings: " + "; ".join(changed), False))
     if with_ckpt and ckpt.latest_step() < end_step:  # something to train: the LR must not jump
         tc, notes = resume_schedule(saved, tc, ckpt.latest_step(), allow_lr_jump)
         messages += [(m, m.startswith("warning")) for m in notes]
@@ -512,6 +515,8 @@ def _train(model_config, tc, *, run_dir, is_main, multi, resume, progress, stop_
             progress_.info(msg)
         elif warning:
             log.warning(msg)
+        else:
+            log.info(msg)
     metrics_log = rundir.MetricsWriter(run_dir, enabled=is_main, tensorboard=tc.tensorboard,
                                        # a fresh start drops the events of an earlier start
                                        purge_step=start_step + 1 if with_ckpt else 0)
