@@ -83,3 +83,11 @@ def test_init_from_names_architecture_fields_that_differ_from_the_source(tmp_pat
     with caplog.at_level("WARNING"), pytest.raises(CheckpointError):  # no checkpoint: the check comes first
         load_params(tmp_path, {}, model_config=other)
     assert "rope_theta: 10000.0 -> 500.0; window: None -> 4" in caplog.text
+
+
+@pytest.mark.parametrize("var", ["SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"])
+def test_a_non_integer_launcher_size_names_the_variable(var):
+    from jaxformers.training.mesh import distributed_settings
+    env = {"SLURM_JOB_ID": "7", var: "2(x3)"}
+    with pytest.raises(ValueError, match=f"{var}='2\\(x3\\)' must be an integer >= 1"):
+        distributed_settings(env)

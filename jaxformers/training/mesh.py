@@ -262,7 +262,7 @@ def _explicit_launch(env, coordinator: Optional[str]) -> Optional[Dict[str, obje
 def _cluster_launch(env) -> Optional[str]:
     """The cluster launcher jax can read the layout from (``slurm``, ``ompi``, ``tpu``) or ``None``;
     ``ValueError`` naming the missing variables of a half-visible SLURM / Open MPI launch."""
-    if env.get("SLURM_JOB_ID") and int(env.get("SLURM_NTASKS", "1").strip() or 1) > 1:
+    if env.get("SLURM_JOB_ID") and env.get("SLURM_NTASKS", "").strip() and _env_int(env, "SLURM_NTASKS", 1) > 1:
         missing = [v for v in _SLURM_VARS if not env.get(v, "").strip()]
         if missing:
             raise ValueError(
@@ -271,7 +271,7 @@ def _cluster_launch(env) -> Optional[str]:
                 "`srun python -m experiments.train ...` (inside sbatch), or set JAX_COORDINATOR_ADDRESS, "
                 "JAX_NUM_PROCESSES and JAX_PROCESS_ID")
         return "slurm"
-    if int(env.get("OMPI_COMM_WORLD_SIZE", "1").strip() or 1) > 1:
+    if env.get("OMPI_COMM_WORLD_SIZE", "").strip() and _env_int(env, "OMPI_COMM_WORLD_SIZE", 1) > 1:
         missing = [v for v in _OMPI_VARS if not env.get(v, "").strip()]
         if not env.get(_OMPI_URI) and not env.get("JAX_COORDINATOR_ADDRESS") \
                 and not env.get("COORDINATOR_ADDRESS"):
