@@ -69,10 +69,14 @@ LOCK_FILE = ".lock"  # held by the training process (run_lock)
 
 # ============================================================================ files
 def atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file + rename (never a torn file)."""
+    """Write ``text`` to ``path`` through a temporary file + fsync + rename (never a torn file,
+    also after a power loss: the data reaches the disk before the rename publishes it)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 
