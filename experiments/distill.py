@@ -25,11 +25,25 @@ one ``a_i+b_i+c_i=c s;`` step per digit, then the answer), answers exactly check
    ``--temperature``) for k in the preset's list: coverage (any of the k answers right) and
    majority-vote accuracy vs the measured generation time per problem -> ``coverage.png``.
 
-``OUT/results.json`` holds every number (seed, settings, environment); ``--steps`` /
+``OUT/results.json`` holds every number (seed, settings, environment), rewritten after every
+model (``complete`` false until the end); ``--steps`` /
 ``--teacher-steps`` / ``--align-steps`` / ``--problems`` / ``--samples`` / ``--students`` /
 ``--speed-batches`` / ``--speed-lengths`` shrink a run (tests).
 Times are wall-clock on the machine that ran it (CPU numbers say little about a GPU, where
 the SSM students' constant-size state is what makes large-batch sampling fast).
+
+The KL numbers (``kl_init`` / ``kl_aligned`` / ``kl_final``) are per-token KL(teacher || student)
+averaged over the positions the distillation trains (the task's ``loss_mask``: every target
+after ``=``), like ``kd_loss`` and ``val_loss``; the prompt's operand digits are random and
+never distilled.
+
+Interruption: a stop signal (a GPU stage's time limit, Ctrl-C) ends the experiment after a
+checkpoint of the run in progress (a partly trained model is never reported).  ``--reuse``
+keeps the finished runs in ``OUT/runs`` of an earlier invocation and continues a run a signal
+stopped from its checkpoint, only when its model config, training settings and distillation
+record (``distill.json``: stage, loss weights, initialisation, the teacher's parameters'
+SHA-256) equal this invocation's; a finished run with other settings is an error (checked
+before anything trains); a student of another teacher is trained again.
 """
 from __future__ import annotations
 
@@ -39,8 +53,8 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.common import (experiment_parser, parse_experiment_args, parse_list, save_progress,
-                                usage_error, write_results)
+from experiments.common import (check_finished, experiment_parser, parse_experiment_args, parse_list,
+                                save_progress, usage_error, write_json, write_results)
 
 PRESETS = {
     # the teacher reaches ~87% greedy accuracy on 3-digit addition in 500 steps (seed 0)
@@ -82,6 +96,9 @@ def _parser():
                     f"(> the {SPEED_PROMPT}-token prompt, <= the teacher's max_seq_len)")
     ap.add_argument("--kl-weight", type=float, default=1.0)
     ap.add_argument("--ce-weight", type=float, default=0.0)
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse the finished runs in OUT/runs trained with the same settings (and continue "
+                         "the ones a signal stopped) instead of retraining them")
     return ap
 
 
@@ -104,18 +121,101 @@ def _fresh(run_dir):
         shutil.rmtree(run_dir)
 
 
-def mean_kl(teacher, teacher_params, student, student_params, rows) -> float:
-    """Mean per-token KL(teacher || student) over every input position of ``rows`` ``[N, T+1]``."""
+def mean_kl(teacher, teacher_params, student, student_params, rows, loss_mask=None) -> float:
+    """Mean per-token KL(teacher || student) of ``rows`` ``[N, T+1]`` over the positions
+    ``kd_loss`` distils: input position ``t`` weighted by ``loss_mask[:, t + 1]`` (``[N, T+1]``,
+    the target's weight); ``loss_mask=None``: every input position."""
     import jax
     import jax.numpy as jnp
+    import numpy as np
 
     from jaxformers.distill import kl_per_token
 
-    @jax.jit
-    def kl(tp, sp, tokens):
-        return kl_per_token(teacher.apply({"params": tp}, tokens), student.apply({"params": sp}, tokens)).mean()
+    rows = np.asarray(rows)
+    weights = (np.ones((rows.shape[0], rows.shape[1] - 1), np.float32) if loss_mask is None
+               else np.asarray(loss_mask, np.float32)[:, 1:])
+    if weights.shape != (rows.shape[0], rows.shape[1] - 1) or not weights.sum() > 0:
+        raise ValueError(f"loss_mask must be [N, T+1] = {list(rows.shape)} with some weight, "
+                         f"got shape {list(np.shape(loss_mask))}")
 
-    return float(kl(teacher_params, student_params, jnp.asarray(rows[:, :-1])))
+    @jax.jit
+    def kl(tp, sp, tokens, w):
+        per_token = kl_per_token(teacher.apply({"params": tp}, tokens), student.apply({"params": sp}, tokens))
+        return jnp.sum(per_token * w) / jnp.sum(w)
+
+    return float(kl(teacher_params, student_params, jnp.asarray(rows[:, :-1]), jnp.asarray(weights)))
+
+
+# ----------------------------------------------------------------------------- --reuse
+def params_sha256(params) -> str:
+    """SHA-256 of a parameter tree (paths, dtypes, shapes and bytes): a teacher's identity."""
+    import hashlib
+
+    import jax
+    import numpy as np
+
+    h = hashlib.sha256()
+    for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(params)[0],
+                             key=lambda kv: jax.tree_util.keystr(kv[0])):
+        x = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{jax.tree_util.keystr(path)}|{x.dtype}|{x.shape}|".encode())
+        h.update(x.tobytes())
+    return h.hexdigest()
+
+
+RECORD = "distill.json"  # a run's distillation record (stage, weights, init, teacher), read by --reuse
+
+
+def reuse_state(run_dir, cfg, tc, record, *, check_teacher_sha: bool = True):
+    """``"finished"`` (reuse it), ``"stopped"`` (a signal stopped it: continue from its
+    checkpoint) or ``None`` (train from scratch: no run, a run a signal stopped with other
+    settings, or a student of another teacher) for ``run_dir`` trained with model config
+    ``cfg``, ``TrainConfig`` ``tc`` and distillation ``record``; ``SystemExit`` naming the run
+    and the differing fields when a finished run was trained with other settings.
+    ``check_teacher_sha=False``: the teacher's identity is not known yet (checked later)."""
+    from jaxformers.training.rundir import check_resume, config_diff, train_config_changes
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "summary.json").is_file():
+        return None
+    stopped = not json.loads((run_dir / "summary.json").read_text()).get("finished", True)
+    try:
+        saved = check_resume(run_dir, cfg)
+        changes = list(train_config_changes(saved, tc))
+    except ValueError as e:
+        changes = [str(e)]
+    old = json.loads((run_dir / RECORD).read_text()) if (run_dir / RECORD).is_file() else {}
+    new = json.loads(json.dumps(record))
+    teacher_changed = old.get("teacher_sha256") != new.get("teacher_sha256")
+    changes += config_diff(old, new, ignore=("teacher_sha256",))
+    if changes and not stopped:
+        raise SystemExit(f"--reuse: cannot reuse {run_dir}: it was trained with other settings: "
+                         + "; ".join(changes) + "\n(rerun without --reuse to retrain, or use another --out)")
+    if changes or (check_teacher_sha and teacher_changed):
+        return None
+    return "stopped" if stopped else "finished"
+
+
+def train_stage(name, cfg, tc, record, *, reuse: bool, **train_kw):
+    """``(summary, reused)`` of run ``tc.out_dir``: with ``reuse`` a finished run of the same
+    settings (:func:`reuse_state`) is kept (``reused``), and one a signal stopped is continued;
+    else it is trained from scratch (an old run there is removed).  ``SystemExit`` when a signal
+    stops it."""
+    from jaxformers.training import train
+
+    run_dir = Path(tc.out_dir)
+    state = reuse_state(run_dir, cfg, tc, record) if reuse else None
+    if state == "finished":
+        print(f"[distill] reusing {run_dir}", file=sys.stderr, flush=True)
+        return json.loads((run_dir / "summary.json").read_text()), True
+    if state is None:
+        _fresh(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / RECORD, record)  # before training: a stopped run is continued only with it
+    print(f"[distill] {'continuing' if state else 'training'} {name}", file=sys.stderr, flush=True)
+    summary = train(cfg, tc, progress=False, resume=state == "stopped", **train_kw)
+    check_finished(summary, name, "distill")
+    return summary, False
 
 
 def extract_answers(generated, digits: int):
@@ -194,6 +294,11 @@ def _check_args(ap, args) -> None:
     if args.teacher is not None:
         if not (Path(args.teacher) / "config.json").is_file():
             ap.error(f"--teacher {args.teacher!r}: not a run directory (no config.json)")
+        summary = Path(args.teacher) / "summary.json"
+        if summary.is_file() and not json.loads(summary.read_text()).get("finished", True):
+            s = json.loads(summary.read_text())
+            ap.error(f"--teacher {args.teacher!r}: its training was stopped at step {s.get('final_step')} of "
+                     f"{s.get('steps')} (resume it first: a partly trained teacher)")
         if args.teacher_steps is not None:
             ap.error("--teacher-steps trains the preset's teacher; --teacher gives a trained one "
                      "(drop one of them)")
@@ -244,7 +349,7 @@ def run(args, ap=None) -> dict:
     import jaxformers as jf
     from jaxformers.data.synthetic import arithmetic, arithmetic_length
     from jaxformers.distill import DistillStep, init_student, student_config
-    from jaxformers.training import load_run, train
+    from jaxformers.training import load_run
     from jaxformers.training.rundir import read_metrics
 
     preset = PRESETS[args.preset]
@@ -264,54 +369,76 @@ def run(args, ap=None) -> dict:
                "kl_weight": args.kl_weight, "ce_weight": args.ce_weight}
 
     # 1. teacher
+    reuse = bool(getattr(args, "reuse", False))
     if args.teacher:
         teacher_cfg, _, teacher_params = load_run(args.teacher)
         check_teacher(ap, args, teacher_cfg.n_layer, teacher_cfg.max_seq_len)  # before any training
         results["teacher_run"] = str(args.teacher)
     else:
         teacher_cfg = jf.get_config("llama", "tiny", vocab_size=18, **preset["teacher"])
-        tc = _train_config(args.out, "teacher", data, seq_len, preset["teacher_train"], args.seed,
-                           preset["eval_batches"], args.teacher_steps)
-        _fresh(tc.out_dir)
-        print("[distill] training the teacher", file=sys.stderr, flush=True)
-        train(teacher_cfg, tc, progress=False)
-        _, _, teacher_params = load_run(tc.out_dir)
-        results["teacher_run"] = tc.out_dir
-    teacher = jf.build(teacher_cfg)
-    models = {"teacher": (teacher_cfg, teacher, teacher_params)}
-
-    val_tokens, _ = arithmetic(64, digits, seed=10_000 + args.seed)
-    results["students"] = {}
+        teacher_tc = _train_config(args.out, "teacher", data, seq_len, preset["teacher_train"], args.seed,
+                                   preset["eval_batches"], args.teacher_steps)
+        results["teacher_run"] = teacher_tc.out_dir
+    align_steps = preset["align_steps"] if args.align_steps is None else args.align_steps
+    kd_settings = DistillStep(teacher_cfg, None, kl_weight=args.kl_weight, ce_weight=args.ce_weight).settings
+    stages = []  # (run name, student config, TrainConfig, record without the teacher's hash)
     for name in students:
         kind = "mamba2" if name.startswith("mamba2") else "hybrid"
         cfg = student_config(teacher_cfg, kind, attn_layers if kind == "hybrid" else ())
-        params0 = init_student(teacher_cfg, teacher_params, cfg, jax.random.PRNGKey(args.seed),
-                               init="random" if name.endswith("random") else "attention")
-        module = jf.build(cfg)
-        kl0 = mean_kl(teacher, teacher_params, module, params0, val_tokens)
-        align_steps = preset["align_steps"] if args.align_steps is None else args.align_steps
-        kl_aligned = None
-        if align_steps and not name.endswith("random"):  # stage 1: layer-wise alignment
+        init = "random" if name.endswith("random") else "attention"
+        aligned = bool(align_steps) and init == "attention"
+        if aligned:
             tc = _train_config(args.out, f"{name}_align", data, seq_len, preset["distill_train"], args.seed, 0,
                                align_steps).replace(weight_decay=0.0)
-            _fresh(tc.out_dir)
-            print(f"[distill] aligning {name} layer by layer", file=sys.stderr, flush=True)
-            train(cfg, tc, progress=False, step_fn=DistillStep(teacher_cfg, teacher_params, stage="align"),
-                  init_params=params0)
-            _, _, params0 = load_run(tc.out_dir)
-            kl_aligned = mean_kl(teacher, teacher_params, module, params0, val_tokens)
+            stages.append((f"{name}_align", cfg, tc, {"stage": "align", "init": init}))
         tc = _train_config(args.out, name, data, seq_len, preset["distill_train"], args.seed,
                            preset["eval_batches"], args.steps)
-        _fresh(tc.out_dir)
-        print(f"[distill] distilling {name}", file=sys.stderr, flush=True)
+        stages.append((name, cfg, tc, {**kd_settings, "init": init,
+                                       "aligned_before": f"{name}_align" if aligned else None}))
+    if reuse:  # every run checked before anything trains (the teacher's hash: once it is known)
+        if not args.teacher:
+            reuse_state(teacher_tc.out_dir, teacher_cfg, teacher_tc, {})
+        for name, cfg, tc, record in stages:
+            reuse_state(tc.out_dir, cfg, tc, record, check_teacher_sha=False)
+    if not args.teacher:
+        _, teacher_reused = train_stage("the teacher", teacher_cfg, teacher_tc, {}, reuse=reuse)
+        _, _, teacher_params = load_run(teacher_tc.out_dir)
+        reuse = reuse and teacher_reused  # a new (or continued) teacher: its students are trained again
+    teacher = jf.build(teacher_cfg)
+    teacher_sha = params_sha256(teacher_params)
+    results["teacher_params_sha256"] = teacher_sha
+    models = {"teacher": (teacher_cfg, teacher, teacher_params)}
+
+    val_tokens, val_mask = arithmetic(64, digits, seed=10_000 + args.seed)
+    results["students"] = {}
+    records = {name: {**record, "teacher_sha256": teacher_sha} for name, _, _, record in stages}
+    configs = {name: tc for name, _, tc, _ in stages}
+    for name in students:
+        cfg = student_config(teacher_cfg, "mamba2" if name.startswith("mamba2") else "hybrid",
+                             attn_layers if not name.startswith("mamba2") else ())
+        params0 = init_student(teacher_cfg, teacher_params, cfg, jax.random.PRNGKey(args.seed),
+                               init=records[name]["init"])
+        module = jf.build(cfg)
+        kl0 = mean_kl(teacher, teacher_params, module, params0, val_tokens, val_mask)
+        kl_aligned, aligned_reused = None, True
+        if f"{name}_align" in records:  # stage 1: layer-wise alignment
+            tc = configs[f"{name}_align"]
+            _, aligned_reused = train_stage(
+                f"{name} (layer-wise alignment)", cfg, tc, records[f"{name}_align"], reuse=reuse,
+                step_fn=DistillStep(teacher_cfg, teacher_params, stage="align"), init_params=params0)
+            _, _, params0 = load_run(tc.out_dir)
+            kl_aligned = mean_kl(teacher, teacher_params, module, params0, val_tokens, val_mask)
+        tc = configs[name]
         step = DistillStep(teacher_cfg, teacher_params, kl_weight=args.kl_weight, ce_weight=args.ce_weight)
-        summary = train(cfg, tc, progress=False, step_fn=step, init_params=params0)
+        # a retrained / continued alignment: the distillation starts from other weights
+        summary, _ = train_stage(f"{name} (distillation)", cfg, tc, records[name], reuse=reuse and aligned_reused,
+                                 step_fn=step, init_params=params0)
         _, _, params = load_run(tc.out_dir)
         losses = [r["loss"] for r in read_metrics(tc.out_dir) if "loss" in r]
         results["students"][name] = {
             "run_dir": tc.out_dir, "attn_layers": list(cfg.attention_layers), "n_params": summary["n_params"],
             "kl_init": kl0, "align_steps": 0 if kl_aligned is None else align_steps, "kl_aligned": kl_aligned,
-            "kl_final": mean_kl(teacher, teacher_params, module, params, val_tokens),
+            "kl_final": mean_kl(teacher, teacher_params, module, params, val_tokens, val_mask),
             "distill_loss_first": losses[0], "distill_loss_last": losses[-1],
             "val_loss": summary["val_loss"]}
         models[name] = (cfg, module, params)

@@ -17,6 +17,10 @@ Deviation from the authors' code (MambaInLlama ``train_hybrid.py``): their KL is
 ``F.kl_div(..., reduction="batchmean")``, summed over the tokens of a sequence and
 averaged over sequences, mixed as ``0.1 * KL_sum + 1.0 * CE``; ours is per token (the
 same direction, normalised like the cross-entropy), default ``kl_weight=1, ce_weight=0``.
+Their distillation stage also trains only the SSM mixers (``requires_grad=False`` on every
+student parameter whose name lacks ``mamba``: embeddings, norms, MLPs, the kept attention
+layers and the head stay the teacher's); here every student parameter is trained.
+(:func:`align_loss` only reaches the converted layers, so its gradients are the SSM blocks'.)
 """
 from __future__ import annotations
 
