@@ -109,7 +109,7 @@ for s in "$@"; do
         landmark-lm) stage landmark-lm 565 python -m experiments.landmark_lm --preset gpu --reuse \
                          --out "$WORK/landmark-lm" ;;
         doge)        stage doge 565 python -m experiments.doge --preset gpu --reuse --out "$WORK/doge" ;;
-        distill)     stage distill 565 python -m experiments.distill --preset gpu --out "$WORK/distill" ;;
+        distill)     stage distill 565 python -m experiments.distill --preset gpu --reuse --out "$WORK/distill" ;;
         # layer-parallel inference (issue 16): target >= 1.15x decode tokens/s at <= 5% more ppl
         layer-parallel) stage layer-parallel 565 python -m experiments.layer_parallel --preset gpu \
                          --steps 1500 --positions late --pair-counts 2,4,6 --no-study --reuse \
