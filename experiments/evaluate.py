@@ -10,7 +10,11 @@ so the result matches the run's final ``val_loss`` in ``summary.json``.
 ``--run`` may also be a Hugging Face Llama / Mamba / Mamba-2 checkpoint directory (e.g. one
 written by ``experiments.export``): then ``--data`` is required, the tokenizer is
 ``--tokenizer`` or the directory's ``tokenizer.json``, and the defaults are batch size 8,
-``min(max_position_embeddings, 1024)`` tokens per sequence and the whole split.
+``min(max_position_embeddings, 1024)`` tokens per sequence (1024 for Mamba, which has no
+position limit) and the whole split.
+A run trained here evaluates ``--data`` with its own tokenizer (its saved ``tokenizer/``
+vocabulary, not a new BPE trained on ``--data``) unless ``--tokenizer`` says otherwise; a
+tokenizer whose vocabulary is larger than the model's is refused (its ids would give NaN).
 """
 from __future__ import annotations
 
@@ -46,11 +50,32 @@ def main(argv=None) -> int:
                 ap.error("--run with a Hugging Face checkpoint needs --data (text to evaluate on)")
             args.tokenizer = run_tokenizer(ap, args.run, "hf", args.tokenizer)
             from jaxformers.convert import from_hf
-            run = from_hf(args.run)
+            from experiments.generate import hf_position_limit
+            model_config, params = from_hf(args.run)
+            limit = hf_position_limit(args.run, model_config)
             if args.seq_len is None:
-                args.seq_len = min(run[0].max_seq_len, 1024)
+                args.seq_len = min(limit or 1024, 1024)
+            if limit is None:  # Mamba: no position limit (max_seq_len is only the preset's)
+                model_config = model_config.replace(max_seq_len=max(args.seq_len, model_config.max_seq_len))
+            run = (model_config, params)
             if args.max_batches == -1:  # no run: the whole split
                 args.max_batches = 0
+        data = args.data
+        if not is_hf_checkpoint(args.run) and (args.data or args.tokenizer):
+            from pathlib import Path
+            from jaxformers.training.init_from import source_config, source_kind
+            source_kind(args.run, name="--run")
+            model_config, run_tok = source_config(args.run)
+            if args.tokenizer is None:  # other text: the run's own vocabulary, not a new BPE on it
+                args.tokenizer = run_tok
+            data = data or json.loads((Path(args.run) / "config.json").read_text())["train"].get("data")
+        if data and args.tokenizer:
+            from jaxformers.data import open_data
+            vocab = getattr(open_data(data, args.tokenizer), "vocab_size", None)
+            if vocab is not None and vocab > model_config.vocab_size:
+                raise ValueError(f"--data {data} tokenized with --tokenizer {args.tokenizer} has "
+                                 f"vocab_size={vocab}, larger than the model's vocab_size={model_config.vocab_size} "
+                                 "(ids past it have no embedding): pass the model's tokenizer")
         result = evaluate(run, args.data, tokenizer=args.tokenizer, split=args.split,
                           batch_size=args.batch_size, seq_len=args.seq_len,
                           max_batches=None if args.max_batches == 0 else args.max_batches,

@@ -11,7 +11,11 @@ Weights are float32 ``model.safetensors``.  The run's tokenizer is written besid
 (``tokenizer.json`` + ``tokenizer_config.json``, ``AutoTokenizer``-loadable; the byte
 tokenizer becomes an equivalent byte-level BPE) and ``config.json`` gets its end-of-text id
 as ``eos_token_id`` / ``bos_token_id`` / ``pad_token_id``.  ``--step``: a checkpoint other than
-the newest complete one.  Prints a JSON summary.
+the newest complete one.  ``--force`` writes into a non-empty ``--out``: files there that a
+loader would read in place of (or beside) the export -- a sharded ``model.safetensors.index.json``
+and its shards, ``generation_config.json``, ``special_tokens_map.json``, ``added_tokens.json``,
+and the tokenizer files when the run has no tokenizer -- are removed (listed as ``removed``).
+Prints a JSON summary.
 """
 from __future__ import annotations
 
@@ -20,6 +24,32 @@ import json
 import os
 import sys
 from pathlib import Path
+
+
+_STALE = ("generation_config.json", "special_tokens_map.json", "added_tokens.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def _remove_stale(out: Path, has_tokenizer: bool) -> list:
+    """Remove what an earlier checkpoint in ``out`` left that loaders would read with (or instead
+    of) this export: a sharded index (read before ``model.safetensors``) and its shards, generation
+    / special-token settings, and tokenizer files this export does not rewrite.  Returns the names."""
+    names = list(_STALE) + ([] if has_tokenizer else list(_TOKENIZER_FILES))
+    index = out / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        except (ValueError, AttributeError):
+            shards = set()
+        names += sorted(s for s in shards if isinstance(s, str) and s.endswith(".safetensors")
+                        and s != "model.safetensors" and "/" not in s) + [index.name]
+    removed = []
+    for name in names:
+        path = out / name
+        if path.is_file():
+            path.unlink()
+            removed.append(name)
+    return removed
 
 
 def main(argv=None) -> int:
@@ -38,7 +68,9 @@ def main(argv=None) -> int:
 
     try:
         out = Path(args.out)
-        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} exists and is not a directory")
+        if out.exists() and any(out.iterdir()) and not args.force:
             raise ValueError(f"--out {out} exists and is not an empty directory (--force writes into it)")
         if args.step is not None and args.step < 0:
             raise ValueError(f"--step must be >= 0, got {args.step}")
@@ -51,6 +83,9 @@ def main(argv=None) -> int:
             tok = None if source.ds_dir is None else load_tokenizer(source.ds_dir)
         to_hf(model_config, params, str(out))  # checks the config before writing anything
         summary = {"run": args.run, "out": str(out), "model": model_config.model, "tokenizer": None}
+        removed = _remove_stale(out, has_tokenizer=tok is not None)
+        if removed:
+            summary["removed"] = removed
         if tok is not None:
             save_hf_tokenizer(tok, str(out), model_max_length=model_config.max_seq_len)
             cfg_path = out / "config.json"

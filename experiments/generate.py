@@ -9,7 +9,7 @@
 ``--run`` may be a run directory or a Hugging Face Llama / Mamba / Mamba-2 checkpoint directory
 with a ``tokenizer.json`` (e.g. one written by ``experiments.export``).
 
-``--prompt-file``: one prompt per line (blank lines skipped), all sampled in one batch
+``--prompt-file``: one prompt per line (LF or CRLF line ends only; blank lines skipped), all sampled in one batch
 (``generate(prompt_lengths=...)``: prompts of different lengths, each row decoded as if alone);
 the JSON output then has ``prompts`` and ``samples`` (a list of ``--num-samples`` texts per prompt).
 
@@ -17,7 +17,8 @@ An empty prompt starts from the end-of-text token (the start of a document).
 ``--stop-at-eos`` ends each sample at the tokenizer's end-of-text token (not printed);
 decoding stops once every sample has reached it.
 The prompt is cut from the left if prompt + new tokens exceed the model's
-``max_seq_len``.  Samples are decoded together with the prompt's ids (then cut after the
+``max_seq_len`` (a HF checkpoint's ``max_position_embeddings``; none for HF Mamba / Mamba-2).
+Samples are decoded together with the prompt's ids (then cut after the
 prompt's text), so SentencePiece-style ``hf:`` tokenizers keep the space after the prompt;
 prompt bytes that are not UTF-8 become U+FFFD.
 """
@@ -60,6 +61,14 @@ def _prompt_text(prompt: str) -> str:
         return fixed
 
 
+def hf_position_limit(directory, model_config):
+    """The position limit of a HF checkpoint converted to ``model_config``: its ``max_seq_len``
+    (``max_position_embeddings``), or None for Mamba / Mamba-2, which have none (the converted
+    config's ``max_seq_len`` is only a preset's)."""
+    cfg = json.loads((Path(directory) / "config.json").read_text())
+    return None if cfg.get("model_type") in ("mamba", "mamba2") else int(model_config.max_seq_len)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.generate", description=__doc__.splitlines()[0])
     ap.add_argument("--run", required=True, help="run directory written by experiments.train")
@@ -84,7 +93,10 @@ def main(argv=None) -> int:
         except OSError as e:
             print(f"error: --prompt-file: {e}", file=sys.stderr)
             return 2
-        prompts = [_prompt_text(line) for line in raw.splitlines() if line.strip()]
+        # lines end at "\n" (or "\r\n") only: str.splitlines would also split a prompt at a form
+        # feed, U+2028, U+0085, ... inside it
+        lines = [line.removesuffix("\r") for line in raw.split("\n")]
+        prompts = [_prompt_text(line) for line in lines if line.strip()]
         if not prompts:
             print(f"error: --prompt-file {args.prompt_file} has no prompt (every line is blank)", file=sys.stderr)
             return 2
@@ -111,6 +123,7 @@ def main(argv=None) -> int:
                                  "to encode the prompt")
             model_config, params = from_hf(args.run)
             tok = HFTokenizer(args.run)
+            limit = hf_position_limit(args.run, model_config)
         else:
             model_config, train_config, params = load_run(args.run)
             tok_dir = Path(args.run) / TOKENIZER_DIR
@@ -122,11 +135,13 @@ def main(argv=None) -> int:
                     raise ValueError(f"{args.run} was trained on {train_config.data!r}, which has no "
                                      "tokenizer to encode a prompt or decode samples")
                 tok = load_tokenizer(source.ds_dir)
-        limit = model_config.max_seq_len
-        if args.max_new_tokens >= limit:
+            limit = model_config.max_seq_len
+        if limit is not None and args.max_new_tokens >= limit:
             raise ValueError(f"--max-new-tokens must be < max_seq_len={limit}, got {args.max_new_tokens}")
-        # each prompt cut from the left so that it and the new tokens fit max_seq_len
-        ids = [(tok.encode(text) if text else [tok.eos_id])[-(limit - args.max_new_tokens):] for text in prompts]
+        # each prompt cut from the left so that it and the new tokens fit max_seq_len (if any)
+        keep = None if limit is None else limit - args.max_new_tokens
+        ids = [(tok.encode(text) if text else [tok.eos_id]) for text in prompts]
+        ids = [i if keep is None else i[-keep:] for i in ids]
         eos_id = None
         if args.stop_at_eos:
             eos_id = getattr(tok, "eos_id", None)

@@ -64,7 +64,8 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", scan_layers: bool = Fals
 
     model_type = hf.get("model_type", "llama")
     if model_type != "llama":
-        raise ValueError(f"model_type={model_type!r} is not supported; expected 'llama'")
+        raise ValueError(f"model_type={model_type!r} is not supported; expected 'llama' (or 'mamba' / 'mamba2' "
+                         "through from_hf / config_from_hf_mamba)")
     for name in ("attention_bias", "mlp_bias"):
         if hf.get(name, False):
             raise ValueError(f"{name}={hf[name]!r} is not supported (jaxformers llama has no biases)")

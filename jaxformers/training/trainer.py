@@ -693,7 +693,17 @@ def evaluate(run: Union[str, os.PathLike, Tuple[ModelConfig, Any]], data=None, *
         data = tc.data
     if split not in ("val", "train"):
         raise ValueError(f"split={split!r} is not allowed; choose one of ['val', 'train']")
+    if tokenizer is None and tc is not None and data != tc.data:
+        # other text: encode it with the run's own vocabulary (its saved tokenizer), never a new
+        # BPE trained on that text (whose ids would not be the model's)
+        from .init_from import source_config
+        tokenizer = source_config(run)[1]
     source = open_data(data, tokenizer or (tc.tokenizer if tc is not None else "byte"))
+    vocab = getattr(source, "vocab_size", None)
+    if vocab is not None and vocab > model_config.vocab_size:
+        raise ValueError(f"data={data!r} tokenized with tokenizer={tokenizer or tc.tokenizer!r} has vocab_size="
+                         f"{vocab}, larger than the model's vocab_size={model_config.vocab_size} (ids past it "
+                         "have no embedding: NaN losses); pass the model's tokenizer")
     if batch_size is None:
         batch_size = tc.micro_batch_size if tc is not None else 8
     if seq_len is None:
