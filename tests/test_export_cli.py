@@ -118,3 +118,27 @@ def test_evaluate_and_generate_read_an_exported_directory(tmp_path, monkeypatch,
     (out / "tokenizer.json").unlink()
     assert gen_cli.main(["--run", str(out), "--prompt", "x"]) == 2
     assert "without a tokenizer.json" in capsys.readouterr().err
+
+
+def test_an_hf_tokenizer_with_a_bos_post_processor_exports_without_it(tmp_path, monkeypatch, capsys):
+    """jaxformers trains without BOS; the exported AutoTokenizer must encode the same ids (a
+    Llama-style tokenizer.json prepends <s> through its post-processor)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    raw = Tokenizer(models.BPE(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.train_from_iterator([TEXT] * 30, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", raw.token_to_id("<s>"))])
+    src = tmp_path / "src_tok"
+    src.mkdir()
+    raw.save(str(src / "tokenizer.json"))
+    (src / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    tok = get_tokenizer(f"hf:{src}")
+    config = jf.get_config("llama", "tiny", vocab_size=320)
+    rc, out, _, io = _export(tmp_path, monkeypatch, capsys, config, tok)
+    assert rc == 0, io.err
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert hf_tok(TEXT)["input_ids"] == tok.encode(TEXT)  # default call: no <s> added
+    assert hf_tok.eos_token == "</s>" and tok._tok.post_processor is not None  # the live one is untouched

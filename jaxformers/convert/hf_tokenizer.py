@@ -9,6 +9,8 @@
   byte-level BPE with no merges whose vocabulary puts byte ``b`` (as the byte-level alphabet
   writes it) at id ``b``, so ``encode`` gives the same ids.
 
+Special tokens are never added around a text (no BOS), as jaxformers encodes for training: the
+post-processor of a ``hf:`` tokenizer.json (e.g. Llama's ``<s>`` prefix) is dropped.
 One difference: jaxformers encodes the literal text ``<|endoftext|>`` inside a document as
 plain text (``encode_special_tokens``), while transformers' tokenizers map it to the special
 id; every other text encodes to the same ids.
@@ -57,7 +59,14 @@ def save_hf_tokenizer(tok, out_dir: str, *, model_max_length=None) -> str:
     if isinstance(tok, ByteTokenizer):
         pipeline = _byte_pipeline()
     elif isinstance(tok, (BPETokenizer, HFTokenizer)):
-        pipeline = tok._require() if isinstance(tok, BPETokenizer) else tok._tok
+        from tokenizers import Tokenizer
+
+        source = tok._require() if isinstance(tok, BPETokenizer) else tok._tok
+        pipeline = Tokenizer.from_str(source.to_str())  # a copy: the live tokenizer stays as it is
+        # jaxformers never adds special tokens when it encodes (no BOS: training and evaluation
+        # saw none), so the export's AutoTokenizer must not either (a Llama tokenizer.json's
+        # post-processor would prepend <s>)
+        pipeline.post_processor = None
     else:
         raise ValueError(f"tokenizer {tok!r} has no Hugging Face form (expected byte, bpe or hf:)")
     eos = pipeline.id_to_token(tok.eos_id)
