@@ -57,7 +57,10 @@ Outputs under ``--out`` (the device returns at most 8 files): ``results.json`` (
 the targets, each part's status and time), ``table.md`` (the tables for BENCHMARKS.md) and
 ``log.txt`` (every part's log); the table is printed last.  ``results.json`` and ``table.md`` are
 rewritten after every part and every 15 s while one runs, so a run killed from outside keeps
-what was measured.
+what was measured; the part running then dies with the driver (it would hold the GPU for the next
+command), and a SIGTERM also records it as killed.  A part's row file is emptied before it starts:
+no row of an earlier run on the same machine is reported.  scripts/gpu_check.sh's set-up steps
+are time-limited and count against ``--deadline``.
 """
 from __future__ import annotations
 
@@ -321,6 +324,11 @@ def rel_err(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
+def _worst(errs) -> float:
+    """The largest error, NaN if any is NaN (``max`` would skip a NaN after a number)."""
+    return float("nan") if any(e != e for e in errs) else max(errs)
+
+
 # ============================================================================ 1. correct
 def _segments(rng, b, t, n):
     import numpy as np
@@ -443,8 +451,9 @@ def part_correct(part: Part):
             g, a2, r = flat(got), flat(again), flat(want)
             errs = [rel_err(x, y) for x, y in zip(g, r)]
             tol = TOL["int8_linear"] if name.startswith("int8") else TOL["default"]
-            row.update(compile_s=compile_s, out_rel_err=errs[0], rel_errs=errs, max_rel_err=max(errs), tol=tol,
-                       ieee_level=bool(max(errs) <= min(tol, TOL["ieee"])),
+            worst = _worst(errs)
+            row.update(compile_s=compile_s, out_rel_err=errs[0], rel_errs=errs, max_rel_err=worst, tol=tol,
+                       ieee_level=bool(worst <= min(tol, TOL["ieee"])),
                        repeat_identical=all(np.array_equal(x, y, equal_nan=True) for x, y in zip(g, a2)))
             row["ok"] = bool(all(e <= tol for e in errs) and row["repeat_identical"])
         except Exception as e:  # noqa: BLE001
@@ -1025,6 +1034,12 @@ def _f(x, nd=2):
     return str(x)
 
 
+def _cell(x) -> str:
+    """``x`` as one Markdown table cell: ``|`` escaped, one line (the follow-up's tile tags and
+    error messages contain ``|``)."""
+    return " ".join(str(x).split()).replace("|", "\\|")
+
+
 def markdown(results: dict) -> str:
     rows, env = results["rows"], results.get("env", {})
     L = [f"### GPU check: {env.get('device', '?')} ({env.get('backend', '?')}), {results['date']}, "
@@ -1032,7 +1047,7 @@ def markdown(results: dict) -> str:
          f"Command: `{results['command']}` ({results['wall_s']:.0f} s in all).", "",
          "| part | status | seconds | rows |", "|---|---|---|---|"]
     for p in results["parts"]:
-        L.append(f"| {p['part']} | {p['status']} | {p['wall_s']:.0f} | {p['rows']} |")
+        L.append(f"| {p['part']} | {_cell(p['status'])} | {p['wall_s']:.0f} | {p['rows']} |")
     L += ["", "**Targets** (ratios measured in the same run; gap: the factor still missing)", "",
           "| target | goal | measured | met | gap |", "|---|---|---|---|---|"]
     for t in results["targets"]:
@@ -1046,8 +1061,9 @@ def markdown(results: dict) -> str:
               "| case | max rel. error | tol | IEEE-float32 level (<= 1e-4) | run twice: identical | ok |",
               "|---|---|---|---|---|---|"]
         for r in corr:
-            L.append(f"| {r['case']} | {_f(r.get('max_rel_err'))} | {_f(r.get('tol'))} | {r.get('ieee_level', '-')} | "
-                     f"{r.get('repeat_identical', '-')} | {'yes' if r.get('ok') else '**no** ' + r.get('error', '')} |")
+            L.append(f"| {_cell(r['case'])} | {_f(r.get('max_rel_err'))} | {_f(r.get('tol'))} | "
+                     f"{r.get('ieee_level', '-')} | {r.get('repeat_identical', '-')} | "
+                     f"{'yes' if r.get('ok') else '**no** ' + _cell(r.get('error', ''))} |")
     ceil = [r for r in rows if r.get("kind") == "ceiling"]
     if ceil:
         L += ["", "**Ceilings of this card**: " + "; ".join(
@@ -1069,8 +1085,9 @@ def markdown(results: dict) -> str:
                  (g, d, b, t, impl)}
             fw, fb = f.get("fwd", {}), f.get("fwd+bwd", {})
             note = fw.get("skipped") or fw.get("error") or fb.get("error") or ""
-            L.append(f"| {g} | {d} | {b} x {t} | {impl} | {_f(fw.get('ms'), 3)} | {_f(fw.get('tflops'), 0)} | "
-                     f"{_f(fb.get('ms'), 3)} | {_f(fb.get('tflops'), 0)} | {note[:100]} |")
+            L.append(f"| {_cell(g)} | {d} | {b} x {t} | {_cell(impl)} | {_f(fw.get('ms'), 3)} | "
+                     f"{_f(fw.get('tflops'), 0)} | {_f(fb.get('ms'), 3)} | {_f(fb.get('tflops'), 0)} | "
+                     f"{_cell(note[:100])} |")
     diffs = [r for r in rows if r.get("kind") in ("attention_diff", "scan_diff")]
     if diffs:
         L += ["", "Our output vs the anchor's at the benchmark shapes (bf16 inputs, rel. difference): " + "; ".join(
@@ -1104,8 +1121,9 @@ def markdown(results: dict) -> str:
                     bits.append(f"{extra['speedup']:.2f}x")
                 rate = ", ".join(bits)
             note = r.get("skipped") or r.get("error") or ""
-            L.append("| " + " | ".join(str(r.get(c, "")) for c in cols) +
-                     f" | {_f(r.get('ms'), 3)} | {rate if isinstance(rate, str) else _f(rate, 1)} | {note[:100]} |")
+            L.append("| " + " | ".join(_cell(r.get(c, "")) for c in cols) +
+                     f" | {_f(r.get('ms'), 3)} | {rate if isinstance(rate, str) else _f(rate, 1)} | "
+                     f"{_cell(note[:100])} |")
     return "\n".join(L) + "\n"
 
 
@@ -1128,7 +1146,12 @@ def orchestrate(parts, out: Path, work: Path, *, smoke: bool, budgets: dict, dea
     """Run ``parts`` one process each, under their budgets and ``deadline``; returns the results.
     ``results.json`` and ``table.md`` are rewritten after each part and every ``REFRESH_S`` while a
     part runs (its status then says ``running``), so a run killed from outside (the device's
-    command timeout) still returns everything measured until then."""
+    command timeout) still returns everything measured until then.  A SIGTERM / SIGHUP (the
+    device's ``timeout``) kills the running part too (it runs in its own session and would
+    otherwise keep the GPU for the next command), then writes the results and exits.  Each part's
+    row file in ``work`` is emptied before it starts (or is skipped), so no row of an earlier run
+    on the same machine is reported as this run's."""
+    import signal
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -1139,6 +1162,28 @@ def orchestrate(parts, out: Path, work: Path, *, smoke: bool, budgets: dict, dea
     def write(extra=()):
         return write_results(out, work, parts, status + list(extra), command=command, smoke=smoke,
                              wall_s=time.perf_counter() - t_start)
+
+    def terminated(signum, _frame):
+        raise _Terminated(signum)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            previous[sig] = signal.signal(sig, terminated)
+    try:
+        return _run_parts(parts, work, log, status, write, t_start, smoke=smoke, budgets=budgets,
+                          deadline=deadline)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class _Terminated(BaseException):
+    """A SIGTERM / SIGHUP reached the driver (the device's command limit)."""
+
+
+def _run_parts(parts, work, log, status, write, t_start, *, smoke, budgets, deadline) -> dict:
+    for name in parts:
+        (work / f"{name}.jsonl").unlink(missing_ok=True)  # an earlier run's rows are not this run's
     for name in parts:
         left = deadline - (time.perf_counter() - t_start)
         budget = min(budgets.get(name, SMOKE_BUDGET_S if smoke else BUDGET[name]), left)
@@ -1154,23 +1199,33 @@ def orchestrate(parts, out: Path, work: Path, *, smoke: bool, budgets: dict, dea
         with log.open("a") as f:
             f.write(f"\n===== part {name} (budget {budget:.0f} s)\n")
             f.flush()
-            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-            while True:
-                waited = time.perf_counter() - t0
-                try:
-                    rc = proc.wait(timeout=max(0.0, min(REFRESH_S, budget - waited)))
-                    state = "ok" if rc == 0 else f"failed (exit {rc})"
-                    break
-                except subprocess.TimeoutExpired:
-                    if time.perf_counter() - t0 >= budget:
-                        _kill(proc)
-                        state = f"timed out after {budget:.0f} s"
-                        break
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                    preexec_fn=_die_with_parent)
+            try:
+                while True:
+                    waited = time.perf_counter() - t0
                     try:
-                        write([dict(part=name, status="running (the run ended during this part)",
-                                    wall_s=time.perf_counter() - t0, rows=len(read_rows(work, [name])))])
-                    except Exception as e:  # noqa: BLE001 - an interim copy must never stop the run
-                        print(f"   (results not refreshed: {_err(e)})", flush=True)
+                        rc = proc.wait(timeout=max(0.0, min(REFRESH_S, budget - waited)))
+                        state = "ok" if rc == 0 else f"failed (exit {rc})"
+                        break
+                    except subprocess.TimeoutExpired:
+                        if time.perf_counter() - t0 >= budget:
+                            state = f"timed out after {budget:.0f} s"
+                            if not _kill(proc):
+                                state += " (its process did not exit when killed)"
+                            break
+                        try:
+                            write([dict(part=name, status="running (the run ended during this part)",
+                                        wall_s=time.perf_counter() - t0, rows=len(read_rows(work, [name])))])
+                        except Exception as e:  # noqa: BLE001 - an interim copy must never stop the run
+                            print(f"   (results not refreshed: {_err(e)})", flush=True)
+            except _Terminated as e:  # the part dies with the driver; what was measured is written
+                _kill(proc)
+                status.append(dict(part=name, status=f"killed: the driver got signal {e.args[0]}",
+                                   wall_s=time.perf_counter() - t0, rows=len(read_rows(work, [name]))))
+                print(f"   killed (signal {e.args[0]}) in part {name}", flush=True)
+                write()
+                raise SystemExit(128 + e.args[0]) from None
         wall = time.perf_counter() - t0
         n_rows = len(read_rows(work, [name]))
         status.append(dict(part=name, status=state, wall_s=wall, rows=n_rows))
@@ -1210,13 +1265,34 @@ def add_ceiling_mfu(rows: list) -> list:
     return rows
 
 
-def _kill(proc):
+def _die_with_parent():
+    """In the part's process (Linux): SIGKILL it when the driver dies, even by SIGKILL (the device's
+    ``timeout -k``), so no part outlives the command holding the GPU."""
+    try:
+        import ctypes
+        import signal
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - not Linux: the SIGTERM handler still covers a normal end
+        pass
+
+
+KILL_WAIT_S = 20.0  # how long a killed part may take to exit before the driver goes on without it
+
+
+def _kill(proc) -> bool:
+    """SIGKILL the part's process group; False when it has not exited ``KILL_WAIT_S`` later (stuck in
+    the GPU driver, say): the driver goes on rather than wait for it forever."""
     import signal
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         proc.kill()
-    proc.wait()
+    try:
+        proc.wait(timeout=KILL_WAIT_S)
+    except subprocess.TimeoutExpired:
+        print(f"   (process {proc.pid} still there {KILL_WAIT_S:.0f} s after SIGKILL; going on)", flush=True)
+        return False
+    return True
 
 
 def _budgets(items, ap=None) -> dict:
@@ -1243,6 +1319,16 @@ def _budgets(items, ap=None) -> dict:
     return out
 
 
+def _setup_s() -> float:
+    """Seconds since scripts/gpu_check.sh started (``JAXFORMERS_GPU_CHECK_T0``, epoch seconds): its
+    set-up counts against ``--deadline``.  0 when unset or not a number."""
+    try:
+        t0 = float(os.environ.get("JAXFORMERS_GPU_CHECK_T0", ""))
+    except ValueError:
+        return 0.0
+    return max(0.0, time.time() - t0) if math.isfinite(t0) else 0.0
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m experiments.gpu_check", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -1257,7 +1343,9 @@ def main(argv=None):
     ap.add_argument("--budget", action="append", metavar="PART=SECONDS",
                     help=f"override a part's time budget (SECONDS >= {MIN_BUDGET_S})")
     ap.add_argument("--deadline", type=float,
-                    help=f"seconds (> 0) for the whole run (default {DEADLINE_S}; smoke: none)")
+                    help=f"seconds (> 0) for the whole run (default {DEADLINE_S}, the follow-up alone "
+                    f"{FOLLOWUP_DEADLINE_S}; smoke: none), counted from scripts/gpu_check.sh's start "
+                    "when it runs this")
     ap.add_argument("--part", choices=ALL_PARTS, help=argparse.SUPPRESS)  # one part, in this process
     args = ap.parse_args(argv)
     if args.part:
@@ -1277,6 +1365,7 @@ def main(argv=None):
     work = Path(args.work) if args.work else out.parent / f".{out.name}.parts"
     default = FOLLOWUP_DEADLINE_S if set(parts) <= set(FOLLOWUP_PARTS) else DEADLINE_S
     deadline = args.deadline if args.deadline is not None else math.inf if args.smoke else default
+    deadline -= _setup_s()
     command = "python -m experiments.gpu_check " + " ".join(sys.argv[1:] if argv is None else argv)
     results = orchestrate(parts, out, work, smoke=args.smoke, budgets=budgets, deadline=deadline,
                           command=command)

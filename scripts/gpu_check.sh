@@ -15,18 +15,28 @@
 #   pip download fla-core==0.6.0 einops --no-deps -d runs/wheels
 # (runs/ is git-ignored; nothing third-party is committed).  Without them the fla rows say so.
 # The long per-issue measurements (training at the gpu presets) are scripts/gpu_session.sh.
+# The set-up below (the card's description, the wheels) has time limits and counts against the
+# driver's --deadline (JAXFORMERS_GPU_CHECK_T0: when this script started), so a wedged driver or
+# CUDA init cannot eat the device call: the whole command stays under 8 minutes.
 set -uo pipefail
+export JAXFORMERS_GPU_CHECK_T0="${JAXFORMERS_GPU_CHECK_T0:-$(date +%s.%N)}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 OUT="${OUT:-runs/gpu_check}"
+PROBE_S="${GPU_CHECK_PROBE_S:-45}"  # seconds for each set-up step
+limit() { if command -v timeout > /dev/null; then timeout -k 5 "$PROBE_S" "$@"; else "$@"; fi; }
 mkdir -p "$OUT"
-{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu \
-      --format=csv 2>&1 || true
-  python3 -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices())" 2>&1
+{ limit nvidia-smi \
+      --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu --format=csv 2>&1 \
+      || echo "nvidia-smi: failed or timed out (exit $?, limit $PROBE_S s)"
+  limit python3 -c \
+      "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices())" 2>&1 \
+      || echo "jax.devices(): failed or timed out (exit $?, limit $PROBE_S s)"
 } > "$OUT/gpu.txt"
 cat "$OUT/gpu.txt"
 if compgen -G "runs/wheels/*.whl" > /dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/gpu_check_site runs/wheels/*.whl \
-        >/dev/null 2>&1 && export PYTHONPATH="$PYTHONPATH:/tmp/gpu_check_site"
+    limit python3 -m pip install -q --no-index --no-deps --no-compile \
+        --target /tmp/gpu_check_site runs/wheels/*.whl >/dev/null 2>&1 \
+        && export PYTHONPATH="$PYTHONPATH:/tmp/gpu_check_site"
 fi
 exec python3 -m experiments.gpu_check "$@" --out "$OUT" --work /tmp/gpu_check_parts

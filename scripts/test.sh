@@ -28,7 +28,7 @@ LEG2_TESTS=(tests/test_flash_attention.py tests/test_selective_scan.py tests/tes
             tests/test_hadamard.py tests/test_gpu_check.py tests/test_kernels_x64.py
             tests/test_gpu_lowering.py tests/test_tpu_lowering*.py tests/test_kernel_report.py
             tests/test_audit_hadamard.py tests/test_audit_mutation_attention.py tests/test_audit_mutation_scan.py
-            tests/test_audit_mutation_tpu.py)
+            tests/test_audit_mutation_tpu.py tests/test_audit_gpucheck.py)
 NEWEST=(jax jaxlib flax optax orbax-checkpoint chex)
 # -qq: errors only (-q still prints a warning per package when an index location is missing)
 PIP=(-m pip install -qq --disable-pip-version-check)
