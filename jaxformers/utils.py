@@ -24,6 +24,18 @@ def is_int(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
+def int_arg(name: str, value, lo=None, *, where: str = "") -> int:
+    """``value`` as a Python int; ``ValueError`` naming ``name`` (after ``where: ``, if given) for
+    a bool, a float or a string (never truncated: ``2.5`` is refused, not read as 2) or a value
+    below ``lo``."""
+    prefix = f"{where}: " if where else ""
+    if not is_int(value):
+        raise ValueError(f"{prefix}{name} must be an int, got {value!r}")
+    if lo is not None and int(value) < lo:
+        raise ValueError(f"{prefix}{name} must be >= {lo}, got {value}")
+    return int(value)
+
+
 def check_token_ids(tokens, vocab_size: int, subject: str = "token ids must be") -> None:
     """``ValueError`` ("<subject> in [0, vocab_size=V), got ids from a to b") unless every id of
     ``tokens`` is in ``[0, vocab_size)``; checked when the values are known (:func:`concrete`),

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..config import DTYPES, TransformerConfig
 from .hf_io import read_checkpoint, weight_files
-from .layers import stack_layers, unstack_layers
+from .layers import per_layer_params, stack_layers
 
 _PREFIX = "model."
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved
@@ -276,26 +276,13 @@ def to_hf(config: TransformerConfig, params, out_dir: str) -> str:
     Returns ``out_dir``.  A ``mamba`` / ``mamba2`` config dispatches to
     :func:`~jaxformers.convert.hf_mamba.to_hf_mamba` (``MambaForCausalLM`` / ``Mamba2ForCausalLM``).
     """
-    import flax.linen as nn
-    from flax.core import unfreeze
     from safetensors.numpy import save_file
 
     if getattr(config, "model", None) in ("mamba", "mamba2"):  # as from_hf dispatches on model_type
         from .hf_mamba import to_hf_mamba
         return to_hf_mamba(config, params, out_dir)
     check_llama_compatible(config)
-    params = unfreeze(nn.unbox(params))
-    if set(params) == {"params"}:
-        params = params["params"]
-    if "blocks" in params:
-        params = unstack_layers(params, "blocks", n_layer=config.n_layer)
-
-    expected_keys = {"embed", "final_norm", *(f"blocks_{i}" for i in range(config.n_layer))}
-    if not config.tie_embeddings:
-        expected_keys.add("lm_head")
-    if set(params) != expected_keys:
-        raise ValueError(f"params do not match config: missing {sorted(expected_keys - set(params))}, "
-                         f"unexpected {sorted(set(params) - expected_keys)}")
+    params = per_layer_params(config, params)
 
     def f32(x):
         return np.ascontiguousarray(np.asarray(x).astype(np.float32))

@@ -36,7 +36,7 @@ import numpy as np
 from ..config import DTYPES
 from ..models.mamba import MambaConfig
 from .hf_io import read_checkpoint, weight_files
-from .layers import stack_layers, unstack_layers
+from .layers import per_layer_params, stack_layers
 
 MODEL_TYPES = ("mamba", "mamba2")
 _PREFIX = "backbone."
@@ -317,22 +317,10 @@ def to_hf_mamba(config, params, out_dir: str) -> str:
     (``blocks``) or per-layer (``blocks_{i}``).  A config HF cannot express (e.g. ``skip_gains``,
     a LayerNorm) is a ``ValueError`` naming the fields (:func:`config_to_hf_mamba`).
     Returns ``out_dir``."""
-    import flax.linen as nn
-    from flax.core import unfreeze
     from safetensors.numpy import save_file
 
     hf = config_to_hf_mamba(config)
-    params = unfreeze(nn.unbox(params))
-    if set(params) == {"params"}:
-        params = params["params"]
-    if "blocks" in params:
-        params = unstack_layers(params, "blocks", n_layer=config.n_layer)
-    expected = {"embed", "final_norm", *(f"blocks_{i}" for i in range(config.n_layer))}
-    if not config.tie_embeddings:
-        expected.add("lm_head")
-    if set(params) != expected:
-        raise ValueError(f"params do not match config: missing {sorted(expected - set(params))}, "
-                         f"unexpected {sorted(set(params) - expected)}")
+    params = per_layer_params(config, params)
     tensors = {f"{_PREFIX}embeddings.weight": np.asarray(params["embed"]["embedding"], np.float32),
                f"{_PREFIX}norm_f.weight": np.asarray(params["final_norm"]["scale"], np.float32)}
     for li in range(config.n_layer):

@@ -95,3 +95,25 @@ def unstack_layers(params: Mapping, prefix: str = "blocks", n_layer: Optional[in
         else:
             out[key] = value
     return out
+
+
+def per_layer_params(config, params) -> dict:
+    """``params`` of ``config``'s model as an exporter reads them: unboxed, without a
+    ``{"params": ...}`` wrapper, per layer (``blocks_{i}``; a scanned ``blocks`` is unstacked),
+    with exactly the top-level keys the config implies (``embed``, ``blocks_0..L-1``,
+    ``final_norm``, ``lm_head`` when untied); ``ValueError`` naming the missing / unexpected ones."""
+    import flax.linen as nn
+    from flax.core import unfreeze
+
+    params = unfreeze(nn.unbox(params))
+    if set(params) == {"params"}:
+        params = params["params"]
+    if "blocks" in params:
+        params = unstack_layers(params, "blocks", n_layer=config.n_layer)
+    expected = {"embed", "final_norm", *(f"blocks_{i}" for i in range(config.n_layer))}
+    if not config.tie_embeddings:
+        expected.add("lm_head")
+    if set(params) != expected:
+        raise ValueError(f"params do not match config: missing {sorted(expected - set(params))}, "
+                         f"unexpected {sorted(set(params) - expected)}")
+    return params

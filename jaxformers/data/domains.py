@@ -47,7 +47,8 @@ from typing import Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 
-from .loader import _check_tokens, eval_batches, int_arg, resolve_process
+from ..utils import int_arg
+from .loader import _check_tokens, eval_batches, resolve_process
 
 __all__ = ["BUILTIN_DOMAINS", "DOMAINS_PREFIX", "Domain", "DomainLoader", "DomainSource",
            "build_domains", "domain_spec", "parse_domains_spec"]

@@ -37,7 +37,7 @@ from typing import Dict, Iterator, Mapping
 
 import numpy as np
 
-from ..utils import is_int
+from ..utils import int_arg, is_int
 from . import synthetic
 
 __all__ = ["SYNTHETIC_TASKS", "SyntheticLoader", "TokenLoader", "eval_batches", "iterate_rows",
@@ -59,16 +59,6 @@ def resolve_process(process_index: int | None, process_count: int | None) -> tup
     if process_count < 1 or not 0 <= process_index < process_count:
         raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, {process_count}")
     return process_index, process_count
-
-
-def int_arg(name: str, value, lo: int | None = None) -> int:
-    """``value`` as a Python int; ``ValueError`` naming ``name`` for a bool, a float or a string
-    (never truncated: ``2.5`` is refused, not read as 2) or a value below ``lo``."""
-    if not is_int(value):
-        raise ValueError(f"{name} must be an int, got {value!r}")
-    if lo is not None and int(value) < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {value}")
-    return int(value)
 
 
 def _check_tokens(tokens, seq_len: int, what: str = "tokens") -> np.ndarray:

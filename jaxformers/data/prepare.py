@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .corpus import cache_dir, corpus_fingerprint, load_corpus, resolve_corpus
-from .loader import int_arg
+from ..utils import int_arg
 from .tokenizer import get_tokenizer, hf_tokenizer_dir, load_tokenizer, parse_tokenizer_spec
 
 __all__ = [

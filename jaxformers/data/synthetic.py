@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..utils import is_int
+from ..utils import int_arg, is_int
 
 __all__ = [
     "ARITH_CHARS",
@@ -56,13 +56,8 @@ N_SPECIAL = 5
 
 
 def _int(task: str, name: str, value, lo: int | None = None) -> int:
-    """``value`` as a Python int; ``ValueError`` naming ``name`` for a bool, a float, a string
-    (never truncated: ``12.5`` is refused, not read as 12) or a value below ``lo``."""
-    if not is_int(value):
-        raise ValueError(f"{task}: {name} must be an int, got {value!r}")
-    if lo is not None and int(value) < lo:
-        raise ValueError(f"{task}: {name} must be >= {lo}, got {value}")
-    return int(value)
+    """``value`` as a Python int (:func:`jaxformers.utils.int_arg`, messages prefixed by ``task``)."""
+    return int_arg(name, value, lo, where=task)
 
 
 def _flag(task: str, name: str, value) -> bool:
