@@ -222,3 +222,16 @@ def test_library_evaluate_of_a_bpe_run_on_other_text_uses_the_runs_vocabulary(tm
     (varied / "doc.txt").write_text(" ".join(words * 2))
     with pytest.raises(ValueError, match="vocab_size=400, larger than the model's vocab_size=320"):
         evaluate(str(run), str(varied), tokenizer="bpe:400", batch_size=4, seq_len=32)
+
+
+def test_library_evaluate_of_config_params_with_a_larger_tokenizer_names_it(tmp_path, monkeypatch):
+    """(model_config, params) with no run config: the default byte tokenizer (257 ids) on a
+    100-id model is a ValueError naming it (the message once read the missing run's tokenizer)."""
+    import pytest
+    from jaxformers.training import evaluate
+
+    monkeypatch.setenv("JAXFORMERS_CACHE", str(tmp_path / "cache"))
+    cfg = jf.get_config("gpt", "tiny", vocab_size=100, d_model=32, n_layer=1, n_head=4)
+    params = jf.init_params(jf.build(cfg), jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="tokenizer='byte' has vocab_size=257, larger than the model's vocab_size=100"):
+        evaluate((cfg, params), str(_corpus(tmp_path)), batch_size=2, seq_len=16)

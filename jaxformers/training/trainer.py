@@ -698,10 +698,11 @@ def evaluate(run: Union[str, os.PathLike, Tuple[ModelConfig, Any]], data=None, *
         # BPE trained on that text (whose ids would not be the model's)
         from .init_from import source_config
         tokenizer = source_config(run)[1]
-    source = open_data(data, tokenizer or (tc.tokenizer if tc is not None else "byte"))
+    tokenizer = tokenizer or (tc.tokenizer if tc is not None else "byte")
+    source = open_data(data, tokenizer)
     vocab = getattr(source, "vocab_size", None)
     if vocab is not None and vocab > model_config.vocab_size:
-        raise ValueError(f"data={data!r} tokenized with tokenizer={tokenizer or tc.tokenizer!r} has vocab_size="
+        raise ValueError(f"data={data!r} tokenized with tokenizer={tokenizer!r} has vocab_size="
                          f"{vocab}, larger than the model's vocab_size={model_config.vocab_size} (ids past it "
                          "have no embedding: NaN losses); pass the model's tokenizer")
     if batch_size is None:
