@@ -30,6 +30,9 @@ a new run; its tokenizer is the source's (``hf:HF_DIR`` when the checkpoint has 
 tokenizer.json; ``--tokenizer`` overrides).  Step 0 logs the source model's val loss.
 
 Resuming: ``--resume`` continues from the newest checkpoint; a finished run trains nothing.
+Without ``--config`` / ``--init-from`` the run's own config is used (flags on top); with them
+the command describes the whole run again, as on its first start (a requeued job's same
+command), and must be the same run: another model config or ``init_from`` is refused.
 ``--extend-steps N`` (the run's total ``steps`` + N; a run stopped before its total also
 finishes it) or ``--resume --steps M`` (M larger) trains further, the LR schedule
 keeping its length, so the LR continues at the value it reached (no jump); another schedule
@@ -121,7 +124,8 @@ def _parser():
                     help=f"checkpoints kept (default {d['keep_checkpoints']})")
     ap.add_argument("--out", help="run directory (default runs/<model>-<preset>)")
     ap.add_argument("--resume", action="store_true",
-                    help="continue from the newest checkpoint in --out (starts fresh if there is none)")
+                    help="continue from the newest checkpoint in --out (starts fresh if there is none); "
+                         "with --config / --init-from the command must describe the same run")
     ap.add_argument("--extend-steps", type=int, metavar="N",
                     help="resume the run in --out with its total steps raised by N (a run stopped "
                          "early also finishes its own steps; the LR continues at its final value)")
@@ -245,10 +249,8 @@ def build_configs(args):
     flags = {name: getattr(args, name) for name in _TRAIN_FLAGS if getattr(args, name, None) is not None}
     if args.no_tensorboard:
         flags["tensorboard"] = False
-    if saved is not None:  # resume: the run's own configs, with explicitly given flags on top
-        if args.config or args.init_from:
-            raise CLIError("--resume / --extend-steps continue a run with its own config; --config and "
-                           "--init-from start a new run (choose a new --out)")
+    if saved is not None and not (args.config or args.init_from):
+        # resume: the run's own configs, with explicitly given flags on top
         model_config = config_from_dict(saved["model"])
         spec = get_spec(model_config.model)
         if model_sets:
@@ -294,6 +296,14 @@ def build_configs(args):
     base["out_dir"] = args.out or base.get("out_dir") or f"runs/{model}-{preset}"
     for k, v in train_sets:
         base[k] = coerce_value(TrainConfig, k, v)
+    if args.resume and (Path(base["out_dir"]) / CONFIG_FILE).is_file():
+        # --resume with --config / --init-from (a job script that always passes --resume): the
+        # command describes the whole run again, as on its first start, and must be the same run
+        # (train() refuses another model config and names train-config changes, as on any resume)
+        saved = json.loads((Path(base["out_dir"]) / CONFIG_FILE).read_text())
+        _check_same_init_from(init_from, saved, base["out_dir"])
+        if args.extend_steps is not None:
+            base["steps"] = int(saved["train"]["steps"]) + args.extend_steps
     tc = TrainConfig(**base)
     if source_config is not None:  # the source's architecture; overrides such as dropout on top
         reference = source_config
@@ -309,6 +319,20 @@ def build_configs(args):
             print(f"note: raising max_seq_len {preset_len} -> {tc.seq_len} (= --seq-len)", file=sys.stderr)
             overrides["max_seq_len"] = tc.seq_len
     return get_config(model, preset, **overrides), tc
+
+
+def _check_same_init_from(init_from, saved: dict, out) -> None:
+    """``CLIError`` unless a resume's ``init_from`` is the one the run in ``out`` started from
+    (both absent, the same text, or the same resolved path)."""
+    before = (saved.get("train") or {}).get("init_from")
+    if not init_from and not before:
+        return
+    if init_from and before and (str(init_from) == str(before)
+                                 or Path(init_from).resolve() == Path(before).resolve()):
+        return
+    raise CLIError(f"--resume continues the run in {out}, which was started with init_from={before!r}; "
+                   f"this command gives init_from={init_from or None!r} (another source is a new run: "
+                   "choose a new --out)")
 
 
 def _fmt(value, spec, missing="n/a"):

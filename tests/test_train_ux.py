@@ -203,6 +203,47 @@ def test_init_from_run_starts_at_its_loss(env, base_run, capsys, caplog):
     assert saved["train"]["init_from"] == str(base_run) and saved["model"]["d_model"] == 32
 
 
+def test_a_job_script_always_passing_resume_with_config_and_init_from(env, base_run, capsys, monkeypatch):
+    """A requeued job runs the same command every time: ``--config`` and ``--init-from`` with
+    ``--resume``. The second start continues the stopped run from its checkpoint (it used to be
+    refused), bit-identical to an uninterrupted run; another source or model is refused, and
+    ``--extend-steps`` works with the same flags."""
+    import jaxformers.training as training
+
+    cfg = env["root"] / "job.yaml"
+    cfg.write_text(f"train: {{lr: 1e-3, data: {env['corpus']}}}\n")
+    flags = [f for f in TINY[TINY.index("--batch-size"):]] + ["--checkpoint-every", "1"]
+
+    def command(out, *extra):
+        return ["--config", str(cfg), "--init-from", str(base_run), "--out", str(out)] + flags + list(extra)
+
+    whole = env["root"] / "job_whole"
+    assert train_cli.main(command(whole, "--steps", "4")) == 0
+    run = env["root"] / "job"
+    real = training.train
+    monkeypatch.setattr(training, "train", lambda *a, **k: real(*a, **k, stop_after=2))
+    assert train_cli.main(command(run, "--steps", "4", "--resume")) == 0  # stopped after step 2
+    assert [r[0] for r in loss_rows(run)] == [1, 2]
+    monkeypatch.setattr(training, "train", real)
+    capsys.readouterr()
+    assert train_cli.main(command(run, "--steps", "4", "--resume")) == 0  # the requeued job
+    assert loss_rows(run) == loss_rows(whole)
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["train"]["init_from"] == str(base_run) and saved["train"]["lr"] == 1e-3
+    # another source, or another model, is another run
+    other = env["root"] / "other_source"
+    shutil.copytree(base_run, other)
+    argv = command(run, "--steps", "4", "--resume")
+    argv[argv.index(str(base_run))] = str(other)
+    assert train_cli.main(argv) == 2
+    assert f"started with init_from={str(base_run)!r}" in capsys.readouterr().err
+    assert train_cli.main(command(run, "--steps", "4", "--resume", "--set", "dropout=0.1")) == 2
+    err = capsys.readouterr().err
+    assert "model config differs" in err and "dropout" in err
+    assert train_cli.main(command(run, "--extend-steps", "1")) == 0
+    assert [r[0] for r in loss_rows(run)] == [1, 2, 3, 4, 5] and load_run(run)[1].steps == 5
+
+
 def _tiny_hf_llama(directory):
     """A HF LlamaForCausalLM saved with save_pretrained, plus a tokenizer.json (BPE, eos </s>)."""
     torch = pytest.importorskip("torch")
