@@ -122,6 +122,30 @@ def test_segment_boundaries_are_excluded(model):
     np.testing.assert_array_equal(np.asarray(targets), tokens[:, 1:])
 
 
+def test_negative_ids_are_padding(model):
+    """Right padding with -100 (Hugging Face's ignore index) or -1: the loss and the gradients
+    equal those of the same batch with the padding masked out (before: -1 wrapped to the last
+    vocabulary row and was a target, -100 made the gradients NaN)."""
+    module, params, tokens, probe = model
+    padded = tokens.copy()
+    padded[0, 9:] = -100
+    padded[2, 11:] = -1
+    mask = np.ones(tokens.shape, np.float32)
+    mask[0, 9:] = 0.0
+    mask[2, 11:] = 0.0
+    clean = np.where(padded < 0, 0, padded).astype(np.int32)
+    grad = jax.jit(jax.grad(lambda p, b: cross_entropy(module, p, b)[0]))
+    _, loss, metrics, _ = probe(params, full_batch(padded))
+    _, want, want_metrics, _ = probe(params, full_batch(clean, mask))
+    assert float(loss) == float(want) and float(metrics["n_targets"]) == float(want_metrics["n_targets"]) == 36 - 6
+    got_g, want_g = grad(params, full_batch(padded)), grad(params, full_batch(clean, mask))
+    for a, b in zip(jax.tree_util.tree_leaves(got_g), jax.tree_util.tree_leaves(want_g)):
+        assert np.all(np.isfinite(np.asarray(a)))
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    targets, weights = next_token_targets({"tokens": padded})
+    assert float(jnp.sum(weights)) == 36 - 6 and np.asarray(weights)[2, 10:].sum() == 0
+
+
 def test_loss_registry():
     assert "cross_entropy" in list_losses() and get_loss("cross_entropy") is cross_entropy
     with pytest.raises(ValueError, match=r"unknown loss='nope'; choose one of \[.*'cross_entropy'"):

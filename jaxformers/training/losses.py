@@ -5,7 +5,9 @@ Batch dict
 A batch is a ``dict`` of arrays that all share the leading batch axis ``B`` (the
 trainer shards every array on it and splits it into micro-batches, whatever the key)::
 
-    tokens       int32   [B, T+1]  windows: the model reads tokens[:, :-1] and predicts tokens[:, 1:]
+    tokens       int32   [B, T+1]  windows: the model reads tokens[:, :-1] and predicts tokens[:, 1:];
+                                   a negative id (-1, or Hugging Face's -100) is padding: it is
+                                   read as id 0 and is never a target (its weight is 0)
     loss_mask    float32 [B, T+1]  optional, aligned with ``tokens``: loss_mask[:, t] is the weight of
                                    predicting tokens[:, t] (from tokens[:, :t]); column 0 is never a
                                    target and is ignored.  Absent = every target weighs 1.
@@ -80,22 +82,25 @@ LossFn = Callable[..., Tuple[jax.Array, Dict[str, jax.Array]]]
 
 def model_inputs(batch: Mapping[str, jax.Array]) -> Tuple[jax.Array, dict]:
     """``(tokens [B, T], kwargs)`` for ``module.apply``: the input side of a batch dict
-    (``segment_ids`` / ``positions`` keyword arguments only when the batch has them)."""
+    (``segment_ids`` / ``positions`` keyword arguments only when the batch has them).  Negative
+    ids (padding) are read as id 0: an embedding lookup would otherwise wrap (-1 is the last
+    row) or give NaN (-100), which reaches the gradients even where no target is counted."""
     if "tokens" not in batch:
         raise ValueError(f"a batch must have a 'tokens' array [B, T+1]; got keys {sorted(batch)}")
     kwargs = {}
     for key in ("segment_ids", "positions"):
         if batch.get(key) is not None:
             kwargs[key] = batch[key][:, :-1]
-    return batch["tokens"][:, :-1], kwargs
+    return jnp.maximum(batch["tokens"][:, :-1], 0), kwargs
 
 
 def next_token_targets(batch: Mapping[str, jax.Array]) -> Tuple[jax.Array, jax.Array]:
     """``(targets [B, T] int, weights [B, T] float32)``: ``tokens[:, 1:]``, weighted by
-    ``loss_mask[:, 1:]`` and zero where a target's segment differs from its input's."""
+    ``loss_mask[:, 1:]``, zero where a target's segment differs from its input's and zero for
+    a negative target id (padding, e.g. -100)."""
     tokens = batch["tokens"]
     targets = tokens[:, 1:]
-    weights = jnp.ones(targets.shape, jnp.float32)
+    weights = (targets >= 0).astype(jnp.float32)
     if batch.get("loss_mask") is not None:
         mask = batch["loss_mask"]
         if mask.shape != tokens.shape:
