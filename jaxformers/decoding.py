@@ -106,16 +106,51 @@ def _repeat_rows(tree, k: int, axis: int):
     return jax.tree.map(lambda x: jnp.repeat(x, k, axis=axis) if x.ndim > axis else x, tree)
 
 
+def _forced_len(n: int, period: int) -> int:
+    """Model positions of ``n`` caller tokens with a forced token inserted after every
+    ``period - 1`` of them (so a trailing complete group is followed by its forced token)."""
+    return n + n // (period - 1)
+
+
+def max_raw_tokens(module, positions: int) -> int:
+    """How many of the caller's tokens (prompt + new) fit in ``positions`` model positions:
+    ``positions`` itself, less the positions whose token the model's ``forced_tokens`` hook
+    fixes (e.g. a landmark model's landmarks, see :func:`generate`)."""
+    forced = _forced_tokens(module)
+    return positions if forced is None else positions - positions // forced[0]
+
+
+def _forced_tokens(module):
+    """The model's ``forced_tokens()`` hook, checked: ``None`` or ``(period, token)``."""
+    hook = getattr(module, "forced_tokens", None)
+    forced = None if hook is None else hook()
+    if forced is None:
+        return None
+    period, token = forced
+    vocab = module.config.vocab_size
+    if not is_int(period) or period < 2 or not is_int(token) or not 0 <= token < vocab:
+        raise ValueError(f"{type(module).__name__}.forced_tokens() must return None or (period >= 2, token id "
+                         f"in [0, vocab_size={vocab})), got {forced!r}")
+    return int(period), int(token)
+
+
 @functools.lru_cache(maxsize=32)
 def _generate_fn(module_cls, config, max_new_tokens, temperature, top_k, top_p, num_samples=1,
-                 vocab_limit=None, eos_id=None, pad_id=None, min_len=None):
+                 vocab_limit=None, eos_id=None, pad_id=None, min_len=None, forced=None):
     """The jitted sampler.  ``min_len``: the shortest prompt, prefilled in one pass for every row
     (``None``: every prompt is the whole ``[B, P]``); a longer prompt's remaining tokens are fed
-    one per step in place of the sampled token (forced), so every row sees only its own tokens."""
+    one per step in place of the sampled token (forced), so every row sees only its own tokens.
+    ``forced``: ``None`` or the model's ``(period, token)`` (:func:`generate`): the sampler then
+    runs over the model's positions (``token`` inserted at every ``t % period == period - 1``,
+    fed there instead of the sampled token, never counted as a new token, removed from the
+    result); ``prompt``, ``lengths``, ``min_len`` and the result are the caller's tokens."""
     module = module_cls(config)
     fill = 0 if pad_id is None else pad_id  # positions no row wrote: after eos, after a short row
+    period, token = (None, None) if forced is None else forced
 
     def sample(last_logits, key):
+        if period is not None:  # the forced token is never sampled (drawn there, it would be forced)
+            last_logits = last_logits.at[:, token].set(-jnp.inf)
         if vocab_limit is not None:  # ids >= vocab_limit (padding of the model's vocab) are never drawn
             last_logits = last_logits[:, :vocab_limit]
         return sample_logits(last_logits, key, temperature=temperature, top_k=top_k, top_p=top_p)
@@ -126,12 +161,18 @@ def _generate_fn(module_cls, config, max_new_tokens, temperature, top_k, top_p, 
         the model, the sequences and which rows are finished: they sampled ``eos_id`` or have their
         ``max_new_tokens``."""
         forced = pos < lengths
+        if period is not None:  # the model's forced positions (seq holds the token there)
+            forced = forced | (pos % period == period - 1)
         prompt_tok = seq[:, pos]
         feed = jnp.where(forced, prompt_tok, tok)
         seq = seq.at[:, pos].set(jnp.where(forced, prompt_tok, jnp.where(done, fill, tok)))
         if eos_id is not None:
             done = done | (~forced & (tok == eos_id))
-        return feed, seq, done | (pos + 1 - lengths >= max_new_tokens)
+        if period is None:
+            new = pos + 1 - lengths
+        else:  # new tokens so far: positions after the prompt, less the forced ones among them
+            new = (pos + 1 - (pos + 1) // period) - (lengths - lengths // period)
+        return feed, seq, done | (new >= max_new_tokens)
 
     # hook: a model whose computation depends on the batch row (e.g. qk_sparse's keep masks,
     # drawn per row) must prefill every sample's row itself instead of sharing its prompt's
@@ -142,7 +183,15 @@ def _generate_fn(module_cls, config, max_new_tokens, temperature, top_k, top_p, 
             prompt, lengths = jnp.repeat(prompt, num_samples, axis=0), jnp.repeat(lengths, num_samples)
         b, p = prompt.shape
         p0 = p if min_len is None else min_len
-        cache = init_cache(module, b, p + max_new_tokens)
+        width = p + max_new_tokens  # positions of the result
+        if period is not None:  # from the caller's tokens to the model's positions
+            cols = np.arange(_forced_len(p, period))
+            prompt = jnp.where(cols % period == period - 1, token,
+                               prompt[:, np.minimum(cols - cols // period, p - 1)])
+            lengths = lengths + lengths // (period - 1)
+            p, p0 = _forced_len(p, period), _forced_len(p0, period)
+            width = _forced_len(width - 1, period) + 1  # up to the last new token's position
+        cache = init_cache(module, b, width)
         logits, cache = module.apply(params, prompt[:, :p0], cache=cache)
         if share:  # prefill once per prompt, then k rows per prompt share it
             logits = jnp.repeat(logits, num_samples, axis=0)
@@ -150,10 +199,12 @@ def _generate_fn(module_cls, config, max_new_tokens, temperature, top_k, top_p, 
                      "layers": _repeat_rows(cache["layers"], num_samples, 1 if config.scan_layers else 0)}
             prompt, lengths = jnp.repeat(prompt, num_samples, axis=0), jnp.repeat(lengths, num_samples)
             b = b * num_samples
-        steps = p + max_new_tokens - p0  # positions to choose, one per step
-        cols = jnp.arange(p + max_new_tokens)
-        seq = jnp.pad(prompt, ((0, 0), (0, max_new_tokens)))
+        steps = width - p0  # positions to choose, one per step
+        cols = jnp.arange(width)
+        seq = jnp.pad(prompt, ((0, 0), (0, width - p)))
         seq = jnp.where(cols[None] < lengths[:, None], seq, fill)
+        if period is not None:
+            seq = jnp.where(cols[None] % period == period - 1, token, seq)
         done = jnp.zeros((b,), bool)
 
         def step(state):
@@ -169,7 +220,9 @@ def _generate_fn(module_cls, config, max_new_tokens, temperature, top_k, top_p, 
         state = jax.lax.while_loop(more, step, (jnp.zeros((), jnp.int32), logits[:, -1], cache, seq, done, rng))
         _, last_logits, _, seq, done, rng = state
         rng, sub = jax.random.split(rng)  # after an early stop every row is done: this writes fill
-        _, seq, _ = emit(seq, done, p + max_new_tokens - 1, sample(last_logits, sub), lengths)
+        _, seq, _ = emit(seq, done, width - 1, sample(last_logits, sub), lengths)
+        if period is not None:  # back to the caller's tokens: the forced positions removed
+            seq = seq[:, np.nonzero(np.arange(width) % period != period - 1)[0]]
         return seq
 
     return jax.jit(run)
@@ -242,8 +295,18 @@ def generate(module, params, prompt_tokens, max_new_tokens: int, *, temperature:
                          "or after a shorter row's new tokens)")
     eos_id = None if eos_id is None else int(eos_id)
     pad_id = eos_id if pad_id is None else int(pad_id)
+    forced = _forced_tokens(module)
+    if forced is not None:
+        if eos_id == forced[1]:
+            raise ValueError(f"eos_id={eos_id} is the token {type(module).__name__} forces at every position "
+                             f"t % {forced[0]} == {forced[0] - 1} (e.g. a landmark), which is never sampled: "
+                             "use another eos_id or None")
+        if (vocab if vocab_limit is None else vocab_limit) == 1 and forced[1] == 0:
+            raise ValueError(f"vocab_limit=1 leaves only token 0, the token {type(module).__name__} forces "
+                             "(never sampled): nothing to sample")
     rng = jax.random.PRNGKey(0) if rng is None else rng
     fn = _generate_fn(type(module), module.config, max_new_tokens, float(temperature),
                       None if top_k is None else int(top_k),
-                      None if top_p is None else float(top_p), num_samples, vocab_limit, eos_id, pad_id, min_len)
+                      None if top_p is None else float(top_p), num_samples, vocab_limit, eos_id, pad_id, min_len,
+                      forced)
     return fn(params, prompt_tokens, jnp.asarray(lengths), rng)

@@ -307,3 +307,21 @@ def test_an_unreadable_hf_tokenizer_json_is_a_value_error(tmp_path):
     corpus.write_text("hello\n" * 10)
     assert prepare_cli.main(["--data", str(corpus), "--tokenizer", f"hf:{tmp_path}", "--out",
                              str(tmp_path / "ds")]) == 2
+
+
+def test_hf_tokenizer_vocab_size_is_the_highest_id_plus_one(tmp_path):
+    """A tokenizer.json whose ids have gaps (a word-level vocabulary {a: 0, b: 1, c: 5} plus an
+    added eos): ``tokenizers`` counts 4 tokens, but id 5 is produced, so a model sized by the
+    count would embed it out of range (NaN) and decode refused it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"a": 0, "b": 1, "c": 5}, unk_token="a"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["</s>"])
+    tmp_path.mkdir(exist_ok=True)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    ours = get_tokenizer(f"hf:{tmp_path}")
+    assert tok.get_vocab_size(with_added_tokens=True) == 4 and ours.vocab_size == 6
+    ids = ours.encode("c b c")
+    assert ids == [5, 1, 5] and max(ids) < ours.vocab_size
+    assert ours.decode(ids) == tok.decode(ids)

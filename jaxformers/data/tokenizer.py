@@ -336,6 +336,9 @@ class HFTokenizer(Tokenizer):
             raise ValueError(f"{d / BPE_FILE} is not a tokenizer.json the tokenizers library can read "
                              f"(a Git LFS pointer or a truncated download?): {e}") from None
         self._tok.encode_special_tokens = True  # special-token text in documents stays text
+        # the highest id + 1, not the number of tokens: a vocabulary may have unused ids (gaps)
+        ids = self._tok.get_vocab(with_added_tokens=True).values()
+        self._vocab_size = 1 + max(ids) if ids else 0
         self._eos = self._find_eos(d)
 
     def _find_eos(self, d: Path) -> int:
@@ -356,7 +359,9 @@ class HFTokenizer(Tokenizer):
 
     @property
     def vocab_size(self) -> int:
-        return self._tok.get_vocab_size(with_added_tokens=True)
+        """The highest id + 1 (ids are in ``[0, vocab_size)``; with gaps this exceeds the number
+        of tokens, which ``tokenizers``' ``get_vocab_size`` counts)."""
+        return self._vocab_size
 
     @property
     def eos_id(self) -> int:

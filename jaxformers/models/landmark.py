@@ -379,19 +379,13 @@ class LandmarkTransformer(Transformer):
     def block_class(self):
         return LandmarkBlock
 
-    def check_generate(self):
-        """Called by generic sampling loops (:func:`jaxformers.generate`): always a
-        ``ValueError``.  They would sample ordinary tokens into the landmark positions
-        ``t % L == L - 1`` (landmarks are placed by position), silently breaking the layout."""
+    def forced_tokens(self):
+        """Hook of :func:`jaxformers.generate`: ``(L, landmark_token)``, the landmark the model
+        needs at every position ``t % L == L - 1``.  ``generate`` takes and returns raw tokens:
+        it inserts the landmarks, feeds them there (never samples them, nor the landmark id
+        anywhere) and removes them from its result (module docstring)."""
         c = self.config
-        L = c.landmark_block
-        raise ValueError(
-            f"jaxformers.generate does not support landmark models: it would sample ordinary "
-            f"tokens into the landmark positions t % {L} == {L - 1} (landmark_block={L}). "
-            f"Decode with the KV cache yourself (jaxformers.init_cache, "
-            f"model.apply(..., cache=cache)), feeding landmark_token={c.landmark_token} at every "
-            f"position t % {L} == {L - 1} and sampling only at the other positions; for long "
-            f"inputs use jaxformers.models.landmark.memory_forward")
+        return c.landmark_block, c.landmark_token
 
 
 # ------------------------------------------------------------------ memory inference
