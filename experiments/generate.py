@@ -17,7 +17,9 @@ An empty prompt starts from the end-of-text token (the start of a document).
 ``--stop-at-eos`` ends each sample at the tokenizer's end-of-text token (not printed);
 decoding stops once every sample has reached it.
 The prompt is cut from the left if prompt + new tokens exceed the model's
-``max_seq_len`` (a HF checkpoint's ``max_position_embeddings``; none for HF Mamba / Mamba-2).
+``max_seq_len`` (a HF checkpoint's ``max_position_embeddings``; none for HF Mamba / Mamba-2;
+for a landmark model, ``max_seq_len`` less its landmark positions: ``jf.generate`` inserts the
+landmarks itself, and they never appear in the samples).
 Samples are decoded together with the prompt's ids (then cut after the
 prompt's text), so SentencePiece-style ``hf:`` tokenizers keep the space after the prompt;
 prompt bytes that are not UTF-8 become U+FFFD.
@@ -85,6 +87,8 @@ def main(argv=None) -> int:
                     help="end each sample at the end-of-text token (the end of a document)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of plain text")
     args = ap.parse_args(argv)
+    if not 0 <= args.seed < 2**32:  # jax.random.PRNGKey wraps: PRNGKey(2**32) == PRNGKey(0)
+        ap.error(f"--seed must be in [0, 2**32), got {args.seed}")
     if args.prompt_file is not None:
         if args.prompt:
             ap.error("--prompt and --prompt-file exclude each other")
@@ -107,6 +111,7 @@ def main(argv=None) -> int:
     import numpy as np
     import jaxformers as jf
     from jaxformers.data import Tokenizer, load_tokenizer
+    from jaxformers.decoding import max_raw_tokens
     from jaxformers.training import CheckpointError, load_run
     from jaxformers.data import open_data
     from jaxformers.training.rundir import TOKENIZER_DIR
@@ -136,8 +141,13 @@ def main(argv=None) -> int:
                                      "tokenizer to encode a prompt or decode samples")
                 tok = load_tokenizer(source.ds_dir)
             limit = model_config.max_seq_len
+        module = jf.build(model_config.replace(dtype="float32", param_dtype="float32"))
+        what = f"max_seq_len={limit}"
+        if limit is not None and max_raw_tokens(module, limit) != limit:  # e.g. landmarks take positions
+            limit = max_raw_tokens(module, limit)
+            what = f"{limit} (max_seq_len={model_config.max_seq_len} less the landmark positions)"
         if limit is not None and args.max_new_tokens >= limit:
-            raise ValueError(f"--max-new-tokens must be < max_seq_len={limit}, got {args.max_new_tokens}")
+            raise ValueError(f"--max-new-tokens must be < {what}, got {args.max_new_tokens}")
         # each prompt cut from the left so that it and the new tokens fit max_seq_len (if any)
         keep = None if limit is None else limit - args.max_new_tokens
         ids = [(tok.encode(text) if text else [tok.eos_id]) for text in prompts]
@@ -147,7 +157,6 @@ def main(argv=None) -> int:
             eos_id = getattr(tok, "eos_id", None)
             if eos_id is None:
                 raise ValueError(f"--stop-at-eos: the tokenizer of {args.run} has no end-of-text token")
-        module = jf.build(model_config.replace(dtype="float32", param_dtype="float32"))
         lengths = np.asarray([len(i) for i in ids], np.int32)
         prompt = np.zeros((len(ids), int(lengths.max())), np.int32)  # right-padded; the padding is never read
         for row, prompt_ids in zip(prompt, ids):

@@ -21,7 +21,8 @@ field: value}, ``init_from``), then the flags.  ``--set field=value`` overrides 
 fields, ``--train-set field=value`` train-config fields; every field, with its default, is
 listed by ``python -m experiments.info --fields MODEL``.  Each run directory gets ``run.yaml``:
 ``--config RUN_DIR/run.yaml --out NEW_DIR`` reproduces the run.  The model's ``vocab_size``
-comes from the dataset (override with ``--set vocab_size=N``, N >= the dataset's);
+comes from the dataset, plus one id for a landmark model's landmark token unless ``--set
+landmark_id=N`` (override with ``--set vocab_size=N``, N >= the dataset's);
 ``max_seq_len`` is raised to ``--seq-len`` if needed (unless ``--set max_seq_len=N`` gives it).
 
 Fine-tuning: ``--init-from RUN_DIR|HF_DIR`` takes the model config and parameters (not the
@@ -310,8 +311,10 @@ def build_configs(args):
         source_fields = {k: v for k, v in source_config.to_dict().items() if k != "model"}
         overrides = {**source_fields, **overrides}
     else:
-        overrides.setdefault("vocab_size", open_data(tc.data, tc.tokenizer).vocab_size)
         reference = get_config(model, preset)
+        if "vocab_size" not in overrides:  # the data's, plus ids the model adds (a landmark)
+            overrides["vocab_size"] = type(reference).vocab_size_for_data(
+                open_data(tc.data, tc.tokenizer).vocab_size, overrides)
     # raised unless --set gave it (a config file's, e.g. every run.yaml's, or the source's is raised)
     if "max_seq_len" not in dict(model_sets):
         preset_len = overrides.get("max_seq_len", reference.max_seq_len)

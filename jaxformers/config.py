@@ -84,6 +84,13 @@ class ModelConfig(ConfigMixin):
     embed_dropout: float = 0.0  # token embeddings
 
     # ------------------------------------------------------------------ derived
+    @classmethod
+    def vocab_size_for_data(cls, data_vocab_size: int, fields: dict) -> int:
+        """The ``vocab_size`` a model built from ``fields`` (the config overrides) needs for
+        data with ``data_vocab_size`` token ids: that number, plus any ids the model adds
+        itself (a landmark model's landmark token).  Used by ``experiments.train``."""
+        return int(data_vocab_size)
+
     @property
     def n_attention_layers(self) -> int:
         """Attention layers applied per token (for the FLOP count); 0 without attention."""

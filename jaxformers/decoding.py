@@ -4,7 +4,9 @@
 ``generate`` prefills the prompt in one forward pass (prompts of different lengths: the
 shortest, then each row's own tokens), then samples one token per
 step inside ``lax.while_loop`` (which stops early once every row has sampled ``eos_id``),
-all under ``jit``.
+all under ``jit``.  A model that needs a fixed token at periodic positions of its input (a
+landmark model's landmarks) says so through its ``forced_tokens()`` hook; ``generate`` then
+inserts, feeds and removes those tokens itself (see :func:`generate`).
 """
 from __future__ import annotations
 
@@ -129,8 +131,8 @@ def _forced_tokens(module):
     period, token = forced
     vocab = module.config.vocab_size
     if not is_int(period) or period < 2 or not is_int(token) or not 0 <= token < vocab:
-        raise ValueError(f"{type(module).__name__}.forced_tokens() must return None or (period >= 2, token id "
-                         f"in [0, vocab_size={vocab})), got {forced!r}")
+        raise ValueError(f"{type(module).__name__}.forced_tokens() must return None or (period >= 2, "
+                         f"token id in [0, vocab_size={vocab})), got {forced!r}")
     return int(period), int(token)
 
 
@@ -267,9 +269,24 @@ def generate(module, params, prompt_tokens, max_new_tokens: int, *, temperature:
     above its tokenizer's: the padding ids have no text); ``top_k`` is checked against it.
     ``eos_id``: a row that samples it is finished: its later positions hold ``pad_id`` (default
     ``eos_id``), and decoding stops as soon as every row is finished.  The tokens up to and
-    including each row's first ``eos_id`` are those sampled without ``eos_id`` (same rng stream)."""
+    including each row's first ``eos_id`` are those sampled without ``eos_id`` (same rng stream).
+
+    Model hooks (attributes / methods of ``module``, all optional): ``check_generate()`` raises a
+    ``ValueError`` for a model this sampler cannot serve; ``rows_share_prefill`` (above);
+    ``forced_tokens()`` -> ``None`` or ``(period, token)``: the model needs ``token`` at every
+    position ``t % period == period - 1`` of its input (a landmark model's landmarks,
+    :mod:`jaxformers.models.landmark`).  The caller's tokens (``prompt_tokens``,
+    ``prompt_lengths``, ``max_new_tokens``, the result) never hold them: ``generate`` inserts
+    ``token`` after every ``period - 1`` tokens of each prompt (a prompt whose length is a
+    multiple of ``period - 1`` ends with one), runs the prefill and the loop over the model's
+    positions (the cache holds ``P + max_new_tokens`` plus the forced positions among them),
+    feeds ``token`` at each forced position in place of the sampled one (not counted as a new
+    token; the logits it yields are the next token's, so the next position samples from them),
+    never samples ``token`` (its logit is masked before ``vocab_limit``; ``eos_id`` equal to it
+    is refused) and returns the caller's tokens, the forced positions removed.  The rng is split
+    once per model position, forced ones included."""
     check = getattr(module, "check_generate", None)  # hook: a model generic sampling cannot serve
-    if check is not None:                             # (e.g. landmark tokens placed by position)
+    if check is not None:
         check()
     prompt_tokens = jnp.asarray(prompt_tokens)
     max_new_tokens, vocab_limit = _validate(module, prompt_tokens, max_new_tokens, temperature, top_k, top_p,
@@ -302,11 +319,11 @@ def generate(module, params, prompt_tokens, max_new_tokens: int, *, temperature:
                              f"t % {forced[0]} == {forced[0] - 1} (e.g. a landmark), which is never sampled: "
                              "use another eos_id or None")
         if (vocab if vocab_limit is None else vocab_limit) == 1 and forced[1] == 0:
-            raise ValueError(f"vocab_limit=1 leaves only token 0, the token {type(module).__name__} forces "
-                             "(never sampled): nothing to sample")
+            raise ValueError(f"vocab_limit={vocab_limit} (vocab_size={vocab}) leaves only token 0, the token "
+                             f"{type(module).__name__} forces (never sampled): nothing to sample")
     rng = jax.random.PRNGKey(0) if rng is None else rng
     fn = _generate_fn(type(module), module.config, max_new_tokens, float(temperature),
                       None if top_k is None else int(top_k),
-                      None if top_p is None else float(top_p), num_samples, vocab_limit, eos_id, pad_id, min_len,
-                      forced)
+                      None if top_p is None else float(top_p), num_samples, vocab_limit, eos_id, pad_id,
+                      min_len, forced)
     return fn(params, prompt_tokens, jnp.asarray(lengths), rng)

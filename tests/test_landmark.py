@@ -176,16 +176,3 @@ def test_memory_forward_top_k_is_int(tiny):
         with pytest.raises(ValueError, match="top_k"):
             memory_forward(cfg, params, seq, chunk_len=16, top_k=bad)
 
-
-def test_landmark_model_refuses_generic_generate(tiny):
-    """Generic sampling would put ordinary tokens at the landmark positions t % L == L - 1
-    (which the model then treats as landmarks): the model refuses, naming the right procedure."""
-    _, model, _, _, _ = tiny
-    with pytest.raises(ValueError, match=r"landmark.*t % 4 == 3.*landmark_token=63"):
-        model.check_generate()
-
-
-def test_generate_refuses_landmark_model(tiny):
-    _, model, params, seq, _ = tiny
-    with pytest.raises(ValueError, match="landmark"):
-        jf.generate(model, {"params": params}, seq[:, :6], 4, temperature=0.0)

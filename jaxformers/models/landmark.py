@@ -22,11 +22,23 @@ landmark losses, read lower at equal quality).  Training positions are the with-
 positions ``0..T'-1`` (as theirs).
 
 Decoding with the baseline KV cache (``model.apply(..., cache=...)``) runs the float32
-reference with ``q_offset = cache_index``.  Landmarks are placed by *position*, so the caller
-must feed ``landmark_token`` at every position ``t % L == L - 1`` (teacher-forced landmarks)
-and sample only at the other positions.  The generic :func:`jaxformers.generate` does not know
-this (it would sample ordinary tokens into landmark positions, which the model then treats as
-landmarks): :meth:`LandmarkTransformer.check_generate` raises a ``ValueError`` for it.
+reference with ``q_offset = cache_index``.  Landmarks are placed by *position*: the model needs
+``landmark_token`` at every position ``t % L == L - 1`` (teacher-forced landmarks), never an
+ordinary token there.  :func:`jaxformers.generate` (and ``experiments.generate``) does this
+through the model's hook :meth:`LandmarkTransformer.forced_tokens`, transparently: the caller
+gives raw prompts (``[B, P]``, optional ``prompt_lengths``) and gets raw tokens back, same shape
+and contract as for every model (``[B * num_samples, P + max_new_tokens]``).  ``generate``
+inserts the landmarks (as :func:`insert_landmarks`: a prompt whose length is a multiple of
+``L - 1`` ends with its landmark), sizes the KV cache for the with-landmark length, feeds the
+landmark at each landmark position instead of a sampled token (not counted as a new token) and
+samples the token after it from the logits *at* the landmark (as trained, above), never samples
+the landmark id anywhere (its logit is masked, whatever ``vocab_limit``; ``eos_id`` equal to it
+is refused), and removes the landmarks from its result.  A landmark id inside a raw prompt is
+fed as given (an ordinary token at a non-landmark position; the data should not hold it).  This
+decoding attends over the full KV cache: exact (greedy tokens are the full forward's argmax,
+tested), with the baseline's cost growing with the context.  It does not use the retrieval
+memory of :func:`memory_forward`: long-context generation with the memory (chunked prefill
+into the memory, then per-token top-k block retrieval) is not built.
 
 Inference with a memory (:func:`memory_forward`).  A long with-landmark input is processed
 in chunks of ``chunk_len`` tokens (a multiple of ``L``).  Each layer keeps a memory of the
@@ -124,6 +136,13 @@ class LandmarkConfig(TransformerConfig):
     block_q: int = 64
     mem_top_k: int = 2
     mem_selection: str = "per_head"
+
+    @classmethod
+    def vocab_size_for_data(cls, data_vocab_size: int, fields: dict) -> int:
+        """One id more than the data's for the landmark (unless ``landmark_id`` is given): the
+        default landmark ``vocab_size - 1`` then is no data token (with the byte tokenizer's 257
+        ids it would otherwise be the end-of-text id 256)."""
+        return int(data_vocab_size) + (1 if fields.get("landmark_id") is None else 0)
 
     @property
     def landmark_token(self) -> int:
