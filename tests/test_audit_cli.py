@@ -325,3 +325,13 @@ def test_hf_tokenizer_vocab_size_is_the_highest_id_plus_one(tmp_path):
     ids = ours.encode("c b c")
     assert ids == [5, 1, 5] and max(ids) < ours.vocab_size
     assert ours.decode(ids) == tok.decode(ids)
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**32)])
+def test_generate_refuses_a_seed_outside_the_prng_range(seed, capsys):
+    """``jax.random.PRNGKey`` wraps (2**32 would draw seed 0's samples): a usage error instead."""
+    from experiments import generate as gen_cli
+
+    with pytest.raises(SystemExit) as e:
+        gen_cli.main(["--run", "nowhere", "--seed", seed])
+    assert e.value.code == 2 and "--seed must be in [0, 2**32)" in capsys.readouterr().err
