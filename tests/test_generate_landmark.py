@@ -68,6 +68,22 @@ def test_greedy_is_the_full_forwards_argmax_over_the_landmark_sequence(tiny):
     assert not (out[:, 9:] == V - 1).any()
 
 
+def test_scanned_layers_generate_the_same(tiny):
+    """``scan_layers=True`` (the cache stacked per layer on axis 0; ``num_samples`` repeats it on
+    axis 1): the same greedy tokens as the unrolled model with the same weights."""
+    model, params, out = tiny
+    scanned, _ = _model(scan_layers=True)
+    blocks = [params["params"][f"blocks_{i}"] for i in range(2)]
+    sparams = {k: v for k, v in params["params"].items() if not k.startswith("blocks_")}
+    sparams["blocks"] = jax.tree.map(lambda *x: jnp.stack(x), *blocks)
+    shapes = jax.eval_shape(lambda r: jf.init_params(scanned, r), jax.random.PRNGKey(0))
+    assert jax.tree.structure(shapes) == jax.tree.structure(sparams)
+    got = np.asarray(jf.generate(scanned, {"params": sparams}, PROMPTS, NEW, temperature=0.0,
+                                 prompt_lengths=LENGTHS, num_samples=2))
+    np.testing.assert_array_equal(got[::2], out)
+    np.testing.assert_array_equal(got[1::2], out)
+
+
 @pytest.mark.parametrize("row", [0, 2])  # prompt length 1; 3 (= L - 1: ends at a landmark)
 def test_ragged_rows_decode_as_alone(tiny, row):
     """Without ``prompt_lengths`` (the whole prompt prefilled) a row gives what it gives in the
