@@ -143,6 +143,31 @@ def test_adaptive_has_no_decoding():
         m.apply({"params": params}, _tokens(1, 2), cache=jf.init_cache(m, 1, 4))
 
 
+def test_adaptive_generate_is_a_clear_error_in_the_api_and_the_cli(tmp_path, monkeypatch, capsys):
+    """jf.generate refuses it up front (ValueError, the check_generate hook), so
+    experiments.generate exits 2 with a message instead of a NotImplementedError traceback."""
+    import jaxformers.training as training
+    from experiments import generate as gen_cli
+    from jaxformers.data.tokenizer import get_tokenizer
+    from jaxformers.training.rundir import TOKENIZER_DIR
+
+    cfg = jf.get_config("adaptive_cotformer", "tiny", **{**SMALL, "n_layer": 3, "vocab_size": 257})
+    m = jf.build(cfg)
+    params = _params(cfg)
+    with pytest.raises(ValueError, match="adaptive_cotformer.*no KV-cache decoding"):
+        jf.generate(m, {"params": params}, _tokens(1, 3), 2)
+    for name in ("cotformer", "but"):  # the others decode
+        c = jf.get_config(name, "tiny", **SMALL)
+        assert jf.generate(jf.build(c), {"params": _params(c)}, _tokens(1, 3), 2).shape == (1, 5)
+    run = tmp_path / "run"
+    get_tokenizer("byte").save(run / TOKENIZER_DIR)
+    monkeypatch.setattr(training, "load_run", lambda r, **kw: (cfg, None, params))
+    capsys.readouterr()
+    assert gen_cli.main(["--run", str(run), "--prompt", "ab", "--max-new-tokens", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: model 'adaptive_cotformer' cannot generate") and "Traceback" not in err
+
+
 # ----------------------------------------------------------------- adaptive
 def _adaptive(**kw):
     return jf.get_config("adaptive_cotformer", "tiny", **{**SMALL, "n_layer": 3, **kw})

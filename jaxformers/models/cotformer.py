@@ -307,6 +307,14 @@ class CoTFormer(Transformer):
         c = self.config
         return [MidBlock if c.is_mid(i) else Block for i in range(c.n_layer)]
 
+    def check_generate(self):
+        """Hook of :func:`jaxformers.generate`: refuse, before anything is traced, a model that
+        has no KV-cache decoding (the adaptive router ranks the tokens of the whole sequence)."""
+        if self.config.adaptive:
+            raise ValueError(f"model {self.config.model!r} cannot generate: it has no KV-cache decoding "
+                             "(its router picks the top tokens of the whole sequence, which is not causal); "
+                             "evaluate it instead, or generate with a 'cotformer' model")
+
     def setup(self):
         super().setup()
         c = self.config
