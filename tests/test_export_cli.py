@@ -81,6 +81,18 @@ def test_export_refuses_what_hf_cannot_express_and_a_used_out_dir(tmp_path, monk
     assert (tmp_path / "used" / "x").read_text() == "keep me"
 
 
+@pytest.mark.parametrize("model", [m for m in jf.list_models() if m not in ("gpt", "llama", "mamba", "mamba2")
+                                   and not m.startswith("test-")])
+def test_export_of_a_model_without_a_hf_equivalent_names_the_ones_it_supports(tmp_path, monkeypatch, capsys,
+                                                                              model):
+    extra = {"n_layer": 4} if model in ("adaptive_cotformer", "layer_parallel") else {}
+    config = jf.get_config(model, "tiny", vocab_size=257, d_model=32, **extra)
+    rc, out, _, io = _export(tmp_path, monkeypatch, capsys, config, get_tokenizer("byte"))
+    assert rc == 2 and not out.exists() and "Traceback" not in io.err, io.err
+    assert f"model={model!r}" in io.err and "supports model='llama'" in io.err
+    assert "'mamba' and 'mamba2'" in io.err
+
+
 def test_evaluate_and_generate_read_an_exported_directory(tmp_path, monkeypatch, capsys):
     """``--run HF_DIR``: the same val loss as the (config, params) it came from on the same data,
     tokenizer and windows, and the same greedy samples."""

@@ -126,16 +126,22 @@ def config_to_hf(config: TransformerConfig) -> dict:
     }
 
 
+#: What :func:`to_hf` (and ``experiments.export``) can write, named in its refusals.
+EXPORTABLE = ("Hugging Face export supports model='llama' (or 'gpt' configured llama-style: "
+              "norm='rmsnorm', mlp='swiglu'), 'mamba' and 'mamba2'")
+
+
 def check_llama_compatible(config: TransformerConfig) -> None:
     from ..models.transformer import Transformer
     from ..registry import get_spec
 
     if not isinstance(config, TransformerConfig):
-        raise ValueError(f"config must be a TransformerConfig, got {type(config).__name__}")
+        raise ValueError(f"config must be a TransformerConfig, got {type(config).__name__}; "
+                         f"{EXPORTABLE}")
     spec = get_spec(config.model)
     if spec.module_cls is not Transformer or type(config) is not TransformerConfig:
-        raise ValueError(f"model={config.model!r} changes the transformer ({spec.module_cls.__name__}); "
-                         "only plain llama-style transformers can be exported to HF Llama")
+        raise ValueError(f"model={config.model!r} changes the transformer ({spec.module_cls.__name__}) and "
+                         f"has no Hugging Face equivalent; {EXPORTABLE}")
     if config.skip_gains:
         raise ValueError("skip_gains=True is not llama-compatible; HF Llama has no skip-connection gains")
     if config.norm != "rmsnorm":
