@@ -28,7 +28,10 @@ landmark_id=N`` (override with ``--set vocab_size=N``, N >= the dataset's);
 Fine-tuning: ``--init-from RUN_DIR|HF_DIR`` takes the model config and parameters (not the
 optimizer state) of a run or of a Hugging Face Llama / Mamba / Mamba-2 checkpoint and starts
 a new run; its tokenizer is the source's (``hf:HF_DIR`` when the checkpoint has a
-tokenizer.json; ``--tokenizer`` overrides).  Step 0 logs the source model's val loss.
+tokenizer.json; ``--tokenizer`` overrides), and so is the loss of a source run (e.g. a landmark
+run's ``landmark_cross_entropy``; ``--loss`` overrides).  Step 0 logs the source model's val loss.
+Without ``--loss`` a new run trains with its model's loss: ``cross_entropy``, or
+``landmark_cross_entropy`` for ``landmark`` (landmarks inserted, landmark targets masked).
 
 Resuming: ``--resume`` continues from the newest checkpoint; a finished run trains nothing.
 Without ``--config`` / ``--init-from`` the run's own config is used (flags on top); with them
@@ -111,7 +114,8 @@ def _parser():
                                    "data=2,expert=2,tensor=2 (default: all devices on data); the "
                                    "product must equal the device count -- on a CPU, try meshes with "
                                    "XLA_FLAGS=--xla_force_host_platform_device_count=8")
-    ap.add_argument("--loss", help="registered loss function (default cross_entropy)")
+    ap.add_argument("--loss", help="registered loss function (default: the model's: cross_entropy, "
+                                   "landmark_cross_entropy for landmark; with --init-from a run: its loss)")
     ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"],
                     help="compute dtype (default auto: bfloat16 on GPU/TPU, float32 on CPU)")
     ap.add_argument("--seed", type=int, help=f"parameter init, data order and dropout (default {d['seed']})")
@@ -271,10 +275,13 @@ def build_configs(args):
     init_from = args.init_from or file.get("init_from") or file_train.get("init_from")
     if init_from is not None and not isinstance(init_from, str):
         raise ValueError(f"init_from must be a run or Hugging Face checkpoint directory, got {init_from!r}")
-    source_config = source_tok = None
+    source_config = source_tok = source_loss = None
     if init_from:
-        from jaxformers.training.init_from import source_config as _source
+        from jaxformers.training.init_from import source_config as _source, source_kind
         source_config, source_tok = _source(init_from)
+        if source_kind(init_from) == "run":  # e.g. a landmark run's landmark_cross_entropy
+            source_loss = (json.loads((Path(init_from).expanduser() / CONFIG_FILE).read_text())
+                           .get("train") or {}).get("loss")
     model = args.model or file.get("model") or (source_config.model if source_config else DEFAULTS["model"])
     preset = args.preset or file.get("preset") or DEFAULTS["preset"]
     if source_config is not None and model != source_config.model:
@@ -291,6 +298,9 @@ def build_configs(args):
     base = {k: DEFAULTS[k] for k in _TRAIN_FLAGS if k in DEFAULTS}
     if source_tok is not None:
         base["tokenizer"] = source_tok
+    # the loss the source run was trained with, else the model's (a landmark model's inserts its
+    # landmarks), unless --loss / the config file names one
+    base["loss"] = source_loss or spec.config_cls.default_loss
     base.update(_file_values(TrainConfig, file_train))
     base.update(flags)
     base["init_from"] = str(init_from) if init_from else None

@@ -83,6 +83,12 @@ class ModelConfig(ConfigMixin):
     attn_dropout: float = 0.0  # attention probabilities
     embed_dropout: float = 0.0  # token embeddings
 
+    #: The registered loss a model of this family trains with when none is named (class
+    #: attribute, not a field; ``experiments.train`` uses it when neither ``--loss``, the
+    #: ``--config`` file nor an ``--init-from`` run gives one): e.g. ``landmark_cross_entropy``,
+    #: which inserts the landmarks a landmark model is built around.
+    default_loss = "cross_entropy"
+
     # ------------------------------------------------------------------ derived
     @classmethod
     def vocab_size_for_data(cls, data_vocab_size: int, fields: dict) -> int:

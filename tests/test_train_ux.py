@@ -203,6 +203,60 @@ def test_init_from_run_starts_at_its_loss(env, base_run, capsys, caplog):
     assert saved["train"]["init_from"] == str(base_run) and saved["model"]["d_model"] == 32
 
 
+def test_init_from_a_landmark_run_keeps_its_loss(env, capsys):
+    """A run's loss comes with its model: fine-tuning a landmark run without --loss trains (and
+    logs the step-0 source loss) with landmark_cross_entropy, never plain cross-entropy on windows
+    without landmarks; --loss still overrides."""
+    flags = [f for f in TINY if f not in ("--model", "gpt")]
+    source = env["root"] / "landmark"
+    assert train_cli.main(["--model", "landmark", "--loss", "landmark_cross_entropy", "--steps", "1",
+                           "--data", env["corpus"], "--out", str(source)] + flags) == 0
+    run = env["root"] / "landmark_ft"
+    assert train_cli.main(["--init-from", str(source), "--data", env["corpus"], "--steps", "1",
+                           "--out", str(run)] + flags[flags.index("--batch-size"):]) == 0
+    assert load_run(run)[1].loss == "landmark_cross_entropy"
+    start = [r for r in read_metrics(run) if r.get("val_loss") is not None and r["step"] == 0]
+    want = evaluate(str(source), env["corpus"], batch_size=8, seq_len=32, max_batches=2)  # the run's loss
+    assert start and start[0]["val_loss"] == pytest.approx(want["val_loss"], rel=1e-5)
+    capsys.readouterr()
+    args = train_cli._parser().parse_args(["--init-from", str(source), "--loss", "cross_entropy",
+                                           "--out", str(env["root"] / "landmark_ce")])
+    assert train_cli.build_configs(args)[1].loss == "cross_entropy"
+
+
+def test_a_new_run_without_loss_trains_with_its_models_loss(env):
+    """``--model landmark`` without ``--loss`` used to train plain cross-entropy on windows
+    without landmarks (silently: generate then inserts landmarks the model never saw)."""
+    def loss(*argv):
+        args = train_cli._parser().parse_args(list(argv) + ["--data", env["corpus"], "--out",
+                                                            str(env["root"] / "unused")])
+        return train_cli.build_configs(args)[1].loss
+
+    assert loss("--model", "landmark") == "landmark_cross_entropy"
+    assert loss("--model", "landmark", "--loss", "cross_entropy") == "cross_entropy"  # a flag wins
+    assert loss("--model", "gpt") == loss("--model", "mamba") == "cross_entropy"
+    cfg = env["root"] / "landmark_ce.yaml"
+    cfg.write_text("model: landmark\ntrain: {loss: cross_entropy}\n")
+    assert loss("--config", str(cfg)) == "cross_entropy"  # so does the config file
+
+
+def test_the_library_warns_when_a_landmark_model_trains_with_plain_cross_entropy(env, caplog):
+    """``train()`` keeps ``TrainConfig.loss`` (no silent switch) but says that plain
+    cross-entropy inserts no landmarks; the model's own loss trains without the warning."""
+    from jaxformers.training import train
+
+    cfg = jf.get_config("landmark", "tiny", d_model=32, n_layer=1, n_head=2, vocab_size=258, max_seq_len=40,
+                        landmark_impl="reference")
+    for loss in ("cross_entropy", "landmark_cross_entropy"):
+        tc = TrainConfig(data=env["corpus"], steps=1, batch_size=2, seq_len=16, eval_every=0, log_every=1,
+                         checkpoint_every=0, loss=loss, out_dir=str(env["root"] / f"lib_{loss}"))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            train(cfg, tc)
+        warned = "pass loss='landmark_cross_entropy' unless you mean it" in caplog.text
+        assert warned == (loss == "cross_entropy"), caplog.text
+
+
 def test_a_job_script_always_passing_resume_with_config_and_init_from(env, base_run, capsys, monkeypatch):
     """A requeued job runs the same command every time: ``--config`` and ``--init-from`` with
     ``--resume``. The second start continues the stopped run from its checkpoint (it used to be

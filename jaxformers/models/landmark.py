@@ -129,6 +129,8 @@ class LandmarkConfig(TransformerConfig):
     defaults of :func:`memory_forward`.
     """
 
+    default_loss = "landmark_cross_entropy"  # not a field: the loss experiments.train defaults to
+
     model: str = "landmark"
     landmark_block: int = 16
     landmark_id: Optional[int] = None

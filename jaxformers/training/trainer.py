@@ -367,6 +367,10 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, resume: bool 
     if stop_after is not None and (not isinstance(stop_after, int) or stop_after < 1):
         raise ValueError(f"stop_after must be a positive int or None, got {stop_after!r}")
     loss_fn, loss_fn_name = _resolve_loss(tc, loss_fn)
+    own = type(model_config).default_loss  # e.g. a landmark model's, which inserts its landmarks
+    if loss_fn_name is None and tc.loss == "cross_entropy" and own != "cross_entropy":
+        log.warning("model %r is trained with loss=%r; TrainConfig.loss='cross_entropy' skips what that loss "
+                    "adds (e.g. the landmarks): pass loss=%r unless you mean it", model_config.model, own, own)
     multi = mesh_lib.maybe_initialize_distributed()
     run_dir = Path(tc.out_dir).expanduser()
     is_main = jax.process_index() == 0
