@@ -208,6 +208,15 @@ def test_load_run_falls_back_when_the_checkpoint_is_deleted_mid_load(env, base_r
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), params, want))
 
 
+def test_load_run_of_a_missing_step_names_the_complete_ones(base_run):
+    from jaxformers.training import CheckpointError
+
+    steps = Checkpointer(base_run).complete_steps()
+    assert steps and 3 not in steps
+    with pytest.raises(CheckpointError, match=rf"no complete checkpoint at step 3; complete ones: \{steps}"):
+        load_run(base_run, step=3)
+
+
 def test_evaluate_cli_says_the_checkpoints_were_deleted(env, base_run, monkeypatch, capsys):
     run = _copy(base_run, env["root"] / "live_gone")
     _deleting_restore(monkeypatch, delete_every_time=True)

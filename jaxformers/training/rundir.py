@@ -360,6 +360,11 @@ def load_run(run_dir, *, step: Optional[int] = None, mesh=None) -> Tuple[Any, Tr
     train_config = TrainConfig.from_dict(saved["train"])
     ckpt = Checkpointer(run_dir, keep=train_config.keep_checkpoints)
     explicit = step is not None
+    if explicit and not ckpt.is_complete(step):  # name the ones there are
+        steps = ckpt.complete_steps()
+        ckpt.close()
+        raise CheckpointError(f"{run_dir} has no complete checkpoint at step {step}; complete ones: "
+                              f"{steps if steps else 'none'}")
     if step is None:
         step = ckpt.latest_step()
         if step is None:
