@@ -142,10 +142,10 @@ def main(argv=None) -> int:
                 tok = load_tokenizer(source.ds_dir)
             limit = model_config.max_seq_len
         module = jf.build(model_config.replace(dtype="float32", param_dtype="float32"))
-        what = f"max_seq_len={limit}"
-        if limit is not None and max_raw_tokens(module, limit) != limit:  # e.g. landmarks take positions
-            limit = max_raw_tokens(module, limit)
-            what = f"{limit} (max_seq_len={model_config.max_seq_len} less the landmark positions)"
+        raw = None if limit is None else max_raw_tokens(module, limit)  # e.g. landmarks take positions
+        what = (f"max_seq_len={limit}" if raw == limit
+                else f"{raw} (max_seq_len={model_config.max_seq_len} less the landmark positions)")
+        limit = raw
         if limit is not None and args.max_new_tokens >= limit:
             raise ValueError(f"--max-new-tokens must be < {what}, got {args.max_new_tokens}")
         # each prompt cut from the left so that it and the new tokens fit max_seq_len (if any)

@@ -190,6 +190,7 @@ def run(args, ap=None) -> dict:
     error that needs the dataset)."""
     import jax
     from jaxformers import get_config
+    from jaxformers.models.landmark import LandmarkConfig
     from jaxformers.training.trainer import open_dataset
 
     preset = _preset(args)
@@ -207,7 +208,7 @@ def run(args, ap=None) -> dict:
         usage_error(ap, f"{flag}: {max(factors)} x {raw} tokens do not fit in the {len(val_tokens)}-token "
                         f"validation split of {args.data!r}")
     out.mkdir(parents=True, exist_ok=True)
-    vocab = int(meta["vocab_size"]) + 1      # + the landmark token
+    vocab = LandmarkConfig.vocab_size_for_data(meta["vocab_size"], {})  # + the landmark token
     common = dict(preset["model"], vocab_size=vocab, max_seq_len=chunk)
     cfgs = {"landmark": get_config("landmark", "tiny", landmark_block=L, **common),
             "baseline": get_config("gpt", "tiny", **common)}

@@ -277,11 +277,9 @@ def build_configs(args):
         raise ValueError(f"init_from must be a run or Hugging Face checkpoint directory, got {init_from!r}")
     source_config = source_tok = source_loss = None
     if init_from:
-        from jaxformers.training.init_from import source_config as _source, source_kind
+        from jaxformers.training.init_from import source_config as _source, source_loss as _loss
         source_config, source_tok = _source(init_from)
-        if source_kind(init_from) == "run":  # e.g. a landmark run's landmark_cross_entropy
-            source_loss = (json.loads((Path(init_from).expanduser() / CONFIG_FILE).read_text())
-                           .get("train") or {}).get("loss")
+        source_loss = _loss(init_from)  # e.g. a landmark run's landmark_cross_entropy
     model = args.model or file.get("model") or (source_config.model if source_config else DEFAULTS["model"])
     preset = args.preset or file.get("preset") or DEFAULTS["preset"]
     if source_config is not None and model != source_config.model:

@@ -24,7 +24,7 @@ from typing import Any, Optional, Tuple
 import jax
 import numpy as np
 
-__all__ = ["RUNTIME_FIELDS", "config_changes", "load_params", "source_config", "source_kind"]
+__all__ = ["RUNTIME_FIELDS", "config_changes", "load_params", "source_config", "source_kind", "source_loss"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,15 @@ def source_kind(path, name: str = "init_from") -> str:
         return "hf"
     raise ValueError(f"{name}={str(path)!r}: {cfg} is neither a jaxformers run config nor a "
                      "Hugging Face config (no model_type)")
+
+
+def source_loss(path) -> Optional[str]:
+    """The registered loss a source run was trained with (e.g. a landmark run's
+    ``landmark_cross_entropy``); ``None`` for a HF checkpoint."""
+    path = Path(path).expanduser()
+    if source_kind(path) != "run":
+        return None
+    return (json.loads((path / "config.json").read_text()).get("train") or {}).get("loss")
 
 
 def source_config(path) -> Tuple[Any, Optional[str]]:
