@@ -5,7 +5,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 # The suite's programs are tiny: compiling them is most of its time.  XLA's CPU backend compiles
-# with LLVM at -O0 and without its expensive passes here (about a third less time; the HLO
+# with LLVM at -O0 and without its expensive passes here (about a sixth less wall time; the HLO
 # passes, fusion and numerics are XLA's own either way).  Options already in XLA_FLAGS win;
 # JAXFORMERS_TEST_XLA_DEFAULTS=1 keeps XLA's defaults.  Set before jax starts its backend, and
 # inherited by the subprocesses the tests launch with os.environ.

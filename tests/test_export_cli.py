@@ -86,8 +86,7 @@ def test_export_refuses_what_hf_cannot_express_and_a_used_out_dir(tmp_path, monk
 @pytest.mark.parametrize("model", ["hybrid", "denseformer", "landmark"])
 def test_export_of_a_model_without_a_hf_equivalent_names_the_ones_it_supports(tmp_path, monkeypatch, capsys,
                                                                               model):
-    extra = {"n_layer": 4} if model in ("adaptive_cotformer", "layer_parallel") else {}
-    config = jf.get_config(model, "tiny", vocab_size=257, d_model=32, **extra)
+    config = jf.get_config(model, "tiny", vocab_size=257, d_model=32)
     rc, out, _, io = _export(tmp_path, monkeypatch, capsys, config, get_tokenizer("byte"))
     assert rc == 2 and not out.exists() and "Traceback" not in io.err, io.err
     assert f"model={model!r}" in io.err and "supports model='llama'" in io.err

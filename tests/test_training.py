@@ -58,9 +58,7 @@ def env(tmp_path_factory):
                "sub_env": dict(os.environ, JAXFORMERS_CACHE=str(root / "cache"),
                                JAX_COMPILATION_CACHE_DIR=str(root / "xla"),
                                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                               JAX_DEFAULT_MATMUL_PRECISION="highest",
-                               # -O0 codegen halves compile time; all subprocesses share the flags
-                               XLA_FLAGS="--xla_backend_optimization_level=0",
+                               JAX_DEFAULT_MATMUL_PRECISION="highest",  # XLA_FLAGS: conftest's
                                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))}
 
 
