@@ -5,6 +5,7 @@
     python -m experiments.generate --run runs/gpt-tiny --prompt "ROMEO:" --stop-at-eos
     python -m experiments.generate --run runs/gpt-tiny --prompt-file prompts.txt --json
     python -m experiments.generate --run hf/llama-tiny --prompt "ROMEO:"   # a HF checkpoint directory
+    python -m experiments.generate --run runs/landmark-tiny --prompt-file long.txt --memory-chunk 96
 
 ``--run`` may be a run directory or a Hugging Face Llama / Mamba / Mamba-2 checkpoint directory
 with a ``tokenizer.json`` (e.g. one written by ``experiments.export``).
@@ -20,6 +21,11 @@ The prompt is cut from the left if prompt + new tokens exceed the model's
 ``max_seq_len`` (a HF checkpoint's ``max_position_embeddings``; none for HF Mamba / Mamba-2;
 for a landmark model, ``max_seq_len`` less its landmark positions: ``jf.generate`` inserts the
 landmarks itself, and they never appear in the samples).
+``--memory-chunk C`` (landmark models): decode through the retrieval memory (the model's
+``mem_chunk_len``; ``--memory-top-k`` its ``mem_top_k``): each token attends to its chunk of
+``C`` model positions and the top-k blocks retrieved from everything before it, at positions
+below ``top_k * landmark_block + C``, which must fit ``max_seq_len``; prompt and samples then
+have no length limit and are never cut.
 Samples are decoded together with the prompt's ids (then cut after the
 prompt's text), so SentencePiece-style ``hf:`` tokenizers keep the space after the prompt;
 prompt bytes that are not UTF-8 become U+FFFD.
@@ -71,6 +77,27 @@ def hf_position_limit(directory, model_config):
     return None if cfg.get("model_type") in ("mamba", "mamba2") else int(model_config.max_seq_len)
 
 
+def with_memory_decoding(model_config, chunk, top_k):
+    """``model_config`` decoding through its retrieval memory (``--memory-chunk`` /
+    ``--memory-top-k``); ``ValueError`` naming the option for a model without one, a chunk that is
+    not a multiple of its block, or chunk + retrieved blocks beyond ``max_seq_len``."""
+    from jaxformers.models.landmark import LandmarkConfig
+    if not isinstance(model_config, LandmarkConfig):
+        raise ValueError(f"--memory-chunk needs a landmark model (a retrieval memory), got model "
+                         f"{model_config.model!r}")
+    L = model_config.landmark_block
+    if chunk < L or chunk % L:
+        raise ValueError(f"--memory-chunk must be a positive multiple of landmark_block={L}, got {chunk}")
+    top_k = model_config.mem_top_k if top_k is None else top_k
+    if top_k < 1:
+        raise ValueError(f"--memory-top-k must be >= 1, got {top_k}")
+    if top_k * L + chunk > model_config.max_seq_len:
+        raise ValueError(f"--memory-chunk {chunk} + {top_k} retrieved blocks of landmark_block={L} use "
+                         f"{top_k * L + chunk} positions, more than max_seq_len={model_config.max_seq_len}: "
+                         "use a smaller --memory-chunk or --memory-top-k")
+    return model_config.replace(mem_chunk_len=chunk, mem_top_k=top_k)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.generate", description=__doc__.splitlines()[0])
     ap.add_argument("--run", required=True, help="run directory written by experiments.train")
@@ -86,7 +113,14 @@ def main(argv=None) -> int:
     ap.add_argument("--stop-at-eos", action="store_true",
                     help="end each sample at the end-of-text token (the end of a document)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of plain text")
+    ap.add_argument("--memory-chunk", type=int, metavar="C",
+                    help="landmark models: decode through the retrieval memory in chunks of C model positions "
+                         "(a multiple of landmark_block): no length limit")
+    ap.add_argument("--memory-top-k", type=int, metavar="K",
+                    help="with --memory-chunk: blocks retrieved per token and head (default: the model's mem_top_k)")
     args = ap.parse_args(argv)
+    if args.memory_top_k is not None and args.memory_chunk is None:
+        ap.error("--memory-top-k needs --memory-chunk")
     if not 0 <= args.seed < 2**32:  # jax.random.PRNGKey wraps: PRNGKey(2**32) == PRNGKey(0)
         ap.error(f"--seed must be in [0, 2**32), got {args.seed}")
     if args.prompt_file is not None:
@@ -141,6 +175,8 @@ def main(argv=None) -> int:
                                      "tokenizer to encode a prompt or decode samples")
                 tok = load_tokenizer(source.ds_dir)
             limit = model_config.max_seq_len
+        if args.memory_chunk is not None:  # positions stay below top_k * L + chunk, whatever the length
+            model_config, limit = with_memory_decoding(model_config, args.memory_chunk, args.memory_top_k), None
         module = jf.build(model_config.replace(dtype="float32", param_dtype="float32"))
         raw = None if limit is None else max_raw_tokens(module, limit)  # e.g. landmarks take positions
         what = (f"max_seq_len={limit}" if raw == limit

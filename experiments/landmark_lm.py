@@ -27,8 +27,18 @@ host-to-device transfer, landmark keys plus the retrieved keys and values gather
 token and head), attention keys per token (mean over the input: the baseline's causal
 context; the memory's chunk-causal keys plus ``min(stored blocks, top_k) L`` retrieved ones,
 none in the first chunk).
+Decoding (``decode`` in ``results.json``; second call timed): seconds per new token of greedy
+decoding (``--decode-steps`` steps in one jitted loop, batch 1) after a context of ``n`` raw
+tokens (``--decode-lengths``, default the evaluation lengths; the landmark models' caches hold
+``n`` plus its landmarks): the baseline's KV cache, the landmark model over its full KV cache
+(its default decoding), and the landmark model decoding through the retrieval memory
+(``mem_chunk_len`` = the chunk, ``mem_top_k`` = the largest ``--top-k``: what
+``jf.generate`` / ``experiments.generate --memory-chunk`` run).  A step's cost does not depend
+on the cache contents (the retrieved blocks are data-dependent, their number is not), so the
+caches are not prefilled.
 ``OUT/results.json`` (rewritten after each model and length, ``complete`` false until the
-end); ``OUT/landmark_lm.png`` (perplexity vs length per top-k; time per token vs length).
+end); ``OUT/landmark_lm.png`` (perplexity vs length per top-k; time per token vs length;
+decode time per new token vs context).
 ``--reuse`` keeps the finished runs in ``OUT/runs`` of an earlier invocation (checked first:
 same model config and training settings).
 """
@@ -62,6 +72,9 @@ def _parser():
     ap.add_argument("--factors", help="comma list of length factors (default: the preset's)")
     ap.add_argument("--top-k", help="comma list of retrieved blocks (default: the preset's)")
     ap.add_argument("--eval-windows", type=int, help="validation windows per length")
+    ap.add_argument("--decode-lengths", help="comma list of decode contexts in raw tokens (default: the "
+                                             "evaluation lengths)")
+    ap.add_argument("--decode-steps", type=int, default=16, help="decode steps timed per context (default 16)")
     ap.add_argument("--d-model", type=int, help="override the width")
     ap.add_argument("--n-layer", type=int, help="override the depth")
     ap.add_argument("--reuse", action="store_true",
@@ -88,6 +101,9 @@ def _check_args(ap, args) -> None:
     """Usage errors before anything is loaded or trained; ``--factors`` / ``--top-k`` become lists."""
     args.factors = parse_list(ap, "--factors", args.factors, cast=int, lo=1, unique=True)
     args.top_k = parse_list(ap, "--top-k", args.top_k, cast=int, lo=1, unique=True)
+    args.decode_lengths = parse_list(ap, "--decode-lengths", args.decode_lengths, cast=int, lo=1, unique=True)
+    if args.decode_steps < 1:
+        ap.error(f"--decode-steps must be >= 1, got {args.decode_steps}")
     check_heads(ap, _preset(args)["model"])
 
 
@@ -185,6 +201,28 @@ def cost_landmark(cfg, params, window, chunk_len, top_k, max_blocks, offload=Non
     return _timed(run), stats
 
 
+def cost_decode(cfg, params, n: int, steps: int):
+    """Seconds per new token of ``steps`` greedy decoding steps (one jitted loop, batch 1) after
+    ``n`` cached positions (the cache is not filled: a step's cost does not depend on it)."""
+    import jax
+    import jax.numpy as jnp
+    from jaxformers import build
+    from jaxformers.decoding import init_cache
+
+    model = build(cfg)
+    cache = init_cache(model, 1, n + steps)
+    cache = {"index": jnp.asarray(n, jnp.int32), "layers": cache["layers"]}
+
+    @jax.jit
+    def run(p, c):
+        def body(_, state):
+            tok, c = state
+            logits, c = model.apply({"params": p}, tok, cache=c)
+            return jnp.argmax(logits[:, -1:], axis=-1).astype(jnp.int32), c
+        return jax.lax.fori_loop(0, steps, body, (jnp.zeros((1, 1), jnp.int32), c))[0]
+    return _timed(lambda: run(params, cache)) / steps
+
+
 def run(args, ap=None) -> dict:
     """The experiment (``args`` checked by :func:`_check_args`; ``ap``: the parser, for the usage
     error that needs the dataset)."""
@@ -217,7 +255,7 @@ def run(args, ap=None) -> dict:
                "device_kind": jax.devices()[0].device_kind, "jax_version": jax.__version__,
                "data": args.data, "train": train_kw, "model": preset["model"], "block": L,
                "train_len_raw": raw, "chunk_len": chunk, "factors": factors, "top_k": top_ks,
-               "models": {}, "ppl": {}, "cost": {}}
+               "models": {}, "ppl": {}, "cost": {}, "decode": {}}
     params = {}
     kws = {name: dict(train_kw, loss="landmark_cross_entropy") if name == "landmark" else train_kw
            for name in cfgs}
@@ -267,6 +305,17 @@ def run(args, ap=None) -> dict:
         print(f"[landmark_lm] {f}x ({n} tokens): " + " ".join(f"{k} {v:.3f}" for k, v in row.items()),
               file=sys.stderr, flush=True)
         save_progress(out, results)
+    k = top_ks[-1]
+    memory_cfg = cfgs["landmark"].replace(mem_chunk_len=chunk, mem_top_k=k)
+    for n in args.decode_lengths or [f * raw for f in factors]:
+        n_lm = n + n // (L - 1)                                           # with its landmarks
+        row = {"baseline_kv_cache": cost_decode(cfgs["baseline"], params["baseline"], n, args.decode_steps),
+               "landmark_kv_cache": cost_decode(cfgs["landmark"], params["landmark"], n_lm, args.decode_steps),
+               f"landmark_memory_top{k}": cost_decode(memory_cfg, params["landmark"], n_lm, args.decode_steps)}
+        results["decode"][str(n)] = row
+        print(f"[landmark_lm] decode after {n} tokens, ms per token: "
+              + " ".join(f"{name} {sec * 1e3:.3f}" for name, sec in row.items()), file=sys.stderr, flush=True)
+        save_progress(out, results)
     results["complete"] = True
     write_json(out / "results.json", results)
     plot(results, out / "landmark_lm.png")
@@ -280,7 +329,7 @@ def plot(results, path):
 
     fs = sorted(int(f) for f in results["ppl"])
     raw = results["train_len_raw"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
     keys = list(results["ppl"][str(fs[0])])
     for key in keys:
         axes[0].plot([f * raw for f in fs], [results["ppl"][str(f)][key] for f in fs],
@@ -291,13 +340,18 @@ def plot(results, path):
         axes[1].plot([f * raw for f in fs],
                      [results["cost"][str(f)][key]["s_per_token"] * 1e3 for f in fs], "o-", label=key)
     axes[1].set_ylabel(f"ms / token ({results['device_kind']})")
+    ns = sorted(int(n) for n in results["decode"])
+    for key in (results["decode"][str(ns[0])] if ns else ()):
+        axes[2].plot(ns, [results["decode"][str(n)][key] * 1e3 for n in ns], "o-", label=key)
+    axes[2].set_ylabel(f"ms / new token ({results['device_kind']})")
+    axes[2].set_title("decoding: KV cache vs retrieval memory", fontsize=9)
     for ax in axes:
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("input length (raw tokens)")
+        ax.set_xlabel("input length / context (raw tokens)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     axes[0].set_title(f"perplexity vs length ({results['preset']}, seed {results['seed']})", fontsize=9)
-    axes[1].set_title("time per token: KV cache vs retrieval memory", fontsize=9)
+    axes[1].set_title("reading the input: time per token, KV cache vs retrieval memory", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -44,4 +44,8 @@ def test_lm_experiment_writes_results(tmp_path):
     assert cost["landmark_top1_host"]["device_memory_bytes"] == 0
     assert cost["landmark_top1_host"]["device_transfer_bytes"] > 0  # per-layer gathered blocks
     assert cost["baseline_kv_cache"]["memory_bytes"] > 0 and cost["landmark_top1"]["memory_bytes"] > 0
+    decode = saved["decode"]  # one context per evaluation length: 2 x 90 raw tokens
+    assert decode.keys() == {"180"}
+    assert decode["180"].keys() == {"baseline_kv_cache", "landmark_kv_cache", "landmark_memory_top1"}
+    assert all(v > 0 for v in decode["180"].values())
     assert (out / "landmark_lm.png").stat().st_size > 1000

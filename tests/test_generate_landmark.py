@@ -190,10 +190,29 @@ def test_cli_generates_from_a_landmark_run(tmp_path, monkeypatch, capsys):
                        "--temperature", "0"])
     out = capsys.readouterr()
     assert rc == 0 and out.out.startswith("the quick"), out.err
+    plain = out.out
     # 64 positions hold 48 raw tokens: the CLI's limit is in raw tokens
     rc = gen_cli.main(["--run", str(run), "--max-new-tokens", "48"])
     out = capsys.readouterr()
     assert rc == 2 and "must be < 48 (max_seq_len=64 less the landmark positions)" in out.err
+    # through the retrieval memory: with every block retrieved, the same greedy text as the
+    # full cache; past max_seq_len; bad options name themselves
+    rc = gen_cli.main(["--run", str(run), "--prompt", "the quick", "--max-new-tokens", "9",
+                       "--temperature", "0", "--memory-chunk", "8", "--memory-top-k", "14"])
+    assert rc == 0 and capsys.readouterr().out == plain
+    rc = gen_cli.main(["--run", str(run), "--max-new-tokens", "100", "--memory-chunk", "8", "--json"])
+    out = capsys.readouterr()
+    assert rc == 0 and len(json.loads(out.out)["samples"][0]) > 0, out.err
+    for args, message in ((["--memory-chunk", "6"], "--memory-chunk must be a positive multiple of landmark_block=4"),
+                          (["--memory-chunk", "64"], "more than max_seq_len=64"),
+                          (["--memory-chunk", "8", "--memory-top-k", "0"], "--memory-top-k must be >= 1")):
+        assert gen_cli.main(["--run", str(run), "--max-new-tokens", "4", *args]) == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        gen_cli.main(["--run", str(run), "--memory-top-k", "2"])
+    assert "--memory-top-k needs --memory-chunk" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--memory-chunk needs a landmark model"):
+        gen_cli.with_memory_decoding(jf.get_config("gpt", "tiny"), 8, None)
 
 
 def test_the_train_cli_adds_the_landmark_to_the_datas_vocabulary():

@@ -34,11 +34,23 @@ landmark at each landmark position instead of a sampled token (not counted as a 
 samples the token after it from the logits *at* the landmark (as trained, above), never samples
 the landmark id anywhere (its logit is masked, whatever ``vocab_limit``; ``eos_id`` equal to it
 is refused), and removes the landmarks from its result.  A landmark id inside a raw prompt is
-fed as given (an ordinary token at a non-landmark position; the data should not hold it).  This
-decoding attends over the full KV cache: exact (greedy tokens are the full forward's argmax,
-tested), with the baseline's cost growing with the context.  It does not use the retrieval
-memory of :func:`memory_forward`: long-context generation with the memory (chunked prefill
-into the memory, then per-token top-k block retrieval) is not built.
+fed as given (an ordinary token at a non-landmark position; the data should not hold it).  By
+default this decoding attends over the full KV cache: exact (greedy tokens are the full
+forward's argmax, tested), with the baseline's cost growing with the context.
+
+Decoding through the memory (``mem_chunk_len = C``, e.g. ``config.replace(mem_chunk_len=C)``
+or ``experiments.generate --memory-chunk C``): every KV-cache call (prefill and each new
+token, so :func:`jaxformers.generate` too) computes exactly what :func:`memory_forward` with
+``chunk_len=C``, ``top_k=mem_top_k``, ``selection=mem_selection`` computes for those
+positions (tested: logits equal for any split into prefill and steps): a token in chunk
+``[s, s + C)`` retrieves the top-k of the ``s / L`` blocks before its chunk and attends to
+them and to its chunk up to itself, at positions below ``top_k L + C``.  Per token, the
+attention covers at most ``2 C + top_k L`` keys (the cache slice holding its chunk, and the
+retrieved blocks) plus one landmark score per stored block, instead of the whole context; the
+positions never exceed ``top_k L + C``, so generation can run past the training length.  The
+cache keeps every position's unrotated keys and values (the memory; no host offload here),
+rounded up to whole chunks plus one; the prompt is processed in groups of ``C`` queries; the
+chunk's landmark attention runs the float32 reference, as the full-cache decoding.
 
 Inference with a memory (:func:`memory_forward`).  A long with-landmark input is processed
 in chunks of ``chunk_len`` tokens (a multiple of ``L``).  Each layer keeps a memory of the
@@ -126,7 +138,11 @@ class LandmarkConfig(TransformerConfig):
     ``landmark_id``: the landmark token (``None``: ``vocab_size - 1``).
     ``landmark_impl``: ``"pallas"`` kernel, ``"reference"`` (float32 dense oracle, CPU
     training), ``"auto"`` = the kernel on GPU/TPU.  ``mem_top_k`` / ``mem_selection``: the
-    defaults of :func:`memory_forward`.
+    defaults of :func:`memory_forward`.  ``mem_chunk_len``: ``None`` (KV-cache decoding attends
+    over the whole cache) or a positive multiple of ``landmark_block``: KV-cache decoding (and
+    :func:`jaxformers.generate`) runs through the retrieval memory, as
+    ``memory_forward(chunk_len=mem_chunk_len, top_k=mem_top_k, selection=mem_selection)``
+    (module docstring, "Decoding through the memory").
     """
 
     default_loss = "landmark_cross_entropy"  # not a field: the loss experiments.train defaults to
@@ -138,6 +154,7 @@ class LandmarkConfig(TransformerConfig):
     block_q: int = 64
     mem_top_k: int = 2
     mem_selection: str = "per_head"
+    mem_chunk_len: Optional[int] = None
 
     @classmethod
     def vocab_size_for_data(cls, data_vocab_size: int, fields: dict) -> int:
@@ -165,6 +182,10 @@ class LandmarkConfig(TransformerConfig):
         if not _is_int(self.mem_top_k) or self.mem_top_k < 1:
             raise ValueError(f"mem_top_k must be a positive int (not a bool), got "
                              f"{self.mem_top_k!r}")
+        m = self.mem_chunk_len
+        if m is not None and (not _is_int(m) or m < L or m % L):
+            raise ValueError(f"mem_chunk_len must be None or a positive multiple of landmark_block={L} "
+                             f"(not a bool), got {m!r}")
         if self.window is not None:
             raise ValueError("window (sliding-window attention) is not supported by landmark "
                              "attention; use window=None")
@@ -271,18 +292,20 @@ def select_blocks(q, lm_keys, n_mem, top_k: int, selection: str):
     """Top-k memory blocks per query.
 
     q ``[B, C, Hq, Dh]`` (rotary applied); lm_keys ``[B, Mcap, Hkv, Dh]`` (rotary applied);
-    ``n_mem`` stored blocks (slots ``>= n_mem`` are empty).  Returns block indices
-    ``[B, Hq, C, k]`` in increasing (chronological) order; empty slots sort last.
+    ``n_mem`` stored blocks (slots ``>= n_mem`` are empty): a scalar, or ``[C]`` one per query.
+    Returns block indices ``[B, Hq, C, k]`` in increasing (chronological) order; empty slots
+    sort last.
     """
     b, cl, hq, d = q.shape
     mcap, hkv = lm_keys.shape[1], lm_keys.shape[2]
     kx = jnp.repeat(lm_keys, hq // hkv, axis=2).astype(jnp.float32)
     s = jnp.einsum("bchd,bmhd->bhcm", q.astype(jnp.float32), kx) * d ** -0.5
-    s = jnp.where(jnp.arange(mcap) < n_mem, s, -jnp.inf)
+    stored = jnp.arange(mcap) < jnp.asarray(n_mem)[..., None]             # [M] or [C, M]
+    s = jnp.where(stored, s, -jnp.inf)
     k = min(top_k, mcap)
     if selection == "shared":
         p = jax.nn.softmax(jnp.where(jnp.isfinite(s), s, -1e30), axis=-1)
-        p = jnp.where(jnp.arange(mcap) < n_mem, p, -1.0)
+        p = jnp.where(stored, p, -1.0)
         s = jnp.broadcast_to(jnp.max(p, axis=1, keepdims=True), s.shape)
     _, idx = jax.lax.top_k(s, k)
     return jnp.sort(idx, axis=-1).astype(jnp.int32)
@@ -291,15 +314,10 @@ def select_blocks(q, lm_keys, n_mem, top_k: int, selection: str):
 def gather_blocks(mem, idx, hq: int):
     """mem ``[B, Mcap, L, Hkv, Dh]``, idx ``[B, Hq, C, k]`` -> ``[B, Hq, C, k, L, Dh]``
     (numpy in, numpy out: the host-offload path)."""
-    xp = np if isinstance(mem, np.ndarray) else jnp
-    b, mcap, L, hkv, d = mem.shape
-    g = hq // hkv
-    heads = np.arange(hq) // g
-    mh = xp.transpose(mem[:, :, :, heads], (0, 3, 1, 2, 4))               # [B, Hq, Mcap, L, D]
-    bq, _, cl, k = idx.shape
-    flat = idx.reshape(b, hq, cl * k)
-    out = xp.take_along_axis(mh, flat[:, :, :, None, None], axis=2)     # [B, Hq, C*k, L, D]
-    return out.reshape(b, hq, cl, k, L, d)
+    b, hkv = mem.shape[0], mem.shape[3]
+    rows = np.arange(b)[:, None, None, None]
+    heads = (np.arange(hq) // (hq // hkv))[None, :, None, None]           # query head -> KV head
+    return mem[rows, idx, :, heads]      # only the retrieved blocks: [B, Hq, C, k] + [L, D]
 
 
 def memory_attention(c, q, o_loc, lse_loc, mk, mv, idx, n_mem):
@@ -307,7 +325,8 @@ def memory_attention(c, q, o_loc, lse_loc, mk, mv, idx, n_mem):
 
     q ``[B, C, Hq, Dh]`` (rotary at the chunk positions); o_loc ``[B, C, Hq, Dh]`` and
     lse_loc ``[B, Hq, C]`` (natural log) from the chunk's own landmark attention; mk/mv
-    ``[B, Hq, C, k, L, Dh]`` gathered unrotated keys / values; idx ``[B, Hq, C, k]``.
+    ``[B, Hq, C, k, L, Dh]`` gathered unrotated keys / values; idx ``[B, Hq, C, k]``;
+    ``n_mem`` a scalar or ``[C]`` (as :func:`select_blocks`).
     Slot ``r`` keys get positions ``r L + l``.  Returns ``[B, C, Hq, Dh]``.
     """
     b, cl, hq, d = q.shape
@@ -315,7 +334,7 @@ def memory_attention(c, q, o_loc, lse_loc, mk, mv, idx, n_mem):
     pos = jnp.arange(k * L, dtype=jnp.int32)[None, :]
     kr = _rope(mk.reshape(b * hq * cl, k * L, 1, d), pos, c).reshape(mk.shape)
     s = jnp.einsum("bchd,bhcrld->bhcrl", q.astype(jnp.float32), kr.astype(jnp.float32)) * d ** -0.5
-    valid = idx < n_mem                                                   # [B, Hq, C, k]
+    valid = idx < jnp.asarray(n_mem)[..., None]                          # [B, Hq, C, k]
     a = jnp.where(valid, s[..., L - 1], -jnp.inf)                        # landmark logits
     inner = jax.nn.softmax(s[..., :L - 1], axis=-1)                      # within each block
     u = jnp.einsum("bhcrl,bhcrld->bhcrd", inner, mv[..., :L - 1, :].astype(jnp.float32))
@@ -326,6 +345,55 @@ def memory_attention(c, q, o_loc, lse_loc, mk, mv, idx, n_mem):
     f_loc = jnp.swapaxes(jnp.exp(lse_loc - lse), 1, 2)[..., None]
     f_mem = jnp.swapaxes(jnp.exp(lse_mem - lse), 1, 2)[..., None]
     return (f_loc * o_loc.astype(jnp.float32) + f_mem * o_mem).astype(q.dtype)
+
+
+def init_landmark_cache(config, batch_size, max_len, dtype=None):
+    """The baseline's KV cache ``{'k', 'v'}`` ``[B, S, Hkv, Dh]``.  With ``mem_chunk_len = C``
+    (decoding through the memory) it holds unrotated keys and ``S`` is ``max_len`` rounded up to
+    a multiple of ``C``, plus one chunk: the two chunks a group of queries can span are always
+    one slice of it."""
+    C = config.mem_chunk_len
+    if C is not None:
+        max_len = -(-max_len // C) * C + C
+    return init_attention_cache(config, batch_size, max_len, dtype)
+
+
+def memory_decode_attention(c, q, t, ck, cv):
+    """Attention of consecutive queries through the retrieval memory, from a KV cache.
+
+    q ``[B, G, Hq, Dh]`` unrotated, at positions t ``[G]`` (consecutive, ``G <= C =
+    mem_chunk_len``); ck / cv ``[B, S, Hkv, Dh]`` the unrotated keys / values of every position
+    up to ``t[-1]`` (``S`` a multiple of ``C``, ``t[0] // C * C + 2 C <= S``).  Each query at
+    ``t`` in chunk ``[s, s + C)`` (``s = t // C * C``) is computed as :func:`memory_forward`
+    computes it: the ``n = s / L`` blocks before its chunk are its memory, it retrieves the
+    ``mem_top_k`` best of them (``mem_selection``) and attends to them at positions ``[0, k L)``
+    and to its chunk's keys up to itself at ``k L + (j - s)`` (``k = min(n, mem_top_k)``).
+    Rotary depends only on position differences, so the landmark scores rotate the query at
+    ``t - s + 1`` (memory_forward: query at ``k L + t - s``, landmark keys at ``k L - 1``) and the
+    local part uses positions relative to the slice.  Returns ``[B, G, Hq, Dh]``.
+    """
+    from pallas_kernels.landmark_attention import landmark_attention_reference
+
+    L, C, top_k = c.landmark_block, c.mem_chunk_len, c.mem_top_k
+    b, g, hq, d = q.shape
+    s, hkv = ck.shape[1], ck.shape[2]
+
+    def at(p):  # positions [G] -> [B, G]
+        return jnp.broadcast_to(p, (b, p.shape[-1]))
+
+    start = t // C * C                                  # each query's chunk
+    n_mem = start // L                                  # blocks stored before it
+    idx = select_blocks(_rope(q, at(t - start + 1), c), ck[:, L - 1::L], n_mem, top_k,
+                        c.mem_selection)
+    mk = gather_blocks(ck.reshape(b, s // L, L, hkv, d), idx, hq)
+    mv = gather_blocks(cv.reshape(b, s // L, L, hkv, d), idx, hq)
+    lo = start[0]                                       # the queries' chunks: [lo, lo + 2C)
+    ks, vs = (jax.lax.dynamic_slice_in_dim(a, lo, 2 * C, axis=1) for a in (ck, cv))
+    o_loc, lse_loc = landmark_attention_reference(
+        _rope(q, at(t - lo), c), _rope(ks, at(jnp.arange(2 * C)), c), vs, block_size=L,
+        q_offset=t[0] - lo, return_lse=True, chunk_len=C)
+    qr = _rope(q, at(jnp.minimum(n_mem, top_k) * L + t - start), c)
+    return memory_attention(c, qr, o_loc.astype(q.dtype), lse_loc, mk, mv, idx, n_mem)
 
 
 # ----------------------------------------------------------------------------- mixer
@@ -340,7 +408,7 @@ class LandmarkAttention(nn.Module):
     applies_attn_dropout = False  # see models.transformer.check_attn_dropout
     config: object
 
-    init_cache = staticmethod(init_attention_cache)
+    init_cache = staticmethod(init_landmark_cache)
 
     @nn.compact
     def __call__(self, x, positions, segment_ids=None, kv_cache=None, cache_index=None):
@@ -350,6 +418,8 @@ class LandmarkAttention(nn.Module):
                              "sequences): landmarks are placed by position")
         if kv_cache is not None and "mem_k" in kv_cache:
             return self._with_memory(x, positions, kv_cache)
+        if kv_cache is not None and c.mem_chunk_len is not None:
+            return self._decode_with_memory(x, kv_cache, cache_index)
         q, k, v = project_qkv(c, x, positions)
         new_cache = None
         if kv_cache is None:
@@ -389,6 +459,33 @@ class LandmarkAttention(nn.Module):
         o = memory_attention(c, qr, o_loc, lse_loc, mk, mv, idx, n_mem)
         new = {"k": k, "v": v}                    # the chunk's unrotated keys / values
         return self._out(o), new
+
+    def _decode_with_memory(self, x, kv_cache, cache_index):
+        """KV-cache decoding through the retrieval memory (``mem_chunk_len``): the new tokens'
+        unrotated keys / values are written to the cache, then the queries attend in groups of
+        at most ``mem_chunk_len`` (:func:`memory_decode_attention`)."""
+        c = self.config
+        C = c.mem_chunk_len
+        b, tq = x.shape[:2]
+        q, k, v = project_qkv(c, x, jnp.zeros((b, tq), jnp.int32))      # rotary at 0 = unrotated
+        new_cache = write_kv_cache(kv_cache, k, v, cache_index)
+        ck, cv = new_cache["k"], new_cache["v"]
+        if ck.shape[1] % C or ck.shape[1] < 2 * C:
+            raise ValueError(f"a landmark model with mem_chunk_len={C} decodes with the cache of "
+                             f"init_cache(module, ...): a multiple of {C}, at least {2 * C} long; "
+                             f"got a cache of length {ck.shape[1]}")
+        hq, d = q.shape[2:]
+        g = min(tq, C)
+        ng = -(-tq // g)
+        qg = jnp.pad(q, ((0, 0), (0, ng * g - tq), (0, 0), (0, 0)))
+        qg = jnp.swapaxes(qg.reshape(b, ng, g, hq, d), 0, 1)               # [ng, B, g, Hq, Dh]
+        tg = (cache_index + jnp.arange(ng * g, dtype=jnp.int32)).reshape(ng, g)
+        if ng == 1:  # a step, or a prefill of at most one chunk
+            o = memory_decode_attention(c, qg[0], tg[0], ck, cv)[None]
+        else:
+            o = jax.lax.map(lambda a: memory_decode_attention(c, a[0], a[1], ck, cv), (qg, tg))
+        o = jnp.swapaxes(o, 0, 1).reshape(b, ng * g, hq, d)[:, :tq]
+        return self._out(o), new_cache
 
 
 LandmarkBlock = Block.using(mixer=LandmarkAttention, name="LandmarkBlock")

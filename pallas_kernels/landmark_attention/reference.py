@@ -45,27 +45,48 @@ def _expand_kv(x, hq):
     return jnp.repeat(x, hq // x.shape[2], axis=2)
 
 
-def landmark_masks(t: int, block_size: int, tq: int | None = None, q_offset=None):
+def _check_chunk_len(chunk_len, block_size) -> None:
+    if chunk_len is not None and (isinstance(chunk_len, (bool, np.bool_))
+                                  or not isinstance(chunk_len, (int, np.integer))
+                                  or chunk_len < block_size or chunk_len % block_size):
+        raise ValueError(f"chunk_len must be None or a positive multiple of block_size={block_size}, "
+                         f"got {chunk_len!r}")
+
+
+def _first_visible_block(qblk, block_size: int, chunk_len):
+    """Per query block: the first block it may see, 0, or its chunk's first block."""
+    if chunk_len is None:
+        return jnp.zeros_like(qblk)
+    per = chunk_len // block_size
+    return (qblk // per) * per
+
+
+def landmark_masks(t: int, block_size: int, tq: int | None = None, q_offset=None, chunk_len=None):
     """Index structure for keys ``0..T-1`` and queries at ``q_offset + i`` (default: the last
-    ``tq`` positions; ``tq = T``: self-attention).
+    ``tq`` positions; ``tq = T``: self-attention).  ``chunk_len`` (a multiple of
+    ``block_size``): a query sees only the keys of its own chunk (positions
+    ``[c * chunk_len, (c + 1) * chunk_len)``).
 
     Returns ``(blk_k [T], is_landmark [T], q_blk [Tq], early [Tq, T], current [Tq, T])``:
-    ``early[i, j]``: key ``j`` is a non-landmark key of a block before query ``i``'s;
+    ``early[i, j]``: key ``j`` is a non-landmark key of a block before query ``i``'s (and in
+    its chunk);
     ``current[i, j]``: key ``j <= pos_i`` is a non-landmark key of query ``i``'s block.
     """
+    _check_chunk_len(chunk_len, block_size)
     tq = t if tq is None else tq
     q_offset = t - tq if q_offset is None else q_offset
     pos = jnp.arange(t)
     qpos = q_offset + jnp.arange(tq)
     blk, qblk = pos // block_size, qpos // block_size
     is_lm = pos % block_size == block_size - 1
-    early = (blk[None, :] < qblk[:, None]) & ~is_lm[None, :]
+    first = _first_visible_block(qblk, block_size, chunk_len)
+    early = (blk[None, :] < qblk[:, None]) & (blk[None, :] >= first[:, None]) & ~is_lm[None, :]
     current = (blk[None, :] == qblk[:, None]) & (pos[None, :] <= qpos[:, None]) & ~is_lm[None, :]
     return blk, is_lm, qblk, early, current
 
 
 def landmark_attention_reference(q, k, v, *, block_size: int, sm_scale=None, q_offset=None,
-                                 return_lse=False):
+                                 return_lse=False, chunk_len=None):
     """Grouped-softmax landmark attention, written out literally, in float32.
 
     Args:
@@ -73,12 +94,16 @@ def landmark_attention_reference(q, k, v, *, block_size: int, sm_scale=None, q_o
       block_size: ``L >= 2``, tokens per block including its landmark.
       q_offset: position of query 0 (scalar, may be traced; default ``T - Tq``): decoding
         against a cache whose slots past the query positions are simply never visible.
+      chunk_len: ``None``, or a multiple of ``block_size``: each query sees only the keys of its
+        own chunk of ``chunk_len`` positions (the local part of a landmark model's memory
+        decoding, :mod:`jaxformers.models.landmark`).
     Returns:
       ``[B, Tq, Hq, D]`` in q's dtype; with ``return_lse`` also the natural-log
       normaliser of the outer softmax ``[B, Hq, Tq]`` float32.
     Raises:
       ValueError naming the argument unless q, k, v have rank 4, k and v one shape, q and k
-      one batch size and head dim, ``Hq % Hkv == 0`` and ``block_size`` is an int >= 2.
+      one batch size and head dim, ``Hq % Hkv == 0``, ``block_size`` is an int >= 2 and
+      ``chunk_len`` None or a positive multiple of it.
     """
     _validate(q, k, v, block_size)
     b, tq, hq, d = q.shape
@@ -89,7 +114,7 @@ def landmark_attention_reference(q, k, v, *, block_size: int, sm_scale=None, q_o
     qf = q.astype(jnp.float32)
     kf, vf = (_expand_kv(x, hq).astype(jnp.float32) for x in (k, v))
     s = jnp.einsum("bqhd,bkhd->bhqk", qf, kf, precision=hi) * scale     # [B, H, Tq, T]
-    blk, is_lm, qblk, early, current = landmark_masks(t, L, tq, q_offset)
+    blk, is_lm, qblk, early, current = landmark_masks(t, L, tq, q_offset, chunk_len)
     nb = -(-t // L)
     # inner softmax per (query, block) over the block's non-landmark keys
     s_in = jnp.where(is_lm, -jnp.inf, s)
@@ -100,7 +125,9 @@ def landmark_attention_reference(q, k, v, *, block_size: int, sm_scale=None, q_o
     lm_idx = jnp.arange(nb) * L + L - 1
     has_lm = lm_idx < t
     a = jnp.where(has_lm, s[..., jnp.minimum(lm_idx, t - 1)], -jnp.inf)   # [B, H, Tq, nb]
-    a = jnp.where(jnp.arange(nb)[None, :] < qblk[:, None], a, -jnp.inf)
+    blocks = jnp.arange(nb)[None, :]
+    first = _first_visible_block(qblk, L, chunk_len)
+    a = jnp.where((blocks < qblk[:, None]) & (blocks >= first[:, None]), a, -jnp.inf)
     cur = jnp.where(current, s, -jnp.inf)
     lse = jax.nn.logsumexp(jnp.concatenate([a, cur], axis=-1), axis=-1)   # [B, H, Tq]
     p_lm = jnp.exp(a - lse[..., None])
