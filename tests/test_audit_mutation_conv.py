@@ -205,17 +205,8 @@ HF_TOL = 1e-4   # float32 torch eager vs XLA (the existing interop tests' tolera
 
 
 def _hf_llama(tmp_path, seed=0, **over):
-    torch.manual_seed(seed)
-    conf = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, intermediate_size=96, rope_theta=1e4, max_position_embeddings=64,
-                rms_norm_eps=1e-6, initializer_range=0.1)
-    config = transformers.LlamaConfig(**{**conf, **over})
-    config._attn_implementation = "eager"
-    model = transformers.LlamaForCausalLM(config).to(torch.float32).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+    from test_convert_hf import hf_model  # imported here: that module skips itself without torch
+    model = hf_model(seed, **{**dict(vocab_size=96, intermediate_size=96, rope_theta=1e4), **over})
     model.save_pretrained(str(tmp_path), safe_serialization=True)
     return model
 
@@ -225,8 +216,8 @@ def _toks(vocab=96, shape=(2, 13), seed=0):
 
 
 def _hf_logits(model, toks, **kw):
-    with torch.no_grad():
-        return model(torch.from_numpy(toks.astype(np.int64)), **kw).logits.float().numpy()
+    from test_convert_hf import hf_logits
+    return hf_logits(model, toks, **kw)
 
 
 def _jf_logits(config, params, toks):
@@ -269,13 +260,8 @@ def test_llama_explicit_head_dim_is_carried(tmp_path):
 
 # ============================================================================ convert: HF Mamba
 def _randomise_mamba(model):
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("norm.weight", "norm_f.weight", ".D", "conv1d.bias")):
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            elif name.endswith("A_log") or name.endswith("bias"):
-                p.add_(0.1 * torch.randn_like(p))
-    return model
+    from test_convert_hf_mamba import _randomise
+    return _randomise(model)
 
 
 @hf

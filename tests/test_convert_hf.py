@@ -41,9 +41,9 @@ def tokens(seed=0, shape=(2, 24), vocab=128):
     return np.random.RandomState(seed).randint(0, vocab, shape).astype(np.int32)
 
 
-def hf_logits(model, toks):
+def hf_logits(model, toks, **kw):
     with torch.no_grad():
-        return model(torch.from_numpy(toks.astype(np.int64))).logits.float().numpy()
+        return model(torch.from_numpy(toks.astype(np.int64)), **kw).logits.float().numpy()
 
 
 @functools.lru_cache(maxsize=None)
