@@ -35,7 +35,8 @@ the SSM students' constant-size state is what makes large-batch sampling fast).
 The KL numbers (``kl_init`` / ``kl_aligned`` / ``kl_final``) are per-token KL(teacher || student)
 averaged over the positions the distillation trains (the task's ``loss_mask``: every target
 after ``=``), like ``kd_loss`` and ``val_loss``; the prompt's operand digits are random and
-never distilled.
+never distilled.  The validation sequences and the test problems are held-out problems
+(:func:`jaxformers.data.synthetic.draw_split`): no model trained on them.
 
 Interruption: a stop signal (a GPU stage's time limit, Ctrl-C) ends the experiment after a
 checkpoint of the run in progress (a partly trained model is never reported).  ``--reuse``
@@ -57,7 +58,7 @@ from experiments.common import (check_finished, experiment_parser, parse_experim
                                 save_progress, usage_error, write_json, write_results)
 
 PRESETS = {
-    # the teacher reaches ~87% greedy accuracy on 3-digit addition in 500 steps (seed 0)
+    # the teacher reaches 98% greedy accuracy on held-out 3-digit sums in 500 steps at seed 0 (0.21-1.00 over 9 seeds)
     "tiny": dict(digits=3, teacher=dict(d_model=64, n_layer=4, n_head=4, n_kv_head=2, d_ff=176, max_seq_len=256),
                  teacher_train=dict(steps=500, batch_size=32, lr=3e-3, warmup_steps=30),
                  distill_train=dict(steps=300, batch_size=32, lr=2e-3, warmup_steps=30), align_steps=50,
@@ -347,7 +348,7 @@ def run(args, ap=None) -> dict:
     import numpy as np
 
     import jaxformers as jf
-    from jaxformers.data.synthetic import arithmetic, arithmetic_length
+    from jaxformers.data.synthetic import arithmetic, arithmetic_length, draw_split
     from jaxformers.distill import DistillStep, init_student, student_config
     from jaxformers.training import load_run
     from jaxformers.training.rundir import read_metrics
@@ -409,7 +410,10 @@ def run(args, ap=None) -> dict:
     results["teacher_params_sha256"] = teacher_sha
     models = {"teacher": (teacher_cfg, teacher, teacher_params)}
 
-    val_tokens, val_mask = arithmetic(64, digits, seed=10_000 + args.seed)
+    def heldout(n, seed):  # problems the models never trained on (the loader trains on the others)
+        return draw_split(lambda m, s: arithmetic(m, digits, seed=s), n, seed, "heldout")
+
+    val_tokens, val_mask = heldout(64, 10_000 + args.seed)
     results["students"] = {}
     records = {name: {**record, "teacher_sha256": teacher_sha} for name, _, _, record in stages}
     configs = {name: tc for name, _, tc, _ in stages}
@@ -445,7 +449,7 @@ def run(args, ap=None) -> dict:
         save_progress(args.out, results)
 
     # 3-4. throughput and the fixed-time-budget curves
-    test_tokens, _ = arithmetic(n_problems, digits, seed=20_000 + args.seed)
+    test_tokens, _ = heldout(n_problems, 20_000 + args.seed)
     prompt_len = 2 * digits + 3
     prompts = test_tokens[:, :prompt_len]
     answers = [tuple(r) for r in test_tokens[:, -(digits + 2):-1].tolist()]

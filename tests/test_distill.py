@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import jaxformers as jf
-from jaxformers.distill import DistillStep, init_student, kd_loss, kl_per_token, student_config
+from jaxformers.distill import DistillStep, init_student, kd_loss, student_config
 from jaxformers.training import TrainConfig, load_run, train
 from jaxformers.training.rundir import read_metrics
 
@@ -57,27 +57,6 @@ def test_attention_initialisation_maps_the_weights(teacher):
     for key in ("blocks_1", "embed", "final_norm", "lm_head"):
         for a_, b_ in zip(jax.tree.leaves(sp[key]), jax.tree.leaves(tp[key])):
             np.testing.assert_array_equal(a_, b_)
-
-
-def test_attention_init_starts_closer_to_a_trained_teacher(tmp_path):
-    # a teacher that learned something attention-shaped: 60 steps of the copying task
-    cfg = jf.get_config("llama", "tiny", vocab_size=64, d_model=32, n_layer=2, n_head=4, n_kv_head=2,
-                        d_ff=64, max_seq_len=32)
-    tc = TrainConfig(steps=60, batch_size=16, seq_len=24, data="synthetic:copying:vocab=32",
-                     out_dir=str(tmp_path / "t"), lr=1e-2, warmup_steps=5, eval_every=0, eval_batches=1,
-                     checkpoint_every=0, log_every=60)
-    train(cfg, tc, progress=False)
-    _, _, tp = load_run(tmp_path / "t")
-    from jaxformers.data.sources import open_data
-    rows = next(open_data(tc.data).eval_batches(16, 24, 1))["tokens"][:, :-1]
-    t_logits = jf.build(cfg).apply({"params": tp}, rows)
-    s = student_config(cfg, "mamba2")
-    sm = jf.build(s)
-    kls = {}
-    for init in ("attention", "random"):
-        sp = init_student(cfg, tp, s, jax.random.PRNGKey(0), init=init)
-        kls[init] = float(kl_per_token(t_logits, sm.apply({"params": sp}, rows)).mean())
-    assert kls["attention"] < 0.8 * kls["random"], kls  # measured: 1.79 vs 2.84
 
 
 @pytest.mark.parametrize("kind, attn", [("mamba2", ()), ("hybrid", (0,))])

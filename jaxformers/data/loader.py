@@ -248,20 +248,24 @@ def _example_length(task: str, p: Mapping[str, int], row_len: int) -> int:
     return row_len
 
 
-def _examples(task: str, p: Mapping[str, int], n: int, length: int, seed: int):
-    if task == "copying":
-        return synthetic.copying(n, length, p["vocab"], seed)
-    if task == "passkey":
-        return synthetic.passkey(n, length, p["n_digits"], seed)
-    if task == "recall":
-        return synthetic.associative_recall(n, p["n_pairs"], p["vocab"], seed)
-    return synthetic.arithmetic(n, p["n_digits"], bool(p["worked_steps"]), seed,
-                                answer_only=bool(p["answer_only"]))
+def _examples(task: str, p: Mapping[str, int], n: int, length: int, seed: int, split=None):
+    def make(m, s):
+        if task == "copying":
+            return synthetic.copying(m, length, p["vocab"], s)
+        if task == "passkey":
+            return synthetic.passkey(m, length, p["n_digits"], s)
+        if task == "recall":
+            return synthetic.associative_recall(m, p["n_pairs"], p["vocab"], s)
+        return synthetic.arithmetic(m, p["n_digits"], bool(p["worked_steps"]), s,
+                                    answer_only=bool(p["answer_only"]))
+    return synthetic.draw_split(make, n, seed, split)
 
 
 def synthetic_rows(task: str, n_rows: int, row_len: int, seed: int,
-                   params: Mapping[str, int] | None = None) -> Dict[str, np.ndarray]:
+                   params: Mapping[str, int] | None = None, split=None) -> Dict[str, np.ndarray]:
     """``n_rows`` rows of ``row_len`` tokens of a synthetic task, a pure function of the arguments.
+    ``split``: ``None`` (every problem), ``"train"`` or ``"heldout"`` (the training / held-out
+    problems, :func:`jaxformers.data.synthetic.draw_split`).
 
     Returns ``tokens`` int32 and ``loss_mask`` float32 ``[n_rows, row_len]`` (the task's
     answer mask, aligned with the tokens), plus ``segment_ids`` int32 (1, 2, ... per packed
@@ -275,7 +279,7 @@ def synthetic_rows(task: str, n_rows: int, row_len: int, seed: int,
         raise ValueError(f"synthetic {task} examples ({p}) are {length} tokens long: they need "
                          f"seq_len >= {length - 1} (got seq_len={row_len - 1})")
     per_row = row_len // length if p.get("pack", 0) else 1
-    tokens, mask = _examples(task, p, n_rows * per_row, length, seed)
+    tokens, mask = _examples(task, p, n_rows * per_row, length, seed, split)
     out_tokens = np.full((n_rows, row_len), synthetic.PAD, np.int32)
     out_mask = np.zeros((n_rows, row_len), np.float32)
     used = per_row * length
@@ -297,8 +301,8 @@ class SyntheticLoader:
     """Batch dicts of a synthetic task, ``[local_batch_size, seq_len + 1]``, pure in (seed, step).
 
     The global batch at ``step`` is ``synthetic_rows(task, batch_size, seq_len + 1,
-    seed=f(seed, step))``; each process keeps its contiguous share of rows, as
-    :class:`TokenLoader` does.
+    seed=f(seed, step), split="train")`` (never a held-out problem); each process keeps its
+    contiguous share of rows, as :class:`TokenLoader` does.
     """
 
     SPLIT_IDS = {"train": 0, "val": 1}
@@ -319,7 +323,7 @@ class SyntheticLoader:
     def global_batch_dict_at(self, step: int) -> Dict[str, np.ndarray]:
         step = int_arg("step", step, lo=0)
         seed = _derived_seed(self.seed, self.SPLIT_IDS["train"], step)
-        return synthetic_rows(self.task, self.batch_size, self.seq_len + 1, seed, self.params)
+        return synthetic_rows(self.task, self.batch_size, self.seq_len + 1, seed, self.params, "train")
 
     def batch_dict_at(self, step: int) -> Dict[str, np.ndarray]:
         lo = self.process_index * self.local_batch_size

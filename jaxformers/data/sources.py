@@ -121,7 +121,8 @@ def parse_synthetic_spec(spec: str):
 
 class SyntheticSource:
     """A synthetic task (:mod:`jaxformers.data.synthetic`) with loss masks; a fixed val set of
-    ``val_rows`` rows (the same for every seed), train rows drawn per ``(seed, step)``."""
+    ``val_rows`` rows of held-out problems (the same for every seed), train rows drawn per
+    ``(seed, step)`` from the other problems."""
 
     kind = "synthetic"
     VAL_SEED = 0x5A1
@@ -145,12 +146,14 @@ class SyntheticSource:
         return True
 
     def split_rows(self, seq_len: int, split: str = "val") -> Dict[str, np.ndarray]:
-        """The fixed evaluation rows of ``split`` (``train``: another fixed set drawn like the train rows)."""
+        """The fixed evaluation rows of ``split``: ``val``, held-out problems; ``train``, another fixed
+        set drawn like the train rows."""
         key = (seq_len, _check_split(split))
         if key not in self._val:
             seed = int(np.random.SeedSequence([self.VAL_SEED, SyntheticLoader.SPLIT_IDS[split]])
                        .generate_state(1, np.uint64)[0])
-            self._val[key] = synthetic_rows(self.task, self.val_rows, seq_len + 1, seed, self.params)
+            self._val[key] = synthetic_rows(self.task, self.val_rows, seq_len + 1, seed, self.params,
+                                            "heldout" if split == "val" else "train")
         return self._val[key]
 
     def eval_batches(self, batch_size: int, seq_len: int, max_batches: Optional[int], split: str = "val",

@@ -25,6 +25,15 @@ EOS    4     end of an arithmetic sequence
 
 Ordinary symbols start at ``N_SPECIAL = 5``.  :func:`passkey` is byte-level
 instead (ids are the ASCII bytes of an English-like text, vocab 256).
+
+Held-out problems.  A task's *problem* is an example's tokens outside its answer
+(``loss_mask == 0``: the operands of a sum, the string to copy, the pairs and the query).  A
+fixed ``1 / HELDOUT_EVERY`` of every task's problem space, chosen by a hash of the problem
+(:func:`is_heldout`), is held out: :func:`draw_split` draws a task's examples from the
+training problems (``split="train"``) or only from the held-out ones (``"heldout"``), so a
+validation set never repeats a training problem, however small the space (3-digit sums: 10^6
+problems, of which a long run draws a sizeable share).  The data loaders train on ``"train"``
+and validate on ``"heldout"`` (:mod:`jaxformers.data.loader`).
 """
 
 from __future__ import annotations
@@ -48,6 +57,9 @@ __all__ = [
     "associative_recall",
     "copying",
     "decode_arithmetic",
+    "draw_split",
+    "HELDOUT_EVERY",
+    "is_heldout",
     "passkey",
 ]
 
@@ -73,6 +85,69 @@ def _rng(task: str, seed) -> np.random.Generator:
 
 def _check_n(task: str, n) -> int:
     return _int(task, "n", n, lo=1)
+
+
+# ---------------------------------------------------------------------------
+# held-out problems
+
+HELDOUT_EVERY = 16
+SPLITS = (None, "train", "heldout")
+_MAX_ROUNDS = 40
+
+
+def _mix64(z):
+    """splitmix64's finaliser on ``uint64`` arrays: every output bit depends on every input bit."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def problem_hash(tokens, loss_mask) -> np.ndarray:
+    """``uint64 [N]``: a hash of each example's problem, its tokens where ``loss_mask == 0``
+    (``tokens`` / ``loss_mask`` ``[N, T]``; the answer positions count as one fixed value)."""
+    x = np.where(np.asarray(loss_mask) > 0, -1, np.asarray(tokens)).astype(np.int64).view(np.uint64)
+    h = np.full(x.shape[0], 0x5EED, np.uint64)
+    with np.errstate(over="ignore"):
+        for col in x.T:                   # a full mix after every position: no bit pattern survives
+            h = _mix64(h ^ (col + np.uint64(0x9E3779B97F4A7C15)))
+    return h
+
+
+def is_heldout(tokens, loss_mask) -> np.ndarray:
+    """``bool [N]``: the example's problem is one of the held-out ``1 / HELDOUT_EVERY``."""
+    return problem_hash(tokens, loss_mask) % np.uint64(HELDOUT_EVERY) == 0
+
+
+def draw_split(make, n: int, seed: int, split=None) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` examples of one split: ``make(m, seed) -> (tokens, loss_mask)`` is a task with its
+    parameters bound (e.g. ``lambda m, s: arithmetic(m, 3, seed=s)``).
+
+    ``split``: ``None``, every problem (``make(n, seed)``); ``"train"``, only problems outside the
+    held-out set; ``"heldout"``, only problems in it.  The examples are drawn in rounds (round
+    ``r`` from a seed derived from ``(seed, r)``) and filtered, in order: a pure function of
+    ``(n, seed, split)``.  ``ValueError`` if ``split`` is not one of those, or if the task's
+    problem space holds none of the split's problems (a space of a few problems).
+    """
+    n = _check_n("draw_split", n)
+    seed = _int("draw_split", "seed", seed, lo=0)
+    if split not in SPLITS:
+        raise ValueError(f"draw_split: split must be one of {list(SPLITS)}, got {split!r}")
+    if split is None:
+        return make(n, seed)
+    want, rate = (True, 1 / HELDOUT_EVERY) if split == "heldout" else (False, 1 - 1 / HELDOUT_EVERY)
+    tokens, masks, got = [], [], 0
+    for r in range(_MAX_ROUNDS):
+        m = int((n - got) / rate * 1.25) + 8
+        t, mask = make(m, int(np.random.SeedSequence([seed, r, 0x5E1D]).generate_state(1, np.uint64)[0]))
+        keep = is_heldout(t, mask) == want
+        tokens.append(t[keep])
+        masks.append(mask[keep])
+        got += int(keep.sum())
+        if got >= n:
+            return np.concatenate(tokens)[:n], np.concatenate(masks)[:n]
+    raise ValueError(f"draw_split: {got} of {n} examples of the {split!r} split after {_MAX_ROUNDS} rounds: "
+                     f"this task's problem space has (almost) none of them (1 in {HELDOUT_EVERY} "
+                     "problems is held out); use a larger task (more digits, symbols or length)")
 
 
 # ---------------------------------------------------------------------------
