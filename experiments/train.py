@@ -44,7 +44,8 @@ change that would move the LR is refused unless ``--allow-lr-jump``.
 
 Logs: ``metrics.jsonl``, TensorBoard event files (``tensorboard --logdir runs``), ``loss.png``
 (losses + LR), ``summary.json``.  ``--data synthetic:TASK[:k=v,...]`` trains on a synthetic task
-with its answer mask (see ``jaxformers.data.sources``); ``--loss`` picks a registered loss.
+with its answer mask (see ``jaxformers.data.sources``; validation on held-out problems, never
+drawn in training); ``--loss`` picks a registered loss.
 Compiled programs are cached in ``<jaxformers cache>/xla`` (``$JAX_COMPILATION_CACHE_DIR``
 wins; ``--no-compile-cache`` disables).
 """

@@ -12,7 +12,8 @@
   ``synthetic:copying``, ``synthetic:copying:vocab=32``, ``synthetic:recall:n_pairs=4``,
   ``synthetic:arithmetic:n_digits=2,pack=0``, ``synthetic:passkey``.  Tasks and
   parameters: :data:`jaxformers.data.loader.SYNTHETIC_TASKS` (plus ``val_rows``, the
-  size of the fixed validation set, default 256).  The tokenizer is ignored.
+  size of the fixed validation set, default 256, made of held-out problems that training
+  never draws: :func:`jaxformers.data.synthetic.draw_split`).  The tokenizer is ignored.
 * ``domains:NAME[=SOURCE][@W],...[:OPTIONS]`` -- a
   :class:`~jaxformers.data.domains.DomainSource` of several named domains sampled by
   weight, with per-domain validation (``{"tokens", "domain"}`` batches); see
