@@ -44,9 +44,10 @@ token, so :func:`jaxformers.generate` too) computes exactly what :func:`memory_f
 ``chunk_len=C``, ``top_k=mem_top_k``, ``selection=mem_selection`` computes for those
 positions (tested: logits equal for any split into prefill and steps): a token in chunk
 ``[s, s + C)`` retrieves the top-k of the ``s / L`` blocks before its chunk and attends to
-them and to its chunk up to itself, at positions below ``top_k L + C``.  Per token, the
-attention covers at most ``2 C + top_k L`` keys (the cache slice holding its chunk, and the
-retrieved blocks) plus one landmark score per stored block, instead of the whole context; the
+them and to its chunk up to itself, at positions below ``top_k L + C``.  Per new token, the
+attention covers ``C + top_k L`` keys (the cache slice holding its chunk, and the retrieved
+blocks; ``2 C`` slices for a group of prompt queries, which can span two chunks) plus one
+landmark score per stored block, instead of the whole context; the
 positions never exceed ``top_k L + C``, so generation can run past the training length.  The
 cache keeps every position's unrotated keys and values (the memory; no host offload here),
 rounded up to whole chunks plus one; the prompt is processed in groups of ``C`` queries; the
@@ -363,7 +364,8 @@ def memory_decode_attention(c, q, t, ck, cv):
 
     q ``[B, G, Hq, Dh]`` unrotated, at positions t ``[G]`` (consecutive, ``G <= C =
     mem_chunk_len``); ck / cv ``[B, S, Hkv, Dh]`` the unrotated keys / values of every position
-    up to ``t[-1]`` (``S`` a multiple of ``C``, ``t[0] // C * C + 2 C <= S``).  Each query at
+    up to ``t[-1]`` (``S`` a multiple of ``C``, ``t[0] // C * C + 2 C <= S``; one query reads a
+    slice of ``C`` keys, a group ``2 C``).  Each query at
     ``t`` in chunk ``[s, s + C)`` (``s = t // C * C``) is computed as :func:`memory_forward`
     computes it: the ``n = s / L`` blocks before its chunk are its memory, it retrieves the
     ``mem_top_k`` best of them (``mem_selection``) and attends to them at positions ``[0, k L)``
@@ -387,10 +389,11 @@ def memory_decode_attention(c, q, t, ck, cv):
                         c.mem_selection)
     mk = gather_blocks(ck.reshape(b, s // L, L, hkv, d), idx, hq)
     mv = gather_blocks(cv.reshape(b, s // L, L, hkv, d), idx, hq)
-    lo = start[0]                                       # the queries' chunks: [lo, lo + 2C)
-    ks, vs = (jax.lax.dynamic_slice_in_dim(a, lo, 2 * C, axis=1) for a in (ck, cv))
+    lo = start[0]                       # the queries' chunks: [lo, lo + 2C), one chunk for one query
+    width = C if g == 1 else 2 * C
+    ks, vs = (jax.lax.dynamic_slice_in_dim(a, lo, width, axis=1) for a in (ck, cv))
     o_loc, lse_loc = landmark_attention_reference(
-        _rope(q, at(t - lo), c), _rope(ks, at(jnp.arange(2 * C)), c), vs, block_size=L,
+        _rope(q, at(t - lo), c), _rope(ks, at(jnp.arange(width)), c), vs, block_size=L,
         q_offset=t[0] - lo, return_lse=True, chunk_len=C)
     qr = _rope(q, at(jnp.minimum(n_mem, top_k) * L + t - start), c)
     return memory_attention(c, qr, o_loc.astype(q.dtype), lse_loc, mk, mv, idx, n_mem)
