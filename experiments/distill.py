@@ -59,7 +59,7 @@ from experiments.common import (check_finished, experiment_parser, parse_experim
 
 PRESETS = {
     # the teacher's greedy accuracy on held-out 3-digit sums: 0.95-1.00 over 9 seeds after 800 steps
-    # (0.21-1.00 after 500: some seeds learn the carries late)
+    # (0.21-1.00 after 500: some seeds learn the carries late); 0.94 at seed 0
     "tiny": dict(digits=3, teacher=dict(d_model=64, n_layer=4, n_head=4, n_kv_head=2, d_ff=176, max_seq_len=256),
                  teacher_train=dict(steps=800, batch_size=32, lr=3e-3, warmup_steps=30),
                  distill_train=dict(steps=300, batch_size=32, lr=2e-3, warmup_steps=30), align_steps=50,
