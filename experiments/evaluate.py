@@ -4,6 +4,7 @@
     python -m experiments.evaluate --run runs/gpt-tiny --max-batches 0      # the whole val split
     python -m experiments.evaluate --run runs/gpt-tiny --data path/to/texts --split val
     python -m experiments.evaluate --run hf/llama-tiny --data shakespeare   # a HF checkpoint directory
+    python -m experiments.evaluate --run runs/landmark-tiny --seq-len 4096 --memory-chunk 96
 
 Defaults (batch size, sequence length, number of batches, data) are the run's,
 so the result matches the run's final ``val_loss`` in ``summary.json``.
@@ -15,6 +16,10 @@ position limit) and the whole split.
 A run trained here evaluates ``--data`` with its own tokenizer (its saved ``tokenizer/``
 vocabulary, not a new BPE trained on ``--data``) unless ``--tokenizer`` says otherwise; a
 tokenizer whose vocabulary is larger than the model's is refused (its ids would give NaN).
+``--memory-chunk C`` (landmark models, as ``experiments.generate --memory-chunk``): the loss is
+read through the retrieval memory (each token attends to its chunk of ``C`` positions and the
+``--memory-top-k`` blocks it retrieves from everything before it; the model's ``mem_chunk_len`` /
+``mem_top_k``), so ``--seq-len`` may exceed the trained length: long-context perplexity.
 """
 from __future__ import annotations
 
@@ -39,11 +44,19 @@ def main(argv=None) -> int:
     ap.add_argument("--mesh", help="e.g. data=2 (default: all devices on data)")
     ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"],
                     help="compute dtype (default: the run's)")
+    ap.add_argument("--memory-chunk", type=int, metavar="C",
+                    help="landmark models: read the loss through the retrieval memory in chunks of C model "
+                         "positions (a multiple of the landmark block); --seq-len may then exceed the trained length")
+    ap.add_argument("--memory-top-k", type=int, metavar="K",
+                    help="with --memory-chunk: blocks retrieved per token and head (default: the model's mem_top_k)")
     args = ap.parse_args(argv)
+    if args.memory_top_k is not None and args.memory_chunk is None:
+        ap.error("--memory-top-k needs --memory-chunk")
     from experiments.common import is_hf_checkpoint, run_tokenizer
     from jaxformers.training import CheckpointError, evaluate
 
     run = args.run
+    overrides = None
     try:
         if is_hf_checkpoint(args.run):
             if not args.data:
@@ -69,6 +82,12 @@ def main(argv=None) -> int:
             if args.tokenizer is None:  # other text: the run's own vocabulary, not a new BPE on it
                 args.tokenizer = run_tok
             data = data or json.loads((Path(args.run) / "config.json").read_text())["train"].get("data")
+        if args.memory_chunk is not None:
+            from experiments.generate import with_memory_decoding
+            from jaxformers.training.init_from import source_config
+            base = run[0] if isinstance(run, tuple) else source_config(args.run)[0]
+            memory = with_memory_decoding(base, args.memory_chunk, args.memory_top_k)
+            overrides = {"mem_chunk_len": memory.mem_chunk_len, "mem_top_k": memory.mem_top_k}
         if data and args.tokenizer:
             from jaxformers.data import open_data
             vocab = getattr(open_data(data, args.tokenizer), "vocab_size", None)
@@ -79,7 +98,7 @@ def main(argv=None) -> int:
         result = evaluate(run, args.data, tokenizer=args.tokenizer, split=args.split,
                           batch_size=args.batch_size, seq_len=args.seq_len,
                           max_batches=None if args.max_batches == 0 else args.max_batches,
-                          mesh=args.mesh, dtype=args.dtype)
+                          mesh=args.mesh, dtype=args.dtype, model_overrides=overrides)
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         if os.environ.get("JAXFORMERS_DEBUG", "") not in ("", "0"):
             raise

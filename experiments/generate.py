@@ -25,7 +25,7 @@ landmarks itself, and they never appear in the samples).
 ``mem_chunk_len``; ``--memory-top-k`` its ``mem_top_k``): each token attends to its chunk of
 ``C`` model positions and the top-k blocks retrieved from everything before it, at positions
 below ``top_k * landmark_block + C``, which must fit ``max_seq_len``; prompt and samples then
-have no length limit and are never cut.
+have no length limit and are never cut (also for a run whose config sets ``mem_chunk_len``).
 Samples are decoded together with the prompt's ids (then cut after the
 prompt's text), so SentencePiece-style ``hf:`` tokenizers keep the space after the prompt;
 prompt bytes that are not UTF-8 become U+FFFD.
@@ -176,7 +176,9 @@ def main(argv=None) -> int:
                 tok = load_tokenizer(source.ds_dir)
             limit = model_config.max_seq_len
         if args.memory_chunk is not None:  # positions stay below top_k * L + chunk, whatever the length
-            model_config, limit = with_memory_decoding(model_config, args.memory_chunk, args.memory_top_k), None
+            model_config = with_memory_decoding(model_config, args.memory_chunk, args.memory_top_k)
+        if getattr(model_config, "mem_chunk_len", None) is not None:  # the option's, or the run's config's
+            limit = None
         module = jf.build(model_config.replace(dtype="float32", param_dtype="float32"))
         raw = None if limit is None else max_raw_tokens(module, limit)  # e.g. landmarks take positions
         what = (f"max_seq_len={limit}" if raw == limit

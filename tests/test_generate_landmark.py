@@ -155,29 +155,38 @@ def test_hook_and_raw_capacity():
     assert _pos(95) == 126 and _pos(96) == 128
 
 
-def test_cli_generates_from_a_landmark_run(tmp_path, monkeypatch, capsys):
-    """A 2-step landmark run (byte tokenizer: the train CLI gives it vocab 258, so the landmark
-    257 is no byte and not the end-of-text id 256) samples text without landmarks, also up to
-    the end-of-text token."""
-    from experiments import generate as gen_cli
+@pytest.fixture(scope="module")
+def landmark_run(tmp_path_factory):
+    """A 2-step landmark run of the train CLI (byte tokenizer, L=4, max_seq_len=64, seq_len 24)."""
     from experiments import train as train_cli
 
+    tmp_path = tmp_path_factory.mktemp("landmark_run")
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog"]
     rng = np.random.default_rng(0)
     (corpus / "a.txt").write_text(" ".join(rng.choice(words, size=400)) + ".\n")
-    monkeypatch.setenv("JAXFORMERS_CACHE", str(tmp_path / "cache"))
     run = tmp_path / "run"
     sets = ["d_model=32", "n_layer=1", "landmark_block=4", "max_seq_len=64",
             "landmark_impl=reference"]
     sets = [a for s in sets for a in ("--set", s)]
-    assert train_cli.main(["--model", "landmark", "--preset", "tiny", *sets,
-                           "--loss", "landmark_cross_entropy", "--data", str(corpus), "--steps", "2",
-                           "--batch-size", "4", "--seq-len", "24", "--log-every", "1", "--eval-every", "0",
-                           "--eval-batches", "1", "--checkpoint-every", "0", "--no-compile-cache", "--quiet",
-                           "--out", str(run)]) == 0
-    capsys.readouterr()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JAXFORMERS_CACHE", str(tmp_path / "cache"))
+        assert train_cli.main(["--model", "landmark", "--preset", "tiny", *sets,
+                               "--loss", "landmark_cross_entropy", "--data", str(corpus), "--steps", "2",
+                               "--batch-size", "4", "--seq-len", "24", "--log-every", "1",
+                               "--eval-every", "0", "--eval-batches", "1", "--checkpoint-every", "0",
+                               "--no-compile-cache", "--quiet", "--out", str(run)]) == 0
+    return run
+
+
+def test_cli_generates_from_a_landmark_run(landmark_run, capsys):
+    """A 2-step landmark run (byte tokenizer: the train CLI gives it vocab 258, so the landmark
+    257 is no byte and not the end-of-text id 256) samples text without landmarks, also up to
+    the end-of-text token."""
+    from experiments import generate as gen_cli
+
+    run = landmark_run
     model_config = json.loads((run / CONFIG_FILE).read_text())["model"]
     assert model_config["vocab_size"] == 258 and model_config["landmark_id"] is None
     rc = gen_cli.main(["--run", str(run), "--prompt", "the quick", "--max-new-tokens", "9",
@@ -213,6 +222,49 @@ def test_cli_generates_from_a_landmark_run(tmp_path, monkeypatch, capsys):
     assert "--memory-top-k needs --memory-chunk" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--memory-chunk needs a landmark model"):
         gen_cli.with_memory_decoding(jf.get_config("gpt", "tiny"), 8, None)
+
+
+def test_cli_evaluates_a_landmark_run_through_its_memory(landmark_run, tmp_path, monkeypatch, capsys):
+    """``experiments.evaluate --memory-chunk``: with every block retrieved the run's own loss;
+    windows past max_seq_len; a run whose config sets ``mem_chunk_len`` evaluates and generates
+    through its memory without the option (no prompt cut)."""
+    import shutil
+    from experiments import evaluate as eval_cli
+    from experiments import generate as gen_cli
+
+    monkeypatch.setenv("JAXFORMERS_CACHE", str(landmark_run.parent / "cache"))  # the run's prepared corpus
+
+    def evaluate(run, *args):
+        rc = eval_cli.main(["--run", str(run), "--split", "train", "--max-batches", "2", *args])
+        out = capsys.readouterr()
+        assert rc == 0, out.err
+        return json.loads(out.out)
+
+    plain = evaluate(landmark_run)
+    every_block = evaluate(landmark_run, "--memory-chunk", "8", "--memory-top-k", "14")
+    assert every_block["val_tokens"] == plain["val_tokens"] == 2 * 4 * 24
+    assert every_block["val_loss"] == pytest.approx(plain["val_loss"], rel=1e-5)
+    retrieved = evaluate(landmark_run, "--memory-chunk", "8", "--memory-top-k", "1")
+    assert abs(retrieved["val_loss"] - plain["val_loss"]) > 1e-4           # top-1 of up to 5 blocks
+    long = evaluate(landmark_run, "--seq-len", "150", "--memory-chunk", "8")  # 200 positions > 64
+    assert long["val_tokens"] == 2 * 4 * 150 and np.isfinite(long["val_loss"])
+    for args, message in ((["--memory-chunk", "6"], "--memory-chunk must be a positive multiple of landmark_block=4"),
+                          (["--memory-chunk", "64"], "more than max_seq_len=64")):
+        assert eval_cli.main(["--run", str(landmark_run), *args]) == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        eval_cli.main(["--run", str(landmark_run), "--memory-top-k", "2"])
+    assert "--memory-top-k needs --memory-chunk" in capsys.readouterr().err
+
+    run = tmp_path / "memory_run"                  # the same run, mem_chunk_len in its config
+    shutil.copytree(landmark_run, run)
+    config = json.loads((run / CONFIG_FILE).read_text())
+    config["model"].update(mem_chunk_len=8, mem_top_k=1)
+    (run / CONFIG_FILE).write_text(json.dumps(config))
+    assert evaluate(run)["val_loss"] == pytest.approx(retrieved["val_loss"], rel=1e-6)
+    rc = gen_cli.main(["--run", str(run), "--max-new-tokens", "100", "--json"])  # no 48-token limit
+    out = capsys.readouterr()
+    assert rc == 0 and len(json.loads(out.out)["samples"][0]) > 0, out.err
 
 
 def test_the_train_cli_adds_the_landmark_to_the_datas_vocabulary():

@@ -253,7 +253,10 @@ def test_one_run_per_directory_and_no_shortening(env, reference_run, caplog):
 def test_evaluate_argument_checks(env, reference_run):
     ref, _ = reference_run
     for kw, match in ((dict(max_batches=-5), "max_batches"), (dict(max_batches=0), "max_batches"),
-                      (dict(batch_size=0), "batch_size"), (dict(seq_len=0), "seq_len")):
+                      (dict(batch_size=0), "batch_size"), (dict(seq_len=0), "seq_len"),
+                      (dict(model_overrides={"no_such_field": 1}), "unknown config field"),
+                      (dict(model_overrides={"n_layer": 2}),
+                       r"do not fit the model config with model_overrides=\{'n_layer': 2\}")):
         with pytest.raises(ValueError, match=match):
             evaluate(ref, **kw)
     # a run trained without evaluation (eval_batches=0): -1 means the whole split, not nothing

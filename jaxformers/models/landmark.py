@@ -52,6 +52,9 @@ positions never exceed ``top_k L + C``, so generation can run past the training 
 cache keeps every position's unrotated keys and values (the memory; no host offload here),
 rounded up to whole chunks plus one; the prompt is processed in groups of ``C`` queries; the
 chunk's landmark attention runs the float32 reference, as the full-cache decoding.
+``landmark_cross_entropy`` of a config with ``mem_chunk_len`` reads its logits the same way
+(one prefill of each window), so the library's ``evaluate`` (``experiments.evaluate
+--memory-chunk C``) measures perplexity through the memory on windows of any length.
 
 Inference with a memory (:func:`memory_forward`).  A long with-landmark input is processed
 in chunks of ``chunk_len`` tokens (a multiple of ``L``).  Each layer keeps a memory of the
@@ -121,7 +124,7 @@ from ..layers.linear import Linear
 from ..layers.rotary import apply_rotary, rotary_angles
 from ..registry import register
 from ..sharding import ACT_HEADS, BATCH, EMBED, HEAD_DIM, HEADS, LENGTH, constrain
-from ..training.losses import cross_entropy, register_loss
+from ..training.losses import cross_entropy, logits_cross_entropy, model_inputs, register_loss
 from .gpt import GPT_PRESETS, _GPT_STYLE
 from .transformer import Transformer, check_tokens
 from ..utils import is_int as _is_int
@@ -143,7 +146,8 @@ class LandmarkConfig(TransformerConfig):
     over the whole cache) or a positive multiple of ``landmark_block``: KV-cache decoding (and
     :func:`jaxformers.generate`) runs through the retrieval memory, as
     ``memory_forward(chunk_len=mem_chunk_len, top_k=mem_top_k, selection=mem_selection)``
-    (module docstring, "Decoding through the memory").
+    (module docstring, "Decoding through the memory"), and so does ``landmark_cross_entropy``
+    (long-context evaluation: ``experiments.evaluate --memory-chunk``).
     """
 
     default_loss = "landmark_cross_entropy"  # not a field: the loss experiments.train defaults to
@@ -252,13 +256,25 @@ def with_landmarks(batch, block_size: int, landmark_id: int):
 @register_loss("landmark_cross_entropy")
 def landmark_cross_entropy(module, params, batch, rng=None):
     """Next-token cross-entropy of a ``landmark`` model on raw windows: landmarks inserted
-    (:func:`with_landmarks`), landmark targets weigh 0.  Metrics as ``cross_entropy``."""
+    (:func:`with_landmarks`), landmark targets weigh 0.  Metrics as ``cross_entropy``.
+
+    With ``mem_chunk_len`` set, the logits are read through the retrieval memory: one KV-cache
+    prefill of each window (module docstring, "Decoding through the memory"; the logits of
+    :func:`memory_forward` with ``chunk_len=mem_chunk_len``), so windows may be longer than
+    ``max_seq_len`` (``experiments.evaluate --memory-chunk``).  That path applies no dropout;
+    it is differentiable, but the paper trains without the memory (``mem_chunk_len=None``)."""
     c = module.config
     if not isinstance(c, LandmarkConfig):
         raise ValueError(f"loss 'landmark_cross_entropy' needs a landmark model, got model "
                          f"{c.model!r}; use loss='cross_entropy'")
-    return cross_entropy(module, params, with_landmarks(batch, c.landmark_block, c.landmark_token),
-                         rng)
+    batch = with_landmarks(batch, c.landmark_block, c.landmark_token)
+    if c.mem_chunk_len is None:
+        return cross_entropy(module, params, batch, rng)
+    from ..decoding import init_cache
+    tokens, _ = model_inputs(batch)
+    logits, _ = module.apply({"params": params}, tokens,
+                             cache=init_cache(module, tokens.shape[0], tokens.shape[1]))
+    return logits_cross_entropy(logits, batch)
 
 
 def landmark_seq_len(raw_len: int, block_size: int) -> int:

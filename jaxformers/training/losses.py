@@ -201,8 +201,14 @@ def cross_entropy(module, params, batch, rng=None):
     segment boundaries); 0 when no target has weight.  Metrics: ``n_targets`` = ``sum(w)``.
     """
     logits, _ = apply_model(module, params, batch, rng)
+    return logits_cross_entropy(logits, batch)
+
+
+def logits_cross_entropy(logits, batch):
+    """``cross_entropy``'s ``(loss, {"n_targets"})`` from the logits ``[B, T, V]`` of
+    ``batch["tokens"][:, :-1]`` (for a loss that computes its logits another way)."""
     targets, weights = next_token_targets(batch)
-    per_token = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    per_token = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
     loss, n_targets = weighted_mean(per_token, weights)
     return loss, {"n_targets": n_targets}
 

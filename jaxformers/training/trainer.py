@@ -659,7 +659,8 @@ def evaluate(run: Union[str, os.PathLike, Tuple[ModelConfig, Any]], data=None, *
              split: str = "val", batch_size: Optional[int] = None, seq_len: Optional[int] = None,
              max_batches: Optional[int] = -1, mesh: Optional[str] = None,
              dtype: Optional[str] = None, loss_fn: Optional[LossFn] = None,
-             cache: Optional[CompileCache] = None) -> Dict[str, Any]:
+             cache: Optional[CompileCache] = None,
+             model_overrides: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Mean loss and perplexity: ``{"val_loss", "val_ppl", "val_tokens"}`` (``val_tokens``: the
     total target weight, i.e. the number of counted targets for 0/1 masks).
 
@@ -674,7 +675,10 @@ def evaluate(run: Union[str, os.PathLike, Tuple[ModelConfig, Any]], data=None, *
     from the run or float32 (so a run's final ``val_loss`` is reproduced);
     ``max_batches=None`` evaluates the whole split (as ``-1`` does for a run trained with
     ``eval_batches=0``).  The loss is ``loss_fn``, else the
-    run's ``loss`` by name, else cross-entropy.
+    run's ``loss`` by name, else cross-entropy.  ``model_overrides``: model config fields to
+    replace for this evaluation, ones that leave the parameters as they are (e.g. a landmark
+    model's ``{"mem_chunk_len": 96}``: its loss read through the retrieval memory, windows
+    longer than ``max_seq_len`` allowed); an unknown field is a ``ValueError``.
     """
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -691,6 +695,8 @@ def evaluate(run: Union[str, os.PathLike, Tuple[ModelConfig, Any]], data=None, *
     else:
         model_config, params = run
         params = _normalize_params(params)
+    if model_overrides:
+        model_config = model_config.replace(**model_overrides)
     if data is None:
         if tc is None:
             raise ValueError("data is required when evaluating (model_config, params)")
@@ -736,5 +742,13 @@ def evaluate(run: Union[str, os.PathLike, Tuple[ModelConfig, Any]], data=None, *
     if dtype is None:
         dtype = tc.dtype if tc is not None else "float32"
     program = eval_program(model_config, mesh_obj, resolve_dtype(dtype), loss_fn, cache)
+    def shapes(tree):
+        return sorted((jax.tree_util.keystr(k), tuple(np.shape(a)))
+                      for k, a in jax.tree_util.tree_flatten_with_path(tree)[0])
+
+    if shapes(params) != shapes(program.abstract_params):
+        raise ValueError("the parameters do not fit the model config"
+                         + (f" with model_overrides={model_overrides}" if model_overrides else "")
+                         + " (other parameter names or shapes)")
     params = jax.device_put(params, program.param_shardings)
     return eval_loss(program, params, source, batch_size, seq_len, max_batches, split)
