@@ -242,19 +242,25 @@ def test_a_new_run_without_loss_trains_with_its_models_loss(env):
 
 def test_the_library_warns_when_a_landmark_model_trains_with_plain_cross_entropy(env, caplog):
     """``train()`` keeps ``TrainConfig.loss`` (no silent switch) but says that plain
-    cross-entropy inserts no landmarks; the model's own loss trains without the warning."""
+    cross-entropy inserts no landmarks; the model's own loss trains without the warning.  The
+    FLOPs per token count the positions the model runs: with landmarks, 16 raw tokens of a
+    window take 21 positions (L=4)."""
+    from jaxformers.models.landmark import landmark_seq_len
     from jaxformers.training import train
 
     cfg = jf.get_config("landmark", "tiny", d_model=32, n_layer=1, n_head=2, vocab_size=258, max_seq_len=40,
-                        landmark_impl="reference")
-    for loss in ("cross_entropy", "landmark_cross_entropy"):
+                        landmark_block=4, landmark_impl="reference")
+    assert landmark_seq_len(16, 4) == 21
+    for loss, fpt in (("cross_entropy", cfg.flops_per_token(16)),
+                      ("landmark_cross_entropy", cfg.flops_per_token(21) * 21 / 16)):
         tc = TrainConfig(data=env["corpus"], steps=1, batch_size=2, seq_len=16, eval_every=0, log_every=1,
                          checkpoint_every=0, loss=loss, out_dir=str(env["root"] / f"lib_{loss}"))
         caplog.clear()
         with caplog.at_level(logging.WARNING):
-            train(cfg, tc)
+            summary = train(cfg, tc)
         warned = "pass loss='landmark_cross_entropy' unless you mean it" in caplog.text
         assert warned == (loss == "cross_entropy"), caplog.text
+        assert summary["flops_per_token"] == pytest.approx(fpt, rel=1e-12)
 
 
 def test_a_job_script_always_passing_resume_with_config_and_init_from(env, base_run, capsys, monkeypatch):

@@ -19,7 +19,8 @@ the existing ``loss_mask`` does it).  Their training loss (``lm_benchmark``: cro
 token file) also counts the landmark targets, which are trivially predictable; here they weigh 0,
 so losses and perplexities are over the real tokens only (theirs, averaging in the near-zero
 landmark losses, read lower at equal quality).  Training positions are the with-landmark
-positions ``0..T'-1`` (as theirs).
+positions ``0..T'-1`` (as theirs); a run's FLOPs per token and MFU count those ``T'``
+positions per ``T`` raw tokens (the loss's ``model_positions``).
 
 Decoding with the baseline KV cache (``model.apply(..., cache=...)``) runs the float32
 reference with ``q_offset = cache_index``.  Landmarks are placed by *position*: the model needs
@@ -280,6 +281,12 @@ def landmark_cross_entropy(module, params, batch, rng=None):
 def landmark_seq_len(raw_len: int, block_size: int) -> int:
     """Model sequence length for raw windows of ``raw_len + 1`` tokens (``max_seq_len`` needed)."""
     return raw_len + 1 + (raw_len + 1) // (block_size - 1) - 1
+
+
+# the model runs a window of T raw targets at T' positions (landmarks inserted): the trainer's
+# FLOPs per token and MFU count them (jaxformers.training.losses, "Loss functions")
+landmark_cross_entropy.model_positions = lambda config, seq_len: (
+    landmark_seq_len(seq_len, config.landmark_block) if isinstance(config, LandmarkConfig) else seq_len)
 
 
 # -------------------------------------------------------------------------- attention op

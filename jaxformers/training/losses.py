@@ -34,7 +34,10 @@ reserved: ``loss`` (set by the step functions to the returned loss) and
 micro-batches of an accumulated step and evaluation batches are combined weighted
 by it, so a step over 2 micro-batches equals one over the whole batch even when
 the masks differ.  Register a function with :func:`register_loss` and pick it
-with ``TrainConfig(loss=NAME)``, or pass it to ``train(..., loss_fn=fn)``.
+with ``TrainConfig(loss=NAME)``, or pass it to ``train(..., loss_fn=fn)``.  A loss that
+runs the model on more positions than a window's ``T`` (e.g. it inserts landmark tokens) says
+so with an attribute ``loss_fn.model_positions(model_config, T) -> int``: the trainer's
+FLOPs per token and MFU then count the work of those positions per token of the data.
 
 Auxiliary losses
 ----------------

@@ -56,11 +56,15 @@ def peak_flops(device=None) -> Optional[float]:
     return None
 
 
-def model_flops_per_token(config, seq_len: int, params=None) -> float:
+def model_flops_per_token(config, seq_len: int, params=None, loss_fn=None) -> float:
     """Training FLOPs per token of ``config`` at context ``seq_len``: ``config.flops_per_token``
     (each weight counted as often as a token uses it; ``params``, a params tree abstract or not,
-    saves building the model)."""
-    return float(config.flops_per_token(seq_len, params))
+    saves building the model).  With a ``loss_fn`` whose ``model_positions(config, seq_len)``
+    is ``T' > seq_len`` (the model runs ``T'`` positions per window, e.g. with landmarks
+    inserted): ``flops_per_token(T') * T' / seq_len``, per token of the data."""
+    positions = getattr(loss_fn, "model_positions", None)
+    t = seq_len if positions is None else int(positions(config, seq_len))
+    return float(config.flops_per_token(t, params)) * t / seq_len
 
 
 def mfu(flops_per_token: float, tokens_per_s: Optional[float], n_devices: Optional[int] = None,

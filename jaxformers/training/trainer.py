@@ -524,7 +524,8 @@ def _train(model_config, tc, *, run_dir, is_main, multi, resume, progress, stop_
     metrics_log = rundir.MetricsWriter(run_dir, enabled=is_main, tensorboard=tc.tensorboard,
                                        # a fresh start drops the events of an earlier start
                                        purge_step=start_step + 1 if with_ckpt else 0)
-    fpt = model_flops_per_token(program.module.config, tc.seq_len, program.abstract_params)
+    fpt = model_flops_per_token(program.module.config, tc.seq_len, program.abstract_params,
+                                program.loss_fn)
 
     def write_row(row):
         metrics_log.write(row)
