@@ -349,7 +349,7 @@ def run(args, ap=None) -> dict:
     import numpy as np
 
     import jaxformers as jf
-    from jaxformers.data.synthetic import arithmetic, arithmetic_length, draw_split
+    from jaxformers.data.synthetic import arithmetic, arithmetic_length, arithmetic_prompt_length, draw_split
     from jaxformers.distill import DistillStep, init_student, student_config
     from jaxformers.training import load_run
     from jaxformers.training.rundir import read_metrics
@@ -412,7 +412,8 @@ def run(args, ap=None) -> dict:
     models = {"teacher": (teacher_cfg, teacher, teacher_params)}
 
     def heldout(n, seed):  # problems the models never trained on (the loader trains on the others)
-        return draw_split(lambda m, s: arithmetic(m, digits, seed=s), n, seed, "heldout")
+        return draw_split(lambda m, s: arithmetic(m, digits, seed=s), n, seed, "heldout",
+                          arithmetic_prompt_length(digits))
 
     val_tokens, val_mask = heldout(64, 10_000 + args.seed)
     results["students"] = {}

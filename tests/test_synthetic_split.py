@@ -78,3 +78,63 @@ def test_a_space_without_held_out_problems_and_bad_splits_are_errors():
         synthetic.draw_split(one_problem, 4, 0, split)
     with pytest.raises(ValueError, match=r"split must be one of \[None, 'train', 'heldout'\]"):
         synthetic.draw_split(one_problem, 4, 0, "val")
+
+
+def _operands(tokens, n_digits=2):
+    return {tuple(r) for r in tokens[:, 1:synthetic.arithmetic_prompt_length(n_digits)].tolist()}
+
+
+def test_a_sums_problem_is_its_operands_whatever_the_format():
+    """worked_steps / answer_only change what follows ``BOS a + b =``, not whether the sum is held
+    out (the whole tail used to enter the hash: ~11% of the 2-digit sums changed side)."""
+    plen = synthetic.arithmetic_prompt_length(2)
+    labels = []
+    for steps in (True, False):
+        for answer_only in (False, True):
+            t, m = synthetic.arithmetic(20000, 2, steps, seed=3, answer_only=answer_only)
+            labels.append(synthetic.is_heldout(t, m, prompt_len=plen))
+    assert all(np.array_equal(labels[0], x) for x in labels[1:]) and 0.04 < labels[0].mean() < 0.09
+    from jaxformers.data.loader import synthetic_rows
+    train = synthetic_rows("arithmetic", 3000, 64, 0, {"n_digits": 2, "pack": 0}, "train")["tokens"]
+    for params in ({"answer_only": 1}, {"worked_steps": 0}, {"worked_steps": 0, "answer_only": 1}):
+        held = synthetic_rows("arithmetic", 300, 64, 1, {"n_digits": 2, "pack": 0, **params}, "heldout")
+        assert not _operands(held["tokens"]) & _operands(train), params
+
+
+def test_the_label_ignores_padding_length_and_token_dtype():
+    short, ms = synthetic.copying(4000, 10, 8, seed=5)
+    odd, mo = synthetic.copying(4000, 11, 8, seed=5)            # the same strings, one PAD more
+    assert np.array_equal(short, odd[:, :10])
+    want = synthetic.is_heldout(short, ms)
+    assert np.array_equal(synthetic.is_heldout(odd, mo), want) and want.any()
+    for dtype in (np.uint8, np.uint16, np.uint32, np.int16, np.int64):
+        assert np.array_equal(synthetic.is_heldout(short.astype(dtype), ms), want), dtype
+    with pytest.raises(ValueError, match=r"must be \[N, T\] arrays of one shape"):
+        synthetic.is_heldout(short[0], ms[0])
+    with pytest.raises(ValueError, match="prompt_len must be <= the examples' length 10"):
+        synthetic.is_heldout(short, ms, prompt_len=11)
+
+
+@pytest.mark.parametrize("spec", ["synthetic:arithmetic:answer_only=2", "synthetic:arithmetic:worked_steps=-1",
+                                  "synthetic:recall:pack=5"])
+def test_flag_parameters_are_0_or_1(spec):
+    with pytest.raises(ValueError, match="must be 0 or 1"):
+        open_data(spec)
+
+
+def test_a_task_without_held_out_problems_fails_before_training(tmp_path):
+    """copying with one symbol has one problem: if it is a training one, the run used to train to
+    the end and fail at its first evaluation (and again on every --resume)."""
+    from jaxformers import get_config
+    from jaxformers.training import TrainConfig, train
+
+    seq_len = next(t for t in range(16, 40)
+                   if not synthetic.is_heldout(*synthetic.copying(1, t + 1, 6, seed=0))[0])
+    src = open_data("synthetic:copying:vocab=6")
+    with pytest.raises(ValueError, match="the 'heldout' split after 40 rounds"):
+        src.has_eval_data(seq_len)
+    tc = TrainConfig(data="synthetic:copying:vocab=6", steps=3, batch_size=2, seq_len=seq_len,
+                     eval_every=0, log_every=1, checkpoint_every=1, out_dir=str(tmp_path / "run"))
+    with pytest.raises(ValueError, match="the 'heldout' split after 40 rounds"):
+        train(get_config("gpt", "tiny", d_model=16, n_layer=1, n_head=2, vocab_size=6, max_seq_len=64), tc)
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())

@@ -214,6 +214,7 @@ SYNTHETIC_TASKS: Dict[str, Dict[str, int]] = {
     "arithmetic": {"n_digits": 3, "worked_steps": 1, "answer_only": 0, "pack": 1},
 }
 _TASK_ALIASES = {"associative_recall": "recall", "copy": "copying"}
+_FLAG_PARAMS = ("pack", "worked_steps", "answer_only")
 
 
 def _task_params(task: str, params: Mapping[str, int] | None) -> tuple[str, Dict[str, int]]:
@@ -226,6 +227,8 @@ def _task_params(task: str, params: Mapping[str, int] | None) -> tuple[str, Dict
             raise ValueError(f"synthetic task {task!r} has no parameter {k!r}; parameters: {sorted(out)}")
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
             raise ValueError(f"synthetic {task} parameter {k} must be an int, got {v!r}")
+        if k in _FLAG_PARAMS and v not in (0, 1):
+            raise ValueError(f"synthetic {task} parameter {k} must be 0 or 1, got {v!r}")
         out[k] = int(v)
     return task, out
 
@@ -258,7 +261,9 @@ def _examples(task: str, p: Mapping[str, int], n: int, length: int, seed: int, s
             return synthetic.associative_recall(m, p["n_pairs"], p["vocab"], s)
         return synthetic.arithmetic(m, p["n_digits"], bool(p["worked_steps"]), s,
                                     answer_only=bool(p["answer_only"]))
-    return synthetic.draw_split(make, n, seed, split)
+    # a sum's problem is its operands, whatever follows them (steps, answer-only mask)
+    prompt_len = synthetic.arithmetic_prompt_length(p["n_digits"]) if task == "arithmetic" else None
+    return synthetic.draw_split(make, n, seed, split, prompt_len)
 
 
 def synthetic_rows(task: str, n_rows: int, row_len: int, seed: int,

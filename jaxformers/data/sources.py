@@ -144,6 +144,10 @@ class SyntheticSource:
         return SyntheticLoader(self.task, batch_size, seq_len, seed, self.params, **process)
 
     def has_eval_data(self, seq_len: int, split: str = "val") -> bool:
+        """True once ``split``'s rows are drawn; the draw's ``ValueError`` when the task's problem
+        space has none of the split's problems (raised here, so a run fails before training, not
+        at its first evaluation)."""
+        self.split_rows(seq_len, split)
         return True
 
     def split_rows(self, seq_len: int, split: str = "val") -> Dict[str, np.ndarray]:

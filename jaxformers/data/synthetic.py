@@ -26,8 +26,12 @@ EOS    4     end of an arithmetic sequence
 Ordinary symbols start at ``N_SPECIAL = 5``.  :func:`passkey` is byte-level
 instead (ids are the ASCII bytes of an English-like text, vocab 256).
 
-Held-out problems.  A task's *problem* is an example's tokens outside its answer
-(``loss_mask == 0``: the operands of a sum, the string to copy, the pairs and the query).  A
+Held-out problems.  A task's *problem* is an example's prompt: its tokens before its first
+answer position (``loss_mask > 0``: the string to copy, the pairs and the query, the text
+before the pass key), or its first ``prompt_len`` tokens where the task says so (the operands
+of a sum, ``BOS a + b =``: :func:`arithmetic_prompt_length`, whatever ``worked_steps`` /
+``answer_only`` make of the rest).  What follows the prompt (answer, worked steps, padding)
+and the example's length do not enter.  A
 fixed ``1 / HELDOUT_EVERY`` of every task's problem space, chosen by a hash of the problem
 (:func:`is_heldout`), is held out: :func:`draw_split` draws a task's examples from the
 training problems (``split="train"``) or only from the held-out ones (``"heldout"``), so a
@@ -54,12 +58,15 @@ __all__ = [
     "SEP",
     "arithmetic",
     "arithmetic_length",
+    "arithmetic_prompt_length",
     "associative_recall",
     "copying",
     "decode_arithmetic",
     "draw_split",
+    "EmptySplitError",
     "HELDOUT_EVERY",
     "is_heldout",
+    "problem_hash",
     "passkey",
 ]
 
@@ -102,31 +109,55 @@ def _mix64(z):
     return z ^ (z >> np.uint64(31))
 
 
-def problem_hash(tokens, loss_mask) -> np.ndarray:
-    """``uint64 [N]``: a hash of each example's problem, its tokens where ``loss_mask == 0``
-    (``tokens`` / ``loss_mask`` ``[N, T]``; the answer positions count as one fixed value): every
-    (position, token) pair mixed on its own, summed modulo 2^64, mixed again (one vectorised
-    pass: the data loader hashes every training row)."""
-    x = np.where(np.asarray(loss_mask) > 0, -1, np.asarray(tokens)).astype(np.int64).view(np.uint64)
+def problem_hash(tokens, loss_mask, prompt_len=None) -> np.ndarray:
+    """``uint64 [N]``: a hash of each example's problem (``tokens`` / ``loss_mask`` ``[N, T]``, any
+    integer dtype): its first ``prompt_len`` tokens, or (``None``) its tokens before its first
+    answer position (``loss_mask > 0``; all of them if it has none).  Every (position, token)
+    pair of the prompt mixed on its own, summed modulo 2^64, mixed again with the prompt's
+    length (one vectorised pass: the data loader hashes every training row)."""
+    tokens, mask = np.asarray(tokens), np.asarray(loss_mask)
+    if tokens.ndim != 2 or mask.shape != tokens.shape or not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"tokens and loss_mask must be [N, T] arrays of one shape (integer tokens), got "
+                         f"tokens {tokens.dtype} {tokens.shape} and loss_mask {mask.shape}")
+    n, t = tokens.shape
+    if prompt_len is None:
+        answer = mask > 0
+        first = np.where(answer.any(axis=1), answer.argmax(axis=1), t).astype(np.uint64)
+    else:
+        prompt_len = int_arg("prompt_len", prompt_len, lo=1)
+        if prompt_len > t:
+            raise ValueError(f"prompt_len must be <= the examples' length {t}, got {prompt_len}")
+        first = np.full(n, prompt_len, np.uint64)
+    x = tokens.astype(np.int64).view(np.uint64)
     with np.errstate(over="ignore"):
-        pos = (np.arange(1, x.shape[1] + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15))
-        return _mix64(_mix64(x ^ pos).sum(axis=1, dtype=np.uint64) ^ np.uint64(x.shape[1]))
+        pos = np.arange(1, t + 1, dtype=np.uint64)
+        mixed = np.where(pos[None] <= first[:, None], _mix64(x ^ (pos * np.uint64(0x9E3779B97F4A7C15))),
+                         np.uint64(0))
+        return _mix64(mixed.sum(axis=1, dtype=np.uint64) ^ first)
 
 
-def is_heldout(tokens, loss_mask) -> np.ndarray:
-    """``bool [N]``: the example's problem is one of the held-out ``1 / HELDOUT_EVERY``."""
-    return problem_hash(tokens, loss_mask) % np.uint64(HELDOUT_EVERY) == 0
+def is_heldout(tokens, loss_mask, prompt_len=None) -> np.ndarray:
+    """``bool [N]``: the example's problem (:func:`problem_hash`) is one of the held-out
+    ``1 / HELDOUT_EVERY``."""
+    return problem_hash(tokens, loss_mask, prompt_len) % np.uint64(HELDOUT_EVERY) == 0
 
 
-def draw_split(make, n: int, seed: int, split=None) -> tuple[np.ndarray, np.ndarray]:
+class EmptySplitError(ValueError):
+    """:func:`draw_split` found (almost) none of a split's problems in a task's problem space."""
+
+
+def draw_split(make, n: int, seed: int, split=None, prompt_len=None) -> tuple[np.ndarray, np.ndarray]:
     """``n`` examples of one split: ``make(m, seed) -> (tokens, loss_mask)`` is a task with its
-    parameters bound (e.g. ``lambda m, s: arithmetic(m, 3, seed=s)``).
+    parameters bound (e.g. ``lambda m, s: arithmetic(m, 3, seed=s)``); ``prompt_len``: the
+    task's problem length, if not the tokens before the answer (:func:`problem_hash`; e.g.
+    ``arithmetic_prompt_length(3)``).
 
     ``split``: ``None``, every problem (``make(n, seed)``); ``"train"``, only problems outside the
     held-out set; ``"heldout"``, only problems in it.  The examples are drawn in rounds (round
     ``r`` from a seed derived from ``(seed, r)``) and filtered, in order: a pure function of
-    ``(n, seed, split)``.  ``ValueError`` if ``split`` is not one of those, or if the task's
-    problem space holds none of the split's problems (a space of a few problems).
+    ``(n, seed, split)``.  ``ValueError`` if ``split`` is not one of those; ``EmptySplitError`` (a
+    ``ValueError``) if the task's problem space holds none of the split's problems (a space of a
+    few problems).
     """
     n = _check_n("draw_split", n)
     seed = _int("draw_split", "seed", seed, lo=0)
@@ -139,13 +170,13 @@ def draw_split(make, n: int, seed: int, split=None) -> tuple[np.ndarray, np.ndar
     for r in range(_MAX_ROUNDS):
         m = int((n - got) / rate * 1.25) + 8
         t, mask = make(m, int(np.random.SeedSequence([seed, r, 0x5E1D]).generate_state(1, np.uint64)[0]))
-        keep = is_heldout(t, mask) == want
+        keep = is_heldout(t, mask, prompt_len) == want
         tokens.append(t[keep])
         masks.append(mask[keep])
         got += int(keep.sum())
         if got >= n:
             return np.concatenate(tokens)[:n], np.concatenate(masks)[:n]
-    raise ValueError(f"draw_split: {got} of {n} examples of the {split!r} split after {_MAX_ROUNDS} rounds: "
+    raise EmptySplitError(f"draw_split: {got} of {n} examples of the {split!r} split after {_MAX_ROUNDS} rounds: "
                      f"this task's problem space has (almost) none of them (1 in {HELDOUT_EVERY} "
                      "problems is held out); use a larger task (more digits, symbols or length)")
 
@@ -273,6 +304,11 @@ ARITH_VOCAB_SIZE = N_SPECIAL + len(ARITH_CHARS)  # 18
 _DIGIT0 = N_SPECIAL
 _PLUS, _EQ, _SEMI = (N_SPECIAL + ARITH_CHARS.index(c) for c in "+=;")
 _STEP_LEN = 9  # a_i + b_i + c_i = c_{i+1} s_i ;
+
+
+def arithmetic_prompt_length(n_digits: int) -> int:
+    """Length of an :func:`arithmetic` example's problem, ``BOS a + b =`` (its held-out key)."""
+    return 2 * _int("arithmetic_prompt_length", "n_digits", n_digits, lo=1) + 3
 
 
 def arithmetic_length(n_digits: int, worked_steps: bool = True) -> int:
