@@ -105,6 +105,52 @@ def test_the_cache_is_rounded_to_whole_chunks_plus_one():
         model.apply(params, _with_landmarks(1, 6), cache=wrong)
 
 
+@pytest.mark.parametrize("splits", [[9], [7, 8, 9], list(range(17, 33))])
+def test_tied_landmark_scores_retrieve_the_same_blocks_at_any_batch_size(splits):
+    """In the first layer every landmark key is the same vector (the landmark's embedding, keys
+    unrotated), so every block's score ties; float32 rounding, which depends on how the scores
+    were batched, used to pick among them: three identical rows decoded 0.036 away from
+    memory_forward (batch 1 and 2 matched).  Ties within the tolerance go to the earliest blocks."""
+    model, params = _model(n_layer=1, mem_chunk_len=8, mem_top_k=2)
+    seq = jnp.repeat(_with_landmarks(1, 60, seed=3)[:, :33], 3, axis=0)
+    want = memory_forward(model.config, params["params"], seq, chunk_len=8)
+    np.testing.assert_allclose(_decode(model, params, seq, splits), want, atol=2e-5, rtol=0)
+    np.testing.assert_allclose(want[1:], jnp.broadcast_to(want[:1], want[1:].shape), atol=2e-5, rtol=0)
+
+
+def test_select_blocks_breaks_near_ties_by_the_earliest_block():
+    from jaxformers.models.landmark import select_blocks
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((1, 1, 1, 8)), jnp.float32)
+    key = rng.standard_normal(8).astype(np.float32)
+    lm = np.stack([key, key * (1 + 1e-6), key * 2.0, key * (1 - 1e-6), key])[None, :, None]  # [1, 5, 1, 8]
+    sign = 1.0 if float(jnp.dot(q[0, 0, 0], key)) > 0 else -1.0
+    lm[0, 2, 0] = sign * 3.0 * key                                      # the clear winner
+    idx = select_blocks(q, jnp.asarray(lm), 5, 3, "per_head")
+    np.testing.assert_array_equal(idx[0, 0, 0], [0, 1, 2])              # block 2, then the earliest tied
+    idx = select_blocks(q, jnp.asarray(lm), 2, 3, "per_head")           # 2 stored: the empty slot last
+    np.testing.assert_array_equal(idx[0, 0, 0], [0, 1, 2])
+
+
+def test_a_memory_cache_too_small_for_the_input_is_an_error():
+    """The buffer keeps one spare chunk past max_len: feeding into it used to slice keys past the
+    buffer (clamped by XLA: a wrong answer); now a ValueError eagerly and NaN under jit."""
+    model, params = _model(mem_chunk_len=8)
+    seq = _with_landmarks(1, 20)[:, :24]
+    cache = init_cache(model, 1, 16)                                     # a 24-position buffer
+    with pytest.raises(ValueError, match="24 new tokens do not fit a KV cache of max_len=16"):
+        model.apply(params, seq, cache=cache)
+    _, full = model.apply(params, seq[:, :16], cache=cache)
+    with pytest.raises(ValueError, match="8 new tokens at cache index 16 exceed its max_len=16"):
+        model.apply(params, seq[:, 16:], cache=full)
+    logits, _ = jax.jit(lambda p, x, c: model.apply(p, x, cache=c))(params, seq[:, 16:], full)
+    assert np.isnan(np.asarray(logits)).all()
+    with pytest.raises(ValueError, match="no new tokens"):
+        model.apply(params, seq[:, :0], cache=cache)
+    with pytest.raises(ValueError, match="tokens must hold at least one position"):
+        memory_forward(model.config, params["params"], seq[:, :0], chunk_len=8)
+
+
 @pytest.mark.parametrize("value", [6, 2, 0, True, 8.0])
 def test_mem_chunk_len_must_be_a_multiple_of_the_block(value):
     with pytest.raises(ValueError, match="mem_chunk_len must be None or a positive multiple of landmark_block=4"):

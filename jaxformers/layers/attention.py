@@ -32,7 +32,7 @@ def init_attention_cache(config, batch_size, max_len, dtype=None):
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
-def write_kv_cache(kv_cache, k, v, cache_index, segment_ids=None):
+def write_kv_cache(kv_cache, k, v, cache_index, segment_ids=None, capacity=None):
     """The decoding cache with ``k``/``v`` ``[B, T, Hkv, Dh]`` written at ``cache_index``:
     ``{"k", "v"}`` ``[B, S, Hkv, Dh]`` (every KV-cache mixer shares this; the caller attends to
     the returned buffers with ``q_offset = cache_index``).  Packed ``segment_ids`` raise.
@@ -41,10 +41,13 @@ def write_kv_cache(kv_cache, k, v, cache_index, segment_ids=None):
     slots, a silently wrong answer: it raises a ``ValueError`` when the index is known (eager
     calls), and under ``jit`` (traced index) the written keys/values become NaN, so every output
     that depends on them is NaN instead of wrong.  Size the cache with ``init_cache(..., max_len)``
-    >= prompt + generated tokens."""
+    >= prompt + generated tokens.  ``capacity``: the positions a mixer may fill, if fewer than
+    ``S`` (e.g. a landmark memory cache keeps one spare chunk to slice from)."""
     if segment_ids is not None:
         raise ValueError("segment_ids are not supported together with a KV cache")
     (b, s), (bn, t) = kv_cache["k"].shape[:2], k.shape[:2]
+    if capacity is not None:
+        s = capacity
     if bn != b or kv_cache["k"].shape[2:] != k.shape[2:]:
         raise ValueError(f"the KV cache holds [B, S, Hkv, Dh] = {kv_cache['k'].shape}, the new keys are "
                          f"{k.shape}: build the cache with init_cache(module, batch_size={bn}, max_len)")

@@ -67,6 +67,9 @@ landmark key is row ``L - 1`` of its block).  For each chunk and layer:
    before the chunk, so the ranking is position-fair) and keeps the ``top_k`` best blocks:
    ``selection="per_head"`` per (token, query head), or ``"shared"`` per token across heads
    (max over heads of the per-head softmax over blocks: the authors' ``max_over_heads``);
+   scores within ``TIE_TOLERANCE`` (1e-4) of their bound of the k-th best count as tied and the
+   earliest blocks win (in the first layer every landmark key is the same vector, so every
+   score ties, and float rounding must not decide);
 2. positions: the retrieved blocks, in chronological order, are placed at positions
    ``[0, k L)`` (slot ``r`` at ``r L .. r L + L - 1``) and the chunk right after them at
    ``k L + t`` with ``k = min(M, top_k)`` (the paper's "retrieved blocks just before the
@@ -331,7 +334,30 @@ def select_blocks(q, lm_keys, n_mem, top_k: int, selection: str):
         p = jax.nn.softmax(jnp.where(jnp.isfinite(s), s, -1e30), axis=-1)
         p = jnp.where(stored, p, -1.0)
         s = jnp.broadcast_to(jnp.max(p, axis=1, keepdims=True), s.shape)
-    _, idx = jax.lax.top_k(s, k)
+        scale = jnp.ones(s.shape[:-1] + (1,), jnp.float32)                # probabilities
+    else:  # bound of |q . k| / sqrt(d): float32 rounding of a score is ~1e-7 of it
+        qn = jnp.sqrt(jnp.sum(jnp.square(q.astype(jnp.float32)), axis=-1))           # [B, C, Hq]
+        kn = jnp.max(jnp.sqrt(jnp.sum(jnp.square(kx), axis=-1)), axis=1)               # [B, Hq]
+        scale = (jnp.swapaxes(qn, 1, 2) * kn[..., None] * d ** -0.5)[..., None]       # [B, Hq, C, 1]
+    return _top_k_earliest_on_ties(s, k, TIE_TOLERANCE * scale)
+
+
+#: landmark scores within this fraction of their bound (``|q| max|k| / sqrt(d)``; 1 for the
+#: ``shared`` probabilities) count as tied
+TIE_TOLERANCE = 1e-4
+
+
+def _top_k_earliest_on_ties(s, k: int, tol):
+    """Indices ``[..., k]`` (increasing) of the ``k`` largest scores of ``s [..., M]`` (``-inf``:
+    empty slots, taken last), where scores within ``tol`` of the ``k``-th largest count as tied
+    and the earliest blocks win.  Exact ties are common (in the first layer every landmark key is
+    the same vector), and float32 rounding, which depends on how the scores were batched,
+    would otherwise pick among them: decoding and :func:`memory_forward` retrieved different
+    blocks at batch size 3."""
+    m = s.shape[-1]
+    kth = jax.lax.top_k(s, k)[0][..., -1:]
+    tier = jnp.where(s > kth + tol, 2, jnp.where(s >= kth - tol, 1, 0))      # in / tied / out
+    _, idx = jax.lax.top_k(tier * m + (m - 1 - jnp.arange(m)), k)             # then earliest first
     return jnp.sort(idx, axis=-1).astype(jnp.int32)
 
 
@@ -493,13 +519,17 @@ class LandmarkAttention(nn.Module):
         c = self.config
         C = c.mem_chunk_len
         b, tq = x.shape[:2]
-        q, k, v = project_qkv(c, x, jnp.zeros((b, tq), jnp.int32))      # rotary at 0 = unrotated
-        new_cache = write_kv_cache(kv_cache, k, v, cache_index)
-        ck, cv = new_cache["k"], new_cache["v"]
-        if ck.shape[1] % C or ck.shape[1] < 2 * C:
+        size = kv_cache["k"].shape[1]
+        if size % C or size < 2 * C:
             raise ValueError(f"a landmark model with mem_chunk_len={C} decodes with the cache of "
                              f"init_cache(module, ...): a multiple of {C}, at least {2 * C} long; "
-                             f"got a cache of length {ck.shape[1]}")
+                             f"got a cache of length {size}")
+        if tq == 0:
+            raise ValueError("no new tokens: the input has 0 positions")
+        q, k, v = project_qkv(c, x, jnp.zeros((b, tq), jnp.int32))      # rotary at 0 = unrotated
+        # the last chunk of the buffer is spare (a group of queries slices 2 C keys from its chunk)
+        new_cache = write_kv_cache(kv_cache, k, v, cache_index, capacity=size - C)
+        ck, cv = new_cache["k"], new_cache["v"]
         hq, d = q.shape[2:]
         g = min(tq, C)
         ng = -(-tq // g)
@@ -637,6 +667,9 @@ def memory_forward(config, params, tokens, *, chunk_len: int, top_k: Optional[in
                          f"position {bad} does not")
     tokens = tokens.astype(jnp.int32)
     b, n = tokens.shape
+    if n == 0:
+        raise ValueError("tokens must hold at least one position, got shape "
+                         f"{tuple(tokens.shape)}")
     need = n // L                                          # blocks appended, last chunk included
     if max_blocks is None:
         mcap = max(1, need)
