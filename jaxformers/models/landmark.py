@@ -334,30 +334,34 @@ def select_blocks(q, lm_keys, n_mem, top_k: int, selection: str):
         p = jax.nn.softmax(jnp.where(jnp.isfinite(s), s, -1e30), axis=-1)
         p = jnp.where(stored, p, -1.0)
         s = jnp.broadcast_to(jnp.max(p, axis=1, keepdims=True), s.shape)
-        scale = jnp.ones(s.shape[:-1] + (1,), jnp.float32)                # probabilities
-    else:  # bound of |q . k| / sqrt(d): float32 rounding of a score is ~1e-7 of it
-        qn = jnp.sqrt(jnp.sum(jnp.square(q.astype(jnp.float32)), axis=-1))           # [B, C, Hq]
-        kn = jnp.max(jnp.sqrt(jnp.sum(jnp.square(kx), axis=-1)), axis=1)               # [B, Hq]
-        scale = (jnp.swapaxes(qn, 1, 2) * kn[..., None] * d ** -0.5)[..., None]       # [B, Hq, C, 1]
-    return _top_k_earliest_on_ties(s, k, TIE_TOLERANCE * scale)
+    vals, cand = jax.lax.top_k(s, k)                                       # [B, Hq, C, k]
+    if selection == "shared":
+        scale = 1.0                                                        # probabilities
+    else:  # |q| . |k| / sqrt(d) of the candidates: a bound of their scores' float32 rounding / 1e-7
+        kc = kx[jnp.arange(b)[:, None, None, None], cand, jnp.arange(hq)[None, :, None, None]]
+        bound = jnp.einsum("bchd,bhckd->bhck", jnp.abs(q.astype(jnp.float32)), jnp.abs(kc))
+        scale = jnp.max(bound, axis=-1, keepdims=True) * d ** -0.5
+    # the k-th largest as the min of the top k (slicing the last one makes XLA:CPU sort all of s)
+    return _earliest_on_ties(s, jnp.min(vals, axis=-1, keepdims=True), k, TIE_TOLERANCE * scale)
 
 
-#: landmark scores within this fraction of their bound (``|q| max|k| / sqrt(d)``; 1 for the
-#: ``shared`` probabilities) count as tied
+#: landmark scores within this fraction of their bound (``|q| . |k| / sqrt(d)`` with absolute
+#: values, the largest among the top k; 1 for the ``shared`` probabilities) of the k-th best
+#: count as tied
 TIE_TOLERANCE = 1e-4
 
 
-def _top_k_earliest_on_ties(s, k: int, tol):
+def _earliest_on_ties(s, kth, k: int, tol):
     """Indices ``[..., k]`` (increasing) of the ``k`` largest scores of ``s [..., M]`` (``-inf``:
-    empty slots, taken last), where scores within ``tol`` of the ``k``-th largest count as tied
-    and the earliest blocks win.  Exact ties are common (in the first layer every landmark key is
-    the same vector), and float32 rounding, which depends on how the scores were batched,
-    would otherwise pick among them: decoding and :func:`memory_forward` retrieved different
-    blocks at batch size 3."""
+    empty slots, taken last) with the ``k``-th largest ``kth [..., 1]``, where scores within
+    ``tol`` of it count as tied and the earliest blocks win.  Exact ties are common (in the
+    first layer every landmark key is the same vector), and float32 rounding, which depends on
+    how the scores were batched, would otherwise pick among them: decoding and
+    :func:`memory_forward` retrieved different blocks at batch size 3."""
     m = s.shape[-1]
-    kth = jax.lax.top_k(s, k)[0][..., -1:]
     tier = jnp.where(s > kth + tol, 2, jnp.where(s >= kth - tol, 1, 0))      # in / tied / out
-    _, idx = jax.lax.top_k(tier * m + (m - 1 - jnp.arange(m)), k)             # then earliest first
+    rank = (tier * m + (m - 1 - jnp.arange(m))).astype(jnp.float32)         # exact: 3 m < 2^24
+    _, idx = jax.lax.top_k(rank, k)                                           # then earliest first
     return jnp.sort(idx, axis=-1).astype(jnp.int32)
 
 
