@@ -63,7 +63,6 @@ __all__ = [
     "copying",
     "decode_arithmetic",
     "draw_split",
-    "EmptySplitError",
     "HELDOUT_EVERY",
     "is_heldout",
     "problem_hash",
@@ -142,10 +141,6 @@ def is_heldout(tokens, loss_mask, prompt_len=None) -> np.ndarray:
     return problem_hash(tokens, loss_mask, prompt_len) % np.uint64(HELDOUT_EVERY) == 0
 
 
-class EmptySplitError(ValueError):
-    """:func:`draw_split` found (almost) none of a split's problems in a task's problem space."""
-
-
 def draw_split(make, n: int, seed: int, split=None, prompt_len=None) -> tuple[np.ndarray, np.ndarray]:
     """``n`` examples of one split: ``make(m, seed) -> (tokens, loss_mask)`` is a task with its
     parameters bound (e.g. ``lambda m, s: arithmetic(m, 3, seed=s)``); ``prompt_len``: the
@@ -155,9 +150,8 @@ def draw_split(make, n: int, seed: int, split=None, prompt_len=None) -> tuple[np
     ``split``: ``None``, every problem (``make(n, seed)``); ``"train"``, only problems outside the
     held-out set; ``"heldout"``, only problems in it.  The examples are drawn in rounds (round
     ``r`` from a seed derived from ``(seed, r)``) and filtered, in order: a pure function of
-    ``(n, seed, split)``.  ``ValueError`` if ``split`` is not one of those; ``EmptySplitError`` (a
-    ``ValueError``) if the task's problem space holds none of the split's problems (a space of a
-    few problems).
+    ``(n, seed, split)``.  ``ValueError`` if ``split`` is not one of those, or if the task's
+    problem space holds none of the split's problems (a space of a few problems).
     """
     n = _check_n("draw_split", n)
     seed = _int("draw_split", "seed", seed, lo=0)
@@ -176,7 +170,7 @@ def draw_split(make, n: int, seed: int, split=None, prompt_len=None) -> tuple[np
         got += int(keep.sum())
         if got >= n:
             return np.concatenate(tokens)[:n], np.concatenate(masks)[:n]
-    raise EmptySplitError(f"draw_split: {got} of {n} examples of the {split!r} split after {_MAX_ROUNDS} rounds: "
+    raise ValueError(f"draw_split: {got} of {n} examples of the {split!r} split after {_MAX_ROUNDS} rounds: "
                      f"this task's problem space has (almost) none of them (1 in {HELDOUT_EVERY} "
                      "problems is held out); use a larger task (more digits, symbols or length)")
 
