@@ -288,18 +288,23 @@ class Program:
         with mesh_lib.use_mesh(self.mesh):
             return fn(params)
 
-    def init_from(self, params):
-        """``(params, fresh opt_state)`` starting from given ``params`` (converted or pretrained
-        weights of exactly this module's tree), placed with the parameter shardings."""
+    def check_params(self, params, what: str = "params") -> None:
+        """``ValueError`` (naming ``what``) unless ``params`` have exactly this module's parameter
+        tree and shapes."""
         want = jax.tree_util.tree_structure(self.abstract_params)
         got = jax.tree_util.tree_structure(params)
         if want != got:
-            raise ValueError(f"init params do not match the model's parameter tree:\n  model: {want}\n  given: {got}")
+            raise ValueError(f"{what} do not match the model's parameter tree:\n  model: {want}\n  given: {got}")
         bad = [f"{jax.tree_util.keystr(path)}: model {a.shape}, given {np.shape(p)}"
                for (path, a), p in zip(jax.tree_util.tree_leaves_with_path(self.abstract_params),
                                        jax.tree.leaves(params)) if tuple(a.shape) != tuple(np.shape(p))]
         if bad:
-            raise ValueError("init params have the wrong shapes: " + "; ".join(bad[:5]))
+            raise ValueError(f"{what} have the wrong shapes: " + "; ".join(bad[:5]))
+
+    def init_from(self, params):
+        """``(params, fresh opt_state)`` starting from given ``params`` (converted or pretrained
+        weights of exactly this module's tree), placed with the parameter shardings."""
+        self.check_params(params, "init params")
         params = jax.device_put(jax.tree.map(lambda a, p: jnp.asarray(p, a.dtype), self.abstract_params, params),
                                 self.param_shardings)
         return params, (None if self.tx is None else self.init_opt_state(params))

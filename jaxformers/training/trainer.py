@@ -743,13 +743,11 @@ def evaluate(run: Union[str, os.PathLike, Tuple[ModelConfig, Any]], data=None, *
     if dtype is None:
         dtype = tc.dtype if tc is not None else "float32"
     program = eval_program(model_config, mesh_obj, resolve_dtype(dtype), loss_fn, cache)
-    def shapes(tree):
-        return sorted((jax.tree_util.keystr(k), tuple(np.shape(a)))
-                      for k, a in jax.tree_util.tree_flatten_with_path(tree)[0])
-
-    if shapes(params) != shapes(program.abstract_params):
+    try:
+        program.check_params(params, "they")
+    except ValueError as e:
         raise ValueError("the parameters do not fit the model config"
                          + (f" with model_overrides={model_overrides}" if model_overrides else "")
-                         + " (other parameter names or shapes)")
+                         + f": {e}") from None
     params = jax.device_put(params, program.param_shardings)
     return eval_loss(program, params, source, batch_size, seq_len, max_batches, split)
