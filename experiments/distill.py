@@ -7,8 +7,8 @@ compare them at a fixed generation-time budget ("Thinking Slow, Fast").
 Task: multi-digit addition with worked steps (``synthetic:arithmetic``, a chain of thought:
 one ``a_i+b_i+c_i=c s;`` step per digit, then the answer), answers exactly checkable.
 
-1. **Teacher**: ``--teacher RUN_DIR`` (a ``llama`` / ``gpt`` run trained here), else a
-   ``llama`` trained on the task (``runs/teacher``).
+1. **Teacher**: ``--teacher RUN_DIR`` (a ``llama`` / ``gpt`` run trained here on the preset's
+   task, same format options), else a ``llama`` trained on the task (``runs/teacher``).
 2. **Students** (``runs/<student>``, normal run directories: ``evaluate`` / ``generate`` work
    on them): ``mamba2`` (every layer an SSM) and ``hybrid`` (attention kept at
    ``--attn-layers``), attention-initialised (:func:`jaxformers.distill.init_student`) and
@@ -304,6 +304,7 @@ def _check_args(ap, args) -> None:
         if args.teacher_steps is not None:
             ap.error("--teacher-steps trains the preset's teacher; --teacher gives a trained one "
                      "(drop one of them)")
+        check_teacher_task(ap, args, json.loads((Path(args.teacher) / "config.json").read_text()))
     students = parse_list(ap, "--students", args.students, allowed=STUDENTS, unique=True)
     args.students = [args.student] if args.student else list(STUDENTS) if students is None else students
     args.attn_layers = parse_list(ap, "--attn-layers", args.attn_layers, cast=int, lo=0, unique=True)
@@ -321,6 +322,29 @@ def _check_args(ap, args) -> None:
         ap.error("--kl-weight and --ce-weight are both 0: the distillation loss would be 0 (set one > 0)")
     if args.teacher is None:
         check_teacher(ap, args, preset["teacher"]["n_layer"], preset["teacher"]["max_seq_len"])
+
+
+def task_spec(preset: str) -> str:
+    """The data spec of a preset's task (the teacher's, the students' and the evaluation's)."""
+    return f"synthetic:arithmetic:n_digits={PRESETS[preset]['digits']}"
+
+
+def check_teacher_task(ap, args, saved: dict) -> None:
+    """Usage error unless the ``--teacher`` run (its saved ``config.json``) was trained on this
+    preset's task with the same format options: the students are distilled, validated and
+    tested on that task's rows, the test problems on its held-out split."""
+    from jaxformers.data.sources import parse_synthetic_spec
+
+    task = task_spec(args.preset)
+    data = (saved.get("train") or {}).get("data") if isinstance(saved, dict) else None
+    try:
+        same = isinstance(data, str) and data.startswith("synthetic:") and \
+            parse_synthetic_spec(data)[:2] == parse_synthetic_spec(task)[:2]
+    except ValueError:
+        same = False
+    if not same:
+        ap.error(f"--teacher {args.teacher!r}: trained on data={data!r}, not on the {args.preset} preset's "
+                 f"task {task!r} (train the teacher on it, or choose the preset whose task it is)")
 
 
 def check_teacher(ap, args, n_layer: int, max_seq_len: int) -> None:
@@ -357,7 +381,7 @@ def run(args, ap=None) -> dict:
     preset = PRESETS[args.preset]
     digits = preset["digits"]
     seq_len = arithmetic_length(digits) - 1
-    data = f"synthetic:arithmetic:n_digits={digits}"
+    data = task_spec(args.preset)
     # the list options: checked lists (_check_args), None where not given
     attn_layers = preset["attn_layers"] if args.attn_layers is None else tuple(args.attn_layers)
     students = args.students

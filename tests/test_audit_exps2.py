@@ -97,3 +97,30 @@ def test_distill_refuses_a_teacher_run_stopped_by_a_signal(tmp_path):
     with pytest.raises(SystemExit) as e:
         exp.main(["--teacher", str(run), "--out", str(tmp_path / "o"), "--no-compile-cache"])
     assert e.value.code == 2
+
+
+@pytest.mark.parametrize("data", [None, "default", "synthetic:arithmetic:n_digits=4",
+                                  "synthetic:arithmetic:n_digits=3,answer_only=1", "synthetic:copying"])
+def test_distill_refuses_a_teacher_trained_on_another_task(tmp_path, data, capsys):
+    """``--teacher RUN_DIR`` trained on another task (the corpus, other digits, other format
+    options) was distilled on the preset's arithmetic rows as if it knew them: now a usage
+    error naming --teacher and both data specs, before anything loads."""
+    from experiments import distill as exp
+
+    run = tmp_path / "t"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"model": {}, "train": {"data": data}}))
+    with pytest.raises(SystemExit) as e:
+        exp.main(["--teacher", str(run), "--out", str(tmp_path / "o"), "--no-compile-cache"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--teacher" in err and f"data={data!r}" in err and "synthetic:arithmetic:n_digits=3" in err
+
+
+def test_distill_accepts_a_teacher_of_the_presets_task(tmp_path):
+    from experiments import distill as exp
+
+    ap = exp._parser()
+    args = ap.parse_args(["--teacher", "t", "--out", "o"])
+    for data in ("synthetic:arithmetic:n_digits=3", "synthetic:arithmetic:n_digits=3,val_rows=64,worked_steps=1"):
+        exp.check_teacher_task(ap, args, {"train": {"data": data}})
