@@ -10,8 +10,9 @@ Every model (GPT-style baseline, ``hash_sparse`` with ``n_buckets`` = nb, ``qk_s
 runs go to ``OUT/runs/<name>``.  ``OUT/results.json`` holds per model and sequence length:
 validation loss / perplexity, training tokens/s and wall-clock per step (the trainer's clock,
 compilation excluded), and the attention tiles (``tile`` x ``tile`` (q, k) tile pairs of the
-Pallas kernels: 16 in the tiny preset, 64 in the gpu one) one training step's forward computes:
-from the hash buckets / keep masks the trained model draws (its evaluation draw) on a
+Pallas kernels: 16 in the tiny preset, 64 in the gpu one; on a TPU its kernels' 128-row tiles) one
+training step's forward computes: from the hash buckets / keep masks the trained model (in its
+compute dtype) draws (its evaluation draw) on a
 ``[batch_size, seq_len]`` batch of validation text (``--seed`` picks the windows), counted with
 ``pallas_kernels.sparse_attention.{hash,qk_sparse}_tile_count`` summed over layers, batch
 rows and heads, next to the dense causal flash kernel's count (``causal_tile_count``);
@@ -95,20 +96,25 @@ def _check_args(ap, args) -> None:
     args.only = parse_list(ap, "--only", args.only, allowed=model_names(preset), unique=True)
 
 
-def tile_counts(cfg, params, batch, seq_len, seed, tile, tokens=None):
+def tile_counts(cfg, params, batch, seq_len, seed, tile, tokens=None, platform=None):
     """Attention tiles one forward of a ``[batch, seq_len]`` batch computes: (sparse model's,
     dense causal flash kernel's, per sparse layer in model order), summed over layers, batch
     rows and query heads.  ``tokens``: that batch (the experiment passes validation text; the
     hash buckets depend on it); ``None``: uniformly random ids drawn with ``seed``.  Dense
     layers (``sparse_layers``) count as the causal kernel's tiles; ``scan_layers`` models are
-    counted per layer too (``attention_labels`` raises rather than miss a sparse layer)."""
+    counted per layer too (``attention_labels`` raises rather than miss a sparse layer).
+    ``platform``: the kernel variant whose tiles are counted (``None``: the one the default
+    backend runs: ``"tpu"`` on a TPU -- tiles of at least 128 rows -- else ``"gpu"``: ``tile`` x ``tile``)."""
     import jax
     import numpy as np
     from jaxformers import build
     from jaxformers.models.scfa import attention_labels
     from pallas_kernels.sparse_attention import causal_tile_count, hash_tile_count, qk_sparse_tile_count
 
-    dense_layer = causal_tile_count(seq_len, block_q=tile, block_k=tile) * batch * cfg.n_head
+    if platform is None:
+        platform = "tpu" if jax.default_backend() == "tpu" else "gpu"
+    blocks = dict(block_q=tile, block_k=tile, platform=platform)
+    dense_layer = causal_tile_count(seq_len, **blocks) * batch * cfg.n_head
     dense = dense_layer * cfg.n_layer
     if cfg.model not in ("hash_sparse", "qk_sparse"):
         return dense, dense, []
@@ -118,7 +124,7 @@ def tile_counts(cfg, params, batch, seq_len, seed, tile, tokens=None):
         raise ValueError(f"tokens must be [batch={batch}, seq_len={seq_len}], got {tuple(tokens.shape)}")
     tokens = jax.numpy.asarray(tokens)
     counter = hash_tile_count if cfg.model == "hash_sparse" else qk_sparse_tile_count
-    per_layer = [int(np.asarray(counter(ql, kl, block_q=tile, block_k=tile)).sum())
+    per_layer = [int(np.asarray(counter(ql, kl, **blocks)).sum())
                  for ql, kl in attention_labels(build(cfg), params, tokens)]
     n_dense_layers = sum(not cfg.is_sparse_layer(i) for i in range(cfg.n_layer))
     return sum(per_layer) + n_dense_layers * dense_layer, dense, per_layer
@@ -177,8 +183,9 @@ def run(args) -> dict:
             summary, params, dtype, tc = reuse_or_train(key, cfg, out, reusable, seed=args.seed, data=args.data,
                                                         train_kw=kw, log_points=10, tag="scfa_lm", cache=cache)
             tps = summary["tokens_per_s"]
+            # counted with the model the trainer ran (its compute dtype: the buckets hash its q / k)
             tiles, dense_tiles, per_layer = tile_counts(
-                cfg, params, tc.batch_size, seq_len, args.seed, preset["tile"],
+                cfg.replace(dtype=dtype), params, tc.batch_size, seq_len, args.seed, preset["tile"],
                 tokens=validation_batch(val_tokens, tc.batch_size, seq_len, args.seed))
             row = {
                 "model": cfg.model, "seq_len": seq_len,

@@ -70,13 +70,16 @@ def make_fn(impl: str, param, *, on_gpu: bool, block: int, shape=None, seed: int
     raise ValueError(f"unknown impl {impl!r}")
 
 
-def tile_fraction(kind, param, batch, seq_len, heads, block, seed=1):
+def tile_fraction(kind, param, batch, seq_len, heads, block, seed=1, platform="gpu"):
+    """Forward tiles of :func:`make_fn`'s labels / the dense causal count, with the tiles of the
+    kernel variant ``platform`` runs (``"tpu"``: at least 128 rows, whatever ``block``)."""
     from pallas_kernels import sparse_attention as sa
 
     ql, kl = _labels(kind, param, (batch, seq_len, heads), seed)
     counter = sa.hash_tile_count if kind == "hash" else sa.qk_sparse_tile_count
-    n = counter(ql, kl, block_q=block, block_k=block)
-    dense = sa.causal_tile_count(seq_len, block_q=block, block_k=block) * batch * heads
+    blocks = dict(block_q=block, block_k=block, platform=platform)
+    n = counter(ql, kl, **blocks)
+    dense = sa.causal_tile_count(seq_len, **blocks) * batch * heads
     return float(np.asarray(n).sum()) / dense
 
 
@@ -160,7 +163,8 @@ def run(args, cfg=None, progress=None) -> list:
             row.update(fwd_ms=res["fwd"], fwd_bwd_ms=res["fwd+bwd"],
                        **{k2: v2 for k2, v2 in res.items() if k2.endswith("_error")})
             if lab is not None:
-                row["tile_fraction"] = tile_fraction(lab[0], lab[1], b, t, heads, block)
+                row["tile_fraction"] = tile_fraction(lab[0], lab[1], b, t, heads, block, platform=(
+                    "tpu" if jax.default_backend() == "tpu" else "gpu"))  # the variant that ran
             else:
                 anchors[impl] = row
             for anchor in ("flash", "cudnn"):

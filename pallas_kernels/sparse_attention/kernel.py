@@ -47,9 +47,9 @@ whose helpers and ``_Layout`` are reused): forward and dQ with grid
 with grid ``(n_k_tiles, B, Hkv)`` summing over the ``Hq // Hkv`` query heads
 of its GQA group (each query head has its own order; keys are sorted per kv
 head).  GPU (Triton) vs TPU (Mosaic) differ only as in the flash kernel:
-``[B, H, T, D]`` layout, 128-row tiles and 128-lane head dim, row statistics
-and per-token query ids as ``[rows, 1]`` columns, key ids as ``[1, bk]`` rows
-per k tile, the tile tables flat in SMEM, dK/dV in the ``S`` orientation.
+``[B, H, T, D]`` layout, tiles of ``max(128, block)`` rows and 128-lane head dim,
+row statistics and per-token query ids as ``[rows, 1]`` columns, key ids as
+``[1, bk]`` rows per k tile, the tile tables flat in SMEM, dK/dV in the ``S`` orientation.
 Compiled calls carry both variants and ``lax.platform_dependent`` picks one at
 lowering time; ``interpret=pltpu.InterpretParams()`` runs the TPU variant.
 
@@ -148,9 +148,23 @@ def _gather_tokens(x, order):
     return jnp.take_along_axis(x, jnp.swapaxes(order, 1, 2)[..., None], axis=1)
 
 
+def _int32_buckets(q_buckets, k_buckets):
+    """Both bucket arrays as int32 ids, equal exactly where the buckets are equal: a cast when
+    their common dtype has at most 32 bits (a bijection), else (64-bit ids under
+    ``jax_enable_x64``, where a cast would merge e.g. 0 and 2**32) each id's index in the sorted
+    ids of both."""
+    dtype = jnp.promote_types(q_buckets.dtype, k_buckets.dtype)
+    if dtype.itemsize <= 4:
+        return q_buckets.astype(jnp.int32), k_buckets.astype(jnp.int32)
+    ids = jnp.sort(jnp.concatenate([q_buckets.astype(dtype).ravel(), k_buckets.astype(dtype).ravel()]))
+    rank = lambda x: jnp.searchsorted(ids, x.astype(dtype)).astype(jnp.int32)  # noqa: E731
+    return rank(q_buckets), rank(k_buckets)
+
+
 def _hash_meta(q_buckets, k_buckets):
-    qo, qg = _sort_tokens(q_buckets.astype(jnp.int32))
-    ko, kg = _sort_tokens(k_buckets.astype(jnp.int32))
+    q_buckets, k_buckets = _int32_buckets(q_buckets, k_buckets)
+    qo, qg = _sort_tokens(q_buckets)
+    ko, kg = _sort_tokens(k_buckets)
     return qo, ko, (qg, qo, kg, ko)
 
 
@@ -667,7 +681,7 @@ def hash_attention(q, k, v, q_buckets, k_buckets, *, sm_scale=None, interpret=No
         lowered for GPU, Mosaic for TPU); ``pltpu.InterpretParams()`` the TPU variant in
         Pallas' TPU interpreter.
       block_q, block_k: GPU tile sizes (powers of two; shrunk for short sequences).  The TPU
-        variant always uses 128-row tiles.
+        variant's tiles are ``max(128, block)`` rows (128 for sequences up to 128).
       return_tile_count: a bool; ``True`` also returns ``[B, Hq]`` int32, the (q tile, k tile)
         bodies the forward kernel ran.  GPU layout only: a ``ValueError`` under
         ``pltpu.InterpretParams`` or on a TPU backend.  Not
@@ -728,7 +742,8 @@ def _tile_count(kind, q_lab, k_lab, names, block_q, block_k, platform):
 
 def hash_tile_count(q_buckets, k_buckets, *, block_q=64, block_k=64, platform="gpu"):
     """``[B, Hq]``: the (q tile, k tile) pairs :func:`hash_attention`'s forward computes, from
-    the same tables the kernels skip by (``platform="tpu"``: the TPU variant's 128 tiles).
+    the same tables the kernels skip by (``platform="tpu"``: the TPU variant's tiles,
+    ``max(128, block)`` rows).
 
     Inputs are checked as the kernel checks them (a ``ValueError`` naming the argument):
     ``q_buckets [B, T, Hq]`` / ``k_buckets [B, T, Hkv]`` integer (not bool) arrays with
