@@ -53,6 +53,8 @@ so a loss function must *not* add them itself.  Weights come from
 has weight 1.0 (a module scales what it sows; set 0.0 to only log it).  The logged
 ``loss`` is the loss function's own loss (comparable with ``val_loss``);
 ``aux/<name>`` is each unweighted sum and ``total_loss`` the optimised sum.
+With ``grad_accum`` the auxiliary losses weigh the same in every micro-batch (not by its
+``n_targets``): a per-token mean over the micro-batch's tokens then equals the whole batch's.
 Evaluation reports the loss function's loss only.
 
 With ``scan_layers=True`` the layers run inside ``nn.scan``, which silently drops

@@ -20,7 +20,8 @@ Schedules (``count`` = number of completed updates, so the first update uses
 * ``constant``: ``lr``.
 
 ``steps`` here is ``TrainConfig.schedule_length``; past it every schedule holds its
-final value (how an extended run continues, see :func:`lr_at`).
+final value (how an extended run continues, see :func:`lr_at`): ``lr * min_lr_ratio``, or
+``lr`` when the warmup lasts the whole schedule (``warmup == steps``: no decay).
 """
 from __future__ import annotations
 
@@ -60,12 +61,14 @@ def make_schedule(tc):
             after = jnp.asarray(peak, jnp.float32)
         elif tc.schedule == "cosine":
             span = max(total - warmup, 1)
-            frac = jnp.clip((count - warmup) / span, 0.0, 1.0)
+            # no decay when the warmup fills the schedule: it ends (and stays) at the peak
+            frac = jnp.clip((count - warmup) / span, 0.0, 1.0) if total > warmup else jnp.zeros_like(count)
             after = floor + 0.5 * (peak - floor) * (1.0 + jnp.cos(jnp.pi * frac))
         elif tc.schedule == "wsd":
             decay_steps = max(int(round(total * float(tc.decay_fraction))), 1)
             start = max(total - decay_steps, warmup)
-            frac = jnp.clip((count - start) / max(total - start, 1), 0.0, 1.0)
+            frac = (jnp.clip((count - start) / max(total - start, 1), 0.0, 1.0) if total > start
+                    else jnp.zeros_like(count))
             after = peak + (floor - peak) * frac
         else:  # validated in TrainConfig
             raise ValueError(f"unknown schedule {tc.schedule!r}")

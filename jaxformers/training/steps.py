@@ -125,11 +125,12 @@ def train_step(module, tx, loss_fn: LossFn, params, opt_state, batch, step, rng,
     the int32 update count (the learning rate and the per-step rng derive from it);
     ``rng``: a PRNG key (``fold_in(rng, step)`` is what the loss function sees, split per
     micro-batch) or ``None``.  ``grad_accum=A`` splits the batch into ``A`` micro-batches
-    (:func:`split_micro_batches`) run one after another in a ``lax.scan``; their
-    gradients and metrics are averaged weighted by the loss's ``n_targets`` metric (equal
-    weights if it has none), so the update equals the one of the whole batch; a micro-batch
-    with ``n_targets == 0`` contributes nothing (even if its loss is NaN).  Clipping (in ``tx``)
-    sees the accumulated gradient.
+    (:func:`split_micro_batches`) run one after another in a ``lax.scan``; the loss's
+    gradients and metrics are averaged weighted by its ``n_targets`` metric (equal weights if it
+    has none), the auxiliary losses (``aux/<name>``) with equal weights (a per-token mean sown by a
+    module covers all the micro-batch's tokens, masked or not), so the update equals the one of
+    the whole batch; a micro-batch with ``n_targets == 0`` contributes nothing, not even its
+    auxiliary losses (its loss may be NaN).  Clipping (in ``tx``) sees the accumulated gradient.
     ``metrics``: scalars -- those of :func:`loss_with_aux`, ``grad_norm`` (before
     clipping) and ``lr`` (``schedule(step)``, when a schedule is given).
     """
@@ -145,16 +146,41 @@ def train_step(module, tx, loss_fn: LossFn, params, opt_state, batch, step, rng,
         first = jax.tree.map(lambda x: x[0], micro)
         (_, metric_shapes), _ = jax.eval_shape(grad_fn, params, first, None if keys is None else keys[0])
         weighted = "n_targets" in metric_shapes
+        aux_scale = 1.0
+        if weighted and "total_loss" in metric_shapes:
+            # the auxiliary losses weigh sum(n_targets) / A' in each of the A' micro-batches with targets
+            # (1 / A' once divided by sum(n_targets)): every micro-batch's n_targets first (they come
+            # from the batch: the model is dead code in this pass)
+            counts = jax.lax.map(lambda x: loss_with_aux(module, loss_fn, params, x[0], x[1], aux_weights)[1]
+                                 ["n_targets"], (micro, keys))
+            aux_scale = jnp.sum(counts) / jnp.maximum(jnp.sum(counts > 0), 1)
+
+        def objective(p, b, r):
+            total, m = loss_with_aux(module, loss_fn, p, b, r, aux_weights)
+            if not weighted:
+                return total, m
+            w = jax.lax.stop_gradient(m["n_targets"])
+            if "total_loss" not in m:  # no auxiliary losses
+                return w * total, m
+            return w * m["loss"] + aux_scale * (total - m["loss"]), m
 
         def body(carry, xs):
             g_sum, m_sum, w_sum = carry
             mb, key = xs
-            (_, m), g = grad_fn(params, mb, key)
+            (obj, m), g = jax.value_and_grad(objective, has_aux=True)(params, mb, key)
             w = m["n_targets"] if weighted else jnp.ones((), jnp.float32)
             # a micro-batch without targets adds nothing (not 0 * NaN from a 0/0 mean)
-            scaled = (lambda x: jnp.where(w > 0, w * x, 0.0)) if weighted else (lambda x: x)
-            g_sum = jax.tree.map(lambda s, x: s + scaled(x), g_sum, g)
-            m_sum = {k: m_sum[k] + (m[k] if k == "n_targets" else scaled(m[k])) for k in m_sum}
+            keep = (lambda x: jnp.where(w > 0, x, 0.0)) if weighted else (lambda x: x)
+
+            def share(k):  # metric k's term of the sum that is divided by sum(w) below
+                if k == "n_targets" or not weighted:
+                    return m[k]
+                if k == "total_loss":
+                    return keep(obj)
+                return keep((aux_scale if k.startswith("aux/") else w) * m[k])
+
+            g_sum = jax.tree.map(lambda s, x: s + keep(x), g_sum, g)
+            m_sum = {k: m_sum[k] + share(k) for k in m_sum}
             return (g_sum, m_sum, w_sum + w), None
 
         zeros_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)

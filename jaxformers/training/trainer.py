@@ -298,6 +298,8 @@ def resume_schedule(saved: Optional[dict], tc: TrainConfig, step: int,
 
     * only ``steps`` grew (an extension): the schedule keeps its old length
       (``schedule_steps``), so the LR follows the old curve and then holds its final value;
+      so does a config without ``schedule_steps`` resuming a run that has one (an extended run
+      resumed again by the call that extended it);
     * any other change that moves the LR at ``step``: ``ValueError`` unless ``allow_lr_jump``
       (then a message names the jump).
     """
@@ -308,9 +310,11 @@ def resume_schedule(saved: Optional[dict], tc: TrainConfig, step: int,
     except ValueError:
         return tc, []
     messages = []
-    if (tc.steps > old.steps and tc.schedule_steps in (None, old.schedule_steps)
-            and all(getattr(tc, f) == getattr(old, f) for f in SCHEDULE_FIELDS
-                    if f not in ("steps", "schedule_steps"))):
+    same = all(getattr(tc, f) == getattr(old, f) for f in SCHEDULE_FIELDS
+               if f not in ("steps", "schedule_steps"))
+    if same and tc.schedule_steps is None and old.schedule_steps is not None and tc.steps <= old.steps:
+        tc = tc.replace(schedule_steps=old.schedule_steps)  # e.g. an extension preempted, resumed again
+    if same and tc.steps > old.steps and tc.schedule_steps in (None, old.schedule_steps):
         tc = tc.replace(schedule_steps=old.schedule_length)
         messages.append(
             f"extending the run from {old.steps} to {tc.steps} steps: the LR schedule keeps its length "
