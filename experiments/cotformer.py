@@ -14,9 +14,10 @@ capacities as the authors do).  ``OUT/results.json`` holds, per model: validatio
 perplexity, parameters, forward MACs per token (``flops_per_token / 6``: each weight counted
 per repeat it runs, attention over the keys of all earlier repeats), average depth, training
 tokens/s (the trainer's, includes the sampled-capacity masking for the adaptive model) and
-inference tokens/s (jitted forward, best of 3 interleaved rounds).  ``adaptive_curve``: the one
-trained adaptive model evaluated at each inference budget (``length_factors``: the fraction of
-the sequence that runs repeats 2..R): perplexity, MACs/token, average depth.  Plot:
+inference tokens/s (jitted forward in the trainer's compute dtype, best of 3 interleaved
+rounds).  ``adaptive_curve``: the one trained adaptive model evaluated at each inference budget
+(``length_factors``: the fraction of the sequence that runs repeats 2..R): perplexity,
+MACs/token, average depth.  Plot:
 ``OUT/ppl_vs_macs.png`` (perplexity vs MACs/token, and vs inference tokens/s).
 
 Interruption: ``results.json`` is rewritten (atomically) after every model and every adaptive
@@ -131,13 +132,15 @@ def _check_args(ap, args) -> None:
         args.budgets = tuple(budgets)
 
 
-def forward_fn(cfg, params, batch: int, seq_len: int):
+def forward_fn(cfg, params, batch: int, seq_len: int, dtype: str):
+    """``(thunk, tokens per call)``: the compiled (and warmed-up) forward of ``cfg`` on a fixed
+    ``[batch, seq_len]``, computing in ``dtype`` (the trainer's compute dtype: bf16 on a GPU)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     from jaxformers import build
 
-    module = build(cfg)
+    module = build(cfg.replace(dtype=dtype))
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, seq_len)), jnp.int32)
     compiled = jax.jit(lambda p, t: module.apply({"params": p}, t)).lower(params, tokens).compile()
     jax.block_until_ready(compiled(params, tokens))
@@ -200,13 +203,13 @@ def run(args) -> dict:
                 point = {"length_factors": list(b), "val_loss": ev["val_loss"], "val_ppl": ev["val_ppl"],
                          "macs_per_token": _macs(bc, seq_len), "average_depth": bc.average_depth(seq_len),
                          "tokens_per_repeat": routed_counts(tuple(b), cfg.n_repeat, seq_len)}
-                fn, n_tok = forward_fn(bc, params, preset["infer_batch"], seq_len)
+                fn, n_tok = forward_fn(bc, params, preset["infer_batch"], seq_len, dtype)
                 forwards[f"{name}@{','.join(str(x) for x in b)}"] = (fn, n_tok)
                 results["adaptive_curve"].append(point)
                 save_progress(out, results)
                 print(f"[cotformer] {name} budget {b}: val_ppl={ev['val_ppl']:.3f} "
                       f"MACs/token={point['macs_per_token']:.3g}", file=sys.stderr, flush=True)
-        fn, n_tok = forward_fn(eval_cfg, params, preset["infer_batch"], seq_len)
+        fn, n_tok = forward_fn(eval_cfg, params, preset["infer_batch"], seq_len, dtype)
         forwards[name] = (fn, n_tok)
         results["models"][name] = row
         save_progress(out, results)

@@ -73,6 +73,8 @@ def model_grid(preset: dict, base: str, vocab_size: int):
     from jaxformers.models.denseformer import DenseFormerConfig
 
     common = dict(preset["model"], vocab_size=vocab_size)
+    if base == "llama":  # the MLP / kv heads of the preset's width (not the tiny llama's d_ff=352, 2 kv heads)
+        common.update(d_ff=None, n_kv_head=max(1, common["n_head"] // 2))
     depth = preset["depth"]
     configs = [get_config(base, "tiny", n_layer=depth, **common)]
     for k, p in preset["variants"]:

@@ -237,7 +237,7 @@ def run(args) -> dict:
     vocab = int(meta["vocab_size"])
     grid, target = model_grid(preset, args.base, vocab, train_kw["seq_len"], wanted)
 
-    results = {"preset": args.preset, "base": args.base, "backend": jax.default_backend(),
+    results = {"preset": args.preset, "seed": args.seed, "base": args.base, "backend": jax.default_backend(),
                "device_kind": jax.devices()[0].device_kind, "n_devices": jax.device_count(),
                "jax_version": jax.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                "data": args.data, "vocab_size": vocab, "train": train_kw,
