@@ -32,8 +32,9 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 def _remove_stale(out: Path, has_tokenizer: bool) -> list:
     """Remove what an earlier checkpoint in ``out`` left that loaders would read with (or instead
-    of) this export: a sharded index (read before ``model.safetensors``) and its shards, generation
-    / special-token settings, and tokenizer files this export does not rewrite.  Returns the names."""
+    of) this export: a sharded index and its shards (stale weights beside ``model.safetensors``),
+    generation / special-token settings, and tokenizer files this export does not rewrite.
+    Returns the names."""
     names = list(_STALE) + ([] if has_tokenizer else list(_TOKENIZER_FILES))
     index = out / "model.safetensors.index.json"
     if index.is_file():

@@ -224,7 +224,9 @@ def test_legacy_rope_theta_field(untied, tmp_path):
     config, _ = from_hf(legacy)
     assert config.rope_theta == 5e5
     both = _edit_config(path, str(tmp_path / "both"), rope_scaling={"rope_type": "default"})
-    assert from_hf(both)[0].rope_theta == 5e5  # default in both dicts: plain RoPE
+    # default in both dicts: plain RoPE; as in transformers, a non-empty rope_scaling takes the place
+    # of rope_parameters, and its base (missing there) is the top-level rope_theta, else 10000
+    assert from_hf(both)[0].rope_theta == 1e4
 
 
 def test_attention_bias_model_raises(tmp_path):

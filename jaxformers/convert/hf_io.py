@@ -86,15 +86,18 @@ def read_safetensors(path: str) -> Dict[str, np.ndarray]:
 
 
 def weight_files(path: str) -> Tuple[str, list]:
-    """(directory holding config.json, safetensors files to read) for a dir or a file in it."""
+    """(directory holding config.json, safetensors files to read) for a dir or a file in it.
+    A directory's ``model.safetensors`` is read before a sharded ``model.safetensors.index.json``,
+    as transformers' ``from_pretrained`` does (both present: e.g. a single-file export written
+    over a sharded checkpoint)."""
     if os.path.isdir(path):
         directory = path
         index = os.path.join(directory, "model.safetensors.index.json")
         single = os.path.join(directory, "model.safetensors")
-        if os.path.exists(index):
-            return directory, files_from_index(index)
         if os.path.exists(single):
             return directory, [single]
+        if os.path.exists(index):
+            return directory, files_from_index(index)
         files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
         if not files:
             raise FileNotFoundError(f"no *.safetensors weights in {directory}")

@@ -35,7 +35,10 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints sav
 # --------------------------------------------------------------------------- config mapping
 def _rope_theta(hf: dict) -> float:
     """RoPE base of a HF config; refuses a non-default rope type in ``rope_parameters``
-    (transformers >= 5) or ``rope_scaling`` (older), both checked when both are present."""
+    (transformers >= 5) or ``rope_scaling`` (older), both checked when both are present.
+    As in transformers, a non-empty ``rope_scaling`` takes the place of ``rope_parameters``
+    (>= 5; older versions ignore ``rope_parameters``), and the base missing from that dict is
+    the top-level ``rope_theta``, else 10000."""
     ropes = {}
     for key in ("rope_parameters", "rope_scaling"):
         rope = hf.get(key)
@@ -54,7 +57,7 @@ def _rope_theta(hf: dict) -> float:
             value = src.get(name)
             if value not in (None, 1, 1.0):
                 raise ValueError(f"{name}={value!r} (in {where}) is not supported (full rotary only)")
-    rope = ropes.get("rope_parameters", ropes.get("rope_scaling", {}))
+    rope = ropes.get("rope_scaling", ropes.get("rope_parameters", {}))
     return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
 
 

@@ -243,6 +243,8 @@ _NOT_FUNCTIONAL = frozenset({
     "dtype", "param_dtype", "scan_layers", "scan_impl", "chunk_size", "remat", "max_seq_len",
     "dropout", "attn_dropout", "embed_dropout", "init_std", "scale_residual_init", "dt_min", "dt_max",
     "dt_init_floor", "dt_init", "dt_scale", "a_init", "a_init_range", "dt_rank"})
+# Mamba-2 fields a Mamba-1 model never reads (its layer has no heads or B/C groups)
+_MAMBA2_ONLY = frozenset({"headdim", "n_groups"})
 
 
 def config_to_hf_mamba(config) -> dict:
@@ -269,8 +271,9 @@ def config_to_hf_mamba(config) -> dict:
                   n_groups=c.n_groups, chunk_size=c.chunk_size)  # time_step_limit: HF's (0, inf)
     back = config_from_hf_mamba(hf)
     names = [f.name for f in dataclasses.fields(c)]
+    ignored = _NOT_FUNCTIONAL | (_MAMBA2_ONLY if c.model == "mamba" else frozenset())
     bad = [f"{n}={getattr(c, n)!r} (HF Mamba: {getattr(back, n)!r})" for n in names
-           if n not in _NOT_FUNCTIONAL and getattr(c, n) != getattr(back, n)]
+           if n not in ignored and getattr(c, n) != getattr(back, n)]
     if c.model == "mamba" and c.resolved_dt_rank != back.resolved_dt_rank:
         bad.append(f"dt_rank={c.dt_rank!r}")
     if bad:

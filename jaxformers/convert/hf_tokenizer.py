@@ -11,9 +11,10 @@
 
 Special tokens are never added around a text (no BOS), as jaxformers encodes for training: the
 post-processor of a ``hf:`` tokenizer.json (e.g. Llama's ``<s>`` prefix) is dropped.
-One difference: jaxformers encodes the literal text ``<|endoftext|>`` inside a document as
-plain text (``encode_special_tokens``), while transformers' tokenizers map it to the special
-id; every other text encodes to the same ids.
+The literal text of a special token inside a document (``<|endoftext|>``, and a ``hf:``
+tokenizer's ``</s>``, ``<unk>``, ...) is plain text to jaxformers (``encode_special_tokens``);
+``tokenizer_config.json`` sets ``split_special_tokens`` so that ``AutoTokenizer`` encodes it so
+too: every text encodes to the same ids.
 """
 from __future__ import annotations
 
@@ -75,7 +76,7 @@ def save_hf_tokenizer(tok, out_dir: str, *, model_max_length=None) -> str:
     os.makedirs(out_dir, exist_ok=True)
     pipeline.save(os.path.join(out_dir, _FILE))
     cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "bos_token": eos,
-           "pad_token": eos, "clean_up_tokenization_spaces": False}
+           "pad_token": eos, "clean_up_tokenization_spaces": False, "split_special_tokens": True}
     if model_max_length is not None:
         cfg["model_max_length"] = int(model_max_length)
     with open(os.path.join(out_dir, _CONFIG), "w") as fh:
