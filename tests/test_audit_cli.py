@@ -335,3 +335,21 @@ def test_generate_refuses_a_seed_outside_the_prng_range(seed, capsys):
     with pytest.raises(SystemExit) as e:
         gen_cli.main(["--run", "nowhere", "--seed", seed])
     assert e.value.code == 2 and "--seed must be in [0, 2**32)" in capsys.readouterr().err
+
+
+def test_hf_tokenizer_ignores_saved_truncation_and_padding(tmp_path):
+    """A tokenizer.json saved with truncation (max_length=4) and padding settings cut every document
+    to 4 ids plus padding (prepare, train, evaluate); AutoTokenizer ignores them unless asked."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"a": 0, "b": 1, "c": 2, "</s>": 3, "<pad>": 4}, unk_token="a"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.enable_truncation(max_length=4)
+    tok.enable_padding(length=6, pad_id=4, pad_token="<pad>")
+    tok.save(str(tmp_path / "tokenizer.json"))
+    ours = get_tokenizer(f"hf:{tmp_path}")
+    text = "a b c a b c a b"
+    assert ours.encode(text) == [0, 1, 2, 0, 1, 2, 0, 1]
+    assert [list(x) for x in ours.encode_arrays([text, "c"])] == [[0, 1, 2, 0, 1, 2, 0, 1], [2]]
+    ours.save(tmp_path / "again")  # what a run directory keeps encodes the same
+    assert get_tokenizer(f"hf:{tmp_path / 'again'}").encode(text) == ours.encode(text)

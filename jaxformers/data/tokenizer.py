@@ -336,6 +336,10 @@ class HFTokenizer(Tokenizer):
             raise ValueError(f"{d / BPE_FILE} is not a tokenizer.json the tokenizers library can read "
                              f"(a Git LFS pointer or a truncated download?): {e}") from None
         self._tok.encode_special_tokens = True  # special-token text in documents stays text
+        # a tokenizer.json may carry truncation / padding settings (for batched inference): a
+        # document is encoded whole, as AutoTokenizer does unless asked to truncate or pad
+        self._tok.no_truncation()
+        self._tok.no_padding()
         # the highest id + 1, not the number of tokens: a vocabulary may have unused ids (gaps)
         ids = self._tok.get_vocab(with_added_tokens=True).values()
         self._vocab_size = 1 + max(ids) if ids else 0
