@@ -438,7 +438,7 @@ class DomainSource:
     def eval_batches(self, batch_size: int, seq_len: int, max_batches: Optional[int], split: str = "val",
                      **process) -> Iterator[Dict[str, np.ndarray]]:
         groups = [g for g in self.eval_groups().values() if g.has_eval_data(seq_len, split)]
-        if max_batches is not None and int_arg("max_batches", max_batches) <= 0:
+        if max_batches is not None and int_arg("max_batches", max_batches, lo=0) == 0:
             return
         per = None if max_batches is None else max(1, max_batches // max(1, len(groups)))
         for g in groups:

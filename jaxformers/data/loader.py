@@ -173,7 +173,7 @@ def _local_row_ranges(n_rows, batch_size, max_batches, drop_last, process_index,
     batches and the evaluation does not depend on the process count)."""
     p, n_proc = resolve_process(process_index, process_count)
     if max_batches is not None:
-        max_batches = int_arg("max_batches", max_batches)
+        max_batches = int_arg("max_batches", max_batches, lo=0)
     if batch_size % n_proc:
         raise ValueError(f"global batch_size {batch_size} is not divisible by process_count {n_proc}")
     local = batch_size // n_proc

@@ -8,7 +8,8 @@ Layout of a prepared dataset directory::
 
 Every document is followed by the tokenizer's end-of-text id.  The split is
 made at document level (a seeded shuffle; documents are moved to val until it
-holds ``val_fraction`` of the characters, always leaving one train document),
+holds ``val_fraction`` of the characters, always leaving one train document, and
+copies of a document all go to the same split),
 or, for a single-document corpus, by cutting the tail of the text at a line
 break.  The BPE tokenizer is trained on the train documents only.
 
@@ -45,7 +46,7 @@ __all__ = [
 
 FORMAT_VERSION = 1
 #: Version of :func:`split_documents`' rule, part of a cached dataset's identity (a change rebuilds).
-SPLIT_RULE = 2
+SPLIT_RULE = 3
 META_FILE = "meta.json"
 _SPLITS = ("train", "val")
 log = logging.getLogger(__name__)
@@ -90,8 +91,10 @@ def split_documents(docs: list[str], val_fraction: float, seed: int) -> tuple[li
     until it holds ``val_fraction`` of the characters (``"documents"``); a document that would
     take val past twice that is skipped, so one large document cannot take most of the corpus.
     When every document is that large, the tail of the largest one is cut off instead
-    (``"tail"``).  (Rule 2, :data:`SPLIT_RULE`: datasets prepared by rule 1, which took the
-    first document whatever its size, are rebuilt.)"""
+    (``"tail"``).  Copies of a document (the same text) go to the same split, all of them (a
+    cut tail: from each copy), so val shares no document with train.  (Rule 3,
+    :data:`SPLIT_RULE`: datasets prepared by rule 1, which took the first document whatever its
+    size, or by rule 2, which could put copies of a document in both splits, are rebuilt.)"""
     val_fraction, seed = _check_split_args(val_fraction, seed)
     if not docs:
         raise ValueError("cannot split an empty corpus")
@@ -106,24 +109,32 @@ def split_documents(docs: list[str], val_fraction: float, seed: int) -> tuple[li
             cut = nl + 1
         return [text[:cut]], [text[cut:]] if text[cut:] else [], "tail"
     target = val_fraction * sum(len(d) for d in docs)
-    order = np.random.default_rng([int(seed), 0x5EED]).permutation(len(docs))
+    copies: dict[str, list[int]] = {}  # each distinct text (in order of appearance) -> its indices
+    for i, d in enumerate(docs):
+        copies.setdefault(d, []).append(i)
+    texts = list(copies)
     val_idx, val_chars = [], 0
-    for i in order:
-        if val_chars >= target or len(val_idx) >= len(docs) - 1:
+    for j in np.random.default_rng([int(seed), 0x5EED]).permutation(len(texts)):
+        group = copies[texts[j]]
+        if val_chars >= target:
             break
-        if val_chars + len(docs[i]) > max(2.0 * target, 1.0):  # would overshoot: leave it in train
+        if len(val_idx) + len(group) > len(docs) - 1:  # always leave a train document
             continue
-        val_idx.append(int(i))
-        val_chars += len(docs[i])
+        size = len(texts[j]) * len(group)
+        if val_chars + size > max(2.0 * target, 1.0):  # would overshoot: leave it in train
+            continue
+        val_idx.extend(group)
+        val_chars += size
     if not val_idx:  # every document alone is more than twice the target: the largest one's tail
-        big = max(range(len(docs)), key=lambda i: len(docs[i]))
-        cut = len(docs[big]) - max(1, int(round(target)))
-        nl = docs[big].find("\n", cut, cut + 1000)
-        if 0 <= nl < len(docs[big]) - 1:
+        big = docs[max(range(len(docs)), key=lambda i: len(docs[i]))]
+        n_copies = len(copies[big])
+        cut = len(big) - max(1, int(round(target / n_copies)))
+        nl = big.find("\n", cut, cut + 1000)
+        if 0 <= nl < len(big) - 1:
             cut = nl + 1
-        head, tail = docs[big][:cut], docs[big][cut:]
-        train = [head if i == big else d for i, d in enumerate(docs) if i != big or head]
-        return train, [tail], "tail"
+        head, tail = big[:cut], big[cut:]
+        train = [head if d == big else d for d in docs if d != big or head]
+        return train, [tail] * n_copies, "tail"
     val_set = set(val_idx)
     train = [d for i, d in enumerate(docs) if i not in val_set]
     val = [d for i, d in enumerate(docs) if i in val_set]
@@ -225,16 +236,17 @@ def prepare(data: str = "default", tokenizer: str = "byte", out_dir: str | os.Pa
             files={"train": "train.bin", "val": "val.bin"},
         )
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-        _install(tmp, out, identity)
+        _install(tmp, out, identity, force)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
-def _install(tmp: Path, out: Path, identity: dict) -> None:
-    """Atomically move the staged dataset ``tmp`` to ``out`` (replacing a stale one)."""
-    if _is_complete(out, identity):
+def _install(tmp: Path, out: Path, identity: dict, force: bool = False) -> None:
+    """Atomically move the staged dataset ``tmp`` to ``out`` (replacing a stale one, or any with
+    ``force``)."""
+    if not force and _is_complete(out, identity):
         return  # a concurrent prepare() already installed the same dataset
     old = None
     if out.exists():

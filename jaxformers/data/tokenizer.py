@@ -16,11 +16,14 @@ Specs accepted by :func:`get_tokenizer`:
 
 End-of-text text inside a document is always encoded as ordinary text, so
 the only end-of-text ids in a token stream are the ones :mod:`prepare` puts
-between documents.  ``decode`` renders the end-of-text id as
-``"<|endoftext|>"`` (``hf:DIR``: as the vocabulary spells it) unless ``skip_special=True``,
-and raises ``ValueError`` on an id outside ``[0, vocab_size)``.  ``bpe`` and ``hf:DIR`` encode a
-lone surrogate (a Python string that is not valid UTF-8) as U+FFFD; ``byte`` keeps its
-``surrogatepass`` bytes.
+between documents.  ``decode`` decodes the runs of ids between end-of-text ids one by one
+(each run is one document's text, so a character never takes bytes from both sides of an
+end-of-text id) and joins them with ``"<|endoftext|>"`` (``hf:DIR``: the token as the
+vocabulary spells it), or with nothing if ``skip_special=True`` (``hf:DIR`` then also drops
+its other special tokens): ``decode(encode(a) + [eos_id] + encode(b), skip_special=True) ==
+a + b``.  It raises ``ValueError`` on an id outside ``[0, vocab_size)``.  ``bpe`` and
+``hf:DIR`` encode a lone surrogate (a Python string that is not valid UTF-8) as U+FFFD;
+``byte`` keeps its ``surrogatepass`` bytes.
 
 ``save(dir)`` writes ``tokenizer_config.json`` (and, for BPE, the trained
 ``tokenizer.json`` in the ``tokenizers`` format); ``Tokenizer.load(dir)`` /
@@ -114,6 +117,23 @@ def _checked_ids(ids, vocab_size: int, what: str) -> list[int]:
     return ids.tolist()
 
 
+def _decode_runs(ids: list[int], eos: int, decode_run, marker: str) -> str:
+    """The runs of ``ids`` between end-of-text ids ``eos``, each decoded on its own by ``decode_run``
+    (``list[int] -> str``), joined by ``marker`` (see the module doc)."""
+    out, run = [], []
+    for i in ids:
+        if i != eos:
+            run.append(i)
+            continue
+        if run:
+            out.append(decode_run(run))
+            run = []
+        out.append(marker)
+    if run:
+        out.append(decode_run(run))
+    return "".join(out)
+
+
 class Tokenizer(ABC):
     """Common tokenizer interface."""
 
@@ -198,21 +218,9 @@ class ByteTokenizer(Tokenizer):
         return [np.frombuffer(t.encode("utf-8", "surrogatepass"), dtype=np.uint8) for t in texts]
 
     def decode(self, ids: Sequence[int] | np.ndarray, *, skip_special: bool = False) -> str:
-        out, buf = [], bytearray()
-        for i in np.asarray(ids, dtype=np.int64).reshape(-1).tolist():
-            if 0 <= i < 256:
-                buf.append(i)
-                continue
-            if buf:
-                out.append(buf.decode("utf-8", "replace"))
-                buf = bytearray()
-            if i == self.eos_id and not skip_special:
-                out.append(EOS_TEXT)
-            elif i != self.eos_id:
-                raise ValueError(f"byte tokenizer: id {i} out of range [0, {self.vocab_size})")
-        if buf:
-            out.append(buf.decode("utf-8", "replace"))
-        return "".join(out)
+        ids = _checked_ids(ids, self.vocab_size, "byte tokenizer")
+        return _decode_runs(ids, self.eos_id, lambda run: bytes(run).decode("utf-8", "replace"),
+                            "" if skip_special else EOS_TEXT)
 
     def _config(self) -> dict:
         return {"type": "byte"}
@@ -252,7 +260,12 @@ class BPETokenizer(Tokenizer):
     @classmethod
     def from_file(cls, path: str | os.PathLike, requested_vocab: int | None = None) -> "BPETokenizer":
         from tokenizers import Tokenizer as HFTokenizer
-        tok = HFTokenizer.from_file(str(path))
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path} not found (the trained BPE tokenizer)")
+        try:
+            tok = HFTokenizer.from_file(str(path))
+        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for a bad file
+            raise ValueError(f"{path} is not a tokenizer.json the tokenizers library can read: {e}") from None
         self = cls(requested_vocab or tok.get_vocab_size())
         self._set(tok)
         return self
@@ -294,21 +307,8 @@ class BPETokenizer(Tokenizer):
     def decode(self, ids: Sequence[int] | np.ndarray, *, skip_special: bool = False) -> str:
         tok = self._require()
         ids = _checked_ids(ids, tok.get_vocab_size(), f"{self.spec} tokenizer")
-        if skip_special:
-            ids = [i for i in ids if i != self._eos]
-        # decode in runs so the end-of-text marker does not disturb byte merging
-        out, run = [], []
-        for i in ids:
-            if i == self._eos:
-                if run:
-                    out.append(tok.decode(run, skip_special_tokens=False))
-                    run = []
-                out.append(EOS_TEXT)
-            else:
-                run.append(i)
-        if run:
-            out.append(tok.decode(run, skip_special_tokens=False))
-        return "".join(out)
+        return _decode_runs(ids, self._eos, lambda run: tok.decode(run, skip_special_tokens=False),
+                            "" if skip_special else EOS_TEXT)
 
     def save(self, directory: str | os.PathLike) -> Path:
         d = super().save(directory)
@@ -380,7 +380,9 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int] | np.ndarray, *, skip_special: bool = False) -> str:
         ids = _checked_ids(ids, self.vocab_size, "hf tokenizer")
-        return self._tok.decode(ids, skip_special_tokens=skip_special)
+        decode = self._tok.decode
+        marker = "" if skip_special else decode([self._eos], skip_special_tokens=False)
+        return _decode_runs(ids, self._eos, lambda run: decode(run, skip_special_tokens=skip_special), marker)
 
     def save(self, directory: str | os.PathLike) -> Path:
         d = super().save(directory)
