@@ -192,3 +192,15 @@ def test_kill_and_resume_gives_the_same_weights(tmp_path, texts, tiny_cfg):
     full, cut = doge_weights(tmp_path / "full"), doge_weights(tmp_path / "cut")
     assert not np.isclose(full["prose"], 1 / 3)
     assert full == pytest.approx(cut, abs=1e-6)
+
+
+def test_a_multi_domain_run_saves_its_tokenizer(tmp_path, texts, tiny_cfg):
+    """A ``domains:`` source has no prepared dataset dir: its run saved no tokenizer, so generate /
+    export of the run said the data had none.  Now the source's tokenizer is saved."""
+    from jaxformers.data.tokenizer import Tokenizer
+    from jaxformers.training.rundir import TOKENIZER_DIR
+
+    spec = f"domains:prose={texts['prose']},code={texts['code']}:max_bytes=20000"
+    train(tiny_cfg, _proxy_config(tmp_path / "run", spec, 2), progress=False)
+    tok = Tokenizer.load(tmp_path / "run" / TOKENIZER_DIR)
+    assert tok.decode(tok.encode("the cat sat")) == "the cat sat"

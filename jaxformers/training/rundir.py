@@ -202,13 +202,15 @@ def write_summary(run_dir, summary: dict) -> None:
     atomic_write(Path(run_dir) / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
 
 
-def copy_tokenizer(run_dir, ds_dir) -> None:
-    """Save the dataset's tokenizer into ``run_dir/tokenizer`` (for generation); best effort."""
-    if ds_dir is None:
+def copy_tokenizer(run_dir, ds_dir, tokenizer=None) -> None:
+    """Save the data's tokenizer into ``run_dir/tokenizer`` (for generation); best effort.
+    ``tokenizer``: the source's tokenizer object when it has one (a multi-domain source has no
+    dataset dir), else the one of the prepared dataset ``ds_dir`` (``None``: nothing to save)."""
+    if ds_dir is None and tokenizer is None:
         return
     try:
         from ..data import load_tokenizer
-        load_tokenizer(ds_dir).save(Path(run_dir) / TOKENIZER_DIR)
+        (load_tokenizer(ds_dir) if tokenizer is None else tokenizer).save(Path(run_dir) / TOKENIZER_DIR)
     except Exception as e:  # noqa: BLE001 - generation is optional
         log.warning("could not copy the tokenizer into %s: %s", run_dir, e)
 

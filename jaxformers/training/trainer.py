@@ -507,7 +507,7 @@ def _train(model_config, tc, *, run_dir, is_main, multi, resume, progress, stop_
         if not with_ckpt:
             write_run_config()
         rundir.reset_metrics(run_dir, start_step if with_ckpt else None)
-        rundir.copy_tokenizer(run_dir, source.ds_dir)
+        rundir.copy_tokenizer(run_dir, source.ds_dir, getattr(source, "tokenizer", None))
 
     # ---------------------------------------------------------------- compile
     t_compile = time.perf_counter()
