@@ -21,7 +21,8 @@ symmetric per output channel with a clipping search.  ``fp`` is the unquantized 
 run's compute dtype: float32 on CPU, bf16 on GPU), ``fp_rot`` the rotated one (must match).
 
 Outliers: for the input of every linear (``attn_in`` = q/k/v, ``o_in``, ``mlp_in`` =
-gate/up, ``down_in``) the per-channel max |x| over the calibration tokens, and its
+gate/up, ``down_in``) the per-channel max |x| over the tokens of the first
+``OUTLIER_SEQUENCES`` calibration sequences (``outlier_sequences``), in float32, and its
 max / median over channels, before vs after rotation.  ``int8_linear``: the real W8A8 path
 (int8 x int8 -> int32) vs a dense matmul in the compute dtype: time, weight bytes (and int4
 packed bytes), max difference to fake quantization.
@@ -184,6 +185,9 @@ def calibration_tokens(data, tokenizer, n, seq_len, seed):
     rng = np.random.default_rng(seed)
     starts = rng.integers(0, len(train_tokens) - seq_len - 1, size=n)
     return np.stack([train_tokens[s:s + seq_len] for s in starts]).astype(np.int32)
+
+
+OUTLIER_SEQUENCES = 64  # calibration sequences the outlier statistics read
 
 
 def outlier_stats(cfg, params, calib, batch, seed):
@@ -372,8 +376,8 @@ def run(args, ap=None) -> dict:
         # partial results after every scheme, "complete": false (a GPU stage cut by its time
         # limit keeps them, and they are not mistaken for a finished run)
         save_progress(out, results)
-    results["outliers"] = outlier_stats(cfg, params, calib[: min(len(calib), 64)], preset["calib_batch"],
-                                        args.seed)
+    results["outlier_sequences"] = min(len(calib), OUTLIER_SEQUENCES)
+    results["outliers"] = outlier_stats(cfg, params, calib[:OUTLIER_SEQUENCES], preset["calib_batch"], args.seed)
     results["int8_linear"] = int8_table(preset["linear_shapes"], dtype)
     results["complete"] = True
     write_json(out / "results.json", results, indent=1)

@@ -16,6 +16,7 @@ def test_quarot_experiment_writes_results(tmp_path, capsys):
     # the rotated model scores what the trained one did at the end of training (same batches)
     assert abs(s["fp_rot"]["val_loss"] - saved["train_summary"]["val_loss"]) < 1e-4
     assert all(r["val_ppl"] > 1 for r in s.values())
+    assert saved["outlier_sequences"] == 4  # min(--calib, OUTLIER_SEQUENCES)
     for label in ("original", "rotated"):
         rows = saved["outliers"][label]
         assert {"blocks_0/attn_in", "blocks_0/o_in", "blocks_0/mlp_in", "blocks_0/down_in"} <= set(rows)
