@@ -187,12 +187,16 @@ def _stats_fn(config):
 def collect_stats(config, params, tokens, batch: int = 16):
     """Sum of the ``quant_stats`` of the model over ``tokens [N, T]`` (in batches):
     ``{layer: {stat name: {"xtx", "count", "absmax"}}}`` as numpy (xtx / count summed,
-    absmax maxed)."""
+    absmax maxed).  ``config``: a ``quarot`` config (:func:`quant_config`; only its model
+    records the statistics)."""
+    if not isinstance(config, QuaRotConfig):
+        raise ValueError(f"config must be a 'quarot' config (e.g. quant_config(llama_config, spec)): only "
+                         f"its model records quant_stats, got model={getattr(config, 'model', None)!r}")
     if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
         raise ValueError(f"batch must be an int >= 1, got {batch!r}")
+    tokens = _check_tokens(tokens, config.vocab_size, "tokens", "tokens")
     fn = _stats_fn(config)
     total = None
-    tokens = np.asarray(tokens)
     for i in range(0, len(tokens), batch):
         total = _add_stats(total, fn(params, jnp.asarray(tokens[i:i + batch]))["quant_stats"])
     return {layer: _by_stat_name(mods) for layer, mods in total.items()}
@@ -254,13 +258,20 @@ def _check_quantize_inputs(config, spec: QuantSpec, calibration) -> None:
         if odd:
             raise ValueError(f"storage='int' with w_bits={spec.w_bits} packs two int4 per byte along each "
                              f"linear's output axis, which must be even, not {odd}")
-    if calibration is None:
-        return
-    cal = np.asarray(calibration)
+    if calibration is not None:
+        _check_tokens(calibration, config.vocab_size, "calibration", "calibration tokens")
+
+
+def _check_tokens(tokens, vocab_size: int, name: str, ids: str) -> np.ndarray:
+    """``tokens`` as numpy int ``[N, T]`` (N, T >= 1) of ids in ``[0, vocab_size)``, else a
+    ``ValueError`` naming ``name`` / ``ids`` (the jitted passes would give NaN statistics for
+    out-of-vocabulary ids)."""
+    cal = np.asarray(tokens)
     if cal.ndim != 2 or cal.size == 0 or not np.issubdtype(cal.dtype, np.integer):
-        raise ValueError(f"calibration must be int tokens [N, T] (N, T >= 1), got shape {cal.shape} "
+        raise ValueError(f"{name} must be int tokens [N, T] (N, T >= 1), got shape {cal.shape} "
                          f"dtype {cal.dtype}")
-    check_token_ids(cal, config.vocab_size, "calibration tokens must be ids")
+    check_token_ids(cal, vocab_size, f"{ids} must be ids")
+    return cal
 
 
 @functools.lru_cache(maxsize=8)

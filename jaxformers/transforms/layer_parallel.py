@@ -51,6 +51,7 @@ any ``range(start, end, 2)`` span of a ``gpt``/``llama`` model (theirs: Llama, H
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -211,7 +212,7 @@ register("layer_parallel", LayerParallelConfig, LayerParallelTransformer, {
 def _layers(config, params) -> Tuple[dict, List[dict]]:
     """``(rest, [block_0 .. block_{L-1}])`` of a plain model's params (scanned or not)."""
     params = nn.unbox(params)
-    if isinstance(params, dict) and set(params) == {"params"}:
+    if isinstance(params, Mapping) and set(params) == {"params"}:  # module.init's variables (FrozenDict too)
         params = params["params"]
     params = dict(params)
     if "blocks" in params:
