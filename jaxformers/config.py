@@ -290,17 +290,22 @@ def check_fields(cls, overrides: dict) -> None:
 def coerce_value(cls, name: str, text: str):
     """Parse ``text`` (from a ``--set field=value`` flag) into the type of field ``name``.
 
-    ``none`` / ``null``: ``None``.  Bool fields: ``true/false/yes/no/1/0``.  String fields: the
-    text as given (``data=2024`` stays a string).  Int fields: a JSON number, where an integral
-    float (``1.0``, ``1e3``) becomes an int.  Tuples of numbers: a JSON list, ``(1, 3)`` or
-    ``1,3``.  Other fields: JSON, else the text (the config's validation names a bad value).
+    ``none`` / ``null``: ``None``, except in a plain ``str`` field.  Bool fields:
+    ``true/false/yes/no/1/0``.  String fields: the text as given (``data=2024`` stays a string,
+    ``remat=none`` is the string ``"none"``; an ``Optional[str]`` field reads ``none`` as ``None``).
+    Int fields: a JSON number, where an integral float (``1.0``, ``1e3``) becomes an int.  Tuples
+    of numbers: a JSON list, ``(1, 3)`` or ``1,3``.  Other fields: JSON, else the text (the
+    config's validation names a bad value).
     """
     check_fields(cls, {name: None})
     field = {f.name: f for f in dataclasses.fields(cls)}[name]
     default = field.default
     kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
     kind = kind.replace("typing.", "").replace(" ", "")
-    inner = kind[len("Optional["):-1] if kind.startswith("Optional[") else kind
+    optional = kind.startswith("Optional[")
+    inner = kind[len("Optional["):-1] if optional else kind
+    if inner == "str" and not optional:  # a plain string field: remat=none, dwa_mode=none are values
+        return text
     if text.strip().lower() in ("none", "null"):
         return None
     if isinstance(default, bool) or inner == "bool":

@@ -27,8 +27,7 @@ def init_cache(module, batch_size: int, max_len: int, dtype=None):
     With ``scan_layers`` the layer caches are stacked on a leading ``[L]`` axis.
     """
     c = module.config
-    if max_len <= 0 or batch_size <= 0:
-        raise ValueError(f"batch_size and max_len must be positive, got {batch_size}, {max_len}")
+    batch_size, max_len = _positive_int(batch_size, "batch_size"), _positive_int(max_len, "max_len")
     layers = module.init_layer_caches(batch_size, max_len, dtype)
     if c.scan_layers:
         layers = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)

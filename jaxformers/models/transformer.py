@@ -81,7 +81,8 @@ def positions_from_segments(segment_ids):
 def block_inputs(shape, positions=None, segment_ids=None, cache_index=None):
     """``(segment_ids, positions)`` as every block sees them, for tokens of ``shape`` [B, T]:
     ``segment_ids`` (checked [B, T] integers) mapped to runs of equal ids
-    (:func:`jaxformers.layers.common.segment_index`); ``positions`` as given, else
+    (:func:`jaxformers.layers.common.segment_index`); ``positions`` as given (checked [B, T]
+    integers, a [1, T] row broadcast), else
     ``cache_index + t`` when decoding, the position inside each segment with packed ids, or
     ``t``."""
     if segment_ids is not None:
@@ -90,7 +91,14 @@ def block_inputs(shape, positions=None, segment_ids=None, cache_index=None):
             raise ValueError(f"segment_ids must be [B, T] = {tuple(shape)} integers, got "
                              f"{segment_ids.dtype} {tuple(segment_ids.shape)}")
         segment_ids = segment_index(segment_ids)  # runs of equal ids (module docstring)
-    if positions is None:
+    if positions is not None:
+        positions = jnp.asarray(positions)
+        if positions.shape not in (tuple(shape), (1, shape[1])) \
+                or not jnp.issubdtype(positions.dtype, jnp.integer):
+            raise ValueError(f"positions must be [B, T] = {tuple(shape)} integers (or [1, T]), got "
+                             f"{positions.dtype} {tuple(positions.shape)}")
+        positions = jnp.broadcast_to(positions, tuple(shape))
+    else:
         positions = jnp.broadcast_to(jnp.arange(shape[1], dtype=jnp.int32), tuple(shape))
         if cache_index is not None:
             positions = cache_index + positions
@@ -100,13 +108,16 @@ def block_inputs(shape, positions=None, segment_ids=None, cache_index=None):
 
 
 def check_tokens(tokens, vocab_size=None):
-    """``tokens`` must be ``[B, T]`` integers; with ``vocab_size``, ids in ``[0, vocab_size)`` when
-    their values are known (eager calls; under ``jit`` an out-of-range id gives NaN logits, and
-    a negative one would index from the end)."""
+    """``tokens`` must be ``[B, T]`` integers (``B, T >= 1``); with ``vocab_size``, ids in
+    ``[0, vocab_size)`` when their values are known (eager calls; under ``jit`` an out-of-range id
+    gives NaN logits, and a negative one would index from the end)."""
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [B, T] integers, got shape {tokens.shape}")
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise ValueError(f"tokens must have an integer dtype, got {tokens.dtype}")
+    if 0 in tokens.shape:  # else a zero-size reduction error deep inside attention / the scans
+        raise ValueError(f"tokens must hold at least one position and one row ([B, T] with B, T >= 1), "
+                         f"got shape {tuple(tokens.shape)}: no new tokens")
     if vocab_size is not None:
         check_token_ids(tokens, vocab_size)
 
@@ -177,6 +188,7 @@ class Transformer(nn.Module):
 
     # --------------------------------------------------------------- forward
     def __call__(self, tokens, *, positions=None, segment_ids=None, cache=None):
+        tokens = jnp.asarray(tokens)
         check_tokens(tokens, self.config.vocab_size)
         if self.has_rng("dropout"):
             check_attn_dropout(self.config, self.layer_classes())
