@@ -143,3 +143,14 @@ def test_hidden_states_and_layerwise_alignment(teacher, tokens):
                                                     jnp.broadcast_to(jnp.arange(16), (4, 16)))
     want = jnp.mean((y - hidden[:, 1]) ** 2) / (jnp.mean(hidden[:, 1] ** 2) + 1e-6)
     np.testing.assert_allclose(loss, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("max_seq_len, chunk", [(8, 16), (20, 32), (33, 64), (64, 64), (300, 64)])
+def test_student_chunk_size_is_a_kernel_size(teacher, max_seq_len, chunk):
+    """The student's SSD chunk was min(64, max(16, max_seq_len)): 20 for a 20-token teacher, which
+    trains on a CPU (reference scan) but is refused by the SSD kernel scan_impl='auto' picks on a
+    GPU.  Now the power of two >= 16 that covers max_seq_len, at most 64."""
+    cfg, _, _ = teacher
+    s = student_config(cfg.replace(max_seq_len=max_seq_len), "mamba2")
+    assert s.chunk_size == chunk
+    s.replace(scan_impl="pallas")  # valid with the kernel

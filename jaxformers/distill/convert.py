@@ -78,7 +78,8 @@ def student_config(teacher, student: str = "mamba2", attn_layers: Sequence[int] 
     fields.update(mixer="mamba2", attn_layers=attn_layers, attn_every=None, ssm_mlp=True,
                   expand=width // teacher.d_model, headdim=teacher.dim_head, d_state=teacher.dim_head,
                   n_groups=teacher.n_head, a_init="uniform", a_init_range=(1.0, 16.0),
-                  chunk_size=min(64, max(16, teacher.max_seq_len)))
+                  # a power of two >= 16 (the SSD kernel's tiles: scan_impl='auto' picks it on a GPU)
+                  chunk_size=min(64, max(16, 1 << (teacher.max_seq_len - 1).bit_length())))
     fields.update(overrides)
     return get_config("hybrid", "tiny-m2", **fields)  # (every preset field is overridden or a default)
 
