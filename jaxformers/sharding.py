@@ -5,7 +5,8 @@ Model code only names axes (``batch``, ``length``, ``embed``, ``heads``,
 below map them onto the mesh axes ``data``, ``fsdp``, ``expert`` and ``tensor``.
 Activations use the ``act_*`` names so that parameters (sharded over ``fsdp`` on
 ``embed``) and activations (sharded over ``data``/``fsdp``/``expert`` on ``batch``)
-never compete.
+never compete.  Pallas kernels, which XLA cannot split, run per device on their block of
+rows and heads through :func:`kernel_map` (``shard_map`` with the same names).
 
 The ``expert`` mesh axis is for mixture-of-experts layers: parameters stacked
 over experts name the logical axis ``expert`` (e.g. ``[expert, embed, mlp]``)
@@ -20,9 +21,12 @@ of the batch axes (a mesh axis can shard only one dimension of an array).
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence, Tuple
 
+import jax
 import flax.linen as nn
+from jax.sharding import PartitionSpec as P
 
 # Order = device-grid order: the last axis varies fastest (neighbouring devices), so
 # ``tensor`` (the most communication per step) is innermost, then ``expert``.
@@ -101,3 +105,56 @@ def constrain(x, axes: Sequence[str]):
 def param_init(init, axes: Sequence[str]):
     """Wrap a parameter initialiser with its logical axis names."""
     return nn.with_logical_partitioning(init, tuple(axes))
+
+
+def _mesh_axes(names, rules) -> list:
+    """Logical names of one array (one per dimension) -> the mesh axes of each dimension (tuples)."""
+    spec = nn.logical_to_mesh_axes(tuple(names), rules)
+    return [() if a is None else (tuple(a) if isinstance(a, (tuple, list)) else (a,)) for a in spec]
+
+
+def kernel_map(fn, in_axes, out_axes):
+    """``fn`` (a Pallas kernel call: arrays in, an array or a tuple of arrays out), run per
+    device (``jax.shard_map``) over the ambient mesh while logical rules and a mesh of several
+    devices are active (a :class:`~jaxformers.training.steps.Program` compiling, or under
+    ``activate``); ``fn`` itself otherwise.  XLA cannot split a kernel over devices (Mosaic
+    refuses: "Mosaic kernels cannot be automatically partitioned").
+
+    ``in_axes``: per argument, its logical names (one per dimension; ``None`` = whole on every
+    device), e.g. ``(BATCH, LENGTH, ACT_HEADS, None)``; ``out_axes``: the same per output (one
+    tuple of names for one output).  Each device gets its block of every argument and computes
+    its block of every output, so ``fn`` must treat the split dimensions independently (rows,
+    heads).  A mesh axis that does not divide every dimension it would split is not used (those
+    dimensions stay whole; the devices along it compute the same).  Name ``None`` a dimension
+    the kernel must see whole whatever the rules say (the sequence an attention or a scan runs
+    along: rules may split ``length``)."""
+    rules = nn.get_logical_axis_rules()
+    mesh = jax.sharding.get_abstract_mesh()
+    if not rules or mesh.empty or mesh.size == 1:
+        return fn
+    single = not out_axes or not isinstance(out_axes[0], (tuple, list))  # one output
+
+    def call(*args):
+        outs = jax.eval_shape(fn, *args)
+        out_list = [outs] if single else list(outs)
+        named = list(zip(in_axes, args)) + list(zip([out_axes] if single else out_axes, out_list))
+        specs = [_mesh_axes(names, rules) for names, _ in named]
+        dropped = {a for spec in specs for axes in spec for a in axes if a not in mesh.axis_names}
+        while True:  # drop the mesh axes past the longest prefix dividing a dimension, everywhere
+            bad = set()
+            for spec, (_, x) in zip(specs, named):
+                for axes, size in zip(spec, x.shape):
+                    kept = [a for a in axes if a not in dropped]
+                    split = next((i for i in range(len(kept))
+                                  if size % math.prod(mesh.shape[a] for a in kept[:i + 1])), len(kept))
+                    bad.update(kept[split:])
+            if not bad:
+                break
+            dropped |= bad
+        specs = [P(*[tuple(a for a in axes if a not in dropped) or None for axes in spec]) for spec in specs]
+        mapped = jax.shard_map(fn, mesh=mesh, in_specs=tuple(specs[:len(args)]),
+                               out_specs=specs[len(args)] if single else tuple(specs[len(args):]),
+                               check_vma=False)
+        return mapped(*args)
+
+    return call

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from ..sharding import ACT_MLP, BATCH, EMBED, LENGTH, MLP, constrain, param_init
+from ..sharding import ACT_MLP, BATCH, EMBED, LENGTH, MLP, constrain, kernel_map, param_init
 from .common import dtype_of, segment_index  # noqa: F401  (segment_index: re-exported)
 from .block import Block
 from .linear import Linear
@@ -267,18 +267,30 @@ class MambaMixer(nn.Module):
         dt_bias = dt_bias.astype(jnp.float32)
 
         scan, step = scan_functions("selective_scan", c.scan_impl)
-        kwargs = dict(D=d_skip, z=z, dt_bias=dt_bias, dt_softplus=True)
+        # on a mesh the scan runs per device on its rows and channels (XLA cannot split a kernel)
+        # (the sequence whole on every device: a scan runs along it, whatever the rules say)
+        ch, bl, st = (BATCH, None, ACT_MLP), (BATCH, None, None), (BATCH, ACT_MLP, None)
+        axes = (ch, ch, (ACT_MLP, None), bl, bl, (ACT_MLP,), ch, (ACT_MLP,))
+        args = (x, dt, a, b_mat, c_mat, d_skip, z, dt_bias)
+
+        def run(x, dt, a, b, cm, d, z, db, more=None):  # more: segment_ids, or the cached state
+            kw = dict(D=d, z=z, dt_bias=db, dt_softplus=True)
+            if cache is None:
+                return scan(x, dt, a, b, cm, segment_ids=more, **kw)
+            return scan(x, dt, a, b, cm, initial_state=more, return_final_state=True, **kw)
         new_cache = None
         if cache is None:
-            y = scan(x, dt, a, b_mat, c_mat, segment_ids=segment_ids, **kwargs)
+            if segment_ids is None:
+                y = kernel_map(run, axes, ch)(*args)
+            else:
+                y = kernel_map(run, axes + ((BATCH, None),), ch)(*args, segment_ids)
         elif u.shape[1] == 1:  # one decoding step: the recurrence
             y, h = step(cache["ssm"], x[:, 0], dt[:, 0], a, b_mat[:, 0], c_mat[:, 0], D=d_skip,
                         z=z[:, 0], dt_bias=dt_bias, dt_softplus=True)
             y = y[:, None]
             new_cache = {"conv": conv_state, "ssm": h.astype(cache["ssm"].dtype)}
         else:  # several tokens with a cache: the parallel scan from the cached state
-            y, h = scan(x, dt, a, b_mat, c_mat, initial_state=cache["ssm"], return_final_state=True,
-                        **kwargs)
+            y, h = kernel_map(run, axes + (st,), (ch, st))(*args, cache["ssm"])
             new_cache = {"conv": conv_state, "ssm": h.astype(cache["ssm"].dtype)}
         y = constrain(y.astype(cdt), (BATCH, LENGTH, ACT_MLP))
         out = dense(c, c.d_model, (MLP, EMBED), mixer_out_std(c), c.proj_bias, "out_proj")(y)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from ..sharding import ACT_HEADS, ACT_MLP, BATCH, EMBED, HEADS, LENGTH, MLP, constrain, param_init
+from ..sharding import ACT_HEADS, ACT_MLP, BATCH, EMBED, HEADS, LENGTH, MLP, constrain, kernel_map, param_init
 from .common import dtype_of
 from .mamba import (MambaBlock, a_log_init, check_cache, check_segment_ids, conv_module, dense,
                     dt_bias_init, mixer_out_std, scan_functions)
@@ -105,16 +105,31 @@ class Mamba2Mixer(nn.Module):
         kwargs = dict(D=d_skip.astype(jnp.float32), dt_bias=dt_bias.astype(jnp.float32), dt_softplus=True)
 
         ssd, step = scan_functions("ssd", c.scan_impl)
+        # on a mesh SSD runs per device on its rows and heads (XLA cannot split a kernel); B/C's
+        # groups go with their heads (one group: whole on every device)
+        # (the sequence whole on every device: a scan runs along it, whatever the rules say)
+        hd, gr = (BATCH, None, ACT_HEADS), (BATCH, None, ACT_HEADS if g > 1 else None, None)
+        axes = (hd + (None,), hd, (ACT_HEADS,), gr, gr, (ACT_HEADS,), (ACT_HEADS,))
+        args = (x, dt, a, b_mat, c_mat, kwargs["D"], kwargs["dt_bias"])
+        st = (BATCH, ACT_HEADS, None, None)
+
+        def run(x, dt, a, b, cm, d, db, more=None):  # more: segment_ids, or the cached state
+            kw = dict(chunk_size=c.chunk_size, D=d, dt_bias=db, dt_softplus=True)
+            if cache is None:
+                return ssd(x, dt, a, b, cm, segment_ids=more, **kw)
+            return ssd(x, dt, a, b, cm, initial_state=more, return_final_state=True, **kw)
         new_cache = None
         if cache is None:
-            y = ssd(x, dt, a, b_mat, c_mat, chunk_size=c.chunk_size, segment_ids=segment_ids, **kwargs)
+            if segment_ids is None:
+                y = kernel_map(run, axes, hd + (None,))(*args)
+            else:
+                y = kernel_map(run, axes + ((BATCH, None),), hd + (None,))(*args, segment_ids)
         elif t == 1:  # one decoding step: the recurrence
             y, state = step(cache["ssm"], x[:, 0], dt[:, 0], a, b_mat[:, 0], c_mat[:, 0], **kwargs)
             y = y[:, None]
             new_cache = {"conv_x": conv_x, "conv_bc": conv_bc, "ssm": state.astype(cache["ssm"].dtype)}
         else:  # several tokens with a cache: chunked SSD from the cached state
-            y, state = ssd(x, dt, a, b_mat, c_mat, chunk_size=c.chunk_size, initial_state=cache["ssm"],
-                           return_final_state=True, **kwargs)
+            y, state = kernel_map(run, axes + (st,), (hd + (None,), st))(*args, cache["ssm"])
             new_cache = {"conv_x": conv_x, "conv_bc": conv_bc, "ssm": state.astype(cache["ssm"].dtype)}
         y = constrain(y.reshape(bsz, t, i_dim).astype(cdt), (BATCH, LENGTH, ACT_MLP))
         y = GatedRMSNorm(i_dim // g, c.norm_eps, c.dtype, c.param_dtype, name="norm")(y, z)

@@ -65,6 +65,7 @@ from typing import Optional, Tuple
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+from jax.ad_checkpoint import checkpoint_name
 import numpy as np
 
 from ..config import TransformerConfig, _boolean, _choice
@@ -285,7 +286,8 @@ class RepeatAttention(nn.Module):
                     q, k_all, v_all, q_pos=positions, kv_pos=pos_all, q_key_index=key_index,
                     segment_ids=None if seg is None else (seg, seg_all), implementation=c.attention_impl)
             new = {"k": k_all, "v": v_all, "pos": pos_all, "seg": seg_all}
-        o = constrain(o, (BATCH, LENGTH, ACT_HEADS, None))
+        # named like the baseline's, for remat="save_attention_out"
+        o = checkpoint_name(constrain(o, (BATCH, LENGTH, ACT_HEADS, None)), "attention_out")
         y = Linear(c.d_model, (HEADS, HEAD_DIM, EMBED), in_axes=2, std=output_std(c), dtype=c.dtype,
                    param_dtype=c.param_dtype, name="o")(o)
         return y, new

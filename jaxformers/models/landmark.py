@@ -127,7 +127,7 @@ from ..layers.common import output_std
 from ..layers.linear import Linear
 from ..layers.rotary import apply_rotary, rotary_angles
 from ..registry import register
-from ..sharding import ACT_HEADS, BATCH, EMBED, HEAD_DIM, HEADS, LENGTH, constrain
+from ..sharding import ACT_HEADS, ACT_KV_HEADS, BATCH, EMBED, HEAD_DIM, HEADS, LENGTH, constrain, kernel_map
 from ..training.losses import cross_entropy, logits_cross_entropy, model_inputs, register_loss
 from .gpt import GPT_PRESETS, _GPT_STYLE
 from .transformer import Transformer, check_tokens
@@ -306,8 +306,13 @@ def landmark_op(c, q, k, v, return_lse=False):
 
     if resolve_impl(c.landmark_impl) == "reference":
         return la.landmark_attention_reference(q, k, v, block_size=c.landmark_block, return_lse=return_lse)
-    return la.landmark_attention(q, k, v, block_size=c.landmark_block, block_q=c.block_q,
-                                 return_lse=return_lse)
+    # on a mesh: per device, its rows and heads (XLA cannot split a kernel); one kv head: whole
+    # (the sequence whole on every device: attention reads all of it, whatever the rules say)
+    qa = (BATCH, None, ACT_HEADS, None)
+    ka = (BATCH, None, ACT_KV_HEADS if k.shape[2] > 1 else None, None)
+    fn = functools.partial(la.landmark_attention, block_size=c.landmark_block, block_q=c.block_q,
+                           return_lse=return_lse)
+    return kernel_map(fn, (qa, ka, ka), (qa, (BATCH, ACT_HEADS, None)) if return_lse else qa)(q, k, v)
 
 
 def _rope(x, positions, c):

@@ -96,8 +96,8 @@ from ..layers.attention import init_attention_cache, project_qkv, write_kv_cache
 from ..layers.common import output_std
 from ..layers.linear import Linear
 from ..registry import register
-from ..sharding import (ACT_HEADS, BATCH, EMBED, HEAD_DIM, HEADS, LENGTH,
-                        constrain)
+from ..sharding import (ACT_HEADS, ACT_KV_HEADS, BATCH, EMBED, HEAD_DIM, HEADS, LENGTH,
+                        constrain, kernel_map)
 from .gpt import GPT_PRESETS, _GPT_STYLE
 from .transformer import Transformer
 
@@ -272,8 +272,15 @@ class SparseAttention(nn.Module):
         if resolve_sparse_impl(c.sparse_impl) == "reference":
             fn = sa.hash_reference if kind == "hash" else sa.qk_sparse_reference
             return fn(q, k, v, q_lab, k_lab)
-        fn = sa.hash_attention if kind == "hash" else sa.qk_sparse_attention
-        return fn(q, k, v, q_lab, k_lab, block_q=c.block_q, block_k=c.block_k)
+        fn = functools.partial(sa.hash_attention if kind == "hash" else sa.qk_sparse_attention,
+                               block_q=c.block_q, block_k=c.block_k)
+        # on a mesh: per device, its rows and heads (XLA cannot split a kernel); one kv head
+        # (MQA) is whole on every device
+        # (the sequence whole on every device: attention reads all of it, whatever the rules say)
+        heads = (BATCH, None, ACT_HEADS, None)
+        kv_heads = (BATCH, None, ACT_KV_HEADS if k.shape[2] > 1 else None, None)
+        return kernel_map(fn, (heads, kv_heads, kv_heads, heads[:3], kv_heads[:3]), heads)(
+            q, k, v, q_lab, k_lab)
 
     @nn.compact
     def __call__(self, x, positions, segment_ids=None, kv_cache=None, cache_index=None):

@@ -267,7 +267,18 @@ def attention(q, k, v, *, causal: bool = True, segment_ids=None, window: Optiona
         return jax.nn.dot_product_attention(q, k, v, scale=sm_scale, is_causal=causal,
                                             local_window_size=local, implementation="cudnn")
     from pallas_kernels.flash_attention import flash_attention
-    return flash_attention(q, k, v, causal=causal, segment_ids=segment_ids, window=window, sm_scale=sm_scale)
+    from ..sharding import ACT_HEADS, ACT_KV_HEADS, BATCH, kernel_map
+
+    def kernel(q, k, v, segment_ids=None):
+        return flash_attention(q, k, v, causal=causal, segment_ids=segment_ids, window=window, sm_scale=sm_scale)
+
+    # on a mesh: per device, its rows and heads (XLA cannot split a kernel)
+    # (the sequence whole on every device: attention reads all of it, whatever the rules say)
+    qa = (BATCH, None, ACT_HEADS, None)
+    ka = (BATCH, None, ACT_KV_HEADS if k.shape[2] > 1 else None, None)  # MQA: whole
+    if segment_ids is None:
+        return kernel_map(kernel, (qa, ka, ka), qa)(q, k, v)
+    return kernel_map(kernel, (qa, ka, ka, (BATCH, None)), qa)(q, k, v, segment_ids)
 
 
 def _check_index(name, x, shape):

@@ -40,6 +40,7 @@ from typing import Optional, Sequence, Tuple, Union
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+from jax.ad_checkpoint import checkpoint_name
 
 from ..config import TransformerConfig, _boolean, _choice
 from ..layers import Block
@@ -50,7 +51,8 @@ from ..models.llama import LLAMA_PRESETS, _LLAMA_STYLE
 from ..models.transformer import Transformer
 from ..ops.attention import attention
 from ..registry import register
-from ..sharding import EMBED, HEAD_DIM, HEADS, MLP, param_init
+from ..sharding import (ACT_HEADS, ACT_KV_HEADS, ACT_MLP, BATCH, EMBED, HEAD_DIM, HEADS, LENGTH, MLP,
+                        constrain, kernel_map, param_init)
 from .quantizers import fake_quant, int_matmul, unpack_int4
 
 HADAMARD_IMPLS = ("auto", "pallas", "dense")
@@ -162,14 +164,17 @@ class QuaRotConfig(TransformerConfig, OnlineQuant):
                                  f"a_sym={self.a_sym}, a_groupsize={self.a_groupsize}")
 
 
-def hadamard(c, x):
-    """Orthonormal Hadamard transform of the last axis (kernel on GPU/TPU, dense on CPU)."""
+def hadamard(c, x, axes=None):
+    """Orthonormal Hadamard transform of the last axis (kernel on GPU/TPU, dense on CPU).
+    ``axes``: the logical names of ``x``'s dimensions (default ``batch, length``, the rest
+    whole): on a mesh, the kernel runs per device on its block of them (:func:`kernel_map`)."""
     impl = c.hadamard_impl
     if impl == "auto":
         impl = "pallas" if jax.default_backend() in ("gpu", "tpu") else "dense"
     if impl == "pallas":
         from pallas_kernels.hadamard import hadamard_transform
-        return hadamard_transform(x)
+        axes = (BATCH, LENGTH) + (None,) * (x.ndim - 2) if axes is None else tuple(axes)
+        return kernel_map(hadamard_transform, (axes,), axes)(x)
     from pallas_kernels.hadamard import hadamard_matrix
     n = x.shape[-1]
     h = jnp.asarray(hadamard_matrix(n) * n ** -0.5, jnp.float32)
@@ -266,7 +271,8 @@ class QuantAttention(nn.Module):
         record(self, "attn_in", x)
         q, k, v = project_qkv(c, act_quant(c, x), positions, linear=linear_class(c))
         if c.rotated:
-            q, k = hadamard(c, q), hadamard(c, k)
+            q = hadamard(c, q, (BATCH, LENGTH, ACT_HEADS, None))
+            k = hadamard(c, k, (BATCH, LENGTH, ACT_KV_HEADS, None))
         k, v = kv_quant(c, k), kv_quant(c, v)
         new_cache = None
         if kv_cache is None:
@@ -283,6 +289,8 @@ class QuantAttention(nn.Module):
         flat = o.reshape(b, t, h * dh)
         record(self, "o_in", flat)
         o = act_quant(c, flat).reshape(b, t, h, dh)
+        # as the baseline: named for remat="save_attention_out"
+        o = checkpoint_name(constrain(o, (BATCH, LENGTH, ACT_HEADS, None)), "attention_out")
         y = linear_class(c)(c.d_model, (HEADS, HEAD_DIM, EMBED), in_axes=2, std=output_std(c), dtype=c.dtype,
                    param_dtype=c.param_dtype, name="o")(o)
         return y, new_cache
@@ -303,6 +311,7 @@ class QuantSwiGLU(nn.Module):
         xq = act_quant(c, x)
         h = jax.nn.silu(dense(c.ff_dim, c.init_std, (EMBED, MLP), "gate")(xq)) * \
             dense(c.ff_dim, c.init_std, (EMBED, MLP), "up")(xq)
+        h = constrain(h, (BATCH, LENGTH, ACT_MLP))
         if c.rotated:
             h = hadamard(c, h)
         record(self, "down_in", h)
