@@ -170,6 +170,16 @@ SCRIPT_ALL = textwrap.dedent('''
                                   prog.put_batch({{"tokens": tokens}}, 8))[0])
         out["length_split_" + name] = abs(l0 - l1)
 
+    # flash attention with a (q_ids, kv_ids) pair of segment ids (cotformer's form) on the mesh
+    from jaxformers.ops.attention import attention
+    q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (8, 16, 4, 8)) for i in range(3))
+    ids = jnp.asarray(np.repeat(np.arange(2), 8)[None].repeat(8, 0), jnp.int32)
+    f = lambda q, k, v, a, b: attention(q, k, v, segment_ids=(a, b), implementation="pallas")  # noqa: E731
+    ref = jax.jit(f)(q, k, v, ids, ids)
+    with activate(mesh):  # a fresh jit: traced under the mesh and rules
+        out["segment_pair"] = float(jnp.max(jnp.abs(jax.jit(f)(q, k, v, ids, ids) - ref)))
+        out["segment_pair_mapped"] = "shard_map" in str(jax.make_jaxpr(f)(q, k, v, ids, ids))
+
     # what a TPU compiles: each kernel lowered with Mosaic, loss + grads over the mesh exported
     for mod, fn in (("pallas_kernels.flash_attention", "flash_attention"),
                     ("pallas_kernels.selective_scan.kernel", "selective_scan"), ("pallas_kernels.ssd.kernel", "ssd"),
@@ -205,5 +215,6 @@ def test_every_kernel_runs_per_device_on_a_mesh_with_the_sequence_whole():
     out = json.loads(res.stdout.split("RESULT", 1)[1])
     for name in ("llama", "mamba", "mamba2"):
         assert out["length_split_" + name] < 1e-5, out
+    assert out["segment_pair"] < 1e-5 and out["segment_pair_mapped"], out  # was an AttributeError
     for name in ("gpt", "llama", "mamba", "mamba2", "landmark"):
         assert isinstance(out["tpu_" + name], int) and out["tpu_" + name] >= 2, out

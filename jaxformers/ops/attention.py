@@ -269,16 +269,19 @@ def attention(q, k, v, *, causal: bool = True, segment_ids=None, window: Optiona
     from pallas_kernels.flash_attention import flash_attention
     from ..sharding import ACT_HEADS, ACT_KV_HEADS, BATCH, kernel_map
 
-    def kernel(q, k, v, segment_ids=None):
-        return flash_attention(q, k, v, causal=causal, segment_ids=segment_ids, window=window, sm_scale=sm_scale)
+    # segment ids as arrays: [B, T], or the pair (q_ids [B, Tq], kv_ids [B, Tk])
+    seg = () if segment_ids is None else tuple(segment_ids) if isinstance(segment_ids, (tuple, list)) \
+        else (segment_ids,)
+
+    def kernel(q, k, v, *seg):
+        ids = None if not seg else seg[0] if len(seg) == 1 else seg
+        return flash_attention(q, k, v, causal=causal, segment_ids=ids, window=window, sm_scale=sm_scale)
 
     # on a mesh: per device, its rows and heads (XLA cannot split a kernel)
     # (the sequence whole on every device: attention reads all of it, whatever the rules say)
     qa = (BATCH, None, ACT_HEADS, None)
     ka = (BATCH, None, ACT_KV_HEADS if k.shape[2] > 1 else None, None)  # MQA: whole
-    if segment_ids is None:
-        return kernel_map(kernel, (qa, ka, ka), qa)(q, k, v)
-    return kernel_map(kernel, (qa, ka, ka, (BATCH, None)), qa)(q, k, v, segment_ids)
+    return kernel_map(kernel, (qa, ka, ka) + ((BATCH, None),) * len(seg), qa)(q, k, v, *seg)
 
 
 def _check_index(name, x, shape):
