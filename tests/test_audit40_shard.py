@@ -10,21 +10,15 @@
 * ``quarot`` did not name its attention output (``remat="save_attention_out"`` saved nothing)
   nor constrain it / the MLP hidden activations like the baseline.
 """
-import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import jaxformers as jf
 from jaxformers.sharding import kernel_map
+from multidevice import REPO, run_on_devices
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_kernel_map_is_the_function_itself_without_a_mesh():
@@ -119,12 +113,7 @@ SCRIPT = textwrap.dedent('''
 
 
 def test_pallas_kernels_run_per_device_on_a_mesh():
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest",
-               XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
-    res = subprocess.run([sys.executable, "-c", SCRIPT.format(repo=str(REPO))], cwd=str(REPO), env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-4000:]
-    out = json.loads(res.stdout.split("RESULT", 1)[1])
+    out = run_on_devices(SCRIPT.format(repo=str(REPO)))
     for name in ("hash_sparse", "qk_sparse"):
         l0, l1, grad_diff = out[name]
         assert abs(l0 - l1) < 1e-5 and grad_diff < 1e-5, (name, out[name])
@@ -207,12 +196,7 @@ def test_every_kernel_runs_per_device_on_a_mesh_with_the_sequence_whole():
     """Flash attention, the selective scan, SSD and landmark attention on an 8-device mesh: the
     step exports for TPU (was "Mosaic kernels cannot be automatically partitioned"), and with rules
     that split the sequence over a mesh axis the kernels still see it whole (== one device)."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest",
-               XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
-    res = subprocess.run([sys.executable, "-c", SCRIPT_ALL.format(repo=str(REPO))], cwd=str(REPO), env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-4000:]
-    out = json.loads(res.stdout.split("RESULT", 1)[1])
+    out = run_on_devices(SCRIPT_ALL.format(repo=str(REPO)))
     for name in ("llama", "mamba", "mamba2"):
         assert out["length_split_" + name] < 1e-5, out
     assert out["segment_pair"] < 1e-5 and out["segment_pair_mapped"], out  # was an AttributeError

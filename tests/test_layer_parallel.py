@@ -1,12 +1,7 @@
 """Layer-parallel pairs (jaxformers.transforms): the pair equation, fused == unfused, pairing
 nothing == the original, decoding == the full forward, 8-device ``tensor`` placement == one
 device, and the delete / swap / shuffle interventions."""
-import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +12,8 @@ import jaxformers as jf
 from jaxformers.layers import Attention, Block, make_mlp, make_norm
 from jaxformers.transforms import (LayerParallelConfig, delete_layers, pair_layers, reorder_layers,
                                    shuffle_layers, swap_layers)
+from multidevice import REPO, run_on_devices
 
-REPO = Path(__file__).resolve().parents[1]
 L, V = 5, 64
 
 
@@ -304,12 +299,7 @@ SCRIPT = textwrap.dedent('''
 
 
 def test_tensor_axis_places_each_layer_of_a_pair_on_its_own_device():
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest",
-               XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
-    res = subprocess.run([sys.executable, "-c", SCRIPT.format(repo=str(REPO))], cwd=str(REPO), env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-4000:]
-    out = json.loads(res.stdout.split("RESULT", 1)[1])
+    out = run_on_devices(SCRIPT.format(repo=str(REPO)), timeout=300)
     assert out["logits"] < 1e-5 and out["decode"] < 1e-5 and out["decode_vs_full"] < 1e-5, out
     assert out["shard_shape"] == [32, 4, 8] and out["layer_on_device"] == [True, True], out
     # per apply: 3 blocks (layer 0, pairs (1,2), (3,4)) x (attention + MLP) + the vocab-sharded

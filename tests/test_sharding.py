@@ -4,10 +4,6 @@ The multi-device checks run in a subprocess with 8 fake CPU devices
 (``XLA_FLAGS=--xla_force_host_platform_device_count=8`` must be set before jax
 starts); the 1x1x1 reference runs in this process.
 """
-import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -17,8 +13,8 @@ import pytest
 import jaxformers as jf
 from jaxformers.training import TrainConfig, read_metrics, train
 from jaxformers.training.mesh import make_mesh, mesh_shape, parse_mesh
+from multidevice import REPO, run_on_devices
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
 # expert=8: the batch split over the expert axis (no MoE params: pure data parallelism there);
 # data=2,expert=2,tensor=2: expert as a batch axis next to data, with tensor parallelism.
@@ -149,14 +145,7 @@ def test_losses_match_across_meshes_and_params_are_sharded(tmp_path, monkeypatch
     assert [r[0] for r in ref] == list(range(1, STEPS + 1))
 
     script = SCRIPT.format(repo=str(REPO), corpus=corpus, root=str(tmp_path / "multi"))
-    # conftest's -O0 compile flags (in os.environ) plus 8 host devices
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
-               JAXFORMERS_CACHE=str(tmp_path / "cache"), JAX_DEFAULT_MATMUL_PRECISION="highest")
-    res = subprocess.run([sys.executable, "-c", script], cwd=str(REPO), env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-4000:]
-    out = json.loads(res.stdout.split("RESULT", 1)[1])
+    out = run_on_devices(script, JAXFORMERS_CACHE=str(tmp_path / "cache"))
 
     ref = np.asarray(ref)
     for name, rows in out["losses"].items():
