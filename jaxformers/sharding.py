@@ -158,3 +158,10 @@ def kernel_map(fn, in_axes, out_axes):
         return mapped(*args)
 
     return call
+
+
+def attention_kernel_axes(n_kv_heads: int):
+    """``(q_axes, kv_axes)``: the :func:`kernel_map` names of an attention kernel's ``q [B, T, H, D]``
+    and ``k`` / ``v [B, S, Hkv, D]``: rows and heads split, the sequence whole whatever the rules
+    say (attention reads all of it), one kv head (MQA) whole on every device."""
+    return (BATCH, None, ACT_HEADS, None), (BATCH, None, ACT_KV_HEADS if n_kv_heads > 1 else None, None)

@@ -127,7 +127,8 @@ from ..layers.common import output_std
 from ..layers.linear import Linear
 from ..layers.rotary import apply_rotary, rotary_angles
 from ..registry import register
-from ..sharding import ACT_HEADS, ACT_KV_HEADS, BATCH, EMBED, HEAD_DIM, HEADS, LENGTH, constrain, kernel_map
+from ..sharding import (ACT_HEADS, BATCH, EMBED, HEAD_DIM, HEADS, LENGTH, attention_kernel_axes, constrain,
+                        kernel_map)
 from ..training.losses import cross_entropy, logits_cross_entropy, model_inputs, register_loss
 from .gpt import GPT_PRESETS, _GPT_STYLE
 from .transformer import Transformer, check_tokens
@@ -306,10 +307,7 @@ def landmark_op(c, q, k, v, return_lse=False):
 
     if resolve_impl(c.landmark_impl) == "reference":
         return la.landmark_attention_reference(q, k, v, block_size=c.landmark_block, return_lse=return_lse)
-    # on a mesh: per device, its rows and heads (XLA cannot split a kernel); one kv head: whole
-    # (the sequence whole on every device: attention reads all of it, whatever the rules say)
-    qa = (BATCH, None, ACT_HEADS, None)
-    ka = (BATCH, None, ACT_KV_HEADS if k.shape[2] > 1 else None, None)
+    qa, ka = attention_kernel_axes(k.shape[2])  # on a mesh: per device (XLA cannot split a kernel)
     fn = functools.partial(la.landmark_attention, block_size=c.landmark_block, block_q=c.block_q,
                            return_lse=return_lse)
     return kernel_map(fn, (qa, ka, ka), (qa, (BATCH, ACT_HEADS, None)) if return_lse else qa)(q, k, v)
@@ -667,7 +665,7 @@ def memory_forward(config, params, tokens, *, chunk_len: int, top_k: Optional[in
         raise ValueError(f"top_k must be a positive int (not a bool), got {top_k!r}")
     top_k = int(top_k)
     tokens = jnp.asarray(tokens)
-    check_tokens(tokens, c.vocab_size)                     # [B, N] integers in range
+    check_tokens(tokens, c.vocab_size)                     # [B, N >= 1] integers in range
     lm_pos = np.asarray(tokens[:, L - 1::L])
     if lm_pos.size and not np.all(lm_pos == c.landmark_token):
         bad = int(np.nonzero(np.any(lm_pos != c.landmark_token, axis=0))[0][0]) * L + L - 1
@@ -676,9 +674,6 @@ def memory_forward(config, params, tokens, *, chunk_len: int, top_k: Optional[in
                          f"position {bad} does not")
     tokens = tokens.astype(jnp.int32)
     b, n = tokens.shape
-    if n == 0:
-        raise ValueError("tokens must hold at least one position, got shape "
-                         f"{tuple(tokens.shape)}")
     need = n // L                                          # blocks appended, last chunk included
     if max_blocks is None:
         mcap = max(1, need)

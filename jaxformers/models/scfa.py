@@ -96,7 +96,7 @@ from ..layers.attention import init_attention_cache, project_qkv, write_kv_cache
 from ..layers.common import output_std
 from ..layers.linear import Linear
 from ..registry import register
-from ..sharding import (ACT_HEADS, ACT_KV_HEADS, BATCH, EMBED, HEAD_DIM, HEADS, LENGTH,
+from ..sharding import (ACT_HEADS, BATCH, EMBED, HEAD_DIM, HEADS, LENGTH, attention_kernel_axes,
                         constrain, kernel_map)
 from .gpt import GPT_PRESETS, _GPT_STYLE
 from .transformer import Transformer
@@ -274,11 +274,8 @@ class SparseAttention(nn.Module):
             return fn(q, k, v, q_lab, k_lab)
         fn = functools.partial(sa.hash_attention if kind == "hash" else sa.qk_sparse_attention,
                                block_q=c.block_q, block_k=c.block_k)
-        # on a mesh: per device, its rows and heads (XLA cannot split a kernel); one kv head
-        # (MQA) is whole on every device
-        # (the sequence whole on every device: attention reads all of it, whatever the rules say)
-        heads = (BATCH, None, ACT_HEADS, None)
-        kv_heads = (BATCH, None, ACT_KV_HEADS if k.shape[2] > 1 else None, None)
+        # on a mesh: per device (XLA cannot split a kernel)
+        heads, kv_heads = attention_kernel_axes(k.shape[2])
         return kernel_map(fn, (heads, kv_heads, kv_heads, heads[:3], kv_heads[:3]), heads)(
             q, k, v, q_lab, k_lab)
 

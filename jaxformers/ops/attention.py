@@ -267,7 +267,7 @@ def attention(q, k, v, *, causal: bool = True, segment_ids=None, window: Optiona
         return jax.nn.dot_product_attention(q, k, v, scale=sm_scale, is_causal=causal,
                                             local_window_size=local, implementation="cudnn")
     from pallas_kernels.flash_attention import flash_attention
-    from ..sharding import ACT_HEADS, ACT_KV_HEADS, BATCH, kernel_map
+    from ..sharding import BATCH, attention_kernel_axes, kernel_map
 
     # segment ids as arrays: [B, T], or the pair (q_ids [B, Tq], kv_ids [B, Tk])
     seg = () if segment_ids is None else tuple(segment_ids) if isinstance(segment_ids, (tuple, list)) \
@@ -277,10 +277,7 @@ def attention(q, k, v, *, causal: bool = True, segment_ids=None, window: Optiona
         ids = None if not seg else seg[0] if len(seg) == 1 else seg
         return flash_attention(q, k, v, causal=causal, segment_ids=ids, window=window, sm_scale=sm_scale)
 
-    # on a mesh: per device, its rows and heads (XLA cannot split a kernel)
-    # (the sequence whole on every device: attention reads all of it, whatever the rules say)
-    qa = (BATCH, None, ACT_HEADS, None)
-    ka = (BATCH, None, ACT_KV_HEADS if k.shape[2] > 1 else None, None)  # MQA: whole
+    qa, ka = attention_kernel_axes(k.shape[2])  # on a mesh: per device (XLA cannot split a kernel)
     return kernel_map(kernel, (qa, ka, ka) + ((BATCH, None),) * len(seg), qa)(q, k, v, *seg)
 
 
