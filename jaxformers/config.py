@@ -145,8 +145,9 @@ class ModelConfig(ConfigMixin):
 
         Every parameter counts (norm scales and SSM vectors too: they are tiny); the element-wise
         work of the SSM scans (``O(d_inner * d_state)`` per token and layer) is not counted.
-        ``params``: the params tree (arrays or ``ShapeDtypeStruct``s); ``None`` builds the model
-        abstractly (``jax.eval_shape``, no FLOPs spent).
+        ``params``: the params tree (arrays or ``ShapeDtypeStruct``s, boxed as ``module.init``
+        returns them or not); ``None`` builds the model abstractly (``jax.eval_shape``, no FLOPs
+        spent).
         """
         import jax
         import numpy as np
@@ -162,7 +163,9 @@ class ModelConfig(ConfigMixin):
             params = abstract_params(build(self))
         matmul = 0.0
         for keypath, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-            path = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in keypath)
+            # a partitioning box (``module.init``'s params) adds an attribute key (``.value``)
+            path = tuple(str(getattr(k, "key", k)) for k in keypath
+                         if not isinstance(k, jax.tree_util.GetAttrKey))
             size = 1
             for dim in leaf.shape:
                 size *= int(dim)

@@ -45,7 +45,7 @@ def list_models():
 
 def get_spec(name: str) -> ModelSpec:
     _ensure_loaded()
-    if name not in _REGISTRY:
+    if not isinstance(name, str) or name not in _REGISTRY:
         raise ValueError(f"unknown model name={name!r}; choose one of {sorted(_REGISTRY)}")
     return _REGISTRY[name]
 
@@ -57,7 +57,7 @@ def list_presets(name: str):
 def get_config(name: str, preset: str = "tiny", **overrides) -> ModelConfig:
     """Frozen config for architecture ``name`` at ``preset``, with field overrides."""
     spec = get_spec(name)
-    if preset not in spec.presets:
+    if not isinstance(preset, str) or preset not in spec.presets:
         raise ValueError(
             f"unknown preset={preset!r} for model {name!r}; choose one of {list(spec.presets)}"
         )

@@ -22,6 +22,8 @@ def rotary_angles(positions, head_dim, theta=10000.0):
     if isinstance(theta, numbers.Real) and not (math.isfinite(theta) and theta > 0):
         raise ValueError(f"theta must be a finite number > 0, got {theta!r}")
     head_dim = int(head_dim)
+    if isinstance(theta, numbers.Real):  # a Python int above 2**31 would overflow as a jnp int32
+        theta = float(theta)
     freqs = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
     angles = positions.astype(jnp.float32)[..., None] * freqs  # [B, T, D/2]
     return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
