@@ -223,6 +223,18 @@ def check_float(name: str, x, expected: str) -> None:
                          f"got dtype {dtype} (shape {shape_of(x)})")
 
 
+def int32_ids(a, b):
+    """Two integer id arrays (segment or bucket ids) as int32, equal exactly where the ids are
+    equal and in the same order: a cast when their common dtype has at most 32 bits, else (64-bit
+    ids under ``jax_enable_x64``, where a cast would merge e.g. 0 and 2**32) each id's index among
+    the sorted ids of both."""
+    dtype = jnp.promote_types(a.dtype, b.dtype)
+    if dtype.itemsize <= 4:
+        return a.astype(jnp.int32), b.astype(jnp.int32)
+    ids = jnp.sort(jnp.concatenate([a.astype(dtype).ravel(), b.astype(dtype).ravel()]))
+    return tuple(jnp.searchsorted(ids, x.astype(dtype)).astype(jnp.int32) for x in (a, b))
+
+
 def check_segment_ids(segment_ids, b: int, l: int) -> None:
     """``segment_ids`` must be an integer ``[B, L]`` array."""
     dtype = getattr(segment_ids, "dtype", None)

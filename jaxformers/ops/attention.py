@@ -68,6 +68,9 @@ def _split_segments(segment_ids, tq, tk, batch=None):
         if len(segment_ids) != 2:
             raise ValueError("segment_ids must be a [B, T] array or a (q_ids, kv_ids) pair")
         q_ids, kv_ids = segment_ids
+        if q_ids is None or kv_ids is None:
+            raise ValueError("segment_ids as a (q_ids, kv_ids) pair needs both arrays, got None for "
+                             f"{'q_ids' if q_ids is None else 'kv_ids'}")
     else:
         if tq != tk:
             raise ValueError(
@@ -87,6 +90,8 @@ def attention_mask(tq, tk, *, causal=True, window=None, q_offset=None, q_ids=Non
     """Boolean visibility mask ``[B or 1, Tq, Tk]`` (True = key visible)."""
     if q_offset is None:
         q_offset = tk - tq
+    if window is not None:  # positions are int32; any window >= 2**31 - 1 hides the same keys
+        window = min(int(window), np.iinfo(np.int32).max)
     q_offset = jnp.asarray(q_offset, jnp.int32).reshape(-1, 1, 1)  # [B or 1, 1, 1]
     qpos = q_offset + jnp.arange(tq, dtype=jnp.int32)[None, :, None]
     kpos = jnp.arange(tk, dtype=jnp.int32)[None, None, :]
@@ -106,6 +111,8 @@ def xla_attention(q, k, v, *, causal=True, segment_ids=None, window=None, q_offs
                   dropout_rate: float = 0.0, dropout_rng=None):
     """Reference attention in plain XLA (float32 softmax). Shapes as :func:`attention`.
     ``dropout_rate`` > 0 with a ``dropout_rng``: inverted dropout on the probabilities."""
+    _check_shapes(q, k, v, window)
+    _check_args(q, causal, q_offset)
     _check_dropout(dropout_rate)
     b, tq, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
@@ -251,6 +258,8 @@ def attention(q, k, v, *, causal: bool = True, segment_ids=None, window: Optiona
     _check_args(q, causal, q_offset)
     _check_dropout(dropout_rate)
     window = None if window is None else int(window)
+    if window is not None and q_offset is None and window >= max(q.shape[1], k.shape[1]):
+        window = None  # hides nothing (|pos - j| < max(Tq, Tk)); keeps e.g. 2**40 out of cuDNN's int32
     if dropout_rate and dropout_rng is not None:
         if implementation not in ("auto", "xla"):
             raise ValueError(f"attention dropout runs on implementation='xla' only, got {implementation!r}")

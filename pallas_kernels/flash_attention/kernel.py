@@ -71,9 +71,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from .masks import MaskSpec, block_id_bounds, blocks_may_interact
-from .reference import split_segment_ids
+from .reference import effective_window, split_segment_ids
 from .._common import (SQ, AttentionPlan, by_platform, check_flag, check_qkv, compiler_params, idiv,
-                       is_tpu_interpret, next_pow2, resolve_interpret, round_up, select_plan)
+                       int32_ids, is_tpu_interpret, next_pow2, resolve_interpret, round_up,
+                       select_plan)
 
 LOG2E = math.log2(math.e)
 _MIN_BLOCK = 16  # smallest tile Triton's tl.dot accepts
@@ -122,9 +123,8 @@ class BlockSizes:
     def resolved(self):
         """``(block_q, block_k, block_q_dq, block_k_dq, block_q_dkv, block_k_dkv)``."""
         bq, bk = self.block_q, self.block_k
-        return (bq, bk,
-                self.block_q_dq or bq, self.block_k_dq or bk,
-                self.block_q_dkv or bq, self.block_k_dkv or bk)
+        return tuple(int(x) for x in (bq, bk, self.block_q_dq or bq, self.block_k_dq or bk,
+                                      self.block_q_dkv or bq, self.block_k_dkv or bk))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -151,8 +151,12 @@ class _Plan(AttentionPlan):
         return self.tk_pad != self.tk
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
 def _is_pow2(x) -> bool:
-    return isinstance(x, int) and x > 0 and (x & (x - 1)) == 0
+    return _is_int(x) and x > 0 and (x & (x - 1)) == 0
 
 
 # ----------------------------------------------------------------------- validation
@@ -172,10 +176,16 @@ def _validate(q, k, v, q_ids, kv_ids, window, sm_scale, block_sizes):
         raise ValueError(f"sm_scale must be a Python float or None, got {type(sm_scale)}")
     if not isinstance(block_sizes, BlockSizes):
         raise ValueError(f"block_sizes must be a BlockSizes or None, got {type(block_sizes)}")
-    for f, val in zip(("block_q", "block_k", "block_q_dq", "block_k_dq", "block_q_dkv",
-                       "block_k_dkv"), block_sizes.resolved()):
-        if not _is_pow2(val):
-            raise ValueError(f"block_sizes.{f} must be a positive power of two, got {val!r}")
+    for f in ("block_q", "block_k", "block_q_dq", "block_k_dq", "block_q_dkv", "block_k_dkv",
+              "num_warps", "num_warps_bwd"):
+        val = getattr(block_sizes, f)
+        if not (_is_pow2(val) or (val is None and f not in ("block_q", "block_k"))):
+            what = "None or " if f not in ("block_q", "block_k") else ""
+            raise ValueError(f"block_sizes.{f} must be {what}a positive power of two, got {val!r}")
+    for f in ("num_stages", "num_stages_bwd"):
+        val = getattr(block_sizes, f)
+        if not _is_int(val) or val < 1:
+            raise ValueError(f"block_sizes.{f} must be a positive int, got {val!r}")
 
 
 def _make_plan(q, k, q_ids, causal, window, sm_scale, block_sizes, interpret,
@@ -195,15 +205,15 @@ def _make_plan(q, k, q_ids, causal, window, sm_scale, block_sizes, interpret,
     tq_pad = round_up(tq, max(blocks[0::2]))
     tk_pad = round_up(tk, max(blocks[1::2]))
     dp = round_up(d, _TPU_BLOCK) if tpu else max(_MIN_BLOCK, next_pow2(d))
-    warps = block_sizes.num_warps or (4 if dp <= 64 else 8)
-    warps_bwd = block_sizes.num_warps_bwd or warps
+    warps = int(block_sizes.num_warps or (4 if dp <= 64 else 8))
+    warps_bwd = int(block_sizes.num_warps_bwd or warps)
     return _Plan(b=b, tq=tq, tk=tk, hq=hq, hkv=hkv, d=d, dp=dp, tq_pad=tq_pad, tk_pad=tk_pad,
                  blocks=blocks, causal=bool(causal), window=None if window is None else int(window),
                  sm_scale=float(d ** -0.5 if sm_scale is None else sm_scale),
                  segments=q_ids is not None,
                  interpret=interpret if is_tpu_interpret(interpret) else bool(interpret),
-                 num_warps=warps, num_stages=block_sizes.num_stages,
-                 num_warps_bwd=warps_bwd, num_stages_bwd=block_sizes.num_stages_bwd,
+                 num_warps=warps, num_stages=int(block_sizes.num_stages),
+                 num_warps_bwd=warps_bwd, num_stages_bwd=int(block_sizes.num_stages_bwd),
                  platform=platform)
 
 
@@ -763,6 +773,9 @@ def _prepare(q, k, v, causal, segment_ids, window, sm_scale, block_sizes, interp
     if block_sizes is None:
         block_sizes = BlockSizes.get_default(q.shape[-1])
     _validate(q, k, v, q_ids, kv_ids, window, sm_scale, block_sizes)
+    window = effective_window(window, q.shape[1], k.shape[1])
+    if q_ids is not None:
+        q_ids, kv_ids = int32_ids(q_ids, kv_ids)
     interpret = resolve_interpret(interpret)
     plan = select_plan(functools.partial(_make_plan, q, k, q_ids, causal, window, sm_scale,
                                          block_sizes, interpret), interpret)

@@ -43,11 +43,21 @@ def split_segment_ids(segment_ids, tq: int, tk: int):
         if len(segment_ids) != 2:
             raise ValueError("segment_ids must be a [B, T] array or a (q_ids, kv_ids) pair, "
                              f"got a sequence of length {len(segment_ids)}")
+        if segment_ids[0] is None or segment_ids[1] is None:
+            raise ValueError("segment_ids as a (q_ids, kv_ids) pair needs both arrays, got None for "
+                             f"{'q_ids' if segment_ids[0] is None else 'kv_ids'}")
         return segment_ids[0], segment_ids[1]
     if tq != tk:
         raise ValueError(f"segment_ids given as one [B, T] array needs Tq == Tk (got Tq={tq}, "
                          f"Tk={tk}); pass a (q_ids, kv_ids) pair instead")
     return segment_ids, segment_ids
+
+
+def effective_window(window, tq: int, tk: int):
+    """``window``, or None when it hides nothing: ``|pos - j| <= max(Tq, Tk) - 1`` for every
+    query / key pair, so a wider window (e.g. ``2**31 - 1`` as "unbounded") is no window, and
+    never reaches int32 position arithmetic, where ``pos + w`` would overflow."""
+    return None if window is None or window >= max(tq, tk) else window
 
 
 def reference(q, k, v, *, causal=True, segment_ids=None, window=None, sm_scale=None,
@@ -63,6 +73,7 @@ def reference(q, k, v, *, causal=True, segment_ids=None, window=None, sm_scale=N
     g = hq // hkv
     scale = d ** -0.5 if sm_scale is None else sm_scale
     q_ids, kv_ids = split_segment_ids(segment_ids, tq, tk)
+    window = effective_window(window, tq, tk)
     qf = q.astype(jnp.float32).reshape(b, tq, hkv, g, d)
     kf, vf = k.astype(jnp.float32), v.astype(jnp.float32)
     hi = jax.lax.Precision.HIGHEST

@@ -963,6 +963,10 @@ def tpu_vmem_bytes(batch, length, dim, n, *, groups=None, dtype=jnp.bfloat16, z=
     if groups is not None and (isinstance(groups, bool) or not isinstance(groups, int)
                                or groups < 1 or dim % groups):
         raise ValueError(f"groups must be None or a positive int dividing dim={dim}, got {groups!r}")
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"dtype must be a floating dtype (that of x / dt / z), got {dtype!r}")
+    z, initial_state, segments = (check_flag(name, v) for name, v in (
+        ("z", z), ("initial_state", initial_state), ("segments", segments)))
     x = jax.ShapeDtypeStruct((batch, length, dim), dtype)
     A = jax.ShapeDtypeStruct((dim, n), f32)
     plan = _make_plan(x, A, groups, True, z, initial_state, segments, False, block_d,
@@ -1011,8 +1015,8 @@ def selective_scan(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=
         at every ``t`` with ``segment_ids[t] != segment_ids[t-1]``.
       return_final_state: also return the final state ``[B, D, N]`` float32.
       chunk_size: time steps per chunk (default 64; shrunk to L for short inputs; on TPU
-        rounded up to a multiple of 8): the forward's time-parallel unit and the spacing
-        of the backward's stored states.
+        rounded up to a multiple of 8, of 16 when x / dt / z are 16-bit): the forward's
+        time-parallel unit and the spacing of the backward's stored states.
       interpret: Pallas interpret mode; ``None`` = on when the default backend is CPU.
         ``False``: compiled, Triton kernels when lowered for GPU and Mosaic kernels
         when lowered for TPU (chosen at lowering time).  A ``pltpu.InterpretParams()``

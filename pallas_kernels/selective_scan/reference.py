@@ -169,7 +169,7 @@ def selective_state_update(state, x, dt, A, B, C, *, D=None, z=None, dt_bias=Non
         if getattr(v, "ndim", None) == 2 and v.shape == (b, n):
             mats.append(v.astype(f32)[:, None, :])
         elif getattr(v, "ndim", None) == 3 and v.shape[0] == b and v.shape[2] == n:
-            if dim % v.shape[1]:
+            if v.shape[1] < 1 or dim % v.shape[1]:
                 raise ValueError(f"D={dim} must be divisible by the number of groups "
                                  f"G={v.shape[1]} of {name}")
             mats.append(expand_groups(v.astype(f32), dim))

@@ -84,7 +84,7 @@ from ..flash_attention.kernel import (LOG2E, _MIN_BLOCK, _TPU_BLOCK, _Layout,
                                       _dot_nn, _dot_nt, _dot_tn, _is_pow2,
                                       _rows_slice, _tile_bytes, static_sm_scale)
 from .._common import (SQ, AttentionPlan, by_platform, check_flag, check_qkv, compiler_params, idiv,
-                       next_pow2, resolve_interpret, round_up, select_plan)
+                       int32_ids, next_pow2, resolve_interpret, round_up, select_plan)
 
 POS_NEVER = 2 ** 30   # position of a key no query sees (dropped or padding)
 POS_BLIND = -1        # position of a query that sees no key (dropped or padding)
@@ -148,21 +148,8 @@ def _gather_tokens(x, order):
     return jnp.take_along_axis(x, jnp.swapaxes(order, 1, 2)[..., None], axis=1)
 
 
-def _int32_buckets(q_buckets, k_buckets):
-    """Both bucket arrays as int32 ids, equal exactly where the buckets are equal: a cast when
-    their common dtype has at most 32 bits (a bijection), else (64-bit ids under
-    ``jax_enable_x64``, where a cast would merge e.g. 0 and 2**32) each id's index in the sorted
-    ids of both."""
-    dtype = jnp.promote_types(q_buckets.dtype, k_buckets.dtype)
-    if dtype.itemsize <= 4:
-        return q_buckets.astype(jnp.int32), k_buckets.astype(jnp.int32)
-    ids = jnp.sort(jnp.concatenate([q_buckets.astype(dtype).ravel(), k_buckets.astype(dtype).ravel()]))
-    rank = lambda x: jnp.searchsorted(ids, x.astype(dtype)).astype(jnp.int32)  # noqa: E731
-    return rank(q_buckets), rank(k_buckets)
-
-
 def _hash_meta(q_buckets, k_buckets):
-    q_buckets, k_buckets = _int32_buckets(q_buckets, k_buckets)
+    q_buckets, k_buckets = int32_ids(q_buckets, k_buckets)
     qo, qg = _sort_tokens(q_buckets)
     ko, kg = _sort_tokens(k_buckets)
     return qo, ko, (qg, qo, kg, ko)
