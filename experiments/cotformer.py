@@ -12,7 +12,10 @@ universal transformer), ``cotformer_Lx2``, ``cotformer_Lx3``, ``ln_cotformer_Lx3
 begin/end layers) and ``adaptive_Lx3`` (LN-CoTFormer with routers, trained with sampled
 capacities as the authors do).  ``OUT/results.json`` holds, per model: validation loss /
 perplexity, parameters, forward MACs per token (``flops_per_token / 6``: each weight counted
-per repeat it runs, attention over the keys of all earlier repeats), average depth, training
+per repeat it runs, attention over the keys of all earlier repeats; the adaptive model's at the
+full budget), ``train_flops_per_token`` (the trainer's count; for the adaptive model the
+expectation under the sampled capacities, i.e. the authors' routed compute, not the masked
+full-depth compute run here), average depth, training
 tokens/s (the trainer's, includes the sampled-capacity masking for the adaptive model) and
 inference tokens/s (jitted forward in the trainer's compute dtype, best of 3 interleaved
 rounds).  ``adaptive_curve``: the one trained adaptive model evaluated at each inference budget

@@ -9,9 +9,11 @@ sigmoid_crw_lnmid_de_random_factor_single_final.py``):
   (shared weights) runs ``n_repeat`` times; the end group and the final norm read the
   output of the last repeat; the loss is on that output.
 * ``cotformer``: every mid block keeps the keys/values of all earlier repeats (per block,
-  as the authors' in-place ``all_keys`` buffers).  At repeat ``r`` a token at position ``i``
-  attends to positions ``j <= i`` of repeats ``1..r`` (its own repeat included); earlier
-  repeats are never recomputed.  Rotary positions are the token positions in every repeat.
+  as the authors' in-place ``all_keys`` buffers).  At repeat ``r`` token ``i`` attends to
+  tokens ``j <= i`` of repeats ``1..r`` (its own repeat included; causal by token index, as
+  the authors' mask and every repeat-1 / baseline attention, whatever ``positions`` are
+  given); earlier repeats are never recomputed.  Rotary positions are the token positions
+  in every repeat.
   Equivalently: each token repeated ``r`` times and causal attention over that interleaved
   sequence (``tests/test_cotformer.py`` checks both views).
 * ``but`` (block universal transformer): the same repeats, each attending to its own
@@ -27,7 +29,7 @@ sigmoid_crw_lnmid_de_random_factor_single_final.py``):
   repeat's output (after ``ln_mid``) is mixed ``x = x_in * (1 - s) + x_repeat * s``
   (``x_in``: before the depth embedding).  Tokens that stop keep their last output.  The
   keys of a token exist only for the repeats it ran; attention in a repeat covers the
-  active tokens and every cached key with position ``<=`` the query's.  Capacities come
+  active tokens and every cached key of a token ``<=`` the query's.  Capacities come
   from cumulative *length factors* ``f_2 >= ... >= f_R`` (fraction of the sequence that
   gets repeat ``r``; ``c_r = f_r / f_{r-1}``): in training (a ``dropout`` rng present,
   ``random_capacity``) sampled per step as ``sort_desc(min(1, 1.05 * U[0,1)^{R-1}))``
@@ -49,6 +51,11 @@ Deviations (documented, deliberate):
 * Block style is the project's GPT block (pre-LN, GELU 4x MLP, no bias, RoPE, tied
   embeddings) -- the authors' ``base`` model; the authors' BUT uses a separate ``q``
   projection, which is the same parametrisation as ours.
+* The adaptive model has ``n_repeat - 1`` routers; the authors allocate ``n_repeat``
+  (``transformer.mod``, the last one never used), so their parameter count is ``d`` higher.
+* Weight decay follows the trainer's rule (:mod:`jaxformers.training.optim`): the
+  ``depth_embedding`` table (2-D) is decayed, the authors' ``nn.Embedding`` is not (their
+  optimizer groups exempt embeddings); routers are decayed in both.
 
 FLOPs: a mid block's weights count once per repeat a token runs (``param_uses``); the
 attention term counts, per mid block and repeat, the keys of all earlier repeats
@@ -233,11 +240,14 @@ class RepeatAttention(nn.Module):
     ``cache`` carries the repeat context:
 
     * full forward (``cache_index is None``): ``None`` -> plain causal attention; else
-      ``{"k", "v", "pos", "seg"}`` of earlier repeats (or None values: none yet) and
-      ``"valid"`` (``[B, T]`` bool, or None: all tokens active).  Returns the context with
-      this repeat's keys appended.
+      ``{"k", "v", "pos", "seg"}`` of earlier repeats (or None values: none yet; ``"pos"``:
+      the keys' token indices), ``"index"`` (``[B, T]`` token index of each query, the causal
+      order; None: ``positions``) and ``"valid"`` (``[B, T]`` bool, or None: all tokens
+      active).  Returns the context with this repeat's keys appended.
     * decoding: ``{"k", "v"}`` (``[B, S, Hkv, Dh]``, this repeat's cache) and ``"k_prev"``,
-      ``"v_prev"``, ``"pos_prev"`` (earlier repeats' caches, flattened).  Returns ``{"k", "v"}``.
+      ``"v_prev"``, ``"pos_prev"`` (earlier repeats' caches, flattened: the cache slot of each
+      key).  Causal by cache slot (the query at ``cache_index + t``), as the baseline's
+      ``q_offset``: ``positions`` only set the rotary angles.  Returns ``{"k", "v"}``.
     """
     applies_attn_dropout = False  # see models.transformer.check_attn_dropout
     config: object
@@ -264,11 +274,15 @@ class RepeatAttention(nn.Module):
             v_all = jnp.concatenate([cache["v_prev"], v_cur], axis=1).astype(q.dtype)
             pos_all = jnp.concatenate([cache["pos_prev"], jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32),
                                                                             (b, s))], axis=1)
-            o = position_causal_attention(q, k_all, v_all, q_pos=positions, kv_pos=pos_all,
+            # causal by cache slot, as the baseline's q_offset: keys sit at their slots, whatever
+            # ``positions`` (the rotary angles) the caller gave
+            q_slot = cache_index + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            o = position_causal_attention(q, k_all, v_all, q_pos=q_slot, kv_pos=pos_all,
                                           implementation="xla")
         else:  # full forward with the keys of earlier repeats
             valid = cache.get("valid")
-            kpos = positions if valid is None else jnp.where(valid, positions, NEVER)
+            order = positions if cache.get("index") is None else cache["index"]  # causal order
+            kpos = order if valid is None else jnp.where(valid, order, NEVER)
             seg = None if segment_ids is None else segment_ids
             if cache.get("k") is None:
                 k_all, v_all, pos_all, seg_all, n_prev = k, v, kpos, seg, 0
@@ -283,7 +297,7 @@ class RepeatAttention(nn.Module):
             else:
                 key_index = jnp.broadcast_to(n_prev + jnp.arange(t, dtype=jnp.int32), (b, t))
                 o = position_causal_attention(
-                    q, k_all, v_all, q_pos=positions, kv_pos=pos_all, q_key_index=key_index,
+                    q, k_all, v_all, q_pos=order, kv_pos=pos_all, q_key_index=key_index,
                     segment_ids=None if seg is None else (seg, seg_all), implementation=c.attention_impl)
             new = {"k": k_all, "v": v_all, "pos": pos_all, "seg": seg_all}
         # named like the baseline's, for remat="save_attention_out"
@@ -412,14 +426,15 @@ class CoTFormer(Transformer):
         idx = None                                  # gathered active tokens [B, n] (static budget)
         valid = None                                # active mask [B, T] (sampled budget)
         xw, pos, seg, weight = x, positions, segment_ids, None
+        tok = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))  # token index
         prev_f = 1.0
         for r in range(1, c.n_repeat + 1):
             x_in = xw
             h = self._depth(xw, r)
             for i in mid:
                 cache = ctx[i]
-                if valid is not None:
-                    cache = dict(cache or {"k": None, "v": None, "pos": None, "seg": None}, valid=valid)
+                if cache is not None:  # causal by token index (as repeat 1); ``pos`` only rotates
+                    cache = dict(cache, index=tok if idx is None else idx, valid=valid)
                 h, new = self.blocks[i](h, pos, seg, cache, None)
                 if c.cross_repeat:
                     ctx[i] = new

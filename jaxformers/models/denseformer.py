@@ -21,6 +21,17 @@ field every config has; the shared ``Block`` implements it) adds learned scalar 
 (init 1) on both skip connections of every block:
 ``x = g_attn * x + Attn(Norm(x)); x = g_mlp * x + MLP(Norm(x))``.
 
+Deviations from the authors' code (github.com/epfml/DenseFormer): with ``p > 1`` their
+training script (``experiments/models/denseformer.py``, ``increase_T_every = p``, needs
+``p | L``) mixes only ``X_0`` and the outputs of blocks ``p, 2p, ...`` with the dilation
+counted in groups of ``p``; here (the paper's formula and their ``DWAModules`` package) every
+``X_j`` of the dilation class is mixed (they agree for ``p = 1``).  Their optimizer groups
+weight-decay the DWA weights (``nn.Linear``) and the skip gains (``'gain' in name``); the
+trainer here decays neither (scalar / vector parameters, :mod:`jaxformers.training.optim`).
+Their connect-to-last ``Mixer`` (``experiments/models/connect_to_last.py``) has no dilation
+and starts the non-last weights at ``1e-4``; ``"last_only"`` starts them at 0 (init ==
+baseline).
+
 Parameters: ``dwa_alpha`` ``[R, n_layer + 1]`` (row r = the r-th DWA point, column
 j = weight of ``X_j``; logical axes ``("layers", None)``: replicated under the
 default rules and, like norm scales, not weight-decayed by the trainer's rule),
