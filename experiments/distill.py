@@ -358,6 +358,11 @@ def check_teacher(ap, args, n_layer: int, max_seq_len: int) -> None:
             flag = "--attn-layers" if args.attn_layers is not None else \
                 f"the {args.preset} preset's attention layers {list(layers)} (set --attn-layers)"
             usage_error(ap, f"{flag}: {bad} not a layer of the {n_layer}-layer teacher (0 .. {n_layer - 1})")
+        if set(layers) >= set(range(n_layer)):
+            flag = "--attn-layers" if args.attn_layers is not None else \
+                f"the {args.preset} preset's attention layers {list(layers)} (set --attn-layers)"
+            usage_error(ap, f"{flag}: every layer of the {n_layer}-layer teacher kept as attention leaves the "
+                            "hybrid student no Mamba-2 layer (leave at least one out)")
     lengths = preset["speed_lengths"] if args.speed_lengths is None else args.speed_lengths
     long = [n for n in lengths if n > max_seq_len]
     if long:

@@ -17,7 +17,9 @@ byte tokens, each capped at the preset's ``max_bytes``.
    average validation perplexity (``ppl.png``).
 3. **Out-of-domain** (``--ood-target``, default ``poems``): a proxy run whose target is the
    held-out domain (weight 0, only its gradient is used), then base runs on the other
-   domains with uniform vs the DoGE-OOD weights, evaluated on the held-out domain.
+   domains with uniform vs the DoGE-OOD weights, evaluated on the held-out domain.  Both
+   proxies use the same ``mu`` (``--mu``, the preset's 0.01: the authors' universal setting;
+   their out-of-domain configs use 0.05).
 
 A signal (a GPU stage's time limit, Ctrl-C) stops the experiment after a checkpoint of the
 run in progress (it never reports a partly trained model).  ``--reuse`` keeps the finished

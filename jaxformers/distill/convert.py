@@ -16,7 +16,8 @@ norm and the head are copied; layers listed in ``attn_layers`` stay attention bl
 the teacher's weights (bit-identical).
 
 The student is the ``hybrid`` model with ``mixer="mamba2"``, ``ssm_mlp=True`` (the SSM
-blocks keep the transformer's MLP sub-layer) and ``attn_layers`` (``()``: pure Mamba-2).
+blocks keep the transformer's MLP sub-layer) and ``attn_layers`` (``()``: pure Mamba-2); it
+keeps the teacher's numerics (``dtype``, ``param_dtype``, ``residual_fp32``).
 
 Deviation: for a grouped-query teacher (``n_kv_head < n_head``) the authors keep ``x`` and
 ``B`` at the K/V width and repeat them across the heads of a group after the convolution;
@@ -43,8 +44,8 @@ __all__ = ["STUDENTS", "init_student", "student_config"]
 
 STUDENTS = ("mamba2", "hybrid")
 _COPIED = ("vocab_size", "d_model", "n_layer", "max_seq_len", "norm", "norm_eps", "tie_embeddings", "init_std",
-           "scale_residual_init", "dtype", "param_dtype", "n_head", "n_kv_head", "head_dim", "d_ff", "mlp",
-           "rope_theta", "attention_impl", "window", "skip_gains")
+           "scale_residual_init", "dtype", "param_dtype", "residual_fp32", "n_head", "n_kv_head", "head_dim", "d_ff",
+           "mlp", "rope_theta", "attention_impl", "window", "skip_gains")
 
 
 def student_config(teacher, student: str = "mamba2", attn_layers: Sequence[int] = (), **overrides):
@@ -91,7 +92,8 @@ def _heads_repeated(kernel, n_head: int) -> jax.Array:
 
 
 def init_student(teacher_config, teacher_params, config, rng, *, init: str = "attention"):
-    """Student parameters for ``config`` (:func:`student_config`) from the teacher's.
+    """Student parameters for ``config`` (:func:`student_config`) from the teacher's
+    (``teacher_params``: the parameter tree, or the ``{"params": ...}`` variables dict).
 
     ``init="attention"``: the MambaInLlama initialisation (module docstring);
     ``init="random"``: the student's own random initialisation for the SSM mixers (norms,
@@ -110,6 +112,8 @@ def init_student(teacher_config, teacher_params, config, rng, *, init: str = "at
     params = _numpy_tree(build(config).init(rng, jnp.zeros((1, 8), jnp.int32))["params"])
     expected = jax.tree.map(lambda x: x.shape, params)
     teacher = _numpy_tree(teacher_params)
+    if set(teacher) == {"params"}:  # a variables dict, as module.init returns it
+        teacher = teacher["params"]
     if getattr(teacher_config, "scan_layers", False) and "blocks" in teacher:
         from ..convert.layers import unstack_layers
         teacher = unstack_layers(teacher, n_layer=teacher_config.n_layer)

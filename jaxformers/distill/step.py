@@ -25,8 +25,10 @@ layers and the head stay the teacher's); here every student parameter is trained
 from __future__ import annotations
 
 import functools
+import json
 import math
 import numbers
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -37,9 +39,13 @@ from ..training.steps import abstract_params, train_step
 
 __all__ = ["DistillStep", "align_loss", "kd_loss", "kl_per_token", "teacher_hidden_states"]
 
+STEP_FILE = "distill_step.json"  # a DistillStep run's stage, loss settings and teacher config
+
 
 def kl_per_token(teacher_logits, student_logits, temperature: float = 1.0) -> jax.Array:
     """``tau^2 * KL(softmax(t / tau) || softmax(s / tau))`` over the last axis, float32 ``[B, T]``."""
+    if isinstance(temperature, numbers.Real) and not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
     s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
     return temperature ** 2 * jnp.sum(jnp.exp(t) * (t - s), axis=-1)
@@ -52,6 +58,9 @@ def kd_loss(module, params, batch, rng=None, *, temperature: float = 1.0, kl_wei
     if "teacher_logits" not in batch:
         raise ValueError("kd_loss needs batch['teacher_logits'] [B, T, V] (DistillStep adds it)")
     logits, _ = apply_model(module, params, batch, rng)
+    if batch["teacher_logits"].shape != logits.shape:
+        raise ValueError(f"teacher_logits {tuple(batch['teacher_logits'].shape)} must match the student's logits "
+                         f"{tuple(logits.shape)} [B, T, V] (the same vocab_size as the teacher)")
     targets, weights = next_token_targets(batch)
     kl, n = weighted_mean(kl_per_token(batch["teacher_logits"], logits, temperature), weights)
     logp = jax.nn.log_softmax(logits, axis=-1)
@@ -97,6 +106,10 @@ def align_loss(module, params, batch, rng=None):
     hidden = batch["teacher_hidden"].astype(jnp.float32)
     attn = set(getattr(module.config, "attention_layers", ()))
     tokens, inputs = model_inputs(batch)
+    want = (tokens.shape[0], module.config.n_layer + 1, tokens.shape[1], module.config.d_model)
+    if hidden.shape != want:  # layer i of the student is aligned to the teacher's layer i
+        raise ValueError(f"teacher_hidden {tuple(hidden.shape)} must be [B, L + 1, T, D] = {want}: the student "
+                         "needs the teacher's n_layer and d_model (student_config(teacher_config, ...))")
     segment_ids, positions = block_inputs(tokens.shape, inputs.get("positions"), inputs.get("segment_ids"))
     terms = []
     for i, (cls, cfg) in enumerate(zip(module.layer_classes(), module.layer_configs())):
@@ -119,7 +132,9 @@ class DistillStep:
     ``stage="kd"``: end-to-end distillation with :func:`kd_loss` (``temperature``,
     ``kl_weight``, ``ce_weight``); ``stage="align"``: layer-wise alignment
     (:func:`align_loss`, the teacher's hidden states in the batch).  The teacher runs in its
-    own compute dtype (``teacher_config.dtype``) under ``stop_gradient``.
+    own compute dtype (``teacher_config.dtype``) under ``stop_gradient``.  The run directory's
+    ``distill_step.json`` records the stage, the loss settings and the teacher's config:
+    resuming with others is a ``ValueError``.
     """
 
     STAGES = ("kd", "align")
@@ -152,9 +167,40 @@ class DistillStep:
         return f"DistillStep(teacher={self.teacher_config.model}, {self.settings})"
 
     def check_source(self, source, train_config) -> None:
+        """``ValueError`` when the data's vocabulary exceeds the teacher's, or (a resume) when
+        ``train_config.out_dir`` was trained with another stage, loss settings or teacher config
+        (its ``distill_step.json``, written here for a new run)."""
         if source.vocab_size > self.teacher_config.vocab_size:
             raise ValueError(f"the data's vocab_size={source.vocab_size} exceeds the teacher's "
                              f"{self.teacher_config.vocab_size}")
+        self._check_run_dir(train_config.out_dir)
+
+    def record(self) -> dict:
+        """What determines the run's objective (its ``distill_step.json``): the settings and the
+        teacher's config fields (``teacher.<field>``; not the implementation fields)."""
+        from ..training.rundir import IMPLEMENTATION_FIELDS
+
+        teacher = {f"teacher.{k}": v for k, v in self.teacher_config.to_dict().items() if k not in IMPLEMENTATION_FIELDS}
+        return json.loads(json.dumps({**self.settings, **teacher}))
+
+    def _check_run_dir(self, out_dir) -> None:
+        from ..training.checkpoint import Checkpointer
+        from ..training.rundir import atomic_write, config_diff
+
+        run_dir = Path(out_dir).expanduser()
+        path = run_dir / STEP_FILE
+        if path.is_file() and Checkpointer(run_dir).complete_steps():
+            old = json.loads(path.read_text())  # (teacher fields newer than the record: not compared)
+            changed = config_diff(old, {k: v for k, v in self.record().items()
+                                        if not k.startswith("teacher.") or k in old})
+            if changed:
+                raise ValueError(f"cannot resume {run_dir} with another DistillStep ({'; '.join(changed)}): its "
+                                 "checkpoints were trained with the settings in its distill_step.json; resume with "
+                                 "the same DistillStep, or train into a new out_dir")
+            return
+        if jax.process_index() == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, json.dumps(self.record(), indent=1) + "\n")
 
     def extra_inputs(self):
         """``(teacher params, their logical PartitionSpecs)``: sharded like a model's params."""

@@ -41,6 +41,12 @@ domain's micro-batch loss).
 
 Deviations from the authors' code (Olivia-fsm/DoGE, ``src/trainer.py``):
 
+* Universal mode scores each domain against the *other* training domains (their code's
+  ``set(train_ids) == set(tgt_ids)`` branch).  Their released universal config
+  (``config/doge.json``) instead targets ``mix``, an extra held-out domain mixing all seven
+  equally, so there ``W_i = lr <g_i, g_mix>`` includes (about ``1/K`` of) the domain's own
+  gradient; here ``W_i`` has no self term.  (Their out-of-domain configs also use ``mu=0.05``.)
+
 * Their per-domain backward passes accumulate into the same ``.grad`` buffers (no
   ``zero_grad`` between domains) and clip the running sum, so "domain k's gradient" there is
   the clipped sum of domains ``0..k``.  We use each domain's own unclipped gradient, as the
@@ -59,6 +65,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import warnings
 from pathlib import Path
 from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple
@@ -158,8 +166,18 @@ class DogeStep:
     smoothing: float = 0.0
 
     def __post_init__(self):
-        object.__setattr__(self, "domains", tuple(self.domains))
-        object.__setattr__(self, "targets", tuple(self.targets))
+        for name in ("domains", "targets"):  # a single string would be split into its characters
+            value = getattr(self, name)
+            value = None if isinstance(value, str) or not hasattr(value, "__iter__") else tuple(value)
+            if value is None or not all(isinstance(d, str) for d in value):
+                raise ValueError(f"{name} must be a sequence of domain names (strings), got {getattr(self, name)!r}")
+            object.__setattr__(self, name, value)
+        for name in ("mu", "dw_min", "dw_max", "smoothing"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+        if not (math.isfinite(self.mu) and self.mu > 0):  # mu = inf: weights that never move
+            raise ValueError(f"mu must be a finite number > 0, got {self.mu}")
         if len(self.domains) < 2 or len(set(self.domains)) != len(self.domains):
             raise ValueError(f"domains must be >= 2 distinct names, got {self.domains!r}")
         unknown = [t for t in self.targets if t not in self.domains]
@@ -167,8 +185,6 @@ class DogeStep:
             raise ValueError(f"targets {unknown} are not among domains {self.domains}")
         if len(self.targets) >= len(self.domains):
             raise ValueError(f"targets={self.targets!r} leave no training domain")
-        if not self.mu > 0:
-            raise ValueError(f"mu must be > 0, got {self.mu}")
         if not self.dw_min <= self.dw_max:
             raise ValueError(f"need dw_min <= dw_max, got dw_min={self.dw_min}, dw_max={self.dw_max}")
         if not 0.0 <= self.smoothing < 1.0:
