@@ -9,6 +9,10 @@
 #   bash scripts/gpu_check.sh models kernels      # named parts (one cut short by its budget, say)
 #   bash scripts/gpu_check.sh --gpu-quick         # part 1 only: each kernel family vs its reference
 #
+# Device time (15 min) counts the machine's start, and a machine left idle goes back within a
+# minute: call the follow-up right after the check, and where status's budget_left_s is short of
+# its 300 s (plus a margin), give it "followup --deadline SECONDS" to end inside what is left.
+#
 # Parts, budgets and what each measures: python -m experiments.gpu_check --help.
 # fla (for the SSD comparison) is not on the device and it has no network: carry its wheels,
 # fetched here with
