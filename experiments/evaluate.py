@@ -55,6 +55,7 @@ def main(argv=None) -> int:
     from experiments.common import is_hf_checkpoint, run_tokenizer
     from jaxformers.training import CheckpointError, evaluate
 
+    args.run = os.path.expanduser(args.run)  # as load_run reads it (a "~" the shell left alone)
     run = args.run
     overrides = None
     try:

@@ -54,6 +54,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from experiments.common import enable_compile_cache
@@ -230,6 +231,8 @@ def build_configs(args):
     model_sets = _pairs(args.set, "--set")
     train_sets = _pairs(args.train_set, "--train-set")
     saved = None
+    if args.out:  # as train() reads it (a "~" the shell left alone, e.g. in --out=~/runs/x)
+        args.out = os.path.expanduser(args.out)
     if (args.resume or args.extend_steps is not None) and not args.out and not args.config:
         # the default run directory of --model/--preset (as for a new run), before the checks below
         args.out = f"runs/{args.model or DEFAULTS['model']}-{args.preset or DEFAULTS['preset']}"
@@ -243,7 +246,7 @@ def build_configs(args):
             raise CLIError("give either --steps (the new total) or --extend-steps (steps to add), not both")
         args.resume = True
     if args.resume and args.out and (Path(args.out) / CONFIG_FILE).is_file():
-        saved = json.loads((Path(args.out) / CONFIG_FILE).read_text())
+        saved = _run_config(args.out)
         saved_model = saved.get("model", {}).get("model")
         if args.model is not None and args.model != saved_model:
             raise CLIError(f"--model {args.model!r} differs from the run's model {saved_model!r} in {args.out}: "
@@ -303,14 +306,14 @@ def build_configs(args):
     base.update(_file_values(TrainConfig, file_train))
     base.update(flags)
     base["init_from"] = str(init_from) if init_from else None
-    base["out_dir"] = args.out or base.get("out_dir") or f"runs/{model}-{preset}"
+    base["out_dir"] = os.path.expanduser(args.out or base.get("out_dir") or f"runs/{model}-{preset}")
     for k, v in train_sets:
         base[k] = coerce_value(TrainConfig, k, v)
     if args.resume and (Path(base["out_dir"]) / CONFIG_FILE).is_file():
         # --resume with --config / --init-from (a job script that always passes --resume): the
         # command describes the whole run again, as on its first start, and must be the same run
         # (train() refuses another model config and names train-config changes, as on any resume)
-        saved = json.loads((Path(base["out_dir"]) / CONFIG_FILE).read_text())
+        saved = _run_config(base["out_dir"])
         _check_same_init_from(init_from, saved, base["out_dir"])
         if args.extend_steps is not None:
             base["steps"] = int(saved["train"]["steps"]) + args.extend_steps
@@ -331,6 +334,18 @@ def build_configs(args):
             print(f"note: raising max_seq_len {preset_len} -> {tc.seq_len} (= --seq-len)", file=sys.stderr)
             overrides["max_seq_len"] = tc.seq_len
     return get_config(model, preset, **overrides), tc
+
+
+def _run_config(out) -> dict:
+    """The ``config.json`` of the run in ``out``; ``ValueError`` naming the file when it is
+    unreadable or has no ``model`` / ``train`` section."""
+    from jaxformers.training.rundir import CONFIG_FILE, read_config
+
+    saved = read_config(out)
+    missing = [k for k in ("model", "train") if not isinstance((saved or {}).get(k), dict)]
+    if missing:
+        raise ValueError(f"{Path(out) / CONFIG_FILE} is not a run config: no {' / '.join(missing)} section")
+    return saved
 
 
 def _check_same_init_from(init_from, saved: dict, out) -> None:
@@ -363,7 +378,7 @@ def human_summary(summary: dict) -> str:
         head = f"trained {summary['model']} to step {summary['final_step']} in {summary['wall_s']:.0f} s"
     else:
         head = (f"stopped {summary['model']} at step {summary['final_step']} of {summary['steps']}; "
-                f"continue with --resume --out {run}")
+                f"continue with --resume --out {shlex.quote(str(run))}")
     tps = summary.get("tokens_per_s")
     mfu = summary.get("mfu")
     lines = [head,
@@ -375,9 +390,9 @@ def human_summary(summary: dict) -> str:
                 else f"n/a (no peak FLOP/s known for {summary.get('device_kind')})"),
              f"  run dir      {run}",
              f"  plot         {run / PLOT_FILE}",
-             f"  TensorBoard  tensorboard --logdir {run}",
+             f"  TensorBoard  tensorboard --logdir {shlex.quote(str(run))}",
              f"  summary      {run / SUMMARY_FILE}",
-             f"  reproduce    python -m experiments.train --config {run / RUN_FILE} --out NEW_DIR"]
+             f"  reproduce    python -m experiments.train --config {shlex.quote(str(run / RUN_FILE))} --out NEW_DIR"]
     return "\n".join(lines)
 
 

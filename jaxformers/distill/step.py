@@ -28,7 +28,6 @@ import functools
 import json
 import math
 import numbers
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -184,23 +183,11 @@ class DistillStep:
         return json.loads(json.dumps({**self.settings, **teacher}))
 
     def _check_run_dir(self, out_dir) -> None:
-        from ..training.checkpoint import Checkpointer
-        from ..training.rundir import atomic_write, config_diff
+        from ..training.rundir import check_step_settings, config_diff
 
-        run_dir = Path(out_dir).expanduser()
-        path = run_dir / STEP_FILE
-        if path.is_file() and Checkpointer(run_dir).complete_steps():
-            old = json.loads(path.read_text())  # (teacher fields newer than the record: not compared)
-            changed = config_diff(old, {k: v for k, v in self.record().items()
-                                        if not k.startswith("teacher.") or k in old})
-            if changed:
-                raise ValueError(f"cannot resume {run_dir} with another DistillStep ({'; '.join(changed)}): its "
-                                 "checkpoints were trained with the settings in its distill_step.json; resume with "
-                                 "the same DistillStep, or train into a new out_dir")
-            return
-        if jax.process_index() == 0:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, json.dumps(self.record(), indent=1) + "\n")
+        record = self.record()  # (teacher fields newer than a saved record: not compared)
+        check_step_settings(out_dir, STEP_FILE, record, lambda old: config_diff(
+            old, {k: v for k, v in record.items() if not k.startswith("teacher.") or k in old}), "DistillStep")
 
     def extra_inputs(self):
         """``(teacher params, their logical PartitionSpecs)``: sharded like a model's params."""

@@ -250,27 +250,16 @@ class DogeStep:
         none) differ from these: ``["mu: 0.01 -> 0.05", ...]``, empty when equal.  A ``step_fn``
         hook: ``experiments.common.check_reuse`` compares finished runs with it."""
         path = Path(run_dir).expanduser() / DOGE_FILE
-        saved = json.loads(path.read_text()) if path.is_file() else {}
+        return self._changes(json.loads(path.read_text()) if path.is_file() else {})
+
+    def _changes(self, saved: dict) -> list:
         return [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in self.settings().items() if saved.get(k) != v]
 
     def _check_run_dir(self, out_dir) -> None:
-        """A run directory holding checkpoints (a resume) must have been trained with these
-        settings (``ValueError`` naming the changed ones); otherwise ``doge.json`` records them."""
-        from .checkpoint import Checkpointer
-        from .rundir import atomic_write
+        """A resume must have been trained with these settings; a new run records them (``doge.json``)."""
+        from .rundir import check_step_settings
 
-        run_dir = Path(out_dir).expanduser()
-        if (run_dir / DOGE_FILE).is_file() and Checkpointer(run_dir).complete_steps():
-            changed = self.run_changes(run_dir)
-            if changed:
-                raise ValueError(
-                    f"cannot resume {run_dir} with another DogeStep ({'; '.join(changed)}): its checkpointed "
-                    "weights were learnt with the settings in its doge.json; resume with the same DogeStep, "
-                    "or train into a new out_dir")
-            return
-        if jax.process_index() == 0:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write(run_dir / DOGE_FILE, json.dumps(self.settings(), indent=1) + "\n")
+        check_step_settings(out_dir, DOGE_FILE, self.settings(), self._changes, "DogeStep")
 
     # ------------------------------------------------------------------ optimizer state
     def wrap_optimizer(self, tx: optax.GradientTransformation) -> optax.GradientTransformation:

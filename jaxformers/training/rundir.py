@@ -115,11 +115,14 @@ class MetricsWriter:
     """Appends rows to ``metrics.jsonl`` (flushed per row) and, with ``tensorboard``, writes
     their numbers as TensorBoard scalars (``tensorboardX``) into the run directory: training
     rows as ``train/<key>``, evaluation rows as ``val/loss`` / ``val/ppl``.  ``purge_step``
-    (on resume: the first replayed step) makes TensorBoard drop events from that step on.
-    A no-op where ``enabled`` is False (processes other than 0)."""
+    (on resume: the restored step) makes TensorBoard drop events from that step on;
+    ``replay``: rows already in ``metrics.jsonl`` written again to the event files only (on
+    resume: the restored step's rows, which a kill may have left in the event writer's buffer).
+    Event files are buffered (:meth:`flush` before a checkpoint: a kill after it loses no event
+    of a step the resume keeps).  A no-op where ``enabled`` is False (processes other than 0)."""
 
     def __init__(self, run_dir, enabled: bool = True, tensorboard: bool = False,
-                 purge_step: Optional[int] = None):
+                 purge_step: Optional[int] = None, replay=()):
         self._file = open(Path(run_dir) / METRICS_FILE, "a") if enabled else None
         self._tb = None
         if enabled and tensorboard:
@@ -130,11 +133,21 @@ class MetricsWriter:
                             "event files, metrics.jsonl only")
             else:
                 self._tb = SummaryWriter(logdir=str(run_dir), purge_step=purge_step, flush_secs=10)
+                for row in replay:
+                    self._write_events(row)
 
     def write(self, row: dict) -> None:
         if self._file is not None:
             self._file.write(json.dumps(row) + "\n")
             self._file.flush()
+        self._write_events(row)
+
+    def flush(self) -> None:
+        """Write the buffered TensorBoard events to their file (``metrics.jsonl`` is flushed per row)."""
+        if self._tb is not None:
+            self._tb.flush()
+
+    def _write_events(self, row: dict) -> None:
         if self._tb is not None:
             step = int(row["step"])
             for key, value in row.items():
@@ -221,6 +234,25 @@ def config_diff(old: dict, new: dict, ignore=()) -> List[str]:
     keys = sorted(set(old) | set(new))
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
             for k in keys if k not in ignore and old.get(k) != new.get(k)]
+
+
+def check_step_settings(out_dir, filename: str, settings: dict, changes, what: str) -> None:
+    """For a step function whose settings shape what a run learns (DoGE, distillation): a run
+    directory holding checkpoints (a resume) must have been trained with the same settings --
+    ``changes(saved)`` lists how ``filename``'s saved ones differ (``["field: old -> new"]``), a
+    ``ValueError`` names them; a new run records ``settings`` (JSON) in ``filename``."""
+    run_dir = Path(out_dir).expanduser()
+    path = run_dir / filename
+    if path.is_file() and Checkpointer(run_dir).complete_steps():
+        changed = changes(json.loads(path.read_text()))
+        if changed:
+            raise ValueError(f"cannot resume {run_dir} with another {what} ({'; '.join(changed)}): its checkpoints "
+                             f"were trained with the settings in its {filename}; resume with the same {what}, or "
+                             "train into a new out_dir")
+        return
+    if jax.process_index() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, json.dumps(settings, indent=1) + "\n")
 
 
 class RunDirBusy(RuntimeError):

@@ -416,6 +416,14 @@ def _train(model_config, tc, *, run_dir, is_main, multi, resume, progress, stop_
         raise ValueError(f"cannot resume {run_dir}: it was trained with step_fn={saved['step_fn'] or 'None'} "
                          f"(train_step when None), this call passes step_fn={step_fn_name or 'None'}; resume "
                          "with the same step function, or train into a new out_dir")
+    saved_train = (saved or {}).get("train") if with_ckpt else None
+    old_clip = saved_train.get("grad_clip", TrainConfig.grad_clip) if isinstance(saved_train, dict) else None
+    if isinstance(old_clip, (int, float)) and (old_clip > 0) != (tc.grad_clip > 0):
+        # grad_clip=0 has no clipping stage: the optimizer state the checkpoint holds has another tree
+        raise ValueError(f"cannot resume {run_dir}: grad_clip {old_clip!r} -> {tc.grad_clip!r} "
+                         f"{'removes' if old_clip > 0 else 'adds'} the optimizer's clipping stage, whose state "
+                         f"the checkpoint holds; resume with grad_clip {'> 0' if old_clip > 0 else '= 0'} "
+                         "(another value is fine), or train into a new out_dir")
     if resume and not with_ckpt and ckpt.incomplete_steps() and not ckpt.complete_steps():
         log.warning("only incomplete checkpoints in %s", ckpt.directory)
     messages = []  # (text, is_warning): shown by the progress display, else logged (warning / info)
@@ -525,9 +533,12 @@ def _train(model_config, tc, *, run_dir, is_main, multi, resume, progress, stop_
             log.warning(msg)
         else:
             log.info(msg)
-    metrics_log = rundir.MetricsWriter(run_dir, enabled=is_main, tensorboard=tc.tensorboard,
-                                       # a fresh start drops the events of an earlier start
-                                       purge_step=start_step + 1 if with_ckpt else 0)
+    # a fresh start drops the events of an earlier start; a resume those from the restored step
+    # on, and writes that step's rows again (a kill may have cut them from the event file's buffer;
+    # the earlier steps' events were flushed before the checkpoint was saved)
+    metrics_log = rundir.MetricsWriter(
+        run_dir, enabled=is_main, tensorboard=tc.tensorboard, purge_step=start_step if with_ckpt else 0,
+        replay=[r for r in read_metrics(run_dir) if r.get("step") == start_step] if with_ckpt and is_main else ())
     fpt = model_flops_per_token(program.module.config, tc.seq_len, program.abstract_params,
                                 program.loss_fn)
 
@@ -586,6 +597,7 @@ def _train(model_config, tc, *, run_dir, is_main, multi, resume, progress, stop_
                     if config_pending:  # the first checkpoint trained with this config
                         write_run_config()
                         config_pending = False
+                    metrics_log.flush()  # the events of the steps this checkpoint keeps
                     ckpt.save(done, params, opt_state, {
                         "data_step": done, "seed": tc.seed, "batch_size": tc.batch_size,
                         "seq_len": tc.seq_len, "tokens_seen": tokens_at(done), "eval_due": bool(do_eval)})
