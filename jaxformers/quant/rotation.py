@@ -17,11 +17,20 @@ random orthogonal matrix (their ``rotate_mode="random"``).  ``H_n`` are the norm
 matrices of :func:`pallas_kernels.hadamard.hadamard_matrix` (``x -> x H_n`` is what the
 online :func:`hadamard_transform` computes).  q/k get an online ``H_dh`` after RoPE and need
 no weight change (``q H (k H)^T = q k^T``).  A tied embedding is untied first (the head
-gets its own rotated copy).  All in float64 (the authors' precision), one block at a time
-(:class:`Rotation`), as jitted XLA computations on the default device (the accelerator when
-there is one; the host CPU where the default backend has no float64, i.e. TPU), under a
-scoped ``jax.enable_x64``: the user's x64 setting is left alone.  The caller casts the
-result back to each parameter's dtype.
+gets its own rotated copy).
+
+Deviation from the authors' code (spcl/QuaRot ``rotation_utils.py``): they fold the exact
+``H_{H dh}`` of the whole attention width into ``W_o`` (``had_dim=-1``) while the online
+transform runs across the heads only; that product equals ``H_heads (x) H_dh`` (the ``H_dh``
+in ``W_v`` and the online ``H_heads``) only for Sylvester (power-of-two) sizes.  Here ``W_o``
+gets ``H_heads (x) H_dh`` itself, which is exact for any supported sizes; non-power-of-two
+head dims are supported too (their q/k rotation asserts a power of two).
+
+All in float64 (the authors' precision), one block at a time (:class:`Rotation`), as jitted
+XLA computations on the default device (the accelerator when there is one; the host CPU
+where the default backend has no float64, i.e. TPU), under a scoped ``jax.enable_x64``: the
+user's x64 setting is left alone.  The caller casts the result back to each parameter's
+dtype.
 
 Every Hadamard product is applied through the Kronecker factors of the matrix
 (``H_n = H_m (x) H_64 (x) ... (x) H_{2^r}``), ``O(n (m + 64 log n) d)`` instead of the dense
@@ -35,6 +44,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -170,6 +180,12 @@ class Rotation:
     float64 on :func:`rotation_device` (the parts are copied there and the results back)."""
 
     def __init__(self, config, seed: int = 0):
+        model = getattr(config, "model", None)
+        if model not in ("llama", "quarot"):
+            raise ValueError(f"config must be a 'llama' (or unrotated 'quarot') config, got model={model!r}")
+        if model == "quarot" and (config.rotated or config.int_linears):
+            raise ValueError(f"config is an already quantized quarot model (rotated={config.rotated}, "
+                             f"int_linears={config.int_linears}): rotate the original llama params instead")
         if config.norm != "rmsnorm" or config.mlp != "swiglu":
             raise ValueError(f"QuaRot rotation needs a llama-style model (norm='rmsnorm', "
                              f"mlp='swiglu'), got norm={config.norm!r}, mlp={config.mlp!r}")
@@ -229,8 +245,13 @@ class Rotation:
 def rotate_params(config, params, seed: int = 0):
     """Rotated, norm-folded copy of a whole ``llama`` params tree (numpy float64) and the
     residual rotation ``Q``.  ``config``: the llama ``TransformerConfig`` the params belong to.
-    (:func:`jaxformers.quant.quantize` goes block by block through :class:`Rotation` instead.)"""
+    (:func:`jaxformers.quant.quantize` goes block by block through :class:`Rotation` instead.)
+    ``params`` as :func:`~jaxformers.quant.quantize` takes them: boxed (``module.init``) or not,
+    or the ``{"params": ...}`` variables."""
     rot = Rotation(config, seed)
+    params = nn.unbox(params)
+    if isinstance(params, Mapping) and set(params) == {"params"}:  # module.init's variables
+        params = params["params"]
     p = {k: float64_tree(v) for k, v in params.items()   # any other top-level entry (unrotated)
          if k not in ("embed", "lm_head", "final_norm") and not k.startswith("blocks_")}
     p["embed"] = rot.embed(params)
