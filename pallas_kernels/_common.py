@@ -223,6 +223,11 @@ def check_float(name: str, x, expected: str) -> None:
                          f"got dtype {dtype} (shape {shape_of(x)})")
 
 
+def is_int(x) -> bool:
+    """A Python or numpy integer, not a bool."""
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
 def int32_ids(a, b):
     """Two integer id arrays (segment or bucket ids) as int32, equal exactly where the ids are
     equal and in the same order: a cast when their common dtype has at most 32 bits, else (64-bit

@@ -67,9 +67,9 @@ landmark key is row ``L - 1`` of its block).  For each chunk and layer:
    before the chunk, so the ranking is position-fair) and keeps the ``top_k`` best blocks:
    ``selection="per_head"`` per (token, query head), or ``"shared"`` per token across heads
    (max over heads of the per-head softmax over blocks: the authors' ``max_over_heads``);
-   scores within ``TIE_TOLERANCE`` (1e-4) of their bound of the k-th best count as tied and the
-   earliest blocks win (in the first layer every landmark key is the same vector, so every
-   score ties, and float rounding must not decide);
+   scores within ``TIE_TOLERANCE`` (1e-4) of their bound of the k-th best (``shared``: of the
+   k-th best probability) count as tied and the earliest blocks win (in the first layer every
+   landmark key is the same vector, so every score ties, and float rounding must not decide);
 2. positions: the retrieved blocks, in chronological order, are placed at positions
    ``[0, k L)`` (slot ``r`` at ``r L .. r L + L - 1``) and the chunk right after them at
    ``k L + t`` with ``k = min(M, top_k)`` (the paper's "retrieved blocks just before the
@@ -235,7 +235,9 @@ def _np_set(padded, tokens):
 
 
 def remove_landmarks(x, block_size: int, axis: int = 1):
-    """The entries of ``x`` at non-landmark positions along ``axis`` (inverse of the insertion)."""
+    """The entries of ``x`` at non-landmark positions along ``axis`` (inverse of the insertion).
+    ``ValueError`` unless ``block_size`` is an int >= 2."""
+    check_block_size(block_size)
     n = x.shape[axis]
     keep = np.nonzero(np.arange(n) % block_size != block_size - 1)[0]
     return jnp.take(x, keep, axis=axis) if isinstance(x, jax.Array) else np.take(x, keep, axis=axis)
@@ -253,6 +255,9 @@ def with_landmarks(batch, block_size: int, landmark_id: int):
     seq, is_lm = insert_landmarks(batch["tokens"], block_size, landmark_id)
     mask = (~is_lm).astype(jnp.float32)
     if batch.get("loss_mask") is not None:
+        if batch["loss_mask"].shape != batch["tokens"].shape:
+            raise ValueError(f"loss_mask must be aligned with tokens {tuple(batch['tokens'].shape)} "
+                             f"([B, T+1]), got {tuple(batch['loss_mask'].shape)}")
         inner, _ = insert_landmarks(batch["loss_mask"].astype(jnp.float32), block_size, 0)
         mask = mask * inner
     return {"tokens": seq, "loss_mask": mask}
@@ -338,8 +343,8 @@ def select_blocks(q, lm_keys, n_mem, top_k: int, selection: str):
         p = jnp.where(stored, p, -1.0)
         s = jnp.broadcast_to(jnp.max(p, axis=1, keepdims=True), s.shape)
     vals, cand = jax.lax.top_k(s, k)                                       # [B, Hq, C, k]
-    if selection == "shared":
-        scale = 1.0                                                        # probabilities
+    if selection == "shared":  # probabilities: relative to the k-th best (each is ~1 / M)
+        scale = jnp.abs(jnp.min(vals, axis=-1, keepdims=True))
     else:  # |q| . |k| / sqrt(d) of the candidates: a bound of their scores' float32 rounding / 1e-7
         kc = kx[jnp.arange(b)[:, None, None, None], cand, jnp.arange(hq)[None, :, None, None]]
         bound = jnp.einsum("bchd,bhckd->bhck", jnp.abs(q.astype(jnp.float32)), jnp.abs(kc))
@@ -349,8 +354,8 @@ def select_blocks(q, lm_keys, n_mem, top_k: int, selection: str):
 
 
 #: landmark scores within this fraction of their bound (``|q| . |k| / sqrt(d)`` with absolute
-#: values, the largest among the top k; 1 for the ``shared`` probabilities) of the k-th best
-#: count as tied
+#: values, the largest among the top k; for the ``shared`` probabilities the k-th best itself,
+#: as they shrink like 1 / M with M stored blocks) of the k-th best count as tied
 TIE_TOLERANCE = 1e-4
 
 
@@ -652,7 +657,7 @@ def memory_forward(config, params, tokens, *, chunk_len: int, top_k: Optional[in
     if not isinstance(c, LandmarkConfig):
         raise ValueError(f"memory_forward needs a landmark config, got {type(c).__name__}")
     L = c.landmark_block
-    if not isinstance(chunk_len, int) or chunk_len < L or chunk_len % L:
+    if not _is_int(chunk_len) or chunk_len < L or chunk_len % L:
         raise ValueError(f"chunk_len must be a positive multiple of landmark_block={L}, got "
                          f"{chunk_len!r}")
     if c.scan_layers:
@@ -663,7 +668,7 @@ def memory_forward(config, params, tokens, *, chunk_len: int, top_k: Optional[in
     _choice("offload", offload, (None, "host"))
     if not _is_int(top_k) or top_k < 1:
         raise ValueError(f"top_k must be a positive int (not a bool), got {top_k!r}")
-    top_k = int(top_k)
+    top_k, chunk_len = int(top_k), int(chunk_len)
     tokens = jnp.asarray(tokens)
     check_tokens(tokens, c.vocab_size)                     # [B, N >= 1] integers in range
     lm_pos = np.asarray(tokens[:, L - 1::L])

@@ -73,7 +73,7 @@ from jax.experimental import pallas as pl
 from .masks import MaskSpec, block_id_bounds, blocks_may_interact
 from .reference import effective_window, split_segment_ids
 from .._common import (SQ, AttentionPlan, by_platform, check_flag, check_qkv, compiler_params, idiv,
-                       int32_ids, is_tpu_interpret, next_pow2, resolve_interpret, round_up,
+                       int32_ids, is_int, is_tpu_interpret, next_pow2, resolve_interpret, round_up,
                        select_plan)
 
 LOG2E = math.log2(math.e)
@@ -151,12 +151,8 @@ class _Plan(AttentionPlan):
         return self.tk_pad != self.tk
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
-
-
 def _is_pow2(x) -> bool:
-    return _is_int(x) and x > 0 and (x & (x - 1)) == 0
+    return is_int(x) and x > 0 and (x & (x - 1)) == 0
 
 
 # ----------------------------------------------------------------------- validation
@@ -169,8 +165,7 @@ def _validate(q, k, v, q_ids, kv_ids, window, sm_scale, block_sizes):
                                  f"{(q.shape[0], t)}, got {ids.shape}")
             if not jnp.issubdtype(ids.dtype, jnp.integer):
                 raise ValueError(f"segment_ids must be integers, got {ids.dtype}")
-    if window is not None and (isinstance(window, bool) or not isinstance(window, (int, np.integer))
-                               or window <= 0):
+    if window is not None and (not is_int(window) or window <= 0):
         raise ValueError(f"window must be a positive int or None, got {window!r}")
     if sm_scale is not None and not isinstance(sm_scale, (int, float, np.floating)):
         raise ValueError(f"sm_scale must be a Python float or None, got {type(sm_scale)}")
@@ -184,7 +179,7 @@ def _validate(q, k, v, q_ids, kv_ids, window, sm_scale, block_sizes):
             raise ValueError(f"block_sizes.{f} must be {what}a positive power of two, got {val!r}")
     for f in ("num_stages", "num_stages_bwd"):
         val = getattr(block_sizes, f)
-        if not _is_int(val) or val < 1:
+        if not is_int(val) or val < 1:
             raise ValueError(f"block_sizes.{f} must be a positive int, got {val!r}")
 
 

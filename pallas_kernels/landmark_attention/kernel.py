@@ -431,7 +431,8 @@ def landmark_attention(q, k, v, *, block_size, sm_scale=None, interpret=None, bl
 
 def tpu_vmem_bytes(q_shape, k_shape, dtype, *, block_size: int) -> dict:
     """VMEM the TPU block specs imply per grid step, per kernel (double-buffered inputs and
-    outputs; in-kernel temporaries not counted)."""
+    outputs; in-kernel temporaries not counted).  ``ValueError`` unless ``block_size`` is an int >= 2."""
+    check_block_size(block_size)
     q = jax.ShapeDtypeStruct(q_shape, dtype)
     k = jax.ShapeDtypeStruct(k_shape, dtype)
     plan = _make_plan(q, k, block_size, None, 128, None, 2, False, platform="tpu")

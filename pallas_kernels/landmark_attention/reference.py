@@ -22,23 +22,29 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from .._common import check_qkv
+from .._common import check_qkv, is_int
 
 
 def check_block_size(block_size, name: str = "block_size") -> None:
     """``ValueError`` naming ``name`` unless ``block_size`` (tokens per block, landmark
     included) is an int >= 2 (numpy ints too, not bool)."""
-    if isinstance(block_size, (bool, np.bool_)) or not isinstance(block_size, (int, np.integer)) \
-            or block_size < 2:
+    if not is_int(block_size) or block_size < 2:
         raise ValueError(f"{name} must be an int >= 2 (tokens per block incl. the landmark), "
                          f"got {block_size!r}")
 
 
-def _validate(q, k, v, block_size) -> None:
+def _validate(q, k, v, block_size, q_offset=None) -> None:
     check_qkv(q, k, v, self_attention=False)   # (decoding: fewer queries than keys)
     check_block_size(block_size)
+    tq, t = q.shape[1], k.shape[1]
+    if q_offset is None and tq > t:
+        raise ValueError(f"q has more positions than k (Tq={tq} > T={t}): the queries are the last Tq "
+                         "of the T key positions unless q_offset is given")
+    if q_offset is not None and not isinstance(q_offset, jax.core.Tracer) \
+            and not 0 <= int(q_offset) <= t - tq:
+        raise ValueError(f"q_offset must be in [0, T - Tq = {t - tq}] (queries at q_offset .. "
+                         f"q_offset + Tq - 1 < T={t}), got {q_offset!r}")
 
 
 def _expand_kv(x, hq):
@@ -46,9 +52,8 @@ def _expand_kv(x, hq):
 
 
 def _check_chunk_len(chunk_len, block_size) -> None:
-    if chunk_len is not None and (isinstance(chunk_len, (bool, np.bool_))
-                                  or not isinstance(chunk_len, (int, np.integer))
-                                  or chunk_len < block_size or chunk_len % block_size):
+    if chunk_len is not None and (not is_int(chunk_len) or chunk_len < block_size
+                                  or chunk_len % block_size):
         raise ValueError(f"chunk_len must be None or a positive multiple of block_size={block_size}, "
                          f"got {chunk_len!r}")
 
@@ -72,6 +77,7 @@ def landmark_masks(t: int, block_size: int, tq: int | None = None, q_offset=None
     its chunk);
     ``current[i, j]``: key ``j <= pos_i`` is a non-landmark key of query ``i``'s block.
     """
+    check_block_size(block_size)
     _check_chunk_len(chunk_len, block_size)
     tq = t if tq is None else tq
     q_offset = t - tq if q_offset is None else q_offset
@@ -102,10 +108,11 @@ def landmark_attention_reference(q, k, v, *, block_size: int, sm_scale=None, q_o
       normaliser of the outer softmax ``[B, Hq, Tq]`` float32.
     Raises:
       ValueError naming the argument unless q, k, v have rank 4, k and v one shape, q and k
-      one batch size and head dim, ``Hq % Hkv == 0``, ``block_size`` is an int >= 2 and
-      ``chunk_len`` None or a positive multiple of it.
+      one batch size and head dim, ``Hq % Hkv == 0``, ``block_size`` is an int >= 2,
+      ``chunk_len`` None or a positive multiple of it, and the queries lie within the keys
+      (``0 <= q_offset <= T - Tq`` where ``q_offset`` is concrete; ``Tq <= T`` by default).
     """
-    _validate(q, k, v, block_size)
+    _validate(q, k, v, block_size, q_offset)
     b, tq, hq, d = q.shape
     t = k.shape[1]
     L = int(block_size)

@@ -84,7 +84,7 @@ from ..flash_attention.kernel import (LOG2E, _MIN_BLOCK, _TPU_BLOCK, _Layout,
                                       _dot_nn, _dot_nt, _dot_tn, _is_pow2,
                                       _rows_slice, _tile_bytes, static_sm_scale)
 from .._common import (SQ, AttentionPlan, by_platform, check_flag, check_qkv, compiler_params, idiv,
-                       int32_ids, next_pow2, resolve_interpret, round_up, select_plan)
+                       int32_ids, is_int, next_pow2, resolve_interpret, round_up, select_plan)
 
 POS_NEVER = 2 ** 30   # position of a key no query sees (dropped or padding)
 POS_BLIND = -1        # position of a query that sees no key (dropped or padding)
@@ -750,7 +750,7 @@ def qk_sparse_tile_count(q_keep, k_keep, *, block_q=64, block_k=64, platform="gp
 def causal_tile_count(t, *, block_q=64, block_k=64, platform="gpu"):
     """(q tile, k tile) pairs a dense causal flash kernel with the same tiles computes
     (``t`` a positive int; blocks and ``platform`` checked as :func:`hash_tile_count`)."""
-    if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)) or t < 1:
+    if not is_int(t) or t < 1:
         raise ValueError(f"t must be a positive int (the sequence length), got {t!r}")
     _check_blocks(block_q, block_k)
     _check_platform(platform)
