@@ -137,7 +137,16 @@ def kernel_map(fn, in_axes, out_axes):
     def call(*args):
         outs = jax.eval_shape(fn, *args)
         out_list = [outs] if single else list(outs)
-        named = list(zip(in_axes, args)) + list(zip([out_axes] if single else out_axes, out_list))
+        out_names = [out_axes] if single else list(out_axes)
+        if len(in_axes) != len(args) or len(out_names) != len(out_list):
+            raise ValueError(f"kernel_map: in_axes / out_axes name {len(in_axes)} / {len(out_names)} arrays, "
+                             f"the kernel takes {len(args)} and returns {len(out_list)}")
+        named = list(zip(in_axes, args)) + list(zip(out_names, out_list))
+        for i, (names, x) in enumerate(named):
+            if len(names) != x.ndim:
+                what = f"in_axes[{i}]" if i < len(args) else f"out_axes[{i - len(args)}]"
+                raise ValueError(f"kernel_map: {what}={tuple(names)} names {len(names)} dimensions, the "
+                                 f"array has shape {tuple(x.shape)}")
         specs = [_mesh_axes(names, rules) for names, _ in named]
         dropped = {a for spec in specs for axes in spec for a in axes if a not in mesh.axis_names}
         while True:  # drop the mesh axes past the longest prefix dividing a dimension, everywhere

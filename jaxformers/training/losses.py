@@ -73,6 +73,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ..utils import check_token_ids
+
 __all__ = [
     "AUX_COLLECTION", "LossFn", "apply_model", "collect_aux_losses", "cross_entropy", "get_loss",
     "list_losses", "model_inputs", "next_token_targets", "register_loss", "sum_sown", "weighted_mean",
@@ -90,30 +92,44 @@ def model_inputs(batch: Mapping[str, jax.Array]) -> Tuple[jax.Array, dict]:
     (``segment_ids`` / ``positions`` keyword arguments only when the batch has them).  Negative
     ids (padding) are read as id 0: an embedding lookup would otherwise wrap (-1 is the last
     row) or give NaN (-100), which reaches the gradients even where no target is counted."""
-    if "tokens" not in batch:
-        raise ValueError(f"a batch must have a 'tokens' array [B, T+1]; got keys {sorted(batch)}")
+    tokens = _tokens(batch)
     kwargs = {}
     for key in ("segment_ids", "positions"):
         if batch.get(key) is not None:
-            kwargs[key] = batch[key][:, :-1]
-    return jnp.maximum(batch["tokens"][:, :-1], 0), kwargs
+            kwargs[key] = _aligned(batch, key, rows=False)[:, :-1]
+    return jnp.maximum(tokens[:, :-1], 0), kwargs
+
+
+def _tokens(batch: Mapping[str, jax.Array]) -> jax.Array:
+    """``batch["tokens"]`` ``[B, T+1]`` (``ValueError`` when absent or not 2-D)."""
+    if "tokens" not in batch:
+        raise ValueError(f"a batch must have a 'tokens' array [B, T+1]; got keys {sorted(batch)}")
+    tokens = batch["tokens"]
+    if getattr(tokens, "ndim", None) != 2:
+        raise ValueError(f"tokens must be [B, T+1], got shape {tuple(getattr(tokens, 'shape', ()))}")
+    return tokens
+
+
+def _aligned(batch: Mapping[str, jax.Array], key: str, rows: bool = True) -> jax.Array:
+    """``batch[key]``, which must be aligned with ``tokens`` (the same ``[B, T+1]`` shape; with
+    ``rows=False`` only the ``T+1`` axis: the model checks the rows of what it is given)."""
+    value, shape = batch[key], tuple(batch["tokens"].shape)
+    got = tuple(getattr(value, "shape", ()))
+    if (got != shape) if rows else (len(got) != 2 or got[1] != shape[1]):
+        raise ValueError(f"{key} must be aligned with tokens {shape} ([B, T+1]), got {got}")
+    return value
 
 
 def next_token_targets(batch: Mapping[str, jax.Array]) -> Tuple[jax.Array, jax.Array]:
     """``(targets [B, T] int, weights [B, T] float32)``: ``tokens[:, 1:]``, weighted by
     ``loss_mask[:, 1:]``, zero where a target's segment differs from its input's and zero for
     a negative target id (padding, e.g. -100)."""
-    tokens = batch["tokens"]
-    targets = tokens[:, 1:]
+    targets = _tokens(batch)[:, 1:]
     weights = (targets >= 0).astype(jnp.float32)
     if batch.get("loss_mask") is not None:
-        mask = batch["loss_mask"]
-        if mask.shape != tokens.shape:
-            raise ValueError(f"loss_mask must be aligned with tokens {tuple(tokens.shape)} ([B, T+1]), "
-                             f"got {tuple(mask.shape)}")
-        weights = weights * mask[:, 1:].astype(jnp.float32)
+        weights = weights * _aligned(batch, "loss_mask")[:, 1:].astype(jnp.float32)
     if batch.get("segment_ids") is not None:
-        seg = batch["segment_ids"]
+        seg = _aligned(batch, "segment_ids")
         weights = weights * (seg[:, 1:] == seg[:, :-1]).astype(jnp.float32)
     return targets, weights
 
@@ -211,8 +227,12 @@ def cross_entropy(module, params, batch, rng=None):
 
 def logits_cross_entropy(logits, batch):
     """``cross_entropy``'s ``(loss, {"n_targets"})`` from the logits ``[B, T, V]`` of
-    ``batch["tokens"][:, :-1]`` (for a loss that computes its logits another way)."""
+    ``batch["tokens"][:, :-1]`` (for a loss that computes its logits another way).  A counted
+    target id outside ``[0, V)`` is a ``ValueError`` when the values are known (eager calls; under
+    ``jit`` its cross-entropy is NaN), like an input id in the model."""
     targets, weights = next_token_targets(batch)
+    check_token_ids(jnp.where(weights > 0, targets, 0), logits.shape[-1],
+                    "target ids (tokens[:, 1:], where counted) must be")
     per_token = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
     loss, n_targets = weighted_mean(per_token, weights)
     return loss, {"n_targets": n_targets}
