@@ -18,20 +18,38 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .config import DTYPES
 from .utils import check_token_ids, concrete, is_int
 
 
 def init_cache(module, batch_size: int, max_len: int, dtype=None):
     """Empty decoding cache: {'index': int32 scalar, 'layers': per-layer caches}.
 
+    ``dtype``: the cached keys / values' (and conv states') float dtype, a name of
+    ``config.DTYPES`` or a float dtype (``None``: the config's ``dtype``).
     With ``scan_layers`` the layer caches are stacked on a leading ``[L]`` axis.
     """
     c = module.config
     batch_size, max_len = _positive_int(batch_size, "batch_size"), _positive_int(max_len, "max_len")
+    _check_cache_dtype(dtype)
     layers = module.init_layer_caches(batch_size, max_len, dtype)
     if c.scan_layers:
         layers = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
     return {"index": jnp.zeros((), jnp.int32), "layers": layers}
+
+
+def _check_cache_dtype(dtype) -> None:
+    """``ValueError`` unless ``dtype`` is None, a name of ``DTYPES`` or a float dtype (an integer
+    cache would silently truncate every key / value written to it)."""
+    if dtype is None or isinstance(dtype, str) and dtype in DTYPES:
+        return
+    try:
+        ok = not isinstance(dtype, str) and jnp.issubdtype(dtype, jnp.floating)
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"dtype must be None (the config's dtype), one of {list(DTYPES)} or a float dtype, "
+                         f"got {dtype!r}")
 
 
 def check_sampling(temperature, top_k, top_p, vocab_size=None) -> None:
