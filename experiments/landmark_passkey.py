@@ -125,7 +125,9 @@ def make_configs(preset):
 
 
 def train_model(cfg, preset, raw_len: int, seed: int, landmark: bool):
-    """Adam + warmup/cosine on fresh passkey batches; returns (params, loss curve)."""
+    """AdamW + warmup/cosine on fresh passkey batches; returns (params, loss curve).  Weight
+    decay applies to every parameter here (norm scales included), unlike the trainer's rule
+    (:func:`jaxformers.training.optim.decay_mask`); the recorded results were trained so."""
     import jax
     import jax.numpy as jnp
     import optax
