@@ -45,7 +45,13 @@ total of ``c*h`` (loop 1) and ``GxS_t = sum_{t<=s<t1} g_s x_s`` (loop 2).  So
 ``dA = sum_t dt_t S_t`` is assembled from per-chunk register sums, and
 ``d dt_t = sum_n A S_t + u_t sum_n g_t B_t`` is written as two partial arrays
 (``-sum_n A ChP_t`` by loop 1, the rest by loop 2) that JAX adds.  Sums only
-span one chunk, so the cancellation is bounded by the chunk length.  The adjoint
+span one chunk, so the cancellation is bounded by the chunk length: the absolute
+error of ``S_t`` is ~``eps * sum_chunk |c h| + |g x|``, while ``|S_t|`` shrinks like
+``exp(-dt |A|)``.  At trained dt (p99 ~0.1-0.4, tiny ``mamba``) ``dA`` is within
+~7e-4 of each entry's own gradient scale (50-100x the float32 reference's rounding);
+where ``dt |A| >~ 10`` the fast-decay entries (true gradient ~0) are rounding noise
+of ~1e-4 of the largest entry.  Exact per-entry ``S_t`` needs the states of every
+step (recomputed per sub-chunk into a buffer: ~25-35% more backward time).  The adjoint
 left after the first step, ``a_0 g_0``, is the gradient of ``initial_state``.
 
 Packed sequences (``segment_ids``; a static branch, nothing changes without
