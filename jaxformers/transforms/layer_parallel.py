@@ -211,6 +211,8 @@ register("layer_parallel", LayerParallelConfig, LayerParallelTransformer, {
 # ============================================================================ params
 def _layers(config, params) -> Tuple[dict, List[dict]]:
     """``(rest, [block_0 .. block_{L-1}])`` of a plain model's params (scanned or not)."""
+    if not isinstance(params, Mapping):
+        raise ValueError(f"params must be the model's params tree (a mapping), got {type(params).__name__}")
     params = nn.unbox(params)
     if isinstance(params, Mapping) and set(params) == {"params"}:  # module.init's variables (FrozenDict too)
         params = params["params"]
