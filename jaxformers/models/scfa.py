@@ -24,10 +24,11 @@ the reference elsewhere.  Both compute the same function.
 
 Randomness (deterministic under a seed).  The hash matrices and keep masks are redrawn
 at every training step from the trainer's per-step ``dropout`` rng
-(``fold_in(PRNGKey(train seed), step)``; Flax's ``make_rng`` makes them differ per
-layer).  Without a ``dropout`` rng (evaluation, ``init``, decoding, plain ``apply``) they
-come from a fixed key, ``fold_in(PRNGKey(hash_seed), crc32(module path))``: evaluation is
-deterministic and the same at every call.  Keep masks are drawn per batch row as
+(``fold_in`` of the train seed and the step, split per micro-batch; Flax's ``make_rng``
+makes them differ per layer).  Without a ``dropout`` rng (evaluation, ``init``, plain
+``apply``), and always when decoding with a KV cache, they come from a fixed key,
+``fold_in(PRNGKey(hash_seed), crc32(module path))``: evaluation is deterministic and the
+same at every call.  Keep masks are drawn per batch row as
 ``uniform(fold_in(key, row), [max_seq_len, H]) >= qk_drop_rate`` and indexed by the token
 *position* (mod ``max_seq_len``), so a token's keep bit depends only on (key, row,
 position, head), not on the batch size or the sequence length of the call; that is what
@@ -40,12 +41,13 @@ scan also stacks the sown ``intermediates`` (the labels) on the layer axis, so
 :func:`attention_labels` returns one entry per layer, in model order, with or without it.
 
 Decoding (KV cache).  The cache is the baseline's ``{'k', 'v'}`` (post-rotary keys).
-A decoding step uses the fixed eval randomness: it hashes the new queries and every
-cached key with the same ``R`` (a key's bucket is recomputed from the cached key, so
-nothing extra is stored), or looks the keep bits of the query positions and of the cache
-slots up in the position-indexed table (cache slot ``s`` holds position ``s``, as the
-baseline's decoding assumes); then one dense masked softmax over the cache (float32, as
-the baseline decodes with the XLA path).  Prefill + decode equals the full forward.
+A decoding step uses the fixed eval randomness (even given a ``dropout`` rng): it hashes
+the new queries and every cached key with the same ``R`` (a key's bucket is recomputed
+from the cached key, so nothing extra is stored), or looks the keep bits of the query
+positions and of the cache slots up in the position-indexed table (cache slot ``s`` holds
+position ``s``, as the baseline's decoding assumes); then one dense masked softmax over the
+cache (float32, as the baseline decodes with the XLA path).  Prefill + decode equals the
+full forward.
 
 Packed sequences (``segment_ids``, any integer ids; as in the baseline a segment is a *run* of
 equal ids: the ``Transformer`` maps the ids through ``segment_index`` first, so an id that comes
@@ -241,9 +243,10 @@ class SparseAttention(nn.Module):
 
     init_cache = staticmethod(init_attention_cache)
 
-    def draw_key(self):
-        """Per-step training key (the ``dropout`` rng) or the fixed evaluation key."""
-        if self.has_rng("dropout"):
+    def draw_key(self, decoding: bool = False):
+        """Per-step training key (the ``dropout`` rng) or the fixed evaluation key (always when
+        ``decoding``: the cached keys' buckets / keep bits must be the same at every step)."""
+        if self.has_rng("dropout") and not decoding:
             return self.make_rng("dropout")
         path = "/".join(str(p) for p in self.scope.path)
         return jax.random.fold_in(jax.random.PRNGKey(self.config.hash_seed), zlib.crc32(path.encode()))
@@ -286,7 +289,7 @@ class SparseAttention(nn.Module):
         h, hkv = c.n_head, c.kv_heads
 
         q, k, v = project_qkv(c, x, positions)
-        key = self.draw_key()
+        key = self.draw_key(decoding=kv_cache is not None)
 
         new_cache = None
         if kv_cache is None:
