@@ -5,7 +5,10 @@
 #   scripts/test.sh 1        leg 1 only;  scripts/test.sh 2   leg 2 only
 #
 # leg 1  the current Python: pip install -e ".[test,hf]" and the whole suite
-#        (python -m pytest -q -n 2 --dist loadfile), as before this script existed.
+#        (python -m pytest -q -n 2 --dist loadfile --max-worker-restart=0).
+#        --max-worker-restart=0: a worker that crashes (a segfault) ends the run at once,
+#        naming the test it was running; with restarts, pytest-xdist's loadfile scheduling can
+#        hang after a crash (pytest-dev/pytest-xdist#784) until CI's time runs out (stop 41).
 # leg 2  Python 3.12 (pyenv's newest 3.12.x, else python3.12 on PATH; PYTHON312=/path
 #        overrides) in .venv312/ with the newest jax / flax / optax from the registry
 #        and the [test] extra (no torch): the Pallas kernel tests (with their audit and
@@ -34,7 +37,7 @@ NEWEST=(jax jaxlib flax optax orbax-checkpoint chex)
 PIP=(-m pip install -qq --disable-pip-version-check)
 
 leg1() {
-    pip install -q -e ".[test,hf]" && python -m pytest -q -n 2 --dist loadfile
+    pip install -q -e ".[test,hf]" && python -m pytest -q -n 2 --dist loadfile --max-worker-restart=0
 }
 
 find_python312() {
@@ -114,7 +117,7 @@ print(f"leg 2: Python {sys.version.split()[0]}, jax {jax.__version__}, flax {fla
     t0=$SECONDS
     local tests=("${LEG2_TESTS[@]}")
     [[ "${LEG2_ALL:-0}" != 0 ]] && tests=()  # the whole suite (pytest's testpaths)
-    JAX_PLATFORMS=cpu $VENV/bin/python -m pytest -q -n 2 --dist loadfile "${tests[@]}" || return 1
+    JAX_PLATFORMS=cpu $VENV/bin/python -m pytest -q -n 2 --dist loadfile --max-worker-restart=0 "${tests[@]}" || return 1
     echo "leg 2: tests passed ($((SECONDS - t0)) s)"
     t0=$SECONDS
     tiny_training || return 1

@@ -24,3 +24,62 @@ if os.environ.get("JAXFORMERS_TEST_XLA_DEFAULTS") != "1":
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import gc  # noqa: E402
+
+import pytest  # noqa: E402
+
+# XLA's CPU backend maps three memory regions per compiled kernel and keeps them as long as jax's
+# caches hold the executable.  One process running half the suite reached 47,000 of the kernel's
+# limit, vm.max_map_count (65,530 by default): past it mmap fails and XLA dies of a segfault
+# (stop 41's CI, in the persistent cache's serialisation of the distillation experiment's
+# decoder).  So each test module's compiled programs are dropped when it ends (a module reuses
+# its own; ~600 regions stay), and a module that still leaves more than half the limit fails
+# by name rather than crashing a later one.
+MAX_MAP_COUNT_SHARE = 0.5
+
+
+def _map_count() -> int | None:
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:  # not Linux
+        return None
+
+
+def _max_map_count() -> int | None:
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _drop_compiled_programs(request):
+    yield
+    jax.clear_caches()
+    gc.collect()
+    count, limit = _map_count(), _max_map_count()
+    if count is not None and limit and count > MAX_MAP_COUNT_SHARE * limit:
+        pytest.fail(f"{request.module.__name__} leaves {count} memory maps after jax.clear_caches() "
+                    f"(vm.max_map_count {limit}): compiled programs outlive the module (held in a "
+                    f"global?); XLA segfaults when the limit is reached")
+
+
+# The persistent compilation cache is process-wide jax config: a test that runs an experiment's
+# CLI without --no-compile-cache turned it on for every later test of its worker (which then
+# serialised each slow compile into that test's cache folder).  Restored after each test.
+_COMPILE_CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+
+
+@pytest.fixture(autouse=True)
+def _restore_compile_cache():
+    before = [getattr(jax.config, name) for name in _COMPILE_CACHE_OPTIONS]
+    yield
+    if [getattr(jax.config, name) for name in _COMPILE_CACHE_OPTIONS] != before:
+        for name, value in zip(_COMPILE_CACHE_OPTIONS, before):
+            jax.config.update(name, value)
+        from jax._src import compilation_cache
+        compilation_cache.reset_cache()  # it keeps the first folder it was given otherwise
