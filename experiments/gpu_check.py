@@ -137,6 +137,18 @@ class Part:
         print(json.dumps(short, default=_jsonable), flush=True)
         return r
 
+    def close(self):
+        """Stop this part's :class:`Pipeline` threads (:func:`run_part` does at the part's end)."""
+        pipe = getattr(self, "pipe", None)
+        if pipe is not None:
+            pipe.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     def jit(self, fn, **kw):
         import jax
         if not self.on_gpu:  # interpreted kernels: compile cheaply
@@ -171,6 +183,8 @@ class Pipeline:
     short by its budget keeps those rows)."""
 
     def __init__(self, part: Part, workers: int = 8):
+        if getattr(part, "pipe", None) is not None:
+            part.pipe.close()  # the part's earlier pipeline
         part.pipe = self
         self.part = part
         self.pool = ThreadPoolExecutor(workers)
@@ -180,6 +194,7 @@ class Pipeline:
         self.pending = 0  # popped from the queue, not yet compiled (or failed)
         self.at_stage = False  # the lowering thread waits at a stage boundary
         self.released = self.reached = 0
+        self.closed = False
         self.thread = threading.Thread(target=self._lower_all, daemon=True)
         self.thread.start()
 
@@ -214,6 +229,26 @@ class Pipeline:
             while self.pending or not (self.at_stage or not self.todo):
                 self.cv.wait(0.05)
 
+    def close(self):
+        """End the lowering thread and the compile pool: cases still queued fail, a compile in
+        flight finishes in the background.  Without it the threads outlive the part (idle, but
+        kept with what they reference by a process that runs several parts, as the tests do).
+        The lowering thread is joined: one that used jax and ends while the interpreter shuts
+        down aborts the process ("FATAL: exception not rethrown"); the pool's threads are joined
+        before that by ``concurrent.futures`` itself."""
+        with self.cv:
+            if self.closed:
+                return
+            self.closed = True
+            for job in self.todo:
+                if job is not _STAGE and not job[3].done():
+                    job[3].set_exception(RuntimeError("the pipeline was closed before this case compiled"))
+            self.todo.clear()
+            self.cv.notify_all()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        if threading.current_thread() is not self.thread:
+            self.thread.join()
+
     def _done(self, fut, value=None, error=None):
         if error is None:
             fut.set_result(value)
@@ -226,14 +261,16 @@ class Pipeline:
     def _lower_all(self):
         while True:
             with self.cv:
-                while not self.todo:
+                while not self.todo and not self.closed:
                     self.cv.wait()
+                if self.closed:
+                    return
                 job = self.todo.pop(0)
                 if job is _STAGE:
                     self.reached += 1
                     self.at_stage = True
                     self.cv.notify_all()
-                    while self.released < self.reached:
+                    while self.released < self.reached and not self.closed:
                         self.cv.wait()
                     self.at_stage = False
                     continue
@@ -1132,13 +1169,13 @@ def run_part(name: str, work: Path, smoke: bool) -> int:
     import jax
     if smoke:
         jax.config.update("jax_platforms", "cpu")
-    part = Part(name, work, smoke)
-    test_hook = os.environ.get("JAXFORMERS_GPU_CHECK_TEST", "")  # the tests' hang / crash of one part
-    if test_hook == f"hang:{name}":
-        time.sleep(1e6)
-    if test_hook == f"fail:{name}":
-        raise RuntimeError(f"{name}: failing on purpose (JAXFORMERS_GPU_CHECK_TEST)")
-    PART_FNS[name](part)
+    with Part(name, work, smoke) as part:  # its pipeline's threads end with it
+        test_hook = os.environ.get("JAXFORMERS_GPU_CHECK_TEST", "")  # the tests' hang / crash of one part
+        if test_hook == f"hang:{name}":
+            time.sleep(1e6)
+        if test_hook == f"fail:{name}":
+            raise RuntimeError(f"{name}: failing on purpose (JAXFORMERS_GPU_CHECK_TEST)")
+        PART_FNS[name](part)
     return 0
 
 

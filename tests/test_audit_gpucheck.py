@@ -59,8 +59,8 @@ def test_a_nan_error_is_the_worst_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(gc, "correctness_cases",
                         lambda smoke, seed, interpret=None: [("nan grad", kern, lambda x: x, (jnp.ones(4),), ())])
-    part = gc.Part("correct", tmp_path, smoke=True)
-    gc.part_correct(part)
+    with gc.Part("correct", tmp_path, smoke=True) as part:
+        gc.part_correct(part)
     row = [json.loads(line) for line in (tmp_path / "correct.jsonl").read_text().splitlines()][-1]
     assert row["rel_errs"][0] == 0.0 and row["rel_errs"][1] != row["rel_errs"][1]
     assert row["max_rel_err"] != row["max_rel_err"]  # NaN

@@ -151,6 +151,26 @@ def test_pipeline_holds_later_stages_until_asked_and_reports_errors_per_case():
     with pytest.raises(TypeError):  # a case that cannot lower fails alone
         pipe.result(bad)
     pipe.wait_idle()
+    # closing (a part's end) ends its threads; a case still queued behind a boundary fails
+    pipe.stage()
+    queued = pipe.add(lambda x: x - 1, (jnp.float32(1),))
+    pipe.close()
+    for t in (pipe.thread, *pipe.pool._threads):
+        t.join(5)
+        assert not t.is_alive()
+    with pytest.raises(RuntimeError, match="closed"):
+        queued.result(0)
+    pipe.close()  # idempotent
+
+
+def test_a_part_closes_its_pipeline_and_a_new_pipeline_closes_the_old(tmp_path):
+    with gc.Part("correct", tmp_path, smoke=True) as part:
+        first = gc.Pipeline(part)
+        second = gc.Pipeline(part)
+        first.thread.join(5)
+        assert not first.thread.is_alive() and second.thread.is_alive()
+    second.thread.join(5)
+    assert not second.thread.is_alive() and part.pipe is second
 
 
 def test_every_correctness_case_lowers_to_triton_and_fits_sm90():
