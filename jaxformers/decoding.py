@@ -263,6 +263,25 @@ def _prompt_lengths(prompt_lengths, prompt_tokens):
     return values.astype(np.int32)
 
 
+def _key(rng):
+    """``rng`` of :func:`generate` as a PRNG key: None -> key 0, an int -> that seed's key, a key
+    (``jax.random.PRNGKey``'s uint32 ``[2]`` or a typed ``jax.random.key``) as it is."""
+    if rng is None:
+        return jax.random.PRNGKey(0)
+    if is_int(rng):
+        if not -2**63 <= int(rng) < 2**63:  # jax's seed range (beyond it, an OverflowError deep in jax)
+            raise ValueError(f"rng as an int seed must be in [-2**63, 2**63), got {rng}")
+        return jax.random.PRNGKey(int(rng))
+    dtype = getattr(rng, "dtype", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) and np.ndim(rng) == 0:
+        return rng
+    if dtype is not None and dtype == np.uint32 and np.shape(rng) == (2,):
+        return rng
+    what = type(rng).__name__ if dtype is None else f"shape {np.shape(rng)}, dtype {dtype}"
+    raise ValueError("rng must be None, an int seed or one PRNG key (jax.random.PRNGKey(seed): uint32 [2], "
+                     f"or jax.random.key(seed)), got {what}")
+
+
 def generate(module, params, prompt_tokens, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None, rng=None, num_samples: int = 1,
              vocab_limit: Optional[int] = None, eos_id: Optional[int] = None,
@@ -287,6 +306,7 @@ def generate(module, params, prompt_tokens, max_new_tokens: int, *, temperature:
     ``eos_id``: a row that samples it is finished: its later positions hold ``pad_id`` (default
     ``eos_id``), and decoding stops as soon as every row is finished.  The tokens up to and
     including each row's first ``eos_id`` are those sampled without ``eos_id`` (same rng stream).
+    ``rng``: a PRNG key, an int seed, or None (seed 0).
 
     Model hooks (attributes / methods of ``module``, all optional): ``check_generate()`` raises a
     ``ValueError`` for a model this sampler cannot serve; ``rows_share_prefill`` (above);
@@ -338,7 +358,7 @@ def generate(module, params, prompt_tokens, max_new_tokens: int, *, temperature:
         if (vocab if vocab_limit is None else vocab_limit) == 1 and forced[1] == 0:
             raise ValueError(f"vocab_limit={vocab_limit} (vocab_size={vocab}) leaves only token 0, the token "
                              f"{type(module).__name__} forces (never sampled): nothing to sample")
-    rng = jax.random.PRNGKey(0) if rng is None else rng
+    rng = _key(rng)
     fn = _generate_fn(type(module), module.config, max_new_tokens, float(temperature),
                       None if top_k is None else int(top_k),
                       None if top_p is None else float(top_p), num_samples, vocab_limit, eos_id, pad_id,
