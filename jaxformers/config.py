@@ -64,6 +64,8 @@ class ModelConfig(ConfigMixin):
     vocab_size: int = 256
     d_model: int = 128
     n_layer: int = 2
+    # the training context length: the trainer refuses a longer ``seq_len``, but the models do
+    # not check it (RoPE has no position table): a longer input runs, its positions extrapolated
     max_seq_len: int = 256
     norm: str = "layernorm"
     norm_eps: float = 1e-5
@@ -242,7 +244,9 @@ class TransformerConfig(ModelConfig):
                 f"(allowed n_kv_head: {_divisors(self.n_head)})"
             )
         if self.dim_head % 2:
-            raise ValueError(f"head_dim={self.dim_head} must be even for rotary embeddings")
+            derived = "" if self.head_dim is not None else \
+                f" (d_model // n_head = {self.d_model} // {self.n_head}: change them or set head_dim)"
+            raise ValueError(f"head_dim={self.dim_head}{derived} must be even for rotary embeddings")
         _finite(self, "rope_theta", lo=0.0, lo_open=True)
 
 

@@ -7,8 +7,12 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 
 
 def dtype_of(name):
-    """``"bfloat16"`` -> ``jnp.bfloat16`` (dtypes pass through)."""
-    return _DTYPES[name] if isinstance(name, str) else name
+    """``"bfloat16"`` -> ``jnp.bfloat16`` (dtypes pass through); an unknown name is a ``ValueError``."""
+    if not isinstance(name, str):
+        return name
+    if name not in _DTYPES:
+        raise ValueError(f"dtype={name!r} is not allowed; choose one of {list(_DTYPES)}")
+    return _DTYPES[name]
 
 
 def dropout(module, x, rate: float):

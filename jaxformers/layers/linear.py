@@ -28,6 +28,9 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x):
+        if isinstance(self.in_axes, bool) or not isinstance(self.in_axes, int) or not 1 <= self.in_axes <= x.ndim:
+            raise ValueError(f"in_axes must be an int in [1, x.ndim={x.ndim}] (the trailing axes of x to "
+                             f"contract), got {self.in_axes!r}")
         out_shape = (self.features,) if isinstance(self.features, int) else tuple(self.features)
         in_shape = tuple(x.shape[-self.in_axes:])
         if len(self.kernel_axes) != len(in_shape) + len(out_shape):
