@@ -100,7 +100,7 @@ def main(argv=None) -> int:
                           batch_size=args.batch_size, seq_len=args.seq_len,
                           max_batches=None if args.max_batches == 0 else args.max_batches,
                           mesh=args.mesh, dtype=args.dtype, model_overrides=overrides)
-    except (CheckpointError, ValueError, FileNotFoundError) as e:
+    except (CheckpointError, ValueError, OSError) as e:  # OSError: e.g. a path that cannot be read or written
         if os.environ.get("JAXFORMERS_DEBUG", "") not in ("", "0"):
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -60,6 +60,8 @@ def main(argv=None) -> int:
     ap.add_argument("--step", type=int, help="checkpoint step (default: the newest complete one)")
     ap.add_argument("--force", action="store_true", help="write into a non-empty --out")
     args = ap.parse_args(argv)
+    # a "~" the shell left alone (quoted): as load_run reads --run, never a literal "~" folder
+    args.run, args.out = os.path.expanduser(args.run), os.path.expanduser(args.out)
 
     from jaxformers.convert import to_hf
     from jaxformers.convert.hf_tokenizer import save_hf_tokenizer
@@ -71,6 +73,9 @@ def main(argv=None) -> int:
         out = Path(args.out)
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {out} exists and is not a directory")
+        if out.is_dir() and Path(args.run).is_dir() and out.samefile(args.run):
+            # config.json would overwrite the run's own: the run could no longer be loaded
+            raise ValueError(f"--out {out} is the run directory --run {args.run}: choose another --out")
         if out.exists() and any(out.iterdir()) and not args.force:
             raise ValueError(f"--out {out} exists and is not an empty directory (--force writes into it)")
         if args.step is not None and args.step < 0:
@@ -94,7 +99,7 @@ def main(argv=None) -> int:
             cfg.update(eos_token_id=tok.eos_id, bos_token_id=tok.eos_id, pad_token_id=tok.eos_id)
             cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
             summary["tokenizer"] = tok.spec
-    except (CheckpointError, ValueError, FileNotFoundError) as e:
+    except (CheckpointError, ValueError, OSError) as e:  # OSError: e.g. a path that cannot be read or written
         if os.environ.get("JAXFORMERS_DEBUG", "") not in ("", "0"):
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -119,6 +119,7 @@ def main(argv=None) -> int:
     ap.add_argument("--memory-top-k", type=int, metavar="K",
                     help="with --memory-chunk: blocks retrieved per token and head (default: the model's mem_top_k)")
     args = ap.parse_args(argv)
+    args.run = os.path.expanduser(args.run)  # as load_run reads it (a "~" the shell left alone)
     if args.memory_top_k is not None and args.memory_chunk is None:
         ap.error("--memory-top-k needs --memory-chunk")
     if not 0 <= args.seed < 2**32:  # jax.random.PRNGKey wraps: PRNGKey(2**32) == PRNGKey(0)
@@ -215,7 +216,7 @@ def main(argv=None) -> int:
             if eos_id is not None and (row == eos_id).any():  # each sample ends before its first end-of-text
                 row = row[:int(np.argmax(row == eos_id))]
             texts.append(_continuation(tok, ids[r // k], row, bool(prompts[r // k])))
-    except (CheckpointError, ValueError, FileNotFoundError) as e:
+    except (CheckpointError, ValueError, OSError) as e:  # OSError: e.g. a path that cannot be read or written
         if os.environ.get("JAXFORMERS_DEBUG", "") not in ("", "0"):
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -66,6 +66,9 @@ def main(argv=None):
     if args.seq_len is not None and args.seq_len < 1:
         p.exit(2, f"error: --seq-len must be a positive int, got {args.seq_len}\n")
     if args.fields is not None:
+        for flag, value in (("--model", args.model), ("--seq-len", args.seq_len)):
+            if value is not None:  # silently ignored otherwise: --fields MODEL names the model
+                p.error(f"--fields excludes {flag} (use --fields MODEL for a model's fields)")
         try:
             rows = field_rows(args.fields or None)
         except ValueError as e:

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = prepare(args.data, args.tokenizer, out_dir=args.out, val_fraction=args.val_fraction,
                       seed=args.seed, force=args.force)
-    except (ValueError, RuntimeError, FileExistsError) as e:
+    except (ValueError, RuntimeError, OSError) as e:  # OSError: e.g. an --out that cannot be written
         print(f"error: {e}", file=sys.stderr)
         return 2
     meta, _, _ = load_prepared(out)
