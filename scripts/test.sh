@@ -35,9 +35,11 @@ LEG2_TESTS=(tests/test_flash_attention.py tests/test_selective_scan.py tests/tes
 NEWEST=(jax jaxlib flax optax orbax-checkpoint chex)
 # -qq: errors only (-q still prints a warning per package when an index location is missing)
 PIP=(-m pip install -qq --disable-pip-version-check)
+# both legs' pytest (--max-worker-restart=0: see leg 1 above)
+PYTEST=(-m pytest -q -n 2 --dist loadfile --max-worker-restart=0)
 
 leg1() {
-    pip install -q -e ".[test,hf]" && python -m pytest -q -n 2 --dist loadfile --max-worker-restart=0
+    pip install -q -e ".[test,hf]" && python "${PYTEST[@]}"
 }
 
 find_python312() {
@@ -117,7 +119,7 @@ print(f"leg 2: Python {sys.version.split()[0]}, jax {jax.__version__}, flax {fla
     t0=$SECONDS
     local tests=("${LEG2_TESTS[@]}")
     [[ "${LEG2_ALL:-0}" != 0 ]] && tests=()  # the whole suite (pytest's testpaths)
-    JAX_PLATFORMS=cpu $VENV/bin/python -m pytest -q -n 2 --dist loadfile --max-worker-restart=0 "${tests[@]}" || return 1
+    JAX_PLATFORMS=cpu $VENV/bin/python "${PYTEST[@]}" "${tests[@]}" || return 1
     echo "leg 2: tests passed ($((SECONDS - t0)) s)"
     t0=$SECONDS
     tiny_training || return 1

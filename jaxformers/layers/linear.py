@@ -12,6 +12,7 @@ import jax
 import flax.linen as nn
 
 from ..sharding import param_init
+from ..utils import is_int
 from .common import dtype_of, normal
 
 
@@ -28,7 +29,7 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        if isinstance(self.in_axes, bool) or not isinstance(self.in_axes, int) or not 1 <= self.in_axes <= x.ndim:
+        if not is_int(self.in_axes) or not 1 <= self.in_axes <= x.ndim:
             raise ValueError(f"in_axes must be an int in [1, x.ndim={x.ndim}] (the trailing axes of x to "
                              f"contract), got {self.in_axes!r}")
         out_shape = (self.features,) if isinstance(self.features, int) else tuple(self.features)
