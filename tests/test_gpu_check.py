@@ -82,6 +82,14 @@ def test_deadline_skips_the_parts_it_cannot_fit(tmp_path):
     assert all(t["met"] is None for t in res["targets"])
 
 
+def test_default_budgets_fit_their_deadlines():
+    """A part that uses its whole budget must not take time from the parts after it: the
+    budgets add up to at most the deadline less the script's set-up."""
+    assert sum(gc.BUDGET[p] for p in gc.CHECK_PARTS) <= gc.DEADLINE_S - gc.SETUP_ALLOWANCE_S
+    assert sum(gc.BUDGET[p] for p in gc.FOLLOWUP_PARTS) <= gc.FOLLOWUP_DEADLINE_S - gc.SETUP_ALLOWANCE_S
+    assert set(gc.BUDGET) == set(gc.ALL_PARTS)
+
+
 def test_part_names_and_budgets_are_checked():
     with pytest.raises(SystemExit) as e:
         gc.main(["nope", "--smoke"])
