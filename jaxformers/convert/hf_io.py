@@ -12,6 +12,12 @@ from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import numpy as np
 
+#: ``config.json``'s special-token ids: unknown to a model config (the run's tokenizer defines
+#: them; ``experiments.export`` writes its end-of-text id over these).  An omitted key would read
+#: as transformers' class default (Llama bos 1 / eos 2, Mamba 0 / 0 / 0, Mamba-2 bos 0 / eos 2 /
+#: pad 1): ordinary tokens of this vocabulary (or ids past a tiny one) that generation would stop
+#: at; null says that there is none.
+NO_SPECIAL_TOKENS = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
 
 
 # --------------------------------------------------------------------------- safetensors I/O

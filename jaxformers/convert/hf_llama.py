@@ -27,7 +27,7 @@ from typing import Dict, Iterable, Tuple
 import numpy as np
 
 from ..config import DTYPES, TransformerConfig
-from .hf_io import read_checkpoint, weight_files
+from .hf_io import NO_SPECIAL_TOKENS, read_checkpoint, weight_files
 from .layers import per_layer_params, stack_layers
 
 _PREFIX = "model."
@@ -126,6 +126,7 @@ def config_to_hf(config: TransformerConfig) -> dict:
         "use_cache": True,
         "torch_dtype": "float32",
         "dtype": "float32",
+        **NO_SPECIAL_TOKENS,
     }
 
 

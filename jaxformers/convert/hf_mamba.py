@@ -35,7 +35,7 @@ import numpy as np
 
 from ..config import DTYPES
 from ..models.mamba import MambaConfig
-from .hf_io import read_checkpoint, weight_files
+from .hf_io import NO_SPECIAL_TOKENS, read_checkpoint, weight_files
 from .layers import per_layer_params, stack_layers
 
 MODEL_TYPES = ("mamba", "mamba2")
@@ -261,7 +261,8 @@ def config_to_hf_mamba(config) -> dict:
               use_conv_bias=c.conv_bias, hidden_act="silu", layer_norm_epsilon=c.norm_eps,
               initializer_range=c.init_std, residual_in_fp32=c.residual_fp32,
               time_step_min=c.dt_min, time_step_max=c.dt_max, time_step_floor=c.dt_init_floor,
-              tie_word_embeddings=c.tie_embeddings, rescale_prenorm_residual=False, use_cache=True)
+              tie_word_embeddings=c.tie_embeddings, rescale_prenorm_residual=False, use_cache=True,
+              **NO_SPECIAL_TOKENS)  # not transformers' default ids (ordinary tokens here)
     if c.model == "mamba":
         hf.update(architectures=["MambaForCausalLM"], time_step_rank=c.resolved_dt_rank,
                   time_step_scale=c.dt_scale,

@@ -53,11 +53,18 @@ class MambaConfig(ModelConfig):
     a kernel tile, the model's function does not depend on it; 64 is what the Pallas kernels
     compile to for sm_90 without register spills, 256 spills and overflows shared memory in
     the backward, see ``python -m experiments.kernel_report``).
+
+    Family defaults: ``d_state`` and ``a_init`` left unset (``None``) take the mixer's
+    reference default (mamba_ssm's ``Mamba`` / ``Mamba2`` modules) when the config is built:
+    Mamba-1 ``d_state=16``, ``a_init="s4d_real"``; Mamba-2 ``d_state=128``, ``a_init="uniform"``
+    (-A ~ U(1, 16) per head).  The mixer is ``model`` here and ``mixer`` in a ``HybridConfig``.
+    The config then holds (and ``to_dict`` saves) the resolved values, so a saved config or a
+    ``replace`` keeps them whatever the family; the registry presets set them explicitly.
     """
 
     model: str = "mamba"
     norm: str = "rmsnorm"
-    d_state: int = 16
+    d_state: Optional[int] = None  # None: 16 (Mamba-1) / 128 (Mamba-2), see the docstring
     d_conv: int = 4
     expand: int = 2
     dt_rank: Union[str, int] = "auto"
@@ -72,12 +79,16 @@ class MambaConfig(ModelConfig):
     dt_init_floor: float = 1e-4
     dt_init: str = "random"
     dt_scale: float = 1.0
-    a_init: str = "s4d_real"
+    a_init: Optional[str] = None  # None: "s4d_real" (Mamba-1) / "uniform" (Mamba-2)
     a_init_range: Tuple[float, float] = (1.0, 16.0)
 
     def __post_init__(self):
         if isinstance(self.a_init_range, list):  # from JSON
             object.__setattr__(self, "a_init_range", tuple(self.a_init_range))
+        m2 = self.mixer_kind == "mamba2"
+        for name, value in (("d_state", 128 if m2 else 16), ("a_init", "uniform" if m2 else "s4d_real")):
+            if getattr(self, name) is None:  # the family default (see the class docstring)
+                object.__setattr__(self, name, value)
         super().__post_init__()
 
     # ------------------------------------------------------------ derived
