@@ -52,6 +52,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.memory_top_k is not None and args.memory_chunk is None:
         ap.error("--memory-top-k needs --memory-chunk")
+    # usage errors name the flag (evaluate() would name its parameter: batch_size, max_batches)
+    for flag, value in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len)):
+        if value is not None and value < 1:
+            ap.error(f"{flag} must be >= 1, got {value}")
+    if args.max_batches < -1:
+        ap.error(f"--max-batches must be -1 (the run's validation set), 0 (all) or >= 1, got {args.max_batches}")
     from experiments.common import is_hf_checkpoint, run_tokenizer
     from jaxformers.training import CheckpointError, evaluate
 

@@ -73,9 +73,13 @@ def main(argv=None) -> int:
         out = Path(args.out)
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {out} exists and is not a directory")
-        if out.is_dir() and Path(args.run).is_dir() and out.samefile(args.run):
-            # config.json would overwrite the run's own: the run could no longer be loaded
-            raise ValueError(f"--out {out} is the run directory --run {args.run}: choose another --out")
+        if Path(args.run).is_dir() and (out.resolve() == Path(args.run).resolve()
+                                         or out.resolve().is_relative_to(Path(args.run).resolve())):
+            # config.json would overwrite the run's own (the run could no longer be loaded), and a
+            # folder of the run (e.g. its tokenizer/) would get the export's files over its own
+            where = "is" if out.resolve() == Path(args.run).resolve() else "is inside"
+            raise ValueError(f"--out {out} {where} the run directory --run {args.run}: choose an --out "
+                             "outside the run")
         if out.exists() and any(out.iterdir()) and not args.force:
             raise ValueError(f"--out {out} exists and is not an empty directory (--force writes into it)")
         if args.step is not None and args.step < 0:

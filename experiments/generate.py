@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -122,6 +123,15 @@ def main(argv=None) -> int:
     args.run = os.path.expanduser(args.run)  # as load_run reads it (a "~" the shell left alone)
     if args.memory_top_k is not None and args.memory_chunk is None:
         ap.error("--memory-top-k needs --memory-chunk")
+    # usage errors name the flag (jf.generate would name its parameter: top_k, max_new_tokens)
+    if args.max_new_tokens < 1:
+        ap.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        ap.error(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        ap.error(f"--top-k must be >= 1, got {args.top_k}")
+    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
+        ap.error(f"--top-p must be in (0, 1], got {args.top_p}")
     if not 0 <= args.seed < 2**32:  # jax.random.PRNGKey wraps: PRNGKey(2**32) == PRNGKey(0)
         ap.error(f"--seed must be in [0, 2**32), got {args.seed}")
     if args.prompt_file is not None:
@@ -202,6 +212,10 @@ def main(argv=None) -> int:
             row[:len(prompt_ids)] = prompt_ids
         # a model vocab padded above the tokenizer's: never sample the padding ids (they have no text)
         vocab_limit = tok.vocab_size if tok.vocab_size < model_config.vocab_size else None
+        sampled = model_config.vocab_size if vocab_limit is None else vocab_limit
+        if args.top_k is not None and args.top_k > sampled:
+            raise ValueError(f"--top-k must be <= {sampled} (the ids the model samples from: its "
+                             f"{'tokenizer' if vocab_limit is not None else 'model'} vocab_size), got {args.top_k}")
         out = jf.generate(module, {"params": params}, prompt, args.max_new_tokens,  # one shared prefill
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                           rng=jax.random.PRNGKey(args.seed), num_samples=args.num_samples,

@@ -25,7 +25,19 @@ class ConfigMixin:
     """``replace`` (field-checked), ``to_dict`` and ``to_json`` for frozen config dataclasses."""
 
     def replace(self, **overrides):
+        """A copy with ``overrides`` (field-checked).  ``model`` may only name an architecture
+        with this config's class (e.g. ``gpt`` <-> ``llama``): another family's fields would be
+        dropped or ignored, so ``ValueError`` -- build that one with ``get_config(name, ...)``."""
         check_fields(type(self), overrides)
+        if "model" in overrides and overrides["model"] != getattr(self, "model", None):
+            from .registry import get_spec
+            spec = get_spec(overrides["model"])
+            if type(self) is not spec.config_cls:
+                raise ValueError(
+                    f"model={overrides['model']!r} needs a {spec.config_cls.__name__}, this config is a "
+                    f"{type(self).__name__} (model {getattr(self, 'model', None)!r}): replace(model=...) "
+                    f"cannot change the family; build it with get_config({overrides['model']!r}, preset, "
+                    "**fields)")
         return dataclasses.replace(self, **overrides)
 
     def to_dict(self) -> dict:
@@ -118,7 +130,9 @@ class ModelConfig(ConfigMixin):
         for name in ("tie_embeddings", "scale_residual_init", "skip_gains", "scan_layers", "residual_fp32"):
             _boolean(self, name)
         _finite(self, "norm_eps", lo=0.0, lo_open=True)
-        _finite(self, "init_std", lo=0.0)
+        # 0 would make every weight zero: every gradient is then exactly 0 and the model never trains
+        # (no layer zero-inits from init_std on purpose; scale_residual_init only divides it)
+        _finite(self, "init_std", lo=0.0, lo_open=True)
         for name in ("dropout", "attn_dropout", "embed_dropout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:

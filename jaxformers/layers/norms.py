@@ -3,7 +3,11 @@
 LayerNorm:  y = (x - mean(x)) / sqrt(var(x) + eps) * scale      (no bias, as llm-baselines)
 RMSNorm:    y = x / sqrt(mean(x^2) + eps) * scale                (Llama)
 """
+import math
+import numbers
+
 import jax.numpy as jnp
+import numpy as np
 import flax.linen as nn
 
 from ..sharding import EMBED, param_init
@@ -17,6 +21,7 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x):  # [..., D]
+        _check_eps(self)
         scale = self.param("scale", param_init(nn.initializers.ones, (EMBED,)), (x.shape[-1],),
                            dtype_of(self.param_dtype))
         x32 = x.astype(jnp.float32)
@@ -31,6 +36,7 @@ class LayerNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x):  # [..., D]
+        _check_eps(self)
         scale = self.param("scale", param_init(nn.initializers.ones, (EMBED,)), (x.shape[-1],),
                            dtype_of(self.param_dtype))
         x32 = x.astype(jnp.float32)
@@ -38,6 +44,14 @@ class LayerNorm(nn.Module):
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
         y = (x32 - mean) * jnp.reciprocal(jnp.sqrt(var + self.eps))
         return (y * scale.astype(jnp.float32)).astype(dtype_of(self.dtype))
+
+
+def _check_eps(norm) -> None:
+    """``ValueError`` unless ``eps`` is a finite number > 0 (as the config's ``norm_eps``): a negative
+    or NaN eps gives NaN, 0 gives NaN for an all-zero (or, LayerNorm, constant) input."""
+    eps = norm.eps
+    if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"{type(norm).__name__} eps must be a finite number > 0, got {eps!r}")
 
 
 def make_norm(config, name=None):
