@@ -38,8 +38,9 @@ def write_kv_cache(kv_cache, k, v, cache_index, segment_ids=None, capacity=None)
     the returned buffers with ``q_offset = cache_index``).  Packed ``segment_ids`` raise.
 
     A chunk that does not fit (``cache_index + T > S``) would be clamped by XLA onto the last
-    slots, a silently wrong answer: it raises a ``ValueError`` when the index is known (eager
-    calls), and under ``jit`` (traced index) the written keys/values become NaN, so every output
+    slots, and a negative ``cache_index`` wrapped around from the end: silently wrong answers.
+    They raise a ``ValueError`` when the index is known (eager calls), and under ``jit``
+    (traced index) the written keys/values become NaN, so every output
     that depends on them is NaN instead of wrong.  Size the cache with ``init_cache(..., max_len)``
     >= prompt + generated tokens.  ``capacity``: the positions a mixer may fill, if fewer than
     ``S`` (e.g. a landmark memory cache keeps one spare chunk to slice from)."""
@@ -55,11 +56,14 @@ def write_kv_cache(kv_cache, k, v, cache_index, segment_ids=None, capacity=None)
         raise ValueError(f"{t} new tokens do not fit a KV cache of max_len={s}: build the cache with "
                          f"init_cache(module, batch_size, max_len >= {t})")
     index = concrete(cache_index)
+    if index is not None and int(index) < 0:  # dynamic_update_slice would wrap it (-2: slot S-2)
+        raise ValueError(f"cache_index must be >= 0 (the number of positions already in the cache), "
+                         f"got {int(index)}")
     if index is not None and int(index) + t > s:
         raise ValueError(f"the KV cache is full: {t} new tokens at cache index {int(index)} exceed its "
                          f"max_len={s}: build the cache with init_cache(module, batch_size, max_len >= "
                          f"{int(index) + t})")
-    fits = cache_index + t <= s
+    fits = (cache_index >= 0) & (cache_index + t <= s)
 
     def write(buf, new):
         new = new.astype(buf.dtype)
