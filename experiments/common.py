@@ -298,25 +298,18 @@ def environment() -> dict:
 
 
 def write_json(path, obj, *, indent=1, default=None) -> str:
-    """``obj`` as JSON to ``path`` atomically (a temporary file in the same folder, then
-    ``os.replace``): an interruption or a value JSON cannot encode leaves the previous file
-    whole (never a torn or truncated one).  Returns the path."""
+    """``obj`` as JSON to ``path`` atomically (a temporary file in the same folder, fsync, then
+    ``os.replace`` and an fsync of the folder: ``jaxformers.training.checkpoint.atomic_write``):
+    an interruption, a power loss or a value JSON cannot encode leaves the previous file whole
+    (never a torn or truncated one).  Returns the path."""
     import json
-    import tempfile
+
+    from jaxformers.training.checkpoint import atomic_write
 
     path = os.fspath(path)
     text = json.dumps(obj, indent=indent, default=default) + "\n"  # encode first: a TypeError writes nothing
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, text)
     return path
 
 

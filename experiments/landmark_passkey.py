@@ -182,18 +182,16 @@ def _flat(d: dict, prefix: str = "") -> dict:
 def save_model(out: Path, name: str, params, record: dict) -> None:
     """``out/models/name.msgpack`` (parameters) then ``name.json`` (``record``), each atomically;
     the ``.json`` is written last: it marks a finished model."""
-    import os
-
     from flax import serialization
 
     from experiments.common import write_json
+    from jaxformers.training.checkpoint import atomic_write, fsync_dir
 
     folder = out / "models"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{name}.json").unlink(missing_ok=True)  # an older model's record: not this one's
-    tmp = folder / f".{name}.msgpack.tmp-{os.getpid()}"
-    tmp.write_bytes(serialization.to_bytes(params))
-    os.replace(tmp, folder / f"{name}.msgpack")
+    fsync_dir(folder)  # the old record's removal reaches the disk before the new parameters
+    atomic_write(folder / f"{name}.msgpack", serialization.to_bytes(params))
     write_json(folder / f"{name}.json", record)
 
 

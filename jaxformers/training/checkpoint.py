@@ -11,7 +11,7 @@ Safety:
   considers finished (a save killed before that leaves ``<step>.orbax-checkpoint-tmp-*``,
   moved aside by :meth:`Checkpointer.quarantine_incomplete` with the incomplete step directories);
 * as soon as orbax has finished a save, process 0 writes ``jaxformers_manifest.json``
-  (itself via a temporary file + rename) listing every file's size and SHA-256
+  (itself via :func:`atomic_write`: temporary file + fsync + rename + directory fsync) listing every file's size and SHA-256
   (files over 64 MiB: SHA-256 of their first and last 8 MiB, plus the size) --
   from a background thread for asynchronous saves, so the newest finished save is
   marked complete without waiting for the next save.  A step directory is
@@ -21,6 +21,9 @@ Safety:
   step directories, so a kill at any moment leaves the newest complete checkpoint
   on disk (a deletion cut short leaves an incomplete directory: its manifest is
   removed first);
+* files given to :meth:`Checkpointer.save` (``files``: e.g. the run's ``config.json`` as the
+  trainer saves it, :data:`CONFIG`) are written into the step directory before its manifest,
+  which lists them: a complete checkpoint always holds the config it was trained with;
 * :meth:`Checkpointer.latest_step` ignores incomplete step directories (a save
   cut short by a crash/kill); :meth:`Checkpointer.quarantine_incomplete` moves
   them to ``RUN_DIR/checkpoints.incomplete/``;
@@ -31,6 +34,7 @@ Safety:
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -38,7 +42,7 @@ import os
 import re
 import threading
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import jax
 from etils import epath
@@ -47,6 +51,8 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "jaxformers_manifest.json"
 MANIFEST_FORMAT = 1
+#: The run config (``config.json``'s content) a checkpoint was trained with, saved in its step directory.
+CONFIG = "jaxformers_config.json"
 # orbax stages the save of step N in N.orbax-checkpoint-tmp-<timestamp>
 _ORBAX_TMP = re.compile(r"^\d+\.orbax-checkpoint-tmp")
 _FULL_HASH_LIMIT = 64 << 20
@@ -84,7 +90,7 @@ def _walk(root: epath.Path, prefix: str = ""):
 def build_manifest(step_dir: epath.Path) -> Dict[str, Any]:
     files = {}
     for rel, path in _walk(step_dir):
-        if rel == MANIFEST or rel.startswith(MANIFEST + "."):
+        if rel == MANIFEST or rel.startswith((MANIFEST + ".", "." + MANIFEST + ".")):
             continue
         size = int(path.stat().length)
         kind, digest = _file_digest(path, size)
@@ -92,10 +98,55 @@ def build_manifest(step_dir: epath.Path) -> Dict[str, Any]:
     return {"format": MANIFEST_FORMAT, "created": time.time(), "files": files}
 
 
-def _atomic_write_text(path: epath.Path, text: str) -> None:
-    tmp = path.parent / f"{path.name}.tmp-{jax.process_index()}-{time.time_ns()}"
-    tmp.write_text(text)
-    tmp.rename(path)
+def fsync_dir(folder) -> None:
+    """``fsync`` a local directory (a rename or deletion in it survives a power loss); best effort:
+    a no-op on remote paths and where directories cannot be opened (Windows)."""
+    folder = str(folder)
+    if "://" in folder:
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path, data: Union[str, bytes]) -> None:
+    """Write ``data`` (``str``: UTF-8) to ``path`` through a temporary file in the same folder,
+    ``fsync``, rename over ``path``, then ``fsync`` of the folder (best effort): a kill or a power
+    loss at any point leaves the old file or the new one, whole, never a torn or empty one.  The
+    one atomic-write helper of the run directory (:func:`jaxformers.training.rundir.atomic_write`,
+    ``experiments.common.write_json``).  Remote paths (``gs://``): write + rename."""
+    if isinstance(data, str):
+        data = data.encode()
+    name = os.path.basename(str(path))
+    suffix = f".tmp-{os.getpid()}-{threading.get_ident()}-{time.time_ns()}"
+    if "://" in str(path):
+        path = epath.Path(path)
+        tmp = path.parent / f".{name}{suffix}"
+        tmp.write_bytes(data)
+        tmp.rename(path)
+        return
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{name}{suffix}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(folder)
 
 
 def verify_step_dir(step_dir) -> Dict[str, Any]:
@@ -163,6 +214,7 @@ class Checkpointer:
         self.async_save = bool(async_save)
         self._manager = None
         self._pending: Optional[int] = None
+        self._files: Dict[int, Dict[str, str]] = {}  # step -> the files save() was given
         self._finalizer: Optional[threading.Thread] = None
         self._finalize_error: Optional[BaseException] = None
 
@@ -197,6 +249,12 @@ class Checkpointer:
 
     def step_dir(self, step: int) -> epath.Path:
         return self.directory / str(step)
+
+    def read_file(self, step: int, name: str) -> Optional[str]:
+        """The text of a file given to :meth:`save` (``files``) in the step directory of ``step``
+        (``None`` if it has none, e.g. a checkpoint written before such files were saved)."""
+        path = self.step_dir(step) / name
+        return path.read_text() if path.exists() else None
 
     def verify(self, step: int) -> Dict[str, Any]:
         return verify_step_dir(self.step_dir(step))
@@ -236,7 +294,10 @@ class Checkpointer:
             self._manager = ocp.CheckpointManager(self.directory, options=options)
         return self._manager
 
-    def save(self, step: int, params, opt_state, meta: Dict[str, Any]) -> None:
+    def save(self, step: int, params, opt_state, meta: Dict[str, Any],
+             files: Optional[Dict[str, str]] = None) -> None:
+        """Save a checkpoint at ``step``; ``files``: ``{name: text}`` written into its step directory
+        (process 0) once orbax has finished it and before its manifest (which lists them)."""
         import orbax.checkpoint as ocp
 
         step = int(step)
@@ -251,6 +312,7 @@ class Checkpointer:
             opt_state=ocp.args.StandardSave(opt_state),
             meta=ocp.args.JsonSave(meta)), force=True)
         self._pending = step
+        self._files = {step: dict(files or {})}
         if self.async_save and jax.process_index() == 0:
             # mark the save complete as soon as orbax has finished it (not at the next save)
             self._finalizer = threading.Thread(target=self._finalize_in_background, args=(step,),
@@ -258,11 +320,15 @@ class Checkpointer:
             self._finalizer.start()
 
     def _finalize(self, step: int) -> None:
-        """Wait for orbax to finish ``step``, write its manifest, delete old checkpoints (process 0)."""
+        """Wait for orbax to finish ``step``, write ``files`` then its manifest, delete old
+        checkpoints (process 0)."""
         self._manager.wait_until_finished()
         step_dir = self.step_dir(step)
+        files = self._files.pop(step, {})
         if jax.process_index() == 0 and step_dir.exists():
-            _atomic_write_text(step_dir / MANIFEST, json.dumps(build_manifest(step_dir), indent=1))
+            for name, text in files.items():
+                atomic_write(step_dir / name, text)
+            atomic_write(step_dir / MANIFEST, json.dumps(build_manifest(step_dir), indent=1))
             self._remove_old()
 
     def _finalize_in_background(self, step: int) -> None:
@@ -280,6 +346,7 @@ class Checkpointer:
             step_dir = self.step_dir(step)
             try:
                 (step_dir / MANIFEST).unlink()
+                fsync_dir(step_dir)  # incomplete on disk before any of its files goes
                 step_dir.rmtree()
             except OSError as e:  # e.g. removed by someone else meanwhile
                 log.warning("could not delete old checkpoint %s: %s", step_dir, e)

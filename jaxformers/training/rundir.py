@@ -29,9 +29,14 @@ equal), reports train-config changes and a changed dataset (:func:`dataset_chang
 same corpus path with other content), and drops ``metrics.jsonl`` rows after the restored step
 (a restored step whose checkpoint says its evaluation was due and whose evaluation row is missing
 is evaluated again); it writes its (possibly changed) config to ``config.json`` / ``run.yaml`` only
-with the first checkpoint it saves, so a resume that trains nothing (a finished run, or
+just before the first checkpoint it saves, so a resume that trains nothing (a finished run, or
 ``steps`` equal to the checkpointed step) or is stopped before its first save leaves them
-describing the run's checkpoints.  Only process 0 writes files.
+describing the run's checkpoints.  Every checkpoint also holds the config it was trained with
+(``checkpoints/<step>/jaxformers_config.json``, listed in its manifest), and a resume checks
+against the newest complete checkpoint's (:func:`resume_config`): a resume killed between writing
+``config.json`` and completing its first checkpoint leaves a ``config.json`` ahead of the
+checkpoints, which is then not taken for theirs.  Only process 0 writes files, each atomically
+(:func:`atomic_write`).
 """
 from __future__ import annotations
 
@@ -46,15 +51,17 @@ import jax
 
 from ..registry import build, config_from_dict
 from . import mesh as mesh_lib
+from .checkpoint import CONFIG as CHECKPOINT_CONFIG
 from .checkpoint import Checkpointer, CheckpointError
+from .checkpoint import atomic_write as _atomic_write
 from .config import TrainConfig
 
 log = logging.getLogger(__name__)
 
 __all__ = ["CONFIG_FILE", "METRICS_FILE", "PLOT_FILE", "RUN_FILE", "SUMMARY_FILE", "TOKENIZER_DIR",
            "MetricsWriter",
-           "IMPLEMENTATION_FIELDS", "atomic_write", "check_resume", "config_diff", "copy_tokenizer", "dataset_changes", "load_run",
-           "read_config",
+           "IMPLEMENTATION_FIELDS", "atomic_write", "check_resume", "config_diff", "config_text", "copy_tokenizer", "dataset_changes", "load_run",
+           "read_config", "resume_config",
            "read_metrics", "refuse_clobber", "reset_metrics", "truncate_metrics", "write_config",
            "write_run_file", "write_summary"]
 
@@ -69,15 +76,10 @@ LOCK_FILE = ".lock"  # held by the training process (run_lock)
 
 # ============================================================================ files
 def atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file + fsync + rename (never a torn file,
-    also after a power loss: the data reaches the disk before the rename publishes it)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Write ``text`` to ``path`` through a temporary file + fsync + rename + fsync of the folder
+    (never a torn file, also after a power loss: the data reaches the disk before the rename
+    publishes it, and the rename is on disk when this returns): :func:`.checkpoint.atomic_write`."""
+    _atomic_write(Path(path), text)
 
 
 def read_metrics(run_dir) -> list:
@@ -119,7 +121,7 @@ class MetricsWriter:
     ``replay``: rows already in ``metrics.jsonl`` written again to the event files only (on
     resume: the restored step's rows, which a kill may have left in the event writer's buffer).
     Event files are buffered (:meth:`flush` before a checkpoint: a kill after it loses no event
-    of a step the resume keeps).  A no-op where ``enabled`` is False (processes other than 0)."""
+    of a step the resume keeps, nor a power loss a row of ``metrics.jsonl``).  A no-op where ``enabled`` is False (processes other than 0)."""
 
     def __init__(self, run_dir, enabled: bool = True, tensorboard: bool = False,
                  purge_step: Optional[int] = None, replay=()):
@@ -143,7 +145,11 @@ class MetricsWriter:
         self._write_events(row)
 
     def flush(self) -> None:
-        """Write the buffered TensorBoard events to their file (``metrics.jsonl`` is flushed per row)."""
+        """Write the buffered TensorBoard events to their file and ``fsync`` ``metrics.jsonl``
+        (flushed per row): called before a checkpoint, so a power loss after that checkpoint
+        keeps the rows of the steps it holds."""
+        if self._file is not None:
+            os.fsync(self._file.fileno())
         if self._tb is not None:
             self._tb.flush()
 
@@ -180,19 +186,53 @@ def read_config(run_dir) -> Optional[dict]:
     return data
 
 
-def write_config(run_dir, *, model_config, train_config: TrainConfig, compute_dtype: str, dataset: dict,
-                 n_params: int, mesh: str, loss_fn: Optional[str] = None, step_fn: Optional[str] = "") -> None:
-    """``config.json``; ``step_fn``: the class name of ``train``'s ``step_fn`` (None: ``train_step``;
-    "" leaves it out, as configs written before it was recorded)."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+def config_text(*, model_config, train_config: TrainConfig, compute_dtype: str, dataset: dict,
+                n_params: int, mesh: str, loss_fn: Optional[str] = None, step_fn: Optional[str] = "") -> str:
+    """The text of ``config.json`` (see :func:`write_config`); the trainer saves it with every
+    checkpoint too (:data:`CHECKPOINT_CONFIG`, read back by :func:`resume_config`)."""
     payload = {"model": model_config.to_dict(), "train": train_config.to_dict(),
                "compute_dtype": compute_dtype, "dataset": dataset, "n_params": n_params, "mesh": mesh}
     if loss_fn is not None:
         payload["loss_fn"] = loss_fn
     if step_fn != "":
         payload["step_fn"] = step_fn
-    atomic_write(run_dir / CONFIG_FILE, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    return json.dumps(payload, indent=2, sort_keys=True) + "\n"
+
+
+def write_config(run_dir, *, model_config, train_config: TrainConfig, compute_dtype: str, dataset: dict,
+                 n_params: int, mesh: str, loss_fn: Optional[str] = None, step_fn: Optional[str] = "") -> None:
+    """``config.json``; ``step_fn``: the class name of ``train``'s ``step_fn`` (None: ``train_step``;
+    "" leaves it out, as configs written before it was recorded)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(run_dir / CONFIG_FILE, config_text(
+        model_config=model_config, train_config=train_config, compute_dtype=compute_dtype, dataset=dataset,
+        n_params=n_params, mesh=mesh, loss_fn=loss_fn, step_fn=step_fn))
+
+
+def resume_config(run_dir) -> Optional[dict]:
+    """The config a resume continues from: the one saved with the newest complete checkpoint
+    (:data:`CHECKPOINT_CONFIG`, the config that checkpoint was trained with), else ``config.json``
+    (:func:`read_config`; checkpoints written before configs were saved with them).  They differ
+    when a resume with a changed config (e.g. ``--extend-steps``) wrote ``config.json`` and was
+    killed before its first checkpoint was complete."""
+    ckpt = Checkpointer(run_dir)
+    step = ckpt.latest_step()
+    try:
+        text = None if step is None else ckpt.read_file(step, CHECKPOINT_CONFIG)
+    except OSError:  # e.g. deleted meanwhile by the process training into the run
+        text = None
+    if text is None:
+        return read_config(run_dir)
+    path = ckpt.step_dir(step) / CHECKPOINT_CONFIG
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"{path} is unreadable ({e}): move the checkpoint directory {ckpt.step_dir(step)} "
+                         "aside to fall back to an older checkpoint") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 def write_run_file(run_dir, model_config, train_config: TrainConfig) -> Path:
@@ -318,9 +358,10 @@ IMPLEMENTATION_FIELDS = ("remat", "attention_impl", "scan_impl", "sparse_impl", 
 
 
 def check_resume(run_dir, model_config) -> Optional[dict]:
-    """The saved config of ``run_dir`` (``None`` without one); ``ValueError`` if its model
-    config differs from ``model_config`` in anything but :data:`IMPLEMENTATION_FIELDS`."""
-    saved = read_config(run_dir)
+    """The saved config of ``run_dir`` (:func:`resume_config`: its newest complete checkpoint's,
+    else ``config.json``; ``None`` without one); ``ValueError`` if its model config differs from
+    ``model_config`` in anything but :data:`IMPLEMENTATION_FIELDS`."""
+    saved = resume_config(run_dir)
     if saved is None:
         return None
     try:

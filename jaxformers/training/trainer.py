@@ -436,7 +436,7 @@ def _train(model_config, tc, *, run_dir, is_main, multi, resume, progress, stop_
     elif with_ckpt and ckpt.latest_step() > tc.steps:  # before anything is written
         raise ValueError(f"steps={tc.steps} is below the step {ckpt.latest_step()} checkpointed in {run_dir}: "
                          f"a run cannot be shortened; resume with steps >= {ckpt.latest_step()} (or "
-                         "--extend-steps N to train N more)")
+                         "--extend-steps N: the run's total steps + N)")
     elif with_ckpt and ckpt.latest_step() == tc.steps:
         messages.append((f"{run_dir} is already finished (step {ckpt.latest_step()} of {tc.steps}): "
                          "nothing to train; to train further pass --extend-steps N (or a larger steps)",
@@ -501,15 +501,22 @@ def _train(model_config, tc, *, run_dir, is_main, multi, resume, progress, stop_
             params, opt_state = program.init(tc.seed)
 
     # ---------------------------------------------------------------- run directory files
+    # config.json's text, also saved with every checkpoint (rundir.CHECKPOINT_CONFIG): a resume
+    # checks against the newest complete checkpoint's (rundir.resume_config)
+    run_config_text = rundir.config_text(
+        model_config=model_config, train_config=tc, compute_dtype=dtype, dataset=_dataset_record(source),
+        n_params=n_params, mesh=mesh_lib.describe(mesh), loss_fn=loss_fn_name, step_fn=step_fn_name)
+
     def write_run_config():
-        rundir.write_config(run_dir, model_config=model_config, train_config=tc, compute_dtype=dtype,
-                            dataset=_dataset_record(source), n_params=n_params, mesh=mesh_lib.describe(mesh),
-                            loss_fn=loss_fn_name, step_fn=step_fn_name)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        rundir.atomic_write(run_dir / rundir.CONFIG_FILE, run_config_text)
         rundir.write_run_file(run_dir, model_config, tc)
 
     # a resume records its (possibly changed) config only with the first checkpoint it trains
     # under it: a resume that trains nothing, or is stopped before its first save, leaves the
-    # run's config.json / run.yaml as they were (they describe the run's checkpoints)
+    # run's config.json / run.yaml as they were (they describe the run's checkpoints); one killed
+    # after writing them and before that checkpoint is complete leaves them ahead of the newest
+    # complete checkpoint, whose own copy (rundir.CHECKPOINT_CONFIG) the next resume checks against
     config_pending = is_main and with_ckpt
     if is_main:
         if not with_ckpt:
@@ -600,7 +607,8 @@ def _train(model_config, tc, *, run_dir, is_main, multi, resume, progress, stop_
                     metrics_log.flush()  # the events of the steps this checkpoint keeps
                     ckpt.save(done, params, opt_state, {
                         "data_step": done, "seed": tc.seed, "batch_size": tc.batch_size,
-                        "seq_len": tc.seq_len, "tokens_seen": tokens_at(done), "eval_due": bool(do_eval)})
+                        "seq_len": tc.seq_len, "tokens_seen": tokens_at(done), "eval_due": bool(do_eval)},
+                        files={rundir.CHECKPOINT_CONFIG: run_config_text})
                 if do_eval and not (stopping and done < end_step):  # eval (on a stop: at the resume)
                     last_eval = evaluate_now(done) or last_eval
                 clock.restart()
