@@ -118,7 +118,9 @@ def bench_one(impl, *, batch, seq_len, heads, head_dim, dtype, on_gpu, warmup, i
     for mode, f, args in (("fwd", fwd, (q, k, v)), ("fwd+bwd", fwd_bwd, (q, k, v, do))):
         row = dict(base, mode=mode)
         try:
-            ms = median_ms(f, args, warmup, iters)
+            # compiled ahead of time: with --warmup 0 the first timed call would otherwise
+            # measure tracing + compilation (~100x the run time of these shapes)
+            ms = median_ms(f.lower(*args).compile(), args, warmup, iters)
             row.update(ms=ms, tflops=causal_flops(batch, heads, seq_len, head_dim, mode) / (ms * 1e9))
         except Exception as e:  # noqa: BLE001 - record OOM / unsupported and keep going
             row.update(ms=None, tflops=None, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")

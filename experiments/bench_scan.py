@@ -159,10 +159,11 @@ def _bench_fla(base, inputs, warmup, iters, min_sample_ms=None):
     def fwd():
         return chunk_simple_gla(t["q"], t["k"], t["v"], g=t["g"], scale=1.0)[0]
 
-    def fwd_bwd():
-        o = fwd()
-        o.backward(do)
-        return o
+    leaves = (t["q"], t["k"], t["v"], t["g"])
+
+    def fwd_bwd():  # the gradients returned, as JAX's vjp does: ``backward()`` would also add them
+        o = fwd()   # into the leaves' ``.grad`` on every call, extra work charged to the anchor
+        return o, torch.autograd.grad(o, leaves, do, allow_unused=True)
 
     for mode, f in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
         row = dict(base, mode=mode)
@@ -191,10 +192,12 @@ def _bench_jax(base, fn, inputs, diff_keys, on_gpu, warmup, iters):
         row = dict(base, mode=mode)
         try:
             if mode == "fwd":
-                ms = median_ms(fwd, (inputs,), warmup, iters)
+                # compiled ahead of time: with --warmup 0 the first timed call would otherwise
+                # measure tracing + compilation
+                ms = median_ms(fwd.lower(inputs).compile(), (inputs,), warmup, iters)
             else:
                 dy = jnp.ones(jax.eval_shape(fwd, inputs).shape, jax.eval_shape(fwd, inputs).dtype)
-                ms = median_ms(fwd_bwd, (inputs, dy), warmup, iters)
+                ms = median_ms(fwd_bwd.lower(inputs, dy).compile(), (inputs, dy), warmup, iters)
             row.update(ms=ms)
         except Exception as e:  # noqa: BLE001 - record OOM / unsupported and keep going
             row.update(ms=None, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")

@@ -1,0 +1,90 @@
+"""Audit 43 (bench): the attention / scan benchmarks time execution, not tracing + compilation,
+even with ``--warmup 0`` (each function is compiled ahead of time, outside the timed calls); the
+fla anchor's fwd+bwd returns its gradients instead of accumulating them into ``.grad``."""
+import time
+
+import jax.numpy as jnp
+
+from experiments import bench_attention as ba
+from experiments import bench_scan as bs
+
+TRACE_S = 0.5  # a function whose tracing takes this long: a timed call that traces shows it
+
+
+def _slow_to_trace(fn):
+    def wrapped(*args, **kwargs):
+        time.sleep(TRACE_S)  # Python side effect: runs while tracing, never when the compiled code runs
+        return fn(*args, **kwargs)
+    return wrapped
+
+
+def test_attention_timing_excludes_compilation_with_no_warmup(monkeypatch):
+    fn = _slow_to_trace(lambda q, k, v: q + k + v)
+    monkeypatch.setattr(ba, "make_attention", lambda impl, **kw: (fn, None))
+    rows = ba.bench_one("xla", batch=1, seq_len=8, heads=1, head_dim=4, dtype=jnp.float32, on_gpu=False,
+                        warmup=0, iters=1)
+    assert [r["mode"] for r in rows] == ["fwd", "fwd+bwd"]
+    for r in rows:
+        assert r.get("error") is None, r
+        # was ~TRACE_S * 1e3 ms (the timed call traced and compiled the function)
+        assert r["ms"] < 0.5 * TRACE_S * 1e3, r
+
+
+def test_scan_timing_excludes_compilation_with_no_warmup():
+    fn = _slow_to_trace(lambda x, y: x * y)
+    inputs = dict(x=jnp.ones((4,)), y=jnp.arange(4.0))
+    rows = bs._bench_jax(dict(kernel="k", impl="i"), fn, inputs, ("x",), False, 0, 1)
+    assert [r["mode"] for r in rows] == ["fwd", "fwd+bwd"]
+    for r in rows:
+        assert r.get("error") is None, r
+        assert r["ms"] < 0.5 * TRACE_S * 1e3, r
+
+
+def test_attention_smoke_rows_have_the_printed_numbers(tmp_path, capsys):
+    # every printed ms / TFLOP/s is in results.json, with TFLOP/s = causal_flops / ms
+    import json
+    assert ba.main(["--quick", "--impls", "xla", "--warmup", "0", "--iters", "1", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    out = capsys.readouterr().out
+    assert len(rows) == 2
+    for r in rows:
+        want = ba.causal_flops(r["batch"], r["heads"], r["seq_len"], r["head_dim"], r["mode"]) / (r["ms"] * 1e9)
+        assert abs(r["tflops"] - want) <= 1e-12 * want
+        assert f"{r['ms']:.3f}" in out
+
+
+def test_fla_fwd_bwd_does_not_accumulate_gradients(monkeypatch):
+    # o.backward(do) added every call's gradients into q/k/v/g.grad: an extra read-modify-write of each
+    # input per call, timed as part of the fla anchor's fwd+bwd (gpu_check's ssd ratio uses it)
+    import sys
+    import types
+
+    import pytest
+    torch = pytest.importorskip("torch")
+    seen = {}
+
+    class Fake(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v, g):
+            return v * 2
+
+        @staticmethod
+        def backward(ctx, do):
+            return None, None, do * 2, None
+
+    def chunk_simple_gla(q, k, v, g=None, scale=None):
+        seen["v"] = v
+        return Fake.apply(q, k, v, g), None
+
+    fla = types.ModuleType("fla.ops.simple_gla")
+    fla.chunk_simple_gla = chunk_simple_gla
+    for name, mod in (("fla", types.ModuleType("fla")), ("fla.ops", types.ModuleType("fla.ops")),
+                      ("fla.ops.simple_gla", fla)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self, raising=False)
+    inputs = bs._ssd_inputs(1, 8, 2, 4, 4, 1, jnp.float32)
+    rows = list(bs._bench_fla(dict(kernel="ssd", impl="fla"), inputs, warmup=2, iters=3))
+    assert [r["mode"] for r in rows] == ["fwd", "fwd+bwd"] and all(r["ms"] > 0 for r in rows)
+    assert seen["v"].grad is None  # was 2 * do summed over the 5 fwd+bwd calls
