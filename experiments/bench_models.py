@@ -19,7 +19,8 @@ Each row is compiled first (``compile_s``), run ``--warmup`` times, then timed
 ``--iters`` times with ``block_until_ready``; the median is reported.  A row that
 runs out of memory (or fails otherwise) is recorded with ``status`` "oom" (or
 "error") and the sweep goes on.  Prints a table and writes ``DIR/results.json``
-(device, device kind, date, jax / flax versions, one entry per row).
+(device, device kind, date, jax / flax versions, one entry per row), rewritten after every
+model (``complete`` is true once the last one is done: a sweep cut short keeps its rows).
 
 ``--quick``: tiny presets, T in {64, 128} with 512 tokens per batch, generation batches
 {1, 4} -- a CPU smoke run of well under a minute.
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import re
 import statistics
 import sys
 import time
@@ -63,7 +65,8 @@ def _parser():
 
 def _is_oom(e: BaseException) -> bool:
     text = f"{type(e).__name__} {e}".lower()
-    return any(s in text for s in ("resource_exhausted", "out of memory", "oom", "failed to allocate"))
+    return (any(s in text for s in ("resource_exhausted", "out of memory", "failed to allocate"))
+            or re.search(r"\boom\b", text) is not None)  # the word, not "room" / "bloom"
 
 
 def _time(fn, state, *, warmup: int, iters: int, carry: bool = False):
@@ -299,13 +302,15 @@ def main(argv=None) -> dict:
         "command": "python -m experiments.bench_models " + " ".join(sys.argv[1:] if argv is None else argv),
         "quick": bool(args.quick), "compute_dtype": dtype, "config": cfg, "rows": [],
     }
-    t0 = time.perf_counter()
-    for m in models:
-        results["rows"].extend(bench_model(m, cfg, dtype))
-    results["wall_s"] = time.perf_counter() - t0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "results.json", results, indent=2)
+    t0 = time.perf_counter()
+    for i, m in enumerate(models):
+        results["rows"].extend(bench_model(m, cfg, dtype))
+        results["wall_s"] = time.perf_counter() - t0
+        # after every model, so a sweep cut short (killed, a time limit) keeps what it measured
+        results["complete"] = i == len(models) - 1
+        write_json(out / "results.json", results, indent=2)
     print(f"# {results['device_kind']} ({results['platform']}), jax {results['jax_version']}, "
           f"{dtype}, {results['date']}")
     for r in results["rows"]:

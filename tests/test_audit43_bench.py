@@ -88,3 +88,38 @@ def test_fla_fwd_bwd_does_not_accumulate_gradients(monkeypatch):
     rows = list(bs._bench_fla(dict(kernel="ssd", impl="fla"), inputs, warmup=2, iters=3))
     assert [r["mode"] for r in rows] == ["fwd", "fwd+bwd"] and all(r["ms"] > 0 for r in rows)
     assert seen["v"].grad is None  # was 2 * do summed over the 5 fwd+bwd calls
+
+
+# --------------------------------------------------------------------------- bench_models: partial results, OOM words
+def test_bench_models_keeps_the_rows_of_a_sweep_cut_short(tmp_path, monkeypatch):
+    """results.json was written only at the end: a sweep killed (or failing) in its second model
+    lost the first model's rows.  Now it is rewritten after every model, ``complete`` false."""
+    import json
+
+    import pytest
+
+    from experiments import bench_models
+
+    def fake(model, cfg, dtype):
+        if model == "mamba":
+            raise KeyboardInterrupt  # the sweep cut short during the second model
+        return [{"kind": "train", "model": model, "status": "ok"}]
+
+    monkeypatch.setattr(bench_models, "bench_model", fake)
+    with pytest.raises(KeyboardInterrupt):
+        bench_models.main(["--quick", "--models", "gpt,mamba", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["rows"] == [{"kind": "train", "model": "gpt", "status": "ok"}]
+    assert saved["complete"] is False
+    monkeypatch.setattr(bench_models, "bench_model", lambda m, c, d: [{"kind": "train", "model": m, "status": "oom"}])
+    bench_models.main(["--quick", "--models", "gpt,mamba", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [r["model"] for r in saved["rows"]] == ["gpt", "mamba"] and saved["complete"] is True  # the last model done
+
+
+def test_oom_is_the_word_not_a_substring():
+    from experiments import bench_models
+
+    assert bench_models._is_oom(RuntimeError("RESOURCE_EXHAUSTED: out of memory"))
+    assert bench_models._is_oom(RuntimeError("kernel OOM at 1.0 GiB"))
+    assert not bench_models._is_oom(ValueError("no room for the bloom filter"))
