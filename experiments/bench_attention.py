@@ -86,11 +86,12 @@ FWD_BWD_FLOPS = 3.5
 
 
 def causal_flops(batch, heads, seq_len, head_dim, mode):
-    """Causal attention FLOPs: ``4*B*H*T*T*D/2`` for ``mode`` "fwd", :data:`FWD_BWD_FLOPS` x that
-    for "fwd+bwd"."""
+    """Causal attention FLOPs over the visible (query, key) pairs, ``T (T + 1) / 2`` per row
+    (as ``experiments.gpu_check.causal_pairs`` counts them): ``4*B*H*D*T*(T+1)/2`` for ``mode``
+    "fwd", :data:`FWD_BWD_FLOPS` x that for "fwd+bwd"."""
     if mode not in ("fwd", "fwd+bwd"):
         raise ValueError(f"mode must be 'fwd' or 'fwd+bwd', got {mode!r}")
-    fwd = 4 * batch * heads * seq_len * seq_len * head_dim / 2
+    fwd = 4 * batch * heads * head_dim * (seq_len * (seq_len + 1) // 2)
     return fwd if mode == "fwd" else FWD_BWD_FLOPS * fwd
 
 
