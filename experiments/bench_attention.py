@@ -7,7 +7,7 @@ B*T = 16k tokens, for this repo's Pallas kernel (``pallas``), cuDNN and XLA via
 ``jax.nn.dot_product_attention`` (``cudnn``, ``xla``) and JAX's bundled Pallas
 kernel ``jax.experimental.pallas.ops.gpu.attention.mha`` (``jax_pallas``).
 Reports median milliseconds and TFLOP/s, with causal FLOPs
-``4*B*H*T*T*D/2`` (forward) and 3.5x that (forward+backward: the backward's five matmuls,
+``4*B*H*D*T*(T+1)/2`` (forward, the visible pairs) and 3.5x that (forward+backward: the backward's five matmuls,
 ``QK^T`` recomputed, ``dV``, ``dP``, ``dQ``, ``dK``, are 2.5x the forward's two; FlashAttention-2's
 benchmark convention), and writes
 ``DIR/results.json`` (device, date, jax version, one row per measurement).
@@ -189,7 +189,7 @@ def main(argv=None):
                 rows += new
 
     write_results(args.out, quick=args.quick, config=cfg,
-                  flops_note=f"causal: fwd = 4*B*H*T*T*D/2, fwd+bwd = {FWD_BWD_FLOPS:g} * fwd", rows=rows)
+                  flops_note=f"causal: fwd = 4*B*H*D*T*(T+1)/2, fwd+bwd = {FWD_BWD_FLOPS:g} * fwd", rows=rows)
     return 0
 
 
