@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Any, Optional, Tuple
+from typing import Any, ClassVar, Optional, Tuple
 
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
@@ -102,6 +102,12 @@ class ModelConfig(ConfigMixin):
     #: ``--config`` file nor an ``--init-from`` run gives one): e.g. ``landmark_cross_entropy``,
     #: which inserts the landmarks a landmark model is built around.
     default_loss = "cross_entropy"
+
+    #: Parameter names (the last key of a parameter's path) this family never weight-decays,
+    #: whatever their shape (class attribute, not a field): the trainer's decay rule
+    #: (:func:`jaxformers.training.optim.decay_mask`) otherwise decays a parameter iff it has two
+    #: or more non-layer axes.  e.g. ``MambaConfig``: mamba_ssm's ``_no_weight_decay`` parameters.
+    no_weight_decay: ClassVar[Tuple[str, ...]] = ()
 
     # ------------------------------------------------------------------ derived
     @classmethod

@@ -81,14 +81,37 @@ def test_aux_loss_weights_not_iterable_is_a_value_error(value):
 
 
 # ----------------------------------------------------------------------------- optimizer
-@pytest.mark.parametrize("model", ["mamba", "mamba2"])
-def test_mamba_ssm_parameters_are_not_decayed(model):
-    # mamba_ssm marks A_log, D (and dt_bias) _no_weight_decay; Mamba-1's A_log is 2-D
-    a, specs = abstract_params(jf.build(jf.get_config(model, "tiny")))
-    mask = decay_mask(specs, a)
-    mixer = mask["blocks_0"]["mixer"]
-    assert not mixer["A_log"] and not mixer["D"] and not mixer["dt_bias"]
-    assert mixer["out_proj"]["kernel"]  # the matmuls still are
+@pytest.mark.parametrize("model", ["mamba", "mamba2", "hybrid"])
+def test_mamba_ssm_parameters_are_not_decayed(model, monkeypatch):
+    # mamba_ssm marks A_log, D (and dt_bias) _no_weight_decay (the config's no_weight_decay hook,
+    # which the trainer passes to decay_mask); Mamba-1's A_log is 2-D
+    from jaxformers.training.optim import make_optimizer
+    from jaxformers.training.trainer import train_program
+
+    config = jf.get_config(model, "tiny")
+    assert set(config.no_weight_decay) == {"A_log", "D", "dt_bias"}
+    a, specs = abstract_params(jf.build(config))
+    mask = decay_mask(specs, a, config.no_weight_decay)
+    ssm = [b["mixer"] for b in mask.values() if isinstance(b, dict) and "A_log" in b.get("mixer", {})]
+    assert ssm
+    for mixer in ssm:
+        assert not mixer["A_log"] and not mixer["D"] and not mixer["dt_bias"]
+        assert mixer["out_proj"]["kernel"]  # the matmuls still are
+    # the trainer's optimizer uses exactly this mask: its weight decay never touches A_log
+    seen = {}
+
+    def spy(tc, mask=None):
+        seen["mask"] = mask
+        return make_optimizer(tc, mask)
+
+    import jaxformers.training.trainer as trainer
+    from jaxformers.training.mesh import make_mesh
+
+    monkeypatch.setattr(trainer, "make_optimizer", spy)
+    train_program(config, TrainConfig(steps=2, batch_size=2, seq_len=8), make_mesh(), "float32",
+                  trainer.get_loss("cross_entropy"))
+    assert seen["mask"] == mask
+    assert not jf.get_config("gpt", "tiny").no_weight_decay  # attention families: the shape rule only
 
 
 # ----------------------------------------------------------------------------- MFU peak

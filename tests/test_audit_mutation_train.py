@@ -59,7 +59,8 @@ def test_make_optimizer_is_clipped_bias_corrected_adamw_with_the_decay_mask():
     params = {"kernel": rng.normal(size=(3, 4)), "bias": rng.normal(size=(4,)),
               "scale": 1.0 + rng.normal(size=(4,)), "A_log": rng.normal(size=(4, 2))}
     params = {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}
-    mask = decay_mask({k: None for k in params}, params)
+    assert decay_mask({k: None for k in params}, params)["A_log"]  # 2-D: decayed by the shape rule
+    mask = decay_mask({k: None for k in params}, params, no_decay=("A_log",))  # a config's no_weight_decay
     assert mask == {"kernel": True, "bias": False, "scale": False, "A_log": False}
     # global norms far above and below grad_clip, so clipping changes the result
     grads = [{k: jnp.asarray(rng.normal(size=v.shape) * s, jnp.float32) for k, v in params.items()}

@@ -62,6 +62,9 @@ class MambaConfig(ModelConfig):
     ``replace`` keeps them whatever the family; the registry presets set them explicitly.
     """
 
+    #: mamba_ssm's ``_no_weight_decay`` parameters: never decayed (Mamba-1's ``A_log`` is 2-D)
+    no_weight_decay = ("A_log", "D", "dt_bias")
+
     model: str = "mamba"
     norm: str = "rmsnorm"
     d_state: Optional[int] = None  # None: 16 (Mamba-1) / 128 (Mamba-2), see the docstring

@@ -5,10 +5,10 @@ than the stacked ``layers`` axis (of ``scan_layers``) -- i.e. matmul kernels
 and embedding tables (as in GPT-2 / nanoGPT, where the tied embedding is also
 the output layer).  Norm scales, biases and scalar/vector mixing weights
 (e.g. DenseFormer's averaging weights) are not decayed.  Parameters without
-logical axis names fall back to ``ndim >= 2``.  The SSM parameters that the
-Mamba authors mark ``_no_weight_decay`` (``A_log``, ``D``, ``dt_bias``:
-:data:`NO_DECAY_NAMES`) are never decayed, whatever their shape (Mamba-1's
-``A_log`` is ``[d_inner, d_state]``).
+logical axis names fall back to ``ndim >= 2``.  A model family names the parameters it
+never decays, whatever their shape, in its config's ``no_weight_decay`` (the trainer passes
+it as ``no_decay``): e.g. ``MambaConfig``'s ``A_log``, ``D``, ``dt_bias``, which the Mamba
+authors mark ``_no_weight_decay`` (Mamba-1's ``A_log`` is ``[d_inner, d_state]``).
 
 Schedules (``count`` = number of completed updates, so the first update uses
 ``lr(0)``): linear warmup ``lr * (count + 1) / warmup`` for ``count < warmup``
@@ -83,15 +83,14 @@ def lr_at(tc, step: int) -> float:
     return float(make_schedule(tc)(step))
 
 
-#: Parameter names never decayed (mamba_ssm's ``_no_weight_decay`` parameters).
-NO_DECAY_NAMES = ("A_log", "D", "dt_bias")
+def decay_mask(logical_specs, abstract_params, no_decay=()):
+    """Boolean pytree: which parameters get weight decay (see module docstring); ``no_decay``:
+    parameter names (a path's last key) never decayed (a config's ``no_weight_decay``)."""
+    no_decay = frozenset(no_decay)
 
-
-def decay_mask(logical_specs, abstract_params):
-    """Boolean pytree: which parameters get weight decay (see module docstring)."""
     def one(path, spec, leaf):
         last = path[-1] if path else None
-        if str(getattr(last, "key", getattr(last, "name", ""))) in NO_DECAY_NAMES:
+        if str(getattr(last, "key", getattr(last, "name", ""))) in no_decay:
             return False
         if isinstance(spec, PartitionSpec) and len(spec) == leaf.ndim:
             return sum(1 for name in spec if name != LAYERS) >= 2
