@@ -239,9 +239,14 @@ def build_configs(args):
     if args.extend_steps is not None:
         if args.extend_steps < 1:
             raise CLIError(f"--extend-steps must be >= 1, got {args.extend_steps}")
-        if not args.out or not (Path(args.out) / CONFIG_FILE).is_file():
-            raise CLIError(f"--extend-steps needs --out pointing at an existing run (no {CONFIG_FILE} in "
-                           f"{args.out!r})")
+        out = args.out
+        if not out and args.config:  # as --resume does: the run directory the config file names
+            file_out = (read_config_file(args.config).get("train") or {}).get("out_dir")
+            out = os.path.expanduser(file_out) if isinstance(file_out, str) and file_out else None
+        if not out or not (Path(out) / CONFIG_FILE).is_file():
+            where = f"no {CONFIG_FILE} in {out!r}" if out else "no run directory given"
+            raise CLIError(f"--extend-steps needs --out pointing at an existing run, or a --config whose "
+                           f"train.out_dir names one ({where})")
         if args.steps is not None:
             raise CLIError("give either --steps (the new total) or --extend-steps (steps to add), not both")
         args.resume = True

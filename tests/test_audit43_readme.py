@@ -1,0 +1,41 @@
+"""Audit 43 (README walk-through): `--config RUN/run.yaml --extend-steps N` without --out."""
+import json
+
+import numpy as np
+import pytest
+
+from experiments import train as train_cli
+
+WORDS = "the quick brown fox jumps over a lazy dog while seven small birds sing".split()
+TINY = ["--set", "d_model=32", "--set", "n_layer=1", "--set", "max_seq_len=32", "--batch-size", "4",
+        "--seq-len", "32", "--eval-every", "0", "--eval-batches", "1", "--checkpoint-every", "0",
+        "--no-compile-cache", "--no-tensorboard", "--quiet"]
+
+
+@pytest.fixture()
+def run(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXFORMERS_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    data = tmp_path / "my.txt"
+    data.write_text(" ".join(rng.choice(WORDS, size=2000)) + ".\n")
+    out = tmp_path / "run"
+    assert train_cli.main(["--data", str(data), "--steps", "2", "--out", str(out)] + TINY) == 0
+    return out
+
+
+def test_extend_steps_with_a_run_yaml_and_no_out_extends_that_run(run, capsys):
+    # --resume with the same --config and no --out resumes the run the file names; --extend-steps
+    # used to stop with "--extend-steps needs --out ... (no config.json in None)"
+    capsys.readouterr()
+    assert train_cli.main(["--config", str(run / "run.yaml"), "--extend-steps", "1", "--quiet",
+                           "--no-compile-cache"]) == 0, capsys.readouterr().err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["final_step"] == 3 and summary["trained_steps"] == 1
+
+
+def test_extend_steps_without_a_run_directory_names_what_is_missing(tmp_path, capsys):
+    cfg = tmp_path / "my_run.yaml"
+    cfg.write_text("model: gpt\npreset: tiny\ntrain: {steps: 10}\n")
+    assert train_cli.main(["--config", str(cfg), "--extend-steps", "1", "--no-compile-cache"]) == 2
+    err = capsys.readouterr().err
+    assert "--extend-steps needs --out" in err and "None" not in err
