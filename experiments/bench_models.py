@@ -30,13 +30,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import re
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from experiments.common import check_counts, parse_list, write_json
+from experiments.common import check_counts, is_out_of_memory, parse_list, write_json
 
 FULL = dict(preset="small", seq_lens=(2048, 8192, 32768), tokens=32768, gen_batches=(1, 8, 32, 128),
             gen_prompt=1024, gen_tokens=128, warmup=2, iters=10)
@@ -61,12 +60,6 @@ def _parser():
     ap.add_argument("--warmup", type=int, help="untimed calls per row (>= 0)")
     ap.add_argument("--iters", type=int, help="timed calls per row (>= 1)")
     return ap
-
-
-def _is_oom(e: BaseException) -> bool:
-    text = f"{type(e).__name__} {e}".lower()
-    return (any(s in text for s in ("resource_exhausted", "out of memory", "failed to allocate"))
-            or re.search(r"\boom\b", text) is not None)  # the word, not "room" / "bloom"
 
 
 def _time(fn, state, *, warmup: int, iters: int, carry: bool = False):
@@ -181,7 +174,7 @@ def _run_row(row, build_and_time):
         row.update(build_and_time())
         row["status"] = "ok"
     except Exception as e:  # noqa: BLE001 - one failing row must not end the sweep
-        row["status"] = "oom" if _is_oom(e) else "error"
+        row["status"] = "oom" if is_out_of_memory(e) else "error"
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
     gc.collect()
     return row

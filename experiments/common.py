@@ -253,6 +253,16 @@ def parse_experiment_args(ap, argv=None, positive=POSITIVE, nonnegative=NONNEGAT
     return args
 
 
+def is_out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is a device / host allocation failure (XLA's ``RESOURCE_EXHAUSTED``, an
+    "out of memory" message, the word "OOM")."""
+    import re
+
+    text = f"{type(e).__name__} {e}".lower()
+    return (any(s in text for s in ("resource_exhausted", "out of memory", "failed to allocate"))
+            or re.search(r"\boom\b", text) is not None)  # the word, not "room" / "bloom"
+
+
 def median_ms(fn, args, warmup: int, iters: int) -> float:
     """Median wall time in ms of ``fn(*args)`` (compiled; block_until_ready)."""
     import jax

@@ -106,9 +106,19 @@ def main(argv=None) -> int:
                           batch_size=args.batch_size, seq_len=args.seq_len,
                           max_batches=None if args.max_batches == 0 else args.max_batches,
                           mesh=args.mesh, dtype=args.dtype, model_overrides=overrides)
-    except (CheckpointError, ValueError, OSError) as e:  # OSError: e.g. a path that cannot be read or written
-        if os.environ.get("JAXFORMERS_DEBUG", "") not in ("", "0"):
+    except Exception as e:  # noqa: BLE001 - the expected failures become one line, exit 2
+        from experiments.common import is_out_of_memory
+        oom = is_out_of_memory(e)
+        # OSError: e.g. a path that cannot be read or written
+        if not (oom or isinstance(e, (CheckpointError, ValueError, OSError))) or \
+                os.environ.get("JAXFORMERS_DEBUG", "") not in ("", "0"):
             raise
+        if oom:  # e.g. full attention over a long --seq-len: [batch, heads, T, T] scores per layer
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            batch, seq = (args.batch_size or "(the run's)"), (args.seq_len or "(the run's)")
+            e = (f"out of memory evaluating --batch-size {batch} x --seq-len {seq} ({first}): lower "
+                 "--batch-size or --seq-len (a landmark run evaluates any length through its memory: "
+                 "--memory-chunk C)")
         print(f"error: {e}", file=sys.stderr)
         return 2
     import jax

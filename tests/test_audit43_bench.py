@@ -118,8 +118,8 @@ def test_bench_models_keeps_the_rows_of_a_sweep_cut_short(tmp_path, monkeypatch)
 
 
 def test_oom_is_the_word_not_a_substring():
-    from experiments import bench_models
+    from experiments.common import is_out_of_memory
 
-    assert bench_models._is_oom(RuntimeError("RESOURCE_EXHAUSTED: out of memory"))
-    assert bench_models._is_oom(RuntimeError("kernel OOM at 1.0 GiB"))
-    assert not bench_models._is_oom(ValueError("no room for the bloom filter"))
+    assert is_out_of_memory(RuntimeError("RESOURCE_EXHAUSTED: out of memory"))
+    assert is_out_of_memory(RuntimeError("kernel OOM at 1.0 GiB"))
+    assert not is_out_of_memory(ValueError("no room for the bloom filter"))

@@ -39,3 +39,27 @@ def test_extend_steps_without_a_run_directory_names_what_is_missing(tmp_path, ca
     assert train_cli.main(["--config", str(cfg), "--extend-steps", "1", "--no-compile-cache"]) == 2
     err = capsys.readouterr().err
     assert "--extend-steps needs --out" in err and "None" not in err
+
+
+def test_evaluate_out_of_memory_is_one_line_naming_the_flags(tmp_path, monkeypatch, capsys):
+    """``evaluate --run RUN --seq-len 8192`` on a CPU ran out of memory (full attention scores)
+    with a long XLA traceback; it is now one line naming --batch-size / --seq-len, exit 2."""
+    import jaxformers.training as training
+    from experiments import evaluate
+
+    def oom(*a, **k):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 84.00GiB.\nmore")
+
+    monkeypatch.setattr(training, "evaluate", oom)
+    assert evaluate.main(["--run", str(tmp_path), "--seq-len", "8192", "--batch-size", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error: out of memory")
+    assert "--batch-size 4 x --seq-len 8192" in err and "84.00GiB" in err and "--memory-chunk" in err
+
+    def bug(*a, **k):
+        raise RuntimeError("some other failure")  # not an expected one: the traceback stays
+
+    monkeypatch.setattr(training, "evaluate", bug)
+    import pytest
+    with pytest.raises(RuntimeError, match="other failure"):
+        evaluate.main(["--run", str(tmp_path)])
