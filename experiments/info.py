@@ -42,8 +42,10 @@ def field_rows(model=None):
                 rows.append(dict(config=f"{spec.config_cls.__name__} (--set)", field=f.name,
                                  type=str(f.type), default=getattr(preset, f.name)))
     for f in dataclasses.fields(TrainConfig):
-        rows.append(dict(config="TrainConfig (--train-set)", field=f.name, type=str(f.type),
-                         default=f.default if f.default is not dataclasses.MISSING else None))
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if f.name == "out_dir":  # experiments.train's default (--out), not the library's
+            default = "runs/<model>-<preset>"
+        rows.append(dict(config="TrainConfig (--train-set)", field=f.name, type=str(f.type), default=default))
     return rows
 
 

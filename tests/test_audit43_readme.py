@@ -63,3 +63,17 @@ def test_evaluate_out_of_memory_is_one_line_naming_the_flags(tmp_path, monkeypat
     import pytest
     with pytest.raises(RuntimeError, match="other failure"):
         evaluate.main(["--run", str(tmp_path)])
+
+
+def test_info_fields_shows_the_out_dir_experiments_train_uses():
+    """``info --fields`` listed TrainConfig's library default ``runs/default`` for out_dir, while
+    ``experiments.train`` writes to ``runs/<model>-<preset>``; every other listed default is the
+    one experiments.train uses."""
+    from experiments.info import field_rows
+    from experiments.train import DEFAULTS
+
+    rows = {r["field"]: r["default"] for r in field_rows() if r["config"].startswith("TrainConfig")}
+    assert rows["out_dir"] == "runs/<model>-<preset>"
+    for name, value in DEFAULTS.items():
+        if name in rows:
+            assert rows[name] == value, name
