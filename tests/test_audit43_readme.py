@@ -77,3 +77,14 @@ def test_info_fields_shows_the_out_dir_experiments_train_uses():
     for name, value in DEFAULTS.items():
         if name in rows:
             assert rows[name] == value, name
+
+
+def test_bpe_on_a_small_text_warns_that_it_is_smaller_than_asked():
+    """``--tokenizer bpe:8192`` on a 31 KB file silently gave a vocabulary of ~340."""
+    import pytest
+
+    from jaxformers.data.tokenizer import BPETokenizer
+
+    with pytest.warns(UserWarning, match=r"bpe:8192: the text gives only \d+ tokens"):
+        tok = BPETokenizer(8192).train(["hello world hello there"] * 3)
+    assert tok.vocab_size < 8192

@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -255,6 +256,10 @@ class BPETokenizer(Tokenizer):
         )
         tok.train_from_iterator((_valid_text(t) for t in texts), trainer=trainer)
         self._set(tok)
+        if self.vocab_size < self.requested_vocab:  # the text has fewer merges seen twice
+            warnings.warn(f"bpe:{self.requested_vocab}: the text gives only {self.vocab_size} tokens "
+                          "(256 bytes + merges of pairs seen at least twice + end-of-text); a larger "
+                          "text gives more", stacklevel=2)
         return self
 
     @classmethod
