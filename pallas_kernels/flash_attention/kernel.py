@@ -777,6 +777,41 @@ def _prepare(q, k, v, causal, segment_ids, window, sm_scale, block_sizes, interp
     return q_ids, kv_ids, plan
 
 
+def host_int32_ids(a, b):
+    """Concrete 64-bit integer ids (numpy ``int64`` is numpy's default) as their joint ranks in
+    int32 when ``jax_enable_x64`` is off: converting them to jax arrays would silently wrap them to
+    32 bits and merge distinct ids (``2**32`` with ``0``).  Ranks keep equality and order (sorted
+    packed ids stay sorted).  Anything else -- 32-bit ids, traced ids, x64 on (where
+    :func:`int32_ids` ranks them in the kernel) -- is returned unchanged."""
+    def wide(x):
+        return (isinstance(x, (np.ndarray, np.generic, jax.Array)) and not isinstance(x, jax.core.Tracer)
+                and np.issubdtype(x.dtype, np.integer) and np.dtype(x.dtype).itemsize > 4)
+    if jax.config.jax_enable_x64 or not (wide(a) or wide(b)):
+        return a, b
+    if any(isinstance(x, jax.core.Tracer) for x in (a, b)):
+        return a, b
+    a_np, b_np = np.asarray(a), np.asarray(b)
+    if not (np.issubdtype(a_np.dtype, np.integer) and np.issubdtype(b_np.dtype, np.integer)):
+        return a, b  # not ids at all: the kernel's own validation names the argument
+    # int64 with uint64 would promote to float64 (losing ids above 2**53): compare as Python ints
+    exact = np.result_type(a_np, b_np).kind == "f"
+    both = np.concatenate([x.ravel().astype(object) if exact else x.ravel() for x in (a_np, b_np)])
+    _, inv = np.unique(both, return_inverse=True)
+    inv = inv.reshape(-1).astype(np.int32)
+    return inv[:a_np.size].reshape(a_np.shape), inv[a_np.size:].reshape(b_np.shape)
+
+
+def _host_segment_ids(segment_ids):
+    """:func:`host_int32_ids` for ``segment_ids`` (``[B, T]`` or a ``(q_ids, kv_ids)`` pair)."""
+    if segment_ids is None:
+        return None
+    if isinstance(segment_ids, (tuple, list)):
+        if len(segment_ids) != 2 or segment_ids[0] is None or segment_ids[1] is None:
+            return segment_ids  # split_segment_ids raises the ValueError
+        return tuple(host_int32_ids(segment_ids[0], segment_ids[1]))
+    return host_int32_ids(segment_ids, segment_ids)[0]
+
+
 def static_sm_scale(sm_scale):
     """``sm_scale`` as a Python float (it is static: baked into the kernels), or None.
 
@@ -820,7 +855,7 @@ def flash_attention(q, k, v, *, causal=True, segment_ids=None, window=None, sm_s
       ``[B, Tq, Hq, D]`` in q's dtype (float32 accumulation).  Rows that see no
       key are 0.  Differentiable in q, k, v (Pallas backward kernels).
     """
-    return _flash_attention(q, k, v, causal=causal, segment_ids=segment_ids, window=window,
+    return _flash_attention(q, k, v, causal=causal, segment_ids=_host_segment_ids(segment_ids), window=window,
                             sm_scale=static_sm_scale(sm_scale), block_sizes=block_sizes,
                             interpret=interpret)
 
@@ -843,6 +878,7 @@ def forward_with_stats(q, k, v, *, causal=True, segment_ids=None, window=None, s
     that see no key).  Outputs are the raw, unsliced kernel buffers.
     """
     sm_scale = static_sm_scale(sm_scale)
+    segment_ids = _host_segment_ids(segment_ids)
     q_ids, kv_ids, plan = _prepare(q, k, v, causal, segment_ids, window, sm_scale,
                                    block_sizes, interpret)
     if plan.tpu:

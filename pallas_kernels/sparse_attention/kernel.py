@@ -80,7 +80,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from ..flash_attention.kernel import (LOG2E, _MIN_BLOCK, _TPU_BLOCK, _Layout,
+from ..flash_attention.kernel import (LOG2E, host_int32_ids, _MIN_BLOCK, _TPU_BLOCK, _Layout,
                                       _dot_nn, _dot_nt, _dot_tn, _is_pow2,
                                       _rows_slice, _tile_bytes, static_sm_scale)
 from .._common import (SQ, AttentionPlan, by_platform, check_flag, check_qkv, compiler_params, idiv,
@@ -679,6 +679,7 @@ def hash_attention(q, k, v, q_buckets, k_buckets, *, sm_scale=None, interpret=No
       ``[B, T, Hq, D]`` in q's dtype, in the original token order; rows with no visible key
       are 0.  Differentiable in q, k, v (Pallas backward kernels).
     """
+    q_buckets, k_buckets = host_int32_ids(q_buckets, k_buckets)  # numpy int64: no silent wrap
     _validate(q, k, v, q_buckets, k_buckets, ("q_buckets", "k_buckets"), "int", block_q, block_k)
     return _sparse_attention(q, k, v, q_buckets, k_buckets, kind="hash",
                              sm_scale=static_sm_scale(sm_scale), block_q=block_q,
@@ -736,6 +737,7 @@ def hash_tile_count(q_buckets, k_buckets, *, block_q=64, block_k=64, platform="g
     ``q_buckets [B, T, Hq]`` / ``k_buckets [B, T, Hkv]`` integer (not bool) arrays with
     ``Hq % Hkv == 0``, ``block_q`` / ``block_k`` powers of two, ``platform`` ``"gpu"`` or
     ``"tpu"``."""
+    q_buckets, k_buckets = host_int32_ids(q_buckets, k_buckets)
     return _tile_count("hash", q_buckets, k_buckets, ("q_buckets", "k_buckets"), block_q, block_k,
                        platform)
 
