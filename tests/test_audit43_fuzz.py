@@ -159,3 +159,21 @@ def test_numpy_int64_ids_are_not_wrapped_to_32_bits():
     assert float(jnp.abs(hash_attention(q, q, q, qb, kb)).max()) == 0.0   # no equal buckets
     from pallas_kernels.sparse_attention import hash_tile_count
     assert int(hash_tile_count(qb, kb, block_q=16, block_k=16).sum()) == 0
+
+
+# --------------------------------------------------------------------------- sm_scale: a finite number > 0
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0.0, -0.125, np.float32("nan"), 0])
+def test_sm_scale_must_be_a_finite_positive_number(bad):
+    """NaN / inf / 0 / negative ``sm_scale`` was accepted (NaN output, uniform or inverted
+    attention); every implementation now refuses it with the same rule."""
+    from jaxformers.ops.attention import attention
+
+    q = jnp.ones((1, 8, 2, 16), jnp.float32)
+    with pytest.raises(ValueError, match="sm_scale must be a finite number > 0"):
+        flash_attention(q, q, q, sm_scale=bad, interpret=True)
+    for impl in ("xla", "pallas"):
+        with pytest.raises(ValueError, match="sm_scale must be a finite number > 0"):
+            attention(q, q, q, sm_scale=bad, implementation=impl)
+    # a traced scale still runs on the XLA path; a good concrete one everywhere
+    traced = jax.jit(lambda s: attention(q, q, q, sm_scale=s, implementation="xla"))(0.25)
+    np.testing.assert_allclose(traced, attention(q, q, q, sm_scale=0.25, implementation="xla"), atol=1e-6)

@@ -228,19 +228,19 @@ def _check_shapes(q, k, v, window):
 
 
 def _static_scale(sm_scale):
-    """``sm_scale`` as a Python float for the kernels that bake it in (cuDNN, Pallas)."""
-    if sm_scale is None or isinstance(sm_scale, float):
-        return sm_scale
+    """``sm_scale`` as a Python float for the kernels that bake it in (cuDNN, Pallas); the
+    kernels' own rule (:func:`pallas_kernels.flash_attention.kernel.static_sm_scale`: a finite
+    number > 0), with this dispatcher's hint for a traced value."""
+    from pallas_kernels.flash_attention.kernel import static_sm_scale
+
     try:
-        value = np.asarray(sm_scale)
-    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return static_sm_scale(sm_scale)
+    except ValueError as e:
+        if "traced" not in str(e):
+            raise
         raise ValueError("sm_scale must be a concrete number for the cudnn / pallas attention "
                          "implementations, got a traced value: pass a Python float (or use "
                          "implementation='xla')") from None
-    if value.shape != () or value.dtype == bool or not (np.issubdtype(value.dtype, np.floating)
-                                                        or np.issubdtype(value.dtype, np.integer)):
-        raise ValueError(f"sm_scale must be a real scalar (Python float) or None, got {sm_scale!r}")
-    return float(value)
 
 
 def attention(q, k, v, *, causal: bool = True, segment_ids=None, window: Optional[int] = None,
@@ -251,8 +251,9 @@ def attention(q, k, v, *, causal: bool = True, segment_ids=None, window: Optiona
     ``dropout_rate`` > 0 with a ``dropout_rng`` drops attention probabilities (training);
     only the XLA implementation has it (``ValueError`` for another explicit one).
 
-    ``sm_scale`` may be any scalar for the XLA path; the cuDNN and Pallas paths
-    need a concrete one (converted to a Python float; traced -> ``ValueError``).
+    ``sm_scale``: a finite number > 0 (``ValueError`` otherwise), or a traced scalar on the XLA
+    path; the cuDNN and Pallas paths need a concrete one (converted to a Python float; traced ->
+    ``ValueError``).
     """
     _check_shapes(q, k, v, window)
     _check_args(q, causal, q_offset)
@@ -267,6 +268,8 @@ def attention(q, k, v, *, causal: bool = True, segment_ids=None, window: Optiona
     impl = select_implementation(q, k, segment_ids=segment_ids, window=window, q_offset=q_offset,
                                  implementation=implementation, causal=causal)
     if impl == "xla":
+        if not isinstance(sm_scale, jax.core.Tracer):  # a concrete one: the kernels' rule (> 0)
+            sm_scale = _static_scale(sm_scale)
         return xla_attention(q, k, v, causal=causal, segment_ids=segment_ids, window=window,
                              q_offset=q_offset, sm_scale=sm_scale, dropout_rate=dropout_rate,
                              dropout_rng=dropout_rng)

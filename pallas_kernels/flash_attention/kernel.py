@@ -816,10 +816,13 @@ def static_sm_scale(sm_scale):
     """``sm_scale`` as a Python float (it is static: baked into the kernels), or None.
 
     Concrete scalars of any kind (``0.1``, ``np.float32(0.1)``, ``jnp.float32(0.1)``)
-    are converted; a traced value (computed inside ``jit``) raises ``ValueError``.
+    are converted; a traced value (computed inside ``jit``), or a value that is not a finite
+    number > 0 (NaN, inf, 0 or negative: NaN / uniform / inverted attention), raises ``ValueError``.
     """
-    if sm_scale is None or (isinstance(sm_scale, float) and not isinstance(sm_scale, bool)):
-        return sm_scale
+    if sm_scale is None:
+        return None
+    if isinstance(sm_scale, float):
+        return _positive_scale(sm_scale)
     try:
         value = np.asarray(sm_scale)
     except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
@@ -828,7 +831,13 @@ def static_sm_scale(sm_scale):
     if value.shape != () or value.dtype == bool or not (np.issubdtype(value.dtype, np.floating)
                                                         or np.issubdtype(value.dtype, np.integer)):
         raise ValueError(f"sm_scale must be a real scalar (Python float) or None, got {sm_scale!r}")
-    return float(value)
+    return _positive_scale(float(value))
+
+
+def _positive_scale(value: float) -> float:
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"sm_scale must be a finite number > 0 (None: 1/sqrt(head_dim)), got {value!r}")
+    return value
 
 
 def flash_attention(q, k, v, *, causal=True, segment_ids=None, window=None, sm_scale=None,
