@@ -108,7 +108,8 @@ def main(argv=None) -> int:
                           mesh=args.mesh, dtype=args.dtype, model_overrides=overrides)
     except Exception as e:  # noqa: BLE001 - the expected failures become one line, exit 2
         from experiments.common import is_out_of_memory
-        oom = is_out_of_memory(e)
+        # an allocation failure from XLA; an expected error naming, say, a run "runs/oom" is not one
+        oom = not isinstance(e, (CheckpointError, ValueError, OSError)) and is_out_of_memory(e)
         # OSError: e.g. a path that cannot be read or written
         if not (oom or isinstance(e, (CheckpointError, ValueError, OSError))) or \
                 os.environ.get("JAXFORMERS_DEBUG", "") not in ("", "0"):

@@ -153,3 +153,29 @@ def test_metrics_are_fsynced_before_each_checkpoint(tmp_path, monkeypatch):
     finally:
         writer.close()
     assert synced == [str(tmp_path / rundir.METRICS_FILE)]
+
+
+def test_atomic_write_takes_long_file_names(tmp_path):
+    """The temporary name added ~48 characters to the file's: a 220-character name failed with
+    'File name too long' (the writes it replaced added 12-14)."""
+    name = "r" * 240 + ".json"
+    checkpoint_lib.atomic_write(tmp_path / name, "{}")
+    assert (tmp_path / name).read_text() == "{}"
+    assert os.listdir(tmp_path) == [name]
+
+
+def test_resume_config_skips_a_checkpoint_deleted_while_read(tmp_path, monkeypatch):
+    """The newest checkpoint pruned between listing and reading (a live run): the next newest
+    checkpoint's config counts, not config.json (which may be ahead of the checkpoints)."""
+    (tmp_path / rundir.CONFIG_FILE).write_text(json.dumps({"which": "config.json (ahead)"}))
+
+    def read_file(self, step, name):
+        if step == 2:
+            raise FileNotFoundError(f"checkpoints/{step}/{name}")
+        return json.dumps({"which": f"checkpoint {step}"})
+
+    monkeypatch.setattr(Checkpointer, "complete_steps", lambda self: [1, 2])
+    monkeypatch.setattr(Checkpointer, "read_file", read_file)
+    assert rundir.resume_config(tmp_path) == {"which": "checkpoint 1"}
+    monkeypatch.setattr(Checkpointer, "read_file", lambda self, step, name: None)  # checkpoints before configs
+    assert rundir.resume_config(tmp_path) == {"which": "config.json (ahead)"}

@@ -88,3 +88,15 @@ def test_bpe_on_a_small_text_warns_that_it_is_smaller_than_asked():
     with pytest.warns(UserWarning, match=r"bpe:8192: the text gives only \d+ tokens"):
         tok = BPETokenizer(8192).train(["hello world hello there"] * 3)
     assert tok.vocab_size < 8192
+
+
+def test_evaluate_errors_are_not_taken_for_out_of_memory(tmp_path, capsys):
+    """A run directory whose path holds the word "oom" (``runs/oom``) had its 'not a run
+    directory' error replaced by out-of-memory advice."""
+    from experiments import evaluate
+
+    run = tmp_path / "oom"
+    run.mkdir()
+    assert evaluate.main(["--run", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "out of memory" not in err and "oom" in err

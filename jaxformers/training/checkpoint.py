@@ -40,6 +40,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -124,17 +125,18 @@ def atomic_write(path, data: Union[str, bytes]) -> None:
     ``experiments.common.write_json``).  Remote paths (``gs://``): write + rename."""
     if isinstance(data, str):
         data = data.encode()
-    name = os.path.basename(str(path))
-    suffix = f".tmp-{os.getpid()}-{threading.get_ident()}-{time.time_ns()}"
+    # ".NAME.tmp-PID-RANDOM", NAME cut so that the temporary name stays under NAME_MAX (255)
+    # whatever the file's (O_EXCL below rules out collisions between writers)
+    tmp_name = f".{os.path.basename(str(path))}"[:200] + f".tmp-{os.getpid()}-{secrets.token_hex(4)}"
     if "://" in str(path):
         path = epath.Path(path)
-        tmp = path.parent / f".{name}{suffix}"
+        tmp = path.parent / tmp_name
         tmp.write_bytes(data)
         tmp.rename(path)
         return
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{name}{suffix}")
+    tmp = os.path.join(folder, tmp_name)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
     try:
         with os.fdopen(fd, "wb") as f:

@@ -217,11 +217,13 @@ def resume_config(run_dir) -> Optional[dict]:
     when a resume with a changed config (e.g. ``--extend-steps``) wrote ``config.json`` and was
     killed before its first checkpoint was complete."""
     ckpt = Checkpointer(run_dir)
-    step = ckpt.latest_step()
-    try:
-        text = None if step is None else ckpt.read_file(step, CHECKPOINT_CONFIG)
-    except OSError:  # e.g. deleted meanwhile by the process training into the run
-        text = None
+    text = step = None
+    for step in sorted(ckpt.complete_steps(), reverse=True):
+        try:
+            text = ckpt.read_file(step, CHECKPOINT_CONFIG)
+            break  # None: a checkpoint written before configs were saved with them
+        except OSError:  # deleted meanwhile (a live run pruning old checkpoints): the next newest
+            continue
     if text is None:
         return read_config(run_dir)
     path = ckpt.step_dir(step) / CHECKPOINT_CONFIG
