@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import jaxformers as jf
-from jaxformers.data.tokenizer import get_tokenizer
+from test_audit42_cli import _fake_run  # a tiny llama run whose load_run is patched
 
 
 # ------------------------------------------------------------------ config.replace(model=...)
@@ -51,22 +51,6 @@ def test_standalone_norm_accepts_a_positive_eps(eps):
     x = jnp.ones((2, 4))
     y = RMSNorm(eps=eps).apply(RMSNorm(eps=eps).init(jax.random.PRNGKey(0), x), x)
     assert bool(jnp.isfinite(y).all())
-
-
-# ------------------------------------------------------------------------------- CLI helpers
-def _fake_run(tmp_path, monkeypatch, name="run"):
-    import jaxformers.training as training
-    from jaxformers.training.rundir import TOKENIZER_DIR
-
-    tok = get_tokenizer("byte")
-    config = jf.get_config("llama", "tiny", vocab_size=tok.vocab_size, d_model=32, n_head=2, n_kv_head=1,
-                           d_ff=64, n_layer=1, max_seq_len=64)
-    run = tmp_path / name
-    tok.save(run / TOKENIZER_DIR)
-    (run / "config.json").write_text(json.dumps({"model": {"model": "llama"}, "train": {}}))
-    params = jf.init_params(jf.build(config), jax.random.PRNGKey(0))
-    monkeypatch.setattr(training, "load_run", lambda r, step=None, **kw: (config, None, params))
-    return run, config
 
 
 # ------------------------------------------------------------------ generate: flags, not params
