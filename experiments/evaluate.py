@@ -108,11 +108,10 @@ def main(argv=None) -> int:
                           mesh=args.mesh, dtype=args.dtype, model_overrides=overrides)
     except Exception as e:  # noqa: BLE001 - the expected failures become one line, exit 2
         from experiments.common import is_out_of_memory
-        # an allocation failure from XLA; an expected error naming, say, a run "runs/oom" is not one
-        oom = not isinstance(e, (CheckpointError, ValueError, OSError)) and is_out_of_memory(e)
-        # OSError: e.g. a path that cannot be read or written
-        if not (oom or isinstance(e, (CheckpointError, ValueError, OSError))) or \
-                os.environ.get("JAXFORMERS_DEBUG", "") not in ("", "0"):
+        expected = isinstance(e, (CheckpointError, ValueError, OSError))  # OSError: a path unreadable, ...
+        # an allocation failure from XLA (an expected error naming, say, a run "runs/oom" is not one)
+        oom = not expected and is_out_of_memory(e)
+        if not (expected or oom) or os.environ.get("JAXFORMERS_DEBUG", "") not in ("", "0"):
             raise
         if oom:  # e.g. full attention over a long --seq-len: [batch, heads, T, T] scores per layer
             first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
