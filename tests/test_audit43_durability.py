@@ -36,6 +36,16 @@ def _kill_first_save(monkeypatch):
     monkeypatch.setattr(Checkpointer, "save", die)
 
 
+def _stop_then_kill_resume(monkeypatch, model, first, changed, **resume_kw):
+    """Train ``first`` to step 2 and stop; resume with the ``changed`` train config, killed in its
+    first save (after it has written config.json)."""
+    train(model, first, progress=False, cache=CACHE, stop_after=2)
+    with monkeypatch.context() as m:
+        _kill_first_save(m)
+        with pytest.raises(Killed):
+            train(model, changed, progress=False, cache=CACHE, resume=True, **resume_kw)
+
+
 def test_resume_killed_before_its_first_checkpoint_is_checked_against_the_checkpoints_config(env, monkeypatch):
     """Stopped at step 2 (lr 3e-3); resumed with lr 6e-3 (--allow-lr-jump), which writes config.json
     and is killed before checkpoint 4 is complete.  The run's checkpoint (2) was trained with lr
@@ -44,11 +54,8 @@ def test_resume_killed_before_its_first_checkpoint_is_checked_against_the_checkp
     trained silently with the jump)."""
     model = tiny_model()
     out = env["root"] / "a43_killed_resume"
-    train(model, tiny_train(env, out), progress=False, cache=CACHE, stop_after=2)
-    with monkeypatch.context() as m:
-        _kill_first_save(m)
-        with pytest.raises(Killed):
-            train(model, tiny_train(env, out, lr=6e-3), progress=False, cache=CACHE, resume=True, allow_lr_jump=True)
+    _stop_then_kill_resume(monkeypatch, model, tiny_train(env, out), tiny_train(env, out, lr=6e-3),
+                           allow_lr_jump=True)
     assert json.loads((out / rundir.CONFIG_FILE).read_text())["train"]["lr"] == 6e-3  # ahead of ckpt 2
     assert Checkpointer(out).complete_steps() == [2]
     with pytest.raises(ValueError, match="moves the learning rate"):
@@ -69,11 +76,7 @@ def test_extension_killed_before_its_first_checkpoint_resumes_the_original_sched
     (a guard: this case was tolerated before too), and resume_config names the checkpoint's."""
     model = tiny_model()
     out = env["root"] / "a43_killed_extension"
-    train(model, tiny_train(env, out), progress=False, cache=CACHE, stop_after=2)
-    with monkeypatch.context() as m:
-        _kill_first_save(m)
-        with pytest.raises(Killed):
-            train(model, tiny_train(env, out, steps=6), progress=False, cache=CACHE, resume=True)
+    _stop_then_kill_resume(monkeypatch, model, tiny_train(env, out), tiny_train(env, out, steps=6))
     assert json.loads((out / rundir.CONFIG_FILE).read_text())["train"]["schedule_steps"] == 4
     saved = rundir.resume_config(out)["train"]
     assert saved["steps"] == 4 and saved["schedule_steps"] is None
