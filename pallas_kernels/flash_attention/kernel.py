@@ -786,9 +786,8 @@ def host_int32_ids(a, b):
     def wide(x):
         return (isinstance(x, (np.ndarray, np.generic, jax.Array)) and not isinstance(x, jax.core.Tracer)
                 and np.issubdtype(x.dtype, np.integer) and np.dtype(x.dtype).itemsize > 4)
-    if jax.config.jax_enable_x64 or not (wide(a) or wide(b)):
-        return a, b
-    if any(isinstance(x, jax.core.Tracer) for x in (a, b)):
+    if (jax.config.jax_enable_x64 or not (wide(a) or wide(b))
+            or any(isinstance(x, jax.core.Tracer) for x in (a, b))):
         return a, b
     a_np, b_np = np.asarray(a), np.asarray(b)
     if not (np.issubdtype(a_np.dtype, np.integer) and np.issubdtype(b_np.dtype, np.integer)):
