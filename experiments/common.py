@@ -366,13 +366,21 @@ def fresh_train_config(name: str, out, *, seed: int, data: str, train_kw: dict, 
 
 
 def check_finished(summary: dict, name: str, tag: str) -> None:
-    """``SystemExit`` unless the trainer's ``summary`` says the run finished: a stop signal
-    (SIGTERM from a GPU stage's time limit, Ctrl-C) makes ``train`` save a checkpoint and return
-    early, and an experiment must not go on to report the partly trained model as its result
-    (the runs finished before it stay in ``OUT/runs``, their numbers in ``OUT/results.json``
-    where the experiment saves its progress)."""
+    """``SystemExit`` unless the trainer's ``summary`` says the run finished with no stop signal: a
+    stop signal (SIGTERM from a GPU stage's time limit, Ctrl-C) makes ``train`` save a checkpoint
+    and return early, and an experiment must not go on to report the partly trained model as its
+    result (the runs finished before it stay in ``OUT/runs``, their numbers in ``OUT/results.json``
+    where the experiment saves its progress); a signal that came at the run's last step (e.g.
+    during its final evaluation) leaves it finished, and still stops the experiment."""
+    signal = summary.get("stopped_by_signal")
     if summary.get("finished", True):
-        return
+        if not signal:
+            return
+        # the run finished (its signal came at its last step, e.g. during its final evaluation) and
+        # is kept, yet the signal asks the experiment to stop, not to start its next run
+        raise SystemExit(f"[{tag}] {name} finished (step {summary.get('final_step')} of {summary.get('steps')}), "
+                         f"then signal {signal} stopped the experiment (the finished runs stay in OUT/runs; "
+                         "with --reuse a rerun keeps them)")
     raise SystemExit(f"[{tag}] training of {name} stopped at step {summary.get('final_step')} of "
                      f"{summary.get('steps')} (signal {summary.get('stopped_by_signal')}): not reported "
                      "(the runs finished before it stay in OUT/runs; with --reuse a rerun keeps them and "

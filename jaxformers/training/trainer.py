@@ -618,6 +618,11 @@ def _train(model_config, tc, *, run_dir, is_main, multi, resume, progress, stop_
                 end_step = done
                 break
         ckpt.wait()
+        if stopped_by is None and stop.signum is not None and not vote.multi:
+            # a signal during the last step's evaluation or checkpoint (read by no step): the run
+            # is finished, yet the caller must hear of it (an experiment must not go on to its
+            # next run, a stop request is never swallowed)
+            stopped_by = stop.signum
     finally:
         stop.restore()
         progress_.close()
