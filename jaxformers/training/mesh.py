@@ -61,10 +61,9 @@ def parse_mesh(spec: Optional[str]) -> Dict[str, int]:
                 "e.g. 'data=2,fsdp=2,tensor=2' or 'data=2,expert=2,tensor=2'")
         if name in sizes:
             raise ValueError(f"mesh={spec!r}: axis {name!r} given twice")
-        try:
-            size = int(value)
-        except ValueError:
-            size = 0
+        digits = value.strip()
+        # ASCII digits only: int() would also take "1_6" (16), "+2" and non-ASCII digits
+        size = int(digits) if digits.isascii() and digits.isdigit() else 0
         if size < 1:
             raise ValueError(f"mesh={spec!r}: size of {name!r} must be a positive int, got {value.strip()!r}")
         sizes[name] = size
