@@ -249,6 +249,24 @@ def check_segment_ids(segment_ids, b: int, l: int) -> None:
         raise ValueError(f"segment_ids must be an integer [B, L] array, got dtype {dtype}")
 
 
+def host_segment_ids(segment_ids):
+    """Concrete 64-bit integer ``segment_ids [B, L]`` (numpy's default ``int64``) as int32 run
+    indices (0, 1, 2, ... counting the id changes along each row) when ``jax_enable_x64`` is off:
+    passing them to a jitted function would wrap them to 32 bits and merge distinct neighbouring
+    ids (``0`` and ``2**32``), silently dropping a segment start.  The changes -- all the scans
+    read -- are kept exactly.  Anything else (32-bit ids, traced ids, x64 on, not ids) is
+    returned unchanged (the scans' validation names a bad argument)."""
+    if (segment_ids is None or jax.config.jax_enable_x64 or isinstance(segment_ids, jax.core.Tracer)
+            or not isinstance(segment_ids, (np.ndarray, np.generic))):
+        return segment_ids
+    if (not np.issubdtype(segment_ids.dtype, np.integer) or segment_ids.dtype.itemsize <= 4
+            or segment_ids.ndim != 2):
+        return segment_ids
+    starts = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return np.concatenate([np.zeros(segment_ids.shape[:1] + (1,), np.int32),
+                           np.cumsum(starts, axis=1, dtype=np.int32)], axis=1)
+
+
 def process_dt(dt, dt_bias, dt_softplus):
     """The scans' step sizes: ``softplus?(dt + dt_bias)`` in float32 (``dt_softplus`` a bool)."""
     dt = dt.astype(jnp.float32)

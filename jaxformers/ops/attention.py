@@ -76,6 +76,10 @@ def _split_segments(segment_ids, tq, tk, batch=None):
             raise ValueError(
                 f"segment_ids as one array needs Tq == Tk (got {tq} and {tk}); pass a (q_ids, kv_ids) pair")
         q_ids = kv_ids = segment_ids
+    for ids in (q_ids, kv_ids):
+        if not (hasattr(ids, "ndim") and hasattr(ids, "shape") and hasattr(ids, "dtype")):  # e.g. a list
+            raise ValueError(f"segment_ids must be an integer array [B, T] or a (q_ids, kv_ids) pair of "
+                             f"arrays, got {type(ids).__name__}")
     b = q_ids.shape[0] if batch is None and q_ids.ndim == 2 else batch
     if q_ids.ndim != 2 or q_ids.shape != (b, tq) or kv_ids.ndim != 2 or kv_ids.shape != (b, tk):
         raise ValueError(f"segment_ids must have shapes [B, Tq] = {(b, tq)} and [B, Tk] = {(b, tk)}, "
@@ -258,6 +262,7 @@ def attention(q, k, v, *, causal: bool = True, segment_ids=None, window: Optiona
     _check_shapes(q, k, v, window)
     _check_args(q, causal, q_offset)
     _check_dropout(dropout_rate)
+    _split_segments(segment_ids, q.shape[1], k.shape[1], q.shape[0])  # ValueError on bad ids, any impl
     window = None if window is None else int(window)
     if window is not None and q_offset is None and window >= max(q.shape[1], k.shape[1]):
         window = None  # hides nothing (|pos - j| < max(Tq, Tk)); keeps e.g. 2**40 out of cuDNN's int32

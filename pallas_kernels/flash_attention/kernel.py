@@ -71,7 +71,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from .masks import MaskSpec, block_id_bounds, blocks_may_interact
-from .reference import effective_window, split_segment_ids
+from .reference import check_ids, effective_window, split_segment_ids
 from .._common import (SQ, AttentionPlan, by_platform, check_flag, check_qkv, compiler_params, idiv,
                        int32_ids, is_int, is_tpu_interpret, next_pow2, resolve_interpret, round_up,
                        select_plan)
@@ -158,13 +158,7 @@ def _is_pow2(x) -> bool:
 # ----------------------------------------------------------------------- validation
 def _validate(q, k, v, q_ids, kv_ids, window, sm_scale, block_sizes):
     """The arguments past q/k/v (:func:`check_qkv` has checked those)."""
-    if q_ids is not None:
-        for name, ids, t in (("q", q_ids, q.shape[1]), ("kv", kv_ids, k.shape[1])):
-            if ids.ndim != 2 or ids.shape != (q.shape[0], t):
-                raise ValueError(f"segment_ids ({name} ids) must have shape [B, T] = "
-                                 f"{(q.shape[0], t)}, got {ids.shape}")
-            if not jnp.issubdtype(ids.dtype, jnp.integer):
-                raise ValueError(f"segment_ids must be integers, got {ids.dtype}")
+    check_ids(q_ids, kv_ids, q.shape[0], q.shape[1], k.shape[1])
     if window is not None and (not is_int(window) or window <= 0):
         raise ValueError(f"window must be a positive int or None, got {window!r}")
     if sm_scale is not None and not isinstance(sm_scale, (int, float, np.floating)):

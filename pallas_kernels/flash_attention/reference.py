@@ -53,6 +53,21 @@ def split_segment_ids(segment_ids, tq: int, tk: int):
     return segment_ids, segment_ids
 
 
+def check_ids(q_ids, kv_ids, b: int, tq: int, tk: int) -> None:
+    """``ValueError`` unless ``q_ids`` / ``kv_ids`` (from :func:`split_segment_ids`) are None or
+    integer arrays ``[B, Tq]`` / ``[B, Tk]``."""
+    if q_ids is None:
+        return
+    for name, ids, t in (("q", q_ids, tq), ("kv", kv_ids, tk)):
+        if not (hasattr(ids, "ndim") and hasattr(ids, "dtype")):  # e.g. a (nested) list
+            raise ValueError(f"segment_ids ({name} ids) must be an integer array of shape [B, T] = "
+                             f"{(b, t)} (or a (q_ids, kv_ids) pair of arrays), got {type(ids).__name__}")
+        if ids.ndim != 2 or ids.shape != (b, t):
+            raise ValueError(f"segment_ids ({name} ids) must have shape [B, T] = {(b, t)}, got {ids.shape}")
+        if not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise ValueError(f"segment_ids must be integers, got {ids.dtype}")
+
+
 def effective_window(window, tq: int, tk: int):
     """``window``, or None when it hides nothing: ``|pos - j| <= max(Tq, Tk) - 1`` for every
     query / key pair, so a wider window (e.g. ``2**31 - 1`` as "unbounded") is no window, and
@@ -73,6 +88,7 @@ def reference(q, k, v, *, causal=True, segment_ids=None, window=None, sm_scale=N
     g = hq // hkv
     scale = d ** -0.5 if sm_scale is None else sm_scale
     q_ids, kv_ids = split_segment_ids(segment_ids, tq, tk)
+    check_ids(q_ids, kv_ids, b, tq, tk)
     window = effective_window(window, tq, tk)
     qf = q.astype(jnp.float32).reshape(b, tq, hkv, g, d)
     kf, vf = k.astype(jnp.float32), v.astype(jnp.float32)

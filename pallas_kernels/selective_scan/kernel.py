@@ -129,7 +129,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from .._common import (SQ, check_flag, KernelPlan, by_platform, compiler_params, idiv, next_pow2, resolve_interpret,
-                       round_up, segment_resets, select_plan, tpu_tile_bytes)
+                       host_segment_ids, round_up, segment_resets, select_plan, tpu_tile_bytes)
 from .reference import validate
 
 f32 = jnp.float32
@@ -996,9 +996,9 @@ def tpu_vmem_bytes(batch, length, dim, n, *, groups=None, dtype=jnp.bfloat16, z=
 
 @functools.partial(jax.jit, static_argnames=("dt_softplus", "return_final_state", "interpret",
                                              "block_d", "chunk_size"))
-def selective_scan(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False,
-                   initial_state=None, segment_ids=None, return_final_state=False,
-                   chunk_size=64, interpret=None, block_d=None):
+def _selective_scan_jit(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False,
+                        initial_state=None, segment_ids=None, return_final_state=False,
+                        chunk_size=64, interpret=None, block_d=None):
     """Mamba-1 selective scan (Pallas forward + backward).
 
     Per batch, with ``dt <- softplus?(dt + dt_bias)`` and ``r_t = 1`` where a packed
@@ -1047,3 +1047,13 @@ def selective_scan(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=
     h0 = None if initial_state is None else initial_state.astype(f32)
     y, last = _scan(plan, x, dt, A, B, C, D_, z, bias_, h0, keep)
     return (y, last) if return_final_state else y
+
+
+@functools.wraps(_selective_scan_jit)
+def selective_scan(*args, segment_ids=None, **kwargs):
+    # concrete int64 ids would wrap to int32 at the jit boundary (0 and 2**32 merge: a lost
+    # segment start); host_segment_ids keeps where they change
+    return _selective_scan_jit(*args, segment_ids=host_segment_ids(segment_ids), **kwargs)
+
+
+selective_scan.__name__ = selective_scan.__qualname__ = "selective_scan"

@@ -95,7 +95,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from .._common import (SQ, check_flag, KernelPlan, by_platform, compiler_params, idiv, next_pow2, resolve_interpret,
-                       round_up, segment_resets, select_plan)
+                       host_segment_ids, round_up, segment_resets, select_plan)
 from .reference import _d_term, process_dt, validate
 
 f32 = jnp.float32
@@ -636,8 +636,8 @@ def _mm_dtype(x, B, C):
 
 @functools.partial(jax.jit, static_argnames=("dt_softplus", "return_final_state", "chunk_size",
                                              "interpret", "block_p"))
-def ssd(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False, initial_state=None,
-        segment_ids=None, return_final_state=False, chunk_size=64, interpret=None, block_p=None):
+def _ssd_jit(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False, initial_state=None,
+             segment_ids=None, return_final_state=False, chunk_size=64, interpret=None, block_p=None):
     """Chunked Mamba-2 SSD (Pallas kernels; see the module docstring).
 
     Per head, with ``dt <- softplus?(dt + dt_bias)`` and ``r_t = 1`` where a packed
@@ -693,6 +693,16 @@ def ssd(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False, init
         y = y * jax.nn.silu(z.astype(f32))
     y = y.astype(x.dtype)
     return (y, final) if return_final_state else y
+
+
+@functools.wraps(_ssd_jit)
+def ssd(*args, segment_ids=None, **kwargs):
+    # concrete int64 ids would wrap to int32 at the jit boundary (0 and 2**32 merge: a lost
+    # segment start); host_segment_ids keeps where they change
+    return _ssd_jit(*args, segment_ids=host_segment_ids(segment_ids), **kwargs)
+
+
+ssd.__name__ = ssd.__qualname__ = "ssd"
 
 
 def tpu_vmem_bytes(x_shape, bc_shape, dtype=jnp.float32, *, chunk_size=64,
