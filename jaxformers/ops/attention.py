@@ -323,7 +323,8 @@ def position_causal_attention(q, k, v, *, q_pos, kv_pos, q_key_index=None, segme
     causal mask and no dense mask: keys are stably sorted by position, and each query is
     placed at the sorted row of *its own key* -- ``q_key_index[b, i]`` is the index in
     ``k`` of the key that query ``i``'s token wrote (it must have the query's position and
-    come after every other key of that position) -- in a ``[B, Tk, Hq, D]`` query buffer
+    segment id -- the kernel path reads a query's id from its key, ``q_ids`` only on ``"xla"``
+    -- and come after every other key of that position) -- in a ``[B, Tk, Hq, D]`` query buffer
     (zeros elsewhere, their outputs are dropped).  Causal by sorted index then equals
     causal by position.  The kernel computes ``Tk`` query rows, ``Tk / Tq`` times what the
     real queries need (the price of not changing the kernel's mask).
