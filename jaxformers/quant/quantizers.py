@@ -309,11 +309,13 @@ def gptq_hinv(hessian, percdamp=0.01):
     """GPTQ's preconditioner of ``hessian = X^T X [in, in]``: ``(U [in, in], dead [in] bool)``,
     ``U`` the upper Cholesky factor of ``(H + percdamp mean(diag H) I)^-1`` after the
     ``dead`` inputs (``H_jj = 0``: never active in the calibration data) get ``H_jj = 1``.
-    In ``hessian``'s float dtype; raises when the damped Hessian is not positive definite in
-    that precision (a larger ``percdamp`` helps)."""
+    In ``hessian``'s float dtype when it is float32 or float64, else (integers, and floats
+    narrower than float32, which XLA's Cholesky does not take) in float32; raises when the
+    damped Hessian is not positive definite in that precision (a larger ``percdamp`` helps)."""
     _check_percdamp(percdamp)
     h = jnp.asarray(hessian)
-    h = h if jnp.issubdtype(h.dtype, jnp.floating) else h.astype(jnp.float32)
+    if not jnp.issubdtype(h.dtype, jnp.floating) or jnp.dtype(h.dtype).itemsize < 4:
+        h = h.astype(jnp.float32)  # bf16 / f16: an XLA NotImplementedError ('Unsupported dtype')
     u, dead = _gptq_hinv(h, float(percdamp))
     if not bool(jnp.all(jnp.isfinite(u))):
         raise ValueError(f"GPTQ: the damped Hessian is not positive definite in {h.dtype} "
@@ -511,9 +513,18 @@ def quantize_rows_int8(x, *, bits: int = 8, clip=1.0):
     ``(q int8 [..., n], scale float32 [..., 1])``; ``s q`` is :func:`fake_quant`'s value."""
     if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
         raise ValueError(f"bits must be an int in [2, 8] (int8 storage), got {bits!r}")
+    _check_float_x(x)
     _check_clip(clip)
     scale, _, qmin, qmax = quant_params(x.astype(jnp.float32), bits, sym=True, clip=clip)
     return quantize_int(x.astype(jnp.float32), scale, 0.0, qmin, qmax).astype(jnp.int8), scale
+
+
+def _check_float_x(x):
+    """The real int8 path quantizes float activations: an integer ``x`` came back as an integer
+    array (the float result truncated to ``x``'s dtype) without a word."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"x must be a floating-point array (the activations), got dtype {dtype}")
 
 
 def int_matmul(x, w_int8, w_scale, *, a_bits: int = 8, clip=1.0, out_dtype=None):
@@ -523,6 +534,9 @@ def int_matmul(x, w_int8, w_scale, *, a_bits: int = 8, clip=1.0, out_dtype=None)
         y = s_x s_w (q_x @ q_w)        (s_w ``[*out]``: per output channel)
 
     -> ``[..., *out]`` in ``out_dtype`` (default ``x.dtype``)."""
+    if getattr(w_int8, "dtype", None) != jnp.int8:
+        raise ValueError(f"w_int8 must be an int8 array (the integer weights; e.g. rtn_weight(..., "
+                         f"return_int=True)'s q as int8), got dtype {getattr(w_int8, 'dtype', None)}")
     qx, sx = quantize_rows_int8(x, bits=a_bits, clip=clip)
     n_out = w_int8.ndim - 1
     acc = jax.lax.dot_general(qx, w_int8, (((qx.ndim - 1,), (0,)), ((), ())),
