@@ -403,7 +403,7 @@ def human_summary(summary: dict) -> str:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    from jaxformers.training import CheckpointError, train
+    from jaxformers.training import CheckpointError, TrainingDiverged, train
     from jaxformers.training.rundir import RunDirBusy
 
     debug = os.environ.get("JAXFORMERS_DEBUG", "") not in ("", "0")
@@ -421,6 +421,11 @@ def main(argv=None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:  # NaN / inf loss: stopped before checkpointing it
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -23,7 +23,7 @@ from .metrics import peak_flops, plot_losses
 from .optim import decay_mask, make_optimizer, make_schedule
 from .rundir import load_run, read_metrics
 from .steps import CompileCache, Program, eval_step, train_step
-from .trainer import evaluate, open_dataset, resolve_dtype, train
+from .trainer import TrainingDiverged, evaluate, open_dataset, resolve_dtype, train
 
 __all__ = [
     "TrainConfig", "SCHEDULES", "COMPUTE_DTYPES", "CheckpointError", "Checkpointer",
@@ -33,5 +33,5 @@ __all__ = [
     "weighted_mean",
     "CompileCache", "DogeStep", "doge_weights", "Program", "eval_step", "train_step",
     "evaluate", "load_run", "open_dataset", "peak_flops", "plot_losses", "read_metrics", "resolve_dtype",
-    "train",
+    "train", "TrainingDiverged",
 ]

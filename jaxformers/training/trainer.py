@@ -68,7 +68,7 @@ from .steps import CompileCache, Program, abstract_params, compute_config, progr
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CONFIG_FILE", "METRICS_FILE", "PLOT_FILE", "SUMMARY_FILE", "TOKENIZER_DIR", "evaluate",
+__all__ = ["TrainingDiverged", "CONFIG_FILE", "METRICS_FILE", "PLOT_FILE", "SUMMARY_FILE", "TOKENIZER_DIR", "evaluate",
            "load_run", "open_dataset", "peak_flops", "plot_losses", "read_metrics", "resolve_dtype", "train"]
 
 
@@ -169,6 +169,13 @@ def eval_loss(program: Program, params, source, batch_size: int, seq_len: int, m
         return empty
     loss = total / count
     return {"val_loss": loss, "val_ppl": float(math.exp(min(loss, 700.0))), "val_tokens": int(round(count))}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm of a step became NaN / infinite: the parameters and the
+    optimizer state are no longer finite (or are about to be), so the run stops -- before it
+    checkpoints that state, keeping the last finite checkpoints (``keep_checkpoints`` would
+    otherwise prune them) -- instead of training on NaN until its last step."""
 
 
 class _StopRequest:
@@ -288,6 +295,21 @@ def _train_row(done: int, metrics: dict, tokens_per_s, tokens: int) -> dict:
     m.pop("n_targets", None)
     row.update(sorted(m.items()))
     return row
+
+
+def _non_finite(metrics) -> Dict[str, float]:
+    """The entries of ``loss`` / ``grad_norm`` in ``metrics`` that are NaN or infinite."""
+    values = {k: float(metrics[k]) for k in ("loss", "grad_norm")}
+    return {k: v for k, v in values.items() if not math.isfinite(v)}
+
+
+def _diverged(bad: Dict[str, float], done: int, last_checkpoint: Optional[int], run_dir) -> TrainingDiverged:
+    kept = (f"its newest checkpoint, step {last_checkpoint}, is kept" if last_checkpoint is not None
+            else "no checkpoint was saved")
+    return TrainingDiverged(
+        f"training diverged at step {done}: {', '.join(f'{k} = {v}' for k, v in bad.items())}; stopped "
+        f"without checkpointing it ({run_dir}: {kept}). Lower --lr or lengthen the warmup (resuming from "
+        "the kept checkpoint needs --allow-lr-jump), or check the data")
 
 
 # ============================================================================ train
@@ -590,9 +612,14 @@ def _train(model_config, tc, *, run_dir, is_main, multi, resume, progress, stop_
                 last_train = _train_row(done, jax.device_get(metrics), tps, tokens_at(done))
                 if tps is not None and mfu(fpt, tps) is not None:
                     last_train["mfu"] = round(mfu(fpt, tps), 4)
-                if not math.isfinite(last_train["loss"]):
-                    progress_.info(f"warning: non-finite loss {last_train['loss']} at step {done}")
                 write_row(last_train)
+            if do_log or do_ckpt:  # ------------------------------------- divergence
+                health = last_train if do_log else jax.device_get(
+                    {k: metrics[k] for k in ("loss", "grad_norm")})
+                bad = _non_finite(health)
+                if bad:  # never checkpoint NaN: keep_checkpoints would prune the finite ones
+                    ckpt.wait()
+                    raise _diverged(bad, done, ckpt.latest_step(), run_dir)
             if do_eval or do_ckpt:
                 if not do_log:
                     clock.end_interval(done, params)
