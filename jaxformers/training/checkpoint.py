@@ -12,7 +12,9 @@ Safety:
   moved aside by :meth:`Checkpointer.quarantine_incomplete` with the incomplete step directories);
 * as soon as orbax has finished a save, process 0 writes ``jaxformers_manifest.json``
   (itself via :func:`atomic_write`: temporary file + fsync + rename + directory fsync) listing every file's size and SHA-256
-  (files over 64 MiB: SHA-256 of their first and last 8 MiB, plus the size) --
+  (files over 64 MiB: SHA-256 of their first and last 8 MiB, plus the size) and the library
+  versions that wrote it (``versions``: python, jax, flax, orbax-checkpoint, ...; a restore that
+  fails names them beside the versions reading it) --
   from a background thread for asynchronous saves, so the newest finished save is
   marked complete without waiting for the next save.  A step directory is
   *complete* only once its manifest exists;
@@ -88,6 +90,45 @@ def _walk(root: epath.Path, prefix: str = ""):
             yield rel, child
 
 
+#: The distributions whose versions a manifest records (:func:`library_versions`).
+VERSIONED = ("jax", "jaxlib", "flax", "orbax-checkpoint", "optax", "tensorstore", "jaxformers")
+
+
+def library_versions() -> Dict[str, str]:
+    """``{"python": ..., "jax": ..., "flax": ..., "orbax-checkpoint": ..., ...}``: the versions that
+    write (or read) a checkpoint, recorded in its manifest (``versions``) so that a restore failing
+    after an upgrade or a downgrade can say which versions wrote it and which read it."""
+    import platform
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except Exception:  # noqa: BLE001 - not installed (e.g. a source checkout of jaxformers)
+            if name == "jaxformers":
+                from .. import __version__
+                out[name] = __version__
+    return out
+
+
+def version_changes(written: Any, reading: Optional[Dict[str, str]] = None) -> Optional[str]:
+    """``"jax 0.10.2 -> 0.12.0, flax ..."``: the recorded versions that wrote a checkpoint
+    (``written``: its manifest's ``versions``) that differ from those reading it (default: these);
+    "" when none differ, ``None`` when ``written`` records none (a checkpoint written before
+    versions were recorded)."""
+    reading = library_versions() if reading is None else reading
+    if not isinstance(written, dict) or not written:
+        return None
+    return ", ".join(f"{k} {written[k]} -> {reading[k]}" for k in reading
+                     if k in written and written[k] != reading[k])
+
+
+def _reading_versions() -> str:
+    v = library_versions()
+    return ", ".join(f"{k} {v[k]}" for k in ("jax", "flax", "orbax-checkpoint") if k in v)
+
+
 def build_manifest(step_dir: epath.Path) -> Dict[str, Any]:
     files = {}
     for rel, path in _walk(step_dir):
@@ -96,7 +137,7 @@ def build_manifest(step_dir: epath.Path) -> Dict[str, Any]:
         size = int(path.stat().length)
         kind, digest = _file_digest(path, size)
         files[rel] = {"size": size, kind: digest}
-    return {"format": MANIFEST_FORMAT, "created": time.time(), "files": files}
+    return {"format": MANIFEST_FORMAT, "created": time.time(), "versions": library_versions(), "files": files}
 
 
 def fsync_dir(folder) -> None:
@@ -392,8 +433,23 @@ class Checkpointer:
                 raise CheckpointError(
                     f"checkpoint {self.step_dir(step)} was deleted while it was being restored (by the "
                     "process training into the run, which keeps only its newest checkpoints)") from e
+            first = " ".join(str(e).split())  # one line: orbax's errors are pages long
+            first = first if len(first) <= 300 else first[:297] + "..."
+            try:
+                written = json.loads((self.step_dir(step) / MANIFEST).read_text()).get("versions")
+            except (OSError, ValueError, AttributeError):
+                written = None
+            changed = version_changes(written)
+            if changed is None:  # not recorded: say at least which versions read it
+                first += f"; read with {_reading_versions()}, the versions that wrote it are not recorded"
+            elif changed:  # the likeliest cause: name the versions that wrote it and those reading it
+                raise CheckpointError(
+                    f"could not restore checkpoint {self.step_dir(step)} ({type(e).__name__}: {first}); "
+                    f"it was written by other library versions than read it ({changed}): restore it "
+                    "with the versions that wrote it (unless it was written for a different model "
+                    "config), or report the incompatibility; JAXFORMERS_DEBUG=1 shows the full error") from e
             raise CheckpointError(
-                f"could not restore checkpoint {self.step_dir(step)} ({type(e).__name__}: {e}). "
+                f"could not restore checkpoint {self.step_dir(step)} ({type(e).__name__}: {first}). "
                 "Was it written for a different model config? Otherwise move it away to fall back "
                 "to an older checkpoint.") from e
         opt_state = restored["opt_state"] if abstract_opt_state is not None else None

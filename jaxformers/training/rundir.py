@@ -9,7 +9,9 @@ Layout (``train_config.out_dir``)::
     metrics.jsonl      {"step", "loss", "lr", "grad_norm", "tokens_per_s", "tokens"[, "aux/<name>",
                         "total_loss", other loss metrics]} every log_every steps,
                        {"step", "val_loss", "val_ppl"} at every evaluation
-    summary.json       final losses, perplexity, n_params, throughput, MFU (GPU/TPU)
+    summary.json       final losses, perplexity, n_params, throughput, MFU (GPU/TPU), ``versions``
+                       (python, jax, flax, orbax-checkpoint, ... that trained it; every checkpoint's
+                       manifest records the versions that wrote it)
     run.yaml           model name + full model config + train config: ``experiments.train
                        --config run.yaml`` reproduces the run (see :func:`write_run_file`)
     events.out.tfevents.*  TensorBoard scalars (``train/<metric>``, ``val/loss``, ``val/ppl``);
@@ -54,6 +56,7 @@ from . import mesh as mesh_lib
 from .checkpoint import CONFIG as CHECKPOINT_CONFIG
 from .checkpoint import Checkpointer, CheckpointError
 from .checkpoint import atomic_write as _atomic_write
+from .checkpoint import library_versions
 from .config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -254,6 +257,9 @@ def write_run_file(run_dir, model_config, train_config: TrainConfig) -> Path:
 
 
 def write_summary(run_dir, summary: dict) -> None:
+    """``summary.json``: ``summary`` plus ``versions`` (python, jax, flax, orbax, ... that trained the
+    run: :func:`.checkpoint.library_versions`; each checkpoint's manifest records its own)."""
+    summary = {**summary, "versions": summary.get("versions") or library_versions()}
     atomic_write(Path(run_dir) / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
 
 
