@@ -109,6 +109,23 @@ def test_bpe_pieces_give_the_ids_of_the_whole_text_on_odd_text(monkeypatch):
         assert ids.tolist() == tok.encode(t)
 
 
+def test_bpe_encode_arrays_takes_a_generator_and_keeps_added_tokens_with_spaces_whole(monkeypatch):
+    """Review of audit 44: a generator of texts gave empty arrays (read twice), and an added token
+    with a space (a loaded tokenizer.json's) could be cut in two by the pieces."""
+    import jaxformers.data.tokenizer as T
+
+    texts = [_text(200, seed=3), _text(50, seed=4)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tok = T.get_tokenizer("bpe:400").train(texts)
+    got = tok.encode_arrays(t for t in texts)
+    assert [a.tolist() for a in got] == [tok.encode(t) for t in texts]
+    tok._tok.add_tokens(["thou art"])
+    monkeypatch.setattr(T, "_PIECE_CHARS", 1)
+    for t, ids in zip(texts, tok.encode_arrays(texts)):
+        assert ids.tolist() == tok.encode(t)
+
+
 @pytest.mark.parametrize("codec", ["utf-16", "utf-16-be-bom", "utf-32"])
 def test_a_utf16_or_utf32_file_with_a_byte_order_mark_is_decoded(tmp_path, codec):
     """A .txt saved as "Unicode" by Windows Notepad / PowerShell (UTF-16 with a BOM) was read as

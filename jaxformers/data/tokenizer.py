@@ -336,12 +336,16 @@ class BPETokenizer(Tokenizer):
     def encode_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
         """As :meth:`encode` for each text; long texts are encoded in pieces (:func:`_pieces`, the
         same ids) a few MB at a time, so memory does not grow with a document's length."""
+        texts = list(texts)  # any iterable (read twice below)
         tok = self._require()
         pre = tok.pre_tokenizer
         from tokenizers import pre_tokenizers
-        # the cut places hold for the pre-tokenizer that train() sets (a loaded file may differ)
+        # the cut places hold for the pre-tokenizer that train() sets (a loaded file may differ),
+        # and only if no added token spans a space or a line break (a cut could split it)
         exact = (tok.normalizer is None and isinstance(pre, pre_tokenizers.ByteLevel) and pre.use_regex
-                 and not pre.add_prefix_space)
+                 and not pre.add_prefix_space
+                 and not any(" " in t.content or "\n" in t.content
+                             for t in tok.get_added_tokens_decoder().values()))
         size = None if exact else len(max(texts, key=len, default="")) + 1
         # only the ids are kept: the fast variant (tokenizers >= 0.20) skips the offsets, ~1.7x faster
         encode_batch = getattr(tok, "encode_batch_fast", tok.encode_batch)
