@@ -437,7 +437,7 @@ def main(argv=None) -> int:
             print(f"{summary['run_dir']} is already finished: nothing trained", file=sys.stderr)
         if args.json or not sys.stdout.isatty():
             print(json.dumps(summary, indent=1))
-    if summary.get("stopped_by_signal"):  # preempted: checkpoint saved, not finished
+    if summary.get("stopped_by_signal"):  # preempted (checkpoint saved), or a signal at the last step
         return 128 + int(summary["stopped_by_signal"])
     return 0
 

@@ -60,9 +60,25 @@ def test_restore_failure_names_writing_and_reading_versions(tmp_path):
         ck.restore(2, _mismatched_target())
     ck.close()
     msg = str(info.value)
-    assert f"jax 0.0.1 -> {jax.__version__}" in msg
+    assert f"jax 0.0.1 -> {jax.__version__}" in msg and "libraries that store it" in msg
     assert "orbax-checkpoint 0.0.2 -> " in msg and "flax" not in msg  # only what changed
+    assert "different model config" in msg  # the other cause stays named
     assert "\n" not in msg  # one line, not orbax's traceback text
+    assert "__cause__" in msg and info.value.__cause__ is not None  # the full error
+
+
+def test_restore_failure_after_a_python_or_optax_change_keeps_the_config_hint(tmp_path):
+    """Review of audit 44: a change of a library that does not store arrays (python, optax,
+    jaxformers) is no reason to blame the versions; it is reported, beside the usual hint."""
+    _save(tmp_path)
+    _set_written_versions(tmp_path, dict(ckpt_lib.library_versions(), python="3.0.0", optax="0.0.1"))
+    ck = Checkpointer(tmp_path)
+    with pytest.raises(CheckpointError) as info:
+        ck.restore(2, _mismatched_target())
+    ck.close()
+    msg = str(info.value)
+    assert "different model config" in msg and "libraries that store it" not in msg
+    assert "python 3.0.0 -> " in msg and "optax 0.0.1 -> " in msg and "\n" not in msg
 
 
 def test_restore_failure_same_versions_keeps_the_config_hint(tmp_path):
@@ -72,7 +88,7 @@ def test_restore_failure_same_versions_keeps_the_config_hint(tmp_path):
         ck.restore(2, _mismatched_target())
     ck.close()
     msg = str(info.value)
-    assert "different model config" in msg and "library versions" not in msg and "\n" not in msg
+    assert "different model config" in msg and "Written by other" not in msg and "\n" not in msg
 
 
 def test_restore_failure_without_recorded_versions_says_which_read_it(tmp_path):
@@ -94,10 +110,13 @@ def test_version_changes():
         "python 3.11.7 -> 3.12.1, jax 0.10.2 -> 0.12.0"
     assert ckpt_lib.version_changes(None, reading) is None
     assert ckpt_lib.version_changes("garbage", reading) is None
+    assert ckpt_lib.version_changes({"jax": "0.10.2", "python": "3.11.7"}, reading, only=("jax",)) == \
+        "jax 0.10.2 -> 0.12.0"
 
 
-def test_manifest_with_versions_still_verifies_with_an_older_reader(tmp_path):
-    """A downgrade: the old verifier only needs ``format`` and ``files`` (``versions`` is extra)."""
+def test_manifest_with_versions_keeps_its_format(tmp_path):
+    """The manifest format stays 1 (the verifier only needs ``format`` and ``files``;
+    ``versions`` is extra), so code from before versions were recorded still verifies it."""
     _save(tmp_path)
     manifest = json.loads((tmp_path / "checkpoints" / "2" / MANIFEST).read_text())
     assert manifest["format"] == ckpt_lib.MANIFEST_FORMAT == 1 and "versions" in manifest

@@ -43,6 +43,8 @@ def test_a_signal_during_the_final_evaluation_is_reported(corpus, tmp_path, sign
     summary = train(_tiny_gpt(), tc, progress=False, cache=CACHE)
     assert summary["finished"] and summary["final_step"] == 2
     assert summary["stopped_by_signal"] == signal.SIGTERM  # was None: the signal was lost
+    import jax
+    assert summary["versions"]["jax"] == jax.__version__  # the summary.json's, returned too
 
 
 def test_an_experiment_stops_on_a_signal_at_its_runs_last_step(corpus, tmp_path, signal_in_last_eval):

@@ -112,16 +112,21 @@ def library_versions() -> Dict[str, str]:
     return out
 
 
-def version_changes(written: Any, reading: Optional[Dict[str, str]] = None) -> Optional[str]:
+#: The libraries whose version change can make a checkpoint unreadable (how arrays are stored).
+STORAGE = ("jax", "jaxlib", "flax", "orbax-checkpoint", "tensorstore")
+
+
+def version_changes(written: Any, reading: Optional[Dict[str, str]] = None,
+                    only: Optional[Tuple[str, ...]] = None) -> Optional[str]:
     """``"jax 0.10.2 -> 0.12.0, flax ..."``: the recorded versions that wrote a checkpoint
-    (``written``: its manifest's ``versions``) that differ from those reading it (default: these);
-    "" when none differ, ``None`` when ``written`` records none (a checkpoint written before
-    versions were recorded)."""
+    (``written``: its manifest's ``versions``) that differ from those reading it (default: these),
+    among ``only`` (default: every recorded library); "" when none differ, ``None`` when
+    ``written`` records none (a checkpoint written before versions were recorded)."""
     reading = library_versions() if reading is None else reading
     if not isinstance(written, dict) or not written:
         return None
     return ", ".join(f"{k} {written[k]} -> {reading[k]}" for k in reading
-                     if k in written and written[k] != reading[k])
+                     if k in written and written[k] != reading[k] and (only is None or k in only))
 
 
 def _reading_versions() -> str:
@@ -440,18 +445,22 @@ class Checkpointer:
             except (OSError, ValueError, AttributeError):
                 written = None
             changed = version_changes(written)
+            storage = version_changes(written, only=STORAGE)
             if changed is None:  # not recorded: say at least which versions read it
-                first += f"; read with {_reading_versions()}, the versions that wrote it are not recorded"
-            elif changed:  # the likeliest cause: name the versions that wrote it and those reading it
-                raise CheckpointError(
-                    f"could not restore checkpoint {self.step_dir(step)} ({type(e).__name__}: {first}); "
-                    f"it was written by other library versions than read it ({changed}): restore it "
-                    "with the versions that wrote it (unless it was written for a different model "
-                    "config), or report the incompatibility; JAXFORMERS_DEBUG=1 shows the full error") from e
+                versions = f" Read with {_reading_versions()}; the versions that wrote it are not recorded."
+            elif storage:  # a likely cause: name the versions that wrote it and those reading it
+                versions = (f" It was written by other versions of the libraries that store it ({changed}): "
+                            "if the model config is the same, restore it with the versions that wrote it, "
+                            "or report the incompatibility.")
+            elif changed:
+                versions = f" (Written by other versions: {changed}.)"
+            else:
+                versions = ""
             raise CheckpointError(
                 f"could not restore checkpoint {self.step_dir(step)} ({type(e).__name__}: {first}). "
                 "Was it written for a different model config? Otherwise move it away to fall back "
-                "to an older checkpoint.") from e
+                f"to an older checkpoint.{versions} The full error is this exception's __cause__ "
+                "(JAXFORMERS_DEBUG=1 prints it from the CLIs).") from e
         opt_state = restored["opt_state"] if abstract_opt_state is not None else None
         return restored["params"], opt_state, dict(restored["meta"])
 

@@ -57,7 +57,7 @@ from ..registry import build
 from ..utils import count_params
 from . import mesh as mesh_lib
 from . import rundir
-from .checkpoint import Checkpointer
+from .checkpoint import Checkpointer, library_versions
 from .config import TrainConfig
 from .losses import LossFn, get_loss
 from .metrics import Progress, Throughput, mfu, model_flops_per_token, peak_flops, plot_losses
@@ -648,7 +648,8 @@ def _train(model_config, tc, *, run_dir, is_main, multi, resume, progress, stop_
         if stopped_by is None and stop.signum is not None and not vote.multi:
             # a signal during the last step's evaluation or checkpoint (read by no step): the run
             # is finished, yet the caller must hear of it (an experiment must not go on to its
-            # next run, a stop request is never swallowed)
+            # next run).  One process only: with several, the signal read after the last step
+            # would need one more vote across processes, and a late one is not reported
             stopped_by = stop.signum
     finally:
         stop.restore()
@@ -693,6 +694,7 @@ def _train(model_config, tc, *, run_dir, is_main, multi, resume, progress, stop_
         "device_kind": jax.devices()[0].device_kind,
         "backend": jax.default_backend(),
         "init_from": tc.init_from,
+        "versions": library_versions(),  # python, jax, flax, orbax-checkpoint, ... (also in summary.json)
     }
     if is_main:
         rundir.write_summary(run_dir, summary)
