@@ -189,3 +189,26 @@ def test_counting_the_bad_bytes_of_a_binary_txt_file_takes_no_memory_per_byte(tm
     assert f"{n_bad} byte(s) are not valid UTF-8" in str(rec[0].message)
     assert text == data.decode("utf-8", "replace")
     assert peak < 16 * len(data), peak  # the text and a few copies, not ~80 bytes per bad byte
+
+
+def test_an_unlistable_subfolder_is_skipped_with_a_warning_and_an_unlistable_root_is_an_error(tmp_path, monkeypatch):
+    """Review of audit 44: one unreadable subfolder (a volume's root-only ``lost+found``) aborted
+    the whole corpus load; it is skipped with a warning naming it.  The root itself still raises."""
+    import jaxformers.data.corpus as C
+
+    (tmp_path / "a.txt").write_text("alpha")
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "locked" / "b.txt").write_text("beta")
+    real = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)  # root can list anything: fake the refusal
+    with pytest.warns(UserWarning, match="locked: cannot be listed"):
+        files = C._corpus_files(tmp_path)
+    assert [f.name for f in files] == ["a.txt"]
+    with pytest.raises(PermissionError):
+        C._corpus_files(tmp_path / "locked")

@@ -194,7 +194,9 @@ def _read_text(path: Path) -> str:
     another encoding: re-encode legacy Latin-1/cp1252 files as UTF-8 first).
     A file that starts with a UTF-16 or UTF-32 byte-order mark (Windows Notepad's
     and PowerShell's "Unicode") is decoded as such (``ValueError`` naming the file
-    if it is not valid UTF-16/32), not read as UTF-8 with a NUL byte after each letter.
+    if it is not valid UTF-16/32), not read as UTF-8 with a NUL byte after each letter
+    (so a binary file that starts with such bytes is an error, and a UTF-16-LE text whose
+    first character is U+0000 reads as UTF-32-LE's mark).
     """
     raw = path.read_bytes()
     for bom, codec in _UTF16_32_BOMS:
@@ -262,17 +264,20 @@ def _load_file(path: Path) -> list[str]:
     return [text] if text else []
 
 
-def _raise(err: OSError) -> None:
-    raise err
-
-
 def _corpus_files(root: Path) -> list[Path]:
     """The ``.txt``/``.jsonl`` files under ``root`` (hidden names skipped) in sorted relative-path
     order.  Symlinked folders are followed like symlinked files (``Path.rglob`` of Python < 3.13
-    skipped them silently), each real folder once, so a link loop ends; a folder that cannot be
-    listed is an ``OSError`` naming it, not skipped."""
+    skipped them silently), each real folder once, so a link loop ends.  ``root`` itself that
+    cannot be listed is an ``OSError``; a subfolder that cannot be listed (e.g. a volume's
+    root-only ``lost+found``) is skipped with a warning naming it."""
+    def unlistable(err: OSError) -> None:
+        if Path(err.filename or "") == Path(root):
+            raise err
+        warnings.warn(f"{err.filename}: cannot be listed ({err.strerror}); its files are not read",
+                      stacklevel=4)
+
     files, seen = [], set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=_raise):
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=unlistable):
         st = os.stat(dirpath)
         if (st.st_dev, st.st_ino) in seen:  # reached again through a link: a loop or a second name
             dirnames[:] = []
