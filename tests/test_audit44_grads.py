@@ -81,7 +81,7 @@ def _vdot(a, b):
     return sum(jnp.sum(x * y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
 
 
-@pytest.mark.parametrize("name", registry.list_models())
+@pytest.mark.parametrize("name", [n for n in registry.list_models() if not n.startswith("test-")])  # not tests' toys
 def test_grad_matches_finite_difference_and_reaches_every_leaf(name):
     _, params, _, f = _setup(name, seg=name != "landmark")  # landmark batches take no segment_ids
     f = jax.jit(f)
