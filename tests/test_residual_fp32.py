@@ -77,7 +77,10 @@ def test_scanned_layers_and_decoding_with_a_float32_stream():
     from jaxformers.convert.layers import stack_layers
     full = build(config).apply({"params": params}, TOKENS)
     stacked = stack_layers(dict(params), "blocks", n_layer=config.n_layer)
-    np.testing.assert_array_equal(np.asarray(build(scanned).apply({"params": stacked}, TOKENS)), np.asarray(full))
+    # bf16 compute: XLA may fuse the scanned and the unrolled layers differently (bit-identical on
+    # jax 0.10.2; jax 0.12.1 differs by up to 4.8e-4 on logits of ~1), far below a wrong layer's O(1)
+    np.testing.assert_allclose(np.asarray(build(scanned).apply({"params": stacked}, TOKENS)), np.asarray(full),
+                               rtol=0, atol=5e-3)
     out = jf.generate(build(config), {"params": params}, TOKENS[:, :5], 3, temperature=0.0)
     # greedy decoding == argmax of the full forward pass over the generated tokens
     logits = build(config).apply({"params": params}, out[:, :-1])
