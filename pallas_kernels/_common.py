@@ -249,22 +249,27 @@ def check_segment_ids(segment_ids, b: int, l: int) -> None:
         raise ValueError(f"segment_ids must be an integer [B, L] array, got dtype {dtype}")
 
 
-def host_segment_ids(segment_ids):
-    """Concrete 64-bit integer ``segment_ids [B, L]`` (numpy's default ``int64``) as int32 run
-    indices (0, 1, 2, ... counting the id changes along each row) when ``jax_enable_x64`` is off:
-    passing them to a jitted function would wrap them to 32 bits and merge distinct neighbouring
-    ids (``0`` and ``2**32``), silently dropping a segment start.  The changes -- all the scans
-    read -- are kept exactly.  Anything else (32-bit ids, traced ids, x64 on, not ids) is
-    returned unchanged (the scans' validation names a bad argument)."""
-    if (segment_ids is None or jax.config.jax_enable_x64 or isinstance(segment_ids, jax.core.Tracer)
-            or not isinstance(segment_ids, (np.ndarray, np.generic))):
-        return segment_ids
-    if (not np.issubdtype(segment_ids.dtype, np.integer) or segment_ids.dtype.itemsize <= 4
-            or segment_ids.ndim != 2):
-        return segment_ids
-    starts = segment_ids[:, 1:] != segment_ids[:, :-1]
-    return np.concatenate([np.zeros(segment_ids.shape[:1] + (1,), np.int32),
-                           np.cumsum(starts, axis=1, dtype=np.int32)], axis=1)
+def host_int32_ids(a, b):
+    """Concrete 64-bit integer ids (numpy ``int64`` is numpy's default) as their joint ranks in
+    int32 when ``jax_enable_x64`` is off: converting them to jax arrays would silently wrap them to
+    32 bits and merge distinct ids (``2**32`` with ``0``).  Ranks keep equality and order (sorted
+    packed ids stay sorted).  Anything else -- 32-bit ids, traced ids, x64 on (where
+    :func:`int32_ids` ranks them in the kernel) -- is returned unchanged."""
+    def wide(x):
+        return (isinstance(x, (np.ndarray, np.generic, jax.Array)) and not isinstance(x, jax.core.Tracer)
+                and np.issubdtype(x.dtype, np.integer) and np.dtype(x.dtype).itemsize > 4)
+    if (jax.config.jax_enable_x64 or not (wide(a) or wide(b))
+            or any(isinstance(x, jax.core.Tracer) for x in (a, b))):
+        return a, b
+    a_np, b_np = np.asarray(a), np.asarray(b)
+    if not (np.issubdtype(a_np.dtype, np.integer) and np.issubdtype(b_np.dtype, np.integer)):
+        return a, b  # not ids at all: the kernel's own validation names the argument
+    # int64 with uint64 would promote to float64 (losing ids above 2**53): compare as Python ints
+    exact = np.result_type(a_np, b_np).kind == "f"
+    both = np.concatenate([x.ravel().astype(object) if exact else x.ravel() for x in (a_np, b_np)])
+    _, inv = np.unique(both, return_inverse=True)
+    inv = inv.reshape(-1).astype(np.int32)
+    return inv[:a_np.size].reshape(a_np.shape), inv[a_np.size:].reshape(b_np.shape)
 
 
 def process_dt(dt, dt_bias, dt_softplus):

@@ -73,7 +73,7 @@ from jax.experimental import pallas as pl
 from .masks import MaskSpec, block_id_bounds, blocks_may_interact
 from .reference import check_ids, effective_window, split_segment_ids
 from .._common import (SQ, AttentionPlan, by_platform, check_flag, check_qkv, compiler_params, idiv,
-                       int32_ids, is_int, is_tpu_interpret, next_pow2, resolve_interpret, round_up,
+                       host_int32_ids, int32_ids, is_int, is_tpu_interpret, next_pow2, resolve_interpret, round_up,
                        select_plan)
 
 LOG2E = math.log2(math.e)
@@ -769,29 +769,6 @@ def _prepare(q, k, v, causal, segment_ids, window, sm_scale, block_sizes, interp
     plan = select_plan(functools.partial(_make_plan, q, k, q_ids, causal, window, sm_scale,
                                          block_sizes, interpret), interpret)
     return q_ids, kv_ids, plan
-
-
-def host_int32_ids(a, b):
-    """Concrete 64-bit integer ids (numpy ``int64`` is numpy's default) as their joint ranks in
-    int32 when ``jax_enable_x64`` is off: converting them to jax arrays would silently wrap them to
-    32 bits and merge distinct ids (``2**32`` with ``0``).  Ranks keep equality and order (sorted
-    packed ids stay sorted).  Anything else -- 32-bit ids, traced ids, x64 on (where
-    :func:`int32_ids` ranks them in the kernel) -- is returned unchanged."""
-    def wide(x):
-        return (isinstance(x, (np.ndarray, np.generic, jax.Array)) and not isinstance(x, jax.core.Tracer)
-                and np.issubdtype(x.dtype, np.integer) and np.dtype(x.dtype).itemsize > 4)
-    if (jax.config.jax_enable_x64 or not (wide(a) or wide(b))
-            or any(isinstance(x, jax.core.Tracer) for x in (a, b))):
-        return a, b
-    a_np, b_np = np.asarray(a), np.asarray(b)
-    if not (np.issubdtype(a_np.dtype, np.integer) and np.issubdtype(b_np.dtype, np.integer)):
-        return a, b  # not ids at all: the kernel's own validation names the argument
-    # int64 with uint64 would promote to float64 (losing ids above 2**53): compare as Python ints
-    exact = np.result_type(a_np, b_np).kind == "f"
-    both = np.concatenate([x.ravel().astype(object) if exact else x.ravel() for x in (a_np, b_np)])
-    _, inv = np.unique(both, return_inverse=True)
-    inv = inv.reshape(-1).astype(np.int32)
-    return inv[:a_np.size].reshape(a_np.shape), inv[a_np.size:].reshape(b_np.shape)
 
 
 def _host_segment_ids(segment_ids):

@@ -129,7 +129,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from .._common import (SQ, check_flag, KernelPlan, by_platform, compiler_params, idiv, next_pow2, resolve_interpret,
-                       host_segment_ids, round_up, segment_resets, select_plan, tpu_tile_bytes)
+                       host_int32_ids, round_up, segment_resets, select_plan, tpu_tile_bytes)
 from .reference import validate
 
 f32 = jnp.float32
@@ -1052,8 +1052,9 @@ def _selective_scan_jit(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_soft
 @functools.wraps(_selective_scan_jit)
 def selective_scan(*args, segment_ids=None, **kwargs):
     # concrete int64 ids would wrap to int32 at the jit boundary (0 and 2**32 merge: a lost
-    # segment start); host_segment_ids keeps where they change
-    return _selective_scan_jit(*args, segment_ids=host_segment_ids(segment_ids), **kwargs)
+    # segment start); host_int32_ids ranks them in int32, keeping where they change
+    ids = None if segment_ids is None else host_int32_ids(segment_ids, segment_ids)[0]
+    return _selective_scan_jit(*args, segment_ids=ids, **kwargs)
 
 
 selective_scan.__name__ = selective_scan.__qualname__ = "selective_scan"
