@@ -357,6 +357,30 @@ def test_two_processes_train_like_one(runs):
     assert not re.search(r"^\{", runs["multi_launch"].out(1), re.M)  # one summary, from process 0
     assert multi["n_devices"] == 4 and multi["finished"]
     assert multi["val_loss"] == pytest.approx(single["val_loss"], rel=1e-5)
+    # the launch sets JAX_COMPILATION_CACHE_DIR: several processes on CPU run without it (a hang on
+    # jax 0.12.1 once one of them loads a program from it; the sigterm test below relaunches)
+    assert "persistent compilation cache" in runs["multi_launch"].err(0)
+    assert "persistent compilation cache" not in runs["multi_launch"].err(1)
+
+
+def test_compile_cache_off_only_for_several_processes_on_cpu(monkeypatch):
+    import jax
+    from jaxformers.training import mesh
+    saved = jax.config.jax_compilation_cache_dir, jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_compilation_cache_dir", "/nonexistent/xla")
+    jax.config.update("jax_enable_compilation_cache", True)
+    try:
+        assert not mesh._no_compile_cache_on_cpu()  # one process: kept
+        assert jax.config.jax_enable_compilation_cache
+        monkeypatch.setattr(jax, "process_count", lambda: 2)
+        monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+        assert not mesh._no_compile_cache_on_cpu()  # GPUs: kept
+        monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+        assert mesh._no_compile_cache_on_cpu()
+        assert not jax.config.jax_enable_compilation_cache
+    finally:
+        jax.config.update("jax_compilation_cache_dir", saved[0])
+        jax.config.update("jax_enable_compilation_cache", saved[1])
 
 
 def test_only_process_zero_writes_run_files(runs):

@@ -355,6 +355,27 @@ def maybe_initialize_distributed(force: Optional[bool] = None) -> bool:
     _INITIALIZED = True
     log.info("process %d of %d (%d local devices, %d in all)", jax.process_index(), jax.process_count(),
              jax.local_device_count(), jax.device_count())
+    _no_compile_cache_on_cpu()
+    return True
+
+
+def _no_compile_cache_on_cpu() -> bool:
+    """Turn jax's persistent compilation cache off in a multi-process run on CPU.
+
+    With gloo collectives, a program that one process loads from the cache and another compiles
+    (jax writes the cache from process 0 only) waits forever in its first all-reduce: seen on
+    jax 0.12.1 (0.10.2 runs), no error, no timeout.  On CPU the cache saves seconds, so it is
+    off there on every jax version.  Returns whether it was on.  Must run before the first compile
+    (jax reads the setting once).
+    """
+    if jax.process_count() == 1 or jax.default_backend() != "cpu":
+        return False
+    if not (jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir):
+        return False
+    jax.config.update("jax_enable_compilation_cache", False)
+    if jax.process_index() == 0:
+        log.warning("the persistent compilation cache (%s) is off: several processes on CPU hang in their "
+                    "collectives when one of them loads a program from it", jax.config.jax_compilation_cache_dir)
     return True
 
 
