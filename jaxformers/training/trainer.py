@@ -34,7 +34,8 @@ See :mod:`.rundir` for the files.
 Several processes (``jax.distributed``, see :func:`.mesh.maybe_initialize_distributed`): each
 process reads only the rows of the global batch its devices hold (:func:`train_loader`), process
 0 alone writes the run directory's files, and a stop signal received by any process is agreed on
-by all (:class:`_StopVote`), so they checkpoint the same step and stop together.
+by all (:class:`_StopVote`), so they checkpoint the same step and stop together; one received
+during the last step's evaluation or checkpoint is reported by all (the run is finished).
 """
 from __future__ import annotations
 
@@ -284,6 +285,16 @@ class _StopVote:
         if previous is None:
             return None
         return int(previous) or None
+
+    def final(self, signum: Optional[int]) -> Optional[int]:
+        """The signal any process has received by now, read at once (not one step later): every
+        process calls it once, after its last step (a signal during the last evaluation or
+        checkpoint is read by no step's vote)."""
+        if not self.multi:
+            return signum
+        local = np.full((jax.local_device_count(),), signum or 0, np.int32)
+        return int(self._max(jax.make_array_from_process_local_data(self._sharding, local,
+                                                                    (jax.device_count(),)))) or None
 
 
 def _train_row(done: int, metrics: dict, tokens_per_s, tokens: int) -> dict:
@@ -645,12 +656,11 @@ def _train(model_config, tc, *, run_dir, is_main, multi, resume, progress, stop_
                 end_step = done
                 break
         ckpt.wait()
-        if stopped_by is None and stop.signum is not None and not vote.multi:
+        if stopped_by is None:
             # a signal during the last step's evaluation or checkpoint (read by no step): the run
             # is finished, yet the caller must hear of it (an experiment must not go on to its
-            # next run).  One process only: with several, the signal read after the last step
-            # would need one more vote across processes, and a late one is not reported
-            stopped_by = stop.signum
+            # next run); with several processes, every one hears of a signal any one received
+            stopped_by = vote.final(stop.signum)
     finally:
         stop.restore()
         progress_.close()
