@@ -14,7 +14,9 @@
 #        and the [test] extra (no torch): the Pallas kernel tests (with their audit and
 #        mutation-audit regression tests), the GPU and TPU
 #        lowering tests (tests/test_tpu_lowering*.py), the kernel report built on the
-#        GPU lowering, then a tiny training run from the CLI (train, resume, evaluate).
+#        GPU lowering, multi-process training (tests/test_multihost.py: jax.distributed and
+#        gloo change between jax releases), then a tiny training run from the CLI (train,
+#        resume, evaluate).
 #        The venv is reused while its Python and pyproject.toml are unchanged; jax,
 #        jaxlib, flax, optax, orbax-checkpoint and chex are upgraded to their newest
 #        releases on every run.
@@ -31,7 +33,8 @@ LEG2_TESTS=(tests/test_flash_attention.py tests/test_selective_scan.py tests/tes
             tests/test_hadamard.py tests/test_gpu_check.py tests/test_kernels_x64.py
             tests/test_gpu_lowering.py tests/test_tpu_lowering*.py tests/test_kernel_report.py
             tests/test_audit_hadamard.py tests/test_audit_mutation_attention.py tests/test_audit_mutation_scan.py
-            tests/test_audit_mutation_tpu.py tests/test_audit_gpucheck.py)
+            tests/test_audit_mutation_tpu.py tests/test_audit_gpucheck.py
+            tests/test_multihost.py)
 NEWEST=(jax jaxlib flax optax orbax-checkpoint chex)
 # -qq: errors only (-q still prints a warning per package when an index location is missing)
 PIP=(-m pip install -qq --disable-pip-version-check)
