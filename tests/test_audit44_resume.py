@@ -120,3 +120,24 @@ def test_divergence_on_a_logged_step_and_from_the_cli(corpus, tmp_path, nan_from
     assert code == 1, err
     assert "error: training diverged at step 5: loss = nan" in err and "step 4, is kept" in err
     assert "Traceback" not in err
+
+
+def test_divergence_in_the_update_alone_is_not_checkpointed(corpus, tmp_path, monkeypatch):
+    """The 6th step's loss is finite but its update makes the parameters NaN: checkpoint step 6
+    refuses to save them (was: saved, then found by the NaN loss of step 7 at step 8, with the
+    NaN checkpoint 6 kept as the newest)."""
+    real = Program.train_step
+
+    def overflow(self, params, opt_state, batch, step, rng):
+        params, opt_state, metrics = real(self, params, opt_state, batch, step, rng)
+        if step == 5:
+            params = jax.tree.map(lambda x: x * jnp.inf, params)
+        return params, opt_state, metrics
+
+    monkeypatch.setattr(Program, "train_step", overflow)
+    run = tmp_path / "r"
+    with pytest.raises(TrainingDiverged, match=r"diverged at step 6: parameters or optimizer state = not finite"
+                                               r".*step 4, is kept"):
+        train(_tiny_gpt(), _config(corpus, run), progress=False, cache=CACHE)
+    kept = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    assert kept == ["4"], kept

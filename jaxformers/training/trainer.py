@@ -314,7 +314,16 @@ def _non_finite(metrics) -> Dict[str, float]:
     return {k: v for k, v in values.items() if not math.isfinite(v)}
 
 
-def _diverged(bad: Dict[str, float], done: int, last_checkpoint: Optional[int], run_dir) -> TrainingDiverged:
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    """Whether every float in ``tree`` is finite (a scalar, the same on every process)."""
+    import jax.numpy as jnp
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def _diverged(bad: Dict[str, object], done: int, last_checkpoint: Optional[int], run_dir) -> TrainingDiverged:
     kept = (f"its newest checkpoint, step {last_checkpoint}, is kept" if last_checkpoint is not None
             else "no checkpoint was saved")
     return TrainingDiverged(
@@ -628,6 +637,9 @@ def _train(model_config, tc, *, run_dir, is_main, multi, resume, progress, stop_
                 health = last_train if do_log else jax.device_get(
                     {k: metrics[k] for k in ("loss", "grad_norm")})
                 bad = _non_finite(health)
+                if do_ckpt and not bad and not bool(_all_finite((params, opt_state))):
+                    # a finite loss whose update overflowed: the state to save is not finite
+                    bad = {"parameters or optimizer state": "not finite"}
                 if bad:  # never checkpoint NaN: keep_checkpoints would prune the finite ones
                     ckpt.wait()
                     raise _diverged(bad, done, ckpt.latest_step(), run_dir)
