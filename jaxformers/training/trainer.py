@@ -173,8 +173,9 @@ def eval_loss(program: Program, params, source, batch_size: int, seq_len: int, m
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss or the gradient norm of a step became NaN / infinite: the parameters and the
-    optimizer state are no longer finite (or are about to be), so the run stops -- before it
+    """The loss or the gradient norm of a step became NaN / infinite (read at logged and
+    checkpointed steps), or the parameters / optimizer state to checkpoint are not finite: the
+    state is no longer finite (or is about to be), so the run stops -- before it
     checkpoints that state, keeping the last finite checkpoints (``keep_checkpoints`` would
     otherwise prune them) -- instead of training on NaN until its last step."""
 
