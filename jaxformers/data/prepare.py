@@ -20,6 +20,7 @@ arguments on the same corpus reuses the existing output.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -200,6 +201,7 @@ def prepare(data: str = "default", tokenizer: str = "byte", out_dir: str | os.Pa
                     ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()) or "force=True")
 
     train_docs, val_docs, method = split_documents(docs, val_fraction, seed)
+    del docs  # a cut tail made copies: the whole text is not needed any more
     tok = hf_tok if hf_tok is not None else get_tokenizer(tok_spec).train(train_docs)
     dtype = _dtype_for(tok.vocab_size)
     eos = np.asarray([tok.eos_id], dtype=dtype)
@@ -212,11 +214,22 @@ def prepare(data: str = "default", tokenizer: str = "byte", out_dir: str | os.Pa
         for split, split_docs in (("train", train_docs), ("val", val_docs)):
             n = 0
             with open(tmp / f"{split}.bin", "wb") as f:
+                # written as encoded, a part of a document at a time (a long document's ids are
+                # never held whole), each followed by the end-of-text id
                 for start in range(0, len(split_docs), 64):
-                    for arr in tok.encode_arrays(split_docs[start:start + 64]):
-                        f.write(arr.astype(dtype, copy=False).tobytes())
-                        f.write(eos.tobytes())
-                        n += arr.size + 1
+                    chunk = split_docs[start:start + 64]
+                    done = 0  # documents of chunk whose end-of-text id is written
+                    for i, arr in tok._encode_stream(chunk):
+                        for _ in range(done, i):
+                            f.write(eos.data)
+                            n += 1
+                        done = i
+                        for k in range(0, arr.size, 1 << 20):
+                            f.write(np.ascontiguousarray(arr[k:k + (1 << 20)], dtype=dtype).data)
+                        n += arr.size
+                    for _ in range(done, len(chunk)):
+                        f.write(eos.data)
+                        n += 1
                 f.flush()
                 os.fsync(f.fileno())
             n_tokens[split] = n
@@ -245,9 +258,39 @@ def prepare(data: str = "default", tokenizer: str = "byte", out_dir: str | os.Pa
 
 def _install(tmp: Path, out: Path, identity: dict, force: bool = False) -> None:
     """Atomically move the staged dataset ``tmp`` to ``out`` (replacing a stale one, or any with
-    ``force``)."""
+    ``force``).  Two processes that finish rebuilding the same stale dataset at the same time
+    install one after the other (an ``flock`` on the folder holding ``out``, only for the
+    renames): the second finds the first's dataset complete and keeps it, rather than moving it
+    aside (which would leave ``out`` missing for a moment under a process that has already
+    returned it)."""
+    with _install_lock(out.parent):
+        old = _install_locked(tmp, out, identity, force)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _install_lock(folder: Path):
+    try:
+        import fcntl
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):  # pragma: no cover - not POSIX: no lock
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks (some NFS mounts): install unlocked, as before
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _install_locked(tmp: Path, out: Path, identity: dict, force: bool) -> Path | None:
+    """The renames of :func:`_install`; returns the replaced dataset's new name, to delete."""
     if not force and _is_complete(out, identity):
-        return  # a concurrent prepare() already installed the same dataset
+        return None  # a concurrent prepare() already installed the same dataset
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
@@ -261,8 +304,7 @@ def _install(tmp: Path, out: Path, identity: dict, force: bool = False) -> None:
         # A concurrent prepare() won the race; accept its result if it is what we want.
         if not _is_complete(out, identity):
             raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    return old
 
 
 def load_prepared(directory: str | os.PathLike) -> tuple[dict, np.ndarray, np.ndarray]:

@@ -136,6 +136,58 @@ def _pieces(text: str, size: int | None = None) -> Iterable[str]:
     yield text[start:]
 
 
+def _exact_cuts(tok) -> bool:
+    """Whether a ``tokenizers`` tokenizer encodes a text cut at :data:`_CUT` places to the same ids
+    as the whole text: its pre-tokenizer is byte-level BPE's regex (as :meth:`BPETokenizer.train`
+    sets; the model then sees each pre-token alone, whatever it is), it has no normalizer, and no
+    added token it matches in text (special ones are text: ``encode_special_tokens``) spans a
+    space or a line break or takes the blanks beside it (``lstrip`` / ``rstrip``)."""
+    from tokenizers import pre_tokenizers
+    pre = tok.pre_tokenizer
+    return (tok.normalizer is None and isinstance(pre, pre_tokenizers.ByteLevel) and pre.use_regex
+            and not pre.add_prefix_space
+            and all(t.special or not (" " in t.content or "\n" in t.content or t.lstrip or t.rstrip)
+                    for t in tok.get_added_tokens_decoder().values()))
+
+
+def _stream_encode(tok, texts: Sequence[str]) -> Iterable[tuple[int, np.ndarray]]:
+    """``(i, ids)`` parts of each text's ids in order (:meth:`Tokenizer._encode_stream`): long texts
+    encoded in pieces (:func:`_pieces`) where :func:`_exact_cuts` holds, else whole, at most about
+    :data:`_BATCH_CHARS` characters per call."""
+    texts = [_valid_text(t) for t in texts]
+    size = None if _exact_cuts(tok) else len(max(texts, key=len, default="")) + 1
+    # only the ids are kept: the fast variant (tokenizers >= 0.20) skips the offsets, ~1.7x faster
+    encode_batch = getattr(tok, "encode_batch_fast", tok.encode_batch)
+    batch: list[str] = []
+    owners: list[int] = []
+
+    def flush():
+        out = [(i, np.asarray(e.ids, dtype=np.int64))
+               for i, e in zip(owners, encode_batch(batch, add_special_tokens=False))]
+        batch.clear()
+        owners.clear()
+        return out
+
+    chars = 0
+    for i, t in enumerate(texts):
+        for piece in _pieces(t, size):
+            batch.append(piece)
+            owners.append(i)
+            chars += len(piece)
+            if chars >= _BATCH_CHARS:
+                yield from flush()
+                chars = 0
+    if batch:
+        yield from flush()
+
+
+def _parts_to_arrays(n: int, stream) -> list[np.ndarray]:
+    parts: list[list[np.ndarray]] = [[] for _ in range(n)]
+    for i, ids in stream:
+        parts[i].append(ids)
+    return [p[0] if len(p) == 1 else np.concatenate(p) if p else np.zeros(0, np.int64) for p in parts]
+
+
 def _checked_ids(ids, vocab_size: int, what: str) -> list[int]:
     """``ids`` as a flat list of ints; ``ValueError`` unless each is in ``[0, vocab_size)``."""
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
@@ -193,6 +245,12 @@ class Tokenizer(ABC):
     def encode_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
         """Encode many texts, one integer numpy array each (fast path for data prep)."""
         return [np.asarray(self.encode(t), dtype=np.int64) for t in texts]
+
+    def _encode_stream(self, texts: Sequence[str]) -> Iterable[tuple[int, np.ndarray]]:
+        """``(i, ids)`` pairs, ``i`` ascending: the concatenated ``ids`` of text ``i`` are
+        ``encode_arrays(texts)[i]`` (a text may come in several parts, or in none when it
+        encodes to nothing), so data prep writes them without holding a long text's ids whole."""
+        return enumerate(self.encode_arrays(texts))
 
     @abstractmethod
     def _config(self) -> dict: ...
@@ -337,40 +395,10 @@ class BPETokenizer(Tokenizer):
         """As :meth:`encode` for each text; long texts are encoded in pieces (:func:`_pieces`, the
         same ids) a few MB at a time, so memory does not grow with a document's length."""
         texts = list(texts)  # any iterable (read twice below)
-        tok = self._require()
-        pre = tok.pre_tokenizer
-        from tokenizers import pre_tokenizers
-        # the cut places hold for the pre-tokenizer that train() sets (a loaded file may differ),
-        # and only if no added token spans a space or a line break (a cut could split it)
-        exact = (tok.normalizer is None and isinstance(pre, pre_tokenizers.ByteLevel) and pre.use_regex
-                 and not pre.add_prefix_space
-                 and not any(" " in t.content or "\n" in t.content
-                             for t in tok.get_added_tokens_decoder().values()))
-        size = None if exact else len(max(texts, key=len, default="")) + 1
-        # only the ids are kept: the fast variant (tokenizers >= 0.20) skips the offsets, ~1.7x faster
-        encode_batch = getattr(tok, "encode_batch_fast", tok.encode_batch)
-        parts: list[list[np.ndarray]] = [[] for _ in texts]
-        batch: list[str] = []
-        owners: list[int] = []
+        return _parts_to_arrays(len(texts), self._encode_stream(texts))
 
-        def flush():
-            for i, e in zip(owners, encode_batch(batch, add_special_tokens=False)):
-                parts[i].append(np.asarray(e.ids, dtype=np.int64))
-            batch.clear()
-            owners.clear()
-
-        chars = 0
-        for i, t in enumerate(texts):
-            for piece in _pieces(_valid_text(t), size):
-                batch.append(piece)
-                owners.append(i)
-                chars += len(piece)
-                if chars >= _BATCH_CHARS:
-                    flush()
-                    chars = 0
-        if batch:
-            flush()
-        return [p[0] if len(p) == 1 else np.concatenate(p) if p else np.zeros(0, np.int64) for p in parts]
+    def _encode_stream(self, texts: Sequence[str]) -> Iterable[tuple[int, np.ndarray]]:
+        return _stream_encode(self._require(), texts)
 
     def decode(self, ids: Sequence[int] | np.ndarray, *, skip_special: bool = False) -> str:
         tok = self._require()
@@ -443,8 +471,17 @@ class HFTokenizer(Tokenizer):
         return self._tok.encode(_valid_text(text), add_special_tokens=False).ids
 
     def encode_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
-        encs = self._tok.encode_batch([_valid_text(t) for t in texts], add_special_tokens=False)
-        return [np.asarray(e.ids, dtype=np.int64) for e in encs]
+        """As :meth:`encode` for each text.  A long text is encoded in pieces (the same ids, less
+        memory) only when the tokenizer.json is of the kind for which cutting at :data:`_CUT` places
+        is exact (:func:`_exact_cuts`: byte-level BPE's regex pre-tokenizer, e.g. GPT-2's); any
+        other normalizer / pre-tokenizer (Split sequences, Metaspace, ...) encodes it whole, which
+        costs the ``tokenizers`` library's memory for its whole length (hundreds of bytes per
+        token): split such a corpus into documents."""
+        texts = list(texts)
+        return _parts_to_arrays(len(texts), self._encode_stream(texts))
+
+    def _encode_stream(self, texts: Sequence[str]) -> Iterable[tuple[int, np.ndarray]]:
+        return _stream_encode(self._tok, texts)
 
     def decode(self, ids: Sequence[int] | np.ndarray, *, skip_special: bool = False) -> str:
         ids = _checked_ids(ids, self.vocab_size, "hf tokenizer")

@@ -56,6 +56,7 @@ from . import mesh as mesh_lib
 from .checkpoint import CONFIG as CHECKPOINT_CONFIG
 from .checkpoint import Checkpointer, CheckpointError
 from .checkpoint import atomic_write as _atomic_write
+from .checkpoint import fsync_dir
 from .checkpoint import library_versions
 from .config import TrainConfig
 
@@ -248,12 +249,42 @@ def write_run_file(run_dir, model_config, train_config: TrainConfig) -> Path:
 
     model = model_config.to_dict()
     name = model.pop("model")
-    payload = {"model": name, "overrides": _json(model), "train": _json(train_config.to_dict())}
+    payload = {"model": name, "overrides": _json(model), "train": _json(_absolute_paths(train_config.to_dict()))}
     text = ("# written by jaxformers: python -m experiments.train --config THIS_FILE --out NEW_DIR "
             "reproduces the run\n" + yaml.safe_dump(payload, sort_keys=False))
     path = Path(run_dir) / RUN_FILE
     atomic_write(path, text)
     return path
+
+
+def _absolute_paths(train: dict) -> dict:
+    """``train`` with its local file-system paths made absolute (``data`` naming an existing file or
+    folder, an ``hf:DIR`` tokenizer's folder, ``out_dir``, an existing ``init_from``), so ``run.yaml``
+    means the same files from any working directory; other specs (built-in corpora, ``hf:NAME``
+    datasets, ``synthetic:...``, ``domains:...``) are kept as given."""
+    train = dict(train)
+    data = train.get("data")
+    if isinstance(data, str) and (Path(data).expanduser() / "meta.json").is_file():
+        train["data"] = str(Path(data).expanduser().resolve())  # a prepared dataset (open_dataset)
+    elif isinstance(data, str) and not data.startswith(("synthetic:", "domains:", "hf:")):
+        try:
+            from ..data.corpus import resolve_corpus
+            src = resolve_corpus(data)
+        except Exception:  # noqa: BLE001 - not resolvable here: kept as given
+            src = None
+        if src is not None and src.kind == "path":
+            train["data"] = str(src.path)
+    tok = train.get("tokenizer")
+    if isinstance(tok, str) and tok.strip().startswith("hf:"):
+        d = Path(tok.strip()[3:]).expanduser()
+        if d.is_dir():
+            train["tokenizer"] = f"hf:{d.resolve()}"
+    if isinstance(train.get("out_dir"), str):
+        train["out_dir"] = str(Path(train["out_dir"]).expanduser().absolute())
+    init = train.get("init_from")
+    if isinstance(init, str) and Path(init).expanduser().exists():
+        train["init_from"] = str(Path(init).expanduser().resolve())
+    return train
 
 
 def write_summary(run_dir, summary: dict) -> None:
@@ -269,11 +300,35 @@ def copy_tokenizer(run_dir, ds_dir, tokenizer=None) -> None:
     dataset dir), else the one of the prepared dataset ``ds_dir`` (``None``: nothing to save)."""
     if ds_dir is None and tokenizer is None:
         return
+    import shutil
+    import tempfile
+    dest = Path(run_dir) / TOKENIZER_DIR
+    tmp = old = None
     try:
         from ..data import load_tokenizer
-        (load_tokenizer(ds_dir) if tokenizer is None else tokenizer).save(Path(run_dir) / TOKENIZER_DIR)
+        tok = load_tokenizer(ds_dir) if tokenizer is None else tokenizer
+        # staged in a sibling folder and renamed into place: an interruption never leaves a
+        # half-written tokenizer/ that a later resume or generation would load
+        tmp = Path(tempfile.mkdtemp(prefix=f".{TOKENIZER_DIR}.tmp-", dir=Path(run_dir)))
+        os.chmod(tmp, 0o755)
+        tok.save(tmp)
+        if dest.exists() or dest.is_symlink():
+            old = Path(tempfile.mkdtemp(prefix=f".{TOKENIZER_DIR}.old-", dir=Path(run_dir)))
+            os.rename(dest, old / TOKENIZER_DIR)
+        os.rename(tmp, dest)
+        tmp = None
+        fsync_dir(run_dir)
     except Exception as e:  # noqa: BLE001 - generation is optional
+        if old is not None and (old / TOKENIZER_DIR).exists() and not dest.exists():
+            try:  # the new one could not be put in place: keep the previous one
+                os.rename(old / TOKENIZER_DIR, dest)
+            except OSError:
+                pass
         log.warning("could not copy the tokenizer into %s: %s", run_dir, e)
+    finally:
+        for d in (tmp, old):
+            if d is not None:
+                shutil.rmtree(d, ignore_errors=True)
 
 
 # ============================================================================ policy
@@ -395,14 +450,16 @@ def implementation_changes(saved: Optional[dict], model_config) -> List[str]:
 
 def train_config_changes(saved: Optional[dict], train_config: TrainConfig) -> List[str]:
     """Differences between the saved train config (normalised: new fields at their defaults)
-    and ``train_config``, ignoring ``out_dir``."""
+    and ``train_config``, ignoring ``out_dir``; local paths compare as absolute paths (a
+    ``run.yaml`` records ``--data corpus_dir`` as its absolute path: not a change)."""
     if not saved or "train" not in saved:
         return []
     try:
         old = TrainConfig.from_dict(saved["train"]).to_dict()
     except ValueError:
         old = dict(saved["train"])
-    return config_diff(_json(old), _json(train_config.to_dict()), ignore=("out_dir",))
+    return config_diff(_json(_absolute_paths(old)), _json(_absolute_paths(train_config.to_dict())),
+                       ignore=("out_dir",))
 
 
 def dataset_changes(saved: Optional[dict], dataset: dict) -> List[str]:
