@@ -20,7 +20,9 @@ tokens/s (the trainer's, includes the sampled-capacity masking for the adaptive 
 inference tokens/s (jitted forward in the trainer's compute dtype, best of 3 interleaved
 rounds).  ``adaptive_curve``: the one trained adaptive model evaluated at each inference budget
 (``length_factors``: the fraction of the sequence that runs repeats 2..R): perplexity,
-MACs/token, average depth.  Plot:
+MACs/token, average depth.  Weight decay: every model, the GPT baselines included, uses the
+authors' optimizer groups (``weight_decay_groups="nanogpt"``: the tied token embedding and the depth
+embedding are not decayed; results recorded before this setting decayed them).  Plot:
 ``OUT/ppl_vs_macs.png`` (perplexity vs MACs/token, and vs inference tokens/s).
 
 Interruption: ``results.json`` is rewritten (atomically) after every model and every adaptive
@@ -76,7 +78,10 @@ def _parser():
 
 def model_specs(preset: dict):
     """``[(name, registered model, config fields)]`` of the preset (no vocabulary needed)."""
-    common = dict(preset["model"])
+    # every arm weight-decays as the authors' code (nanoGPT's groups): embedding tables (the token
+    # embedding, tied with the head; the depth embedding) are not decayed -- the CoTFormer configs'
+    # default, set on the GPT baselines to match
+    common = dict(preset["model"], weight_decay_groups="nanogpt")
     L = preset["depth"]
     b, e = preset["ln_reserved"]
     specs = [(f"gpt_L{d}", "gpt", dict(n_layer=d, **common)) for d in (L, 2 * L, 3 * L)]

@@ -15,7 +15,9 @@ XLA's compiled ``memory_analysis()`` of that forward and of a loss+gradient step
 peak = arguments + outputs + temporaries - aliased bytes (``memory_method`` says
 when it fell back to a params + activations estimate).  ``dwa_overhead`` compares each DenseFormer with the baseline of the
 same depth.  Plots: ``OUT/ppl_vs_depth.png`` (perplexity vs depth, and vs
-inference speed) and ``OUT/alpha_heatmap.png`` (the learned DWA weights).
+inference speed) and ``OUT/alpha_heatmap.png`` (the learned DWA weights).  Weight decay: every
+model, the baselines included, uses the authors' optimizer groups (``weight_decay_groups="nanogpt"``: the
+tied token embedding is not decayed; results recorded before this setting decayed it).
 
 ``--steps N`` / ``--eval-batches N`` / ``--only a,b`` shrink a run (tests).
 """
@@ -72,7 +74,9 @@ def model_grid(preset: dict, base: str, vocab_size: int):
     from jaxformers import get_config
     from jaxformers.models.denseformer import DenseFormerConfig
 
-    common = dict(preset["model"], vocab_size=vocab_size)
+    # every arm weight-decays as the authors' code (nanoGPT's groups): the token embedding (tied with
+    # the head) is not decayed (DenseFormerConfig's default; the baselines are set to match)
+    common = dict(preset["model"], vocab_size=vocab_size, weight_decay_groups="nanogpt")
     if base == "llama":  # the MLP / kv heads of the preset's width (not the tiny llama's d_ff=352, 2 kv heads)
         common.update(d_ff=None, n_kv_head=max(1, common["n_head"] // 2))
     depth = preset["depth"]

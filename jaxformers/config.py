@@ -19,6 +19,7 @@ MLPS = ("gelu", "swiglu")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
 DTYPES = ("float32", "bfloat16", "float16")
+WEIGHT_DECAY_GROUPS = ("shape", "nanogpt")  # ModelConfig.weight_decay_groups
 
 
 class ConfigMixin:
@@ -85,6 +86,7 @@ class ModelConfig(ConfigMixin):
     init_std: float = 0.02
     scale_residual_init: bool = True  # std / sqrt(2 * n_layer) on output projections
     skip_gains: bool = False
+    # compute / parameter dtypes: a name of DTYPES; a dtype object (jnp.bfloat16) is stored as its name
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     # keep the residual stream (embedding output, every block's output) in float32 under a
@@ -96,6 +98,10 @@ class ModelConfig(ConfigMixin):
     dropout: float = 0.0  # residual branches
     attn_dropout: float = 0.0  # attention probabilities
     embed_dropout: float = 0.0  # token embeddings
+    # which parameters get weight decay (:meth:`weight_decay_names`): "shape" (the trainer's rule)
+    # or "nanogpt" (nanoGPT's / epfml llm-baselines' groups, the DenseFormer and CoTFormer
+    # authors' code: embedding tables not decayed, linear weights decayed whatever their shape)
+    weight_decay_groups: str = "shape"
 
     #: The registered loss a model of this family trains with when none is named (class
     #: attribute, not a field; ``experiments.train`` uses it when neither ``--loss``, the
@@ -108,6 +114,21 @@ class ModelConfig(ConfigMixin):
     #: (:func:`jaxformers.training.optim.decay_mask`) otherwise decays a parameter iff it has two
     #: or more non-layer axes.  e.g. ``MambaConfig``: mamba_ssm's ``_no_weight_decay`` parameters.
     no_weight_decay: ClassVar[Tuple[str, ...]] = ()
+    #: Under ``weight_decay_groups="nanogpt"``, the names also never decayed: nanoGPT's
+    #: ``nn.Embedding`` tables (the token embedding, tied with the head when tied).
+    nanogpt_no_weight_decay: ClassVar[Tuple[str, ...]] = ("embedding",)
+    #: Under ``weight_decay_groups="nanogpt"``, the names decayed whatever their shape: what the
+    #: family's authors build as ``nn.Linear`` (or decay by name) but the shape rule would not
+    #: decay, e.g. DenseFormer's DWA weights.
+    nanogpt_weight_decay: ClassVar[Tuple[str, ...]] = ()
+
+    def weight_decay_names(self) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
+        """``(never decayed, always decayed)`` parameter names for
+        :func:`jaxformers.training.optim.decay_mask` under ``weight_decay_groups``."""
+        if self.weight_decay_groups == "nanogpt":
+            never = tuple(dict.fromkeys(self.no_weight_decay + self.nanogpt_no_weight_decay))
+            return never, tuple(n for n in self.nanogpt_weight_decay if n not in never)
+        return tuple(self.no_weight_decay), ()
 
     # ------------------------------------------------------------------ derived
     @classmethod
@@ -124,6 +145,8 @@ class ModelConfig(ConfigMixin):
 
     # --------------------------------------------------------------- validation
     def __post_init__(self):
+        for name in ("dtype", "param_dtype"):  # a dtype object -> its name (JSON / run files hold names)
+            object.__setattr__(self, name, dtype_name(name, getattr(self, name)))
         self.validate()
 
     def validate(self) -> None:
@@ -135,6 +158,7 @@ class ModelConfig(ConfigMixin):
         _choice("param_dtype", self.param_dtype, DTYPES)
         for name in ("tie_embeddings", "scale_residual_init", "skip_gains", "scan_layers", "residual_fp32"):
             _boolean(self, name)
+        _choice("weight_decay_groups", self.weight_decay_groups, WEIGHT_DECAY_GROUPS)
         _finite(self, "norm_eps", lo=0.0, lo_open=True)
         # 0 would make every weight zero: every gradient is then exactly 0 and the model never trains
         # (no layer zero-inits from init_std on purpose; scale_residual_init only divides it)
@@ -176,7 +200,7 @@ class ModelConfig(ConfigMixin):
 
         if isinstance(seq_len, (bool, np.bool_)) or not isinstance(seq_len, (int, np.integer)) or seq_len < 1:
             raise ValueError(f"seq_len must be a positive int (the context length), got {seq_len!r}")
-        if isinstance(params, int):
+        if isinstance(params, (int, float, np.number)):
             raise ValueError("params must be a params tree (or None), not a parameter count: the "
                              "FLOP count needs each weight's path to know how often it is used")
         if params is None:
@@ -293,6 +317,24 @@ def _finite(config, name: str, lo: float, lo_open: bool = False) -> None:
 def _boolean(config, name: str) -> None:
     if not isinstance(getattr(config, name), bool):
         raise ValueError(f"{name} must be a bool (true/false), got {getattr(config, name)!r}")
+
+
+def dtype_name(name: str, value: Any) -> Any:
+    """The :data:`DTYPES` name of a dtype field's value: a name stays as given, a dtype object
+    (``jnp.float32``, ``jnp.bfloat16``, ``np.dtype("float16")``) becomes its name; anything else
+    is returned unchanged for the field's check (``ValueError`` naming ``name`` and the allowed
+    names)."""
+    if isinstance(value, str) or value is None or isinstance(value, (bool, int, float)):
+        return value
+    import numpy as np
+    try:
+        canonical = np.dtype(value).name
+    except TypeError:
+        return value
+    if canonical in DTYPES:
+        return canonical
+    raise ValueError(f"{name}={value!r} (dtype {canonical}) is not allowed; choose one of {list(DTYPES)} "
+                     "(a name or the dtype object)")
 
 
 def _choice(name: str, value: Any, allowed: Tuple[Any, ...]) -> None:

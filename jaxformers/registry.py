@@ -74,7 +74,8 @@ def get_config(name: str, preset: str = "tiny", **overrides) -> ModelConfig:
 def config_from_dict(values: dict) -> ModelConfig:
     """Rebuild a config saved with ``config.to_dict()`` (e.g. a run's config.json).
 
-    Fields added since the config was saved take their defaults; attention fields saved
+    Fields added since the config was saved take their defaults (``weight_decay_groups``:
+    ``"shape"``, the rule such runs trained with); attention fields saved
     (before the per-family split) for a family that has none are dropped.
     """
     values = dict(values)
@@ -85,6 +86,9 @@ def config_from_dict(values: dict) -> ModelConfig:
     for name in ATTENTION_FIELDS:
         if name not in known:
             values.pop(name, None)
+    # saved before weight_decay_groups existed: trained with the shape rule (whatever the
+    # family's default is now), so that is what a resume or an evaluation of it keeps
+    values.setdefault("weight_decay_groups", "shape")
     check_fields(spec.config_cls, values)
     return spec.config_cls(**values)
 

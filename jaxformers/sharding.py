@@ -80,9 +80,23 @@ DEFAULT_RULES: Tuple[Tuple[str, object], ...] = (
 
 def unknown_names(axes, rules) -> Tuple[str, ...]:
     """The logical names in ``axes`` that no rule of ``rules`` covers (flax would leave those
-    dimensions unsharded without a word; replication is asked for with a ``(name, None)`` rule)."""
+    dimensions unsharded without a word; replication is asked for with a ``(name, None)`` rule).
+
+    A tuple of names in one dimension (``("data", "fsdp")``) is taken by flax as mesh axes as
+    they stand (no rule applies to it): each of its names must be a mesh axis some rule maps
+    to, and any other name in it (a typo, or a logical name such as ``batch``) is reported."""
     known = {name for name, _ in rules}
-    return tuple(n for n in axes if isinstance(n, str) and n not in known)
+    mesh_axes = set()
+    for _, target in rules:
+        mesh_axes.update((target,) if isinstance(target, str) else tuple(target or ()))
+    out = []
+    for n in axes:
+        if isinstance(n, str):
+            if n not in known:
+                out.append(n)
+        elif isinstance(n, (tuple, list)):
+            out.extend(m for m in n if m is not None and m not in mesh_axes)
+    return tuple(out)
 
 
 def constrain(x, axes: Sequence[str]):
@@ -97,8 +111,8 @@ def constrain(x, axes: Sequence[str]):
     if rules:
         unknown = unknown_names(axes, rules)
         if unknown:
-            raise ValueError(f"constrain: logical axis name(s) {list(unknown)} have no rule; known: "
-                             f"{sorted({name for name, _ in rules})}")
+            raise ValueError(f"constrain: logical axis name(s) {list(unknown)} have no rule (inside a tuple: "
+                             f"are not mesh axes of the rules); known: {sorted({name for name, _ in rules})}")
     return nn.with_logical_constraint(x, axes)
 
 

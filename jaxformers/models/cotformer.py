@@ -53,9 +53,13 @@ Deviations (documented, deliberate):
   projection, which is the same parametrisation as ours.
 * The adaptive model has ``n_repeat - 1`` routers; the authors allocate ``n_repeat``
   (``transformer.mod``, the last one never used), so their parameter count is ``d`` higher.
-* Weight decay follows the trainer's rule (:mod:`jaxformers.training.optim`): the
-  ``depth_embedding`` table (2-D) is decayed, the authors' ``nn.Embedding`` is not (their
-  optimizer groups exempt embeddings); routers are decayed in both.
+* Weight decay follows the authors' optimizer groups (``get_parameter_group_specs``,
+  nanoGPT's: ``nn.Linear`` weights decayed; biases, norm weights and ``nn.Embedding`` tables
+  not): ``weight_decay_groups`` defaults to ``"nanogpt"``, so the token ``embedding`` (tied with the head)
+  and the ``depth_embedding`` table (their ``nn.Embedding``) are not decayed; block kernels and
+  routers (``nn.Linear``) are, norm scales (``ln_mid`` included) are not.
+  ``weight_decay_groups="shape"`` gives the trainer's shape rule (:mod:`jaxformers.training.optim`;
+  runs saved before this field existed resume with it).
 
 FLOPs: a mid block's weights count once per repeat a token runs (``param_uses``); the
 attention term counts, per mid block and repeat, the keys of all earlier repeats
@@ -92,6 +96,10 @@ NEVER = 2 ** 30  # key position of a key no query may see (inactive tokens)
 
 
 # ----------------------------------------------------------------------------- config
+#: The architectures registered with :class:`CoTFormerConfig`.
+COTFORMER_MODELS = ("cotformer", "but", "adaptive_cotformer")
+
+
 @dataclasses.dataclass(frozen=True)
 class CoTFormerConfig(TransformerConfig):
     """TransformerConfig + repeats.  ``model`` picks the variant: ``cotformer`` (keys of all
@@ -107,6 +115,11 @@ class CoTFormerConfig(TransformerConfig):
     length_factors: Optional[Tuple[float, ...]] = None  # inference budget: f_2..f_R
     random_capacity: bool = True  # sample the length factors per training step
     router_mix: bool = True  # x_in * (1 - s) + x_repeat * s (False: no mixing)
+    weight_decay_groups: str = "nanogpt"  # the authors' groups (module docstring)
+
+    #: the tables the authors build as ``nn.Embedding`` (not decayed under ``nanogpt`` groups):
+    #: the tied token embedding and the depth embedding
+    nanogpt_no_weight_decay = ("embedding", "depth_embedding")
 
     @property
     def n_mid(self) -> int:
@@ -125,6 +138,9 @@ class CoTFormerConfig(TransformerConfig):
 
     def validate(self) -> None:
         super().validate()
+        # another model name (e.g. "gpt") would build that model from this config, the repeat
+        # fields silently ignored: build() accepts any TransformerConfig subclass for it
+        _choice("model", self.model, COTFORMER_MODELS)
         for name in ("n_repeat",):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:

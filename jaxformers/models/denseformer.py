@@ -25,16 +25,24 @@ Deviations from the authors' code (github.com/epfml/DenseFormer): with ``p > 1``
 training script (``experiments/models/denseformer.py``, ``increase_T_every = p``, needs
 ``p | L``) mixes only ``X_0`` and the outputs of blocks ``p, 2p, ...`` with the dilation
 counted in groups of ``p``; here (the paper's formula and their ``DWAModules`` package) every
-``X_j`` of the dilation class is mixed (they agree for ``p = 1``).  Their optimizer groups
-weight-decay the DWA weights (``nn.Linear``) and the skip gains (``'gain' in name``); the
-trainer here decays neither (scalar / vector parameters, :mod:`jaxformers.training.optim`).
+``X_j`` of the dilation class is mixed (they agree for ``p = 1``).
+
+Weight decay follows the authors' optimizer groups (``get_parameter_group_specs``, nanoGPT's:
+``nn.Linear`` weights decayed; biases, norm weights and ``nn.Embedding`` tables not, the token
+embedding tied with the head included): ``weight_decay_groups`` defaults to ``"nanogpt"``, so
+the ``embedding`` table is not decayed (the untied head, their ``nn.Linear``, is), and
+``nanogpt_weight_decay`` decays ``dwa_alpha`` (their DWA weights are ``nn.Linear``) and the skip
+gains ``attn_skip_gain`` / ``mlp_skip_gain`` (``base_w_gains.py`` decays ``'gain' in pn``),
+which the trainer's shape rule alone would not.  Block kernels are decayed, norm scales not, as
+theirs.  ``weight_decay_groups="shape"`` gives the trainer's rule (a plain GPT's default; runs
+saved before this field existed resume with it).
 Their connect-to-last ``Mixer`` (``experiments/models/connect_to_last.py``) has no dilation
 and starts the non-last weights at ``1e-4``; ``"last_only"`` starts them at 0 (init ==
 baseline).
 
 Parameters: ``dwa_alpha`` ``[R, n_layer + 1]`` (row r = the r-th DWA point, column
 j = weight of ``X_j``; logical axes ``("layers", None)``: replicated under the
-default rules and, like norm scales, not weight-decayed by the trainer's rule),
+default rules; weight-decayed under ``nanogpt`` groups, the padding entries stay 0),
 multiplied by a constant mask (dilation class and ``j <= m``) so unused entries
 get no gradient.
 Block parameters keep exactly the base model's layout (``blocks_i``, or scanned
@@ -94,9 +102,16 @@ class DenseFormerConfig(TransformerConfig):
     dwa_dilation: int = 1  # k
     dwa_period: int = 1  # p
     dwa_mode: str = "all"
+    weight_decay_groups: str = "nanogpt"  # the authors' groups (module docstring)
+
+    #: the authors decay their DWA weights (``nn.Linear``) and skip gains (``'gain' in name``)
+    nanogpt_weight_decay = ("dwa_alpha", "attn_skip_gain", "mlp_skip_gain")
 
     def validate(self) -> None:
         super().validate()
+        # another model name would build that model from this config (e.g. a plain GPT, the DWA
+        # fields silently ignored): build() accepts any TransformerConfig subclass for it
+        _choice("model", self.model, ("denseformer",))
         _choice("base", self.base, BASES)
         _choice("dwa_mode", self.dwa_mode, DWA_MODES)
         allowed = list(range(1, self.n_layer + 1))
@@ -110,10 +125,17 @@ class DenseFormerConfig(TransformerConfig):
 
     @classmethod
     def from_base(cls, base: str = "gpt", preset: str = "tiny", **overrides) -> "DenseFormerConfig":
-        """DenseFormer config with every field of ``base``'s registered ``preset``, plus overrides."""
+        """DenseFormer config with every field of ``base``'s registered ``preset``, plus overrides
+        (``weight_decay_groups`` keeps the DenseFormer default, ``"nanogpt"``, unless overridden)."""
+        from ..config import check_fields
         from ..registry import get_config
         _choice("base", base, BASES)
+        check_fields(cls, overrides)
+        if overrides.get("model", "denseformer") != "denseformer":
+            raise ValueError(f"model={overrides['model']!r} is not allowed: from_base builds a DenseFormerConfig "
+                             "(model='denseformer'); build another model with get_config(name, preset)")
         values = get_config(base, preset).to_dict()
+        values.pop("weight_decay_groups", None)
         values.update(model="denseformer", base=base)
         values.update(overrides)
         return cls(**values)

@@ -163,9 +163,13 @@ def replicated(mesh) -> NamedSharding:
 def batch_sharding(mesh, ndim: int = 2) -> NamedSharding:
     """Leading (batch) axis over :data:`BATCH_AXES` (``data``, ``fsdp``, ``expert``), the rest
     replicated.  ``ndim=None``: a spec of the leading axis only, valid for arrays of any rank
-    >= 1 (e.g. every array of a batch dict)."""
+    >= 1 (e.g. every array of a batch dict).  ``ValueError`` for an ``ndim`` that is not a
+    positive int (a scalar has no batch axis to split)."""
     if ndim is None:
         return NamedSharding(mesh, P(BATCH_AXES))
+    if isinstance(ndim, bool) or not isinstance(ndim, (int, np.integer)) or ndim < 1:
+        raise ValueError(f"batch_sharding: ndim must be a positive int (the rank of the batch arrays, "
+                         f"whose leading axis is split) or None (any rank >= 1), got {ndim!r}")
     return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 

@@ -8,7 +8,11 @@ the output layer).  Norm scales, biases and scalar/vector mixing weights
 logical axis names fall back to ``ndim >= 2``.  A model family names the parameters it
 never decays, whatever their shape, in its config's ``no_weight_decay`` (the trainer passes
 it as ``no_decay``): e.g. ``MambaConfig``'s ``A_log``, ``D``, ``dt_bias``, which the Mamba
-authors mark ``_no_weight_decay`` (Mamba-1's ``A_log`` is ``[d_inner, d_state]``).
+authors mark ``_no_weight_decay`` (Mamba-1's ``A_log`` is ``[d_inner, d_state]``).  Under
+``weight_decay_groups="nanogpt"`` (nanoGPT / llm-baselines' groups: the DenseFormer and
+CoTFormer defaults) the embedding tables are never decayed either, and the names a family
+builds as linear layers are always decayed (``decay``): e.g. DenseFormer's DWA weights
+(``ModelConfig.weight_decay_names`` gives both lists).
 
 Schedules (``count`` = number of completed updates, so the first update uses
 ``lr(0)``): linear warmup ``lr * (count + 1) / warmup`` for ``count < warmup``
@@ -83,15 +87,27 @@ def lr_at(tc, step: int) -> float:
     return float(make_schedule(tc)(step))
 
 
-def decay_mask(logical_specs, abstract_params, no_decay=()):
+def decay_mask(logical_specs, abstract_params, no_decay=(), decay=()):
     """Boolean pytree: which parameters get weight decay (see module docstring); ``no_decay``:
-    parameter names (a path's last key) never decayed (a config's ``no_weight_decay``)."""
-    no_decay = frozenset(no_decay)
+    parameter names (a path's last key) never decayed (a config's ``no_weight_decay``);
+    ``decay``: names always decayed, whatever their shape (``ModelConfig.weight_decay_names``).
+    ``ValueError`` for a name in both, or a bare string (a tuple of names is expected)."""
+    for what, names in (("no_decay", no_decay), ("decay", decay)):
+        if isinstance(names, str):
+            raise ValueError(f"decay_mask: {what} must be a tuple of parameter names, got the string "
+                             f"{names!r} (write ({names!r},))")
+    no_decay, decay = frozenset(no_decay), frozenset(decay)
+    if no_decay & decay:
+        raise ValueError(f"decay_mask: parameter name(s) {sorted(no_decay & decay)} are in both no_decay "
+                         "and decay")
 
     def one(path, spec, leaf):
         last = path[-1] if path else None
-        if str(getattr(last, "key", getattr(last, "name", ""))) in no_decay:
+        name = str(getattr(last, "key", getattr(last, "name", "")))
+        if name in no_decay:
             return False
+        if name in decay:
+            return True
         if isinstance(spec, PartitionSpec) and len(spec) == leaf.ndim:
             return sum(1 for name in spec if name != LAYERS) >= 2
         return leaf.ndim >= 2

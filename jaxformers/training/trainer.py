@@ -93,7 +93,7 @@ def train_program(model_config: ModelConfig, tc: TrainConfig, mesh, dtype: str, 
     def build_program():
         module = build(config)
         abstract, specs = abstract_params(module)
-        tx, schedule = make_optimizer(tc, decay_mask(specs, abstract, config.no_weight_decay))
+        tx, schedule = make_optimizer(tc, decay_mask(specs, abstract, *config.weight_decay_names()))
         return Program(module, mesh, loss_fn=loss_fn, tx=tx, schedule=schedule, grad_accum=tc.grad_accum,
                        aux_weights=tc.aux_loss_weights, step_fn=step_fn)
 
