@@ -223,6 +223,27 @@ def check_float(name: str, x, expected: str) -> None:
                          f"got dtype {dtype} (shape {shape_of(x)})")
 
 
+def check_decay(A, shape: str) -> None:
+    """``ValueError`` if a concrete ``A`` (the SSM's continuous-time decay) has a positive entry.
+
+    The recurrences use ``exp(dt * A)`` with ``dt > 0``: ``A <= 0`` (mamba_ssm parametrises
+    ``A = -exp(A_log) < 0``) keeps the state bounded; a positive entry makes it grow like
+    ``exp(A * sum(dt))`` until it overflows to inf / NaN.  Traced ``A`` (under ``jit``, e.g. the
+    models' ``-exp(A_log)``) and abstract shapes are not checked: the precondition is then the
+    caller's, as documented."""
+    if not isinstance(A, (np.ndarray, np.generic, jax.Array)) or isinstance(A, jax.core.Tracer):
+        return
+    if isinstance(A, jax.Array) and not A.is_fully_addressable:
+        return  # spread over processes: no host copy of it here
+    if not jnp.issubdtype(A.dtype, jnp.floating):
+        return  # the callers' dtype checks name the problem (complex / integer A)
+    a = np.asarray(A, np.float32)
+    if (a > 0).any():
+        raise ValueError(f"A {shape} must be negative (<= 0: the decay exp(dt * A) <= 1, as mamba_ssm's "
+                         f"A = -exp(A_log) guarantees), got {int((a > 0).sum())} positive entries "
+                         f"(max {float(a.max())}): a positive A makes the state grow without bound")
+
+
 def is_int(x) -> bool:
     """A Python or numpy integer, not a bool."""
     return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))

@@ -13,6 +13,7 @@ Training with ``attn_dropout`` also runs XLA (the kernels have no dropout).
 """
 import jax
 import jax.numpy as jnp
+import numpy as np
 import flax.linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
@@ -47,8 +48,22 @@ def write_kv_cache(kv_cache, k, v, cache_index, segment_ids=None, capacity=None)
     if segment_ids is not None:
         raise ValueError("segment_ids are not supported together with a KV cache")
     (b, s), (bn, t) = kv_cache["k"].shape[:2], k.shape[:2]
+    if kv_cache["v"].shape != kv_cache["k"].shape:
+        raise ValueError(f"the KV cache's 'k' and 'v' must have one shape [B, S, Hkv, Dh], got "
+                         f"{kv_cache['k'].shape} and {kv_cache['v'].shape}")
+    if v.shape != k.shape:  # a smaller v would be written partially, a longer one past k's slots
+        raise ValueError(f"k and v must have the same shape [B, T, Hkv, Dh], got k {k.shape} and v {v.shape}")
     if capacity is not None:
+        if not (isinstance(capacity, (int, np.integer)) and 0 <= capacity <= s):
+            # a larger one would let writes past S through the checks, then be clamped by XLA
+            raise ValueError(f"capacity must be an int in [0, S={s}] (the cache's max_len), got {capacity!r}")
         s = capacity
+    dtype = getattr(cache_index, "dtype", None)
+    dtype = np.asarray(cache_index).dtype if dtype is None else dtype
+    if np.ndim(cache_index) != 0 or not np.issubdtype(dtype, np.integer):
+        raise ValueError(f"cache_index must be an integer scalar (the number of positions already in "
+                         f"the cache), got {type(cache_index).__name__} of dtype {dtype} and shape "
+                         f"{np.shape(cache_index)}")
     if bn != b or kv_cache["k"].shape[2:] != k.shape[2:]:
         raise ValueError(f"the KV cache holds [B, S, Hkv, Dh] = {kv_cache['k'].shape}, the new keys are "
                          f"{k.shape}: build the cache with init_cache(module, batch_size={bn}, max_len)")
@@ -65,11 +80,16 @@ def write_kv_cache(kv_cache, k, v, cache_index, segment_ids=None, capacity=None)
                          f"{int(index) + t})")
     fits = (cache_index >= 0) & (cache_index + t <= s)
 
+    # dynamic_update_slice needs start indices of one dtype: under jax_enable_x64 a bare 0 is
+    # int64 while the decoding cache's index is int32, so the zeros take the index's dtype.
+    start = jnp.asarray(cache_index)
+    zero = jnp.zeros((), start.dtype)
+
     def write(buf, new):
         new = new.astype(buf.dtype)
         if index is None and jnp.issubdtype(buf.dtype, jnp.floating):
             new = jnp.where(fits, new, jnp.nan)  # traced overflow: NaN, never a clamped overwrite
-        return jax.lax.dynamic_update_slice(buf, new, (0, cache_index, 0, 0))
+        return jax.lax.dynamic_update_slice(buf, new, (zero, start, zero, zero))
 
     return {"k": write(kv_cache["k"], k), "v": write(kv_cache["v"], v)}
 

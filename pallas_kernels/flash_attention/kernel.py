@@ -71,7 +71,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from .masks import MaskSpec, block_id_bounds, blocks_may_interact
-from .reference import check_ids, effective_window, split_segment_ids
+from .reference import check_ids, effective_window, split_segment_ids, static_window
 from .._common import (SQ, AttentionPlan, by_platform, check_flag, check_qkv, compiler_params, idiv,
                        host_int32_ids, int32_ids, is_int, is_tpu_interpret, next_pow2, resolve_interpret, round_up,
                        select_plan)
@@ -821,7 +821,8 @@ def flash_attention(q, k, v, *, causal=True, segment_ids=None, window=None, sm_s
       causal: query ``i`` (absolute position ``Tk - Tq + i``) sees keys ``j <= pos``.
       segment_ids: ``[B, T]`` int (needs ``Tq == Tk``) or a ``(q_ids [B, Tq],
         kv_ids [B, Tk])`` pair; attention stays within equal ids.
-      window: sliding window ``w``: ``pos - w < j <= pos`` (non-causal: ``|pos - j| < w``).
+      window: sliding window ``w``: ``pos - w < j <= pos`` (non-causal: ``|pos - j| < w``); a
+        concrete positive int (Python, numpy or 0-d jax integer; a traced one raises ``ValueError``).
       sm_scale: logit scale, default ``D ** -0.5``; a concrete scalar (Python or
         numpy / jax 0-d value; a traced one raises ``ValueError``).
       block_sizes: :class:`BlockSizes` (default :meth:`BlockSizes.get_default`).
@@ -831,10 +832,13 @@ def flash_attention(q, k, v, *, causal=True, segment_ids=None, window=None, sm_s
         ``pltpu.InterpretParams()`` runs the TPU variant in TPU interpret mode.
 
     Returns:
-      ``[B, Tq, Hq, D]`` in q's dtype (float32 accumulation).  Rows that see no
+      ``[B, Tq, Hq, D]`` in q's dtype (float32 accumulation).  The kernels compute in
+      float32 whatever the input dtype: float64 inputs (``jax_enable_x64``) give a float64
+      result at float32 precision (about 1e-7 relative error).  Rows that see no
       key are 0.  Differentiable in q, k, v (Pallas backward kernels).
     """
-    return _flash_attention(q, k, v, causal=causal, segment_ids=_host_segment_ids(segment_ids), window=window,
+    return _flash_attention(q, k, v, causal=causal, segment_ids=_host_segment_ids(segment_ids),
+                            window=static_window(window),
                             sm_scale=static_sm_scale(sm_scale), block_sizes=block_sizes,
                             interpret=interpret)
 
@@ -857,6 +861,7 @@ def forward_with_stats(q, k, v, *, causal=True, segment_ids=None, window=None, s
     that see no key).  Outputs are the raw, unsliced kernel buffers.
     """
     sm_scale = static_sm_scale(sm_scale)
+    window = static_window(window)
     segment_ids = _host_segment_ids(segment_ids)
     q_ids, kv_ids, plan = _prepare(q, k, v, causal, segment_ids, window, sm_scale,
                                    block_sizes, interpret)

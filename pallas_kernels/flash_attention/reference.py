@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from .._common import check_flag, check_qkv
 
 
 def attention_mask(tq: int, tk: int, causal: bool = True, window: int | None = None,
@@ -68,6 +71,26 @@ def check_ids(q_ids, kv_ids, b: int, tq: int, tk: int) -> None:
             raise ValueError(f"segment_ids must be integers, got {ids.dtype}")
 
 
+def static_window(window):
+    """``window`` as a Python int (it is static: the kernels' masks and block ranges derive from
+    it), or None.  Concrete integer scalars (``4``, ``np.int64(4)``, ``jnp.int32(4)``) are
+    converted; a traced one, a non-integer or a value <= 0 raises a ``ValueError``."""
+    if window is None:
+        return None
+    if isinstance(window, int) and not isinstance(window, bool):  # any size (2**70: no window)
+        if window <= 0:
+            raise ValueError(f"window must be a positive int or None, got {window!r}")
+        return window
+    try:
+        value = np.asarray(window)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        raise ValueError("window must be a concrete positive int (a static argument of the kernels), "
+                         "got a traced value") from None
+    if value.shape != () or value.dtype == bool or not np.issubdtype(value.dtype, np.integer) or value <= 0:
+        raise ValueError(f"window must be a positive int or None, got {window!r}")
+    return int(value)
+
+
 def effective_window(window, tq: int, tk: int):
     """``window``, or None when it hides nothing: ``|pos - j| <= max(Tq, Tk) - 1`` for every
     query / key pair, so a wider window (e.g. ``2**31 - 1`` as "unbounded") is no window, and
@@ -79,10 +102,17 @@ def reference(q, k, v, *, causal=True, segment_ids=None, window=None, sm_scale=N
               block_sizes=None, interpret=None):
     """``softmax(q k^T * sm_scale + mask) v`` in float32; returns ``[B, Tq, Hq, D]`` in q.dtype.
 
-    ``block_sizes`` and ``interpret`` are accepted (and ignored) so the oracle
+    Float64 inputs (``jax_enable_x64``) are computed in float32 too (float64 result at
+    float32 precision, like the kernel).  ``block_sizes`` and ``interpret`` are accepted
+    (and ignored) so the oracle
     is call-compatible with :func:`flash_attention`.
     """
     del block_sizes, interpret
+    # the kernel's argument checks: a window <= 0 used to mask every key (zeros out), Hq % Hkv
+    # != 0 to fail deep in a reshape, a string causal to be read by truthiness
+    check_qkv(q, k, v, self_attention=False)
+    causal = check_flag("causal", causal)
+    window = static_window(window)
     b, tq, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     g = hq // hkv

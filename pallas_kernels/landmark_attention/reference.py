@@ -23,7 +23,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .._common import check_qkv, is_int
+from .._common import check_flag, check_qkv, is_int
 
 
 def check_block_size(block_size, name: str = "block_size") -> None:
@@ -105,7 +105,8 @@ def landmark_attention_reference(q, k, v, *, block_size: int, sm_scale=None, q_o
         decoding, :mod:`jaxformers.models.landmark`).
     Returns:
       ``[B, Tq, Hq, D]`` in q's dtype; with ``return_lse`` also the natural-log
-      normaliser of the outer softmax ``[B, Hq, Tq]`` float32.
+      normaliser of the outer softmax ``[B, Hq, Tq]`` float32.  Float64 inputs
+      (``jax_enable_x64``) are computed in float32 too (float64 result at float32 precision).
     Raises:
       ValueError naming the argument unless q, k, v have rank 4, k and v one shape, q and k
       one batch size and head dim, ``Hq % Hkv == 0``, ``block_size`` is an int >= 2,
@@ -141,4 +142,4 @@ def landmark_attention_reference(q, k, v, *, block_size: int, sm_scale=None, q_o
     p_cur = jnp.exp(cur - lse[..., None])
     w = p_cur + jnp.where(early, p_lm[..., blk] * inner, 0.0)
     o = jnp.einsum("bhqk,bkhd->bqhd", w, vf, precision=hi).astype(q.dtype)
-    return (o, lse) if return_lse else o
+    return (o, lse) if check_flag("return_lse", return_lse) else o

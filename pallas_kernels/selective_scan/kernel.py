@@ -129,7 +129,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from .._common import (SQ, check_flag, KernelPlan, by_platform, compiler_params, idiv, next_pow2, resolve_interpret,
-                       host_int32_ids, round_up, segment_resets, select_plan, tpu_tile_bytes)
+                       check_decay, host_int32_ids, round_up, segment_resets, select_plan, tpu_tile_bytes)
 from .reference import validate
 
 f32 = jnp.float32
@@ -1011,7 +1011,10 @@ def _selective_scan_jit(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_soft
     Args:
       x, dt: ``[B, L, D]`` (length-major: mamba_ssm's ``[B, D, L]`` must be
         transposed); z (optional gate) likewise.
-      A: ``[D, N]`` real.  B, C: ``[B, L, N]`` or ``[B, L, G, N]`` (channel ``d``
+      A: ``[D, N]`` real, must be negative (``<= 0``; Mamba's ``A = -exp(A_log)``): a
+        positive entry makes ``exp(dt * A) > 1`` and the state grow without bound.  A
+        concrete positive ``A`` raises a ``ValueError``; a traced one (under ``jit``) is not
+        checked.  B, C: ``[B, L, N]`` or ``[B, L, G, N]`` (channel ``d``
         uses group ``d // (D // G)``).  D, dt_bias: ``[D]``.
       dt_softplus: ``dt = softplus(dt + dt_bias)``.
       initial_state: ``[B, D, N]`` state before step 0 (the layout of
@@ -1054,6 +1057,8 @@ def selective_scan(*args, segment_ids=None, **kwargs):
     # concrete int64 ids would wrap to int32 at the jit boundary (0 and 2**32 merge: a lost
     # segment start); host_int32_ids ranks them in int32, keeping where they change
     ids = None if segment_ids is None else host_int32_ids(segment_ids, segment_ids)[0]
+    # a concrete positive A (the jitted body only sees a tracer) is refused here
+    check_decay(args[2] if len(args) > 2 else kwargs.get("A"), "[D, N]")
     return _selective_scan_jit(*args, segment_ids=ids, **kwargs)
 
 

@@ -1,7 +1,8 @@
 """Pure-JAX oracle for the Mamba-1 selective scan (``selective_scan_ref`` semantics).
 
 Layout is length-major, channels-last (mamba_ssm's ``[B, D, L]`` inputs must be
-transposed): ``x, dt, z: [B, L, D]``, ``A: [D, N]``, ``B, C: [B, L, N]`` or
+transposed): ``x, dt, z: [B, L, D]``, ``A: [D, N]`` (``<= 0``: Mamba's ``-exp(A_log)``),
+``B, C: [B, L, N]`` or
 ``[B, L, G, N]`` (channel ``d`` uses group ``d // (D // G)``), ``D, dt_bias: [D]``,
 state ``h: [B, D, N]`` float32.  With ``dt = softplus?(dt + dt_bias)`` and
 ``r_t = 1`` where a packed segment starts (``segment_ids[t] != segment_ids[t-1]``,
@@ -21,7 +22,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .._common import LAYOUT_HINT, check_float, check_segment_ids, process_dt, segment_resets, shape_of
+from .._common import (LAYOUT_HINT, check_decay, check_flag, check_float, check_segment_ids, process_dt,
+                       segment_resets, shape_of)
 
 _shape = shape_of
 
@@ -36,6 +38,7 @@ def validate(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_state=None, s
     if jnp.iscomplexobj(A):
         raise ValueError("A must be real (complex A is not supported)")
     check_float("A", A, "[D, N]")
+    check_decay(A, "[D, N]")
     b, l, dim = x.shape
     if A.shape[0] != dim:
         if x.shape[1] == A.shape[0]:
@@ -136,7 +139,7 @@ def reference(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False
     if z is not None:
         y = y * jax.nn.silu(z.astype(f32))
     y = y.astype(x.dtype)
-    return (y, h_last) if return_final_state else y
+    return (y, h_last) if check_flag('return_final_state', return_final_state) else y
 
 
 def selective_state_update(state, x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False):
@@ -147,7 +150,8 @@ def selective_state_update(state, x, dt, A, B, C, *, D=None, z=None, dt_bias=Non
 
     ``state [B, D, N]``, ``x, dt, z [B, D]``, ``A [D, N]``, ``B, C [B, N]`` or
     ``[B, G, N]``, ``D, dt_bias [D]``.  Returns ``(y [B, D] in x.dtype, new_state
-    [B, D, N] in state.dtype)``; math in float32.
+    [B, D, N] in state.dtype)``; math in float32.  ``A`` must be ``<= 0`` (a concrete
+    positive entry raises a ``ValueError``; a traced one is not checked).
     """
     if getattr(state, "ndim", None) != 3:
         raise ValueError(f"state must have rank 3 [B, D, N], got shape {_shape(state)}")
@@ -180,6 +184,7 @@ def selective_state_update(state, x, dt, A, B, C, *, D=None, z=None, dt_bias=Non
                          ("z", z, "[B, D]"), ("dt_bias", dt_bias, "[D]")):
         if v is not None:
             check_float(name, v, shp)
+    check_decay(A, "[D, N]")
     Bf, Cf = mats
     dtf = process_dt(dt, dt_bias, dt_softplus)
     xf = x.astype(f32)

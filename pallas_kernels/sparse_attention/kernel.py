@@ -677,7 +677,9 @@ def hash_attention(q, k, v, q_buckets, k_buckets, *, sm_scale=None, interpret=No
 
     Returns:
       ``[B, T, Hq, D]`` in q's dtype, in the original token order; rows with no visible key
-      are 0.  Differentiable in q, k, v (Pallas backward kernels).
+      are 0.  The kernels compute in float32 whatever the input dtype: float64 inputs
+      (``jax_enable_x64``) give a float64 result at float32 precision (about 1e-7 relative
+      error).  Differentiable in q, k, v (Pallas backward kernels).
     """
     q_buckets, k_buckets = host_int32_ids(q_buckets, k_buckets)  # numpy int64: no silent wrap
     _validate(q, k, v, q_buckets, k_buckets, ("q_buckets", "k_buckets"), "int", block_q, block_k)
@@ -696,7 +698,8 @@ def qk_sparse_attention(q, k, v, q_keep, k_keep, *, sm_scale=None, interpret=Non
     ``q_keep [B, T, Hq]`` and ``k_keep [B, T, Hkv]`` bool: query ``i`` attends key ``j`` iff
     ``j <= i and q_keep[i] and k_keep[j]``; dropped queries and rows without a visible key
     output 0.  Kept tokens are compacted (stable) to the front per head, so dropped ones cost
-    nothing.  Other arguments and the return value as :func:`hash_attention`.
+    nothing.  Other arguments and the return value (float32 math, float64 inputs included)
+    as :func:`hash_attention`.
     """
     _validate(q, k, v, q_keep, k_keep, ("q_keep", "k_keep"), "bool", block_q, block_k)
     return _sparse_attention(q, k, v, q_keep, k_keep, kind="qk",

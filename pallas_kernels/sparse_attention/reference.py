@@ -32,7 +32,8 @@ def sparse_mask(q_labels, k_labels, hq: int, hkv: int):
 
 def masked_attention(q, k, v, mask, sm_scale=None):
     """``softmax(q k^T * sm_scale, masked) v`` in float32 with ``mask [B, Hq, T, T]``;
-    rows without a visible key give 0.  Returns q's dtype."""
+    rows without a visible key give 0.  Returns q's dtype (float64 inputs are computed in
+    float32 too: float64 result at float32 precision, like the kernels)."""
     b, t, hq, d = q.shape
     hkv = k.shape[2]
     g = hq // hkv

@@ -95,7 +95,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from .._common import (SQ, check_flag, KernelPlan, by_platform, compiler_params, idiv, next_pow2, resolve_interpret,
-                       host_int32_ids, round_up, segment_resets, select_plan)
+                       check_decay, host_int32_ids, round_up, segment_resets, select_plan)
 from .reference import _d_term, process_dt, validate
 
 f32 = jnp.float32
@@ -648,7 +648,10 @@ def _ssd_jit(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False,
         y_t = h_t @ C_t + D * x_t ;  y *= silu(z) if z is given
 
     Args:
-      x: ``[B, L, H, P]``; dt: ``[B, L, H]``; A: ``[H]`` (negative).
+      x: ``[B, L, H, P]``; dt: ``[B, L, H]``; A: ``[H]``, must be negative (``<= 0``; Mamba-2's
+        ``A = -exp(A_log)``): a positive entry makes ``exp(dt * A) > 1`` and the state grow
+        without bound.  A concrete positive ``A`` raises a ``ValueError``; a traced one (under
+        ``jit``) is not checked.
       B, C: ``[B, L, G, N]`` (head ``h`` uses group ``h // (H // G)``).
       D: ``[H]`` or ``[H, P]`` skip; z: like x, ``y *= silu(z)``.
       dt_bias: ``[H]``; dt_softplus: ``dt = softplus(dt + dt_bias)``.
@@ -700,6 +703,8 @@ def ssd(*args, segment_ids=None, **kwargs):
     # concrete int64 ids would wrap to int32 at the jit boundary (0 and 2**32 merge: a lost
     # segment start); host_int32_ids ranks them in int32, keeping where they change
     ids = None if segment_ids is None else host_int32_ids(segment_ids, segment_ids)[0]
+    # a concrete positive A (the jitted body only sees a tracer) is refused here
+    check_decay(args[2] if len(args) > 2 else kwargs.get("A"), "[H]")
     return _ssd_jit(*args, segment_ids=ids, **kwargs)
 
 

@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .._common import LAYOUT_HINT, check_float, check_segment_ids, process_dt, segment_resets, shape_of
+from .._common import (LAYOUT_HINT, check_decay, check_flag, check_float, check_segment_ids, process_dt,
+                       segment_resets, shape_of)
 
 _shape = shape_of
 
@@ -35,6 +36,7 @@ def validate(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_state=None, s
     if getattr(A, "ndim", None) != 1:
         raise ValueError(f"A must have shape [H] (one scalar per head), got {_shape(A)}")
     check_float("A", A, "[H]")
+    check_decay(A, "[H]")
     if A.shape[0] != h:
         if x.shape[1] == A.shape[0]:
             raise ValueError(f"x has shape {x.shape} but A {A.shape} says H={A.shape[0]}: expected "
@@ -124,7 +126,7 @@ def reference(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False
     if z is not None:
         y = y * jax.nn.silu(z.astype(f32))
     y = y.astype(x.dtype)
-    return (y, s_last) if return_final_state else y
+    return (y, s_last) if check_flag('return_final_state', return_final_state) else y
 
 
 def ssd_state_update(state, x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False):
@@ -135,7 +137,8 @@ def ssd_state_update(state, x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_
 
     ``state [B, H, P, N]``, ``x, z [B, H, P]``, ``dt [B, H]``, ``A [H]``, ``B, C
     [B, G, N]``, ``D [H]`` or ``[H, P]``, ``dt_bias [H]``.  Returns ``(y [B, H, P]
-    in x.dtype, new_state [B, H, P, N] in state.dtype)``; math in float32.
+    in x.dtype, new_state [B, H, P, N] in state.dtype)``; math in float32.  ``A`` must be
+    ``<= 0`` (a concrete positive entry raises a ``ValueError``; a traced one is not checked).
     """
     if getattr(state, "ndim", None) != 4:
         raise ValueError(f"state must have rank 4 [B, H, P, N], got shape {_shape(state)}")
@@ -164,6 +167,7 @@ def ssd_state_update(state, x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_
                          ("D", D, "[H] or [H, P]"), ("z", z, "[B, H, P]"), ("dt_bias", dt_bias, "[H]")):
         if v is not None:
             check_float(name, v, shp)
+    check_decay(A, "[H]")
     f32 = jnp.float32
     dtf = process_dt(dt, dt_bias, dt_softplus)                     # [b, h]
     xf = x.astype(f32)
