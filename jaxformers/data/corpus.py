@@ -197,6 +197,10 @@ def _read_text(path: Path) -> str:
     if it is not valid UTF-16/32), not read as UTF-8 with a NUL byte after each letter
     (so a binary file that starts with such bytes is an error, and a UTF-16-LE text whose
     first character is U+0000 reads as UTF-32-LE's mark).
+
+    Memory: the file's bytes and its decoded text are held at once (about twice the file's size
+    for ASCII text at the peak); a Python string cannot be built without its source, so split a
+    file too large for that into several files of one folder.
     """
     raw = path.read_bytes()
     for bom, codec in _UTF16_32_BOMS:

@@ -142,6 +142,12 @@ class DomainsSpec:
 
 def parse_domains_spec(spec: str) -> DomainsSpec:
     """``"domains:..."`` -> :class:`DomainsSpec` (``ValueError`` naming the bad part)."""
+    return _parse_domains_spec(spec)[0]
+
+
+def _parse_domains_spec(spec: str):
+    """``(DomainsSpec, spans)``: ``spans[i]`` is ``(start, end)`` of domain ``i``'s SOURCE in
+    ``spec`` (``None`` for a built-in domain), for :func:`absolute_source_paths`."""
     if not spec.startswith(DOMAINS_PREFIX):
         raise ValueError(f"data={spec!r}: a domain spec starts with {DOMAINS_PREFIX!r}")
     body = spec[len(DOMAINS_PREFIX):]
@@ -151,8 +157,14 @@ def parse_domains_spec(spec: str) -> DomainsSpec:
     entries, sep, options = body.rpartition(":")
     if not sep or not all("=" in p for p in options.split(",") if p.strip()):
         entries, options = body, ""
-    names, sources, weights = [], [], []
-    for raw in filter(None, (e.strip() for e in entries.split(","))):
+    names, sources, weights, spans = [], [], [], []
+    pos = len(DOMAINS_PREFIX)
+    for piece in entries.split(","):
+        start, pos = pos, pos + len(piece) + 1
+        raw = piece.strip()
+        if not raw:
+            continue
+        start += len(piece) - len(piece.lstrip())  # where raw (and so entry) starts in spec
         entry, at, w = raw.rpartition("@") if "@" in raw else (raw, "", "")
         weight = 1.0
         if at:
@@ -176,6 +188,11 @@ def parse_domains_spec(spec: str) -> DomainsSpec:
         names.append(name)
         sources.append(source.strip() if eq else None)
         weights.append(weight)
+        if eq:
+            lo = start + entry.index("=") + 1 + len(source) - len(source.lstrip())
+            spans.append((lo, lo + len(sources[-1])))
+        else:
+            spans.append(None)
     if len(names) < 2:
         raise ValueError(f"data={spec!r}: need at least two domains, got {len(names)}")
     kw = {}
@@ -210,7 +227,41 @@ def parse_domains_spec(spec: str) -> DomainsSpec:
     if not np.isfinite(sum(weights)):  # huge weights: scale by the largest first (no overflow)
         weights = [w / top for w in weights]
     total = sum(weights)
-    return DomainsSpec(tuple(names), tuple(sources), tuple(w / total for w in weights), **kw)
+    return DomainsSpec(tuple(names), tuple(sources), tuple(w / total for w in weights), **kw), spans
+
+
+def absolute_source_paths(spec: str) -> str:
+    """``spec`` with every ``NAME=SOURCE`` whose SOURCE is a local file or folder (resolved from
+    the working directory, as :func:`~jaxformers.data.corpus.load_corpus` does) written as its
+    absolute path, every other byte as given (names, weights, options, built-in domains and
+    corpora, ``hf:``/``noise`` sources, sources that do not exist here).  A spec that does not
+    parse, or that would parse differently once rewritten (a path holding ``,`` or ``:``), is
+    returned unchanged.  What ``run.yaml`` records, so it means the same files from any folder."""
+    from .corpus import resolve_corpus
+
+    try:
+        parsed, spans = _parse_domains_spec(spec)
+    except ValueError:
+        return spec
+    out, sources = spec, list(parsed.sources)
+    for i in reversed(range(len(sources))):
+        if sources[i] is None or sources[i] == "noise":
+            continue
+        try:
+            src = resolve_corpus(sources[i])
+        except ValueError:
+            continue
+        if src.kind != "path":
+            continue
+        lo, hi = spans[i]
+        out, sources[i] = out[:lo] + str(src.path) + out[hi:], str(src.path)
+    if out == spec:
+        return spec
+    try:
+        same = parse_domains_spec(out) == dataclasses.replace(parsed, sources=tuple(sources))
+    except ValueError:
+        same = False
+    return out if same else spec
 
 
 def domain_spec(names: Sequence[str], sources: Optional[Sequence[Optional[str]]] = None,
@@ -449,4 +500,4 @@ def is_domains_spec(data) -> bool:
     return isinstance(data, str) and data.startswith(DOMAINS_PREFIX)
 
 
-__all__ += ["is_domains_spec"]
+__all__ += ["absolute_source_paths", "is_domains_spec"]

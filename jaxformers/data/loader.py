@@ -251,6 +251,17 @@ def _example_length(task: str, p: Mapping[str, int], row_len: int) -> int:
     return row_len
 
 
+def _shortest_row(task: str, p: Mapping[str, int]) -> int:
+    """The shortest row a task of row-length examples (copying, passkey) fits in (1: no minimum
+    known here; the task itself checks the rest)."""
+    if task == "copying":
+        return 4  # BOS x SEP x
+    if task == "passkey" and 1 <= p["n_digits"] <= 18:
+        n = p["n_digits"]
+        return len(synthetic._needle("0" * n)) + len(synthetic._QUESTION) + n
+    return 1
+
+
 def _examples(task: str, p: Mapping[str, int], n: int, length: int, seed: int, split=None):
     def make(m, s):
         if task == "copying":
@@ -283,6 +294,10 @@ def synthetic_rows(task: str, n_rows: int, row_len: int, seed: int,
     if length > row_len:
         raise ValueError(f"synthetic {task} examples ({p}) are {length} tokens long: they need "
                          f"seq_len >= {length - 1} (got seq_len={row_len - 1})")
+    shortest = _shortest_row(task, p)
+    if row_len < shortest:  # said in terms of seq_len (the row is seq_len + 1 tokens), not the task's length
+        raise ValueError(f"synthetic {task} examples ({p}) are at least {shortest} tokens long: they need "
+                         f"seq_len >= {shortest - 1} (got seq_len={row_len - 1})")
     per_row = row_len // length if p.get("pack", 0) else 1
     tokens, mask = _examples(task, p, n_rows * per_row, length, seed, split)
     out_tokens = np.full((n_rows, row_len), synthetic.PAD, np.int32)

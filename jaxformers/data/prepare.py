@@ -54,13 +54,20 @@ log = logging.getLogger(__name__)
 
 
 def _check_split_args(val_fraction, seed) -> tuple[float, int]:
-    """``(val_fraction, seed)`` validated: a number in [0, 1) and an int >= 0 (``ValueError``
-    naming the argument; a float seed is refused, not truncated)."""
+    """``(val_fraction, seed)`` validated and normalised: a number in [0, 1) as a Python float and
+    an int >= 0 as a Python int (``ValueError`` naming the argument; a float seed is refused, not
+    truncated).  A numpy float narrower than float64 is read as the shortest decimal that
+    it rounds to (``np.float32(0.1)`` is ``0.1``), so equal values name, and are, the same
+    dataset (its folder name and its identity)."""
     if isinstance(val_fraction, (bool, np.bool_)) or not isinstance(val_fraction, (int, float, np.integer,
                                                                                    np.floating)) \
             or not 0.0 <= float(val_fraction) < 1.0:
         raise ValueError(f"val_fraction must be a number in [0, 1), got {val_fraction!r}")
-    return float(val_fraction), int_arg("seed", seed, lo=0)
+    if isinstance(val_fraction, np.floating) and np.finfo(val_fraction.dtype).bits < 64:
+        value = float(np.format_float_positional(val_fraction, unique=True, trim="0"))
+    else:
+        value = float(val_fraction)
+    return value, int_arg("seed", seed, lo=0)
 
 
 def _canonical_tokenizer(tokenizer: str) -> str:
@@ -79,7 +86,7 @@ def default_out_dir(data: str = "default", tokenizer: str = "byte", val_fraction
     adds ``-val<fraction>-seed<seed>``, so it never overwrites (nor is overwritten by) the
     default split that training on ``--data`` prepares."""
     src = resolve_corpus(data)
-    _check_split_args(val_fraction, seed)
+    val_fraction, seed = _check_split_args(val_fraction, seed)
     tok = _canonical_tokenizer(tokenizer).replace(":", "")
     split = "" if (val_fraction, seed) == (0.05, 0) else f"-val{val_fraction}-seed{seed}"
     return cache_dir() / "datasets" / f"{src.name}-{tok}{split}"
@@ -177,7 +184,7 @@ def prepare(data: str = "default", tokenizer: str = "byte", out_dir: str | os.Pa
     and the same end-of-text id).
     """
     src = resolve_corpus(data)
-    _check_split_args(val_fraction, seed)
+    val_fraction, seed = _check_split_args(val_fraction, seed)
     tok_spec = _canonical_tokenizer(tokenizer)
     out = (Path(out_dir).expanduser() if out_dir is not None
            else default_out_dir(data, tokenizer, val_fraction, seed))

@@ -30,6 +30,7 @@ from typing import Dict, Iterator, Optional
 
 import numpy as np
 
+from ..utils import int_arg
 from .domains import DOMAINS_PREFIX, DomainSource, _check_split
 from .loader import (SyntheticLoader, TokenLoader, _task_params, eval_batches, iterate_rows,
                      synthetic_rows, synthetic_vocab_size)
@@ -71,9 +72,15 @@ class TextSource:
 
     @classmethod
     def from_tokens(cls, tokens, vocab_size: Optional[int] = None) -> "TextSource":
-        """A source whose val (and train) split is ``tokens`` (1-D ids)."""
+        """A source whose val (and train) split is ``tokens`` (1-D ids); ``vocab_size`` (an int >= 1,
+        default: the largest id + 1) must exceed every id (``ValueError`` otherwise)."""
         tokens = np.asarray(tokens)
-        vocab = int(vocab_size if vocab_size is not None else (int(tokens.max()) + 1 if tokens.size else 1))
+        if vocab_size is None:
+            vocab = int(tokens.max()) + 1 if tokens.size else 1
+        else:
+            vocab = int_arg("vocab_size", vocab_size, lo=1)
+            if tokens.size and np.issubdtype(tokens.dtype, np.integer) and int(tokens.max()) >= vocab:
+                raise ValueError(f"tokens must be ids in [0, vocab_size={vocab}), got ids up to {int(tokens.max())}")
         return cls("<array>", None, {"vocab_size": vocab, "source": "array"}, tokens, tokens)
 
     def describe(self) -> dict:
@@ -101,7 +108,7 @@ def parse_synthetic_spec(spec: str):
     """``"synthetic:TASK[:k=v,...]"`` -> ``(task, params, val_rows)`` (ValueError if malformed)."""
     body = spec[len(SYNTHETIC_PREFIX):] if spec.startswith(SYNTHETIC_PREFIX) else spec
     task, _, rest = body.partition(":")
-    params, val_rows = {}, 256
+    params, val_rows, seen = {}, 256, set()
     for part in filter(None, (x.strip() for x in rest.split(","))):
         name, sep, value = part.partition("=")
         try:
@@ -110,6 +117,9 @@ def parse_synthetic_spec(spec: str):
             number = None
         if not sep or number is None:
             raise ValueError(f"data={spec!r}: expected synthetic:TASK[:NAME=INT,...], bad entry {part!r}")
+        if name.strip() in seen:  # a second value would silently win
+            raise ValueError(f"data={spec!r}: parameter {name.strip()!r} is given twice")
+        seen.add(name.strip())
         if name.strip() == "val_rows":
             val_rows = number
         else:

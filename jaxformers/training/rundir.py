@@ -260,13 +260,18 @@ def write_run_file(run_dir, model_config, train_config: TrainConfig) -> Path:
 def _absolute_paths(train: dict) -> dict:
     """``train`` with its local file-system paths made absolute (``data`` naming an existing file or
     folder, an ``hf:DIR`` tokenizer's folder, ``out_dir``, an existing ``init_from``), so ``run.yaml``
-    means the same files from any working directory; other specs (built-in corpora, ``hf:NAME``
-    datasets, ``synthetic:...``, ``domains:...``) are kept as given."""
+    means the same files from any working directory, and so are the local file/folder sources
+    of a ``domains:...`` spec (:func:`~jaxformers.data.domains.absolute_source_paths`: the rest of
+    the spec byte for byte); other specs (built-in corpora, ``hf:NAME`` datasets,
+    ``synthetic:...``) are kept as given."""
     train = dict(train)
     data = train.get("data")
     if isinstance(data, str) and (Path(data).expanduser() / "meta.json").is_file():
         train["data"] = str(Path(data).expanduser().resolve())  # a prepared dataset (open_dataset)
-    elif isinstance(data, str) and not data.startswith(("synthetic:", "domains:", "hf:")):
+    elif isinstance(data, str) and data.startswith("domains:"):
+        from ..data.domains import absolute_source_paths
+        train["data"] = absolute_source_paths(data)  # only its local-path sources
+    elif isinstance(data, str) and not data.startswith(("synthetic:", "hf:")):
         try:
             from ..data.corpus import resolve_corpus
             src = resolve_corpus(data)
