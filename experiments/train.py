@@ -320,6 +320,10 @@ def build_configs(args):
         # (train() refuses another model config and names train-config changes, as on any resume)
         saved = _run_config(base["out_dir"])
         _check_same_init_from(init_from, saved, base["out_dir"])
+        if "weight_decay_groups" not in overrides and saved.get("model", {}).get("model") == model:
+            # a run.yaml written before the field existed: the run's own groups (config_from_dict
+            # gives such a run "shape"), not the family's default of today
+            overrides["weight_decay_groups"] = config_from_dict(saved["model"]).weight_decay_groups
         if args.extend_steps is not None:
             base["steps"] = int(saved["train"]["steps"]) + args.extend_steps
     tc = TrainConfig(**base)

@@ -30,7 +30,7 @@ from typing import Dict, Iterator, Optional
 
 import numpy as np
 
-from ..utils import int_arg
+from ..utils import check_token_ids, int_arg
 from .domains import DOMAINS_PREFIX, DomainSource, _check_split
 from .loader import (SyntheticLoader, TokenLoader, _task_params, eval_batches, iterate_rows,
                      synthetic_rows, synthetic_vocab_size)
@@ -79,8 +79,7 @@ class TextSource:
             vocab = int(tokens.max()) + 1 if tokens.size else 1
         else:
             vocab = int_arg("vocab_size", vocab_size, lo=1)
-            if tokens.size and np.issubdtype(tokens.dtype, np.integer) and int(tokens.max()) >= vocab:
-                raise ValueError(f"tokens must be ids in [0, vocab_size={vocab}), got ids up to {int(tokens.max())}")
+            check_token_ids(tokens, vocab, "tokens must be ids")
         return cls("<array>", None, {"vocab_size": vocab, "source": "array"}, tokens, tokens)
 
     def describe(self) -> dict:

@@ -352,6 +352,7 @@ def maybe_initialize_distributed(force: Optional[bool] = None) -> bool:
     reason, kwargs = settings
     if jax.distributed.is_initialized():  # the caller did it already
         _INITIALIZED = True
+        _no_compile_cache_on_cpu()
         return True
     log.info("multi-process launch (%s): jax.distributed.initialize(%s)", reason,
              ", ".join(f"{k}={v!r}" for k, v in kwargs.items()))

@@ -327,8 +327,9 @@ def copy_tokenizer(run_dir, ds_dir, tokenizer=None) -> None:
         if old is not None and (old / TOKENIZER_DIR).exists() and not dest.exists():
             try:  # the new one could not be put in place: keep the previous one
                 os.rename(old / TOKENIZER_DIR, dest)
-            except OSError:
-                pass
+            except OSError as e2:
+                log.warning("the previous tokenizer of %s is kept in %s (%s)", run_dir, old, e2)
+                old = None  # never deleted: it is the only copy
         log.warning("could not copy the tokenizer into %s: %s", run_dir, e)
     finally:
         for d in (tmp, old):
@@ -474,7 +475,13 @@ def dataset_changes(saved: Optional[dict], dataset: dict) -> List[str]:
     if not isinstance(old, dict):
         return []
     common = (set(old) & set(dataset)) - {"dir"}
-    return config_diff(_json({k: old[k] for k in common}), _json({k: dataset[k] for k in common}))
+
+    def absolute(record):  # a source spec as run.yaml records it (local paths absolute)
+        record = {k: record[k] for k in common}
+        if isinstance(record.get("source"), str):
+            record["source"] = _absolute_paths({"data": record["source"]})["data"]
+        return _json(record)
+    return config_diff(absolute(old), absolute(dataset))
 
 
 # ============================================================================ load

@@ -316,12 +316,14 @@ def _non_finite(metrics) -> Dict[str, float]:
 
 
 @jax.jit
-def _all_finite(tree) -> jax.Array:
-    """Whether every float in ``tree`` is finite (a scalar, the same on every process)."""
+def _all_finite(params, opt_state) -> jax.Array:
+    """Whether every float of ``params`` and every float array (``ndim >= 1``: Adam's moments; not
+    a scalar such as a best-so-far value that starts at inf) of ``opt_state`` is finite (a
+    scalar, the same on every process)."""
     import jax.numpy as jnp
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-              if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+    leaves = jax.tree.leaves(params) + [x for x in jax.tree.leaves(opt_state) if jnp.ndim(x) >= 1]
+    checks = [jnp.all(jnp.isfinite(x)) for x in leaves if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.bool_(True)
 
 
 def _diverged(bad: Dict[str, object], done: int, last_checkpoint: Optional[int], run_dir) -> TrainingDiverged:
@@ -638,7 +640,7 @@ def _train(model_config, tc, *, run_dir, is_main, multi, resume, progress, stop_
                 health = last_train if do_log else jax.device_get(
                     {k: metrics[k] for k in ("loss", "grad_norm")})
                 bad = _non_finite(health)
-                if do_ckpt and not bad and not bool(_all_finite((params, opt_state))):
+                if do_ckpt and not bad and not bool(_all_finite(params, opt_state)):
                     # a finite loss whose update overflowed: the state to save is not finite
                     bad = {"parameters or optimizer state": "not finite"}
                 if bad:  # never checkpoint NaN: keep_checkpoints would prune the finite ones
