@@ -147,7 +147,7 @@ def test_mamba_family_names_still_work_with_nanogpt_groups():
     assert set(c.replace(weight_decay_groups="nanogpt").weight_decay_names()[0]) == {"A_log", "D", "dt_bias", "embedding"}
 
 
-def test_trainer_mask_exempts_the_denseformer_embedding(monkeypatch):
+def test_trainer_mask_follows_the_denseformer_groups(monkeypatch):
     import jaxformers.training.trainer as trainer
     from jaxformers.training import TrainConfig
 
@@ -157,7 +157,7 @@ def test_trainer_mask_exempts_the_denseformer_embedding(monkeypatch):
     c = DenseFormerConfig.from_base("gpt", "tiny", **SMALL)
     trainer.train_program(c, TrainConfig(steps=2, batch_size=2, seq_len=8), make_mesh(), "float32",
                           trainer.get_loss("cross_entropy"))
-    assert seen["m"]["embed"]["embedding"] is False
+    assert seen["m"]["embed"]["embedding"] is False and seen["m"]["dwa_alpha"] is True
 
 
 def test_experiment_arms_all_use_the_authors_grouping():
@@ -180,19 +180,6 @@ def test_decay_mask_refuses_a_bare_string_and_contradictions():
         decay_mask(specs, params, ("w",), ("w",))
     assert decay_mask(specs, params, ("A_log",)) == {"A_log": False, "w": True}
     assert decay_mask({"v": None}, {"v": jnp.zeros(3)}, (), ("v",)) == {"v": True}
-
-
-def test_trainer_mask_decays_the_dwa_weights(monkeypatch):
-    import jaxformers.training.trainer as trainer
-    from jaxformers.training import TrainConfig
-
-    seen = {}
-    real = trainer.make_optimizer
-    monkeypatch.setattr(trainer, "make_optimizer", lambda tc, mask=None: seen.setdefault("m", mask) and real(tc, mask))
-    c = DenseFormerConfig.from_base("gpt", "tiny", **SMALL)
-    trainer.train_program(c, TrainConfig(steps=2, batch_size=2, seq_len=8), make_mesh(), "float32",
-                          trainer.get_loss("cross_entropy"))
-    assert seen["m"]["dwa_alpha"] is True
 
 
 # ----------------------------------------------------------------------------- new bugs
