@@ -102,18 +102,51 @@ def unknown_names(axes, rules) -> Tuple[str, ...]:
 def constrain(x, axes: Sequence[str]):
     """Annotate activation ``x`` ``[d0, ..., dn]`` with one logical axis name (or ``None``) per
     dimension (no-op without rules/mesh).  ``ValueError`` if the number of names is not
-    ``x.ndim``, or (while rules are active) for a name the rules do not cover."""
-    axes = tuple(axes)
+    ``x.ndim``, for an entry that is not a name, ``None`` or a tuple (e.g. an int), or (while
+    rules are active) for a name the rules do not cover.
+
+    A dimension may also name mesh axes directly, as a tuple (``(("data", "fsdp"), None)``):
+    that dimension is split over them as they stand, before any rule is applied (a rule asking
+    for one of them then leaves its dimension whole); ``ValueError`` for a tuple holding
+    anything but mesh axes of the rules, or for a mesh axis named in two dimensions."""
+    axes = tuple(tuple(a) if isinstance(a, list) else a for a in axes)
     if hasattr(x, "ndim") and len(axes) != x.ndim:
         raise ValueError(f"constrain: axes={axes} names {len(axes)} dimensions, the array has shape "
                          f"{tuple(x.shape)}")
+    odd = [a for a in axes if not (a is None or isinstance(a, (str, tuple)) or a is P.UNCONSTRAINED)]
+    if odd:  # flax: a pytree structure error
+        raise ValueError(f"constrain: axes={axes} holds {odd}: each dimension takes a logical axis name "
+                         "(str), None, or a tuple of mesh axis names")
     rules = nn.get_logical_axis_rules()
-    if rules:
-        unknown = unknown_names(axes, rules)
-        if unknown:
-            raise ValueError(f"constrain: logical axis name(s) {list(unknown)} have no rule (inside a tuple: "
-                             f"are not mesh axes of the rules); known: {sorted({name for name, _ in rules})}")
-    return nn.with_logical_constraint(x, axes)
+    if not rules:
+        return x
+    bad = [a for a in axes if isinstance(a, tuple) and not all(isinstance(m, str) for m in a)]
+    if bad:
+        raise ValueError(f"constrain: axes={axes}: a tuple in one dimension must hold mesh axis names "
+                         f"(str), got {bad}; use None for a dimension left whole")
+    unknown = unknown_names(axes, rules)
+    if unknown:
+        raise ValueError(f"constrain: logical axis name(s) {list(unknown)} have no rule (inside a tuple: "
+                         f"are not mesh axes of the rules); known: {sorted({name for name, _ in rules})}")
+    direct = [m for a in axes if isinstance(a, tuple) for m in a]
+    twice = sorted({m for m in direct if direct.count(m) > 1})
+    if twice:
+        raise ValueError(f"constrain: axes={axes} names mesh axis/axes {twice} in more than one dimension "
+                         "(a mesh axis can split only one dimension of an array)")
+    # flax takes a nested tuple for a pytree of specs (a pytree error), so each tuple dimension
+    # gets a name of its own, with a rule to its mesh axes placed first: flax's semantics of a
+    # tuple dimension (assigned before any rule), its no-op without a mesh kept
+    names, extra = [], []
+    for i, a in enumerate(axes):
+        if isinstance(a, tuple):
+            name = f"__mesh_axes_{i}__"
+            names.append(name)
+            extra.append((name, a if a else None))
+        else:
+            names.append(a)
+    if not extra:
+        return nn.with_logical_constraint(x, axes)
+    return nn.with_logical_constraint(x, tuple(names), rules=tuple(extra) + tuple(rules))
 
 
 def param_init(init, axes: Sequence[str]):

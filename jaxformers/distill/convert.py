@@ -46,6 +46,12 @@ STUDENTS = ("mamba2", "hybrid")
 _COPIED = ("vocab_size", "d_model", "n_layer", "max_seq_len", "norm", "norm_eps", "tie_embeddings", "init_std",
            "scale_residual_init", "dtype", "param_dtype", "residual_fp32", "n_head", "n_kv_head", "head_dim", "d_ff",
            "mlp", "rope_theta", "attention_impl", "window", "skip_gains")
+# What the copied weights need to compute as in the teacher (shapes, norms, numerics, the kept
+# attention layers).  Not ``weight_decay_groups``: it says how the teacher was optimised, not
+# what its weights compute, and the student trains under its own recipe (its SSM parameters
+# and its family's ``no_weight_decay`` names are new): it keeps the hybrid default ("shape")
+# whatever the teacher's, and ``student_config(teacher, weight_decay_groups="nanogpt")`` asks
+# for the other groups.
 
 
 def student_config(teacher, student: str = "mamba2", attn_layers: Sequence[int] = (), **overrides):

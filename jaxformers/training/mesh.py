@@ -141,7 +141,8 @@ def logical_to_sharding(logical_specs, mesh, rules=DEFAULT_RULES):
 
     Leaves without logical names (``None`` or an empty spec) are replicated.  ``ValueError``
     naming the leaf for a logical name that no rule covers (flax would replicate that dimension
-    silently; a ``(name, None)`` rule asks for replication).
+    silently; a ``(name, None)`` rule asks for replication), or for a name inside a tuple
+    dimension (mesh axes as they stand) that is not a mesh axis of the rules.
     """
     def one(path, spec):
         if spec is None:
@@ -149,7 +150,8 @@ def logical_to_sharding(logical_specs, mesh, rules=DEFAULT_RULES):
         unknown = unknown_names(spec, rules)
         if unknown:
             raise ValueError(f"{jax.tree_util.keystr(path) or 'spec'} {spec}: logical axis name(s) "
-                             f"{list(unknown)} have no rule; known: {sorted({n for n, _ in rules})}")
+                             f"{list(unknown)} have no rule (inside a tuple: are not mesh axes of the rules); "
+                             f"known: {sorted({n for n, _ in rules})}")
         return nn.logical_to_mesh_sharding(spec, mesh, rules)
 
     return jax.tree_util.tree_map_with_path(one, logical_specs,

@@ -299,10 +299,50 @@ def write_summary(run_dir, summary: dict) -> None:
     atomic_write(Path(run_dir) / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
 
 
+def _recover_tokenizer_leftovers(run_dir) -> None:
+    """Clean up after a :func:`copy_tokenizer` killed between its renames: stale
+    ``.tokenizer.tmp-*`` folders (a staged copy, perhaps incomplete) are removed; when
+    ``tokenizer/`` is missing and exactly one ``.tokenizer.old-*/tokenizer`` exists, that is the
+    previous tokenizer (moved aside, the new one not yet in place): it is put back as
+    ``tokenizer/``; then the ``.tokenizer.old-*`` folders are removed.  Several candidates with
+    ``tokenizer/`` missing: nothing is guessed, they are kept and named in a warning.  Best effort
+    (process 0 only, under the run lock, like :func:`copy_tokenizer`)."""
+    import shutil
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return
+    dest = run_dir / TOKENIZER_DIR
+    try:
+        for d in run_dir.glob(f".{TOKENIZER_DIR}.tmp-*"):
+            if d.is_dir() and not d.is_symlink():
+                shutil.rmtree(d, ignore_errors=True)
+        olds = [d for d in run_dir.glob(f".{TOKENIZER_DIR}.old-*") if d.is_dir() and not d.is_symlink()]
+        if not olds:
+            return
+        if not (dest.exists() or dest.is_symlink()):
+            kept = [d for d in olds if (d / TOKENIZER_DIR).exists()]
+            if len(kept) > 1:
+                log.warning("%s has no %s/ and several previous tokenizers %s: none restored, they are kept",
+                            run_dir, TOKENIZER_DIR, sorted(str(d) for d in kept))
+                return
+            if kept:
+                os.rename(kept[0] / TOKENIZER_DIR, dest)
+                fsync_dir(run_dir)
+                log.info("restored the previous tokenizer of %s from %s", run_dir, kept[0])
+        for d in olds:
+            shutil.rmtree(d, ignore_errors=True)
+    except OSError as e:
+        log.warning("could not clean up the tokenizer leftovers of %s: %s", run_dir, e)
+
+
 def copy_tokenizer(run_dir, ds_dir, tokenizer=None) -> None:
     """Save the data's tokenizer into ``run_dir/tokenizer`` (for generation); best effort.
     ``tokenizer``: the source's tokenizer object when it has one (a multi-domain source has no
-    dataset dir), else the one of the prepared dataset ``ds_dir`` (``None``: nothing to save)."""
+    dataset dir), else the one of the prepared dataset ``ds_dir`` (``None``: nothing to save).
+    First cleans up what an earlier call killed between its renames left behind
+    (:func:`_recover_tokenizer_leftovers`: a tokenizer that was only in a ``.tokenizer.old-*``
+    folder is put back, then replaced as usual)."""
+    _recover_tokenizer_leftovers(run_dir)
     if ds_dir is None and tokenizer is None:
         return
     import shutil
