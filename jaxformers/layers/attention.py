@@ -54,7 +54,8 @@ def write_kv_cache(kv_cache, k, v, cache_index, segment_ids=None, capacity=None)
     if v.shape != k.shape:  # a smaller v would be written partially, a longer one past k's slots
         raise ValueError(f"k and v must have the same shape [B, T, Hkv, Dh], got k {k.shape} and v {v.shape}")
     if capacity is not None:
-        if not (isinstance(capacity, (int, np.integer)) and 0 <= capacity <= s):
+        if not (isinstance(capacity, (int, np.integer)) and not isinstance(capacity, (bool, np.bool_))
+                and 0 <= capacity <= s):
             # a larger one would let writes past S through the checks, then be clamped by XLA
             raise ValueError(f"capacity must be an int in [0, S={s}] (the cache's max_len), got {capacity!r}")
         s = capacity

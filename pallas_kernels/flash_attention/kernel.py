@@ -71,7 +71,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from .masks import MaskSpec, block_id_bounds, blocks_may_interact
-from .reference import check_ids, effective_window, split_segment_ids, static_window
+from .reference import check_ids, effective_window, split_segment_ids, static_sm_scale, static_window
 from .._common import (SQ, AttentionPlan, by_platform, check_flag, check_qkv, compiler_params, idiv,
                        host_int32_ids, int32_ids, is_int, is_tpu_interpret, next_pow2, resolve_interpret, round_up,
                        select_plan)
@@ -157,10 +157,9 @@ def _is_pow2(x) -> bool:
 
 # ----------------------------------------------------------------------- validation
 def _validate(q, k, v, q_ids, kv_ids, window, sm_scale, block_sizes):
-    """The arguments past q/k/v (:func:`check_qkv` has checked those)."""
+    """The arguments past q/k/v (:func:`check_qkv` has checked those; ``window`` and ``sm_scale``
+    are already :func:`static_window` / :func:`static_sm_scale`'s, done by the public entries)."""
     check_ids(q_ids, kv_ids, q.shape[0], q.shape[1], k.shape[1])
-    if window is not None and (not is_int(window) or window <= 0):
-        raise ValueError(f"window must be a positive int or None, got {window!r}")
     if sm_scale is not None and not isinstance(sm_scale, (int, float, np.floating)):
         raise ValueError(f"sm_scale must be a Python float or None, got {type(sm_scale)}")
     if not isinstance(block_sizes, BlockSizes):
@@ -780,34 +779,6 @@ def _host_segment_ids(segment_ids):
             return segment_ids  # split_segment_ids raises the ValueError
         return tuple(host_int32_ids(segment_ids[0], segment_ids[1]))
     return host_int32_ids(segment_ids, segment_ids)[0]
-
-
-def static_sm_scale(sm_scale):
-    """``sm_scale`` as a Python float (it is static: baked into the kernels), or None.
-
-    Concrete scalars of any kind (``0.1``, ``np.float32(0.1)``, ``jnp.float32(0.1)``)
-    are converted; a traced value (computed inside ``jit``), or a value that is not a finite
-    number > 0 (NaN, inf, 0 or negative: NaN / uniform / inverted attention), raises ``ValueError``.
-    """
-    if sm_scale is None:
-        return None
-    if isinstance(sm_scale, float):
-        return _positive_scale(sm_scale)
-    try:
-        value = np.asarray(sm_scale)
-    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-        raise ValueError("sm_scale must be a concrete number (a static argument of the kernels), "
-                         "got a traced value: pass a Python float, or compute it outside jit") from None
-    if value.shape != () or value.dtype == bool or not (np.issubdtype(value.dtype, np.floating)
-                                                        or np.issubdtype(value.dtype, np.integer)):
-        raise ValueError(f"sm_scale must be a real scalar (Python float) or None, got {sm_scale!r}")
-    return _positive_scale(float(value))
-
-
-def _positive_scale(value: float) -> float:
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"sm_scale must be a finite number > 0 (None: 1/sqrt(head_dim)), got {value!r}")
-    return value
 
 
 def flash_attention(q, k, v, *, causal=True, segment_ids=None, window=None, sm_scale=None,

@@ -6,6 +6,8 @@ absolute position ``Tk - Tq + i``.  Rows that see no key return zeros.
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,8 +21,10 @@ def attention_mask(tq: int, tk: int, causal: bool = True, window: int | None = N
 
     Query ``i`` is at position ``Tk - Tq + i``.  causal: ``j <= pos``; with
     ``window`` w: ``pos - w < j`` (non-causal: ``|pos - j| < w``); with segment
-    ids ``q_ids [B, Tq]`` / ``kv_ids [B, Tk]``: ``q_ids[i] == kv_ids[j]``.
+    ids ``q_ids [B, Tq]`` / ``kv_ids [B, Tk]``: ``q_ids[i] == kv_ids[j]``.  ``window``: as for the
+    kernel (:func:`static_window`: a window <= 0 hid every key, silently).
     """
+    window = static_window(window)
     pos = (tk - tq) + jnp.arange(tq, dtype=jnp.int32)[:, None]
     j = jnp.arange(tk, dtype=jnp.int32)[None, :]
     mask = jnp.ones((tq, tk), dtype=bool)
@@ -91,6 +95,45 @@ def static_window(window):
     return int(value)
 
 
+def static_sm_scale(sm_scale):
+    """``sm_scale`` as a Python float (it is static: baked into the kernels), or None.
+
+    Concrete scalars of any kind (``0.1``, ``np.float32(0.1)``, ``jnp.float32(0.1)``)
+    are converted; a traced value (computed inside ``jit``), or a value that is not a finite
+    number > 0 (NaN, inf, 0 or negative: NaN / uniform / inverted attention), raises ``ValueError``.
+    """
+    if sm_scale is None:
+        return None
+    if isinstance(sm_scale, float):
+        return _positive_scale(sm_scale)
+    try:
+        value = np.asarray(sm_scale)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        raise ValueError("sm_scale must be a concrete number (a static argument of the kernels), "
+                         "got a traced value: pass a Python float, or compute it outside jit") from None
+    if value.shape != () or value.dtype == bool or not (np.issubdtype(value.dtype, np.floating)
+                                                        or np.issubdtype(value.dtype, np.integer)):
+        raise ValueError(f"sm_scale must be a real scalar (Python float) or None, got {sm_scale!r}")
+    return _positive_scale(float(value))
+
+
+def _positive_scale(value: float) -> float:
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"sm_scale must be a finite number > 0 (None: 1/sqrt(head_dim)), got {value!r}")
+    return value
+
+
+def reference_sm_scale(sm_scale, d: int):
+    """The oracles' logit scale: ``d ** -0.5`` for None; a concrete value must pass the kernels'
+    rule (:func:`static_sm_scale`: a finite real scalar > 0, else ``ValueError``); a traced one
+    (the oracles are plain JAX, e.g. differentiated in the scale) is used as it is, unchecked."""
+    if sm_scale is None:
+        return d ** -0.5
+    if isinstance(sm_scale, jax.core.Tracer):
+        return sm_scale
+    return static_sm_scale(sm_scale)
+
+
 def effective_window(window, tq: int, tk: int):
     """``window``, or None when it hides nothing: ``|pos - j| <= max(Tq, Tk) - 1`` for every
     query / key pair, so a wider window (e.g. ``2**31 - 1`` as "unbounded") is no window, and
@@ -102,7 +145,8 @@ def reference(q, k, v, *, causal=True, segment_ids=None, window=None, sm_scale=N
               block_sizes=None, interpret=None):
     """``softmax(q k^T * sm_scale + mask) v`` in float32; returns ``[B, Tq, Hq, D]`` in q.dtype.
 
-    Float64 inputs (``jax_enable_x64``) are computed in float32 too (float64 result at
+    ``sm_scale``: a concrete value must be a finite number > 0 as for the kernel (else
+    ``ValueError``); a traced one is used unchecked.  Float64 inputs (``jax_enable_x64``) are computed in float32 too (float64 result at
     float32 precision, like the kernel).  ``block_sizes`` and ``interpret`` are accepted
     (and ignored) so the oracle
     is call-compatible with :func:`flash_attention`.
@@ -116,7 +160,7 @@ def reference(q, k, v, *, causal=True, segment_ids=None, window=None, sm_scale=N
     b, tq, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     g = hq // hkv
-    scale = d ** -0.5 if sm_scale is None else sm_scale
+    scale = reference_sm_scale(sm_scale, d)
     q_ids, kv_ids = split_segment_ids(segment_ids, tq, tk)
     check_ids(q_ids, kv_ids, b, tq, tk)
     window = effective_window(window, tq, tk)

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from .._common import check_flag, check_qkv, is_int
+from ..flash_attention.reference import reference_sm_scale
 
 
 def check_block_size(block_size, name: str = "block_size") -> None:
@@ -41,6 +42,11 @@ def _validate(q, k, v, block_size, q_offset=None) -> None:
     if q_offset is None and tq > t:
         raise ValueError(f"q has more positions than k (Tq={tq} > T={t}): the queries are the last Tq "
                          "of the T key positions unless q_offset is given")
+    if q_offset is not None and (getattr(q_offset, "ndim", 0) != 0 or not (
+            is_int(q_offset) or jnp.issubdtype(getattr(q_offset, "dtype", bool), jnp.integer))):
+        # a float (1.5) made fractional positions: blocks and causal edges off, silently
+        raise ValueError(f"q_offset must be an integer scalar (Python / numpy int or a 0-d integer "
+                         f"array, may be traced), got {q_offset!r}")
     if q_offset is not None and not isinstance(q_offset, jax.core.Tracer) \
             and not 0 <= int(q_offset) <= t - tq:
         raise ValueError(f"q_offset must be in [0, T - Tq = {t - tq}] (queries at q_offset .. "
@@ -110,14 +116,16 @@ def landmark_attention_reference(q, k, v, *, block_size: int, sm_scale=None, q_o
     Raises:
       ValueError naming the argument unless q, k, v have rank 4, k and v one shape, q and k
       one batch size and head dim, ``Hq % Hkv == 0``, ``block_size`` is an int >= 2,
-      ``chunk_len`` None or a positive multiple of it, and the queries lie within the keys
-      (``0 <= q_offset <= T - Tq`` where ``q_offset`` is concrete; ``Tq <= T`` by default).
+      ``chunk_len`` None or a positive multiple of it, a concrete ``sm_scale`` None or a finite
+      number > 0 (the kernel's rule; a traced one is used unchecked), and the queries lie within the keys
+      (``0 <= q_offset <= T - Tq`` where ``q_offset`` is concrete; ``Tq <= T`` by default);
+      ``q_offset`` must be an integer scalar (not a float or bool).
     """
     _validate(q, k, v, block_size, q_offset)
     b, tq, hq, d = q.shape
     t = k.shape[1]
     L = int(block_size)
-    scale = d ** -0.5 if sm_scale is None else sm_scale
+    scale = reference_sm_scale(sm_scale, d)
     hi = jax.lax.Precision.HIGHEST
     qf = q.astype(jnp.float32)
     kf, vf = (_expand_kv(x, hq).astype(jnp.float32) for x in (k, v))

@@ -1016,7 +1016,9 @@ def _selective_scan_jit(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_soft
         concrete positive ``A`` raises a ``ValueError``; a traced one (under ``jit``) is not
         checked.  B, C: ``[B, L, N]`` or ``[B, L, G, N]`` (channel ``d``
         uses group ``d // (D // G)``).  D, dt_bias: ``[D]``.
-      dt_softplus: ``dt = softplus(dt + dt_bias)``.
+      dt_softplus: ``dt = softplus(dt + dt_bias)``. Without it ``dt + dt_bias``
+        should be ``>= 0``: a negative step makes ``exp(dt * A) > 1`` and the state grow like a
+        positive ``A``; it is not checked (the oracle computes the same growth).
       initial_state: ``[B, D, N]`` state before step 0 (the layout of
         :func:`selective_state_update`'s ``state`` and the Mamba decode cache);
         it only reaches the first segment when ``segment_ids`` are given.

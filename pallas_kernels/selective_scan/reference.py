@@ -4,7 +4,9 @@ Layout is length-major, channels-last (mamba_ssm's ``[B, D, L]`` inputs must be
 transposed): ``x, dt, z: [B, L, D]``, ``A: [D, N]`` (``<= 0``: Mamba's ``-exp(A_log)``),
 ``B, C: [B, L, N]`` or
 ``[B, L, G, N]`` (channel ``d`` uses group ``d // (D // G)``), ``D, dt_bias: [D]``,
-state ``h: [B, D, N]`` float32.  With ``dt = softplus?(dt + dt_bias)`` and
+state ``h: [B, D, N]`` float32.  With ``dt = softplus?(dt + dt_bias)`` (without softplus
+``dt + dt_bias`` should be ``>= 0``: a negative step makes ``exp(dt * A) > 1`` and the state
+grow like a positive ``A``; it is computed as given, unchecked, as the kernels do) and
 ``r_t = 1`` where a packed segment starts (``segment_ids[t] != segment_ids[t-1]``,
 ``t > 0``; else 0)::
 

@@ -603,11 +603,17 @@ def _check_platform(platform):
                          f"counted), got {platform!r}")
 
 
-def _validate(q, k, v, q_lab, k_lab, names, label_kind, block_q, block_k):
-    """The kernels' input checks (a ``ValueError`` naming the argument)."""
+def validate_inputs(q, k, v, q_lab, k_lab, names, label_kind):
+    """The kernels' array checks, shared with the oracles (:mod:`.reference`): q/k/v
+    (:func:`check_qkv`, self-attention) and the labels' shapes and dtype (:func:`_check_labels`)."""
     check_qkv(q, k, v, self_attention=True)
     (b, t, hq), hkv = q.shape[:3], k.shape[2]
     _check_labels(q_lab, k_lab, names, label_kind, b, t, hq, hkv)
+
+
+def _validate(q, k, v, q_lab, k_lab, names, label_kind, block_q, block_k):
+    """The kernels' input checks (a ``ValueError`` naming the argument)."""
+    validate_inputs(q, k, v, q_lab, k_lab, names, label_kind)
     _check_blocks(block_q, block_k)
 
 

@@ -654,7 +654,9 @@ def _ssd_jit(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False,
         ``jit``) is not checked.
       B, C: ``[B, L, G, N]`` (head ``h`` uses group ``h // (H // G)``).
       D: ``[H]`` or ``[H, P]`` skip; z: like x, ``y *= silu(z)``.
-      dt_bias: ``[H]``; dt_softplus: ``dt = softplus(dt + dt_bias)``.
+      dt_bias: ``[H]``; dt_softplus: ``dt = softplus(dt + dt_bias)``. Without it ``dt + dt_bias``
+        should be ``>= 0``: a negative step makes ``exp(dt * A) > 1`` and the state grow like a
+        positive ``A``; it is not checked (the oracle computes the same growth).
       initial_state: ``[B, H, P, N]`` state before step 0 (the layout of
         :func:`ssd_state_update`'s ``state`` and the Mamba-2 decode cache); it only
         reaches the first segment when ``segment_ids`` are given.

@@ -3,7 +3,9 @@
 Length-major layout: ``x: [B, L, H, P]``, ``dt: [B, L, H]``, ``A: [H]`` (negative
 real: one scalar decay per head), ``B, C: [B, L, G, N]`` (head ``h`` uses group
 ``h // (H // G)``), ``D: [H]`` or ``[H, P]``, ``z`` like ``x``, states
-``[B, H, P, N]`` float32.  Per head, with ``dt = softplus?(dt + dt_bias)`` and
+``[B, H, P, N]`` float32.  Per head, with ``dt = softplus?(dt + dt_bias)`` (without softplus
+``dt + dt_bias`` should be ``>= 0``: a negative step makes ``exp(dt * A) > 1`` and the state
+grow like a positive ``A``; it is computed as given, unchecked, as the kernels do) and
 ``r_t = 1`` where a packed segment starts (``segment_ids[t] != segment_ids[t-1]``,
 ``t > 0``; else 0)::
 
