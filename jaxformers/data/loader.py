@@ -255,10 +255,9 @@ def _shortest_row(task: str, p: Mapping[str, int]) -> int:
     """The shortest row a task of row-length examples (copying, passkey) fits in (1: no minimum
     known here; the task itself checks the rest)."""
     if task == "copying":
-        return 4  # BOS x SEP x
+        return synthetic.COPYING_MIN_LENGTH
     if task == "passkey" and 1 <= p["n_digits"] <= 18:
-        n = p["n_digits"]
-        return len(synthetic._needle("0" * n)) + len(synthetic._QUESTION) + n
+        return synthetic.passkey_min_length(p["n_digits"])
     return 1
 
 

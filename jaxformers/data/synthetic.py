@@ -178,6 +178,10 @@ def draw_split(make, n: int, seed: int, split=None, prompt_len=None) -> tuple[np
 # ---------------------------------------------------------------------------
 # copying
 
+#: the shortest copying sequence: ``BOS x SEP x``
+COPYING_MIN_LENGTH = 4
+
+
 def copying(n: int, seq_len: int, vocab: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Copy a random segment: ``BOS x_1..x_L SEP x_1..x_L [PAD]``.
 
@@ -187,8 +191,8 @@ def copying(n: int, seq_len: int, vocab: int, seed: int = 0) -> tuple[np.ndarray
     """
     n = _check_n("copying", n)
     seq_len, vocab = _int("copying", "seq_len", seq_len), _int("copying", "vocab", vocab)
-    if seq_len < 4:
-        raise ValueError(f"copying: seq_len must be >= 4, got {seq_len}")
+    if seq_len < COPYING_MIN_LENGTH:
+        raise ValueError(f"copying: seq_len must be >= {COPYING_MIN_LENGTH}, got {seq_len}")
     if vocab <= N_SPECIAL:
         raise ValueError(f"copying: vocab must be > {N_SPECIAL} (the special ids), got {vocab}")
     if vocab > 2 ** 31:
@@ -256,6 +260,11 @@ def _needle(key: str) -> str:
     return f" The pass key is {key}. Remember it. {key} is the pass key. "
 
 
+def passkey_min_length(n_digits: int) -> int:
+    """The shortest passkey sequence for ``n_digits``: needle, question and answer, no filler."""
+    return len(_needle("0" * n_digits)) + len(_QUESTION) + n_digits
+
+
 def passkey(n: int, length: int, n_digits: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Find a number hidden in filler text (byte-level, ASCII ids, vocab 256).
 
@@ -272,7 +281,7 @@ def passkey(n: int, length: int, n_digits: int = 5, seed: int = 0) -> tuple[np.n
     length, n_digits = _int("passkey", "length", length), _int("passkey", "n_digits", n_digits)
     if not 1 <= n_digits <= 18:
         raise ValueError(f"passkey: n_digits must be in [1, 18], got {n_digits}")
-    fixed = len(_needle("0" * n_digits)) + len(_QUESTION) + n_digits
+    fixed = passkey_min_length(n_digits)
     if length < fixed:
         raise ValueError(f"passkey: length must be >= {fixed} for n_digits={n_digits}, got {length}")
     rng = _rng("passkey", seed)
