@@ -175,6 +175,29 @@ class SyntheticSource:
         return iterate_rows(self.split_rows(seq_len, split), batch_size, max_batches, **process)
 
 
+def absolute_data_spec(data: str) -> str:
+    """``data`` as a spec that means the same files from any working directory (what a run's
+    ``run.yaml`` records), dispatched as :func:`open_data` does: a prepared dataset folder or a
+    local corpus file / folder becomes its absolute path, a ``domains:`` spec has its local
+    sources made absolute (:func:`~jaxformers.data.domains.absolute_source_paths`), anything else
+    (``synthetic:``, ``hf:``, built-in corpora, a path that does not exist here) is kept."""
+    from .corpus import resolve_corpus
+    from .domains import absolute_source_paths
+
+    if data.startswith(SYNTHETIC_PREFIX) or data.startswith("hf:"):
+        return data
+    if data.startswith(DOMAINS_PREFIX):
+        return absolute_source_paths(data)
+    path = Path(data).expanduser()
+    if (path / "meta.json").is_file():  # a prepared dataset (open_dataset reads it first)
+        return str(path.resolve())
+    try:
+        src = resolve_corpus(data)
+    except Exception:  # noqa: BLE001 - not resolvable here: kept as given
+        return data
+    return str(src.path) if src.kind == "path" else data
+
+
 def open_data(data, tokenizer: str = "byte"):
     """A :class:`TextSource` or :class:`SyntheticSource` for a data spec (see the module docstring);
     a 1-D array of token ids gives a text source over that array."""

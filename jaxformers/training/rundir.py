@@ -258,27 +258,15 @@ def write_run_file(run_dir, model_config, train_config: TrainConfig) -> Path:
 
 
 def _absolute_paths(train: dict) -> dict:
-    """``train`` with its local file-system paths made absolute (``data`` naming an existing file or
-    folder, an ``hf:DIR`` tokenizer's folder, ``out_dir``, an existing ``init_from``), so ``run.yaml``
-    means the same files from any working directory, and so are the local file/folder sources
-    of a ``domains:...`` spec (:func:`~jaxformers.data.domains.absolute_source_paths`: the rest of
-    the spec byte for byte); other specs (built-in corpora, ``hf:NAME`` datasets,
-    ``synthetic:...``) are kept as given."""
+    """``train`` with its local file-system paths made absolute (``data``:
+    :func:`~jaxformers.data.sources.absolute_data_spec`; an ``hf:DIR`` tokenizer's folder,
+    ``out_dir``, an existing ``init_from``), so ``run.yaml`` means the same files from any
+    working directory."""
+    from ..data.sources import absolute_data_spec
+
     train = dict(train)
-    data = train.get("data")
-    if isinstance(data, str) and (Path(data).expanduser() / "meta.json").is_file():
-        train["data"] = str(Path(data).expanduser().resolve())  # a prepared dataset (open_dataset)
-    elif isinstance(data, str) and data.startswith("domains:"):
-        from ..data.domains import absolute_source_paths
-        train["data"] = absolute_source_paths(data)  # only its local-path sources
-    elif isinstance(data, str) and not data.startswith(("synthetic:", "hf:")):
-        try:
-            from ..data.corpus import resolve_corpus
-            src = resolve_corpus(data)
-        except Exception:  # noqa: BLE001 - not resolvable here: kept as given
-            src = None
-        if src is not None and src.kind == "path":
-            train["data"] = str(src.path)
+    if isinstance(train.get("data"), str):
+        train["data"] = absolute_data_spec(train["data"])
     tok = train.get("tokenizer")
     if isinstance(tok, str) and tok.strip().startswith("hf:"):
         d = Path(tok.strip()[3:]).expanduser()
@@ -514,12 +502,14 @@ def dataset_changes(saved: Optional[dict], dataset: dict) -> List[str]:
     old = (saved or {}).get("dataset")
     if not isinstance(old, dict):
         return []
+    from ..data.sources import absolute_data_spec
+
     common = (set(old) & set(dataset)) - {"dir"}
 
     def absolute(record):  # a source spec as run.yaml records it (local paths absolute)
         record = {k: record[k] for k in common}
         if isinstance(record.get("source"), str):
-            record["source"] = _absolute_paths({"data": record["source"]})["data"]
+            record["source"] = absolute_data_spec(record["source"])
         return _json(record)
     return config_diff(absolute(old), absolute(dataset))
 
