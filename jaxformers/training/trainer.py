@@ -279,10 +279,7 @@ class _StopVote:
         """The agreed signal after the current step (``None``: go on); call once per step."""
         if not self.multi:
             return signum
-        local = np.full((jax.local_device_count(),), signum or 0, np.int32)
-        vote = self._max(jax.make_array_from_process_local_data(self._sharding, local,
-                                                                (jax.device_count(),)))
-        previous, self._pending = self._pending, vote
+        previous, self._pending = self._pending, self._vote(signum)
         if previous is None:
             return None
         return int(previous) or None
@@ -293,9 +290,12 @@ class _StopVote:
         checkpoint is read by no step's vote)."""
         if not self.multi:
             return signum
+        return int(self._vote(signum)) or None
+
+    def _vote(self, signum: Optional[int]) -> jax.Array:
+        """The maximum over processes of each one's signal (0 = none), not yet read."""
         local = np.full((jax.local_device_count(),), signum or 0, np.int32)
-        return int(self._max(jax.make_array_from_process_local_data(self._sharding, local,
-                                                                    (jax.device_count(),)))) or None
+        return self._max(jax.make_array_from_process_local_data(self._sharding, local, (jax.device_count(),)))
 
 
 def _train_row(done: int, metrics: dict, tokens_per_s, tokens: int) -> dict:
