@@ -32,14 +32,8 @@ class ConfigMixin:
         check_fields(type(self), overrides)
         if "model" in overrides and overrides["model"] != getattr(self, "model", None):
             from .registry import get_spec
-            spec = get_spec(overrides["model"])
-            if type(self) is not spec.config_cls:
-                raise ValueError(
-                    f"model={overrides['model']!r} needs a {spec.config_cls.__name__}, this config is a "
-                    f"{type(self).__name__} (model {getattr(self, 'model', None)!r}): replace(model=...) "
-                    f"cannot change the family; build it with get_config({overrides['model']!r}, preset, "
-                    "**fields)")
-        return dataclasses.replace(self, **overrides)
+            get_spec(overrides["model"])  # an unknown name -> ValueError naming the registered ones
+        return dataclasses.replace(self, **overrides)  # another family's name: __post_init__ refuses it
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -147,6 +141,8 @@ class ModelConfig(ConfigMixin):
     def __post_init__(self):
         for name in ("dtype", "param_dtype"):  # a dtype object -> its name (JSON / run files hold names)
             object.__setattr__(self, name, dtype_name(name, getattr(self, name)))
+        from .registry import check_config_class
+        check_config_class(self)  # model= names an architecture built from exactly this class
         self.validate()
 
     def validate(self) -> None:

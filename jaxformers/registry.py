@@ -93,14 +93,33 @@ def config_from_dict(values: dict) -> ModelConfig:
     return spec.config_cls(**values)
 
 
+def check_config_class(config: ModelConfig) -> None:
+    """``ValueError`` unless ``config.model`` is built from exactly ``type(config)``.
+
+    A config of another class than the one registered for its ``model`` would build that model
+    with some fields dropped or ignored (e.g. ``DenseFormerConfig(model="gpt")``: a plain GPT, the
+    DWA fields ignored; a subclass is no exception).  Every config checks this when it is made
+    (``ModelConfig.__post_init__``) and ``build`` again.  A name nobody registered passes here
+    (``build`` then refuses it) unless ``type(config)`` is registered under other names.
+    """
+    _ensure_loaded()
+    name, cls = getattr(config, "model", None), type(config)
+    spec = _REGISTRY.get(name) if isinstance(name, str) else None
+    if spec is not None and cls is spec.config_cls:
+        return
+    if spec is not None:
+        raise ValueError(
+            f"model={name!r} needs a {spec.config_cls.__name__}, this config is a {cls.__name__}: fields "
+            f"would be dropped or ignored; build it with get_config({name!r}, preset, **fields)")
+    own = sorted(n for n, s in _REGISTRY.items() if s.config_cls is cls)
+    if own:
+        raise ValueError(f"model={name!r} is not allowed for a {cls.__name__}: choose one of {own}")
+
+
 def build(config: ModelConfig):
     """The ``flax.linen.Module`` for ``config`` (look-up by ``config.model``)."""
     if not isinstance(config, ModelConfig):
         raise ValueError(f"config must be a ModelConfig (from get_config), got {type(config).__name__}")
     spec = get_spec(config.model)
-    if not isinstance(config, spec.config_cls):
-        raise ValueError(
-            f"config for model {config.model!r} must be a {spec.config_cls.__name__}, "
-            f"got {type(config).__name__}"
-        )
+    check_config_class(config)
     return spec.module_cls(config)

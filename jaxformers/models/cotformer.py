@@ -137,10 +137,7 @@ class CoTFormerConfig(TransformerConfig):
         return self.n_layer_begin <= layer < self.n_layer - self.n_layer_end
 
     def validate(self) -> None:
-        super().validate()
-        # another model name (e.g. "gpt") would build that model from this config, the repeat
-        # fields silently ignored: build() accepts any TransformerConfig subclass for it
-        _choice("model", self.model, COTFORMER_MODELS)
+        super().validate()  # model= was checked first (registry.check_config_class)
         for name in ("n_repeat",):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:

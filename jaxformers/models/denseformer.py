@@ -108,10 +108,7 @@ class DenseFormerConfig(TransformerConfig):
     nanogpt_weight_decay = ("dwa_alpha", "attn_skip_gain", "mlp_skip_gain")
 
     def validate(self) -> None:
-        super().validate()
-        # another model name would build that model from this config (e.g. a plain GPT, the DWA
-        # fields silently ignored): build() accepts any TransformerConfig subclass for it
-        _choice("model", self.model, ("denseformer",))
+        super().validate()  # model= was checked first (registry.check_config_class)
         _choice("base", self.base, BASES)
         _choice("dwa_mode", self.dwa_mode, DWA_MODES)
         allowed = list(range(1, self.n_layer + 1))

@@ -134,8 +134,7 @@ class SCFAConfig(TransformerConfig):
         return self.sparse_layers is None or i in self.sparse_layers
 
     def validate(self) -> None:
-        super().validate()
-        _choice("model", self.model, tuple(KINDS))
+        super().validate()  # model= was checked first (registry.check_config_class)
         _choice("sparse_impl", self.sparse_impl, SPARSE_IMPLS)
         nb = self.n_buckets
         if not isinstance(nb, int) or isinstance(nb, bool) or nb < 1 or (nb > 1 and nb % 2):
