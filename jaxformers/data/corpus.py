@@ -200,7 +200,9 @@ def _read_text(path: Path) -> str:
 
     Memory: the file's bytes and its decoded text are held at once (about twice the file's size
     for ASCII text at the peak); a Python string cannot be built without its source, so split a
-    file too large for that into several files of one folder.
+    file too large for that into several files of one folder.  (:func:`~.prepare.prepare` with the
+    ``byte`` tokenizer does not read a corpus that is one valid UTF-8 file this way: it copies
+    the file's bytes in chunks.)
     """
     raw = path.read_bytes()
     for bom, codec in _UTF16_32_BOMS:

@@ -16,6 +16,10 @@ break.  The BPE tokenizer is trained on the train documents only.
 Output is staged in a sibling temporary directory and renamed into place, so
 a crash never leaves a directory that looks complete; re-running with the same
 arguments on the same corpus reuses the existing output.
+
+Memory: documents are loaded as Python strings (a file's bytes and its text at once while it is
+read), except for the ``byte`` tokenizer on a corpus that is one valid UTF-8 file, whose bytes
+are copied in chunks of 1 MB (:class:`_ByteFile`: the same output, a few MB whatever its size).
 """
 
 from __future__ import annotations
@@ -188,8 +192,11 @@ def prepare(data: str = "default", tokenizer: str = "byte", out_dir: str | os.Pa
     tok_spec = _canonical_tokenizer(tokenizer)
     out = (Path(out_dir).expanduser() if out_dir is not None
            else default_out_dir(data, tokenizer, val_fraction, seed))
-    docs = load_corpus(data)
-    identity = _identity(src.spec, tok_spec, val_fraction, seed, corpus_fingerprint(docs))
+    # byte tokenizer on one UTF-8 file: read in chunks, never holding its text (see _ByteFile)
+    stream = _ByteFile.open(src) if tok_spec == "byte" else None
+    docs = load_corpus(data) if stream is None else None
+    identity = _identity(src.spec, tok_spec, val_fraction, seed,
+                         corpus_fingerprint(docs) if stream is None else stream.fingerprint)
     hf_tok = None
     if tok_spec.startswith("hf:"):  # its end-of-text id comes from tokenizer_config.json, not the hash
         hf_tok = get_tokenizer(tokenizer)
@@ -207,9 +214,15 @@ def prepare(data: str = "default", tokenizer: str = "byte", out_dir: str | os.Pa
         log.warning("prepare: replacing the dataset in %s, which was prepared with other settings (%s)", out,
                     ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()) or "force=True")
 
-    train_docs, val_docs, method = split_documents(docs, val_fraction, seed)
-    del docs  # a cut tail made copies: the whole text is not needed any more
-    tok = hf_tok if hf_tok is not None else get_tokenizer(tok_spec).train(train_docs)
+    if stream is not None:
+        train_docs = val_docs = None
+        n_documents, n_chars, method = stream.split(val_fraction)
+    else:
+        train_docs, val_docs, method = split_documents(docs, val_fraction, seed)
+        del docs  # a cut tail made copies: the whole text is not needed any more
+        n_documents = {"train": len(train_docs), "val": len(val_docs)}
+        n_chars = {"train": sum(map(len, train_docs)), "val": sum(map(len, val_docs))}
+    tok = hf_tok if hf_tok is not None else get_tokenizer(tok_spec).train(train_docs or [])
     dtype = _dtype_for(tok.vocab_size)
     eos = np.asarray([tok.eos_id], dtype=dtype)
 
@@ -219,6 +232,9 @@ def prepare(data: str = "default", tokenizer: str = "byte", out_dir: str | os.Pa
     try:
         n_tokens = {}
         for split, split_docs in (("train", train_docs), ("val", val_docs)):
+            if stream is not None:
+                n_tokens[split] = stream.write(split, tmp / f"{split}.bin", dtype, eos)
+                continue
             n = 0
             with open(tmp / f"{split}.bin", "wb") as f:
                 # written as encoded, a part of a document at a time (a long document's ids are
@@ -250,8 +266,8 @@ def prepare(data: str = "default", tokenizer: str = "byte", out_dir: str | os.Pa
             eos_id=int(tok.eos_id),
             dtype=dtype.name,
             n_tokens=n_tokens,
-            n_documents={"train": len(train_docs), "val": len(val_docs)},
-            n_chars={"train": sum(map(len, train_docs)), "val": sum(map(len, val_docs))},
+            n_documents=n_documents,
+            n_chars=n_chars,
             split_method=method,
             files={"train": "train.bin", "val": "val.bin"},
         )
@@ -261,6 +277,117 @@ def prepare(data: str = "default", tokenizer: str = "byte", out_dir: str | os.Pa
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+class _ByteFile:
+    """A corpus that is one valid UTF-8 text file, for the byte tokenizer, whose ids are the
+    file's bytes (after a UTF-8 byte-order mark, which reading drops): its fingerprint, split and
+    ``.bin`` files are made from the file read in chunks of :data:`_CHUNK` bytes, the same bytes
+    as :func:`load_corpus` + :func:`split_documents` + encoding give, without holding the text
+    and its bytes (twice the file's size).  :meth:`open` returns ``None`` for any other corpus
+    (a folder, ``.jsonl``, a UTF-16/32 file, bytes that are not UTF-8, no text), which takes
+    the general path with its warnings and errors."""
+
+    _CHUNK = 1 << 20
+
+    def __init__(self, path: Path, start: int, size: int, n_chars: int, fingerprint: str):
+        self.path, self.start, self.size, self.n_chars = path, start, size, n_chars
+        self.fingerprint = fingerprint
+        self.cut = size  # byte offset (from start) of the val tail, set by split()
+        self._hash = None  # of the bytes write() reads, checked against the fingerprint
+
+    @classmethod
+    def open(cls, src) -> "_ByteFile | None":
+        import codecs
+        import hashlib
+        from .corpus import _UTF16_32_BOMS
+        path = src.path
+        if src.kind != "path" or path is None or not path.is_file() or path.suffix.lower() == ".jsonl":
+            return None
+        with open(path, "rb") as f:
+            head = f.read(4)
+            if not head or any(head.startswith(bom) for bom, _ in _UTF16_32_BOMS):
+                return None
+            start = 3 if head.startswith(codecs.BOM_UTF8) else 0
+            size = os.fstat(f.fileno()).st_size - start
+            if size <= 0:
+                return None
+            f.seek(start)
+            h = hashlib.sha256(size.to_bytes(8, "little"))
+            check = codecs.getincrementaldecoder("utf-8")("strict")
+            n_chars = n_read = 0
+            try:
+                for chunk in iter(lambda: f.read(cls._CHUNK), b""):
+                    check.decode(chunk)
+                    h.update(chunk)
+                    n_read += len(chunk)
+                    n_chars += len(chunk) - int(np.count_nonzero(
+                        (np.frombuffer(chunk, np.uint8) & 0xC0) == 0x80))  # continuation bytes
+                check.decode(b"", final=True)
+            except UnicodeDecodeError:  # the general path replaces such bytes, with a warning
+                return None
+        if n_read != size:  # the file changed while it was read
+            return None
+        return cls(path, start, size, n_chars, h.hexdigest())
+
+    def _byte_of_char(self, k: int) -> int:
+        """The byte offset (from ``start``) of character ``k`` (``size`` for ``k == n_chars``)."""
+        if k >= self.n_chars:
+            return self.size
+        with open(self.path, "rb") as f:
+            f.seek(self.start)
+            pos = 0
+            for chunk in iter(lambda: f.read(min(self._CHUNK, 1 << 16)), b""):  # 64 KB: int64 offsets
+                starts = np.flatnonzero((np.frombuffer(chunk, np.uint8) & 0xC0) != 0x80)
+                if k < starts.size:
+                    return pos + int(starts[k])
+                k -= starts.size
+                pos += len(chunk)
+        raise RuntimeError(f"{self.path} changed while it was prepared")  # pragma: no cover
+
+    def split(self, val_fraction: float) -> tuple[dict, dict, str]:
+        """As :func:`split_documents` for one document (its tail; ``"none"`` for no val):
+        ``(n_documents, n_chars, method)``."""
+        n = self.n_chars
+        if val_fraction == 0.0:
+            self.cut = self.size
+            return {"train": 1, "val": 0}, {"train": n, "val": 0}, "none"
+        cut = int(round(n * (1.0 - val_fraction)))
+        cut = min(max(cut, 1), n - 1) if n > 1 else n
+        b = self._byte_of_char(cut)
+        with open(self.path, "rb") as f:  # text.find("\n", cut, cut + 1000): a line break near
+            f.seek(self.start + b)
+            window = f.read(4 * 1000)
+        w = window.decode("utf-8", "ignore")[:1000]  # only a cut last character is ignored
+        nl = w.find("\n")
+        if nl >= 0 and cut + nl < n - 1:
+            cut, b = cut + nl + 1, b + len(w[:nl + 1].encode("utf-8"))
+        self.cut = b
+        return ({"train": 1, "val": 1 if cut < n else 0}, {"train": cut, "val": n - cut}, "tail")
+
+    def write(self, split: str, dest: Path, dtype: np.dtype, eos: np.ndarray) -> int:
+        """Write ``split``'s ids (its bytes, then the end-of-text id) to ``dest``; their number."""
+        import hashlib
+        lo, hi = (0, self.cut) if split == "train" else (self.cut, self.size)
+        if split == "train":
+            self._hash = hashlib.sha256(self.size.to_bytes(8, "little"))
+        with open(self.path, "rb") as src, open(dest, "wb") as f:
+            if hi > lo:
+                src.seek(self.start + lo)
+                left = hi - lo
+                while left:
+                    chunk = src.read(min(left, self._CHUNK))
+                    if not chunk:
+                        raise RuntimeError(f"{self.path} changed while it was prepared")
+                    f.write(np.frombuffer(chunk, np.uint8).astype(dtype).data)
+                    self._hash.update(chunk)
+                    left -= len(chunk)
+                f.write(eos.data)
+            if split == "val" and self._hash.hexdigest() != self.fingerprint:
+                raise RuntimeError(f"{self.path} changed while it was prepared; prepare it again")
+            f.flush()
+            os.fsync(f.fileno())
+        return hi - lo + 1 if hi > lo else 0
 
 
 def _install(tmp: Path, out: Path, identity: dict, force: bool = False) -> None:

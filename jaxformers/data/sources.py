@@ -73,10 +73,18 @@ class TextSource:
     @classmethod
     def from_tokens(cls, tokens, vocab_size: Optional[int] = None) -> "TextSource":
         """A source whose val (and train) split is ``tokens`` (1-D ids); ``vocab_size`` (an int >= 1,
-        default: the largest id + 1) must exceed every id (``ValueError`` otherwise)."""
+        default: the largest id + 1) must exceed every id (``ValueError`` otherwise, and for
+        ``tokens`` that are not a 1-D array of integer ids in ``[0, 2**31)``)."""
         tokens = np.asarray(tokens)
+        if tokens.ndim != 1 or (tokens.size and (tokens.dtype == np.bool_
+                                                 or not np.issubdtype(tokens.dtype, np.integer))):
+            raise ValueError(f"tokens must be a 1-D array of integer token ids, got shape {tokens.shape} "
+                             f"and dtype {tokens.dtype}")
         if vocab_size is None:
-            vocab = int(tokens.max()) + 1 if tokens.size else 1
+            lo, hi = (int(tokens.min()), int(tokens.max())) if tokens.size else (0, 0)
+            if lo < 0 or hi >= 2 ** 31:  # as TokenLoader: int32 windows
+                raise ValueError(f"tokens must be token ids in [0, 2**31), got ids from {lo} to {hi}")
+            vocab = hi + 1 if tokens.size else 1
         else:
             vocab = int_arg("vocab_size", vocab_size, lo=1)
             check_token_ids(tokens, vocab, "tokens must be ids")
