@@ -340,10 +340,15 @@ def maybe_initialize_distributed(force: Optional[bool] = None) -> bool:
     ``JAXFORMERS_HEARTBEAT_TIMEOUT`` / ``JAXFORMERS_INIT_TIMEOUT`` (seconds) bound how long a
     process waits for a dead / a missing peer.  Must run before anything touches the devices;
     returns whether jax runs distributed.  ``ValueError`` (naming the variable) for a
-    half-configured launch.
+    half-configured launch.  A ``jax.distributed.initialize`` the caller ran already (its own
+    arguments, no launch variables needed) is taken as is: ``True``.
     """
     global _INITIALIZED
     if _INITIALIZED:
+        return True
+    if jax.distributed.is_initialized():  # the caller did it already (with or without a launch env)
+        _INITIALIZED = True
+        _no_compile_cache_on_cpu()
         return True
     env = dict(os.environ)
     if force is not None:
@@ -352,10 +357,6 @@ def maybe_initialize_distributed(force: Optional[bool] = None) -> bool:
     if settings is None:
         return False
     reason, kwargs = settings
-    if jax.distributed.is_initialized():  # the caller did it already
-        _INITIALIZED = True
-        _no_compile_cache_on_cpu()
-        return True
     log.info("multi-process launch (%s): jax.distributed.initialize(%s)", reason,
              ", ".join(f"{k}={v!r}" for k, v in kwargs.items()))
     jax.distributed.initialize(**kwargs)

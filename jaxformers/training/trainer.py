@@ -413,7 +413,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, resume: bool 
     if init_params is not None and train_config.init_from is not None:
         raise ValueError("pass either init_params or train_config.init_from, not both")
     tc = train_config
-    if stop_after is not None and (not isinstance(stop_after, int) or stop_after < 1):
+    if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 1):
         raise ValueError(f"stop_after must be a positive int or None, got {stop_after!r}")
     loss_fn, loss_fn_name = _resolve_loss(tc, loss_fn)
     own = type(model_config).default_loss  # e.g. a landmark model's, which inserts its landmarks
