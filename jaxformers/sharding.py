@@ -84,7 +84,13 @@ def unknown_names(axes, rules) -> Tuple[str, ...]:
 
     A tuple of names in one dimension (``("data", "fsdp")``) is taken by flax as mesh axes as
     they stand (no rule applies to it): each of its names must be a mesh axis some rule maps
-    to, and any other name in it (a typo, or a logical name such as ``batch``) is reported."""
+    to, and any other name in it (a typo, or a logical name such as ``batch``) is reported.
+
+    ``ValueError`` (not a report) for an entry that is not a name, ``None`` or a tuple (e.g. the
+    int in ``P("embed", 3)``), and for a bare name that no rule covers but that is a mesh axis of
+    the rules (``"data"``): ``PartitionSpec`` stores a one-axis tuple ``("data",)`` as the bare
+    name ``"data"``, which is then read as a logical name; flax would leave that dimension
+    unsharded without a word."""
     known = {name for name, _ in rules}
     mesh_axes = set()
     for _, target in rules:
@@ -92,10 +98,21 @@ def unknown_names(axes, rules) -> Tuple[str, ...]:
     out = []
     for n in axes:
         if isinstance(n, str):
-            if n not in known:
-                out.append(n)
+            if n in known:
+                continue
+            if n in mesh_axes:
+                raise ValueError(
+                    f"axes {axes}: {n!r} is a mesh axis, not a logical axis name (no rule covers it). "
+                    f"A PartitionSpec stores a one-axis tuple ({n!r},) as the bare name {n!r}, so one "
+                    f"mesh axis cannot be named there directly: name a logical axis whose rule maps to "
+                    f"it, or add a rule ('my_name', {n!r}) (constrain also takes a plain tuple "
+                    f"(({n!r},), ...)); known logical names: {sorted(known)}")
+            out.append(n)
         elif isinstance(n, (tuple, list)):
             out.extend(m for m in n if m is not None and m not in mesh_axes)
+        elif n is not None and n is not P.UNCONSTRAINED:
+            raise ValueError(f"axes {axes} holds {n!r} ({type(n).__name__}): each dimension takes a "
+                             "logical axis name (str), None, or a tuple of mesh axis names")
     return tuple(out)
 
 

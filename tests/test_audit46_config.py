@@ -50,3 +50,16 @@ def test_registered_names_of_the_same_class_still_swap():
     for name in jf.list_models():  # every preset of every registration still builds its own class
         for preset in jf.list_presets(name):
             assert jf.get_config(name, preset).model == name
+
+
+def test_logical_to_sharding_names_the_leaf_of_a_bad_entry():
+    import jax
+    from jax.sharding import PartitionSpec as P
+
+    from jaxformers.training.mesh import logical_to_sharding
+
+    mesh = jax.sharding.Mesh(jax.devices()[:1], ("data",))
+    with pytest.raises(ValueError, match=r"\['w'\]: axes .*'data' is a mesh axis"):
+        logical_to_sharding({"w": P(("data",), "embed")}, mesh)
+    with pytest.raises(ValueError, match=r"\['v'\]: axes P\('embed', 3\) holds 3 \(int\)"):
+        logical_to_sharding({"v": P("embed", 3)}, mesh)

@@ -114,10 +114,15 @@ def attention_mask(tq, tk, *, causal=True, window=None, q_offset=None, q_ids=Non
 def xla_attention(q, k, v, *, causal=True, segment_ids=None, window=None, q_offset=None, sm_scale=None,
                   dropout_rate: float = 0.0, dropout_rng=None):
     """Reference attention in plain XLA (float32 softmax). Shapes as :func:`attention`.
-    ``dropout_rate`` > 0 with a ``dropout_rng``: inverted dropout on the probabilities."""
-    _check_shapes(q, k, v, window)
+    ``dropout_rate`` > 0 with a ``dropout_rng``: inverted dropout on the probabilities.
+    ``sm_scale`` as for :func:`attention`: a concrete one must be a finite number > 0
+    (``ValueError``: 0, negative or NaN gave uniform, inverted or NaN attention), a traced one
+    is used unchecked."""
+    window = _check_shapes(q, k, v, window)
     _check_args(q, causal, q_offset)
     _check_dropout(dropout_rate)
+    if not isinstance(sm_scale, jax.core.Tracer):
+        sm_scale = _static_scale(sm_scale)
     b, tq, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     g = hq // hkv
@@ -226,9 +231,11 @@ def _check_shapes(q, k, v, window):
         raise ValueError(f"q {q.shape} and k {k.shape} must agree on batch and head_dim")
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of kv heads ({k.shape[2]})")
-    if window is not None and (isinstance(window, (bool, np.bool_))
-                               or not isinstance(window, (int, np.integer)) or window <= 0):
-        raise ValueError(f"window must be a positive int or None, got {window!r}")
+    # the kernels' rule, shared (a concrete positive integer scalar, 0-d jax / numpy ones
+    # included; traced, bool, float or <= 0: ValueError): returns it as a Python int or None
+    from pallas_kernels.flash_attention.reference import static_window
+
+    return static_window(window)
 
 
 def _static_scale(sm_scale):
@@ -259,11 +266,10 @@ def attention(q, k, v, *, causal: bool = True, segment_ids=None, window: Optiona
     path; the cuDNN and Pallas paths need a concrete one (converted to a Python float; traced ->
     ``ValueError``).
     """
-    _check_shapes(q, k, v, window)
+    window = _check_shapes(q, k, v, window)
     _check_args(q, causal, q_offset)
     _check_dropout(dropout_rate)
     _split_segments(segment_ids, q.shape[1], k.shape[1], q.shape[0])  # ValueError on bad ids, any impl
-    window = None if window is None else int(window)
     if window is not None and q_offset is None and window >= max(q.shape[1], k.shape[1]):
         window = None  # hides nothing (|pos - j| < max(Tq, Tk)); keeps e.g. 2**40 out of cuDNN's int32
     if dropout_rate and dropout_rng is not None:

@@ -147,9 +147,13 @@ def logical_to_sharding(logical_specs, mesh, rules=DEFAULT_RULES):
     def one(path, spec):
         if spec is None:
             return NamedSharding(mesh, P())
-        unknown = unknown_names(spec, rules)
+        where = jax.tree_util.keystr(path) or "spec"
+        try:
+            unknown = unknown_names(spec, rules)
+        except ValueError as e:  # an entry that is not a name, or a bare mesh axis: name the leaf
+            raise ValueError(f"{where}: {e}") from None
         if unknown:
-            raise ValueError(f"{jax.tree_util.keystr(path) or 'spec'} {spec}: logical axis name(s) "
+            raise ValueError(f"{where} {spec}: logical axis name(s) "
                              f"{list(unknown)} have no rule (inside a tuple: are not mesh axes of the rules); "
                              f"known: {sorted({n for n, _ in rules})}")
         return nn.logical_to_mesh_sharding(spec, mesh, rules)

@@ -160,8 +160,6 @@ def _validate(q, k, v, q_ids, kv_ids, window, sm_scale, block_sizes):
     """The arguments past q/k/v (:func:`check_qkv` has checked those; ``window`` and ``sm_scale``
     are already :func:`static_window` / :func:`static_sm_scale`'s, done by the public entries)."""
     check_ids(q_ids, kv_ids, q.shape[0], q.shape[1], k.shape[1])
-    if sm_scale is not None and not isinstance(sm_scale, (int, float, np.floating)):
-        raise ValueError(f"sm_scale must be a Python float or None, got {type(sm_scale)}")
     if not isinstance(block_sizes, BlockSizes):
         raise ValueError(f"block_sizes must be a BlockSizes or None, got {type(block_sizes)}")
     for f in ("block_q", "block_k", "block_q_dq", "block_k_dq", "block_q_dkv", "block_k_dkv",

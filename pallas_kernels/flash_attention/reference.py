@@ -146,7 +146,9 @@ def reference(q, k, v, *, causal=True, segment_ids=None, window=None, sm_scale=N
     """``softmax(q k^T * sm_scale + mask) v`` in float32; returns ``[B, Tq, Hq, D]`` in q.dtype.
 
     ``sm_scale``: a concrete value must be a finite number > 0 as for the kernel (else
-    ``ValueError``); a traced one is used unchecked.  Float64 inputs (``jax_enable_x64``) are computed in float32 too (float64 result at
+    ``ValueError``); a traced one is used unchecked (the kernels bake the scale in as a static
+    Python float and refuse a traced one; the oracle is plain JAX, so it can be jitted and
+    differentiated in the scale, which callers rely on).  Float64 inputs (``jax_enable_x64``) are computed in float32 too (float64 result at
     float32 precision, like the kernel).  ``block_sizes`` and ``interpret`` are accepted
     (and ignored) so the oracle
     is call-compatible with :func:`flash_attention`.
