@@ -103,8 +103,10 @@ def split_documents(docs: list[str], val_fraction: float, seed: int) -> tuple[li
     until it holds ``val_fraction`` of the characters (``"documents"``); a document that would
     take val past twice that is skipped, so one large document cannot take most of the corpus.
     When every document is that large, the tail of the largest one is cut off instead
-    (``"tail"``).  Copies of a document (the same text) go to the same split, all of them (a
-    cut tail: from each copy), so val shares no document with train.  (Rule 3,
+    (``"tail"``; train always keeps a document: copies of one single text keep at least their
+    first character there, as one document does, and one-character copies all stay in train).
+    Copies of a document (the same text) go to the same split, all of them (a cut tail: from
+    each copy), so val shares no document with train.  (Rule 3,
     :data:`SPLIT_RULE`: datasets prepared by rule 1, which took the first document whatever its
     size, or by rule 2, which could put copies of a document in both splits, are rebuilt.)"""
     val_fraction, seed = _check_split_args(val_fraction, seed)
@@ -144,9 +146,14 @@ def split_documents(docs: list[str], val_fraction: float, seed: int) -> tuple[li
         nl = big.find("\n", cut, cut + 1000)
         if 0 <= nl < len(big) - 1:
             cut = nl + 1
+        if cut == 0 and len(copies) == 1:  # copies of one text, none left in train: keep its head
+            cut = 1                        # there, as for one document (one character: no val)
+            nl = big.find("\n", cut, cut + 1000)
+            if 0 <= nl < len(big) - 1:
+                cut = nl + 1
         head, tail = big[:cut], big[cut:]
         train = [head if d == big else d for d in docs if d != big or head]
-        return train, [tail] * n_copies, "tail"
+        return train, [tail] * n_copies if tail else [], "tail"
     val_set = set(val_idx)
     train = [d for i, d in enumerate(docs) if i not in val_set]
     val = [d for i, d in enumerate(docs) if i in val_set]

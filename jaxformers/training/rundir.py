@@ -360,6 +360,9 @@ def copy_tokenizer(run_dir, ds_dir, tokenizer=None) -> None:
                 old = None  # never deleted: it is the only copy
         log.warning("could not copy the tokenizer into %s: %s", run_dir, e)
     finally:
+        if old is not None and (old / TOKENIZER_DIR).exists() and not (dest.exists() or dest.is_symlink()):
+            old = None  # interrupted (KeyboardInterrupt, SystemExit) between the renames: the only
+            #             copy, kept for _recover_tokenizer_leftovers to put back
         for d in (tmp, old):
             if d is not None:
                 shutil.rmtree(d, ignore_errors=True)
@@ -377,11 +380,18 @@ def check_step_settings(out_dir, filename: str, settings: dict, changes, what: s
     """For a step function whose settings shape what a run learns (DoGE, distillation): a run
     directory holding checkpoints (a resume) must have been trained with the same settings --
     ``changes(saved)`` lists how ``filename``'s saved ones differ (``["field: old -> new"]``), a
-    ``ValueError`` names them; a new run records ``settings`` (JSON) in ``filename``."""
+    ``ValueError`` names them (one names ``filename`` when it is unreadable or not a JSON object);
+    a new run records ``settings`` (JSON) in ``filename``."""
     run_dir = Path(out_dir).expanduser()
     path = run_dir / filename
     if path.is_file() and Checkpointer(run_dir).complete_steps():
-        changed = changes(json.loads(path.read_text()))
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path} is unreadable ({e}): repair it, or move the run directory aside") from None
+        if not isinstance(saved, dict):
+            raise ValueError(f"{path} must hold a JSON object, got {type(saved).__name__}")
+        changed = changes(saved)
         if changed:
             raise ValueError(f"cannot resume {run_dir} with another {what} ({'; '.join(changed)}): its checkpoints "
                              f"were trained with the settings in its {filename}; resume with the same {what}, or "
