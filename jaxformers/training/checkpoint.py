@@ -211,7 +211,8 @@ def verify_step_dir(step_dir) -> Dict[str, Any]:
     try:
         manifest = json.loads(manifest_path.read_text())
         files = manifest["files"]
-        if manifest.get("format") != MANIFEST_FORMAT or not isinstance(files, dict) or not files:
+        if (manifest.get("format") != MANIFEST_FORMAT or not isinstance(files, dict) or not files
+                or not all(isinstance(want, dict) for want in files.values())):
             raise ValueError("unexpected content")
     except (ValueError, KeyError, TypeError, OSError) as e:
         raise CheckpointError(f"checkpoint {step_dir} has an unreadable {MANIFEST} ({e}). {hint}") from None
@@ -268,10 +269,12 @@ class Checkpointer:
 
     # ---------------------------------------------------------------- inspection
     def step_dirs(self) -> List[int]:
-        """Every integer-named step directory (complete or not), ascending."""
+        """Every integer-named step directory (complete or not), ascending: named as orbax and
+        :meth:`step_dir` name them (ASCII digits, no leading zero: ``5``, not ``05`` or ``٥``)."""
         if not self.directory.is_dir():
             return []
-        return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit() and p.is_dir())
+        return sorted(int(p.name) for p in self.directory.iterdir()
+                      if p.name.isascii() and p.name.isdigit() and str(int(p.name)) == p.name and p.is_dir())
 
     def is_complete(self, step: int) -> bool:
         return (self.directory / str(step) / MANIFEST).exists()

@@ -45,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import numbers
 import os
 from pathlib import Path
 from typing import Any, List, Optional, Tuple
@@ -87,25 +88,35 @@ def atomic_write(path: Path, text: str) -> None:
 
 
 def read_metrics(run_dir) -> list:
-    """Rows of ``metrics.jsonl`` (a torn last line from a crash is ignored)."""
+    """Rows of ``metrics.jsonl`` (a torn last line from a crash is ignored, as is any line that
+    is not a JSON object: not UTF-8, unparsable, or e.g. a hand-edited ``[1, 2]``)."""
     path = Path(run_dir) / METRICS_FILE
     rows = []
     if not path.exists():
         return rows
-    for line in path.read_text().splitlines():
-        line = line.strip()
+    for raw in path.read_bytes().splitlines():
+        try:
+            line = raw.decode().strip()
+        except UnicodeDecodeError:
+            continue
         if not line:
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if isinstance(row, dict):
+            rows.append(row)
     return rows
 
 
 def truncate_metrics(run_dir, last_step: int) -> None:
-    """Drop the rows after ``last_step`` (they belong to steps that will be replayed)."""
-    rows = [r for r in read_metrics(run_dir) if r.get("step", 0) <= last_step]
+    """Drop the rows after ``last_step`` (they belong to steps that will be replayed), and, like
+    the lines :func:`read_metrics` ignores, rows whose ``step`` is not a number (hand-edited)."""
+    def kept(row):
+        step = row.get("step", 0)
+        return isinstance(step, (int, float)) and not isinstance(step, bool) and step <= last_step
+    rows = [r for r in read_metrics(run_dir) if kept(r)]
     atomic_write(Path(run_dir) / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -222,16 +233,22 @@ def resume_config(run_dir) -> Optional[dict]:
     killed before its first checkpoint was complete."""
     ckpt = Checkpointer(run_dir)
     text = step = None
+    error = None
     for step in sorted(ckpt.complete_steps(), reverse=True):
         try:
             text = ckpt.read_file(step, CHECKPOINT_CONFIG)
             break  # None: a checkpoint written before configs were saved with them
         except OSError:  # deleted meanwhile (a live run pruning old checkpoints): the next newest
             continue
+        except UnicodeDecodeError as e:  # not UTF-8: named below, like unparsable JSON
+            text, error = "", e
+            break
     if text is None:
         return read_config(run_dir)
     path = ckpt.step_dir(step) / CHECKPOINT_CONFIG
     try:
+        if error is not None:
+            raise error
         data = json.loads(text)
     except ValueError as e:
         raise ValueError(f"{path} is unreadable ({e}): move the checkpoint directory {ckpt.step_dir(step)} "
@@ -471,6 +488,10 @@ def check_resume(run_dir, model_config) -> Optional[dict]:
     saved = resume_config(run_dir)
     if saved is None:
         return None
+    bad = [k for k in ("model", "train") if k in saved and not isinstance(saved[k], dict)]
+    if bad:
+        raise ValueError(f"cannot resume {run_dir}: its saved config is not a run config: its "
+                         f"{' / '.join(bad)} section is not a JSON object")
     try:
         old = _normalised_model(saved.get("model", {}))
     except ValueError as e:
@@ -535,12 +556,17 @@ def load_run(run_dir, *, step: Optional[int] = None, mesh=None) -> Tuple[Any, Tr
     A run that is still training deletes its old checkpoints: when the checkpoint being loaded
     is deleted meanwhile, the newest complete one is tried next (``LOAD_ATTEMPTS`` in all), then
     :class:`CheckpointError` says so.  Params are float32, on the first local device unless ``mesh`` is given (then
-    sharded by the logical rules).  Raises ``FileNotFoundError`` / ``CheckpointError``.
+    sharded by the logical rules).  Raises ``FileNotFoundError`` / ``CheckpointError`` (``ValueError``
+    for a ``step`` that is not an int, e.g. ``5.0``).
     Run directories written by older versions load too (new config fields take their
     defaults).
     """
     from .steps import abstract_params, compute_config
 
+    if step is not None:
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+            raise ValueError(f"step must be an int (a checkpoint's step) or None (the newest), got {step!r}")
+        step = int(step)
     run_dir = Path(run_dir).expanduser()
     saved = read_config(run_dir)
     if saved is None:
@@ -560,6 +586,7 @@ def load_run(run_dir, *, step: Optional[int] = None, mesh=None) -> Tuple[Any, Tr
     if step is None:
         step = ckpt.latest_step()
         if step is None:
+            ckpt.close()
             raise CheckpointError(f"{run_dir} has no complete checkpoint under {ckpt.directory}")
     abstract, specs = abstract_params(build(compute_config(model_config, "float32")))
     if mesh is None:
