@@ -74,12 +74,17 @@ def get_config(name: str, preset: str = "tiny", **overrides) -> ModelConfig:
 def config_from_dict(values: dict) -> ModelConfig:
     """Rebuild a config saved with ``config.to_dict()`` (e.g. a run's config.json).
 
+    ``ValueError`` unless ``values`` is a dict with ``model`` (which architecture: never guessed).
     Fields added since the config was saved take their defaults (``weight_decay_groups``:
     ``"shape"``, the rule such runs trained with); attention fields saved
     (before the per-family split) for a family that has none are dropped.
     """
+    if not isinstance(values, dict) or "model" not in values:
+        raise ValueError("values must be a saved config dict (config.to_dict()) naming its architecture "
+                         f"('model'), got {type(values).__name__}"
+                         + (f" with keys {sorted(values)}" if isinstance(values, dict) else ""))
     values = dict(values)
-    spec = get_spec(values.get("model", "gpt"))
+    spec = get_spec(values["model"])
     # Configs saved before the per-family split carried the attention fields for every model;
     # they never had an effect on a family without attention, so they are dropped there.
     known = {f.name for f in dataclasses.fields(spec.config_cls)}

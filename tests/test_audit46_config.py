@@ -63,3 +63,10 @@ def test_logical_to_sharding_names_the_leaf_of_a_bad_entry():
         logical_to_sharding({"w": P(("data",), "embed")}, mesh)
     with pytest.raises(ValueError, match=r"\['v'\]: axes P\('embed', 3\) holds 3 \(int\)"):
         logical_to_sharding({"v": P("embed", 3)}, mesh)
+
+
+@pytest.mark.parametrize("values", [{}, {"d_model": 64}, ["gpt"], None])
+def test_config_from_dict_never_guesses_the_architecture(values):
+    # {} was a default GPT: a saved config without "model" passed check_resume against gpt-tiny
+    with pytest.raises(ValueError, match=r"naming its architecture \('model'\)"):
+        jf.config_from_dict(values)
