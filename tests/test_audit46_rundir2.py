@@ -111,3 +111,11 @@ def test_step_dirs_ignore_names_that_are_not_step_directories(tmp_path):
     assert ckpt.step_dirs() == [3] and ckpt.incomplete_steps() == [3]
     ckpt.quarantine_incomplete()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == sorted(["\u00b2", "\u0665", "05", "007"])
+
+
+def test_plot_losses_leaves_out_rows_without_a_numeric_step(tmp_path):
+    from jaxformers.training.metrics import plot_losses
+
+    (tmp_path / "metrics.jsonl").write_text('{"loss": 1.0}\n{"step": "x", "loss": 2.0}\n'
+                                            '{"step": 1, "loss": 3.0, "val_loss": 2.5, "lr": 0.1}\n')
+    assert plot_losses(tmp_path).is_file()  # was a KeyError on the first row

@@ -109,8 +109,10 @@ class Throughput:
 
 
 def plot_losses(run_dir) -> Optional[Path]:
-    """Write ``loss.png`` (train and val loss vs step) from ``metrics.jsonl``."""
-    rows = read_metrics(run_dir)
+    """Write ``loss.png`` (train and val loss vs step) from ``metrics.jsonl`` (rows without a
+    numeric ``step``, e.g. hand-edited ones, are left out)."""
+    rows = [r for r in read_metrics(run_dir) if isinstance(r.get("step"), (int, float))
+            and not isinstance(r.get("step"), bool)]
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
     if not train and not val:
