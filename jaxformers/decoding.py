@@ -63,7 +63,8 @@ def check_sampling(temperature, top_k, top_p, vocab_size=None) -> None:
         if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1 \
                 or (vocab_size is not None and top_k > vocab_size):
             raise ValueError(f"top_k must be None or an int in [1, {hi}], got {top_k!r}")
-    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float, np.floating))
+    if top_p is not None and (isinstance(top_p, bool)
+                              or not isinstance(top_p, (int, float, np.integer, np.floating))
                               or not 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
 
@@ -105,8 +106,9 @@ def _positive_int(value, name: str) -> int:
 
 
 def _validate(module, prompt_tokens, max_new_tokens, temperature, top_k, top_p, vocab_limit):
-    if prompt_tokens.ndim != 2 or prompt_tokens.shape[1] == 0:
-        raise ValueError(f"prompt_tokens must be [B, P] with P >= 1, got shape {prompt_tokens.shape}")
+    if prompt_tokens.ndim != 2 or 0 in prompt_tokens.shape:
+        raise ValueError(f"prompt_tokens must be [B, P] with B >= 1 and P >= 1, "
+                         f"got shape {prompt_tokens.shape}")
     if not jnp.issubdtype(prompt_tokens.dtype, jnp.integer):
         raise ValueError(f"prompt_tokens must be integer token ids, got dtype {prompt_tokens.dtype}")
     max_new_tokens = _positive_int(max_new_tokens, "max_new_tokens")
@@ -325,6 +327,8 @@ def generate(module, params, prompt_tokens, max_new_tokens: int, *, temperature:
     check = getattr(module, "check_generate", None)  # hook: a model generic sampling cannot serve
     if check is not None:
         check()
+    # the ids as given: jnp.asarray casts 64-bit ids to 32 bits, wrapping e.g. 2**32 + 3 to a valid 3
+    raw = concrete(prompt_tokens)
     prompt_tokens = jnp.asarray(prompt_tokens)
     max_new_tokens, vocab_limit = _validate(module, prompt_tokens, max_new_tokens, temperature, top_k, top_p,
                                             vocab_limit)
@@ -338,7 +342,10 @@ def generate(module, params, prompt_tokens, max_new_tokens: int, *, temperature:
         min_len = int(lengths.min())
         # the values past each row's length are never read: any filler is fine there
         prompt_tokens = jnp.where(jnp.arange(p)[None] < jnp.asarray(lengths)[:, None], prompt_tokens, 0)
-    check_token_ids(prompt_tokens, module.config.vocab_size, "prompt_tokens must be ids")
+    ids = prompt_tokens
+    if raw is not None and raw.shape == (b, p) and np.issubdtype(raw.dtype, np.integer):
+        ids = np.where(np.arange(p)[None] < lengths[:, None], raw, 0)
+    check_token_ids(ids, module.config.vocab_size, "prompt_tokens must be ids")
     num_samples = _positive_int(num_samples, "num_samples")
     vocab = module.config.vocab_size
     for name, value in (("eos_id", eos_id), ("pad_id", pad_id)):
