@@ -6,6 +6,7 @@ import pytest
 from jaxformers.data import ByteTokenizer, load_tokenizer
 from jaxformers.data.prepare import split_documents
 from jaxformers.training import rundir
+from test_audit45_misc import _bpe, _run_with_byte_tokenizer as _run
 
 
 # ----------------------------------------------------------------------------- split_documents
@@ -30,16 +31,6 @@ def test_split_documents_unchanged_where_train_was_never_empty():
 
 
 # ----------------------------------------------------------------------------- copy_tokenizer
-def _run(tmp_path):
-    run = tmp_path / "run"
-    run.mkdir()
-    rundir.copy_tokenizer(run, None, ByteTokenizer())
-    return run
-
-
-def _bpe():
-    from jaxformers.data import BPETokenizer
-    return BPETokenizer(300).train(["some text to train on " * 20])
 
 
 def _tree(run):

@@ -10,23 +10,10 @@ import jax.numpy as jnp
 import pytest
 
 import jaxformers as jf
-from jaxformers.training import CompileCache, TrainConfig, TrainingDiverged, trainer
+from jaxformers.training import TrainConfig, TrainingDiverged, trainer
 from jaxformers.training import mesh as mesh_lib
 from jaxformers.training.steps import Program
-
-CACHE = CompileCache(max_entries=2)
-
-
-def _tiny_gpt():
-    return jf.get_config("gpt", "tiny", vocab_size=257, n_layer=1, d_model=32, n_head=2, max_seq_len=32)
-
-
-@pytest.fixture
-def corpus(tmp_path, monkeypatch):
-    monkeypatch.setenv("JAXFORMERS_CACHE", str(tmp_path / "cache"))
-    path = tmp_path / "corpus.txt"
-    path.write_text("the quick brown fox jumps over the lazy dog. " * 200)
-    return str(path)
+from test_audit44_resume import CACHE, _tiny_gpt, corpus  # noqa: F401 (corpus: a fixture)
 
 
 # ----------------------------------------------------------------------------- _StopVote

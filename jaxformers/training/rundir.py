@@ -192,6 +192,12 @@ def read_config(run_dir) -> Optional[dict]:
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         return None
+    return _read_json_object(path)
+
+
+def _read_json_object(path: Path) -> dict:
+    """A run file holding one JSON object; ``ValueError`` naming ``path`` when it is unreadable,
+    not JSON, or another JSON value (hand-edited, or truncated by a crash of the file system)."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
@@ -402,13 +408,7 @@ def check_step_settings(out_dir, filename: str, settings: dict, changes, what: s
     run_dir = Path(out_dir).expanduser()
     path = run_dir / filename
     if path.is_file() and Checkpointer(run_dir).complete_steps():
-        try:
-            saved = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{path} is unreadable ({e}): repair it, or move the run directory aside") from None
-        if not isinstance(saved, dict):
-            raise ValueError(f"{path} must hold a JSON object, got {type(saved).__name__}")
-        changed = changes(saved)
+        changed = changes(_read_json_object(path))
         if changed:
             raise ValueError(f"cannot resume {run_dir} with another {what} ({'; '.join(changed)}): its checkpoints "
                              f"were trained with the settings in its {filename}; resume with the same {what}, or "
