@@ -37,21 +37,27 @@ def _tree(run):
     return sorted(str(p.relative_to(run)) for p in run.rglob("*"))
 
 
-def test_copy_tokenizer_interrupted_between_renames_keeps_the_only_copy(tmp_path, monkeypatch):
-    run = _run(tmp_path)
-    real = os.rename
-    calls = []
+def _second_rename_raises(monkeypatch, error):
+    """``os.rename`` raising ``error`` on its second call (the first moved tokenizer/ aside, the
+    second puts the new one in place); returns the list of calls."""
+    real, calls = os.rename, []
 
     def rename(a, b):
         calls.append((a, b))
-        if len(calls) == 2:  # tokenizer/ moved aside; Ctrl-C before the new one is in place
-            raise KeyboardInterrupt
+        if len(calls) == 2:
+            raise error
         return real(a, b)
 
     monkeypatch.setattr(os, "rename", rename)
-    with pytest.raises(KeyboardInterrupt):
-        rundir.copy_tokenizer(run, None, _bpe())
-    monkeypatch.setattr(os, "rename", real)
+    return calls
+
+
+def test_copy_tokenizer_interrupted_between_renames_keeps_the_only_copy(tmp_path, monkeypatch):
+    run = _run(tmp_path)
+    with monkeypatch.context() as m:
+        _second_rename_raises(m, KeyboardInterrupt())  # Ctrl-C before the new one is in place
+        with pytest.raises(KeyboardInterrupt):
+            rundir.copy_tokenizer(run, None, _bpe())
     # old code: the finally removed the moved-aside folder too: no tokenizer left anywhere
     kept = [p for p in run.iterdir() if p.name.startswith(".tokenizer.old-")]
     assert len(kept) == 1 and load_tokenizer(kept[0] / "tokenizer").spec == "byte"
@@ -63,18 +69,9 @@ def test_copy_tokenizer_interrupted_between_renames_keeps_the_only_copy(tmp_path
 # mutation pass: survivors of tests/test_audit45_{data,review,misc}.py
 def test_copy_tokenizer_restores_the_previous_one_at_once_when_the_new_cannot_be_put_in_place(tmp_path, monkeypatch):
     run = _run(tmp_path)
-    real = os.rename
-    calls = []
-
-    def rename(a, b):
-        calls.append((a, b))
-        if len(calls) == 2:  # the new one into place fails; putting the old one back works
-            raise OSError("disk gone")
-        return real(a, b)
-
-    monkeypatch.setattr(os, "rename", rename)
-    rundir.copy_tokenizer(run, None, _bpe())  # best effort: no exception
-    monkeypatch.setattr(os, "rename", real)
+    with monkeypatch.context() as m:  # the new one into place fails; putting the old one back works
+        calls = _second_rename_raises(m, OSError("disk gone"))
+        rundir.copy_tokenizer(run, None, _bpe())  # best effort: no exception
     assert len(calls) == 3
     assert [p.name for p in run.iterdir()] == ["tokenizer"]  # not only in a .tokenizer.old-* folder
     assert load_tokenizer(run / "tokenizer").spec == "byte"
