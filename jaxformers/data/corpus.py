@@ -169,9 +169,16 @@ def corpus_fingerprint(docs: list[str]) -> str:
     h = hashlib.sha256()
     for d in docs:
         b = d.encode("utf-8", "surrogatepass")
-        h.update(len(b).to_bytes(8, "little"))
-        h.update(b)
+        fingerprint_document(h, len(b), (b,))
     return h.hexdigest()
+
+
+def fingerprint_document(h, n_bytes: int, chunks) -> None:
+    """Add one document to a :func:`corpus_fingerprint` hash ``h``: its UTF-8 size ``n_bytes``,
+    then its bytes, given as an iterable of ``chunks`` (a file read piecewise hashes the same)."""
+    h.update(n_bytes.to_bytes(8, "little"))
+    for chunk in chunks:
+        h.update(chunk)
 
 
 # --------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .corpus import cache_dir, corpus_fingerprint, load_corpus, resolve_corpus
+from .corpus import cache_dir, corpus_fingerprint, fingerprint_document, load_corpus, resolve_corpus
 from ..utils import int_arg
 from .tokenizer import get_tokenizer, hf_tokenizer_dir, load_tokenizer, parse_tokenizer_spec
 
@@ -116,11 +116,7 @@ def split_documents(docs: list[str], val_fraction: float, seed: int) -> tuple[li
         return list(docs), [], "none"
     if len(docs) == 1:
         text = docs[0]
-        cut = int(round(len(text) * (1.0 - val_fraction)))
-        cut = min(max(cut, 1), len(text) - 1) if len(text) > 1 else len(text)
-        nl = text.find("\n", cut, cut + 1000)  # end the train part at a line break if one is near
-        if 0 <= nl < len(text) - 1:
-            cut = nl + 1
+        cut = _one_document_cut(len(text), val_fraction, _newline_in(text))
         return [text[:cut]], [text[cut:]] if text[cut:] else [], "tail"
     target = val_fraction * sum(len(d) for d in docs)
     copies: dict[str, list[int]] = {}  # each distinct text (in order of appearance) -> its indices
@@ -142,15 +138,9 @@ def split_documents(docs: list[str], val_fraction: float, seed: int) -> tuple[li
     if not val_idx:  # every document alone is more than twice the target: the largest one's tail
         big = docs[max(range(len(docs)), key=lambda i: len(docs[i]))]
         n_copies = len(copies[big])
-        cut = len(big) - max(1, int(round(target / n_copies)))
-        nl = big.find("\n", cut, cut + 1000)
-        if 0 <= nl < len(big) - 1:
-            cut = nl + 1
+        cut = _at_line_end(len(big) - max(1, int(round(target / n_copies))), len(big), _newline_in(big))
         if cut == 0 and len(copies) == 1:  # copies of one text, none left in train: keep its head
-            cut = 1                        # there, as for one document (one character: no val)
-            nl = big.find("\n", cut, cut + 1000)
-            if 0 <= nl < len(big) - 1:
-                cut = nl + 1
+            cut = _at_line_end(1, len(big), _newline_in(big))  # there, as one document (1 char: no val)
         head, tail = big[:cut], big[cut:]
         train = [head if d == big else d for d in docs if d != big or head]
         return train, [tail] * n_copies if tail else [], "tail"
@@ -158,6 +148,27 @@ def split_documents(docs: list[str], val_fraction: float, seed: int) -> tuple[li
     train = [d for i, d in enumerate(docs) if i not in val_set]
     val = [d for i, d in enumerate(docs) if i in val_set]
     return train, val, "documents"
+
+
+def _newline_in(text: str):
+    """``find(cut)``: the index of the first line break in ``text[cut:cut + 1000]``, or -1."""
+    return lambda cut: text.find("\n", cut, cut + 1000)
+
+
+def _at_line_end(cut: int, n: int, find) -> int:
+    """A cut at character ``cut`` of a text of ``n`` characters, moved just past a line break
+    that ``find(cut)`` finds near it, unless that leaves no tail."""
+    nl = find(cut)
+    return nl + 1 if 0 <= nl < n - 1 else cut
+
+
+def _one_document_cut(n: int, val_fraction: float, find) -> int:
+    """Where one document of ``n`` characters is cut (train ``[:cut]``, val the rest): at
+    ``1 - val_fraction`` of it, keeping a character in each split where it has two, then at a
+    near line break (:func:`_at_line_end`)."""
+    cut = int(round(n * (1.0 - val_fraction)))
+    cut = min(max(cut, 1), n - 1) if n > 1 else n
+    return _at_line_end(cut, n, find)
 
 
 def _dtype_for(vocab_size: int) -> np.dtype:
@@ -320,16 +331,21 @@ class _ByteFile:
             if size <= 0:
                 return None
             f.seek(start)
-            h = hashlib.sha256(size.to_bytes(8, "little"))
+            h = hashlib.sha256()
             check = codecs.getincrementaldecoder("utf-8")("strict")
             n_chars = n_read = 0
-            try:
+
+            def chunks():  # checked as UTF-8 and counted while they are hashed
+                nonlocal n_chars, n_read
                 for chunk in iter(lambda: f.read(cls._CHUNK), b""):
                     check.decode(chunk)
-                    h.update(chunk)
                     n_read += len(chunk)
                     n_chars += len(chunk) - int(np.count_nonzero(
                         (np.frombuffer(chunk, np.uint8) & 0xC0) == 0x80))  # continuation bytes
+                    yield chunk
+
+            try:
+                fingerprint_document(h, size, chunks())  # corpus_fingerprint of the one document
                 check.decode(b"", final=True)
             except UnicodeDecodeError:  # the general path replaces such bytes, with a warning
                 return None
@@ -359,25 +375,29 @@ class _ByteFile:
         if val_fraction == 0.0:
             self.cut = self.size
             return {"train": 1, "val": 0}, {"train": n, "val": 0}, "none"
-        cut = int(round(n * (1.0 - val_fraction)))
-        cut = min(max(cut, 1), n - 1) if n > 1 else n
-        b = self._byte_of_char(cut)
-        with open(self.path, "rb") as f:  # text.find("\n", cut, cut + 1000): a line break near
-            f.seek(self.start + b)
-            window = f.read(4 * 1000)
-        w = window.decode("utf-8", "ignore")[:1000]  # only a cut last character is ignored
-        nl = w.find("\n")
-        if nl >= 0 and cut + nl < n - 1:
-            cut, b = cut + nl + 1, b + len(w[:nl + 1].encode("utf-8"))
-        self.cut = b
+        seen = {}
+
+        def find(cut):  # text.find("\n", cut, cut + 1000), on the file
+            b = self._byte_of_char(cut)
+            with open(self.path, "rb") as f:
+                f.seek(self.start + b)
+                window = f.read(4 * 1000)
+            w = window.decode("utf-8", "ignore")[:1000]  # only a cut last character is ignored
+            seen.update(cut=cut, byte=b, window=w)
+            nl = w.find("\n")
+            return cut + nl if nl >= 0 else -1
+
+        cut = _one_document_cut(n, val_fraction, find)  # split_documents' rule for one document
+        self.cut = seen["byte"] + len(seen["window"][:cut - seen["cut"]].encode("utf-8"))
         return ({"train": 1, "val": 1 if cut < n else 0}, {"train": cut, "val": n - cut}, "tail")
 
     def write(self, split: str, dest: Path, dtype: np.dtype, eos: np.ndarray) -> int:
         """Write ``split``'s ids (its bytes, then the end-of-text id) to ``dest``; their number."""
         import hashlib
         lo, hi = (0, self.cut) if split == "train" else (self.cut, self.size)
-        if split == "train":
-            self._hash = hashlib.sha256(self.size.to_bytes(8, "little"))
+        if split == "train":  # the fingerprint again, over the bytes written (train, then val)
+            self._hash = hashlib.sha256()
+            fingerprint_document(self._hash, self.size, ())
         with open(self.path, "rb") as src, open(dest, "wb") as f:
             if hi > lo:
                 src.seek(self.start + lo)
