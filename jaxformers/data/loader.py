@@ -61,20 +61,27 @@ def resolve_process(process_index: int | None, process_count: int | None) -> tup
     return process_index, process_count
 
 
-def _check_tokens(tokens, seq_len: int, what: str = "tokens") -> np.ndarray:
+def check_token_array(tokens, what: str = "tokens") -> np.ndarray:
+    """``tokens`` as a 1-D numpy array of integer ids in ``[0, 2**31)``; ``ValueError`` naming
+    ``what`` otherwise.  Windows are int32: a negative id or one past int32 would wrap silently.
+    (Prepared datasets are uint16 / uint32 memmaps and are not scanned; a signed or 64-bit array
+    is.)"""
     if not isinstance(tokens, np.ndarray):
         tokens = np.asarray(tokens)
     if tokens.ndim != 1:
         raise ValueError(f"{what} must be a 1-D array of token ids, got shape {tokens.shape}")
     if not np.issubdtype(tokens.dtype, np.integer):
-        raise ValueError(f"{what} must hold integers, got dtype {tokens.dtype}")
-    seq_len = int_arg("seq_len", seq_len, lo=1)
-    # Windows are int32: a negative id or one past int32 would wrap silently.  (Prepared datasets
-    # are uint16 / uint32 memmaps and are not scanned; a signed or 64-bit array is.)
+        raise ValueError(f"{what} must be integer token ids, got dtype {tokens.dtype}")
     if tokens.size and (np.issubdtype(tokens.dtype, np.signedinteger) or tokens.dtype.itemsize > 4):
         lo, hi = int(tokens.min()), int(tokens.max())
         if lo < 0 or hi > np.iinfo(np.int32).max:
             raise ValueError(f"{what} must be token ids in [0, 2**31), got ids from {lo} to {hi}")
+    return tokens
+
+
+def _check_tokens(tokens, seq_len: int, what: str = "tokens") -> np.ndarray:
+    tokens = check_token_array(tokens, what)
+    seq_len = int_arg("seq_len", seq_len, lo=1)
     if tokens.shape[0] < seq_len + 1:
         raise ValueError(
             f"{what} has {tokens.shape[0]} tokens, fewer than seq_len + 1 = {seq_len + 1}; "

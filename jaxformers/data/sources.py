@@ -75,19 +75,17 @@ class TextSource:
         """A source whose val (and train) split is ``tokens`` (1-D ids); ``vocab_size`` (an int >= 1,
         default: the largest id + 1) must exceed every id (``ValueError`` otherwise, and for
         ``tokens`` that are not a 1-D array of integer ids in ``[0, 2**31)``)."""
+        from .loader import check_token_array
+
         tokens = np.asarray(tokens)
-        if tokens.ndim != 1 or (tokens.size and (tokens.dtype == np.bool_
-                                                 or not np.issubdtype(tokens.dtype, np.integer))):
-            raise ValueError(f"tokens must be a 1-D array of integer token ids, got shape {tokens.shape} "
-                             f"and dtype {tokens.dtype}")
-        if vocab_size is None:
-            lo, hi = (int(tokens.min()), int(tokens.max())) if tokens.size else (0, 0)
-            if lo < 0 or hi >= 2 ** 31:  # as TokenLoader: int32 windows
-                raise ValueError(f"tokens must be token ids in [0, 2**31), got ids from {lo} to {hi}")
-            vocab = hi + 1 if tokens.size else 1
-        else:
-            vocab = int_arg("vocab_size", vocab_size, lo=1)
-            check_token_ids(tokens, vocab, "tokens must be ids")
+        if tokens.shape == (0,):
+            tokens = tokens.astype(np.int32)  # np.asarray([]) is float64: no ids, fine
+        vocab = None if vocab_size is None else int_arg("vocab_size", vocab_size, lo=1)
+        if vocab is not None and tokens.ndim == 1 and np.issubdtype(tokens.dtype, np.integer):
+            check_token_ids(tokens, vocab, "tokens must be ids")  # naming the vocabulary
+        tokens = check_token_array(tokens)  # the loader's rule: 1-D integer ids in [0, 2**31)
+        if vocab is None:
+            vocab = int(tokens.max()) + 1 if tokens.size else 1
         return cls("<array>", None, {"vocab_size": vocab, "source": "array"}, tokens, tokens)
 
     def describe(self) -> dict:

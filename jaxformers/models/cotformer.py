@@ -97,7 +97,6 @@ NEVER = 2 ** 30  # key position of a key no query may see (inactive tokens)
 
 # ----------------------------------------------------------------------------- config
 #: The architectures registered with :class:`CoTFormerConfig`.
-COTFORMER_MODELS = ("cotformer", "but", "adaptive_cotformer")
 
 
 @dataclasses.dataclass(frozen=True)

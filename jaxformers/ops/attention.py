@@ -121,12 +121,12 @@ def xla_attention(q, k, v, *, causal=True, segment_ids=None, window=None, q_offs
     window = _check_shapes(q, k, v, window)
     _check_args(q, causal, q_offset)
     _check_dropout(dropout_rate)
-    if not isinstance(sm_scale, jax.core.Tracer):
-        sm_scale = _static_scale(sm_scale)
+    from pallas_kernels.flash_attention.reference import reference_sm_scale
+
     b, tq, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     g = hq // hkv
-    scale = d ** -0.5 if sm_scale is None else sm_scale
+    scale = reference_sm_scale(sm_scale, d)  # the oracles' rule: d**-0.5, checked, or traced as is
     q_ids, kv_ids = _split_segments(segment_ids, tq, tk, b)
     qg = q.reshape(b, tq, hkv, g, d)
     s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) * scale
@@ -278,9 +278,7 @@ def attention(q, k, v, *, causal: bool = True, segment_ids=None, window: Optiona
         implementation = "xla"
     impl = select_implementation(q, k, segment_ids=segment_ids, window=window, q_offset=q_offset,
                                  implementation=implementation, causal=causal)
-    if impl == "xla":
-        if not isinstance(sm_scale, jax.core.Tracer):  # a concrete one: the kernels' rule (> 0)
-            sm_scale = _static_scale(sm_scale)
+    if impl == "xla":  # checks a concrete sm_scale itself (the kernels' rule: > 0)
         return xla_attention(q, k, v, causal=causal, segment_ids=segment_ids, window=window,
                              q_offset=q_offset, sm_scale=sm_scale, dropout_rate=dropout_rate,
                              dropout_rng=dropout_rng)

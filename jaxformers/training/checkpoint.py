@@ -56,8 +56,10 @@ MANIFEST = "jaxformers_manifest.json"
 MANIFEST_FORMAT = 1
 #: The run config (``config.json``'s content) a checkpoint was trained with, saved in its step directory.
 CONFIG = "jaxformers_config.json"
+# a step directory's name, as orbax and step_dir() write it (ASCII digits, no leading zero)
+_STEP_NAME = r"(?:0|[1-9][0-9]*)"
 # orbax stages the save of step N in N.orbax-checkpoint-tmp-<timestamp>
-_ORBAX_TMP = re.compile(r"^\d+\.orbax-checkpoint-tmp")
+_ORBAX_TMP = re.compile(rf"^{_STEP_NAME}\.orbax-checkpoint-tmp")
 _FULL_HASH_LIMIT = 64 << 20
 _END_BYTES = 8 << 20
 _CHUNK = 4 << 20
@@ -274,7 +276,7 @@ class Checkpointer:
         if not self.directory.is_dir():
             return []
         return sorted(int(p.name) for p in self.directory.iterdir()
-                      if p.name.isascii() and p.name.isdigit() and str(int(p.name)) == p.name and p.is_dir())
+                      if re.fullmatch(_STEP_NAME, p.name) and p.is_dir())
 
     def is_complete(self, step: int) -> bool:
         return (self.directory / str(step) / MANIFEST).exists()

@@ -345,7 +345,8 @@ def maybe_initialize_distributed(force: Optional[bool] = None) -> bool:
     process waits for a dead / a missing peer.  Must run before anything touches the devices;
     returns whether jax runs distributed.  ``ValueError`` (naming the variable) for a
     half-configured launch.  A ``jax.distributed.initialize`` the caller ran already (its own
-    arguments, no launch variables needed) is taken as is: ``True``.
+    arguments, no launch variables needed) is taken as is: ``True``, the launch variables (and
+    ``force``) then not read at all.
     """
     global _INITIALIZED
     if _INITIALIZED:

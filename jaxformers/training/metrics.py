@@ -19,7 +19,7 @@ from typing import Optional
 
 import jax
 
-from .rundir import PLOT_FILE, read_metrics
+from .rundir import PLOT_FILE, metrics_step, read_metrics
 
 __all__ = ["PEAK_FLOPS", "Progress", "Throughput", "mfu", "model_flops_per_token", "peak_flops",
            "plot_losses"]
@@ -111,8 +111,7 @@ class Throughput:
 def plot_losses(run_dir) -> Optional[Path]:
     """Write ``loss.png`` (train and val loss vs step) from ``metrics.jsonl`` (rows without a
     numeric ``step``, e.g. hand-edited ones, are left out)."""
-    rows = [r for r in read_metrics(run_dir) if isinstance(r.get("step"), (int, float))
-            and not isinstance(r.get("step"), bool)]
+    rows = [r for r in read_metrics(run_dir) if metrics_step(r) is not None]
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
     if not train and not val:

@@ -45,7 +45,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import numbers
 import os
 from pathlib import Path
 from typing import Any, List, Optional, Tuple
@@ -53,6 +52,7 @@ from typing import Any, List, Optional, Tuple
 import jax
 
 from ..registry import build, config_from_dict
+from ..utils import is_int
 from . import mesh as mesh_lib
 from .checkpoint import CONFIG as CHECKPOINT_CONFIG
 from .checkpoint import Checkpointer, CheckpointError
@@ -110,12 +110,19 @@ def read_metrics(run_dir) -> list:
     return rows
 
 
+def metrics_step(row: dict):
+    """A metrics row's ``step`` when it is a number (not a bool), else ``None`` (no step, or a
+    hand-edited one)."""
+    step = row.get("step")
+    return step if isinstance(step, (int, float)) and not isinstance(step, bool) else None
+
+
 def truncate_metrics(run_dir, last_step: int) -> None:
     """Drop the rows after ``last_step`` (they belong to steps that will be replayed), and, like
     the lines :func:`read_metrics` ignores, rows whose ``step`` is not a number (hand-edited)."""
-    def kept(row):
-        step = row.get("step", 0)
-        return isinstance(step, (int, float)) and not isinstance(step, bool) and step <= last_step
+    def kept(row):  # a row without a step stays
+        step = metrics_step(row)
+        return "step" not in row or (step is not None and step <= last_step)
     rows = [r for r in read_metrics(run_dir) if kept(r)]
     atomic_write(Path(run_dir) / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
 
@@ -564,7 +571,7 @@ def load_run(run_dir, *, step: Optional[int] = None, mesh=None) -> Tuple[Any, Tr
     from .steps import abstract_params, compute_config
 
     if step is not None:
-        if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+        if not is_int(step):
             raise ValueError(f"step must be an int (a checkpoint's step) or None (the newest), got {step!r}")
         step = int(step)
     run_dir = Path(run_dir).expanduser()

@@ -55,7 +55,7 @@ import flax.linen as nn
 from ..config import ModelConfig
 from ..data.sources import open_data, open_dataset
 from ..registry import build
-from ..utils import count_params
+from ..utils import count_params, is_int
 from . import mesh as mesh_lib
 from . import rundir
 from .checkpoint import Checkpointer, library_versions
@@ -413,8 +413,9 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, resume: bool 
     if init_params is not None and train_config.init_from is not None:
         raise ValueError("pass either init_params or train_config.init_from, not both")
     tc = train_config
-    if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 1):
+    if stop_after is not None and (not is_int(stop_after) or stop_after < 1):
         raise ValueError(f"stop_after must be a positive int or None, got {stop_after!r}")
+    stop_after = None if stop_after is None else int(stop_after)  # numpy ints too
     loss_fn, loss_fn_name = _resolve_loss(tc, loss_fn)
     own = type(model_config).default_loss  # e.g. a landmark model's, which inserts its landmarks
     if loss_fn_name is None and tc.loss == "cross_entropy" and own != "cross_entropy":
