@@ -96,9 +96,6 @@ NEVER = 2 ** 30  # key position of a key no query may see (inactive tokens)
 
 
 # ----------------------------------------------------------------------------- config
-#: The architectures registered with :class:`CoTFormerConfig`.
-
-
 @dataclasses.dataclass(frozen=True)
 class CoTFormerConfig(TransformerConfig):
     """TransformerConfig + repeats.  ``model`` picks the variant: ``cotformer`` (keys of all
