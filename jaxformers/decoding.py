@@ -304,7 +304,8 @@ def generate(module, params, prompt_tokens, max_new_tokens: int, *, temperature:
     ``P + max_new_tokens`` is not checked against ``config.max_seq_len`` (positions past it are
     extrapolated, as in a full forward pass).
     ``vocab_limit``: sample only ids ``< vocab_limit`` (a model whose ``vocab_size`` is padded
-    above its tokenizer's: the padding ids have no text); ``top_k`` is checked against it.
+    above its tokenizer's: the padding ids have no text); ``top_k`` and ``eos_id`` are checked
+    against it.
     ``eos_id``: a row that samples it is finished: its later positions hold ``pad_id`` (default
     ``eos_id``), and decoding stops as soon as every row is finished.  The tokens up to and
     including each row's first ``eos_id`` are those sampled without ``eos_id`` (same rng stream).
@@ -351,6 +352,9 @@ def generate(module, params, prompt_tokens, max_new_tokens: int, *, temperature:
     for name, value in (("eos_id", eos_id), ("pad_id", pad_id)):
         if value is not None and (not is_int(value) or not 0 <= value < vocab):
             raise ValueError(f"{name} must be None or a token id in [0, vocab_size={vocab}), got {value!r}")
+    if eos_id is not None and vocab_limit is not None and eos_id >= vocab_limit:
+        raise ValueError(f"eos_id must be None or an id < vocab_limit={vocab_limit} (ids at or above it are "
+                         f"never sampled, so no row would ever finish), got {eos_id!r}")
     if pad_id is not None and eos_id is None and prompt_lengths is None:
         raise ValueError("pad_id needs eos_id or prompt_lengths (it fills the positions after a row's eos_id "
                          "or after a shorter row's new tokens)")

@@ -50,6 +50,8 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import jax
 from etils import epath
 
+from ..utils import int_arg
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "jaxformers_manifest.json"
@@ -261,7 +263,7 @@ class Checkpointer:
             run_dir = os.path.abspath(os.path.expanduser(run_dir))
         self.run_dir = epath.Path(run_dir)
         self.directory = self.run_dir / "checkpoints"
-        self.keep = int(keep)
+        self.keep = int_arg("keep", keep, lo=1, where="Checkpointer")
         self.async_save = bool(async_save)
         self._manager = None
         self._pending: Optional[int] = None
@@ -353,7 +355,7 @@ class Checkpointer:
         (process 0) once orbax has finished it and before its manifest (which lists them)."""
         import orbax.checkpoint as ocp
 
-        step = int(step)
+        step = int_arg("step", step, lo=0, where="Checkpointer.save")
         self.wait()
         if self.step_dir(step).exists():
             raise CheckpointError(

@@ -1,0 +1,51 @@
+"""Audit 47 (lead): limits earlier stops noticed and left alone, now refused with a ``ValueError``
+naming the argument: an ``eos_id`` that ``vocab_limit`` can never let be sampled, and a
+``Checkpointer`` given a ``keep`` below 1 or a step that is not a non-negative int."""
+import jax
+import numpy as np
+import pytest
+
+import jaxformers as jf
+from jaxformers.registry import build, get_config
+from jaxformers.training.checkpoint import Checkpointer
+
+
+@pytest.fixture(scope="module")
+def gpt():
+    module = build(get_config("gpt", "tiny", d_model=16, n_head=2, n_layer=1, vocab_size=32))
+    return module, {"params": jf.init_params(module, jax.random.PRNGKey(0))}
+
+
+@pytest.mark.parametrize("eos_id", [20, 31])
+def test_eos_id_at_or_above_vocab_limit_is_refused(gpt, eos_id):
+    """Ids >= vocab_limit are never sampled: such an eos_id could never finish a row (it was
+    accepted, and decoding silently never stopped early)."""
+    module, params = gpt
+    with pytest.raises(ValueError, match=r"eos_id must be None or an id < vocab_limit=20"):
+        jf.generate(module, params, np.array([[1, 2]]), 3, temperature=0.0, vocab_limit=20, eos_id=eos_id)
+
+
+def test_eos_id_below_vocab_limit_still_stops_a_row(gpt):
+    module, params = gpt
+    free = np.asarray(jf.generate(module, params, np.array([[1, 2]]), 4, temperature=0.0, vocab_limit=20))
+    eos = int(free[0, 2])  # the first greedy token: with it as eos the row finishes at once
+    out = np.asarray(jf.generate(module, params, np.array([[1, 2]]), 4, temperature=0.0, vocab_limit=20,
+                                 eos_id=eos, pad_id=0))
+    assert out[0, 2] == eos and (out[0, 3:] == 0).all()
+
+
+@pytest.mark.parametrize("keep", [0, -1, 1.5, True, "2"])
+def test_checkpointer_keep_must_be_a_positive_int(tmp_path, keep):
+    """keep=0 (or negative) used to keep every checkpoint; 1.5 was read as 1."""
+    with pytest.raises(ValueError, match="Checkpointer: keep must be"):
+        Checkpointer(tmp_path, keep=keep)
+
+
+@pytest.mark.parametrize("step", [-1, 5.5, True, "3"])
+def test_checkpointer_save_step_must_be_a_non_negative_int(tmp_path, step):
+    """A float step 5.5 was saved as step 5; a negative step made a folder step_dirs never lists."""
+    ckpt = Checkpointer(tmp_path, async_save=False)
+    with pytest.raises(ValueError, match="Checkpointer.save: step must be"):
+        ckpt.save(step, {"w": np.zeros(2, np.float32)}, {}, {})
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+    ckpt.close()
