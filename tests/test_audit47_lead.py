@@ -49,3 +49,24 @@ def test_checkpointer_save_step_must_be_a_non_negative_int(tmp_path, step):
         ckpt.save(step, {"w": np.zeros(2, np.float32)}, {}, {})
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
     ckpt.close()
+
+
+def test_stop_request_restores_a_handler_python_cannot_name(monkeypatch):
+    """signal.signal returns None for a handler installed outside Python (an embedding
+    interpreter); restore() passed that None back and raised TypeError at the end of training."""
+    import signal
+
+    from jaxformers.training import trainer
+
+    calls = []
+
+    def fake_signal(sig, handler):
+        calls.append((sig, handler))
+        if handler is None:
+            raise TypeError("signal handler must be signal.SIG_IGN, signal.SIG_DFL, or a callable object")
+        return None  # "the previous handler was not installed from Python"
+
+    monkeypatch.setattr(trainer.signal, "signal", fake_signal)
+    stop = trainer._StopRequest()
+    stop.restore()
+    assert calls[2:] == [(signal.SIGTERM, signal.SIG_DFL), (signal.SIGINT, signal.SIG_DFL)]

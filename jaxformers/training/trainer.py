@@ -185,7 +185,8 @@ class _StopRequest:
     (an evaluation due at that step is left to the resume, which runs it first).
 
     Only installed from the main thread (signal handlers cannot be set elsewhere);
-    a second signal falls through to the previous handler.
+    a second signal falls through to the previous handler (the default action where that
+    was not installed from Python, which cannot reinstall it).
     """
 
     def __init__(self):
@@ -208,7 +209,9 @@ class _StopRequest:
 
     def restore(self):
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            # None: the previous handler was not installed from Python (an embedding
+            # interpreter's C handler), which cannot be reinstalled: the default action it is
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
         self._previous = {}
 
 
