@@ -34,6 +34,7 @@ LEG2_TESTS=(tests/test_flash_attention.py tests/test_selective_scan.py tests/tes
             tests/test_gpu_lowering.py tests/test_tpu_lowering*.py tests/test_kernel_report.py
             tests/test_audit_hadamard.py tests/test_audit_mutation_attention.py tests/test_audit_mutation_scan.py
             tests/test_audit_mutation_tpu.py tests/test_audit_gpucheck.py
+            tests/test_audit45_kernels.py tests/test_audit45_refs.py tests/test_audit46_kernels.py
             tests/test_multihost.py)
 NEWEST=(jax jaxlib flax optax orbax-checkpoint chex)
 # -qq: errors only (-q still prints a warning per package when an index location is missing)
