@@ -185,6 +185,9 @@ def _parse_domains_spec(spec: str):
         if not eq and name not in BUILTIN_DOMAINS:
             raise ValueError(f"data={spec!r}: unknown built-in domain {name!r}; built-in domains: "
                              f"{', '.join(BUILTIN_DOMAINS)} (or write NAME=SOURCE)")
+        if eq and not source.strip():
+            raise ValueError(f"data={spec!r}: domain {name!r} has an empty SOURCE (write NAME=SOURCE with a "
+                             f"folder, file or corpus name, or a built-in domain's NAME alone)")
         names.append(name)
         sources.append(source.strip() if eq else None)
         weights.append(weight)
