@@ -70,3 +70,16 @@ def test_stop_request_restores_a_handler_python_cannot_name(monkeypatch):
     stop = trainer._StopRequest()
     stop.restore()
     assert calls[2:] == [(signal.SIGTERM, signal.SIG_DFL), (signal.SIGINT, signal.SIG_DFL)]
+
+
+def test_stratified_with_unequal_weights_is_refused_when_the_spec_is_parsed(monkeypatch):
+    """It was refused only once the loader was built, after every domain had been loaded."""
+    from jaxformers.data import domains
+
+    monkeypatch.setattr(domains, "build_domains", lambda *a, **k: pytest.fail("domains were loaded"))
+    with pytest.raises(ValueError, match="sample=stratified takes one equal share"):
+        domains.parse_domains_spec("domains:comedies@2,python:sample=stratified")
+    with pytest.raises(ValueError, match="sample=stratified takes one equal share"):
+        domains.DomainSource("domains:comedies@2,python:sample=stratified")
+    spec = domains.parse_domains_spec("domains:comedies@2,python@2:sample=stratified")  # equal: fine
+    assert spec.weights == (0.5, 0.5)

@@ -31,15 +31,17 @@ def texts(tmp_path_factory):
 
 
 def test_spec_parsing_and_errors():
-    s = parse_domains_spec("domains:comedies,python@3,mine=./x@0:max_bytes=10,sample=stratified")
+    s = parse_domains_spec("domains:comedies,python@3,mine=./x@0:max_bytes=10,sample=weighted")
     assert s.names == ("comedies", "python", "mine") and s.sources == (None, None, "./x")
-    assert np.allclose(s.weights, [0.25, 0.75, 0.0]) and s.max_bytes == 10 and s.sample == "stratified"
+    assert np.allclose(s.weights, [0.25, 0.75, 0.0]) and s.max_bytes == 10 and s.sample == "weighted"
+    assert parse_domains_spec("domains:comedies,python:sample=stratified").sample == "stratified"
     assert parse_domains_spec(domain_spec(["comedies", "python"], weights=[1, 2])).weights == (1 / 3, 2 / 3)
     for bad, match in [("domains:comedies", "at least two"), ("domains:comedies,nope", "unknown built-in"),
                        ("domains:comedies,python@-1", "weight"),
                        ("domains:comedies,comedies", "twice"), ("domains:comedies,python:sample=foo", "sample"),
                        ("domains:comedies,python:colour=1", "unknown option"),
-                       ("domains:comedies@0,python@0", "sum to 0")]:
+                       ("domains:comedies@0,python@0", "sum to 0"),
+                       ("domains:comedies,python@3:sample=stratified", "equal share")]:
         with pytest.raises(ValueError, match=match):
             parse_domains_spec(bad)
 

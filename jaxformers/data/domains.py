@@ -230,7 +230,12 @@ def _parse_domains_spec(spec: str):
     if not np.isfinite(sum(weights)):  # huge weights: scale by the largest first (no overflow)
         weights = [w / top for w in weights]
     total = sum(weights)
-    return DomainsSpec(tuple(names), tuple(sources), tuple(w / total for w in weights), **kw), spans
+    weights = tuple(w / total for w in weights)
+    if kw.get("sample") == "stratified" and not np.allclose(weights, 1.0 / len(weights), rtol=1e-6, atol=0):
+        # refused here, before any domain is loaded (DomainLoader checks it again for direct callers)
+        raise ValueError(f"data={spec!r}: sample=stratified takes one equal share of rows from every "
+                         f"domain: drop the @WEIGHTs (weights {dict(zip(names, weights))})")
+    return DomainsSpec(tuple(names), tuple(sources), weights, **kw), spans
 
 
 def absolute_source_paths(spec: str) -> str:
