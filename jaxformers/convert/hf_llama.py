@@ -32,6 +32,10 @@ from .layers import per_layer_params, stack_layers
 
 _PREFIX = "model."
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved
+#: transformers' ``LlamaConfig`` defaults of the sizes: what HF reads for a key a config.json
+#: omits (or sets to null); the other keys' defaults are in :func:`config_from_hf`.
+HF_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                   num_attention_heads=32)
 # --------------------------------------------------------------------------- config mapping
 def _rope_theta(hf: dict) -> float:
     """RoPE base of a HF config; refuses a non-default rope type in ``rope_parameters``
@@ -62,13 +66,18 @@ def _rope_theta(hf: dict) -> float:
 
 
 def config_from_hf(hf: dict, *, dtype: str = "float32", scan_layers: bool = False) -> TransformerConfig:
-    """jaxformers ``llama`` config from a HF ``LlamaConfig`` dict (``config.json``)."""
+    """jaxformers ``llama`` config from a HF ``LlamaConfig`` dict (``config.json``).
+
+    A key the dict omits or sets to null takes transformers' default, as ``from_pretrained``
+    reads it (:data:`HF_DEFAULTS`; ``num_key_value_heads`` -> ``num_attention_heads``,
+    ``rms_norm_eps`` 1e-6, ``rope_theta`` 10000, ...): a ``KeyError`` / ``TypeError`` before."""
     from ..registry import get_config
 
-    model_type = hf.get("model_type", "llama")
+    model_type = hf.get("model_type") or "llama"
     if model_type != "llama":
         raise ValueError(f"model_type={model_type!r} is not supported; expected 'llama' (or 'mamba' / 'mamba2' "
                          "through from_hf / config_from_hf_mamba)")
+    hf = {**HF_DEFAULTS, **{k: v for k, v in hf.items() if v is not None}}
     for name in ("attention_bias", "mlp_bias"):
         if hf.get(name, False):
             raise ValueError(f"{name}={hf[name]!r} is not supported (jaxformers llama has no biases)")
@@ -201,6 +210,14 @@ def _to_hf_layout(path: Tuple[str, ...], w: np.ndarray, c: TransformerConfig) ->
     return w
 
 
+def _jax_shape(path: Tuple[str, ...], c: TransformerConfig) -> Tuple[int, ...]:
+    """The jaxformers shape of a per-layer leaf (``_layer_names``' paths) that ``c`` implies."""
+    d, h, hkv, dh, f = c.d_model, c.n_head, c.kv_heads, c.dim_head, c.ff_dim
+    leaf = path[-2] if path[-1] == "kernel" else None
+    return {"q": (d, h, dh), "k": (d, hkv, dh), "v": (d, hkv, dh), "o": (h, dh, d),
+            "gate": (d, f), "up": (d, f), "down": (f, d)}.get(leaf, (d,))
+
+
 def _expected_shapes(c: TransformerConfig) -> Dict[str, Tuple[int, ...]]:
     """HF tensor name -> HF shape."""
     d, f, v = c.d_model, c.ff_dim, c.vocab_size
@@ -306,6 +323,13 @@ def to_hf(config: TransformerConfig, params, out_dir: str) -> str:
                 leaf = _get(block, path)
             except (KeyError, TypeError):
                 raise ValueError(f"params blocks_{i} lack {'/'.join(path)}") from None
+            # before the reshape: params of another head split (e.g. 8 heads of 4 under a config
+            # of 4 heads of 8) would reshape silently into a different model, or fail in numpy
+            if tuple(np.shape(leaf)) != _jax_shape(path, config):
+                raise ValueError(f"params blocks_{i}/{'/'.join(path)} have shape {tuple(np.shape(leaf))}, "
+                                 f"config implies {_jax_shape(path, config)} (d_model={config.d_model}, "
+                                 f"n_head={config.n_head}, kv_heads={config.kv_heads}, "
+                                 f"head_dim={config.dim_head}, ff_dim={config.ff_dim})")
             tensors[name] = f32(_to_hf_layout(path, np.asarray(leaf), config))
     if not config.tie_embeddings:
         tensors["lm_head.weight"] = f32(np.asarray(params["lm_head"]["kernel"]).T)
