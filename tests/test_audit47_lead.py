@@ -83,3 +83,15 @@ def test_stratified_with_unequal_weights_is_refused_when_the_spec_is_parsed(monk
         domains.DomainSource("domains:comedies@2,python:sample=stratified")
     spec = domains.parse_domains_spec("domains:comedies@2,python@2:sample=stratified")  # equal: fine
     assert spec.weights == (0.5, 0.5)
+
+
+def test_doge_weight_history_names_a_bad_kind(tmp_path):
+    """kind='bogus' was reported as "not a DoGE proxy run" (a run that is one)."""
+    import json
+
+    from jaxformers.training.doge import doge_weight_history
+
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "doge/weight/a": 0.5, "doge/weight/b": 0.5}) + "\n")
+    with pytest.raises(ValueError, match=r"kind must be one of \['weight', 'avg_weight', 'score', 'grad_norm'\]"):
+        doge_weight_history(tmp_path, "bogus")
+    assert doge_weight_history(tmp_path, "weight") == ([1], {"a": [0.5], "b": [0.5]})

@@ -339,9 +339,15 @@ def _metrics_rows(run_dir) -> list:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+#: The per-domain series a DoGE proxy run logs (``doge/<kind>/<domain>``).
+WEIGHT_HISTORY_KINDS = ("weight", "avg_weight", "score", "grad_norm")
+
+
 def doge_weight_history(run_dir, kind: str = "weight") -> Tuple[list, Dict[str, list]]:
     """``(steps, {domain: [value per logged step]})`` of ``doge/<kind>/<domain>`` in a proxy
     run's ``metrics.jsonl`` (``kind``: ``weight``, ``avg_weight``, ``score``, ``grad_norm``)."""
+    if kind not in WEIGHT_HISTORY_KINDS:
+        raise ValueError(f"kind must be one of {list(WEIGHT_HISTORY_KINDS)}, got {kind!r}")
     prefix = f"doge/{kind}/"
     rows = [r for r in _metrics_rows(run_dir) if any(k.startswith(prefix) for k in r)]
     if not rows:
