@@ -311,13 +311,21 @@ def write_json(path, obj, *, indent=1, default=None) -> str:
     """``obj`` as JSON to ``path`` atomically (a temporary file in the same folder, fsync, then
     ``os.replace`` and an fsync of the folder: ``jaxformers.training.checkpoint.atomic_write``):
     an interruption, a power loss or a value JSON cannot encode leaves the previous file whole
-    (never a torn or truncated one).  Returns the path."""
+    (never a torn or truncated one).  NumPy / JAX scalars and arrays are written as numbers and
+    lists (before ``default``, which sees only the other values).  Returns the path."""
     import json
 
     from jaxformers.training.checkpoint import atomic_write
 
+    def encode(value):  # numpy / jax scalars and arrays as JSON numbers and lists (not strings)
+        if type(value).__module__.split(".")[0] in ("numpy", "jax", "jaxlib") and hasattr(value, "tolist"):
+            return value.tolist()
+        if default is None:
+            raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+        return default(value)
+
     path = os.fspath(path)
-    text = json.dumps(obj, indent=indent, default=default) + "\n"  # encode first: a TypeError writes nothing
+    text = json.dumps(obj, indent=indent, default=encode) + "\n"  # encode first: a TypeError writes nothing
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic_write(path, text)
     return path

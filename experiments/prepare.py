@@ -28,6 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="rebuild even if an up-to-date copy exists")
     args = ap.parse_args(argv)
+    # usage errors name the flag (prepare() would name its parameter: val_fraction, seed)
+    if not 0.0 <= args.val_fraction < 1.0:  # (NaN fails too)
+        ap.error(f"--val-fraction must be a number in [0, 1), got {args.val_fraction}")
+    if args.seed < 0:
+        ap.error(f"--seed must be >= 0, got {args.seed}")
     t0 = time.perf_counter()
     try:
         out = prepare(args.data, args.tokenizer, out_dir=args.out, val_fraction=args.val_fraction,
