@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int)
     ap.add_argument("--max-batches", type=int, default=-1,
                     help="-1: the run's validation set (its eval_batches full batches, whatever its "
-                         "grad_accum); 0: all")
+                         "grad_accum and whatever --batch-size reads them); 0: all")
     ap.add_argument("--mesh", help="e.g. data=2 (default: all devices on data)")
     ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"],
                     help="compute dtype (default: the run's)")

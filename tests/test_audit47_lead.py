@@ -95,3 +95,26 @@ def test_doge_weight_history_names_a_bad_kind(tmp_path):
     with pytest.raises(ValueError, match=r"kind must be one of \['weight', 'avg_weight', 'score', 'grad_norm'\]"):
         doge_weight_history(tmp_path, "bogus")
     assert doge_weight_history(tmp_path, "weight") == ([1], {"a": [0.5], "b": [0.5]})
+
+
+def test_evaluate_a_domains_run_in_another_batch_size_reads_the_runs_rows(tmp_path):
+    """evaluate(max_batches=-1) converted the run's eval_batches into batches of the new size and
+    then split those over the domains: at batch_size 1, 16 rows over 3 domains gave each domain
+    5 rows where the run had evaluated 4 (and a batch size not dividing the run's read more)."""
+    import json
+
+    from jaxformers.training import TrainConfig, evaluate, train
+
+    data = "domains:a=noise,b=noise@2,c=noise:max_bytes=3000"
+    tc = TrainConfig(out_dir=str(tmp_path / "run"), data=data, steps=1, batch_size=4, seq_len=16,
+                     eval_batches=4, eval_every=1, warmup_steps=0)
+    summary = train(get_config("gpt", "tiny", d_model=16, n_head=2, n_layer=1, vocab_size=264), tc,
+                    progress=False)
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    run_eval = [r for r in logged if "val_loss/a" in r][-1]
+    for bs in (4, 1, 3):
+        ev = evaluate(str(tmp_path / "run"), batch_size=bs)
+        assert ev["val_tokens"] == 3 * 4 * 16, bs  # 4 rows of 16 targets per domain, as the run
+        assert ev["val_loss"] == pytest.approx(summary["val_loss"], rel=1e-5), bs
+        for name in "abc":
+            assert ev[f"val_loss/{name}"] == pytest.approx(run_eval[f"val_loss/{name}"], rel=1e-5), (bs, name)

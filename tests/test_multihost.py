@@ -414,6 +414,14 @@ def test_checkpoint_of_two_processes_restores_in_one_and_in_two(env, runs):
     result = summary_of(two.out(0))
     assert result["val_tokens"] == whole["val_tokens"]
     assert result["val_loss"] == pytest.approx(whole["val_loss"], rel=1e-5)
+    # the run's 16 evaluation rows read in batches of 12 (6 per process): the second batch's rows
+    # past the 16th weigh 0 on process 0 (4 of its 6 kept) and on process 1 (none kept)
+    odd = Launch(env, ["-m", "experiments.evaluate", "--run", str(runs["multi"]), "--mesh", "fsdp=4",
+                       "--batch-size", "12"], name="eval3")
+    odd.check()
+    result = summary_of(odd.out(0))
+    assert result["val_tokens"] == 16 * 32
+    assert result["val_loss"] == pytest.approx(summary["val_loss"], rel=1e-5)
 
 
 def test_tensor_axis_across_processes(env):

@@ -129,14 +129,19 @@ def _pad_rows(batch: Dict[str, np.ndarray], rows: int) -> Dict[str, np.ndarray]:
 
 
 def eval_loss(program: Program, params, source, batch_size: int, seq_len: int, max_batches: Optional[int],
-              split: str = "val") -> Dict[str, Any]:
+              split: str = "val", *, unit_rows: Optional[int] = None) -> Dict[str, Any]:
     """``{"val_loss", "val_ppl", "val_tokens"}``: the loss function's mean over the evaluation
     batches of ``source`` (weighted by ``n_targets``; ``None`` values without data).
 
     A source with named evaluation groups (``source.eval_groups()``, e.g. the domains of a
     multi-domain source) is evaluated group by group, each with ``max_batches // n_groups``
     batches (at least one), once: the result adds ``val_loss/<group>`` and the overall loss
-    is over all the groups' targets."""
+    is over all the groups' targets.
+
+    ``unit_rows``: ``max_batches`` counts batches of ``unit_rows`` rows, not of ``batch_size``:
+    the first ``max_batches * unit_rows`` windows (of each group) are evaluated, read in batches
+    of ``batch_size`` (the rows of the last one past that count weigh 0) -- the evaluation set of
+    a run whose batches had ``unit_rows`` rows, in batches of any size."""
     empty = {"val_loss": None, "val_ppl": None, "val_tokens": 0}
     if max_batches == 0 or not source.has_eval_data(seq_len, split):
         return empty
@@ -146,7 +151,7 @@ def eval_loss(program: Program, params, source, batch_size: int, seq_len: int, m
         per = None if max_batches is None else max(1, max_batches // max(1, len(groups)))
         out, total, count = {}, 0.0, 0.0
         for name, group in groups.items():
-            ev = eval_loss(program, params, group, batch_size, seq_len, per, split)
+            ev = eval_loss(program, params, group, batch_size, seq_len, per, split, unit_rows=unit_rows)
             if ev["val_loss"] is not None:
                 out[f"val_loss/{name}"] = ev["val_loss"]
                 total += ev["val_loss"] * ev["val_tokens"]
@@ -160,10 +165,18 @@ def eval_loss(program: Program, params, source, batch_size: int, seq_len: int, m
     rows_global = -(-batch_size // n_par) * n_par  # round up: every batch shard gets rows
     block, n_blocks = mesh_lib.process_rows(program.mesh, rows_global)
     local_rows = rows_global // n_blocks
+    limit = None if unit_rows is None or max_batches is None else max_batches * unit_rows  # windows
+    n_batches = max_batches if limit is None else -(-limit // rows_global)
     total, count = 0.0, 0.0
-    for batch in source.eval_batches(rows_global, seq_len, max_batches, split, process_index=block,
-                                     process_count=n_blocks):
-        s, c = program.eval_step(params, program.put_batch(_pad_rows(batch, local_rows), rows_global))
+    for i, batch in enumerate(source.eval_batches(rows_global, seq_len, n_batches, split, process_index=block,
+                                                  process_count=n_blocks)):
+        batch = _pad_rows(batch, local_rows)
+        if limit is not None:  # this process's rows are windows first, first + 1, ... of the split
+            first = i * rows_global + block * local_rows
+            keep = int(np.clip(limit - first, 0, local_rows))
+            if keep < local_rows:
+                batch["loss_mask"] = np.where(np.arange(local_rows)[:, None] < keep, batch["loss_mask"], 0)
+        s, c = program.eval_step(params, program.put_batch(batch, rows_global))
         total += float(s)
         count += float(c)
     if count == 0:
@@ -757,9 +770,9 @@ def evaluate(run: Union[str, os.PathLike, Tuple[ModelConfig, Any]], data=None, *
     ``synthetic:TASK``) or a 1-D array of token ids; default: the run's data.
     ``split``: ``val`` or ``train``.  Defaults for ``batch_size`` / ``seq_len`` /
     ``max_batches`` come from the run's train config (``max_batches=-1``: the run's
-    ``eval_batches`` full batches, i.e. ``eval_batches * batch_size`` sequences, counted in
-    batches of ``batch_size`` rows -- the validation set of the run's ``val_loss`` whatever its
-    ``grad_accum``), and ``dtype`` (compute dtype)
+    ``eval_batches`` full batches, i.e. exactly the ``eval_batches * batch_size`` sequences
+    (per domain of a ``domains:`` run, as many as the run took) of the run's ``val_loss``,
+    whatever its ``grad_accum`` and whatever ``batch_size`` reads them), and ``dtype`` (compute dtype)
     from the run or float32 (so a run's final ``val_loss`` is reproduced);
     ``max_batches=None`` evaluates the whole split (as ``-1`` does for a run trained with
     ``eval_batches=0``).  The loss is ``loss_fn``, else the
@@ -812,9 +825,10 @@ def evaluate(run: Union[str, os.PathLike, Tuple[ModelConfig, Any]], data=None, *
         log.warning("seq_len=%d is longer than the %s (%d): the loss measures length extrapolation",
                     seq_len, "sequences the run was trained on" if tc is not None else "model's max_seq_len",
                     trained_len)
+    unit_rows = None
     if max_batches == -1:  # the run's eval_batches; the whole split for a run trained without evaluation
-        if tc is not None and tc.eval_batches:  # the rows of eval_batches full batches
-            max_batches = -(-tc.eval_batches * tc.batch_size // batch_size)
+        if tc is not None and tc.eval_batches:  # exactly the windows the run evaluated, in any batch size
+            max_batches, unit_rows = tc.eval_micro_batches, tc.micro_batch_size
         else:
             max_batches = None
     if not source.has_eval_data(seq_len, split):
@@ -837,4 +851,4 @@ def evaluate(run: Union[str, os.PathLike, Tuple[ModelConfig, Any]], data=None, *
                          + (f" with model_overrides={model_overrides}" if model_overrides else "")
                          + f": {e}") from None
     params = jax.device_put(params, program.param_shardings)
-    return eval_loss(program, params, source, batch_size, seq_len, max_batches, split)
+    return eval_loss(program, params, source, batch_size, seq_len, max_batches, split, unit_rows=unit_rows)
