@@ -217,9 +217,12 @@ def _write(results: dict, out: Path) -> None:
     """Ratios to the same length's baseline (where trained), then ``OUT/results.json``."""
     for row in results["models"].values():
         base = results["models"].get(f"baseline_T{row['seq_len']}")
-        if base and base["step_time_s"] and row["step_time_s"]:
-            row["speedup_vs_baseline"] = base["step_time_s"] / row["step_time_s"]
+        if base is None:
+            continue
+        if row["val_ppl"] is not None and base["val_ppl"] is not None:  # needs no clock
             row["val_ppl_delta_vs_baseline"] = row["val_ppl"] - base["val_ppl"]
+        if base["step_time_s"] and row["step_time_s"]:
+            row["speedup_vs_baseline"] = base["step_time_s"] / row["step_time_s"]
     write_json(out / "results.json", results, indent=2)
 
 
@@ -236,14 +239,17 @@ def plot(results: dict, path: Path) -> None:
     colors = ["tab:blue" if r["model"] == "gpt" else "tab:orange" if r["model"] == "hash_sparse"
               else "tab:green" for r in rows.values()]
     for ax, (key, label) in zip(axes, panels):
-        vals = [rows[n][key] or 0.0 for n in names]
+        # a missing number (no timed step: step_time_s None) is no bar and "n/a", not a 0 bar
+        vals = [float("nan") if rows[n][key] is None else rows[n][key] for n in names]
         ax.bar(range(len(names)), vals, color=colors)
+        ax.set_xlim(-0.6, len(names) - 0.4)  # every model's slot, a missing (nan) bar's included
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
         ax.set_title(label)
         ax.grid(axis="y", alpha=0.3)
         for i, v in enumerate(vals):
-            ax.text(i, v, f"{v:.3g}", ha="center", va="bottom", fontsize=7)
+            ax.text(i, 0.0 if v != v else v, "n/a" if v != v else f"{v:.3g}", ha="center", va="bottom",
+                    fontsize=7)
     fig.suptitle(f"SCFA LMs ({results['preset']}, {results['train']['steps']} steps, "
                  f"{results['device']})")
     fig.tight_layout()
