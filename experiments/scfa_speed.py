@@ -95,7 +95,9 @@ def bench(name, fn, q, k, v, do, *, on_gpu, warmup, iters):
     out = {}
     for mode, f, args in (("fwd", fwd, (q, k, v)), ("fwd+bwd", fwd_bwd, (q, k, v, do))):
         try:
-            out[mode] = median_ms(f, args, warmup, iters)
+            # compiled ahead of time: with --warmup 0 the first timed call would otherwise measure
+            # tracing + compilation (the Pallas kernels' far longer than cuDNN's: a skewed speedup)
+            out[mode] = median_ms(f.lower(*args).compile(), args, warmup, iters)
         except Exception as e:  # noqa: BLE001 - record OOM / unsupported and keep going
             out[mode] = None
             out[f"{mode}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
