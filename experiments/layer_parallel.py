@@ -369,7 +369,8 @@ def run(args, ap=None) -> dict:
         "model": cfg.to_dict(), "n_params": int(sum(x.size for x in jax.tree.leaves(params))),
         "source": info, "infer": {k: preset[k] for k in ("infer_dtype", "infer_batch", "decode_tokens", "iters",
                                                           "positions", "pair_counts")}
-        | {"prompt_len": prompt_len, "seq_len": seq_len, "eval_batches": len(ev.batches)},
+        | {"prompt_len": prompt_len, "seq_len": seq_len, "eval_batches": len(ev.batches),
+           "max_pairs": args.max_pairs, "no_study": bool(args.no_study)},
         "baseline": base, "pairs": rows, "study": study, "complete": False,
         "note": f"speeds measured on {jax.default_backend()} ({jax.devices()[0].device_kind})",
     }

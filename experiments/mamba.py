@@ -252,8 +252,8 @@ def run(args) -> dict:
         summary, params, dtype, tc = reuse_or_train(name, cfg, out, reusable, seed=args.seed, data=args.data,
                                                      train_kw=train_kw, log_points=20, tag="mamba",
                                                      cache=cache)
-        print(f"[mamba] {name}: val_ppl={summary['val_ppl']:.3f}; timing decode at {list(contexts)}",
-              file=sys.stderr, flush=True)
+        print(f"[mamba] {name}: val_ppl={summary['val_ppl'] or math.nan:.3f}; "
+              f"timing decode at {list(contexts)}", file=sys.stderr, flush=True)
         decode = decode_scaling(cfg, params, contexts, batch=preset["decode_batch"], dtype=dtype,
                                 prefill_tokens=val_tokens if args.prefill else None)
         metrics = read_metrics(run_dir)
@@ -274,7 +274,7 @@ def run(args) -> dict:
             "config": cfg.to_dict(),
         }
         row = results["models"][name]
-        print(f"[mamba] {name}: params={row['n_params']} val_ppl={row['val_ppl']:.3f} "
+        print(f"[mamba] {name}: params={row['n_params']} val_ppl={row['val_ppl'] or math.nan:.3f} "
               f"train_tok/s={row['train_tokens_per_s'] or 0:.0f} decode_ms="
               f"{[round(d['decode_step_ms'], 3) for d in decode]} cache_bytes="
               f"{[d['cache_bytes'] for d in decode]}", file=sys.stderr, flush=True)
