@@ -14,7 +14,7 @@ after all training in 3 interleaved rounds, best round's median), and memory:
 XLA's compiled ``memory_analysis()`` of that forward and of a loss+gradient step,
 peak = arguments + outputs + temporaries - aliased bytes (``memory_method`` says
 when it fell back to a params + activations estimate).  ``dwa_overhead`` compares each DenseFormer with the baseline of the
-same depth.  Plots: ``OUT/ppl_vs_depth.png`` (perplexity vs depth, and vs
+same depth (``dwa_overhead_missing``: each DenseFormer without one in the run, and why).  Plots: ``OUT/ppl_vs_depth.png`` (perplexity vs depth, and vs
 inference speed) and ``OUT/alpha_heatmap.png`` (the learned DWA weights).  Weight decay: every
 model, the baselines included, uses the authors' optimizer groups (``weight_decay_groups="nanogpt"``: the
 tied token embedding is not decayed; results recorded before this setting decayed it).
@@ -189,13 +189,15 @@ def run(args) -> dict:
     for name, tps in time_forwards(forwards).items():
         results["models"][name]["infer_tokens_per_s"] = tps
 
-    overhead = {}
+    overhead, missing = {}, []
     for name, row in results["models"].items():
         if row["model"] != "denseformer":
             continue
         ref = next((r for n, r in results["models"].items()
                     if r["model"] != "denseformer" and r["n_layer"] == row["n_layer"]), None)
-        if ref is None:
+        if ref is None:  # said, not silently left out of dwa_overhead
+            missing.append({"model": name, "reason": f"no same-depth baseline ({args.base}_L{row['n_layer']}) "
+                                                     "in this run (--only left it out)"})
             continue
         overhead[name] = {
             "infer_throughput_ratio": row["infer_tokens_per_s"] / ref["infer_tokens_per_s"],
@@ -206,6 +208,7 @@ def run(args) -> dict:
             "val_ppl_delta": row["val_ppl"] - ref["val_ppl"],
         }
     results["dwa_overhead"] = overhead
+    results["dwa_overhead_missing"] = missing
     results["complete"] = True
     write_json(out / "results.json", results, indent=2)
     plot_ppl_vs_depth(results, out / "ppl_vs_depth.png")
@@ -304,6 +307,8 @@ def main(argv=None) -> dict:
     for n, o in results["dwa_overhead"].items():
         print(f"{n}: inference throughput x{o['infer_throughput_ratio']:.3f}, train throughput "
               f"x{(o['train_throughput_ratio'] or math.nan):.3f} vs the same-depth baseline")
+    for m in results.get("dwa_overhead_missing", []):
+        print(f"{m['model']}: no dwa_overhead: {m['reason']}")
     print(f"total {time.perf_counter() - t0:.0f}s -> {args.out}/results.json", file=sys.stderr)
     return results
 

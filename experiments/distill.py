@@ -33,7 +33,7 @@ Times are wall-clock on the machine that ran it (CPU numbers say little about a 
 the SSM students' constant-size state is what makes large-batch sampling fast).
 
 The KL numbers (``kl_init`` / ``kl_aligned`` / ``kl_final``) are per-token KL(teacher || student)
-averaged over the positions the distillation trains (the task's ``loss_mask``: every target
+on ``val_sequences`` (64) held-out validation sequences, averaged over the positions the distillation trains (the task's ``loss_mask``: every target
 after ``=``), like ``kd_loss`` and ``val_loss``; the prompt's operand digits are random and
 never distilled.  The validation sequences and the test problems are held-out problems
 (:func:`jaxformers.data.synthetic.draw_split`): no model trained on them.
@@ -75,6 +75,7 @@ PRESETS = {
 
 STUDENTS = ("mamba2", "hybrid", "mamba2_random")
 SPEED_PROMPT = 8  # prompt tokens of the throughput table's generations
+VAL_SEQUENCES = 64  # held-out validation sequences of the KL numbers (``val_sequences`` in results.json)
 
 
 def _parser():
@@ -444,7 +445,8 @@ def run(args, ap=None) -> dict:
         return draw_split(lambda m, s: arithmetic(m, digits, seed=s), n, seed, "heldout",
                           arithmetic_prompt_length(digits))
 
-    val_tokens, val_mask = heldout(64, 10_000 + args.seed)
+    val_tokens, val_mask = heldout(VAL_SEQUENCES, 10_000 + args.seed)
+    results["val_sequences"] = int(len(val_tokens))  # what kl_init / kl_aligned / kl_final average over
     results["students"] = {}
     records = {name: {**record, "teacher_sha256": teacher_sha} for name, _, _, record in stages}
     configs = {name: tc for name, _, tc, _ in stages}
@@ -515,11 +517,13 @@ def plot(results: dict, out: Path) -> list:
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for name, row in results["models"].items():
-        b = row["budget"]
+        # lines drawn in increasing x (--samples / --speed-batches may be given in any order)
+        b = sorted(row["budget"], key=lambda p: p["seconds_per_problem"])
         t = [p["seconds_per_problem"] * 1e3 for p in b]
         axes[0].plot(t, [p["coverage"] for p in b], marker="o", label=name)
         axes[1].plot(t, [p["majority_accuracy"] for p in b], marker="o", label=name)
-        tp = [p for p in row["throughput"] if p["length"] == max(q["length"] for q in row["throughput"])]
+        tp = sorted((p for p in row["throughput"] if p["length"] == max(q["length"] for q in row["throughput"])),
+                    key=lambda p: p["batch"])
         axes[2].plot([p["batch"] for p in tp], [p["tokens_per_s"] for p in tp], marker="o", label=name)
     axes[0].set(xlabel="generation time per problem (ms)", ylabel="coverage (any of k right)", xscale="log",
                 title=f"{results['task']}, T={results['temperature']}")
@@ -543,7 +547,7 @@ def main(argv=None) -> dict:
     results = run(args, ap)
     results["plots"] = plot(results, out)
     write_results(out, **results, complete=True)
-    print(json.dumps({name: {"greedy": round(r["greedy_accuracy"], 3),
+    print(json.dumps({name: {"greedy": round(r["greedy_accuracy"], 3), "k": [p["k"] for p in r["budget"]],
                              "coverage": [round(p["coverage"], 3) for p in r["budget"]],
                              "ms_per_problem": [round(p["seconds_per_problem"] * 1e3, 2) for p in r["budget"]]}
                       for name, r in results["models"].items()}, indent=1))

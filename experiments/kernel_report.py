@@ -24,7 +24,8 @@ The pip Triton is not the Triton inside XLA that compiles these kernels on a
 GPU, so treat the numbers as a close proxy.  ``quick`` = the default tiles only;
 ``full`` adds the sweep.  Writes ``DIR/results.json`` (one row per kernel and
 configuration; rewritten atomically after every configuration with ``"complete": false``,
-so an interrupted sweep keeps its rows) and ``DIR/kernel_report.png``.  ``--arch`` (default
+so an interrupted sweep keeps its rows; ``no_triton_calls``: the configurations whose lowering
+had no Triton call, so no row) and ``DIR/kernel_report.png``.  ``--arch`` (default
 90: H100 / H200) is one of 80 (A100), 86 (A10 / RTX 30xx), 89 (L4 / L40 / RTX 40xx), 90: the
 kernels are lowered for a device of that compute capability and compiled for it, and the
 ``fits`` / ``ctas_per_sm`` columns use its limits (``triton_inspect.GPU_LIMITS``: shared memory
@@ -211,15 +212,22 @@ def cases(preset: str, families=FAMILIES):
 
 
 # --------------------------------------------------------------------------- report
-def run(preset: str, arch: int, families=FAMILIES, progress=None):
-    """The report's rows; ``progress(rows)`` is called after every configuration."""
+def run(preset: str, arch: int, families=FAMILIES, progress=None, missing=None):
+    """The report's rows; ``progress(rows)`` is called after every configuration; ``missing``
+    (a list) gets ``{"family", "config"}`` of each configuration whose lowering has no Triton
+    call (so no row)."""
     rows = []
     for family, label, thunk in cases(preset, families):
         case = thunk()
         fn, args = case.fn, case.args
         tpu = tpu_columns(case)
         limit_kib = gpu_limits(arch).shared_per_block // 1024
-        for call in triton_calls(fn, *args, arch=arch):
+        calls = triton_calls(fn, *args, arch=arch)
+        if not calls:
+            print(f"{family:16s} {label:34s} NO TRITON CALLS in its lowering (no row)", flush=True)
+            if missing is not None:
+                missing.append({"family": family, "config": label})
+        for call in calls:
             t0 = time.perf_counter()
             r = compile_report(call, arch=arch)
             r.update(family=family, config=label, compile_s=round(time.perf_counter() - t0, 2),
@@ -243,7 +251,18 @@ def plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    default = [r for r in rows if r["config"].startswith("default")]
+    if not rows:  # every configuration without a Triton call: say so instead of plotting nothing
+        fig, ax = plt.subplots(figsize=(8, 2))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no kernel rows: no configuration lowered to a Triton call", ha="center", va="center")
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        print(f"kernel_report: no rows to plot ({path} says so)", file=sys.stderr, flush=True)
+        return
+    # the default tiles; a family without a "default ..." configuration (sparse / landmark attention:
+    # their configurations are shapes at the default tiles) is shown whole, not left out
+    with_default = {r["family"] for r in rows if r["config"].startswith("default")}
+    default = [r for r in rows if r["config"].startswith("default") or r["family"] not in with_default]
     labels = [f"{r['family']}\n{r['name']}" + ("" if r["config"] == "default" else f"\n{r['config']}")
               for r in default]
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 0.9 * len(default)), 5.5))
@@ -287,10 +306,12 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "results.json")
     env = environment()
-    rows = run(args.preset, args.arch, families,
-               progress=lambda rows: write_json(path, {**env, **fields, "rows": rows, "complete": False}))
+    missing = []  # configurations whose lowering has no Triton call (no row): recorded, not dropped
+    rows = run(args.preset, args.arch, families, missing=missing,
+               progress=lambda rows: write_json(path, {**env, **fields, "rows": rows, "no_triton_calls": missing,
+                                                      "complete": False}))
     plot(rows, os.path.join(args.out, "kernel_report.png"))
-    write_results(args.out, **fields, rows=rows, complete=True)
+    write_results(args.out, **fields, rows=rows, no_triton_calls=missing, complete=True)
 
 
 if __name__ == "__main__":

@@ -314,7 +314,8 @@ def plot(results, path):
     xs = sorted(int(f) for f in base)
     ax.plot([f * raw for f in xs], [base[str(f)] for f in xs], "o-", color="k",
             label="baseline (full attention)")
-    for k, accs in sorted(results["models"]["landmark"]["accuracy"].items()):
+    # top-k in numeric order ("top2" before "top16")
+    for k, accs in sorted(results["models"]["landmark"]["accuracy"].items(), key=lambda kv: int(kv[0][3:])):
         ax.plot([f * raw for f in xs], [accs[str(f)] for f in xs], "s--",
                 label=f"landmark, memory {k}")
     ax.axvline(raw, color="gray", ls=":", lw=0.8)

@@ -18,7 +18,10 @@ batches for all): ``W{w}A{a}KV{kv}``, RTN or GPTQ (calibrated on ``--calib`` seq
 training split), ``rot`` = with QuaRot's rotations.  Activations: symmetric per token, clip
 0.9 at 4 bits (the paper's); KV: asymmetric per head, clip 0.95 at 4 bits; weights:
 symmetric per output channel with a clipping search.  ``fp`` is the unquantized model (in the
-run's compute dtype: float32 on CPU, bf16 on GPU), ``fp_rot`` the rotated one (must match).
+run's compute dtype: float32 on CPU, bf16 on GPU), ``fp_rot`` the rotated one (must match:
+``fp_rot_vs_fp`` in results.json records their perplexities, relative difference and whether it
+is within :data:`ROTATION_TOLERANCE`, printed with a warning when it is not; ``null`` unless
+both schemes ran).
 
 Outliers: for the input of every linear (``attn_in`` = q/k/v, ``o_in``, ``mlp_in`` =
 gate/up, ``down_in``) the per-channel max |x| over the tokens of the first
@@ -188,6 +191,28 @@ def calibration_tokens(data, tokenizer, n, seq_len, seed):
 
 
 OUTLIER_SEQUENCES = 64  # calibration sequences the outlier statistics read
+
+# |val_ppl(fp_rot) / val_ppl(fp) - 1| allowed by float rounding of the rotated network (the
+# rotation itself is exact): float32 rounds each op at ~6e-8 relative, so even after thousands of
+# accumulated roundings (depth x width) the mean loss moves by far less than 1e-3; bf16 rounds at
+# ~4e-3 relative, and the mean loss over the validation tokens moves by well under 2e-2 (a wrong
+# rotation moves it by orders of magnitude more).
+ROTATION_TOLERANCE = {"float32": 1e-3, "bfloat16": 2e-2}
+
+
+def rotation_check(schemes: dict, dtype: str):
+    """``fp_rot`` vs ``fp`` (the module doc's "must match"): their perplexities, the relative
+    difference, the tolerance for ``dtype`` (:data:`ROTATION_TOLERANCE`; other dtypes: the bf16
+    one) and whether it is within it; ``None`` unless both schemes were evaluated."""
+    import math
+    if "fp" not in schemes or "fp_rot" not in schemes:
+        return None
+    a, b = schemes["fp"]["val_ppl"], schemes["fp_rot"]["val_ppl"]
+    rel = abs(b / a - 1) if a > 0 and math.isfinite(a) and math.isfinite(b) else math.inf
+    tol = ROTATION_TOLERANCE.get(str(dtype), ROTATION_TOLERANCE["bfloat16"])
+    return {"fp_val_ppl": a, "fp_rot_val_ppl": b, "val_ppl_delta": b - a,
+            "val_loss_delta": schemes["fp_rot"]["val_loss"] - schemes["fp"]["val_loss"],
+            "rel_ppl_diff": rel, "tolerance": tol, "within_tolerance": bool(rel <= tol)}
 
 
 def outlier_stats(cfg, params, calib, batch, seed):
@@ -375,6 +400,15 @@ def run(args, ap=None) -> dict:
               file=sys.stderr, flush=True)
         # partial results after every scheme, "complete": false (a GPU stage cut by its time
         # limit keeps them, and they are not mistaken for a finished run)
+        save_progress(out, results)
+    results["fp_rot_vs_fp"] = rotation_check(results["schemes"], dtype)
+    rc = results["fp_rot_vs_fp"]
+    if rc is not None:
+        print(f"[quarot] fp_rot vs fp: val_ppl {rc['fp_rot_val_ppl']:.4f} vs {rc['fp_val_ppl']:.4f} "
+              f"(relative difference {rc['rel_ppl_diff']:.2e}, tolerance {rc['tolerance']:.0e})"
+              + ("" if rc["within_tolerance"] else
+                 " -- WARNING: THE ROTATED MODEL DOES NOT MATCH THE UNROTATED ONE (rotation not exact: "
+                 "every *_rot number is suspect)"), file=sys.stderr, flush=True)
         save_progress(out, results)
     results["outlier_sequences"] = min(len(calib), OUTLIER_SEQUENCES)
     results["outliers"] = outlier_stats(cfg, params, calib[:OUTLIER_SEQUENCES], preset["calib_batch"], args.seed)
