@@ -196,7 +196,8 @@ OUTLIER_SEQUENCES = 64  # calibration sequences the outlier statistics read
 # rotation itself is exact): float32 rounds each op at ~6e-8 relative, so even after thousands of
 # accumulated roundings (depth x width) the mean loss moves by far less than 1e-3; bf16 rounds at
 # ~4e-3 relative, and the mean loss over the validation tokens moves by well under 2e-2 (a wrong
-# rotation moves it by orders of magnitude more).
+# rotation moves it by orders of magnitude more).  Measured so far: float32 tiny run 0.0, bf16 on
+# a random tiny llama (CPU) 1.4e-5; the bf16 bound is to revisit once the gpu preset has run.
 ROTATION_TOLERANCE = {"float32": 1e-3, "bfloat16": 2e-2}
 
 
@@ -398,18 +399,18 @@ def run(args, ap=None) -> dict:
                                     "quantize_s": round(t_quant, 2)}
         print(f"[quarot] {name}: val_ppl={ev['val_ppl']:.4f} (quantize {t_quant:.1f} s)",
               file=sys.stderr, flush=True)
+        # null until both fp and fp_rot are evaluated; set as soon as they are (a stage cut short keeps it)
+        results["fp_rot_vs_fp"] = rc = rotation_check(results["schemes"], dtype)
+        if rc is not None and name in ("fp", "fp_rot"):
+            print(f"[quarot] fp_rot vs fp: val_ppl {rc['fp_rot_val_ppl']:.4f} vs {rc['fp_val_ppl']:.4f} "
+                  f"(relative difference {rc['rel_ppl_diff']:.2e}, tolerance {rc['tolerance']:.0e})"
+                  + ("" if rc["within_tolerance"] else
+                     " -- WARNING: THE ROTATED MODEL DOES NOT MATCH THE UNROTATED ONE (rotation not exact: "
+                     "every *_rot number is suspect)"), file=sys.stderr, flush=True)
         # partial results after every scheme, "complete": false (a GPU stage cut by its time
         # limit keeps them, and they are not mistaken for a finished run)
         save_progress(out, results)
     results["fp_rot_vs_fp"] = rotation_check(results["schemes"], dtype)
-    rc = results["fp_rot_vs_fp"]
-    if rc is not None:
-        print(f"[quarot] fp_rot vs fp: val_ppl {rc['fp_rot_val_ppl']:.4f} vs {rc['fp_val_ppl']:.4f} "
-              f"(relative difference {rc['rel_ppl_diff']:.2e}, tolerance {rc['tolerance']:.0e})"
-              + ("" if rc["within_tolerance"] else
-                 " -- WARNING: THE ROTATED MODEL DOES NOT MATCH THE UNROTATED ONE (rotation not exact: "
-                 "every *_rot number is suspect)"), file=sys.stderr, flush=True)
-        save_progress(out, results)
     results["outlier_sequences"] = min(len(calib), OUTLIER_SEQUENCES)
     results["outliers"] = outlier_stats(cfg, params, calib[:OUTLIER_SEQUENCES], preset["calib_batch"], args.seed)
     results["int8_linear"] = int8_table(preset["linear_shapes"], dtype)

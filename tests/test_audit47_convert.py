@@ -218,19 +218,22 @@ def test_bfloat16_params_are_exported_as_float32(tmp_path, kind):
 @pytest.mark.hf
 def test_llama_keys_a_config_omits_or_nulls_take_transformers_defaults():
     """``{"model_type": "llama"}`` alone, or with null values, was a KeyError ('hidden_size') or a
-    TypeError (float(None)); transformers reads its LlamaConfig defaults (the oracle)."""
+    TypeError (float(None)); transformers reads its LlamaConfig defaults (the oracle).  A null
+    size is refused (transformers refuses it too)."""
     transformers = pytest.importorskip("transformers")
     from jaxformers.convert import config_from_hf
     ref = transformers.LlamaConfig()
     for hf in ({"model_type": "llama"},
                {"model_type": "llama", "rms_norm_eps": None, "rope_theta": None, "num_key_value_heads": None,
-                "hidden_size": None, "head_dim": None, "tie_word_embeddings": None}):
+                "head_dim": None, "tie_word_embeddings": None}):
         c = config_from_hf(hf)
         assert (c.vocab_size, c.d_model, c.ff_dim, c.n_layer, c.n_head, c.kv_heads, c.dim_head) == \
             (ref.vocab_size, ref.hidden_size, ref.intermediate_size, ref.num_hidden_layers,
              ref.num_attention_heads, ref.num_key_value_heads, ref.head_dim)
         assert (c.norm_eps, c.rope_theta, c.tie_embeddings, c.max_seq_len) == \
             (ref.rms_norm_eps, ref.rope_parameters["rope_theta"], ref.tie_word_embeddings, ref.max_position_embeddings)
+    with pytest.raises(ValueError, match=r"sets \['hidden_size', 'num_hidden_layers'\] to null"):
+        config_from_hf({"model_type": "llama", "hidden_size": None, "num_hidden_layers": None})
 
 
 def test_stack_layers_refuses_layers_of_different_dtypes():

@@ -68,15 +68,20 @@ def _rope_theta(hf: dict) -> float:
 def config_from_hf(hf: dict, *, dtype: str = "float32", scan_layers: bool = False) -> TransformerConfig:
     """jaxformers ``llama`` config from a HF ``LlamaConfig`` dict (``config.json``).
 
-    A key the dict omits or sets to null takes transformers' default, as ``from_pretrained``
-    reads it (:data:`HF_DEFAULTS`; ``num_key_value_heads`` -> ``num_attention_heads``,
-    ``rms_norm_eps`` 1e-6, ``rope_theta`` 10000, ...): a ``KeyError`` / ``TypeError`` before."""
+    A key the dict omits takes transformers' default, as ``from_pretrained`` reads it
+    (:data:`HF_DEFAULTS`; ``num_key_value_heads`` -> ``num_attention_heads``, ``rms_norm_eps``
+    1e-6, ``rope_theta`` 10000, ...), and so does any other key set to null; a size of
+    :data:`HF_DEFAULTS` set to null is a ``ValueError`` (transformers refuses it too)."""
     from ..registry import get_config
 
     model_type = hf.get("model_type") or "llama"
     if model_type != "llama":
         raise ValueError(f"model_type={model_type!r} is not supported; expected 'llama' (or 'mamba' / 'mamba2' "
                          "through from_hf / config_from_hf_mamba)")
+    nulls = [k for k in HF_DEFAULTS if k in hf and hf[k] is None]
+    if nulls:
+        raise ValueError(f"config.json sets {nulls} to null: a model size must be a number (transformers "
+                         "refuses null there too); give the size or leave the key out for its default")
     hf = {**HF_DEFAULTS, **{k: v for k, v in hf.items() if v is not None}}
     for name in ("attention_bias", "mlp_bias"):
         if hf.get(name, False):

@@ -141,6 +141,11 @@ class DomainsSpec:
     sample: str = "weighted"
 
 
+def _equal_weights(weights) -> bool:
+    """Normalised ``weights`` all equal (what ``sample=stratified`` needs), to float rounding."""
+    return bool(np.allclose(weights, 1.0 / len(weights), rtol=1e-6, atol=0))
+
+
 def parse_domains_spec(spec: str) -> DomainsSpec:
     """``"domains:..."`` -> :class:`DomainsSpec` (``ValueError`` naming the bad part)."""
     return _parse_domains_spec(spec)[0]
@@ -232,7 +237,7 @@ def _parse_domains_spec(spec: str):
         weights = [w / top for w in weights]
     total = sum(weights)
     weights = tuple(w / total for w in weights)
-    if kw.get("sample") == "stratified" and not np.allclose(weights, 1.0 / len(weights), rtol=1e-6, atol=0):
+    if kw.get("sample") == "stratified" and not _equal_weights(weights):
         # refused here, before any domain is loaded (DomainLoader checks it again for direct callers)
         raise ValueError(f"data={spec!r}: sample=stratified takes one equal share of rows from every "
                          f"domain: drop the @WEIGHTs (weights {dict(zip(names, weights))})")
@@ -365,7 +370,7 @@ class DomainLoader:
         self.weights = self.weights / self.weights.sum()
         if sample not in SAMPLING:
             raise ValueError(f"sample must be one of {SAMPLING}, got {sample!r}")
-        if sample == "stratified" and not np.allclose(self.weights, 1.0 / len(domains), rtol=1e-6, atol=0):
+        if sample == "stratified" and not _equal_weights(self.weights):
             # stratified rows cycle through every domain: unequal weights (a weight of 0) would be ignored
             raise ValueError(f"sample='stratified' takes one equal share of rows from every domain, so its "
                              f"weights must be equal; got weights {np.round(self.weights, 6).tolist()} for "

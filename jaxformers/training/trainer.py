@@ -770,8 +770,8 @@ def evaluate(run: Union[str, os.PathLike, Tuple[ModelConfig, Any]], data=None, *
     ``synthetic:TASK``) or a 1-D array of token ids; default: the run's data.
     ``split``: ``val`` or ``train``.  Defaults for ``batch_size`` / ``seq_len`` /
     ``max_batches`` come from the run's train config (``max_batches=-1``: the run's
-    ``eval_batches`` full batches, i.e. exactly the ``eval_batches * batch_size`` sequences
-    (per domain of a ``domains:`` run, as many as the run took) of the run's ``val_loss``,
+    ``eval_batches`` full batches, i.e. exactly the run's ``eval_batches * batch_size`` sequences
+    (per domain of a ``domains:`` run, as many as the run took) of its ``val_loss``,
     whatever its ``grad_accum`` and whatever ``batch_size`` reads them), and ``dtype`` (compute dtype)
     from the run or float32 (so a run's final ``val_loss`` is reproduced);
     ``max_batches=None`` evaluates the whole split (as ``-1`` does for a run trained with
