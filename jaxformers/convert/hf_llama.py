@@ -215,14 +215,6 @@ def _to_hf_layout(path: Tuple[str, ...], w: np.ndarray, c: TransformerConfig) ->
     return w
 
 
-def _jax_shape(path: Tuple[str, ...], c: TransformerConfig) -> Tuple[int, ...]:
-    """The jaxformers shape of a per-layer leaf (``_layer_names``' paths) that ``c`` implies."""
-    d, h, hkv, dh, f = c.d_model, c.n_head, c.kv_heads, c.dim_head, c.ff_dim
-    leaf = path[-2] if path[-1] == "kernel" else None
-    return {"q": (d, h, dh), "k": (d, hkv, dh), "v": (d, hkv, dh), "o": (h, dh, d),
-            "gate": (d, f), "up": (d, f), "down": (f, d)}.get(leaf, (d,))
-
-
 def _expected_shapes(c: TransformerConfig) -> Dict[str, Tuple[int, ...]]:
     """HF tensor name -> HF shape."""
     d, f, v = c.d_model, c.ff_dim, c.vocab_size
@@ -328,13 +320,6 @@ def to_hf(config: TransformerConfig, params, out_dir: str) -> str:
                 leaf = _get(block, path)
             except (KeyError, TypeError):
                 raise ValueError(f"params blocks_{i} lack {'/'.join(path)}") from None
-            # before the reshape: params of another head split (e.g. 8 heads of 4 under a config
-            # of 4 heads of 8) would reshape silently into a different model, or fail in numpy
-            if tuple(np.shape(leaf)) != _jax_shape(path, config):
-                raise ValueError(f"params blocks_{i}/{'/'.join(path)} have shape {tuple(np.shape(leaf))}, "
-                                 f"config implies {_jax_shape(path, config)} (d_model={config.d_model}, "
-                                 f"n_head={config.n_head}, kv_heads={config.kv_heads}, "
-                                 f"head_dim={config.dim_head}, ff_dim={config.ff_dim})")
             tensors[name] = f32(_to_hf_layout(path, np.asarray(leaf), config))
     if not config.tie_embeddings:
         tensors["lm_head.weight"] = f32(np.asarray(params["lm_head"]["kernel"]).T)

@@ -289,11 +289,7 @@ def _mixer_tensors(c, m: dict) -> Dict[str, np.ndarray]:
 
     t = {}
     if c.model == "mamba":
-        kernel = a(m["in_proj"]["kernel"])
-        if kernel.shape != (c.d_model, 2, c.d_inner):  # before the reshape: a numpy error otherwise
-            raise ValueError(f"in_proj/kernel has shape {kernel.shape}, config implies "
-                             f"{(c.d_model, 2, c.d_inner)} (d_model={c.d_model}, d_inner={c.d_inner})")
-        t["in_proj.weight"] = kernel.reshape(c.d_model, 2 * c.d_inner).T
+        t["in_proj.weight"] = a(m["in_proj"]["kernel"]).reshape(c.d_model, 2 * c.d_inner).T
         if c.proj_bias:
             t["in_proj.bias"] = a(m["in_proj"]["bias"]).reshape(2 * c.d_inner)
         conv_w = a(m["conv"]["kernel"])
@@ -339,8 +335,6 @@ def to_hf_mamba(config, params, out_dir: str) -> str:
                 tensors[p + "mixer." + name] = value
         except (KeyError, TypeError) as e:
             raise ValueError(f"params blocks_{li} lack {e}: not a {config.model} layer of this config") from None
-        except ValueError as e:  # shapes that do not fit the config (e.g. concatenated Mamba-2 projections)
-            raise ValueError(f"params blocks_{li}/mixer do not fit this {config.model} config: {e}") from None
     if not config.tie_embeddings:
         tensors["lm_head.weight"] = np.asarray(params["lm_head"]["kernel"], np.float32).T
     shapes = _expected_shapes(config)

@@ -3,7 +3,8 @@
 With ``scan_layers=True`` a model keeps one ``blocks`` subtree whose every leaf has
 a leading ``[L]`` axis; without it each layer is its own ``blocks_{i}`` subtree.
 These helpers only look at the keys of the mapping they are given (its top level),
-so any converter (Llama, Mamba, ...) can build per-layer trees and stack them.
+so any converter (Llama, Mamba, ...) can build per-layer trees and stack them;
+:func:`check_layer_shapes` (exporters, QuaRot) checks per-layer params against a config.
 They take plain (unboxed) arrays: numpy leaves stay numpy, anything else goes
 through ``jax.numpy``.
 """
@@ -101,7 +102,8 @@ def per_layer_params(config, params) -> dict:
     """``params`` of ``config``'s model as an exporter reads them: unboxed, without a
     ``{"params": ...}`` wrapper, per layer (``blocks_{i}``; a scanned ``blocks`` is unstacked),
     with exactly the top-level keys the config implies (``embed``, ``blocks_0..L-1``,
-    ``final_norm``, ``lm_head`` when untied); ``ValueError`` naming the missing / unexpected ones."""
+    ``final_norm``, ``lm_head`` when untied) and the shapes it implies; ``ValueError`` naming the
+    missing / unexpected ones and a parameter of another shape (:func:`check_layer_shapes`)."""
     import flax.linen as nn
     from flax.core import unfreeze
 
@@ -116,4 +118,36 @@ def per_layer_params(config, params) -> dict:
     if set(params) != expected:
         raise ValueError(f"params do not match config: missing {sorted(expected - set(params))}, "
                          f"unexpected {sorted(set(params) - expected)}")
+    check_layer_shapes(config, params)
     return params
+
+
+def check_layer_shapes(config, params) -> None:
+    """``ValueError`` naming the first parameter of per-layer ``params`` (``blocks_{i}``) that
+    ``config``'s model does not have, or has with another shape: a missing block was a
+    ``KeyError`` deep in a converter, another width a numpy reshape or broadcasting error, and
+    another head split of the same width (8 heads of 4 under a config of 4 heads of 8) reshaped
+    silently into a different model.  Every block is checked against a one-layer model's
+    ``blocks_0`` (tracing the whole model would cost memory that grows with depth), so the
+    model's blocks must all have one shape (llama, mamba, mamba2: what exporters and QuaRot take)."""
+    from ..registry import build
+    from ..utils import abstract_params
+
+    one = abstract_params(build(config.replace(n_layer=1, scan_layers=False)))
+    for top, want in one.items():
+        for name in ([f"blocks_{i}" for i in range(config.n_layer)] if top == "blocks_0" else [top]):
+            have = params.get(name) if isinstance(params, Mapping) else None
+            have = {} if have is None else {jax.tree_util.keystr(p): np.shape(x)
+                                            for p, x in jax.tree_util.tree_leaves_with_path(have)}
+            bad = []  # every parameter of this subtree with another shape
+            for path, x in jax.tree_util.tree_leaves_with_path(want):
+                key = jax.tree_util.keystr(path)
+                if key not in have:
+                    raise ValueError(f"params do not match config: no [{name!r}]{key} (config: "
+                                     f"{config.model}, n_layer={config.n_layer}, "
+                                     f"tie_embeddings={config.tie_embeddings})")
+                if have[key] != x.shape:
+                    where = "/".join([name, *(str(getattr(k, "key", k)) for k in path)])
+                    bad.append(f"{where} has shape {have[key]}, config implies {x.shape}")
+            if bad:
+                raise ValueError(f"params do not match config: {'; '.join(bad)} (config: {config.model})")

@@ -57,7 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import TransformerConfig, _boolean
-from ..convert.layers import unstack_layers
+from ..convert.layers import check_layer_shapes, unstack_layers
 from ..utils import check_token_ids
 from .model import OnlineQuant, QuaRotConfig, check_divides_linear_inputs
 from .quantizers import gptq_weight, pack_int4, rtn_weight
@@ -223,30 +223,6 @@ def _kernel_2d(w, name):
     return w.reshape(int(np.prod(shape[:n_in])), -1), shape
 
 
-def _check_params(config, params) -> None:
-    """``ValueError`` naming the first parameter that ``config``'s model does not have with that
-    shape (a missing block was a ``KeyError``, another width a broadcasting error in the
-    rotation).  Every block is checked against a one-layer model's ``blocks_0`` (tracing the
-    whole model would cost memory that grows with depth)."""
-    from ..registry import build
-    from ..utils import abstract_params
-    one = abstract_params(build(config.replace(n_layer=1)))
-    for top, want in one.items():
-        for name in ([f"blocks_{i}" for i in range(config.n_layer)] if top == "blocks_0" else [top]):
-            have = params.get(name) if isinstance(params, Mapping) else None
-            have = {} if have is None else {jax.tree_util.keystr(p): np.shape(x)
-                                            for p, x in jax.tree_util.tree_leaves_with_path(have)}
-            for path, x in jax.tree_util.tree_leaves_with_path(want):
-                key = jax.tree_util.keystr(path)
-                if key not in have:
-                    raise ValueError(f"params do not match config: no [{name!r}]{key} (config: "
-                                     f"{config.model}, n_layer={config.n_layer}, "
-                                     f"tie_embeddings={config.tie_embeddings})")
-                if have[key] != x.shape:
-                    raise ValueError(f"params do not match config: [{name!r}]{key} has shape {have[key]}, "
-                                     f"config's model has {x.shape}")
-
-
 def _check_quantize_inputs(config, spec: QuantSpec, calibration) -> None:
     """What ``quantize`` would otherwise find out deep inside (or never: out-of-vocabulary
     calibration ids give NaN Hessians and NaN weights)."""
@@ -327,7 +303,7 @@ def quantize(config, params, spec: QuantSpec, calibration=None):
     if config.scan_layers:  # a scanned model: per-layer trees (the quarot model is not scanned)
         params = unstack_layers(params, "blocks", n_layer=config.n_layer)
         config = config.replace(scan_layers=False)
-    _check_params(config, params)
+    check_layer_shapes(config, params)
     _check_quantize_inputs(config, spec, calibration)
     gptq = spec.w_bits < 16 and spec.w_method == "gptq"
     if gptq and calibration is None:
