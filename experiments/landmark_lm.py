@@ -235,6 +235,7 @@ def run(args, ap=None) -> dict:
     # --factors / --top-k: checked lists (_check_args)
     factors = tuple(preset["factors"]) if args.factors is None else tuple(args.factors)
     top_ks = tuple(preset["top_k"]) if args.top_k is None else tuple(args.top_k)
+    k_max = max(top_ks)  # the largest --top-k (the docstring's), whatever the order given
     L, nb = preset["block"], preset["train_blocks"]
     raw = nb * (L - 1)                       # raw tokens per training window (T + 1)
     chunk = nb * L                           # one training window with its landmarks
@@ -295,17 +296,17 @@ def run(args, ap=None) -> dict:
             cost[f"landmark_top{k}"] = {"s_per_token": sec / n, "memory_bytes": st["memory_bytes"],
                                         "keys_per_token": memory_keys_per_token(f * chunk, chunk, L, k)}
         sec, st = cost_landmark(cfgs["landmark"], params["landmark"], windows[0], chunk,
-                                max(top_ks), max_blocks, offload="host")
-        cost[f"landmark_top{max(top_ks)}_host"] = {
+                                k_max, max_blocks, offload="host")
+        cost[f"landmark_top{k_max}_host"] = {
             "s_per_token": sec / n, "memory_bytes": st["memory_bytes"],
             "device_memory_bytes": st["device_memory_bytes"],
             "device_transfer_bytes": st["device_transfer_bytes"],
-            "keys_per_token": memory_keys_per_token(f * chunk, chunk, L, max(top_ks))}
+            "keys_per_token": memory_keys_per_token(f * chunk, chunk, L, k_max)}
         results["cost"][str(f)] = cost
         print(f"[landmark_lm] {f}x ({n} tokens): " + " ".join(f"{k} {v:.3f}" for k, v in row.items()),
               file=sys.stderr, flush=True)
         save_progress(out, results)
-    k = max(top_ks)  # the largest --top-k (the docstring's), whatever the order given
+    k = k_max
     memory_cfg = cfgs["landmark"].replace(mem_chunk_len=chunk, mem_top_k=k)
     for n in args.decode_lengths or [f * raw for f in factors]:
         n_lm = n + n // (L - 1)                                           # with its landmarks

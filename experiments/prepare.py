@@ -13,7 +13,7 @@ import sys
 import time
 
 from jaxformers.data.corpus import list_corpora
-from jaxformers.data.prepare import load_prepared, prepare
+from jaxformers.data.prepare import check_split_args, load_prepared, prepare
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,11 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="rebuild even if an up-to-date copy exists")
     args = ap.parse_args(argv)
-    # usage errors name the flag (prepare() would name its parameter: val_fraction, seed)
-    if not 0.0 <= args.val_fraction < 1.0:  # (NaN fails too)
-        ap.error(f"--val-fraction must be a number in [0, 1), got {args.val_fraction}")
-    if args.seed < 0:
-        ap.error(f"--seed must be >= 0, got {args.seed}")
+    try:  # prepare()'s rule, as a usage error naming the flag (not the parameter)
+        check_split_args(args.val_fraction, args.seed)
+    except ValueError as e:
+        name, _, rest = str(e).partition(" ")  # "val_fraction must be ..." / "seed must be ..."
+        ap.error(f"--{name.replace('_', '-')} {rest}")
     t0 = time.perf_counter()
     try:
         out = prepare(args.data, args.tokenizer, out_dir=args.out, val_fraction=args.val_fraction,

@@ -382,7 +382,7 @@ def run(args, ap=None) -> dict:
                "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
                "jax_version": jax.__version__, "compute_dtype": dtype, "model": cfg.to_dict(),
                "calibration": {"sequences": n_calib, "seq_len": ev_kw["seq_len"]},
-               "eval": ev_kw, "train_summary": summary, "schemes": {}}
+               "eval": ev_kw, "train_summary": summary, "schemes": {}, "fp_rot_vs_fp": None}
     int_names = list(INT_SCHEMES) if args.int_schemes is None else args.int_schemes  # checked (_check_args)
     if int_names:  # first: a GPU stage cut by its time limit keeps it
         results["int_path"] = int_path(cfg, params, dtype, calib[: ev_kw["batch_size"]], int_names, args.seed)
@@ -410,7 +410,6 @@ def run(args, ap=None) -> dict:
         # partial results after every scheme, "complete": false (a GPU stage cut by its time
         # limit keeps them, and they are not mistaken for a finished run)
         save_progress(out, results)
-    results["fp_rot_vs_fp"] = rotation_check(results["schemes"], dtype)
     results["outlier_sequences"] = min(len(calib), OUTLIER_SEQUENCES)
     results["outliers"] = outlier_stats(cfg, params, calib[:OUTLIER_SEQUENCES], preset["calib_batch"], args.seed)
     results["int8_linear"] = int8_table(preset["linear_shapes"], dtype)

@@ -57,7 +57,7 @@ _SPLITS = ("train", "val")
 log = logging.getLogger(__name__)
 
 
-def _check_split_args(val_fraction, seed) -> tuple[float, int]:
+def check_split_args(val_fraction, seed) -> tuple[float, int]:
     """``(val_fraction, seed)`` validated and normalised: a number in [0, 1) as a Python float and
     an int >= 0 as a Python int (``ValueError`` naming the argument; a float seed is refused, not
     truncated).  A numpy float narrower than float64 is read as the shortest decimal that
@@ -90,7 +90,7 @@ def default_out_dir(data: str = "default", tokenizer: str = "byte", val_fraction
     adds ``-val<fraction>-seed<seed>``, so it never overwrites (nor is overwritten by) the
     default split that training on ``--data`` prepares."""
     src = resolve_corpus(data)
-    val_fraction, seed = _check_split_args(val_fraction, seed)
+    val_fraction, seed = check_split_args(val_fraction, seed)
     tok = _canonical_tokenizer(tokenizer).replace(":", "")
     split = "" if (val_fraction, seed) == (0.05, 0) else f"-val{val_fraction}-seed{seed}"
     return cache_dir() / "datasets" / f"{src.name}-{tok}{split}"
@@ -109,7 +109,7 @@ def split_documents(docs: list[str], val_fraction: float, seed: int) -> tuple[li
     each copy), so val shares no document with train.  (Rule 3,
     :data:`SPLIT_RULE`: datasets prepared by rule 1, which took the first document whatever its
     size, or by rule 2, which could put copies of a document in both splits, are rebuilt.)"""
-    val_fraction, seed = _check_split_args(val_fraction, seed)
+    val_fraction, seed = check_split_args(val_fraction, seed)
     if not docs:
         raise ValueError("cannot split an empty corpus")
     if val_fraction == 0.0:
@@ -206,7 +206,7 @@ def prepare(data: str = "default", tokenizer: str = "byte", out_dir: str | os.Pa
     and the same end-of-text id).
     """
     src = resolve_corpus(data)
-    val_fraction, seed = _check_split_args(val_fraction, seed)
+    val_fraction, seed = check_split_args(val_fraction, seed)
     tok_spec = _canonical_tokenizer(tokenizer)
     out = (Path(out_dir).expanduser() if out_dir is not None
            else default_out_dir(data, tokenizer, val_fraction, seed))
