@@ -52,13 +52,16 @@ def read_header(path: str) -> Tuple[dict, int]:
         if name == "__metadata__":
             continue
         try:
-            dtype, shape, (begin, end) = entry["dtype"], [int(d) for d in entry["shape"]], entry["data_offsets"]
+            dtype, shape, (begin, end) = entry["dtype"], list(entry["shape"]), entry["data_offsets"]
         except (TypeError, KeyError, ValueError):
             raise ValueError(f"{path}: tensor {name!r} has a malformed header entry {entry!r}") from None
+        if not all(type(v) is int and v >= 0 for v in [*shape, begin, end]):  # not "4", 2.5 or True
+            raise ValueError(f"{path}: tensor {name!r} has a malformed header entry {entry!r} (its shape "
+                             "and data_offsets must be non-negative integers)")
         if dtype not in _ITEMSIZE:
             raise ValueError(f"{path}: tensor {name!r} has dtype {dtype}, which cannot be read (supported: "
                              f"{sorted(_ITEMSIZE)}; quantized checkpoints need dequantizing first)")
-        if end - begin != _ITEMSIZE[dtype] * int(np.prod(shape, dtype=np.int64)) or not 0 <= begin <= end:
+        if end - begin != _ITEMSIZE[dtype] * int(np.prod(shape, dtype=np.int64)) or not begin <= end:
             raise ValueError(f"{path}: tensor {name!r} ({dtype}, shape {shape}) has data_offsets "
                              f"{[begin, end]} that do not match its size")
         if end > data_size:
