@@ -25,7 +25,9 @@ GPU, so treat the numbers as a close proxy.  ``quick`` = the default tiles only;
 ``full`` adds the sweep.  Writes ``DIR/results.json`` (one row per kernel and
 configuration; rewritten atomically after every configuration with ``"complete": false``,
 so an interrupted sweep keeps its rows; ``no_triton_calls``: the configurations whose lowering
-had no Triton call, so no row) and ``DIR/kernel_report.png``.  ``--arch`` (default
+had no Triton call, so no row; ``errors``: the configurations whose lowering or compile raised,
+after which the sweep goes on and the command exits non-zero; ``launches``: how many identical
+launches of the kernel the row stands for) and ``DIR/kernel_report.png``.  ``--arch`` (default
 90: H100 / H200) is one of 80 (A100), 86 (A10 / RTX 30xx), 89 (L4 / L40 / RTX 40xx), 90: the
 kernels are lowered for a device of that compute capability and compiled for it, and the
 ``fits`` / ``ctas_per_sm`` columns use its limits (``triton_inspect.GPU_LIMITS``: shared memory
@@ -212,25 +214,52 @@ def cases(preset: str, families=FAMILIES):
 
 
 # --------------------------------------------------------------------------- report
-def run(preset: str, arch: int, families=FAMILIES, progress=None, missing=None):
+def run(preset: str, arch: int, families=FAMILIES, progress=None, missing=None, errors=None):
     """The report's rows; ``progress(rows)`` is called after every configuration; ``missing``
     (a list) gets ``{"family", "config"}`` of each configuration whose lowering has no Triton
-    call (so no row)."""
+    call (so no row).  ``errors`` (a list): a configuration whose CUDA lowering, or a kernel whose
+    compile, raises is recorded there (``{"family", "config", "kernel", "stage", "error"}``) and
+    the sweep goes on; without it the exception propagates.  A kernel launched several times
+    with the same Triton IR and launch parameters (the Hadamard transform's forward and
+    gradient) gives one row, with ``launches`` the number of such launches."""
     rows = []
+
+    def failed(family, label, kernel, stage, e):
+        if errors is None:
+            raise e
+        msg = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+        errors.append({"family": family, "config": label, "kernel": kernel, "stage": stage, "error": msg})
+        print(f"{family:16s} {label:34s} {kernel or '':26s} {stage.upper()} FAILED: {msg}", flush=True)
+
     for family, label, thunk in cases(preset, families):
         case = thunk()
         fn, args = case.fn, case.args
         tpu = tpu_columns(case)
         limit_kib = gpu_limits(arch).shared_per_block // 1024
-        calls = triton_calls(fn, *args, arch=arch)
-        if not calls:
+        try:
+            calls = triton_calls(fn, *args, arch=arch)
+        except Exception as e:  # noqa: BLE001 - recorded in errors, the sweep goes on
+            failed(family, label, None, "lower", e)
+            calls = None
+        if calls is not None and not calls:
             print(f"{family:16s} {label:34s} NO TRITON CALLS in its lowering (no row)", flush=True)
             if missing is not None:
                 missing.append({"family": family, "config": label})
-        for call in calls:
+        launches = []  # [call, count]: identical launches (same IR and launch parameters) give one row
+        for call in calls or ():
+            same = next((pair for pair in launches if pair[0] == call), None)
+            if same is None:
+                launches.append([call, 1])
+            else:
+                same[1] += 1
+        for call, n in launches:
             t0 = time.perf_counter()
-            r = compile_report(call, arch=arch)
-            r.update(family=family, config=label, compile_s=round(time.perf_counter() - t0, 2),
+            try:
+                r = compile_report(call, arch=arch)
+            except Exception as e:  # noqa: BLE001 - recorded in errors, the sweep goes on
+                failed(family, label, call.name, "compile", e)
+                continue
+            r.update(family=family, config=label, launches=n, compile_s=round(time.perf_counter() - t0, 2),
                      spills=r["stack_bytes"] > 0 or r["local_bytes"] > 0)
             r.update(tpu.get(r["name"], {}))
             rows.append(r)
@@ -238,6 +267,7 @@ def run(preset: str, arch: int, families=FAMILIES, progress=None, missing=None):
                   f"regs {r['registers']:3d} spill {r['stack_bytes'] + r['local_bytes']:5d}B "
                   f"smem {r['shared_bytes'] // 1024:4d}KiB{'' if r['fits'] else f' (>{limit_kib}!)'} "
                   f"wgmma {r['wgmma']:3d} mma.sync {r['mma_sync']:3d} ctas/SM {r['ctas_per_sm']}"
+                  + (f" x{n} launches" if n > 1 else "")
                   + (f" | tpu {'lowers' if r['tpu_lowers'] else 'FAILS'} "
                      f"vmem {r['tpu_vmem_bytes'] / 2**20:.1f}MiB" if "tpu_lowers" in r else ""),
                   flush=True)
@@ -307,11 +337,14 @@ def main(argv=None):
     path = os.path.join(args.out, "results.json")
     env = environment()
     missing = []  # configurations whose lowering has no Triton call (no row): recorded, not dropped
-    rows = run(args.preset, args.arch, families, missing=missing,
+    errors = []  # lowerings / compiles that raised: recorded, and the sweep goes on
+    rows = run(args.preset, args.arch, families, missing=missing, errors=errors,
                progress=lambda rows: write_json(path, {**env, **fields, "rows": rows, "no_triton_calls": missing,
-                                                      "complete": False}))
+                                                      "errors": errors, "complete": False}))
     plot(rows, os.path.join(args.out, "kernel_report.png"))
-    write_results(args.out, **fields, rows=rows, no_triton_calls=missing, complete=True)
+    write_results(args.out, **fields, rows=rows, no_triton_calls=missing, errors=errors, complete=True)
+    if errors:
+        sys.exit(f"{len(errors)} kernel configuration(s) failed to lower or compile: see {path} (errors)")
 
 
 if __name__ == "__main__":

@@ -33,3 +33,69 @@ def test_read_header_refuses_non_integer_shapes_and_offsets(tmp_path, entry):
     path = _safetensors(tmp_path / "bad.safetensors", entry)
     with pytest.raises(ValueError, match="'w'.*non-negative integers"):
         read_header(path)
+
+
+# ----------------------------------------------------------------------------- kernel_report
+def _fake_kernel_report(monkeypatch, lowerings, compile_fails=()):
+    import types
+
+    from experiments import kernel_report as kr
+
+    case = kr.Case(fn=None, args=(), tpu_vmem=lambda: {})
+    labels = [f"cfg{i}" for i in range(len(lowerings))]
+    monkeypatch.setattr(kr, "cases", lambda preset, families: [("ssd", lab, lambda: case) for lab in labels])
+    monkeypatch.setattr(kr, "tpu_columns", lambda c: {})
+    it = iter(lowerings)
+
+    def lower(fn, *a, arch):
+        out = next(it)
+        if isinstance(out, Exception):
+            raise out
+        return [types.SimpleNamespace(name=n, ttir=t) for n, t in out]
+
+    def compile_report(call, arch):
+        if call.name in compile_fails:
+            raise RuntimeError(f"ptxas: {call.name} needs too many registers\nmore")
+        return {"name": call.name, "arch": f"sm_{arch}", "triton_version": "x", "num_warps": 4,
+                "registers": 100, "stack_bytes": 0, "local_bytes": 0, "shared_bytes": 1024, "fits": True,
+                "wgmma": 1, "mma_sync": 0, "ctas_per_sm": 2}
+
+    monkeypatch.setattr(kr, "triton_calls", lower)
+    monkeypatch.setattr(kr, "compile_report", compile_report)
+    return kr
+
+
+def test_kernel_report_records_a_failing_lowering_or_compile_and_goes_on(tmp_path, monkeypatch):
+    """One configuration's lowering error (or one kernel's compile error) used to end the whole
+    sweep with a traceback and no rows for the configurations after it."""
+    kr = _fake_kernel_report(monkeypatch, [ValueError("tile too big"), [("a", "ir"), ("bad", "ir")], [("c", "ir")]],
+                             compile_fails=("bad",))
+    with pytest.raises(SystemExit, match="2 kernel configuration"):
+        kr.main(["--families", "ssd", "--out", str(tmp_path)])
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["name"], r["config"]) for r in res["rows"]] == [("a", "cfg1"), ("c", "cfg2")]
+    assert res["errors"] == [
+        {"family": "ssd", "config": "cfg0", "kernel": None, "stage": "lower", "error": "ValueError: tile too big"},
+        {"family": "ssd", "config": "cfg1", "kernel": "bad", "stage": "compile",
+         "error": "RuntimeError: ptxas: bad needs too many registers"}]
+    assert res["complete"] is True and (tmp_path / "kernel_report.png").stat().st_size > 0
+
+
+def test_kernel_report_run_without_an_errors_list_raises():
+    import experiments.kernel_report as kr
+
+    mp = pytest.MonkeyPatch()
+    try:
+        _fake_kernel_report(mp, [ValueError("tile too big")])
+        with pytest.raises(ValueError, match="tile too big"):
+            kr.run("quick", 90, ("ssd",))
+    finally:
+        mp.undo()
+
+
+def test_kernel_report_identical_launches_give_one_row(tmp_path, monkeypatch):
+    """The Hadamard transform's gradient launches the forward kernel again: two identical rows."""
+    kr = _fake_kernel_report(monkeypatch, [[("h", "ir"), ("h", "ir"), ("h", "other ir")]])
+    kr.main(["--families", "ssd", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [(r["name"], r["launches"]) for r in rows] == [("h", 2), ("h", 1)]
