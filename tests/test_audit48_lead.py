@@ -99,3 +99,15 @@ def test_kernel_report_identical_launches_give_one_row(tmp_path, monkeypatch):
     kr.main(["--families", "ssd", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert [(r["name"], r["launches"]) for r in rows] == [("h", 2), ("h", 1)]
+
+
+# ----------------------------------------------------------------------------- DomainLoader weights
+@pytest.mark.parametrize("weights", [["0.5", "0.5"], [True, False], [0.5, None]])
+def test_domain_loader_refuses_weights_that_are_not_numbers(weights):
+    from jaxformers.data.domains import Domain, DomainLoader
+
+    doms = [Domain(f"d{i}", np.arange(64, dtype=np.int32), np.arange(16, dtype=np.int32)) for i in range(2)]
+    with pytest.raises(ValueError, match="weights must be 2 finite non-negative numbers"):
+        DomainLoader(doms, weights, 4, 8, process_index=0, process_count=1)
+    loader = DomainLoader(doms, np.array([1, 3]), 4, 8, process_index=0, process_count=1)  # ints are numbers
+    np.testing.assert_allclose(loader.weights, [0.25, 0.75])

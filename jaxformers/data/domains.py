@@ -355,7 +355,8 @@ class DomainLoader:
                  sample: str = "weighted", process_index: Optional[int] = None,
                  process_count: Optional[int] = None):
         self.names = tuple(d.name for d in domains)
-        self.weights = np.asarray(weights, np.float64)
+        raw = np.asarray(weights)  # strings and bools are not weights ("0.5" was read as 0.5): refused below
+        self.weights = raw.astype(np.float64) if raw.dtype.kind in "iuf" else np.full(raw.shape, np.nan)
         if (self.weights.shape != (len(domains),) or not np.isfinite(self.weights).all()
                 or (self.weights < 0).any() or not self.weights.max(initial=0.0) > 0):
             raise ValueError(f"weights must be {len(domains)} finite non-negative numbers with a positive "
