@@ -111,3 +111,39 @@ def test_domain_loader_refuses_weights_that_are_not_numbers(weights):
         DomainLoader(doms, weights, 4, 8, process_index=0, process_count=1)
     loader = DomainLoader(doms, np.array([1, 3]), 4, 8, process_index=0, process_count=1)  # ints are numbers
     np.testing.assert_allclose(loader.weights, [0.25, 0.75])
+
+
+# ----------------------------------------------------------------------------- associative_recall
+def test_associative_recall_at_a_huge_vocabulary_draws_distinct_keys_without_a_dense_array():
+    """vocab 2**30: the old draw allocated [n, ~5e8] floats (and their argsort), i.e. 16 GB here."""
+    import tracemalloc
+
+    from jaxformers.data.synthetic import N_SPECIAL, associative_recall
+
+    vocab, n, pairs = 2 ** 30, 4, 50
+    tracemalloc.start()
+    tokens, mask = associative_recall(n, pairs, vocab, seed=3)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 2 ** 24, peak
+    n_keys = (vocab - N_SPECIAL) // 2
+    keys, vals = tokens[:, 1:1 + 2 * pairs:2], tokens[:, 2:2 + 2 * pairs:2]
+    assert all(len(set(row)) == pairs for row in keys.tolist())
+    assert keys.min() >= N_SPECIAL and keys.max() < N_SPECIAL + n_keys
+    assert vals.min() >= N_SPECIAL + n_keys and vals.max() < vocab
+    rows = np.arange(n)
+    q = np.array([list(keys[r]).index(tokens[r, -2]) for r in rows])  # the query is one of the keys
+    np.testing.assert_array_equal(tokens[:, -1], vals[rows, q])
+    assert mask.sum() == n and (mask[:, -1] == 1).all()
+    np.testing.assert_array_equal(associative_recall(n, pairs, vocab, seed=3)[0], tokens)  # deterministic
+
+
+def test_associative_recall_small_vocabulary_keeps_its_stream():
+    """Below the threshold the draw is the original one (recorded results stay reproducible)."""
+    from jaxformers.data.synthetic import N_SPECIAL, _rng, associative_recall
+
+    n, pairs, vocab = 8, 5, 64
+    tokens, _ = associative_recall(n, pairs, vocab, seed=1)
+    rng = _rng("associative_recall", 1)
+    keys = np.argsort(rng.random((n, (vocab - N_SPECIAL) // 2)), axis=1)[:, :pairs] + N_SPECIAL
+    np.testing.assert_array_equal(tokens[:, 1:1 + 2 * pairs:2], keys)

@@ -212,13 +212,18 @@ def copying(n: int, seq_len: int, vocab: int, seed: int = 0) -> tuple[np.ndarray
 # ---------------------------------------------------------------------------
 # associative recall
 
+_DENSE_KEY_DRAW = 2 ** 24  # n * n_keys up to which the keys come from one [n, n_keys] float draw
+
+
 def associative_recall(n: int, n_pairs: int, vocab: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Key-value recall: ``BOS k_1 v_1 ... k_P v_P QUERY k_q v_q`` (T = 2P + 4).
 
     The symbols ``[N_SPECIAL, vocab)`` are halved: keys come from the lower
     half (distinct within a sequence), values from the upper half (repeats
     allowed).  ``k_q`` is one of the keys, picked uniformly; the mask covers
-    only the final ``v_q``.
+    only the final ``v_q``.  Keys are drawn as an argsort of ``[n, n_keys]`` uniform floats while
+    ``n * n_keys <= 2**24``, else row by row without replacement (a different random stream: a
+    GPT-2-size vocabulary and ``n = 10_000`` needed 4 GB for the floats and their argsort).
     """
     n = _check_n("associative_recall", n)
     n_pairs, vocab = _int("associative_recall", "n_pairs", n_pairs), _int("associative_recall", "vocab", vocab)
@@ -230,7 +235,11 @@ def associative_recall(n: int, n_pairs: int, vocab: int, seed: int = 0) -> tuple
     if vocab > 2 ** 31:
         raise ValueError(f"associative_recall: vocab must be <= 2**31 (int32 token ids), got {vocab}")
     rng = _rng("associative_recall", seed)
-    keys = np.argsort(rng.random((n, n_keys)), axis=1)[:, :n_pairs].astype(np.int32) + N_SPECIAL
+    if n * n_keys <= _DENSE_KEY_DRAW:  # one float per candidate key and row (the original stream)
+        keys = np.argsort(rng.random((n, n_keys)), axis=1)[:, :n_pairs].astype(np.int32) + N_SPECIAL
+    else:  # a large vocabulary: distinct keys row by row, without an [n, n_keys] array
+        keys = np.stack([rng.choice(n_keys, n_pairs, replace=False) for _ in range(n)]).astype(np.int32)
+        keys += N_SPECIAL
     vals = rng.integers(0, n_vals, size=(n, n_pairs), dtype=np.int32) + N_SPECIAL + n_keys
     q = rng.integers(0, n_pairs, size=n)
     seq_len = 2 * n_pairs + 4
