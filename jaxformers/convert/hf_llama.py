@@ -315,12 +315,8 @@ def to_hf(config: TransformerConfig, params, out_dir: str) -> str:
                f"{_PREFIX}norm.weight": f32(params["final_norm"]["scale"])}
     for i in range(config.n_layer):
         block = params[f"blocks_{i}"]
-        for name, path in _layer_names(i).items():
-            try:
-                leaf = _get(block, path)
-            except (KeyError, TypeError):
-                raise ValueError(f"params blocks_{i} lack {'/'.join(path)}") from None
-            tensors[name] = f32(_to_hf_layout(path, np.asarray(leaf), config))
+        for name, path in _layer_names(i).items():  # every path present: per_layer_params checked
+            tensors[name] = f32(_to_hf_layout(path, np.asarray(_get(block, path)), config))
     if not config.tie_embeddings:
         tensors["lm_head.weight"] = f32(np.asarray(params["lm_head"]["kernel"]).T)
     for name, shape in _expected_shapes(config).items():

@@ -328,13 +328,10 @@ def to_hf_mamba(config, params, out_dir: str) -> str:
     tensors = {f"{_PREFIX}embeddings.weight": np.asarray(params["embed"]["embedding"], np.float32),
                f"{_PREFIX}norm_f.weight": np.asarray(params["final_norm"]["scale"], np.float32)}
     for li in range(config.n_layer):
-        block, p = params[f"blocks_{li}"], f"{_PREFIX}layers.{li}."
-        try:
-            tensors[p + "norm.weight"] = np.asarray(block["norm"]["scale"], np.float32)
-            for name, value in _mixer_tensors(config, block["mixer"]).items():
-                tensors[p + "mixer." + name] = value
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"params blocks_{li} lack {e}: not a {config.model} layer of this config") from None
+        block, p = params[f"blocks_{li}"], f"{_PREFIX}layers.{li}."  # shapes checked: per_layer_params
+        tensors[p + "norm.weight"] = np.asarray(block["norm"]["scale"], np.float32)
+        for name, value in _mixer_tensors(config, block["mixer"]).items():
+            tensors[p + "mixer." + name] = value
     if not config.tie_embeddings:
         tensors["lm_head.weight"] = np.asarray(params["lm_head"]["kernel"], np.float32).T
     shapes = _expected_shapes(config)
