@@ -312,7 +312,10 @@ def write_json(path, obj, *, indent=1, default=None) -> str:
     ``os.replace`` and an fsync of the folder: ``jaxformers.training.checkpoint.atomic_write``):
     an interruption, a power loss or a value JSON cannot encode leaves the previous file whole
     (never a torn or truncated one).  NumPy / JAX scalars and arrays are written as numbers and
-    lists (before ``default``, which sees only the other values).  Returns the path."""
+    lists (before ``default``, which sees only the other values).  A NaN or infinity is written
+    as ``NaN`` / ``Infinity`` (what ``json`` reads back; strict JSON parsers refuse it): the
+    experiments write ``null`` for a number they do not have, so a NaN is a number that was
+    computed (a diverged loss).  Returns the path."""
     import json
 
     from jaxformers.training.checkpoint import atomic_write
