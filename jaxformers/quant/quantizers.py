@@ -5,8 +5,11 @@ Uniform quantization of a group of values ``x`` (one output channel, one group o
 ``groupsize`` inputs, one token, one head) to ``b`` bits::
 
     symmetric:   s = c * max|x| / (2^(b-1) - 1),   q = clamp(round(x / s), -2^(b-1), 2^(b-1) - 1),   x^ = s q
-    asymmetric:  s = c * (max x - min x) / (2^b - 1),  z = round(-c min x / s),
+    asymmetric:  s = c * (max(max x, 0) - min(min x, 0)) / (2^b - 1),  z = round(-c min(min x, 0) / s),
                  q = clamp(round(x / s) + z, 0, 2^b - 1),   x^ = s (q - z)
+
+(the asymmetric range always holds 0, as the authors' quantizer; ``round`` is half-to-even, as
+``torch.round``; a row or group of zeros gets ``s = 1``).
 
 ``c`` is the clipping ratio (1 = no clipping).  Weights: per output channel (or per group of
 input channels), ``c`` searched per channel on the grid ``1 - i / 100``, ``i < 80``, to
@@ -44,7 +47,7 @@ def _grouped(x, groupsize):
     """``[..., n] -> [..., n / g, g]`` (``g = n`` when ``groupsize`` is None)."""
     n = x.shape[-1]
     g = n if groupsize is None else groupsize
-    if not isinstance(g, int) or g <= 0 or n % g:
+    if not isinstance(g, int) or isinstance(g, bool) or g <= 0 or n % g:
         raise ValueError(f"groupsize must be a positive divisor of the quantized axis ({n}) or "
                          f"None, got {groupsize!r}")
     return x.reshape(x.shape[:-1] + (n // g, g))
@@ -78,6 +81,9 @@ def fake_quant(x, bits: int, *, groupsize: Optional[int] = None, sym: bool = Tru
     _check_clip(clip)
     if bits >= 16:
         return x
+    _check_float_x(x)
+    if len(x.shape) == 0:
+        raise ValueError("x must have at least one axis (the quantized last axis), got a scalar")
     xg = _grouped(x.astype(jnp.float32), groupsize)
     scale, zero, qmin, qmax = quant_params(xg, bits, sym=sym, clip=clip)
     q = quantize_int(xg, scale, zero, qmin, qmax)
