@@ -290,8 +290,11 @@ class DenseFormer(Transformer):
 
 
 def dwa_weights(config, params):
-    """Learned masked ``alpha`` ``[R, L+1]`` (numpy) and the block m after which each row acts."""
+    """Learned masked ``alpha`` ``[R, L+1]`` (numpy) and the block m after which each row acts
+    (``dwa_mode="none"``: no DWA, ``[0, L+1]`` and ``[]``)."""
     plan = DWAPlan.from_config(config)
+    if not plan.n_rows:  # no DWA point: the model has no dwa_alpha parameter
+        return np.zeros((0, config.n_layer + 1), np.float32), []
     alpha = np.asarray(params["dwa_alpha"], np.float32) * plan.mask()
     return alpha, list(plan.points)
 
