@@ -153,7 +153,9 @@ def rtn_weight(w, bits: int, *, groupsize=None, sym=True, clip_search=True, retu
     ``clip_search``: each channel's (group's) clipping ratio minimises ``sum |w - w^|^2.4`` over
     the ratios of :func:`clip_ratios` (``clip_grid`` 100: the authors' 80 ratios).
     Returns the dequantized ``[in, out]`` (numpy, ``dtype``), or with ``return_int`` also
-    ``(q [in, out] int32, scale [in / g, out], zero [in / g, out])``.
+    ``(q [in, out] int32, scale [in / g, out], zero [in / g, out])``; ``bits >= 16``: ``w``
+    unquantized as numpy float64 (not rounded to ``dtype``: QuaRot's rotated float64 weights
+    keep their precision until the model's cast) and ``None`` for the rest.
     :func:`rtn_weight_reference` is the numpy float64 version it is tested against."""
     _check_bits(bits)
     if bits >= 16:
@@ -223,8 +225,8 @@ def gptq_weight(w, hessian, bits: int, *, groupsize=None, sym=True, clip_search=
     consecutive in that order, so ``return_int`` with groups is refused: their parameters
     would not follow the input order).  Returns the dequantized ``[in, out]``
     (numpy, ``dtype``), with ``return_int`` also ``(q [in, out] int32, scale [in / g, out],
-    zero [in / g, out])`` as :func:`rtn_weight` (``clip_search``, ``clip_grid`` as there).
-    :func:`gptq_weight_reference` is the
+    zero [in / g, out])`` as :func:`rtn_weight` (``clip_search``, ``clip_grid``, ``bits >= 16``
+    as there).  :func:`gptq_weight_reference` is the
     readable one-column-at-a-time float64 algorithm it is tested against."""
     _check_bits(bits)
     if bits >= 16:
