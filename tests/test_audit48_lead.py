@@ -147,3 +147,17 @@ def test_associative_recall_small_vocabulary_keeps_its_stream():
     rng = _rng("associative_recall", 1)
     keys = np.argsort(rng.random((n, (vocab - N_SPECIAL) // 2)), axis=1)[:, :pairs] + N_SPECIAL
     np.testing.assert_array_equal(tokens[:, 1:1 + 2 * pairs:2], keys)
+
+
+# ----------------------------------------------------------------------------- quantizers
+@pytest.mark.parametrize("shape", [(4, 0), (0, 4)])
+def test_weight_quantizers_refuse_an_empty_weight(shape):
+    """A weight without output columns was a ZeroDivisionError (RTN) or numpy's reshape error
+    (GPTQ); without input rows, a groupsize error about ``None``."""
+    from jaxformers.quant.quantizers import gptq_weight, rtn_weight
+
+    w = np.zeros(shape, np.float32)
+    with pytest.raises(ValueError, match=r"w must be .*in, out >= 1"):
+        rtn_weight(w, 4)
+    with pytest.raises(ValueError, match=r"w must be .*in, out >= 1"):
+        gptq_weight(w, np.eye(shape[0], dtype=np.float32), 4)

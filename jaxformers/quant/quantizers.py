@@ -161,8 +161,8 @@ def rtn_weight(w, bits: int, *, groupsize=None, sym=True, clip_search=True, retu
     if bits >= 16:
         w = np.asarray(w, np.float64)
         return (w, None, None, None) if return_int else w
-    if np.ndim(w) != 2:
-        raise ValueError(f"w must be a 2-D weight [in, out], got shape {np.shape(w)}")
+    if np.ndim(w) != 2 or 0 in np.shape(w):
+        raise ValueError(f"w must be a 2-D weight [in, out] (in, out >= 1), got shape {np.shape(w)}")
     _check_dtype(dtype)
     _grouped(np.empty((0, np.shape(w)[0])), groupsize)  # before jit: a ValueError naming it
     _check_clip_grid(clip_grid)
@@ -278,8 +278,8 @@ def _check_dtype(dtype):
 
 
 def _check_gptq_inputs(w, hessian, groupsize):
-    if np.ndim(w) != 2:
-        raise ValueError(f"w must be a [in, out] matrix, got shape {np.shape(w)}")
+    if np.ndim(w) != 2 or 0 in np.shape(w):
+        raise ValueError(f"w must be a [in, out] matrix (in, out >= 1), got shape {np.shape(w)}")
     n = np.shape(w)[0]
     if np.shape(hessian) != (n, n):
         raise ValueError(f"hessian must be [in, in] = [{n}, {n}] for w of shape {np.shape(w)}, "
