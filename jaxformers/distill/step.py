@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 
 from ..models.transformer import block_inputs
-from ..training.losses import apply_model, model_inputs, next_token_targets, weighted_mean
+from ..training.losses import (apply_model, logits_cross_entropy, model_inputs, next_token_targets,
+                               weighted_mean)
 from ..training.steps import abstract_params, train_step
 
 __all__ = ["DistillStep", "align_loss", "kd_loss", "kl_per_token", "teacher_hidden_states"]
@@ -60,10 +61,9 @@ def kd_loss(module, params, batch, rng=None, *, temperature: float = 1.0, kl_wei
     if batch["teacher_logits"].shape != logits.shape:
         raise ValueError(f"teacher_logits {tuple(batch['teacher_logits'].shape)} must match the student's logits "
                          f"{tuple(logits.shape)} [B, T, V] (the same vocab_size as the teacher)")
-    targets, weights = next_token_targets(batch)
+    _, weights = next_token_targets(batch)
     kl, n = weighted_mean(kl_per_token(batch["teacher_logits"], logits, temperature), weights)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    ce, _ = weighted_mean(-jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0], weights)
+    ce, _ = logits_cross_entropy(logits, batch)  # (a counted target id outside [0, V): ValueError)
     return kl_weight * kl + ce_weight * ce, {"kl": kl, "ce": ce, "n_targets": n}
 
 
