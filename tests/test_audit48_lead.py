@@ -161,3 +161,28 @@ def test_weight_quantizers_refuse_an_empty_weight(shape):
         rtn_weight(w, 4)
     with pytest.raises(ValueError, match=r"w must be .*in, out >= 1"):
         gptq_weight(w, np.eye(shape[0], dtype=np.float32), 4)
+
+
+# ----------------------------------------------------------------------------- MFU
+@pytest.mark.parametrize("kind, peak", [("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 80GB HBM3", 989e12),
+                                        ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989e12),
+                                        ("NVIDIA GH200 480GB", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+                                        ("TPU v5 lite", 197e12), ("TPU v5p", 459e12), ("cpu", None)])
+def test_peak_flops_by_device_kind(kind, peak):
+    import types
+
+    from jaxformers.training.metrics import peak_flops
+
+    assert peak_flops(types.SimpleNamespace(device_kind=kind)) == peak
+
+
+def test_mfu_divides_by_the_peak_of_every_device():
+    import types
+
+    from jaxformers.training.metrics import mfu
+
+    h100 = types.SimpleNamespace(device_kind="NVIDIA H100 80GB HBM3")
+    assert mfu(6e9, 1e5, n_devices=4, device=h100) == pytest.approx(6e14 / (4 * 989e12))
+    assert mfu(6e9, 1e5, n_devices=1, device=h100) == pytest.approx(6e14 / 989e12)
+    assert mfu(6e9, None, n_devices=1, device=h100) is None
+    assert mfu(6e9, 1e5, device=types.SimpleNamespace(device_kind="cpu")) is None
