@@ -65,14 +65,15 @@ def check_token_array(tokens, what: str = "tokens") -> np.ndarray:
     """``tokens`` as a 1-D numpy array of integer ids in ``[0, 2**31)``; ``ValueError`` naming
     ``what`` otherwise.  Windows are int32: a negative id or one past int32 would wrap silently.
     (Prepared datasets are uint16 / uint32 memmaps and are not scanned; a signed or 64-bit array
-    is.)"""
+    is, and so is an in-memory uint32 array, whose ids may reach 2**32.)"""
     if not isinstance(tokens, np.ndarray):
         tokens = np.asarray(tokens)
     if tokens.ndim != 1:
         raise ValueError(f"{what} must be a 1-D array of token ids, got shape {tokens.shape}")
     if not np.issubdtype(tokens.dtype, np.integer):
         raise ValueError(f"{what} must be integer token ids, got dtype {tokens.dtype}")
-    if tokens.size and (np.issubdtype(tokens.dtype, np.signedinteger) or tokens.dtype.itemsize > 4):
+    if tokens.size and (np.issubdtype(tokens.dtype, np.signedinteger) or tokens.dtype.itemsize > 4
+                        or (tokens.dtype.itemsize == 4 and not isinstance(tokens, np.memmap))):
         lo, hi = int(tokens.min()), int(tokens.max())
         if lo < 0 or hi > np.iinfo(np.int32).max:
             raise ValueError(f"{what} must be token ids in [0, 2**31), got ids from {lo} to {hi}")
@@ -179,6 +180,8 @@ def _local_row_ranges(n_rows, batch_size, max_batches, drop_last, process_index,
     its share of it, possibly empty (``lo == hi``), so every process runs the same number of
     batches and the evaluation does not depend on the process count)."""
     p, n_proc = resolve_process(process_index, process_count)
+    if not isinstance(drop_last, (bool, np.bool_)):
+        raise ValueError(f"drop_last must be True or False, got {drop_last!r}")
     if max_batches is not None:
         max_batches = int_arg("max_batches", max_batches, lo=0)
     if batch_size % n_proc:
@@ -201,6 +204,10 @@ def iterate_rows(arrays: Mapping[str, np.ndarray], batch_size: int, max_batches:
     ``batch_size`` rows; a short last batch is yielded unless ``drop_last``, with several
     processes as every process's share of it, possibly 0 rows)."""
     batch_size = int_arg("batch_size", batch_size, lo=1)
+    if not isinstance(arrays, Mapping) or any(np.ndim(v) == 0 for v in arrays.values()):
+        raise ValueError(f"arrays must be a mapping of names to arrays [N, ...], got {type(arrays).__name__}"
+                         + (f" with shapes { {k: np.shape(v) for k, v in arrays.items()} }"
+                            if isinstance(arrays, Mapping) else ""))
     lengths = {k: len(v) for k, v in arrays.items()}
     if not lengths or len(set(lengths.values())) != 1:
         raise ValueError(f"arrays must be one or more arrays with the same number of rows, got lengths {lengths}")

@@ -100,12 +100,17 @@ def hf_tokenizer_dir(spec: str) -> Path:
 _SURROGATES = re.compile("[\ud800-\udfff]")
 
 
+def _str_arg(text) -> str:
+    """``text`` if it is a ``str``; ``ValueError`` otherwise (bytes, None, ...)."""
+    if not isinstance(text, str):
+        raise ValueError(f"encode expects a str, got {type(text).__name__}")
+    return text
+
+
 def _valid_text(text: str) -> str:
     """``text`` with lone surrogates (valid in Python strings and JSON escapes, not in UTF-8) replaced
     by U+FFFD, as :mod:`.corpus` does for ``.jsonl``; the ``tokenizers`` library refuses them."""
-    if not isinstance(text, str):
-        raise ValueError(f"encode expects a str, got {type(text).__name__}")
-    return _SURROGATES.sub("\ufffd", text)
+    return _SURROGATES.sub("\ufffd", _str_arg(text))
 
 
 # Where byte-level BPE's pre-tokenizer (the GPT-2 regex of ``ByteLevel(use_regex=True)``) always
@@ -189,8 +194,12 @@ def _parts_to_arrays(n: int, stream) -> list[np.ndarray]:
 
 
 def _checked_ids(ids, vocab_size: int, what: str) -> list[int]:
-    """``ids`` as a flat list of ints; ``ValueError`` unless each is in ``[0, vocab_size)``."""
-    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    """``ids`` as a flat list of ints; ``ValueError`` unless each is an integer (not a float, a
+    bool or a string, which would be truncated / parsed) in ``[0, vocab_size)``."""
+    arr = np.asarray(ids)
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{what}: ids must be integers, got dtype {arr.dtype} ({arr.reshape(-1)[0]!r}, ...)")
+    ids = arr.astype(np.int64).reshape(-1)
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
         bad = ids[(ids < 0) | (ids >= vocab_size)]
         raise ValueError(f"{what}: id {int(bad[0])} out of range [0, {vocab_size}) (ids must be the "
@@ -299,10 +308,10 @@ class ByteTokenizer(Tokenizer):
         return 256
 
     def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8", "surrogatepass"))
+        return list(_str_arg(text).encode("utf-8", "surrogatepass"))
 
     def encode_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
-        return [np.frombuffer(t.encode("utf-8", "surrogatepass"), dtype=np.uint8) for t in texts]
+        return [np.frombuffer(_str_arg(t).encode("utf-8", "surrogatepass"), dtype=np.uint8) for t in texts]
 
     def decode(self, ids: Sequence[int] | np.ndarray, *, skip_special: bool = False) -> str:
         ids = _checked_ids(ids, self.vocab_size, "byte tokenizer")
