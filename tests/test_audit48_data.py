@@ -393,3 +393,17 @@ def test_hf_decode_refuses_float_ids_and_round_trips_integer_ones(tmp_path):
 def test_negative_ids_of_any_signed_width_are_refused(dtype):
     with pytest.raises(ValueError, match=r"2\*\*31"):
         TokenLoader(np.array([1, -1, 2, 3], dtype), 1, 2, **ONE)
+
+
+def test_hf_eos_token_named_in_the_config_but_not_in_the_vocabulary_is_refused(tmp_path):
+    """It fell back silently to ``</s>`` (or another candidate): documents joined by another token."""
+    import json
+
+    from jaxformers.data.tokenizer import CONFIG_FILE
+
+    d = _wordlevel_dir(tmp_path / "tok", 4)
+    (d / CONFIG_FILE).write_text(json.dumps({"eos_token": "<|eot|>"}))
+    with pytest.raises(ValueError, match=r"eos_token '<\|eot\|>' is not in the vocabulary"):
+        HFTokenizer(d)
+    (d / CONFIG_FILE).write_text(json.dumps({"eos_token": {"content": "b"}}))
+    assert HFTokenizer(d).eos_id == 2  # a named token that exists wins over the candidates

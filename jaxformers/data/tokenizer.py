@@ -459,6 +459,8 @@ class HFTokenizer(Tokenizer):
         eos = cfg.get("eos_token")
         if isinstance(eos, dict):
             eos = eos.get("content")
+        if isinstance(eos, str) and self._tok.token_to_id(eos) is None:  # named: never another token
+            raise ValueError(f"{d / CONFIG_FILE}: eos_token {eos!r} is not in the vocabulary of {d / BPE_FILE}")
         for name in ([eos] if isinstance(eos, str) else []) + list(self.EOS_CANDIDATES):
             i = self._tok.token_to_id(name)
             if i is not None:
