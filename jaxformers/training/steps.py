@@ -32,6 +32,7 @@ import optax
 import flax.linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from ..utils import int_arg
 from . import mesh as mesh_lib
 from .losses import (LossFn, aux_weight, collect_aux_losses, cross_entropy, merge_aux,
                      next_token_targets)
@@ -106,8 +107,11 @@ def split_micro_batches(batch, n: int, sharding=None):
 
     Micro-batch ``a`` holds rows ``a, a + n, a + 2n, ...``: with the batch sharded on its
     leading axis, every device keeps its own rows (no data movement) as long as each
-    device's share is divisible by ``n``.
+    device's share is divisible by ``n``.  ``ValueError`` naming ``grad_accum`` unless ``n`` is an
+    int >= 1 that divides every leading axis.
     """
+    n = int_arg("grad_accum", n, lo=1, where="split_micro_batches")
+
     def one(x):
         if x.shape[0] % n:
             raise ValueError(f"grad_accum={n} must divide the batch's leading axis, got shape {x.shape}")
@@ -134,6 +138,7 @@ def train_step(module, tx, loss_fn: LossFn, params, opt_state, batch, step, rng,
     ``metrics``: scalars -- those of :func:`loss_with_aux`, ``grad_norm`` (before
     clipping) and ``lr`` (``schedule(step)``, when a schedule is given).
     """
+    grad_accum = int_arg("grad_accum", grad_accum, lo=1, where="train_step")
     step = jnp.asarray(step, jnp.int32)
     rng = None if rng is None else jax.random.fold_in(rng, step)
     grad_fn = jax.value_and_grad(
@@ -417,9 +422,7 @@ class CompileCache:
     """
 
     def __init__(self, max_entries: int = 4):
-        if max_entries < 1:
-            raise ValueError(f"max_entries must be >= 1, got {max_entries}")
-        self.max_entries = int(max_entries)
+        self.max_entries = int_arg("max_entries", max_entries, lo=1, where="CompileCache")
         self._entries: "collections.OrderedDict[Any, Program]" = collections.OrderedDict()
         self.hits = self.misses = 0
 
