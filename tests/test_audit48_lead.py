@@ -81,16 +81,24 @@ def test_kernel_report_records_a_failing_lowering_or_compile_and_goes_on(tmp_pat
     assert res["complete"] is True and (tmp_path / "kernel_report.png").stat().st_size > 0
 
 
-def test_kernel_report_run_without_an_errors_list_raises():
-    import experiments.kernel_report as kr
+def test_kernel_report_run_without_an_errors_list_raises(monkeypatch):
+    kr = _fake_kernel_report(monkeypatch, [ValueError("tile too big")])
+    with pytest.raises(ValueError, match="tile too big"):
+        kr.run("quick", 90, ("ssd",))
 
-    mp = pytest.MonkeyPatch()
-    try:
-        _fake_kernel_report(mp, [ValueError("tile too big")])
-        with pytest.raises(ValueError, match="tile too big"):
-            kr.run("quick", 90, ("ssd",))
-    finally:
-        mp.undo()
+
+@pytest.mark.parametrize("error", [FileNotFoundError("cuobjdump"), "setup"])
+def test_kernel_report_stops_at_once_on_a_broken_setup(tmp_path, monkeypatch, error):
+    """A missing triton / cuobjdump fails every configuration alike: no sweep of N identical errors."""
+    from pallas_kernels.triton_inspect import SetupError
+
+    error = SetupError("compile_report needs the `triton` package") if error == "setup" else error
+    kr = _fake_kernel_report(monkeypatch, [[("a", "ir")], [("b", "ir")]])
+    monkeypatch.setattr(kr, "compile_report", lambda call, arch: (_ for _ in ()).throw(error))
+    errors = []
+    with pytest.raises(type(error)):
+        kr.run("quick", 90, ("ssd",), errors=errors)
+    assert errors == []
 
 
 def test_kernel_report_identical_launches_give_one_row(tmp_path, monkeypatch):
@@ -109,8 +117,11 @@ def test_domain_loader_refuses_weights_that_are_not_numbers(weights):
     doms = [Domain(f"d{i}", np.arange(64, dtype=np.int32), np.arange(16, dtype=np.int32)) for i in range(2)]
     with pytest.raises(ValueError, match="weights must be 2 finite non-negative numbers"):
         DomainLoader(doms, weights, 4, 8, process_index=0, process_count=1)
-    loader = DomainLoader(doms, np.array([1, 3]), 4, 8, process_index=0, process_count=1)  # ints are numbers
-    np.testing.assert_allclose(loader.weights, [0.25, 0.75])
+    import jax.numpy as jnp
+
+    for ok in (np.array([1, 3]), jnp.asarray([1, 3], jnp.bfloat16), np.array([0.25, 0.75], np.float16)):
+        loader = DomainLoader(doms, ok, 4, 8, process_index=0, process_count=1)  # numbers of any dtype
+        np.testing.assert_allclose(loader.weights, [0.25, 0.75])
 
 
 # ----------------------------------------------------------------------------- associative_recall
@@ -138,15 +149,22 @@ def test_associative_recall_at_a_huge_vocabulary_draws_distinct_keys_without_a_d
     np.testing.assert_array_equal(associative_recall(n, pairs, vocab, seed=3)[0], tokens)  # deterministic
 
 
-def test_associative_recall_small_vocabulary_keeps_its_stream():
-    """Below the threshold the draw is the original one (recorded results stay reproducible)."""
+@pytest.mark.parametrize("chunk", [None, 64, 1])  # one chunk; 2 rows a chunk; 1 row a chunk
+def test_associative_recall_keeps_its_stream_when_drawn_in_chunks(monkeypatch, chunk):
+    """The keys' draw, in chunks of rows, is the original single [n, n_keys] draw (recorded
+    results stay reproducible)."""
+    from jaxformers.data import synthetic
     from jaxformers.data.synthetic import N_SPECIAL, _rng, associative_recall
 
-    n, pairs, vocab = 8, 5, 64
+    if chunk is not None:
+        monkeypatch.setattr(synthetic, "_DENSE_KEY_DRAW", max(chunk, 30))
+    n, pairs, vocab = 9, 5, 64
     tokens, _ = associative_recall(n, pairs, vocab, seed=1)
     rng = _rng("associative_recall", 1)
     keys = np.argsort(rng.random((n, (vocab - N_SPECIAL) // 2)), axis=1)[:, :pairs] + N_SPECIAL
+    vals = rng.integers(0, vocab - N_SPECIAL - (vocab - N_SPECIAL) // 2, size=(n, pairs), dtype=np.int32)
     np.testing.assert_array_equal(tokens[:, 1:1 + 2 * pairs:2], keys)
+    np.testing.assert_array_equal(tokens[:, 2:2 + 2 * pairs:2] - N_SPECIAL - (vocab - N_SPECIAL) // 2, vals)
 
 
 # ----------------------------------------------------------------------------- quantizers
@@ -186,3 +204,21 @@ def test_mfu_divides_by_the_peak_of_every_device():
     assert mfu(6e9, 1e5, n_devices=1, device=h100) == pytest.approx(6e14 / 989e12)
     assert mfu(6e9, None, n_devices=1, device=h100) is None
     assert mfu(6e9, 1e5, device=types.SimpleNamespace(device_kind="cpu")) is None
+
+
+def test_bench_quantize_rss_is_none_not_nan_without_proc(monkeypatch):
+    """``results.json`` writes null for a number it does not have (a NaN means a computed NaN)."""
+    import builtins
+
+    from experiments import bench_quantize
+
+    assert bench_quantize._rss_gb() > 0  # Linux: /proc/self/status
+    real_open = builtins.open
+
+    def no_proc(path, *a, **k):
+        if str(path).startswith("/proc/"):
+            raise FileNotFoundError(path)
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", no_proc)
+    assert bench_quantize._rss_gb() is None

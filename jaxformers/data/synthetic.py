@@ -212,7 +212,7 @@ def copying(n: int, seq_len: int, vocab: int, seed: int = 0) -> tuple[np.ndarray
 # ---------------------------------------------------------------------------
 # associative recall
 
-_DENSE_KEY_DRAW = 2 ** 24  # n * n_keys up to which the keys come from one [n, n_keys] float draw
+_DENSE_KEY_DRAW = 2 ** 24  # floats per chunk of the keys' draw (and the n_keys up to which it is used)
 
 
 def associative_recall(n: int, n_pairs: int, vocab: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -221,9 +221,10 @@ def associative_recall(n: int, n_pairs: int, vocab: int, seed: int = 0) -> tuple
     The symbols ``[N_SPECIAL, vocab)`` are halved: keys come from the lower
     half (distinct within a sequence), values from the upper half (repeats
     allowed).  ``k_q`` is one of the keys, picked uniformly; the mask covers
-    only the final ``v_q``.  Keys are drawn as an argsort of ``[n, n_keys]`` uniform floats while
-    ``n * n_keys <= 2**24``, else row by row without replacement (a different random stream: a
-    GPT-2-size vocabulary and ``n = 10_000`` needed 4 GB for the floats and their argsort).
+    only the final ``v_q``.  Keys are an argsort of ``[n, n_keys]`` uniform floats, drawn in
+    chunks of at most ``2**24`` floats (one draw's stream, without a GPT-2-size vocabulary and
+    ``n = 10_000`` needing 4 GB for the floats and their argsort); past ``n_keys = 2**24`` they are
+    drawn row by row without replacement (another random stream).
     """
     n = _check_n("associative_recall", n)
     n_pairs, vocab = _int("associative_recall", "n_pairs", n_pairs), _int("associative_recall", "vocab", vocab)
@@ -235,11 +236,15 @@ def associative_recall(n: int, n_pairs: int, vocab: int, seed: int = 0) -> tuple
     if vocab > 2 ** 31:
         raise ValueError(f"associative_recall: vocab must be <= 2**31 (int32 token ids), got {vocab}")
     rng = _rng("associative_recall", seed)
-    if n * n_keys <= _DENSE_KEY_DRAW:  # one float per candidate key and row (the original stream)
-        keys = np.argsort(rng.random((n, n_keys)), axis=1)[:, :n_pairs].astype(np.int32) + N_SPECIAL
-    else:  # a large vocabulary: distinct keys row by row, without an [n, n_keys] array
+    if n_keys <= _DENSE_KEY_DRAW:  # one float per candidate key and row, in chunks of rows: the
+        keys = np.empty((n, n_pairs), np.int32)  # same stream as one [n, n_keys] draw, bounded memory
+        step = max(1, _DENSE_KEY_DRAW // n_keys)
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            keys[lo:hi] = np.argsort(rng.random((hi - lo, n_keys)), axis=1)[:, :n_pairs]
+    else:  # a huge vocabulary: distinct keys row by row, without a float per key
         keys = np.stack([rng.choice(n_keys, n_pairs, replace=False) for _ in range(n)]).astype(np.int32)
-        keys += N_SPECIAL
+    keys += N_SPECIAL
     vals = rng.integers(0, n_vals, size=(n, n_pairs), dtype=np.int32) + N_SPECIAL + n_keys
     q = rng.integers(0, n_pairs, size=n)
     seq_len = 2 * n_pairs + 4
