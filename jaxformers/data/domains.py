@@ -355,8 +355,10 @@ class DomainLoader:
                  sample: str = "weighted", process_index: Optional[int] = None,
                  process_count: Optional[int] = None):
         self.names = tuple(d.name for d in domains)
-        raw = np.asarray(weights)  # strings and bools are not weights ("0.5" was read as 0.5): refused below
-        self.weights = raw.astype(np.float64) if raw.dtype.kind in "iuf" else np.full(raw.shape, np.nan)
+        # strings, bools and None are not weights ("0.5" was read as 0.5): NaN here, refused below
+        # (bfloat16, numpy kind "V", is a number)
+        raw = np.asarray(weights)
+        self.weights = np.full(raw.shape, np.nan) if raw.dtype.kind in "bOUSc" else raw.astype(np.float64)
         if (self.weights.shape != (len(domains),) or not np.isfinite(self.weights).all()
                 or (self.weights < 0).any() or not self.weights.max(initial=0.0) > 0):
             raise ValueError(f"weights must be {len(domains)} finite non-negative numbers with a positive "
