@@ -199,12 +199,12 @@ def _checked_ids(ids, vocab_size: int, what: str) -> list[int]:
     arr = np.asarray(ids)
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(f"{what}: ids must be integers, got dtype {arr.dtype} ({arr.reshape(-1)[0]!r}, ...)")
-    ids = arr.astype(np.int64).reshape(-1)
-    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+    ids = arr.reshape(-1)  # compared in its own dtype: a uint64 id is not wrapped to a negative one
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
         bad = ids[(ids < 0) | (ids >= vocab_size)]
         raise ValueError(f"{what}: id {int(bad[0])} out of range [0, {vocab_size}) (ids must be the "
                          "tokenizer's; a model vocab padded above it can sample ids with no text)")
-    return ids.tolist()
+    return ids.astype(np.int64).tolist()
 
 
 def _decode_runs(ids: list[int], eos: int, decode_run, marker: str) -> str:
@@ -459,9 +459,11 @@ class HFTokenizer(Tokenizer):
         eos = cfg.get("eos_token")
         if isinstance(eos, dict):
             eos = eos.get("content")
-        if isinstance(eos, str) and self._tok.token_to_id(eos) is None:  # named: never another token
-            raise ValueError(f"{d / CONFIG_FILE}: eos_token {eos!r} is not in the vocabulary of {d / BPE_FILE}")
-        for name in ([eos] if isinstance(eos, str) else []) + list(self.EOS_CANDIDATES):
+        if isinstance(eos, str):  # named: that token, never another one
+            if self._tok.token_to_id(eos) is None:
+                raise ValueError(f"{d / CONFIG_FILE}: eos_token {eos!r} is not in the vocabulary of {d / BPE_FILE}")
+            return int(self._tok.token_to_id(eos))
+        for name in self.EOS_CANDIDATES:
             i = self._tok.token_to_id(name)
             if i is not None:
                 return int(i)
