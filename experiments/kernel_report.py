@@ -54,7 +54,7 @@ from pallas_kernels.flash_attention import BlockSizes, flash_attention
 from pallas_kernels.selective_scan import selective_scan
 from pallas_kernels.sparse_attention import hash_attention, qk_sparse_attention
 from pallas_kernels.ssd import ssd
-from pallas_kernels.triton_inspect import GPU_LIMITS, compile_report, gpu_limits, triton_calls
+from pallas_kernels.triton_inspect import GPU_LIMITS, SetupError, compile_report, gpu_limits, triton_calls
 from experiments.common import environment, parse_list, write_json, write_results
 
 S = jax.ShapeDtypeStruct
@@ -219,13 +219,14 @@ def run(preset: str, arch: int, families=FAMILIES, progress=None, missing=None, 
     (a list) gets ``{"family", "config"}`` of each configuration whose lowering has no Triton
     call (so no row).  ``errors`` (a list): a configuration whose CUDA lowering, or a kernel whose
     compile, raises is recorded there (``{"family", "config", "kernel", "stage", "error"}``) and
-    the sweep goes on; without it the exception propagates.  A kernel launched several times
+    the sweep goes on; without it, and for a broken setup (``triton_inspect.SetupError``, a
+    missing ``cuobjdump``) that every configuration would repeat, the exception propagates.  A kernel launched several times
     with the same Triton IR and launch parameters (the Hadamard transform's forward and
     gradient) gives one row, with ``launches`` the number of such launches."""
     rows = []
 
     def failed(family, label, kernel, stage, e):
-        if errors is None:
+        if errors is None or isinstance(e, (SetupError, FileNotFoundError)):  # the setup: stop at once
             raise e
         msg = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
         errors.append({"family": family, "config": label, "kernel": kernel, "stage": stage, "error": msg})

@@ -19,7 +19,7 @@ upstream), not the binary that will run.  Speed still needs the GPU.
 
 Both use jax internals (the lowered module's custom-call attributes and jaxlib's
 Triton dialect bindings); a jax version that moved them raises a
-``RuntimeError`` saying so.
+:class:`SetupError` (a ``RuntimeError``) saying so, as does a missing ``triton`` package.
 """
 from __future__ import annotations
 
@@ -34,6 +34,11 @@ import jax
 
 TRITON_TARGET = "__gpu$xla.gpu.triton"
 _WARP = 32
+
+
+class SetupError(RuntimeError):
+    """This environment cannot lower or compile any kernel (no ``triton``, a jax that moved the
+    internals used here, an unreadable ``cuobjdump``): not one kernel's problem."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +125,7 @@ def _lower_for_cuda(fn, *args, arch: int = 90):
             traced = jax.jit(fn).trace(*args)
             return traced.lower(lowering_platforms=("cuda",)).compiler_ir("stablehlo")
     except TypeError as e:  # pragma: no cover - jax without cross-platform lowering
-        raise RuntimeError(f"this jax ({jax.__version__}) cannot lower for CUDA here: {e}") from e
+        raise SetupError(f"this jax ({jax.__version__}) cannot lower for CUDA here: {e}") from e
 
 
 def _walk(op):
@@ -138,7 +143,7 @@ def _ttir_text(ir_bytes: bytes) -> str:
         from jax._src.lib import triton as jaxlib_triton
         from jax._src.lib.mlir import ir
     except ImportError as e:  # pragma: no cover - depends on jaxlib
-        raise RuntimeError(f"jaxlib has no Triton dialect bindings: {e}") from e
+        raise SetupError(f"jaxlib has no Triton dialect bindings: {e}") from e
     ctx = jax_mlir.make_ir_context()
     jaxlib_triton.dialect.register_dialect(ctx)
     with ctx:
@@ -164,7 +169,7 @@ def triton_calls(fn, *args, arch: int = 90) -> list:
         if ir.StringAttr(op.attributes["call_target_name"]).value != TRITON_TARGET:
             continue
         if "mhlo.backend_config" not in op.attributes:  # pragma: no cover - jax moved it
-            raise RuntimeError("Triton custom call without mhlo.backend_config; this jax moved it")
+            raise SetupError("Triton custom call without mhlo.backend_config; this jax moved it")
         cfg = {a.name: a.attr for a in ir.DictAttr(op.attributes["mhlo.backend_config"])}
         ival = lambda key: ir.IntegerAttr(cfg[key]).value  # noqa: E731
         calls.append(TritonCall(
@@ -183,7 +188,7 @@ def _resource_usage(cuobjdump: str, cubin: bytes) -> dict:
                              check=True).stdout
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
     if m is None:  # pragma: no cover - cuobjdump format changed
-        raise RuntimeError(f"cannot parse cuobjdump -res-usage output:\n{out}")
+        raise SetupError(f"cannot parse cuobjdump -res-usage output:\n{out}")
     regs, stack, shared, local = map(int, m.groups())
     return dict(registers=regs, stack_bytes=stack, static_shared_bytes=shared, local_bytes=local)
 
@@ -203,7 +208,7 @@ def compile_report(call: TritonCall, arch: int = 90) -> dict:
         import triton
         from triton.backends.compiler import GPUTarget
     except ImportError as e:
-        raise RuntimeError("compile_report needs the `triton` package: pip install triton==3.6.0") from e
+        raise SetupError("compile_report needs the `triton` package: pip install triton==3.6.0") from e
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, f"{call.name}.ttir")
         with open(path, "w") as f:
