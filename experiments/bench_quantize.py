@@ -50,13 +50,16 @@ WIDTHS = {"llama7b": dict(d_model=4096, n_head=32, n_kv_head=32, head_dim=128, d
           "tiny": {}}
 
 
-def _rss_gb() -> float:
-    """Current resident memory of this process (GB)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1e6
-    return float("nan")
+def _rss_gb():
+    """Current resident memory of this process (GB); ``None`` where ``/proc`` does not say."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1e6
+    except OSError:  # no /proc (macOS)
+        pass
+    return None
 
 
 def child(job: dict) -> dict:
