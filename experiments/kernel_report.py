@@ -220,9 +220,9 @@ def run(preset: str, arch: int, families=FAMILIES, progress=None, missing=None, 
     call (so no row).  ``errors`` (a list): a configuration whose CUDA lowering, or a kernel whose
     compile, raises is recorded there (``{"family", "config", "kernel", "stage", "error"}``) and
     the sweep goes on; without it, and for a broken setup (``triton_inspect.SetupError``, a
-    missing ``cuobjdump``) that every configuration would repeat, the exception propagates.  A kernel launched several times
-    with the same Triton IR and launch parameters (the Hadamard transform's forward and
-    gradient) gives one row, with ``launches`` the number of such launches."""
+    missing ``cuobjdump``) that every configuration would repeat, the exception propagates.
+    A kernel launched several times with the same Triton IR and launch parameters (the Hadamard
+    transform's forward and gradient) gives one row, with ``launches`` the number of launches."""
     rows = []
 
     def failed(family, label, kernel, stage, e):
@@ -246,14 +246,9 @@ def run(preset: str, arch: int, families=FAMILIES, progress=None, missing=None, 
             print(f"{family:16s} {label:34s} NO TRITON CALLS in its lowering (no row)", flush=True)
             if missing is not None:
                 missing.append({"family": family, "config": label})
-        launches = []  # [call, count]: identical launches (same IR and launch parameters) give one row
-        for call in calls or ():
-            same = next((pair for pair in launches if pair[0] == call), None)
-            if same is None:
-                launches.append([call, 1])
-            else:
-                same[1] += 1
-        for call, n in launches:
+        calls = calls or []
+        unique = [c for i, c in enumerate(calls) if c not in calls[:i]]  # identical launches: one row
+        for call, n in ((c, calls.count(c)) for c in unique):
             t0 = time.perf_counter()
             try:
                 r = compile_report(call, arch=arch)
