@@ -14,12 +14,40 @@ import json
 import math
 from typing import Any, ClassVar, Optional, Tuple
 
+import numpy as np
+
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
 DTYPES = ("float32", "bfloat16", "float16")
 WEIGHT_DECAY_GROUPS = ("shape", "nanogpt")  # ModelConfig.weight_decay_groups
+
+
+def _plain(value):
+    """``value`` with numpy scalars (``np.int64(4)``, ``np.float32(0.1)``, ``np.bool_(True)``)
+    turned into the Python values they hold, also inside tuples, lists and dicts."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (tuple, list)):
+        items = [_plain(v) for v in value]
+        return value if all(a is b for a, b in zip(items, value)) else type(value)(items)
+    if isinstance(value, dict):
+        items = {k: _plain(v) for k, v in value.items()}
+        return value if all(items[k] is v for k, v in value.items()) else items
+    return value
+
+
+def plain_scalars(config) -> None:
+    """Replace numpy scalars in the fields of the frozen dataclass ``config`` (a sweep's
+    ``np.arange`` grid, a value read from an array) by plain Python values, in place: the checks
+    then treat ``np.int64(4)`` like ``4``, and run files stay JSON.  Called first thing in
+    ``__post_init__`` (0-d arrays are left alone, and refused by the checks)."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        plain = _plain(value)
+        if plain is not value:
+            object.__setattr__(config, field.name, plain)
 
 
 class ConfigMixin:
@@ -139,6 +167,7 @@ class ModelConfig(ConfigMixin):
 
     # --------------------------------------------------------------- validation
     def __post_init__(self):
+        plain_scalars(self)
         for name in ("dtype", "param_dtype"):  # a dtype object -> its name (JSON / run files hold names)
             object.__setattr__(self, name, dtype_name(name, getattr(self, name)))
         from .registry import check_config_class
@@ -192,7 +221,6 @@ class ModelConfig(ConfigMixin):
         spent).
         """
         import jax
-        import numpy as np
 
         if isinstance(seq_len, (bool, np.bool_)) or not isinstance(seq_len, (int, np.integer)) or seq_len < 1:
             raise ValueError(f"seq_len must be a positive int (the context length), got {seq_len!r}")
@@ -322,7 +350,6 @@ def dtype_name(name: str, value: Any) -> Any:
     names)."""
     if isinstance(value, str) or value is None or isinstance(value, (bool, int, float)):
         return value
-    import numpy as np
     try:
         canonical = np.dtype(value).name
     except TypeError:

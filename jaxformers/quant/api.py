@@ -56,11 +56,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..config import TransformerConfig, _boolean
+from ..config import TransformerConfig, _boolean, plain_scalars
 from ..convert.layers import check_layer_shapes, unstack_layers
 from ..utils import check_token_ids
 from .model import OnlineQuant, QuaRotConfig, check_divides_linear_inputs
-from .quantizers import gptq_weight, pack_int4, rtn_weight
+from .quantizers import _check_percdamp, gptq_weight, pack_int4, rtn_weight
 from .rotation import Rotation, float64_tree
 
 W_METHODS = ("rtn", "gptq")
@@ -106,6 +106,7 @@ class QuantSpec(OnlineQuant):
     storage: str = "float"
 
     def __post_init__(self):
+        plain_scalars(self)
         if self.w_method not in W_METHODS:
             raise ValueError(f"w_method={self.w_method!r} is not allowed; choose one of {list(W_METHODS)}")
         if self.storage not in STORAGES:
@@ -125,9 +126,7 @@ class QuantSpec(OnlineQuant):
         if self.w_groupsize is not None and (not isinstance(self.w_groupsize, int)
                                              or isinstance(self.w_groupsize, bool) or self.w_groupsize < 1):
             raise ValueError(f"w_groupsize must be a positive int or None (per channel), got {self.w_groupsize!r}")
-        if isinstance(self.percdamp, bool) or not isinstance(self.percdamp, (int, float)) \
-                or not 0 <= self.percdamp < 1:
-            raise ValueError(f"percdamp must be in [0, 1), got {self.percdamp!r}")
+        _check_percdamp(self.percdamp)  # what gptq_weight takes: a finite number >= 0
         if self.storage == "int":
             bad = []
             if self.w_bits > 8:

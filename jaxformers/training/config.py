@@ -10,7 +10,7 @@ import json
 import math
 from typing import Mapping, Optional, Tuple
 
-from ..config import ConfigMixin, check_fields
+from ..config import ConfigMixin, check_fields, plain_scalars
 
 SCHEDULES = ("cosine", "wsd", "constant")
 
@@ -87,6 +87,7 @@ class TrainConfig(ConfigMixin):
     init_from: Optional[str] = None  # fine-tuning: initial params from this run / HF checkpoint dir
 
     def __post_init__(self):
+        plain_scalars(self)
         object.__setattr__(self, "aux_loss_weights", _aux_weights(self.aux_loss_weights))
         self.validate()
 
