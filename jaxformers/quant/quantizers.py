@@ -26,10 +26,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..utils import is_int
 
-def _check_bits(bits):
-    if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 16:
+
+def _check_bits(bits) -> int:
+    """``bits`` as a Python int (a numpy ``int8(8)`` would overflow in ``2 ** (bits - 1)``)."""
+    if not is_int(bits) or not 2 <= bits <= 16:
         raise ValueError(f"bits must be an int in [2, 16] (16 = no quantization), got {bits!r}")
+    return int(bits)
 
 
 def _check_clip(clip):
@@ -47,7 +51,7 @@ def _grouped(x, groupsize):
     """``[..., n] -> [..., n / g, g]`` (``g = n`` when ``groupsize`` is None)."""
     n = x.shape[-1]
     g = n if groupsize is None else groupsize
-    if not isinstance(g, int) or isinstance(g, bool) or g <= 0 or n % g:
+    if not is_int(g) or g <= 0 or n % g:
         raise ValueError(f"groupsize must be a positive divisor of the quantized axis ({n}) or "
                          f"None, got {groupsize!r}")
     return x.reshape(x.shape[:-1] + (n // g, g))
@@ -77,7 +81,7 @@ def fake_quant(x, bits: int, *, groupsize: Optional[int] = None, sym: bool = Tru
                clip: float = 1.0):
     """Quantize-dequantize ``x`` over its last axis (one scale per row, or per ``groupsize``
     block of the last axis); computed in float32, returned in ``x``'s dtype."""
-    _check_bits(bits)
+    bits = _check_bits(bits)
     _check_clip(clip)
     if bits >= 16:
         return x
@@ -94,10 +98,11 @@ def fake_quant(x, bits: int, *, groupsize: Optional[int] = None, sym: bool = Tru
 _CLIP = dict(grid=100, max_shrink=0.8, norm=2.4)  # the authors' clipping search: grid and error norm
 
 
-def _check_clip_grid(grid):
-    if not isinstance(grid, int) or isinstance(grid, bool) or grid < 2:
+def _check_clip_grid(grid) -> int:
+    if not is_int(grid) or grid < 2:
         raise ValueError(f"clip_grid must be an int >= 2 (the search tries 1 - i / clip_grid for i < "
                          f"0.8 clip_grid), got {grid!r}")
+    return int(grid)
 
 
 def clip_ratios(grid=_CLIP["grid"], max_shrink=_CLIP["max_shrink"]):
@@ -157,7 +162,7 @@ def rtn_weight(w, bits: int, *, groupsize=None, sym=True, clip_search=True, retu
     unquantized as numpy float64 (not rounded to ``dtype``: QuaRot's rotated float64 weights
     keep their precision until the model's cast) and ``None`` for the rest.
     :func:`rtn_weight_reference` is the numpy float64 version it is tested against."""
-    _check_bits(bits)
+    bits = _check_bits(bits)
     if bits >= 16:
         w = np.asarray(w, np.float64)
         return (w, None, None, None) if return_int else w
@@ -165,7 +170,7 @@ def rtn_weight(w, bits: int, *, groupsize=None, sym=True, clip_search=True, retu
         raise ValueError(f"w must be a 2-D weight [in, out] (in, out >= 1), got shape {np.shape(w)}")
     _check_dtype(dtype)
     _grouped(np.empty((0, np.shape(w)[0])), groupsize)  # before jit: a ValueError naming it
-    _check_clip_grid(clip_grid)
+    clip_grid = _check_clip_grid(clip_grid)
     out = _rtn_columns(jnp.asarray(w, dtype), bits, groupsize, bool(sym), clip_grid if clip_search else 0)
     deq, q, scale, zero = (np.asarray(a) for a in out)
     return (deq, q, scale, zero) if return_int else deq
@@ -186,12 +191,12 @@ def _rtn_columns(w, bits, groupsize, sym, clip_grid):
 def rtn_weight_reference(w, bits: int, *, groupsize=None, sym=True, clip_search=True, return_int=False,
                          clip_grid=_CLIP["grid"]):
     """:func:`rtn_weight` in numpy float64 (the clipping search in float32 XLA, as there)."""
-    _check_bits(bits)
+    bits = _check_bits(bits)
     w = np.asarray(w, np.float64)
     if bits >= 16:
         return (w, None, None, None) if return_int else w
     wg = _grouped(w.T, groupsize)                                 # [out, G, g]
-    _check_clip_grid(clip_grid)
+    clip_grid = _check_clip_grid(clip_grid)
     s, z, lo, hi = _params_rows(wg, bits, sym, clip_search, clip_grid)
     q = quantize_int(wg, s, z, lo, hi, xp=np)
     deq = ((q - z) * s).reshape(w.shape[1], w.shape[0]).T
@@ -228,19 +233,20 @@ def gptq_weight(w, hessian, bits: int, *, groupsize=None, sym=True, clip_search=
     zero [in / g, out])`` as :func:`rtn_weight` (``clip_search``, ``clip_grid``, ``bits >= 16``
     as there).  :func:`gptq_weight_reference` is the
     readable one-column-at-a-time float64 algorithm it is tested against."""
-    _check_bits(bits)
+    bits = _check_bits(bits)
     if bits >= 16:
         w = np.asarray(w, np.float64)
         return (w, None, None, None) if return_int else w
     w, n, g = _check_gptq_inputs(w, hessian, groupsize)
-    _check_clip_grid(clip_grid)
+    clip_grid = _check_clip_grid(clip_grid)
     if _act_order_requested(act_order, groupsize, return_int):
         kw = dict(groupsize=groupsize, sym=sym, clip_search=clip_search, percdamp=percdamp,
                   blocksize=blocksize, dtype=dtype, return_int=True, clip_grid=clip_grid)
         out = _in_act_order(lambda w, h: gptq_weight(w, h, bits, **kw), w, hessian)
         return out if return_int else out[0]
-    if not isinstance(blocksize, int) or isinstance(blocksize, bool) or blocksize < 1:
+    if not is_int(blocksize) or blocksize < 1:
         raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
+    blocksize = int(blocksize)
     _check_dtype(dtype)
     u, dead = gptq_hinv(jnp.asarray(hessian, dtype), percdamp)
     W = jnp.where(dead[None, :], 0, jnp.asarray(w, dtype).T)       # [out, in]
@@ -308,7 +314,7 @@ def _in_act_order(run, w, hessian):
 
 
 def _check_percdamp(percdamp):
-    if (isinstance(percdamp, bool) or not isinstance(percdamp, (int, float))
+    if (isinstance(percdamp, (bool, np.bool_)) or not isinstance(percdamp, (int, float, np.integer, np.floating))
             or not 0 <= percdamp < float("inf")):
         raise ValueError(f"percdamp must be a finite number >= 0, got {percdamp!r}")
 
@@ -458,10 +464,10 @@ def gptq_weight_reference(w, hessian, bits: int, *, groupsize=None, sym=True, cl
             (group start) scale, zero <- the current w[:, j : j + g]
             q_j = Q(w_j);  w[:, j:] -= ((w_j - q_j) / U_jj) U[j, j:]
     """
-    _check_bits(bits)
+    bits = _check_bits(bits)
     _check_percdamp(percdamp)
     w, n, g = _check_gptq_inputs(w, hessian, groupsize)
-    _check_clip_grid(clip_grid)
+    clip_grid = _check_clip_grid(clip_grid)
     if _act_order_requested(act_order, None, True):  # (with groups: scale / zero in act order)
         kw = dict(groupsize=groupsize, sym=sym, clip_search=clip_search, percdamp=percdamp, clip_grid=clip_grid)
         return _in_act_order(lambda w, h: gptq_weight_reference(w, h, bits, **kw), w, hessian)
@@ -519,8 +525,9 @@ def unpack_int4(p):
 def quantize_rows_int8(x, *, bits: int = 8, clip=1.0):
     """Per-row symmetric ``bits``-bit integers (``bits <= 8``) stored as int8: ``x [..., n]`` ->
     ``(q int8 [..., n], scale float32 [..., 1])``; ``s q`` is :func:`fake_quant`'s value."""
-    if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
+    if not is_int(bits) or not 2 <= bits <= 8:
         raise ValueError(f"bits must be an int in [2, 8] (int8 storage), got {bits!r}")
+    bits = int(bits)
     _check_float_x(x)
     _check_clip(clip)
     scale, _, qmin, qmax = quant_params(x.astype(jnp.float32), bits, sym=True, clip=clip)
