@@ -32,7 +32,11 @@ class Linear(nn.Module):
         if not is_int(self.in_axes) or not 1 <= self.in_axes <= x.ndim:
             raise ValueError(f"in_axes must be an int in [1, x.ndim={x.ndim}] (the trailing axes of x to "
                              f"contract), got {self.in_axes!r}")
-        out_shape = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        f = self.features
+        out_shape = (f,) if is_int(f) else tuple(f) if isinstance(f, (tuple, list)) else None
+        if not out_shape or not all(is_int(f) and f >= 1 for f in out_shape):
+            raise ValueError(f"features must be a positive int or a non-empty tuple of them, got {self.features!r}")
+        out_shape = tuple(int(f) for f in out_shape)
         in_shape = tuple(x.shape[-self.in_axes:])
         if len(self.kernel_axes) != len(in_shape) + len(out_shape):
             raise ValueError(f"kernel_axes {tuple(self.kernel_axes)} must name {len(in_shape)} input and "

@@ -782,12 +782,12 @@ def evaluate(run: Union[str, os.PathLike, Tuple[ModelConfig, Any]], data=None, *
     longer than ``max_seq_len`` allowed); an unknown field is a ``ValueError``.
     """
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        if value is not None and (not is_int(value) or value < 1):
             raise ValueError(f"{name} must be a positive int or None (the run's), got {value!r}")
-    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
-                                    or max_batches < -1 or max_batches == 0):
+    if max_batches is not None and (not is_int(max_batches) or max_batches < -1 or max_batches == 0):
         raise ValueError(f"max_batches must be None (the whole split), -1 (the run's eval_batches) or an "
                          f"int >= 1, got {max_batches!r}")
+    batch_size, seq_len, max_batches = (None if v is None else int(v) for v in (batch_size, seq_len, max_batches))
     tc = None
     mesh_lib.maybe_initialize_distributed()
     mesh_obj = mesh_lib.make_mesh(mesh)
