@@ -44,6 +44,7 @@ matters for domains of a handful of documents (``poems``); a document of at most
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
@@ -450,9 +451,8 @@ class _DomainEvalSource:
         return len(self.split_tokens(split)) >= seq_len + 1
 
     def eval_batches(self, batch_size, seq_len, max_batches, split="val", **process):
-        toks = self.split_tokens(split)
-        for rows in eval_batches(toks, batch_size, seq_len, max_batches, **process):
-            yield {"tokens": rows}
+        batches = eval_batches(self.split_tokens(split), batch_size, seq_len, max_batches, **process)
+        return ({"tokens": rows} for rows in batches)
 
 
 class DomainSource:
@@ -507,10 +507,11 @@ class DomainSource:
                      **process) -> Iterator[Dict[str, np.ndarray]]:
         groups = [g for g in self.eval_groups().values() if g.has_eval_data(seq_len, split)]
         if max_batches is not None and int_arg("max_batches", max_batches, lo=0) == 0:
-            return
+            return iter(())
         per = None if max_batches is None else max(1, max_batches // max(1, len(groups)))
-        for g in groups:
-            yield from g.eval_batches(batch_size, seq_len, per, split, **process)
+        # every group's batches made (and their arguments checked) now, taken in turn
+        return itertools.chain.from_iterable([g.eval_batches(batch_size, seq_len, per, split, **process)
+                                              for g in groups])
 
 
 def is_domains_spec(data) -> bool:

@@ -33,6 +33,7 @@ rows of a task from :mod:`jaxformers.data.synthetic`, with the same
 
 from __future__ import annotations
 
+import itertools
 from typing import Dict, Iterator, Mapping
 
 import numpy as np
@@ -136,11 +137,10 @@ class TokenLoader:
         return {"tokens": self.batch_at(step)}
 
     def iterate(self, start_step: int = 0) -> Iterator[np.ndarray]:
-        """Endless batches ``batch_at(start_step), batch_at(start_step + 1), ...``."""
+        """Endless batches ``batch_at(start_step), batch_at(start_step + 1), ...`` (``start_step``
+        is checked here, not at the first batch)."""
         step = int_arg("start_step", start_step, lo=0)
-        while True:
-            yield self.batch_at(step)
-            step += 1
+        return (self.batch_at(s) for s in itertools.count(step))
 
     def __iter__(self) -> Iterator[np.ndarray]:
         return self.iterate(0)
@@ -166,19 +166,23 @@ def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches:
     tokens = _check_tokens(tokens, seq_len)
     batch_size, seq_len = int_arg("batch_size", batch_size, lo=1), int(seq_len)
     n_windows = (tokens.shape[0] - 1) // seq_len
-    for lo, hi in _local_row_ranges(n_windows, batch_size, max_batches, drop_last, process_index,
-                                    process_count):
+    ranges = _local_row_ranges(n_windows, batch_size, max_batches, drop_last, process_index, process_count)
+
+    def windows(lo, hi):
         out = np.empty((hi - lo, seq_len + 1), dtype=np.int32)
         for r, w in enumerate(range(lo, hi)):
             out[r] = tokens[w * seq_len:w * seq_len + seq_len + 1]
-        yield out
+        return out
+
+    return (windows(lo, hi) for lo, hi in ranges)
 
 
 def _local_row_ranges(n_rows, batch_size, max_batches, drop_last, process_index, process_count):
     """``[lo, hi)`` of this process's rows in each consecutive global batch of ``batch_size`` rows
     (a short last batch is kept unless ``drop_last``; with several processes every process gets
     its share of it, possibly empty (``lo == hi``), so every process runs the same number of
-    batches and the evaluation does not depend on the process count)."""
+    batches and the evaluation does not depend on the process count).  The arguments are
+    checked at the call (``ValueError``), the ranges made as they are taken."""
     p, n_proc = resolve_process(process_index, process_count)
     if not isinstance(drop_last, (bool, np.bool_)):
         raise ValueError(f"drop_last must be True or False, got {drop_last!r}")
@@ -187,13 +191,17 @@ def _local_row_ranges(n_rows, batch_size, max_batches, drop_last, process_index,
     if batch_size % n_proc:
         raise ValueError(f"global batch_size {batch_size} is not divisible by process_count {n_proc}")
     local = batch_size // n_proc
-    for n_done, first in enumerate(range(0, n_rows, batch_size)):
-        if max_batches is not None and n_done >= max_batches:
-            return
-        count = min(batch_size, n_rows - first)
-        if count < batch_size and drop_last:
-            return
-        yield first + min(p * local, count), first + min((p + 1) * local, count)
+
+    def ranges():
+        for n_done, first in enumerate(range(0, n_rows, batch_size)):
+            if max_batches is not None and n_done >= max_batches:
+                return
+            count = min(batch_size, n_rows - first)
+            if count < batch_size and drop_last:
+                return
+            yield first + min(p * local, count), first + min((p + 1) * local, count)
+
+    return ranges()
 
 
 def iterate_rows(arrays: Mapping[str, np.ndarray], batch_size: int, max_batches: int | None = None, *,
@@ -212,9 +220,8 @@ def iterate_rows(arrays: Mapping[str, np.ndarray], batch_size: int, max_batches:
     if not lengths or len(set(lengths.values())) != 1:
         raise ValueError(f"arrays must be one or more arrays with the same number of rows, got lengths {lengths}")
     n_rows = next(iter(lengths.values()))
-    for lo, hi in _local_row_ranges(n_rows, batch_size, max_batches, drop_last, process_index,
-                                    process_count):
-        yield {k: np.ascontiguousarray(v[lo:hi]) for k, v in arrays.items()}
+    ranges = _local_row_ranges(n_rows, batch_size, max_batches, drop_last, process_index, process_count)
+    return ({k: np.ascontiguousarray(v[lo:hi]) for k, v in arrays.items()} for lo, hi in ranges)
 
 
 # ----------------------------------------------------------------------------- synthetic tasks

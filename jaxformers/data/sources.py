@@ -105,8 +105,8 @@ class TextSource:
 
     def eval_batches(self, batch_size: int, seq_len: int, max_batches: Optional[int], split: str = "val",
                      **process) -> Iterator[Dict[str, np.ndarray]]:
-        for rows in eval_batches(self.split_tokens(split), batch_size, seq_len, max_batches, **process):
-            yield {"tokens": rows}
+        batches = eval_batches(self.split_tokens(split), batch_size, seq_len, max_batches, **process)
+        return ({"tokens": rows} for rows in batches)
 
 
 def parse_synthetic_spec(spec: str):
