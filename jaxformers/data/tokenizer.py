@@ -194,9 +194,13 @@ def _parts_to_arrays(n: int, stream) -> list[np.ndarray]:
 
 
 def _checked_ids(ids, vocab_size: int, what: str) -> list[int]:
-    """``ids`` as a flat list of ints; ``ValueError`` unless each is an integer (not a float, a
-    bool or a string, which would be truncated / parsed) in ``[0, vocab_size)``."""
+    """``ids`` (one sequence ``[T]``) as a list of ints; ``ValueError`` unless each is an integer
+    (not a float, a bool or a string, which would be truncated / parsed) in ``[0, vocab_size)``,
+    or for a batch ``[B, T]`` (its rows would be decoded as one text: decode each row)."""
     arr = np.asarray(ids)
+    if arr.ndim > 1:
+        raise ValueError(f"{what}: ids must be one sequence [T], got shape {arr.shape} (decode each row "
+                         "of a batch on its own)")
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(f"{what}: ids must be integers, got dtype {arr.dtype} ({arr.reshape(-1)[0]!r}, ...)")
     ids = arr.reshape(-1)  # compared in its own dtype: a uint64 id is not wrapped to a negative one
