@@ -230,10 +230,13 @@ def test_online_clip_ratios_must_be_in_0_1(name, bad):
 
 
 def test_quant_spec_bounds():
-    """``percdamp`` in [0, 1); ``storage="int"`` is per output channel (no weight groups)."""
+    """``percdamp`` a finite number >= 0, as ``gptq_weight`` takes (stop 49: ``QuantSpec`` refused
+    1 and above, which ``gptq_weight`` and the authors' ``--percdamp`` take); ``storage="int"``
+    is per output channel (no weight groups)."""
     from jaxformers.quant import QuantSpec
     assert QuantSpec(percdamp=0).percdamp == 0
-    for bad in (1, 1.0, -0.01, float("nan")):
+    assert QuantSpec(percdamp=1).percdamp == 1 and QuantSpec(percdamp=np.float32(2.5)).percdamp == 2.5
+    for bad in (-0.01, float("nan"), float("inf"), True, "0.01"):
         with pytest.raises(ValueError, match="percdamp"):
             QuantSpec(percdamp=bad)
     with pytest.raises(ValueError, match="w_groupsize=32"):
