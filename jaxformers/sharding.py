@@ -196,12 +196,12 @@ def kernel_map(fn, in_axes, out_axes):
     mesh = jax.sharding.get_abstract_mesh()
     if not rules or mesh.empty or mesh.size == 1:
         return fn
-    single = not out_axes or not isinstance(out_axes[0], (tuple, list))  # one output
-
     def call(*args):
         outs = jax.eval_shape(fn, *args)
+        single = not isinstance(outs, (tuple, list))  # what fn returns decides, not out_axes' nesting
         out_list = [outs] if single else list(outs)
-        out_names = [out_axes] if single else list(out_axes)
+        nested = bool(out_axes) and all(isinstance(n, (tuple, list)) for n in out_axes)
+        out_names = list(out_axes) if nested else [out_axes]  # one output: its names, or a 1-tuple of them
         if len(in_axes) != len(args) or len(out_names) != len(out_list):
             raise ValueError(f"kernel_map: in_axes / out_axes name {len(in_axes)} / {len(out_names)} arrays, "
                              f"the kernel takes {len(args)} and returns {len(out_list)}")
