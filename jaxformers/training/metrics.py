@@ -89,7 +89,10 @@ class Throughput:
 
     def end_interval(self, done: int, block_on=None) -> Optional[float]:
         """Close the interval at step ``done`` (after ``block_until_ready(block_on)``);
-        returns its tokens/s (``None`` for an empty interval)."""
+        returns its tokens/s (``None`` for an empty interval).  ``ValueError`` for a step before
+        the interval's start (its tokens would be subtracted from the totals)."""
+        if done < self._step0:
+            raise ValueError(f"done={done} is before the interval's start step {self._step0}")
         if block_on is not None:
             jax.block_until_ready(block_on)
         now = time.perf_counter()
