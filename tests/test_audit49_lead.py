@@ -146,3 +146,50 @@ def test_decode_refuses_a_batch_of_rows():
     for batch in ([[104], [105]], np.asarray([[104, 105]])):
         with pytest.raises(ValueError, match=r"one sequence \[T\]"):
             tok.decode(batch)
+
+
+def test_kernel_map_counts_outputs_from_what_the_kernel_returns():
+    """One output named by a 1-tuple ``((names),)`` was taken for several outputs (``out_axes[0]``
+    is a tuple) and failed inside ``eval_shape``'s result; what ``fn`` returns decides now."""
+    from multidevice import run_on_devices
+
+    script = r"""
+import json
+import jax, jax.numpy as jnp
+from jaxformers.training.mesh import make_mesh, activate
+from jaxformers.sharding import kernel_map, BATCH, ACT_HEADS
+x = jnp.arange(4 * 3 * 4 * 2, dtype=jnp.float32).reshape(4, 3, 4, 2)
+names = (BATCH, None, ACT_HEADS, None)
+one = lambda a, b: a * b
+two = lambda a, b: (a * b, a + b)
+out = {}
+with activate(make_mesh("data=2,tensor=2")):
+    for label, fn, out_axes in [("one", one, names), ("one_nested", one, (names,)), ("two", two, (names, names)),
+                                ("two_flat", two, names), ("one_as_two", one, (names, names))]:
+        try:
+            y = jax.jit(kernel_map(fn, (names, names), out_axes))(x, x)
+            want = fn(x, x)
+            ok = all(bool(jnp.array_equal(a, b)) for a, b in zip(jax.tree.leaves(y), jax.tree.leaves(want)))
+            out[label] = "ok" if ok and type(y) is type(want) else "wrong"
+        except Exception as e:
+            out[label] = f"{type(e).__name__}: {e}"
+print("RESULT" + json.dumps(out))
+"""
+    out = run_on_devices(script, n=4)
+    assert out["one"] == out["one_nested"] == out["two"] == "ok", out
+    assert out["two_flat"].startswith("ValueError: kernel_map: in_axes / out_axes name 2 / 1 arrays, the kernel "
+                                      "takes 2 and returns 2"), out["two_flat"]
+    assert out["one_as_two"].startswith("ValueError: kernel_map: in_axes / out_axes name 2 / 2 arrays, the "
+                                        "kernel takes 2 and returns 1"), out["one_as_two"]
+
+
+def test_throughput_refuses_a_step_before_the_interval():
+    from jaxformers.training.metrics import Throughput
+
+    t = Throughput(10, tokens_per_step=4)
+    with pytest.raises(ValueError, match="done=9"):
+        t.end_interval(9)
+    assert t.train_tokens == 0
+    assert t.end_interval(10) is None  # empty interval
+    t.end_interval(12)
+    assert t.train_tokens == 8
