@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 
 from experiments import gpu_check as gc
@@ -24,6 +25,14 @@ def _run(args, tmp_path, env_extra=None):
     return proc, out, results
 
 
+# The whole check on the CPU takes ~100 s of one core: it runs where the jax is closest to the
+# device's (0.11.2), i.e. in CI's leg 2 (the newest jax), not in leg 1 (jax 0.10.2); the driver's
+# other tests below (two parts, a hanging / crashing part, deadlines, budgets) run on both.
+_DEVICE_JAX = (0, 11)
+
+
+@pytest.mark.skipif(tuple(int(p) for p in jax.__version__.split(".")[:2]) < _DEVICE_JAX,
+                    reason="the whole smoke check runs on jax >= 0.11 (the device's; CI's leg 2)")
 def test_smoke_runs_every_part_and_writes_what_the_device_returns(tmp_path):
     proc, out, res = _run(["check", "followup"], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
