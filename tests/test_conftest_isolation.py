@@ -38,3 +38,42 @@ def test_memory_maps_are_counted_and_freed_with_the_compiled_programs():
     import gc
     gc.collect()
     assert conftest._map_count() < grown - 40
+
+
+def test_inner_the_suite_runs_with_its_shared_compile_cache():
+    """Run by the test below in a pytest of its own (skipped otherwise)."""
+    import os
+    import tempfile
+
+    import pytest
+
+    if os.environ.get("JAXFORMERS_TEST_INNER_CACHE") != "1":
+        pytest.skip("run by test_the_shared_compile_cache_is_made_and_removed")
+    path = os.environ["JAX_COMPILATION_CACHE_DIR"]
+    assert os.path.isdir(path) and os.path.basename(path).startswith("jaxformers-test-xla-")
+    assert os.path.dirname(path) == tempfile.gettempdir()
+    assert jax.config.jax_compilation_cache_dir == path
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == 0
+    jax.jit(lambda x: x * 3 + 1)(jnp.ones(5)).block_until_ready()
+    assert os.listdir(path), "the program was written to the cache"
+
+
+def test_the_shared_compile_cache_is_made_and_removed(tmp_path):
+    """conftest: one persistent compilation cache for the whole run, in a fresh folder under the
+    temporary directory, deleted when pytest ends; ``JAXFORMERS_TEST_COMPILE_CACHE=0`` turns it off."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+                        "PYTEST_ADDOPTS", "PYTEST_XDIST_WORKER")}
+    env.update(TMPDIR=str(tmp_path), JAXFORMERS_TEST_INNER_CACHE="1")
+    test = f"{__file__}::test_inner_the_suite_runs_with_its_shared_compile_cache"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-p", "no:randomly", test]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "1 passed" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("jaxformers-test-xla-")]
+    res = subprocess.run(cmd, env=dict(env, JAXFORMERS_TEST_COMPILE_CACHE="0"), capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 1 and "KeyError: 'JAX_COMPILATION_CACHE_DIR'" in res.stdout, res.stdout[-3000:]
