@@ -186,7 +186,7 @@ def kernel_map(fn, in_axes, out_axes):
 
     ``in_axes``: per argument, its logical names (one per dimension; ``None`` = whole on every
     device), e.g. ``(BATCH, LENGTH, ACT_HEADS, None)``; ``out_axes``: the same per output (one
-    tuple of names for one output).  Each device gets its block of every argument and computes
+    tuple of names for one output, or a 1-tuple of it: what ``fn`` returns says how many).  Each device gets its block of every argument and computes
     its block of every output, so ``fn`` must treat the split dimensions independently (rows,
     heads).  A mesh axis that does not divide every dimension it would split is not used (those
     dimensions stay whole; the devices along it compute the same).  Name ``None`` a dimension
@@ -196,6 +196,7 @@ def kernel_map(fn, in_axes, out_axes):
     mesh = jax.sharding.get_abstract_mesh()
     if not rules or mesh.empty or mesh.size == 1:
         return fn
+
     def call(*args):
         outs = jax.eval_shape(fn, *args)
         single = not isinstance(outs, (tuple, list))  # what fn returns decides, not out_axes' nesting
