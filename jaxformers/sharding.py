@@ -186,9 +186,9 @@ def kernel_map(fn, in_axes, out_axes):
 
     ``in_axes``: per argument, its logical names (one per dimension; ``None`` = whole on every
     device), e.g. ``(BATCH, LENGTH, ACT_HEADS, None)``; ``out_axes``: the same per output (one
-    tuple of names for one output, or a 1-tuple of it: what ``fn`` returns says how many).  Each device gets its block of every argument and computes
-    its block of every output, so ``fn`` must treat the split dimensions independently (rows,
-    heads).  A mesh axis that does not divide every dimension it would split is not used (those
+    tuple of names for one output, or a 1-tuple of it: what ``fn`` returns says how many).
+    Each device gets its block of every argument and computes its block of every output, so
+    ``fn`` must treat the split dimensions independently (rows, heads).  A mesh axis that does not divide every dimension it would split is not used (those
     dimensions stay whole; the devices along it compute the same).  Name ``None`` a dimension
     the kernel must see whole whatever the rules say (the sequence an attention or a scan runs
     along: rules may split ``length``)."""
