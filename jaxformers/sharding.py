@@ -188,10 +188,14 @@ def kernel_map(fn, in_axes, out_axes):
     device), e.g. ``(BATCH, LENGTH, ACT_HEADS, None)``; ``out_axes``: the same per output (one
     tuple of names for one output, or a 1-tuple of it: what ``fn`` returns says how many).
     Each device gets its block of every argument and computes its block of every output, so
-    ``fn`` must treat the split dimensions independently (rows, heads).  A mesh axis that does not divide every dimension it would split is not used (those
-    dimensions stay whole; the devices along it compute the same).  Name ``None`` a dimension
-    the kernel must see whole whatever the rules say (the sequence an attention or a scan runs
-    along: rules may split ``length``)."""
+    ``fn`` must treat the split dimensions independently (rows, heads).  A mesh axis that does
+    not divide every dimension it would split is not used (those dimensions stay whole; the
+    devices along it compute the same).  Name ``None`` a dimension the kernel must see whole
+    whatever the rules say (the sequence an attention or a scan runs along: rules may split
+    ``length``)."""
+    if not isinstance(out_axes, (tuple, list)):
+        raise ValueError(f"kernel_map: out_axes must be a tuple of names (one output) or of such tuples, "
+                         f"got {out_axes!r}")
     rules = nn.get_logical_axis_rules()
     mesh = jax.sharding.get_abstract_mesh()
     if not rules or mesh.empty or mesh.size == 1:
@@ -227,7 +231,8 @@ def kernel_map(fn, in_axes, out_axes):
             dropped |= bad
         specs = [P(*[tuple(a for a in axes if a not in dropped) or None for axes in spec]) for spec in specs]
         mapped = jax.shard_map(fn, mesh=mesh, in_specs=tuple(specs[:len(args)]),
-                               out_specs=specs[len(args)] if single else tuple(specs[len(args):]),
+                               out_specs=specs[len(args)] if single else
+                               (list if isinstance(outs, list) else tuple)(specs[len(args):]),
                                check_vma=False)
         return mapped(*args)
 
