@@ -29,11 +29,33 @@ if os.environ.get("JAXFORMERS_TEST_XLA_DEFAULTS") != "1":
 # cached (min compile time 0).  A later module then loads a program instead of compiling it: about
 # a fifth less wall time on 2 cores (stop 49).  JAXFORMERS_TEST_COMPILE_CACHE=0 turns it off; a
 # JAX_COMPILATION_CACHE_DIR already set is used as it is (and kept).
+# A run killed by a signal cannot delete its folder: folders of this prefix untouched for a day
+# (a run adds entries all along) are deleted when the next run starts.
+CACHE_PREFIX = "jaxformers-test-xla-"
+STALE_CACHE_S = 24 * 3600
 _CREATED_CACHE_DIR = None
-if os.environ.get("JAXFORMERS_TEST_COMPILE_CACHE", "1") != "0" and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-    import tempfile
 
-    _CREATED_CACHE_DIR = tempfile.mkdtemp(prefix="jaxformers-test-xla-")
+
+def _remove_stale_caches(root: str, now: float) -> None:
+    import shutil
+    for name in os.listdir(root):
+        path = os.path.join(root, name)
+        try:
+            if name.startswith(CACHE_PREFIX) and now - os.path.getmtime(path) > STALE_CACHE_S:
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            pass
+
+
+if os.environ.get("JAXFORMERS_TEST_COMPILE_CACHE", "1") != "0" and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    import atexit
+    import shutil
+    import tempfile
+    import time
+
+    _remove_stale_caches(tempfile.gettempdir(), time.time())
+    _CREATED_CACHE_DIR = tempfile.mkdtemp(prefix=CACHE_PREFIX)
+    atexit.register(shutil.rmtree, _CREATED_CACHE_DIR, True)  # also when pytest stops early
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _CREATED_CACHE_DIR
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
@@ -90,9 +112,10 @@ def _drop_compiled_programs(request):
                     f"global?); XLA segfaults when the limit is reached")
 
 
-# The persistent compilation cache is process-wide jax config: a test that runs an experiment's
-# CLI without --no-compile-cache turned it on for every later test of its worker (which then
-# serialised each slow compile into that test's cache folder).  Restored after each test.
+# The persistent compilation cache is process-wide jax config: a test that changes it (an
+# experiment's CLI run in-process without --no-compile-cache when the suite's shared cache is off,
+# a test of enable_compile_cache) would change it for every later test of its worker.  Restored
+# after each test.
 _COMPILE_CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
 
 

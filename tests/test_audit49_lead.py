@@ -162,10 +162,12 @@ x = jnp.arange(4 * 3 * 4 * 2, dtype=jnp.float32).reshape(4, 3, 4, 2)
 names = (BATCH, None, ACT_HEADS, None)
 one = lambda a, b: a * b
 two = lambda a, b: (a * b, a + b)
+two_list = lambda a, b: [a * b, a + b]
 out = {}
 with activate(make_mesh("data=2,tensor=2")):
     for label, fn, out_axes in [("one", one, names), ("one_nested", one, (names,)), ("two", two, (names, names)),
-                                ("two_flat", two, names), ("one_as_two", one, (names, names))]:
+                                ("two_flat", two, names), ("one_as_two", one, (names, names)),
+                                ("two_list", two_list, [names, names])]:
         try:
             y = jax.jit(kernel_map(fn, (names, names), out_axes))(x, x)
             want = fn(x, x)
@@ -176,11 +178,18 @@ with activate(make_mesh("data=2,tensor=2")):
 print("RESULT" + json.dumps(out))
 """
     out = run_on_devices(script, n=4)
-    assert out["one"] == out["one_nested"] == out["two"] == "ok", out
+    assert out["one"] == out["one_nested"] == out["two"] == out["two_list"] == "ok", out
     assert out["two_flat"].startswith("ValueError: kernel_map: in_axes / out_axes name 2 / 1 arrays, the kernel "
                                       "takes 2 and returns 2"), out["two_flat"]
     assert out["one_as_two"].startswith("ValueError: kernel_map: in_axes / out_axes name 2 / 2 arrays, the "
                                         "kernel takes 2 and returns 1"), out["one_as_two"]
+
+
+def test_kernel_map_refuses_out_axes_none():
+    from jaxformers.sharding import kernel_map
+
+    with pytest.raises(ValueError, match="out_axes must be a tuple"):
+        kernel_map(lambda a: a, (("batch",),), None)
 
 
 def test_throughput_refuses_a_step_before_the_interval():

@@ -64,16 +64,23 @@ def test_the_shared_compile_cache_is_made_and_removed(tmp_path):
     import os
     import subprocess
     import sys
+    import time
 
     env = {k: v for k, v in os.environ.items()
            if k not in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
-                        "PYTEST_ADDOPTS", "PYTEST_XDIST_WORKER")}
+                        "PYTEST_ADDOPTS", "PYTEST_XDIST_WORKER", "JAXFORMERS_TEST_COMPILE_CACHE")}
     env.update(TMPDIR=str(tmp_path), JAXFORMERS_TEST_INNER_CACHE="1")
     test = f"{__file__}::test_inner_the_suite_runs_with_its_shared_compile_cache"
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-p", "no:randomly", test]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "1 passed" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
     assert not [p for p in os.listdir(tmp_path) if p.startswith("jaxformers-test-xla-")]
+    # a folder left by a killed run: deleted once a day old, a recent one (a run going on) kept
+    old, recent = tmp_path / "jaxformers-test-xla-old", tmp_path / "jaxformers-test-xla-recent"
+    old.mkdir(), recent.mkdir()
+    os.utime(old, (0, time.time() - 25 * 3600))
+    conftest._remove_stale_caches(str(tmp_path), time.time())
+    assert not old.exists() and recent.exists()
     res = subprocess.run(cmd, env=dict(env, JAXFORMERS_TEST_COMPILE_CACHE="0"), capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 1 and "KeyError: 'JAX_COMPILATION_CACHE_DIR'" in res.stdout, res.stdout[-3000:]
