@@ -25,7 +25,7 @@ if os.environ.get("JAXFORMERS_TEST_XLA_DEFAULTS") != "1":
 # shapes), and each module's are dropped when it ends (below).  So the suite shares one persistent
 # compilation cache, a fresh temporary folder: the first process to load this file (pytest-xdist's
 # controller, or pytest alone) makes it, the workers and every subprocess a test launches inherit
-# it through JAX_COMPILATION_CACHE_DIR, and that process deletes it at the end.  Every program is
+# it through JAX_COMPILATION_CACHE_DIR, and that process deletes it when it exits.  Every program is
 # cached (min compile time 0).  A later module then loads a program instead of compiling it: about
 # a fifth less wall time on 2 cores (stop 49).  JAXFORMERS_TEST_COMPILE_CACHE=0 turns it off; a
 # JAX_COMPILATION_CACHE_DIR already set is used as it is (and kept).
@@ -55,15 +55,9 @@ if os.environ.get("JAXFORMERS_TEST_COMPILE_CACHE", "1") != "0" and not os.enviro
 
     _remove_stale_caches(tempfile.gettempdir(), time.time())
     _CREATED_CACHE_DIR = tempfile.mkdtemp(prefix=CACHE_PREFIX)
-    atexit.register(shutil.rmtree, _CREATED_CACHE_DIR, True)  # also when pytest stops early
+    atexit.register(shutil.rmtree, _CREATED_CACHE_DIR, True)  # at the end, also when pytest stops early
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _CREATED_CACHE_DIR
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-
-
-def pytest_unconfigure(config):
-    if _CREATED_CACHE_DIR is not None:
-        import shutil
-        shutil.rmtree(_CREATED_CACHE_DIR, ignore_errors=True)
 
 import jax  # noqa: E402
 
