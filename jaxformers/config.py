@@ -31,7 +31,9 @@ def _plain(value):
         return value.item()
     if isinstance(value, (tuple, list)):
         items = [_plain(v) for v in value]
-        return value if all(a is b for a, b in zip(items, value)) else type(value)(items)
+        if all(a is b for a, b in zip(items, value)):
+            return value
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)  # namedtuple
     if isinstance(value, dict):
         items = {k: _plain(v) for k, v in value.items()}
         return value if all(items[k] is v for k, v in value.items()) else items

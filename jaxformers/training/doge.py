@@ -76,6 +76,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ..config import plain_scalars
 from .steps import global_norm, loss_with_aux, split_micro_batches
 
 DOGE_FILE = "doge.json"  # the DogeStep settings of a proxy run, in its run directory
@@ -166,6 +167,7 @@ class DogeStep:
     smoothing: float = 0.0
 
     def __post_init__(self):
+        plain_scalars(self)  # np.float32(0.05) from a sweep -> 0.05: results.json stays JSON
         for name in ("domains", "targets"):  # a single string would be split into its characters
             value = getattr(self, name)
             value = None if isinstance(value, str) or not hasattr(value, "__iter__") else tuple(value)

@@ -1,0 +1,70 @@
+"""Audit 50 (lead): regression tests for items stop 49 left open (numpy scalars in namedtuples and
+in the DoGE step, kernel_map's output names, WSD without decay, the synthetic split's seq_len)."""
+import collections
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from jaxformers.config import plain_scalars
+from jaxformers.training.config import TrainConfig
+from jaxformers.training.optim import lr_at
+
+
+def test_plain_scalars_rebuilds_namedtuples_with_their_fields():
+    """Before: ``type(value)(items)`` called a namedtuple with one list argument (a TypeError
+    about missing fields) when one of its fields was a numpy scalar."""
+    Pair = collections.namedtuple("Pair", "a b")
+
+    @dataclasses.dataclass(frozen=True)
+    class Holder:
+        pair: tuple
+        seq: tuple
+
+    h = Holder(pair=Pair(np.int64(2), 3.0), seq=(np.float32(0.5), 1))
+    plain_scalars(h)
+    assert h.pair == Pair(2, 3.0) and type(h.pair) is Pair and type(h.pair.a) is int
+    assert h.seq == (0.5, 1) and type(h.seq[0]) is float
+    kept = Pair(1, 2)
+    h2 = Holder(pair=kept, seq=())
+    plain_scalars(h2)
+    assert h2.pair is kept  # nothing to convert: the same object
+
+
+def test_doge_step_stores_python_numbers():
+    """A sweep's ``np.float32`` mu was kept as numpy (run files then need a numpy-aware encoder)."""
+    from jaxformers.training.doge import DogeStep
+
+    d = DogeStep(domains=("a", "b", np.str_("c")), mu=np.float32(0.5), dw_max=np.int64(4))
+    assert type(d.mu) is float and type(d.dw_max) is int and type(d.domains[2]) is str
+    json.dumps(dataclasses.asdict(d))
+    with pytest.raises(ValueError, match="mu must be a number"):
+        DogeStep(domains=("a", "b", "c"), mu=np.bool_(True))
+
+
+def test_wsd_with_decay_fraction_zero_never_decays():
+    """``decay_fraction=0`` used to decay over one step anyway: every update at ``lr``, then a drop
+    to ``lr * min_lr_ratio`` right after ``steps`` (an extended run continued at the floor)."""
+    tc = TrainConfig(steps=10, lr=1.0, min_lr_ratio=0.1, warmup_steps=2, schedule="wsd", decay_fraction=0.0)
+    assert [lr_at(tc, s) for s in range(2, 15)] == [1.0] * 13
+    assert lr_at(tc, 0) == pytest.approx(0.5)  # the warmup is unchanged
+    # a small fraction still decays over at least one step, reaching the floor at `steps`
+    small = tc.replace(decay_fraction=0.01, warmup_steps=0)
+    assert [lr_at(small, s) for s in (0, 9)] == [1.0, 1.0] and lr_at(small, 10) == pytest.approx(0.1)
+    tenth = tc.replace(decay_fraction=0.2, warmup_steps=0)
+    assert lr_at(tenth, 9) == pytest.approx(0.55) and lr_at(tenth, 10) == pytest.approx(0.1)
+
+
+def test_synthetic_split_rows_names_seq_len():
+    """``split_rows(0)`` said ``row_len must be >= 2, got 1`` (a name the caller never used)."""
+    from jaxformers.data.sources import open_data
+
+    source = open_data("synthetic:copying")
+    for bad, match in ((0, "seq_len must be >= 1, got 0"), (2.5, "seq_len must be an int"),
+                       (True, "seq_len must be an int")):
+        with pytest.raises(ValueError, match=match):
+            source.split_rows(bad)
+    rows = source.split_rows(np.int64(8))
+    assert rows["tokens"].shape[1] == 9
+    assert source.split_rows(8) is rows  # the same cache entry for numpy and Python ints
