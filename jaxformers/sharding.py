@@ -206,6 +206,9 @@ def kernel_map(fn, in_axes, out_axes):
         single = not isinstance(outs, (tuple, list))  # what fn returns decides, not out_axes' nesting
         out_list = [outs] if single else list(outs)
         nested = bool(out_axes) and all(isinstance(n, (tuple, list)) for n in out_axes)
+        if not single and not nested:  # several outputs: a tuple of names each ((names, None) too)
+            raise ValueError(f"kernel_map: the kernel returns {len(out_list)} arrays, so out_axes must be a tuple "
+                             f"of {len(out_list)} tuples of names (one per output), got {out_axes!r}")
         out_names = list(out_axes) if nested else [out_axes]  # one output: its names, or a 1-tuple of them
         if len(in_axes) != len(args) or len(out_names) != len(out_list):
             raise ValueError(f"kernel_map: in_axes / out_axes name {len(in_axes)} / {len(out_names)} arrays, "

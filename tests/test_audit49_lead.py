@@ -167,7 +167,7 @@ out = {}
 with activate(make_mesh("data=2,tensor=2")):
     for label, fn, out_axes in [("one", one, names), ("one_nested", one, (names,)), ("two", two, (names, names)),
                                 ("two_flat", two, names), ("one_as_two", one, (names, names)),
-                                ("two_list", two_list, [names, names])]:
+                                ("two_list", two_list, [names, names]), ("two_mixed", two, (names, None))]:
         try:
             y = jax.jit(kernel_map(fn, (names, names), out_axes))(x, x)
             want = fn(x, x)
@@ -179,8 +179,9 @@ print("RESULT" + json.dumps(out))
 """
     out = run_on_devices(script, n=4)
     assert out["one"] == out["one_nested"] == out["two"] == out["two_list"] == "ok", out
-    assert out["two_flat"].startswith("ValueError: kernel_map: in_axes / out_axes name 2 / 1 arrays, the kernel "
-                                      "takes 2 and returns 2"), out["two_flat"]
+    assert out["two_flat"].startswith("ValueError: kernel_map: the kernel returns 2 arrays, so out_axes must be a "
+                                      "tuple of 2 tuples of names"), out["two_flat"]
+    assert out["two_mixed"].startswith("ValueError: kernel_map: the kernel returns 2 arrays"), out["two_mixed"]
     assert out["one_as_two"].startswith("ValueError: kernel_map: in_axes / out_axes name 2 / 2 arrays, the "
                                         "kernel takes 2 and returns 1"), out["one_as_two"]
 
