@@ -63,7 +63,7 @@ class TrainConfig(ConfigMixin):
     warmup_steps: Optional[int] = None  # None: warmup_fraction of the schedule
     warmup_fraction: float = 0.1
     schedule: str = "cosine"
-    decay_fraction: float = 0.2  # wsd: fraction of the steps spent decaying
+    decay_fraction: float = 0.2  # wsd: fraction of the steps spent decaying (0: none, lr throughout)
     schedule_steps: Optional[int] = None  # None: steps (see the class docstring)
     weight_decay: float = 0.1
     beta1: float = 0.9

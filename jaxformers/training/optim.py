@@ -20,12 +20,15 @@ Schedules (``count`` = number of completed updates, so the first update uses
 
 * ``cosine``: cosine from ``lr`` down to ``lr * min_lr_ratio`` at ``steps``;
 * ``wsd`` (warmup-stable-decay): ``lr`` until the last ``decay_fraction`` of the
-  steps, then linear decay to ``lr * min_lr_ratio``;
+  steps (rounded, at least one), then linear decay reaching ``lr * min_lr_ratio`` at ``steps``;
+  ``decay_fraction=0``: no decay, ``lr`` throughout and past the end (the stable phase alone,
+  to branch decays from its checkpoints with a longer ``schedule_steps``);
 * ``constant``: ``lr``.
 
 ``steps`` here is ``TrainConfig.schedule_length``; past it every schedule holds its
 final value (how an extended run continues, see :func:`lr_at`): ``lr * min_lr_ratio``, or
-``lr`` when the warmup lasts the whole schedule (``warmup == steps``: no decay).
+``lr`` when there is no decay (the warmup lasts the whole schedule, ``warmup == steps``, or
+``wsd`` with ``decay_fraction=0``).
 """
 from __future__ import annotations
 
@@ -71,8 +74,8 @@ def make_schedule(tc):
         elif tc.schedule == "wsd":
             decay_steps = max(int(round(total * float(tc.decay_fraction))), 1)
             start = max(total - decay_steps, warmup)
-            frac = (jnp.clip((count - start) / max(total - start, 1), 0.0, 1.0) if total > start
-                    else jnp.zeros_like(count))
+            frac = (jnp.clip((count - start) / max(total - start, 1), 0.0, 1.0)
+                    if total > start and tc.decay_fraction > 0 else jnp.zeros_like(count))
             after = peak + (floor - peak) * frac
         else:  # validated in TrainConfig
             raise ValueError(f"unknown schedule {tc.schedule!r}")
