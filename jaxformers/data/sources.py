@@ -168,7 +168,8 @@ class SyntheticSource:
     def split_rows(self, seq_len: int, split: str = "val") -> Dict[str, np.ndarray]:
         """The fixed evaluation rows of ``split``: ``val``, held-out problems; ``train``, another fixed
         set drawn like the train rows."""
-        key = (seq_len, _check_split(split))
+        key = (int_arg("seq_len", seq_len, lo=1), _check_split(split))
+        seq_len = key[0]
         if key not in self._val:
             seed = int(np.random.SeedSequence([self.VAL_SEED, SyntheticLoader.SPLIT_IDS[split]])
                        .generate_state(1, np.uint64)[0])
