@@ -43,12 +43,16 @@ STEP_FILE = "distill_step.json"  # a DistillStep run's stage, loss settings and 
 
 
 def kl_per_token(teacher_logits, student_logits, temperature: float = 1.0) -> jax.Array:
-    """``tau^2 * KL(softmax(t / tau) || softmax(s / tau))`` over the last axis, float32 ``[B, T]``."""
+    """``tau^2 * KL(softmax(t / tau) || softmax(s / tau))`` over the last axis, float32 ``[B, T]``.
+
+    A class the teacher gives probability 0 (a ``-inf`` teacher logit, e.g. a masked vocabulary
+    entry) adds 0 (``0 log 0 = 0``), not NaN, whatever the student's logit there."""
     if isinstance(temperature, numbers.Real) and not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
     s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
-    return temperature ** 2 * jnp.sum(jnp.exp(t) * (t - s), axis=-1)
+    p = jnp.exp(t)
+    return temperature ** 2 * jnp.sum(jnp.where(p > 0, p * (t - s), 0.0), axis=-1)
 
 
 def kd_loss(module, params, batch, rng=None, *, temperature: float = 1.0, kl_weight: float = 1.0,
