@@ -25,3 +25,20 @@ def test_kl_per_token_teacher_zero_probability_class_is_not_nan():
         np.testing.assert_allclose(np.asarray(g), want_g, rtol=1e-5, atol=1e-6)
     # the student ruling out a class the teacher allows is an infinite KL, not NaN
     assert np.isposinf(np.asarray(kl_per_token(s, t)[0, 0]))
+
+
+def test_gated_rmsnorm_checks_eps_like_rmsnorm():
+    """Mamba-2's ``GatedRMSNorm`` took any ``eps``: with ``eps=0`` an all-zero group of
+    ``y * silu(z)`` gave ``0 * rsqrt(0) = NaN`` silently.  It now applies RMSNorm's rule (a
+    finite number > 0, else ``ValueError``); with a valid eps a zero group is 0, gradient finite."""
+    import pytest
+    from jaxformers.layers.mamba2 import GatedRMSNorm
+    y, z = jnp.zeros((1, 2, 8)), jnp.ones((1, 2, 8))
+    for eps in (0.0, -1e-5, float("nan")):
+        with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+            GatedRMSNorm(4, eps).init(jax.random.PRNGKey(0), y, z)
+    norm = GatedRMSNorm(4, 1e-5)
+    params = norm.init(jax.random.PRNGKey(0), y, z)
+    assert np.array_equal(np.asarray(norm.apply(params, y, z)), np.zeros((1, 2, 8)))
+    g = jax.grad(lambda y: norm.apply(params, y, z).sum())(y)
+    assert np.isfinite(np.asarray(g)).all()

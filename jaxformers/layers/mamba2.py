@@ -27,6 +27,7 @@ import flax.linen as nn
 
 from ..sharding import ACT_HEADS, ACT_MLP, BATCH, EMBED, HEADS, LENGTH, MLP, constrain, kernel_map, param_init
 from .common import dtype_of
+from .norms import _check_eps
 from .mamba import (MambaBlock, a_log_init, check_cache, check_segment_ids, conv_module, dense,
                     dt_bias_init, mixer_out_std, scan_functions)
 
@@ -49,6 +50,7 @@ class GatedRMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, y, z):
+        _check_eps(self)  # RMSNorm's rule: eps <= 0 gave NaN for an all-zero y * silu(z) group
         ch = y.shape[-1]
         scale = self.param("scale", param_init(nn.initializers.ones, (MLP,)), (ch,),
                            dtype_of(self.param_dtype))
