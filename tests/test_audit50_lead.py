@@ -68,3 +68,18 @@ def test_synthetic_split_rows_names_seq_len():
     rows = source.split_rows(np.int64(8))
     assert rows["tokens"].shape[1] == 9
     assert source.split_rows(8) is rows  # the same cache entry for numpy and Python ints
+
+
+def test_position_causal_attention_checks_sm_scale_on_every_path():
+    """The ``"xla"`` path used any ``sm_scale`` as given (0, -1, NaN: a silent wrong or NaN output)
+    while the kernel path refused it; both follow :func:`attention`'s rule now."""
+    import jax.numpy as jnp
+    from jaxformers.ops.attention import position_causal_attention
+
+    q = jnp.ones((1, 3, 2, 4))
+    pos = jnp.arange(3)[None]
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="sm_scale"):
+            position_causal_attention(q, q, q, q_pos=pos, kv_pos=pos, sm_scale=bad, implementation="xla")
+    got = position_causal_attention(q, q, q, q_pos=pos, kv_pos=pos, sm_scale=0.25, implementation="xla")
+    np.testing.assert_allclose(np.asarray(got), 1.0, rtol=1e-6)

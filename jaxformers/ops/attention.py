@@ -356,7 +356,8 @@ def position_causal_attention(q, k, v, *, q_pos, kv_pos, q_key_index=None, segme
         hkv = k.shape[2]
         g = q.shape[2] // hkv
         d = q.shape[-1]
-        scale = d ** -0.5 if sm_scale is None else sm_scale
+        from pallas_kernels.flash_attention.reference import reference_sm_scale
+        scale = reference_sm_scale(sm_scale, d)  # attention()'s rule: finite > 0, ValueError otherwise
         qg = q.reshape(b, tq, hkv, g, d)
         s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) * scale
         mask = kv_pos[:, None, :] <= q_pos[:, :, None]
