@@ -4,6 +4,8 @@ Each architecture module calls :func:`register` at import time::
 
     register("gpt", GPTConfig-ish class, Transformer, presets={"tiny": {...}, ...})
 
+A taken name is refused unless ``override=True``; :func:`unregister` removes one.
+
 ``get_config(name, preset, **overrides)`` then validates everything.
 """
 from __future__ import annotations
@@ -26,10 +28,28 @@ class ModelSpec:
 _REGISTRY: Dict[str, ModelSpec] = {}
 
 
-def register(name, config_cls, module_cls, presets, description=""):
+def register(name, config_cls, module_cls, presets, description="", *, override=False):
+    """Register architecture ``name``: its config class, module class and presets (a ``tiny``
+    one is required).  A name that is taken (a built-in such as ``gpt`` too) is a ``ValueError``
+    unless ``override=True``; registering the same spec again is a no-op.  :func:`unregister`
+    removes a name (e.g. at the end of a test)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a model name must be a non-empty string, got {name!r}")
     if "tiny" not in presets:
         raise ValueError(f"model {name!r} must define a 'tiny' preset")
-    _REGISTRY[name] = ModelSpec(name, config_cls, module_cls, dict(presets), description)
+    _ensure_loaded()  # a built-in name is taken even before the models package is imported
+    spec = ModelSpec(name, config_cls, module_cls, dict(presets), description)
+    if name in _REGISTRY and _REGISTRY[name] != spec and not override:
+        raise ValueError(f"model {name!r} is already registered ({_REGISTRY[name].module_cls.__name__}); "
+                         "pass override=True to replace it, or choose another name")
+    _REGISTRY[name] = spec
+
+
+def unregister(name: str) -> ModelSpec:
+    """Remove architecture ``name`` from the registry; returns its spec (``ValueError`` if unknown)."""
+    spec = get_spec(name)
+    del _REGISTRY[name]
+    return spec
 
 
 def _ensure_loaded():
