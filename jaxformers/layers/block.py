@@ -62,13 +62,39 @@ class Block(nn.Module):
     def __call__(self, x, positions=None, segment_ids=None, cache=None, cache_index=None):
         """x ``[B, T, D]`` -> (x ``[B, T, D]``, new layer cache or None)."""
         c = self.config
-        h, new_cache = self.mixer_class(c, name=self.mixer_name)(
+        out = self.mixer_class(c, name=self.mixer_name)(
             make_norm(c, self.mixer_norm_name)(x), positions, segment_ids, cache, cache_index)
+        if not (isinstance(out, (tuple, list)) and len(out) == 2):  # an array would unpack over its rows
+            raise ValueError(f"mixer {self.mixer_class.__name__} must return (y [B, T, D], new_cache or None), "
+                             f"got {_describe(out)}")
+        h, new_cache = out
+        _check_branch("mixer", self.mixer_class, h, x)
+        if cache is not None and new_cache is None:  # decoding would go on without the past
+            raise ValueError(f"mixer {self.mixer_class.__name__} returned no cache for a decoding call (cache "
+                             "given): its cache path must return the updated cache")
         x = self._skip(f"{self.mixer_name}_skip_gain", x, h)
         if self.mlp_class is not None:
             mlp = make_mlp(c, "mlp") if self.mlp_class == DEFAULT_MLP else self.mlp_class(c, name="mlp")
-            x = self._skip("mlp_skip_gain", x, mlp(make_norm(c, self.mlp_norm_name)(x)))
+            h = mlp(make_norm(c, self.mlp_norm_name)(x))
+            _check_branch("mlp", self.mlp_class, h, x)
+            x = self._skip("mlp_skip_gain", x, h)
         return constrain(x, (BATCH, LENGTH, ACT_EMBED)), new_cache
+
+
+def _describe(value) -> str:
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {len(value)}: ({', '.join(_describe(v) for v in value)})"
+    shape = getattr(value, "shape", None)
+    return f"{type(value).__name__} {tuple(shape)}" if shape is not None else type(value).__name__
+
+
+def _check_branch(hook, cls, h, x) -> None:
+    """``ValueError`` naming the hook unless its output ``h`` is an array shaped like its input ``x``."""
+    if getattr(h, "shape", None) is None or tuple(h.shape) != tuple(x.shape):
+        name = cls if isinstance(cls, str) else cls.__name__
+        want = "(y, new_cache) with y" if hook == "mixer" else "y"
+        raise ValueError(f"{hook} {name} must return {want} shaped like its input {tuple(x.shape)} "
+                         f"([B, T, D]), got {_describe(h)}")
 
 
 @functools.lru_cache(maxsize=None)

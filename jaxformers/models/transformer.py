@@ -198,6 +198,10 @@ class Transformer(nn.Module):
         x = self.embed(tokens)
         layer_caches = None if cache is None else cache["layers"]
         x, new_layer_caches = self.run_blocks(x, positions, segment_ids, layer_caches, index)
+        if layer_caches is not None and new_layer_caches is None:  # the next step would forget the past
+            raise ValueError(f"{type(self).__name__}.run_blocks returned no layer caches for a decoding call "
+                             "(cache given): pass each block its layer cache and return the new ones, or "
+                             "refuse decoding with a check_generate() hook")
         logits = self.logits(self.final_norm(x))
         if cache is None:
             return logits
@@ -222,5 +226,11 @@ class Transformer(nn.Module):
     # ---------------------------------------------------------------- caches
     def init_layer_caches(self, batch_size, max_len, dtype=None):
         """One empty decoding cache per layer, from each layer's ``mixer_class.init_cache``."""
+        missing = sorted({cls.mixer_class.__name__ for cls in self.layer_classes()
+                          if not callable(getattr(cls.mixer_class, "init_cache", None))})
+        if missing:
+            raise ValueError(f"model {self.config.model!r} cannot decode: mixer(s) {missing} have no static "
+                             "init_cache(config, batch_size, max_len, dtype) (the cache path enables "
+                             "decoding; see Block.mixer_class)")
         return [cls.mixer_class.init_cache(cfg, batch_size, max_len, dtype)
                 for cls, cfg in zip(self.layer_classes(), self.layer_configs())]
