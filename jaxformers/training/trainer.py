@@ -185,6 +185,16 @@ def eval_loss(program: Program, params, source, batch_size: int, seq_len: int, m
     return {"val_loss": loss, "val_ppl": float(math.exp(min(loss, 700.0))), "val_tokens": int(round(count))}
 
 
+def _warn_unused_aux_weights(tc: TrainConfig, metrics) -> None:
+    """Warn about ``aux_loss_weights`` names that no module of the model sows (a typo would
+    otherwise leave the real auxiliary loss at weight 1.0 without a word)."""
+    sown = sorted(k[len("aux/"):] for k in metrics if k.startswith("aux/"))
+    unused = [name for name, _ in tc.aux_loss_weights if name not in sown]
+    if unused:
+        log.warning("aux_loss_weights names %s, which the model does not sow (it sows %s): those weights "
+                    "have no effect", unused, sown or "no auxiliary loss")
+
+
 class TrainingDiverged(RuntimeError):
     """The loss or the gradient norm of a step became NaN / infinite (read at logged and
     checkpointed steps), or the parameters / optimizer state to checkpoint are not finite: the
@@ -639,6 +649,8 @@ def _train(model_config, tc, *, run_dir, is_main, multi, resume, progress, stop_
         for step in range(start_step, end_step):
             batch = program.put_batch(loader.batch_dict_at(step), tc.batch_size)
             params, opt_state, metrics = program.train_step(params, opt_state, batch, step, rng)
+            if step == start_step:
+                _warn_unused_aux_weights(tc, metrics)
             done = step + 1
             progress_.update(1)
             stopped_by = vote.agreed(stop.signum)  # read once: a signal may land mid-iteration
