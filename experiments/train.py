@@ -14,6 +14,7 @@
     python -m experiments.train --data synthetic:copying --seq-len 64 --steps 200 --out runs/copy
     python -m experiments.train --mesh data=2,expert=2,tensor=2 --loss cross_entropy \\
         --train-set aux_loss_weights=load_balance=0.01
+    python -m experiments.train --import my_moe --model my-moe --loss label_smoothed   # your own code
 
 Settings, lowest precedence first: the defaults below, the model's preset, ``--config FILE``
 (YAML or JSON: ``model``, ``preset``, ``overrides`` {model field: value}, ``train`` {train
@@ -45,7 +46,9 @@ change that would move the LR is refused unless ``--allow-lr-jump``.
 Logs: ``metrics.jsonl``, TensorBoard event files (``tensorboard --logdir runs``), ``loss.png``
 (losses + LR), ``summary.json``.  ``--data synthetic:TASK[:k=v,...]`` trains on a synthetic task
 with its answer mask (see ``jaxformers.data.sources``; validation on held-out problems, never
-drawn in training); ``--loss`` picks a registered loss.
+drawn in training); ``--loss`` picks a registered loss.  ``--import MODULE`` (repeatable) imports
+your own module first, so the architectures and losses it registers can be named by ``--model`` /
+``--loss`` (pass it again to resume or reproduce such a run).
 Compiled programs are cached in ``<jaxformers cache>/xla`` (``$JAX_COMPILATION_CACHE_DIR``
 wins; ``--no-compile-cache`` disables).
 """
@@ -93,6 +96,9 @@ def _parser():
                     help="YAML/JSON config file (model, preset, overrides, train, init_from); "
                          "flags override it")
     ap.add_argument("--model", help=f"architecture name (default {d['model']}; list below)")
+    ap.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                    help="import a Python module first (repeatable), e.g. one that registers your own "
+                         "architecture (jaxformers.registry.register) or loss (register_loss)")
     ap.add_argument("--preset", help=f"model preset (default {d['preset']}; list below)")
     ap.add_argument("--steps", type=int, help=f"optimizer updates (default {d['steps']})")
     ap.add_argument("--batch-size", type=int,
@@ -405,6 +411,22 @@ def human_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def import_modules(names) -> None:
+    """Import each ``--import`` module (its ``register`` / ``register_loss`` calls run); the current
+    directory is importable.  ``CLIError`` naming the module when its import fails."""
+    import importlib
+    import traceback
+
+    if names and "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # noqa: BLE001 - reported with the module's name and the cause
+            where = traceback.extract_tb(e.__traceback__)[-1]
+            raise CLIError(f"--import {name}: {type(e).__name__}: {e} ({where.filename}:{where.lineno})") from e
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     from jaxformers.training import CheckpointError, TrainingDiverged, train
@@ -414,6 +436,7 @@ def main(argv=None) -> int:
     try:
         if not args.no_compile_cache:
             enable_compile_cache()
+        import_modules(args.imports)
         try:
             model_config, train_config = build_configs(args)
         except RuntimeError as e:  # e.g. the built-in corpus could not be downloaded
