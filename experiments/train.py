@@ -424,7 +424,8 @@ def import_modules(names) -> None:
             importlib.import_module(name)
         except Exception as e:  # noqa: BLE001 - reported with the module's name and the cause
             where = traceback.extract_tb(e.__traceback__)[-1]
-            raise CLIError(f"--import {name}: {type(e).__name__}: {e} ({where.filename}:{where.lineno})") from e
+            raise CLIError(f"--import {name}: {type(e).__name__}: {e} "
+                           f"({where.filename}:{where.lineno})") from e
 
 
 def main(argv=None) -> int:

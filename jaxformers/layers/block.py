@@ -65,13 +65,13 @@ class Block(nn.Module):
         out = self.mixer_class(c, name=self.mixer_name)(
             make_norm(c, self.mixer_norm_name)(x), positions, segment_ids, cache, cache_index)
         if not (isinstance(out, (tuple, list)) and len(out) == 2):  # an array would unpack over its rows
-            raise ValueError(f"mixer {self.mixer_class.__name__} must return (y [B, T, D], new_cache or None), "
-                             f"got {_describe(out)}")
+            raise ValueError(f"mixer {self.mixer_class.__name__} must return (y [B, T, D], new_cache or "
+                             f"None), got {_describe(out)}")
         h, new_cache = out
         _check_branch("mixer", self.mixer_class, h, x)
         if cache is not None and new_cache is None:  # decoding would go on without the past
-            raise ValueError(f"mixer {self.mixer_class.__name__} returned no cache for a decoding call (cache "
-                             "given): its cache path must return the updated cache")
+            raise ValueError(f"mixer {self.mixer_class.__name__} returned no cache for a decoding call "
+                             "(cache given): its cache path must return the updated cache")
         x = self._skip(f"{self.mixer_name}_skip_gain", x, h)
         if self.mlp_class is not None:
             mlp = make_mlp(c, "mlp") if self.mlp_class == DEFAULT_MLP else self.mlp_class(c, name="mlp")
