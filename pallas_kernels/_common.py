@@ -249,6 +249,26 @@ def is_int(x) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
+def check_int(name: str, value, *, minimum: int = 1, pow2: bool = False, none_ok: bool = False):
+    """``value`` as a Python int (``None`` passed through when ``none_ok``), or a ``ValueError``
+    naming ``name`` and the allowed values.
+
+    The kernels' static integer knobs (block / chunk sizes, warps, stages, shapes): a Python or
+    numpy integer (``np.int64(64)`` from a sweep's ``np.arange``) ``>= minimum``, a power of two
+    when ``pow2``; bools, floats (``64.0``), strings and arrays (0-d ones too) are refused.  The
+    result is a Python int, so plans and jit static arguments never hold numpy scalars."""
+    if value is None and none_ok:
+        return None
+    if is_int(value) and value >= minimum and not (pow2 and value & (value - 1)):
+        return int(value)
+    if pow2:
+        what = "a positive power of two" if minimum <= 1 else f"a power of two >= {minimum}"
+    else:
+        what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+    raise ValueError(f"{name} must be {'None or ' if none_ok else ''}{what} (Python or numpy "
+                     f"integer), got {value!r}")
+
+
 def int32_ids(a, b):
     """Two integer id arrays (segment or bucket ids) as int32, equal exactly where the ids are
     equal and in the same order: a cast when their common dtype has at most 32 bits, else (64-bit

@@ -72,9 +72,9 @@ from jax.experimental import pallas as pl
 
 from .masks import MaskSpec, block_id_bounds, blocks_may_interact
 from .reference import check_ids, effective_window, split_segment_ids, static_sm_scale, static_window
-from .._common import (SQ, AttentionPlan, by_platform, check_flag, check_qkv, compiler_params, idiv,
-                       host_int32_ids, int32_ids, is_int, is_tpu_interpret, next_pow2, resolve_interpret, round_up,
-                       select_plan)
+from .._common import (SQ, AttentionPlan, by_platform, check_flag, check_int, check_qkv, compiler_params,
+                       idiv, host_int32_ids, int32_ids, is_tpu_interpret, next_pow2, resolve_interpret,
+                       round_up, select_plan)
 
 LOG2E = math.log2(math.e)
 _MIN_BLOCK = 16  # smallest tile Triton's tl.dot accepts
@@ -151,27 +151,25 @@ class _Plan(AttentionPlan):
         return self.tk_pad != self.tk
 
 
-def _is_pow2(x) -> bool:
-    return is_int(x) and x > 0 and (x & (x - 1)) == 0
-
-
 # ----------------------------------------------------------------------- validation
 def _validate(q, k, v, q_ids, kv_ids, window, sm_scale, block_sizes):
     """The arguments past q/k/v (:func:`check_qkv` has checked those; ``window`` and ``sm_scale``
     are already :func:`static_window` / :func:`static_sm_scale`'s, done by the public entries)."""
     check_ids(q_ids, kv_ids, q.shape[0], q.shape[1], k.shape[1])
+    _check_block_sizes(block_sizes)
+
+
+def _check_block_sizes(block_sizes) -> None:
+    """``ValueError`` naming the field unless ``block_sizes`` is a :class:`BlockSizes` of
+    powers of two (``None`` allowed past ``block_q`` / ``block_k``) and positive stage counts."""
     if not isinstance(block_sizes, BlockSizes):
         raise ValueError(f"block_sizes must be a BlockSizes or None, got {type(block_sizes)}")
     for f in ("block_q", "block_k", "block_q_dq", "block_k_dq", "block_q_dkv", "block_k_dkv",
               "num_warps", "num_warps_bwd"):
-        val = getattr(block_sizes, f)
-        if not (_is_pow2(val) or (val is None and f not in ("block_q", "block_k"))):
-            what = "None or " if f not in ("block_q", "block_k") else ""
-            raise ValueError(f"block_sizes.{f} must be {what}a positive power of two, got {val!r}")
+        check_int(f"block_sizes.{f}", getattr(block_sizes, f), pow2=True,
+                  none_ok=f not in ("block_q", "block_k"))
     for f in ("num_stages", "num_stages_bwd"):
-        val = getattr(block_sizes, f)
-        if not is_int(val) or val < 1:
-            raise ValueError(f"block_sizes.{f} must be a positive int, got {val!r}")
+        check_int(f"block_sizes.{f}", getattr(block_sizes, f))
 
 
 def _make_plan(q, k, q_ids, causal, window, sm_scale, block_sizes, interpret,
@@ -481,7 +479,9 @@ def tpu_vmem_bytes(q_shape, k_shape, dtype, *, segments=False, block_sizes=None)
     and the accumulators not counted).  ``{"flash_attention_fwd": bytes, ...}``."""
     q = jax.ShapeDtypeStruct(q_shape, dtype)
     k = jax.ShapeDtypeStruct(k_shape, dtype)
-    bs = block_sizes or BlockSizes.get_default(q_shape[-1])
+    bs = BlockSizes.get_default(q_shape[-1]) if block_sizes is None else block_sizes
+    _check_block_sizes(bs)
+    segments = check_flag("segments", segments)
     plan = _make_plan(q, k, None, True, None, None, bs, False, platform="tpu")
     isz = jnp.dtype(dtype).itemsize
     dp, g, tq, tk = plan.dp, plan.group, plan.tq_pad, plan.tk_pad

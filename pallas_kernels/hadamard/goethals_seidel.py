@@ -36,6 +36,8 @@ import sys
 
 import numpy as np
 
+from .._common import check_int
+
 # n -> the first rows of A, B, C, D ("+" = 1, "-" = -1), as find_sequences(n) returns them
 SEQUENCES = {
     13: ("-+--++++++--+", "-+--++++++--+", "+-+++-++-+++-", "--+++-++-+++-"),
@@ -174,8 +176,7 @@ def find_sequences(n: int, *, max_orbits: int = 16, max_pairs: int = 100_000_000
     """Four +-1 sequences of length ``n`` satisfying (1), each a union of orbits of one
     multiplier subgroup (largest subgroups first), or None.  Seconds for the table's n
     (up to a minute for 29)."""
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
+    n = check_int("n", n)
     units = [g for g in range(2, n) if math.gcd(g, n) == 1]
     tried = set()
     for g in sorted(units, key=lambda g: -_order(g, n)):

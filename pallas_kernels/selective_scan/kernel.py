@@ -128,8 +128,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from .._common import (SQ, check_flag, KernelPlan, by_platform, compiler_params, idiv, next_pow2, resolve_interpret,
-                       check_decay, host_int32_ids, round_up, segment_resets, select_plan, tpu_tile_bytes)
+from .._common import (SQ, check_flag, check_int, KernelPlan, by_platform, compiler_params, idiv, next_pow2,
+                       resolve_interpret, check_decay, host_int32_ids, round_up, segment_resets, select_plan,
+                       tpu_tile_bytes)
 from .reference import validate
 
 f32 = jnp.float32
@@ -912,13 +913,8 @@ def _make_plan(x, A, g, softplus, has_z, has_h0, has_seg, interpret, block_d, ch
     n = A.shape[1]
     gg = 1 if g is None else g
     dg = dim // gg
-    if block_d is not None and (isinstance(block_d, bool) or not isinstance(block_d, int)
-                                or block_d < 1 or block_d & (block_d - 1)):
-        raise ValueError(f"block_d must be a positive power of two, got {block_d!r}")
-    if chunk is None:
-        chunk = 64
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk!r}")
+    block_d = check_int("block_d", block_d, pow2=True, none_ok=True)
+    chunk = check_int("chunk_size", 64 if chunk is None else chunk)
     chunk = min(chunk, l)
     nc = -(-l // chunk)
     rows = _ROWS
@@ -963,11 +959,10 @@ def tpu_vmem_bytes(batch, length, dim, n, *, groups=None, dtype=jnp.bfloat16, z=
     no group axis).  ``{"selective_scan_chunk_states": bytes, "selective_scan_fwd": bytes,
     "selective_scan_bwd": bytes}``.
     """
-    for name, v in (("batch", batch), ("length", length), ("dim", dim), ("n", n)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
-    if groups is not None and (isinstance(groups, bool) or not isinstance(groups, int)
-                               or groups < 1 or dim % groups):
+    batch, length, dim, n = (check_int(name, v) for name, v in (
+        ("batch", batch), ("length", length), ("dim", dim), ("n", n)))
+    groups = check_int("groups", groups, none_ok=True)
+    if groups is not None and dim % groups:
         raise ValueError(f"groups must be None or a positive int dividing dim={dim}, got {groups!r}")
     if not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(f"dtype must be a floating dtype (that of x / dt / z), got {dtype!r}")
@@ -1061,6 +1056,10 @@ def selective_scan(*args, segment_ids=None, **kwargs):
     ids = None if segment_ids is None else host_int32_ids(segment_ids, segment_ids)[0]
     # a concrete positive A (the jitted body only sees a tracer) is refused here
     check_decay(args[2] if len(args) > 2 else kwargs.get("A"), "[D, N]")
+    # static (hashed) by the jit: checked here, so an array is named, not "non-hashable"
+    for name in ("chunk_size", "block_d"):
+        if name in kwargs:
+            kwargs[name] = check_int(name, kwargs[name], pow2=name == "block_d", none_ok=True)
     return _selective_scan_jit(*args, segment_ids=ids, **kwargs)
 
 

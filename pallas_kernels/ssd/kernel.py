@@ -101,8 +101,9 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from .._common import (SQ, check_flag, KernelPlan, by_platform, compiler_params, idiv, next_pow2, resolve_interpret,
-                       check_decay, host_int32_ids, round_up, segment_resets, select_plan)
+from .._common import (SQ, check_flag, check_int, is_int, KernelPlan, by_platform, compiler_params, idiv,
+                       next_pow2, resolve_interpret, check_decay, host_int32_ids, round_up, segment_resets,
+                       select_plan)
 from .reference import _d_term, process_dt, validate
 
 f32 = jnp.float32
@@ -626,14 +627,9 @@ def _ssd_variant(plan, x, dt, A, B, C, s0, segment_ids):
 
 # ----------------------------------------------------------------------------- public API
 def _check_sizes(chunk_size, block_p):
-    if (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 16
-            or chunk_size & (chunk_size - 1)):
-        raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size!r}")
-    if block_p is None:
-        block_p = 64
-    if isinstance(block_p, bool) or not isinstance(block_p, int) or block_p < 16 or block_p & (block_p - 1):
-        raise ValueError(f"block_p must be a power of two >= 16, got {block_p!r}")
-    return block_p
+    """``(chunk_size, block_p)`` as Python ints (``block_p`` None: 64), powers of two >= 16."""
+    return (check_int("chunk_size", chunk_size, minimum=16, pow2=True),
+            check_int("block_p", 64 if block_p is None else block_p, minimum=16, pow2=True))
 
 
 def _mm_dtype(x, B, C):
@@ -688,7 +684,7 @@ def _ssd_jit(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False,
     b, l, h, p, g, n = validate(x, dt, A, B, C, D, z, dt_bias, initial_state, segment_ids)
     dt_softplus = check_flag("dt_softplus", dt_softplus)
     return_final_state = check_flag("return_final_state", return_final_state)
-    block_p = _check_sizes(chunk_size, block_p)
+    chunk_size, block_p = _check_sizes(chunk_size, block_p)
     interpret = resolve_interpret(interpret)
     make = functools.partial(_make_plan, b, l, h, p, g, n, chunk_size=chunk_size, block_p=block_p,
                              mm=_mm_dtype(x, B, C), seg=segment_ids is not None,
@@ -714,6 +710,10 @@ def ssd(*args, segment_ids=None, **kwargs):
     ids = None if segment_ids is None else host_int32_ids(segment_ids, segment_ids)[0]
     # a concrete positive A (the jitted body only sees a tracer) is refused here
     check_decay(args[2] if len(args) > 2 else kwargs.get("A"), "[H]")
+    # static (hashed) by the jit: checked here, so an array is named, not "non-hashable"
+    if "chunk_size" in kwargs or "block_p" in kwargs:
+        kwargs["chunk_size"], kwargs["block_p"] = _check_sizes(kwargs.get("chunk_size", 64),
+                                                               kwargs.get("block_p"))
     return _ssd_jit(*args, segment_ids=ids, **kwargs)
 
 
@@ -734,8 +734,10 @@ def tpu_vmem_bytes(x_shape, bc_shape, dtype=jnp.float32, *, chunk_size=64,
     global _VMEM_LOG
     for name, shp, layout in (("x_shape", x_shape, "(B, L, H, P)"), ("bc_shape", bc_shape, "(B, L, G, N)")):
         if not (isinstance(shp, (tuple, list)) and len(shp) == 4
-                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in shp)):
-            raise ValueError(f"{name} must be 4 positive ints {layout}, got {shp!r}")
+                and all(is_int(v) and v >= 1 for v in shp)):
+            raise ValueError(f"{name} must be 4 positive ints {layout} (Python or numpy integers), "
+                             f"got {shp!r}")
+    x_shape, bc_shape = tuple(map(int, x_shape)), tuple(map(int, bc_shape))
     b, l, h, p = x_shape
     g, n = bc_shape[2], bc_shape[3]
     if tuple(bc_shape[:2]) != (b, l) or h % g:
@@ -743,11 +745,12 @@ def tpu_vmem_bytes(x_shape, bc_shape, dtype=jnp.float32, *, chunk_size=64,
                          f"{tuple(x_shape)}), got {tuple(bc_shape)}")
     if not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(f"dtype must be a floating dtype (that of x / B / C), got {dtype!r}")
-    _check_sizes(chunk_size, None)
+    chunk_size, _ = _check_sizes(chunk_size, None)
+    segments = check_flag("segments", segments)
     S = jax.ShapeDtypeStruct
     x, B = S(tuple(x_shape), dtype), S(tuple(bc_shape), dtype)
     plan = _make_plan(b, l, h, p, g, n, chunk_size=chunk_size, block_p=64,
-                      mm=_mm_dtype(x, B, B), seg=bool(segments), interpret=False, platform="tpu")
+                      mm=_mm_dtype(x, B, B), seg=segments, interpret=False, platform="tpu")
     args = (x, S((b, l, h), f32), S((h,), f32), B, B, S((b, h, p, n), f32),
             S((b, l), jnp.int32) if segments else None)
 
