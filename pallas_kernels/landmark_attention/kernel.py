@@ -55,9 +55,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ..flash_attention.kernel import (LOG2E, _dot_nn, _dot_nt, _dot_tn, _iota,
-                                      _is_pow2, _rows_slice, _tile_bytes, static_sm_scale)
-from .._common import (SQ, AttentionPlan, by_platform, check_flag, check_qkv, compiler_params, idiv, next_pow2,
-                       resolve_interpret, round_up, select_plan)
+                                      _rows_slice, _tile_bytes, static_sm_scale)
+from .._common import (SQ, AttentionPlan, by_platform, check_flag, check_int, check_qkv, compiler_params,
+                       idiv, next_pow2, resolve_interpret, round_up, select_plan)
 from .reference import check_block_size
 
 _MIN_LP_GPU = 16   # tl.dot's smallest tile
@@ -381,11 +381,14 @@ _landmark.defvjp(_landmark_fwd, _landmark_bwd)
 
 
 # ------------------------------------------------------------------------- public API
-def _validate(q, k, v, block_size, block_q):
+def _validate(q, k, v, block_size, block_q, num_warps, num_stages):
+    """The input checks (a ``ValueError`` naming the argument); returns the static knobs
+    ``(block_size, block_q, num_warps, num_stages)`` as Python ints (``num_warps`` may be None)."""
     check_qkv(q, k, v, self_attention=True)
     check_block_size(block_size)
-    if not _is_pow2(block_q):
-        raise ValueError(f"block_q must be a positive power of two, got {block_q!r}")
+    return (int(block_size), check_int("block_q", block_q, pow2=True),
+            check_int("num_warps", num_warps, pow2=True, none_ok=True),
+            check_int("num_stages", num_stages))
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "sm_scale", "block_q", "num_warps",
@@ -411,7 +414,9 @@ def landmark_attention(q, k, v, *, block_size, sm_scale=None, interpret=None, bl
       interpret: ``None`` -> interpret mode on a CPU backend; ``False`` compiled (Triton for
         GPU, Mosaic for TPU, chosen at lowering); ``pltpu.InterpretParams()`` the TPU variant.
       block_q: GPU query tile rows (a power of two; raised to the padded block ``Lp``).
-
+      num_warps, num_stages: Triton knobs of the compiled GPU kernels (``num_warps``: None -> 4
+        for head dims up to 64, else 8, or a power of two; ``num_stages`` a positive int);
+        checked everywhere, used only by the Triton variant.
       return_lse: also return the outer softmax's natural-log normaliser ``[B, Hq, T]``
         float32 (as :func:`.reference.landmark_attention_reference`; what merging with other
         keys, e.g. retrieved memory blocks, needs).
@@ -424,7 +429,8 @@ def landmark_attention(q, k, v, *, block_size, sm_scale=None, interpret=None, bl
       Differentiable in q, k, v through ``o`` and ``lse`` (Pallas backward; the ``lse``
       cotangent enters as ``D - dlse``).
     """
-    _validate(q, k, v, block_size, block_q)
+    block_size, block_q, num_warps, num_stages = _validate(q, k, v, block_size, block_q, num_warps,
+                                                           num_stages)
     return _landmark_attention(q, k, v, block_size=block_size,
                                sm_scale=static_sm_scale(sm_scale), block_q=block_q,
                                num_warps=num_warps, num_stages=num_stages, interpret=interpret,

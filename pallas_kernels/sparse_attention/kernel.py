@@ -81,10 +81,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ..flash_attention.kernel import (LOG2E, host_int32_ids, _MIN_BLOCK, _TPU_BLOCK, _Layout,
-                                      _dot_nn, _dot_nt, _dot_tn, _is_pow2,
+                                      _dot_nn, _dot_nt, _dot_tn,
                                       _rows_slice, _tile_bytes, static_sm_scale)
-from .._common import (SQ, AttentionPlan, by_platform, check_flag, check_qkv, compiler_params, idiv,
-                       int32_ids, is_int, next_pow2, resolve_interpret, round_up, select_plan)
+from .._common import (SQ, AttentionPlan, by_platform, check_flag, check_int, check_qkv, compiler_params,
+                       idiv, int32_ids, is_int, next_pow2, resolve_interpret, round_up, select_plan)
 
 POS_NEVER = 2 ** 30   # position of a key no query sees (dropped or padding)
 POS_BLIND = -1        # position of a query that sees no key (dropped or padding)
@@ -592,9 +592,15 @@ def _check_labels(q_lab, k_lab, names, label_kind, b, t, hq, hkv):
 
 
 def _check_blocks(block_q, block_k):
-    for name, val in (("block_q", block_q), ("block_k", block_k)):
-        if isinstance(val, (bool, np.bool_)) or not _is_pow2(val):
-            raise ValueError(f"{name} must be a positive power of two, got {val!r}")
+    """``(block_q, block_k)`` as Python ints: positive powers of two."""
+    return check_int("block_q", block_q, pow2=True), check_int("block_k", block_k, pow2=True)
+
+
+def _check_knobs(num_warps, num_stages):
+    """The Triton knobs as Python ints, checked on every platform (ignored in interpret mode and
+    on TPU; a bad one would otherwise fail only when Triton compiles the kernel)."""
+    return (check_int("num_warps", num_warps, pow2=True, none_ok=True),
+            check_int("num_stages", num_stages))
 
 
 def _check_platform(platform):
@@ -611,10 +617,11 @@ def validate_inputs(q, k, v, q_lab, k_lab, names, label_kind):
     _check_labels(q_lab, k_lab, names, label_kind, b, t, hq, hkv)
 
 
-def _validate(q, k, v, q_lab, k_lab, names, label_kind, block_q, block_k):
-    """The kernels' input checks (a ``ValueError`` naming the argument)."""
+def _validate(q, k, v, q_lab, k_lab, names, label_kind, block_q, block_k, num_warps, num_stages):
+    """The kernels' input checks (a ``ValueError`` naming the argument); returns the static
+    knobs ``(block_q, block_k, num_warps, num_stages)`` as Python ints (``num_warps`` may be None)."""
     validate_inputs(q, k, v, q_lab, k_lab, names, label_kind)
-    _check_blocks(block_q, block_k)
+    return _check_blocks(block_q, block_k) + _check_knobs(num_warps, num_stages)
 
 
 def _validate_counts(q_lab, k_lab, names, label_kind, block_q, block_k, platform):
@@ -629,8 +636,8 @@ def _validate_counts(q_lab, k_lab, names, label_kind, block_q, block_k, platform
         raise ValueError(f"{names[1]} must have shape [B, T, Hkv] = {(b, t)} + (Hkv,) with Hq = {hq} "
                          f"a multiple of Hkv, got {kshape}")
     _check_labels(q_lab, k_lab, names, label_kind, b, t, hq, kshape[2])
-    _check_blocks(block_q, block_k)
     _check_platform(platform)
+    return _check_blocks(block_q, block_k)
 
 
 def _plans(q, k, sm_scale, block_q, block_k, num_warps, num_stages, interpret):
@@ -675,6 +682,9 @@ def hash_attention(q, k, v, q_buckets, k_buckets, *, sm_scale=None, interpret=No
         Pallas' TPU interpreter.
       block_q, block_k: GPU tile sizes (powers of two; shrunk for short sequences).  The TPU
         variant's tiles are ``max(128, block)`` rows (128 for sequences up to 128).
+      num_warps, num_stages: Triton knobs of the compiled GPU kernels (``num_warps``: None -> 4
+        for head dims up to 64, else 8, or a power of two; ``num_stages`` a positive int);
+        checked everywhere, used only by the Triton variant.
       return_tile_count: a bool; ``True`` also returns ``[B, Hq]`` int32, the (q tile, k tile)
         bodies the forward kernel ran.  GPU layout only: a ``ValueError`` under
         ``pltpu.InterpretParams`` or on a TPU backend.  Not
@@ -688,7 +698,9 @@ def hash_attention(q, k, v, q_buckets, k_buckets, *, sm_scale=None, interpret=No
       error).  Differentiable in q, k, v (Pallas backward kernels).
     """
     q_buckets, k_buckets = host_int32_ids(q_buckets, k_buckets)  # numpy int64: no silent wrap
-    _validate(q, k, v, q_buckets, k_buckets, ("q_buckets", "k_buckets"), "int", block_q, block_k)
+    block_q, block_k, num_warps, num_stages = _validate(
+        q, k, v, q_buckets, k_buckets, ("q_buckets", "k_buckets"), "int", block_q, block_k,
+        num_warps, num_stages)
     return _sparse_attention(q, k, v, q_buckets, k_buckets, kind="hash",
                              sm_scale=static_sm_scale(sm_scale), block_q=block_q,
                              block_k=block_k, num_warps=num_warps, num_stages=num_stages,
@@ -707,7 +719,9 @@ def qk_sparse_attention(q, k, v, q_keep, k_keep, *, sm_scale=None, interpret=Non
     nothing.  Other arguments and the return value (float32 math, float64 inputs included)
     as :func:`hash_attention`.
     """
-    _validate(q, k, v, q_keep, k_keep, ("q_keep", "k_keep"), "bool", block_q, block_k)
+    block_q, block_k, num_warps, num_stages = _validate(
+        q, k, v, q_keep, k_keep, ("q_keep", "k_keep"), "bool", block_q, block_k, num_warps,
+        num_stages)
     return _sparse_attention(q, k, v, q_keep, k_keep, kind="qk",
                              sm_scale=static_sm_scale(sm_scale), block_q=block_q,
                              block_k=block_k, num_warps=num_warps, num_stages=num_stages,
@@ -731,8 +745,8 @@ def _tile_count_jit(q_lab, k_lab, *, kind, block_q, block_k, platform):
 
 def _tile_count(kind, q_lab, k_lab, names, block_q, block_k, platform):
     q_lab, k_lab = jnp.asarray(q_lab), jnp.asarray(k_lab)
-    _validate_counts(q_lab, k_lab, names, "int" if kind == "hash" else "bool", block_q, block_k,
-                     platform)
+    block_q, block_k = _validate_counts(q_lab, k_lab, names, "int" if kind == "hash" else "bool",
+                                        block_q, block_k, platform)
     return np.asarray(_tile_count_jit(q_lab, k_lab, kind=kind, block_q=block_q, block_k=block_k,
                                       platform=platform))
 
@@ -763,7 +777,7 @@ def causal_tile_count(t, *, block_q=64, block_k=64, platform="gpu"):
     (``t`` a positive int; blocks and ``platform`` checked as :func:`hash_tile_count`)."""
     if not is_int(t) or t < 1:
         raise ValueError(f"t must be a positive int (the sequence length), got {t!r}")
-    _check_blocks(block_q, block_k)
+    block_q, block_k = _check_blocks(block_q, block_k)
     _check_platform(platform)
     t = int(t)
     shp = jax.ShapeDtypeStruct((1, t, 1, 1), jnp.float32)
