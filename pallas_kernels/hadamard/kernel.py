@@ -157,13 +157,34 @@ def _plans(n, rows, dtype, scale, interpret):
     return select_plan(functools.partial(_make_plan, n, rows, dtype, scale, interpret), interpret)
 
 
+def _static_scale(scale) -> float:
+    """``scale`` as a Python float (static: baked into the kernel): a concrete finite real scalar
+    (Python / numpy number or 0-d array).  A string (``float("0.5")`` would read it), a bool, a
+    complex or non-scalar value, NaN / inf (an all-NaN output) or a traced value: ``ValueError``."""
+    what = f"scale must be a finite real number (Python float) or None, got {scale!r}"
+    if isinstance(scale, (str, bytes, bool, np.bool_)):
+        raise ValueError(what)
+    try:
+        value = np.asarray(scale)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        raise ValueError("scale must be a concrete number (baked into the kernel), got a traced "
+                         "value: pass a Python float, or compute it outside jit") from None
+    if value.shape != () or not (np.issubdtype(value.dtype, np.floating)
+                                 or np.issubdtype(value.dtype, np.integer)):
+        raise ValueError(what)
+    if not np.isfinite(value):
+        raise ValueError(what)
+    return float(value)
+
+
 def hadamard_transform(x, *, scale=None, interpret=None):
     """``scale * x @ H_n`` over the last axis; x ``[..., n]`` floating, any leading shape.
 
     ``n`` a power of two or ``m * 2^k`` with a Paley or Goethals-Seidel factor ``m`` (12, 20,
     24, 28, 36, 44, ..., 172 for LLaMA-2-7B's 11008; every multiple of 4 up to 256 but 188
-    and 236; see :func:`pallas_kernels.hadamard.reference.split_size`).  ``scale``: a Python
-    number (default ``n ** -0.5``: orthonormal; ``1.0``: the unnormalised +-1 transform).
+    and 236; see :func:`pallas_kernels.hadamard.reference.split_size`).  ``scale``: a concrete
+    finite real number (Python / numpy; default ``n ** -0.5``: orthonormal; ``1.0``: the
+    unnormalised +-1 transform); a bool, string, NaN / inf or traced value is a ``ValueError``.
     ``interpret``: None (interpret mode on CPU), a bool, or ``pltpu.InterpretParams()`` (the
     TPU variant in Pallas' TPU interpreter).  Differentiable (custom VJP through the kernel).
     """
@@ -176,12 +197,7 @@ def hadamard_transform(x, *, scale=None, interpret=None):
         m, p = kernel_split(n)
     except ValueError as e:
         raise ValueError(f"x: shape {tuple(x.shape)}, the transformed last axis: {e}") from None
-    if scale is None:
-        scale = n ** -0.5
-    try:
-        scale = float(scale)
-    except (TypeError, ValueError, jax.errors.ConcretizationTypeError):
-        raise ValueError(f"scale must be a Python number or None, got {scale!r}") from None
+    scale = n ** -0.5 if scale is None else _static_scale(scale)
     lead = x.shape[:-1]
     rows = int(np.prod(lead, dtype=np.int64)) * m
     if rows == 0:
