@@ -133,7 +133,7 @@ def xla_attention(q, k, v, *, causal=True, segment_ids=None, window=None, q_offs
     mask = attention_mask(tq, tk, causal=causal, window=window, q_offset=q_offset,
                           q_ids=q_ids, kv_ids=kv_ids)[:, None, None]  # [B|1, 1, 1, Tq, Tk]
     s = jnp.where(mask, s, _NEG)
-    m = jnp.max(s, axis=-1, keepdims=True)
+    m = jnp.max(s, axis=-1, keepdims=True, initial=_NEG)  # (Tk = 0: no keys, zeros out)
     p = jnp.where(mask, jnp.exp(s - m), 0.0)
     denom = jnp.sum(p, axis=-1, keepdims=True)
     p = p / jnp.where(denom == 0.0, 1.0, denom)
@@ -229,8 +229,11 @@ def _check_shapes(q, k, v, window):
         raise ValueError(f"k and v must have the same shape, got {k.shape} and {v.shape}")
     if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q {q.shape} and k {k.shape} must agree on batch and head_dim")
-    if q.shape[2] % k.shape[2]:
-        raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of kv heads ({k.shape[2]})")
+    if k.shape[2] < 1 or q.shape[2] % k.shape[2]:  # (0 kv heads: was a ZeroDivisionError)
+        raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of kv heads ({k.shape[2]}, >= 1)")
+    for name, x in (("q", q), ("k", k), ("v", v)):  # (integer inputs: an integer "attention" out)
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{name} must be floating point, got {x.dtype}")
     # the kernels' rule, shared (a concrete positive integer scalar, 0-d jax / numpy ones
     # included; traced, bool, float or <= 0: ValueError): returns it as a Python int or None
     from pallas_kernels.flash_attention.reference import static_window
@@ -365,7 +368,7 @@ def position_causal_attention(q, k, v, *, q_pos, kv_pos, q_key_index=None, segme
             mask = mask & (q_ids[:, :, None] == kv_ids[:, None, :])
         mask = mask[:, None, None]
         s = jnp.where(mask, s, _NEG)
-        m = jnp.max(s, axis=-1, keepdims=True)
+        m = jnp.max(s, axis=-1, keepdims=True, initial=_NEG)  # (Tk = 0: no keys, zeros out)
         p = jnp.where(mask, jnp.exp(s - m), 0.0)
         denom = jnp.sum(p, axis=-1, keepdims=True)
         p = p / jnp.where(denom == 0.0, 1.0, denom)
