@@ -2,6 +2,7 @@
 import argparse
 import os
 import statistics
+import sys
 import time
 
 
@@ -136,6 +137,29 @@ def check_heads(ap, model: dict) -> None:
     have ``n_head`` dividing ``d_model``."""
     if model["d_model"] % model["n_head"]:
         ap.error(f"--d-model must be a multiple of the preset's {model['n_head']} heads, got {model['d_model']}")
+
+
+def add_import_flag(ap) -> None:
+    """``--import MODULE`` (repeatable) on a CLI: see :func:`import_modules`."""
+    ap.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                    help="import a Python module first (repeatable), e.g. one that registers your own "
+                         "architecture (jaxformers.registry.register) or loss (register_loss)")
+
+
+def import_modules(names) -> None:
+    """Import each ``--import`` module (its ``register`` / ``register_loss`` calls run), with the
+    current directory importable; ``ValueError`` naming the module and the cause when one fails."""
+    import importlib
+    import traceback
+
+    if names and "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # noqa: BLE001 - reported with the module's name and the cause
+            where = traceback.extract_tb(e.__traceback__)[-1]
+            raise ValueError(f"--import {name}: {type(e).__name__}: {e} ({where.filename}:{where.lineno})") from e
 
 
 def usage_error(ap, message: str):

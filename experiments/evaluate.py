@@ -20,6 +20,7 @@ tokenizer whose vocabulary is larger than the model's is refused (its ids would 
 read through the retrieval memory (each token attends to its chunk of ``C`` positions and the
 ``--memory-top-k`` blocks it retrieves from everything before it; the model's ``mem_chunk_len`` /
 ``mem_top_k``), so ``--seq-len`` may exceed the trained length: long-context perplexity.
+``--import MODULE`` (repeatable): a run of your own architecture, registered by that module.
 """
 from __future__ import annotations
 
@@ -49,7 +50,13 @@ def main(argv=None) -> int:
                          "positions (a multiple of the landmark block); --seq-len may then exceed the trained length")
     ap.add_argument("--memory-top-k", type=int, metavar="K",
                     help="with --memory-chunk: blocks retrieved per token and head (default: the model's mem_top_k)")
+    from experiments.common import add_import_flag, import_modules
+    add_import_flag(ap)
     args = ap.parse_args(argv)
+    try:  # a run of your own architecture: the module that registers it
+        import_modules(args.imports)
+    except ValueError as e:
+        ap.error(str(e))
     if args.memory_top_k is not None and args.memory_chunk is None:
         ap.error("--memory-top-k needs --memory-chunk")
     # usage errors name the flag (evaluate() would name its parameter: batch_size, max_batches)

@@ -8,7 +8,8 @@
     python -m experiments.generate --run runs/landmark-tiny --prompt-file long.txt --memory-chunk 96
 
 ``--run`` may be a run directory or a Hugging Face Llama / Mamba / Mamba-2 checkpoint directory
-with a ``tokenizer.json`` (e.g. one written by ``experiments.export``).
+with a ``tokenizer.json`` (e.g. one written by ``experiments.export``).  ``--import MODULE``
+(repeatable): a run of your own architecture, registered by that module.
 
 ``--prompt-file``: one prompt per line (LF or CRLF line ends only; blank lines skipped), all sampled in one batch
 (``generate(prompt_lengths=...)``: prompts of different lengths, each row decoded as if alone);
@@ -119,7 +120,13 @@ def main(argv=None) -> int:
                          "(a multiple of landmark_block): no length limit")
     ap.add_argument("--memory-top-k", type=int, metavar="K",
                     help="with --memory-chunk: blocks retrieved per token and head (default: the model's mem_top_k)")
+    from experiments.common import add_import_flag, import_modules
+    add_import_flag(ap)
     args = ap.parse_args(argv)
+    try:  # a run of your own architecture: the module that registers it
+        import_modules(args.imports)
+    except ValueError as e:
+        ap.error(str(e))
     args.run = os.path.expanduser(args.run)  # as load_run reads it (a "~" the shell left alone)
     if args.memory_top_k is not None and args.memory_chunk is None:
         ap.error("--memory-top-k needs --memory-chunk")

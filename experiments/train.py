@@ -60,7 +60,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from experiments.common import enable_compile_cache
+from experiments.common import add_import_flag, enable_compile_cache, import_modules
 
 DEFAULTS = dict(model="gpt", preset="tiny", steps=300, batch_size=16, seq_len=128, grad_accum=1, lr=3e-3,
                 warmup_fraction=0.1, schedule="cosine", data="default", tokenizer="byte", seed=0,
@@ -96,9 +96,7 @@ def _parser():
                     help="YAML/JSON config file (model, preset, overrides, train, init_from); "
                          "flags override it")
     ap.add_argument("--model", help=f"architecture name (default {d['model']}; list below)")
-    ap.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
-                    help="import a Python module first (repeatable), e.g. one that registers your own "
-                         "architecture (jaxformers.registry.register) or loss (register_loss)")
+    add_import_flag(ap)
     ap.add_argument("--preset", help=f"model preset (default {d['preset']}; list below)")
     ap.add_argument("--steps", type=int, help=f"optimizer updates (default {d['steps']})")
     ap.add_argument("--batch-size", type=int,
@@ -411,23 +409,6 @@ def human_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def import_modules(names) -> None:
-    """Import each ``--import`` module (its ``register`` / ``register_loss`` calls run); the current
-    directory is importable.  ``CLIError`` naming the module when its import fails."""
-    import importlib
-    import traceback
-
-    if names and "" not in sys.path and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    for name in names:
-        try:
-            importlib.import_module(name)
-        except Exception as e:  # noqa: BLE001 - reported with the module's name and the cause
-            where = traceback.extract_tb(e.__traceback__)[-1]
-            raise CLIError(f"--import {name}: {type(e).__name__}: {e} "
-                           f"({where.filename}:{where.lineno})") from e
-
-
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     from jaxformers.training import CheckpointError, TrainingDiverged, train
@@ -437,7 +418,10 @@ def main(argv=None) -> int:
     try:
         if not args.no_compile_cache:
             enable_compile_cache()
-        import_modules(args.imports)
+        try:
+            import_modules(args.imports)
+        except ValueError as e:
+            raise CLIError(str(e)) from e
         try:
             model_config, train_config = build_configs(args)
         except RuntimeError as e:  # e.g. the built-in corpus could not be downloaded

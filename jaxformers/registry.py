@@ -66,7 +66,8 @@ def list_models():
 def get_spec(name: str) -> ModelSpec:
     _ensure_loaded()
     if not isinstance(name, str) or name not in _REGISTRY:
-        raise ValueError(f"unknown model name={name!r}; choose one of {sorted(_REGISTRY)}")
+        raise ValueError(f"unknown model name={name!r}; choose one of {sorted(_REGISTRY)} (an architecture "
+                         "of your own: import the module that registers it first; the CLIs' --import MODULE)")
     return _REGISTRY[name]
 
 

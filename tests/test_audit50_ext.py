@@ -8,6 +8,7 @@ its own per-pass decoding caches (``init_layer_caches``).  Both are registered u
 by a fixture that removes them again (the global registry is left as it was found).
 """
 import dataclasses
+import json
 import subprocess
 import sys
 
@@ -254,6 +255,17 @@ def test_cli_import_and_expert_sharding(corpus):
                           "--steps", "1", "--no-compile-cache"],
                          cwd=str(REPO), capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--import no_such_module_audit50: ModuleNotFoundError" in bad.stderr
+    # the run evaluates with the same --import; without it the error says how to reach the model
+    import os
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(corpus), str(REPO / "tests"), str(REPO)]))
+    evaluate_cli = [sys.executable, "-m", "experiments.evaluate", "--run", str(out)]
+    got = subprocess.run(evaluate_cli + ["--import", "audit50_user_arch"], cwd=str(REPO), env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert got.returncode == 0, got.stderr[-2000:]
+    assert json.loads(got.stdout)["val_loss"] == pytest.approx(read_metrics(out)[-1]["val_loss"], rel=1e-4)
+    missing = subprocess.run(evaluate_cli, cwd=str(REPO), env=env, capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "unknown model name='audit50-moe'" in missing.stderr
+    assert "--import MODULE" in missing.stderr
 
 
 def test_register_refuses_a_taken_name(archs):
