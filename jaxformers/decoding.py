@@ -27,14 +27,12 @@ def init_cache(module, batch_size: int, max_len: int, dtype=None):
 
     ``dtype``: the cached keys / values' (and conv states') float dtype, a name of
     ``config.DTYPES`` or a float dtype (``None``: the config's ``dtype``).
-    With ``scan_layers`` the layer caches are stacked on a leading ``[L]`` axis.
+    ``layers``: the model's ``init_layer_caches`` as it returns them (with ``scan_layers`` the
+    layer caches stacked on a leading ``[L]`` axis).
     """
-    c = module.config
     batch_size, max_len = _positive_int(batch_size, "batch_size"), _positive_int(max_len, "max_len")
     _check_cache_dtype(dtype)
     layers = module.init_layer_caches(batch_size, max_len, dtype)
-    if c.scan_layers:
-        layers = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
     return {"index": jnp.zeros((), jnp.int32), "layers": layers}
 
 

@@ -94,8 +94,8 @@ class RecurLM(Transformer):
         self.routers = [nn.Dense(1, name=f"router_{r}") for r in range(self.config.n_recur)]
 
     def init_layer_caches(self, batch_size, max_len, dtype=None):
-        # NB: under scan_layers, decoding.init_cache stacks this list's items on the [L] axis, so
-        # this per-pass list only scans when n_recur == n_layer (left as found: see the audit report)
+        # one set of layer caches per pass, each in the layout super().run_blocks reads (a list,
+        # or one pytree stacked on [L] with scan_layers)
         one = super().init_layer_caches(batch_size, max_len, dtype)
         return [one] * self.config.n_recur
 
@@ -147,7 +147,8 @@ def _tc(corpus, out, **kw):
 
 # --------------------------------------------------------------- tests
 @pytest.mark.parametrize("name,over", [("audit50-moe", {"scan_layers": True, "remat": "full"}),
-                                       ("audit50-recur", {"scan_layers": True})])
+                                       ("audit50-recur", {"scan_layers": True}),
+                                       ("audit50-recur", {"scan_layers": True, "n_recur": 3})])
 def test_forward_decode_and_aux(archs, name, over):
     """init/apply, decoding one token at a time == the full forward, sown aux losses per layer."""
     c = jf.get_config(name, "tiny", **over)

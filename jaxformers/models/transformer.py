@@ -225,12 +225,17 @@ class Transformer(nn.Module):
 
     # ---------------------------------------------------------------- caches
     def init_layer_caches(self, batch_size, max_len, dtype=None):
-        """One empty decoding cache per layer, from each layer's ``mixer_class.init_cache``."""
+        """One empty decoding cache per layer, from each layer's ``mixer_class.init_cache``: a list,
+        or with ``scan_layers`` one pytree stacked on a leading ``[L]`` axis (what the scanned
+        :meth:`run_blocks` reads).  A model with a :meth:`run_blocks` of its own that keeps other
+        caches (e.g. one set per pass) overrides this, building on ``super()``'s layout;
+        :func:`jaxformers.decoding.init_cache` takes the result as it is."""
         missing = sorted({cls.mixer_class.__name__ for cls in self.layer_classes()
                           if not callable(getattr(cls.mixer_class, "init_cache", None))})
         if missing:
             raise ValueError(f"model {self.config.model!r} cannot decode: mixer(s) {missing} have no static "
                              "init_cache(config, batch_size, max_len, dtype) (the cache path enables "
                              "decoding; see Block.mixer_class)")
-        return [cls.mixer_class.init_cache(cfg, batch_size, max_len, dtype)
-                for cls, cfg in zip(self.layer_classes(), self.layer_configs())]
+        layers = [cls.mixer_class.init_cache(cfg, batch_size, max_len, dtype)
+                  for cls, cfg in zip(self.layer_classes(), self.layer_configs())]
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *layers) if self.config.scan_layers else layers
