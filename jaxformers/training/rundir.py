@@ -597,7 +597,9 @@ def load_run(run_dir, *, step: Optional[int] = None, mesh=None) -> Tuple[Any, Tr
             raise CheckpointError(f"{run_dir} has no complete checkpoint under {ckpt.directory}")
     abstract, specs = abstract_params(build(compute_config(model_config, "float32")))
     if mesh is None:
-        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        # make_single_device_sharding (jax >= 0.10): the class SingleDeviceSharding is deprecated
+        # as a public name from jax 0.12.1
+        sharding = jax.sharding.make_single_device_sharding(jax.local_devices()[0])
         shardings = jax.tree.map(lambda _: sharding, abstract)
     else:
         shardings = mesh_lib.fit_shardings(mesh_lib.logical_to_sharding(specs, mesh), abstract)
