@@ -1,14 +1,17 @@
 """Audit 50 (deprecations): our code names no deprecated jax / flax / optax / orbax / chex
-attribute, on the jax installed (0.10.2 and the newest: both CI legs run this file).
+module attribute, on the jax installed (0.10.2 and the newest: both CI legs run this file).
 
 The pytest filter in pyproject.toml turns a DeprecationWarning attributed to our modules into an
-error, but only on the paths the tests run.  Module attributes that jax deprecates through its
-``_deprecations`` tables (``jax.sharding.SingleDeviceSharding`` from jax 0.12.1,
-``pl.GridSpec``, ``jax.experimental.shard_map.shard_map``, ...) warn when they are looked up,
-so this test looks up every ``alias.attr.attr`` chain and every ``from MODULE import NAME`` of
-``jaxformers/``, ``pallas_kernels/`` and ``experiments/`` (the GPU / TPU only branches and the
-experiments no test runs included) and fails on each that warns.  Fast: no program is compiled.
-Names this jax lacks (ones behind ``hasattr`` / ``try`` for other versions) are skipped.
+error, but only on the paths the tests run, and a module attribute deprecated through jax's
+``_deprecations`` tables (``jax.sharding.SingleDeviceSharding`` from jax 0.12.1, ``pl.GridSpec``,
+``jax.experimental.shard_map.shard_map``, ...) warns only at the first lookup in a process:
+orbax 0.12.8 looks ``jax.sharding.SingleDeviceSharding`` up when it is imported, so our own use
+of it (``load_run``) never warned in the suite.  So this test reads every ``alias.attr.attr``
+chain and every ``from MODULE import NAME`` of ``jaxformers/``, ``pallas_kernels/`` and
+``experiments/`` (the GPU / TPU only branches and the experiments no test runs included) and
+fails on each name that is in its module's ``_deprecations`` table or warns when looked up.
+Fast: no program is compiled.  Names this jax lacks (ones behind ``hasattr`` / ``try`` for
+other versions) are skipped.
 """
 from __future__ import annotations
 
@@ -86,13 +89,31 @@ def _resolve(module: str):
         return _MISSING
 
 
-def _lookup_warnings(obj, chain):
-    """The deprecation warnings raised by looking up ``chain`` on ``obj``, attribute by attribute
-    (into modules and classes only: what a module's ``__getattr__`` deprecates)."""
-    caught = []
+def _table_entry(module, name):
+    """The deprecation message of ``module.name`` from the module's ``_deprecations`` table (jax's
+    and optax's module ``__getattr__`` deprecations), or None.  Read from the table, not only from
+    the warning: jax warns once per process (its ``__getattr__`` is cached), and a library that
+    looked the name up first (orbax 0.12.8 annotates with ``jax.sharding.SingleDeviceSharding``)
+    would hide our use of it."""
+    table = getattr(module, "_deprecations", None)
+    if isinstance(table, dict) and name in table and name not in vars(module):
+        entry = table[name]
+        return str(entry[0] if isinstance(entry, tuple) else entry)
+    return None
+
+
+def _deprecated_lookups(obj, chain):
+    """What is deprecated in looking up ``chain`` on ``obj``, attribute by attribute (into modules
+    and classes only): the table entries, and any deprecation warning raised by the lookup."""
+    found = []
     for name in chain:
         if not isinstance(obj, (types.ModuleType, type)):
             break
+        if isinstance(obj, types.ModuleType):
+            msg = _table_entry(obj, name)
+            if msg is not None:
+                found.append(msg)
+                break
         with warnings.catch_warnings(record=True) as rec:
             warnings.simplefilter("always")
             try:
@@ -104,15 +125,16 @@ def _lookup_warnings(obj, chain):
                         nxt = importlib.import_module(f"{obj.__name__}.{name}")
                     except Exception:  # noqa: BLE001 - absent in this version
                         pass
-            except Exception:  # noqa: BLE001 - a finalized deprecation raises here
+            except Exception:  # noqa: BLE001
                 nxt = _MISSING
-        # a module-attribute deprecation names the caller (this file); an import's own warnings
-        # (a submodule imported for the first time) are the library's, not a use of ours
-        caught += [w for w in rec if issubclass(w.category, DEPRECATIONS) and w.filename == __file__]
+        # a deprecation warning of the lookup names the caller (this file); an import's own
+        # warnings (a submodule imported for the first time) are the library's, not a use of ours
+        found += [str(w.message) for w in rec
+                  if issubclass(w.category, DEPRECATIONS) and w.filename == __file__]
         if nxt is _MISSING:
             break
         obj = nxt
-    return caught
+    return found
 
 
 def test_sources_found():
@@ -128,7 +150,7 @@ def test_chain_check_sees_a_module_deprecation():
     obj = _resolve("jax.experimental.shard_map")
     if obj is _MISSING or "shard_map" not in getattr(obj, "_deprecations", {}):
         pytest.skip("this jax has no deprecated jax.experimental.shard_map.shard_map")
-    assert _lookup_warnings(obj, ["shard_map"])
+    assert _deprecated_lookups(obj, ["shard_map"])
 
 
 @pytest.mark.parametrize("path", _sources(), ids=lambda p: str(p.relative_to(ROOT)))
@@ -138,6 +160,6 @@ def test_no_deprecated_library_attribute(path):
         obj = _resolve(module)
         if obj is _MISSING:
             continue
-        for w in _lookup_warnings(obj, chain):
-            found.append(f"{path.relative_to(ROOT)}:{lineno}: {module}.{'.'.join(chain)}: {w.message}")
+        for msg in _deprecated_lookups(obj, chain):
+            found.append(f"{path.relative_to(ROOT)}:{lineno}: {module}.{'.'.join(chain)}: {msg}")
     assert not found, "deprecated names used:\n" + "\n".join(found)
