@@ -12,7 +12,8 @@
 # leg 2  Python 3.12 (pyenv's newest 3.12.x, else python3.12 on PATH; PYTHON312=/path
 #        overrides) in .venv312/ with the newest jax / flax / optax from the registry
 #        and the [test] extra (no torch): the Pallas kernel tests (with their audit and
-#        mutation-audit regression tests), the GPU and TPU
+#        mutation-audit regression tests), the deprecated-name check of our sources
+#        (tests/test_audit50_deprec.py: the newest jax's deprecation tables), the GPU and TPU
 #        lowering tests (tests/test_tpu_lowering*.py), the kernel report built on the
 #        GPU lowering, multi-process training (tests/test_multihost.py: jax.distributed and
 #        gloo change between jax releases), then a tiny training run from the CLI (train,
@@ -38,7 +39,7 @@ LEG2_TESTS=(tests/test_flash_attention.py tests/test_selective_scan.py tests/tes
             tests/test_audit40_scfa.py tests/test_audit41_flash.py tests/test_audit41_landmark.py
             tests/test_audit43_fuzz.py tests/test_audit44_dtype.py tests/test_audit44_packed.py
             tests/test_audit_mutation_lhq.py tests/test_audit41_gpucheck.py tests/test_audit41_mamba.py
-            tests/test_multihost.py)
+            tests/test_multihost.py tests/test_audit50_deprec.py)
 NEWEST=(jax jaxlib flax optax orbax-checkpoint chex)
 # -qq: errors only (-q still prints a warning per package when an index location is missing)
 PIP=(-m pip install -qq --disable-pip-version-check)
