@@ -124,9 +124,16 @@ def check_tokens(tokens, vocab_size=None):
 
 def check_attn_dropout(config, classes) -> None:
     """Training (a ``dropout`` rng) with ``attn_dropout > 0`` on a model whose attention does not
-    apply it is an error, not a silent no-op (mixers say so with ``applies_attn_dropout``; SSM
-    mixers have no attention).  Evaluation and decoding never drop, so they are not checked."""
+    apply it is an error, not a silent no-op (mixers say so with ``applies_attn_dropout``), and so
+    is a model without attention layers (``config.n_attention_layers == 0``: a pure ``mamba`` /
+    ``mamba2``, a hybrid with no attention layer).  The SSM layers of a hybrid with attention
+    layers have no attention probabilities to drop.  Evaluation and decoding never drop, so they
+    are not checked."""
     rate = getattr(config, "attn_dropout", 0.0)
+    if rate and getattr(config, "n_attention_layers", None) == 0:
+        raise ValueError(f"attn_dropout={rate}: model {config.model!r} has no attention layers, so "
+                         "attention dropout would do nothing; set attn_dropout=0 (dropout / embed_dropout "
+                         "still apply)")
     ignoring = sorted({k.mixer_class.__name__ for k in classes
                        if getattr(k.mixer_class, "applies_attn_dropout", None) is False})
     if rate and ignoring:
