@@ -16,7 +16,7 @@ Small-vocabulary tasks (:func:`copying`, :func:`associative_recall`,
 :func:`arithmetic`) share these special ids:
 
 =====  ====  ===================================================
-PAD    0     padding (only used to fill odd lengths in copying)
+PAD    0     padding (copying: an odd length; the loaders' rows: after the packed examples)
 BOS    1     start of every sequence
 SEP    2     separator (copying: before the copy; arithmetic: before the answer)
 QUERY  3     associative recall: "which value goes with the next key?"

@@ -11,7 +11,7 @@ Specs accepted by :func:`get_tokenizer`:
 * ``"hf:DIR"``: a pretrained ``tokenizer.json`` (``tokenizers`` library), e.g. the one
   shipped with a Hugging Face checkpoint; needs no training.  The end-of-text id is
   ``eos_token`` of ``DIR/tokenizer_config.json``, else the first of ``</s>``,
-  ``<|endoftext|>``, ``<|end_of_text|>``, ``<eos>`` the vocabulary holds.  No BOS
+  ``<|endoftext|>``, ``<|end_of_text|>``, ``<eos>``, ``<|eos|>`` the vocabulary holds.  No BOS
   token is added (documents are separated by the end-of-text id, as for the others).
 
 End-of-text text inside a document is always encoded as ordinary text, so

@@ -153,6 +153,8 @@ class LandmarkConfig(TransformerConfig):
     ``memory_forward(chunk_len=mem_chunk_len, top_k=mem_top_k, selection=mem_selection)``
     (module docstring, "Decoding through the memory"), and so does ``landmark_cross_entropy``
     (long-context evaluation: ``experiments.evaluate --memory-chunk``).
+    ``block_q``: the Pallas kernel's query tile in rows, a power of two >= 16 (the kernel raises
+    it to at least one padded block, and to 128 on TPU).
     """
 
     default_loss = "landmark_cross_entropy"  # not a field: the loss experiments.train defaults to

@@ -36,7 +36,7 @@ class TrainConfig(ConfigMixin):
     continues at the value it had reached (continuous, never re-stretched).
     ``dtype`` is the compute dtype (``auto``: bfloat16 on
     GPU/TPU, float32 on CPU); parameters and optimizer state stay float32.
-    ``mesh`` is ``"data=D,fsdp=F,tensor=T"`` (missing axes are 1; ``None`` = pure
+    ``mesh`` is ``"data=D,fsdp=F,expert=E,tensor=T"`` (missing axes are 1; ``None`` = pure
     data parallelism over every device).  ``checkpoint_every=0`` saves only the
     final checkpoint (the final step is always saved).  ``eval_every=0`` evaluates
     only at the end; ``eval_batches=0`` never evaluates.  An evaluation covers
