@@ -83,3 +83,27 @@ def test_position_causal_attention_checks_sm_scale_on_every_path():
             position_causal_attention(q, q, q, q_pos=pos, kv_pos=pos, sm_scale=bad, implementation="xla")
     got = position_causal_attention(q, q, q, q_pos=pos, kv_pos=pos, sm_scale=0.25, implementation="xla")
     np.testing.assert_allclose(np.asarray(got), 1.0, rtol=1e-6)
+
+
+def test_info_imports_a_module_of_your_own(tmp_path, monkeypatch, capsys):
+    """``experiments.info`` lists a user-registered architecture with ``--import MODULE`` (as the
+    train / evaluate / generate CLIs do); a module that fails to import is a usage error naming it."""
+    from experiments import info
+    from jaxformers import registry
+
+    (tmp_path / "audit50_info_arch.py").write_text(
+        "from jaxformers.registry import register\n"
+        "from jaxformers.config import TransformerConfig\n"
+        "from jaxformers.models.transformer import Transformer\n"
+        "register('audit50-info', TransformerConfig, Transformer, "
+        "{'tiny': dict(vocab_size=64, d_model=32, n_layer=1, n_head=2, max_seq_len=16)})\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        rows = info.main(["--import", "audit50_info_arch", "--model", "audit50-info", "--json"])
+        assert [r["preset"] for r in rows] == ["tiny"] and rows[0]["model"] == "audit50-info"
+    finally:
+        registry.unregister("audit50-info")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        info.main(["--import", "audit50_no_such_module", "--model", "gpt"])
+    assert e.value.code == 2 and "--import audit50_no_such_module: ModuleNotFoundError" in capsys.readouterr().err
