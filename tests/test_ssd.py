@@ -139,7 +139,8 @@ def test_backward_uses_finer_p_blocks():
 
 
 def test_state_update_validation():
-    with pytest.raises(ValueError, match="x must have shape"):
+    # P is carried by x and the state only: the state is checked against x, and the message names both
+    with pytest.raises(ValueError, match=r"state must have shape .* from x \(2, 4, 7\)"):
         ssd_state_update(jnp.zeros((2, 4, 8, 16)), jnp.zeros((2, 4, 7)), jnp.zeros((2, 4)),
                          jnp.zeros((4,)), jnp.zeros((2, 1, 16)), jnp.zeros((2, 1, 16)))
     with pytest.raises(ValueError, match="dt must be a real floating-point"):

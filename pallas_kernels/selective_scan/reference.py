@@ -155,17 +155,23 @@ def selective_state_update(state, x, dt, A, B, C, *, D=None, z=None, dt_bias=Non
     [B, D, N] in state.dtype)``; math in float32.  ``A`` must be ``<= 0`` (a concrete
     positive entry raises a ``ValueError``; a traced one is not checked).
     """
-    if getattr(state, "ndim", None) != 3:
-        raise ValueError(f"state must have rank 3 [B, D, N], got shape {_shape(state)}")
-    b, dim, n = state.shape
-    if _shape(x) != (b, dim):
-        raise ValueError(f"x must have shape [B, D] = {(b, dim)}, got {_shape(x)}")
+    # every shape derives from the arguments that define it (x: B, D; A: N), so a mismatch
+    # blames the argument that disagrees (a wrong state is named as such, not A or B)
+    if getattr(x, "ndim", None) != 2:
+        raise ValueError(f"x must have rank 2 [B, D], got shape {_shape(x)}")
+    b, dim = x.shape
+    if getattr(A, "ndim", None) != 2:
+        raise ValueError(f"A must have rank 2 [D, N], got shape {_shape(A)}")
+    if A.shape[0] != dim:
+        if _shape(dt) == (b, A.shape[0]):  # dt sides with A: x is the odd one out
+            raise ValueError(f"x must have shape [B, D] = {(b, A.shape[0])} (D from A {A.shape} "
+                             f"and dt {dt.shape}), got {x.shape}")
+        raise ValueError(f"A must have shape [D={dim}, N] (D = x.shape[-1]), got {_shape(A)}")
+    n = A.shape[1]
     if _shape(dt) != (b, dim):
-        raise ValueError(f"dt must have shape [B, D] = {(b, dim)}, got {_shape(dt)}")
-    if _shape(A) != (dim, n):
-        raise ValueError(f"A must have shape [D, N] = {(dim, n)}, got {_shape(A)}")
+        raise ValueError(f"dt must have shape [B, D] = {(b, dim)} like x, got {_shape(dt)}")
     if z is not None and _shape(z) != (b, dim):
-        raise ValueError(f"z must have shape [B, D] = {(b, dim)}, got {_shape(z)}")
+        raise ValueError(f"z must have shape [B, D] = {(b, dim)} like x, got {_shape(z)}")
     for name, v in (("D", D), ("dt_bias", dt_bias)):
         if v is not None and _shape(v) != (dim,):
             raise ValueError(f"{name} must have shape [D={dim}], got {_shape(v)}")
@@ -180,7 +186,11 @@ def selective_state_update(state, x, dt, A, B, C, *, D=None, z=None, dt_bias=Non
                                  f"G={v.shape[1]} of {name}")
             mats.append(expand_groups(v.astype(f32), dim))
         else:
-            raise ValueError(f"{name} must have shape [B, N] = {(b, n)} or [B, G, N={n}], got {_shape(v)}")
+            raise ValueError(f"{name} must have shape [B, N] = {(b, n)} or [B, G, N={n}] (B from x, "
+                             f"N from A), got {_shape(v)}")
+    if _shape(state) != (b, dim, n):
+        raise ValueError(f"state must have shape [B, D, N] = {(b, dim, n)} (B, D from x {_shape(x)}, "
+                         f"N from A {_shape(A)}), got {_shape(state)}")
     for name, v, shp in (("state", state, "[B, D, N]"), ("x", x, "[B, D]"), ("dt", dt, "[B, D]"),
                          ("A", A, "[D, N]"), ("B", B, "[B, N]"), ("C", C, "[B, N]"), ("D", D, "[D]"),
                          ("z", z, "[B, D]"), ("dt_bias", dt_bias, "[D]")):

@@ -142,18 +142,23 @@ def ssd_state_update(state, x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_
     in x.dtype, new_state [B, H, P, N] in state.dtype)``; math in float32.  ``A`` must be
     ``<= 0`` (a concrete positive entry raises a ``ValueError``; a traced one is not checked).
     """
-    if getattr(state, "ndim", None) != 4:
-        raise ValueError(f"state must have rank 4 [B, H, P, N], got shape {_shape(state)}")
-    b, h, p, n = state.shape
-    if _shape(x) != (b, h, p):
-        raise ValueError(f"x must have shape {(b, h, p)}, got {_shape(x)}")
+    # every shape derives from the arguments that define it (x: B, H, P; B: G, N), so a
+    # mismatch blames the argument that disagrees (a wrong state is named as such, not A or B)
+    if getattr(x, "ndim", None) != 3:
+        raise ValueError(f"x must have rank 3 [B, H, P], got shape {_shape(x)}")
+    b, h, p = x.shape
+    if getattr(A, "ndim", None) != 1:
+        raise ValueError(f"A must have shape [H] (one scalar per head), got {_shape(A)}")
+    if A.shape[0] != h and _shape(dt) == (b, A.shape[0]):  # dt sides with A: x is the odd one out
+        raise ValueError(f"x must have shape [B, H, P] = {(b, A.shape[0], p)} (H from A {A.shape} "
+                         f"and dt {dt.shape}), got {x.shape}")
     if _shape(dt) != (b, h):
-        raise ValueError(f"dt must have shape {(b, h)}, got {_shape(dt)}")
+        raise ValueError(f"dt must have shape [B, H] = {(b, h)} (from x), got {_shape(dt)}")
     if _shape(A) != (h,):
-        raise ValueError(f"A must have shape [H={h}], got {_shape(A)}")
-    if getattr(B, "ndim", None) != 3 or B.shape[0] != b or B.shape[2] != n:
-        raise ValueError(f"B must have shape [batch={b}, G, N={n}], got {_shape(B)}")
-    g = B.shape[1]
+        raise ValueError(f"A must have shape [H={h}] (H = x.shape[1]), got {_shape(A)}")
+    if getattr(B, "ndim", None) != 3 or B.shape[0] != b:
+        raise ValueError(f"B must have shape [batch={b}, G, N] (batch from x), got {_shape(B)}")
+    g, n = B.shape[1], B.shape[2]
     if g < 1 or h % g:
         raise ValueError(f"number of heads H={h} must be divisible by the number of groups G={g} of B")
     if _shape(C) != (b, g, n):
@@ -161,9 +166,12 @@ def ssd_state_update(state, x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_
     if D is not None and _shape(D) not in ((h,), (h, p)):
         raise ValueError(f"D must have shape [H={h}] or [H={h}, P={p}], got {_shape(D)}")
     if z is not None and _shape(z) != (b, h, p):
-        raise ValueError(f"z must have shape {(b, h, p)}, got {_shape(z)}")
+        raise ValueError(f"z must have shape {(b, h, p)} like x, got {_shape(z)}")
     if dt_bias is not None and _shape(dt_bias) != (h,):
         raise ValueError(f"dt_bias must have shape [H={h}], got {_shape(dt_bias)}")
+    if _shape(state) != (b, h, p, n):
+        raise ValueError(f"state must have shape [B, H, P, N] = {(b, h, p, n)} (B, H, P from x "
+                         f"{_shape(x)}, N from B {_shape(B)}), got {_shape(state)}")
     for name, v, shp in (("state", state, "[B, H, P, N]"), ("x", x, "[B, H, P]"), ("dt", dt, "[B, H]"),
                          ("A", A, "[H]"), ("B", B, "[B, G, N]"), ("C", C, "[B, G, N]"),
                          ("D", D, "[H] or [H, P]"), ("z", z, "[B, H, P]"), ("dt_bias", dt_bias, "[H]")):
