@@ -3,7 +3,8 @@
     attention(q, k, v, *, causal, segment_ids, window, q_offset, sm_scale, implementation)
 
 q ``[B, Tq, Hq, D]``, k/v ``[B, Tk, Hkv, D]`` with ``Hq % Hkv == 0`` (GQA: query
-head h reads kv head ``h // (Hq // Hkv)``).  Query i sits at absolute position
+head h reads kv head ``h // (Hq // Hkv)``), all three of one floating dtype on every
+implementation (``ValueError`` otherwise: cast e.g. a KV cache to ``q.dtype`` first).  Query i sits at absolute position
 ``q_offset + i`` (default ``Tk - Tq``: queries aligned with the last keys) and
 sees key j when
 
@@ -234,6 +235,11 @@ def _check_shapes(q, k, v, window):
     for name, x in (("q", q), ("k", k), ("v", v)):  # (integer inputs: an integer "attention" out)
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(f"{name} must be floating point, got {x.dtype}")
+    # one dtype on every path, as the kernels require (XLA promoted mixed ones, Pallas refused
+    # them): no caller mixes them -- the decoding paths cast their caches to q.dtype themselves
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype} "
+                         f"(cast them first, e.g. k.astype(q.dtype))")
     # the kernels' rule, shared (a concrete positive integer scalar, 0-d jax / numpy ones
     # included; traced, bool, float or <= 0: ValueError): returns it as a Python int or None
     from pallas_kernels.flash_attention.reference import static_window
