@@ -206,6 +206,28 @@ def check_qkv(q, k, v, *, self_attention: bool) -> None:
         raise ValueError(f"q, k, v must be floating point, got {q.dtype}")
 
 
+def check_qkv_shapes(q_shape, k_shape, dtype, *, self_attention: bool):
+    """The attention VMEM estimators' arguments: ``(q, k)`` as ``jax.ShapeDtypeStruct`` s, or a
+    ``ValueError`` naming the argument.  ``q_shape`` / ``k_shape``: 4 positive ints ``(B, T, H, D)``
+    (Python or numpy integers, through :func:`check_int`; bools, floats, strings refused),
+    ``dtype`` a floating dtype, then the kernels' own :func:`check_qkv` (GQA, batch, head dim,
+    ``Tq == Tk`` when ``self_attention``) on the shapes."""
+    shapes = []
+    for name, shp in (("q_shape", q_shape), ("k_shape", k_shape)):
+        if not isinstance(shp, (tuple, list)) or len(shp) != 4:
+            raise ValueError(f"{name} must be 4 positive ints (B, T, H, D), got {shp!r}")
+        shapes.append(tuple(check_int(f"{name}[{i}]", v) for i, v in enumerate(shp)))
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dtype is None or dt is None or not jnp.issubdtype(dt, jnp.floating):
+        raise ValueError(f"dtype must be a floating dtype (that of q / k / v), got {dtype!r}")
+    q, k = (jax.ShapeDtypeStruct(shp, dt) for shp in shapes)
+    check_qkv(q, k, k, self_attention=self_attention)
+    return q, k
+
+
 # ----------------------------------------------------------------------------- scan validation
 LAYOUT_HINT = ("this library is length-major; mamba_ssm's [B, D, L] (channels-first) layout "
                "must be transposed, e.g. x.transpose(0, 2, 1)")
@@ -282,7 +304,11 @@ def int32_ids(a, b):
 
 
 def check_segment_ids(segment_ids, b: int, l: int) -> None:
-    """``segment_ids`` must be an integer ``[B, L]`` array."""
+    """``segment_ids`` must be an integer ``[B, L]`` array (a list or other non-array is refused
+    by type, as the attention kernels refuse one)."""
+    if not (hasattr(segment_ids, "shape") and hasattr(segment_ids, "dtype")):  # e.g. a (nested) list
+        raise ValueError(f"segment_ids must be an integer array of shape [B, L] = {(b, l)}, "
+                         f"got {type(segment_ids).__name__}")
     dtype = getattr(segment_ids, "dtype", None)
     if shape_of(segment_ids) != (b, l):
         raise ValueError(f"segment_ids must have shape [B, L] = {(b, l)}, got {shape_of(segment_ids)}")

@@ -73,8 +73,8 @@ from jax.experimental import pallas as pl
 from .masks import MaskSpec, block_id_bounds, blocks_may_interact
 from .reference import check_ids, effective_window, split_segment_ids, static_sm_scale, static_window
 from .._common import (SQ, AttentionPlan, by_platform, check_flag, check_int, check_qkv, compiler_params,
-                       idiv, host_int32_ids, int32_ids, is_tpu_interpret, next_pow2, resolve_interpret,
-                       round_up, select_plan)
+                       check_qkv_shapes, idiv, host_int32_ids, int32_ids, is_tpu_interpret, next_pow2,
+                       resolve_interpret, round_up, select_plan)
 
 LOG2E = math.log2(math.e)
 _MIN_BLOCK = 16  # smallest tile Triton's tl.dot accepts
@@ -477,9 +477,8 @@ def tpu_vmem_bytes(q_shape, k_shape, dtype, *, segments=False, block_sizes=None)
     """VMEM the TPU block specs imply per grid step, per kernel (inputs and outputs,
     double-buffered by the Pallas pipeline; in-kernel temporaries such as the ``S`` tile
     and the accumulators not counted).  ``{"flash_attention_fwd": bytes, ...}``."""
-    q = jax.ShapeDtypeStruct(q_shape, dtype)
-    k = jax.ShapeDtypeStruct(k_shape, dtype)
-    bs = BlockSizes.get_default(q_shape[-1]) if block_sizes is None else block_sizes
+    q, k = check_qkv_shapes(q_shape, k_shape, dtype, self_attention=False)
+    bs = BlockSizes.get_default(q.shape[-1]) if block_sizes is None else block_sizes
     _check_block_sizes(bs)
     segments = check_flag("segments", segments)
     plan = _make_plan(q, k, None, True, None, None, bs, False, platform="tpu")

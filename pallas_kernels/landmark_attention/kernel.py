@@ -57,7 +57,7 @@ from jax.experimental import pallas as pl
 from ..flash_attention.kernel import (LOG2E, _dot_nn, _dot_nt, _dot_tn, _iota,
                                       _rows_slice, _tile_bytes, static_sm_scale)
 from .._common import (SQ, AttentionPlan, by_platform, check_flag, check_int, check_qkv, compiler_params,
-                       idiv, next_pow2, resolve_interpret, round_up, select_plan)
+                       check_qkv_shapes, idiv, next_pow2, resolve_interpret, round_up, select_plan)
 from .reference import check_block_size
 
 _MIN_LP_GPU = 16   # tl.dot's smallest tile
@@ -441,8 +441,7 @@ def tpu_vmem_bytes(q_shape, k_shape, dtype, *, block_size: int) -> dict:
     """VMEM the TPU block specs imply per grid step, per kernel (double-buffered inputs and
     outputs; in-kernel temporaries not counted).  ``ValueError`` unless ``block_size`` is an int >= 2."""
     check_block_size(block_size)
-    q = jax.ShapeDtypeStruct(q_shape, dtype)
-    k = jax.ShapeDtypeStruct(k_shape, dtype)
+    q, k = check_qkv_shapes(q_shape, k_shape, dtype, self_attention=True)
     plan = _make_plan(q, k, block_size, None, 128, None, 2, False, platform="tpu")
     isz = jnp.dtype(dtype).itemsize
     dp, g, tp, bq, lp = plan.dp, plan.group, plan.t_pad, plan.bq, plan.lp

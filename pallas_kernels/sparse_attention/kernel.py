@@ -84,7 +84,8 @@ from ..flash_attention.kernel import (LOG2E, host_int32_ids, _MIN_BLOCK, _TPU_BL
                                       _dot_nn, _dot_nt, _dot_tn,
                                       _rows_slice, _tile_bytes, static_sm_scale)
 from .._common import (SQ, AttentionPlan, by_platform, check_flag, check_int, check_qkv, compiler_params,
-                       idiv, int32_ids, is_int, next_pow2, resolve_interpret, round_up, select_plan)
+                       check_qkv_shapes, idiv, int32_ids, is_int, next_pow2, resolve_interpret, round_up,
+                       select_plan)
 
 POS_NEVER = 2 ** 30   # position of a key no query sees (dropped or padding)
 POS_BLIND = -1        # position of a query that sees no key (dropped or padding)
@@ -579,6 +580,9 @@ def _check_labels(q_lab, k_lab, names, label_kind, b, t, hq, hkv):
     have these shapes and the dtype of ``label_kind`` (``"bool"`` keep masks or ``"int"``
     buckets: any integer dtype but bool)."""
     for name, lab, h, which in ((names[0], q_lab, hq, "q"), (names[1], k_lab, hkv, "k/v")):
+        if not (hasattr(lab, "shape") and hasattr(lab, "dtype")):  # e.g. a (nested) list
+            raise ValueError(f"{name} must be {'a bool' if label_kind == 'bool' else 'an integer'} "
+                             f"array of shape [B, T, H] = {(b, t, h)}, got {type(lab).__name__}")
         shape = tuple(getattr(lab, "shape", ()))
         if shape != (b, t, h):
             raise ValueError(f"{name} must have shape [B, T, H] = {(b, t, h)} (H: the heads of "
@@ -789,8 +793,7 @@ def causal_tile_count(t, *, block_q=64, block_k=64, platform="gpu"):
 def tpu_vmem_bytes(q_shape, k_shape, dtype) -> dict:
     """VMEM the TPU block specs imply per grid step, per kernel (double-buffered inputs and
     outputs; in-kernel temporaries not counted; the SMEM tile tables not included)."""
-    q = jax.ShapeDtypeStruct(q_shape, dtype)
-    k = jax.ShapeDtypeStruct(k_shape, dtype)
+    q, k = check_qkv_shapes(q_shape, k_shape, dtype, self_attention=True)
     plan = _make_plan(q, k, None, 128, 128, None, 2, False, platform="tpu")
     isz = jnp.dtype(dtype).itemsize
     dp, g, tp, bq, bk = plan.dp, plan.group, plan.t_pad, plan.bq, plan.bk
