@@ -206,6 +206,16 @@ def check_qkv(q, k, v, *, self_attention: bool) -> None:
         raise ValueError(f"q, k, v must be floating point, got {q.dtype}")
 
 
+def is_float_dtype(dtype) -> bool:
+    """``dtype`` names a real floating dtype (``None``, strings that name no dtype: False)."""
+    if dtype is None:
+        return False
+    try:
+        return bool(jnp.issubdtype(jnp.dtype(dtype), jnp.floating))
+    except TypeError:
+        return False
+
+
 def check_qkv_shapes(q_shape, k_shape, dtype, *, self_attention: bool):
     """The attention VMEM estimators' arguments: ``(q, k)`` as ``jax.ShapeDtypeStruct`` s, or a
     ``ValueError`` naming the argument.  ``q_shape`` / ``k_shape``: 4 positive ints ``(B, T, H, D)``
@@ -217,13 +227,9 @@ def check_qkv_shapes(q_shape, k_shape, dtype, *, self_attention: bool):
         if not isinstance(shp, (tuple, list)) or len(shp) != 4:
             raise ValueError(f"{name} must be 4 positive ints (B, T, H, D), got {shp!r}")
         shapes.append(tuple(check_int(f"{name}[{i}]", v) for i, v in enumerate(shp)))
-    try:
-        dt = jnp.dtype(dtype)
-    except TypeError:
-        dt = None
-    if dtype is None or dt is None or not jnp.issubdtype(dt, jnp.floating):
+    if not is_float_dtype(dtype):
         raise ValueError(f"dtype must be a floating dtype (that of q / k / v), got {dtype!r}")
-    q, k = (jax.ShapeDtypeStruct(shp, dt) for shp in shapes)
+    q, k = (jax.ShapeDtypeStruct(shp, jnp.dtype(dtype)) for shp in shapes)
     check_qkv(q, k, k, self_attention=self_attention)
     return q, k
 

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._common import check_flag, check_qkv
+from .._common import check_flag, check_int, check_qkv, shape_of
 
 
 def attention_mask(tq: int, tk: int, causal: bool = True, window: int | None = None,
@@ -21,10 +21,17 @@ def attention_mask(tq: int, tk: int, causal: bool = True, window: int | None = N
 
     Query ``i`` is at position ``Tk - Tq + i``.  causal: ``j <= pos``; with
     ``window`` w: ``pos - w < j`` (non-causal: ``|pos - j| < w``); with segment
-    ids ``q_ids [B, Tq]`` / ``kv_ids [B, Tk]``: ``q_ids[i] == kv_ids[j]``.  ``window``: as for the
-    kernel (:func:`static_window`: a window <= 0 hid every key, silently).
+    ids ``q_ids [B, Tq]`` / ``kv_ids [B, Tk]``: ``q_ids[i] == kv_ids[j]`` (``kv_ids`` None:
+    ``q_ids``, which needs ``Tq == Tk``).  ``window``: as for the kernel (:func:`static_window`: a
+    window <= 0 hid every key, silently).  ``tq`` / ``tk``: ints >= 0 (numpy ints too), ``causal``
+    a bool; each bad argument is a ``ValueError`` naming it.
     """
+    tq, tk = check_int("tq", tq, minimum=0), check_int("tk", tk, minimum=0)
+    causal = check_flag("causal", causal)
     window = static_window(window)
+    if q_ids is not None:
+        kv_ids = q_ids if kv_ids is None else kv_ids
+        check_ids(q_ids, kv_ids, (shape_of(q_ids) or (None,))[0], tq, tk)
     pos = (tk - tq) + jnp.arange(tq, dtype=jnp.int32)[:, None]
     j = jnp.arange(tk, dtype=jnp.int32)[None, :]
     mask = jnp.ones((tq, tk), dtype=bool)
@@ -36,8 +43,6 @@ def attention_mask(tq: int, tk: int, causal: bool = True, window: int | None = N
             mask &= j < pos + window
     mask = mask[None]
     if q_ids is not None:
-        if kv_ids is None:
-            kv_ids = q_ids
         mask = mask & (q_ids[:, :, None] == kv_ids[:, None, :])
     return mask
 

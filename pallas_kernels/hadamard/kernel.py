@@ -46,8 +46,8 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from .._common import (KernelPlan, by_platform, compiler_params, resolve_interpret, round_up, select_plan,
-                       tpu_tile_bytes)
+from .._common import (KernelPlan, by_platform, check_int, compiler_params, is_float_dtype, resolve_interpret,
+                       round_up, select_plan, tpu_tile_bytes)
 from .reference import factor_matrix, split_size, sylvester
 
 _CHUNK = 128      # dense chunk of the power-of-two part (one MXU tile / a wgmma-friendly width)
@@ -230,7 +230,12 @@ def _outer_factor(n: int) -> np.ndarray:
 
 def tpu_vmem_bytes(n, dtype, rows=4096) -> dict:
     """VMEM the TPU block specs imply per grid step (double-buffered input, output and the
-    ``H_c`` block; in-kernel float32 temporaries not counted)."""
+    ``H_c`` block; in-kernel float32 temporaries not counted).  ``n``: the transformed size (as
+    :func:`hadamard_transform` takes it), ``dtype``: x's floating dtype, ``rows``: the leading
+    rows of x (a positive int); a bad one is a ``ValueError`` naming it."""
+    rows = check_int("rows", rows)
+    if not is_float_dtype(dtype):
+        raise ValueError(f"dtype must be a floating dtype (that of x), got {dtype!r}")
     m, p = kernel_split(n)
     plan = _make_plan(p, rows * m, dtype, 1.0, False, platform="tpu")
     isz = jnp.dtype(dtype).itemsize

@@ -128,8 +128,20 @@ def hadamard_matrix(n: int) -> np.ndarray:
 
 def hadamard_reference(x, *, scale=None):
     """``scale * x @ H_n`` over the last axis in float32 (``scale`` defaults to ``n ** -0.5``,
-    the orthonormal transform).  x ``[..., n]`` -> float32 ``[..., n]``."""
+    the orthonormal transform).  x ``[..., n]`` -> float32 ``[..., n]``.  Checked as
+    :func:`~.kernel.hadamard_transform` checks its arguments (a floating ``x``; a concrete
+    ``scale`` a finite real number, else ``ValueError``); a traced ``scale`` is used unchecked (the
+    oracle is plain JAX and may be differentiated in it)."""
+    from .kernel import _static_scale
+
+    dtype = getattr(x, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating) or getattr(x, "ndim", 0) < 1:
+        raise ValueError(f"x must be a floating-point array [..., n], got dtype {dtype} and "
+                         f"shape {getattr(x, 'shape', None)}")
     n = x.shape[-1]
     h = jnp.asarray(hadamard_matrix(n), jnp.float32)
-    s = n ** -0.5 if scale is None else scale
+    if isinstance(scale, jax.core.Tracer):
+        s = scale
+    else:
+        s = n ** -0.5 if scale is None else _static_scale(scale)
     return jnp.matmul(x.astype(jnp.float32), h, precision=jax.lax.Precision.HIGHEST) * s

@@ -23,7 +23,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .._common import check_flag, check_qkv, is_int
+from .._common import check_flag, check_int, check_qkv, is_int
 from ..flash_attention.reference import reference_sm_scale
 
 
@@ -42,6 +42,11 @@ def _validate(q, k, v, block_size, q_offset=None) -> None:
     if q_offset is None and tq > t:
         raise ValueError(f"q has more positions than k (Tq={tq} > T={t}): the queries are the last Tq "
                          "of the T key positions unless q_offset is given")
+    _check_q_offset(q_offset, tq, t)
+
+
+def _check_q_offset(q_offset, tq: int, t: int) -> None:
+    """None, or an integer scalar (may be traced) in ``[0, T - Tq]`` when concrete."""
     if q_offset is not None and (getattr(q_offset, "ndim", 0) != 0 or not (
             is_int(q_offset) or jnp.issubdtype(getattr(q_offset, "dtype", bool), jnp.integer))):
         # a float (1.5) made fractional positions: blocks and causal edges off, silently
@@ -76,16 +81,23 @@ def landmark_masks(t: int, block_size: int, tq: int | None = None, q_offset=None
     """Index structure for keys ``0..T-1`` and queries at ``q_offset + i`` (default: the last
     ``tq`` positions; ``tq = T``: self-attention).  ``chunk_len`` (a multiple of
     ``block_size``): a query sees only the keys of its own chunk (positions
-    ``[c * chunk_len, (c + 1) * chunk_len)``).
+    ``[c * chunk_len, (c + 1) * chunk_len)``).  ``t`` / ``tq``: positive ints (numpy ints too),
+    ``q_offset``: an integer scalar (may be traced) in ``[0, t - tq]``; a bad argument is a
+    ``ValueError`` naming it.
 
     Returns ``(blk_k [T], is_landmark [T], q_blk [Tq], early [Tq, T], current [Tq, T])``:
     ``early[i, j]``: key ``j`` is a non-landmark key of a block before query ``i``'s (and in
     its chunk);
     ``current[i, j]``: key ``j <= pos_i`` is a non-landmark key of query ``i``'s block.
     """
+    t, tq = check_int("t", t), check_int("tq", tq, none_ok=True)
     check_block_size(block_size)
     _check_chunk_len(chunk_len, block_size)
     tq = t if tq is None else tq
+    if q_offset is None and tq > t:
+        raise ValueError(f"tq={tq} > t={t}: the queries are the last tq of the t key positions "
+                         f"unless q_offset is given")
+    _check_q_offset(q_offset, tq, t)
     q_offset = t - tq if q_offset is None else q_offset
     pos = jnp.arange(t)
     qpos = q_offset + jnp.arange(tq)

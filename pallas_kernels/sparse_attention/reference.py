@@ -29,6 +29,9 @@ def sparse_mask(q_labels, k_labels, hq: int, hkv: int):
 
     Labels: ``[B, T, Hq]`` / ``[B, T, Hkv]`` (bucket ids, or any comparable ids); other shapes
     (or ``Hq % Hkv != 0``) raise a ``ValueError`` naming the argument."""
+    for name, lab in (("q_labels", q_labels), ("k_labels", k_labels)):
+        if not (hasattr(lab, "shape") and hasattr(lab, "dtype")):  # e.g. a (nested) list
+            raise ValueError(f"{name} must be an array [B, T, H], got {type(lab).__name__}")
     qs, ks = shape_of(q_labels), shape_of(k_labels)
     if not (is_int(hkv) and is_int(hq) and hkv >= 1 and hq >= 1 and hq % hkv == 0):
         raise ValueError(f"hq and hkv must be positive ints with hq % hkv == 0, got hq={hq!r}, hkv={hkv!r}")
