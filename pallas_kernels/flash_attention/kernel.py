@@ -476,7 +476,12 @@ def _tile_bytes(shape, itemsize: int) -> int:
 def tpu_vmem_bytes(q_shape, k_shape, dtype, *, segments=False, block_sizes=None) -> dict:
     """VMEM the TPU block specs imply per grid step, per kernel (inputs and outputs,
     double-buffered by the Pallas pipeline; in-kernel temporaries such as the ``S`` tile
-    and the accumulators not counted).  ``{"flash_attention_fwd": bytes, ...}``."""
+    and the accumulators not counted).  ``{"flash_attention_fwd": bytes, ...}``.
+
+    ``q_shape`` ``(B, Tq, Hq, D)`` / ``k_shape`` ``(B, Tk, Hkv, D)``: positive ints (numpy ints too) with
+    ``Hq % Hkv == 0``; ``dtype``: q/k/v's floating dtype; ``segments``: a bool, segment ids given;
+    ``block_sizes``: a :class:`BlockSizes` or None (the default for the head dim).  A bad argument
+    is a ``ValueError`` naming it."""
     q, k = check_qkv_shapes(q_shape, k_shape, dtype, self_attention=False)
     bs = BlockSizes.get_default(q.shape[-1]) if block_sizes is None else block_sizes
     _check_block_sizes(bs)
@@ -821,7 +826,8 @@ def _flash_attention(q, k, v, *, causal, segment_ids, window, sm_scale, block_si
 
 def forward_with_stats(q, k, v, *, causal=True, segment_ids=None, window=None, sm_scale=None,
                        block_sizes=None, interpret=None):
-    """Debug forward: ``(o_padded [B, Tq_pad, Hq, Dp], lse [B, Hq, Tq_pad], visited [B, Hq, nq])``.
+    """Debug forward: ``(o_padded [B, Tq_pad, Hq, Dp], lse [B, Hq, Tq_pad], visited [B, Hq, nq])``;
+    arguments as :func:`flash_attention` (GPU layout only: ``pltpu.InterpretParams`` is refused).
 
     ``visited`` counts the kv blocks whose body actually ran for each q-block
     (after the analytic range and the segment-bounds test), so tests can check

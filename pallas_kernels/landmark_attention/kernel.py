@@ -439,7 +439,11 @@ def landmark_attention(q, k, v, *, block_size, sm_scale=None, interpret=None, bl
 
 def tpu_vmem_bytes(q_shape, k_shape, dtype, *, block_size: int) -> dict:
     """VMEM the TPU block specs imply per grid step, per kernel (double-buffered inputs and
-    outputs; in-kernel temporaries not counted).  ``ValueError`` unless ``block_size`` is an int >= 2."""
+    outputs; in-kernel temporaries not counted).
+
+    ``q_shape`` ``(B, Tq, Hq, D)`` / ``k_shape`` ``(B, Tk, Hkv, D)``: positive ints (numpy ints too) with
+    ``Tq == Tk`` and ``Hq % Hkv == 0``, as the kernel takes them; ``dtype``: q/k/v's floating dtype;
+    ``block_size``: an int >= 2.  A bad argument is a ``ValueError`` naming it."""
     check_block_size(block_size)
     q, k = check_qkv_shapes(q_shape, k_shape, dtype, self_attention=True)
     plan = _make_plan(q, k, block_size, None, 128, None, 2, False, platform="tpu")

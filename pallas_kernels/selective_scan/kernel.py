@@ -956,7 +956,11 @@ def tpu_vmem_bytes(batch, length, dim, n, *, groups=None, dtype=jnp.bfloat16, z=
 
     ``dtype`` is that of x / dt / z (and y, dx, dz, the cotangent dy); B, C, A, D and
     dt_bias reach the TPU kernels as float32.  ``groups``: the B/C group count (``None``:
-    no group axis).  ``{"selective_scan_chunk_states": bytes, "selective_scan_fwd": bytes,
+    no group axis).  ``batch``, ``length``, ``dim``, ``n``: x's ``[B, L, D]`` and A's ``N``
+    (positive ints, numpy ints too); ``z`` / ``initial_state`` / ``segments``: bools, whether the
+    call passes that argument (``segments``: segment_ids); ``chunk_size`` / ``block_d``: as for
+    :func:`selective_scan`.  A bad argument is a ``ValueError`` naming it.
+    ``{"selective_scan_chunk_states": bytes, "selective_scan_fwd": bytes,
     "selective_scan_bwd": bytes}``.
     """
     batch, length, dim, n = (check_int(name, v) for name, v in (

@@ -152,7 +152,8 @@ def selective_state_update(state, x, dt, A, B, C, *, D=None, z=None, dt_bias=Non
 
     ``state [B, D, N]``, ``x, dt, z [B, D]``, ``A [D, N]``, ``B, C [B, N]`` or
     ``[B, G, N]``, ``D, dt_bias [D]``.  Returns ``(y [B, D] in x.dtype, new_state
-    [B, D, N] in state.dtype)``; math in float32.  ``A`` must be ``<= 0`` (a concrete
+    [B, D, N] in state.dtype)``; math in float32.  ``dt`` is ``softplus?(dt + dt_bias)``
+    (``dt_softplus`` a bool), as in the scan.  ``A`` must be ``<= 0`` (a concrete
     positive entry raises a ``ValueError``; a traced one is not checked).
     """
     # every shape derives from the arguments that define it (x: B, D; A: N), so a mismatch

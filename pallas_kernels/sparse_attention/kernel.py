@@ -792,7 +792,11 @@ def causal_tile_count(t, *, block_q=64, block_k=64, platform="gpu"):
 # ---------------------------------------------------------------------------- VMEM
 def tpu_vmem_bytes(q_shape, k_shape, dtype) -> dict:
     """VMEM the TPU block specs imply per grid step, per kernel (double-buffered inputs and
-    outputs; in-kernel temporaries not counted; the SMEM tile tables not included)."""
+    outputs; in-kernel temporaries not counted; the SMEM tile tables not included).
+
+    ``q_shape`` ``(B, Tq, Hq, D)`` / ``k_shape`` ``(B, Tk, Hkv, D)``: positive ints (numpy ints too) with
+    ``Tq == Tk`` and ``Hq % Hkv == 0``, as the kernels take them; ``dtype``: q/k/v's floating dtype.
+    A bad argument is a ``ValueError`` naming it."""
     q, k = check_qkv_shapes(q_shape, k_shape, dtype, self_attention=True)
     plan = _make_plan(q, k, None, 128, 128, None, 2, False, platform="tpu")
     isz = jnp.dtype(dtype).itemsize

@@ -727,7 +727,8 @@ def tpu_vmem_bytes(x_shape, bc_shape, dtype=jnp.float32, *, chunk_size=64,
     double-buffered by the Pallas pipeline; in-kernel temporaries (the ``[Q, Q]`` decay and
     ``C B^T`` tiles, ~5 of them in the backward) are not counted.
 
-    ``x_shape = (B, L, H, P)``, ``bc_shape = (B, L, G, N)``; ``dtype`` of x/B/C.  Returns
+    ``x_shape = (B, L, H, P)``, ``bc_shape = (B, L, G, N)``; ``dtype`` of x/B/C; ``chunk_size`` as
+    for :func:`ssd`; ``segments``: a bool, segment_ids given.  Returns
     ``{"ssd_chunk_state": bytes, "ssd_chunk_scan": ..., "ssd_chunk_state_grad": ...,
     "ssd_chunk_bwd": ...}`` (read off the block specs while tracing the TPU variant).
     """

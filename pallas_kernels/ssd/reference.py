@@ -139,7 +139,8 @@ def ssd_state_update(state, x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_
 
     ``state [B, H, P, N]``, ``x, z [B, H, P]``, ``dt [B, H]``, ``A [H]``, ``B, C
     [B, G, N]``, ``D [H]`` or ``[H, P]``, ``dt_bias [H]``.  Returns ``(y [B, H, P]
-    in x.dtype, new_state [B, H, P, N] in state.dtype)``; math in float32.  ``A`` must be
+    in x.dtype, new_state [B, H, P, N] in state.dtype)``; math in float32.  ``dt`` is
+    ``softplus?(dt + dt_bias)`` (``dt_softplus`` a bool), as in the scan.  ``A`` must be
     ``<= 0`` (a concrete positive entry raises a ``ValueError``; a traced one is not checked).
     """
     # every shape derives from the arguments that define it (x: B, H, P; B: G, N), so a
