@@ -163,7 +163,8 @@ def test_flash_attention_mask_checks_its_arguments():
         with pytest.raises(ValueError, match=r"tq must be an int >= 0"):
             attention_mask(bad, 3)
     ids = jnp.zeros((1, 3), jnp.int32)
-    np.testing.assert_array_equal(attention_mask(3, 3, True, None, ids), attention_mask(3, 3, True, None, ids, ids))
+    np.testing.assert_array_equal(attention_mask(3, 3, True, None, ids),
+                                  attention_mask(3, 3, True, None, ids, ids))
     with pytest.raises(ValueError, match=r"segment_ids \(kv ids\) must have shape \[B, T\] = \(1, 4\)"):
         attention_mask(3, 4, True, None, ids, ids)
 

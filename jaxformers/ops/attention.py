@@ -4,9 +4,9 @@
 
 q ``[B, Tq, Hq, D]``, k/v ``[B, Tk, Hkv, D]`` with ``Hq % Hkv == 0`` (GQA: query
 head h reads kv head ``h // (Hq // Hkv)``), all three of one floating dtype on every
-implementation (``ValueError`` otherwise: cast e.g. a KV cache to ``q.dtype`` first).  Query i sits at absolute position
-``q_offset + i`` (default ``Tk - Tq``: queries aligned with the last keys) and
-sees key j when
+implementation (``ValueError`` otherwise: cast e.g. a KV cache to ``q.dtype`` first).
+Query i sits at absolute position ``q_offset + i`` (default ``Tk - Tq``: queries aligned
+with the last keys) and sees key j when
 
     causal:      j <= q_offset + i
     window w:    j >  q_offset + i - w        (|i - j| < w when not causal)
