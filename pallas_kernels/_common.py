@@ -277,6 +277,26 @@ def is_int(x) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
+def concrete_real(name: str, value, why: str, rule: str = "a real scalar") -> float:
+    """``value`` as a Python float: a concrete real scalar (a Python / numpy number or a 0-d
+    array; not a bool or a string, which ``float()`` would read).  ``ValueError`` naming ``name``
+    otherwise; a traced value gets its own message (``why`` says why it must be concrete, e.g.
+    "baked into the kernel"; ``rule`` what the error says it must be).  Finiteness and range are
+    the caller's to check."""
+    if isinstance(value, float):
+        return value
+    if isinstance(value, (str, bytes, bool, np.bool_)):
+        raise ValueError(f"{name} must be {rule} (Python float) or None, got {value!r}")
+    try:
+        arr = np.asarray(value)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        raise ValueError(f"{name} must be a concrete number ({why}), got a traced value: pass a Python "
+                         "float, or compute it outside jit") from None
+    if arr.shape != () or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise ValueError(f"{name} must be {rule} (Python float) or None, got {value!r}")
+    return float(arr)
+
+
 def check_int(name: str, value, *, minimum: int = 1, pow2: bool = False, none_ok: bool = False):
     """``value`` as a Python int (``None`` passed through when ``none_ok``), or a ``ValueError``
     naming ``name`` and the allowed values.

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._common import check_flag, check_int, check_qkv, shape_of
+from .._common import check_flag, check_int, check_qkv, concrete_real, shape_of
 
 
 def attention_mask(tq: int, tk: int, causal: bool = True, window: int | None = None,
@@ -109,17 +109,7 @@ def static_sm_scale(sm_scale):
     """
     if sm_scale is None:
         return None
-    if isinstance(sm_scale, float):
-        return _positive_scale(sm_scale)
-    try:
-        value = np.asarray(sm_scale)
-    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-        raise ValueError("sm_scale must be a concrete number (a static argument of the kernels), "
-                         "got a traced value: pass a Python float, or compute it outside jit") from None
-    if value.shape != () or value.dtype == bool or not (np.issubdtype(value.dtype, np.floating)
-                                                        or np.issubdtype(value.dtype, np.integer)):
-        raise ValueError(f"sm_scale must be a real scalar (Python float) or None, got {sm_scale!r}")
-    return _positive_scale(float(value))
+    return _positive_scale(concrete_real("sm_scale", sm_scale, "a static argument of the kernels"))
 
 
 def _positive_scale(value: float) -> float:

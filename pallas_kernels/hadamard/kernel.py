@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -46,8 +47,8 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from .._common import (KernelPlan, by_platform, check_int, compiler_params, is_float_dtype, resolve_interpret,
-                       round_up, select_plan, tpu_tile_bytes)
+from .._common import (KernelPlan, by_platform, check_int, compiler_params, concrete_real, is_float_dtype,
+                       resolve_interpret, round_up, select_plan, tpu_tile_bytes)
 from .reference import factor_matrix, split_size, sylvester
 
 _CHUNK = 128      # dense chunk of the power-of-two part (one MXU tile / a wgmma-friendly width)
@@ -161,20 +162,10 @@ def _static_scale(scale) -> float:
     """``scale`` as a Python float (static: baked into the kernel): a concrete finite real scalar
     (Python / numpy number or 0-d array).  A string (``float("0.5")`` would read it), a bool, a
     complex or non-scalar value, NaN / inf (an all-NaN output) or a traced value: ``ValueError``."""
-    what = f"scale must be a finite real number (Python float) or None, got {scale!r}"
-    if isinstance(scale, (str, bytes, bool, np.bool_)):
-        raise ValueError(what)
-    try:
-        value = np.asarray(scale)
-    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-        raise ValueError("scale must be a concrete number (baked into the kernel), got a traced "
-                         "value: pass a Python float, or compute it outside jit") from None
-    if value.shape != () or not (np.issubdtype(value.dtype, np.floating)
-                                 or np.issubdtype(value.dtype, np.integer)):
-        raise ValueError(what)
-    if not np.isfinite(value):
-        raise ValueError(what)
-    return float(value)
+    value = concrete_real("scale", scale, "baked into the kernel", "a finite real number")
+    if not math.isfinite(value):
+        raise ValueError(f"scale must be a finite real number (Python float) or None, got {scale!r}")
+    return value
 
 
 def hadamard_transform(x, *, scale=None, interpret=None):
