@@ -30,6 +30,7 @@ from jaxformers.training.steps import loss_with_aux
 from jaxformers.training.losses import cross_entropy
 
 from multidevice import REPO, run_on_devices
+from test_extension_points import _decode_matches_forward
 
 
 # --------------------------------------------------------------- the architecture (user code)
@@ -155,15 +156,7 @@ def test_forward_decode_and_aux(archs, name, over):
     m = jf.build(c)
     params = jf.init_params(m, jax.random.PRNGKey(0))
     tok = _tokens()
-    full = m.apply({"params": params}, tok)
-    cache = jf.init_cache(m, 2, 16)
-    step = jax.jit(lambda p, t, cache: m.apply({"params": p}, t, cache=cache))
-    logits, cache = step(params, tok[:, :5], cache)
-    outs = [logits]
-    for i in range(5, tok.shape[1]):
-        logits, cache = step(params, tok[:, i:i + 1], cache)
-        outs.append(logits)
-    np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=3e-5, rtol=1e-5)
+    _decode_matches_forward(m, params, tok, atol=3e-5)
     out = jf.generate(m, {"params": params}, tok[:, :4], 6, rng=0)
     assert out.shape == (2, 10)
     _, state = m.apply({"params": params}, tok, mutable=["losses"])
