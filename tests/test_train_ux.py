@@ -171,19 +171,34 @@ def test_dropout_changes_training_losses_not_eval(env, base_run):
     assert float(loss(k1)) == float(loss(k1)) != float(loss(k2))
 
 
-@pytest.mark.parametrize("model", ["hash_sparse", "landmark", "cotformer"])
-def test_attn_dropout_on_a_model_that_cannot_apply_it_is_an_error_in_training(model):
-    """Their attention (a sparse / landmark kernel, CoTFormer's repeat attention) has no attention
-    dropout: training with it asks for a change instead of silently ignoring it; evaluation runs."""
-    config = jf.get_config(model, "tiny", attn_dropout=0.1)
+def _training_refuses_attn_dropout(config, match):
+    """Evaluation (no dropout rng) runs; training with ``attn_dropout`` raises ``match``; with
+    ``attn_dropout=0`` residual dropout still trains."""
     module = jf.build(config)
     tokens = jnp.zeros((2, 16), jnp.int32)
     variables = module.init(jax.random.PRNGKey(0), tokens)
     module.apply(variables, tokens)  # no dropout rng: evaluation / generation
-    with pytest.raises(ValueError, match=r"attn_dropout=0.1.*does not implement attention dropout"):
+    with pytest.raises(ValueError, match=match):
         module.apply(variables, tokens, rngs={"dropout": jax.random.PRNGKey(1)})
     module = jf.build(config.replace(attn_dropout=0.0, dropout=0.1))  # residual dropout still applies
     module.apply(variables, tokens, rngs={"dropout": jax.random.PRNGKey(1)})
+
+
+@pytest.mark.parametrize("model", ["hash_sparse", "landmark", "cotformer"])
+def test_attn_dropout_on_a_model_that_cannot_apply_it_is_an_error_in_training(model):
+    """Their attention (a sparse / landmark kernel, CoTFormer's repeat attention) has no attention
+    dropout: training with it asks for a change instead of silently ignoring it; evaluation runs."""
+    _training_refuses_attn_dropout(jf.get_config(model, "tiny", attn_dropout=0.1),
+                                   r"attn_dropout=0.1.*does not implement attention dropout")
+
+
+@pytest.mark.parametrize("model, overrides", [("mamba", {}), ("mamba2", {}), ("hybrid", {"attn_every": None})])
+def test_attn_dropout_on_a_model_without_attention_is_an_error_in_training(model, overrides):
+    """Audit 50: a pure Mamba / Mamba-2 model (or a hybrid without attention layers) trained with
+    ``attn_dropout`` silently ignored it (ModelConfig documents a ValueError)."""
+    config = jf.get_config(model, "tiny", attn_dropout=0.1, n_layer=1, d_model=32, **overrides)
+    assert config.n_attention_layers == 0
+    _training_refuses_attn_dropout(config, r"attn_dropout=0.1: model .* has no attention layers")
 
 
 def test_init_from_run_starts_at_its_loss(env, base_run, capsys, caplog):
