@@ -3,7 +3,6 @@ its docstrings / README say (the attn_dropout refusal of models without attentio
 tests/test_train_ux.py)."""
 import jax
 import jax.numpy as jnp
-import pytest
 
 import jaxformers as jf
 
