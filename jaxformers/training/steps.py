@@ -334,10 +334,18 @@ class Program:
 
     def init_from(self, params):
         """``(params, fresh opt_state)`` starting from given ``params`` (converted or pretrained
-        weights of exactly this module's tree), placed with the parameter shardings."""
+        weights of exactly this module's tree), placed with the parameter shardings.  Always a copy
+        on the devices: :meth:`train_step` donates the arrays it is given, and ``params`` stay the
+        caller's (``device_put`` may return a jax array's own buffer, on one device or on every
+        device of a replicated sharding, even with ``may_alias=False``: the first step deleted it,
+        and ``train(..., init_params=p)`` left ``p`` deleted)."""
         self.check_params(params, "init params")
         params = jax.device_put(jax.tree.map(lambda a, p: jnp.asarray(p, a.dtype), self.abstract_params, params),
                                 self.param_shardings)
+        copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t), in_shardings=(self.param_shardings,),
+                       out_shardings=self.param_shardings)
+        with mesh_lib.use_mesh(self.mesh):
+            params = copy(params)
         return params, (None if self.tx is None else self.init_opt_state(params))
 
     # ------------------------------------------------------------------ train step
