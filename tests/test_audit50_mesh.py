@@ -21,7 +21,7 @@ numbers without an error.
 The gradients come out of the optimizer state: ``optax.chain(optax.trace(decay=0), scale(0))``
 keeps the step's exact gradient in its state (sharded like the parameters) and leaves the
 parameters as they are.  Float32, matmuls at highest precision: a loss within 1e-5 relative and
-every gradient leaf within 1e-3 of its largest entry (measured: <= 1e-6 and <= 6e-5).
+every gradient leaf within 1e-3 of its largest entry (measured: <= 4e-7 and <= 6e-5).
 
 The fast test runs the kernel path of one family per :func:`kernel_map` call site (quarot:
 flash attention with GQA and the Hadamard kernel; hash_sparse, landmark, mamba, mamba2) on
@@ -134,8 +134,8 @@ SCRIPT = textwrap.dedent('''
                 res[mesh] = {{"error": f"{{type(e).__name__}}: {{e}}"[:2000]}}
                 continue
             leaves = jax.tree_util.tree_leaves_with_path(g0)
-            rel = {{jax.tree_util.keystr(k): float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(a))), 1e-30))
-                   for (k, a), b in zip(leaves, jax.tree.leaves(g1))}}
+            rel = {{jax.tree_util.keystr(k): float(np.max(np.abs(a - b)) / max(np.max(np.abs(a)), 1e-30))
+                   for (k, a), b in zip(leaves, jax.tree.leaves(g1))}}  # of the leaf's largest entry
             worst = max(rel, key=rel.get)
             res[mesh] = {{"dloss": abs(l1 - l0) / abs(l0), "dnorm": abs(n1 - n0) / n0, "dgrad": rel[worst],
                          "worst": worst, "n_leaves": len(rel), "finite": bool(np.isfinite(l0) and n0 > 0)}}
@@ -174,9 +174,11 @@ def check(out, meshes):
             r = res[mesh]
             if "error" in r:
                 bad.append(f"{key} on {mesh}: {r['error']}")
-            elif not r["finite"] or r["dloss"] > LOSS_RTOL or r["dnorm"] > NORM_RTOL or r["dgrad"] > GRAD_RTOL:
+            elif not r["finite"] or r["dloss"] > LOSS_RTOL or r["dnorm"] > NORM_RTOL \
+                    or r["dgrad"] > GRAD_RTOL:
                 bad.append(f"{key} on {mesh}: loss {r['dloss']:.2e}, grad norm {r['dnorm']:.2e}, gradient "
-                           f"{r['dgrad']:.2e} ({r['worst']}) relative differences (one device: loss {res['loss']})")
+                           f"{r['dgrad']:.2e} ({r['worst']}) relative differences "
+                           f"(one device: loss {res['loss']})")
     assert not bad, "\n".join(bad)
 
 
@@ -199,7 +201,8 @@ HARD = [  # (family, kernels, overrides)
     ("mamba2", True, dict(n_groups=2)),  # B/C groups split with their heads
     ("quarot", True, dict(a_bits=8, a_groupsize=16, kv_bits=4)),  # online quantizers
     ("layer_parallel", True, dict(base_model="llama", n_kv_head=2, mlp="swiglu", d_ff=64, norm="rmsnorm")),
-    ("gpt", True, dict(packed=True)), ("mamba2", True, dict(packed=True)), ("hash_sparse", True, dict(packed=True)),
+    ("gpt", True, dict(packed=True)), ("mamba2", True, dict(packed=True)),
+    ("hash_sparse", True, dict(packed=True)),
     ("llama", True, dict(scan_layers=True, remat="full", grad_accum=2)),
     ("mamba2", True, dict(scan_layers=True, remat="full", grad_accum=2)),
 ]

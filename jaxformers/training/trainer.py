@@ -429,8 +429,8 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, resume: bool 
     :func:`~jaxformers.training.steps.train_step` (see :class:`Program`), e.g.
     :class:`jaxformers.training.doge.DogeStep`; pass it again to resume.  ``init_params``:
     start from these parameters (this model's tree, e.g. converted weights; copied: they stay
-    usable) with a fresh optimizer instead of a random init (ignored when resuming from a checkpoint).  See the
-    module docstring for the run directory, resume and reproducibility rules.
+    usable) with a fresh optimizer instead of a random init (ignored when resuming from a
+    checkpoint).  See the module docstring for the run directory, resume and reproducibility rules.
     """
     if not isinstance(model_config, ModelConfig):
         raise ValueError(f"model_config must be a ModelConfig, got {type(model_config).__name__}")
