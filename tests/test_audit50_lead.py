@@ -107,3 +107,18 @@ def test_info_imports_a_module_of_your_own(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         info.main(["--import", "audit50_no_such_module", "--model", "gpt"])
     assert e.value.code == 2 and "--import audit50_no_such_module: ModuleNotFoundError" in capsys.readouterr().err
+
+
+def test_training_integer_weights_is_refused_by_name():
+    """A QuaRot ``int_linears`` model (integer weights) given an optimizer failed inside ``jax.grad``
+    ("grad requires real- or complex-valued inputs ... uint8"); ``Program`` names the parameters.
+    Without an optimizer (evaluation, generation) it still builds."""
+    import optax
+    import jaxformers as jf
+    from jaxformers.training import Program, make_mesh
+
+    config = jf.get_config("quarot", "tiny", int_linears=True, n_layer=1, d_model=32, n_head=2, vocab_size=64)
+    module = jf.build(config)
+    with pytest.raises(ValueError, match=r"parameter\(s\) are not floating point, e\.g\. .*cannot be trained"):
+        Program(module, make_mesh("data=1"), tx=optax.sgd(0.1))
+    Program(module, make_mesh("data=1"))

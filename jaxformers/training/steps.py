@@ -223,6 +223,18 @@ def _batch_signature(batch) -> tuple:
     return tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in batch.items()))
 
 
+def _check_trainable(abstract_params) -> None:
+    """``ValueError`` naming them when some parameters are not floating point (a QuaRot
+    ``int_linears`` model's integer weights): training them failed inside ``jax.grad`` ("grad
+    requires real- or complex-valued inputs")."""
+    ints = [f"{jax.tree_util.keystr(k)} ({a.dtype})" for k, a in jax.tree_util.tree_leaves_with_path(abstract_params)
+            if not jnp.issubdtype(a.dtype, jnp.inexact)]
+    if ints:
+        raise ValueError(f"{len(ints)} parameter(s) are not floating point, e.g. {', '.join(ints[:2])} "
+                         "(quantized integer weights): they cannot be trained; train the float model and "
+                         "quantize it after (e.g. a quarot config with int_linears=False)")
+
+
 class Program:
     """The step functions of one module on one mesh: shardings, init, compiled train/eval steps.
 
@@ -264,6 +276,7 @@ class Program:
         self.micro_sharding = NamedSharding(mesh, P(None, mesh_lib.BATCH_AXES))
         self.abstract_opt = self.opt_shardings = None
         if tx is not None:
+            _check_trainable(self.abstract_params)
             self.abstract_opt = jax.eval_shape(tx.init, self.abstract_params)
             self.opt_shardings = mesh_lib.fit_shardings(
                 mesh_lib.opt_state_shardings(tx, self.abstract_opt, self.param_shardings, mesh),
