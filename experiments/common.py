@@ -162,6 +162,15 @@ def import_modules(names) -> None:
             raise ValueError(f"--import {name}: {type(e).__name__}: {e} ({where.filename}:{where.lineno})") from e
 
 
+def import_or_exit(ap, args) -> None:
+    """:func:`import_modules` of ``args.imports`` (``--import``); a failed import is ``ap.error``
+    (usage, exit 2) naming the module."""
+    try:
+        import_modules(args.imports)
+    except ValueError as e:
+        ap.error(str(e))
+
+
 def usage_error(ap, message: str):
     """``ap.error(message)`` (usage, exit 2) -- for a check that needs a loaded model (``--run``);
     ``SystemExit(message)`` when called without a parser (``ap=None``)."""

@@ -50,13 +50,10 @@ def main(argv=None) -> int:
                          "positions (a multiple of the landmark block); --seq-len may then exceed the trained length")
     ap.add_argument("--memory-top-k", type=int, metavar="K",
                     help="with --memory-chunk: blocks retrieved per token and head (default: the model's mem_top_k)")
-    from experiments.common import add_import_flag, import_modules
+    from experiments.common import add_import_flag, import_or_exit
     add_import_flag(ap)
     args = ap.parse_args(argv)
-    try:  # a run of your own architecture: the module that registers it
-        import_modules(args.imports)
-    except ValueError as e:
-        ap.error(str(e))
+    import_or_exit(ap, args)  # your own architecture: the module that registers it
     if args.memory_top_k is not None and args.memory_chunk is None:
         ap.error("--memory-top-k needs --memory-chunk")
     # usage errors name the flag (evaluate() would name its parameter: batch_size, max_batches)

@@ -120,13 +120,10 @@ def main(argv=None) -> int:
                          "(a multiple of landmark_block): no length limit")
     ap.add_argument("--memory-top-k", type=int, metavar="K",
                     help="with --memory-chunk: blocks retrieved per token and head (default: the model's mem_top_k)")
-    from experiments.common import add_import_flag, import_modules
+    from experiments.common import add_import_flag, import_or_exit
     add_import_flag(ap)
     args = ap.parse_args(argv)
-    try:  # a run of your own architecture: the module that registers it
-        import_modules(args.imports)
-    except ValueError as e:
-        ap.error(str(e))
+    import_or_exit(ap, args)  # your own architecture: the module that registers it
     args.run = os.path.expanduser(args.run)  # as load_run reads it (a "~" the shell left alone)
     if args.memory_top_k is not None and args.memory_chunk is None:
         ap.error("--memory-top-k needs --memory-chunk")

@@ -65,13 +65,10 @@ def main(argv=None):
     p.add_argument("--fields", nargs="?", const="", metavar="MODEL",
                    help="list the config fields of MODEL (--set; defaults = its tiny preset) and of the "
                         "train config (--train-set); without MODEL only the train config")
-    from experiments.common import add_import_flag, import_modules
+    from experiments.common import add_import_flag, import_or_exit
     add_import_flag(p)
     args = p.parse_args(argv)
-    try:  # your own architecture, registered by that module
-        import_modules(args.imports)
-    except ValueError as e:
-        p.error(str(e))
+    import_or_exit(p, args)  # your own architecture: the module that registers it
     if args.seq_len is not None and args.seq_len < 1:
         p.exit(2, f"error: --seq-len must be a positive int, got {args.seq_len}\n")
     if args.fields is not None:
