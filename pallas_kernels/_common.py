@@ -243,6 +243,14 @@ def shape_of(x) -> tuple:
     return tuple(getattr(x, "shape", ()))
 
 
+def check_arrays(**named) -> None:
+    """``ValueError`` naming the first argument that is neither ``None`` nor an array (a list, a
+    Python number): the shape checks after it would otherwise report it as "shape ()"."""
+    for name, v in named.items():
+        if v is not None and not (hasattr(v, "shape") and hasattr(v, "dtype")):
+            raise ValueError(f"{name} must be an array (jax or numpy), got {type(v).__name__}")
+
+
 def check_float(name: str, x, expected: str) -> None:
     """``ValueError`` unless ``x`` is a real floating-point array (``expected``: its shape)."""
     dtype = getattr(x, "dtype", None)

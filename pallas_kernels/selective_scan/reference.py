@@ -25,13 +25,14 @@ import jax.numpy as jnp
 from jax import lax
 
 from .._common import (LAYOUT_HINT, check_decay, check_flag, check_float, check_segment_ids, process_dt,
-                       segment_resets, shape_of)
+                       segment_resets, shape_of, check_arrays)
 
 _shape = shape_of
 
 
 def validate(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_state=None, segment_ids=None):
     """Check shapes and dtypes; return ``(batch, L, dim, N, G)`` (``G=None`` without group axis)."""
+    check_arrays(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias, initial_state=initial_state)
     if getattr(x, "ndim", None) != 3:
         raise ValueError(f"x must have rank 3 [B, L, D], got shape {_shape(x)}")
     check_float("x", x, "[B, L, D]")
@@ -156,6 +157,7 @@ def selective_state_update(state, x, dt, A, B, C, *, D=None, z=None, dt_bias=Non
     (``dt_softplus`` a bool), as in the scan.  ``A`` must be ``<= 0`` (a concrete
     positive entry raises a ``ValueError``; a traced one is not checked).
     """
+    check_arrays(state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias)
     # every shape derives from the arguments that define it (x: B, D; A: N), so a mismatch
     # blames the argument that disagrees (a wrong state is named as such, not A or B)
     if getattr(x, "ndim", None) != 2:

@@ -83,9 +83,9 @@ from jax.experimental import pallas as pl
 from ..flash_attention.kernel import (LOG2E, host_int32_ids, _MIN_BLOCK, _TPU_BLOCK, _Layout,
                                       _dot_nn, _dot_nt, _dot_tn,
                                       _rows_slice, _tile_bytes, static_sm_scale)
-from .._common import (SQ, AttentionPlan, by_platform, check_flag, check_int, check_qkv, compiler_params,
-                       check_qkv_shapes, idiv, int32_ids, is_int, next_pow2, resolve_interpret, round_up,
-                       select_plan)
+from .._common import (SQ, AttentionPlan, by_platform, check_arrays, check_flag, check_int, check_qkv,
+                       compiler_params, check_qkv_shapes, idiv, int32_ids, is_int, next_pow2,
+                       resolve_interpret, round_up, select_plan)
 
 POS_NEVER = 2 ** 30   # position of a key no query sees (dropped or padding)
 POS_BLIND = -1        # position of a query that sees no key (dropped or padding)
@@ -748,6 +748,7 @@ def _tile_count_jit(q_lab, k_lab, *, kind, block_q, block_k, platform):
 
 
 def _tile_count(kind, q_lab, k_lab, names, block_q, block_k, platform):
+    check_arrays(**{names[0]: q_lab, names[1]: k_lab})  # a list is refused, as by the kernels
     q_lab, k_lab = jnp.asarray(q_lab), jnp.asarray(k_lab)
     block_q, block_k = _validate_counts(q_lab, k_lab, names, "int" if kind == "hash" else "bool",
                                         block_q, block_k, platform)

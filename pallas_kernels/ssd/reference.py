@@ -24,13 +24,14 @@ import jax.numpy as jnp
 from jax import lax
 
 from .._common import (LAYOUT_HINT, check_decay, check_flag, check_float, check_segment_ids, process_dt,
-                       segment_resets, shape_of)
+                       segment_resets, shape_of, check_arrays)
 
 _shape = shape_of
 
 
 def validate(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_state=None, segment_ids=None):
     """Check shapes and dtypes; return ``(batch, L, H, P, G, N)``."""
+    check_arrays(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias, initial_state=initial_state)
     if getattr(x, "ndim", None) != 4:
         raise ValueError(f"x must have rank 4 [B, L, H, P], got shape {_shape(x)}")
     check_float("x", x, "[B, L, H, P]")
@@ -143,6 +144,7 @@ def ssd_state_update(state, x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_
     ``softplus?(dt + dt_bias)`` (``dt_softplus`` a bool), as in the scan.  ``A`` must be
     ``<= 0`` (a concrete positive entry raises a ``ValueError``; a traced one is not checked).
     """
+    check_arrays(state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias)
     # every shape derives from the arguments that define it (x: B, H, P; B: G, N), so a
     # mismatch blames the argument that disagrees (a wrong state is named as such, not A or B)
     if getattr(x, "ndim", None) != 3:
