@@ -2,7 +2,7 @@
 
 * :func:`peak_flops` -- dense bf16 peak FLOP/s of a device (``None`` if unknown, e.g. CPU);
 * :func:`model_flops_per_token` -- training FLOPs per token of a model config
-  (:func:`jaxformers.utils.flops_per_token`, or the config's ``flops_per_token`` method);
+  (the config's ``flops_per_token`` method at the context the model runs; see below);
 * :func:`mfu` -- model FLOPs utilisation from tokens/s;
 * :class:`Throughput` -- tokens/s over the training intervals (evaluation and
   checkpoint time excluded);
