@@ -24,12 +24,15 @@ SMALL = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_
              rms_norm_eps=1e-6, initializer_range=0.1)
 
 
-def hf_model(seed=0, **overrides):
-    """Small random float32 LlamaForCausalLM; norm scales randomised too (HF inits them to 1)."""
+def hf_model(seed=0, arch="llama", **overrides):
+    """Small random float32 LlamaForCausalLM (``arch="mistral"``: MistralForCausalLM); norm
+    scales randomised too (HF inits them to 1)."""
+    config_cls, model_cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                             "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM)}[arch]
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(**{**SMALL, **overrides})
+    config = config_cls(**{**SMALL, **overrides})
     config._attn_implementation = "eager"
-    model = transformers.LlamaForCausalLM(config).to(torch.float32).eval()
+    model = model_cls(config).to(torch.float32).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -240,9 +243,6 @@ def test_to_hf_rejects_non_llama(tmp_path):
     gpt = jf.get_config("gpt", "tiny")
     with pytest.raises(ValueError, match="norm"):
         to_hf(gpt, {}, str(tmp_path / "gpt"))
-    windowed = jf.get_config("llama", "tiny", window=8)
-    with pytest.raises(ValueError, match="window"):
-        to_hf(windowed, {}, str(tmp_path / "win"))
     gelu = jf.get_config("llama", "tiny", mlp="gelu")
     with pytest.raises(ValueError, match="mlp"):
         to_hf(gelu, {}, str(tmp_path / "gelu"))

@@ -1,4 +1,16 @@
-"""Hugging Face ``LlamaForCausalLM`` <-> jaxformers ``llama`` params.
+"""Hugging Face ``LlamaForCausalLM`` / ``MistralForCausalLM`` <-> jaxformers ``llama`` params.
+
+A Mistral checkpoint is a Llama with sliding-window attention in every layer (same tensor names
+and shapes, no biases, SwiGLU, RMSNorm, RoPE, optional ``head_dim``): ``model_type='mistral'``
+imports as a ``llama`` config whose ``window`` is the checkpoint's ``sliding_window`` (null: no
+window), and a llama-compatible config with ``window`` set exports as ``MistralForCausalLM``
+(without ``window``: ``LlamaForCausalLM``).  The two windows mean the same thing, so the number
+is carried unchanged: transformers' sliding-window causal mask lets query ``i`` see key ``j``
+when ``i - sliding_window < j <= i`` (``masking_utils.sliding_window_overlay``:
+``kv_idx > q_idx - sliding_window``; its sliding-window caches keep the last
+``sliding_window - 1`` keys plus the new one), and jaxformers' ``window`` w when
+``i - w < j <= i`` (:func:`jaxformers.ops.attention.attention_mask`, the Pallas kernels' masks):
+each query sees ``min(i + 1, w)`` keys, itself included, in both.
 
 Loading needs numpy + safetensors only (no torch). ``safetensors.numpy`` cannot
 return bfloat16 tensors, so bf16 tensors are read straight from the file: the
@@ -36,6 +48,14 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints sav
 #: omits (or sets to null); the other keys' defaults are in :func:`config_from_hf`.
 HF_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                    num_attention_heads=32)
+#: transformers' ``MistralConfig`` defaults of the sizes (``intermediate_size`` differs from Llama's).
+MISTRAL_DEFAULTS = {**HF_DEFAULTS, "intermediate_size": 14336}
+#: ``MistralConfig``'s defaults of the keys a config.json omits that differ from Llama's: an
+#: omitted ``sliding_window`` is a 4096-token window (null: none), an omitted
+#: ``num_key_value_heads`` 8 kv heads (null: ``num_attention_heads``, as transformers 4.x reads it).
+MISTRAL_OMITTED = dict(sliding_window=4096, num_key_value_heads=8, max_position_embeddings=131072)
+#: The HF architectures :func:`from_hf` reads (``model_type`` of config.json); Mamba ones: hf_mamba.
+MODEL_TYPES = ("llama", "mistral")
 # --------------------------------------------------------------------------- config mapping
 def _rope_theta(hf: dict) -> float:
     """RoPE base of a HF config; refuses a non-default rope type in ``rope_parameters``
@@ -65,24 +85,58 @@ def _rope_theta(hf: dict) -> float:
     return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
 
 
+def _sliding_window(hf: dict):
+    """jaxformers ``window`` of a HF ``MistralConfig`` dict: its ``sliding_window`` unchanged (the
+    same mask, see the module docstring); omitted: 4096 (``MistralConfig``'s default), null: None.
+    ``ValueError`` for a window that is not a positive integer, or a ``layer_types`` list other
+    than every layer ``'sliding_attention'`` with a window / ``'full_attention'`` without one:
+    jaxformers' window applies to every layer, and transformers reads such a config two ways
+    (``AutoConfig`` as Ministral, each layer's type honoured; ``MistralForCausalLM`` ignores
+    ``layer_types`` and slides every layer)."""
+    window = hf.get("sliding_window", MISTRAL_OMITTED["sliding_window"])
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"sliding_window={window!r} is not supported; expected a positive integer (the keys "
+                         "a query sees, itself included) or null (no window)")
+    layer_types = hf.get("layer_types")
+    if layer_types is not None:
+        want = "full_attention" if window is None else "sliding_attention"
+        if not isinstance(layer_types, list) or any(t != want for t in layer_types):
+            found = sorted(set(map(str, layer_types))) if isinstance(layer_types, list) else layer_types
+            raise ValueError(f"layer_types={found!r} is not supported with sliding_window={window!r}: "
+                             "jaxformers' window is the same in every layer, so every entry must be "
+                             f"{want!r}")
+    return window
+
+
 def config_from_hf(hf: dict, *, dtype: str = "float32", scan_layers: bool = False) -> TransformerConfig:
-    """jaxformers ``llama`` config from a HF ``LlamaConfig`` dict (``config.json``).
+    """jaxformers ``llama`` config from a HF ``LlamaConfig`` or ``MistralConfig`` dict (``config.json``).
 
     A key the dict omits takes transformers' default, as ``from_pretrained`` reads it
-    (:data:`HF_DEFAULTS`; ``num_key_value_heads`` -> ``num_attention_heads``, ``rms_norm_eps``
-    1e-6, ``rope_theta`` 10000, ...), and so does any other key set to null; a size of
-    :data:`HF_DEFAULTS` set to null is a ``ValueError`` (transformers refuses it too)."""
+    (:data:`HF_DEFAULTS`, for Mistral :data:`MISTRAL_DEFAULTS` and :data:`MISTRAL_OMITTED`;
+    ``num_key_value_heads`` -> ``num_attention_heads`` (Mistral: 8), ``rms_norm_eps`` 1e-6,
+    ``rope_theta`` 10000, ...), and so does any other key set to null except Mistral's
+    ``sliding_window`` (null: no window); a size of :data:`HF_DEFAULTS` set to null is a
+    ``ValueError`` (transformers refuses it too).  ``model_type='mistral'``: ``window`` is the
+    ``sliding_window`` unchanged (the two masks agree, see the module docstring); a per-layer
+    ``layer_types`` pattern, as any other setting jaxformers cannot compute (biases, a
+    non-default RoPE, an activation other than SiLU), is a ``ValueError`` naming the key."""
     from ..registry import get_config
 
     model_type = hf.get("model_type") or "llama"
-    if model_type != "llama":
-        raise ValueError(f"model_type={model_type!r} is not supported; expected 'llama' (or 'mamba' / 'mamba2' "
-                         "through from_hf / config_from_hf_mamba)")
-    nulls = [k for k in HF_DEFAULTS if k in hf and hf[k] is None]
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"model_type={model_type!r} is not supported; expected one of {list(MODEL_TYPES)} "
+                         "(or 'mamba' / 'mamba2' through from_hf / config_from_hf_mamba)")
+    sizes = MISTRAL_DEFAULTS if model_type == "mistral" else HF_DEFAULTS
+    nulls = [k for k in sizes if k in hf and hf[k] is None]
     if nulls:
         raise ValueError(f"config.json sets {nulls} to null: a model size must be a number (transformers "
                          "refuses null there too); give the size or leave the key out for its default")
-    hf = {**HF_DEFAULTS, **{k: v for k, v in hf.items() if v is not None}}
+    window, max_len = None, 2048
+    if model_type == "mistral":
+        window, max_len = _sliding_window(hf), MISTRAL_OMITTED["max_position_embeddings"]
+        if "num_key_value_heads" not in hf:
+            hf = {**hf, "num_key_value_heads": MISTRAL_OMITTED["num_key_value_heads"]}
+    hf = {**sizes, **{k: v for k, v in hf.items() if v is not None}}
     for name in ("attention_bias", "mlp_bias"):
         if hf.get(name, False):
             raise ValueError(f"{name}={hf[name]!r} is not supported (jaxformers llama has no biases)")
@@ -102,9 +156,9 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", scan_layers: bool = Fals
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         rope_theta=_rope_theta(hf),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        max_seq_len=int(hf.get("max_position_embeddings", 2048)),
+        max_seq_len=int(hf.get("max_position_embeddings", max_len)),
         init_std=float(hf.get("initializer_range", 0.02)),
-        norm="rmsnorm", mlp="swiglu", window=None,
+        norm="rmsnorm", mlp="swiglu", window=window,
         dtype=dtype, param_dtype=dtype, scan_layers=scan_layers,
     )
     head_dim = hf.get("head_dim")
@@ -114,11 +168,11 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", scan_layers: bool = Fals
 
 
 def config_to_hf(config: TransformerConfig) -> dict:
-    """HF ``LlamaConfig`` dict (for ``config.json``) of a llama-compatible config."""
+    """HF config dict (for ``config.json``) of a llama-compatible config: a ``LlamaConfig``
+    without ``window``, a ``MistralConfig`` with ``sliding_window=window`` (the same mask, see
+    the module docstring) when ``window`` is set."""
     check_llama_compatible(config)
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+    shared = {
         "vocab_size": config.vocab_size,
         "hidden_size": config.d_model,
         "intermediate_size": config.ff_dim,
@@ -132,24 +186,29 @@ def config_to_hf(config: TransformerConfig) -> dict:
         "rms_norm_eps": config.norm_eps,
         "rope_theta": float(config.rope_theta),  # transformers < 5 reads this ...
         "rope_parameters": {"rope_type": "default", "rope_theta": float(config.rope_theta)},  # ... >= 5 this
-        "attention_bias": False,
         "attention_dropout": 0.0,
-        "mlp_bias": False,
-        "pretraining_tp": 1,
         "tie_word_embeddings": bool(config.tie_embeddings),
         "use_cache": True,
         "torch_dtype": "float32",
         "dtype": "float32",
         **NO_SPECIAL_TOKENS,
     }
+    if config.window is not None:  # MistralConfig has no bias / pretraining_tp keys (never biased)
+        return {"architectures": ["MistralForCausalLM"], "model_type": "mistral", **shared,
+                "sliding_window": int(config.window)}
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **shared,
+            "attention_bias": False, "mlp_bias": False, "pretraining_tp": 1}
 
 
 #: What :func:`to_hf` (and ``experiments.export``) can write, named in its refusals.
 EXPORTABLE = ("Hugging Face export supports model='llama' (or 'gpt' configured llama-style: "
-              "norm='rmsnorm', mlp='swiglu'), 'mamba' and 'mamba2'")
+              "norm='rmsnorm', mlp='swiglu'; as MistralForCausalLM with a sliding window), "
+              "'mamba' and 'mamba2'")
 
 
 def check_llama_compatible(config: TransformerConfig) -> None:
+    """``ValueError`` naming the field unless ``config`` is a plain transformer HF Llama / Mistral
+    can compute (``window`` is allowed: it exports as Mistral)."""
     from ..models.transformer import Transformer
     from ..registry import get_spec
 
@@ -166,9 +225,6 @@ def check_llama_compatible(config: TransformerConfig) -> None:
         raise ValueError(f"norm={config.norm!r} is not llama-compatible; HF Llama needs norm='rmsnorm'")
     if config.mlp != "swiglu":
         raise ValueError(f"mlp={config.mlp!r} is not llama-compatible; HF Llama needs mlp='swiglu'")
-    if config.window is not None:
-        raise ValueError(f"window={config.window!r} (sliding-window attention) is not llama-compatible; "
-                         "HF Llama needs window=None")
 
 
 # --------------------------------------------------------------------------- params mapping
@@ -245,7 +301,9 @@ def _get(tree, path: Iterable[str]):
 
 
 def from_hf(path_or_dir: str, *, dtype: str = "float32", scan_layers: bool = False):
-    """Load a HF ``LlamaForCausalLM`` checkpoint (``config.json`` + safetensors) -> (config, params).
+    """Load a HF ``LlamaForCausalLM`` / ``MistralForCausalLM`` checkpoint (``config.json`` +
+    safetensors) -> (config, params); a Mistral one gives ``window=sliding_window``
+    (:func:`config_from_hf`).
 
     ``path_or_dir``: the model directory (single ``model.safetensors``, a sharded
     ``model.safetensors.index.json`` or any ``*.safetensors``), or a file inside it.
@@ -263,7 +321,7 @@ def from_hf(path_or_dir: str, *, dtype: str = "float32", scan_layers: bool = Fal
         return from_hf_mamba(path_or_dir, dtype=dtype, scan_layers=scan_layers)
     config = config_from_hf(hf, dtype=dtype, scan_layers=scan_layers)
 
-    def rename(name):  # a bare LlamaModel checkpoint has no "model." prefix
+    def rename(name):  # a bare LlamaModel / MistralModel checkpoint has no "model." prefix
         return name if name.startswith(_PREFIX) or name == "lm_head.weight" else _PREFIX + name
 
     tensors = read_checkpoint(path_or_dir, _expected_shapes(config), rename=rename,
@@ -293,7 +351,8 @@ def from_hf(path_or_dir: str, *, dtype: str = "float32", scan_layers: bool = Fal
 
 
 def to_hf(config: TransformerConfig, params, out_dir: str) -> str:
-    """Write ``config.json`` + ``model.safetensors`` (float32) loadable by ``LlamaForCausalLM``.
+    """Write ``config.json`` + ``model.safetensors`` (float32) loadable by ``LlamaForCausalLM``, or
+    by ``MistralForCausalLM`` when ``config.window`` is set (``sliding_window=window``).
 
     ``params``: plain or boxed (from ``module.init``; a ``{"params": ...}`` variables
     dict is accepted too), scanned (``blocks``) or per-layer (``blocks_{i}``).
