@@ -8,7 +8,7 @@
 
 Defaults (batch size, sequence length, number of batches, data) are the run's,
 so the result matches the run's final ``val_loss`` in ``summary.json``.
-``--run`` may also be a Hugging Face Llama / Mamba / Mamba-2 checkpoint directory (e.g. one
+``--run`` may also be a Hugging Face Llama / Mistral / Mamba / Mamba-2 checkpoint directory (e.g. one
 written by ``experiments.export``): then ``--data`` is required, the tokenizer is
 ``--tokenizer`` or the directory's ``tokenizer.json``, and the defaults are batch size 8,
 ``min(max_position_embeddings, 1024)`` tokens per sequence (1024 for Mamba, which has no

@@ -7,7 +7,7 @@
     python -m experiments.generate --run hf/llama-tiny --prompt "ROMEO:"   # a HF checkpoint directory
     python -m experiments.generate --run runs/landmark-tiny --prompt-file long.txt --memory-chunk 96
 
-``--run`` may be a run directory or a Hugging Face Llama / Mamba / Mamba-2 checkpoint directory
+``--run`` may be a run directory or a Hugging Face Llama / Mistral / Mamba / Mamba-2 checkpoint directory
 with a ``tokenizer.json`` (e.g. one written by ``experiments.export``).  ``--import MODULE``
 (repeatable): a run of your own architecture, registered by that module.
 

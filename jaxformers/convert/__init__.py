@@ -1,7 +1,8 @@
-"""Checkpoint interop: Hugging Face Llama <-> jaxformers, and scanned/unscanned layer layouts.
+"""Checkpoint interop: Hugging Face Llama / Mistral <-> jaxformers, and scanned/unscanned layer layouts.
 
     config, params = jaxformers.convert.from_hf("path/to/llama")   # numpy + safetensors only
     jaxformers.convert.to_hf(config, params, "out_dir")            # LlamaForCausalLM-loadable
+    # Mistral: a llama with window = sliding_window, both ways (a windowed llama -> MistralForCausalLM)
     # mamba / mamba2 configs: MambaForCausalLM / Mamba2ForCausalLM both ways (from_hf / to_hf dispatch)
 """
 from .hf_llama import config_from_hf, config_to_hf, from_hf, to_hf
