@@ -89,8 +89,10 @@ class ModelConfig(ConfigMixin):
     the token embeddings, ``dropout`` on every residual branch (mixer and MLP outputs,
     before the skip add), ``attn_dropout`` on the attention probabilities (the baseline
     attention mixer; it runs on the XLA path while active; training a model whose attention
-    cannot apply it -- SCFA, landmark, CoTFormer -- or that has no attention layer -- ``mamba``,
-    ``mamba2`` -- raises a ``ValueError``).
+    cannot apply it -- SCFA, landmark, CoTFormer, QuaRot -- or that has no attention layer --
+    ``mamba``, ``mamba2`` -- or a token mixer of your own that does not declare
+    ``applies_attn_dropout = True`` raises a ``ValueError``:
+    :func:`jaxformers.models.transformer.check_attn_dropout`).
 
     FLOPs: :meth:`flops_per_token` counts every matmul weight by how many times one token
     uses it (:meth:`param_uses`: 0 for the embedding lookup unless the head is tied, the

@@ -12,6 +12,11 @@ else 1.  Hooks (class attributes, swapped by subclassing or with :meth:`Block.us
   ``mixer(x, positions, segment_ids, cache, cache_index) -> (y, new_cache)`` with
   ``x``/``y`` ``[B, T, D]``; ``new_cache`` is None when ``cache`` is None.  Its
   ``init_cache(config, batch_size, max_len, dtype)`` (static) makes an empty decoding cache.
+  Its class attribute ``applies_attn_dropout`` says what it does with ``config.attn_dropout``
+  (``True``: drops its attention probabilities in training; ``False``: ignores it; ``None``: has
+  no attention probabilities, e.g. an SSM); training with ``attn_dropout > 0`` is refused unless
+  it is ``True`` (``None`` only beside mixers that apply it:
+  :func:`jaxformers.models.transformer.check_attn_dropout`).
 * ``mlp_class``: a module ``MLP(config, name=...)`` called as ``mlp(x) -> y``, or
   None (no MLP sub-layer, as in Mamba blocks); default: the config's ``mlp``
   (GELU or SwiGLU).  A module may ``self.sow("losses", name, scalar)`` an

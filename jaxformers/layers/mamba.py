@@ -224,6 +224,7 @@ def init_mamba_cache(config, batch_size, dtype=None):
 
 class MambaMixer(nn.Module):
     """Mamba-1 mixer with the attention mixer's calling convention (and ``init_cache`` hook)."""
+    applies_attn_dropout = None  # no attention probabilities (see models.transformer.check_attn_dropout)
     config: object
 
     @staticmethod

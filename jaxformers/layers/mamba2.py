@@ -62,6 +62,7 @@ class GatedRMSNorm(nn.Module):
 
 class Mamba2Mixer(nn.Module):
     """Mamba-2 mixer with the attention mixer's calling convention (and ``init_cache`` hook)."""
+    applies_attn_dropout = None  # no attention probabilities (see models.transformer.check_attn_dropout)
     config: object
 
     @staticmethod

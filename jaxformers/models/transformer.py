@@ -123,23 +123,47 @@ def check_tokens(tokens, vocab_size=None):
 
 
 def check_attn_dropout(config, classes) -> None:
-    """Training (a ``dropout`` rng) with ``attn_dropout > 0`` on a model whose attention does not
-    apply it is an error, not a silent no-op (mixers say so with ``applies_attn_dropout``), and so
-    is a model without attention layers (``config.n_attention_layers == 0``: a pure ``mamba`` /
-    ``mamba2``, a hybrid with no attention layer).  The SSM layers of a hybrid with attention
-    layers have no attention probabilities to drop.  Evaluation and decoding never drop, so they
-    are not checked."""
+    """Training (a ``dropout`` rng) with ``attn_dropout > 0`` is an error, not a silent no-op,
+    unless the model's token mixers apply it.  Each mixer class (a layer class's ``mixer_class``,
+    else the layer class itself) declares what it does with a class attribute
+    ``applies_attn_dropout``: ``True`` (it drops its attention probabilities at
+    ``config.attn_dropout``, as :class:`~jaxformers.layers.attention.Attention` does), ``False``
+    (attention that does not implement it: SCFA, landmark, CoTFormer's repeat attention) or
+    ``None`` (no attention probabilities to drop: the SSM mixers of a hybrid).  Refused: a model
+    without attention layers (``config.n_attention_layers == 0``: a pure ``mamba`` / ``mamba2``, a
+    hybrid with no attention layer), any mixer declaring ``False``, any mixer that declares
+    nothing (e.g. a token mixer of your own plugged in through ``Block.using``: it may well
+    ignore ``attn_dropout``), and a model none of whose mixers declares ``True``.  The SSM layers
+    of a hybrid with attention layers are fine (``None`` beside ``True``).  Evaluation and
+    decoding never drop, so they are not checked."""
     rate = getattr(config, "attn_dropout", 0.0)
-    if rate and getattr(config, "n_attention_layers", None) == 0:
+    if not rate:
+        return
+    if getattr(config, "n_attention_layers", None) == 0:
         raise ValueError(f"attn_dropout={rate}: model {config.model!r} has no attention layers, so "
                          "attention dropout would do nothing; set attn_dropout=0 (dropout / embed_dropout "
                          "still apply)")
-    ignoring = sorted({k.mixer_class.__name__ for k in classes
-                       if getattr(k.mixer_class, "applies_attn_dropout", None) is False})
-    if rate and ignoring:
+    missing = object()
+    declared = {}
+    for k in classes:
+        mixer = getattr(k, "mixer_class", k)
+        declared[mixer.__name__] = getattr(mixer, "applies_attn_dropout", missing)
+    ignoring = sorted(name for name, v in declared.items() if v is False)
+    if ignoring:
         raise ValueError(f"attn_dropout={rate}: the attention of model {config.model!r} "
                          f"({', '.join(ignoring)}) does not implement attention dropout; set "
                          "attn_dropout=0 (dropout / embed_dropout still apply)")
+    undeclared = sorted(name for name, v in declared.items() if not (v is True or v is None))
+    if undeclared or not any(v is True for v in declared.values()):
+        what = (f"mixer(s) {', '.join(undeclared)} of model {config.model!r} do not declare whether they "
+                "apply attention dropout" if undeclared else
+                f"no mixer of model {config.model!r} applies attention dropout (applies_attn_dropout: "
+                f"{', '.join(f'{n}={v!r}' for n, v in sorted(declared.items()))})")
+        raise ValueError(f"attn_dropout={rate}: {what}, so it would be silently ignored; a mixer that drops "
+                         "its attention probabilities at config.attn_dropout when a 'dropout' rng is given "
+                         "says so with the class attribute applies_attn_dropout = True (None: it has no "
+                         "attention probabilities, e.g. an SSM beside attention layers that apply it); "
+                         "else set attn_dropout=0 (dropout / embed_dropout still apply)")
 
 
 class Transformer(nn.Module):
