@@ -30,6 +30,8 @@ have no length limit and are never cut (also for a run whose config sets ``mem_c
 Samples are decoded together with the prompt's ids (then cut after the
 prompt's text), so SentencePiece-style ``hf:`` tokenizers keep the space after the prompt;
 prompt bytes that are not UTF-8 become U+FFFD.
+A model whose logits cannot be sampled from (NaN or +inf: a diverged or broken run) is an error
+naming the prompt and the new token (exit status 1), never a sample of arbitrary tokens.
 """
 from __future__ import annotations
 
@@ -160,7 +162,7 @@ def main(argv=None) -> int:
     import numpy as np
     import jaxformers as jf
     from jaxformers.data import Tokenizer, load_tokenizer
-    from jaxformers.decoding import max_raw_tokens
+    from jaxformers.decoding import NonFiniteLogitsError, max_raw_tokens
     from jaxformers.training import CheckpointError, load_run
     from jaxformers.data import open_data
     from jaxformers.training.rundir import TOKENIZER_DIR
@@ -239,6 +241,13 @@ def main(argv=None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteLogitsError as e:  # the model, not the command: NaN / inf logits
+        if os.environ.get("JAXFORMERS_DEBUG", "") not in ("", "0"):
+            raise
+        k = args.num_samples
+        where = f"prompt {e.row // k}" + (f", sample {e.row % k}" if k > 1 else "")
+        print(f"error: {e} (row {e.row} is {where}; the run {args.run} cannot be sampled from)", file=sys.stderr)
+        return 1
     if args.prompt_file is None:
         if args.json:
             print(json.dumps({"prompt": prompts[0], "samples": texts}))

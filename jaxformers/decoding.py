@@ -6,7 +6,9 @@ shortest, then each row's own tokens), then samples one token per
 step inside ``lax.while_loop`` (which stops early once every row has sampled ``eos_id``),
 all under ``jit``.  A model that needs a fixed token at periodic positions of its input (a
 landmark model's landmarks) says so through its ``forced_tokens()`` hook; ``generate`` then
-inserts, feeds and removes those tokens itself (see :func:`generate`).
+inserts, feeds and removes those tokens itself (see :func:`generate`).  A model whose logits
+cannot be sampled from (NaN, ``+inf``: a diverged or broken model) is refused with
+:class:`NonFiniteLogitsError` instead of returning arbitrary tokens (:func:`unusable_logits`).
 """
 from __future__ import annotations
 
@@ -72,7 +74,9 @@ def sample_logits(logits, rng, *, temperature=1.0, top_k=None, top_p=None):
     the k largest logits (and any tied with the k-th, as HF's top-k warper), ``top_p`` the smallest prefix of the sorted distribution whose mass
     reaches ``top_p`` (nucleus; always at least one token; ``top_p=1`` keeps every token).  A
     positive temperature so small that the scaled logits overflow float32 (or below float32's
-    smallest normal number) samples greedily, the limit of sampling as the temperature goes to 0."""
+    smallest normal number) samples greedily, the limit of sampling as the temperature goes to 0.
+    Logits with NaN / ``+inf`` are not checked here (it runs under ``jit``): :func:`generate`
+    refuses them (:func:`unusable_logits`)."""
     if getattr(logits, "ndim", None) != 2:
         raise ValueError(f"logits must be [B, V], got shape {getattr(logits, 'shape', None)}")
     check_sampling(temperature, top_k, top_p, logits.shape[-1])
@@ -95,6 +99,51 @@ def sample_logits(logits, rng, *, temperature=1.0, top_k=None, top_p=None):
         logits = jnp.where(logits < cutoff, -jnp.inf, logits)
     sampled = jax.random.categorical(rng, logits, axis=-1)
     return jnp.where(overflow, jnp.argmax(raw, axis=-1), sampled).astype(jnp.int32)
+
+
+class NonFiniteLogitsError(FloatingPointError):
+    """:func:`generate` refused the tokens of a model whose logits cannot be sampled from (see
+    :func:`unusable_logits`): a diverged or broken model (e.g. NaN parameters, an overflow to
+    inf).  ``row`` / ``step``: the first such row of the result and its new token (0-based; the
+    earliest step, then the lowest row); ``steps``: numpy int ``[rows of the result]``, each row's
+    first such new token, ``-1`` where every token was drawn from usable logits."""
+
+    def __init__(self, message: str, *, row: int, step: int, steps):
+        super().__init__(message)
+        self.row, self.step, self.steps = row, step, steps
+
+
+def unusable_logits(logits, *, banned=None, vocab_limit=None):
+    """``[B]`` bool: the rows of a model's raw logits ``[B, V]`` that no token may be drawn from
+    (what :func:`generate` refuses): a NaN anywhere in the row, a ``+inf`` anywhere in the row, or
+    no finite logit among the ids that may be drawn (ids ``< vocab_limit``, less ``banned``: a
+    token the sampler never draws).  ``-inf`` is a legitimate logit (a token the model bans, a
+    mask): the row is usable while some id that may be drawn has a finite logit.  Checked on the
+    model's logits, before temperature, ``top_k`` / ``top_p`` (whose ``-inf`` are filters) and
+    ``vocab_limit``."""
+    bad = jnp.any(jnp.isnan(logits) | (logits == jnp.inf), axis=-1)
+    candidates = logits if banned is None else logits.at[:, banned].set(-jnp.inf)
+    if vocab_limit is not None:
+        candidates = candidates[:, :vocab_limit]
+    return bad | ~jnp.any(jnp.isfinite(candidates), axis=-1)
+
+
+def _refuse_unusable(steps, module) -> None:
+    """:class:`NonFiniteLogitsError` when some row of ``steps`` (each row's first new token drawn
+    from unusable logits, ``-1``: none) is not ``-1``."""
+    rows = np.nonzero(steps >= 0)[0]
+    if not rows.size:
+        return
+    step = int(steps[rows].min())
+    row = int(rows[np.argmax(steps[rows] == step)])
+    listed = ", ".join(f"row {int(r)} at new token {int(steps[r])}" for r in rows[:8])
+    more = f" (and {rows.size - 8} more rows)" if rows.size > 8 else ""
+    raise NonFiniteLogitsError(
+        f"generate: model {getattr(module.config, 'model', type(module).__name__)!r} produced logits that no token "
+        f"can be drawn from (NaN or +inf, or -inf for every id that may be drawn) first for new token {step} of "
+        f"row {row} of the result; affected: {listed}{more}.  The model is diverged or broken (e.g. NaN "
+        "parameters from a diverged run, or an overflow in a low-precision dtype): sampling from these logits "
+        "would give arbitrary tokens", row=row, step=step, steps=steps)
 
 
 def _positive_int(value, name: str) -> int:
@@ -168,30 +217,37 @@ def _generate_fn(module_cls, config, max_new_tokens, temperature, top_k, top_p, 
     period, token = (None, None) if forced is None else forced
 
     def sample(last_logits, key):
+        """``(token [B], unusable [B])``: the sampled tokens and which rows' raw logits no token
+        may be drawn from (:func:`unusable_logits`, checked before any masking or filtering)."""
+        bad = unusable_logits(last_logits, banned=token, vocab_limit=vocab_limit)
         if period is not None:  # the forced token is never sampled (drawn there, it would be forced)
             last_logits = last_logits.at[:, token].set(-jnp.inf)
         if vocab_limit is not None:  # ids >= vocab_limit (padding of the model's vocab) are never drawn
             last_logits = last_logits[:, :vocab_limit]
-        return sample_logits(last_logits, key, temperature=temperature, top_k=top_k, top_p=top_p)
+        return sample_logits(last_logits, key, temperature=temperature, top_k=top_k, top_p=top_p), bad
 
-    def emit(seq, done, pos, tok, lengths):
+    def emit(seq, done, pos, sampled, lengths, bad_step):
         """Choose the token at position ``pos``: the prompt's where the row's prompt is longer
-        (forced), else the sampled ``tok`` (``fill`` in finished rows).  Returns the tokens to feed
-        the model, the sequences and which rows are finished: they sampled ``eos_id`` or have their
-        ``max_new_tokens``."""
+        (forced), else the sampled token (``fill`` in finished rows).  Returns the tokens to feed
+        the model, the sequences, which rows are finished (they sampled ``eos_id`` or have their
+        ``max_new_tokens``) and ``bad_step``: each row's first new token drawn from unusable
+        logits (``-1``: none so far; only the logits a token of the result is drawn from count,
+        not those of forced positions or of finished rows)."""
+        tok, bad = sampled
         forced = pos < lengths
         if period is not None:  # the model's forced positions (seq holds the token there)
             forced = forced | (pos % period == period - 1)
         prompt_tok = seq[:, pos]
         feed = jnp.where(forced, prompt_tok, tok)
         seq = seq.at[:, pos].set(jnp.where(forced, prompt_tok, jnp.where(done, fill, tok)))
-        if eos_id is not None:
-            done = done | (~forced & (tok == eos_id))
         if period is None:
             new = pos + 1 - lengths
         else:  # new tokens so far: positions after the prompt, less the forced ones among them
             new = (pos + 1 - (pos + 1) // period) - (lengths - lengths // period)
-        return feed, seq, done | (new >= max_new_tokens)
+        bad_step = jnp.where(bad & ~forced & ~done & (bad_step < 0), new - 1, bad_step)
+        if eos_id is not None:
+            done = done | (~forced & (tok == eos_id))
+        return feed, seq, done | (new >= max_new_tokens), bad_step
 
     # hook: a model whose computation depends on the batch row (e.g. qk_sparse's keep masks,
     # drawn per row) must prefill every sample's row itself instead of sharing its prompt's
@@ -225,24 +281,26 @@ def _generate_fn(module_cls, config, max_new_tokens, temperature, top_k, top_p, 
         if period is not None:
             seq = jnp.where(cols[None] % period == period - 1, token, seq)
         done = jnp.zeros((b,), bool)
+        bad_step = jnp.full((b,), -1, jnp.int32)
 
         def step(state):
-            i, last_logits, cache, seq, done, rng = state
+            i, last_logits, cache, seq, done, bad_step, rng = state
             rng, sub = jax.random.split(rng)
-            feed, seq, done = emit(seq, done, p0 + i, sample(last_logits, sub), lengths)
+            feed, seq, done, bad_step = emit(seq, done, p0 + i, sample(last_logits, sub), lengths, bad_step)
             logits, cache = module.apply(params, feed[:, None], cache=cache)
-            return i + 1, logits[:, -1], cache, seq, done, rng
+            return i + 1, logits[:, -1], cache, seq, done, bad_step, rng
 
         def more(state):  # the last chosen token needs no forward pass: steps - 1 steps
             return (state[0] < steps - 1) & ~jnp.all(state[4])
 
-        state = jax.lax.while_loop(more, step, (jnp.zeros((), jnp.int32), logits[:, -1], cache, seq, done, rng))
-        _, last_logits, _, seq, done, rng = state
+        state = jax.lax.while_loop(more, step, (jnp.zeros((), jnp.int32), logits[:, -1], cache, seq, done,
+                                                bad_step, rng))
+        _, last_logits, _, seq, done, bad_step, rng = state
         rng, sub = jax.random.split(rng)  # after an early stop every row is done: this writes fill
-        _, seq, _ = emit(seq, done, width - 1, sample(last_logits, sub), lengths)
+        _, seq, _, bad_step = emit(seq, done, width - 1, sample(last_logits, sub), lengths, bad_step)
         if period is not None:  # back to the caller's tokens: the forced positions removed
             seq = seq[:, np.nonzero(np.arange(width) % period != period - 1)[0]]
-        return seq
+        return seq, bad_step
 
     return jax.jit(run)
 
@@ -309,6 +367,17 @@ def generate(module, params, prompt_tokens, max_new_tokens: int, *, temperature:
     including each row's first ``eos_id`` are those sampled without ``eos_id`` (same rng stream).
     ``rng``: a PRNG key, an int seed, or None (seed 0).
 
+    Non-finite logits: a model whose logits for a token of the result are unusable -- a NaN or
+    ``+inf`` anywhere in the row, or ``-inf`` for every id that may be drawn
+    (:func:`unusable_logits`; ``-inf`` at some ids is a legitimate ban) -- is refused with
+    :class:`NonFiniteLogitsError` (a ``FloatingPointError``) naming the first such new token and
+    row, instead of returning arbitrary tokens.  Only the logits a token of the result is drawn
+    from count (not those of a longer prompt's positions or of a row already finished), checked
+    before temperature, ``top_k`` / ``top_p`` and ``vocab_limit``.  The check runs in the jitted
+    loop (one reduction per step) and is read when the loop is done, so ``generate`` waits for its
+    result; called inside a ``jit`` of your own (traced arguments) it cannot raise and does not
+    check.
+
     Model hooks (attributes / methods of ``module``, all optional): ``check_generate()`` raises a
     ``ValueError`` for a model this sampler cannot serve; ``rows_share_prefill`` (above);
     ``forced_tokens()`` -> ``None`` or ``(period, token)``: the model needs ``token`` at every
@@ -372,4 +441,8 @@ def generate(module, params, prompt_tokens, max_new_tokens: int, *, temperature:
                       None if top_k is None else int(top_k),
                       None if top_p is None else float(top_p), num_samples, vocab_limit, eos_id, pad_id,
                       min_len, forced)
-    return fn(params, prompt_tokens, jnp.asarray(lengths), rng)
+    out, bad_step = fn(params, prompt_tokens, jnp.asarray(lengths), rng)
+    bad_step = concrete(bad_step)  # waits for the result; None under an outer jit (not checked there)
+    if bad_step is not None:
+        _refuse_unusable(bad_step, module)
+    return out
