@@ -22,6 +22,9 @@ The prompt is cut from the left if prompt + new tokens exceed the model's
 ``max_seq_len`` (a HF checkpoint's ``max_position_embeddings``; none for HF Mamba / Mamba-2;
 for a landmark model, ``max_seq_len`` less its landmark positions: ``jf.generate`` inserts the
 landmarks itself, and they never appear in the samples).
+``--mesh SPEC`` (e.g. ``tensor=2``, ``data=2,tensor=2``): decode on several devices
+(:func:`jaxformers.generate`'s ``mesh``: the params split as in training, the prompts' rows over
+the batch axes, the KV cache with them); the samples are those of one device.
 ``--memory-chunk C`` (landmark models): decode through the retrieval memory (the model's
 ``mem_chunk_len``; ``--memory-top-k`` its ``mem_top_k``): each token attends to its chunk of
 ``C`` model positions and the top-k blocks retrieved from everything before it, at positions
@@ -122,6 +125,9 @@ def main(argv=None) -> int:
                          "(a multiple of landmark_block): no length limit")
     ap.add_argument("--memory-top-k", type=int, metavar="K",
                     help="with --memory-chunk: blocks retrieved per token and head (default: the model's mem_top_k)")
+    ap.add_argument("--mesh", help="decode on several devices, e.g. tensor=2 or data=2,tensor=2: the params "
+                                   "split as in training, the prompts' rows over data/fsdp/expert "
+                                   "(default: one device)")
     from experiments.common import add_import_flag, import_or_exit
     add_import_flag(ap)
     args = ap.parse_args(argv)
@@ -171,6 +177,10 @@ def main(argv=None) -> int:
     try:
         if args.num_samples < 1:
             raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+        mesh = None
+        if args.mesh:
+            from jaxformers.training import make_mesh
+            mesh = make_mesh(args.mesh)
         if is_hf_checkpoint(args.run):  # a HF checkpoint directory (e.g. from experiments.export)
             from jaxformers.convert import from_hf
             from jaxformers.data.tokenizer import HFTokenizer
@@ -181,7 +191,7 @@ def main(argv=None) -> int:
             tok = HFTokenizer(args.run)
             limit = hf_position_limit(args.run, model_config)
         else:
-            model_config, train_config, params = load_run(args.run)
+            model_config, train_config, params = load_run(args.run, mesh=mesh)
             tok_dir = Path(args.run) / TOKENIZER_DIR
             if tok_dir.is_dir():
                 tok = Tokenizer.load(tok_dir)
@@ -226,7 +236,7 @@ def main(argv=None) -> int:
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                           rng=jax.random.PRNGKey(args.seed), num_samples=args.num_samples,
                           vocab_limit=vocab_limit, eos_id=eos_id,
-                          prompt_lengths=None if len(ids) == 1 else lengths)
+                          prompt_lengths=None if len(ids) == 1 else lengths, mesh=mesh)
         out = np.asarray(out)
         k = args.num_samples
         texts = []

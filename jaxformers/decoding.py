@@ -202,9 +202,54 @@ def _forced_tokens(module):
     return int(period), int(token)
 
 
+def _check_mesh(mesh):
+    """``mesh`` of :func:`generate`: None, a ``jax.sharding.Mesh`` with the axes of
+    :data:`jaxformers.sharding.MESH_AXES`, or a spec string for :func:`~jaxformers.training.mesh.make_mesh`
+    (``"tensor=2"``, ``"data=2,tensor=2"``)."""
+    if mesh is None:
+        return None
+    from .sharding import MESH_AXES
+    from .training.mesh import make_mesh
+    if isinstance(mesh, str):
+        return make_mesh(mesh)
+    if not isinstance(mesh, jax.sharding.Mesh):
+        raise ValueError(f"mesh must be None, a jax.sharding.Mesh or a spec string such as 'tensor=2' "
+                         f"(jaxformers.training.make_mesh), got {type(mesh).__name__}")
+    if tuple(mesh.axis_names) != tuple(MESH_AXES):
+        raise ValueError(f"mesh must have the axes {tuple(MESH_AXES)} (the logical rules map onto them; "
+                         f"jaxformers.training.make_mesh builds one), got {tuple(mesh.axis_names)}")
+    return mesh
+
+
+def _place_on_mesh(module, params, prompt, lengths, mesh):
+    """``params`` (``{"params": tree}``, other collections replicated) split by the model's logical
+    axis rules, ``prompt [B, P]`` / ``lengths [B]`` split by rows over the batch axes when they
+    divide ``B`` (else replicated)."""
+    from .training.mesh import (batch_parallelism, batch_sharding, fit_shardings, logical_to_sharding,
+                                replicated)
+    from .utils import logical_axes
+    if not (isinstance(params, dict) and "params" in params):
+        raise ValueError("params must be the variables dict module.apply takes ({'params': tree}) to be "
+                         f"placed on a mesh, got {type(params).__name__} with keys "
+                         f"{sorted(params) if isinstance(params, dict) else None}")
+    specs = logical_axes(module)
+    try:
+        shardings = fit_shardings(logical_to_sharding(specs, mesh), params["params"])
+    except ValueError as e:  # a tree that is not this model's (jax names the differing keys)
+        if "logical axis" in str(e):
+            raise
+        raise ValueError(f"params['params'] does not match the parameters of model "
+                         f"{module.config.model!r}: {str(e).splitlines()[0]}") from None
+    placed = {k: (jax.device_put(v, shardings) if k == "params" else jax.device_put(v, replicated(mesh)))
+              for k, v in params.items()}
+    rows = batch_sharding(mesh, 2) if prompt.shape[0] % batch_parallelism(mesh) == 0 else replicated(mesh)
+    lrows = batch_sharding(mesh, 1) if rows != replicated(mesh) else replicated(mesh)
+    return placed, jax.device_put(prompt, rows), jax.device_put(lengths, lrows)
+
+
 @functools.lru_cache(maxsize=32)
 def _generate_fn(module_cls, config, max_new_tokens, temperature, top_k, top_p, num_samples=1,
-                 vocab_limit=None, eos_id=None, pad_id=None, min_len=None, forced=None):
+                 vocab_limit=None, eos_id=None, pad_id=None, min_len=None, forced=None, mesh=None):
     """The jitted sampler.  ``min_len``: the shortest prompt, prefilled in one pass for every row
     (``None``: every prompt is the whole ``[B, P]``); a longer prompt's remaining tokens are fed
     one per step in place of the sampled token (forced), so every row sees only its own tokens.
@@ -343,7 +388,7 @@ def _key(rng):
 def generate(module, params, prompt_tokens, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None, rng=None, num_samples: int = 1,
              vocab_limit: Optional[int] = None, eos_id: Optional[int] = None,
-             pad_id: Optional[int] = None, prompt_lengths=None):
+             pad_id: Optional[int] = None, prompt_lengths=None, mesh=None):
     """Sample ``max_new_tokens`` after ``prompt_tokens [B, P]``; returns ``[B * k, P + max_new_tokens]``
     for ``num_samples=k`` samples per prompt (rows ``b * k .. b * k + k - 1`` continue prompt
     ``b``; the prompt is prefilled once and its cache shared by its k rows, unless the model's
@@ -366,6 +411,14 @@ def generate(module, params, prompt_tokens, max_new_tokens: int, *, temperature:
     ``eos_id``), and decoding stops as soon as every row is finished.  The tokens up to and
     including each row's first ``eos_id`` are those sampled without ``eos_id`` (same rng stream).
     ``rng``: a PRNG key, an int seed, or None (seed 0).
+    ``mesh``: decode on several devices: a ``jax.sharding.Mesh`` with jaxformers' axes
+    (:func:`jaxformers.training.make_mesh`) or its spec string (``"tensor=2"``,
+    ``"data=2,tensor=2"``).  ``params['params']`` is placed by the model's logical axis rules (as
+    training shards it: heads and MLP units over ``tensor``, weights over ``fsdp``), the prompt's
+    rows over the batch axes (``data``, ``fsdp``, ``expert``) when they divide ``B`` (else every
+    device holds them all), and the sampler runs under the rules, so the model's activation
+    constraints split the prefill and the KV cache the same way.  The tokens are those decoding
+    on one device gives (same rng stream; tested for every registered family).
 
     Non-finite logits: a model whose logits for a token of the result are unusable -- a NaN or
     ``+inf`` anywhere in the row, or ``-inf`` for every id that may be drawn
@@ -437,11 +490,19 @@ def generate(module, params, prompt_tokens, max_new_tokens: int, *, temperature:
             raise ValueError(f"vocab_limit={vocab_limit} (vocab_size={vocab}) leaves only token 0, the token "
                              f"{type(module).__name__} forces (never sampled): nothing to sample")
     rng = _key(rng)
+    lengths = jnp.asarray(lengths)
+    mesh = _check_mesh(mesh)
     fn = _generate_fn(type(module), module.config, max_new_tokens, float(temperature),
                       None if top_k is None else int(top_k),
                       None if top_p is None else float(top_p), num_samples, vocab_limit, eos_id, pad_id,
-                      min_len, forced)
-    out, bad_step = fn(params, prompt_tokens, jnp.asarray(lengths), rng)
+                      min_len, forced, mesh)
+    if mesh is None:
+        out, bad_step = fn(params, prompt_tokens, lengths, rng)
+    else:
+        from .training.mesh import activate
+        params, prompt_tokens, lengths = _place_on_mesh(module, params, prompt_tokens, lengths, mesh)
+        with activate(mesh):  # the model's activation constraints on: the KV cache is split as k / v
+            out, bad_step = fn(params, prompt_tokens, lengths, rng)
     bad_step = concrete(bad_step)  # waits for the result; None under an outer jit (not checked there)
     if bad_step is not None:
         _refuse_unusable(bad_step, module)

@@ -483,6 +483,13 @@ def test_cli_evaluate_and_generate(env, reference_run, capsys):
                          "--top-k", "20", "--json", "--num-samples", "2"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert len(out["samples"]) == 2 and all(isinstance(s, str) for s in out["samples"])
+    greedy = ["--run", str(ref), "--prompt", "the quick", "--max-new-tokens", "8", "--temperature", "0", "--json"]
+    assert gen_cli.main(greedy) == 0
+    alone = json.loads(capsys.readouterr().out)
+    assert gen_cli.main(greedy + ["--mesh", "data=1"]) == 0  # --mesh: the samples of one device
+    assert json.loads(capsys.readouterr().out) == alone
+    assert gen_cli.main(greedy + ["--mesh", "tensor=3"]) == 2
+    assert "tensor=3" in capsys.readouterr().err
     assert gen_cli.main(["--run", str(env["root"] / "missing")]) == 2
     assert "not a run directory" in capsys.readouterr().err
 
