@@ -180,7 +180,7 @@ def main(argv=None) -> int:
         mesh = None
         if args.mesh:
             from jaxformers.training import make_mesh
-            mesh = make_mesh(args.mesh)
+            mesh = make_mesh(args.mesh, devices=jax.local_devices())  # decoding runs in this process
         if is_hf_checkpoint(args.run):  # a HF checkpoint directory (e.g. from experiments.export)
             from jaxformers.convert import from_hf
             from jaxformers.data.tokenizer import HFTokenizer

@@ -204,20 +204,25 @@ def _forced_tokens(module):
 
 def _check_mesh(mesh):
     """``mesh`` of :func:`generate`: None, a ``jax.sharding.Mesh`` with the axes of
-    :data:`jaxformers.sharding.MESH_AXES`, or a spec string for :func:`~jaxformers.training.mesh.make_mesh`
-    (``"tensor=2"``, ``"data=2,tensor=2"``)."""
+    :data:`jaxformers.sharding.MESH_AXES` and only this process's devices, or a spec string for
+    :func:`~jaxformers.training.mesh.make_mesh` over this process's devices (``"tensor=2"``,
+    ``"data=2,tensor=2"``)."""
     if mesh is None:
         return None
     from .sharding import MESH_AXES
     from .training.mesh import make_mesh
-    if isinstance(mesh, str):
-        return make_mesh(mesh)
+    if isinstance(mesh, str):  # this process's devices (the remote ones are refused below)
+        return make_mesh(mesh, devices=jax.local_devices())
     if not isinstance(mesh, jax.sharding.Mesh):
         raise ValueError(f"mesh must be None, a jax.sharding.Mesh or a spec string such as 'tensor=2' "
                          f"(jaxformers.training.make_mesh), got {type(mesh).__name__}")
     if tuple(mesh.axis_names) != tuple(MESH_AXES):
         raise ValueError(f"mesh must have the axes {tuple(MESH_AXES)} (the logical rules map onto them; "
                          f"jaxformers.training.make_mesh builds one), got {tuple(mesh.axis_names)}")
+    remote = sorted({d.process_index for d in mesh.devices.flat} - {jax.process_index()})
+    if remote:  # the prompt is this process's and the tokens come back to it
+        raise ValueError(f"mesh has devices of other processes ({remote}): generate decodes in one process; "
+                         "use a mesh of this process's devices (make_mesh(spec, devices=jax.local_devices()))")
     return mesh
 
 
@@ -411,9 +416,9 @@ def generate(module, params, prompt_tokens, max_new_tokens: int, *, temperature:
     ``eos_id``), and decoding stops as soon as every row is finished.  The tokens up to and
     including each row's first ``eos_id`` are those sampled without ``eos_id`` (same rng stream).
     ``rng``: a PRNG key, an int seed, or None (seed 0).
-    ``mesh``: decode on several devices: a ``jax.sharding.Mesh`` with jaxformers' axes
-    (:func:`jaxformers.training.make_mesh`) or its spec string (``"tensor=2"``,
-    ``"data=2,tensor=2"``).  ``params['params']`` is placed by the model's logical axis rules (as
+    ``mesh``: decode on several devices of this process: a ``jax.sharding.Mesh`` with jaxformers'
+    axes (:func:`jaxformers.training.make_mesh`) or its spec string (``"tensor=2"``,
+    ``"data=2,tensor=2"``; over ``jax.local_devices()``).  ``params['params']`` is placed by the model's logical axis rules (as
     training shards it: heads and MLP units over ``tensor``, weights over ``fsdp``), the prompt's
     rows over the batch axes (``data``, ``fsdp``, ``expert``) when they divide ``B`` (else every
     device holds them all), and the sampler runs under the rules, so the model's activation

@@ -110,7 +110,7 @@ def test_eval_and_generate_on_a_mesh_equal_one_device_every_family():
     _assert_same(result)
 
 
-def test_generate_mesh_argument_errors():
+def test_generate_mesh_argument_errors(monkeypatch):
     cfg = jf.get_config("llama", "tiny", vocab_size=32, d_model=16, n_layer=1, n_head=2, max_seq_len=16)
     module = jf.build(cfg)
     variables = {"params": jf.init_params(module, jax.random.PRNGKey(0))}
@@ -122,6 +122,12 @@ def test_generate_mesh_argument_errors():
         jf.generate(module, variables, prompt, 2, mesh=other)
     with pytest.raises(ValueError, match=r"params must be the variables dict module.apply takes"):
         jf.generate(module, variables["params"], prompt, 2, mesh="data=1")
+    from jaxformers.training import make_mesh
+    whole = make_mesh("data=1")
+    monkeypatch.setattr(jax, "process_index", lambda *a: 1)  # as if the mesh's devices were another process's
+    with pytest.raises(ValueError, match=r"mesh has devices of other processes \(\[0\]\): generate decodes in one"):
+        jf.generate(module, variables, prompt, 2, mesh=whole)
+    monkeypatch.undo()
     # one device as a mesh: the tokens of no mesh
     np.testing.assert_array_equal(jf.generate(module, variables, prompt, 4, temperature=0.0, mesh="data=1"),
                                   jf.generate(module, variables, prompt, 4, temperature=0.0))
