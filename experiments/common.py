@@ -140,15 +140,19 @@ def check_heads(ap, model: dict) -> None:
 
 
 def add_import_flag(ap) -> None:
-    """``--import MODULE`` (repeatable) on a CLI: see :func:`import_modules`."""
+    """``--import MODULE`` (repeatable) on a CLI: see :func:`import_modules`.  A run trained with
+    ``experiments.train --import`` records its modules (``train.imports``), and loading it
+    (``--run``, ``--resume``, ``--init-from``) imports them again: no ``--import`` needed then."""
     ap.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                     help="import a Python module first (repeatable), e.g. one that registers your own "
-                         "architecture (jaxformers.registry.register) or loss (register_loss)")
+                         "architecture (jaxformers.registry.register) or loss (register_loss); a run "
+                         "trained with --import records it and imports it again when loaded")
 
 
-def import_modules(names) -> None:
-    """Import each ``--import`` module (its ``register`` / ``register_loss`` calls run), with the
-    current directory importable; ``ValueError`` naming the module and the cause when one fails."""
+def import_modules(names, flag: str = "--import") -> None:
+    """Import each ``--import`` module (its ``register`` / ``register_loss`` calls run; one imported
+    before is not run again), with the current directory importable; ``ValueError`` naming
+    ``flag``, the module and the cause when one fails."""
     import importlib
     import traceback
 
@@ -159,7 +163,7 @@ def import_modules(names) -> None:
             importlib.import_module(name)
         except Exception as e:  # noqa: BLE001 - reported with the module's name and the cause
             where = traceback.extract_tb(e.__traceback__)[-1]
-            raise ValueError(f"--import {name}: {type(e).__name__}: {e} ({where.filename}:{where.lineno})") from e
+            raise ValueError(f"{flag} {name}: {type(e).__name__}: {e} ({where.filename}:{where.lineno})") from e
 
 
 def import_or_exit(ap, args) -> None:

@@ -48,7 +48,9 @@ Logs: ``metrics.jsonl``, TensorBoard event files (``tensorboard --logdir runs``)
 with its answer mask (see ``jaxformers.data.sources``; validation on held-out problems, never
 drawn in training); ``--loss`` picks a registered loss.  ``--import MODULE`` (repeatable) imports
 your own module first, so the architectures and losses it registers can be named by ``--model`` /
-``--loss`` (pass it again to resume or reproduce such a run).
+``--loss``; the run records it (``train.imports`` in config.json and run.yaml), so resuming,
+evaluating, generating from, fine-tuning or reproducing the run imports it again without
+``--import`` (the module must be importable there: on ``PYTHONPATH``, or in the working directory).
 Compiled programs are cached in ``<jaxformers cache>/xla`` (``$JAX_COMPILATION_CACHE_DIR``
 wins; ``--no-compile-cache`` disables).
 """
@@ -230,7 +232,8 @@ def build_configs(args):
     from jaxformers.registry import config_from_dict, get_spec
     from jaxformers.training import TrainConfig
     from jaxformers.data import open_data
-    from jaxformers.training.rundir import CONFIG_FILE
+    from jaxformers.training.config import module_names
+    from jaxformers.training.rundir import CONFIG_FILE, import_run_modules
 
     model_sets = _pairs(args.set, "--set")
     train_sets = _pairs(args.train_set, "--train-set")
@@ -268,7 +271,9 @@ def build_configs(args):
     if args.no_tensorboard:
         flags["tensorboard"] = False
     if saved is not None and not (args.config or args.init_from):
-        # resume: the run's own configs, with explicitly given flags on top
+        # resume: the run's own configs, with explicitly given flags on top; first the modules it
+        # recorded (--import of its first start: its architecture / loss of your own)
+        import_run_modules(saved, args.out)
         model_config = config_from_dict(saved["model"])
         spec = get_spec(model_config.model)
         if model_sets:
@@ -281,16 +286,23 @@ def build_configs(args):
         base["out_dir"] = args.out
         for k, v in train_sets:
             base[k] = coerce_value(TrainConfig, k, v)
+        base["imports"] = _imports(base.get("imports"), args.imports)  # the run's, then --import's
         return model_config, TrainConfig.from_dict(base)
 
     file = read_config_file(args.config) if args.config else {}
     file_train = dict(file.get("train") or {})
+    if file_train.get("imports"):  # a run.yaml of your own architecture: the modules it recorded
+        where = f"--config {args.config}: train.imports"
+        import_modules(module_names(file_train["imports"], name=where), flag=where)
     init_from = args.init_from or file.get("init_from") or file_train.get("init_from")
     if init_from is not None and not isinstance(init_from, str):
         raise ValueError(f"init_from must be a run or Hugging Face checkpoint directory, got {init_from!r}")
     source_config = source_tok = source_loss = None
+    source_imports = ()
     if init_from:
-        from jaxformers.training.init_from import source_config as _source, source_loss as _loss
+        from jaxformers.training.init_from import source_config as _source, source_imports as _imports_of
+        from jaxformers.training.init_from import source_loss as _loss
+        source_imports = _imports_of(init_from)  # a source of your own architecture: its modules
         source_config, source_tok = _source(init_from)
         source_loss = _loss(init_from)  # e.g. a landmark run's landmark_cross_entropy
     model = args.model or file.get("model") or (source_config.model if source_config else DEFAULTS["model"])
@@ -318,6 +330,8 @@ def build_configs(args):
     base["out_dir"] = os.path.expanduser(args.out or base.get("out_dir") or f"runs/{model}-{preset}")
     for k, v in train_sets:
         base[k] = coerce_value(TrainConfig, k, v)
+    # recorded with the run (loading it imports them): the config file's, the source run's, --import's
+    base["imports"] = _imports(base.get("imports"), source_imports, args.imports)
     if args.resume and (Path(base["out_dir"]) / CONFIG_FILE).is_file():
         # --resume with --config / --init-from (a job script that always passes --resume): the
         # command describes the whole run again, as on its first start, and must be the same run
@@ -347,6 +361,14 @@ def build_configs(args):
             print(f"note: raising max_seq_len {preset_len} -> {tc.seq_len} (= --seq-len)", file=sys.stderr)
             overrides["max_seq_len"] = tc.seq_len
     return get_config(model, preset, **overrides), tc
+
+
+def _imports(*groups) -> list:
+    """The module names of ``groups`` (each None, a list or a comma-separated string), in order,
+    each once: what the run records in ``train.imports``."""
+    from jaxformers.training.config import module_names
+
+    return list(module_names([name for group in groups for name in module_names(group)]))
 
 
 def _run_config(out) -> dict:

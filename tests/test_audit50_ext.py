@@ -249,7 +249,7 @@ def test_cli_import_and_expert_sharding(corpus):
                           "--steps", "1", "--no-compile-cache"],
                          cwd=str(REPO), capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--import no_such_module_audit50: ModuleNotFoundError" in bad.stderr
-    # the run evaluates with the same --import; without it the error says how to reach the model
+    # the run evaluates with the same --import
     import os
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(corpus), str(REPO / "tests"), str(REPO)]))
     evaluate_cli = [sys.executable, "-m", "experiments.evaluate", "--run", str(out)]
@@ -257,9 +257,14 @@ def test_cli_import_and_expert_sharding(corpus):
                          capture_output=True, text=True, timeout=300)
     assert got.returncode == 0, got.stderr[-2000:]
     assert json.loads(got.stdout)["val_loss"] == pytest.approx(read_metrics(out)[-1]["val_loss"], rel=1e-4)
-    missing = subprocess.run(evaluate_cli, cwd=str(REPO), env=env, capture_output=True, text=True, timeout=300)
-    assert missing.returncode == 2 and "unknown model name='audit50-moe'" in missing.stderr
-    assert "--import MODULE" in missing.stderr
+    # audit 51: the run records the module (train.imports), so evaluate needs no --import
+    # (tests/test_audit51_imports.py); where the module cannot be imported, the error names it
+    env_missing = dict(env, PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO)]))
+    missing = subprocess.run(evaluate_cli, cwd=str(REPO), env=env_missing, capture_output=True, text=True,
+                             timeout=300)
+    assert missing.returncode == 2, missing.stderr[-2000:]
+    assert "names module 'audit50_user_arch', which cannot be imported here" in missing.stderr
+    assert "PYTHONPATH" in missing.stderr
 
 
 def test_register_refuses_a_taken_name(archs):

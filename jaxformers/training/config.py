@@ -52,6 +52,14 @@ class TrainConfig(ConfigMixin):
     sorted tuple of ``(name, weight)`` pairs (the config stays hashable) and
     accepts a dict, a list of pairs, a JSON object string or ``"name=w,name=w"``
     (what ``--train-set aux_loss_weights=...`` passes); ``to_dict`` writes a dict.
+
+    ``imports``: Python modules the run needs imported -- your own code that registers its
+    architecture (:func:`jaxformers.registry.register`) or its loss (``register_loss``);
+    ``experiments.train --import MODULE`` records them here.  Saved with the run (config.json,
+    run.yaml, every checkpoint), they are imported again wherever the run is loaded or resumed
+    (:func:`~jaxformers.training.rundir.load_run`, a resume, ``init_from``, the CLIs' ``--run``)
+    before its model name is looked up; :func:`~jaxformers.training.train` imports them first too.
+    Dotted module names (``my_pkg.my_arch``), stored as a tuple; a string is split at commas.
     """
 
     steps: int = 300
@@ -85,15 +93,18 @@ class TrainConfig(ConfigMixin):
     aux_loss_weights: Tuple[Tuple[str, float], ...] = ()
     tensorboard: bool = True  # TensorBoard event files in out_dir, beside metrics.jsonl
     init_from: Optional[str] = None  # fine-tuning: initial params from this run / HF checkpoint dir
+    imports: Tuple[str, ...] = ()  # modules that register the run's architecture / loss (--import)
 
     def __post_init__(self):
         plain_scalars(self)
         object.__setattr__(self, "aux_loss_weights", _aux_weights(self.aux_loss_weights))
+        object.__setattr__(self, "imports", module_names(self.imports))
         self.validate()
 
     def to_dict(self) -> dict:
         out = super().to_dict()
         out["aux_loss_weights"] = dict(self.aux_loss_weights)
+        out["imports"] = list(self.imports)
         return out
 
     def aux_weight(self, name: str) -> float:
@@ -238,3 +249,23 @@ def _aux_weights(value) -> Tuple[Tuple[str, float], ...]:
             raise ValueError(f"aux_loss_weights: {name!r} given twice")
         out[name] = weight
     return tuple(sorted(out.items()))
+
+
+def module_names(value, name: str = "imports") -> Tuple[str, ...]:
+    """``value`` (module names: a list / tuple, or a string of comma-separated names) as a tuple of
+    dotted module names, duplicates dropped (first kept); ``ValueError`` naming ``name`` for
+    anything else."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{name} must be a list of module names (e.g. ['my_arch']), got {value!r}")
+    out = []
+    for module in value:
+        if not isinstance(module, str) or not all(part.isidentifier() for part in module.split(".")):
+            raise ValueError(f"{name}: {module!r} is not a module name (dotted Python identifiers, e.g. "
+                             "my_pkg.my_arch)")
+        if module not in out:
+            out.append(module)
+    return tuple(out)

@@ -24,7 +24,8 @@ from typing import Any, Optional, Tuple
 import jax
 import numpy as np
 
-__all__ = ["RUNTIME_FIELDS", "config_changes", "load_params", "source_config", "source_kind", "source_loss"]
+__all__ = ["RUNTIME_FIELDS", "config_changes", "load_params", "source_config", "source_imports", "source_kind",
+           "source_loss"]
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +60,25 @@ def source_loss(path) -> Optional[str]:
     return (json.loads((path / "config.json").read_text()).get("train") or {}).get("loss")
 
 
+def source_imports(path) -> Tuple[str, ...]:
+    """The modules a source run recorded (``train.imports``: its architecture or loss of your own,
+    which a run fine-tuned from it needs too), imported (:func:`.rundir.import_run_modules`);
+    ``()`` for a HF checkpoint or a run that records none."""
+    from .rundir import import_run_modules
+
+    path = Path(path).expanduser()
+    if source_kind(path) != "run":
+        return ()
+    return import_run_modules(json.loads((path / "config.json").read_text()), path)
+
+
 def source_config(path) -> Tuple[Any, Optional[str]]:
     """``(model config of the source, its tokenizer spec or None)``.
 
     The tokenizer of a run is its ``tokenizer`` spec when byte-level, else its saved
     ``tokenizer/`` directory (``hf:DIR``, so a fine-tuning corpus is encoded with the same
-    vocabulary); of a HF checkpoint ``hf:DIR`` when it ships a ``tokenizer.json``.
+    vocabulary); of a HF checkpoint ``hf:DIR`` when it ships a ``tokenizer.json``.  A run's
+    recorded modules (``train.imports``) are imported first (:func:`source_imports`).
     """
     from ..registry import config_from_dict
 
@@ -72,7 +86,8 @@ def source_config(path) -> Tuple[Any, Optional[str]]:
     kind = source_kind(path)
     data = json.loads((path / "config.json").read_text())
     if kind == "run":
-        from .rundir import TOKENIZER_DIR
+        from .rundir import TOKENIZER_DIR, import_run_modules
+        import_run_modules(data, path)  # its architecture of your own: the module that registers it
         config = config_from_dict(data["model"])
         tok = data["train"].get("tokenizer", "byte")
         saved_tok = path / TOKENIZER_DIR / "tokenizer.json"

@@ -14,6 +14,9 @@ Layout (``train_config.out_dir``)::
                        manifest records the versions that wrote it)
     run.yaml           model name + full model config + train config: ``experiments.train
                        --config run.yaml`` reproduces the run (see :func:`write_run_file`)
+                       (the train config's ``imports``, also in config.json: the modules of your
+                       own the run needs, imported again wherever it is loaded:
+                       :func:`import_run_modules`)
     events.out.tfevents.*  TensorBoard scalars (``train/<metric>``, ``val/loss``, ``val/ppl``);
                        ``tensorboard --logdir runs``
     loss.png           train / val loss curves and the learning rate
@@ -66,7 +69,7 @@ log = logging.getLogger(__name__)
 __all__ = ["CONFIG_FILE", "METRICS_FILE", "PLOT_FILE", "RUN_FILE", "SUMMARY_FILE", "TOKENIZER_DIR",
            "MetricsWriter",
            "IMPLEMENTATION_FIELDS", "atomic_write", "check_resume", "config_diff", "config_text", "copy_tokenizer", "dataset_changes", "load_run",
-           "read_config", "resume_config",
+           "import_modules", "import_run_modules", "read_config", "resume_config",
            "read_metrics", "refuse_clobber", "reset_metrics", "truncate_metrics", "write_config",
            "write_run_file", "write_summary"]
 
@@ -191,6 +194,41 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def import_modules(names, *, where: str) -> None:
+    """Import each module of ``names`` (a module imported before is not run again, so what it
+    registers is not registered twice); ``ValueError`` naming the module, ``where`` it was named
+    and the cause when one fails, and saying how to make it importable."""
+    import importlib
+
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # noqa: BLE001 - reported with the module's name and the cause
+            raise ValueError(f"{where} names module {name!r}, which cannot be imported here "
+                             f"({type(e).__name__}: {e}); it registers the run's architecture or loss: put "
+                             f"the folder that holds it on PYTHONPATH (PYTHONPATH=FOLDER python ...) or work "
+                             "from that folder") from e
+
+
+def import_run_modules(saved: Optional[dict], run_dir, file: str = CONFIG_FILE) -> Tuple[str, ...]:
+    """Import the modules a run recorded (``train.imports`` of its saved config ``saved``:
+    ``experiments.train --import``, :attr:`TrainConfig.imports`) -- done before its model name is
+    looked up wherever a run is loaded (:func:`load_run`, :func:`check_resume`, ``init_from``);
+    returns their names.  A config saved before the field existed records none.  ``ValueError``
+    naming the module and the run when one cannot be imported (:func:`import_modules`)."""
+    from .config import module_names
+
+    train = (saved or {}).get("train")
+    if not isinstance(train, dict) or not train.get("imports"):
+        return ()
+    try:
+        names = module_names(train["imports"], name="train.imports")
+    except ValueError as e:
+        raise ValueError(f"{Path(run_dir) / file}: {e}") from None
+    import_modules(names, where=f"the run {run_dir} (its {file}: train.imports)")
+    return names
 
 
 def read_config(run_dir) -> Optional[dict]:
@@ -499,6 +537,7 @@ def check_resume(run_dir, model_config) -> Optional[dict]:
     if bad:
         raise ValueError(f"cannot resume {run_dir}: its saved config is not a run config: its "
                          f"{' / '.join(bad)} section is not a JSON object")
+    import_run_modules(saved, run_dir, "saved config")  # its architecture / loss of your own
     try:
         old = _normalised_model(saved.get("model", {}))
     except ValueError as e:
@@ -566,7 +605,9 @@ def load_run(run_dir, *, step: Optional[int] = None, mesh=None) -> Tuple[Any, Tr
     sharded by the logical rules).  Raises ``FileNotFoundError`` / ``CheckpointError`` (``ValueError``
     for a ``step`` that is not an int, e.g. ``5.0``).
     Run directories written by older versions load too (new config fields take their
-    defaults).
+    defaults).  The modules the run recorded (``train.imports``: your own architecture or loss,
+    ``experiments.train --import``) are imported first (:func:`import_run_modules`: a
+    ``ValueError`` naming the module and the run when one cannot be imported).
     """
     from .steps import abstract_params, compute_config
 
@@ -581,6 +622,7 @@ def load_run(run_dir, *, step: Optional[int] = None, mesh=None) -> Tuple[Any, Tr
     missing = [k for k in ("model", "train") if not isinstance(saved.get(k), dict)]
     if missing:
         raise ValueError(f"{run_dir / CONFIG_FILE} is not a run config: no {' / '.join(missing)} section")
+    import_run_modules(saved, run_dir)  # a run of your own architecture: the module that registers it
     model_config = config_from_dict(saved["model"])
     train_config = TrainConfig.from_dict(saved["train"])
     ckpt = Checkpointer(run_dir, keep=train_config.keep_checkpoints)

@@ -59,7 +59,7 @@ from ..utils import count_params, is_int
 from . import mesh as mesh_lib
 from . import rundir
 from .checkpoint import Checkpointer, library_versions
-from .config import TrainConfig
+from .config import TrainConfig, module_names
 from .losses import LossFn, get_loss
 from .metrics import Progress, Throughput, mfu, model_flops_per_token, peak_flops, plot_losses
 from .optim import SCHEDULE_FIELDS, decay_mask, lr_at, make_optimizer
@@ -74,6 +74,14 @@ __all__ = ["TrainingDiverged", "CONFIG_FILE", "METRICS_FILE", "PLOT_FILE", "SUMM
 
 
 # ============================================================================ building blocks
+def _with_imports(tc: TrainConfig, names) -> TrainConfig:
+    """``tc`` with the module names ``names`` (a run's or a fine-tuning source's recorded
+    ``imports``) ahead of its own ``imports``: a run keeps recording the modules that loading it
+    needs."""
+    merged = module_names(list(module_names(names)) + list(tc.imports))
+    return tc if merged == tc.imports else tc.replace(imports=merged)
+
+
 def _resolve_loss(tc: TrainConfig, loss_fn: Optional[LossFn]) -> Tuple[LossFn, Optional[str]]:
     """``(loss function, its "module.qualname" if it came from Python, else None)``."""
     if loss_fn is None:
@@ -430,7 +438,10 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, resume: bool 
     :class:`jaxformers.training.doge.DogeStep`; pass it again to resume.  ``init_params``:
     start from these parameters (this model's tree, e.g. converted weights; copied: they stay
     usable) with a fresh optimizer instead of a random init (ignored when resuming from a
-    checkpoint).  See the module docstring for the run directory, resume and reproducibility rules.
+    checkpoint).  ``train_config.imports``: the modules of your own that register the model's
+    architecture or the loss, imported first (``ValueError`` naming one that cannot be) and
+    recorded with the run, so that loading or resuming it imports them again.  See the module
+    docstring for the run directory, resume and reproducibility rules.
     """
     if not isinstance(model_config, ModelConfig):
         raise ValueError(f"model_config must be a ModelConfig, got {type(model_config).__name__}")
@@ -442,6 +453,9 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, resume: bool 
     if stop_after is not None and (not is_int(stop_after) or stop_after < 1):
         raise ValueError(f"stop_after must be a positive int or None, got {stop_after!r}")
     stop_after = None if stop_after is None else int(stop_after)  # numpy ints too
+    # the modules that register the run's architecture / loss (recorded with the run, imported
+    # again wherever it is loaded): importable now, or the run could not be loaded later
+    rundir.import_modules(tc.imports, where="train_config.imports")
     loss_fn, loss_fn_name = _resolve_loss(tc, loss_fn)
     own = type(model_config).default_loss  # e.g. a landmark model's, which inserts its landmarks
     if loss_fn_name is None and tc.loss == "cross_entropy" and own != "cross_entropy":
@@ -481,6 +495,8 @@ def _train(model_config, tc, *, run_dir, is_main, multi, resume, progress, stop_
 
     # ---------------------------------------------------------------- resume checks (read-only)
     saved = rundir.check_resume(run_dir, model_config) if resume else None
+    # the modules the run recorded stay recorded (a resume whose train_config does not name them)
+    tc = _with_imports(tc, ((saved or {}).get("train") or {}).get("imports"))
     with_ckpt = resume and ckpt.latest_step() is not None
     step_fn_name = None if step_fn is None else type(step_fn).__name__
     if with_ckpt and saved is not None and "step_fn" in saved and saved["step_fn"] != step_fn_name:
@@ -560,9 +576,10 @@ def _train(model_config, tc, *, run_dir, is_main, multi, resume, progress, stop_
                              "starting from scratch", True))
         ckpt.quarantine_incomplete()  # incomplete saves of an earlier start (orbax staging dirs)
         if tc.init_from is not None:  # fine-tuning: the source's parameters, a fresh optimizer
-            from .init_from import load_params
+            from .init_from import load_params, source_imports
             params = jax.device_put(load_params(tc.init_from, program.abstract_params, model_config=model_config),
                                     program.param_shardings)
+            tc = _with_imports(tc, source_imports(tc.init_from))  # the source's architecture of your own
             opt_state = program.init_opt_state(params)
             messages.append((f"initialised the parameters from {tc.init_from} (fresh optimizer state)",
                              False))
