@@ -163,7 +163,8 @@ def import_modules(names, flag: str = "--import") -> None:
             importlib.import_module(name)
         except Exception as e:  # noqa: BLE001 - reported with the module's name and the cause
             where = traceback.extract_tb(e.__traceback__)[-1]
-            raise ValueError(f"{flag} {name}: {type(e).__name__}: {e} ({where.filename}:{where.lineno})") from e
+            raise ValueError(f"{flag} {name}: {type(e).__name__}: {e} "
+                             f"({where.filename}:{where.lineno})") from e
 
 
 def import_or_exit(ap, args) -> None:

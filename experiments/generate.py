@@ -256,7 +256,8 @@ def main(argv=None) -> int:
             raise
         k = args.num_samples
         where = f"prompt {e.row // k}" + (f", sample {e.row % k}" if k > 1 else "")
-        print(f"error: {e} (row {e.row} is {where}; the run {args.run} cannot be sampled from)", file=sys.stderr)
+        print(f"error: {e} (row {e.row} is {where}; the run {args.run} cannot be sampled from)",
+              file=sys.stderr)
         return 1
     if args.prompt_file is None:
         if args.json:

@@ -138,12 +138,13 @@ def _refuse_unusable(steps, module) -> None:
     row = int(rows[np.argmax(steps[rows] == step)])
     listed = ", ".join(f"row {int(r)} at new token {int(steps[r])}" for r in rows[:8])
     more = f" (and {rows.size - 8} more rows)" if rows.size > 8 else ""
+    model = getattr(module.config, "model", type(module).__name__)
     raise NonFiniteLogitsError(
-        f"generate: model {getattr(module.config, 'model', type(module).__name__)!r} produced logits that no token "
-        f"can be drawn from (NaN or +inf, or -inf for every id that may be drawn) first for new token {step} of "
-        f"row {row} of the result; affected: {listed}{more}.  The model is diverged or broken (e.g. NaN "
-        "parameters from a diverged run, or an overflow in a low-precision dtype): sampling from these logits "
-        "would give arbitrary tokens", row=row, step=step, steps=steps)
+        f"generate: model {model!r} produced logits that no token can be drawn from (NaN or +inf, or -inf "
+        f"for every id that may be drawn) first for new token {step} of row {row} of the result; affected: "
+        f"{listed}{more}.  The model is diverged or broken (e.g. NaN parameters from a diverged run, or an "
+        "overflow in a low-precision dtype): sampling from these logits would give arbitrary tokens",
+        row=row, step=step, steps=steps)
 
 
 def _positive_int(value, name: str) -> int:

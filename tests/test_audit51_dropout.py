@@ -50,8 +50,8 @@ def _train_apply(module):
 
 def test_an_undeclared_custom_mixer_refuses_attn_dropout_in_training():
     """Used to train with attn_dropout silently ignored."""
-    with pytest.raises(ValueError, match=r"attn_dropout=0.1: mixer\(s\) CausalMean of model 'gpt' do not declare "
-                                         r".*applies_attn_dropout = True"):
+    with pytest.raises(ValueError, match=r"attn_dropout=0.1: mixer\(s\) CausalMean of model 'gpt' do not "
+                                         r"declare .*applies_attn_dropout = True"):
         _train_apply(_model(CausalMean))
     # beside the built-in attention too (that one applies it, CausalMean would not)
     with pytest.raises(ValueError, match=r"CausalMean.*do not declare"):

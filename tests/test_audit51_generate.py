@@ -53,8 +53,8 @@ def test_nan_parameters_are_refused():
     params = jax.tree.map(lambda x: x * jnp.nan, jf.init_params(module, jax.random.PRNGKey(0)))
     prompt = jnp.ones((2, 3), jnp.int32)
     for kw in (dict(temperature=0.0), dict(rng=1, top_k=4)):
-        with pytest.raises(NonFiniteLogitsError, match=r"model 'gpt' produced logits .*\(NaN or \+inf.* first for new "
-                                                      r"token 0 of row 0 of the result") as e:
+        with pytest.raises(NonFiniteLogitsError, match=r"model 'gpt' produced logits .*\(NaN or \+inf.* first "
+                                                      r"for new token 0 of row 0 of the result") as e:
             jf.generate(module, {"params": params}, prompt, 4, **kw)
         assert isinstance(e.value, FloatingPointError)
         assert (e.value.row, e.value.step, e.value.steps.tolist()) == (0, 0, [0, 0])
@@ -65,14 +65,14 @@ def test_the_first_bad_step_and_row_are_named(model):
     is drawn from NaN logits; row 0 (vocab_limit keeps it from drawing NAN_TOKEN) is fine."""
     module, params = model
     prompt = jnp.asarray([[1, 2, 3, 0, 0], [1, 2, 3, 4, NAN_TOKEN]], jnp.int32)
-    with pytest.raises(NonFiniteLogitsError, match=r"first for new token 0 of row 1 .* affected: row 1 at new "
-                                                  r"token 0\.") as e:
+    with pytest.raises(NonFiniteLogitsError,
+                       match=r"first for new token 0 of row 1 .* affected: row 1 at new token 0\.") as e:
         jf.generate(module, params, prompt, 3, rng=0, prompt_lengths=[3, 5], vocab_limit=NAN_TOKEN)
     assert e.value.steps.tolist() == [-1, 0]
     # a later new token: greedy decoding after TRIGGER draws BOOSTED (new token 0), and a model
     # whose logits after BOOSTED are NaN then draws new token 1 from NaN logits
-    with pytest.raises(NonFiniteLogitsError, match=r"first for new token 1 of row 0 .* affected: row 0 at new "
-                                                  r"token 1\."):
+    with pytest.raises(NonFiniteLogitsError,
+                       match=r"first for new token 1 of row 0 .* affected: row 0 at new token 1\."):
         jf.generate(BoostIntoNan(module.config), params, jnp.asarray([[1, TRIGGER]]), 4, temperature=0.0)
 
 
@@ -102,8 +102,9 @@ def test_plus_inf_is_refused_and_minus_inf_bans(model):
     """+inf from the model is refused; -inf at some ids is a ban (never drawn, no error); -inf at
     every id that may be drawn is refused (nothing to draw)."""
     module, params = model
-    with pytest.raises(NonFiniteLogitsError, match=r"first for new token 0 of row 0 .* affected: row 0 at new "
-                                                  r"token 0, row 1 at new token 0\."):
+    with pytest.raises(NonFiniteLogitsError,
+                       match=r"first for new token 0 of row 0 .* affected: row 0 at new token 0, row 1 at new "
+                             r"token 0\."):
         jf.generate(module, params, jnp.asarray([[1, INF_TOKEN, 0], [1, 2, INF_TOKEN]]), 3, rng=0,
                     vocab_limit=INF_TOKEN, prompt_lengths=[2, 3])
     banning = type("Banning", (Hooked,), {"banned": tuple(range(8))})(module.config)

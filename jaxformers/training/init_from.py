@@ -24,8 +24,8 @@ from typing import Any, Optional, Tuple
 import jax
 import numpy as np
 
-__all__ = ["RUNTIME_FIELDS", "config_changes", "load_params", "source_config", "source_imports", "source_kind",
-           "source_loss"]
+__all__ = ["RUNTIME_FIELDS", "config_changes", "load_params", "source_config", "source_imports",
+           "source_kind", "source_loss"]
 
 log = logging.getLogger(__name__)
 
