@@ -11,7 +11,8 @@ A taken name is refused unless ``override=True``; :func:`unregister` removes one
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, Type
+import sys
+from typing import Callable, Dict, Optional, Type
 
 from .config import ATTENTION_FIELDS, ModelConfig, check_fields
 
@@ -23,6 +24,9 @@ class ModelSpec:
     module_cls: Callable
     presets: Dict[str, dict]
     description: str = ""
+    #: ``__name__`` of the module that called :func:`register` (``"__main__"`` for a script); a
+    #: run of an architecture of your own records it (``TrainConfig.imports``) to import it again
+    module: Optional[str] = dataclasses.field(default=None, compare=False)
 
 
 _REGISTRY: Dict[str, ModelSpec] = {}
@@ -38,11 +42,23 @@ def register(name, config_cls, module_cls, presets, description="", *, override=
     if "tiny" not in presets:
         raise ValueError(f"model {name!r} must define a 'tiny' preset")
     _ensure_loaded()  # a built-in name is taken even before the models package is imported
-    spec = ModelSpec(name, config_cls, module_cls, dict(presets), description)
+    spec = ModelSpec(name, config_cls, module_cls, dict(presets), description,
+                     module=calling_module())
     if name in _REGISTRY and _REGISTRY[name] != spec and not override:
         raise ValueError(f"model {name!r} is already registered ({_REGISTRY[name].module_cls.__name__}); "
                          "pass override=True to replace it, or choose another name")
+    if name in _REGISTRY and _REGISTRY[name] == spec:
+        return  # the same spec again: the first registration (and its module) stays
     _REGISTRY[name] = spec
+
+
+def calling_module(depth: int = 2) -> Optional[str]:
+    """``__name__`` of the module whose code called the function that calls this (``depth=2``):
+    the module a new process must import to register the same thing again."""
+    try:
+        return sys._getframe(depth).f_globals.get("__name__")
+    except ValueError:  # pragma: no cover - a shallower stack
+        return None
 
 
 def unregister(name: str) -> ModelSpec:

@@ -240,6 +240,12 @@ def logits_cross_entropy(logits, batch):
 
 # ----------------------------------------------------------------------------- registry
 _LOSSES: Dict[str, LossFn] = {}
+_LOSS_MODULES: Dict[str, Optional[str]] = {}  # name -> the module that registered it
+
+
+def loss_module(name: str) -> Optional[str]:
+    """``__name__`` of the module that registered loss ``name`` (None if unknown)."""
+    return _LOSS_MODULES.get(name)
 
 
 def register_loss(name: str, fn: Optional[LossFn] = None, *, override: bool = False):
@@ -250,6 +256,8 @@ def register_loss(name: str, fn: Optional[LossFn] = None, *, override: bool = Fa
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"a loss name must be a non-empty string, got {name!r}")
+    from ..registry import calling_module
+    caller = calling_module()
 
     def deco(f):
         if not callable(f):
@@ -257,6 +265,7 @@ def register_loss(name: str, fn: Optional[LossFn] = None, *, override: bool = Fa
         if name in _LOSSES and _LOSSES[name] is not f and not override:
             raise ValueError(f"loss {name!r} is already registered; pass override=True to replace it")
         _LOSSES[name] = f
+        _LOSS_MODULES[name] = caller
         return f
 
     return deco if fn is None else deco(fn)

@@ -82,6 +82,30 @@ def _with_imports(tc: TrainConfig, names) -> TrainConfig:
     return tc if merged == tc.imports else tc.replace(imports=merged)
 
 
+def _record_own_modules(model_config, tc: TrainConfig) -> TrainConfig:
+    """``tc`` with the modules that registered the model's architecture and ``tc.loss``, when they
+    are your own (not ``jaxformers.*``), added to ``imports``: loading or resuming the run in a
+    new process then imports them (without ``--import``).  A script's own registration
+    (``__main__``) cannot be imported by another process: a warning says how to make the run
+    loadable."""
+    from ..registry import get_spec
+    from .losses import loss_module
+    owners = [(f"architecture {model_config.model!r}", get_spec(model_config.model).module),
+              (f"loss {tc.loss!r}", loss_module(tc.loss))]
+    found = []
+    for what, module in owners:
+        if module is None or module == "jaxformers" or module.startswith("jaxformers."):
+            continue
+        if module == "__main__":
+            log.warning("the %s is registered by the script being run (__main__), which another process "
+                        "cannot import: loading or resuming this run elsewhere needs it registered first; "
+                        "move the registration into a module and name it in TrainConfig.imports / --import",
+                        what)
+            continue
+        found.append(module)
+    return _with_imports(tc, found) if found else tc
+
+
 def _resolve_loss(tc: TrainConfig, loss_fn: Optional[LossFn]) -> Tuple[LossFn, Optional[str]]:
     """``(loss function, its "module.qualname" if it came from Python, else None)``."""
     if loss_fn is None:
@@ -440,7 +464,9 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, resume: bool 
     usable) with a fresh optimizer instead of a random init (ignored when resuming from a
     checkpoint).  ``train_config.imports``: the modules of your own that register the model's
     architecture or the loss, imported first (``ValueError`` naming one that cannot be) and
-    recorded with the run, so that loading or resuming it imports them again.  See the module
+    recorded with the run, so that loading or resuming it imports them again; the modules that
+    registered the model's architecture and ``train_config.loss`` are added to them when they
+    are not jaxformers' own (a script's ``__main__`` cannot be: a warning says so).  See the module
     docstring for the run directory, resume and reproducibility rules.
     """
     if not isinstance(model_config, ModelConfig):
@@ -456,6 +482,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, resume: bool 
     # the modules that register the run's architecture / loss (recorded with the run, imported
     # again wherever it is loaded): importable now, or the run could not be loaded later
     rundir.import_modules(tc.imports, where="train_config.imports")
+    tc = _record_own_modules(model_config, tc)  # the modules that registered them, if your own
     loss_fn, loss_fn_name = _resolve_loss(tc, loss_fn)
     own = type(model_config).default_loss  # e.g. a landmark model's, which inserts its landmarks
     if loss_fn_name is None and tc.loss == "cross_entropy" and own != "cross_entropy":
