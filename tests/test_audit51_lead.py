@@ -93,3 +93,41 @@ def test_a_script_registration_is_a_warning(tmp_path, caplog):
         registry.unregister("audit51-script")
         losses_lib._LOSSES.pop("audit51_script_ce", None)
         losses_lib._LOSS_MODULES.pop("audit51_script_ce", None)
+
+
+def test_init_from_sends_host_params_from_the_host(monkeypatch):
+    """``Program.init_from`` of numpy params cast them with ``jnp.asarray`` (the whole tree on one
+    device first: a model sharded because it does not fit one device could not start from host
+    weights) and then copied them once more on the devices (the copy only protects a caller's jax
+    arrays from the donating train step).  Host params now reach ``device_put`` as host arrays,
+    cast to the parameter dtype there; the values and the first step are those of jax params."""
+    import jax
+    import numpy as np
+    import optax
+    import jaxformers as jf
+    from jaxformers.training import Program, make_mesh
+
+    module = jf.build(registry.get_config("gpt", "tiny", vocab_size=32, d_model=16, n_layer=1, n_head=2,
+                                          max_seq_len=16, param_dtype="bfloat16"))
+    params = jf.init_params(module, jax.random.PRNGKey(0))
+    host = jax.tree.map(lambda a: np.asarray(a, np.float32), params)  # e.g. converted weights
+    prog = Program(module, make_mesh("data=1"), tx=optax.sgd(0.1))
+    seen = []
+    real = jax.device_put
+
+    def spy(x, *a, **kw):
+        seen.extend(type(leaf) for leaf in jax.tree.leaves(x))
+        return real(x, *a, **kw)
+
+    monkeypatch.setattr(jax, "device_put", spy)
+    p_host, o_host = prog.init_from(host)
+    monkeypatch.undo()
+    assert seen and all(t is np.ndarray for t in seen), set(seen)
+    assert {a.dtype for a in jax.tree.leaves(p_host)} == {np.dtype(jax.numpy.bfloat16)}
+    p_dev, o_dev = prog.init_from(params)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, p_host), jax.tree.map(np.asarray, p_dev))
+    batch = prog.put_batch({"tokens": np.ones((2, 9), np.int32)}, 2)
+    out_host = prog.train_step(p_host, o_host, batch, 0, jax.random.PRNGKey(1))
+    out_dev = prog.train_step(p_dev, o_dev, batch, 0, jax.random.PRNGKey(1))
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, out_host[0]),
+                 jax.tree.map(np.asarray, out_dev[0]))

@@ -351,14 +351,24 @@ class Program:
         on the devices: :meth:`train_step` donates the arrays it is given, and ``params`` stay the
         caller's (``device_put`` may return a jax array's own buffer, on one device or on every
         device of a replicated sharding, even with ``may_alias=False``: the first step deleted it,
-        and ``train(..., init_params=p)`` left ``p`` deleted)."""
+        and ``train(..., init_params=p)`` left ``p`` deleted).  Host (numpy) params go to the
+        devices straight from the host, each device receiving its shard (no whole copy on one
+        device, no second on-device copy)."""
         self.check_params(params, "init params")
-        params = jax.device_put(jax.tree.map(lambda a, p: jnp.asarray(p, a.dtype), self.abstract_params, params),
-                                self.param_shardings)
-        copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t), in_shardings=(self.param_shardings,),
-                       out_shardings=self.param_shardings)
-        with mesh_lib.use_mesh(self.mesh):
-            params = copy(params)
+        on_device = any(isinstance(p, jax.Array) for p in jax.tree.leaves(params))
+
+        def cast(a, p):  # host arrays stay on the host: device_put sends each device its shard only
+            # (through jnp.asarray the whole tree would first land on one device)
+            if isinstance(p, jax.Array):
+                return p if p.dtype == a.dtype else p.astype(a.dtype)
+            return np.asarray(p, a.dtype)
+
+        params = jax.device_put(jax.tree.map(cast, self.abstract_params, params), self.param_shardings)
+        if on_device:  # device_put may have kept the caller's buffers: copy them (see above)
+            copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t), in_shardings=(self.param_shardings,),
+                           out_shardings=self.param_shardings)
+            with mesh_lib.use_mesh(self.mesh):
+                params = copy(params)
         return params, (None if self.tx is None else self.init_opt_state(params))
 
     # ------------------------------------------------------------------ train step
