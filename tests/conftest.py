@@ -6,16 +6,42 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 # The suite's programs are tiny: compiling them is most of its time.  XLA's CPU backend compiles
 # with LLVM at -O0 and without its expensive passes here (about a sixth less wall time; the HLO
-# passes, fusion and numerics are XLA's own either way).  Options already in XLA_FLAGS win;
-# JAXFORMERS_TEST_XLA_DEFAULTS=1 keeps XLA's defaults.  Set before jax starts its backend, and
-# inherited by the subprocesses the tests launch with os.environ.
+# passes, fusion and numerics are XLA's own either way).  jaxlib 0.10 also keeps its older fusion
+# code generator (the elemental IR emitter; --xla_cpu_use_fusion_emitters=false): the same HLO
+# passes and fusions, each fusion emitted as LLVM IR directly rather than through the MLIR fusion
+# emitters, whose pipeline the -O0 flag does not shorten: with it a program compiles in about 40%
+# of the time (stop 51: 7 of leg 1's slowest test files, 506 CPU s -> 294).  An XLA flag a jaxlib
+# does not know aborts the process, and jaxlib 0.12.1 has no such flag (only the MLIR emitters):
+# it is added for jaxlib 0.10.x only (:data:`LEGACY_EMITTER_JAXLIB`).  Options already in
+# XLA_FLAGS win; JAXFORMERS_TEST_XLA_DEFAULTS=1 keeps XLA's defaults.  Set before jax starts its
+# backend, and inherited by the subprocesses the tests launch with os.environ.
 FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
+LEGACY_EMITTER_FLAG = "--xla_cpu_use_fusion_emitters=false"
+LEGACY_EMITTER_JAXLIB = ((0, 10), (0, 11))  # [from, to): the jaxlib versions it is added for
 
 
-def with_fast_compile_flags(flags: str) -> str:
-    """``flags`` (an XLA_FLAGS value) plus each of :data:`FAST_COMPILE_FLAGS` it does not set."""
+def jaxlib_version() -> tuple | None:
+    """The installed jaxlib's version as ints (``(0, 10, 2)``), read without importing jax."""
+    import re
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return tuple(int(x) for x in re.findall(r"\d+", version("jaxlib"))[:3])
+    except PackageNotFoundError:
+        return None
+
+
+def fast_compile_flags(jaxlib: tuple | None = None) -> tuple:
+    """:data:`FAST_COMPILE_FLAGS`, plus :data:`LEGACY_EMITTER_FLAG` for a jaxlib (default: the
+    installed one) in :data:`LEGACY_EMITTER_JAXLIB`."""
+    jaxlib = jaxlib_version() if jaxlib is None else jaxlib
+    lo, hi = LEGACY_EMITTER_JAXLIB
+    return FAST_COMPILE_FLAGS + ((LEGACY_EMITTER_FLAG,) if jaxlib is not None and lo <= jaxlib < hi else ())
+
+
+def with_fast_compile_flags(flags: str, jaxlib: tuple | None = None) -> str:
+    """``flags`` (an XLA_FLAGS value) plus each of :func:`fast_compile_flags` it does not set."""
     have = {f.split("=")[0] for f in flags.split()}
-    return " ".join(flags.split() + [f for f in FAST_COMPILE_FLAGS if f.split("=")[0] not in have])
+    return " ".join(flags.split() + [f for f in fast_compile_flags(jaxlib) if f.split("=")[0] not in have])
 
 
 if os.environ.get("JAXFORMERS_TEST_XLA_DEFAULTS") != "1":

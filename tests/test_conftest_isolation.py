@@ -84,3 +84,21 @@ def test_the_shared_compile_cache_is_made_and_removed(tmp_path):
     res = subprocess.run(cmd, env=dict(env, JAXFORMERS_TEST_COMPILE_CACHE="0"), capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 1 and "KeyError: 'JAX_COMPILATION_CACHE_DIR'" in res.stdout, res.stdout[-3000:]
+
+
+def test_fast_compile_flags_add_the_legacy_emitter_only_where_jaxlib_has_it():
+    """conftest: ``--xla_cpu_use_fusion_emitters=false`` (compiles in ~40% of the time on jaxlib
+    0.10) only for the jaxlib versions that know it: an unknown XLA flag aborts the process
+    (jaxlib 0.12.1).  Flags already given win; the ones this process runs with are the installed
+    jaxlib's."""
+    import os
+
+    base = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
+    assert conftest.fast_compile_flags((0, 10, 2)) == base + ("--xla_cpu_use_fusion_emitters=false",)
+    for version in ((0, 9, 0), (0, 11, 2), (0, 12, 1), (1, 0)):
+        assert conftest.fast_compile_flags(version) == base
+    assert conftest.with_fast_compile_flags("--xla_cpu_use_fusion_emitters=true --x=1", (0, 10, 2)).split() == \
+        ["--xla_cpu_use_fusion_emitters=true", "--x=1", *base]
+    if os.environ.get("JAXFORMERS_TEST_XLA_DEFAULTS") != "1":
+        have = {f.split("=")[0] for f in os.environ["XLA_FLAGS"].split()}
+        assert {f.split("=")[0] for f in conftest.fast_compile_flags()} <= have

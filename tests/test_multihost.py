@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import with_fast_compile_flags
 from jaxformers.training.checkpoint import MANIFEST
 from jaxformers.training.mesh import distributed_settings
 from jaxformers.training.rundir import read_metrics
@@ -189,8 +190,9 @@ def env(tmp_path_factory):
         from jaxformers.data import open_data
         open_data(str(corpus), "byte")  # prepared once here, not by two processes at the same time
         yield {"root": root, "corpus": str(corpus), "base": base,
-               # -O0 codegen halves compile time; every launch shares the flags
-               "xla_flags": "--xla_backend_optimization_level=0"}
+               # conftest's fast-compile flags (-O0 codegen halves compile time); every launch
+               # shares them
+               "xla_flags": with_fast_compile_flags("")}
 
 
 def train_args(env, out, *extra, steps=STEPS, mesh="data=2,fsdp=2"):
