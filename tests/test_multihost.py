@@ -435,11 +435,30 @@ def test_tensor_axis_across_processes(env):
     assert_same_losses(losses(root / "tp2"), losses(root / "tp1"))
 
 
+# process 1 receives SIGTERM while it checkpoints the last step (read by no step's vote)
+_LATE_SIGNAL = """
+import os, signal, sys
+import jax
+from jaxformers.training import checkpoint
+save = checkpoint.Checkpointer.save
+def late(self, step, *a, **k):
+    out = save(self, step, *a, **k)
+    if step == int(os.environ["MH_LAST_STEP"]) and jax.process_index() == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return out
+checkpoint.Checkpointer.save = late
+from experiments.train import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_sigterm_sigkill_and_resume_on_two_processes(env, runs):
     """SIGTERM to both processes: they agree on the step, checkpoint it once and exit 143, as one
     process does.  ``--resume``; SIGKILL one process mid-run: the other stops within the heartbeat
     timeout with jax's message, no hang.  ``--resume`` again: the run ends on the loss curve of the
-    uninterrupted run."""
+    uninterrupted run, and a SIGTERM that reaches one process during the last step's checkpoint
+    (``_LATE_SIGNAL``) leaves the run finished and is reported by both processes (exit 143), so a
+    job script does not go on."""
     out = env["root"] / "interrupted"
     args = train_args(env, out)
 
@@ -473,43 +492,18 @@ def test_sigterm_sigkill_and_resume_on_two_processes(env, runs):
     assert max(s for s, _ in losses(out)) < STEPS, "the run finished before the kill"
     print(f"survivor stopped {waited:.1f} s after the kill")
 
-    # 3. resume on two processes: same curve as the uninterrupted run
-    third = Launch(env, args + ["--resume"], name="resume")
-    third.check()
+    # 3. resume on two processes: same curve as the uninterrupted run; process 1 receives SIGTERM
+    # while it checkpoints the last step (read by no step's vote): the run is finished, and both
+    # processes report the signal
+    third = Launch(env, ["-c", _LATE_SIGNAL, *args[2:], "--resume"], name="resume",
+                   extra_env={"MH_LAST_STEP": str(STEPS)})
+    codes = third.wait()
+    assert codes == [128 + signal.SIGTERM] * 2, third.tails()
     summary = summary_of(third.out(0))
     assert summary["finished"] and summary["resumed_from"] >= stopped
+    assert summary["final_step"] == STEPS and summary["stopped_by_signal"] == signal.SIGTERM
     assert_same_losses(losses(out), losses(runs["multi"]))
     assert summary["train_loss"] == pytest.approx(summary_of(runs["multi_launch"].out(0))["train_loss"], rel=1e-5)
-
-
-# process 1 receives SIGTERM while it checkpoints the last step (read by no step's vote)
-_LATE_SIGNAL = """
-import os, signal, sys
-import jax
-from jaxformers.training import checkpoint
-save = checkpoint.Checkpointer.save
-def late(self, step, *a, **k):
-    out = save(self, step, *a, **k)
-    if step == int(os.environ["MH_LAST_STEP"]) and jax.process_index() == 1:
-        os.kill(os.getpid(), signal.SIGTERM)
-    return out
-checkpoint.Checkpointer.save = late
-from experiments.train import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
-def test_late_signal_on_one_process_is_reported_by_both(env):
-    """A SIGTERM that reaches one process during the last step's checkpoint: the run is finished,
-    and both processes report the signal (exit 143), so a job script does not go on."""
-    out = env["root"] / "late"
-    args = train_args(env, out, steps=6)
-    late = Launch(env, ["-c", _LATE_SIGNAL, *args[2:]], name="late", extra_env={"MH_LAST_STEP": "6"})
-    codes = late.wait()
-    assert codes == [128 + signal.SIGTERM] * 2, late.tails()
-    summary = summary_of(late.out(0))
-    assert summary["finished"] and summary["final_step"] == 6 and summary["stopped_by_signal"] == signal.SIGTERM
-    assert max(s for s, _ in losses(out)) == 6
 
 
 def test_readme_documents_the_launch_the_tests_use():
