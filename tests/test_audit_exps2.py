@@ -37,52 +37,9 @@ def test_distill_mean_kl_weights_the_positions_by_the_loss_mask():
         mean_kl(model, p1, model, p2, tokens, mask[:, 1:])
 
 
-def _fake_generation(monkeypatch, exp):
-    # generation and timing are not what these tests check: skip their compilation
-    monkeypatch.setattr(exp, "throughput", lambda *a, **k: 1.0)
-    monkeypatch.setattr(exp, "sample_problems", lambda *a, **k: (1.0, 0.5, 0.5))
-
-
-def test_distill_stop_signal_is_not_reported_and_reuse_continues(tmp_path, monkeypatch):
-    """``experiments.distill`` called ``train`` directly: a stop signal during the teacher's
-    training (train returns ``finished: false``) went on with the partly trained teacher and
-    wrote results.json ``complete: true`` (repro: SIGTERM at step 2238 of 100000).  Every re-run
-    deleted OUT/runs (no ``--reuse``).  Now the stop ends the experiment; ``--reuse`` continues
-    the teacher from its checkpoint, then reuses every finished run (same numbers), and refuses
-    runs trained with other settings before anything trains."""
-    import jaxformers.training as training
-    from experiments import distill as exp
-    from jaxformers.data.synthetic import arithmetic, draw_split
-    from jaxformers.training import load_run
-
-    _fake_generation(monkeypatch, exp)
-    out = tmp_path / "d"
-    argv = ["--preset", "tiny", "--out", str(out), "--teacher-steps", "3", "--steps", "2", "--align-steps", "1",
-            "--students", "mamba2", "--problems", "2", "--samples", "1", "--speed-batches", "1",
-            "--speed-lengths", "12", "--no-compile-cache"]
-    real = training.train
-    monkeypatch.setattr(training, "train", lambda *a, **k: real(*a, **k, stop_after=1))
-    with pytest.raises(SystemExit, match="stopped at step 1 of 3"):
-        exp.main(argv)
-    assert not (out / "results.json").is_file() or not json.loads((out / "results.json").read_text())["complete"]
-
-    monkeypatch.setattr(training, "train", real)
-    first = exp.main(argv + ["--reuse"])
-    teacher = json.loads((out / "runs" / "teacher" / "summary.json").read_text())
-    assert teacher["finished"] and teacher["resumed_from"] == 1
-    # the KL numbers are over the distilled (loss_mask) positions
-    tcfg, _, tp = load_run(out / "runs" / "teacher")
-    scfg, _, sp = load_run(out / "runs" / "mamba2")
-    import jaxformers as jf
-    tokens, mask = draw_split(lambda m, s: arithmetic(m, 3, seed=s), 64, 10_000, "heldout")  # held out
-    want = exp.mean_kl(jf.build(tcfg), tp, jf.build(scfg), sp, tokens, mask)
-    assert abs(first["students"]["mamba2"]["kl_final"] - want) < 1e-5
-
-    monkeypatch.setattr(training, "train", lambda *a, **k: pytest.fail("retrained a finished run"))
-    again = exp.main(argv + ["--reuse"])
-    assert again["students"] == first["students"]
-    with pytest.raises(SystemExit, match="kl_weight"):
-        exp.main(argv + ["--reuse", "--kl-weight", "0.5"])
+# The stop-signal / --reuse regression of experiments.distill (a stop during the teacher's training
+# ends the experiment; --reuse continues it, then reuses every finished run) runs inside
+# tests/test_experiment_distill.py's tiny-preset run: one experiment trains for both.
 
 
 def test_distill_refuses_a_teacher_run_stopped_by_a_signal(tmp_path):
