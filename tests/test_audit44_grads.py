@@ -81,11 +81,17 @@ def _vdot(a, b):
     return sum(jnp.sum(x * y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
 
 
+def _value_and_grad(f, params):
+    """``(f, grad f(params))`` from one compiled program (value and gradient), whose value output
+    the finite differences below reuse: no second, forward-only program to compile."""
+    vg = jax.jit(jax.value_and_grad(f))
+    return (lambda p: vg(p)[0]), vg(params)[1]
+
+
 @pytest.mark.parametrize("name", [n for n in registry.list_models() if not n.startswith("test-")])  # not tests' toys
 def test_grad_matches_finite_difference_and_reaches_every_leaf(name):
     _, params, _, f = _setup(name, seg=name != "landmark")  # landmark batches take no segment_ids
-    f = jax.jit(f)
-    grads = jax.grad(f)(params)
+    f, grads = _value_and_grad(f, params)
     zero = [jax.tree_util.keystr(p) for p, g in jax.tree_util.tree_flatten_with_path(grads)[0]
             if not np.any(np.asarray(g))]
     assert not zero, f"{name}: parameters without gradient: {zero}"
@@ -148,8 +154,7 @@ def test_align_loss_reaches_only_converted_layers_and_matches_finite_difference(
     student = registry.build(sc)
     sp = jax.tree.map(jnp.asarray, init_student(tc, tp, sc, jax.random.PRNGKey(2)))
     batch = {"tokens": tokens, "teacher_hidden": teacher_hidden_states(teacher, tp, tokens[:, :-1])}
-    f = jax.jit(lambda p: loss_with_aux(student, align_loss, p, batch, None)[0])
-    grads = jax.grad(f)(sp)
+    f, grads = _value_and_grad(lambda p: loss_with_aux(student, align_loss, p, batch, None)[0], sp)
     reached = {k for k, sub in grads.items() if any(np.any(np.asarray(g)) for g in jax.tree.leaves(sub))}
     assert reached == {"blocks_0", "blocks_2"}
     eps, u = 3e-3, _direction(sp, 7)
