@@ -120,7 +120,8 @@ def _parser():
                                         f"(default {d['tokenizer']}; with --init-from: the source's)")
     ap.add_argument("--mesh", help="axes data, fsdp, expert, tensor, e.g. data=2,fsdp=2,tensor=2 or "
                                    "data=2,expert=2,tensor=2 (default: all devices on data); the "
-                                   "product must equal the device count -- on a CPU, try meshes with "
+                                   "product must equal the device count, or one axis is -1 and takes "
+                                   "what the others leave (data=-1,tensor=2) -- on a CPU, try meshes with "
                                    "XLA_FLAGS=--xla_force_host_platform_device_count=8")
     ap.add_argument("--loss", help="registered loss function (default: the model's: cross_entropy, "
                                    "landmark_cross_entropy for landmark; with --init-from a run: its loss)")

@@ -168,3 +168,23 @@ def test_losses_match_across_meshes_and_params_are_sharded(tmp_path, monkeypatch
     line, share = out["unfit"]
     assert line.startswith("1 dimension(s) not split") and "embed/embedding dim 0 (257) over tensor=4" in line, line
     assert 0.05 < share < 0.9
+
+
+def test_one_mesh_axis_may_take_the_devices_the_others_leave():
+    assert parse_mesh("data=-1,tensor=2") == {"data": -1, "fsdp": 1, "expert": 1, "tensor": 2}
+    assert mesh_shape("data=-1,tensor=2", 8) == {"data": 4, "fsdp": 1, "expert": 1, "tensor": 2}
+    assert mesh_shape("tensor=-1", 8) == {"data": 1, "fsdp": 1, "expert": 1, "tensor": 8}
+    assert mesh_shape("fsdp=-1,data=2,tensor=2", 4) == {"data": 2, "fsdp": 1, "expert": 1, "tensor": 2}
+    with pytest.raises(ValueError, match="only one axis may be -1"):
+        parse_mesh("data=-1,tensor=-1")
+    with pytest.raises(ValueError, match=r"take 3 devices, which does not divide the 8 available"):
+        mesh_shape("data=-1,tensor=3", 8)
+    for bad in ("data=-2", "data=- 1", "data=-0"):
+        with pytest.raises(ValueError, match="positive int"):
+            parse_mesh(bad)
+    import jax
+    n = len(jax.devices())
+    assert dict(make_mesh("tensor=-1").shape) == {"data": 1, "fsdp": 1, "expert": 1, "tensor": n}
+    with pytest.raises(ValueError, match="tensor=-1 has no size"):
+        make_mesh(f"data={n + 1},tensor=-1")
+    TrainConfig(mesh="data=-1,tensor=2")  # the config's syntax check accepts it

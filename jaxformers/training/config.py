@@ -36,8 +36,8 @@ class TrainConfig(ConfigMixin):
     continues at the value it had reached (continuous, never re-stretched).
     ``dtype`` is the compute dtype (``auto``: bfloat16 on
     GPU/TPU, float32 on CPU); parameters and optimizer state stay float32.
-    ``mesh`` is ``"data=D,fsdp=F,expert=E,tensor=T"`` (missing axes are 1; ``None`` = pure
-    data parallelism over every device).  ``checkpoint_every=0`` saves only the
+    ``mesh`` is ``"data=D,fsdp=F,expert=E,tensor=T"`` (missing axes are 1; one axis may be
+    ``-1``: the devices the others leave; ``None`` = pure data parallelism over every device).  ``checkpoint_every=0`` saves only the
     final checkpoint (the final step is always saved).  ``eval_every=0`` evaluates
     only at the end; ``eval_batches=0`` never evaluates.  An evaluation covers
     ``eval_batches`` full batches (``eval_batches * batch_size`` sequences, run as

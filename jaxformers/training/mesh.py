@@ -42,9 +42,11 @@ BATCH_AXES = BATCH_MESH_AXES  # ("data", "fsdp", "expert")
 def parse_mesh(spec: Optional[str]) -> Dict[str, int]:
     """``"data=2,expert=2,tensor=2"`` -> ``{"data": 2, "fsdp": 1, "expert": 2, "tensor": 2}`` (missing axes = 1).
 
-    ``None``/``""`` -> ``{}`` (meaning: everything on ``data``).  Raises
-    ``ValueError`` for unknown axes, repeated axes, sizes that are not
-    positive integers, or a spec of separators only (``","``).
+    ``None``/``""`` -> ``{}`` (meaning: everything on ``data``).  One axis may be ``-1``
+    (``"data=-1,tensor=2"``, as MaxText's ``-1``): it takes the devices the other axes leave,
+    resolved by :func:`mesh_shape` (kept as ``-1`` here).  Raises ``ValueError`` for unknown
+    axes, repeated axes, sizes that are neither positive integers nor ``-1``, ``-1`` on more
+    than one axis, or a spec of separators only (``","``).
     """
     if spec is None or not str(spec).strip():
         return {}
@@ -63,9 +65,12 @@ def parse_mesh(spec: Optional[str]) -> Dict[str, int]:
             raise ValueError(f"mesh={spec!r}: axis {name!r} given twice")
         digits = value.strip()
         # ASCII digits only: int() would also take "1_6" (16), "+2" and non-ASCII digits
-        size = int(digits) if digits.isascii() and digits.isdigit() else 0
-        if size < 1:
-            raise ValueError(f"mesh={spec!r}: size of {name!r} must be a positive int, got {value.strip()!r}")
+        size = -1 if digits == "-1" else (int(digits) if digits.isascii() and digits.isdigit() else 0)
+        if size == 0:
+            raise ValueError(f"mesh={spec!r}: size of {name!r} must be a positive int (or -1: the devices "
+                             f"the other axes leave), got {value.strip()!r}")
+        if size == -1 and -1 in sizes.values():
+            raise ValueError(f"mesh={spec!r}: only one axis may be -1 (it takes the devices the others leave)")
         sizes[name] = size
     if not sizes:  # e.g. "," -- not the same as None (every device on data)
         raise ValueError(f"mesh={spec!r} names no axis; expected AXIS=SIZE entries, e.g. 'data=2,fsdp=2,tensor=2' "
@@ -74,10 +79,20 @@ def parse_mesh(spec: Optional[str]) -> Dict[str, int]:
 
 
 def mesh_shape(spec: Optional[str], n_devices: int) -> Dict[str, int]:
-    """Axis sizes for ``spec`` on ``n_devices`` devices (ValueError if the product differs)."""
+    """Axis sizes for ``spec`` on ``n_devices`` devices (ValueError if the product differs); an
+    axis given as ``-1`` takes ``n_devices`` over the product of the others (ValueError if that
+    product does not divide ``n_devices``)."""
     sizes = parse_mesh(spec)
     if not sizes:
         return {axis: (n_devices if axis == "data" else 1) for axis in MESH_AXES}
+    fill = [axis for axis, size in sizes.items() if size == -1]
+    if fill:
+        others = int(np.prod([size for size in sizes.values() if size != -1]))
+        if n_devices % others:
+            raise ValueError(
+                f"mesh={spec!r}: the axes other than {fill[0]!r} take {others} devices, which does not divide "
+                f"the {n_devices} available, so {fill[0]}=-1 has no size")
+        sizes = dict(sizes, **{fill[0]: n_devices // others})
     product = int(np.prod(list(sizes.values())))
     if product != n_devices:
         raise ValueError(
