@@ -49,6 +49,7 @@ before anything trains); a student of another teacher is trained again.
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import sys
 import time
@@ -128,11 +129,8 @@ def mean_kl(teacher, teacher_params, student, student_params, rows, loss_mask=No
     """Mean per-token KL(teacher || student) of ``rows`` ``[N, T+1]`` over the positions
     ``kd_loss`` distils: input position ``t`` weighted by ``loss_mask[:, t + 1]`` (``[N, T+1]``,
     the target's weight); ``loss_mask=None``: every input position."""
-    import jax
     import jax.numpy as jnp
     import numpy as np
-
-    from jaxformers.distill import kl_per_token
 
     rows = np.asarray(rows)
     weights = (np.ones((rows.shape[0], rows.shape[1] - 1), np.float32) if loss_mask is None
@@ -141,12 +139,23 @@ def mean_kl(teacher, teacher_params, student, student_params, rows, loss_mask=No
         raise ValueError(f"loss_mask must be [N, T+1] = {list(rows.shape)} with some weight, "
                          f"got shape {list(np.shape(loss_mask))}")
 
-    @jax.jit
-    def kl(tp, sp, tokens, w):
-        per_token = kl_per_token(teacher.apply({"params": tp}, tokens), student.apply({"params": sp}, tokens))
-        return jnp.sum(per_token * w) / jnp.sum(w)
+    return float(_weighted_kl_program()(teacher, student, teacher_params, student_params,
+                                        jnp.asarray(rows[:, :-1]), jnp.asarray(weights)))
 
-    return float(kl(teacher_params, student_params, jnp.asarray(rows[:, :-1]), jnp.asarray(weights)))
+
+def _weighted_kl_impl(teacher, student, tp, sp, tokens, w):
+    from jaxformers.distill import kl_per_token
+    per_token = kl_per_token(teacher.apply({"params": tp}, tokens), student.apply({"params": sp}, tokens))
+    return (per_token * w).sum() / w.sum()
+
+
+@functools.lru_cache(maxsize=None)
+def _weighted_kl_program():
+    """``_weighted_kl_impl`` jitted once, the modules static (hashable flax dataclasses): one
+    compiled program per (teacher, student, shapes), shared by the experiment's KL measurements
+    (a jit made inside ``mean_kl`` compiled anew on every call)."""
+    import jax
+    return jax.jit(_weighted_kl_impl, static_argnums=(0, 1))
 
 
 # ----------------------------------------------------------------------------- --reuse

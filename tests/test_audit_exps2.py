@@ -35,6 +35,12 @@ def test_distill_mean_kl_weights_the_positions_by_the_loss_mask():
     assert abs(mean_kl(model, p1, model, p2, tokens) - kl.mean()) < 1e-5 * max(1.0, kl.mean())
     with pytest.raises(ValueError, match="loss_mask"):
         mean_kl(model, p1, model, p2, tokens, mask[:, 1:])
+    # one compiled program for every measurement of the same models and shapes (the experiment
+    # measures three times per student): a jit made inside mean_kl compiled on every call
+    from experiments.distill import _weighted_kl_program
+    before = _weighted_kl_program()._cache_size()
+    mean_kl(model, p2, jf.build(cfg), p1, tokens, mask)  # another params / an equal module
+    assert _weighted_kl_program()._cache_size() == before
 
 
 # The stop-signal / --reuse regression of experiments.distill (a stop during the teacher's training
