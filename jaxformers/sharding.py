@@ -125,7 +125,12 @@ def constrain(x, axes: Sequence[str]):
     A dimension may also name mesh axes directly, as a tuple (``(("data", "fsdp"), None)``):
     that dimension is split over them as they stand, before any rule is applied (a rule asking
     for one of them then leaves its dimension whole); ``ValueError`` for a tuple holding
-    anything but mesh axes of the rules, or for a mesh axis named in two dimensions."""
+    anything but mesh axes of the rules, or for a mesh axis named in two dimensions.
+
+    A mesh axis that does not divide its dimension is left out of it (the longest dividing
+    prefix of the dimension's mesh axes is kept), as for parameters (``fit_sharding``) and
+    kernels (:func:`kernel_map`): e.g. 2 kv heads on ``tensor=4`` stay whole on every device
+    instead of an uneven, padded split."""
     axes = tuple(tuple(a) if isinstance(a, list) else a for a in axes)
     if hasattr(x, "ndim") and len(axes) != x.ndim:
         raise ValueError(f"constrain: axes={axes} names {len(axes)} dimensions, the array has shape "
@@ -161,9 +166,32 @@ def constrain(x, axes: Sequence[str]):
             extra.append((name, a if a else None))
         else:
             names.append(a)
+    all_rules, names = tuple(extra) + tuple(rules), tuple(names)
+    fitted = _fit_to_mesh(x, names, all_rules)
+    if fitted is not None:
+        return jax.lax.with_sharding_constraint(x, fitted)
     if not extra:
         return nn.with_logical_constraint(x, axes)
-    return nn.with_logical_constraint(x, tuple(names), rules=tuple(extra) + tuple(rules))
+    return nn.with_logical_constraint(x, names, rules=all_rules)
+
+
+def _fit_to_mesh(x, names, rules):
+    """The ``PartitionSpec`` of ``x`` under ``rules`` on the ambient mesh with the mesh axes that
+    do not divide a dimension dropped from it (the longest dividing prefix of each dimension's
+    axes kept, the rest of that dimension whole), or ``None`` when every axis divides (or there
+    is no mesh / shape): flax would ask XLA for an uneven, padded split, e.g. 2 kv heads over
+    ``tensor=4``, which the partitioner can only reach from other layouts by replicating the
+    whole array first ("involuntary full rematerialization"; a KV cache written while decoding)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not hasattr(x, "shape") or any(n is P.UNCONSTRAINED for n in names):
+        return None
+    spec = [tuple(a for a in axes if a in mesh.axis_names) for axes in _mesh_axes(names, rules)]
+    fitted = []
+    for axes, size in zip(spec, x.shape):
+        split = next((i for i in range(len(axes)) if size % math.prod(mesh.shape[a] for a in axes[:i + 1])),
+                     len(axes))
+        fitted.append(axes[:split])
+    return None if fitted == spec else P(*[(a if len(a) > 1 else a[0]) if a else None for a in fitted])
 
 
 def param_init(init, axes: Sequence[str]):
