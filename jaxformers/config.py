@@ -265,6 +265,11 @@ class TransformerConfig(ModelConfig):
     rope_theta: float = 10000.0
     attention_impl: str = "auto"
     window: Optional[int] = None  # sliding-window attention (all layers) when set
+    #: biases on the q, k, v projections (Qwen2); zero init, axes ``(heads|kv_heads, head_dim)``
+    qkv_bias: bool = False
+    #: RMSNorm over ``head_dim`` of each query and key head before RoPE (Qwen3; one ``[head_dim]``
+    #: scale for q and one for k, shared by all heads; eps ``norm_eps``)
+    qk_norm: bool = False
 
     # ------------------------------------------------------------------ derived
     @property
@@ -305,6 +310,8 @@ class TransformerConfig(ModelConfig):
             if getattr(self, name) is not None:
                 _positive(self, name)
         _choice("mlp", self.mlp, MLPS)
+        for name in ("qkv_bias", "qk_norm"):
+            _boolean(self, name)
         _choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
         if self.head_dim is None and self.d_model % self.n_head:
             raise ValueError(

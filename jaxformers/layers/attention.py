@@ -3,6 +3,10 @@
 q = x W_q, k = x W_k, v = x W_v   (W_q: [D, H, Dh], W_k/W_v: [D, Hkv, Dh])
 y = attention(rope(q), rope(k), v) W_o   (W_o: [H, Dh, D])
 
+Options of the config: ``qkv_bias`` adds ``+ b_q|b_k|b_v`` to the three projections (Qwen2),
+``qk_norm`` replaces ``q``/``k`` by ``RMSNorm_head_dim(q)``/``RMSNorm_head_dim(k)`` before rope
+(Qwen3): :func:`project_qkv`, shared by every attention mixer built on it.
+
 With a cache (decoding), the new keys/values are written at ``cache_index`` in
 preallocated ``[B, S, Hkv, Dh]`` buffers and the queries attend to the whole
 buffer with ``q_offset = cache_index`` (unwritten slots are in the causal future).
@@ -23,6 +27,7 @@ from ..sharding import (ACT_HEADS, ACT_KV_HEADS, BATCH, EMBED, HEAD_DIM, HEADS, 
 from ..utils import concrete
 from .common import dtype_of, output_std
 from .linear import Linear
+from .norms import RMSNorm
 from .rotary import apply_rotary, rotary_angles
 
 
@@ -100,16 +105,28 @@ def project_qkv(c, x, positions, linear=Linear):
     ``positions [B, T]``: ``[B, T, H, Dh]``, ``[B, T, Hkv, Dh]`` x 2.  Called inside a mixer's
     ``nn.compact`` method, so the parameters ``q``/``k``/``v`` belong to that mixer (any mixer
     that only changes the attention op keeps the baseline's parameter tree).  ``linear``: the
-    projection module class (``Linear``'s signature), e.g. an integer-weight one."""
+    projection module class (``Linear``'s signature), e.g. an integer-weight one.
+
+    ``config.qkv_bias``: each projection adds a bias (``q/bias [H, Dh]``, ``k|v/bias [Hkv, Dh]``,
+    zero init; Qwen2).  ``config.qk_norm``: q and k are RMS-normalised over ``head_dim``, each
+    head alone, with one learned ``[Dh]`` scale each (``q_norm/scale``, ``k_norm/scale``, eps
+    ``norm_eps``), BEFORE rotary (Qwen3).  Both off (the default): the parameter tree and the
+    outputs are exactly those of a config without the fields."""
     h, hkv, dh = c.n_head, c.kv_heads, c.dim_head
+    bias = {"use_bias": True} if getattr(c, "qkv_bias", False) else {}
 
     def proj(heads, axes, name):
         return linear((heads, dh), axes, std=c.init_std, dtype=c.dtype, param_dtype=c.param_dtype,
-                      name=name)(x)
+                      name=name, **bias)(x)
 
     q = proj(h, (EMBED, HEADS, HEAD_DIM), "q")
     k = proj(hkv, (EMBED, KV_HEADS, HEAD_DIM), "k")
     v = proj(hkv, (EMBED, KV_HEADS, HEAD_DIM), "v")
+    if getattr(c, "qk_norm", False):
+        def head_norm(name):
+            return RMSNorm(eps=c.norm_eps, dtype=c.dtype, param_dtype=c.param_dtype, axis_name=HEAD_DIM,
+                           name=name)
+        q, k = head_norm("q_norm")(q), head_norm("k_norm")(k)
     cos, sin = rotary_angles(positions, dh, c.rope_theta)
     q = constrain(apply_rotary(q, cos, sin), (BATCH, LENGTH, ACT_HEADS, None))
     k = constrain(apply_rotary(k, cos, sin), (BATCH, LENGTH, ACT_KV_HEADS, None))

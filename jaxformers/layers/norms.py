@@ -18,11 +18,12 @@ class RMSNorm(nn.Module):
     eps: float = 1e-6
     dtype: str = "float32"
     param_dtype: str = "float32"
+    axis_name: str = EMBED  # the scale's logical axis (``head_dim`` for attention's qk_norm)
 
     @nn.compact
     def __call__(self, x):  # [..., D]
         _check_eps(self)
-        scale = self.param("scale", param_init(nn.initializers.ones, (EMBED,)), (x.shape[-1],),
+        scale = self.param("scale", param_init(nn.initializers.ones, (self.axis_name,)), (x.shape[-1],),
                            dtype_of(self.param_dtype))
         x32 = x.astype(jnp.float32)
         y = x32 * jnp.reciprocal(jnp.sqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps))
