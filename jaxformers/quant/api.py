@@ -355,7 +355,7 @@ def quantize(config, params, spec: QuantSpec, calibration=None):
             q, qi, sc, _ = res if int_storage else (res, None, None, None)
             edges = [0, *np.cumsum([w.shape[1] for w, _ in ws])]
             for (sub, name), (_, shape), lo, hi in zip(members, ws, edges[:-1], edges[1:]):
-                blk[sub][name] = {"kernel": q[:, lo:hi].reshape(shape)}
+                blk[sub][name] = {**blk[sub][name], "kernel": q[:, lo:hi].reshape(shape)}  # (+ bias)
                 if int_storage:
                     ints[(sub, name)] = (qi[:, lo:hi], sc[0, lo:hi], shape)
         out[f"blocks_{i}"] = qblk = _cast_like(blk, ref)
@@ -365,6 +365,7 @@ def quantize(config, params, spec: QuantSpec, calibration=None):
             for (sub, name), (qi, sc, shape) in ints.items():
                 n_in = _N_IN.get(name, 1)
                 q = jnp.asarray(qi.reshape(shape), jnp.int8)
-                qblk[sub][name] = {"qkernel": pack_int4(q) if spec.w_bits <= 4 else q,
+                qblk[sub][name] = {**{k: v for k, v in qblk[sub][name].items() if k != "kernel"},  # bias
+                                   "qkernel": pack_int4(q) if spec.w_bits <= 4 else q,
                                    "scale": jnp.asarray(sc.reshape(shape[n_in:]), jnp.float32)}
     return qcfg, out

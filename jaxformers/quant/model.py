@@ -45,7 +45,7 @@ from jax.ad_checkpoint import checkpoint_name
 from ..config import TransformerConfig, _boolean, _choice
 from ..layers import Block
 from ..layers.attention import init_attention_cache, project_qkv, write_kv_cache
-from ..layers.common import output_std
+from ..layers.common import dtype_of, output_std
 from ..layers.linear import Linear
 from ..models.llama import LLAMA_PRESETS, _LLAMA_STYLE
 from ..models.transformer import Transformer
@@ -205,7 +205,8 @@ class IntLinear(nn.Module):
     a_clip: float = 1.0
     dtype: str = "float32"
     std: float = 0.02               # unused (Linear's signature)
-    param_dtype: str = "float32"    # unused: the storage dtypes are fixed
+    param_dtype: str = "float32"    # the bias's dtype (the integer weights' storage is fixed)
+    use_bias: bool = False          # a float ``bias [*out]`` added after the integer matmul
 
     @nn.compact
     def __call__(self, x):
@@ -227,11 +228,17 @@ class IntLinear(nn.Module):
         if self.a_bits >= 16:
             w = (q.astype(jnp.float32) * scale).astype(dtype)
             contract = (tuple(range(x.ndim - n, x.ndim)), tuple(range(n)))
-            return jax.lax.dot_general(x.astype(dtype), w, (contract, ((), ())))
-        lead = x.shape[:-n]
-        k = math.prod(in_shape)
-        return int_matmul(x.reshape(lead + (k,)), q.reshape((k,) + out_shape), scale,
-                          a_bits=self.a_bits, clip=self.a_clip, out_dtype=dtype)
+            y = jax.lax.dot_general(x.astype(dtype), w, (contract, ((), ())))
+        else:
+            lead = x.shape[:-n]
+            k = math.prod(in_shape)
+            y = int_matmul(x.reshape(lead + (k,)), q.reshape((k,) + out_shape), scale,
+                           a_bits=self.a_bits, clip=self.a_clip, out_dtype=dtype)
+        if self.use_bias:  # (qkv_bias) kept in high precision, as Linear adds it
+            bias = self.param("bias", param_init(nn.initializers.zeros, self.kernel_axes[n:]), out_shape,
+                              dtype_of(self.param_dtype))
+            y = y + bias.astype(dtype)
+        return y
 
 
 def linear_class(c):

@@ -16,7 +16,13 @@ authors' ``random_hadamard_matrix``; ``D`` with no Hadamard factorisation falls 
 random orthogonal matrix (their ``rotate_mode="random"``).  ``H_n`` are the normalised
 matrices of :func:`pallas_kernels.hadamard.hadamard_matrix` (``x -> x H_n`` is what the
 online :func:`hadamard_transform` computes).  q/k get an online ``H_dh`` after RoPE and need
-no weight change (``q H (k H)^T = q k^T``).  A tied embedding is untied first (the head
+no weight change (``q H (k H)^T = q k^T``).
+
+``qkv_bias`` / ``qk_norm`` (Qwen2 / Qwen3) are supported: ``Q`` only changes the projections'
+inputs (``x Q`` times ``Q^T W``), not their outputs, so the q/k biases and the per-head q/k
+RMSNorm scales (applied to those outputs, before RoPE and the online ``H_dh``) stay as they
+are; v's outputs are rotated per head by ``H_dh`` (cancelled in ``W_o``), so its bias
+``b_v [Hkv, Dh]`` becomes ``b_v H_dh``.  A tied embedding is untied first (the head
 gets its own rotated copy).
 
 Deviation from the authors' code (spcl/QuaRot ``rotation_utils.py``): they fold the exact
@@ -153,6 +159,8 @@ def _rotate_block(q, mats, blk):
         w = att[name]["kernel"]
         att[name]["kernel"] = _q_left(q, s[:, None] * w.reshape(d, -1)).reshape(w.shape)
     att["v"]["kernel"] = kron_right(att["v"]["kernel"], mats["dh"])
+    if "bias" in att["v"]:  # qkv_bias: v's outputs are rotated per head, so is its bias [Hkv, Dh]
+        att["v"]["bias"] = kron_right(att["v"]["bias"], mats["dh"])
     wo = att["o"]["kernel"]
     att["o"]["kernel"] = _q_right(q, kron_left(mats["o"], wo.reshape(-1, d))).reshape(wo.shape)
     blk["attn_norm"]["scale"] = jnp.ones_like(s)
