@@ -62,6 +62,10 @@ def student_config(teacher, student: str = "mamba2", attn_layers: Sequence[int] 
     if not isinstance(teacher, TransformerConfig) or teacher.model not in ("llama", "gpt"):
         raise ValueError(f"teacher must be a 'llama' or 'gpt' config, got "
                          f"{getattr(teacher, 'model', type(teacher).__name__)!r}")
+    for name in ("qkv_bias", "qk_norm"):  # the attention initialisation maps bare q/k/v kernels only
+        if getattr(teacher, name, False):
+            raise ValueError(f"teacher {name}=True is not supported: the MambaInLlama initialisation maps "
+                             "bias-free, unnormalised q/k/v projections onto the SSM")
     if student not in STUDENTS:
         raise ValueError(f"student must be one of {STUDENTS}, got {student!r}")
     if isinstance(attn_layers, (str, bytes)) or not hasattr(attn_layers, "__iter__"):

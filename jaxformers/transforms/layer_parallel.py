@@ -44,6 +44,11 @@ a pair costs the all-reduces of ONE layer (2), two sequential tensor-parallel la
 with three pairs, 11 with one; the extra one is the vocab-sharded logits).  With
 ``tensor=2k`` each layer spans ``k`` devices (the authors' ``gpus_per_block``).
 
+``qkv_bias`` (Qwen2-style q/k/v biases) fuses: the pair's biases sit side by side on the heads
+axis, as the kernels.  ``qk_norm`` (Qwen3) pairs only unfused (``fused=False``): the fused
+block's heads would share one ``q_norm``/``k_norm`` scale, the two layers have their own
+(``ValueError`` naming ``qk_norm``).
+
 Deviations from the authors' code: RoPE/attention are this library's (same math); pairs are
 any ``range(start, end, 2)`` span of a ``gpt``/``llama`` model (theirs: Llama, HF);
 ``mlp_norm`` defaults to the per-layer norms (see above).
@@ -104,6 +109,9 @@ class LayerParallelConfig(TransformerConfig):
             raise ValueError("skip_gains must be False for a layer-parallel model")
         if not isinstance(self.fused, bool):
             raise ValueError(f"fused must be a bool, got {self.fused!r}")
+        if self.fused and self.qk_norm and self.pair_end > self.pair_start:
+            raise ValueError("qk_norm=True cannot be fused (fused=True): a fused pair's heads share one "
+                             "q_norm / k_norm scale, the two layers have their own; use fused=False")
 
     @property
     def pairs(self) -> Tuple[int, ...]:
@@ -299,9 +307,15 @@ def fuse_pair(p0: dict, p1: dict) -> dict:
     sm = (p0["mlp_norm"]["scale"], p1["mlp_norm"]["scale"])
     ps = (p0, p1)
     attn = {}
+    for name in ("q_norm", "k_norm"):
+        if name in p0["attn"] or name in p1["attn"]:
+            raise ValueError(f"attn/{name} (qk_norm=True) cannot be fused: the pair's heads would share "
+                             "one scale, the two layers have their own; use fused=False")
     for name in ("q", "k", "v"):
         attn[name] = {"kernel": jnp.concatenate(
             [_fold(s, p["attn"][name]["kernel"]) for s, p in zip(sa, ps)], axis=1)}
+        if "bias" in p0["attn"][name]:  # qkv_bias: [H|Hkv, Dh] per layer, side by side on the heads axis
+            attn[name]["bias"] = jnp.concatenate([p["attn"][name]["bias"] for p in ps], axis=0)
     attn["o"] = {"kernel": jnp.concatenate([p["attn"]["o"]["kernel"] for p in ps], axis=0)}
     mlp = {}
     for name in p0["mlp"]:
