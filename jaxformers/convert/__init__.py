@@ -1,8 +1,9 @@
-"""Checkpoint interop: Hugging Face Llama / Mistral <-> jaxformers, and scanned/unscanned layer layouts.
+"""Checkpoint interop: Hugging Face Llama / Mistral / Qwen2 / Qwen3 <-> jaxformers, and scanned/unscanned layer layouts.
 
     config, params = jaxformers.convert.from_hf("path/to/llama")   # numpy + safetensors only
     jaxformers.convert.to_hf(config, params, "out_dir")            # LlamaForCausalLM-loadable
     # Mistral: a llama with window = sliding_window, both ways (a windowed llama -> MistralForCausalLM)
+    # Qwen2 / Qwen3: a llama with qkv_bias / qk_norm, both ways (Qwen2ForCausalLM / Qwen3ForCausalLM)
     # mamba / mamba2 configs: MambaForCausalLM / Mamba2ForCausalLM both ways (from_hf / to_hf dispatch)
 """
 from .hf_llama import config_from_hf, config_to_hf, from_hf, to_hf

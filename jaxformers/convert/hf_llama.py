@@ -1,4 +1,5 @@
-"""Hugging Face ``LlamaForCausalLM`` / ``MistralForCausalLM`` <-> jaxformers ``llama`` params.
+"""Hugging Face ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM`` /
+``Qwen3ForCausalLM`` <-> jaxformers ``llama`` params.
 
 A Mistral checkpoint is a Llama with sliding-window attention in every layer (same tensor names
 and shapes, no biases, SwiGLU, RMSNorm, RoPE, optional ``head_dim``): ``model_type='mistral'``
@@ -12,6 +13,17 @@ when ``i - sliding_window < j <= i`` (``masking_utils.sliding_window_overlay``:
 ``i - w < j <= i`` (:func:`jaxformers.ops.attention.attention_mask`, the Pallas kernels' masks):
 each query sees ``min(i + 1, w)`` keys, itself included, in both.
 
+Qwen2 / Qwen2.5 (``model_type='qwen2'``) is a Llama with biases on q/k/v (not o, not the MLP):
+it imports as a ``llama`` config with ``qkv_bias=True``.  Qwen3 (``'qwen3'``) is a Llama with an
+RMSNorm over ``head_dim`` on every query and key head (one ``[head_dim]`` weight each, shared by
+the heads, eps ``rms_norm_eps``) applied before RoPE: ``qk_norm=True`` (its ``attention_bias``,
+default false, biases q/k/v and o: ``qkv_bias``, and every ``o_proj.bias`` must be zero).  Both
+take their window from ``use_sliding_window`` + ``sliding_window`` when every layer slides (the
+same mask as Mistral's); a per-layer pattern (``max_window_layers``, ``layer_types``) is refused.
+Export: ``qk_norm`` -> ``Qwen3ForCausalLM`` (``attention_bias=qkv_bias``; with it, zero
+``o_proj.bias`` tensors are written), else ``qkv_bias`` -> ``Qwen2ForCausalLM``, else Mistral /
+Llama as above.
+
 Loading needs numpy + safetensors only (no torch). ``safetensors.numpy`` cannot
 return bfloat16 tensors, so bf16 tensors are read straight from the file: the
 safetensors header (8-byte little-endian length + JSON) gives each tensor's byte
@@ -23,6 +35,10 @@ Weight layout (torch ``nn.Linear.weight`` is ``[out, in]``)::
     layers.i.self_attn.q_proj.weight     [H*Dh, D]   -> blocks_i/attn/q/kernel      [D, H, Dh]
     layers.i.self_attn.k_proj/v_proj     [Hkv*Dh, D] -> blocks_i/attn/k|v/kernel    [D, Hkv, Dh]
     layers.i.self_attn.o_proj.weight     [D, H*Dh]   -> blocks_i/attn/o/kernel      [H, Dh, D]
+    layers.i.self_attn.q_proj.bias       [H*Dh]      -> blocks_i/attn/q/bias        [H, Dh]    (qkv_bias)
+    layers.i.self_attn.k_proj/v_proj.bias [Hkv*Dh]   -> blocks_i/attn/k|v/bias      [Hkv, Dh]  (qkv_bias)
+    layers.i.self_attn.q_norm/k_norm.weight [Dh]     -> blocks_i/attn/q_norm|k_norm/scale [Dh] (qk_norm)
+    layers.i.self_attn.o_proj.bias       [D]         -> (Qwen3 attention_bias: must be zero; none)
     layers.i.mlp.gate_proj/up_proj       [F, D]      -> blocks_i/mlp/gate|up/kernel [D, F]
     layers.i.mlp.down_proj.weight        [D, F]      -> blocks_i/mlp/down/kernel    [F, D]
     layers.i.input_layernorm.weight      [D]         -> blocks_i/attn_norm/scale
@@ -54,8 +70,15 @@ MISTRAL_DEFAULTS = {**HF_DEFAULTS, "intermediate_size": 14336}
 #: omitted ``sliding_window`` is a 4096-token window (null: none), an omitted
 #: ``num_key_value_heads`` 8 kv heads (null: ``num_attention_heads``, as transformers 4.x reads it).
 MISTRAL_OMITTED = dict(sliding_window=4096, num_key_value_heads=8, max_position_embeddings=131072)
+#: transformers' ``Qwen2Config`` / ``Qwen3Config`` defaults of the sizes.
+QWEN_DEFAULTS = {**HF_DEFAULTS, "vocab_size": 151936, "intermediate_size": 22016}
+#: ``Qwen2Config`` / ``Qwen3Config`` defaults of the other keys a config.json omits that differ from
+#: Llama's (``head_dim``: Qwen3 only; Qwen2 reads ``hidden_size // num_attention_heads``).
+QWEN_OMITTED = dict(num_key_value_heads=32, max_position_embeddings=32768, use_sliding_window=False,
+                    sliding_window=4096, max_window_layers=28)
+QWEN3_HEAD_DIM = 128
 #: The HF architectures :func:`from_hf` reads (``model_type`` of config.json); Mamba ones: hf_mamba.
-MODEL_TYPES = ("llama", "mistral")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 # --------------------------------------------------------------------------- config mapping
 def _rope_theta(hf: dict) -> float:
     """RoPE base of a HF config; refuses a non-default rope type in ``rope_parameters``
@@ -108,8 +131,45 @@ def _sliding_window(hf: dict):
     return window
 
 
+def _qwen_window(hf: dict, n_layer: int):
+    """jaxformers ``window`` of a HF ``Qwen2Config`` / ``Qwen3Config`` dict.  transformers slides
+    layer ``i`` when ``use_sliding_window`` (default false) and ``layer_types[i]`` is
+    ``'sliding_attention'``, with ``sliding_window`` keys (omitted: 4096, null: none);
+    ``layer_types`` omitted: layers ``i >= max_window_layers`` (default 28) slide.  jaxformers'
+    window is the same in every layer, so a config whose layers differ is a ``ValueError``
+    naming the key that makes them differ (``max_window_layers`` or ``layer_types``)."""
+    use = hf.get("use_sliding_window", QWEN_OMITTED["use_sliding_window"])
+    if not isinstance(use, bool):
+        raise ValueError(f"use_sliding_window={use!r} is not supported; expected true or false")
+    window = hf.get("sliding_window", QWEN_OMITTED["sliding_window"]) if use else None
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"sliding_window={window!r} is not supported; expected a positive integer (the keys "
+                         "a query sees, itself included) or null (no window)")
+    layer_types, key = hf.get("layer_types"), "layer_types"
+    if layer_types is None:
+        first = hf.get("max_window_layers", QWEN_OMITTED["max_window_layers"])
+        if isinstance(first, bool) or not isinstance(first, int):
+            raise ValueError(f"max_window_layers={first!r} is not supported; expected an integer")
+        layer_types, key = ["sliding_attention" if window is not None and i >= first else "full_attention"
+                            for i in range(n_layer)], "max_window_layers"
+    if not isinstance(layer_types, list) or len(layer_types) != n_layer or \
+            any(t not in ("full_attention", "sliding_attention") for t in layer_types):
+        raise ValueError(f"layer_types={layer_types!r} is not supported: expected a list of "
+                         f"num_hidden_layers={n_layer} entries 'full_attention' / 'sliding_attention'")
+    if window is None and "sliding_attention" in layer_types:
+        raise ValueError(f"layer_types has 'sliding_attention' layers but no window (use_sliding_window={use}, "
+                         f"sliding_window={hf.get('sliding_window')!r}): ambiguous, not supported")
+    if len(set(layer_types)) > 1:
+        raise ValueError(f"{key}={hf.get(key, QWEN_OMITTED.get(key))!r} gives sliding-window attention in "
+                         f"{layer_types.count('sliding_attention')} of {n_layer} layers only (sliding_window="
+                         f"{window}): jaxformers' window is the same in every layer, so this per-layer "
+                         "pattern is not supported")
+    return window if layer_types and layer_types[0] == "sliding_attention" else None
+
+
 def config_from_hf(hf: dict, *, dtype: str = "float32", scan_layers: bool = False) -> TransformerConfig:
-    """jaxformers ``llama`` config from a HF ``LlamaConfig`` or ``MistralConfig`` dict (``config.json``).
+    """jaxformers ``llama`` config from a HF ``LlamaConfig``, ``MistralConfig``, ``Qwen2Config`` or
+    ``Qwen3Config`` dict (``config.json``).
 
     A key the dict omits takes transformers' default, as ``from_pretrained`` reads it
     (:data:`HF_DEFAULTS`, for Mistral :data:`MISTRAL_DEFAULTS` and :data:`MISTRAL_OMITTED`;
@@ -119,14 +179,22 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", scan_layers: bool = Fals
     ``ValueError`` (transformers refuses it too).  ``model_type='mistral'``: ``window`` is the
     ``sliding_window`` unchanged (the two masks agree, see the module docstring); a per-layer
     ``layer_types`` pattern, as any other setting jaxformers cannot compute (biases, a
-    non-default RoPE, an activation other than SiLU), is a ``ValueError`` naming the key."""
+    non-default RoPE, an activation other than SiLU), is a ``ValueError`` naming the key.
+
+    ``model_type='qwen2'``: ``qkv_bias=True`` (transformers' Qwen2 always biases q/k/v, never o;
+    it reads no ``attention_bias`` key, nor do we); ``'qwen3'``: ``qk_norm=True``, ``head_dim``
+    omitted = 128, ``attention_bias`` -> ``qkv_bias`` (Qwen3 then also biases ``o_proj``, which
+    jaxformers has not: :func:`from_hf` accepts it only when every ``o_proj.bias`` is zero, as
+    :func:`to_hf` writes it).  Both take their own config classes' defaults
+    (:data:`QWEN_DEFAULTS`, :data:`QWEN_OMITTED`) and window keys (:func:`_qwen_window`)."""
     from ..registry import get_config
 
     model_type = hf.get("model_type") or "llama"
     if model_type not in MODEL_TYPES:
         raise ValueError(f"model_type={model_type!r} is not supported; expected one of {list(MODEL_TYPES)} "
                          "(or 'mamba' / 'mamba2' through from_hf / config_from_hf_mamba)")
-    sizes = MISTRAL_DEFAULTS if model_type == "mistral" else HF_DEFAULTS
+    qwen = model_type in ("qwen2", "qwen3")
+    sizes = MISTRAL_DEFAULTS if model_type == "mistral" else QWEN_DEFAULTS if qwen else HF_DEFAULTS
     nulls = [k for k in sizes if k in hf and hf[k] is None]
     if nulls:
         raise ValueError(f"config.json sets {nulls} to null: a model size must be a number (transformers "
@@ -136,10 +204,28 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", scan_layers: bool = Fals
         window, max_len = _sliding_window(hf), MISTRAL_OMITTED["max_position_embeddings"]
         if "num_key_value_heads" not in hf:
             hf = {**hf, "num_key_value_heads": MISTRAL_OMITTED["num_key_value_heads"]}
+    qkv_bias = qk_norm = False
+    if qwen:
+        n_layer = hf.get("num_hidden_layers", QWEN_DEFAULTS["num_hidden_layers"])
+        window, max_len = _qwen_window(hf, int(n_layer)), QWEN_OMITTED["max_position_embeddings"]
+        omitted = {"num_key_value_heads": QWEN_OMITTED["num_key_value_heads"]}
+        if model_type == "qwen3":
+            omitted["head_dim"] = QWEN3_HEAD_DIM
+        hf = {**hf, **{k: v for k, v in omitted.items() if k not in hf}}
+        if model_type == "qwen2":
+            qkv_bias = True
+            hf = {k: v for k, v in hf.items() if k != "attention_bias"}  # (not read by transformers' Qwen2)
+        else:
+            qk_norm = True
+            qkv_bias = hf.get("attention_bias", False)
+            if not isinstance(qkv_bias, bool):
+                raise ValueError(f"attention_bias={qkv_bias!r} is not supported; expected true or false")
+            hf = {k: v for k, v in hf.items() if k != "attention_bias"}
     hf = {**sizes, **{k: v for k, v in hf.items() if v is not None}}
     for name in ("attention_bias", "mlp_bias"):
         if hf.get(name, False):
-            raise ValueError(f"{name}={hf[name]!r} is not supported (jaxformers llama has no biases)")
+            raise ValueError(f"{name}={hf[name]!r} is not supported (jaxformers llama has no biases"
+                             f"{'' if name == 'mlp_bias' else ' on the attention in ' + repr(model_type)})")
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise ValueError(f"hidden_act={act!r} is not supported; expected 'silu' (SwiGLU)")
@@ -158,7 +244,7 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", scan_layers: bool = Fals
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         max_seq_len=int(hf.get("max_position_embeddings", max_len)),
         init_std=float(hf.get("initializer_range", 0.02)),
-        norm="rmsnorm", mlp="swiglu", window=window,
+        norm="rmsnorm", mlp="swiglu", window=window, qkv_bias=qkv_bias, qk_norm=qk_norm,
         dtype=dtype, param_dtype=dtype, scan_layers=scan_layers,
     )
     head_dim = hf.get("head_dim")
@@ -167,10 +253,30 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", scan_layers: bool = Fals
     return get_config("llama", "tiny", **fields)
 
 
+def hf_architecture(config: TransformerConfig) -> str:
+    """The HF class :func:`to_hf` writes ``config`` as: ``Qwen3ForCausalLM`` with ``qk_norm``,
+    else ``Qwen2ForCausalLM`` with ``qkv_bias``, else ``MistralForCausalLM`` with a ``window``,
+    else ``LlamaForCausalLM``."""
+    if config.qk_norm:
+        return "Qwen3ForCausalLM"
+    if config.qkv_bias:
+        return "Qwen2ForCausalLM"
+    return "MistralForCausalLM" if config.window is not None else "LlamaForCausalLM"
+
+
+def _o_bias(config: TransformerConfig) -> bool:
+    """Whether the export has (zero) ``o_proj.bias`` tensors: Qwen3's ``attention_bias`` biases
+    q/k/v AND o, so a ``qkv_bias`` + ``qk_norm`` model is written with a zero o bias."""
+    return bool(config.qk_norm and config.qkv_bias)
+
+
 def config_to_hf(config: TransformerConfig) -> dict:
     """HF config dict (for ``config.json``) of a llama-compatible config: a ``LlamaConfig``
     without ``window``, a ``MistralConfig`` with ``sliding_window=window`` (the same mask, see
-    the module docstring) when ``window`` is set."""
+    the module docstring) when ``window`` is set; with ``qkv_bias`` a ``Qwen2Config``, with
+    ``qk_norm`` a ``Qwen3Config`` (``attention_bias=qkv_bias``), each with
+    ``use_sliding_window`` / ``sliding_window`` and every layer sliding when ``window`` is set
+    (``max_window_layers=0``, ``layer_types`` written out)."""
     check_llama_compatible(config)
     shared = {
         "vocab_size": config.vocab_size,
@@ -193,6 +299,16 @@ def config_to_hf(config: TransformerConfig) -> dict:
         "dtype": "float32",
         **NO_SPECIAL_TOKENS,
     }
+    arch = hf_architecture(config)
+    if arch.startswith("Qwen"):
+        windowed = config.window is not None
+        qwen = {"architectures": [arch], "model_type": arch[:5].lower(), **shared,
+                "use_sliding_window": windowed, "sliding_window": int(config.window) if windowed else None,
+                "max_window_layers": 0 if windowed else config.n_layer,
+                "layer_types": [("sliding" if windowed else "full") + "_attention"] * config.n_layer}
+        if arch == "Qwen3ForCausalLM":  # (Qwen2 biases q/k/v always and reads no attention_bias key)
+            qwen["attention_bias"] = bool(config.qkv_bias)
+        return qwen
     if config.window is not None:  # MistralConfig has no bias / pretraining_tp keys (never biased)
         return {"architectures": ["MistralForCausalLM"], "model_type": "mistral", **shared,
                 "sliding_window": int(config.window)}
@@ -202,8 +318,8 @@ def config_to_hf(config: TransformerConfig) -> dict:
 
 #: What :func:`to_hf` (and ``experiments.export``) can write, named in its refusals.
 EXPORTABLE = ("Hugging Face export supports model='llama' (or 'gpt' configured llama-style: "
-              "norm='rmsnorm', mlp='swiglu'; as MistralForCausalLM with a sliding window), "
-              "'mamba' and 'mamba2'")
+              "norm='rmsnorm', mlp='swiglu'; as MistralForCausalLM with a sliding window, "
+              "Qwen2ForCausalLM with qkv_bias, Qwen3ForCausalLM with qk_norm), 'mamba' and 'mamba2'")
 
 
 def check_llama_compatible(config: TransformerConfig) -> None:
@@ -228,9 +344,17 @@ def check_llama_compatible(config: TransformerConfig) -> None:
 
 
 # --------------------------------------------------------------------------- params mapping
-def _layer_names(i: int) -> Dict[str, Tuple[str, ...]]:
+def _layer_names(i: int, c: TransformerConfig = None) -> Dict[str, Tuple[str, ...]]:
+    """HF tensor name -> jaxformers path (in ``blocks_i``) of layer ``i``; ``c``'s ``qkv_bias`` /
+    ``qk_norm`` add the bias / q_norm / k_norm tensors."""
     p = f"{_PREFIX}layers.{i}."
+    extra = {}
+    if c is not None and c.qkv_bias:
+        extra.update({p + f"self_attn.{n}_proj.bias": ("attn", n, "bias") for n in "qkv"})
+    if c is not None and c.qk_norm:
+        extra.update({p + f"self_attn.{n}_norm.weight": ("attn", f"{n}_norm", "scale") for n in "qk"})
     return {
+        **extra,
         p + "self_attn.q_proj.weight": ("attn", "q", "kernel"),
         p + "self_attn.k_proj.weight": ("attn", "k", "kernel"),
         p + "self_attn.v_proj.weight": ("attn", "v", "kernel"),
@@ -245,6 +369,8 @@ def _layer_names(i: int) -> Dict[str, Tuple[str, ...]]:
 
 def _to_jax_layout(path: Tuple[str, ...], w: np.ndarray, c: TransformerConfig) -> np.ndarray:
     d, h, hkv, dh = c.d_model, c.n_head, c.kv_heads, c.dim_head
+    if path[-1] == "bias":  # q/k/v [heads * Dh] -> [heads, Dh]
+        return w.reshape(-1, dh)
     leaf = path[-2] if path[-1] == "kernel" else None
     if leaf == "q":
         return w.T.reshape(d, h, dh)
@@ -259,6 +385,8 @@ def _to_jax_layout(path: Tuple[str, ...], w: np.ndarray, c: TransformerConfig) -
 
 def _to_hf_layout(path: Tuple[str, ...], w: np.ndarray, c: TransformerConfig) -> np.ndarray:
     d, h, hkv, dh = c.d_model, c.n_head, c.kv_heads, c.dim_head
+    if path[-1] == "bias":
+        return w.reshape(-1)
     leaf = path[-2] if path[-1] == "kernel" else None
     if leaf == "q":
         return w.reshape(d, h * dh).T
@@ -271,17 +399,22 @@ def _to_hf_layout(path: Tuple[str, ...], w: np.ndarray, c: TransformerConfig) ->
     return w
 
 
-def _expected_shapes(c: TransformerConfig) -> Dict[str, Tuple[int, ...]]:
-    """HF tensor name -> HF shape."""
+def _expected_shapes(c: TransformerConfig, o_bias: bool = False) -> Dict[str, Tuple[int, ...]]:
+    """HF tensor name -> HF shape (``o_bias``: Qwen3's ``attention_bias`` ``o_proj.bias`` too)."""
     d, f, v = c.d_model, c.ff_dim, c.vocab_size
     q, kv = c.n_head * c.dim_head, c.kv_heads * c.dim_head
     shapes = {f"{_PREFIX}embed_tokens.weight": (v, d), f"{_PREFIX}norm.weight": (d,)}
     per_layer = {"q_proj": (q, d), "k_proj": (kv, d), "v_proj": (kv, d), "o_proj": (d, q),
                  "gate_proj": (f, d), "up_proj": (f, d), "down_proj": (d, f),
-                 "input_layernorm": (d,), "post_attention_layernorm": (d,)}
+                 "input_layernorm": (d,), "post_attention_layernorm": (d,),
+                 "q_proj.bias": (q,), "k_proj.bias": (kv,), "v_proj.bias": (kv,),
+                 "q_norm": (c.dim_head,), "k_norm": (c.dim_head,)}
     for i in range(c.n_layer):
-        for name in _layer_names(i):
-            shapes[name] = per_layer[name.split(".")[-2]]
+        for name in _layer_names(i, c):
+            parts = name.split(".")
+            shapes[name] = per_layer[".".join(parts[-2:]) if parts[-1] == "bias" else parts[-2]]
+        if o_bias:
+            shapes[f"{_PREFIX}layers.{i}.self_attn.o_proj.bias"] = (d,)
     if not c.tie_embeddings:
         shapes["lm_head.weight"] = (v, d)
     return shapes
@@ -301,9 +434,10 @@ def _get(tree, path: Iterable[str]):
 
 
 def from_hf(path_or_dir: str, *, dtype: str = "float32", scan_layers: bool = False):
-    """Load a HF ``LlamaForCausalLM`` / ``MistralForCausalLM`` checkpoint (``config.json`` +
-    safetensors) -> (config, params); a Mistral one gives ``window=sliding_window``
-    (:func:`config_from_hf`).
+    """Load a HF ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM`` /
+    ``Qwen3ForCausalLM`` checkpoint (``config.json`` + safetensors) -> (config, params); a
+    Mistral one gives ``window=sliding_window``, a Qwen2 one ``qkv_bias``, a Qwen3 one
+    ``qk_norm`` (:func:`config_from_hf`).
 
     ``path_or_dir``: the model directory (single ``model.safetensors``, a sharded
     ``model.safetensors.index.json`` or any ``*.safetensors``), or a file inside it.
@@ -324,9 +458,16 @@ def from_hf(path_or_dir: str, *, dtype: str = "float32", scan_layers: bool = Fal
     def rename(name):  # a bare LlamaModel / MistralModel checkpoint has no "model." prefix
         return name if name.startswith(_PREFIX) or name == "lm_head.weight" else _PREFIX + name
 
-    tensors = read_checkpoint(path_or_dir, _expected_shapes(config), rename=rename,
+    o_bias = hf.get("model_type") == "qwen3" and hf.get("attention_bias") is True
+    tensors = read_checkpoint(path_or_dir, _expected_shapes(config, o_bias), rename=rename,
                               drop=("lm_head.weight",) if config.tie_embeddings else (),
                               ignored_suffixes=_IGNORED_SUFFIXES)
+    if o_bias:  # jaxformers has no o bias: only an all-zero one (what to_hf writes) computes the same
+        for i in range(config.n_layer):
+            name = f"{_PREFIX}layers.{i}.self_attn.o_proj.bias"
+            if np.any(np.asarray(tensors[name], np.float32) != 0):
+                raise ValueError(f"attention_bias=True with a non-zero {name} is not supported: jaxformers' "
+                                 "attention has q/k/v biases (qkv_bias) but no output-projection bias")
 
     import jax.numpy as jnp
     from ..layers.common import dtype_of
@@ -339,7 +480,7 @@ def from_hf(path_or_dir: str, *, dtype: str = "float32", scan_layers: bool = Fal
     params = {"embed": {"embedding": cast(tensors[f"{_PREFIX}embed_tokens.weight"])}}
     for i in range(config.n_layer):
         block = {}
-        for name, path in _layer_names(i).items():
+        for name, path in _layer_names(i, config).items():
             _set(block, path, cast(_to_jax_layout(path, tensors[name], config)))
         params[f"blocks_{i}"] = block
     params["final_norm"] = {"scale": cast(tensors[f"{_PREFIX}norm.weight"])}
@@ -352,7 +493,9 @@ def from_hf(path_or_dir: str, *, dtype: str = "float32", scan_layers: bool = Fal
 
 def to_hf(config: TransformerConfig, params, out_dir: str) -> str:
     """Write ``config.json`` + ``model.safetensors`` (float32) loadable by ``LlamaForCausalLM``, or
-    by ``MistralForCausalLM`` when ``config.window`` is set (``sliding_window=window``).
+    by ``MistralForCausalLM`` when ``config.window`` is set (``sliding_window=window``), by
+    ``Qwen2ForCausalLM`` with ``qkv_bias``, by ``Qwen3ForCausalLM`` with ``qk_norm``
+    (:func:`hf_architecture`).
 
     ``params``: plain or boxed (from ``module.init``; a ``{"params": ...}`` variables
     dict is accepted too), scanned (``blocks``) or per-layer (``blocks_{i}``).
@@ -374,11 +517,13 @@ def to_hf(config: TransformerConfig, params, out_dir: str) -> str:
                f"{_PREFIX}norm.weight": f32(params["final_norm"]["scale"])}
     for i in range(config.n_layer):
         block = params[f"blocks_{i}"]
-        for name, path in _layer_names(i).items():  # every path present: per_layer_params checked
+        for name, path in _layer_names(i, config).items():  # every path present: per_layer_params checked
             tensors[name] = f32(_to_hf_layout(path, np.asarray(_get(block, path)), config))
+        if _o_bias(config):  # Qwen3's attention_bias also biases o_proj: zero, the same function
+            tensors[f"{_PREFIX}layers.{i}.self_attn.o_proj.bias"] = np.zeros((config.d_model,), np.float32)
     if not config.tie_embeddings:
         tensors["lm_head.weight"] = f32(np.asarray(params["lm_head"]["kernel"]).T)
-    for name, shape in _expected_shapes(config).items():
+    for name, shape in _expected_shapes(config, _o_bias(config)).items():
         if tensors[name].shape != shape:
             raise ValueError(f"{name}: params give shape {tensors[name].shape}, config implies {shape}")
 
