@@ -8,8 +8,8 @@
 
 Defaults (batch size, sequence length, number of batches, data) are the run's,
 so the result matches the run's final ``val_loss`` in ``summary.json``.
-``--run`` may also be a Hugging Face Llama / Mistral / Mamba / Mamba-2 checkpoint directory (e.g. one
-written by ``experiments.export``): then ``--data`` is required, the tokenizer is
+``--run`` may also be a Hugging Face Llama / Mistral / Qwen2 / Qwen3 / Mamba / Mamba-2 checkpoint directory
+(e.g. one written by ``experiments.export``): then ``--data`` is required, the tokenizer is
 ``--tokenizer`` or the directory's ``tokenizer.json``, and the defaults are batch size 8,
 ``min(max_position_embeddings, 1024)`` tokens per sequence (1024 for Mamba, which has no
 position limit) and the whole split.
@@ -32,7 +32,8 @@ import sys
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.evaluate", description=__doc__.splitlines()[0])
-    ap.add_argument("--run", required=True, help="run directory written by experiments.train")
+    ap.add_argument("--run", required=True, help="run directory written by experiments.train, or a HF "
+                    "Llama/Mistral/Qwen2/Qwen3/Mamba/Mamba-2 checkpoint directory")
     ap.add_argument("--data", help="corpus / prepared dataset dir (default: the run's)")
     ap.add_argument("--tokenizer", help="tokenizer for --data (default: the run's; for a HF checkpoint "
                                         "its tokenizer.json)")

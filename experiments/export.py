@@ -5,7 +5,8 @@
 
 Llama-style transformers (``llama``, or a ``gpt`` configured with RMSNorm, SwiGLU and RoPE)
 become ``LlamaForCausalLM`` (``MistralForCausalLM`` with ``sliding_window`` when the model has a
-sliding ``window``), ``mamba`` / ``mamba2`` become
+sliding ``window``; ``Qwen2ForCausalLM`` with ``qkv_bias``, ``Qwen3ForCausalLM`` with ``qk_norm``),
+``mamba`` / ``mamba2`` become
 ``MambaForCausalLM`` / ``Mamba2ForCausalLM`` (``jaxformers.convert.to_hf``; a model HF cannot
 express, e.g. ``gpt``'s LayerNorm + GELU MLP or DenseFormer's weights, is refused naming why).
 Weights are float32 ``model.safetensors``.  The run's tokenizer is written beside them

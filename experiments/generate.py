@@ -7,7 +7,7 @@
     python -m experiments.generate --run hf/llama-tiny --prompt "ROMEO:"   # a HF checkpoint directory
     python -m experiments.generate --run runs/landmark-tiny --prompt-file long.txt --memory-chunk 96
 
-``--run`` may be a run directory or a Hugging Face Llama / Mistral / Mamba / Mamba-2 checkpoint directory
+``--run`` may be a run directory or a Hugging Face Llama / Mistral / Qwen2 / Qwen3 / Mamba / Mamba-2 checkpoint directory
 with a ``tokenizer.json`` (e.g. one written by ``experiments.export``).  ``--import MODULE``
 (repeatable): a run of your own architecture, registered by that module.
 
@@ -107,7 +107,8 @@ def with_memory_decoding(model_config, chunk, top_k):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.generate", description=__doc__.splitlines()[0])
-    ap.add_argument("--run", required=True, help="run directory written by experiments.train")
+    ap.add_argument("--run", required=True, help="run directory written by experiments.train, or a HF "
+                    "Llama/Mistral/Qwen2/Qwen3/Mamba/Mamba-2 checkpoint directory")
     ap.add_argument("--prompt", default="", help="text to continue")
     ap.add_argument("--prompt-file", help="a text file with one prompt per line (blank lines skipped), "
                                           "sampled together in one batch; excludes --prompt")

@@ -8,7 +8,7 @@ model whose consecutive layers run in parallel pairs, and the delete / swap / sh
 
 ``--run``: a run trained here (a ``gpt``/``llama``, evaluated with its own tokenizer; a
 scanned run is unrolled first, so the baseline is timed in the pairs' per-layer form) or a
-HF Llama / Mistral directory (``--data`` needed; tokenized with ``--tokenizer``, default its
+HF Llama / Mistral / Qwen2 / Qwen3 directory (``--data`` needed; tokenized with ``--tokenizer``, default its
 ``tokenizer.json``); data whose vocabulary exceeds the model's is a usage error.
 Without ``--run`` the preset's Llama (RMSNorm, SwiGLU, GQA, byte tokens) is trained from
 scratch (``jaxformers.training.train``, seed ``--seed``).  Then, for ``k = 1 .. max`` pairs and
@@ -64,7 +64,7 @@ TARGET = dict(decode_speedup=1.15, rel_ppl_increase=0.05)
 def _parser():
     ap = experiment_parser("layer_parallel", __doc__, PRESETS, data_default=None,
                            data_help="data spec for evaluation (default: the run's / the preset's)")
-    ap.add_argument("--run", help="a run directory trained here, or a HF Llama / Mistral directory "
+    ap.add_argument("--run", help="a run directory trained here, or a HF Llama / Mistral / Qwen2 / Qwen3 directory "
                                   "(then --data)")
     ap.add_argument("--tokenizer", help="tokenizer of --data for a --run HF checkpoint (default: its "
                                         "tokenizer.json); a run trained here uses its own")

@@ -3,10 +3,10 @@ without the rotations, and the activation outliers the rotations remove.
 
     python -m experiments.quarot --preset tiny --out runs/quarot-tiny  # trains a tiny llama, ~4 CPU min
     python -m experiments.quarot --preset gpu --out runs/quarot-gpu    # llama "small" width, d 768, 12 layers
-    python -m experiments.quarot --run RUN_DIR --out DIR               # a llama run, or an HF Llama/Mistral dir
+    python -m experiments.quarot --run RUN_DIR --out DIR               # a llama run, or an HF Llama/Mistral/Qwen2/Qwen3 dir
 
 A run trained here is evaluated on its own data and tokenizer (``--data`` overrides the data; a
-scanned run is unrolled).  An HF Llama / Mistral dir needs ``--data`` (a corpus, tokenized with
+scanned run is unrolled).  An HF Llama / Mistral / Qwen2 / Qwen3 dir needs ``--data`` (a corpus, tokenized with
 ``--tokenizer``, default the checkpoint's ``tokenizer.json``, or a dataset directory prepared
 with that tokenizer); data whose vocabulary exceeds the model's is a usage error.
 
@@ -110,7 +110,8 @@ def _parser():
                                        "(default: tiny; with --run: gpu on a GPU, else tiny)",
                            data_default=None,
                            data_help="corpus / prepared dataset (default: the run's or built-in)")
-    ap.add_argument("--run", help="a trained llama run dir, or an HF Llama / Mistral dir (then --data)")
+    ap.add_argument("--run", help="a trained llama run dir, or an HF Llama / Mistral / Qwen2 / Qwen3 dir "
+                                  "(then --data)")
     ap.add_argument("--eval-batches", type=int, help="validation batches per scheme")
     ap.add_argument("--seq-len", type=int,
                     help="override the sequence length (training, eval, calibration; with --run: eval and "

@@ -27,7 +27,7 @@ landmark_id=N`` (override with ``--set vocab_size=N``, N >= the dataset's);
 ``max_seq_len`` is raised to ``--seq-len`` if needed (unless ``--set max_seq_len=N`` gives it).
 
 Fine-tuning: ``--init-from RUN_DIR|HF_DIR`` takes the model config and parameters (not the
-optimizer state) of a run or of a Hugging Face Llama / Mistral / Mamba / Mamba-2 checkpoint and starts
+optimizer state) of a run or of a Hugging Face Llama / Mistral / Qwen2 / Qwen3 / Mamba / Mamba-2 checkpoint and starts
 a new run; its tokenizer is the source's (``hf:HF_DIR`` when the checkpoint has a
 tokenizer.json; ``--tokenizer`` overrides), and so is the loss of a source run (e.g. a landmark
 run's ``landmark_cross_entropy``; ``--loss`` overrides).  Step 0 logs the source model's val loss.
@@ -147,7 +147,7 @@ def _parser():
                     help="on resume, accept a schedule change that moves the learning rate")
     ap.add_argument("--init-from", metavar="RUN_DIR|HF_DIR",
                     help="fine-tune: parameters (not optimizer state) of a run or of a HF "
-                         "Llama/Mistral/Mamba/Mamba-2 checkpoint")
+                         "Llama/Mistral/Qwen2/Qwen3/Mamba/Mamba-2 checkpoint")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="model config override (fields: python -m experiments.info --fields MODEL)")
     ap.add_argument("--train-set", action="append", default=[], metavar="FIELD=VALUE",

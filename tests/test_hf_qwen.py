@@ -296,3 +296,28 @@ def test_layer_parallel_quarot_and_distillation_with_the_options():
 
     with pytest.raises(ValueError, match="qkv_bias"):
         student_config(biased)
+
+
+def test_hf_directory_consumers_read_a_qwen_checkpoint(tmp_path, monkeypatch, capsys):
+    """``--init-from QWEN_DIR`` (source_config + load_params) gets the options and the params;
+    ``experiments.evaluate --run QWEN_DIR`` the val loss of the imported (config, params)."""
+    from experiments import evaluate as eval_cli
+    from jaxformers.training import evaluate
+    from jaxformers.training.init_from import load_params, source_config
+
+    model = qwen_model("qwen2", 3, vocab_size=260, tie_word_embeddings=True)  # byte tokens: 257 ids
+    path = str(tmp_path / "qwen2")
+    model.save_pretrained(path)
+    config, params = from_hf(path)
+    source, _ = source_config(path)
+    assert source == config and source.qkv_bias and not source.qk_norm
+    loaded = load_params(path, abstract_params(jf.build(config)), config)
+    jax.tree.map(np.testing.assert_array_equal, loaded, params)
+    monkeypatch.setenv("JAXFORMERS_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    want = evaluate((config, params), str(corpus), tokenizer="byte", batch_size=2, seq_len=16, max_batches=None)
+    assert eval_cli.main(["--run", path, "--data", str(corpus), "--tokenizer", "byte", "--batch-size", "2",
+                          "--seq-len", "16"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-6)

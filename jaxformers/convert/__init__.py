@@ -1,4 +1,5 @@
-"""Checkpoint interop: Hugging Face Llama / Mistral / Qwen2 / Qwen3 <-> jaxformers, and scanned/unscanned layer layouts.
+"""Checkpoint interop: Hugging Face Llama / Mistral / Qwen2 / Qwen3 <-> jaxformers, and scanned/unscanned
+layer layouts.
 
     config, params = jaxformers.convert.from_hf("path/to/llama")   # numpy + safetensors only
     jaxformers.convert.to_hf(config, params, "out_dir")            # LlamaForCausalLM-loadable

@@ -1,13 +1,14 @@
 """Fine-tuning sources: start a run from a trained run directory or a Hugging Face checkpoint.
 
-    model_config, tokenizer = source_config("runs/gpt-tiny")        # or a HF Llama / Mistral / Mamba dir
+    model_config, tokenizer = source_config("runs/gpt-tiny")        # or a HF Llama / Mistral / Qwen / Mamba dir
     train(model_config, TrainConfig(init_from="runs/gpt-tiny", ...))  # params only, fresh optimizer
 
 A source is
 
 * a run directory of :func:`jaxformers.training.train` (``config.json`` with ``model`` and
   ``train``): its newest complete checkpoint;
-* a Hugging Face ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``MambaForCausalLM`` / ``Mamba2ForCausalLM``
+* a Hugging Face ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` /
+  ``MambaForCausalLM`` / ``Mamba2ForCausalLM``
   directory (``config.json`` with ``model_type`` + safetensors), through
   :mod:`jaxformers.convert`.
 

@@ -149,7 +149,8 @@ class LayerParallelConfig(TransformerConfig):
 
 def base_models() -> List[str]:
     """Registered models :func:`pair_layers` accepts: plain ``Transformer`` with
-    ``TransformerConfig`` (``gpt``, ``llama``; HF-imported Llama / Mistral checkpoints are ``llama``)."""
+    ``TransformerConfig`` (``gpt``, ``llama``; HF-imported Llama / Mistral / Qwen2 / Qwen3 checkpoints are
+    ``llama``)."""
     from ..registry import list_models
     return [n for n in list_models() if get_spec(n).module_cls is Transformer
             and get_spec(n).config_cls is TransformerConfig]
