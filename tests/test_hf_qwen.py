@@ -194,6 +194,11 @@ def test_the_options_off_leave_the_param_tree_and_outputs_unchanged():
     assert (attn["q"]["bias"], attn["k"]["bias"], attn["v"]["bias"], attn["q_norm"]["scale"]) == \
         ((4, 32), (2, 32), (2, 32), (32,))
     assert "bias" not in attn["o"]
+    boxed = jf.build(base.replace(qkv_bias=True, qk_norm=True)).init(
+        jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]["blocks_0"]["attn"]
+    assert (boxed["q"]["bias"].names, boxed["k"]["bias"].names, boxed["v"]["bias"].names) == (
+        ("heads", "head_dim"), ("kv_heads", "head_dim"), ("kv_heads", "head_dim"))  # the kernels' head axes
+    assert boxed["q_norm"]["scale"].names == boxed["k_norm"]["scale"].names == ("head_dim",)
     # zero-init biases and one-init scales: a fresh model with the options computes nearly the
     # same as without (the norm changes q/k's scale, so only the bias-only model is exact)
     toks = jnp.asarray(tokens(shape=(1, 8), vocab=256))

@@ -32,6 +32,11 @@ the LM head and embeddings stay in high precision, q/k/v and gate/up share one q
 K is quantized after RoPE and the online Hadamard, V at the ``v`` output (per head), and the
 activation quantizer of ``o`` / ``down`` sees the online Hadamard's output.
 
+``qkv_bias`` / ``qk_norm`` models (Qwen2 / Qwen3 style) are supported: the q/k/v biases and the
+q/k norm scales stay in high precision (not quantized; v's bias is rotated with ``W_v``, see
+:mod:`.rotation`), and :class:`~jaxformers.quant.model.IntLinear` adds the bias after its integer
+matmul.
+
 ``spec.storage="float"`` (default): the returned params hold fake-quantized float weights
 (dequantized values, the original dtypes): evaluation everywhere with the normal model
 code.  ``storage="int"``: every block linear holds ``{"qkernel", "scale"}`` (int8 weights, or
