@@ -326,3 +326,30 @@ def test_hf_directory_consumers_read_a_qwen_checkpoint(tmp_path, monkeypatch, ca
                           "--seq-len", "16"]) == 0
     got = json.loads(capsys.readouterr().out)
     assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-6)
+
+
+def test_every_attention_architecture_takes_the_options_or_refuses_them():
+    """Every registered model on the shared attention (GPT, Llama, DenseFormer, CoTFormer, SCFA,
+    landmark, hybrid, QuaRot) gets the bias / q_norm / k_norm params in each attention layer;
+    layer_parallel's fused pairs refuse qk_norm by name."""
+    from jaxformers.config import TransformerConfig
+    from jaxformers.registry import get_spec, list_models
+
+    seen = []
+    for name in list_models():
+        spec = get_spec(name)
+        if not issubclass(spec.config_cls, TransformerConfig):
+            continue
+        preset = "tiny" if "tiny" in spec.presets else sorted(spec.presets)[0]
+        if name == "layer_parallel":
+            with pytest.raises(ValueError, match="qk_norm"):
+                jf.get_config(name, preset, qk_norm=True)
+            continue
+        config = jf.get_config(name, preset, qkv_bias=True, qk_norm=True)
+        paths = [jax.tree_util.keystr(k) for k, _ in
+                 jax.tree_util.tree_flatten_with_path(abstract_params(jf.build(config)))[0]]
+        kernels = [p for p in paths if "['q']['kernel']" in p]
+        for part in ("['q']['bias']", "['k']['bias']", "['v']['bias']", "['q_norm']['scale']", "['k_norm']['scale']"):
+            assert len([p for p in paths if part in p]) == len(kernels) > 0, (name, part)
+        seen.append(name)
+    assert {"gpt", "llama", "denseformer", "cotformer", "landmark", "hybrid", "quarot"} <= set(seen)
