@@ -93,11 +93,15 @@ def test_import_matches_transformers_and_the_test_would_catch_a_bug(checkpoints,
     if arch == "qwen2":
         no_bias = jax.tree_util.tree_map_with_path(
             lambda p, x: np.zeros_like(x) if "bias" in jax.tree_util.keystr(p) else x, params)
-        assert max_diff(ref, jax_logits(config, no_bias, toks)) > 100 * TOL
+        dropped = max_diff(ref, jax_logits(config, no_bias, toks))
+        print(f"qwen2 without its biases: {dropped:.2e}")
+        assert dropped > 100 * TOL
     else:
         stripped = {k: ({**v, "attn": {n: w for n, w in v["attn"].items() if not n.endswith("_norm")}}
                         if k.startswith("blocks_") else v) for k, v in params.items()}
-        assert max_diff(ref, jax_logits(config.replace(qk_norm=False), stripped, toks)) > 100 * TOL
+        no_norm = max_diff(ref, jax_logits(config.replace(qk_norm=False), stripped, toks))
+        print(f"qwen3 without qk_norm: {no_norm:.2e}")
+        assert no_norm > 100 * TOL
 
         def norm_after_rope(c, x, positions, linear=attention_mod.Linear):  # the bug: RoPE, then the norm
             with monkeypatch.context() as m:
@@ -110,6 +114,7 @@ def test_import_matches_transformers_and_the_test_would_catch_a_bug(checkpoints,
         monkeypatch.setattr(attention_mod, "project_qkv", norm_after_rope)
         wrong = np.asarray(jf.build(config).apply({"params": params}, jnp.asarray(toks)))
         monkeypatch.undo()
+        print(f"qwen3 with the norm after RoPE: {max_diff(ref, wrong):.2e}")
         assert max_diff(ref, wrong) > 100 * TOL
 
 
