@@ -127,10 +127,8 @@ def constrain(x, axes: Sequence[str]):
     for one of them then leaves its dimension whole); ``ValueError`` for a tuple holding
     anything but mesh axes of the rules, or for a mesh axis named in two dimensions.
 
-    A mesh axis that does not divide its dimension is left out of it (the longest dividing
-    prefix of the dimension's mesh axes is kept), as for parameters (``fit_sharding``) and
-    kernels (:func:`kernel_map`): e.g. 2 kv heads on ``tensor=4`` stay whole on every device
-    instead of an uneven, padded split."""
+    An ``act_kv_heads`` dimension that its mesh axes do not divide is kept whole (2 kv heads
+    on ``tensor=4``), never split unevenly: see :func:`_whole_kv_heads`."""
     axes = tuple(tuple(a) if isinstance(a, list) else a for a in axes)
     if hasattr(x, "ndim") and len(axes) != x.ndim:
         raise ValueError(f"constrain: axes={axes} names {len(axes)} dimensions, the array has shape "
@@ -167,7 +165,7 @@ def constrain(x, axes: Sequence[str]):
         else:
             names.append(a)
     all_rules, names = tuple(extra) + tuple(rules), tuple(names)
-    fitted = _fit_to_mesh(x, names, all_rules)
+    fitted = _whole_kv_heads(x, names, all_rules)
     if fitted is not None:
         return jax.lax.with_sharding_constraint(x, fitted)
     if not extra:
@@ -175,22 +173,28 @@ def constrain(x, axes: Sequence[str]):
     return nn.with_logical_constraint(x, names, rules=all_rules)
 
 
-def _fit_to_mesh(x, names, rules):
-    """The ``PartitionSpec`` of ``x`` under ``rules`` on the ambient mesh with the mesh axes that
-    do not divide a dimension dropped from it (the longest dividing prefix of each dimension's
-    axes kept, the rest of that dimension whole), or ``None`` when every axis divides (or there
-    is no mesh / shape): flax would ask XLA for an uneven, padded split, e.g. 2 kv heads over
-    ``tensor=4``, which the partitioner can only reach from other layouts by replicating the
-    whole array first ("involuntary full rematerialization"; a KV cache written while decoding)."""
+def _whole_kv_heads(x, names, rules):
+    """The ``PartitionSpec`` of ``x`` under ``rules`` on the ambient mesh with an ``act_kv_heads``
+    dimension that its mesh axes do not divide kept whole (the longest dividing prefix of its
+    axes kept), or ``None`` when there is no such dimension (or no mesh / shape).
+
+    Grouped-query attention regroups the query heads by kv head; a padded, uneven split of
+    the kv heads (2 over ``tensor=4``) cannot line up with the query heads' split, so XLA
+    replicated the whole array to regroup ("involuntary full rematerialization", every layer of
+    a KV-cache decode).  Other dimensions keep flax's uneven split (the query heads of a
+    6-head model over ``tensor=4`` stay split, two padded heads a device: less compute than
+    whole), as do parameters' dimensions, which are kept whole (``fit_sharding``)."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not hasattr(x, "shape") or any(n is P.UNCONSTRAINED for n in names):
+    if ACT_KV_HEADS not in names or mesh.empty or not hasattr(x, "shape") \
+            or any(n is P.UNCONSTRAINED for n in names):
         return None
     spec = [tuple(a for a in axes if a in mesh.axis_names) for axes in _mesh_axes(names, rules)]
-    fitted = []
-    for axes, size in zip(spec, x.shape):
-        split = next((i for i in range(len(axes)) if size % math.prod(mesh.shape[a] for a in axes[:i + 1])),
-                     len(axes))
-        fitted.append(axes[:split])
+    fitted = list(spec)
+    for d, (name, axes, size) in enumerate(zip(names, spec, x.shape)):
+        if name == ACT_KV_HEADS:
+            split = next((i for i in range(len(axes))
+                          if size % math.prod(mesh.shape[a] for a in axes[:i + 1])), len(axes))
+            fitted[d] = axes[:split]
     return None if fitted == spec else P(*[(a if len(a) > 1 else a[0]) if a else None for a in fitted])
 
 

@@ -13,8 +13,8 @@ out = {}
 for spec, shape, axes, key in [
         ("tensor=4", (4, 2, 8), ("batch", "act_kv_heads", None), "kv2_t4"),
         ("tensor=4", (4, 8, 8), ("batch", "act_kv_heads", None), "kv8_t4"),
-        ("data=2,fsdp=2", (6, 4), ("batch", None), "rows6_df4"),
-        ("data=2,fsdp=2", (6, 4), (("data", "fsdp"), None), "tuple6_df4")]:
+        ("data=2,tensor=2", (4, 1, 8), ("batch", "act_kv_heads", None), "mqa_d2t2"),
+        ("tensor=4", (4, 6, 8), ("batch", "act_heads", None), "q6_t4")]:
     mesh = make_mesh(spec)
     x = jnp.ones(shape)
     with activate(mesh):
@@ -32,14 +32,14 @@ print("RESULT" + json.dumps(out))
 def test_constrain_keeps_a_dimension_whole_where_the_mesh_axis_does_not_divide_it():
     """2 kv heads over tensor=4 were asked of XLA as an uneven (padded) split: decoding a GQA
     llama on tensor=4 logged "Involuntary full rematerialization" for every layer (the KV cache
-    written in that layout, replicated whole to reach the attention's); such a dimension is
-    now kept whole, as parameters already were (fit_sharding)."""
+    written in that layout, replicated whole to regroup the query heads by kv head); such a kv
+    head dimension is now kept whole.  Query heads keep their uneven split (less compute)."""
     out = run_on_devices(UNEVEN_SCRIPT, n=4)
     batch = ["data", "expert", "fsdp"]
     assert out["kv2_t4"] == [batch, [], []]          # was [batch, ["tensor"], []]
     assert out["kv8_t4"] == [batch, ["tensor"], []]  # divisible: split as before
-    assert out["rows6_df4"] == [["data"], []]         # the longest dividing prefix of (data, fsdp, expert)
-    assert out["tuple6_df4"] == [["data"], []]
+    assert out["mqa_d2t2"] == [batch, [], []]        # one kv head: whole, rows still split
+    assert out["q6_t4"] == [batch, ["tensor"], []]   # query heads: flax's uneven split, unchanged
 
 
 DECODE_SCRIPT = '''
