@@ -3,6 +3,11 @@
     python -m experiments.prepare --data shakespeare --tokenizer byte
     python -m experiments.prepare --data path/to/folder --tokenizer bpe:8192 --out /tmp/ds
     python -m experiments.prepare --data my.txt --tokenizer hf:path/to/hf_llama   # its tokenizer.json
+    python -m experiments.prepare --data shards/ --tokenizer hf:path/to/hf_llama --text-field content
+        # a folder of .jsonl(.gz/.zst) / .parquet shards whose text is in "content"; then
+        # python -m experiments.train --data <the printed out_dir> ...
+
+A local corpus is read a document at a time (memory does not grow with it).
 """
 
 from __future__ import annotations
@@ -20,13 +25,18 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.prepare", description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="default",
                     help=f"built-in corpus ({', '.join(list_corpora())}; 'default' = shakespeare), "
-                         "a folder of .txt/.jsonl files, a file, or hf:NAME[:SPLIT]")
+                         "a folder of .txt/.jsonl files (also .txt.gz, .jsonl.gz, .txt.zst, .jsonl.zst, "
+                         ".parquet), such a file, or hf:NAME[:SPLIT]")
     ap.add_argument("--tokenizer", default="byte", help="byte | bpe | bpe:VOCAB | hf:DIR (default: byte)")
     ap.add_argument("--out", default=None, help="output folder (default: <cache>/datasets/<data>-<tokenizer>, plus -val<F>-seed<S> for a split "
                                              "other than the default 0.05 / 0)")
     ap.add_argument("--val-fraction", type=float, default=0.05)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="rebuild even if an up-to-date copy exists")
+    ap.add_argument("--text-field", default="text",
+                    help="the field of .jsonl records / the column of .parquet files and hf: datasets that "
+                         "holds the text (default: text; another one is part of the dataset's identity and "
+                         "adds -field-NAME to the default --out)")
     args = ap.parse_args(argv)
     try:  # prepare()'s rule, as a usage error naming the flag (not the parameter)
         check_split_args(args.val_fraction, args.seed)
@@ -36,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         out = prepare(args.data, args.tokenizer, out_dir=args.out, val_fraction=args.val_fraction,
-                      seed=args.seed, force=args.force)
+                      seed=args.seed, force=args.force, text_field=args.text_field)
     except (ValueError, RuntimeError, OSError) as e:  # OSError: e.g. an --out that cannot be written
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -18,13 +18,29 @@ JSONL record, ...).  :func:`load_corpus` accepts
     excluded, capped at ~20 MB).  Note it depends on the Python version.
 
 * a path to a folder (every ``*.txt`` file is one document, every line of a
-  ``*.jsonl`` file is one document taken from its ``"text"`` field; files are
-  visited in sorted relative-path order, recursively) or to a single file;
-  a built-in name shadows a folder of the same name, so write ``./python``
-  to mean the folder;
+  ``*.jsonl`` file is one document taken from its ``"text"`` field, every row of a
+  ``*.parquet`` file one document taken from its ``text`` column; ``.txt.gz`` /
+  ``.jsonl.gz`` (gzip) and ``.txt.zst`` / ``.jsonl.zst`` (zstandard) files are read
+  decompressed; other files are skipped; files are visited in sorted relative-path
+  order, recursively) or to a single such file (a file of another name is text:
+  ``X.gz`` / ``X.zst`` compressed text); a built-in name shadows a folder of the same
+  name, so write ``./python`` to mean the folder;
 
 * ``"hf:NAME[@CONFIG][:SPLIT]"``: a Hugging Face dataset (needs the optional
   ``datasets`` package and network access; split defaults to ``train``).
+
+``text_field`` (:func:`load_corpus`, :func:`iter_corpus`, :func:`~.prepare.prepare`,
+``--text-field``) names another field / column than ``text``.  Reading ``.parquet`` needs
+the optional ``pyarrow`` package and ``.zst`` the optional ``zstandard`` package
+(``pip install 'jaxformers[data]'``); without them such a file is a ``RuntimeError`` naming
+it and the package.  A file that cannot be read (not valid gzip / zstandard / Parquet, a
+``.jsonl`` line that is not UTF-8 or not JSON, a record without the string field, a null or
+non-string Parquet value, a missing column) is a ``ValueError`` naming the file (and the line
+of a ``.jsonl`` file, counted from 1, or the row of a ``.parquet`` file, counted from 1).
+
+:func:`load_corpus` returns the whole corpus as a ``list[str]``; :func:`iter_corpus` yields
+the same documents one at a time, reading a local corpus one file (``.txt``: held whole, it
+is one document) / one record (``.jsonl``) / one batch of 1024 rows (``.parquet``) at a time.
 
 The cache root is ``$JAXFORMERS_CACHE`` or ``~/.cache/jaxformers``.
 """
@@ -32,6 +48,7 @@ The cache root is ``$JAXFORMERS_CACHE`` or ``~/.cache/jaxformers``.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -44,11 +61,13 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 __all__ = [
     "CorpusSource",
     "cache_dir",
     "corpus_fingerprint",
+    "iter_corpus",
     "list_corpora",
     "load_corpus",
     "resolve_corpus",
@@ -142,9 +161,49 @@ def resolve_corpus(name_or_path: str | os.PathLike) -> CorpusSource:
         "nor an existing file or folder")
 
 
-def load_corpus(name_or_path: str | os.PathLike = "default") -> list[str]:
-    """Load a corpus as a list of documents (see the module docstring)."""
+def load_corpus(name_or_path: str | os.PathLike = "default", text_field: str = "text") -> list[str]:
+    """Load a corpus as a list of documents (see the module docstring); ``text_field``: the
+    field of ``.jsonl`` records / the column of ``.parquet`` files and ``hf:`` datasets that holds
+    the text.  The whole corpus is held in memory: :func:`iter_corpus` reads a local one a
+    document at a time (what :func:`~.prepare.prepare` does)."""
+    text_field = _check_text_field(text_field)
     src = resolve_corpus(name_or_path)
+    if src.kind == "path":
+        docs = _load_path(src.path, text_field)
+        if not docs:
+            raise _no_documents(src)
+        return docs
+    return _load_other(src, text_field)
+
+
+def iter_corpus(name_or_path: str | os.PathLike = "default", text_field: str = "text") -> Iterator[str]:
+    """The documents of :func:`load_corpus`, in the same order; a local file or folder is read one
+    file (``.txt``) / one record (``.jsonl``) / one batch of rows (``.parquet``) at a time, so
+    memory does not grow with the corpus (a corpus with no document raises ``ValueError`` once
+    it is read through).  Built-in and ``hf:`` corpora are loaded whole first."""
+    text_field = _check_text_field(text_field)
+    src = resolve_corpus(name_or_path)
+    if src.kind != "path":
+        yield from _load_other(src, text_field)
+        return
+    n = 0
+    for doc in _iter_files(_path_files(src.path), src.path, text_field):
+        n += 1
+        yield doc
+    if not n:
+        raise _no_documents(src)
+
+
+def _no_documents(src: CorpusSource) -> ValueError:
+    return ValueError(f"data={src.spec!r} holds no non-empty documents (files read: "
+                      f"{', '.join(CORPUS_FILE_SUFFIXES)})")
+
+
+def _load_other(src: CorpusSource, text_field: str = "text") -> list[str]:
+    """A built-in or ``hf:`` corpus."""
+    if src.kind == "builtin" and text_field != "text":
+        raise ValueError(f"text_field={text_field!r} applies to .jsonl / .parquet files and hf: datasets, "
+                         f"not to the built-in corpus {src.name!r}")
     if src.kind == "builtin":
         if src.name == "shakespeare":
             return _load_shakespeare(folio=False)
@@ -154,14 +213,11 @@ def load_corpus(name_or_path: str | os.PathLike = "default") -> list[str]:
             return _load_python_stdlib()
         raise AssertionError(src)  # pragma: no cover
     if src.kind == "hf":
-        docs = _load_hf(src.spec[3:])
+        docs = _load_hf(src.spec[3:]) if text_field == "text" else _load_hf(src.spec[3:], text_field)
         if not docs:
             raise ValueError(f"data={src.spec!r}: the dataset holds no non-empty text")
         return docs
-    docs = _load_path(src.path)
-    if not docs:
-        raise ValueError(f"data={src.spec!r} holds no non-empty .txt/.jsonl documents")
-    return docs
+    raise AssertionError(src)  # pragma: no cover
 
 
 def corpus_fingerprint(docs: list[str]) -> str:
@@ -193,8 +249,10 @@ _UTF16_32_BOMS = ((b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32
                   (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
 
 
-def _read_text(path: Path) -> str:
-    """A file's text as UTF-8 (a leading BOM dropped).
+def _read_text(path: Path, compression: str | None = None, quiet: bool = False) -> str:
+    """A file's text as UTF-8 (a leading BOM dropped); ``compression`` ``"gzip"`` / ``"zstd"``:
+    the text of the decompressed file (``ValueError`` naming the file if it is not valid);
+    ``quiet``: no warning (a file read again).
 
     Bytes that are not valid UTF-8 become U+FFFD with a warning naming the file
     and their count; the rest of the file keeps its characters (no guessing of
@@ -211,7 +269,7 @@ def _read_text(path: Path) -> str:
     ``byte`` tokenizer does not read a corpus that is one valid UTF-8 file this way: it copies
     the file's bytes in chunks.)
     """
-    raw = path.read_bytes()
+    raw = path.read_bytes() if compression is None else _decompressed_bytes(path, compression)
     for bom, codec in _UTF16_32_BOMS:
         if raw.startswith(bom):
             try:
@@ -222,6 +280,8 @@ def _read_text(path: Path) -> str:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
+        if quiet:
+            return raw.decode("utf-8", errors="replace").removeprefix("\ufeff")
         # surrogateescape maps each undecodable byte to one lone surrogate: count them.
         # count them without a string object per bad byte (a regex findall or subn: 0.4-0.8 GB
         # for a 20 MB binary file): "ignore" drops them when encoding the rest back
@@ -236,13 +296,33 @@ _LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # left by a JSON escape such as
 
 
 def _read_jsonl(path: Path) -> list[str]:
-    """The ``"text"`` of every record; a lone surrogate escape in a string (valid JSON, not
-    encodable text: a truncated emoji) becomes U+FFFD with a warning naming the file."""
-    docs, n_lone, first_line = [], 0, None
+    """The ``"text"`` of every record of a ``.jsonl`` file (:func:`_iter_jsonl`)."""
+    return list(_iter_jsonl(path))
+
+
+def _iter_jsonl(path: Path, compression: str | None = None, text_field: str = "text",
+                quiet: bool = False) -> Iterator[str]:
+    """The ``text_field`` string of every record of a ``.jsonl`` file (``compression``: ``"gzip"``
+    or ``"zstd"``, decompressed as it is read), one record at a time; empty ones are skipped.
+    ``ValueError`` naming the file and line for a line that is not UTF-8 or not JSON, or a record
+    that is not an object with a string ``text_field``.  A lone surrogate escape in a string
+    (valid JSON, not encodable text: a truncated emoji) becomes U+FFFD with a warning naming the
+    file (given once the file is read; none if ``quiet``)."""
+    n_lone, first_line, lineno = 0, None, 0
     # surrogateescape turns each byte that is not UTF-8 into a lone surrogate, found per line.
     # utf-8-sig: a leading byte-order mark is dropped, as for .txt files
-    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
-        for lineno, line in enumerate(f, 1):
+    with _open_text(path, compression) as f:
+        lines = iter(f)
+        while True:
+            try:
+                line = next(lines)
+            except StopIteration:
+                break
+            except _decompress_errors() as e:
+                if compression is None or (isinstance(e, OSError) and not _is_format_error(e)):
+                    raise  # a real I/O error, as it is
+                raise _corrupt(path, compression, e, f"after line {lineno}") from None
+            lineno += 1
             bad = _BAD_BYTE.search(line)
             if bad:
                 raise ValueError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{ord(bad.group()) - 0xdc00:02x} "
@@ -254,31 +334,218 @@ def _read_jsonl(path: Path) -> list[str]:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: invalid JSON ({e})") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                raise ValueError(f"{path}:{lineno}: expected an object with a string 'text' field")
-            text = rec["text"]
+            if not isinstance(rec, dict) or not isinstance(rec.get(text_field), str):
+                hint = "" if not isinstance(rec, dict) else \
+                    f" (its fields: {', '.join(map(repr, list(rec)[:10]))}; another field: text_field / --text-field)"
+                raise ValueError(f"{path}:{lineno}: expected an object with a string {text_field!r} field{hint}")
+            text = rec[text_field]
             lone = len(_LONE_SURROGATE.findall(text))
             if lone:
                 n_lone += lone
                 first_line = first_line or lineno
                 text = _LONE_SURROGATE.sub("\ufffd", text)
             if text:
-                docs.append(text)
-    if n_lone:
-        warnings.warn(f"{path}: {n_lone} lone UTF-16 surrogate escape(s) in 'text' (first on line {first_line}) "
-                      "are not text; they were replaced by U+FFFD", UnicodeWarning, stacklevel=3)
-    return docs
+                yield text
+    if n_lone and not quiet:
+        warnings.warn(f"{path}: {n_lone} lone UTF-16 surrogate escape(s) in {text_field!r} (first on line "
+                      f"{first_line}) are not text; they were replaced by U+FFFD", UnicodeWarning, stacklevel=2)
+
+
+# --------------------------------------------------------------------------
+# file formats: plain, gzip / zstandard compressed, Parquet
+
+_COMPRESSIONS = ((".gz", "gzip"), (".zst", "zstd"))
+#: What a folder's files may be (other names are skipped); a single file of another name is text.
+CORPUS_FILE_SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz", ".txt.zst", ".jsonl.zst", ".parquet")
+
+
+def _file_format(path: Path, in_folder: bool = False) -> tuple[str, str | None] | None:
+    """``(kind, compression)`` of a corpus file from its name: kind ``"text"`` (one document),
+    ``"jsonl"`` or ``"parquet"``; compression ``None``, ``"gzip"`` (``.gz``) or ``"zstd"``
+    (``.zst``).  In a folder only :data:`CORPUS_FILE_SUFFIXES` count (``None`` for any other
+    name); a single file of any other name is text (``X.gz`` / ``X.zst``: compressed text)."""
+    name, compression = path.name.lower(), None
+    for ext, comp in _COMPRESSIONS:
+        if name.endswith(ext):
+            name, compression = name[:-len(ext)], comp
+            break
+    if name.endswith(".parquet") and compression is None:
+        return "parquet", None
+    if name.endswith(".jsonl"):
+        return "jsonl", compression
+    if name.endswith(".txt") or not in_folder:
+        return "text", compression
+    return None
+
+
+def _optional(module: str, package: str, path: Path, what: str):
+    """``import module``, or a ``RuntimeError`` naming the file and the package to install."""
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise RuntimeError(f"{path}: reading {what} files needs the optional {package!r} package "
+                           f"(pip install {package}, or pip install 'jaxformers[data]'); or convert the file "
+                           "to .txt / .jsonl / .jsonl.gz") from None
+
+
+def _decompress_errors() -> tuple:
+    """The exceptions a corrupt or truncated gzip / zstandard stream raises while it is read."""
+    import zlib
+    errors = [EOFError, zlib.error, OSError]  # gzip.BadGzipFile is an OSError
+    zstd = sys.modules.get("zstandard")
+    if zstd is not None:
+        errors.append(zstd.ZstdError)
+    return tuple(errors)
+
+
+def _corrupt(path: Path, compression: str | None, err: BaseException, where: str = "") -> ValueError:
+    what = {"gzip": "gzip (.gz)", "zstd": "zstandard (.zst)"}.get(compression, "readable")
+    return ValueError(f"{path}: not a valid {what} file{' (' + where + ')' if where else ''}: "
+                      f"{type(err).__name__}: {err}")
+
+
+def _open_binary(path: Path, compression: str | None):
+    """``path`` opened for reading bytes, decompressed as it is read."""
+    if compression is None:
+        return open(path, "rb")
+    if compression == "gzip":
+        import gzip
+        return gzip.open(path, "rb")
+    return io.BufferedReader(_ZstdReader(open(path, "rb"), _optional("zstandard", "zstandard", path, ".zst")))
+
+
+class _ZstdReader(io.RawIOBase):
+    """The decompressed bytes of a zstandard file ``f``, frame after frame (a file may hold
+    several: ``cat a.zst b.zst``, a parallel compressor's output); a file that ends inside a
+    frame (truncated) raises ``zstandard.ZstdError`` (``stream_reader`` would end there silently)."""
+
+    def __init__(self, f, zstd):
+        super().__init__()
+        self._f, self._zstd, self._buf, self._in_frame = f, zstd, bytearray(), False
+        self._d = zstd.ZstdDecompressor().decompressobj()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not self._buf:
+            data = self._f.read(1 << 16)
+            if not data:
+                if self._in_frame:
+                    raise self._zstd.ZstdError("the file ends inside a frame (truncated?)")
+                return 0
+            while data:
+                self._buf += self._d.decompress(data)
+                self._in_frame, data = not self._d.eof, b""
+                if self._d.eof:  # the next frame, if any
+                    data, self._d = self._d.unused_data, self._zstd.ZstdDecompressor().decompressobj()
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        del self._buf[:n]
+        return n
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
+
+
+def _open_text(path: Path, compression: str | None):
+    """``path`` as lines of UTF-8 text (a leading BOM dropped, bytes that are not UTF-8 kept as lone
+    surrogates: ``errors="surrogateescape"``), decompressed as it is read."""
+    if compression is None:
+        return open(path, encoding="utf-8-sig", errors="surrogateescape")
+    binary = _open_binary(path, compression)
+    try:
+        return io.TextIOWrapper(binary, encoding="utf-8-sig", errors="surrogateescape")
+    except BaseException:
+        binary.close()
+        raise
+
+
+def _decompressed_bytes(path: Path, compression: str) -> bytes:
+    try:
+        with _open_binary(path, compression) as f:
+            return f.read()
+    except _decompress_errors() as e:
+        if isinstance(e, OSError) and not _is_format_error(e):
+            raise  # a real I/O error (permissions, ...) as it is
+        raise _corrupt(path, compression, e) from None
+
+
+def _is_format_error(err: OSError) -> bool:
+    import gzip
+    return isinstance(err, gzip.BadGzipFile) or err.errno is None
+
+
+def _iter_parquet(path: Path, text_field: str = "text") -> Iterator[str]:
+    """The ``text_field`` column of a Parquet file, read a batch of rows at a time (needs the
+    optional ``pyarrow``); empty strings are skipped.  ``ValueError`` naming the file for a file
+    that is not Parquet, a missing or non-string column (naming the columns), or a null value
+    (naming its row, counted from 1)."""
+    pa = _optional("pyarrow", "pyarrow", path, ".parquet")
+    pq = _optional("pyarrow.parquet", "pyarrow", path, ".parquet")
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"{path}: not a readable Parquet file: {e}") from None
+    with pf:
+        schema = pf.schema_arrow
+        if text_field not in schema.names:
+            raise ValueError(f"{path}: no column {text_field!r} (its columns: {', '.join(map(repr, schema.names))}); "
+                             "name the text column with text_field / --text-field")
+        kind = schema.field(text_field).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
+                or getattr(pa.types, "is_string_view", lambda t: False)(kind)):
+            raise ValueError(f"{path}: column {text_field!r} holds {kind}, not strings; name the text column "
+                             "with text_field / --text-field")
+        row = 0
+        batches = pf.iter_batches(batch_size=1024, columns=[text_field])
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except (pa.ArrowException, OSError) as e:
+                raise ValueError(f"{path}: not a readable Parquet file (after row {row}): {e}") from None
+            column = batch.column(0)
+            if column.null_count:
+                first = int(column.is_null().to_numpy(zero_copy_only=False).argmax())
+                raise ValueError(f"{path}: row {row + first + 1}: {text_field!r} is null (expected a string)")
+            for text in column.to_pylist():
+                row += 1
+                if text:
+                    yield text
+
+
+def _check_text_field(text_field) -> str:
+    if not isinstance(text_field, str) or not text_field:
+        raise ValueError(f"text_field must be a non-empty string (a .jsonl record's field or a .parquet "
+                         f"column), got {text_field!r}")
+    return text_field
+
+
+def _iter_file(path: Path, text_field: str = "text", in_folder: bool = False,
+               quiet: bool = False) -> Iterator[str]:
+    """The documents of one corpus file (see :func:`_file_format`), one at a time: a text file is
+    one document (read whole), a ``.jsonl`` / ``.parquet`` file one per record / row."""
+    kind, compression = _file_format(path, in_folder) or ("text", None)
+    if kind == "jsonl":
+        yield from _iter_jsonl(path, compression, text_field, quiet)
+    elif kind == "parquet":
+        yield from _iter_parquet(path, text_field)
+    else:
+        text = _read_text(path, compression, quiet)
+        if text:
+            yield text
 
 
 def _load_file(path: Path) -> list[str]:
-    if path.suffix.lower() == ".jsonl":
-        return _read_jsonl(path)
-    text = _read_text(path)
-    return [text] if text else []
+    return list(_iter_file(path))
 
 
 def _corpus_files(root: Path) -> list[Path]:
-    """The ``.txt``/``.jsonl`` files under ``root`` (hidden names skipped) in sorted relative-path
+    """The corpus files under ``root`` (:data:`CORPUS_FILE_SUFFIXES`) (hidden names skipped) in sorted relative-path
     order.  Symlinked folders are followed like symlinked files (``Path.rglob`` of Python < 3.13
     skipped them silently), each real folder once, so a link loop ends.  ``root`` itself that
     cannot be listed is an ``OSError``; a subfolder that cannot be listed (e.g. a volume's
@@ -299,19 +566,25 @@ def _corpus_files(root: Path) -> list[Path]:
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # a deterministic walk
         for name in filenames:
             p = Path(dirpath) / name
-            if not name.startswith(".") and p.suffix.lower() in (".txt", ".jsonl") and p.is_file():
+            if not name.startswith(".") and _file_format(p, in_folder=True) and p.is_file():
                 files.append(p)
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
-def _load_path(path: Path) -> list[str]:
-    if path.is_file():
-        return _load_file(path)
-    files = _corpus_files(path)
-    docs: list[str] = []
+def _path_files(path: Path) -> list[Path]:
+    """``[path]`` for a file, else the corpus files of the folder (:func:`_corpus_files`)."""
+    return [path] if path.is_file() else _corpus_files(path)
+
+
+def _iter_files(files: list[Path], root: Path, text_field: str = "text", quiet: bool = False) -> Iterator[str]:
+    """The documents of ``files`` (:func:`_path_files` of ``root``), one at a time."""
+    in_folder = not root.is_file()
     for f in files:
-        docs.extend(_load_file(f))
-    return docs
+        yield from _iter_file(f, text_field, in_folder, quiet)
+
+
+def _load_path(path: Path, text_field: str = "text") -> list[str]:
+    return list(_iter_files(_path_files(path), path, text_field))
 
 
 # --------------------------------------------------------------------------
@@ -437,7 +710,7 @@ def _load_python_stdlib(max_bytes: int = PYTHON_CORPUS_MAX_BYTES) -> list[str]:
 # --------------------------------------------------------------------------
 # Hugging Face datasets
 
-def _load_hf(spec: str) -> list[str]:
+def _load_hf(spec: str, text_field: str | None = None) -> list[str]:
     name, _, split = spec.partition(":")
     name, _, config = name.partition("@")
     split = split or "train"
@@ -453,7 +726,9 @@ def _load_hf(spec: str) -> list[str]:
         raise RuntimeError(
             f"could not load Hugging Face dataset {name!r} (config={config or None}, split={split!r}): "
             f"{type(e).__name__}: {e}. Are you online? Otherwise pass a local folder instead") from e
-    column = "text" if "text" in ds.column_names else next(
+    if text_field is not None and text_field not in ds.column_names:
+        raise RuntimeError(f"dataset {name!r} has no column {text_field!r} (columns: {ds.column_names})")
+    column = text_field if text_field is not None else "text" if "text" in ds.column_names else next(
         (c for c, f in ds.features.items() if getattr(f, "dtype", None) == "string"), None)
     if column is None:
         raise RuntimeError(f"dataset {name!r} has no string column (columns: {ds.column_names})")

@@ -17,9 +17,17 @@ Output is staged in a sibling temporary directory and renamed into place, so
 a crash never leaves a directory that looks complete; re-running with the same
 arguments on the same corpus reuses the existing output.
 
-Memory: documents are loaded as Python strings (a file's bytes and its text at once while it is
-read), except for the ``byte`` tokenizer on a corpus that is one valid UTF-8 file, whose bytes
-are copied in chunks of 1 MB (:class:`_ByteFile`: the same output, a few MB whatever its size).
+Memory: a local corpus (a folder, a ``.txt`` / ``.jsonl`` / ``.parquet`` file, compressed or
+not) is never held whole: it is read a document at a time (:func:`~.corpus.iter_corpus`), once
+for its fingerprint, the length of each document and a 16-byte hash of it (24 bytes kept per
+document: copies of a text share a split), once more to write the token files, and once more
+before that for ``bpe``, whose trainer reads the train documents (its own memory grows with the
+distinct words it sees) -- the same dataset as holding it all gave (:class:`_Documents`).  One
+document is held at a time (a ``.txt`` file is one, with its bytes while it is read), a chunk of
+64 (at most about 1M characters) while it is encoded; a one-document corpus, or the document
+whose tail a ``"tail"`` split cuts, is held while it is split.  The ``byte`` tokenizer on a
+corpus that is one valid UTF-8 file copies its bytes in chunks of 1 MB (:class:`_ByteFile`: the
+same output, a few MB whatever its size).  Built-in and ``hf:`` corpora are loaded whole.
 """
 
 from __future__ import annotations
@@ -35,7 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .corpus import cache_dir, corpus_fingerprint, fingerprint_document, load_corpus, resolve_corpus
+from .corpus import (_check_text_field, _file_format, _iter_files, _load_other, _no_documents, _path_files, _slug,
+                     cache_dir, corpus_fingerprint, fingerprint_document, load_corpus, resolve_corpus)
 from ..utils import int_arg
 from .tokenizer import get_tokenizer, hf_tokenizer_dir, load_tokenizer, parse_tokenizer_spec
 
@@ -84,16 +93,18 @@ def _canonical_tokenizer(tokenizer: str) -> str:
 
 
 def default_out_dir(data: str = "default", tokenizer: str = "byte", val_fraction: float = 0.05,
-                    seed: int = 0) -> Path:
+                    seed: int = 0, text_field: str = "text") -> Path:
     """``<cache>/datasets/<corpus name>-<tokenizer>``, e.g. ``.../shakespeare-bpe4096``
     (``hf:DIR`` tokenizers: ``...-hf<hash of tokenizer.json>``); a split other than the default
     adds ``-val<fraction>-seed<seed>``, so it never overwrites (nor is overwritten by) the
-    default split that training on ``--data`` prepares."""
+    default split that training on ``--data`` prepares; a ``text_field`` other than ``"text"``
+    adds ``-field-<name>``."""
     src = resolve_corpus(data)
     val_fraction, seed = check_split_args(val_fraction, seed)
     tok = _canonical_tokenizer(tokenizer).replace(":", "")
     split = "" if (val_fraction, seed) == (0.05, 0) else f"-val{val_fraction}-seed{seed}"
-    return cache_dir() / "datasets" / f"{src.name}-{tok}{split}"
+    field = "" if _check_text_field(text_field) == "text" else f"-field-{_slug(text_field)}"
+    return cache_dir() / "datasets" / f"{src.name}-{tok}{split}{field}"
 
 
 def split_documents(docs: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str], str]:
@@ -115,39 +126,63 @@ def split_documents(docs: list[str], val_fraction: float, seed: int) -> tuple[li
     if val_fraction == 0.0:
         return list(docs), [], "none"
     if len(docs) == 1:
-        text = docs[0]
-        cut = _one_document_cut(len(text), val_fraction, _newline_in(text))
-        return [text[:cut]], [text[cut:]] if text[cut:] else [], "tail"
-    target = val_fraction * sum(len(d) for d in docs)
-    copies: dict[str, list[int]] = {}  # each distinct text (in order of appearance) -> its indices
-    for i, d in enumerate(docs):
-        copies.setdefault(d, []).append(i)
-    texts = list(copies)
-    val_idx, val_chars = [], 0
-    for j in np.random.default_rng([int(seed), 0x5EED]).permutation(len(texts)):
-        group = copies[texts[j]]
+        return _split_one(docs[0], val_fraction)
+    copies: dict[str, int] = {}  # each distinct text (in order of appearance) -> its group
+    group = [copies.setdefault(d, len(copies)) for d in docs]
+    method, val_groups, big, target = _split_plan([len(d) for d in docs], group, len(copies), val_fraction, seed)
+    if method == "tail":
+        n_copies = group.count(group[big])
+        head, tail = _split_big(docs[big], n_copies, len(copies), target)
+        train = [head if group[i] == group[big] else d for i, d in enumerate(docs) if group[i] != group[big] or head]
+        return train, [tail] * n_copies if tail else [], "tail"
+    train = [d for i, d in enumerate(docs) if not val_groups[group[i]]]
+    val = [d for i, d in enumerate(docs) if val_groups[group[i]]]
+    return train, val, "documents"
+
+
+def _split_one(text: str, val_fraction: float) -> tuple[list[str], list[str], str]:
+    """:func:`split_documents` of a one-document corpus: its tail."""
+    cut = _one_document_cut(len(text), val_fraction, _newline_in(text))
+    return [text[:cut]], [text[cut:]] if text[cut:] else [], "tail"
+
+
+def _split_plan(lengths, group, n_groups: int, val_fraction: float, seed: int):
+    """The rule of :func:`split_documents` for two documents or more, from their lengths (in
+    characters) and ``group`` (``group[i]``: the index of document ``i``'s text among the distinct
+    texts, in order of first appearance: copies share one): ``("documents", val_groups, None,
+    target)`` (``val_groups[g]``: group ``g``'s documents go to val) or ``("tail", None, big,
+    target)`` (the tail of document ``big``, the first longest one, and of its copies)."""
+    lengths, group = np.asarray(lengths, np.int64), np.asarray(group, np.int64)
+    n = len(lengths)
+    target = val_fraction * int(lengths.sum())
+    count = np.bincount(group, minlength=n_groups)
+    size_of = np.zeros(n_groups, np.int64)
+    size_of[group] = lengths  # copies have one length
+    val_groups, n_val, val_chars = np.zeros(n_groups, bool), 0, 0
+    for j in np.random.default_rng([int(seed), 0x5EED]).permutation(n_groups):
         if val_chars >= target:
             break
-        if len(val_idx) + len(group) > len(docs) - 1:  # always leave a train document
+        c = int(count[j])
+        if n_val + c > n - 1:  # always leave a train document
             continue
-        size = len(texts[j]) * len(group)
+        size = int(size_of[j]) * c
         if val_chars + size > max(2.0 * target, 1.0):  # would overshoot: leave it in train
             continue
-        val_idx.extend(group)
+        val_groups[j] = True
+        n_val += c
         val_chars += size
-    if not val_idx:  # every document alone is more than twice the target: the largest one's tail
-        big = docs[max(range(len(docs)), key=lambda i: len(docs[i]))]
-        n_copies = len(copies[big])
-        cut = _at_line_end(len(big) - max(1, int(round(target / n_copies))), len(big), _newline_in(big))
-        if cut == 0 and len(copies) == 1:  # copies of one text, none left in train: keep its head
-            cut = _at_line_end(1, len(big), _newline_in(big))  # there, as one document (1 char: no val)
-        head, tail = big[:cut], big[cut:]
-        train = [head if d == big else d for d in docs if d != big or head]
-        return train, [tail] * n_copies if tail else [], "tail"
-    val_set = set(val_idx)
-    train = [d for i, d in enumerate(docs) if i not in val_set]
-    val = [d for i, d in enumerate(docs) if i in val_set]
-    return train, val, "documents"
+    if not n_val:  # every document alone is more than twice the target: the largest one's tail
+        return "tail", None, int(np.argmax(lengths)), target  # the first longest one
+    return "documents", val_groups, None, target
+
+
+def _split_big(big: str, n_copies: int, n_groups: int, target: float) -> tuple[str, str]:
+    """``(head, tail)`` of :func:`split_documents`' ``"tail"`` split: where the text ``big`` (held by
+    ``n_copies`` documents of a corpus of ``n_groups`` distinct texts) is cut."""
+    cut = _at_line_end(len(big) - max(1, int(round(target / n_copies))), len(big), _newline_in(big))
+    if cut == 0 and n_groups == 1:  # copies of one text, none left in train: keep its head
+        cut = _at_line_end(1, len(big), _newline_in(big))  # there, as one document (1 char: no val)
+    return big[:cut], big[cut:]
 
 
 def _newline_in(text: str):
@@ -175,10 +210,14 @@ def _dtype_for(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
-def _identity(src_spec: str, tok_spec: str, val_fraction: float, seed: int, fingerprint: str) -> dict:
-    return {"format_version": FORMAT_VERSION, "source": src_spec, "tokenizer": tok_spec,
-            "val_fraction": float(val_fraction), "seed": int(seed), "corpus_sha256": fingerprint,
-            "split_rule": SPLIT_RULE}
+def _identity(src_spec: str, tok_spec: str, val_fraction: float, seed: int, fingerprint: str,
+              text_field: str = "text") -> dict:
+    identity = {"format_version": FORMAT_VERSION, "source": src_spec, "tokenizer": tok_spec,
+                "val_fraction": float(val_fraction), "seed": int(seed), "corpus_sha256": fingerprint,
+                "split_rule": SPLIT_RULE}
+    if text_field != "text":  # recorded only when set: datasets of the default field keep their identity
+        identity["text_field"] = text_field
+    return identity
 
 
 def _is_complete(out_dir: Path, identity: dict | None = None) -> bool:
@@ -186,7 +225,8 @@ def _is_complete(out_dir: Path, identity: dict | None = None) -> bool:
         meta = json.loads((out_dir / META_FILE).read_text())
     except (OSError, ValueError):
         return False
-    if identity is not None and any(meta.get(k) != v for k, v in identity.items()):
+    if identity is not None and (any(meta.get(k) != v for k, v in identity.items())
+                                 or meta.get("text_field", "text") != identity.get("text_field", "text")):
         return False
     try:
         item = np.dtype(meta["dtype"]).itemsize
@@ -197,24 +237,31 @@ def _is_complete(out_dir: Path, identity: dict | None = None) -> bool:
 
 
 def prepare(data: str = "default", tokenizer: str = "byte", out_dir: str | os.PathLike | None = None,
-            val_fraction: float = 0.05, seed: int = 0, *, force: bool = False) -> Path:
+            val_fraction: float = 0.05, seed: int = 0, *, force: bool = False, text_field: str = "text") -> Path:
     """Tokenize ``data`` (see :func:`jaxformers.data.corpus.load_corpus`) and write a dataset.
 
     Returns the dataset directory.  If it already holds a dataset made from the
     same corpus contents with the same tokenizer/val_fraction/seed (and
     ``force`` is false), it is reused untouched (``hf:DIR``: the same tokenizer.json
-    and the same end-of-text id).
+    and the same end-of-text id).  ``text_field``: the field of ``.jsonl`` records / the column of
+    ``.parquet`` files (and ``hf:`` datasets) that holds the text (part of the dataset's identity
+    when it is not ``"text"``).
+
+    A local file or folder is read a document at a time, in two passes (three for ``bpe``: its
+    training reads the train documents), so memory does not grow with the corpus: what is kept
+    per document is its length and a 16-byte hash (:class:`_Documents`).
     """
     src = resolve_corpus(data)
     val_fraction, seed = check_split_args(val_fraction, seed)
+    text_field = _check_text_field(text_field)
     tok_spec = _canonical_tokenizer(tokenizer)
     out = (Path(out_dir).expanduser() if out_dir is not None
-           else default_out_dir(data, tokenizer, val_fraction, seed))
+           else default_out_dir(data, tokenizer, val_fraction, seed, text_field))
     # byte tokenizer on one UTF-8 file: read in chunks, never holding its text (see _ByteFile)
     stream = _ByteFile.open(src) if tok_spec == "byte" else None
-    docs = load_corpus(data) if stream is None else None
+    docs = _Documents(src, text_field) if stream is None else None  # read once: its fingerprint
     identity = _identity(src.spec, tok_spec, val_fraction, seed,
-                         corpus_fingerprint(docs) if stream is None else stream.fingerprint)
+                         docs.fingerprint if stream is None else stream.fingerprint, text_field)
     hf_tok = None
     if tok_spec.startswith("hf:"):  # its end-of-text id comes from tokenizer_config.json, not the hash
         hf_tok = get_tokenizer(tokenizer)
@@ -233,14 +280,11 @@ def prepare(data: str = "default", tokenizer: str = "byte", out_dir: str | os.Pa
                     ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()) or "force=True")
 
     if stream is not None:
-        train_docs = val_docs = None
         n_documents, n_chars, method = stream.split(val_fraction)
     else:
-        train_docs, val_docs, method = split_documents(docs, val_fraction, seed)
-        del docs  # a cut tail made copies: the whole text is not needed any more
-        n_documents = {"train": len(train_docs), "val": len(val_docs)}
-        n_chars = {"train": sum(map(len, train_docs)), "val": sum(map(len, val_docs))}
-    tok = hf_tok if hf_tok is not None else get_tokenizer(tok_spec).train(train_docs or [])
+        n_documents, n_chars, method = docs.split(val_fraction, seed)
+    tok = hf_tok if hf_tok is not None else get_tokenizer(tok_spec).train(
+        docs.texts("train") if docs is not None else [])
     dtype = _dtype_for(tok.vocab_size)
     eos = np.asarray([tok.eos_id], dtype=dtype)
 
@@ -248,32 +292,10 @@ def prepare(data: str = "default", tokenizer: str = "byte", out_dir: str | os.Pa
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the installed dataset should not be
     try:
-        n_tokens = {}
-        for split, split_docs in (("train", train_docs), ("val", val_docs)):
-            if stream is not None:
-                n_tokens[split] = stream.write(split, tmp / f"{split}.bin", dtype, eos)
-                continue
-            n = 0
-            with open(tmp / f"{split}.bin", "wb") as f:
-                # written as encoded, a part of a document at a time (a long document's ids are
-                # never held whole), each followed by the end-of-text id
-                for start in range(0, len(split_docs), 64):
-                    chunk = split_docs[start:start + 64]
-                    done = 0  # documents of chunk whose end-of-text id is written
-                    for i, arr in tok._encode_stream(chunk):
-                        for _ in range(done, i):
-                            f.write(eos.data)
-                            n += 1
-                        done = i
-                        for k in range(0, arr.size, 1 << 20):
-                            f.write(np.ascontiguousarray(arr[k:k + (1 << 20)], dtype=dtype).data)
-                        n += arr.size
-                    for _ in range(done, len(chunk)):
-                        f.write(eos.data)
-                        n += 1
-                f.flush()
-                os.fsync(f.fileno())
-            n_tokens[split] = n
+        if stream is not None:
+            n_tokens = {split: stream.write(split, tmp / f"{split}.bin", dtype, eos) for split in _SPLITS}
+        else:
+            n_tokens = docs.write(tmp, tok, dtype, eos)
         tok.save(tmp)
         meta = dict(
             identity,
@@ -295,6 +317,173 @@ def prepare(data: str = "default", tokenizer: str = "byte", out_dir: str | os.Pa
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+class _Documents:
+    """The documents of a corpus for :func:`prepare`, read again on each pass: a local file or
+    folder one file (``.txt``) / one record (``.jsonl``) / one batch of rows (``.parquet``) at a
+    time (:func:`~.corpus._iter_files`), a built-in or ``hf:`` corpus from a list in memory.
+
+    The first pass (made on construction) computes the corpus fingerprint and keeps, per
+    document, its length in characters and a 16-byte hash of its text (copies of a text share
+    their split): :meth:`split` applies :func:`split_documents`' rule to those
+    (:func:`_split_plan`) and gives the same split; :meth:`texts` and :meth:`write` read the
+    documents again and route each to its split (the text of a one-document corpus, or of the
+    document whose tail is cut, is read once more and held).  A corpus whose files change between
+    passes is a ``RuntimeError`` (checked against the fingerprint while writing)."""
+
+    _CHUNK_DOCS = 64  # documents encoded at a time, at most (as the in-memory path did)
+    _CHUNK_CHARS = 1 << 20  # and about this many characters (the tokenizers library: ~300 B per token)
+
+    def __init__(self, src, text_field: str = "text"):
+        import hashlib
+        from array import array
+        self.src, self.text_field = src, text_field
+        if src.kind == "path":
+            self._files, self._docs = _path_files(src.path), None  # listed once (its warnings once)
+        else:
+            self._files, self._docs = None, _load_other(src, text_field)
+        h, lengths, digests = hashlib.sha256(), array("q"), bytearray()
+        for doc in self._read(quiet=False):
+            b = doc.encode("utf-8", "surrogatepass")
+            fingerprint_document(h, len(b), (b,))  # corpus_fingerprint, a document at a time
+            lengths.append(len(doc))
+            digests += hashlib.blake2b(b, digest_size=16).digest()
+            del b
+        if not lengths:
+            raise _no_documents(src)
+        self.fingerprint = h.hexdigest()
+        self.lengths = np.frombuffer(lengths, np.int64) if len(lengths) else np.zeros(0, np.int64)
+        # group[i]: document i's text among the distinct texts, in order of first appearance
+        keys = np.frombuffer(bytes(digests), np.uint64).reshape(-1, 2)
+        del digests
+        _, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+        rank = np.empty(len(first), np.int64)
+        rank[np.argsort(first)] = np.arange(len(first))
+        self.group, self.n_groups = rank[inverse.reshape(-1)], len(first)
+        self._route = None
+
+    def _read(self, quiet: bool = True):
+        if self._docs is not None:
+            return iter(self._docs)
+        return _iter_files(self._files, self.src.path, self.text_field, quiet)
+
+    def _changed(self) -> RuntimeError:
+        return RuntimeError(f"data={self.src.spec!r} changed while it was prepared; prepare it again")
+
+    def _again(self, check: bool = False):
+        """``(i, document)`` of every document, read again (``check``: against the fingerprint)."""
+        import hashlib
+        h, n, i = hashlib.sha256() if check else None, len(self.lengths), -1
+        for i, doc in enumerate(self._read()):
+            if i >= n or len(doc) != self.lengths[i]:
+                raise self._changed()
+            if h is not None:
+                b = doc.encode("utf-8", "surrogatepass")
+                fingerprint_document(h, len(b), (b,))
+                del b
+            yield i, doc
+        if i + 1 != n or (h is not None and h.hexdigest() != self.fingerprint):
+            raise self._changed()
+
+    def _document(self, k: int) -> str:
+        for i, doc in self._again():
+            if i == k:
+                return doc
+        raise self._changed()  # pragma: no cover - _again raised first
+
+    def split(self, val_fraction: float, seed: int) -> tuple[dict, dict, str]:
+        """:func:`split_documents`' split: ``(n_documents, n_chars, method)`` per split."""
+        n, lengths = len(self.lengths), self.lengths
+        total = int(lengths.sum())
+        if val_fraction == 0.0:
+            self._route = ("none", None)
+            return {"train": n, "val": 0}, {"train": total, "val": 0}, "none"
+        if n == 1:
+            train, val, method = _split_one(self._document(0), val_fraction)
+            self._route = ("one", (train, val))
+            return ({"train": len(train), "val": len(val)},
+                    {"train": sum(map(len, train)), "val": sum(map(len, val))}, method)
+        method, val_groups, big, target = _split_plan(lengths, self.group, self.n_groups, val_fraction, seed)
+        if method == "tail":
+            n_copies = int(np.count_nonzero(self.group == self.group[big]))
+            head, tail = _split_big(self._document(big), n_copies, self.n_groups, target)
+            self._route = ("tail", (int(self.group[big]), head, tail, n_copies))
+            return ({"train": n - n_copies + (n_copies if head else 0), "val": n_copies if tail else 0},
+                    {"train": total - n_copies * (len(head) + len(tail)) + n_copies * len(head),
+                     "val": n_copies * len(tail)}, "tail")
+        in_val = val_groups[self.group]
+        self._route = ("documents", in_val)
+        n_val, val_chars = int(in_val.sum()), int(lengths[in_val].sum())
+        return {"train": n - n_val, "val": n_val}, {"train": total - val_chars, "val": val_chars}, "documents"
+
+    def routed(self, check: bool = False):
+        """``(split, text)`` of every document of the split, in the order :func:`split_documents`
+        gives them (its train documents, then its val ones, each in corpus order)."""
+        kind, how = self._route
+        if kind == "one":
+            for split, texts in zip(_SPLITS, how):
+                for text in texts:
+                    yield split, text
+            return
+        if kind == "tail":
+            g_big, head, tail, n_copies = how
+        for i, doc in self._again(check):
+            if kind == "none":
+                yield "train", doc
+            elif kind == "documents":
+                yield ("val" if how[i] else "train"), doc
+            elif self.group[i] != g_big:
+                yield "train", doc
+            elif head:
+                yield "train", head
+        if kind == "tail" and tail:
+            for _ in range(n_copies):
+                yield "val", tail
+
+    def texts(self, split: str):
+        """The texts of ``split``, one at a time (what the BPE tokenizer is trained on)."""
+        return (text for s, text in self.routed() if s == split)
+
+    def write(self, folder: Path, tok, dtype: np.dtype, eos: np.ndarray) -> dict:
+        """Encode every document into ``folder/{train,val}.bin`` (each followed by the end-of-text
+        id ``eos``), a chunk of documents at a time; the number of ids in each file."""
+        n_tokens, chunks, sizes = {s: 0 for s in _SPLITS}, {s: [] for s in _SPLITS}, {s: 0 for s in _SPLITS}
+        with contextlib.ExitStack() as stack:
+            files = {s: stack.enter_context(open(folder / f"{s}.bin", "wb")) for s in _SPLITS}
+
+            def flush(split):
+                n_tokens[split] += _write_docs(files[split], tok, chunks[split], dtype, eos)
+                chunks[split], sizes[split] = [], 0
+
+            for split, text in self.routed(check=True):
+                chunks[split].append(text)
+                sizes[split] += len(text)
+                if len(chunks[split]) >= self._CHUNK_DOCS or sizes[split] >= self._CHUNK_CHARS:
+                    flush(split)
+            for split in _SPLITS:
+                flush(split)
+                files[split].flush()
+                os.fsync(files[split].fileno())
+        return n_tokens
+
+
+def _write_docs(f, tok, docs: list[str], dtype: np.dtype, eos: np.ndarray) -> int:
+    """Write the ids of ``docs``, each followed by ``eos``, to ``f`` as they are encoded (a long
+    document's ids are never held whole); their number."""
+    n = done = 0  # done: documents whose end-of-text id is written
+    for i, arr in tok._encode_stream(docs):
+        for _ in range(done, i):
+            f.write(eos.data)
+            n += 1
+        done = i
+        for k in range(0, arr.size, 1 << 20):
+            f.write(np.ascontiguousarray(arr[k:k + (1 << 20)], dtype=dtype).data)
+        n += arr.size
+    for _ in range(done, len(docs)):
+        f.write(eos.data)
+        n += 1
+    return n
 
 
 class _ByteFile:
@@ -320,8 +509,8 @@ class _ByteFile:
         import hashlib
         from .corpus import _UTF16_32_BOMS
         path = src.path
-        if src.kind != "path" or path is None or not path.is_file() or path.suffix.lower() == ".jsonl":
-            return None
+        if src.kind != "path" or path is None or not path.is_file() or _file_format(path) != ("text", None):
+            return None  # a folder, .jsonl, .parquet, a compressed file
         with open(path, "rb") as f:
             head = f.read(4)
             if not head or any(head.startswith(bom) for bom, _ in _UTF16_32_BOMS):
@@ -488,6 +677,6 @@ def load_prepared(directory: str | os.PathLike) -> tuple[dict, np.ndarray, np.nd
 
 
 def ensure_dataset(data: str = "default", tokenizer: str = "byte", out_dir: str | os.PathLike | None = None,
-                   val_fraction: float = 0.05, seed: int = 0) -> Path:
+                   val_fraction: float = 0.05, seed: int = 0, text_field: str = "text") -> Path:
     """Return the directory of a prepared dataset, preparing it first if needed."""
-    return prepare(data, tokenizer, out_dir=out_dir, val_fraction=val_fraction, seed=seed)
+    return prepare(data, tokenizer, out_dir=out_dir, val_fraction=val_fraction, seed=seed, text_field=text_field)
