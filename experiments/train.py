@@ -113,9 +113,11 @@ def _parser():
     ap.add_argument("--schedule", choices=["cosine", "wsd", "constant"],
                     help=f"LR schedule (default {d['schedule']})")
     ap.add_argument("--data",
-                    help="built-in corpus name, a text file or folder of your own (.txt/.jsonl), hf:NAME, "
-                         "a prepared dataset dir, or synthetic:TASK[:k=v,...] (copying, recall, arithmetic, "
-                         f"passkey) (default {d['data']})")
+                    help="built-in corpus name, a text file or folder of your own (.txt/.jsonl, also .txt.gz, "
+                         ".jsonl.gz, .txt.zst, .jsonl.zst, .parquet; read a document at a time), hf:NAME, "
+                         "a prepared dataset dir (python -m experiments.prepare; its --text-field reads another "
+                         ".jsonl field / .parquet column than 'text'), or synthetic:TASK[:k=v,...] (copying, "
+                         f"recall, arithmetic, passkey) (default {d['data']})")
     ap.add_argument("--tokenizer", help="byte | bpe | bpe:VOCAB | hf:DIR (a tokenizer.json) "
                                         f"(default {d['tokenizer']}; with --init-from: the source's)")
     ap.add_argument("--mesh", help="axes data, fsdp, expert, tensor, e.g. data=2,fsdp=2,tensor=2 or "

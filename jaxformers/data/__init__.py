@@ -15,7 +15,7 @@ What the trainer uses: ``open_data(spec, tokenizer)`` (a prepared corpus, or
 """
 
 from . import synthetic
-from .corpus import cache_dir, list_corpora, load_corpus, resolve_corpus
+from .corpus import cache_dir, iter_corpus, list_corpora, load_corpus, resolve_corpus
 from .loader import SYNTHETIC_TASKS, SyntheticLoader, TokenLoader, eval_batches, iterate_rows, synthetic_rows
 from .prepare import default_out_dir, ensure_dataset, load_prepared, prepare
 from .sources import SyntheticSource, TextSource, open_data, open_dataset
@@ -37,6 +37,7 @@ __all__ = [
     "ensure_dataset",
     "eval_batches",
     "iterate_rows",
+    "iter_corpus",
     "get_tokenizer",
     "list_corpora",
     "load_corpus",

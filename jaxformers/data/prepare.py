@@ -19,8 +19,9 @@ arguments on the same corpus reuses the existing output.
 
 Memory: a local corpus (a folder, a ``.txt`` / ``.jsonl`` / ``.parquet`` file, compressed or
 not) is never held whole: it is read a document at a time (:func:`~.corpus.iter_corpus`), once
-for its fingerprint, the length of each document and a 16-byte hash of it (24 bytes kept per
-document: copies of a text share a split), once more to write the token files, and once more
+for its fingerprint, the length of each document and a 16-byte hash of it (copies of a text share
+a split: 24 bytes kept per document, ~100 bytes at the peak while they are grouped and the split
+is drawn, 1 GB for 10 M documents), once more to write the token files, and once more
 before that for ``bpe``, whose trainer reads the train documents (its own memory grows with the
 distinct words it sees) -- the same dataset as holding it all gave (:class:`_Documents`).  One
 document is held at a time (a ``.txt`` file is one, with its bytes while it is read), a chunk of
@@ -225,7 +226,7 @@ def _is_complete(out_dir: Path, identity: dict | None = None) -> bool:
         meta = json.loads((out_dir / META_FILE).read_text())
     except (OSError, ValueError):
         return False
-    if identity is not None and (any(meta.get(k) != v for k, v in identity.items())
+    if identity is not None and (any(meta.get(k) != v for k, v in identity.items())  # text_field: "text" if absent
                                  or meta.get("text_field", "text") != identity.get("text_field", "text")):
         return False
     try:
@@ -248,8 +249,8 @@ def prepare(data: str = "default", tokenizer: str = "byte", out_dir: str | os.Pa
     when it is not ``"text"``).
 
     A local file or folder is read a document at a time, in two passes (three for ``bpe``: its
-    training reads the train documents), so memory does not grow with the corpus: what is kept
-    per document is its length and a 16-byte hash (:class:`_Documents`).
+    training reads the train documents), so memory does not grow with the corpus's text: what is
+    kept per document is its length and a 16-byte hash (:class:`_Documents`; see the module doc).
     """
     src = resolve_corpus(data)
     val_fraction, seed = check_split_args(val_fraction, seed)
@@ -275,7 +276,9 @@ def prepare(data: str = "default", tokenizer: str = "byte", out_dir: str | os.Pa
             old = json.loads((out / META_FILE).read_text())
         except (OSError, ValueError):
             old = {}
-        changed = {k: (old.get(k), v) for k, v in identity.items() if old.get(k) != v}
+        default = {"text_field": "text"}  # not recorded when it is the default
+        changed = {k: (old.get(k, default.get(k)), identity.get(k, default.get(k))) for k in {**identity, **default}
+                   if old.get(k, default.get(k)) != identity.get(k, default.get(k))}
         log.warning("prepare: replacing the dataset in %s, which was prepared with other settings (%s)", out,
                     ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()) or "force=True")
 
@@ -355,9 +358,10 @@ class _Documents:
         self.fingerprint = h.hexdigest()
         self.lengths = np.frombuffer(lengths, np.int64) if len(lengths) else np.zeros(0, np.int64)
         # group[i]: document i's text among the distinct texts, in order of first appearance
-        keys = np.frombuffer(bytes(digests), np.uint64).reshape(-1, 2)
+        # (transient: ~100 bytes per document while copies are grouped, 1 GB for 10 M documents)
+        _, first, inverse = np.unique(np.frombuffer(digests, np.uint64).reshape(-1, 2), axis=0,
+                                      return_index=True, return_inverse=True)
         del digests
-        _, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
         rank = np.empty(len(first), np.int64)
         rank[np.argsort(first)] = np.arange(len(first))
         self.group, self.n_groups = rank[inverse.reshape(-1)], len(first)
