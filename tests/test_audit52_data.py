@@ -176,6 +176,18 @@ def test_streaming_prepare_writes_what_the_in_memory_path_wrote(tmp_path, monkey
                 assert _written(out) == want, (name, vf, seed)
                 n += 1
     assert n >= 12
+    # a dataset the in-memory path wrote is complete for the streaming one: reused, not rebuilt
+    old = tmp_path / "old"
+    old.mkdir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        written = _old_prepare(corpora["mixed"], tok, None, 0.05, 0)
+    for part, data in zip(("train.bin", "val.bin", "meta.json"), written):
+        (old / part).write_bytes(data.encode() if isinstance(data, str) else data)
+    with monkeypatch.context() as m:
+        _no_load(m)
+        m.setattr(P.tempfile, "mkdtemp", lambda *a, **k: pytest.fail("rebuilt"))
+        assert P.prepare(corpora["mixed"], tok, out_dir=old) == old
 
 
 def test_the_split_rule_is_unchanged_on_random_corpora_with_copies():
@@ -371,6 +383,18 @@ def test_a_text_field_other_than_text_is_read_and_is_part_of_the_identity(tmp_pa
     assert not P._is_complete(got, P._identity(meta["source"], "byte", 0.05, 0, meta["corpus_sha256"]))
     d0 = P.default_out_dir(str(tmp_path / "c"))
     assert P.default_out_dir(str(tmp_path / "c"), text_field="body") == d0.with_name(d0.name + "-field-body")
+    import logging
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    P.log.addHandler(handler)
+    try:  # the same folder and field read as "text" from another file: replacing names the field
+        _write_jsonl(tmp_path / "c" / "b.jsonl", texts)
+        P.prepare(str(tmp_path / "c"), "byte", out_dir=got)
+    finally:
+        P.log.removeHandler(handler)
+    assert "text_field: 'body' -> 'text'" in records[0].getMessage()
+    assert "text_field" not in json.loads((got / "meta.json").read_text())
     for bad in ("", 3, None):
         with pytest.raises(ValueError, match="text_field must be a non-empty string"):
             P.prepare(str(tmp_path / "c"), "byte", out_dir=tmp_path / "x", text_field=bad)
