@@ -457,6 +457,9 @@ def test_unreadable_parquet_files_are_errors_naming_the_file_and_row(tmp_path):
     pq.write_table(pa.table({"text": ["a", "b", None, "d"]}), tmp_path / "null.parquet", row_group_size=2)
     with pytest.raises(ValueError, match=r"null\.parquet: row 3: 'text' is null"):
         C.load_corpus(tmp_path / "null.parquet")
+    dictionary = pa.array(["x", "y", "x", ""]).dictionary_encode()  # a categorical column: strings
+    pq.write_table(pa.table({"text": dictionary}), tmp_path / "dict.parquet")
+    assert C.load_corpus(tmp_path / "dict.parquet") == ["x", "y", "x"]
     pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "ints.parquet")
     with pytest.raises(ValueError, match=r"ints\.parquet: column 'text' holds int64, not strings"):
         C.load_corpus(tmp_path / "ints.parquet")

@@ -495,8 +495,9 @@ def _iter_parquet(path: Path, text_field: str = "text") -> Iterator[str]:
             raise ValueError(f"{path}: no column {text_field!r} (its columns: {', '.join(map(repr, schema.names))}); "
                              "name the text column with text_field / --text-field")
         kind = schema.field(text_field).type
-        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
-                or getattr(pa.types, "is_string_view", lambda t: False)(kind)):
+        values = kind.value_type if pa.types.is_dictionary(kind) else kind  # e.g. a pandas categorical
+        if not (pa.types.is_string(values) or pa.types.is_large_string(values)
+                or getattr(pa.types, "is_string_view", lambda t: False)(values)):
             raise ValueError(f"{path}: column {text_field!r} holds {kind}, not strings; name the text column "
                              "with text_field / --text-field")
         row = 0
