@@ -433,6 +433,9 @@ def test_unreadable_compressed_files_are_errors_naming_the_file(tmp_path):
     (tmp_path / "u.jsonl.gz").write_bytes(gzip.compress(b'{"text": "ok"}\n{"text": "b\xffad"}\n'))
     with pytest.raises(ValueError, match=r"u\.jsonl\.gz:2: not valid UTF-8 \(byte 0xff"):
         C.load_corpus(tmp_path / "u.jsonl.gz")
+    (tmp_path / "w.txt.gz").write_bytes(gzip.compress(b"ok \xff bad"))  # as a .txt: replaced, with a warning
+    with pytest.warns(UnicodeWarning, match=r"w\.txt\.gz: 1 byte\(s\) are not valid UTF-8"):
+        assert C.load_corpus(tmp_path / "w.txt.gz") == ["ok \ufffd bad"]
     (tmp_path / "r.jsonl.gz").write_bytes(gzip.compress(b'{"text": "ok"}\n{"body": "x"}\n'))
     with pytest.raises(ValueError, match=r"r\.jsonl\.gz:2: expected an object with a string 'text' field"):
         C.load_corpus(tmp_path / "r.jsonl.gz")
