@@ -412,7 +412,8 @@ def _open_binary(path: Path, compression: str | None):
     if compression == "gzip":
         import gzip
         return gzip.open(path, "rb")
-    return io.BufferedReader(_ZstdReader(open(path, "rb"), _optional("zstandard", "zstandard", path, ".zst")))
+    zstd = _optional("zstandard", "zstandard", path, ".zst")
+    return io.BufferedReader(_ZstdReader(open(path, "rb"), zstd))
 
 
 class _ZstdReader(io.RawIOBase):
