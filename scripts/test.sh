@@ -4,7 +4,7 @@
 #   scripts/test.sh          both legs
 #   scripts/test.sh 1        leg 1 only;  scripts/test.sh 2   leg 2 only
 #
-# leg 1  the current Python: pip install -e ".[test,hf]" and the whole suite
+# leg 1  the current Python: pip install -e ".[test,hf,data]" and the whole suite
 #        (python -m pytest -q -n 2 --dist loadfile --max-worker-restart=0).
 #        --max-worker-restart=0: a worker that crashes (a segfault) ends the run at once,
 #        naming the test it was running; with restarts, pytest-xdist's loadfile scheduling can
@@ -47,7 +47,7 @@ PIP=(-m pip install -qq --disable-pip-version-check)
 PYTEST=(-m pytest -q -n 2 --dist loadfile --max-worker-restart=0)
 
 leg1() {
-    pip install -q -e ".[test,hf]" && python "${PYTEST[@]}"
+    pip install -q -e ".[test,hf,data]" && python "${PYTEST[@]}"
 }
 
 find_python312() {
