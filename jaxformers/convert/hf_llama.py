@@ -56,6 +56,7 @@ import numpy as np
 
 from ..config import DTYPES, TransformerConfig
 from .hf_io import NO_SPECIAL_TOKENS, read_checkpoint, weight_files
+from .hf_write import DEFAULT_MAX_SHARD_SIZE, check_dtype, parse_size, write_checkpoint
 from .layers import per_layer_params, stack_layers
 
 _PREFIX = "model."
@@ -491,8 +492,9 @@ def from_hf(path_or_dir: str, *, dtype: str = "float32", scan_layers: bool = Fal
     return config, params
 
 
-def to_hf(config: TransformerConfig, params, out_dir: str) -> str:
-    """Write ``config.json`` + ``model.safetensors`` (float32) loadable by ``LlamaForCausalLM``, or
+def to_hf(config: TransformerConfig, params, out_dir: str, *, dtype: str = "float32",
+          max_shard_size=DEFAULT_MAX_SHARD_SIZE) -> str:
+    """Write ``config.json`` + ``model.safetensors`` loadable by ``LlamaForCausalLM``, or
     by ``MistralForCausalLM`` when ``config.window`` is set (``sliding_window=window``), by
     ``Qwen2ForCausalLM`` with ``qkv_bias``, by ``Qwen3ForCausalLM`` with ``qk_norm``
     (:func:`hf_architecture`).
@@ -501,12 +503,20 @@ def to_hf(config: TransformerConfig, params, out_dir: str) -> str:
     dict is accepted too), scanned (``blocks``) or per-layer (``blocks_{i}``).
     Returns ``out_dir``.  A ``mamba`` / ``mamba2`` config dispatches to
     :func:`~jaxformers.convert.hf_mamba.to_hf_mamba` (``MambaForCausalLM`` / ``Mamba2ForCausalLM``).
-    """
-    from safetensors.numpy import save_file
 
+    ``dtype``: the storage dtype of every tensor, ``"float32"`` (default), ``"bfloat16"`` or
+    ``"float16"`` (``config.json``'s ``dtype`` / ``torch_dtype`` say which).  ``max_shard_size``
+    (bytes or ``"5GB"``-style): more tensor bytes than that are split into
+    ``model-0000K-of-0000N.safetensors`` + ``model.safetensors.index.json``, as
+    ``save_pretrained`` does.  The files are written into a temporary folder beside ``out_dir`` and
+    moved in when complete; weight files of an earlier checkpoint in ``out_dir`` that the new one
+    does not overwrite are removed (:mod:`~jaxformers.convert.hf_write`).
+    """
+    check_dtype(dtype)
+    parse_size(max_shard_size)
     if getattr(config, "model", None) in ("mamba", "mamba2"):  # as from_hf dispatches on model_type
         from .hf_mamba import to_hf_mamba
-        return to_hf_mamba(config, params, out_dir)
+        return to_hf_mamba(config, params, out_dir, dtype=dtype, max_shard_size=max_shard_size)
     check_llama_compatible(config)
     params = per_layer_params(config, params)
 
@@ -527,8 +537,4 @@ def to_hf(config: TransformerConfig, params, out_dir: str) -> str:
         if tensors[name].shape != shape:
             raise ValueError(f"{name}: params give shape {tensors[name].shape}, config implies {shape}")
 
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "config.json"), "w") as fh:
-        json.dump(config_to_hf(config), fh, indent=2, sort_keys=True)
-    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    return out_dir
+    return write_checkpoint(out_dir, config_to_hf(config), tensors, dtype=dtype, max_shard_size=max_shard_size)

@@ -36,6 +36,7 @@ import numpy as np
 from ..config import DTYPES
 from ..models.mamba import MambaConfig
 from .hf_io import NO_SPECIAL_TOKENS, read_checkpoint, weight_files
+from .hf_write import DEFAULT_MAX_SHARD_SIZE, check_dtype, parse_size, write_checkpoint
 from .layers import per_layer_params, stack_layers
 
 MODEL_TYPES = ("mamba", "mamba2")
@@ -314,15 +315,21 @@ def _mixer_tensors(c, m: dict) -> Dict[str, np.ndarray]:
     return t
 
 
-def to_hf_mamba(config, params, out_dir: str) -> str:
-    """Write ``config.json`` + ``model.safetensors`` (float32) loadable by transformers'
+def to_hf_mamba(config, params, out_dir: str, *, dtype: str = "float32",
+                max_shard_size=DEFAULT_MAX_SHARD_SIZE) -> str:
+    """Write ``config.json`` + ``model.safetensors`` loadable by transformers''
     ``MambaForCausalLM`` (``mamba``) / ``Mamba2ForCausalLM`` (``mamba2``); the inverse of
     :func:`from_hf_mamba`.  ``params``: plain or boxed, ``{"params": ...}`` accepted, scanned
     (``blocks``) or per-layer (``blocks_{i}``).  A config HF cannot express (e.g. ``skip_gains``,
     a LayerNorm) is a ``ValueError`` naming the fields (:func:`config_to_hf_mamba`).
+    ``dtype`` / ``max_shard_size``: the storage dtype and the shard size, as for
+    :func:`~jaxformers.convert.hf_llama.to_hf`.  Every tensor is stored in ``dtype``, ``A_log``,
+    ``D`` and ``dt_bias`` too: transformers' Mamba / Mamba-2 keep no module in float32
+    (no ``_keep_in_fp32_modules``), so ``save_pretrained`` of a bfloat16 model writes them in
+    bfloat16 as well (they are upcast to float32 inside the scan, in HF and here).
     Returns ``out_dir``."""
-    from safetensors.numpy import save_file
-
+    check_dtype(dtype)
+    parse_size(max_shard_size)
     hf = config_to_hf_mamba(config)
     params = per_layer_params(config, params)
     tensors = {f"{_PREFIX}embeddings.weight": np.asarray(params["embed"]["embedding"], np.float32),
@@ -339,11 +346,7 @@ def to_hf_mamba(config, params, out_dir: str) -> str:
         if tensors[name].shape != shape:
             raise ValueError(f"{name}: params give shape {tensors[name].shape}, config implies {shape}")
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items() if k in shapes}
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "config.json"), "w") as fh:
-        json.dump(hf, fh, indent=2, sort_keys=True)
-    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    return out_dir
+    return write_checkpoint(out_dir, hf, tensors, dtype=dtype, max_shard_size=max_shard_size)
 
 
 __all__ = ["config_from_hf_mamba", "config_to_hf_mamba", "from_hf_mamba", "to_hf_mamba"]
