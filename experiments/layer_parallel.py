@@ -14,8 +14,10 @@ Without ``--run`` the preset's Llama (RMSNorm, SwiGLU, GQA, byte tokens) is trai
 scratch (``jaxformers.training.train``, seed ``--seed``).  Then, for ``k = 1 .. max`` pairs and
 several positions of the paired span (``early``: from layer 1, ``middle``, ``late``: ending
 before the last layer; the first and last layers are never paired, as in the authors' runs)
-the model is transformed with ``jaxformers.transforms.pair_layers`` (fused form, no retraining)
-and measured: validation perplexity and next-token accuracy (``--eval-batches`` batches of the
+the model is transformed with ``jaxformers.transforms.pair_layers`` (fused form, no retraining;
+``--unfused``: the two layers side by side, the same function, slower -- a model whose fused pairs
+are refused, a ``qk_norm`` one such as a Qwen3 import, runs unfused, ``results.json``'s
+``pair_form`` saying why) and measured: validation perplexity and next-token accuracy (``--eval-batches`` batches of the
 validation split, compute dtype ``infer_dtype``; over the targets the trainer's validation counts:
 a synthetic task's ``loss_mask`` weights them), prefill tokens/s (batch ``infer_batch`` x
 ``seq_len``), decode tokens/s at batch 1 and at batch ``infer_batch`` (greedy, KV cache,
@@ -78,6 +80,9 @@ def _parser():
     ap.add_argument("--positions", help="comma-separated span positions (early,middle,late; default: the preset's)")
     ap.add_argument("--pair-counts", help="comma-separated numbers of pairs (default: the preset's)")
     ap.add_argument("--no-study", action="store_true", help="skip the delete / swap / shuffle study")
+    ap.add_argument("--unfused", action="store_true",
+                    help="pair layers unfused (the two layers side by side; the default for qk_norm models, "
+                         "e.g. Qwen3, whose fused pairs are refused)")
     ap.add_argument("--iters", type=int, help="timed calls per measurement")
     ap.add_argument("--reuse", action="store_true", help="reuse a finished OUT/runs/base (same model config and "
                                                             "training settings, else exit)")
@@ -359,6 +364,13 @@ def run(args, ap=None) -> dict:
     speed_kw = dict(batch=batch, seq_len=seq_len, prompt_len=prompt_len,
                     decode_tokens=preset["decode_tokens"], dtype=dtype)
     tag = "[layer_parallel]"
+    fused, why = not args.unfused, "--unfused" if args.unfused else None
+    if fused and cfg.qk_norm:  # pair_layers(fused=True) refuses it
+        fused, why = False, ("qk_norm=True: fused pairs are refused (a fused pair's heads would share one "
+                             "q_norm / k_norm scale, the two layers have their own), so the pairs run unfused "
+                             "(the two layers side by side: the same function, less speed-up than fused)")
+        print(f"{tag} {why}", file=sys.stderr, flush=True)
+    pair_form = {"fused": fused, "reason": why}
 
     base = ev(cfg, params)
     print(f"{tag} baseline: ppl {base['val_ppl']:.4f} acc {base['val_acc']:.4f}", file=sys.stderr, flush=True)
@@ -372,7 +384,7 @@ def run(args, ap=None) -> dict:
                                                           "positions", "pair_counts")}
         | {"prompt_len": prompt_len, "seq_len": seq_len, "eval_batches": len(ev.batches),
            "max_pairs": args.max_pairs, "no_study": bool(args.no_study)},
-        "baseline": base, "pairs": rows, "study": study, "complete": False,
+        "pair_form": pair_form, "baseline": base, "pairs": rows, "study": study, "complete": False,
         "note": f"speeds measured on {jax.default_backend()} ({jax.devices()[0].device_kind})",
     }
 
@@ -382,7 +394,7 @@ def run(args, ap=None) -> dict:
     save()
     for position, start, end in spans(cfg.n_layer, args.max_pairs, preset["positions"], preset["pair_counts"]):
         for mlp_norm in (("own", "mean") if end == cfg.n_layer - 1 else ("own",)):
-            pcfg, pparams = pair_layers(cfg, params, start, end, mlp_norm=mlp_norm)
+            pcfg, pparams = pair_layers(cfg, params, start, end, mlp_norm=mlp_norm, fused=fused)
             row = {"position": position, "start": start, "end": end, "n_pairs": len(pcfg.pairs),
                    "mlp_norm": mlp_norm, "effective_depth": pcfg.effective_depth, **ev(pcfg, pparams)}
             row["rel_ppl_increase"] = row["val_ppl"] / base["val_ppl"] - 1
@@ -410,7 +422,7 @@ def run(args, ap=None) -> dict:
     # ------------------------------------------------ speed (compiled last: the costly part on a GPU)
     speed = {"baseline": speed_fns(cfg, params, **speed_kw)}
     for key, (start, end) in paired.items():
-        speed[key] = speed_fns(*pair_layers(cfg, params, start, end), **speed_kw)
+        speed[key] = speed_fns(*pair_layers(cfg, params, start, end, fused=fused), **speed_kw)
     tps = time_all(speed, preset["iters"])
     names = list(tps["baseline"])
     base.update({f"{n}_tokens_per_s": tps["baseline"][n] for n in names})

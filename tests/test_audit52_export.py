@@ -266,3 +266,26 @@ def test_to_hf_failing_half_way_writes_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="quota"):
         to_hf(config, _perturbed(config, seed=5), str(out), max_shard_size=9000)
     assert _snapshot(out) == before and sorted(os.listdir(tmp_path)) == ["hf"]
+
+
+# --------------------------------------------------------------------------- layer_parallel on Qwen3
+def test_layer_parallel_runs_a_qk_norm_model_with_unfused_pairs(tmp_path, capsys):
+    """``--run`` of a Qwen3 checkpoint (``qk_norm``): fused pairs are refused, the experiment
+    crashed with that ValueError; its pairs now run unfused and results.json says why."""
+    from experiments import layer_parallel as exp
+
+    config = jf.get_config("llama", "tiny", vocab_size=257, d_model=32, n_layer=4, n_head=4, n_kv_head=2,
+                           d_ff=48, max_seq_len=64, qk_norm=True)
+    params = _perturbed(config)
+    to_hf(config, params, str(tmp_path / "qwen3"))
+    assert json.loads((tmp_path / "qwen3" / "config.json").read_text())["model_type"] == "qwen3"
+    common = ["--data", "default", "--tokenizer", "byte", "--eval-batches", "1", "--seq-len", "16",
+              "--batch-size", "2", "--decode-tokens", "2", "--iters", "1", "--no-study", "--no-compile-cache",
+              "--positions", "early", "--max-pairs", "1"]
+    res = exp.main(["--run", str(tmp_path / "qwen3"), "--out", str(tmp_path / "lp"), *common])
+    assert res["pair_form"]["fused"] is False and "qk_norm" in res["pair_form"]["reason"]
+    assert "qk_norm=True: fused pairs are refused" in capsys.readouterr().err
+    assert [(r["start"], r["end"], r["mlp_norm"]) for r in res["pairs"]] == [(1, 3, "own"), (1, 3, "mean")]
+    assert all(r["val_ppl"] > 1 and r["decode_b1_speedup"] > 0 for r in res["pairs"])
+    saved = json.loads((tmp_path / "lp" / "results.json").read_text())
+    assert saved["pair_form"] == res["pair_form"] and saved["complete"] is True
