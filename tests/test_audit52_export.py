@@ -289,3 +289,17 @@ def test_layer_parallel_runs_a_qk_norm_model_with_unfused_pairs(tmp_path, capsys
     assert all(r["val_ppl"] > 1 and r["decode_b1_speedup"] > 0 for r in res["pairs"])
     saved = json.loads((tmp_path / "lp" / "results.json").read_text())
     assert saved["pair_form"] == res["pair_form"] and saved["complete"] is True
+
+
+def test_to_hf_through_a_symlinked_out_stages_beside_the_real_folder(tmp_path):
+    config, params = _llama()
+    (tmp_path / "real").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    link = tmp_path / "elsewhere" / "link"
+    link.symlink_to(tmp_path / "real", target_is_directory=True)
+    to_hf(config, params, str(link), max_shard_size=9000)
+    to_hf(config, params, str(link), dtype="bfloat16")  # one file over the shards
+    assert link.is_symlink() and sorted(os.listdir(tmp_path / "real")) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["elsewhere", "real"] and os.listdir(tmp_path / "elsewhere") == ["link"]
+    _, back = from_hf(str(link))
+    _assert_tree_equal(back, _rounded(params, ml_dtypes.bfloat16))

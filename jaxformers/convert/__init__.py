@@ -3,6 +3,8 @@ layer layouts.
 
     config, params = jaxformers.convert.from_hf("path/to/llama")   # numpy + safetensors only
     jaxformers.convert.to_hf(config, params, "out_dir")            # LlamaForCausalLM-loadable
+    jaxformers.convert.to_hf(config, params, "out_dir", dtype="bfloat16", max_shard_size="2GB")
+    # bf16 / fp16 weights, save_pretrained-style shards + index; staged, moved in when complete
     # Mistral: a llama with window = sliding_window, both ways (a windowed llama -> MistralForCausalLM)
     # Qwen2 / Qwen3: a llama with qkv_bias / qk_norm, both ways (Qwen2ForCausalLM / Qwen3ForCausalLM)
     # mamba / mamba2 configs: MambaForCausalLM / Mamba2ForCausalLM both ways (from_hf / to_hf dispatch)

@@ -28,6 +28,10 @@ Loading needs numpy + safetensors only (no torch). ``safetensors.numpy`` cannot
 return bfloat16 tensors, so bf16 tensors are read straight from the file: the
 safetensors header (8-byte little-endian length + JSON) gives each tensor's byte
 range, and the raw uint16 words are widened to float32 exactly (``bits << 16``).
+Export (:func:`to_hf`): float32 by default, ``dtype="bfloat16"`` / ``"float16"`` (rounded to
+nearest even; ``config.json``'s ``dtype`` / ``torch_dtype`` say which), one ``model.safetensors``
+or ``max_shard_size`` shards + ``model.safetensors.index.json``, written atomically
+(:mod:`~jaxformers.convert.hf_write`).
 
 Weight layout (torch ``nn.Linear.weight`` is ``[out, in]``)::
 

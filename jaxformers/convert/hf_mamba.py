@@ -1,7 +1,10 @@
 """Hugging Face ``MambaForCausalLM`` / ``Mamba2ForCausalLM`` <-> jaxformers ``mamba`` / ``mamba2``.
 
 ``from_hf_mamba(dir) -> (config, params)``; ``to_hf_mamba(config, params, dir)`` writes the
-inverse (``config.json`` + ``model.safetensors``, float32) for a model HF can express.
+inverse (``config.json`` + safetensors weights: float32 by default, ``dtype="bfloat16"`` /
+``"float16"`` for every tensor, ``A_log`` / ``D`` / ``dt_bias`` included, as transformers'
+``save_pretrained`` does -- its Mamba models keep no module in float32; one file or shards,
+:mod:`~jaxformers.convert.hf_write`) for a model HF can express.
 
 Loading needs numpy + safetensors only (the safetensors reader is shared with the
 Llama converter).  Weight layout (torch ``nn.Linear.weight`` is ``[out, in]``;

@@ -226,7 +226,8 @@ def staged(out_dir: str, stale: Iterable[str] = ()):
     """``with staged(out) as s:`` write the files into ``s.path``; on a normal exit they are
     published into ``out`` (:func:`publish`, ``s.removed``), on an exception (``KeyboardInterrupt``
     too) ``s.path`` is removed and ``out`` is left untouched."""
-    out_dir = os.path.abspath(os.fspath(out_dir))
+    # beside the real folder (an --out that is a symlink to another file system: renames work)
+    out_dir = os.path.realpath(os.fspath(out_dir))
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise NotADirectoryError(f"{out_dir} exists and is not a directory")
     parent = os.path.dirname(out_dir)
