@@ -122,6 +122,7 @@ def test_max_shard_size_splits_as_huggingface_hub_does_and_both_loaders_read_it(
     assert sorted(os.listdir(tmp_path / "sh")) == sorted(files + ["config.json", "model.safetensors.index.json"])
     whole = load_file(str(tmp_path / "one" / "model.safetensors"))
     assert index["metadata"]["total_size"] == sum(v.nbytes for v in whole.values())
+    assert index["metadata"]["total_parameters"] == sum(v.size for v in whole.values())
     for f in files:
         part = load_file(str(tmp_path / "sh" / f))
         assert set(part) == {k for k, v in index["weight_map"].items() if v == f}

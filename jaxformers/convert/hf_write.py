@@ -13,8 +13,8 @@ and ``experiments.export``:
   ``save_pretrained`` uses) packs them -- a tensor that would tip the current file over the limit
   starts a new one, a tensor larger than the limit gets a file of its own.  One file is
   ``model.safetensors``; several are ``model-00001-of-0000N.safetensors`` + a
-  ``model.safetensors.index.json`` (``{"metadata": {"total_size": BYTES}, "weight_map":
-  {tensor: file}}``).
+  ``model.safetensors.index.json`` (``{"metadata": {"total_parameters": N, "total_size": BYTES},
+  "weight_map": {tensor: file}}``, as transformers 5 writes it).
 * :func:`staged`: everything is written into a temporary folder beside the destination (same
   file system), each file ``fsync``-ed; only when all are complete are they renamed into the
   destination (a destination that does not exist yet: one rename of the whole folder), the
@@ -148,7 +148,8 @@ def write_weights(tensors: Dict[str, np.ndarray], folder: str, max_shard_size=DE
     if len(files) > 1:
         total = sum(int(t.nbytes) for t in tensors.values())
         write_json(os.path.join(folder, INDEX_FILE),
-                   {"metadata": {"total_size": total},
+                   {"metadata": {"total_parameters": sum(int(t.size) for t in tensors.values()),
+                                 "total_size": total},
                     "weight_map": {k: f for f, names in files.items() for k in names}})
         written.append(INDEX_FILE)
     return written
