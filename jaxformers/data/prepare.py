@@ -333,7 +333,8 @@ class _Documents:
     (:func:`_split_plan`) and gives the same split; :meth:`texts` and :meth:`write` read the
     documents again and route each to its split (the text of a one-document corpus, or of the
     document whose tail is cut, is read once more and held).  A corpus whose files change between
-    passes is a ``RuntimeError`` (checked against the fingerprint while writing)."""
+    passes is a ``RuntimeError`` (checked against the fingerprint while writing, and on the read
+    that finds the text to split)."""
 
     _CHUNK_DOCS = 64  # documents encoded at a time, at most (as the in-memory path did)
     _CHUNK_CHARS = 1 << 20  # and about this many characters (the tokenizers library: ~300 B per token)
@@ -391,10 +392,13 @@ class _Documents:
             raise self._changed()
 
     def _document(self, k: int) -> str:
-        for i, doc in self._again():
+        """Document ``k``, read again with the whole corpus, checked against the fingerprint (what is
+        split from it is written as it is: a one-document corpus is not read again)."""
+        text = None
+        for i, doc in self._again(check=True):
             if i == k:
-                return doc
-        raise self._changed()  # pragma: no cover - _again raised first
+                text = doc
+        return text
 
     def split(self, val_fraction: float, seed: int) -> tuple[dict, dict, str]:
         """:func:`split_documents`' split: ``(n_documents, n_chars, method)`` per split."""

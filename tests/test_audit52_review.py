@@ -1,0 +1,31 @@
+"""Audit 52 review: regressions found by differential testing / reading the streaming prepare and
+the new corpus readers."""
+import importlib
+import json
+
+import pytest
+
+from jaxformers.data import corpus as C
+
+P = importlib.import_module("jaxformers.data.prepare")
+
+
+@pytest.mark.parametrize("tokenizer", ["byte-jsonl", "bpe:300"])
+def test_a_one_document_corpus_changed_between_passes_is_an_error(tmp_path, monkeypatch, tokenizer):
+    # the text of a one-document corpus is read again to be split, and that text is written:
+    # an edit of the same length between the passes must not give a dataset whose meta.json
+    # records the fingerprint of the text before the edit
+    f = tmp_path / ("one.jsonl" if tokenizer == "byte-jsonl" else "one.txt")
+    text = "alpha gamma\n" * 40
+    f.write_text(json.dumps({"text": text}) + "\n" if f.suffix == ".jsonl" else text)
+    real = P._Documents.split
+
+    def edited(self, *a, **k):
+        f.write_text(f.read_text().replace("a", "b"))  # the same length
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(P._Documents, "split", edited)
+    with pytest.raises(RuntimeError, match="changed while it was prepared"):
+        P.prepare(str(f), tokenizer.split("-")[0], out_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
