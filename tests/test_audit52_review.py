@@ -29,3 +29,17 @@ def test_a_one_document_corpus_changed_between_passes_is_an_error(tmp_path, monk
         P.prepare(str(f), tokenizer.split("-")[0], out_dir=tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
+
+def test_a_parquet_string_that_is_not_utf8_is_an_error_naming_the_file_and_row(tmp_path):
+    pytest.importorskip("pyarrow")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    # a string column written without validation by another tool: its second value is not UTF-8
+    offsets = pa.py_buffer(b"\x00\x00\x00\x00\x02\x00\x00\x00\x04\x00\x00\x00")
+    column = pa.Array.from_buffers(pa.string(), 2, [None, offsets, pa.py_buffer(b"ok\xff\xfe")])
+    pq.write_table(pa.table({"text": column}), tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match=r"bad\.parquet: row 2: 'text' is not valid UTF-8"):
+        C.load_corpus(tmp_path / "bad.parquet")
+    pq.write_table(pa.table({"text": column.dictionary_encode()}), tmp_path / "dict.parquet")  # categorical
+    with pytest.raises(ValueError, match=r"dict\.parquet: row 2: 'text' is not valid UTF-8"):
+        C.load_corpus(tmp_path / "dict.parquet")

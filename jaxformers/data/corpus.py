@@ -483,7 +483,7 @@ def _iter_parquet(path: Path, text_field: str = "text") -> Iterator[str]:
     """The ``text_field`` column of a Parquet file, read a batch of rows at a time (needs the
     optional ``pyarrow``); empty strings are skipped.  ``ValueError`` naming the file for a file
     that is not Parquet, a missing or non-string column (naming the columns), or a null value
-    (naming its row, counted from 1)."""
+    or a value that is not UTF-8 (naming its row, counted from 1)."""
     pa = _optional("pyarrow", "pyarrow", path, ".parquet")
     pq = _optional("pyarrow.parquet", "pyarrow", path, ".parquet")
     try:
@@ -514,10 +514,26 @@ def _iter_parquet(path: Path, text_field: str = "text") -> Iterator[str]:
             if column.null_count:
                 first = int(column.is_null().to_numpy(zero_copy_only=False).argmax())
                 raise ValueError(f"{path}: row {row + first + 1}: {text_field!r} is null (expected a string)")
-            for text in column.to_pylist():
+            try:
+                texts = column.to_pylist()
+            except UnicodeDecodeError:  # a string column another tool wrote without validating it
+                if pa.types.is_dictionary(column.type):
+                    column = column.dictionary_decode()
+                raw = column.cast(pa.large_binary()).to_pylist()  # find the row
+                bad = next(i for i, b in enumerate(raw) if b is not None and not _is_utf8(b))
+                raise ValueError(f"{path}: row {row + bad + 1}: {text_field!r} is not valid UTF-8") from None
+            for text in texts:
                 row += 1
                 if text:
                     yield text
+
+
+def _is_utf8(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _check_text_field(text_field) -> str:
