@@ -43,3 +43,15 @@ def test_a_parquet_string_that_is_not_utf8_is_an_error_naming_the_file_and_row(t
     pq.write_table(pa.table({"text": column.dictionary_encode()}), tmp_path / "dict.parquet")  # categorical
     with pytest.raises(ValueError, match=r"dict\.parquet: row 2: 'text' is not valid UTF-8"):
         C.load_corpus(tmp_path / "dict.parquet")
+
+
+def test_text_fields_whose_slugs_collide_get_distinct_default_out_dirs(tmp_path):
+    # "a b" and "a_b" (or "é" and "data") are different fields: their datasets must not share a
+    # default folder (each prepare would replace the other's); a long name stays a valid file name
+    f = tmp_path / "c.jsonl"
+    f.write_text('{"text": "x"}\n')
+    fields = ("a b", "a_b", "\u00e9", "data", "x" * 300, "x" * 301)
+    names = [P.default_out_dir(str(f), "byte", text_field=t).name for t in fields]
+    assert len(set(names)) == len(names)
+    assert all(len(n.encode()) < 200 for n in names)
+    assert P.default_out_dir(str(f), "byte", text_field="content").name.endswith("-field-content")  # as before

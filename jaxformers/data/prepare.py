@@ -34,6 +34,7 @@ same output, a few MB whatever its size).  Built-in and ``hf:`` corpora are load
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -99,12 +100,15 @@ def default_out_dir(data: str = "default", tokenizer: str = "byte", val_fraction
     (``hf:DIR`` tokenizers: ``...-hf<hash of tokenizer.json>``); a split other than the default
     adds ``-val<fraction>-seed<seed>``, so it never overwrites (nor is overwritten by) the
     default split that training on ``--data`` prepares; a ``text_field`` other than ``"text"``
-    adds ``-field-<name>``."""
+    adds ``-field-<name>`` (a name with other characters than ``A-Za-z0-9._-``, or longer than 40:
+    its slug and a hash of it)."""
     src = resolve_corpus(data)
     val_fraction, seed = check_split_args(val_fraction, seed)
     tok = _canonical_tokenizer(tokenizer).replace(":", "")
     split = "" if (val_fraction, seed) == (0.05, 0) else f"-val{val_fraction}-seed{seed}"
-    field = "" if _check_text_field(text_field) == "text" else f"-field-{_slug(text_field)}"
+    field = "" if _check_text_field(text_field) == "text" else f"-field-{_slug(text_field)[:40]}"
+    if field and field != f"-field-{text_field}":  # a name the slug changes or cuts: fields never share a folder
+        field += "-" + hashlib.sha256(text_field.encode("utf-8", "surrogatepass")).hexdigest()[:8]
     return cache_dir() / "datasets" / f"{src.name}-{tok}{split}{field}"
 
 
