@@ -54,4 +54,4 @@ def test_text_fields_whose_slugs_collide_get_distinct_default_out_dirs(tmp_path)
     names = [P.default_out_dir(str(f), "byte", text_field=t).name for t in fields]
     assert len(set(names)) == len(names)
     assert all(len(n.encode()) < 200 for n in names)
-    assert P.default_out_dir(str(f), "byte", text_field="content").name.endswith("-field-content")  # as before
+    assert P.default_out_dir(str(f), "byte", text_field="content").name.endswith("-field-content")
