@@ -55,3 +55,23 @@ def test_text_fields_whose_slugs_collide_get_distinct_default_out_dirs(tmp_path)
     assert len(set(names)) == len(names)
     assert all(len(n.encode()) < 200 for n in names)
     assert P.default_out_dir(str(f), "byte", text_field="content").name.endswith("-field-content")
+
+
+def test_a_domain_source_is_read_no_further_than_its_cap(tmp_path, monkeypatch):
+    """A ``domains:`` source was loaded whole (every file read) before being cut to ``max_bytes``."""
+    from jaxformers.data import corpus
+    from jaxformers.data.domains import load_domain_docs
+
+    folder = tmp_path / "src"
+    folder.mkdir()
+    for i in range(6):
+        (folder / f"{i}.txt").write_text(f"document {i} " + "x" * 100)
+    opened = []
+    real = corpus._read_text
+    monkeypatch.setattr(corpus, "_read_text", lambda path, *a, **k: opened.append(path.name) or real(path, *a, **k))
+    docs = load_domain_docs("mine", str(folder), max_bytes=150)
+    assert [len(d) for d in docs] == [111, 39] and docs[1] == ("document 1 " + "x" * 100)[:39]
+    assert opened == ["0.txt", "1.txt"]  # was every file
+    opened.clear()
+    assert load_domain_docs("mine", str(folder), max_bytes=0) == [f"document {i} " + "x" * 100 for i in range(6)]
+    assert len(opened) == 6

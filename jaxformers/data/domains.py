@@ -91,7 +91,8 @@ def _noise_docs(n_bytes: int, seed: int) -> List[str]:
 
 
 def load_domain_docs(name: str, source: Optional[str], max_bytes: int, seed: int = 0) -> List[str]:
-    """Documents of one domain (capped at ``max_bytes`` characters in total, 0 = no cap)."""
+    """Documents of one domain (capped at ``max_bytes`` characters in total, 0 = no cap); a
+    local source is read a document at a time and no further than the cap."""
     if source is None:
         if name not in BUILTIN_DOMAINS:
             raise ValueError(f"unknown built-in domain {name!r}; built-in domains: {', '.join(BUILTIN_DOMAINS)} "
@@ -103,19 +104,22 @@ def load_domain_docs(name: str, source: Optional[str], max_bytes: int, seed: int
             docs = _shakespeare_genre(name)
     elif source == "noise":
         docs = _noise_docs(max_bytes or DEFAULT_MAX_BYTES, seed)
-    else:
-        from .corpus import load_corpus
-        docs = load_corpus(source)
-    if not docs:
-        raise ValueError(f"domain {name!r} ({source or 'built-in'}) has no documents")
+    else:  # a document at a time (a local corpus): reading stops at the cap
+        from .corpus import iter_corpus
+        docs = iter_corpus(source)
     if max_bytes:
         kept, total = [], 0
         for d in docs:
-            if total >= max_bytes:
-                break
             kept.append(d[:max_bytes - total])
             total += len(kept[-1])
+            if total >= max_bytes:
+                break
+        if hasattr(docs, "close"):
+            docs.close()  # the file it stopped in
         docs = kept
+    docs = list(docs)
+    if not docs:
+        raise ValueError(f"domain {name!r} ({source or 'built-in'}) has no documents")
     return docs
 
 
