@@ -23,7 +23,9 @@ and ``experiments.export``:
   shards, ``model-XXXXX-of-YYYYY.safetensors`` shards) are removed, with any names the caller
   adds.  A failure or a kill before that leaves the destination as it was, and the temporary
   folder is removed on any failure the process sees (a ``SIGKILL`` leaves a ``.NAME.tmp-*``
-  folder beside the destination, never a file inside it).  Over an earlier checkpoint the
+  folder beside the destination, never a file inside it).  An existing destination that is a
+  mount point (its parent on another file system, where renames into it fail) or whose parent
+  is not writable is staged in a ``.NAME.tmp-*`` folder inside it instead.  Over an earlier checkpoint the
   renames are per file (config.json last): a kill between two renames can mix the two
   exports' files, never leave a torn one.
 """
@@ -222,6 +224,10 @@ def publish(tmp: str, out_dir: str, stale: Iterable[str] = ()) -> List[str]:
     return doomed
 
 
+def _device(path: str) -> int:
+    return os.stat(path).st_dev
+
+
 @contextlib.contextmanager
 def staged(out_dir: str, stale: Iterable[str] = ()):
     """``with staged(out) as s:`` write the files into ``s.path``; on a normal exit they are
@@ -234,8 +240,13 @@ def staged(out_dir: str, stale: Iterable[str] = ()):
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     base = f".{os.path.basename(out_dir)}"[:200]
+    where = parent
+    if os.path.isdir(out_dir) and (_device(out_dir) != _device(parent) or not os.access(parent, os.W_OK)):
+        # a mount point (a container's volume): its parent is another file system, where renames
+        # into it fail (EXDEV), or one we may not write; stage inside it instead
+        where = out_dir
     while True:
-        tmp = os.path.join(parent, f"{base}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        tmp = os.path.join(where, f"{base}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
         try:
             os.mkdir(tmp)  # 0o777 & ~umask: the export folder's mode when renamed into place
             break

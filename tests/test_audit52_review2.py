@@ -1,0 +1,77 @@
+"""Review of the Qwen import/export and the HF export writer (hf_write): regressions found.
+
+* An export into an existing folder that is a mount point (a container's volume, ``--out /out``)
+  was staged in the mount's parent -- another file system -- and every rename into the folder
+  failed with EXDEV ("Invalid cross-device link"); before the staged writer it worked."""
+import errno
+import json
+import os
+
+import numpy as np
+import pytest
+
+pytest.importorskip("safetensors")
+
+import jaxformers as jf  # noqa: E402
+from jaxformers.convert import from_hf, to_hf  # noqa: E402
+from test_audit52_export import _assert_tree_equal, _export, _fake_run, _perturbed  # noqa: E402
+
+pytestmark = pytest.mark.hf
+
+
+def _fake_mount(monkeypatch, mount):
+    """Make ``mount`` behave as a mount point: another ``st_dev`` than its parent, and renames
+    between it and the rest of the file system fail with EXDEV, as the kernel's do."""
+    import jaxformers.convert.hf_write as hf_write
+
+    mount = os.path.realpath(mount)
+
+    def device(path):
+        path = os.path.realpath(path)
+        return 2 if path == mount or path.startswith(mount + os.sep) else 1
+
+    monkeypatch.setattr(hf_write, "_device", device, raising=False)
+    for name in ("replace", "rename"):
+        def fake(src, dst, _real=getattr(os, name)):
+            if device(src) != device(dst):
+                raise OSError(errno.EXDEV, "Invalid cross-device link", src, None, dst)
+            return _real(src, dst)
+        monkeypatch.setattr(os, name, fake)
+
+
+def test_an_export_into_a_mount_point_is_staged_on_its_file_system(tmp_path, monkeypatch, capsys):
+    config = jf.get_config("llama", "tiny", vocab_size=257, d_model=32, n_head=4, n_kv_head=2, d_ff=48,
+                           n_layer=2, qkv_bias=True)
+    params = _perturbed(config)
+    out = tmp_path / "volume"
+    out.mkdir()
+    _fake_mount(monkeypatch, out)
+    to_hf(config, params, str(out))  # was: OSError EXDEV on the first rename
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["volume"]  # nothing staged beside it
+    _, back = from_hf(str(out))
+    _assert_tree_equal(back, params)
+    # the CLI over it: sharded bf16, then one float32 file removing the shards; no staging folder left
+    run = _fake_run(tmp_path, monkeypatch, config, params)
+    capsys.readouterr()
+    assert _export(run, out, "--force", "--dtype", "bfloat16", "--max-shard-size", "20KB") == 0, \
+        capsys.readouterr().err
+    assert "model.safetensors" in json.loads(capsys.readouterr().out)["removed"]
+    assert _export(run, out, "--force") == 0, capsys.readouterr().err
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "tokenizer.json",
+                                       "tokenizer_config.json"]
+    assert sorted(os.listdir(tmp_path)) == ["run", "volume"]
+    _, back = from_hf(str(out))
+    _assert_tree_equal(back, params)
+
+
+def test_an_export_into_a_missing_folder_is_still_one_rename_from_beside_it(tmp_path, monkeypatch):
+    import jaxformers.convert.hf_write as hf_write
+
+    renames = []
+    real = os.rename
+    monkeypatch.setattr(os, "rename", lambda s, d: renames.append((s, d)) or real(s, d))
+    config = jf.get_config("llama", "tiny", vocab_size=64, d_model=32, n_head=4, n_kv_head=1, d_ff=48, n_layer=1)
+    to_hf(config, _perturbed(config), str(tmp_path / "new"))
+    assert [os.path.dirname(s) for s, d in renames] == [str(tmp_path)] and renames[0][1].endswith("new")
+    assert hf_write._device(str(tmp_path)) == os.stat(str(tmp_path)).st_dev
