@@ -2,7 +2,9 @@
 
 * An export into an existing folder that is a mount point (a container's volume, ``--out /out``)
   was staged in the mount's parent -- another file system -- and every rename into the folder
-  failed with EXDEV ("Invalid cross-device link"); before the staged writer it worked."""
+  failed with EXDEV ("Invalid cross-device link"); before the staged writer it worked.
+* ``max_shard_size="infGB"`` (or ``"1e999KB"``) escaped as an ``OverflowError`` instead of the
+  ``ValueError`` naming ``max_shard_size`` (a traceback from ``experiments.export``)."""
 import errno
 import json
 import os
@@ -75,3 +77,17 @@ def test_an_export_into_a_missing_folder_is_still_one_rename_from_beside_it(tmp_
     to_hf(config, _perturbed(config), str(tmp_path / "new"))
     assert [os.path.dirname(s) for s, d in renames] == [str(tmp_path)] and renames[0][1].endswith("new")
     assert hf_write._device(str(tmp_path)) == os.stat(str(tmp_path)).st_dev
+
+
+@pytest.mark.parametrize("size", ["infGB", "-infGB", "nanGB", "1e999KB"])
+def test_a_max_shard_size_that_overflows_is_a_value_error(size, tmp_path, monkeypatch, capsys):
+    from jaxformers.convert.hf_write import parse_size
+
+    with pytest.raises(ValueError, match="max_shard_size"):
+        parse_size(size)  # was: OverflowError for inf / 1e999
+    config = jf.get_config("llama", "tiny", vocab_size=257, d_model=32, n_head=4, n_kv_head=2, d_ff=48, n_layer=1)
+    run = _fake_run(tmp_path, monkeypatch, config, _perturbed(config))
+    assert _export(run, tmp_path / "hf", f"--max-shard-size={size}") == 2
+    assert "max_shard_size" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
+    np.testing.assert_equal(sorted(os.listdir(tmp_path)), ["run"])

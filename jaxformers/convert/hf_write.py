@@ -70,7 +70,7 @@ def parse_size(size: Union[int, str]) -> int:
         unit = s[-2:] if s[-2:] in _UNITS else ("" if s.isdigit() else None)
         try:
             value = None if unit is None else (int(s) if unit == "" else int(float(s[:-2]) * _UNITS[unit]))
-        except ValueError:
+        except (ValueError, OverflowError):  # "nanGB" / "infGB", "1e999KB"
             value = None
         if value is None:
             raise ValueError(f"max_shard_size must be a number of bytes or a size like '5GB' / '500MB' "
