@@ -91,3 +91,14 @@ def test_a_max_shard_size_that_overflows_is_a_value_error(size, tmp_path, monkey
     assert "max_shard_size" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
     np.testing.assert_equal(sorted(os.listdir(tmp_path)), ["run"])
+
+
+def test_an_empty_output_path_is_refused_not_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = jf.get_config("llama", "tiny", vocab_size=64, d_model=32, n_head=4, n_kv_head=2, d_ff=48, n_layer=1)
+    (tmp_path / "model.safetensors.index.json").write_text("{}")  # someone else's files
+    with pytest.raises(ValueError, match="empty path"):
+        to_hf(config, _perturbed(config), "")  # was: written into (and stale files removed from) the cwd
+    assert sorted(os.listdir(tmp_path)) == ["model.safetensors.index.json"]
+    to_hf(config, _perturbed(config), ".")  # the current folder, asked for
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]

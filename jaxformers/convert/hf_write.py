@@ -233,6 +233,8 @@ def staged(out_dir: str, stale: Iterable[str] = ()):
     """``with staged(out) as s:`` write the files into ``s.path``; on a normal exit they are
     published into ``out`` (:func:`publish`, ``s.removed``), on an exception (``KeyboardInterrupt``
     too) ``s.path`` is removed and ``out`` is left untouched."""
+    if not os.fspath(out_dir):  # (realpath("") is the working directory: never export into it unasked)
+        raise ValueError("the output directory is an empty path; give a folder (\".\" for the current one)")
     # beside the real folder (an --out that is a symlink to another file system: renames work)
     out_dir = os.path.realpath(os.fspath(out_dir))
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
