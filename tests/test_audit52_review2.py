@@ -1,7 +1,7 @@
 """Review of the Qwen import/export and the HF export writer (hf_write): regressions found.
 
 * An export into an existing folder that is a mount point (a container's volume, ``--out /out``)
-  was staged in the mount's parent -- another file system -- and every rename into the folder
+  or a bind mount was staged in its parent -- another mount -- and every rename into the folder
   failed with EXDEV ("Invalid cross-device link"); before the staged writer it worked.
 * ``max_shard_size="infGB"`` (or ``"1e999KB"``) escaped as an ``OverflowError`` instead of the
   ``ValueError`` naming ``max_shard_size`` (a traceback from ``experiments.export``)."""
@@ -22,20 +22,17 @@ pytestmark = pytest.mark.hf
 
 
 def _fake_mount(monkeypatch, mount):
-    """Make ``mount`` behave as a mount point: another ``st_dev`` than its parent, and renames
-    between it and the rest of the file system fail with EXDEV, as the kernel's do."""
-    import jaxformers.convert.hf_write as hf_write
-
+    """Make ``mount`` behave as a bind mount of its own file system (the same ``st_dev``, as
+    ``mount --bind`` gives): renames between it and the rest fail with EXDEV, as the kernel's do."""
     mount = os.path.realpath(mount)
 
-    def device(path):
+    def inside(path):
         path = os.path.realpath(path)
-        return 2 if path == mount or path.startswith(mount + os.sep) else 1
+        return path == mount or path.startswith(mount + os.sep)
 
-    monkeypatch.setattr(hf_write, "_device", device, raising=False)
     for name in ("replace", "rename"):
         def fake(src, dst, _real=getattr(os, name)):
-            if device(src) != device(dst):
+            if inside(src) != inside(dst):
                 raise OSError(errno.EXDEV, "Invalid cross-device link", src, None, dst)
             return _real(src, dst)
         monkeypatch.setattr(os, name, fake)
@@ -68,15 +65,17 @@ def test_an_export_into_a_mount_point_is_staged_on_its_file_system(tmp_path, mon
 
 
 def test_an_export_into_a_missing_folder_is_still_one_rename_from_beside_it(tmp_path, monkeypatch):
-    import jaxformers.convert.hf_write as hf_write
-
     renames = []
     real = os.rename
     monkeypatch.setattr(os, "rename", lambda s, d: renames.append((s, d)) or real(s, d))
     config = jf.get_config("llama", "tiny", vocab_size=64, d_model=32, n_head=4, n_kv_head=1, d_ff=48, n_layer=1)
     to_hf(config, _perturbed(config), str(tmp_path / "new"))
     assert [os.path.dirname(s) for s, d in renames] == [str(tmp_path)] and renames[0][1].endswith("new")
-    assert hf_write._device(str(tmp_path)) == os.stat(str(tmp_path)).st_dev
+    # over it: staged beside it still (its parent renames into it), nothing left behind
+    renames.clear()
+    to_hf(config, _perturbed(config, seed=3), str(tmp_path / "new"))
+    assert sorted(os.listdir(tmp_path)) == ["new"] and sorted(os.listdir(tmp_path / "new")) == [
+        "config.json", "model.safetensors"]
 
 
 @pytest.mark.parametrize("size", ["infGB", "-infGB", "nanGB", "1e999KB"])

@@ -24,8 +24,8 @@ and ``experiments.export``:
   adds.  A failure or a kill before that leaves the destination as it was, and the temporary
   folder is removed on any failure the process sees (a ``SIGKILL`` leaves a ``.NAME.tmp-*``
   folder beside the destination, never a file inside it).  An existing destination that is a
-  mount point (its parent on another file system, where renames into it fail) or whose parent
-  is not writable is staged in a ``.NAME.tmp-*`` folder inside it instead.  Over an earlier checkpoint the
+  mount point or a bind mount (renames from its parent fail with EXDEV) or whose parent is not
+  writable is staged in a ``.NAME.tmp-*`` folder inside it instead.  Over an earlier checkpoint the
   renames are per file (config.json last): a kill between two renames can mix the two
   exports' files, never leave a torn one.
 """
@@ -224,8 +224,24 @@ def publish(tmp: str, out_dir: str, stale: Iterable[str] = ()) -> List[str]:
     return doomed
 
 
-def _device(path: str) -> int:
-    return os.stat(path).st_dev
+def _renames_into(parent: str, out_dir: str, base: str) -> bool:
+    """Whether a folder made in ``parent`` can be renamed into the existing folder ``out_dir``: not
+    when ``out_dir`` is a mount point (a container's volume) or a bind mount -- renames across
+    mounts fail with EXDEV even on one file system, so ``st_dev`` cannot tell -- nor when
+    ``parent`` is not writable.  Found by trying (an empty folder, moved in and back out)."""
+    probe = os.path.join(parent, f"{base}.probe-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        os.mkdir(probe)
+    except OSError:
+        return False
+    inside = os.path.join(out_dir, os.path.basename(probe))
+    try:
+        os.rename(probe, inside)
+    except OSError:
+        os.rmdir(probe)
+        return False
+    os.rmdir(inside)
+    return True
 
 
 @contextlib.contextmanager
@@ -243,10 +259,8 @@ def staged(out_dir: str, stale: Iterable[str] = ()):
     os.makedirs(parent, exist_ok=True)
     base = f".{os.path.basename(out_dir)}"[:200]
     where = parent
-    if os.path.isdir(out_dir) and (_device(out_dir) != _device(parent) or not os.access(parent, os.W_OK)):
-        # a mount point (a container's volume): its parent is another file system, where renames
-        # into it fail (EXDEV), or one we may not write; stage inside it instead
-        where = out_dir
+    if os.path.isdir(out_dir) and not _renames_into(parent, out_dir, base):
+        where = out_dir  # a mount point, or a parent we may not write: stage inside it instead
     while True:
         tmp = os.path.join(where, f"{base}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
         try:
