@@ -68,7 +68,8 @@ def test_an_export_into_a_missing_folder_is_still_one_rename_from_beside_it(tmp_
     renames = []
     real = os.rename
     monkeypatch.setattr(os, "rename", lambda s, d: renames.append((s, d)) or real(s, d))
-    config = jf.get_config("llama", "tiny", vocab_size=64, d_model=32, n_head=4, n_kv_head=1, d_ff=48, n_layer=1)
+    config = jf.get_config("llama", "tiny", vocab_size=64, d_model=32, n_head=4, n_kv_head=1, d_ff=48,
+                           n_layer=1)
     to_hf(config, _perturbed(config), str(tmp_path / "new"))
     assert [os.path.dirname(s) for s, d in renames] == [str(tmp_path)] and renames[0][1].endswith("new")
     # over it: staged beside it still (its parent renames into it), nothing left behind
@@ -84,7 +85,8 @@ def test_a_max_shard_size_that_overflows_is_a_value_error(size, tmp_path, monkey
 
     with pytest.raises(ValueError, match="max_shard_size"):
         parse_size(size)  # was: OverflowError for inf / 1e999
-    config = jf.get_config("llama", "tiny", vocab_size=257, d_model=32, n_head=4, n_kv_head=2, d_ff=48, n_layer=1)
+    config = jf.get_config("llama", "tiny", vocab_size=257, d_model=32, n_head=4, n_kv_head=2, d_ff=48,
+                           n_layer=1)
     run = _fake_run(tmp_path, monkeypatch, config, _perturbed(config))
     assert _export(run, tmp_path / "hf", f"--max-shard-size={size}") == 2
     assert "max_shard_size" in capsys.readouterr().err
@@ -94,7 +96,8 @@ def test_a_max_shard_size_that_overflows_is_a_value_error(size, tmp_path, monkey
 
 def test_an_empty_output_path_is_refused_not_the_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    config = jf.get_config("llama", "tiny", vocab_size=64, d_model=32, n_head=4, n_kv_head=2, d_ff=48, n_layer=1)
+    config = jf.get_config("llama", "tiny", vocab_size=64, d_model=32, n_head=4, n_kv_head=2, d_ff=48,
+                           n_layer=1)
     (tmp_path / "model.safetensors.index.json").write_text("{}")  # someone else's files
     with pytest.raises(ValueError, match="empty path"):
         to_hf(config, _perturbed(config), "")  # was: written into (and stale files removed from) the cwd

@@ -25,8 +25,8 @@ and ``experiments.export``:
   folder is removed on any failure the process sees (a ``SIGKILL`` leaves a ``.NAME.tmp-*``
   folder beside the destination, never a file inside it).  An existing destination that is a
   mount point or a bind mount (renames from its parent fail with EXDEV) or whose parent is not
-  writable is staged in a ``.NAME.tmp-*`` folder inside it instead.  Over an earlier checkpoint the
-  renames are per file (config.json last): a kill between two renames can mix the two
+  writable is staged in a ``.NAME.tmp-*`` folder inside it instead.  Over an earlier checkpoint
+  the renames are per file (config.json last): a kill between two renames can mix the two
   exports' files, never leave a torn one.
 """
 from __future__ import annotations
