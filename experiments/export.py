@@ -19,8 +19,8 @@ the byte tokenizer becomes an equivalent byte-level BPE) and ``config.json`` get
 id as ``eos_token_id`` / ``bos_token_id`` / ``pad_token_id``.  ``--step``: a checkpoint other than
 the newest complete one.
 
-Every file is written into a temporary folder beside ``--out`` (``.OUT.tmp-*``, same file system)
-and fsync-ed; only when the whole export is complete are the files moved into ``--out``: an
+Every file is written into a temporary folder beside ``--out`` (``.OUT.tmp-*``, same file system;
+inside ``--out`` when that is a mount point, e.g. a container's volume) and fsync-ed; only when the whole export is complete are the files moved into ``--out``: an
 export that fails or is interrupted leaves ``--out`` as it was (an earlier export intact).
 ``--force`` writes into a non-empty ``--out``: files there that a loader would read in place of
 (or beside) the export -- ``model.safetensors`` beside a new sharded index, an earlier sharded
