@@ -24,11 +24,15 @@ SMALL = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_
              rms_norm_eps=1e-6, initializer_range=0.1)
 
 
-def hf_model(seed=0, arch="llama", **overrides):
-    """Small random float32 LlamaForCausalLM (``arch="mistral"``: MistralForCausalLM); norm
-    scales randomised too (HF inits them to 1)."""
-    config_cls, model_cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-                             "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM)}[arch]
+HF_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
+              "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}
+
+
+def hf_model(seed=0, arch="llama", *, norm_std=0.2, bias_std=0.0, **overrides):
+    """Small random float32 ``LlamaForCausalLM`` (``arch``: ``"mistral"`` / ``"qwen2"`` / ``"qwen3"``
+    for their classes); norm scales randomised too (HF inits them to 1: ``1 + norm_std * N(0, 1)``),
+    and biases with ``bias_std`` (HF zero-inits them)."""
+    config_cls, model_cls = (getattr(transformers, name) for name in HF_CLASSES[arch])
     torch.manual_seed(seed)
     config = config_cls(**{**SMALL, **overrides})
     config._attn_implementation = "eager"
@@ -36,8 +40,43 @@ def hf_model(seed=0, arch="llama", **overrides):
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+                p.copy_(1.0 + norm_std * torch.randn_like(p))
+            elif name.endswith("bias") and bias_std:
+                p.copy_(bias_std * torch.randn_like(p))
     return model
+
+
+def load_auto(path):
+    """A checkpoint directory loaded by transformers' ``AutoModelForCausalLM`` (float32, eager)."""
+    return transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager",
+                                                             dtype=torch.float32).eval()
+
+
+def assert_export_round_trip(config, params, out, model, vocab=96):
+    """``model`` (the export ``out`` of ``config`` / ``params`` loaded by transformers) gives our
+    logits (< TOL, on logits large enough to matter), and ``from_hf(out)`` gives back ``config``
+    and bit-equal ``params``."""
+    toks = tokens(1, shape=(2, 14), vocab=vocab)
+    ours = jax_logits(config, params, toks)
+    assert np.abs(ours).max() > 1.0
+    assert max_diff(hf_logits(model, toks), ours) < TOL
+    back, back_params = from_hf(out)
+    assert back == config
+    jax.tree.map(np.testing.assert_array_equal, back_params, params)
+
+
+def stepwise_logits(config, params, toks, first=3):
+    """Logits ``[B, T, V]`` of ``toks`` decoded through a KV cache: ``first`` tokens prefilled,
+    then one token a step (to compare with the full forward, :func:`jax_logits`)."""
+    module = jf.build(config)
+    step = jax.jit(lambda t, cache: module.apply({"params": params}, t, cache=cache))
+    cache = jf.init_cache(module, toks.shape[0], toks.shape[1])
+    logits, cache = step(toks[:, :first], cache)
+    outs = [logits]
+    for i in range(first, toks.shape[1]):
+        logits, cache = step(toks[:, i:i + 1], cache)
+        outs.append(logits)
+    return np.concatenate(outs, axis=1)
 
 
 def tokens(seed=0, shape=(2, 24), vocab=128):

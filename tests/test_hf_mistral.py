@@ -16,16 +16,13 @@ import jax.numpy as jnp  # noqa: E402
 import jaxformers as jf  # noqa: E402
 from jaxformers.convert import config_from_hf, config_to_hf, from_hf, to_hf  # noqa: E402
 from jaxformers.utils import abstract_params  # noqa: E402
-from test_convert_hf import TOL, _edit_config, hf_logits, hf_model, jax_logits, max_diff, tokens  # noqa: E402
+from test_convert_hf import (  # noqa: E402
+    assert_export_round_trip, _edit_config, hf_logits, hf_model, jax_logits, load_auto, max_diff,
+    stepwise_logits, tokens, TOL)
 
 pytestmark = pytest.mark.hf
 
 WINDOW, LENGTH = 5, 20  # each query past position 4 sees 5 keys, itself included
-
-
-def load_auto(path):
-    return transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager",
-                                                             dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")
@@ -80,13 +77,7 @@ def test_windowed_llama_exports_as_mistral_and_round_trips(tmp_path):
     assert "attention_bias" not in hf  # not a MistralConfig key
     model = load_auto(out)
     assert type(model).__name__ == "MistralForCausalLM" and model.config.sliding_window == 4
-    toks = tokens(1, shape=(2, 14), vocab=96)
-    ours = jax_logits(config, params, toks)
-    assert np.abs(ours).max() > 1.0
-    assert max_diff(hf_logits(model, toks), ours) < TOL
-    back, back_params = from_hf(out)
-    assert back == config
-    jax.tree.map(np.testing.assert_array_equal, back_params, params)
+    assert_export_round_trip(config, params, out, model)
     plain = config_to_hf(config.replace(window=None))  # no window: Llama as before
     assert plain["model_type"] == "llama" and "sliding_window" not in plain
 
@@ -97,20 +88,12 @@ def test_kv_cache_decoding_past_the_window_equals_the_forward(mistral):
     transformers' own generate (its sliding-window cache) picks."""
     model, path = mistral
     config, params = from_hf(path)
-    module = jf.build(config)
     toks = jnp.asarray(tokens(2, shape=(2, 2 * WINDOW + 4)))
     full = jax_logits(config, params, np.asarray(toks))
-    step = jax.jit(lambda t, cache: module.apply({"params": params}, t, cache=cache))
-    cache = jf.init_cache(module, 2, toks.shape[1])
-    logits, cache = step(toks[:, :3], cache)
-    outs = [logits]
-    for i in range(3, toks.shape[1]):
-        logits, cache = step(toks[:, i:i + 1], cache)
-        outs.append(logits)
-    np.testing.assert_allclose(np.concatenate(outs, axis=1), full, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(stepwise_logits(config, params, toks), full, atol=2e-5, rtol=1e-5)
 
     prompt, new = np.asarray(toks[:, :3]), 2 * WINDOW
-    ours = np.asarray(jf.generate(module, {"params": params}, prompt, new, temperature=0.0))
+    ours = np.asarray(jf.generate(jf.build(config), {"params": params}, prompt, new, temperature=0.0))
     with torch.no_grad():
         no_eos = transformers.GenerationConfig(max_new_tokens=new, do_sample=False)  # every row runs to the end
         theirs = model.generate(torch.from_numpy(prompt.astype(np.int64)), generation_config=no_eos).numpy()

@@ -19,29 +19,16 @@ import jaxformers as jf  # noqa: E402
 import jaxformers.layers.attention as attention_mod  # noqa: E402
 from jaxformers.convert import config_from_hf, config_to_hf, from_hf, stack_layers, to_hf  # noqa: E402
 from jaxformers.utils import abstract_params  # noqa: E402
-from test_convert_hf import SMALL, TOL, _edit_config, hf_logits, jax_logits, max_diff, tokens  # noqa: E402
+from test_convert_hf import (  # noqa: E402
+    assert_export_round_trip, _edit_config, hf_logits, hf_model, jax_logits, load_auto, max_diff,
+    stepwise_logits, tokens, TOL)
 
 pytestmark = pytest.mark.hf
-
-CLASSES = {"qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-           "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}
-
 
 def qwen_model(arch, seed=0, **overrides):
     """Small random float32 Qwen2/Qwen3ForCausalLM, GQA (4 heads, 2 kv heads), with random norm
     scales (around 1) and biases."""
-    config_cls, model_cls = CLASSES[arch]
-    torch.manual_seed(seed)
-    config = config_cls(**{**SMALL, **overrides})
-    config._attn_implementation = "eager"
-    model = model_cls(config).to(torch.float32).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.3 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.5 * torch.randn_like(p))
-    return model
+    return hf_model(seed, arch, norm_std=0.3, bias_std=0.5, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +49,6 @@ def random_params(config, seed=0):
     return jax.tree_util.tree_map_with_path(
         lambda path, s: np.float32(("scale" in jax.tree_util.keystr(path)) + 0.2 * rng.standard_normal(s.shape)),
         abstract_params(jf.build(config)))
-
-
-def load_auto(path):
-    return transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager",
-                                                             dtype=torch.float32).eval()
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
@@ -139,13 +121,7 @@ def test_export_loads_in_transformers_and_round_trips_bit_equal(arch, tmp_path):
         assert model.config.sliding_window == 4 and set(model.config.layer_types) == {"sliding_attention"}
     else:
         assert not model.model.layers[0].self_attn.o_proj.bias.any()
-    toks = tokens(1, shape=(2, 14), vocab=96)
-    ours = jax_logits(config, params, toks)
-    assert np.abs(ours).max() > 1.0
-    assert max_diff(hf_logits(model, toks), ours) < TOL
-    back, back_params = from_hf(out)
-    assert back == config
-    jax.tree.map(np.testing.assert_array_equal, back_params, params)
+    assert_export_round_trip(config, params, out, model)
 
 
 def test_kv_cache_decoding_and_scan_layers_with_both_options(checkpoints):
@@ -159,17 +135,9 @@ def test_kv_cache_decoding_and_scan_layers_with_both_options(checkpoints):
         for n, heads in (("q", 4), ("k", 2), ("v", 2)):
             params[f"blocks_{i}"]["attn"][n]["bias"] = jnp.asarray(0.5 * rng.standard_normal((heads, 32)),
                                                                    jnp.float32)
-    module = jf.build(config)
     toks = jnp.asarray(tokens(2, shape=(2, 12)))
     full = jax_logits(config, params, np.asarray(toks))
-    step = jax.jit(lambda t, cache: module.apply({"params": params}, t, cache=cache))
-    cache = jf.init_cache(module, 2, toks.shape[1])
-    logits, cache = step(toks[:, :3], cache)
-    outs = [logits]
-    for i in range(3, toks.shape[1]):
-        logits, cache = step(toks[:, i:i + 1], cache)
-        outs.append(logits)
-    decoded = np.concatenate(outs, axis=1)
+    decoded = stepwise_logits(config, params, toks)
     print(f"decode vs forward: max |diff| {np.abs(decoded - full).max():.2e}")
     np.testing.assert_allclose(decoded, full, atol=2e-5, rtol=1e-5)
 
