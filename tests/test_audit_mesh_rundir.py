@@ -80,9 +80,11 @@ def test_init_from_names_architecture_fields_that_differ_from_the_source(tmp_pat
     other = source.replace(rope_theta=500.0, window=4)
     assert config_changes(tmp_path, other) == ["rope_theta: 10000.0 -> 500.0", "window: None -> 4"]
     assert config_changes(tmp_path, source.replace(dropout=0.1, scan_layers=True, remat="full")) == []
-    with caplog.at_level("WARNING"), pytest.raises(CheckpointError):  # no checkpoint: the check comes first
+    with caplog.at_level("WARNING"), pytest.raises(CheckpointError):  # no checkpoint
         load_params(tmp_path, {}, model_config=other)
-    assert "rope_theta: 10000.0 -> 500.0; window: None -> 4" in caplog.text
+    # nothing loaded, nothing computed: the warning comes once the parameters fit (stop 52,
+    # tests/test_audit52_lead.py), so a tree that does not fit gets the error alone
+    assert "rope_theta" not in caplog.text
 
 
 @pytest.mark.parametrize("var", ["SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"])

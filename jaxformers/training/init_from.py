@@ -157,12 +157,8 @@ def load_params(path, abstract_params, model_config=None) -> Any:
     that differ from the source's (:func:`config_changes`; a deliberate change such as a new
     ``rope_theta`` is allowed)."""
     path = Path(path).expanduser()
-    if model_config is not None:
-        changes = config_changes(path, model_config)
-        if changes:
-            log.warning("init_from=%r: the model config differs from the source's in fields that keep the "
-                        "parameter tree, so the loaded weights compute something else than they were "
-                        "trained for: %s", str(path), "; ".join(changes))
+    changes = config_changes(path, model_config) if model_config is not None else []
+    differ = f" (the model config differs from the source's in: {'; '.join(changes)})" if changes else ""
     if source_kind(path) == "run":
         from .rundir import load_run
         _, _, params = load_run(path)
@@ -175,10 +171,14 @@ def load_params(path, abstract_params, model_config=None) -> Any:
     if want != got:
         raise ValueError(f"init_from={str(path)!r}: its parameter tree does not match the model's "
                          f"({_tree_difference(abstract_params, params)}); the model config must be "
-                         "the source's")
+                         f"the source's{differ}")
     for (keypath, a), b in zip(jax.tree_util.tree_flatten_with_path(abstract_params)[0],
                                jax.tree_util.tree_leaves(params)):
         if tuple(a.shape) != tuple(b.shape):
             raise ValueError(f"init_from={str(path)!r}: parameter {jax.tree_util.keystr(keypath)} has "
-                             f"shape {tuple(b.shape)}, the model expects {tuple(a.shape)}")
+                             f"shape {tuple(b.shape)}, the model expects {tuple(a.shape)}{differ}")
+    if changes:  # only once the parameters fit: then the fields changed what they compute
+        log.warning("init_from=%r: the model config differs from the source's in fields that keep the "
+                    "parameter tree, so the loaded weights compute something else than they were "
+                    "trained for: %s", str(path), "; ".join(changes))
     return params
