@@ -42,7 +42,7 @@ from ..utils import int_arg, is_int
 from . import synthetic
 
 __all__ = ["SYNTHETIC_TASKS", "SyntheticLoader", "TokenLoader", "eval_batches", "iterate_rows",
-           "resolve_process", "synthetic_rows", "synthetic_vocab_size"]
+           "resolve_process", "strided_eval_batches", "strided_windows", "synthetic_rows", "synthetic_vocab_size"]
 
 
 def resolve_process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -175,6 +175,59 @@ def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches:
         return out
 
     return (windows(lo, hi) for lo, hi in ranges)
+
+
+def strided_windows(n_tokens: int, seq_len: int, stride: int,
+                    max_windows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(starts, first_scored)`` of the sliding evaluation windows over a stream of ``n_tokens``.
+
+    The scored targets are the ones :func:`eval_batches` scores (tokens ``1 .. n * seq_len`` of the
+    stream, ``n = (n_tokens - 1) // seq_len`` full windows, capped at ``max_windows``; the tail that
+    fills no window is not scored, as there), now read by windows of ``seq_len`` targets starting every
+    ``stride`` tokens (``0, stride, 2 * stride, ...``) whose last one ends where the scored tokens end
+    (its start is moved back to ``n * seq_len - seq_len``, as Hugging Face's recipe ends its last
+    window at the stream's end).  Window ``i`` scores only its targets not scored by window ``i - 1``:
+    its target ``t`` (1-based, token ``starts[i] + t``) counts iff ``t >= first_scored[i]``; so every
+    target is scored exactly once, with at least ``seq_len - stride`` tokens of context after the
+    first window (which scores all its targets).  ``stride == seq_len`` gives :func:`eval_batches`'
+    windows exactly.  Windows cross end-of-text tokens as in :func:`eval_batches` (nothing special)."""
+    seq_len = int_arg("seq_len", seq_len, lo=1)
+    if not is_int(stride) or not 1 <= stride <= seq_len:
+        raise ValueError(f"stride must be an int with 1 <= stride <= seq_len = {seq_len}, got {stride!r}")
+    n = (int(n_tokens) - 1) // seq_len
+    if max_windows is not None:
+        n = min(n, int_arg("max_windows", max_windows, lo=0))
+    if n <= 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    end = n * seq_len  # last scored token
+    starts = np.append(np.arange(0, end - seq_len, int(stride), dtype=np.int64), end - seq_len)
+    prev_end = np.concatenate([[0], starts[:-1] + seq_len])
+    return starts, prev_end - starts + 1
+
+
+def strided_eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, stride: int,
+                         max_batches: int | None = None, *, max_windows: int | None = None,
+                         process_index: int | None = None,
+                         process_count: int | None = None) -> Iterator[Dict[str, np.ndarray]]:
+    """Batch dicts ``{"tokens": int32 [b, seq_len + 1], "loss_mask": float32 [b, seq_len + 1]}`` of the
+    windows of :func:`strided_windows` (the mask is 1 on the targets each window scores), batched and
+    split across processes as :func:`eval_batches` does (a short last batch is kept).  At most
+    ``max_batches`` batches; ``max_windows`` caps the scored tokens at the first ``max_windows *
+    seq_len`` (e.g. a run's evaluation set, read with any stride)."""
+    tokens = _check_tokens(tokens, seq_len)
+    batch_size, seq_len = int_arg("batch_size", batch_size, lo=1), int(seq_len)
+    starts, first = strided_windows(tokens.shape[0], seq_len, stride, max_windows)
+    ranges = _local_row_ranges(len(starts), batch_size, max_batches, False, process_index, process_count)
+    cols = np.arange(seq_len + 1)
+
+    def batch(lo, hi):
+        rows = np.empty((hi - lo, seq_len + 1), dtype=np.int32)
+        for r, w in enumerate(range(lo, hi)):
+            rows[r] = tokens[starts[w]:starts[w] + seq_len + 1]
+        mask = (cols[None, :] >= first[lo:hi, None]).astype(np.float32)
+        return {"tokens": rows, "loss_mask": mask}
+
+    return (batch(lo, hi) for lo, hi in ranges)
 
 
 def _local_row_ranges(n_rows, batch_size, max_batches, drop_last, process_index, process_count):

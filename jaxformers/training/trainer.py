@@ -53,6 +53,7 @@ import numpy as np
 import flax.linen as nn
 
 from ..config import ModelConfig
+from ..data.loader import strided_eval_batches
 from ..data.sources import open_data, open_dataset
 from ..registry import build
 from ..utils import count_params, is_int
@@ -161,7 +162,8 @@ def _pad_rows(batch: Dict[str, np.ndarray], rows: int) -> Dict[str, np.ndarray]:
 
 
 def eval_loss(program: Program, params, source, batch_size: int, seq_len: int, max_batches: Optional[int],
-              split: str = "val", *, unit_rows: Optional[int] = None) -> Dict[str, Any]:
+              split: str = "val", *, unit_rows: Optional[int] = None,
+              stride: Optional[int] = None) -> Dict[str, Any]:
     """``{"val_loss", "val_ppl", "val_tokens"}``: the loss function's mean over the evaluation
     batches of ``source`` (weighted by ``n_targets``; ``None`` values without data).
 
@@ -173,7 +175,15 @@ def eval_loss(program: Program, params, source, batch_size: int, seq_len: int, m
     ``unit_rows``: ``max_batches`` counts batches of ``unit_rows`` rows, not of ``batch_size``:
     the first ``max_batches * unit_rows`` windows (of each group) are evaluated, read in batches
     of ``batch_size`` (the rows of the last one past that count weigh 0) -- the evaluation set of
-    a run whose batches had ``unit_rows`` rows, in batches of any size."""
+    a run whose batches had ``unit_rows`` rows, in batches of any size.
+
+    ``stride`` (a token stream's source, one with ``split_tokens``; ``None``: non-overlapping windows,
+    as ``stride == seq_len``): sliding windows of ``seq_len`` tokens starting every ``stride`` tokens,
+    each scoring only its targets the previous window did not
+    (:func:`~jaxformers.data.loader.strided_windows`): the same tokens as without it, each scored
+    once, with at least ``seq_len - stride`` tokens of context.  ``max_batches`` counts the strided
+    batches; with ``unit_rows`` the scored tokens are those of the first ``max_batches * unit_rows``
+    non-overlapping windows, in as many strided batches as they take."""
     empty = {"val_loss": None, "val_ppl": None, "val_tokens": 0}
     if max_batches == 0 or not source.has_eval_data(seq_len, split):
         return empty
@@ -183,7 +193,8 @@ def eval_loss(program: Program, params, source, batch_size: int, seq_len: int, m
         per = None if max_batches is None else max(1, max_batches // max(1, len(groups)))
         out, total, count = {}, 0.0, 0.0
         for name, group in groups.items():
-            ev = eval_loss(program, params, group, batch_size, seq_len, per, split, unit_rows=unit_rows)
+            ev = eval_loss(program, params, group, batch_size, seq_len, per, split, unit_rows=unit_rows,
+                           stride=stride)
             if ev["val_loss"] is not None:
                 out[f"val_loss/{name}"] = ev["val_loss"]
                 total += ev["val_loss"] * ev["val_tokens"]
@@ -200,8 +211,18 @@ def eval_loss(program: Program, params, source, batch_size: int, seq_len: int, m
     limit = None if unit_rows is None or max_batches is None else max_batches * unit_rows  # windows
     n_batches = max_batches if limit is None else -(-limit // rows_global)
     total, count = 0.0, 0.0
-    for i, batch in enumerate(source.eval_batches(rows_global, seq_len, n_batches, split, process_index=block,
-                                                  process_count=n_blocks)):
+    if stride is not None and stride != seq_len:  # sliding windows with a loss mask (the limit: tokens)
+        if not hasattr(source, "split_tokens"):
+            raise ValueError(f"stride={stride} needs a token stream (text data); this source "
+                             f"({getattr(source, 'kind', type(source).__name__)}) has fixed rows")
+        batches = strided_eval_batches(source.split_tokens(split), rows_global, seq_len, stride,
+                                       None if limit is not None else max_batches, max_windows=limit,
+                                       process_index=block, process_count=n_blocks)
+        limit = None
+    else:
+        batches = source.eval_batches(rows_global, seq_len, n_batches, split, process_index=block,
+                                      process_count=n_blocks)
+    for i, batch in enumerate(batches):
         batch = _pad_rows(batch, local_rows)
         if limit is not None:  # this process's rows are windows first, first + 1, ... of the split
             first = i * rows_global + block * local_rows
@@ -817,8 +838,9 @@ def evaluate(run: Union[str, os.PathLike, Tuple[ModelConfig, Any]], data=None, *
              max_batches: Optional[int] = -1, mesh: Optional[str] = None,
              dtype: Optional[str] = None, loss_fn: Optional[LossFn] = None,
              cache: Optional[CompileCache] = None,
-             model_overrides: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """Mean loss and perplexity: ``{"val_loss", "val_ppl", "val_tokens"}`` (``val_tokens``: the
+             model_overrides: Optional[Dict[str, Any]] = None,
+             stride: Optional[int] = None) -> Dict[str, Any]:
+    """Mean loss and perplexity: ``{"val_loss", "val_ppl", "val_tokens", "stride"}`` (``val_tokens``: the
     total target weight, i.e. the number of counted targets for 0/1 masks).
 
     ``run``: a run directory, or ``(model_config, params)``.  ``data``: a data spec
@@ -836,6 +858,16 @@ def evaluate(run: Union[str, os.PathLike, Tuple[ModelConfig, Any]], data=None, *
     replace for this evaluation, ones that leave the parameters as they are (e.g. a landmark
     model's ``{"mem_chunk_len": 96}``: its loss read through the retrieval memory, windows
     longer than ``max_seq_len`` allowed); an unknown field is a ``ValueError``.
+
+    ``stride`` (``1 <= stride <= seq_len``; default ``seq_len``: non-overlapping windows, the run's
+    ``val_loss``): strided ("sliding-window") perplexity, as Hugging Face's "Perplexity of
+    fixed-length models": windows of ``seq_len`` tokens start every ``stride`` tokens and each scores
+    only the targets the previous one did not, so the tokens scored are the same as with
+    ``stride == seq_len`` (the tail that fills no window is skipped; the last window is moved back
+    to end where the scored tokens end), each exactly once (``val_tokens``), every one after the first
+    window with at least ``seq_len - stride`` tokens of context.  ``max_batches`` counts the (more)
+    strided batches; ``-1`` scores the run's evaluation tokens.  Text data only (not ``synthetic:``
+    rows); windows cross end-of-text tokens as without it.
     """
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
         if value is not None and (not is_int(value) or value < 1):
@@ -843,6 +875,8 @@ def evaluate(run: Union[str, os.PathLike, Tuple[ModelConfig, Any]], data=None, *
     if max_batches is not None and (not is_int(max_batches) or max_batches < -1 or max_batches == 0):
         raise ValueError(f"max_batches must be None (the whole split), -1 (the run's eval_batches) or an "
                          f"int >= 1, got {max_batches!r}")
+    if stride is not None and (not is_int(stride) or stride < 1):
+        raise ValueError(f"stride must be an int with 1 <= stride <= seq_len or None (seq_len), got {stride!r}")
     batch_size, seq_len, max_batches = (None if v is None else int(v) for v in (batch_size, seq_len, max_batches))
     tc = None
     mesh_lib.maybe_initialize_distributed()
@@ -876,6 +910,11 @@ def evaluate(run: Union[str, os.PathLike, Tuple[ModelConfig, Any]], data=None, *
         batch_size = tc.micro_batch_size if tc is not None else 8
     if seq_len is None:
         seq_len = tc.seq_len if tc is not None else model_config.max_seq_len
+    if stride is not None and stride > seq_len:
+        raise ValueError(f"stride must be an int with 1 <= stride <= seq_len = {seq_len}, got {stride}")
+    if stride is not None and stride < seq_len and not hasattr(source, "split_tokens"):
+        raise ValueError(f"stride={stride} needs text data (a token stream); data={data!r} has fixed rows "
+                         f"({getattr(source, 'kind', type(source).__name__)}): evaluate it without stride")
     trained_len = tc.seq_len if tc is not None else model_config.max_seq_len
     if seq_len > trained_len:
         log.warning("seq_len=%d is longer than the %s (%d): the loss measures length extrapolation",
@@ -907,4 +946,7 @@ def evaluate(run: Union[str, os.PathLike, Tuple[ModelConfig, Any]], data=None, *
                          + (f" with model_overrides={model_overrides}" if model_overrides else "")
                          + f": {e}") from None
     params = jax.device_put(params, program.param_shardings)
-    return eval_loss(program, params, source, batch_size, seq_len, max_batches, split, unit_rows=unit_rows)
+    stride = seq_len if stride is None else int(stride)
+    result = eval_loss(program, params, source, batch_size, seq_len, max_batches, split, unit_rows=unit_rows,
+                       stride=stride)
+    return {**result, "stride": stride}
