@@ -1,10 +1,11 @@
-"""Evaluate a trained run: prints {"val_loss", "val_ppl", "val_tokens"} as JSON.
+"""Evaluate a trained run: prints {"val_loss", "val_ppl", "val_tokens", "stride"} as JSON.
 
     python -m experiments.evaluate --run runs/gpt-tiny
     python -m experiments.evaluate --run runs/gpt-tiny --max-batches 0      # the whole val split
     python -m experiments.evaluate --run runs/gpt-tiny --data path/to/texts --split val
     python -m experiments.evaluate --run hf/llama-tiny --data shakespeare   # a HF checkpoint directory
     python -m experiments.evaluate --run runs/landmark-tiny --seq-len 4096 --memory-chunk 96
+    python -m experiments.evaluate --run runs/gpt-tiny --stride 64          # sliding-window perplexity
 
 Defaults (batch size, sequence length, number of batches, data) are the run's,
 so the result matches the run's final ``val_loss`` in ``summary.json``.
@@ -20,6 +21,18 @@ tokenizer whose vocabulary is larger than the model's is refused (its ids would 
 read through the retrieval memory (each token attends to its chunk of ``C`` positions and the
 ``--memory-top-k`` blocks it retrieves from everything before it; the model's ``mem_chunk_len`` /
 ``mem_top_k``), so ``--seq-len`` may exceed the trained length: long-context perplexity.
+``--stride S`` (``1 <= S <= --seq-len``; default: the sequence length, non-overlapping windows,
+the run's ``val_loss``): strided ("sliding-window") perplexity, computed as Hugging Face's
+"Perplexity of fixed-length models": windows of ``--seq-len`` tokens start every ``S`` tokens and
+each scores only the tokens the previous window did not, so every token after the first window is
+predicted from at least ``seq_len - S`` tokens of context (a lower, comparable perplexity; ``S``
+times fewer tokens per forward pass).  The tokens scored are the same as without ``--stride``: the
+split's tokens up to its last full ``--seq-len`` window (the shorter tail is skipped, as always;
+the last strided window is moved back to end there), each scored exactly once (``val_tokens``).
+``--max-batches N`` counts the strided batches (more windows per token); the default ``-1`` scores
+the run's evaluation tokens, in as many batches as they take.  Text data only (not ``synthetic:``
+rows); windows cross end-of-text tokens as without ``--stride``; with ``--memory-chunk`` every
+window is read through the memory on its own (any ``S`` fits).
 ``--import MODULE`` (repeatable): a run of your own architecture, registered by that module.
 """
 from __future__ import annotations
@@ -43,6 +56,10 @@ def main(argv=None) -> int:
     ap.add_argument("--max-batches", type=int, default=-1,
                     help="-1: the run's validation set (its eval_batches full batches, whatever its "
                          "grad_accum and whatever --batch-size reads them); 0: all")
+    ap.add_argument("--stride", type=int, metavar="S",
+                    help="sliding-window perplexity: windows of --seq-len tokens every S tokens, each scoring "
+                         "only its last S tokens (the first window all), 1 <= S <= --seq-len (default: "
+                         "--seq-len, non-overlapping windows as the run's val_loss)")
     ap.add_argument("--mesh", help="e.g. data=2 (default: all devices on data)")
     ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"],
                     help="compute dtype (default: the run's)")
@@ -58,9 +75,12 @@ def main(argv=None) -> int:
     if args.memory_top_k is not None and args.memory_chunk is None:
         ap.error("--memory-top-k needs --memory-chunk")
     # usage errors name the flag (evaluate() would name its parameter: batch_size, max_batches)
-    for flag, value in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len)):
+    for flag, value in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len), ("--stride", args.stride)):
         if value is not None and value < 1:
-            ap.error(f"{flag} must be >= 1, got {value}")
+            ap.error(f"{flag} must be >= 1, got {value}" + (" (stride: 1 <= S <= --seq-len)"
+                                                            if flag == "--stride" else ""))
+    if args.stride is not None and args.seq_len is not None and args.stride > args.seq_len:
+        ap.error(f"--stride must be 1 <= S <= --seq-len = {args.seq_len}, got {args.stride}")
     if args.max_batches < -1:
         ap.error(f"--max-batches must be -1 (the run's validation set), 0 (all) or >= 1, got {args.max_batches}")
     from experiments.common import is_hf_checkpoint, run_tokenizer
@@ -110,7 +130,7 @@ def main(argv=None) -> int:
         result = evaluate(run, args.data, tokenizer=args.tokenizer, split=args.split,
                           batch_size=args.batch_size, seq_len=args.seq_len,
                           max_batches=None if args.max_batches == 0 else args.max_batches,
-                          mesh=args.mesh, dtype=args.dtype, model_overrides=overrides)
+                          mesh=args.mesh, dtype=args.dtype, model_overrides=overrides, stride=args.stride)
     except Exception as e:  # noqa: BLE001 - the expected failures become one line, exit 2
         from experiments.common import is_out_of_memory
         expected = isinstance(e, (CheckpointError, ValueError, OSError))  # OSError: a path unreadable, ...
