@@ -160,3 +160,33 @@ def test_cli_stride(run, capsys):
         assert e.value.code == 2 and "--stride" in capsys.readouterr().err
     assert cli.main(["--run", str(run["dir"]), "--stride", str(T + 1)]) == 2
     assert "stride must be" in capsys.readouterr().err
+
+
+def test_landmark_memory_evaluation_with_a_stride():
+    """--memory-chunk with --stride: each window is read through the memory on its own, its loss_mask
+    (the targets it scores) carried to the landmark loss; any stride fits."""
+    from jaxformers.models.landmark import landmark_cross_entropy
+    from jaxformers.training import get_loss
+    L, V, seq = 4, 50, 40
+    cfg = jf.get_config("landmark", "tiny", d_model=32, n_head=4, n_kv_head=2, n_layer=1, landmark_block=L,
+                        vocab_size=V, max_seq_len=32, landmark_impl="reference", mem_chunk_len=8, mem_top_k=2)
+    model = jf.build(cfg)
+    params = jax.jit(lambda r: jf.init_params(model, r))(jax.random.PRNGKey(0))
+    params = params["params"] if "params" in params else params
+    tokens = np.random.default_rng(0).integers(0, V - 1, 200).astype(np.int32)
+    n_end = (len(tokens) - 1) // seq * seq
+    for stride in (seq, 7):
+        got = evaluate((cfg, params), tokens, seq_len=seq, batch_size=3, max_batches=None, stride=stride,
+                       loss_fn=get_loss("landmark_cross_entropy"))
+        begins = list(range(0, n_end - seq, stride)) + [n_end - seq]
+        total, count, prev_end = 0.0, 0.0, 0
+        for begin in begins:  # HF's trg_len, one window at a time
+            mask = np.zeros((1, seq + 1), np.float32)
+            mask[0, seq + 1 - (begin + seq - prev_end):] = 1
+            loss, m = landmark_cross_entropy(model, params, {"tokens": jnp.asarray(tokens[None, begin:begin + seq + 1]),
+                                                             "loss_mask": jnp.asarray(mask)})
+            total += float(loss) * float(m["n_targets"])
+            count += float(m["n_targets"])
+            prev_end = begin + seq
+        assert got["val_tokens"] == count == n_end
+        assert got["val_loss"] == pytest.approx(total / count, rel=2e-5)
