@@ -15,6 +15,7 @@ from jaxformers.data.loader import eval_batches, strided_eval_batches, strided_w
 from jaxformers.training import CompileCache, TrainConfig, load_run
 from jaxformers.training import evaluate as _evaluate
 from jaxformers.training import train
+from corpora import word_corpus
 
 CACHE = CompileCache(max_entries=4)
 evaluate = functools.partial(_evaluate, cache=CACHE)
@@ -25,12 +26,7 @@ T = 32
 def run(tmp_path_factory):
     """A tiny byte-level GPT trained 120 steps on a small repetitive corpus (context helps)."""
     root = tmp_path_factory.mktemp("stride")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    rng = np.random.default_rng(0)
-    words = "the quick brown fox jumps over a lazy dog while seven small birds sing".split()
-    for i in range(4):
-        (corpus / f"doc{i}.txt").write_text(" ".join(rng.choice(words, size=1500)) + ".\n")
+    corpus = word_corpus(root / "corpus")
     model = jf.get_config("gpt", "tiny", vocab_size=257, d_model=32, n_layer=1, n_head=4, max_seq_len=T)
     tc = TrainConfig(steps=120, batch_size=8, seq_len=T, lr=1e-2, warmup_steps=2, data=str(corpus),
                      out_dir=str(root / "run"), log_every=40, eval_every=120, eval_batches=2,

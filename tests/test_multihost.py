@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from conftest import with_fast_compile_flags
+from corpora import word_corpus
 from jaxformers.training.checkpoint import MANIFEST
 from jaxformers.training.mesh import distributed_settings
 from jaxformers.training.rundir import read_metrics
@@ -171,12 +172,7 @@ def wait_for(cond, launch, what, timeout=LAUNCH_TIMEOUT):
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("multihost")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    rng = np.random.default_rng(0)
-    words = "the quick brown fox jumps over a lazy dog while seven small birds sing".split()
-    for i in range(4):
-        (corpus / f"doc{i}.txt").write_text(" ".join(rng.choice(words, size=1500)) + ".\n")
+    corpus = word_corpus(root / "corpus")
     site = root / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(_AUDIT)
