@@ -320,7 +320,7 @@ def _mixer_tensors(c, m: dict) -> Dict[str, np.ndarray]:
 
 def to_hf_mamba(config, params, out_dir: str, *, dtype: str = "float32",
                 max_shard_size=DEFAULT_MAX_SHARD_SIZE) -> str:
-    """Write ``config.json`` + ``model.safetensors`` loadable by transformers''
+    """Write ``config.json`` + ``model.safetensors`` loadable by transformers'
     ``MambaForCausalLM`` (``mamba``) / ``Mamba2ForCausalLM`` (``mamba2``); the inverse of
     :func:`from_hf_mamba`.  ``params``: plain or boxed, ``{"params": ...}`` accepted, scanned
     (``blocks``) or per-layer (``blocks_{i}``).  A config HF cannot express (e.g. ``skip_gains``,
