@@ -41,7 +41,8 @@ tokens = (np.arange(300) * 7 % 61).astype(np.int32)
 out = {}
 for mesh in [None, "tensor=4", "data=-1,tensor=2"]:
     for stride in (None, 12):
-        r = evaluate((cfg, params), tokens, batch_size=3, seq_len=32, max_batches=None, mesh=mesh, stride=stride)
+        r = evaluate((cfg, params), tokens, batch_size=3, seq_len=32, max_batches=None, mesh=mesh,
+                     stride=stride)
         out[f"{mesh}/{stride}"] = [r["val_loss"], r["val_tokens"]]
 print("RESULT" + json.dumps(out))
 '''
