@@ -173,6 +173,16 @@ def constrain(x, axes: Sequence[str]):
     return nn.with_logical_constraint(x, names, rules=all_rules)
 
 
+def dividing_prefix(axes, size: int, mesh_shape) -> tuple:
+    """The longest prefix of the mesh ``axes`` (names) whose sizes' product divides ``size``: the
+    axes a dimension of ``size`` can be split over (``mesh_shape``: name -> size).  Shared by
+    :func:`constrain` (kv heads), :func:`kernel_map` and ``training.mesh.fit_sharding``."""
+    axes = tuple(axes)
+    split = next((i for i in range(len(axes)) if size % math.prod(mesh_shape[a] for a in axes[:i + 1])),
+                 len(axes))
+    return axes[:split]
+
+
 def _whole_kv_heads(x, names, rules):
     """The ``PartitionSpec`` of ``x`` under ``rules`` on the ambient mesh with an ``act_kv_heads``
     dimension that its mesh axes do not divide kept whole (the longest dividing prefix of its
@@ -189,12 +199,8 @@ def _whole_kv_heads(x, names, rules):
             or any(n is P.UNCONSTRAINED for n in names):
         return None
     spec = [tuple(a for a in axes if a in mesh.axis_names) for axes in _mesh_axes(names, rules)]
-    fitted = list(spec)
-    for d, (name, axes, size) in enumerate(zip(names, spec, x.shape)):
-        if name == ACT_KV_HEADS:
-            split = next((i for i in range(len(axes))
-                          if size % math.prod(mesh.shape[a] for a in axes[:i + 1])), len(axes))
-            fitted[d] = axes[:split]
+    fitted = [dividing_prefix(axes, size, mesh.shape) if name == ACT_KV_HEADS else axes
+              for name, axes, size in zip(names, spec, x.shape)]
     return None if fitted == spec else P(*[(a if len(a) > 1 else a[0]) if a else None for a in fitted])
 
 
@@ -258,9 +264,7 @@ def kernel_map(fn, in_axes, out_axes):
             for spec, (_, x) in zip(specs, named):
                 for axes, size in zip(spec, x.shape):
                     kept = [a for a in axes if a not in dropped]
-                    split = next((i for i in range(len(kept))
-                                  if size % math.prod(mesh.shape[a] for a in kept[:i + 1])), len(kept))
-                    bad.update(kept[split:])
+                    bad.update(kept[len(dividing_prefix(kept, size, mesh.shape)):])
             if not bad:
                 break
             dropped |= bad

@@ -32,7 +32,7 @@ import numpy as np
 import flax.linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ..sharding import BATCH_MESH_AXES, DEFAULT_RULES, MESH_AXES, unknown_names
+from ..sharding import BATCH_MESH_AXES, DEFAULT_RULES, MESH_AXES, dividing_prefix, unknown_names
 
 log = logging.getLogger(__name__)
 
@@ -443,12 +443,7 @@ def fit_sharding(sharding: NamedSharding, shape) -> NamedSharding:
         if axes is None:
             continue
         names = axes if isinstance(axes, tuple) else (axes,)
-        kept = []
-        for name in names:  # keep the longest prefix whose product divides the dimension
-            size = int(np.prod([sharding.mesh.shape[n] for n in kept + [name]]))
-            if shape[dim] % size:
-                break
-            kept.append(name)
+        kept = dividing_prefix(names, shape[dim], sharding.mesh.shape)
         if len(kept) != len(names):
             changed = True
             spec[dim] = None if not kept else (kept[0] if len(kept) == 1 else tuple(kept))
