@@ -41,6 +41,8 @@ from typing import Dict, Iterable, List, Union
 
 import numpy as np
 
+from ..training.checkpoint import fsync_dir
+
 #: The storage dtypes of an export.
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 #: transformers' / huggingface_hub's units (decimal, as ``parse_size_to_int``).
@@ -115,12 +117,6 @@ def shard_names(tensors: Dict[str, np.ndarray], max_shard_size) -> Dict[str, Lis
     return {f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors": names for i, names in enumerate(shards)}
 
 
-def fsync_dir(folder) -> None:
-    """The run directory's directory fsync (:func:`jaxformers.training.checkpoint.fsync_dir`)."""
-    from ..training.checkpoint import fsync_dir as _fsync_dir
-    _fsync_dir(folder)
-
-
 def _fsync_file(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -130,22 +126,21 @@ def _fsync_file(path: str) -> None:
 
 
 def write_json(path: str, obj) -> None:
+    """``obj`` as indented JSON into a staged folder (:func:`publish` fsyncs every file of it)."""
     with open(path, "w") as fh:
         json.dump(obj, fh, indent=2, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def write_weights(tensors: Dict[str, np.ndarray], folder: str, max_shard_size=DEFAULT_MAX_SHARD_SIZE) -> List[str]:
     """Write ``tensors`` (already in their storage dtype) as ``model.safetensors`` or shards + an
-    index into ``folder`` (each file fsync-ed); returns the file names written."""
+    index into ``folder`` (a staged folder: :func:`publish` fsyncs them); returns the file names
+    written."""
     from safetensors.numpy import save_file
 
     files = shard_names(tensors, max_shard_size)
     for fname, names in files.items():
         path = os.path.join(folder, fname)
         save_file({k: tensors[k] for k in names}, path, metadata={"format": "pt"})
-        _fsync_file(path)
     written = list(files)
     if len(files) > 1:
         total = sum(int(t.nbytes) for t in tensors.values())
@@ -196,7 +191,7 @@ def publish(tmp: str, out_dir: str, stale: Iterable[str] = ()) -> List[str]:
     weight files (:func:`stale_weight_files`) and the names in ``stale`` that the new export did not
     write; ``tmp`` is gone afterwards.  Returns the removed names."""
     names = sorted(os.listdir(tmp), key=lambda n: (n == "config.json", n))
-    for name in names:  # on disk before a rename publishes them (a file written by another helper too)
+    for name in names:  # on disk before a rename publishes them: the one fsync of each staged file
         if os.path.isfile(os.path.join(tmp, name)):
             _fsync_file(os.path.join(tmp, name))
     fsync_dir(tmp)
