@@ -300,8 +300,9 @@ def _generate_fn(module_cls, config, max_new_tokens, temperature, top_k, top_p, 
             done = done | (~forced & (tok == eos_id))
         return feed, seq, done | (new >= max_new_tokens), bad_step
 
-    # hook: a model whose computation depends on the batch row (e.g. qk_sparse's keep masks,
-    # drawn per row) must prefill every sample's row itself instead of sharing its prompt's
+    # hook: a model whose computation depends on the batch row (e.g. random draws per row, or
+    # routing with a capacity shared by the batch) must prefill every sample's row itself
+    # instead of sharing its prompt's
     share = num_samples > 1 and getattr(module, "rows_share_prefill", True)
 
     def run(params, prompt, lengths, rng):

@@ -239,3 +239,31 @@ def test_sampling_follows_the_distribution():
     hot = np.asarray(jax.vmap(lambda k: jf.sample_logits(logits, k, temperature=0.5)[0])(keys))
     sharp = probs ** 2 / np.sum(probs ** 2)  # temperature 0.5 squares the probabilities
     np.testing.assert_allclose(np.bincount(hot, minlength=4) / len(hot), sharp, atol=0.03)
+
+
+class RowShiftMixer(CumMeanMixer):
+    """The toy mixer plus the batch row index: its output depends on the row."""
+
+    def __call__(self, x, positions=None, segment_ids=None, cache=None, cache_index=None):
+        rows = jnp.arange(x.shape[0], dtype=x.dtype)[:, None, None]
+        return super().__call__(x + 3.0 * rows, positions, segment_ids, cache, cache_index)
+
+
+class RowDependentLM(Transformer):
+    rows_share_prefill = False
+
+    def block_class(self):
+        return Block.using(mixer=RowShiftMixer)
+
+
+def test_rows_share_prefill_false_prefills_every_sample_row():
+    """``generate(num_samples=k)`` of a model whose output depends on the batch row
+    (``rows_share_prefill = False``) == generating from the repeated prompts; sharing one
+    prefill (the default) would give other tokens."""
+    c = jf.get_config("test-toy-hooks", "tiny")
+    own, shared = RowDependentLM(c), type("Shared", (RowDependentLM,), {"rows_share_prefill": True})(c)
+    p = {"params": jax.tree.map(lambda x: 4 * x, jf.init_params(own, jax.random.PRNGKey(2)))}
+    prompt = _tokens(b=1, t=6)
+    want = jf.generate(own, p, jnp.repeat(prompt, 3, axis=0), 5, temperature=0.0)
+    np.testing.assert_array_equal(jf.generate(own, p, prompt, 5, temperature=0.0, num_samples=3), want)
+    assert (jf.generate(shared, p, prompt, 5, temperature=0.0, num_samples=3) != want).any()

@@ -82,6 +82,9 @@ def test_buckets_are_argmax_of_signed_projections():
     pos = jnp.broadcast_to(jnp.arange(32), (2, 32))
     kb = keep(jax.random.PRNGKey(3), pos, 4, 32, 0.3)
     np.testing.assert_array_equal(keep(jax.random.PRNGKey(3), pos[:1, 8:12], 4, 32, 0.3), kb[:1, 8:12])
+    assert (kb[0] != kb[1]).any()  # per row by default; one table for every row otherwise
+    shared = jax.jit(keep_bits, static_argnums=(2, 3, 4, 5))(jax.random.PRNGKey(3), pos, 4, 32, 0.3, False)
+    np.testing.assert_array_equal(shared[0], shared[1])
     big = keep(jax.random.PRNGKey(4), jnp.broadcast_to(jnp.arange(512), (2, 512)), 8, 512, 0.3)
     assert abs(float(big.mean()) - 0.7) < 0.03
 
@@ -270,16 +273,29 @@ def test_kernel_equals_reference_and_counts_tiles(name):
     assert count.shape == (1, 2) and 0 < count.max() <= causal_tile_count(32, block_q=16, block_k=16)
 
 
-def test_qk_sparse_num_samples_equals_repeated_prompts():
-    """qk_sparse's keep masks are drawn per batch row, so ``generate(num_samples=k)`` prefills
-    every sample's row (``rows_share_prefill`` False): the same as repeating the prompt, and
-    greedy tokens are the argmax of the model's own full forward of the rows."""
+def test_qk_sparse_eval_draw_is_shared_by_rows():
+    """Evaluation keep masks are one table for every row (training draws per row): a window's
+    logits do not depend on the batch size or its row, and ``generate(num_samples=k)`` shares
+    one prefill among the k rows: the same tokens as repeating the prompt, greedy tokens the
+    argmax of the model's own full forward of the rows."""
     cfg = jf.get_config("qk_sparse", "tiny", vocab_size=64, d_model=32, n_head=2, n_layer=2, max_seq_len=32,
                         sparse_impl="reference")
     m = jf.build(cfg)
-    assert not m.rows_share_prefill and jf.build(cfg.replace(model="hash_sparse")).rows_share_prefill
     p = {"params": jax.tree.map(lambda x: x * 10 if x.ndim > 1 else x,  # sharp attention: masks matter
                                 jf.init_params(m, jax.random.PRNGKey(0)))}
+    tok = jax.random.randint(jax.random.PRNGKey(1), (3, 24), 0, 64)
+    fwd = jax.jit(m.apply)
+    together = fwd(p, tok)
+    for r in range(3):
+        np.testing.assert_allclose(fwd(p, tok[r:r + 1])[0], together[r], atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(fwd(p, tok[::-1])[2 - r], together[r], atol=1e-5, rtol=1e-5)
+    # training still draws one mask per row: identical rows get different logits
+    same = jnp.repeat(tok[:1], 2, axis=0)
+    train = m.apply(p, same, rngs={"dropout": jax.random.PRNGKey(5)})
+    assert float(jnp.abs(train[0] - train[1]).max()) > 1e-3
+    (ql, kl), _ = attention_labels(m, p["params"], same)
+    np.testing.assert_array_equal(ql[0], ql[1])
+    assert 0.2 < float(ql.mean()) < 0.8
     prompt = jnp.asarray([[1, 2, 3, 4, 5, 6, 7, 8]], jnp.int32)
     many = jf.generate(m, p, prompt, 6, temperature=0.0, num_samples=3)
     np.testing.assert_array_equal(many, jf.generate(m, p, jnp.repeat(prompt, 3, axis=0), 6, temperature=0.0))

@@ -12,7 +12,8 @@ rotary embeddings, the KV-cache layout and every parameter name stay the baselin
   head's ``R``).
 * ``qk_sparse``: random keep masks, each (batch row, position, head) query and key kept
   independently with probability ``1 - qk_drop_rate`` (the paper's "sparsity" ``s`` =
-  ``qk_drop_rate``); query ``i`` attends key ``j`` iff ``j <= i`` and both are kept;
+  ``qk_drop_rate``; in evaluation and decoding one mask per (position, head), shared by every
+  row: see below); query ``i`` attends key ``j`` iff ``j <= i`` and both are kept;
   dropped queries (and rows that see nothing) output 0.  ``qk_drop_rate=0`` is exactly
   causal attention.
 
@@ -28,11 +29,14 @@ at every training step from the trainer's per-step ``dropout`` rng
 makes them differ per layer).  Without a ``dropout`` rng (evaluation, ``init``, plain
 ``apply``), and always when decoding with a KV cache, they come from a fixed key,
 ``fold_in(PRNGKey(hash_seed), crc32(module path))``: evaluation is deterministic and the
-same at every call.  Keep masks are drawn per batch row as
-``uniform(fold_in(key, row), [max_seq_len, H]) >= qk_drop_rate`` and indexed by the token
-*position* (mod ``max_seq_len``), so a token's keep bit depends only on (key, row,
-position, head), not on the batch size or the sequence length of the call; that is what
-makes decoding equal the full forward.  Under ``scan_layers`` training still draws per layer
+same at every call.  Keep masks are tables ``uniform(., [max_seq_len, H]) >= qk_drop_rate``
+indexed by the token *position* (mod ``max_seq_len``), so a token's keep bit never depends on
+the sequence length of the call; that is what makes decoding equal the full forward.  In
+training each batch row draws its own table (``fold_in(key, row)``, as the paper drops tokens
+independently per sequence); the evaluation draw is one table for every row (``key`` itself),
+so a window's loss does not depend on the batch size or on which row it lands in, and
+``generate(num_samples=k)`` shares one prefill among a prompt's k rows.  (Deviation: the
+authors' code redraws masks at every call, evaluation included.)  Under ``scan_layers`` training still draws per layer
 (the layer scan splits the ``dropout`` rng), but the fixed evaluation key comes from the one
 scanned module path, so in evaluation / decoding every scanned layer uses the same R / masks
 (unrolled layers differ): a scanned and an unrolled model with the same params evaluate
@@ -183,12 +187,16 @@ def hash_buckets(x, r):
     return jnp.argmax(jnp.concatenate([p, -p], axis=-1), axis=-1).astype(jnp.int32)
 
 
-def keep_bits(key, positions, n_heads: int, max_len: int, drop_rate: float):
+def keep_bits(key, positions, n_heads: int, max_len: int, drop_rate: float, per_row: bool = True):
     """``[B, T, H]`` bool: token kept iff ``uniform(fold_in(key, row))[position % max_len, h]
-    >= drop_rate`` (depends on row, position and head only)."""
+    >= drop_rate`` (depends on row, position and head only); ``per_row=False``: one table
+    ``uniform(key)`` for every row (depends on position and head only)."""
     b = positions.shape[0]
-    table = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i), (max_len, n_heads)))(
-        jnp.arange(b, dtype=jnp.uint32))                                  # [B, max_len, H]
+    if per_row:
+        table = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i), (max_len, n_heads)))(
+            jnp.arange(b, dtype=jnp.uint32))                              # [B, max_len, H]
+    else:
+        table = jnp.broadcast_to(jax.random.uniform(key, (max_len, n_heads)), (b, max_len, n_heads))
     idx = jnp.mod(positions, max_len).astype(jnp.int32)
     return jnp.take_along_axis(table, idx[:, :, None], axis=1) >= drop_rate
 
@@ -242,17 +250,22 @@ class SparseAttention(nn.Module):
 
     init_cache = staticmethod(init_attention_cache)
 
-    def draw_key(self, decoding: bool = False):
-        """Per-step training key (the ``dropout`` rng) or the fixed evaluation key (always when
-        ``decoding``: the cached keys' buckets / keep bits must be the same at every step)."""
-        if self.has_rng("dropout") and not decoding:
+    def training_draw(self, decoding: bool = False) -> bool:
+        """True when this call draws from the per-step ``dropout`` rng (training), False for the
+        fixed evaluation draw (always when ``decoding``: the cached keys' buckets / keep bits must
+        be the same at every step)."""
+        return self.has_rng("dropout") and not decoding
+
+    def draw_key(self, training: bool):
+        """The per-step training key (the ``dropout`` rng) or the fixed evaluation key."""
+        if training:
             return self.make_rng("dropout")
         path = "/".join(str(p) for p in self.scope.path)
         return jax.random.fold_in(jax.random.PRNGKey(self.config.hash_seed), zlib.crc32(path.encode()))
 
-    def labels(self, key, q, k, q_pos, k_pos):
+    def labels(self, key, q, k, q_pos, k_pos, per_row: bool = True):
         """Per-token labels of the queries ``[B, Tq, Hq]`` and keys ``[B, Tk, Hkv]``: buckets
-        (hash) or keep bits (qk)."""
+        (hash) or keep bits (qk; ``per_row``: one keep table per batch row, else one for all)."""
         c = self.config
         hq, hkv, dh = c.n_head, c.kv_heads, c.dim_head
         if c.kind == "hash":
@@ -260,8 +273,8 @@ class SparseAttention(nn.Module):
             return hash_buckets(q, jnp.repeat(r, hq // hkv, axis=0)), hash_buckets(k, r)
         kq, kk = jax.random.split(key)
         drop = float(c.qk_drop_rate)
-        return (keep_bits(kq, q_pos, hq, c.max_seq_len, drop),
-                keep_bits(kk, k_pos, hkv, c.max_seq_len, drop))
+        return (keep_bits(kq, q_pos, hq, c.max_seq_len, drop, per_row),
+                keep_bits(kk, k_pos, hkv, c.max_seq_len, drop, per_row))
 
     def sparse_op(self, q, k, v, q_lab, k_lab, segment_ids):
         from pallas_kernels import sparse_attention as sa
@@ -288,11 +301,12 @@ class SparseAttention(nn.Module):
         h, hkv = c.n_head, c.kv_heads
 
         q, k, v = project_qkv(c, x, positions)
-        key = self.draw_key(decoding=kv_cache is not None)
+        training = self.training_draw(decoding=kv_cache is not None)
+        key = self.draw_key(training)
 
         new_cache = None
         if kv_cache is None:
-            q_lab, k_lab = self.labels(key, q, k, positions, positions)
+            q_lab, k_lab = self.labels(key, q, k, positions, positions, per_row=training)
             self.sow("intermediates", "q_labels", q_lab)
             self.sow("intermediates", "k_labels", k_lab)
             o = self.sparse_op(q, k, v, q_lab, k_lab, segment_ids)
@@ -304,7 +318,7 @@ class SparseAttention(nn.Module):
             s = k_all.shape[1]
             q_pos = cache_index + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
             k_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-            q_lab, k_lab = self.labels(key, q, k_all.astype(q.dtype), q_pos, k_pos)
+            q_lab, k_lab = self.labels(key, q, k_all.astype(q.dtype), q_pos, k_pos, per_row=False)
             g = h // hkv
             ql = jnp.swapaxes(q_lab, 1, 2)[..., :, None]                            # [B, Hq, T, 1]
             kl = jnp.repeat(jnp.swapaxes(k_lab, 1, 2), g, axis=1)[..., None, :]     # [B, Hq, 1, S]
@@ -332,13 +346,6 @@ class SCFATransformer(Transformer):
 
     #: the layer scan also stacks the sown labels (``intermediates``) per layer
     scanned_collections = ("intermediates",)
-
-    @property
-    def rows_share_prefill(self) -> bool:
-        """``generate(num_samples=k)`` may share one prompt's prefill among its k rows only when
-        the output does not depend on the batch row: qk_sparse's keep masks are drawn per row,
-        so there every sample row prefills (the same as ``generate`` on repeated prompts)."""
-        return self.config.kind != "qk" or self.config.qk_drop_rate == 0.0
 
 
 def attention_labels(module, params, tokens):
