@@ -21,9 +21,14 @@ A *domain spec* (the trainer's ``data`` string) is::
            | sample=weighted     each row's domain drawn from the weights (default)
            | sample=stratified   row r of every batch comes from domain r % K (DoGE's proxy
                                  step: one equal micro-batch per domain)
+           | text_field=NAME     the field of .jsonl records / the column of .parquet files and
+                                 hf: datasets that holds the text (default text), one name for
+                                 every domain with a folder / file / hf: SOURCE (built-in domains,
+                                 built-in corpora and noise have no fields); NAME holds no ','
 
 e.g. ``domains:comedies,tragedies,histories,poems,python`` or
-``domains:text=./my_texts@2,code=./my_code:max_bytes=0``.
+``domains:text=./my_texts@2,code=./my_code:max_bytes=0``, or
+``domains:web=./shards,code=./code:text_field=content`` (JSONL / Parquet whose text is in ``content``).
 
 Built-in domains: Shakespeare's works split by genre as the First Folio groups them
 (``comedies`` incl. the late romances, ``histories``, ``tragedies``) plus ``poems``,
@@ -90,9 +95,12 @@ def _noise_docs(n_bytes: int, seed: int) -> List[str]:
     return ["".join(map(chr, rng.integers(32, 127, size=n_bytes)))]
 
 
-def load_domain_docs(name: str, source: Optional[str], max_bytes: int, seed: int = 0) -> List[str]:
+def load_domain_docs(name: str, source: Optional[str], max_bytes: int, seed: int = 0,
+                     text_field: str = "text") -> List[str]:
     """Documents of one domain (capped at ``max_bytes`` characters in total, 0 = no cap); a
-    local source is read a document at a time and no further than the cap."""
+    local source is read a document at a time and no further than the cap.  ``text_field``: the
+    ``.jsonl`` field / ``.parquet`` or ``hf:`` column of the text, for a local or ``hf:`` source
+    (unused by built-in domains, built-in corpora and ``noise``, which have no fields)."""
     if source is None:
         if name not in BUILTIN_DOMAINS:
             raise ValueError(f"unknown built-in domain {name!r}; built-in domains: {', '.join(BUILTIN_DOMAINS)} "
@@ -105,8 +113,8 @@ def load_domain_docs(name: str, source: Optional[str], max_bytes: int, seed: int
     elif source == "noise":
         docs = _noise_docs(max_bytes or DEFAULT_MAX_BYTES, seed)
     else:  # a document at a time (a local corpus): reading stops at the cap
-        from .corpus import iter_corpus
-        docs = iter_corpus(source)
+        from .corpus import iter_corpus, resolve_corpus
+        docs = iter_corpus(source, text_field if resolve_corpus(source).kind != "builtin" else "text")
     if max_bytes:
         kept, total = [], 0
         for d in docs:
@@ -144,6 +152,7 @@ class DomainsSpec:
     max_bytes: int = DEFAULT_MAX_BYTES
     val_fraction: float = 0.05
     sample: str = "weighted"
+    text_field: str = "text"
 
 
 def _equal_weights(weights) -> bool:
@@ -225,16 +234,22 @@ def _parse_domains_spec(spec: str):
             elif key == "sample":
                 kw[key] = value.strip()
                 ok = kw[key] in SAMPLING
+            elif key == "text_field":
+                kw[key] = value.strip()
+                ok = bool(kw[key])
             else:
                 raise ValueError(f"data={spec!r}: unknown option {key!r}; options: max_bytes, "
-                                 f"val_fraction, sample")
+                                 f"val_fraction, sample, text_field")
         except ValueError as e:
             if "unknown option" in str(e):
                 raise
             ok = False
         if not eq or not ok:
             raise ValueError(f"data={spec!r}: bad option {part!r} (max_bytes=INT>=0, "
-                             f"val_fraction=FLOAT in (0, 1), sample={'|'.join(SAMPLING)})")
+                             f"val_fraction=FLOAT in (0, 1), sample={'|'.join(SAMPLING)}, text_field=NAME)")
+    if kw.get("text_field", "text") != "text" and all(s is None or s == "noise" for s in sources):
+        raise ValueError(f"data={spec!r}: text_field={kw['text_field']!r} names the text of .jsonl / .parquet "
+                         f"files and hf: datasets, but no domain has such a SOURCE (NAME=SOURCE)")
     top = max(weights)
     if not top > 0:
         raise ValueError(f"data={spec!r}: the domain weights sum to 0 (at least one must be > 0)")
@@ -318,7 +333,7 @@ def build_domains(spec: DomainsSpec, tokenizer: str = "byte", seed: int = 0):
     from .corpus import corpus_fingerprint
     from .prepare import _canonical_tokenizer
 
-    docs = [load_domain_docs(name, source, spec.max_bytes, seed)
+    docs = [load_domain_docs(name, source, spec.max_bytes, seed, spec.text_field)
             for name, source in zip(spec.names, spec.sources)]
     key = (spec.names, tuple(corpus_fingerprint(d) for d in docs), spec.val_fraction,
            _canonical_tokenizer(tokenizer))

