@@ -48,3 +48,36 @@ def test_domains_text_field_reaches_every_folder_domain(tmp_path):
 def test_domains_text_field_is_refused_where_it_cannot_apply(spec, match):
     with pytest.raises(ValueError, match=match):
         parse_domains_spec(spec)
+
+
+class _FakeValue:
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+
+class _FakeDataset:
+    """What ``_load_hf`` reads of a ``datasets.Dataset``: column names, features, columns."""
+
+    def __init__(self, columns, dtypes):
+        self._columns, self.column_names = columns, list(columns)
+        self.features = {k: _FakeValue(dtypes[k]) for k in columns}
+
+    def __getitem__(self, column):
+        return self._columns[column]
+
+
+@pytest.fixture
+def fake_hf(monkeypatch):
+    ds = _FakeDataset({"text": ["a doc", "another doc"], "label": [0, 1], "body": ["x y z", ""]},
+                      {"text": "string", "label": "int64", "body": "large_string"})
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=lambda *a, **k: ds))
+    return ds
+
+
+def test_hf_text_field_naming_a_non_text_column_says_its_type(fake_hf):
+    from jaxformers.data.corpus import load_corpus
+
+    with pytest.raises(ValueError, match=r"column 'label' holds int64, not text"):
+        load_corpus("hf:fake", text_field="label")
+    assert load_corpus("hf:fake") == ["a doc", "another doc"]
+    assert load_corpus("hf:fake", text_field="body") == ["x y z"]  # large_string is text

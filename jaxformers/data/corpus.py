@@ -36,7 +36,9 @@ the optional ``pyarrow`` package and ``.zst`` the optional ``zstandard`` package
 it and the package.  A file that cannot be read (not valid gzip / zstandard / Parquet, a
 ``.jsonl`` line that is not UTF-8 or not JSON, a record without the string field, a null or
 non-string Parquet value, a missing column) is a ``ValueError`` naming the file (and the line
-of a ``.jsonl`` file, counted from 1, or the row of a ``.parquet`` file, counted from 1).
+of a ``.jsonl`` file, counted from 1, or the row of a ``.parquet`` file, counted from 1); an
+``hf:`` dataset's text column that does not hold strings is a ``ValueError`` naming its type.
+An ``hf:`` dataset is loaded whole (``datasets.load_dataset``, not streamed).
 
 :func:`load_corpus` returns the whole corpus as a ``list[str]``; :func:`iter_corpus` yields
 the same documents one at a time, reading a local corpus one file (``.txt``: held whole, it
@@ -728,6 +730,9 @@ def _load_python_stdlib(max_bytes: int = PYTHON_CORPUS_MAX_BYTES) -> list[str]:
 # --------------------------------------------------------------------------
 # Hugging Face datasets
 
+_HF_TEXT_DTYPES = ("string", "large_string")  # a datasets.Value's dtype for text
+
+
 def _load_hf(spec: str, text_field: str | None = None) -> list[str]:
     name, _, split = spec.partition(":")
     name, _, config = name.partition("@")
@@ -747,7 +752,12 @@ def _load_hf(spec: str, text_field: str | None = None) -> list[str]:
     if text_field is not None and text_field not in ds.column_names:
         raise RuntimeError(f"dataset {name!r} has no column {text_field!r} (columns: {ds.column_names})")
     column = text_field if text_field is not None else "text" if "text" in ds.column_names else next(
-        (c for c, f in ds.features.items() if getattr(f, "dtype", None) == "string"), None)
+        (c for c, f in ds.features.items() if getattr(f, "dtype", None) in _HF_TEXT_DTYPES), None)
     if column is None:
         raise RuntimeError(f"dataset {name!r} has no string column (columns: {ds.column_names})")
+    feature = ds.features[column]  # a column of numbers / lists / labels is the wrong one, not an empty one
+    kind = getattr(feature, "dtype", None)
+    if kind not in _HF_TEXT_DTYPES:
+        raise ValueError(f"dataset {name!r}: column {column!r} holds {kind or type(feature).__name__}, not text "
+                         f"(strings); name a text column with text_field / --text-field")
     return [t for t in ds[column] if isinstance(t, str) and t]
