@@ -43,6 +43,18 @@ import os
 import sys
 
 
+def _run_seq_len(run):
+    """The sequence length a run directory trained with (what ``evaluate`` defaults ``--seq-len`` to), or
+    ``None`` when its config cannot be read (``evaluate`` then says why)."""
+    from jaxformers.training import TrainConfig
+    from jaxformers.training.rundir import read_config
+
+    try:
+        return TrainConfig.from_dict(read_config(run)["train"]).seq_len
+    except Exception:  # noqa: BLE001 - not a run directory / a broken config: evaluate() names the problem
+        return None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.evaluate", description=__doc__.splitlines()[0])
     ap.add_argument("--run", required=True, help="run directory written by experiments.train, or a HF "
@@ -89,6 +101,7 @@ def main(argv=None) -> int:
     args.run = os.path.expanduser(args.run)  # as load_run reads it (a "~" the shell left alone)
     run = args.run
     overrides = None
+    seq_len_given = args.seq_len
     try:
         if is_hf_checkpoint(args.run):
             if not args.data:
@@ -105,6 +118,12 @@ def main(argv=None) -> int:
             run = (model_config, params)
             if args.max_batches == -1:  # no run: the whole split
                 args.max_batches = 0
+        if args.stride is not None and seq_len_given is None:  # the default --seq-len: the range named by the flag
+            seq_len = args.seq_len if args.seq_len is not None else _run_seq_len(args.run)  # HF: set above
+            if seq_len is not None and args.stride > seq_len:
+                ap.error(f"--stride must be 1 <= S <= --seq-len = {seq_len} (the default: "
+                         f"{'the checkpoint' if args.seq_len is not None else 'the run'}'s; pass a longer --seq-len "
+                         f"for a larger stride), got {args.stride}")
         data = args.data
         if not is_hf_checkpoint(args.run) and (args.data or args.tokenizer):
             from pathlib import Path

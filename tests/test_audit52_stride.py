@@ -154,8 +154,10 @@ def test_cli_stride(run, capsys):
         with pytest.raises(SystemExit) as e:
             cli.main(["--run", str(run["dir"])] + argv)
         assert e.value.code == 2 and "--stride" in capsys.readouterr().err
-    assert cli.main(["--run", str(run["dir"]), "--stride", str(T + 1)]) == 2
-    assert "stride must be" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # past the run's seq_len: the flag and its range, not the parameter
+        cli.main(["--run", str(run["dir"]), "--stride", str(T + 1)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"--stride must be 1 <= S <= --seq-len = {T} (the default: the run's" in err
 
 
 def test_landmark_memory_evaluation_with_a_stride():
