@@ -32,7 +32,8 @@ the last strided window is moved back to end there), each scored exactly once (`
 ``--max-batches N`` counts the strided batches (more windows per token); the default ``-1`` scores
 the run's evaluation tokens, in as many batches as they take.  Text data only (not ``synthetic:``
 rows); windows cross end-of-text tokens as without ``--stride``; with ``--memory-chunk`` every
-window is read through the memory on its own (any ``S`` fits).
+window is read through the memory on its own (any ``S`` fits).  The overlapping context is masked
+through the batch's ``loss_mask``: a loss of your own that ignores it is refused (an error naming it).
 ``--import MODULE`` (repeatable): a run of your own architecture, registered by that module.
 """
 from __future__ import annotations
@@ -71,7 +72,8 @@ def main(argv=None) -> int:
     ap.add_argument("--stride", type=int, metavar="S",
                     help="sliding-window perplexity: windows of --seq-len tokens every S tokens, each scoring "
                          "only its last S tokens (the first window all), 1 <= S <= --seq-len (default: "
-                         "--seq-len, non-overlapping windows as the run's val_loss)")
+                         "--seq-len, non-overlapping windows as the run's val_loss); the run's loss must weight "
+                         "its targets by loss_mask (checked)")
     ap.add_argument("--mesh", help="e.g. data=2 (default: all devices on data)")
     ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"],
                     help="compute dtype (default: the run's)")

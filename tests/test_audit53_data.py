@@ -81,3 +81,54 @@ def test_hf_text_field_naming_a_non_text_column_says_its_type(fake_hf):
         load_corpus("hf:fake", text_field="label")
     assert load_corpus("hf:fake") == ["a doc", "another doc"]
     assert load_corpus("hf:fake", text_field="body") == ["x y z"]  # large_string is text
+
+
+# ----------------------------------------------------------------------------- strided eval needs loss_mask
+def _ce_without_mask(module, params, batch, rng=None):
+    """Cross-entropy over every target, ``loss_mask`` ignored (n_targets counts them all)."""
+    from jaxformers.training import cross_entropy
+    return cross_entropy(module, params, {"tokens": batch["tokens"]}, rng)
+
+
+def _ce_without_mask_or_count(module, params, batch, rng=None):
+    """Cross-entropy over every target, ``loss_mask`` ignored, no n_targets (evaluation counts the mask)."""
+    return _ce_without_mask(module, params, batch, rng)[0], {}
+
+
+def _ce_without_count(module, params, batch, rng=None):
+    """Cross-entropy honouring ``loss_mask``, no n_targets: a correct loss."""
+    from jaxformers.training import cross_entropy
+    return cross_entropy(module, params, batch, rng)[0], {}
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    import jax
+
+    import jaxformers as jf
+    cfg = jf.get_config("gpt", "tiny", vocab_size=64, d_model=32, n_layer=1, n_head=4, max_seq_len=16)
+    params = jax.jit(lambda r: jf.init_params(jf.build(cfg), r))(jax.random.PRNGKey(0))
+    tokens = (np.arange(400) * 7 % 61).astype(np.int32)
+    return cfg, params, tokens
+
+
+@pytest.mark.parametrize("loss_fn, why", [(_ce_without_mask, "still counts in its n_targets"),
+                                          (_ce_without_mask_or_count, "still changes its value")])
+def test_strided_evaluation_refuses_a_loss_that_ignores_loss_mask(tiny_model, loss_fn, why):
+    from jaxformers.training import evaluate
+    cfg, params, tokens = tiny_model
+    with pytest.raises(ValueError, match=rf"loss '.*{loss_fn.__name__}' ignores loss_mask: .*{why}.*"
+                                         r"stride=4 < seq_len=16, --stride"):
+        evaluate((cfg, params), tokens, batch_size=2, seq_len=16, max_batches=None, stride=4, loss_fn=loss_fn)
+    # without a stride nothing is masked: the same loss evaluates
+    assert evaluate((cfg, params), tokens, batch_size=2, seq_len=16, max_batches=None,
+                    loss_fn=loss_fn)["val_loss"] > 0
+
+
+def test_strided_evaluation_accepts_losses_that_honour_loss_mask(tiny_model):
+    from jaxformers.training import evaluate
+    cfg, params, tokens = tiny_model
+    ref = evaluate((cfg, params), tokens, batch_size=2, seq_len=16, max_batches=None, stride=4)
+    got = evaluate((cfg, params), tokens, batch_size=2, seq_len=16, max_batches=None, stride=4,
+                   loss_fn=_ce_without_count)
+    assert got["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-6) and got["val_tokens"] == ref["val_tokens"]

@@ -161,6 +161,58 @@ def _pad_rows(batch: Dict[str, np.ndarray], rows: int) -> Dict[str, np.ndarray]:
     return out
 
 
+def _eval_rows(program: Program, batch_size: int) -> Tuple[int, int, int, int]:
+    """``(rows_global, block, n_blocks, local_rows)`` of an evaluation batch of ``batch_size`` rows:
+    rounded up so every batch shard gets rows, and this process's block of them."""
+    n_par = mesh_lib.batch_parallelism(program.mesh)
+    rows_global = -(-batch_size // n_par) * n_par  # round up: every batch shard gets rows
+    block, n_blocks = mesh_lib.process_rows(program.mesh, rows_global)
+    return rows_global, block, n_blocks, rows_global // n_blocks
+
+
+def check_loss_mask(program: Program, params, tokens, batch_size: int, seq_len: int, stride: int,
+                    vocab_size: int, loss_name: str) -> None:
+    """``ValueError`` naming ``loss_name`` and the stride unless the program's loss honours
+    ``loss_mask``, through which strided evaluation scores only each window's new targets.
+
+    Three evaluation steps of the first strided batch of ``tokens`` (the shape the evaluation
+    compiles anyway): as it is, with its last column's weight set to 0, then with that column
+    given other ids.  The last column is a target only, never an input of the model, so a loss
+    that weights its targets by ``loss_mask`` counts fewer targets (``n_targets``) after the
+    first change and keeps its value (to float rounding) after the second.  A loss that ignores
+    the mask fails one of them -- unless the model gives both ids the same probability at every
+    row's last position (e.g. uniform predictions, where ignoring the mask changes nothing)."""
+    rows_global, block, n_blocks, local_rows = _eval_rows(program, batch_size)
+    batch = next(strided_eval_batches(tokens, rows_global, seq_len, stride, 1, process_index=block,
+                                      process_count=n_blocks), None)
+    if batch is None:
+        return
+    batch = _pad_rows(batch, local_rows)
+    zeroed = dict(batch, loss_mask=batch["loss_mask"].copy())
+    zeroed["loss_mask"][:, -1] = 0
+    # other last ids: the batch's rarest id (a trained model gives it a low probability: a large change)
+    counts = np.bincount(np.clip(batch["tokens"].ravel(), 0, vocab_size - 1), minlength=vocab_size)
+    rare = int(np.argmin(counts))
+    changed = dict(zeroed, tokens=batch["tokens"].copy())
+    changed["tokens"][:, -1] = np.where(batch["tokens"][:, -1] == rare, (rare + 1) % vocab_size, rare)
+    (_, c_all), (s_zero, c_zero), (s_changed, c_changed) = [
+        tuple(float(v) for v in program.eval_step(params, program.put_batch(b, rows_global)))
+        for b in (batch, zeroed, changed)]
+    before = s_zero / c_zero if c_zero else 0.0
+    after = s_changed / c_changed if c_changed else 0.0
+    if not c_all - c_zero > 0.5:
+        why = (f"a target of weight 0 still counts in its n_targets ({c_all:g} targets before a column's "
+               f"weight was set to 0, {c_zero:g} after)")
+    elif not (math.isfinite(after) and abs(after - before) <= 1e-5 * max(1.0, abs(before))):
+        why = f"a target of weight 0 still changes its value ({before:.7g} -> {after:.7g})"
+    else:
+        return
+    raise ValueError(f"loss {loss_name!r} ignores loss_mask: {why}; strided evaluation (stride={stride} < "
+                     f"seq_len={seq_len}, --stride) scores only each window's new targets through loss_mask, so "
+                     f"its perplexity would be wrong: evaluate without a stride, or weight the loss's targets by "
+                     f"loss_mask (jaxformers.training.losses.next_token_targets)")
+
+
 def eval_loss(program: Program, params, source, batch_size: int, seq_len: int, max_batches: Optional[int],
               split: str = "val", *, unit_rows: Optional[int] = None,
               stride: Optional[int] = None) -> Dict[str, Any]:
@@ -204,10 +256,7 @@ def eval_loss(program: Program, params, source, batch_size: int, seq_len: int, m
         loss = total / count
         return {"val_loss": loss, "val_ppl": float(math.exp(min(loss, 700.0))), "val_tokens": int(round(count)),
                 **out}
-    n_par = mesh_lib.batch_parallelism(program.mesh)
-    rows_global = -(-batch_size // n_par) * n_par  # round up: every batch shard gets rows
-    block, n_blocks = mesh_lib.process_rows(program.mesh, rows_global)
-    local_rows = rows_global // n_blocks
+    rows_global, block, n_blocks, local_rows = _eval_rows(program, batch_size)
     limit = None if unit_rows is None or max_batches is None else max_batches * unit_rows  # windows
     n_batches = max_batches if limit is None else -(-limit // rows_global)
     total, count = 0.0, 0.0
@@ -867,7 +916,9 @@ def evaluate(run: Union[str, os.PathLike, Tuple[ModelConfig, Any]], data=None, *
     to end where the scored tokens end), each exactly once (``val_tokens``), every one after the first
     window with at least ``seq_len - stride`` tokens of context.  ``max_batches`` counts the (more)
     strided batches; ``-1`` scores the run's evaluation tokens.  Text data only (not ``synthetic:``
-    rows); windows cross end-of-text tokens as without it.
+    rows); windows cross end-of-text tokens as without it.  The overlapping context is masked
+    through ``loss_mask``: a loss that ignores it is a ``ValueError`` naming it (checked on the first
+    strided batch, :func:`check_loss_mask`).
     """
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
         if value is not None and (not is_int(value) or value < 1):
@@ -935,7 +986,10 @@ def evaluate(run: Union[str, os.PathLike, Tuple[ModelConfig, Any]], data=None, *
         n = len(source.split_tokens(split))
         raise ValueError(f"the {split} split has {n} tokens, fewer than seq_len + 1 = {seq_len + 1}")
     if loss_fn is None:
-        loss_fn = get_loss(tc.loss if tc is not None else "cross_entropy")
+        loss_name = tc.loss if tc is not None else "cross_entropy"
+        loss_fn = get_loss(loss_name)
+    else:  # named as the trainer records a loss function of your own
+        loss_name = f"{getattr(loss_fn, '__module__', '?')}.{getattr(loss_fn, '__qualname__', repr(loss_fn))}"
     if dtype is None:
         dtype = tc.dtype if tc is not None else "float32"
     program = eval_program(model_config, mesh_obj, resolve_dtype(dtype), loss_fn, cache)
@@ -947,6 +1001,9 @@ def evaluate(run: Union[str, os.PathLike, Tuple[ModelConfig, Any]], data=None, *
                          + f": {e}") from None
     params = jax.device_put(params, program.param_shardings)
     stride = seq_len if stride is None else int(stride)
+    if stride < seq_len:  # the overlapping context is masked through loss_mask: the loss must honour it
+        check_loss_mask(program, params, source.split_tokens(split), batch_size, seq_len, stride,
+                        model_config.vocab_size, loss_name)
     result = eval_loss(program, params, source, batch_size, seq_len, max_batches, split, unit_rows=unit_rows,
                        stride=stride)
     return {**result, "stride": stride}
