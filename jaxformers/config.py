@@ -270,6 +270,10 @@ class TransformerConfig(ModelConfig):
     #: RMSNorm over ``head_dim`` of each query and key head before RoPE (Qwen3; one ``[head_dim]``
     #: scale for q and one for k, shared by all heads; eps ``norm_eps``)
     qk_norm: bool = False
+    #: with ``qk_norm``: a ``[head_dim]`` scale per head, ``q_norm [n_head, head_dim]`` /
+    #: ``k_norm [kv_heads, head_dim]`` (a layer-parallel fused pair sets it: its heads come from
+    #: two layers, each with its own scales); no Hugging Face equivalent
+    qk_norm_per_head: bool = False
 
     # ------------------------------------------------------------------ derived
     @property
@@ -310,8 +314,10 @@ class TransformerConfig(ModelConfig):
             if getattr(self, name) is not None:
                 _positive(self, name)
         _choice("mlp", self.mlp, MLPS)
-        for name in ("qkv_bias", "qk_norm"):
+        for name in ("qkv_bias", "qk_norm", "qk_norm_per_head"):
             _boolean(self, name)
+        if self.qk_norm_per_head and not self.qk_norm:
+            raise ValueError("qk_norm_per_head=True needs qk_norm=True (it shapes the q/k norm scales)")
         _choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
         if self.head_dim is None and self.d_model % self.n_head:
             raise ValueError(

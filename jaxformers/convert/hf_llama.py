@@ -342,6 +342,9 @@ def check_llama_compatible(config: TransformerConfig) -> None:
                          f"has no Hugging Face equivalent; {EXPORTABLE}")
     if config.skip_gains:
         raise ValueError("skip_gains=True is not llama-compatible; HF Llama has no skip-connection gains")
+    if config.qk_norm_per_head:
+        raise ValueError("qk_norm_per_head=True is not llama-compatible; HF Qwen3 has one q_norm / k_norm "
+                         "scale [head_dim] per layer, shared by the heads")
     if config.norm != "rmsnorm":
         raise ValueError(f"norm={config.norm!r} is not llama-compatible; HF Llama needs norm='rmsnorm'")
     if config.mlp != "swiglu":

@@ -5,7 +5,8 @@ y = attention(rope(q), rope(k), v) W_o   (W_o: [H, Dh, D])
 
 Options of the config: ``qkv_bias`` adds ``+ b_q|b_k|b_v`` to the three projections (Qwen2),
 ``qk_norm`` replaces ``q``/``k`` by ``RMSNorm_head_dim(q)``/``RMSNorm_head_dim(k)`` before rope
-(Qwen3): :func:`project_qkv`, shared by every attention mixer built on it.
+(Qwen3; one ``[Dh]`` scale each, or one per head with ``qk_norm_per_head``): :func:`project_qkv`,
+shared by every attention mixer built on it.
 
 With a cache (decoding), the new keys/values are written at ``cache_index`` in
 preallocated ``[B, S, Hkv, Dh]`` buffers and the queries attend to the whole
@@ -110,8 +111,10 @@ def project_qkv(c, x, positions, linear=Linear):
     ``config.qkv_bias``: each projection adds a bias (``q/bias [H, Dh]``, ``k|v/bias [Hkv, Dh]``,
     zero init; Qwen2).  ``config.qk_norm``: q and k are RMS-normalised over ``head_dim``, each
     head alone, with one learned ``[Dh]`` scale each (``q_norm/scale``, ``k_norm/scale``, eps
-    ``norm_eps``), BEFORE rotary (Qwen3).  Both off (the default): the parameter tree and the
-    outputs are exactly those of a config without the fields."""
+    ``norm_eps``), BEFORE rotary (Qwen3); with ``config.qk_norm_per_head`` each head has its
+    own scale (``q_norm/scale [H, Dh]``, ``k_norm/scale [Hkv, Dh]``, axes ``heads|kv_heads,
+    head_dim``: a layer-parallel fused pair, whose heads come from two layers).  All off (the
+    default): the parameter tree and the outputs are exactly those of a config without the fields."""
     h, hkv, dh = c.n_head, c.kv_heads, c.dim_head
     bias = {"use_bias": True} if getattr(c, "qkv_bias", False) else {}
 
@@ -123,10 +126,12 @@ def project_qkv(c, x, positions, linear=Linear):
     k = proj(hkv, (EMBED, KV_HEADS, HEAD_DIM), "k")
     v = proj(hkv, (EMBED, KV_HEADS, HEAD_DIM), "v")
     if getattr(c, "qk_norm", False):
-        def head_norm(name):
+        per_head = getattr(c, "qk_norm_per_head", False)
+
+        def head_norm(name, heads_axis):
             return RMSNorm(eps=c.norm_eps, dtype=c.dtype, param_dtype=c.param_dtype, axis_name=HEAD_DIM,
-                           name=name)
-        q, k = head_norm("q_norm")(q), head_norm("k_norm")(k)
+                           head_axis=heads_axis if per_head else None, name=name)
+        q, k = head_norm("q_norm", HEADS)(q), head_norm("k_norm", KV_HEADS)(k)
     cos, sin = rotary_angles(positions, dh, c.rope_theta)
     q = constrain(apply_rotary(q, cos, sin), (BATCH, LENGTH, ACT_HEADS, None))
     k = constrain(apply_rotary(k, cos, sin), (BATCH, LENGTH, ACT_KV_HEADS, None))

@@ -5,6 +5,7 @@ RMSNorm:    y = x / sqrt(mean(x^2) + eps) * scale                (Llama)
 """
 import math
 import numbers
+from typing import Optional
 
 import jax.numpy as jnp
 import numpy as np
@@ -19,12 +20,17 @@ class RMSNorm(nn.Module):
     dtype: str = "float32"
     param_dtype: str = "float32"
     axis_name: str = EMBED  # the scale's logical axis (``head_dim`` for attention's qk_norm)
+    #: None: one scale ``[D]``; a logical axis name (``heads`` / ``kv_heads``): a scale per row of
+    #: x's second-to-last axis, ``[H, D]`` (qk_norm_per_head); the statistic is over D either way
+    head_axis: Optional[str] = None
 
     @nn.compact
-    def __call__(self, x):  # [..., D]
+    def __call__(self, x):  # [..., D], or [..., H, D] with head_axis
         _check_eps(self)
-        scale = self.param("scale", param_init(nn.initializers.ones, (self.axis_name,)), (x.shape[-1],),
-                           dtype_of(self.param_dtype))
+        axes, shape = (self.axis_name,), (x.shape[-1],)
+        if self.head_axis is not None:
+            axes, shape = (self.head_axis, *axes), (x.shape[-2], *shape)
+        scale = self.param("scale", param_init(nn.initializers.ones, axes), shape, dtype_of(self.param_dtype))
         x32 = x.astype(jnp.float32)
         y = x32 * jnp.reciprocal(jnp.sqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps))
         return (y * scale.astype(jnp.float32)).astype(dtype_of(self.dtype))
