@@ -241,8 +241,8 @@ def test_a_qwen3_output_bias_that_is_not_zero_is_refused(tmp_path):
 
 
 def test_layer_parallel_quarot_and_distillation_with_the_options():
-    """Layer-parallel pairs: qkv_bias fuses (fused == unfused), qk_norm only unfused (fused:
-    ValueError naming qk_norm); QuaRot's rotation keeps the function with both options (v's
+    """Layer-parallel pairs: qkv_bias and qk_norm fuse (fused == unfused; qk_norm through
+    per-head q/k norm scales); QuaRot's rotation keeps the function with both options (v's
     bias rotated with W_v), integer storage keeps the biases; the Mamba distillation refuses."""
     from jaxformers.distill.convert import student_config
     from jaxformers.quant import QuantSpec, quantize
@@ -256,8 +256,7 @@ def test_layer_parallel_quarot_and_distillation_with_the_options():
     np.testing.assert_allclose(jax_logits(*pair_layers(config, params, 2, 2), toks), want, atol=1e-6)  # no pair
     unfused = jax_logits(*pair_layers(config, params, 0, 2, fused=False), toks)
     assert np.isfinite(unfused).all() and max_diff(unfused, want) > 1e-3  # (the pair is another function)
-    with pytest.raises(ValueError, match="qk_norm"):
-        pair_layers(config, params, 0, 2)
+    np.testing.assert_allclose(jax_logits(*pair_layers(config, params, 0, 2), toks), unfused, atol=2e-5)
     biased = config.replace(qk_norm=False)
     bparams = {k: ({**v, "attn": {n: w for n, w in v["attn"].items() if "norm" not in n}}
                    if k.startswith("blocks_") else v) for k, v in params.items()}
@@ -303,8 +302,8 @@ def test_hf_directory_consumers_read_a_qwen_checkpoint(tmp_path, monkeypatch, ca
 
 def test_every_attention_architecture_takes_the_options_or_refuses_them():
     """Every registered model on the shared attention (GPT, Llama, DenseFormer, CoTFormer, SCFA,
-    landmark, hybrid, QuaRot) gets the bias / q_norm / k_norm params in each attention layer;
-    layer_parallel's fused pairs refuse qk_norm by name."""
+    landmark, hybrid, QuaRot, layer_parallel's fused pairs) gets the bias / q_norm / k_norm
+    params in each attention layer."""
     from jaxformers.config import TransformerConfig
     from jaxformers.registry import get_spec, list_models
 
@@ -314,10 +313,6 @@ def test_every_attention_architecture_takes_the_options_or_refuses_them():
         if not issubclass(spec.config_cls, TransformerConfig):
             continue
         preset = "tiny" if "tiny" in spec.presets else sorted(spec.presets)[0]
-        if name == "layer_parallel":
-            with pytest.raises(ValueError, match="qk_norm"):
-                jf.get_config(name, preset, qk_norm=True)
-            continue
         config = jf.get_config(name, preset, qkv_bias=True, qk_norm=True)
         paths = [jax.tree_util.keystr(k) for k, _ in
                  jax.tree_util.tree_flatten_with_path(abstract_params(jf.build(config)))[0]]
@@ -327,4 +322,4 @@ def test_every_attention_architecture_takes_the_options_or_refuses_them():
         for part in ("['q']['bias']", "['k']['bias']", "['v']['bias']", "['q_norm']['scale']", "['k_norm']['scale']"):
             assert len([p for p in paths if part in p]) == len(kernels) > 0, (name, part)
         seen.append(name)
-    assert {"gpt", "llama", "denseformer", "cotformer", "landmark", "hybrid", "quarot"} <= set(seen)
+    assert {"gpt", "llama", "denseformer", "cotformer", "landmark", "hybrid", "quarot", "layer_parallel"} <= set(seen)

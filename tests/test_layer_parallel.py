@@ -264,7 +264,7 @@ SCRIPT = textwrap.dedent('''
     from jaxformers.transforms import pair_layers
     from tests.test_layer_parallel import _model
 
-    cfg, params = _model("llama")
+    cfg, params = _model("llama", **{kw})
     pc, pp = pair_layers(cfg, params, 1, 5)
     module = jf.build(pc)
     tokens = jax.random.randint(jax.random.PRNGKey(1), (8, 11), 0, 64)
@@ -289,17 +289,27 @@ SCRIPT = textwrap.dedent('''
         t = mesh.devices.flatten().tolist().index(shard.device) % 2
         halves[t] = np.asarray(shard.data)
     full = np.asarray(pp["blocks_1"]["attn"]["q"]["kernel"])
+    norms = {{}}  # qk_norm: each device's rows of the pair's per-head scales are its layer's
+    for name, heads in (("q_norm", 4), ("k_norm", cfg.kv_heads)):
+        if name in sp["blocks_1"]["attn"]:
+            own = []
+            for shard in sp["blocks_1"]["attn"][name]["scale"].addressable_shards:
+                t = mesh.devices.flatten().tolist().index(shard.device) % 2
+                mine = np.asarray(params[f"blocks_{{1 + t}}"]["attn"][name]["scale"])
+                own.append(bool(np.array_equal(np.asarray(shard.data), np.broadcast_to(mine, (heads, 8)))))
+            norms[name] = all(own)
     print("RESULT" + json.dumps({{
         "logits": float(jnp.max(jnp.abs(got[0] - want[0]))), "decode": float(jnp.max(jnp.abs(got[1] - want[1]))),
         "decode_vs_full": float(jnp.max(jnp.abs(want[1][:, 0] - want[0][:, 10]))),
         "shard_shape": list(halves[0].shape),
         "layer_on_device": [bool(np.array_equal(halves[t], full[:, 4 * t:4 * t + 4])) for t in (0, 1)],
+        "norms_on_device": norms,
         "all_reduce": len(re.findall(r"= [^=]*all-reduce(?:-start)?\\(", hlo))}}))
 ''')
 
 
 def test_tensor_axis_places_each_layer_of_a_pair_on_its_own_device():
-    out = run_on_devices(SCRIPT.format(repo=str(REPO)), timeout=300)
+    out = run_on_devices(SCRIPT.format(repo=str(REPO), kw="{}"), timeout=300)
     assert out["logits"] < 1e-5 and out["decode"] < 1e-5 and out["decode_vs_full"] < 1e-5, out
     assert out["shard_shape"] == [32, 4, 8] and out["layer_on_device"] == [True, True], out
     # per apply: 3 blocks (layer 0, pairs (1,2), (3,4)) x (attention + MLP) + the vocab-sharded

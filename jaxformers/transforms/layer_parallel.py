@@ -36,8 +36,8 @@ Two forms of the same model (:func:`pair_layers` ``fused=``):
 
 Multi-device: the fused pair's heads axis ``[2H]`` and MLP axis ``[2F]`` carry the logical
 names ``heads`` / ``mlp``, which ``jaxformers.sharding`` maps onto the ``tensor`` mesh axis.
-With ``tensor=2`` device 0 holds layer ``i`` (its heads, MLP columns and folded norm scales)
-and device 1 layer ``i+1``: the paper's placement, with no device logic in the model.  The
+With ``tensor=2`` device 0 holds layer ``i`` (its heads, q/k norm scales, MLP columns and folded
+norm scales) and device 1 layer ``i+1``: the paper's placement, with no device logic in the model.  The
 partial sums meet in one all-reduce after ``W_o`` and one after MLP-out, as in the authors' code:
 a pair costs the all-reduces of ONE layer (2), two sequential tensor-parallel layers cost 4
 (compiled on 8 CPU devices, ``data=4,tensor=2``, 6-layer Llama: 13 all-reduces unpaired, 7
@@ -45,9 +45,10 @@ with three pairs, 11 with one; the extra one is the vocab-sharded logits).  With
 ``tensor=2k`` each layer spans ``k`` devices (the authors' ``gpus_per_block``).
 
 ``qkv_bias`` (Qwen2-style q/k/v biases) fuses: the pair's biases sit side by side on the heads
-axis, as the kernels.  ``qk_norm`` (Qwen3) pairs only unfused (``fused=False``): the fused
-block's heads would share one ``q_norm``/``k_norm`` scale, the two layers have their own
-(``ValueError`` naming ``qk_norm``).
+axis, as the kernels.  ``qk_norm`` (Qwen3) fuses too: the pair's block has per-head q/k norm
+scales (``qk_norm_per_head``, ``q_norm/scale [2H, Dh]``, ``k_norm/scale [2Hkv, Dh]``), layer
+``i``'s ``[Dh]`` scale on its heads, layer ``i+1``'s on the others (a scale acts after the
+per-head RMS and before RoPE, so it cannot be folded into ``W_q``/``W_k``).
 
 Deviations from the authors' code: RoPE/attention are this library's (same math); pairs are
 any ``range(start, end, 2)`` span of a ``gpt``/``llama`` model (theirs: Llama, HF);
@@ -109,9 +110,6 @@ class LayerParallelConfig(TransformerConfig):
             raise ValueError("skip_gains must be False for a layer-parallel model")
         if not isinstance(self.fused, bool):
             raise ValueError(f"fused must be a bool, got {self.fused!r}")
-        if self.fused and self.qk_norm and self.pair_end > self.pair_start:
-            raise ValueError("qk_norm=True cannot be fused (fused=True): a fused pair's heads share one "
-                             "q_norm / k_norm scale, the two layers have their own; use fused=False")
 
     @property
     def pairs(self) -> Tuple[int, ...]:
@@ -142,9 +140,11 @@ class LayerParallelConfig(TransformerConfig):
         return get_spec(self.base_model).config_cls(**dict(values, model=self.base_model))
 
     def pair_config(self) -> TransformerConfig:
-        """Config of a fused pair's ``Block``: both layers' heads and MLP units side by side."""
+        """Config of a fused pair's ``Block``: both layers' heads and MLP units side by side (with
+        ``qk_norm``, per-head q/k norm scales: ``qk_norm_per_head``)."""
         c = self.base_config()
-        return c.replace(n_head=2 * c.n_head, n_kv_head=2 * c.kv_heads, head_dim=c.dim_head, d_ff=2 * c.ff_dim)
+        return c.replace(n_head=2 * c.n_head, n_kv_head=2 * c.kv_heads, head_dim=c.dim_head, d_ff=2 * c.ff_dim,
+                         qk_norm_per_head=c.qk_norm)
 
 
 def base_models() -> List[str]:
@@ -283,10 +283,10 @@ def _check_block(i: int, block: dict) -> None:
     if sorted(block) != sorted(BLOCK_KEYS):
         raise ValueError(f"layer {i}: expected a standard block with {list(BLOCK_KEYS)}, got {sorted(block)} "
                          "(skip gains / other blocks are not supported)")
-    for name in ("attn_norm", "mlp_norm"):
+    for name in ("attn_norm", "mlp_norm"):  # both forms build the config's bias-free norms
         if sorted(block[name]) != ["scale"]:
-            raise ValueError(f"layer {i}: {name} must hold only a scale (no bias) to be fused, "
-                             f"got {sorted(block[name])}")
+            raise ValueError(f"layer {i}: {name} must hold only a scale (no bias) to be paired (fused or "
+                             f"not: the pair's norms have no bias), got {sorted(block[name])}")
 
 
 def _fold(scale, kernel, axis_in: int = 0):
@@ -297,26 +297,42 @@ def _fold(scale, kernel, axis_in: int = 0):
     return folded.astype(kernel.dtype)
 
 
+def _per_head(scale, kernel):
+    """A q/k norm scale as one row per head of ``kernel [D, H, Dh]``: ``[H, Dh]`` (a shared
+    ``[Dh]`` scale repeated, a per-head one as it is)."""
+    scale = jnp.asarray(scale)
+    heads, dh = kernel.shape[1:]
+    if scale.shape not in ((dh,), (heads, dh)):
+        raise ValueError(f"a q/k norm scale must be [head_dim={dh}] or [heads={heads}, head_dim={dh}], "
+                         f"got {scale.shape}")
+    return jnp.broadcast_to(scale, (heads, dh))
+
+
 def fuse_pair(p0: dict, p1: dict) -> dict:
     """Params of a fused pair ``Block`` from the two layers' block params (see the module
     docstring): ``q/k/v [D, 2H|2Hkv, Dh]``, ``o [2H, Dh, D]``, MLP in ``[D, 2F]`` and out
-    ``[2F, D]``, norm scales folded in (the pair's norms get scale 1).  ``ValueError`` unless
-    both are standard pre-norm blocks (no skip gains, bias-free norms)."""
+    ``[2F, D]``, norm scales folded in (the pair's norms get scale 1); ``qk_norm``'s
+    ``q_norm|k_norm/scale`` per head, ``[2H|2Hkv, Dh]`` (``qk_norm_per_head``).  ``ValueError``
+    unless both are standard pre-norm blocks (no skip gains, bias-free norms)."""
     _check_block(0, p0)
     _check_block(1, p1)
     sa = (p0["attn_norm"]["scale"], p1["attn_norm"]["scale"])
     sm = (p0["mlp_norm"]["scale"], p1["mlp_norm"]["scale"])
     ps = (p0, p1)
     attn = {}
-    for name in ("q_norm", "k_norm"):
-        if name in p0["attn"] or name in p1["attn"]:
-            raise ValueError(f"attn/{name} (qk_norm=True) cannot be fused: the pair's heads would share "
-                             "one scale, the two layers have their own; use fused=False")
     for name in ("q", "k", "v"):
         attn[name] = {"kernel": jnp.concatenate(
             [_fold(s, p["attn"][name]["kernel"]) for s, p in zip(sa, ps)], axis=1)}
         if "bias" in p0["attn"][name]:  # qkv_bias: [H|Hkv, Dh] per layer, side by side on the heads axis
             attn[name]["bias"] = jnp.concatenate([p["attn"][name]["bias"] for p in ps], axis=0)
+    for name, proj in (("q_norm", "q"), ("k_norm", "k")):  # qk_norm: per-head scales [2H|2Hkv, Dh]
+        has = [name in p["attn"] for p in ps]
+        if any(has) != all(has):
+            raise ValueError(f"attn/{name} (qk_norm) is in layer {has.index(True)} of the pair only: both "
+                             "layers must have it or neither")
+        if all(has):
+            attn[name] = {"scale": jnp.concatenate([_per_head(p["attn"][name]["scale"], p["attn"][proj]["kernel"])
+                                                    for p in ps], axis=0)}
     attn["o"] = {"kernel": jnp.concatenate([p["attn"]["o"]["kernel"] for p in ps], axis=0)}
     mlp = {}
     for name in p0["mlp"]:
