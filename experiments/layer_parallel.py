@@ -15,9 +15,9 @@ scratch (``jaxformers.training.train``, seed ``--seed``).  Then, for ``k = 1 .. 
 several positions of the paired span (``early``: from layer 1, ``middle``, ``late``: ending
 before the last layer; the first and last layers are never paired, as in the authors' runs)
 the model is transformed with ``jaxformers.transforms.pair_layers`` (fused form, no retraining;
-``--unfused``: the two layers side by side, the same function, slower -- a model whose fused pairs
-are refused, a ``qk_norm`` one such as a Qwen3 import, runs unfused, ``results.json``'s
-``pair_form`` saying why) and measured: validation perplexity and next-token accuracy (``--eval-batches`` batches of the
+``--unfused``: the two layers side by side, the same function, slower; ``results.json``'s
+``pair_form`` says which form ran and why; a ``qk_norm`` model such as a Qwen3 import fuses too)
+and measured: validation perplexity and next-token accuracy (``--eval-batches`` batches of the
 validation split, compute dtype ``infer_dtype``; over the targets the trainer's validation counts:
 a synthetic task's ``loss_mask`` weights them), prefill tokens/s (batch ``infer_batch`` x
 ``seq_len``), decode tokens/s at batch 1 and at batch ``infer_batch`` (greedy, KV cache,
@@ -81,8 +81,8 @@ def _parser():
     ap.add_argument("--pair-counts", help="comma-separated numbers of pairs (default: the preset's)")
     ap.add_argument("--no-study", action="store_true", help="skip the delete / swap / shuffle study")
     ap.add_argument("--unfused", action="store_true",
-                    help="pair layers unfused (the two layers side by side; the default for qk_norm models, "
-                         "e.g. Qwen3, whose fused pairs are refused)")
+                    help="pair layers unfused (the two layers side by side: the same function, slower; "
+                         "default: fused)")
     ap.add_argument("--iters", type=int, help="timed calls per measurement")
     ap.add_argument("--reuse", action="store_true", help="reuse a finished OUT/runs/base (same model config and "
                                                             "training settings, else exit)")
@@ -365,11 +365,6 @@ def run(args, ap=None) -> dict:
                     decode_tokens=preset["decode_tokens"], dtype=dtype)
     tag = "[layer_parallel]"
     fused, why = not args.unfused, "--unfused" if args.unfused else None
-    if fused and cfg.qk_norm:  # pair_layers(fused=True) refuses it
-        fused, why = False, ("qk_norm=True: fused pairs are refused (a fused pair's heads would share one "
-                             "q_norm / k_norm scale, the two layers have their own), so the pairs run unfused "
-                             "(the two layers side by side: the same function, less speed-up than fused)")
-        print(f"{tag} {why}", file=sys.stderr, flush=True)
     pair_form = {"fused": fused, "reason": why}
 
     base = ev(cfg, params)

@@ -270,9 +270,10 @@ def test_to_hf_failing_half_way_writes_nothing(tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------- layer_parallel on Qwen3
-def test_layer_parallel_runs_a_qk_norm_model_with_unfused_pairs(tmp_path, capsys):
-    """``--run`` of a Qwen3 checkpoint (``qk_norm``): fused pairs are refused, the experiment
-    crashed with that ValueError; its pairs now run unfused and results.json says why."""
+def test_layer_parallel_runs_a_qk_norm_model_with_fused_pairs(tmp_path, capsys):
+    """``--run`` of a Qwen3 checkpoint (``qk_norm``): the experiment crashed with fused pairs'
+    ValueError, then fell back to unfused pairs; fused pairs now take qk_norm (per-head q/k norm
+    scales), so its pairs run fused, as any model's (``--unfused`` still unfuses them)."""
     from experiments import layer_parallel as exp
 
     config = jf.get_config("llama", "tiny", vocab_size=257, d_model=32, n_layer=4, n_head=4, n_kv_head=2,
@@ -284,12 +285,16 @@ def test_layer_parallel_runs_a_qk_norm_model_with_unfused_pairs(tmp_path, capsys
               "--batch-size", "2", "--decode-tokens", "2", "--iters", "1", "--no-study", "--no-compile-cache",
               "--positions", "early", "--max-pairs", "1"]
     res = exp.main(["--run", str(tmp_path / "qwen3"), "--out", str(tmp_path / "lp"), *common])
-    assert res["pair_form"]["fused"] is False and "qk_norm" in res["pair_form"]["reason"]
-    assert "qk_norm=True: fused pairs are refused" in capsys.readouterr().err
+    assert res["pair_form"] == {"fused": True, "reason": None}
+    assert "unfused" not in capsys.readouterr().err
     assert [(r["start"], r["end"], r["mlp_norm"]) for r in res["pairs"]] == [(1, 3, "own"), (1, 3, "mean")]
     assert all(r["val_ppl"] > 1 and r["decode_b1_speedup"] > 0 for r in res["pairs"])
     saved = json.loads((tmp_path / "lp" / "results.json").read_text())
     assert saved["pair_form"] == res["pair_form"] and saved["complete"] is True
+    unf = exp.main(["--run", str(tmp_path / "qwen3"), "--out", str(tmp_path / "lpu"), "--unfused", *common])
+    assert unf["pair_form"] == {"fused": False, "reason": "--unfused"}
+    for a, b in zip(res["pairs"], unf["pairs"]):  # the same function
+        assert a["val_ppl"] == pytest.approx(b["val_ppl"], rel=1e-4)
 
 
 def test_to_hf_through_a_symlinked_out_stages_beside_the_real_folder(tmp_path):
