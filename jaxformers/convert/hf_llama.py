@@ -1,8 +1,16 @@
 """Hugging Face ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM`` /
 ``Qwen3ForCausalLM`` <-> jaxformers ``llama`` params.
 
+A Llama checkpoint's ``attention_bias: true`` (``LlamaForCausalLM`` then biases q/k/v AND o)
+imports as ``qkv_bias=True`` when every ``o_proj.bias`` is zero (jaxformers has no o bias: a
+non-zero one is a ``ValueError`` naming the tensor and its layer); ``mlp_bias`` is refused.  Such a
+model exports as ``Qwen2ForCausalLM`` (below), not back as a biased Llama: Qwen2 is exactly
+"Llama + q/k/v biases" (no o bias to write, sliding windows expressible), which
+``LlamaForCausalLM`` can only mimic with zero o biases.
+
 A Mistral checkpoint is a Llama with sliding-window attention in every layer (same tensor names
-and shapes, no biases, SwiGLU, RMSNorm, RoPE, optional ``head_dim``): ``model_type='mistral'``
+and shapes, no biases, SwiGLU, RMSNorm, RoPE, optional ``head_dim``; ``MistralForCausalLM`` reads
+no ``attention_bias``, so a mistral config that sets it is refused as ambiguous): ``model_type='mistral'``
 imports as a ``llama`` config whose ``window`` is the checkpoint's ``sliding_window`` (null: no
 window), and a llama-compatible config with ``window`` set exports as ``MistralForCausalLM``
 (without ``window``: ``LlamaForCausalLM``).  The two windows mean the same thing, so the number
@@ -42,7 +50,7 @@ Weight layout (torch ``nn.Linear.weight`` is ``[out, in]``)::
     layers.i.self_attn.q_proj.bias       [H*Dh]      -> blocks_i/attn/q/bias        [H, Dh]    (qkv_bias)
     layers.i.self_attn.k_proj/v_proj.bias [Hkv*Dh]   -> blocks_i/attn/k|v/bias      [Hkv, Dh]  (qkv_bias)
     layers.i.self_attn.q_norm/k_norm.weight [Dh]     -> blocks_i/attn/q_norm|k_norm/scale [Dh] (qk_norm)
-    layers.i.self_attn.o_proj.bias       [D]         -> (Qwen3 attention_bias: must be zero; none)
+    layers.i.self_attn.o_proj.bias       [D]         -> (Llama / Qwen3 attention_bias: must be zero; none)
     layers.i.mlp.gate_proj/up_proj       [F, D]      -> blocks_i/mlp/gate|up/kernel [D, F]
     layers.i.mlp.down_proj.weight        [D, F]      -> blocks_i/mlp/down/kernel    [F, D]
     layers.i.input_layernorm.weight      [D]         -> blocks_i/attn_norm/scale
@@ -172,6 +180,16 @@ def _qwen_window(hf: dict, n_layer: int):
     return window if layer_types and layer_types[0] == "sliding_attention" else None
 
 
+def _attention_bias(hf: dict) -> bool:
+    """``qkv_bias`` of a ``LlamaConfig`` / ``Qwen3Config`` dict: its ``attention_bias`` (default
+    false), which biases q/k/v AND o (:func:`from_hf` then needs every ``o_proj.bias`` zero);
+    ``ValueError`` unless a bool."""
+    value = hf.get("attention_bias", False)
+    if not isinstance(value, bool):
+        raise ValueError(f"attention_bias={value!r} is not supported; expected true or false")
+    return value
+
+
 def config_from_hf(hf: dict, *, dtype: str = "float32", scan_layers: bool = False) -> TransformerConfig:
     """jaxformers ``llama`` config from a HF ``LlamaConfig``, ``MistralConfig``, ``Qwen2Config`` or
     ``Qwen3Config`` dict (``config.json``).
@@ -188,9 +206,10 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", scan_layers: bool = Fals
 
     ``model_type='qwen2'``: ``qkv_bias=True`` (transformers' Qwen2 always biases q/k/v, never o;
     it reads no ``attention_bias`` key, nor do we); ``'qwen3'``: ``qk_norm=True``, ``head_dim``
-    omitted = 128, ``attention_bias`` -> ``qkv_bias`` (Qwen3 then also biases ``o_proj``, which
-    jaxformers has not: :func:`from_hf` accepts it only when every ``o_proj.bias`` is zero, as
-    :func:`to_hf` writes it).  Both take their own config classes' defaults
+    omitted = 128, and for ``'qwen3'`` and ``'llama'``
+    ``attention_bias`` -> ``qkv_bias`` (they then also bias ``o_proj``, which jaxformers has not:
+    :func:`from_hf` accepts it only when every ``o_proj.bias`` is zero, as :func:`to_hf` writes it
+    for Qwen3).  Both take their own config classes' defaults
     (:data:`QWEN_DEFAULTS`, :data:`QWEN_OMITTED`) and window keys (:func:`_qwen_window`)."""
     from ..registry import get_config
 
@@ -222,15 +241,18 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", scan_layers: bool = Fals
             hf = {k: v for k, v in hf.items() if k != "attention_bias"}  # (not read by transformers' Qwen2)
         else:
             qk_norm = True
-            qkv_bias = hf.get("attention_bias", False)
-            if not isinstance(qkv_bias, bool):
-                raise ValueError(f"attention_bias={qkv_bias!r} is not supported; expected true or false")
+            qkv_bias = _attention_bias(hf)
             hf = {k: v for k, v in hf.items() if k != "attention_bias"}
     hf = {**sizes, **{k: v for k, v in hf.items() if v is not None}}
+    if model_type == "llama":  # LlamaForCausalLM's attention_bias biases q/k/v and o, as Qwen3's
+        qkv_bias = _attention_bias(hf)
+        hf.pop("attention_bias", None)
     for name in ("attention_bias", "mlp_bias"):
         if hf.get(name, False):
-            raise ValueError(f"{name}={hf[name]!r} is not supported (jaxformers llama has no biases"
-                             f"{'' if name == 'mlp_bias' else ' on the attention in ' + repr(model_type)})")
+            raise ValueError(f"{name}={hf[name]!r} is not supported (jaxformers llama has no MLP biases)"
+                             if name == "mlp_bias" else
+                             f"{name}={hf[name]!r} is not supported for model_type={model_type!r} "
+                             "(MistralForCausalLM has no attention biases and ignores the key: ambiguous)")
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise ValueError(f"hidden_act={act!r} is not supported; expected 'silu' (SwiGLU)")
@@ -260,8 +282,9 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", scan_layers: bool = Fals
 
 def hf_architecture(config: TransformerConfig) -> str:
     """The HF class :func:`to_hf` writes ``config`` as: ``Qwen3ForCausalLM`` with ``qk_norm``,
-    else ``Qwen2ForCausalLM`` with ``qkv_bias``, else ``MistralForCausalLM`` with a ``window``,
-    else ``LlamaForCausalLM``."""
+    else ``Qwen2ForCausalLM`` with ``qkv_bias`` (also for a Llama ``attention_bias`` import: Qwen2
+    is Llama + q/k/v biases, no o bias), else ``MistralForCausalLM`` with a ``window``, else
+    ``LlamaForCausalLM``."""
     if config.qk_norm:
         return "Qwen3ForCausalLM"
     if config.qkv_bias:
@@ -408,7 +431,7 @@ def _to_hf_layout(path: Tuple[str, ...], w: np.ndarray, c: TransformerConfig) ->
 
 
 def _expected_shapes(c: TransformerConfig, o_bias: bool = False) -> Dict[str, Tuple[int, ...]]:
-    """HF tensor name -> HF shape (``o_bias``: Qwen3's ``attention_bias`` ``o_proj.bias`` too)."""
+    """HF tensor name -> HF shape (``o_bias``: Llama's / Qwen3's ``attention_bias`` ``o_proj.bias`` too)."""
     d, f, v = c.d_model, c.ff_dim, c.vocab_size
     q, kv = c.n_head * c.dim_head, c.kv_heads * c.dim_head
     shapes = {f"{_PREFIX}embed_tokens.weight": (v, d), f"{_PREFIX}norm.weight": (d,)}
@@ -445,7 +468,8 @@ def from_hf(path_or_dir: str, *, dtype: str = "float32", scan_layers: bool = Fal
     """Load a HF ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM`` /
     ``Qwen3ForCausalLM`` checkpoint (``config.json`` + safetensors) -> (config, params); a
     Mistral one gives ``window=sliding_window``, a Qwen2 one ``qkv_bias``, a Qwen3 one
-    ``qk_norm`` (:func:`config_from_hf`).
+    ``qk_norm``, a Llama / Qwen3 one with ``attention_bias`` ``qkv_bias`` (every ``o_proj.bias``
+    must be zero) (:func:`config_from_hf`).
 
     ``path_or_dir``: the model directory (single ``model.safetensors``, a sharded
     ``model.safetensors.index.json`` or any ``*.safetensors``), or a file inside it.
@@ -466,16 +490,19 @@ def from_hf(path_or_dir: str, *, dtype: str = "float32", scan_layers: bool = Fal
     def rename(name):  # a bare LlamaModel / MistralModel checkpoint has no "model." prefix
         return name if name.startswith(_PREFIX) or name == "lm_head.weight" else _PREFIX + name
 
-    o_bias = hf.get("model_type") == "qwen3" and hf.get("attention_bias") is True
+    # Llama's / Qwen3's attention_bias biases o_proj too (Qwen2's q/k/v biases never do)
+    o_bias = config.qkv_bias and (hf.get("model_type") or "llama") in ("llama", "qwen3")
     tensors = read_checkpoint(path_or_dir, _expected_shapes(config, o_bias), rename=rename,
                               drop=("lm_head.weight",) if config.tie_embeddings else (),
                               ignored_suffixes=_IGNORED_SUFFIXES)
     if o_bias:  # jaxformers has no o bias: only an all-zero one (what to_hf writes) computes the same
         for i in range(config.n_layer):
             name = f"{_PREFIX}layers.{i}.self_attn.o_proj.bias"
-            if np.any(np.asarray(tensors[name], np.float32) != 0):
-                raise ValueError(f"attention_bias=True with a non-zero {name} is not supported: jaxformers' "
-                                 "attention has q/k/v biases (qkv_bias) but no output-projection bias")
+            peak = float(np.max(np.abs(np.asarray(tensors[name], np.float32))))
+            if peak != 0:
+                raise ValueError(f"attention_bias=True with a non-zero {name} (layer {i}, max |value| "
+                                 f"{peak:.6g}) is not supported: jaxformers' attention has q/k/v biases "
+                                 "(qkv_bias) but no output-projection bias")
 
     import jax.numpy as jnp
     from ..layers.common import dtype_of

@@ -1,0 +1,67 @@
+"""Hugging Face conversion, audit 53: regressions found.
+
+* A Llama config.json with ``attention_bias: true`` (``LlamaForCausalLM`` then biases q/k/v AND o)
+  was refused; it imports as ``qkv_bias`` when every ``o_proj.bias`` is zero, as Qwen3's does.
+"""
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from jaxformers.convert import config_from_hf, from_hf, to_hf  # noqa: E402
+from test_convert_hf import (  # noqa: E402
+    TOL, assert_export_round_trip, hf_logits, hf_model, jax_logits, load_auto, max_diff, tokens)
+
+pytestmark = pytest.mark.hf
+
+
+# --------------------------------------------------------------------------- llama attention_bias
+def _biased_llama(seed=0):
+    """A random ``LlamaForCausalLM`` with ``attention_bias=True``: random q/k/v biases, o biases
+    set to zero explicitly (transformers would zero-init them all)."""
+    model = hf_model(seed, attention_bias=True, bias_std=0.5)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            assert layer.self_attn.q_proj.bias.abs().max() > 0.1
+            layer.self_attn.o_proj.bias.zero_()
+    return model
+
+
+def test_a_llama_attention_bias_checkpoint_imports_as_qkv_bias_with_logits_parity(tmp_path):
+    model = _biased_llama()
+    model.save_pretrained(str(tmp_path / "llama"))
+    assert json.loads((tmp_path / "llama" / "config.json").read_text())["attention_bias"] is True
+    config, params = from_hf(str(tmp_path / "llama"))
+    assert (config.qkv_bias, config.qk_norm) == (True, False)
+    assert np.abs(np.asarray(params["blocks_1"]["attn"]["k"]["bias"])).max() > 0.1
+    toks = tokens(3)
+    assert max_diff(hf_logits(model, toks), jax_logits(config, params, toks)) < TOL
+    # the export is a Qwen2ForCausalLM (Llama + q/k/v biases, no o bias), computing the same function
+    to_hf(config, params, str(tmp_path / "out"))
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
+    assert_export_round_trip(config, params, str(tmp_path / "out"), load_auto(str(tmp_path / "out")), vocab=128)
+
+
+def test_a_llama_non_zero_output_bias_is_refused_naming_the_tensor_and_layer(tmp_path):
+    model = _biased_llama(seed=1)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.bias[3] = 0.25
+    model.save_pretrained(str(tmp_path / "llama"))
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.o_proj\.bias \(layer 1, max \|value\| 0\.25"):
+        from_hf(str(tmp_path / "llama"))
+
+
+def test_attention_bias_values_per_model_type():
+    sizes = dict(vocab_size=64, hidden_size=32, num_attention_heads=4, num_hidden_layers=1, intermediate_size=48)
+    assert config_from_hf({"model_type": "llama", **sizes, "attention_bias": True}).qkv_bias
+    assert not config_from_hf({"model_type": "llama", **sizes, "attention_bias": False}).qkv_bias
+    with pytest.raises(ValueError, match="attention_bias=1 .*true or false"):
+        config_from_hf({"model_type": "llama", **sizes, "attention_bias": 1})
+    with pytest.raises(ValueError, match="mlp_bias"):
+        config_from_hf({"model_type": "llama", **sizes, "attention_bias": True, "mlp_bias": True})
+    # MistralForCausalLM has no biases and reads no attention_bias: still refused, as ambiguous
+    with pytest.raises(ValueError, match="attention_bias=True .*'mistral'"):
+        config_from_hf({"model_type": "mistral", **sizes, "attention_bias": True})
