@@ -2,7 +2,7 @@
 
 * A Llama config.json with ``attention_bias: true`` (``LlamaForCausalLM`` then biases q/k/v AND o)
   was refused; it imports as ``qkv_bias`` when every ``o_proj.bias`` is zero, as Qwen3's does.
-"""
+* A Qwen3 ``head_dim: null`` was read as hidden / heads; transformers 5 refuses it."""
 import json
 
 import numpy as np
@@ -65,3 +65,15 @@ def test_attention_bias_values_per_model_type():
     # MistralForCausalLM has no biases and reads no attention_bias: still refused, as ambiguous
     with pytest.raises(ValueError, match="attention_bias=True .*'mistral'"):
         config_from_hf({"model_type": "mistral", **sizes, "attention_bias": True})
+
+
+# --------------------------------------------------------------------------- qwen head_dim null
+@pytest.mark.parametrize("model_type", ["qwen3", "qwen2"])
+def test_a_qwen_head_dim_null_is_refused(model_type):
+    sizes = dict(vocab_size=64, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                 num_hidden_layers=1, intermediate_size=48)
+    with pytest.raises(ValueError, match=f"head_dim=null is not supported for model_type='{model_type}'"):
+        config_from_hf({"model_type": model_type, **sizes, "head_dim": None})
+    assert config_from_hf({"model_type": model_type, **sizes, "head_dim": 16}).dim_head == 16
+    omitted = config_from_hf({"model_type": model_type, **sizes}).dim_head
+    assert omitted == (128 if model_type == "qwen3" else 8)

@@ -25,7 +25,9 @@ Qwen2 / Qwen2.5 (``model_type='qwen2'``) is a Llama with biases on q/k/v (not o,
 it imports as a ``llama`` config with ``qkv_bias=True``.  Qwen3 (``'qwen3'``) is a Llama with an
 RMSNorm over ``head_dim`` on every query and key head (one ``[head_dim]`` weight each, shared by
 the heads, eps ``rms_norm_eps``) applied before RoPE: ``qk_norm=True`` (its ``attention_bias``,
-default false, biases q/k/v and o: ``qkv_bias``, and every ``o_proj.bias`` must be zero).  Both
+default false, biases q/k/v and o: ``qkv_bias``, and every ``o_proj.bias`` must be zero; its
+``head_dim`` omitted is 128, null is refused: transformers 5's ``Qwen3Config`` refuses it, and its
+Qwen2 crashes on it, so a Qwen2 null ``head_dim`` is refused too).  Both
 take their window from ``use_sliding_window`` + ``sliding_window`` when every layer slides (the
 same mask as Mistral's); a per-layer pattern (``max_window_layers``, ``layer_types``) is refused.
 Export: ``qk_norm`` -> ``Qwen3ForCausalLM`` (``attention_bias=qkv_bias``; with it, zero
@@ -206,7 +208,7 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", scan_layers: bool = Fals
 
     ``model_type='qwen2'``: ``qkv_bias=True`` (transformers' Qwen2 always biases q/k/v, never o;
     it reads no ``attention_bias`` key, nor do we); ``'qwen3'``: ``qk_norm=True``, ``head_dim``
-    omitted = 128, and for ``'qwen3'`` and ``'llama'``
+    omitted = 128 (null: ``ValueError``, as for Qwen2), and for ``'qwen3'`` and ``'llama'``
     ``attention_bias`` -> ``qkv_bias`` (they then also bias ``o_proj``, which jaxformers has not:
     :func:`from_hf` accepts it only when every ``o_proj.bias`` is zero, as :func:`to_hf` writes it
     for Qwen3).  Both take their own config classes' defaults
@@ -233,6 +235,10 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", scan_layers: bool = Fals
         n_layer = hf.get("num_hidden_layers", QWEN_DEFAULTS["num_hidden_layers"])
         window, max_len = _qwen_window(hf, int(n_layer)), QWEN_OMITTED["max_position_embeddings"]
         omitted = {"num_key_value_heads": QWEN_OMITTED["num_key_value_heads"]}
+        if "head_dim" in hf and hf["head_dim"] is None:  # transformers 5: Qwen3 refuses it, Qwen2 crashes
+            raise ValueError(f"head_dim=null is not supported for model_type={model_type!r} (transformers "
+                             "refuses or crashes on it); give the head size or leave head_dim out "
+                             f"({'128' if model_type == 'qwen3' else 'hidden_size // num_attention_heads'})")
         if model_type == "qwen3":
             omitted["head_dim"] = QWEN3_HEAD_DIM
         hf = {**hf, **{k: v for k, v in omitted.items() if k not in hf}}
