@@ -11,8 +11,9 @@ sliding ``window``; ``Qwen2ForCausalLM`` with ``qkv_bias``, ``Qwen3ForCausalLM``
 express, e.g. ``gpt``'s LayerNorm + GELU MLP or DenseFormer's weights, is refused naming why).
 ``--dtype``: the weights' storage dtype, ``float32`` (default), ``bfloat16`` (what released
 checkpoints use, half the bytes) or ``float16``; ``config.json``'s ``dtype`` / ``torch_dtype`` say
-which.  ``--max-shard-size`` (bytes or ``5GB`` / ``500MB``, default ``5GB``): weights over that
-are split as ``save_pretrained`` splits them, ``model-00001-of-0000N.safetensors`` + a
+which; a float16 export of a weight beyond float16's range (|w| >= 65520) is refused naming it
+(``--out`` untouched).  ``--max-shard-size`` (bytes or ``5GB`` / ``500MB``, default ``5GB``): weights
+over that are split as ``save_pretrained`` splits them, ``model-00001-of-0000N.safetensors`` + a
 ``model.safetensors.index.json``; otherwise one ``model.safetensors``.  The run's tokenizer is
 written beside them (``tokenizer.json`` + ``tokenizer_config.json``, ``AutoTokenizer``-loadable;
 the byte tokenizer becomes an equivalent byte-level BPE) and ``config.json`` gets its end-of-text
@@ -57,7 +58,8 @@ def main(argv=None) -> int:
     ap.add_argument("--force", action="store_true",
                     help="write into a non-empty --out (replacing an earlier export's files)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                    help="storage dtype of the weights (default float32; bfloat16 halves the size)")
+                    help="storage dtype of the weights (default float32; bfloat16 halves the size; "
+                         "float16 refuses a weight beyond its range, |w| >= 65520)")
     ap.add_argument("--max-shard-size", default="5GB",
                     help="largest weight file, in bytes or like 5GB / 500MB (default 5GB): a bigger "
                          "model is split into model-0000K-of-0000N.safetensors + an index")

@@ -2,8 +2,10 @@
 
 * A Llama config.json with ``attention_bias: true`` (``LlamaForCausalLM`` then biases q/k/v AND o)
   was refused; it imports as ``qkv_bias`` when every ``o_proj.bias`` is zero, as Qwen3's does.
+* A float16 export stored weights with |w| >= 65520 as inf, silently.
 * A Qwen3 ``head_dim: null`` was read as hidden / heads; transformers 5 refuses it."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -11,7 +13,11 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+import jax  # noqa: E402
+
+import jaxformers as jf  # noqa: E402
 from jaxformers.convert import config_from_hf, from_hf, to_hf  # noqa: E402
+from test_audit52_export import _export, _fake_run, _perturbed, _snapshot  # noqa: E402
 from test_convert_hf import (  # noqa: E402
     TOL, assert_export_round_trip, hf_logits, hf_model, jax_logits, load_auto, max_diff, tokens)
 
@@ -65,6 +71,61 @@ def test_attention_bias_values_per_model_type():
     # MistralForCausalLM has no biases and reads no attention_bias: still refused, as ambiguous
     with pytest.raises(ValueError, match="attention_bias=True .*'mistral'"):
         config_from_hf({"model_type": "mistral", **sizes, "attention_bias": True})
+
+
+# --------------------------------------------------------------------------- float16 overflow
+def _big(params, value):
+    """``params`` with one MLP weight of layer 1 set to ``value``."""
+    params = jax.tree.map(lambda x: x, params)  # (a copy of the nesting)
+    params["blocks_1"]["mlp"]["down"]["kernel"] = params["blocks_1"]["mlp"]["down"]["kernel"].at[2, 5].set(value)
+    return params
+
+
+def _llama():
+    config = jf.get_config("llama", "tiny", vocab_size=64, d_model=32, n_head=4, n_kv_head=2, d_ff=48,
+                           n_layer=2, tie_embeddings=False)
+    return config, _perturbed(config)
+
+
+def test_a_float16_export_of_a_weight_beyond_its_range_is_refused_before_writing(tmp_path):
+    config, params = _llama()
+    big = _big(params, -131072.0)  # 2 ** 17: exact in bfloat16
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.down_proj\.weight has max \|value\| 131072, "
+                                         r"which overflows float16 .*65504.*'bfloat16'.*'float32'"):
+        to_hf(config, big, str(tmp_path / "f16"), dtype="float16")
+    assert os.listdir(tmp_path) == []  # nothing written, nothing staged left behind
+    to_hf(config, big, str(tmp_path / "bf16"), dtype="bfloat16")  # in bfloat16's range: exported
+    _, back = from_hf(str(tmp_path / "bf16"))
+    assert float(back["blocks_1"]["mlp"]["down"]["kernel"][2, 5]) == -131072.0
+    # 65504 (the largest float16) and what rounds to it are kept, not refused
+    to_hf(config, _big(params, 65519.0), str(tmp_path / "edge"), dtype="float16")
+    _, back = from_hf(str(tmp_path / "edge"))
+    assert float(back["blocks_1"]["mlp"]["down"]["kernel"][2, 5]) == 65504.0
+
+
+def test_a_float16_mamba_export_is_checked_too(tmp_path):
+    config = jf.get_config("mamba2", "tiny", vocab_size=64, d_model=32, n_layer=1, headdim=16, n_groups=2,
+                           d_state=16, chunk_size=8)
+    params = jax.tree.map(lambda x: x, _perturbed(config))
+    params["embed"]["embedding"] = params["embed"]["embedding"].at[0, 0].set(1e6)
+    with pytest.raises(ValueError, match=r"embeddings\.weight has max \|value\| 1e\+06, which overflows float16"):
+        to_hf(config, params, str(tmp_path / "m"), dtype="float16")
+    assert not (tmp_path / "m").exists()
+
+
+def test_the_export_cli_refuses_a_float16_overflow_and_leaves_out_untouched(tmp_path, monkeypatch, capsys):
+    config, params = _llama()
+    out = tmp_path / "hf"
+    run = _fake_run(tmp_path, monkeypatch, config, params)
+    assert _export(run, out) == 0, capsys.readouterr().err
+    before = _snapshot(out)
+    run = _fake_run(tmp_path, monkeypatch, config, _big(params, 1e5))
+    capsys.readouterr()
+    assert _export(run, out, "--force", "--dtype", "float16") == 2
+    err = capsys.readouterr().err
+    assert "model.layers.1.mlp.down_proj.weight" in err and "overflows float16" in err and "bfloat16" in err
+    assert _snapshot(out) == before
+    assert sorted(os.listdir(tmp_path)) == ["hf", "run"]
 
 
 # --------------------------------------------------------------------------- qwen head_dim null

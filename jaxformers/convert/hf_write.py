@@ -6,7 +6,11 @@ and ``experiments.export``:
 * ``dtype``: ``"float32"`` (default), ``"bfloat16"`` (what released checkpoints use: half the
   bytes) or ``"float16"``; every tensor is stored in it (float32 values rounded to nearest even)
   and ``config.json``'s ``dtype`` / ``torch_dtype`` (transformers >= 5 reads ``dtype``, older
-  ones ``torch_dtype``) say so.
+  ones ``torch_dtype``) say so.  A finite weight that the storage dtype cannot hold (float16: |w| of
+  65520 or more rounds to inf, its largest finite value being 65504) is a ``ValueError`` naming the
+  tensor and its max |value| before anything is written (:func:`cast_all`).  Only weights are
+  exported; the activations of a float16 model are transformers' business at inference
+  (bfloat16 has float32's range for both).
 * ``max_shard_size`` (bytes, or a string ``"5GB"`` / ``"500MB"`` / ``"10KB"`` with transformers'
   decimal units; default ``"5GB"``): tensors are packed in order into files of at most that many
   bytes of tensor data, as ``huggingface_hub.split_torch_state_dict_into_shards`` (which
@@ -94,6 +98,23 @@ def cast(x, dtype: str) -> np.ndarray:
     elif dtype == "float16":
         x = x.astype(np.float16)
     return np.ascontiguousarray(x)
+
+
+def cast_all(tensors: Dict[str, np.ndarray], dtype: str) -> Dict[str, np.ndarray]:
+    """Every tensor :func:`cast` to the storage ``dtype``; ``ValueError`` naming the first one with
+    a finite value that becomes +-inf there (float16: |w| >= 65520, its largest finite value being
+    65504; bfloat16: beyond ~3.39e38), with its max |value|."""
+    out = {}
+    for name, t in tensors.items():
+        x = np.asarray(t).astype(np.float32)
+        with np.errstate(over="ignore"):  # (found below, with a clearer message than numpy's warning)
+            out[name] = y = cast(x, dtype)
+        if dtype != "float32" and np.any(np.isfinite(x) & ~np.isfinite(y)):
+            peak = float(np.max(np.abs(x[np.isfinite(x)])))
+            raise ValueError(f"{name} has max |value| {peak:.6g}, which overflows {dtype} (largest finite "
+                             f"{float(np.finfo(y.dtype).max):.6g}) and would be stored as inf; export with "
+                             "dtype 'bfloat16' (float32's range) or 'float32'")
+    return out
 
 
 def shard_names(tensors: Dict[str, np.ndarray], max_shard_size) -> Dict[str, List[str]]:
@@ -278,7 +299,7 @@ def write_checkpoint(out_dir: str, hf_config: dict, tensors: Dict[str, np.ndarra
     by ``max_shard_size``) written atomically into ``out_dir`` (:func:`staged`).  Returns ``out_dir``."""
     check_dtype(dtype)
     parse_size(max_shard_size)  # refused before anything is written
-    tensors = {k: cast(v, dtype) for k, v in tensors.items()}
+    tensors = cast_all(tensors, dtype)  # ... as a weight that would overflow to inf is
     hf_config = dict(hf_config, torch_dtype=dtype, dtype=dtype)
     with staged(out_dir) as s:
         write_weights(tensors, s.path, max_shard_size)
@@ -286,5 +307,5 @@ def write_checkpoint(out_dir: str, hf_config: dict, tensors: Dict[str, np.ndarra
     return out_dir
 
 
-__all__ = ["EXPORT_DTYPES", "DEFAULT_MAX_SHARD_SIZE", "check_dtype", "parse_size", "cast", "shard_names",
-           "write_weights", "stale_weight_files", "publish", "staged", "write_checkpoint"]
+__all__ = ["EXPORT_DTYPES", "DEFAULT_MAX_SHARD_SIZE", "check_dtype", "parse_size", "cast", "cast_all",
+           "shard_names", "write_weights", "stale_weight_files", "publish", "staged", "write_checkpoint"]
