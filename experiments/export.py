@@ -12,8 +12,9 @@ express, e.g. ``gpt``'s LayerNorm + GELU MLP or DenseFormer's weights, is refuse
 ``--dtype``: the weights' storage dtype, ``float32`` (default), ``bfloat16`` (what released
 checkpoints use, half the bytes) or ``float16``; ``config.json``'s ``dtype`` / ``torch_dtype`` say
 which; a float16 export of a weight beyond float16's range (|w| >= 65520) is refused naming it
-(``--out`` untouched).  ``--max-shard-size`` (bytes or ``5GB`` / ``500MB``, default ``5GB``): weights
-over that are split as ``save_pretrained`` splits them, ``model-00001-of-0000N.safetensors`` + a
+(``--out`` untouched).  ``--max-shard-size`` (bytes, e.g. ``20000``, or ``5GB`` / ``500MB``,
+default ``5GB``; ``to_hf(max_shard_size=)`` takes bytes as an int only, as ``save_pretrained``):
+weights over that are split as ``save_pretrained`` splits them, ``model-00001-of-0000N.safetensors`` + a
 ``model.safetensors.index.json``; otherwise one ``model.safetensors``.  The run's tokenizer is
 written beside them (``tokenizer.json`` + ``tokenizer_config.json``, ``AutoTokenizer``-loadable;
 the byte tokenizer becomes an equivalent byte-level BPE) and ``config.json`` gets its end-of-text
@@ -87,7 +88,8 @@ def main(argv=None) -> int:
                              "outside the run")
         if out.exists() and any(out.iterdir()) and not args.force:
             raise ValueError(f"--out {out} exists and is not an empty directory (--force writes into it)")
-        max_shard_size = parse_size(args.max_shard_size)
+        size = args.max_shard_size.strip()  # all digits: bytes (parse_size wants an int for those, as HF)
+        max_shard_size = parse_size(int(size) if size.isascii() and size.isdigit() else args.max_shard_size)
         if args.step is not None and args.step < 0:
             raise ValueError(f"--step must be >= 0, got {args.step}")
         model_config, train_config, params = load_run(args.run, step=args.step)

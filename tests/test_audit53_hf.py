@@ -3,6 +3,8 @@
 * A Llama config.json with ``attention_bias: true`` (``LlamaForCausalLM`` then biases q/k/v AND o)
   was refused; it imports as ``qkv_bias`` when every ``o_proj.bias`` is zero, as Qwen3's does.
 * A float16 export stored weights with |w| >= 65520 as inf, silently.
+* ``max_shard_size="123"`` was read as bytes; huggingface_hub (``save_pretrained``) refuses a
+  string without a unit.
 * A Qwen3 ``head_dim: null`` was read as hidden / heads; transformers 5 refuses it."""
 import json
 import os
@@ -126,6 +128,41 @@ def test_the_export_cli_refuses_a_float16_overflow_and_leaves_out_untouched(tmp_
     assert "model.layers.1.mlp.down_proj.weight" in err and "overflows float16" in err and "bfloat16" in err
     assert _snapshot(out) == before
     assert sorted(os.listdir(tmp_path)) == ["hf", "run"]
+
+
+# --------------------------------------------------------------------------- max_shard_size
+@pytest.mark.parametrize("size", ["5GB", "500MB", "1.5kb", " 10 KB ", "2TB", "0.5GB"])
+def test_max_shard_size_strings_read_as_huggingface_hub_reads_them(size):
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    from jaxformers.convert.hf_write import parse_size
+    assert parse_size(size) == parse_size_to_int(size)
+
+
+def test_a_digit_string_max_shard_size_is_refused_as_huggingface_hub_refuses_it(tmp_path):
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    from jaxformers.convert.hf_write import parse_size
+    with pytest.raises(ValueError):
+        parse_size_to_int("123")
+    with pytest.raises(ValueError, match=r"max_shard_size='123' has no unit.*'123KB'.*int of bytes \(123\)"):
+        parse_size("123")
+    assert parse_size(123) == 123
+    with pytest.raises(ValueError, match="max_shard_size"):
+        parse_size("\u00b2")  # a non-ASCII digit: str.isdigit, but no number of bytes
+    config, params = _llama()
+    with pytest.raises(ValueError, match="max_shard_size"):
+        to_hf(config, params, str(tmp_path / "x"), max_shard_size="20000")
+    assert not (tmp_path / "x").exists()
+
+
+def test_the_cli_still_reads_a_bare_max_shard_size_as_bytes(tmp_path, monkeypatch, capsys):
+    config, params = _llama()
+    run = _fake_run(tmp_path, monkeypatch, config, params)
+    assert _export(run, tmp_path / "hf", "--max-shard-size", "20000") == 0, capsys.readouterr().err
+    assert "model.safetensors.index.json" in json.loads(capsys.readouterr().out)["weights"]
+    assert _export(run, tmp_path / "hf2", "--max-shard-size", "٣") == 2  # a non-ASCII digit: refused
+    assert "max_shard_size" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- qwen head_dim null

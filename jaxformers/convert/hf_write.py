@@ -11,8 +11,11 @@ and ``experiments.export``:
   tensor and its max |value| before anything is written (:func:`cast_all`).  Only weights are
   exported; the activations of a float16 model are transformers' business at inference
   (bfloat16 has float32's range for both).
-* ``max_shard_size`` (bytes, or a string ``"5GB"`` / ``"500MB"`` / ``"10KB"`` with transformers'
-  decimal units; default ``"5GB"``): tensors are packed in order into files of at most that many
+* ``max_shard_size`` (an int of bytes, or a string ``"5GB"`` / ``"500MB"`` / ``"10KB"`` with
+  transformers' decimal units; default ``"5GB"``): as ``huggingface_hub``'s ``parse_size_to_int``
+  (what ``save_pretrained`` uses), a string needs one of the units -- a bare ``"123"`` is refused,
+  not read as bytes (``experiments.export``'s ``--max-shard-size``, always a string, reads an
+  all-digit value as bytes itself); tensors are packed in order into files of at most that many
   bytes of tensor data, as ``huggingface_hub.split_torch_state_dict_into_shards`` (which
   ``save_pretrained`` uses) packs them -- a tensor that would tip the current file over the limit
   starts a new one, a tensor larger than the limit gets a file of its own.  One file is
@@ -65,17 +68,21 @@ def check_dtype(dtype) -> str:
 
 
 def parse_size(size: Union[int, str]) -> int:
-    """``max_shard_size`` in bytes: an int, or a string of digits (bytes) or a number with a unit
-    ``KB`` / ``MB`` / ``GB`` / ``TB`` (powers of 1000, as transformers); ``ValueError`` otherwise."""
+    """``max_shard_size`` in bytes: an int (bytes), or a string of a number with a unit ``KB`` /
+    ``MB`` / ``GB`` / ``TB`` (powers of 1000), as ``huggingface_hub.parse_size_to_int`` reads it;
+    ``ValueError`` otherwise (a digit string without a unit too, as there)."""
     if isinstance(size, bool):
         raise ValueError(f"max_shard_size must be a number of bytes or a size like '5GB', got {size!r}")
     if isinstance(size, (int, np.integer)):
         value = int(size)
     elif isinstance(size, str):
         s = size.strip().upper().replace(" ", "")
-        unit = s[-2:] if s[-2:] in _UNITS else ("" if s.isdigit() else None)
+        if s.isascii() and s.isdigit():
+            raise ValueError(f"max_shard_size={size!r} has no unit: give a string with KB / MB / GB / TB "
+                             f"(e.g. '{s}KB'), or an int of bytes ({int(s)}), as huggingface_hub requires")
+        unit = s[-2:] if s[-2:] in _UNITS else None
         try:
-            value = None if unit is None else (int(s) if unit == "" else int(float(s[:-2]) * _UNITS[unit]))
+            value = None if unit is None else int(float(s[:-2]) * _UNITS[unit])
         except (ValueError, OverflowError):  # "nanGB" / "infGB", "1e999KB"
             value = None
         if value is None:
