@@ -56,14 +56,42 @@ class _FakeValue:
 
 
 class _FakeDataset:
-    """What ``_load_hf`` reads of a ``datasets.Dataset``: column names, features, columns."""
+    """A stand-in for a ``datasets.Dataset`` (datasets 5) with what ``hf:`` sources read of it:
+    ``column_names``, ``features`` (``Value``-likes with a ``dtype``), ``select_columns`` and
+    ``iter`` (batches of rows as ``{column: [values]}``).  ``columns``: ``{name: sequence}``, e.g. a
+    list, or a sequence that makes each value when it is read.  ``log`` records the calls;
+    ``ds[column]`` (the whole column, a ``datasets.Column``) is logged as ``"whole"``."""
 
-    def __init__(self, columns, dtypes):
-        self._columns, self.column_names = columns, list(columns)
+    def __init__(self, columns, dtypes, log=None):
+        self._columns, self.column_names = dict(columns), list(columns)
         self.features = {k: _FakeValue(dtypes[k]) for k in columns}
+        self.log = [] if log is None else log
+
+    def __len__(self):
+        return len(next(iter(self._columns.values()), ()))
 
     def __getitem__(self, column):
+        self.log.append(("whole", column))
         return self._columns[column]
+
+    def select_columns(self, column_names):
+        names = [column_names] if isinstance(column_names, str) else list(column_names)
+        missing = [n for n in names if n not in self._columns]
+        if missing:
+            raise ValueError(f"Column name {missing} not in the dataset. "
+                             f"Current columns in the dataset: {self.column_names}.")
+        self.log.append(("select_columns", names))
+        return _FakeDataset({k: self._columns[k] for k in names}, {k: self.features[k].dtype for k in names},
+                            self.log)
+
+    def iter(self, batch_size, drop_last_batch=False):
+        self.log.append(("iter", batch_size))
+        n = len(self)
+        for start in range(0, n, batch_size):
+            if drop_last_batch and start + batch_size > n:
+                break
+            self.log.append(("batch", start))
+            yield {k: list(v[start:start + batch_size]) for k, v in self._columns.items()}
 
 
 @pytest.fixture

@@ -38,11 +38,14 @@ it and the package.  A file that cannot be read (not valid gzip / zstandard / Pa
 non-string Parquet value, a missing column) is a ``ValueError`` naming the file (and the line
 of a ``.jsonl`` file, counted from 1, or the row of a ``.parquet`` file, counted from 1); an
 ``hf:`` dataset's text column that does not hold strings is a ``ValueError`` naming its type.
-An ``hf:`` dataset is loaded whole (``datasets.load_dataset``, not streamed).
+An ``hf:`` dataset is loaded with ``datasets.load_dataset`` (not its streaming mode: the dataset is
+downloaded and cached as Arrow files, which ``datasets`` memory-maps) and its text column read a
+batch of 1024 rows at a time (``Dataset.select_columns`` and ``Dataset.iter``).
 
 :func:`load_corpus` returns the whole corpus as a ``list[str]``; :func:`iter_corpus` yields
 the same documents one at a time, reading a local corpus one file (``.txt``: held whole, it
-is one document) / one record (``.jsonl``) / one batch of 1024 rows (``.parquet``) at a time.
+is one document) / one record (``.jsonl``) / one batch of 1024 rows (``.parquet``, ``hf:``) at a
+time.
 
 The cache root is ``$JAXFORMERS_CACHE`` or ``~/.cache/jaxformers``.
 """
@@ -180,16 +183,19 @@ def load_corpus(name_or_path: str | os.PathLike = "default", text_field: str = "
 
 def iter_corpus(name_or_path: str | os.PathLike = "default", text_field: str = "text") -> Iterator[str]:
     """The documents of :func:`load_corpus`, in the same order; a local file or folder is read one
-    file (``.txt``) / one record (``.jsonl``) / one batch of rows (``.parquet``) at a time, so
-    memory does not grow with the corpus (a corpus with no document raises ``ValueError`` once
-    it is read through).  Built-in and ``hf:`` corpora are loaded whole first."""
+    file (``.txt``) / one record (``.jsonl``) / one batch of rows (``.parquet``) at a time, an
+    ``hf:`` dataset one batch of rows at a time (:class:`_HFDocuments`), so memory does not grow
+    with the corpus (a corpus with no document raises ``ValueError`` once it is read through).
+    Built-in corpora are loaded whole first."""
     text_field = _check_text_field(text_field)
     src = resolve_corpus(name_or_path)
-    if src.kind != "path":
+    if src.kind == "builtin":
         yield from _load_other(src, text_field)
         return
+    docs = (_iter_files(_path_files(src.path), src.path, text_field) if src.kind == "path"
+            else _hf_documents(src, text_field))
     n = 0
-    for doc in _iter_files(_path_files(src.path), src.path, text_field):
+    for doc in docs:
         n += 1
         yield doc
     if not n:
@@ -197,6 +203,8 @@ def iter_corpus(name_or_path: str | os.PathLike = "default", text_field: str = "
 
 
 def _no_documents(src: CorpusSource) -> ValueError:
+    if src.kind == "hf":
+        return ValueError(f"data={src.spec!r}: the dataset holds no non-empty text")
     return ValueError(f"data={src.spec!r} holds no non-empty documents (files read: "
                       f"{', '.join(CORPUS_FILE_SUFFIXES)})")
 
@@ -217,7 +225,7 @@ def _load_other(src: CorpusSource, text_field: str = "text") -> list[str]:
     if src.kind == "hf":
         docs = _load_hf(src.spec[3:]) if text_field == "text" else _load_hf(src.spec[3:], text_field)
         if not docs:
-            raise ValueError(f"data={src.spec!r}: the dataset holds no non-empty text")
+            raise _no_documents(src)
         return docs
     raise AssertionError(src)  # pragma: no cover
 
@@ -734,6 +742,41 @@ _HF_TEXT_DTYPES = ("string", "large_string")  # a datasets.Value's dtype for tex
 
 
 def _load_hf(spec: str, text_field: str | None = None) -> list[str]:
+    """The documents of an ``hf:`` dataset as a list (:class:`_HFDocuments` read once)."""
+    return list(_HFDocuments(spec, text_field))
+
+
+def _hf_documents(src: CorpusSource, text_field: str = "text") -> "_HFDocuments":
+    """The documents of the ``hf:`` corpus ``src`` (``text_field`` ``"text"``: the ``text`` column,
+    else the first string column)."""
+    return _HFDocuments(src.spec[3:], None if text_field == "text" else text_field)
+
+
+class _HFDocuments:
+    """The non-empty strings of an ``hf:NAME[@CONFIG][:SPLIT]`` dataset's text column, read again on
+    each iteration a batch of :attr:`BATCH` rows at a time (``Dataset.select_columns`` then
+    ``Dataset.iter``: the dataset's other columns are not read), so memory does not grow with the
+    dataset.  The dataset is loaded (``datasets.load_dataset``) and its column checked on
+    construction (:func:`_open_hf`)."""
+
+    BATCH = 1024
+
+    def __init__(self, spec: str, text_field: str | None = None):
+        self.dataset, self.column = _open_hf(spec, text_field)
+
+    def __iter__(self) -> Iterator[str]:
+        column = self.column
+        for batch in self.dataset.select_columns([column]).iter(batch_size=self.BATCH):
+            for text in batch[column]:
+                if isinstance(text, str) and text:
+                    yield text
+
+
+def _open_hf(spec: str, text_field: str | None = None):
+    """``(dataset, column)``: the ``datasets.Dataset`` of ``spec`` and the column holding its text
+    (``text_field``; ``None``: ``text`` if there is one, else the first string column).
+    ``RuntimeError`` without ``datasets``, for a dataset that cannot be loaded, a missing column or
+    no string column; ``ValueError`` naming its type for a column that does not hold strings."""
     name, _, split = spec.partition(":")
     name, _, config = name.partition("@")
     split = split or "train"
@@ -760,4 +803,4 @@ def _load_hf(spec: str, text_field: str | None = None) -> list[str]:
     if kind not in _HF_TEXT_DTYPES:
         raise ValueError(f"dataset {name!r}: column {column!r} holds {kind or type(feature).__name__}, not text "
                          f"(strings); name a text column with text_field / --text-field")
-    return [t for t in ds[column] if isinstance(t, str) and t]
+    return ds, column

@@ -28,7 +28,9 @@ document is held at a time (a ``.txt`` file is one, with its bytes while it is r
 64 (at most about 1M characters) while it is encoded; a one-document corpus, or the document
 whose tail a ``"tail"`` split cuts, is held while it is split.  The ``byte`` tokenizer on a
 corpus that is one valid UTF-8 file copies its bytes in chunks of 1 MB (:class:`_ByteFile`: the
-same output, a few MB whatever its size).  Built-in and ``hf:`` corpora are loaded whole.
+same output, a few MB whatever its size).  An ``hf:`` dataset is read the same way, a batch of 1024
+rows of its text column at a time on each pass (:class:`~.corpus._HFDocuments`; ``datasets`` keeps
+the dataset in Arrow files it memory-maps).  Built-in corpora are loaded whole.
 """
 
 from __future__ import annotations
@@ -45,8 +47,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .corpus import (_check_text_field, _file_format, _iter_files, _load_other, _no_documents, _path_files, _slug,
-                     cache_dir, corpus_fingerprint, fingerprint_document, load_corpus, resolve_corpus)
+from .corpus import (_check_text_field, _file_format, _hf_documents, _iter_files, _load_other, _no_documents,
+                     _path_files, _slug, cache_dir, corpus_fingerprint, fingerprint_document, load_corpus,
+                     resolve_corpus)
 from ..utils import int_arg
 from .tokenizer import get_tokenizer, hf_tokenizer_dir, load_tokenizer, parse_tokenizer_spec
 
@@ -252,9 +255,10 @@ def prepare(data: str = "default", tokenizer: str = "byte", out_dir: str | os.Pa
     ``.parquet`` files (and ``hf:`` datasets) that holds the text (part of the dataset's identity
     when it is not ``"text"``).
 
-    A local file or folder is read a document at a time, in two passes (three for ``bpe``: its
-    training reads the train documents), so memory does not grow with the corpus's text: what is
-    kept per document is its length and a 16-byte hash (:class:`_Documents`; see the module doc).
+    A local file or folder, or an ``hf:`` dataset, is read a document at a time, in two passes
+    (three for ``bpe``: its training reads the train documents), so memory does not grow with the
+    corpus's text: what is kept per document is its length and a 16-byte hash (:class:`_Documents`;
+    see the module doc).
     """
     src = resolve_corpus(data)
     val_fraction, seed = check_split_args(val_fraction, seed)
@@ -329,7 +333,8 @@ def prepare(data: str = "default", tokenizer: str = "byte", out_dir: str | os.Pa
 class _Documents:
     """The documents of a corpus for :func:`prepare`, read again on each pass: a local file or
     folder one file (``.txt``) / one record (``.jsonl``) / one batch of rows (``.parquet``) at a
-    time (:func:`~.corpus._iter_files`), a built-in or ``hf:`` corpus from a list in memory.
+    time (:func:`~.corpus._iter_files`), an ``hf:`` dataset one batch of rows at a time
+    (:class:`~.corpus._HFDocuments`, loaded once), a built-in corpus from a list in memory.
 
     The first pass (made on construction) computes the corpus fingerprint and keeps, per
     document, its length in characters and a 16-byte hash of its text (copies of a text share
@@ -349,6 +354,8 @@ class _Documents:
         self.src, self.text_field = src, text_field
         if src.kind == "path":
             self._files, self._docs = _path_files(src.path), None  # listed once (its warnings once)
+        elif src.kind == "hf":  # loaded and checked once, its text column read again on each pass
+            self._files, self._docs = None, _hf_documents(src, text_field)
         else:
             self._files, self._docs = None, _load_other(src, text_field)
         h, lengths, digests = hashlib.sha256(), array("q"), bytearray()
