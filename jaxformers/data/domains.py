@@ -160,6 +160,19 @@ def _equal_weights(weights) -> bool:
     return bool(np.allclose(weights, 1.0 / len(weights), rtol=1e-6, atol=0))
 
 
+def _has_no_fields(source: Optional[str]) -> bool:
+    """True for a SOURCE without fields for ``text_field``: a built-in domain (``None``),
+    ``noise`` or a built-in corpus (decided by name, no file read)."""
+    if source is None or source == "noise":
+        return True
+    from .corpus import resolve_corpus
+
+    try:
+        return resolve_corpus(source).kind == "builtin"
+    except ValueError:  # a path that does not exist here: loading it names the problem
+        return False
+
+
 def parse_domains_spec(spec: str) -> DomainsSpec:
     """``"domains:..."`` -> :class:`DomainsSpec` (``ValueError`` naming the bad part)."""
     return _parse_domains_spec(spec)[0]
@@ -247,7 +260,7 @@ def _parse_domains_spec(spec: str):
         if not eq or not ok:
             raise ValueError(f"data={spec!r}: bad option {part!r} (max_bytes=INT>=0, "
                              f"val_fraction=FLOAT in (0, 1), sample={'|'.join(SAMPLING)}, text_field=NAME)")
-    if kw.get("text_field", "text") != "text" and all(s is None or s == "noise" for s in sources):
+    if kw.get("text_field", "text") != "text" and all(_has_no_fields(s) for s in sources):
         raise ValueError(f"data={spec!r}: text_field={kw['text_field']!r} names the text of .jsonl / .parquet "
                          f"files and hf: datasets, but no domain has such a SOURCE (NAME=SOURCE)")
     top = max(weights)
