@@ -139,7 +139,7 @@ class ModelConfig(ConfigMixin):
     #: Parameter names (the last key of a parameter's path) this family never weight-decays,
     #: whatever their shape (class attribute, not a field): the trainer's decay rule
     #: (:func:`jaxformers.training.optim.decay_mask`) otherwise decays a parameter iff it has two
-    #: or more non-layer axes.  e.g. ``MambaConfig``: mamba_ssm's ``_no_weight_decay`` parameters.
+    #: or more non-layer axes (a ``heads, head_dim`` pair counting as one).  e.g. ``MambaConfig``: mamba_ssm's ``_no_weight_decay`` parameters.
     no_weight_decay: ClassVar[Tuple[str, ...]] = ()
     #: Under ``weight_decay_groups="nanogpt"``, the names also never decayed: nanoGPT's
     #: ``nn.Embedding`` tables (the token embedding, tied with the head when tied).

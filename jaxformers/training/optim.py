@@ -1,7 +1,8 @@
 """AdamW with global-norm clipping and warmup + cosine / WSD / constant schedules.
 
 Weight-decay rule: a parameter is decayed iff it has at least two axes other
-than the stacked ``layers`` axis (of ``scan_layers``) -- i.e. matmul kernels
+than the stacked ``layers`` axis (of ``scan_layers``), a ``heads|kv_heads, head_dim``
+pair counting as one (the attention's features split per head) -- i.e. matmul kernels
 and embedding tables (as in GPT-2 / nanoGPT, where the tied embedding is also
 the output layer).  Norm scales, biases and scalar/vector mixing weights
 (e.g. DenseFormer's averaging weights) are not decayed.  Parameters without
@@ -37,7 +38,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec
 
-from ..sharding import LAYERS
+from ..sharding import HEAD_DIM, HEADS, KV_HEADS, LAYERS
 
 
 # The TrainConfig fields that make_schedule / make_optimizer read: two configs that agree on
@@ -112,7 +113,10 @@ def decay_mask(logical_specs, abstract_params, no_decay=(), decay=()):
         if name in decay:
             return True
         if isinstance(spec, PartitionSpec) and len(spec) == leaf.ndim:
-            return sum(1 for name in spec if name != LAYERS) >= 2
+            axes = [name for name in spec if name != LAYERS]
+            if HEAD_DIM in axes and (HEADS in axes or KV_HEADS in axes):  # [H, Dh]: one feature axis split
+                axes.remove(HEAD_DIM)  # per head (q/k/v biases, per-head q/k norm scales are vectors)
+            return len(axes) >= 2
         return leaf.ndim >= 2
 
     return jax.tree_util.tree_map_with_path(one, logical_specs, abstract_params,
