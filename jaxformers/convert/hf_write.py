@@ -76,13 +76,13 @@ def parse_size(size: Union[int, str]) -> int:
     if isinstance(size, (int, np.integer)):
         value = int(size)
     elif isinstance(size, str):
-        s = size.strip().upper().replace(" ", "")
+        s = size.strip()  # as parse_size_to_int: the last two characters are the unit, the rest a float
         if s.isascii() and s.isdigit():
             raise ValueError(f"max_shard_size={size!r} has no unit: give a string with KB / MB / GB / TB "
                              f"(e.g. '{s}KB'), or an int of bytes ({int(s)}), as huggingface_hub requires")
-        unit = s[-2:] if s[-2:] in _UNITS else None
+        unit = s[-2:].upper() if s[-2:].upper() in _UNITS else None
         try:
-            value = None if unit is None else int(float(s[:-2]) * _UNITS[unit])
+            value = None if unit is None else int(float(s[:-2].strip()) * _UNITS[unit])
         except (ValueError, OverflowError):  # "nanGB" / "infGB", "1e999KB"
             value = None
         if value is None:
@@ -120,7 +120,8 @@ def cast_all(tensors: Dict[str, np.ndarray], dtype: str) -> Dict[str, np.ndarray
             peak = float(np.max(np.abs(x[np.isfinite(x)])))
             raise ValueError(f"{name} has max |value| {peak:.6g}, which overflows {dtype} (largest finite "
                              f"{float(np.finfo(y.dtype).max):.6g}) and would be stored as inf; export with "
-                             "dtype 'bfloat16' (float32's range) or 'float32'")
+                             + ("dtype 'bfloat16' (float32's range) or 'float32'" if dtype == "float16"
+                                else "dtype 'float32'"))
     return out
 
 
