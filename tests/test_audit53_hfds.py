@@ -193,3 +193,52 @@ def test_the_stand_in_behaves_as_the_real_datasets_package(tmp_path, monkeypatch
         fake = results()
     assert real == fake
     assert real["load"] == real["iter"] == _old_documents(texts)
+
+
+def _install_disk(monkeypatch, saved):
+    """A stand-in ``datasets`` whose ``load_from_disk`` returns ``saved`` (a ``_FakeDataset``, or a dict
+    of them: a ``DatasetDict``) and whose ``load_dataset`` must not be called."""
+    def load_dataset(*a, **k):
+        raise AssertionError("load_dataset called for a save_to_disk folder")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(
+        load_dataset=load_dataset, load_from_disk=lambda path: saved))
+
+
+def test_hf_save_to_disk_folders_are_read_with_load_from_disk(tmp_path, monkeypatch):
+    """``hf:FOLDER`` of ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` (which ``load_dataset``
+    cannot read) is read with ``load_from_disk``: a Dataset without ``:SPLIT``, a DatasetDict's split
+    (default ``train``); ``@CONFIG``, a split of a Dataset and a missing split are ``ValueError``s."""
+    one, both = tmp_path / "one", tmp_path / "both"
+    one.mkdir(), both.mkdir()
+    (one / "state.json").write_text("{}")
+    (both / "dataset_dict.json").write_text("{}")
+    texts = ["alpha beta", "", "gamma"]
+    _install_disk(monkeypatch, _FakeDataset({"text": texts}, {"text": "string"}))
+    assert C.load_corpus(f"hf:{one}") == ["alpha beta", "gamma"]
+    for spec, match in ((f"hf:{one}:test", "without splits"), (f"hf:{one}@cfg", "no configurations")):
+        with pytest.raises(ValueError, match=match):
+            C.load_corpus(spec)
+    _install_disk(monkeypatch, {"train": _FakeDataset({"body": texts}, {"body": "string"}),
+                                "test": _FakeDataset({"body": ["delta"]}, {"body": "string"})})
+    assert C.load_corpus(f"hf:{both}", text_field="body") == ["alpha beta", "gamma"]
+    assert C.load_corpus(f"hf:{both}:test", text_field="body") == ["delta"]
+    with pytest.raises(ValueError, match=r"split 'val' is not in .* its splits: \['test', 'train'\]"):
+        C.load_corpus(f"hf:{both}:val", text_field="body")
+    with pytest.raises(ValueError, match="holds int64, not text"):
+        _install_disk(monkeypatch, _FakeDataset({"n": [1]}, {"n": "int64"}))
+        C.load_corpus(f"hf:{one}", text_field="n")
+
+
+def test_hf_save_to_disk_with_the_real_package(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    texts = ["one two", "", "three", "four five six"]
+    datasets.Dataset.from_dict({"text": texts, "n": list(range(4))}).save_to_disk(str(tmp_path / "one"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": texts}),
+                          "test": datasets.Dataset.from_dict({"text": ["seven"]})}).save_to_disk(
+        str(tmp_path / "both"))
+    assert C.load_corpus(f"hf:{tmp_path / 'one'}") == ["one two", "three", "four five six"]
+    assert C.load_corpus(f"hf:{tmp_path / 'both'}") == ["one two", "three", "four five six"]
+    assert C.load_corpus(f"hf:{tmp_path / 'both'}:test") == ["seven"]
+    with pytest.raises(ValueError, match="without splits"):
+        C.load_corpus(f"hf:{tmp_path / 'one'}:train")

@@ -27,7 +27,10 @@ JSONL record, ...).  :func:`load_corpus` accepts
   name, so write ``./python`` to mean the folder;
 
 * ``"hf:NAME[@CONFIG][:SPLIT]"``: a Hugging Face dataset (needs the optional
-  ``datasets`` package and network access; split defaults to ``train``).
+  ``datasets`` package and network access; split defaults to ``train``); ``NAME`` may be a
+  local folder ``load_dataset`` reads, or one written by ``save_to_disk`` (read with
+  ``load_from_disk``: a ``Dataset`` takes no ``:SPLIT``, a ``DatasetDict`` its split, neither
+  an ``@CONFIG``).
 
 ``text_field`` (:func:`load_corpus`, :func:`iter_corpus`, :func:`~.prepare.prepare`,
 ``--text-field``) names another field / column than ``text``.  Reading ``.parquet`` needs
@@ -779,19 +782,51 @@ def _open_hf(spec: str, text_field: str | None = None):
     no string column; ``ValueError`` naming its type for a column that does not hold strings."""
     name, _, split = spec.partition(":")
     name, _, config = name.partition("@")
-    split = split or "train"
+    split_given, split = bool(split), split or "train"
     try:
         import datasets  # noqa: PLC0415  (optional dependency)
     except ImportError:
         raise RuntimeError(
             f"data='hf:{spec}' needs the optional 'datasets' package (pip install datasets); "
             "or pass a folder of .txt/.jsonl files instead") from None
+    saved = Path(name).expanduser()
+    if saved.is_dir() and any((saved / f).is_file() for f in ("state.json", "dataset_dict.json")):
+        return _open_saved_hf(datasets, saved, spec, config, split, split_given, text_field)
     try:
         ds = datasets.load_dataset(name, config or None, split=split)
     except Exception as e:  # network, unknown dataset, ...
         raise RuntimeError(
             f"could not load Hugging Face dataset {name!r} (config={config or None}, split={split!r}): "
             f"{type(e).__name__}: {e}. Are you online? Otherwise pass a local folder instead") from e
+    return _text_column(ds, name, text_field)
+
+
+def _open_saved_hf(datasets, folder: Path, spec: str, config: str, split: str, split_given: bool,
+                   text_field: str | None):
+    """:func:`_open_hf` of a folder written by ``Dataset.save_to_disk`` (``state.json``: one dataset,
+    no splits) or ``DatasetDict.save_to_disk`` (``dataset_dict.json``: ``split``, default ``train``),
+    read with ``datasets.load_from_disk`` (``load_dataset`` cannot read it)."""
+    if config:
+        raise ValueError(f"data='hf:{spec}': {str(folder)!r} is a save_to_disk folder, which has no "
+                         f"configurations (@{config}); pass hf:{folder}[:SPLIT]")
+    try:
+        ds = datasets.load_from_disk(str(folder))
+    except Exception as e:  # a broken / foreign folder
+        raise RuntimeError(f"could not load the save_to_disk folder {str(folder)!r}: {type(e).__name__}: {e}") from e
+    if hasattr(ds, "column_names") and not isinstance(ds.column_names, dict):  # one Dataset
+        if split_given:
+            raise ValueError(f"data='hf:{spec}': {str(folder)!r} holds one dataset (Dataset.save_to_disk), "
+                             f"without splits; drop ':{split}'")
+    else:  # a DatasetDict
+        if split not in ds:
+            raise ValueError(f"data='hf:{spec}': split {split!r} is not in the save_to_disk folder "
+                             f"{str(folder)!r}; its splits: {sorted(ds)}")
+        ds = ds[split]
+    return _text_column(ds, str(folder), text_field)
+
+
+def _text_column(ds, name: str, text_field: str | None):
+    """``(ds, column)``: the column of ``ds`` holding its text (the checks of :func:`_open_hf`)."""
     if text_field is not None and text_field not in ds.column_names:
         raise RuntimeError(f"dataset {name!r} has no column {text_field!r} (columns: {ds.column_names})")
     column = text_field if text_field is not None else "text" if "text" in ds.column_names else next(
