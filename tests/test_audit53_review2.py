@@ -36,3 +36,14 @@ def test_a_bfloat16_overflow_does_not_suggest_bfloat16():
     with pytest.raises(ValueError, match=r"overflows float16 .*dtype 'bfloat16' \(float32's range\) or 'float32'"):
         cast_all({"w": np.array([65520.0], np.float32)}, "float16")
     assert cast_all({"w": w}, "float32")["w"].dtype == np.float32
+
+
+def test_parse_size_takes_a_float_of_bytes():
+    """A float ``max_shard_size`` (``5e9``) is bytes, rounded down (an integer tensor size fits under
+    ``1.5`` exactly when it fits under ``1``); nan / inf are refused."""
+    from jaxformers.convert.hf_write import parse_size
+    assert parse_size(5e9) == 5_000_000_000 and parse_size(np.float32(2048.0)) == 2048
+    assert parse_size(1.5) == 1
+    for bad in (float("nan"), float("inf"), -1.0, 0.5):
+        with pytest.raises(ValueError, match="max_shard_size"):
+            parse_size(bad)

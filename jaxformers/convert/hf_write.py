@@ -67,14 +67,19 @@ def check_dtype(dtype) -> str:
     return dtype
 
 
-def parse_size(size: Union[int, str]) -> int:
-    """``max_shard_size`` in bytes: an int (bytes), or a string of a number with a unit ``KB`` /
-    ``MB`` / ``GB`` / ``TB`` (powers of 1000), as ``huggingface_hub.parse_size_to_int`` reads it;
-    ``ValueError`` otherwise (a digit string without a unit too, as there)."""
+def parse_size(size: Union[int, float, str]) -> int:
+    """``max_shard_size`` in bytes: an int (bytes), a finite float (bytes, e.g. ``5e9``; rounded
+    down, which splits integer tensor sizes as the float does), or a string of a number with a unit
+    ``KB`` / ``MB`` / ``GB`` / ``TB`` (powers of 1000), as ``huggingface_hub.parse_size_to_int``
+    reads it; ``ValueError`` otherwise (a digit string without a unit too, as there)."""
     if isinstance(size, bool):
         raise ValueError(f"max_shard_size must be a number of bytes or a size like '5GB', got {size!r}")
     if isinstance(size, (int, np.integer)):
         value = int(size)
+    elif isinstance(size, (float, np.floating)):
+        if not np.isfinite(size):
+            raise ValueError(f"max_shard_size must be a finite number of bytes or a size like '5GB', got {size!r}")
+        value = int(np.floor(size))
     elif isinstance(size, str):
         s = size.strip()  # as parse_size_to_int: the last two characters are the unit, the rest a float
         if s.isascii() and s.isdigit():
