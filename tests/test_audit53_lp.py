@@ -9,6 +9,7 @@ import pytest
 import jaxformers as jf
 from jaxformers.transforms import pair_layers
 from multidevice import REPO, run_on_devices
+from test_extension_points import _decode_matches_forward
 from test_layer_parallel import SCRIPT, _logits, _model, _reference
 
 QK = dict(qk_norm=True, n_kv_head=2)
@@ -44,16 +45,7 @@ def test_fused_qk_norm_pairs_follow_the_equation_and_equal_unfused(tokens, kw):
 def test_fused_qk_norm_pair_decodes_as_the_forward(tokens):
     cfg, params = _model("llama", **QK)
     pc, pp = pair_layers(cfg, params, 0, 4)
-    module = jf.build(pc)
-    full = module.apply({"params": pp}, tokens)
-    cache = jf.init_cache(module, tokens.shape[0], 16)
-    step = jax.jit(lambda p, t, c: module.apply({"params": p}, t, cache=c))
-    got, cache = step(pp, tokens[:, :6], cache)
-    outs = [got]
-    for t in range(6, tokens.shape[1]):
-        got, cache = step(pp, tokens[:, t:t + 1], cache)
-        outs.append(got)
-    np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=1e-5, rtol=1e-5)
+    _decode_matches_forward(jf.build(pc), pp, tokens, atol=1e-5)
 
 
 def test_qk_norm_per_head_is_off_by_default_checked_and_not_exported(tmp_path):
