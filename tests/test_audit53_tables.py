@@ -37,3 +37,24 @@ def test_gpt_packed_documents_have_the_logits_and_grads_of_each_document_alone()
     # without segment_ids the documents see each other: the gradients differ
     g_mixed = jax.grad(lambda p: jnp.sum(m.apply({"params": p}, tok) * ct))(params)
     assert max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(g_mixed), jax.tree.leaves(gs))) > 1e-4
+
+
+def test_every_remat_policy_gives_the_gradients_of_no_remat():
+    """`remat` policies (scanned and unrolled layers): same loss and gradients as remat="none"."""
+    tok = jax.random.randint(jax.random.PRNGKey(3), (2, 12), 0, 64)
+    for scan in (False, True):
+        base = jf.get_config("llama", "tiny", n_layer=2, d_model=32, n_head=4, n_kv_head=2, d_ff=64,
+                             vocab_size=64, scan_layers=scan)
+        params = jf.init_params(jf.build(base), jax.random.PRNGKey(0))
+
+        def grads(cfg):
+            m = jf.build(cfg)
+            return jax.jit(jax.value_and_grad(lambda p: jnp.mean(m.apply({"params": p}, tok) ** 2)))(params)
+
+        ref_l, ref_g = grads(base)
+        for policy in ("full", "dots", "dots_no_batch", "save_attention_out"):
+            loss, g = grads(base.replace(remat=policy))
+            np.testing.assert_allclose(loss, ref_l, rtol=1e-6)
+            for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref_g)):
+                np.testing.assert_allclose(a, b, atol=1e-6 * max(1.0, float(jnp.abs(b).max())), rtol=1e-5,
+                                           err_msg=f"{policy} scan={scan}")
