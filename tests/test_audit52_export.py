@@ -141,7 +141,7 @@ def test_max_shard_size_strings_and_refusals():
 
     assert parse_size("5GB") == 5 * 10 ** 9 and parse_size("500MB") == 5 * 10 ** 8
     assert parse_size("1.5kb") == 1500 and parse_size(77) == 77
-    for bad in ("5 parsecs", "GB", "-1", 0, "abc", 2.5, "123"):  # "123": no unit (huggingface_hub refuses it)
+    for bad in ("5 parsecs", "GB", "-1", 0, "abc", 0.5, "123"):  # "123": no unit (huggingface_hub refuses it)
         with pytest.raises(ValueError, match="max_shard_size"):
             parse_size(bad)
     t = {n: np.zeros(s, np.float32) for n, s in [("a", 6), ("b", 6), ("c", 2), ("d", 6), ("e", 2), ("f", 2)]}
