@@ -118,10 +118,12 @@ def cast_all(tensors: Dict[str, np.ndarray], dtype: str) -> Dict[str, np.ndarray
     65504; bfloat16: beyond ~3.39e38), with its max |value|."""
     out = {}
     for name, t in tensors.items():
-        x = np.asarray(t).astype(np.float32)
         with np.errstate(over="ignore"):  # (found below, with a clearer message than numpy's warning)
-            out[name] = y = cast(x, dtype)
-        if dtype != "float32" and np.any(np.isfinite(x) & ~np.isfinite(y)):
+            out[name] = y = cast(t, dtype)
+        if dtype == "float32" or np.all(np.isfinite(y)):  # the common case: no second float32 copy
+            continue
+        x = np.asarray(t).astype(np.float32)
+        if np.any(np.isfinite(x) & ~np.isfinite(y)):
             peak = float(np.max(np.abs(x[np.isfinite(x)])))
             raise ValueError(f"{name} has max |value| {peak:.6g}, which overflows {dtype} (largest finite "
                              f"{float(np.finfo(y.dtype).max):.6g}) and would be stored as inf; export with "
