@@ -113,8 +113,8 @@ def load_domain_docs(name: str, source: Optional[str], max_bytes: int, seed: int
     elif source == "noise":
         docs = _noise_docs(max_bytes or DEFAULT_MAX_BYTES, seed)
     else:  # a document at a time (a local corpus): reading stops at the cap
-        from .corpus import iter_corpus, resolve_corpus
-        docs = iter_corpus(source, text_field if resolve_corpus(source).kind != "builtin" else "text")
+        from .corpus import iter_corpus
+        docs = iter_corpus(source, "text" if _has_no_fields(source) else text_field)
     if max_bytes:
         kept, total = [], 0
         for d in docs:
