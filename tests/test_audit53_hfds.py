@@ -143,7 +143,7 @@ def test_hf_iter_corpus_streams_load_corpus_lists_and_the_checks_are_unchanged(m
     for run in (C.load_corpus, lambda *a, **k: list(C.iter_corpus(*a, **k)), P.prepare):
         with pytest.raises(ValueError, match=r"column 'label' holds int64, not text"):
             run("hf:someone/set", text_field="label")
-        with pytest.raises(RuntimeError, match=r"no column 'nope' \(columns: \['label', 'text', 'body'\]\)"):
+        with pytest.raises(ValueError, match=r"no column text_field='nope' \(columns: \['label', 'text', 'body'\]\)"):
             run("hf:someone/set", text_field="nope")
     # without a text column the first string column is read; without a string column it is an error
     _install(monkeypatch, _FakeDataset({"n": [1, 2], "s": ["x", ""], "t": ["y", "z"]},
@@ -151,7 +151,7 @@ def test_hf_iter_corpus_streams_load_corpus_lists_and_the_checks_are_unchanged(m
     assert C.load_corpus("hf:x") == list(C.iter_corpus("hf:x")) == ["x"]
     _install(monkeypatch, _FakeDataset({"n": [1, 2]}, {"n": "int32"}))
     for run in (C.load_corpus, lambda *a, **k: list(C.iter_corpus(*a, **k)), P.prepare):
-        with pytest.raises(RuntimeError, match=r"has no string column \(columns: \['n'\]\)"):
+        with pytest.raises(ValueError, match=r"has no string column \(columns: \['n'\]\)"):
             run("hf:x")
     _install(monkeypatch, _FakeDataset({"text": ["", None] * 700}, {"text": "string"}))
     for run in (C.load_corpus, lambda *a, **k: list(C.iter_corpus(*a, **k)), P.prepare):

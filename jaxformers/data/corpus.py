@@ -778,8 +778,9 @@ class _HFDocuments:
 def _open_hf(spec: str, text_field: str | None = None):
     """``(dataset, column)``: the ``datasets.Dataset`` of ``spec`` and the column holding its text
     (``text_field``; ``None``: ``text`` if there is one, else the first string column).
-    ``RuntimeError`` without ``datasets``, for a dataset that cannot be loaded, a missing column or
-    no string column; ``ValueError`` naming its type for a column that does not hold strings."""
+    ``RuntimeError`` without ``datasets`` or for a dataset that cannot be loaded; ``ValueError`` for
+    a ``text_field`` the dataset lacks, no string column, or a column that does not hold strings
+    (naming its type)."""
     name, _, split = spec.partition(":")
     name, _, config = name.partition("@")
     split_given, split = bool(split), split or "train"
@@ -828,11 +829,12 @@ def _open_saved_hf(datasets, folder: Path, spec: str, config: str, split: str, s
 def _text_column(ds, name: str, text_field: str | None):
     """``(ds, column)``: the column of ``ds`` holding its text (the checks of :func:`_open_hf`)."""
     if text_field is not None and text_field not in ds.column_names:
-        raise RuntimeError(f"dataset {name!r} has no column {text_field!r} (columns: {ds.column_names})")
+        raise ValueError(f"dataset {name!r} has no column text_field={text_field!r} (columns: {ds.column_names})")
     column = text_field if text_field is not None else "text" if "text" in ds.column_names else next(
         (c for c, f in ds.features.items() if getattr(f, "dtype", None) in _HF_TEXT_DTYPES), None)
     if column is None:
-        raise RuntimeError(f"dataset {name!r} has no string column (columns: {ds.column_names})")
+        raise ValueError(f"dataset {name!r} has no string column (columns: {ds.column_names}); "
+                         "name its text column with text_field / --text-field")
     feature = ds.features[column]  # a column of numbers / lists / labels is the wrong one, not an empty one
     kind = getattr(feature, "dtype", None)
     if kind not in _HF_TEXT_DTYPES:
