@@ -8,7 +8,8 @@ and ``experiments.export``:
   and ``config.json``'s ``dtype`` / ``torch_dtype`` (transformers >= 5 reads ``dtype``, older
   ones ``torch_dtype``) say so.  A finite weight that the storage dtype cannot hold (float16: |w| of
   65520 or more rounds to inf, its largest finite value being 65504) is a ``ValueError`` naming the
-  tensor and its max |value| before anything is written (:func:`cast_all`).  Only weights are
+  tensor and its max |value| before anything is written (:func:`cast_all`); so is a weight that
+  is NaN or +-inf already (a diverged run), in every dtype.  Only weights are
   exported; the activations of a float16 model are transformers' business at inference
   (bfloat16 has float32's range for both).
 * ``max_shard_size`` (an int of bytes, or a string ``"5GB"`` / ``"500MB"`` / ``"10KB"`` with
@@ -113,22 +114,27 @@ def cast(x, dtype: str) -> np.ndarray:
 
 
 def cast_all(tensors: Dict[str, np.ndarray], dtype: str) -> Dict[str, np.ndarray]:
-    """Every tensor :func:`cast` to the storage ``dtype``; ``ValueError`` naming the first one with
-    a finite value that becomes +-inf there (float16: |w| >= 65520, its largest finite value being
-    65504; bfloat16: beyond ~3.39e38), with its max |value|."""
+    """Every tensor :func:`cast` to the storage ``dtype``; ``ValueError`` naming the first tensor
+    that holds a NaN or +-inf (a diverged run: the exported model would output NaN), or with a
+    finite value that becomes +-inf in ``dtype`` (float16: |w| >= 65520, its largest finite value
+    being 65504; bfloat16: beyond ~3.39e38), with its max |value|."""
     out = {}
     for name, t in tensors.items():
         with np.errstate(over="ignore"):  # (found below, with a clearer message than numpy's warning)
             out[name] = y = cast(t, dtype)
-        if dtype == "float32" or np.all(np.isfinite(y)):  # the common case: no second float32 copy
+        if np.all(np.isfinite(y)):  # the common case: no second float32 copy
             continue
         x = np.asarray(t).astype(np.float32)
-        if np.any(np.isfinite(x) & ~np.isfinite(y)):
-            peak = float(np.max(np.abs(x[np.isfinite(x)])))
-            raise ValueError(f"{name} has max |value| {peak:.6g}, which overflows {dtype} (largest finite "
-                             f"{float(np.finfo(y.dtype).max):.6g}) and would be stored as inf; export with "
-                             + ("dtype 'bfloat16' (float32's range) or 'float32'" if dtype == "float16"
-                                else "dtype 'float32'"))
+        finite = np.isfinite(x)
+        if not np.all(finite):
+            raise ValueError(f"{name} holds {int(np.sum(np.isnan(x)))} NaN and {int(np.sum(np.isinf(x)))} "
+                             f"+-inf values of {x.size} (a diverged run?); the exported model would output "
+                             "NaN: export an earlier checkpoint")
+        peak = float(np.max(np.abs(x)))
+        raise ValueError(f"{name} has max |value| {peak:.6g}, which overflows {dtype} (largest finite "
+                         f"{float(np.finfo(y.dtype).max):.6g}) and would be stored as inf; export with "
+                         + ("dtype 'bfloat16' (float32's range) or 'float32'" if dtype == "float16"
+                            else "dtype 'float32'"))
     return out
 
 

@@ -1,0 +1,50 @@
+"""Audit 54 (main session): regressions found.
+
+* An export of parameters holding NaN / inf (a diverged run) was written as is, in every dtype: a
+  checkpoint whose every output is NaN, silently."""
+import os
+
+import numpy as np
+import pytest
+
+import jax  # noqa: E402
+
+pytest.importorskip("safetensors")
+pytestmark = pytest.mark.hf  # (the helpers imported need torch / transformers)
+
+from jaxformers.convert import to_hf  # noqa: E402
+from jaxformers.convert.hf_write import cast_all  # noqa: E402
+from test_audit53_hf import _big, _llama  # noqa: E402
+from test_audit52_export import _export, _fake_run, _snapshot  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_an_export_of_non_finite_weights_is_refused_naming_the_tensor(tmp_path, dtype, value):
+    config, params = _llama()
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.down_proj\.weight holds "
+                                         + (r"1 NaN and 0" if np.isnan(value) else r"0 NaN and 1")
+                                         + r" \+-inf values of 1536 \(a diverged run\?\)"):
+        to_hf(config, _big(params, value), str(tmp_path / "out"), dtype=dtype)
+    assert os.listdir(tmp_path) == []  # nothing written, nothing staged left behind
+
+
+def test_cast_all_passes_finite_tensors_unchanged_and_names_the_first_bad_one():
+    ok = {"a": np.ones((2, 3), np.float32), "b": np.full((4,), -2.5, np.float32)}
+    out = cast_all(ok, "float32")
+    assert all(np.array_equal(out[k], ok[k]) for k in ok)
+    bad = dict(ok, c=np.array([1.0, np.nan, np.nan], np.float32), d=np.array([np.inf], np.float32))
+    with pytest.raises(ValueError, match=r"^c holds 2 NaN and 0 \+-inf values of 3"):
+        cast_all(bad, "bfloat16")
+
+
+def test_the_export_cli_refuses_a_nan_checkpoint_and_leaves_out_untouched(tmp_path, monkeypatch, capsys):
+    config, params = _llama()
+    out = tmp_path / "hf"
+    assert _export(_fake_run(tmp_path, monkeypatch, config, params), out) == 0, capsys.readouterr().err
+    before = _snapshot(out)
+    run = _fake_run(tmp_path, monkeypatch, config, _big(params, float("nan")))
+    capsys.readouterr()
+    assert _export(run, out, "--force") == 2
+    assert "model.layers.1.mlp.down_proj.weight holds 1 NaN" in capsys.readouterr().err
+    assert _snapshot(out) == before
