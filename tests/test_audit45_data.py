@@ -51,7 +51,7 @@ def test_prepare_output_is_unchanged_by_streaming(tmp_path, monkeypatch):
         out = prep.prepare(str(corpus), spec, out_dir=tmp_path / spec.replace(":", ""), val_fraction=0.2)
         meta, train, val = prep.load_prepared(out)
         tok = load_tokenizer(out)
-        docs = prep.load_corpus(str(corpus))
+        docs = importlib.import_module("jaxformers.data.corpus").load_corpus(str(corpus))
         tr, va, _ = prep.split_documents(docs, 0.2, 0)
         for split_docs, arr in ((tr, train), (va, val)):
             want = np.concatenate([np.append(a, tok.eos_id) for a in tok.encode_arrays(split_docs)])

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 prep = importlib.import_module("jaxformers.data.prepare")
+corpus_lib = importlib.import_module("jaxformers.data.corpus")
 from jaxformers.data import tokenizer as toklib
 
 
@@ -37,7 +38,8 @@ def test_byte_prepare_of_one_file_streams_it_with_the_same_output(tmp_path, monk
         monkeypatch.setattr(prep._ByteFile, "_CHUNK", chunk)  # chunk boundaries inside characters
         want = _general(monkeypatch, str(f), "byte", out_dir=tmp_path / f"g{chunk}", val_fraction=vf)
         with monkeypatch.context() as m:  # the file's text is never loaded
-            m.setattr(prep, "load_corpus", lambda *a, **k: pytest.fail("load_corpus called"))
+            for loader in ("load_corpus", "_load_path", "_load_file"):
+                m.setattr(corpus_lib, loader, lambda *a, **k: pytest.fail("the file was loaded whole"))
             got = prep.prepare(str(f), "byte", out_dir=tmp_path / f"s{chunk}", val_fraction=vf)
             assert prep.prepare(str(f), "byte", out_dir=got, val_fraction=vf) == got  # reused as is
         for part in ("train.bin", "val.bin", "meta.json", "tokenizer_config.json"):
@@ -129,7 +131,7 @@ def test_prepare_writes_every_id_of_a_document_over_a_million_ids_and_of_many_do
     (corpus / "b.jsonl").write_text("".join(json.dumps({"text": f"doc {i} \u00e9"}) + "\n" for i in range(150)))
     out = prep.prepare(str(corpus), "byte", out_dir=tmp_path / "o", val_fraction=0.0)
     meta, train, val = prep.load_prepared(out)
-    tr, va, _ = prep.split_documents(prep.load_corpus(str(corpus)), 0.0, 0)
+    tr, va, _ = prep.split_documents(corpus_lib.load_corpus(str(corpus)), 0.0, 0)
     assert len(tr) == 151 and not va
     for docs, arr in ((tr, train), (va, val)):
         want = b"".join(d.encode() + b"\x00" for d in docs)  # 0: a stand-in for end-of-text

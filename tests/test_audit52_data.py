@@ -91,7 +91,7 @@ def _written(out):
 def _no_load(monkeypatch):
     """Make every whole-corpus loader fail: prepare must read documents one at a time."""
     fail = lambda *a, **k: pytest.fail("the whole corpus was loaded")  # noqa: E731
-    for mod, name in ((C, "load_corpus"), (P, "load_corpus"), (C, "_load_path"), (C, "_load_file"),
+    for mod, name in ((C, "load_corpus"), (C, "_load_path"), (C, "_load_file"),
                       (C, "_read_jsonl"), (P, "split_documents")):
         monkeypatch.setattr(mod, name, fail)
 

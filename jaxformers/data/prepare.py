@@ -48,8 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from .corpus import (_check_text_field, _file_format, _hf_documents, _iter_files, _load_other, _no_documents,
-                     _path_files, _slug, cache_dir, corpus_fingerprint, fingerprint_document, load_corpus,
-                     resolve_corpus)
+                     _path_files, _slug, cache_dir, fingerprint_document, resolve_corpus)
 from ..utils import int_arg
 from .tokenizer import get_tokenizer, hf_tokenizer_dir, load_tokenizer, parse_tokenizer_spec
 
