@@ -33,7 +33,9 @@ the last strided window is moved back to end there), each scored exactly once (`
 the run's evaluation tokens, in as many batches as they take.  Text data only (not ``synthetic:``
 rows); windows cross end-of-text tokens as without ``--stride``; with ``--memory-chunk`` every
 window is read through the memory on its own (any ``S`` fits).  The overlapping context is masked
-through the batch's ``loss_mask``: a loss of your own that ignores it is refused (an error naming it).
+through the batch's ``loss_mask``: a loss of your own that ignores it is refused (an error naming it),
+as it is when ``--batch-size`` does not divide the evaluation windows (the last batch's rows past
+them weigh 0 through ``loss_mask`` only).
 ``--import MODULE`` (repeatable): a run of your own architecture, registered by that module.
 """
 from __future__ import annotations

@@ -170,24 +170,15 @@ def _eval_rows(program: Program, batch_size: int) -> Tuple[int, int, int, int]:
     return rows_global, block, n_blocks, rows_global // n_blocks
 
 
-def check_loss_mask(program: Program, params, tokens, batch_size: int, seq_len: int, stride: int,
-                    vocab_size: int, loss_name: str) -> None:
-    """``ValueError`` naming ``loss_name`` and the stride unless the program's loss honours
-    ``loss_mask``, through which strided evaluation scores only each window's new targets.
-
-    Three evaluation steps of the first strided batch of ``tokens`` (the shape the evaluation
-    compiles anyway): as it is, with its last column's weight set to 0, then with that column
-    given other ids.  The last column is a target only, never an input of the model, so a loss
-    that weights its targets by ``loss_mask`` counts fewer targets (``n_targets``) after the
-    first change and keeps its value (to float rounding) after the second.  A loss that ignores
-    the mask fails one of them -- unless the model gives both ids the same probability at every
-    row's last position (e.g. uniform predictions, where ignoring the mask changes nothing)."""
-    rows_global, block, n_blocks, local_rows = _eval_rows(program, batch_size)
-    batch = next(strided_eval_batches(tokens, rows_global, seq_len, stride, 1, process_index=block,
-                                      process_count=n_blocks), None)
-    if batch is None:
-        return
-    batch = _pad_rows(batch, local_rows)
+def _loss_mask_ignored(program: Program, params, batch, rows_global: int, vocab_size: int) -> Optional[str]:
+    """Why the program's loss ignores ``loss_mask`` (``None``: it honours it), tested on ``batch``
+    (this process's rows, padded, with a ``loss_mask``): three evaluation steps, as it is, with its
+    last column's weight set to 0, then with that column given other ids.  The last column is a
+    target only, never an input of the model, so a loss that weights its targets by ``loss_mask``
+    counts fewer targets (``n_targets``) after the first change and keeps its value (to float
+    rounding) after the second.  A loss that ignores the mask fails one of them -- unless the
+    model gives both ids the same probability at every row's last position (e.g. uniform
+    predictions, where ignoring the mask changes nothing)."""
     zeroed = dict(batch, loss_mask=batch["loss_mask"].copy())
     zeroed["loss_mask"][:, -1] = 0
     # other last ids: the batch's rarest id (a trained model gives it a low probability: a large change)
@@ -201,11 +192,26 @@ def check_loss_mask(program: Program, params, tokens, batch_size: int, seq_len: 
     before = s_zero / c_zero if c_zero else 0.0
     after = s_changed / c_changed if c_changed else 0.0
     if not c_all - c_zero > 0.5:
-        why = (f"a target of weight 0 still counts in its n_targets ({c_all:g} targets before a column's "
-               f"weight was set to 0, {c_zero:g} after)")
-    elif not (math.isfinite(after) and abs(after - before) <= 1e-5 * max(1.0, abs(before))):
-        why = f"a target of weight 0 still changes its value ({before:.7g} -> {after:.7g})"
-    else:
+        return (f"a target of weight 0 still counts in its n_targets ({c_all:g} targets before a column's "
+                f"weight was set to 0, {c_zero:g} after)")
+    if not (math.isfinite(after) and abs(after - before) <= 1e-5 * max(1.0, abs(before))):
+        return f"a target of weight 0 still changes its value ({before:.7g} -> {after:.7g})"
+    return None
+
+
+def check_loss_mask(program: Program, params, tokens, batch_size: int, seq_len: int, stride: int,
+                    vocab_size: int, loss_name: str) -> None:
+    """``ValueError`` naming ``loss_name`` and the stride unless the program's loss honours
+    ``loss_mask``, through which strided evaluation scores only each window's new targets.
+    Tested on the first strided batch of ``tokens`` (the shape the evaluation compiles anyway,
+    :func:`_loss_mask_ignored`)."""
+    rows_global, block, n_blocks, local_rows = _eval_rows(program, batch_size)
+    batch = next(strided_eval_batches(tokens, rows_global, seq_len, stride, 1, process_index=block,
+                                      process_count=n_blocks), None)
+    if batch is None:
+        return
+    why = _loss_mask_ignored(program, params, _pad_rows(batch, local_rows), rows_global, vocab_size)
+    if why is None:
         return
     raise ValueError(f"loss {loss_name!r} ignores loss_mask: {why}; strided evaluation (stride={stride} < "
                      f"seq_len={seq_len}, --stride) scores only each window's new targets through loss_mask, so "
@@ -213,9 +219,58 @@ def check_loss_mask(program: Program, params, tokens, batch_size: int, seq_len: 
                      f"loss_mask (jaxformers.training.losses.next_token_targets)")
 
 
+def _eval_windows(source, seq_len: int, split: str) -> Optional[int]:
+    """How many evaluation rows ``source.eval_batches`` reads from ``split`` (``None``: unknown)."""
+    if hasattr(source, "split_tokens"):
+        return max(0, (len(source.split_tokens(split)) - 1) // seq_len)
+    if hasattr(source, "split_rows"):
+        return len(source.split_rows(seq_len, split)["tokens"])
+    return None
+
+
+def _check_padding_weighs_nothing(program: Program, params, source, batch_size: int, seq_len: int,
+                                  n_batches: Optional[int], limit: Optional[int], split: str,
+                                  loss_name: Optional[str]) -> None:
+    """``ValueError`` naming the loss when the evaluation's last batch has rows that weigh 0 only
+    through ``loss_mask`` (padding past the split's last window, or windows past ``limit``) and the
+    program's loss ignores ``loss_mask``: those rows would count in the loss.  The loss is tested
+    once per program (:func:`_loss_mask_ignored`), only when such rows occur."""
+    if getattr(program, "_honours_loss_mask", False):
+        return
+    rows_global, block, n_blocks, local_rows = _eval_rows(program, batch_size)
+    windows = _eval_windows(source, seq_len, split)
+    if windows is None:
+        return
+    scored = windows if n_batches is None else min(windows, n_batches * rows_global)
+    if limit is not None:
+        scored = min(scored, limit)
+    if scored == 0 or scored % rows_global == 0:
+        return
+    batch = next(iter(source.eval_batches(rows_global, seq_len, 1, split, process_index=block,
+                                          process_count=n_blocks)), None)
+    if batch is None:
+        return
+    vocab_size = program.module.config.vocab_size
+    why = _loss_mask_ignored(program, params, _pad_rows(batch, local_rows), rows_global, vocab_size)
+    if why is None:
+        program._honours_loss_mask = True
+        return
+    if loss_name is None:
+        fn = program.loss_fn
+        loss_name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+    size = f"batch_size={batch_size}" + (f" (rounded up to {rows_global} rows for the mesh)"
+                                          if rows_global != batch_size else "")
+    raise ValueError(f"loss {loss_name!r} ignores loss_mask: {why}; with {size} the last of the "
+                     f"{scored} evaluation windows' batches has {scored % rows_global} rows, and its other "
+                     f"{rows_global - scored % rows_global} rows weigh 0 only through loss_mask, so the loss "
+                     f"would count them and its perplexity would be wrong: evaluate with a batch_size that "
+                     f"divides {scored}, or weight the loss's targets by loss_mask "
+                     f"(jaxformers.training.losses.next_token_targets)")
+
+
 def eval_loss(program: Program, params, source, batch_size: int, seq_len: int, max_batches: Optional[int],
               split: str = "val", *, unit_rows: Optional[int] = None,
-              stride: Optional[int] = None) -> Dict[str, Any]:
+              stride: Optional[int] = None, loss_name: Optional[str] = None) -> Dict[str, Any]:
     """``{"val_loss", "val_ppl", "val_tokens"}``: the loss function's mean over the evaluation
     batches of ``source`` (weighted by ``n_targets``; ``None`` values without data).
 
@@ -246,7 +301,7 @@ def eval_loss(program: Program, params, source, batch_size: int, seq_len: int, m
         out, total, count = {}, 0.0, 0.0
         for name, group in groups.items():
             ev = eval_loss(program, params, group, batch_size, seq_len, per, split, unit_rows=unit_rows,
-                           stride=stride)
+                           stride=stride, loss_name=loss_name)
             if ev["val_loss"] is not None:
                 out[f"val_loss/{name}"] = ev["val_loss"]
                 total += ev["val_loss"] * ev["val_tokens"]
@@ -268,7 +323,9 @@ def eval_loss(program: Program, params, source, batch_size: int, seq_len: int, m
                                        None if limit is not None else max_batches, max_windows=limit,
                                        process_index=block, process_count=n_blocks)
         limit = None
-    else:
+    else:  # the last batch's rows past the windows (or past limit) weigh 0 through loss_mask only
+        _check_padding_weighs_nothing(program, params, source, batch_size, seq_len, n_batches, limit, split,
+                                      loss_name)
         batches = source.eval_batches(rows_global, seq_len, n_batches, split, process_index=block,
                                       process_count=n_blocks)
     for i, batch in enumerate(batches):
@@ -918,7 +975,9 @@ def evaluate(run: Union[str, os.PathLike, Tuple[ModelConfig, Any]], data=None, *
     strided batches; ``-1`` scores the run's evaluation tokens.  Text data only (not ``synthetic:``
     rows); windows cross end-of-text tokens as without it.  The overlapping context is masked
     through ``loss_mask``: a loss that ignores it is a ``ValueError`` naming it (checked on the first
-    strided batch, :func:`check_loss_mask`).
+    strided batch, :func:`check_loss_mask`).  So are the rows of a last batch that the evaluation
+    windows do not fill (``batch_size`` not dividing them): they weigh 0 through ``loss_mask``, and a
+    loss that ignores it (a ``loss_fn`` of your own) is refused when such rows occur.
     """
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
         if value is not None and (not is_int(value) or value < 1):
@@ -1005,5 +1064,5 @@ def evaluate(run: Union[str, os.PathLike, Tuple[ModelConfig, Any]], data=None, *
         check_loss_mask(program, params, source.split_tokens(split), batch_size, seq_len, stride,
                         model_config.vocab_size, loss_name)
     result = eval_loss(program, params, source, batch_size, seq_len, max_batches, split, unit_rows=unit_rows,
-                       stride=stride)
+                       stride=stride, loss_name=loss_name)
     return {**result, "stride": stride}

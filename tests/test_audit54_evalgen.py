@@ -1,0 +1,61 @@
+"""Audit 54, evaluation and generation: evaluation batches padded with rows of weight 0 refuse a
+loss that ignores ``loss_mask`` (those rows would count in its perplexity)."""
+import numpy as np
+import pytest
+
+
+def _ce_ignoring_mask(module, params, batch, rng=None):
+    """Cross-entropy over every target, ``loss_mask`` ignored (its own n_targets)."""
+    import optax
+
+    from jaxformers.training.losses import apply_model
+    logits, _ = apply_model(module, params, batch, rng)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["tokens"][:, 1:])
+    return ce.mean(), {"n_targets": np.float32(ce.size)}
+
+
+def _ce_ignoring_mask_no_count(module, params, batch, rng=None):
+    """The same without n_targets (evaluation then counts the mask's targets)."""
+    return _ce_ignoring_mask(module, params, batch, rng)[0], {}
+
+
+def _ce_no_count(module, params, batch, rng=None):
+    """Cross-entropy honouring ``loss_mask``, no n_targets: a correct loss."""
+    from jaxformers.training import cross_entropy
+    return cross_entropy(module, params, batch, rng)[0], {}
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    import jax
+
+    import jaxformers as jf
+    cfg = jf.get_config("gpt", "tiny", vocab_size=64, d_model=32, n_layer=1, n_head=4, max_seq_len=16)
+    params = jax.jit(lambda r: jf.init_params(jf.build(cfg), r))(jax.random.PRNGKey(0))
+    tokens = (np.arange(400) * 7 % 61).astype(np.int32)  # 24 windows of 16 targets
+    return cfg, params, tokens
+
+
+@pytest.mark.parametrize("loss_fn, why", [(_ce_ignoring_mask, "still counts in its n_targets"),
+                                          (_ce_ignoring_mask_no_count, "still changes its value")])
+def test_padded_evaluation_batch_refuses_a_loss_that_ignores_loss_mask(tiny_model, loss_fn, why):
+    from jaxformers.training import evaluate
+    cfg, params, tokens = tiny_model
+    # batch_size=5: the last of the 24 windows' batches has 4 rows and 1 padding row of weight 0;
+    # the old code counted it (val_loss 4.172 with 400 targets instead of 4.197 with 384)
+    with pytest.raises(ValueError, match=rf"loss '.*{loss_fn.__name__}' ignores loss_mask: .*{why}.*"
+                                         r"batch_size=5 .* 24 evaluation windows.* 4 rows"):
+        evaluate((cfg, params), tokens, batch_size=5, seq_len=16, max_batches=None, loss_fn=loss_fn)
+    # full batches: nothing weighs 0, the same loss evaluates to the cross-entropy
+    ref = evaluate((cfg, params), tokens, batch_size=2, seq_len=16, max_batches=None)
+    got = evaluate((cfg, params), tokens, batch_size=2, seq_len=16, max_batches=None, loss_fn=loss_fn)
+    assert got["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-6) and got["val_tokens"] == 384
+
+
+def test_padded_evaluation_batch_with_a_loss_that_honours_loss_mask(tiny_model):
+    from jaxformers.training import evaluate
+    cfg, params, tokens = tiny_model
+    ref = evaluate((cfg, params), tokens, batch_size=2, seq_len=16, max_batches=None)
+    for bs in (5, 7):
+        got = evaluate((cfg, params), tokens, batch_size=bs, seq_len=16, max_batches=None, loss_fn=_ce_no_count)
+        assert got["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-5) and got["val_tokens"] == 384
