@@ -59,3 +59,19 @@ def test_padded_evaluation_batch_with_a_loss_that_honours_loss_mask(tiny_model):
     for bs in (5, 7):
         got = evaluate((cfg, params), tokens, batch_size=bs, seq_len=16, max_batches=None, loss_fn=_ce_no_count)
         assert got["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-5) and got["val_tokens"] == 384
+
+
+def test_run_eval_windows_in_other_batches_refuse_a_loss_that_ignores_loss_mask(tiny_model):
+    """``unit_rows`` (a run's evaluation read with another batch size): the last batch's rows past
+    the run's windows weigh 0 through ``loss_mask`` only."""
+    from jaxformers.data import open_data
+    from jaxformers.training import make_mesh
+    from jaxformers.training.trainer import eval_loss, eval_program
+    cfg, params, tokens = tiny_model
+    source, mesh = open_data(tokens, "byte"), make_mesh(None)
+    ref = eval_loss(eval_program(cfg, mesh, "float32", _ce_no_count), params, source, 2, 16, 3, unit_rows=2)
+    assert ref["val_tokens"] == 6 * 16
+    got = eval_loss(eval_program(cfg, mesh, "float32", _ce_no_count), params, source, 5, 16, 3, unit_rows=2)
+    assert got["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-5) and got["val_tokens"] == 96
+    with pytest.raises(ValueError, match=r"ignores loss_mask: .*6 evaluation windows"):
+        eval_loss(eval_program(cfg, mesh, "float32", _ce_ignoring_mask), params, source, 5, 16, 3, unit_rows=2)
