@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional
+from typing import Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -400,6 +400,8 @@ def generate(module, params, prompt_tokens, max_new_tokens: int, *, temperature:
     for ``num_samples=k`` samples per prompt (rows ``b * k .. b * k + k - 1`` continue prompt
     ``b``; the prompt is prefilled once and its cache shared by its k rows, unless the model's
     ``rows_share_prefill`` is False: its output depends on the batch row, so each row prefills).
+    ``params``: the variables dict ``module.apply`` takes (``{'params': tree}``, as ``module.init``
+    returns it; ``jf.init_params``' bare tree is a ``ValueError`` saying to wrap it).
 
     ``prompt_lengths [B]`` (ints in ``[1, P]``, known outside ``jit``): prompts of different lengths,
     right-padded to ``P`` (the values past a row's length are ignored).  The shortest prompt's
@@ -455,6 +457,11 @@ def generate(module, params, prompt_tokens, max_new_tokens: int, *, temperature:
     check = getattr(module, "check_generate", None)  # hook: a model generic sampling cannot serve
     if check is not None:
         check()
+    if not (isinstance(params, Mapping) and "params" in params):  # e.g. jf.init_params' bare tree
+        keys = sorted(map(str, params))[:6] if isinstance(params, Mapping) else None
+        raise ValueError("params must be the variables dict module.apply takes ({'params': tree}), got "
+                         + (f"a mapping with keys {keys} (a bare parameter tree, as jf.init_params returns? "
+                            "pass {'params': params})" if keys is not None else type(params).__name__))
     # the ids as given: jnp.asarray casts 64-bit ids to 32 bits, wrapping e.g. 2**32 + 3 to a valid 3
     raw = concrete(prompt_tokens)
     prompt_tokens = jnp.asarray(prompt_tokens)

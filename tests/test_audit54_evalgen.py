@@ -75,3 +75,19 @@ def test_run_eval_windows_in_other_batches_refuse_a_loss_that_ignores_loss_mask(
     assert got["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-5) and got["val_tokens"] == 96
     with pytest.raises(ValueError, match=r"ignores loss_mask: .*6 evaluation windows"):
         eval_loss(eval_program(cfg, mesh, "float32", _ce_ignoring_mask), params, source, 5, 16, 3, unit_rows=2)
+
+
+def test_generate_names_params_given_as_a_bare_parameter_tree(tiny_model):
+    """``jf.init_params`` returns the bare tree (which ``evaluate`` takes); ``generate`` takes the
+    variables dict: the bare tree was a flax ScopeCollectionNotFound from inside the prefill."""
+    import jaxformers as jf
+    cfg, params, _ = tiny_model
+    module = jf.build(cfg)
+    prompt = np.array([[1, 2, 3]], np.int32)
+    with pytest.raises(ValueError, match=r"params must be the variables dict .*keys \['blocks_0', 'embed'.*"
+                                         r"pass \{'params': params\}"):
+        jf.generate(module, params, prompt, 2, temperature=0.0)
+    with pytest.raises(ValueError, match=r"params must be the variables dict .*got list"):
+        jf.generate(module, [params], prompt, 2, temperature=0.0)
+    out = np.asarray(jf.generate(module, {"params": params}, prompt, 2, temperature=0.0))
+    assert out.shape == (1, 5) and out[0, :3].tolist() == [1, 2, 3]
