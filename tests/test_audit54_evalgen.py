@@ -91,3 +91,22 @@ def test_generate_names_params_given_as_a_bare_parameter_tree(tiny_model):
         jf.generate(module, [params], prompt, 2, temperature=0.0)
     out = np.asarray(jf.generate(module, {"params": params}, prompt, 2, temperature=0.0))
     assert out.shape == (1, 5) and out[0, :3].tolist() == [1, 2, 3]
+
+
+def test_padded_synthetic_evaluation_with_its_own_loss_mask():
+    """A synthetic task's loss_mask already zeroes targets (the last column among them): the padding
+    check must not take its cross-entropy for a loss that ignores loss_mask."""
+    import jax
+
+    import jaxformers as jf
+    from jaxformers.data import open_data
+    from jaxformers.training import evaluate
+    src = open_data("synthetic:copying", None)
+    cfg = jf.get_config("gpt", "tiny", vocab_size=src.vocab_size, d_model=32, n_layer=1, n_head=4, max_seq_len=32)
+    params = jax.jit(lambda r: jf.init_params(jf.build(cfg), r))(jax.random.PRNGKey(0))
+    ref = evaluate((cfg, params), "synthetic:copying", batch_size=8, seq_len=32, max_batches=None)
+    got = evaluate((cfg, params), "synthetic:copying", batch_size=7, seq_len=32, max_batches=None)  # 256 rows
+    assert got["val_tokens"] == ref["val_tokens"] and got["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-5)
+    with pytest.raises(ValueError, match=r"ignores loss_mask: .*256 evaluation windows"):
+        evaluate((cfg, params), "synthetic:copying", batch_size=7, seq_len=32, max_batches=None,
+                 loss_fn=_ce_ignoring_mask)
