@@ -110,3 +110,12 @@ def test_padded_synthetic_evaluation_with_its_own_loss_mask():
     with pytest.raises(ValueError, match=r"ignores loss_mask: .*256 evaluation windows"):
         evaluate((cfg, params), "synthetic:copying", batch_size=7, seq_len=32, max_batches=None,
                  loss_fn=_ce_ignoring_mask)
+
+
+def test_evaluate_names_a_loss_fn_that_is_not_callable(tiny_model):
+    """It was a TypeError ("'int' object is not callable") from inside the compiled step."""
+    from jaxformers.training import evaluate
+    cfg, params, tokens = tiny_model
+    with pytest.raises(ValueError, match=r"loss_fn must be callable \(module, params, batch, rng\) -> "
+                                         r"\(loss, metrics\), got int"):
+        evaluate((cfg, params), tokens, batch_size=2, seq_len=16, max_batches=None, loss_fn=5)

@@ -1049,8 +1049,8 @@ def evaluate(run: Union[str, os.PathLike, Tuple[ModelConfig, Any]], data=None, *
     if loss_fn is None:
         loss_name = tc.loss if tc is not None else "cross_entropy"
         loss_fn = get_loss(loss_name)
-    else:  # named as the trainer records a loss function of your own
-        loss_name = f"{getattr(loss_fn, '__module__', '?')}.{getattr(loss_fn, '__qualname__', repr(loss_fn))}"
+    else:  # named as the trainer records a loss function of your own (ValueError unless callable)
+        loss_fn, loss_name = _resolve_loss(tc, loss_fn)
     if dtype is None:
         dtype = tc.dtype if tc is not None else "float32"
     program = eval_program(model_config, mesh_obj, resolve_dtype(dtype), loss_fn, cache)
