@@ -119,3 +119,16 @@ def test_evaluate_names_a_loss_fn_that_is_not_callable(tiny_model):
     with pytest.raises(ValueError, match=r"loss_fn must be callable \(module, params, batch, rng\) -> "
                                          r"\(loss, metrics\), got int"):
         evaluate((cfg, params), tokens, batch_size=2, seq_len=16, max_batches=None, loss_fn=5)
+
+
+def test_evaluate_a_run_on_an_array_of_token_ids(tiny_model, monkeypatch):
+    """``data`` as a 1-D array of ids (documented) with a run directory: comparing it with the run's
+    data spec (``data != tc.data``) was numpy's "truth value of an array ... is ambiguous"."""
+    import jaxformers.training.trainer as trainer
+    from jaxformers.training import TrainConfig, evaluate
+    cfg, params, tokens = tiny_model
+    tc = TrainConfig(data="synthetic:copying", seq_len=16, batch_size=2, steps=1)
+    monkeypatch.setattr(trainer, "load_run", lambda run, **kw: (cfg, tc, params))
+    got = evaluate("a-run", tokens, batch_size=2)
+    ref = evaluate((cfg, params), tokens, batch_size=2, seq_len=16, max_batches=None)
+    assert got["val_tokens"] == ref["val_tokens"] == 384 and got["val_loss"] == pytest.approx(ref["val_loss"])

@@ -1006,7 +1006,8 @@ def evaluate(run: Union[str, os.PathLike, Tuple[ModelConfig, Any]], data=None, *
         data = tc.data
     if split not in ("val", "train"):
         raise ValueError(f"split={split!r} is not allowed; choose one of ['val', 'train']")
-    if tokenizer is None and tc is not None and data != tc.data:
+    if tokenizer is None and tc is not None and isinstance(data, (str, os.PathLike)) \
+            and os.fspath(data) != tc.data:  # (an array of token ids needs no tokenizer)
         # other text: encode it with the run's own vocabulary (its saved tokenizer), never a new
         # BPE trained on that text (whose ids would not be the model's)
         from .init_from import source_config
