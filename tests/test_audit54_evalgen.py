@@ -132,3 +132,28 @@ def test_evaluate_a_run_on_an_array_of_token_ids(tiny_model, monkeypatch):
     got = evaluate("a-run", tokens, batch_size=2)
     ref = evaluate((cfg, params), tokens, batch_size=2, seq_len=16, max_batches=None)
     assert got["val_tokens"] == ref["val_tokens"] == 384 and got["val_loss"] == pytest.approx(ref["val_loss"])
+
+
+def test_training_refuses_a_loss_that_would_count_padding_rows_before_its_first_step(tmp_path):
+    """The run's evaluation has a padded last batch (256 synthetic val rows in batches of 3): a loss
+    that ignores loss_mask is refused before training (it was refused only at the first evaluation,
+    after eval_every steps); a loss that honours it trains."""
+    import jaxformers as jf
+    from jaxformers.data import open_data
+    from jaxformers.training import TrainConfig, train
+    src = open_data("synthetic:copying", None)
+    cfg = jf.get_config("gpt", "tiny", vocab_size=src.vocab_size, d_model=32, n_layer=1, n_head=4, max_seq_len=32)
+    calls = []
+
+    def counting(module, params, batch, rng=None):
+        calls.append(1)
+        return _ce_ignoring_mask(module, params, batch, rng)
+
+    tc = TrainConfig(data="synthetic:copying", steps=2, batch_size=3, seq_len=32, out_dir=str(tmp_path / "a"),
+                     eval_every=1, eval_batches=100, checkpoint_every=0, log_every=1)
+    with pytest.raises(ValueError, match=r"ignores loss_mask: .*batch_size=3 the last of the 256 evaluation"):
+        train(cfg, tc, progress=False, loss_fn=counting)
+    traced = len(calls)  # the evaluation step's trace; no training step was traced or run
+    assert traced <= 1 and not (tmp_path / "a" / "metrics.jsonl").exists()
+    summary = train(cfg, tc.replace(out_dir=str(tmp_path / "b")), progress=False, loss_fn=_ce_no_count)
+    assert summary["val_loss"] is not None

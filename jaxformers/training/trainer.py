@@ -270,6 +270,18 @@ def _check_padding_weighs_nothing(program: Program, params, source, batch_size: 
                      f"(jaxformers.training.losses.next_token_targets)")
 
 
+def _check_eval_padding(program: Program, params, source, batch_size: int, seq_len: int,
+                        max_batches: Optional[int], split: str = "val") -> None:
+    """:func:`_check_padding_weighs_nothing` for the batches :func:`eval_loss` reads (without
+    ``unit_rows`` or ``stride``; each group of a source with ``eval_groups``)."""
+    groups = getattr(source, "eval_groups", None)
+    sources = [source] if groups is None else list(groups().values())
+    sources = [s for s in sources if s.has_eval_data(seq_len, split)]
+    per = max_batches if groups is None or max_batches is None else max(1, max_batches // max(1, len(sources)))
+    for one in sources:
+        _check_padding_weighs_nothing(program, params, one, batch_size, seq_len, per, None, split, None)
+
+
 def eval_loss(program: Program, params, source, batch_size: int, seq_len: int, max_batches: Optional[int],
               split: str = "val", *, unit_rows: Optional[int] = None,
               stride: Optional[int] = None, loss_name: Optional[str] = None) -> Dict[str, Any]:
@@ -744,6 +756,8 @@ def _train(model_config, tc, *, run_dir, is_main, multi, resume, progress, stop_
             messages.append(("initialised the parameters from init_params (fresh optimizer state)", False))
         else:
             params, opt_state = program.init(tc.seed)
+    if tc.eval_batches:  # a loss that would count padding rows: refused now, not at its first evaluation
+        _check_eval_padding(program, params, source, tc.micro_batch_size, tc.seq_len, tc.eval_micro_batches)
 
     # ---------------------------------------------------------------- run directory files
     # config.json's text, also saved with every checkpoint (rundir.CHECKPOINT_CONFIG): a resume
