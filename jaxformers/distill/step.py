@@ -32,6 +32,7 @@ import numbers
 import jax
 import jax.numpy as jnp
 
+from ..layers.common import dtype_of
 from ..models.transformer import block_inputs
 from ..training.losses import (apply_model, logits_cross_entropy, model_inputs, next_token_targets,
                                weighted_mean)
@@ -118,7 +119,10 @@ def align_loss(module, params, batch, rng=None):
     for i, (cls, cfg) in enumerate(zip(module.layer_classes(), module.layer_configs())):
         if i in attn:
             continue
-        y, _ = cls(cfg).apply({"params": params[f"blocks_{i}"]}, hidden[:, i].astype(cfg.dtype), positions,
+        # the block's input in the dtype of the model's residual stream (Embed: float32 under
+        # residual_fp32), so that the layer computes here as it does in the student
+        resid = jnp.float32 if getattr(cfg, "residual_fp32", False) else dtype_of(cfg.dtype)
+        y, _ = cls(cfg).apply({"params": params[f"blocks_{i}"]}, hidden[:, i].astype(resid), positions,
                               segment_ids)
         target = hidden[:, i + 1]
         terms.append(jnp.mean((y.astype(jnp.float32) - target) ** 2) / (jnp.mean(target ** 2) + 1e-6))

@@ -1,0 +1,29 @@
+"""Audit 54: distillation (jaxformers.distill, experiments.distill) and DoGE regressions."""
+import jax
+import jax.numpy as jnp
+import pytest
+
+import jaxformers as jf
+from jaxformers.distill import align_loss, init_student, student_config, teacher_hidden_states
+
+
+def _teacher(**kw):
+    cfg = jf.get_config("llama", "tiny", vocab_size=32, d_model=32, n_layer=2, n_head=4, n_kv_head=2,
+                        max_seq_len=16, **kw)
+    module = jf.build(cfg)
+    return cfg, module, module.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
+
+
+@pytest.mark.parametrize("residual_fp32", [False, True])
+def test_align_loss_runs_the_layers_in_the_models_residual_dtype(residual_fp32):
+    # a student aligned to its own hidden states has loss 0: each layer computes as in the model
+    # (under residual_fp32 the residual stream is float32; it was cast to the bfloat16 compute
+    # dtype, so the layer's skip connection ran in bfloat16: loss 2.4e-5)
+    cfg, _, tp = _teacher(dtype="bfloat16", residual_fp32=residual_fp32)
+    s_cfg = student_config(cfg)
+    sp = init_student(cfg, tp, s_cfg, jax.random.PRNGKey(2))
+    student = jf.build(s_cfg)
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, 32)
+    hidden = teacher_hidden_states(student, sp, tokens[:, :-1])
+    loss, _ = align_loss(student, sp, {"tokens": tokens, "teacher_hidden": hidden})
+    assert float(loss) == 0.0
