@@ -27,3 +27,25 @@ def test_align_loss_runs_the_layers_in_the_models_residual_dtype(residual_fp32):
     hidden = teacher_hidden_states(student, sp, tokens[:, :-1])
     loss, _ = align_loss(student, sp, {"tokens": tokens, "teacher_hidden": hidden})
     assert float(loss) == 0.0
+
+
+def test_distill_step_takes_a_variables_dict_and_names_a_wrong_teacher_tree():
+    # init_student takes the {"params": ...} variables dict; DistillStep kept it as it was, and
+    # the trainer then failed placing it ("pytree structure error: different numbers of pytree
+    # children"); a tree of another teacher failed the same way
+    from jaxformers.distill import DistillStep
+
+    cfg, module, tp = _teacher()
+    step = DistillStep(cfg, module.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
+    assert set(step.teacher_params) == set(tp)
+    import flax.linen as nn
+    want = nn.unbox(tp)
+    assert jax.tree_util.tree_structure(step.teacher_params) == jax.tree_util.tree_structure(want)
+    assert [x.shape for x in jax.tree.leaves(step.teacher_params)] == [x.shape for x in jax.tree.leaves(want)]
+    step.extra_inputs()
+    with pytest.raises(ValueError, match=r"teacher_params do not match teacher_config.*missing.*blocks_1"):
+        DistillStep(cfg, {k: v for k, v in tp.items() if k != "blocks_1"})
+    other_cfg, _, other = _teacher(d_ff=48)
+    with pytest.raises(ValueError, match=r"teacher_params do not match.*shapes"):
+        DistillStep(cfg, other)
+    assert DistillStep(cfg, None).teacher_params is None  # (settings only, as experiments.distill builds it)

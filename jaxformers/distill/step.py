@@ -133,10 +133,36 @@ def align_loss(module, params, batch, rng=None):
     return loss, {"align": loss, "n_targets": jnp.sum(weights)}
 
 
+def _teacher_tree(teacher, params):
+    """The teacher's parameter tree from ``params`` (the tree, or the ``{"params": ...}``
+    variables dict, boxed or not, as :func:`~jaxformers.distill.init_student` takes it);
+    ``ValueError`` naming ``teacher_params`` unless its keys and shapes are ``teacher``'s
+    (else a pytree-structure error when the trainer places it)."""
+    import flax.linen as nn
+    from flax.core import unfreeze
+
+    tree = unfreeze(nn.unbox(params))
+    if isinstance(tree, dict) and set(tree) == {"params"}:
+        tree = tree["params"]
+    want, _ = abstract_params(teacher)
+    flat_w = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(want)}
+    flat_g = {jax.tree_util.keystr(p): tuple(jnp.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+    if flat_w != flat_g:
+        missing = sorted(set(flat_w) - set(flat_g))
+        extra = sorted(set(flat_g) - set(flat_w))
+        shapes = [f"{k}: {flat_w[k]} vs {flat_g[k]}" for k in sorted(set(flat_w) & set(flat_g))
+                  if flat_w[k] != flat_g[k]]
+        raise ValueError(f"teacher_params do not match teacher_config's parameter tree (model "
+                         f"{teacher.config.model!r}, scan_layers={teacher.config.scan_layers}): missing "
+                         f"{missing[:3]}, unexpected {extra[:3]}, shapes (config vs given) {shapes[:3]}")
+    return tree
+
+
 class DistillStep:
     """``train(student_config, tc, step_fn=DistillStep(teacher_config, teacher_params))``.
 
-    ``stage="kd"``: end-to-end distillation with :func:`kd_loss` (``temperature``,
+    ``teacher_params``: the teacher's parameter tree or its ``{"params": ...}`` variables dict
+    (``ValueError`` unless it fits ``teacher_config``).  ``stage="kd"``: end-to-end distillation with :func:`kd_loss` (``temperature``,
     ``kl_weight``, ``ce_weight``); ``stage="align"``: layer-wise alignment
     (:func:`align_loss`, the teacher's hidden states in the batch).  The teacher runs in its
     own compute dtype (``teacher_config.dtype``) under ``stop_gradient``.  The run directory's
@@ -164,7 +190,7 @@ class DistillStep:
                              f"{kl_weight}, {ce_weight}")
         self.teacher_config = teacher_config
         self.teacher = build(teacher_config)
-        self.teacher_params = teacher_params
+        self.teacher_params = None if teacher_params is None else _teacher_tree(self.teacher, teacher_params)
         self.loss = functools.partial(kd_loss, temperature=float(temperature), kl_weight=float(kl_weight),
                                       ce_weight=float(ce_weight))
         self.settings = dict(stage=stage, temperature=float(temperature), kl_weight=float(kl_weight),
