@@ -104,7 +104,8 @@ def align_loss(module, params, batch, rng=None):
     The layers see the batch's ``segment_ids`` / ``positions`` (packed sequences stay
     separate, as in the teacher's run).  The normalisation is per batch: with
     ``grad_accum > 1`` the update is close to, not equal to, the whole batch's.
-    Only the converted layers receive gradients.  Metrics: ``align``, ``n_targets``."""
+    Only the converted layers receive gradients (and :class:`DistillStep` updates only them).
+    Metrics: ``align``, ``n_targets``."""
     if "teacher_hidden" not in batch:
         raise ValueError("align_loss needs batch['teacher_hidden'] [B, L+1, T, D] (DistillStep(stage='align') adds it)")
     hidden = batch["teacher_hidden"].astype(jnp.float32)
@@ -164,7 +165,9 @@ class DistillStep:
     ``teacher_params``: the teacher's parameter tree or its ``{"params": ...}`` variables dict
     (``ValueError`` unless it fits ``teacher_config``).  ``stage="kd"``: end-to-end distillation with :func:`kd_loss` (``temperature``,
     ``kl_weight``, ``ce_weight``); ``stage="align"``: layer-wise alignment
-    (:func:`align_loss`, the teacher's hidden states in the batch).  The teacher runs in its
+    (:func:`align_loss`, the teacher's hidden states in the batch; only the converted layers'
+    parameters change: the embeddings, final norm, head and kept attention layers stay the
+    teacher's, whatever the weight decay).  The teacher runs in its
     own compute dtype (``teacher_config.dtype``) under ``stop_gradient``.  The run directory's
     ``distill_step.json`` records the stage, the loss settings and the teacher's config:
     resuming with others is a ``ValueError``.
@@ -240,7 +243,12 @@ class DistillStep:
         if self.stage == "align":
             tokens, kwargs = model_inputs(batch)
             hidden = jax.lax.stop_gradient(teacher_hidden_states(self.teacher, extra, tokens, **kwargs))
-            return train_step(module, tx, align_loss, params, opt_state, dict(batch, teacher_hidden=hidden),
-                              step, rng, **kw)
+            new, opt_state, metrics = train_step(module, tx, align_loss, params, opt_state,
+                                                 dict(batch, teacher_hidden=hidden), step, rng, **kw)
+            # what the stage does not train stays as it was: weight decay (and the optimizer's
+            # moments) would otherwise move the embeddings, head and kept attention layers
+            attn = set(getattr(module.config, "attention_layers", ()))
+            trained = {f"blocks_{i}" for i in range(module.config.n_layer) if i not in attn}
+            return {k: v if k in trained else params[k] for k, v in new.items()}, opt_state, metrics
         batch = dict(batch, teacher_logits=self.teacher_logits(extra, batch))
         return train_step(module, tx, self.loss, params, opt_state, batch, step, rng, **kw)
