@@ -320,6 +320,9 @@ def _check_args(ap, args) -> None:
     args.attn_layers = parse_list(ap, "--attn-layers", args.attn_layers, cast=int, lo=0, unique=True)
     if args.attn_layers is not None and "hybrid" not in args.students:
         ap.error("--attn-layers applies to the hybrid student, which is not among the students")
+    if args.align_steps is not None and all(s.endswith("random") for s in args.students):
+        ap.error("--align-steps applies to the attention-initialised students (mamba2, hybrid), which are "
+                 "not among the students (the random-init student is never aligned)")
     args.samples = parse_list(ap, "--samples", args.samples, cast=int, lo=1, unique=True)
     args.speed_batches = parse_list(ap, "--speed-batches", args.speed_batches, cast=int, lo=1, unique=True)
     args.speed_lengths = parse_list(ap, "--speed-lengths", args.speed_lengths, cast=int, lo=SPEED_PROMPT + 1,

@@ -76,3 +76,17 @@ def test_align_stage_changes_only_the_converted_layers(tmp_path):
 
     assert moved("embed") == 0.0 and moved("blocks_1") == 0.0 and moved("final_norm") == 0.0
     assert moved("blocks_0") > 0
+
+
+def test_distill_experiment_refuses_align_steps_without_an_aligned_student(capsys):
+    # --align-steps was silently ignored when only the random-init student (never aligned) ran
+    import experiments.distill as d
+    from experiments.common import parse_experiment_args
+
+    with pytest.raises(SystemExit):
+        parse_experiment_args(d._parser(), ["--out", "/tmp/unused", "--students", "mamba2_random",
+                                            "--align-steps", "5", "--no-compile-cache"], check=d._check_args)
+    assert "--align-steps" in capsys.readouterr().err
+    args = parse_experiment_args(d._parser(), ["--out", "/tmp/unused", "--students", "mamba2,mamba2_random",
+                                               "--align-steps", "5", "--no-compile-cache"], check=d._check_args)
+    assert args.align_steps == 5
