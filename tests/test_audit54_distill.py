@@ -43,10 +43,10 @@ def test_distill_step_takes_a_variables_dict_and_names_a_wrong_teacher_tree():
     assert jax.tree_util.tree_structure(step.teacher_params) == jax.tree_util.tree_structure(want)
     assert [x.shape for x in jax.tree.leaves(step.teacher_params)] == [x.shape for x in jax.tree.leaves(want)]
     step.extra_inputs()
-    with pytest.raises(ValueError, match=r"teacher_params do not match teacher_config.*missing.*blocks_1"):
+    with pytest.raises(ValueError, match=r"teacher_params do not fit teacher_config.*missing.*blocks_1"):
         DistillStep(cfg, {k: v for k, v in tp.items() if k != "blocks_1"})
     other_cfg, _, other = _teacher(d_ff=48)
-    with pytest.raises(ValueError, match=r"teacher_params do not match.*shapes"):
+    with pytest.raises(ValueError, match=r"teacher_params do not fit.*shapes"):
         DistillStep(cfg, other)
     assert DistillStep(cfg, None).teacher_params is None  # (settings only, as experiments.distill builds it)
 
@@ -90,3 +90,24 @@ def test_distill_experiment_refuses_align_steps_without_an_aligned_student(capsy
     args = parse_experiment_args(d._parser(), ["--out", "/tmp/unused", "--students", "mamba2,mamba2_random",
                                                "--align-steps", "5", "--no-compile-cache"], check=d._check_args)
     assert args.align_steps == 5
+
+
+def test_init_student_names_a_teacher_tree_that_does_not_fit():
+    # a missing layer / sub-module, or a scanned teacher's stacked tree with an unscanned config,
+    # was a bare KeyError ('blocks_1', 'attn', 'blocks_0') from the weight mapping
+    import flax.linen as nn
+
+    cfg, _, tp = _teacher()
+    tp = nn.unbox(tp)
+    scfg = student_config(cfg)
+    stacked = nn.unbox(jf.build(cfg.replace(scan_layers=True)).init(jax.random.PRNGKey(0),
+                                                                     jnp.zeros((1, 8), jnp.int32))["params"])
+    bad = [{k: v for k, v in tp.items() if k != "blocks_1"},
+           {**tp, "blocks_0": {k: v for k, v in tp["blocks_0"].items() if k != "attn"}},
+           stacked]
+    for params in bad:
+        with pytest.raises(ValueError, match=r"teacher_params do not fit teacher_config.*missing"):
+            init_student(cfg, params, scfg, jax.random.PRNGKey(1))
+    # the stacked tree with the scanned config, and an unstacked tree with it, still convert
+    init_student(cfg.replace(scan_layers=True), stacked, scfg, jax.random.PRNGKey(1))
+    init_student(cfg.replace(scan_layers=True), tp, scfg, jax.random.PRNGKey(1))

@@ -40,7 +40,7 @@ import numpy as np
 from ..config import TransformerConfig
 from ..registry import build, get_config
 
-__all__ = ["STUDENTS", "init_student", "student_config"]
+__all__ = ["STUDENTS", "check_params_tree", "init_student", "student_config"]
 
 STUDENTS = ("mamba2", "hybrid")
 _COPIED = ("vocab_size", "d_model", "n_layer", "max_seq_len", "norm", "norm_eps", "tie_embeddings", "init_std",
@@ -127,6 +127,8 @@ def init_student(teacher_config, teacher_params, config, rng, *, init: str = "at
     if getattr(teacher_config, "scan_layers", False) and "blocks" in teacher:
         from ..convert.layers import unstack_layers
         teacher = unstack_layers(teacher, n_layer=teacher_config.n_layer)
+    # (a tree of another teacher: a ValueError here, not a KeyError in the mapping below)
+    check_params_tree("teacher_params", teacher_config.replace(scan_layers=False), teacher, "teacher_config")
     for name in teacher:
         if not name.startswith("blocks_"):
             params[name] = teacher[name]  # embed, final_norm, lm_head
@@ -157,6 +159,24 @@ def init_student(teacher_config, teacher_params, config, rng, *, init: str = "at
         raise ValueError("teacher_params do not fit teacher_config / config (the student built from "
                          f"student_config(teacher_config, ...) expects {_diff(expected, got)})")
     return params
+
+
+def check_params_tree(what: str, config, tree, config_name: str = "config") -> None:
+    """``ValueError`` naming ``what`` unless ``tree`` has the parameter paths and shapes of the
+    model ``config`` builds (missing / unexpected paths and shape differences listed)."""
+    from ..training.steps import abstract_params
+
+    want, _ = abstract_params(build(config))
+    flat_w = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(want)}
+    flat_g = {jax.tree_util.keystr(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+    if flat_w != flat_g:
+        missing = sorted(set(flat_w) - set(flat_g))
+        extra = sorted(set(flat_g) - set(flat_w))
+        shapes = [f"{k}: {flat_w[k]} vs {flat_g[k]}" for k in sorted(set(flat_w) & set(flat_g))
+                  if flat_w[k] != flat_g[k]]
+        raise ValueError(f"{what} do not fit {config_name}'s parameter tree (model {config.model!r}, "
+                         f"scan_layers={config.scan_layers}): missing {missing[:3]}, unexpected {extra[:3]}, "
+                         f"shapes ({config_name} vs given) {shapes[:3]}")
 
 
 def _diff(expected, got) -> str:

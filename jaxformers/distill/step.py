@@ -37,6 +37,7 @@ from ..models.transformer import block_inputs
 from ..training.losses import (apply_model, logits_cross_entropy, model_inputs, next_token_targets,
                                weighted_mean)
 from ..training.steps import abstract_params, train_step
+from .convert import check_params_tree
 
 __all__ = ["DistillStep", "align_loss", "kd_loss", "kl_per_token", "teacher_hidden_states"]
 
@@ -145,17 +146,7 @@ def _teacher_tree(teacher, params):
     tree = unfreeze(nn.unbox(params))
     if isinstance(tree, dict) and set(tree) == {"params"}:
         tree = tree["params"]
-    want, _ = abstract_params(teacher)
-    flat_w = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(want)}
-    flat_g = {jax.tree_util.keystr(p): tuple(jnp.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
-    if flat_w != flat_g:
-        missing = sorted(set(flat_w) - set(flat_g))
-        extra = sorted(set(flat_g) - set(flat_w))
-        shapes = [f"{k}: {flat_w[k]} vs {flat_g[k]}" for k in sorted(set(flat_w) & set(flat_g))
-                  if flat_w[k] != flat_g[k]]
-        raise ValueError(f"teacher_params do not match teacher_config's parameter tree (model "
-                         f"{teacher.config.model!r}, scan_layers={teacher.config.scan_layers}): missing "
-                         f"{missing[:3]}, unexpected {extra[:3]}, shapes (config vs given) {shapes[:3]}")
+    check_params_tree("teacher_params", teacher.config, tree, "teacher_config")
     return tree
 
 
