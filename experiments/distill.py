@@ -8,7 +8,8 @@ Task: multi-digit addition with worked steps (``synthetic:arithmetic``, a chain 
 one ``a_i+b_i+c_i=c s;`` step per digit, then the answer), answers exactly checkable.
 
 1. **Teacher**: ``--teacher RUN_DIR`` (a ``llama`` / ``gpt`` run trained here on the preset's
-   task, same format options), else a ``llama`` trained on the task (``runs/teacher``).
+   task, same format options, its training finished), else a ``llama`` trained on the task
+   (``runs/teacher``).
 2. **Students** (``runs/<student>``, normal run directories: ``evaluate`` / ``generate`` work
    on them): ``mamba2`` (every layer an SSM) and ``hybrid`` (attention kept at
    ``--attn-layers``), attention-initialised (:func:`jaxformers.distill.init_student`) and
@@ -315,6 +316,9 @@ def _check_args(ap, args) -> None:
             ap.error("--teacher-steps trains the preset's teacher; --teacher gives a trained one "
                      "(drop one of them)")
         check_teacher_task(ap, args, json.loads((Path(args.teacher) / "config.json").read_text()))
+        if not summary.is_file():  # train() writes it at the end (or at a signal's stop)
+            ap.error(f"--teacher {args.teacher!r}: no summary.json, so its training never finished (killed, "
+                     "crashed or still running): its newest checkpoint is a partly trained teacher (resume it first)")
     students = parse_list(ap, "--students", args.students, allowed=STUDENTS, unique=True)
     args.students = [args.student] if args.student else list(STUDENTS) if students is None else students
     args.attn_layers = parse_list(ap, "--attn-layers", args.attn_layers, cast=int, lo=0, unique=True)

@@ -111,3 +111,23 @@ def test_init_student_names_a_teacher_tree_that_does_not_fit():
     # the stacked tree with the scanned config, and an unstacked tree with it, still convert
     init_student(cfg.replace(scan_layers=True), stacked, scfg, jax.random.PRNGKey(1))
     init_student(cfg.replace(scan_layers=True), tp, scfg, jax.random.PRNGKey(1))
+
+
+def test_distill_experiment_refuses_a_teacher_run_that_never_finished(tmp_path, capsys):
+    # a teacher run killed (or still training) has config.json and checkpoints but no summary.json;
+    # it was accepted and its newest checkpoint distilled as the trained teacher
+    import json
+
+    import experiments.distill as d
+    from experiments.common import parse_experiment_args
+
+    run = tmp_path / "t"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"model": {}, "train": {"data": d.task_spec("tiny")}}))
+    argv = ["--teacher", str(run), "--out", str(tmp_path / "o"), "--no-compile-cache"]
+    with pytest.raises(SystemExit):
+        parse_experiment_args(d._parser(), argv, check=d._check_args)
+    assert "summary.json" in capsys.readouterr().err
+    (run / "summary.json").write_text(json.dumps({"finished": True}))
+    args = parse_experiment_args(d._parser(), argv, check=d._check_args)  # a finished run passes
+    assert args.teacher == str(run)
