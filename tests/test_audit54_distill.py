@@ -131,3 +131,16 @@ def test_distill_experiment_refuses_a_teacher_run_that_never_finished(tmp_path, 
     (run / "summary.json").write_text(json.dumps({"finished": True}))
     args = parse_experiment_args(d._parser(), argv, check=d._check_args)  # a finished run passes
     assert args.teacher == str(run)
+
+
+def test_init_student_names_a_bad_teacher_config_or_params():
+    # teacher_params=None: TypeError 'NoneType' object is not iterable; teacher_config=None:
+    # AttributeError 'NoneType' object has no attribute 'n_layer'
+    cfg, _, tp = _teacher()
+    scfg = student_config(cfg)
+    with pytest.raises(ValueError, match="teacher_params must be"):
+        init_student(cfg, None, scfg, jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="teacher_config must be a 'llama' or 'gpt' config"):
+        init_student(None, tp, scfg, jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="teacher_config must be a 'llama' or 'gpt' config, got 'hybrid'"):
+        init_student(scfg, tp, scfg, jax.random.PRNGKey(0))

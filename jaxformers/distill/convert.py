@@ -112,6 +112,12 @@ def init_student(teacher_config, teacher_params, config, rng, *, init: str = "at
     """
     if init not in ("attention", "random"):
         raise ValueError(f"init must be 'attention' or 'random', got {init!r}")
+    if not isinstance(teacher_config, TransformerConfig) or teacher_config.model not in ("llama", "gpt"):
+        raise ValueError(f"teacher_config must be a 'llama' or 'gpt' config, got "
+                         f"{getattr(teacher_config, 'model', type(teacher_config).__name__)!r}")
+    if not hasattr(teacher_params, "keys"):
+        raise ValueError(f"teacher_params must be the teacher's parameter tree (a dict) or its "
+                         f"{{'params': ...}} variables dict, got {type(teacher_params).__name__}")
     if getattr(config, "model", None) != "hybrid" or getattr(config, "mixer", None) != "mamba2":
         raise ValueError(f"config must be a hybrid Mamba-2 student from student_config(teacher_config, ...), "
                          f"got model={getattr(config, 'model', type(config).__name__)!r}")
