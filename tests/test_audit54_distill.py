@@ -144,3 +144,21 @@ def test_init_student_names_a_bad_teacher_config_or_params():
         init_student(None, tp, scfg, jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="teacher_config must be a 'llama' or 'gpt' config, got 'hybrid'"):
         init_student(scfg, tp, scfg, jax.random.PRNGKey(0))
+
+
+def test_hidden_states_refuse_a_teacher_whose_blocks_are_not_chained():
+    # DenseFormer feeds block i + 1 a depth-weighted average, not block i's output: its "hidden
+    # states" were returned silently (the last one through the head missed the logits by 0.46)
+    # and stage="align" aligned the student's layers to inputs the teacher's never saw
+    import flax.linen as nn
+
+    from jaxformers.distill import DistillStep
+
+    cfg = jf.get_config("denseformer", "tiny", vocab_size=32, d_model=32, n_layer=2, n_head=4, max_seq_len=16)
+    module = jf.build(cfg)
+    params = nn.unbox(module.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    with pytest.raises(ValueError, match="chained"):
+        teacher_hidden_states(module, params, jnp.zeros((2, 8), jnp.int32))
+    with pytest.raises(ValueError, match="chained"):
+        DistillStep(cfg, params, stage="align")
+    DistillStep(cfg, params)  # logit distillation needs only the teacher's logits

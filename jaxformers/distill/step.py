@@ -73,14 +73,30 @@ def kd_loss(module, params, batch, rng=None, *, temperature: float = 1.0, kl_wei
     return kl_weight * kl + ce_weight * ce, {"kl": kl, "ce": ce, "n_targets": n}
 
 
+def _check_chained_blocks(module) -> None:
+    """``ValueError`` unless ``module`` chains ``n_layer`` blocks plainly (``Transformer.run_blocks``:
+    block ``i``'s output is block ``i + 1``'s input), the premise of the hidden states below:
+    DenseFormer's depth-weighted averages or CoTFormer's repeats feed their blocks other inputs."""
+    from ..models.transformer import Transformer
+
+    if not isinstance(module, Transformer) or type(module).run_blocks is not Transformer.run_blocks \
+            or len(module.layer_classes()) != module.config.n_layer:
+        raise ValueError(f"hidden states (stage='align') need a teacher whose blocks are chained one after "
+                         f"another (llama, gpt); model {getattr(module.config, 'model', None)!r} "
+                         f"({type(module).__name__}) feeds its blocks other inputs")
+
+
 def teacher_hidden_states(module, params, tokens, **kwargs) -> jax.Array:
     """``[B, L + 1, T, D]``: the embedding output and every block's output of ``module``
-    (a model built from ``Transformer``), via flax's ``capture_intermediates``.  A teacher with
+    (a model built from ``Transformer`` that chains its blocks: llama, gpt, the students; a
+    ``ValueError`` for DenseFormer / CoTFormer, whose blocks see other inputs), via flax's
+    ``capture_intermediates``.  A teacher with
     ``scan_layers=True`` is run unrolled (its stacked ``blocks`` split per layer)."""
     from ..convert.layers import unstack_layers
     from ..layers import Block, Embed
     from ..registry import build
 
+    _check_chained_blocks(module)
     if module.config.scan_layers:
         module = build(module.config.replace(scan_layers=False))
         params = unstack_layers(dict(params), n_layer=module.config.n_layer)
@@ -184,6 +200,8 @@ class DistillStep:
                              f"{kl_weight}, {ce_weight}")
         self.teacher_config = teacher_config
         self.teacher = build(teacher_config)
+        if stage == "align":
+            _check_chained_blocks(self.teacher)
         self.teacher_params = None if teacher_params is None else _teacher_tree(self.teacher, teacher_params)
         self.loss = functools.partial(kd_loss, temperature=float(temperature), kl_weight=float(kl_weight),
                                       ce_weight=float(ce_weight))
