@@ -162,3 +162,18 @@ def test_hidden_states_refuse_a_teacher_whose_blocks_are_not_chained():
     with pytest.raises(ValueError, match="chained"):
         DistillStep(cfg, params, stage="align")
     DistillStep(cfg, params)  # logit distillation needs only the teacher's logits
+
+
+def test_training_with_a_distill_step_without_teacher_params_is_a_clear_error(tmp_path):
+    # DistillStep(cfg, None) (settings only) given to train: a "pytree structure error" when the
+    # trainer placed the teacher's parameters
+    from jaxformers.distill import DistillStep
+    from jaxformers.training import TrainConfig, train
+
+    cfg, _, tp = _teacher()
+    with pytest.raises(ValueError, match="teacher_params=None"):
+        DistillStep(cfg, None).extra_inputs()
+    tc = TrainConfig(steps=1, batch_size=2, seq_len=16, data="synthetic:copying:vocab=32",
+                     out_dir=str(tmp_path / "s"), eval_every=0, eval_batches=1, checkpoint_every=0)
+    with pytest.raises(ValueError, match="teacher_params=None"):
+        train(student_config(cfg), tc, step_fn=DistillStep(cfg, None), progress=False)

@@ -237,6 +237,9 @@ class DistillStep:
 
     def extra_inputs(self):
         """``(teacher params, their logical PartitionSpecs)``: sharded like a model's params."""
+        if self.teacher_params is None:  # (a DistillStep built for its settings only)
+            raise ValueError("DistillStep(teacher_config, teacher_params=None) cannot train: pass the teacher's "
+                             "parameters")
         _, specs = abstract_params(self.teacher)
         return self.teacher_params, specs
 
