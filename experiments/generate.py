@@ -217,6 +217,9 @@ def main(argv=None) -> int:
         # each prompt cut from the left so that it and the new tokens fit max_seq_len (if any)
         keep = None if limit is None else limit - args.max_new_tokens
         ids = [(tok.encode(text) if text else [tok.eos_id]) for text in prompts]
+        for text, prompt_ids in zip(prompts, ids):
+            if not len(prompt_ids):  # (a tokenizer that drops every character of it)
+                raise ValueError(f"--prompt {text!r} encodes to no tokens with the tokenizer of {args.run}")
         ids = [i if keep is None else i[-keep:] for i in ids]
         eos_id = None
         if args.stop_at_eos:

@@ -1,7 +1,9 @@
 """Audit 54 (main session): regressions found.
 
 * An export of parameters holding NaN / inf (a diverged run) was written as is, in every dtype: a
-  checkpoint whose every output is NaN, silently."""
+  checkpoint whose every output is NaN, silently.
+* ``experiments.generate`` with a prompt its tokenizer encodes to no tokens failed in ``jf.generate``
+  naming ``prompt_tokens``, not ``--prompt``."""
 import os
 
 import numpy as np
@@ -48,3 +50,24 @@ def test_the_export_cli_refuses_a_nan_checkpoint_and_leaves_out_untouched(tmp_pa
     assert _export(run, out, "--force") == 2
     assert "model.layers.1.mlp.down_proj.weight holds 1 NaN" in capsys.readouterr().err
     assert _snapshot(out) == before
+
+
+def test_generate_names_a_prompt_that_encodes_to_no_tokens(tmp_path, monkeypatch, capsys):
+    """A tokenizer that drops every character of a non-empty prompt: was a prompt_lengths error of
+    jf.generate, naming no flag."""
+    from experiments import generate
+    from jaxformers.data import Tokenizer
+    from test_audit42_cli import _fake_run
+
+    run, _ = _fake_run(tmp_path, monkeypatch)
+    load = Tokenizer.load
+
+    def dropping(path):
+        tok = load(path)
+        monkeypatch.setattr(tok, "encode", lambda text: [])
+        return tok
+
+    monkeypatch.setattr(Tokenizer, "load", staticmethod(dropping))
+    rc = generate.main(["--run", str(run), "--prompt", "hi", "--max-new-tokens", "2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--prompt 'hi' encodes to no tokens" in err, err
