@@ -72,7 +72,9 @@ def check_sampling(temperature, top_k, top_p, vocab_size=None) -> None:
 def sample_logits(logits, rng, *, temperature=1.0, top_k=None, top_p=None):
     """Sample token ids ``[B]`` from logits ``[B, V]`` (temperature 0 = greedy); ``top_k`` keeps
     the k largest logits (and any tied with the k-th, as HF's top-k warper), ``top_p`` the smallest prefix of the sorted distribution whose mass
-    reaches ``top_p`` (nucleus; always at least one token; ``top_p=1`` keeps every token).  A
+    reaches ``top_p`` (nucleus; always at least one token; ``top_p=1`` keeps every token) and
+    every token tied with its last logit (so the kept mass can pass that prefix's when logits
+    tie, e.g. in bfloat16; HF's top-p warper keeps ties in sort order instead).  A
     positive temperature so small that the scaled logits overflow float32 (or below float32's
     smallest normal number) samples greedily, the limit of sampling as the temperature goes to 0.
     Logits with NaN / ``+inf`` are not checked here (it runs under ``jit``): :func:`generate`
