@@ -46,15 +46,30 @@ def check_token_ids(tokens, vocab_size: int, subject: str = "token ids must be")
                          f"{values.max()}")
 
 
+def _as_module(module):
+    """``module``, or the model a config describes (``jf.build(config)``); ``ValueError`` otherwise."""
+    if isinstance(module, nn.Module):
+        return module
+    if hasattr(module, "model") and hasattr(module, "replace"):  # a model config
+        from .registry import build
+        return build(module)
+    raise ValueError(f"module must be a flax model (jf.build(config)) or a model config, got "
+                     f"{type(module).__name__}")
+
+
 def init_params(module, rng, tokens=None, **kwargs):
-    """``module.init`` then unbox: a plain pytree of arrays (no partitioning boxes)."""
+    """``module.init`` then unbox: a plain pytree of arrays (no partitioning boxes).  ``module``: a
+    model, or its config (built with ``jf.build``)."""
+    module = _as_module(module)
     if tokens is None:
         tokens = jnp.zeros((1, min(8, module.config.max_seq_len)), jnp.int32)
     return nn.unbox(module.init(rng, tokens, **kwargs)["params"])
 
 
 def logical_axes(module, tokens=None):
-    """Pytree of logical ``PartitionSpec``s matching the params (from eval_shape: no FLOPs)."""
+    """Pytree of logical ``PartitionSpec``s matching the params (from eval_shape: no FLOPs);
+    ``module``: a model or its config."""
+    module = _as_module(module)
     if tokens is None:
         tokens = jnp.zeros((1, min(8, module.config.max_seq_len)), jnp.int32)
     abstract = jax.eval_shape(module.init, jax.random.PRNGKey(0), tokens)

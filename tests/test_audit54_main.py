@@ -3,7 +3,9 @@
 * An export of parameters holding NaN / inf (a diverged run) was written as is, in every dtype: a
   checkpoint whose every output is NaN, silently.
 * ``experiments.generate`` with a prompt its tokenizer encodes to no tokens failed in ``jf.generate``
-  naming ``prompt_tokens``, not ``--prompt``."""
+  naming ``prompt_tokens``, not ``--prompt``.
+* ``jf.init_params(config, rng)`` was an AttributeError; an id-array ``data`` beyond the vocab
+  printed the whole array in ``evaluate``'s error."""
 import os
 
 import numpy as np
@@ -71,3 +73,27 @@ def test_generate_names_a_prompt_that_encodes_to_no_tokens(tmp_path, monkeypatch
     rc = generate.main(["--run", str(run), "--prompt", "hi", "--max-new-tokens", "2"])
     err = capsys.readouterr().err
     assert rc == 2 and "--prompt 'hi' encodes to no tokens" in err, err
+
+
+def test_init_params_and_logical_axes_take_a_config_or_name_the_argument():
+    """``jf.init_params(config, rng)`` was an AttributeError ('TransformerConfig' object has no
+    attribute 'config'); a config is built, anything else is a ValueError naming module."""
+    import jaxformers as jf
+    config = jf.get_config("gpt", "tiny", vocab_size=64)
+    a = jf.init_params(config, jax.random.PRNGKey(0))
+    b = jf.init_params(jf.build(config), jax.random.PRNGKey(0))
+    assert jax.tree.all(jax.tree.map(lambda x, y: bool((x == y).all()), a, b))
+    assert jax.tree.structure(jf.logical_axes(config)) == jax.tree.structure(jf.logical_axes(jf.build(config)))
+    with pytest.raises(ValueError, match="module must be a flax model .* or a model config, got str"):
+        jf.init_params("gpt", jax.random.PRNGKey(0))
+
+
+def test_evaluate_of_an_id_array_beyond_the_vocab_names_it_briefly():
+    """The error printed the whole array's repr (and a tokenizer that did not encode it)."""
+    import jaxformers as jf
+    from jaxformers.training import evaluate
+    config = jf.get_config("gpt", "tiny", vocab_size=64)
+    params = jf.init_params(config, jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match=r"^data=<ndarray of shape \(5000,\)> of ids has vocab_size=300, larger "
+                                         r"than the model's vocab_size=64"):
+        evaluate((config, params), np.arange(5000) % 300, seq_len=16, batch_size=2)

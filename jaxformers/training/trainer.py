@@ -1028,9 +1028,12 @@ def evaluate(run: Union[str, os.PathLike, Tuple[ModelConfig, Any]], data=None, *
         tokenizer = source_config(run)[1]
     tokenizer = tokenizer or (tc.tokenizer if tc is not None else "byte")
     source = open_data(data, tokenizer)
+    what = repr(data) if isinstance(data, (str, os.PathLike)) else \
+        f"<{type(data).__name__} of shape {getattr(data, 'shape', '?')}>"  # (not a whole array's repr)
     vocab = getattr(source, "vocab_size", None)
     if vocab is not None and vocab > model_config.vocab_size:
-        raise ValueError(f"data={data!r} tokenized with tokenizer={tokenizer!r} has vocab_size="
+        how = f"tokenized with tokenizer={tokenizer!r}" if isinstance(data, (str, os.PathLike)) else "of ids"
+        raise ValueError(f"data={what} {how} has vocab_size="
                          f"{vocab}, larger than the model's vocab_size={model_config.vocab_size} (ids past it "
                          "have no embedding: NaN losses); pass the model's tokenizer")
     if batch_size is None:
@@ -1040,7 +1043,7 @@ def evaluate(run: Union[str, os.PathLike, Tuple[ModelConfig, Any]], data=None, *
     if stride is not None and stride > seq_len:
         raise ValueError(f"stride must be an int with 1 <= stride <= seq_len = {seq_len}, got {stride}")
     if stride is not None and stride < seq_len and not hasattr(source, "split_tokens"):
-        raise ValueError(f"stride={stride} needs text data (a token stream); data={data!r} has fixed rows "
+        raise ValueError(f"stride={stride} needs text data (a token stream); data={what} has fixed rows "
                          f"({getattr(source, 'kind', type(source).__name__)}): evaluate it without stride")
     trained_len = tc.seq_len if tc is not None else model_config.max_seq_len
     if seq_len > trained_len:
