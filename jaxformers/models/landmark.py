@@ -212,11 +212,19 @@ def insert_landmarks(tokens, block_size: int, landmark_id: int):
 
     tokens ``[B, N]`` (numpy or jax) -> ``(with_landmarks [B, N'], is_landmark [B, N'])`` with
     ``N' = N + N // (block_size - 1)``; landmarks at positions ``t % block_size ==
-    block_size - 1``.  ``ValueError`` unless ``block_size`` is an int >= 2 and tokens is 2-D.
+    block_size - 1``.  ``ValueError`` unless ``block_size`` is an int >= 2, tokens is 2-D and
+    ``landmark_id`` an int that tokens' dtype holds (a jax ``uint8`` / ``uint16`` array would
+    otherwise wrap an id past its range silently, e.g. 257 -> 1).
     """
     check_block_size(block_size)
     if getattr(tokens, "ndim", None) != 2:
         raise ValueError(f"tokens must be [B, N], got shape {getattr(tokens, 'shape', None)}")
+    if not _is_int(landmark_id):
+        raise ValueError(f"landmark_id must be an int (not a bool), got {landmark_id!r}")
+    dtype = np.dtype(tokens.dtype)
+    if np.issubdtype(dtype, np.integer) and not np.iinfo(dtype).min <= int(landmark_id) <= np.iinfo(dtype).max:
+        raise ValueError(f"landmark_id={int(landmark_id)} does not fit the tokens' dtype {dtype} (ids in "
+                         f"[{np.iinfo(dtype).min}, {np.iinfo(dtype).max}]): cast tokens to int32 first")
     block_size = int(block_size)
     xp = jnp if isinstance(tokens, jax.Array) else np
     b, n = tokens.shape

@@ -1,0 +1,24 @@
+"""Audit 54 (papers: DenseFormer, CoTFormer, landmark attention): regression tests."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxformers.models.landmark import insert_landmarks, with_landmarks
+
+
+# ------------------------------------------------------------------ landmark data
+@pytest.mark.parametrize("xp", [np, jnp])
+def test_insert_landmarks_refuses_an_id_the_tokens_dtype_cannot_hold(xp):
+    """A jax uint8 array wrapped landmark 257 to 1 silently (numpy raised an OverflowError)."""
+    raw = xp.asarray(np.arange(10, dtype=np.uint8)[None])
+    with pytest.raises(ValueError, match="landmark_id=257 does not fit.*uint8"):
+        insert_landmarks(raw, 4, 257)
+    with pytest.raises(ValueError, match="landmark_id=257 does not fit.*uint8"):
+        with_landmarks({"tokens": raw}, 4, 257)
+    seq, _ = insert_landmarks(raw, 4, 255)                     # in range: unchanged behaviour
+    assert np.asarray(seq).tolist() == [[0, 1, 2, 255, 3, 4, 5, 255, 6, 7, 8, 255, 9]]
+    seq, _ = insert_landmarks(raw.astype(xp.int32), 4, 257)
+    assert np.asarray(seq)[0, 3] == 257
+    for bad in (2.0, True, None):
+        with pytest.raises(ValueError, match="landmark_id must be an int"):
+            insert_landmarks(raw.astype(xp.int32), 4, bad)
