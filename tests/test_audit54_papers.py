@@ -22,3 +22,17 @@ def test_insert_landmarks_refuses_an_id_the_tokens_dtype_cannot_hold(xp):
     for bad in (2.0, True, None):
         with pytest.raises(ValueError, match="landmark_id must be an int"):
             insert_landmarks(raw.astype(xp.int32), 4, bad)
+
+
+# ------------------------------------------------------------------ cotformer config
+@pytest.mark.parametrize("name", ["cotformer", "but"])
+@pytest.mark.parametrize("field", ["router_mix", "random_capacity"])
+def test_router_options_on_a_model_without_routers_are_refused(name, field):
+    """router_mix=False / random_capacity=False on a cotformer or but were silently ignored (it
+    has no routers), while length_factors there is refused."""
+    import jaxformers as jf
+
+    with pytest.raises(ValueError, match=f"{field}=False applies to model='adaptive_cotformer' only"):
+        jf.get_config(name, "tiny", **{field: False})
+    assert getattr(jf.get_config("adaptive_cotformer", "tiny", **{field: False}), field) is False
+    assert getattr(jf.get_config(name, "tiny"), field) is True  # the default stays valid

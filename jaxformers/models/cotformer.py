@@ -151,6 +151,10 @@ class CoTFormerConfig(TransformerConfig):
         if self.length_factors is not None and not self.adaptive:
             raise ValueError(f"length_factors (the inference compute budget) applies to "
                              f"model='adaptive_cotformer' only, got model={self.model!r}: leave it None")
+        for name in ("random_capacity", "router_mix"):  # the routers' options: not silently ignored
+            if not getattr(self, name) and not self.adaptive:
+                raise ValueError(f"{name}=False applies to model='adaptive_cotformer' only (its routers), "
+                                 f"got model={self.model!r}: leave it True")
         if self.scan_layers:
             raise ValueError("scan_layers=True is not supported by the CoTFormer family (the mid "
                              "group is applied several times): use scan_layers=False")
