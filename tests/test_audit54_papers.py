@@ -36,3 +36,22 @@ def test_router_options_on_a_model_without_routers_are_refused(name, field):
         jf.get_config(name, "tiny", **{field: False})
     assert getattr(jf.get_config("adaptive_cotformer", "tiny", **{field: False}), field) is False
     assert getattr(jf.get_config(name, "tiny"), field) is True  # the default stays valid
+
+
+@pytest.mark.parametrize("raw_len, block_size, match", [
+    (10, 1, "block_size"), (10, True, "block_size"), (10, 2.0, "block_size"),  # was ZeroDivisionError
+    (-5, 4, "raw_len"), (0, 4, "raw_len"), (3.0, 4, "raw_len"),               # was -7 / 0 / 3.0
+])
+def test_landmark_seq_len_checks_its_arguments(raw_len, block_size, match):
+    from jaxformers.models.landmark import landmark_seq_len
+
+    with pytest.raises(ValueError, match=match):
+        landmark_seq_len(raw_len, block_size)
+
+
+def test_landmark_seq_len_is_the_inserted_length():
+    from jaxformers.models.landmark import landmark_seq_len
+
+    for raw_len in (1, 14, 15, 16, 89, 100):
+        seq, _ = with_landmarks({"tokens": np.zeros((1, raw_len + 1), np.int32)}, 16, 99).values()
+        assert landmark_seq_len(raw_len, 16) == seq.shape[1] - 1 == landmark_seq_len(np.int64(raw_len), 16)

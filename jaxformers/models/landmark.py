@@ -298,8 +298,12 @@ def landmark_cross_entropy(module, params, batch, rng=None):
 
 
 def landmark_seq_len(raw_len: int, block_size: int) -> int:
-    """Model sequence length for raw windows of ``raw_len + 1`` tokens (``max_seq_len`` needed)."""
-    return raw_len + 1 + (raw_len + 1) // (block_size - 1) - 1
+    """Model sequence length for raw windows of ``raw_len + 1`` tokens (``max_seq_len`` needed).
+    ``ValueError`` unless ``raw_len`` is an int >= 1 and ``block_size`` an int >= 2."""
+    check_block_size(block_size)
+    if not _is_int(raw_len) or raw_len < 1:
+        raise ValueError(f"raw_len must be an int >= 1 (raw targets per window), got {raw_len!r}")
+    return int(raw_len) + 1 + (int(raw_len) + 1) // (int(block_size) - 1) - 1
 
 
 # the model runs a window of T raw targets at T' positions (landmarks inserted): the trainer's
