@@ -55,3 +55,28 @@ def test_landmark_seq_len_is_the_inserted_length():
     for raw_len in (1, 14, 15, 16, 89, 100):
         seq, _ = with_landmarks({"tokens": np.zeros((1, raw_len + 1), np.int32)}, 16, 99).values()
         assert landmark_seq_len(raw_len, 16) == seq.shape[1] - 1 == landmark_seq_len(np.int64(raw_len), 16)
+
+
+@pytest.mark.parametrize("args, match", [
+    (((0.5,), 3, 16), "length_factors"),          # one factor short: was [16, 8]
+    (((1.5, 0.2), 3, 16), "length_factors"),      # above 1: was [16, 24, 3]
+    (((0.2, 0.5), 3, 16), "length_factors"),      # increasing
+    ((("a", 0.1), 3, 16), "length_factors"),
+    (((0.5, 0.2), 3, -16), "seq_len"),            # was [-16, -8, -3]
+    (((0.5, 0.2), 3, 16.0), "seq_len"),
+    ((None, 0, 16), "n_repeat"),
+])
+def test_routed_counts_checks_its_arguments(args, match):
+    from jaxformers.models.cotformer import routed_counts
+
+    with pytest.raises(ValueError, match=match):
+        routed_counts(*args)
+
+
+def test_routed_counts_valid_inputs_unchanged():
+    from jaxformers.models.cotformer import routed_counts
+
+    assert routed_counts((0.5, 0.25), 3, 256) == [256, 128, 64]
+    assert routed_counts(None, 3, 10) == [10, 10, 10]
+    assert routed_counts((np.float64(1.0), 0), 3, np.int64(10)) == [10, 10, 0]
+    assert routed_counts((), 1, 7) == [7]

@@ -86,6 +86,7 @@ from ..layers.common import dtype_of, output_std
 from ..layers.linear import Linear
 from ..ops.attention import attention, position_causal_attention
 from ..registry import register
+from ..utils import is_int
 from ..sharding import (ACT_HEADS, BATCH, EMBED, HEAD_DIM, HEADS, LENGTH,
                         constrain, param_init)
 from .gpt import GPT_PRESETS, _GPT_STYLE
@@ -212,8 +213,21 @@ class CoTFormerConfig(TransformerConfig):
 
 def routed_counts(length_factors, n_repeat: int, seq_len: int):
     """Tokens that run each repeat (``[T, n_2, ..., n_R]``) for a budget, with the authors'
-    rounding: ``c_r = f_r / f_{r-1}`` (0 after a 0), ``n_r = int(c_r * n_{r-1})``."""
-    counts, prev, n = [seq_len], 1.0, seq_len
+    rounding: ``c_r = f_r / f_{r-1}`` (0 after a 0), ``n_r = int(c_r * n_{r-1})``.
+    ``ValueError`` unless ``n_repeat`` / ``seq_len`` are ints >= 1 and ``length_factors`` is None
+    or ``n_repeat - 1`` non-increasing fractions in [0, 1] (the config's rule)."""
+    for name, v in (("n_repeat", n_repeat), ("seq_len", seq_len)):
+        if not is_int(v) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    if length_factors is not None:
+        lf = length_factors
+        if isinstance(lf, (str, bytes)) or not hasattr(lf, "__iter__") or any(
+                isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, float, np.integer, np.floating))
+                for x in lf) or len(lf) != n_repeat - 1 or any(not 0.0 <= x <= 1.0 for x in lf) or \
+                any(b > a for a, b in zip(lf, lf[1:])):
+            raise ValueError(f"length_factors must be None or n_repeat - 1 = {n_repeat - 1} non-increasing "
+                             f"fractions in [0, 1], got {length_factors!r}")
+    counts, prev, n = [int(seq_len)], 1.0, int(seq_len)
     for f in (length_factors if length_factors is not None else (1.0,) * (n_repeat - 1)):
         cap = f / prev if prev != 0 else 0.0
         prev = f
