@@ -80,3 +80,36 @@ def test_routed_counts_valid_inputs_unchanged():
     assert routed_counts(None, 3, 10) == [10, 10, 10]
     assert routed_counts((np.float64(1.0), 0), 3, np.int64(10)) == [10, 10, 0]
     assert routed_counts((), 1, 7) == [7]
+
+
+# ------------------------------------------------------------------ experiments
+def test_landmark_lm_cost_counts_the_memory_of_each_length(tmp_path, monkeypatch):
+    """The cost at every length used the capacity of the largest factor: at 1x (of 1x, 2x) the
+    landmark memory_bytes were the 2x memory's (twice what the input stores), also the host
+    transfer (landmark keys of empty slots) and the time (scoring them).  Training, the
+    perplexities, the baseline and decoding are stubbed: only the memory's cost runs."""
+    import json
+    import jax
+    import jaxformers as jf
+    from experiments import landmark_lm
+
+    def fake_train(name, cfg, out, reusable, **kw):
+        params = jax.jit(lambda r: jf.init_params(jf.build(cfg), r))(jax.random.PRNGKey(0))
+        return {}, params, "float32", None
+    monkeypatch.setattr(landmark_lm, "reuse_or_train", fake_train)
+    for fn in ("eval_baseline", "eval_landmark"):
+        monkeypatch.setattr(landmark_lm, fn, lambda *a, **k: 1.0)
+    monkeypatch.setattr(landmark_lm, "cost_baseline", lambda *a, **k: (1.0, 1))
+    monkeypatch.setattr(landmark_lm, "cost_decode", lambda *a, **k: 1.0)
+    monkeypatch.setattr(landmark_lm, "plot", lambda *a, **k: None)
+    out = tmp_path / "lm"
+    landmark_lm.main(["--preset", "tiny", "--out", str(out), "--factors", "1,2", "--top-k", "1",
+                      "--eval-windows", "1", "--d-model", "32", "--n-layer", "1", "--no-compile-cache"])
+    cost = json.loads((out / "results.json").read_text())["cost"]
+    # 1 layer, K and V, 6 blocks per 1x chunk of 16 positions, 4 heads of 8 float32 values
+    one = 2 * 6 * 16 * 4 * 8 * 4
+    for f in (1, 2):
+        assert cost[str(f)]["landmark_top1"]["memory_bytes"] == f * one
+        assert cost[str(f)]["landmark_top1_host"]["memory_bytes"] == f * one
+    assert cost["1"]["landmark_top1_host"]["device_transfer_bytes"] < \
+        cost["2"]["landmark_top1_host"]["device_transfer_bytes"]
