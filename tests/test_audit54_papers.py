@@ -113,3 +113,23 @@ def test_landmark_lm_cost_counts_the_memory_of_each_length(tmp_path, monkeypatch
         assert cost[str(f)]["landmark_top1_host"]["memory_bytes"] == f * one
     assert cost["1"]["landmark_top1_host"]["device_transfer_bytes"] < \
         cost["2"]["landmark_top1_host"]["device_transfer_bytes"]
+
+
+# ------------------------------------------------------------------ denseformer
+def test_dwa_weights_reads_boxed_params_and_refuses_others():
+    """dwa_weights on the params ``module.init`` returns (boxed) was a TypeError from float()."""
+    import jax
+    import jaxformers as jf
+    from jaxformers.models.denseformer import DenseFormerConfig, dwa_weights
+
+    c = DenseFormerConfig.from_base("gpt", "tiny", n_layer=3, d_model=32, n_head=2, dwa_dilation=2)
+    boxed = jf.build(c).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    alpha, points = dwa_weights(c, boxed)
+    assert points == [1, 2, 3] and alpha.shape == (3, 4)
+    np.testing.assert_array_equal(alpha, np.eye(4)[1:])  # init: 1 on j = m
+    import flax.linen as nn
+    np.testing.assert_array_equal(dwa_weights(c, nn.unbox(boxed))[0], alpha)
+    with pytest.raises(ValueError, match=r"dwa_alpha \[3, 4\]"):
+        dwa_weights(c, {"params": boxed})               # the variables dict, not the params
+    with pytest.raises(ValueError, match=r"dwa_alpha \[4, 5\].*got \(3, 4\)"):
+        dwa_weights(c.replace(n_layer=4), boxed)        # another config's params

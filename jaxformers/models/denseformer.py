@@ -291,11 +291,19 @@ class DenseFormer(Transformer):
 
 def dwa_weights(config, params):
     """Learned masked ``alpha`` ``[R, L+1]`` (numpy) and the block m after which each row acts
-    (``dwa_mode="none"``: no DWA, ``[0, L+1]`` and ``[]``)."""
+    (``dwa_mode="none"``: no DWA, ``[0, L+1]`` and ``[]``).  ``params``: the model's params tree,
+    boxed as ``module.init`` returns them or not; ``ValueError`` when it has no ``dwa_alpha`` of
+    the config's shape."""
     plan = DWAPlan.from_config(config)
     if not plan.n_rows:  # no DWA point: the model has no dwa_alpha parameter
         return np.zeros((0, config.n_layer + 1), np.float32), []
-    alpha = np.asarray(params["dwa_alpha"], np.float32) * plan.mask()
+    alpha = nn.unbox(params.get("dwa_alpha") if hasattr(params, "get") else None)
+    if alpha is None or tuple(np.shape(alpha)) != (plan.n_rows, config.n_layer + 1):
+        raise ValueError(f"params must be the DenseFormer's params tree, with dwa_alpha "
+                         f"[{plan.n_rows}, {config.n_layer + 1}] for this config, got "
+                         f"{None if alpha is None else tuple(np.shape(alpha))} (keys: "
+                         f"{sorted(params)[:8] if hasattr(params, 'keys') else type(params).__name__})")
+    alpha = np.asarray(alpha, np.float32) * plan.mask()
     return alpha, list(plan.points)
 
 
