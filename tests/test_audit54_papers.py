@@ -133,3 +133,23 @@ def test_dwa_weights_reads_boxed_params_and_refuses_others():
         dwa_weights(c, {"params": boxed})               # the variables dict, not the params
     with pytest.raises(ValueError, match=r"dwa_alpha \[4, 5\].*got \(3, 4\)"):
         dwa_weights(c.replace(n_layer=4), boxed)        # another config's params
+
+
+def test_landmark_loss_through_the_memory_refuses_dropout_in_training():
+    """With mem_chunk_len the loss ran the memory path without the rng: dropout=0.1 in a training
+    step was silently off (the loss equal for any rng)."""
+    import jax
+    import jaxformers as jf
+    from jaxformers.models.landmark import landmark_cross_entropy
+
+    cfg = jf.get_config("landmark", "tiny", d_model=32, n_head=2, n_layer=1, landmark_block=4,
+                        vocab_size=16, mem_chunk_len=8, dropout=0.1, landmark_impl="reference")
+    model = jf.build(cfg)
+    params = jf.init_params(model, jax.random.PRNGKey(0))
+    batch = {"tokens": jnp.asarray(np.random.default_rng(0).integers(0, 15, (2, 13)), jnp.int32)}
+    with pytest.raises(ValueError, match="applies no dropout.*dropout=0.1"):
+        landmark_cross_entropy(model, params, batch, jax.random.PRNGKey(1))
+    loss, _ = landmark_cross_entropy(model, params, batch)              # evaluation: no rng
+    plain, _ = landmark_cross_entropy(jf.build(cfg.replace(dropout=0.0)), params, batch,
+                                      jax.random.PRNGKey(1))           # no dropout: trains
+    assert np.isfinite(float(loss)) and float(loss) == pytest.approx(float(plain), abs=1e-6)

@@ -281,7 +281,8 @@ def landmark_cross_entropy(module, params, batch, rng=None):
     With ``mem_chunk_len`` set, the logits are read through the retrieval memory: one KV-cache
     prefill of each window (module docstring, "Decoding through the memory"; the logits of
     :func:`memory_forward` with ``chunk_len=mem_chunk_len``), so windows may be longer than
-    ``max_seq_len`` (``experiments.evaluate --memory-chunk``).  That path applies no dropout;
+    ``max_seq_len`` (``experiments.evaluate --memory-chunk``).  That path applies no dropout
+    (``ValueError`` for a dropout rng with ``dropout`` / ``embed_dropout`` > 0: a training step);
     it is differentiable, but the paper trains without the memory (``mem_chunk_len=None``)."""
     c = module.config
     if not isinstance(c, LandmarkConfig):
@@ -290,6 +291,10 @@ def landmark_cross_entropy(module, params, batch, rng=None):
     batch = with_landmarks(batch, c.landmark_block, c.landmark_token)
     if c.mem_chunk_len is None:
         return cross_entropy(module, params, batch, rng)
+    if rng is not None and (c.dropout > 0 or c.embed_dropout > 0):  # a training step: not silently off
+        raise ValueError(f"landmark_cross_entropy through the memory (mem_chunk_len={c.mem_chunk_len}) applies "
+                         f"no dropout, but dropout={c.dropout} / embed_dropout={c.embed_dropout} and a "
+                         "dropout rng were given: set them to 0, or train with mem_chunk_len=None")
     from ..decoding import init_cache
     tokens, _ = model_inputs(batch)
     logits, _ = module.apply({"params": params}, tokens,
