@@ -153,3 +153,19 @@ def test_landmark_loss_through_the_memory_refuses_dropout_in_training():
     plain, _ = landmark_cross_entropy(jf.build(cfg.replace(dropout=0.0)), params, batch,
                                       jax.random.PRNGKey(1))           # no dropout: trains
     assert np.isfinite(float(loss)) and float(loss) == pytest.approx(float(plain), abs=1e-6)
+
+
+@pytest.mark.parametrize("flag", ["no", 0, None])
+def test_memory_forward_return_stats_must_be_a_bool(flag):
+    """return_stats="no" was read by truthiness: (logits, stats) came back instead of logits."""
+    import jax
+    import jaxformers as jf
+    from jaxformers.models.landmark import memory_forward
+
+    cfg = jf.get_config("landmark", "tiny", d_model=32, n_head=2, n_layer=1, landmark_block=4,
+                        vocab_size=16, landmark_impl="reference")
+    params = jf.init_params(jf.build(cfg), jax.random.PRNGKey(0))
+    tok, _ = insert_landmarks(np.zeros((1, 6), np.int32), 4, 15)
+    with pytest.raises(ValueError, match="return_stats must be a bool"):
+        memory_forward(cfg, params, tok, chunk_len=4, return_stats=flag)
+    assert memory_forward(cfg, params, tok, chunk_len=4, return_stats=np.bool_(False)).shape == (1, 8, 16)

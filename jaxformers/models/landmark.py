@@ -133,6 +133,7 @@ from ..training.losses import cross_entropy, logits_cross_entropy, model_inputs,
 from .gpt import GPT_PRESETS, _GPT_STYLE
 from .transformer import Transformer, check_tokens
 from ..utils import is_int as _is_int
+from pallas_kernels._common import check_flag
 from pallas_kernels.landmark_attention.reference import check_block_size
 
 LANDMARK_IMPLS = ("auto", "reference", "pallas")
@@ -681,6 +682,7 @@ def memory_forward(config, params, tokens, *, chunk_len: int, top_k: Optional[in
                          f"{chunk_len!r}")
     if c.scan_layers:
         raise ValueError("memory_forward needs scan_layers=False (per-layer memories)")
+    return_stats = check_flag("return_stats", return_stats)  # a string "no" is not read by truthiness
     top_k = c.mem_top_k if top_k is None else top_k
     selection = c.mem_selection if selection is None else selection
     _choice("selection", selection, SELECTIONS)
