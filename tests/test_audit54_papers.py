@@ -169,3 +169,16 @@ def test_memory_forward_return_stats_must_be_a_bool(flag):
     with pytest.raises(ValueError, match="return_stats must be a bool"):
         memory_forward(cfg, params, tok, chunk_len=4, return_stats=flag)
     assert memory_forward(cfg, params, tok, chunk_len=4, return_stats=np.bool_(False)).shape == (1, 8, 16)
+
+
+@pytest.mark.parametrize("axis", [2, -3, 1.0, True])
+def test_remove_landmarks_checks_the_axis(axis):
+    """axis=2 of a [B, N] array was an IndexError ('tuple index out of range'), 1.0 a TypeError."""
+    from jaxformers.models.landmark import remove_landmarks
+
+    x = np.arange(16).reshape(2, 8)
+    with pytest.raises(ValueError, match="axis must be an int"):
+        remove_landmarks(x, 4, axis=axis)
+    np.testing.assert_array_equal(remove_landmarks(x, 4, axis=-1), remove_landmarks(x, 4))
+    assert remove_landmarks(jnp.asarray(x), 4, axis=np.int64(1)).tolist() == [[0, 1, 2, 4, 5, 6],
+                                                                              [8, 9, 10, 12, 13, 14]]

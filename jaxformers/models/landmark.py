@@ -247,8 +247,12 @@ def _np_set(padded, tokens):
 
 def remove_landmarks(x, block_size: int, axis: int = 1):
     """The entries of ``x`` at non-landmark positions along ``axis`` (inverse of the insertion).
-    ``ValueError`` unless ``block_size`` is an int >= 2."""
+    ``ValueError`` unless ``block_size`` is an int >= 2 and ``axis`` an axis of ``x``."""
     check_block_size(block_size)
+    ndim = np.ndim(x)
+    if not _is_int(axis) or not -ndim <= axis < ndim:
+        raise ValueError(f"axis must be an int in [{-ndim}, {ndim}) (an axis of x, shape {np.shape(x)}), "
+                         f"got {axis!r}")
     n = x.shape[axis]
     keep = np.nonzero(np.arange(n) % block_size != block_size - 1)[0]
     return jnp.take(x, keep, axis=axis) if isinstance(x, jax.Array) else np.take(x, keep, axis=axis)
