@@ -5,7 +5,8 @@
 * ``experiments.generate`` with a prompt its tokenizer encodes to no tokens failed in ``jf.generate``
   naming ``prompt_tokens``, not ``--prompt``.
 * ``jf.init_params(config, rng)`` was an AttributeError; an id-array ``data`` beyond the vocab
-  printed the whole array in ``evaluate``'s error."""
+  printed the whole array in ``evaluate``'s error.
+* ``get_config("denseformer", "tiny", base="llama")`` built GPT blocks labelled llama."""
 import os
 
 import numpy as np
@@ -97,3 +98,18 @@ def test_evaluate_of_an_id_array_beyond_the_vocab_names_it_briefly():
     with pytest.raises(ValueError, match=r"^data=<ndarray of shape \(5000,\)> of ids has vocab_size=300, larger "
                                          r"than the model's vocab_size=64"):
         evaluate((config, params), np.arange(5000) % 300, seq_len=16, batch_size=2)
+
+
+def test_a_denseformer_base_label_that_contradicts_its_blocks_is_refused():
+    """``get_config("denseformer", "tiny", base="llama")`` built GPT blocks (LayerNorm, GELU)
+    labelled llama: ``base`` is a label, not a switch."""
+    import jaxformers as jf
+    from jaxformers.models.denseformer import DenseFormerConfig
+    with pytest.raises(ValueError, match=r"base='llama' labels a config whose blocks are gpt-style .*"
+                                         r"get_config\('denseformer', 'llama-tiny'\)"):
+        jf.get_config("denseformer", "tiny", base="llama")
+    with pytest.raises(ValueError, match=r"base='gpt' labels a config whose blocks are llama-style"):
+        jf.get_config("denseformer", "llama-tiny", base="gpt")
+    assert (jf.get_config("denseformer", "llama-tiny").mlp, DenseFormerConfig.from_base("llama").norm) == \
+        ("swiglu", "rmsnorm")
+    assert jf.get_config("denseformer", "tiny", norm="rmsnorm").base == "gpt"  # one field changed: kept

@@ -110,6 +110,17 @@ class DenseFormerConfig(TransformerConfig):
     def validate(self) -> None:
         super().validate()  # model= was checked first (registry.check_config_class)
         _choice("base", self.base, BASES)
+        # base is a label of where the block style came from, not a switch: base="llama" over a
+        # GPT preset's fields would build GPT blocks labelled llama (refused when the norm and the
+        # MLP are both the other base's)
+        style = {"gpt": ("layernorm", "gelu"), "llama": ("rmsnorm", "swiglu")}
+        other = "llama" if self.base == "gpt" else "gpt"
+        if (self.norm, self.mlp) == style[other]:
+            raise ValueError(f"base={self.base!r} labels a config whose blocks are {other}-style (norm="
+                             f"{self.norm!r}, mlp={self.mlp!r}): base does not change the blocks; use the "
+                             f"preset {'llama-' if self.base == 'llama' else ''}<name> (e.g. "
+                             f"get_config('denseformer', '{'llama-' if self.base == 'llama' else ''}tiny')) or "
+                             f"DenseFormerConfig.from_base({self.base!r}, preset)")
         _choice("dwa_mode", self.dwa_mode, DWA_MODES)
         allowed = list(range(1, self.n_layer + 1))
         why = {"dwa_period": "a period > n_layer would add no DWA at all",
