@@ -6,7 +6,8 @@
   naming ``prompt_tokens``, not ``--prompt``.
 * ``jf.init_params(config, rng)`` was an AttributeError; an id-array ``data`` beyond the vocab
   printed the whole array in ``evaluate``'s error.
-* ``get_config("denseformer", "tiny", base="llama")`` built GPT blocks labelled llama."""
+* ``get_config("denseformer", "tiny", base="llama")`` built GPT blocks labelled llama.
+* ``DogeStep.data_spec(sample=...)`` was a bare TypeError."""
 import os
 
 import numpy as np
@@ -113,3 +114,12 @@ def test_a_denseformer_base_label_that_contradicts_its_blocks_is_refused():
     assert (jf.get_config("denseformer", "llama-tiny").mlp, DenseFormerConfig.from_base("llama").norm) == \
         ("swiglu", "rmsnorm")
     assert jf.get_config("denseformer", "tiny", norm="rmsnorm").base == "gpt"  # one field changed: kept
+
+
+def test_doge_data_spec_names_a_sample_option():
+    """``DogeStep.data_spec(sample=...)`` was a bare TypeError (keyword given twice)."""
+    from jaxformers.training.doge import DogeStep
+    step = DogeStep(("a", "b", "c"))
+    assert "stratified" in step.data_spec()
+    with pytest.raises(ValueError, match=r"sample='uniform' is not allowed: the DoGE proxy samples 'stratified'"):
+        step.data_spec(sample="uniform")

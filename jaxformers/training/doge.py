@@ -223,6 +223,8 @@ class DogeStep:
         """The proxy run's data spec: these domains, one micro-batch each (``sample=stratified``)."""
         from ..data.domains import domain_spec
 
+        if "sample" in options:  # (the proxy's batches are one micro-batch per domain)
+            raise ValueError(f"sample={options['sample']!r} is not allowed: the DoGE proxy samples 'stratified'")
         return domain_spec(self.domains, sources, sample="stratified", **options)
 
     def check_source(self, source, train_config) -> None:
