@@ -48,10 +48,13 @@ Decoding (KV cache).  The cache is the baseline's ``{'k', 'v'}`` (post-rotary ke
 A decoding step uses the fixed eval randomness (even given a ``dropout`` rng): it hashes
 the new queries and every cached key with the same ``R`` (a key's bucket is recomputed
 from the cached key, so nothing extra is stored), or looks the keep bits of the query
-positions and of the cache slots up in the position-indexed table (cache slot ``s`` holds
-position ``s``, as the baseline's decoding assumes); then one dense masked softmax over the
-cache (float32, as the baseline decodes with the XLA path).  Prefill + decode equals the
-full forward.
+positions and of the cached keys' positions up in the position-indexed table (the cache
+stores no positions: cache slot ``s`` holds position ``s + offset``, the offset being the
+call's ``positions - slots`` of each row: 0 by default, and exact for explicit ``positions``
+that are the slots shifted by a per-row constant); causality is by cache slot, as in the
+baseline's decoding.  Then one dense masked softmax over the cache (float32, as the
+baseline decodes with the XLA path).  Prefill + decode equals the full forward (with such
+explicit ``positions`` too).
 
 Packed sequences (``segment_ids``, any integer ids; as in the baseline a segment is a *run* of
 equal ids: the ``Transformer`` maps the ids through ``segment_index`` first, so an id that comes
@@ -316,13 +319,17 @@ class SparseAttention(nn.Module):
             k_all, v_all = new_cache["k"], new_cache["v"]
             b, t = q.shape[:2]
             s = k_all.shape[1]
-            q_pos = cache_index + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-            k_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-            q_lab, k_lab = self.labels(key, q, k_all.astype(q.dtype), q_pos, k_pos, per_row=False)
+            q_slot = cache_index + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            k_slot = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+            # keep bits by position, as in the forward: the queries' are the given positions; a
+            # cached key's is its slot + the row's offset (positions - slots) of this call
+            offset = jnp.asarray(positions, jnp.int32)[:, :1] - q_slot[:, :1]
+            q_lab, k_lab = self.labels(key, q, k_all.astype(q.dtype), positions, k_slot + offset,
+                                       per_row=False)
             g = h // hkv
             ql = jnp.swapaxes(q_lab, 1, 2)[..., :, None]                            # [B, Hq, T, 1]
             kl = jnp.repeat(jnp.swapaxes(k_lab, 1, 2), g, axis=1)[..., None, :]     # [B, Hq, 1, S]
-            visible = (k_pos[:, None, None, :] <= q_pos[:, None, :, None])
+            visible = (k_slot[:, None, None, :] <= q_slot[:, None, :, None])
             visible = visible & ((ql == kl) if c.kind == "hash" else (ql & kl))
             o = masked_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), visible)
         o = checkpoint_name(constrain(o, (BATCH, LENGTH, ACT_HEADS, None)), "attention_out")
