@@ -61,6 +61,7 @@ from collections.abc import Mapping
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 import flax.linen as nn
+from flax import traverse_util
 import jax.numpy as jnp
 import numpy as np
 
@@ -313,9 +314,19 @@ def fuse_pair(p0: dict, p1: dict) -> dict:
     docstring): ``q/k/v [D, 2H|2Hkv, Dh]``, ``o [2H, Dh, D]``, MLP in ``[D, 2F]`` and out
     ``[2F, D]``, norm scales folded in (the pair's norms get scale 1); ``qk_norm``'s
     ``q_norm|k_norm/scale`` per head, ``[2H|2Hkv, Dh]`` (``qk_norm_per_head``).  ``ValueError``
-    unless both are standard pre-norm blocks (no skip gains, bias-free norms)."""
+    unless both are standard pre-norm blocks (no skip gains, bias-free norms) with the same
+    parameters (names and shapes; ``qkv_bias`` in both or neither).  Boxed params (what
+    ``module.init`` returns) are unboxed."""
+    p0, p1 = nn.unbox(p0), nn.unbox(p1)
     _check_block(0, p0)
     _check_block(1, p1)
+    shapes = [{"/".join(k): np.shape(v) for k, v in traverse_util.flatten_dict(dict(p)).items()
+               if k[:2] not in (("attn", "q_norm"), ("attn", "k_norm"))} for p in (p0, p1)]  # checked below
+    if shapes[0] != shapes[1]:
+        diff = sorted(f"{k}: {shapes[0].get(k, 'absent')} vs {shapes[1].get(k, 'absent')}"
+                      for k in set(shapes[0]) | set(shapes[1]) if shapes[0].get(k) != shapes[1].get(k))
+        raise ValueError("the two layers of a pair must have the same parameters (names and shapes) to be "
+                         f"fused; layer 0 vs layer 1 differ in {diff}")
     sa = (p0["attn_norm"]["scale"], p1["attn_norm"]["scale"])
     sm = (p0["mlp_norm"]["scale"], p1["mlp_norm"]["scale"])
     ps = (p0, p1)
