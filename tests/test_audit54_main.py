@@ -7,7 +7,8 @@
 * ``jf.init_params(config, rng)`` was an AttributeError; an id-array ``data`` beyond the vocab
   printed the whole array in ``evaluate``'s error.
 * ``get_config("denseformer", "tiny", base="llama")`` built GPT blocks labelled llama.
-* ``DogeStep.data_spec(sample=...)`` was a bare TypeError."""
+* ``DogeStep.data_spec(sample=...)`` was a bare TypeError.
+* A landmark model's ``attention_impl`` was silently ignored."""
 import os
 
 import numpy as np
@@ -123,3 +124,15 @@ def test_doge_data_spec_names_a_sample_option():
     assert "stratified" in step.data_spec()
     with pytest.raises(ValueError, match=r"sample='uniform' is not allowed: the DoGE proxy samples 'stratified'"):
         step.data_spec(sample="uniform")
+
+
+@pytest.mark.parametrize("impl", ["xla", "cudnn", "pallas"])
+def test_a_landmark_attention_impl_is_refused_not_ignored(impl):
+    """Landmark models never read ``attention_impl`` (their attention is ``landmark_impl``'s): a
+    value other than the default was silently ignored."""
+    import jaxformers as jf
+    from jaxformers.config import ATTENTION_IMPLS
+    assert impl in ATTENTION_IMPLS
+    with pytest.raises(ValueError, match=rf"attention_impl='{impl}' is not used by landmark models"):
+        jf.get_config("landmark", "tiny", attention_impl=impl)
+    assert jf.get_config("landmark", "tiny", landmark_impl="reference").attention_impl == "auto"

@@ -147,7 +147,7 @@ class LandmarkConfig(TransformerConfig):
     ``landmark_block``: ``L``, tokens per block including the landmark (paper: 50 + 1).
     ``landmark_id``: the landmark token (``None``: ``vocab_size - 1``).
     ``landmark_impl``: ``"pallas"`` kernel, ``"reference"`` (float32 dense oracle, CPU
-    training), ``"auto"`` = the kernel on GPU/TPU.  ``mem_top_k`` / ``mem_selection``: the
+    training), ``"auto"`` = the kernel on GPU/TPU (``attention_impl`` is unused: only ``"auto"``).  ``mem_top_k`` / ``mem_selection``: the
     defaults of :func:`memory_forward`.  ``mem_chunk_len``: ``None`` (KV-cache decoding attends
     over the whole cache) or a positive multiple of ``landmark_block``: KV-cache decoding (and
     :func:`jaxformers.generate`) runs through the retrieval memory, as
@@ -191,6 +191,9 @@ class LandmarkConfig(TransformerConfig):
             raise ValueError(f"landmark_id must be an int in [0, vocab_size={self.vocab_size}) or None, "
                              f"got {self.landmark_id!r}")
         _choice("landmark_impl", self.landmark_impl, LANDMARK_IMPLS)
+        if self.attention_impl != "auto":  # (every layer runs the landmark attention)
+            raise ValueError(f"attention_impl={self.attention_impl!r} is not used by landmark models: their "
+                             f"attention is landmark_impl's ({', '.join(LANDMARK_IMPLS)}); leave attention_impl='auto'")
         _choice("mem_selection", self.mem_selection, SELECTIONS)
         if not _is_int(self.mem_top_k) or self.mem_top_k < 1:
             raise ValueError(f"mem_top_k must be a positive int (not a bool), got "
