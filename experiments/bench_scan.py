@@ -14,7 +14,9 @@ GPU defaults (bf16 activations, float32 A/D/biases):
   (``fla``: q=C, k=B, v=dt*x, g=dt*A, scale=1 — the same recurrence, no D/z).
 
 Prints median milliseconds and writes ``DIR/results.json`` (device, date, jax
-version, one row per measurement; skipped / failed runs carry a note).
+version, one row per measurement; skipped / failed runs carry a note) after every
+implementation's rows, ``complete: false`` until the last one, so a run cut short keeps
+what it finished.
 ``--quick`` runs tiny shapes (interpret mode on CPU) to prove the script works.
 """
 from __future__ import annotations
@@ -244,6 +246,11 @@ def main(argv=None):
     print(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}", flush=True)
     print(f"{'kernel':>15} {'impl':>11} {'shape':>28} {'mode':>8} {'ms':>10}  note")
     rows = []
+
+    def save(complete=False):  # after every implementation: a run cut short keeps its rows
+        write_results(args.out, quick=args.quick, warmup=warmup, iters=iters, rows=list(rows),
+                      complete=complete)
+
     b, l, dim, n = ss_shape
     ss_in = _ss_inputs(b, l, dim, n, dtype)
     for impl in SS_IMPLS:
@@ -256,6 +263,7 @@ def main(argv=None):
                              on_gpu, warmup, iters)
         _print_rows(new)
         rows += new
+        save()
 
     b, l, h, p, n, g = ssd_shape
     ssd_in = _ssd_inputs(b, l, h, p, n, g, dtype)
@@ -273,8 +281,9 @@ def main(argv=None):
                              on_gpu, warmup, iters)
         _print_rows(new)
         rows += new
+        save()
 
-    write_results(args.out, quick=args.quick, warmup=warmup, iters=iters, rows=rows)
+    save(complete=True)
     return 0
 
 

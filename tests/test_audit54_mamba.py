@@ -1,0 +1,41 @@
+"""Audit 54 (Mamba family): regressions for the bugs found in the Mamba layers, models,
+scan kernels' callers, HF conversion and the Mamba experiments."""
+import json
+
+import pytest
+
+
+# ----------------------------------------------------------------------------- experiments.bench_scan
+def test_bench_scan_keeps_finished_rows_when_cut_short(tmp_path, monkeypatch):
+    """results.json used to be written only at the very end: a run interrupted in the SSD part
+    (a kill, a GPU stage's time limit) lost every selective-scan row already measured."""
+    from experiments import bench_scan
+
+    calls = []
+
+    def fake_bench(base, fn, inputs, diff_keys, on_gpu, warmup, iters):
+        calls.append(base["kernel"])
+        if base["kernel"] == "ssd":
+            raise KeyboardInterrupt  # the run is cut short while timing the SSD
+        return [dict(base, mode=m, ms=1.0) for m in ("fwd", "fwd+bwd")]
+
+    monkeypatch.setattr(bench_scan, "_bench_jax", fake_bench)
+    with pytest.raises(KeyboardInterrupt):
+        bench_scan.main(["--quick", "--impls", "pallas", "--out", str(tmp_path)])
+    assert calls == ["selective_scan", "ssd"]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["complete"] is False
+    timed = [r for r in saved["rows"] if r.get("ms") is not None]
+    assert [(r["kernel"], r["impl"], r["mode"]) for r in timed] == [
+        ("selective_scan", "pallas", "fwd"), ("selective_scan", "pallas", "fwd+bwd")]
+    assert len(saved["rows"]) == 6  # the skipped assoc_scan / reference rows too
+
+
+def test_bench_scan_marks_a_finished_run_complete(tmp_path, monkeypatch):
+    from experiments import bench_scan
+
+    monkeypatch.setattr(bench_scan, "_bench_jax", lambda base, *a: [dict(base, mode=m, ms=1.0)
+                                                                   for m in ("fwd", "fwd+bwd")])
+    assert bench_scan.main(["--quick", "--impls", "pallas", "--out", str(tmp_path)]) == 0
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["complete"] is True and len(saved["rows"]) == 12
