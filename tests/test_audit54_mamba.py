@@ -39,3 +39,15 @@ def test_bench_scan_marks_a_finished_run_complete(tmp_path, monkeypatch):
     assert bench_scan.main(["--quick", "--impls", "pallas", "--out", str(tmp_path)]) == 0
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["complete"] is True and len(saved["rows"]) == 12
+
+
+# ----------------------------------------------------------------------------- HybridConfig.attn_layers
+def test_hybrid_attn_layers_non_int_is_named_as_not_an_int():
+    """attn_layers=(1.0,) was refused as "has indices [1.0] outside [0, n_layer=4)": 1.0 is
+    inside; the entry is refused for not being an int, and the error now says so."""
+    import jaxformers as jf
+
+    with pytest.raises(ValueError, match=r"attn_layers=\(1\.0,\) must hold int layer indices .*\[1\.0\] \(not ints\)"):
+        jf.get_config("hybrid", "tiny", attn_layers=(1.0,))
+    with pytest.raises(ValueError, match=r"indices \[4\] outside \[0, n_layer=4\)"):
+        jf.get_config("hybrid", "tiny", attn_layers=(4,))

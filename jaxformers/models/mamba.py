@@ -204,7 +204,11 @@ class HybridConfig(MambaConfig, TransformerConfig):
         if self.attn_layers is not None:
             if not isinstance(self.attn_layers, tuple):
                 raise ValueError(f"attn_layers must be a tuple of layer indices, got {self.attn_layers!r}")
-            bad = [i for i in self.attn_layers if not _is_int(i) or not 0 <= i < self.n_layer]
+            bad = [i for i in self.attn_layers if not _is_int(i)]
+            if bad:
+                raise ValueError(f"attn_layers={self.attn_layers!r} must hold int layer indices in "
+                                 f"[0, n_layer={self.n_layer}), got {bad} (not ints)")
+            bad = [i for i in self.attn_layers if not 0 <= i < self.n_layer]
             if bad:
                 raise ValueError(f"attn_layers={self.attn_layers!r} has indices {bad} outside "
                                  f"[0, n_layer={self.n_layer})")
