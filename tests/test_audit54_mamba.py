@@ -51,3 +51,30 @@ def test_hybrid_attn_layers_non_int_is_named_as_not_an_int():
         jf.get_config("hybrid", "tiny", attn_layers=(1.0,))
     with pytest.raises(ValueError, match=r"indices \[4\] outside \[0, n_layer=4\)"):
         jf.get_config("hybrid", "tiny", attn_layers=(4,))
+
+
+# ----------------------------------------------------------------------------- HF Mamba export
+@pytest.mark.parametrize("kind", ["mamba", "mamba2"])
+def test_hf_export_ignores_the_weight_decay_groups(tmp_path, kind):
+    """A model trained with weight_decay_groups="nanogpt" (an optimizer setting: it changes no
+    output) was refused: "this config cannot be exported as HF mamba: weight_decay_groups='nanogpt'
+    (HF Mamba: 'shape')"; the Llama exporter accepts it.  It now exports, and reads back."""
+    import jax
+    import numpy as np
+
+    import jaxformers as jf
+    from jaxformers.convert.hf_mamba import config_to_hf_mamba, from_hf_mamba, to_hf_mamba
+
+    extra = dict(headdim=16, d_state=8, chunk_size=16) if kind == "mamba2" else dict(d_state=8)
+    c = jf.get_config(kind, "tiny", vocab_size=32, d_model=16, n_layer=1, weight_decay_groups="nanogpt",
+                      **extra)
+    assert config_to_hf_mamba(c) == config_to_hf_mamba(c.replace(weight_decay_groups="shape"))
+    params = jf.init_params(jf.build(c), jax.random.PRNGKey(0))
+    to_hf_mamba(c, params, str(tmp_path))
+    back, params_back = from_hf_mamba(str(tmp_path))
+    assert back.d_model == 16 and back.model == kind
+    import flax.linen as nn
+
+    assert jax.tree.structure(nn.unbox(params)) == jax.tree.structure(params_back)
+    for a, b in zip(jax.tree.leaves(nn.unbox(params)), jax.tree.leaves(params_back)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -241,12 +241,14 @@ def from_hf_mamba(path_or_dir: str, *, dtype: str = "float32", scan_layers: bool
 
 # ----------------------------------------------------------------------------- export
 # Fields that do not change what a trained model computes (compute / storage dtypes, layer scan,
-# kernels and their tiles, rematerialisation, training-only dropout, initialisation) or that HF
-# has no field for but nothing depends on (max_seq_len: no position embedding).
+# kernels and their tiles, rematerialisation, training-only dropout, the weight-decay groups,
+# initialisation) or that HF has no field for but nothing depends on (max_seq_len: no position
+# embedding).
 _NOT_FUNCTIONAL = frozenset({
     "dtype", "param_dtype", "scan_layers", "scan_impl", "chunk_size", "remat", "max_seq_len",
-    "dropout", "attn_dropout", "embed_dropout", "init_std", "scale_residual_init", "dt_min", "dt_max",
-    "dt_init_floor", "dt_init", "dt_scale", "a_init", "a_init_range", "dt_rank"})
+    "dropout", "attn_dropout", "embed_dropout", "weight_decay_groups", "init_std",
+    "scale_residual_init", "dt_min", "dt_max", "dt_init_floor", "dt_init", "dt_scale", "a_init",
+    "a_init_range", "dt_rank"})
 # Mamba-2 fields a Mamba-1 model never reads (its layer has no heads or B/C groups)
 _MAMBA2_ONLY = frozenset({"headdim", "n_groups"})
 
