@@ -78,3 +78,20 @@ def test_hf_export_ignores_the_weight_decay_groups(tmp_path, kind):
     assert jax.tree.structure(nn.unbox(params)) == jax.tree.structure(params_back)
     for a, b in zip(jax.tree.leaves(nn.unbox(params)), jax.tree.leaves(params_back)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# ----------------------------------------------------------------------------- HF Mamba import
+@pytest.mark.parametrize("bad", [16.7, True, "32"])
+def test_hf_mamba2_import_chunk_size_is_checked_not_truncated(bad):
+    """config_from_hf_mamba(chunk_size=...) ran int() on it: 16.7 became a 16-step tile, True a
+    1-step tile, "32" was read as 32, all silently; now a ValueError naming chunk_size."""
+    import numpy as np
+
+    from jaxformers.convert.hf_mamba import config_from_hf_mamba
+
+    hf = dict(model_type="mamba2", hidden_size=32, num_heads=4, head_dim=16, n_groups=2, state_size=8,
+              num_hidden_layers=1, vocab_size=64)
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        config_from_hf_mamba(hf, chunk_size=bad)
+    assert config_from_hf_mamba(hf, chunk_size=np.int64(32)).chunk_size == 32
+    assert config_from_hf_mamba(hf).chunk_size == 64

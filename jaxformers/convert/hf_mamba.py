@@ -123,8 +123,8 @@ def config_from_hf_mamba(hf: dict, *, dtype: str = "float32", scan_layers: bool 
             raise ValueError(f"num_heads={heads} * head_dim={headdim} must equal expand * hidden_size = "
                              f"{fields['expand'] * d_model}")
         fields.update(headdim=headdim, n_groups=int(hf["n_groups"]), a_init="uniform")
-        fields.update(chunk_size=int(chunk_size) if chunk_size is not None else
-                      MambaConfig.chunk_size)
+        # as given: MambaConfig names a bad one (int() read 16.7 as 16 and True as 1)
+        fields.update(chunk_size=chunk_size if chunk_size is not None else MambaConfig.chunk_size)
     return get_config(model_type, "tiny", **fields)
 
 
