@@ -8,7 +8,9 @@
   printed the whole array in ``evaluate``'s error.
 * ``get_config("denseformer", "tiny", base="llama")`` built GPT blocks labelled llama.
 * ``DogeStep.data_spec(sample=...)`` was a bare TypeError.
-* A landmark model's ``attention_impl`` was silently ignored."""
+* A landmark model's ``attention_impl`` was silently ignored.
+* ``init_from`` warned that kernel choices / tiles and weight-decay groups change what the loaded
+  weights compute."""
 import os
 
 import numpy as np
@@ -136,3 +138,26 @@ def test_a_landmark_attention_impl_is_refused_not_ignored(impl):
     with pytest.raises(ValueError, match=rf"attention_impl='{impl}' is not used by landmark models"):
         jf.get_config("landmark", "tiny", attention_impl=impl)
     assert jf.get_config("landmark", "tiny", landmark_impl="reference").attention_impl == "auto"
+
+
+def test_init_from_does_not_warn_of_kernel_or_optimizer_fields(tmp_path, caplog):
+    """``--init-from`` a Mamba-2 checkpoint with another ``scan_impl`` / ``chunk_size`` (the SSD
+    kernel and its exact chunking) or ``weight_decay_groups`` warned that the loaded weights
+    "compute something else"; a real change (``norm_eps``) still warns."""
+    from jaxformers.convert import to_hf
+    from jaxformers.training.init_from import load_params
+    from jaxformers.utils import abstract_params
+    import jaxformers as jf
+
+    config = jf.get_config("mamba2", "tiny", vocab_size=64, d_model=32, n_layer=1, headdim=16, d_state=16,
+                           chunk_size=16)
+    params = jf.init_params(config, jax.random.PRNGKey(0))
+    src = to_hf(config, params, str(tmp_path / "hf"))
+    same = config.replace(scan_impl="reference", chunk_size=32, weight_decay_groups="nanogpt")
+    with caplog.at_level("WARNING"):
+        loaded = load_params(src, abstract_params(jf.build(same)), model_config=same)
+    assert "compute something else" not in caplog.text
+    jax.tree.map(np.testing.assert_array_equal, loaded, jax.tree.map(np.asarray, params))
+    with caplog.at_level("WARNING"):
+        load_params(src, abstract_params(jf.build(same)), model_config=same.replace(norm_eps=1e-3))
+    assert "compute something else" in caplog.text and "norm_eps" in caplog.text

@@ -133,10 +133,12 @@ def _tree_difference(model, source, shown: int = 5) -> str:
 
 
 #: Model-config fields that do not change what loaded parameters compute (precision, layout,
-#: memory, dropout, initialisation, the length limit): not reported by :func:`config_changes`.
-RUNTIME_FIELDS = frozenset({"dtype", "param_dtype", "scan_layers", "remat", "attention_impl", "dropout",
+#: memory, the kernels and their tiles, dropout, initialisation, the optimizer's weight-decay
+#: groups, the length limit): not reported by :func:`config_changes`.
+RUNTIME_FIELDS = frozenset({"dtype", "param_dtype", "scan_layers", "remat", "attention_impl", "scan_impl",
+                            "sparse_impl", "landmark_impl", "chunk_size", "block_q", "block_k", "dropout",
                             "attn_dropout", "embed_dropout", "init_std", "scale_residual_init",
-                            "max_seq_len"})
+                            "weight_decay_groups", "max_seq_len"})
 
 
 def config_changes(path, model_config) -> list:
