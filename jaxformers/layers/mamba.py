@@ -22,6 +22,12 @@ new segment starts wherever the id changes; the conv taps that would reach into
 an earlier segment read 0 and the scan's state restarts from zero, so each
 segment is computed exactly as if it were alone.
 
+Initialisation, where it differs from mamba_ssm (initialisation only, documented, not
+matched): the conv bias starts at 0 (mamba_ssm keeps torch's ``Conv1d`` default, uniform in
++-1/sqrt(d_conv)); the output projection's std is ``init_std / sqrt(n_layer)``
+(``scale_residual_init``) also in blocks that add an MLP (``ssm_mlp=True``), where mamba_ssm's
+prenorm rescale counts two residual branches per layer (``1 / sqrt(2 n_layer)``).
+
 The scan implementation comes from ``config.scan_impl``: ``"reference"`` (plain
 JAX, any backend), ``"pallas"`` (``pallas_kernels``; interpret mode off GPU) or
 ``"auto"`` (pallas on GPU, and on TPU when the kernel package has a TPU variant, i.e.
