@@ -161,3 +161,17 @@ def test_init_from_does_not_warn_of_kernel_or_optimizer_fields(tmp_path, caplog)
     with caplog.at_level("WARNING"):
         load_params(src, abstract_params(jf.build(same)), model_config=same.replace(norm_eps=1e-3))
     assert "compute something else" in caplog.text and "norm_eps" in caplog.text
+
+
+def test_init_student_names_a_student_config_of_another_teacher():
+    """The final check of ``init_student`` (a student config from another teacher) lists the
+    shapes that differ, as ``check_params_tree`` does (one shared comparison)."""
+    import jaxformers as jf
+    from jaxformers.distill import init_student, student_config
+    teacher = jf.get_config("llama", "tiny")
+    params = jf.init_params(teacher, jax.random.PRNGKey(0))
+    other = student_config(teacher.replace(d_ff=2 * teacher.d_ff), "mamba2")
+    with pytest.raises(ValueError, match=r"vs the mapped teacher: missing \[\], unexpected \[\], shapes \(expected "
+                                         r"vs given\) \[\"\['blocks_0'\]\['mlp'\]\['down'\]\['kernel'\]: \(704, 128\) "
+                                         r"vs \(352, 128\)"):
+        init_student(teacher, params, other, jax.random.PRNGKey(1))

@@ -160,10 +160,10 @@ def init_student(teacher_config, teacher_params, config, rng, *, init: str = "at
                 if "bias" in a[proj]:
                     raise ValueError("attention projections with biases are not supported by the "
                                      "attention initialisation (llama / gpt have none)")
-    got = jax.tree.map(lambda x: x.shape, params)
-    if got != expected:
+    mismatch = _mismatch(expected, params)
+    if mismatch:
         raise ValueError("teacher_params do not fit teacher_config / config (the student built from "
-                         f"student_config(teacher_config, ...) expects {_diff(expected, got)})")
+                         f"student_config(teacher_config, ...) vs the mapped teacher: {mismatch})")
     return params
 
 
@@ -173,26 +173,27 @@ def check_params_tree(what: str, config, tree, config_name: str = "config") -> N
     from ..training.steps import abstract_params
 
     want, _ = abstract_params(build(config))
-    flat_w = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(want)}
-    flat_g = {jax.tree_util.keystr(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
-    if flat_w != flat_g:
-        missing = sorted(set(flat_w) - set(flat_g))
-        extra = sorted(set(flat_g) - set(flat_w))
-        shapes = [f"{k}: {flat_w[k]} vs {flat_g[k]}" for k in sorted(set(flat_w) & set(flat_g))
-                  if flat_w[k] != flat_g[k]]
+    mismatch = _mismatch(want, tree)
+    if mismatch:
         raise ValueError(f"{what} do not fit {config_name}'s parameter tree (model {config.model!r}, "
-                         f"scan_layers={config.scan_layers}): missing {missing[:3]}, unexpected {extra[:3]}, "
-                         f"shapes ({config_name} vs given) {shapes[:3]}")
+                         f"scan_layers={config.scan_layers}): {mismatch}")
 
 
-def _diff(expected, got) -> str:
-    """The first leaf (path: expected vs got shape) where two shape trees differ."""
-    flat_e = dict(jax.tree_util.tree_flatten_with_path(expected, is_leaf=lambda x: isinstance(x, tuple))[0])
-    flat_g = dict(jax.tree_util.tree_flatten_with_path(got, is_leaf=lambda x: isinstance(x, tuple))[0])
-    for path in sorted(set(flat_e) | set(flat_g), key=str):
-        if flat_e.get(path) != flat_g.get(path):
-            return f"{jax.tree_util.keystr(path)}: {flat_e.get(path)} vs {flat_g.get(path)} from the teacher"
-    return "the same tree"
+def _mismatch(expected, got) -> str:
+    """How two parameter trees (arrays, or shape tuples as leaves) differ: ``"missing [...],
+    unexpected [...], shapes (expected vs given) [...]"`` (3 of each); ``""`` if they do not."""
+    def shapes(tree):
+        leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, tuple))[0]
+        return {jax.tree_util.keystr(p): tuple(x) if isinstance(x, tuple) else tuple(np.shape(x))
+                for p, x in leaves}
+
+    flat_e, flat_g = shapes(expected), shapes(got)
+    if flat_e == flat_g:
+        return ""
+    missing = sorted(set(flat_e) - set(flat_g))
+    extra = sorted(set(flat_g) - set(flat_e))
+    differ = [f"{k}: {flat_e[k]} vs {flat_g[k]}" for k in sorted(set(flat_e) & set(flat_g)) if flat_e[k] != flat_g[k]]
+    return f"missing {missing[:3]}, unexpected {extra[:3]}, shapes (expected vs given) {differ[:3]}"
 
 
 def _numpy_tree(tree) -> dict:
