@@ -4,36 +4,11 @@ import numpy as np
 import pytest
 
 
-def _ce_ignoring_mask(module, params, batch, rng=None):
-    """Cross-entropy over every target, ``loss_mask`` ignored (its own n_targets)."""
-    import optax
-
-    from jaxformers.training.losses import apply_model
-    logits, _ = apply_model(module, params, batch, rng)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["tokens"][:, 1:])
-    return ce.mean(), {"n_targets": np.float32(ce.size)}
-
-
-def _ce_ignoring_mask_no_count(module, params, batch, rng=None):
-    """The same without n_targets (evaluation then counts the mask's targets)."""
-    return _ce_ignoring_mask(module, params, batch, rng)[0], {}
-
-
-def _ce_no_count(module, params, batch, rng=None):
-    """Cross-entropy honouring ``loss_mask``, no n_targets: a correct loss."""
-    from jaxformers.training import cross_entropy
-    return cross_entropy(module, params, batch, rng)[0], {}
-
-
-@pytest.fixture(scope="module")
-def tiny_model():
-    import jax
-
-    import jaxformers as jf
-    cfg = jf.get_config("gpt", "tiny", vocab_size=64, d_model=32, n_layer=1, n_head=4, max_seq_len=16)
-    params = jax.jit(lambda r: jf.init_params(jf.build(cfg), r))(jax.random.PRNGKey(0))
-    tokens = (np.arange(400) * 7 % 61).astype(np.int32)  # 24 windows of 16 targets
-    return cfg, params, tokens
+# the losses and the model of stop 53's strided-evaluation tests (test_audit53_data)
+from test_audit53_data import _ce_without_count as _ce_no_count  # noqa: E402
+from test_audit53_data import _ce_without_mask as _ce_ignoring_mask  # noqa: E402
+from test_audit53_data import _ce_without_mask_or_count as _ce_ignoring_mask_no_count  # noqa: E402
+from test_audit53_data import tiny_model  # noqa: E402,F401  (a fixture)
 
 
 @pytest.mark.parametrize("loss_fn, why", [(_ce_ignoring_mask, "still counts in its n_targets"),
