@@ -322,7 +322,8 @@ def int_path(cfg, params, dtype_name, tokens, names, seed, warmup=2, iters=5):
                 for sub in ("attn", "mlp"):
                     for lname, lin in blk[sub].items():
                         q = unpack_int4(lin["qkernel"]) if w_bits <= 4 else lin["qkernel"]
-                        blk[sub][lname] = {"kernel": q.astype(jnp.float32) * lin["scale"]}
+                        blk[sub][lname] = {**{k: v for k, v in lin.items() if k not in ("qkernel", "scale")},
+                                           "kernel": q.astype(jnp.float32) * lin["scale"]}  # (+ bias)
         fcfg = icfg.replace(int_linears=False)
         li = forward(icfg)({"params": ip}, tokens).astype(jnp.float32)
         lf = forward(fcfg)({"params": fake}, tokens).astype(jnp.float32)

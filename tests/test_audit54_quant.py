@@ -1,0 +1,37 @@
+"""Audit 54 (QuaRot, jaxformers.quant / experiments.quarot): regression tests."""
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxformers as jf
+from jaxformers.quant import QuantSpec, quantize
+
+
+def _model(**over):
+    """A tiny llama config and random params (non-trivial norm scales and biases)."""
+    from jaxformers.utils import abstract_params
+    base = dict(vocab_size=64, d_model=32, n_layer=1, n_head=2, n_kv_head=1, d_ff=64, max_seq_len=32)
+    cfg = jf.get_config("llama", "tiny", **{**base, **over})
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.asarray((1 + 0.5 * rng.standard_normal(x.shape)) if str(path[-1].key) == "scale"
+                                    else 0.05 * rng.standard_normal(x.shape), jnp.float32),
+        abstract_params(jf.build(cfg)))
+    return cfg, params
+
+
+TOKENS = np.random.default_rng(1).integers(0, 64, (2, 8)).astype(np.int32)
+
+
+def test_experiment_int_path_keeps_the_qkv_bias():
+    """experiments.quarot.int_path rebuilt the fake-quant linears as {"kernel"} only: a qkv_bias
+    model (Qwen2 via --run) crashed with ScopeParamNotFoundError ('bias')."""
+    from experiments.quarot import int_path
+    cfg, params = _model(qkv_bias=True)
+    r = int_path(cfg, params, "float32", TOKENS, ["W8A8"], 0, warmup=0, iters=1)
+    row = r["schemes"][0]
+    assert row["max_rel_logit_diff"] < 1e-4
+    assert abs(row["nll_int"] - row["nll_fake_quant"]) < 1e-4
