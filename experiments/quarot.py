@@ -271,12 +271,15 @@ def int8_table(shapes, dtype_name, warmup=2, iters=10):
 
 
 def _linear_bytes(params) -> dict:
-    """Bytes of the block linears' parameters: ``{"weights", "scales"}``."""
+    """Bytes of the block linears' parameters: ``{"weights", "scales"}`` (the q/k norms of a
+    ``qk_norm`` model are not linears)."""
     out = {"weights": 0, "scales": 0}
     for key, blk in params.items():
         if key.startswith("blocks_"):
             for sub in ("attn", "mlp"):
                 for lin in blk[sub].values():
+                    if "kernel" not in lin and "qkernel" not in lin:
+                        continue
                     for name, x in lin.items():
                         out["scales" if name == "scale" else "weights"] += int(x.size) * x.dtype.itemsize
     return out
@@ -321,6 +324,8 @@ def int_path(cfg, params, dtype_name, tokens, names, seed, warmup=2, iters=5):
             if key.startswith("blocks_"):
                 for sub in ("attn", "mlp"):
                     for lname, lin in blk[sub].items():
+                        if "qkernel" not in lin:  # the q/k norms of a qk_norm model
+                            continue
                         q = unpack_int4(lin["qkernel"]) if w_bits <= 4 else lin["qkernel"]
                         blk[sub][lname] = {**{k: v for k, v in lin.items() if k not in ("qkernel", "scale")},
                                            "kernel": q.astype(jnp.float32) * lin["scale"]}  # (+ bias)

@@ -35,3 +35,19 @@ def test_experiment_int_path_keeps_the_qkv_bias():
     row = r["schemes"][0]
     assert row["max_rel_logit_diff"] < 1e-4
     assert abs(row["nll_int"] - row["nll_fake_quant"]) < 1e-4
+
+
+def test_experiment_int_path_skips_the_qk_norms():
+    """int_path read every entry of blocks_i/attn as a linear: a qk_norm model (Qwen3 via --run)
+    was a KeyError 'qkernel' (and the q/k norm scales were counted as linear bytes)."""
+    from experiments.quarot import int_path
+    cfg, params = _model(qk_norm=True)
+    r = int_path(cfg, params, "float32", TOKENS, ["W8A8"], 0, warmup=0, iters=1)
+    assert r["schemes"][0]["max_rel_logit_diff"] < 1e-4
+    d, f, dh = cfg.d_model, cfg.ff_dim, cfg.dim_head
+    outs = {"q": cfg.n_head * dh, "k": cfg.kv_heads * dh, "v": cfg.kv_heads * dh, "o": d, "gate": f, "up": f}
+    n = sum(d * o for o in outs.values()) + f * d  # + down
+    mem = r["weight_memory"]
+    assert mem["float32"]["total"] == 4 * n
+    assert mem["int8"] == {"weights": n, "scales": 4 * (sum(outs.values()) + d), "total": n + 4 * (sum(outs.values()) + d),
+                           "ratio_to_float32": (n + 4 * (sum(outs.values()) + d)) / (4 * n)}
