@@ -186,6 +186,10 @@ def calibration_tokens(data, tokenizer, n, seq_len, seed):
     from jaxformers.training.trainer import open_dataset
     _, _, train_tokens, _ = open_dataset(data, tokenizer)
     train_tokens = np.asarray(train_tokens)
+    if len(train_tokens) < seq_len + 2:  # (numpy's 'high <= 0' otherwise)
+        raise ValueError(f"--seq-len {seq_len}: the training split of --data {str(data)!r} has "
+                         f"{len(train_tokens)} tokens, too few for calibration windows of {seq_len} tokens "
+                         f"(needs at least {seq_len + 2}); use a shorter --seq-len or more data")
     rng = np.random.default_rng(seed)
     starts = rng.integers(0, len(train_tokens) - seq_len - 1, size=n)
     return np.stack([train_tokens[s:s + seq_len] for s in starts]).astype(np.int32)
@@ -384,7 +388,10 @@ def run(args, ap=None) -> dict:
         ev_kw["eval_batches"] = args.eval_batches
     schemes = list(SCHEMES) if args.only is None else args.only  # checked names (_check_args)
     n_calib = preset["calib"] if args.calib is None else args.calib
-    calib = calibration_tokens(data, tok, n_calib, ev_kw["seq_len"], args.seed + 1)
+    try:
+        calib = calibration_tokens(data, tok, n_calib, ev_kw["seq_len"], args.seed + 1)
+    except ValueError as e:  # data too short for the windows
+        usage_error(ap, str(e))
     results = {"preset": args.preset, "run": args.run, "seed": args.seed, "data": data,
                "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
                "jax_version": jax.__version__, "compute_dtype": dtype, "model": cfg.to_dict(),

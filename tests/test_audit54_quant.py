@@ -51,3 +51,18 @@ def test_experiment_int_path_skips_the_qk_norms():
     assert mem["float32"]["total"] == 4 * n
     assert mem["int8"] == {"weights": n, "scales": 4 * (sum(outs.values()) + d), "total": n + 4 * (sum(outs.values()) + d),
                            "ratio_to_float32": (n + 4 * (sum(outs.values()) + d)) / (4 * n)}
+
+
+def test_calibration_windows_longer_than_the_data_name_seq_len(tmp_path):
+    """calibration_tokens on a training split shorter than --seq-len + 2 was numpy's bare
+    'ValueError: high <= 0'; now it names --seq-len and --data."""
+    from experiments.quarot import calibration_tokens
+    from jaxformers.training.trainer import open_dataset
+    corpus = tmp_path / "small.txt"
+    corpus.write_text("hello world " * 40)
+    n_train = len(open_dataset(str(corpus), "byte")[2])
+    with pytest.raises(ValueError, match=r"--seq-len 1000.*--data"):
+        calibration_tokens(str(corpus), "byte", 4, 1000, 0)
+    with pytest.raises(ValueError, match=r"--seq-len"):
+        calibration_tokens(str(corpus), "byte", 4, n_train - 1, 0)
+    assert calibration_tokens(str(corpus), "byte", 4, n_train - 2, 0).shape == (4, n_train - 2)
