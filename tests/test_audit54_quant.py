@@ -66,3 +66,21 @@ def test_calibration_windows_longer_than_the_data_name_seq_len(tmp_path):
     with pytest.raises(ValueError, match=r"--seq-len"):
         calibration_tokens(str(corpus), "byte", 4, n_train - 1, 0)
     assert calibration_tokens(str(corpus), "byte", 4, n_train - 2, 0).shape == (4, n_train - 2)
+
+
+@pytest.mark.parametrize("name", ["fake_quant", "rtn_weight", "rtn_weight_reference", "gptq_weight",
+                                  "gptq_weight_reference"])
+@pytest.mark.parametrize("arg", ["sym", "clip_search"])
+def test_quantizer_flags_must_be_bools(name, arg):
+    """sym="False" (a truthy string) silently quantized symmetrically, clip_search="no" searched;
+    now a ValueError naming the argument (numpy bools still pass)."""
+    import jaxformers.quant as q
+    if name == "fake_quant" and arg == "clip_search":
+        pytest.skip("fake_quant has no clipping search")
+    w = np.random.default_rng(0).standard_normal((8, 4))
+    fn = getattr(q, name)
+    args = (jnp.asarray(w, jnp.float32), 4) if name == "fake_quant" else \
+        (w, w @ w.T + np.eye(8), 4) if name.startswith("gptq") else (w, 4)
+    with pytest.raises(ValueError, match=arg):
+        fn(*args, **{arg: "False"})
+    fn(*args, **{arg: np.bool_(False)})

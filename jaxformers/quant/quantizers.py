@@ -36,6 +36,14 @@ def _check_bits(bits) -> int:
     return int(bits)
 
 
+def _check_flag(name, value) -> bool:
+    """``value`` as a bool (Python or numpy), else a ``ValueError`` naming ``name``: a string
+    such as ``"False"`` is truthy, so ``sym="False"`` silently quantized symmetrically."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be a bool (True / False), got {value!r}")
+    return bool(value)
+
+
 def _check_clip(clip):
     """A clipping ratio in (0, 1] (a number, or an array of them; not checked when traced):
     ``clip <= 0`` made every scale fall back to 1, silently rounding to integers."""
@@ -83,6 +91,7 @@ def fake_quant(x, bits: int, *, groupsize: Optional[int] = None, sym: bool = Tru
     block of the last axis); computed in float32, returned in ``x``'s dtype."""
     bits = _check_bits(bits)
     _check_clip(clip)
+    sym = _check_flag("sym", sym)
     if bits >= 16:
         return x
     _check_float_x(x)
@@ -163,6 +172,7 @@ def rtn_weight(w, bits: int, *, groupsize=None, sym=True, clip_search=True, retu
     keep their precision until the model's cast) and ``None`` for the rest.
     :func:`rtn_weight_reference` is the numpy float64 version it is tested against."""
     bits = _check_bits(bits)
+    sym, clip_search = _check_flag("sym", sym), _check_flag("clip_search", clip_search)
     if bits >= 16:
         w = np.asarray(w, np.float64)
         return (w, None, None, None) if return_int else w
@@ -192,6 +202,7 @@ def rtn_weight_reference(w, bits: int, *, groupsize=None, sym=True, clip_search=
                          clip_grid=_CLIP["grid"]):
     """:func:`rtn_weight` in numpy float64 (the clipping search in float32 XLA, as there)."""
     bits = _check_bits(bits)
+    sym, clip_search = _check_flag("sym", sym), _check_flag("clip_search", clip_search)
     w = np.asarray(w, np.float64)
     if bits >= 16:
         return (w, None, None, None) if return_int else w
@@ -234,6 +245,7 @@ def gptq_weight(w, hessian, bits: int, *, groupsize=None, sym=True, clip_search=
     as there).  :func:`gptq_weight_reference` is the
     readable one-column-at-a-time float64 algorithm it is tested against."""
     bits = _check_bits(bits)
+    sym, clip_search = _check_flag("sym", sym), _check_flag("clip_search", clip_search)
     if bits >= 16:
         w = np.asarray(w, np.float64)
         return (w, None, None, None) if return_int else w
@@ -465,6 +477,7 @@ def gptq_weight_reference(w, hessian, bits: int, *, groupsize=None, sym=True, cl
             q_j = Q(w_j);  w[:, j:] -= ((w_j - q_j) / U_jj) U[j, j:]
     """
     bits = _check_bits(bits)
+    sym, clip_search = _check_flag("sym", sym), _check_flag("clip_search", clip_search)
     _check_percdamp(percdamp)
     w, n, g = _check_gptq_inputs(w, hessian, groupsize)
     clip_grid = _check_clip_grid(clip_grid)
