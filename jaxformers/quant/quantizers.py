@@ -565,8 +565,14 @@ def int_matmul(x, w_int8, w_scale, *, a_bits: int = 8, clip=1.0, out_dtype=None)
     if getattr(w_int8, "dtype", None) != jnp.int8:
         raise ValueError(f"w_int8 must be an int8 array (the integer weights; e.g. rtn_weight(..., "
                          f"return_int=True)'s q as int8), got dtype {getattr(w_int8, 'dtype', None)}")
-    qx, sx = quantize_rows_int8(x, bits=a_bits, clip=clip)
     n_out = w_int8.ndim - 1
+    out_shape, s_shape = tuple(w_int8.shape[1:]), tuple(np.shape(w_scale))
+    lead = s_shape[:len(s_shape) - n_out] if len(s_shape) >= n_out else None
+    if s_shape and (lead is None or s_shape[len(lead):] != out_shape or any(d != 1 for d in lead)):
+        # (a grouped scale [G, out] broadcast against the tokens: silently wrong when T == G)
+        raise ValueError(f"w_scale must be one scale per output channel, shape {out_shape} (or [1, ...] of it, "
+                         f"or a scalar), got shape {s_shape}: the integer path has no input groups")
+    qx, sx = quantize_rows_int8(x, bits=a_bits, clip=clip)
     acc = jax.lax.dot_general(qx, w_int8, (((qx.ndim - 1,), (0,)), ((), ())),
                               preferred_element_type=jnp.int32)
     sx = sx.reshape(sx.shape[:-1] + (1,) * n_out)
