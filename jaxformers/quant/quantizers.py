@@ -16,6 +16,13 @@ input channels), ``c`` searched per channel on the grid ``1 - i / 100``, ``i < 8
 minimise ``sum |w - w^|^2.4`` (the GPTQ/QuaRot ``mse`` search, their grid); activations: per
 token (QuaRot: symmetric, ``c = 0.9``); KV cache: per head (group = head dim; QuaRot:
 asymmetric, ``c = 0.95``).  ``bits >= 16`` means no quantization.
+
+Deviation from the authors' GPTQ (spcl/QuaRot ``gptq_utils.py``) for dead inputs (``H_jj = 0``:
+never active in the calibration data), whose weights both zero: a per-channel scale comes
+from the weights after that zeroing (theirs: before it, so a dead input's original weight can
+set a row's scale), and act-order sorts dead inputs last (theirs: at ``H_jj = 1`` of their
+``2 / n_samples``-scaled Hessian, a rank our unscaled ``X^T X`` cannot reproduce), which moves
+group boundaries when act-order and groups meet dead inputs.  Without dead inputs the two agree.
 """
 from __future__ import annotations
 
