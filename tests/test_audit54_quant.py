@@ -104,3 +104,22 @@ def test_int_matmul_refuses_grouped_scales():
         np.testing.assert_allclose(int_matmul(x, jnp.asarray(q, jnp.int8), scale), ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(int_matmul(x, jnp.asarray(q, jnp.int8), 2.0),
                                2.0 * fake_quant(x, 8) @ q, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("seed", [None, -1, 1.5, "0", True])
+def test_rotation_seed_must_be_a_non_negative_int(seed):
+    """rotate_params(seed=None) rotated with fresh random signs and returned a Q drawn again
+    (q_matrix: other signs), so the Q returned was not the one applied; True was read as 1 and
+    -1 / 1.5 / "0" were numpy errors that did not name seed.  Now a ValueError naming seed."""
+    from jaxformers.quant import rotate_params
+    cfg, params = _model()
+    with pytest.raises(ValueError, match="seed"):
+        rotate_params(cfg, params, seed=seed)
+
+
+def test_rotate_params_returns_the_q_it_applied():
+    from jaxformers.quant import rotate_params
+    cfg, params = _model()
+    rp, q = rotate_params(cfg, params, seed=np.int64(3))
+    np.testing.assert_allclose(rp["embed"]["embedding"], np.asarray(params["embed"]["embedding"], np.float64) @ q,
+                               atol=1e-6)

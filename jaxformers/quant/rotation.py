@@ -202,6 +202,11 @@ class Rotation:
         if config.skip_gains:
             raise ValueError("skip_gains must be False for QuaRot (the gains break the invariance "
                              "of the folded norms)")
+        if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            # (None drew fresh random signs for Q and others again for q_matrix(): a Q that was
+            # not the one applied)
+            raise ValueError(f"seed must be an int >= 0 (the random signs of Q), got {seed!r}")
+        seed = int(seed)
         self.config, self.seed = config, seed
         d, h, dh, f = config.d_model, config.n_head, config.dim_head, config.ff_dim
         try:        # Q = diag(signs) H_d / sqrt(d): applied through the factors of H_d
