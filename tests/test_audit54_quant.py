@@ -123,3 +123,15 @@ def test_rotate_params_returns_the_q_it_applied():
     rp, q = rotate_params(cfg, params, seed=np.int64(3))
     np.testing.assert_allclose(rp["embed"]["embedding"], np.asarray(params["embed"]["embedding"], np.float64) @ q,
                                atol=1e-6)
+
+
+@pytest.mark.parametrize("kw, match", [(dict(n=0), "n must"), (dict(n=-3), "n must"), (dict(n=2.0), "n must"),
+                                       (dict(n=8, seed=None), "seed"), (dict(n=8, seed=-1), "seed")])
+def test_random_hadamard_checks_its_arguments(kw, match):
+    """random_hadamard(0) returned a [0, 0] matrix, -3 / 2.0 were numpy errors not naming n,
+    seed=None a fresh random matrix; now ValueErrors naming n / seed."""
+    from jaxformers.quant import random_hadamard
+    with pytest.raises(ValueError, match=match):
+        random_hadamard(**kw)
+    q = random_hadamard(12, np.int64(1))
+    np.testing.assert_allclose(q @ q.T, np.eye(12), atol=1e-12)

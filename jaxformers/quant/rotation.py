@@ -96,12 +96,23 @@ def kron_right(w, mats):
 def random_hadamard(n: int, seed: int = 0) -> np.ndarray:
     """``diag(+-1) H_n / sqrt(n)`` (random signs); a random orthogonal matrix (QR of a Gaussian)
     when ``n`` has no supported Hadamard factorisation."""
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n must be a positive int (the matrix size), got {n!r}")
+    _check_seed(seed)
     try:
         split_size(n)
     except ValueError:
         q, r = np.linalg.qr(np.random.default_rng(seed).standard_normal((n, n)))
         return q * np.sign(np.diag(r))[None, :]
     return _signs(n, seed)[:, None] * normalized_hadamard(n)
+
+
+def _check_seed(seed) -> int:
+    """``seed`` as an int >= 0, else a ``ValueError`` naming it (None drew fresh random signs:
+    a ``Q`` that :meth:`Rotation.q_matrix` could not give back)."""
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0 (the random signs of Q), got {seed!r}")
+    return int(seed)
 
 
 def _signs(n: int, seed: int) -> np.ndarray:
@@ -202,11 +213,7 @@ class Rotation:
         if config.skip_gains:
             raise ValueError("skip_gains must be False for QuaRot (the gains break the invariance "
                              "of the folded norms)")
-        if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            # (None drew fresh random signs for Q and others again for q_matrix(): a Q that was
-            # not the one applied)
-            raise ValueError(f"seed must be an int >= 0 (the random signs of Q), got {seed!r}")
-        seed = int(seed)
+        seed = _check_seed(seed)
         self.config, self.seed = config, seed
         d, h, dh, f = config.d_model, config.n_head, config.dim_head, config.ff_dim
         try:        # Q = diag(signs) H_d / sqrt(d): applied through the factors of H_d
