@@ -135,3 +135,13 @@ def test_random_hadamard_checks_its_arguments(kw, match):
         random_hadamard(**kw)
     q = random_hadamard(12, np.int64(1))
     np.testing.assert_allclose(q @ q.T, np.eye(12), atol=1e-12)
+
+
+@pytest.mark.parametrize("spec", [dict(w_bits=4), None])
+def test_quant_config_names_a_bad_spec(spec):
+    """quant_config(config, {"w_bits": 4}) was AttributeError: 'dict' object has no attribute
+    'rotate'; now a ValueError naming spec (as quantize)."""
+    from jaxformers.quant import quant_config
+    cfg, _ = _model()
+    with pytest.raises(ValueError, match="spec must be a QuantSpec"):
+        quant_config(cfg, spec)

@@ -155,6 +155,8 @@ def quant_config(config, spec: QuantSpec) -> QuaRotConfig:
     ``quarot`` config of unrotated float weights (``rotated=False, int_linears=False``; its
     ``hadamard_impl`` is kept).  A rotated or integer ``quarot`` model is refused: its params
     are already transformed (quantize the original ``llama`` params instead)."""
+    if not isinstance(spec, QuantSpec):
+        raise ValueError(f"spec must be a QuantSpec, got {type(spec).__name__}")
     if not isinstance(config, TransformerConfig) or config.model not in ("llama", "quarot"):
         raise ValueError(f"config must be a 'llama' (or 'quarot') TransformerConfig, got model="
                          f"{getattr(config, 'model', None)!r}")
