@@ -145,3 +145,11 @@ def test_quant_config_names_a_bad_spec(spec):
     cfg, _ = _model()
     with pytest.raises(ValueError, match="spec must be a QuantSpec"):
         quant_config(cfg, spec)
+
+
+def test_int_matmul_names_mismatched_input_sizes():
+    """x [2, 8] @ w_int8 [6, 4] was XLA's TypeError ('dot_general requires contracting dimensions
+    ...'); now a ValueError naming x and w_int8."""
+    from jaxformers.quant import int_matmul
+    with pytest.raises(ValueError, match="w_int8"):
+        int_matmul(jnp.ones((2, 8)), jnp.ones((6, 4), jnp.int8), jnp.ones(4))

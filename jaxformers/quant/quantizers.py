@@ -572,6 +572,10 @@ def int_matmul(x, w_int8, w_scale, *, a_bits: int = 8, clip=1.0, out_dtype=None)
     if getattr(w_int8, "dtype", None) != jnp.int8:
         raise ValueError(f"w_int8 must be an int8 array (the integer weights; e.g. rtn_weight(..., "
                          f"return_int=True)'s q as int8), got dtype {getattr(w_int8, 'dtype', None)}")
+    _check_float_x(x)
+    if w_int8.ndim < 1 or x.ndim < 1 or x.shape[-1] != w_int8.shape[0]:
+        raise ValueError(f"x's last axis must match w_int8's first (input) axis: x {tuple(x.shape)}, "
+                         f"w_int8 {tuple(w_int8.shape)}")
     n_out = w_int8.ndim - 1
     out_shape, s_shape = tuple(w_int8.shape[1:]), tuple(np.shape(w_scale))
     lead = s_shape[:len(s_shape) - n_out] if len(s_shape) >= n_out else None
