@@ -153,3 +153,24 @@ def test_int_matmul_names_mismatched_input_sizes():
     from jaxformers.quant import int_matmul
     with pytest.raises(ValueError, match="w_int8"):
         int_matmul(jnp.ones((2, 8)), jnp.ones((6, 4), jnp.int8), jnp.ones(4))
+
+
+@pytest.mark.parametrize("h, match", [(np.ones((3, 4)), "square"), (np.ones(3), "square"),
+                                      (np.full((3, 3), np.nan), "NaN")])
+def test_gptq_hinv_names_a_bad_hessian(h, match):
+    """A non-square Hessian was a JAX broadcasting / diagonal error not naming it, a NaN one
+    'not positive definite ...; raise percdamp' (which cannot help); now ValueErrors naming hessian."""
+    from jaxformers.quant import gptq_hinv
+    with pytest.raises(ValueError, match=match):
+        gptq_hinv(h)
+
+
+def test_unpack_int4_refuses_floats():
+    """unpack_int4 truncated float 'bytes' (3.7 -> 3) silently; now a ValueError naming p.
+    int8 storage of the same bytes still unpacks."""
+    from jaxformers.quant import pack_int4, unpack_int4
+    with pytest.raises(ValueError, match="p must be packed int4"):
+        unpack_int4(jnp.asarray([3.7, 255.0]))
+    q = jnp.asarray([-8, 7, -1, 0, 3, -5], jnp.int8)
+    np.testing.assert_array_equal(unpack_int4(pack_int4(q)), q)
+    np.testing.assert_array_equal(unpack_int4(pack_int4(q).astype(jnp.int8)), q)

@@ -347,6 +347,11 @@ def gptq_hinv(hessian, percdamp=0.01):
     damped Hessian is not positive definite in that precision (a larger ``percdamp`` helps)."""
     _check_percdamp(percdamp)
     h = jnp.asarray(hessian)
+    if h.ndim != 2 or h.shape[0] != h.shape[1] or h.shape[0] == 0:
+        raise ValueError(f"hessian must be a square [in, in] matrix X^T X, got shape {tuple(h.shape)}")
+    if not isinstance(h, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(h))):  # (on the device)
+        # (else 'not positive definite ...: raise percdamp')
+        raise ValueError("hessian has NaN / inf entries (the calibration activations overflowed)")
     if not jnp.issubdtype(h.dtype, jnp.floating) or jnp.dtype(h.dtype).itemsize < 4:
         h = h.astype(jnp.float32)  # bf16 / f16: an XLA NotImplementedError ('Unsupported dtype')
     u, dead = _gptq_hinv(h, float(percdamp))
@@ -534,8 +539,13 @@ def pack_int4(q):
 
 
 def unpack_int4(p):
-    """Inverse of :func:`pack_int4`: ``uint8 [..., k]`` -> ``int8 [..., 2k]`` in [-8, 7]."""
-    p = jnp.asarray(p, jnp.uint8).astype(jnp.int32)
+    """Inverse of :func:`pack_int4`: ``uint8 [..., k]`` -> ``int8 [..., 2k]`` in [-8, 7] (the
+    bytes may also come as int8, the same bit patterns; floats are refused: they were truncated)."""
+    p = jnp.asarray(p)
+    if p.dtype not in (jnp.dtype(jnp.uint8), jnp.dtype(jnp.int8)) or p.ndim == 0:
+        raise ValueError(f"p must be packed int4 bytes (uint8 [..., k], from pack_int4), got dtype {p.dtype} "
+                         f"shape {tuple(p.shape)}")
+    p = p.astype(jnp.uint8).astype(jnp.int32)
     lo, hi = p & 0xF, (p >> 4) & 0xF
     both = jnp.stack([lo, hi], axis=-1).reshape(p.shape[:-1] + (2 * p.shape[-1],))
     return jnp.where(both >= 8, both - 16, both).astype(jnp.int8)
