@@ -174,3 +174,12 @@ def test_unpack_int4_refuses_floats():
     q = jnp.asarray([-8, 7, -1, 0, 3, -5], jnp.int8)
     np.testing.assert_array_equal(unpack_int4(pack_int4(q)), q)
     np.testing.assert_array_equal(unpack_int4(pack_int4(q).astype(jnp.int8)), q)
+
+
+@pytest.mark.parametrize("a_bits", [16, 1, 4.0])
+def test_int_matmul_names_a_bits(a_bits):
+    """int_matmul(a_bits=16) said 'bits must be an int in [2, 8]' (quantize_rows_int8's name for
+    it); now the error names a_bits."""
+    from jaxformers.quant import int_matmul
+    with pytest.raises(ValueError, match="a_bits must be"):
+        int_matmul(jnp.ones((2, 8)), jnp.ones((8, 4), jnp.int8), jnp.ones(4), a_bits=a_bits)

@@ -582,6 +582,9 @@ def int_matmul(x, w_int8, w_scale, *, a_bits: int = 8, clip=1.0, out_dtype=None)
     if getattr(w_int8, "dtype", None) != jnp.int8:
         raise ValueError(f"w_int8 must be an int8 array (the integer weights; e.g. rtn_weight(..., "
                          f"return_int=True)'s q as int8), got dtype {getattr(w_int8, 'dtype', None)}")
+    if not is_int(a_bits) or not 2 <= a_bits <= 8:
+        raise ValueError(f"a_bits must be an int in [2, 8] (activations stored as int8; a_bits=16, "
+                         f"weight-only, is x @ (scale * w), not this integer product), got {a_bits!r}")
     _check_float_x(x)
     if w_int8.ndim < 1 or x.ndim < 1 or x.shape[-1] != w_int8.shape[0]:
         raise ValueError(f"x's last axis must match w_int8's first (input) axis: x {tuple(x.shape)}, "
