@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels._common import check_flag  # (sym="False" is truthy: a ValueError, not symmetric)
 from ..utils import is_int
 
 
@@ -41,14 +42,6 @@ def _check_bits(bits) -> int:
     if not is_int(bits) or not 2 <= bits <= 16:
         raise ValueError(f"bits must be an int in [2, 16] (16 = no quantization), got {bits!r}")
     return int(bits)
-
-
-def _check_flag(name, value) -> bool:
-    """``value`` as a bool (Python or numpy), else a ``ValueError`` naming ``name``: a string
-    such as ``"False"`` is truthy, so ``sym="False"`` silently quantized symmetrically."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{name} must be a bool (True / False), got {value!r}")
-    return bool(value)
 
 
 def _check_clip(clip):
@@ -98,7 +91,7 @@ def fake_quant(x, bits: int, *, groupsize: Optional[int] = None, sym: bool = Tru
     block of the last axis); computed in float32, returned in ``x``'s dtype."""
     bits = _check_bits(bits)
     _check_clip(clip)
-    sym = _check_flag("sym", sym)
+    sym = check_flag("sym", sym)
     if bits >= 16:
         return x
     _check_float_x(x)
@@ -179,7 +172,7 @@ def rtn_weight(w, bits: int, *, groupsize=None, sym=True, clip_search=True, retu
     keep their precision until the model's cast) and ``None`` for the rest.
     :func:`rtn_weight_reference` is the numpy float64 version it is tested against."""
     bits = _check_bits(bits)
-    sym, clip_search = _check_flag("sym", sym), _check_flag("clip_search", clip_search)
+    sym, clip_search = check_flag("sym", sym), check_flag("clip_search", clip_search)
     if bits >= 16:
         w = np.asarray(w, np.float64)
         return (w, None, None, None) if return_int else w
@@ -209,7 +202,7 @@ def rtn_weight_reference(w, bits: int, *, groupsize=None, sym=True, clip_search=
                          clip_grid=_CLIP["grid"]):
     """:func:`rtn_weight` in numpy float64 (the clipping search in float32 XLA, as there)."""
     bits = _check_bits(bits)
-    sym, clip_search = _check_flag("sym", sym), _check_flag("clip_search", clip_search)
+    sym, clip_search = check_flag("sym", sym), check_flag("clip_search", clip_search)
     w = np.asarray(w, np.float64)
     if bits >= 16:
         return (w, None, None, None) if return_int else w
@@ -252,7 +245,7 @@ def gptq_weight(w, hessian, bits: int, *, groupsize=None, sym=True, clip_search=
     as there).  :func:`gptq_weight_reference` is the
     readable one-column-at-a-time float64 algorithm it is tested against."""
     bits = _check_bits(bits)
-    sym, clip_search = _check_flag("sym", sym), _check_flag("clip_search", clip_search)
+    sym, clip_search = check_flag("sym", sym), check_flag("clip_search", clip_search)
     if bits >= 16:
         w = np.asarray(w, np.float64)
         return (w, None, None, None) if return_int else w
@@ -489,7 +482,7 @@ def gptq_weight_reference(w, hessian, bits: int, *, groupsize=None, sym=True, cl
             q_j = Q(w_j);  w[:, j:] -= ((w_j - q_j) / U_jj) U[j, j:]
     """
     bits = _check_bits(bits)
-    sym, clip_search = _check_flag("sym", sym), _check_flag("clip_search", clip_search)
+    sym, clip_search = check_flag("sym", sym), check_flag("clip_search", clip_search)
     _check_percdamp(percdamp)
     w, n, g = _check_gptq_inputs(w, hessian, groupsize)
     clip_grid = _check_clip_grid(clip_grid)
