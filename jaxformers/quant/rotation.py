@@ -58,6 +58,8 @@ import numpy as np
 from pallas_kernels.hadamard import hadamard_matrix, split_size
 from pallas_kernels.hadamard.reference import factor_matrix, sylvester
 
+from ..utils import is_int
+
 _SYLVESTER_CHUNK = 64   # the power-of-two part is applied as H_64 (x) H_64 (x) ... (x) H_rest
 
 
@@ -96,7 +98,7 @@ def kron_right(w, mats):
 def random_hadamard(n: int, seed: int = 0) -> np.ndarray:
     """``diag(+-1) H_n / sqrt(n)`` (random signs); a random orthogonal matrix (QR of a Gaussian)
     when ``n`` has no supported Hadamard factorisation."""
-    if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)) or n < 1:
+    if not is_int(n) or n < 1:
         raise ValueError(f"n must be a positive int (the matrix size), got {n!r}")
     _check_seed(seed)
     try:
@@ -110,7 +112,7 @@ def random_hadamard(n: int, seed: int = 0) -> np.ndarray:
 def _check_seed(seed) -> int:
     """``seed`` as an int >= 0, else a ``ValueError`` naming it (None drew fresh random signs:
     a ``Q`` that :meth:`Rotation.q_matrix` could not give back)."""
-    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or seed < 0:
+    if not is_int(seed) or seed < 0:
         raise ValueError(f"seed must be an int >= 0 (the random signs of Q), got {seed!r}")
     return int(seed)
 
