@@ -345,6 +345,9 @@ class BPETokenizer(Tokenizer):
     def train(self, texts: Iterable[str]) -> "BPETokenizer":
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers import models, pre_tokenizers, trainers
+        if isinstance(texts, (str, bytes)):  # would be read as one text per character
+            raise ValueError(f"train expects an iterable of texts (e.g. a list of str), got one "
+                             f"{type(texts).__name__}; pass [text]")
         tok = self._pipeline(HFTokenizer(models.BPE()))
         trainer = trainers.BpeTrainer(
             vocab_size=self.requested_vocab,
