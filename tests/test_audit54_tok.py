@@ -15,3 +15,26 @@ def test_bpe_train_refuses_a_single_string():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert BPETokenizer(300).train(CORPUS).vocab_size > 257
+
+
+@pytest.mark.parametrize("vocab", [2.5, "300", True, 0, -5])
+def test_bpe_vocab_must_be_an_int(vocab):
+    # 300.7 was truncated to 300, "300" parsed, -5 kept as spec 'bpe:-5'
+    with pytest.raises(ValueError, match="vocab"):
+        BPETokenizer(vocab)
+
+
+@pytest.mark.parametrize("vocab", [100, 257])
+def test_bpe_train_refuses_a_vocab_below_the_byte_alphabet(vocab):
+    # trained silently to 257 tokens (only a warning, 'a larger text gives more')
+    with pytest.raises(ValueError, match=r"vocab must be in \[258"):
+        BPETokenizer(vocab).train(CORPUS)
+
+
+def test_bpe_small_tokenizer_json_still_loads(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tok = BPETokenizer(258).train(["ab"])
+    assert tok.vocab_size == 257
+    tok._require().save(str(tmp_path / "tokenizer.json"))  # a bare tokenizer.json, no config
+    assert BPETokenizer.from_file(tmp_path / "tokenizer.json").encode("abc") == tok.encode("abc")

@@ -42,6 +42,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from ..utils import int_arg
+
 __all__ = [
     "BPETokenizer",
     "ByteTokenizer",
@@ -330,7 +332,9 @@ class BPETokenizer(Tokenizer):
     """Byte-level BPE (``tokenizers`` library), trained locally."""
 
     def __init__(self, vocab: int = DEFAULT_BPE_VOCAB):
-        self.requested_vocab = int(vocab)
+        # an int (2.5 or "x" refused, not truncated / parsed); its range is checked by train (a
+        # loaded tokenizer.json may be smaller)
+        self.requested_vocab = int_arg("vocab", vocab, lo=1, where="BPETokenizer")
         self.spec = f"bpe:{self.requested_vocab}"
         self._tok = None
 
@@ -348,6 +352,9 @@ class BPETokenizer(Tokenizer):
         if isinstance(texts, (str, bytes)):  # would be read as one text per character
             raise ValueError(f"train expects an iterable of texts (e.g. a list of str), got one "
                              f"{type(texts).__name__}; pass [text]")
+        if not _MIN_BPE_VOCAB <= self.requested_vocab <= _MAX_BPE_VOCAB:
+            raise ValueError(f"BPETokenizer: vocab must be in [{_MIN_BPE_VOCAB}, {_MAX_BPE_VOCAB}] (256 bytes + "
+                             f"end-of-text + at least one merge), got {self.requested_vocab}")
         tok = self._pipeline(HFTokenizer(models.BPE()))
         trainer = trainers.BpeTrainer(
             vocab_size=self.requested_vocab,
