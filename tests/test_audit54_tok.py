@@ -38,3 +38,18 @@ def test_bpe_small_tokenizer_json_still_loads(tmp_path):
     assert tok.vocab_size == 257
     tok._require().save(str(tmp_path / "tokenizer.json"))  # a bare tokenizer.json, no config
     assert BPETokenizer.from_file(tmp_path / "tokenizer.json").encode("abc") == tok.encode("abc")
+
+
+@pytest.mark.parametrize("n_tokens", [100.5, -3, True, "100"])
+def test_strided_windows_n_tokens_must_be_a_count(n_tokens):
+    # 100.5 was truncated to 100, -3 / True gave no windows, "100" was parsed
+    from jaxformers.data.loader import strided_windows
+    with pytest.raises(ValueError, match="n_tokens"):
+        strided_windows(n_tokens, 10, 5)
+
+
+def test_strided_windows_numpy_count_still_accepted():
+    import numpy as np
+    from jaxformers.data.loader import strided_windows
+    starts, first = strided_windows(np.int64(21), 10, 5)
+    assert starts.tolist() == [0, 5, 10] and first.tolist() == [1, 6, 6]

@@ -194,7 +194,7 @@ def strided_windows(n_tokens: int, seq_len: int, stride: int,
     seq_len = int_arg("seq_len", seq_len, lo=1)
     if not is_int(stride) or not 1 <= stride <= seq_len:
         raise ValueError(f"stride must be an int with 1 <= stride <= seq_len = {seq_len}, got {stride!r}")
-    n = (int(n_tokens) - 1) // seq_len
+    n = (int_arg("n_tokens", n_tokens, lo=0) - 1) // seq_len
     if max_windows is not None:
         n = min(n, int_arg("max_windows", max_windows, lo=0))
     if n <= 0:
