@@ -53,3 +53,20 @@ def test_strided_windows_numpy_count_still_accepted():
     from jaxformers.data.loader import strided_windows
     starts, first = strided_windows(np.int64(21), 10, 5)
     assert starts.tolist() == [0, 5, 10] and first.tolist() == [1, 6, 6]
+
+
+def _three_tokenizers(tmp_path):
+    from jaxformers.data.tokenizer import ByteTokenizer, HFTokenizer
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bpe = BPETokenizer(300).train(CORPUS)
+    bpe.save(tmp_path)
+    return [ByteTokenizer(), bpe, HFTokenizer(tmp_path)]
+
+
+def test_encode_arrays_refuses_a_single_string(tmp_path):
+    # "hello world" was encoded as 11 one-character texts (BPE: no merges, other ids than encode)
+    for tok in _three_tokenizers(tmp_path):
+        with pytest.raises(ValueError, match="encode_arrays expects an iterable of texts"):
+            tok.encode_arrays("hello world")
+        assert tok.encode_arrays(["hello world"])[0].tolist() == tok.encode("hello world")

@@ -109,6 +109,15 @@ def _str_arg(text) -> str:
     return text
 
 
+def _texts_arg(texts, what: str):
+    """``texts`` unless it is one ``str`` / ``bytes`` (an iterable of characters: each would be a
+    text of its own); ``ValueError`` then."""
+    if isinstance(texts, (str, bytes)):
+        raise ValueError(f"{what} expects an iterable of texts (e.g. a list of str), got one "
+                         f"{type(texts).__name__}; pass [text]")
+    return texts
+
+
 def _valid_text(text: str) -> str:
     """``text`` with lone surrogates (valid in Python strings and JSON escapes, not in UTF-8) replaced
     by U+FFFD, as :mod:`.corpus` does for ``.jsonl``; the ``tokenizers`` library refuses them."""
@@ -259,7 +268,7 @@ class Tokenizer(ABC):
 
     def encode_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
         """Encode many texts, one integer numpy array each (fast path for data prep)."""
-        return [np.asarray(self.encode(t), dtype=np.int64) for t in texts]
+        return [np.asarray(self.encode(t), dtype=np.int64) for t in _texts_arg(texts, "encode_arrays")]
 
     def _encode_stream(self, texts: Sequence[str]) -> Iterable[tuple[int, np.ndarray]]:
         """``(i, ids)`` pairs, ``i`` ascending: the concatenated ``ids`` of text ``i`` are
@@ -317,7 +326,8 @@ class ByteTokenizer(Tokenizer):
         return list(_str_arg(text).encode("utf-8", "surrogatepass"))
 
     def encode_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
-        return [np.frombuffer(_str_arg(t).encode("utf-8", "surrogatepass"), dtype=np.uint8) for t in texts]
+        return [np.frombuffer(_str_arg(t).encode("utf-8", "surrogatepass"), dtype=np.uint8)
+                for t in _texts_arg(texts, "encode_arrays")]
 
     def decode(self, ids: Sequence[int] | np.ndarray, *, skip_special: bool = False) -> str:
         ids = _checked_ids(ids, self.vocab_size, "byte tokenizer")
@@ -349,9 +359,7 @@ class BPETokenizer(Tokenizer):
     def train(self, texts: Iterable[str]) -> "BPETokenizer":
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers import models, pre_tokenizers, trainers
-        if isinstance(texts, (str, bytes)):  # would be read as one text per character
-            raise ValueError(f"train expects an iterable of texts (e.g. a list of str), got one "
-                             f"{type(texts).__name__}; pass [text]")
+        _texts_arg(texts, "train")
         if not _MIN_BPE_VOCAB <= self.requested_vocab <= _MAX_BPE_VOCAB:
             raise ValueError(f"BPETokenizer: vocab must be in [{_MIN_BPE_VOCAB}, {_MAX_BPE_VOCAB}] (256 bytes + "
                              f"end-of-text + at least one merge), got {self.requested_vocab}")
@@ -417,7 +425,7 @@ class BPETokenizer(Tokenizer):
     def encode_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
         """As :meth:`encode` for each text; long texts are encoded in pieces (:func:`_pieces`, the
         same ids) a few MB at a time, so memory does not grow with a document's length."""
-        texts = list(texts)  # any iterable (read twice below)
+        texts = list(_texts_arg(texts, "encode_arrays"))  # any iterable (read twice below)
         return _parts_to_arrays(len(texts), self._encode_stream(texts))
 
     def _encode_stream(self, texts: Sequence[str]) -> Iterable[tuple[int, np.ndarray]]:
@@ -504,7 +512,7 @@ class HFTokenizer(Tokenizer):
         other normalizer / pre-tokenizer (Split sequences, Metaspace, ...) encodes it whole, which
         costs the ``tokenizers`` library's memory for its whole length (hundreds of bytes per
         token): split such a corpus into documents."""
-        texts = list(texts)
+        texts = list(_texts_arg(texts, "encode_arrays"))
         return _parts_to_arrays(len(texts), self._encode_stream(texts))
 
     def _encode_stream(self, texts: Sequence[str]) -> Iterable[tuple[int, np.ndarray]]:
