@@ -70,3 +70,23 @@ def test_encode_arrays_refuses_a_single_string(tmp_path):
         with pytest.raises(ValueError, match="encode_arrays expects an iterable of texts"):
             tok.encode_arrays("hello world")
         assert tok.encode_arrays(["hello world"])[0].tolist() == tok.encode("hello world")
+
+
+@pytest.mark.parametrize("bad", [2.5, True, 0, "abc"])
+def test_save_hf_tokenizer_model_max_length_checked(tmp_path, bad):
+    # 2.5 was written as 2, True as 1, 0 kept, "abc" an int() error not naming the argument
+    from jaxformers.convert.hf_tokenizer import save_hf_tokenizer
+    from jaxformers.data.tokenizer import ByteTokenizer
+    with pytest.raises(ValueError, match="model_max_length"):
+        save_hf_tokenizer(ByteTokenizer(), str(tmp_path / "out"), model_max_length=bad)
+    assert not (tmp_path / "out").exists()
+
+
+def test_save_hf_tokenizer_model_max_length_written(tmp_path):
+    import json
+
+    import numpy as np
+    from jaxformers.convert.hf_tokenizer import save_hf_tokenizer
+    from jaxformers.data.tokenizer import ByteTokenizer
+    save_hf_tokenizer(ByteTokenizer(), str(tmp_path), model_max_length=np.int64(128))
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["model_max_length"] == 128

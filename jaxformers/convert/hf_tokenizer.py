@@ -22,6 +22,7 @@ import json
 import os
 
 from ..data.tokenizer import EOS_TEXT, BPETokenizer, ByteTokenizer, HFTokenizer
+from ..utils import int_arg
 
 _CONFIG = "tokenizer_config.json"
 _FILE = "tokenizer.json"
@@ -70,6 +71,8 @@ def save_hf_tokenizer(tok, out_dir: str, *, model_max_length=None) -> str:
         pipeline.post_processor = None
     else:
         raise ValueError(f"tokenizer {tok!r} has no Hugging Face form (expected byte, bpe or hf:)")
+    if model_max_length is not None:  # checked before anything is written (2.5 is not read as 2)
+        model_max_length = int_arg("model_max_length", model_max_length, lo=1, where="save_hf_tokenizer")
     eos = pipeline.id_to_token(tok.eos_id)
     if eos is None:  # pragma: no cover - every tokenizer here has its eos in the vocabulary
         raise ValueError(f"tokenizer {tok!r}: eos id {tok.eos_id} has no token")
@@ -78,7 +81,7 @@ def save_hf_tokenizer(tok, out_dir: str, *, model_max_length=None) -> str:
     cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "bos_token": eos,
            "pad_token": eos, "clean_up_tokenization_spaces": False, "split_special_tokens": True}
     if model_max_length is not None:
-        cfg["model_max_length"] = int(model_max_length)
+        cfg["model_max_length"] = model_max_length
     with open(os.path.join(out_dir, _CONFIG), "w") as fh:
         json.dump(cfg, fh, indent=2, sort_keys=True)
     return eos
