@@ -90,3 +90,18 @@ def test_save_hf_tokenizer_model_max_length_written(tmp_path):
     from jaxformers.data.tokenizer import ByteTokenizer
     save_hf_tokenizer(ByteTokenizer(), str(tmp_path), model_max_length=np.int64(128))
     assert json.loads((tmp_path / "tokenizer_config.json").read_text())["model_max_length"] == 128
+
+
+@pytest.mark.parametrize("spec", ["hf:", "hf: ", " hf:  "])
+def test_hf_spec_without_a_directory_is_refused(tmp_path, monkeypatch, spec):
+    # "hf:" (e.g. hf:$DIR with DIR unset) silently loaded the working directory's tokenizer.json
+    from jaxformers.data.tokenizer import get_tokenizer, parse_tokenizer_spec
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        BPETokenizer(300).train(CORPUS).save(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="hf:DIR needs a directory"):
+        parse_tokenizer_spec(spec)
+    with pytest.raises(ValueError, match="hf:DIR needs a directory"):
+        get_tokenizer(spec)
+    assert get_tokenizer("hf:.").spec == f"hf:{tmp_path.resolve()}"

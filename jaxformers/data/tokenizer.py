@@ -92,6 +92,9 @@ def parse_tokenizer_spec(spec: str) -> tuple[str, int | None]:
 
 def hf_tokenizer_dir(spec: str) -> Path:
     """The directory of an ``hf:DIR`` spec (``ValueError`` unless it holds a tokenizer.json)."""
+    if not spec.strip()[3:].strip():  # Path("") is the working directory (e.g. hf:$DIR with DIR unset)
+        raise ValueError(f"tokenizer={spec!r}: hf:DIR needs a directory (of a Hugging Face tokenizer.json; "
+                         "hf:. for the working directory)")
     d = Path(spec.strip()[3:]).expanduser()
     if not (d / BPE_FILE).is_file():
         raise ValueError(f"tokenizer={spec!r}: no {BPE_FILE} in {str(d)!r} (hf:DIR needs the directory of "
