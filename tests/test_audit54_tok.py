@@ -105,3 +105,14 @@ def test_hf_spec_without_a_directory_is_refused(tmp_path, monkeypatch, spec):
     with pytest.raises(ValueError, match="hf:DIR needs a directory"):
         get_tokenizer(spec)
     assert get_tokenizer("hf:.").spec == f"hf:{tmp_path.resolve()}"
+
+
+@pytest.mark.parametrize("flag", ["False", "no", 1, None])
+def test_decode_skip_special_must_be_a_bool(tmp_path, flag):
+    # byte / bpe: "False" (truthy) silently dropped the end-of-text marker; hf: a TypeError
+    for tok in _three_tokenizers(tmp_path):
+        ids = tok.encode("ab") + [tok.eos_id] + tok.encode("cd")
+        with pytest.raises(ValueError, match="skip_special must be True or False"):
+            tok.decode(ids, skip_special=flag)
+        assert tok.decode(ids, skip_special=True) == "abcd"
+        assert tok.decode(ids) == "ab<|endoftext|>cd"
