@@ -116,3 +116,17 @@ def test_decode_skip_special_must_be_a_bool(tmp_path, flag):
             tok.decode(ids, skip_special=flag)
         assert tok.decode(ids, skip_special=True) == "abcd"
         assert tok.decode(ids) == "ab<|endoftext|>cd"
+
+
+@pytest.mark.parametrize("eos_id", [True, 10 ** 6, -1, "0", 1.0])
+def test_hf_config_eos_id_must_be_a_token_id(tmp_path, eos_id):
+    # True was read as id 1, 10**6 / -1 as end-of-text ids with no token (then put between documents)
+    import json
+
+    from jaxformers.data.tokenizer import HFTokenizer
+    _three_tokenizers(tmp_path)  # a saved BPE directory: tokenizer.json + tokenizer_config.json
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert HFTokenizer(tmp_path).eos_id == cfg["eos_id"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(dict(cfg, eos_id=eos_id)))
+    with pytest.raises(ValueError, match="eos_id"):
+        HFTokenizer(tmp_path)

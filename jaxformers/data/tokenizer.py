@@ -488,8 +488,12 @@ class HFTokenizer(Tokenizer):
         cfg = {}
         if (d / CONFIG_FILE).is_file():
             cfg = json.loads((d / CONFIG_FILE).read_text())
-        if isinstance(cfg.get("eos_id"), int):  # saved by HFTokenizer.save
-            return cfg["eos_id"]
+        if cfg.get("eos_id") is not None:  # saved by HFTokenizer.save
+            eos = cfg["eos_id"]
+            if (isinstance(eos, bool) or not isinstance(eos, int) or eos < 0
+                    or self._tok.id_to_token(eos) is None):
+                raise ValueError(f"{d / CONFIG_FILE}: eos_id {eos!r} is not an id of a token of {d / BPE_FILE}")
+            return eos
         eos = cfg.get("eos_token")
         if isinstance(eos, dict):
             eos = eos.get("content")
