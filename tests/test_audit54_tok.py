@@ -130,3 +130,16 @@ def test_hf_config_eos_id_must_be_a_token_id(tmp_path, eos_id):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(dict(cfg, eos_id=eos_id)))
     with pytest.raises(ValueError, match="eos_id"):
         HFTokenizer(tmp_path)
+
+
+def test_load_config_without_type_or_tokenizer_json(tmp_path):
+    # a HF directory with only tokenizer_config.json (+ tokenizer.model): "unknown tokenizer type None"
+    import json
+
+    from jaxformers.data.tokenizer import load_tokenizer
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    with pytest.raises(ValueError, match="has no 'type' .* has no tokenizer.json"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"type": "wordpiece"}))
+    with pytest.raises(ValueError, match="unknown tokenizer type 'wordpiece'; allowed: 'byte', 'bpe', 'hf'"):
+        load_tokenizer(tmp_path)

@@ -313,7 +313,10 @@ class Tokenizer(ABC):
             return HFTokenizer(d)
         if kind == "bpe":
             return BPETokenizer.from_file(d / BPE_FILE, requested_vocab=cfg.get("requested_vocab"))
-        raise ValueError(f"{cfg_path}: unknown tokenizer type {kind!r}")
+        if kind is None:  # e.g. a Hugging Face directory with only a sentencepiece tokenizer.model
+            raise ValueError(f"{cfg_path} has no 'type' (byte, bpe or hf) and {d} has no {BPE_FILE}: not a "
+                             f"saved jaxformers tokenizer nor a Hugging Face {BPE_FILE} directory")
+        raise ValueError(f"{cfg_path}: unknown tokenizer type {kind!r}; allowed: 'byte', 'bpe', 'hf'")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(spec={self.spec!r}, vocab_size={self.vocab_size})"
