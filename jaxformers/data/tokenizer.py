@@ -42,6 +42,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from pallas_kernels._common import check_flag
+
 from ..utils import int_arg
 
 __all__ = [
@@ -225,13 +227,6 @@ def _checked_ids(ids, vocab_size: int, what: str) -> list[int]:
     return ids.astype(np.int64).tolist()
 
 
-def _skip_special_arg(skip_special) -> bool:
-    """``skip_special`` as a bool; ``ValueError`` for anything else (``"False"`` is truthy)."""
-    if not isinstance(skip_special, (bool, np.bool_)):
-        raise ValueError(f"decode: skip_special must be True or False, got {skip_special!r}")
-    return bool(skip_special)
-
-
 def _decode_runs(ids: list[int], eos: int, decode_run, marker: str) -> str:
     """The runs of ``ids`` between end-of-text ids ``eos``, each decoded on its own by ``decode_run``
     (``list[int] -> str``), joined by ``marker`` (see the module doc)."""
@@ -344,7 +339,7 @@ class ByteTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int] | np.ndarray, *, skip_special: bool = False) -> str:
         ids = _checked_ids(ids, self.vocab_size, "byte tokenizer")
-        skip_special = _skip_special_arg(skip_special)
+        skip_special = check_flag("skip_special", skip_special)  # ("False" is truthy)
         return _decode_runs(ids, self.eos_id, lambda run: bytes(run).decode("utf-8", "replace"),
                             "" if skip_special else EOS_TEXT)
 
@@ -448,7 +443,7 @@ class BPETokenizer(Tokenizer):
     def decode(self, ids: Sequence[int] | np.ndarray, *, skip_special: bool = False) -> str:
         tok = self._require()
         ids = _checked_ids(ids, tok.get_vocab_size(), f"{self.spec} tokenizer")
-        skip_special = _skip_special_arg(skip_special)
+        skip_special = check_flag("skip_special", skip_special)  # ("False" is truthy)
         return _decode_runs(ids, self._eos, lambda run: tok.decode(run, skip_special_tokens=False),
                             "" if skip_special else EOS_TEXT)
 
@@ -539,7 +534,7 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int] | np.ndarray, *, skip_special: bool = False) -> str:
         ids = _checked_ids(ids, self.vocab_size, "hf tokenizer")
-        skip_special = _skip_special_arg(skip_special)
+        skip_special = check_flag("skip_special", skip_special)  # ("False" is truthy)
         decode = self._tok.decode
         marker = "" if skip_special else decode([self._eos], skip_special_tokens=False)
         return _decode_runs(ids, self._eos, lambda run: decode(run, skip_special_tokens=skip_special), marker)
