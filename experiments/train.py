@@ -109,7 +109,8 @@ def _parser():
     ap.add_argument("--warmup-steps", type=int,
                     help="warmup updates (default: --warmup-fraction of the steps)")
     ap.add_argument("--warmup-fraction", type=float,
-                    help=f"warmup as a fraction of the steps (default {d['warmup_fraction']})")
+                    help=f"warmup as a fraction of the steps (default {d['warmup_fraction']}; replaces a "
+                         "warmup_steps of --config or of the resumed run)")
     ap.add_argument("--schedule", choices=["cosine", "wsd", "constant"],
                     help=f"LR schedule (default {d['schedule']})")
     ap.add_argument("--data",
@@ -228,6 +229,22 @@ def _file_values(cls, values: dict) -> dict:
     return {k: parse(k, v) for k, v in values.items()}
 
 
+def _warmup_fraction_wins(base: dict, args, train_sets) -> None:
+    """A warmup fraction given on the command line (``--warmup-fraction`` or ``--train-set
+    warmup_fraction=F``) overrides a ``warmup_steps`` of lower precedence (a ``--config`` file's, a
+    resumed run's): ``TrainConfig`` lets ``warmup_steps`` win, so the flag was silently ignored.
+    Both given on the command line: ``CLIError``."""
+    given = {k for k, _ in train_sets} | {k for k in ("warmup_steps", "warmup_fraction")
+                                          if getattr(args, k, None) is not None}
+    if "warmup_fraction" not in given:
+        return
+    if "warmup_steps" in given and base.get("warmup_steps") is not None:
+        raise CLIError(f"give either a warmup in steps (--warmup-steps, warmup_steps={base['warmup_steps']}) "
+                       f"or a fraction of the schedule (--warmup-fraction, warmup_fraction="
+                       f"{base.get('warmup_fraction')}), not both: warmup_steps would win")
+    base["warmup_steps"] = None
+
+
 def build_configs(args):
     """``(model_config, train_config)`` from parsed CLI args (raises ValueError / CLIError)."""
     from jaxformers import get_config
@@ -289,6 +306,7 @@ def build_configs(args):
         base["out_dir"] = args.out
         for k, v in train_sets:
             base[k] = coerce_value(TrainConfig, k, v)
+        _warmup_fraction_wins(base, args, train_sets)
         base["imports"] = _imports(base.get("imports"), args.imports)  # the run's, then --import's
         return model_config, TrainConfig.from_dict(base)
 
@@ -333,6 +351,7 @@ def build_configs(args):
     base["out_dir"] = os.path.expanduser(args.out or base.get("out_dir") or f"runs/{model}-{preset}")
     for k, v in train_sets:
         base[k] = coerce_value(TrainConfig, k, v)
+    _warmup_fraction_wins(base, args, train_sets)
     # recorded with the run (loading it imports them): the config file's, the source run's, --import's
     base["imports"] = _imports(base.get("imports"), source_imports, args.imports)
     if args.resume and (Path(base["out_dir"]) / CONFIG_FILE).is_file():
