@@ -45,3 +45,15 @@ def test_both_warmup_flags_are_refused_naming_them(tmp_path):
     with pytest.raises(CLIError, match="--warmup-steps.*--warmup-fraction"):
         _build(["--warmup-steps", "5", "--warmup-fraction", "0.5", "--data", "synthetic:copying",
                 "--out", str(tmp_path / "o")])
+
+
+# ----------------------------------------------------------------------------- train(progress=...)
+@pytest.mark.parametrize("bad", [1, 0, "yes", "bar"])
+def test_train_progress_that_is_not_none_or_a_bool_is_a_value_error_naming_it(bad, tmp_path):
+    """progress=1 (or any value but None / True / False) showed nothing at all (the bar needs
+    ``True``, the lines ``None``): now a ValueError naming progress, raised before any work."""
+    from jaxformers.training import train
+    tc = TrainConfig(steps=1, batch_size=2, seq_len=8, data="synthetic:copying", out_dir=str(tmp_path / "o"))
+    with pytest.raises(ValueError, match="progress"):
+        train(jf.get_config("gpt", "tiny", vocab_size=300), tc, progress=bad)
+    assert not (tmp_path / "o").exists()

@@ -617,6 +617,10 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, resume: bool 
     if init_params is not None and train_config.init_from is not None:
         raise ValueError("pass either init_params or train_config.init_from, not both")
     tc = train_config
+    if progress is not None and not isinstance(progress, (bool, np.bool_)):  # 1 / "yes" showed nothing
+        raise ValueError(f"progress must be None (a bar on a terminal, else one line per log step), True "
+                         f"(a bar) or False (silent), got {progress!r}")
+    progress = None if progress is None else bool(progress)
     if stop_after is not None and (not is_int(stop_after) or stop_after < 1):
         raise ValueError(f"stop_after must be a positive int or None, got {stop_after!r}")
     stop_after = None if stop_after is None else int(stop_after)  # numpy ints too
