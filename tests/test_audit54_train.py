@@ -57,3 +57,15 @@ def test_train_progress_that_is_not_none_or_a_bool_is_a_value_error_naming_it(ba
     with pytest.raises(ValueError, match="progress"):
         train(jf.get_config("gpt", "tiny", vocab_size=300), tc, progress=bad)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("name", ["resume", "allow_lr_jump"])
+@pytest.mark.parametrize("bad", ["no", "False", None, 1])
+def test_train_resume_and_allow_lr_jump_must_be_bools(name, bad, tmp_path):
+    """resume="no" / "False" (a string from a job script) resumed, being truthy: now a ValueError
+    naming the argument, before the run directory is touched."""
+    from jaxformers.training import train
+    tc = TrainConfig(steps=1, batch_size=2, seq_len=8, data="synthetic:copying", out_dir=str(tmp_path / "o"))
+    with pytest.raises(ValueError, match=name):
+        train(jf.get_config("gpt", "tiny", vocab_size=300), tc, progress=False, **{name: bad})
+    assert not (tmp_path / "o").exists()

@@ -617,6 +617,10 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, resume: bool 
     if init_params is not None and train_config.init_from is not None:
         raise ValueError("pass either init_params or train_config.init_from, not both")
     tc = train_config
+    for name, flag in (("resume", resume), ("allow_lr_jump", allow_lr_jump)):  # "no" is truthy
+        if not isinstance(flag, (bool, np.bool_)):
+            raise ValueError(f"{name} must be True or False, got {flag!r}")
+    resume, allow_lr_jump = bool(resume), bool(allow_lr_jump)
     if progress is not None and not isinstance(progress, (bool, np.bool_)):  # 1 / "yes" showed nothing
         raise ValueError(f"progress must be None (a bar on a terminal, else one line per log step), True "
                          f"(a bar) or False (silent), got {progress!r}")
