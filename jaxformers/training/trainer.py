@@ -52,6 +52,8 @@ import jax
 import numpy as np
 import flax.linen as nn
 
+from pallas_kernels._common import check_flag
+
 from ..config import ModelConfig
 from ..data.loader import strided_eval_batches
 from ..data.sources import open_data, open_dataset
@@ -617,10 +619,8 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, resume: bool 
     if init_params is not None and train_config.init_from is not None:
         raise ValueError("pass either init_params or train_config.init_from, not both")
     tc = train_config
-    for name, flag in (("resume", resume), ("allow_lr_jump", allow_lr_jump)):  # "no" is truthy
-        if not isinstance(flag, (bool, np.bool_)):
-            raise ValueError(f"{name} must be True or False, got {flag!r}")
-    resume, allow_lr_jump = bool(resume), bool(allow_lr_jump)
+    # ("no" is truthy: resume="no" resumed)
+    resume, allow_lr_jump = check_flag("resume", resume), check_flag("allow_lr_jump", allow_lr_jump)
     if progress is not None and not isinstance(progress, (bool, np.bool_)):  # 1 / "yes" showed nothing
         raise ValueError(f"progress must be None (a bar on a terminal, else one line per log step), True "
                          f"(a bar) or False (silent), got {progress!r}")
