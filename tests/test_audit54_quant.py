@@ -1,26 +1,15 @@
 """Audit 54 (QuaRot, jaxformers.quant / experiments.quarot): regression tests."""
-import sys
-
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jaxformers as jf
-from jaxformers.quant import QuantSpec, quantize
+from test_quarot import _model as _random_model
 
 
 def _model(**over):
     """A tiny llama config and random params (non-trivial norm scales and biases)."""
-    from jaxformers.utils import abstract_params
     base = dict(vocab_size=64, d_model=32, n_layer=1, n_head=2, n_kv_head=1, d_ff=64, max_seq_len=32)
-    cfg = jf.get_config("llama", "tiny", **{**base, **over})
-    rng = np.random.default_rng(0)
-    params = jax.tree_util.tree_map_with_path(
-        lambda path, x: jnp.asarray((1 + 0.5 * rng.standard_normal(x.shape)) if str(path[-1].key) == "scale"
-                                    else 0.05 * rng.standard_normal(x.shape), jnp.float32),
-        abstract_params(jf.build(cfg)))
-    return cfg, params
+    return _random_model(**{**base, **over})
 
 
 TOKENS = np.random.default_rng(1).integers(0, 64, (2, 8)).astype(np.int32)
