@@ -215,12 +215,17 @@ def _check_dropout(dropout_rate):
 
 def _check_args(q, causal, q_offset):
     """``causal`` a bool (a string such as ``"no"`` must not be read by truthiness) and
-    ``q_offset`` None, a scalar or ``[B]``."""
+    ``q_offset`` None, an integer scalar or ``[B]`` integer array."""
     if not isinstance(causal, (bool, np.bool_)):
         raise ValueError(f"causal must be a bool (True/False), got {causal!r}")
     if q_offset is not None and jnp.shape(q_offset) not in ((), (1,), (q.shape[0],)):
         raise ValueError(f"q_offset must be None, a scalar or a [B] = [{q.shape[0]}] array, "
                          f"got shape {jnp.shape(q_offset)}")
+    if q_offset is not None:  # (a float was truncated to int32 silently: 2.7 -> 2; True -> 1)
+        dtype = getattr(q_offset, "dtype", None)
+        dtype = np.asarray(q_offset).dtype if dtype is None else dtype
+        if dtype == bool or not jnp.issubdtype(dtype, jnp.integer):
+            raise ValueError(f"q_offset must be an integer (scalar or [B] array), got dtype {dtype}")
 
 
 def _check_shapes(q, k, v, window):

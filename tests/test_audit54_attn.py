@@ -1,0 +1,27 @@
+"""Audit 54 (attention): regression tests."""
+import numpy as np
+import jax.numpy as jnp
+import pytest
+
+from jaxformers.ops.attention import attention
+
+
+def _qkv(tq=4, tk=6, hq=2, hkv=1, d=8):
+    rng = np.random.default_rng(0)
+    mk = lambda t, h: jnp.asarray(rng.standard_normal((1, t, h, d)), jnp.float32)  # noqa: E731
+    return mk(tq, hq), mk(tk, hkv), mk(tk, hkv)
+
+
+@pytest.mark.parametrize("q_offset", [2.7, True, np.array([2.9]), jnp.float32(2.0)])
+def test_q_offset_must_be_integer(q_offset):
+    # a float q_offset was truncated to int32 silently (2.7 -> 2), True read as 1
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="q_offset"):
+        attention(q, k, v, q_offset=q_offset, implementation="xla")
+
+
+def test_q_offset_integer_ok():
+    q, k, v = _qkv()
+    a = attention(q, k, v, implementation="xla")
+    for off in (2, np.int32(2), jnp.asarray([2], jnp.int32)):
+        np.testing.assert_allclose(attention(q, k, v, q_offset=off, implementation="xla"), a, atol=1e-6)
