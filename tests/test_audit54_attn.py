@@ -25,3 +25,25 @@ def test_q_offset_integer_ok():
     a = attention(q, k, v, implementation="xla")
     for off in (2, np.int32(2), jnp.asarray([2], jnp.int32)):
         np.testing.assert_allclose(attention(q, k, v, q_offset=off, implementation="xla"), a, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [[[0, 1, 2, -1]], [[-1, 0, 1, 2]], [[0, 1, 2, 4]]])
+def test_position_causal_q_key_index_out_of_range(bad):
+    # -1 was wrapped to the last key's row: query 0 got another query's output, silently
+    import jax
+    from jaxformers.ops.attention import position_causal_attention
+
+    q, k, v = _qkv(tq=4, tk=4)
+    pos = jnp.arange(4, dtype=jnp.int32)[None]
+    qki = jnp.asarray(bad, jnp.int32)
+    with pytest.raises(ValueError, match="q_key_index"):
+        position_causal_attention(q, k, v, q_pos=pos, kv_pos=pos, q_key_index=qki, implementation="pallas")
+    f = jax.jit(lambda i: position_causal_attention(q, k, v, q_pos=pos, kv_pos=pos, q_key_index=i,
+                                                    implementation="pallas"))
+    out = np.asarray(f(qki))
+    bad_rows = [(i < 0 or i >= 4) for i in bad[0]]
+    for i, is_bad in enumerate(bad_rows):
+        assert np.isnan(out[0, i]).all() == is_bad
+    ref = position_causal_attention(q, k, v, q_pos=pos, kv_pos=pos)
+    ok = [i for i, j in enumerate(bad[0]) if i == j]  # queries placed at their own key
+    np.testing.assert_allclose(out[0, ok], np.asarray(ref)[0, ok], atol=1e-5)

@@ -387,6 +387,14 @@ def position_causal_attention(q, k, v, *, q_pos, kv_pos, q_key_index=None, segme
         return o.reshape(q.shape).astype(q.dtype)
     if q_key_index is None:
         raise ValueError("position_causal_attention needs q_key_index for the kernel path")
+    # an index outside [0, Tk) was wrapped (-1: the last key's row, another query's output) or
+    # filled silently: ValueError when known now, NaN outputs for those queries under jit
+    from ..utils import concrete
+    known = concrete(q_key_index)
+    if known is not None and known.size and not (known.min() >= 0 and known.max() < tk):
+        raise ValueError(f"q_key_index must index keys in [0, Tk={tk}), got values in "
+                         f"[{int(known.min())}, {int(known.max())}]")
+    q_key_index = jnp.where((q_key_index >= 0) & (q_key_index < tk), q_key_index, tk)
     order = jnp.argsort(kv_pos, axis=1, stable=True)                      # [B, Tk]
     rank = jnp.argsort(order, axis=1)                                     # key index -> sorted row
     take = lambda x, idx: jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)  # noqa: E731
