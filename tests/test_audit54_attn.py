@@ -47,3 +47,16 @@ def test_position_causal_q_key_index_out_of_range(bad):
     ref = position_causal_attention(q, k, v, q_pos=pos, kv_pos=pos)
     ok = [i for i, j in enumerate(bad[0]) if i == j]  # queries placed at their own key
     np.testing.assert_allclose(out[0, ok], np.asarray(ref)[0, ok], atol=1e-5)
+
+
+def test_noncausal_window_uses_absolute_query_positions():
+    # the module docstring said |i - j| < w; the code (rightly) uses |q_offset + i - j| < w
+    q, k, v = _qkv(tq=2, tk=8)
+    o = attention(q, k, v, causal=False, window=2, q_offset=3, implementation="xla")
+    qn, kn, vn = (np.asarray(x, np.float64) for x in (q, k, v))
+    for i in range(2):
+        keys = [j for j in range(8) if abs(3 + i - j) < 2]
+        for h in range(2):
+            s = kn[0, keys, 0] @ qn[0, i, h] / np.sqrt(8)
+            p = np.exp(s - s.max()); p /= p.sum()
+            np.testing.assert_allclose(o[0, i, h], p @ vn[0, keys, 0], atol=1e-5)

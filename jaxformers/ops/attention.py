@@ -9,7 +9,7 @@ Query i sits at absolute position ``q_offset + i`` (default ``Tk - Tq``: queries
 with the last keys) and sees key j when
 
     causal:      j <= q_offset + i
-    window w:    j >  q_offset + i - w        (|i - j| < w when not causal)
+    window w:    j >  q_offset + i - w        (|q_offset + i - j| < w when not causal)
     segments:    q_ids[i] == kv_ids[j]
 
 o = softmax(q k^T * sm_scale + mask) v, float32 accumulation; rows that see no
