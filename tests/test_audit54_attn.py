@@ -60,3 +60,13 @@ def test_noncausal_window_uses_absolute_query_positions():
             s = kn[0, keys, 0] @ qn[0, i, h] / np.sqrt(8)
             p = np.exp(s - s.max()); p /= p.sum()
             np.testing.assert_allclose(o[0, i, h], p @ vn[0, keys, 0], atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [0, -2, 2.0, True])
+def test_ops_attention_mask_checks_window(window):
+    # jaxformers.ops.attention.attention_mask(window=0) hid every key (an all-False mask), silently
+    from jaxformers.ops.attention import attention_mask
+
+    with pytest.raises(ValueError, match="window"):
+        attention_mask(3, 3, window=window)
+    assert int(attention_mask(3, 3, window=np.int64(2)).sum()) == 5

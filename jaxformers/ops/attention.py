@@ -93,6 +93,9 @@ def _split_segments(segment_ids, tq, tk, batch=None):
 
 def attention_mask(tq, tk, *, causal=True, window=None, q_offset=None, q_ids=None, kv_ids=None):
     """Boolean visibility mask ``[B or 1, Tq, Tk]`` (True = key visible)."""
+    from pallas_kernels.flash_attention.reference import static_window
+
+    window = static_window(window)  # (0 or a negative one hid every key, silently)
     if q_offset is None:
         q_offset = tk - tq
     if window is not None:  # positions are int32; any window >= 2**31 - 1 hides the same keys
