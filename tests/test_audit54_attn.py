@@ -70,3 +70,10 @@ def test_ops_attention_mask_checks_window(window):
     with pytest.raises(ValueError, match="window"):
         attention_mask(3, 3, window=window)
     assert int(attention_mask(3, 3, window=np.int64(2)).sum()) == 5
+
+
+def test_head_dim_zero_is_a_value_error():
+    # head_dim 0 was a ZeroDivisionError ("0.0 cannot be raised to a negative power")
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="head_dim"):
+        attention(q[..., :0], k[..., :0], v[..., :0], implementation="xla")
