@@ -77,3 +77,24 @@ def test_head_dim_zero_is_a_value_error():
     q, k, v = _qkv()
     with pytest.raises(ValueError, match="head_dim"):
         attention(q[..., :0], k[..., :0], v[..., :0], implementation="xla")
+
+
+def test_position_causal_q_key_index_must_match_position_and_id():
+    # the kernel path reads a query's position / id from its key: a mismatch gave another answer
+    # than implementation="xla" (max abs diff 0.86 / 1.69 in the probe), silently
+    from jaxformers.ops.attention import position_causal_attention
+
+    q, k, v = _qkv(tq=4, tk=4)
+    pos = jnp.arange(4, dtype=jnp.int32)[None]
+    with pytest.raises(ValueError, match="q_key_index"):
+        position_causal_attention(q, k, v, q_pos=jnp.asarray([[0, 1, 3, 3]], jnp.int32), kv_pos=pos,
+                                  q_key_index=pos, implementation="pallas")
+    ids = jnp.asarray([[0, 0, 1, 1]], jnp.int32)
+    with pytest.raises(ValueError, match="q_key_index"):
+        position_causal_attention(q, k, v, q_pos=pos, kv_pos=pos, q_key_index=pos,
+                                  segment_ids=(jnp.asarray([[0, 1, 1, 1]], jnp.int32), ids),
+                                  implementation="pallas")
+    got = position_causal_attention(q, k, v, q_pos=pos, kv_pos=pos, q_key_index=pos, segment_ids=(ids, ids),
+                                    implementation="pallas")
+    want = position_causal_attention(q, k, v, q_pos=pos, kv_pos=pos, segment_ids=(ids, ids))
+    np.testing.assert_allclose(got, want, atol=1e-5)

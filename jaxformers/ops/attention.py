@@ -347,7 +347,8 @@ def position_causal_attention(q, k, v, *, q_pos, kv_pos, q_key_index=None, segme
     placed at the sorted row of *its own key* -- ``q_key_index[b, i]`` is the index in
     ``k`` of the key that query ``i``'s token wrote (it must have the query's position and
     segment id -- the kernel path reads a query's id from its key, ``q_ids`` only on ``"xla"``
-    -- and come after every other key of that position) -- in a ``[B, Tk, Hq, D]`` query buffer
+    -- and come after every other key of that position; index, position and id are checked
+    when known, a ``ValueError``) -- in a ``[B, Tk, Hq, D]`` query buffer
     (zeros elsewhere, their outputs are dropped).  Causal by sorted index then equals
     causal by position.  The kernel computes ``Tk`` query rows, ``Tk / Tq`` times what the
     real queries need (the price of not changing the kernel's mask).
@@ -399,6 +400,15 @@ def position_causal_attention(q, k, v, *, q_pos, kv_pos, q_key_index=None, segme
     if known is not None and known.size and not (known.min() >= 0 and known.max() < tk):
         raise ValueError(f"q_key_index must index keys in [0, Tk={tk}), got values in "
                          f"[{int(known.min())}, {int(known.max())}]")
+    # the kernel path reads each query's position and segment id from its key: a key of another
+    # position or id gave another answer than "xla", silently (ValueError when known now)
+    for what, q_side, kv_side in (("position", q_pos, kv_pos), ("segment id", q_ids, kv_ids)):
+        qv, kvv = (None, None) if q_side is None else (concrete(q_side), concrete(kv_side))
+        if known is not None and qv is not None and kvv is not None and known.size \
+                and not np.array_equal(np.take_along_axis(kvv, known, axis=1), qv):
+            raise ValueError(f"q_key_index must point at each query's own key, of the query's {what}: "
+                             f"kv_{'pos' if what == 'position' else 'ids'}[q_key_index] != "
+                             f"{'q_pos' if what == 'position' else 'q_ids'}")
     q_key_index = jnp.where((q_key_index >= 0) & (q_key_index < tk), q_key_index, tk)
     order = jnp.argsort(kv_pos, axis=1, stable=True)                      # [B, Tk]
     rank = jnp.argsort(order, axis=1)                                     # key index -> sorted row
