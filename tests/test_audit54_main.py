@@ -10,27 +10,35 @@
 * ``DogeStep.data_spec(sample=...)`` was a bare TypeError.
 * A landmark model's ``attention_impl`` was silently ignored.
 * ``init_from`` warned that kernel choices / tiles and weight-decay groups change what the loaded
-  weights compute."""
+  weights compute.
+Only the export tests need torch / transformers (``@pytest.mark.hf``; skipped without them)."""
 import os
 
 import numpy as np
 import pytest
 
-import jax  # noqa: E402
+import jax
 
-pytest.importorskip("safetensors")
-pytestmark = pytest.mark.hf  # (the helpers imported need torch / transformers)
+from jaxformers.convert.hf_write import cast_all
 
-from jaxformers.convert import to_hf  # noqa: E402
-from jaxformers.convert.hf_write import cast_all  # noqa: E402
-from test_audit53_hf import _big, _llama  # noqa: E402
-from test_audit52_export import _export, _fake_run, _snapshot  # noqa: E402
+
+def _hf():
+    """The HF export tests' helpers (they need torch / transformers: skipped without them)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    import test_audit52_export
+    import test_audit53_hf
+    return test_audit53_hf, test_audit52_export
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.hf
 def test_an_export_of_non_finite_weights_is_refused_naming_the_tensor(tmp_path, dtype, value):
-    config, params = _llama()
+    from jaxformers.convert import to_hf
+    h53, _ = _hf()
+    config, params = h53._llama()
+    _big = h53._big
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.down_proj\.weight holds "
                                          + (r"1 NaN and 0" if np.isnan(value) else r"0 NaN and 1")
                                          + r" \+-inf values of 1536 \(a diverged run\?\)"):
@@ -47,8 +55,11 @@ def test_cast_all_passes_finite_tensors_unchanged_and_names_the_first_bad_one():
         cast_all(bad, "bfloat16")
 
 
+@pytest.mark.hf
 def test_the_export_cli_refuses_a_nan_checkpoint_and_leaves_out_untouched(tmp_path, monkeypatch, capsys):
-    config, params = _llama()
+    h53, h52 = _hf()
+    _big, _export, _fake_run, _snapshot = h53._big, h52._export, h52._fake_run, h52._snapshot
+    config, params = h53._llama()
     out = tmp_path / "hf"
     assert _export(_fake_run(tmp_path, monkeypatch, config, params), out) == 0, capsys.readouterr().err
     before = _snapshot(out)
@@ -144,6 +155,7 @@ def test_init_from_does_not_warn_of_kernel_or_optimizer_fields(tmp_path, caplog)
     """``--init-from`` a Mamba-2 checkpoint with another ``scan_impl`` / ``chunk_size`` (the SSD
     kernel and its exact chunking) or ``weight_decay_groups`` warned that the loaded weights
     "compute something else"; a real change (``norm_eps``) still warns."""
+    pytest.importorskip("safetensors")
     from jaxformers.convert import to_hf
     from jaxformers.training.init_from import load_params
     from jaxformers.utils import abstract_params
