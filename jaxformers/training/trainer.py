@@ -276,12 +276,22 @@ def _check_eval_padding(program: Program, params, source, batch_size: int, seq_l
                         max_batches: Optional[int], split: str = "val") -> None:
     """:func:`_check_padding_weighs_nothing` for the batches :func:`eval_loss` reads (without
     ``unit_rows`` or ``stride``; each group of a source with ``eval_groups``)."""
-    groups = getattr(source, "eval_groups", None)
-    sources = [source] if groups is None else list(groups().values())
-    sources = [s for s in sources if s.has_eval_data(seq_len, split)]
-    per = max_batches if groups is None or max_batches is None else max(1, max_batches // max(1, len(sources)))
+    groups, per = _eval_groups(source, seq_len, split, max_batches)
+    sources = [source] if groups is None else list(groups.values())
     for one in sources:
-        _check_padding_weighs_nothing(program, params, one, batch_size, seq_len, per, None, split, None)
+        if one.has_eval_data(seq_len, split):
+            _check_padding_weighs_nothing(program, params, one, batch_size, seq_len, per, None, split, None)
+
+
+def _eval_groups(source, seq_len: int, split: str, max_batches: Optional[int]):
+    """``({name: group}, batches per group)``: the evaluation groups of ``source`` that have data
+    (``source.eval_groups()``), each read for ``max_batches // n_groups`` batches (at least one);
+    ``(None, max_batches)`` for a source without groups."""
+    groups = getattr(source, "eval_groups", None)
+    if groups is None:
+        return None, max_batches
+    groups = {n: g for n, g in groups().items() if g.has_eval_data(seq_len, split)}
+    return groups, None if max_batches is None else max(1, max_batches // max(1, len(groups)))
 
 
 def eval_loss(program: Program, params, source, batch_size: int, seq_len: int, max_batches: Optional[int],
@@ -310,10 +320,8 @@ def eval_loss(program: Program, params, source, batch_size: int, seq_len: int, m
     empty = {"val_loss": None, "val_ppl": None, "val_tokens": 0}
     if max_batches == 0 or not source.has_eval_data(seq_len, split):
         return empty
-    groups = getattr(source, "eval_groups", None)
+    groups, per = _eval_groups(source, seq_len, split, max_batches)
     if groups is not None:
-        groups = {n: g for n, g in groups().items() if g.has_eval_data(seq_len, split)}
-        per = None if max_batches is None else max(1, max_batches // max(1, len(groups)))
         out, total, count = {}, 0.0, 0.0
         for name, group in groups.items():
             ev = eval_loss(program, params, group, batch_size, seq_len, per, split, unit_rows=unit_rows,
