@@ -46,7 +46,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import jax
 import numpy as np
@@ -376,6 +376,22 @@ def _warn_unused_aux_weights(tc: TrainConfig, metrics) -> None:
     if unused:
         log.warning("aux_loss_weights names %s, which the model does not sow (it sows %s): those weights "
                     "have no effect", unused, sown or "no auxiliary loss")
+
+
+_STEP_METRICS = ("loss", "lr", "grad_norm")
+
+
+def _check_step_metrics(metrics, step_fn_name) -> None:
+    """``ValueError`` when a ``step_fn``'s first step returned metrics without the scalars every
+    ``metrics.jsonl`` row and the divergence check read (a ``KeyError`` at the first logged step
+    before)."""
+    keys = sorted(metrics) if isinstance(metrics, Mapping) else None
+    missing = [k for k in _STEP_METRICS if keys is None or k not in keys]
+    if missing:
+        got = f"metrics {keys}" if keys is not None else f"a {type(metrics).__name__}"
+        raise ValueError(f"step_fn={step_fn_name or 'None'} must return (params, opt_state, metrics) with "
+                         f"metrics a dict holding {list(_STEP_METRICS)} (scalars, as train_step's do); it "
+                         f"returned {got}, missing {missing}")
 
 
 class TrainingDiverged(RuntimeError):
@@ -853,6 +869,7 @@ def _train(model_config, tc, *, run_dir, is_main, multi, resume, progress, stop_
             batch = program.put_batch(loader.batch_dict_at(step), tc.batch_size)
             params, opt_state, metrics = program.train_step(params, opt_state, batch, step, rng)
             if step == start_step:
+                _check_step_metrics(metrics, step_fn_name)
                 _warn_unused_aux_weights(tc, metrics)
             done = step + 1
             progress_.update(1)
