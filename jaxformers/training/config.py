@@ -123,8 +123,8 @@ class TrainConfig(ConfigMixin):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
             bad_lo = value <= lo if lo_open else value < lo
             bad_hi = value >= hi if hi_open else value > hi
-            if bad_lo or bad_hi:
-                interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+            if bad_lo or bad_hi:  # inf is never in range: the check above refuses it
+                interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open or math.isinf(hi) else ']'}"
                 raise ValueError(f"{name} must be in {interval}, got {value!r}")
 
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "keep_checkpoints"):
