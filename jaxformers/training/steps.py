@@ -215,7 +215,8 @@ def eval_step(module, loss_fn: LossFn, params, batch) -> Tuple[jax.Array, jax.Ar
     if n is None:
         n = jnp.sum(next_token_targets(batch)[1])
     n = jnp.asarray(n, jnp.float32)
-    return jnp.asarray(loss, jnp.float32) * n, n
+    # a batch of weight 0 adds nothing, even when the loss's mean over it is 0 / 0 = NaN
+    return jnp.where(n > 0, jnp.asarray(loss, jnp.float32) * n, 0.0), n
 
 
 # ============================================================================ compiled program
