@@ -59,3 +59,56 @@ def test_eval_step_of_a_batch_of_weight_zero_adds_zero_even_for_a_nan_mean():
         return jnp.float32(jnp.nan), {"n_targets": jnp.float32(4)}
     total, _ = eval_step(None, nan_loss, None, batch)
     assert jnp.isnan(total)
+
+
+# ----------------------------------------------------------------------------- config.json values
+@pytest.mark.parametrize("key,bad", [("use_bias", "false"), ("tie_word_embeddings", 1),
+                                     ("residual_in_fp32", "no"), ("state_size", 16.7),
+                                     ("conv_kernel", True), ("n_groups", "1")])
+def test_hf_mamba_config_values_of_the_wrong_type_are_refused_naming_the_key(key, bad):
+    """config_from_hf_mamba read bool("false") as True, int(16.7) as 16 and True as 1: a silently
+    different model.  Now a ValueError naming the key."""
+    from jaxformers.convert.hf_mamba import config_from_hf_mamba, config_to_hf_mamba
+    hf = config_to_hf_mamba(jf.get_config("mamba2", "tiny"))
+    config_from_hf_mamba(hf)  # the export reads back
+    with pytest.raises(ValueError, match=f"config.json {key}="):
+        config_from_hf_mamba({**hf, key: bad})
+
+
+@pytest.mark.parametrize("key,bad", [("tie_word_embeddings", "false"), ("hidden_size", 64.5),
+                                     ("num_key_value_heads", True), ("head_dim", "16"),
+                                     ("max_position_embeddings", 2048.5)])
+def test_hf_llama_config_values_of_the_wrong_type_are_refused_naming_the_key(key, bad):
+    from jaxformers.convert.hf_llama import config_from_hf, config_to_hf
+    hf = config_to_hf(jf.get_config("llama", "tiny"))
+    assert config_from_hf(hf) == config_from_hf({**hf, "hidden_size": float(hf["hidden_size"])})
+    with pytest.raises(ValueError, match=f"config.json {key}="):
+        config_from_hf({**hf, key: bad})
+
+
+# ----------------------------------------------------------------------------- tokenizers
+def test_hf_tokenizer_refuses_to_save_into_its_own_source_directory(tmp_path):
+    """HFTokenizer.save(tok.directory) replaced the checkpoint's tokenizer_config.json (its eos /
+    chat settings) with jaxformers' own; now a ValueError naming directory."""
+    from jaxformers.data.tokenizer import HFTokenizer, get_tokenizer
+    src = tmp_path / "src"
+    bpe = get_tokenizer("bpe:270")
+    bpe.train(["hello world, a tiny text " * 20])
+    bpe.save(src)
+    (src / "tokenizer_config.json").write_text('{"eos_token": "<|endoftext|>", "chat_template": "x"}')
+    tok = HFTokenizer(src)
+    with pytest.raises(ValueError, match="directory.*source directory"):
+        tok.save(str(src) + "/")
+    assert "chat_template" in (src / "tokenizer_config.json").read_text()
+    out = tok.save(tmp_path / "copy")
+    assert HFTokenizer(out).encode("hello world") == tok.encode("hello world")
+
+
+def test_decode_arithmetic_refuses_float_rows():
+    """decode_arithmetic read 5.0 (and 5.7 -> an error about id 5.7 only by luck) as id 5."""
+    from jaxformers.data import synthetic
+    row = [synthetic.BOS, synthetic.N_SPECIAL + 1, synthetic.EOS]
+    assert synthetic.decode_arithmetic(row) == "^" + synthetic.ARITH_CHARS[1] + "$"
+    with pytest.raises(ValueError, match="row must hold integer ids"):
+        synthetic.decode_arithmetic([float(t) for t in row])
+    assert synthetic.decode_arithmetic([]) == ""

@@ -20,6 +20,29 @@ import numpy as np
 NO_SPECIAL_TOKENS = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
 
 
+# --------------------------------------------------------------------------- config.json values
+def hf_int(hf: dict, key: str, default=None) -> int:
+    """``hf[key]`` (``default`` when absent or null) as an int: a ``ValueError`` naming the key
+    for anything but an integer (``int()`` read 16.7 as 16, ``true`` as 1 and ``"64"`` as 64)."""
+    value = hf.get(key)
+    value = default if value is None else value
+    ok = (isinstance(value, int) and not isinstance(value, bool)) or (
+        isinstance(value, float) and value.is_integer())
+    if not ok:
+        raise ValueError(f"config.json {key}={value!r} must be an integer")
+    return int(value)
+
+
+def hf_bool(hf: dict, key: str, default=None) -> bool:
+    """``hf[key]`` (``default`` when absent or null) as a bool: a ``ValueError`` naming the key
+    for anything but true / false (``bool()`` read ``"false"`` and ``0.5`` as true)."""
+    value = hf.get(key)
+    value = default if value is None else value
+    if not isinstance(value, bool):
+        raise ValueError(f"config.json {key}={value!r} must be true or false")
+    return value
+
+
 # --------------------------------------------------------------------------- safetensors I/O
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8,
              "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}

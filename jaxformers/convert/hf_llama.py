@@ -69,7 +69,7 @@ from typing import Dict, Iterable, Tuple
 import numpy as np
 
 from ..config import DTYPES, TransformerConfig
-from .hf_io import NO_SPECIAL_TOKENS, read_checkpoint, weight_files
+from .hf_io import NO_SPECIAL_TOKENS, hf_bool, hf_int, read_checkpoint, weight_files
 from .hf_write import DEFAULT_MAX_SHARD_SIZE, check_dtype, parse_size, write_checkpoint
 from .layers import per_layer_params, stack_layers
 
@@ -232,8 +232,8 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", scan_layers: bool = Fals
             hf = {**hf, "num_key_value_heads": MISTRAL_OMITTED["num_key_value_heads"]}
     qkv_bias = qk_norm = False
     if qwen:
-        n_layer = hf.get("num_hidden_layers", QWEN_DEFAULTS["num_hidden_layers"])
-        window, max_len = _qwen_window(hf, int(n_layer)), QWEN_OMITTED["max_position_embeddings"]
+        n_layer = hf_int(hf, "num_hidden_layers", QWEN_DEFAULTS["num_hidden_layers"])
+        window, max_len = _qwen_window(hf, n_layer), QWEN_OMITTED["max_position_embeddings"]
         omitted = {"num_key_value_heads": QWEN_OMITTED["num_key_value_heads"]}
         if "head_dim" in hf and hf["head_dim"] is None:  # transformers 5: Qwen3 refuses it, Qwen2 crashes
             raise ValueError(f"head_dim=null is not supported for model_type={model_type!r} (transformers "
@@ -264,25 +264,25 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", scan_layers: bool = Fals
         raise ValueError(f"hidden_act={act!r} is not supported; expected 'silu' (SwiGLU)")
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not allowed; choose one of {list(DTYPES)}")
-    d_model, n_head = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+    d_model, n_head = hf_int(hf, "hidden_size"), hf_int(hf, "num_attention_heads")
     fields = dict(
-        vocab_size=int(hf["vocab_size"]),
+        vocab_size=hf_int(hf, "vocab_size"),
         d_model=d_model,
-        n_layer=int(hf["num_hidden_layers"]),
+        n_layer=hf_int(hf, "num_hidden_layers"),
         n_head=n_head,
-        n_kv_head=int(hf.get("num_key_value_heads") or n_head),
-        d_ff=int(hf["intermediate_size"]),
+        n_kv_head=hf_int(hf, "num_key_value_heads", n_head),
+        d_ff=hf_int(hf, "intermediate_size"),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         rope_theta=_rope_theta(hf),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        max_seq_len=int(hf.get("max_position_embeddings", max_len)),
+        tie_embeddings=hf_bool(hf, "tie_word_embeddings", False),
+        max_seq_len=hf_int(hf, "max_position_embeddings", max_len),
         init_std=float(hf.get("initializer_range", 0.02)),
         norm="rmsnorm", mlp="swiglu", window=window, qkv_bias=qkv_bias, qk_norm=qk_norm,
         dtype=dtype, param_dtype=dtype, scan_layers=scan_layers,
     )
-    head_dim = hf.get("head_dim")
-    if head_dim is not None and (d_model % n_head or int(head_dim) != d_model // n_head):
-        fields["head_dim"] = int(head_dim)
+    head_dim = None if hf.get("head_dim") is None else hf_int(hf, "head_dim")
+    if head_dim is not None and (d_model % n_head or head_dim != d_model // n_head):
+        fields["head_dim"] = head_dim
     return get_config("llama", "tiny", **fields)
 
 

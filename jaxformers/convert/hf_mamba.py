@@ -38,7 +38,7 @@ import numpy as np
 
 from ..config import DTYPES
 from ..models.mamba import MambaConfig
-from .hf_io import NO_SPECIAL_TOKENS, read_checkpoint, weight_files
+from .hf_io import NO_SPECIAL_TOKENS, hf_bool, hf_int, read_checkpoint, weight_files
 from .hf_write import DEFAULT_MAX_SHARD_SIZE, check_dtype, parse_size, write_checkpoint
 from .layers import per_layer_params, stack_layers
 
@@ -90,23 +90,23 @@ def config_from_hf_mamba(hf: dict, *, dtype: str = "float32", scan_layers: bool 
         raise ValueError(f"hidden_act={act!r} is not supported; expected 'silu'")
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not allowed; choose one of {list(DTYPES)}")
-    d_model = int(hf["hidden_size"])
+    d_model = hf_int(hf, "hidden_size")
     expand = hf["expand"]
     inner = hf.get("intermediate_size", expand * d_model)
     if int(inner) != int(expand) * d_model or int(expand) != expand:
         raise ValueError(f"intermediate_size={inner} must equal an integer expand={expand} * "
                          f"hidden_size={d_model}")
     fields = dict(
-        vocab_size=int(hf["vocab_size"]), d_model=d_model, n_layer=int(hf["num_hidden_layers"]),
-        d_state=int(hf["state_size"]), d_conv=int(hf["conv_kernel"]), expand=int(expand),
-        conv_bias=bool(hf["use_conv_bias"]), proj_bias=bool(hf["use_bias"]),
+        vocab_size=hf_int(hf, "vocab_size"), d_model=d_model, n_layer=hf_int(hf, "num_hidden_layers"),
+        d_state=hf_int(hf, "state_size"), d_conv=hf_int(hf, "conv_kernel"), expand=int(expand),
+        conv_bias=hf_bool(hf, "use_conv_bias"), proj_bias=hf_bool(hf, "use_bias"),
         norm="rmsnorm", norm_eps=float(hf["layer_norm_epsilon"]),
-        tie_embeddings=bool(hf["tie_word_embeddings"]),
+        tie_embeddings=hf_bool(hf, "tie_word_embeddings"),
         init_std=float(hf["initializer_range"]),
         dt_min=float(hf["time_step_min"]), dt_max=float(hf["time_step_max"]),
         dt_init_floor=float(hf["time_step_floor"]),
         dtype=dtype, param_dtype=dtype, scan_layers=scan_layers, scan_impl=scan_impl,
-        residual_fp32=bool(hf["residual_in_fp32"]),  # a float32 residual stream under bfloat16
+        residual_fp32=hf_bool(hf, "residual_in_fp32"),  # a float32 residual stream under bfloat16
     )
     if model_type == "mamba":
         rank = hf["time_step_rank"]
@@ -118,11 +118,11 @@ def config_from_hf_mamba(hf: dict, *, dtype: str = "float32", scan_layers: bool 
         if limit != (0.0, float("inf")):
             raise ValueError(f"time_step_limit={limit} is not supported (dt is not clamped); "
                              "expected (0.0, inf)")
-        heads, headdim = int(hf["num_heads"]), int(hf["head_dim"])
+        heads, headdim = hf_int(hf, "num_heads"), hf_int(hf, "head_dim")
         if heads * headdim != fields["expand"] * d_model:
             raise ValueError(f"num_heads={heads} * head_dim={headdim} must equal expand * hidden_size = "
                              f"{fields['expand'] * d_model}")
-        fields.update(headdim=headdim, n_groups=int(hf["n_groups"]), a_init="uniform")
+        fields.update(headdim=headdim, n_groups=hf_int(hf, "n_groups"), a_init="uniform")
         # as given: MambaConfig names a bad one (int() read 16.7 as 16 and True as 1)
         fields.update(chunk_size=chunk_size if chunk_size is not None else MambaConfig.chunk_size)
     return get_config(model_type, "tiny", **fields)
