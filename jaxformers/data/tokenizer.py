@@ -540,6 +540,12 @@ class HFTokenizer(Tokenizer):
         return _decode_runs(ids, self._eos, lambda run: decode(run, skip_special_tokens=skip_special), marker)
 
     def save(self, directory: str | os.PathLike) -> Path:
+        """Write this tokenizer into ``directory``, never into its own source directory (that
+        would replace the checkpoint's ``tokenizer_config.json`` -- its eos / bos / chat settings
+        -- with jaxformers' own)."""
+        if Path(directory).resolve() == Path(self.directory).resolve():
+            raise ValueError(f"directory {str(directory)!r} is this tokenizer's source directory: saving there "
+                             f"would overwrite its {CONFIG_FILE}; save into another directory")
         d = super().save(directory)
         self._tok.save(str(d / BPE_FILE))
         return d
