@@ -405,8 +405,11 @@ def arithmetic(n: int, n_digits: int, worked_steps: bool = True, seed: int = 0, 
 def decode_arithmetic(row) -> str:
     """Render one arithmetic sequence as text (PAD dropped, ``^``/``|``/``$`` for BOS/SEP/EOS)."""
     names = {BOS: "^", SEP: "|", EOS: "$", QUERY: "?", PAD: ""}
+    arr = np.asarray(row)
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):  # 5.0 / 5.7 / True were read as ids
+        raise ValueError(f"row must hold integer ids, got dtype {arr.dtype}")
     out = []
-    for t in np.asarray(row).reshape(-1).tolist():
+    for t in arr.reshape(-1).tolist():
         if t in names:
             out.append(names[t])
         elif N_SPECIAL <= t < ARITH_VOCAB_SIZE:
