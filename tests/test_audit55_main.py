@@ -112,3 +112,13 @@ def test_decode_arithmetic_refuses_float_rows():
     with pytest.raises(ValueError, match="row must hold integer ids"):
         synthetic.decode_arithmetic([float(t) for t in row])
     assert synthetic.decode_arithmetic([]) == ""
+
+
+# ----------------------------------------------------------------------------- attention heads
+def test_attention_with_no_query_heads_is_a_value_error():
+    """q with 0 heads and k/v with 1 returned an empty [B, T, 0, D] output; now a ValueError."""
+    from jaxformers.ops.attention import attention
+    q = jnp.zeros((1, 4, 0, 8))
+    kv = jnp.zeros((1, 4, 1, 8))
+    with pytest.raises(ValueError, match=r"query heads \(0\) must be a positive multiple"):
+        attention(q, kv, kv, implementation="xla")
