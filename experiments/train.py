@@ -274,8 +274,10 @@ def build_configs(args):
             where = f"no {CONFIG_FILE} in {out!r}" if out else "no run directory given"
             raise CLIError(f"--extend-steps needs --out pointing at an existing run, or a --config whose "
                            f"train.out_dir names one ({where})")
-        if args.steps is not None:
-            raise CLIError("give either --steps (the new total) or --extend-steps (steps to add), not both")
+        if args.steps is not None or any(k == "steps" for k, _ in train_sets):
+            # (--train-set steps=N was applied after --extend-steps: N won without a word)
+            given = "--steps" if args.steps is not None else "--train-set steps="
+            raise CLIError(f"give either {given} (the new total) or --extend-steps (steps to add), not both")
         args.resume = True
     if args.resume and args.out and (Path(args.out) / CONFIG_FILE).is_file():
         saved = _run_config(args.out)

@@ -122,3 +122,21 @@ def test_attention_with_no_query_heads_is_a_value_error():
     kv = jnp.zeros((1, 4, 1, 8))
     with pytest.raises(ValueError, match=r"query heads \(0\) must be a positive multiple"):
         attention(q, kv, kv, implementation="xla")
+
+
+# ----------------------------------------------------------------------------- CLI: --extend-steps
+def test_extend_steps_with_a_train_set_steps_is_refused(tmp_path):
+    """--extend-steps 50 with --train-set steps=500 trained to 500 (the later --train-set won
+    without a word, where --steps is refused); now refused, naming both."""
+    import json
+    from experiments.train import CLIError, _parser, build_configs
+    out = tmp_path / "run"
+    out.mkdir()
+    saved = {"model": jf.get_config("gpt", "tiny", vocab_size=300).to_dict(),
+             "train": TrainConfig(steps=100, data="synthetic:copying", out_dir=str(out)).to_dict()}
+    (out / "config.json").write_text(json.dumps(saved))
+    _, tc = build_configs(_parser().parse_args(["--out", str(out), "--extend-steps", "50"]))
+    assert tc.steps == 150
+    for argv in (["--train-set", "steps=500"], ["--steps", "500"]):
+        with pytest.raises(CLIError, match="--extend-steps.*not both"):
+            build_configs(_parser().parse_args(["--out", str(out), "--extend-steps", "50", *argv]))
