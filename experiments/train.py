@@ -396,14 +396,19 @@ def _imports(*groups) -> list:
 
 
 def _run_config(out) -> dict:
-    """The ``config.json`` of the run in ``out``; ``ValueError`` naming the file when it is
-    unreadable or has no ``model`` / ``train`` section."""
-    from jaxformers.training.rundir import CONFIG_FILE, read_config
+    """The config a resume of the run in ``out`` continues from (``rundir.resume_config``: the one
+    saved with its newest complete checkpoint, else its ``config.json``) -- as ``train`` checks it:
+    a resume killed between writing ``config.json`` and completing its first checkpoint leaves a
+    ``config.json`` ahead of the checkpoints (e.g. an ``--extend-steps`` total), which a retry must
+    not build on; ``ValueError`` naming the file when it is unreadable or has no ``model`` /
+    ``train`` section."""
+    from jaxformers.training.rundir import CONFIG_FILE, resume_config
 
-    saved = read_config(out)
+    saved = resume_config(out)
     missing = [k for k in ("model", "train") if not isinstance((saved or {}).get(k), dict)]
     if missing:
-        raise ValueError(f"{Path(out) / CONFIG_FILE} is not a run config: no {' / '.join(missing)} section")
+        raise ValueError(f"{Path(out) / CONFIG_FILE} (or its newest checkpoint's copy) is not a run config: "
+                         f"no {' / '.join(missing)} section")
     return saved
 
 

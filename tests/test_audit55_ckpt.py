@@ -1,0 +1,78 @@
+"""Audit 55, checkpoints / run directories / resume, "nothing lost on interruption".
+
+* ``experiments.train --extend-steps N`` (and ``--resume``) built the run's config from
+  ``config.json``, which a resume writes just before its first checkpoint: one killed during
+  that save left ``config.json`` ahead of the checkpoints, and the same ``--extend-steps N``
+  command retried extended the run twice (a 4-step run + 4 became 12 steps, 8 when the kill
+  landed a moment earlier).  It now reads the config ``train`` itself resumes from
+  (``rundir.resume_config``: the newest complete checkpoint's copy).
+* A resume that trains nothing (a finished run resumed again, e.g. by a job script that always
+  passes ``--resume``) rewrote ``summary.json`` with its own numbers: ``tokens_per_s`` /
+  ``mfu`` ``None``, the ``wall_s`` / ``compile_s`` of reopening the run (a fraction of a second),
+  the machine and versions of the call that merely reopened it.  It now keeps those of the
+  training that reached that step.
+* ``Checkpointer(async_save="no")`` saved asynchronously (truthiness), ``restore(True)`` looked
+  for a folder named ``True`` and, unverified, reported a checkpoint "deleted while it was being
+  restored"; ``ValueError`` naming the argument now.
+"""
+import json
+import shutil
+
+import pytest
+
+import jaxformers as jf
+from jaxformers.training import CompileCache, TrainConfig, train
+from jaxformers.training.checkpoint import Checkpointer
+
+CACHE = CompileCache(max_entries=2)
+
+
+def _tiny_gpt():
+    return jf.get_config("gpt", "tiny", vocab_size=257, n_layer=1, d_model=32, n_head=2, max_seq_len=32)
+
+
+def _tc(corpus, out, **kw):
+    base = dict(steps=4, batch_size=2, seq_len=16, lr=1e-3, warmup_steps=1, data=corpus, out_dir=str(out),
+                eval_every=2, eval_batches=1, log_every=1, checkpoint_every=2, tensorboard=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """``(corpus, run_dir, summary)``: a finished 4-step run (checkpoints at steps 2 and 4)."""
+    root = tmp_path_factory.mktemp("audit55_ckpt")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JAXFORMERS_CACHE", str(root / "cache"))
+        corpus = root / "corpus.txt"
+        corpus.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+        run = root / "run"
+        summary = train(_tiny_gpt(), _tc(str(corpus), run), progress=False, cache=CACHE)
+        yield str(corpus), run, summary
+
+
+@pytest.fixture
+def env(finished, tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXFORMERS_CACHE", str(tmp_path / "cache"))
+    return finished
+
+
+def test_a_retried_extension_builds_on_the_checkpoints_config_not_a_config_json_ahead(env, tmp_path):
+    from experiments import train as train_cli
+
+    corpus, base_run, _ = env
+    run = tmp_path / "run"
+    shutil.copytree(base_run, run)
+    # `--extend-steps 4` killed during its first save: config.json (written just before it) says 8
+    # steps, the newest complete checkpoint (step 4) was trained with 4
+    config = json.loads((run / "config.json").read_text())
+    config["train"]["steps"] = 8
+    (run / "config.json").write_text(json.dumps(config))
+    args = train_cli._parser().parse_args(["--extend-steps", "4", "--out", str(run)])
+    _, tc = train_cli.build_configs(args)
+    assert tc.steps == 8  # was 12: extended twice
+    # --resume continues from the checkpoint's config too (the killed command's changes never took)
+    args = train_cli._parser().parse_args(["--resume", "--out", str(run)])
+    _, tc = train_cli.build_configs(args)
+    assert tc.steps == 4
+
