@@ -76,3 +76,17 @@ def test_a_retried_extension_builds_on_the_checkpoints_config_not_a_config_json_
     _, tc = train_cli.build_configs(args)
     assert tc.steps == 4
 
+
+def test_a_resume_that_trains_nothing_keeps_the_runs_throughput(env, tmp_path):
+    corpus, base_run, first = env
+    run = tmp_path / "run"
+    shutil.copytree(base_run, run)
+    assert first["tokens_per_s"] is not None
+    summary = train(_tiny_gpt(), _tc(corpus, run), resume=True, progress=False, cache=CACHE)
+    assert summary["trained_steps"] == 0 and summary["finished"] and summary["resumed_from"] == 4
+    saved = json.loads((run / "summary.json").read_text())
+    for s in (summary, saved):
+        # were None / the fraction of a second this call took
+        assert s["tokens_per_s"] == first["tokens_per_s"] and s["wall_s"] == first["wall_s"]
+        assert s["compile_s"] == first["compile_s"] and s["val_loss"] == first["val_loss"]
+

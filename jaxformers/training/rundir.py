@@ -11,7 +11,8 @@ Layout (``train_config.out_dir``)::
                        {"step", "val_loss", "val_ppl"} at every evaluation
     summary.json       final losses, perplexity, n_params, throughput, MFU (GPU/TPU), ``versions``
                        (python, jax, flax, orbax-checkpoint, ... that trained it; every checkpoint's
-                       manifest records the versions that wrote it)
+                       manifest records the versions that wrote it); a call that trains nothing (a
+                       finished run resumed again) keeps the earlier ones (:data:`MEASURED_FIELDS`)
     run.yaml           model name + full model config + train config: ``experiments.train
                        --config run.yaml`` reproduces the run (see :func:`write_run_file`)
                        (the train config's ``imports``, also in config.json: the modules of your
@@ -67,7 +68,7 @@ from .config import TrainConfig
 log = logging.getLogger(__name__)
 
 __all__ = ["CONFIG_FILE", "METRICS_FILE", "PLOT_FILE", "RUN_FILE", "SUMMARY_FILE", "TOKENIZER_DIR",
-           "MetricsWriter",
+           "MEASURED_FIELDS", "MetricsWriter", "earlier_measurements",
            "IMPLEMENTATION_FIELDS", "atomic_write", "check_resume", "config_diff", "config_text", "copy_tokenizer", "dataset_changes", "load_run",
            "import_modules", "import_run_modules", "read_config", "resume_config",
            "read_metrics", "refuse_clobber", "reset_metrics", "truncate_metrics", "write_config",
@@ -353,6 +354,28 @@ def write_summary(run_dir, summary: dict) -> None:
     run: :func:`.checkpoint.library_versions`; each checkpoint's manifest records its own)."""
     summary = {**summary, "versions": summary.get("versions") or library_versions()}
     atomic_write(Path(run_dir) / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+
+
+#: The ``summary.json`` fields that describe how a run's training went (throughput, timing, the
+#: machine and the library versions that trained it): kept from the earlier summary by a call
+#: that trains nothing (:func:`earlier_measurements`).
+MEASURED_FIELDS = ("tokens_per_s", "mfu", "compile_s", "wall_s", "compute_dtype", "mesh", "n_devices",
+                   "device_kind", "backend", "versions")
+
+
+def earlier_measurements(run_dir, final_step: int) -> dict:
+    """The :data:`MEASURED_FIELDS` of the run's ``summary.json`` when it describes ``final_step``
+    (else ``{}``: none, unreadable, or of another step) -- for a resume that trains nothing (a
+    finished run resumed again, e.g. by a job script that always passes ``--resume``), whose own
+    numbers (no throughput, a wall time of a fraction of a second, the machine that merely
+    reopened the run) would otherwise replace those of the training that reached that step."""
+    try:
+        old = json.loads((Path(run_dir) / SUMMARY_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(old, dict) or old.get("final_step") != final_step:
+        return {}
+    return {k: old[k] for k in MEASURED_FIELDS if k in old}
 
 
 def _recover_tokenizer_leftovers(run_dir) -> None:

@@ -970,6 +970,8 @@ def _train(model_config, tc, *, run_dir, is_main, multi, resume, progress, stop_
         "init_from": tc.init_from,
         "versions": library_versions(),  # python, jax, flax, orbax-checkpoint, ... (also in summary.json)
     }
+    if start_step >= end_step:  # trained nothing: the throughput / timing of the training that got here
+        summary.update(rundir.earlier_measurements(run_dir, summary["final_step"]))
     if is_main:
         rundir.write_summary(run_dir, summary)
         try:
