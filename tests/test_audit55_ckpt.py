@@ -90,3 +90,17 @@ def test_a_resume_that_trains_nothing_keeps_the_runs_throughput(env, tmp_path):
         assert s["tokens_per_s"] == first["tokens_per_s"] and s["wall_s"] == first["wall_s"]
         assert s["compile_s"] == first["compile_s"] and s["val_loss"] == first["val_loss"]
 
+
+def test_checkpointer_refuses_a_non_bool_flag_and_a_non_int_step(env, tmp_path):
+    _, run, _ = env
+    with pytest.raises(ValueError, match="async_save must be a bool"):
+        Checkpointer(tmp_path / "x", async_save="no")
+    ckpt = Checkpointer(run)
+    try:
+        for step in (True, 2.0, "2"):
+            with pytest.raises(ValueError, match="Checkpointer.restore: step must be an int"):
+                ckpt.restore(step, None, verify=False)
+        with pytest.raises(ValueError, match="verify must be a bool"):
+            ckpt.restore(2, None, verify="no")
+    finally:
+        ckpt.close()

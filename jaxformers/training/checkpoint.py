@@ -50,6 +50,8 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import jax
 from etils import epath
 
+from pallas_kernels._common import check_flag
+
 from ..utils import int_arg
 
 log = logging.getLogger(__name__)
@@ -264,7 +266,8 @@ class Checkpointer:
         self.run_dir = epath.Path(run_dir)
         self.directory = self.run_dir / "checkpoints"
         self.keep = int_arg("keep", keep, lo=1, where="Checkpointer")
-        self.async_save = bool(async_save)
+        # (a string such as "no" is truthy: async_save="no" saved asynchronously)
+        self.async_save = check_flag("Checkpointer: async_save", async_save)
         self._manager = None
         self._pending: Optional[int] = None
         self._files: Dict[int, Dict[str, str]] = {}  # step -> the files save() was given
@@ -433,7 +436,10 @@ class Checkpointer:
         """``(params, opt_state or None, meta)`` at ``step``; verified first (CheckpointError)."""
         import orbax.checkpoint as ocp
 
-        if verify:
+        # step=True / 1.0 named the folder "True" / "1.0" and, unverified, was reported as a
+        # checkpoint deleted while being restored; verify="no" (truthy) verified
+        step = int_arg("step", step, lo=0, where="Checkpointer.restore")
+        if check_flag("Checkpointer.restore: verify", verify):
             self.verify(step)
         items = dict(params=ocp.args.StandardRestore(abstract_params), meta=ocp.args.JsonRestore())
         if abstract_opt_state is not None:
