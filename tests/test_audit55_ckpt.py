@@ -104,3 +104,39 @@ def test_checkpointer_refuses_a_non_bool_flag_and_a_non_int_step(env, tmp_path):
             ckpt.restore(2, None, verify="no")
     finally:
         ckpt.close()
+
+
+def test_a_wait_cut_short_never_finalizes_a_save_twice(tmp_path, monkeypatch):
+    """A second Ctrl-C while ``save`` waits for the previous save's background finalizer (hashing a
+    big checkpoint) interrupted the join; ``close()`` (the trainer's ``finally``) then ran
+    ``_finalize`` again in the main thread beside the still-running background one."""
+    import threading
+    import time
+
+    import jax.numpy as jnp
+
+    calls = []
+    real = Checkpointer._finalize
+
+    def slow(self, step):
+        calls.append(step)
+        if threading.current_thread() is not threading.main_thread():
+            time.sleep(0.3)  # the background thread still hashing when the join is cut short
+        return real(self, step)
+
+    monkeypatch.setattr(Checkpointer, "_finalize", slow)
+    ckpt = Checkpointer(tmp_path / "run")
+    tree = {"w": jnp.arange(4.0)}
+    ckpt.save(1, tree, tree, {}, files={"a.json": "{}"})
+    real_join = threading.Thread.join
+
+    def interrupted_join(self, *a, **k):
+        monkeypatch.setattr(threading.Thread, "join", real_join)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(threading.Thread, "join", interrupted_join)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save(2, tree, tree, {})
+    ckpt.close()
+    assert calls == [1]  # was [1, 1]: finalized by both threads
+    assert ckpt.latest_step() == 1 and "a.json" in ckpt.verify(1)["files"]

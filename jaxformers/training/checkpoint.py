@@ -413,9 +413,14 @@ class Checkpointer:
         """Block until the pending save is on disk and its manifest is written (process 0)."""
         if self._manager is None:
             return
-        finalizer, self._finalizer = self._finalizer, None
+        finalizer = self._finalizer
         if finalizer is not None:
+            # forgotten only once joined: a join cut short (a second Ctrl-C while a big checkpoint
+            # is hashed) leaves it to the next wait() (close() in the trainer's ``finally``), which
+            # ran _finalize a second time beside it (the manifest written twice, concurrently with
+            # the background thread's files, and the old checkpoints pruned twice)
             finalizer.join()
+            self._finalizer = None
         self._manager.wait_until_finished()
         if self._pending is not None:
             step, self._pending = self._pending, None
