@@ -140,3 +140,18 @@ def test_a_wait_cut_short_never_finalizes_a_save_twice(tmp_path, monkeypatch):
     ckpt.close()
     assert calls == [1]  # was [1, 1]: finalized by both threads
     assert ckpt.latest_step() == 1 and "a.json" in ckpt.verify(1)["files"]
+
+
+def test_load_run_takes_a_mesh_spec_and_refuses_other_meshes(env):
+    """``load_run(mesh="data=1")`` (the spec ``evaluate(mesh=)`` / ``TrainConfig.mesh`` take) was an
+    ``AttributeError: 'str' object has no attribute 'size'`` deep in the sharding code."""
+    import jax
+
+    from jaxformers.training import load_run
+
+    _, run, _ = env
+    _, _, params = load_run(run, mesh="data=1")
+    _, _, ref = load_run(run)
+    assert all(bool((a == b).all()) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref)))
+    with pytest.raises(ValueError, match="mesh must be None .* a jax.sharding.Mesh or a mesh spec"):
+        load_run(run, mesh=3)

@@ -624,8 +624,8 @@ def load_run(run_dir, *, step: Optional[int] = None, mesh=None) -> Tuple[Any, Tr
 
     A run that is still training deletes its old checkpoints: when the checkpoint being loaded
     is deleted meanwhile, the newest complete one is tried next (``LOAD_ATTEMPTS`` in all), then
-    :class:`CheckpointError` says so.  Params are float32, on the first local device unless ``mesh`` is given (then
-    sharded by the logical rules).  Raises ``FileNotFoundError`` / ``CheckpointError`` (``ValueError``
+    :class:`CheckpointError` says so.  Params are float32, on the first local device unless ``mesh`` is given (a
+    ``jax.sharding.Mesh`` or a spec such as ``"data=2,fsdp=2"``; then sharded by the logical rules).  Raises ``FileNotFoundError`` / ``CheckpointError`` (``ValueError``
     for a ``step`` that is not an int, e.g. ``5.0``).
     Run directories written by older versions load too (new config fields take their
     defaults).  The modules the run recorded (``train.imports``: your own architecture or loss,
@@ -638,6 +638,11 @@ def load_run(run_dir, *, step: Optional[int] = None, mesh=None) -> Tuple[Any, Tr
         if not is_int(step):
             raise ValueError(f"step must be an int (a checkpoint's step) or None (the newest), got {step!r}")
         step = int(step)
+    if isinstance(mesh, str):  # a spec, as evaluate(mesh=) and TrainConfig.mesh take it
+        mesh = mesh_lib.make_mesh(mesh)
+    elif mesh is not None and not isinstance(mesh, jax.sharding.Mesh):  # was an AttributeError deep inside
+        raise ValueError(f"mesh must be None (the first local device), a jax.sharding.Mesh or a mesh spec "
+                         f"such as 'data=2,fsdp=2', got {mesh!r}")
     run_dir = Path(run_dir).expanduser()
     saved = read_config(run_dir)
     if saved is None:
