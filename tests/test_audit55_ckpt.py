@@ -155,3 +155,16 @@ def test_load_run_takes_a_mesh_spec_and_refuses_other_meshes(env):
     assert all(bool((a == b).all()) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref)))
     with pytest.raises(ValueError, match="mesh must be None .* a jax.sharding.Mesh or a mesh spec"):
         load_run(run, mesh=3)
+
+
+@pytest.mark.parametrize("sub", ["", "run"])
+def test_an_out_dir_blocked_by_a_file_is_a_value_error_naming_the_file(tmp_path, sub):
+    """``out_dir`` an existing file (or below one): ``FileExistsError: [Errno 17]`` /
+    ``NotADirectoryError`` from the lock's mkdir (the latter a traceback from the CLI)."""
+    from jaxformers.training.rundir import run_lock
+
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match=f"cannot be created: {blocker} is a file, not a folder"):
+        with run_lock(blocker / sub if sub else blocker):
+            pass

@@ -506,7 +506,12 @@ def run_lock(run_dir, enabled: bool = True):
         yield
         return
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # a file in the way (was an OSError traceback)
+        blocker = next((p for p in (run_dir, *run_dir.parents) if p.exists() and not p.is_dir()), run_dir)
+        raise ValueError(f"the output directory {run_dir} cannot be created: {blocker} is a file, not a "
+                         "folder; choose another output directory (out_dir, --out)") from None
     fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
