@@ -35,7 +35,9 @@ Without ``--loss`` a new run trains with its model's loss: ``cross_entropy``, or
 ``landmark_cross_entropy`` for ``landmark`` (landmarks inserted, landmark targets masked).
 
 Resuming: ``--resume`` continues from the newest checkpoint; a finished run trains nothing.
-Without ``--config`` / ``--init-from`` the run's own config is used (flags on top); with them
+Without ``--config`` / ``--init-from`` the run's own config is used (flags on top: the config its
+newest complete checkpoint was trained with, ``config.json`` being ahead of it when a resume was
+killed during its first save, whose changes never took); with them
 the command describes the whole run again, as on its first start (a requeued job's same
 command), and must be the same run: another model config or ``init_from`` is refused.
 ``--extend-steps N`` (the run's total ``steps`` + N; a run stopped before its total also
