@@ -14,6 +14,10 @@
 * ``Checkpointer(async_save="no")`` saved asynchronously (truthiness), ``restore(True)`` looked
   for a folder named ``True`` and, unverified, reported a checkpoint "deleted while it was being
   restored"; ``ValueError`` naming the argument now.
+* ``Checkpointer.wait`` forgot the background finalizer before joining it: a join cut short (a
+  second Ctrl-C while a big checkpoint is hashed) made ``close()`` run ``_finalize`` again beside it.
+* ``load_run(mesh="data=1")`` was an ``AttributeError`` deep in the sharding code; an ``out_dir``
+  that is a file (or lies below one) an ``OSError`` (a traceback from ``experiments.train``).
 """
 import json
 import shutil
