@@ -39,8 +39,7 @@ def register(name, config_cls, module_cls, presets, description="", *, override=
     removes a name (e.g. at the end of a test)."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"a model name must be a non-empty string, got {name!r}")
-    if "tiny" not in presets:
-        raise ValueError(f"model {name!r} must define a 'tiny' preset")
+    _check_spec(name, config_cls, module_cls, presets)
     _ensure_loaded()  # a built-in name is taken even before the models package is imported
     spec = ModelSpec(name, config_cls, module_cls, dict(presets), description,
                      module=calling_module())
@@ -50,6 +49,33 @@ def register(name, config_cls, module_cls, presets, description="", *, override=
     if name in _REGISTRY and _REGISTRY[name] == spec:
         return  # the same spec again: the first registration (and its module) stays
     _REGISTRY[name] = spec
+
+
+def _check_spec(name, config_cls, module_cls, presets) -> None:
+    """``ValueError`` (naming the model, and the preset) unless ``config_cls`` is a
+    :class:`ModelConfig` subclass, ``module_cls`` callable and ``presets`` a dict of preset name ->
+    dict of ``config_cls`` fields with a ``tiny`` one: checked when registering, so that a typo in a
+    preset is not a ``TypeError`` from the dataclass at the first ``get_config`` (with the bad spec
+    already registered)."""
+    if not (isinstance(config_cls, type) and issubclass(config_cls, ModelConfig)):
+        raise ValueError(f"model {name!r}: config_cls must be a ModelConfig subclass (a frozen dataclass, "
+                         f"e.g. TransformerConfig), got {config_cls!r}")
+    if not callable(module_cls):
+        raise ValueError(f"model {name!r}: module_cls must be a flax module class (built as "
+                         f"module_cls(config)), got {module_cls!r}")
+    if not isinstance(presets, dict):
+        raise ValueError(f"model {name!r}: presets must be a dict of preset name -> dict of config fields "
+                         f"(with a 'tiny' one), got {type(presets).__name__}")
+    if "tiny" not in presets:
+        raise ValueError(f"model {name!r} must define a 'tiny' preset")
+    for preset, values in presets.items():
+        if not isinstance(preset, str) or not isinstance(values, dict):
+            raise ValueError(f"model {name!r}: presets must map preset names (str) to dicts of config fields, "
+                             f"got {preset!r}: {type(values).__name__}")
+        try:
+            check_fields(config_cls, values)
+        except ValueError as e:
+            raise ValueError(f"model {name!r}, preset {preset!r}: {e}") from None
 
 
 def calling_module(depth: int = 2) -> Optional[str]:
