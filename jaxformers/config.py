@@ -351,9 +351,17 @@ def _positive(config, name: str) -> None:
 def _finite(config, name: str, lo: float, lo_open: bool = False) -> None:
     """``ValueError`` unless field ``name`` is a finite real number ``> lo`` (``lo_open``) or ``>= lo``."""
     value = getattr(config, name)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not _float_finite(value) \
             or (value <= lo if lo_open else value < lo):
         raise ValueError(f"{name} must be a finite number {'>' if lo_open else '>='} {lo}, got {value!r}")
+
+
+def _float_finite(value) -> bool:
+    """``math.isfinite`` that is ``False`` (not an ``OverflowError``) for an int beyond float range."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # e.g. 10**400: no float holds it
+        return False
 
 
 def _boolean(config, name: str) -> None:

@@ -22,3 +22,12 @@ def test_register_checks_the_spec_before_registering(config_cls, module_cls, pre
     with pytest.raises(ValueError, match=match):
         registry.register("audit55-bad", config_cls, module_cls, presets)
     assert "audit55-bad" not in jf.list_models()
+
+
+@pytest.mark.parametrize("name, field", [("gpt", "norm_eps"), ("llama", "init_std"), ("llama", "rope_theta"),
+                                         ("mamba", "dt_min"), ("mamba", "dt_scale")])
+def test_an_int_beyond_float_range_is_a_value_error(name, field):
+    """``_finite`` called ``math.isfinite(10**400)``, which raises ``OverflowError`` (int too large to
+    convert to float) instead of the field's ``ValueError``."""
+    with pytest.raises(ValueError, match=field):
+        jf.get_config(name, "tiny", **{field: 10**400})
