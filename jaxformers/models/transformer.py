@@ -182,6 +182,17 @@ class Transformer(nn.Module):
         """The config of each block of :meth:`layer_classes` (default: the model's for all)."""
         return [self.config] * len(self.layer_classes())
 
+    def layer_specs(self):
+        """``[(block class, config)]``, one per layer: :meth:`layer_classes` beside
+        :meth:`layer_configs`; ``ValueError`` naming both hooks when they give different numbers
+        of layers (zipped as they are, the extra layers would be dropped without a word)."""
+        classes, configs = list(self.layer_classes()), list(self.layer_configs())
+        if len(classes) != len(configs):
+            raise ValueError(f"{type(self).__name__}: layer_classes() gives {len(classes)} layers but "
+                             f"layer_configs() {len(configs)} configs: one config per block class (n_layer="
+                             f"{self.config.n_layer})")
+        return list(zip(classes, configs))
+
     def setup(self):
         c = self.config
         self.embed = Embed(c)
@@ -194,7 +205,7 @@ class Transformer(nn.Module):
         """The one block class a layer scan repeats (``scan_layers=True``): every layer must have
         the same class and the model's own config (the scan builds one block from it)."""
         c = self.config
-        classes = self.layer_classes()
+        classes = [cls for cls, _ in self.layer_specs()]
         if len(set(classes)) != 1:
             raise ValueError(f"scan_layers=True needs the same block in every layer; model "
                              f"{c.model!r} has {sorted({k.__name__ for k in classes})}: use "
@@ -214,8 +225,7 @@ class Transformer(nn.Module):
             cls = remat_block(self.scanned_block_class(), c, scanned=True)
             return scan_blocks(cls, c, (nn.broadcast, nn.broadcast, 0, nn.broadcast),
                                self.scanned_collections)(c)
-        return [remat_block(cls, c, scanned=False)(cfg)
-                for cls, cfg in zip(self.layer_classes(), self.layer_configs())]
+        return [remat_block(cls, c, scanned=False)(cfg) for cls, cfg in self.layer_specs()]
 
     # --------------------------------------------------------------- forward
     def __call__(self, tokens, *, positions=None, segment_ids=None, cache=None):
@@ -267,6 +277,5 @@ class Transformer(nn.Module):
             raise ValueError(f"model {self.config.model!r} cannot decode: mixer(s) {missing} have no static "
                              "init_cache(config, batch_size, max_len, dtype) (the cache path enables "
                              "decoding; see Block.mixer_class)")
-        layers = [cls.mixer_class.init_cache(cfg, batch_size, max_len, dtype)
-                  for cls, cfg in zip(self.layer_classes(), self.layer_configs())]
+        layers = [cls.mixer_class.init_cache(cfg, batch_size, max_len, dtype) for cls, cfg in self.layer_specs()]
         return jax.tree.map(lambda *xs: jnp.stack(xs), *layers) if self.config.scan_layers else layers
