@@ -8,7 +8,8 @@ Subclasses change only what their paper changes, through these hooks:
   swaps the token mixer or the MLP without forking ``Block``);
   ``layer_classes()``: one block class per layer (hybrids);
   ``layer_configs()``: the config each of those blocks is built with (default: the model's;
-  layer-parallel pairs run as one block with a wider config, ``jaxformers.transforms``);
+  layer-parallel pairs run as one block with a wider config, ``jaxformers.transforms``; one per
+  block class, else a ``ValueError``: :meth:`Transformer.layer_specs`);
 * ``run_blocks(x, positions, segment_ids, layer_caches, cache_index)``: how blocks are
   chained (DenseFormer's depth-weighted averages, repeated blocks, ...);
 * extra ``setup`` parameters.
