@@ -35,9 +35,10 @@ _REGISTRY: Dict[str, ModelSpec] = {}
 def register(name, config_cls, module_cls, presets, description="", *, override=False):
     """Register architecture ``name``: its config class (a :class:`ModelConfig` subclass), module
     class and presets (a dict of preset name -> dict of config fields; a ``tiny`` one is required;
-    an unknown field is a ``ValueError`` naming the preset, before anything is registered).  A name that is taken (a built-in such as ``gpt`` too) is a ``ValueError``
-    unless ``override=True``; registering the same spec again is a no-op.  :func:`unregister`
-    removes a name (e.g. at the end of a test)."""
+    an unknown field is a ``ValueError`` naming the preset, before anything is registered).  A
+    name that is taken (a built-in such as ``gpt`` too) is a ``ValueError`` unless
+    ``override=True``; registering the same spec again is a no-op.  :func:`unregister` removes a
+    name (e.g. at the end of a test)."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"a model name must be a non-empty string, got {name!r}")
     _check_spec(name, config_cls, module_cls, presets)

@@ -134,7 +134,7 @@ def align_loss(module, params, batch, rng=None):
                          "needs the teacher's n_layer and d_model (student_config(teacher_config, ...))")
     segment_ids, positions = block_inputs(tokens.shape, inputs.get("positions"), inputs.get("segment_ids"))
     terms = []
-    for i, (cls, cfg) in enumerate(zip(module.layer_classes(), module.layer_configs())):
+    for i, (cls, cfg) in enumerate(module.layer_specs()):
         if i in attn:
             continue
         # the block's input in the dtype of the model's residual stream (Embed: float32 under
