@@ -140,3 +140,13 @@ def test_extend_steps_with_a_train_set_steps_is_refused(tmp_path):
     for argv in (["--train-set", "steps=500"], ["--steps", "500"]):
         with pytest.raises(CLIError, match="--extend-steps.*not both"):
             build_configs(_parser().parse_args(["--out", str(out), "--extend-steps", "50", *argv]))
+
+
+# ----------------------------------------------------------------------------- DenseFormer sizes
+def test_denseformer_validation_of_a_huge_n_layer_does_not_build_a_list_of_layers():
+    """The dilation / period check built list(range(1, n_layer + 1)): n_layer=10**29 raised
+    OverflowError (a large one allocated the list); now a range test."""
+    cfg = jf.get_config("denseformer", "tiny", n_layer=10**29)
+    assert cfg.n_layer == 10**29
+    with pytest.raises(ValueError, match=r"dwa_period=9 .* \[1, n_layer\] = \[1, 2\]"):
+        jf.get_config("denseformer", "tiny", dwa_period=9)

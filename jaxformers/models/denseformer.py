@@ -122,12 +122,13 @@ class DenseFormerConfig(TransformerConfig):
                              f"get_config('denseformer', '{'llama-' if self.base == 'llama' else ''}tiny')) or "
                              f"DenseFormerConfig.from_base({self.base!r}, preset)")
         _choice("dwa_mode", self.dwa_mode, DWA_MODES)
-        allowed = list(range(1, self.n_layer + 1))
+        # (a range test, not a list of [1, n_layer]: n_layer=10**29 was an OverflowError)
+        allowed = f"[1, {self.n_layer}]"
         why = {"dwa_period": "a period > n_layer would add no DWA at all",
                "dwa_dilation": "a dilation > n_layer would only rescale X_m"}
         for name in ("dwa_dilation", "dwa_period"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value not in allowed:
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= self.n_layer:
                 raise ValueError(f"{name}={value!r} is not allowed for n_layer={self.n_layer}: choose "
                                  f"an int in [1, n_layer] = {allowed} ({why[name]})")
 
