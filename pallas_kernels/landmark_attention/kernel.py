@@ -88,7 +88,10 @@ def _make_plan(q, k, block_size, sm_scale, block_q, num_warps, num_stages, inter
                platform="gpu") -> _Plan:
     b, t, hq, d = q.shape
     tpu = platform == "tpu"
-    L = int(block_size)
+    # a block longer than the sequence has no landmark (no complete block): every L > T is the
+    # same attention as L = T + 1 (plain causal), whose padded block is next_pow2(T + 1) rows,
+    # not next_pow2(L) (L = 4096 at T = 4 padded to 4096 rows; L = 2**40 overflowed int32)
+    L = min(int(block_size), t + 1)
     lp = max(_TPU_TILE if tpu else _MIN_LP_GPU, next_pow2(L))
     nb = -(-t // L)
     bq = max(lp, min(max(block_q, _TPU_TILE) if tpu else block_q, next_pow2(nb * lp)))

@@ -99,6 +99,7 @@ def landmark_masks(t: int, block_size: int, tq: int | None = None, q_offset=None
                          f"unless q_offset is given")
     _check_q_offset(q_offset, tq, t)
     q_offset = t - tq if q_offset is None else q_offset
+    block_size = min(int(block_size), t + 1)  # L > T: no landmark, as L = T + 1 (and int32-safe)
     pos = jnp.arange(t)
     qpos = q_offset + jnp.arange(tq)
     blk, qblk = pos // block_size, qpos // block_size
@@ -136,13 +137,13 @@ def landmark_attention_reference(q, k, v, *, block_size: int, sm_scale=None, q_o
     _validate(q, k, v, block_size, q_offset)
     b, tq, hq, d = q.shape
     t = k.shape[1]
-    L = int(block_size)
+    L = min(int(block_size), t + 1)  # every L > T is L = T + 1 (no complete block, no landmark)
     scale = reference_sm_scale(sm_scale, d)
     hi = jax.lax.Precision.HIGHEST
     qf = q.astype(jnp.float32)
     kf, vf = (_expand_kv(x, hq).astype(jnp.float32) for x in (k, v))
     s = jnp.einsum("bqhd,bkhd->bhqk", qf, kf, precision=hi) * scale     # [B, H, Tq, T]
-    blk, is_lm, qblk, early, current = landmark_masks(t, L, tq, q_offset, chunk_len)
+    blk, is_lm, qblk, early, current = landmark_masks(t, block_size, tq, q_offset, chunk_len)
     nb = -(-t // L)
     # inner softmax per (query, block) over the block's non-landmark keys
     s_in = jnp.where(is_lm, -jnp.inf, s)
