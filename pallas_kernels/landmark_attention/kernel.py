@@ -412,7 +412,8 @@ def landmark_attention(q, k, v, *, block_size, sm_scale=None, interpret=None, bl
     Args:
       q: ``[B, T, Hq, D]``; k, v: ``[B, T, Hkv, D]`` with ``Hq % Hkv == 0`` (GQA).  The token
         at ``t`` with ``t % block_size == block_size - 1`` is the landmark of its block.
-      block_size: ``L >= 2`` tokens per block including its landmark (paper: 50 + 1).
+      block_size: ``L >= 2`` tokens per block including its landmark (paper: 50 + 1); an
+        ``L > T`` has no complete block, so no landmark: causal attention (run as ``L = T + 1``).
       sm_scale: logit scale, default ``D ** -0.5`` (a concrete number).
       interpret: ``None`` -> interpret mode on a CPU backend; ``False`` compiled (Triton for
         GPU, Mosaic for TPU, chosen at lowering); ``pltpu.InterpretParams()`` the TPU variant.
