@@ -39,7 +39,7 @@ LEG2_TESTS=(tests/test_flash_attention.py tests/test_selective_scan.py tests/tes
             tests/test_audit40_scfa.py tests/test_audit41_flash.py tests/test_audit41_landmark.py
             tests/test_audit43_fuzz.py tests/test_audit44_dtype.py tests/test_audit44_packed.py
             tests/test_audit_mutation_lhq.py tests/test_audit41_gpucheck.py tests/test_audit41_mamba.py
-            tests/test_multihost.py tests/test_audit50_deprec.py)
+            tests/test_audit55_kern.py tests/test_multihost.py tests/test_audit50_deprec.py)
 NEWEST=(jax jaxlib flax optax orbax-checkpoint chex)
 # -qq: errors only (-q still prints a warning per package when an index location is missing)
 PIP=(-m pip install -qq --disable-pip-version-check)
