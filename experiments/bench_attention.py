@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.flash_attention import flash_attention
-from experiments.common import check_counts, median_ms, parse_list, write_results
+from experiments.common import check_counts, check_out, median_ms, parse_list, write_results
 
 IMPLS = ("pallas", "cudnn", "xla", "jax_pallas")
 XLA_MAX_LOGITS_BYTES = 24 * 2**30  # skip the materialising XLA path past this
@@ -158,6 +158,7 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, help=f"default {FULL['warmup']}")
     ap.add_argument("--iters", type=int, help=f"default {FULL['iters']}")
     args = ap.parse_args(argv)
+    check_out(ap, args.out)
     check_counts(ap, args)
     impls = parse_list(ap, "--impls", args.impls, allowed=IMPLS, unique=True)
     cfg = dict(QUICK if args.quick else FULL)

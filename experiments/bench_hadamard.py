@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.hadamard import hadamard_matrix, hadamard_transform, split_size
-from experiments.common import check_counts, median_ms, parse_list, write_results
+from experiments.common import check_counts, check_out, median_ms, parse_list, write_results
 
 SIZES = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 352, 768, 11008)
 
@@ -75,6 +75,7 @@ def main(argv=None):
                          "default: the list above; --quick: 64,352)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     args = ap.parse_args(argv)
+    check_out(ap, args.out)
     check_counts(ap, args)
     sizes = parse_list(ap, "--sizes", args.sizes, cast=int, lo=1, unique=True)
     for n in sizes or ():

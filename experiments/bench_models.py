@@ -35,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.common import check_counts, is_out_of_memory, parse_list, write_json
+from experiments.common import check_counts, check_out, is_out_of_memory, parse_list, write_json
 
 FULL = dict(preset="small", seq_lens=(2048, 8192, 32768), tokens=32768, gen_batches=(1, 8, 32, 128),
             gen_prompt=1024, gen_tokens=128, warmup=2, iters=10)
@@ -280,6 +280,7 @@ def sweep_config(ap, args):
 def main(argv=None) -> dict:
     ap = _parser()
     args = ap.parse_args(argv)
+    check_out(ap, args.out)
     models, cfg = sweep_config(ap, args)
     import flax
     import jax

@@ -38,7 +38,7 @@ import subprocess
 import sys
 import time
 
-from experiments.common import parse_list, write_results
+from experiments.common import check_out, parse_list, write_results
 
 SPECS = {"rotate": dict(rotate=True),
          "rtn4": dict(rotate=True, w_bits=4, w_clip=False),
@@ -151,6 +151,7 @@ def main(argv=None):
                     help="cpu (JAX_PLATFORMS=cpu in each child) or default (the accelerator if any)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    check_out(ap, args.out)
     if args.child is not None:
         print(json.dumps(child(json.loads(args.child))), flush=True)
         return 0

@@ -34,7 +34,7 @@ from pallas_kernels.selective_scan import reference as ss_reference
 from pallas_kernels.selective_scan import selective_scan
 from pallas_kernels.ssd import reference as ssd_reference
 from pallas_kernels.ssd import ssd
-from experiments.common import check_counts, median_ms, parse_list, write_results
+from experiments.common import check_counts, check_out, median_ms, parse_list, write_results
 
 SS_IMPLS = ("pallas", "assoc_scan", "reference")
 SSD_IMPLS = ("pallas", "reference", "fla")
@@ -227,6 +227,7 @@ def main(argv=None):
     ap.add_argument("--impls", default="pallas,assoc_scan,reference,fla",
                     help="comma list of implementations to run (others are recorded as skipped)")
     args = ap.parse_args(argv)
+    check_out(ap, args.out)
     check_counts(ap, args)
     all_impls = sorted(set(SS_IMPLS) | set(SSD_IMPLS))
     impls = set(parse_list(ap, "--impls", args.impls, allowed=all_impls, unique=True))

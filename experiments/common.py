@@ -132,6 +132,22 @@ def parse_list(ap, flag: str, text, *, cast=str, allowed=None, lo=None, hi=None,
     return values
 
 
+def check_out(ap, out, flag: str = "--out") -> None:
+    """A usage error naming ``flag`` when the output directory ``out`` cannot be a folder: it, or
+    a folder above it, exists and is a file (it was a ``FileExistsError`` / ``NotADirectoryError``
+    traceback from the first ``mkdir``, after the data was loaded or a benchmark had run).
+    ``None`` (the option's default) passes."""
+    from pathlib import Path
+
+    if out is None:
+        return
+    path = Path(str(out)).expanduser()
+    blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        ap.error(f"{flag} {str(out)!r}: {str(blocker)!r} is a file, not a folder (choose another output "
+                 "directory)")
+
+
 def check_heads(ap, model: dict) -> None:
     """A usage error naming ``--d-model`` unless the preset's ``model`` fields (after the overrides)
     have ``n_head`` dividing ``d_model``."""
@@ -274,12 +290,14 @@ def parse_experiment_args(ap, argv=None, positive=POSITIVE, nonnegative=NONNEGAT
     """``ap.parse_args(argv)``, then the checks, each a usage error (``ap.error``: exit 2)
     naming the option, all before anything is loaded or trained: every option named in
     ``positive`` that was given must be >= 1 and every one in ``nonnegative`` >= 0
-    (:func:`check_counts`; only the options ``ap`` has), ``--seed`` in ``[0, 2**32)``, ``--data`` must name a dataset
+    (:func:`check_counts`; only the options ``ap`` has), ``--out`` must not be (or lie below) a
+    file (:func:`check_out`), ``--seed`` in ``[0, 2**32)``, ``--data`` must name a dataset
     (:func:`check_data`; ``data_specs``: synthetic / domains specs too), and ``check(ap, args)``
     runs the experiment's own checks (its lists: :func:`parse_list`).  Then the persistent
     compile cache unless ``--no-compile-cache``."""
     args = ap.parse_args(argv)
     check_counts(ap, args, positive, nonnegative)
+    check_out(ap, getattr(args, "out", None))
     seed = getattr(args, "seed", None)
     if seed is not None and not 0 <= seed < 2**32:  # TrainConfig's range (numpy refuses negatives)
         ap.error(f"--seed must be in [0, 2**32), got {seed}")

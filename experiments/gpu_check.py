@@ -1391,6 +1391,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.part:
         return run_part(args.part, Path(args.work), args.smoke)
+    from experiments.common import check_out
+    check_out(ap, args.out)
     if args.deadline is not None and not args.deadline > 0:  # also NaN; inf: no limit
         ap.error(f"--deadline must be > 0 seconds, got {args.deadline}")
     budgets = _budgets(args.budget, ap)

@@ -55,7 +55,7 @@ from pallas_kernels.selective_scan import selective_scan
 from pallas_kernels.sparse_attention import hash_attention, qk_sparse_attention
 from pallas_kernels.ssd import ssd
 from pallas_kernels.triton_inspect import GPU_LIMITS, SetupError, compile_report, gpu_limits, triton_calls
-from experiments.common import environment, parse_list, write_json, write_results
+from experiments.common import check_out, environment, parse_list, write_json, write_results
 
 S = jax.ShapeDtypeStruct
 bf16, f32 = jnp.bfloat16, jnp.float32
@@ -321,6 +321,7 @@ def main(argv=None):
     ap.add_argument("--families", default=",".join(FAMILIES),
                     help=f"comma list from {list(FAMILIES)}")
     args = ap.parse_args(argv)
+    check_out(ap, args.out)
     families = tuple(parse_list(ap, "--families", args.families, allowed=list(FAMILIES), unique=True))
     import importlib.util
     if importlib.util.find_spec("triton") is None:

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.common import check_counts, median_ms, parse_list, write_results
+from experiments.common import check_counts, check_out, median_ms, parse_list, write_results
 
 
 def _inputs(batch, seq_len, heads, head_dim, dtype, seed=0):
@@ -230,6 +230,7 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, help=f"default {FULL['warmup']}")
     ap.add_argument("--iters", type=int, help=f"default {FULL['iters']}")
     args = ap.parse_args(argv)
+    check_out(ap, args.out)
     cfg = sweep_config(ap, args)
     note = ("speedup_vs_X_mode = X's ms / this row's ms, same run; sparse ms include "
             "the token sort and tile tables")
