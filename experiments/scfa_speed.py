@@ -126,6 +126,9 @@ def sweep_config(ap, args) -> dict:
     for name, value in lists.items():
         if value is not None:
             cfg[name] = tuple(value)
+    if not cfg["buckets"] and not cfg["keep"]:  # only the dense anchors: no speedup to measure or plot
+        ap.error("--buckets none and --keep none skip both sparse kernels: nothing to compare with the dense "
+                 "anchors (keep at least one of them)")
     for name in ("tokens", "heads", "head_dim", "block", "warmup", "iters"):
         if getattr(args, name) is not None:
             cfg[name] = getattr(args, name)

@@ -3,6 +3,8 @@
 1. ``--out`` naming a file (or a folder below a file): every experiment / benchmark ran its
    data loading (or a whole benchmark) and then died in ``mkdir`` with a ``FileExistsError`` /
    ``NotADirectoryError`` traceback; now a usage error (exit 2) naming ``--out`` before anything runs.
+2. ``scfa_speed --buckets none --keep none`` silently timed the dense anchors alone (no sparse
+   row, an empty speedup plot); now a usage error.
 """
 import importlib
 
@@ -32,3 +34,16 @@ def test_out_that_is_a_file_is_a_usage_error(name, below, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--out" in err and "is a file" in err and str(blocker) in err
     assert blocker.read_text() == "not a folder\n"
+
+
+def test_scfa_speed_without_any_sparse_kernel_is_a_usage_error(tmp_path, capsys):
+    """2. ``scfa_speed --buckets none --keep none`` timed only the dense anchors and wrote a
+    results.json with no sparse row and an empty speedup plot; now a usage error naming both."""
+    from experiments import scfa_speed
+
+    with pytest.raises(SystemExit) as e:
+        scfa_speed.main(["--quick", "--buckets", "none", "--keep", "none", "--out", str(tmp_path / "o")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--buckets" in err and "--keep" in err
+    assert not (tmp_path / "o").exists()

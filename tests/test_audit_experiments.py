@@ -89,7 +89,7 @@ def test_scfa_speed_keeps_the_finished_lengths_when_cut_short(tmp_path, monkeypa
 
     monkeypatch.setattr(scfa_speed, "bench", fake_bench)
     with pytest.raises(KeyboardInterrupt):
-        scfa_speed.main(["--quick", "--seq-lens", "64,128", "--buckets", "none", "--keep", "none",
+        scfa_speed.main(["--quick", "--seq-lens", "64,128", "--buckets", "2", "--keep", "none",
                          "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["complete"] is False
