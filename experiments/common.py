@@ -398,6 +398,19 @@ def write_results(out_dir, **fields) -> str:
     return path
 
 
+def start_results(out_dir) -> None:
+    """At the start of an experiment's run (its arguments checked, nothing trained yet): an
+    ``out_dir/results.json`` an earlier invocation left is moved to ``results.previous.json``.
+    It described runs this invocation replaces (``OUT/runs/<name>`` is retrained from scratch
+    unless ``--reuse`` keeps it), and until this run's first :func:`save_progress` a run cut
+    short (a kill, a time limit, a crash) left it in place -- ``"complete": true`` and the old
+    settings' numbers -- as if it were this run's result."""
+    old = os.path.join(out_dir, "results.json")
+    if os.path.isfile(old):
+        os.replace(old, os.path.join(out_dir, "results.previous.json"))
+        print(f"moved the earlier run's {old} to results.previous.json", file=sys.stderr, flush=True)
+
+
 def save_progress(out_dir, results: dict) -> None:
     """``out_dir/results.json`` with ``complete: false`` (written atomically: :func:`write_json`):
     experiments call this after each finished piece (a trained model, an evaluated length), so a

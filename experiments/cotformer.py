@@ -42,8 +42,8 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.common import (check_heads, check_reuse, experiment_parser, parse_experiment_args,
-                                parse_list, reuse_or_train, save_progress, time_forwards, train_overrides,
+from experiments.common import (check_heads, check_reuse, experiment_parser, parse_experiment_args, parse_list,
+                                reuse_or_train, save_progress, start_results, time_forwards, train_overrides,
                                 write_json)
 
 PRESETS = {
@@ -168,6 +168,7 @@ def run(args) -> dict:
     preset = _preset(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    start_results(out)  # an earlier run's results.json: not this run's until it saves its own
     train_kw = train_overrides(preset["train"], args.steps, args.eval_batches)
     _, meta, _, _ = open_dataset(args.data, "byte")
     grid = model_grid(preset, int(meta["vocab_size"]))

@@ -28,8 +28,9 @@ import math
 import sys
 import time
 from pathlib import Path
-from experiments.common import (check_reuse, experiment_parser, parse_experiment_args, parse_list, reuse_or_train,
-                                save_progress, time_forwards, train_overrides, write_json)
+from experiments.common import (check_reuse, experiment_parser, parse_experiment_args, parse_list,
+                                reuse_or_train, save_progress, start_results, time_forwards, train_overrides,
+                                write_json)
 
 PRESETS = {
     # L=4: 1x1 (a DWA after every block) and 2x2 (after blocks 2 and 4, over even/odd outputs);
@@ -147,6 +148,7 @@ def run(args) -> dict:
     preset = PRESETS[args.preset]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    start_results(out)  # an earlier run's results.json: not this run's until it saves its own
     train_kw = train_overrides(preset["train"], args.steps, args.eval_batches)
     _, meta, _, _ = open_dataset(args.data, "byte")
     grid = model_grid(preset, args.base, int(meta["vocab_size"]))

@@ -57,7 +57,7 @@ import time
 from pathlib import Path
 
 from experiments.common import (check_finished, experiment_parser, parse_experiment_args, parse_list,
-                                save_progress, usage_error, write_json, write_results)
+                                save_progress, start_results, usage_error, write_json, write_results)
 
 PRESETS = {
     # the teacher's greedy accuracy on held-out 3-digit sums: 0.95-1.00 over 9 seeds after 800 steps
@@ -560,6 +560,7 @@ def main(argv=None) -> dict:
     args = parse_experiment_args(ap, argv, check=_check_args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    start_results(out)  # an earlier run's results.json: not this run's until it saves its own
     results = run(args, ap)
     results["plots"] = plot(results, out)
     write_results(out, **results, complete=True)

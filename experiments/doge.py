@@ -43,7 +43,7 @@ import math
 from pathlib import Path
 
 from experiments.common import (check_reuse, experiment_parser, parse_experiment_args, reuse_or_train,
-                                save_progress, write_results)
+                                save_progress, start_results, write_results)
 
 DOMAINS = ("comedies", "histories", "tragedies", "poems", "python")
 OOD_TARGET = "poems"  # default held-out domain of the out-of-domain mode
@@ -280,6 +280,7 @@ def main(argv=None) -> dict:
     args = parse_experiment_args(_parser(), argv, check=_check_args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    start_results(out)  # an earlier run's results.json: not this run's until it saves its own
     results = run(args)
     results["plots"] = plot(results, out)
     write_results(out, **results, complete=True)

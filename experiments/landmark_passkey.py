@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments.common import (check_heads, experiment_parser, parse_experiment_args, parse_list,
-                                save_progress, write_json)
+                                save_progress, start_results, write_json)
 
 PRESETS = {
     "tiny": dict(model=dict(d_model=64, n_head=4, n_layer=2), block=16, train_blocks=6,
@@ -254,6 +254,7 @@ def run(args) -> dict:
     top_ks = preset["top_k"] if args.top_k is None else tuple(args.top_k)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    start_results(out)  # an earlier run's results.json: not this run's until it saves its own
     lm_cfg, base_cfg, raw = make_configs(preset)
     L, nb = preset["block"], preset["train_blocks"]
     results = {"preset": args.preset, "seed": args.seed, "backend": jax.default_backend(),

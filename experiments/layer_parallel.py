@@ -43,8 +43,8 @@ import time
 from pathlib import Path
 
 from experiments.common import (check_data_vocab, check_reuse, check_run_args, experiment_parser,
-                                parse_experiment_args, parse_list, reuse_or_train, run_kind, train_overrides,
-                                unrolled, usage_error, write_json)
+                                parse_experiment_args, parse_list, reuse_or_train, run_kind, start_results,
+                                train_overrides, unrolled, usage_error, write_json)
 
 POSITIONS = ("early", "middle", "late")
 PRESETS = {
@@ -344,6 +344,8 @@ def run(args, ap=None) -> dict:
     preset = _preset(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if not args.train_only:  # an earlier run's results.json: not this run's until it saves its own
+        start_results(out)
     cfg, params, data, tokenizer, info = load_model(args, preset, out)
     if args.train_only:
         return {"train_only": True, **info}

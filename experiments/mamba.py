@@ -44,7 +44,7 @@ import sys
 import time
 from pathlib import Path
 from experiments.common import (check_reuse, experiment_parser, parse_experiment_args, parse_list,
-                                reuse_or_train, train_overrides, write_json)
+                                reuse_or_train, start_results, train_overrides, write_json)
 
 MODELS = ("base", "mamba", "mamba2", "hybrid")  # "base" = the --base attention model
 
@@ -229,6 +229,7 @@ def run(args) -> dict:
     preset = PRESETS[args.preset]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    start_results(out)  # an earlier run's results.json: not this run's until it saves its own
     train_kw = train_overrides(preset["train"], args.steps, args.eval_batches)
     # --contexts / --models: checked lists (_check_args)
     contexts = preset["contexts"] if args.contexts is None else tuple(args.contexts)

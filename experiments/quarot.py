@@ -58,7 +58,7 @@ from pathlib import Path
 
 from experiments.common import (check_data_vocab, check_reuse, check_run_args, experiment_parser, median_ms,
                                 parse_experiment_args, parse_list, reuse_or_train, run_kind, save_progress,
-                                train_overrides, unrolled, usage_error, write_json)
+                                start_results, train_overrides, unrolled, usage_error, write_json)
 
 PRESETS = {
     "tiny": dict(model=dict(preset="tiny", max_seq_len=128),
@@ -371,6 +371,7 @@ def run(args, ap=None) -> dict:
         preset["train"]["batch_size"] = args.batch_size
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    start_results(out)  # an earlier run's results.json: not this run's until it saves its own
     cfg, params, data, tok, ev_kw, dtype, summary = _load_source(args, preset, out)
     if cfg.model != "llama":
         usage_error(ap, f"--run: QuaRot needs a llama model (RMSNorm, SwiGLU), got model {cfg.model!r}")

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 from experiments.common import (check_reuse, environment, experiment_parser, parse_experiment_args, parse_list,
-                                reuse_or_train, train_overrides, write_json)
+                                reuse_or_train, start_results, train_overrides, write_json)
 
 PRESETS = {
     # 2 layers, d=64, T=128: a few minutes on 2 CPU cores (reference attention).
@@ -161,6 +161,7 @@ def run(args) -> dict:
     preset = PRESETS[args.preset]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    start_results(out)  # an earlier run's results.json: not this run's until it saves its own
     train_kw = train_overrides(preset["train"], args.steps, args.eval_batches)
     _, meta, _, val_tokens = open_dataset(args.data, "byte")
     seq_lens = preset["seq_lens"] if args.seq_len is None else (args.seq_len,)  # checked (_check_args)

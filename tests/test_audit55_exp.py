@@ -5,6 +5,10 @@
    ``NotADirectoryError`` traceback; now a usage error (exit 2) naming ``--out`` before anything runs.
 2. ``scfa_speed --buckets none --keep none`` silently timed the dense anchors alone (no sparse
    row, an empty speedup plot); now a usage error.
+3. A paper experiment re-run into the same ``--out`` and cut short before its first result left
+   the earlier invocation's ``results.json`` (``"complete": true``, the old settings' numbers) in
+   place while its runs were being replaced; now that file is moved to ``results.previous.json``
+   when the run starts (``experiments.common.start_results``).
 """
 import importlib
 
@@ -47,3 +51,33 @@ def test_scfa_speed_without_any_sparse_kernel_is_a_usage_error(tmp_path, capsys)
     err = capsys.readouterr().err
     assert "--buckets" in err and "--keep" in err
     assert not (tmp_path / "o").exists()
+
+
+#: experiment -> the function its run trains through (patched to stop as a kill during the first training would)
+TRAINS_THROUGH = {"cotformer": "reuse_or_train", "denseformer": "reuse_or_train", "distill": "train_stage",
+                  "doge": "reuse_or_train", "landmark_lm": "reuse_or_train", "landmark_passkey": "train_model",
+                  "layer_parallel": "reuse_or_train", "mamba": "reuse_or_train", "quarot": "reuse_or_train",
+                  "scfa_lm": "reuse_or_train"}
+
+
+@pytest.mark.parametrize("name", sorted(TRAINS_THROUGH))
+def test_a_rerun_cut_short_before_its_first_result_does_not_leave_the_old_results(name, tmp_path, monkeypatch):
+    """3. A re-run into the same --out (other settings, no --reuse: its runs are retrained from
+    scratch) stopped during its first training left the earlier invocation's results.json --
+    ``"complete": true``, the old settings' numbers -- as if it were this run's, although the
+    runs it described were already being replaced.  Now the old file is moved to
+    results.previous.json when the run starts."""
+    import json
+
+    module = importlib.import_module(f"experiments.{name}")
+    old = {"complete": True, "seed": 0, "models": {"old": {"val_ppl": 1.0}}}
+    (tmp_path / "results.json").write_text(json.dumps(old))
+
+    def killed(*a, **k):
+        raise SystemExit("stopped by a signal during the first training")
+
+    monkeypatch.setattr(module, TRAINS_THROUGH[name], killed)
+    with pytest.raises(SystemExit, match="first training"):
+        module.main(["--out", str(tmp_path), "--steps", "1", "--no-compile-cache"])
+    assert not (tmp_path / "results.json").exists()
+    assert json.loads((tmp_path / "results.previous.json").read_text()) == old
