@@ -141,8 +141,14 @@ def check_out(ap, out, flag: str = "--out") -> None:
 
     if out is None:
         return
+    def is_file(p) -> bool:
+        try:
+            return p.exists() and not p.is_dir()
+        except OSError:  # e.g. a name too long to stat: the caller's own mkdir / write reports it
+            return False
+
     path = Path(str(out)).expanduser()
-    blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    blocker = next((p for p in (path, *path.parents) if is_file(p)), None)
     if blocker is not None:
         ap.error(f"{flag} {str(out)!r}: {str(blocker)!r} is a file, not a folder (choose another output "
                  "directory)")

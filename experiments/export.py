@@ -79,6 +79,9 @@ def main(argv=None) -> int:
         out = Path(args.out)
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {out} exists and is not a directory")
+        blocker = next((p for p in out.parents if p.is_file()), None)
+        if blocker is not None:  # (was an "[Errno 17] File exists" naming no flag)
+            raise ValueError(f"--out {out} cannot be created: {blocker} is a file, not a directory")
         if Path(args.run).is_dir() and (out.resolve() == Path(args.run).resolve()
                                          or out.resolve().is_relative_to(Path(args.run).resolve())):
             # config.json would overwrite the run's own (the run could no longer be loaded), and a

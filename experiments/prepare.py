@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
                          "holds the text (default: text; another one is part of the dataset's identity and "
                          "adds -field-NAME to the default --out)")
     args = ap.parse_args(argv)
+    from experiments.common import check_out
+    check_out(ap, args.out)  # a file in the way: before any tokenizing (was an [Errno 17] at the end)
     try:  # prepare()'s rule, as a usage error naming the flag (not the parameter)
         check_split_args(args.val_fraction, args.seed)
     except ValueError as e:

@@ -9,6 +9,8 @@
    the earlier invocation's ``results.json`` (``"complete": true``, the old settings' numbers) in
    place while its runs were being replaced; now that file is moved to ``results.previous.json``
    when the run starts (``experiments.common.start_results``).
+4. ``prepare`` / ``export`` with an ``--out`` below a file: ``[Errno 17] File exists`` naming no
+   flag; now ``--out`` and the file are named (``prepare``: a usage error before any work).
 """
 import importlib
 
@@ -81,3 +83,21 @@ def test_a_rerun_cut_short_before_its_first_result_does_not_leave_the_old_result
         module.main(["--out", str(tmp_path), "--steps", "1", "--no-compile-cache"])
     assert not (tmp_path / "results.json").exists()
     assert json.loads((tmp_path / "results.previous.json").read_text()) == old
+
+
+def test_prepare_and_export_out_below_a_file(tmp_path, capsys):
+    """4. ``prepare`` / ``export`` with an ``--out`` below a file said only ``[Errno 17] File
+    exists: '...'`` (naming no flag; ``prepare`` after tokenizing the corpus); now ``prepare`` is a
+    usage error naming ``--out`` before any work and ``export`` names ``--out`` and the file."""
+    from experiments import export, prepare
+
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    with pytest.raises(SystemExit) as e:
+        prepare.main(["--data", "shakespeare", "--out", str(blocker / "ds")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and f"{str(blocker)!r} is a file" in err
+    assert export.main(["--run", str(tmp_path / "norun"), "--out", str(blocker / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and f"{blocker} is a file" in err and "Errno" not in err
