@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.flash_attention import flash_attention
-from experiments.common import check_counts, check_out, median_ms, parse_list, write_results
+from experiments.common import check_counts, check_out, median_ms, parse_list, start_results, write_results
 
 IMPLS = ("pallas", "cudnn", "xla", "jax_pallas")
 XLA_MAX_LOGITS_BYTES = 24 * 2**30  # skip the materialising XLA path past this
@@ -178,6 +178,7 @@ def main(argv=None):
 
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}", flush=True)
+    start_results(args.out)  # an earlier run's results.json: not this run's until it saves its own
     rows = []
     _print_header()
     for d in head_dims:

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.hadamard import hadamard_matrix, hadamard_transform, split_size
-from experiments.common import check_counts, check_out, median_ms, parse_list, write_results
+from experiments.common import check_counts, check_out, median_ms, parse_list, start_results, write_results
 
 SIZES = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 352, 768, 11008)
 
@@ -88,6 +88,7 @@ def main(argv=None):
     warmup, iters = (1, 3) if args.quick else (3, 20)
     command = "python -m experiments.bench_hadamard " + " ".join(argv if argv is not None else sys.argv[1:])
 
+    start_results(args.out)  # an earlier run's results.json: not this run's until it saves its own
     def save(rows_out, complete=False):
         write_results(args.out, command=command, rows=list(rows_out), complete=complete,
                       note="CPU runs time the Pallas interpreter (interpret mode), not a compiled kernel")

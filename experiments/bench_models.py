@@ -35,7 +35,8 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.common import check_counts, check_out, is_out_of_memory, parse_list, write_json
+from experiments.common import (check_counts, check_out, is_out_of_memory, parse_list, start_results,
+                                write_json)
 
 FULL = dict(preset="small", seq_lens=(2048, 8192, 32768), tokens=32768, gen_batches=(1, 8, 32, 128),
             gen_prompt=1024, gen_tokens=128, warmup=2, iters=10)
@@ -298,6 +299,7 @@ def main(argv=None) -> dict:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    start_results(args.out)  # an earlier run's results.json: not this run's until it saves its own
     t0 = time.perf_counter()
     for i, m in enumerate(models):
         results["rows"].extend(bench_model(m, cfg, dtype))

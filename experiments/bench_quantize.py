@@ -38,7 +38,7 @@ import subprocess
 import sys
 import time
 
-from experiments.common import check_out, parse_list, write_results
+from experiments.common import check_out, parse_list, start_results, write_results
 
 SPECS = {"rotate": dict(rotate=True),
          "rtn4": dict(rotate=True, w_bits=4, w_clip=False),
@@ -167,6 +167,7 @@ def main(argv=None):
             for s in specs for n in sorted(layers)]
     command = "python -m experiments.bench_quantize " + " ".join(argv if argv is not None else sys.argv[1:])
 
+    start_results(args.out)  # an earlier run's results.json: not this run's until it saves its own
     def save(rows, complete=False):
         write_results(args.out, command=command, rows=list(rows), table=table(rows),
                       platform=args.platform, complete=complete,

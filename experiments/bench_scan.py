@@ -34,7 +34,7 @@ from pallas_kernels.selective_scan import reference as ss_reference
 from pallas_kernels.selective_scan import selective_scan
 from pallas_kernels.ssd import reference as ssd_reference
 from pallas_kernels.ssd import ssd
-from experiments.common import check_counts, check_out, median_ms, parse_list, write_results
+from experiments.common import check_counts, check_out, median_ms, parse_list, start_results, write_results
 
 SS_IMPLS = ("pallas", "assoc_scan", "reference")
 SSD_IMPLS = ("pallas", "reference", "fla")
@@ -246,6 +246,7 @@ def main(argv=None):
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}", flush=True)
     print(f"{'kernel':>15} {'impl':>11} {'shape':>28} {'mode':>8} {'ms':>10}  note")
+    start_results(args.out)  # an earlier run's results.json: not this run's until it saves its own
     rows = []
 
     def save(complete=False):  # after every implementation: a run cut short keeps its rows

@@ -405,12 +405,13 @@ def write_results(out_dir, **fields) -> str:
 
 
 def start_results(out_dir) -> None:
-    """At the start of an experiment's run (its arguments checked, nothing trained yet): an
-    ``out_dir/results.json`` an earlier invocation left is moved to ``results.previous.json``.
-    It described runs this invocation replaces (``OUT/runs/<name>`` is retrained from scratch
-    unless ``--reuse`` keeps it), and until this run's first :func:`save_progress` a run cut
-    short (a kill, a time limit, a crash) left it in place -- ``"complete": true`` and the old
-    settings' numbers -- as if it were this run's result."""
+    """At the start of an experiment's or benchmark's run (its arguments checked, nothing trained
+    or measured yet): an ``out_dir/results.json`` an earlier invocation left is moved to
+    ``results.previous.json``.  It described runs this invocation replaces (``OUT/runs/<name>``
+    is retrained from scratch unless ``--reuse`` keeps it), and until this run's first
+    :func:`save_progress` (a benchmark's first saved row) a run cut short (a kill, a time limit,
+    a crash) left it in place -- ``"complete": true`` and the old settings' numbers -- as if it
+    were this run's result."""
     old = os.path.join(out_dir, "results.json")
     if os.path.isfile(old):
         os.replace(old, os.path.join(out_dir, "results.previous.json"))

@@ -55,7 +55,7 @@ from pallas_kernels.selective_scan import selective_scan
 from pallas_kernels.sparse_attention import hash_attention, qk_sparse_attention
 from pallas_kernels.ssd import ssd
 from pallas_kernels.triton_inspect import GPU_LIMITS, SetupError, compile_report, gpu_limits, triton_calls
-from experiments.common import check_out, environment, parse_list, write_json, write_results
+from experiments.common import check_out, environment, parse_list, start_results, write_json, write_results
 
 S = jax.ShapeDtypeStruct
 bf16, f32 = jnp.bfloat16, jnp.float32
@@ -331,6 +331,7 @@ def main(argv=None):
                   preset=args.preset, arch=f"sm_{args.arch}", families=list(families),
                   note="compiled on the CPU with the pip triton; resources only, no timing")
     os.makedirs(args.out, exist_ok=True)
+    start_results(args.out)  # an earlier run's results.json: not this run's until it saves its own
     path = os.path.join(args.out, "results.json")
     env = environment()
     missing = []  # configurations whose lowering has no Triton call (no row): recorded, not dropped

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.common import check_counts, check_out, median_ms, parse_list, write_results
+from experiments.common import check_counts, check_out, median_ms, parse_list, start_results, write_results
 
 
 def _inputs(batch, seq_len, heads, head_dim, dtype, seed=0):
@@ -237,6 +237,7 @@ def main(argv=None):
     cfg = sweep_config(ap, args)
     note = ("speedup_vs_X_mode = X's ms / this row's ms, same run; sparse ms include "
             "the token sort and tile tables")
+    start_results(args.out)  # an earlier run's results.json: not this run's until it saves its own
     rows = run(args, cfg, progress=lambda rows: write_results(args.out, quick=args.quick, config=cfg, rows=rows,
                                                               note=note, complete=False))
     import os

@@ -8,7 +8,8 @@
 3. A paper experiment re-run into the same ``--out`` and cut short before its first result left
    the earlier invocation's ``results.json`` (``"complete": true``, the old settings' numbers) in
    place while its runs were being replaced; now that file is moved to ``results.previous.json``
-   when the run starts (``experiments.common.start_results``).
+   when the run starts (``experiments.common.start_results``); the benchmarks (bench_*,
+   kernel_report, scfa_speed) likewise.
 4. ``prepare`` / ``export`` with an ``--out`` below a file: ``[Errno 17] File exists`` naming no
    flag; now ``--out`` and the file are named (``prepare``: a usage error before any work).
 """
@@ -101,3 +102,34 @@ def test_prepare_and_export_out_below_a_file(tmp_path, capsys):
     assert export.main(["--run", str(tmp_path / "norun"), "--out", str(blocker / "hf")]) == 2
     err = capsys.readouterr().err
     assert "--out" in err and f"{blocker} is a file" in err and "Errno" not in err
+
+
+#: benchmark -> (the function its sweep measures through, its quick arguments)
+BENCH_WORK = {"bench_attention": ("bench_one", ["--quick", "--impls", "xla"]),
+              "bench_hadamard": ("bench", ["--quick"]),
+              "bench_models": ("bench_model", ["--quick", "--models", "gpt"]),
+              "bench_quantize": ("bench", ["--quick"]),
+              "bench_scan": ("_bench_jax", ["--quick"]),
+              "kernel_report": ("run", ["--preset", "quick", "--families", "hadamard"]),
+              "scfa_speed": ("run", ["--quick"])}
+
+
+@pytest.mark.parametrize("name", sorted(BENCH_WORK))
+def test_a_benchmark_rerun_cut_short_does_not_leave_the_old_results(name, tmp_path, monkeypatch):
+    """3 (benchmarks). The same for a benchmark re-run into its --out and cut short before its
+    first row was saved: the old results.json (``"complete": true``) stayed as if it were this run's."""
+    import json
+
+    module = importlib.import_module(f"experiments.{name}")
+    old = {"complete": True, "rows": [{"old": 1}]}
+    (tmp_path / "results.json").write_text(json.dumps(old))
+    func, argv = BENCH_WORK[name]
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, func, killed)
+    with pytest.raises(KeyboardInterrupt):
+        module.main([*argv, "--out", str(tmp_path)])
+    assert not (tmp_path / "results.json").exists()
+    assert json.loads((tmp_path / "results.previous.json").read_text()) == old
