@@ -135,12 +135,15 @@ def parse_list(ap, flag: str, text, *, cast=str, allowed=None, lo=None, hi=None,
 def check_out(ap, out, flag: str = "--out") -> None:
     """A usage error naming ``flag`` when the output directory ``out`` cannot be a folder: it, or
     a folder above it, exists and is a file (it was a ``FileExistsError`` / ``NotADirectoryError``
-    traceback from the first ``mkdir``, after the data was loaded or a benchmark had run).
-    ``None`` (the option's default) passes."""
+    traceback from the first ``mkdir``, after the data was loaded or a benchmark had run), or it
+    is empty (``Path("")`` is the current directory).  ``None`` (the option's default) passes."""
     from pathlib import Path
 
     if out is None:
         return
+    if not str(out).strip():  # Path("") is ".": the results would land in the current directory
+        ap.error(f"{flag}: empty path (name an output directory)")
+
     def is_file(p) -> bool:
         try:
             return p.exists() and not p.is_dir()

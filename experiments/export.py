@@ -76,6 +76,8 @@ def main(argv=None) -> int:
     from jaxformers.training.rundir import TOKENIZER_DIR
 
     try:
+        if not args.out.strip():  # Path("") is ".": the export would land in the current directory
+            raise ValueError("--out: empty path (name the directory to write the checkpoint into)")
         out = Path(args.out)
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {out} exists and is not a directory")

@@ -12,6 +12,8 @@
    kernel_report, scfa_speed) likewise.
 4. ``prepare`` / ``export`` with an ``--out`` below a file: ``[Errno 17] File exists`` naming no
    flag; now ``--out`` and the file are named (``prepare``: a usage error before any work).
+5. ``--out ""`` (``Path("")``: the current directory) wrote the results there silently; now an
+   error naming ``--out`` (experiments, benchmarks, prepare, export).
 """
 import importlib
 
@@ -133,3 +135,26 @@ def test_a_benchmark_rerun_cut_short_does_not_leave_the_old_results(name, tmp_pa
         module.main([*argv, "--out", str(tmp_path)])
     assert not (tmp_path / "results.json").exists()
     assert json.loads((tmp_path / "results.previous.json").read_text()) == old
+
+
+@pytest.mark.parametrize("name", ["cotformer", "scfa_speed", "bench_hadamard", "prepare"])
+def test_empty_out_is_a_usage_error(name, tmp_path, monkeypatch, capsys):
+    """5. ``--out ""`` is ``Path("")``, the current directory: ``scfa_speed`` / the benchmarks /
+    the experiments wrote results.json, plots and runs/ there without a word; now a usage error."""
+    monkeypatch.chdir(tmp_path)
+    extra = {"cotformer": _EXP, "scfa_speed": ["--quick"], "bench_hadamard": ["--quick"],
+             "prepare": ["--data", "shakespeare"]}[name]
+    module = importlib.import_module(f"experiments.{name}")
+    with pytest.raises(SystemExit) as e:
+        module.main([*extra, "--out", ""])
+    assert e.value.code == 2
+    assert "--out: empty path" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_empty_out_is_an_error(tmp_path, monkeypatch, capsys):
+    from experiments import export
+
+    monkeypatch.chdir(tmp_path)
+    assert export.main(["--run", str(tmp_path / "norun"), "--out", "", "--force"]) == 2
+    assert "--out: empty path" in capsys.readouterr().err
