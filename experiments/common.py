@@ -137,21 +137,13 @@ def check_out(ap, out, flag: str = "--out") -> None:
     a folder above it, exists and is a file (it was a ``FileExistsError`` / ``NotADirectoryError``
     traceback from the first ``mkdir``, after the data was loaded or a benchmark had run), or it
     is empty (``Path("")`` is the current directory).  ``None`` (the option's default) passes."""
-    from pathlib import Path
+    from jaxformers.utils import file_in_the_way
 
     if out is None:
         return
     if not str(out).strip():  # Path("") is ".": the results would land in the current directory
         ap.error(f"{flag}: empty path (name an output directory)")
-
-    def is_file(p) -> bool:
-        try:
-            return p.exists() and not p.is_dir()
-        except OSError:  # e.g. a name too long to stat: the caller's own mkdir / write reports it
-            return False
-
-    path = Path(str(out)).expanduser()
-    blocker = next((p for p in (path, *path.parents) if is_file(p)), None)
+    blocker = file_in_the_way(str(out))
     if blocker is not None:
         ap.error(f"{flag} {str(out)!r}: {str(blocker)!r} is a file, not a folder (choose another output "
                  "directory)")

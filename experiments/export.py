@@ -74,6 +74,7 @@ def main(argv=None) -> int:
     from jaxformers.data import Tokenizer, load_tokenizer, open_data
     from jaxformers.training import CheckpointError, load_run
     from jaxformers.training.rundir import TOKENIZER_DIR
+    from jaxformers.utils import file_in_the_way
 
     try:
         if not args.out.strip():  # Path("") is ".": the export would land in the current directory
@@ -81,7 +82,7 @@ def main(argv=None) -> int:
         out = Path(args.out)
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {out} exists and is not a directory")
-        blocker = next((p for p in out.parents if p.is_file()), None)
+        blocker = file_in_the_way(out.parent)
         if blocker is not None:  # (was an "[Errno 17] File exists" naming no flag)
             raise ValueError(f"--out {out} cannot be created: {blocker} is a file, not a directory")
         if Path(args.run).is_dir() and (out.resolve() == Path(args.run).resolve()

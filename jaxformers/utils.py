@@ -19,6 +19,22 @@ def concrete(x):
         return None
 
 
+def file_in_the_way(path):
+    """The first of ``path`` and its parents that exists and is not a folder (a file that keeps
+    ``path`` from being a directory), or ``None``; a path that cannot be examined (a name too
+    long to stat) is skipped: the caller's own ``mkdir`` / write reports it."""
+    from pathlib import Path
+
+    path = Path(path).expanduser()
+    for p in (path, *path.parents):
+        try:
+            if p.exists() and not p.is_dir():
+                return p
+        except OSError:
+            continue
+    return None
+
+
 def is_int(v) -> bool:
     """An integer (Python or numpy), not a bool."""
     return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))

@@ -56,7 +56,7 @@ from typing import Any, List, Optional, Tuple
 import jax
 
 from ..registry import build, config_from_dict
-from ..utils import is_int
+from ..utils import file_in_the_way, is_int
 from . import mesh as mesh_lib
 from .checkpoint import CONFIG as CHECKPOINT_CONFIG
 from .checkpoint import Checkpointer, CheckpointError
@@ -509,7 +509,7 @@ def run_lock(run_dir, enabled: bool = True):
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):  # a file in the way (was an OSError traceback)
-        blocker = next((p for p in (run_dir, *run_dir.parents) if p.exists() and not p.is_dir()), run_dir)
+        blocker = file_in_the_way(run_dir) or run_dir
         raise ValueError(f"the output directory {run_dir} cannot be created: {blocker} is a file, not a "
                          "folder; choose another output directory (out_dir, --out)") from None
     fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
