@@ -87,8 +87,12 @@ def make_schedule(tc):
 
 
 def lr_at(tc, step: int) -> float:
-    """The learning rate ``tc``'s schedule gives update ``step`` (a Python float)."""
-    return float(make_schedule(tc)(step))
+    """The learning rate ``tc``'s schedule gives update ``step`` (a Python float); ``ValueError``
+    naming ``step`` unless it is an int >= 0 (the schedule would give -1 a zero LR, 2.5 a value
+    between two updates)."""
+    from ..utils import int_arg
+
+    return float(make_schedule(tc)(int_arg("step", step, lo=0, where="lr_at")))
 
 
 def decay_mask(logical_specs, abstract_params, no_decay=(), decay=()):
