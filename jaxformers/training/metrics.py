@@ -12,12 +12,14 @@
 """
 from __future__ import annotations
 
+import math
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
 import jax
+import numpy as np
 
 from .rundir import PLOT_FILE, metrics_step, read_metrics
 
@@ -69,7 +71,17 @@ def model_flops_per_token(config, seq_len: int, params=None, loss_fn=None) -> fl
 
 def mfu(flops_per_token: float, tokens_per_s: Optional[float], n_devices: Optional[int] = None,
         device=None) -> Optional[float]:
-    """``flops_per_token * tokens_per_s / (peak * n_devices)``; ``None`` without a known peak."""
+    """``flops_per_token * tokens_per_s / (peak * n_devices)``; ``None`` without a known peak (or
+    without a throughput).  ``ValueError`` naming ``n_devices`` unless it is an int >= 1, naming
+    ``tokens_per_s`` / ``flops_per_token`` for a negative or non-finite value."""
+    from ..utils import int_arg
+
+    if n_devices is not None:
+        n_devices = int_arg("n_devices", n_devices, lo=1, where="mfu")
+    for name, value in (("flops_per_token", flops_per_token), ("tokens_per_s", tokens_per_s)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float, np.number))
+                                  or not math.isfinite(value) or value < 0):
+            raise ValueError(f"mfu: {name} must be a finite number >= 0, got {value!r}")
     peak = peak_flops(device)
     if not peak or not tokens_per_s:
         return None
@@ -113,17 +125,22 @@ class Throughput:
 
 def plot_losses(run_dir) -> Optional[Path]:
     """Write ``loss.png`` (train and val loss vs step) from ``metrics.jsonl`` (rows without a
-    numeric ``step``, e.g. hand-edited ones, are left out)."""
+    numeric ``step``, and values that are not numbers -- ``null``, a string, e.g. hand-edited --
+    are left out)."""
     rows = [r for r in read_metrics(run_dir) if metrics_step(r) is not None]
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
+
+    def points(key):
+        return [(r["step"], r[key]) for r in rows
+                if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
+
+    train, val = points("loss"), points("val_loss")
     if not train and not val:
         return None
     import matplotlib
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    lrs = [(r["step"], r["lr"]) for r in rows if r.get("lr") is not None]
+    lrs = points("lr")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     handles = []
     if train:
