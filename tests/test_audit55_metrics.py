@@ -48,3 +48,33 @@ def test_plot_losses_leaves_out_values_that_are_not_numbers(tmp_path):
     assert plot_losses(tmp_path) == tmp_path / "loss.png"
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": None, "lr": True}) + "\n")
     assert plot_losses(tmp_path) is None  # nothing numeric to draw
+
+
+def test_the_finiteness_check_of_a_checkpoint_between_log_steps_is_not_training_time(tmp_path, monkeypatch):
+    """At a checkpoint step that is not a log step (a stop, stop_after, checkpoint_every not a
+    multiple of log_every) the interval was closed only after the parameters' finiteness check,
+    whose first call compiles a jitted function over the whole state: the summary's tokens_per_s /
+    mfu counted it as training (952 tokens/s in a run whose logged rows said ~3400)."""
+    import time
+
+    from jaxformers.training import train, trainer
+    from test_training import tiny_model
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    words = "the quick brown fox jumps over a lazy dog".split()
+    (corpus / "d.txt").write_text(" ".join(np.random.default_rng(0).choice(words, size=3000)) + ".\n")
+    monkeypatch.setenv("JAXFORMERS_CACHE", str(tmp_path / "cache"))
+    check = trainer._all_finite
+
+    def slow_check(*args):
+        time.sleep(3.0)
+        return check(*args)
+
+    monkeypatch.setattr(trainer, "_all_finite", slow_check)
+    tc = TrainConfig(steps=6, batch_size=4, seq_len=16, warmup_steps=1, data=str(corpus), out_dir=str(tmp_path / "run"),
+                     log_every=5, eval_every=0, eval_batches=0, checkpoint_every=0, tensorboard=False)
+    summary = train(tiny_model(), tc, progress=False, stop_after=3)  # step 3: a checkpoint, no log
+    assert summary["final_step"] == 3
+    train_time = 3 * tc.tokens_per_step / summary["tokens_per_s"]
+    assert train_time < 3.0, train_time  # the check's 3 s are not in it

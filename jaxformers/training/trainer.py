@@ -885,6 +885,8 @@ def _train(model_config, tc, *, run_dir, is_main, multi, resume, progress, stop_
                 if tps is not None and mfu(fpt, tps) is not None:
                     last_train["mfu"] = round(mfu(fpt, tps), 4)
                 write_row(last_train)
+            elif do_eval or do_ckpt:  # the interval ends here: the checks, the checkpoint and the
+                clock.end_interval(done, params)  # evaluation below are not training time
             if do_log or do_ckpt:  # ------------------------------------- divergence
                 health = last_train if do_log else jax.device_get(
                     {k: metrics[k] for k in ("loss", "grad_norm")})
@@ -896,8 +898,6 @@ def _train(model_config, tc, *, run_dir, is_main, multi, resume, progress, stop_
                     ckpt.wait()
                     raise _diverged(bad, done, ckpt.latest_step(), run_dir)
             if do_eval or do_ckpt:
-                if not do_log:
-                    clock.end_interval(done, params)
                 # the checkpoint first: an evaluation that fails or is cut short (Ctrl-C, OOM, a
                 # preemption deadline) must not cost the step's checkpoint; a checkpoint whose
                 # evaluation is due records it (``eval_due``) and a resume from it evaluates
