@@ -78,3 +78,25 @@ def test_the_finiteness_check_of_a_checkpoint_between_log_steps_is_not_training_
     assert summary["final_step"] == 3
     train_time = 3 * tc.tokens_per_step / summary["tokens_per_s"]
     assert train_time < 3.0, train_time  # the check's 3 s are not in it
+
+
+@pytest.mark.parametrize("model", ["mamba", "hybrid"])
+def test_a_split_projection_bias_is_not_weight_decayed(model):
+    """With proj_bias=True Mamba's in_proj bias is [2, d_inner] (logical axes (None, mlp)): the shape
+    rule decayed it, though biases are never decayed (mamba_ssm's in_proj bias is 1-D)."""
+    import jax
+    import jaxformers as jf
+    from jaxformers.training.optim import decay_mask
+    from jaxformers.training.steps import abstract_params
+
+    config = jf.get_config(model, "tiny", n_layer=2, d_model=32, vocab_size=64, proj_bias=True)
+    abstract, specs = abstract_params(jf.build(config))
+    mask = decay_mask(specs, abstract, *config.weight_decay_names())
+    got = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
+    shapes = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+    biases = {k: v for k, v in got.items() if k.endswith("['bias']")}
+    assert any(len(shapes[k]) == 2 for k in biases), shapes  # the split bias is there
+    assert not any(biases.values()), biases
+    assert all(v for k, v in got.items() if k.endswith("['kernel']") and "proj" in k)  # kernels still are
+    assert decay_mask({"bias": None}, {"bias": jax.ShapeDtypeStruct((2, 3), "float32")}, (), ("bias",)) == {
+        "bias": True}  # a family may still name it for decay

@@ -4,7 +4,8 @@ Weight-decay rule: a parameter is decayed iff it has at least two axes other
 than the stacked ``layers`` axis (of ``scan_layers``), a ``heads|kv_heads, head_dim``
 pair counting as one (the attention's features split per head) -- i.e. matmul kernels
 and embedding tables (as in GPT-2 / nanoGPT, where the tied embedding is also
-the output layer).  Norm scales, biases and scalar/vector mixing weights
+the output layer).  Norm scales, biases (a parameter named ``bias`` never is, whatever its
+shape: Mamba's ``in_proj`` bias ``[2, d_inner]`` is nn.Linear's 1-D bias split in two) and scalar/vector mixing weights
 (e.g. DenseFormer's averaging weights) are not decayed.  Parameters without
 logical axis names fall back to ``ndim >= 2``.  A model family names the parameters it
 never decays, whatever their shape, in its config's ``no_weight_decay`` (the trainer passes
@@ -116,6 +117,8 @@ def decay_mask(logical_specs, abstract_params, no_decay=(), decay=()):
             return False
         if name in decay:
             return True
+        if name == "bias":  # a linear layer's bias, however its output features are split (Mamba's
+            return False    # in_proj bias [2, d_inner]: z and x halves): a vector, never decayed
         if isinstance(spec, PartitionSpec) and len(spec) == leaf.ndim:
             axes = [name for name in spec if name != LAYERS]
             if HEAD_DIM in axes and (HEADS in axes or KV_HEADS in axes):  # [H, Dh]: one feature axis split
