@@ -453,6 +453,7 @@ def human_summary(summary: dict) -> str:
              f"train loss {_fmt(summary.get('train_loss'), '.4f')}",
              f"  {_fmt(tps, ',.0f')} tokens/s, MFU "
              + (f"{100 * mfu:.1f}%" if mfu is not None
+                else "n/a" if tps is None  # no throughput measured (not the device's fault)
                 else f"n/a (no peak FLOP/s known for {summary.get('device_kind')})"),
              f"  run dir      {run}",
              f"  plot         {run / PLOT_FILE}",

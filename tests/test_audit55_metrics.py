@@ -100,3 +100,16 @@ def test_a_split_projection_bias_is_not_weight_decayed(model):
     assert all(v for k, v in got.items() if k.endswith("['kernel']") and "proj" in k)  # kernels still are
     assert decay_mask({"bias": None}, {"bias": jax.ShapeDtypeStruct((2, 3), "float32")}, (), ("bias",)) == {
         "bias": True}  # a family may still name it for decay
+
+
+def test_the_human_summary_blames_the_device_for_a_missing_mfu_only_when_there_is_a_throughput():
+    """A run that trained nothing (and had no earlier summary to keep) has no tokens/s: the CLI
+    said "MFU n/a (no peak FLOP/s known for NVIDIA H100 80GB HBM3)", a device whose peak is known."""
+    from experiments.train import human_summary
+
+    base = dict(run_dir="/tmp/r", model="gpt", final_step=5, steps=5, trained_steps=0, finished=True,
+                wall_s=1.0, val_loss=None, val_ppl=None, train_loss=None, device_kind=H100.device_kind)
+    text = human_summary({**base, "tokens_per_s": None, "mfu": None})
+    assert "n/a tokens/s, MFU n/a\n" in text and "no peak" not in text
+    cpu = human_summary({**base, "tokens_per_s": 1000.0, "mfu": None, "device_kind": "cpu"})
+    assert "1,000 tokens/s, MFU n/a (no peak FLOP/s known for cpu)" in cpu
