@@ -113,3 +113,26 @@ def test_the_human_summary_blames_the_device_for_a_missing_mfu_only_when_there_i
     assert "n/a tokens/s, MFU n/a\n" in text and "no peak" not in text
     cpu = human_summary({**base, "tokens_per_s": 1000.0, "mfu": None, "device_kind": "cpu"})
     assert "1,000 tokens/s, MFU n/a (no peak FLOP/s known for cpu)" in cpu
+
+
+def test_a_step_fn_returning_a_metric_that_is_not_a_scalar_is_a_value_error_at_the_first_step(tmp_path, monkeypatch):
+    """A vector metric passed the first step's check and crashed the first logged step with numpy's
+    "TypeError: only 0-dimensional arrays can be converted to Python scalars"."""
+    import jax.numpy as jnp
+
+    from jaxformers.training import steps, train
+    from test_training import tiny_model
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "d.txt").write_text(" ".join(np.random.default_rng(0).choice("a b c d e".split(), size=3000)) + ".\n")
+    monkeypatch.setenv("JAXFORMERS_CACHE", str(tmp_path / "cache"))
+
+    def per_layer_step(*args, **kw):
+        params, opt_state, metrics = steps.train_step(*args, **kw)
+        return params, opt_state, {**metrics, "per_layer": jnp.zeros(3)}
+
+    tc = TrainConfig(steps=4, batch_size=4, seq_len=16, warmup_steps=1, data=str(corpus), out_dir=str(tmp_path / "run"),
+                     log_every=2, eval_every=0, eval_batches=0, tensorboard=False)
+    with pytest.raises(ValueError, match=r"not scalars: per_layer of shape \(3,\)"):
+        train(tiny_model(), tc, progress=False, step_fn=per_layer_step)
