@@ -393,7 +393,7 @@ def _check_step_metrics(metrics, step_fn_name) -> None:
                          f"metrics a dict holding {list(_STEP_METRICS)} (scalars, as train_step's do); it "
                          f"returned {got}, missing {missing}")
     # every metric becomes a number of a metrics.jsonl row (a TypeError at the first logged step before)
-    shaped = {k: tuple(np.shape(v)) for k, v in metrics.items() if np.shape(v) != ()}
+    shaped = {k: tuple(np.shape(v)) for k, v in metrics.items() if np.size(v) != 1}
     if shaped:
         raise ValueError(f"step_fn={step_fn_name or 'None'} returned metrics that are not scalars: "
                          + ", ".join(f"{k} of shape {s}" for k, s in sorted(shaped.items()))
