@@ -5,8 +5,8 @@ than the stacked ``layers`` axis (of ``scan_layers``), a ``heads|kv_heads, head_
 pair counting as one (the attention's features split per head) -- i.e. matmul kernels
 and embedding tables (as in GPT-2 / nanoGPT, where the tied embedding is also
 the output layer).  Norm scales, biases (a parameter named ``bias`` never is, whatever its
-shape: Mamba's ``in_proj`` bias ``[2, d_inner]`` is nn.Linear's 1-D bias split in two) and scalar/vector mixing weights
-(e.g. DenseFormer's averaging weights) are not decayed.  Parameters without
+shape: Mamba's ``in_proj`` bias ``[2, d_inner]`` is nn.Linear's 1-D bias split in two) and
+scalar/vector mixing weights (e.g. DenseFormer's averaging weights) are not decayed.  Parameters without
 logical axis names fall back to ``ndim >= 2``.  A model family names the parameters it
 never decays, whatever their shape, in its config's ``no_weight_decay`` (the trainer passes
 it as ``no_decay``): e.g. ``MambaConfig``'s ``A_log``, ``D``, ``dt_bias``, which the Mamba
