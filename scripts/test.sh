@@ -22,7 +22,7 @@
 #        jaxlib, flax, optax, orbax-checkpoint and chex are upgraded to their newest
 #        releases on every run.
 #        LEG2_ALL=1 scripts/test.sh 2   runs the whole suite there instead of the kernel /
-#        lowering files (about 17 min on 2 cores; not part of CI's time budget).
+#        lowering files (24 min 30 s on 2 idle cores, 2026-12-06, README; not part of CI's time budget).
 #
 # Prints which leg failed; exits non-zero if any did.
 set -uo pipefail
