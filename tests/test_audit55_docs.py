@@ -4,8 +4,6 @@ derived figures of its results paragraphs, and that CI runs exactly the README's
 import re
 from pathlib import Path
 
-import pytest
-
 import jaxformers as jf
 
 REPO = Path(__file__).resolve().parents[1]
