@@ -1,0 +1,125 @@
+"""Audit 55 (mutation pass over training/losses.py and training/steps.py): each test kills a
+mutant that the rest of the suite let through; expected values follow from the docstrings."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import flax.linen as nn
+
+import jaxformers as jf
+from jaxformers.training import TrainConfig, apply_model, make_mesh
+from jaxformers.training.steps import Program, compute_config, program_key
+
+
+def _tiny(**kw):
+    return jf.get_config("gpt", "tiny", vocab_size=32, d_model=16, n_layer=1, n_head=2, max_seq_len=16,
+                         attention_impl="xla", **kw)
+
+
+# ----------------------------------------------------------------------------- program_key
+def _ce(module, params, batch, rng):  # pragma: no cover - only its identity matters
+    raise AssertionError
+
+
+def _other(module, params, batch, rng):  # pragma: no cover
+    raise AssertionError
+
+
+def test_program_key_follows_every_field_that_changes_the_compiled_program():
+    """Two trainings that differ in grad_accum, aux_loss_weights, the loss function, the step
+    function or an optimizer field must not share a compiled program; paths and seeds may."""
+    config, mesh = _tiny(), make_mesh("data=1")
+    tc = TrainConfig(steps=4, batch_size=4, seq_len=8)
+    base = program_key(config, mesh, tc, _ce)
+    assert program_key(config, mesh, tc.replace(seed=7), _ce) == base
+    for other in (program_key(config, mesh, tc.replace(grad_accum=2), _ce),
+                  program_key(config, mesh, tc.replace(aux_loss_weights={"toy": 0.5}), _ce),
+                  program_key(config, mesh, tc, _other),
+                  program_key(config, mesh, tc, _ce, step_fn=_other),
+                  program_key(config, mesh, tc.replace(lr=0.5), _ce),
+                  program_key(config.replace(d_model=32), mesh, tc, _ce),
+                  program_key(config, mesh, None, _ce)):
+        assert other != base
+    # evaluation programs: the loss function is part of the key too
+    assert program_key(config, mesh, None, _ce) != program_key(config, mesh, None, _other)
+
+
+# ----------------------------------------------------------------------------- apply_model
+class _BF16LM(nn.Module):
+    """A model whose logits come out in bfloat16 (the library's own models upcast them)."""
+
+    @nn.compact
+    def __call__(self, tokens):
+        return nn.Embed(32, 32, dtype=jnp.bfloat16)(tokens)
+
+
+def test_apply_model_returns_float32_logits_for_a_bfloat16_model():
+    """``(logits [B, T, V] float32, ...)`` whatever the model returns: a loss that takes the
+    logits (distillation, a custom CE) must not compute its softmax in bfloat16."""
+    module = _BF16LM()
+    batch = {"tokens": jnp.asarray(np.arange(18).reshape(2, 9) % 32, jnp.int32)}
+    params = module.init(jax.random.PRNGKey(0), batch["tokens"][:, :-1])["params"]
+    assert module.apply({"params": params}, batch["tokens"][:, :-1]).dtype == jnp.bfloat16
+    logits, aux = apply_model(module, params, batch)
+    assert logits.dtype == jnp.float32 and logits.shape == (2, 8, 32) and aux == {}
+
+
+# ----------------------------------------------------------------------------- Program
+@pytest.fixture(scope="module")
+def eval_program():
+    module = jf.build(compute_config(_tiny(), "float32"))
+    prog = Program(module, make_mesh("data=1"))
+    params, _ = prog.init(0)
+    return prog, params
+
+
+def test_program_compiles_again_for_a_batch_of_another_dtype(eval_program):
+    """Steps are compiled once per batch structure -- keys, shapes *and dtypes*: a loss_mask of
+    another dtype with the same shape gets its own program (the first one refuses it)."""
+    prog, params = eval_program
+    tokens = np.arange(18).reshape(2, 9) % 32
+    mask = np.ones((2, 9))
+    mask[0, 4:] = 0
+    f32 = {"tokens": tokens.astype(np.int32), "loss_mask": mask.astype(np.float32)}
+    i32 = {"tokens": tokens.astype(np.int32), "loss_mask": mask.astype(np.int32)}
+    t1, n1 = prog.eval_step(params, prog.put_batch(f32, 2))
+    t2, n2 = prog.eval_step(params, prog.put_batch(i32, 2))
+    assert float(n1) == float(n2) == 11.0  # 3 + 8 targets
+    assert float(t2) == pytest.approx(float(t1), rel=1e-6)
+    assert len([k for k in prog._compiled if k[0] == "eval"]) == 2
+
+
+# ----------------------------------------------------------------------------- auxiliary losses
+class _Sower(nn.Module):
+    """Logits from an embedding; sows ``toy`` = the mean input id and ``other`` = 1.0."""
+
+    @nn.compact
+    def __call__(self, tokens):
+        self.sow("losses", "toy", jnp.mean(tokens.astype(jnp.float32)))
+        self.sow("losses", "other", jnp.ones((), jnp.float32))
+        return nn.Embed(32, 32)(tokens)
+
+
+def _sower():
+    module = _Sower()
+    return module, module.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
+
+
+def test_aux_losses_of_every_apply_model_call_in_the_loss_are_summed():
+    """A loss that runs the model twice (e.g. on two views) gets both calls' auxiliary losses,
+    summed by name, weighted once each."""
+    from jaxformers.training.steps import loss_with_aux
+    module, params = _sower()
+    a = {"tokens": jnp.asarray([[1, 3, 5, 7, 9]], jnp.int32)}  # inputs 1, 3, 5, 7: mean 4
+    b = {"tokens": jnp.asarray([[2, 2, 2, 2, 2]], jnp.int32)}  # mean 2
+
+    def two_views(module, params, batch, rng):
+        apply_model(module, params, a)
+        apply_model(module, params, b)
+        return jnp.asarray(0.5), {}
+
+    total, m = loss_with_aux(module, two_views, params, a, None, {"toy": 0.25})
+    assert float(m["aux/toy"]) == pytest.approx(6.0) and float(m["aux/other"]) == pytest.approx(2.0)
+    assert float(m["loss"]) == 0.5 and float(total) == pytest.approx(0.5 + 0.25 * 6.0 + 2.0)
+    assert float(m["total_loss"]) == pytest.approx(float(total))
