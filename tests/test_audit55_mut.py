@@ -123,3 +123,74 @@ def test_aux_losses_of_every_apply_model_call_in_the_loss_are_summed():
     assert float(m["aux/toy"]) == pytest.approx(6.0) and float(m["aux/other"]) == pytest.approx(2.0)
     assert float(m["loss"]) == 0.5 and float(total) == pytest.approx(0.5 + 0.25 * 6.0 + 2.0)
     assert float(m["total_loss"]) == pytest.approx(float(total))
+
+
+class _InfSower(nn.Module):
+    @nn.compact
+    def __call__(self, tokens):
+        self.sow("losses", "probe", jnp.asarray(jnp.inf, jnp.float32))  # e.g. a diverged diagnostic
+        return nn.Embed(32, 32)(tokens)
+
+
+def test_aux_loss_of_weight_zero_is_only_logged_not_added():
+    """weight 0.0 = "only log it": the objective is the loss itself (not loss + 0 * inf = NaN)."""
+    from jaxformers.training.losses import cross_entropy
+    from jaxformers.training.steps import loss_with_aux
+    module = _InfSower()
+    batch = {"tokens": jnp.asarray([[1, 3, 5, 7, 9]], jnp.int32)}
+    params = module.init(jax.random.PRNGKey(0), batch["tokens"][:, :-1])["params"]
+    total, m = loss_with_aux(module, cross_entropy, params, batch, None, (("probe", 0.0),))
+    assert np.isfinite(float(total)) and float(total) == float(m["loss"]) == float(m["total_loss"])
+    assert float(m["aux/probe"]) == np.inf
+
+
+# ----------------------------------------------------------------------------- train / eval step
+class _LM(nn.Module):
+    @nn.compact
+    def __call__(self, tokens):
+        return nn.Embed(32, 32)(tokens)
+
+
+def test_grad_accum_step_whose_micro_batches_have_no_targets_changes_nothing():
+    """Every micro-batch without targets: the update is zero (sum of nothing / 1), not 0 / 0 = NaN."""
+    from jaxformers.training import cross_entropy, train_step
+    module = _LM()
+    params = module.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    batch = {"tokens": jnp.asarray(np.arange(20).reshape(4, 5) % 32, jnp.int32),
+             "loss_mask": jnp.zeros((4, 5), jnp.float32)}
+    tx = optax.sgd(1.0)
+    new, _, m = train_step(module, tx, cross_entropy, params, tx.init(params), batch, 0, None, grad_accum=2)
+    np.testing.assert_array_equal(new["Embed_0"]["embedding"], params["Embed_0"]["embedding"])
+    assert float(m["grad_norm"]) == 0.0 and float(m["n_targets"]) == 0.0 and float(m["loss"]) == 0.0
+
+
+def test_eval_step_counts_the_loss_functions_own_n_targets():
+    """``n`` is the loss's ``n_targets`` metric when it has one (a loss may count other targets than
+    the next-token weights, e.g. landmark or distillation losses); the next-token weights only
+    when it has none."""
+    from jaxformers.training import eval_step
+
+    def five(module, params, batch, rng):
+        return jnp.asarray(2.0), {"n_targets": jnp.asarray(5.0)}
+
+    batch = {"tokens": jnp.zeros((2, 4), jnp.int32)}  # 6 next-token targets
+    total, n = eval_step(None, five, {}, batch)
+    assert (float(total), float(n)) == (10.0, 5.0)
+
+
+class _DropLM(nn.Module):
+    @nn.compact
+    def __call__(self, tokens):
+        return nn.Dropout(0.5, deterministic=False)(nn.Embed(32, 32)(tokens))
+
+
+def test_apply_model_passes_rng_as_the_dropout_rng():
+    module = _DropLM()
+    batch = {"tokens": jnp.asarray(np.arange(10).reshape(2, 5), jnp.int32)}
+    params = module.init({"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(0)},
+                         batch["tokens"][:, :-1])["params"]
+    a, _ = apply_model(module, params, batch, jax.random.PRNGKey(1))
+    b, _ = apply_model(module, params, batch, jax.random.PRNGKey(2))
+    want = module.apply({"params": params}, batch["tokens"][:, :-1], rngs={"dropout": jax.random.PRNGKey(1)})
+    np.testing.assert_array_equal(a, want)
+    assert not np.array_equal(a, b)
