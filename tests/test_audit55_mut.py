@@ -194,3 +194,32 @@ def test_apply_model_passes_rng_as_the_dropout_rng():
     want = module.apply({"params": params}, batch["tokens"][:, :-1], rngs={"dropout": jax.random.PRNGKey(1)})
     np.testing.assert_array_equal(a, want)
     assert not np.array_equal(a, b)
+
+
+# ----------------------------------------------------------------------------- Program checks
+def test_program_without_optimizer_refuses_to_train(eval_program):
+    prog, params = eval_program
+    with pytest.raises(ValueError, match="no optimizer .* can only evaluate"):
+        prog.compile_train_step({"tokens": np.zeros((2, 9), np.int32)})
+    with pytest.raises(ValueError, match="no optimizer .* can only evaluate"):
+        prog.init_opt_state(params)
+
+
+def test_check_params_refuses_another_tree_or_other_shapes(eval_program):
+    prog, params = eval_program
+    prog.check_params(params)
+    host = jax.tree.map(np.asarray, params)
+    flat = jax.tree_util.tree_leaves_with_path(host)
+    path0 = jax.tree_util.keystr(flat[0][0])
+    leaves = [np.zeros((1,) + a.shape, a.dtype) if i == 0 else a for i, (_, a) in enumerate(flat)]
+    wrong_shape = jax.tree.unflatten(jax.tree.structure(host), leaves)
+    with pytest.raises(ValueError, match=r"init params have the wrong shapes: " + __import__("re").escape(path0)):
+        prog.check_params(wrong_shape, "init params")
+    with pytest.raises(ValueError, match="do not match the model's parameter tree"):
+        prog.check_params({"extra": host})
+
+
+def test_compute_config_replaces_the_dtypes():
+    """The trainer computes in TrainConfig.dtype with float32 parameters, whatever the model config says."""
+    c = compute_config(_tiny(dtype="float32", param_dtype="bfloat16"), "bfloat16")
+    assert (c.dtype, c.param_dtype) == ("bfloat16", "float32")
