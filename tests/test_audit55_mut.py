@@ -223,3 +223,16 @@ def test_compute_config_replaces_the_dtypes():
     """The trainer computes in TrainConfig.dtype with float32 parameters, whatever the model config says."""
     c = compute_config(_tiny(dtype="float32", param_dtype="bfloat16"), "bfloat16")
     assert (c.dtype, c.param_dtype) == ("bfloat16", "float32")
+
+
+def test_model_inputs_pass_positions_and_segment_ids_input_side():
+    from jaxformers.training.losses import model_inputs
+    tokens = np.array([[5, -100, 7, 8]], np.int32)
+    seg = np.array([[1, 1, 2, 2]], np.int32)
+    pos = np.array([[0, 1, 0, 1]], np.int32)
+    x, kw = model_inputs({"tokens": tokens, "segment_ids": seg, "positions": pos, "domain": np.zeros(1)})
+    np.testing.assert_array_equal(x, [[5, 0, 7]])  # padding read as id 0
+    assert sorted(kw) == ["positions", "segment_ids"]
+    np.testing.assert_array_equal(kw["positions"], [[0, 1, 0]])
+    np.testing.assert_array_equal(kw["segment_ids"], [[1, 1, 2]])
+    assert model_inputs({"tokens": tokens, "positions": None})[1] == {}
