@@ -236,3 +236,13 @@ def test_model_inputs_pass_positions_and_segment_ids_input_side():
     np.testing.assert_array_equal(kw["positions"], [[0, 1, 0]])
     np.testing.assert_array_equal(kw["segment_ids"], [[1, 1, 2]])
     assert model_inputs({"tokens": tokens, "positions": None})[1] == {}
+
+
+def test_eval_step_of_a_batch_without_targets_adds_nothing_even_when_its_loss_is_nan():
+    from jaxformers.training import eval_step
+
+    def unguarded(module, params, batch, rng):  # a 0 / 0 mean
+        return jnp.asarray(0.0) / jnp.asarray(0.0), {"n_targets": jnp.asarray(0.0)}
+
+    total, n = eval_step(None, unguarded, {}, {"tokens": jnp.zeros((2, 4), jnp.int32)})
+    assert (float(total), float(n)) == (0.0, 0.0)
