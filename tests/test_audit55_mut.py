@@ -246,3 +246,12 @@ def test_eval_step_of_a_batch_without_targets_adds_nothing_even_when_its_loss_is
 
     total, n = eval_step(None, unguarded, {}, {"tokens": jnp.zeros((2, 4), jnp.int32)})
     assert (float(total), float(n)) == (0.0, 0.0)
+
+
+def test_a_batch_without_2d_tokens_is_a_value_error_naming_the_shape():
+    from jaxformers.training.losses import model_inputs, next_token_targets
+    for fn in (next_token_targets, model_inputs):
+        with pytest.raises(ValueError, match=r"tokens must be \[B, T\+1\], got shape \(9,\)"):
+            fn({"tokens": jnp.zeros((9,), jnp.int32)})
+        with pytest.raises(ValueError, match=r"must have a 'tokens' array \[B, T\+1\]; got keys \['x'\]"):
+            fn({"x": jnp.zeros((2, 9), jnp.int32)})
