@@ -255,3 +255,23 @@ def test_a_batch_without_2d_tokens_is_a_value_error_naming_the_shape():
             fn({"tokens": jnp.zeros((9,), jnp.int32)})
         with pytest.raises(ValueError, match=r"must have a 'tokens' array \[B, T\+1\]; got keys \['x'\]"):
             fn({"x": jnp.zeros((2, 9), jnp.int32)})
+
+
+def test_program_train_step_uses_its_grad_accum_and_aux_weights():
+    """The compiled step splits the batch into ``grad_accum`` micro-batches (the loss sees B / A rows)
+    and weighs the auxiliary losses with the Program's ``aux_weights``."""
+    from jaxformers.training import cross_entropy
+    seen = []
+
+    def recording(module, params, batch, rng):
+        seen.append(tuple(batch["tokens"].shape))
+        return cross_entropy(module, params, batch, rng)
+
+    prog = Program(_Sower(), make_mesh("data=1"), loss_fn=recording, tx=optax.sgd(0.0), grad_accum=2,
+                   aux_weights={"toy": 0.0, "other": 3.0})
+    params, opt = prog.init(0)
+    tokens = np.arange(20, dtype=np.int32).reshape(4, 5) % 32
+    _, _, m = prog.train_step(params, opt, prog.put_batch({"tokens": tokens}, 4), 0, jax.random.PRNGKey(0))
+    assert seen and set(seen) == {(2, 5)}
+    assert float(m["aux/other"]) == pytest.approx(1.0) and float(m["aux/toy"]) > 1.0
+    assert float(m["total_loss"]) == pytest.approx(float(m["loss"]) + 3.0, rel=1e-6)
