@@ -1,5 +1,4 @@
 """Audit 55 (lead): regression tests for carry-overs fixed this stop."""
-import jax
 import jax.numpy as jnp
 import pytest
 
