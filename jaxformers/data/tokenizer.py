@@ -544,8 +544,8 @@ class HFTokenizer(Tokenizer):
         would replace the checkpoint's ``tokenizer_config.json`` -- its eos / bos / chat settings
         -- with jaxformers' own)."""
         if Path(directory).resolve() == Path(self.directory).resolve():
-            raise ValueError(f"directory {str(directory)!r} is this tokenizer's source directory: saving there "
-                             f"would overwrite its {CONFIG_FILE}; save into another directory")
+            raise ValueError(f"directory {str(directory)!r} is this tokenizer's source directory: saving "
+                             f"there would overwrite its {CONFIG_FILE}; save into another directory")
         d = super().save(directory)
         self._tok.save(str(d / BPE_FILE))
         return d

@@ -278,5 +278,6 @@ class Transformer(nn.Module):
             raise ValueError(f"model {self.config.model!r} cannot decode: mixer(s) {missing} have no static "
                              "init_cache(config, batch_size, max_len, dtype) (the cache path enables "
                              "decoding; see Block.mixer_class)")
-        layers = [cls.mixer_class.init_cache(cfg, batch_size, max_len, dtype) for cls, cfg in self.layer_specs()]
+        layers = [cls.mixer_class.init_cache(cfg, batch_size, max_len, dtype)
+                  for cls, cfg in self.layer_specs()]
         return jax.tree.map(lambda *xs: jnp.stack(xs), *layers) if self.config.scan_layers else layers

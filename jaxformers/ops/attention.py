@@ -242,7 +242,8 @@ def _check_shapes(q, k, v, window):
         raise ValueError(f"head_dim (the last axis of q, k, v) must be >= 1, got shapes {q.shape}, {k.shape}")
     # (0 kv heads: was a ZeroDivisionError; 0 query heads an empty output)
     if k.shape[2] < 1 or q.shape[2] < 1 or q.shape[2] % k.shape[2]:
-        raise ValueError(f"query heads ({q.shape[2]}) must be a positive multiple of kv heads ({k.shape[2]}, >= 1)")
+        raise ValueError(f"query heads ({q.shape[2]}) must be a positive multiple of kv heads "
+                         f"({k.shape[2]}, >= 1)")
     for name, x in (("q", q), ("k", k), ("v", v)):  # (integer inputs: an integer "attention" out)
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(f"{name} must be floating point, got {x.dtype}")

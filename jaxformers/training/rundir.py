@@ -629,9 +629,10 @@ def load_run(run_dir, *, step: Optional[int] = None, mesh=None) -> Tuple[Any, Tr
 
     A run that is still training deletes its old checkpoints: when the checkpoint being loaded
     is deleted meanwhile, the newest complete one is tried next (``LOAD_ATTEMPTS`` in all), then
-    :class:`CheckpointError` says so.  Params are float32, on the first local device unless ``mesh`` is given (a
-    ``jax.sharding.Mesh`` or a spec such as ``"data=2,fsdp=2"``; then sharded by the logical rules).  Raises ``FileNotFoundError`` / ``CheckpointError`` (``ValueError``
-    for a ``step`` that is not an int, e.g. ``5.0``).
+    :class:`CheckpointError` says so.  Params are float32, on the first local device unless
+    ``mesh`` is given (a ``jax.sharding.Mesh`` or a spec such as ``"data=2,fsdp=2"``; then sharded
+    by the logical rules).  Raises ``FileNotFoundError`` / ``CheckpointError`` (``ValueError`` for
+    a ``step`` that is not an int, e.g. ``5.0``).
     Run directories written by older versions load too (new config fields take their
     defaults).  The modules the run recorded (``train.imports``: your own architecture or loss,
     ``experiments.train --import``) are imported first (:func:`import_run_modules`: a

@@ -397,7 +397,8 @@ def _check_step_metrics(metrics, step_fn_name) -> None:
     if shaped:
         raise ValueError(f"step_fn={step_fn_name or 'None'} returned metrics that are not scalars: "
                          + ", ".join(f"{k} of shape {s}" for k, s in sorted(shaped.items()))
-                         + " (every metric is a number of a metrics.jsonl row: reduce it, or one scalar per entry)")
+                         + " (every metric is a number of a metrics.jsonl row: reduce it, or one scalar "
+                           "per entry)")
 
 
 class TrainingDiverged(RuntimeError):
