@@ -42,9 +42,9 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.common import (check_heads, check_reuse, experiment_parser, parse_experiment_args, parse_list,
-                                reuse_or_train, save_progress, start_results, time_forwards, train_overrides,
-                                write_json)
+from experiments.common import (check_heads, check_reuse, experiment_parser, parse_experiment_args,
+                                parse_list, reuse_or_train, save_progress, start_results, time_forwards,
+                                train_overrides, write_json)
 
 PRESETS = {
     "tiny": dict(model=dict(d_model=64, n_head=4, max_seq_len=64), depth=2, ln_reserved=(0, 0),
