@@ -26,9 +26,9 @@ def hf_int(hf: dict, key: str, default=None) -> int:
     for anything but an integer (``int()`` read 16.7 as 16, ``true`` as 1 and ``"64"`` as 64)."""
     value = hf.get(key)
     value = default if value is None else value
-    ok = (isinstance(value, int) and not isinstance(value, bool)) or (
-        isinstance(value, float) and value.is_integer())
-    if not ok:
+    from ..utils import is_int
+
+    if not (is_int(value) or (isinstance(value, float) and value.is_integer())):
         raise ValueError(f"config.json {key}={value!r} must be an integer")
     return int(value)
 

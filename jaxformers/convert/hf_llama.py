@@ -185,11 +185,8 @@ def _qwen_window(hf: dict, n_layer: int):
 def _attention_bias(hf: dict) -> bool:
     """``qkv_bias`` of a ``LlamaConfig`` / ``Qwen3Config`` dict: its ``attention_bias`` (default
     false), which biases q/k/v AND o (:func:`from_hf` then needs every ``o_proj.bias`` zero);
-    ``ValueError`` unless a bool."""
-    value = hf.get("attention_bias", False)
-    if not isinstance(value, bool):
-        raise ValueError(f"attention_bias={value!r} is not supported; expected true or false")
-    return value
+    ``ValueError`` unless a bool (:func:`~jaxformers.convert.hf_io.hf_bool`)."""
+    return hf_bool(hf, "attention_bias", False)
 
 
 def config_from_hf(hf: dict, *, dtype: str = "float32", scan_layers: bool = False) -> TransformerConfig:
