@@ -39,7 +39,8 @@ Without ``--config`` / ``--init-from`` the run's own config is used (flags on to
 newest complete checkpoint was trained with, ``config.json`` being ahead of it when a resume was
 killed during its first save, whose changes never took); with them
 the command describes the whole run again, as on its first start (a requeued job's same
-command), and must be the same run: another model config or ``init_from`` is refused.
+command), and must be the same run: another model config or ``init_from`` is refused (a source
+deleted since is not read: the run's copy of its config, tokenizer and loss is).
 ``--extend-steps N`` (the run's total ``steps`` + N; a run stopped before its total also
 finishes it) or ``--resume --steps M`` (M larger) trains further, the LR schedule
 keeping its length, so the LR continues at the value it reached (no jump); another schedule
@@ -327,9 +328,10 @@ def build_configs(args):
     if init_from:
         from jaxformers.training.init_from import source_config as _source, source_imports as _imports_of
         from jaxformers.training.init_from import source_loss as _loss
-        source_imports = _imports_of(init_from)  # a source of your own architecture: its modules
-        source_config, source_tok = _source(init_from)
-        source_loss = _loss(init_from)  # e.g. a landmark run's landmark_cross_entropy
+        source = _source_or_resumed_run(args, file_train, init_from)
+        source_imports = _imports_of(source)  # a source of your own architecture: its modules
+        source_config, source_tok = _source(source)
+        source_loss = _loss(source)  # e.g. a landmark run's landmark_cross_entropy
     model = args.model or file.get("model") or (source_config.model if source_config else DEFAULTS["model"])
     preset = args.preset or file.get("preset") or DEFAULTS["preset"]
     if source_config is not None and model != source_config.model:
@@ -412,6 +414,23 @@ def _run_config(out) -> dict:
         raise ValueError(f"{Path(out) / CONFIG_FILE} (or its newest checkpoint's copy) is not a run config: "
                          f"no {' / '.join(missing)} section")
     return saved
+
+
+def _source_or_resumed_run(args, file_train: dict, init_from: str) -> str:
+    """Where ``--init-from``'s config, tokenizer, loss and modules are read: ``init_from``, except
+    for a ``--resume`` of a run started from it once the source is gone (a job script passing
+    ``--init-from SRC --resume`` on every start; the run holds all of it, and its checkpoints the
+    weights): then the run directory, after checking the run's ``init_from`` is this one."""
+    from jaxformers.training.rundir import CONFIG_FILE
+
+    out = args.out or file_train.get("out_dir")
+    if not (args.resume and out and (Path(out).expanduser() / CONFIG_FILE).is_file()):
+        return init_from
+    if Path(init_from).expanduser().exists():
+        return init_from
+    out = os.path.expanduser(out)
+    _check_same_init_from(init_from, _run_config(out), out)
+    return out
 
 
 def _check_same_init_from(init_from, saved: dict, out) -> None:
