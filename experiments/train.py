@@ -40,7 +40,8 @@ newest complete checkpoint was trained with, ``config.json`` being ahead of it w
 killed during its first save, whose changes never took); with them
 the command describes the whole run again, as on its first start (a requeued job's same
 command), and must be the same run: another model config or ``init_from`` is refused (a source
-deleted since is not read: the run's copy of its config, tokenizer and loss is).
+deleted since is not read: the run's copy of its config and loss is; a HF source's ``hf:DIR``
+tokenizer is read from DIR at every start, a plain ``--resume``'s too).
 ``--extend-steps N`` (the run's total ``steps`` + N; a run stopped before its total also
 finishes it) or ``--resume --steps M`` (M larger) trains further, the LR schedule
 keeping its length, so the LR continues at the value it reached (no jump); another schedule

@@ -26,3 +26,4 @@ def test_init_from_and_resume_survive_a_deleted_source(env, base_run, capsys):
     gone = env["root"] / "never_there56"
     assert train_cli.main(command(gone, "--steps", "4", "--resume")) == 2
     assert f"started with init_from={str(src)!r}" in capsys.readouterr().err
+
