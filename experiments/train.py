@@ -420,8 +420,9 @@ def _run_config(out) -> dict:
 def _source_or_resumed_run(args, file_train: dict, init_from: str) -> str:
     """Where ``--init-from``'s config, tokenizer, loss and modules are read: ``init_from``, except
     for a ``--resume`` of a run started from it once the source is gone (a job script passing
-    ``--init-from SRC --resume`` on every start; the run holds all of it, and its checkpoints the
-    weights): then the run directory, after checking the run's ``init_from`` is this one."""
+    ``--init-from SRC --resume`` on every start; the run holds its config, loss and modules, and
+    its checkpoints the weights; an ``hf:DIR`` tokenizer is still read from DIR): then the run
+    directory, after checking the run's ``init_from`` is this one."""
     from jaxformers.training.rundir import CONFIG_FILE
 
     out = args.out or file_train.get("out_dir")
