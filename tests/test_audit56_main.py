@@ -27,3 +27,29 @@ def test_init_from_and_resume_survive_a_deleted_source(env, base_run, capsys):
     assert train_cli.main(command(gone, "--steps", "4", "--resume")) == 2
     assert f"started with init_from={str(src)!r}" in capsys.readouterr().err
 
+
+
+def test_a_no_op_resume_puts_back_a_config_json_left_ahead(env, base_run, caplog):
+    """A resume killed after writing config.json / run.yaml and before its first checkpoint was
+    complete left them ahead (here an extension to 9 steps that never took); a resume that then
+    trains nothing put nothing back, so ``load_run`` reported 9 steps for a run of 4."""
+    import json
+
+    from jaxformers.training import load_run
+    from jaxformers.training.rundir import CONFIG_FILE, RUN_FILE
+
+    run = base_run.parent / "ahead56"
+    shutil.copytree(base_run, run)
+    before = {name: (run / name).read_text() for name in (CONFIG_FILE, RUN_FILE)}
+    ahead = json.loads(before[CONFIG_FILE])
+    ahead["train"]["steps"] = 9
+    (run / CONFIG_FILE).write_text(json.dumps(ahead, indent=2, sort_keys=True) + "\n")
+    (run / RUN_FILE).write_text(before[RUN_FILE].replace("steps: 4", "steps: 9"))
+    assert load_run(run)[1].steps == 9
+    assert train_cli.main(["--out", str(run), "--resume", "--quiet"]) == 0
+    assert "was ahead of the checkpoint of step 4" in caplog.text
+    assert {name: (run / name).read_text() for name in (CONFIG_FILE, RUN_FILE)} == before
+    assert load_run(run)[1].steps == 4
+    caplog.clear()
+    assert train_cli.main(["--out", str(run), "--resume", "--quiet"]) == 0  # consistent: left alone
+    assert "was ahead" not in caplog.text

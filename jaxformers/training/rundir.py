@@ -277,6 +277,23 @@ def write_config(run_dir, *, model_config, train_config: TrainConfig, compute_dt
         n_params=n_params, mesh=mesh, loss_fn=loss_fn, step_fn=step_fn))
 
 
+def restore_checkpoint_config(run_dir, ckpt, step: int) -> bool:
+    """Put back ``config.json`` / ``run.yaml`` from the config saved with checkpoint ``step``
+    (:data:`CHECKPOINT_CONFIG`) when ``config.json`` holds another text: a resume killed after
+    writing them and before its first checkpoint was complete left them ahead (e.g. an
+    ``--extend-steps`` total that never took), and the next resume may train nothing (a no-op
+    resume would leave them ahead for good, so ``load_run`` reported the never-trained
+    ``steps``).  ``True`` if restored; nothing happens for a checkpoint without its config."""
+    text = ckpt.read_file(step, CHECKPOINT_CONFIG)
+    path = Path(run_dir) / CONFIG_FILE
+    if text is None or (path.is_file() and path.read_text() == text):
+        return False
+    data = json.loads(text)
+    atomic_write(path, text)
+    write_run_file(run_dir, config_from_dict(data["model"]), TrainConfig.from_dict(data["train"]))
+    return True
+
+
 def resume_config(run_dir) -> Optional[dict]:
     """The config a resume continues from: the one saved with the newest complete checkpoint
     (:data:`CHECKPOINT_CONFIG`, the config that checkpoint was trained with), else ``config.json``

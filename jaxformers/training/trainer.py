@@ -815,10 +815,14 @@ def _train(model_config, tc, *, run_dir, is_main, multi, resume, progress, stop_
     # run's config.json / run.yaml as they were (they describe the run's checkpoints); one killed
     # after writing them and before that checkpoint is complete leaves them ahead of the newest
     # complete checkpoint, whose own copy (rundir.CHECKPOINT_CONFIG) the next resume checks against
+    # and puts back (rundir.restore_checkpoint_config) before it trains, or trains nothing
     config_pending = is_main and with_ckpt
     if is_main:
         if not with_ckpt:
             write_run_config()
+        elif rundir.restore_checkpoint_config(run_dir, ckpt, step):
+            messages.append((f"{rundir.CONFIG_FILE} was ahead of the checkpoint of step {step} (a resume killed "
+                             "before its first save): put back the checkpoint's config", True))
         rundir.reset_metrics(run_dir, start_step if with_ckpt else None)
         rundir.copy_tokenizer(run_dir, source.ds_dir, getattr(source, "tokenizer", None))
 
