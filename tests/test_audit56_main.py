@@ -53,3 +53,26 @@ def test_a_no_op_resume_puts_back_a_config_json_left_ahead(env, base_run, caplog
     caplog.clear()
     assert train_cli.main(["--out", str(run), "--resume", "--quiet"]) == 0  # consistent: left alone
     assert "was ahead" not in caplog.text
+
+
+def test_close_closes_the_manager_when_the_wait_reraises_a_save_error(tmp_path, monkeypatch):
+    """``Checkpointer.close()`` re-raising a background save's error left the orbax manager open."""
+    import jax.numpy as jnp
+    import pytest
+
+    from jaxformers.training.checkpoint import Checkpointer
+
+    def failing(self, step):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Checkpointer, "_finalize", failing)
+    ckpt = Checkpointer(tmp_path / "run", async_save=True)
+    tree = {"w": jnp.arange(4.0)}
+    ckpt.save(1, tree, tree, {})  # its finalizer fails in the background
+    manager = ckpt._manager
+    closed = []
+    real_close = type(manager).close
+    monkeypatch.setattr(type(manager), "close", lambda self: (closed.append(self), real_close(self)))
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.close()
+    assert closed == [manager] and ckpt._manager is None

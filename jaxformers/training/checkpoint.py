@@ -432,7 +432,17 @@ class Checkpointer:
                 raise error
 
     def close(self) -> None:
-        self.wait()
+        """:meth:`wait`, then close the orbax manager -- also when the wait re-raises a background
+        save's error (it stayed open); not on a ``KeyboardInterrupt`` during the wait, which leaves
+        the pending save to the next :meth:`wait` / :meth:`close`."""
+        try:
+            self.wait()
+        except Exception:
+            self._close_manager()
+            raise
+        self._close_manager()
+
+    def _close_manager(self) -> None:
         if self._manager is not None:
             self._manager.close()
             self._manager = None
