@@ -117,12 +117,15 @@ def _parser():
                          "warmup_steps of --config or of the resumed run)")
     ap.add_argument("--schedule", choices=["cosine", "wsd", "constant"],
                     help=f"LR schedule (default {d['schedule']})")
+    from jaxformers.data.corpus import list_corpora
+
     ap.add_argument("--data",
                     help="built-in corpus name, a text file or folder of your own (.txt/.jsonl, also .txt.gz, "
                          ".jsonl.gz, .txt.zst, .jsonl.zst, .parquet; read a document at a time), hf:NAME, "
                          "a prepared dataset dir (python -m experiments.prepare; its --text-field reads another "
                          ".jsonl field / .parquet column than 'text'), or synthetic:TASK[:k=v,...] (copying, "
-                         f"recall, arithmetic, passkey) (default {d['data']})")
+                         f"recall, arithmetic, passkey); built in: {', '.join(list_corpora())} (default: "
+                         f"{d['data']!r}, an alias of shakespeare)")
     ap.add_argument("--tokenizer", help="byte | bpe | bpe:VOCAB | hf:DIR (a tokenizer.json) "
                                         f"(default {d['tokenizer']}; with --init-from: the source's)")
     ap.add_argument("--mesh", help="axes data, fsdp, expert, tensor, e.g. data=2,fsdp=2,tensor=2 or "

@@ -76,3 +76,17 @@ def test_close_closes_the_manager_when_the_wait_reraises_a_save_error(tmp_path, 
     with pytest.raises(OSError, match="disk full"):
         ckpt.close()
     assert closed == [manager] and ckpt._manager is None
+
+
+def test_help_names_the_built_in_corpora_and_what_the_default_data_is(capsys):
+    """``--help`` said ``(default default)`` for ``--data``."""
+    import pytest
+
+    from jaxformers.data.corpus import _ALIASES, list_corpora
+
+    with pytest.raises(SystemExit):
+        train_cli.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "default default" not in text
+    assert "built in: " + ", ".join(list_corpora()) + " (default: 'default', an alias of shakespeare)" in text
+    assert _ALIASES[train_cli.DEFAULTS["data"]] == "shakespeare"
