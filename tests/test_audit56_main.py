@@ -90,3 +90,24 @@ def test_help_names_the_built_in_corpora_and_what_the_default_data_is(capsys):
     assert "default default" not in text
     assert "built in: " + ", ".join(list_corpora()) + " (default: 'default', an alias of shakespeare)" in text
     assert _ALIASES[train_cli.DEFAULTS["data"]] == "shakespeare"
+
+
+def test_the_progress_eta_counts_to_stop_after(env, tmp_path, monkeypatch):
+    """With ``stop_after`` the progress display (bar total, ETA) counted to ``steps``: a call
+    stopping at step 2 of 40 showed an ETA for 38 steps it never trains."""
+    import jaxformers as jf
+    from jaxformers.training import TrainConfig, train, trainer
+
+    seen = []
+    real = trainer.Progress
+
+    def spy(mode, total, initial):
+        seen.append((total, initial))
+        return real(mode, total, initial)
+
+    monkeypatch.setattr(trainer, "Progress", spy)
+    config = jf.get_config("gpt", "tiny", vocab_size=257, d_model=32, n_layer=1, n_head=4, max_seq_len=32)
+    tc = TrainConfig(steps=40, batch_size=4, seq_len=32, data=env["corpus"], out_dir=str(tmp_path / "r"),
+                     log_every=1, eval_every=0, eval_batches=0, checkpoint_every=0)
+    train(config, tc, stop_after=2, progress=False)
+    assert seen == [(2, 0)]

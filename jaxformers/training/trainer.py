@@ -621,7 +621,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, resume: bool 
     log step on stderr; ``True`` = bar; ``False`` = silent.  ``stop_after=k``
     stops once step ``k`` is done (checkpointing it), as if preempted -- for
     time-sliced jobs; continue with ``resume=True`` (the schedule still runs to
-    ``train_config.steps``).  ``resume=True`` with a larger ``steps`` extends a run
+    ``train_config.steps``; the progress bar and ETA count to ``k``).  ``resume=True`` with a larger ``steps`` extends a run
     (the LR continues at its final value, :func:`resume_schedule`); other schedule
     changes that move the LR are refused unless ``allow_lr_jump``.
     ``train_config.init_from`` (a run directory or a Hugging Face checkpoint
@@ -834,7 +834,7 @@ def _train(model_config, tc, *, run_dir, is_main, multi, resume, progress, stop_
     rng = jax.device_put(jax.random.fold_in(jax.random.PRNGKey(tc.seed), 1), program.replicated)
 
     # ---------------------------------------------------------------- loop
-    progress_ = Progress(progress if is_main else False, tc.steps, start_step)
+    progress_ = Progress(progress if is_main else False, end_step, start_step)  # this call's end: its ETA
     for msg, warning in messages:
         if progress_.active:
             progress_.info(msg)
