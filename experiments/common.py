@@ -406,11 +406,28 @@ def start_results(out_dir) -> None:
     is retrained from scratch unless ``--reuse`` keeps it), and until this run's first
     :func:`save_progress` (a benchmark's first saved row) a run cut short (a kill, a time limit,
     a crash) left it in place -- ``"complete": true`` and the old settings' numbers -- as if it
-    were this run's result."""
+    were this run's result.
+
+    It also locks ``out_dir`` (``.experiment.lock``, :func:`jaxformers.training.rundir.lock_dir`)
+    for the rest of the process: a second invocation into the same ``--out`` while this one runs
+    is refused (``RunDirBusy`` naming its pid), instead of both retraining ``OUT/runs/<name>`` and
+    writing one ``results.json``."""
+    _hold_out_lock(out_dir)
     old = os.path.join(out_dir, "results.json")
     if os.path.isfile(old):
         os.replace(old, os.path.join(out_dir, "results.previous.json"))
         print(f"moved the earlier run's {old} to results.previous.json", file=sys.stderr, flush=True)
+
+
+_OUT_LOCKS = {}  # realpath of an experiment's out_dir -> the fd holding its lock (this process)
+
+
+def _hold_out_lock(out_dir) -> None:
+    from jaxformers.training.rundir import lock_dir
+
+    key = os.path.realpath(out_dir)
+    if key not in _OUT_LOCKS:  # the same process again (a test's second run): it holds it already
+        _OUT_LOCKS[key] = lock_dir(out_dir, ".experiment.lock", "another experiment")
 
 
 def save_progress(out_dir, results: dict) -> None:

@@ -111,3 +111,31 @@ def test_the_progress_eta_counts_to_stop_after(env, tmp_path, monkeypatch):
                      log_every=1, eval_every=0, eval_batches=0, checkpoint_every=0)
     train(config, tc, stop_after=2, progress=False)
     assert seen == [(2, 0)]
+
+
+def test_a_second_experiment_into_a_busy_out_is_refused(tmp_path):
+    """Two invocations of an experiment into one ``--out`` both retrained ``OUT/runs/<name>`` and
+    wrote one ``results.json``; ``start_results`` now locks the folder for the process."""
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    from experiments.common import start_results
+    from jaxformers.training.rundir import RunDirBusy
+
+    out = tmp_path / "exp"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from experiments.common import start_results; "
+         f"start_results({str(out)!r}); print('ready', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        with pytest.raises(RunDirBusy, match=f"in use by another experiment \\(pid {holder.pid}\\)"):
+            start_results(out)
+    finally:
+        holder.communicate("", timeout=60)
+    start_results(out)
+    start_results(out)  # the same process again: it holds the lock already

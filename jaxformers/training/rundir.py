@@ -515,13 +515,27 @@ def run_lock(run_dir, enabled: bool = True):
     would otherwise rewrite config.json / metrics.jsonl under the first and clash with its
     checkpoints.  ``RunDirBusy`` names the holder's pid.  A no-op where ``fcntl`` is missing
     (Windows) or ``enabled`` is False (processes other than the first of a multi-host run)."""
+    fd = lock_dir(run_dir, LOCK_FILE, "another training process") if enabled else None
+    if fd is None:
+        yield
+        return
+    import fcntl
+    try:
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def lock_dir(run_dir, lock_file: str, holder_kind: str) -> Optional[int]:
+    """Take an exclusive ``fcntl.flock`` on ``run_dir/lock_file`` (the folder created) and
+    return its file descriptor, the holder's pid written in it (the lock goes with the process
+    or when the fd is closed); ``RunDirBusy`` naming the ``holder_kind`` and its pid when another
+    one holds it; ``None`` where ``fcntl`` is missing (Windows)."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX
-        fcntl = None
-    if not enabled or fcntl is None:
-        yield
-        return
+        return None
     run_dir = Path(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -529,22 +543,17 @@ def run_lock(run_dir, enabled: bool = True):
         blocker = file_in_the_way(run_dir) or run_dir
         raise ValueError(f"the output directory {run_dir} cannot be created: {blocker} is a file, not a "
                          "folder; choose another output directory (out_dir, --out)") from None
-    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(run_dir / lock_file, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            raise RunDirBusy(f"{run_dir} is in use by another training process (pid {holder}): wait "
-                             "for it to finish, or choose a new output directory (--out)") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        try:
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
+        raise RunDirBusy(f"{run_dir} is in use by {holder_kind} (pid {holder}): wait "
+                         "for it to finish, or choose a new output directory (--out)") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def refuse_clobber(run_dir, ckpt: Checkpointer, resume: bool) -> None:
