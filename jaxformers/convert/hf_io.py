@@ -33,6 +33,17 @@ def hf_int(hf: dict, key: str, default=None) -> int:
     return int(value)
 
 
+def hf_float(hf: dict, key: str, default=None) -> float:
+    """``hf[key]`` (``default`` when absent or null) as a float: a ``ValueError`` naming the key
+    for anything but a number (``float()`` read ``"1e-5"`` and ``true`` as numbers, which
+    transformers' configs refuse)."""
+    value = hf.get(key)
+    value = default if value is None else value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"config.json {key}={value!r} must be a number")
+    return float(value)
+
+
 def hf_bool(hf: dict, key: str, default=None) -> bool:
     """``hf[key]`` (``default`` when absent or null) as a bool: a ``ValueError`` naming the key
     for anything but true / false (``bool()`` read ``"false"`` and ``0.5`` as true)."""

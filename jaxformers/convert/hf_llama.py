@@ -69,7 +69,7 @@ from typing import Dict, Iterable, Tuple
 import numpy as np
 
 from ..config import DTYPES, TransformerConfig
-from .hf_io import NO_SPECIAL_TOKENS, hf_bool, hf_int, read_checkpoint, weight_files
+from .hf_io import NO_SPECIAL_TOKENS, hf_bool, hf_float, hf_int, read_checkpoint, weight_files
 from .hf_write import DEFAULT_MAX_SHARD_SIZE, check_dtype, parse_size, write_checkpoint
 from .layers import per_layer_params, stack_layers
 
@@ -120,7 +120,7 @@ def _rope_theta(hf: dict) -> float:
             if value not in (None, 1, 1.0):
                 raise ValueError(f"{name}={value!r} (in {where}) is not supported (full rotary only)")
     rope = ropes.get("rope_scaling", ropes.get("rope_parameters", {}))
-    return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    return hf_float(rope, "rope_theta", hf_float(hf, "rope_theta", 10000.0))
 
 
 def _sliding_window(hf: dict):
@@ -269,11 +269,11 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", scan_layers: bool = Fals
         n_head=n_head,
         n_kv_head=hf_int(hf, "num_key_value_heads", n_head),
         d_ff=hf_int(hf, "intermediate_size"),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        norm_eps=hf_float(hf, "rms_norm_eps", 1e-6),
         rope_theta=_rope_theta(hf),
         tie_embeddings=hf_bool(hf, "tie_word_embeddings", False),
         max_seq_len=hf_int(hf, "max_position_embeddings", max_len),
-        init_std=float(hf.get("initializer_range", 0.02)),
+        init_std=hf_float(hf, "initializer_range", 0.02),
         norm="rmsnorm", mlp="swiglu", window=window, qkv_bias=qkv_bias, qk_norm=qk_norm,
         dtype=dtype, param_dtype=dtype, scan_layers=scan_layers,
     )

@@ -38,7 +38,7 @@ import numpy as np
 
 from ..config import DTYPES
 from ..models.mamba import MambaConfig
-from .hf_io import NO_SPECIAL_TOKENS, hf_bool, hf_int, read_checkpoint, weight_files
+from .hf_io import NO_SPECIAL_TOKENS, hf_bool, hf_float, hf_int, read_checkpoint, weight_files
 from .hf_write import DEFAULT_MAX_SHARD_SIZE, check_dtype, parse_size, write_checkpoint
 from .layers import per_layer_params, stack_layers
 
@@ -100,18 +100,18 @@ def config_from_hf_mamba(hf: dict, *, dtype: str = "float32", scan_layers: bool 
         vocab_size=hf_int(hf, "vocab_size"), d_model=d_model, n_layer=hf_int(hf, "num_hidden_layers"),
         d_state=hf_int(hf, "state_size"), d_conv=hf_int(hf, "conv_kernel"), expand=int(expand),
         conv_bias=hf_bool(hf, "use_conv_bias"), proj_bias=hf_bool(hf, "use_bias"),
-        norm="rmsnorm", norm_eps=float(hf["layer_norm_epsilon"]),
+        norm="rmsnorm", norm_eps=hf_float(hf, "layer_norm_epsilon"),
         tie_embeddings=hf_bool(hf, "tie_word_embeddings"),
-        init_std=float(hf["initializer_range"]),
-        dt_min=float(hf["time_step_min"]), dt_max=float(hf["time_step_max"]),
-        dt_init_floor=float(hf["time_step_floor"]),
+        init_std=hf_float(hf, "initializer_range"),
+        dt_min=hf_float(hf, "time_step_min"), dt_max=hf_float(hf, "time_step_max"),
+        dt_init_floor=hf_float(hf, "time_step_floor"),
         dtype=dtype, param_dtype=dtype, scan_layers=scan_layers, scan_impl=scan_impl,
         residual_fp32=hf_bool(hf, "residual_in_fp32"),  # a float32 residual stream under bfloat16
     )
     if model_type == "mamba":
         rank = hf["time_step_rank"]
-        fields.update(dt_rank="auto" if rank == "auto" else int(rank),
-                      dt_scale=float(hf["time_step_scale"]),
+        fields.update(dt_rank="auto" if rank == "auto" else hf_int(hf, "time_step_rank"),
+                      dt_scale=hf_float(hf, "time_step_scale"),
                       dt_init="constant" if hf.get("time_step_init_scheme") == "constant" else "random")
     else:
         limit = tuple(_as_float(v) for v in hf["time_step_limit"])
