@@ -143,7 +143,12 @@ def weight_files(path: str) -> Tuple[str, list]:
             return directory, files_from_index(index)
         files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
         if not files:
-            raise FileNotFoundError(f"no *.safetensors weights in {directory}")
+            pickled = sorted(f for f in os.listdir(directory) if f.endswith((".bin", ".pt", ".pth")))
+            raise FileNotFoundError(
+                f"no *.safetensors weights in {directory}" + (
+                    f" (it has {pickled[:3]}: torch pickles, which are not read; convert them with "
+                    "transformers: AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR) "
+                    "writes model.safetensors)" if pickled else ""))
         return directory, [os.path.join(directory, f) for f in files]
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist")
