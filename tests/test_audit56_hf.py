@@ -48,3 +48,18 @@ def test_a_pytorch_bin_only_directory_names_the_pickles(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
     with pytest.raises(FileNotFoundError, match=r"pytorch_model\.bin.*save_pretrained"):
         from_hf(str(tmp_path))
+
+
+@pytest.mark.parametrize("key,value", [
+    ("expand", "2"), ("expand", [2]), ("expand", 1.5), ("intermediate_size", "64"), ("intermediate_size", [64])])
+def test_a_mamba_expand_or_intermediate_size_that_is_not_an_integer_is_refused_naming_it(key, value):
+    with pytest.raises(ValueError, match=key):  # "2" gave intermediate_size=2222..., [2] a TypeError
+        config_from_hf_mamba({**MAMBA, key: value})
+    assert config_from_hf_mamba({**MAMBA, "expand": 2.0, "intermediate_size": 64}).expand == 2
+
+
+@pytest.mark.parametrize("value", [[0.0, "x"], 5, "0,inf"])
+def test_a_mamba2_time_step_limit_that_is_not_a_pair_of_numbers_is_a_value_error(value):
+    hf = dict(MAMBA, model_type="mamba2", num_heads=8, head_dim=8, n_groups=1, time_step_limit=value)
+    with pytest.raises(ValueError, match="time_step_limit"):  # was "could not convert" / a TypeError
+        config_from_hf_mamba(hf)

@@ -91,14 +91,14 @@ def config_from_hf_mamba(hf: dict, *, dtype: str = "float32", scan_layers: bool 
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not allowed; choose one of {list(DTYPES)}")
     d_model = hf_int(hf, "hidden_size")
-    expand = hf["expand"]
-    inner = hf.get("intermediate_size", expand * d_model)
-    if int(inner) != int(expand) * d_model or int(expand) != expand:
+    expand = hf_int(hf, "expand")  # (int() read "2" and true; [2] was a TypeError)
+    inner = hf_int(hf, "intermediate_size", expand * d_model)
+    if inner != expand * d_model:
         raise ValueError(f"intermediate_size={inner} must equal an integer expand={expand} * "
                          f"hidden_size={d_model}")
     fields = dict(
         vocab_size=hf_int(hf, "vocab_size"), d_model=d_model, n_layer=hf_int(hf, "num_hidden_layers"),
-        d_state=hf_int(hf, "state_size"), d_conv=hf_int(hf, "conv_kernel"), expand=int(expand),
+        d_state=hf_int(hf, "state_size"), d_conv=hf_int(hf, "conv_kernel"), expand=expand,
         conv_bias=hf_bool(hf, "use_conv_bias"), proj_bias=hf_bool(hf, "use_bias"),
         norm="rmsnorm", norm_eps=hf_float(hf, "layer_norm_epsilon"),
         tie_embeddings=hf_bool(hf, "tie_word_embeddings"),
@@ -114,7 +114,11 @@ def config_from_hf_mamba(hf: dict, *, dtype: str = "float32", scan_layers: bool 
                       dt_scale=hf_float(hf, "time_step_scale"),
                       dt_init="constant" if hf.get("time_step_init_scheme") == "constant" else "random")
     else:
-        limit = tuple(_as_float(v) for v in hf["time_step_limit"])
+        try:
+            limit = tuple(_as_float(v) for v in hf["time_step_limit"])
+        except (TypeError, ValueError):
+            raise ValueError(f"time_step_limit={hf['time_step_limit']!r} is not supported; expected "
+                             "[0.0, Infinity] (dt is not clamped)") from None
         if limit != (0.0, float("inf")):
             raise ValueError(f"time_step_limit={limit} is not supported (dt is not clamped); "
                              "expected (0.0, inf)")
