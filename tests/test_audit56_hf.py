@@ -8,7 +8,7 @@
   naming the pickles or how to convert them."""
 import pytest
 
-from jaxformers.convert import config_from_hf, config_from_hf_mamba, from_hf
+from jaxformers.convert import config_from_hf, config_from_hf_mamba, from_hf, from_hf_mamba
 
 LLAMA = dict(model_type="llama", vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
              num_key_value_heads=2, intermediate_size=48)
@@ -63,3 +63,12 @@ def test_a_mamba2_time_step_limit_that_is_not_a_pair_of_numbers_is_a_value_error
     hf = dict(MAMBA, model_type="mamba2", num_heads=8, head_dim=8, n_groups=1, time_step_limit=value)
     with pytest.raises(ValueError, match="time_step_limit"):  # was "could not convert" / a TypeError
         config_from_hf_mamba(hf)
+
+
+@pytest.mark.parametrize("text", ["version https://git-lfs.github.com/spec/v1\n", "[1, 2]", '{"model_type": '])
+@pytest.mark.parametrize("loader", [from_hf, from_hf_mamba])
+def test_a_config_json_that_is_not_a_json_object_is_a_value_error_naming_it(tmp_path, text, loader):
+    (tmp_path / "config.json").write_text(text)  # was a JSONDecodeError naming no file / an AttributeError
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="config.json"):
+        loader(str(tmp_path))

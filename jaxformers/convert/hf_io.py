@@ -162,6 +162,23 @@ def weight_files(path: str) -> Tuple[str, list]:
     raise ValueError(f"{path}: expected a model directory, config.json, *.safetensors or *.index.json")
 
 
+def read_hf_config(directory: str) -> dict:
+    """``directory``'s ``config.json`` as a dict: ``FileNotFoundError`` without one, ``ValueError``
+    naming the file for bad JSON (a Git LFS pointer, a truncated download) or a non-object (was a
+    bare ``JSONDecodeError`` / an ``AttributeError``)."""
+    path = os.path.join(directory, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no config.json next to the weights in {directory}")
+    with open(path, "rb") as fh:
+        try:
+            hf = json.loads(fh.read())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path} is not a JSON config ({e})") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path} is not a config: expected a JSON object, got {type(hf).__name__}")
+    return hf
+
+
 def files_from_index(index_path: str):
     """The shard files named by a ``*.safetensors.index.json`` (``ValueError`` without a
     ``weight_map``, ``FileNotFoundError`` naming the index for a missing shard)."""

@@ -62,14 +62,13 @@ Weight layout (torch ``nn.Linear.weight`` is ``[out, in]``)::
 """
 from __future__ import annotations
 
-import json
-import os
 from typing import Dict, Iterable, Tuple
 
 import numpy as np
 
 from ..config import DTYPES, TransformerConfig
-from .hf_io import NO_SPECIAL_TOKENS, hf_bool, hf_float, hf_int, read_checkpoint, weight_files
+from .hf_io import (NO_SPECIAL_TOKENS, hf_bool, hf_float, hf_int, read_checkpoint, read_hf_config,
+                    weight_files)
 from .hf_write import DEFAULT_MAX_SHARD_SIZE, check_dtype, parse_size, write_checkpoint
 from .layers import per_layer_params, stack_layers
 
@@ -479,12 +478,7 @@ def from_hf(path_or_dir: str, *, dtype: str = "float32", scan_layers: bool = Fal
     ``dtype`` is both the param and the compute dtype of the returned config; the
     params are cast to it. ``scan_layers=True`` returns the stacked ``blocks`` layout.
     """
-    directory, _ = weight_files(path_or_dir)
-    config_path = os.path.join(directory, "config.json")
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f"no config.json next to the weights in {directory}")
-    with open(config_path) as fh:
-        hf = json.load(fh)
+    hf = read_hf_config(weight_files(path_or_dir)[0])
     if hf.get("model_type") in ("mamba", "mamba2"):  # dispatch: Mamba checkpoints have their own converter
         from .hf_mamba import from_hf_mamba
         return from_hf_mamba(path_or_dir, dtype=dtype, scan_layers=scan_layers)

@@ -30,15 +30,14 @@ Llama converter).  Weight layout (torch ``nn.Linear.weight`` is ``[out, in]``;
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Dict, Optional
 
 import numpy as np
 
 from ..config import DTYPES
 from ..models.mamba import MambaConfig
-from .hf_io import NO_SPECIAL_TOKENS, hf_bool, hf_float, hf_int, read_checkpoint, weight_files
+from .hf_io import (NO_SPECIAL_TOKENS, hf_bool, hf_float, hf_int, read_checkpoint, read_hf_config,
+                    weight_files)
 from .hf_write import DEFAULT_MAX_SHARD_SIZE, check_dtype, parse_size, write_checkpoint
 from .layers import per_layer_params, stack_layers
 
@@ -204,13 +203,8 @@ def from_hf_mamba(path_or_dir: str, *, dtype: str = "float32", scan_layers: bool
     config; ``scan_layers=True`` returns the stacked ``blocks`` layout; ``chunk_size``:
     see :func:`config_from_hf_mamba`.
     """
-    directory, _ = weight_files(path_or_dir)
-    config_path = os.path.join(directory, "config.json")
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f"no config.json next to the weights in {directory}")
-    with open(config_path) as fh:
-        config = config_from_hf_mamba(json.load(fh), dtype=dtype, scan_layers=scan_layers,
-                                      scan_impl=scan_impl, chunk_size=chunk_size)
+    config = config_from_hf_mamba(read_hf_config(weight_files(path_or_dir)[0]), dtype=dtype,
+                                  scan_layers=scan_layers, scan_impl=scan_impl, chunk_size=chunk_size)
 
     def rename(name):
         if name.startswith("backbone.embedding."):  # very old checkpoints (HF's load_hook renames it)
