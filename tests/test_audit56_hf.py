@@ -3,7 +3,11 @@
 * config.json floats were read with ``float()``: ``rms_norm_eps: "1e-5"``, ``rope_theta: true``
   (1.0) or ``initializer_range: "0.02"`` imported silently (transformers' configs refuse them),
   ``[1]`` was a ``TypeError`` and ``"abc"`` a ``ValueError`` naming no key; Mamba's
-  ``time_step_rank: 2.5`` read as 2 (transformers refuses it) and ``"x"`` named no key.
+  ``time_step_rank: 2.5`` read as 2 (transformers refuses it) and ``"x"`` named no key; Mamba
+  ``intermediate_size: "64"`` was read as 64, ``[64]`` and ``expand: [2]`` were TypeErrors, a
+  ``time_step_limit`` of ``5`` or ``[0, "x"]`` named nothing useful.
+* A config.json that is a Git LFS pointer, truncated JSON or a list was a ``JSONDecodeError``
+  naming no file, or an ``AttributeError``.
 * A directory with ``pytorch_model.bin`` weights only said "no *.safetensors weights" without
   naming the pickles or how to convert them."""
 import pytest
@@ -51,7 +55,8 @@ def test_a_pytorch_bin_only_directory_names_the_pickles(tmp_path):
 
 
 @pytest.mark.parametrize("key,value", [
-    ("expand", "2"), ("expand", [2]), ("expand", 1.5), ("intermediate_size", "64"), ("intermediate_size", [64])])
+    ("expand", "2"), ("expand", [2]), ("expand", 1.5),
+    ("intermediate_size", "64"), ("intermediate_size", [64])])
 def test_a_mamba_expand_or_intermediate_size_that_is_not_an_integer_is_refused_naming_it(key, value):
     with pytest.raises(ValueError, match=key):  # "2" gave intermediate_size=2222..., [2] a TypeError
         config_from_hf_mamba({**MAMBA, key: value})
@@ -65,7 +70,8 @@ def test_a_mamba2_time_step_limit_that_is_not_a_pair_of_numbers_is_a_value_error
         config_from_hf_mamba(hf)
 
 
-@pytest.mark.parametrize("text", ["version https://git-lfs.github.com/spec/v1\n", "[1, 2]", '{"model_type": '])
+@pytest.mark.parametrize("text", ["version https://git-lfs.github.com/spec/v1\n", "[1, 2]",
+                                  '{"model_type": '])
 @pytest.mark.parametrize("loader", [from_hf, from_hf_mamba])
 def test_a_config_json_that_is_not_a_json_object_is_a_value_error_naming_it(tmp_path, text, loader):
     (tmp_path / "config.json").write_text(text)  # was a JSONDecodeError naming no file / an AttributeError
