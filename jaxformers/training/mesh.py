@@ -232,13 +232,12 @@ _OMPI_URI = "OMPI_MCA_orte_hnp_uri"
 
 
 def _env_int(env, name: str, minimum: int = 0) -> int:
+    """``env[name]`` as an int >= ``minimum``: plain ASCII digits only (``int()`` also read
+    ``"1_6"`` as 16, ``"+2"`` and non-ASCII digits); ``ValueError`` naming the variable."""
     value = env[name].strip()
-    try:
-        number = int(value)
-    except ValueError:
-        number = None
+    number = int(value) if value.isascii() and value.isdigit() else None
     if number is None or number < minimum:
-        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
+        raise ValueError(f"{name}={value!r} must be an integer >= {minimum} (plain digits)")
     return number
 
 
