@@ -3,10 +3,14 @@
 * The launch variables (``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``, ``SLURM_NTASKS``,
   ``JAXFORMERS_INIT_TIMEOUT``, ...) were read with ``int()``, which also takes ``"1_6"`` (16),
   ``"+2"`` and non-ASCII digits; plain ASCII digits only now, as ``--mesh`` sizes.
+* ``make_mesh(None, devices=[])`` (or ``"data=-1"``) returned a mesh of size 0 (``data=0``): an
+  ``IndexError: index 0 is out of bounds`` once an array was put on it; a ``ValueError`` naming
+  ``devices`` now.  A ``mesh`` of separators only (``","``) names the allowed axes.
 """
 import pytest
 
-from jaxformers.training.mesh import distributed_settings
+from jaxformers.training import TrainConfig
+from jaxformers.training.mesh import distributed_settings, make_mesh, mesh_shape, parse_mesh
 
 
 @pytest.mark.parametrize("value", ["1_6", "+2", "\u0662", "2.0", "-1", "0x2"])
@@ -28,3 +32,17 @@ def test_launch_variables_still_read_plain_digits():
     assert reason == "JAX_COORDINATOR_ADDRESS"
     assert kwargs == {"coordinator_address": "host:1234", "num_processes": 16, "process_id": 7,
                       "heartbeat_timeout_seconds": 30}
+
+
+@pytest.mark.parametrize("spec", [",", " , ", ",,"])
+def test_a_mesh_of_separators_names_the_axes(spec):
+    for call in (lambda: parse_mesh(spec), lambda: mesh_shape(spec, 8), lambda: TrainConfig(mesh=spec)):
+        with pytest.raises(ValueError, match=r"mesh=.* names no axis; expected AXIS=SIZE entries with AXIS one of "
+                                             r"\['data', 'fsdp', 'expert', 'tensor'\]"):
+            call()
+
+
+@pytest.mark.parametrize("spec", [None, "data=-1", "data=1"])
+def test_make_mesh_of_no_device_is_a_value_error(spec):
+    with pytest.raises(ValueError, match="make_mesh: devices is empty"):
+        make_mesh(spec, devices=[])

@@ -73,8 +73,8 @@ def parse_mesh(spec: Optional[str]) -> Dict[str, int]:
             raise ValueError(f"mesh={spec!r}: only one axis may be -1 (it takes the devices the others leave)")
         sizes[name] = size
     if not sizes:  # e.g. "," -- not the same as None (every device on data)
-        raise ValueError(f"mesh={spec!r} names no axis; expected AXIS=SIZE entries, e.g. 'data=2,fsdp=2,tensor=2' "
-                         "(or no mesh: every device on data)")
+        raise ValueError(f"mesh={spec!r} names no axis; expected AXIS=SIZE entries with AXIS one of "
+                         f"{list(MESH_AXES)}, e.g. 'data=2,fsdp=2,tensor=2' (or no mesh: every device on data)")
     return {axis: sizes.get(axis, 1) for axis in MESH_AXES}
 
 
@@ -105,6 +105,9 @@ def make_mesh(spec: Optional[str] = None, devices=None) -> jax.sharding.Mesh:
     """A ``Mesh`` over :data:`MESH_AXES` (data, fsdp, expert, tensor) with Auto axis types
     (GSPMD-style partitioning)."""
     devices = list(jax.devices() if devices is None else devices)
+    if not devices:  # was a mesh of size 0 (spec None or data=-1): an IndexError when an array is put on it
+        raise ValueError(f"make_mesh: devices is empty; give the devices of the mesh (default: jax.devices()), "
+                         f"mesh={spec!r}")
     sizes = mesh_shape(spec, len(devices))
     shape = tuple(sizes[a] for a in MESH_AXES)
     try:  # topology-aware ordering where jax knows the hardware (TPU/GPU slices)
