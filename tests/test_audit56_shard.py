@@ -6,6 +6,9 @@
 * ``make_mesh(None, devices=[])`` (or ``"data=-1"``) returned a mesh of size 0 (``data=0``): an
   ``IndexError: index 0 is out of bounds`` once an array was put on it; a ``ValueError`` naming
   ``devices`` now.  A ``mesh`` of separators only (``","``) names the allowed axes.
+* ``JAX_COORDINATOR_ADDRESS=host:`` / ``host:abc`` / ``host:99999`` passed the ``host:port``
+  check (a ``:`` somewhere): ``jax.distributed.initialize`` then aborted every process (SIGABRT,
+  "another task died") after the init timeout (300 s by default).  The port must be 1..65535.
 """
 import pytest
 
@@ -46,3 +49,12 @@ def test_a_mesh_of_separators_names_the_axes(spec):
 def test_make_mesh_of_no_device_is_a_value_error(spec):
     with pytest.raises(ValueError, match="make_mesh: devices is empty"):
         make_mesh(spec, devices=[])
+
+
+@pytest.mark.parametrize("address", ["host:", "host:abc", "host:99999", "host:0", ":1234", "host:+12", "host: 12"])
+def test_a_coordinator_address_needs_a_port_number(address):
+    env = {"JAX_COORDINATOR_ADDRESS": address, "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"}
+    with pytest.raises(ValueError, match=r"JAX_COORDINATOR_ADDRESS=.* must be host:port \(port 1..65535"):
+        distributed_settings(env)
+    for ok in ("10.0.0.1:1234", "[::1]:65535", "node-7.cluster:1"):
+        assert distributed_settings(dict(env, JAX_COORDINATOR_ADDRESS=ok))[1]["coordinator_address"] == ok

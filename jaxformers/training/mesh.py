@@ -265,8 +265,11 @@ def _explicit_launch(env, coordinator: Optional[str]) -> Optional[Dict[str, obje
                 "process 0 (the same value on every process)")
         return None
     kwargs: Dict[str, object] = {"coordinator_address": env[coordinator].strip()}
-    if ":" not in str(kwargs["coordinator_address"]):
-        raise ValueError(f"{coordinator}={kwargs['coordinator_address']!r} must be host:port")
+    # a port that is not a number (or none: "host:") aborted every process after the init timeout
+    host, _, port = str(kwargs["coordinator_address"]).rpartition(":")
+    if not host or not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(f"{coordinator}={kwargs['coordinator_address']!r} must be host:port "
+                         "(port 1..65535, e.g. 10.0.0.1:1234)")
     if num_var is None or pid_var is None:
         if _cluster_launch(env) is not None:  # SLURM / Open MPI / TPU fill in the rest
             return {**kwargs, **({"num_processes": _env_int(env, num_var, 1)} if num_var else {}),
