@@ -9,6 +9,8 @@
 * ``JAX_COORDINATOR_ADDRESS=host:`` / ``host:abc`` / ``host:99999`` passed the ``host:port``
   check (a ``:`` somewhere): ``jax.distributed.initialize`` then aborted every process (SIGABRT,
   "another task died") after the init timeout (300 s by default).  The port must be 1..65535.
+* ``maybe_initialize_distributed(force="no")`` forced a multi-process start (truthiness): jax's
+  ``ValueError: coordinator_address should be defined``; a ``ValueError`` naming ``force`` now.
 """
 import pytest
 
@@ -58,3 +60,20 @@ def test_a_coordinator_address_needs_a_port_number(address):
         distributed_settings(env)
     for ok in ("10.0.0.1:1234", "[::1]:65535", "node-7.cluster:1"):
         assert distributed_settings(dict(env, JAX_COORDINATOR_ADDRESS=ok))[1]["coordinator_address"] == ok
+
+
+@pytest.mark.parametrize("force", ["no", "0", 1, 0.0])
+def test_maybe_initialize_distributed_takes_a_bool_force(force, monkeypatch):
+    import jax
+    from jaxformers.training import mesh as mesh_lib
+
+    monkeypatch.setattr(mesh_lib, "_INITIALIZED", False)
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    monkeypatch.delenv("JAXFORMERS_DISTRIBUTED", raising=False)
+    with pytest.raises(ValueError, match=r"maybe_initialize_distributed: force \(None: JAXFORMERS_DISTRIBUTED "
+                                         r"decides\) must be a bool \(True/False\), got"):
+        mesh_lib.maybe_initialize_distributed(force=force)
+    assert calls == []  # was: initialize() forced ("no", "0", 1) without a coordinator
+    assert mesh_lib.maybe_initialize_distributed(force=False) is False

@@ -369,6 +369,9 @@ def maybe_initialize_distributed(force: Optional[bool] = None) -> bool:
     ``force``) then not read at all.
     """
     global _INITIALIZED
+    if force is not None:  # a string "no" would force by truthiness
+        from pallas_kernels._common import check_flag
+        force = check_flag("maybe_initialize_distributed: force (None: JAXFORMERS_DISTRIBUTED decides)", force)
     if _INITIALIZED:
         return True
     if jax.distributed.is_initialized():  # the caller did it already (with or without a launch env)
