@@ -11,8 +11,14 @@
   "another task died") after the init timeout (300 s by default).  The port must be 1..65535.
 * ``maybe_initialize_distributed(force="no")`` forced a multi-process start (truthiness): jax's
   ``ValueError: coordinator_address should be defined``; a ``ValueError`` naming ``force`` now.
+* ``evaluate(..., batch_size=3, max_batches=3, mesh=...)`` read 3 batches of the rows the mesh
+  rounds a batch up to: on 8 devices 24 windows on ``data=8`` (and without a mesh), 12 on
+  ``data=2,fsdp=2,tensor=2``, 9 on ``tensor=8``, so the loss depended on the mesh (4.1998 /
+  4.1884 / 4.1902).  The first ``max_batches * batch_size`` windows on every mesh now.
 """
 import pytest
+
+from multidevice import run_on_devices
 
 from jaxformers.training import TrainConfig
 from jaxformers.training.mesh import distributed_settings, make_mesh, mesh_shape, parse_mesh
@@ -77,3 +83,28 @@ def test_maybe_initialize_distributed_takes_a_bool_force(force, monkeypatch):
         mesh_lib.maybe_initialize_distributed(force=force)
     assert calls == []  # was: initialize() forced ("no", "0", 1) without a coordinator
     assert mesh_lib.maybe_initialize_distributed(force=False) is False
+
+
+EVAL_SCRIPT = """
+import json
+import jax, numpy as np
+import jaxformers as jf
+from jaxformers.training import evaluate
+cfg = jf.get_config("gpt", "tiny", vocab_size=65, d_model=16, n_head=2, n_layer=1, max_seq_len=16)
+params = jf.init_params(jf.build(cfg), jax.random.PRNGKey(0))
+data = np.random.RandomState(0).randint(0, 65, 600)
+out = {str(m): evaluate((cfg, params), data, batch_size=3, seq_len=8, max_batches=2, mesh=m)
+       for m in (None, "data=2", "tensor=2")}
+out["whole"] = evaluate((cfg, params), data, batch_size=3, seq_len=8, max_batches=None, mesh="data=2")
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_evaluate_scores_max_batches_of_batch_size_windows_on_every_mesh():
+    out = run_on_devices(EVAL_SCRIPT, n=2)
+    ref = out["tensor=2"]  # no batch axis: batches of 3 rows, as on one device
+    assert ref["val_tokens"] == 2 * 3 * 8
+    for m in ("None", "data=2"):  # batches of 4 rows: was 2 * 4 * 8 tokens, another loss
+        assert out[m]["val_tokens"] == ref["val_tokens"], (m, out[m])
+        assert out[m]["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-6), m
+    assert out["whole"]["val_tokens"] > ref["val_tokens"]  # the whole split is still read whole

@@ -1021,7 +1021,9 @@ def evaluate(run: Union[str, os.PathLike, Tuple[ModelConfig, Any]], data=None, *
     whatever its ``grad_accum`` and whatever ``batch_size`` reads them), and ``dtype`` (compute dtype)
     from the run or float32 (so a run's final ``val_loss`` is reproduced);
     ``max_batches=None`` evaluates the whole split (as ``-1`` does for a run trained with
-    ``eval_batches=0``).  The loss is ``loss_fn``, else the
+    ``eval_batches=0``); ``max_batches >= 1``: the first ``max_batches * batch_size`` windows, on
+    any mesh (a mesh whose batch axes do not divide ``batch_size`` reads bigger batches, with the
+    rows past those windows weighing 0).  The loss is ``loss_fn``, else the
     run's ``loss`` by name, else cross-entropy.  ``model_overrides``: model config fields to
     replace for this evaluation, ones that leave the parameters as they are (e.g. a landmark
     model's ``{"mem_chunk_len": 96}``: its loss read through the retrieval memory, windows
@@ -1102,6 +1104,10 @@ def evaluate(run: Union[str, os.PathLike, Tuple[ModelConfig, Any]], data=None, *
             max_batches, unit_rows = tc.eval_micro_batches, tc.micro_batch_size
         else:
             max_batches = None
+    elif max_batches is not None and (stride is None or stride == seq_len):
+        # max_batches batches of batch_size rows, not of the rows a mesh rounds a batch up to (8 on
+        # data=8 for batch_size=3): the windows scored were the mesh's
+        unit_rows = batch_size
     if not source.has_eval_data(seq_len, split):
         groups = getattr(source, "eval_groups", None)
         if groups is not None:  # e.g. domains: windows never cross groups, name each one's size
