@@ -74,7 +74,8 @@ def parse_mesh(spec: Optional[str]) -> Dict[str, int]:
         sizes[name] = size
     if not sizes:  # e.g. "," -- not the same as None (every device on data)
         raise ValueError(f"mesh={spec!r} names no axis; expected AXIS=SIZE entries with AXIS one of "
-                         f"{list(MESH_AXES)}, e.g. 'data=2,fsdp=2,tensor=2' (or no mesh: every device on data)")
+                         f"{list(MESH_AXES)}, e.g. 'data=2,fsdp=2,tensor=2' (or no mesh: every device on "
+                         "data)")
     return {axis: sizes.get(axis, 1) for axis in MESH_AXES}
 
 
@@ -106,8 +107,8 @@ def make_mesh(spec: Optional[str] = None, devices=None) -> jax.sharding.Mesh:
     (GSPMD-style partitioning)."""
     devices = list(jax.devices() if devices is None else devices)
     if not devices:  # was a mesh of size 0 (spec None or data=-1): an IndexError when an array is put on it
-        raise ValueError(f"make_mesh: devices is empty; give the devices of the mesh (default: jax.devices()), "
-                         f"mesh={spec!r}")
+        raise ValueError(f"make_mesh: devices is empty; give the devices of the mesh (default: "
+                         f"jax.devices()), mesh={spec!r}")
     sizes = mesh_shape(spec, len(devices))
     shape = tuple(sizes[a] for a in MESH_AXES)
     try:  # topology-aware ordering where jax knows the hardware (TPU/GPU slices)
@@ -371,7 +372,8 @@ def maybe_initialize_distributed(force: Optional[bool] = None) -> bool:
     global _INITIALIZED
     if force is not None:  # a string "no" would force by truthiness
         from pallas_kernels._common import check_flag
-        force = check_flag("maybe_initialize_distributed: force (None: JAXFORMERS_DISTRIBUTED decides)", force)
+        force = check_flag("maybe_initialize_distributed: force (None: JAXFORMERS_DISTRIBUTED decides)",
+                           force)
     if _INITIALIZED:
         return True
     if jax.distributed.is_initialized():  # the caller did it already (with or without a launch env)
