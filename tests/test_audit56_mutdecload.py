@@ -95,7 +95,7 @@ def test_the_draws_follow_hfs_temperature_top_k_top_p_warpers(kw):
     np.testing.assert_allclose(freq, want, atol=0.03)
 
 
-def test_top_k_equal_to_the_vocab_is_accepted_and_keeps_every_token(tmp_path):
+def test_top_k_equal_to_the_vocab_is_accepted_and_keeps_every_token():
     """``top_k`` may be anything in ``[1, vocab_size]``: ``top_k == V`` keeps every token (the
     draws follow the plain softmax), and ``generate`` takes ``top_k=vocab_size``."""
     logits = np.array([0.3, -0.2, 0.9, 0.0], np.float32)
