@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     from jaxformers.data import Tokenizer, load_tokenizer, open_data
     from jaxformers.training import CheckpointError, load_run
     from jaxformers.training.rundir import TOKENIZER_DIR
-    from jaxformers.utils import file_in_the_way
+    from jaxformers.utils import file_in_the_way, plain_int
 
     try:
         if not args.out.strip():  # Path("") is ".": the export would land in the current directory
@@ -94,8 +94,8 @@ def main(argv=None) -> int:
                              "outside the run")
         if out.exists() and any(out.iterdir()) and not args.force:
             raise ValueError(f"--out {out} exists and is not an empty directory (--force writes into it)")
-        size = args.max_shard_size.strip()  # all digits: bytes (parse_size wants an int for those, as HF)
-        max_shard_size = parse_size(int(size) if size.isascii() and size.isdigit() else args.max_shard_size)
+        size = plain_int(args.max_shard_size.strip())  # all digits: bytes (parse_size wants an int for those, as HF)
+        max_shard_size = parse_size(args.max_shard_size if size is None else size)
         if args.step is not None and args.step < 0:
             raise ValueError(f"--step must be >= 0, got {args.step}")
         model_config, train_config, params = load_run(args.run, step=args.step)

@@ -40,6 +40,12 @@ def is_int(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
+def plain_int(text: str):
+    """``text`` as an int when it is plain ASCII digits, else ``None`` (``int()`` also reads
+    ``"1_6"`` as 16, ``"+2"``, ``" 2"`` and non-ASCII digits)."""
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
 def int_arg(name: str, value, lo=None, *, where: str = "") -> int:
     """``value`` as a Python int; ``ValueError`` naming ``name`` (after ``where: ``, if given) for
     a bool, a float or a string (never truncated: ``2.5`` is refused, not read as 2) or a value

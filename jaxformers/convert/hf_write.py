@@ -50,6 +50,7 @@ from typing import Dict, Iterable, List, Union
 import numpy as np
 
 from ..training.checkpoint import fsync_dir
+from ..utils import plain_int
 
 #: The storage dtypes of an export.
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
@@ -83,7 +84,7 @@ def parse_size(size: Union[int, float, str]) -> int:
         value = int(np.floor(size))
     elif isinstance(size, str):
         s = size.strip()  # as parse_size_to_int: the last two characters are the unit, the rest a float
-        if s.isascii() and s.isdigit():
+        if plain_int(s) is not None:
             raise ValueError(f"max_shard_size={size!r} has no unit: give a string with KB / MB / GB / TB "
                              f"(e.g. '{s}KB'), or an int of bytes ({int(s)}), as huggingface_hub requires")
         unit = s[-2:].upper() if s[-2:].upper() in _UNITS else None

@@ -33,6 +33,7 @@ import flax.linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ..sharding import BATCH_MESH_AXES, DEFAULT_RULES, MESH_AXES, dividing_prefix, unknown_names
+from ..utils import plain_int
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def parse_mesh(spec: Optional[str]) -> Dict[str, int]:
             raise ValueError(f"mesh={spec!r}: axis {name!r} given twice")
         digits = value.strip()
         # ASCII digits only: int() would also take "1_6" (16), "+2" and non-ASCII digits
-        size = -1 if digits == "-1" else (int(digits) if digits.isascii() and digits.isdigit() else 0)
+        size = -1 if digits == "-1" else (plain_int(digits) or 0)
         if size == 0:
             raise ValueError(f"mesh={spec!r}: size of {name!r} must be a positive int (or -1: the devices "
                              f"the other axes leave), got {value.strip()!r}")
@@ -239,7 +240,7 @@ def _env_int(env, name: str, minimum: int = 0) -> int:
     """``env[name]`` as an int >= ``minimum``: plain ASCII digits only (``int()`` also read
     ``"1_6"`` as 16, ``"+2"`` and non-ASCII digits); ``ValueError`` naming the variable."""
     value = env[name].strip()
-    number = int(value) if value.isascii() and value.isdigit() else None
+    number = plain_int(value)
     if number is None or number < minimum:
         raise ValueError(f"{name}={value!r} must be an integer >= {minimum} (plain digits)")
     return number
@@ -268,7 +269,7 @@ def _explicit_launch(env, coordinator: Optional[str]) -> Optional[Dict[str, obje
     kwargs: Dict[str, object] = {"coordinator_address": env[coordinator].strip()}
     # a port that is not a number (or none: "host:") aborted every process after the init timeout
     host, _, port = str(kwargs["coordinator_address"]).rpartition(":")
-    if not host or not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+    if not host or not 0 < (plain_int(port) or 0) < 65536:
         raise ValueError(f"{coordinator}={kwargs['coordinator_address']!r} must be host:port "
                          "(port 1..65535, e.g. 10.0.0.1:1234)")
     if num_var is None or pid_var is None:
