@@ -177,3 +177,26 @@ def test_packed_positions_restart_at_zero_in_every_segment():
     want = [[0, 1, 0, 1, 2, 0], [0, 1, 2, 3, 4, 5]]
     np.testing.assert_array_equal(positions_from_segments(ids), want)
     np.testing.assert_array_equal(block_inputs(ids.shape, segment_ids=ids)[1], want)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_a_window_past_int32_hides_nothing(causal):
+    """A window >= 2**31 (int32 positions) is the same as no window, also with a q_offset
+    (decoding), where ``attention`` keeps the window: it must not overflow the position math."""
+    from jaxformers.ops.attention import attention
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((1, 2, 2, 8)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((1, 6, 2, 8)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((1, 6, 2, 8)), jnp.float32)
+    want = attention(q, k, v, causal=causal, q_offset=3, implementation="xla")
+    got = attention(q, k, v, causal=causal, q_offset=3, window=2**40, implementation="xla")
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["pallas", "cudnn"])
+def test_attention_dropout_with_a_kernel_implementation_is_refused(impl):
+    """Only XLA has attention dropout: an explicit kernel is a ValueError, never silently XLA."""
+    from jaxformers.ops.attention import attention
+    q = jnp.ones((1, 4, 2, 8))
+    with pytest.raises(ValueError, match="attention dropout runs on implementation='xla' only"):
+        attention(q, q, q, dropout_rate=0.1, dropout_rng=jax.random.PRNGKey(0), implementation=impl)
