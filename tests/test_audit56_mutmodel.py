@@ -200,3 +200,26 @@ def test_attention_dropout_with_a_kernel_implementation_is_refused(impl):
     q = jnp.ones((1, 4, 2, 8))
     with pytest.raises(ValueError, match="attention dropout runs on implementation='xla' only"):
         attention(q, q, q, dropout_rate=0.1, dropout_rng=jax.random.PRNGKey(0), implementation=impl)
+
+
+def test_the_models_norms_use_norm_eps():
+    """Every norm of the model (the blocks' and the final one) takes ``config.norm_eps``: a huge eps
+    shrinks the normalised activations, so it changes the logits (a fixed 1e-6 ignored it, and
+    1e-6 is what the HF checkpoints of the other tests use)."""
+    from jaxformers.layers.norms import make_norm
+    cfg = jf.get_config("llama", "tiny", n_layer=1, norm_eps=0.25)
+    assert make_norm(cfg).eps == 0.25
+    m = jf.build(cfg)
+    tokens = jnp.arange(6, dtype=jnp.int32)[None]
+    params = m.init(jax.random.PRNGKey(0), tokens)
+    assert not np.allclose(m.apply(params, tokens), jf.build(cfg.replace(norm_eps=1e-6)).apply(params, tokens),
+                           atol=1e-4)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_bfloat16_model_returns_float32_logits(tied):
+    """Logits are float32 (float32 accumulation) whatever the compute dtype, tied head or not."""
+    cfg = jf.get_config("gpt", "tiny", n_layer=1, d_model=16, n_head=2, dtype="bfloat16", tie_embeddings=tied)
+    m = jf.build(cfg)
+    tokens = jnp.arange(4, dtype=jnp.int32)[None]
+    assert m.apply(m.init(jax.random.PRNGKey(0), tokens), tokens).dtype == jnp.float32
