@@ -621,7 +621,8 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, resume: bool 
     log step on stderr; ``True`` = bar; ``False`` = silent.  ``stop_after=k``
     stops once step ``k`` is done (checkpointing it), as if preempted -- for
     time-sliced jobs; continue with ``resume=True`` (the schedule still runs to
-    ``train_config.steps``; the progress bar and ETA count to ``k``).  ``resume=True`` with a larger ``steps`` extends a run
+    ``train_config.steps``; the progress bar and ETA count to ``k``).  ``resume=True`` with a
+    larger ``steps`` extends a run
     (the LR continues at its final value, :func:`resume_schedule`); other schedule
     changes that move the LR are refused unless ``allow_lr_jump``.
     ``train_config.init_from`` (a run directory or a Hugging Face checkpoint
