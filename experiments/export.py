@@ -94,7 +94,8 @@ def main(argv=None) -> int:
                              "outside the run")
         if out.exists() and any(out.iterdir()) and not args.force:
             raise ValueError(f"--out {out} exists and is not an empty directory (--force writes into it)")
-        size = plain_int(args.max_shard_size.strip())  # all digits: bytes (parse_size wants an int for those, as HF)
+        # all digits: bytes (parse_size wants an int for those, as HF)
+        size = plain_int(args.max_shard_size.strip())
         max_shard_size = parse_size(args.max_shard_size if size is None else size)
         if args.step is not None and args.step < 0:
             raise ValueError(f"--step must be >= 0, got {args.step}")

@@ -822,8 +822,8 @@ def _train(model_config, tc, *, run_dir, is_main, multi, resume, progress, stop_
         if not with_ckpt:
             write_run_config()
         elif rundir.restore_checkpoint_config(run_dir, ckpt, step):
-            messages.append((f"{rundir.CONFIG_FILE} was ahead of the checkpoint of step {step} (a resume killed "
-                             "before its first save): put back the checkpoint's config", True))
+            messages.append((f"{rundir.CONFIG_FILE} was ahead of the checkpoint of step {step} (a resume "
+                             "killed before its first save): put back the checkpoint's config", True))
         rundir.reset_metrics(run_dir, start_step if with_ckpt else None)
         rundir.copy_tokenizer(run_dir, source.ds_dir, getattr(source, "tokenizer", None))
 
