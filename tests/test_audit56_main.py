@@ -139,3 +139,19 @@ def test_a_second_experiment_into_a_busy_out_is_refused(tmp_path):
         holder.communicate("", timeout=60)
     start_results(out)
     start_results(out)  # the same process again: it holds the lock already
+
+
+def test_evaluate_takes_a_mesh_object_as_load_run_does(env, base_run):
+    """``evaluate(mesh=<Mesh>)`` failed with a "bad entry" error of the Mesh's repr (``load_run``
+    and ``generate`` take a Mesh); anything else is a ValueError naming ``mesh``."""
+    import pytest
+
+    from jaxformers.training import evaluate
+    from jaxformers.training.mesh import make_mesh
+
+    kw = dict(batch_size=4, seq_len=32, max_batches=1)
+    spec = evaluate(str(base_run), mesh="data=1", **kw)
+    mesh = evaluate(str(base_run), mesh=make_mesh("data=1"), **kw)
+    assert mesh["val_loss"] == spec["val_loss"] and mesh["val_tokens"] == spec["val_tokens"]
+    with pytest.raises(ValueError, match="mesh must be None"):
+        evaluate(str(base_run), mesh=2, **kw)

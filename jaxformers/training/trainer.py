@@ -1004,7 +1004,7 @@ def _normalize_params(params):
 def evaluate(run: Union[str, os.PathLike, Tuple[ModelConfig, Any]], data=None, *,
              tokenizer: Optional[str] = None,
              split: str = "val", batch_size: Optional[int] = None, seq_len: Optional[int] = None,
-             max_batches: Optional[int] = -1, mesh: Optional[str] = None,
+             max_batches: Optional[int] = -1, mesh=None,
              dtype: Optional[str] = None, loss_fn: Optional[LossFn] = None,
              cache: Optional[CompileCache] = None,
              model_overrides: Optional[Dict[str, Any]] = None,
@@ -1024,7 +1024,8 @@ def evaluate(run: Union[str, os.PathLike, Tuple[ModelConfig, Any]], data=None, *
     ``max_batches=None`` evaluates the whole split (as ``-1`` does for a run trained with
     ``eval_batches=0``); ``max_batches >= 1``: the first ``max_batches * batch_size`` windows, on
     any mesh (a mesh whose batch axes do not divide ``batch_size`` reads bigger batches, with the
-    rows past those windows weighing 0).  The loss is ``loss_fn``, else the
+    rows past those windows weighing 0).  ``mesh``: a spec such as ``"data=2,fsdp=2"`` or a
+    ``jax.sharding.Mesh`` (None: every device on ``data``).  The loss is ``loss_fn``, else the
     run's ``loss`` by name, else cross-entropy.  ``model_overrides``: model config fields to
     replace for this evaluation, ones that leave the parameters as they are (e.g. a landmark
     model's ``{"mem_chunk_len": 96}``: its loss read through the retrieval memory, windows
@@ -1054,8 +1055,11 @@ def evaluate(run: Union[str, os.PathLike, Tuple[ModelConfig, Any]], data=None, *
         raise ValueError(f"stride must be an int with 1 <= stride <= seq_len or None (seq_len), got {stride!r}")
     batch_size, seq_len, max_batches = (None if v is None else int(v) for v in (batch_size, seq_len, max_batches))
     tc = None
+    if mesh is not None and not isinstance(mesh, (str, jax.sharding.Mesh)):  # was "bad entry" of a repr
+        raise ValueError(f"mesh must be None (every device on data), a mesh spec such as 'data=2,fsdp=2' "
+                         f"or a jax.sharding.Mesh (as load_run / generate take it), got {mesh!r}")
     mesh_lib.maybe_initialize_distributed()
-    mesh_obj = mesh_lib.make_mesh(mesh)
+    mesh_obj = mesh if isinstance(mesh, jax.sharding.Mesh) else mesh_lib.make_mesh(mesh)
     if isinstance(run, (str, os.PathLike)):
         model_config, tc, params = load_run(run, mesh=mesh_obj)  # restored sharded (every process)
     else:
