@@ -179,7 +179,7 @@ def main(argv=None) -> int:
         if args.num_samples < 1:
             raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
         mesh = None
-        if args.mesh:
+        if args.mesh and args.mesh.strip():  # a blank --mesh is none, as in training
             from jaxformers.training import make_mesh
             mesh = make_mesh(args.mesh, devices=jax.local_devices())  # decoding runs in this process
         if is_hf_checkpoint(args.run):  # a HF checkpoint directory (e.g. from experiments.export)

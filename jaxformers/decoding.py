@@ -209,8 +209,9 @@ def _check_mesh(mesh):
     """``mesh`` of :func:`generate`: None, a ``jax.sharding.Mesh`` with the axes of
     :data:`jaxformers.sharding.MESH_AXES` and only this process's devices, or a spec string for
     :func:`~jaxformers.training.mesh.make_mesh` over this process's devices (``"tensor=2"``,
-    ``"data=2,tensor=2"``)."""
-    if mesh is None:
+    ``"data=2,tensor=2"``); a blank spec is None, as in training (it decoded on every local device,
+    None on one)."""
+    if mesh is None or (isinstance(mesh, str) and not mesh.strip()):
         return None
     from .sharding import MESH_AXES
     from .training.mesh import make_mesh

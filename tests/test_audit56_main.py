@@ -155,3 +155,12 @@ def test_evaluate_takes_a_mesh_object_as_load_run_does(env, base_run):
     assert mesh["val_loss"] == spec["val_loss"] and mesh["val_tokens"] == spec["val_tokens"]
     with pytest.raises(ValueError, match="mesh must be None"):
         evaluate(str(base_run), mesh=2, **kw)
+
+
+def test_a_blank_generate_mesh_is_no_mesh():
+    """``generate(mesh=" ")`` / ``--mesh " "`` decoded on every local device (a blank spec is every
+    device on ``data``), ``mesh=None`` / no flag on one; a blank spec is None now, as in training."""
+    from jaxformers.decoding import _check_mesh
+
+    assert _check_mesh(" ") is None and _check_mesh("") is None and _check_mesh(None) is None
+    assert _check_mesh("data=1") is not None
