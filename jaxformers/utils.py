@@ -40,6 +40,23 @@ def is_int(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
+def read_json_object(path, hint: str = "") -> dict:
+    """The JSON object in the file ``path``; ``ValueError`` naming ``path`` when it is unreadable,
+    not JSON (a Git LFS pointer, a truncated write) or another JSON value; ``hint``: what to do,
+    appended to the message."""
+    import json
+
+    suffix = f": {hint}" if hint else ""
+    try:
+        with open(path, "rb") as fh:
+            data = json.loads(fh.read())
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ValueError(f"{path} is unreadable ({e}){suffix}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}{suffix}")
+    return data
+
+
 def plain_int(text: str):
     """``text`` as an int when it is plain ASCII digits, else ``None`` (``int()`` also reads
     ``"1_6"`` as 16, ``"+2"``, ``" 2"`` and non-ASCII digits)."""

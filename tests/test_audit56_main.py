@@ -164,3 +164,26 @@ def test_a_blank_generate_mesh_is_no_mesh():
 
     assert _check_mesh(" ") is None and _check_mesh("") is None and _check_mesh(None) is None
     assert _check_mesh("data=1") is not None
+
+
+def test_a_broken_tokenizer_config_json_is_a_value_error_naming_it(tmp_path):
+    """``load_tokenizer`` / ``HFTokenizer`` of a directory whose ``tokenizer_config.json`` is not a
+    JSON object raised a bare ``JSONDecodeError`` / ``AttributeError`` naming no file."""
+    import pytest
+
+    from jaxformers.data import load_tokenizer
+    from jaxformers.data.tokenizer import HFTokenizer, get_tokenizer
+
+    get_tokenizer("byte").save(tmp_path / "byte")
+    for text in ('{"type": "by', "[1, 2]", "version https://git-lfs.github.com/spec/v1\n"):
+        (tmp_path / "byte" / "tokenizer_config.json").write_text(text)
+        with pytest.raises(ValueError, match="tokenizer_config.json"):
+            load_tokenizer(tmp_path / "byte")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a small text gives fewer tokens than asked for
+        get_tokenizer("bpe:300").train(["hello world the quick brown fox"] * 50).save(tmp_path / "bpe")
+    (tmp_path / "bpe" / "tokenizer_config.json").write_text('{"eos_token": ')
+    with pytest.raises(ValueError, match="tokenizer_config.json"):
+        HFTokenizer(tmp_path / "bpe")

@@ -12,6 +12,8 @@ from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import numpy as np
 
+from ..utils import read_json_object
+
 #: ``config.json``'s special-token ids: unknown to a model config (the run's tokenizer defines
 #: them; ``experiments.export`` writes its end-of-text id over these).  An omitted key would read
 #: as transformers' class default (Llama bos 1 / eos 2, Mamba 0 / 0 / 0, Mamba-2 bos 0 / eos 2 /
@@ -169,14 +171,7 @@ def read_hf_config(directory: str) -> dict:
     path = os.path.join(directory, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no config.json next to the weights in {directory}")
-    with open(path, "rb") as fh:
-        try:
-            hf = json.loads(fh.read())
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path} is not a JSON config ({e})") from None
-    if not isinstance(hf, dict):
-        raise ValueError(f"{path} is not a config: expected a JSON object, got {type(hf).__name__}")
-    return hf
+    return read_json_object(path, "not a Hugging Face config")
 
 
 def files_from_index(index_path: str):

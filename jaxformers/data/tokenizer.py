@@ -44,7 +44,7 @@ import numpy as np
 
 from pallas_kernels._common import check_flag
 
-from ..utils import int_arg
+from ..utils import int_arg, read_json_object
 
 __all__ = [
     "BPETokenizer",
@@ -296,7 +296,7 @@ class Tokenizer(ABC):
         d = Path(directory)
         cfg_path = d / CONFIG_FILE
         if cfg_path.is_file():
-            cfg = json.loads(cfg_path.read_text())
+            cfg = read_json_object(cfg_path)
             kind = cfg.get("type")
         elif (d / BPE_FILE).is_file():
             cfg, kind = {}, "bpe"
@@ -485,7 +485,7 @@ class HFTokenizer(Tokenizer):
     def _find_eos(self, d: Path) -> int:
         cfg = {}
         if (d / CONFIG_FILE).is_file():
-            cfg = json.loads((d / CONFIG_FILE).read_text())
+            cfg = read_json_object(d / CONFIG_FILE)
         if cfg.get("eos_id") is not None:  # saved by HFTokenizer.save
             eos = cfg["eos_id"]
             if (isinstance(eos, bool) or not isinstance(eos, int) or eos < 0

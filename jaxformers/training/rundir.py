@@ -56,7 +56,7 @@ from typing import Any, List, Optional, Tuple
 import jax
 
 from ..registry import build, config_from_dict
-from ..utils import file_in_the_way, is_int
+from ..utils import file_in_the_way, is_int, read_json_object
 from . import mesh as mesh_lib
 from .checkpoint import CONFIG as CHECKPOINT_CONFIG
 from .checkpoint import Checkpointer, CheckpointError
@@ -242,15 +242,9 @@ def read_config(run_dir) -> Optional[dict]:
 
 
 def _read_json_object(path: Path) -> dict:
-    """A run file holding one JSON object; ``ValueError`` naming ``path`` when it is unreadable,
-    not JSON, or another JSON value (hand-edited, or truncated by a crash of the file system)."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path} is unreadable ({e}): repair it, or move the run directory aside") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
+    """A run file holding one JSON object (:func:`~jaxformers.utils.read_json_object`: hand-edited,
+    or truncated by a crash of the file system: a ``ValueError`` naming ``path``)."""
+    return read_json_object(path, "repair it, or move the run directory aside")
 
 
 def config_text(*, model_config, train_config: TrainConfig, compute_dtype: str, dataset: dict,
