@@ -97,6 +97,8 @@ data = np.random.RandomState(0).randint(0, 65, 600)
 out = {str(m): evaluate((cfg, params), data, batch_size=3, seq_len=8, max_batches=2, mesh=m)
        for m in (None, "data=2", "tensor=2")}
 out["whole"] = evaluate((cfg, params), data, batch_size=3, seq_len=8, max_batches=None, mesh="data=2")
+out.update({f"strided {m}": evaluate((cfg, params), data, batch_size=3, seq_len=8, max_batches=2, stride=4,
+                                     mesh=m) for m in (None, "data=2", "tensor=2")})
 print("RESULT" + json.dumps(out))
 """
 
@@ -109,3 +111,8 @@ def test_evaluate_scores_max_batches_of_batch_size_windows_on_every_mesh():
         assert out[m]["val_tokens"] == ref["val_tokens"], (m, out[m])
         assert out[m]["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-6), m
     assert out["whole"]["val_tokens"] > ref["val_tokens"]  # the whole split is still read whole
+    ref = out["strided tensor=2"]  # strided: 2 batches of 3 windows (8 targets, then 4 each) on every mesh
+    assert ref["val_tokens"] == 8 + 5 * 4
+    for m in ("None", "data=2"):  # were batches of 4 strided windows: 8 + 7 * 4 targets
+        assert out[f"strided {m}"]["val_tokens"] == ref["val_tokens"], (m, out[f"strided {m}"])
+        assert out[f"strided {m}"]["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-6), m

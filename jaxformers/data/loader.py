@@ -207,16 +207,20 @@ def strided_windows(n_tokens: int, seq_len: int, stride: int,
 
 def strided_eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, stride: int,
                          max_batches: int | None = None, *, max_windows: int | None = None,
-                         process_index: int | None = None,
+                         max_rows: int | None = None, process_index: int | None = None,
                          process_count: int | None = None) -> Iterator[Dict[str, np.ndarray]]:
     """Batch dicts ``{"tokens": int32 [b, seq_len + 1], "loss_mask": float32 [b, seq_len + 1]}`` of the
     windows of :func:`strided_windows` (the mask is 1 on the targets each window scores), batched and
     split across processes as :func:`eval_batches` does (a short last batch is kept).  At most
     ``max_batches`` batches; ``max_windows`` caps the scored tokens at the first ``max_windows *
-    seq_len`` (e.g. a run's evaluation set, read with any stride)."""
+    seq_len`` (e.g. a run's evaluation set, read with any stride); ``max_rows``: at most the first
+    ``max_rows`` strided windows (``max_batches`` batches of another batch size)."""
     tokens = _check_tokens(tokens, seq_len)
     batch_size, seq_len = int_arg("batch_size", batch_size, lo=1), int(seq_len)
     starts, first = strided_windows(tokens.shape[0], seq_len, stride, max_windows)
+    if max_rows is not None:
+        n = int_arg("max_rows", max_rows, lo=1, where="strided_eval_batches")
+        starts, first = starts[:n], first[:n]
     ranges = _local_row_ranges(len(starts), batch_size, max_batches, False, process_index, process_count)
     cols = np.arange(seq_len + 1)
 

@@ -314,8 +314,8 @@ def eval_loss(program: Program, params, source, batch_size: int, seq_len: int, m
     as ``stride == seq_len``): sliding windows of ``seq_len`` tokens starting every ``stride`` tokens,
     each scoring only its targets the previous window did not
     (:func:`~jaxformers.data.loader.strided_windows`): the same tokens as without it, each scored
-    once, with at least ``seq_len - stride`` tokens of context.  ``max_batches`` counts the strided
-    batches; with ``unit_rows`` the scored tokens are those of the first ``max_batches * unit_rows``
+    once, with at least ``seq_len - stride`` tokens of context.  ``max_batches`` counts strided
+    batches of ``batch_size`` windows (whatever a mesh rounds a batch up to); with ``unit_rows`` the scored tokens are those of the first ``max_batches * unit_rows``
     non-overlapping windows, in as many strided batches as they take."""
     empty = {"val_loss": None, "val_ppl": None, "val_tokens": 0}
     if max_batches == 0 or not source.has_eval_data(seq_len, split):
@@ -343,8 +343,11 @@ def eval_loss(program: Program, params, source, batch_size: int, seq_len: int, m
         if not hasattr(source, "split_tokens"):
             raise ValueError(f"stride={stride} needs a token stream (text data); this source "
                              f"({getattr(source, 'kind', type(source).__name__)}) has fixed rows")
+        # max_batches strided batches of batch_size windows, not of the rows a mesh rounds a batch
+        # up to (their count depended on the mesh)
+        rows = None if limit is not None or max_batches is None else max_batches * batch_size
         batches = strided_eval_batches(source.split_tokens(split), rows_global, seq_len, stride,
-                                       None if limit is not None else max_batches, max_windows=limit,
+                                       max_windows=limit, max_rows=rows,
                                        process_index=block, process_count=n_blocks)
         limit = None
     else:  # the last batch's rows past the windows (or past limit) weigh 0 through loss_mask only
