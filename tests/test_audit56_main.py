@@ -187,3 +187,17 @@ def test_a_broken_tokenizer_config_json_is_a_value_error_naming_it(tmp_path):
     (tmp_path / "bpe" / "tokenizer_config.json").write_text('{"eos_token": ')
     with pytest.raises(ValueError, match="tokenizer_config.json"):
         HFTokenizer(tmp_path / "bpe")
+
+
+def test_hf_hidden_act_swish_is_silu():
+    """transformers' ``hidden_act: "swish"`` is SiLU (``ACT2FN["swish"]``); it was refused."""
+    import pytest
+
+    from jaxformers.convert import config_from_hf, config_from_hf_mamba
+    from test_audit56_hf import LLAMA, MAMBA
+
+    assert config_from_hf({**LLAMA, "hidden_act": "swish"}) == config_from_hf({**LLAMA, "hidden_act": "silu"})
+    assert (config_from_hf_mamba({**MAMBA, "hidden_act": "swish"})
+            == config_from_hf_mamba({**MAMBA, "hidden_act": "silu"}))
+    with pytest.raises(ValueError, match="hidden_act"):
+        config_from_hf({**LLAMA, "hidden_act": "gelu"})

@@ -256,8 +256,8 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", scan_layers: bool = Fals
                              f"{name}={hf[name]!r} is not supported for model_type={model_type!r} "
                              "(MistralForCausalLM has no attention biases and ignores the key: ambiguous)")
     act = hf.get("hidden_act", "silu")
-    if act != "silu":
-        raise ValueError(f"hidden_act={act!r} is not supported; expected 'silu' (SwiGLU)")
+    if act not in ("silu", "swish"):  # transformers' "swish" is SiLU too
+        raise ValueError(f"hidden_act={act!r} is not supported; expected 'silu' or 'swish' (SwiGLU)")
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not allowed; choose one of {list(DTYPES)}")
     d_model, n_head = hf_int(hf, "hidden_size"), hf_int(hf, "num_attention_heads")

@@ -85,8 +85,8 @@ def config_from_hf_mamba(hf: dict, *, dtype: str = "float32", scan_layers: bool 
         raise ValueError(f"model_type={model_type!r} is not supported; expected one of {list(MODEL_TYPES)}")
     hf = {**HF_DEFAULTS[model_type], **{k: v for k, v in hf.items() if v is not None}}
     act = hf["hidden_act"]
-    if act != "silu":
-        raise ValueError(f"hidden_act={act!r} is not supported; expected 'silu'")
+    if act not in ("silu", "swish"):  # transformers' "swish" is SiLU too
+        raise ValueError(f"hidden_act={act!r} is not supported; expected 'silu' or 'swish'")
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not allowed; choose one of {list(DTYPES)}")
     d_model = hf_int(hf, "hidden_size")
