@@ -104,6 +104,7 @@ def test_pruning_makes_the_old_step_incomplete_and_fsyncs_before_deleting(tmp_pa
             events.append(("rmtree", str(self)))
             raise OSError("disk went away")
         monkeypatch.setattr(path_type, "rmtree", failing_rmtree)
+        events.clear()  # (saving step 1 fsynced its folder too)
         _save(ckpt, 2)
     finally:
         ckpt.close()
@@ -269,6 +270,10 @@ def test_load_run_raises_for_a_corrupt_newest_checkpoint_and_falls_back_to_the_n
         rundir.load_run(tmp_path)
     deleted = True  # pruned by the run still training: the newest one left
     assert rundir.load_run(tmp_path)[2] == 3
+    on_disk.discard(3)
+    (tmp_path / "checkpoints" / "3").mkdir(parents=True)  # a save cut short: named, never restored
+    with pytest.raises(CheckpointError, match=r"no complete checkpoint at step 3; complete ones: \[1\]"):
+        rundir.load_run(tmp_path, step=3)
 
 
 def test_a_save_waits_for_the_previous_one_to_be_complete_and_never_overwrites(tmp_path, monkeypatch):
@@ -314,3 +319,11 @@ def test_earlier_measurements_only_of_the_same_final_step(tmp_path):
     (tmp_path / rundir.SUMMARY_FILE).write_text(json.dumps({"final_step": 10, "tokens_per_s": 5.0, "val_loss": 1.0}))
     assert rundir.earlier_measurements(tmp_path, 10) == {"tokens_per_s": 5.0}
     assert rundir.earlier_measurements(tmp_path, 12) == {}
+
+
+def test_two_previous_tokenizers_are_both_kept_and_none_guessed(tmp_path):
+    for name in (".tokenizer.old-a", ".tokenizer.old-b"):
+        (tmp_path / name / "tokenizer").mkdir(parents=True)
+    rundir.copy_tokenizer(tmp_path, None)
+    assert not (tmp_path / "tokenizer").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tokenizer.old-a", ".tokenizer.old-b"]
