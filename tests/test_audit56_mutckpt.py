@@ -213,9 +213,10 @@ def test_train_config_changes_ignore_the_out_dir_and_run_yaml_records_it_absolut
     assert rundir.train_config_changes(saved, TrainConfig(out_dir=str(tmp_path / "moved"))) == []
     assert rundir.train_config_changes(saved, TrainConfig(out_dir="runs/a", seed=1)) == ["seed: 0 -> 1"]
     monkeypatch.chdir(tmp_path)
-    rundir.write_run_file(tmp_path, jf.get_config("gpt", "tiny"), TrainConfig(out_dir="runs/a"))
+    (tmp_path / "src").mkdir()
+    rundir.write_run_file(tmp_path, jf.get_config("gpt", "tiny"), TrainConfig(out_dir="runs/a", init_from="src"))
     train = yaml.safe_load((tmp_path / rundir.RUN_FILE).read_text())["train"]
-    assert train["out_dir"] == str(tmp_path / "runs" / "a")
+    assert train["out_dir"] == str(tmp_path / "runs" / "a") and train["init_from"] == str((tmp_path / "src").resolve())
 
 
 def test_check_resume_lets_only_the_implementation_fields_change(tmp_path):
@@ -327,3 +328,26 @@ def test_two_previous_tokenizers_are_both_kept_and_none_guessed(tmp_path):
     rundir.copy_tokenizer(tmp_path, None)
     assert not (tmp_path / "tokenizer").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [".tokenizer.old-a", ".tokenizer.old-b"]
+
+
+def test_a_checkpoint_pruned_during_its_restore_is_named_as_such(tmp_path, monkeypatch):
+    ckpt = Checkpointer(tmp_path, keep=2, async_save=False)
+    try:
+        _save(ckpt, 1)
+
+        def pruned(step, *a, **k):  # the process training into the run deletes it meanwhile
+            (tmp_path / "checkpoints" / "1" / MANIFEST).unlink()
+            raise FileNotFoundError("params/_METADATA")
+        monkeypatch.setattr(ckpt.manager, "restore", pruned)
+        with pytest.raises(CheckpointError, match="was deleted while it was being restored"):
+            ckpt.restore(1, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), _tree(0)))
+    finally:
+        ckpt.close()
+
+
+def test_a_checkpoint_without_its_config_falls_back_to_config_json(tmp_path):
+    (tmp_path / "checkpoints" / "4").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "4" / MANIFEST).write_text("{}")  # written before configs were saved with them
+    (tmp_path / rundir.CONFIG_FILE).write_text('{"v": "config.json"}')
+    assert Checkpointer(tmp_path).read_file(4, CONFIG) is None
+    assert rundir.resume_config(tmp_path) == {"v": "config.json"}
