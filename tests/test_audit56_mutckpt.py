@@ -1,7 +1,12 @@
-"""Audit 56 (mutckpt): tests that kill mutants of checkpoint.py / rundir.py that survived the suite --
-the exact files a manifest lists, which corruption a verify names, which checkpoints pruning keeps and
-in which order it deletes, quarantine names, background save errors, atomic_write leftovers, the
-exact config_diff / dataset_changes text, metrics truncation at the restored step, the run lock."""
+"""Audit 56 (mutckpt): tests that kill the mutants of checkpoint.py / rundir.py that survived the
+suite: the exact files a manifest lists (nested, with the config), end hashing of large files and
+whole hashing at the limit, verify's messages (truncated / empty manifest / none), a second
+quarantine of one step, pruning (manifest first, fsynced, then the files), a background save's
+error from close(), a save that waits for the previous one and never overwrites, a restore pruned
+meanwhile, step 0, atomic_write leftovers, config_diff / dataset_changes / train_config_changes
+text, check_resume's implementation fields and imports, metrics kept up to the restored step,
+resume_config / restore_checkpoint_config, the run lock, refuse_clobber, load_run's fallback,
+earlier_measurements and tokenizer leftovers."""
 import json
 import os
 
@@ -16,6 +21,10 @@ from jaxformers.training.checkpoint import CONFIG, MANIFEST, Checkpointer, Check
 
 def _tree(v):
     return {"w": jnp.full((2,), float(v), jnp.float32)}
+
+
+def _abstract():
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), _tree(0))
 
 
 def _save(ckpt, step, files=None):
@@ -40,8 +49,8 @@ def test_the_manifest_lists_every_file_with_nested_paths_and_the_config(tmp_path
     try:
         _save(ckpt, 1, files={CONFIG: '{"a": 1}\n'})
         listed = ckpt.verify(1)["files"]
-        on_disk = {str(p.relative_to(tmp_path / "checkpoints" / "1")) for p in (tmp_path / "checkpoints" / "1").rglob("*")
-                   if p.is_file()} - {MANIFEST}
+        d = tmp_path / "checkpoints" / "1"
+        on_disk = {str(p.relative_to(d)) for p in d.rglob("*") if p.is_file()} - {MANIFEST}
         assert set(listed) == on_disk and CONFIG in listed and any("/" in rel for rel in listed)
         assert ckpt.read_file(1, CONFIG) == '{"a": 1}\n'
         (tmp_path / "checkpoints" / "1" / CONFIG).write_text('{"a": 2}\n')  # same size, other content
@@ -146,7 +155,8 @@ def test_config_diff_text_covers_both_sides_and_honours_ignore():
 
 def test_dataset_changes_compare_the_common_fields_but_the_cache_dir():
     saved = {"dataset": {"source": "synthetic:copy", "dir": "/a", "corpus_sha256": "1", "n_tokens": 10}}
-    assert rundir.dataset_changes(saved, {"source": "synthetic:copy", "dir": "/b", "corpus_sha256": "1"}) == []
+    same = {"source": "synthetic:copy", "dir": "/b", "corpus_sha256": "1"}
+    assert rundir.dataset_changes(saved, same) == []
     assert rundir.dataset_changes(saved, {"source": "synthetic:copy", "corpus_sha256": "2", "extra": 1}) == [
         "corpus_sha256: '1' -> '2'"]
 
@@ -214,16 +224,19 @@ def test_train_config_changes_ignore_the_out_dir_and_run_yaml_records_it_absolut
     assert rundir.train_config_changes(saved, TrainConfig(out_dir="runs/a", seed=1)) == ["seed: 0 -> 1"]
     monkeypatch.chdir(tmp_path)
     (tmp_path / "src").mkdir()
-    rundir.write_run_file(tmp_path, jf.get_config("gpt", "tiny"), TrainConfig(out_dir="runs/a", init_from="src"))
+    rundir.write_run_file(tmp_path, jf.get_config("gpt", "tiny"),
+                          TrainConfig(out_dir="runs/a", init_from="src"))
     train = yaml.safe_load((tmp_path / rundir.RUN_FILE).read_text())["train"]
-    assert train["out_dir"] == str(tmp_path / "runs" / "a") and train["init_from"] == str((tmp_path / "src").resolve())
+    assert train["out_dir"] == str(tmp_path / "runs" / "a")
+    assert train["init_from"] == str((tmp_path / "src").resolve())
 
 
 def test_check_resume_lets_only_the_implementation_fields_change(tmp_path):
     import jaxformers as jf
     from jaxformers.training.config import TrainConfig
     cfg = jf.get_config("landmark", "tiny")
-    (tmp_path / rundir.CONFIG_FILE).write_text(json.dumps({"model": cfg.to_dict(), "train": TrainConfig().to_dict()}))
+    (tmp_path / rundir.CONFIG_FILE).write_text(
+        json.dumps({"model": cfg.to_dict(), "train": TrainConfig().to_dict()}))
     other = "reference" if cfg.landmark_impl != "reference" else "pallas"
     changed = cfg.replace(landmark_impl=other, remat="full")
     assert rundir.check_resume(tmp_path, changed)["model"] == cfg.to_dict()
@@ -238,7 +251,8 @@ def test_restore_checkpoint_config_puts_back_config_json_and_run_yaml(tmp_path):
 
     import jaxformers as jf
     from jaxformers.training.config import TrainConfig
-    kw = dict(model_config=jf.get_config("gpt", "tiny"), compute_dtype="float32", dataset={}, n_params=1, mesh="")
+    kw = dict(model_config=jf.get_config("gpt", "tiny"), compute_dtype="float32", dataset={}, n_params=1,
+              mesh="")
     text = rundir.config_text(train_config=TrainConfig(steps=10), **kw)
     (tmp_path / "checkpoints" / "10").mkdir(parents=True)
     (tmp_path / "checkpoints" / "10" / CONFIG).write_text(text)
@@ -250,7 +264,8 @@ def test_restore_checkpoint_config_puts_back_config_json_and_run_yaml(tmp_path):
     assert rundir.restore_checkpoint_config(tmp_path, ckpt, 10) is False
 
 
-def test_load_run_raises_for_a_corrupt_newest_checkpoint_and_falls_back_to_the_newest_left(tmp_path, monkeypatch):
+def test_load_run_raises_for_a_corrupt_newest_checkpoint_and_falls_back_to_the_newest_left(
+        tmp_path, monkeypatch):
     import jaxformers as jf
     from jaxformers.training.config import TrainConfig
     (tmp_path / rundir.CONFIG_FILE).write_text(json.dumps(
@@ -304,7 +319,7 @@ def test_a_save_waits_for_the_previous_one_to_be_complete_and_never_overwrites(t
         assert [ckpt.read_file(s, CONFIG) for s in (1, 2)] == ["one", "two"]
         with pytest.raises(CheckpointError, match="refusing to overwrite"):
             ckpt.save(2, _tree(3), _tree(3), {"data_step": 3})
-        assert float(ckpt.restore(2, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), _tree(0)))[0]["w"][0]) == 2.0
+        assert float(ckpt.restore(2, _abstract())[0]["w"][0]) == 2.0
     finally:
         ckpt.close()
 
@@ -317,7 +332,8 @@ def test_a_new_run_refuses_a_directory_with_only_an_incomplete_checkpoint(tmp_pa
 
 
 def test_earlier_measurements_only_of_the_same_final_step(tmp_path):
-    (tmp_path / rundir.SUMMARY_FILE).write_text(json.dumps({"final_step": 10, "tokens_per_s": 5.0, "val_loss": 1.0}))
+    summary = {"final_step": 10, "tokens_per_s": 5.0, "val_loss": 1.0}
+    (tmp_path / rundir.SUMMARY_FILE).write_text(json.dumps(summary))
     assert rundir.earlier_measurements(tmp_path, 10) == {"tokens_per_s": 5.0}
     assert rundir.earlier_measurements(tmp_path, 12) == {}
 
@@ -340,14 +356,34 @@ def test_a_checkpoint_pruned_during_its_restore_is_named_as_such(tmp_path, monke
             raise FileNotFoundError("params/_METADATA")
         monkeypatch.setattr(ckpt.manager, "restore", pruned)
         with pytest.raises(CheckpointError, match="was deleted while it was being restored"):
-            ckpt.restore(1, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), _tree(0)))
+            ckpt.restore(1, _abstract())
     finally:
         ckpt.close()
 
 
 def test_a_checkpoint_without_its_config_falls_back_to_config_json(tmp_path):
     (tmp_path / "checkpoints" / "4").mkdir(parents=True)
-    (tmp_path / "checkpoints" / "4" / MANIFEST).write_text("{}")  # written before configs were saved with them
+    # written before configs were saved with them
+    (tmp_path / "checkpoints" / "4" / MANIFEST).write_text("{}")
     (tmp_path / rundir.CONFIG_FILE).write_text('{"v": "config.json"}')
     assert Checkpointer(tmp_path).read_file(4, CONFIG) is None
     assert rundir.resume_config(tmp_path) == {"v": "config.json"}
+
+
+def test_check_resume_imports_the_modules_the_run_recorded(tmp_path):
+    import jaxformers as jf
+    from jaxformers.training.config import TrainConfig
+    train = dict(TrainConfig().to_dict(), imports=["jaxformers_audit56_no_such_module"])
+    (tmp_path / rundir.CONFIG_FILE).write_text(json.dumps({"model": jf.get_config("gpt", "tiny").to_dict(),
+                                                           "train": train}))
+    with pytest.raises(ValueError, match="jaxformers_audit56_no_such_module"):
+        rundir.check_resume(tmp_path, jf.get_config("gpt", "tiny"))
+
+
+def test_a_checkpoint_at_step_0_is_saved_and_restored(tmp_path):
+    ckpt = Checkpointer(tmp_path, keep=1, async_save=False)
+    try:
+        _save(ckpt, 0)
+        assert ckpt.latest_step() == 0 and ckpt.restore(0, _abstract())[2] == {"data_step": 0, "step": 0}
+    finally:
+        ckpt.close()
