@@ -8,7 +8,7 @@ from experiments import train as train_cli
 
 def test_init_from_and_resume_survive_a_deleted_source(env, base_run, capsys):
     """A fine-tuning job script passes ``--init-from SRC --resume`` on every start; once SRC is
-    deleted the run (which holds its config, tokenizer and loss) is continued from its checkpoint
+    deleted the run (which holds its config and loss) is continued from its checkpoint
     (it was a FileNotFoundError reading SRC's config.json); another source is still refused."""
     src = env["root"] / "src_copy56"
     shutil.copytree(base_run, src)
@@ -26,7 +26,6 @@ def test_init_from_and_resume_survive_a_deleted_source(env, base_run, capsys):
     gone = env["root"] / "never_there56"
     assert train_cli.main(command(gone, "--steps", "4", "--resume")) == 2
     assert f"started with init_from={str(src)!r}" in capsys.readouterr().err
-
 
 
 def test_a_no_op_resume_puts_back_a_config_json_left_ahead(env, base_run, caplog):
