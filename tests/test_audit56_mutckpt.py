@@ -1,11 +1,11 @@
 """Audit 56 (mutckpt): tests that kill the mutants of checkpoint.py / rundir.py that survived the
 suite: the exact files a manifest lists (nested, with the config), end hashing of large files and
 whole hashing at the limit, verify's messages (truncated / empty manifest / none), a second
-quarantine of one step, pruning (manifest first, fsynced, then the files), a save that waits for
-the previous one and never overwrites, a restore pruned meanwhile, step 0, atomic_write
-leftovers, config_diff / dataset_changes / train_config_changes text, check_resume's implementation fields and imports, metrics kept up to the restored step,
-resume_config / restore_checkpoint_config, the run lock, refuse_clobber, load_run's fallback,
-earlier_measurements and tokenizer leftovers."""
+quarantine of one step, pruning (manifest first, fsynced, then the files), a save that waits for the
+previous one and never overwrites, a restore pruned meanwhile, step 0, atomic_write leftovers,
+config_diff / dataset_changes / train_config_changes text, check_resume's implementation fields and
+imports, metrics kept up to the restored step, resume_config / restore_checkpoint_config, the run
+lock, refuse_clobber, load_run's fallback, earlier_measurements and tokenizer leftovers."""
 import json
 import os
 
