@@ -12,7 +12,7 @@ from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import numpy as np
 
-from ..utils import read_json_object
+from ..utils import is_int, read_json_object
 
 #: ``config.json``'s special-token ids: unknown to a model config (the run's tokenizer defines
 #: them; ``experiments.export`` writes its end-of-text id over these).  An omitted key would read
@@ -28,8 +28,6 @@ def hf_int(hf: dict, key: str, default=None) -> int:
     for anything but an integer (``int()`` read 16.7 as 16, ``true`` as 1 and ``"64"`` as 64)."""
     value = hf.get(key)
     value = default if value is None else value
-    from ..utils import is_int
-
     if not (is_int(value) or (isinstance(value, float) and value.is_integer())):
         raise ValueError(f"config.json {key}={value!r} must be an integer")
     return int(value)

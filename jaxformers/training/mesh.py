@@ -32,6 +32,8 @@ import numpy as np
 import flax.linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from pallas_kernels._common import check_flag
+
 from ..sharding import BATCH_MESH_AXES, DEFAULT_RULES, MESH_AXES, dividing_prefix, unknown_names
 from ..utils import plain_int
 
@@ -372,7 +374,6 @@ def maybe_initialize_distributed(force: Optional[bool] = None) -> bool:
     """
     global _INITIALIZED
     if force is not None:  # a string "no" would force by truthiness
-        from pallas_kernels._common import check_flag
         force = check_flag("maybe_initialize_distributed: force (None: JAXFORMERS_DISTRIBUTED decides)",
                            force)
     if _INITIALIZED:
