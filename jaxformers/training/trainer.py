@@ -315,8 +315,9 @@ def eval_loss(program: Program, params, source, batch_size: int, seq_len: int, m
     each scoring only its targets the previous window did not
     (:func:`~jaxformers.data.loader.strided_windows`): the same tokens as without it, each scored
     once, with at least ``seq_len - stride`` tokens of context.  ``max_batches`` counts strided
-    batches of ``batch_size`` windows (whatever a mesh rounds a batch up to); with ``unit_rows`` the scored tokens are those of the first ``max_batches * unit_rows``
-    non-overlapping windows, in as many strided batches as they take."""
+    batches of ``batch_size`` windows (whatever a mesh rounds a batch up to); with ``unit_rows``
+    the scored tokens are those of the first ``max_batches * unit_rows`` non-overlapping windows,
+    in as many strided batches as they take."""
     empty = {"val_loss": None, "val_ppl": None, "val_tokens": 0}
     if max_batches == 0 or not source.has_eval_data(seq_len, split):
         return empty
