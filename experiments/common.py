@@ -399,14 +399,17 @@ def write_results(out_dir, **fields) -> str:
     return path
 
 
-def start_results(out_dir) -> None:
+def start_results(out_dir, plots=()) -> None:
     """At the start of an experiment's or benchmark's run (its arguments checked, nothing trained
     or measured yet): an ``out_dir/results.json`` an earlier invocation left is moved to
     ``results.previous.json``.  It described runs this invocation replaces (``OUT/runs/<name>``
     is retrained from scratch unless ``--reuse`` keeps it), and until this run's first
     :func:`save_progress` (a benchmark's first saved row) a run cut short (a kill, a time limit,
     a crash) left it in place -- ``"complete": true`` and the old settings' numbers -- as if it
-    were this run's result.
+    were this run's result.  Likewise each of ``plots`` (the file names of the PNGs the
+    experiment draws at its end, e.g. ``("ppl.png",)``) an earlier invocation left in
+    ``out_dir`` is moved to ``NAME.previous.png``: a run cut short before drawing them leaves no
+    old plot beside its partial ``results.json``.
 
     It also locks ``out_dir`` (``.experiment.lock``, :func:`jaxformers.training.rundir.lock_dir`)
     for the rest of the process: a second invocation into the same ``--out`` while this one runs
@@ -417,6 +420,14 @@ def start_results(out_dir) -> None:
     if os.path.isfile(old):
         os.replace(old, os.path.join(out_dir, "results.previous.json"))
         print(f"moved the earlier run's {old} to results.previous.json", file=sys.stderr, flush=True)
+    for name in plots:
+        if os.path.basename(name) != name or not name.endswith(".png"):
+            raise ValueError(f"plots must be PNG file names in out_dir, got {name!r}")
+        plot = os.path.join(out_dir, name)
+        if os.path.isfile(plot):
+            os.replace(plot, os.path.join(out_dir, name[:-len(".png")] + ".previous.png"))
+            print(f"moved the earlier run's {plot} to {name[:-len('.png')]}.previous.png", file=sys.stderr,
+                  flush=True)
 
 
 _OUT_LOCKS = {}  # realpath of an experiment's out_dir -> the fd holding its lock (this process)

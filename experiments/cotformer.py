@@ -46,6 +46,9 @@ from experiments.common import (check_heads, check_reuse, experiment_parser, par
                                 parse_list, reuse_or_train, save_progress, start_results, time_forwards,
                                 train_overrides, write_json)
 
+#: the PNGs this experiment draws (an earlier invocation's: moved aside by ``start_results``)
+PLOTS = ("ppl_vs_macs.png",)
+
 PRESETS = {
     "tiny": dict(model=dict(d_model=64, n_head=4, max_seq_len=64), depth=2, ln_reserved=(0, 0),
                  train=dict(steps=150, batch_size=16, seq_len=64, lr=3e-3, warmup_steps=15,
@@ -168,7 +171,7 @@ def run(args) -> dict:
     preset = _preset(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    start_results(out)  # an earlier run's results.json: not this run's until it saves its own
+    start_results(out, PLOTS)  # an earlier run's results.json: not this run's until it saves its own
     train_kw = train_overrides(preset["train"], args.steps, args.eval_batches)
     _, meta, _, _ = open_dataset(args.data, "byte")
     grid = model_grid(preset, int(meta["vocab_size"]))

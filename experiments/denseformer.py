@@ -32,6 +32,9 @@ from experiments.common import (check_reuse, experiment_parser, parse_experiment
                                 reuse_or_train, save_progress, start_results, time_forwards, train_overrides,
                                 write_json)
 
+#: the PNGs this experiment draws (an earlier invocation's: moved aside by ``start_results``)
+PLOTS = ("ppl_vs_depth.png", "alpha_heatmap.png")
+
 PRESETS = {
     # L=4: 1x1 (a DWA after every block) and 2x2 (after blocks 2 and 4, over even/odd outputs);
     # deeper baselines at 1.5L and 2L.
@@ -148,7 +151,7 @@ def run(args) -> dict:
     preset = PRESETS[args.preset]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    start_results(out)  # an earlier run's results.json: not this run's until it saves its own
+    start_results(out, PLOTS)  # an earlier run's results.json: not this run's until it saves its own
     train_kw = train_overrides(preset["train"], args.steps, args.eval_batches)
     _, meta, _, _ = open_dataset(args.data, "byte")
     grid = model_grid(preset, args.base, int(meta["vocab_size"]))

@@ -59,6 +59,9 @@ from pathlib import Path
 from experiments.common import (check_finished, experiment_parser, parse_experiment_args, parse_list,
                                 save_progress, start_results, usage_error, write_json, write_results)
 
+#: the PNGs this experiment draws (an earlier invocation's: moved aside by ``start_results``)
+PLOTS = ("coverage.png",)
+
 PRESETS = {
     # the teacher's greedy accuracy on held-out 3-digit sums: 0.95-1.00 over 9 seeds after 800 steps
     # (0.21-1.00 after 500: some seeds learn the carries late); 0.94 at seed 0
@@ -560,7 +563,7 @@ def main(argv=None) -> dict:
     args = parse_experiment_args(ap, argv, check=_check_args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    start_results(out)  # an earlier run's results.json: not this run's until it saves its own
+    start_results(out, PLOTS)  # an earlier run's results.json: not this run's until it saves its own
     results = run(args, ap)
     results["plots"] = plot(results, out)
     write_results(out, **results, complete=True)

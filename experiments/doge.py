@@ -45,6 +45,9 @@ from pathlib import Path
 from experiments.common import (check_reuse, experiment_parser, parse_experiment_args, reuse_or_train,
                                 save_progress, start_results, write_results)
 
+#: the PNGs this experiment draws (an earlier invocation's: moved aside by ``start_results``)
+PLOTS = ("weights.png", "ppl.png")
+
 DOMAINS = ("comedies", "histories", "tragedies", "poems", "python")
 OOD_TARGET = "poems"  # default held-out domain of the out-of-domain mode
 
@@ -280,7 +283,7 @@ def main(argv=None) -> dict:
     args = parse_experiment_args(_parser(), argv, check=_check_args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    start_results(out)  # an earlier run's results.json: not this run's until it saves its own
+    start_results(out, PLOTS)  # an earlier run's results.json: not this run's until it saves its own
     results = run(args)
     results["plots"] = plot(results, out)
     write_results(out, **results, complete=True)

@@ -57,6 +57,9 @@ from pallas_kernels.ssd import ssd
 from pallas_kernels.triton_inspect import GPU_LIMITS, SetupError, compile_report, gpu_limits, triton_calls
 from experiments.common import check_out, environment, parse_list, start_results, write_json, write_results
 
+#: the PNGs this experiment draws (an earlier invocation's: moved aside by ``start_results``)
+PLOTS = ("kernel_report.png",)
+
 S = jax.ShapeDtypeStruct
 bf16, f32 = jnp.bfloat16, jnp.float32
 PRESETS = ("quick", "full")
@@ -331,7 +334,7 @@ def main(argv=None):
                   preset=args.preset, arch=f"sm_{args.arch}", families=list(families),
                   note="compiled on the CPU with the pip triton; resources only, no timing")
     os.makedirs(args.out, exist_ok=True)
-    start_results(args.out)  # an earlier run's results.json: not this run's until it saves its own
+    start_results(args.out, PLOTS)  # an earlier run's results.json: not this run's until it saves its own
     path = os.path.join(args.out, "results.json")
     env = environment()
     missing = []  # configurations whose lowering has no Triton call (no row): recorded, not dropped

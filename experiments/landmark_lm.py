@@ -54,6 +54,9 @@ import numpy as np
 from experiments.common import (check_heads, check_reuse, experiment_parser, parse_experiment_args, parse_list,
                                 reuse_or_train, save_progress, start_results, usage_error, write_json)
 
+#: the PNGs this experiment draws (an earlier invocation's: moved aside by ``start_results``)
+PLOTS = ("landmark_lm.png",)
+
 PRESETS = {
     "tiny": dict(model=dict(d_model=64, n_head=4, n_layer=2), block=16, train_blocks=6,
                  train=dict(steps=300, batch_size=16, lr=3e-3, warmup_steps=30, eval_every=0,
@@ -247,7 +250,7 @@ def run(args, ap=None) -> dict:
         usage_error(ap, f"{flag}: {max(factors)} x {raw} tokens do not fit in the {len(val_tokens)}-token "
                         f"validation split of {args.data!r}")
     out.mkdir(parents=True, exist_ok=True)
-    start_results(out)  # an earlier run's results.json: not this run's until it saves its own
+    start_results(out, PLOTS)  # an earlier run's results.json: not this run's until it saves its own
     vocab = LandmarkConfig.vocab_size_for_data(meta["vocab_size"], {})  # + the landmark token
     common = dict(preset["model"], vocab_size=vocab, max_seq_len=chunk)
     cfgs = {"landmark": get_config("landmark", "tiny", landmark_block=L, **common),

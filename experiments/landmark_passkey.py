@@ -36,6 +36,9 @@ import numpy as np
 from experiments.common import (check_heads, experiment_parser, parse_experiment_args, parse_list,
                                 save_progress, start_results, write_json)
 
+#: the PNGs this experiment draws (an earlier invocation's: moved aside by ``start_results``)
+PLOTS = ("passkey.png",)
+
 PRESETS = {
     "tiny": dict(model=dict(d_model=64, n_head=4, n_layer=2), block=16, train_blocks=6,
                  digits=2, steps=800, batch=32, lr=3e-3, warmup=50, eval_samples=24,
@@ -254,7 +257,7 @@ def run(args) -> dict:
     top_ks = preset["top_k"] if args.top_k is None else tuple(args.top_k)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    start_results(out)  # an earlier run's results.json: not this run's until it saves its own
+    start_results(out, PLOTS)  # an earlier run's results.json: not this run's until it saves its own
     lm_cfg, base_cfg, raw = make_configs(preset)
     L, nb = preset["block"], preset["train_blocks"]
     results = {"preset": args.preset, "seed": args.seed, "backend": jax.default_backend(),

@@ -46,6 +46,9 @@ from experiments.common import (check_data_vocab, check_reuse, check_run_args, e
                                 parse_experiment_args, parse_list, reuse_or_train, run_kind, start_results,
                                 train_overrides, unrolled, usage_error, write_json)
 
+#: the PNGs this experiment draws (an earlier invocation's: moved aside by ``start_results``)
+PLOTS = ("layer_parallel.png",)
+
 POSITIONS = ("early", "middle", "late")
 PRESETS = {
     "tiny": dict(model=dict(d_model=64, n_layer=8, n_head=4, n_kv_head=2, d_ff=192, max_seq_len=128),
@@ -345,7 +348,7 @@ def run(args, ap=None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if not args.train_only:  # an earlier run's results.json: not this run's until it saves its own
-        start_results(out)
+        start_results(out, PLOTS)
     cfg, params, data, tokenizer, info = load_model(args, preset, out)
     if args.train_only:
         return {"train_only": True, **info}

@@ -46,6 +46,9 @@ from pathlib import Path
 from experiments.common import (check_reuse, experiment_parser, parse_experiment_args, parse_list,
                                 reuse_or_train, start_results, train_overrides, write_json)
 
+#: the PNGs this experiment draws (an earlier invocation's: moved aside by ``start_results``)
+PLOTS = ("val_ppl.png", "decode_scaling.png")
+
 MODELS = ("base", "mamba", "mamba2", "hybrid")  # "base" = the --base attention model
 
 PRESETS = {
@@ -229,7 +232,7 @@ def run(args) -> dict:
     preset = PRESETS[args.preset]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    start_results(out)  # an earlier run's results.json: not this run's until it saves its own
+    start_results(out, PLOTS)  # an earlier run's results.json: not this run's until it saves its own
     train_kw = train_overrides(preset["train"], args.steps, args.eval_batches)
     # --contexts / --models: checked lists (_check_args)
     contexts = preset["contexts"] if args.contexts is None else tuple(args.contexts)

@@ -60,6 +60,9 @@ from experiments.common import (check_data_vocab, check_reuse, check_run_args, e
                                 parse_experiment_args, parse_list, reuse_or_train, run_kind, save_progress,
                                 start_results, train_overrides, unrolled, usage_error, write_json)
 
+#: the PNGs this experiment draws (an earlier invocation's: moved aside by ``start_results``)
+PLOTS = ("quarot_ppl.png", "quarot_outliers.png", "quarot_int.png")
+
 PRESETS = {
     "tiny": dict(model=dict(preset="tiny", max_seq_len=128),
                  train=dict(steps=300, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=30,
@@ -371,7 +374,7 @@ def run(args, ap=None) -> dict:
         preset["train"]["batch_size"] = args.batch_size
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    start_results(out)  # an earlier run's results.json: not this run's until it saves its own
+    start_results(out, PLOTS)  # an earlier run's results.json: not this run's until it saves its own
     cfg, params, data, tok, ev_kw, dtype, summary = _load_source(args, preset, out)
     if cfg.model != "llama":
         usage_error(ap, f"--run: QuaRot needs a llama model (RMSNorm, SwiGLU), got model {cfg.model!r}")

@@ -37,6 +37,9 @@ from pathlib import Path
 from experiments.common import (check_reuse, environment, experiment_parser, parse_experiment_args, parse_list,
                                 reuse_or_train, start_results, train_overrides, write_json)
 
+#: the PNGs this experiment draws (an earlier invocation's: moved aside by ``start_results``)
+PLOTS = ("scfa_lm.png",)
+
 PRESETS = {
     # 2 layers, d=64, T=128: a few minutes on 2 CPU cores (reference attention).
     "tiny": dict(model=dict(d_model=64, n_head=4, n_layer=2, max_seq_len=128), seq_lens=(128,),
@@ -161,7 +164,7 @@ def run(args) -> dict:
     preset = PRESETS[args.preset]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    start_results(out)  # an earlier run's results.json: not this run's until it saves its own
+    start_results(out, PLOTS)  # an earlier run's results.json: not this run's until it saves its own
     train_kw = train_overrides(preset["train"], args.steps, args.eval_batches)
     _, meta, _, val_tokens = open_dataset(args.data, "byte")
     seq_lens = preset["seq_lens"] if args.seq_len is None else (args.seq_len,)  # checked (_check_args)

@@ -34,6 +34,9 @@ import numpy as np
 
 from experiments.common import check_counts, check_out, median_ms, parse_list, start_results, write_results
 
+#: the PNGs this experiment draws (an earlier invocation's: moved aside by ``start_results``)
+PLOTS = ("speedup_vs_T.png",)
+
 
 def _inputs(batch, seq_len, heads, head_dim, dtype, seed=0):
     ks = jax.random.split(jax.random.PRNGKey(seed), 4)
@@ -237,7 +240,7 @@ def main(argv=None):
     cfg = sweep_config(ap, args)
     note = ("speedup_vs_X_mode = X's ms / this row's ms, same run; sparse ms include "
             "the token sort and tile tables")
-    start_results(args.out)  # an earlier run's results.json: not this run's until it saves its own
+    start_results(args.out, PLOTS)  # an earlier run's results.json: not this run's until it saves its own
     rows = run(args, cfg, progress=lambda rows: write_results(args.out, quick=args.quick, config=cfg, rows=rows,
                                                               note=note, complete=False))
     import os
