@@ -1,8 +1,15 @@
 """Presets of a model: parameters and training FLOPs per token; the fields you can set.
 
     python -m experiments.info --model llama [--seq-len 1024] [--json]
+    python -m experiments.info --run runs/llama-tiny   # a run's model, at its seq_len and loss
     python -m experiments.info --fields llama     # model-config (--set) and train (--train-set) fields
     python -m experiments.info --import my_arch --model my-arch   # an architecture your module registers
+
+``non-emb`` (``non_embedding_params``) is the parameter count less the token-embedding table
+(``vocab_size * d_model``); an untied output head counts.  ``FLOPs/token`` is what the trainer
+counts for the run's MFU (:func:`jaxformers.training.metrics.model_flops_per_token`): per token
+of the data, with the positions the model's default loss runs (a landmark model's inserted
+landmarks), or, for ``--run``, the run's own loss.
 """
 import argparse
 import json
@@ -12,19 +19,48 @@ import jaxformers as jf
 from jaxformers.utils import abstract_param_count
 
 
+def config_row(config, seq_len: int, loss: str = None, **names) -> dict:
+    """One table row of ``config`` at context ``seq_len``; FLOPs per token as the trainer counts
+    them with loss ``loss`` (default: the config's ``default_loss``)."""
+    from jaxformers.training.losses import get_loss
+    from jaxformers.training.metrics import model_flops_per_token
+
+    n = abstract_param_count(jf.build(config))  # (flops_per_token builds its own abstract tree)
+    loss_fn = get_loss(loss or type(config).default_loss)
+    return dict(**names, params=n, non_embedding_params=n - config.vocab_size * config.d_model,
+                d_model=config.d_model, n_layer=config.n_layer,
+                n_head=getattr(config, "n_head", None), n_kv_head=getattr(config, "kv_heads", None),
+                attention_layers=config.n_attention_layers, vocab_size=config.vocab_size, seq_len=seq_len,
+                flops_per_token=model_flops_per_token(config, seq_len, loss_fn=loss_fn))
+
+
 def preset_table(model: str, seq_len=None):
-    rows = []
-    for preset in jf.list_presets(model):
-        config = jf.get_config(model, preset)
-        t = seq_len or config.max_seq_len
-        n = abstract_param_count(jf.build(config))  # (flops_per_token builds its own abstract tree)
-        rows.append(dict(model=model, preset=preset, params=n,
-                         non_embedding_params=n - config.vocab_size * config.d_model,
-                         d_model=config.d_model, n_layer=config.n_layer,
-                         n_head=getattr(config, "n_head", None), n_kv_head=getattr(config, "kv_heads", None),
-                         attention_layers=config.n_attention_layers, vocab_size=config.vocab_size, seq_len=t,
-                         flops_per_token=config.flops_per_token(t)))
-    return rows
+    return [config_row(config, seq_len or config.max_seq_len, model=model, preset=preset)
+            for preset, config in ((p, jf.get_config(model, p)) for p in jf.list_presets(model))]
+
+
+def run_row(run_dir, seq_len=None) -> dict:
+    """The row of a run directory's model (``config.json``: its model config, ``seq_len`` and
+    loss -- ``train.loss``: a loss ``train()`` was given as a Python function is not recorded by
+    name, its FLOPs are ``train.loss``'s; the modules the run recorded are imported first),
+    ``preset`` = the run's path."""
+    from pathlib import Path
+
+    from jaxformers.registry import config_from_dict
+    from jaxformers.training import TrainConfig
+    from jaxformers.training.rundir import CONFIG_FILE, import_run_modules, read_config
+
+    run_dir = Path(run_dir).expanduser()
+    saved = read_config(run_dir)
+    if saved is None:
+        raise ValueError(f"--run {run_dir} is not a run directory (no {CONFIG_FILE})")
+    missing = [k for k in ("model", "train") if not isinstance(saved.get(k), dict)]
+    if missing:
+        raise ValueError(f"{run_dir / CONFIG_FILE} is not a run config: no {' / '.join(missing)} section")
+    import_run_modules(saved, run_dir)
+    config = config_from_dict(saved["model"])
+    train = TrainConfig.from_dict(saved["train"])
+    return config_row(config, seq_len or train.seq_len, train.loss, model=config.model, preset=str(run_dir))
 
 
 def field_rows(model=None):
@@ -60,6 +96,8 @@ def _human(n):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help=f"one of {jf.list_models()} (default: all)")
+    p.add_argument("--run", default=None, metavar="DIR",
+                   help="a run directory: its model at its seq_len (or --seq-len) and loss")
     p.add_argument("--seq-len", type=int, default=None, help="context length for FLOPs (default: preset's)")
     p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     p.add_argument("--fields", nargs="?", const="", metavar="MODEL",
@@ -72,7 +110,7 @@ def main(argv=None):
     if args.seq_len is not None and args.seq_len < 1:
         p.exit(2, f"error: --seq-len must be a positive int, got {args.seq_len}\n")
     if args.fields is not None:
-        for flag, value in (("--model", args.model), ("--seq-len", args.seq_len)):
+        for flag, value in (("--model", args.model), ("--seq-len", args.seq_len), ("--run", args.run)):
             if value is not None:  # silently ignored otherwise: --fields MODEL names the model
                 p.error(f"--fields excludes {flag} (use --fields MODEL for a model's fields)")
         try:
@@ -89,9 +127,14 @@ def main(argv=None):
                 last = r["config"]
             print(f"  {r['field']:<22} {r['type']:<34} {r['default']!r}")
         return rows
+    if args.run is not None and args.model is not None:
+        p.error("--run excludes --model (the run names its model)")
     models = [args.model] if args.model else jf.list_models()
     try:
-        rows = [r for m in models for r in preset_table(m, args.seq_len)]
+        if args.run is not None:
+            rows = [run_row(args.run, args.seq_len)]
+        else:
+            rows = [r for m in models for r in preset_table(m, args.seq_len)]
     except ValueError as e:
         p.exit(2, f"error: {e}\n")
     if args.json:
