@@ -21,7 +21,8 @@ def enable_compile_cache():
 
 def experiment_parser(name: str, doc: str, presets, *, default_preset="tiny", preset_help=None,
                       steps_help="override the preset's training steps", data=True,
-                      data_default="default", data_help="corpus / prepared dataset (default: built-in)"):
+                      data_default="default",
+                      data_help="corpus (byte tokens) / prepared dataset (its tokens) (default: built-in)"):
     """The ``argparse`` parser of ``python -m experiments.NAME`` with the options every paper
     experiment takes: ``--preset`` (one of ``presets``), ``--out``, ``--steps``, ``--seed``,
     ``--data`` (unless ``data=False``) and ``--no-compile-cache``; the experiment adds its own.

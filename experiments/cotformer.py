@@ -5,7 +5,8 @@ perplexity-vs-compute curve.
     python -m experiments.cotformer --preset gpu --out runs/cotformer-gpu     # d=768, 12 heads, T=256
 
 Models (``L`` = the preset's depth), all trained for the same steps on the same batches of
-the built-in corpus (byte tokens, ``jaxformers.training.train``, seed ``--seed``):
+the built-in corpus (byte tokens; a prepared ``--data``: its own tokens), with
+``jaxformers.training.train``, seed ``--seed``:
 ``gpt_L``, ``gpt_2L``, ``gpt_3L`` (standard transformers), ``but_Lx2``, ``but_Lx3`` (block
 universal transformer), ``cotformer_Lx2``, ``cotformer_Lx3``, ``ln_cotformer_Lx3``
 (LN-CoTFormer: norm after every repeat, learned linear depth embedding, the preset's reserved

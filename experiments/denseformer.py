@@ -5,7 +5,7 @@
     python -m experiments.denseformer --preset gpu --out runs/denseformer-gpu       # 12 vs 24 layers, d=768
 
 Every model trains for the same steps on the same batches of the built-in corpus
-(Shakespeare, byte tokens) with ``jaxformers.training.train``; runs go to
+(Shakespeare, byte tokens; a prepared ``--data``: its tokens) with ``jaxformers.training.train``; runs go to
 ``OUT/runs/<name>`` (replaced if present; ``--reuse``: a finished run of an earlier invocation
 with the same model config and training settings is loaded instead).  ``OUT/results.json``
 (rewritten after every model, ``complete`` false until the end) holds, per model: validation loss / perplexity, parameter count, training tokens/s (the trainer's),

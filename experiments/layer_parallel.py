@@ -10,8 +10,8 @@ model whose consecutive layers run in parallel pairs, and the delete / swap / sh
 scanned run is unrolled first, so the baseline is timed in the pairs' per-layer form) or a
 HF Llama / Mistral / Qwen2 / Qwen3 directory (``--data`` needed; tokenized with ``--tokenizer``, default its
 ``tokenizer.json``); data whose vocabulary exceeds the model's is a usage error.
-Without ``--run`` the preset's Llama (RMSNorm, SwiGLU, GQA, byte tokens) is trained from
-scratch (``jaxformers.training.train``, seed ``--seed``).  Then, for ``k = 1 .. max`` pairs and
+Without ``--run`` the preset's Llama (RMSNorm, SwiGLU, GQA, byte tokens or a prepared
+``--data``'s) is trained from scratch (``jaxformers.training.train``, seed ``--seed``).  Then, for ``k = 1 .. max`` pairs and
 several positions of the paired span (``early``: from layer 1, ``middle``, ``late``: ending
 before the last layer; the first and last layers are never paired, as in the authors' runs)
 the model is transformed with ``jaxformers.transforms.pair_layers`` (fused form, no retraining;

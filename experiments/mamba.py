@@ -15,8 +15,8 @@ layer, Mamba blocks elsewhere) of the same width, each with the layer count whos
 parameter count is closest to the baseline's (a Mamba block has ~6 d^2 parameters,
 an attention+MLP block ~12 d^2, so SSM models get about twice the layers -- as in
 the paper).  Every model trains with ``jaxformers.training.train`` for the same
-steps on the same batches of the built-in corpus (byte tokens; vocab from the
-dataset); runs go to ``OUT/runs/<name>`` (replaced if present).
+steps on the same batches of the built-in corpus (byte tokens, or a prepared ``--data``'s
+tokens; vocab from the dataset); runs go to ``OUT/runs/<name>`` (replaced if present).
 
 Decode scaling: for each context length ``L`` a cache is allocated for ``L``
 tokens (``init_cache(module, batch, L)``) with its index at ``L - 1`` (the next

@@ -11,8 +11,8 @@ scanned run is unrolled).  An HF Llama / Mistral / Qwen2 / Qwen3 dir needs ``--d
 with that tokenizer); data whose vocabulary exceeds the model's is a usage error.
 
 Without ``--run`` the preset's ``llama`` is trained first (``jaxformers.training.train``,
-byte tokens of the built-in corpus, seed ``--seed``; ``--reuse`` keeps the one an earlier
-invocation trained into ``OUT/runs/llama`` when its settings match).  Each scheme of :data:`SCHEMES` goes
+byte tokens of the built-in corpus or a prepared ``--data``'s tokens, seed ``--seed``;
+``--reuse`` keeps the one an earlier invocation trained into ``OUT/runs/llama`` when its settings match).  Each scheme of :data:`SCHEMES` goes
 through :func:`jaxformers.quant.quantize` and is evaluated on the validation split (the same
 batches for all): ``W{w}A{a}KV{kv}``, RTN or GPTQ (calibrated on ``--calib`` sequences of the
 training split), ``rot`` = with QuaRot's rotations.  Activations: symmetric per token, clip
