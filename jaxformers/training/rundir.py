@@ -294,6 +294,16 @@ def resume_config(run_dir) -> Optional[dict]:
     (:func:`read_config`; checkpoints written before configs were saved with them).  They differ
     when a resume with a changed config (e.g. ``--extend-steps``) wrote ``config.json`` and was
     killed before its first checkpoint was complete."""
+    return _resume_config(run_dir)[0]
+
+
+def resume_config_file(run_dir) -> Optional[Path]:
+    """The file :func:`resume_config` reads (``None`` without one): to name it in messages."""
+    return _resume_config(run_dir)[1]
+
+
+def _resume_config(run_dir) -> Tuple[Optional[dict], Optional[Path]]:
+    """``(resume_config(run_dir), the file it was read from)``."""
     ckpt = Checkpointer(run_dir)
     text = step = None
     error = None
@@ -307,7 +317,8 @@ def resume_config(run_dir) -> Optional[dict]:
             text, error = "", e
             break
     if text is None:
-        return read_config(run_dir)
+        saved = read_config(run_dir)
+        return saved, (None if saved is None else Path(run_dir) / CONFIG_FILE)
     path = ckpt.step_dir(step) / CHECKPOINT_CONFIG
     try:
         if error is not None:
@@ -318,7 +329,7 @@ def resume_config(run_dir) -> Optional[dict]:
                          "aside to fall back to an older checkpoint") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
+    return data, Path(str(path))
 
 
 def write_run_file(run_dir, model_config, train_config: TrainConfig) -> Path:
@@ -574,18 +585,26 @@ def _normalised_model(saved_model: dict) -> dict:
 IMPLEMENTATION_FIELDS = ("remat", "attention_impl", "scan_impl", "sparse_impl", "landmark_impl")
 
 
+def _in_run(path: Path, run_dir) -> str:
+    """``path`` relative to ``run_dir`` when inside it (``checkpoints/10/config.json``)."""
+    run = Path(os.path.abspath(os.path.expanduser(str(run_dir))))
+    path = Path(os.path.abspath(path))
+    return str(path.relative_to(run)) if path.is_relative_to(run) else str(path)
+
+
 def check_resume(run_dir, model_config) -> Optional[dict]:
     """The saved config of ``run_dir`` (:func:`resume_config`: its newest complete checkpoint's,
     else ``config.json``; ``None`` without one); ``ValueError`` if its model config differs from
     ``model_config`` in anything but :data:`IMPLEMENTATION_FIELDS`."""
-    saved = resume_config(run_dir)
+    saved, path = _resume_config(run_dir)
     if saved is None:
         return None
     bad = [k for k in ("model", "train") if k in saved and not isinstance(saved[k], dict)]
     if bad:
         raise ValueError(f"cannot resume {run_dir}: its saved config is not a run config: its "
                          f"{' / '.join(bad)} section is not a JSON object")
-    import_run_modules(saved, run_dir, "saved config")  # its architecture / loss of your own
+    # its architecture / loss of your own; the file named as it lies in the run directory
+    import_run_modules(saved, run_dir, _in_run(path, run_dir))
     try:
         old = _normalised_model(saved.get("model", {}))
     except ValueError as e:

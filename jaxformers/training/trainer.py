@@ -572,8 +572,8 @@ def _diverged(bad: Dict[str, object], done: int, last_checkpoint: Optional[int],
 
 
 # ============================================================================ train
-def resume_schedule(saved: Optional[dict], tc: TrainConfig, step: int,
-                    allow_lr_jump: bool = False) -> Tuple[TrainConfig, List[str]]:
+def resume_schedule(saved: Optional[dict], tc: TrainConfig, step: int, allow_lr_jump: bool = False,
+                    config_file=None) -> Tuple[TrainConfig, List[str]]:
     """``(train config to continue with, messages)`` for resuming at ``step`` a run whose saved
     config is ``saved``.  The LR never jumps silently:
 
@@ -583,13 +583,22 @@ def resume_schedule(saved: Optional[dict], tc: TrainConfig, step: int,
       resumed again by the call that extended it);
     * any other change that moves the LR at ``step``: ``ValueError`` unless ``allow_lr_jump``
       (then a message names the jump).
+
+    A saved train config that is not valid here (hand-edited, or refused by a newer check):
+    ``ValueError`` naming ``config_file`` (the file ``saved`` was read from), unless
+    ``allow_lr_jump`` (then a warning says the LR was not compared).
     """
     if not saved or "train" not in saved:
         return tc, []
     try:
         old = TrainConfig.from_dict(saved["train"])
-    except ValueError:
-        return tc, []
+    except (ValueError, TypeError) as e:  # TypeError: "train" is not a mapping
+        where = f"its saved train config ({config_file})" if config_file else "its saved train config"
+        text = f"{where} is not valid here ({e}), so the LR at step {step} cannot be compared"
+        if not allow_lr_jump:
+            raise ValueError(f"cannot resume: {text}; repair that file, or accept any LR change with "
+                             "allow_lr_jump=True (--allow-lr-jump)") from None
+        return tc, [f"warning: {text} (allowed by allow_lr_jump)"]
     messages = []
     same = all(getattr(tc, f) == getattr(old, f) for f in SCHEDULE_FIELDS
                if f not in ("steps", "schedule_steps"))
@@ -731,7 +740,8 @@ def _train(model_config, tc, *, run_dir, is_main, multi, resume, progress, stop_
     if changed:  # how the same parameters are computed (remat, kernels): allowed on a resume
         messages.append(("resuming with other implementation settings: " + "; ".join(changed), False))
     if with_ckpt and ckpt.latest_step() < end_step:  # something to train: the LR must not jump
-        tc, notes = resume_schedule(saved, tc, ckpt.latest_step(), allow_lr_jump)
+        tc, notes = resume_schedule(saved, tc, ckpt.latest_step(), allow_lr_jump,
+                                    config_file=rundir.resume_config_file(run_dir))
         messages += [(m, m.startswith("warning")) for m in notes]
     elif with_ckpt and ckpt.latest_step() > tc.steps:  # before anything is written
         raise ValueError(f"steps={tc.steps} is below the step {ckpt.latest_step()} checkpointed in {run_dir}: "
