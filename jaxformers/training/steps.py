@@ -424,7 +424,15 @@ class Program:
 
     # ------------------------------------------------------------------ data placement
     def put_batch(self, local: Mapping[str, np.ndarray], global_rows: int) -> Dict[str, jax.Array]:
-        """This process's rows of every batch array -> global arrays sharded on the leading axis."""
+        """This process's rows of every batch array -> global arrays sharded on the leading axis
+        (over the mesh's batch axes, :data:`~jaxformers.training.mesh.BATCH_AXES`); ``ValueError``
+        unless ``global_rows`` is a positive int those axes divide."""
+        global_rows = int_arg("global_rows", global_rows, lo=1, where="Program.put_batch")
+        ways = mesh_lib.batch_parallelism(self.mesh)
+        if global_rows % ways:
+            sizes = ", ".join(f"{a}={self.mesh.shape[a]}" for a in mesh_lib.BATCH_AXES)
+            raise ValueError(f"Program.put_batch: global_rows={global_rows} is not divisible by the mesh's "
+                             f"batch axes ({sizes}: {ways} ways); give a multiple of {ways}")
         return {k: jax.make_array_from_process_local_data(
                     self.batch_sharding, np.ascontiguousarray(v), (global_rows, *np.shape(v)[1:]))
                 for k, v in local.items()}
