@@ -37,7 +37,8 @@ class TrainConfig(ConfigMixin):
     ``dtype`` is the compute dtype (``auto``: bfloat16 on
     GPU/TPU, float32 on CPU); parameters and optimizer state stay float32.
     ``mesh`` is ``"data=D,fsdp=F,expert=E,tensor=T"`` (missing axes are 1; one axis may be
-    ``-1``: the devices the others leave; ``None`` = pure data parallelism over every device).  ``checkpoint_every=0`` saves only the
+    ``-1``: the devices the others leave; ``None`` = pure data parallelism over every device; a
+    blank spec is stored as ``None``).  ``checkpoint_every=0`` saves only the
     final checkpoint (the final step is always saved).  ``eval_every=0`` evaluates
     only at the end; ``eval_batches=0`` never evaluates.  An evaluation covers
     ``eval_batches`` full batches (``eval_batches * batch_size`` sequences, run as
@@ -99,6 +100,8 @@ class TrainConfig(ConfigMixin):
         plain_scalars(self)
         object.__setattr__(self, "aux_loss_weights", _aux_weights(self.aux_loss_weights))
         object.__setattr__(self, "imports", module_names(self.imports))
+        if isinstance(self.mesh, str) and not self.mesh.strip():  # blank: no mesh, as None
+            object.__setattr__(self, "mesh", None)
         self.validate()
 
     def to_dict(self) -> dict:

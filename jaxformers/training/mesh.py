@@ -6,7 +6,7 @@ optimizer state sharded over ``embed``), ``expert`` (expert parallelism for
 mixture-of-experts parameters; data parallelism for everything else) and
 ``tensor`` (Megatron-style model parallelism over heads / MLP / vocab).
 ``--mesh "data=2,fsdp=2,tensor=2"`` gives their sizes; a missing axis has size 1;
-``None`` puts every device on ``data``.  The product must equal the global
+``None`` (or a blank spec) puts every device on ``data``.  The product must equal the global
 device count.
 
 Parameters carry logical axis names (``nn.LogicallyPartitioned``); the rules in
@@ -45,7 +45,7 @@ BATCH_AXES = BATCH_MESH_AXES  # ("data", "fsdp", "expert")
 def parse_mesh(spec: Optional[str]) -> Dict[str, int]:
     """``"data=2,expert=2,tensor=2"`` -> ``{"data": 2, "fsdp": 1, "expert": 2, "tensor": 2}`` (missing axes = 1).
 
-    ``None``/``""`` -> ``{}`` (meaning: everything on ``data``).  One axis may be ``-1``
+    ``None`` or a blank spec (``""``, ``" "``) -> ``{}`` (meaning: everything on ``data``).  One axis may be ``-1``
     (``"data=-1,tensor=2"``, as MaxText's ``-1``): it takes the devices the other axes leave,
     resolved by :func:`mesh_shape` (kept as ``-1`` here).  Raises ``ValueError`` for unknown
     axes, repeated axes, sizes that are neither positive integers nor ``-1``, ``-1`` on more
