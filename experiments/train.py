@@ -25,6 +25,9 @@ listed by ``python -m experiments.info --fields MODEL``.  Each run directory get
 comes from the dataset, plus one id for a landmark model's landmark token unless ``--set
 landmark_id=N`` (override with ``--set vocab_size=N``, N >= the dataset's);
 ``max_seq_len`` is raised to ``--seq-len`` if needed (unless ``--set max_seq_len=N`` gives it).
+A new run's ``--steps`` over a config file's ``schedule_steps``: one equal to the file's steps
+follows ``--steps``; another (an extended run's run.yaml) is refused unless ``--train-set
+schedule_steps=N|none`` says which schedule length is meant.
 
 Fine-tuning: ``--init-from RUN_DIR|HF_DIR`` takes the model config and parameters (not the
 optimizer state) of a run or of a Hugging Face Llama / Mistral / Qwen2 / Qwen3 / Mamba / Mamba-2 checkpoint and starts
@@ -252,6 +255,29 @@ def _warmup_fraction_wins(base: dict, args, train_sets) -> None:
     base["warmup_steps"] = None
 
 
+def _schedule_follows_steps(base: dict, file_values: dict, args, train_sets) -> None:
+    """A new run whose ``--steps`` (or ``--train-set steps=``) changes the ``--config`` file's
+    steps: the file's ``schedule_steps`` equal to its steps is dropped (the schedule follows the
+    new steps, as it followed the file's); another one (e.g. the run.yaml of an extended run) is a
+    ``CLIError`` unless ``--train-set schedule_steps=`` says which length is meant (it would lay
+    the LR schedule over the file's length, not over the new steps)."""
+    given = {k for k, _ in train_sets}
+    if (args.steps is None and "steps" not in given) or "schedule_steps" in given:
+        return
+    length = file_values.get("schedule_steps")
+    if length is None or length == base["steps"]:
+        return
+    file_steps = file_values.get("steps", DEFAULTS["steps"])
+    if length == file_steps:
+        base["schedule_steps"] = None
+        return
+    flag = "--steps" if args.steps is not None else "--train-set steps="
+    raise CLIError(f"--config {args.config} sets schedule_steps={length} (its steps={file_steps}): with "
+                   f"{flag} {base['steps']} the LR schedule would still be laid out over {length} steps; say "
+                   f"which length you mean with --train-set schedule_steps=N (none: over the {base['steps']} "
+                   "steps)")
+
+
 def build_configs(args):
     """``(model_config, train_config)`` from parsed CLI args (raises ValueError / CLIError)."""
     from jaxformers import get_config
@@ -355,7 +381,8 @@ def build_configs(args):
     # the loss the source run was trained with, else the model's (a landmark model's inserts its
     # landmarks), unless --loss / the config file names one
     base["loss"] = source_loss or spec.config_cls.default_loss
-    base.update(_file_values(TrainConfig, file_train))
+    file_values = _file_values(TrainConfig, file_train)
+    base.update(file_values)
     base.update(flags)
     base["init_from"] = str(init_from) if init_from else None
     base["out_dir"] = os.path.expanduser(args.out or base.get("out_dir") or f"runs/{model}-{preset}")
@@ -376,6 +403,8 @@ def build_configs(args):
             overrides["weight_decay_groups"] = config_from_dict(saved["model"]).weight_decay_groups
         if args.extend_steps is not None:
             base["steps"] = int(saved["train"]["steps"]) + args.extend_steps
+    else:  # a new run (a resume keeps the run's schedule length: resume_schedule)
+        _schedule_follows_steps(base, file_values, args, train_sets)
     tc = TrainConfig(**base)
     if source_config is not None:  # the source's architecture; overrides such as dropout on top
         reference = source_config
