@@ -27,7 +27,8 @@ landmark_id=N`` (override with ``--set vocab_size=N``, N >= the dataset's);
 ``max_seq_len`` is raised to ``--seq-len`` if needed (unless ``--set max_seq_len=N`` gives it).
 A new run's ``--steps`` over a config file's ``schedule_steps``: one equal to the file's steps
 follows ``--steps``; another (an extended run's run.yaml) is refused unless ``--train-set
-schedule_steps=N|none`` says which schedule length is meant.
+schedule_steps=N|none`` says which schedule length is meant.  A ``--train-set`` of a field the
+schedule ignores (``min_lr_ratio`` with ``constant``, ``decay_fraction`` but with ``wsd``) is refused.
 
 Fine-tuning: ``--init-from RUN_DIR|HF_DIR`` takes the model config and parameters (not the
 optimizer state) of a run or of a Hugging Face Llama / Mistral / Qwen2 / Qwen3 / Mamba / Mamba-2 checkpoint and starts
@@ -278,6 +279,20 @@ def _schedule_follows_steps(base: dict, file_values: dict, args, train_sets) -> 
                    "steps)")
 
 
+def _check_schedule_fields(tc, train_sets) -> None:
+    """``CLIError`` for a ``--train-set`` of a schedule field that ``tc.schedule`` ignores (e.g.
+    ``min_lr_ratio`` with ``constant``): the value would change nothing.  Only what the command
+    line gives: a config file or a saved run records every field, used or not."""
+    from jaxformers.training.optim import SCHEDULES_USING
+
+    for name, _ in train_sets:
+        users = SCHEDULES_USING.get(name)
+        if users and tc.schedule not in users:
+            raise CLIError(f"--train-set {name}=... has no effect with schedule={tc.schedule!r}: only "
+                           f"{' / '.join(users)} use{'s' if len(users) == 1 else ''} it; drop it or pick one "
+                           "of those schedules (--schedule)")
+
+
 def build_configs(args):
     """``(model_config, train_config)`` from parsed CLI args (raises ValueError / CLIError)."""
     from jaxformers import get_config
@@ -343,7 +358,9 @@ def build_configs(args):
             base[k] = coerce_value(TrainConfig, k, v)
         _warmup_fraction_wins(base, args, train_sets)
         base["imports"] = _imports(base.get("imports"), args.imports)  # the run's, then --import's
-        return model_config, TrainConfig.from_dict(base)
+        tc = TrainConfig.from_dict(base)
+        _check_schedule_fields(tc, train_sets)
+        return model_config, tc
 
     file = read_config_file(args.config) if args.config else {}
     file_train = dict(file.get("train") or {})
@@ -406,6 +423,7 @@ def build_configs(args):
     else:  # a new run (a resume keeps the run's schedule length: resume_schedule)
         _schedule_follows_steps(base, file_values, args, train_sets)
     tc = TrainConfig(**base)
+    _check_schedule_fields(tc, train_sets)
     if source_config is not None:  # the source's architecture; overrides such as dropout on top
         reference = source_config
         source_fields = {k: v for k, v in source_config.to_dict().items() if k != "model"}

@@ -51,6 +51,10 @@ SCHEDULE_FIELDS = ("steps", "lr", "min_lr_ratio", "warmup_steps", "warmup_fracti
                    "decay_fraction", "schedule_steps")
 
 
+#: The schedule fields only some schedules read: field -> those schedules (the others ignore it).
+SCHEDULES_USING = {"min_lr_ratio": ("cosine", "wsd"), "decay_fraction": ("wsd",)}
+
+
 def optimizer_key(tc) -> tuple:
     """``((field, value), ...)`` of :data:`OPTIMIZER_FIELDS`: everything the optimizer depends on."""
     return tuple((name, getattr(tc, name)) for name in OPTIMIZER_FIELDS)
