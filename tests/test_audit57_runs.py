@@ -100,3 +100,31 @@ def test_put_batch_rows_the_batch_axes_do_not_divide():
         Program.put_batch(fake, batch, 4)
     with pytest.raises(ValueError, match="global_rows must be an int"):
         Program.put_batch(fake, batch, 6.0)
+
+
+def test_train_set_of_a_field_the_schedule_ignores(tmp_path):
+    """``--train-set min_lr_ratio=`` with ``constant``, ``decay_fraction=`` with ``cosine``: the
+    value changed nothing, silently.  A config file's (run.yaml records every field) still loads."""
+    from experiments.train import CLIError
+
+    out = ["--out", str(tmp_path / "new"), "--data", "synthetic:copying", "--seq-len", "16"]
+    for argv, name, users in ((["--schedule", "constant", "--train-set", "min_lr_ratio=0"], "min_lr_ratio",
+                               "cosine / wsd use it"),
+                              (["--train-set", "decay_fraction=0.5"], "decay_fraction", "wsd uses it")):
+        with pytest.raises(CLIError, match=rf"--train-set {name}=\.\.\. has no effect with schedule=.*only "
+                                           rf"{users}"):
+            _build([*argv, *out])
+    assert _build(["--schedule", "wsd", "--train-set", "decay_fraction=0.5", *out])[1].decay_fraction == 0.5
+    assert _build(["--train-set", "min_lr_ratio=0", *out])[1].min_lr_ratio == 0
+    tc = _build(["--config", _config_file(tmp_path, steps=8, schedule="constant", min_lr_ratio=0.0), *out])[1]
+    assert tc.schedule == "constant" and tc.min_lr_ratio == 0.0
+    import jaxformers as jf  # a resume (the run's own config, flags on top) too
+
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = {"model": jf.get_config("gpt", "tiny", vocab_size=64).to_dict(),
+             "train": TrainConfig(schedule="constant", out_dir=str(run)).to_dict()}
+    (run / CONFIG_FILE).write_text(json.dumps(saved))
+    with pytest.raises(CLIError, match="min_lr_ratio=... has no effect with schedule='constant'"):
+        _build(["--resume", "--out", str(run), "--train-set", "min_lr_ratio=0"])
+    assert _build(["--resume", "--out", str(run)])[1].schedule == "constant"
