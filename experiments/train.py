@@ -28,7 +28,7 @@ landmark_id=N`` (override with ``--set vocab_size=N``, N >= the dataset's);
 A new run's ``--steps`` over a config file's ``schedule_steps``: one equal to the file's steps
 follows ``--steps``; another (an extended run's run.yaml) is refused unless ``--train-set
 schedule_steps=N|none`` says which schedule length is meant.  A ``--train-set`` of a field the
-schedule ignores (``min_lr_ratio`` with ``constant``, ``decay_fraction`` but with ``wsd``) is refused.
+schedule ignores (``min_lr_ratio`` with ``constant``; ``decay_fraction`` with any but ``wsd``) is refused.
 
 Fine-tuning: ``--init-from RUN_DIR|HF_DIR`` takes the model config and parameters (not the
 optimizer state) of a run or of a Hugging Face Llama / Mistral / Qwen2 / Qwen3 / Mamba / Mamba-2 checkpoint and starts
