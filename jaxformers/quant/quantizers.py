@@ -173,6 +173,7 @@ def rtn_weight(w, bits: int, *, groupsize=None, sym=True, clip_search=True, retu
     :func:`rtn_weight_reference` is the numpy float64 version it is tested against."""
     bits = _check_bits(bits)
     sym, clip_search = check_flag("sym", sym), check_flag("clip_search", clip_search)
+    return_int = check_flag("return_int", return_int)
     if bits >= 16:
         w = np.asarray(w, np.float64)
         return (w, None, None, None) if return_int else w
@@ -203,6 +204,7 @@ def rtn_weight_reference(w, bits: int, *, groupsize=None, sym=True, clip_search=
     """:func:`rtn_weight` in numpy float64 (the clipping search in float32 XLA, as there)."""
     bits = _check_bits(bits)
     sym, clip_search = check_flag("sym", sym), check_flag("clip_search", clip_search)
+    return_int = check_flag("return_int", return_int)
     w = np.asarray(w, np.float64)
     if bits >= 16:
         return (w, None, None, None) if return_int else w
@@ -246,6 +248,7 @@ def gptq_weight(w, hessian, bits: int, *, groupsize=None, sym=True, clip_search=
     readable one-column-at-a-time float64 algorithm it is tested against."""
     bits = _check_bits(bits)
     sym, clip_search = check_flag("sym", sym), check_flag("clip_search", clip_search)
+    return_int = check_flag("return_int", return_int)
     if bits >= 16:
         w = np.asarray(w, np.float64)
         return (w, None, None, None) if return_int else w
