@@ -80,7 +80,10 @@ def child(job: dict) -> dict:
                                     if str(path[-1].key) == "scale"
                                     else 0.02 * rng.standard_normal(x.shape, np.float32)),
         abstract_params(jf.build(cfg)))
-    spec = QuantSpec(**SPECS[job["spec"]], calib_batch=min(16, job["calib"]))
+    fields = dict(SPECS[job["spec"]])
+    if fields.get("w_method") == "gptq":  # (calib_batch is GPTQ's: RTN refuses it)
+        fields["calib_batch"] = min(16, job["calib"])
+    spec = QuantSpec(**fields)
     calib = rng.integers(0, cfg.vocab_size, (job["calib"], job["calib_len"])) \
         if spec.w_method == "gptq" else None
     layer_gb = sum(x.nbytes for x in jax.tree_util.tree_leaves(params["blocks_0"])) / 1e9

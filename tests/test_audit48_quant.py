@@ -234,11 +234,12 @@ def test_quant_spec_bounds():
     1 and above, which ``gptq_weight`` and the authors' ``--percdamp`` take); ``storage="int"``
     is per output channel (no weight groups)."""
     from jaxformers.quant import QuantSpec
-    assert QuantSpec(percdamp=0).percdamp == 0
-    assert QuantSpec(percdamp=1).percdamp == 1 and QuantSpec(percdamp=np.float32(2.5)).percdamp == 2.5
+    g = dict(w_method="gptq")  # (percdamp is GPTQ's: RTN refuses a non-default one)
+    assert QuantSpec(percdamp=0, **g).percdamp == 0
+    assert QuantSpec(percdamp=1, **g).percdamp == 1 and QuantSpec(percdamp=np.float32(2.5), **g).percdamp == 2.5
     for bad in (-0.01, float("nan"), float("inf"), True, "0.01"):
         with pytest.raises(ValueError, match="percdamp"):
-            QuantSpec(percdamp=bad)
+            QuantSpec(percdamp=bad, **g)
     with pytest.raises(ValueError, match="w_groupsize=32"):
         QuantSpec(w_bits=4, w_groupsize=32, storage="int")
     with pytest.raises(ValueError, match="w_sym=False"):

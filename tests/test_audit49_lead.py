@@ -51,7 +51,7 @@ def test_quantizers_take_numpy_ints_and_quant_spec_takes_gptqs_percdamp():
     h = w @ w.T + np.eye(8)
     np.testing.assert_array_equal(gptq_weight(w, h, 4, blocksize=np.int64(2), percdamp=np.float32(0.5)),
                                   gptq_weight(w, h, 4, blocksize=2, percdamp=0.5))
-    assert QuantSpec(w_bits=np.int64(4), percdamp=np.float32(1.5)).percdamp == 1.5
+    assert QuantSpec(w_bits=np.int64(4), w_method="gptq", percdamp=np.float32(1.5)).percdamp == 1.5
     for bad in (np.bool_(True), 4.0):
         with pytest.raises(ValueError, match="bits"):
             fake_quant(x, bad)

@@ -69,6 +69,8 @@ from .quantizers import _check_percdamp, gptq_weight, pack_int4, rtn_weight
 from .rotation import Rotation, float64_tree
 
 W_METHODS = ("rtn", "gptq")
+#: QuantSpec fields only GPTQ reads (a non-default value with w_method="rtn" is a ValueError)
+_GPTQ_ONLY = ("gptq_sequential", "percdamp", "calib_batch")
 STORAGES = ("float", "int")
 #: the block linears and the calibration statistic (linear input) each one uses
 LINEARS = {("attn", "q"): "attn_in", ("attn", "k"): "attn_in", ("attn", "v"): "attn_in",
@@ -95,6 +97,9 @@ class QuantSpec(OnlineQuant):
     ``gptq_sequential``: GPTQ's groups of linears in a layer (q/k/v, o, gate/up, down) each
     get their Hessian from a block forward with the earlier groups quantized (the authors'
     ``sequential`` lists; default); ``False``: all from one forward of the unquantized block.
+    ``gptq_sequential``, ``percdamp`` (GPTQ's damping), ``calib_batch`` (calibration sequences
+    per forward pass) and ``w_act_order`` are GPTQ's: with ``w_method="rtn"`` a value other
+    than the default is a ``ValueError`` naming it (RTN would ignore it).
     """
     rotate: bool = True
     seed: int = 0
@@ -132,6 +137,13 @@ class QuantSpec(OnlineQuant):
                                              or isinstance(self.w_groupsize, bool) or self.w_groupsize < 1):
             raise ValueError(f"w_groupsize must be a positive int or None (per channel), got {self.w_groupsize!r}")
         _check_percdamp(self.percdamp)  # what gptq_weight takes: a finite number >= 0
+        if self.w_method != "gptq":  # GPTQ's settings given to RTN: refused, not ignored
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            changed = [f"{name}={getattr(self, name)!r}" for name in _GPTQ_ONLY
+                       if getattr(self, name) != defaults[name]]
+            if changed:
+                raise ValueError(f"{', '.join(changed)}: GPTQ-only settings ({', '.join(_GPTQ_ONLY)} "
+                                 f"other than their defaults) need w_method='gptq', not {self.w_method!r}")
         if self.storage == "int":
             bad = []
             if self.w_bits > 8:
