@@ -23,8 +23,9 @@ int8 x int8 -> int32 (``a_bits == 16``: the weights are dequantized, weight-only
 values as the fake-quant model up to float32 rounding in float32 compute (in bf16 the fake
 path rounds ``s q`` to bf16 and 4-bit activation codes flip: :mod:`.api`).  The LM
 head stays in high precision (as in the authors' code).  ``H`` are orthonormal Hadamard
-transforms (:func:`pallas_kernels.hadamard.hadamard_transform` on GPU/TPU, a dense matmul
-by the same matrix on CPU: ``hadamard_impl``).
+transforms (:func:`pallas_kernels.hadamard.hadamard_transform` on GPU/TPU, on CPU the product
+by the same matrix in plain XLA, factored as ``H_m (x) H_2^k`` without forming ``H_n``:
+``hadamard_impl="dense"``, :func:`factored_hadamard`).
 
 Under ``mutable=["quant_stats"]`` each layer also records, per linear input (``attn_in``,
 ``o_in``, ``mlp_in``, ``down_in``), ``X^T X`` (GPTQ's Hessian), the token count and the
@@ -165,7 +166,8 @@ class QuaRotConfig(TransformerConfig, OnlineQuant):
 
 
 def hadamard(c, x, axes=None):
-    """Orthonormal Hadamard transform of the last axis (kernel on GPU/TPU, dense on CPU).
+    """Orthonormal Hadamard transform of the last axis (kernel on GPU/TPU; on CPU, ``"dense"``:
+    the same ``x @ H_n`` in plain XLA, factored, :func:`factored_hadamard`).
     ``axes``: the logical names of ``x``'s dimensions (default ``batch, length``, the rest
     whole): on a mesh, the kernel runs per device on its block of them (:func:`kernel_map`)."""
     impl = c.hadamard_impl
@@ -175,11 +177,29 @@ def hadamard(c, x, axes=None):
         from pallas_kernels.hadamard import hadamard_transform
         axes = (BATCH, LENGTH) + (None,) * (x.ndim - 2) if axes is None else tuple(axes)
         return kernel_map(hadamard_transform, (axes,), axes)(x)
-    from pallas_kernels.hadamard import hadamard_matrix
+    return factored_hadamard(x)
+
+
+def factored_hadamard(x):
+    """``x @ H_n / sqrt(n)`` over the last axis in float32 (:func:`hadamard`'s ``"dense"``
+    impl), without forming ``H_n`` (``[11008, 11008]`` would be 484 MB): ``H_n = H_m (x) H_p``
+    (:func:`pallas_kernels.hadamard.hadamard_matrix`) applied as ``log2 p`` butterflies on the
+    power-of-two part and an ``[m, m]`` matmul for the factor, ``O(n (m + log n))`` a row."""
+    from pallas_kernels.hadamard.reference import factor_matrix, split_size
     n = x.shape[-1]
-    h = jnp.asarray(hadamard_matrix(n) * n ** -0.5, jnp.float32)
-    y = jnp.matmul(x.astype(jnp.float32), h, precision=jax.lax.Precision.HIGHEST)
-    return y.astype(x.dtype)
+    m, p = split_size(n)
+    y = x.astype(jnp.float32).reshape(-1, m, p)
+    h = 1
+    while h < p:  # H_2 on bit log2(h) of the column index: Sylvester's H_p after all of them
+        y = y.reshape(-1, m, p // (2 * h), 2, h)
+        a, b = y[..., 0, :], y[..., 1, :]
+        y = jnp.stack([a + b, a - b], axis=-2)
+        h *= 2
+    y = y.reshape(-1, m, p)
+    if m > 1:  # y[a, :] = sum_i H_m[i, a] y[i, :]
+        y = jnp.einsum("rip,ia->rap", y, jnp.asarray(factor_matrix(m), jnp.float32),
+                       precision=jax.lax.Precision.HIGHEST)
+    return (y * n ** -0.5).reshape(x.shape).astype(x.dtype)
 
 
 def act_quant(c, x):
