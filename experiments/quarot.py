@@ -104,7 +104,9 @@ def _spec(fields: dict, seed: int, calib_batch: int):
     kw = dict(fields)
     kw.setdefault("a_clip", 0.9 if kw.get("a_bits", 16) <= 4 else 1.0)
     kw.setdefault("kv_clip", 0.95 if kw.get("kv_bits", 16) <= 4 else 1.0)
-    return QuantSpec(seed=seed, calib_batch=calib_batch, **kw)
+    if kw.get("w_method") == "gptq":  # (calib_batch is GPTQ's: RTN refuses it)
+        kw["calib_batch"] = calib_batch
+    return QuantSpec(seed=seed, **kw)
 
 
 def _parser():
@@ -184,17 +186,18 @@ def _load_source(args, preset, out):
 
 
 def calibration_tokens(data, tokenizer, n, seq_len, seed):
-    """``n`` random windows ``[n, seq_len]`` of the training split."""
+    """``n`` random windows ``[n, seq_len]`` of the training split (every start in
+    ``[0, len - seq_len]`` equally likely)."""
     import numpy as np
     from jaxformers.training.trainer import open_dataset
     _, _, train_tokens, _ = open_dataset(data, tokenizer)
     train_tokens = np.asarray(train_tokens)
-    if len(train_tokens) < seq_len + 2:  # (numpy's 'high <= 0' otherwise)
+    if len(train_tokens) < seq_len:  # (numpy's 'high <= 0' otherwise)
         raise ValueError(f"--seq-len {seq_len}: the training split of --data {str(data)!r} has "
                          f"{len(train_tokens)} tokens, too few for calibration windows of {seq_len} tokens "
-                         f"(needs at least {seq_len + 2}); use a shorter --seq-len or more data")
+                         f"(needs at least {seq_len}); use a shorter --seq-len or more data")
     rng = np.random.default_rng(seed)
-    starts = rng.integers(0, len(train_tokens) - seq_len - 1, size=n)
+    starts = rng.integers(0, len(train_tokens) - seq_len + 1, size=n)
     return np.stack([train_tokens[s:s + seq_len] for s in starts]).astype(np.int32)
 
 
@@ -292,6 +295,28 @@ def _linear_bytes(params) -> dict:
     return out
 
 
+def _int_linear_bytes(params, w_bits: int) -> dict:
+    """:func:`_linear_bytes` of ``params`` (float block linears) once stored as integers
+    (``QuantSpec(storage="int")``), from the shapes alone: int8 weights (``w_bits > 4``) or
+    int4 packed two per byte, float32 scales per output channel, the rest (biases) as they are."""
+    import numpy as np
+    from jaxformers.quant.api import _N_IN
+    out = {"weights": 0, "scales": 0}
+    for key, blk in params.items():
+        if key.startswith("blocks_"):
+            for sub in ("attn", "mlp"):
+                for lname, lin in blk[sub].items():
+                    if "kernel" not in lin:  # the q/k norms of a qk_norm model
+                        continue
+                    for name, x in lin.items():
+                        if name == "kernel":
+                            out["weights"] += int(x.size) // (2 if w_bits <= 4 else 1)
+                            out["scales"] += 4 * int(np.prod(x.shape[_N_IN.get(lname, 1):]))
+                        else:
+                            out["weights"] += int(x.size) * x.dtype.itemsize
+    return out
+
+
 def int_path(cfg, params, dtype_name, tokens, names, seed, warmup=2, iters=5):
     """Integer-storage model vs the fake-quant model with the same weights (see module doc):
     weight memory per storage format and forward time / logit agreement per scheme."""
@@ -309,13 +334,12 @@ def int_path(cfg, params, dtype_name, tokens, names, seed, warmup=2, iters=5):
 
     tokens = jnp.asarray(tokens)
     n = sum(_linear_bytes(params).values()) // jnp.dtype(params["blocks_0"]["mlp"]["up"]["kernel"].dtype).itemsize
-    memory = {"float32": {"weights": 4 * n, "scales": 0}, "bfloat16": {"weights": 2 * n, "scales": 0}}
+    memory = {"float32": {"weights": 4 * n, "scales": 0}, "bfloat16": {"weights": 2 * n, "scales": 0},
+              "int8": _int_linear_bytes(params, 8), "int4_packed": _int_linear_bytes(params, 4)}
     stored = {}
-    for w_bits in (8, 4):
-        icfg, ip = quantize(cfg, params, QuantSpec(storage="int", rotate=True, seed=seed, w_bits=w_bits,
-                                                   w_clip=False))
-        stored[w_bits] = (icfg, ip)
-        memory["int8" if w_bits == 8 else "int4_packed"] = _linear_bytes(ip)
+    for w_bits in dict.fromkeys(INT_SCHEMES[name][0] for name in names):  # only the widths the rows use
+        stored[w_bits] = quantize(cfg, params, QuantSpec(storage="int", rotate=True, seed=seed, w_bits=w_bits,
+                                                         w_clip=False))
     for row in memory.values():
         row["total"] = row["weights"] + row["scales"]
         row["ratio_to_float32"] = row["total"] / (4 * n)

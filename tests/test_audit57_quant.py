@@ -1,0 +1,134 @@
+"""Audit 57: QuaRot (int path, GPTQ-only settings, the CPU Hadamard, return_int), calibration
+windows, the BPE tokenizer's literal special token, doge's --reuse check, mamba's eval data."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxformers as jf
+
+
+def _llama(**over):
+    """A tiny llama (Hadamard sizes: head_dim 8, 2 heads, d_ff 32) and random float32 params."""
+    from jaxformers.utils import abstract_params
+    kw = dict(vocab_size=64, d_model=16, n_layer=1, n_head=2, n_kv_head=1, d_ff=32, max_seq_len=16)
+    kw.update(over)
+    cfg = jf.get_config("llama", "tiny", **kw)
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map(lambda x: jnp.asarray(0.1 * rng.standard_normal(x.shape), jnp.float32),
+                                    abstract_params(jf.build(cfg)))
+    return cfg, params
+
+
+# 1. int_path quantizes only the weight widths its rows use; the byte table is unchanged
+
+
+def test_int_path_quantizes_only_the_widths_its_rows_use(monkeypatch):
+    import jaxformers.quant
+    from experiments import quarot as exp
+    cfg, params = _llama()
+    real, widths = jaxformers.quant.quantize, []
+
+    def recording(c, p, spec, calibration=None):
+        widths.append(spec.w_bits)
+        return real(c, p, spec, calibration)
+    monkeypatch.setattr(jaxformers.quant, "quantize", recording)
+    tokens = np.arange(2 * 8, dtype=np.int32).reshape(2, 8)
+    res = exp.int_path(cfg, params, "float32", tokens, ["W8A8"], 0, warmup=0, iters=1)
+    assert widths == [8] and [r["scheme"] for r in res["schemes"]] == ["W8A8"]
+    # the byte table still has every format, equal to the bytes of really quantized params
+    mem = res["weight_memory"]
+    assert list(mem) == ["float32", "bfloat16", "int8", "int4_packed"]
+    for key, w_bits in (("int8", 8), ("int4_packed", 4)):
+        _, ip = real(cfg, params, jaxformers.quant.QuantSpec(storage="int", w_bits=w_bits, w_clip=False))
+        got = {k: mem[key][k] for k in ("weights", "scales")}
+        assert got == exp._linear_bytes(ip) == exp._int_linear_bytes(params, w_bits)
+    assert res["schemes"][0]["linear_bytes"] == mem["int8"]["total"]
+
+
+def test_int_linear_bytes_counts_biases_as_stored():
+    """A ``qkv_bias`` model: the float biases are stored as they are next to the integer weights."""
+    import jaxformers.quant
+    from experiments import quarot as exp
+    cfg, params = _llama(qkv_bias=True)
+    for w_bits in (8, 4):
+        _, ip = jaxformers.quant.quantize(cfg, params, jaxformers.quant.QuantSpec(storage="int", w_bits=w_bits,
+                                                                                    w_clip=False))
+        assert exp._int_linear_bytes(params, w_bits) == exp._linear_bytes(ip)
+
+
+# 2. GPTQ-only settings given to RTN are refused, as w_act_order is
+
+
+@pytest.mark.parametrize("field,value", [("gptq_sequential", False), ("percdamp", 0.1), ("calib_batch", 4)])
+def test_rtn_refuses_gptq_only_settings(field, value):
+    from jaxformers.quant import QuantSpec
+    with pytest.raises(ValueError, match=f"{field}={value!r}.*w_method='gptq'"):
+        QuantSpec(w_bits=4, **{field: value})
+    assert getattr(QuantSpec(w_bits=4, w_method="gptq", **{field: value}), field) == value
+    # the defaults are fine with RTN (and with no weight quantization)
+    assert QuantSpec(w_bits=4, **{field: getattr(QuantSpec(), field)}).w_method == "rtn"
+
+
+def test_quarot_experiment_specs_pass_calib_batch_to_gptq_only():
+    from experiments import quarot as exp
+    from jaxformers.quant import QuantSpec
+    for name, fields in exp.SCHEMES.items():
+        spec = exp._spec(fields, 3, 32)  # (raised for every RTN scheme before)
+        assert spec.calib_batch == (32 if fields.get("w_method") == "gptq" else QuantSpec().calib_batch), name
+
+
+# 3. the CPU ("dense") online Hadamard: factored, never the [n, n] matrix
+
+
+@pytest.mark.parametrize("n", [8, 24, 52, 88])  # 2^3, Paley 12 x 2, Goethals-Seidel 52, Paley 44 x 2
+def test_cpu_hadamard_is_factored_and_equals_the_dense_matrix(n, monkeypatch):
+    import pallas_kernels.hadamard as ph
+    import pallas_kernels.hadamard.reference as ref
+    from jaxformers.quant.model import hadamard
+    dense = ref.hadamard_matrix(n) * n ** -0.5
+    x = jax.random.normal(jax.random.PRNGKey(n), (3, 2, n), jnp.float32)
+
+    def no_dense(n):
+        raise AssertionError("the CPU Hadamard built the dense [n, n] matrix")
+    monkeypatch.setattr(ph, "hadamard_matrix", no_dense)
+    monkeypatch.setattr(ref, "hadamard_matrix", no_dense)
+    cfg = jf.get_config("quarot", "tiny", hadamard_impl="dense")
+    y = hadamard(cfg, x)
+    assert y.shape == x.shape and y.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(y), np.asarray(x, np.float64) @ dense, rtol=0, atol=2e-5)
+    yb = hadamard(cfg, x.astype(jnp.bfloat16))
+    assert yb.dtype == jnp.bfloat16
+
+
+# 4. return_int is a bool, not read by truthiness
+
+
+@pytest.mark.parametrize("bits", [4, 16])
+def test_weight_quantizers_refuse_a_non_bool_return_int(bits):
+    from jaxformers.quant.quantizers import gptq_weight, rtn_weight, rtn_weight_reference
+    w = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (8, 4)))
+    h = w @ w.T + np.eye(8)
+    for bad in ("no", 1, None):
+        for fn in (lambda: rtn_weight(w, bits, return_int=bad), lambda: rtn_weight_reference(w, bits, return_int=bad),
+                   lambda: gptq_weight(w, h, bits, return_int=bad)):
+            with pytest.raises(ValueError, match="return_int"):
+                fn()
+    assert len(rtn_weight(w, bits, return_int=np.bool_(True))) == 4
+
+
+# 5. calibration windows: every start in [0, len - seq_len], the last ones included
+
+
+def test_calibration_windows_reach_the_end_of_the_training_split(tmp_path):
+    from experiments.quarot import calibration_tokens
+    from jaxformers.training.trainer import open_dataset
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("".join(chr(97 + i % 26) for i in range(400)))
+    train = np.asarray(open_dataset(str(corpus), "byte")[2])
+    seq_len = len(train) - 3  # 4 possible starts: 0, 1, 2, 3
+    windows = calibration_tokens(str(corpus), "byte", 200, seq_len, 0)
+    starts = {next(s for s in range(4) if np.array_equal(train[s:s + seq_len], w)) for w in windows}
+    assert starts == {0, 1, 2, 3}
+    # the whole split is one window
+    np.testing.assert_array_equal(calibration_tokens(str(corpus), "byte", 2, len(train), 0), np.stack([train] * 2))
