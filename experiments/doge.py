@@ -28,8 +28,9 @@ retraining them, and continues a run stopped by a signal from its checkpoint: on
 model config, training settings (steps, batch, seed, data spec with its mixture weights, ...)
 and, for a proxy, its DoGE settings (``doge.json``) equal this invocation's.  A finished run
 with other settings is an error (checked before training for every run whose settings are
-known then); a base run on DoGE weights is reused only together with its proxy (after a
-retrained or continued proxy, the DoGE-weighted base runs are retrained).
+known then, including the base run on a finished reusable proxy's DoGE weights); a base run on
+DoGE weights is reused only together with its proxy (after a retrained or continued proxy, the
+DoGE-weighted base runs are retrained).
 
 ``OUT/results.json``: every weight vector, every run's per-domain validation loss and
 perplexity, averages (``avg_ppl``: the mean of the training domains' perplexities, the
@@ -120,11 +121,17 @@ def _train(name, model_kw, train_kw, data, out, seed, eval_batches, step_fn=None
     trained model (rerun with ``--reuse`` to continue it)."""
     run_dir = Path(out) / "runs" / name
     reusable = _reusable(name, model_kw, train_kw, data, out, seed, eval_batches, step_fn) if reuse else []
-    reused = bool(reusable) and json.loads((run_dir / "summary.json").read_text()).get("finished", True)
+    reused = bool(reusable) and _finished(out, name)
     summary, _, _, _ = reuse_or_train(name, _model_config(model_kw), out, reusable, seed=seed, data=data,
                                       train_kw=_train_kw(train_kw, eval_batches), log_points=30, tag="doge",
                                       cache=cache, step_fn=step_fn)
     return summary, run_dir, reused
+
+
+def _finished(out, name) -> bool:
+    """Whether ``OUT/runs/name`` (a run :func:`_reusable` accepted) finished, rather than being
+    stopped by a signal (then continued from its checkpoint)."""
+    return bool(json.loads((Path(out) / "runs" / name / "summary.json").read_text()).get("finished", True))
 
 
 def _domain_table(summary, names):
@@ -185,8 +192,16 @@ def run(args) -> dict:
             known += [("proxy_ood", preset["proxy_model"], proxy_kw, ood.data_spec(max_bytes=max_bytes), ood),
                       ("ood_uniform", preset["base_model"], base_kw,
                        domain_spec(DOMAINS, weights=ood_uniform, max_bytes=max_bytes), None)]
-        for name, model_kw, train_kw, data, fn in known:
-            _reusable(name, model_kw, train_kw, data, args.out, args.seed, ev, fn)
+        finished = {name: bool(_reusable(name, model_kw, train_kw, data, args.out, args.seed, ev, fn))
+                    and _finished(args.out, name) for name, model_kw, train_kw, data, fn in known}
+        # a finished reusable proxy is reused as it is: its weights, so the data of the base run
+        # trained on them, are known now too
+        for proxy, base in (("proxy", "base_doge"), ("proxy_ood", "ood_doge_ood")):
+            if finished.get(proxy):
+                w = doge_weights(Path(args.out) / "runs" / proxy)
+                _reusable(base, preset["base_model"], base_kw,
+                          domain_spec(DOMAINS, weights=[w[d] for d in DOMAINS], max_bytes=max_bytes),
+                          args.out, args.seed, ev)
 
     # 1. proxy run: universal generalization
     # a base run on DoGE weights is reused only with its reused proxy (a retrained proxy's weights may differ)

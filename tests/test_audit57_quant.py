@@ -132,3 +132,38 @@ def test_calibration_windows_reach_the_end_of_the_training_split(tmp_path):
     assert starts == {0, 1, 2, 3}
     # the whole split is one window
     np.testing.assert_array_equal(calibration_tokens(str(corpus), "byte", 2, len(train), 0), np.stack([train] * 2))
+
+
+# 7. doge --reuse: the base run on a finished reusable proxy's weights is checked before training
+
+
+@pytest.mark.parametrize("proxy,base", [("proxy", "base_doge"), ("proxy_ood", "ood_doge_ood")])
+def test_doge_reuse_checks_the_doge_base_run_before_anything_trains(tmp_path, monkeypatch, proxy, base):
+    from experiments import doge as exp
+    from jaxformers.data.domains import domain_spec
+    from jaxformers.training import doge as doge_mod
+    weights = {d: 0.1 * (i + 1) for i, d in enumerate(exp.DOMAINS)}
+    for name in ("proxy", "proxy_ood"):  # finished runs (what _reusable accepted)
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "summary.json").write_text('{"finished": true}')
+    checked, trained = [], []
+
+    def fake_reusable(name, model_kw, train_kw, data, out, seed, eval_batches, step_fn=None):
+        checked.append((name, data))
+        if name == base:
+            raise SystemExit(f"error: cannot reuse {name}")
+        return [name] if name in ("proxy", "proxy_ood") else []
+
+    def fake_train(name, *a, **kw):
+        trained.append(name)
+        return {"train_loss": 1.0, **{f"val_loss/{d}": 1.0 for d in exp.DOMAINS}}, tmp_path / "runs" / name, True
+    monkeypatch.setattr(exp, "_reusable", fake_reusable)
+    monkeypatch.setattr(exp, "_train", fake_train)
+    monkeypatch.setattr(doge_mod, "doge_weights", lambda run_dir, **kw: dict(weights))
+    monkeypatch.setattr(doge_mod, "doge_weight_history", lambda run_dir, kind="weight": ([1], {"a": [1.0]}))
+    with pytest.raises(SystemExit, match=f"cannot reuse {base}"):
+        exp.main(["--preset", "tiny", "--out", str(tmp_path), "--max-bytes", "20000", "--no-compile-cache",
+                  "--reuse"])
+    assert trained == []  # failed at once, not after training the other runs
+    assert checked[-1] == (base, domain_spec(exp.DOMAINS, weights=[weights[d] for d in exp.DOMAINS],
+                                             max_bytes=20000))
