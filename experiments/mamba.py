@@ -204,11 +204,13 @@ def decode_scaling(model_config, params, contexts, *, batch: int = 1, dtype: str
     step = jax.jit(lambda v, tok, cache: module.apply(v, tok, cache=cache))
     prefill = jax.jit(lambda v, toks, cache: module.apply(v, toks, cache=cache)[1])
     tok = jnp.zeros((batch, 1), jnp.int32)
+    flat = None if prefill_tokens is None else np.asarray(prefill_tokens).reshape(-1)  # (a view of an array)
     rows = []
     for length in contexts:
         cache = init_cache(module, batch, length)
-        if prefill_tokens is not None and length > 1:
-            toks = np.resize(np.asarray(prefill_tokens), batch * (length - 1)).reshape(batch, length - 1)
+        if flat is not None and length > 1:
+            need = batch * (length - 1)  # the first tokens (repeated if too few): not a copy of them all
+            toks = (flat[:need] if flat.size >= need else np.resize(flat, need)).reshape(batch, length - 1)
             t0 = time.perf_counter()
             cache = jax.block_until_ready(prefill(variables, jnp.asarray(toks, jnp.int32), cache))
             prefill_s = time.perf_counter() - t0  # includes compilation

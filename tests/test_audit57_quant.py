@@ -167,3 +167,24 @@ def test_doge_reuse_checks_the_doge_base_run_before_anything_trains(tmp_path, mo
     assert trained == []  # failed at once, not after training the other runs
     assert checked[-1] == (base, domain_spec(exp.DOMAINS, weights=[weights[d] for d in exp.DOMAINS],
                                              max_bytes=20000))
+
+
+# 8. mamba's decode timing prefills from the first validation tokens without copying them all
+
+
+def test_mamba_decode_prefill_reads_only_the_tokens_it_needs(monkeypatch):
+    from experiments import mamba
+    cfg = jf.get_config("mamba", "tiny", vocab_size=32, d_model=16, n_layer=1, d_state=4, max_seq_len=16)
+    params = jf.init_params(jf.build(cfg), jax.random.PRNGKey(0))
+    monkeypatch.setattr(mamba, "_median_time", lambda fn, v, tok, cache: 0.001)
+    real_resize, resized = np.resize, []
+
+    def recording(a, shape):
+        resized.append((np.size(a), shape))
+        return real_resize(a, shape)
+    monkeypatch.setattr(np, "resize", recording)
+    val = np.arange(1000, dtype=np.int32) % 32
+    rows = mamba.decode_scaling(cfg, params, [4], batch=2, prefill_tokens=val)
+    assert resized == [] and rows[0]["prefilled"]  # a slice of the split
+    mamba.decode_scaling(cfg, params, [4], batch=2, prefill_tokens=val[:5])  # too few: repeated
+    assert resized == [(5, 6)]
