@@ -188,3 +188,20 @@ def test_mamba_decode_prefill_reads_only_the_tokens_it_needs(monkeypatch):
     assert resized == [] and rows[0]["prefilled"]  # a slice of the split
     mamba.decode_scaling(cfg, params, [4], batch=2, prefill_tokens=val[:5])  # too few: repeated
     assert resized == [(5, 6)]
+
+
+# 6. a literal "<|endoftext|>" in BPE training text is plain text, as when encoding (pinned: already so)
+
+
+def test_bpe_trains_on_a_literal_end_of_text_as_plain_text():
+    import warnings
+
+    from jaxformers.data.tokenizer import EOS_TEXT, BPETokenizer
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (fewer merges than asked)
+        tok = BPETokenizer(300).train([f"ab {EOS_TEXT} cd " * 20])
+    vocab = tok._tok.get_vocab()
+    # merges learned inside the literal: training saw its characters as text
+    assert "<|" in vocab and "endoftext" in vocab and list(vocab).count(EOS_TEXT) == 1
+    ids = tok.encode(f"ab {EOS_TEXT} cd")
+    assert tok.eos_id not in ids and tok.decode(ids) == f"ab {EOS_TEXT} cd"
