@@ -259,6 +259,14 @@ def check_float(name: str, x, expected: str) -> None:
                          f"got dtype {dtype} (shape {shape_of(x)})")
 
 
+def check_state_size(name: str, shape, n: int, layout: str) -> None:
+    """``ValueError`` unless the state size ``N`` (read from ``name``'s ``shape``) is >= 1: with
+    ``N = 0`` there is no state and the scan would return ``D * x`` as if it were one."""
+    if n < 1:
+        raise ValueError(f"the state size N must be >= 1: expected {name} as {layout} with N >= 1, "
+                         f"got shape {tuple(shape)}")
+
+
 def check_decay(A, shape: str) -> None:
     """``ValueError`` if a concrete ``A`` (the SSM's continuous-time decay) has a positive entry.
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from .._common import (LAYOUT_HINT, check_decay, check_flag, check_float, check_segment_ids, process_dt,
-                       segment_resets, shape_of, check_arrays)
+                       segment_resets, shape_of, check_arrays, check_state_size)
 
 _shape = shape_of
 
@@ -52,6 +52,7 @@ def validate(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_state=None, s
         raise ValueError(f"x must be non-empty: expected [B, L, D] with B, L, D >= 1 (at least one "
                          f"time step), got shape {x.shape}")
     n = A.shape[1]
+    check_state_size("A", A.shape, n, "[D, N]")
     if _shape(dt) != (b, l, dim):
         hint = f" ({LAYOUT_HINT})" if _shape(dt) == (b, dim, l) else ""
         raise ValueError(f"dt must have shape [B, L, D] = {(b, l, dim)} like x, got {_shape(dt)}{hint}")
@@ -171,6 +172,7 @@ def selective_state_update(state, x, dt, A, B, C, *, D=None, z=None, dt_bias=Non
                              f"and dt {dt.shape}), got {x.shape}")
         raise ValueError(f"A must have shape [D={dim}, N] (D = x.shape[-1]), got {_shape(A)}")
     n = A.shape[1]
+    check_state_size("A", A.shape, n, "[D, N]")
     if _shape(dt) != (b, dim):
         raise ValueError(f"dt must have shape [B, D] = {(b, dim)} like x, got {_shape(dt)}")
     if z is not None and _shape(z) != (b, dim):

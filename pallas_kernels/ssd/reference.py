@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from .._common import (LAYOUT_HINT, check_decay, check_flag, check_float, check_segment_ids, process_dt,
-                       segment_resets, shape_of, check_arrays)
+                       segment_resets, shape_of, check_arrays, check_state_size)
 
 _shape = shape_of
 
@@ -48,6 +48,9 @@ def validate(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_state=None, s
     if min(b, l, h) < 1:
         raise ValueError(f"x must be non-empty: expected [B, L, H, P] with B, L, H >= 1 (at least one "
                          f"time step), got shape {x.shape}")
+    if p < 1:
+        raise ValueError(f"the head dim P (x.shape[-1]) must be >= 1: expected x as [B, L, H, P] "
+                         f"with P >= 1, got shape {x.shape}")
     if _shape(dt) != (b, l, h):
         hint = f" ({LAYOUT_HINT})" if _shape(dt) == (b, h, l) else ""
         raise ValueError(f"dt must have shape [B, L, H] = {(b, l, h)}, got {_shape(dt)}{hint}")
@@ -57,6 +60,7 @@ def validate(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_state=None, s
         raise ValueError(f"B must have shape [B={b}, L={l}, G, N], got {_shape(B)}{hint}")
     check_float("B", B, "[B, L, G, N]")
     g, n = B.shape[2], B.shape[3]
+    check_state_size("B", B.shape, n, "[B, L, G, N]")
     if g < 1 or h % g:
         raise ValueError(f"number of heads H={h} must be divisible by the number of groups G={g} of B")
     if _shape(C) != (b, l, g, n):
@@ -161,7 +165,11 @@ def ssd_state_update(state, x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_
         raise ValueError(f"A must have shape [H={h}] (H = x.shape[1]), got {_shape(A)}")
     if getattr(B, "ndim", None) != 3 or B.shape[0] != b:
         raise ValueError(f"B must have shape [batch={b}, G, N] (batch from x), got {_shape(B)}")
+    if p < 1:
+        raise ValueError(f"the head dim P (x.shape[-1]) must be >= 1: expected x as [B, H, P] with "
+                         f"P >= 1, got shape {x.shape}")
     g, n = B.shape[1], B.shape[2]
+    check_state_size("B", B.shape, n, "[B, G, N]")
     if g < 1 or h % g:
         raise ValueError(f"number of heads H={h} must be divisible by the number of groups G={g} of B")
     if _shape(C) != (b, g, n):

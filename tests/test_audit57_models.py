@@ -1,0 +1,53 @@
+"""Audit 57 (models / layers / kernel wrappers): empty state sizes, Mamba-2 chunk_size, the causal
+conv's state with packed segments, landmark lengths / positions, SCFA kind fields, layer-parallel
+q/k norms, unrepresentable config sizes."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import selective_scan as ss_pkg
+from pallas_kernels import ssd as ssd_pkg
+
+
+# ----------------------------------------------------------------- 1. empty state / head dim
+def _scan_args(n, b=1, l=4, d=2):
+    f = jnp.ones
+    return (f((b, l, d)), f((b, l, d)), -f((d, n)), f((b, l, n)), f((b, l, n)))
+
+
+def _ssd_args(p, n, b=1, l=4, h=2):
+    f = jnp.ones
+    return (f((b, l, h, p)), f((b, l, h)), -f((h,)), f((b, l, 1, n)), f((b, l, 1, n)))
+
+
+@pytest.mark.parametrize("fn", [ss_pkg.reference, ss_pkg.selective_scan], ids=["reference", "kernel"])
+def test_selective_scan_with_no_state_is_refused(fn):
+    """N=0 (A [D, 0], B / C [B, L, 0]) returned y = D * x as if there were a state; now a
+    ValueError naming the state size, on the reference and the kernel path."""
+    with pytest.raises(ValueError, match=r"state size N must be >= 1"):
+        fn(*_scan_args(0), D=jnp.ones((2,)))
+    fn(*_scan_args(1))  # N=1 still runs
+
+
+def test_selective_state_update_with_no_state_is_refused():
+    b, d = 1, 2
+    with pytest.raises(ValueError, match=r"state size N must be >= 1"):
+        ss_pkg.selective_state_update(jnp.zeros((b, d, 0)), jnp.ones((b, d)), jnp.ones((b, d)),
+                                      -jnp.ones((d, 0)), jnp.ones((b, 0)), jnp.ones((b, 0)))
+
+
+@pytest.mark.parametrize("fn", [ssd_pkg.reference, ssd_pkg.ssd], ids=["reference", "kernel"])
+@pytest.mark.parametrize("p,n,match", [(0, 4, r"head dim P \(x.shape\[-1\]\) must be >= 1"),
+                                       (4, 0, r"state size N must be >= 1")])
+def test_ssd_with_no_head_dim_or_state_is_refused(fn, p, n, match):
+    """P=0 returned an empty y, N=0 y = D * x; now a ValueError naming P / N."""
+    with pytest.raises(ValueError, match=match):
+        fn(*_ssd_args(p, n), D=jnp.ones((2,)))
+
+
+@pytest.mark.parametrize("p,n,match", [(0, 4, r"head dim P"), (4, 0, r"state size N must be >= 1")])
+def test_ssd_state_update_with_no_head_dim_or_state_is_refused(p, n, match):
+    b, h = 1, 2
+    with pytest.raises(ValueError, match=match):
+        ssd_pkg.ssd_state_update(jnp.zeros((b, h, p, n)), jnp.ones((b, h, p)), jnp.ones((b, h)),
+                                 -jnp.ones((h,)), jnp.ones((b, 1, n)), jnp.ones((b, 1, n)))
