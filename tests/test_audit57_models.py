@@ -67,3 +67,29 @@ def test_mamba2_chunk_size_is_checked_for_every_kernel_impl(impl):
         jf.get_config("hybrid", "tiny", mixer="mamba2", chunk_size=8, scan_impl=impl, **kw)
     assert jf.get_config("mamba2", "tiny", chunk_size=8, scan_impl="reference", **kw).chunk_size == 8
     assert jf.get_config("mamba2", "tiny", chunk_size=16, scan_impl=impl, **kw).chunk_size == 16
+
+
+# ----------------------------------------------------------------- 3. causal conv: state + segments
+def test_causal_conv_state_belongs_to_the_first_packed_segment():
+    """CausalConv1d(x, state, segment_ids) dropped the state (its taps were masked as another
+    segment's) and returned the last K-1 inputs whatever their segment; now the state feeds the
+    first segment only and the new state is the last segment's, as running each segment alone."""
+    import jax
+    from jaxformers.layers.mamba import CausalConv1d
+
+    k, ch = 4, 3
+    ids = np.array([[0, 0, 0, 1, 1, 2, 2, 2, 2], [7, 7, 7, 7, 7, 7, 7, 8, 8], [3] * 9])
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=ids.shape + (ch,)), jnp.float32)
+    state = jnp.asarray(rng.normal(size=(ids.shape[0], k - 1, ch)), jnp.float32)
+    conv = CausalConv1d(k, True)
+    params = conv.init(jax.random.PRNGKey(0), x[:1])
+    params = jax.tree.map(lambda p: p + 0.5, params)  # a non-zero bias too
+    y, new = conv.apply(params, x, state, jnp.asarray(ids))
+    for r in range(ids.shape[0]):
+        starts = [0] + [t for t in range(1, ids.shape[1]) if ids[r, t] != ids[r, t - 1]] + [ids.shape[1]]
+        for j, (a, b) in enumerate(zip(starts[:-1], starts[1:])):
+            s0 = state[r:r + 1] if j == 0 else jnp.zeros_like(state[r:r + 1])
+            y_s, new_s = conv.apply(params, x[r:r + 1, a:b], s0)
+            np.testing.assert_allclose(y[r, a:b], y_s[0], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(new[r], new_s[0], rtol=0, atol=0)  # the last segment's state

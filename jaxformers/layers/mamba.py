@@ -180,8 +180,9 @@ class CausalConv1d(nn.Module):
     ``kernel [K, C]`` (``kernel[k, c]`` = torch ``conv1d.weight[c, 0, k]``).  ``state``
     ``[B, K-1, C]`` holds the inputs before ``x`` (zeros at the start); returns
     ``(y [B, T, C], new state = the last K-1 inputs)``.  Computed in float32.
-    ``segment_ids [B, T]`` (packed sequences, no ``state``): a tap reading an input
-    of an earlier segment contributes 0.
+    ``segment_ids [B, T]`` (packed sequences): a tap reading an input of an earlier segment
+    contributes 0; a given ``state`` belongs to the first segment only, and the new state holds
+    the last segment's inputs only (zeros before its start), as running each segment alone.
     """
     width: int
     use_bias: bool
@@ -200,17 +201,23 @@ class CausalConv1d(nn.Module):
         t = x.shape[1]
         w = kernel.astype(jnp.float32)
         taps = [xp[:, i:i + t] for i in range(k)]  # tap i reads x_{t - lag}, lag = K-1-i
+        seg_p = None
         if segment_ids is not None:  # ... only from the same segment
-            seg = segment_index(segment_ids)
+            # the state's K-1 inputs precede the first segment: they take its index
+            seg_p = jnp.pad(segment_index(segment_ids), ((0, 0), (k - 1, 0)), mode="edge")
+            seg = seg_p[:, k - 1:]
             for i in range(k - 1):
-                prev = jnp.pad(seg, ((0, 0), (k - 1 - i, 0)), constant_values=-1)[:, :t]  # seg of t - lag
-                taps[i] = jnp.where((prev == seg)[..., None], taps[i], 0.0)
+                taps[i] = jnp.where((seg_p[:, i:i + t] == seg)[..., None], taps[i], 0.0)  # seg of t - lag
         y = sum(tap * w[i] for i, tap in enumerate(taps))
         if self.use_bias:
             bias = self.param("bias", param_init(nn.initializers.zeros, (self.axis_name,)), (ch,),
                               dtype_of(self.param_dtype))
             y = y + bias.astype(jnp.float32)
-        new_state = xp[:, xp.shape[1] - (k - 1):].astype(state.dtype)
+        new_state = xp[:, xp.shape[1] - (k - 1):]
+        if seg_p is not None:  # the last segment's inputs only
+            last = seg_p[:, seg_p.shape[1] - (k - 1):] == seg_p[:, -1:]
+            new_state = jnp.where(last[..., None], new_state, 0.0)
+        new_state = new_state.astype(state.dtype)
         return y.astype(dtype_of(self.dtype)), new_state
 
 
