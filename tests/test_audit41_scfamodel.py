@@ -7,7 +7,8 @@ import pytest
 import jaxformers as jf
 
 SMALL = dict(vocab_size=64, d_model=32, n_head=4, n_kv_head=2, n_layer=2, max_seq_len=32,
-             sparse_impl="reference", n_buckets=4, qk_drop_rate=0.5)
+             sparse_impl="reference")
+OWN = {"hash_sparse": dict(n_buckets=4), "qk_sparse": dict(qk_drop_rate=0.5)}  # each kind's field
 
 
 @pytest.mark.parametrize("name", ["hash_sparse", "qk_sparse"])
@@ -15,7 +16,7 @@ def test_decoding_with_a_dropout_rng_uses_the_fixed_draw(name):
     """Decoding uses the fixed evaluation draw (module docstring) even when a ``dropout`` rng is
     given: a per-step draw re-hashed / re-masked the cached keys with new R / masks at every step,
     so prefill + decode matched no forward at all."""
-    cfg = jf.get_config(name, "tiny", **SMALL)
+    cfg = jf.get_config(name, "tiny", **SMALL, **OWN[name])
     m = jf.build(cfg)
     tok = jax.random.randint(jax.random.PRNGKey(1), (2, 12), 0, 64)
     p = jax.tree_util.tree_map(lambda x: 3 * x if x.ndim > 1 else x,

@@ -93,3 +93,22 @@ def test_causal_conv_state_belongs_to_the_first_packed_segment():
             y_s, new_s = conv.apply(params, x[r:r + 1, a:b], s0)
             np.testing.assert_allclose(y[r, a:b], y_s[0], rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(new[r], new_s[0], rtol=0, atol=0)  # the last segment's state
+
+
+# ----------------------------------------------------------------- 5. SCFA kind fields
+@pytest.mark.parametrize("model, field, value, owner", [
+    ("qk_sparse", "n_buckets", 4, "hash_sparse"), ("hash_sparse", "qk_drop_rate", 0.25, "qk_sparse")])
+def test_scfa_field_of_the_other_kind_is_refused_unless_default(model, field, value, owner):
+    """qk_sparse(n_buckets=4) / hash_sparse(qk_drop_rate=0.25) silently ignored the field; now a
+    ValueError naming it and the model that uses it.  Default values (every saved config holds
+    both fields) still load, and so does a dict round trip."""
+    import jaxformers as jf
+    from jaxformers.models.scfa import SCFAConfig
+
+    kw = dict(vocab_size=32, d_model=16, n_head=2, n_layer=1, max_seq_len=16)
+    with pytest.raises(ValueError, match=rf"{field}={value!r} is used by model='{owner}' only"):
+        jf.get_config(model, "tiny", **kw, **{field: value})
+    c = jf.get_config(model, "tiny", **kw)
+    assert getattr(c, field) == getattr(SCFAConfig, field)
+    assert jf.registry.config_from_dict(c.to_dict()) == c
+    assert jf.get_config(owner, "tiny", **kw, **{field: value}).model == owner

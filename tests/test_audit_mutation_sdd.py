@@ -43,6 +43,7 @@ def test_packed_labels_match_iff_same_segment_and_bucket():
 
 def _gqa_cfg(name, **kw):
     kw = {"n_buckets": 4, "qk_drop_rate": 0.5, **kw}
+    kw.pop({"hash_sparse": "qk_drop_rate", "qk_sparse": "n_buckets"}[name])  # the other kind's field
     return jf.get_config(name, "tiny", vocab_size=64, d_model=32, n_head=4, n_kv_head=2, n_layer=2,
                          max_seq_len=32, sparse_impl="reference", **kw)
 

@@ -36,7 +36,9 @@ SPARSE = dict(n_buckets=4, qk_drop_rate=0.5)  # one setting everywhere: jitted f
 
 
 def _cfg(name, **kw):
-    return jf.get_config(name, "tiny", **{**SMALL, "sparse_impl": "reference", **SPARSE, **kw})
+    kw = {**SMALL, "sparse_impl": "reference", **SPARSE, **kw}
+    kw.pop({"hash_sparse": "qk_drop_rate", "qk_sparse": "n_buckets"}[name], None)  # the other kind's
+    return jf.get_config(name, "tiny", **kw)
 
 
 @functools.lru_cache(maxsize=None)

@@ -112,12 +112,14 @@ from .transformer import Transformer
 
 SPARSE_IMPLS = ("auto", "reference", "pallas")
 KINDS = {"hash_sparse": "hash", "qk_sparse": "qk"}
+KIND_FIELDS = {"n_buckets": "hash_sparse", "qk_drop_rate": "qk_sparse"}  # field -> the model using it
 
 
 @dataclasses.dataclass(frozen=True)
 class SCFAConfig(TransformerConfig):
     """TransformerConfig + SCFA fields; ``model`` (``hash_sparse`` / ``qk_sparse``) picks the
-    pattern (:attr:`kind`)."""
+    pattern (:attr:`kind`).  ``n_buckets`` is hash_sparse's, ``qk_drop_rate`` qk_sparse's: the
+    other model must leave it at its default (``ValueError`` otherwise, not silently ignored)."""
 
     model: str = "hash_sparse"
     n_buckets: int = 16           # hash_sparse: buckets per head (1 or even)
@@ -170,6 +172,13 @@ class SCFAConfig(TransformerConfig):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 16 or v & (v - 1):
                 raise ValueError(f"{name} must be a power of two >= 16, got {v!r}")
+        defaults = {f.name: f.default for f in dataclasses.fields(SCFAConfig)}
+        for name, model in KIND_FIELDS.items():  # a field the other kind ignores: only its default
+            value = getattr(self, name)
+            if self.model != model and value != defaults[name]:
+                raise ValueError(f"{name}={value!r} is used by model={model!r} only: model={self.model!r} "
+                                 f"ignores it; leave it at its default {defaults[name]!r} (or use "
+                                 f"model={model!r})")
 
 
 # ----------------------------------------------------------------------- randomness
