@@ -112,3 +112,33 @@ def test_scfa_field_of_the_other_kind_is_refused_unless_default(model, field, va
     assert getattr(c, field) == getattr(SCFAConfig, field)
     assert jf.registry.config_from_dict(c.to_dict()) == c
     assert jf.get_config(owner, "tiny", **kw, **{field: value}).model == owner
+
+
+# ----------------------------------------------------------------- 6. layer-parallel q/k norms
+def test_layer_transforms_refuse_params_whose_qk_norm_disagrees_with_the_config():
+    """pair_layers / reorder_layers of a qk_norm=False config with params holding attn/q_norm and
+    k_norm kept them (fused or passed through) and the model ignored them: another function,
+    silently.  Now a ValueError naming qk_norm; the matching config still pairs."""
+    import jax
+    import jaxformers as jf
+    from jaxformers.transforms.layer_parallel import pair_layers, reorder_layers
+
+    cfg = jf.get_config("llama", "tiny", n_layer=2, d_model=32, n_head=4, n_kv_head=2, vocab_size=64,
+                        max_seq_len=16, qk_norm=True)
+    params = jax.eval_shape(lambda r: jf.init_params(jf.build(cfg), r, jnp.zeros((1, 4), jnp.int32)),
+                            jax.random.PRNGKey(0))
+    params = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), params)
+    for wrong in (cfg.replace(qk_norm=False),):
+        with pytest.raises(ValueError, match=r"layer 0: params attn has q/k norm scales \['k_norm', 'q_norm'\] "
+                                             r"but config.qk_norm=False"):
+            pair_layers(wrong, params, 0, 2)
+        with pytest.raises(ValueError, match=r"config.qk_norm=False"):
+            reorder_layers(wrong, params, [1, 0])
+    plain = jax.tree.map(lambda x: x, params)
+    for i in range(2):
+        plain[f"blocks_{i}"]["attn"] = {k: v for k, v in plain[f"blocks_{i}"]["attn"].items()
+                                        if k not in ("q_norm", "k_norm")}
+    with pytest.raises(ValueError, match=r"has q/k norm scales \[\] but config.qk_norm=True"):
+        pair_layers(cfg, plain, 0, 2)
+    new, _ = pair_layers(cfg, params, 0, 2)
+    assert new.qk_norm and new.pairs == (0,)

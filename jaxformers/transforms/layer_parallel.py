@@ -236,6 +236,15 @@ def _layers(config, params) -> Tuple[dict, List[dict]]:
     extra = [k for k in params if k.startswith("blocks_") and k not in names]
     if extra:
         raise ValueError(f"params do not match config (n_layer={config.n_layer}): unexpected {extra}")
+    want = ["k_norm", "q_norm"] if getattr(config, "qk_norm", False) else []
+    for i, n in enumerate(names):  # flax ignores params a module does not ask for: not silently
+        attn = params[n].get("attn") if isinstance(params[n], Mapping) else None
+        has = sorted(k for k in ("k_norm", "q_norm") if isinstance(attn, Mapping) and k in attn)
+        if isinstance(attn, Mapping) and has != want:
+            raise ValueError(f"layer {i}: params attn has q/k norm scales {has} but config.qk_norm="
+                             f"{bool(want)} (needs {want}): the model would "
+                             f"{'ignore them' if has else 'miss them'}; pass the config the params were "
+                             "trained with")
     rest = {k: v for k, v in params.items() if k not in names}
     return rest, [params[n] for n in names]
 
