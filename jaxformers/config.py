@@ -181,7 +181,7 @@ class ModelConfig(ConfigMixin):
 
     def validate(self) -> None:
         for name in ("vocab_size", "d_model", "n_layer", "max_seq_len"):
-            _positive(self, name)
+            _positive(self, name, bounded=name != "max_seq_len")  # a limit, no array of that size
         _choice("norm", self.norm, NORMS)
         _choice("remat", self.remat, REMAT_POLICIES)
         _choice("dtype", self.dtype, DTYPES)
@@ -312,7 +312,7 @@ class TransformerConfig(ModelConfig):
         _positive(self, "n_head")
         for name in ("n_kv_head", "head_dim", "d_ff", "window"):
             if getattr(self, name) is not None:
-                _positive(self, name)
+                _positive(self, name, bounded=name != "window")  # a window of any size is no window
         _choice("mlp", self.mlp, MLPS)
         for name in ("qkv_bias", "qk_norm", "qk_norm_per_head"):
             _boolean(self, name)
@@ -342,10 +342,20 @@ ATTENTION_FIELDS = tuple(f.name for f in dataclasses.fields(TransformerConfig)
                          if f.name not in {g.name for g in dataclasses.fields(ModelConfig)})
 
 
-def _positive(config, name: str) -> None:
+#: sizes (vocab_size, widths, depths) must be below this: token ids and array dimensions are
+#: int32, a larger size cannot be represented (it failed only at init, obscurely)
+SIZE_LIMIT = 2 ** 31
+
+
+def _positive(config, name: str, bounded: bool = True) -> None:
+    """``ValueError`` unless field ``name`` is a positive int, below :data:`SIZE_LIMIT` when
+    ``bounded`` (an array size; a limit such as ``window`` / ``max_seq_len`` may be any size)."""
     value = getattr(config, name)
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if bounded and value >= SIZE_LIMIT:
+        raise ValueError(f"{name}={value} cannot be represented: it must be a positive int below 2**31 = "
+                         f"{SIZE_LIMIT} (token ids, positions and array dimensions are int32)")
 
 
 def _finite(config, name: str, lo: float, lo_open: bool = False) -> None:

@@ -142,3 +142,34 @@ def test_layer_transforms_refuse_params_whose_qk_norm_disagrees_with_the_config(
         pair_layers(cfg, plain, 0, 2)
     new, _ = pair_layers(cfg, params, 0, 2)
     assert new.qk_norm and new.pairs == (0,)
+
+
+# ----------------------------------------------------------------- 7. unrepresentable sizes
+@pytest.mark.parametrize("model, field", [
+    ("gpt", "vocab_size"), ("gpt", "d_model"), ("denseformer", "n_layer"), ("llama", "n_head"),
+    ("llama", "d_ff"), ("mamba", "d_state"), ("mamba2", "headdim")])
+def test_a_size_beyond_int32_is_refused_at_config_time(model, field):
+    """vocab_size=10**29 (n_layer, d_model, ... too) was accepted and failed only at init, with an
+    obscure overflow; now a ValueError naming the field.  2**31 - 1 (representable) still passes
+    the check."""
+    import jaxformers as jf
+    from jaxformers.config import _positive
+
+    for big in (10 ** 29, 2 ** 31):
+        with pytest.raises(ValueError, match=rf"{field}={big} cannot be represented: it must be a positive "
+                                             r"int below 2\*\*31"):
+            jf.get_config(model, "tiny", **{field: big})
+
+    class Fake:  # the bound itself, without building a config of that size
+        pass
+    setattr(Fake, field, 2 ** 31 - 1)
+    _positive(Fake, field)
+
+
+@pytest.mark.parametrize("field", ["window", "max_seq_len"])
+def test_a_limit_of_any_size_is_still_accepted(field):
+    """window / max_seq_len are limits (no array of that size): a huge one means no limit and ran
+    before; it is not refused."""
+    import jaxformers as jf
+
+    assert getattr(jf.get_config("gpt", "tiny", **{field: 10 ** 29}), field) == 10 ** 29

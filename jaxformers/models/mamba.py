@@ -18,7 +18,7 @@ import functools
 import math
 from typing import Optional, Tuple, Union
 
-from ..config import ModelConfig, TransformerConfig, _choice, _finite
+from ..config import ModelConfig, TransformerConfig, _choice, _finite, _positive
 from ..layers import Block
 from ..layers.block import DEFAULT_MLP
 from ..layers.mamba import SCAN_IMPLS, MambaBlock
@@ -120,9 +120,7 @@ class MambaConfig(ModelConfig):
     def validate(self) -> None:
         super().validate()
         for name in ("d_state", "d_conv", "expand", "headdim", "n_groups", "chunk_size"):
-            value = getattr(self, name)
-            if not _is_int(value) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            _positive(self, name)
         if self.dt_rank != "auto" and (not _is_int(self.dt_rank) or self.dt_rank <= 0):
             raise ValueError(f"dt_rank must be 'auto' or a positive int, got {self.dt_rank!r}")
         _choice("scan_impl", self.scan_impl, SCAN_IMPLS)
