@@ -216,3 +216,23 @@ def test_train_cli_raises_max_seq_len_to_the_landmark_positions(tmp_path, capsys
     assert build("--seq-len", "256", "--set", "max_seq_len=300").max_seq_len == 300
     assert build("--seq-len", "300", "--model", "gpt").max_seq_len == 300
 
+
+def test_landmark_memory_decoding_refuses_positions():
+    """Decoding through the memory (mem_chunk_len) ignored a positions argument (the memory sets
+    them): logits as if positions were the defaults.  Now a ValueError naming positions; without
+    a cache, or without the memory, positions are still taken."""
+    import jax
+    import jaxformers as jf
+
+    cfg = jf.get_config("landmark", "tiny", d_model=16, n_layer=1, n_head=2, vocab_size=32, max_seq_len=32,
+                        landmark_block=4, landmark_impl="reference", mem_chunk_len=8)
+    model = jf.build(cfg)
+    tok = jnp.zeros((1, 4), jnp.int32)
+    params = jax.eval_shape(lambda r: jf.init_params(model, r, tok), jax.random.PRNGKey(0))
+    params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params)
+    cache = jf.decoding.init_cache(model, 1, 16)
+    pos = jnp.arange(4, dtype=jnp.int32)[None] + 5
+    with pytest.raises(ValueError, match=r"positions are not supported when decoding through the memory"):
+        model.apply({"params": params}, tok, positions=pos, cache=cache)
+    jax.eval_shape(lambda p: model.apply({"params": p}, tok, cache=cache), params)  # default positions
+    jax.eval_shape(lambda p: model.apply({"params": p}, tok, positions=pos), params)  # no cache: taken

@@ -608,6 +608,17 @@ class LandmarkTransformer(Transformer):
     def block_class(self):
         return LandmarkBlock
 
+    def __call__(self, tokens, *, positions=None, segment_ids=None, cache=None):
+        """The baseline's call; ``positions`` with a KV cache through the memory (``mem_chunk_len``)
+        are a ``ValueError``: the memory places the retrieved blocks and the chunk itself (module
+        docstring), so given positions would be ignored."""
+        if positions is not None and cache is not None and self.config.mem_chunk_len is not None:
+            raise ValueError(f"positions are not supported when decoding through the memory (mem_chunk_len="
+                             f"{self.config.mem_chunk_len}): it places the retrieved blocks at [0, k L) and the "
+                             "chunk after them, whatever positions say; pass positions=None (or decode with "
+                             "mem_chunk_len=None)")
+        return super().__call__(tokens, positions=positions, segment_ids=segment_ids, cache=cache)
+
     def forced_tokens(self):
         """Hook of :func:`jaxformers.generate`: ``(L, landmark_token)``, the landmark the model
         needs at every position ``t % L == L - 1``.  ``generate`` takes and returns raw tokens:
