@@ -24,8 +24,7 @@ listed by ``python -m experiments.info --fields MODEL``.  Each run directory get
 ``--config RUN_DIR/run.yaml --out NEW_DIR`` reproduces the run.  The model's ``vocab_size``
 comes from the dataset, plus one id for a landmark model's landmark token unless ``--set
 landmark_id=N`` (override with ``--set vocab_size=N``, N >= the dataset's);
-``max_seq_len`` is raised to ``--seq-len`` if needed (unless ``--set max_seq_len=N`` gives it); for
-a loss that runs more positions per window (a landmark model's: landmarks inserted), to those.
+``max_seq_len`` is raised to ``--seq-len`` if needed (unless ``--set max_seq_len=N`` gives it).
 A new run's ``--steps`` over a config file's ``schedule_steps``: one equal to the file's steps
 follows ``--steps``; another (an extended run's run.yaml) is refused unless ``--train-set
 schedule_steps=N|none`` says which schedule length is meant.  A ``--train-set`` of a field the
@@ -437,25 +436,10 @@ def build_configs(args):
     # raised unless --set gave it (a config file's, e.g. every run.yaml's, or the source's is raised)
     if "max_seq_len" not in dict(model_sets):
         preset_len = overrides.get("max_seq_len", reference.max_seq_len)
-        need, why = tc.seq_len, "= --seq-len"
-        positions = getattr(_loss_or_none(tc.loss), "model_positions", None)
-        if positions is not None:  # e.g. landmarks inserted: the model runs more positions than --seq-len
-            need = int(positions(get_config(model, preset, **overrides), tc.seq_len))
-            why = f"the model positions of --seq-len {tc.seq_len} under loss {tc.loss}" if need != tc.seq_len else why
-        if need > preset_len:
-            print(f"note: raising max_seq_len {preset_len} -> {need} ({why})", file=sys.stderr)
-            overrides["max_seq_len"] = need
+        if tc.seq_len > preset_len:
+            print(f"note: raising max_seq_len {preset_len} -> {tc.seq_len} (= --seq-len)", file=sys.stderr)
+            overrides["max_seq_len"] = tc.seq_len
     return get_config(model, preset, **overrides), tc
-
-
-def _loss_or_none(name):
-    """The registered loss ``name``, or None (an unknown name is the trainer's error to give)."""
-    from jaxformers.training import get_loss
-
-    try:
-        return get_loss(name)
-    except ValueError:
-        return None
 
 
 def _imports(*groups) -> list:

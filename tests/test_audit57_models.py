@@ -176,47 +176,6 @@ def test_a_limit_of_any_size_is_still_accepted(field):
 
 
 # ----------------------------------------------------------------- 4. landmark
-def test_landmark_training_refuses_windows_whose_landmark_positions_exceed_max_seq_len(tmp_path):
-    """The trainer checked seq_len <= max_seq_len, but a landmark window of seq_len raw targets runs
-    at landmark_seq_len(seq_len) positions: seq_len=16, L=4 ran 21 positions with max_seq_len=16.
-    Now a ValueError naming max_seq_len before the run starts (nothing written); through the memory
-    (mem_chunk_len) positions stay small and the hook lets it pass."""
-    import jaxformers as jf
-    from jaxformers.models.landmark import landmark_cross_entropy
-    from jaxformers.training import TrainConfig, train
-
-    cfg = jf.get_config("landmark", "tiny", d_model=32, n_layer=1, n_head=2, vocab_size=258, max_seq_len=16,
-                        landmark_block=4, landmark_impl="reference")
-    corpus = tmp_path / "c.txt"
-    corpus.write_text("hello world " * 50)
-    tc = TrainConfig(data=str(corpus), steps=1, batch_size=2, seq_len=16, eval_every=0, log_every=1,
-                     checkpoint_every=0, loss="landmark_cross_entropy", out_dir=str(tmp_path / "run"))
-    with pytest.raises(ValueError, match=r"seq_len=16 runs at landmark_seq_len\(16, landmark_block=4\) = 21 "
-                                         r"positions .* more than max_seq_len=16: set max_seq_len >= 21"):
-        train(cfg, tc)
-    assert not (tmp_path / "run").exists()
-    landmark_cross_entropy.check_seq_len(cfg.replace(max_seq_len=21), 16)   # fits
-    landmark_cross_entropy.check_seq_len(cfg.replace(mem_chunk_len=8), 16)  # the memory: small positions
-
-
-def test_train_cli_raises_max_seq_len_to_the_landmark_positions(tmp_path, capsys):
-    """experiments.train raised max_seq_len to --seq-len only: --model landmark --seq-len 256 kept
-    the preset's 256 while a window runs 273 positions (L=16), now refused by the trainer; the CLI
-    raises it to the positions, and --set max_seq_len still wins."""
-    from experiments import train as train_cli
-
-    def build(*flags):
-        args = train_cli._parser().parse_args(["--model", "landmark", "--data", "synthetic:copying",
-                                               "--out", str(tmp_path / "r"), *flags])
-        return train_cli.build_configs(args)[0]
-
-    assert build("--seq-len", "256").max_seq_len == 273
-    assert "raising max_seq_len 256 -> 273 (the model positions of --seq-len 256" in capsys.readouterr().err
-    assert build("--seq-len", "64").max_seq_len == 256  # fits: unchanged
-    assert build("--seq-len", "256", "--set", "max_seq_len=300").max_seq_len == 300
-    assert build("--seq-len", "300", "--model", "gpt").max_seq_len == 300
-
-
 def test_landmark_memory_decoding_refuses_positions():
     """Decoding through the memory (mem_chunk_len) ignored a positions argument (the memory sets
     them): logits as if positions were the defaults.  Now a ValueError naming positions; without

@@ -222,8 +222,7 @@ def test_init_from_a_landmark_run_keeps_its_loss(env, capsys):
     """A run's loss comes with its model: fine-tuning a landmark run without --loss trains (and
     logs the step-0 source loss) with landmark_cross_entropy, never plain cross-entropy on windows
     without landmarks; --loss still overrides."""
-    # seq_len 32 runs 34 positions with the landmarks (L=16): max_seq_len must hold them
-    flags = ["max_seq_len=34" if f == "max_seq_len=32" else f for f in TINY if f not in ("--model", "gpt")]
+    flags = [f for f in TINY if f not in ("--model", "gpt")]
     source = env["root"] / "landmark"
     assert train_cli.main(["--model", "landmark", "--loss", "landmark_cross_entropy", "--steps", "1",
                            "--data", env["corpus"], "--out", str(source)] + flags) == 0

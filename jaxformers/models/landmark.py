@@ -325,22 +325,6 @@ landmark_cross_entropy.model_positions = lambda config, seq_len: (
     landmark_seq_len(seq_len, config.landmark_block) if isinstance(config, LandmarkConfig) else seq_len)
 
 
-def _check_train_seq_len(config, seq_len: int) -> None:
-    """Trainer hook: without the memory a window of ``seq_len`` raw targets runs at
-    ``landmark_seq_len(seq_len)`` positions, which must fit ``max_seq_len`` (the trainer's
-    ``seq_len <= max_seq_len`` check alone let them run past it)."""
-    if not isinstance(config, LandmarkConfig) or config.mem_chunk_len is not None:
-        return  # through the memory positions stay below mem_top_k * L + mem_chunk_len
-    t = landmark_seq_len(seq_len, config.landmark_block)
-    if t > config.max_seq_len:
-        raise ValueError(f"seq_len={seq_len} runs at landmark_seq_len({seq_len}, landmark_block="
-                         f"{config.landmark_block}) = {t} positions (landmarks inserted), more than "
-                         f"max_seq_len={config.max_seq_len}: set max_seq_len >= {t} or a shorter seq_len")
-
-
-landmark_cross_entropy.check_seq_len = _check_train_seq_len
-
-
 # -------------------------------------------------------------------------- attention op
 def resolve_impl(impl: str) -> str:
     if impl == "auto":

@@ -37,9 +37,7 @@ the masks differ.  Register a function with :func:`register_loss` and pick it
 with ``TrainConfig(loss=NAME)``, or pass it to ``train(..., loss_fn=fn)``.  A loss that
 runs the model on more positions than a window's ``T`` (e.g. it inserts landmark tokens) says
 so with an attribute ``loss_fn.model_positions(model_config, T) -> int``: the trainer's
-FLOPs per token and MFU then count the work of those positions per token of the data; an
-attribute ``loss_fn.check_seq_len(model_config, T)`` (raising ``ValueError``) is called by
-the trainer before training, e.g. to check those positions fit ``max_seq_len``.
+FLOPs per token and MFU then count the work of those positions per token of the data.
 
 Auxiliary losses
 ----------------

@@ -678,8 +678,6 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, resume: bool 
     rundir.import_modules(tc.imports, where="train_config.imports")
     tc = _record_own_modules(model_config, tc)  # the modules that registered them, if your own
     loss_fn, loss_fn_name = _resolve_loss(tc, loss_fn)
-    if hasattr(loss_fn, "check_seq_len"):  # e.g. landmark_cross_entropy: its positions fit max_seq_len
-        loss_fn.check_seq_len(model_config, tc.seq_len)
     own = type(model_config).default_loss  # e.g. a landmark model's, which inserts its landmarks
     if loss_fn_name is None and tc.loss == "cross_entropy" and own != "cross_entropy":
         log.warning("model %r is trained with loss=%r; TrainConfig.loss='cross_entropy' skips what that loss "
