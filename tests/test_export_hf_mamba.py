@@ -21,7 +21,7 @@ pytestmark = pytest.mark.hf
 TOKENS = np.random.RandomState(0).randint(0, 96, (2, 19)).astype(np.int32)
 CASES = {
     "mamba": dict(proj_bias=True, tie_embeddings=False, dt_rank=3),
-    "mamba2": dict(headdim=16, n_groups=2, d_state=16, chunk_size=16),
+    "mamba2": dict(headdim=16, n_groups=2, d_state=16, chunk_size=8),
 }
 
 
