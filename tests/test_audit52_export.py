@@ -39,7 +39,7 @@ def _llama():
 
 def _mamba2():
     config = jf.get_config("mamba2", "tiny", vocab_size=64, d_model=32, n_layer=1, headdim=16, n_groups=2,
-                           d_state=16, chunk_size=16)
+                           d_state=16, chunk_size=8)
     return config, _perturbed(config)
 
 

@@ -107,7 +107,7 @@ def test_a_float16_export_of_a_weight_beyond_its_range_is_refused_before_writing
 
 def test_a_float16_mamba_export_is_checked_too(tmp_path):
     config = jf.get_config("mamba2", "tiny", vocab_size=64, d_model=32, n_layer=1, headdim=16, n_groups=2,
-                           d_state=16, chunk_size=16)
+                           d_state=16, chunk_size=8)
     params = jax.tree.map(lambda x: x, _perturbed(config))
     params["embed"]["embedding"] = params["embed"]["embedding"].at[0, 0].set(1e6)
     with pytest.raises(ValueError, match=r"embeddings\.weight has max \|value\| 1e\+06, which overflows float16"):

@@ -53,22 +53,6 @@ def test_ssd_state_update_with_no_head_dim_or_state_is_refused(p, n, match):
                                  -jnp.ones((h,)), jnp.ones((b, 1, n)), jnp.ones((b, 1, n)))
 
 
-# ----------------------------------------------------------------- 2. Mamba-2 chunk_size
-@pytest.mark.parametrize("impl", ["auto", "pallas"])
-def test_mamba2_chunk_size_is_checked_for_every_kernel_impl(impl):
-    """chunk_size=8 was refused at config time only with scan_impl='pallas'; 'auto' (the kernel on
-    GPU / TPU) then failed on the first GPU call.  'reference' ignores it and still accepts it."""
-    import jaxformers as jf
-
-    kw = dict(vocab_size=32, d_model=16, n_layer=1, headdim=8, d_state=4)
-    with pytest.raises(ValueError, match=rf"chunk_size=8 must be a power of two >= 16 with scan_impl='{impl}'"):
-        jf.get_config("mamba2", "tiny", chunk_size=8, scan_impl=impl, **kw)
-    with pytest.raises(ValueError, match=r"chunk_size=8 must be a power of two"):
-        jf.get_config("hybrid", "tiny", mixer="mamba2", chunk_size=8, scan_impl=impl, **kw)
-    assert jf.get_config("mamba2", "tiny", chunk_size=8, scan_impl="reference", **kw).chunk_size == 8
-    assert jf.get_config("mamba2", "tiny", chunk_size=16, scan_impl=impl, **kw).chunk_size == 16
-
-
 # ----------------------------------------------------------------- 3. causal conv: state + segments
 def test_causal_conv_state_belongs_to_the_first_packed_segment():
     """CausalConv1d(x, state, segment_ids) dropped the state (its taps were masked as another

@@ -50,8 +50,7 @@ class MambaConfig(ModelConfig):
     Mamba-1: ``dt_rank`` ("auto" -> ceil(d_model / 16)), ``dt_init``/``dt_scale``
     (dt_proj kernel ~ U(+-dt_scale / sqrt(dt_rank)) or constant).
     Mamba-2: ``headdim`` (P; heads = I / P), ``n_groups`` (B/C groups), ``chunk_size`` (SSD chunk:
-    a kernel tile, the model's function does not depend on it; a power of two >= 16 unless
-    ``scan_impl="reference"``, which ignores it; 64 is what the Pallas kernels
+    a kernel tile, the model's function does not depend on it; 64 is what the Pallas kernels
     compile to for sm_90 without register spills, 256 spills and overflows shared memory in
     the backward, see ``python -m experiments.kernel_report``).
 
@@ -149,11 +148,9 @@ class MambaConfig(ModelConfig):
                                  f"d_inner / headdim = {self.ssm_heads} "
                                  f"(allowed n_groups: {_divisors(self.ssm_heads)})")
             q = self.chunk_size
-            # 'auto' runs the kernel on GPU / TPU: checked here, not on the first GPU call
-            if self.scan_impl != "reference" and (q < 16 or q & (q - 1)):
-                raise ValueError(f"chunk_size={q} must be a power of two >= 16 with "
-                                 f"scan_impl={self.scan_impl!r} (the SSD kernel's tile size; 'auto' "
-                                 "runs the kernel on GPU / TPU); only scan_impl='reference' ignores it")
+            if self.scan_impl == "pallas" and (q < 16 or q & (q - 1)):
+                raise ValueError(f"chunk_size={q} must be a power of two >= 16 with scan_impl='pallas' "
+                                 "(the SSD kernel's tile size)")
 
     def uses_mixer(self, kind: str) -> bool:
         return self.mixer_kind == kind
