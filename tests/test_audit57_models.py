@@ -53,6 +53,36 @@ def test_ssd_state_update_with_no_head_dim_or_state_is_refused(p, n, match):
                                  -jnp.ones((h,)), jnp.ones((b, 1, n)), jnp.ones((b, 1, n)))
 
 
+# ----------------------------------------------------------------- 2. Mamba-2 chunk_size
+@pytest.mark.parametrize("chunk_size", [8, 24])
+def test_mamba2_auto_runs_the_kernel_with_a_tile_it_takes(monkeypatch, chunk_size):
+    """scan_impl='auto' on GPU / TPU ran the SSD kernel with the config's chunk_size, which it
+    refuses unless a power of two >= 16 (a Hugging Face checkpoint's chunk_size=8 loaded, then
+    failed on the first GPU call).  The model's function does not depend on the chunk: 'auto'
+    now runs the kernel at the next power of two (here in interpret mode, as 'auto' resolves on a
+    GPU), equal to the reference; 'pallas' still refuses such a chunk_size at config time."""
+    import jax
+    import jaxformers as jf
+    from jaxformers.layers import mamba as mamba_layers
+    from jaxformers.layers import mamba2 as mamba2_layers
+
+    assert [mamba2_layers.kernel_chunk_size(q) for q in (1, 8, 16, 24, 64, 100)] == [16, 16, 16, 32, 64, 128]
+    kw = dict(vocab_size=32, d_model=16, n_layer=1, headdim=8, d_state=4, chunk_size=chunk_size)
+    with pytest.raises(ValueError, match=rf"chunk_size={chunk_size} must be a power of two >= 16"):
+        jf.get_config("mamba2", "tiny", scan_impl="pallas", **kw)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 32, (2, 21)), jnp.int32)
+    ref = jf.get_config("mamba2", "tiny", scan_impl="reference", **kw)
+    params = jf.init_params(jf.build(ref), jax.random.PRNGKey(0))
+    want = jf.build(ref).apply({"params": params}, tokens)
+
+    def on_gpu(impl, family="selective_scan"):  # what 'auto' resolves to on a GPU
+        return "pallas" if impl == "auto" else impl
+    monkeypatch.setattr(mamba_layers, "resolve_scan_impl", on_gpu)
+    monkeypatch.setattr(mamba2_layers, "resolve_scan_impl", on_gpu)
+    got = jf.build(ref.replace(scan_impl="auto")).apply({"params": params}, tokens)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+
+
 # ----------------------------------------------------------------- 3. causal conv: state + segments
 def test_causal_conv_state_belongs_to_the_first_packed_segment():
     """CausalConv1d(x, state, segment_ids) dropped the state (its taps were masked as another

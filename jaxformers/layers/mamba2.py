@@ -29,7 +29,16 @@ from ..sharding import ACT_HEADS, ACT_MLP, BATCH, EMBED, HEADS, LENGTH, MLP, con
 from .common import dtype_of
 from .norms import _check_eps
 from .mamba import (MambaBlock, a_log_init, check_cache, check_segment_ids, conv_module, dense,
-                    dt_bias_init, mixer_out_std, scan_functions)
+                    dt_bias_init, mixer_out_std, resolve_scan_impl, scan_functions)
+
+
+def kernel_chunk_size(chunk_size: int) -> int:
+    """The SSD kernel's tile for a config's ``chunk_size``: itself when a power of two >= 16,
+    else the next such power.  SSD's output does not depend on the chunk (it only tiles the
+    scan), so ``scan_impl="auto"`` running the kernel on GPU / TPU takes any ``chunk_size``
+    (e.g. a Hugging Face checkpoint's 8 or 100); ``"pallas"`` refuses one it cannot tile
+    (:class:`~jaxformers.models.mamba.MambaConfig`), ``"reference"`` ignores it."""
+    return max(16, 1 << (int(chunk_size) - 1).bit_length())
 
 
 def init_mamba2_cache(config, batch_size, dtype=None):
@@ -108,6 +117,9 @@ class Mamba2Mixer(nn.Module):
         kwargs = dict(D=d_skip.astype(jnp.float32), dt_bias=dt_bias.astype(jnp.float32), dt_softplus=True)
 
         ssd, step = scan_functions("ssd", c.scan_impl)
+        chunk = c.chunk_size
+        if c.scan_impl == "auto" and resolve_scan_impl("auto", "ssd") == "pallas":  # the kernel on GPU / TPU
+            chunk = kernel_chunk_size(chunk)  # e.g. a HF checkpoint's chunk_size the kernel cannot tile
         # on a mesh SSD runs per device on its rows and heads (XLA cannot split a kernel); B/C's
         # groups go with their heads (one group: whole on every device)
         # (the sequence whole on every device: a scan runs along it, whatever the rules say)
@@ -117,7 +129,7 @@ class Mamba2Mixer(nn.Module):
         st = (BATCH, ACT_HEADS, None, None)
 
         def run(x, dt, a, b, cm, d, db, more=None):  # more: segment_ids, or the cached state
-            kw = dict(chunk_size=c.chunk_size, D=d, dt_bias=db, dt_softplus=True)
+            kw = dict(chunk_size=chunk, D=d, dt_bias=db, dt_softplus=True)
             if cache is None:
                 return ssd(x, dt, a, b, cm, segment_ids=more, **kw)
             return ssd(x, dt, a, b, cm, initial_state=more, return_final_state=True, **kw)

@@ -50,7 +50,9 @@ class MambaConfig(ModelConfig):
     Mamba-1: ``dt_rank`` ("auto" -> ceil(d_model / 16)), ``dt_init``/``dt_scale``
     (dt_proj kernel ~ U(+-dt_scale / sqrt(dt_rank)) or constant).
     Mamba-2: ``headdim`` (P; heads = I / P), ``n_groups`` (B/C groups), ``chunk_size`` (SSD chunk:
-    a kernel tile, the model's function does not depend on it; 64 is what the Pallas kernels
+    a kernel tile, the model's function does not depend on it: ``scan_impl="pallas"`` needs a
+    power of two >= 16, ``"auto"`` running the kernel on GPU / TPU takes the next one for any
+    other value (:func:`~jaxformers.layers.mamba2.kernel_chunk_size`); 64 is what the Pallas kernels
     compile to for sm_90 without register spills, 256 spills and overflows shared memory in
     the backward, see ``python -m experiments.kernel_report``).
 
