@@ -65,8 +65,9 @@ def resolve_process(process_index: int | None, process_count: int | None) -> tup
 def check_token_array(tokens, what: str = "tokens") -> np.ndarray:
     """``tokens`` as a 1-D numpy array of integer ids in ``[0, 2**31)``; ``ValueError`` naming
     ``what`` otherwise.  Windows are int32: a negative id or one past int32 would wrap silently.
-    (Prepared datasets are uint16 / uint32 memmaps and are not scanned; a signed or 64-bit array
-    is, and so is an in-memory uint32 array, whose ids may reach 2**32.)"""
+    (Prepared datasets are uint16 / uint32 memmaps and are not scanned here: the loaders check
+    each batch's ids instead; a signed or 64-bit array is, and so is an in-memory uint32 array,
+    whose ids may reach 2**32.)"""
     if not isinstance(tokens, np.ndarray):
         tokens = np.asarray(tokens)
     if tokens.ndim != 1:
@@ -81,6 +82,24 @@ def check_token_array(tokens, what: str = "tokens") -> np.ndarray:
     return tokens
 
 
+def _check_vocab(vocab_size) -> int | None:
+    return None if vocab_size is None else int_arg("vocab_size", vocab_size, lo=1)
+
+
+def _int32_rows(raw: np.ndarray, vocab_size: int | None, what: str) -> np.ndarray:
+    """Windows ``raw`` (the token array's dtype) as int32, checked per batch: ``ValueError``
+    naming ``what`` and the id for an id ``>= vocab_size`` (when known: the model would index
+    past its embedding) or ``>= 2**31`` (int32 would wrap it; an unscanned uint32 memmap may
+    hold one)."""
+    if raw.size:
+        hi = int(raw.max())
+        if hi > np.iinfo(np.int32).max or (vocab_size is not None and hi >= vocab_size):
+            limit = "2**31" if vocab_size is None else f"vocab_size={vocab_size}"
+            raise ValueError(f"{what} holds token id {hi}, not below {limit} (a corrupt or "
+                             "mislabelled dataset?)")
+    return raw.astype(np.int32)
+
+
 def _check_tokens(tokens, seq_len: int, what: str = "tokens") -> np.ndarray:
     tokens = check_token_array(tokens, what)
     seq_len = int_arg("seq_len", seq_len, lo=1)
@@ -92,11 +111,15 @@ def _check_tokens(tokens, seq_len: int, what: str = "tokens") -> np.ndarray:
 
 
 class TokenLoader:
-    """Random windows ``[local_batch_size, seq_len + 1]`` (int32), deterministic in (seed, step)."""
+    """Random windows ``[local_batch_size, seq_len + 1]`` (int32), deterministic in (seed, step).
+    Each batch's ids are checked to be below ``vocab_size`` (when given) and ``2**31``
+    (``ValueError`` naming ``what``, e.g. the dataset file, and the id)."""
 
     def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int = 0, *,
-                 process_index: int | None = None, process_count: int | None = None):
+                 process_index: int | None = None, process_count: int | None = None,
+                 vocab_size: int | None = None, what: str = "tokens"):
         self.tokens = _check_tokens(tokens, seq_len)
+        self.vocab_size, self.what = _check_vocab(vocab_size), str(what)
         self.batch_size = int_arg("batch_size", batch_size, lo=1)
         self.seq_len = int(seq_len)
         self.seed = int_arg("seed", seed, lo=0)
@@ -118,10 +141,10 @@ class TokenLoader:
         return rng.integers(0, n_starts, size=self.batch_size, dtype=np.int64)
 
     def _windows(self, starts: np.ndarray) -> np.ndarray:
-        out = np.empty((len(starts), self.seq_len + 1), dtype=np.int32)
+        raw = np.empty((len(starts), self.seq_len + 1), dtype=self.tokens.dtype)
         for r, s in enumerate(starts.tolist()):
-            out[r] = self.tokens[s:s + self.seq_len + 1]
-        return out
+            raw[r] = self.tokens[s:s + self.seq_len + 1]
+        return _int32_rows(raw, self.vocab_size, self.what)
 
     def global_batch_at(self, step: int) -> np.ndarray:
         """The full ``[batch_size, seq_len + 1]`` batch (identical on every process)."""
@@ -152,8 +175,10 @@ class TokenLoader:
 
 def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches: int | None = None, *,
                  drop_last: bool = False, process_index: int | None = None,
-                 process_count: int | None = None) -> Iterator[np.ndarray]:
-    """Sequential windows ``[b, seq_len + 1]`` (int32) covering ``tokens`` in order.
+                 process_count: int | None = None, vocab_size: int | None = None,
+                 what: str = "tokens") -> Iterator[np.ndarray]:
+    """Sequential windows ``[b, seq_len + 1]`` (int32) covering ``tokens`` in order (ids checked per
+    batch as in :class:`TokenLoader`).
 
     Window ``i`` starts at ``i * seq_len``; the tail shorter than a window is
     skipped.  Batches hold ``batch_size`` windows globally; with several
@@ -165,14 +190,15 @@ def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches:
     """
     tokens = _check_tokens(tokens, seq_len)
     batch_size, seq_len = int_arg("batch_size", batch_size, lo=1), int(seq_len)
+    vocab_size, what = _check_vocab(vocab_size), str(what)
     n_windows = (tokens.shape[0] - 1) // seq_len
     ranges = _local_row_ranges(n_windows, batch_size, max_batches, drop_last, process_index, process_count)
 
     def windows(lo, hi):
-        out = np.empty((hi - lo, seq_len + 1), dtype=np.int32)
+        raw = np.empty((hi - lo, seq_len + 1), dtype=tokens.dtype)
         for r, w in enumerate(range(lo, hi)):
-            out[r] = tokens[w * seq_len:w * seq_len + seq_len + 1]
-        return out
+            raw[r] = tokens[w * seq_len:w * seq_len + seq_len + 1]
+        return _int32_rows(raw, vocab_size, what)
 
     return (windows(lo, hi) for lo, hi in ranges)
 
@@ -208,15 +234,18 @@ def strided_windows(n_tokens: int, seq_len: int, stride: int,
 def strided_eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, stride: int,
                          max_batches: int | None = None, *, max_windows: int | None = None,
                          max_rows: int | None = None, process_index: int | None = None,
-                         process_count: int | None = None) -> Iterator[Dict[str, np.ndarray]]:
+                         process_count: int | None = None, vocab_size: int | None = None,
+                         what: str = "tokens") -> Iterator[Dict[str, np.ndarray]]:
     """Batch dicts ``{"tokens": int32 [b, seq_len + 1], "loss_mask": float32 [b, seq_len + 1]}`` of the
     windows of :func:`strided_windows` (the mask is 1 on the targets each window scores), batched and
     split across processes as :func:`eval_batches` does (a short last batch is kept).  At most
     ``max_batches`` batches; ``max_windows`` caps the scored tokens at the first ``max_windows *
     seq_len`` (e.g. a run's evaluation set, read with any stride); ``max_rows``: at most the first
-    ``max_rows`` strided windows (``max_batches`` batches of another batch size)."""
+    ``max_rows`` strided windows (``max_batches`` batches of another batch size).  Ids are checked
+    per batch as in :class:`TokenLoader`."""
     tokens = _check_tokens(tokens, seq_len)
     batch_size, seq_len = int_arg("batch_size", batch_size, lo=1), int(seq_len)
+    vocab_size, what = _check_vocab(vocab_size), str(what)
     starts, first = strided_windows(tokens.shape[0], seq_len, stride, max_windows)
     if max_rows is not None:
         n = int_arg("max_rows", max_rows, lo=1, where="strided_eval_batches")
@@ -225,11 +254,11 @@ def strided_eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, stri
     cols = np.arange(seq_len + 1)
 
     def batch(lo, hi):
-        rows = np.empty((hi - lo, seq_len + 1), dtype=np.int32)
+        raw = np.empty((hi - lo, seq_len + 1), dtype=tokens.dtype)
         for r, w in enumerate(range(lo, hi)):
-            rows[r] = tokens[starts[w]:starts[w] + seq_len + 1]
+            raw[r] = tokens[starts[w]:starts[w] + seq_len + 1]
         mask = (cols[None, :] >= first[lo:hi, None]).astype(np.float32)
-        return {"tokens": rows, "loss_mask": mask}
+        return {"tokens": _int32_rows(raw, vocab_size, what), "loss_mask": mask}
 
     return (batch(lo, hi) for lo, hi in ranges)
 

@@ -96,8 +96,18 @@ class TextSource:
         """The tokens of ``split`` (``"val"`` or ``"train"``; ``ValueError`` otherwise)."""
         return self.val_tokens if _check_split(split) == "val" else self.train_tokens
 
+    def split_name(self, split: str) -> str:
+        """What the batches' id checks name for ``split``: its dataset file, else ``"tokens"``."""
+        files = self.meta.get("files") or {}
+        if self.ds_dir is None or _check_split(split) not in files:
+            return "tokens"
+        return f"dataset file {Path(self.ds_dir) / files[split]}"
+
     def train_loader(self, batch_size: int, seq_len: int, seed: int, **process) -> TokenLoader:
-        return TokenLoader(self.train_tokens, batch_size, seq_len, seed=seed, **process)
+        """Random windows of the train split; every batch's ids are checked to be below
+        ``vocab_size`` (``ValueError`` naming the dataset file and the id)."""
+        return TokenLoader(self.train_tokens, batch_size, seq_len, seed=seed, vocab_size=self.vocab_size,
+                           what=self.split_name("train"), **process)
 
     def has_eval_data(self, seq_len: int, split: str = "val") -> bool:
         tokens = self.split_tokens(split)
@@ -105,7 +115,8 @@ class TextSource:
 
     def eval_batches(self, batch_size: int, seq_len: int, max_batches: Optional[int], split: str = "val",
                      **process) -> Iterator[Dict[str, np.ndarray]]:
-        batches = eval_batches(self.split_tokens(split), batch_size, seq_len, max_batches, **process)
+        batches = eval_batches(self.split_tokens(split), batch_size, seq_len, max_batches,
+                               vocab_size=self.vocab_size, what=self.split_name(split), **process)
         return ({"tokens": rows} for rows in batches)
 
 

@@ -347,9 +347,11 @@ def eval_loss(program: Program, params, source, batch_size: int, seq_len: int, m
         # max_batches strided batches of batch_size windows, not of the rows a mesh rounds a batch
         # up to (their count depended on the mesh)
         rows = None if limit is not None or max_batches is None else max_batches * batch_size
+        checks = dict(vocab_size=getattr(source, "vocab_size", None),
+                      what=source.split_name(split) if hasattr(source, "split_name") else f"{split} tokens")
         batches = strided_eval_batches(source.split_tokens(split), rows_global, seq_len, stride,
                                        max_windows=limit, max_rows=rows,
-                                       process_index=block, process_count=n_blocks)
+                                       process_index=block, process_count=n_blocks, **checks)
         limit = None
     else:  # the last batch's rows past the windows (or past limit) weigh 0 through loss_mask only
         _check_padding_weighs_nothing(program, params, source, batch_size, seq_len, n_batches, limit, split,
