@@ -59,3 +59,27 @@ def test_the_loaders_check_vocab_size_and_keep_good_batches_unchanged():
     for bad in (0, 2.5, True):
         with pytest.raises(ValueError, match="vocab_size"):
             TokenLoader(toks, 1, 2, vocab_size=bad, **ONE)
+
+
+# ----------------------------------------------------------------------------- Qwen windows
+@pytest.mark.hf
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_sliding_layers_without_a_window_are_refused_as_transformers_cannot_run_them(arch):
+    """Carry-over: ``layer_types`` 'sliding_attention' with ``use_sliding_window`` false.  It was
+    believed transformers reads it as full attention; transformers 5 raises instead (its config
+    sets ``sliding_window=None``, and the sliding mask / cache need a number), so there are no
+    logits to match and the refusal stays.  Should transformers start running it, this fails."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from jaxformers.convert import config_from_hf
+
+    keys = dict(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=8, use_sliding_window=False, sliding_window=3,
+                layer_types=["sliding_attention"] * 2)
+    with pytest.raises(ValueError, match="layer_types has 'sliding_attention' layers but no window"):
+        config_from_hf({"model_type": arch, **keys})
+    config = getattr(transformers, f"{arch.capitalize()}Config")(**keys)
+    model = getattr(transformers, f"{arch.capitalize()}ForCausalLM")(config).eval()
+    for use_cache in (False, True):
+        with pytest.raises((TypeError, ValueError)):
+            model(torch.arange(6)[None], use_cache=use_cache)

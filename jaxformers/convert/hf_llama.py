@@ -151,7 +151,10 @@ def _qwen_window(hf: dict, n_layer: int):
     ``'sliding_attention'``, with ``sliding_window`` keys (omitted: 4096, null: none);
     ``layer_types`` omitted: layers ``i >= max_window_layers`` (default 28) slide.  jaxformers'
     window is the same in every layer, so a config whose layers differ is a ``ValueError``
-    naming the key that makes them differ (``max_window_layers`` or ``layer_types``)."""
+    naming the key that makes them differ (``max_window_layers`` or ``layer_types``).  So is a
+    ``'sliding_attention'`` layer without a window (``use_sliding_window`` false or a null
+    ``sliding_window``): refused, not read as full attention, since transformers 5 does not run
+    such a model (its sliding mask / cache raise on the null window)."""
     use = hf.get("use_sliding_window", QWEN_OMITTED["use_sliding_window"])
     if not isinstance(use, bool):
         raise ValueError(f"use_sliding_window={use!r} is not supported; expected true or false")
@@ -172,7 +175,8 @@ def _qwen_window(hf: dict, n_layer: int):
                          f"num_hidden_layers={n_layer} entries 'full_attention' / 'sliding_attention'")
     if window is None and "sliding_attention" in layer_types:
         raise ValueError(f"layer_types has 'sliding_attention' layers but no window (use_sliding_window={use}, "
-                         f"sliding_window={hf.get('sliding_window')!r}): ambiguous, not supported")
+                         f"sliding_window={hf.get('sliding_window')!r}): not supported (transformers cannot run "
+                         "it either: its sliding-window mask needs a window)")
     if len(set(layer_types)) > 1:
         raise ValueError(f"{key}={hf.get(key, QWEN_OMITTED.get(key))!r} gives sliding-window attention in "
                          f"{layer_types.count('sliding_attention')} of {n_layer} layers only (sliding_window="
