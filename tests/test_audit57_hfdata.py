@@ -83,3 +83,82 @@ def test_sliding_layers_without_a_window_are_refused_as_transformers_cannot_run_
     for use_cache in (False, True):
         with pytest.raises((TypeError, ValueError)):
             model(torch.arange(6)[None], use_cache=use_cache)
+
+
+# ----------------------------------------------------------------------------- convert mutants
+def _tiny_llama(**kw):
+    import jaxformers as jf
+    return jf.get_config("llama", "tiny", vocab_size=32, d_model=16, n_layer=2, n_head=2, max_seq_len=16, **kw)
+
+
+def test_a_windowed_qwen_export_reads_the_same_without_its_layer_types():
+    """Kills 'max_window_layers flipped' (hf_llama.config_to_hf: ``n_layer if windowed else 0``):
+    transformers before 4.53 reads no ``layer_types``, only ``max_window_layers`` (layers at or
+    past it slide), so a windowed export must say 0 there and an unwindowed one ``n_layer``."""
+    transformers = pytest.importorskip("transformers")
+    from jaxformers.convert import config_from_hf, config_to_hf
+
+    for window, want in ((5, ["sliding_attention"] * 2), (None, ["full_attention"] * 2)):
+        hf = config_to_hf(_tiny_llama(qkv_bias=True, window=window))
+        hf.pop("layer_types")
+        assert config_from_hf(hf).window == window
+        keys = {k: v for k, v in hf.items() if k not in ("architectures", "model_type")}
+        assert transformers.Qwen2Config(**keys).layer_types == want
+
+
+def test_a_safetensors_file_short_by_a_few_bytes_is_named_truncated(tmp_path):
+    """Kills 'truncation check off by the header' (hf_io.read_header ``end > data_size + 8``):
+    a download missing its last bytes is a ValueError saying so, not safetensors' own error."""
+    from safetensors.numpy import save_file
+
+    from jaxformers.convert.hf_io import read_header
+
+    path = str(tmp_path / "model.safetensors")
+    save_file({"w": np.arange(6, dtype=np.float32)}, path)
+    raw = open(path, "rb").read()
+    for cut in (1, 4, 8):
+        open(path, "wb").write(raw[:-cut])
+        with pytest.raises(ValueError, match="is truncated"):
+            read_header(path)
+
+
+def test_a_mistral_config_without_kv_heads_has_mistrals_default_of_8():
+    """Kills 'mistral kv heads default dropped' (hf_llama.config_from_hf): MistralConfig's omitted
+    ``num_key_value_heads`` is 8, not Llama's ``num_attention_heads``."""
+    transformers = pytest.importorskip("transformers")
+    from jaxformers.convert import config_from_hf
+
+    hf = dict(model_type="mistral", vocab_size=32, hidden_size=64, num_attention_heads=16, num_hidden_layers=1,
+              intermediate_size=32)
+    theirs = transformers.MistralConfig(**{k: v for k, v in hf.items() if k != "model_type"})
+    assert config_from_hf(hf).kv_heads == theirs.num_key_value_heads == 8
+
+
+def test_the_byte_tokenizer_export_uses_exactly_the_byte_level_alphabet(tmp_path):
+    """Kills 'byte alphabet drops 0xFF' (hf_tokenizer._byte_level_chars): every id 0..255 must be
+    the ByteLevel alphabet's character of that byte, or AutoTokenizer decodes it as another text
+    (byte 0xFF never occurs in UTF-8 text, so encoding alone does not show it)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from jaxformers.convert.hf_tokenizer import save_hf_tokenizer
+    from jaxformers.data.tokenizer import ByteTokenizer
+
+    save_hf_tokenizer(ByteTokenizer(), str(tmp_path))
+    pipeline = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    chars = [pipeline.id_to_token(b) for b in range(256)]
+    assert set(chars) == set(tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    assert chars[ord("A")] == "A" and chars[0xFF] == "\u00ff"
+
+
+def test_a_single_file_checkpoint_beside_an_index_is_read_first(tmp_path):
+    """Kills 'index preferred over single file' (hf_io.weight_files): as transformers'
+    ``from_pretrained``, a folder's ``model.safetensors`` wins over a ``model.safetensors.index.json``
+    left beside it."""
+    from safetensors.numpy import save_file
+
+    from jaxformers.convert.hf_io import weight_files
+
+    save_file({"w": np.zeros(2, np.float32)}, str(tmp_path / "model.safetensors"))
+    shard = "model-00001-of-00001.safetensors"
+    save_file({"w": np.ones(2, np.float32)}, str(tmp_path / shard))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": shard}}))
+    assert weight_files(str(tmp_path)) == (str(tmp_path), [str(tmp_path / "model.safetensors")])
