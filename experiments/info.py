@@ -14,6 +14,7 @@ landmarks), or, for ``--run``, the run's own loss.
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import jaxformers as jf
 from jaxformers.utils import abstract_param_count
@@ -44,23 +45,14 @@ def run_row(run_dir, seq_len=None) -> dict:
     loss -- ``train.loss``: a loss ``train()`` was given as a Python function is not recorded by
     name, its FLOPs are ``train.loss``'s; the modules the run recorded are imported first),
     ``preset`` = the run's path."""
-    from pathlib import Path
+    from jaxformers.training.rundir import run_configs
 
-    from jaxformers.registry import config_from_dict
-    from jaxformers.training import TrainConfig
-    from jaxformers.training.rundir import CONFIG_FILE, import_run_modules, read_config
-
-    run_dir = Path(run_dir).expanduser()
-    saved = read_config(run_dir)
-    if saved is None:
-        raise ValueError(f"--run {run_dir} is not a run directory (no {CONFIG_FILE})")
-    missing = [k for k in ("model", "train") if not isinstance(saved.get(k), dict)]
-    if missing:
-        raise ValueError(f"{run_dir / CONFIG_FILE} is not a run config: no {' / '.join(missing)} section")
-    import_run_modules(saved, run_dir)
-    config = config_from_dict(saved["model"])
-    train = TrainConfig.from_dict(saved["train"])
-    return config_row(config, seq_len or train.seq_len, train.loss, model=config.model, preset=str(run_dir))
+    try:
+        config, train = run_configs(run_dir)
+    except FileNotFoundError as e:
+        raise ValueError(f"--run {e}") from None
+    return config_row(config, seq_len or train.seq_len, train.loss, model=config.model,
+                      preset=str(Path(run_dir).expanduser()))
 
 
 def field_rows(model=None):

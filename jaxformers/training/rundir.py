@@ -663,6 +663,21 @@ def dataset_changes(saved: Optional[dict], dataset: dict) -> List[str]:
 LOAD_ATTEMPTS = 3
 
 
+def run_configs(run_dir) -> Tuple[Any, TrainConfig]:
+    """``(model_config, train_config)`` of a run directory's ``config.json``, the modules the run
+    recorded imported first (:func:`import_run_modules`); ``FileNotFoundError`` without one,
+    ``ValueError`` for a file that is not a run config."""
+    run_dir = Path(run_dir).expanduser()
+    saved = read_config(run_dir)
+    if saved is None:
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no {CONFIG_FILE})")
+    missing = [k for k in ("model", "train") if not isinstance(saved.get(k), dict)]
+    if missing:
+        raise ValueError(f"{run_dir / CONFIG_FILE} is not a run config: no {' / '.join(missing)} section")
+    import_run_modules(saved, run_dir)  # a run of your own architecture: the module that registers it
+    return config_from_dict(saved["model"]), TrainConfig.from_dict(saved["train"])
+
+
 def load_run(run_dir, *, step: Optional[int] = None, mesh=None) -> Tuple[Any, TrainConfig, Any]:
     """``(model_config, train_config, params)`` of a run (newest complete checkpoint, or ``step``).
 
@@ -689,15 +704,7 @@ def load_run(run_dir, *, step: Optional[int] = None, mesh=None) -> Tuple[Any, Tr
         raise ValueError(f"mesh must be None (the first local device), a jax.sharding.Mesh or a mesh spec "
                          f"such as 'data=2,fsdp=2', got {mesh!r}")
     run_dir = Path(run_dir).expanduser()
-    saved = read_config(run_dir)
-    if saved is None:
-        raise FileNotFoundError(f"{run_dir} is not a run directory (no {CONFIG_FILE})")
-    missing = [k for k in ("model", "train") if not isinstance(saved.get(k), dict)]
-    if missing:
-        raise ValueError(f"{run_dir / CONFIG_FILE} is not a run config: no {' / '.join(missing)} section")
-    import_run_modules(saved, run_dir)  # a run of your own architecture: the module that registers it
-    model_config = config_from_dict(saved["model"])
-    train_config = TrainConfig.from_dict(saved["train"])
+    model_config, train_config = run_configs(run_dir)
     ckpt = Checkpointer(run_dir, keep=train_config.keep_checkpoints)
     explicit = step is not None
     if explicit and not ckpt.is_complete(step):  # name the ones there are
