@@ -405,6 +405,14 @@ def _divisors(n: int):
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def changed_from_default(config, names) -> list:
+    """The fields among ``names`` whose value differs from their dataclass default: settings
+    that only another mode reads are refused only when given (a saved config records every
+    field, at its default when unused)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    return [name for name in names if getattr(config, name) != defaults[name]]
+
+
 def check_fields(cls, overrides: dict) -> None:
     """Raise a ValueError naming unknown fields (and listing the known ones)."""
     known = {f.name for f in dataclasses.fields(cls)}

@@ -99,7 +99,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
-from ..config import TransformerConfig, _choice
+from ..config import TransformerConfig, _choice, changed_from_default
 from ..layers import Block
 from ..layers.attention import init_attention_cache, project_qkv, write_kv_cache
 from ..layers.common import output_std
@@ -172,13 +172,12 @@ class SCFAConfig(TransformerConfig):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 16 or v & (v - 1):
                 raise ValueError(f"{name} must be a power of two >= 16, got {v!r}")
-        defaults = {f.name: f.default for f in dataclasses.fields(SCFAConfig)}
-        for name, model in KIND_FIELDS.items():  # a field the other kind ignores: only its default
-            value = getattr(self, name)
-            if self.model != model and value != defaults[name]:
-                raise ValueError(f"{name}={value!r} is used by model={model!r} only: model={self.model!r} "
-                                 f"ignores it; leave it at its default {defaults[name]!r} (or use "
-                                 f"model={model!r})")
+        ignored = [name for name, model in KIND_FIELDS.items() if model != self.model]
+        for name in changed_from_default(self, ignored):  # a field the other kind ignores: its default only
+            model = KIND_FIELDS[name]
+            raise ValueError(f"{name}={getattr(self, name)!r} is used by model={model!r} only: "
+                             f"model={self.model!r} ignores it; leave it at its default "
+                             f"{getattr(SCFAConfig, name)!r} (or use model={model!r})")
 
 
 # ----------------------------------------------------------------------- randomness

@@ -61,7 +61,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..config import TransformerConfig, _boolean, plain_scalars
+from ..config import TransformerConfig, _boolean, changed_from_default, plain_scalars
 from ..convert.layers import check_layer_shapes, unstack_layers
 from ..utils import check_token_ids
 from .model import OnlineQuant, QuaRotConfig, check_divides_linear_inputs
@@ -138,9 +138,7 @@ class QuantSpec(OnlineQuant):
             raise ValueError(f"w_groupsize must be a positive int or None (per channel), got {self.w_groupsize!r}")
         _check_percdamp(self.percdamp)  # what gptq_weight takes: a finite number >= 0
         if self.w_method != "gptq":  # GPTQ's settings given to RTN: refused, not ignored
-            defaults = {f.name: f.default for f in dataclasses.fields(self)}
-            changed = [f"{name}={getattr(self, name)!r}" for name in _GPTQ_ONLY
-                       if getattr(self, name) != defaults[name]]
+            changed = [f"{n}={getattr(self, n)!r}" for n in changed_from_default(self, _GPTQ_ONLY)]
             if changed:
                 raise ValueError(f"{', '.join(changed)}: GPTQ-only settings ({', '.join(_GPTQ_ONLY)} "
                                  f"other than their defaults) need w_method='gptq', not {self.w_method!r}")
