@@ -25,7 +25,7 @@ path rounds ``s q`` to bf16 and 4-bit activation codes flip: :mod:`.api`).  The 
 head stays in high precision (as in the authors' code).  ``H`` are orthonormal Hadamard
 transforms (:func:`pallas_kernels.hadamard.hadamard_transform` on GPU/TPU, on CPU the product
 by the same matrix in plain XLA, factored as ``H_m (x) H_2^k`` without forming ``H_n``:
-``hadamard_impl="dense"``, :func:`factored_hadamard`).
+``hadamard_impl="dense"``, :func:`pallas_kernels.hadamard.hadamard_factored`).
 
 Under ``mutable=["quant_stats"]`` each layer also records, per linear input (``attn_in``,
 ``o_in``, ``mlp_in``, ``down_in``), ``X^T X`` (GPTQ's Hessian), the token count and the
@@ -167,7 +167,8 @@ class QuaRotConfig(TransformerConfig, OnlineQuant):
 
 def hadamard(c, x, axes=None):
     """Orthonormal Hadamard transform of the last axis (kernel on GPU/TPU; on CPU, ``"dense"``:
-    the same ``x @ H_n`` in plain XLA, factored, :func:`factored_hadamard`).
+    the same ``x @ H_n`` in plain XLA, factored:
+    :func:`pallas_kernels.hadamard.hadamard_factored`).
     ``axes``: the logical names of ``x``'s dimensions (default ``batch, length``, the rest
     whole): on a mesh, the kernel runs per device on its block of them (:func:`kernel_map`)."""
     impl = c.hadamard_impl
@@ -177,29 +178,8 @@ def hadamard(c, x, axes=None):
         from pallas_kernels.hadamard import hadamard_transform
         axes = (BATCH, LENGTH) + (None,) * (x.ndim - 2) if axes is None else tuple(axes)
         return kernel_map(hadamard_transform, (axes,), axes)(x)
-    return factored_hadamard(x)
-
-
-def factored_hadamard(x):
-    """``x @ H_n / sqrt(n)`` over the last axis in float32 (:func:`hadamard`'s ``"dense"``
-    impl), without forming ``H_n`` (``[11008, 11008]`` would be 484 MB): ``H_n = H_m (x) H_p``
-    (:func:`pallas_kernels.hadamard.hadamard_matrix`) applied as ``log2 p`` butterflies on the
-    power-of-two part and an ``[m, m]`` matmul for the factor, ``O(n (m + log n))`` a row."""
-    from pallas_kernels.hadamard.reference import factor_matrix, split_size
-    n = x.shape[-1]
-    m, p = split_size(n)
-    y = x.astype(jnp.float32).reshape(-1, m, p)
-    h = 1
-    while h < p:  # H_2 on bit log2(h) of the column index: Sylvester's H_p after all of them
-        y = y.reshape(-1, m, p // (2 * h), 2, h)
-        a, b = y[..., 0, :], y[..., 1, :]
-        y = jnp.stack([a + b, a - b], axis=-2)
-        h *= 2
-    y = y.reshape(-1, m, p)
-    if m > 1:  # y[a, :] = sum_i H_m[i, a] y[i, :]
-        y = jnp.einsum("rip,ia->rap", y, jnp.asarray(factor_matrix(m), jnp.float32),
-                       precision=jax.lax.Precision.HIGHEST)
-    return (y * n ** -0.5).reshape(x.shape).astype(x.dtype)
+    from pallas_kernels.hadamard import hadamard_factored
+    return hadamard_factored(x)
 
 
 def act_quant(c, x):

@@ -145,3 +145,25 @@ def hadamard_reference(x, *, scale=None):
     else:
         s = n ** -0.5 if scale is None else _static_scale(scale)
     return jnp.matmul(x.astype(jnp.float32), h, precision=jax.lax.Precision.HIGHEST) * s
+
+
+def hadamard_factored(x):
+    """``x @ H_n / sqrt(n)`` over the last axis in plain XLA, float32 inside, ``x``'s dtype out,
+    without forming ``H_n`` (``[11008, 11008]`` would be 484 MB): ``H_n = H_m (x) H_p``
+    (:func:`hadamard_matrix`) applied as ``log2 p`` butterflies on the power-of-two part and
+    one ``[m, m]`` matmul for the factor, ``O(n (m + log n))`` a row.  x ``[..., n]``.  (QuaRot's
+    online Hadamard off GPU / TPU; :func:`hadamard_reference` is the dense oracle.)"""
+    n = x.shape[-1]
+    m, p = split_size(n)
+    y = x.astype(jnp.float32).reshape(-1, m, p)
+    h = 1
+    while h < p:  # H_2 on bit log2(h) of the column index: Sylvester's H_p after all of them
+        y = y.reshape(-1, m, p // (2 * h), 2, h)
+        a, b = y[..., 0, :], y[..., 1, :]
+        y = jnp.stack([a + b, a - b], axis=-2)
+        h *= 2
+    y = y.reshape(-1, m, p)
+    if m > 1:  # y[a, :] = sum_i H_m[i, a] y[i, :]
+        y = jnp.einsum("rip,ia->rap", y, jnp.asarray(factor_matrix(m), jnp.float32),
+                       precision=jax.lax.Precision.HIGHEST)
+    return (y * n ** -0.5).reshape(x.shape).astype(x.dtype)
