@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import jaxformers as jf
-from jaxformers.utils import abstract_param_count
+from jaxformers.utils import abstract_params, count_params
 
 
 def config_row(config, seq_len: int, loss: str = None, **names) -> dict:
@@ -26,13 +26,14 @@ def config_row(config, seq_len: int, loss: str = None, **names) -> dict:
     from jaxformers.training.losses import get_loss
     from jaxformers.training.metrics import model_flops_per_token
 
-    n = abstract_param_count(jf.build(config))  # (flops_per_token builds its own abstract tree)
+    params = abstract_params(jf.build(config))  # shapes only, built once for both counts
+    n = count_params(params)
     loss_fn = get_loss(loss or type(config).default_loss)
     return dict(**names, params=n, non_embedding_params=n - config.vocab_size * config.d_model,
                 d_model=config.d_model, n_layer=config.n_layer,
                 n_head=getattr(config, "n_head", None), n_kv_head=getattr(config, "kv_heads", None),
                 attention_layers=config.n_attention_layers, vocab_size=config.vocab_size, seq_len=seq_len,
-                flops_per_token=model_flops_per_token(config, seq_len, loss_fn=loss_fn))
+                flops_per_token=model_flops_per_token(config, seq_len, params, loss_fn=loss_fn))
 
 
 def preset_table(model: str, seq_len=None):
